@@ -1,0 +1,5 @@
+import sys
+
+from llamascope.cli import main
+
+sys.exit(main())

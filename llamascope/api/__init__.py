@@ -1,0 +1,1 @@
+"""The HTTP surfaces. Everything that knows about HTTP lives here, nothing below it does."""

@@ -1,0 +1,153 @@
+"""Cross-cutting HTTP work as plain ASGI middleware.
+
+- ``RequestContext``: a request id for every request (``x-request-id``), and
+  one access-log line when it ends: id, key prefix, route, model, tokens,
+  finish, status, latency. Never the key itself.
+- ``BodyLimit``: refuses bodies over the limit while they arrive, whatever
+  Content-Length says.
+- ``Authentication``: applies ``accounts.keys.authenticate`` to every route
+  but the public ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llamascope import errors
+from llamascope.accounts.keys import KeyStore, authenticate
+from llamascope.api.errors import error_response
+
+access_log = logging.getLogger("llamascope.access")
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = str(uuid.uuid4())
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        started = time.perf_counter()
+        status = 0
+        disconnected = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"x-request-id" for name, _ in headers):
+                    headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        async def receive_watching() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected = True
+            return message
+
+        try:
+            await self.app(scope, receive_watching, send_with_id)
+        except BaseException:
+            status = status or 500
+            raise
+        finally:
+            self._log(scope, state, status, disconnected, time.perf_counter() - started)
+
+    @staticmethod
+    def _log(scope: Scope, state: dict[str, Any], status: int, disconnected: bool, seconds: float) -> None:
+        if scope.get("path") == "/health":
+            return
+        reply = state.get("reply")
+        principal = state.get("principal")
+        fields = [
+            f"request_id={state['request_id']}",
+            f"key={principal.key_prefix if principal else '-'}",
+            f"{scope.get('method', '-')} {scope.get('path', '-')}",
+            f"model={reply.model if reply else '-'}",
+            f"status={status}",
+        ]
+        if reply is not None:
+            usage = reply.usage
+            finish = reply.finish_reason.value if reply.finish_reason else "-"
+            fields += [
+                f"input_tokens={usage.input_tokens}",
+                f"output_tokens={usage.output_tokens}",
+                f"image_tokens={usage.image_tokens}",
+                f"finish={finish}",
+            ]
+        if state.get("error_code"):
+            fields.append(f"error={state['error_code']}")
+        if disconnected and (reply is None or reply.finish_reason is None):
+            fields.append("client=disconnected")
+        fields.append(f"latency_ms={seconds * 1000:.1f}")
+        access_log.info(" ".join(fields))
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _error(self) -> errors.ServiceError:
+        return errors.ServiceError(
+            413, "BadRequest.TooLarge", f"Exceeded limit on max bytes to request body : {self.max_bytes}"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                scope.setdefault("state", {})["error_code"] = "BadRequest.TooLarge"
+                await error_response(self._error(), scope["state"].get("request_id", ""))(scope, receive, send)
+                return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._error()
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+class Authentication:
+    def __init__(self, app: ASGIApp, keys: KeyStore, public_paths: frozenset[str]) -> None:
+        self.app = app
+        self.keys = keys
+        self.public_paths = public_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.public_paths:
+            await self.app(scope, receive, send)
+            return
+        authorization = None
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        decision = authenticate(authorization, self.keys)
+        state = scope.setdefault("state", {})
+        if decision.error is not None:
+            state["error_code"] = decision.error.code
+            await error_response(decision.error, state.get("request_id", ""))(scope, receive, send)
+            return
+        state["principal"] = decision.principal
+        await self.app(scope, receive, send)

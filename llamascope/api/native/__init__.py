@@ -1,0 +1,1 @@
+"""The DashScope native surface: /api/v1/services/aigc/multimodal-generation/generation."""

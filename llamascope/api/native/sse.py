@@ -1,0 +1,51 @@
+"""DashScope's server-sent-event framing (wire spec 5.2 and 6.2).
+
+A result block is::
+
+    id:N
+    event:result
+    :HTTP_STATUS/200
+    data:{single-line JSON}
+
+An error block is ``event:error`` (exactly: no space, lower case, or the 1.x
+SDK takes it for a result and crashes), the ``:HTTP_STATUS/<s>`` comment, a
+``status:<s>`` line so the 1.x SDK reports the true status (DashScope itself
+does not send it; other parsers ignore it), and data with both ``code`` and
+``message``. The stream ends after the last block; there is no ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from llamascope import errors
+from llamascope.api.native.protocol import ErrorBody, GenerationResult
+from llamascope.conversation.service import Reply
+
+MEDIA_TYPE = "text/event-stream;charset=UTF-8"
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def result_block(n: int, result: GenerationResult) -> bytes:
+    return f"id:{n}\nevent:result\n:HTTP_STATUS/200\ndata:{result.model_dump_json()}\n\n".encode()
+
+
+def error_block(n: int, error: errors.ServiceError, request_id: str) -> bytes:
+    body = ErrorBody(code=error.code, message=error.message, request_id=request_id)
+    s = error.status
+    return f"id:{n}\nevent:error\n:HTTP_STATUS/{s}\nstatus:{s}\ndata:{body.model_dump_json()}\n\n".encode()
+
+
+async def stream(reply: Reply, request_id: str, state: object) -> AsyncIterator[bytes]:
+    """One block per event; cumulative text unless the request asked for increments."""
+    incremental = reply.options.incremental_output
+    n = 0
+    try:
+        async for event in reply.events():
+            n += 1
+            finish = event.finish_reason.value if event.finish_reason else "null"
+            text = event.delta if incremental else event.text
+            yield result_block(n, GenerationResult.of(text, finish, event.usage, request_id))
+    except errors.ServiceError as error:
+        state.error_code = error.code
+        yield error_block(n + 1, error, request_id)

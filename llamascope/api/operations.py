@@ -1,0 +1,36 @@
+"""Health and the model listing."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse
+
+from llamascope.api.errors import request_id_of
+from llamascope.conversation.service import ConversationService
+
+router = APIRouter()
+
+TEST_MODEL_NOTE = "built-in test model: tiny and randomly initialised, its answers are random text"
+
+
+@router.get("/health")
+async def health() -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/api/v1/models")
+async def models(request: Request) -> JSONResponse:
+    service: ConversationService = request.app.state.service
+    data = []
+    for name, engine in service.engines.items():
+        info = engine.info
+        data.append(
+            {
+                "model": name,
+                "context_length": info.context_length,
+                "engine": info.kind,
+                "test_model": info.test_model,
+                "description": TEST_MODEL_NOTE if info.test_model else f"served from {info.kind} weights",
+            }
+        )
+    return JSONResponse({"request_id": request_id_of(request), "data": data})

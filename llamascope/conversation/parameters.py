@@ -1,0 +1,122 @@
+"""The ``parameters`` object: the seed's defaults and ranges, checked by hand.
+
+Hand-written rather than a pydantic model because the messages must be
+DashScope's (``Range of top_p should be (0.0, 1.0]``) and must name the
+parameter; JSON ``true`` is not accepted where a number is meant (pydantic's
+lax mode would take it as 1). Unknown parameters are ignored, as the hosted
+service ignores them: the SDKs forward every keyword they do not consume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llamascope import errors
+from llamascope.engines.base import SamplingParams
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Options:
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+    incremental_output: bool = False
+
+
+def _bad(message: str) -> errors.ServiceError:
+    return errors.invalid_parameter(message)
+
+
+def _integer(params: dict[str, Any], name: str) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise _bad(f"Parameter {name} should be an integer; got {value!r}.")
+    return int(value)
+
+
+def _number(params: dict[str, Any], name: str) -> float | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(f"Parameter {name} should be a number; got {value!r}.")
+    return float(value)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise _bad("Parameter stop should be a string or a list of strings.")
+    if any(s == "" for s in items):
+        raise _bad("Parameter stop should not contain an empty string.")
+    return tuple(dict.fromkeys(items))
+
+
+def parse_parameters(params: Any, context_length: int) -> Options:
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise _bad("parameters must be an object.")
+
+    max_new = _integer(params, "max_tokens")
+    if max_new is None:
+        max_new = _integer(params, "max_new_tokens")
+    if max_new is None:
+        max_new = 512
+    if not 1 <= max_new <= context_length:
+        raise _bad(f"Range of max_tokens should be [1, {context_length}]")
+
+    min_new = _integer(params, "min_new_tokens") or 0
+    if min_new < 0:
+        raise _bad("Range of min_new_tokens should be [0, max_tokens]")
+
+    top_p = _number(params, "top_p")
+    top_p = 1.0 if top_p is None else top_p
+    if not 0 < top_p <= 1:
+        raise _bad("Range of top_p should be (0.0, 1.0]")
+
+    temperature = _number(params, "temperature")
+    temperature = 0.8 if temperature is None else temperature
+    if temperature < 0:
+        raise _bad("Range of temperature should be [0.0, +inf); 0 means greedy decoding")
+
+    top_k = _integer(params, "top_k")
+    if top_k is not None and top_k < 0:
+        raise _bad("Range of top_k should be [0, +inf); None, 0 or a value above 100 turns top-k off")
+    if top_k is not None and (top_k == 0 or top_k > 100):
+        top_k = None
+
+    seed = _integer(params, "seed")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise _bad(f"Range of seed should be [0, {MAX_SEED}]")
+
+    penalty = _number(params, "repetition_penalty")
+    penalty = 1.0 if penalty is None else penalty
+    if penalty <= 0:
+        raise _bad("Range of repetition_penalty should be (0.0, +inf)")
+
+    incremental = params.get("incremental_output", False)
+    if incremental is None:
+        incremental = False
+    if not isinstance(incremental, bool):
+        raise _bad("Parameter incremental_output should be true or false.")
+
+    return Options(
+        sampling=SamplingParams(
+            max_new_tokens=max_new,
+            min_new_tokens=min(min_new, max_new),
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            repetition_penalty=penalty,
+        ),
+        stop=_stop(params.get("stop")),
+        incremental_output=incremental,
+    )

@@ -1,0 +1,143 @@
+"""The conversation service: one request, from raw messages to generated text.
+
+Surfaces (DashScope native today, OpenAI-compatible later) call ``open()``,
+which does every check that can fail before the first byte is sent (model,
+messages, parameters, image, context), and get a ``Reply``. Iterating
+``Reply.events()`` generates; closing it cancels the engine. The Reply keeps
+the running usage, so whoever logs or charges the request reads it there,
+also after a disconnect or an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from llamascope import errors
+from llamascope.conversation.parameters import Options, parse_parameters
+from llamascope.conversation.rules import parse_messages
+from llamascope.engines.base import Engine, FinishReason, PreparedPrompt
+from llamascope.images.intake import ImageIntake
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    image_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass
+class Event:
+    delta: str  # text new in this event
+    text: str  # all text so far
+    usage: Usage
+    finish_reason: FinishReason | None = None
+
+
+class StopText:
+    """Cuts generated text at the first stop string, holding back what may be the start of one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self._held = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        if not self.stops:
+            return delta, False
+        buffer = self._held + delta
+        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buffer[: min(hits)], True
+        keep = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(buffer)), keep, -1):
+                if buffer.endswith(stop[:k]):
+                    keep = k
+                    break
+        self._held = buffer[len(buffer) - keep :]
+        return buffer[: len(buffer) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+@dataclass
+class Reply:
+    model: str
+    engine: Engine = field(repr=False)
+    prompt: PreparedPrompt = field(repr=False)
+    options: Options
+    usage: Usage
+    text: str = ""
+    finish_reason: FinishReason | None = None
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Generate; each event has new text. The last one has the finish reason."""
+        stop = StopText(self.options.stop)
+        chunks = self.engine.generate(self.prompt, self.options.sampling)
+        finish: FinishReason | None = None
+        delta = ""
+        try:
+            async for chunk in chunks:
+                self.usage.output_tokens = chunk.output_tokens
+                delta, stopped = stop.feed(chunk.text)
+                if stopped:
+                    finish = FinishReason.STOP
+                    self.text += delta
+                    break
+                if chunk.finish_reason is not None:
+                    finish = chunk.finish_reason
+                    delta += stop.flush()
+                    self.text += delta
+                    break
+                if delta:
+                    self.text += delta
+                    yield Event(delta, self.text, self.usage)
+        except errors.ServiceError:
+            raise
+        except Exception:
+            log.exception("engine failed for model %s", self.model)
+            raise errors.internal_error() from None
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+        if finish is None or finish == FinishReason.CANCELLED:
+            # Only reached when the engine itself gave up; a caller that left never gets here.
+            raise errors.internal_error()
+        self.finish_reason = finish
+        yield Event(delta, self.text, self.usage, finish)
+
+    async def complete(self) -> str:
+        async for _ in self.events():
+            pass
+        return self.text
+
+
+class ConversationService:
+    def __init__(self, engines: Mapping[str, Engine], intake: ImageIntake) -> None:
+        self.engines = engines
+        self.intake = intake
+
+    def engine(self, model: Any) -> Engine:
+        if not isinstance(model, str) or model not in self.engines:
+            raise errors.model_not_found()
+        return self.engines[model]
+
+    async def open(self, model: Any, messages: Any, parameters: Any) -> Reply:
+        engine = self.engine(model)
+        draft = parse_messages(messages)
+        options = parse_parameters(parameters, engine.info.context_length)
+        image = await self.intake.load(draft.image_ref)
+        prompt = await engine.prepare(draft.with_image(image))
+        usage = Usage(input_tokens=prompt.input_tokens, image_tokens=prompt.image_tokens)
+        return Reply(model=model, engine=engine, prompt=prompt, options=options, usage=usage)

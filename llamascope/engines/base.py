@@ -1,0 +1,90 @@
+"""The engine interface: what every way of running a model offers.
+
+An engine takes a conversation that has already passed llamascope's rules
+(``Turn`` objects, the image decoded), turns it into a ``PreparedPrompt``
+(tokenised, counted, checked against the context), and generates from it.
+``generate`` is an async iterator of ``Chunk``: text deltas with the running
+token count, the last one carrying the finish reason. Closing the iterator
+(``aclose()``, or cancelling the task that iterates it) cancels the generation:
+the engine stops within one decode step and frees what it held.
+
+The in-process transformers engine implements it today; the batching scheduler
+and the upstream-proxy engine implement the same protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal, Protocol
+
+from llamascope.images import PreparedImage
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: Literal["system", "user", "assistant"]
+    text: str  # the text after the image, or all of it when the turn has no image
+    image: PreparedImage | None = None
+    text_before_image: str = ""  # clients may put text ahead of the image; its place is kept
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    temperature: float = 0.8  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int | None = None  # None: top-k off, only top-p applies
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # end-of-turn token or a stop string
+    LENGTH = "length"  # max_new_tokens or the context limit
+    CANCELLED = "cancelled"  # the caller went away; never sent to a client
+
+
+@dataclass
+class Chunk:
+    text: str  # new text since the previous chunk (may be "")
+    output_tokens: int  # tokens generated so far, in total
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class PreparedPrompt:
+    """A conversation made ready for one engine. ``payload`` is the engine's own."""
+
+    input_tokens: int
+    image_tokens: int
+    max_new_tokens: int  # the most this prompt may generate before the context is full
+    payload: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    kind: str  # "transformers", "upstream", ...
+    source: str  # where the weights come from, for listings and logs
+    context_length: int
+    test_model: bool = False
+
+
+class Engine(Protocol):
+    info: EngineInfo
+
+    async def prepare(self, turns: list[Turn]) -> PreparedPrompt:
+        """Tokenise and check the conversation; raise ServiceError if it cannot be served."""
+        ...
+
+    def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:
+        """Generate; close the iterator to cancel."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,48 @@
+"""Served model names to engines, loaded once at start-up.
+
+Several names may share one engine: with no configuration both seed names
+are served by the one built-in test model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from llamascope.engines.base import Engine
+from llamascope.engines.mllama import MllamaEngine, ModelLoadError
+from llamascope.engines.test_model import ensure_test_model
+from llamascope.settings import ModelSpec, Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_engines(settings: Settings, progress: Callable[[str], None] = log.info) -> dict[str, Engine]:
+    """Load every configured model; raise ModelLoadError naming the model that failed."""
+    loaded: dict[tuple[str, str, int, str | None], Engine] = {}
+    engines: dict[str, Engine] = {}
+    for name, spec in settings.models.items():
+        path = _resolve(spec, settings)
+        key = (str(path), spec.dtype, spec.context_length, spec.chat_template)
+        if key not in loaded:
+            what = "the built-in test model" if spec.is_builtin else str(path)
+            progress(f"loading {name!r} from {what} ...")
+            try:
+                loaded[key] = MllamaEngine.load(
+                    path,
+                    dtype=spec.dtype,
+                    context_length=spec.context_length,
+                    chat_template=spec.chat_template,
+                    test_model=spec.is_builtin,
+                )
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"model {name!r}: {exc}") from exc
+        engines[name] = loaded[key]
+    return engines
+
+
+def _resolve(spec: ModelSpec, settings: Settings) -> Path:
+    if spec.is_builtin:
+        return ensure_test_model(settings.cache_dir)
+    return Path(spec.path).expanduser()

@@ -1,0 +1,100 @@
+"""Decode image bytes with Pillow into an RGB image the model can take.
+
+The format is identified from the bytes (never from a name or a Content-Type)
+and must be one the hosted service lists. The pixel size is read from the
+header and checked before any pixel is decoded, so a small file that would
+decode to gigabytes is refused cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from llamascope import errors
+from llamascope.images import PreparedImage
+
+# Pillow's format names for the seed's list. MPO is what Pillow calls the JPEG
+# files many phone cameras write (a JPEG with extra frames).
+ACCEPTED_FORMATS = {
+    "BMP": "BMP",
+    "DIB": "DIB",
+    "ICNS": "ICNS",
+    "ICO": "ICO",
+    "JPEG": "JPEG",
+    "MPO": "JPEG",
+    "JPEG2000": "JPEG2000",
+    "PNG": "PNG",
+    "SGI": "SGI",
+    "TIFF": "TIFF",
+    "WEBP": "WEBP",
+}
+ACCEPTED_LIST = "BMP, DIB, ICNS, ICO, JPEG, JPEG2000, PNG, SGI, TIFF, WEBP"
+
+# Llama 3.2 Vision never looks at more than 2x2 tiles of 560 pixels.
+MODEL_MAX_SIDE = 1120
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int = 40_000_000
+    min_side: int = 10
+
+
+def decode_image(data: bytes, limits: DecodeLimits) -> PreparedImage:
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            found = img.format or "unknown"
+            if found not in ACCEPTED_FORMATS:
+                raise errors.image_unreadable(f"The image is {found}; accepted formats are {ACCEPTED_LIST}.")
+            width, height = img.size
+            if width * height > limits.max_pixels:
+                raise errors.image_bad_size(
+                    f"The image is {width}x{height} pixels, more than the limit of {limits.max_pixels} pixels."
+                )
+            if min(width, height) < limits.min_side:
+                raise errors.image_bad_size(f"[height:{height} or width:{width} must be larger than {limits.min_side}]")
+            if found in ("JPEG", "MPO"):
+                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image is far larger than the model needs.
+                img.draft("RGB", (MODEL_MAX_SIDE, MODEL_MAX_SIDE))
+            img.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(img))
+    except errors.ServiceError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise errors.image_bad_size(f"The image has more than the limit of {limits.max_pixels} pixels.") from None
+    except UnidentifiedImageError:
+        raise errors.image_unreadable(
+            f"The data is not an image in a known format; accepted formats are {ACCEPTED_LIST}."
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError):
+        raise errors.image_unreadable("The image file is corrupt or truncated.") from None
+    return PreparedImage(
+        image=rgb, digest=digest, format=ACCEPTED_FORMATS[found], source_width=width, source_height=height
+    )
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Flatten alpha onto white and bring every mode (CMYK, 16-bit, palette, grey) to 8-bit RGB."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I"):  # 16- and 32-bit greyscale: scale to 8 bits rather than clip
+        img = img.convert("I")
+        if img.getextrema()[1] > 255:
+            img = img.point(lambda v: v * (255 / 65535))
+        img = img.convert("L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")

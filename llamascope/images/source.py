@@ -1,0 +1,225 @@
+"""Where image bytes come from: ``data:`` URIs and http(s) URLs.
+
+Each reference string becomes an ``ImageSource`` whose ``read()`` returns the
+raw bytes, or raises ServiceError with a message the caller can act on.
+
+URL fetches are hostile by default:
+- the host name is resolved once, every address is checked, and the
+  connection goes to the checked address (the URL is rewritten to the IP and
+  the original name is sent as Host and as the TLS server name), so a second
+  DNS answer cannot move the request (DNS rebinding);
+- every redirect hop is checked the same way, at most ``max_redirects``;
+- connect and total time are bounded, and the byte cap is counted while
+  reading, whatever Content-Length said;
+- refusals never name the address a host resolved to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit, urlunsplit
+
+import anyio
+import httpx
+
+from llamascope import errors
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class ImageSource(Protocol):
+    async def read(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    max_bytes: int = 10 * 1024 * 1024
+    connect_timeout: float = 5.0
+    total_timeout: float = 15.0
+    max_redirects: int = 3
+    allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    allow_hosts: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_allow_list(cls, allow: Iterable[str], **kwargs: object) -> FetchPolicy:
+        networks, hosts = [], set()
+        for item in allow:
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                hosts.add(item.lower().rstrip("."))
+        return cls(allow_networks=tuple(networks), allow_hosts=frozenset(hosts), **kwargs)  # type: ignore[arg-type]
+
+
+def is_public(ip: IPAddress) -> bool:
+    """True only for globally routable unicast addresses, looking inside IPv6 wrappers of IPv4."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_public(embedded)
+    return ip.is_global and not ip.is_multicast
+
+
+def parse_reference(ref: str, policy: FetchPolicy) -> ImageSource:
+    """Pick the source for an image reference, or refuse it."""
+    scheme = ref.split(":", 1)[0].lower() if ":" in ref else ""
+    if scheme == "data":
+        return DataUriSource(ref, policy.max_bytes)
+    if scheme in ("http", "https"):
+        return UrlSource(ref, policy)
+    raise errors.invalid_parameter(
+        "url error, please check url! The image must be an http(s) URL or a data: URI"
+        + (" (oss:// keys come from the SDK's local-file upload)" if scheme == "oss" else "")
+        + "."
+    )
+
+
+def _too_large(limit: int) -> errors.ServiceError:
+    return errors.invalid_parameter(f"Exceeded limit on max bytes per data-uri item : {limit}")
+
+
+@dataclass
+class DataUriSource:
+    uri: str
+    max_bytes: int
+
+    async def read(self) -> bytes:
+        header, sep, payload = self.uri.partition(",")
+        if not sep:
+            raise errors.invalid_parameter("url error, please check url! A data: URI needs a ',' before its data.")
+        if header.lower().endswith(";base64"):
+            # Refuse from the encoded length first, so an oversized URI is never decoded.
+            if (len(payload) // 4) * 3 > self.max_bytes + 2:
+                raise _too_large(self.max_bytes)
+            try:
+                data = base64.b64decode(payload, validate=False)
+            except (binascii.Error, ValueError):
+                raise errors.invalid_parameter(
+                    "url error, please check url! The data: URI is not valid base64."
+                ) from None
+        else:
+            data = unquote_to_bytes(payload)
+        if len(data) > self.max_bytes:
+            raise _too_large(self.max_bytes)
+        if not data:
+            raise errors.invalid_parameter("url error, please check url! The data: URI is empty.")
+        return data
+
+
+class _Refused(Exception):
+    """A fetch refused by policy; the message is safe to show (no resolved addresses)."""
+
+
+@dataclass
+class UrlSource:
+    url: str
+    policy: FetchPolicy
+
+    async def read(self) -> bytes:
+        try:
+            with anyio.fail_after(self.policy.total_timeout):
+                return await self._fetch()
+        except TimeoutError:
+            raise errors.ServiceError(
+                400,
+                "InvalidParameter.DataInspection",
+                "Download the media resource timed out during the data inspection process.",
+            ) from None
+        except _Refused as exc:
+            raise errors.image_download_failed(str(exc)) from None
+        except httpx.HTTPError:
+            raise errors.image_download_failed("the image host could not be reached") from None
+
+    async def _fetch(self) -> bytes:
+        timeout = httpx.Timeout(self.policy.total_timeout, connect=self.policy.connect_timeout)
+        url = self.url
+        async with httpx.AsyncClient(timeout=timeout, trust_env=False, follow_redirects=False) as client:
+            for _hop in range(self.policy.max_redirects + 1):
+                request = await self._pinned_request(client, url)
+                response = await client.send(request, stream=True)
+                try:
+                    if response.is_redirect:
+                        location = response.headers.get("location", "")
+                        url = urljoin(url, location)
+                        continue
+                    if response.status_code != 200:
+                        raise _Refused(f"the image host answered HTTP {response.status_code}")
+                    return await self._read_capped(response)
+                finally:
+                    await response.aclose()
+        raise _Refused(f"more than {self.policy.max_redirects} redirects")
+
+    async def _read_capped(self, response: httpx.Response) -> bytes:
+        limit = self.policy.max_bytes
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        body = bytearray()
+        async for piece in response.aiter_bytes():  # decoded bytes: a gzip bomb hits the cap too
+            body += piece
+            if len(body) > limit:
+                raise _too_large(limit)
+        if not body:
+            raise _Refused("the image host sent an empty body")
+        return bytes(body)
+
+    async def _pinned_request(self, client: httpx.AsyncClient, url: str) -> httpx.Request:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _Refused("only http and https URLs with a host name can be fetched")
+        if parts.username or parts.password:
+            raise _Refused("URLs with credentials are not fetched")
+        host = parts.hostname.rstrip(".").lower()
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise _Refused("the URL's port is not valid") from None
+        address = await self._checked_address(host, port)
+        netloc = f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+        pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        host_header = parts.netloc.rsplit("@", 1)[-1]
+        return client.build_request(
+            "GET",
+            pinned,
+            headers={
+                "Host": host_header,
+                "Accept": "image/*",
+                "Accept-Encoding": "identity",
+                "User-Agent": "llamascope",
+            },
+            extensions={"sni_hostname": host},
+        )
+
+    async def _checked_address(self, host: str, port: int) -> IPAddress:
+        try:
+            literal: IPAddress | None = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+        if literal is not None:
+            addresses = [literal]
+        else:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (socket.gaierror, UnicodeError):
+                raise _Refused("the image host name could not be resolved") from None
+            addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+        if not addresses:
+            raise _Refused("the image host name could not be resolved")
+        if host in self.policy.allow_hosts:
+            return addresses[0]
+        for address in addresses:
+            allowed = is_public(address) or any(address in net for net in self.policy.allow_networks)
+            if not allowed:
+                # Say what kind of place it is, never which address.
+                raise _Refused("the image URL points to a private or local network address, which is not allowed")
+        return addresses[0]

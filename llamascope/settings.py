@@ -1,0 +1,152 @@
+"""The one settings object.
+
+Sources, strongest first: command-line options, ``LLAMASCOPE_*`` environment
+variables, the TOML config file (``--config`` or ``LLAMASCOPE_CONFIG``), the
+defaults below. Nothing deeper in the code reads the environment.
+
+A config file looks like::
+
+    host = "0.0.0.0"
+    port = 8000
+    api_keys = ["sk-..."]
+
+    [models."llama3.2-11b-vision"]
+    path = "/models/Llama-3.2-11B-Vision-Instruct"
+    dtype = "bfloat16"
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+SEED_MODELS = ("llama3.2-11b-vision", "llama3.2-90b-vision-instruct")
+BUILTIN = "builtin:test-model"
+
+_config_file: ContextVar[Path | None] = ContextVar("llamascope_config_file", default=None)
+
+
+class ModelSpec(BaseModel):
+    """Where one served model name gets its answers from."""
+
+    path: str = Field(description=f"a local Hugging Face model directory, or {BUILTIN!r}")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    context_length: int = Field(8192, ge=16)
+    chat_template: str | None = Field(None, description="a Jinja file to render prompts with instead of llamascope's")
+    description: str = ""
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.path == BUILTIN
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "llamascope"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "llamascope"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLAMASCOPE_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+
+    # Keys accepted in Authorization: Bearer. With none given, llamascope makes
+    # one on first start and keeps it in data_dir/api-key (never an open server).
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+
+    # PyTorch threads for the in-process engine; None means one per usable core.
+    torch_threads: int | None = Field(None, ge=1)
+
+    # Requests: the body cap sits above the image cap so an oversized data: URI
+    # reaches the image check and gets its own message.
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    image_max_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    image_max_pixels: int = Field(40_000_000, ge=1)
+    image_min_side: int = Field(10, ge=1)
+    image_fetch_connect_timeout: float = Field(5.0, gt=0)
+    image_fetch_timeout: float = Field(15.0, gt=0)
+    image_fetch_max_redirects: int = Field(3, ge=0)
+    # Networks or host names that image URLs may reach although they are not
+    # public (loopback, private ranges...). Empty: only public addresses.
+    image_fetch_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
+    log_level: str = "info"
+
+    @field_validator("api_keys", "image_fetch_allow", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        # LLAMASCOPE_API_KEYS=sk-a,sk-b as well as the JSON list pydantic expects.
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("image_fetch_allow")
+    @classmethod
+    def _check_allow(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                if not item or "/" in item or " " in item:
+                    raise ValueError(f"{item!r} is neither a network (10.0.0.0/8, ::1) nor a host name") from None
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _config_file.get()
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Build settings from the config file (or LLAMASCOPE_CONFIG), the environment and overrides."""
+        path = config_file or os.environ.get("LLAMASCOPE_CONFIG")
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file {path} does not exist")
+        token = _config_file.set(path)
+        try:
+            settings = cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _config_file.reset(token)
+        if not settings.models:
+            settings.models = {
+                name: ModelSpec(path=BUILTIN, description="built-in test model: tiny, random weights")
+                for name in SEED_MODELS
+            }
+        return settings

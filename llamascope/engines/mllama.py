@@ -109,6 +109,7 @@ class MllamaEngine:
         # No token covers more bytes than this, so a prompt of N bytes has at least N/this tokens.
         self._max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab())
         self._generator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamascope-generate")
+        self.active = 0  # generations running on the model thread right now (0 or 1 here)
         self._preparers = anyio.CapacityLimiter(2)
 
     @classmethod
@@ -213,63 +214,77 @@ class MllamaEngine:
         cancel: threading.Event,
         put: Callable[[list[int] | None], None],
     ) -> FinishReason:
+        """Runs on the model thread; always ends the stream with ``put(None)``."""
+        try:
+            if cancel.is_set():  # cancelled while queued
+                return FinishReason.CANCELLED
+            self.active += 1  # only the model thread writes it
+            try:
+                last = self._run_generate(inputs, sampling, max_new, cancel, put)
+            finally:
+                self.active -= 1
+            if cancel.is_set():
+                return FinishReason.CANCELLED
+            return FinishReason.STOP if last in self.eos_ids else FinishReason.LENGTH
+        finally:
+            put(None)
+
+    def _run_generate(
+        self,
+        inputs: Any,
+        sampling: SamplingParams,
+        max_new: int,
+        cancel: threading.Event,
+        put: Callable[[list[int] | None], None],
+    ) -> int | None:
+        """``model.generate`` with a streamer and a cancel check; returns the last token id."""
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
-        try:
-            if cancel.is_set():
-                return FinishReason.CANCELLED
+        class Stream(BaseStreamer):
+            prompt_seen = False
+            last: int | None = None
 
-            class Stream(BaseStreamer):
-                prompt_seen = False
-                last: int | None = None
+            def put(self, value: Any) -> None:
+                if not self.prompt_seen:  # generate() first hands over the prompt
+                    self.prompt_seen = True
+                    return
+                ids = value.reshape(-1).tolist()
+                self.last = ids[-1]
+                put(ids)
 
-                def put(self, value: Any) -> None:
-                    if not self.prompt_seen:  # generate() first hands over the prompt
-                        self.prompt_seen = True
-                        return
-                    ids = value.reshape(-1).tolist()
-                    self.last = ids[-1]
-                    put(ids)
+            def end(self) -> None:
+                pass
 
-                def end(self) -> None:
-                    pass
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
 
-            class Cancelled(StoppingCriteria):
-                def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                    return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
-
-            config = GenerationConfig(
-                max_new_tokens=max_new,
-                min_new_tokens=min(sampling.min_new_tokens, max_new) or None,
-                do_sample=not sampling.greedy,
-                eos_token_id=sorted(self.eos_ids),
-                pad_token_id=self.pad_id,
-                repetition_penalty=sampling.repetition_penalty if sampling.repetition_penalty != 1.0 else None,
+        config = GenerationConfig(
+            max_new_tokens=max_new,
+            min_new_tokens=min(sampling.min_new_tokens, max_new) or None,
+            do_sample=not sampling.greedy,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
+            repetition_penalty=sampling.repetition_penalty if sampling.repetition_penalty != 1.0 else None,
+        )
+        if not sampling.greedy:
+            config.temperature = sampling.temperature
+            config.top_p = sampling.top_p
+            # transformers would apply top_k=50 when given nothing; 0 turns top-k off.
+            config.top_k = sampling.top_k or 0
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        stream = Stream()
+        with torch.inference_mode():
+            self.model.generate(
+                **inputs,
+                generation_config=config,
+                streamer=stream,
+                stopping_criteria=StoppingCriteriaList([Cancelled()]),
             )
-            if not sampling.greedy:
-                config.temperature = sampling.temperature
-                config.top_p = sampling.top_p
-                # transformers would apply top_k=50 when given nothing; 0 turns top-k off.
-                config.top_k = sampling.top_k or 0
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
-            stream = Stream()
-            with torch.inference_mode():
-                self.model.generate(
-                    **inputs,
-                    generation_config=config,
-                    streamer=stream,
-                    stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                )
-            if cancel.is_set():
-                return FinishReason.CANCELLED
-            if stream.last in self.eos_ids:
-                return FinishReason.STOP
-            return FinishReason.LENGTH
-        finally:
-            put(None)
+        return stream.last
 
     async def close(self) -> None:
         self._generator.shutdown(wait=False, cancel_futures=True)

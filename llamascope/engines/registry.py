@@ -12,7 +12,7 @@ from pathlib import Path
 
 from llamascope.engines.base import Engine
 from llamascope.engines.mllama import MllamaEngine, ModelLoadError
-from llamascope.engines.test_model import ensure_test_model
+from llamascope.engines.test_model import ensure_test_model, is_test_model
 from llamascope.settings import ModelSpec, Settings
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
                     dtype=spec.dtype,
                     context_length=spec.context_length,
                     chat_template=spec.chat_template,
-                    test_model=spec.is_builtin,
+                    test_model=is_test_model(path),
                 )
             except ModelLoadError as exc:
                 raise ModelLoadError(f"model {name!r}: {exc}") from exc

@@ -1,0 +1,200 @@
+"""Shared fixtures: the built-in model, a loopback image server, real llamascope server processes.
+
+Nothing here stands in for llamascope's own code: servers are started with
+the real ``llamascope serve`` command and driven over loopback HTTP.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE_DIR = Path(os.environ.get("LLAMASCOPE_TEST_CACHE", ROOT / ".cache"))
+API_KEY = "sk-test-0123456789abcdefghijklmnopqrstuv"
+SEED_MODEL = "llama3.2-90b-vision-instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(
+    color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (640, 480), fmt: str = "PNG"
+) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def test_model_dir() -> Path:
+    from llamascope.engines.test_model import ensure_test_model
+
+    return ensure_test_model(CACHE_DIR)
+
+
+# -- a loopback image host ---------------------------------------------------
+
+
+class ImageHost:
+    """Serves images and misbehaviours on 127.0.0.1 for the server under test to fetch."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[bytes, str]] = {
+            "/dog_and_girl.jpeg": (png_bytes((30, 120, 200), (800, 600), "JPEG"), "image/jpeg"),
+            "/red.png": (png_bytes((200, 30, 30)), "image/png"),
+            "/blue.png": (png_bytes((20, 40, 220), (300, 900)), "image/png"),
+            "/anim.gif": (png_bytes((0, 200, 0), fmt="GIF"), "image/gif"),
+            "/broken.png": (png_bytes()[:200], "image/png"),
+        }
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path.startswith("/redirect-to-private"):
+                    self.send_response(302)
+                    self.send_header("Location", "http://10.0.0.1/secret.png")
+                    self.end_headers()
+                    return
+                if self.path in host.files:
+                    data, ctype = host.files[self.path]
+                    self.send_response(200)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                self.send_response(404)
+                self.end_headers()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture(scope="session")
+def image_host() -> Iterator[ImageHost]:
+    host = ImageHost()
+    yield host
+    host.httpd.shutdown()
+
+
+# -- llamascope server processes ---------------------------------------------
+
+
+@dataclass
+class Server:
+    base: str
+    process: subprocess.Popen[str]
+    log_path: Path
+    key: str = API_KEY
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def api(self) -> str:
+        return self.base + "/api/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(
+    tmp: Path, args: list[str] | None = None, env: dict[str, str] | None = None, wait: bool = True
+) -> Server:
+    port = free_port()
+    log_path = tmp / f"server-{port}.log"
+    full_env = {
+        **os.environ,
+        "LLAMASCOPE_CACHE_DIR": str(CACHE_DIR),
+        "LLAMASCOPE_DATA_DIR": str(tmp / "data"),
+        "LLAMASCOPE_API_KEYS": API_KEY,
+        "LLAMASCOPE_IMAGE_FETCH_ALLOW": "127.0.0.1",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    full_env = {k: v for k, v in full_env.items() if v is not None}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llamascope", "serve", "--port", str(port), *(args or [])],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=tmp,
+            text=True,
+        )
+    server = Server(base=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    if wait:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+            try:
+                if httpx.get(server.base + "/health", timeout=1).status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        server.stop(signal.SIGKILL)
+        raise RuntimeError(f"server did not start:\n{server.log()}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, test_model_dir: Path) -> Iterator[Server]:
+    """One llamascope with default settings but a known key and loopback images allowed."""
+    srv = start_server(tmp_path_factory.mktemp("server"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def dashscope_sdk(server: Server) -> Iterator[object]:
+    """The official SDK pointed at the test server the way the README tells users to."""
+    import dashscope
+
+    old = dashscope.base_http_api_url, dashscope.api_key
+    dashscope.base_http_api_url = server.api
+    dashscope.api_key = server.key
+    yield dashscope
+    dashscope.base_http_api_url, dashscope.api_key = old
+
+
+def user_turn(image: str, text: str = "What is in the picture?") -> dict[str, object]:
+    return {"role": "user", "content": [{"image": image}, {"text": text}]}
+
+
+def generation_body(image: str, **parameters: object) -> dict[str, object]:
+    return {"model": SEED_MODEL, "input": {"messages": [user_turn(image)]}, "parameters": parameters}

@@ -1,0 +1,175 @@
+"""The official ``dashscope`` package against a real llamascope process.
+
+The seed API reference's Python examples run here as written, with only the
+base URL, the key and the image host changed (the image is served from
+loopback because this machine has no internet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from http import HTTPStatus
+
+import pytest
+
+from tests.conftest import SEED_MODEL, Server, user_turn
+
+
+def test_seed_single_turn_example(dashscope_sdk, image_host) -> None:
+    from dashscope import MultiModalConversation
+
+    messages = [
+        {
+            "role": "user",
+            "content": [{"image": image_host.url("/dog_and_girl.jpeg")}, {"text": "这是什么,请用中文回答?"}],
+        }
+    ]
+    response = MultiModalConversation.call(model="llama3.2-90b-vision-instruct", messages=messages)
+    assert response.status_code == HTTPStatus.OK, response
+    text = response.output.choices[0].message.content[0]["text"]
+    assert isinstance(text, str) and text
+    assert response.request_id
+    usage = response.usage
+    # No max_tokens: the seed's default of 512 applies (the random model almost never ends a turn early).
+    assert 0 < usage.output_tokens <= 512
+    if response.output.choices[0].finish_reason == "length":
+        assert usage.output_tokens == 512
+    assert usage["image_tokens"] == 6404  # 4 tiles x (40 x 40 patches + 1)
+    assert usage.input_tokens > 10
+    assert usage["total_tokens"] == usage.input_tokens + usage.output_tokens
+
+
+def test_seed_multi_turn_example(dashscope_sdk, image_host) -> None:
+    from dashscope import MultiModalConversation
+
+    messages = [
+        {
+            "role": "user",
+            "content": [{"image": image_host.url("/dog_and_girl.jpeg")}, {"text": "这是什么?"}],
+        }
+    ]
+    response = MultiModalConversation.call(model="llama3.2-90b-vision-instruct", messages=messages, max_tokens=20)
+    assert response.status_code == HTTPStatus.OK, response
+    first_input = response.usage.input_tokens
+    messages.append(response["output"]["choices"][0]["message"])
+    messages.append({"role": "user", "content": [{"text": "做一首诗描述这个场景"}]})
+    response = MultiModalConversation.call(model="llama3.2-90b-vision-instruct", messages=messages, max_tokens=20)
+    assert response.status_code == HTTPStatus.OK, response
+    assert response.output.choices[0].message.content[0]["text"]
+    assert response.usage.input_tokens > first_input + 20  # the history is in the prompt
+
+
+def test_seed_streaming_example(dashscope_sdk, image_host) -> None:
+    from dashscope import MultiModalConversation
+
+    messages = [
+        {
+            "role": "user",
+            "content": [{"image": image_host.url("/dog_and_girl.jpeg")}, {"text": "这是什么?"}],
+        }
+    ]
+    responses = MultiModalConversation.call(
+        model="llama3.2-90b-vision-instruct", messages=messages, stream=True, max_tokens=30
+    )
+    outputs = []
+    for response in responses:
+        assert response.status_code == HTTPStatus.OK, response
+        outputs.append(response["output"])
+    texts = [o["choices"][0]["message"]["content"][0]["text"] for o in outputs]
+    reasons = [o["choices"][0]["finish_reason"] for o in outputs]
+    assert len(outputs) >= 2
+    assert reasons[:-1] == ["null"] * (len(reasons) - 1)  # the string "null", as DashScope sends it
+    assert reasons[-1] in ("stop", "length")
+    for before, after in itertools.pairwise(texts):
+        assert after.startswith(before)  # cumulative by default
+    assert texts[-1] == texts[-2]  # the last event repeats the whole answer with the finish reason
+
+
+def test_system_message_with_image(dashscope_sdk, image_host) -> None:
+    from dashscope import MultiModalConversation
+
+    messages = [
+        {"role": "system", "content": [{"text": "You are a helpful assistant."}]},
+        user_turn(image_host.url("/red.png")),
+    ]
+    with_system = MultiModalConversation.call(model=SEED_MODEL, messages=messages, max_tokens=5, temperature=0)
+    without = MultiModalConversation.call(model=SEED_MODEL, messages=messages[1:], max_tokens=5, temperature=0)
+    assert with_system.status_code == HTTPStatus.OK, with_system
+    assert with_system.usage.input_tokens > without.usage.input_tokens
+
+
+def test_async_client(dashscope_sdk, image_host) -> None:
+    from dashscope import AioMultiModalConversation
+
+    async def run() -> tuple[object, list[object]]:
+        messages = [user_turn(image_host.url("/red.png"))]
+        single = await AioMultiModalConversation.call(model=SEED_MODEL, messages=messages, max_tokens=4)
+        stream = await AioMultiModalConversation.call(model=SEED_MODEL, messages=messages, max_tokens=4, stream=True)
+        return single, [event async for event in stream]
+
+    single, events = asyncio.run(run())
+    assert single.status_code == HTTPStatus.OK, single
+    assert single.usage.output_tokens == 4
+    assert events and all(e.status_code == HTTPStatus.OK for e in events)
+    assert events[-1].output.choices[0].finish_reason == "length"
+
+
+def test_sdk_incremental_false_still_cumulative(dashscope_sdk, image_host) -> None:
+    """The 1.x SDK sends true on the wire for incremental_output=False and rebuilds the text itself."""
+    from dashscope import MultiModalConversation
+
+    messages = [user_turn(image_host.url("/red.png"))]
+    kwargs = {"model": SEED_MODEL, "messages": messages, "max_tokens": 8, "temperature": 0}
+    events = list(MultiModalConversation.call(stream=True, incremental_output=False, **kwargs))
+    whole = MultiModalConversation.call(**kwargs)
+    assert events[-1].output.choices[0].message.content[0]["text"] == whole.output.choices[0].message.content[0]["text"]
+
+
+def test_errors_come_back_as_responses(dashscope_sdk, image_host) -> None:
+    from dashscope import MultiModalConversation
+
+    messages = [user_turn(image_host.url("/red.png"))]
+    bad_key = MultiModalConversation.call(model=SEED_MODEL, messages=messages, api_key="sk-wrong")
+    assert (bad_key.status_code, bad_key.code) == (401, "InvalidApiKey")
+    assert bad_key.output is None and bad_key.request_id
+
+    unknown = MultiModalConversation.call(model="qwen-vl-max", messages=messages)
+    assert (unknown.status_code, unknown.code, unknown.message) == (400, "InvalidParameter", "Model not exist.")
+
+    text_only = MultiModalConversation.call(model=SEED_MODEL, messages=[{"role": "user", "content": [{"text": "hi"}]}])
+    assert (text_only.status_code, text_only.code) == (400, "InvalidParameter")
+    assert "exactly one image" in text_only.message
+
+    # Rejected before the stream starts: the streaming SDK yields one error object.
+    events = list(MultiModalConversation.call(model=SEED_MODEL, messages=messages, stream=True, top_p=3))
+    assert len(events) == 1 and (events[0].status_code, events[0].code) == (400, "InvalidParameter")
+    assert "top_p" in events[0].message
+
+
+def test_v2_client(server: Server, image_host) -> None:
+    import dashscope
+
+    client = dashscope.Client(api_key=server.key, base_url=server.api, max_retries=0)
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "url": image_host.url("/red.png")}, {"type": "text", "text": "What?"}],
+        }
+    ]
+    completion = client.multimodal.chat.create(model=SEED_MODEL, messages=messages, max_tokens=6, temperature=0)
+    assert completion.output_text
+    stream = client.multimodal.chat.create(
+        model=SEED_MODEL, messages=messages, max_tokens=6, temperature=0, stream=True
+    )
+    deltas = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert deltas == completion.output_text
+
+
+def test_v2_client_errors(server: Server, image_host) -> None:
+    import dashscope
+    from dashscope.v2 import errors as v2errors
+
+    client = dashscope.Client(api_key="sk-nope", base_url=server.api, max_retries=0)
+    with pytest.raises(v2errors.AuthenticationError):
+        client.multimodal.chat.create(model=SEED_MODEL, messages=[user_turn(image_host.url("/red.png"))])

@@ -107,7 +107,9 @@ def build_tokenizer():
     learner.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     learned = json.loads(learner.to_str())["model"]
     vocab: dict[str, int] = dict(learned["vocab"])
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    merges: list[tuple[str, str]] = [
+        (m.split(" ", 1)[0], m.split(" ", 1)[1]) if isinstance(m, str) else (m[0], m[1]) for m in learned["merges"]
+    ]
     for word in _syllable_words(BASE_VOCAB - len(vocab), set(vocab)):
         vocab[word] = len(vocab)
     assert len(vocab) == BASE_VOCAB

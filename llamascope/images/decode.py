@@ -35,6 +35,26 @@ ACCEPTED_FORMATS = {
 }
 ACCEPTED_LIST = "BMP, DIB, ICNS, ICO, JPEG, JPEG2000, PNG, SGI, TIFF, WEBP"
 
+# Formats Pillow does not read, named so that a refusal says what was sent.
+_SIGNATURES = [
+    (b"%PDF", "PDF"),
+    (b"<svg", "SVG"),
+    (b"<?xml", "SVG or another XML document"),
+    (b"GIF8", "GIF"),
+]
+_ISO_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF"}
+
+
+def _sniff(data: bytes) -> str | None:
+    head = data[:64].lstrip()
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
+            return name
+    if data[4:8] == b"ftyp":
+        return _ISO_BRANDS.get(data[8:12], "an ISO media file (video or HEIF)")
+    return None
+
+
 # Llama 3.2 Vision never looks at more than 2x2 tiles of 560 pixels.
 MODEL_MAX_SIDE = 1120
 
@@ -71,6 +91,9 @@ def decode_image(data: bytes, limits: DecodeLimits) -> PreparedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise errors.image_bad_size(f"The image has more than the limit of {limits.max_pixels} pixels.") from None
     except UnidentifiedImageError:
+        sniffed = _sniff(data)
+        if sniffed:
+            raise errors.image_unreadable(f"The image is {sniffed}; accepted formats are {ACCEPTED_LIST}.") from None
         raise errors.image_unreadable(
             f"The data is not an image in a known format; accepted formats are {ACCEPTED_LIST}."
         ) from None
@@ -87,7 +110,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode.startswith("I"):  # 16- and 32-bit greyscale: scale to 8 bits rather than clip
         img = img.convert("I")
-        if img.getextrema()[1] > 255:
+        high = img.getextrema()[1]  # one band: (min, max)
+        if isinstance(high, (int, float)) and high > 255:
             img = img.point(lambda v: v * (255 / 65535))
         img = img.convert("L")
     if img.mode == "P":

@@ -101,8 +101,10 @@ class DataUriSource:
             # Refuse from the encoded length first, so an oversized URI is never decoded.
             if (len(payload) // 4) * 3 > self.max_bytes + 2:
                 raise _too_large(self.max_bytes)
+            payload = "".join(payload.split())  # clients may wrap base64 in lines
+            payload += "=" * (-len(payload) % 4)  # and may drop the padding
             try:
-                data = base64.b64decode(payload, validate=False)
+                data = base64.b64decode(payload, validate=True)
             except (binascii.Error, ValueError):
                 raise errors.invalid_parameter(
                     "url error, please check url! The data: URI is not valid base64."
@@ -212,7 +214,7 @@ class UrlSource:
                 infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except (socket.gaierror, UnicodeError):
                 raise _Refused("the image host name could not be resolved") from None
-            addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+            addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
         if not addresses:
             raise _Refused("the image host name could not be resolved")
         if host in self.policy.allow_hosts:

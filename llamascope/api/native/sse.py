@@ -17,6 +17,7 @@ does not send it; other parsers ignore it), and data with both ``code`` and
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from llamascope import errors
 from llamascope.api.native.protocol import ErrorBody, GenerationResult
@@ -36,7 +37,7 @@ def error_block(n: int, error: errors.ServiceError, request_id: str) -> bytes:
     return f"id:{n}\nevent:error\n:HTTP_STATUS/{s}\nstatus:{s}\ndata:{body.model_dump_json()}\n\n".encode()
 
 
-async def stream(reply: Reply, request_id: str, state: object) -> AsyncIterator[bytes]:
+async def stream(reply: Reply, request_id: str, state: Any) -> AsyncIterator[bytes]:
     """One block per event; cumulative text unless the request asked for increments."""
     incremental = reply.options.incremental_output
     n = 0
@@ -47,5 +48,5 @@ async def stream(reply: Reply, request_id: str, state: object) -> AsyncIterator[
             text = event.delta if incremental else event.text
             yield result_block(n, GenerationResult.of(text, finish, event.usage, request_id))
     except errors.ServiceError as error:
-        state.error_code = error.code
+        state.error_code = error.code  # for the access log
         yield error_block(n + 1, error, request_id)

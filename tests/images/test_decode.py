@@ -1,0 +1,146 @@
+"""Decoding: the seed's formats by their bytes, header-first pixel checks, normalisation to RGB."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from llamascope import errors
+from llamascope.images.decode import DecodeLimits, decode_image
+
+LIMITS = DecodeLimits(max_pixels=40_000_000, min_side=10)
+
+
+def encode(fmt: str, mode: str = "RGB", size: tuple[int, int] = (64, 48), **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, (10, 200, 30, 255)[: len(mode)] if mode not in ("L", "P") else 100).save(
+        buf, format=fmt, **kwargs
+    )
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "expected", "kwargs"),
+    [
+        ("BMP", "BMP", {}),
+        ("DIB", "DIB", {}),
+        ("ICO", "ICO", {"sizes": [(32, 32), (64, 64)]}),
+        ("ICNS", "ICNS", {}),
+        ("JPEG", "JPEG", {}),
+        ("JPEG2000", "JPEG2000", {}),
+        ("PNG", "PNG", {}),
+        ("SGI", "SGI", {}),
+        ("TIFF", "TIFF", {}),
+        ("WEBP", "WEBP", {}),
+    ],
+)
+def test_seed_formats_decode_to_rgb(fmt: str, expected: str, kwargs: dict) -> None:
+    size = (64, 64) if fmt in ("ICO", "ICNS") else (64, 48)
+    image = decode_image(encode(fmt, size=size, **kwargs), LIMITS)
+    assert image.format == expected
+    assert image.image.mode == "RGB"
+    # ICO and ICNS hold several sizes; the largest is the one decoded (Pillow writes ICNS up to 1024).
+    assert image.image.size == ((1024, 1024) if fmt == "ICNS" else size)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PDF", "PPM"])
+def test_other_formats_are_named_and_refused(fmt: str) -> None:
+    with pytest.raises(errors.ServiceError) as info:
+        decode_image(encode(fmt), LIMITS)
+    assert info.value.code == "InvalidParameter.DataInspection"
+    assert f"The image is {fmt}" in info.value.message and "JPEG2000" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("data", "name"),
+    [
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "SVG"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "HEIC"),
+        (b"\x00\x00\x00\x18ftypavif\x00\x00\x00\x00", "AVIF"),
+    ],
+)
+def test_unreadable_formats_are_named(data: bytes, name: str) -> None:
+    with pytest.raises(errors.ServiceError, match=f"The image is {name}"):
+        decode_image(data, LIMITS)
+
+
+def test_not_an_image() -> None:
+    with pytest.raises(errors.ServiceError, match="not an image"):
+        decode_image(b"just some text, not a picture", LIMITS)
+
+
+def test_truncated() -> None:
+    data = encode("PNG", size=(400, 400))
+    with pytest.raises(errors.ServiceError, match="corrupt or truncated"):
+        decode_image(data[: len(data) // 2], LIMITS)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims a huge size in 60 bytes: the bomb's fuse without the bomb."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [7000, 12000, 100_000])
+def test_pixel_budget_checked_before_decoding(side: int) -> None:
+    with pytest.raises(errors.ServiceError) as info:
+        decode_image(png_header_only(side, side), LIMITS)
+    assert info.value.status == 400 and "pixels" in info.value.message
+
+
+def test_too_small() -> None:
+    with pytest.raises(errors.ServiceError, match="must be larger than 10"):
+        decode_image(encode("PNG", size=(5, 300)), LIMITS)
+
+
+def test_alpha_flattened_onto_white() -> None:
+    buf = io.BytesIO()
+    Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(buf, format="PNG")
+    image = decode_image(buf.getvalue(), LIMITS).image
+    assert image.getpixel((5, 5)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "I;16", "LA"])
+def test_modes_become_rgb(mode: str) -> None:
+    fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
+    buf = io.BytesIO()
+    Image.new(mode, (30, 30)).save(buf, format=fmt)
+    assert decode_image(buf.getvalue(), LIMITS).image.mode == "RGB"
+
+
+def test_sixteen_bit_scaled_not_clipped() -> None:
+    buf = io.BytesIO()
+    Image.new("I;16", (30, 30), 32768).save(buf, format="PNG")
+    r, g, b = decode_image(buf.getvalue(), LIMITS).image.getpixel((0, 0))
+    assert 120 <= r <= 135 and r == g == b
+
+
+def test_exif_orientation_applied() -> None:
+    img = Image.new("RGB", (60, 20), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    assert decode_image(buf.getvalue(), LIMITS).image.size == (20, 60)
+
+
+def test_large_jpeg_decoded_at_reduced_scale() -> None:
+    data = encode("JPEG", size=(4000, 3000), quality=80)
+    image = decode_image(data, LIMITS)
+    assert (image.source_width, image.source_height) == (4000, 3000)
+    assert image.image.size[0] < 4000 and min(image.image.size) >= 1120 * 3000 // 4000 // 2
+
+
+def test_digest_is_of_the_source_bytes() -> None:
+    import hashlib
+
+    data = encode("PNG")
+    assert decode_image(data, LIMITS).digest == hashlib.sha256(data).hexdigest()

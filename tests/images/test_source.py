@@ -1,0 +1,178 @@
+"""Image sources against real loopback servers: SSRF refusals, caps, timeouts, data: URIs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from llamascope import errors
+from llamascope.images.source import DataUriSource, FetchPolicy, is_public, parse_reference
+
+ALLOW_LOOPBACK = FetchPolicy.from_allow_list(["127.0.0.0/8"])
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2001:4860:4860::8888", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),  # CGNAT
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("::1", False),
+        ("::", False),
+        ("fe80::1", False),
+        ("fc00::1", False),
+        ("::ffff:127.0.0.1", False),  # IPv4-mapped
+        ("::ffff:10.0.0.1", False),
+        ("64:ff9b::a00:1", False),  # NAT64 of 10.0.0.1
+        ("2002:7f00:1::", False),  # 6to4 of 127.0.0.1
+        ("2002:808:808::", True),  # 6to4 of 8.8.8.8
+    ],
+)
+def test_is_public(address: str, public: bool) -> None:
+    assert is_public(ipaddress.ip_address(address)) is public
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        port = self.server.server_address[1]
+        if self.path == "/ok":
+            self._send(b"\x89PNG fake image bytes")
+        elif self.path == "/host":
+            self._send(self.headers["Host"].encode())
+        elif self.path == "/endless":  # no Content-Length: the body runs until the connection closes
+            self.send_response(200)
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"x" * 65536)
+            except OSError:
+                pass
+        elif self.path == "/declares-huge":
+            self.send_response(200)
+            self.send_header("Content-Length", str(10**12))
+            self.end_headers()
+        elif self.path.startswith("/hop"):
+            n = int(self.path[4:] or 0)
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{port}/hop{n + 1}" if n < 10 else "/ok")
+            self.end_headers()
+        elif self.path == "/to-localhost-name":
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{port}/ok")
+            self.end_headers()
+        elif self.path == "/to-metadata":
+            self.send_response(301)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+        else:
+            self.send_response(404)
+            self.end_headers()
+
+    def _send(self, data: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def read(url: str, policy: FetchPolicy) -> bytes:
+    return asyncio.run(parse_reference(url, policy).read())
+
+
+def refused(url: str, policy: FetchPolicy) -> errors.ServiceError:
+    with pytest.raises(errors.ServiceError) as info:
+        read(url, policy)
+    return info.value
+
+
+def test_loopback_refused_by_default(host: str) -> None:
+    error = refused(host + "/ok", FetchPolicy())
+    assert error.status == 400 and "private or local network" in error.message
+    assert "127.0.0.1" not in error.message
+
+
+def test_names_that_resolve_to_loopback_are_refused(host: str) -> None:
+    port = host.rsplit(":", 1)[1]
+    error = refused(f"http://localhost:{port}/ok", FetchPolicy())
+    assert "private or local network" in error.message
+
+
+def test_allowed_network_fetches_and_keeps_the_host_header(host: str) -> None:
+    assert read(host + "/ok", ALLOW_LOOPBACK) == b"\x89PNG fake image bytes"
+    port = host.rsplit(":", 1)[1]
+    allow_name = FetchPolicy.from_allow_list(["localhost"])
+    assert read(f"http://localhost:{port}/host", allow_name) == f"localhost:{port}".encode()
+
+
+def test_every_redirect_hop_is_checked(host: str) -> None:
+    assert "private or local" in refused(host + "/to-metadata", ALLOW_LOOPBACK).message
+    # A hop to a name is resolved and checked again (localhost is loopback: allowed by this policy).
+    assert read(host + "/to-localhost-name", ALLOW_LOOPBACK) == b"\x89PNG fake image bytes"
+    assert "more than 3 redirects" in refused(host + "/hop0", ALLOW_LOOPBACK).message
+
+
+def test_byte_cap_counts_what_arrives(host: str) -> None:
+    small = FetchPolicy.from_allow_list(["127.0.0.0/8"], max_bytes=100_000)
+    assert "Exceeded limit on max bytes" in refused(host + "/endless", small).message
+    assert "Exceeded limit on max bytes" in refused(host + "/declares-huge", small).message
+
+
+def test_stalled_host_times_out() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()  # accepts connections, never answers
+    try:
+        policy = FetchPolicy.from_allow_list(["127.0.0.0/8"], total_timeout=0.5)
+        error = refused(f"http://127.0.0.1:{listener.getsockname()[1]}/x.png", policy)
+        assert error.code == "InvalidParameter.DataInspection" and "timed out" in error.message
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/a.png", "file:///etc/passwd", "/etc/passwd", "oss://b/k.png"])
+def test_other_schemes_refused(url: str) -> None:
+    assert "url error" in refused(url, FetchPolicy()).message
+
+
+def test_credentials_in_urls_refused() -> None:
+    assert "credentials" in refused("http://user:pw@127.0.0.1/x", ALLOW_LOOPBACK).message
+
+
+def test_data_uris() -> None:
+    payload = b"\x89PNG\r\n"
+    assert (
+        asyncio.run(DataUriSource("data:image/png;base64," + base64.b64encode(payload).decode(), 100).read()) == payload
+    )
+    assert asyncio.run(DataUriSource("data:,hello%20there", 100).read()) == b"hello there"
+    with pytest.raises(errors.ServiceError, match="max bytes per data-uri item : 100"):
+        asyncio.run(DataUriSource("data:image/png;base64," + "A" * 1000, 100).read())
+    with pytest.raises(errors.ServiceError, match="base64"):
+        asyncio.run(DataUriSource("data:image/png;base64,@@@", 100).read())
+    with pytest.raises(errors.ServiceError, match="needs a ','"):
+        asyncio.run(DataUriSource("data:image/png;base64", 100).read())

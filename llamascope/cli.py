@@ -55,11 +55,28 @@ def configure_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota if one is set.
+
+    PyTorch counts the host's cores; in a container limited to 2 CPUs on a
+    64-core host that oversubscribes 32-fold (bench/threads.py: 4x
+    oversubscription already makes each decode step 1.5x slower here).
+    """
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "200000 100000"
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 def configure_torch(threads: int | None) -> int:
-    """Set PyTorch's threads deliberately: its defaults oversubscribe small machines."""
+    """Set PyTorch's threads deliberately: its defaults oversubscribe containers."""
     import torch
 
-    count = threads or len(os.sched_getaffinity(0))
+    count = threads or usable_cores()
     torch.set_num_threads(count)
     with contextlib.suppress(RuntimeError):  # already set earlier in this process
         torch.set_num_interop_threads(1)  # llamascope runs one generation per engine thread

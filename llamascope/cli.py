@@ -107,6 +107,7 @@ def serve(args: argparse.Namespace) -> int:
     from llamascope.engines.mllama import ModelLoadError
     from llamascope.engines.registry import load_engines
     from llamascope.images.intake import ImageIntake
+    from llamascope.images.uploads import UploadStore, load_or_create_secret
 
     threads = configure_torch(settings.torch_threads)
     keys = list(settings.api_keys)
@@ -121,8 +122,21 @@ def serve(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"llamascope: cannot start: {exc}", file=sys.stderr)
         return 2
-    service = ConversationService(engines, ImageIntake.from_settings(settings))
-    app = create_app(service, StaticKeys(keys), max_body_bytes=settings.max_body_bytes)
+    store = UploadStore(
+        settings.upload_dir or settings.data_dir / "uploads",
+        load_or_create_secret(settings.data_dir / "upload-secret"),
+        ttl_seconds=settings.upload_ttl_hours * 3600,
+        policy_seconds=settings.upload_policy_seconds,
+        max_bytes=settings.upload_max_bytes,
+    )
+    service = ConversationService(engines, ImageIntake.from_settings(settings, store))
+    app = create_app(
+        service,
+        StaticKeys(keys),
+        store,
+        max_body_bytes=settings.max_body_bytes,
+        public_base_url=settings.public_base_url,
+    )
 
     base = f"http://{settings.host}:{settings.port}"
     lines = [f"llamascope {__version__} on {base} (PyTorch threads: {threads})", "models:"]

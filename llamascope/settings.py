@@ -91,11 +91,25 @@ class Settings(BaseSettings):
     # Networks or host names that image URLs may reach although they are not
     # public (loopback, private ranges...). Empty: only public addresses.
     image_fetch_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Directories whose files requests may name as file:// URLs or paths. Empty: none.
+    image_local_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    image_decode_workers: int = Field(2, ge=1)
+    image_decode_timeout: float = Field(5.0, gt=0)
+    image_cache_bytes: int = Field(256 * 1024 * 1024, ge=0)
+
+    # The SDK's local-file upload flow. upload_dir defaults to data_dir/uploads.
+    upload_dir: Path | None = None
+    upload_ttl_hours: float = Field(48.0, gt=0)
+    upload_policy_seconds: int = Field(300, ge=10)
+    upload_max_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    # The address clients reach this server at, for upload_host in upload policies
+    # (e.g. https://llm.example.com behind a proxy). Default: from the request's Host.
+    public_base_url: str | None = None
 
     shutdown_grace_seconds: float = Field(30.0, ge=0)
     log_level: str = "info"
 
-    @field_validator("api_keys", "image_fetch_allow", mode="before")
+    @field_validator("api_keys", "image_fetch_allow", "image_local_dirs", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         # LLAMASCOPE_API_KEYS=sk-a,sk-b as well as the JSON list pydantic expects.

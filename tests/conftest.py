@@ -26,6 +26,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("LLAMASCOPE_TEST_CACHE", ROOT / ".cache"))
 API_KEY = "sk-test-0123456789abcdefghijklmnopqrstuv"
+OTHER_KEY = "sk-other-0123456789abcdefghijklmnopqrs"
 SEED_MODEL = "llama3.2-90b-vision-instruct"
 
 
@@ -140,7 +141,7 @@ def start_server(
         **os.environ,
         "LLAMASCOPE_CACHE_DIR": str(CACHE_DIR),
         "LLAMASCOPE_DATA_DIR": str(tmp / "data"),
-        "LLAMASCOPE_API_KEYS": API_KEY,
+        "LLAMASCOPE_API_KEYS": f"{API_KEY},{OTHER_KEY}",
         "LLAMASCOPE_IMAGE_FETCH_ALLOW": "127.0.0.1",
         "PYTHONUNBUFFERED": "1",
         **(env or {}),

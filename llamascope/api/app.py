@@ -2,24 +2,61 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import anyio
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
 from llamascope import __version__, errors
 from llamascope.accounts.keys import KeyStore
 from llamascope.api import errors as api_errors
-from llamascope.api import operations
+from llamascope.api import operations, uploads
 from llamascope.api.middleware import Authentication, BodyLimit, RequestContext
 from llamascope.api.native import router as native
 from llamascope.conversation.service import ConversationService
+from llamascope.images.uploads import UploadStore
 
-PUBLIC_PATHS = frozenset({"/health"})
+log = logging.getLogger(__name__)
+
+# The upload POST carries no key: its signed policy authorises it.
+PUBLIC_PATHS = frozenset({"/health", uploads.OBJECTS_PATH})
+PURGE_EVERY_SECONDS = 600
 
 
-def create_app(service: ConversationService, keys: KeyStore, *, max_body_bytes: int) -> FastAPI:
-    app = FastAPI(title="llamascope", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+async def _purge_uploads(store: UploadStore) -> None:
+    while True:
+        removed = await anyio.to_thread.run_sync(store.purge_expired)
+        if removed:
+            log.info("removed %d expired uploads", removed)
+        await asyncio.sleep(PURGE_EVERY_SECONDS)
+
+
+def create_app(
+    service: ConversationService,
+    keys: KeyStore,
+    uploads_store: UploadStore,
+    *,
+    max_body_bytes: int,
+    public_base_url: str | None = None,
+) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        purge = asyncio.create_task(_purge_uploads(uploads_store))
+        yield
+        purge.cancel()
+
+    app = FastAPI(
+        title="llamascope", version=__version__, docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
     app.state.service = service
+    app.state.uploads = uploads_store
+    app.state.public_base_url = public_base_url
     app.include_router(native.router)
+    app.include_router(uploads.router)
     app.include_router(operations.router)
     app.add_exception_handler(errors.ServiceError, api_errors.on_service_error)
     app.add_exception_handler(HTTPException, api_errors.on_http_exception)

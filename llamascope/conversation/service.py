@@ -20,6 +20,7 @@ from llamascope.conversation.parameters import Options, parse_parameters
 from llamascope.conversation.rules import parse_messages
 from llamascope.engines.base import Engine, FinishReason, PreparedPrompt
 from llamascope.images.intake import ImageIntake
+from llamascope.images.source import ANONYMOUS, RequestContext
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +134,12 @@ class ConversationService:
             raise errors.model_not_found()
         return self.engines[model]
 
-    async def open(self, model: Any, messages: Any, parameters: Any) -> Reply:
+    async def open(self, model: Any, messages: Any, parameters: Any, context: RequestContext = ANONYMOUS) -> Reply:
+        """Check everything that can be checked before generating; raise ServiceError, or return the Reply."""
         engine = self.engine(model)
         draft = parse_messages(messages)
         options = parse_parameters(parameters, engine.info.context_length)
-        image = await self.intake.load(draft.image_ref)
+        image = await self.intake.load(draft.image_ref, context, fit=engine.image_size, fit_key=engine.info.source)
         prompt = await engine.prepare(draft.with_image(image))
         usage = Usage(input_tokens=prompt.input_tokens, image_tokens=prompt.image_tokens)
         return Reply(model=model, engine=engine, prompt=prompt, options=options, usage=usage)

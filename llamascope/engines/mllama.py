@@ -144,6 +144,21 @@ class MllamaEngine:
 
     # -- prepare ---------------------------------------------------------
 
+    def image_size(self, width: int, height: int) -> tuple[int, int]:
+        """What the Mllama image processor will resize to: the best tile canvas, then fit inside it."""
+        from transformers.models.mllama.image_processing_pil_mllama import (
+            get_image_size_fit_to_canvas,
+            get_optimal_tiled_canvas,
+        )
+
+        processor = self.processor.image_processor
+        size = processor.size
+        tile = int(size["height"] if isinstance(size, dict) else size.height)
+        tiles = int(processor.max_image_tiles)
+        canvas_h, canvas_w = get_optimal_tiled_canvas(height, width, tiles, tile)
+        new_h, new_w = get_image_size_fit_to_canvas(height, width, canvas_h, canvas_w, tile)
+        return int(new_w), int(new_h)
+
     async def prepare(self, turns: list[Turn]) -> PreparedPrompt:
         return await anyio.to_thread.run_sync(self._prepare, turns, limiter=self._preparers)
 

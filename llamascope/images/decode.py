@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -55,8 +56,12 @@ def _sniff(data: bytes) -> str | None:
     return None
 
 
-# Llama 3.2 Vision never looks at more than 2x2 tiles of 560 pixels.
-MODEL_MAX_SIDE = 1120
+# Given an image's (width, height) as shown, the size the model will resize it to.
+# Images are decoded no larger than that: the model never sees more.
+FitFunction = Callable[[int, int], tuple[int, int]]
+
+_SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
+_MAX_J2K_REDUCE = 5  # encoders write 5 decomposition levels by default
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,8 @@ class DecodeLimits:
     min_side: int = 10
 
 
-def decode_image(data: bytes, limits: DecodeLimits) -> PreparedImage:
+def decode_image(data: bytes, limits: DecodeLimits, fit: FitFunction | None = None) -> PreparedImage:
+    """Decode, check and normalise one image; with ``fit``, no larger than the model will use."""
     digest = hashlib.sha256(data).hexdigest()
     try:
         with warnings.catch_warnings():
@@ -81,11 +87,11 @@ def decode_image(data: bytes, limits: DecodeLimits) -> PreparedImage:
                 )
             if min(width, height) < limits.min_side:
                 raise errors.image_bad_size(f"[height:{height} or width:{width} must be larger than {limits.min_side}]")
-            if found in ("JPEG", "MPO"):
-                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image is far larger than the model needs.
-                img.draft("RGB", (MODEL_MAX_SIDE, MODEL_MAX_SIDE))
-            img.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(img))
+            target = _target(img, fit)
+            loaded = _load_reduced(img, data, target)
+            rgb = _to_rgb(ImageOps.exif_transpose(loaded))
+            if target is not None and rgb.size != target:
+                rgb = rgb.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
     except errors.ServiceError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -102,6 +108,45 @@ def decode_image(data: bytes, limits: DecodeLimits) -> PreparedImage:
     return PreparedImage(
         image=rgb, digest=digest, format=ACCEPTED_FORMATS[found], source_width=width, source_height=height
     )
+
+
+def _target(img: Image.Image, fit: FitFunction | None) -> tuple[int, int] | None:
+    """The (width, height) to decode to, as shown after EXIF rotation; None when the model wants it all."""
+    if fit is None:
+        return None
+    width, height = img.size
+    if img.getexif().get(0x0112, 1) in _SWAPS_SIDES:
+        width, height = height, width
+    target = fit(width, height)
+    return target if target[0] < width and target[1] < height else None
+
+
+def _load_reduced(img: Image.Image, data: bytes, target: tuple[int, int] | None) -> Image.Image:
+    """Decode at the smallest scale the codec offers that is still at least ``target`` (either orientation)."""
+    if target is not None:
+        need = min(target), max(target)  # orientation-free: compare short and long sides
+        if img.format in ("JPEG", "MPO"):
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below the requested size.
+            short_first = img.size[0] <= img.size[1]
+            img.draft("RGB", need if short_first else (need[1], need[0]))
+        elif img.format == "JPEG2000":
+            short, long = min(img.size), max(img.size)
+
+            def still_enough(times: int) -> bool:  # OpenJPEG rounds sizes up: ceil(side / 2**times)
+                return -(-short >> times) >= need[0] and -(-long >> times) >= need[1]
+
+            level = 0
+            while level < _MAX_J2K_REDUCE and still_enough(level + 1):
+                level += 1
+            if level:
+                img.reduce = level  # type: ignore[method-assign,assignment]  # Pillow's JPEG2000 reduce setting
+                try:
+                    img.load()
+                    return img
+                except OSError:  # a codestream with fewer levels: decode it whole
+                    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -1,24 +1,94 @@
-"""The image intake service: a reference string in, a PreparedImage out."""
+"""The image intake service: a reference string in, a PreparedImage out.
+
+Fetching is async; decoding is CPU work and runs in a bounded thread pool
+with a time budget per image. Decoded images are cached by the SHA-256 of
+their bytes and the size the model wants, in memory bounded by bytes, so a
+conversation that re-sends its image every turn decodes it once.
+"""
 
 from __future__ import annotations
 
-import anyio
+import asyncio
+import hashlib
+import logging
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+from llamascope import errors
 from llamascope.images import PreparedImage
-from llamascope.images.decode import DecodeLimits, decode_image
-from llamascope.images.source import FetchPolicy, parse_reference
+from llamascope.images.decode import DecodeLimits, FitFunction, decode_image
+from llamascope.images.source import (
+    ANONYMOUS,
+    NO_LOCAL_FILES,
+    FetchPolicy,
+    LocalPolicy,
+    RequestContext,
+    parse_reference,
+)
+from llamascope.images.uploads import UploadStore
 from llamascope.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class DecodedCache:
+    """LRU of decoded images, bounded by the bytes of their pixels."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[tuple[str, str], PreparedImage] = OrderedDict()
+
+    @staticmethod
+    def _size(image: PreparedImage) -> int:
+        width, height = image.image.size
+        return width * height * len(image.image.getbands())
+
+    def get(self, key: tuple[str, str]) -> PreparedImage | None:
+        found = self._items.get(key)
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[str, str], image: PreparedImage) -> None:
+        size = self._size(image)
+        if size > self.max_bytes or key in self._items:
+            return
+        self._items[key] = image
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= self._size(old)
 
 
 class ImageIntake:
-    def __init__(self, policy: FetchPolicy, limits: DecodeLimits, decode_workers: int = 2) -> None:
+    def __init__(
+        self,
+        policy: FetchPolicy,
+        limits: DecodeLimits,
+        *,
+        local: LocalPolicy = NO_LOCAL_FILES,
+        decode_workers: int = 2,
+        decode_timeout: float = 5.0,
+        cache_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
         self.policy = policy
         self.limits = limits
-        # Decoding is CPU work: keep it off the event loop, in a bounded pool.
-        self._decoders = anyio.CapacityLimiter(decode_workers)
+        self.local = local
+        self.decode_timeout = decode_timeout
+        # A bounded pool: a decode that overruns its budget is answered at once but keeps its
+        # worker until it ends, so runaway decodes cannot pile up beyond the pool's size.
+        self._decoders = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="llamascope-decode")
+        self.cache = DecodedCache(cache_bytes)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ImageIntake:
+    def from_settings(cls, settings: Settings, store: UploadStore | None = None) -> ImageIntake:
         policy = FetchPolicy.from_allow_list(
             settings.image_fetch_allow,
             max_bytes=settings.image_max_bytes,
@@ -27,8 +97,43 @@ class ImageIntake:
             max_redirects=settings.image_fetch_max_redirects,
         )
         limits = DecodeLimits(max_pixels=settings.image_max_pixels, min_side=settings.image_min_side)
-        return cls(policy, limits)
+        local = LocalPolicy(store=store, allowed_dirs=tuple(Path(d).resolve() for d in settings.image_local_dirs))
+        return cls(
+            policy,
+            limits,
+            local=local,
+            decode_workers=settings.image_decode_workers,
+            decode_timeout=settings.image_decode_timeout,
+            cache_bytes=settings.image_cache_bytes,
+        )
 
-    async def load(self, reference: str) -> PreparedImage:
-        data = await parse_reference(reference, self.policy).read()
-        return await anyio.to_thread.run_sync(decode_image, data, self.limits, limiter=self._decoders)
+    async def load(
+        self,
+        reference: str,
+        context: RequestContext = ANONYMOUS,
+        fit: FitFunction | None = None,
+        fit_key: str = "",
+    ) -> PreparedImage:
+        """Fetch and decode one image. ``fit``/``fit_key``: the model's sizing rule and a name for it."""
+        data = await parse_reference(reference, self.policy, context, self.local).read()
+        return await self.decode(data, fit, fit_key)
+
+    async def decode(self, data: bytes, fit: FitFunction | None = None, fit_key: str = "") -> PreparedImage:
+        key = (hashlib.sha256(data).hexdigest(), fit_key)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self._decoders, decode_image, data, self.limits, fit)
+        try:
+            image = await asyncio.wait_for(work, self.decode_timeout)
+        except asyncio.TimeoutError:  # an alias of TimeoutError from 3.11 on
+            log.warning("an image took more than %.1f s to decode and was refused", self.decode_timeout)
+            raise errors.image_unreadable(
+                f"The image took longer than {self.decode_timeout:g} s to decode; send a smaller or simpler image."
+            ) from None
+        self.cache.put(key, image)
+        return image
+
+    def close(self) -> None:
+        self._decoders.shutdown(wait=False, cancel_futures=True)

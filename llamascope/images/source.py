@@ -1,4 +1,4 @@
-"""Where image bytes come from: ``data:`` URIs and http(s) URLs.
+"""Where image bytes come from: ``data:`` URIs, http(s) URLs, uploaded ``oss://`` objects, allowed local files.
 
 Each reference string becomes an ``ImageSource`` whose ``read()`` returns the
 raw bytes, or raises ServiceError with a message the caller can act on.
@@ -20,16 +20,19 @@ import asyncio
 import base64
 import binascii
 import ipaddress
+import os
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
-from urllib.parse import unquote_to_bytes, urljoin, urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
 import anyio
 import httpx
 
 from llamascope import errors
+from llamascope.images.uploads import UploadStore
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -70,18 +73,91 @@ def is_public(ip: IPAddress) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-def parse_reference(ref: str, policy: FetchPolicy) -> ImageSource:
+@dataclass(frozen=True)
+class RequestContext:
+    """What a source may need to know about the request it serves."""
+
+    owner: str | None = None  # the API key's id: uploads resolve only for their owner
+    resolve_oss: bool = False  # the request carried X-DashScope-OssResourceResolve: enable
+
+
+@dataclass(frozen=True)
+class LocalPolicy:
+    store: UploadStore | None = None
+    allowed_dirs: tuple[Path, ...] = ()  # operator-allowed directories for file:// and plain paths
+
+
+ANONYMOUS = RequestContext()
+NO_LOCAL_FILES = LocalPolicy()
+
+
+def parse_reference(
+    ref: str, policy: FetchPolicy, context: RequestContext = ANONYMOUS, local: LocalPolicy = NO_LOCAL_FILES
+) -> ImageSource:
     """Pick the source for an image reference, or refuse it."""
-    scheme = ref.split(":", 1)[0].lower() if ":" in ref else ""
+    scheme = urlsplit(ref).scheme.lower() if ":" in ref else ""
     if scheme == "data":
         return DataUriSource(ref, policy.max_bytes)
     if scheme in ("http", "https"):
         return UrlSource(ref, policy)
+    if scheme == "oss":
+        return OssSource(ref[len("oss://") :], context, local.store)
+    if scheme == "file" or (not scheme and ref.startswith(("/", "~", "."))):
+        return LocalFileSource(ref, local.allowed_dirs, policy.max_bytes)
     raise errors.invalid_parameter(
-        "url error, please check url! The image must be an http(s) URL or a data: URI"
-        + (" (oss:// keys come from the SDK's local-file upload)" if scheme == "oss" else "")
-        + "."
+        "url error, please check url! An image must be an http(s) URL, a data: URI, or an oss:// key "
+        "from the SDK's local-file upload."
     )
+
+
+@dataclass
+class OssSource:
+    key: str
+    context: RequestContext
+    store: UploadStore | None
+
+    async def read(self) -> bytes:
+        if not self.context.resolve_oss:
+            raise errors.ServiceError(
+                400,
+                "InvalidParameter.DataInspection",
+                "The media format is not supported or incorrect for the data inspection. "
+                "(oss:// URLs are resolved only with the header X-DashScope-OssResourceResolve: enable.)",
+            )
+        if self.store is None or self.context.owner is None:
+            raise errors.invalid_parameter("url error, please check url! This server keeps no uploads.")
+        return self.store.read(self.key, self.context.owner)
+
+
+@dataclass
+class LocalFileSource:
+    ref: str
+    allowed_dirs: tuple[Path, ...]
+    max_bytes: int
+
+    async def read(self) -> bytes:
+        if not self.allowed_dirs:
+            raise errors.invalid_parameter(
+                "url error, please check url! This server reads no local paths: send the image as a URL or a "
+                "data: URI, or call through the dashscope SDK, which uploads local files itself."
+            )
+        parts = urlsplit(self.ref)
+        raw = unquote(parts.path) if parts.scheme else self.ref
+        if parts.scheme and parts.netloc not in ("", "localhost"):
+            raise errors.invalid_parameter("url error, please check url! file:// URLs must name a local path.")
+        path = Path(os.path.expanduser(raw)).resolve()  # symlinks followed before the check
+        if not any(path.is_relative_to(root.resolve()) for root in self.allowed_dirs) or not path.is_file():
+            raise errors.invalid_parameter(
+                "url error, please check url! The path is not a file inside a directory this server may read."
+            )
+        data = await anyio.to_thread.run_sync(self._read, path)
+        if len(data) > self.max_bytes:
+            raise _too_large(self.max_bytes)
+        return data
+
+    def _read(self, path: Path) -> bytes:
+        with open(path, "rb") as f:
+            return f.read(self.max_bytes + 1)
 
 
 def _too_large(limit: int) -> errors.ServiceError:

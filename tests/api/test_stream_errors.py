@@ -24,6 +24,7 @@ from llamascope.api.app import create_app
 from llamascope.conversation.service import ConversationService
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
 from llamascope.images.intake import ImageIntake
+from llamascope.images.uploads import UploadStore
 from llamascope.settings import Settings
 from tests.conftest import API_KEY, free_port, user_turn
 
@@ -47,15 +48,19 @@ class FailingEngine:
         raise RuntimeError("the accelerator caught fire")
         yield Chunk("", 0, FinishReason.STOP)  # unreachable; keeps this an async generator
 
+    def image_size(self, width: int, height: int) -> tuple[int, int]:
+        return width, height
+
     async def close(self) -> None:
         pass
 
 
 @pytest.fixture(scope="module")
-def failing_server(image_host) -> Iterator[str]:
+def failing_server(image_host, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings = Settings.load(image_fetch_allow=["127.0.0.1"])
     service = ConversationService({"flaky": FailingEngine(["Hello", " there"])}, ImageIntake.from_settings(settings))
-    app = create_app(service, StaticKeys([API_KEY]), max_body_bytes=settings.max_body_bytes)
+    store = UploadStore(tmp_path_factory.mktemp("uploads"), b"x" * 32)
+    app = create_app(service, StaticKeys([API_KEY]), store, max_body_bytes=settings.max_body_bytes)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)

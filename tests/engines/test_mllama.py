@@ -124,3 +124,28 @@ def test_load_errors_say_what_is_wrong(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mllama"}))
     with pytest.raises(ModelLoadError, match="no weights"):
         check_model_dir(tmp_path)
+
+
+@pytest.mark.parametrize("size", [(4000, 3000), (3000, 4000), (5000, 1000), (1000, 5000), (1500, 1500), (2500, 700)])
+def test_decoding_at_the_model_size_changes_nothing_the_model_sees(engine: MllamaEngine, size: tuple[int, int]) -> None:
+    """Intake shrinks big images to the size the processor would resize them to: same tiles, same canvas."""
+    import io
+
+    import numpy as np
+
+    from llamascope.images.decode import DecodeLimits, decode_image
+
+    w, h = size
+    gradient = np.zeros((h, w, 3), dtype=np.uint8)
+    gradient[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
+    gradient[..., 1] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
+    original = Image.fromarray(gradient)
+    buf = io.BytesIO()
+    original.save(buf, format="PNG")
+    shrunk = decode_image(buf.getvalue(), DecodeLimits(), engine.image_size).image
+    assert max(shrunk.size) < max(size)
+    ip = engine.processor.image_processor
+    a, b = ip(images=[[original]], return_tensors="np"), ip(images=[[shrunk]], return_tensors="np")
+    assert (a["aspect_ratio_ids"] == b["aspect_ratio_ids"]).all()
+    assert (a["aspect_ratio_mask"] == b["aspect_ratio_mask"]).all()
+    assert np.abs(a["pixel_values"] - b["pixel_values"]).mean() < 0.02

@@ -132,11 +132,39 @@ def test_exif_orientation_applied() -> None:
     assert decode_image(buf.getvalue(), LIMITS).image.size == (20, 60)
 
 
-def test_large_jpeg_decoded_at_reduced_scale() -> None:
-    data = encode("JPEG", size=(4000, 3000), quality=80)
-    image = decode_image(data, LIMITS)
+@pytest.mark.parametrize("fmt", ["JPEG", "JPEG2000", "PNG"])
+def test_decoded_no_larger_than_the_model_wants(fmt: str) -> None:
+    data = encode(fmt, size=(4000, 3000))
+    asked = []
+
+    def fit(width: int, height: int) -> tuple[int, int]:
+        asked.append((width, height))
+        return 1120, 840
+
+    image = decode_image(data, LIMITS, fit)
+    assert asked == [(4000, 3000)]
     assert (image.source_width, image.source_height) == (4000, 3000)
-    assert image.image.size[0] < 4000 and min(image.image.size) >= 1120 * 3000 // 4000 // 2
+    assert image.image.size == (1120, 840)
+
+
+def test_fit_sees_the_rotated_size() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (3000, 2000)).save(buf, format="JPEG", exif=exif)
+    asked = []
+
+    def fit(width: int, height: int) -> tuple[int, int]:
+        asked.append((width, height))
+        return 560, 840
+
+    assert decode_image(buf.getvalue(), LIMITS, fit).image.size == (560, 840)
+    assert asked == [(2000, 3000)]
+
+
+def test_small_images_are_not_upscaled_here() -> None:
+    image = decode_image(encode("PNG", size=(300, 200)), LIMITS, lambda w, h: (560, 373))
+    assert image.image.size == (300, 200)  # the model's processor upscales; intake never does
 
 
 def test_digest_is_of_the_source_bytes() -> None:

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from llamascope import errors
-from llamascope.images.source import DataUriSource, FetchPolicy, is_public, parse_reference
+from llamascope.images.source import ANONYMOUS, DataUriSource, FetchPolicy, LocalPolicy, is_public, parse_reference
 
 ALLOW_LOOPBACK = FetchPolicy.from_allow_list(["127.0.0.0/8"])
 
@@ -155,9 +155,34 @@ def test_stalled_host_times_out() -> None:
         listener.close()
 
 
-@pytest.mark.parametrize("url", ["ftp://example.com/a.png", "file:///etc/passwd", "/etc/passwd", "oss://b/k.png"])
+@pytest.mark.parametrize("url", ["ftp://example.com/a.png", "file:///etc/passwd", "/etc/passwd", "gopher://x/"])
 def test_other_schemes_refused(url: str) -> None:
     assert "url error" in refused(url, FetchPolicy()).message
+
+
+def test_oss_needs_the_resolve_header() -> None:
+    error = refused("oss://dir/x.png", FetchPolicy())
+    assert error.code == "InvalidParameter.DataInspection"
+
+
+def test_local_files_only_inside_allowed_directories(tmp_path) -> None:
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    (allowed / "cat.png").write_bytes(b"cat")
+    (tmp_path / "secret.txt").write_bytes(b"secret")
+    (allowed / "escape.png").symlink_to(tmp_path / "secret.txt")
+    local = LocalPolicy(allowed_dirs=(allowed,))
+
+    def load(ref: str) -> bytes:
+        return asyncio.run(parse_reference(ref, FetchPolicy(), ANONYMOUS, local).read())
+
+    assert load(str(allowed / "cat.png")) == b"cat"
+    assert load(f"file://{allowed}/cat.png") == b"cat"
+    for ref in (str(tmp_path / "secret.txt"), str(allowed / "escape.png"), f"{allowed}/../secret.txt"):
+        with pytest.raises(errors.ServiceError, match="not a file inside a directory"):
+            load(ref)
+    with pytest.raises(errors.ServiceError, match="must name a local path"):
+        load(f"file://otherhost{allowed}/cat.png")
 
 
 def test_credentials_in_urls_refused() -> None:

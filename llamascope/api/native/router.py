@@ -16,6 +16,7 @@ from llamascope.api.errors import request_id_of
 from llamascope.api.native import sse
 from llamascope.api.native.protocol import GenerationRequest, GenerationResult
 from llamascope.conversation.service import ConversationService
+from llamascope.images.source import RequestContext
 
 GENERATION_PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer
@@ -59,7 +60,12 @@ async def generation(request: Request) -> Response:
     service: ConversationService = request.app.state.service
     request_id = request_id_of(request)
     call = GenerationRequest.from_body(await read_json(request))
-    reply = await service.open(call.model, call.messages, call.parameters)
+    principal = request.state.principal
+    context = RequestContext(
+        owner=principal.key_id,
+        resolve_oss=request.headers.get("x-dashscope-ossresourceresolve", "").strip().lower() == "enable",
+    )
+    reply = await service.open(call.model, call.messages, call.parameters, context)
     request.state.reply = reply
     if request.headers.get("x-dashscope-sse", "").strip().lower() == "enable":
         return StreamingResponse(

@@ -1,0 +1,179 @@
+"""Objects uploaded through the official SDK's local-file flow (wire spec section 4).
+
+The SDK asks for a policy with its API key, then POSTs the file without any
+key to the ``upload_host`` the policy names (llamascope itself), and finally
+refers to the file as ``oss://<key>``. The unauthenticated POST is authorised
+only by the policy it carries back: a base64 JSON of claims (upload directory,
+expiry, size cap, model, owner) with an HMAC-SHA256 signature.
+
+Objects live on disk under one directory, each stored under the SHA-256 of its
+key (no client-chosen name ever becomes a path), beside a small JSON record of
+its owner and expiry. They are readable only by the key that uploaded them and
+only until they expire (48 hours by default); expired objects are purged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from llamascope import errors
+
+_MAX_KEY_LENGTH = 1024
+
+
+@dataclass(frozen=True)
+class Claims:
+    dir: str
+    exp: float  # policy expiry, epoch seconds
+    max: int  # bytes
+    owner: str  # Principal.key_id
+    model: str
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """The HMAC key for policies, kept across restarts so policies in flight stay valid."""
+    if path.is_file():
+        data = path.read_bytes().strip()
+        if len(data) >= 32:
+            return data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = secrets.token_hex(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return data
+
+
+class UploadStore:
+    def __init__(
+        self,
+        root: Path,
+        secret: bytes,
+        *,
+        ttl_seconds: float = 48 * 3600,
+        policy_seconds: int = 300,
+        max_bytes: int = 10 * 1024 * 1024,
+    ) -> None:
+        self.root = root
+        self.secret = secret
+        self.ttl_seconds = ttl_seconds
+        self.policy_seconds = policy_seconds
+        self.max_bytes = max_bytes
+        root.mkdir(parents=True, exist_ok=True)
+
+    # -- step 1: the policy ---------------------------------------------------
+
+    def issue_policy(self, owner: str, model: str, now: float | None = None) -> dict[str, object]:
+        """The ``data`` object of a getPolicy answer, less ``upload_host``."""
+        now = time.time() if now is None else now
+        day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        claims = Claims(
+            dir=f"llamascope/{owner[:16]}/{day}/{uuid.uuid4().hex}",
+            exp=now + self.policy_seconds,
+            max=self.max_bytes,
+            owner=owner,
+            model=model,
+        )
+        policy = base64.b64encode(json.dumps(asdict(claims), separators=(",", ":")).encode()).decode()
+        return {
+            "policy": policy,
+            "signature": self._sign(policy),
+            "upload_dir": claims.dir,
+            "expire_in_seconds": self.policy_seconds,
+            "max_file_size_mb": max(1, self.max_bytes // (1024 * 1024)),
+            "capacity_limit_mb": max(1, self.max_bytes // (1024 * 1024)),
+            "oss_access_key_id": "llamascope",
+            "x_oss_object_acl": "private",
+            "x_oss_forbid_overwrite": "true",
+        }
+
+    def _sign(self, policy: str) -> str:
+        return base64.b64encode(hmac.new(self.secret, policy.encode(), hashlib.sha256).digest()).decode()
+
+    # -- step 2: the unauthenticated POST ---------------------------------------
+
+    def verify(self, policy: str, signature: str, key: str, now: float | None = None) -> Claims:
+        if not hmac.compare_digest(self._sign(policy).encode(), signature.encode()):
+            raise errors.ServiceError(403, "AccessDenied", "The request signature we calculated does not match.")
+        try:
+            claims = Claims(**json.loads(base64.b64decode(policy, validate=True)))
+        except (binascii.Error, ValueError, TypeError):
+            raise errors.ServiceError(400, "InvalidPolicyDocument", "The policy cannot be read.") from None
+        if (time.time() if now is None else now) > claims.exp:
+            raise errors.ServiceError(403, "AccessDenied", "Invalid according to Policy: Policy expired.")
+        name = key[len(claims.dir) + 1 :] if key.startswith(claims.dir + "/") else ""
+        if not name or len(key) > _MAX_KEY_LENGTH or "\x00" in key or ".." in name.split("/"):
+            raise errors.ServiceError(
+                403, "AccessDenied", "Invalid according to Policy: the key is outside upload_dir."
+            )
+        return claims
+
+    def save(self, claims: Claims, key: str, stream: BinaryIO, now: float | None = None) -> int:
+        """Store the body (read with the cap) under ``key``; refuse to overwrite. Returns its size."""
+        data = stream.read(claims.max + 1)
+        if len(data) > claims.max:
+            raise errors.ServiceError(400, "EntityTooLarge", f"Your upload exceeds the maximum of {claims.max} bytes.")
+        target = self._path(key)
+        if target.exists():
+            raise errors.ServiceError(409, "FileAlreadyExists", "The object you specified already exists.")
+        now = time.time() if now is None else now
+        record = {"key": key, "owner": claims.owner, "model": claims.model, "expires": now + self.ttl_seconds}
+        self._write(target.with_suffix(".json"), json.dumps(record).encode())
+        self._write(target, data)
+        return len(data)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".part-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    # -- step 3: oss://key --------------------------------------------------------
+
+    def read(self, key: str, owner: str, now: float | None = None) -> bytes:
+        """The object's bytes for its owner, or the same 400 for missing, expired and foreign objects."""
+        gone = errors.invalid_parameter(
+            "url error, please check url! The oss:// object does not exist, has expired "
+            f"(uploads are kept {self.ttl_seconds / 3600:g} hours) or belongs to another API key."
+        )
+        target = self._path(key)
+        try:
+            record = json.loads(target.with_suffix(".json").read_text())
+            expired = (time.time() if now is None else now) > record["expires"]
+            if expired or record["key"] != key or not hmac.compare_digest(record["owner"], owner):
+                raise gone
+            return target.read_bytes()
+        except (OSError, ValueError, KeyError):
+            raise gone from None
+
+    def purge_expired(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        removed = 0
+        for meta in self.root.glob("*.json"):
+            try:
+                if json.loads(meta.read_text())["expires"] >= now:
+                    continue
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable records go too
+            meta.with_suffix("").unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+            removed += 1
+        for part in self.root.glob(".part-*"):  # left by a crash mid-write
+            if part.stat().st_mtime < now - 3600:
+                part.unlink(missing_ok=True)
+        return removed
+
+    def _path(self, key: str) -> Path:
+        return self.root / hashlib.sha256(key.encode()).hexdigest()

@@ -1,0 +1,181 @@
+"""The SDK's local-file flow against a real server: the official dashscope package uploads into llamascope."""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import OTHER_KEY, SEED_MODEL, Server, png_bytes
+
+PATH = "/api/v1/services/aigc/multimodal-generation/generation"
+
+
+@pytest.fixture
+def cat_png(tmp_path: Path) -> Path:
+    path = tmp_path / "cat.png"
+    path.write_bytes(png_bytes((250, 180, 20), (500, 400)))
+    return path
+
+
+@pytest.mark.parametrize("form", ["plain", "file-url"])
+def test_sdk_uploads_local_files(dashscope_sdk, cat_png: Path, form: str) -> None:
+    from dashscope import MultiModalConversation
+
+    image = str(cat_png) if form == "plain" else f"file://{cat_png}"
+    messages = [{"role": "user", "content": [{"image": image}, {"text": "What is this?"}]}]
+    response = MultiModalConversation.call(model=SEED_MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert response.status_code == HTTPStatus.OK, response
+    assert response.usage["image_tokens"] == 6404
+
+
+def test_uploaded_image_answers_like_the_same_bytes_inline(dashscope_sdk, cat_png: Path) -> None:
+    import base64
+
+    from dashscope import MultiModalConversation
+
+    def ask(image: str) -> str:
+        messages = [{"role": "user", "content": [{"image": image}, {"text": "What?"}]}]
+        r = MultiModalConversation.call(model=SEED_MODEL, messages=messages, max_tokens=8, temperature=0)
+        assert r.status_code == HTTPStatus.OK, r
+        return r.output.choices[0].message.content[0]["text"]
+
+    inline = "data:image/png;base64," + base64.b64encode(cat_png.read_bytes()).decode()
+    assert ask(str(cat_png)) == ask(inline)
+
+
+def test_v2_client_uploads_too(server: Server, cat_png: Path) -> None:
+    import dashscope
+
+    client = dashscope.Client(api_key=server.key, base_url=server.api, max_retries=0)
+    messages = [
+        {"role": "user", "content": [{"type": "image", "url": f"file://{cat_png}"}, {"type": "text", "text": "?"}]}
+    ]
+    completion = client.multimodal.chat.create(model=SEED_MODEL, messages=messages, max_tokens=3)
+    assert completion.output_text
+
+
+def policy_for(server: Server, key: str | None = None) -> dict:
+    r = httpx.get(
+        server.api + "/uploads",
+        params={"action": "getPolicy", "model": SEED_MODEL},
+        headers={"Authorization": f"Bearer {key or server.key}"},
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["data"]
+
+
+def upload(data: dict, key: str, content: bytes, **overrides: str) -> httpx.Response:
+    fields = {
+        "OSSAccessKeyId": data["oss_access_key_id"],
+        "Signature": data["signature"],
+        "policy": data["policy"],
+        "key": key,
+        "x-oss-object-acl": data["x_oss_object_acl"],
+        "x-oss-forbid-overwrite": data["x_oss_forbid_overwrite"],
+        "success_action_status": "200",
+        **overrides,
+    }
+    return httpx.post(data["upload_host"], data=fields, files={"file": ("cat.png", content)})
+
+
+def generate_with(server: Server, oss_key: str, api_key: str, resolve: bool = True) -> httpx.Response:
+    body = {
+        "model": SEED_MODEL,
+        "input": {"messages": [{"role": "user", "content": [{"image": f"oss://{oss_key}"}, {"text": "?"}]}]},
+        "parameters": {"max_tokens": 2},
+    }
+    headers = {"Authorization": f"Bearer {api_key}"}
+    if resolve:
+        headers["X-DashScope-OssResourceResolve"] = "enable"
+    return httpx.post(server.base + PATH, json=body, headers=headers, timeout=60)
+
+
+def test_policy_shape(server: Server) -> None:
+    data = policy_for(server)
+    for field in (
+        "policy",
+        "signature",
+        "upload_dir",
+        "upload_host",
+        "expire_in_seconds",
+        "max_file_size_mb",
+        "capacity_limit_mb",
+        "oss_access_key_id",
+        "x_oss_object_acl",
+        "x_oss_forbid_overwrite",
+    ):
+        assert field in data
+    assert data["upload_host"] == server.base + "/api/v1/uploads/oss"
+
+
+def test_policy_needs_key_and_known_model(server: Server) -> None:
+    r = httpx.get(server.api + "/uploads", params={"action": "getPolicy", "model": SEED_MODEL})
+    assert (r.status_code, r.json()["code"]) == (401, "InvalidApiKey")
+    r = httpx.get(
+        server.api + "/uploads",
+        params={"action": "getPolicy", "model": "nope"},
+        headers={"Authorization": f"Bearer {server.key}"},
+    )
+    assert (r.status_code, r.json()["message"]) == (400, "Model not exist.")
+
+
+def test_objects_belong_to_the_key_that_uploaded_them(server: Server) -> None:
+    data = policy_for(server)
+    key = data["upload_dir"] + "/cat.png"
+    r = upload(data, key, png_bytes())
+    assert (r.status_code, r.content) == (200, b"")
+    assert generate_with(server, key, server.key).status_code == 200
+    other = generate_with(server, key, OTHER_KEY)
+    assert other.status_code == 400 and "belongs to another API key" in other.json()["message"]
+    no_header = generate_with(server, key, server.key, resolve=False)
+    assert no_header.json()["code"] == "InvalidParameter.DataInspection"
+    assert upload(data, key, png_bytes()).status_code == 409  # x-oss-forbid-overwrite
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "words"),
+    [
+        ({"Signature": "bm90IHRoZSBzaWduYXR1cmU="}, 403, "signature"),
+        ({"key": "llamascope/someone-else/x.png"}, 403, "outside upload_dir"),
+        ({"key": "{dir}/../../../etc/x.png"}, 403, "outside upload_dir"),
+    ],
+)
+def test_refused_uploads(server: Server, change: dict, status: int, words: str) -> None:
+    data = policy_for(server)
+    key = data["upload_dir"] + "/cat.png"
+    change = {k: v.format(dir=data["upload_dir"]) for k, v in change.items()}
+    r = upload(data, change.pop("key", key), png_bytes(), **change)
+    assert r.status_code == status and words in r.json()["message"]
+
+
+def test_oversized_upload(server: Server) -> None:
+    data = policy_for(server)
+    r = upload(data, data["upload_dir"] + "/big.png", b"\0" * (10 * 1024 * 1024 + 1))
+    assert r.status_code == 400 and r.json()["code"] == "EntityTooLarge"
+
+
+def test_sdk_reports_a_refused_upload(server: Server, cat_png: Path) -> None:
+    """getPolicy failures reach the SDK user as its UploadFileException with our code and message."""
+    import dashscope
+    from dashscope import MultiModalConversation
+    from dashscope.common.error import UploadFileException
+
+    old = dashscope.base_http_api_url
+    dashscope.base_http_api_url = server.api
+    try:
+        messages = [{"role": "user", "content": [{"image": str(cat_png)}, {"text": "?"}]}]
+        with pytest.raises(UploadFileException, match="InvalidApiKey"):
+            MultiModalConversation.call(model=SEED_MODEL, messages=messages, api_key="sk-wrong")
+    finally:
+        dashscope.base_http_api_url = old
+
+
+def test_upload_garbage_is_a_clean_400(server: Server) -> None:
+    r = httpx.post(
+        server.base + "/api/v1/uploads/oss", content=b"not multipart", headers={"Content-Type": "text/plain"}
+    )
+    assert r.status_code == 400 and json.loads(r.text)["code"] == "InvalidParameter"

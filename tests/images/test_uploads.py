@@ -1,0 +1,95 @@
+"""The upload store: policies, signatures, keys, sizes, owners, expiry."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from llamascope import errors
+from llamascope.images.uploads import UploadStore, load_or_create_secret
+
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> UploadStore:
+    return UploadStore(tmp_path / "objects", b"s" * 64, ttl_seconds=3600, policy_seconds=300, max_bytes=1000)
+
+
+def refused(call, *args, **kwargs) -> errors.ServiceError:
+    with pytest.raises(errors.ServiceError) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+def test_round_trip(store: UploadStore) -> None:
+    policy = store.issue_policy("owner-a", "m", now=NOW)
+    key = policy["upload_dir"] + "/cat.png"
+    claims = store.verify(policy["policy"], policy["signature"], key, now=NOW + 10)
+    assert store.save(claims, key, io.BytesIO(b"image bytes"), now=NOW) == 11
+    assert store.read(key, "owner-a", now=NOW + 100) == b"image bytes"
+
+
+def test_tampered_policy_or_signature(store: UploadStore) -> None:
+    policy = store.issue_policy("owner-a", "m", now=NOW)
+    key = policy["upload_dir"] + "/cat.png"
+    claims = json.loads(base64.b64decode(policy["policy"]))
+    claims["max"] = 10**12
+    forged = base64.b64encode(json.dumps(claims).encode()).decode()
+    assert refused(store.verify, forged, policy["signature"], key, now=NOW).status == 403
+    assert refused(store.verify, policy["policy"], "AAAA" + policy["signature"][4:], key, now=NOW).status == 403
+    other = UploadStore(store.root, b"t" * 64)  # another server's secret
+    assert refused(other.verify, policy["policy"], policy["signature"], key, now=NOW).status == 403
+
+
+def test_expired_policy(store: UploadStore) -> None:
+    policy = store.issue_policy("owner-a", "m", now=NOW)
+    error = refused(store.verify, policy["policy"], policy["signature"], policy["upload_dir"] + "/x", now=NOW + 301)
+    assert error.message == "Invalid according to Policy: Policy expired."
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/../../etc/passwd", "/a/../../b", "-sibling/x.png"])
+def test_keys_outside_the_upload_dir(store: UploadStore, suffix: str) -> None:
+    policy = store.issue_policy("owner-a", "m", now=NOW)
+    error = refused(store.verify, policy["policy"], policy["signature"], policy["upload_dir"] + suffix, now=NOW)
+    assert error.status == 403 and "outside upload_dir" in error.message
+
+
+def test_size_cap_and_no_overwrite(store: UploadStore) -> None:
+    policy = store.issue_policy("owner-a", "m", now=NOW)
+    key = policy["upload_dir"] + "/cat.png"
+    claims = store.verify(policy["policy"], policy["signature"], key, now=NOW)
+    assert refused(store.save, claims, key, io.BytesIO(b"x" * 1001)).code == "EntityTooLarge"
+    store.save(claims, key, io.BytesIO(b"first"))
+    assert refused(store.save, claims, key, io.BytesIO(b"second")).status == 409
+    assert store.read(key, "owner-a") == b"first"
+
+
+def test_only_the_owner_reads_and_only_until_expiry(store: UploadStore) -> None:
+    policy = store.issue_policy("owner-a", "m", now=NOW)
+    key = policy["upload_dir"] + "/cat.png"
+    store.save(store.verify(policy["policy"], policy["signature"], key, now=NOW), key, io.BytesIO(b"c"), now=NOW)
+    foreign = refused(store.read, key, "owner-b", now=NOW)
+    expired = refused(store.read, key, "owner-a", now=NOW + 3601)
+    missing = refused(store.read, policy["upload_dir"] + "/dog.png", "owner-a", now=NOW)
+    assert foreign.message == expired.message == missing.message  # no telling them apart
+    assert store.purge_expired(now=NOW + 3601) == 1
+    assert list(store.root.iterdir()) == []
+
+
+def test_objects_are_stored_under_hashes(store: UploadStore) -> None:
+    policy = store.issue_policy("owner-a", "m", now=NOW)
+    key = policy["upload_dir"] + "/we ird name;rm -rf.png"
+    store.save(store.verify(policy["policy"], policy["signature"], key, now=NOW), key, io.BytesIO(b"c"))
+    names = sorted(p.name for p in store.root.iterdir())
+    assert len(names) == 2 and all(len(n.split(".")[0]) == 64 for n in names)
+
+
+def test_secret_is_kept(tmp_path: Path) -> None:
+    first = load_or_create_secret(tmp_path / "secret")
+    assert load_or_create_secret(tmp_path / "secret") == first and len(first) >= 32
+    assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600

@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     # reaches the image check and gets its own message.
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     image_max_bytes: int = Field(10 * 1024 * 1024, ge=1)
-    image_max_pixels: int = Field(40_000_000, ge=1)
+    image_max_pixels: int = Field(100_000_000, ge=1)  # as the image header declares them
+    image_max_decode_pixels: int = Field(20_000_000, ge=1)  # as decoded (JPEG/JPEG2000 decode reduced)
     image_min_side: int = Field(10, ge=1)
     image_fetch_connect_timeout: float = Field(5.0, gt=0)
     image_fetch_timeout: float = Field(15.0, gt=0)

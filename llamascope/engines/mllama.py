@@ -21,6 +21,7 @@ import anyio
 
 from llamascope import errors
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
+from llamascope.engines.mllama_pixels import MllamaPixels
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class MllamaEngine:
         self.tokenizer = processor.tokenizer
         self.info = info
         self.template = template
+        self.pixels = MllamaPixels(processor.image_processor)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         vision = model.config.vision_config
         per_tile = (vision.image_size // vision.patch_size) ** 2 + 1
         # Every image becomes max_num_tiles tiles of per_tile vision states (6,404 for Llama 3.2).
@@ -145,19 +148,8 @@ class MllamaEngine:
     # -- prepare ---------------------------------------------------------
 
     def image_size(self, width: int, height: int) -> tuple[int, int]:
-        """What the Mllama image processor will resize to: the best tile canvas, then fit inside it."""
-        from transformers.models.mllama.image_processing_pil_mllama import (
-            get_image_size_fit_to_canvas,
-            get_optimal_tiled_canvas,
-        )
-
-        processor = self.processor.image_processor
-        size = processor.size
-        tile = int(size["height"] if isinstance(size, dict) else size.height)
-        tiles = int(processor.max_image_tiles)
-        canvas_h, canvas_w = get_optimal_tiled_canvas(height, width, tiles, tile)
-        new_h, new_w = get_image_size_fit_to_canvas(height, width, canvas_h, canvas_w, tile)
-        return int(new_w), int(new_h)
+        """What Mllama's preprocessing resizes to: the best tile canvas, then fit inside it."""
+        return self.pixels.fit_size(width, height)
 
     async def prepare(self, turns: list[Turn]) -> PreparedPrompt:
         return await anyio.to_thread.run_sync(self._prepare, turns, limiter=self._preparers)
@@ -183,9 +175,7 @@ class MllamaEngine:
         max_input = self.info.context_length - 1
         if len(prompt.encode()) // self._max_token_bytes > max_input:
             raise errors.input_too_long(max_input)  # certain without tokenising megabytes of text
-        inputs = self.processor(
-            images=[images] if images else None, text=[prompt], add_special_tokens=False, return_tensors="pt"
-        )
+        inputs = self._model_inputs(prompt, images)
         input_tokens = int(inputs["input_ids"].shape[1])
         if input_tokens > max_input:
             raise errors.input_too_long(max_input)
@@ -195,6 +185,30 @@ class MllamaEngine:
             max_new_tokens=self.info.context_length - input_tokens,
             payload=inputs,
         )
+
+    def _model_inputs(self, prompt: str, images: list[Any]) -> Any:
+        """What ``MllamaProcessor(images=[images], text=[prompt])`` returns, with the images done by MllamaPixels."""
+        from transformers import BatchFeature
+        from transformers.models.mllama.processing_mllama import (
+            convert_sparse_cross_attention_mask_to_dense,
+            get_cross_attention_token_mask,
+        )
+
+        text = self.tokenizer([prompt], add_special_tokens=False)
+        data: dict[str, Any] = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
+        if images:
+            if len(images) != 1:
+                raise ValueError("Llama 3.2 Vision conversations carry one image")
+            pixels = self.pixels(images[0])
+            ids = text["input_ids"][0]
+            data["cross_attention_mask"] = convert_sparse_cross_attention_mask_to_dense(
+                [get_cross_attention_token_mask(ids, self.image_token_id)],
+                num_tiles=pixels.pop("num_tiles"),
+                max_num_tiles=self.pixels.max_tiles,
+                length=len(ids),
+            )
+            data.update(pixels)
+        return BatchFeature(data=data, tensor_type="pt")
 
     # -- generate --------------------------------------------------------
 

@@ -62,11 +62,16 @@ FitFunction = Callable[[int, int], tuple[int, int]]
 
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
 _MAX_J2K_REDUCE = 5  # encoders write 5 decomposition levels by default
+# A reduced decode may land this far below the model's size; one resize then brings it to the exact size.
+# Decoding a 12 MP JPEG at 1/4 instead of 1/2 scale, or a JPEG2000 one more level down, costs 3-4x less,
+# and the model's canvas and tiles are the same (tests/engines/test_mllama.py).
+MIN_DECODE_FRACTION = 0.85
 
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    max_pixels: int = 40_000_000
+    max_pixels: int = 100_000_000  # as the header declares them
+    max_decode_pixels: int = 20_000_000  # as decoded, after JPEG/JPEG2000 reduction (about 10 ms per million)
     min_side: int = 10
 
 
@@ -88,7 +93,7 @@ def decode_image(data: bytes, limits: DecodeLimits, fit: FitFunction | None = No
             if min(width, height) < limits.min_side:
                 raise errors.image_bad_size(f"[height:{height} or width:{width} must be larger than {limits.min_side}]")
             target = _target(img, fit)
-            loaded = _load_reduced(img, data, target)
+            loaded = _load_reduced(img, data, target, limits.max_decode_pixels)
             rgb = _to_rgb(ImageOps.exif_transpose(loaded))
             if target is not None and rgb.size != target:
                 rgb = rgb.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
@@ -121,12 +126,15 @@ def _target(img: Image.Image, fit: FitFunction | None) -> tuple[int, int] | None
     return target if target[0] < width and target[1] < height else None
 
 
-def _load_reduced(img: Image.Image, data: bytes, target: tuple[int, int] | None) -> Image.Image:
-    """Decode at the smallest scale the codec offers that is still at least ``target`` (either orientation)."""
+def _load_reduced(img: Image.Image, data: bytes, target: tuple[int, int] | None, max_decode_pixels: int) -> Image.Image:
+    """Decode at the smallest scale the codec offers that still covers ``target`` (give or take
+    MIN_DECODE_FRACTION); refuse first if even that is more pixels than ``max_decode_pixels``."""
+    level = 0
     if target is not None:
-        need = min(target), max(target)  # orientation-free: compare short and long sides
+        short_side, long_side = min(target), max(target)  # orientation-free: compare short and long sides
+        need = (int(short_side * MIN_DECODE_FRACTION), int(long_side * MIN_DECODE_FRACTION))
         if img.format in ("JPEG", "MPO"):
-            # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below the requested size.
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below the requested size; img.size follows.
             short_first = img.size[0] <= img.size[1]
             img.draft("RGB", need if short_first else (need[1], need[0]))
         elif img.format == "JPEG2000":
@@ -135,16 +143,22 @@ def _load_reduced(img: Image.Image, data: bytes, target: tuple[int, int] | None)
             def still_enough(times: int) -> bool:  # OpenJPEG rounds sizes up: ceil(side / 2**times)
                 return -(-short >> times) >= need[0] and -(-long >> times) >= need[1]
 
-            level = 0
             while level < _MAX_J2K_REDUCE and still_enough(level + 1):
                 level += 1
-            if level:
-                img.reduce = level  # type: ignore[method-assign,assignment]  # Pillow's JPEG2000 reduce setting
-                try:
-                    img.load()
-                    return img
-                except OSError:  # a codestream with fewer levels: decode it whole
-                    img = Image.open(io.BytesIO(data))
+    width, height = (-(-side >> level) for side in img.size)
+    if width * height > max_decode_pixels:
+        raise errors.image_bad_size(
+            f"The image is {img.size[0]}x{img.size[1]} pixels; this server decodes at most {max_decode_pixels} "
+            "pixels of an image in this format (JPEG and JPEG2000 larger than the model needs are decoded "
+            "at reduced size and may be larger)."
+        )
+    if level:
+        img.reduce = level  # type: ignore[method-assign,assignment]  # Pillow's JPEG2000 reduce setting
+        try:
+            img.load()
+            return img
+        except OSError:  # a codestream with fewer levels: decode it whole
+            img = Image.open(io.BytesIO(data))
     img.load()
     return img
 

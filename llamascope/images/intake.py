@@ -96,7 +96,11 @@ class ImageIntake:
             total_timeout=settings.image_fetch_timeout,
             max_redirects=settings.image_fetch_max_redirects,
         )
-        limits = DecodeLimits(max_pixels=settings.image_max_pixels, min_side=settings.image_min_side)
+        limits = DecodeLimits(
+            max_pixels=settings.image_max_pixels,
+            max_decode_pixels=settings.image_max_decode_pixels,
+            min_side=settings.image_min_side,
+        )
         local = LocalPolicy(store=store, allowed_dirs=tuple(Path(d).resolve() for d in settings.image_local_dirs))
         return cls(
             policy,

@@ -126,8 +126,11 @@ def test_load_errors_say_what_is_wrong(tmp_path: Path) -> None:
         check_model_dir(tmp_path)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 @pytest.mark.parametrize("size", [(4000, 3000), (3000, 4000), (5000, 1000), (1000, 5000), (1500, 1500), (2500, 700)])
-def test_decoding_at_the_model_size_changes_nothing_the_model_sees(engine: MllamaEngine, size: tuple[int, int]) -> None:
+def test_decoding_at_the_model_size_changes_nothing_the_model_sees(
+    engine: MllamaEngine, size: tuple[int, int], fmt: str
+) -> None:
     """Intake shrinks big images to the size the processor would resize them to: same tiles, same canvas."""
     import io
 
@@ -141,7 +144,8 @@ def test_decoding_at_the_model_size_changes_nothing_the_model_sees(engine: Mllam
     gradient[..., 1] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
     original = Image.fromarray(gradient)
     buf = io.BytesIO()
-    original.save(buf, format="PNG")
+    original.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    original = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")  # what the stock path decodes
     shrunk = decode_image(buf.getvalue(), DecodeLimits(), engine.image_size).image
     assert max(shrunk.size) < max(size)
     ip = engine.processor.image_processor
@@ -149,3 +153,22 @@ def test_decoding_at_the_model_size_changes_nothing_the_model_sees(engine: Mllam
     assert (a["aspect_ratio_ids"] == b["aspect_ratio_ids"]).all()
     assert (a["aspect_ratio_mask"] == b["aspect_ratio_mask"]).all()
     assert np.abs(a["pixel_values"] - b["pixel_values"]).mean() < 0.02
+
+
+def test_model_inputs_equal_the_stock_processor(engine: MllamaEngine) -> None:
+    import numpy as np
+
+    prompt = (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n<|image|>What is this?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 1300, 3), dtype=np.uint8))
+    ours = engine._model_inputs(prompt, [image])
+    theirs = engine.processor(images=[[image]], text=[prompt], add_special_tokens=False, return_tensors="pt")
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        if name == "pixel_values":
+            assert np.allclose(ours[name].numpy(), theirs[name].numpy(), atol=1e-5)
+        else:
+            assert (ours[name] == theirs[name]).all(), name

@@ -1,0 +1,181 @@
+"""Image intake against the usual path: bytes to the model's pixel_values, time and peak memory.
+
+baseline:   PIL.Image.open(bytes).convert("RGB"), then the stock Mllama image processor
+llamascope: decode_image(bytes, limits, engine.image_size) (checks, reduced decode, one resize),
+            then the engine's one-pass preprocessing (MllamaPixels; equal to the stock processor's output)
+
+Every case and method runs in a fresh process: peak memory is that process's
+high-water mark above what it held before the case (Python, PyTorch and the
+processor loaded). Times are medians after one warm-up run. Images are made
+here, deterministically.
+
+    .venv/bin/python bench/images.py [--repeats 3] [--only NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CHILD = r"""
+import io, json, resource, statistics, sys, time, warnings
+warnings.simplefilter("ignore")
+method, path, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
+from PIL import Image
+Image.MAX_IMAGE_PIXELS = None  # the baseline as commonly run: Pillow's bomb check warns, people ignore it
+from llamascope.engines.mllama import MllamaEngine
+from llamascope.engines.test_model import ensure_test_model
+from llamascope.settings import Settings
+from llamascope.images.decode import DecodeLimits, decode_image
+from llamascope import errors
+settings = Settings.load()
+engine = MllamaEngine.load(ensure_test_model(settings.cache_dir), test_model=True)
+processor = engine.processor.image_processor
+limits = DecodeLimits(max_pixels=settings.image_max_pixels, max_decode_pixels=settings.image_max_decode_pixels,
+                      min_side=settings.image_min_side)
+data = open(path, "rb").read()
+
+def status_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+def baseline():
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    return processor(images=[[img]], return_tensors="np")["pixel_values"].shape
+
+def llamascope():
+    try:
+        img = decode_image(data, limits, engine.image_size).image
+    except errors.ServiceError as exc:
+        return "refused: " + exc.message[:60]
+    return engine.pixels(img)["pixel_values"].shape
+
+run = baseline if method == "baseline" else llamascope
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark: loading is not the case's cost
+before = status_kb("VmRSS")
+start = time.perf_counter()
+result = run()
+first = time.perf_counter() - start
+peak = status_kb("VmHWM") - before
+times = [first]
+for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+print(json.dumps({"seconds": statistics.median(times[1:] or times), "peak_mb": peak / 1024, "result": str(result)}))
+"""
+
+
+def photo(width: int, height: int, seed: int = 0, noise: float = 12) -> Image.Image:
+    """Photo-like content (smooth shapes plus sensor noise), so codecs work as hard as on real photos."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack(
+        [
+            127 + 100 * np.sin(x / (width / 7) + seed),
+            127 + 100 * np.cos(y / (height / 5)),
+            127 + 100 * np.sin((x + y) / (width / 3)),
+        ],
+        axis=-1,
+    )
+    grain = rng.normal(0, noise, size=(height, width, 3)).astype(np.float32)
+    return Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8))
+
+
+def encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def j2k_near(img: Image.Image, target_bytes: int) -> bytes:
+    """A JPEG2000 file of about target_bytes (rate-controlled)."""
+    raw = img.width * img.height * 3
+    return encode(img, "JPEG2000", quality_mode="rates", quality_layers=[raw / target_bytes], irreversible=True)
+
+
+def cases() -> dict[str, bytes]:
+    formats_img = photo(1600, 1200, 1)
+    out = {
+        f"{fmt.lower()} 1600x1200": encode(formats_img.convert(mode) if mode else formats_img, fmt, **kw)
+        for fmt, mode, kw in [
+            ("BMP", None, {}),
+            ("DIB", None, {}),
+            ("JPEG", None, {"quality": 90}),
+            ("JPEG2000", None, {}),
+            ("PNG", None, {}),
+            ("SGI", None, {}),
+            ("TIFF", None, {}),
+            ("WEBP", None, {"quality": 90}),
+        ]
+    }
+    out["ico 256x256"] = encode(photo(256, 256, 2), "ICO", sizes=[(256, 256)])
+    out["icns 1024x1024"] = encode(photo(1024, 1024, 3), "ICNS")
+    big = photo(4000, 3000, 4)
+    out["WORST 12 MP JPEG"] = encode(big, "JPEG", quality=92)
+    out["12 MP JPEG, less sensor noise"] = encode(photo(4000, 3000, 5, noise=3), "JPEG", quality=92)
+    out["WORST 9 MB JPEG2000"] = j2k_near(big, 9 * 1024 * 1024)
+    out["WORST bomb 12000x12000 PNG"] = encode(Image.new("RGB", (12000, 12000), (200, 10, 10)), "PNG")
+    out["WORST 20 MP PNG (at the decode budget)"] = encode(Image.new("RGB", (5470, 3656), (10, 120, 200)), "PNG")
+    out["WORST 100 MP JPEG (at the pixel budget)"] = encode(Image.new("RGB", (12000, 8333), (9, 9, 9)), "JPEG")
+    out["WORST 12 MP WEBP"] = encode(big, "WEBP", quality=90)
+    return out
+
+
+def measure(method: str, path: Path, repeats: int) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, method, str(path), str(repeats)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    if out.returncode != 0:
+        return {"seconds": float("nan"), "peak_mb": float("nan"), "result": "crashed: " + out.stderr[-200:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", help="run only cases whose name contains this")
+    args = parser.parse_args()
+    started = time.time()
+    print("bytes -> Mllama pixel_values; time = median, peak = memory high-water mark above the loaded process")
+    header = (
+        f"{'case':<40} {'size':>8} {'baseline':>10} {'peak':>8} {'llamascope':>11} {'peak':>8} {'speed-up':>9}  result"
+    )
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in cases().items():
+            if args.only and args.only not in name:
+                continue
+            path = Path(tmp) / "image"
+            path.write_bytes(data)
+            base = measure("baseline", path, args.repeats)
+            ours = measure("llamascope", path, args.repeats)
+            ratio = base["seconds"] / ours["seconds"]
+            result = ours["result"] if ours["result"].startswith(("refused", "crashed")) else "ok"
+            print(
+                f"{name:<40} {len(data) / 1e6:>6.2f}MB {base['seconds'] * 1000:>8.0f}ms {base['peak_mb']:>6.0f}MB "
+                f"{ours['seconds'] * 1000:>9.0f}ms {ours['peak_mb']:>6.0f}MB {ratio:>8.1f}x  {result}",
+                flush=True,
+            )
+    print(f"({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -172,3 +172,14 @@ def test_digest_is_of_the_source_bytes() -> None:
 
     data = encode("PNG")
     assert decode_image(data, LIMITS).digest == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
+def test_first_frame_of_animations_and_pages(fmt: str) -> None:
+    frames = [Image.new("RGB", (40, 40), c) for c in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
+    buf = io.BytesIO()
+    frames[0].save(
+        buf, format=fmt, save_all=True, append_images=frames[1:], **({"lossless": True} if fmt == "WEBP" else {})
+    )
+    r, g, b = decode_image(buf.getvalue(), LIMITS).image.getpixel((20, 20))
+    assert r > 200 and g < 50 and b < 50

@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,17 @@ from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
+
+
+@dataclass
+class _Job:
+    """One generation handed to the model thread."""
+
+    inputs: Any
+    sampling: SamplingParams
+    max_new: int
+    cancel: threading.Event
+    put: Callable[[list[int] | None], None]  # token ids to the event loop; None ends the stream
 
 
 class ModelLoadError(Exception):
@@ -221,7 +233,9 @@ class MllamaEngine:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         max_new = min(sampling.max_new_tokens, prompt.max_new_tokens)
-        job = loop.run_in_executor(self._generator, self._generate, prompt.payload, sampling, max_new, cancel, put)
+        job = loop.run_in_executor(
+            self._generator, self._generate, _Job(prompt.payload, sampling, max_new, cancel, put)
+        )
         text = _IncrementalText(self.tokenizer)
         produced = 0
         try:
@@ -235,38 +249,25 @@ class MllamaEngine:
         finally:
             cancel.set()
 
-    def _generate(
-        self,
-        inputs: Any,
-        sampling: SamplingParams,
-        max_new: int,
-        cancel: threading.Event,
-        put: Callable[[list[int] | None], None],
-    ) -> FinishReason:
+    def _generate(self, job: _Job) -> FinishReason:
         """Runs on the model thread; always ends the stream with ``put(None)``."""
         try:
-            if cancel.is_set():  # cancelled while queued
+            if job.cancel.is_set():  # cancelled while queued
                 return FinishReason.CANCELLED
             self.active += 1  # only the model thread writes it
             try:
-                last = self._run_generate(inputs, sampling, max_new, cancel, put)
+                last = self._run_generate(job)
             finally:
                 self.active -= 1
-            if cancel.is_set():
+            if job.cancel.is_set():
                 return FinishReason.CANCELLED
             return FinishReason.STOP if last in self.eos_ids else FinishReason.LENGTH
         finally:
-            put(None)
+            job.put(None)
 
-    def _run_generate(
-        self,
-        inputs: Any,
-        sampling: SamplingParams,
-        max_new: int,
-        cancel: threading.Event,
-        put: Callable[[list[int] | None], None],
-    ) -> int | None:
+    def _run_generate(self, job: _Job) -> int | None:
         """``model.generate`` with a streamer and a cancel check; returns the last token id."""
+        sampling, max_new, cancel, put = job.sampling, job.max_new, job.cancel, job.put
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
@@ -308,7 +309,7 @@ class MllamaEngine:
         stream = Stream()
         with torch.inference_mode():
             self.model.generate(
-                **inputs,
+                **job.inputs,
                 generation_config=config,
                 streamer=stream,
                 stopping_criteria=StoppingCriteriaList([Cancelled()]),

@@ -20,7 +20,7 @@ from llamascope.conversation.parameters import Options, parse_parameters
 from llamascope.conversation.rules import parse_messages
 from llamascope.engines.base import Engine, FinishReason, PreparedPrompt
 from llamascope.images.intake import ImageIntake
-from llamascope.images.source import ANONYMOUS, RequestContext
+from llamascope.images.source import ANONYMOUS, SourceContext
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class ConversationService:
             raise errors.model_not_found()
         return self.engines[model]
 
-    async def open(self, model: Any, messages: Any, parameters: Any, context: RequestContext = ANONYMOUS) -> Reply:
+    async def open(self, model: Any, messages: Any, parameters: Any, context: SourceContext = ANONYMOUS) -> Reply:
         """Check everything that can be checked before generating; raise ServiceError, or return the Reply."""
         engine = self.engine(model)
         draft = parse_messages(messages)

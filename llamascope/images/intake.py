@@ -23,7 +23,7 @@ from llamascope.images.source import (
     NO_LOCAL_FILES,
     FetchPolicy,
     LocalPolicy,
-    RequestContext,
+    SourceContext,
     parse_reference,
 )
 from llamascope.images.uploads import UploadStore
@@ -114,7 +114,7 @@ class ImageIntake:
     async def load(
         self,
         reference: str,
-        context: RequestContext = ANONYMOUS,
+        context: SourceContext = ANONYMOUS,
         fit: FitFunction | None = None,
         fit_key: str = "",
     ) -> PreparedImage:

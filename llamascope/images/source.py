@@ -74,7 +74,7 @@ def is_public(ip: IPAddress) -> bool:
 
 
 @dataclass(frozen=True)
-class RequestContext:
+class SourceContext:
     """What a source may need to know about the request it serves."""
 
     owner: str | None = None  # the API key's id: uploads resolve only for their owner
@@ -87,12 +87,12 @@ class LocalPolicy:
     allowed_dirs: tuple[Path, ...] = ()  # operator-allowed directories for file:// and plain paths
 
 
-ANONYMOUS = RequestContext()
+ANONYMOUS = SourceContext()
 NO_LOCAL_FILES = LocalPolicy()
 
 
 def parse_reference(
-    ref: str, policy: FetchPolicy, context: RequestContext = ANONYMOUS, local: LocalPolicy = NO_LOCAL_FILES
+    ref: str, policy: FetchPolicy, context: SourceContext = ANONYMOUS, local: LocalPolicy = NO_LOCAL_FILES
 ) -> ImageSource:
     """Pick the source for an image reference, or refuse it."""
     scheme = urlsplit(ref).scheme.lower() if ":" in ref else ""
@@ -113,7 +113,7 @@ def parse_reference(
 @dataclass
 class OssSource:
     key: str
-    context: RequestContext
+    context: SourceContext
     store: UploadStore | None
 
     async def read(self) -> bytes:

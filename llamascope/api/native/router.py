@@ -16,7 +16,7 @@ from llamascope.api.errors import request_id_of
 from llamascope.api.native import sse
 from llamascope.api.native.protocol import GenerationRequest, GenerationResult
 from llamascope.conversation.service import ConversationService
-from llamascope.images.source import RequestContext
+from llamascope.images.source import SourceContext
 
 GENERATION_PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer
@@ -61,7 +61,7 @@ async def generation(request: Request) -> Response:
     request_id = request_id_of(request)
     call = GenerationRequest.from_body(await read_json(request))
     principal = request.state.principal
-    context = RequestContext(
+    context = SourceContext(
         owner=principal.key_id,
         resolve_oss=request.headers.get("x-dashscope-ossresourceresolve", "").strip().lower() == "enable",
     )

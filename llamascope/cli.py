@@ -44,6 +44,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = commands.add_parser("build-test-model", help="build the built-in test model and print its directory")
     build.add_argument("--cache-dir", type=Path)
+
+    keys_parser = commands.add_parser("keys", help="API keys and their model grants")
+    keys = keys_parser.add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create", help="make a key and print it (once: only its hash is kept)")
+    create.add_argument("--name", default="")
+    create.add_argument("--model", action="append", help="a served model to grant (repeatable; default: all)")
+    create.add_argument("--allowance", help="tokens (input + output) per model, or 'unlimited' (default: the model's)")
+    create.add_argument("--days", help="days the allowance is valid, or 'unlimited' (default: the model's, 180)")
+    create.add_argument("--expires-days", type=float, help="days until the key itself expires (default: never)")
+    create.add_argument("--rpm", type=int, help="requests per minute")
+    create.add_argument("--tpm", type=int, help="tokens per minute")
+    create.add_argument("--concurrency", type=int, help="concurrent requests")
+    listing = keys.add_parser("list", help="keys, their grants and what they used")
+    revoke = keys.add_parser("revoke", help="revoke a key (by id or prefix)")
+    revoke.add_argument("key")
+    grant = keys.add_parser("grant", help="grant a model to a key, with a fresh allowance")
+    grant.add_argument("key")
+    grant.add_argument("--model", required=True)
+    grant.add_argument("--allowance")
+    grant.add_argument("--days")
+
+    usage = commands.add_parser("usage", help="tokens used, per day, key and model")
+    usage.add_argument("--key", help="only this key (id or prefix)")
+    usage.add_argument("--days", type=float, help="only the last N days")
+
+    db = commands.add_parser("db", help="the accounts database").add_subparsers(dest="action", required=True)
+    upgrade = db.add_parser("upgrade", help="apply schema migrations")
+    for command in (create, listing, revoke, grant, usage, upgrade):
+        command.add_argument("--config", type=Path, help="TOML config file (default: $LLAMASCOPE_CONFIG)")
     return parser
 
 
@@ -101,7 +130,8 @@ def serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from llamascope.accounts.keys import StaticKeys, ensure_key_file
+    from llamascope.accounts import admin
+    from llamascope.accounts.admission import Accounts
     from llamascope.api.app import create_app
     from llamascope.conversation.service import ConversationService
     from llamascope.engines.mllama import ModelLoadError
@@ -110,32 +140,35 @@ def serve(args: argparse.Namespace) -> int:
     from llamascope.images.uploads import UploadStore, load_or_create_secret
 
     threads = configure_torch(settings.torch_threads)
-    keys = list(settings.api_keys)
-    key_note = "from LLAMASCOPE_API_KEYS / the config file"
-    if not keys:
-        key_file = settings.data_dir / "api-key"
-        key, created = ensure_key_file(key_file)
-        keys = [key]
-        key_note = f"{'created now and ' if created else ''}kept in {key_file}"
+    store = open_store(settings)
+    if store.is_sqlite:
+        store.forget_reservations()  # one server per SQLite file: nothing else can be holding any
+    admin.seed_keys(store, settings.api_keys, settings.models)
+    first_key = None
+    if store.count_keys() == 0:
+        first_key, _, _ = admin.create_key(
+            store, settings.models, name="first start", allowance=admin.UNLIMITED, days=admin.UNLIMITED
+        )
     try:
         engines = load_engines(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except ModelLoadError as exc:
         print(f"llamascope: cannot start: {exc}", file=sys.stderr)
         return 2
-    store = UploadStore(
+    uploads_store = UploadStore(
         settings.upload_dir or settings.data_dir / "uploads",
         load_or_create_secret(settings.data_dir / "upload-secret"),
         ttl_seconds=settings.upload_ttl_hours * 3600,
         policy_seconds=settings.upload_policy_seconds,
         max_bytes=settings.upload_max_bytes,
     )
-    service = ConversationService(engines, ImageIntake.from_settings(settings, store))
+    service = ConversationService(engines, ImageIntake.from_settings(settings, uploads_store), Accounts(store))
     app = create_app(
         service,
-        StaticKeys(keys),
-        store,
+        uploads_store,
         max_body_bytes=settings.max_body_bytes,
         public_base_url=settings.public_base_url,
+        admin_key=settings.admin_key,
+        model_specs=dict(settings.models),
     )
 
     base = f"http://{settings.host}:{settings.port}"
@@ -147,10 +180,11 @@ def serve(args: argparse.Namespace) -> int:
             else engine.info.source
         )
         lines.append(f"  {name:<32} {what}")
-    if len(keys) == 1 and not settings.api_keys:
-        lines.append(f"API key: {keys[0]}  ({key_note})")
+    if first_key:
+        lines.append(f"API key: {first_key}")
+        lines.append("  (made on this first start and shown only now: keep it. `llamascope keys create` makes more.)")
     else:
-        lines.append(f"API keys: {len(keys)} ({key_note})")
+        lines.append(f"API keys: {store.count_keys()} in {_safe_url(store.url)} (`llamascope keys list`)")
     lines.append(f"SDK: export DASHSCOPE_HTTP_BASE_URL={base}/api/v1 DASHSCOPE_API_KEY=<the key>")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
@@ -167,10 +201,81 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _safe_url(url: str) -> str:
+    """A database URL without its password, for printing."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def open_store(settings: Settings):  # type: ignore[no-untyped-def]
+    from llamascope.accounts.store import AccountStore
+
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = AccountStore(settings.database)
+    store.migrate()
+    return store
+
+
+def _limit(value: str | None) -> int | str | None:
+    if value is None or value == "unlimited":
+        return value
+    return int(float(value))
+
+
+def accounts_command(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from llamascope.accounts import admin
+    from llamascope.accounts.store import utcnow
+
+    settings = Settings.load(getattr(args, "config", None))
+    store = open_store(settings)
+    try:
+        if args.command == "db":
+            print(f"schema up to date in {_safe_url(store.url)}")
+        elif args.command == "usage":
+            key_id = store.key(args.key).id if args.key else None
+            since = utcnow() - timedelta(days=args.days) if args.days else None
+            print(admin.usage_table(store.usage(key_id, since)))
+        elif args.action == "create":
+            key, view, grants = admin.create_key(
+                store,
+                settings.models,
+                name=args.name,
+                models=args.model,
+                allowance=_limit(args.allowance),
+                days=_limit(args.days),
+                expires_days=args.expires_days,
+                requests_per_minute=args.rpm,
+                tokens_per_minute=args.tpm,
+                max_concurrent=args.concurrency,
+            )
+            print(key)
+            print(f"(key id {view.id}; shown only now, only its hash is kept)", file=sys.stderr)
+            print(admin.keys_table([(view, grants)]), file=sys.stderr)
+        elif args.action == "list":
+            print(admin.keys_table(store.list_keys()))
+        elif args.action == "revoke":
+            view = store.revoke(args.key)
+            print(f"revoked key {view.id} ({view.prefix}…)")
+        elif args.action == "grant":
+            view = store.key(args.key)
+            admin.grant_models(store, view.id, [args.model], settings.models, _limit(args.allowance), _limit(args.days))
+            print(admin.keys_table([(v, g) for v, g in store.list_keys() if v.id == view.id]))
+    except (LookupError, ValueError) as exc:
+        print(f"llamascope: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command in ("keys", "usage", "db"):
+        return accounts_command(args)
     if args.command == "build-test-model":
         from llamascope.engines.test_model import ensure_test_model
 

@@ -47,6 +47,9 @@ class ModelSpec(BaseModel):
     context_length: int = Field(8192, ge=16)
     chat_template: str | None = Field(None, description="a Jinja file to render prompts with instead of llamascope's")
     description: str = ""
+    # What `llamascope keys create/grant` give a key for this model unless told otherwise.
+    allowance_tokens: int | None = Field(1_000_000, ge=1, description="None: unlimited")
+    allowance_days: float | None = Field(180, gt=0, description="None: never expires")
 
     @property
     def is_builtin(self) -> bool:
@@ -70,9 +73,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     models: dict[str, ModelSpec] = Field(default_factory=dict)
 
-    # Keys accepted in Authorization: Bearer. With none given, llamascope makes
-    # one on first start and keeps it in data_dir/api-key (never an open server).
+    # The accounts store: SQLite in data_dir by default; a postgresql+psycopg:// URL for shared replicas.
+    database_url: str | None = None
+    # Keys to put in the store at start-up, each granted every served model without limit.
+    # With none given and an empty store, the first start makes one key and prints it once.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Bearer key of the admin HTTP API (/admin/...). None: the admin API is off.
+    admin_key: str | None = None
     data_dir: Path = Field(default_factory=_default_data_dir)
     cache_dir: Path = Field(default_factory=_default_cache_dir)
 
@@ -130,6 +137,10 @@ class Settings(BaseSettings):
                 if not item or "/" in item or " " in item:
                     raise ValueError(f"{item!r} is neither a network (10.0.0.0/8, ::1) nor a host name") from None
         return value
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'llamascope.db'}"
 
     @classmethod
     def settings_customise_sources(

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("LLAMASCOPE_TEST_CACHE", ROOT / ".cache"))
 API_KEY = "sk-test-0123456789abcdefghijklmnopqrstuv"
 OTHER_KEY = "sk-other-0123456789abcdefghijklmnopqrs"
+ADMIN_KEY = "admin-0123456789abcdefghijklmnopqrstuvwxyz"
 SEED_MODEL = "llama3.2-90b-vision-instruct"
 
 
@@ -143,6 +144,7 @@ def start_server(
         "LLAMASCOPE_DATA_DIR": str(tmp / "data"),
         "LLAMASCOPE_API_KEYS": f"{API_KEY},{OTHER_KEY}",
         "LLAMASCOPE_IMAGE_FETCH_ALLOW": "127.0.0.1",
+        "LLAMASCOPE_ADMIN_KEY": ADMIN_KEY,
         "PYTHONUNBUFFERED": "1",
         **(env or {}),
     }

@@ -12,13 +12,13 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
 from llamascope import __version__, errors
-from llamascope.accounts.keys import KeyStore
+from llamascope.api import admin, operations, uploads
 from llamascope.api import errors as api_errors
-from llamascope.api import operations, uploads
 from llamascope.api.middleware import Authentication, BodyLimit, RequestContext
 from llamascope.api.native import router as native
 from llamascope.conversation.service import ConversationService
 from llamascope.images.uploads import UploadStore
+from llamascope.settings import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,12 @@ async def _purge_uploads(store: UploadStore) -> None:
 
 def create_app(
     service: ConversationService,
-    keys: KeyStore,
     uploads_store: UploadStore,
     *,
     max_body_bytes: int,
     public_base_url: str | None = None,
+    admin_key: str | None = None,
+    model_specs: dict[str, ModelSpec] | None = None,
 ) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -55,14 +56,16 @@ def create_app(
     app.state.service = service
     app.state.uploads = uploads_store
     app.state.public_base_url = public_base_url
+    app.state.model_specs = model_specs or {}
     app.include_router(native.router)
     app.include_router(uploads.router)
     app.include_router(operations.router)
+    app.include_router(admin.router)
     app.add_exception_handler(errors.ServiceError, api_errors.on_service_error)
     app.add_exception_handler(HTTPException, api_errors.on_http_exception)
     app.add_exception_handler(Exception, api_errors.on_unexpected)
     # Added innermost first: a request meets RequestContext, then BodyLimit, then Authentication.
-    app.add_middleware(Authentication, keys=keys, public_paths=PUBLIC_PATHS)
+    app.add_middleware(Authentication, accounts=service.accounts, public_paths=PUBLIC_PATHS, admin_key=admin_key)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(RequestContext)
     return app

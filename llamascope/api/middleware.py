@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 import uuid
@@ -19,7 +20,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamascope import errors
-from llamascope.accounts.keys import KeyStore, authenticate
+from llamascope.accounts.admission import Accounts
 from llamascope.api.errors import error_response
 
 access_log = logging.getLogger("llamascope.access")
@@ -63,6 +64,9 @@ class RequestContext:
             status = status or 500
             raise
         finally:
+            reply = state.get("reply")
+            if reply is not None:
+                await reply.close()  # charges the tokens made, whatever way the request ended
             self._log(scope, state, status, disconnected, time.perf_counter() - started)
 
     @staticmethod
@@ -129,10 +133,15 @@ class BodyLimit:
 
 
 class Authentication:
-    def __init__(self, app: ASGIApp, keys: KeyStore, public_paths: frozenset[str]) -> None:
+    """Every route but the public ones needs a key: an API key, or the admin key under /admin/."""
+
+    def __init__(
+        self, app: ASGIApp, accounts: Accounts, public_paths: frozenset[str], admin_key: str | None = None
+    ) -> None:
         self.app = app
-        self.keys = keys
+        self.accounts = accounts
         self.public_paths = public_paths
+        self.admin_key = admin_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.public_paths:
@@ -143,11 +152,21 @@ class Authentication:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
                 break
-        decision = authenticate(authorization, self.keys)
         state = scope.setdefault("state", {})
-        if decision.error is not None:
-            state["error_code"] = decision.error.code
-            await error_response(decision.error, state.get("request_id", ""))(scope, receive, send)
+        try:
+            if scope["path"].startswith("/admin/"):
+                self._check_admin(authorization)
+            else:
+                state["principal"] = await self.accounts.authenticate(authorization)
+        except errors.ServiceError as refusal:
+            state["error_code"] = refusal.code
+            await error_response(refusal, state.get("request_id", ""))(scope, receive, send)
             return
-        state["principal"] = decision.principal
         await self.app(scope, receive, send)
+
+    def _check_admin(self, authorization: str | None) -> None:
+        if self.admin_key is None:
+            raise errors.ServiceError(404, "NotFound", "The admin API is off (set LLAMASCOPE_ADMIN_KEY).")
+        expected = f"Bearer {self.admin_key}".encode()
+        if not hmac.compare_digest(expected, (authorization or "").strip().encode()):
+            raise errors.invalid_api_key()

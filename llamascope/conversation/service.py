@@ -2,10 +2,10 @@
 
 Surfaces (DashScope native today, OpenAI-compatible later) call ``open()``,
 which does every check that can fail before the first byte is sent (model,
-messages, parameters, image, context), and get a ``Reply``. Iterating
-``Reply.events()`` generates; closing it cancels the engine. The Reply keeps
-the running usage, so whoever logs or charges the request reads it there,
-also after a disconnect or an error.
+grant, messages, parameters, image, context, allowance), and get a ``Reply``.
+Iterating ``Reply.events()`` generates; closing it cancels the engine. The
+Reply keeps the running usage and charges it to the caller's allowance when
+generation ends, whichever way: finished, failed, or the caller gone.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamascope import errors
+from llamascope.accounts.admission import Accounts, Admission, Principal
 from llamascope.conversation.parameters import Options, parse_parameters
 from llamascope.conversation.rules import parse_messages
 from llamascope.engines.base import Engine, FinishReason, PreparedPrompt
@@ -80,11 +81,32 @@ class Reply:
     prompt: PreparedPrompt = field(repr=False)
     options: Options
     usage: Usage
+    admission: Admission | None = field(default=None, repr=False)
     text: str = ""
     finish_reason: FinishReason | None = None
+    status: str = "cancelled"  # what the ledger records unless generation ends otherwise
+
+    async def close(self) -> None:
+        """Charge what was used (once). Safe to call again, and before or after events()."""
+        if self.admission is not None:
+            usage = self.usage
+            await self.admission.settle(usage.input_tokens, usage.output_tokens, usage.image_tokens, self.status)
 
     async def events(self) -> AsyncIterator[Event]:
         """Generate; each event has new text. The last one has the finish reason."""
+        try:
+            async for event in self._generate():
+                if event.finish_reason is not None:
+                    self.status = "ok"
+                    await self.close()  # charged before the client sees the end, so its next call sees it
+                yield event
+        except errors.ServiceError as error:
+            self.status = error.code
+            raise
+        finally:
+            await self.close()
+
+    async def _generate(self) -> AsyncIterator[Event]:
         stop = StopText(self.options.stop)
         chunks = self.engine.generate(self.prompt, self.options.sampling)
         finish: FinishReason | None = None
@@ -125,21 +147,33 @@ class Reply:
 
 
 class ConversationService:
-    def __init__(self, engines: Mapping[str, Engine], intake: ImageIntake) -> None:
+    def __init__(self, engines: Mapping[str, Engine], intake: ImageIntake, accounts: Accounts) -> None:
         self.engines = engines
         self.intake = intake
+        self.accounts = accounts
 
     def engine(self, model: Any) -> Engine:
         if not isinstance(model, str) or model not in self.engines:
             raise errors.model_not_found()
         return self.engines[model]
 
-    async def open(self, model: Any, messages: Any, parameters: Any, context: SourceContext = ANONYMOUS) -> Reply:
+    async def open(
+        self,
+        principal: Principal,
+        request_id: str,
+        model: Any,
+        messages: Any,
+        parameters: Any,
+        context: SourceContext = ANONYMOUS,
+    ) -> Reply:
         """Check everything that can be checked before generating; raise ServiceError, or return the Reply."""
         engine = self.engine(model)
+        await self.accounts.check(principal, model)  # before any image is fetched
         draft = parse_messages(messages)
         options = parse_parameters(parameters, engine.info.context_length)
         image = await self.intake.load(draft.image_ref, context, fit=engine.image_size, fit_key=engine.info.source)
         prompt = await engine.prepare(draft.with_image(image))
+        most = prompt.input_tokens + min(options.sampling.max_new_tokens, prompt.max_new_tokens)
+        admission = await self.accounts.admit(principal, model, most, request_id)
         usage = Usage(input_tokens=prompt.input_tokens, image_tokens=prompt.image_tokens)
-        return Reply(model=model, engine=engine, prompt=prompt, options=options, usage=usage)
+        return Reply(model=model, engine=engine, prompt=prompt, options=options, usage=usage, admission=admission)

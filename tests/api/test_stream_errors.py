@@ -19,13 +19,15 @@ import httpx
 import pytest
 import uvicorn
 
-from llamascope.accounts.keys import StaticKeys
+from llamascope.accounts import admin
+from llamascope.accounts.admission import Accounts
+from llamascope.accounts.store import AccountStore
 from llamascope.api.app import create_app
 from llamascope.conversation.service import ConversationService
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
 from llamascope.images.intake import ImageIntake
 from llamascope.images.uploads import UploadStore
-from llamascope.settings import Settings
+from llamascope.settings import ModelSpec, Settings
 from tests.conftest import API_KEY, free_port, user_turn
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
@@ -58,9 +60,14 @@ class FailingEngine:
 @pytest.fixture(scope="module")
 def failing_server(image_host, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings = Settings.load(image_fetch_allow=["127.0.0.1"])
-    service = ConversationService({"flaky": FailingEngine(["Hello", " there"])}, ImageIntake.from_settings(settings))
+    accounts = AccountStore.for_path(tmp_path_factory.mktemp("accounts") / "accounts.db")
+    accounts.migrate()
+    admin.seed_keys(accounts, [API_KEY], {"flaky": ModelSpec(path="scripted")})
+    service = ConversationService(
+        {"flaky": FailingEngine(["Hello", " there"])}, ImageIntake.from_settings(settings), Accounts(accounts)
+    )
     store = UploadStore(tmp_path_factory.mktemp("uploads"), b"x" * 32)
-    app = create_app(service, StaticKeys([API_KEY]), store, max_body_bytes=settings.max_body_bytes)
+    app = create_app(service, store, max_body_bytes=settings.max_body_bytes)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)

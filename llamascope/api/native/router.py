@@ -65,7 +65,7 @@ async def generation(request: Request) -> Response:
         owner=principal.key_id,
         resolve_oss=request.headers.get("x-dashscope-ossresourceresolve", "").strip().lower() == "enable",
     )
-    reply = await service.open(call.model, call.messages, call.parameters, context)
+    reply = await service.open(principal, request_id, call.model, call.messages, call.parameters, context)
     request.state.reply = reply
     if request.headers.get("x-dashscope-sse", "").strip().lower() == "enable":
         return StreamingResponse(

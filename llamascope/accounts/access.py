@@ -1,0 +1,56 @@
+"""The access decisions, as pure functions of records and time (no I/O, nothing heavy imported).
+
+- ``bearer_key``: the key in an Authorization header, or None;
+- ``key_refusal``: may this key call at all? (missing, unknown, revoked, expired: 401 InvalidApiKey);
+- ``grant_refusal``: may it call this model now? (no grant: 403 AccessDenied.Unpurchased;
+  allowance expired or used up: 403 AllocationQuota.FreeTierOnly, saying which and since when).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from llamascope import errors
+from llamascope.accounts.store import GrantView, KeyView
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, key = authorization.strip().partition(" ")
+    key = key.strip()
+    return key if scheme.lower() == "bearer" and key else None
+
+
+def key_refusal(key: KeyView | None, now: datetime) -> errors.ServiceError | None:
+    if key is None or key.revoked_at is not None or (key.expires_at is not None and now >= key.expires_at):
+        return errors.invalid_api_key()
+    return None
+
+
+def _when(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def grant_refusal(model: str, grant: GrantView | None, now: datetime) -> errors.ServiceError | None:
+    if grant is None:
+        return errors.ServiceError(
+            403,
+            "AccessDenied.Unpurchased",
+            "Access to model denied. Please make sure you are eligible for using the model. "
+            f"(This API key has no grant for {model}.)",
+        )
+    if grant.expires_at is not None and now >= grant.expires_at:
+        return errors.ServiceError(
+            403,
+            "AllocationQuota.FreeTierOnly",
+            f"The token allowance for {model} expired on {_when(grant.expires_at)}.",
+        )
+    if grant.allowance_tokens is not None and grant.used_tokens + grant.reserved_tokens >= grant.allowance_tokens:
+        if grant.used_tokens >= grant.allowance_tokens:
+            since = f" on {_when(grant.exhausted_at)}" if grant.exhausted_at else ""
+            detail = f"was used up{since} ({grant.used_tokens} of {grant.allowance_tokens} tokens)"
+        else:
+            detail = f"is held by requests still running ({grant.allowance_tokens - grant.used_tokens} tokens left)"
+        return errors.ServiceError(403, "AllocationQuota.FreeTierOnly", f"The token allowance for {model} {detail}.")
+    return None

@@ -1,0 +1,64 @@
+"""The accounts tables. Alembic migrations under ``migrations/`` create and change them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 hex; the key itself is never stored
+    prefix: Mapped[str] = mapped_column(String(16))  # "sk-abcd", for listings and logs
+    name: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Optional rate limits; None means no limit.
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tokens_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_concurrent: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class Grant(Base):
+    """A key may call a model; with a token allowance valid for a period (None: unlimited)."""
+
+    __tablename__ = "grants"
+    __table_args__ = (UniqueConstraint("key_id", "model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(200))
+    allowance_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    used_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Tokens promised to requests still running (their input plus max_tokens); see AccountStore.admit.
+    reserved_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    granted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    exhausted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class UsageRecord(Base):
+    """The ledger: one row per request that reached a model."""
+
+    __tablename__ = "usage"
+    __table_args__ = (Index("ix_usage_key_started", "key_id", "started_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(200))
+    input_tokens: Mapped[int] = mapped_column(Integer)
+    output_tokens: Mapped[int] = mapped_column(Integer)
+    image_tokens: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(40))  # ok, cancelled, or the error code
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,340 @@
+"""The accounts store: API keys, grants with token allowances, and the usage ledger.
+
+SQLAlchemy 2 over SQLite (WAL mode) by default, or PostgreSQL for several
+replicas sharing one store. Schema changes are Alembic migrations, applied by
+``migrate()`` at start-up or by ``llamascope db upgrade``.
+
+Allowances are charged in two steps so that concurrent requests cannot spend
+the same tokens twice. ``admit`` reserves a request's worst case (its prompt
+plus max_tokens) in one conditional UPDATE that succeeds only while
+``used + reserved < allowance``; ``settle`` swaps the reservation for the
+tokens really used and writes the ledger row, in one transaction. So once an
+allowance is nearly spent, only one running request can hold it, and at most
+that one can overrun it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from llamascope.accounts.schema import ApiKey, Grant, UsageRecord
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands datetimes back without their zone; they are stored as UTC.
+    return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return "sk-" + secrets.token_hex(20)
+
+
+@dataclass(frozen=True)
+class KeyView:
+    id: int
+    prefix: str
+    name: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    max_concurrent: int | None
+
+    @classmethod
+    def of(cls, row: ApiKey) -> KeyView:
+        return cls(
+            row.id,
+            row.prefix,
+            row.name,
+            _aware(row.created_at),  # type: ignore[arg-type]
+            _aware(row.expires_at),
+            _aware(row.revoked_at),
+            row.requests_per_minute,
+            row.tokens_per_minute,
+            row.max_concurrent,
+        )
+
+
+@dataclass(frozen=True)
+class GrantView:
+    id: int
+    key_id: int
+    model: str
+    allowance_tokens: int | None
+    used_tokens: int
+    reserved_tokens: int
+    granted_at: datetime
+    expires_at: datetime | None
+    exhausted_at: datetime | None
+
+    @classmethod
+    def of(cls, row: Grant) -> GrantView:
+        return cls(
+            row.id,
+            row.key_id,
+            row.model,
+            row.allowance_tokens,
+            row.used_tokens,
+            row.reserved_tokens,
+            _aware(row.granted_at),  # type: ignore[arg-type]
+            _aware(row.expires_at),
+            _aware(row.exhausted_at),
+        )
+
+
+@dataclass(frozen=True)
+class Reservation:
+    grant_id: int
+    key_id: int
+    model: str
+    tokens: int
+    started_at: datetime
+
+
+class AccountStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def for_path(cls, path: Path) -> AccountStore:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return cls(f"sqlite:///{path}")
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions() as session, session.begin():
+            yield session
+
+    # -- schema -----------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def forget_reservations(self) -> None:
+        """Drop reservations left by a process that died mid-request. Only safe when no other replica runs."""
+        with self.session() as s:
+            s.execute(update(Grant).values(reserved_tokens=0))
+
+    # -- keys -------------------------------------------------------------------
+
+    def create_key(
+        self,
+        name: str = "",
+        *,
+        key: str | None = None,
+        expires_at: datetime | None = None,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+        max_concurrent: int | None = None,
+    ) -> tuple[str, KeyView]:
+        """Make a key (or store a given one). Returns the key itself, which is not kept, and its record."""
+        key = key or new_key()
+        row = ApiKey(
+            key_hash=hash_key(key),
+            prefix=key[:7],
+            name=name,
+            created_at=utcnow(),
+            expires_at=expires_at,
+            requests_per_minute=requests_per_minute,
+            tokens_per_minute=tokens_per_minute,
+            max_concurrent=max_concurrent,
+        )
+        with self.session() as s:
+            s.add(row)
+            s.flush()
+            return key, KeyView.of(row)
+
+    def find_key(self, key: str) -> KeyView | None:
+        with self.session() as s:
+            row = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+            return KeyView.of(row) if row else None
+
+    def key(self, ref: str | int) -> KeyView:
+        """A key by id or by its visible prefix (which must be unambiguous)."""
+        with self.session() as s:
+            if isinstance(ref, int) or str(ref).isdigit():
+                row = s.get(ApiKey, int(ref))
+                rows = [row] if row else []
+            else:
+                rows = list(s.scalars(select(ApiKey).where(ApiKey.prefix.startswith(str(ref)[:16]))))
+            if len(rows) != 1:
+                raise LookupError(f"no key {ref!r}" if not rows else f"{ref!r} matches {len(rows)} keys; use the id")
+            return KeyView.of(rows[0])
+
+    def count_keys(self) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.count(ApiKey.id))) or 0)
+
+    def list_keys(self) -> list[tuple[KeyView, list[GrantView]]]:
+        with self.session() as s:
+            keys = list(s.scalars(select(ApiKey).order_by(ApiKey.id)))
+            grants = list(s.scalars(select(Grant).order_by(Grant.key_id, Grant.model)))
+        return [(KeyView.of(k), [GrantView.of(g) for g in grants if g.key_id == k.id]) for k in keys]
+
+    def revoke(self, ref: str | int) -> KeyView:
+        view = self.key(ref)
+        with self.session() as s:
+            s.execute(update(ApiKey).where(ApiKey.id == view.id).values(revoked_at=utcnow()))
+        return self.key(view.id)
+
+    # -- grants -----------------------------------------------------------------
+
+    def grant(self, key_id: int, model: str, allowance_tokens: int | None, days: float | None) -> GrantView:
+        """Grant a model to a key (or replace the grant): a fresh allowance from now."""
+        now = utcnow()
+        expires = now + timedelta(days=days) if days is not None else None
+        with self.session() as s:
+            row = s.scalar(select(Grant).where(Grant.key_id == key_id, Grant.model == model))
+            if row is None:
+                row = Grant(key_id=key_id, model=model, used_tokens=0, reserved_tokens=0)
+                s.add(row)
+            row.allowance_tokens = allowance_tokens
+            row.granted_at = now
+            row.expires_at = expires
+            row.exhausted_at = None
+            row.used_tokens = 0
+            s.flush()
+            return GrantView.of(row)
+
+    def find_grant(self, key_id: int, model: str) -> GrantView | None:
+        with self.session() as s:
+            row = s.scalar(select(Grant).where(Grant.key_id == key_id, Grant.model == model))
+            return GrantView.of(row) if row else None
+
+    # -- charging ---------------------------------------------------------------
+
+    def reserve(self, grant: GrantView, tokens: int, now: datetime | None = None) -> Reservation | None:
+        """Hold ``tokens`` of the grant's allowance, atomically; None if it is spent or expired meanwhile."""
+        now = now or utcnow()
+        condition = [Grant.id == grant.id]
+        if grant.allowance_tokens is not None:
+            condition.append(Grant.used_tokens + Grant.reserved_tokens < Grant.allowance_tokens)
+        condition.append((Grant.expires_at.is_(None)) | (Grant.expires_at > now))
+        with self.session() as s:
+            done = s.execute(update(Grant).where(*condition).values(reserved_tokens=Grant.reserved_tokens + tokens))
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+        return Reservation(grant.id, grant.key_id, grant.model, tokens, now)
+
+    def settle(
+        self,
+        reservation: Reservation,
+        request_id: str,
+        input_tokens: int,
+        output_tokens: int,
+        image_tokens: int,
+        status: str,
+    ) -> None:
+        """Charge what was used, release the reservation and write the ledger row, in one transaction."""
+        now = utcnow()
+        used = input_tokens + output_tokens
+        with self.session() as s:
+            s.execute(
+                update(Grant)
+                .where(Grant.id == reservation.grant_id)
+                .values(
+                    used_tokens=Grant.used_tokens + used,
+                    reserved_tokens=Grant.reserved_tokens - reservation.tokens,
+                )
+            )
+            s.execute(
+                update(Grant)
+                .where(
+                    Grant.id == reservation.grant_id,
+                    Grant.exhausted_at.is_(None),
+                    Grant.allowance_tokens.is_not(None),
+                    Grant.used_tokens >= Grant.allowance_tokens,
+                )
+                .values(exhausted_at=now)
+            )
+            s.add(
+                UsageRecord(
+                    request_id=request_id,
+                    key_id=reservation.key_id,
+                    model=reservation.model,
+                    input_tokens=input_tokens,
+                    output_tokens=output_tokens,
+                    image_tokens=image_tokens,
+                    status=status,
+                    started_at=reservation.started_at,
+                    finished_at=now,
+                )
+            )
+
+    # -- the ledger -------------------------------------------------------------
+
+    def usage(self, key_id: int | None = None, since: datetime | None = None) -> list[dict[str, Any]]:
+        """Totals per key, model and day (UTC)."""
+        day = func.date(UsageRecord.started_at)
+        query = (
+            select(
+                UsageRecord.key_id,
+                ApiKey.prefix,
+                UsageRecord.model,
+                day.label("day"),
+                func.count(UsageRecord.id).label("requests"),
+                func.sum(UsageRecord.input_tokens).label("input_tokens"),
+                func.sum(UsageRecord.output_tokens).label("output_tokens"),
+                func.sum(UsageRecord.image_tokens).label("image_tokens"),
+            )
+            .join(ApiKey, ApiKey.id == UsageRecord.key_id)
+            .group_by(UsageRecord.key_id, ApiKey.prefix, UsageRecord.model, day)
+            .order_by(day, UsageRecord.key_id, UsageRecord.model)
+        )
+        if key_id is not None:
+            query = query.where(UsageRecord.key_id == key_id)
+        if since is not None:
+            query = query.where(UsageRecord.started_at >= since)
+        with self.session() as s:
+            return [dict(row._mapping) | {"day": str(row.day)} for row in s.execute(query)]
+
+    def ledger(self, key_id: int | None = None) -> list[UsageRecord]:
+        with self.session() as s:
+            query = select(UsageRecord).order_by(UsageRecord.id)
+            if key_id is not None:
+                query = query.where(UsageRecord.key_id == key_id)
+            return list(s.scalars(query))
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+    cursor.execute("PRAGMA busy_timeout=10000")  # writers queue instead of failing
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=FULL")  # a committed ledger row survives a power cut too
+    cursor.close()

@@ -1,0 +1,103 @@
+"""The accounts store on a real SQLite file: keys by hash, grants, atomic reservations, the ledger."""
+
+from __future__ import annotations
+
+import os
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from llamascope.accounts.access import bearer_key, grant_refusal, key_refusal
+from llamascope.accounts.store import AccountStore, utcnow
+
+POSTGRES = os.environ.get("LLAMASCOPE_TEST_DATABASE_URL")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not POSTGRES, reason="no PG"))])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> AccountStore:
+    if request.param == "sqlite":
+        s = AccountStore.for_path(tmp_path / "accounts.db")
+    else:
+        s = AccountStore(str(POSTGRES))
+        with s.engine.begin() as connection:
+            connection.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    s.migrate()
+    return s
+
+
+def test_keys_are_stored_as_hashes(store: AccountStore) -> None:
+    key, view = store.create_key("alice")
+    assert key.startswith("sk-") and len(key) >= 35
+    assert store.find_key(key) == view
+    assert store.find_key(key + "x") is None
+    with store.engine.connect() as connection:
+        stored = [str(v) for row in connection.exec_driver_sql("SELECT * FROM api_keys") for v in row]
+    assert key not in stored and view.prefix == key[:7]
+
+
+def test_migrations_are_idempotent(store: AccountStore) -> None:
+    store.migrate()
+    store.migrate()
+    assert store.count_keys() == 0
+
+
+def test_decisions() -> None:
+    now = utcnow()
+    assert bearer_key("Bearer sk-1") == "sk-1" and bearer_key("Basic sk-1") is None and bearer_key(None) is None
+    assert key_refusal(None, now).code == "InvalidApiKey"
+
+
+def test_grant_refusals_say_which_and_since_when(store: AccountStore) -> None:
+    _, key = store.create_key()
+    now = utcnow()
+    assert grant_refusal("m", None, now).code == "AccessDenied.Unpurchased"
+    grant = store.grant(key.id, "m", 100, days=30)
+    assert grant_refusal("m", grant, now) is None
+    assert "expired on" in grant_refusal("m", grant, now + timedelta(days=31)).message
+    reservation = store.reserve(grant, 150)
+    store.settle(reservation, "r1", 100, 20, 6404, "ok")
+    spent = store.find_grant(key.id, "m")
+    refusal = grant_refusal("m", spent, utcnow())
+    assert refusal.code == "AllocationQuota.FreeTierOnly"
+    assert "was used up on" in refusal.message and "120 of 100 tokens" in refusal.message
+
+
+def test_fifty_racing_requests_overrun_at_most_once(store: AccountStore) -> None:
+    """50 threads (each its own connection) race for an allowance with 60 tokens left; each needs 44."""
+    _, key = store.create_key()
+    grant = store.grant(key.id, "m", 1000, days=None)
+    store.settle(store.reserve(grant, 940), "warm-up", 940, 0, 0, "ok")
+    barrier = threading.Barrier(50)
+    admitted: list[int] = []
+
+    def request(i: int) -> None:
+        barrier.wait()
+        reservation = store.reserve(grant, 44)
+        if reservation is not None:
+            admitted.append(i)
+            store.settle(reservation, f"r{i}", 24, 20, 0, "ok")
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    final = store.find_grant(key.id, "m")
+    assert final.reserved_tokens == 0
+    # Admitted while used + reserved < allowance: with 60 left, two can hold 44 each, and only the second overruns.
+    assert len(admitted) <= 2
+    overrun = [i for i in range(len(admitted)) if 940 + 44 * (i + 1) > 1000]
+    assert len(overrun) <= 1
+    ledger = store.ledger(key.id)
+    assert sum(r.input_tokens + r.output_tokens for r in ledger) == final.used_tokens
+
+
+def test_usage_report(store: AccountStore) -> None:
+    _, a = store.create_key("a")
+    grant = store.grant(a.id, "m", None, None)
+    for i in range(3):
+        store.settle(store.reserve(grant, 10), f"r{i}", 5, 3, 100, "ok")
+    [row] = store.usage(a.id)
+    assert (row["requests"], row["input_tokens"], row["output_tokens"], row["image_tokens"]) == (3, 15, 9, 300)

@@ -16,6 +16,7 @@ from llamascope.api import admin, operations, uploads
 from llamascope.api import errors as api_errors
 from llamascope.api.middleware import Authentication, BodyLimit, RequestContext
 from llamascope.api.native import router as native
+from llamascope.api.openai import router as openai
 from llamascope.conversation.service import ConversationService
 from llamascope.images.uploads import UploadStore
 from llamascope.settings import ModelSpec
@@ -58,6 +59,7 @@ def create_app(
     app.state.public_base_url = public_base_url
     app.state.model_specs = model_specs or {}
     app.include_router(native.router)
+    app.include_router(openai.router)
     app.include_router(uploads.router)
     app.include_router(operations.router)
     app.include_router(admin.router)

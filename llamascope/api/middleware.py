@@ -116,7 +116,9 @@ class BodyLimit:
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 scope.setdefault("state", {})["error_code"] = "BadRequest.TooLarge"
-                await error_response(self._error(), scope["state"].get("request_id", ""))(scope, receive, send)
+                await error_response(self._error(), scope["state"].get("request_id", ""), scope["path"])(
+                    scope, receive, send
+                )
                 return
         received = 0
 
@@ -160,7 +162,7 @@ class Authentication:
                 state["principal"] = await self.accounts.authenticate(authorization)
         except errors.ServiceError as refusal:
             state["error_code"] = refusal.code
-            await error_response(refusal, state.get("request_id", ""))(scope, receive, send)
+            await error_response(refusal, state.get("request_id", ""), scope["path"])(scope, receive, send)
             return
         await self.app(scope, receive, send)
 

@@ -1,0 +1,55 @@
+"""Reading a request and watching its client, the same way on every surface."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import Request
+
+from llamascope import errors
+from llamascope.images.source import SourceContext
+
+CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer
+T = TypeVar("T")
+
+
+async def read_json(request: Request) -> object:
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.invalid_parameter(f"The request body is not valid JSON: {exc}") from None
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Run ``work``; if the client hangs up first, cancel it and return None."""
+    task = asyncio.ensure_future(work)
+
+    async def hangup() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(hangup())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            if not pending.done():
+                pending.cancel()
+    if not task.done() or task.cancelled():
+        with contextlib.suppress(BaseException):
+            await task  # let the cancelled reply run its cleanup (it cancels the engine)
+        return None
+    return task.result()
+
+
+def source_context(request: Request) -> SourceContext:
+    """Whose request this is, and whether it may name uploaded oss:// objects."""
+    return SourceContext(
+        owner=request.state.principal.key_id,
+        resolve_oss=request.headers.get("x-dashscope-ossresourceresolve", "").strip().lower() == "enable",
+    )

@@ -1,0 +1,90 @@
+"""The HTTP shell of the OpenAI-compatible surface: chat completions and the model list."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from llamascope import errors
+from llamascope.api.errors import openai_error_body, request_id_of
+from llamascope.api.incoming import CLIENT_CLOSED, read_json, source_context, unless_disconnected
+from llamascope.api.openai.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    ChunkChoice,
+    Delta,
+    UsageBody,
+    completion_id,
+)
+from llamascope.conversation.service import ConversationService, Reply
+
+router = APIRouter()
+PREFIXES = ("/compatible-mode/v1", "/v1")
+
+
+def _data(payload: object) -> bytes:
+    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+async def _stream(reply: Reply, request_id: str, include_usage: bool, state: object) -> AsyncIterator[bytes]:
+    created = int(time.time())
+
+    def chunk(choices: list[ChunkChoice], usage: UsageBody | None = None) -> bytes:
+        body = ChatCompletionChunk(
+            id=completion_id(request_id), created=created, model=reply.model, choices=choices, usage=usage
+        )
+        return _data(body.model_dump_json())
+
+    try:
+        async for event in reply.events():
+            finish = event.finish_reason.value if event.finish_reason else None
+            if event.delta or finish:
+                yield chunk([ChunkChoice(delta=Delta(content=event.delta), finish_reason=finish)])
+        if include_usage:
+            yield chunk([], UsageBody.of(reply.usage))
+        yield _data("[DONE]")
+    except errors.ServiceError as error:
+        state.error_code = error.code  # type: ignore[attr-defined]  # for the access log
+        yield _data(openai_error_body(error, request_id))
+
+
+async def chat_completions(request: Request) -> Response:
+    service: ConversationService = request.app.state.service
+    request_id = request_id_of(request)
+    call = ChatRequest.from_body(await read_json(request))
+    reply = await service.open(
+        request.state.principal, request_id, call.model, call.messages, call.parameters, source_context(request)
+    )
+    request.state.reply = reply
+    if call.stream:
+        return StreamingResponse(
+            _stream(reply, request_id, call.include_usage, request.state),
+            media_type="text/event-stream; charset=utf-8",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    text = await unless_disconnected(request, reply.complete())
+    if text is None:
+        return Response(status_code=CLIENT_CLOSED)
+    assert reply.finish_reason is not None
+    body = ChatCompletion.of(request_id, reply.model, text, reply.finish_reason.value, reply.usage)
+    return JSONResponse(body.model_dump())
+
+
+async def list_models(request: Request) -> JSONResponse:
+    service: ConversationService = request.app.state.service
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "llamascope", "test_model": engine.info.test_model}
+        for name, engine in service.engines.items()
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+for prefix in PREFIXES:
+    router.add_api_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
+    router.add_api_route(f"{prefix}/models", list_models, methods=["GET"])

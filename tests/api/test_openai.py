@@ -1,0 +1,112 @@
+"""The OpenAI-compatible surface with the official openai package, against a real server."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import SEED_MODEL, Server, png_bytes
+
+NATIVE = "/api/v1/services/aigc/multimodal-generation/generation"
+
+
+@pytest.fixture(params=["/compatible-mode/v1", "/v1"])
+def client(request: pytest.FixtureRequest, server: Server) -> openai.OpenAI:
+    return openai.OpenAI(api_key=server.key, base_url=server.base + request.param, max_retries=0)
+
+
+def messages(url: str, text: str = "What is in the picture?") -> list[dict]:
+    return [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}
+    ]
+
+
+def test_completion(client: openai.OpenAI, image_host) -> None:
+    r = client.chat.completions.create(model=SEED_MODEL, messages=messages(image_host.url("/red.png")), max_tokens=6)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 6 and r.usage.total_tokens == r.usage.prompt_tokens + 6
+
+
+def test_stream_with_usage(client: openai.OpenAI, image_host) -> None:
+    kwargs = {"model": SEED_MODEL, "messages": messages(image_host.url("/red.png")), "max_tokens": 8, "temperature": 0}
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    content = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in content) == whole.choices[0].message.content
+    reasons = [c.choices[0].finish_reason for c in content]
+    assert reasons[-1] == "length" and all(r is None for r in reasons[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+
+
+def test_same_greedy_text_as_the_native_surface(server: Server, client: openai.OpenAI, image_host) -> None:
+    url = image_host.url("/blue.png")
+    ours = client.chat.completions.create(
+        model=SEED_MODEL, messages=messages(url, "Describe."), max_tokens=16, temperature=0, seed=3
+    )
+    native = httpx.post(
+        server.base + NATIVE,
+        json={
+            "model": SEED_MODEL,
+            "input": {"messages": [{"role": "user", "content": [{"image": url}, {"text": "Describe."}]}]},
+            "parameters": {"max_tokens": 16, "temperature": 0, "seed": 3},
+        },
+        headers={"Authorization": f"Bearer {server.key}"},
+    ).json()
+    assert ours.choices[0].message.content == native["output"]["choices"][0]["message"]["content"][0]["text"]
+    assert ours.usage.prompt_tokens == native["usage"]["input_tokens"]
+
+
+def test_string_content_system_and_data_uri(client: openai.OpenAI) -> None:
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    r = client.chat.completions.create(
+        model=SEED_MODEL,
+        messages=[{"role": "system", "content": "Be brief."}, *messages(uri)],
+        max_tokens=2,
+        extra_body={"top_k": 20, "repetition_penalty": 1.05},
+    )
+    assert r.usage.completion_tokens == 2
+
+
+def test_errors_in_the_openai_shape(server: Server, client: openai.OpenAI, image_host) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=SEED_MODEL, messages=[{"role": "user", "content": "text only"}])
+    assert bad.value.body["code"] == "invalid_parameter_error" and "exactly one image" in bad.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.chat.completions.create(model=SEED_MODEL, messages=messages(image_host.url("/red.png")), top_p=7)
+    with pytest.raises(openai.BadRequestError, match="Model not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=messages(image_host.url("/red.png")))
+    wrong = openai.OpenAI(api_key="sk-wrong", base_url=str(client.base_url), max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as auth:
+        wrong.chat.completions.create(model=SEED_MODEL, messages=messages(image_host.url("/red.png")))
+    assert auth.value.body["code"] == "invalid_api_key"
+    raw = httpx.post(
+        str(client.base_url) + "chat/completions", content=b"{", headers={"Authorization": f"Bearer {server.key}"}
+    )
+    body = raw.json()
+    assert raw.status_code == 400 and set(body) == {"error", "request_id"}
+    assert set(body["error"]) == {"code", "type", "param", "message"}
+    assert body["request_id"] == raw.headers["x-request-id"]
+
+
+def test_models(client: openai.OpenAI) -> None:
+    assert {m.id for m in client.models.list()} == {"llama3.2-11b-vision", "llama3.2-90b-vision-instruct"}
+
+
+def test_raw_stream_framing(server: Server, image_host) -> None:
+    r = httpx.post(
+        server.base + "/compatible-mode/v1/chat/completions",
+        json={"model": SEED_MODEL, "messages": messages(image_host.url("/red.png")), "max_tokens": 3, "stream": True},
+        headers={"Authorization": f"Bearer {server.key}"},
+    )
+    blocks = r.text.split("\n\n")
+    assert blocks[-1] == "" and blocks[-2] == "data: [DONE]"
+    for block in blocks[:-2]:
+        assert block.startswith("data: {")
+        chunk = json.loads(block[6:])
+        assert chunk["object"] == "chat.completion.chunk" and chunk["usage"] is None

@@ -15,11 +15,15 @@ from llamascope.settings import BUILTIN, ModelSpec, Settings
 log = logging.getLogger("llamascope")
 
 
-def _model_arg(value: str) -> tuple[str, str]:
-    name, sep, path = value.partition("=")
-    if not sep or not name or not path:
+def _model_arg(value: str) -> tuple[str, ModelSpec]:
+    """NAME=PATH (local weights, 'builtin') or NAME=openai+URL[,openai+URL...] (upstream engines)."""
+    name, sep, source = value.partition("=")
+    if not sep or not name or not source:
         raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
-    return name, BUILTIN if path in ("builtin", BUILTIN) else path
+    if source.startswith("openai+"):
+        urls = [u.strip().removeprefix("openai+") for u in source.split(",") if u.strip()]
+        return name, ModelSpec(upstreams=urls)
+    return name, ModelSpec(path=BUILTIN if source in ("builtin", BUILTIN) else source)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         type=_model_arg,
         metavar="NAME=PATH",
-        help="serve NAME from a local Hugging Face directory (repeatable; 'builtin' for the test model). "
+        help="serve NAME from a local Hugging Face directory ('builtin' for the test model), or through "
+        "OpenAI-compatible engines: NAME=openai+http://host:port/v1[,openai+http://...] (repeatable). "
         "Replaces the models of the config file.",
     )
     serve.add_argument("--config", type=Path, help="TOML config file (default: $LLAMASCOPE_CONFIG)")
@@ -120,7 +125,7 @@ def serve(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
     }
     if args.model:
-        overrides["models"] = {name: ModelSpec(path=path) for name, path in args.model}
+        overrides["models"] = dict(args.model)
     try:
         settings = Settings.load(args.config, **overrides)
     except Exception as exc:  # pydantic's ValidationError or a missing file: say it plainly

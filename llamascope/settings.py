@@ -24,7 +24,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -40,9 +40,13 @@ _config_file: ContextVar[Path | None] = ContextVar("llamascope_config_file", def
 
 
 class ModelSpec(BaseModel):
-    """Where one served model name gets its answers from."""
+    """Where one served model name gets its answers from: local weights, or upstream engines."""
 
-    path: str = Field(description=f"a local Hugging Face model directory, or {BUILTIN!r}")
+    path: str | None = Field(None, description=f"a local Hugging Face model directory, or {BUILTIN!r}")
+    # OpenAI-compatible engines (SGLang, TGI, vLLM, Ollama, llama.cpp server), e.g. "http://gpu1:30000/v1".
+    upstreams: list[str] = Field(default_factory=list)
+    upstream_model: str | None = Field(None, description="the model name the upstreams know (default: this name)")
+    upstream_api_key: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     context_length: int = Field(8192, ge=16)
     chat_template: str | None = Field(None, description="a Jinja file to render prompts with instead of llamascope's")
@@ -54,6 +58,15 @@ class ModelSpec(BaseModel):
     @property
     def is_builtin(self) -> bool:
         return self.path == BUILTIN
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.path is None) == (not self.upstreams):
+            raise ValueError("a model needs either path (local weights) or upstreams (engine URLs), not both")
+        for url in self.upstreams:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"upstream {url!r} must be an http(s) URL ending in /v1")
+        return self
 
 
 def _default_data_dir() -> Path:

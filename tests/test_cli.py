@@ -17,7 +17,9 @@ def test_usable_cores_honours_a_cgroup_quota(tmp_path: Path) -> None:
 
 
 def test_model_argument() -> None:
-    assert _model_arg("a=/models/x") == ("a", "/models/x")
-    assert _model_arg("a=builtin") == ("a", BUILTIN)
+    assert _model_arg("a=/models/x")[1].path == "/models/x"
+    assert _model_arg("a=builtin")[1].path == BUILTIN
+    upstream = _model_arg("a=openai+http://h1:30000/v1,openai+http://h2:30000/v1")[1]
+    assert upstream.path is None and upstream.upstreams == ["http://h1:30000/v1", "http://h2:30000/v1"]
     with pytest.raises(Exception, match="NAME=PATH"):
         _model_arg("no-equals-sign")

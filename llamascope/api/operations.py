@@ -30,7 +30,7 @@ async def models(request: Request) -> JSONResponse:
                 "context_length": info.context_length,
                 "engine": info.kind,
                 "test_model": info.test_model,
-                "description": TEST_MODEL_NOTE if info.test_model else f"served from {info.kind} weights",
+                "description": TEST_MODEL_NOTE if info.test_model else f"served by the {info.kind} engine",
             }
         )
     return JSONResponse({"request_id": request_id_of(request), "data": data})

@@ -114,6 +114,8 @@ class Reply:
         try:
             async for chunk in chunks:
                 self.usage.output_tokens = chunk.output_tokens
+                if chunk.input_tokens is not None:
+                    self.usage.input_tokens = chunk.input_tokens
                 delta, stopped = stop.feed(chunk.text)
                 if stopped:
                     finish = FinishReason.STOP

@@ -56,6 +56,7 @@ class Chunk:
     text: str  # new text since the previous chunk (may be "")
     output_tokens: int  # tokens generated so far, in total
     finish_reason: FinishReason | None = None
+    input_tokens: int | None = None  # the prompt's true count, when the engine learns it only now
 
 
 @dataclass

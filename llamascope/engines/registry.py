@@ -13,6 +13,7 @@ from pathlib import Path
 from llamascope.engines.base import Engine
 from llamascope.engines.mllama import MllamaEngine, ModelLoadError
 from llamascope.engines.test_model import ensure_test_model, is_test_model
+from llamascope.engines.upstream import UpstreamEngine
 from llamascope.settings import ModelSpec, Settings
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,12 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
     loaded: dict[tuple[str, str, int, str | None], Engine] = {}
     engines: dict[str, Engine] = {}
     for name, spec in settings.models.items():
+        if spec.upstreams:
+            progress(f"serving {name!r} through {', '.join(spec.upstreams)}")
+            engines[name] = UpstreamEngine.create(
+                spec.upstreams, spec.upstream_model or name, spec.upstream_api_key, spec.context_length
+            )
+            continue
         path = _resolve(spec, settings)
         key = (str(path), spec.dtype, spec.context_length, spec.chat_template)
         if key not in loaded:
@@ -45,4 +52,5 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
 def _resolve(spec: ModelSpec, settings: Settings) -> Path:
     if spec.is_builtin:
         return ensure_test_model(settings.cache_dir)
+    assert spec.path is not None  # a spec has a path or upstreams (ModelSpec checks)
     return Path(spec.path).expanduser()

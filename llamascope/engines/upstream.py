@@ -1,0 +1,248 @@
+"""Serving a model through OpenAI-compatible engines (SGLang, TGI, vLLM, Ollama, llama.cpp server).
+
+llamascope keeps its own surfaces, keys, allowances and image intake in front:
+every image is fetched and checked here and sent upstream as a ``data:`` URI,
+never as the user's URL, so an upstream cannot be made to reach anything.
+
+Several upstream URLs per model are balanced by least outstanding requests.
+Each is health-checked (``GET /models``) in the background and taken out of
+rotation while failing; a request that fails before its first token is tried
+on another. Closing the generation closes the upstream stream at once.
+
+Token counts come from the upstream's reported usage; until it reports (and
+if it never does) llamascope estimates: the prompt's UTF-8 bytes / 4 plus one
+token per image, and one token per streamed piece.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import logging
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from llamascope import errors
+from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
+
+log = logging.getLogger(__name__)
+
+HEALTH_EVERY_SECONDS = 5.0
+# Sent images fit in what Llama 3.2 Vision can use: 4 tiles of 560x560, at most 2240 pixels a side.
+MAX_SENT_PIXELS = 4 * 560 * 560
+MAX_SENT_SIDE = 2240
+
+
+@dataclass
+class Upstream:
+    url: str  # ends in /v1
+    outstanding: int = 0
+    healthy: bool = True
+    failures: int = 0
+
+
+@dataclass
+class _Payload:
+    messages: list[dict[str, Any]]
+    estimated_input: int
+
+
+@dataclass
+class UpstreamEngine:
+    """Implements ``llamascope.engines.base.Engine`` by calling OpenAI-compatible engines."""
+
+    upstreams: list[Upstream]
+    model: str
+    info: EngineInfo
+    api_key: str | None = None
+    timeout: httpx.Timeout = field(default_factory=lambda: httpx.Timeout(300.0, connect=5.0))
+    _client: httpx.AsyncClient | None = field(default=None, repr=False)
+    _health: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @classmethod
+    def create(cls, urls: list[str], model: str, api_key: str | None, context_length: int) -> UpstreamEngine:
+        info = EngineInfo(kind="upstream", source=",".join(urls), context_length=context_length)
+        return cls([Upstream(u.rstrip("/")) for u in urls], model, info, api_key)
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+            self._client = httpx.AsyncClient(timeout=self.timeout, headers=headers, limits=limits, trust_env=False)
+            self._health = asyncio.get_running_loop().create_task(self._check_health())
+        return self._client
+
+    # -- the Engine protocol ------------------------------------------------
+
+    def image_size(self, width: int, height: int) -> tuple[int, int]:
+        scale = min(1.0, math.sqrt(MAX_SENT_PIXELS / (width * height)), MAX_SENT_SIDE / max(width, height))
+        return max(1, int(width * scale)), max(1, int(height * scale))
+
+    async def prepare(self, turns: list[Turn]) -> PreparedPrompt:
+        messages: list[dict[str, Any]] = []
+        text_bytes = 0
+        images = 0
+        for turn in turns:
+            text_bytes += len(turn.text.encode()) + len(turn.text_before_image.encode())
+            if turn.image is None:
+                messages.append({"role": turn.role, "content": turn.text})
+                continue
+            images += 1
+            content: list[dict[str, Any]] = []
+            if turn.text_before_image:
+                content.append({"type": "text", "text": turn.text_before_image})
+            content.append({"type": "image_url", "image_url": {"url": await asyncio.to_thread(_data_uri, turn.image)}})
+            content.append({"type": "text", "text": turn.text})
+            messages.append({"role": turn.role, "content": content})
+        estimate = text_bytes // 4 + images + 8 * len(turns)
+        max_input = self.info.context_length - 1
+        if estimate > max_input:
+            raise errors.input_too_long(max_input)
+        return PreparedPrompt(
+            input_tokens=estimate,
+            image_tokens=0,
+            max_new_tokens=max(1, self.info.context_length - estimate),
+            payload=_Payload(messages, estimate),
+        )
+
+    async def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:
+        body = self._body(prompt.payload, sampling)
+        tried: set[str] = set()
+        while True:
+            upstream = self._pick(tried)
+            tried.add(upstream.url)
+            upstream.outstanding += 1
+            started = False
+            try:
+                async for chunk in self._stream(upstream, body):
+                    started = True
+                    yield chunk
+                return
+            except _UpstreamFailed as failure:
+                self._mark_failed(upstream, str(failure))
+                if started or len(tried) >= len(self.upstreams):
+                    raise errors.ServiceError(
+                        500, "InternalError.Algo", "The model engine failed; please try again later."
+                    ) from None
+                log.warning("upstream %s failed before its first token; trying another", upstream.url)
+            finally:
+                upstream.outstanding -= 1
+
+    async def close(self) -> None:
+        if self._health is not None:
+            self._health.cancel()
+        if self._client is not None:
+            await self._client.aclose()
+
+    # -- internals -------------------------------------------------------------
+
+    def _body(self, payload: _Payload, sampling: SamplingParams) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": payload.messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": min(sampling.max_new_tokens, max(1, self.info.context_length - payload.estimated_input)),
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+        }
+        if sampling.top_k is not None:
+            body["top_k"] = sampling.top_k
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        if sampling.repetition_penalty != 1.0:
+            body["repetition_penalty"] = sampling.repetition_penalty
+        if sampling.min_new_tokens:
+            body["min_tokens"] = sampling.min_new_tokens
+        return body
+
+    def _pick(self, tried: set[str]) -> Upstream:
+        candidates = [u for u in self.upstreams if u.url not in tried]
+        healthy = [u for u in candidates if u.healthy] or candidates  # all failing: try anyway
+        if not healthy:
+            raise errors.ServiceError(503, "ServiceUnavailable", "No model engine is available; please try later.")
+        return min(healthy, key=lambda u: (u.outstanding, u.failures))
+
+    def _mark_failed(self, upstream: Upstream, why: str) -> None:
+        upstream.failures += 1
+        if upstream.healthy:
+            log.warning("upstream %s out of rotation: %s", upstream.url, why)
+        upstream.healthy = False
+
+    async def _stream(self, upstream: Upstream, body: dict[str, Any]) -> AsyncIterator[Chunk]:
+        pieces = 0  # streamed pieces: the output count until the upstream reports its own
+        reported: int | None = None
+        finish: FinishReason | None = None
+        input_tokens: int | None = None
+        try:
+            async with self.client.stream("POST", upstream.url + "/chat/completions", json=body) as response:
+                if response.status_code >= 500:
+                    raise _UpstreamFailed(f"HTTP {response.status_code}")
+                if response.status_code != 200:
+                    raise _client_error(response.status_code, (await response.aread()).decode(errors="replace"))
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    event = json.loads(data)
+                    if "error" in event:
+                        raise _UpstreamFailed(str(event["error"])[:200]) if pieces == 0 else errors.internal_error()
+                    usage = event.get("usage")
+                    if usage:
+                        input_tokens = usage.get("prompt_tokens", input_tokens)
+                        reported = usage.get("completion_tokens", reported)
+                    for choice in event.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content") or ""
+                        if text:
+                            pieces += 1
+                            yield Chunk(text, reported or pieces)
+                        if choice.get("finish_reason"):
+                            finish = FinishReason.LENGTH if choice["finish_reason"] == "length" else FinishReason.STOP
+        except (httpx.TransportError, json.JSONDecodeError) as exc:
+            raise _UpstreamFailed(type(exc).__name__) from None
+        upstream.failures = 0
+        yield Chunk("", reported if reported is not None else pieces, finish or FinishReason.STOP, input_tokens)
+
+    async def _check_health(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_EVERY_SECONDS)
+            for upstream in self.upstreams:
+                ok = False
+                with contextlib.suppress(httpx.HTTPError):
+                    ok = (await self.client.get(upstream.url + "/models", timeout=3.0)).status_code == 200
+                if ok != upstream.healthy:
+                    log.warning("upstream %s is %s", upstream.url, "back" if ok else "failing its health check")
+                upstream.healthy = ok
+
+
+class _UpstreamFailed(Exception):
+    """The upstream failed in a way another upstream might not."""
+
+
+def _client_error(status: int, text: str) -> errors.ServiceError:
+    try:
+        detail = json.loads(text)
+        message = (detail.get("error") or {}).get("message") or detail.get("message") or text
+    except (ValueError, AttributeError):
+        message = text
+    code = "InvalidParameter" if status == 400 else "InternalError.Algo"
+    return errors.ServiceError(
+        400 if status == 400 else 500, code, f"The model engine refused the request: {message[:300]}"
+    )
+
+
+def _data_uri(image: Any) -> str:
+    """The checked, decoded image as a JPEG data: URI (what every OpenAI-compatible engine takes)."""
+    buffer = io.BytesIO()
+    image.image.save(buffer, format="JPEG", quality=92)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()

@@ -1,0 +1,148 @@
+"""A model served through an OpenAI-compatible upstream: a second real llamascope process, over loopback."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Server, free_port, generation_body, start_server, user_turn
+
+PATH = "/api/v1/services/aigc/multimodal-generation/generation"
+UPSTREAM_KEY = "sk-upstream-000000000000000000000000000000"
+MODEL = "llama3.2-11b-vision"
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory, test_model_dir: Path) -> Iterator[Server]:
+    # This upstream may not fetch loopback URLs: the front must send it the image bytes.
+    srv = start_server(
+        tmp_path_factory.mktemp("upstream"),
+        env={"LLAMASCOPE_API_KEYS": UPSTREAM_KEY, "LLAMASCOPE_IMAGE_FETCH_ALLOW": ""},
+    )
+    srv.key = UPSTREAM_KEY
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory: pytest.TempPathFactory, upstream: Server) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("front")
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    config = tmp / "llamascope.toml"
+    config.write_text(
+        f'[models."{MODEL}"]\nupstreams = ["{upstream.base}/v1"]\nupstream_api_key = "{UPSTREAM_KEY}"\n'
+        f'[models."pair"]\nupstreams = ["{dead}", "{upstream.base}/v1"]\nupstream_model = "{MODEL}"\n'
+        f'upstream_api_key = "{UPSTREAM_KEY}"\n'
+    )
+    srv = start_server(tmp, ["--config", str(config)])
+    yield srv
+    srv.stop()
+
+
+def post(server: Server, body: dict, **headers: str) -> httpx.Response:
+    return httpx.post(
+        server.base + PATH, json=body, headers={"Authorization": f"Bearer {server.key}", **headers}, timeout=60
+    )
+
+
+def body_for(model: str, image: str, **parameters: object) -> dict:
+    body = generation_body(image, **parameters)
+    body["model"] = model
+    return body
+
+
+def test_same_answer_and_usage_as_the_upstream_itself(front: Server, upstream: Server, image_host) -> None:
+    import base64
+
+    image = image_host.url("/blue.png")
+    via_front = post(front, body_for(MODEL, image, max_tokens=12, temperature=0)).json()
+    # The upstream gets the image as the front decoded it; ask it directly with the same bytes.
+    direct = post(
+        upstream,
+        body_for(
+            MODEL,
+            "data:image/png;base64," + base64.b64encode(httpx.get(image).content).decode(),
+            max_tokens=12,
+            temperature=0,
+        ),
+    ).json()
+    text = via_front["output"]["choices"][0]["message"]["content"][0]["text"]
+    assert text and via_front["output"]["choices"][0]["finish_reason"] == "length"
+    assert via_front["usage"]["input_tokens"] == direct["usage"]["input_tokens"]  # the upstream's count
+    assert via_front["usage"]["output_tokens"] == 12
+
+
+def test_the_upstream_never_sees_the_users_url(front: Server, upstream: Server, image_host) -> None:
+    refused = post(upstream, body_for(MODEL, image_host.url("/red.png"), max_tokens=2))
+    assert refused.status_code == 400 and "private or local" in refused.json()["message"]
+    assert post(front, body_for(MODEL, image_host.url("/red.png"), max_tokens=2)).status_code == 200
+
+
+def test_native_guarantees_hold_through_an_upstream(front: Server, image_host) -> None:
+    r = post(
+        front, body_for(MODEL, image_host.url("/red.png"), max_tokens=6, temperature=0), **{"X-DashScope-SSE": "enable"}
+    )
+    events = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:")]
+    texts = [e["output"]["choices"][0]["message"]["content"][0]["text"] for e in events]
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))  # cumulative by default
+    assert [e["output"]["choices"][0]["finish_reason"] for e in events][-1] == "length"
+    text_only = post(front, {"model": MODEL, "input": {"messages": [{"role": "user", "content": "hi"}]}})
+    assert text_only.status_code == 400 and "exactly one image" in text_only.json()["message"]
+
+
+def test_openai_surface_through_an_upstream(front: Server, image_host) -> None:
+    import openai
+
+    client = openai.OpenAI(api_key=front.key, base_url=front.base + "/v1", max_retries=0)
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image_host.url("/red.png")}},
+                    {"type": "text", "text": "?"},
+                ],
+            }
+        ],
+        max_tokens=4,
+    )
+    assert r.choices[0].message.content and r.usage.completion_tokens == 4
+
+
+def test_a_failing_upstream_is_skipped(front: Server, image_host) -> None:
+    for _ in range(3):
+        assert post(front, body_for("pair", image_host.url("/red.png"), max_tokens=2)).status_code == 200
+    assert "out of rotation" in front.log()
+
+
+def test_hangup_closes_the_upstream_stream(front: Server, upstream: Server, image_host) -> None:
+    body = body_for(MODEL, image_host.url("/red.png"), max_tokens=3000)
+    headers = {"Authorization": f"Bearer {front.key}", "X-DashScope-SSE": "enable"}
+    with httpx.stream("POST", front.base + PATH, json=body, headers=headers, timeout=60) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data:")
+            if seen == 3:
+                break
+    deadline = time.monotonic() + 15
+    line = ""
+    while time.monotonic() < deadline and not line:
+        lines = [x for x in upstream.log().splitlines() if "/compatible-mode/" in x or "/v1/chat" in x]
+        line = next((x for x in reversed(lines) if "client=disconnected" in x), "")
+        time.sleep(0.1)
+    assert line, upstream.log()[-2000:]
+    assert int(re.search(r"output_tokens=(\d+)", line).group(1)) < 3000
+
+
+def test_upstream_refusals_come_back_as_400(front: Server, image_host) -> None:
+    # Short in bytes, long in tokens: the front's estimate admits it, the upstream counts and refuses.
+    r = post(front, {"model": MODEL, "input": {"messages": [user_turn(image_host.url("/red.png"), "龘" * 3000)]}})
+    assert r.status_code == 400 and "Range of input length" in r.json()["message"]

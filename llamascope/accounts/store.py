@@ -24,7 +24,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -180,9 +180,10 @@ class AccountStore:
             return key, KeyView.of(row)
 
     def find_key(self, key: str) -> KeyView | None:
-        with self.session() as s:
-            row = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
-            return KeyView.of(row) if row else None
+        # Core rather than the ORM on the per-request path: a third of the time.
+        with self.engine.connect() as connection:
+            row = connection.execute(select(ApiKey.__table__).where(ApiKey.key_hash == hash_key(key))).first()
+        return KeyView.of(ApiKey(**row._mapping)) if row else None
 
     def key(self, ref: str | int) -> KeyView:
         """A key by id or by its visible prefix (which must be unambiguous)."""
@@ -232,24 +233,32 @@ class AccountStore:
             return GrantView.of(row)
 
     def find_grant(self, key_id: int, model: str) -> GrantView | None:
-        with self.session() as s:
-            row = s.scalar(select(Grant).where(Grant.key_id == key_id, Grant.model == model))
-            return GrantView.of(row) if row else None
+        with self.engine.connect() as connection:
+            query = select(Grant.__table__).where(Grant.key_id == key_id, Grant.model == model)
+            row = connection.execute(query).first()
+        return GrantView.of(Grant(**row._mapping)) if row else None
 
     # -- charging ---------------------------------------------------------------
 
     def reserve(self, grant: GrantView, tokens: int, now: datetime | None = None) -> Reservation | None:
         """Hold ``tokens`` of the grant's allowance, atomically; None if it is spent or expired meanwhile."""
+        return self.reserve_for(grant.key_id, grant.model, tokens, now)
+
+    def reserve_for(self, key_id: int, model: str, tokens: int, now: datetime | None = None) -> Reservation | None:
+        """Hold ``tokens`` of the key's allowance for the model in one conditional UPDATE; None if there is
+        no grant, or it is spent (``used + reserved >= allowance``) or expired."""
         now = now or utcnow()
-        condition = [Grant.id == grant.id]
-        if grant.allowance_tokens is not None:
-            condition.append(Grant.used_tokens + Grant.reserved_tokens < Grant.allowance_tokens)
-        condition.append((Grant.expires_at.is_(None)) | (Grant.expires_at > now))
+        unlimited = Grant.allowance_tokens.is_(None)
+        has_room = Grant.used_tokens + Grant.reserved_tokens < Grant.allowance_tokens
+        valid = Grant.expires_at.is_(None) | (Grant.expires_at > now)
         with self.session() as s:
-            done = s.execute(update(Grant).where(*condition).values(reserved_tokens=Grant.reserved_tokens + tokens))
-            if done.rowcount != 1:  # type: ignore[attr-defined]
-                return None
-        return Reservation(grant.id, grant.key_id, grant.model, tokens, now)
+            grant_id = s.execute(
+                update(Grant)
+                .where(Grant.key_id == key_id, Grant.model == model, unlimited | has_room, valid)
+                .values(reserved_tokens=Grant.reserved_tokens + tokens)
+                .returning(Grant.id)
+            ).scalar()
+        return None if grant_id is None else Reservation(grant_id, key_id, model, tokens, now)
 
     def settle(
         self,
@@ -282,8 +291,8 @@ class AccountStore:
                 )
                 .values(exhausted_at=now)
             )
-            s.add(
-                UsageRecord(
+            s.execute(
+                insert(UsageRecord).values(
                     request_id=request_id,
                     key_id=reservation.key_id,
                     model=reservation.model,
@@ -336,5 +345,8 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
     cursor.execute("PRAGMA busy_timeout=10000")  # writers queue instead of failing
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA synchronous=FULL")  # a committed ledger row survives a power cut too
+    # In WAL mode NORMAL keeps every commit across process crashes and restarts, without an fsync per
+    # commit (which cost 7 ms p50 / 70 ms p99 per request in bench/gateway.py); a power cut may roll back
+    # the last commits. PostgreSQL keeps its own durability settings.
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()

@@ -93,18 +93,23 @@ class Reply:
             await self.admission.settle(usage.input_tokens, usage.output_tokens, usage.image_tokens, self.status)
 
     async def events(self) -> AsyncIterator[Event]:
-        """Generate; each event has new text. The last one has the finish reason."""
+        """Generate; each event has new text. The last one has the finish reason.
+
+        A finished reply is charged by ``close()`` once the answer is sent (the HTTP layer calls it when
+        the request ends), keeping the store off the answer's path; until then its reservation holds the
+        tokens, so no other request can spend them. A failed or abandoned reply is charged here at once.
+        """
         try:
             async for event in self._generate():
                 if event.finish_reason is not None:
                     self.status = "ok"
-                    await self.close()  # charged before the client sees the end, so its next call sees it
                 yield event
         except errors.ServiceError as error:
             self.status = error.code
             raise
         finally:
-            await self.close()
+            if self.status != "ok":
+                await self.close()
 
     async def _generate(self) -> AsyncIterator[Event]:
         stop = StopText(self.options.stop)

@@ -1,0 +1,232 @@
+"""llamascope as a gateway in front of an OpenAI-compatible engine, against calling it directly and LiteLLM.
+
+A stub engine on loopback streams a fixed answer as fast as it can. The same
+streamed chat request (one small image as a data: URI, as llamascope requires
+an image) goes to: the stub directly; llamascope in upstream mode (keys,
+allowance and ledger on its default SQLite store, image checked and
+re-encoded); the LiteLLM proxy in front of the same stub. Each is a separate
+process. Latency: sequential requests, full answer read, p50/p99; added
+latency is the difference to the direct call. Throughput: requests per second
+at a fixed number of concurrent clients.
+
+LiteLLM is not a llamascope dependency: the script uses bench/.venv-litellm
+(`python3 -m venv bench/.venv-litellm && bench/.venv-litellm/bin/pip install 'litellm[proxy]'`)
+and skips that row if it is missing.
+
+    .venv/bin/python bench/gateway.py [--requests 300] [--concurrency 16] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+LITELLM = ROOT / "bench" / ".venv-litellm" / "bin" / "litellm"
+KEY = "sk-bench-000000000000000000000000000000000"
+MODEL = "stub-vision"
+
+STUB = r"""
+import json, sys
+import uvicorn
+
+PIECES = ["The ", "picture ", "shows ", "a ", "small ", "red ", "square", "."]
+
+def chunk(text, finish=None):
+    return ("data: " + json.dumps({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 0,
+        "model": "stub", "choices": [{"index": 0, "delta": {"role": "assistant", "content": text},
+        "finish_reason": finish}]}) + "\n\n").encode()
+
+BODY = b"".join(chunk(p) for p in PIECES[:-1]) + chunk(PIECES[-1], "stop") + ("data: " + json.dumps({
+    "id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 0, "model": "stub", "choices": [],
+    "usage": {"prompt_tokens": 20, "completion_tokens": len(PIECES), "total_tokens": 20 + len(PIECES)}})
+    + "\n\ndata: [DONE]\n\n").encode()
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    if scope["path"].endswith("/models"):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"object":"list","data":[{"id":"stub"}]}'})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    await send({"type": "http.response.body", "body": BODY})
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, headers: dict[str, str] | None = None, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, headers=headers, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def body() -> dict:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {
+        "model": MODEL,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "?"}],
+            }
+        ],
+        "max_tokens": 16,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def one(client: httpx.AsyncClient, url: str, payload: dict) -> float:
+    start = time.perf_counter()
+    async with client.stream("POST", url, json=payload) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for _ in response.aiter_bytes():
+            pass
+    return time.perf_counter() - start
+
+
+async def measure(url: str, headers: dict[str, str], requests: int, concurrency: int, seconds: float) -> dict:
+    payload = body()
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=30) as client:
+        for _ in range(20):  # warm-up: connections, caches
+            await one(client, url, payload)
+        latencies = [await one(client, url, payload) for _ in range(requests)]
+        done = 0
+        stop = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                await one(client, url, payload)
+                done += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "p50": statistics.median(latencies) * 1000,
+        "p99": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+        "rps": done / elapsed,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--skip-litellm", action="store_true")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="llamascope-gateway-"))
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def spawn(cmd: list[str], env: dict[str, str] | None = None) -> None:
+        with open(tmp / f"{len(processes)}.log", "wb") as log:  # the child keeps its own copy of the descriptor
+            environment = {**os.environ, **(env or {})}
+            processes.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=tmp))
+
+    try:
+        stub_port, ls_port, litellm_port = free_port(), free_port(), free_port()
+        spawn([sys.executable, "-c", STUB, str(stub_port)])
+        wait_ready(f"http://127.0.0.1:{stub_port}/v1/models")
+        stub = f"http://127.0.0.1:{stub_port}/v1"
+        spawn(
+            [sys.executable, "-m", "llamascope", "serve", "--port", str(ls_port), "--model", f"{MODEL}=openai+{stub}"],
+            {"LLAMASCOPE_API_KEYS": KEY, "LLAMASCOPE_DATA_DIR": str(tmp / "data"), "LLAMASCOPE_LOG_LEVEL": "warning"},
+        )
+        wait_ready(f"http://127.0.0.1:{ls_port}/health")
+        targets = [
+            ("stub engine, called directly", f"{stub}/chat/completions", {}),
+            (
+                "llamascope (upstream mode)",
+                f"http://127.0.0.1:{ls_port}/v1/chat/completions",
+                {"Authorization": f"Bearer {KEY}"},
+            ),
+        ]
+        if LITELLM.exists() and not args.skip_litellm:
+            config = tmp / "litellm.yaml"
+            # LiteLLM with a master key (it refuses to start without one) and no database: it checks the key.
+            config.write_text(
+                f"model_list:\n  - model_name: {MODEL}\n    litellm_params:\n      model: openai/stub\n"
+                f"      api_base: {stub}\n      api_key: none\ngeneral_settings:\n  master_key: {KEY}\n"
+            )
+            spawn([str(LITELLM), "--config", str(config), "--port", str(litellm_port), "--num_workers", "1"])
+            wait_ready(f"http://127.0.0.1:{litellm_port}/health/liveliness", seconds=180)
+            targets.append(
+                (
+                    "LiteLLM proxy",
+                    f"http://127.0.0.1:{litellm_port}/v1/chat/completions",
+                    {"Authorization": f"Bearer {KEY}"},
+                )
+            )
+        else:
+            print(f"(LiteLLM row skipped: {LITELLM} not found)")
+        results = [
+            (name, asyncio.run(measure(url, h, args.requests, args.concurrency, args.seconds)))
+            for name, url, h in targets
+        ]
+    finally:
+        for p in processes:
+            p.send_signal(signal.SIGTERM)
+        for p in processes:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    base = results[0][1]
+    print(
+        f"streamed chat request with a 64x64 image; {args.requests} sequential requests, then "
+        f"{args.concurrency} concurrent clients for {args.seconds:g} s; all on this machine's loopback"
+    )
+    print(f"{'target':<32} {'p50':>8} {'p99':>8} {'added p50':>10} {'added p99':>10} {'req/s':>8}")
+    for name, r in results:
+        print(
+            f"{name:<32} {r['p50']:>6.2f}ms {r['p99']:>6.2f}ms {r['p50'] - base['p50']:>8.2f}ms "
+            f"{r['p99'] - base['p99']:>8.2f}ms {r['rps']:>8.0f}"
+        )
+    names = dict(results)
+    if "LiteLLM proxy" in names:
+        ratio = names["llamascope (upstream mode)"]["rps"] / names["LiteLLM proxy"]["rps"]
+        print(f"llamascope / LiteLLM requests per second: {ratio:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

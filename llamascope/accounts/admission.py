@@ -19,7 +19,7 @@ import anyio
 from llamascope import errors
 from llamascope.accounts.access import bearer_key, grant_refusal, key_refusal
 from llamascope.accounts.limits import RateLimits
-from llamascope.accounts.store import AccountStore, KeyView, Reservation, utcnow
+from llamascope.accounts.store import AccountStore, GrantView, KeyView, Reservation, utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,19 +96,26 @@ class Accounts:
         assert view is not None
         return Principal(view)
 
-    async def check(self, principal: Principal, model: str) -> None:
+    async def check(self, principal: Principal, model: str) -> GrantView:
         """Refuse early (before any image is fetched) if the key may not call the model now."""
         grant = await self.read(self.store.find_grant, principal.key.id, model)
         refusal = grant_refusal(model, grant, utcnow())
         if refusal is not None:
             raise refusal
+        assert grant is not None
+        return grant
 
-    async def admit(self, principal: Principal, model: str, tokens: int, request_id: str) -> Admission:
+    async def admit(self, principal: Principal, grant: GrantView, tokens: int, request_id: str) -> Admission:
         """Hold ``tokens`` (the request's most) of the allowance and count the request in, or refuse."""
         self.limits.enter(principal.key)
+        model = grant.model
         try:
-            # One conditional UPDATE decides (see AccountStore.reserve); the grant is read only to word a refusal.
-            reservation = await self.run(self.store.reserve_for, principal.key.id, model, tokens)
+            if grant.allowance_tokens is None and grant.expires_at is None:
+                # Nothing to protect: no write on the request's path (check() has just read the grant).
+                reservation: Reservation | None = Reservation(grant.id, grant.key_id, model, 0, utcnow())
+            else:
+                # One conditional UPDATE decides (see AccountStore.reserve); a refusal is worded from a fresh read.
+                reservation = await self.run(self.store.reserve_for, principal.key.id, model, tokens)
             if reservation is None:
                 latest = await self.read(self.store.find_grant, principal.key.id, model)
                 raise grant_refusal(model, latest, utcnow()) or errors.internal_error()

@@ -175,12 +175,12 @@ class ConversationService:
     ) -> Reply:
         """Check everything that can be checked before generating; raise ServiceError, or return the Reply."""
         engine = self.engine(model)
-        await self.accounts.check(principal, model)  # before any image is fetched
+        grant = await self.accounts.check(principal, model)  # before any image is fetched
         draft = parse_messages(messages)
         options = parse_parameters(parameters, engine.info.context_length)
         image = await self.intake.load(draft.image_ref, context, fit=engine.image_size, fit_key=engine.info.source)
         prompt = await engine.prepare(draft.with_image(image))
         most = prompt.input_tokens + min(options.sampling.max_new_tokens, prompt.max_new_tokens)
-        admission = await self.accounts.admit(principal, model, most, request_id)
+        admission = await self.accounts.admit(principal, grant, most, request_id)
         usage = Usage(input_tokens=prompt.input_tokens, image_tokens=prompt.image_tokens)
         return Reply(model=model, engine=engine, prompt=prompt, options=options, usage=usage, admission=admission)

@@ -122,6 +122,16 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def access_line(self, request_id: str, timeout: float = 15) -> str:
+        """The access-log line of a request; it is written when the request ends, after its last byte."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log().splitlines():
+                if f"request_id={request_id}" in line:
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no access line for {request_id}:\n{self.log()[-3000:]}")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)

@@ -17,16 +17,6 @@ from tests.conftest import Server, generation_body, start_server
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 
 
-def access_line(server: Server, request_id: str, timeout: float = 15) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in server.log().splitlines():
-            if f"request_id={request_id}" in line:
-                return line
-        time.sleep(0.1)
-    raise AssertionError(f"no access line for {request_id}:\n{server.log()[-3000:]}")
-
-
 @pytest.mark.parametrize(
     ("model_arg", "message"),
     [
@@ -110,7 +100,7 @@ def test_stream_hangup_stops_generation(server: Server, image_host) -> None:
             seen += line.startswith("data:")
             if seen == 3:
                 break
-    line = access_line(server, request_id)
+    line = server.access_line(request_id)
     assert "client=disconnected" in line
     produced = int(re.search(r"output_tokens=(\d+)", line).group(1))
     assert 3 <= produced < 400, line

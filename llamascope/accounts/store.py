@@ -19,10 +19,10 @@ import hashlib
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import BigInteger, bindparam, case, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Engine
@@ -40,6 +40,18 @@ def utcnow() -> datetime:
 def _aware(value: datetime | None) -> datetime | None:
     # SQLite hands datetimes back without their zone; they are stored as UTC.
     return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
+
+
+V = TypeVar("V")
+
+
+def _view(cls: type[V], row: Any) -> V:
+    """A frozen copy of a row's fields, datetimes in UTC: views leave the session, rows do not."""
+    values = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        value = getattr(row, f.name)
+        values[f.name] = _aware(value) if isinstance(value, datetime) else value
+    return cls(**values)
 
 
 def hash_key(key: str) -> str:
@@ -64,17 +76,7 @@ class KeyView:
 
     @classmethod
     def of(cls, row: ApiKey) -> KeyView:
-        return cls(
-            row.id,
-            row.prefix,
-            row.name,
-            _aware(row.created_at),  # type: ignore[arg-type]
-            _aware(row.expires_at),
-            _aware(row.revoked_at),
-            row.requests_per_minute,
-            row.tokens_per_minute,
-            row.max_concurrent,
-        )
+        return _view(cls, row)
 
 
 @dataclass(frozen=True)
@@ -91,17 +93,7 @@ class GrantView:
 
     @classmethod
     def of(cls, row: Grant) -> GrantView:
-        return cls(
-            row.id,
-            row.key_id,
-            row.model,
-            row.allowance_tokens,
-            row.used_tokens,
-            row.reserved_tokens,
-            _aware(row.granted_at),  # type: ignore[arg-type]
-            _aware(row.expires_at),
-            _aware(row.exhausted_at),
-        )
+        return _view(cls, row)
 
 
 @dataclass(frozen=True)

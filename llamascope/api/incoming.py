@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -15,6 +15,15 @@ from llamascope.images.source import SourceContext
 
 CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer
 T = TypeVar("T")
+
+
+def envelope(body: object) -> dict[str, Any]:
+    """The checks every surface makes of a request body first: a JSON object naming a model."""
+    if not isinstance(body, dict):
+        raise errors.invalid_parameter("The request body must be a JSON object.")
+    if body.get("model") in (None, ""):
+        raise errors.ServiceError(400, "BadRequest.EmptyModel", 'Required parameter "model" missing from request.')
+    return body
 
 
 async def read_json(request: Request) -> object:

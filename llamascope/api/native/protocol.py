@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from llamascope import errors
+from llamascope.api.incoming import envelope
 from llamascope.conversation.service import Usage
 
 
@@ -25,11 +26,8 @@ class GenerationRequest:
 
     @classmethod
     def from_body(cls, body: Any) -> GenerationRequest:
-        if not isinstance(body, dict):
-            raise errors.invalid_parameter("The request body must be a JSON object.")
-        model = body.get("model")
-        if model is None or model == "":
-            raise errors.ServiceError(400, "BadRequest.EmptyModel", 'Required parameter "model" missing from request.')
+        body = envelope(body)
+        model = body["model"]
         payload = body.get("input")
         if payload is None:
             raise errors.ServiceError(400, "BadRequest.EmptyInput", "Required input parameter missing from request.")

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from llamascope import errors
+from llamascope.api.incoming import envelope
 from llamascope.conversation.service import Usage
 
 # Sampling fields that mean the same in both dialects; DashScope extras ride at the top level.
@@ -30,10 +31,7 @@ class ChatRequest:
 
     @classmethod
     def from_body(cls, body: Any) -> ChatRequest:
-        if not isinstance(body, dict):
-            raise errors.invalid_parameter("The request body must be a JSON object.")
-        if body.get("model") in (None, ""):
-            raise errors.ServiceError(400, "BadRequest.EmptyModel", 'Required parameter "model" missing from request.')
+        body = envelope(body)
         if body.get("n") not in (None, 1):
             raise errors.invalid_parameter("Parameter n: only one choice per request is supported.")
         parameters = {name: body[name] for name in _SAME if body.get(name) is not None}

@@ -50,6 +50,10 @@ def create_app(
         purge = asyncio.create_task(_purge_uploads(uploads_store))
         yield
         purge.cancel()
+        # Several names may share one engine: close each once (upstream sessions, model threads).
+        for engine in {id(e): e for e in service.engines.values()}.values():
+            await engine.close()
+        service.intake.close()
 
     app = FastAPI(
         title="llamascope", version=__version__, docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan

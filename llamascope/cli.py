@@ -8,9 +8,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llamascope import __version__
 from llamascope.settings import BUILTIN, ModelSpec, Settings
+
+if TYPE_CHECKING:
+    from llamascope.accounts.store import AccountStore
 
 log = logging.getLogger("llamascope")
 
@@ -213,7 +217,7 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def open_store(settings: Settings):  # type: ignore[no-untyped-def]
+def open_store(settings: Settings) -> AccountStore:
     from llamascope.accounts.store import AccountStore
 
     if settings.database_url is None:

@@ -232,11 +232,7 @@ class AccountStore:
 
     # -- charging ---------------------------------------------------------------
 
-    def reserve(self, grant: GrantView, tokens: int, now: datetime | None = None) -> Reservation | None:
-        """Hold ``tokens`` of the grant's allowance, atomically; None if it is spent or expired meanwhile."""
-        return self.reserve_for(grant.key_id, grant.model, tokens, now)
-
-    def reserve_for(self, key_id: int, model: str, tokens: int, now: datetime | None = None) -> Reservation | None:
+    def reserve(self, key_id: int, model: str, tokens: int, now: datetime | None = None) -> Reservation | None:
         """Hold ``tokens`` of the key's allowance for the model in one conditional UPDATE; None if there is
         no grant, or it is spent (``used + reserved >= allowance``) or expired."""
         now = now or utcnow()

@@ -54,6 +54,7 @@ def create_app(
         for engine in {id(e): e for e in service.engines.values()}.values():
             await engine.close()
         service.intake.close()
+        service.accounts.close()
 
     app = FastAPI(
         title="llamascope", version=__version__, docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan

@@ -1,6 +1,6 @@
 """The conversation service: one request, from raw messages to generated text.
 
-Surfaces (DashScope native today, OpenAI-compatible later) call ``open()``,
+Both surfaces (DashScope native and OpenAI-compatible) call ``open()``,
 which does every check that can fail before the first byte is sent (model,
 grant, messages, parameters, image, context, allowance), and get a ``Reply``.
 Iterating ``Reply.events()`` generates; closing it cancels the engine. The

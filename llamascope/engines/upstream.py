@@ -50,12 +50,6 @@ class Upstream:
 
 
 @dataclass
-class _Payload:
-    messages: list[dict[str, Any]]
-    estimated_input: int
-
-
-@dataclass
 class UpstreamEngine:
     """Implements ``llamascope.engines.base.Engine`` by calling OpenAI-compatible engines."""
 
@@ -116,7 +110,7 @@ class UpstreamEngine:
             input_tokens=estimate,
             image_tokens=0,
             max_new_tokens=max(1, self.info.context_length - estimate),
-            payload=_Payload(messages, estimate),
+            payload=messages,
         )
 
     async def _data_uri(self, image: Any) -> str:
@@ -129,7 +123,7 @@ class UpstreamEngine:
         return uri
 
     async def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:
-        body = self._body(prompt.payload, sampling)
+        body = self._body(prompt, sampling)
         tried: set[str] = set()
         while True:
             upstream = self._pick(tried)
@@ -159,13 +153,13 @@ class UpstreamEngine:
 
     # -- internals -------------------------------------------------------------
 
-    def _body(self, payload: _Payload, sampling: SamplingParams) -> dict[str, Any]:
+    def _body(self, prompt: PreparedPrompt, sampling: SamplingParams) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": payload.messages,
+            "messages": prompt.payload,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "max_tokens": min(sampling.max_new_tokens, max(1, self.info.context_length - payload.estimated_input)),
+            "max_tokens": min(sampling.max_new_tokens, prompt.max_new_tokens),
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
         }

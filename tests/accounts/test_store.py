@@ -56,7 +56,7 @@ def test_grant_refusals_say_which_and_since_when(store: AccountStore) -> None:
     grant = store.grant(key.id, "m", 100, days=30)
     assert grant_refusal("m", grant, now) is None
     assert "expired on" in grant_refusal("m", grant, now + timedelta(days=31)).message
-    reservation = store.reserve(grant, 150)
+    reservation = store.reserve(grant.key_id, "m", 150)
     store.settle(reservation, "r1", 100, 20, 6404, "ok")
     spent = store.find_grant(key.id, "m")
     refusal = grant_refusal("m", spent, utcnow())
@@ -68,13 +68,13 @@ def test_fifty_racing_requests_overrun_at_most_once(store: AccountStore) -> None
     """50 threads (each its own connection) race for an allowance with 60 tokens left; each needs 44."""
     _, key = store.create_key()
     grant = store.grant(key.id, "m", 1000, days=None)
-    store.settle(store.reserve(grant, 940), "warm-up", 940, 0, 0, "ok")
+    store.settle(store.reserve(grant.key_id, "m", 940), "warm-up", 940, 0, 0, "ok")
     barrier = threading.Barrier(50)
     admitted: list[int] = []
 
     def request(i: int) -> None:
         barrier.wait()
-        reservation = store.reserve(grant, 44)
+        reservation = store.reserve(grant.key_id, "m", 44)
         if reservation is not None:
             admitted.append(i)
             store.settle(reservation, f"r{i}", 24, 20, 0, "ok")
@@ -98,6 +98,6 @@ def test_usage_report(store: AccountStore) -> None:
     _, a = store.create_key("a")
     grant = store.grant(a.id, "m", None, None)
     for i in range(3):
-        store.settle(store.reserve(grant, 10), f"r{i}", 5, 3, 100, "ok")
+        store.settle(store.reserve(grant.key_id, "m", 10), f"r{i}", 5, 3, 100, "ok")
     [row] = store.usage(a.id)
     assert (row["requests"], row["input_tokens"], row["output_tokens"], row["image_tokens"]) == (3, 15, 9, 300)

@@ -66,3 +66,13 @@ def internal_error() -> ServiceError:
         "InternalError.Algo",
         "An internal error has occured during execution, please try again later or contact service support.",
     )
+
+
+def throttled(retry_after: int) -> ServiceError:
+    """The engine's queue is full: come back later."""
+    return ServiceError(429, "Throttling", "Requests throttling triggered.", headers={"Retry-After": str(retry_after)})
+
+
+def request_timed_out() -> ServiceError:
+    """A request waited in the engine's queue longer than the server allows."""
+    return ServiceError(408, "RequestTimeOut", "Request timed out, please try again later.")

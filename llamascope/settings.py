@@ -98,6 +98,15 @@ class Settings(BaseSettings):
 
     # PyTorch threads for the in-process engine; None means one per usable core.
     torch_threads: int | None = Field(None, ge=1)
+    # The in-process engine's scheduler: how many requests decode together, the tokens (prompt plus the
+    # most each may still make) they may hold together, how many may wait for a place (beyond: 429
+    # Throttling), and how long one may wait (beyond: 408 RequestTimeOut).
+    max_batch_size: int = Field(16, ge=1)
+    max_batch_tokens: int = Field(131072, ge=1)
+    max_queued: int = Field(64, ge=0)
+    max_queue_wait_seconds: float = Field(60.0, gt=0)
+    # The vision tower's output kept by image content hash, so later turns with the same image skip it.
+    vision_cache_bytes: int = Field(1024 * 1024 * 1024, ge=0)
 
     # Requests: the body cap sits above the image cap so an oversized data: URI
     # reaches the image check and gets its own message.

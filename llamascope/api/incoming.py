@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from fastapi import Request
 
 from llamascope import errors
+from llamascope.conversation.service import Event, Reply
 from llamascope.images.source import SourceContext
 
 CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer
@@ -62,3 +63,35 @@ def source_context(request: Request) -> SourceContext:
         owner=request.state.principal.key_id,
         resolve_oss=request.headers.get("x-dashscope-ossresourceresolve", "").strip().lower() == "enable",
     )
+
+
+async def first_event(request: Request, reply: Reply) -> AsyncIterator[Event] | None:
+    """Start a streamed reply before its response does, and return its events from the first one on.
+
+    What fails before the first event (a full engine queue, a wait too long, an upstream that
+    refuses) is then a plain HTTP error with its true status, as the wire spec asks of errors
+    found before streaming starts. None: the client hung up while waiting.
+    """
+    events = reply.events()
+
+    async def pull() -> Event:
+        return await anext(events)
+
+    try:
+        first = await unless_disconnected(request, pull())
+    except BaseException:
+        await events.aclose()
+        raise
+    if first is None:
+        await events.aclose()
+        return None
+
+    async def chained() -> AsyncIterator[Event]:
+        try:
+            yield first
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    return chained()

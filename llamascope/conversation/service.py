@@ -11,7 +11,7 @@ generation ends, whichever way: finished, failed, or the caller gone.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +85,7 @@ class Reply:
     text: str = ""
     finish_reason: FinishReason | None = None
     status: str = "cancelled"  # what the ledger records unless generation ends otherwise
+    started: bool = False  # the engine has sent something: the prompt was run
 
     async def close(self) -> None:
         """Charge what was used (once). Safe to call again, and before or after events()."""
@@ -92,7 +93,7 @@ class Reply:
             usage = self.usage
             await self.admission.settle(usage.input_tokens, usage.output_tokens, usage.image_tokens, self.status)
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncGenerator[Event, None]:
         """Generate; each event has new text. The last one has the finish reason.
 
         A finished reply is charged by ``close()`` once the answer is sent (the HTTP layer calls it when
@@ -106,6 +107,8 @@ class Reply:
                 yield event
         except errors.ServiceError as error:
             self.status = error.code
+            if not self.started:  # refused before the model ran (queue full, waited too long): no charge
+                self.usage.input_tokens = self.usage.image_tokens = 0
             raise
         finally:
             if self.status != "ok":
@@ -118,6 +121,7 @@ class Reply:
         delta = ""
         try:
             async for chunk in chunks:
+                self.started = True
                 self.usage.output_tokens = chunk.output_tokens
                 if chunk.input_tokens is not None:
                     self.usage.input_tokens = chunk.input_tokens

@@ -1,9 +1,9 @@
 """The in-process engine: Llama 3.2 Vision through transformers' Mllama classes.
 
 Prompt preparation (template, image tiling, tokenising) runs in worker threads;
-generation runs on one dedicated thread, one request at a time, and streams
-token ids back to the event loop. Cancellation is a flag checked by a stopping
-criterion after every decode step.
+generation runs on the scheduler's one model thread (``batching.Scheduler``),
+which decodes concurrent requests together and streams token ids back to the
+event loop. Cancellation is a flag the scheduler checks before every step.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,10 @@ import anyio
 
 from llamascope import errors
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
+from llamascope.engines.batching import BatchLimits, Message, Scheduler, Sequence, VisionCache
 from llamascope.engines.mllama_pixels import MllamaPixels
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
+from llamascope.images import PreparedImage
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,11 @@ _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "
 
 
 @dataclass
-class _Job:
-    """One generation handed to the model thread."""
+class _Payload:
+    """What ``prepare`` makes for ``generate``: the model inputs and the image (its digest keys the vision cache)."""
 
     inputs: Any
-    sampling: SamplingParams
-    max_new: int
-    cancel: threading.Event
-    put: Callable[[list[int] | None], None]  # token ids to the event loop; None ends the stream
+    image: PreparedImage | None
 
 
 class ModelLoadError(Exception):
@@ -105,7 +102,15 @@ class _IncrementalText:
 class MllamaEngine:
     """Implements ``llamascope.engines.base.Engine`` in this process."""
 
-    def __init__(self, model: Any, processor: Any, info: EngineInfo, template: str) -> None:
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        info: EngineInfo,
+        template: str,
+        limits: BatchLimits | None = None,
+        vision_cache_bytes: int = 1 << 30,
+    ) -> None:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -123,9 +128,14 @@ class MllamaEngine:
         self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else self.tokenizer.pad_token_id
         # No token covers more bytes than this, so a prompt of N bytes has at least N/this tokens.
         self._max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab())
-        self._generator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamascope-generate")
-        self.active = 0  # generations running on the model thread right now (0 or 1 here)
         self._preparers = anyio.CapacityLimiter(2)
+        self.vision_cache = VisionCache(vision_cache_bytes)
+        self.scheduler = Scheduler(model, self.pixels, self.eos_ids, limits or BatchLimits(), self.vision_cache)
+
+    @property
+    def active(self) -> int:
+        """Requests the model is working on right now (prefilling or decoding)."""
+        return self.scheduler.active
 
     @classmethod
     def load(
@@ -136,6 +146,8 @@ class MllamaEngine:
         context_length: int = 8192,
         chat_template: str | None = None,
         test_model: bool = False,
+        limits: BatchLimits | None = None,
+        vision_cache_bytes: int = 1 << 30,
     ) -> MllamaEngine:
         import torch
         from transformers import AutoProcessor, MllamaForConditionalGeneration
@@ -155,7 +167,7 @@ class MllamaEngine:
         model.eval()
         template = Path(chat_template).read_text() if chat_template else LLAMASCOPE_TEMPLATE
         info = EngineInfo(kind="transformers", source=str(path), context_length=context_length, test_model=test_model)
-        return cls(model, processor, info, template)
+        return cls(model, processor, info, template, limits, vision_cache_bytes)
 
     # -- prepare ---------------------------------------------------------
 
@@ -168,7 +180,7 @@ class MllamaEngine:
 
     def _prepare(self, turns: list[Turn]) -> PreparedPrompt:
         messages: list[dict[str, Any]] = []
-        images = []
+        images: list[PreparedImage] = []
         for turn in turns:
             if turn.role == "system":
                 messages.append({"role": "system", "content": turn.text})
@@ -178,7 +190,7 @@ class MllamaEngine:
                 if turn.text_before_image:
                     content.append({"type": "text", "text": turn.text_before_image})
                 content.append({"type": "image"})
-                images.append(turn.image.image)
+                images.append(turn.image)
             content.append({"type": "text", "text": turn.text})
             messages.append({"role": turn.role, "content": content})
         prompt = self.tokenizer.apply_chat_template(
@@ -195,11 +207,15 @@ class MllamaEngine:
             input_tokens=input_tokens,
             image_tokens=len(images) * self.image_tokens_per_image,
             max_new_tokens=self.info.context_length - input_tokens,
-            payload=inputs,
+            payload=_Payload(inputs, images[0] if images else None),
         )
 
-    def _model_inputs(self, prompt: str, images: list[Any]) -> Any:
-        """What ``MllamaProcessor(images=[images], text=[prompt])`` returns, with the images done by MllamaPixels."""
+    def _model_inputs(self, prompt: str, images: list[PreparedImage]) -> Any:
+        """What ``MllamaProcessor(images=[images], text=[prompt])`` returns, with the images done by MllamaPixels.
+
+        An image whose vision states are cached gets no pixels: the scheduler needs only its tile count
+        (and makes the pixels itself should the entry be evicted before the request runs).
+        """
         from transformers import BatchFeature
         from transformers.models.mllama.processing_mllama import (
             convert_sparse_cross_attention_mask_to_dense,
@@ -211,7 +227,8 @@ class MllamaEngine:
         if images:
             if len(images) != 1:
                 raise ValueError("Llama 3.2 Vision conversations carry one image")
-            pixels = self.pixels(images[0])
+            cached_tiles = self.vision_cache.peek_tiles(images[0].digest)
+            pixels = self.pixels(images[0].image) if cached_tiles is None else {"num_tiles": [[cached_tiles]]}
             ids = text["input_ids"][0]
             data["cross_attention_mask"] = convert_sparse_cross_attention_mask_to_dense(
                 [get_cross_attention_token_mask(ids, self.image_token_id)],
@@ -226,95 +243,44 @@ class MllamaEngine:
 
     async def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
-        cancel = threading.Event()
+        queue: asyncio.Queue[Message] = asyncio.Queue()
 
-        def put(item: list[int] | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        def send(message: Message) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, message)
 
-        max_new = min(sampling.max_new_tokens, prompt.max_new_tokens)
-        job = loop.run_in_executor(
-            self._generator, self._generate, _Job(prompt.payload, sampling, max_new, cancel, put)
+        payload: _Payload = prompt.payload
+        seq = Sequence(
+            inputs=payload.inputs,
+            image=payload.image,
+            sampling=sampling,
+            max_new=min(sampling.max_new_tokens, prompt.max_new_tokens),
+            send=send,
         )
+        self.scheduler.submit(seq)  # raises 429 Throttling when the queue is full
         text = _IncrementalText(self.tokenizer)
         produced = 0
         try:
-            while (ids := await queue.get()) is not None:
-                produced += len(ids)
-                delta = text.add(ids)
-                if delta:
-                    yield Chunk(delta, produced)
-            finish = await job
-            yield Chunk(text.add([], final=True), produced, finish)
-        finally:
-            cancel.set()
-
-    def _generate(self, job: _Job) -> FinishReason:
-        """Runs on the model thread; always ends the stream with ``put(None)``."""
-        try:
-            if job.cancel.is_set():  # cancelled while queued
-                return FinishReason.CANCELLED
-            self.active += 1  # only the model thread writes it
-            try:
-                last = self._run_generate(job)
-            finally:
-                self.active -= 1
-            if job.cancel.is_set():
-                return FinishReason.CANCELLED
-            return FinishReason.STOP if last in self.eos_ids else FinishReason.LENGTH
-        finally:
-            job.put(None)
-
-    def _run_generate(self, job: _Job) -> int | None:
-        """``model.generate`` with a streamer and a cancel check; returns the last token id."""
-        sampling, max_new, cancel, put = job.sampling, job.max_new, job.cancel, job.put
-        import torch
-        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
-        class Stream(BaseStreamer):
-            prompt_seen = False
-            last: int | None = None
-
-            def put(self, value: Any) -> None:
-                if not self.prompt_seen:  # generate() first hands over the prompt
-                    self.prompt_seen = True
+            while True:
+                message = await queue.get()
+                ids: list[int] = []
+                while isinstance(message, list):  # take every token already there: one chunk when behind
+                    ids += message
+                    if queue.empty():
+                        break
+                    message = queue.get_nowait()
+                if ids:
+                    produced += len(ids)
+                    delta = text.add(ids)
+                    if delta:
+                        yield Chunk(delta, produced)
+                if isinstance(message, errors.ServiceError):
+                    raise message
+                if isinstance(message, FinishReason):
+                    yield Chunk(text.add([], final=True), produced, message)
                     return
-                ids = value.reshape(-1).tolist()
-                self.last = ids[-1]
-                put(ids)
-
-            def end(self) -> None:
-                pass
-
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
-
-        config = GenerationConfig(
-            max_new_tokens=max_new,
-            min_new_tokens=min(sampling.min_new_tokens, max_new) or None,
-            do_sample=not sampling.greedy,
-            eos_token_id=sorted(self.eos_ids),
-            pad_token_id=self.pad_id,
-            repetition_penalty=sampling.repetition_penalty if sampling.repetition_penalty != 1.0 else None,
-        )
-        if not sampling.greedy:
-            config.temperature = sampling.temperature
-            config.top_p = sampling.top_p
-            # transformers would apply top_k=50 when given nothing; 0 turns top-k off.
-            config.top_k = sampling.top_k or 0
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        stream = Stream()
-        with torch.inference_mode():
-            self.model.generate(
-                **job.inputs,
-                generation_config=config,
-                streamer=stream,
-                stopping_criteria=StoppingCriteriaList([Cancelled()]),
-            )
-        return stream.last
+        finally:
+            seq.cancel.set()
+            self.scheduler.wake()
 
     async def close(self) -> None:
-        self._generator.shutdown(wait=False, cancel_futures=True)
+        self.scheduler.stop()

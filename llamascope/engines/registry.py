@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llamascope.engines.base import Engine
+from llamascope.engines.batching import BatchLimits
 from llamascope.engines.mllama import MllamaEngine, ModelLoadError
 from llamascope.engines.test_model import ensure_test_model, is_test_model
 from llamascope.engines.upstream import UpstreamEngine
@@ -42,6 +43,13 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
                     context_length=spec.context_length,
                     chat_template=spec.chat_template,
                     test_model=is_test_model(path),
+                    limits=BatchLimits(
+                        max_batch=settings.max_batch_size,
+                        max_batch_tokens=settings.max_batch_tokens,
+                        max_queued=settings.max_queued,
+                        max_queue_wait=settings.max_queue_wait_seconds,
+                    ),
+                    vision_cache_bytes=settings.vision_cache_bytes,
                 )
             except ModelLoadError as exc:
                 raise ModelLoadError(f"model {name!r}: {exc}") from exc

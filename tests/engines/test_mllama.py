@@ -164,7 +164,7 @@ def test_model_inputs_equal_the_stock_processor(engine: MllamaEngine) -> None:
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 1300, 3), dtype=np.uint8))
-    ours = engine._model_inputs(prompt, [image])
+    ours = engine._model_inputs(prompt, [PreparedImage(image, "noise", "PNG", 1300, 700)])
     theirs = engine.processor(images=[[image]], text=[prompt], add_special_tokens=False, return_tensors="pt")
     assert set(ours) == set(theirs)
     for name in theirs:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from llamascope.api.errors import request_id_of
-from llamascope.api.incoming import CLIENT_CLOSED, read_json, source_context, unless_disconnected
+from llamascope.api.incoming import CLIENT_CLOSED, first_event, read_json, source_context, unless_disconnected
 from llamascope.api.native import sse
 from llamascope.api.native.protocol import GenerationRequest, GenerationResult
 from llamascope.conversation.service import ConversationService
@@ -26,8 +26,11 @@ async def generation(request: Request) -> Response:
     )
     request.state.reply = reply
     if request.headers.get("x-dashscope-sse", "").strip().lower() == "enable":
+        events = await first_event(request, reply)
+        if events is None:
+            return Response(status_code=CLIENT_CLOSED)
         return StreamingResponse(
-            sse.stream(reply, request_id, request.state), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS
+            sse.stream(reply, events, request_id, request.state), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS
         )
     text = await unless_disconnected(request, reply.complete())
     if text is None:

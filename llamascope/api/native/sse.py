@@ -21,7 +21,7 @@ from typing import Any
 
 from llamascope import errors
 from llamascope.api.native.protocol import ErrorBody, GenerationResult
-from llamascope.conversation.service import Reply
+from llamascope.conversation.service import Event, Reply
 
 MEDIA_TYPE = "text/event-stream;charset=UTF-8"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -37,12 +37,12 @@ def error_block(n: int, error: errors.ServiceError, request_id: str) -> bytes:
     return f"id:{n}\nevent:error\n:HTTP_STATUS/{s}\nstatus:{s}\ndata:{body.model_dump_json()}\n\n".encode()
 
 
-async def stream(reply: Reply, request_id: str, state: Any) -> AsyncIterator[bytes]:
+async def stream(reply: Reply, events: AsyncIterator[Event], request_id: str, state: Any) -> AsyncIterator[bytes]:
     """One block per event; cumulative text unless the request asked for increments."""
     incremental = reply.options.incremental_output
     n = 0
     try:
-        async for event in reply.events():
+        async for event in events:
             n += 1
             finish = event.finish_reason.value if event.finish_reason else "null"
             text = event.delta if incremental else event.text

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from llamascope import errors
 from llamascope.api.errors import openai_error_body, request_id_of
-from llamascope.api.incoming import CLIENT_CLOSED, read_json, source_context, unless_disconnected
+from llamascope.api.incoming import CLIENT_CLOSED, first_event, read_json, source_context, unless_disconnected
 from llamascope.api.openai.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -21,7 +21,7 @@ from llamascope.api.openai.protocol import (
     UsageBody,
     completion_id,
 )
-from llamascope.conversation.service import ConversationService, Reply
+from llamascope.conversation.service import ConversationService, Event, Reply
 
 router = APIRouter()
 PREFIXES = ("/compatible-mode/v1", "/v1")
@@ -32,7 +32,9 @@ def _data(payload: object) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
-async def _stream(reply: Reply, request_id: str, include_usage: bool, state: object) -> AsyncIterator[bytes]:
+async def _stream(
+    reply: Reply, events: AsyncIterator[Event], request_id: str, include_usage: bool, state: object
+) -> AsyncIterator[bytes]:
     created = int(time.time())
 
     def chunk(choices: list[ChunkChoice], usage: UsageBody | None = None) -> bytes:
@@ -42,7 +44,7 @@ async def _stream(reply: Reply, request_id: str, include_usage: bool, state: obj
         return _data(body.model_dump_json())
 
     try:
-        async for event in reply.events():
+        async for event in events:
             finish = event.finish_reason.value if event.finish_reason else None
             if event.delta or finish:
                 yield chunk([ChunkChoice(delta=Delta(content=event.delta), finish_reason=finish)])
@@ -63,8 +65,11 @@ async def chat_completions(request: Request) -> Response:
     )
     request.state.reply = reply
     if call.stream:
+        events = await first_event(request, reply)
+        if events is None:
+            return Response(status_code=CLIENT_CLOSED)
         return StreamingResponse(
-            _stream(reply, request_id, call.include_usage, request.state),
+            _stream(reply, events, request_id, call.include_usage, request.state),
             media_type="text/event-stream; charset=utf-8",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

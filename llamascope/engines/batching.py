@@ -1,0 +1,482 @@
+"""Iteration-level batching for Llama 3.2 Vision in this process.
+
+transformers' own continuous batching (``generate_batch``) takes text only, so
+llamascope runs its own decode loop over the real Mllama classes, as vLLM and
+SGLang schedule: a request joins the running batch at a token boundary (it is
+prefilled alone, then its key/value cache is merged into the batch, left-padded
+to the batch's length) and leaves it the step it finishes or is cancelled,
+while the others go on. Each request samples with its own settings and its own
+random generator, and streams on its own.
+
+Requests with an image and requests without one run in separate batches: a text-only
+request skips the cross-attention layers entirely, which one forward pass over a
+mixed batch cannot do, and padding it with an empty image changes its output. A
+greedy request gives the same tokens batched as alone (tests check it).
+
+One thread runs the model; the event loop only hands requests in and reads
+token ids out. Everything here but ``submit`` and ``stop`` runs on that thread.
+
+Bounds: at most ``max_batch`` requests run at once and their prompt plus the
+tokens they may still make stay within ``max_batch_tokens``; at most
+``max_queued`` wait for a place (beyond: ``429 Throttling`` with Retry-After),
+and a request that waits longer than ``max_queue_wait`` gets
+``408 RequestTimeOut``. So the engine never holds more work than it was sized for.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llamascope import errors
+from llamascope.engines.base import FinishReason, SamplingParams
+
+log = logging.getLogger(__name__)
+
+# What the model thread sends to the request's event loop.
+Tokens = list[int]
+Message = Tokens | FinishReason | errors.ServiceError
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch: int = 16
+    max_batch_tokens: int = 131072
+    max_queued: int = 64
+    max_queue_wait: float = 60.0
+
+
+class VisionCache:
+    """The vision tower's output (the cross-attention states) by image content hash; least recently used goes first.
+
+    A multi-turn conversation sends the same image every turn; with its states kept, turn 2 skips the
+    vision tower, which is most of a request's cost at Llama 3.2's four 560-pixel tiles. Bounded in bytes.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # digest -> (states, num_tiles)
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> tuple[Any, int] | None:
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(digest)
+            self.hits += 1
+            return entry
+
+    def peek_tiles(self, digest: str) -> int | None:
+        """The tile count of a cached image, without counting a hit or a miss."""
+        with self._lock:
+            entry = self._entries.get(digest)
+            return None if entry is None else entry[1]
+
+    def put(self, digest: str, states: Any, num_tiles: int) -> None:
+        size = states.numel() * states.element_size()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(digest, None)
+            if old is not None:
+                self.bytes -= old[0].numel() * old[0].element_size()
+            self._entries[digest] = (states, num_tiles)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (evicted, _) = self._entries.popitem(last=False)
+                self.bytes -= evicted.numel() * evicted.element_size()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request, from the queue to its last token."""
+
+    inputs: Any  # the engine's model inputs (BatchFeature): input_ids, attention_mask, and the image's
+    image: Any  # the PreparedImage, or None: its digest keys the vision cache, its pixels are made on a miss
+    sampling: SamplingParams
+    max_new: int
+    send: Callable[[Message], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.monotonic)
+    # Set when it runs:
+    started_at: float = 0.0
+    ids: list[int] = field(default_factory=list)  # prompt and generated ids (for the repetition penalty)
+    generated: int = 0
+    position: int = 0  # the position id of the next token
+    last: int = 0  # the last token made, the next step's input
+    cache: Any = None  # its own key/value cache, until it joins a batch
+    mask: Any = None  # its attention mask [1, n], until it joins a batch
+    cross_mask: Any = None  # the cross-attention mask row for new tokens [1, 1, 1, tiles]
+    sampler: Any = None
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+    def __post_init__(self) -> None:
+        self.budget = int(self.inputs["input_ids"].shape[1]) + self.max_new  # the most tokens it will hold
+
+
+class Sampler:
+    """A request's own sampling: transformers' logits processors and its own seeded generator."""
+
+    def __init__(self, sampling: SamplingParams, eos_ids: list[int], prompt_length: int) -> None:
+        import torch
+        from transformers import (
+            LogitsProcessorList,
+            MinNewTokensLengthLogitsProcessor,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.greedy = sampling.greedy
+        self.needs_ids = sampling.repetition_penalty != 1.0 or sampling.min_new_tokens > 0
+        procs = LogitsProcessorList()
+        if sampling.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+        if sampling.min_new_tokens > 0:
+            procs.append(MinNewTokensLengthLogitsProcessor(prompt_length, sampling.min_new_tokens, eos_ids))
+        if not sampling.greedy:
+            procs.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_k:
+                procs.append(TopKLogitsWarper(sampling.top_k))
+            if sampling.top_p < 1.0:
+                procs.append(TopPLogitsWarper(sampling.top_p))
+        self.processors = procs
+        self.plain = not procs and self.greedy  # argmax over the raw logits, done for the whole batch at once
+        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def pick(self, ids: list[int], logits: Any) -> int:
+        """The next token from one row of logits [1, vocab] (float32)."""
+        import torch
+
+        if self.processors:
+            ids_tensor = torch.tensor([ids]) if self.needs_ids else torch.empty((1, len(ids)), dtype=torch.long)
+            logits = self.processors(ids_tensor, logits)  # type: ignore[arg-type]
+        if self.greedy:
+            return int(logits.max(-1).indices)
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class Batch:
+    """Running sequences that share one forward pass: one key/value cache, left-padded to a common length."""
+
+    def __init__(self, cross_layers: set[int]) -> None:
+        self.rows: list[Sequence] = []
+        self.cross_layers = cross_layers
+        self.cache: Any = None
+        self.mask: Any = None  # [B, L] 1 for real tokens, 0 for padding
+        self.cross_mask: Any = None  # [B, 1, 1, tiles] for image batches
+
+    def add(self, seq: Sequence) -> None:
+        import torch
+
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.cross_mask = [seq], seq.cache, seq.mask, seq.cross_mask
+        else:
+            length = max(self.mask.shape[1], seq.mask.shape[1])
+            for index, (mine, theirs) in enumerate(zip(self.cache.layers, seq.cache.layers, strict=True)):
+                if not theirs.is_initialized or theirs.keys.numel() == 0:
+                    continue
+                if index in self.cross_layers:  # the image's states: the same length for every request
+                    mine.keys = torch.cat([mine.keys, theirs.keys])
+                    mine.values = torch.cat([mine.values, theirs.values])
+                else:
+                    mine.keys = torch.cat([_pad_left(mine.keys, length, 2), _pad_left(theirs.keys, length, 2)])
+                    mine.values = torch.cat([_pad_left(mine.values, length, 2), _pad_left(theirs.values, length, 2)])
+            self.mask = torch.cat([_pad_left(self.mask, length, 1), _pad_left(seq.mask, length, 1)])
+            if self.cross_mask is not None:
+                self.cross_mask = torch.cat([self.cross_mask, seq.cross_mask])
+            self.rows.append(seq)
+        seq.cache = seq.mask = None
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only these rows; drop padding columns no row needs any more."""
+        import torch
+
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache = self.mask = self.cross_mask = None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask = self.mask[index]
+        unused = int((self.mask.sum(0) == 0).cumprod(0).sum())  # leading columns that are padding in every row
+        self.mask = self.mask[:, unused:]
+        if self.cross_mask is not None:
+            self.cross_mask = self.cross_mask[index]
+        for i, layer in enumerate(self.cache.layers):
+            if not layer.is_initialized or layer.keys.numel() == 0:
+                continue
+            keys, values = layer.keys[index], layer.values[index]
+            if i not in self.cross_layers and unused:
+                keys, values = keys[:, :, unused:], values[:, :, unused:]
+            layer.keys, layer.values = keys, values
+
+
+def _pad_left(tensor: Any, length: int, dim: int) -> Any:
+    import torch
+
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=dim)
+
+
+class Scheduler:
+    """Runs the model on its own thread over a queue of ``Sequence``; see the module's text."""
+
+    def __init__(
+        self,
+        model: Any,
+        pixels: Callable[[Any], dict[str, Any]],
+        eos_ids: set[int],
+        limits: BatchLimits,
+        vision_cache: VisionCache,
+    ) -> None:
+        self.model = model
+        self.pixels = pixels
+        self.eos_ids = eos_ids
+        self.limits = limits
+        self.vision = vision_cache
+        text_config = model.config.text_config
+        self.text_config = text_config
+        self.cross_layers = set(text_config.cross_attention_layers)
+        self.batches = {False: Batch(self.cross_layers), True: Batch(self.cross_layers)}  # by has_image
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: Sequence | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._service_time = 5.0  # seconds a request takes, smoothed; for Retry-After
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="llamascope-generate", daemon=True)
+        self._thread.start()
+
+    # -- from the event loop ---------------------------------------------
+
+    @property
+    def active(self) -> int:
+        """Requests the model thread is working on (prefilling or in a batch)."""
+        return sum(len(b.rows) for b in self.batches.values()) + (self.prefilling is not None)
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cond:
+            if self._stopping:
+                raise errors.ServiceError(503, "ServiceUnavailable", "The server is shutting down.")
+            if len(self.waiting) >= self.limits.max_queued:
+                retry = math.ceil(self._service_time * (len(self.waiting) + 1) / self.limits.max_batch)
+                raise errors.throttled(min(max(retry, 1), 60))
+            self.waiting.append(seq)
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    # -- the model thread -------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self.waiting and self.active == 0:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._admit()
+                    for batch in self.batches.values():
+                        if batch.rows:
+                            self._step(batch)
+                except Exception:  # a bug here must not leave requests waiting for ever
+                    log.exception("the scheduler failed; failing the requests it was running")
+                    for batch in self.batches.values():
+                        for seq in batch.rows:
+                            seq.send(errors.internal_error())
+                        batch.keep([])
+        for seq in list(self.waiting) + [s for b in self.batches.values() for s in b.rows]:
+            seq.send(FinishReason.CANCELLED)
+
+    def _admit(self) -> None:
+        """Prefill waiting requests while there is room; drop those cancelled or waited out."""
+        now = time.monotonic()
+        while True:
+            with self._cond:
+                if not self.waiting:
+                    return
+                seq = self.waiting[0]
+                if seq.cancel.is_set():
+                    self.waiting.popleft()
+                    seq.send(FinishReason.CANCELLED)
+                    continue
+                if now - seq.queued_at > self.limits.max_queue_wait:
+                    self.waiting.popleft()
+                    seq.send(errors.request_timed_out())
+                    continue
+                running = [s for b in self.batches.values() for s in b.rows]
+                if running and (
+                    len(running) >= self.limits.max_batch
+                    or sum(s.budget for s in running) + seq.budget > self.limits.max_batch_tokens
+                ):
+                    return
+                self.waiting.popleft()
+                self.prefilling = seq
+            try:
+                joined = self._prefill(seq)
+            except Exception:
+                log.exception("prefill failed")
+                seq.send(errors.internal_error())
+                joined = False
+            finally:
+                self.prefilling = None
+            if joined:
+                self.batches[seq.has_image].add(seq)
+
+    def _prefill(self, seq: Sequence) -> bool:
+        """Run the prompt alone; send its first token. True if it goes on to the batch."""
+        from transformers import DynamicCache
+
+        seq.started_at = time.monotonic()
+        if seq.cancel.is_set():
+            seq.send(FinishReason.CANCELLED)
+            return False
+        inputs = seq.inputs
+        device = self.model.device
+        ids = inputs["input_ids"]
+        mask = inputs["attention_mask"].to(device)
+        kwargs: dict[str, Any] = {
+            "input_ids": ids.to(device),
+            "attention_mask": mask,
+            "past_key_values": DynamicCache(config=self.text_config),
+            "use_cache": True,
+            "logits_to_keep": 1,
+        }
+        if seq.has_image:
+            kwargs["cross_attention_states"] = self._vision_states(seq)
+            kwargs["cross_attention_mask"] = inputs["cross_attention_mask"].to(device)
+            seq.cross_mask = kwargs["cross_attention_mask"][:, -1:]
+        out = self.model(**kwargs)
+        seq.cache, seq.mask = out.past_key_values, mask
+        seq.ids = ids[0].tolist()
+        seq.position = len(seq.ids)
+        seq.sampler = Sampler(seq.sampling, sorted(self.eos_ids), len(seq.ids))
+        seq.inputs = None  # pixels and the rest are no longer needed
+        token = seq.sampler.pick(seq.ids, out.logits[:, -1, :].float())
+        return self._advance(seq, token)
+
+    def _vision_states(self, seq: Sequence) -> Any:
+        digest = seq.image.digest
+        cached = self.vision.get(digest)
+        if cached is not None:
+            return cached[0]
+        import torch
+
+        inputs = seq.inputs
+        if "pixel_values" not in inputs:  # prepared while cached, evicted since
+            made = self.pixels(seq.image.image)
+            made.pop("num_tiles")
+            inputs.update({k: torch.as_tensor(v) for k, v in made.items()})
+        model = self.model.model
+        vision = model.vision_model(
+            pixel_values=inputs["pixel_values"].to(self.model.device, model.vision_model.dtype),
+            aspect_ratio_ids=inputs["aspect_ratio_ids"].to(self.model.device),
+            aspect_ratio_mask=inputs["aspect_ratio_mask"].to(self.model.device),
+        ).last_hidden_state
+        states = model.multi_modal_projector(vision).reshape(-1, vision.shape[-2], model.hidden_size)
+        self.vision.put(digest, states, int(inputs["aspect_ratio_mask"].sum()))
+        return states
+
+    def _step(self, batch: Batch) -> None:
+        """One decode step for every row; rows that finish or were cancelled leave."""
+        import torch
+
+        rows = batch.rows
+        cancelled = [i for i, s in enumerate(rows) if s.cancel.is_set()]
+        if cancelled:
+            for i in cancelled:
+                rows[i].send(FinishReason.CANCELLED)
+            batch.keep([i for i in range(len(rows)) if i not in set(cancelled)])
+            rows = batch.rows
+            if not rows:
+                return
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(rows), 1))], dim=1)
+        device = self.model.device
+        kwargs: dict[str, Any] = {
+            "input_ids": torch.tensor([[s.last] for s in rows], device=device),
+            "attention_mask": batch.mask,
+            "position_ids": torch.tensor([[s.position] for s in rows], device=device),
+            "past_key_values": batch.cache,
+            "use_cache": True,
+            "logits_to_keep": 1,
+        }
+        if batch.cross_mask is not None:
+            kwargs["cross_attention_mask"] = batch.cross_mask
+        try:
+            logits = self.model(**kwargs).logits[:, -1, :].float()
+        except Exception:
+            log.exception("decode step failed for a batch of %d", len(rows))
+            for s in rows:
+                s.send(errors.internal_error())
+            batch.keep([])
+            return
+        self.steps += 1
+        plain = [i for i, s in enumerate(rows) if s.sampler.plain]
+        picks: dict[int, int] = {}
+        if plain:
+            # max() gives argmax's index (the first of equal maxima) in half its time on CPU.
+            best = (logits if len(plain) == len(rows) else logits[plain]).max(-1).indices.tolist()
+            picks = dict(zip(plain, best, strict=True))
+        keep = []
+        for i, seq in enumerate(rows):
+            token = picks[i] if i in picks else seq.sampler.pick(seq.ids, logits[i : i + 1])
+            if self._advance(seq, token):
+                keep.append(i)
+        if len(keep) < len(rows):
+            batch.keep(keep)
+
+    def _advance(self, seq: Sequence, token: int) -> bool:
+        """Record and send a new token; True if the sequence goes on."""
+        seq.ids.append(token)
+        seq.generated += 1
+        seq.position += 1
+        seq.last = token
+        seq.send([token])
+        if token in self.eos_ids:
+            finish = FinishReason.STOP
+        elif seq.generated >= seq.max_new:
+            finish = FinishReason.LENGTH
+        else:
+            return True
+        seq.send(finish)
+        self._service_time = 0.9 * self._service_time + 0.1 * (time.monotonic() - seq.started_at)
+        return False
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)

@@ -14,8 +14,10 @@ TEST_MODEL_NOTE = "built-in test model: tiny and randomly initialised, its answe
 
 
 @router.get("/health")
-async def health() -> JSONResponse:
-    return JSONResponse({"status": "ok"})
+async def health(request: Request) -> JSONResponse:
+    """Up, and each served model's load (shared engines are listed under each of their names)."""
+    service: ConversationService = request.app.state.service
+    return JSONResponse({"status": "ok", "models": {name: e.stats() for name, e in service.engines.items()}})
 
 
 @router.get("/api/v1/models")

@@ -8,8 +8,8 @@ token count, the last one carrying the finish reason. Closing the iterator
 (``aclose()``, or cancelling the task that iterates it) cancels the generation:
 the engine stops within one decode step and frees what it held.
 
-The in-process transformers engine implements it today; the batching scheduler
-and the upstream-proxy engine implement the same protocol.
+The in-process transformers engine (with its batching scheduler) and the
+upstream-proxy engine implement it.
 """
 
 from __future__ import annotations
@@ -90,6 +90,10 @@ class Engine(Protocol):
 
     def image_size(self, width: int, height: int) -> tuple[int, int]:
         """The size this model resizes a width x height image to; image intake decodes no larger."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Its load right now, for /health: requests running and waiting, and the like."""
         ...
 
     async def close(self) -> None: ...

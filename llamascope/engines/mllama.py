@@ -169,6 +169,16 @@ class MllamaEngine:
         info = EngineInfo(kind="transformers", source=str(path), context_length=context_length, test_model=test_model)
         return cls(model, processor, info, template, limits, vision_cache_bytes)
 
+    def stats(self) -> dict[str, int]:
+        cache = self.vision_cache
+        return {
+            "running": self.scheduler.active,
+            "waiting": len(self.scheduler.waiting),
+            "vision_cache_images": len(cache),
+            "vision_cache_hits": cache.hits,
+            "vision_cache_misses": cache.misses,
+        }
+
     # -- prepare ---------------------------------------------------------
 
     def image_size(self, width: int, height: int) -> tuple[int, int]:
@@ -246,7 +256,10 @@ class MllamaEngine:
         queue: asyncio.Queue[Message] = asyncio.Queue()
 
         def send(message: Message) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, message)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, message)
+            except RuntimeError:  # the caller's event loop is gone: so is the caller
+                seq.cancel.set()
 
         payload: _Payload = prompt.payload
         seq = Sequence(

@@ -82,6 +82,12 @@ class UpstreamEngine:
 
     # -- the Engine protocol ------------------------------------------------
 
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": sum(u.outstanding for u in self.upstreams),
+            "healthy_upstreams": sum(u.healthy for u in self.upstreams),
+        }
+
     def image_size(self, width: int, height: int) -> tuple[int, int]:
         scale = min(1.0, math.sqrt(MAX_SENT_PIXELS / (width * height)), MAX_SENT_SIDE / max(width, height))
         return max(1, int(width * scale)), max(1, int(height * scale))

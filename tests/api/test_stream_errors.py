@@ -53,6 +53,9 @@ class FailingEngine:
     def image_size(self, width: int, height: int) -> tuple[int, int]:
         return width, height
 
+    def stats(self) -> dict[str, int]:
+        return {}
+
     async def close(self) -> None:
         pass
 

@@ -1,0 +1,190 @@
+"""The in-process engine's scheduler, driven directly: batching, vision reuse, bounds.
+
+Real Mllama classes on the built-in model; the scheduler's own thread runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llamascope import errors
+from llamascope.engines.base import Chunk, FinishReason, SamplingParams, Turn
+from llamascope.engines.batching import BatchLimits
+from llamascope.engines.mllama import MllamaEngine
+from llamascope.images import PreparedImage
+
+
+def image(color: tuple[int, int, int], size: tuple[int, int] = (600, 400)) -> PreparedImage:
+    return PreparedImage(Image.new("RGB", size, color), f"{color}{size}", "PNG", *size)
+
+
+@pytest.fixture(scope="module")
+def engine(test_model_dir: Path) -> MllamaEngine:
+    return MllamaEngine.load(test_model_dir, test_model=True)
+
+
+async def run(engine: MllamaEngine, turns: list[Turn], sampling: SamplingParams) -> tuple[str, list[Chunk]]:
+    prompt = await engine.prepare(turns)
+    chunks = [c async for c in engine.generate(prompt, sampling)]
+    return "".join(c.text for c in chunks), chunks
+
+
+REQUESTS = [
+    ([Turn("user", "Describe.", image((200, 30, 30)))], SamplingParams(max_new_tokens=40, temperature=0)),
+    (
+        [Turn("user", "What is in this picture? Tell me a lot.", image((20, 30, 230), (1200, 300)))],
+        SamplingParams(max_new_tokens=25, temperature=0),
+    ),
+    ([Turn("user", "Hello there")], SamplingParams(max_new_tokens=60, temperature=0.9, top_p=0.9, seed=7)),
+    (
+        [Turn("system", "Be brief."), Turn("user", "Count to ten please, slowly and carefully")],
+        SamplingParams(max_new_tokens=33, temperature=0, repetition_penalty=1.3),
+    ),
+    ([Turn("user", "Other", image((0, 255, 0), (300, 900)))], SamplingParams(max_new_tokens=50, temperature=0)),
+    ([Turn("user", "x y z " * 30)], SamplingParams(max_new_tokens=20, temperature=0.7, top_k=20, seed=3)),
+    ([Turn("user", "Short", image((9, 9, 9)))], SamplingParams(max_new_tokens=5, temperature=1.0, seed=11)),
+]
+
+
+def test_batched_output_is_token_identical_to_alone(engine: MllamaEngine) -> None:
+    async def scenario() -> tuple[list[tuple[str, int]], list[tuple[str, int]], int]:
+        alone = []
+        for turns, sampling in REQUESTS:
+            text, chunks = await run(engine, turns, sampling)
+            alone.append((text, chunks[-1].output_tokens))
+        steps = engine.scheduler.steps
+        results = await asyncio.gather(*(run(engine, t, s) for t, s in REQUESTS))
+        together = [(text, chunks[-1].output_tokens) for text, chunks in results]
+        return alone, together, engine.scheduler.steps - steps
+
+    alone, together, steps = asyncio.run(scenario())
+    assert together == alone
+    # They ran together: far fewer decode steps than tokens made.
+    assert steps < sum(n for _, n in together) / 2
+
+
+def test_requests_join_and_leave_a_running_batch(engine: MllamaEngine) -> None:
+    """A short request started while a long one runs finishes first; the long one is unchanged."""
+    long_turns = [Turn("user", "Tell me everything.")]
+    greedy = SamplingParams(max_new_tokens=200, temperature=0)
+
+    async def scenario() -> tuple[str, str, float, float, float]:
+        alone, _ = await run(engine, long_turns, greedy)
+        started = time.monotonic()
+        long_task = asyncio.create_task(run(engine, long_turns, greedy))
+        await asyncio.sleep(0.05)
+        await run(engine, [Turn("user", "Hi")], SamplingParams(max_new_tokens=3, temperature=0))
+        short_done = time.monotonic() - started
+        batched, _ = await long_task
+        return alone, batched, short_done, time.monotonic() - started, 0.0
+
+    alone, batched, short_done, long_done, _ = asyncio.run(scenario())
+    assert batched == alone
+    assert short_done < long_done / 2
+
+
+def test_vision_states_are_reused_and_change_nothing(test_model_dir: Path) -> None:
+    engine = MllamaEngine.load(test_model_dir, test_model=True)
+    cat = image((120, 80, 40), (800, 600))
+    turns = [Turn("user", "What is this?", cat)]
+    greedy = SamplingParams(max_new_tokens=30, temperature=0)
+    first, _ = asyncio.run(run(engine, turns, greedy))
+    assert engine.stats()["vision_cache_misses"] == 1
+    again, _ = asyncio.run(run(engine, turns, greedy))
+    assert again == first
+    stats = engine.stats()
+    assert stats["vision_cache_hits"] == 1 and stats["vision_cache_images"] == 1
+    # A later turn with the same image: prepared without pixels, the same answer as with them.
+    prompt = asyncio.run(engine.prepare(turns))
+    assert "pixel_values" not in prompt.payload.inputs
+    # Evicted between prepare and run: the scheduler makes the pixels itself.
+    engine.vision_cache.put("other", engine.vision_cache.get(cat.digest)[0].clone(), 4)
+    engine.vision_cache.max_bytes = engine.vision_cache.bytes // 2 + 1
+    engine.vision_cache.put("other2", engine.vision_cache.get("other")[0].clone(), 4)
+    assert engine.vision_cache.peek_tiles(cat.digest) is None
+
+    async def late() -> str:
+        return "".join([c.text async for c in engine.generate(prompt, greedy)])
+
+    assert asyncio.run(late()) == first
+
+
+def test_full_queue_is_refused_with_retry_after(test_model_dir: Path) -> None:
+    engine = MllamaEngine.load(test_model_dir, test_model=True, limits=BatchLimits(max_batch=1, max_queued=1))
+    turns = [Turn("user", "Go on and on.")]
+    endless = SamplingParams(max_new_tokens=100_000, temperature=0)
+
+    async def scenario() -> errors.ServiceError:
+        prompt = await engine.prepare(turns)
+        running = engine.generate(prompt, endless)
+        await anext(running)  # in the batch
+        queued = engine.generate(prompt, endless)
+        queued_task = asyncio.create_task(anext(queued))
+        await asyncio.sleep(0.1)
+        assert engine.stats() | {} and engine.stats()["waiting"] == 1
+        with pytest.raises(errors.ServiceError) as refused:
+            await anext(engine.generate(prompt, endless))
+        queued_task.cancel()
+        await asyncio.gather(queued_task, return_exceptions=True)
+        await queued.aclose()
+        await running.aclose()
+        return refused.value
+
+    error = asyncio.run(scenario())
+    assert (error.status, error.code) == (429, "Throttling")
+    assert int(error.headers["Retry-After"]) >= 1
+    deadline = time.monotonic() + 5
+    while engine.active or engine.stats()["waiting"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_waiting_too_long_is_a_timeout(test_model_dir: Path) -> None:
+    engine = MllamaEngine.load(
+        test_model_dir, test_model=True, limits=BatchLimits(max_batch=1, max_queued=4, max_queue_wait=0.3)
+    )
+    turns = [Turn("user", "Go on and on.")]
+
+    async def scenario() -> tuple[errors.ServiceError, float]:
+        prompt = await engine.prepare(turns)
+        running = engine.generate(prompt, SamplingParams(max_new_tokens=100_000, temperature=0))
+        await anext(running)
+        started = time.monotonic()
+        with pytest.raises(errors.ServiceError) as late:
+            await anext(engine.generate(prompt, SamplingParams(max_new_tokens=5)))
+        waited = time.monotonic() - started
+        await running.aclose()
+        return late.value, waited
+
+    error, waited = asyncio.run(scenario())
+    assert (error.status, error.code) == (408, "RequestTimeOut")
+    assert 0.3 <= waited < 3
+
+
+def test_token_budget_keeps_requests_waiting(test_model_dir: Path) -> None:
+    """Requests whose prompts and answers would not fit together wait; they are served, one after another."""
+    engine = MllamaEngine.load(test_model_dir, test_model=True, limits=BatchLimits(max_batch_tokens=300))
+    turns = [Turn("user", "Count.")]
+    sampling = SamplingParams(max_new_tokens=200, temperature=0)
+
+    async def scenario() -> int:
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, engine.active)
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.create_task(watch())
+        results = await asyncio.gather(*(run(engine, turns, sampling) for _ in range(3)))
+        watcher.cancel()
+        assert all(chunks[-1].finish_reason in (FinishReason.STOP, FinishReason.LENGTH) for _, chunks in results)
+        return peak
+
+    assert asyncio.run(scenario()) == 1

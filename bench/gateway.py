@@ -22,18 +22,13 @@ import argparse
 import asyncio
 import base64
 import io
-import os
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from harness import Processes, free_port, wait_ready
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,24 +66,6 @@ async def app(scope, receive, send):
 
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, headers: dict[str, str] | None = None, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, headers=headers, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def body() -> dict:
@@ -153,15 +130,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--skip-litellm", action="store_true")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="llamascope-gateway-"))
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def spawn(cmd: list[str], env: dict[str, str] | None = None) -> None:
-        with open(tmp / f"{len(processes)}.log", "wb") as log:  # the child keeps its own copy of the descriptor
-            environment = {**os.environ, **(env or {})}
-            processes.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=tmp))
-
-    try:
+    with Processes("llamascope-gateway-") as children:
+        tmp = children.tmp
+        spawn = children.spawn
         stub_port, ls_port, litellm_port = free_port(), free_port(), free_port()
         spawn([sys.executable, "-c", STUB, str(stub_port)])
         wait_ready(f"http://127.0.0.1:{stub_port}/v1/models")
@@ -201,15 +172,6 @@ def main() -> None:
             (name, asyncio.run(measure(url, h, args.requests, args.concurrency, args.seconds)))
             for name, url, h in targets
         ]
-    finally:
-        for p in processes:
-            p.send_signal(signal.SIGTERM)
-        for p in processes:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
 
     base = results[0][1]
     print(

@@ -48,6 +48,8 @@ class ModelSpec(BaseModel):
     upstream_model: str | None = Field(None, description="the model name the upstreams know (default: this name)")
     upstream_api_key: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # "nf4": load the weights as 4-bit NF4 through bitsandbytes (pip install 'llamascope[quantized]').
+    quantization: Literal["none", "nf4"] = "none"
     context_length: int = Field(8192, ge=16)
     chat_template: str | None = Field(None, description="a Jinja file to render prompts with instead of llamascope's")
     description: str = ""

@@ -135,11 +135,10 @@ class Sequence:
 class Sampler:
     """A request's own sampling: transformers' logits processors and its own seeded generator."""
 
-    def __init__(self, sampling: SamplingParams, eos_ids: list[int], prompt_length: int) -> None:
+    def __init__(self, sampling: SamplingParams) -> None:
         import torch
         from transformers import (
             LogitsProcessorList,
-            MinNewTokensLengthLogitsProcessor,
             RepetitionPenaltyLogitsProcessor,
             TemperatureLogitsWarper,
             TopKLogitsWarper,
@@ -147,12 +146,11 @@ class Sampler:
         )
 
         self.greedy = sampling.greedy
-        self.needs_ids = sampling.repetition_penalty != 1.0 or sampling.min_new_tokens > 0
+        self.min_new = sampling.min_new_tokens  # the scheduler masks end-of-turn ids until then, for all rows at once
+        self.needs_ids = sampling.repetition_penalty != 1.0
         procs = LogitsProcessorList()
         if sampling.repetition_penalty != 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-        if sampling.min_new_tokens > 0:
-            procs.append(MinNewTokensLengthLogitsProcessor(prompt_length, sampling.min_new_tokens, eos_ids))
         if not sampling.greedy:
             procs.append(TemperatureLogitsWarper(sampling.temperature))
             if sampling.top_k:
@@ -262,6 +260,9 @@ class Scheduler:
         text_config = model.config.text_config
         self.text_config = text_config
         self.cross_layers = set(text_config.cross_attention_layers)
+        import torch
+
+        self._eos_index = torch.tensor(sorted(eos_ids))
         self.batches = {False: Batch(self.cross_layers), True: Batch(self.cross_layers)}  # by has_image
         self.waiting: deque[Sequence] = deque()
         self.prefilling: Sequence | None = None
@@ -386,9 +387,10 @@ class Scheduler:
         seq.cache, seq.mask = out.past_key_values, mask
         seq.ids = ids[0].tolist()
         seq.position = len(seq.ids)
-        seq.sampler = Sampler(seq.sampling, sorted(self.eos_ids), len(seq.ids))
+        seq.sampler = Sampler(seq.sampling)
         seq.inputs = None  # pixels and the rest are no longer needed
-        token = seq.sampler.pick(seq.ids, out.logits[:, -1, :].float())
+        logits = self._hold_back_eos(out.logits[:, -1, :].float(), [seq])
+        token = seq.sampler.pick(seq.ids, logits)
         return self._advance(seq, token)
 
     def _vision_states(self, seq: Sequence) -> Any:
@@ -447,6 +449,7 @@ class Scheduler:
             batch.keep([])
             return
         self.steps += 1
+        logits = self._hold_back_eos(logits, rows)
         plain = [i for i, s in enumerate(rows) if s.sampler.plain]
         picks: dict[int, int] = {}
         if plain:
@@ -460,6 +463,16 @@ class Scheduler:
                 keep.append(i)
         if len(keep) < len(rows):
             batch.keep(keep)
+
+    def _hold_back_eos(self, logits: Any, rows: list[Sequence]) -> Any:
+        """Rows still short of their min_new_tokens may not end: their end-of-turn logits become -inf."""
+        short = [i for i, s in enumerate(rows) if s.generated < s.sampler.min_new]
+        if short:
+            import torch
+
+            index = torch.tensor(short, device=logits.device)[:, None]
+            logits[index, self._eos_index.to(logits.device)] = float("-inf")
+        return logits
 
     def _advance(self, seq: Sequence, token: int) -> bool:
         """Record and send a new token; True if the sequence goes on."""

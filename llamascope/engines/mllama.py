@@ -73,6 +73,35 @@ def check_model_dir(path: Path) -> dict[str, Any]:
     return config
 
 
+def _nf4_config(compute_dtype: Any, config: dict[str, Any]) -> Any:
+    """4-bit NF4 weights (bitsandbytes), computing in ``compute_dtype``; says what to install if it is missing.
+
+    bitsandbytes quantizes in blocks of 64 inputs: a part whose layers take fewer (or a number not a
+    multiple of 64) stays unquantized. For the real Llama 3.2 Vision models nothing is left out; the
+    tiny built-in model keeps its vision tower (width 32) and projector (96) as they are.
+    """
+    from importlib.util import find_spec
+
+    missing = [name for name in ("bitsandbytes", "accelerate") if find_spec(name) is None]
+    if missing:
+        raise ModelLoadError(f"quantization 'nf4' needs {' and '.join(missing)}: pip install 'llamascope[quantized]'")
+    from transformers import BitsAndBytesConfig
+
+    vision = config.get("vision_config", {})
+    keep = ["lm_head"]  # transformers' default: the output layer stays as it is
+    if vision.get("hidden_size", 1280) % 64:
+        keep.append("model.vision_model")
+    if vision.get("vision_output_dim", 7680) % 64:
+        keep.append("model.multi_modal_projector")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        llm_int8_skip_modules=keep,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
 class _IncrementalText:
     """Token ids in, text deltas out, never splitting a UTF-8 character.
 
@@ -143,6 +172,7 @@ class MllamaEngine:
         path: Path,
         *,
         dtype: str = "auto",
+        quantization: str = "none",
         context_length: int = 8192,
         chat_template: str | None = None,
         test_model: bool = False,
@@ -160,8 +190,13 @@ class MllamaEngine:
                 f"{path}: the processor (tokenizer and image processor) cannot be loaded: {exc}"
             ) from exc
         torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
+        extra: dict[str, Any] = {}
+        if quantization == "nf4":
+            config = check_model_dir(path)
+            extra["quantization_config"] = _nf4_config(torch.bfloat16 if dtype == "auto" else torch_dtype, config)
+            torch_dtype = torch.bfloat16 if dtype == "auto" else torch_dtype
         try:
-            model = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+            model = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, **extra)
         except Exception as exc:
             raise ModelLoadError(f"{path}: the weights cannot be loaded: {exc}") from exc
         model.eval()
@@ -296,4 +331,6 @@ class MllamaEngine:
             self.scheduler.wake()
 
     async def close(self) -> None:
+        """Stop the model thread once its current step ends; requests still on it end as cancelled."""
         self.scheduler.stop()
+        await anyio.to_thread.run_sync(self.scheduler.join, 30)

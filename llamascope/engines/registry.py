@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def load_engines(settings: Settings, progress: Callable[[str], None] = log.info) -> dict[str, Engine]:
     """Load every configured model; raise ModelLoadError naming the model that failed."""
-    loaded: dict[tuple[str, str, int, str | None], Engine] = {}
+    loaded: dict[tuple[str, str, str, int, str | None], Engine] = {}
     engines: dict[str, Engine] = {}
     for name, spec in settings.models.items():
         if spec.upstreams:
@@ -32,7 +32,7 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
             )
             continue
         path = _resolve(spec, settings)
-        key = (str(path), spec.dtype, spec.context_length, spec.chat_template)
+        key = (str(path), spec.dtype, spec.quantization, spec.context_length, spec.chat_template)
         if key not in loaded:
             what = "the built-in test model" if spec.is_builtin else str(path)
             progress(f"loading {name!r} from {what} ...")
@@ -40,6 +40,7 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
                 loaded[key] = MllamaEngine.load(
                     path,
                     dtype=spec.dtype,
+                    quantization=spec.quantization,
                     context_length=spec.context_length,
                     chat_template=spec.chat_template,
                     test_model=is_test_model(path),

@@ -1,0 +1,243 @@
+"""The in-process engine under load, through the HTTP server: batching, vision reuse, server overhead.
+
+A real ``llamascope serve`` process (the built-in test model unless --model
+names a directory) takes streamed native requests from this process over
+loopback. Every level sends the same requests; concurrency 1 serves them one at
+a time and is the baseline the other levels are set against.
+
+- decode-dominated: a short prompt with one small image that every request shares (Llama 3.2 Vision
+  conversations start with an image; after the first, its vision states come from the cache), exactly
+  --tokens new tokens (min_new_tokens = max_tokens), greedy.
+- image-dominated: every request a different 1120x840 photo-like JPEG (as a data: URI, so no vision-cache
+  hit), 8 new tokens.
+- two turns with the same image: time to first token of turn 2 against turn 1 (median of --conversations).
+- server overhead: time to first token of one short request (the small image) through HTTP, against the same request
+  given to an engine in this process (prepare + generate to the first chunk); medians of --repeats.
+
+    .venv/bin/python bench/engine.py [--model PATH] [--tokens 128] [--requests 16] [--levels 1,4,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from harness import Processes, free_port, wait_ready
+from PIL import Image
+
+KEY = "sk-bench-000000000000000000000000000000000"
+PATH = "/api/v1/services/aigc/multimodal-generation/generation"
+
+
+def photo(seed: int) -> str:
+    """A distinct 1120x840 JPEG with smooth gradients and some noise, as a data: URI."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:840, 0:1120].astype(np.float32)
+    base = np.stack([x / 1120 * 255, y / 840 * 255, (x + y) / 1960 * 255], axis=-1)
+    pixels = np.clip(base * rng.uniform(0.5, 1.0, 3) + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def small_image() -> tuple[str, Image.Image]:
+    image = Image.new("RGB", (320, 240), (200, 30, 30))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), image
+
+
+def body(model: str, messages: list[dict], tokens: int) -> dict:
+    parameters = {"max_tokens": tokens, "min_new_tokens": tokens, "temperature": 0, "incremental_output": True}
+    return {"model": model, "input": {"messages": messages}, "parameters": parameters}
+
+
+def user(text: str, image: str | None = None) -> dict:
+    return {"role": "user", "content": ([{"image": image}] if image else []) + [{"text": text}]}
+
+
+async def stream(client: httpx.AsyncClient, payload: dict) -> tuple[float, int, str]:
+    """(time to first event, output tokens, text) of one streamed request."""
+    started = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    text = ""
+    headers = {"X-DashScope-SSE": "enable"}
+    async with client.stream("POST", PATH, json=payload, headers=headers) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                first = first or time.perf_counter() - started
+                event = json.loads(line[5:])
+                if "output" not in event:
+                    raise RuntimeError(f"error event: {line}")
+                text += event["output"]["choices"][0]["message"]["content"][0].get("text", "")
+                tokens = event["usage"]["output_tokens"]
+    return first, tokens, text
+
+
+async def level(client: httpx.AsyncClient, payloads: list[dict], concurrency: int) -> dict:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(payload: dict) -> tuple[float, int, str]:
+        async with gate:
+            return await stream(client, payload)
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one(p) for p in payloads))
+    elapsed = time.perf_counter() - started
+    ttfts = sorted(r[0] for r in results)
+    return {
+        "tok_s": sum(r[1] for r in results) / elapsed,
+        "p50": statistics.median(ttfts) * 1000,
+        "p99": ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))] * 1000,
+        "texts": [r[2] for r in results],
+    }
+
+
+async def turns(client: httpx.AsyncClient, model: str, conversations: int) -> tuple[float, float]:
+    firsts, seconds = [], []
+    for i in range(conversations):
+        image = photo(10_000 + i)
+        turn1 = [user("What is in this picture?", image)]
+        ttft1, _, answer = await stream(client, body(model, turn1, 16))
+        turn2 = [*turn1, {"role": "assistant", "content": [{"text": answer}]}, user("And what colour is it?")]
+        ttft2, _, _ = await stream(client, body(model, turn2, 16))
+        firsts.append(ttft1)
+        seconds.append(ttft2)
+    return statistics.median(firsts) * 1000, statistics.median(seconds) * 1000
+
+
+async def http_ttft(client: httpx.AsyncClient, model: str, repeats: int) -> float:
+    payload = body(model, [user("Say hello.", small_image()[0])], 4)
+    for _ in range(3):
+        await stream(client, payload)
+    return statistics.median([(await stream(client, payload))[0] for _ in range(repeats)]) * 1000
+
+
+def direct_ttft(model_dir: Path, repeats: int) -> float:
+    """The same request to an engine in this process: no HTTP, no keys, no JSON."""
+    from llamascope.cli import configure_torch
+    from llamascope.engines.base import SamplingParams, Turn
+    from llamascope.engines.mllama import MllamaEngine
+    from llamascope.images import PreparedImage
+
+    configure_torch(None)
+    engine = MllamaEngine.load(model_dir)
+    sampling = SamplingParams(max_new_tokens=4, min_new_tokens=4, temperature=0)
+    image = PreparedImage(small_image()[1], "small", "PNG", 320, 240)
+
+    async def once() -> float:
+        started = time.perf_counter()
+        prompt = await engine.prepare([Turn("user", "Say hello.", image)])
+        chunks = engine.generate(prompt, sampling)
+        await anext(chunks)
+        elapsed = time.perf_counter() - started
+        await chunks.aclose()  # type: ignore[attr-defined]
+        return elapsed
+
+    async def run() -> float:
+        for _ in range(3):
+            await once()
+        times = [await once() for _ in range(repeats)]
+        await engine.close()
+        return statistics.median(times) * 1000
+
+    return asyncio.run(run())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=Path, help="a Llama 3.2 Vision directory (default: the built-in test model)")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=16, help="requests per level")
+    parser.add_argument("--levels", default="1,4,16")
+    parser.add_argument("--conversations", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    levels = [int(n) for n in args.levels.split(",")]
+
+    from llamascope.engines.test_model import ensure_test_model
+    from llamascope.settings import Settings
+
+    model_dir = args.model or ensure_test_model(Settings.load().cache_dir)
+    name = "bench"
+    rows: list[tuple[str, int, dict]] = []
+    with Processes("llamascope-engine-") as children:
+        port = free_port()
+        children.spawn(
+            [sys.executable, "-m", "llamascope", "serve", "--port", str(port), "--model", f"{name}={model_dir}"],
+            {
+                "LLAMASCOPE_API_KEYS": KEY,
+                "LLAMASCOPE_DATA_DIR": str(children.tmp / "data"),
+                "LLAMASCOPE_LOG_LEVEL": "warning",
+                "LLAMASCOPE_MAX_BATCH_SIZE": str(max(levels)),
+            },
+        )
+        wait_ready(f"http://127.0.0.1:{port}/health", seconds=600)
+
+        async def measure() -> tuple[float, float, float]:
+            limits = httpx.Limits(max_connections=max(levels) + 4)
+            headers = {"Authorization": f"Bearer {KEY}"}
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}",
+                headers=headers,
+                limits=limits,
+                timeout=3600,
+            ) as client:
+                shared = small_image()[0]
+                await stream(client, body(name, [user("warm up", shared)], 2))  # its vision states: cached
+                decode = [
+                    body(name, [user(f"Tell a story about the number {i}.", shared)], args.tokens)
+                    for i in range(args.requests)
+                ]
+                for n in levels:
+                    rows.append(("decode-dominated", n, await level(client, decode, n)))
+                for n in levels:  # fresh images at every level: no vision-cache hits
+                    images = [
+                        body(name, [user("Describe the picture.", photo(1000 * n + i))], 8)
+                        for i in range(args.requests)
+                    ]
+                    rows.append(("image-dominated", n, await level(client, images, n)))
+                turn1, turn2 = await turns(client, name, args.conversations)
+                http = await http_ttft(client, name, args.repeats)
+            return turn1, turn2, http
+
+        turn1, turn2, http = asyncio.run(measure())
+    direct = direct_ttft(model_dir, args.repeats)
+
+    print(f"model: {model_dir}; {args.requests} streamed requests per level, all on this machine's loopback")
+    print(f"{'load':<18} {'concurrent':>10} {'tok/s':>9} {'x 1-at-a-time':>14} {'TTFT p50':>10} {'TTFT p99':>10}")
+    baseline: dict[str, float] = {}
+    for label, n, r in rows:
+        baseline.setdefault(label, r["tok_s"])
+        print(
+            f"{label:<18} {n:>10} {r['tok_s']:>9.1f} {r['tok_s'] / baseline[label]:>13.2f}x "
+            f"{r['p50']:>8.1f}ms {r['p99']:>8.1f}ms"
+        )
+    same = all(
+        r["texts"] == rows[0][2]["texts"] for label, _, r in rows if label == "decode-dominated"
+    )  # greedy: batching must not change a token
+    print(f"decode-dominated answers identical at every concurrency: {same}")
+    print(
+        f"two turns, same image: turn 1 TTFT {turn1:.1f} ms, turn 2 {turn2:.1f} ms "
+        f"(turn 2 / turn 1 = {turn2 / turn1:.2f})"
+    )
+    print(
+        f"server overhead: TTFT through HTTP {http:.2f} ms, engine called directly {direct:.2f} ms, "
+        f"added {http - direct:.2f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,8 @@ a time and is the baseline the other levels are set against.
 - server overhead: time to first token of one short request (the small image) through HTTP, against the same request
   given to an engine in this process (prepare + generate to the first chunk); medians of --repeats.
 
-    .venv/bin/python bench/engine.py [--model PATH] [--tokens 128] [--requests 16] [--levels 1,4,16]
+    .venv/bin/python bench/engine.py [--model PATH | --shape tiny|medium] [--tokens 128] [--requests 16]
+                                     [--levels 1,4,16]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import base64
 import io
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,24 @@ from harness import Processes, free_port, wait_ready
 from PIL import Image
 
 KEY = "sk-bench-000000000000000000000000000000000"
+# The built-in model's text part is 4 layers of width 64 under a 128,256-token output layer (96% of its
+# weights); "medium" is 10 layers of width 512 (the same tokenizer and vision tower), where decoding is
+# bound by reading the weights, as with real models.
+SHAPES: dict[str, dict] = {
+    "tiny": {},
+    "medium": {
+        "name": "bench-medium",
+        "text_overrides": {
+            "hidden_size": 512,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 10,
+            "cross_attention_layers": [3, 8],
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "initializer_range": 0.05,
+        },
+    },
+}
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 
 
@@ -157,8 +177,17 @@ def direct_ttft(model_dir: Path, repeats: int) -> float:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--direct"]:  # the child that times the engine alone, in a fresh process like the server
+        print(direct_ttft(Path(sys.argv[2]), int(sys.argv[3])))
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, help="a Llama 3.2 Vision directory (default: the built-in test model)")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="tiny",
+        help="without --model: the built-in model (tiny), or a random one with a wider, deeper text model",
+    )
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--requests", type=int, default=16, help="requests per level")
     parser.add_argument("--levels", default="1,4,16")
@@ -170,7 +199,7 @@ def main() -> None:
     from llamascope.engines.test_model import ensure_test_model
     from llamascope.settings import Settings
 
-    model_dir = args.model or ensure_test_model(Settings.load().cache_dir)
+    model_dir = args.model or ensure_test_model(Settings.load().cache_dir, **SHAPES[args.shape])
     name = "bench"
     rows: list[tuple[str, int, dict]] = []
     with Processes("llamascope-engine-") as children:
@@ -214,7 +243,8 @@ def main() -> None:
             return turn1, turn2, http
 
         turn1, turn2, http = asyncio.run(measure())
-    direct = direct_ttft(model_dir, args.repeats)
+    child = [sys.executable, __file__, "--direct", str(model_dir), str(args.repeats)]
+    direct = float(subprocess.run(child, capture_output=True, text=True, check=True).stdout.split()[-1])
 
     print(f"model: {model_dir}; {args.requests} streamed requests per level, all on this machine's loopback")
     print(f"{'load':<18} {'concurrent':>10} {'tok/s':>9} {'x 1-at-a-time':>14} {'TTFT p50':>10} {'TTFT p99':>10}")

@@ -22,6 +22,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from llamascope.engines.templates import STOCK_TEMPLATE
 
@@ -142,8 +143,11 @@ def build_tokenizer():
     return fast
 
 
-def build_model():
-    """The tiny Mllama model, seeded, with every gate opened (see below)."""
+def build_model(text_overrides: dict[str, Any] | None = None):
+    """The tiny Mllama model, seeded, with every gate opened (see below).
+
+    ``text_overrides`` changes the text model's shape (benchmarks build larger random models this way).
+    """
     import torch
     from transformers import GenerationConfig, MllamaConfig, MllamaForConditionalGeneration
 
@@ -173,6 +177,7 @@ def build_model():
             "eos_token_id": [BASE_VOCAB + 1, BASE_VOCAB + 8, BASE_VOCAB + 9],
             "pad_token_id": BASE_VOCAB + 4,
             "initializer_range": 0.5,
+            **(text_overrides or {}),
         },
         image_token_index=BASE_VOCAB + 256,
     )
@@ -216,14 +221,14 @@ def _recipe_key() -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
-def ensure_test_model(cache_dir: Path) -> Path:
+def ensure_test_model(cache_dir: Path, text_overrides: dict[str, Any] | None = None, name: str = "test-model") -> Path:
     """Return the directory of the built-in test model, building it on first use.
 
     The build goes to a temporary directory that is renamed into place, so a
     crash or a concurrent build never leaves a half-written model behind.
     """
     root = Path(cache_dir)
-    target = root / f"test-model-{_recipe_key()}"
+    target = root / f"{name}-{_recipe_key()}"
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -232,7 +237,7 @@ def ensure_test_model(cache_dir: Path) -> Path:
     try:
         tokenizer = build_tokenizer()
         build_processor(tokenizer).save_pretrained(tmp)
-        build_model().save_pretrained(tmp)
+        build_model(text_overrides).save_pretrained(tmp)
         (tmp / "LLAMASCOPE_TEST_MODEL").write_text(
             "A tiny randomly initialised Llama 3.2 Vision model built by llamascope. Its answers are random text.\n"
         )

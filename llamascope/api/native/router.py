@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from llamascope.api.errors import request_id_of
-from llamascope.api.incoming import CLIENT_CLOSED, first_event, read_json, source_context, unless_disconnected
+from llamascope.api.incoming import CLIENT_CLOSED, EventStream, read_json, source_context, unless_disconnected
 from llamascope.api.native import sse
 from llamascope.api.native.protocol import GenerationRequest, GenerationResult
 from llamascope.conversation.service import ConversationService
@@ -26,11 +26,11 @@ async def generation(request: Request) -> Response:
     )
     request.state.reply = reply
     if request.headers.get("x-dashscope-sse", "").strip().lower() == "enable":
-        events = await first_event(request, reply)
-        if events is None:
-            return Response(status_code=CLIENT_CLOSED)
-        return StreamingResponse(
-            sse.stream(reply, events, request_id, request.state), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS
+        return EventStream(
+            reply,
+            lambda events: sse.stream(reply, events, request_id, request.state),
+            media_type=sse.MEDIA_TYPE,
+            headers=sse.HEADERS,
         )
     text = await unless_disconnected(request, reply.complete())
     if text is None:

@@ -7,11 +7,11 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from llamascope import errors
 from llamascope.api.errors import openai_error_body, request_id_of
-from llamascope.api.incoming import CLIENT_CLOSED, first_event, read_json, source_context, unless_disconnected
+from llamascope.api.incoming import CLIENT_CLOSED, EventStream, read_json, source_context, unless_disconnected
 from llamascope.api.openai.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -65,11 +65,9 @@ async def chat_completions(request: Request) -> Response:
     )
     request.state.reply = reply
     if call.stream:
-        events = await first_event(request, reply)
-        if events is None:
-            return Response(status_code=CLIENT_CLOSED)
-        return StreamingResponse(
-            _stream(reply, events, request_id, call.include_usage, request.state),
+        return EventStream(
+            reply,
+            lambda events: _stream(reply, events, request_id, call.include_usage, request.state),
             media_type="text/event-stream; charset=utf-8",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -91,5 +89,5 @@ async def list_models(request: Request) -> JSONResponse:
 
 
 for prefix in PREFIXES:
-    router.add_api_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
+    router.add_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
     router.add_api_route(f"{prefix}/models", list_models, methods=["GET"])

@@ -15,7 +15,6 @@ GENERATION_PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 router = APIRouter()
 
 
-@router.post(GENERATION_PATH)
 async def generation(request: Request) -> Response:
     service: ConversationService = request.app.state.service
     request_id = request_id_of(request)
@@ -38,3 +37,7 @@ async def generation(request: Request) -> Response:
     assert reply.finish_reason is not None
     result = GenerationResult.of(text, reply.finish_reason.value, reply.usage, request_id)
     return JSONResponse(result.model_dump())
+
+
+# A plain Starlette route: FastAPI's per-request dependency solving has nothing to do here.
+router.add_route(GENERATION_PATH, generation, methods=["POST"])

@@ -71,7 +71,7 @@ class RequestContext:
 
     @staticmethod
     def _log(scope: Scope, state: dict[str, Any], status: int, disconnected: bool, seconds: float) -> None:
-        if scope.get("path") == "/health":
+        if scope.get("path") == "/health" or not access_log.isEnabledFor(logging.INFO):
             return
         reply = state.get("reply")
         principal = state.get("principal")

@@ -59,7 +59,7 @@ class Admission:
         charge = (self.reservation, self.request_id, input_tokens, output_tokens, image_tokens, status)
         with anyio.CancelScope(shield=True):  # a client hanging up must not skip the charge
             try:
-                if store.settle_now(*charge):  # SQLite with the write lock free: done, no thread hop
+                if store.settle(*charge, wait=False):  # SQLite with the write lock free: done, no thread hop
                     if store.checkpoint_due:
                         self.accounts.background(store.checkpoint)
                 else:

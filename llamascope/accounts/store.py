@@ -264,15 +264,23 @@ class AccountStore:
         output_tokens: int,
         image_tokens: int,
         status: str,
-    ) -> None:
+        wait: bool = True,
+    ) -> bool:
         """Charge what was used, release the reservation and write the ledger row, in one transaction.
 
         SQLAlchemy Core on a plain connection: this runs once per request, and the ORM's unit of work
-        made it three times slower. On SQLite, the stdlib driver directly (see _SqliteHotPath)."""
+        made it three times slower. On SQLite, the stdlib driver directly (see _SqliteHotPath).
+
+        ``wait=False`` settles only if that cannot wait (SQLite, the write lock free at once) and says
+        whether it did; the event loop calls it so, saving the hop to a thread and back (0.4 ms a request,
+        bench/gateway.py), and runs ``checkpoint`` off the loop when ``checkpoint_due``.
+        """
         now = utcnow()
+        charge = (reservation, request_id, input_tokens, output_tokens, image_tokens, status, now)
         if self._lookups is not None:
-            self._lookups.settle(reservation, request_id, input_tokens, output_tokens, image_tokens, status, now)
-            return
+            return self._lookups.settle(*charge, wait=wait)
+        if not wait:
+            return False
         with self.engine.begin() as connection:
             connection.execute(
                 self._hot.charge,
@@ -297,25 +305,7 @@ class AccountStore:
                     "finished_at": now,
                 },
             )
-
-    def settle_now(
-        self,
-        reservation: Reservation,
-        request_id: str,
-        input_tokens: int,
-        output_tokens: int,
-        image_tokens: int,
-        status: str,
-    ) -> bool:
-        """``settle`` on this thread if that cannot wait (SQLite, write lock free); False: call ``settle``.
-
-        On the event loop this saves the hop to a thread and back, 0.4 ms a request (bench/gateway.py);
-        a WAL checkpoint is then due now and again (``checkpoint_due``), to run off the loop."""
-        if self._lookups is None:
-            return False
-        return self._lookups.settle_now(
-            reservation, request_id, input_tokens, output_tokens, image_tokens, status, utcnow()
-        )
+        return True
 
     @property
     def checkpoint_due(self) -> bool:
@@ -438,18 +428,16 @@ class _SqliteHotPath:
     def find_grant(self, key_id: int, model: str) -> GrantView | None:
         return self._row(GrantView, self._lookup(self.grant_sql, (key_id, model)), self.grant_dates)
 
-    def settle(self, *charge: Any) -> None:
-        self._settle(self._connection(wait=True), *charge)
-
-    def settle_now(self, *charge: Any) -> bool:
-        """Settle if the write lock is free at once; False if not (then ``settle`` on a pool thread)."""
+    def settle(self, *charge: Any, wait: bool) -> bool:
+        """Settle; with ``wait=False`` only if the write lock is free at once, saying whether it was."""
         try:
-            self._settle(self._connection(wait=False), *charge)
+            self._settle(self._connection(wait), *charge)
         except sqlite3.OperationalError as exc:
-            if not _busy(exc):
+            if wait or not _busy(exc):
                 raise
             return False
-        self.settled_at_once += 1
+        if not wait:
+            self.settled_at_once += 1
         return True
 
     @property

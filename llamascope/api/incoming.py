@@ -37,12 +37,14 @@ async def read_json(request: Request) -> object:
         raise errors.invalid_parameter(f"The request body is not valid JSON: {exc}") from None
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """Run ``work``; if the client hangs up first, cancel it and return None."""
+async def until_hangup(receive: Receive, work: Awaitable[T]) -> tuple[bool, T | None]:
+    """Run ``work`` unless the client hangs up first: (True, its result), or (False, None) once cancelled.
+
+    Its errors are raised. A cancelled ``work`` gets to run its cleanup (a reply cancels its engine)."""
     task = asyncio.ensure_future(work)
 
     async def hangup() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
+        while (await receive())["type"] != "http.disconnect":
             pass
 
     watcher = asyncio.ensure_future(hangup())
@@ -54,9 +56,14 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
                 pending.cancel()
     if not task.done() or task.cancelled():
         with contextlib.suppress(BaseException):
-            await task  # let the cancelled reply run its cleanup (it cancels the engine)
-        return None
-    return task.result()
+            await task
+        return False, None
+    return True, task.result()
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Run ``work``; if the client hangs up first, cancel it and return None."""
+    return (await until_hangup(request.receive, work))[1]
 
 
 def source_context(request: Request) -> SourceContext:
@@ -96,24 +103,9 @@ class EventStream(Response):
         self.started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        work = asyncio.ensure_future(self._stream(send))
-
-        async def hangup() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        watcher = asyncio.ensure_future(hangup())
-        try:
-            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pending in (work, watcher):
-                if not pending.done():
-                    pending.cancel()
-        if work.done() and not work.cancelled():
-            work.result()  # an error before the first event goes to the error handlers
+        finished, _ = await until_hangup(receive, self._stream(send))
+        if finished:
             return
-        with contextlib.suppress(BaseException):
-            await work  # the cancelled reply runs its cleanup (it cancels the engine)
         if not self.started:  # for the access log; the client is gone
             await send({"type": "http.response.start", "status": CLIENT_CLOSED, "headers": []})
             await send({"type": "http.response.body", "body": b""})

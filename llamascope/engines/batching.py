@@ -319,9 +319,10 @@ class Scheduler:
                 except Exception:  # a bug here must not leave requests waiting for ever
                     log.exception("the scheduler failed; failing the requests it was running")
                     for batch in self.batches.values():
-                        for seq in batch.rows:
+                        failed, batch.rows = batch.rows, []
+                        batch.cache = batch.mask = batch.cross_mask = None
+                        for seq in failed:
                             seq.send(errors.internal_error())
-                        batch.keep([])
         for seq in list(self.waiting) + [s for b in self.batches.values() for s in b.rows]:
             seq.send(FinishReason.CANCELLED)
 
@@ -349,25 +350,26 @@ class Scheduler:
                     return
                 self.waiting.popleft()
                 self.prefilling = seq
+            ended: Message | None
             try:
-                joined = self._prefill(seq)
+                ended = self._prefill(seq)
+                if ended is None:
+                    self.batches[seq.has_image].add(seq)
             except Exception:
                 log.exception("prefill failed")
-                seq.send(errors.internal_error())
-                joined = False
+                ended = errors.internal_error()
             finally:
                 self.prefilling = None
-            if joined:
-                self.batches[seq.has_image].add(seq)
+            if ended is not None:  # sent once it no longer counts as active
+                seq.send(ended)
 
-    def _prefill(self, seq: Sequence) -> bool:
-        """Run the prompt alone; send its first token. True if it goes on to the batch."""
+    def _prefill(self, seq: Sequence) -> FinishReason | None:
+        """Run the prompt alone; send its first token. None if it goes on to the batch, else how it ended."""
         from transformers import DynamicCache
 
         seq.started_at = time.monotonic()
         if seq.cancel.is_set():
-            seq.send(FinishReason.CANCELLED)
-            return False
+            return FinishReason.CANCELLED
         inputs = seq.inputs
         device = self.model.device
         ids = inputs["input_ids"]
@@ -420,11 +422,11 @@ class Scheduler:
         import torch
 
         rows = batch.rows
-        cancelled = [i for i, s in enumerate(rows) if s.cancel.is_set()]
+        cancelled = [s for s in rows if s.cancel.is_set()]
         if cancelled:
-            for i in cancelled:
-                rows[i].send(FinishReason.CANCELLED)
-            batch.keep([i for i in range(len(rows)) if i not in set(cancelled)])
+            batch.keep([i for i, s in enumerate(rows) if not s.cancel.is_set()])
+            for seq in cancelled:
+                seq.send(FinishReason.CANCELLED)
             rows = batch.rows
             if not rows:
                 return
@@ -444,9 +446,9 @@ class Scheduler:
             logits = self.model(**kwargs).logits[:, -1, :].float()
         except Exception:
             log.exception("decode step failed for a batch of %d", len(rows))
-            for s in rows:
-                s.send(errors.internal_error())
             batch.keep([])
+            for seq in rows:
+                seq.send(errors.internal_error())
             return
         self.steps += 1
         logits = self._hold_back_eos(logits, rows)
@@ -457,12 +459,18 @@ class Scheduler:
             best = (logits if len(plain) == len(rows) else logits[plain]).max(-1).indices.tolist()
             picks = dict(zip(plain, best, strict=True))
         keep = []
+        ended: list[tuple[Sequence, FinishReason]] = []
         for i, seq in enumerate(rows):
             token = picks[i] if i in picks else seq.sampler.pick(seq.ids, logits[i : i + 1])
-            if self._advance(seq, token):
+            finish = self._advance(seq, token)
+            if finish is None:
                 keep.append(i)
-        if len(keep) < len(rows):
+            else:
+                ended.append((seq, finish))
+        if ended:
             batch.keep(keep)
+            for seq, finish in ended:  # sent once they no longer count as active
+                seq.send(finish)
 
     def _hold_back_eos(self, logits: Any, rows: list[Sequence]) -> Any:
         """Rows still short of their min_new_tokens may not end: their end-of-turn logits become -inf."""
@@ -474,8 +482,8 @@ class Scheduler:
             logits[index, self._eos_index.to(logits.device)] = float("-inf")
         return logits
 
-    def _advance(self, seq: Sequence, token: int) -> bool:
-        """Record and send a new token; True if the sequence goes on."""
+    def _advance(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Record and send a new token; None if the sequence goes on, else how it ends (the caller sends it)."""
         seq.ids.append(token)
         seq.generated += 1
         seq.position += 1
@@ -486,10 +494,9 @@ class Scheduler:
         elif seq.generated >= seq.max_new:
             finish = FinishReason.LENGTH
         else:
-            return True
-        seq.send(finish)
+            return None
         self._service_time = 0.9 * self._service_time + 0.1 * (time.monotonic() - seq.started_at)
-        return False
+        return finish
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)

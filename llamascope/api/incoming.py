@@ -95,11 +95,10 @@ class EventStream(Response):
         headers: dict[str, str],
     ) -> None:
         self.background = None  # what frameworks expect of a Response; nothing runs after this one
+        self.media_type = media_type
+        self.init_headers(headers)  # Starlette's own: content type (with charset) and the given headers
         self.reply = reply
         self.frames = render
-        self.head = [(b"content-type", media_type.encode())] + [
-            (k.lower().encode(), v.encode()) for k, v in headers.items()
-        ]
         self.started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -115,7 +114,7 @@ class EventStream(Response):
         try:
             first = await anext(events)
             self.started = True
-            await send({"type": "http.response.start", "status": 200, "headers": self.head})
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
 
             async def chained() -> AsyncIterator[Event]:
                 yield first

@@ -184,7 +184,7 @@ class ConversationService:
         options = parse_parameters(parameters, engine.info.context_length)
         image = await self.intake.load(draft.image_ref, context, fit=engine.image_size, fit_key=engine.info.source)
         prompt = await engine.prepare(draft.with_image(image))
-        most = prompt.input_tokens + min(options.sampling.max_new_tokens, prompt.max_new_tokens)
+        most = prompt.input_tokens + prompt.new_tokens(options.sampling)
         admission = await self.accounts.admit(principal, grant, most, request_id)
         usage = Usage(input_tokens=prompt.input_tokens, image_tokens=prompt.image_tokens)
         return Reply(model=model, engine=engine, prompt=prompt, options=options, usage=usage, admission=admission)

@@ -68,6 +68,10 @@ class PreparedPrompt:
     max_new_tokens: int  # the most this prompt may generate before the context is full
     payload: Any = field(default=None, repr=False)
 
+    def new_tokens(self, sampling: SamplingParams) -> int:
+        """The most a request may generate: what it asked for, within the context."""
+        return min(sampling.max_new_tokens, self.max_new_tokens)
+
 
 @dataclass(frozen=True)
 class EngineInfo:

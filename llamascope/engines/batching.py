@@ -30,12 +30,13 @@ import math
 import os
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from llamascope import errors
+from llamascope.caching import SizedLRU
 from llamascope.engines.base import FinishReason, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -53,53 +54,15 @@ class BatchLimits:
     max_queue_wait: float = 60.0
 
 
-class VisionCache:
-    """The vision tower's output (the cross-attention states) by image content hash; least recently used goes first.
+class VisionCache(SizedLRU[str, tuple[Any, int]]):
+    """The vision tower's output (the cross-attention states) and tile count, by image content hash.
 
     A multi-turn conversation sends the same image every turn; with its states kept, turn 2 skips the
     vision tower, which is most of a request's cost at Llama 3.2's four 560-pixel tiles. Bounded in bytes.
     """
 
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # digest -> (states, num_tiles)
-        self._lock = threading.Lock()
-
-    def get(self, digest: str) -> tuple[Any, int] | None:
-        with self._lock:
-            entry = self._entries.get(digest)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(digest)
-            self.hits += 1
-            return entry
-
-    def peek_tiles(self, digest: str) -> int | None:
-        """The tile count of a cached image, without counting a hit or a miss."""
-        with self._lock:
-            entry = self._entries.get(digest)
-            return None if entry is None else entry[1]
-
-    def put(self, digest: str, states: Any, num_tiles: int) -> None:
-        size = states.numel() * states.element_size()
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._entries.pop(digest, None)
-            if old is not None:
-                self.bytes -= old[0].numel() * old[0].element_size()
-            self._entries[digest] = (states, num_tiles)
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, (evicted, _) = self._entries.popitem(last=False)
-                self.bytes -= evicted.numel() * evicted.element_size()
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        super().__init__(max_bytes, lambda entry: entry[0].numel() * entry[0].element_size())
 
 
 @dataclass(eq=False)
@@ -247,7 +210,7 @@ class Scheduler:
     def __init__(
         self,
         model: Any,
-        pixels: Callable[[Any], dict[str, Any]],
+        pixels: Callable[[Any], dict[str, Any]],  # an image to its pixel tensors, for a vision-cache miss
         eos_ids: set[int],
         limits: BatchLimits,
         vision_cache: VisionCache,
@@ -319,8 +282,8 @@ class Scheduler:
                 except Exception:  # a bug here must not leave requests waiting for ever
                     log.exception("the scheduler failed; failing the requests it was running")
                     for batch in self.batches.values():
-                        failed, batch.rows = batch.rows, []
-                        batch.cache = batch.mask = batch.cross_mask = None
+                        failed = batch.rows
+                        batch.keep([])
                         for seq in failed:
                             seq.send(errors.internal_error())
         for seq in list(self.waiting) + [s for b in self.batches.values() for s in b.rows]:
@@ -400,13 +363,10 @@ class Scheduler:
         cached = self.vision.get(digest)
         if cached is not None:
             return cached[0]
-        import torch
-
         inputs = seq.inputs
         if "pixel_values" not in inputs:  # prepared while cached, evicted since
-            made = self.pixels(seq.image.image)
-            made.pop("num_tiles")
-            inputs.update({k: torch.as_tensor(v) for k, v in made.items()})
+            inputs.update(self.pixels(seq.image.image))
+        # As MllamaModel.forward does with pixel_values (transformers has no method for this part alone).
         model = self.model.model
         vision = model.vision_model(
             pixel_values=inputs["pixel_values"].to(self.model.device, model.vision_model.dtype),
@@ -414,7 +374,7 @@ class Scheduler:
             aspect_ratio_mask=inputs["aspect_ratio_mask"].to(self.model.device),
         ).last_hidden_state
         states = model.multi_modal_projector(vision).reshape(-1, vision.shape[-2], model.hidden_size)
-        self.vision.put(digest, states, int(inputs["aspect_ratio_mask"].sum()))
+        self.vision.put(digest, (states, int(inputs["aspect_ratio_mask"].sum())))
         return states
 
     def _step(self, batch: Batch) -> None:

@@ -159,7 +159,7 @@ class MllamaEngine:
         self._max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab())
         self._preparers = anyio.CapacityLimiter(2)
         self.vision_cache = VisionCache(vision_cache_bytes)
-        self.scheduler = Scheduler(model, self.pixels, self.eos_ids, limits or BatchLimits(), self.vision_cache)
+        self.scheduler = Scheduler(model, self._pixel_tensors, self.eos_ids, limits or BatchLimits(), self.vision_cache)
 
     @property
     def active(self) -> int:
@@ -272,8 +272,8 @@ class MllamaEngine:
         if images:
             if len(images) != 1:
                 raise ValueError("Llama 3.2 Vision conversations carry one image")
-            cached_tiles = self.vision_cache.peek_tiles(images[0].digest)
-            pixels = self.pixels(images[0].image) if cached_tiles is None else {"num_tiles": [[cached_tiles]]}
+            cached = self.vision_cache.peek(images[0].digest)
+            pixels = self.pixels(images[0].image) if cached is None else {"num_tiles": [[cached[1]]]}
             ids = text["input_ids"][0]
             data["cross_attention_mask"] = convert_sparse_cross_attention_mask_to_dense(
                 [get_cross_attention_token_mask(ids, self.image_token_id)],
@@ -283,6 +283,14 @@ class MllamaEngine:
             )
             data.update(pixels)
         return BatchFeature(data=data, tensor_type="pt")
+
+    def _pixel_tensors(self, image: Any) -> Any:
+        """pixel_values, aspect_ratio_ids and aspect_ratio_mask of an image, as the model takes them."""
+        from transformers import BatchFeature
+
+        pixels = self.pixels(image)
+        pixels.pop("num_tiles")
+        return BatchFeature(data=pixels, tensor_type="pt")
 
     # -- generate --------------------------------------------------------
 
@@ -301,7 +309,7 @@ class MllamaEngine:
             inputs=payload.inputs,
             image=payload.image,
             sampling=sampling,
-            max_new=min(sampling.max_new_tokens, prompt.max_new_tokens),
+            max_new=prompt.new_tokens(sampling),
             send=send,
         )
         self.scheduler.submit(seq)  # raises 429 Throttling when the queue is full

@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import aiohttp
 
 from llamascope import errors
+from llamascope.caching import SizedLRU
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ class UpstreamEngine:
     info: EngineInfo
     api_key: str | None = None
     _client: aiohttp.ClientSession | None = field(default=None, repr=False)
-    # Re-encoded images by content hash: a conversation re-sends its image every turn.
-    _uris: OrderedDict[str, str] = field(default_factory=OrderedDict, repr=False)
+    # Re-encoded images by content hash, the last 64: a conversation re-sends its image every turn.
+    _uris: SizedLRU[str, str] = field(default_factory=lambda: SizedLRU(64, lambda _: 1), repr=False)
     _health: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
@@ -123,9 +123,7 @@ class UpstreamEngine:
         uri = self._uris.get(image.digest)
         if uri is None:
             uri = await asyncio.to_thread(_data_uri, image)
-            self._uris[image.digest] = uri
-            while len(self._uris) > 64:
-                self._uris.popitem(last=False)
+            self._uris.put(image.digest, uri)
         return uri
 
     async def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:
@@ -165,7 +163,7 @@ class UpstreamEngine:
             "messages": prompt.payload,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "max_tokens": min(sampling.max_new_tokens, prompt.max_new_tokens),
+            "max_tokens": prompt.new_tokens(sampling),
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
         }

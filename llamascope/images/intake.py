@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from llamascope import errors
+from llamascope.caching import SizedLRU
 from llamascope.images import PreparedImage
 from llamascope.images.decode import DecodeLimits, FitFunction, decode_image
 from llamascope.images.source import (
@@ -32,39 +32,9 @@ from llamascope.settings import Settings
 log = logging.getLogger(__name__)
 
 
-class DecodedCache:
-    """LRU of decoded images, bounded by the bytes of their pixels."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._items: OrderedDict[tuple[str, str], PreparedImage] = OrderedDict()
-
-    @staticmethod
-    def _size(image: PreparedImage) -> int:
-        width, height = image.image.size
-        return width * height * len(image.image.getbands())
-
-    def get(self, key: tuple[str, str]) -> PreparedImage | None:
-        found = self._items.get(key)
-        if found is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._items.move_to_end(key)
-        return found
-
-    def put(self, key: tuple[str, str], image: PreparedImage) -> None:
-        size = self._size(image)
-        if size > self.max_bytes or key in self._items:
-            return
-        self._items[key] = image
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= self._size(old)
+def _pixel_bytes(image: PreparedImage) -> int:
+    width, height = image.image.size
+    return width * height * len(image.image.getbands())
 
 
 class ImageIntake:
@@ -85,7 +55,8 @@ class ImageIntake:
         # A bounded pool: a decode that overruns its budget is answered at once but keeps its
         # worker until it ends, so runaway decodes cannot pile up beyond the pool's size.
         self._decoders = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="llamascope-decode")
-        self.cache = DecodedCache(cache_bytes)
+        # Decoded images by content hash and sizing rule, bounded by the bytes of their pixels.
+        self.cache: SizedLRU[tuple[str, str], PreparedImage] = SizedLRU(cache_bytes, _pixel_bytes)
 
     @classmethod
     def from_settings(cls, settings: Settings, store: UploadStore | None = None) -> ImageIntake:

@@ -39,8 +39,8 @@ def test_cache_is_bounded_by_bytes() -> None:
     intake = ImageIntake(FetchPolicy(), DecodeLimits(), cache_bytes=3 * 100 * 100 * 3)
     for i in range(5):
         asyncio.run(intake.decode(png((100, 100), (i, i, i))))
-    assert intake.cache.bytes <= 3 * 100 * 100 * 3
-    assert len(intake.cache._items) == 3
+    assert intake.cache.total <= 3 * 100 * 100 * 3
+    assert len(intake.cache) == 3
 
 
 def test_decode_over_budget_is_refused() -> None:

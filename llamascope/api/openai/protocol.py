@@ -121,14 +121,9 @@ class ChatCompletion(BaseModel):
         )
 
 
-class Delta(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
 class ChunkChoice(BaseModel):
     index: int = 0
-    delta: Delta
+    delta: Message  # a delta has a message's shape: role and (new) content
     finish_reason: str | None = None
     logprobs: None = None
 

@@ -17,7 +17,7 @@ from llamascope.api.openai.protocol import (
     ChatCompletionChunk,
     ChatRequest,
     ChunkChoice,
-    Delta,
+    Message,
     UsageBody,
     completion_id,
 )
@@ -47,7 +47,7 @@ async def _stream(
         async for event in events:
             finish = event.finish_reason.value if event.finish_reason else None
             if event.delta or finish:
-                yield chunk([ChunkChoice(delta=Delta(content=event.delta), finish_reason=finish)])
+                yield chunk([ChunkChoice(delta=Message(content=event.delta), finish_reason=finish)])
         if include_usage:
             yield chunk([], UsageBody.of(reply.usage))
         yield _data("[DONE]")

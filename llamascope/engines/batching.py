@@ -80,7 +80,6 @@ class Sequence:
     started_at: float = 0.0
     ids: list[int] = field(default_factory=list)  # prompt and generated ids (for the repetition penalty)
     generated: int = 0
-    position: int = 0  # the position id of the next token
     last: int = 0  # the last token made, the next step's input
     cache: Any = None  # its own key/value cache, until it joins a batch
     mask: Any = None  # its attention mask [1, n], until it joins a batch
@@ -158,15 +157,18 @@ class Batch:
             for index, (mine, theirs) in enumerate(zip(self.cache.layers, seq.cache.layers, strict=True)):
                 if not theirs.is_initialized or theirs.keys.numel() == 0:
                     continue
-                if index in self.cross_layers:  # the image's states: the same length for every request
-                    mine.keys = torch.cat([mine.keys, theirs.keys])
-                    mine.values = torch.cat([mine.values, theirs.values])
+                if index in self.cross_layers:  # the image's states: padded on the right to the most tiles
+                    states = max(mine.keys.shape[2], theirs.keys.shape[2])
+                    mine.keys = torch.cat([_pad_right(mine.keys, states, 2), _pad_right(theirs.keys, states, 2)])
+                    mine.values = torch.cat([_pad_right(mine.values, states, 2), _pad_right(theirs.values, states, 2)])
                 else:
                     mine.keys = torch.cat([_pad_left(mine.keys, length, 2), _pad_left(theirs.keys, length, 2)])
                     mine.values = torch.cat([_pad_left(mine.values, length, 2), _pad_left(theirs.values, length, 2)])
             self.mask = torch.cat([_pad_left(self.mask, length, 1), _pad_left(seq.mask, length, 1)])
-            if self.cross_mask is not None:
-                self.cross_mask = torch.cat([self.cross_mask, seq.cross_mask])
+            if self.cross_mask is not None:  # padding tiles are masked out (0)
+                tiles = max(self.cross_mask.shape[3], seq.cross_mask.shape[3])
+                masks = [_pad_right(self.cross_mask, tiles, 3), _pad_right(seq.cross_mask, tiles, 3)]
+                self.cross_mask = torch.cat(masks)
             self.rows.append(seq)
         seq.cache = seq.mask = None
 
@@ -182,18 +184,34 @@ class Batch:
         self.mask = self.mask[index]
         unused = int((self.mask.sum(0) == 0).cumprod(0).sum())  # leading columns that are padding in every row
         self.mask = self.mask[:, unused:]
+        tiles = before = 0  # the most tiles a remaining row's image has, and the batch's tiles before
         if self.cross_mask is not None:
+            before = self.cross_mask.shape[3]
             self.cross_mask = self.cross_mask[index]
+            tiles = int(self.cross_mask.sum(3).max())  # each row's real tiles come first
+            self.cross_mask = self.cross_mask[..., :tiles]
         for i, layer in enumerate(self.cache.layers):
             if not layer.is_initialized or layer.keys.numel() == 0:
                 continue
             keys, values = layer.keys[index], layer.values[index]
             if i not in self.cross_layers and unused:
                 keys, values = keys[:, :, unused:], values[:, :, unused:]
+            if i in self.cross_layers and tiles < before:  # the padding only the rows that left needed
+                states = keys.shape[2] // before * tiles
+                keys, values = keys[:, :, :states], values[:, :, :states]
             layer.keys, layer.values = keys, values
 
 
 def _pad_left(tensor: Any, length: int, dim: int) -> Any:
+    return _pad(tensor, length, dim, left=True)
+
+
+def _pad_right(tensor: Any, length: int, dim: int) -> Any:
+    return _pad(tensor, length, dim, left=False)
+
+
+def _pad(tensor: Any, length: int, dim: int, left: bool) -> Any:
+    """``tensor`` made ``length`` long along ``dim`` with zeros."""
     import torch
 
     missing = length - tensor.shape[dim]
@@ -201,7 +219,8 @@ def _pad_left(tensor: Any, length: int, dim: int) -> Any:
         return tensor
     shape = list(tensor.shape)
     shape[dim] = missing
-    return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=dim)
+    zeros = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([zeros, tensor] if left else [tensor, zeros], dim=dim)
 
 
 class Scheduler:
@@ -344,14 +363,17 @@ class Scheduler:
             "use_cache": True,
             "logits_to_keep": 1,
         }
+        tiles = 0
         if seq.has_image:
-            kwargs["cross_attention_states"] = self._vision_states(seq)
+            states, tiles = self._vision_states(seq)
+            kwargs["cross_attention_states"] = states
             kwargs["cross_attention_mask"] = inputs["cross_attention_mask"].to(device)
-            seq.cross_mask = kwargs["cross_attention_mask"][:, -1:]
+            seq.cross_mask = kwargs["cross_attention_mask"][:, -1:, :, :tiles]
         out = self.model(**kwargs)
         seq.cache, seq.mask = out.past_key_values, mask
+        if tiles:
+            self._drop_padding_tiles(seq.cache, tiles, int(states.shape[0]))
         seq.ids = ids[0].tolist()
-        seq.position = len(seq.ids)
         seq.sampler = Sampler(seq.sampling)
         seq.inputs = None  # pixels and the rest are no longer needed
         logits = self._hold_back_eos(out.logits[:, -1, :].float(), [seq])
@@ -362,7 +384,7 @@ class Scheduler:
         digest = seq.image.digest
         cached = self.vision.get(digest)
         if cached is not None:
-            return cached[0]
+            return cached
         inputs = seq.inputs
         if "pixel_values" not in inputs:  # prepared while cached, evicted since
             inputs.update(self.pixels(seq.image.image))
@@ -374,8 +396,25 @@ class Scheduler:
             aspect_ratio_mask=inputs["aspect_ratio_mask"].to(self.model.device),
         ).last_hidden_state
         states = model.multi_modal_projector(vision).reshape(-1, vision.shape[-2], model.hidden_size)
-        self.vision.put(digest, (states, int(inputs["aspect_ratio_mask"].sum())))
-        return states
+        entry = (states, int(inputs["aspect_ratio_mask"].sum()))
+        self.vision.put(digest, entry)
+        return entry
+
+    def _drop_padding_tiles(self, cache: Any, tiles: int, all_tiles: int) -> None:
+        """Keep only the image's own tiles in the cross-attention cache, for decoding.
+
+        Mllama pads every image to max_num_tiles (4) tiles of 1,601 states. The prompt needs them all:
+        its tokens before the image attend to every state, padding included (the stock model adds that
+        attention output and masks only the MLP's). Every later token attends to the real tiles alone, the
+        padding masked to zero weight, so decoding over the real tiles gives the same result, and a
+        one-tile image costs a quarter of the cross-attention.
+        """
+        if tiles == all_tiles:
+            return
+        for index in self.cross_layers:
+            layer = cache.layers[index]
+            keep = layer.keys.shape[2] // all_tiles * tiles
+            layer.keys, layer.values = layer.keys[:, :, :keep].clone(), layer.values[:, :, :keep].clone()
 
     def _step(self, batch: Batch) -> None:
         """One decode step for every row; rows that finish or were cancelled leave."""
@@ -395,7 +434,8 @@ class Scheduler:
         kwargs: dict[str, Any] = {
             "input_ids": torch.tensor([[s.last] for s in rows], device=device),
             "attention_mask": batch.mask,
-            "position_ids": torch.tensor([[s.position] for s in rows], device=device),
+            # The last token's own position (padding does not count): the prompt's length plus those made before it.
+            "position_ids": torch.tensor([[len(s.ids) - 1] for s in rows], device=device),
             "past_key_values": batch.cache,
             "use_cache": True,
             "logits_to_keep": 1,
@@ -446,7 +486,6 @@ class Scheduler:
         """Record and send a new token; None if the sequence goes on, else how it ends (the caller sends it)."""
         seq.ids.append(token)
         seq.generated += 1
-        seq.position += 1
         seq.last = token
         seq.send([token])
         if token in self.eos_ids:

@@ -68,6 +68,39 @@ def test_batched_output_is_token_identical_to_alone(engine: MllamaEngine) -> Non
     assert steps < sum(n for _, n in together) / 2
 
 
+@pytest.mark.parametrize("size", [(320, 240), (1120, 840)], ids=["one tile", "four tiles"])
+def test_answers_equal_transformers_generate(engine: MllamaEngine, size: tuple[int, int]) -> None:
+    """The scheduler's own decode loop answers as stock generate does, token for token.
+
+    Stock Mllama pads every image to four tiles and masks the padding; the scheduler decodes over the
+    image's own tiles only, padding a batch to its most tiles.
+    """
+    import numpy as np
+    import torch
+
+    pixels = Image.fromarray(np.random.default_rng(size[0]).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    turns = [Turn("user", "What is this?", PreparedImage(pixels, f"noise{size}", "PNG", *size))]
+    greedy = SamplingParams(max_new_tokens=24, min_new_tokens=24, temperature=0)
+    ours = asyncio.run(engine.prepare(turns)).payload.inputs
+    prompt = engine.tokenizer.decode(ours["input_ids"][0])
+    inputs = engine.processor(images=[[pixels]], text=[prompt], add_special_tokens=False, return_tensors="pt")
+    tiles = int(inputs["aspect_ratio_mask"].sum())
+    assert tiles == (1 if size == (320, 240) else 4)
+    with torch.inference_mode():
+        stock = engine.model.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    expected = engine.tokenizer.decode(stock[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    # Alone and in a batch with a request whose image has a different number of tiles.
+    other = [Turn("user", "And this?", image((9, 99, 9), (1200, 300) if tiles == 1 else (300, 200)))]
+
+    async def scenario() -> tuple[str, str]:
+        alone, _ = await run(engine, turns, greedy)
+        (batched, _), _ = await asyncio.gather(run(engine, turns, greedy), run(engine, other, greedy))
+        return alone, batched
+
+    assert asyncio.run(scenario()) == (expected, expected)
+    assert engine.vision_cache.peek(turns[0].image.digest)[1] == tiles
+
+
 def test_requests_join_and_leave_a_running_batch(engine: MllamaEngine) -> None:
     """A short request started while a long one runs finishes first; the long one is unchanged."""
     long_turns = [Turn("user", "Tell me everything.")]

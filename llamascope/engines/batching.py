@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -38,6 +37,7 @@ from typing import Any
 from llamascope import errors
 from llamascope.caching import SizedLRU
 from llamascope.engines.base import FinishReason, SamplingParams
+from llamascope.engines.sampling import Sampler, pick
 
 log = logging.getLogger(__name__)
 
@@ -92,49 +92,6 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.budget = int(self.inputs["input_ids"].shape[1]) + self.max_new  # the most tokens it will hold
-
-
-class Sampler:
-    """A request's own sampling: transformers' logits processors and its own seeded generator."""
-
-    def __init__(self, sampling: SamplingParams) -> None:
-        import torch
-        from transformers import (
-            LogitsProcessorList,
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
-
-        self.greedy = sampling.greedy
-        self.min_new = sampling.min_new_tokens  # the scheduler masks end-of-turn ids until then, for all rows at once
-        self.needs_ids = sampling.repetition_penalty != 1.0
-        procs = LogitsProcessorList()
-        if sampling.repetition_penalty != 1.0:
-            procs.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-        if not sampling.greedy:
-            procs.append(TemperatureLogitsWarper(sampling.temperature))
-            if sampling.top_k:
-                procs.append(TopKLogitsWarper(sampling.top_k))
-            if sampling.top_p < 1.0:
-                procs.append(TopPLogitsWarper(sampling.top_p))
-        self.processors = procs
-        self.plain = not procs and self.greedy  # argmax over the raw logits, done for the whole batch at once
-        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def pick(self, ids: list[int], logits: Any) -> int:
-        """The next token from one row of logits [1, vocab] (float32)."""
-        import torch
-
-        if self.processors:
-            ids_tensor = torch.tensor([ids]) if self.needs_ids else torch.empty((1, len(ids)), dtype=torch.long)
-            logits = self.processors(ids_tensor, logits)  # type: ignore[arg-type]
-        if self.greedy:
-            return int(logits.max(-1).indices)
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
 class Batch:
@@ -377,8 +334,7 @@ class Scheduler:
         seq.sampler = Sampler(seq.sampling)
         seq.inputs = None  # pixels and the rest are no longer needed
         logits = self._hold_back_eos(out.logits[:, -1, :].float(), [seq])
-        token = seq.sampler.pick(seq.ids, logits)
-        return self._advance(seq, token)
+        return self._advance(seq, pick([seq.sampler], [seq.ids], logits)[0])
 
     def _vision_states(self, seq: Sequence) -> Any:
         digest = seq.image.digest
@@ -452,16 +408,10 @@ class Scheduler:
             return
         self.steps += 1
         logits = self._hold_back_eos(logits, rows)
-        plain = [i for i, s in enumerate(rows) if s.sampler.plain]
-        picks: dict[int, int] = {}
-        if plain:
-            # max() gives argmax's index (the first of equal maxima) in half its time on CPU.
-            best = (logits if len(plain) == len(rows) else logits[plain]).max(-1).indices.tolist()
-            picks = dict(zip(plain, best, strict=True))
+        tokens = pick([s.sampler for s in rows], [s.ids for s in rows], logits)
         keep = []
         ended: list[tuple[Sequence, FinishReason]] = []
-        for i, seq in enumerate(rows):
-            token = picks[i] if i in picks else seq.sampler.pick(seq.ids, logits[i : i + 1])
+        for i, (seq, token) in enumerate(zip(rows, tokens, strict=True)):
             finish = self._advance(seq, token)
             if finish is None:
                 keep.append(i)

@@ -8,6 +8,7 @@ a time and is the baseline the other levels are set against.
 - decode-dominated: a short prompt with one small image that every request shares (Llama 3.2 Vision
   conversations start with an image; after the first, its vision states come from the cache), exactly
   --tokens new tokens (min_new_tokens = max_tokens), greedy.
+- decode, sampled: the same requests with the API's default sampling (temperature 0.8) instead of greedy.
 - image-dominated: every request a different 1120x840 photo-like JPEG (as a data: URI, so no vision-cache
   hit), 8 new tokens.
 - two turns with the same image: time to first token of turn 2 against turn 1 (median of --conversations).
@@ -76,8 +77,11 @@ def small_image() -> tuple[str, Image.Image]:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), image
 
 
-def body(model: str, messages: list[dict], tokens: int) -> dict:
-    parameters = {"max_tokens": tokens, "min_new_tokens": tokens, "temperature": 0, "incremental_output": True}
+def body(model: str, messages: list[dict], tokens: int, greedy: bool = True) -> dict:
+    """Exactly ``tokens`` new tokens; greedy, or sampled with the API's defaults (temperature 0.8, top_p 1.0)."""
+    parameters = {"max_tokens": tokens, "min_new_tokens": tokens, "incremental_output": True}
+    if greedy:
+        parameters["temperature"] = 0
     return {"model": model, "input": {"messages": messages}, "parameters": parameters}
 
 
@@ -232,6 +236,9 @@ def main() -> None:
                 ]
                 for n in levels:
                     rows.append(("decode-dominated", n, await level(client, decode, n)))
+                sampled = [{**b, "parameters": body(name, [], args.tokens, greedy=False)["parameters"]} for b in decode]
+                for n in levels:
+                    rows.append(("decode, sampled", n, await level(client, sampled, n)))
                 for n in levels:  # fresh images at every level: no vision-cache hits
                     images = [
                         body(name, [user("Describe the picture.", photo(1000 * n + i))], 8)

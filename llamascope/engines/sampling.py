@@ -72,7 +72,8 @@ def pick(samplers: Sequence[Sampler], ids: Sequence[list[int]], logits: torch.Te
         [i for i, s in enumerate(samplers) if not s.greedy and s.restricts],
     ):
         if group:
-            chosen = _sample([samplers[i] for i in group], logits[group])
+            rows = logits if len(group) == len(samplers) else logits[group]  # a copy only when rows differ
+            chosen = _sample([samplers[i] for i in group], rows)
             for i, token in zip(group, chosen, strict=True):
                 picks[i] = token
     return picks
@@ -81,7 +82,7 @@ def pick(samplers: Sequence[Sampler], ids: Sequence[list[int]], logits: torch.Te
 def _sample(samplers: list[Sampler], logits: torch.Tensor) -> list[int]:
     """Sample every row (all with temperature > 0) after its own temperature, top-k and top-p."""
     vocab = logits.shape[-1]
-    logits = logits / torch.tensor([s.temperature for s in samplers])[:, None]
+    logits.div_(torch.tensor([s.temperature for s in samplers])[:, None])  # the caller's rows are ours to change
     if not samplers[0].restricts:  # the caller groups rows: here none restricts
         return _draw(samplers, logits)
     top_k = torch.tensor([min(s.top_k, vocab) if s.top_k else vocab for s in samplers])

@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(131072, ge=1)
     max_queued: int = Field(64, ge=0)
     max_queue_wait_seconds: float = Field(60.0, gt=0)
+    # A long prompt is prefilled this many tokens at a time, running streams going on in between.
+    prefill_chunk_tokens: int = Field(512, ge=16)
     # The vision tower's output kept by image content hash, so later turns with the same image skip it.
     vision_cache_bytes: int = Field(1024 * 1024 * 1024, ge=0)
 

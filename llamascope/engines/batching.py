@@ -52,6 +52,7 @@ class BatchLimits:
     max_batch_tokens: int = 131072
     max_queued: int = 64
     max_queue_wait: float = 60.0
+    prefill_chunk: int = 512  # prompt tokens prefilled between two decode steps
 
 
 class VisionCache(SizedLRU[str, tuple[Any, int]]):
@@ -81,6 +82,8 @@ class Sequence:
     ids: list[int] = field(default_factory=list)  # prompt and generated ids (for the repetition penalty)
     generated: int = 0
     last: int = 0  # the last token made, the next step's input
+    prefilled: int = 0  # prompt tokens through the model so far
+    tiles: int = 0  # its image's own tiles (of ``max_num_tiles``)
     cache: Any = None  # its own key/value cache, until it joins a batch
     mask: Any = None  # its attention mask [1, n], until it joins a batch
     cross_mask: Any = None  # the cross-attention mask row for new tokens [1, 1, 1, tiles]
@@ -157,6 +160,13 @@ class Batch:
                 states = keys.shape[2] // before * tiles
                 keys, values = keys[:, :, :states], values[:, :, :states]
             layer.keys, layer.values = keys, values
+
+
+def _positions(start: int, end: int, device: Any) -> Any:
+    """Position ids [1, end - start] for the prompt tokens start..end."""
+    import torch
+
+    return torch.arange(start, end, device=device)[None, :]
 
 
 def _pad_left(tensor: Any, length: int, dim: int) -> Any:
@@ -257,21 +267,51 @@ class Scheduler:
                             self._step(batch)
                 except Exception:  # a bug here must not leave requests waiting for ever
                     log.exception("the scheduler failed; failing the requests it was running")
+                    failed: list[Sequence] = [self.prefilling] if self.prefilling else []
+                    self.prefilling = None
                     for batch in self.batches.values():
-                        failed = batch.rows
+                        failed += batch.rows
                         batch.keep([])
-                        for seq in failed:
-                            seq.send(errors.internal_error())
-        for seq in list(self.waiting) + [s for b in self.batches.values() for s in b.rows]:
+                    for seq in failed:
+                        seq.send(errors.internal_error())
+        prefilling = [self.prefilling] if self.prefilling else []
+        for seq in [*self.waiting, *prefilling, *(s for b in self.batches.values() for s in b.rows)]:
             seq.send(FinishReason.CANCELLED)
 
     def _admit(self) -> None:
-        """Prefill waiting requests while there is room; drop those cancelled or waited out."""
+        """Prefill waiting requests, at most ``prefill_chunk`` prompt tokens before the next decode step.
+
+        A long prompt is prefilled a chunk at a time, so running streams go on between its chunks
+        instead of stalling for the whole prompt; short prompts arriving together are all prefilled
+        before the next step. Requests cancelled or waited out are dropped here.
+        """
+        budget = self.limits.prefill_chunk
+        while budget > 0:
+            seq = self.prefilling or self._next_waiting()
+            if seq is None:
+                return
+            self.prefilling = seq
+            ended: Message | None
+            try:
+                before = seq.prefilled
+                ended = self._prefill(seq, budget)
+                budget -= seq.prefilled - before
+                if ended is None and seq.cache is not None and seq.inputs is None:  # prefilled: joins the batch
+                    self.batches[seq.has_image].add(seq)
+            except Exception:
+                log.exception("prefill failed")
+                ended = errors.internal_error()
+            if ended is None and seq.inputs is not None:  # more of its prompt to go, after a decode step
+                return
+            self.prefilling = None
+            if ended is not None:  # sent once it no longer counts as active
+                seq.send(ended)
+
+    def _next_waiting(self) -> Sequence | None:
+        """The first waiting request if there is room for it; those cancelled or waited out are ended."""
         now = time.monotonic()
-        while True:
-            with self._cond:
-                if not self.waiting:
-                    return
+        with self._cond:
+            while self.waiting:
                 seq = self.waiting[0]
                 if seq.cancel.is_set():
                     self.waiting.popleft()
@@ -286,50 +326,50 @@ class Scheduler:
                     len(running) >= self.limits.max_batch
                     or sum(s.budget for s in running) + seq.budget > self.limits.max_batch_tokens
                 ):
-                    return
-                self.waiting.popleft()
-                self.prefilling = seq
-            ended: Message | None
-            try:
-                ended = self._prefill(seq)
-                if ended is None:
-                    self.batches[seq.has_image].add(seq)
-            except Exception:
-                log.exception("prefill failed")
-                ended = errors.internal_error()
-            finally:
-                self.prefilling = None
-            if ended is not None:  # sent once it no longer counts as active
-                seq.send(ended)
+                    return None
+                return self.waiting.popleft()
+        return None
 
-    def _prefill(self, seq: Sequence) -> FinishReason | None:
-        """Run the prompt alone; send its first token. None if it goes on to the batch, else how it ended."""
+    def _prefill(self, seq: Sequence, budget: int) -> FinishReason | None:
+        """Run up to ``budget`` more of the prompt, alone. At its end, send the first token.
+
+        None if the request goes on (to more prefill, or to the batch once ``seq.inputs`` is cleared),
+        else how it ended.
+        """
         from transformers import DynamicCache
 
-        seq.started_at = time.monotonic()
         if seq.cancel.is_set():
             return FinishReason.CANCELLED
         inputs = seq.inputs
         device = self.model.device
         ids = inputs["input_ids"]
-        mask = inputs["attention_mask"].to(device)
+        start = seq.prefilled
+        end = min(ids.shape[1], start + budget)
         kwargs: dict[str, Any] = {
-            "input_ids": ids.to(device),
-            "attention_mask": mask,
-            "past_key_values": DynamicCache(config=self.text_config),
+            "input_ids": ids[:, start:end].to(device),
+            "attention_mask": inputs["attention_mask"][:, :end].to(device),
+            "position_ids": _positions(start, end, device),
             "use_cache": True,
-            "logits_to_keep": 1,
         }
-        tiles = 0
+        if start == 0:
+            seq.started_at = time.monotonic()
+            seq.cache = DynamicCache(config=self.text_config)
+            if seq.has_image:
+                states, seq.tiles = self._vision_states(seq)
+                kwargs["cross_attention_states"] = states  # its key/value projections go to the cache
+        kwargs["past_key_values"] = seq.cache
         if seq.has_image:
-            states, tiles = self._vision_states(seq)
-            kwargs["cross_attention_states"] = states
-            kwargs["cross_attention_mask"] = inputs["cross_attention_mask"].to(device)
-            seq.cross_mask = kwargs["cross_attention_mask"][:, -1:, :, :tiles]
-        out = self.model(**kwargs)
-        seq.cache, seq.mask = out.past_key_values, mask
-        if tiles:
-            self._drop_padding_tiles(seq.cache, tiles, int(states.shape[0]))
+            kwargs["cross_attention_mask"] = inputs["cross_attention_mask"][:, start:end].to(device)
+        if end < ids.shape[1]:  # not the last chunk: no output layer
+            self.model.model(**kwargs)
+            seq.prefilled = end
+            return None
+        out = self.model(**kwargs, logits_to_keep=1)
+        seq.prefilled = end
+        seq.mask = inputs["attention_mask"].to(device)
+        if seq.has_image:
+            seq.cross_mask = inputs["cross_attention_mask"][:, -1:, :, : seq.tiles].to(device)
+            self._drop_padding_tiles(seq.cache, seq.tiles, int(inputs["cross_attention_mask"].shape[-1]))
         seq.ids = ids[0].tolist()
         seq.sampler = Sampler(seq.sampling)
         seq.inputs = None  # pixels and the rest are no longer needed

@@ -49,6 +49,7 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
                         max_batch_tokens=settings.max_batch_tokens,
                         max_queued=settings.max_queued,
                         max_queue_wait=settings.max_queue_wait_seconds,
+                        prefill_chunk=settings.prefill_chunk_tokens,
                     ),
                     vision_cache_bytes=settings.vision_cache_bytes,
                 )

@@ -68,15 +68,26 @@ def test_batched_output_is_token_identical_to_alone(engine: MllamaEngine) -> Non
     assert steps < sum(n for _, n in together) / 2
 
 
+@pytest.fixture(scope="module")
+def chunked(test_model_dir: Path) -> MllamaEngine:
+    """Prompts prefilled five tokens at a time: the image token and the text around it in different chunks."""
+    return MllamaEngine.load(test_model_dir, test_model=True, limits=BatchLimits(prefill_chunk=5))
+
+
 @pytest.mark.parametrize("size", [(320, 240), (1120, 840)], ids=["one tile", "four tiles"])
-def test_answers_equal_transformers_generate(engine: MllamaEngine, size: tuple[int, int]) -> None:
-    """The scheduler's own decode loop answers as stock generate does, token for token.
+@pytest.mark.parametrize("prefill", ["whole", "chunked"])
+def test_answers_equal_transformers_generate(
+    request: pytest.FixtureRequest, prefill: str, size: tuple[int, int]
+) -> None:
+    """The scheduler's own prefill and decode loop answer as stock generate does, token for token.
 
     Stock Mllama pads every image to four tiles and masks the padding; the scheduler decodes over the
     image's own tiles only, padding a batch to its most tiles.
     """
     import numpy as np
     import torch
+
+    engine: MllamaEngine = request.getfixturevalue("engine" if prefill == "whole" else "chunked")
 
     pixels = Image.fromarray(np.random.default_rng(size[0]).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     turns = [Turn("user", "What is this?", PreparedImage(pixels, f"noise{size}", "PNG", *size))]
@@ -99,6 +110,38 @@ def test_answers_equal_transformers_generate(engine: MllamaEngine, size: tuple[i
 
     assert asyncio.run(scenario()) == (expected, expected)
     assert engine.vision_cache.peek(turns[0].image.digest)[1] == tiles
+
+
+def test_running_streams_go_on_while_a_long_prompt_is_prefilled(test_model_dir: Path) -> None:
+    engine = MllamaEngine.load(test_model_dir, test_model=True, limits=BatchLimits(prefill_chunk=256))
+    long_turns = [Turn("user", "describe every detail " * 800)]  # about 7,000 tokens: 28 chunks
+
+    async def scenario() -> tuple[int, int]:
+        long_prompt = await engine.prepare(long_turns)
+        prompt = await engine.prepare([Turn("user", "Tell me everything.")])
+        stamps: list[float] = []
+
+        async def running() -> None:
+            async for _ in engine.generate(
+                prompt, SamplingParams(max_new_tokens=400, min_new_tokens=400, temperature=0)
+            ):
+                stamps.append(time.monotonic())
+
+        task = asyncio.create_task(running())
+        while len(stamps) < 5:
+            await asyncio.sleep(0.001)
+        submitted = time.monotonic()
+        chunks = engine.generate(long_prompt, SamplingParams(max_new_tokens=1, temperature=0))
+        await anext(chunks)
+        first = time.monotonic()
+        await chunks.aclose()  # type: ignore[attr-defined]
+        await task
+        return long_prompt.input_tokens, sum(submitted < t < first for t in stamps)
+
+    tokens, during = asyncio.run(scenario())
+    assert tokens > 6000
+    # One decode step after every chunk of 256 prompt tokens (a whole-prompt prefill would allow none).
+    assert during >= tokens // 256 // 2
 
 
 def test_requests_join_and_leave_a_running_batch(engine: MllamaEngine) -> None:

@@ -63,9 +63,8 @@ def pick(samplers: Sequence[Sampler], ids: Sequence[list[int]], logits: torch.Te
     picks: list[int] = [0] * len(samplers)
     greedy = [i for i, s in enumerate(samplers) if s.greedy]
     if greedy:
-        # max() gives argmax's index (the first of equal maxima) in half its time on CPU.
         rows = logits if len(greedy) == len(samplers) else logits[greedy]
-        for i, token in zip(greedy, rows.max(-1).indices.tolist(), strict=True):
+        for i, token in zip(greedy, argmax(rows).tolist(), strict=True):
             picks[i] = token
     for group in (
         [i for i, s in enumerate(samplers) if not s.greedy and not s.restricts],
@@ -77,6 +76,21 @@ def pick(samplers: Sequence[Sampler], ids: Sequence[list[int]], logits: torch.Te
             for i, token in zip(group, chosen, strict=True):
                 picks[i] = token
     return picks
+
+
+def argmax(logits: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Each row's index of its largest value, the first of equal ones (as ``argmax`` gives it), faster.
+
+    On CPU ``max(-1)`` with indices runs at a third of the memory's speed over 128,256 columns (16
+    rows: 1.34 ms, where ``amax`` takes 0.39 ms; ``argmax`` 2.5 ms). So: each block's largest value at
+    ``amax``'s speed, the first block holding the row's largest, then the first index in that block.
+    """
+    rows, vocab = logits.shape
+    if vocab % block:
+        return logits.max(-1).indices
+    blocks = logits.reshape(rows, vocab // block, block)
+    best = blocks.amax(-1).argmax(-1)  # the first block holding the row's largest value
+    return best * block + blocks[torch.arange(rows), best].argmax(-1)
 
 
 def _sample(samplers: list[Sampler], logits: torch.Tensor) -> list[int]:

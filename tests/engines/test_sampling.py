@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from llamascope.engines.base import SamplingParams
-from llamascope.engines.sampling import TOP_P_CANDIDATES, Sampler, pick
+from llamascope.engines.sampling import TOP_P_CANDIDATES, Sampler, argmax, pick
 
 
 def allowed(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -90,3 +90,15 @@ def test_greedy_with_repetition_penalty_is_transformers() -> None:
         expected.append(int(scores.argmax()))
     assert ours == expected
     assert ours[1] != int(logits[1].argmax())  # the penalty moved the second row off its repeated token
+
+
+@pytest.mark.parametrize("vocab", [128256, 1000])
+def test_argmax_is_torchs_first_of_equal_maxima(vocab: int) -> None:
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(5))
+    logits[1, [7, 300, vocab - 1]] = 50.0  # ties in different blocks: the first
+    logits[2, [600, 601]] = 50.0  # ties in one block
+    logits[3, :] = 0.0  # all equal: index 0
+    logits[4, vocab - 1] = 60.0  # the very last
+    expected = logits.argmax(-1)
+    assert torch.equal(argmax(logits), expected)
+    assert expected[1] == 7 and expected[4] == vocab - 1

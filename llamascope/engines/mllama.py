@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +131,43 @@ class _IncrementalText:
         return ""
 
 
+class _Outbox:
+    """Messages from the model thread to one event loop, with one wake-up of the loop per burst.
+
+    A decode step makes a token for each running request at once; handing each over with its own
+    ``call_soon_threadsafe`` wakes the loop (a write to its self-pipe) once per request and step.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: deque[tuple[asyncio.Queue[Message], Message]] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue[Message], message: Message) -> None:
+        """From any thread. RuntimeError when the loop is closed."""
+        if self._loop.is_closed():
+            raise RuntimeError("the event loop is closed")
+        with self._lock:
+            self._items.append((queue, message))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            with self._lock:
+                self._scheduled = False
+            raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, deque()
+            self._scheduled = False
+        for queue, message in items:
+            queue.put_nowait(message)
+
+
 class MllamaEngine:
     """Implements ``llamascope.engines.base.Engine`` in this process."""
 
@@ -158,6 +198,7 @@ class MllamaEngine:
         # No token covers more bytes than this, so a prompt of N bytes has at least N/this tokens.
         self._max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab())
         self._preparers = anyio.CapacityLimiter(2)
+        self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = weakref.WeakKeyDictionary()
         self.vision_cache = VisionCache(vision_cache_bytes)
         self.scheduler = Scheduler(model, self._pixel_tensors, self.eos_ids, limits or BatchLimits(), self.vision_cache)
 
@@ -296,11 +337,14 @@ class MllamaEngine:
 
     async def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
+        outbox = self._outboxes.get(loop)
+        if outbox is None:
+            outbox = self._outboxes[loop] = _Outbox(loop)
         queue: asyncio.Queue[Message] = asyncio.Queue()
 
         def send(message: Message) -> None:
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, message)
+                outbox.put(queue, message)
             except RuntimeError:  # the caller's event loop is gone: so is the caller
                 seq.cancel.set()
 

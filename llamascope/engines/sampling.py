@@ -130,10 +130,35 @@ def _sample(samplers: list[Sampler], logits: torch.Tensor) -> list[int]:
     return chosen
 
 
-def _draw(samplers: list[Sampler], logits: torch.Tensor) -> list[int]:
-    """One draw per row from softmax(logits), by inverse CDF with the row's own generator."""
-    cdf = logits.softmax(-1).cumsum_(-1)
-    uniform = torch.tensor([float(torch.rand(1, generator=s.generator)) for s in samplers])
-    # right=True: the first token whose cumulative probability exceeds u * total, so never one of zero probability.
-    chosen = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)
-    return chosen.clamp_(max=logits.shape[-1] - 1).flatten().tolist()
+def _draw(samplers: list[Sampler], logits: torch.Tensor, block: int = 256) -> list[int]:
+    """One draw per row from softmax(logits), by inverse CDF with the row's own generator.
+
+    ``logits`` become the rows' unnormalised probabilities, in place. Rather than a running sum over
+    the whole vocabulary (a slow sequential pass), the sums of 256-wide blocks find the block where
+    u * total falls, and a running sum within that block finds the token: the same token.
+    """
+    rows, vocab = logits.shape
+    weights = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+    uniform = torch.tensor([float(torch.rand(1, generator=s.generator)) for s in samplers])[:, None]
+    if vocab % block:
+        cumulative = weights.cumsum(-1)
+        chosen = _first_above(cumulative, uniform * cumulative[:, -1:])
+    else:
+        blocks = weights.view(rows, vocab // block, block)
+        by_block = blocks.sum(-1).cumsum(-1)  # [rows, blocks]
+        target = uniform * by_block[:, -1:]
+        which = _first_above(by_block, target)
+        before = torch.where(which > 0, by_block.gather(1, (which - 1).clamp(min=0)), 0.0)
+        within = blocks[torch.arange(rows), which[:, 0]].cumsum(-1)  # [rows, block]
+        chosen = which * block + _first_above(within, (target - before).clamp_(min=0.0))
+    return chosen.flatten().tolist()
+
+
+def _first_above(cumulative: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose running sum exceeds target [rows, 1]: never one of zero weight.
+
+    Where rounding puts target at or past the row's total, the last index of nonzero weight.
+    """
+    first = torch.searchsorted(cumulative, target, right=True)
+    last = torch.searchsorted(cumulative, cumulative[:, -1:].contiguous())  # where the total is reached
+    return torch.minimum(first, last)

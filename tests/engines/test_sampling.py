@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from llamascope.engines.base import SamplingParams
-from llamascope.engines.sampling import TOP_P_CANDIDATES, Sampler, argmax, pick
+from llamascope.engines.sampling import TOP_P_CANDIDATES, Sampler, _first_above, argmax, pick
 
 
 def allowed(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -41,9 +41,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("vocab", [40, 768], ids=["one running sum", "block sums"])
 @pytest.mark.parametrize("params", CASES, ids=["temperature", "top-k", "top-p", "top-k and top-p"])
-def test_draws_follow_transformers_distribution(params: SamplingParams) -> None:
-    logits = torch.randn(40, generator=torch.Generator().manual_seed(1)) * 2
+def test_draws_follow_transformers_distribution(params: SamplingParams, vocab: int) -> None:
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(1)) * 2 - 30
+    logits[torch.arange(40) * (vocab // 40)] += 30  # 40 likely tokens, spread over every block
     expected = allowed(logits, params)
     seen = draws(logits, params, 6000)
     assert not bool((seen[expected == 0] > 0).any()), "drew a token transformers' warpers remove"
@@ -102,3 +104,18 @@ def test_argmax_is_torchs_first_of_equal_maxima(vocab: int) -> None:
     expected = logits.argmax(-1)
     assert torch.equal(argmax(logits), expected)
     assert expected[1] == 7 and expected[4] == vocab - 1
+
+
+def test_a_draw_never_lands_on_a_token_of_zero_weight() -> None:
+    """Rounding can put u * total at or past a row's total, or a hair below zero within a block."""
+    cumulative = torch.tensor([[0.0, 0.5, 0.5, 1.0, 1.0, 1.0], [0.0, 0.0, 2.0, 2.0, 3.0, 3.0]])
+    assert _first_above(cumulative, torch.tensor([[1.0], [3.5]])).flatten().tolist() == [3, 4]
+    assert _first_above(cumulative, torch.tensor([[0.0], [0.0]])).flatten().tolist() == [1, 2]
+    assert _first_above(cumulative, torch.tensor([[0.7], [2.0]])).flatten().tolist() == [3, 4]
+
+
+def test_a_low_temperature_draw_is_the_top_token() -> None:
+    """Nearly every weight rounds to zero; the draw must still be a token that has weight."""
+    logits = torch.randn(8, 1024, generator=torch.Generator().manual_seed(6)) * 5
+    samplers = [Sampler(SamplingParams(temperature=1e-4, seed=i)) for i in range(8)]
+    assert pick(samplers, [[]] * 8, logits.clone()) == logits.argmax(-1).tolist()

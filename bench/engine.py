@@ -17,6 +17,8 @@ the same code wander by 20%.
 - two turns with the same image: time to first token of turn 2 against turn 1 (median of --conversations).
 - server overhead: time to first token of one short request (the small image) through HTTP, against the same request
   given to an engine in this process (prepare + generate to the first chunk); medians of --repeats.
+- the decode-dominated load given to that engine directly, one at a time and all at once: what the scheduler
+  does without the HTTP server, its event loop and this process's client sharing the machine's cores.
 
     .venv/bin/python bench/engine.py [--model PATH | --shape tiny|medium] [--dtype auto|float32|bfloat16]
                                      [--tokens 128] [--requests 16] [--levels 1,4,16] [--rounds 3]
@@ -157,8 +159,9 @@ async def http_ttft(client: httpx.AsyncClient, model: str, repeats: int) -> floa
     return statistics.median([(await stream(client, payload))[0] for _ in range(repeats)]) * 1000
 
 
-def direct_ttft(model_dir: Path, repeats: int, dtype: str) -> float:
-    """The same request to an engine in this process: no HTTP, no keys, no JSON."""
+def direct(model_dir: Path, repeats: int, dtype: str, tokens: int, requests: int, rounds: int) -> dict:
+    """The engine in this process, no HTTP, no keys, no JSON: time to first token of the short request, and
+    the decode-dominated load's tokens per second one at a time and all at once (median of ``rounds``)."""
     from llamascope.cli import configure_torch
     from llamascope.engines.base import SamplingParams, Turn
     from llamascope.engines.mllama import MllamaEngine
@@ -166,31 +169,50 @@ def direct_ttft(model_dir: Path, repeats: int, dtype: str) -> float:
 
     configure_torch(None)
     engine = MllamaEngine.load(model_dir, dtype=dtype)
-    sampling = SamplingParams(max_new_tokens=4, min_new_tokens=4, temperature=0)
     image = PreparedImage(small_image()[1], "small", "PNG", 320, 240)
 
     async def once() -> float:
         started = time.perf_counter()
         prompt = await engine.prepare([Turn("user", "Say hello.", image)])
-        chunks = engine.generate(prompt, sampling)
+        chunks = engine.generate(prompt, SamplingParams(max_new_tokens=4, min_new_tokens=4, temperature=0))
         await anext(chunks)
         elapsed = time.perf_counter() - started
         await chunks.aclose()  # type: ignore[attr-defined]
         return elapsed
 
-    async def run() -> float:
+    async def story(i: int) -> int:
+        prompt = await engine.prepare([Turn("user", f"Tell a story about the number {i}.", image)])
+        greedy = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0)
+        made = 0
+        async for chunk in engine.generate(prompt, greedy):
+            made = chunk.output_tokens
+        return made
+
+    async def decode(together: bool) -> float:
+        started = time.perf_counter()
+        if together:
+            made = sum(await asyncio.gather(*(story(i) for i in range(requests))))
+        else:
+            made = sum([await story(i) for i in range(requests)])
+        return made / (time.perf_counter() - started)
+
+    async def run() -> dict:
         for _ in range(3):
             await once()
-        times = [await once() for _ in range(repeats)]
+        ttft = statistics.median([await once() for _ in range(repeats)]) * 1000
+        await decode(True)  # untimed, as through HTTP
+        alone = statistics.median([await decode(False) for _ in range(rounds)])
+        batched = statistics.median([await decode(True) for _ in range(rounds)])
         await engine.close()
-        return statistics.median(times) * 1000
+        return {"ttft": ttft, "alone": alone, "batched": batched}
 
     return asyncio.run(run())
 
 
 def main() -> None:
     if sys.argv[1:2] == ["--direct"]:  # the child that times the engine alone, in a fresh process like the server
-        print(direct_ttft(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
+        model_dir, repeats, dtype, tokens, requests, rounds = sys.argv[2:8]
+        print(json.dumps(direct(Path(model_dir), int(repeats), dtype, int(tokens), int(requests), int(rounds))))
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, help="a Llama 3.2 Vision directory (default: the built-in test model)")
@@ -272,8 +294,9 @@ def main() -> None:
             return turn1, turn2, http
 
         turn1, turn2, http = asyncio.run(measure())
-    child = [sys.executable, __file__, "--direct", str(model_dir), str(args.repeats), args.dtype]
-    direct = float(subprocess.run(child, capture_output=True, text=True, check=True).stdout.split()[-1])
+    settings = [str(model_dir), str(args.repeats), args.dtype, str(args.tokens), str(args.requests), str(args.rounds)]
+    child = [sys.executable, __file__, "--direct", *settings]
+    alone = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
 
     print(f"model: {model_dir} ({args.dtype}); {args.requests} streamed requests per level, over loopback")
     print(f"{'load':<18} {'concurrent':>10} {'tok/s':>9} {'x 1-at-a-time':>14} {'TTFT p50':>10} {'TTFT p99':>10}")
@@ -293,8 +316,12 @@ def main() -> None:
         f"(turn 2 / turn 1 = {turn2 / turn1:.2f})"
     )
     print(
-        f"server overhead: TTFT through HTTP {http:.2f} ms, engine called directly {direct:.2f} ms, "
-        f"added {http - direct:.2f} ms"
+        f"server overhead: TTFT through HTTP {http:.2f} ms, engine called directly {alone['ttft']:.2f} ms, "
+        f"added {http - alone['ttft']:.2f} ms"
+    )
+    print(
+        f"decode-dominated, engine called directly (no HTTP): one at a time {alone['alone']:.1f} tok/s, "
+        f"{args.requests} at once {alone['batched']:.1f} tok/s = {alone['batched'] / alone['alone']:.2f}x"
     )
 
 

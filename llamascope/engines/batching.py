@@ -3,9 +3,10 @@
 transformers' own continuous batching (``generate_batch``) takes text only, so
 llamascope runs its own decode loop over the real Mllama classes, as vLLM and
 SGLang schedule: a request joins the running batch at a token boundary (it is
-prefilled alone, then its key/value cache is merged into the batch, left-padded
-to the batch's length) and leaves it the step it finishes or is cancelled,
-while the others go on. Each request samples with its own settings and its own
+prefilled alone, at most ``prefill_chunk`` prompt tokens between two decode
+steps, then its key/value cache is merged into the batch, left-padded to the
+batch's length) and leaves it the step it finishes or is cancelled, while the
+others go on. Each request samples with its own settings and its own
 random generator, and streams on its own.
 
 Requests with an image and requests without one run in separate batches: a text-only

@@ -50,7 +50,6 @@ KEY = "sk-bench-000000000000000000000000000000000"
 SHAPES: dict[str, dict] = {
     "tiny": {},
     "medium": {
-        "name": "bench-medium",
         "text_overrides": {
             "hidden_size": 512,
             "intermediate_size": 2048,

@@ -109,27 +109,20 @@ class Batch:
         self.cross_mask: Any = None  # [B, 1, 1, tiles] for image batches
 
     def add(self, seq: Sequence) -> None:
-        import torch
-
         if not self.rows:
             self.rows, self.cache, self.mask, self.cross_mask = [seq], seq.cache, seq.mask, seq.cross_mask
         else:
-            length = max(self.mask.shape[1], seq.mask.shape[1])
             for index, (mine, theirs) in enumerate(zip(self.cache.layers, seq.cache.layers, strict=True)):
                 if not theirs.is_initialized or theirs.keys.numel() == 0:
                     continue
-                if index in self.cross_layers:  # the image's states: padded on the right to the most tiles
-                    states = max(mine.keys.shape[2], theirs.keys.shape[2])
-                    mine.keys = torch.cat([_pad_right(mine.keys, states, 2), _pad_right(theirs.keys, states, 2)])
-                    mine.values = torch.cat([_pad_right(mine.values, states, 2), _pad_right(theirs.values, states, 2)])
-                else:
-                    mine.keys = torch.cat([_pad_left(mine.keys, length, 2), _pad_left(theirs.keys, length, 2)])
-                    mine.values = torch.cat([_pad_left(mine.values, length, 2), _pad_left(theirs.values, length, 2)])
-            self.mask = torch.cat([_pad_left(self.mask, length, 1), _pad_left(seq.mask, length, 1)])
+                # Past tokens are padded on the left to the longest row; an image's states on the right, to
+                # the most tiles.
+                left = index not in self.cross_layers
+                mine.keys = _joined(mine.keys, theirs.keys, 2, left)
+                mine.values = _joined(mine.values, theirs.values, 2, left)
+            self.mask = _joined(self.mask, seq.mask, 1, left=True)
             if self.cross_mask is not None:  # padding tiles are masked out (0)
-                tiles = max(self.cross_mask.shape[3], seq.cross_mask.shape[3])
-                masks = [_pad_right(self.cross_mask, tiles, 3), _pad_right(seq.cross_mask, tiles, 3)]
-                self.cross_mask = torch.cat(masks)
+                self.cross_mask = _joined(self.cross_mask, seq.cross_mask, 3, left=False)
             self.rows.append(seq)
         seq.cache = seq.mask = None
 
@@ -158,8 +151,7 @@ class Batch:
             if i not in self.cross_layers and unused:
                 keys, values = keys[:, :, unused:], values[:, :, unused:]
             if i in self.cross_layers and tiles < before:  # the padding only the rows that left needed
-                states = keys.shape[2] // before * tiles
-                keys, values = keys[:, :, :states], values[:, :, :states]
+                keys, values = _first_tiles(keys, tiles, before), _first_tiles(values, tiles, before)
             layer.keys, layer.values = keys, values
 
 
@@ -170,12 +162,12 @@ def _positions(start: int, end: int, device: Any) -> Any:
     return torch.arange(start, end, device=device)[None, :]
 
 
-def _pad_left(tensor: Any, length: int, dim: int) -> Any:
-    return _pad(tensor, length, dim, left=True)
+def _joined(mine: Any, theirs: Any, dim: int, left: bool) -> Any:
+    """Two batches' tensors as one: the shorter padded with zeros along ``dim`` (on the left or right)."""
+    import torch
 
-
-def _pad_right(tensor: Any, length: int, dim: int) -> Any:
-    return _pad(tensor, length, dim, left=False)
+    length = max(mine.shape[dim], theirs.shape[dim])
+    return torch.cat([_pad(mine, length, dim, left), _pad(theirs, length, dim, left)])
 
 
 def _pad(tensor: Any, length: int, dim: int, left: bool) -> Any:
@@ -189,6 +181,11 @@ def _pad(tensor: Any, length: int, dim: int, left: bool) -> Any:
     shape[dim] = missing
     zeros = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
     return torch.cat([zeros, tensor] if left else [tensor, zeros], dim=dim)
+
+
+def _first_tiles(states: Any, tiles: int, of: int) -> Any:
+    """Cross-attention keys or values [B, heads, of * per tile, dim] cut to their first ``tiles`` tiles."""
+    return states[:, :, : states.shape[2] // of * tiles]
 
 
 class Scheduler:
@@ -408,10 +405,10 @@ class Scheduler:
         """
         if tiles == all_tiles:
             return
-        for index in self.cross_layers:
+        for index in self.cross_layers:  # clone: not the padding's memory
             layer = cache.layers[index]
-            keep = layer.keys.shape[2] // all_tiles * tiles
-            layer.keys, layer.values = layer.keys[:, :, :keep].clone(), layer.values[:, :, :keep].clone()
+            layer.keys = _first_tiles(layer.keys, tiles, all_tiles).clone()
+            layer.values = _first_tiles(layer.values, tiles, all_tiles).clone()
 
     def _step(self, batch: Batch) -> None:
         """One decode step for every row; rows that finish or were cancelled leave."""

@@ -30,8 +30,6 @@ from llamascope.images import PreparedImage
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
-
 
 @dataclass
 class _Payload:
@@ -194,7 +192,6 @@ class MllamaEngine:
         gen = model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos)
-        self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else self.tokenizer.pad_token_id
         # No token covers more bytes than this, so a prompt of N bytes has at least N/this tokens.
         self._max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab())
         self._preparers = anyio.CapacityLimiter(2)
@@ -223,7 +220,7 @@ class MllamaEngine:
         import torch
         from transformers import AutoProcessor, MllamaForConditionalGeneration
 
-        check_model_dir(path)
+        config = check_model_dir(path)
         try:
             processor = AutoProcessor.from_pretrained(path, backend="pil")
         except Exception as exc:  # transformers raises many types here
@@ -233,7 +230,6 @@ class MllamaEngine:
         torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
         extra: dict[str, Any] = {}
         if quantization == "nf4":
-            config = check_model_dir(path)
             extra["quantization_config"] = _nf4_config(torch.bfloat16 if dtype == "auto" else torch_dtype, config)
             torch_dtype = torch.bfloat16 if dtype == "auto" else torch_dtype
         try:

@@ -213,22 +213,24 @@ def build_processor(tokenizer):
     return MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=STOCK_TEMPLATE)
 
 
-def _recipe_key() -> str:
+def _recipe_key(text_overrides: dict[str, Any] | None = None) -> str:
     import tokenizers
     import transformers
 
     raw = f"{RECIPE_VERSION}:{SEED}:{transformers.__version__}:{tokenizers.__version__}"
+    if text_overrides:  # another shape is another model
+        raw += ":" + json.dumps(text_overrides, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
-def ensure_test_model(cache_dir: Path, text_overrides: dict[str, Any] | None = None, name: str = "test-model") -> Path:
+def ensure_test_model(cache_dir: Path, text_overrides: dict[str, Any] | None = None) -> Path:
     """Return the directory of the built-in test model, building it on first use.
 
     The build goes to a temporary directory that is renamed into place, so a
     crash or a concurrent build never leaves a half-written model behind.
     """
     root = Path(cache_dir)
-    target = root / f"{name}-{_recipe_key()}"
+    target = root / f"test-model-{_recipe_key(text_overrides)}"
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)

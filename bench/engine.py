@@ -6,7 +6,7 @@ loopback. Every level sends the same requests; concurrency 1 serves them one at
 a time and is the baseline the other levels are set against. Each level runs
 --rounds times (after one untimed round at the largest level) and the round of
 median tokens per second is shown: this machine is shared, and single rounds of
-the same code wander by 20%.
+the same code wander by 20%. Rounds go through every level in turn.
 
 - decode-dominated: a short prompt with one small image that every request shares (Llama 3.2 Vision
   conversations start with an image; after the first, its vision states come from the cache), exactly
@@ -19,6 +19,8 @@ the same code wander by 20%.
   given to an engine in this process (prepare + generate to the first chunk); medians of --repeats.
 - the decode-dominated load given to that engine directly, one at a time and all at once: what the scheduler
   does without the HTTP server, its event loop and this process's client sharing the machine's cores.
+- a stream's longest gap between chunks while a prompt near the context limit is prefilled beside it
+  (prefilled in pieces of PREFILL_CHUNK_TOKENS, so the stream goes on in between).
 
     .venv/bin/python bench/engine.py [--model PATH | --shape tiny|medium] [--dtype auto|float32|bfloat16]
                                      [--tokens 128] [--requests 16] [--levels 1,4,16] [--rounds 3]
@@ -30,6 +32,7 @@ import argparse
 import asyncio
 import base64
 import io
+import itertools
 import json
 import statistics
 import subprocess
@@ -195,15 +198,39 @@ def direct(model_dir: Path, repeats: int, dtype: str, tokens: int, requests: int
             made = sum([await story(i) for i in range(requests)])
         return made / (time.perf_counter() - started)
 
+    async def stall() -> tuple[float, float]:
+        """A stream's median and longest gap between chunks (ms) while a prompt near the context limit arrives."""
+        stamps: list[float] = []
+        long_prompt = await engine.prepare([Turn("user", "describe every detail " * 900)])
+        prompt = await engine.prepare([Turn("user", "Tell me a story.")])
+
+        async def running() -> None:
+            async for _ in engine.generate(prompt, SamplingParams(max_new_tokens=300, min_new_tokens=300)):
+                stamps.append(time.perf_counter())
+
+        task = asyncio.create_task(running())
+        while len(stamps) < 20:
+            await asyncio.sleep(0.001)
+        chunks = engine.generate(long_prompt, SamplingParams(max_new_tokens=1))
+        await anext(chunks)
+        await chunks.aclose()  # type: ignore[attr-defined]
+        await task
+        gaps = [b - a for a, b in itertools.pairwise(stamps)]
+        return statistics.median(gaps) * 1000, max(gaps) * 1000
+
     async def run() -> dict:
         for _ in range(3):
             await once()
         ttft = statistics.median([await once() for _ in range(repeats)]) * 1000
         await decode(True)  # untimed, as through HTTP
-        alone = statistics.median([await decode(False) for _ in range(rounds)])
-        batched = statistics.median([await decode(True) for _ in range(rounds)])
+        one_by_one, together = [], []
+        for _ in range(rounds):  # in turn, as through HTTP
+            one_by_one.append(await decode(False))
+            together.append(await decode(True))
+        alone, batched = statistics.median(one_by_one), statistics.median(together)
+        gap, longest = await stall()
         await engine.close()
-        return {"ttft": ttft, "alone": alone, "batched": batched}
+        return {"ttft": ttft, "alone": alone, "batched": batched, "gap": gap, "longest_gap": longest}
 
     return asyncio.run(run())
 
@@ -272,22 +299,23 @@ def main() -> None:
                 sampled = [{**b, "parameters": body(name, [], args.tokens, greedy=False)["parameters"]} for b in decode]
                 await level(client, decode, max(levels))  # the largest batch's kernels and memory, once, untimed
 
-                async def median(load: Callable[[int], list[dict]], n: int) -> dict:
-                    """The round of median tokens/s: this machine is shared and single rounds wander."""
-                    results = sorted([await level(client, load(r), n) for r in range(args.rounds)], key=tok_s)
-                    return results[len(results) // 2]
+                async def medians(label: str, load: Callable[[int, int], list[dict]]) -> None:
+                    """Each level's round of median tokens/s. Rounds go through every level in turn, so a
+                    level's rounds and the baseline's share the same stretches of this shared machine."""
+                    results: dict[int, list[dict]] = {n: [] for n in levels}
+                    for r in range(args.rounds):
+                        for n in levels:
+                            results[n].append(await level(client, load(r, n), n))
+                    for n in levels:
+                        rows.append((label, n, sorted(results[n], key=tok_s)[args.rounds // 2]))
 
-                for n in levels:
-                    rows.append(("decode-dominated", n, await median(lambda r: decode, n)))
-                for n in levels:
-                    rows.append(("decode, sampled", n, await median(lambda r: sampled, n)))
-                for n in levels:  # fresh images in every round at every level: no vision-cache hits
+                def images(r: int, n: int) -> list[dict]:  # fresh images every round and level: no cache hits
+                    seeds = [100_000 * r + 1000 * n + i for i in range(args.requests)]
+                    return [body(name, [user("Describe the picture.", photo(seed))], 8) for seed in seeds]
 
-                    def images(r: int, n: int = n) -> list[dict]:
-                        seeds = [100_000 * r + 1000 * n + i for i in range(args.requests)]
-                        return [body(name, [user("Describe the picture.", photo(seed))], 8) for seed in seeds]
-
-                    rows.append(("image-dominated", n, await median(images, n)))
+                await medians("decode-dominated", lambda r, n: decode)
+                await medians("decode, sampled", lambda r, n: sampled)
+                await medians("image-dominated", images)
                 turn1, turn2 = await turns(client, name, args.conversations)
                 http = await http_ttft(client, name, args.repeats)
             return turn1, turn2, http
@@ -321,6 +349,10 @@ def main() -> None:
     print(
         f"decode-dominated, engine called directly (no HTTP): one at a time {alone['alone']:.1f} tok/s, "
         f"{args.requests} at once {alone['batched']:.1f} tok/s = {alone['batched'] / alone['alone']:.2f}x"
+    )
+    print(
+        f"a prompt near the context limit beside a running stream (engine directly): the stream's median gap "
+        f"{alone['gap']:.1f} ms, longest {alone['longest_gap']:.1f} ms (PREFILL_CHUNK_TOKENS at its default)"
     )
 
 

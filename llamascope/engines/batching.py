@@ -37,6 +37,7 @@ from typing import Any
 
 from llamascope import errors
 from llamascope.caching import SizedLRU
+from llamascope.engines.attention import shared_rows
 from llamascope.engines.base import FinishReason, SamplingParams
 from llamascope.engines.sampling import Sampler, pick
 
@@ -107,19 +108,30 @@ class Batch:
         self.cache: Any = None
         self.mask: Any = None  # [B, L] 1 for real tokens, 0 for padding
         self.cross_mask: Any = None  # [B, 1, 1, tiles] for image batches
+        # The image every row has (its digest), or None. Its cross-attention keys and values are then one
+        # copy that every row views (``attention.shared_rows``), not a copy per row.
+        self.image: str | None = None
 
     def add(self, seq: Sequence) -> None:
         if not self.rows:
             self.rows, self.cache, self.mask, self.cross_mask = [seq], seq.cache, seq.mask, seq.cross_mask
+            self.image = seq.image.digest if seq.has_image else None
         else:
+            shared = seq.has_image and seq.image.digest == self.image
             for index, (mine, theirs) in enumerate(zip(self.cache.layers, seq.cache.layers, strict=True)):
                 if not theirs.is_initialized or theirs.keys.numel() == 0:
                     continue
+                if shared and index in self.cross_layers:  # the same states as the batch's: its copy goes
+                    mine.keys = shared_rows(mine.keys, len(self.rows) + 1)
+                    mine.values = shared_rows(mine.values, len(self.rows) + 1)
+                    continue
                 # Past tokens are padded on the left to the longest row; an image's states on the right, to
-                # the most tiles.
+                # the most tiles (a shared view becomes a copy per row here).
                 left = index not in self.cross_layers
                 mine.keys = _joined(mine.keys, theirs.keys, 2, left)
                 mine.values = _joined(mine.values, theirs.values, 2, left)
+            if not shared:
+                self.image = None
             self.mask = _joined(self.mask, seq.mask, 1, left=True)
             if self.cross_mask is not None:  # padding tiles are masked out (0)
                 self.cross_mask = _joined(self.cross_mask, seq.cross_mask, 3, left=False)
@@ -132,8 +144,10 @@ class Batch:
 
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
-            self.cache = self.mask = self.cross_mask = None
+            self.cache = self.mask = self.cross_mask = self.image = None
             return
+        images = {s.image.digest for s in self.rows if s.has_image}
+        self.image = images.pop() if len(images) == 1 and self.rows[0].has_image else None
         index = torch.tensor(keep, device=self.mask.device)
         self.mask = self.mask[index]
         unused = int((self.mask.sum(0) == 0).cumprod(0).sum())  # leading columns that are padding in every row
@@ -147,11 +161,16 @@ class Batch:
         for i, layer in enumerate(self.cache.layers):
             if not layer.is_initialized or layer.keys.numel() == 0:
                 continue
-            keys, values = layer.keys[index], layer.values[index]
-            if i not in self.cross_layers and unused:
+            cross = i in self.cross_layers
+            # Rows that now all have one image keep one copy of its states (their copies are the same).
+            rows = index[:1] if cross and self.image is not None else index
+            keys, values = layer.keys[rows], layer.values[rows]
+            if not cross and unused:
                 keys, values = keys[:, :, unused:], values[:, :, unused:]
-            if i in self.cross_layers and tiles < before:  # the padding only the rows that left needed
+            if cross and tiles < before:  # the padding only the rows that left needed
                 keys, values = _first_tiles(keys, tiles, before), _first_tiles(values, tiles, before)
+            if cross and self.image is not None:
+                keys, values = shared_rows(keys, len(keep)), shared_rows(values, len(keep))
             layer.keys, layer.values = keys, values
 
 

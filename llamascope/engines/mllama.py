@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 
 from llamascope import errors
+from llamascope.engines import attention
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
 from llamascope.engines.batching import BatchLimits, Message, Scheduler, Sequence, VisionCache
 from llamascope.engines.mllama_pixels import MllamaPixels
@@ -178,6 +179,9 @@ class MllamaEngine:
         limits: BatchLimits | None = None,
         vision_cache_bytes: int = 1 << 30,
     ) -> None:
+        if model.config.text_config._attn_implementation == "sdpa":  # SDPA, reading a shared image's states once
+            attention.register()
+            model.set_attn_implementation({"text_config": attention.ATTENTION})
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer

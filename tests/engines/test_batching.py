@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from llamascope import errors
+from llamascope.engines.attention import is_shared
 from llamascope.engines.base import Chunk, FinishReason, SamplingParams, Turn
 from llamascope.engines.batching import BatchLimits
 from llamascope.engines.mllama import MllamaEngine
@@ -110,6 +111,50 @@ def test_answers_equal_transformers_generate(
 
     assert asyncio.run(scenario()) == (expected, expected)
     assert engine.vision_cache.peek(turns[0].image.digest)[1] == tiles
+
+
+def test_requests_about_one_image_share_its_states(engine: MllamaEngine) -> None:
+    """Rows with the same image keep one copy of its cross-attention states, not one each; a row with
+    another image makes the batch hold copies until it leaves; every answer is the request's alone."""
+    same, other = image((200, 120, 0), (640, 480)), image((0, 120, 200), (1200, 300))
+    requests = [
+        ([Turn("user", "What is it?", same)], SamplingParams(max_new_tokens=90, min_new_tokens=90, temperature=0)),
+        ([Turn("user", "Its colours?", same)], SamplingParams(max_new_tokens=80, min_new_tokens=80, temperature=0)),
+        ([Turn("user", "And this?", other)], SamplingParams(max_new_tokens=10, min_new_tokens=10, temperature=0)),
+    ]
+    batch = engine.scheduler.batches[True]
+    layer = min(engine.scheduler.cross_layers)
+    seen: list[tuple[int, bool]] = []  # (rows holding the image states, whether they are one shared copy)
+
+    async def watch() -> None:
+        while True:
+            cache = batch.cache
+            if cache is not None:
+                keys = cache.layers[layer].keys
+                if not seen or seen[-1] != (keys.shape[0], is_shared(keys)):
+                    seen.append((keys.shape[0], is_shared(keys)))
+            await asyncio.sleep(0.0005)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        alone = [(await run(engine, turns, sampling))[0] for turns, sampling in requests]
+        watcher = asyncio.create_task(watch())
+        streams = [engine.generate(await engine.prepare(t), s) for t, s in requests]
+        firsts = await asyncio.gather(anext(streams[0]), anext(streams[1]))  # both running before the third
+
+        async def rest(i: int, first: str) -> str:
+            return first + "".join([c.text async for c in streams[i]])
+
+        await asyncio.sleep(0.05)
+        third = asyncio.create_task(rest(2, ""))
+        together = await asyncio.gather(rest(0, firsts[0].text), rest(1, firsts[1].text), third)
+        watcher.cancel()
+        return alone, list(together)
+
+    alone, together = asyncio.run(scenario())
+    assert together == alone
+    shared_two = seen.index((2, True))
+    mixed = seen.index((3, False), shared_two)
+    assert (2, True) in seen[mixed:]  # the other image left: one copy again
 
 
 def test_running_streams_go_on_while_a_long_prompt_is_prefilled(test_model_dir: Path) -> None:

@@ -278,10 +278,16 @@ class Scheduler:
                     if self._stopping:
                         break
                 try:
+                    # After each prefill turn and each step, time.sleep(0) lets the event loop's thread take
+                    # the GIL and hand out the tokens just sent. Otherwise it waits until this thread next
+                    # blocks or is made to switch: a first token reached its stream only after the next decode
+                    # step (2 to 3 ms later on the built-in model) in half of the requests, measured.
                     self._admit()
+                    time.sleep(0)
                     for batch in self.batches.values():
                         if batch.rows:
                             self._step(batch)
+                            time.sleep(0)
                 except Exception:  # a bug here must not leave requests waiting for ever
                     log.exception("the scheduler failed; failing the requests it was running")
                     failed: list[Sequence] = [self.prefilling] if self.prefilling else []

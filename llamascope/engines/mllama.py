@@ -107,27 +107,32 @@ def _nf4_config(compute_dtype: Any, config: dict[str, Any]) -> Any:
 class _IncrementalText:
     """Token ids in, text deltas out, never splitting a UTF-8 character.
 
-    Decodes only a short window (the last emitted token onward), as vLLM's
-    incremental detokenizer does, so a long answer costs linear time.
+    tokenizers' own incremental decoder (``DecodeStream``, in Rust), as vLLM's detokenizer uses: it keeps a
+    short window, so a long answer costs linear time. Decoding the window twice per token through
+    transformers' ``decode`` instead cost ten times as much, a quarter of the event loop's time with 16
+    streams running. At the end, bytes that never became a whole character come out as U+FFFD, as
+    ``decode`` gives them.
     """
 
     def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
+        from tokenizers.decoders import DecodeStream
 
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._pending: list[int] = []  # ids since the last text
 
     def add(self, ids: list[int], final: bool = False) -> str:
-        self._ids.extend(ids)
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self._prefix, self._read = self._read, len(self._ids)
-            return after[len(before) :]
-        return ""
+        text = ""
+        if ids:
+            piece = self._stream.step(self._tokenizer.backend_tokenizer, ids)
+            if piece is None:
+                self._pending += ids
+            else:
+                self._pending, text = [], piece
+        if final and self._pending:
+            text += self._tokenizer.decode(self._pending, skip_special_tokens=True)
+            self._pending = []
+        return text
 
 
 class _Outbox:

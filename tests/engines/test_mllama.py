@@ -110,6 +110,29 @@ def test_incremental_text_never_splits_characters(engine: MllamaEngine) -> None:
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_incremental_text_is_the_whole_decode(engine: MllamaEngine) -> None:
+    """Random ids (the built-in model's kind of answer: special tokens, bytes of split characters), fed one
+    to three at a time, as a step or a backlog delivers them, join to what decoding them all at once gives."""
+    import random
+
+    rng = random.Random(0)
+    tokenizer = engine.tokenizer
+    for _ in range(100):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(60)]
+        inc = _IncrementalText(tokenizer)
+        pieces, i = [], 0
+        while i < len(ids):
+            n = rng.choice([1, 1, 2, 3])
+            pieces.append(inc.add(ids[i : i + n]))
+            i += n
+        pieces.append(inc.add([], final=True))
+        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+    inc = _IncrementalText(tokenizer)  # half a character at the end: U+FFFD, as decode gives it
+    half = tokenizer("🐶", add_special_tokens=False).input_ids[:-1]
+    assert half
+    assert inc.add(half) == "" and inc.add([], final=True) == tokenizer.decode(half)
+
+
 def test_load_errors_say_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         check_model_dir(tmp_path / "missing")

@@ -12,6 +12,8 @@ the same code wander by 20%. Rounds go through every level in turn.
   conversations start with an image; after the first, its vision states come from the cache), exactly
   --tokens new tokens (min_new_tokens = max_tokens), greedy.
 - decode, sampled: the same requests with the API's default sampling (temperature 0.8) instead of greedy.
+- decode, own images: the greedy requests, each with an image of its own (also cached): the batch cannot share
+  one copy of the image's cross-attention states as it does when all requests are about one image.
 - image-dominated: every request a different 1120x840 photo-like JPEG (as a data: URI, so no vision-cache
   hit), 8 new tokens.
 - two turns with the same image: time to first token of turn 2 against turn 1 (median of --conversations).
@@ -78,8 +80,8 @@ def photo(seed: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def small_image() -> tuple[str, Image.Image]:
-    image = Image.new("RGB", (320, 240), (200, 30, 30))
+def small_image(colour: tuple[int, int, int] = (200, 30, 30)) -> tuple[str, Image.Image]:
+    image = Image.new("RGB", (320, 240), colour)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), image
@@ -297,6 +299,13 @@ def main() -> None:
                     for i in range(args.requests)
                 ]
                 sampled = [{**b, "parameters": body(name, [], args.tokens, greedy=False)["parameters"]} for b in decode]
+                own = [small_image((200, 30, 10 * i))[0] for i in range(args.requests)]
+                for image in own:  # their vision states: cached, as the shared image's
+                    await stream(client, body(name, [user("warm up", image)], 2))
+                apart = [
+                    body(name, [user(f"Tell a story about the number {i}.", own[i])], args.tokens)
+                    for i in range(args.requests)
+                ]
                 await level(client, decode, max(levels))  # the largest batch's kernels and memory, once, untimed
 
                 async def medians(label: str, load: Callable[[int, int], list[dict]]) -> None:
@@ -315,6 +324,7 @@ def main() -> None:
 
                 await medians("decode-dominated", lambda r, n: decode)
                 await medians("decode, sampled", lambda r, n: sampled)
+                await medians("decode, own images", lambda r, n: apart)
                 await medians("image-dominated", images)
                 turn1, turn2 = await turns(client, name, args.conversations)
                 http = await http_ttft(client, name, args.repeats)
@@ -335,9 +345,10 @@ def main() -> None:
             f"{r['p50']:>8.1f}ms {r['p99']:>8.1f}ms"
         )
     # Greedy: batching must not change a token (float32; bfloat16 sums in another order at another batch size).
-    answers = [r["texts"] for label, _, r in rows if label == "decode-dominated"]
-    same = sum(all(texts[i] == answers[0][i] for texts in answers) for i in range(len(answers[0])))
-    print(f"decode-dominated answers identical at every concurrency: {same} of {len(answers[0])}")
+    for greedy in ("decode-dominated", "decode, own images"):
+        answers = [r["texts"] for label, _, r in rows if label == greedy]
+        same = sum(all(texts[i] == answers[0][i] for texts in answers) for i in range(len(answers[0])))
+        print(f"{greedy} answers identical at every concurrency: {same} of {len(answers[0])}")
     print(
         f"two turns, same image: turn 1 TTFT {turn1:.1f} ms, turn 2 {turn2:.1f} ms "
         f"(turn 2 / turn 1 = {turn2 / turn1:.2f})"

@@ -4,7 +4,7 @@ A real ``llamascope serve`` process (the built-in test model unless --model
 names a directory) takes streamed native requests from this process over
 loopback. Every level sends the same requests; concurrency 1 serves them one at
 a time and is the baseline the other levels are set against. Each level runs
---rounds times (after one untimed round at the largest level) and the round of
+--rounds times (after one untimed round of every level) and the round of
 median tokens per second is shown: this machine is shared, and single rounds of
 the same code wander by 20%. Rounds go through every level in turn.
 
@@ -224,7 +224,8 @@ def direct(model_dir: Path, repeats: int, dtype: str, tokens: int, requests: int
         for _ in range(3):
             await once()
         ttft = statistics.median([await once() for _ in range(repeats)]) * 1000
-        await decode(True)  # untimed, as through HTTP
+        await decode(False)  # untimed, as through HTTP
+        await decode(True)
         one_by_one, together = [], []
         for _ in range(rounds):  # in turn, as through HTTP
             one_by_one.append(await decode(False))
@@ -306,7 +307,10 @@ def main() -> None:
                     body(name, [user(f"Tell a story about the number {i}.", own[i])], args.tokens)
                     for i in range(args.requests)
                 ]
-                await level(client, decode, max(levels))  # the largest batch's kernels and memory, once, untimed
+                # One untimed round of every level: with only the largest batch before it, the load measured
+                # first ran 5-10% slower at 16 than the same load measured later in the run.
+                for n in levels:
+                    await level(client, decode, n)
 
                 async def medians(label: str, load: Callable[[int, int], list[dict]]) -> None:
                     """Each level's round of median tokens/s. Rounds go through every level in turn, so a

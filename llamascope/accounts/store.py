@@ -276,7 +276,24 @@ class AccountStore:
         whether it did; the event loop calls it so, saving the hop to a thread and back (0.4 ms a request,
         bench/gateway.py), and runs ``checkpoint`` off the loop when ``checkpoint_due``.
         """
-        charge, row = _charge(reservation, request_id, input_tokens, output_tokens, image_tokens, status, utcnow())
+        now = utcnow()  # the parameters of _HotStatements.charge and .ledger_row
+        charge = {
+            "grant_id": reservation.grant_id,
+            "used": input_tokens + output_tokens,
+            "held": reservation.tokens,
+            "now": now,
+        }
+        row = {
+            "request_id": request_id,
+            "key_id": reservation.key_id,
+            "model": reservation.model,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "image_tokens": image_tokens,
+            "status": status,
+            "started_at": reservation.started_at,
+            "finished_at": now,
+        }
         if self._sqlite is not None:
             return self._sqlite.settle(charge, row, wait=wait)
         if not wait:
@@ -453,36 +470,6 @@ _SQLITE_NAMED = sqlite_dialect.dialect(paramstyle="named")
 def _columns(table: Any, view: type) -> list[Any]:
     """The table's columns a view holds, in the view's order."""
     return [table.__table__.c[f.name] for f in fields(view)]
-
-
-def _charge(
-    reservation: Reservation,
-    request_id: str,
-    input_tokens: int,
-    output_tokens: int,
-    image_tokens: int,
-    status: str,
-    now: datetime,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The parameters of _HotStatements.charge and .ledger_row for one settle."""
-    charge = {
-        "grant_id": reservation.grant_id,
-        "used": input_tokens + output_tokens,
-        "held": reservation.tokens,
-        "now": now,
-    }
-    row = {
-        "request_id": request_id,
-        "key_id": reservation.key_id,
-        "model": reservation.model,
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "image_tokens": image_tokens,
-        "status": status,
-        "started_at": reservation.started_at,
-        "finished_at": now,
-    }
-    return charge, row
 
 
 _DATE_FIELDS: dict[type, list[int]] = {}

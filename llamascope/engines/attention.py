@@ -21,6 +21,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
 ATTENTION = "llamascope_sdpa"
 
 
@@ -44,8 +49,6 @@ def attention(
     **kwargs: Any,
 ) -> tuple[Any, None]:
     """transformers' attention-function signature; [batch, 1, heads, dim] and no weights out, as SDPA's."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     groups = getattr(module, "num_key_value_groups", 1)
     # With one query per key/value head (no grouped heads, which no Llama 3.2 Vision model has) SDPA's kernel
     # takes another path for a lone row than for stacked ones, so those stay row by row.
@@ -61,8 +64,6 @@ def stacked(query: Any, key: Any, value: Any, mask: Any, groups: int, dropout: f
     queries as one sequence against the single copy: [1, kv heads, rows * groups, dim]. Out: [rows, 1, heads,
     dim], as SDPA's.
     """
-    import torch
-
     rows, heads, _, dim = query.shape
     kv_heads = heads // groups
     queries = query.reshape(rows, kv_heads, groups, dim).transpose(0, 1).reshape(1, kv_heads, rows * groups, dim)
@@ -77,8 +78,5 @@ def stacked(query: Any, key: Any, value: Any, mask: Any, groups: int, dropout: f
 
 def register() -> None:
     """Make ``ATTENTION`` a name transformers' models accept (its masks are SDPA's)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(ATTENTION, attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)

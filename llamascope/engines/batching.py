@@ -217,7 +217,7 @@ class Scheduler:
         eos_ids: set[int],
         limits: BatchLimits,
         vision_cache: VisionCache,
-        flush: Callable[[], None] = lambda: None,  # hands what was sent on to the readers, once per burst
+        flush: Callable[[], None],  # hands what was sent on to the readers, once per burst
     ) -> None:
         self.model = model
         self.flush = flush

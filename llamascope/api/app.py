@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
 from llamascope import __version__, errors
-from llamascope.api import admin, operations, uploads
+from llamascope.api import admin, openapi, operations, uploads
 from llamascope.api import errors as api_errors
 from llamascope.api.middleware import Authentication, BodyLimit, RequestContext
 from llamascope.api.native import router as native
@@ -24,7 +24,7 @@ from llamascope.settings import ModelSpec
 log = logging.getLogger(__name__)
 
 # The upload POST carries no key: its signed policy authorises it.
-PUBLIC_PATHS = frozenset({"/health", uploads.OBJECTS_PATH})
+PUBLIC_PATHS = frozenset({"/health", openapi.PATH, uploads.OBJECTS_PATH})
 PURGE_EVERY_SECONDS = 600
 
 
@@ -68,6 +68,7 @@ def create_app(
     app.include_router(uploads.router)
     app.include_router(operations.router)
     app.include_router(admin.router)
+    app.include_router(openapi.router)
     app.add_exception_handler(errors.ServiceError, api_errors.on_service_error)
     app.add_exception_handler(HTTPException, api_errors.on_http_exception)
     app.add_exception_handler(Exception, api_errors.on_unexpected)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 
 from llamascope import errors
 
@@ -78,7 +80,21 @@ async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code, message = _HTTP_CODES.get(exc.status_code, ("InvalidParameter", str(exc.detail)))
     request.state.error_code = code
-    return error_response(errors.ServiceError(exc.status_code, code, message), request_id_of(request), request.url.path)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    error = errors.ServiceError(exc.status_code, code, message, headers=headers)
+    return error_response(error, request_id_of(request), request.url.path)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route answers at this path: Starlette's 405 names only the first route's."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= set(route.methods or ())
+    return ", ".join(sorted(methods))
 
 
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

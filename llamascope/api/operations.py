@@ -2,15 +2,45 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
+from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
 from llamascope.conversation.service import ConversationService
 
 router = APIRouter()
 
 TEST_MODEL_NOTE = "built-in test model: tiny and randomly initialised, its answers are random text"
+
+
+class EngineLoad(BaseModel):
+    """An engine's load right now; engines add counts of their own (vision cache, healthy upstreams)."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": {"type": "integer"}})
+    running: int = Field(ge=0)
+    waiting: int = Field(0, ge=0)
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    models: dict[str, EngineLoad]
+
+
+class ModelEntry(BaseModel):
+    model: str
+    context_length: int
+    engine: str
+    test_model: bool
+    description: str
+
+
+class ModelList(BaseModel):
+    request_id: str
+    data: list[ModelEntry]
 
 
 @router.get("/health")
@@ -36,3 +66,9 @@ async def models(request: Request) -> JSONResponse:
             }
         )
     return JSONResponse({"request_id": request_id_of(request), "data": data})
+
+
+openapi.operation(
+    "GET", "/health", "Up, and each model's running and waiting requests", tag="operations", auth=None, ok=Health
+)
+openapi.operation("GET", "/api/v1/models", "Served models", tag="native", ok=ModelList)

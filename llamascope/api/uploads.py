@@ -8,12 +8,16 @@ HTTP 200. The policy alone authorises that POST.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import anyio
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
 from llamascope import errors
+from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
 from llamascope.conversation.service import ConversationService
 from llamascope.images.uploads import UploadStore
@@ -22,6 +26,40 @@ POLICY_PATH = "/api/v1/uploads"
 OBJECTS_PATH = "/api/v1/uploads/oss"
 
 router = APIRouter()
+
+
+class PolicyQuery(BaseModel):
+    action: Literal["getPolicy"]
+    model: str = Field(description="A served model name.")
+
+
+class Policy(BaseModel):
+    """What the SDK reads of a policy (wire spec 4.2); it POSTs the file to upload_host with these fields."""
+
+    policy: str
+    signature: str
+    upload_dir: str
+    upload_host: str
+    expire_in_seconds: int
+    max_file_size_mb: int
+    capacity_limit_mb: int
+    oss_access_key_id: str
+    x_oss_object_acl: str
+    x_oss_forbid_overwrite: str
+
+
+class PolicyAnswer(BaseModel):
+    request_id: str
+    data: Policy
+
+
+class UploadForm(BaseModel):
+    """The SDK's multipart fields (others, such as OSSAccessKeyId and success_action_status, are ignored)."""
+
+    policy: str
+    Signature: str
+    key: str = Field(description="upload_dir/file name")
+    file: bytes = Field(json_schema_extra={"format": "binary", "contentMediaType": "application/octet-stream"})
 
 
 def upload_host(request: Request) -> str:
@@ -61,3 +99,24 @@ async def put_object(request: Request) -> Response:
     await anyio.to_thread.run_sync(store.save, claims, str(fields["key"]), file.file)
     await form.close()
     return Response(status_code=200)
+
+
+openapi.operation(
+    "GET",
+    POLICY_PATH,
+    "An upload policy (the SDK's first step with a local file)",
+    tag="uploads",
+    query=PolicyQuery,
+    ok=PolicyAnswer,
+    refusals=(400,),
+)
+openapi.operation(
+    "POST",
+    OBJECTS_PATH,
+    "Upload a file under a policy (no key: the policy authorises it)",
+    tag="uploads",
+    auth=None,
+    form=UploadForm,
+    refusals=(403, 409),
+    description="Answers a bare 200 with an empty body; the image is then oss://<key>.",
+)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
 from llamascope.api.incoming import CLIENT_CLOSED, EventStream, read_json, source_context, unless_disconnected
 from llamascope.api.native import sse
-from llamascope.api.native.protocol import GenerationRequest, GenerationResult
+from llamascope.api.native.protocol import GenerationBody, GenerationRequest, GenerationResult
 from llamascope.conversation.service import ConversationService
 
 GENERATION_PATH = "/api/v1/services/aigc/multimodal-generation/generation"
@@ -41,3 +42,17 @@ async def generation(request: Request) -> Response:
 
 # A plain Starlette route: FastAPI's per-request dependency solving has nothing to do here.
 router.add_route(GENERATION_PATH, generation, methods=["POST"])
+openapi.operation(
+    "POST",
+    GENERATION_PATH,
+    "Multimodal generation (DashScope native)",
+    tag="native",
+    body=GenerationBody,
+    ok=GenerationResult,
+    stream=sse.EVENTS,
+    headers=(
+        openapi.Header("X-DashScope-SSE", "enable: the answer streams as server-sent events (else JSON)"),
+        openapi.Header("X-DashScope-OssResourceResolve", "enable: oss:// image references name uploads"),
+    ),
+    refusals=(403, 408, 429, 500, 503),
+)

@@ -20,11 +20,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from llamascope import errors
+from llamascope.api import openapi
 from llamascope.api.native.protocol import ErrorBody, GenerationResult
 from llamascope.conversation.service import Event, Reply
 
 MEDIA_TYPE = "text/event-stream;charset=UTF-8"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# For the OpenAPI document: the events a stream may carry.
+EVENTS = openapi.Stream(
+    (("result", GenerationResult), ("error", ErrorBody)),
+    'Results (cumulative text unless parameters.incremental_output), finish_reason "null" until the last; '
+    "an error after the stream started ends it as an `error` event (with a `status:` line).",
+)
 
 
 def result_block(n: int, result: GenerationResult) -> bytes:

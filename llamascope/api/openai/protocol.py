@@ -3,6 +3,7 @@
 Requests are translated to the DashScope message form (``{"image": url}`` /
 ``{"text": ...}`` items and a ``parameters`` object), so the conversation rules
 and parameter checks are the native surface's, with the same messages.
+``ChatBody`` and its parts describe the request for the OpenAPI document only.
 """
 
 from __future__ import annotations
@@ -11,10 +12,20 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from llamascope import errors
 from llamascope.api.incoming import envelope
+from llamascope.api.native.protocol import (
+    EXAMPLE_IMAGE,
+    MaxTokens,
+    RepetitionPenalty,
+    Seed,
+    Stop,
+    Temperature,
+    TopK,
+    TopP,
+)
 from llamascope.conversation.service import Usage
 
 # Sampling fields that mean the same in both dialects; DashScope extras ride at the top level.
@@ -42,7 +53,12 @@ class ChatRequest:
         if not isinstance(stream, bool):
             raise errors.invalid_parameter("Parameter stream should be true or false.")
         options = body.get("stream_options") or {}
-        include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+        if not isinstance(options, dict):
+            raise errors.invalid_parameter("Parameter stream_options should be an object.")
+        include_usage = options.get("include_usage")
+        include_usage = False if include_usage is None else include_usage
+        if not isinstance(include_usage, bool):
+            raise errors.invalid_parameter("Parameter stream_options.include_usage should be true or false.")
         return cls(body["model"], _messages(body.get("messages")), parameters, stream, include_usage)
 
 
@@ -72,6 +88,77 @@ def _content(content: Any) -> Any:
     return items
 
 
+# -- the request, as documented ------------------------------------------------
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    url: str = Field(pattern=r"\S", description="An http(s) URL, a data: URI or an oss:// upload.")
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+class ChatMessage(BaseModel):
+    """One turn, with the native surface's rules: system first, one image in the first user turn, user last."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart | ImagePart]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = Field(None, description="A last chunk with no choices and the usage.")
+
+
+class ChatBody(BaseModel):
+    """A chat-completions request; DashScope extras (top_k, repetition_penalty) ride at the top level."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "llama3.2-11b-vision",
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE}},
+                                {"type": "text", "text": "What is this?"},
+                            ],
+                        }
+                    ],
+                    "max_tokens": 64,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+            ]
+        },
+    )
+    model: str = Field(min_length=1, description="A served model name (GET /compatible-mode/v1/models).")
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: MaxTokens = None
+    max_completion_tokens: MaxTokens = Field(None, description="The same as max_tokens, which it overrides.")
+    temperature: Temperature = None
+    top_p: TopP = None
+    top_k: TopK = None
+    seed: Seed = None
+    stop: Stop = None
+    repetition_penalty: RepetitionPenalty = None
+    n: Literal[1] | None = Field(None, description="One choice per request.")
+
+
+# -- the answer -------------------------------------------------------------------
+
+
 def completion_id(request_id: str) -> str:
     return f"chatcmpl-{request_id}"
 
@@ -97,7 +184,7 @@ class Message(BaseModel):
 class Choice(BaseModel):
     index: int = 0
     message: Message
-    finish_reason: str
+    finish_reason: str = Field(json_schema_extra={"enum": ["stop", "length"]})
     logprobs: None = None
 
 
@@ -124,7 +211,7 @@ class ChatCompletion(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Message  # a delta has a message's shape: role and (new) content
-    finish_reason: str | None = None
+    finish_reason: str | None = Field(None, json_schema_extra={"enum": ["stop", "length", None]})
     logprobs: None = None
 
 
@@ -136,3 +223,30 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: UsageBody | None = None
     system_fingerprint: None = None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    type: str
+    param: str | None = None
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """An error in the OpenAI shape: an HTTP answer, or a ``data:`` event once a stream has started."""
+
+    error: ErrorDetail
+    request_id: str
+
+
+class ModelEntry(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "llamascope"
+    test_model: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelEntry]

@@ -10,14 +10,19 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from llamascope import errors
+from llamascope.api import openapi
 from llamascope.api.errors import openai_error_body, request_id_of
 from llamascope.api.incoming import CLIENT_CLOSED, EventStream, read_json, source_context, unless_disconnected
 from llamascope.api.openai.protocol import (
+    ChatBody,
     ChatCompletion,
     ChatCompletionChunk,
     ChatRequest,
     ChunkChoice,
+    ErrorBody,
     Message,
+    ModelEntry,
+    ModelList,
     UsageBody,
     completion_id,
 )
@@ -81,14 +86,28 @@ async def chat_completions(request: Request) -> Response:
 
 async def list_models(request: Request) -> JSONResponse:
     service: ConversationService = request.app.state.service
-    data = [
-        {"id": name, "object": "model", "created": 0, "owned_by": "llamascope", "test_model": engine.info.test_model}
-        for name, engine in service.engines.items()
-    ]
-    return JSONResponse({"object": "list", "data": data})
+    data = [ModelEntry(id=name, test_model=engine.info.test_model) for name, engine in service.engines.items()]
+    return JSONResponse(ModelList(data=data).model_dump())
 
 
 # Plain Starlette routes for the hot path: FastAPI's per-request dependency solving has nothing to do here.
+STREAM = openapi.Stream(
+    (("message", ChatCompletionChunk), ("message", ErrorBody), ("message", {"const": "[DONE]"})),
+    "Chunks with deltas (finish_reason null until the last), a usage chunk with no choices when "
+    "stream_options.include_usage, then [DONE]; an error after the stream started is a data: error event.",
+)
 for prefix in PREFIXES:
     router.add_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
     router.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
+    openapi.operation(
+        "POST",
+        f"{prefix}/chat/completions",
+        "Chat completions (OpenAI-compatible mode)",
+        tag="compatible-mode",
+        body=ChatBody,
+        ok=ChatCompletion,
+        stream=STREAM,
+        headers=(openapi.Header("X-DashScope-OssResourceResolve", "enable: oss:// image URLs name uploads"),),
+        refusals=(403, 408, 429, 500, 503),
+    )
+    openapi.operation("GET", f"{prefix}/models", "Served models", tag="compatible-mode", ok=ModelList)

@@ -340,6 +340,12 @@ def build(routes: list[BaseRoute], title: str = "llamascope", context_length: in
     _bound(schemas.components, context_length)
     paths: dict[str, dict[str, Any]] = {}
     refusals: dict[str, Any] = {}
+    for method, path in sorted(present - set(_OPERATIONS)):  # a route nobody described: listed, and flagged
+        paths.setdefault(path, {})[method.lower()] = {
+            "summary": "Not described yet",
+            "x-undescribed": True,
+            "responses": {"default": {"description": "Not described yet."}},
+        }
     for op in ops:
         paths.setdefault(op.path, {})[op.method.lower()] = described = _operation(op, schemas)
         for status in described["responses"]:

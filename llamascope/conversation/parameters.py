@@ -16,6 +16,7 @@ from llamascope import errors
 from llamascope.engines.base import SamplingParams
 
 MAX_SEED = 2**63 - 1
+DEFAULT_MAX_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def parse_parameters(params: Any, context_length: int) -> Options:
     if max_new is None:
         max_new = _integer(params, "max_new_tokens")
     if max_new is None:
-        max_new = 512
+        max_new = min(DEFAULT_MAX_TOKENS, context_length)  # a short context's model still takes the default
     if not 1 <= max_new <= context_length:
         raise _bad(f"Range of max_tokens should be [1, {context_length}]")
 

@@ -49,10 +49,12 @@ class ChatRequest:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None:
             parameters["max_tokens"] = max_tokens
-        stream = body.get("stream") or False
+        stream = body.get("stream")
+        stream = False if stream is None else stream
         if not isinstance(stream, bool):
             raise errors.invalid_parameter("Parameter stream should be true or false.")
-        options = body.get("stream_options") or {}
+        options = body.get("stream_options")
+        options = {} if options is None else options
         if not isinstance(options, dict):
             raise errors.invalid_parameter("Parameter stream_options should be an object.")
         include_usage = options.get("include_usage")
@@ -126,13 +128,14 @@ class ChatBody(BaseModel):
                 {
                     "model": "llama3.2-11b-vision",
                     "messages": [
+                        {"role": "system", "content": "You are a helpful assistant."},
                         {
                             "role": "user",
                             "content": [
                                 {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE}},
                                 {"type": "text", "text": "What is this?"},
                             ],
-                        }
+                        },
                     ],
                     "max_tokens": 64,
                     "stream": True,

@@ -6,18 +6,19 @@ know. So each route's module registers its operation here, in one call beside
 the route, naming the pydantic models that make or describe its bodies::
 
     openapi.operation("POST", GENERATION_PATH, "Multimodal generation", tag="native",
-                      body=GenerationBody, ok=GenerationResult, stream=NATIVE_STREAM)
+                      body=GenerationBody, ok=GenerationResult, stream=sse.EVENTS)
     openapi.operation("GET", "/metrics", "Prometheus metrics", tag="operations", auth=None,
                       ok="text/plain; version=0.0.4")
 
 ``document(app)`` builds the document from the operations whose routes the app
-has, with schemas from pydantic's ``models_json_schema``. Errors get the
-surface's shape: DashScope's ``{"code", "message", "request_id"}``, or the
+has, with schemas from pydantic's ``models_json_schema``; a route nobody
+registered is listed as ``x-undescribed`` (and the tests fail on it). Errors get
+the surface's shape: DashScope's ``{"code", "message", "request_id"}``, or the
 OpenAI shape under ``/compatible-mode/`` and ``/v1/`` (as ``api.errors`` sends
-them). A streamed answer is described under ``text/event-stream`` as the list of
-its server-sent events as any SSE parser reads them (``event``, ``id``, and
-``data`` decoded from JSON where it is JSON), each event a schema in
-``components``.
+them). A streamed answer is described under ``text/event-stream`` one event at
+a time, as OpenAPI 3.2 and Schemathesis read a stream's schema: ``{event, id,
+data}``, the data a JSON string with its ``contentSchema``. ``max_tokens`` is
+bounded by the largest served context length.
 """
 
 from __future__ import annotations

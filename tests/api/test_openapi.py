@@ -97,8 +97,9 @@ def test_compatible_answers_and_chunks_are_as_documented(server: Server, doc: Do
     read = doc.check_events(CHAT, "POST", events)
     assert read[-1] == ("message", "[DONE]")
     assert read[-2][1]["choices"] == [] and read[-2][1]["usage"]["completion_tokens"] == 4
-    refused = httpx.post(server.base + CHAT, json=chat_body(image, n=2), headers=KEY)
-    assert doc.check(CHAT, "POST", refused)["error"]["code"] == "invalid_parameter_error"
+    for bad in ({"n": 2}, {"stream": 0}, {"stream_options": False}, {"stream_options": {"include_usage": 1}}):
+        refused = httpx.post(server.base + CHAT, json=chat_body(image, **bad), headers=KEY)
+        assert doc.check(CHAT, "POST", refused)["error"]["code"] == "invalid_parameter_error", bad
     refused = httpx.post(server.base + "/v1/chat/completions", json=chat_body(image), headers={})
     assert doc.check("/v1/chat/completions", "POST", refused)["error"]["code"] == "invalid_api_key"
 

@@ -9,6 +9,7 @@ prints their paths.
 from __future__ import annotations
 
 import base64
+import io
 import os
 import re
 import subprocess
@@ -21,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.conftest import API_KEY, CACHE_DIR, ImageHost, Server, png_bytes
 
@@ -41,7 +43,10 @@ WATCH_ANSWER = """() => {
     new MutationObserver(() => {
         const answers = box.querySelectorAll("[data-role=answer]");
         const last = answers[answers.length - 1];
-        if (last) window.seenAnswers.push([last.dataset.status, last.querySelector(".answer").textContent.length]);
+        if (!last) return;
+        const text = last.querySelector(".answer");  // "Thinking…" while it waits for the first token: 0
+        const length = text.classList.contains("waiting") ? 0 : text.textContent.length;
+        window.seenAnswers.push([last.dataset.status, length]);
     }).observe(box, {subtree: true, childList: true, characterData: true, attributes: true});
 }"""
 
@@ -301,7 +306,7 @@ def test_a_gif_is_refused_with_its_dashscope_code(browser: Any, server: Server) 
         pick_image(page, "anim.gif", png_bytes((0, 200, 0), fmt="GIF"), "image/gif")
         answer = ask(page, "What is this?")
         expect(answer).to_have_attribute("data-status", "error", timeout=ANSWER_TIMEOUT_MS)
-        expect(answer.locator(".error .code")).to_have_text("InvalidParameter.DataInspection")
+        expect(answer.locator(".error .error-code")).to_have_text("InvalidParameter.DataInspection")
         expect(answer.locator(".error")).to_contain_text("GIF")
         expect(answer.locator(".error .request-id")).to_have_text(f"request {traffic.request_ids[0]}")
     finally:
@@ -340,6 +345,10 @@ def test_an_image_by_url_is_fetched_by_the_server_only(browser: Any, server: Ser
 def test_an_image_by_drop_or_paste(browser: Any, server: Server) -> None:
     traffic = Traffic()
     context, page = open_page(browser, server, traffic)
+    sign_in(page)
+    ask(page, "What is this?")  # no image yet: the page says so and calls nothing
+    expect(page.get_by_role("status")).to_contain_text("Add an image first")
+    assert traffic.generations == []
     make_transfer = """([data, name]) => {
         const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
         const transfer = new DataTransfer();
@@ -380,3 +389,25 @@ def test_the_page_needs_no_key_and_allows_only_its_origin(server: Server) -> Non
         assert not re.search(r'(src|href)="(https?:)?//', html)  # nothing from elsewhere
         assert http.get("/api/v1/models").json()["code"] == "InvalidApiKey"  # the API still needs a key
         assert http.get("/playgrounds").json()["code"] == "InvalidApiKey"  # the public prefix is the folder only
+
+
+def test_a_large_image_survives_a_reload(browser: Any, server: Server) -> None:
+    """A photo's data: URI is bigger than localStorage holds (about 5 M characters): it is kept in IndexedDB."""
+    noise = Image.frombytes("RGB", (1500, 1300), os.urandom(1500 * 1300 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG", compress_level=0)
+    data = buffer.getvalue()
+    assert len(data) * 4 / 3 > 5_500_000
+    traffic = Traffic()
+    context, page = open_page(browser, server, traffic)
+    try:
+        pick_image(page, "photo.png", data, "image/png")
+        expect(page.locator("#image-name")).to_have_text("photo.png")
+        page.reload()
+        expect(page.locator("body[data-ready=true]")).to_have_count(1)
+        expect(page.locator("#image-name")).to_have_text("photo.png")
+        src = page.get_by_alt_text("The conversation's image").get_attribute("src")
+        assert src == "data:image/png;base64," + base64.b64encode(data).decode()
+        expect(page.get_by_role("status")).to_have_text("")
+    finally:
+        context.close()

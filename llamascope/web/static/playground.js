@@ -297,8 +297,8 @@ function stop() {
 // -- the image -----------------------------------------------------------------------------------
 
 async function setImage(image) {
-  // One image per conversation: a new one after an answer starts a new conversation.
-  if (state.turns.some((t) => t.answer && t.status !== "error")) {
+  // One image per conversation: a new one starts a new conversation.
+  if (state.turns.length) {
     stop();
     state.turns = [];
     renderConversation();
@@ -412,7 +412,7 @@ function updateTurn(turn) {
   view.bubble.hidden = !turn.answer && !streaming;
   view.error.hidden = !turn.error;
   if (turn.error) {
-    view.error.replaceChildren(el("span", "code", turn.error.code), document.createTextNode(turn.error.message));
+    view.error.replaceChildren(el("span", "error-code", turn.error.code), el("span", "error-message", turn.error.message));
     const rid = turn.error.request_id || turn.request_id;
     if (rid) view.error.append(el("span", "request-id", `request ${rid}`));
   }
@@ -432,7 +432,7 @@ function statsOf(turn) {
     add(`output ${n(turn.usage.output_tokens)}`, "output-tokens");
     add(`image ${n(turn.usage.image_tokens)}`, "image-tokens");
   }
-  if (turn.finish_reason && turn.finish_reason !== "null" && turn.status === "done") add(turn.finish_reason, "finish");
+  if (turn.status === "done" && turn.finish_reason === "length") add("finish: length", "finish");
   return items;
 }
 

@@ -270,81 +270,78 @@ def test_no_request_leaves_the_origin_and_nothing_breaks_the_policy(conversation
     assert conversation.traffic.console_errors == []
 
 
-# -- stopping, refusals, the other ways in --------------------------------------------------------
+# -- stopping, refusals, the other ways in: each in a fresh browser context ----------------------
 
 
-def test_stop_ends_generation_on_the_server(browser: Any, server: Server) -> None:
+@dataclass
+class Tab:
+    page: Any
+    traffic: Traffic
+
+
+@pytest.fixture
+def tab(browser: Any, server: Server) -> Iterator[Tab]:
     traffic = Traffic()
     context, page = open_page(browser, server, traffic)
-    try:
-        sign_in(page)
-        pick_image(page, "long.png", IMAGE, "image/png")
-        set_parameter(page, "Max tokens", "4000")
-        answer = ask(page, "Tell me a very long story about this picture.")
-        expect(answer.locator(".answer.streaming")).to_have_count(1, timeout=ANSWER_TIMEOUT_MS)
-        assert running(server) == 1
-        page.get_by_role("button", name="Stop").click()
-        expect(answer).to_have_attribute("data-status", "stopped")
-        expect(answer.locator(".stats .stopped")).to_have_text("stopped")
-        expect(page.get_by_role("button", name="Send")).to_be_visible()
-        deadline = time.monotonic() + 30
-        while running(server) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert running(server) == 0
-        logged = access_fields(server, traffic.request_ids[0])
-        assert "client" in logged and logged["client"] == "disconnected"
-        assert 0 < int(logged["output_tokens"]) < 4000
-    finally:
-        context.close()
+    yield Tab(page, traffic)
+    context.close()
 
 
-def test_a_gif_is_refused_with_its_dashscope_code(browser: Any, server: Server) -> None:
-    traffic = Traffic()
-    context, page = open_page(browser, server, traffic)
-    try:
-        sign_in(page)
-        pick_image(page, "anim.gif", png_bytes((0, 200, 0), fmt="GIF"), "image/gif")
-        answer = ask(page, "What is this?")
-        expect(answer).to_have_attribute("data-status", "error", timeout=ANSWER_TIMEOUT_MS)
-        expect(answer.locator(".error .error-code")).to_have_text("InvalidParameter.DataInspection")
-        expect(answer.locator(".error")).to_contain_text("GIF")
-        expect(answer.locator(".error .request-id")).to_have_text(f"request {traffic.request_ids[0]}")
-    finally:
-        context.close()
+def test_stop_ends_generation_on_the_server(tab: Tab, server: Server) -> None:
+    page, traffic = tab.page, tab.traffic
+    sign_in(page)
+    pick_image(page, "long.png", IMAGE, "image/png")
+    set_parameter(page, "Max tokens", "4000")
+    answer = ask(page, "Tell me a very long story about this picture.")
+    expect(answer.locator(".answer.streaming")).to_have_count(1, timeout=ANSWER_TIMEOUT_MS)
+    assert running(server) == 1
+    page.get_by_role("button", name="Stop").click()
+    expect(answer).to_have_attribute("data-status", "stopped")
+    expect(answer.locator(".stats .stopped")).to_have_text("stopped")
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    deadline = time.monotonic() + 30
+    while running(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert running(server) == 0
+    logged = access_fields(server, traffic.request_ids[0])
+    assert "client" in logged and logged["client"] == "disconnected"
+    assert 0 < int(logged["output_tokens"]) < 4000
 
 
-def test_a_wrong_key_is_shown_as_the_api_says(browser: Any, server: Server) -> None:
-    traffic = Traffic()
-    context, page = open_page(browser, server, traffic)
-    try:
-        page.get_by_label("API key").fill("sk-" + "0" * 40)
-        expect(page.get_by_role("status")).to_contain_text("InvalidApiKey")
-        expect(page.get_by_label("Model")).to_be_disabled()
-    finally:
-        context.close()
+def test_a_gif_is_refused_with_its_dashscope_code(tab: Tab) -> None:
+    page, traffic = tab.page, tab.traffic
+    sign_in(page)
+    pick_image(page, "anim.gif", png_bytes((0, 200, 0), fmt="GIF"), "image/gif")
+    answer = ask(page, "What is this?")
+    expect(answer).to_have_attribute("data-status", "error", timeout=ANSWER_TIMEOUT_MS)
+    expect(answer.locator(".error .error-code")).to_have_text("InvalidParameter.DataInspection")
+    expect(answer.locator(".error")).to_contain_text("GIF")
+    expect(answer.locator(".error .request-id")).to_have_text(f"request {traffic.request_ids[0]}")
 
 
-def test_an_image_by_url_is_fetched_by_the_server_only(browser: Any, server: Server, image_host: ImageHost) -> None:
-    traffic = Traffic()
-    context, page = open_page(browser, server, traffic)
-    try:
-        sign_in(page)
-        url = image_host.url("/red.png")
-        page.get_by_label("Image URL").fill(url)
-        page.get_by_role("button", name="Use", exact=True).click()
-        expect(page.locator("#url-card")).to_contain_text(f"127.0.0.1:{image_host.port}")
-        set_parameter(page, "Max tokens", "3")
-        answer = ask(page, "What is in the picture?")
-        expect(answer).to_have_attribute("data-status", "done", timeout=ANSWER_TIMEOUT_MS)
-        assert traffic.generations[0]["input"]["messages"][0]["content"][0] == {"image": url}
-        assert [u for u in traffic.urls if not u.startswith(server.base + "/")] == []
-    finally:
-        context.close()
+def test_a_wrong_key_is_shown_as_the_api_says(tab: Tab) -> None:
+    page = tab.page
+    page.get_by_label("API key").fill("sk-" + "0" * 40)
+    expect(page.get_by_role("status")).to_contain_text("InvalidApiKey")
+    expect(page.get_by_label("Model")).to_be_disabled()
 
 
-def test_an_image_by_drop_or_paste(browser: Any, server: Server) -> None:
-    traffic = Traffic()
-    context, page = open_page(browser, server, traffic)
+def test_an_image_by_url_is_fetched_by_the_server_only(tab: Tab, server: Server, image_host: ImageHost) -> None:
+    page, traffic = tab.page, tab.traffic
+    sign_in(page)
+    url = image_host.url("/red.png")
+    page.get_by_label("Image URL").fill(url)
+    page.get_by_role("button", name="Use", exact=True).click()
+    expect(page.locator("#url-card")).to_contain_text(f"127.0.0.1:{image_host.port}")
+    set_parameter(page, "Max tokens", "3")
+    answer = ask(page, "What is in the picture?")
+    expect(answer).to_have_attribute("data-status", "done", timeout=ANSWER_TIMEOUT_MS)
+    assert traffic.generations[0]["input"]["messages"][0]["content"][0] == {"image": url}
+    assert [u for u in traffic.urls if not u.startswith(server.base + "/")] == []
+
+
+def test_an_image_by_drop_or_paste(tab: Tab) -> None:
+    page, traffic = tab.page, tab.traffic
     sign_in(page)
     ask(page, "What is this?")  # no image yet: the page says so and calls nothing
     expect(page.get_by_role("status")).to_contain_text("Add an image first")
@@ -356,20 +353,15 @@ def test_an_image_by_drop_or_paste(browser: Any, server: Server) -> None:
         return transfer;
     }"""
     data = base64.b64encode(IMAGE).decode()
-    try:
-        dropped = page.evaluate_handle(make_transfer, [data, "dropped.png"])
-        page.dispatch_event("#dropzone", "drop", {"dataTransfer": dropped})
-        expect(page.locator("#image-name")).to_have_text("dropped.png")
-        pasted = page.evaluate_handle(make_transfer, [data, "pasted.png"])
-        page.evaluate(
-            "(t) => document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: t, bubbles: true}))", pasted
-        )
-        expect(page.locator("#image-name")).to_have_text("pasted.png")
-        expect(page.get_by_alt_text("The conversation's image")).to_have_attribute(
-            "src", "data:image/png;base64," + data
-        )
-    finally:
-        context.close()
+    dropped = page.evaluate_handle(make_transfer, [data, "dropped.png"])
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": dropped})
+    expect(page.locator("#image-name")).to_have_text("dropped.png")
+    pasted = page.evaluate_handle(make_transfer, [data, "pasted.png"])
+    page.evaluate(
+        "(t) => document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: t, bubbles: true}))", pasted
+    )
+    expect(page.locator("#image-name")).to_have_text("pasted.png")
+    expect(page.get_by_alt_text("The conversation's image")).to_have_attribute("src", "data:image/png;base64," + data)
 
 
 def test_the_page_needs_no_key_and_allows_only_its_origin(server: Server) -> None:
@@ -391,23 +383,19 @@ def test_the_page_needs_no_key_and_allows_only_its_origin(server: Server) -> Non
         assert http.get("/playgrounds").json()["code"] == "InvalidApiKey"  # the public prefix is the folder only
 
 
-def test_a_large_image_survives_a_reload(browser: Any, server: Server) -> None:
+def test_a_large_image_survives_a_reload(tab: Tab) -> None:
     """A photo's data: URI is bigger than localStorage holds (about 5 M characters): it is kept in IndexedDB."""
     noise = Image.frombytes("RGB", (1500, 1300), os.urandom(1500 * 1300 * 3))
     buffer = io.BytesIO()
     noise.save(buffer, format="PNG", compress_level=0)
     data = buffer.getvalue()
     assert len(data) * 4 / 3 > 5_500_000
-    traffic = Traffic()
-    context, page = open_page(browser, server, traffic)
-    try:
-        pick_image(page, "photo.png", data, "image/png")
-        expect(page.locator("#image-name")).to_have_text("photo.png")
-        page.reload()
-        expect(page.locator("body[data-ready=true]")).to_have_count(1)
-        expect(page.locator("#image-name")).to_have_text("photo.png")
-        src = page.get_by_alt_text("The conversation's image").get_attribute("src")
-        assert src == "data:image/png;base64," + base64.b64encode(data).decode()
-        expect(page.get_by_role("status")).to_have_text("")
-    finally:
-        context.close()
+    page = tab.page
+    pick_image(page, "photo.png", data, "image/png")
+    expect(page.locator("#image-name")).to_have_text("photo.png")
+    page.reload()
+    expect(page.locator("body[data-ready=true]")).to_have_count(1)
+    expect(page.locator("#image-name")).to_have_text("photo.png")
+    src = page.get_by_alt_text("The conversation's image").get_attribute("src")
+    assert src == "data:image/png;base64," + base64.b64encode(data).decode()
+    expect(page.get_by_role("status")).to_have_text("")

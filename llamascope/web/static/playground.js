@@ -186,26 +186,33 @@ function history(imageRef) {
   return { messages, imageGiven };
 }
 
+// Server-sent events as DashScope frames them: "event:result" or "event:error", then "data:{json}".
+function parseBlock(block) {
+  let event = "message";
+  let data = "";
+  for (const line of block.split(/\r?\n/)) {
+    if (line.startsWith("event:")) event = line.slice(6).trim();
+    else if (line.startsWith("data:")) data += line.slice(5).replace(/^ /, "");
+  }
+  return data ? { event, data: JSON.parse(data) } : null;
+}
+
 async function* events(body) {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) return;
+    if (done) break;
     buffer += value;
     let end;
     while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
-      const block = buffer.slice(0, end);
+      const block = parseBlock(buffer.slice(0, end));
       buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
-      let event = "message";
-      let data = "";
-      for (const line of block.split(/\r?\n/)) {
-        if (line.startsWith("event:")) event = line.slice(6).trim();
-        else if (line.startsWith("data:")) data += line.slice(5).replace(/^ /, "");
-      }
-      if (data) yield { event, data: JSON.parse(data) };
+      if (block) yield block;
     }
   }
+  const last = parseBlock(buffer.trim());
+  if (last) yield last;
 }
 
 async function ask(text) {
@@ -269,7 +276,10 @@ async function ask(text) {
       turn.status = "stopped";
     } else {
       turn.status = "error";
-      turn.error = { code: "NetworkError", message: `The server could not be reached: ${error.message}` };
+      turn.error =
+        error instanceof TypeError
+          ? { code: "NetworkError", message: `The server could not be reached or the stream broke: ${error.message}` }
+          : { code: "BadStream", message: `The answer could not be read: ${error.message}` };
     }
   } finally {
     if (first !== null) {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import subprocess
@@ -58,6 +59,7 @@ class Traffic:
     urls: list[str] = field(default_factory=list)
     generations: list[dict[str, Any]] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)
+    streams: list[Any] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)
 
     def watch(self, context: Any, page: Any) -> None:
@@ -74,6 +76,13 @@ class Traffic:
     def _on_response(self, response: Any) -> None:
         if response.url.endswith(GENERATION):
             self.request_ids.append(response.headers.get("x-request-id", ""))
+            self.streams.append(response)
+
+    def streamed_text(self, n: int) -> str:
+        """The answer as the server streamed it to the page: its events' increments, joined."""
+        body = self.streams[n].text()
+        events = [json.loads(line[5:]) for line in body.splitlines() if line.startswith("data:")]
+        return "".join(e["output"]["choices"][0]["message"]["content"][0]["text"] for e in events)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +155,8 @@ def screenshot(page: Any, name: str, capsys: pytest.CaptureFixture[str]) -> Path
 class Conversation:
     page: Any
     traffic: Traffic
-    answers: list[str]
+    answers: list[str]  # as streamed
+    shown: list[str]  # as the page shows them
     growth: list[list[Any]]
 
 
@@ -161,21 +171,25 @@ def conversation(browser: Any, server: Server) -> Iterator[Conversation]:
     set_parameter(page, "Max tokens", "16")
     set_parameter(page, "Seed", "7")
     page.evaluate(WATCH_ANSWER)
-    answers, growth = [], []
-    for question in ("What is in the picture?", "And what colour is it?"):
+    answers, shown, growth = [], [], []
+    for n, question in enumerate(("What is in the picture?", "And what colour is it?")):
         answer = ask(page, question)
         expect(answer).to_have_attribute("data-status", "done", timeout=ANSWER_TIMEOUT_MS)
-        answers.append(answer.locator(".answer").text_content())
+        answers.append(traffic.streamed_text(n))
+        shown.append(answer.locator(".answer").text_content())
         growth.append(page.evaluate("() => window.seenAnswers.splice(0)"))
-    yield Conversation(page, traffic, answers, growth)
+    yield Conversation(page, traffic, answers, shown, growth)
     context.close()
 
 
 def test_the_answer_streams_in(conversation: Conversation) -> None:
     first = conversation.growth[0]
-    final = len(conversation.answers[0])
+    final = len(conversation.shown[0])
     partial = sorted({n for status, n in first if status == "streaming" and 0 < n < final})
     assert final > 0
+    for streamed, shown in zip(conversation.answers, conversation.shown, strict=True):
+        # The page renders Markdown: its words are the streamed words, its markers may be gone.
+        assert re.sub(r"[\W\d_]", "", shown) == re.sub(r"[\W\d_]", "", streamed)
     assert len(partial) >= 2, f"the answer did not grow while streaming: {first}"
     assert ["done", final] in first
 
@@ -399,3 +413,29 @@ def test_a_large_image_survives_a_reload(tab: Tab) -> None:
     src = page.get_by_alt_text("The conversation's image").get_attribute("src")
     assert src == "data:image/png;base64," + base64.b64encode(data).decode()
     expect(page.get_by_role("status")).to_have_text("")
+
+
+def test_answers_render_markdown_and_never_run_html(tab: Tab, image_host: ImageHost) -> None:
+    """A stored answer with Markdown and HTML in it: the Markdown is drawn, the HTML is shown as text."""
+    answer = (
+        "Here is **bold** and `code`.\n\n1. one\n2. two\n\n```python\nprint('hi')\n```\n"
+        '<img src="x" onerror="window.ran = true"> <script>window.ran = true</script>'
+    )
+    stored = {
+        "model": "",
+        "system": "",
+        "parameters": {},
+        "image": {"kind": "url", "src": image_host.url("/red.png"), "name": "red.png"},
+        "turns": [{"user": "Show me", "answer": answer, "status": "done", "withImage": True}],
+    }
+    page = tab.page
+    page.evaluate("(s) => localStorage.setItem('llamascope.playground.conversation', s)", json.dumps(stored))
+    page.reload()
+    bubble = page.locator("[data-role=answer] .answer")
+    expect(bubble.locator("strong")).to_have_text("bold")
+    expect(bubble.locator("p code")).to_have_text("code")
+    expect(bubble.locator("ol li")).to_have_text(["one", "two"])
+    expect(bubble.locator("pre code")).to_have_text("print('hi')")
+    expect(bubble).to_contain_text('<img src="x" onerror="window.ran = true"> <script>')
+    assert bubble.locator("img, script").count() == 0
+    assert page.evaluate("() => window.ran") is None

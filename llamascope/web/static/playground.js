@@ -4,6 +4,8 @@
 // image (a data: URI, possibly megabytes) in IndexedDB, whose quota is far larger than
 // localStorage's. Nothing is sent anywhere but this origin.
 
+import { renderMarkdown } from "./markdown.js";
+
 const API = "/api/v1";
 const GENERATION = `${API}/services/aigc/multimodal-generation/generation`;
 const KEY_SLOT = "llamascope.playground.key";
@@ -17,7 +19,9 @@ const $ = (id) => document.getElementById(id);
 let state = emptyState();
 let models = [];
 let running = null; // {controller, turn} while an answer streams
+let saveTimer = null; // a save waiting for typing to pause
 const views = new WeakMap(); // turn -> its DOM nodes
+const RENDER_EVERY_MS = 33; // a streaming answer is drawn at most about 30 times a second
 
 function emptyState() {
   return { model: "", system: "", parameters: {}, image: null, turns: [] };
@@ -53,6 +57,8 @@ const readImage = () => imageStore("readonly", (s) => s.get("current"));
 const forgetImage = () => imageStore("readwrite", (s) => s.delete("current"));
 
 function save() {
+  clearTimeout(saveTimer);
+  saveTimer = null;
   const { image, ...rest } = state;
   const stored = {
     ...rest,
@@ -67,7 +73,6 @@ function save() {
   }
 }
 
-let saveTimer = null;
 function saveSoon() {
   clearTimeout(saveTimer);
   saveTimer = setTimeout(save, 400);
@@ -267,7 +272,7 @@ async function ask(text) {
         turn.answer += (choice?.message?.content || []).map((c) => c.text ?? "").join("");
         turn.usage = data.usage;
         turn.finish_reason = choice?.finish_reason;
-        updateTurn(turn);
+        updateTurnSoon(turn);
       }
     }
     turn.status = turn.error ? "error" : "done";
@@ -394,7 +399,7 @@ function renderTurn(turn) {
       img.alt = state.image.name;
       user.append(img);
     } else {
-      user.append(el("div", "attached-url", `🔗 ${state.image.src}`));
+      user.append(el("div", "attached-url", `image: ${state.image.src}`));
     }
   }
   user.append(el("div", "bubble", turn.user));
@@ -405,18 +410,32 @@ function renderTurn(turn) {
   const stats = el("div", "stats");
   assistant.append(bubble, error, stats);
   $("conversation").append(user, assistant);
-  views.set(turn, { assistant, bubble, error, stats });
+  views.set(turn, { assistant, bubble, error, stats, timer: null, drawn: 0 });
   updateTurn(turn);
   scrollToEnd(true);
+}
+
+// Re-rendering the whole answer on every token would be quadratic in its length: draw it at most
+// every RENDER_EVERY_MS, the first token at once, the last one when the answer ends (updateTurn).
+function updateTurnSoon(turn) {
+  const view = views.get(turn);
+  if (!view || view.timer) return;
+  const wait = view.drawn + RENDER_EVERY_MS - performance.now();
+  if (wait <= 0) updateTurn(turn);
+  else view.timer = setTimeout(() => updateTurn(turn), wait);
 }
 
 function updateTurn(turn) {
   const view = views.get(turn);
   if (!view) return;
+  clearTimeout(view.timer);
+  view.timer = null;
+  view.drawn = performance.now();
   const streaming = turn.status === "streaming";
   const stick = nearEnd();
   view.assistant.dataset.status = turn.status;
-  view.bubble.textContent = turn.answer || (streaming ? "Thinking…" : "");
+  if (turn.answer) renderMarkdown(view.bubble, turn.answer);
+  else view.bubble.textContent = streaming ? "Thinking…" : "";
   view.bubble.classList.toggle("streaming", streaming && Boolean(turn.answer));
   view.bubble.classList.toggle("waiting", streaming && !turn.answer);
   view.bubble.hidden = !turn.answer && !streaming;
@@ -748,7 +767,7 @@ function wire() {
     }
     setTimeout(() => ($("copy-code").textContent = "Copy"), 1500);
   });
-  window.addEventListener("pagehide", save);
+  window.addEventListener("pagehide", () => saveTimer && save());
 }
 
 async function start() {

@@ -434,6 +434,7 @@ function updateTurn(turn) {
   const streaming = turn.status === "streaming";
   const stick = nearEnd();
   view.assistant.dataset.status = turn.status;
+  view.assistant.setAttribute("aria-busy", String(streaming)); // screen readers: the answer once, when done
   if (turn.answer) renderMarkdown(view.bubble, turn.answer);
   else view.bubble.textContent = streaming ? "Thinking…" : "";
   view.bubble.classList.toggle("streaming", streaming && Boolean(turn.answer));

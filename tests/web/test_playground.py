@@ -380,6 +380,7 @@ def test_an_image_by_drop_or_paste(tab: Tab) -> None:
 
 
 def test_the_page_needs_no_key_and_allows_only_its_origin(server: Server) -> None:
+    assert f"Playground: {server.base}/ in a browser" in server.log()  # start-up says where it is
     with httpx.Client(base_url=server.base, timeout=10) as http:
         root = http.get("/", headers={"Accept": "text/html,application/xhtml+xml"})
         assert root.status_code == 307 and root.headers["location"] == "/playground/"

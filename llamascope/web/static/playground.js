@@ -128,8 +128,10 @@ async function loadModels() {
     const response = await fetch(`${API}/models`, { headers: { Authorization: `Bearer ${key}` } });
     if (!response.ok) {
       const error = await errorOf(response);
+      models = [];
       select.replaceChildren(new Option("Key refused", ""));
       select.disabled = true;
+      showModelBadge();
       setStatus(`${error.code}: ${error.message}`, true);
       return;
     }
@@ -138,9 +140,7 @@ async function loadModels() {
     setStatus(`The server could not be reached: ${error.message}`, true);
     return;
   }
-  select.replaceChildren(
-    ...models.map((m) => new Option(m.model, m.model)),
-  );
+  select.replaceChildren(...models.map((m) => new Option(m.model, m.model)));
   select.disabled = models.length === 0;
   if (!models.some((m) => m.model === state.model)) state.model = models[0]?.model || "";
   select.value = state.model;
@@ -347,12 +347,17 @@ async function takeFile(file) {
 
 function takeUrl(url) {
   const value = url.trim();
-  if (!/^https?:\/\//i.test(value)) {
+  let parsed = null;
+  try {
+    parsed = new URL(value);
+  } catch {
+    parsed = null;
+  }
+  if (!parsed || !["http:", "https:"].includes(parsed.protocol)) {
     setStatus("An image URL starts with http:// or https://.", true);
     return;
   }
-  const name = decodeURIComponent(new URL(value).pathname.split("/").pop() || value);
-  setImage({ kind: "url", src: value, name });
+  setImage({ kind: "url", src: value, name: parsed.pathname.split("/").pop() || parsed.host });
 }
 
 function renderImage() {

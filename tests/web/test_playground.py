@@ -9,6 +9,7 @@ prints their paths.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -381,22 +382,30 @@ def test_an_image_by_drop_or_paste(tab: Tab) -> None:
 
 def test_the_page_needs_no_key_and_allows_only_its_origin(server: Server) -> None:
     assert f"Playground: {server.base}/ in a browser" in server.log()  # start-up says where it is
-    with httpx.Client(base_url=server.base, timeout=10) as http:
-        root = http.get("/", headers={"Accept": "text/html,application/xhtml+xml"})
+    with httpx.Client(base_url=server.base, timeout=10) as client:
+        root = client.get("/", headers={"Accept": "text/html,application/xhtml+xml"})
         assert root.status_code == 307 and root.headers["location"] == "/playground/"
-        api_root = http.get("/", headers={"Accept": "application/json"})
+        api_root = client.get("/", headers={"Accept": "application/json"})
         assert api_root.status_code == 404 and api_root.json()["code"] == "NotFound"
         for path in ("/playground/", "/playground/playground.js", "/playground/playground.css"):
-            page = http.get(path)
+            page = client.get(path)
             assert page.status_code == 200, path
             policy = page.headers["content-security-policy"]
             assert "default-src 'self'" in policy and "script-src 'self'" in policy
             assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
-        html = http.get("/playground/").text
+        html = client.get("/playground/").text
         assert "<script>" not in html and "style=" not in html  # no inline script or style
         assert not re.search(r'(src|href)="(https?:)?//', html)  # nothing from elsewhere
-        assert http.get("/api/v1/models").json()["code"] == "InvalidApiKey"  # the API still needs a key
-        assert http.get("/playgrounds").json()["code"] == "InvalidApiKey"  # the public prefix is the folder only
+        assert client.get("/api/v1/models").json()["code"] == "InvalidApiKey"  # the API still needs a key
+        assert client.get("/playgrounds").json()["code"] == "InvalidApiKey"  # the public prefix is the folder only
+    # Paths under the public prefix reach the static files and nothing else, dot segments or not.
+    host, port = server.base.removeprefix("http://").split(":")
+    for raw in ("/playground/../api/v1/models", "/playground/%2e%2e/admin/keys", "/playground/../../etc/passwd"):
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        connection.request("GET", raw)
+        response = connection.getresponse()
+        assert (response.status, json.loads(response.read())["code"]) == (404, "NotFound"), raw
+        connection.close()
 
 
 def test_a_large_image_survives_a_reload(tab: Tab) -> None:

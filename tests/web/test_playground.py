@@ -278,6 +278,13 @@ def test_the_conversation_survives_a_reload(
     page.wait_for_timeout(300)  # the colours' transitions
     screenshot(page, "playground-dark.png", capsys)
     page.emulate_media(color_scheme="light")
+    # And it goes on from where it was: the image (kept in IndexedDB) and both turns are sent again.
+    answer = ask(page, "One more thing?")
+    expect(answer).to_have_attribute("data-status", "done", timeout=ANSWER_TIMEOUT_MS)
+    messages = conversation.traffic.generations[-1]["input"]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert messages[1]["content"][0] == {"image": image}
+    assert messages[2]["content"][0]["text"] == conversation.answers[0]
 
 
 def test_no_request_leaves_the_origin_and_nothing_breaks_the_policy(conversation: Conversation, server: Server) -> None:

@@ -32,7 +32,7 @@ from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Mount
 
 from llamascope import __version__
 from llamascope.api.errors import OPENAI_PREFIXES
@@ -93,11 +93,12 @@ class Operation:
     body: Model | None = None
     form: Model | None = None  # a multipart/form-data body
     query: Model | None = None  # its fields are the query parameters
-    ok: Model | str | None = None  # a JSON body's model, a media type, or None for an empty answer
+    ok: Model | str | Literal[False] | None = None  # a JSON body's model, a media type, None: empty, False: no 200
     stream: Stream | None = None
     refusals: tuple[int, ...] = ()
     description: str = ""
     headers: tuple[Header, ...] = ()
+    others: tuple[tuple[int, str], ...] = ()  # other answers without a body, such as redirects
 
 
 _OPERATIONS: dict[tuple[str, str], Operation] = {}
@@ -113,21 +114,36 @@ def operation(
     body: Model | None = None,
     form: Model | None = None,
     query: Model | None = None,
-    ok: Model | str | None = None,
+    ok: Model | str | Literal[False] | None = None,
     stream: Stream | None = None,
     refusals: tuple[int, ...] = (),
     description: str = "",
     headers: tuple[Header, ...] = (),
+    others: dict[int, str] | None = None,
 ) -> None:
     """Register a route's operation for the document (call it beside the route, once).
 
     ``auth``: ``"api_key"`` (a Bearer API key), ``"admin_key"`` or None (public). Refusals every such
     route can give are added by themselves: 401 with a key, 400 and 413 with a body; ``refusals`` adds
-    others (403, 408, 429, 500, 503...). ``{name}`` in the path is a string path parameter.
+    others (403, 408, 429, 500, 503...); ``others`` answers without a body ({307: "why"}). ``{name}`` in
+    the path is a string path parameter; a mounted app's files are ``GET <mount path>/{path}``.
     """
     key = (method.upper(), path)
     _OPERATIONS[key] = Operation(
-        method.upper(), path, summary, tag, auth, body, form, query, ok, stream, refusals, description, headers
+        method.upper(),
+        path,
+        summary,
+        tag,
+        auth,
+        body,
+        form,
+        query,
+        ok,
+        stream,
+        refusals,
+        description,
+        headers,
+        tuple(sorted((others or {}).items())),
     )
 
 
@@ -139,6 +155,8 @@ def routed(routes: list[BaseRoute]) -> set[tuple[str, str]]:
     """(method, path) of every route an app answers, HEAD aside (FastAPI's included routers opened)."""
     found = set()
     for route in iter_route_contexts(routes):
+        if isinstance(route.original_route, Mount):  # static files and the like
+            found.add(("GET", f"{route.path}/{{path}}"))
         for method in route.methods or ():
             if method != "HEAD":
                 found.add((method, route.path or ""))
@@ -297,7 +315,12 @@ def _operation(op: Operation, schemas: _Schemas) -> dict[str, Any]:
         content.update(_stream_content(op.stream, schemas, op))
     if content:
         ok["content"] = content
-    responses: dict[str, Any] = {"200": ok}
+    responses: dict[str, Any] = {} if op.ok is False else {"200": ok}
+    for status, why in op.others:
+        responses[str(status)] = {
+            "description": why,
+            "headers": {"x-request-id": {"$ref": "#/components/headers/RequestId"}},
+        }
     statuses = set(op.refusals)
     if op.auth:
         statuses.add(401)
@@ -313,7 +336,7 @@ def _operation(op: Operation, schemas: _Schemas) -> dict[str, Any]:
 
 def _operation_id(op: Operation) -> str:
     words = re.findall(r"[A-Za-z0-9]+", op.path.replace("{", "by-"))
-    return op.method.lower() + "".join(w[:1].upper() + w[1:] for w in words)
+    return op.method.lower() + ("".join(w[:1].upper() + w[1:] for w in words) or "Root")
 
 
 def _bound(schema: Any, context_length: int | None) -> None:

@@ -99,19 +99,24 @@ class Input(BaseModel):
     messages: list[Message] = Field(min_length=1)
 
 
-class Parameters(BaseModel):
-    """Generation settings; unknown ones are ignored, as the hosted service ignores them."""
+class Sampling(BaseModel):
+    """The settings both surfaces take under the same names (the compatible mode at its body's top level)."""
 
-    model_config = ConfigDict(extra="allow")
     max_tokens: MaxTokens = None
-    max_new_tokens: MaxTokens = Field(None, description="The same as max_tokens, which wins when both are sent.")
-    min_new_tokens: MinNewTokens = None
-    top_p: TopP = None
     temperature: Temperature = None
+    top_p: TopP = None
     top_k: TopK = None
     seed: Seed = None
     stop: Stop = None
     repetition_penalty: RepetitionPenalty = None
+
+
+class Parameters(Sampling):
+    """Generation settings; unknown ones are ignored, as the hosted service ignores them."""
+
+    model_config = ConfigDict(extra="allow")
+    max_new_tokens: MaxTokens = Field(None, description="The same as max_tokens, which wins when both are sent.")
+    min_new_tokens: MinNewTokens = None
     incremental_output: bool | None = Field(None, description="Stream deltas instead of the whole text so far.")
 
 

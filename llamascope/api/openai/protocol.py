@@ -16,16 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llamascope import errors
 from llamascope.api.incoming import envelope
-from llamascope.api.native.protocol import (
-    EXAMPLE_IMAGE,
-    MaxTokens,
-    RepetitionPenalty,
-    Seed,
-    Stop,
-    Temperature,
-    TopK,
-    TopP,
-)
+from llamascope.api.native.protocol import EXAMPLE_IMAGE, MaxTokens, Sampling
 from llamascope.conversation.service import Usage
 
 # Sampling fields that mean the same in both dialects; DashScope extras ride at the top level.
@@ -118,7 +109,7 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = Field(None, description="A last chunk with no choices and the usage.")
 
 
-class ChatBody(BaseModel):
+class ChatBody(Sampling):
     """A chat-completions request; DashScope extras (top_k, repetition_penalty) ride at the top level."""
 
     model_config = ConfigDict(
@@ -148,14 +139,7 @@ class ChatBody(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    max_tokens: MaxTokens = None
     max_completion_tokens: MaxTokens = Field(None, description="The same as max_tokens, which it overrides.")
-    temperature: Temperature = None
-    top_p: TopP = None
-    top_k: TopK = None
-    seed: Seed = None
-    stop: Stop = None
-    repetition_penalty: RepetitionPenalty = None
     n: Literal[1] | None = Field(None, description="One choice per request.")
 
 

@@ -128,6 +128,7 @@ def operation(
     others (403, 408, 429, 500, 503...); ``others`` answers without a body ({307: "why"}). ``{name}`` in
     the path is a string path parameter; a mounted app's files are ``GET <mount path>/{path}``.
     """
+    path = _plain(path)
     key = (method.upper(), path)
     _OPERATIONS[key] = Operation(
         method.upper(),
@@ -151,6 +152,11 @@ def operations() -> dict[tuple[str, str], Operation]:
     return dict(_OPERATIONS)
 
 
+def _plain(path: str) -> str:
+    """A route's path as OpenAPI writes it: Starlette's ``{model:path}`` is ``{model}``."""
+    return re.sub(r"{(\w+):\w+}", r"{\1}", path)
+
+
 def routed(routes: list[BaseRoute]) -> set[tuple[str, str]]:
     """(method, path) of every route an app answers, HEAD aside (FastAPI's included routers opened)."""
     found = set()
@@ -159,7 +165,7 @@ def routed(routes: list[BaseRoute]) -> set[tuple[str, str]]:
             found.add(("GET", f"{route.path}/{{path}}"))
         for method in route.methods or ():
             if method != "HEAD":
-                found.add((method, route.path or ""))
+                found.add((method, _plain(route.path or "")))
     return found
 
 

@@ -189,3 +189,37 @@ def test_the_document_is_valid_openapi_3_1(doc: Document) -> None:
     from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 
     assert [e.message for e in OPENAPI_31_VALIDATOR.iter_errors(doc.raw)] == []
+
+
+def test_a_new_route_is_described_by_one_call_beside_it() -> None:
+    """How a route added later gets into the document (and what happens while it is not)."""
+    from fastapi import APIRouter, FastAPI
+    from pydantic import BaseModel
+
+    from llamascope.api import openapi
+
+    class Thing(BaseModel):
+        name: str
+
+    router = APIRouter()
+    router.add_api_route("/things/{name:path}", lambda name: {"name": name}, methods=["GET"])
+    app = FastAPI()
+    app.include_router(router)
+    assert build_paths(app)["/things/{name}"]["get"]["x-undescribed"] is True
+    openapi.operation("GET", "/things/{name:path}", "A thing", tag="things", ok=Thing, refusals=(404,))
+    try:
+        described = build_paths(app)["/things/{name}"]["get"]
+    finally:
+        openapi._OPERATIONS.pop(("GET", "/things/{name}"))
+    assert "x-undescribed" not in described
+    assert described["parameters"] == [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    assert described["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Thing"
+    }
+    assert set(described["responses"]) == {"200", "401", "404"}
+
+
+def build_paths(app: Any) -> dict[str, Any]:
+    from llamascope.api import openapi
+
+    return openapi.build(app.routes)["paths"]

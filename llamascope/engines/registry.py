@@ -28,7 +28,12 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
         if spec.upstreams:
             progress(f"serving {name!r} through {', '.join(spec.upstreams)}")
             engines[name] = UpstreamEngine.create(
-                spec.upstreams, spec.upstream_model or name, spec.upstream_api_key, spec.context_length
+                spec.upstreams,
+                spec.upstream_model or name,
+                spec.upstream_api_key,
+                spec.context_length,
+                spec.upstream_tokenizer,
+                spec.chat_template,
             )
             continue
         path = _resolve(spec, settings)
@@ -52,6 +57,7 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
                         prefill_chunk=settings.prefill_chunk_tokens,
                     ),
                     vision_cache_bytes=settings.vision_cache_bytes,
+                    faults=settings.fault_injection,
                 )
             except ModelLoadError as exc:
                 raise ModelLoadError(f"model {name!r}: {exc}") from exc

@@ -107,7 +107,10 @@ class Settings(BaseSettings):
     # Throttling), and how long one may wait (beyond: 408 RequestTimeOut).
     max_batch_size: int = Field(16, ge=1)
     max_batch_tokens: int = Field(131072, ge=1)
-    max_queued: int = Field(64, ge=0)
+    # Requests wait while what they hold fits in max_queued_bytes (None: a quarter of the memory available
+    # at start, within 256 MiB and 32 GiB); max_queued, if set, caps their number too.
+    max_queued: int | None = Field(None, ge=0)
+    max_queued_bytes: int | None = Field(None, ge=0)
     max_queue_wait_seconds: float = Field(60.0, gt=0)
     # A long prompt is prefilled this many tokens at a time, running streams going on in between.
     prefill_chunk_tokens: int = Field(512, ge=16)

@@ -18,8 +18,9 @@ One thread runs the model; the event loop only hands requests in and reads
 token ids out. Everything here but ``submit`` and ``stop`` runs on that thread.
 
 Bounds: at most ``max_batch`` requests run at once and their prompt plus the
-tokens they may still make stay within ``max_batch_tokens``; at most
-``max_queued`` wait for a place (beyond: ``429 Throttling`` with Retry-After),
+tokens they may still make stay within ``max_batch_tokens``; requests wait for
+a place while what they hold fits in ``max_queued_bytes`` (and, if set, while
+fewer than ``max_queued`` wait; beyond: ``429 Throttling`` with Retry-After),
 and a request that waits longer than ``max_queue_wait`` gets
 ``408 RequestTimeOut``. So the engine never holds more work than it was sized for.
 """
@@ -49,11 +50,26 @@ Tokens = list[int]
 Message = Tokens | FinishReason | errors.ServiceError
 
 
+# What a waiting request holds besides its tensors and its decoded image: the request, its parsed body,
+# its coroutine and stream. Measured (bench/queue_memory.py): the server's resident memory grew 75 KiB a
+# waiting request about one image (200 waiting; 475 KiB with 50 fetched by URL), 18.2 MiB about an image
+# each (four tiles: 15 MB of pixel tensors and 2.8 MB decoded, which ``waiting_bytes`` counts apart).
+WAITING_OVERHEAD_BYTES = 512 * 1024
+
+
+def default_queue_bytes() -> int:
+    """A quarter of the memory available now, within [256 MiB, 32 GiB]: what requests may hold waiting."""
+    import psutil
+
+    return min(max(psutil.virtual_memory().available // 4, 256 << 20), 32 << 30)
+
+
 @dataclass(frozen=True)
 class BatchLimits:
     max_batch: int = 16
     max_batch_tokens: int = 131072
-    max_queued: int = 64
+    max_queued: int | None = None  # None: as many as fit in max_queued_bytes
+    max_queued_bytes: int = 1 << 30
     max_queue_wait: float = 60.0
     prefill_chunk: int = 512  # prompt tokens prefilled between two decode steps
 
@@ -99,6 +115,16 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.budget = int(self.inputs["input_ids"].shape[1]) + self.max_new  # the most tokens it will hold
+        self.waiting_bytes = waiting_bytes(self)
+
+
+def waiting_bytes(seq: Sequence) -> int:
+    """The memory a request holds while it waits: its model inputs (an image's pixel tensors, 15 MB for
+    Llama 3.2's four tiles, unless its vision states are cached), its decoded image, and the rest."""
+    tensors = sum(t.numel() * t.element_size() for t in seq.inputs.values() if hasattr(t, "element_size"))
+    image = seq.image.image if seq.image is not None else None
+    pixels = image.width * image.height * len(image.getbands()) if image is not None else 0
+    return WAITING_OVERHEAD_BYTES + tensors + pixels
 
 
 class Batch:
@@ -272,6 +298,7 @@ class Scheduler:
         self._eos_index = torch.tensor(sorted(eos_ids))
         self.batches = {False: Batch(self.cross_layers), True: Batch(self.cross_layers)}  # by has_image
         self.waiting: deque[Sequence] = deque()
+        self.waiting_bytes = 0  # what the waiting requests hold (``Sequence.waiting_bytes``)
         self.prefilling: Sequence | None = None
         self._cond = threading.Condition()
         self._stopping = False
@@ -291,10 +318,13 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise errors.ServiceError(503, "ServiceUnavailable", "The server is shutting down.")
-            if len(self.waiting) >= self.limits.max_queued:
+            limits = self.limits
+            full = limits.max_queued is not None and len(self.waiting) >= limits.max_queued
+            if full or (self.waiting and self.waiting_bytes + seq.waiting_bytes > limits.max_queued_bytes):
                 retry = math.ceil(self._service_time * (len(self.waiting) + 1) / self.limits.max_batch)
                 raise errors.throttled(min(max(retry, 1), 60))
             self.waiting.append(seq)
+            self.waiting_bytes += seq.waiting_bytes
             self._cond.notify()
 
     def wake(self) -> None:
@@ -385,11 +415,11 @@ class Scheduler:
             while self.waiting:
                 seq = self.waiting[0]
                 if seq.cancel.is_set():
-                    self.waiting.popleft()
+                    self._pop_waiting()
                     seq.send(FinishReason.CANCELLED)
                     continue
                 if now - seq.queued_at > self.limits.max_queue_wait:
-                    self.waiting.popleft()
+                    self._pop_waiting()
                     seq.send(errors.request_timed_out())
                     continue
                 running = [s for b in self.batches.values() for s in b.rows]
@@ -398,8 +428,13 @@ class Scheduler:
                     or sum(s.budget for s in running) + seq.budget > self.limits.max_batch_tokens
                 ):
                     return None
-                return self.waiting.popleft()
+                return self._pop_waiting()
         return None
+
+    def _pop_waiting(self) -> Sequence:
+        seq = self.waiting.popleft()
+        self.waiting_bytes -= seq.waiting_bytes
+        return seq
 
     def _prefill(self, seq: Sequence, budget: int) -> FinishReason | None:
         """Run up to ``budget`` more of the prompt, alone. At its end, send the first token.

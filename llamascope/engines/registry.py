@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llamascope.engines.base import Engine
-from llamascope.engines.batching import BatchLimits
+from llamascope.engines.batching import BatchLimits, default_queue_bytes
 from llamascope.engines.mllama import MllamaEngine, ModelLoadError
 from llamascope.engines.test_model import ensure_test_model, is_test_model
 from llamascope.engines.upstream import UpstreamEngine
@@ -53,6 +53,9 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
                         max_batch=settings.max_batch_size,
                         max_batch_tokens=settings.max_batch_tokens,
                         max_queued=settings.max_queued,
+                        max_queued_bytes=settings.max_queued_bytes
+                        if settings.max_queued_bytes is not None
+                        else default_queue_bytes(),
                         max_queue_wait=settings.max_queue_wait_seconds,
                         prefill_chunk=settings.prefill_chunk_tokens,
                     ),

@@ -265,6 +265,35 @@ def test_full_queue_is_refused_with_retry_after(test_model_dir: Path) -> None:
         time.sleep(0.01)
 
 
+def test_the_queue_holds_what_fits_in_its_memory(test_model_dir: Path) -> None:
+    """Waiting requests are counted at what they hold: many small ones wait where one image's pixels do not fit."""
+    engine = MllamaEngine.load(
+        test_model_dir, test_model=True, limits=BatchLimits(max_batch=1, max_queued_bytes=8 * 1024 * 1024)
+    )
+
+    async def scenario() -> tuple[int, int, errors.ServiceError]:
+        text = await engine.prepare([Turn("user", "Go on and on.")])
+        big = await engine.prepare([Turn("user", "And this?", image((1, 2, 3), (1120, 840)))])  # four tiles of pixels
+        running = engine.generate(text, SamplingParams(max_new_tokens=100_000, temperature=0))
+        await anext(running)
+        waiting = [engine.generate(text, SamplingParams(max_new_tokens=1, temperature=0)) for _ in range(12)]
+        tasks = [asyncio.create_task(anext(w)) for w in waiting]  # each about 0.5 MB: 12 fit in 8 MB
+        await asyncio.sleep(0.2)
+        queued, held = engine.stats()["waiting"], engine.scheduler.waiting_bytes
+        with pytest.raises(errors.ServiceError) as refused:
+            await anext(engine.generate(big, SamplingParams(max_new_tokens=1)))  # 15 MB of pixel tensors
+        await running.aclose()
+        await asyncio.gather(*tasks)
+        for w in waiting:
+            await w.aclose()
+        return queued, held, refused.value
+
+    queued, held, error = asyncio.run(scenario())
+    assert queued == 12 and 12 * 512 * 1024 <= held < 8 * 1024 * 1024
+    assert (error.status, error.code) == (429, "Throttling")
+    assert engine.scheduler.waiting_bytes == 0
+
+
 def test_waiting_too_long_is_a_timeout(test_model_dir: Path) -> None:
     engine = MllamaEngine.load(
         test_model_dir, test_model=True, limits=BatchLimits(max_batch=1, max_queued=4, max_queue_wait=0.3)

@@ -44,6 +44,8 @@ HEALTH_EVERY_SECONDS = 5.0
 # Sent images fit in what Llama 3.2 Vision can use: 4 tiles of 560x560, at most 2240 pixels a side.
 MAX_SENT_PIXELS = 4 * 560 * 560
 MAX_SENT_SIDE = 2240
+# Counting a prompt is quick; an engine that takes longer is counted by estimate instead.
+TOKENIZE_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=5)
 
 
 @dataclass
@@ -152,16 +154,22 @@ class UpstreamEngine:
             if not upstream.tokenize:
                 continue
             try:
-                async with self.client.post(upstream.tokenize_url, json=body, allow_redirects=False) as response:
+                async with self.client.post(
+                    upstream.tokenize_url, json=body, allow_redirects=False, timeout=TOKENIZE_TIMEOUT
+                ) as response:
                     if response.status in (404, 405, 501):
                         log.warning("upstream %s has no /tokenize: its prompts are estimated", upstream.url)
                         upstream.tokenize = False
                         continue
-                    if 400 <= response.status < 500:  # the engine refuses the prompt: say why now
-                        raise _client_error(response.status, (await response.read()).decode(errors="replace"))
-                    count = (await response.json()).get("count") if response.status == 200 else None
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                    text = (await response.read()).decode(errors="replace")
+                    if response.status == 400:  # the engine refuses the prompt (too long, ...): say why now
+                        raise _client_error(400, text)
+                    answer = json.loads(text) if response.status == 200 else None
+                    count = answer.get("count") if isinstance(answer, dict) else None
+            except aiohttp.ClientError as exc:  # it cannot be reached: out of rotation, as a completion would take it
                 self._mark_failed(upstream, type(exc).__name__)
+                continue
+            except (asyncio.TimeoutError, ValueError):  # slow, or an answer not vLLM's: estimated instead
                 continue
             if isinstance(count, int) and not isinstance(count, bool):
                 return count

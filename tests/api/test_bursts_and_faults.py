@@ -95,12 +95,12 @@ def test_a_request_failing_mid_batch_ends_alone(server: Server, image_host) -> N
     """Its stream ends with an error event; the others' answers are what they are alone, token for token."""
     image = image_host.url("/red.png")
     good = [
-        generation_body(image, max_tokens=60, min_new_tokens=60, temperature=0),
-        {**generation_body(image, max_tokens=50, min_new_tokens=50, seed=3), "model": SEED_MODEL},
+        generation_body(image, max_tokens=36, min_new_tokens=36, temperature=0),
+        {**generation_body(image, max_tokens=30, min_new_tokens=30, seed=3), "model": SEED_MODEL},
     ]
     good[1]["input"]["messages"] = [user_turn(image, "Its colours?")]
-    bad = generation_body(image, max_tokens=60, min_new_tokens=60, temperature=0)
-    bad["input"]["messages"] = [user_turn(image, "[[llamascope-fault:decode@8]] What is it?")]
+    bad = generation_body(image, max_tokens=36, min_new_tokens=36, temperature=0)
+    bad["input"]["messages"] = [user_turn(image, "[[llamascope-fault:decode@5]] What is it?")]
     alone = [stream(server, body)[0] for body in good]
 
     results: list[tuple[str, list[str]] | None] = [None] * 3
@@ -116,7 +116,7 @@ def test_a_request_failing_mid_batch_ends_alone(server: Server, image_host) -> N
         t.join(120)
     failed_text, failed_kinds = results[2]  # type: ignore[misc]
     assert failed_kinds[-1] == "error" and json.loads(failed_text)["code"] == "InternalError.Algo"
-    assert failed_kinds.count("result") >= 8  # it streamed before it failed
+    assert failed_kinds.count("result") >= 5  # it streamed before it failed
     assert [r[0] for r in results[:2]] == alone  # type: ignore[index]
     assert all(r[1][-1] == "result" for r in results[:2])  # type: ignore[index]
     until(lambda: load(server)["running"] == 0, within=10)

@@ -11,6 +11,7 @@ Derandomized, with no example database, so a CI run is the same run every time.
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,8 @@ def short_engine(test_model_dir: Path) -> MllamaEngine:
 # -- parameters --------------------------------------------------------------------------------------------
 
 NOT_NUMBERS = st.one_of(st.booleans(), st.text(max_size=3), st.lists(st.integers(), max_size=1), st.just({}))
-# TODO(issue 12 item 3): h12a makes every valid temperature, top_p and repetition penalty sample and
-# refuses NaN and infinities; until that is merged, valid values stay where today's sampler is sound.
 FINITE = {"allow_nan": False, "allow_infinity": False}
+NOT_FINITE = st.sampled_from([math.nan, math.inf, -math.inf])
 
 
 Values = tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]  # what the parser must take, and refuse
@@ -70,33 +70,35 @@ def integer(valid: st.SearchStrategy[int], invalid: st.SearchStrategy[Any]) -> V
     return st.one_of(valid, valid.filter(lambda v: float(v) == v).map(float)), invalid
 
 
-NON_INTEGERS = st.one_of(NOT_NUMBERS, st.floats(**FINITE).filter(lambda f: f != int(f)))
+NON_INTEGERS = st.one_of(NOT_NUMBERS, NOT_FINITE, st.floats(**FINITE).filter(lambda f: f != int(f)))
 PARAMETERS: dict[str, Values] = {
     "max_tokens": integer(
         st.integers(1, 8), st.one_of(NON_INTEGERS, st.integers(max_value=0), st.integers(CONTEXT + 1))
     ),
-    # TODO(issue 12 item 5): a max_new_tokens out of range is refused as "Range of max_tokens ..."; h12a
-    # names the parameter sent. Until then only its type is fuzzed here.
-    "max_new_tokens": integer(st.integers(1, 8), NON_INTEGERS),
+    "max_new_tokens": integer(
+        st.integers(1, 8), st.one_of(NON_INTEGERS, st.integers(max_value=0), st.integers(CONTEXT + 1))
+    ),
     "min_new_tokens": integer(st.integers(0, 4), st.one_of(NON_INTEGERS, st.integers(max_value=-1))),
     "top_p": (
-        st.floats(0.01, 1.0),  # TODO(issue 12 item 3): down to the smallest positive float once h12a is in
+        st.floats(0.0, 1.0, exclude_min=True),
         st.one_of(
-            NOT_NUMBERS, st.floats(max_value=0.0, **FINITE), st.floats(min_value=1.0, exclude_min=True, **FINITE)
+            NOT_NUMBERS,
+            NOT_FINITE,
+            st.floats(max_value=0.0, **FINITE),
+            st.floats(min_value=1.0, exclude_min=True, **FINITE),
         ),
     ),
     "temperature": (
-        # TODO(issue 12 item 3): any finite value >= 0 once h12a is in (8.9e-173 crashes today's sampler).
-        st.one_of(st.just(0.0), st.floats(0.01, 100.0)),
-        st.one_of(NOT_NUMBERS, st.floats(max_value=0.0, exclude_max=True, **FINITE)),
+        st.floats(min_value=0.0, **FINITE),
+        st.one_of(NOT_NUMBERS, NOT_FINITE, st.floats(max_value=0.0, exclude_max=True, **FINITE)),
     ),
     "top_k": integer(st.integers(0, 200), st.one_of(NON_INTEGERS, st.integers(max_value=-1))),
     "seed": integer(
         st.integers(0, MAX_SEED), st.one_of(NON_INTEGERS, st.integers(max_value=-1), st.integers(MAX_SEED + 1))
     ),
     "repetition_penalty": (
-        st.floats(0.1, 10.0),  # TODO(issue 12 item 3): any finite value > 0 once h12a is in
-        st.one_of(NOT_NUMBERS, st.floats(max_value=0.0, **FINITE)),
+        st.floats(min_value=0.0, exclude_min=True, **FINITE),
+        st.one_of(NOT_NUMBERS, NOT_FINITE, st.floats(max_value=0.0, **FINITE)),
     ),
     "stop": (
         st.one_of(st.text(min_size=1, max_size=4), st.lists(st.text(min_size=1, max_size=4), max_size=3)),

@@ -115,7 +115,12 @@ class Parameters(Sampling):
     """Generation settings; unknown ones are ignored, as the hosted service ignores them."""
 
     model_config = ConfigDict(extra="allow")
-    max_new_tokens: MaxTokens = Field(None, description="The same as max_tokens, which wins when both are sent.")
+    max_new_tokens: MaxTokens = Field(
+        None,
+        description="Another name of max_tokens: the first sent of max_tokens, max_new_tokens, "
+        "max_completion_tokens is the one used.",
+    )
+    max_completion_tokens: MaxTokens = Field(None, description="Another name of max_tokens.")
     min_new_tokens: MinNewTokens = None
     incremental_output: bool | None = Field(None, description="Stream deltas instead of the whole text so far.")
 

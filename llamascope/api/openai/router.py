@@ -23,6 +23,7 @@ from llamascope.api.openai.protocol import (
     Message,
     ModelEntry,
     ModelList,
+    TokenCount,
     UsageBody,
     completion_id,
 )
@@ -84,6 +85,20 @@ async def chat_completions(request: Request) -> Response:
     return JSONResponse(body.model_dump())
 
 
+async def tokenize(request: Request) -> JSONResponse:
+    """vLLM's ``POST /tokenize`` for chat messages: the prompt's token count, as a completion would report it.
+
+    An llamascope in front of another (``--model NAME=openai+http://...``) asks it this, so its usage is exact
+    from the first event. The token ids vLLM also returns are left out: no caller here needs them.
+    """
+    service: ConversationService = request.app.state.service
+    call = ChatRequest.from_body(await read_json(request))
+    count = await service.count(request.state.principal, call.model, call.messages, source_context(request))
+    return JSONResponse(
+        TokenCount(count=count, max_model_len=service.engine(call.model).info.context_length).model_dump()
+    )
+
+
 async def list_models(request: Request) -> JSONResponse:
     service: ConversationService = request.app.state.service
     data = [ModelEntry(id=name, test_model=engine.info.test_model) for name, engine in service.engines.items()]
@@ -111,3 +126,13 @@ for prefix in PREFIXES:
         refusals=(403, 408, 429, 500, 503),
     )
     openapi.operation("GET", f"{prefix}/models", "Served models", tag="compatible-mode", ok=ModelList)
+router.add_route("/tokenize", tokenize, methods=["POST"])  # where vLLM serves it: beside /v1, not in it
+openapi.operation(
+    "POST",
+    "/tokenize",
+    "A chat's prompt tokens, as a completion would count them (vLLM's /tokenize)",
+    tag="compatible-mode",
+    body=ChatBody,
+    ok=TokenCount,
+    refusals=(403,),
+)

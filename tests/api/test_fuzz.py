@@ -61,7 +61,7 @@ def bounded(document: dict[str, Any], models: list[str]) -> dict[str, Any]:
     for path in [p for p in document["paths"] if p.startswith("/v1/")]:
         del document["paths"][path]
     schemas = document["components"]["schemas"]
-    for name in ("GenerationBody", "OpenAIChatBody"):
+    for name in ("GenerationBody", "OpenAIChatBody", "OpenAIChatInput"):
         schemas[name]["properties"]["model"] = {"enum": models}
         for example in schemas[name]["examples"]:
             example["model"] = models[0]

@@ -154,7 +154,7 @@ def test_parameters_are_accepted_exactly_when_valid_and_refusals_name_them(
         assert all(0 <= t < 512 for t in tokens)
 
 
-@settings(ON_THE_MODEL, max_examples=12)
+@settings(ON_THE_MODEL, max_examples=8)
 @given(parameter_objects(valid_only=True))
 def test_accepted_parameters_generate_on_the_model(
     short_engine: MllamaEngine, case: tuple[dict[str, Any], set[str]]

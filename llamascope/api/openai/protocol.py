@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from llamascope import errors
 from llamascope.api.incoming import envelope
@@ -110,7 +110,32 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = Field(None, description="A last chunk with no choices and the usage.")
 
 
-class ChatBody(Sampling):
+EXAMPLE_MESSAGES: list[JsonValue] = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE}},
+            {"type": "text", "text": "What is this?"},
+        ],
+    },
+]
+
+
+class ChatInput(BaseModel):
+    """What every chat-shaped body is checked for; ``POST /tokenize`` reads no more (sampling is ignored)."""
+
+    model_config = ConfigDict(
+        extra="allow", json_schema_extra={"examples": [{"model": "llama3.2-11b-vision", "messages": EXAMPLE_MESSAGES}]}
+    )
+    model: str = Field(min_length=1, description="A served model name (GET /compatible-mode/v1/models).")
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: Literal[1] | None = Field(None, description="One choice per request.")
+
+
+class ChatBody(ChatInput, Sampling):
     """A chat-completions request; DashScope extras (top_k, repetition_penalty) ride at the top level."""
 
     model_config = ConfigDict(
@@ -119,16 +144,7 @@ class ChatBody(Sampling):
             "examples": [
                 {
                     "model": "llama3.2-11b-vision",
-                    "messages": [
-                        {"role": "system", "content": "You are a helpful assistant."},
-                        {
-                            "role": "user",
-                            "content": [
-                                {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE}},
-                                {"type": "text", "text": "What is this?"},
-                            ],
-                        },
-                    ],
+                    "messages": EXAMPLE_MESSAGES,
                     "max_tokens": 64,
                     "stream": True,
                     "stream_options": {"include_usage": True},
@@ -136,12 +152,7 @@ class ChatBody(Sampling):
             ]
         },
     )
-    model: str = Field(min_length=1, description="A served model name (GET /compatible-mode/v1/models).")
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
     max_completion_tokens: MaxTokens = Field(None, description="The same as max_tokens, which it overrides.")
-    n: Literal[1] | None = Field(None, description="One choice per request.")
 
 
 # -- the answer -------------------------------------------------------------------

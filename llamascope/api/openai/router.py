@@ -17,6 +17,7 @@ from llamascope.api.openai.protocol import (
     ChatBody,
     ChatCompletion,
     ChatCompletionChunk,
+    ChatInput,
     ChatRequest,
     ChunkChoice,
     ErrorBody,
@@ -132,7 +133,7 @@ openapi.operation(
     "/tokenize",
     "A chat's prompt tokens, as a completion would count them (vLLM's /tokenize)",
     tag="compatible-mode",
-    body=ChatBody,
+    body=ChatInput,
     ok=TokenCount,
     refusals=(403,),
 )

@@ -287,7 +287,7 @@ def discipline() -> Any:
                 and kwargs.get("device") is None
                 and kwargs.get("generator") is None
             ):
-                frame = sys._getframe(1)
+                frame: Any = sys._getframe(1)
                 while frame is not None and "/torch/" in frame.f_code.co_filename:
                     frame = frame.f_back
                 if frame is not None and frame.f_code.co_filename.startswith(engines):

@@ -158,3 +158,22 @@ def test_padded_batch_counts_against_the_token_bound(test_model_dir: Path) -> No
 
     asyncio.run(scenario())
     assert peak == 1
+
+
+def test_gpu_check_script_runs_its_parts_on_the_cpu(tmp_path: Path) -> None:
+    """bench/gpu_check.py, the one command for a GPU machine, runs end to end here on the CPU and tiny model."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--shape", "tiny", "--tokens", "4", "--levels", "2"]
+        + ["--cache-dir", str(CACHE_DIR)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    for row in ("batched == alone (float32)", "5 of 5", "cancelled request left the batch", "tok/s, 2 concurrent"):
+        assert row in done.stdout
+    row = next(line for line in done.stdout.splitlines() if line.startswith("tensors made without a device"))
+    assert row.split()[-2:] == ["none", "yes"], row

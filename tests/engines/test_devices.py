@@ -160,12 +160,24 @@ def test_padded_batch_counts_against_the_token_bound(test_model_dir: Path) -> No
     assert peak == 1
 
 
+QUICK = ["--tokens", "4", "--levels", "2"]
+
+
 def test_gpu_check_script_runs_its_parts_on_the_cpu(tmp_path: Path) -> None:
     """bench/gpu_check.py, the one command for a GPU machine, runs end to end here on the CPU and tiny model."""
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
-        [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--shape", "tiny", "--tokens", "4", "--levels", "2"]
-        + ["--cache-dir", str(CACHE_DIR)],
+        [
+            sys.executable,
+            "bench/gpu_check.py",
+            "--device",
+            "cpu",
+            "--shape",
+            "tiny",
+            *QUICK,
+            "--cache-dir",
+            str(CACHE_DIR),
+        ],
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
         capture_output=True,

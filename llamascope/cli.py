@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", type=Path, help="TOML config file (default: $LLAMASCOPE_CONFIG)")
     serve.add_argument("--threads", type=int, help="PyTorch threads (default: one per usable core)")
+    serve.add_argument(
+        "--device",
+        help="auto (default: a CUDA GPU when one is visible, else the CPU), cpu, cuda (every visible GPU, "
+        "a model too large for one split across them) or cuda:N",
+    )
     serve.add_argument("--log-level", help="debug, info, warning, error (default info)")
 
     build = commands.add_parser("build-test-model", help="build the built-in test model and print its directory")
@@ -143,6 +148,7 @@ def serve(args: argparse.Namespace) -> int:
         "host": args.host,
         "port": args.port,
         "torch_threads": args.threads,
+        "device": args.device,
         "log_level": args.log_level,
     }
     if args.model:

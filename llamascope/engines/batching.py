@@ -27,6 +27,7 @@ and a request that waits longer than ``max_queue_wait`` gets
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -304,6 +305,8 @@ class Scheduler:
         self._stopping = False
         self._service_time = 5.0  # seconds a request takes, smoothed; for Retry-After
         self.steps = 0
+        # A debug mode the model thread runs under (devices.discipline: every tensor names its device).
+        self.device_check: Any = None
         self._thread = threading.Thread(target=self._run, name="llamascope-generate", daemon=True)
         self._thread.start()
 
@@ -349,12 +352,13 @@ class Scheduler:
                     if self._stopping:
                         break
                 try:
-                    self._admit()
-                    self._hand_over()  # requests it ended without a prefill (cancelled, waited out)
-                    for batch in self.batches.values():
-                        if batch.rows:
-                            self._step(batch)
-                            self._hand_over()
+                    with self.device_check or contextlib.nullcontext():
+                        self._admit()
+                        self._hand_over()  # requests it ended without a prefill (cancelled, waited out)
+                        for batch in self.batches.values():
+                            if batch.rows:
+                                self._step(batch)
+                                self._hand_over()
                 except Exception:  # a bug here must not leave requests waiting for ever
                     log.exception("the scheduler failed; failing the requests it was running")
                     failed: list[Sequence] = [self.prefilling] if self.prefilling else []
@@ -423,9 +427,10 @@ class Scheduler:
                     seq.send(errors.request_timed_out())
                     continue
                 running = [s for b in self.batches.values() for s in b.rows]
+                # A batch's caches are padded to its longest row: count every row as long as the longest.
                 if running and (
                     len(running) >= self.limits.max_batch
-                    or sum(s.budget for s in running) + seq.budget > self.limits.max_batch_tokens
+                    or (len(running) + 1) * max(seq.budget, *(s.budget for s in running)) > self.limits.max_batch_tokens
                 ):
                     return None
                 return self._pop_waiting()

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -161,13 +163,52 @@ def ask(
             out.write(answer.text)
         return answer, False
     answer_stream = client.stream(conversation.model, messages, parameters)
+    interrupt = DeferredInterrupt()
     try:
-        with answer_stream, display() as out:
+        with interrupt.installed(), answer_stream, display() as out:
             for piece in answer_stream:
-                out.write(piece)
+                with interrupt.deferred():  # never stop half way through drawing: the screen would be left torn
+                    out.write(piece)
     except KeyboardInterrupt:
         return answer_stream.answer, True
     return answer_stream.answer, False
+
+
+class DeferredInterrupt:
+    """Ctrl+C raises KeyboardInterrupt at once (also while waiting on the network), except inside
+    ``deferred()``, where it is held until the block ends."""
+
+    def __init__(self) -> None:
+        self.deferring = False
+        self.pending = False
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.deferring:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
 
 
 def one_shot(client: Client, conversation: Conversation, question: str, args: argparse.Namespace) -> int:

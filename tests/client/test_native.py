@@ -68,16 +68,16 @@ def test_an_error_in_the_stream_comes_after_the_text_so_far(failing_server: str,
 
 def test_leaving_a_stream_stops_the_generation_on_the_server(server: Server, image_host: ImageHost) -> None:
     long = {"max_tokens": 8000, "min_new_tokens": 8000}
-    with Client(server.api, server.key) as client:
+    with Client(server.api, server.key) as client:  # still open: the stream alone is closed
         with client.stream(SEED_MODEL, [user_turn(image_host.url("/red.png"))], long) as stream:
             for n, _ in enumerate(stream):
                 if n == 5:
                     assert running(server) == 1
                     break
-        request_id = stream.answer.request_id
-    deadline = time.monotonic() + 30
-    while running(server) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert running(server) == 0
+        deadline = time.monotonic() + 30
+        while running(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert running(server) == 0
+    request_id = stream.answer.request_id
     assert request_id and "client=disconnected" in server.access_line(request_id)
     assert stream.answer.finish_reason is None and stream.answer.text

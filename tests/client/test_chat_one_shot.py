@@ -67,22 +67,9 @@ def test_the_answer_streams_to_standard_output(server: Server, image_host: Image
 
 
 def test_options_override_the_environment_and_choose_the_model(server: Server, photo: Path) -> None:
+    options = ["--base-url", server.api, "--api-key", server.key, "-m", "llama3.2-11b-vision"]
     done = chat(
-        [
-            "-a",
-            str(photo),
-            "--base-url",
-            server.api,
-            "--api-key",
-            server.key,
-            "-m",
-            "llama3.2-11b-vision",
-            "--json",
-            "-o",
-            "max_tokens",
-            "3",
-            "Hi",
-        ],
+        ["-a", str(photo), *options, *"--json -o max_tokens 3 Hi".split()],
         server,
         photo.parent,
         DASHSCOPE_HTTP_BASE_URL=f"http://127.0.0.1:{free_port()}/api/v1",

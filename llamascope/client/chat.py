@@ -165,13 +165,34 @@ def ask(
     answer_stream = client.stream(conversation.model, messages, parameters)
     interrupt = DeferredInterrupt()
     try:
-        with interrupt.installed(), answer_stream, display() as out:
+        with interrupt.installed(), quiet_terminal(), answer_stream, display() as out:
             for piece in answer_stream:
                 with interrupt.deferred():  # never stop half way through drawing: the screen would be left torn
                     out.write(piece)
     except KeyboardInterrupt:
         return answer_stream.answer, True
     return answer_stream.answer, False
+
+
+@contextmanager
+def quiet_terminal() -> Iterator[None]:
+    """No echo on the terminal while an answer is drawn: the ``^C`` of Ctrl+C, or keys typed meanwhile,
+    would move the cursor under rich's feet and leave a line drawn twice. Typed keys wait for the prompt."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError):  # not a terminal (or not POSIX): nothing to silence
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 class DeferredInterrupt:
@@ -279,6 +300,8 @@ def run(args: argparse.Namespace) -> int:
             return 1
         conversation = Conversation(model=model, system=args.system, image=image, parameters=parameters)
         if not interactive:
+            if info and info.get("test_model") and sys.stderr.isatty():
+                print(f"({model} is the built-in test model: its answers are random words)", file=sys.stderr)
             return one_shot(client, conversation, question, args)
         from llamascope.client.interactive import InteractiveChat
 

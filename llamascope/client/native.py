@@ -79,6 +79,7 @@ class Answer:
     body: dict[str, Any] | None = None  # the last response body (for a stream: the last event's data)
     started: float = 0.0
     first_token_at: float | None = None
+    last_event_at: float | None = None
     finished_at: float | None = None
 
     @property
@@ -87,11 +88,12 @@ class Answer:
 
     @property
     def tokens_per_second(self) -> float | None:
-        """Output tokens after the first, over the time after the first: the decoding rate."""
+        """Output tokens after the first, over the time after the first: the decoding rate (of the part that
+        arrived, for an answer stopped half way)."""
         tokens = self.usage.get("output_tokens", 0)
-        if self.first_token_at is None or self.finished_at is None or tokens < 2:
+        if self.first_token_at is None or self.last_event_at is None or tokens < 2:
             return None
-        elapsed = self.finished_at - self.first_token_at
+        elapsed = self.last_event_at - self.first_token_at
         return (tokens - 1) / elapsed if elapsed > 0 else None
 
     def final_body(self) -> dict[str, Any]:
@@ -128,12 +130,13 @@ class Answer:
             self.text = text
         else:  # a cumulative stream that rewrote what it had sent (not expected): show it from here on
             delta, self.text = text, text
+        self.last_event_at = time.monotonic()
         if delta and self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+            self.first_token_at = self.last_event_at
         reason = choice.get("finish_reason")
         if reason and reason != "null":
             self.finish_reason = reason
-            self.finished_at = time.monotonic()
+            self.finished_at = self.last_event_at
         return delta
 
 
@@ -185,7 +188,8 @@ class AnswerStream:
         except ValueError:
             raise _error_of(response, body) from None
         self.answer.absorb(data, incremental=False)
-        self.answer.first_token_at = self.answer.finished_at = time.monotonic()
+        a = self.answer  # a whole answer: its time to first token is its time to the end; no rate
+        a.first_token_at = a.last_event_at = a.finished_at = time.monotonic()
 
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
@@ -270,7 +274,7 @@ class Client:
         except ValueError:
             raise _error_of(response, response.text) from None
         answer.absorb(data, incremental=False)
-        answer.first_token_at = answer.finished_at = time.monotonic()
+        answer.first_token_at = answer.last_event_at = answer.finished_at = time.monotonic()  # no rate: one piece
         return answer
 
     def models(self) -> list[dict[str, Any]]:

@@ -110,6 +110,7 @@ def test_a_conversation_in_a_terminal(server: Server, image_host: ImageHost, tmp
     time.sleep(0.5)  # some of the answer on the screen
     child.sendintr()
     child.expect_exact("(stopped; the answer so far is kept")
+    assert "^C" not in child.before  # no echo while an answer is drawn: it would tear rich's live area
     child.expect_exact(PROMPT)
     deadline = time.monotonic() + 30
     while running(server) and time.monotonic() < deadline:

@@ -81,3 +81,4 @@ def test_leaving_a_stream_stops_the_generation_on_the_server(server: Server, ima
     request_id = stream.answer.request_id
     assert request_id and "client=disconnected" in server.access_line(request_id)
     assert stream.answer.finish_reason is None and stream.answer.text
+    assert stream.answer.tokens_per_second  # of the part that arrived

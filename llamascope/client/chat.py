@@ -8,6 +8,7 @@ conversation ``llamascope.client.conversation``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -120,11 +121,11 @@ def show_error(error: APIError) -> None:
 
 def discover_model(client: Client, wanted: str | None) -> tuple[str, dict[str, Any] | None]:
     """The model to use and what the server says of it. Only a llamascope lists its models: elsewhere the
-    listing fails and the default name is used. An unreachable server or a refused key is said at once."""
+    listing fails and the default name is used. An unreachable server or a wrong key is said at once."""
     try:
         served = client.models()
     except APIError as error:
-        if error.code == "ConnectionError" or error.status in (401, 403):
+        if error.code == "ConnectionError" or error.status == 401:
             raise
         served = []
     name = wanted or (served[0]["model"] if served else DEFAULT_MODEL)
@@ -237,7 +238,7 @@ def one_shot(client: Client, conversation: Conversation, question: str, args: ar
     if args.json:
         from llamascope.client.display import PlainText
 
-        display: Callable[[], AbstractContextManager[Display]] = lambda: PlainText(open(os.devnull, "w"))  # noqa: E731, SIM115
+        display: Callable[[], AbstractContextManager[Display]] = lambda: PlainText(io.StringIO())  # noqa: E731
     else:
         display = make_display(sys.stdout.isatty() and not args.plain)
     try:

@@ -170,6 +170,9 @@ class InteractiveChat:
             image = self.conversation.image
             say(f"image: {attachment.describe(image)}" if image else "no image: /image PATH|URL attaches one")
             return
+        if value == "-":
+            say("error: standard input is this terminal here: give a path or a URL")
+            return
         try:
             reference = attachment.image_reference(value)
         except OSError as exc:

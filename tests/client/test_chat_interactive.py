@@ -129,6 +129,12 @@ def test_a_conversation_in_a_terminal(server: Server, image_host: ImageHost, tmp
     child.close()
     assert child.exitstatus == 0
     assert "What is in the picture?" in (tmp_path / "state" / "llamascope" / "chat_history").read_text()
+    again = spawn(server, tmp_path)  # readline history: the up arrow brings back the last line, /bye
+    again.expect_exact(PROMPT)
+    again.send("\x1b[A\r")
+    again.expect(pexpect.EOF)
+    again.close()
+    assert again.exitstatus == 0
 
     # What /save wrote is a conversation the API takes: the official SDK sends it with one more question.
     import dashscope

@@ -183,8 +183,10 @@ def quiet_terminal() -> Iterator[None]:
         import termios
 
         fd = sys.stdin.fileno()
-        saved = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError):  # not a terminal (or not POSIX): nothing to silence
+        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (ImportError, OSError, ValueError):  # not POSIX, or no standard input
+        saved = None
+    if saved is None:  # not a terminal: nothing to silence
         yield
         return
     quiet = list(saved)
@@ -246,6 +248,9 @@ def one_shot(client: Client, conversation: Conversation, question: str, args: ar
     except APIError as error:
         show_error(error)
         return 1
+    except BrokenPipeError:  # the reader went away (`| head`): no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     if stopped:
         print("(stopped)", file=sys.stderr)
         return 130

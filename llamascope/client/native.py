@@ -112,16 +112,16 @@ class Answer:
             body["request_id"] = self.request_id
         return body
 
-    def absorb(self, data: dict[str, Any], incremental: bool) -> str:
+    def absorb(self, data: Any, incremental: bool) -> str:
         """Take one response body (a stream event or the whole answer); return the text it added."""
+        try:
+            text, reason = _text_and_finish(data)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            raise APIError("Unknown", f"not a DashScope response body: {json.dumps(data)[:200]}") from None
         self.body = data
         self.request_id = data.get("request_id", self.request_id)
         if isinstance(data.get("usage"), dict):
             self.usage = {k: v for k, v in data["usage"].items() if isinstance(v, int)}
-        choices = (data.get("output") or {}).get("choices") or [{}]
-        choice = choices[0]
-        content = (choice.get("message") or {}).get("content")
-        text = content if isinstance(content, str) else "".join(i.get("text") or "" for i in content or [])
         if incremental:
             delta = text
             self.text += delta
@@ -133,11 +133,18 @@ class Answer:
         self.last_event_at = time.monotonic()
         if delta and self.first_token_at is None:
             self.first_token_at = self.last_event_at
-        reason = choice.get("finish_reason")
         if reason and reason != "null":
             self.finish_reason = reason
             self.finished_at = self.last_event_at
         return delta
+
+
+def _text_and_finish(data: Any) -> tuple[str, str | None]:
+    """``output.choices[0]``'s text (content as a list of items or a string) and finish reason."""
+    choice = (data.get("output") or {}).get("choices", [{}])[0]
+    content = (choice.get("message") or {}).get("content")
+    text = content if isinstance(content, str) else "".join(item.get("text") or "" for item in content or [])
+    return text, choice.get("finish_reason")
 
 
 class AnswerStream:
@@ -212,7 +219,9 @@ class AnswerStream:
                     raise APIError(
                         "Unknown", f"the stream sent something that is not JSON: {event.data[:200]}"
                     ) from None
-                if event.event == "error" or (isinstance(data, dict) and data.get("code") and "output" not in data):
+                if not isinstance(data, dict):
+                    raise APIError("Unknown", f"not a DashScope event: {event.data[:200]}")
+                if event.event == "error" or (data.get("code") and "output" not in data):
                     status = data.get("status_code") if isinstance(data.get("status_code"), int) else None
                     raise APIError(
                         str(data.get("code", "Unknown")), str(data.get("message", "")), status, data.get("request_id")
@@ -283,7 +292,10 @@ class Client:
             response = self.http.get("models")
         if response.status_code != 200:
             raise _error_of(response, response.text)
-        data = response.json().get("data")
+        try:
+            data = response.json().get("data")
+        except (ValueError, AttributeError):
+            raise _error_of(response, response.text) from None
         return [m for m in data if isinstance(m, dict) and "model" in m] if isinstance(data, list) else []
 
 

@@ -9,12 +9,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, ImageHost, Server, free_port, png_bytes
+from tests.conftest import ADMIN_KEY, SEED_MODEL, ImageHost, Server, free_port, png_bytes
 
 GREEDY = ["-o", "temperature", "0", "-o", "max_tokens", "12"]
 
@@ -124,3 +125,26 @@ def test_errors_are_shown_as_the_api_gave_them(
     assert done.returncode == status
     assert expected in done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_a_reader_that_goes_away_stops_the_answer_quietly(server: Server, photo: Path) -> None:
+    """``llamascope chat ... | head -c 20``: no traceback, and the server stops generating."""
+    env = {**os.environ, "HOME": str(photo.parent), "DASHSCOPE_HTTP_BASE_URL": server.api}
+    env["DASHSCOPE_API_KEY"] = server.key
+    args = ["-a", str(photo), "-o", "max_tokens", "8000", "-o", "min_new_tokens", "8000", "Go on."]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llamascope", "chat", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.read(20)
+    process.stdout.close()
+    assert process.wait(60) == 141
+    assert "Traceback" not in process.stderr.read().decode()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and httpx.get(server.base + "/health").json()["models"][SEED_MODEL]["running"]:
+        time.sleep(0.1)
+    assert httpx.get(server.base + "/health").json()["models"][SEED_MODEL]["running"] == 0

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamascope import __version__
+from llamascope.client import chat
 from llamascope.settings import BUILTIN, ModelSpec, Settings
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="the accounts database").add_subparsers(dest="action", required=True)
     upgrade = db.add_parser("upgrade", help="apply schema migrations")
+    chat.add_parser(commands)
     for command in (create, listing, revoke, grant, usage, upgrade):
         command.add_argument("--config", type=Path, help="TOML config file (default: $LLAMASCOPE_CONFIG)")
     return parser
@@ -309,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args)
     if args.command in ("keys", "usage", "db"):
         return accounts_command(args)
+    if args.command == "chat":
+        return chat.run(args)
     if args.command == "build-test-model":
         from llamascope.engines.test_model import ensure_test_model
 

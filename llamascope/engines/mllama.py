@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 
 # Tests only, with fault injection on (``LLAMASCOPE_FAULT_INJECTION``): a conversation whose text holds
 # ``[[llamascope-fault:STAGE@N]]`` fails at that stage (prefill, decode: the model's step, sample: the
-# next-token choice) once it has made N tokens, as a bug or a bad row would, so tests can check that the
-# failure stays with its request.
-FAULT = re.compile(r"\[\[llamascope-fault:(prefill|decode|sample)@(\d+)\]\]")
+# next-token choice; oom: the step runs out of device memory) once it has made N tokens, as a bug or a
+# bad row would, so tests can check that the failure stays with its request.
+FAULT = re.compile(r"\[\[llamascope-fault:(prefill|decode|sample|oom)@(\d+)\]\]")
 
 
 @dataclass

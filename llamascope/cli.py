@@ -166,6 +166,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from llamascope.accounts import admin
     from llamascope.accounts.admission import Accounts
+    from llamascope.accounts.limits import rate_limits
     from llamascope.api.app import create_app
     from llamascope.conversation.service import ConversationService
     from llamascope.engines.mllama import ModelLoadError
@@ -190,12 +191,15 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     uploads_store = UploadStore(
         settings.upload_dir or settings.data_dir / "uploads",
-        load_or_create_secret(settings.data_dir / "upload-secret"),
+        settings.upload_secret.encode()
+        if settings.upload_secret
+        else load_or_create_secret(settings.data_dir / "upload-secret"),
         ttl_seconds=settings.upload_ttl_hours * 3600,
         policy_seconds=settings.upload_policy_seconds,
         max_bytes=settings.upload_max_bytes,
     )
-    service = ConversationService(engines, ImageIntake.from_settings(settings, uploads_store), Accounts(store))
+    limits = rate_limits(settings.redis_url, settings.rate_limits_on_redis_error)
+    service = ConversationService(engines, ImageIntake.from_settings(settings, uploads_store), Accounts(store, limits))
     app = create_app(
         service,
         uploads_store,

@@ -155,6 +155,14 @@ class Settings(BaseSettings):
     # (e.g. https://llm.example.com behind a proxy). Default: from the request's Host.
     public_base_url: str | None = None
 
+    # Per-key rate limits shared by every replica, in Redis (redis://host:6379/0); None: kept in this process.
+    redis_url: str | None = None
+    # When Redis cannot be reached: "open" serves requests without the shared limits, "closed" refuses
+    # them with 503 ServiceUnavailable.
+    rate_limits_on_redis_error: Literal["open", "closed"] = "open"
+    # The HMAC secret of upload policies (at least 32 characters), the same on every replica; None: a
+    # random one kept in DATA_DIR/upload-secret.
+    upload_secret: str | None = Field(None, min_length=32)
     # Tests only: requests may ask the in-process engine to fail at a given step (engines/mllama.py, FAULT).
     fault_injection: bool = False
 

@@ -44,8 +44,10 @@ class ModelLoadError(Exception):
     """A model directory that cannot be served; the message says why."""
 
 
-def check_model_dir(path: Path) -> dict[str, Any]:
-    """Fail early, with a message that says what is wrong, before transformers tries."""
+def check_model_dir(path: Path, model_types: tuple[str, ...] = ("mllama",)) -> dict[str, Any]:
+    """Fail early, with a message that says what is wrong, before transformers tries.
+
+    ``model_types``: the ``model_type`` values the caller can serve (Llama 3.2 Vision is 'mllama')."""
     if not path.exists():
         raise ModelLoadError(f"{path} does not exist")
     if not path.is_dir():
@@ -58,11 +60,16 @@ def check_model_dir(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{config_file} cannot be read as JSON: {exc}") from None
     model_type = config.get("model_type")
-    if model_type != "mllama":
+    if model_type not in model_types:
         if "vision_config" in config:
             raise ModelLoadError(
                 f"{path} is a vision-language model of type {model_type!r}; the in-process engine runs "
                 "Llama 3.2 Vision (model_type 'mllama')"
+            )
+        if "llama" in model_types:
+            raise ModelLoadError(
+                f"{path} is a text-only model of type {model_type!r}; llamascope serves Llama 3.2 Vision "
+                "(model_type 'mllama') and the Llama 3 text models (model_type 'llama', LlamaForCausalLM)"
             )
         raise ModelLoadError(
             f"{path} is a text-only model (model_type {model_type!r}); llamascope serves vision-language "
@@ -102,6 +109,23 @@ def _nf4_config(compute_dtype: Any, config: dict[str, Any]) -> Any:
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=True,
     )
+
+
+def load_weights(model_class: Any, path: Path, dtype: str, quantization: str, config: dict[str, Any]) -> Any:
+    """``model_class.from_pretrained`` in the dtype and quantization asked for, ready for inference."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
+    extra: dict[str, Any] = {}
+    if quantization == "nf4":
+        extra["quantization_config"] = _nf4_config(torch.bfloat16 if dtype == "auto" else torch_dtype, config)
+        torch_dtype = torch.bfloat16 if dtype == "auto" else torch_dtype
+    try:
+        model = model_class.from_pretrained(path, dtype=torch_dtype, **extra)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: the weights cannot be loaded: {exc}") from exc
+    model.eval()
+    return model
 
 
 class _IncrementalText:
@@ -194,17 +218,23 @@ class MllamaEngine:
         if model.config.text_config._attn_implementation == "sdpa":  # SDPA, reading a shared image's states once
             attention.register()
             model.set_attn_implementation({"text_config": attention.ATTENTION})
-        self.model = model
         self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.info = info
-        self.template = template
         self.pixels = MllamaPixels(processor.image_processor)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         vision = model.config.vision_config
         per_tile = (vision.image_size // vision.patch_size) ** 2 + 1
         # Every image becomes max_num_tiles tiles of per_tile vision states (6,404 for Llama 3.2).
         self.image_tokens_per_image = vision.max_num_tiles * per_tile
+        self._start(model, processor.tokenizer, info, template, limits, vision_cache_bytes)
+
+    def _start(
+        self, model: Any, tokenizer: Any, info: EngineInfo, template: str, limits: BatchLimits | None, cache: int
+    ) -> None:
+        """What every in-process model needs to serve: its tokenizer, end ids and the scheduler's thread."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.template = template
         gen = model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos)
@@ -213,7 +243,7 @@ class MllamaEngine:
         self._preparers = anyio.CapacityLimiter(2)
         self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = weakref.WeakKeyDictionary()
         self._outboxes_lock = threading.Lock()  # the model thread flushes while a loop may add its own
-        self.vision_cache = VisionCache(vision_cache_bytes)
+        self.vision_cache = VisionCache(cache)
         self.scheduler = Scheduler(
             model, self._pixel_tensors, self.eos_ids, limits or BatchLimits(), self.vision_cache, self._flush
         )
@@ -236,7 +266,6 @@ class MllamaEngine:
         limits: BatchLimits | None = None,
         vision_cache_bytes: int = 1 << 30,
     ) -> MllamaEngine:
-        import torch
         from transformers import AutoProcessor, MllamaForConditionalGeneration
 
         config = check_model_dir(path)
@@ -246,16 +275,7 @@ class MllamaEngine:
             raise ModelLoadError(
                 f"{path}: the processor (tokenizer and image processor) cannot be loaded: {exc}"
             ) from exc
-        torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
-        extra: dict[str, Any] = {}
-        if quantization == "nf4":
-            extra["quantization_config"] = _nf4_config(torch.bfloat16 if dtype == "auto" else torch_dtype, config)
-            torch_dtype = torch.bfloat16 if dtype == "auto" else torch_dtype
-        try:
-            model = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, **extra)
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: the weights cannot be loaded: {exc}") from exc
-        model.eval()
+        model = load_weights(MllamaForConditionalGeneration, path, dtype, quantization, config)
         template = Path(chat_template).read_text() if chat_template else LLAMASCOPE_TEMPLATE
         info = EngineInfo(kind="transformers", source=str(path), context_length=context_length, test_model=test_model)
         return cls(model, processor, info, template, limits, vision_cache_bytes)
@@ -287,20 +307,7 @@ class MllamaEngine:
         return await anyio.to_thread.run_sync(self._prepare, turns, limiter=self._preparers)
 
     def _prepare(self, turns: list[Turn]) -> PreparedPrompt:
-        messages: list[dict[str, Any]] = []
-        images: list[PreparedImage] = []
-        for turn in turns:
-            if turn.role == "system":
-                messages.append({"role": "system", "content": turn.text})
-                continue
-            content: list[dict[str, str]] = []
-            if turn.image is not None:
-                if turn.text_before_image:
-                    content.append({"type": "text", "text": turn.text_before_image})
-                content.append({"type": "image"})
-                images.append(turn.image)
-            content.append({"type": "text", "text": turn.text})
-            messages.append({"role": turn.role, "content": content})
+        messages, images = self._chat(turns)
         prompt = self.tokenizer.apply_chat_template(
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=True
         )
@@ -317,6 +324,24 @@ class MllamaEngine:
             max_new_tokens=self.info.context_length - input_tokens,
             payload=_Payload(inputs, images[0] if images else None),
         )
+
+    def _chat(self, turns: list[Turn]) -> tuple[list[dict[str, Any]], list[PreparedImage]]:
+        """The conversation as the chat template takes it, and its images in order."""
+        messages: list[dict[str, Any]] = []
+        images: list[PreparedImage] = []
+        for turn in turns:
+            if turn.role == "system":
+                messages.append({"role": "system", "content": turn.text})
+                continue
+            content: list[dict[str, str]] = []
+            if turn.image is not None:
+                if turn.text_before_image:
+                    content.append({"type": "text", "text": turn.text_before_image})
+                content.append({"type": "image"})
+                images.append(turn.image)
+            content.append({"type": "text", "text": turn.text})
+            messages.append({"role": turn.role, "content": content})
+        return messages, images
 
     def _model_inputs(self, prompt: str, images: list[PreparedImage]) -> Any:
         """What ``MllamaProcessor(images=[images], text=[prompt])`` returns, with the images done by MllamaPixels.
@@ -354,6 +379,10 @@ class MllamaEngine:
         pixels = self.pixels(image)
         pixels.pop("num_tiles")
         return BatchFeature(data=pixels, tensor_type="pt")
+
+    def tokens(self, prompt: PreparedPrompt) -> tuple[list[int], list[str]]:
+        ids: list[int] = prompt.payload.inputs["input_ids"][0].tolist()
+        return ids, [self.tokenizer.decode([i]) for i in ids]
 
     # -- generate --------------------------------------------------------
 

@@ -21,7 +21,7 @@ from llamascope.api.openai.protocol import (
     UsageBody,
     completion_id,
 )
-from llamascope.conversation.service import ConversationService, Event, Reply
+from llamascope.conversation.service import ConversationService, Endpoint, Event, Reply
 
 router = APIRouter()
 PREFIXES = ("/compatible-mode/v1", "/v1")
@@ -61,7 +61,13 @@ async def chat_completions(request: Request) -> Response:
     request_id = request_id_of(request)
     call = ChatRequest.from_body(await read_json(request))
     reply = await service.open(
-        request.state.principal, request_id, call.model, call.messages, call.parameters, source_context(request)
+        request.state.principal,
+        request_id,
+        call.model,
+        call.messages,
+        call.parameters,
+        source_context(request),
+        Endpoint.CHAT,
     )
     request.state.reply = reply
     if call.stream:

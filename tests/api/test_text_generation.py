@@ -167,6 +167,15 @@ def test_errors_name_what_is_wrong(text_server: Server, model, payload, paramete
         assert says in r.json()["message"] and r.json()["request_id"]
 
 
+def test_the_model_list_says_which_take_images(text_server: Server) -> None:
+    listed = httpx.get(text_server.api + "/models", headers={"Authorization": f"Bearer {text_server.key}"}).json()
+    assert {m["model"]: m["takes_images"] for m in listed["data"]} == {
+        SEED_MODEL: True,
+        "llama3.2-11b-vision": True,
+        TEXT_MODEL: False,
+    }
+
+
 def test_the_multimodal_endpoint_keeps_its_rule_and_refuses_text_only_models(text_server: Server, image_host) -> None:
     r = post(text_server, body(TEXT_MODEL, HI), path=MULTIMODAL)
     assert (r.status_code, r.json()["code"]) == (400, "InvalidParameter")

@@ -119,3 +119,31 @@ def test_load_errors_say_what_is_wrong(tmp_path: Path, text_model_dir: Path) -> 
     with pytest.raises(ModelLoadError, match="has no chat template"):
         LlamaTextEngine.load(bare)
     assert isinstance(LlamaTextEngine.load(text_model_dir).model, LlamaForCausalLM)
+
+
+def test_vision_model_text_only_answers_as_transformers_generate(test_model_dir: Path) -> None:
+    """A text-only conversation on Llama 3.2 Vision runs its text model without an image (the cross-attention
+    layers skipped), as stock generate does without pixel values; batched with an image request, the same."""
+    import torch
+    from PIL import Image
+
+    from llamascope.engines.mllama import MllamaEngine
+    from llamascope.images import PreparedImage
+
+    vision = MllamaEngine.load(test_model_dir, test_model=True)
+    turns = [Turn("system", "Be brief."), Turn("user", "Tell me about the sea")]
+    greedy = SamplingParams(max_new_tokens=16, min_new_tokens=16, temperature=0)
+    ids = asyncio.run(vision.prepare(turns)).payload.inputs["input_ids"]
+    with torch.inference_mode():
+        stock = vision.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    expected = vision.tokenizer.decode(stock[0, ids.shape[1] :], skip_special_tokens=True)
+    picture = PreparedImage(Image.new("RGB", (300, 200), (9, 99, 9)), "green", "PNG", 300, 200)
+
+    async def scenario() -> tuple[str, str]:
+        alone, _ = await run(vision, turns, greedy)
+        (batched, _), _ = await asyncio.gather(
+            run(vision, turns, greedy), run(vision, [Turn("user", "And this?", picture)], greedy)
+        )
+        return alone, batched
+
+    assert asyncio.run(scenario()) == (expected, expected)

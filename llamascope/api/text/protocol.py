@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from llamascope import errors
 from llamascope.api.incoming import envelope
+from llamascope.api.native.protocol import GenerationRequest, UsageBody
 from llamascope.conversation.service import Usage
 
 RESULT_FORMATS = ("text", "message")
@@ -58,11 +59,8 @@ def messages_of(payload: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class TextGenerationRequest:
-    model: Any
-    messages: Any
-    parameters: Any
-    result_format: str
+class TextGenerationRequest(GenerationRequest):
+    result_format: str = "text"
 
     @classmethod
     def from_body(cls, body: Any) -> TextGenerationRequest:
@@ -87,20 +85,12 @@ class TokenizationRequest:
         return cls(body["model"], messages_of(body.get("input")))
 
 
-class UsageBody(BaseModel):
-    input_tokens: int
-    output_tokens: int
-    total_tokens: int
-    image_tokens: int | None = None  # only when the conversation had an image
-
-    @classmethod
-    def of(cls, usage: Usage) -> UsageBody:
-        return cls(
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            total_tokens=usage.total_tokens,
-            image_tokens=usage.image_tokens or None,
-        )
+def usage_body(usage: Usage) -> dict[str, int]:
+    """The multimodal endpoint's usage, less ``image_tokens`` when the conversation had no image."""
+    body = UsageBody.of(usage).model_dump()
+    if not usage.image_tokens:
+        del body["image_tokens"]
+    return body
 
 
 class TextOutput(BaseModel):
@@ -124,7 +114,7 @@ class MessageOutput(BaseModel):
 
 class TextGenerationResult(BaseModel):
     output: TextOutput | MessageOutput
-    usage: UsageBody
+    usage: dict[str, int]
     request_id: str
 
     @classmethod
@@ -138,7 +128,7 @@ class TextGenerationResult(BaseModel):
                 output = MessageOutput(choices=[Choice(finish_reason=finish_reason, message=message)])
             else:
                 output = TextOutput(text=text, finish_reason=finish_reason)
-            return cls(output=output, usage=UsageBody.of(usage), request_id=request_id)
+            return cls(output=output, usage=usage_body(usage), request_id=request_id)
 
         return of
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from llamascope.api.errors import request_id_of
-from llamascope.api.incoming import read_json, source_context
+from llamascope.api.incoming import open_reply, read_json, source_context
 from llamascope.api.native.router import answer
 from llamascope.api.text.protocol import (
     TextGenerationRequest,
@@ -22,19 +22,9 @@ router = APIRouter()
 
 
 async def generation(request: Request) -> Response:
-    service: ConversationService = request.app.state.service
-    request_id = request_id_of(request)
     call = TextGenerationRequest.from_body(await read_json(request))
-    reply = await service.open(
-        request.state.principal,
-        request_id,
-        call.model,
-        call.messages,
-        call.parameters,
-        source_context(request),
-        Endpoint.TEXT,
-    )
-    return await answer(request, reply, request_id, TextGenerationResult.render(call.result_format))
+    reply = await open_reply(request, call, Endpoint.TEXT)
+    return await answer(request, reply, TextGenerationResult.render(call.result_format))
 
 
 async def tokenizer(request: Request) -> JSONResponse:

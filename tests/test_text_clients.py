@@ -154,13 +154,20 @@ def test_chat_tongyi_with_an_image(chat_tongyi, image_host) -> None:
     from langchain_core.messages import HumanMessage
 
     llm, streaming = chat_tongyi
-    for image in (DATA_URI, image_host.url("/dog_and_girl.jpeg")):
-        question = [HumanMessage(content=[{"image": image}, {"text": "What is in the picture?"}])]
+    b64 = DATA_URI.partition(",")[2]
+    for image in (
+        {"image": DATA_URI},  # DashScope's own items, as ChatTongyi's documentation writes them
+        {"image": image_host.url("/dog_and_girl.jpeg")},
+        {"type": "image", "base64": b64, "mime_type": "image/png"},  # LangChain's standard blocks
+        {"type": "image_url", "image_url": {"url": image_host.url("/red.png")}},
+    ):
+        question = [HumanMessage(content=[image, {"type": "text", "text": "What is in the picture?"}])]
         answer = llm.invoke(question, temperature=0)
         assert isinstance(answer.content, str) and answer.content
         assert answer.response_metadata["token_usage"]["image_tokens"] == 6404  # the image reached the model
-        chunks = list(streaming.stream(question, temperature=0))
-        assert len(chunks) >= 2 and "".join(c.content for c in chunks) == answer.content
+        if "image" in image:
+            chunks = list(streaming.stream(question, temperature=0))
+            assert len(chunks) >= 2 and "".join(c.content for c in chunks) == answer.content
 
 
 def test_text_only_llama_answers_through_both_surfaces(sdk, text_server: Server) -> None:

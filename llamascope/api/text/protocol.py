@@ -42,7 +42,7 @@ def messages_of(payload: Any) -> Any:
     if messages is not None:
         if not isinstance(messages, list):
             return messages
-        turns = list(messages)
+        turns = [_with_dashscope_items(m) for m in messages]
     elif history is not None:
         if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
             raise errors.invalid_parameter('input.history must be a list of {"user": ..., "bot": ...} pairs.')
@@ -56,6 +56,27 @@ def messages_of(payload: Any) -> Any:
     if prompt:  # as the SDK does with messages and a prompt: the prompt is the last user turn
         turns.append({"role": "user", "content": prompt})
     return turns
+
+
+def _with_dashscope_items(message: Any) -> Any:
+    """LangChain's standard image blocks as DashScope ``{"image": ...}`` items: ChatTongyi sends a message's
+    content as the user wrote it. Anything else is left for the conversation rules to judge."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    items = []
+    for item in content:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "image_url":  # OpenAI's form, which LangChain also takes: {"image_url": {"url": ...}}
+            url = item.get("image_url")
+            item = {"image": url.get("url") if isinstance(url, dict) else url}
+        elif kind == "image" and "image" not in item:  # LangChain's own: {"url": ...} or {"base64", "mime_type"}
+            url = item.get("url")
+            if url is None and isinstance(item.get("base64"), str):
+                url = f"data:{item.get('mime_type') or 'image/png'};base64,{item['base64']}"
+            item = {"image": url}
+        items.append(item)
+    return {**message, "content": items}
 
 
 @dataclass(frozen=True)

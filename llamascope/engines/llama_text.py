@@ -16,54 +16,51 @@ from typing import Any
 
 from llamascope.engines.base import EngineInfo, Turn
 from llamascope.engines.batching import BatchLimits
-from llamascope.engines.mllama import MllamaEngine, ModelLoadError, check_model_dir, load_weights
+from llamascope.engines.mllama import MllamaEngine, ModelLoadError
 from llamascope.images import PreparedImage
 
 
 class LlamaTextEngine(MllamaEngine):
     """Implements ``llamascope.engines.base.Engine`` for a text-only Llama in this process."""
 
-    MODEL_TYPE = "llama"  # config.json's model_type (LlamaForCausalLM)
+    MODEL_TYPE = "llama"  # LlamaForCausalLM
+    TAKES_IMAGES = False
 
-    def __init__(self, model: Any, tokenizer: Any, info: EngineInfo, template: str, limits: BatchLimits | None = None):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        info: EngineInfo,
+        template: str,
+        limits: BatchLimits | None = None,
+        vision_cache_bytes: int = 0,  # nothing to cache: no vision tower
+    ) -> None:
         self.image_tokens_per_image = 0
         self._start(model, tokenizer, info, template, limits, cache=0)
 
-    @classmethod
-    def load(
-        cls,
-        path: Path,
-        *,
-        dtype: str = "auto",
-        quantization: str = "none",
-        context_length: int = 8192,
-        chat_template: str | None = None,
-        test_model: bool = False,
-        limits: BatchLimits | None = None,
-        vision_cache_bytes: int = 0,
-    ) -> LlamaTextEngine:
-        from transformers import AutoTokenizer, LlamaForCausalLM
+    @staticmethod
+    def _processor(path: Path) -> Any:
+        from transformers import AutoTokenizer
 
-        config = check_model_dir(path, (cls.MODEL_TYPE,))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            return AutoTokenizer.from_pretrained(path)
         except Exception as exc:  # transformers raises many types here
             raise ModelLoadError(f"{path}: the tokenizer cannot be loaded: {exc}") from exc
-        template = Path(chat_template).read_text() if chat_template else tokenizer.chat_template
-        if not template:
+
+    @staticmethod
+    def _model_class() -> Any:
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM
+
+    @staticmethod
+    def _template(processor: Any, path: Path) -> str:
+        if not processor.chat_template:
             raise ModelLoadError(
                 f"{path} has no chat template (tokenizer_config.json has no 'chat_template'); "
                 'set chat_template = "/path/to/template.jinja" for this model in the config file'
             )
-        model = load_weights(LlamaForCausalLM, path, dtype, quantization, config)
-        info = EngineInfo(
-            kind="transformers",
-            source=str(path),
-            context_length=context_length,
-            test_model=test_model,
-            takes_images=False,
-        )
-        return cls(model, tokenizer, info, template, limits)
+        return str(processor.chat_template)
 
     def stats(self) -> dict[str, int]:
         return {name: n for name, n in super().stats().items() if not name.startswith("vision_cache")}

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -28,6 +28,9 @@ from llamascope.engines.batching import BatchLimits, Message, Scheduler, Sequenc
 from llamascope.engines.mllama_pixels import MllamaPixels
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
 from llamascope.images import PreparedImage
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11; annotations are not evaluated at run time
 
 log = logging.getLogger(__name__)
 
@@ -265,20 +268,44 @@ class MllamaEngine:
         test_model: bool = False,
         limits: BatchLimits | None = None,
         vision_cache_bytes: int = 1 << 30,
-    ) -> MllamaEngine:
-        from transformers import AutoProcessor, MllamaForConditionalGeneration
+    ) -> Self:
+        config = check_model_dir(path, (cls.MODEL_TYPE,))
+        processor = cls._processor(path)
+        model = load_weights(cls._model_class(), path, dtype, quantization, config)
+        template = Path(chat_template).read_text() if chat_template else cls._template(processor, path)
+        info = EngineInfo(
+            kind="transformers",
+            source=str(path),
+            context_length=context_length,
+            test_model=test_model,
+            takes_images=cls.TAKES_IMAGES,
+        )
+        return cls(model, processor, info, template, limits, vision_cache_bytes)
 
-        config = check_model_dir(path)
+    # What a subclass for another model family changes (llama_text.LlamaTextEngine):
+    MODEL_TYPE = "mllama"  # config.json's model_type
+    TAKES_IMAGES = True
+
+    @staticmethod
+    def _processor(path: Path) -> Any:
+        from transformers import AutoProcessor
+
         try:
-            processor = AutoProcessor.from_pretrained(path, backend="pil")
+            return AutoProcessor.from_pretrained(path, backend="pil")
         except Exception as exc:  # transformers raises many types here
             raise ModelLoadError(
                 f"{path}: the processor (tokenizer and image processor) cannot be loaded: {exc}"
             ) from exc
-        model = load_weights(MllamaForConditionalGeneration, path, dtype, quantization, config)
-        template = Path(chat_template).read_text() if chat_template else LLAMASCOPE_TEMPLATE
-        info = EngineInfo(kind="transformers", source=str(path), context_length=context_length, test_model=test_model)
-        return cls(model, processor, info, template, limits, vision_cache_bytes)
+
+    @staticmethod
+    def _model_class() -> Any:
+        from transformers import MllamaForConditionalGeneration
+
+        return MllamaForConditionalGeneration
+
+    @staticmethod
+    def _template(processor: Any, path: Path) -> str:
+        return LLAMASCOPE_TEMPLATE
 
     def stats(self) -> dict[str, int]:
         cache = self.vision_cache

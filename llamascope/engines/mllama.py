@@ -72,7 +72,7 @@ def check_model_dir(path: Path, model_types: tuple[str, ...] = ("mllama",)) -> d
         if "llama" in model_types:
             raise ModelLoadError(
                 f"{path} has model_type {model_type!r}; llamascope serves Llama 3.2 Vision (model_type "
-                f"'mllama') and the Llama 3 text models (model_type 'llama', LlamaForCausalLM) here, not {model_type!r}"
+                "'mllama') and the Llama 3 text models (model_type 'llama', LlamaForCausalLM)"
             )
         raise ModelLoadError(
             f"{path} is a text-only model (model_type {model_type!r}); llamascope serves vision-language "

@@ -159,6 +159,24 @@ def test_vision_model_text_only_and_with_an_image(text_server: Server, image_hos
             "Range of input length should be [1, 8191]",
         ),
         ("llama3.3-70b-instruct", HI, {}, 400, "InvalidParameter", "Model not exist."),
+        (TEXT_MODEL, {"messages": "hi"}, {}, 400, "InvalidParameter", "input.messages must be a list"),
+        (
+            TEXT_MODEL,
+            {"history": [{"user": None, "bot": "x"}], "prompt": "hi"},
+            {},
+            400,
+            "InvalidParameter",
+            "no content",
+        ),
+        (
+            SEED_MODEL,
+            {"messages": [{"role": "user", "content": [{"type": "image"}]}]},
+            {},
+            400,
+            "InvalidParameter",
+            "URL",
+        ),
+        (SEED_MODEL, {"messages": [{"role": "user", "content": ["hi"]}]}, {}, 400, "InvalidParameter", "content[0]"),
     ],
 )
 def test_errors_name_what_is_wrong(text_server: Server, model, payload, parameters, status, code, says) -> None:

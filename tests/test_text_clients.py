@@ -10,6 +10,7 @@ import itertools
 from collections.abc import Iterator
 from http import HTTPStatus
 
+import httpx
 import openai
 import pytest
 
@@ -179,6 +180,12 @@ def test_text_only_llama_answers_through_both_surfaces(sdk, text_server: Server)
     compat = client.chat.completions.create(model=TEXT_MODEL, messages=HI, max_tokens=10, temperature=0)
     assert compat.choices[0].message.content == native.output.choices[0].message.content
     assert compat.usage.prompt_tokens == native.usage.input_tokens
+    counted = httpx.post(
+        text_server.base + "/tokenize",
+        json={"model": TEXT_MODEL, "messages": HI},
+        headers={"Authorization": f"Bearer {text_server.key}"},
+    )
+    assert counted.json()["count"] == native.usage.input_tokens, counted.text  # vLLM's /tokenize, as upstreams ask
     stream = client.chat.completions.create(model=TEXT_MODEL, messages=HI, max_tokens=10, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == compat.choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="text-only model"):

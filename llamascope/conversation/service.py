@@ -204,10 +204,21 @@ class ConversationService:
         self, principal: Principal, model: Any, messages: Any, context: SourceContext = ANONYMOUS
     ) -> tuple[list[int], list[str]]:
         """The token ids (and their text) of the prompt a text-generation request with these messages runs."""
+        engine, prompt = await self._counted(principal, model, messages, context, Endpoint.TEXT)
+        return engine.tokens(prompt)
+
+    async def count(self, principal: Principal, model: Any, messages: Any, context: SourceContext = ANONYMOUS) -> int:
+        """The prompt's input tokens as ``open`` would count them, without generating (``POST /tokenize``)."""
+        return (await self._counted(principal, model, messages, context, Endpoint.CHAT))[1].input_tokens
+
+    async def _counted(
+        self, principal: Principal, model: Any, messages: Any, context: SourceContext, endpoint: Endpoint
+    ) -> tuple[Engine, PreparedPrompt]:
+        """The prompt ``open`` would make, checked as it checks it, but for parameters and the allowance."""
         engine = self.engine(model)
         await self.accounts.check(principal, model)
-        draft = parse_messages(messages, self._images(model, engine, Endpoint.TEXT))
-        return engine.tokens(await self._prompt(engine, draft, context))
+        draft = parse_messages(messages, self._images(model, engine, endpoint))
+        return engine, await self._prompt(engine, draft, context)
 
     @staticmethod
     def _images(model: str, engine: Engine, endpoint: Endpoint) -> Images:

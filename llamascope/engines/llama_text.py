@@ -34,9 +34,10 @@ class LlamaTextEngine(MllamaEngine):
         template: str,
         limits: BatchLimits | None = None,
         vision_cache_bytes: int = 0,  # nothing to cache: no vision tower
+        faults: bool = False,
     ) -> None:
         self.image_tokens_per_image = 0
-        self._start(model, tokenizer, info, template, limits, cache=0)
+        self._start(model, tokenizer, info, template, limits, 0, faults)
 
     @staticmethod
     def _processor(path: Path) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import weakref
 from collections import deque
@@ -34,6 +35,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Tests only, with fault injection on (``LLAMASCOPE_FAULT_INJECTION``): a conversation whose text holds
+# ``[[llamascope-fault:STAGE@N]]`` fails at that stage (prefill, decode: the model's step, sample: the
+# next-token choice) once it has made N tokens, as a bug or a bad row would, so tests can check that the
+# failure stays with its request.
+FAULT = re.compile(r"\[\[llamascope-fault:(prefill|decode|sample)@(\d+)\]\]")
+
 
 @dataclass
 class _Payload:
@@ -41,6 +48,7 @@ class _Payload:
 
     inputs: Any
     image: PreparedImage | None
+    fault: tuple[str, int] | None = None  # tests only: see ``FAULT``
 
 
 class ModelLoadError(Exception):
@@ -217,6 +225,7 @@ class MllamaEngine:
         template: str,
         limits: BatchLimits | None = None,
         vision_cache_bytes: int = 1 << 30,
+        faults: bool = False,
     ) -> None:
         if model.config.text_config._attn_implementation == "sdpa":  # SDPA, reading a shared image's states once
             attention.register()
@@ -228,10 +237,17 @@ class MllamaEngine:
         per_tile = (vision.image_size // vision.patch_size) ** 2 + 1
         # Every image becomes max_num_tiles tiles of per_tile vision states (6,404 for Llama 3.2).
         self.image_tokens_per_image = vision.max_num_tiles * per_tile
-        self._start(model, processor.tokenizer, info, template, limits, vision_cache_bytes)
+        self._start(model, processor.tokenizer, info, template, limits, vision_cache_bytes, faults)
 
     def _start(
-        self, model: Any, tokenizer: Any, info: EngineInfo, template: str, limits: BatchLimits | None, cache: int
+        self,
+        model: Any,
+        tokenizer: Any,
+        info: EngineInfo,
+        template: str,
+        limits: BatchLimits | None,
+        cache: int,
+        faults: bool = False,
     ) -> None:
         """What every in-process model needs to serve: its tokenizer, end ids and the scheduler's thread."""
         self.model = model
@@ -247,8 +263,9 @@ class MllamaEngine:
         self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = weakref.WeakKeyDictionary()
         self._outboxes_lock = threading.Lock()  # the model thread flushes while a loop may add its own
         self.vision_cache = VisionCache(cache)
+        self.faults = faults
         self.scheduler = Scheduler(
-            model, self._pixel_tensors, self.eos_ids, limits or BatchLimits(), self.vision_cache, self._flush
+            model, self._pixel_tensors, self.eos_ids, limits or BatchLimits(), self.vision_cache, self._flush, faults
         )
 
     @property
@@ -268,6 +285,7 @@ class MllamaEngine:
         test_model: bool = False,
         limits: BatchLimits | None = None,
         vision_cache_bytes: int = 1 << 30,
+        faults: bool = False,
     ) -> Self:
         config = check_model_dir(path, (cls.MODEL_TYPE,))
         processor = cls._processor(path)
@@ -280,7 +298,7 @@ class MllamaEngine:
             test_model=test_model,
             takes_images=cls.TAKES_IMAGES,
         )
-        return cls(model, processor, info, template, limits, vision_cache_bytes)
+        return cls(model, processor, info, template, limits, vision_cache_bytes, faults)
 
     # What a subclass for another model family changes (llama_text.LlamaTextEngine):
     MODEL_TYPE = "mllama"  # config.json's model_type
@@ -342,6 +360,7 @@ class MllamaEngine:
         if len(prompt.encode()) // self._max_token_bytes > max_input:
             raise errors.input_too_long(max_input)  # certain without tokenising megabytes of text
         inputs = self._model_inputs(prompt, images)
+        fault = FAULT.search(prompt) if self.faults else None
         input_tokens = int(inputs["input_ids"].shape[1])
         if input_tokens > max_input:
             raise errors.input_too_long(max_input)
@@ -349,7 +368,7 @@ class MllamaEngine:
             input_tokens=input_tokens,
             image_tokens=len(images) * self.image_tokens_per_image,
             max_new_tokens=self.info.context_length - input_tokens,
-            payload=_Payload(inputs, images[0] if images else None),
+            payload=_Payload(inputs, images[0] if images else None, fault and (fault[1], int(fault[2]))),
         )
 
     def _chat(self, turns: list[Turn]) -> tuple[list[dict[str, Any]], list[PreparedImage]]:
@@ -434,6 +453,7 @@ class MllamaEngine:
             sampling=sampling,
             max_new=prompt.new_tokens(sampling),
             send=send,
+            fault=payload.fault,
         )
         self.scheduler.submit(seq)  # raises 429 Throttling when the queue is full
         text = _IncrementalText(self.tokenizer)

@@ -250,17 +250,23 @@ def test_allowance_race_across_replicas_overruns_at_most_once(topology: Topology
     assert sum(sorted(used)[:-1]) <= 300, used
     assert replicas_used(topology, {r.json()["request_id"] for r in served}) >= 2
     # The books agree: the grant's used tokens equal the ledger's rows, which equal what the answers reported.
-    with psycopg_connect(topology) as db:
-        used_tokens, reserved = db.execute(
-            "SELECT g.used_tokens, g.reserved_tokens FROM grants g JOIN api_keys k ON k.id = g.key_id "
-            "WHERE k.prefix = %s AND g.model = %s",
-            (key[:7], SEED_MODEL),
-        ).fetchone()
-        ledger = db.execute(
-            "SELECT count(*), sum(u.input_tokens + u.output_tokens) FROM usage u JOIN api_keys k ON k.id = u.key_id "
-            "WHERE k.prefix = %s",
-            (key[:7],),
-        ).fetchone()
+    # (A charge is written as its request ends, a moment after the last byte: wait for the last of them.)
+    deadline = time.monotonic() + 15
+    while True:
+        with psycopg_connect(topology) as db:
+            used_tokens, reserved = db.execute(
+                "SELECT g.used_tokens, g.reserved_tokens FROM grants g JOIN api_keys k ON k.id = g.key_id "
+                "WHERE k.prefix = %s AND g.model = %s",
+                (key[:7], SEED_MODEL),
+            ).fetchone()
+            ledger = db.execute(
+                "SELECT count(*), sum(u.input_tokens + u.output_tokens) FROM usage u "
+                "JOIN api_keys k ON k.id = u.key_id WHERE k.prefix = %s",
+                (key[:7],),
+            ).fetchone()
+        if reserved == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert (used_tokens, reserved) == (sum(used), 0)
     assert ledger == (len(served), sum(used))
 

@@ -35,6 +35,7 @@ from pydantic_settings import (
 
 SEED_MODELS = ("llama3.2-11b-vision", "llama3.2-90b-vision-instruct")
 BUILTIN = "builtin:test-model"
+BUILTIN_TEXT = "builtin:text-model"  # the tiny text-only Llama, for trying the text-only models
 
 _config_file: ContextVar[Path | None] = ContextVar("llamascope_config_file", default=None)
 
@@ -42,7 +43,9 @@ _config_file: ContextVar[Path | None] = ContextVar("llamascope_config_file", def
 class ModelSpec(BaseModel):
     """Where one served model name gets its answers from: local weights, or upstream engines."""
 
-    path: str | None = Field(None, description=f"a local Hugging Face model directory, or {BUILTIN!r}")
+    path: str | None = Field(
+        None, description=f"a local Hugging Face model directory, or {BUILTIN!r} or {BUILTIN_TEXT!r}"
+    )
     # OpenAI-compatible engines (SGLang, TGI, vLLM, Ollama, llama.cpp server), e.g. "http://gpu1:30000/v1".
     upstreams: list[str] = Field(default_factory=list)
     upstream_model: str | None = Field(None, description="the model name the upstreams know (default: this name)")
@@ -64,7 +67,7 @@ class ModelSpec(BaseModel):
 
     @property
     def is_builtin(self) -> bool:
-        return self.path == BUILTIN
+        return self.path in (BUILTIN, BUILTIN_TEXT)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:

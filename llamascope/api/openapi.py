@@ -171,8 +171,8 @@ def routed(routes: list[BaseRoute]) -> set[tuple[str, str]]:
 
 # -- building the document ----------------------------------------------------------
 
-# Both surfaces have a UsageBody, a Choice, an ErrorBody...: the compatible mode's get a prefix.
-_PREFIXES = {"llamascope.api.openai.": "OpenAI"}
+# The surfaces each have a UsageBody, a Choice, an ErrorBody...: all but the multimodal one's get a prefix.
+_PREFIXES = {"llamascope.api.openai.": "OpenAI", "llamascope.api.text.": "Text"}
 
 
 class _Names(GenerateJsonSchema):
@@ -181,7 +181,7 @@ class _Names(GenerateJsonSchema):
         for module, prefix in _PREFIXES.items():
             if core_ref.startswith(module):
                 head, _, name = core_ref.rpartition(".")
-                core_ref = f"{head}.{prefix}{name}"
+                core_ref = f"{head}.{name if name.startswith(prefix) else prefix + name}"
         return super().get_defs_ref((core_ref, mode))
 
 

@@ -309,9 +309,9 @@ class Scheduler:
         self.eos_ids = eos_ids
         self.limits = limits
         self.vision = vision_cache
-        text_config = model.config.text_config
+        text_config = model.config.get_text_config()  # Mllama's text part; a text-only Llama's whole config
         self.text_config = text_config
-        self.cross_layers = set(text_config.cross_attention_layers)
+        self.cross_layers = set(getattr(text_config, "cross_attention_layers", ()))
         import torch
 
         self._eos_index = torch.tensor(sorted(eos_ids))

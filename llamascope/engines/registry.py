@@ -13,10 +13,11 @@ from pathlib import Path
 from llamascope.engines.base import Engine
 from llamascope.engines.batching import BatchLimits, default_queue_bytes
 from llamascope.engines.devices import Bounds, DeviceError, resolve_device
-from llamascope.engines.mllama import MllamaEngine, ModelLoadError
-from llamascope.engines.test_model import ensure_test_model, is_test_model
+from llamascope.engines.llama_text import LlamaTextEngine
+from llamascope.engines.mllama import MllamaEngine, ModelLoadError, check_model_dir
+from llamascope.engines.test_model import ensure_test_model, ensure_text_test_model, is_test_model
 from llamascope.engines.upstream import UpstreamEngine
-from llamascope.settings import ModelSpec, Settings
+from llamascope.settings import BUILTIN_TEXT, ModelSpec, Settings
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,10 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
             what = "the built-in test model" if spec.is_builtin else str(path)
             progress(f"loading {name!r} from {what} onto {device} ...")
             try:
-                loaded[key] = MllamaEngine.load(
+                # Llama 3.2 Vision (mllama) or a text-only Llama 3 (llama): the directory's config says which.
+                kind = check_model_dir(path, ("mllama", LlamaTextEngine.MODEL_TYPE)).get("model_type")
+                engine_class = LlamaTextEngine if kind == LlamaTextEngine.MODEL_TYPE else MllamaEngine
+                loaded[key] = engine_class.load(
                     path,
                     dtype=spec.dtype,
                     quantization=spec.quantization,
@@ -74,6 +78,8 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
 
 
 def _resolve(spec: ModelSpec, settings: Settings) -> Path:
+    if spec.path == BUILTIN_TEXT:
+        return ensure_text_test_model(settings.cache_dir)
     if spec.is_builtin:
         return ensure_test_model(settings.cache_dir)
     assert spec.path is not None  # a spec has a path or upstreams (ModelSpec checks)

@@ -19,12 +19,14 @@ from llamascope.api.native import router as native
 from llamascope.api.openai import router as openai
 from llamascope.conversation.service import ConversationService
 from llamascope.images.uploads import UploadStore
+from llamascope.observability.metrics import MetricsEndpoint, registry_for, serve_on_port
+from llamascope.observability.request import routes_of
 from llamascope.settings import ModelSpec
 
 log = logging.getLogger(__name__)
 
-# The upload POST carries no key: its signed policy authorises it.
-PUBLIC_PATHS = frozenset({"/health", uploads.OBJECTS_PATH})
+# The upload POST carries no key: its signed policy authorises it. /metrics checks its own key, if any.
+PUBLIC_PATHS = frozenset({"/health", "/metrics", uploads.OBJECTS_PATH})
 PURGE_EVERY_SECONDS = 600
 
 
@@ -44,12 +46,21 @@ def create_app(
     public_base_url: str | None = None,
     admin_key: str | None = None,
     model_specs: dict[str, ModelSpec] | None = None,
+    metrics: MetricsEndpoint | None = None,
 ) -> FastAPI:
+    metrics = metrics or MetricsEndpoint()
+    registry = registry_for(service, metrics.key_names)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         purge = asyncio.create_task(_purge_uploads(uploads_store))
+        metrics_server = None
+        if metrics.enabled and metrics.port is not None:
+            metrics_server = serve_on_port(registry, metrics.host, metrics.port)
         yield
         purge.cancel()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         # Several names may share one engine: close each once (upstream sessions, model threads).
         for engine in {id(e): e for e in service.engines.values()}.values():
             await engine.close()
@@ -63,11 +74,12 @@ def create_app(
     app.state.uploads = uploads_store
     app.state.public_base_url = public_base_url
     app.state.model_specs = model_specs or {}
-    app.include_router(native.router)
-    app.include_router(openai.router)
-    app.include_router(uploads.router)
-    app.include_router(operations.router)
-    app.include_router(admin.router)
+    app.state.metrics = metrics
+    app.state.metrics_registry = registry
+    routers = (native.router, openai.router, uploads.router, operations.router, admin.router)
+    for router in routers:
+        app.include_router(router)
+    routes_of(app, [route for router in routers for route in router.routes])  # templates for metrics
     app.add_exception_handler(errors.ServiceError, api_errors.on_service_error)
     app.add_exception_handler(HTTPException, api_errors.on_http_exception)
     app.add_exception_handler(Exception, api_errors.on_unexpected)

@@ -32,6 +32,7 @@ import aiohttp
 from llamascope import errors
 from llamascope.caching import SizedLRU
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
+from llamascope.observability.request import upstream_call, upstream_failed
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +136,16 @@ class UpstreamEngine:
             upstream.outstanding += 1
             started = False
             try:
-                async for chunk in self._stream(upstream, body):
-                    started = True
-                    yield chunk
+                with upstream_call(upstream.url) as headers:  # request id and trace context; timed
+                    async for chunk in self._stream(upstream, body, headers):
+                        started = True
+                        yield chunk
                 return
             except _UpstreamFailed as failure:
                 self._mark_failed(upstream, str(failure))
-                if started or len(tried) >= len(self.upstreams):
+                last = started or len(tried) >= len(self.upstreams)
+                upstream_failed(upstream.url, failover=not last)
+                if last:
                     raise errors.ServiceError(
                         500, "InternalError.Algo", "The model engine failed; please try again later."
                     ) from None
@@ -190,14 +194,14 @@ class UpstreamEngine:
             log.warning("upstream %s out of rotation: %s", upstream.url, why)
         upstream.healthy = False
 
-    async def _stream(self, upstream: Upstream, body: dict[str, Any]) -> AsyncIterator[Chunk]:
+    async def _stream(self, upstream: Upstream, body: dict[str, Any], headers: dict[str, str]) -> AsyncIterator[Chunk]:
         pieces = 0  # streamed pieces: the output count until the upstream reports its own
         reported: int | None = None
         finish: FinishReason | None = None
         input_tokens: int | None = None
         try:
             url = upstream.url + "/chat/completions"
-            async with self.client.post(url, json=body, allow_redirects=False) as response:
+            async with self.client.post(url, json=body, headers=headers, allow_redirects=False) as response:
                 if response.status >= 500:
                     raise _UpstreamFailed(f"HTTP {response.status}")
                 if response.status != 200:

@@ -144,8 +144,9 @@ def end(observation: RequestObservation, scope: Scope, state: dict[str, Any], st
 def _end(observation: RequestObservation, scope: Scope, state: dict[str, Any], status: int, seconds: float) -> None:
     route = route_of(scope)
     method = scope.get("method", "")
-    METRICS.http_requests.labels(route, method if method in _METHODS else "other", str(status)).inc()
-    METRICS.http_duration.labels(route).observe(seconds)
+    requests, duration = _http_series(route, method if method in _METHODS else "other", status)
+    requests.inc()
+    duration.observe(seconds)
     code = state.get("error_code")
     if code:
         METRICS.request_errors.labels(code).inc()
@@ -165,13 +166,38 @@ def finished(observation: RequestObservation) -> None:
         observation._token = None
 
 
+# A series' labels are looked up once (prometheus-client's labels() takes a lock and builds a key): the label
+# values are bounded, so are these caches.
+@functools.lru_cache(maxsize=4096)
+def _http_series(route: str, method: str, status: int) -> tuple[Any, Any]:
+    return METRICS.http_requests.labels(route, method, str(status)), METRICS.http_duration.labels(route)
+
+
+class _ModelSeries:
+    """One model's series of the per-model metrics."""
+
+    def __init__(self, model: str) -> None:
+        self.prompt_tokens = METRICS.prompt_tokens.labels(model)
+        self.generation_tokens = METRICS.generation_tokens.labels(model)
+        self.image_tokens = METRICS.image_tokens.labels(model)
+        self.ttft = METRICS.ttft.labels(model)
+        self.inter_token = METRICS.inter_token.labels(model)
+        self.e2e = METRICS.e2e.labels(model)
+
+
+@functools.lru_cache(maxsize=1024)
+def _model_series(model: str) -> _ModelSeries:
+    return _ModelSeries(model)
+
+
 def _count_reply(observation: RequestObservation, reply: Any, principal: Any, code: str | None) -> None:
     model = reply.model
     usage = reply.usage
-    METRICS.prompt_tokens.labels(model).inc(usage.input_tokens)
-    METRICS.generation_tokens.labels(model).inc(usage.output_tokens)
+    series = _model_series(model)
+    series.prompt_tokens.inc(usage.input_tokens)
+    series.generation_tokens.inc(usage.output_tokens)
     if usage.image_tokens:
-        METRICS.image_tokens.labels(model).inc(usage.image_tokens)
+        series.image_tokens.inc(usage.image_tokens)
     if principal is not None and principal.key.name in _key_names:
         name = principal.key.name
         METRICS.key_tokens.labels(name, model, "input").inc(usage.input_tokens)
@@ -180,7 +206,7 @@ def _count_reply(observation: RequestObservation, reply: Any, principal: Any, co
     now = time.monotonic()
     if reply.finish_reason is not None:
         METRICS.request_success.labels(model, reply.finish_reason.value).inc()
-        METRICS.e2e.labels(model).observe((observation.last_token or now) - observation.arrived)
+        series.e2e.observe((observation.last_token or now) - observation.arrived)
     elif reply.started and code is None:
         METRICS.request_success.labels(model, "abort").inc()
     stages = observation.engine
@@ -265,7 +291,8 @@ def route_of(scope: Scope) -> str:
     route = scope.get("route")
     if route is not None and hasattr(route, "path"):
         return str(route.path)
-    known = _routes.get(scope.get("app"))
+    app = scope.get("app")
+    known = _routes.get(app) if app is not None else None
     if known is None:
         return "other"
     from starlette.routing import Match
@@ -294,8 +321,9 @@ class TokenWatch:
         if observation is not None:
             observation.model = model
         self.arrived = observation.arrived if observation is not None else time.monotonic()
-        self.ttft = METRICS.ttft.labels(model)
-        self.inter_token = METRICS.inter_token.labels(model)
+        series = _model_series(model)
+        self.ttft = series.ttft
+        self.inter_token = series.inter_token
         self.last: float | None = None
         self.count = 0
 

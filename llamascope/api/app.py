@@ -11,7 +11,7 @@ import anyio
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
-from llamascope import __version__, errors
+from llamascope import __version__, errors, web
 from llamascope.api import admin, operations, uploads
 from llamascope.api import errors as api_errors
 from llamascope.api.middleware import Authentication, BodyLimit, RequestContext
@@ -25,8 +25,11 @@ from llamascope.settings import ModelSpec
 
 log = logging.getLogger(__name__)
 
-# The upload POST carries no key: its signed policy authorises it. /metrics checks its own key, if any.
-PUBLIC_PATHS = frozenset({"/health", "/metrics", uploads.OBJECTS_PATH})
+# The upload POST carries no key: its signed policy authorises it. The playground page needs none
+# (its API calls carry the key typed into it), nor does "/", which sends browsers to it. /metrics checks
+# its own key, if any.
+PUBLIC_PATHS = frozenset({"/health", "/metrics", uploads.OBJECTS_PATH, "/", web.PLAYGROUND_PATH})
+PUBLIC_PREFIXES = (web.PLAYGROUND_PATH + "/",)
 PURGE_EVERY_SECONDS = 600
 
 
@@ -76,15 +79,23 @@ def create_app(
     app.state.model_specs = model_specs or {}
     app.state.metrics = metrics
     app.state.metrics_registry = registry
-    routers = (native.router, openai.router, uploads.router, operations.router, admin.router)
+    routers = (native.router, openai.router, uploads.router, operations.router, admin.router, web.router)
     for router in routers:
         app.include_router(router)
-    routes_of(app, [route for router in routers for route in router.routes])  # templates for metrics
+    app.mount(web.PLAYGROUND_PATH, web.playground_files())
+    playground = app.router.routes[-1]  # the Mount just made
+    routes_of(app, [route for router in routers for route in router.routes] + [playground])  # for metrics
     app.add_exception_handler(errors.ServiceError, api_errors.on_service_error)
     app.add_exception_handler(HTTPException, api_errors.on_http_exception)
     app.add_exception_handler(Exception, api_errors.on_unexpected)
     # Added innermost first: a request meets RequestContext, then BodyLimit, then Authentication.
-    app.add_middleware(Authentication, accounts=service.accounts, public_paths=PUBLIC_PATHS, admin_key=admin_key)
+    app.add_middleware(
+        Authentication,
+        accounts=service.accounts,
+        public_paths=PUBLIC_PATHS,
+        public_prefixes=PUBLIC_PREFIXES,
+        admin_key=admin_key,
+    )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(RequestContext)
     return app

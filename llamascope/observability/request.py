@@ -312,7 +312,12 @@ def route_of(scope: Scope) -> str:
 
 
 class TokenWatch:
-    """A reply's tokens as they come: time to first token, and the time between tokens."""
+    """A reply's tokens as they come: time to first token, and the time between tokens.
+
+    Measured where the reply receives them, as its client will: tokens that arrive together share the
+    time since the previous arrival (those arriving with the first token: none), so every token but the
+    first is one inter-token observation.
+    """
 
     __slots__ = ("arrived", "count", "inter_token", "last", "observation", "ttft")
 
@@ -338,10 +343,11 @@ class TokenWatch:
             self.ttft.observe(now - self.arrived)
             if self.observation is not None:
                 self.observation.first_token = now
+            gap, new = 0.0, new - 1
         else:
             gap = (now - self.last) / new
-            for _ in range(new):
-                self.inter_token.observe(gap)
+        for _ in range(new):
+            self.inter_token.observe(gap)
         self.last = now
         if self.observation is not None:
             self.observation.last_token = now

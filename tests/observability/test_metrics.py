@@ -40,6 +40,24 @@ def scrape(server: Server) -> str:
     return r.text
 
 
+def settled(server: Server, before: str, requests: int) -> str:
+    """A scrape once ``requests`` more requests (other than scrapes) are counted: a request is counted when
+    its last byte is sent, which may be just after its client has read it."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = scrape(server)
+        answered = answered_requests(text) - answered_requests(before)
+        if answered >= requests or time.monotonic() > deadline:
+            assert answered == requests
+            return text
+        time.sleep(0.05)
+
+
+def answered_requests(text: str) -> float:
+    lines = [x for x in text.splitlines() if x.startswith("llamascope:http_requests_total{")]
+    return sum(float(x.rpartition(" ")[2]) for x in lines if 'route="/metrics"' not in x)
+
+
 def value(text: str, series: str) -> float:
     """One series' value in an exposition ('name{label="x"}'), 0 if absent; labels in any order."""
     name, _, labels = series.partition("{")
@@ -210,7 +228,7 @@ def test_refusals_count_by_code_and_routes_by_template(server: Server, prometheu
     assert gif.status_code == 400
     private = post_raw(server, generation_body("http://10.0.0.1/secret.png"))
     assert private.status_code == 400
-    after = scrape(server)
+    after = settled(server, before, 6)
 
     def delta(series: str) -> float:
         return value(after, series) - value(before, series)
@@ -263,7 +281,7 @@ def test_gauges_and_histograms_move_under_concurrent_requests(server: Server, im
     assert len(usages) == 4
     assert max(seen_running) == 2  # the batch is full...
     assert max(seen_waiting) >= 1  # ...and the others wait
-    after = scrape(server)
+    after = settled(server, before, 4)
     assert value(after, f"llamascope:num_requests_running{{{model}}}") == 0  # all gone again
     assert value(after, f"llamascope:num_requests_waiting{{{model}}}") == 0
 

@@ -123,8 +123,15 @@ def test_a_trace_runs_from_the_client_through_both_servers(
     request_id = r.headers["x-request-id"]
 
     # The front's spans, from the in-memory exporter.
-    mine = [s for s in front.spans.get_finished_spans() if f"{s.context.trace_id:032x}" == TRACE_ID]
-    (root,) = [s for s in mine if s.kind == SpanKind.SERVER]
+    # A request's span ends once its last byte is sent, which may be just after the client has read it.
+    deadline = time.monotonic() + 30
+    while True:
+        mine = [s for s in front.spans.get_finished_spans() if f"{s.context.trace_id:032x}" == TRACE_ID]
+        servers = [s for s in mine if s.kind == SpanKind.SERVER]
+        if servers or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    (root,) = servers
     assert root.parent is not None and f"{root.parent.span_id:016x}" == CLIENT_SPAN and root.parent.is_remote
     assert root.name == f"POST {PATH}"
     attributes = root.attributes or {}
@@ -151,7 +158,11 @@ def test_a_trace_runs_from_the_client_through_both_servers(
     assert stages <= their_children
 
     # The upstream's JSON access line names the front's request id and the trace.
-    (line,) = [e for e in json_lines(observed) if e.get("client_request_id") == request_id]
+    deadline = time.monotonic() + 30
+    while not (lines := [e for e in json_lines(observed) if e.get("client_request_id") == request_id]):
+        assert time.monotonic() < deadline, "no access line in the upstream's log"
+        time.sleep(0.05)
+    (line,) = lines
     assert line["trace_id"] == TRACE_ID and line["status"] == 200 and line["logger"] == "llamascope.access"
     assert line["output_tokens"] == 6 and line["model"] == "llama3.2-11b-vision" and line["latency_ms"] > 0
     assert line["request_id"] != request_id and line["key"] == API_KEY[:7] + "…"

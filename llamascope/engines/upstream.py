@@ -37,7 +37,7 @@ import aiohttp
 from llamascope import errors
 from llamascope.caching import SizedLRU
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
-from llamascope.observability.request import upstream_call, upstream_failed
+from llamascope.observability.request import outgoing_headers, upstream_call, upstream_failed, upstream_failover
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,11 @@ class UpstreamEngine:
                 continue
             try:
                 async with self.client.post(
-                    upstream.tokenize_url, json=body, allow_redirects=False, timeout=TOKENIZE_TIMEOUT
+                    upstream.tokenize_url,
+                    json=body,
+                    headers=outgoing_headers(),  # the request's id and trace context
+                    allow_redirects=False,
+                    timeout=TOKENIZE_TIMEOUT,
                 ) as response:
                     if response.status in (404, 405, 501):
                         log.warning("upstream %s has no /tokenize: its prompts are estimated", upstream.url)
@@ -199,12 +203,11 @@ class UpstreamEngine:
                 return
             except _UpstreamFailed as failure:
                 self._mark_failed(upstream, str(failure))
-                last = started or len(tried) >= len(self.upstreams)
-                upstream_failed(upstream.url, failover=not last)
-                if last:
+                if started or len(tried) >= len(self.upstreams):
                     raise errors.ServiceError(
                         500, "InternalError.Algo", "The model engine failed; please try again later."
                     ) from None
+                upstream_failover(upstream.url)
                 log.warning("upstream %s failed before its first token; trying another", upstream.url)
             finally:
                 upstream.outstanding -= 1
@@ -245,6 +248,7 @@ class UpstreamEngine:
         return min(healthy, key=lambda u: (u.outstanding, u.failures))
 
     def _mark_failed(self, upstream: Upstream, why: str) -> None:
+        upstream_failed(upstream.url)
         upstream.failures += 1
         if upstream.healthy:
             log.warning("upstream %s out of rotation: %s", upstream.url, why)

@@ -398,12 +398,20 @@ def upstream_call(url: str) -> Iterator[dict[str, str]]:
             span.end()
 
 
-def upstream_failed(url: str, failover: bool) -> None:
-    """An upstream call failed; ``failover``: the request goes on to another upstream."""
-    label = _upstream_label(url)
-    METRICS.upstream_errors.labels(label).inc()
-    if failover:
-        METRICS.upstream_failovers.labels(label).inc()
+def upstream_failed(url: str) -> None:
+    """A call to an upstream failed (it goes out of rotation)."""
+    METRICS.upstream_errors.labels(_upstream_label(url)).inc()
+
+
+def upstream_failover(url: str) -> None:
+    """A request goes on to another upstream after this one failed before its first token."""
+    METRICS.upstream_failovers.labels(_upstream_label(url)).inc()
+
+
+def outgoing_headers() -> dict[str, str]:
+    """What any call made for the current request carries: its id and trace context (none outside one)."""
+    observation = _current.get()
+    return observation.outgoing_headers() if observation is not None else {}
 
 
 @functools.lru_cache(maxsize=256)

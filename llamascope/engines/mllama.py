@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 from llamascope import errors
-from llamascope.engines import attention
+from llamascope.engines import attention, devices
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
 from llamascope.engines.batching import BatchLimits, Message, Scheduler, Sequence, VisionCache
 from llamascope.engines.mllama_pixels import MllamaPixels
@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 
 # Tests only, with fault injection on (``LLAMASCOPE_FAULT_INJECTION``): a conversation whose text holds
 # ``[[llamascope-fault:STAGE@N]]`` fails at that stage (prefill, decode: the model's step, sample: the
-# next-token choice) once it has made N tokens, as a bug or a bad row would, so tests can check that the
-# failure stays with its request.
-FAULT = re.compile(r"\[\[llamascope-fault:(prefill|decode|sample)@(\d+)\]\]")
+# next-token choice; oom: the step runs out of device memory) once it has made N tokens, as a bug or a
+# bad row would, so tests can check that the failure stays with its request.
+FAULT = re.compile(r"\[\[llamascope-fault:(prefill|decode|sample|oom)@(\d+)\]\]")
 
 
 @dataclass
@@ -85,18 +85,21 @@ def check_model_dir(path: Path) -> dict[str, Any]:
     return config
 
 
-def _nf4_config(compute_dtype: Any, config: dict[str, Any]) -> Any:
-    """4-bit NF4 weights (bitsandbytes), computing in ``compute_dtype``; says what to install if it is missing.
+def _quantization_config(kind: str, compute_dtype: Any, config: dict[str, Any]) -> Any:
+    """bitsandbytes weights: 4-bit NF4 (``nf4``) or LLM.int8 (``int8``), computing in ``compute_dtype``.
 
-    bitsandbytes quantizes in blocks of 64 inputs: a part whose layers take fewer (or a number not a
-    multiple of 64) stays unquantized. For the real Llama 3.2 Vision models nothing is left out; the
-    tiny built-in model keeps its vision tower (width 32) and projector (96) as they are.
+    Says what to install if bitsandbytes is missing. bitsandbytes quantizes in blocks of 64 inputs: a part
+    whose layers take fewer (or a number not a multiple of 64) stays unquantized. For the real Llama 3.2
+    Vision models nothing is left out; the tiny built-in model keeps its vision tower (width 32) and
+    projector (96) as they are. int8 holds the 90B in about 90 GB, so it fits one 141 GB GPU.
     """
     from importlib.util import find_spec
 
     missing = [name for name in ("bitsandbytes", "accelerate") if find_spec(name) is None]
     if missing:
-        raise ModelLoadError(f"quantization 'nf4' needs {' and '.join(missing)}: pip install 'llamascope[quantized]'")
+        raise ModelLoadError(
+            f"quantization {kind!r} needs {' and '.join(missing)}: pip install 'llamascope[quantized]'"
+        )
     from transformers import BitsAndBytesConfig
 
     vision = config.get("vision_config", {})
@@ -105,6 +108,8 @@ def _nf4_config(compute_dtype: Any, config: dict[str, Any]) -> Any:
         keep.append("model.vision_model")
     if vision.get("vision_output_dim", 7680) % 64:
         keep.append("model.multi_modal_projector")
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         llm_int8_skip_modules=keep,
@@ -246,13 +251,31 @@ class MllamaEngine:
         chat_template: str | None = None,
         test_model: bool = False,
         limits: BatchLimits | None = None,
-        vision_cache_bytes: int = 1 << 30,
+        vision_cache_bytes: int | None = None,
         faults: bool = False,
+        device: str = "cpu",
+        gpu_memory_cap: str | None = None,
+        bounds: devices.Bounds | None = None,
     ) -> MllamaEngine:
+        """Load a model directory onto ``device`` (already resolved: ``devices.resolve_device``).
+
+        ``bounds`` names the batch bounds the operator set (None fields are derived from the memory left
+        after loading, ``devices.settle``); without it, ``limits`` and ``vision_cache_bytes`` are taken as given.
+        """
+        import dataclasses
+
         import torch
         from transformers import AutoProcessor, MllamaForConditionalGeneration
 
         config = check_model_dir(path)
+        limits = limits or BatchLimits()
+        if bounds is None:
+            bounds = devices.Bounds(
+                limits.max_batch,
+                limits.max_batch_tokens,
+                devices.CPU_BOUNDS.vision_cache_bytes if vision_cache_bytes is None else vision_cache_bytes,
+            )
+        dtype = devices.compute_dtype(dtype, device)
         try:
             processor = AutoProcessor.from_pretrained(path, backend="pil")
         except Exception as exc:  # transformers raises many types here
@@ -261,17 +284,26 @@ class MllamaEngine:
             ) from exc
         torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
         extra: dict[str, Any] = {}
-        if quantization == "nf4":
-            extra["quantization_config"] = _nf4_config(torch.bfloat16 if dtype == "auto" else torch_dtype, config)
-            torch_dtype = torch.bfloat16 if dtype == "auto" else torch_dtype
+        if quantization in ("nf4", "int8"):
+            compute = torch.bfloat16 if dtype == "auto" else torch_dtype
+            extra["quantization_config"] = _quantization_config(quantization, compute, config)
+            torch_dtype = compute
+        extra.update(devices.placement(device, devices.cuda_devices() if device != "cpu" else 0, gpu_memory_cap))
         try:
             model = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, **extra)
         except Exception as exc:
             raise ModelLoadError(f"{path}: the weights cannot be loaded: {exc}") from exc
         model.eval()
+        try:
+            batch, batch_tokens, cache_bytes = devices.settle(
+                model, bounds, context_length=context_length, prefill_chunk=limits.prefill_chunk, report=log.info
+            )
+        except devices.DeviceError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from exc
+        limits = dataclasses.replace(limits, max_batch=batch, max_batch_tokens=batch_tokens)
         template = Path(chat_template).read_text() if chat_template else LLAMASCOPE_TEMPLATE
         info = EngineInfo(kind="transformers", source=str(path), context_length=context_length, test_model=test_model)
-        return cls(model, processor, info, template, limits, vision_cache_bytes, faults)
+        return cls(model, processor, info, template, limits, cache_bytes, faults)
 
     def stats(self) -> dict[str, int]:
         cache = self.vision_cache

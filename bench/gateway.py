@@ -7,7 +7,10 @@ allowance and ledger on its default SQLite store, image checked and
 re-encoded); the LiteLLM proxy in front of the same stub. Each is a separate
 process. Latency: sequential requests, full answer read, p50/p99; added
 latency is the difference to the direct call. Throughput: requests per second
-at a fixed number of concurrent clients.
+at a fixed number of concurrent clients. CPU per request: the serving
+process's CPU time (user + system, from /proc) over the sequential requests,
+divided by their number: unlike latency, it hardly moves when other programs
+load the machine, so it compares two versions of llamascope on a busy one.
 
 LiteLLM is not a llamascope dependency: the script uses bench/.venv-litellm
 (`python3 -m venv bench/.venv-litellm && bench/.venv-litellm/bin/pip install 'litellm[proxy]'`)
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import base64
 import io
+import os
 import statistics
 import sys
 import time
@@ -96,13 +100,21 @@ async def one(client: httpx.AsyncClient, url: str, payload: dict) -> float:
     return time.perf_counter() - start
 
 
-async def measure(url: str, headers: dict[str, str], requests: int, concurrency: int, seconds: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(url: str, headers: dict[str, str], requests: int, concurrency: int, seconds: float, pid: int) -> dict:
     payload = body()
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=30) as client:
         for _ in range(20):  # warm-up: connections, caches
             await one(client, url, payload)
+        cpu = cpu_seconds(pid)
         latencies = [await one(client, url, payload) for _ in range(requests)]
+        cpu = cpu_seconds(pid) - cpu
         done = 0
         stop = time.perf_counter() + seconds
 
@@ -120,6 +132,7 @@ async def measure(url: str, headers: dict[str, str], requests: int, concurrency:
         "p50": statistics.median(latencies) * 1000,
         "p99": latencies[int(len(latencies) * 0.99) - 1] * 1000,
         "rps": done / elapsed,
+        "cpu": cpu / requests * 1000,
     }
 
 
@@ -134,20 +147,21 @@ def main() -> None:
         tmp = children.tmp
         spawn = children.spawn
         stub_port, ls_port, litellm_port = free_port(), free_port(), free_port()
-        spawn([sys.executable, "-c", STUB, str(stub_port)])
+        stub_pid = spawn([sys.executable, "-c", STUB, str(stub_port)]).pid
         wait_ready(f"http://127.0.0.1:{stub_port}/v1/models")
         stub = f"http://127.0.0.1:{stub_port}/v1"
-        spawn(
+        ls_pid = spawn(
             [sys.executable, "-m", "llamascope", "serve", "--port", str(ls_port), "--model", f"{MODEL}=openai+{stub}"],
             {"LLAMASCOPE_API_KEYS": KEY, "LLAMASCOPE_DATA_DIR": str(tmp / "data"), "LLAMASCOPE_LOG_LEVEL": "warning"},
-        )
+        ).pid
         wait_ready(f"http://127.0.0.1:{ls_port}/health")
         targets = [
-            ("stub engine, called directly", f"{stub}/chat/completions", {}),
+            ("stub engine, called directly", f"{stub}/chat/completions", {}, stub_pid),
             (
                 "llamascope (upstream mode)",
                 f"http://127.0.0.1:{ls_port}/v1/chat/completions",
                 {"Authorization": f"Bearer {KEY}"},
+                ls_pid,
             ),
         ]
         if LITELLM.exists() and not args.skip_litellm:
@@ -157,20 +171,21 @@ def main() -> None:
                 f"model_list:\n  - model_name: {MODEL}\n    litellm_params:\n      model: openai/stub\n"
                 f"      api_base: {stub}\n      api_key: none\ngeneral_settings:\n  master_key: {KEY}\n"
             )
-            spawn([str(LITELLM), "--config", str(config), "--port", str(litellm_port), "--num_workers", "1"])
+            litellm = spawn([str(LITELLM), "--config", str(config), "--port", str(litellm_port), "--num_workers", "1"])
             wait_ready(f"http://127.0.0.1:{litellm_port}/health/liveliness", seconds=180)
             targets.append(
                 (
                     "LiteLLM proxy",
                     f"http://127.0.0.1:{litellm_port}/v1/chat/completions",
                     {"Authorization": f"Bearer {KEY}"},
+                    litellm.pid,
                 )
             )
         else:
             print(f"(LiteLLM row skipped: {LITELLM} not found)")
         results = [
-            (name, asyncio.run(measure(url, h, args.requests, args.concurrency, args.seconds)))
-            for name, url, h in targets
+            (name, asyncio.run(measure(url, h, args.requests, args.concurrency, args.seconds, pid)))
+            for name, url, h, pid in targets
         ]
 
     base = results[0][1]
@@ -178,11 +193,11 @@ def main() -> None:
         f"streamed chat request with a 64x64 image; {args.requests} sequential requests, then "
         f"{args.concurrency} concurrent clients for {args.seconds:g} s; all on this machine's loopback"
     )
-    print(f"{'target':<32} {'p50':>8} {'p99':>8} {'added p50':>10} {'added p99':>10} {'req/s':>8}")
+    print(f"{'target':<32} {'p50':>8} {'p99':>8} {'added p50':>10} {'added p99':>10} {'req/s':>8} {'CPU/req':>9}")
     for name, r in results:
         print(
             f"{name:<32} {r['p50']:>6.2f}ms {r['p99']:>6.2f}ms {r['p50'] - base['p50']:>8.2f}ms "
-            f"{r['p99'] - base['p99']:>8.2f}ms {r['rps']:>8.0f}"
+            f"{r['p99'] - base['p99']:>8.2f}ms {r['rps']:>8.0f} {r['cpu']:>7.2f}ms"
         )
     names = dict(results)
     if "LiteLLM proxy" in names:

@@ -93,11 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
-    )
-    # httpx logs every image fetch at INFO; the access log already says what a request did.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    from llamascope.observability import logs
+
+    logs.configure(level)
 
 
 def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
@@ -160,7 +158,9 @@ def serve(args: argparse.Namespace) -> int:
     except Exception as exc:  # pydantic's ValidationError or a missing file: say it plainly
         print(f"llamascope: bad settings: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    from llamascope import observability
+
+    observability.configure(settings)  # logs, traces
 
     import uvicorn
 
@@ -173,6 +173,7 @@ def serve(args: argparse.Namespace) -> int:
     from llamascope.engines.registry import load_engines
     from llamascope.images.intake import ImageIntake
     from llamascope.images.uploads import UploadStore, load_or_create_secret
+    from llamascope.observability.metrics import MetricsEndpoint
 
     threads = configure_torch(settings.torch_threads)
     store = open_store(settings)
@@ -207,6 +208,13 @@ def serve(args: argparse.Namespace) -> int:
         public_base_url=settings.public_base_url,
         admin_key=settings.admin_key,
         model_specs=dict(settings.models),
+        metrics=MetricsEndpoint(
+            enabled=settings.metrics,
+            key=settings.metrics_key,
+            port=settings.metrics_port,
+            host=settings.host,
+            key_names=frozenset(settings.metrics_keys),
+        ),
     )
 
     base = f"http://{settings.host}:{settings.port}"

@@ -171,8 +171,17 @@ class Settings(BaseSettings):
 
     shutdown_grace_seconds: float = Field(30.0, ge=0)
     log_level: str = "info"
+    # Operating it (docs/observability.md): log lines as text or one JSON object a line; Prometheus
+    # metrics at /metrics (no key needed unless metrics_key is set), or on a port of their own; per-key
+    # series only for the key names listed; OpenTelemetry traces to an OTLP/HTTP endpoint when one is set.
+    log_format: Literal["text", "json"] = "text"
+    metrics: bool = True
+    metrics_key: str | None = None
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    otlp_traces_endpoint: str | None = None
 
-    @field_validator("api_keys", "image_fetch_allow", "image_local_dirs", mode="before")
+    @field_validator("api_keys", "image_fetch_allow", "image_local_dirs", "metrics_keys", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         # LLAMASCOPE_API_KEYS=sk-a,sk-b as well as the JSON list pydantic expects.

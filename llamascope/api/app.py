@@ -20,13 +20,16 @@ from llamascope.api.openai import router as openai
 from llamascope.api.text import router as text
 from llamascope.conversation.service import ConversationService
 from llamascope.images.uploads import UploadStore
+from llamascope.observability.metrics import MetricsEndpoint, registry_for, serve_on_port
+from llamascope.observability.request import routes_of
 from llamascope.settings import ModelSpec
 
 log = logging.getLogger(__name__)
 
 # The upload POST carries no key: its signed policy authorises it. The playground page needs none
-# (its API calls carry the key typed into it), nor does "/", which sends browsers to it.
-PUBLIC_PATHS = frozenset({"/health", openapi.PATH, uploads.OBJECTS_PATH, "/", web.PLAYGROUND_PATH})
+# (its API calls carry the key typed into it), nor does "/", which sends browsers to it. /metrics checks
+# its own key, if any.
+PUBLIC_PATHS = frozenset({"/health", "/metrics", openapi.PATH, uploads.OBJECTS_PATH, "/", web.PLAYGROUND_PATH})
 PUBLIC_PREFIXES = (web.PLAYGROUND_PATH + "/",)
 PURGE_EVERY_SECONDS = 600
 
@@ -47,12 +50,21 @@ def create_app(
     public_base_url: str | None = None,
     admin_key: str | None = None,
     model_specs: dict[str, ModelSpec] | None = None,
+    metrics: MetricsEndpoint | None = None,
 ) -> FastAPI:
+    metrics = metrics or MetricsEndpoint()
+    registry = registry_for(service, metrics.key_names)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         purge = asyncio.create_task(_purge_uploads(uploads_store))
+        metrics_server = None
+        if metrics.enabled and metrics.port is not None:
+            metrics_server = serve_on_port(registry, metrics.host, metrics.port)
         yield
         purge.cancel()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         # Several names may share one engine: close each once (upstream sessions, model threads).
         for engine in {id(e): e for e in service.engines.values()}.values():
             await engine.close()
@@ -67,15 +79,23 @@ def create_app(
     app.state.uploads = uploads_store
     app.state.public_base_url = public_base_url
     app.state.model_specs = model_specs or {}
-    app.include_router(native.router)
-    app.include_router(openai.router)
-    app.include_router(text.router)
-    app.include_router(uploads.router)
-    app.include_router(operations.router)
-    app.include_router(admin.router)
-    app.include_router(openapi.router)
-    app.include_router(web.router)
+    app.state.metrics = metrics
+    app.state.metrics_registry = registry
+    routers = (
+        native.router,
+        openai.router,
+        text.router,
+        uploads.router,
+        operations.router,
+        admin.router,
+        openapi.router,
+        web.router,
+    )
+    for router in routers:
+        app.include_router(router)
     app.mount(web.PLAYGROUND_PATH, web.playground_files())
+    playground = app.router.routes[-1]  # the Mount just made
+    routes_of(app, [route for router in routers for route in router.routes] + [playground])  # for metrics
     app.add_exception_handler(errors.ServiceError, api_errors.on_service_error)
     app.add_exception_handler(HTTPException, api_errors.on_http_exception)
     app.add_exception_handler(Exception, api_errors.on_unexpected)

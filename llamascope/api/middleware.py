@@ -23,6 +23,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llamascope import errors
 from llamascope.accounts.admission import Accounts
 from llamascope.api.errors import error_response
+from llamascope.observability import request as observed
+from llamascope.observability.logs import AccessRecord
 
 access_log = logging.getLogger("llamascope.access")
 
@@ -38,6 +40,7 @@ class RequestContext:
         request_id = str(uuid.uuid4())
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
+        observation = observed.begin(scope, request_id)  # metrics, trace and log context of this request
         started = time.perf_counter()
         status = 0
         disconnected = False
@@ -68,36 +71,45 @@ class RequestContext:
             reply = state.get("reply")
             if reply is not None:
                 await reply.close()  # charges the tokens made, whatever way the request ended
-            self._log(scope, state, status, disconnected, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            observed.end(observation, scope, state, status, seconds)
+            self._log(scope, state, status, disconnected, seconds, observation)
+            observed.finished(observation)
 
     @staticmethod
-    def _log(scope: Scope, state: dict[str, Any], status: int, disconnected: bool, seconds: float) -> None:
-        if scope.get("path") == "/health" or not access_log.isEnabledFor(logging.INFO):
+    def _log(
+        scope: Scope,
+        state: dict[str, Any],
+        status: int,
+        disconnected: bool,
+        seconds: float,
+        observation: observed.RequestObservation,
+    ) -> None:
+        if scope.get("path") in ("/health", "/metrics") or not access_log.isEnabledFor(logging.INFO):
             return
         reply = state.get("reply")
         principal = state.get("principal")
-        fields = [
-            f"request_id={state['request_id']}",
-            f"key={principal.key_prefix if principal else '-'}",
-            f"{scope.get('method', '-')} {scope.get('path', '-')}",
-            f"model={reply.model if reply else '-'}",
-            f"status={status}",
-        ]
+        fields: dict[str, Any] = {
+            "request_id": state["request_id"],
+            "key": principal.key_prefix if principal else None,
+            "method": scope.get("method", "-"),
+            "path": scope.get("path", "-"),
+            "model": reply.model if reply else None,
+            "status": status,
+        }
         if reply is not None:
             usage = reply.usage
-            finish = reply.finish_reason.value if reply.finish_reason else "-"
-            fields += [
-                f"input_tokens={usage.input_tokens}",
-                f"output_tokens={usage.output_tokens}",
-                f"image_tokens={usage.image_tokens}",
-                f"finish={finish}",
-            ]
-        if state.get("error_code"):
-            fields.append(f"error={state['error_code']}")
+            fields["input_tokens"] = usage.input_tokens
+            fields["output_tokens"] = usage.output_tokens
+            fields["image_tokens"] = usage.image_tokens
+            fields["finish"] = reply.finish_reason.value if reply.finish_reason else "-"
+        fields["error"] = state.get("error_code")
         if disconnected and (reply is None or reply.finish_reason is None):
-            fields.append("client=disconnected")
-        fields.append(f"latency_ms={seconds * 1000:.1f}")
-        access_log.info(" ".join(fields))
+            fields["client_disconnected"] = True
+        fields["client_request_id"] = observation.client_request_id
+        fields["trace_id"] = observation.trace_id
+        fields["latency_ms"] = round(seconds * 1000, 1)
+        access_log.info(AccessRecord(fields))
 
 
 class BodyLimit:

@@ -1,16 +1,20 @@
-"""Health and the model listing."""
+"""Health, metrics and the model listing."""
 
 from __future__ import annotations
 
+import hmac
 from typing import Literal
 
+import anyio
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
+from llamascope import errors
 from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
 from llamascope.conversation.service import ConversationService
+from llamascope.observability.metrics import CONTENT_TYPE, MetricsEndpoint, exposition
 
 router = APIRouter()
 
@@ -50,6 +54,21 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "models": {name: e.stats() for name, e in service.engines.items()}})
 
 
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (docs/observability.md); a Bearer key only when LLAMASCOPE_METRICS_KEY is set."""
+    endpoint: MetricsEndpoint = request.app.state.metrics
+    if not endpoint.on_main_port:
+        raise errors.ServiceError(404, "NotFound", "Metrics are not served here (see LLAMASCOPE_METRICS_PORT).")
+    if endpoint.key is not None:
+        given = (request.headers.get("authorization") or "").strip().encode()
+        if not hmac.compare_digest(f"Bearer {endpoint.key}".encode(), given):
+            raise errors.invalid_api_key()
+    # Off the event loop: per-key allowances are read from the accounts store.
+    body = await anyio.to_thread.run_sync(exposition, request.app.state.metrics_registry)
+    return Response(body, media_type=CONTENT_TYPE)
+
+
 @router.get("/api/v1/models")
 async def models(request: Request) -> JSONResponse:
     service: ConversationService = request.app.state.service
@@ -73,3 +92,14 @@ openapi.operation(
     "GET", "/health", "Up, and each model's running and waiting requests", tag="operations", auth=None, ok=Health
 )
 openapi.operation("GET", "/api/v1/models", "Served models", tag="native", ok=ModelList)
+openapi.operation(
+    "GET",
+    "/metrics",
+    "Prometheus metrics",
+    tag="operations",
+    auth=None,
+    ok="text/plain; version=0.0.4",
+    refusals=(401, 404),
+    description="Prometheus text format (docs/observability.md). A Bearer key only when LLAMASCOPE_METRICS_KEY "
+    "is set; 404 when LLAMASCOPE_METRICS_PORT serves them on another port.",
+)

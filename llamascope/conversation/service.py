@@ -25,6 +25,7 @@ from llamascope.conversation.rules import Draft, Images, parse_messages
 from llamascope.engines.base import Engine, FinishReason, PreparedPrompt
 from llamascope.images.intake import ImageIntake
 from llamascope.images.source import ANONYMOUS, SourceContext
+from llamascope.observability.request import TokenWatch
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,11 @@ class Reply:
         chunks = self.engine.generate(self.prompt, self.options.sampling)
         finish: FinishReason | None = None
         delta = ""
+        tokens = TokenWatch(self.model)  # time to first token, between tokens
         try:
             async for chunk in chunks:
                 self.started = True
+                tokens(chunk.output_tokens)
                 self.usage.output_tokens = chunk.output_tokens
                 if chunk.input_tokens is not None:
                     self.usage.input_tokens = chunk.input_tokens

@@ -109,6 +109,7 @@ class Sequence:
     mask: Any = None  # its attention mask [1, n], until it joins a batch
     cross_mask: Any = None  # the cross-attention mask row for new tokens [1, 1, 1, tiles]
     sampler: Any = None
+    encoded: tuple[float, float] | None = None  # when the vision tower ran on its image (monotonic), if it did
 
     @property
     def has_image(self) -> bool:
@@ -521,6 +522,7 @@ class Scheduler:
         if "pixel_values" not in inputs:  # prepared while cached, evicted since
             inputs.update(self.pixels(seq.image.image))
         # As MllamaModel.forward does with pixel_values (transformers has no method for this part alone).
+        started = time.monotonic()
         model = self.model.model
         vision = model.vision_model(
             pixel_values=inputs["pixel_values"].to(self.model.device, model.vision_model.dtype),
@@ -529,6 +531,7 @@ class Scheduler:
         ).last_hidden_state
         states = model.multi_modal_projector(vision).reshape(-1, vision.shape[-2], model.hidden_size)
         entry = (states, int(inputs["aspect_ratio_mask"].sum()))
+        seq.encoded = (started, time.monotonic())
         self.vision.put(digest, entry)
         return entry
 

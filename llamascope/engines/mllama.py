@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from llamascope.engines.batching import BatchLimits, Message, Scheduler, Sequenc
 from llamascope.engines.mllama_pixels import MllamaPixels
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
 from llamascope.images import PreparedImage
+from llamascope.observability.request import engine_stages, image_preprocessed
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11; annotations are not evaluated at run time
@@ -448,7 +450,12 @@ class MllamaEngine:
             if len(images) != 1:
                 raise ValueError("Llama 3.2 Vision conversations carry one image")
             cached = self.vision_cache.peek(images[0].digest)
-            pixels = self.pixels(images[0].image) if cached is None else {"num_tiles": [[cached[1]]]}
+            if cached is None:
+                started = time.monotonic()
+                pixels = self.pixels(images[0].image)
+                image_preprocessed(images[0], started)
+            else:
+                pixels = {"num_tiles": [[cached[1]]]}
             ids = text["input_ids"][0]
             data["cross_attention_mask"] = convert_sparse_cross_attention_mask_to_dense(
                 [get_cross_attention_token_mask(ids, self.image_token_id)],
@@ -499,6 +506,7 @@ class MllamaEngine:
         self.scheduler.submit(seq)  # raises 429 Throttling when the queue is full
         text = _IncrementalText(self.tokenizer)
         produced = 0
+        first_token: float | None = None
         try:
             while True:
                 message = await queue.get()
@@ -509,6 +517,8 @@ class MllamaEngine:
                         break
                     message = queue.get_nowait()
                 if ids:
+                    if not produced:
+                        first_token = time.monotonic()
                     produced += len(ids)
                     delta = text.add(ids)
                     if delta:
@@ -521,6 +531,7 @@ class MllamaEngine:
         finally:
             seq.cancel.set()
             self.scheduler.wake()
+            engine_stages(seq.queued_at, seq.started_at, first_token, time.monotonic(), seq.encoded)
 
     async def close(self) -> None:
         """Stop the model thread once its current step ends; requests still on it end as cancelled."""

@@ -37,6 +37,7 @@ import aiohttp
 from llamascope import errors
 from llamascope.caching import SizedLRU
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
+from llamascope.observability.request import outgoing_headers, upstream_call, upstream_failed, upstream_failover
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,11 @@ class UpstreamEngine:
                 continue
             try:
                 async with self.client.post(
-                    upstream.tokenize_url, json=body, allow_redirects=False, timeout=TOKENIZE_TIMEOUT
+                    upstream.tokenize_url,
+                    json=body,
+                    headers=outgoing_headers(),  # the request's id and trace context
+                    allow_redirects=False,
+                    timeout=TOKENIZE_TIMEOUT,
                 ) as response:
                     if response.status in (404, 405, 501):
                         log.warning("upstream %s has no /tokenize: its prompts are estimated", upstream.url)
@@ -196,9 +201,10 @@ class UpstreamEngine:
             upstream.outstanding += 1
             started = False
             try:
-                async for chunk in self._stream(upstream, body):
-                    started = True
-                    yield chunk
+                with upstream_call(upstream.url) as headers:  # request id and trace context; timed
+                    async for chunk in self._stream(upstream, body, headers):
+                        started = True
+                        yield chunk
                 return
             except _UpstreamFailed as failure:
                 self._mark_failed(upstream, str(failure))
@@ -206,6 +212,7 @@ class UpstreamEngine:
                     raise errors.ServiceError(
                         500, "InternalError.Algo", "The model engine failed; please try again later."
                     ) from None
+                upstream_failover(upstream.url)
                 log.warning("upstream %s failed before its first token; trying another", upstream.url)
             finally:
                 upstream.outstanding -= 1
@@ -246,19 +253,20 @@ class UpstreamEngine:
         return min(healthy, key=lambda u: (u.outstanding, u.failures))
 
     def _mark_failed(self, upstream: Upstream, why: str) -> None:
+        upstream_failed(upstream.url)
         upstream.failures += 1
         if upstream.healthy:
             log.warning("upstream %s out of rotation: %s", upstream.url, why)
         upstream.healthy = False
 
-    async def _stream(self, upstream: Upstream, body: dict[str, Any]) -> AsyncIterator[Chunk]:
+    async def _stream(self, upstream: Upstream, body: dict[str, Any], headers: dict[str, str]) -> AsyncIterator[Chunk]:
         pieces = 0  # streamed pieces: the output count until the upstream reports its own
         reported: int | None = None
         finish: FinishReason | None = None
         input_tokens: int | None = None
         try:
             url = upstream.url + "/chat/completions"
-            async with self.client.post(url, json=body, allow_redirects=False) as response:
+            async with self.client.post(url, json=body, headers=headers, allow_redirects=False) as response:
                 if response.status >= 500:
                     raise _UpstreamFailed(f"HTTP {response.status}")
                 if response.status != 200:

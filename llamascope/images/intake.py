@@ -27,6 +27,7 @@ from llamascope.images.source import (
     parse_reference,
 )
 from llamascope.images.uploads import UploadStore
+from llamascope.observability.request import ImageWatch
 from llamascope.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,23 +91,39 @@ class ImageIntake:
         fit_key: str = "",
     ) -> PreparedImage:
         """Fetch and decode one image. ``fit``/``fit_key``: the model's sizing rule and a name for it."""
-        data = await parse_reference(reference, self.policy, context, self.local).read()
-        return await self.decode(data, fit, fit_key)
+        watch = ImageWatch()  # fetch and decode times, or why it was refused
+        try:
+            source = parse_reference(reference, self.policy, context, self.local)
+            data = await source.read()
+            watch.fetched(source.kind)
+            image = await self.decode(data, fit, fit_key, watch)
+        except errors.ServiceError as refusal:
+            watch.refused(refusal)
+            raise
+        watch.accepted(image)
+        return image
 
-    async def decode(self, data: bytes, fit: FitFunction | None = None, fit_key: str = "") -> PreparedImage:
+    async def decode(
+        self, data: bytes, fit: FitFunction | None = None, fit_key: str = "", watch: ImageWatch | None = None
+    ) -> PreparedImage:
         key = (hashlib.sha256(data).hexdigest(), fit_key)
         cached = self.cache.get(key)
         if cached is not None:
             return cached
         loop = asyncio.get_running_loop()
+        started = loop.time()
         work = loop.run_in_executor(self._decoders, decode_image, data, self.limits, fit)
         try:
             image = await asyncio.wait_for(work, self.decode_timeout)
         except asyncio.TimeoutError:  # an alias of TimeoutError from 3.11 on
             log.warning("an image took more than %.1f s to decode and was refused", self.decode_timeout)
+            if watch is not None:
+                watch.timed_out = True
             raise errors.image_unreadable(
                 f"The image took longer than {self.decode_timeout:g} s to decode; send a smaller or simpler image."
             ) from None
+        if watch is not None:
+            watch.decoded(started)
         self.cache.put(key, image)
         return image
 

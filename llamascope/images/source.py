@@ -25,7 +25,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
 import anyio
@@ -39,6 +39,8 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 class ImageSource(Protocol):
+    kind: ClassVar[str]  # url, data, upload or local
+
     async def read(self) -> bytes: ...
 
 
@@ -115,6 +117,7 @@ class OssSource:
     key: str
     context: SourceContext
     store: UploadStore | None
+    kind: ClassVar[str] = "upload"  # for metrics and traces
 
     async def read(self) -> bytes:
         if not self.context.resolve_oss:
@@ -134,6 +137,7 @@ class LocalFileSource:
     ref: str
     allowed_dirs: tuple[Path, ...]
     max_bytes: int
+    kind: ClassVar[str] = "local"  # for metrics and traces
 
     async def read(self) -> bytes:
         if not self.allowed_dirs:
@@ -168,6 +172,7 @@ def _too_large(limit: int) -> errors.ServiceError:
 class DataUriSource:
     uri: str
     max_bytes: int
+    kind: ClassVar[str] = "data"  # for metrics and traces
 
     async def read(self) -> bytes:
         header, sep, payload = self.uri.partition(",")
@@ -202,6 +207,7 @@ class _Refused(Exception):
 class UrlSource:
     url: str
     policy: FetchPolicy
+    kind: ClassVar[str] = "url"  # for metrics and traces
 
     async def read(self) -> bytes:
         try:

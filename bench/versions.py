@@ -1,0 +1,86 @@
+"""What a change costs a request: two versions of llamascope in front of the same stub engine, side by side.
+
+The baseline runs from another checkout's source (``--baseline DIR``, a
+directory holding its ``llamascope`` package), this one from this tree; both
+in upstream mode in front of bench/gateway.py's stub, with the same streamed
+request. Requests alternate between the stub, the baseline and this version
+(the order flipped every round), so a busy machine slows all three alike; the
+table gives each one's p50, its added p50 over the stub, and the median of the
+paired differences.
+
+    git archive main llamascope | tar -x -C /tmp/baseline   # the version to compare with
+    .venv/bin/python bench/versions.py --baseline /tmp/baseline [--requests 1500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+from pathlib import Path
+
+import httpx
+from gateway import KEY, MODEL, STUB, body, one
+from harness import Processes, free_port, wait_ready
+
+
+async def compare(baseline: Path, requests: int) -> None:
+    with Processes("llamascope-versions-") as children:
+        stub_port = free_port()
+        children.spawn([sys.executable, "-c", STUB, str(stub_port)])
+        wait_ready(f"http://127.0.0.1:{stub_port}/v1/models")
+        stub = f"http://127.0.0.1:{stub_port}/v1"
+        urls = {"stub engine, called directly": f"{stub}/chat/completions"}
+        for name, pythonpath in (("llamascope, baseline", str(baseline)), ("llamascope, this tree", None)):
+            port = free_port()
+            env = {"LLAMASCOPE_API_KEYS": KEY, "LLAMASCOPE_LOG_LEVEL": "warning"}
+            env["LLAMASCOPE_DATA_DIR"] = str(children.tmp / str(port))
+            if pythonpath:
+                env["PYTHONPATH"] = pythonpath
+            serve = [
+                sys.executable,
+                "-m",
+                "llamascope",
+                "serve",
+                "--port",
+                str(port),
+                "--model",
+                f"{MODEL}=openai+{stub}",
+            ]
+            children.spawn(serve, env)
+            wait_ready(f"http://127.0.0.1:{port}/health")
+            urls[name] = f"http://127.0.0.1:{port}/v1/chat/completions"
+        payload = body()
+        latencies: dict[str, list[float]] = {name: [] for name in urls}
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as client:
+            for url in urls.values():
+                for _ in range(30):  # warm-up
+                    await one(client, url, payload)
+            for i in range(requests):
+                order = list(urls.items())
+                for name, url in order if i % 2 == 0 else reversed(order):
+                    latencies[name].append(await one(client, url, payload))
+    names = list(urls)
+    direct = statistics.median(latencies[names[0]]) * 1000
+    print(f"streamed chat request with a 64x64 image; {requests} rounds, requests alternating; loopback")
+    print(f"{'target':<30} {'p50':>8} {'added p50':>10}")
+    for name in names:
+        p50 = statistics.median(latencies[name]) * 1000
+        print(f"{name:<30} {p50:>6.2f}ms {p50 - direct:>8.2f}ms")
+    paired = [(new - old) * 1000 for old, new in zip(latencies[names[1]], latencies[names[2]], strict=True)]
+    print(f"this tree - baseline, median of the paired differences: {statistics.median(paired):+.2f}ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--baseline", type=Path, required=True, help="a directory holding the other llamascope package")
+    parser.add_argument("--requests", type=int, default=1500)
+    args = parser.parse_args()
+    if not (args.baseline / "llamascope" / "__init__.py").is_file():
+        parser.error(f"{args.baseline} holds no llamascope package")
+    asyncio.run(compare(args.baseline.resolve(), args.requests))
+
+
+if __name__ == "__main__":
+    main()

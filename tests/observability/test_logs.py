@@ -1,0 +1,44 @@
+"""Log lines: the default start-up output without Alembic's INFO lines, and JSON lines as they are written."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llamascope.accounts.store import AccountStore
+from llamascope.observability import logs
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("alembic").setLevel(logging.NOTSET)
+
+
+def test_migrations_say_nothing_at_the_default_level(tmp_path: Path, capfd, restore_logging) -> None:
+    logs.configure("info")
+    AccountStore(f"sqlite:///{tmp_path / 'a.db'}").migrate()  # a first start: every migration runs
+    assert "alembic" not in capfd.readouterr().err
+    logs.configure("debug")
+    AccountStore(f"sqlite:///{tmp_path / 'b.db'}").migrate()
+    assert "alembic.runtime.migration" in capfd.readouterr().err  # still there when asked for
+
+
+def test_json_lines_carry_the_exception(capfd, restore_logging) -> None:
+    logs.configure("info", "json")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("llamascope.test").exception("it failed: %s", "badly")
+    (line,) = capfd.readouterr().err.splitlines()
+    entry = json.loads(line)
+    assert entry["message"] == "it failed: badly" and entry["level"] == "error" and entry["logger"] == "llamascope.test"
+    assert "ValueError: boom" in entry["exception"] and "request_id" not in entry

@@ -75,13 +75,13 @@ def test_first_start_makes_a_key_then_shutdown_lets_streams_finish(
 def test_config_file_and_model_flag(tmp_path: Path, test_model_dir: Path) -> None:
     config = tmp_path / "llamascope.toml"
     config.write_text(
-        f'api_keys = ["sk-from-config-0000000000000000000000"]\n'
+        f'api_keys = ["sk-b374df758f8b4666dcc68ec4c1415b891881f369"]\n'
         f'[models."my-vision"]\npath = "{test_model_dir}"\ncontext_length = 4096\n'
     )
     server = start_server(tmp_path, ["--config", str(config)], env={"LLAMASCOPE_API_KEYS": None})
     try:
         r = httpx.get(
-            server.base + "/api/v1/models", headers={"Authorization": "Bearer sk-from-config-0000000000000000000000"}
+            server.base + "/api/v1/models", headers={"Authorization": "Bearer sk-b374df758f8b4666dcc68ec4c1415b891881f369"}
         )
         [model] = r.json()["data"]
         assert model["model"] == "my-vision" and model["context_length"] == 4096

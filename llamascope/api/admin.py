@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from starlette.responses import JSONResponse
 
 from llamascope import errors
@@ -19,21 +19,72 @@ from llamascope.settings import ModelSpec
 router = APIRouter(prefix="/admin")
 
 
-class NewKey(BaseModel):
+class _Strict(BaseModel):
+    """Refuses what it does not know: a misspelt limit must not make a key without that limit."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# Field names are the CLI's options' (allowance, days, expires_days, rpm, tpm, concurrency, model); the longer
+# names the API has always taken (allowance_tokens, requests_per_minute, ...) are accepted too.
+class NewKey(_Strict):
     name: str = ""
-    models: list[str] | None = None
-    allowance_tokens: int | str | None = None  # a number, "unlimited", or the model's default
-    days: float | str | None = None
-    expires_days: float | None = None
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    max_concurrent: int | None = None
+    models: list[str] | None = Field(None, validation_alias=AliasChoices("models", "model"))
+    allowance: Any = Field(None, validation_alias=AliasChoices("allowance", "allowance_tokens"))
+    days: Any = None
+    expires_days: Any = None
+    rpm: Any = Field(None, validation_alias=AliasChoices("rpm", "requests_per_minute"))
+    tpm: Any = Field(None, validation_alias=AliasChoices("tpm", "tokens_per_minute"))
+    concurrency: Any = Field(None, validation_alias=AliasChoices("concurrency", "max_concurrent"))
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("allowance")
+    @classmethod
+    def _allowance(cls, value: Any) -> Any:
+        return admin.parse_tokens(value, "allowance")
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, value: Any) -> Any:
+        return admin.parse_days(value, "days")
+
+    @field_validator("expires_days")
+    @classmethod
+    def _expires(cls, value: Any) -> Any:
+        return admin.parse_days(value, "expires_days", False)
+
+    @field_validator("rpm", "tpm", "concurrency")
+    @classmethod
+    def _per_minute(cls, value: Any, info: ValidationInfo) -> Any:
+        return admin.parse_limit(value, str(info.field_name))
 
 
-class NewGrant(BaseModel):
+class NewGrant(_Strict):
     model: str
-    allowance_tokens: int | str | None = None
-    days: float | str | None = None
+    allowance: Any = Field(None, validation_alias=AliasChoices("allowance", "allowance_tokens"))
+    days: Any = None
+
+    @field_validator("allowance")
+    @classmethod
+    def _allowance(cls, value: Any) -> Any:
+        return admin.parse_tokens(value, "allowance")
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, value: Any) -> Any:
+        return admin.parse_days(value, "days")
+
+
+def _fields(model: type[BaseModel]) -> str:
+    names = []
+    for name, info in model.model_fields.items():
+        aliases = getattr(info.validation_alias, "choices", [name])
+        names.append(" or ".join(dict.fromkeys([name, *aliases])))
+    return ", ".join(names)
 
 
 def _store(request: Request) -> AccountStore:
@@ -45,10 +96,21 @@ def _specs(request: Request) -> dict[str, ModelSpec]:
 
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()
     try:
-        return model.model_validate_json(await request.body())
+        return model.model_validate_json(raw or b"{}")
     except ValidationError as exc:
-        raise errors.invalid_parameter(f"Invalid admin request: {exc.errors()[0]['msg']}") from None
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "the body"
+        if error["type"] == "extra_forbidden":
+            message = f"Unknown field {where!r} in the request body; the fields are: {_fields(model)}."
+        elif error["type"] == "missing":
+            message = f"Field {where!r} is required; the fields are: {_fields(model)}."
+        elif error["type"].startswith("json"):
+            message = f"The request body is not a valid JSON object: {error['msg']}."
+        else:
+            message = f"Field {where!r}: {error['msg'].removeprefix('Value error, ')}."
+        raise errors.invalid_parameter(message) from None
 
 
 def _answer(request: Request, data: Any, status: int = 200) -> JSONResponse:
@@ -77,14 +139,23 @@ async def create_key(request: Request) -> JSONResponse:
         _specs(request),
         name=body.name,
         models=body.models,
-        allowance=body.allowance_tokens,
+        allowance=body.allowance,
         days=body.days,
         expires_days=body.expires_days,
-        requests_per_minute=body.requests_per_minute,
-        tokens_per_minute=body.tokens_per_minute,
-        max_concurrent=body.max_concurrent,
+        requests_per_minute=body.rpm,
+        tokens_per_minute=body.tpm,
+        max_concurrent=body.concurrency,
     )
-    return _answer(request, {"api_key": key, **admin.describe(view, grants)}, status=200)
+    data = {"api_key": key, **admin.describe(view, grants)}
+    return _answer(request, data | _warnings(request, body.models or []), status=200)
+
+
+def _warnings(request: Request, models: list[str]) -> dict[str, Any]:
+    unknown = admin.unknown_models(models, _specs(request))
+    if not unknown:
+        return {}
+    served = ", ".join(_specs(request))
+    return {"warnings": [f"{m!r} is not served by this server (it serves {served}); granted anyway" for m in unknown]}
 
 
 @router.post("/keys/{ref}/revoke")
@@ -98,16 +169,33 @@ async def grant(request: Request, ref: str) -> JSONResponse:
     body: NewGrant = await _body(request, NewGrant)
     store = _store(request)
     view = await _run(store.key, ref)
-    await _run(admin.grant_models, store, view.id, [body.model], _specs(request), body.allowance_tokens, body.days)
+    await _run(admin.grant_models, store, view.id, [body.model], _specs(request), body.allowance, body.days)
     rows = await _run(store.list_keys)
-    return _answer(request, next(admin.describe(v, g) for v, g in rows if v.id == view.id))
+    data = next(admin.describe(v, g) for v, g in rows if v.id == view.id)
+    return _answer(request, data | _warnings(request, [body.model]))
 
 
 @router.get("/usage")
 async def usage(request: Request) -> JSONResponse:
+    """Totals per day, key and model; with ``requests=N``, the N newest requests one by one."""
     store = _store(request)
+    unknown = set(request.query_params) - {"key", "days", "requests"}
+    if unknown:
+        raise errors.invalid_parameter(
+            f"Unknown query parameter {sorted(unknown)[0]!r}; the parameters are: key, days, requests."
+        )
     key = request.query_params.get("key")
-    days = request.query_params.get("days")
+    days = _query(admin.parse_days, request.query_params.get("days"), "days", False)
+    count = _query(admin.parse_limit, request.query_params.get("requests"), "requests")
     key_id = (await _run(store.key, key)).id if key else None
-    since = utcnow() - timedelta(days=float(days)) if days else None
+    since = utcnow() - timedelta(days=float(days)) if days is not None else None
+    if count is not None:
+        return _answer(request, admin.jsonable(await _run(store.requests, key_id, since, count)))
     return _answer(request, await _run(store.usage, key_id, since))
+
+
+def _query(parse: Any, value: str | None, name: str, *args: Any) -> Any:
+    try:
+        return parse(value, name, *args)
+    except ValueError as exc:
+        raise errors.invalid_parameter(f"Query parameter {exc}.") from None

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from llamascope import __version__, errors
 from llamascope.api import admin, operations, uploads
 from llamascope.api import errors as api_errors
+from llamascope.api.drain import Drain, Draining
 from llamascope.api.middleware import Authentication, BodyLimit, RequestContext
 from llamascope.api.native import router as native
 from llamascope.api.openai import router as openai
@@ -44,7 +45,11 @@ def create_app(
     public_base_url: str | None = None,
     admin_key: str | None = None,
     model_specs: dict[str, ModelSpec] | None = None,
+    drain: Drain | None = None,
 ) -> FastAPI:
+    """The app. ``drain`` is the shutdown state ``DrainingServer`` shares with it (see ``api.drain``)."""
+    drain = drain or Drain(grace_seconds=0)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         purge = asyncio.create_task(_purge_uploads(uploads_store))
@@ -63,6 +68,7 @@ def create_app(
     app.state.uploads = uploads_store
     app.state.public_base_url = public_base_url
     app.state.model_specs = model_specs or {}
+    app.state.drain = drain
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(uploads.router)
@@ -71,8 +77,9 @@ def create_app(
     app.add_exception_handler(errors.ServiceError, api_errors.on_service_error)
     app.add_exception_handler(HTTPException, api_errors.on_http_exception)
     app.add_exception_handler(Exception, api_errors.on_unexpected)
-    # Added innermost first: a request meets RequestContext, then BodyLimit, then Authentication.
+    # Added innermost first: a request meets RequestContext, Draining, BodyLimit, then Authentication.
     app.add_middleware(Authentication, accounts=service.accounts, public_paths=PUBLIC_PATHS, admin_key=admin_key)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(Draining, drain=drain)
     app.add_middleware(RequestContext)
     return app

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llamascope import errors
@@ -185,6 +185,14 @@ class ConversationService:
         image = await self.intake.load(draft.image_ref, context, fit=engine.image_size, fit_key=engine.info.source)
         prompt = await engine.prepare(draft.with_image(image))
         most = prompt.input_tokens + prompt.new_tokens(options.sampling)
-        admission = await self.accounts.admit(principal, grant, most, request_id)
+        admission = await self.accounts.admit(principal, model, grant, most, request_id, prompt.input_tokens)
+        held = admission.reservation.tokens
+        if grant.allowance_tokens is not None and held < most:
+            # The allowance has less left than the request could make: it may make only what is left (at
+            # least one token), so it overruns the allowance by at most its prompt. Usage says what it made.
+            allowed = max(1, held - prompt.input_tokens)
+            sampling = options.sampling
+            capped = replace(sampling, max_new_tokens=allowed, min_new_tokens=min(sampling.min_new_tokens, allowed))
+            options = replace(options, sampling=capped)
         usage = Usage(input_tokens=prompt.input_tokens, image_tokens=prompt.image_tokens)
         return Reply(model=model, engine=engine, prompt=prompt, options=options, usage=usage, admission=admission)

@@ -65,7 +65,7 @@ def failing_server(image_host, tmp_path_factory: pytest.TempPathFactory) -> Iter
     settings = Settings.load(image_fetch_allow=["127.0.0.1"])
     accounts = AccountStore.for_path(tmp_path_factory.mktemp("accounts") / "accounts.db")
     accounts.migrate()
-    admin.seed_keys(accounts, [API_KEY], {"flaky": ModelSpec(path="scripted")})
+    admin.seed_keys(accounts, [API_KEY])
     service = ConversationService(
         {"flaky": FailingEngine(["Hello", " there"])}, ImageIntake.from_settings(settings), Accounts(accounts)
     )

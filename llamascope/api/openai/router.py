@@ -70,8 +70,9 @@ async def chat_completions(request: Request) -> Response:
             lambda events: _stream(reply, events, request_id, call.include_usage, request.state),
             media_type="text/event-stream; charset=utf-8",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            last_words=lambda error, _n: _data(openai_error_body(error, request_id)),
         )
-    text = await unless_disconnected(request, reply.complete())
+    text = await unless_disconnected(request, reply.complete(), reply)
     if text is None:
         return Response(status_code=CLIENT_CLOSED)
     assert reply.finish_reason is not None

@@ -27,7 +27,7 @@ from llamascope.conversation.service import ConversationService
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
 from llamascope.images.intake import ImageIntake
 from llamascope.images.uploads import UploadStore
-from llamascope.settings import ModelSpec, Settings
+from llamascope.settings import Settings
 from tests.conftest import API_KEY, free_port, user_turn
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"

@@ -201,7 +201,7 @@ def _model_name(model: str) -> str:
 
 def keys_table(rows: list[tuple[KeyView, list[GrantView]]]) -> str:
     """Keys (prefix only), their state, expiry and rate limits, and a line per grant."""
-    head = f"{'id':>4}  {'key':<10} {'name':<20} {'state':<8} {'key expires':<11} {'limits':<26}"
+    head = f"{'id':>4}  {'key':<10} {'name':<20} {'state':<8} {'key expires':<11} {'limits':<28}"
     lines = [f"{head} {'model':<32} {'used':>10} {'allowance':>10}  until"]
     now = utcnow()
     for view, grants in rows:
@@ -212,7 +212,7 @@ def keys_table(rows: list[tuple[KeyView, list[GrantView]]]) -> str:
         for i, g in enumerate(grants or [None]):  # type: ignore[list-item]
             if i == 0:
                 key = f"{view.id:>4}  {view.prefix + '…':<10} {view.name[:20]:<20} {state:<8} {expires:<11}"
-                key += f" {_limits(view)[:26]:<26}"
+                key += f" {_limits(view)[:28]:<28}"
             else:
                 key = " " * len(head)
             if g is None:

@@ -109,7 +109,8 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
         elif error["type"].startswith("json"):
             message = f"The request body is not a valid JSON object: {error['msg']}."
         else:
-            message = f"Field {where!r}: {error['msg'].removeprefix('Value error, ')}."
+            said = error["msg"].removeprefix("Value error, ")
+            message = f"Field {where!r} {said[said.index('must be') :] if 'must be' in said else said}."
         raise errors.invalid_parameter(message) from None
 
 

@@ -68,6 +68,11 @@ class ModelSpec(BaseModel):
         for url in self.upstreams:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"upstream {url!r} must be an http(s) URL ending in /v1")
+        if self.path is not None and "://" in self.path:
+            raise ValueError(
+                f"{self.path!r} is a URL, not a local model directory: to serve through an OpenAI-compatible "
+                f"engine, write openai+{self.path} on the command line (upstreams = [...] in the config file)"
+            )
         return self
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import weakref
 from collections import deque
@@ -47,6 +48,11 @@ class ModelLoadError(Exception):
 def check_model_dir(path: Path) -> dict[str, Any]:
     """Fail early, with a message that says what is wrong, before transformers tries."""
     if not path.exists():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):  # "meta-llama/Llama-3.2-11B-Vision-Instruct"
+            raise ModelLoadError(
+                f"{path} does not exist here, and Hugging Face hub ids are not fetched: download the model first "
+                f"(huggingface-cli download {path} --local-dir /models/{path.name}) and give that directory"
+            )
         raise ModelLoadError(f"{path} does not exist")
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a directory (give the folder of a Hugging Face model)")

@@ -34,6 +34,7 @@ class ChatRequest:
         body = envelope(body)
         if body.get("n") not in (None, 1):
             raise errors.invalid_parameter("Parameter n: only one choice per request is supported.")
+        _refuse_unserved(body)
         parameters = {name: body[name] for name in _SAME if body.get(name) is not None}
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None:
@@ -46,10 +47,60 @@ class ChatRequest:
         return cls(body["model"], _messages(body.get("messages")), parameters, stream, include_usage)
 
 
+def _unserved(body: dict[str, Any]) -> tuple[str, str] | None:
+    """The first field of the request this server cannot honour, and why; None if it can honour them all.
+
+    Answering as if it had been honoured (a tool call never made, text where JSON was promised, no log
+    probabilities) would mislead the caller; fields that change nothing when left alone are accepted."""
+    if body.get("tools"):
+        return "tools", "tool calls are not supported by these models here"
+    if body.get("functions"):
+        return "functions", "function calls are not supported by these models here"
+    if body.get("tool_choice") not in (None, "none"):
+        return "tool_choice", "tool calls are not supported by these models here"
+    if body.get("function_call") not in (None, "none"):
+        return "function_call", "function calls are not supported by these models here"
+    response_format = body.get("response_format")
+    if response_format is not None and not (
+        isinstance(response_format, dict) and response_format.get("type") == "text"
+    ):
+        return "response_format", 'only {"type": "text"} is supported (no JSON mode or JSON schema)'
+    if body.get("logprobs"):
+        return "logprobs", "log probabilities are not returned by this server"
+    if body.get("top_logprobs") not in (None, 0):
+        return "top_logprobs", "log probabilities are not returned by this server"
+    if body.get("logit_bias"):
+        return "logit_bias", "logit biases are not supported"
+    for name in ("frequency_penalty", "presence_penalty"):
+        if body.get(name) not in (None, 0):
+            return name, "not supported; repetition_penalty (a top-level field) is"
+    modalities = body.get("modalities")
+    if modalities not in (None, ["text"]):
+        return "modalities", 'only ["text"] is supported'
+    if body.get("audio") is not None:
+        return "audio", "audio output is not supported"
+    if body.get("prediction") is not None:
+        return "prediction", "predicted outputs are not supported"
+    return None
+
+
+def _refuse_unserved(body: dict[str, Any]) -> None:
+    unserved = _unserved(body)
+    if unserved is not None:
+        name, why = unserved
+        raise errors.invalid_parameter(f"Parameter {name}: {why}.")
+
+
 def _messages(messages: Any) -> Any:
     if not isinstance(messages, list):
         return messages  # the conversation rules say what is wrong with it
-    return [{**m, "content": _content(m.get("content"))} if isinstance(m, dict) else m for m in messages]
+    return [_message(m) if isinstance(m, dict) else m for m in messages]
+
+
+def _message(message: dict[str, Any]) -> dict[str, Any]:
+    # "developer" is newer OpenAI clients' name for the system message.
+    role = "system" if message.get("role") == "developer" else message.get("role")
+    return {**message, "role": role, "content": _content(message.get("content"))}
 
 
 def _content(content: Any) -> Any:

@@ -80,16 +80,36 @@ async def chat_completions(request: Request) -> Response:
     return JSONResponse(body.model_dump())
 
 
+def _model(name: str, service: ConversationService) -> dict[str, object]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "llamascope",
+        "test_model": _is_test(name, service),
+    }
+
+
+def _is_test(name: str, service: ConversationService) -> bool:
+    return service.engines[name].info.test_model
+
+
 async def list_models(request: Request) -> JSONResponse:
     service: ConversationService = request.app.state.service
-    data = [
-        {"id": name, "object": "model", "created": 0, "owned_by": "llamascope", "test_model": engine.info.test_model}
-        for name, engine in service.engines.items()
-    ]
-    return JSONResponse({"object": "list", "data": data})
+    return JSONResponse({"object": "list", "data": [_model(name, service) for name in service.engines]})
+
+
+async def retrieve_model(request: Request) -> JSONResponse:
+    """``client.models.retrieve(id)``."""
+    service: ConversationService = request.app.state.service
+    name = request.path_params["model"]
+    if name not in service.engines:
+        raise errors.ServiceError(404, "model_not_found", f"The model {name!r} does not exist.")
+    return JSONResponse(_model(name, service))
 
 
 # Plain Starlette routes for the hot path: FastAPI's per-request dependency solving has nothing to do here.
 for prefix in PREFIXES:
     router.add_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
     router.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
+    router.add_api_route(f"{prefix}/models/{{model:path}}", retrieve_model, methods=["GET"])

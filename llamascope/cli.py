@@ -301,7 +301,7 @@ def serve(args: argparse.Namespace) -> int:
         policy_seconds=settings.upload_policy_seconds,
         max_bytes=settings.upload_max_bytes,
     )
-    service = ConversationService(engines, ImageIntake.from_settings(settings), Accounts(store))
+    service = ConversationService(engines, ImageIntake.from_settings(settings, uploads_store), Accounts(store))
     drain = Drain(settings.shutdown_grace_seconds)
     app = create_app(
         service,

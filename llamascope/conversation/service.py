@@ -19,7 +19,7 @@ from llamascope import errors
 from llamascope.accounts.admission import Accounts, Admission, Principal
 from llamascope.conversation.parameters import Options, parse_parameters
 from llamascope.conversation.rules import parse_messages
-from llamascope.engines.base import Engine, FinishReason, PreparedPrompt
+from llamascope.engines.base import Engine, FinishReason, PreparedPrompt, TokenLogprob
 from llamascope.images.intake import ImageIntake
 from llamascope.images.source import ANONYMOUS, SourceContext
 
@@ -43,6 +43,7 @@ class Event:
     text: str  # all text so far
     usage: Usage
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens new in this event, when asked
 
 
 class StopText:
@@ -86,6 +87,7 @@ class Reply:
     finish_reason: FinishReason | None = None
     status: str = "cancelled"  # what the ledger records unless generation ends otherwise
     started: bool = False  # the engine has sent something: the prompt was run
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # every token's, when the request asked
 
     async def close(self) -> None:
         """Charge what was used (once). Safe to call again, and before or after events()."""
@@ -119,12 +121,15 @@ class Reply:
         chunks = self.engine.generate(self.prompt, self.options.sampling)
         finish: FinishReason | None = None
         delta = ""
+        sent = 0  # logprobs already in an event
         try:
             async for chunk in chunks:
                 self.started = True
                 self.usage.output_tokens = chunk.output_tokens
                 if chunk.input_tokens is not None:
                     self.usage.input_tokens = chunk.input_tokens
+                if chunk.logprobs:
+                    self.logprobs += chunk.logprobs
                 delta, stopped = stop.feed(chunk.text)
                 if stopped:
                     finish = FinishReason.STOP
@@ -137,7 +142,8 @@ class Reply:
                     break
                 if delta:
                     self.text += delta
-                    yield Event(delta, self.text, self.usage)
+                    yield Event(delta, self.text, self.usage, logprobs=self.logprobs[sent:])
+                    sent = len(self.logprobs)
         except errors.ServiceError:
             raise
         except Exception:
@@ -149,7 +155,7 @@ class Reply:
             # Only reached when the engine itself gave up; a caller that left never gets here.
             raise errors.internal_error()
         self.finish_reason = finish
-        yield Event(delta, self.text, self.usage, finish)
+        yield Event(delta, self.text, self.usage, finish, self.logprobs[sent:])
 
     async def complete(self) -> str:
         async for _ in self.events():
@@ -182,6 +188,10 @@ class ConversationService:
         grant = await self.accounts.check(principal, model)  # before any image is fetched
         draft = parse_messages(messages)
         options = parse_parameters(parameters, engine.info.context_length)
+        if options.sampling.logprobs is not None and engine.info.kind == "upstream":
+            raise errors.invalid_parameter(
+                "Parameter logprobs: not available for a model served by an upstream engine."
+            )
         image = await self.intake.load(draft.image_ref, context, fit=engine.image_size, fit_key=engine.info.source)
         prompt = await engine.prepare(draft.with_image(image))
         most = prompt.input_tokens + prompt.new_tokens(options.sampling)

@@ -24,7 +24,15 @@ import anyio
 
 from llamascope import errors
 from llamascope.engines import attention
-from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
+from llamascope.engines.base import (
+    Chunk,
+    EngineInfo,
+    FinishReason,
+    PreparedPrompt,
+    SamplingParams,
+    TokenLogprob,
+    Turn,
+)
 from llamascope.engines.batching import BatchLimits, Message, Scheduler, Sequence, VisionCache
 from llamascope.engines.mllama_pixels import MllamaPixels
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
@@ -398,10 +406,11 @@ class MllamaEngine:
                         break
                     message = queue.get_nowait()
                 if ids:
+                    logprobs = self._logprobs(ids, seq.logprobs[produced:]) if sampling.logprobs is not None else None
                     produced += len(ids)
                     delta = text.add(ids)
-                    if delta:
-                        yield Chunk(delta, produced)
+                    if delta or logprobs:
+                        yield Chunk(delta, produced, logprobs=logprobs)
                 if isinstance(message, errors.ServiceError):
                     raise message
                 if isinstance(message, FinishReason):
@@ -410,6 +419,17 @@ class MllamaEngine:
         finally:
             seq.cancel.set()
             self.scheduler.wake()
+
+    def _logprobs(self, ids: list[int], found: list[tuple[float, list[tuple[int, float]]]]) -> list[TokenLogprob]:
+        """The scheduler's log-probabilities of these tokens, with each token's (and rival's) own text."""
+
+        def piece(token: int) -> str:
+            return str(self.tokenizer.decode([token]))
+
+        return [
+            TokenLogprob(piece(token), logprob, tuple((piece(r), p) for r, p in rivals))
+            for token, (logprob, rivals) in zip(ids, found, strict=False)
+        ]
 
     async def close(self) -> None:
         """Stop the model thread once its current step ends; requests still on it end as cancelled."""

@@ -130,8 +130,6 @@ def test_what_newer_clients_send(client: openai.OpenAI, image_host) -> None:
         ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
         ("tool_choice", "required"),
         ("response_format", {"type": "json_object"}),
-        ("logprobs", True),
-        ("top_logprobs", 3),
         ("presence_penalty", 0.5),
     ],
 )
@@ -161,3 +159,31 @@ def test_errors_speak_this_modes_language(client: openai.OpenAI, image_host) -> 
             client.chat.completions.create(**{"model": SEED_MODEL, "max_tokens": 1, **kwargs})
         body = bad.value.body
         assert body["param"] == param and said in body["message"] and "input.messages" not in body["message"], body
+
+
+def test_logprobs_come_from_the_sampler(client: openai.OpenAI, image_host) -> None:
+    """Issue 13: logprobs were silently ignored. Greedy, each token is its step's likeliest; streamed the same."""
+    kwargs = {
+        "model": SEED_MODEL,
+        "messages": messages(image_host.url("/red.png")),
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
+    r = client.chat.completions.create(**kwargs)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for item in content:
+        rivals = [t.logprob for t in item.top_logprobs]
+        assert len(rivals) == 3 and rivals == sorted(rivals, reverse=True) and rivals[0] <= 0
+        assert item.logprob == pytest.approx(rivals[0], abs=1e-5)  # greedy: the likeliest (or tied with it)
+        assert item.bytes == list(item.token.encode())
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    streamed = [i for c in chunks if c.choices and c.choices[0].logprobs for i in c.choices[0].logprobs.content]
+    assert [(i.token, round(i.logprob, 4)) for i in streamed] == [(i.token, round(i.logprob, 4)) for i in content]
+    plain = client.chat.completions.create(model=SEED_MODEL, messages=kwargs["messages"], max_tokens=1)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(**{**kwargs, "logprobs": False})
+    assert bad.value.body["param"] == "top_logprobs"

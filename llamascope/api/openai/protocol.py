@@ -16,9 +16,10 @@ from pydantic import BaseModel
 from llamascope import errors
 from llamascope.api.incoming import envelope
 from llamascope.conversation.service import Usage
+from llamascope.engines.base import TokenLogprob
 
 # Sampling fields that mean the same in both dialects; DashScope extras ride at the top level.
-_SAME = ("temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty")
+_SAME = ("temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty", "logprobs", "top_logprobs")
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,6 @@ def _unserved(body: dict[str, Any]) -> tuple[str, str] | None:
         isinstance(response_format, dict) and response_format.get("type") == "text"
     ):
         return "response_format", 'only {"type": "text"} is supported (no JSON mode or JSON schema)'
-    if body.get("logprobs"):
-        return "logprobs", "log probabilities are not returned by this server"
-    if body.get("top_logprobs") not in (None, 0):
-        return "top_logprobs", "log probabilities are not returned by this server"
     if body.get("logit_bias"):
         return "logit_bias", "logit biases are not supported"
     for name in ("frequency_penalty", "presence_penalty"):
@@ -145,11 +142,34 @@ class Message(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobBody(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+    @classmethod
+    def of(cls, item: TokenLogprob) -> TokenLogprobBody:
+        rivals = [TopLogprob(token=t, logprob=p, bytes=list(t.encode())) for t, p in item.top]
+        return cls(token=item.text, logprob=item.logprob, bytes=list(item.text.encode()), top_logprobs=rivals)
+
+
+class Logprobs(BaseModel):
+    content: list[TokenLogprobBody]
+
+    @classmethod
+    def of(cls, items: list[TokenLogprob] | None) -> Logprobs | None:
+        return None if items is None else cls(content=[TokenLogprobBody.of(i) for i in items])
+
+
 class Choice(BaseModel):
     index: int = 0
     message: Message
     finish_reason: str
-    logprobs: None = None
+    logprobs: Logprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -162,12 +182,21 @@ class ChatCompletion(BaseModel):
     system_fingerprint: None = None
 
     @classmethod
-    def of(cls, request_id: str, model: str, text: str, finish: str, usage: Usage) -> ChatCompletion:
+    def of(
+        cls,
+        request_id: str,
+        model: str,
+        text: str,
+        finish: str,
+        usage: Usage,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> ChatCompletion:
+        choice = Choice(message=Message(content=text), finish_reason=finish, logprobs=Logprobs.of(logprobs))
         return cls(
             id=completion_id(request_id),
             created=int(time.time()),
             model=model,
-            choices=[Choice(message=Message(content=text), finish_reason=finish)],
+            choices=[choice],
             usage=UsageBody.of(usage),
         )
 
@@ -176,7 +205,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Message  # a delta has a message's shape: role and (new) content
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: Logprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

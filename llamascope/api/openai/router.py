@@ -17,6 +17,7 @@ from llamascope.api.openai.protocol import (
     ChatCompletionChunk,
     ChatRequest,
     ChunkChoice,
+    Logprobs,
     Message,
     UsageBody,
     completion_id,
@@ -36,6 +37,7 @@ async def _stream(
     reply: Reply, events: AsyncIterator[Event], request_id: str, include_usage: bool, state: object
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
+    wants_logprobs = reply.options.sampling.logprobs is not None
 
     def chunk(choices: list[ChunkChoice], usage: UsageBody | None = None) -> bytes:
         body = ChatCompletionChunk(
@@ -47,7 +49,8 @@ async def _stream(
         async for event in events:
             finish = event.finish_reason.value if event.finish_reason else None
             if event.delta or finish:
-                yield chunk([ChunkChoice(delta=Message(content=event.delta), finish_reason=finish)])
+                logprobs = Logprobs.of(event.logprobs) if wants_logprobs else None
+                yield chunk([ChunkChoice(delta=Message(content=event.delta), finish_reason=finish, logprobs=logprobs)])
         if include_usage:
             yield chunk([], UsageBody.of(reply.usage))
         yield _data("[DONE]")
@@ -76,7 +79,8 @@ async def chat_completions(request: Request) -> Response:
     if text is None:
         return Response(status_code=CLIENT_CLOSED)
     assert reply.finish_reason is not None
-    body = ChatCompletion.of(request_id, reply.model, text, reply.finish_reason.value, reply.usage)
+    logprobs = reply.logprobs if reply.options.sampling.logprobs is not None else None
+    body = ChatCompletion.of(request_id, reply.model, text, reply.finish_reason.value, reply.usage, logprobs)
     return JSONResponse(body.model_dump())
 
 

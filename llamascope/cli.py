@@ -49,6 +49,27 @@ def _checked(parse: Callable[..., Any], name: str, *args: Any) -> Callable[[str]
     return convert
 
 
+BUILD_TEST_MODEL_DESCRIPTION = (
+    "Build the built-in test model, a tiny randomly initialised Llama 3.2 Vision model, if it "
+    "is not built yet, and print its directory: a Hugging Face model directory to pass to "
+    "`serve --model NAME=DIR`, or to transformers. `serve` builds it itself when it needs it."
+)
+
+KEYS_CREATE_DESCRIPTION = (
+    "Make a key and print it (once: only its hash is kept). Without --model the key may call "
+    "every model the server serves, however the server is configured (one grant, shown as '*', with one "
+    "allowance shared by all models). --model names a model for the grant: any name is accepted, since "
+    "a server (or another replica) may serve models this command's settings do not list; a name not in "
+    "them is granted with a warning. A running server sees a new key on its next request."
+)
+
+KEYS_GRANT_DESCRIPTION = (
+    "Grant a model to a key, or replace its grant: a fresh allowance from now, the tokens used "
+    "so far forgotten. Any model name is accepted (a name this command's settings do not list is granted "
+    "with a warning); '*' grants every model. A model's own grant goes before the key's '*' grant."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llamascope.accounts import admin
 
@@ -77,9 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = commands.add_parser(
         "build-test-model",
         help="build the built-in test model (tiny, random weights) and print its directory",
-        description="Build the built-in test model, a tiny randomly initialised Llama 3.2 Vision model, if it "
-        "is not built yet, and print its directory: a Hugging Face model directory to pass to "
-        "`serve --model NAME=DIR`, or to transformers. `serve` builds it itself when it needs it.",
+        description=BUILD_TEST_MODEL_DESCRIPTION,
     )
     build.add_argument("--cache-dir", type=Path, help="where to build it (default: $LLAMASCOPE_CACHE_DIR)")
 
@@ -88,11 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys.add_parser(
         "create",
         help="make a key and print it (once: only its hash is kept)",
-        description="Make a key and print it (once: only its hash is kept). Without --model the key may call "
-        "every model the server serves, however the server is configured (one grant, shown as '*', with one "
-        "allowance shared by all models). --model names a model for the grant: any name is accepted, since "
-        "a server (or another replica) may serve models this command's settings do not list; a name not in "
-        "them is granted with a warning. A running server sees a new key on its next request.",
+        description=KEYS_CREATE_DESCRIPTION,
     )
     create.add_argument("--name", default="", help="a note of whose key it is")
     create.add_argument(
@@ -127,9 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     grant = keys.add_parser(
         "grant",
         help="grant a model to a key, with a fresh allowance",
-        description="Grant a model to a key, or replace its grant: a fresh allowance from now, the tokens used "
-        "so far forgotten. Any model name is accepted (a name this command's settings do not list is granted "
-        "with a warning); '*' grants every model. A model's own grant goes before the key's '*' grant.",
+        description=KEYS_GRANT_DESCRIPTION,
     )
     grant.add_argument("key", help="the key's id, the key itself, or an unambiguous prefix of it")
     grant.add_argument("--model", required=True, help="the model name clients call, or '*' for every model")

@@ -25,22 +25,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-# Field names are the CLI's options' (allowance, days, expires_days, rpm, tpm, concurrency, model); the longer
-# names the API has always taken (allowance_tokens, requests_per_minute, ...) are accepted too.
-class NewKey(_Strict):
-    name: str = ""
-    models: list[str] | None = Field(None, validation_alias=AliasChoices("models", "model"))
+class _Allowance(_Strict):
+    """A grant's allowance: tokens and days (each a number, "unlimited", or left out for the model's)."""
+
     allowance: Any = Field(None, validation_alias=AliasChoices("allowance", "allowance_tokens"))
     days: Any = None
-    expires_days: Any = None
-    rpm: Any = Field(None, validation_alias=AliasChoices("rpm", "requests_per_minute"))
-    tpm: Any = Field(None, validation_alias=AliasChoices("tpm", "tokens_per_minute"))
-    concurrency: Any = Field(None, validation_alias=AliasChoices("concurrency", "max_concurrent"))
-
-    @field_validator("models", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
 
     @field_validator("allowance")
     @classmethod
@@ -51,6 +40,22 @@ class NewKey(_Strict):
     @classmethod
     def _days(cls, value: Any) -> Any:
         return admin.parse_days(value, "days")
+
+
+# Field names are the CLI's options' (allowance, days, expires_days, rpm, tpm, concurrency, model); the longer
+# names the API has always taken (allowance_tokens, requests_per_minute, ...) are accepted too.
+class NewKey(_Allowance):
+    name: str = ""
+    models: list[str] | None = Field(None, validation_alias=AliasChoices("models", "model"))
+    expires_days: Any = None
+    rpm: Any = Field(None, validation_alias=AliasChoices("rpm", "requests_per_minute"))
+    tpm: Any = Field(None, validation_alias=AliasChoices("tpm", "tokens_per_minute"))
+    concurrency: Any = Field(None, validation_alias=AliasChoices("concurrency", "max_concurrent"))
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @field_validator("expires_days")
     @classmethod
@@ -63,20 +68,8 @@ class NewKey(_Strict):
         return admin.parse_limit(value, str(info.field_name))
 
 
-class NewGrant(_Strict):
+class NewGrant(_Allowance):
     model: str
-    allowance: Any = Field(None, validation_alias=AliasChoices("allowance", "allowance_tokens"))
-    days: Any = None
-
-    @field_validator("allowance")
-    @classmethod
-    def _allowance(cls, value: Any) -> Any:
-        return admin.parse_tokens(value, "allowance")
-
-    @field_validator("days")
-    @classmethod
-    def _days(cls, value: Any) -> Any:
-        return admin.parse_days(value, "days")
 
 
 def _fields(model: type[BaseModel]) -> str:

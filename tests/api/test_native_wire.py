@@ -378,6 +378,12 @@ def test_access_log_has_one_line_per_request_and_no_key(server: Server, image_ho
     request_id = r.json()["request_id"]
     line = server.access_line(request_id)
     assert len([x for x in server.log().splitlines() if request_id in x]) == 1
-    for field in ("key=sk-test…", "model=llama3.2-90b-vision-instruct", "status=200", "output_tokens=3", "latency_ms="):
+    for field in (
+        f"key={server.key[:7]}…",
+        "model=llama3.2-90b-vision-instruct",
+        "status=200",
+        "output_tokens=3",
+        "latency_ms=",
+    ):
         assert field in line
     assert server.key not in server.log()

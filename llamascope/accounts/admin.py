@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
@@ -147,7 +148,12 @@ def seed_keys(store: AccountStore, keys: Iterable[str]) -> list[str]:
     keeps its grants as they are (``keys grant`` changes them; a restart does not undo that). A key from
     the settings that they no longer name is revoked; named again, it is reinstated. A key revoked by
     ``keys revoke`` stays revoked.
+
+    Replicas starting together on one store each try: a key or grant another stored a moment before (the
+    unique constraint refuses the second insert) is taken as it is.
     """
+    from sqlalchemy.exc import IntegrityError
+
     changes = []
     wanted = {hash_key(key): key for key in keys}
     for key_hash, view in store.key_hashes(SETTINGS_KEY).items():
@@ -161,8 +167,12 @@ def seed_keys(store: AccountStore, keys: Iterable[str]) -> list[str]:
             store.update_key(view.id, revoked_at=None, name=SETTINGS_KEY)
             changes.append(f"reinstated key {view.id} ({view.prefix}…): the settings name it again")
         elif (found := store.find_key(key)) is None:
-            _, view = store.create_key(SETTINGS_KEY, key=key)
-            store.grant(view.id, EVERY_MODEL, None, None)
+            try:
+                _, view = store.create_key(SETTINGS_KEY, key=key)
+            except IntegrityError:  # another replica stored it a moment before
+                continue
+            with contextlib.suppress(IntegrityError):
+                store.grant(view.id, EVERY_MODEL, None, None)
             changes.append(f"added key {view.id} ({view.prefix}…) from the settings, every model granted")
         elif found.revoked_at is not None:
             changes.append(f"key {found.id} ({found.prefix}…) of the settings was revoked (keys revoke): refused")

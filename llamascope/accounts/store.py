@@ -36,6 +36,7 @@ from sqlalchemy import (
     insert,
     literal_column,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -161,6 +162,9 @@ class AccountStore:
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Replicas starting together on one store: one migrates, the others wait, then find it done.
+                connection.execute(text("SELECT pg_advisory_xact_lock(7247150131)"))
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 

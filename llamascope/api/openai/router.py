@@ -98,6 +98,18 @@ def _is_test(name: str, service: ConversationService) -> bool:
     return service.engines[name].info.test_model
 
 
+async def tokenize(request: Request) -> JSONResponse:
+    """vLLM's ``POST /tokenize`` for chat messages: the prompt's token count, as a completion would report it.
+
+    An llamascope in front of another (``--model NAME=openai+http://...``) asks it this, so its usage is exact
+    from the first event. The token ids vLLM also returns are left out: no caller here needs them.
+    """
+    service: ConversationService = request.app.state.service
+    call = ChatRequest.from_body(await read_json(request))
+    count = await service.count(request.state.principal, call.model, call.messages, source_context(request))
+    return JSONResponse({"count": count, "max_model_len": service.engine(call.model).info.context_length})
+
+
 async def list_models(request: Request) -> JSONResponse:
     service: ConversationService = request.app.state.service
     return JSONResponse({"object": "list", "data": [_model(name, service) for name in service.engines]})
@@ -117,3 +129,4 @@ for prefix in PREFIXES:
     router.add_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
     router.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
     router.add_api_route(f"{prefix}/models/{{model:path}}", retrieve_model, methods=["GET"])
+router.add_route("/tokenize", tokenize, methods=["POST"])  # where vLLM serves it: beside /v1, not in it

@@ -37,7 +37,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 LITELLM = ROOT / "bench" / ".venv-litellm" / "bin" / "litellm"
-KEY = "sk-bench-000000000000000000000000000000000"
+KEY = "sk-1e9bb01f134451d1a43b1903784a1916afafe9b0"
 MODEL = "stub-vision"
 
 STUB = r"""

@@ -23,7 +23,7 @@ from harness import Processes, free_port, wait_ready
 from PIL import Image
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
-KEY = "sk-" + "0" * 40
+KEY = "sk-9f86d081884c7d659a2feaa0c55ad015a3bf4f1b"  # keys of the settings must be hard to guess
 
 
 def image(i: int) -> str:

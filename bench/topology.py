@@ -28,7 +28,7 @@ from gateway import STUB, body
 from harness import Processes, free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
-KEY = "sk-" + "b" * 40
+KEY = "sk-2c26b46b68ffc68ff99b453c1d30413413422d70"  # keys of the settings must be hard to guess
 MODEL = "stub-vision"
 NGINX = """worker_processes 1; pid {tmp}/nginx.pid; error_log {tmp}/nginx.log warn;
 events {{ worker_connections 1024; }}

@@ -6,9 +6,13 @@ import argparse
 import contextlib
 import logging
 import os
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
 
 from llamascope import __version__
 from llamascope.client import chat
@@ -25,16 +29,56 @@ def _model_arg(value: str) -> tuple[str, ModelSpec]:
     name, sep, source = value.partition("=")
     if not sep or not name or not source:
         raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
-    if source.startswith("openai+"):
-        urls = [u.strip().removeprefix("openai+") for u in source.split(",") if u.strip()]
-        return name, ModelSpec(upstreams=urls)
-    return name, ModelSpec(path=BUILTIN if source in ("builtin", BUILTIN) else source)
+    try:
+        if source.startswith("openai+"):
+            urls = [u.strip().removeprefix("openai+") for u in source.split(",") if u.strip()]
+            return name, ModelSpec(upstreams=urls)
+        return name, ModelSpec(path=BUILTIN if source in ("builtin", BUILTIN) else source)
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(f"{value}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
+def _checked(parse: Callable[..., Any], name: str, *args: Any) -> Callable[[str], Any]:
+    """An argparse type from one of accounts.admin's value checks; argparse names the option itself."""
+
+    def convert(value: str) -> Any:
+        try:
+            return parse(value, name, *args)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{name} ")) from None
+
+    return convert
+
+
+BUILD_TEST_MODEL_DESCRIPTION = (
+    "Build the built-in test model, a tiny randomly initialised Llama 3.2 Vision model, if it "
+    "is not built yet, and print its directory: a Hugging Face model directory to pass to "
+    "`serve --model NAME=DIR`, or to transformers. `serve` builds it itself when it needs it."
+)
+
+KEYS_CREATE_DESCRIPTION = (
+    "Make a key and print it (once: only its hash is kept). Without --model the key may call "
+    "every model the server serves, however the server is configured (one grant, shown as '*', with one "
+    "allowance shared by all models). --model names a model for the grant: any name is accepted, since "
+    "a server (or another replica) may serve models this command's settings do not list; a name not in "
+    "them is granted with a warning. A running server sees a new key on its next request."
+)
+
+KEYS_GRANT_DESCRIPTION = (
+    "Grant a model to a key, or replace its grant: a fresh allowance from now, the tokens used "
+    "so far forgotten. Any model name is accepted (a name this command's settings do not list is granted "
+    "with a warning); '*' grants every model. A model's own grant goes before the key's '*' grant."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llamascope.accounts import admin
+
     parser = argparse.ArgumentParser(prog="llamascope", description=__doc__)
     parser.add_argument("--version", action="version", version=f"llamascope {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    tokens = _checked(admin.parse_tokens, "allowance")
+    days = _checked(admin.parse_days, "days")
 
     serve = commands.add_parser("serve", help="serve the DashScope API")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
@@ -57,32 +101,75 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", help="debug, info, warning, error (default info)")
 
-    build = commands.add_parser("build-test-model", help="build the built-in test model and print its directory")
-    build.add_argument("--cache-dir", type=Path)
+    build = commands.add_parser(
+        "build-test-model",
+        help="build the built-in test model (tiny, random weights) and print its directory",
+        description=BUILD_TEST_MODEL_DESCRIPTION,
+    )
+    build.add_argument("--cache-dir", type=Path, help="where to build it (default: $LLAMASCOPE_CACHE_DIR)")
 
     keys_parser = commands.add_parser("keys", help="API keys and their model grants")
     keys = keys_parser.add_subparsers(dest="action", required=True)
-    create = keys.add_parser("create", help="make a key and print it (once: only its hash is kept)")
-    create.add_argument("--name", default="")
-    create.add_argument("--model", action="append", help="a served model to grant (repeatable; default: all)")
-    create.add_argument("--allowance", help="tokens (input + output) per model, or 'unlimited' (default: the model's)")
-    create.add_argument("--days", help="days the allowance is valid, or 'unlimited' (default: the model's, 180)")
-    create.add_argument("--expires-days", type=float, help="days until the key itself expires (default: never)")
-    create.add_argument("--rpm", type=int, help="requests per minute")
-    create.add_argument("--tpm", type=int, help="tokens per minute")
-    create.add_argument("--concurrency", type=int, help="concurrent requests")
-    listing = keys.add_parser("list", help="keys, their grants and what they used")
-    revoke = keys.add_parser("revoke", help="revoke a key (by id or prefix)")
-    revoke.add_argument("key")
-    grant = keys.add_parser("grant", help="grant a model to a key, with a fresh allowance")
-    grant.add_argument("key")
-    grant.add_argument("--model", required=True)
-    grant.add_argument("--allowance")
-    grant.add_argument("--days")
+    create = keys.add_parser(
+        "create",
+        help="make a key and print it (once: only its hash is kept)",
+        description=KEYS_CREATE_DESCRIPTION,
+    )
+    create.add_argument("--name", default="", help="a note of whose key it is")
+    create.add_argument(
+        "--model",
+        action="append",
+        help="a model to grant (repeatable; default: every served model, '*'); its allowance defaults to the "
+        "model's allowance_tokens/allowance_days in the settings",
+    )
+    create.add_argument(
+        "--allowance",
+        type=tokens,
+        help="tokens (input + output) per grant, or 'unlimited' (default: the model's; 1,000,000 for '*')",
+    )
+    create.add_argument(
+        "--days", type=days, help="days each grant's allowance is valid, or 'unlimited' (default: the model's, 180)"
+    )
+    create.add_argument(
+        "--expires-days",
+        type=_checked(admin.parse_days, "expires-days", False),
+        help="days until the key itself expires (above 0; default: never)",
+    )
+    create.add_argument(
+        "--rpm", type=_checked(admin.parse_limit, "rpm"), help="requests per minute (default: no limit)"
+    )
+    create.add_argument("--tpm", type=_checked(admin.parse_limit, "tpm"), help="tokens per minute (default: no limit)")
+    create.add_argument(
+        "--concurrency", type=_checked(admin.parse_limit, "concurrency"), help="requests at once (default: no limit)"
+    )
+    listing = keys.add_parser("list", help="keys (prefix only), their state, expiry, limits, grants and use")
+    revoke = keys.add_parser("revoke", help="revoke a key: its next request is refused")
+    revoke.add_argument("key", help="the key's id, the key itself, or an unambiguous prefix of it")
+    grant = keys.add_parser(
+        "grant",
+        help="grant a model to a key, with a fresh allowance",
+        description=KEYS_GRANT_DESCRIPTION,
+    )
+    grant.add_argument("key", help="the key's id, the key itself, or an unambiguous prefix of it")
+    grant.add_argument("--model", required=True, help="the model name clients call, or '*' for every model")
+    grant.add_argument(
+        "--allowance", type=tokens, help="tokens (input + output), or 'unlimited' (default: the model's, 1,000,000)"
+    )
+    grant.add_argument(
+        "--days", type=days, help="days the allowance is valid, or 'unlimited' (default: the model's, 180)"
+    )
 
-    usage = commands.add_parser("usage", help="tokens used, per day, key and model")
-    usage.add_argument("--key", help="only this key (id or prefix)")
-    usage.add_argument("--days", type=float, help="only the last N days")
+    usage = commands.add_parser("usage", help="requests and tokens per day, key and model; or single requests")
+    usage.add_argument("--key", help="only this key (its id, the key itself, or a prefix)")
+    usage.add_argument(
+        "--days", type=_checked(admin.parse_days, "days", False), help="only the last N days (default: all)"
+    )
+    usage.add_argument(
+        "--requests",
+        type=_checked(admin.parse_limit, "requests"),
+        metavar="N",
+        help="list the N newest requests one by one, with how each ended (ok, cancelled, or the error code)",
+    )
 
     db = commands.add_parser("db", help="the accounts database").add_subparsers(dest="action", required=True)
     upgrade = db.add_parser("upgrade", help="apply schema migrations")
@@ -142,7 +229,35 @@ def configure_torch(threads: int | None) -> int:
     return count
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """Bind the server's address before anything slow (a model load takes minutes) or anything written:
+    a port already in use stops start-up at once. uvicorn serves on this very socket."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def weak_keys(keys: list[str]) -> list[str]:
+    """Lines that say which keys of the settings are too easy to guess, and how to make a good one."""
+    from llamascope.accounts.access import MAKE_A_KEY, key_weakness
+
+    lines = [f"  key {i + 1} ({key[:7]}…): {reason}" for i, key in enumerate(keys) if (reason := key_weakness(key))]
+    if lines:
+        lines.insert(0, "the API keys of the settings (LLAMASCOPE_API_KEYS or api_keys) must be hard to guess:")
+        lines.append(f"  a key is sk- and at least 40 random characters (40 hex digits: 160 bits); {MAKE_A_KEY}")
+    return lines
+
+
 def serve(args: argparse.Namespace) -> int:
+    """Start in an order that writes nothing until the server can run: settings, the address, the store's
+    schema, the models; then the keys, the banner, and serving."""
     configure_openmp()  # before the imports below load torch
     overrides: dict[str, object] = {
         "host": args.host,
@@ -158,9 +273,17 @@ def serve(args: argparse.Namespace) -> int:
     except Exception as exc:  # pydantic's ValidationError or a missing file: say it plainly
         print(f"llamascope: bad settings: {exc}", file=sys.stderr)
         return 2
+    if weak := weak_keys(settings.api_keys):
+        print("llamascope: cannot start: " + "\n".join(weak), file=sys.stderr)
+        return 2
     from llamascope import observability
 
     observability.configure(settings)  # logs, traces
+    try:
+        sock = listen(settings.host, settings.port)
+    except OSError as exc:
+        print(f"llamascope: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
     import uvicorn
 
@@ -168,6 +291,7 @@ def serve(args: argparse.Namespace) -> int:
     from llamascope.accounts.admission import Accounts
     from llamascope.accounts.limits import rate_limits
     from llamascope.api.app import create_app
+    from llamascope.api.drain import LAST_WORDS_SECONDS, Drain, DrainingServer
     from llamascope.conversation.service import ConversationService
     from llamascope.engines.mllama import ModelLoadError
     from llamascope.engines.registry import load_engines
@@ -176,20 +300,23 @@ def serve(args: argparse.Namespace) -> int:
     from llamascope.observability.metrics import MetricsEndpoint
 
     threads = configure_torch(settings.torch_threads)
-    store = open_store(settings)
+    store = open_store(settings)  # the schema only: a database that cannot be reached stops start-up here
     if store.is_sqlite:
         store.forget_reservations()  # one server per SQLite file: nothing else can be holding any
-    admin.seed_keys(store, settings.api_keys, settings.models)
-    first_key = None
-    if store.count_keys() == 0:
-        first_key, _, _ = admin.create_key(
-            store, settings.models, name="first start", allowance=admin.UNLIMITED, days=admin.UNLIMITED
-        )
     try:
         engines = load_engines(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except ModelLoadError as exc:
         print(f"llamascope: cannot start: {exc}", file=sys.stderr)
         return 2
+
+    # Start-up has succeeded: now the keys are written (a failed start uses up no first key).
+    for change in admin.seed_keys(store, settings.api_keys):
+        log.info("API keys: %s", change)
+    first_key = None
+    if store.count_keys() == 0:
+        first_key, _, _ = admin.create_key(
+            store, settings.models, name="first start", allowance=admin.UNLIMITED, days=admin.UNLIMITED
+        )
     uploads_store = UploadStore(
         settings.upload_dir or settings.data_dir / "uploads",
         settings.upload_secret.encode()
@@ -201,6 +328,7 @@ def serve(args: argparse.Namespace) -> int:
     )
     limits = rate_limits(settings.redis_url, settings.rate_limits_on_redis_error)
     service = ConversationService(engines, ImageIntake.from_settings(settings, uploads_store), Accounts(store, limits))
+    drain = Drain(settings.shutdown_grace_seconds)
     app = create_app(
         service,
         uploads_store,
@@ -215,9 +343,11 @@ def serve(args: argparse.Namespace) -> int:
             host=settings.host,
             key_names=frozenset(settings.metrics_keys),
         ),
+        drain=drain,
     )
 
-    base = f"http://{settings.host}:{settings.port}"
+    host, port = sock.getsockname()[:2]
+    base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     lines = [f"llamascope {__version__} on {base} (PyTorch threads: {threads})", "models:"]
     for name, engine in engines.items():
         what = (
@@ -230,7 +360,8 @@ def serve(args: argparse.Namespace) -> int:
         lines.append(f"API key: {first_key}")
         lines.append("  (made on this first start and shown only now: keep it. `llamascope keys create` makes more.)")
     else:
-        lines.append(f"API keys: {store.count_keys()} in {_safe_url(store.url)} (`llamascope keys list`)")
+        active = store.count_keys(active=True)
+        lines.append(f"API keys: {active} active in {_safe_url(store.url)} (`llamascope keys list`)")
     lines.append(f"SDK: export DASHSCOPE_HTTP_BASE_URL={base}/api/v1 DASHSCOPE_API_KEY=<the key>")
     lines.append(f"Playground: {base}/ in a browser")
     print("\n".join(lines), file=sys.stderr, flush=True)
@@ -238,13 +369,14 @@ def serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app,
         host=settings.host,
-        port=settings.port,
+        port=port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
+        # The drain (api.drain) has ended every request by then; this only bounds a stuck one.
+        timeout_graceful_shutdown=int(LAST_WORDS_SECONDS) + 1,
         server_header=False,
     )
-    uvicorn.Server(config).run()
+    DrainingServer(config, drain).run(sockets=[sock])
     return 0
 
 
@@ -265,19 +397,17 @@ def open_store(settings: Settings) -> AccountStore:
     return store
 
 
-def _limit(value: str | None) -> int | str | None:
-    if value is None or value == "unlimited":
-        return value
-    return int(float(value))
-
-
 def accounts_command(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from llamascope.accounts import admin
     from llamascope.accounts.store import utcnow
 
-    settings = Settings.load(getattr(args, "config", None))
+    try:
+        settings = Settings.load(getattr(args, "config", None))
+    except Exception as exc:
+        print(f"llamascope: bad settings: {exc}", file=sys.stderr)
+        return 2
     store = open_store(settings)
     try:
         if args.command == "db":
@@ -285,15 +415,19 @@ def accounts_command(args: argparse.Namespace) -> int:
         elif args.command == "usage":
             key_id = store.key(args.key).id if args.key else None
             since = utcnow() - timedelta(days=args.days) if args.days else None
-            print(admin.usage_table(store.usage(key_id, since)))
+            if args.requests:
+                print(admin.requests_table(store.requests(key_id, since, args.requests)))
+            else:
+                print(admin.usage_table(store.usage(key_id, since)))
         elif args.action == "create":
+            _warn_unknown(admin.unknown_models(args.model or [], settings.models), settings)
             key, view, grants = admin.create_key(
                 store,
                 settings.models,
                 name=args.name,
                 models=args.model,
-                allowance=_limit(args.allowance),
-                days=_limit(args.days),
+                allowance=args.allowance,
+                days=args.days,
                 expires_days=args.expires_days,
                 requests_per_minute=args.rpm,
                 tokens_per_minute=args.tpm,
@@ -309,12 +443,22 @@ def accounts_command(args: argparse.Namespace) -> int:
             print(f"revoked key {view.id} ({view.prefix}…)")
         elif args.action == "grant":
             view = store.key(args.key)
-            admin.grant_models(store, view.id, [args.model], settings.models, _limit(args.allowance), _limit(args.days))
+            _warn_unknown(admin.unknown_models([args.model], settings.models), settings)
+            admin.grant_models(store, view.id, [args.model], settings.models, args.allowance, args.days)
             print(admin.keys_table([(v, g) for v, g in store.list_keys() if v.id == view.id]))
     except (LookupError, ValueError) as exc:
         print(f"llamascope: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _warn_unknown(models: list[str], settings: Settings) -> None:
+    for model in models:
+        print(
+            f"llamascope: warning: {model!r} is not among the models of these settings ({', '.join(settings.models)}); "
+            "granted anyway, for a server that serves it (check the name: a client must call it exactly so)",
+            file=sys.stderr,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

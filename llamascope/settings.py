@@ -76,6 +76,11 @@ class ModelSpec(BaseModel):
         for url in self.upstreams:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"upstream {url!r} must be an http(s) URL ending in /v1")
+        if self.path is not None and "://" in self.path:
+            raise ValueError(
+                f"{self.path!r} is a URL, not a local model directory: to serve through an OpenAI-compatible "
+                f"engine, write openai+{self.path} on the command line (upstreams = [...] in the config file)"
+            )
         return self
 
 
@@ -98,8 +103,10 @@ class Settings(BaseSettings):
 
     # The accounts store: SQLite in data_dir by default; a postgresql+psycopg:// URL for shared replicas.
     database_url: str | None = None
-    # Keys to put in the store at start-up, each granted every served model without limit.
-    # With none given and an empty store, the first start makes one key and prints it once.
+    # Keys to put in the store at start-up, each new one granted every model ("*") without limit; each must
+    # be "sk-" and 40 random characters or more (serve refuses weaker ones). A key these settings no longer
+    # name is revoked at the next start. With none given and an empty store, the first start makes one key
+    # and prints it once.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Bearer key of the admin HTTP API (/admin/...). None: the admin API is off.
     admin_key: str | None = None

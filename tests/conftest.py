@@ -25,10 +25,13 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("LLAMASCOPE_TEST_CACHE", ROOT / ".cache"))
-API_KEY = "sk-test-0123456789abcdefghijklmnopqrstuv"
-OTHER_KEY = "sk-other-0123456789abcdefghijklmnopqrs"
+API_KEY = "sk-5ca3e903596fc2d3361b8f0ff4bbd2e3c92bab3b"  # keys of the settings must be strong
+OTHER_KEY = "sk-ca3f841e3e0d72c1186e960ea862b8f790c201eb"
 ADMIN_KEY = "admin-0123456789abcdefghijklmnopqrstuvwxyz"
 SEED_MODEL = "llama3.2-90b-vision-instruct"
+# The installed `llamascope` command (the console script), or the module when it is not installed.
+_SCRIPT = Path(sys.executable).with_name("llamascope")
+LLAMASCOPE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "llamascope"]
 
 
 def free_port() -> int:

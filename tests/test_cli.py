@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import os
+import subprocess
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from llamascope.cli import _model_arg, usable_cores
 from llamascope.settings import BUILTIN
+from tests.conftest import LLAMASCOPE, SEED_MODEL
 
 
 def test_usable_cores_honours_a_cgroup_quota(tmp_path: Path) -> None:
@@ -23,6 +27,13 @@ def test_model_argument() -> None:
     assert upstream.path is None and upstream.upstreams == ["http://h1:30000/v1", "http://h2:30000/v1"]
     with pytest.raises(Exception, match="NAME=PATH"):
         _model_arg("no-equals-sign")
+    # Issue 13: a URL without openai+ said "http:/host/v1 does not exist"; a hub id only "does not exist".
+    with pytest.raises(Exception, match="write openai\\+http://host/v1"):
+        _model_arg("up=http://host/v1")
+    from llamascope.engines.mllama import ModelLoadError, check_model_dir
+
+    with pytest.raises(ModelLoadError, match="Hugging Face hub ids are not fetched: download the model first"):
+        check_model_dir(Path("meta-llama/Llama-3.2-11B-Vision-Instruct"))
 
 
 @pytest.mark.parametrize(
@@ -46,3 +57,106 @@ def test_openmp_spinning_is_set_before_torch_loads(environment: dict[str, str], 
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")} | environment
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == [expected, True]
+
+
+# -- the accounts commands, run as the operator runs them: the installed command on a real store ----------
+
+
+def llamascope(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LLAMASCOPE_")}
+    environment |= {"LLAMASCOPE_DATA_DIR": str(data_dir), **(env or {})}
+    return subprocess.run([*LLAMASCOPE, *args], capture_output=True, text=True, env=environment, timeout=120)
+
+
+def made_key(data_dir: Path, *args: str) -> str:
+    out = llamascope(data_dir, "keys", "create", *args)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_keys_are_found_by_the_whole_key_and_by_any_unambiguous_prefix(tmp_path: Path) -> None:
+    """Issue 13, item 1: `keys revoke sk-<the whole key>` said "no key"; so did any prefix past 7 characters."""
+    first, second, third = (made_key(tmp_path, "--name", name) for name in ("a", "b", "c"))
+    out = llamascope(tmp_path, "keys", "grant", second[:12], "--model", SEED_MODEL, "--allowance", "77")
+    assert out.returncode == 0, out.stderr
+    assert "77" in out.stdout
+    usage = llamascope(tmp_path, "usage", "--key", third)
+    assert usage.returncode == 0 and "(no requests yet)" in usage.stdout
+    revoked = llamascope(tmp_path, "keys", "revoke", first)  # pasted whole, as leaked
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked key 1" in revoked.stdout
+    by_listed = llamascope(tmp_path, "keys", "revoke", third[:7] + "…")  # as `keys list` shows it
+    assert by_listed.returncode == 0 and "revoked key 3" in by_listed.stdout, by_listed.stderr
+    listing = llamascope(tmp_path, "keys", "list").stdout
+    assert [line.split()[3] for line in listing.splitlines()[1:] if line.split()[0].isdigit()] == [
+        "revoked",
+        "active",
+        "revoked",
+    ]
+    mistyped = second[:-1] + ("0" if second[-1] != "0" else "1")  # a whole key is matched by hash only
+    out = llamascope(tmp_path, "keys", "revoke", mistyped)
+    assert out.returncode == 2 and "no key" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "said"),
+    [
+        (["keys", "create", "--expires-days", "0"], "--expires-days", "above 0"),
+        (["keys", "create", "--allowance", "-5"], "--allowance", "whole number of tokens"),
+        (["keys", "create", "--days", "-3"], "--days", "above 0"),
+        (["keys", "create", "--days", "abc"], "--days", "number of days"),
+        (["keys", "create", "--days", "1e400"], "--days", "at most 36525"),
+        (["keys", "create", "--rpm", "0"], "--rpm", "whole number from 1"),
+        (["keys", "grant", "1", "--model", SEED_MODEL, "--allowance", "lots"], "--allowance", "unlimited"),
+        (["usage", "--days", "100000000"], "--days", "at most 36525"),
+    ],
+)
+def test_nonsense_values_are_refused_naming_the_option(tmp_path: Path, args: list[str], option: str, said: str) -> None:
+    """Issue 13, items 6 and 7: tracebacks (OverflowError, "could not convert string to float") and keys that
+    never expire (--expires-days 0), negative allowances and periods."""
+    out = llamascope(tmp_path, *args)
+    assert out.returncode == 2
+    assert f"argument {option}: must be" in out.stderr and said in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "llamascope.db").exists() or "(no" in llamascope(tmp_path, "keys", "list").stdout
+
+
+def test_a_key_expires_when_told(tmp_path: Path) -> None:
+    limits = ["--rpm", "60", "--tpm", "2000", "--concurrency", "2"]
+    key = made_key(tmp_path, "--name", "bob", "--expires-days", "0.5", *limits)
+    [row] = [line for line in llamascope(tmp_path, "keys", "list").stdout.splitlines() if key[:7] in line]
+    expires = (datetime.now(timezone.utc) + timedelta(days=0.5)).strftime("%Y-%m-%d")
+    assert row.split()[3:5] == ["active", expires] and "60 rpm, 2000 tpm, 2 at once" in row  # expiry, limits
+
+
+def test_a_key_made_without_models_covers_every_model(tmp_path: Path) -> None:
+    """Issue 13, item 2: the key's one grant is '*', whatever the server serves; --model takes any name."""
+    make_key = llamascope(tmp_path, "keys", "create")
+    assert make_key.returncode == 0
+    assert "* (every model)" in make_key.stderr and "unlimited" not in make_key.stderr
+    named = llamascope(tmp_path, "keys", "create", "--model", "my-vision", "--allowance", "500")
+    assert named.returncode == 0, named.stderr
+    assert "warning: 'my-vision' is not among the models of these settings" in named.stderr
+    assert "my-vision" in named.stderr and "500" in named.stderr
+
+
+def test_help_says_what_each_option_does() -> None:
+    """Issue 13: `keys grant --help` had no descriptions; `build-test-model` was undocumented."""
+    import argparse
+
+    from llamascope.cli import build_parser
+
+    def parsers(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser]]:
+        found = [(parser.prog, parser)]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    found += parsers(sub)
+        return found
+
+    for prog, parser in parsers(build_parser()):
+        for action in parser._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"{prog}: {action.option_strings or action.dest} has no help"
+    grant = subprocess.run([*LLAMASCOPE, "keys", "grant", "--help"], capture_output=True, text=True).stdout
+    assert "the key itself" in grant and "'*'" in grant

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -12,9 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Server, generation_body, start_server
+from tests.conftest import LLAMASCOPE, Server, generation_body, start_server
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
+CONFIG_KEY = "sk-b374df758f8b4666dcc68ec4c1415b891881f369"
 
 
 @pytest.mark.parametrize(
@@ -38,9 +42,26 @@ def test_bad_model_fails_at_start_with_a_reason(tmp_path: Path, model_arg: str, 
     assert "Traceback" not in server.log()
 
 
+def test_a_busy_port_stops_start_up_before_anything_is_loaded_or_written(tmp_path: Path) -> None:
+    """Issue 13: a port in use was found only after the model had loaded and a first key was written."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = start_server(tmp_path, ["--port", str(port)], env={"LLAMASCOPE_API_KEYS": ""}, wait=False)
+        assert server.process.wait(120) == 2
+    log = server.log()
+    assert f"cannot listen on 127.0.0.1:{port}" in log and "in use" in log
+    assert "loading" not in log and "API key" not in log and "Traceback" not in log
+    assert not (tmp_path / "data" / "llamascope.db").exists()
+
+
 def test_first_start_makes_a_key_then_shutdown_lets_streams_finish(
     tmp_path: Path, test_model_dir: Path, image_host
 ) -> None:
+    # Issue 13, item 3: a start that fails uses up no first key; the first start that serves shows it.
+    failed = start_server(tmp_path, ["--model", "x=/nonexistent/llama"], env={"LLAMASCOPE_API_KEYS": ""}, wait=False)
+    assert failed.process.wait(120) == 2 and "API key" not in failed.log()
     server = start_server(tmp_path, env={"LLAMASCOPE_API_KEYS": ""})
     key = re.search(r"API key: (sk-\w+)", server.log()).group(1)
     assert len(key) >= 35 and "shown only now" in server.log()
@@ -61,30 +82,107 @@ def test_first_start_makes_a_key_then_shutdown_lets_streams_finish(
     # uvicorn re-raises SIGTERM after a graceful shutdown, as service managers expect.
     assert server.process.wait(30) in (0, -signal.SIGTERM)
     log = server.log()
-    assert log.index("Waiting for connections to close") < log.index("output_tokens=300") < log.index("Finished")
+    assert log.index("shutting down: 1 requests running") < log.index("output_tokens=300") < log.index("Finished")
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.base + "/health")
 
     again = start_server(tmp_path, env={"LLAMASCOPE_API_KEYS": ""})
     try:
-        assert key not in again.log() and "API keys: 1 in sqlite" in again.log()
+        assert key not in again.log() and "API keys: 1 active in sqlite" in again.log()
         r = httpx.get(again.base + "/api/v1/models", headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 200
     finally:
         again.stop()
 
 
+def _sse_blocks(text: str) -> list[dict[str, str]]:
+    blocks = []
+    for raw in text.strip().split("\n\n"):
+        fields = dict(line.split(":", 1) for line in raw.split("\n") if not line.startswith(":"))
+        blocks.append(fields)
+    return blocks
+
+
+def test_sigterm_drains_then_ends_what_still_runs_with_an_error_event(
+    tmp_path: Path, test_model_dir: Path, image_host
+) -> None:
+    """Issues 12 and 13 (item 9): on SIGTERM, running streams get SHUTDOWN_GRACE_SECONDS to finish and new
+    requests get 503 meanwhile; a stream still running when the grace ends gets a last event:error (DashScope
+    shape, a code that says the server is shutting down) and is charged; no traceback in the log."""
+    grace = 8  # long enough for the short stream to finish on a loaded machine
+    server = start_server(tmp_path, env={"LLAMASCOPE_SHUTDOWN_GRACE_SECONDS": str(grace)})
+    headers = {"Authorization": f"Bearer {server.key}", "X-DashScope-SSE": "enable"}
+    long_body = generation_body(image_host.url("/red.png"), max_tokens=8000, min_new_tokens=8000)
+    short_body = generation_body(image_host.url("/red.png"), max_tokens=4, min_new_tokens=4)
+    texts: dict[str, str] = {}
+    request_ids: dict[str, str] = {}
+    started = {name: threading.Event() for name in ("long", "short")}
+
+    def stream(name: str, body: dict) -> None:
+        with httpx.stream("POST", server.base + PATH, json=body, headers=headers, timeout=120) as r:
+            request_ids[name] = r.headers["x-request-id"]
+            chunks = []
+            for chunk in r.iter_text():
+                chunks.append(chunk)
+                started[name].set()
+            texts[name] = "".join(chunks)
+
+    threads = [threading.Thread(target=stream, args=a) for a in (("long", long_body), ("short", short_body))]
+    threads[0].start()
+    assert started["long"].wait(60)
+    threads[1].start()
+    assert started["short"].wait(60)
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    refused = None
+    while time.monotonic() - signalled < grace:  # the signal lands a moment later: until then requests run
+        r = httpx.get(server.base + "/api/v1/models", headers={"Authorization": f"Bearer {server.key}"})
+        if r.status_code == 503:
+            refused = r
+            break
+        time.sleep(0.05)
+    assert refused is not None, server.log()[-2000:]
+    assert refused.json()["code"] == "ServiceUnavailable.ShuttingDown" and refused.json()["request_id"]
+    assert refused.headers["retry-after"] == "1"
+    for t in threads:
+        t.join(60)
+    assert server.process.wait(30) in (0, -signal.SIGTERM)
+    assert time.monotonic() - signalled < grace + 10
+
+    short = json.loads(_sse_blocks(texts["short"])[-1]["data"])
+    assert short["output"]["choices"][0]["finish_reason"] == "length" and short["usage"]["output_tokens"] == 4
+    blocks = _sse_blocks(texts["long"])
+    assert [b["event"] for b in blocks[:-1]] == ["result"] * (len(blocks) - 1) and len(blocks) > 2
+    last = blocks[-1]
+    assert last["event"] == "error" and last["status"] == "503"
+    error = json.loads(last["data"])
+    assert error["code"] == "ServiceUnavailable.ShuttingDown" and "shut down" in error["message"]
+    assert error["request_id"] == request_ids["long"]
+    log = server.log()
+    assert "Traceback" not in log and "CancelledError" not in log
+    line = server.access_line(request_ids["long"])
+    assert "error=ServiceUnavailable.ShuttingDown" in line
+    made = int(re.search(r"output_tokens=(\d+)", line).group(1))
+    assert 0 < made < 8000
+    # Charged what it made, with the shutdown as its status.
+    out = subprocess.run(
+        [*LLAMASCOPE, "usage", "--requests", "5"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LLAMASCOPE_DATA_DIR": str(tmp_path / "data")},
+    )
+    [row] = [x for x in out.stdout.splitlines() if request_ids["long"] in x]
+    assert "ServiceUnavailable.ShuttingDown" in row and f" {made} " in row
+
+
 def test_config_file_and_model_flag(tmp_path: Path, test_model_dir: Path) -> None:
     config = tmp_path / "llamascope.toml"
     config.write_text(
-        f'api_keys = ["sk-from-config-0000000000000000000000"]\n'
-        f'[models."my-vision"]\npath = "{test_model_dir}"\ncontext_length = 4096\n'
+        f'api_keys = ["{CONFIG_KEY}"]\n[models."my-vision"]\npath = "{test_model_dir}"\ncontext_length = 4096\n'
     )
     server = start_server(tmp_path, ["--config", str(config)], env={"LLAMASCOPE_API_KEYS": None})
     try:
-        r = httpx.get(
-            server.base + "/api/v1/models", headers={"Authorization": "Bearer sk-from-config-0000000000000000000000"}
-        )
+        r = httpx.get(server.base + "/api/v1/models", headers={"Authorization": f"Bearer {CONFIG_KEY}"})
         [model] = r.json()["data"]
         assert model["model"] == "my-vision" and model["context_length"] == 4096
         assert model["test_model"] is True  # the directory is the test model's, so listings say so

@@ -173,3 +173,23 @@ def test_v2_client_errors(server: Server, image_host) -> None:
     client = dashscope.Client(api_key="sk-nope", base_url=server.api, max_retries=0)
     with pytest.raises(v2errors.AuthenticationError):
         client.multimodal.chat.create(model=SEED_MODEL, messages=[user_turn(image_host.url("/red.png"))])
+
+
+def test_the_readmes_first_examples_run_with_no_network(server: Server, tmp_path) -> None:
+    """Issue 13: the README's first example fetched https://example.com/..., which fails on a machine with no
+    network. Its first two Python examples (the SDK, the 2.x client) run here as written, in a fresh process,
+    given only the address and the key as the README says."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    examples = re.findall(r"```python\n(.*?)```", readme, re.S)[:2]
+    env = os.environ | {"DASHSCOPE_HTTP_BASE_URL": server.api, "DASHSCOPE_API_KEY": server.key}
+    for example in examples:
+        program = example.replace("http://127.0.0.1:8000", server.base)
+        out = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip(), out.stdout + out.stderr
+        assert "InvalidParameter" not in out.stdout and "Traceback" not in out.stderr

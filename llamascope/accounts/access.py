@@ -1,5 +1,6 @@
 """The access decisions, as pure functions of records and time (no I/O, nothing heavy imported).
 
+- ``key_weakness``: is a key given in the settings too easy to guess?
 - ``bearer_key``: the key in an Authorization header, or None;
 - ``key_refusal``: may this key call at all? (missing, unknown, revoked, expired: 401 InvalidApiKey);
 - ``grant_refusal``: may it call this model now? (no grant: 403 AccessDenied.Unpurchased;
@@ -12,6 +13,28 @@ from datetime import datetime
 
 from llamascope import errors
 from llamascope.accounts.store import GrantView, KeyView
+
+# A key of the settings must be as hard to guess as one llamascope makes: "sk-" and 40 hex digits (160 bits).
+KEY_ALPHABET = frozenset("0123456789abcdefABCDEFghijklmnopqrstuvwxyzGHIJKLMNOPQRSTUVWXYZ-_")
+MIN_KEY_CHARS = 40
+MIN_DISTINCT_CHARS = 8  # a random 40-hex key has 8 or more distinct characters all but never fails this
+MAKE_A_KEY = (
+    "make one with `llamascope keys create`, or: python3 -c 'import secrets; print(\"sk-\" + secrets.token_hex(20))'"
+)
+
+
+def key_weakness(key: str) -> str | None:
+    """Why a key given in the settings is too easy to guess, or None if it is not."""
+    body = key.removeprefix("sk-")
+    if not key.startswith("sk-"):
+        return "it does not start with sk-"
+    if len(body) < MIN_KEY_CHARS:
+        return f"it has {len(body)} characters after sk-, fewer than {MIN_KEY_CHARS}"
+    if not set(body) <= KEY_ALPHABET:
+        return "it has characters other than letters, digits, - and _"
+    if len(set(body)) < MIN_DISTINCT_CHARS:
+        return "it repeats a few characters: it is not random"
+    return None
 
 
 def bearer_key(authorization: str | None) -> str | None:

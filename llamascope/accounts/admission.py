@@ -118,17 +118,27 @@ class Accounts:
         assert grant is not None
         return grant
 
-    async def admit(self, principal: Principal, grant: GrantView, tokens: int, request_id: str) -> Admission:
-        """Hold ``tokens`` (the request's most) of the allowance and count the request in, or refuse."""
+    async def admit(
+        self,
+        principal: Principal,
+        model: str,
+        grant: GrantView,
+        tokens: int,
+        request_id: str,
+        prompt_tokens: int | None = None,
+    ) -> Admission:
+        """Hold ``tokens`` (the request's most) of the allowance and count the request in, or refuse.
+
+        With ``prompt_tokens``, the hold is cut to what the allowance has left (at least the prompt and one
+        token): ``Admission.reservation.tokens`` minus the prompt is then the most the request may make."""
         counted = await self.limits.enter(principal.key)
-        model = grant.model
         try:
             if grant.allowance_tokens is None and grant.expires_at is None:
                 # Nothing to protect: no write on the request's path (check() has just read the grant).
                 reservation: Reservation | None = Reservation(grant.id, grant.key_id, model, 0, utcnow())
             else:
                 # One conditional UPDATE decides (see AccountStore.reserve); a refusal is worded from a fresh read.
-                reservation = await self.run(self.store.reserve, principal.key.id, model, tokens)
+                reservation = await self.run(self.store.reserve, principal.key.id, model, tokens, None, prompt_tokens)
             if reservation is None:
                 latest = await self.read(self.store.find_grant, principal.key.id, model)
                 raise grant_refusal(model, latest, utcnow()) or errors.internal_error()

@@ -26,7 +26,19 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, bindparam, case, create_engine, event, func, insert, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    bindparam,
+    case,
+    create_engine,
+    event,
+    func,
+    insert,
+    literal_column,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -61,6 +73,15 @@ def hash_key(key: str) -> str:
 
 def new_key() -> str:
     return "sk-" + secrets.token_hex(20)
+
+
+PREFIX_LENGTH = 7  # the characters of a key kept in clear ("sk-" and 4 more), for listings and logs
+EVERY_MODEL = "*"  # a grant for this model name covers every served model without a grant of its own
+
+
+def is_whole_key(text: str) -> bool:
+    """A string the length of a key made here ("sk-" and 40 hex), or longer: matched by hash, never by prefix."""
+    return text.startswith("sk-") and len(text) >= len(new_key())
 
 
 @dataclass(frozen=True)
@@ -168,7 +189,7 @@ class AccountStore:
         key = key or new_key()
         row = ApiKey(
             key_hash=hash_key(key),
-            prefix=key[:7],
+            prefix=key[:PREFIX_LENGTH],
             name=name,
             created_at=utcnow(),
             expires_at=expires_at,
@@ -185,20 +206,36 @@ class AccountStore:
         return _view_of(KeyView, self._lookup(self._hot.find_key, {"key_hash": hash_key(key)}))
 
     def key(self, ref: str | int) -> KeyView:
-        """A key by id or by its visible prefix (which must be unambiguous)."""
+        """A key by id, by the key itself (matched by its hash), or by an unambiguous prefix of it.
+
+        Only the first ``len(prefix)`` characters of a key are stored (``keys list`` shows them), so a longer
+        prefix is matched on those: it must still fit exactly one key. A whole key is matched by its hash
+        only, so a mistyped one matches nothing.
+        """
+        text = str(ref).strip().removesuffix("…")
         with self.session() as s:
-            if isinstance(ref, int) or str(ref).isdigit():
-                row = s.get(ApiKey, int(ref))
+            if isinstance(ref, int) or text.isdigit():
+                row = s.get(ApiKey, int(text))
                 rows = [row] if row else []
+            elif is_whole_key(text):
+                rows = list(s.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(text))))
+            elif len(text) < len("sk-") + 1:
+                raise LookupError(f"{text!r} is too short to name a key: give its id, its prefix or the key")
             else:
-                rows = list(s.scalars(select(ApiKey).where(ApiKey.prefix.startswith(str(ref)[:16]))))
+                candidates = s.scalars(select(ApiKey).where(ApiKey.prefix.startswith(text[:PREFIX_LENGTH])))
+                rows = [row for row in candidates if text.startswith(row.prefix) or row.prefix.startswith(text)]
             if len(rows) != 1:
                 raise LookupError(f"no key {ref!r}" if not rows else f"{ref!r} matches {len(rows)} keys; use the id")
             return KeyView.of(rows[0])
 
-    def count_keys(self) -> int:
+    def count_keys(self, active: bool = False) -> int:
+        """Keys in the store; with ``active``, only those neither revoked nor expired."""
+        query = select(func.count(ApiKey.id))
+        if active:
+            now = utcnow()
+            query = query.where(ApiKey.revoked_at.is_(None), ApiKey.expires_at.is_(None) | (ApiKey.expires_at > now))
         with self.session() as s:
-            return int(s.scalar(select(func.count(ApiKey.id))) or 0)
+            return int(s.scalar(query) or 0)
 
     def list_keys(self) -> list[tuple[KeyView, list[GrantView]]]:
         with self.session() as s:
@@ -208,9 +245,19 @@ class AccountStore:
 
     def revoke(self, ref: str | int) -> KeyView:
         view = self.key(ref)
-        with self.session() as s:
-            s.execute(update(ApiKey).where(ApiKey.id == view.id).values(revoked_at=utcnow()))
+        self.update_key(view.id, revoked_at=utcnow())
         return self.key(view.id)
+
+    def update_key(self, key_id: int, **values: Any) -> None:
+        """Set fields of a key's record (name, revoked_at, ...)."""
+        with self.session() as s:
+            s.execute(update(ApiKey).where(ApiKey.id == key_id).values(**values))
+
+    def key_hashes(self, name: str) -> dict[str, KeyView]:
+        """The keys of this name, by hash (to find the keys from settings that settings no longer name)."""
+        with self.session() as s:
+            rows = list(s.scalars(select(ApiKey).where(ApiKey.name == name)))
+        return {row.key_hash: KeyView.of(row) for row in rows}
 
     # -- grants -----------------------------------------------------------------
 
@@ -244,21 +291,45 @@ class AccountStore:
 
     # -- charging ---------------------------------------------------------------
 
-    def reserve(self, key_id: int, model: str, tokens: int, now: datetime | None = None) -> Reservation | None:
+    def reserve(
+        self, key_id: int, model: str, tokens: int, now: datetime | None = None, prompt_tokens: int | None = None
+    ) -> Reservation | None:
         """Hold ``tokens`` of the key's allowance for the model in one conditional UPDATE; None if there is
-        no grant, or it is spent (``used + reserved >= allowance``) or expired."""
+        no grant, or it is spent (``used + reserved >= allowance``) or expired.
+
+        The grant is the model's own, else the key's grant for every model (``EVERY_MODEL``). With
+        ``prompt_tokens``, the hold is cut to what the allowance has left (but at least the prompt and one
+        token), in the same transaction: ``Reservation.tokens`` says what was held, and the request may make
+        at most ``tokens - prompt_tokens`` tokens, so it overruns the allowance by at most its prompt.
+        """
         now = now or utcnow()
         unlimited = Grant.allowance_tokens.is_(None)
         has_room = Grant.used_tokens + Grant.reserved_tokens < Grant.allowance_tokens
         valid = Grant.expires_at.is_(None) | (Grant.expires_at > now)
         with self.engine.begin() as connection:
-            grant_id = connection.execute(
+            grant_id = connection.execute(self._hot.grant_id, {"key_id": key_id, "model": model}).scalar()
+            if grant_id is None:
+                return None
+            row = connection.execute(
                 update(Grant)
-                .where(Grant.key_id == key_id, Grant.model == model, unlimited | has_room, valid)
+                .where(Grant.id == grant_id, unlimited | has_room, valid)
                 .values(reserved_tokens=Grant.reserved_tokens + tokens)
-                .returning(Grant.id)
-            ).scalar()
-        return None if grant_id is None else Reservation(grant_id, key_id, model, tokens, now)
+                .returning(Grant.allowance_tokens, Grant.used_tokens, Grant.reserved_tokens)
+            ).first()
+            if row is None:
+                return None
+            allowance, used, reserved = row
+            if prompt_tokens is not None and allowance is not None:
+                left = allowance - used - (reserved - tokens)  # what the others left before this hold
+                held = min(tokens, max(left, prompt_tokens + 1))
+                if held < tokens:
+                    connection.execute(
+                        update(Grant)
+                        .where(Grant.id == grant_id)
+                        .values(reserved_tokens=Grant.reserved_tokens - (tokens - held))
+                    )
+                    tokens = held
+        return Reservation(grant_id, key_id, model, tokens, now)
 
     def settle(
         self,
@@ -329,6 +400,9 @@ class AccountStore:
                 func.sum(UsageRecord.input_tokens).label("input_tokens"),
                 func.sum(UsageRecord.output_tokens).label("output_tokens"),
                 func.sum(UsageRecord.image_tokens).label("image_tokens"),
+                func.sum(case((UsageRecord.status == "ok", 1), else_=0)).label("ok"),
+                func.sum(case((UsageRecord.status == "cancelled", 1), else_=0)).label("cancelled"),
+                func.sum(case((UsageRecord.status.not_in(["ok", "cancelled"]), 1), else_=0)).label("failed"),
             )
             .join(ApiKey, ApiKey.id == UsageRecord.key_id)
             .group_by(UsageRecord.key_id, ApiKey.prefix, UsageRecord.model, day)
@@ -340,6 +414,28 @@ class AccountStore:
             query = query.where(UsageRecord.started_at >= since)
         with self.session() as s:
             return [dict(row._mapping) | {"day": str(row.day)} for row in s.execute(query)]
+
+    def requests(
+        self, key_id: int | None = None, since: datetime | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """The newest ledger rows, each request with its status (ok, cancelled, or the error code)."""
+        query = (
+            select(UsageRecord, ApiKey.prefix)
+            .join(ApiKey, ApiKey.id == UsageRecord.key_id)
+            .order_by(UsageRecord.id.desc())
+            .limit(limit)
+        )
+        if key_id is not None:
+            query = query.where(UsageRecord.key_id == key_id)
+        if since is not None:
+            query = query.where(UsageRecord.started_at >= since)
+        with self.session() as s:
+            rows = s.execute(query).all()
+        return [
+            {name: getattr(record, name) for name in LEDGER_FIELDS}
+            | {"prefix": prefix, "started_at": _aware(record.started_at), "finished_at": _aware(record.finished_at)}
+            for record, prefix in rows
+        ]
 
     def ledger(self, key_id: int | None = None) -> list[UsageRecord]:
         with self.session() as s:
@@ -439,9 +535,14 @@ class _HotStatements:
 
     def __init__(self) -> None:
         self.find_key = select(*_columns(ApiKey, KeyView)).where(ApiKey.key_hash == bindparam("key_hash"))
-        self.find_grant = select(*_columns(Grant, GrantView)).where(
-            Grant.key_id == bindparam("key_id"), Grant.model == bindparam("model")
-        )
+        # The model's own grant, else the key's grant for every model.
+        # Literal SQL for the constants: these statements are compiled once to text, with only named parameters.
+        every: Any = literal_column(f"'{EVERY_MODEL}'")
+        matches = (Grant.key_id == bindparam("key_id"), (Grant.model == bindparam("model")) | (Grant.model == every))
+        own_first = (Grant.model == every).asc()  # false (the model's own grant) sorts first
+        # At most two rows: the first is the one that applies (callers take the first).
+        self.find_grant = select(*_columns(Grant, GrantView)).where(*matches).order_by(own_first)
+        self.grant_id = select(Grant.id).where(*matches).order_by(own_first)
         used: Any = bindparam("used", type_=BigInteger)
         crosses = Grant.allowance_tokens.is_not(None) & (Grant.used_tokens + used >= Grant.allowance_tokens)
         self.charge = (

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from starlette.responses import JSONResponse
 
 from llamascope import errors
@@ -20,30 +20,65 @@ from llamascope.settings import ModelSpec
 router = APIRouter(prefix="/admin")
 
 
-# Bounds the store can hold: dates stay within the calendar, counts within its integer columns.
-MAX_DAYS = 36_500
-Allowance = Annotated[int, Field(ge=0, le=2**63 - 1)] | Literal["unlimited"] | None
-Days = Annotated[float, Field(gt=0, le=MAX_DAYS, allow_inf_nan=False)] | Literal["unlimited"] | None
-PerKeyLimit = Annotated[int | None, Field(ge=1, le=2**31 - 1)]
+class _Strict(BaseModel):
+    """Refuses what it does not know: a misspelt limit must not make a key without that limit."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class NewKey(BaseModel):
-    model_config = ConfigDict(strict=True)  # numbers as JSON numbers, as documented
-    name: str = Field("", max_length=200)
-    models: list[str] | None = Field(None, description="Default: every served model.")
-    allowance_tokens: Allowance = Field(None, description='Tokens, "unlimited", or the model\'s default.')
-    days: Days = Field(None, description="The allowance's period, \"unlimited\", or the model's default.")
-    expires_days: float | None = Field(None, gt=0, le=MAX_DAYS, allow_inf_nan=False)
-    requests_per_minute: PerKeyLimit = None
-    tokens_per_minute: PerKeyLimit = None
-    max_concurrent: PerKeyLimit = None
+class _Allowance(_Strict):
+    """A grant's allowance: tokens and days (each a number, "unlimited", or left out for the model's)."""
+
+    allowance: Any = Field(None, validation_alias=AliasChoices("allowance", "allowance_tokens"))
+    days: Any = None
+
+    @field_validator("allowance")
+    @classmethod
+    def _allowance(cls, value: Any) -> Any:
+        return admin.parse_tokens(value, "allowance")
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, value: Any) -> Any:
+        return admin.parse_days(value, "days")
 
 
-class NewGrant(BaseModel):
-    model_config = ConfigDict(strict=True)
+# Field names are the CLI's options' (allowance, days, expires_days, rpm, tpm, concurrency, model); the longer
+# names the API has always taken (allowance_tokens, requests_per_minute, ...) are accepted too.
+class NewKey(_Allowance):
+    name: str = ""
+    models: list[str] | None = Field(None, validation_alias=AliasChoices("models", "model"))
+    expires_days: Any = None
+    rpm: Any = Field(None, validation_alias=AliasChoices("rpm", "requests_per_minute"))
+    tpm: Any = Field(None, validation_alias=AliasChoices("tpm", "tokens_per_minute"))
+    concurrency: Any = Field(None, validation_alias=AliasChoices("concurrency", "max_concurrent"))
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("expires_days")
+    @classmethod
+    def _expires(cls, value: Any) -> Any:
+        return admin.parse_days(value, "expires_days", False)
+
+    @field_validator("rpm", "tpm", "concurrency")
+    @classmethod
+    def _per_minute(cls, value: Any, info: ValidationInfo) -> Any:
+        return admin.parse_limit(value, str(info.field_name))
+
+
+class NewGrant(_Allowance):
     model: str
-    allowance_tokens: Allowance = None
-    days: Days = None
+
+
+def _fields(model: type[BaseModel]) -> str:
+    names = []
+    for name, info in model.model_fields.items():
+        aliases = getattr(info.validation_alias, "choices", [name])
+        names.append(" or ".join(dict.fromkeys([name, *aliases])))
+    return ", ".join(names)
 
 
 class GrantDescription(BaseModel):
@@ -73,6 +108,7 @@ class KeyDescription(BaseModel):
 
 class NewKeyDescription(KeyDescription):
     api_key: str = Field(description="The new key, shown this once.")
+    warnings: list[str] | None = Field(None, description="Names granted that this server does not serve.")
 
 
 class UsageRow(BaseModel):
@@ -109,8 +145,11 @@ class UsageAnswer(BaseModel):
 
 
 class UsageQuery(BaseModel):
-    key: str | None = Field(None, description="A key's id or prefix.")
-    days: float | None = Field(None, gt=0, le=MAX_DAYS, allow_inf_nan=False, description="The last so many days.")
+    """The query of /admin/usage, for the document (``usage`` checks each parameter itself)."""
+
+    key: str | None = Field(None, description="A key's id, the whole key, or a prefix.")
+    days: float | None = Field(None, gt=0, le=36_525, allow_inf_nan=False, description="The last so many days.")
+    requests: int | None = Field(None, ge=1, le=2**31 - 1, description="List this many single requests instead.")
 
 
 def _store(request: Request) -> AccountStore:
@@ -121,17 +160,23 @@ def _specs(request: Request) -> dict[str, ModelSpec]:
     return request.app.state.model_specs
 
 
-def _invalid(exc: ValidationError) -> errors.ServiceError:
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"] if not isinstance(part, int) or part)
-    return errors.invalid_parameter(f"Invalid admin request: {where + ': ' if where else ''}{first['msg']}")
-
-
 async def _body(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()
     try:
-        return model.model_validate_json(await request.body())
+        return model.model_validate_json(raw or b"{}")
     except ValidationError as exc:
-        raise _invalid(exc) from None
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "the body"
+        if error["type"] == "extra_forbidden":
+            message = f"Unknown field {where!r} in the request body; the fields are: {_fields(model)}."
+        elif error["type"] == "missing":
+            message = f"Field {where!r} is required; the fields are: {_fields(model)}."
+        elif error["type"].startswith("json"):
+            message = f"The request body is not a valid JSON object: {error['msg']}."
+        else:
+            said = error["msg"].removeprefix("Value error, ")
+            message = f"Field {where!r} {said[said.index('must be') :] if 'must be' in said else said}."
+        raise errors.invalid_parameter(message) from None
 
 
 def _key_ref(ref: str) -> str:
@@ -167,14 +212,23 @@ async def create_key(request: Request) -> JSONResponse:
         _specs(request),
         name=body.name,
         models=body.models,
-        allowance=body.allowance_tokens,
+        allowance=body.allowance,
         days=body.days,
         expires_days=body.expires_days,
-        requests_per_minute=body.requests_per_minute,
-        tokens_per_minute=body.tokens_per_minute,
-        max_concurrent=body.max_concurrent,
+        requests_per_minute=body.rpm,
+        tokens_per_minute=body.tpm,
+        max_concurrent=body.concurrency,
     )
-    return _answer(request, {"api_key": key, **admin.describe(view, grants)}, status=200)
+    data = {"api_key": key, **admin.describe(view, grants)}
+    return _answer(request, data | _warnings(request, body.models or []), status=200)
+
+
+def _warnings(request: Request, models: list[str]) -> dict[str, Any]:
+    unknown = admin.unknown_models(models, _specs(request))
+    if not unknown:
+        return {}
+    served = ", ".join(_specs(request))
+    return {"warnings": [f"{m!r} is not served by this server (it serves {served}); granted anyway" for m in unknown]}
 
 
 @router.post("/keys/{ref}/revoke")
@@ -188,21 +242,36 @@ async def grant(request: Request, ref: str) -> JSONResponse:
     body: NewGrant = await _body(request, NewGrant)
     store = _store(request)
     view = await _run(store.key, _key_ref(ref))
-    await _run(admin.grant_models, store, view.id, [body.model], _specs(request), body.allowance_tokens, body.days)
+    await _run(admin.grant_models, store, view.id, [body.model], _specs(request), body.allowance, body.days)
     rows = await _run(store.list_keys)
-    return _answer(request, next(admin.describe(v, g) for v, g in rows if v.id == view.id))
+    data = next(admin.describe(v, g) for v, g in rows if v.id == view.id)
+    return _answer(request, data | _warnings(request, [body.model]))
 
 
 @router.get("/usage")
 async def usage(request: Request) -> JSONResponse:
+    """Totals per day, key and model; with ``requests=N``, the N newest requests one by one."""
     store = _store(request)
-    try:
-        query = UsageQuery.model_validate(dict(request.query_params))
-    except ValidationError as exc:
-        raise _invalid(exc) from None
-    key_id = (await _run(store.key, _key_ref(query.key))).id if query.key else None
-    since = utcnow() - timedelta(days=query.days) if query.days else None
+    unknown = set(request.query_params) - {"key", "days", "requests"}
+    if unknown:
+        raise errors.invalid_parameter(
+            f"Unknown query parameter {sorted(unknown)[0]!r}; the parameters are: key, days, requests."
+        )
+    key = request.query_params.get("key")
+    days = _query(admin.parse_days, request.query_params.get("days"), "days", False)
+    count = _query(admin.parse_limit, request.query_params.get("requests"), "requests")
+    key_id = (await _run(store.key, _key_ref(key))).id if key else None
+    since = utcnow() - timedelta(days=float(days)) if days is not None else None
+    if count is not None:
+        return _answer(request, admin.jsonable(await _run(store.requests, key_id, since, count)))
     return _answer(request, await _run(store.usage, key_id, since))
+
+
+def _query(parse: Any, value: str | None, name: str, *args: Any) -> Any:
+    try:
+        return parse(value, name, *args)
+    except ValueError as exc:
+        raise errors.invalid_parameter(f"Query parameter {exc}.") from None
 
 
 openapi.operation("GET", "/admin/keys", "Keys and their grants", tag="admin", auth="admin_key", ok=KeysAnswer)

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from llamascope import __version__, errors, web
 from llamascope.api import admin, openapi, operations, uploads
 from llamascope.api import errors as api_errors
+from llamascope.api.drain import Drain, Draining
 from llamascope.api.middleware import Authentication, BodyLimit, RequestContext
 from llamascope.api.native import router as native
 from llamascope.api.openai import router as openai
@@ -51,9 +52,12 @@ def create_app(
     admin_key: str | None = None,
     model_specs: dict[str, ModelSpec] | None = None,
     metrics: MetricsEndpoint | None = None,
+    drain: Drain | None = None,
 ) -> FastAPI:
+    """The app. ``drain`` is the shutdown state ``DrainingServer`` shares with it (see ``api.drain``)."""
     metrics = metrics or MetricsEndpoint()
     registry = registry_for(service, metrics.key_names)
+    drain = drain or Drain(grace_seconds=0)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -81,6 +85,7 @@ def create_app(
     app.state.model_specs = model_specs or {}
     app.state.metrics = metrics
     app.state.metrics_registry = registry
+    app.state.drain = drain
     routers = (
         native.router,
         openai.router,
@@ -99,7 +104,7 @@ def create_app(
     app.add_exception_handler(errors.ServiceError, api_errors.on_service_error)
     app.add_exception_handler(HTTPException, api_errors.on_http_exception)
     app.add_exception_handler(Exception, api_errors.on_unexpected)
-    # Added innermost first: a request meets RequestContext, then BodyLimit, then Authentication.
+    # Added innermost first: a request meets RequestContext, Draining, BodyLimit, then Authentication.
     app.add_middleware(
         Authentication,
         accounts=service.accounts,
@@ -108,5 +113,6 @@ def create_app(
         admin_key=admin_key,
     )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(Draining, drain=drain)
     app.add_middleware(RequestContext)
     return app

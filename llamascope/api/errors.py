@@ -11,6 +11,7 @@ SDK would otherwise repeat a request that fails for a reason a retry does not fi
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException
@@ -50,11 +51,32 @@ _OPENAI_TYPES = {
 }
 
 
+# The request field an error is about, read from the shared message texts (one place, rather than a field on
+# every error): "Range of top_p ...", "Parameter stop ...", "messages[1] ...", "Model not exist.".
+_PARAM_PATTERNS = (
+    (re.compile(r"^(?:Range of|Parameter) (\w+)"), None),
+    (re.compile(r"messages|image|url error|media|multimodal|[Ii]nput length"), "messages"),
+    (re.compile(r"^Model not exist|\"model\""), "model"),
+)
+
+
+def openai_param(error: errors.ServiceError) -> str | None:
+    if error.status != 400:
+        return None
+    for pattern, param in _PARAM_PATTERNS:
+        found = pattern.search(error.message)
+        if found:
+            return param or found.group(1)
+    return None
+
+
 def openai_error_body(error: errors.ServiceError, request_id: str) -> dict[str, object]:
     code, message = _OPENAI_CODES.get(error.code, (error.code, None))
     kind = _OPENAI_TYPES.get(error.status, "server_error" if error.status >= 500 else "invalid_request_error")
+    # The native surface's field names, in this surface's words.
+    text = (message or error.message).replace("input.messages", "messages")
     return {
-        "error": {"code": code, "type": kind, "param": None, "message": message or error.message},
+        "error": {"code": code, "type": kind, "param": openai_param(error), "message": text},
         "request_id": request_id,
     }
 

@@ -13,7 +13,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from llamascope import errors
-from llamascope.api.errors import request_id_of
+from llamascope.api.drain import SHUTTING_DOWN, stopped_by_shutdown
+from llamascope.api.errors import error_response, request_id_of
 from llamascope.conversation.service import ConversationService, Endpoint, Event, Reply
 from llamascope.images.source import SourceContext
 
@@ -38,10 +39,14 @@ async def read_json(request: Request) -> object:
         raise errors.invalid_parameter(f"The request body is not valid JSON: {exc}") from None
 
 
-async def until_hangup(receive: Receive, work: Awaitable[T]) -> tuple[bool, T | None]:
+async def until_hangup(
+    receive: Receive, work: Awaitable[T], stop: asyncio.Event | None = None, on_stop: Callable[[], None] | None = None
+) -> tuple[bool, T | None]:
     """Run ``work`` unless the client hangs up first: (True, its result), or (False, None) once cancelled.
 
-    Its errors are raised. A cancelled ``work`` gets to run its cleanup (a reply cancels its engine)."""
+    Its errors are raised. A cancelled ``work`` gets to run its cleanup (a reply cancels its engine).
+    ``stop`` (the server's shutdown, see ``api.drain``) ends ``work`` too: ``on_stop`` is called, ``work``
+    is cancelled and ``stopped_by_shutdown`` is raised."""
     task = asyncio.ensure_future(work)
 
     async def hangup() -> None:
@@ -49,22 +54,46 @@ async def until_hangup(receive: Receive, work: Awaitable[T]) -> tuple[bool, T | 
             pass
 
     watcher = asyncio.ensure_future(hangup())
+    waiters: set[asyncio.Future[Any]] = {task, watcher}
+    stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    if stopper is not None:
+        waiters.add(stopper)
+    stopped = False
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        stopped = stopper is not None and stopper.done() and not task.done()
+        if stopped and on_stop is not None:
+            on_stop()
     finally:
-        for pending in (task, watcher):
+        for pending in waiters:
             if not pending.done():
                 pending.cancel()
     if not task.done() or task.cancelled():
         with contextlib.suppress(BaseException):
             await task
+        if stopped:
+            raise stopped_by_shutdown()
         return False, None
     return True, task.result()
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """Run ``work``; if the client hangs up first, cancel it and return None."""
-    return (await until_hangup(request.receive, work))[1]
+async def unless_disconnected(request: Request, work: Awaitable[T], reply: Reply | None = None) -> T | None:
+    """Run ``work``; if the client hangs up first, cancel it and return None. If the server stops first
+    (the end of its shutdown grace), cancel it and raise the 503 that says so, ``reply`` charged as such."""
+    return (await until_hangup(request.receive, work, *_stop_of(request.scope, reply)))[1]
+
+
+def _stop_of(scope: Scope, reply: Reply | None) -> tuple[asyncio.Event | None, Callable[[], None] | None]:
+    drain = getattr(getattr(scope.get("app"), "state", None), "drain", None)
+    if drain is None:
+        return None, None
+
+    def record() -> None:
+        if reply is not None:
+            reply.status = SHUTTING_DOWN
+        scope.setdefault("state", {})["error_code"] = SHUTTING_DOWN
+
+    return drain.stop, record
 
 
 def source_context(request: Request) -> SourceContext:
@@ -122,16 +151,30 @@ class EventStream(Response):
         render: Callable[[AsyncIterator[Event]], AsyncIterator[bytes]],
         media_type: str,
         headers: dict[str, str],
+        last_words: Callable[[errors.ServiceError, int], bytes],
     ) -> None:
         self.background = None  # what frameworks expect of a Response; nothing runs after this one
         self.media_type = media_type
         self.init_headers(headers)  # Starlette's own: content type (with charset) and the given headers
         self.reply = reply
         self.frames = render
+        self.last_words = last_words  # the surface's error frame, for a stream the server's shutdown ends
         self.started = False
+        self.sent = 0  # frames sent
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        finished, _ = await until_hangup(receive, self._stream(send))
+        try:
+            finished, _ = await until_hangup(receive, self._stream(send), *_stop_of(scope, self.reply))
+        except errors.ServiceError as error:  # the server's shutdown ended the stream
+            if self.started:
+                last = self.last_words(error, self.sent + 1)
+                await send({"type": "http.response.body", "body": last, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            else:
+                await error_response(error, scope.get("state", {}).get("request_id", ""), scope["path"])(
+                    scope, receive, send
+                )
+            return
         if finished:
             return
         if not self.started:  # for the access log; the client is gone
@@ -152,6 +195,7 @@ class EventStream(Response):
 
             async for chunk in self.frames(chained()):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                self.sent += 1
             await send({"type": "http.response.body", "body": b""})
         finally:
             await events.aclose()

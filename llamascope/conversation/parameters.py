@@ -18,6 +18,7 @@ from llamascope.engines.base import SamplingParams
 
 MAX_SEED = 2**63 - 1
 DEFAULT_MAX_TOKENS = 512
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat completions
 # One setting, several names: the first one the caller sent is the one used, and named in its errors.
 MAX_TOKENS_NAMES = ("max_tokens", "max_new_tokens", "max_completion_tokens")
 
@@ -116,6 +117,17 @@ def parse_parameters(params: Any, context_length: int) -> Options:
     if not isinstance(incremental, bool):
         raise _bad("Parameter incremental_output should be true or false.")
 
+    logprobs = params.get("logprobs", False)
+    if logprobs is None:
+        logprobs = False
+    if not isinstance(logprobs, bool):
+        raise _bad("Parameter logprobs should be true or false.")
+    top_logprobs = _integer(params, "top_logprobs")
+    if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise _bad(f"Range of top_logprobs should be [0, {MAX_TOP_LOGPROBS}]")
+    if top_logprobs and not logprobs:
+        raise _bad("Parameter top_logprobs needs logprobs set to true.")
+
     return Options(
         sampling=SamplingParams(
             max_new_tokens=max_new,
@@ -125,6 +137,7 @@ def parse_parameters(params: Any, context_length: int) -> Options:
             top_k=top_k,
             seed=seed,
             repetition_penalty=penalty,
+            logprobs=(top_logprobs or 0) if logprobs else None,
         ),
         stop=_stop(params.get("stop")),
         incremental_output=incremental,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -22,7 +22,7 @@ from llamascope import errors
 from llamascope.accounts.admission import Accounts, Admission, Principal
 from llamascope.conversation.parameters import Options, parse_parameters
 from llamascope.conversation.rules import Draft, Images, parse_messages
-from llamascope.engines.base import Engine, FinishReason, PreparedPrompt
+from llamascope.engines.base import Engine, FinishReason, PreparedPrompt, TokenLogprob
 from llamascope.images.intake import ImageIntake
 from llamascope.images.source import ANONYMOUS, SourceContext
 from llamascope.observability.request import TokenWatch
@@ -55,6 +55,7 @@ class Event:
     text: str  # all text so far
     usage: Usage
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens new in this event, when asked
 
 
 class StopText:
@@ -98,6 +99,7 @@ class Reply:
     finish_reason: FinishReason | None = None
     status: str = "cancelled"  # what the ledger records unless generation ends otherwise
     started: bool = False  # the engine has sent something: the prompt was run
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # every token's, when the request asked
 
     async def close(self) -> None:
         """Charge what was used (once). Safe to call again, and before or after events()."""
@@ -132,6 +134,7 @@ class Reply:
         finish: FinishReason | None = None
         delta = ""
         tokens = TokenWatch(self.model)  # time to first token, between tokens
+        sent = 0  # logprobs already in an event
         try:
             async for chunk in chunks:
                 self.started = True
@@ -139,6 +142,8 @@ class Reply:
                 self.usage.output_tokens = chunk.output_tokens
                 if chunk.input_tokens is not None:
                     self.usage.input_tokens = chunk.input_tokens
+                if chunk.logprobs:
+                    self.logprobs += chunk.logprobs
                 delta, stopped = stop.feed(chunk.text)
                 if stopped:
                     finish = FinishReason.STOP
@@ -151,7 +156,8 @@ class Reply:
                     break
                 if delta:
                     self.text += delta
-                    yield Event(delta, self.text, self.usage)
+                    yield Event(delta, self.text, self.usage, logprobs=self.logprobs[sent:])
+                    sent = len(self.logprobs)
         except errors.ServiceError:
             raise
         except Exception:
@@ -163,7 +169,7 @@ class Reply:
             # Only reached when the engine itself gave up; a caller that left never gets here.
             raise errors.internal_error()
         self.finish_reason = finish
-        yield Event(delta, self.text, self.usage, finish)
+        yield Event(delta, self.text, self.usage, finish, self.logprobs[sent:])
 
     async def complete(self) -> str:
         async for _ in self.events():
@@ -197,9 +203,21 @@ class ConversationService:
         grant = await self.accounts.check(principal, model)  # before any image is fetched
         draft = parse_messages(messages, self._images(model, engine, endpoint))
         options = parse_parameters(parameters, engine.info.context_length)
+        if options.sampling.logprobs is not None and engine.info.kind == "upstream":
+            raise errors.invalid_parameter(
+                "Parameter logprobs: not available for a model served by an upstream engine."
+            )
         prompt = await self._prompt(engine, draft, context)
         most = prompt.input_tokens + prompt.new_tokens(options.sampling)
-        admission = await self.accounts.admit(principal, grant, most, request_id)
+        admission = await self.accounts.admit(principal, model, grant, most, request_id, prompt.input_tokens)
+        held = admission.reservation.tokens
+        if grant.allowance_tokens is not None and held < most:
+            # The allowance has less left than the request could make: it may make only what is left (at
+            # least one token), so it overruns the allowance by at most its prompt. Usage says what it made.
+            allowed = max(1, held - prompt.input_tokens)
+            sampling = options.sampling
+            capped = replace(sampling, max_new_tokens=allowed, min_new_tokens=min(sampling.min_new_tokens, allowed))
+            options = replace(options, sampling=capped)
         usage = Usage(input_tokens=prompt.input_tokens, image_tokens=prompt.image_tokens)
         return Reply(model=model, engine=engine, prompt=prompt, options=options, usage=usage, admission=admission)
 

@@ -40,6 +40,8 @@ class SamplingParams:
     top_k: int | None = None  # None: top-k off, only top-p applies
     seed: int | None = None
     repetition_penalty: float = 1.0
+    # Log-probabilities of the tokens made: None, off; N >= 0, each token's own and its N likeliest rivals.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -52,12 +54,22 @@ class FinishReason(str, Enum):
     CANCELLED = "cancelled"  # the caller went away; never sent to a client
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token made, its log-probability under the model (before the sampling settings), and its rivals'."""
+
+    text: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass
 class Chunk:
     text: str  # new text since the previous chunk (may be "")
     output_tokens: int  # tokens generated so far, in total
     finish_reason: FinishReason | None = None
     input_tokens: int | None = None  # the prompt's true count, when the engine learns it only now
+    logprobs: list[TokenLogprob] | None = None  # the tokens of this chunk, when the request asked for them
 
 
 @dataclass

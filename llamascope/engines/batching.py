@@ -42,7 +42,7 @@ from llamascope import errors
 from llamascope.caching import SizedLRU
 from llamascope.engines.attention import shared_rows
 from llamascope.engines.base import FinishReason, SamplingParams
-from llamascope.engines.sampling import Sampler, pick
+from llamascope.engines.sampling import Sampler, chosen_logprobs, log_probabilities, pick
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,9 @@ class Sequence:
     cross_mask: Any = None  # the cross-attention mask row for new tokens [1, 1, 1, tiles]
     sampler: Any = None
     encoded: tuple[float, float] | None = None  # when the vision tower ran on its image (monotonic), if it did
+    # (log-probability, [(rival id, its log-probability)]) of each token made, when sampling.logprobs asks;
+    # appended before the token is sent, read by the engine's generate loop.
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
     @property
     def has_image(self) -> bool:
@@ -511,7 +514,7 @@ class Scheduler:
         seq.sampler = Sampler(seq.sampling)
         seq.inputs = None  # pixels and the rest are no longer needed
         logits = self._hold_back_eos(out.logits[:, -1, :].float(), [seq])
-        return self._advance(seq, pick([seq.sampler], [seq.ids], logits)[0])
+        return self._advance(seq, self._pick([seq], logits)[0])
 
     def _vision_states(self, seq: Sequence) -> Any:
         digest = seq.image.digest
@@ -615,7 +618,7 @@ class Scheduler:
         logits = self.model(**kwargs).logits[:, -1, :].float()
         self._inject(rows, "sample")
         logits = self._hold_back_eos(logits, rows)
-        return pick([s.sampler for s in rows], [s.ids for s in rows], logits)
+        return self._pick(rows, logits)
 
     def _recover(self, batch: Batch, before: _Checkpoint) -> list[int] | None:
         """After a failed step: the step again without the rows that fail alone, or None if it cannot be had.
@@ -695,6 +698,19 @@ class Scheduler:
 
                         raise torch.OutOfMemoryError(f"fault injected: out of memory at step {seq.generated}")
                     raise RuntimeError(f"fault injected at {stage}, step {seq.generated}")
+
+    @staticmethod
+    def _pick(rows: list[Sequence], logits: Any) -> list[int]:
+        """Each row's next token; the log-probabilities of the rows that asked for them are kept on the row."""
+        wanted = [i for i, s in enumerate(rows) if s.sampling.logprobs is not None]
+        logprobs = log_probabilities(logits, wanted)  # before pick changes the logits
+        tokens = pick([s.sampler for s in rows], [s.ids for s in rows], logits)
+        if logprobs is not None:
+            top = [rows[i].sampling.logprobs or 0 for i in wanted]
+            for i, found in zip(wanted, chosen_logprobs(logprobs, [tokens[i] for i in wanted], top), strict=True):
+                del rows[i].logprobs[rows[i].generated :]  # a step run again (a failed batch's) replaces its own
+                rows[i].logprobs.append(found)
+        return tokens
 
     def _hold_back_eos(self, logits: Any, rows: list[Sequence]) -> Any:
         """Rows still short of their min_new_tokens may not end: their end-of-turn logits become -inf."""

@@ -25,7 +25,15 @@ import anyio
 
 from llamascope import errors
 from llamascope.engines import attention, devices
-from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
+from llamascope.engines.base import (
+    Chunk,
+    EngineInfo,
+    FinishReason,
+    PreparedPrompt,
+    SamplingParams,
+    TokenLogprob,
+    Turn,
+)
 from llamascope.engines.batching import BatchLimits, Message, Scheduler, Sequence, VisionCache
 from llamascope.engines.mllama_pixels import MllamaPixels
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
@@ -62,6 +70,11 @@ def check_model_dir(path: Path, model_types: tuple[str, ...] = ("mllama",)) -> d
 
     ``model_types``: the ``model_type`` values the caller can serve (Llama 3.2 Vision is 'mllama')."""
     if not path.exists():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):  # "meta-llama/Llama-3.2-11B-Vision-Instruct"
+            raise ModelLoadError(
+                f"{path} does not exist here, and Hugging Face hub ids are not fetched: download the model first "
+                f"(huggingface-cli download {path} --local-dir /models/{path.name}) and give that directory"
+            )
         raise ModelLoadError(f"{path} does not exist")
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a directory (give the folder of a Hugging Face model)")
@@ -519,10 +532,11 @@ class MllamaEngine:
                 if ids:
                     if not produced:
                         first_token = time.monotonic()
+                    logprobs = self._logprobs(ids, seq.logprobs[produced:]) if sampling.logprobs is not None else None
                     produced += len(ids)
                     delta = text.add(ids)
-                    if delta:
-                        yield Chunk(delta, produced)
+                    if delta or logprobs:
+                        yield Chunk(delta, produced, logprobs=logprobs)
                 if isinstance(message, errors.ServiceError):
                     raise message
                 if isinstance(message, FinishReason):
@@ -532,6 +546,17 @@ class MllamaEngine:
             seq.cancel.set()
             self.scheduler.wake()
             engine_stages(seq.queued_at, seq.started_at, first_token, time.monotonic(), seq.encoded)
+
+    def _logprobs(self, ids: list[int], found: list[tuple[float, list[tuple[int, float]]]]) -> list[TokenLogprob]:
+        """The scheduler's log-probabilities of these tokens, with each token's (and rival's) own text."""
+
+        def piece(token: int) -> str:
+            return str(self.tokenizer.decode([token]))
+
+        return [
+            TokenLogprob(piece(token), logprob, tuple((piece(r), p) for r, p in rivals))
+            for token, (logprob, rivals) in zip(ids, found, strict=False)
+        ]
 
     async def close(self) -> None:
         """Stop the model thread once its current step ends; requests still on it end as cancelled."""

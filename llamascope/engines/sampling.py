@@ -188,3 +188,28 @@ def _first_above(cumulative: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     first = torch.searchsorted(cumulative, target, right=True)
     last = torch.searchsorted(cumulative, cumulative[:, -1:].contiguous())  # where the total is reached
     return torch.minimum(first, last)
+
+
+def log_probabilities(logits: torch.Tensor, rows: list[int]) -> torch.Tensor | None:
+    """The log-softmax of the given rows of ``logits``, taken before ``pick`` changes them in place (the
+    model's own probabilities, before temperature, top-k, top-p and the repetition penalty); None if no
+    row asks. ``chosen_logprobs`` reads the picked tokens' out of it."""
+    if not rows:
+        return None
+    return logits[rows].log_softmax(-1)
+
+
+def chosen_logprobs(
+    logprobs: torch.Tensor, tokens: list[int], top: list[int]
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Each row's picked token's log-probability, and its ``top[i]`` likeliest tokens with theirs."""
+    picked = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None]).flatten().tolist()
+    width = max(top, default=0)
+    best = logprobs.topk(width) if width else None
+    out = []
+    for i, value in enumerate(picked):
+        rivals = []
+        if best is not None and top[i]:
+            rivals = list(zip(best.indices[i, : top[i]].tolist(), best.values[i, : top[i]].tolist(), strict=True))
+        out.append((value, rivals))
+    return out

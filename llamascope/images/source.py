@@ -20,6 +20,7 @@ import asyncio
 import base64
 import binascii
 import ipaddress
+import logging
 import os
 import socket
 from collections.abc import Iterable
@@ -33,6 +34,8 @@ import httpx
 
 from llamascope import errors
 from llamascope.images.uploads import UploadStore
+
+log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -141,9 +144,13 @@ class LocalFileSource:
 
     async def read(self) -> bytes:
         if not self.allowed_dirs:
+            # The SDK uploads the local files it finds and sends any other path unchanged: a path arriving
+            # here is most often a file the caller's SDK did not find (a typo), not a call without the SDK.
             raise errors.invalid_parameter(
-                "url error, please check url! This server reads no local paths: send the image as a URL or a "
-                "data: URI, or call through the dashscope SDK, which uploads local files itself."
+                f"url error, please check url! The image {self.ref!r} was not found: the dashscope SDK uploads "
+                "a local file it finds, and sent this path as it was, so check that the file exists where the "
+                "program runs. This server reads no local paths itself: without the SDK, send the image as a "
+                "URL or a data: URI."
             )
         parts = urlsplit(self.ref)
         raw = unquote(parts.path) if parts.scheme else self.ref
@@ -156,7 +163,7 @@ class LocalFileSource:
             )
         data = await anyio.to_thread.run_sync(self._read, path)
         if len(data) > self.max_bytes:
-            raise _too_large(self.max_bytes)
+            raise _too_large(self.max_bytes, "the file")
         return data
 
     def _read(self, path: Path) -> bytes:
@@ -164,8 +171,11 @@ class LocalFileSource:
             return f.read(self.max_bytes + 1)
 
 
-def _too_large(limit: int) -> errors.ServiceError:
-    return errors.invalid_parameter(f"Exceeded limit on max bytes per data-uri item : {limit}")
+def _too_large(limit: int, what: str = "") -> errors.ServiceError:
+    """An image over the byte limit: DashScope's own words for a data: URI, and what it was for the others."""
+    if not what:
+        return errors.invalid_parameter(f"Exceeded limit on max bytes per data-uri item : {limit}")
+    return errors.image_download_failed(f"{what} is larger than the limit of {limit} bytes per image")
 
 
 @dataclass
@@ -247,12 +257,12 @@ class UrlSource:
         limit = self.policy.max_bytes
         declared = response.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise _too_large(limit)
+            raise _too_large(limit, "the image URL's body")
         body = bytearray()
         async for piece in response.aiter_bytes():  # decoded bytes: a gzip bomb hits the cap too
             body += piece
             if len(body) > limit:
-                raise _too_large(limit)
+                raise _too_large(limit, "the image URL's body")
         if not body:
             raise _Refused("the image host sent an empty body")
         return bytes(body)
@@ -304,6 +314,13 @@ class UrlSource:
         for address in addresses:
             allowed = is_public(address) or any(address in net for net in self.policy.allow_networks)
             if not allowed:
+                # The operator's log may say where, and how to allow it; the caller's answer never does.
+                log.warning(
+                    "image URL refused: host %s resolves to %s, not a public address; to let image URLs reach "
+                    "it, add the host or its network to LLAMASCOPE_IMAGE_FETCH_ALLOW (image_fetch_allow)",
+                    host,
+                    address,
+                )
                 # Say what kind of place it is, never which address.
                 raise _Refused("the image URL points to a private or local network address, which is not allowed")
         return addresses[0]

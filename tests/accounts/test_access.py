@@ -75,15 +75,36 @@ def test_grants(dashscope_sdk, server: Server, image_host) -> None:
 
 def test_used_up_allowance(dashscope_sdk, server: Server, image_host) -> None:
     key, key_id = new_key(server, models=[SEED_MODEL], allowance_tokens=40)
-    first = call(image_host.url("/red.png"), key, max_tokens=30)
-    assert first.status_code == HTTPStatus.OK  # admitted with allowance left, then charged in full
+    first = call(image_host.url("/red.png"), key, max_tokens=30, min_new_tokens=30)
+    assert first.status_code == HTTPStatus.OK  # admitted with allowance left, cut to what was left
     used = first.usage.input_tokens + first.usage.output_tokens
-    assert used > 40 and grant_of(server, key_id)["used_tokens"] == used
+    assert used == 40 and grant_of(server, key_id)["used_tokens"] == used
     refused = call(image_host.url("/red.png"), key, max_tokens=2)
     assert (refused.status_code, refused.code) == (403, "AllocationQuota.FreeTierOnly")
     assert re.search(r"was used up on \d{4}-\d\d-\d\d", refused.message)
     events = list(call(image_host.url("/red.png"), key, stream=True))
     assert (events[0].status_code, events[0].code) == (403, "AllocationQuota.FreeTierOnly")
+
+
+def test_an_allowance_caps_max_tokens(dashscope_sdk, server: Server, image_host) -> None:
+    """Issue 13, item 8: a request may make only what its allowance has left, so at the default max_tokens
+    (512) a 50-token allowance is charged 50, not 531; and a request whose prompt alone is more than what is
+    left makes one token, overrunning by less than its prompt. Usage reports what was made."""
+    key, key_id = new_key(server, model=SEED_MODEL, allowance=50)
+    r = call(image_host.url("/red.png"), key, min_new_tokens=600)  # the model may not stop early
+    assert r.status_code == HTTPStatus.OK, r
+    prompt = r.usage.input_tokens
+    assert prompt < 50
+    assert r.usage.output_tokens == 50 - prompt and r.output.choices[0].finish_reason == "length"
+    assert grant_of(server, key_id)["used_tokens"] == 50
+    assert call(image_host.url("/red.png"), key).code == "AllocationQuota.FreeTierOnly"
+
+    key, key_id = new_key(server, model=SEED_MODEL, allowance=5)
+    r = call(image_host.url("/red.png"), key, max_tokens=100, stream=True, incremental_output=True)
+    *_, last = list(r)
+    assert last.status_code == HTTPStatus.OK and last.usage.output_tokens == 1
+    used = grant_of(server, key_id)["used_tokens"]
+    assert used == last.usage.input_tokens + 1 and used - 5 <= last.usage.input_tokens
 
 
 def test_expired_allowance(dashscope_sdk, server: Server, image_host) -> None:

@@ -123,3 +123,45 @@ def test_settling_at_once_never_waits_for_the_write_lock(tmp_path: Path) -> None
     store.checkpoint()
     assert store.find_grant(key.id, "m").used_tokens == 17
     assert [r["requests"] for r in store.usage()] == [2]
+
+
+def test_a_key_is_found_by_itself_by_its_id_and_by_a_prefix(store: AccountStore) -> None:
+    """Issue 13, item 1: a whole key, or a prefix longer than the 7 characters kept, found nothing."""
+    key, view = store.create_key("a")
+    assert store.key(key) == view and store.key(view.id) == view and store.key(str(view.id)) == view
+    assert store.key(key[:7]) == view and store.key(key[:20]) == view and store.key(key[:7] + "…") == view
+    with pytest.raises(LookupError, match="no key"):
+        store.key(key[:-1] + ("0" if key[-1] != "0" else "1"))  # a whole key matches by its hash only
+    with pytest.raises(LookupError, match="too short"):
+        store.key("sk-")
+
+
+def test_a_grant_for_every_model_and_a_models_own(store: AccountStore) -> None:
+    """Issue 13, item 2: one grant ('*') covers every model; a model's own grant goes first."""
+    _, key = store.create_key()
+    store.grant(key.id, "*", 1000, None)
+    assert store.find_grant(key.id, "anything").model == "*"
+    store.grant(key.id, "m", 50, None)
+    assert store.find_grant(key.id, "m").model == "m" and store.find_grant(key.id, "other").model == "*"
+    held = store.reserve(key.id, "other", 100)
+    assert held.model == "other" and store.find_grant(key.id, "x").reserved_tokens == 100
+    store.settle(held, "r1", 10, 20, 0, "ok")
+    assert store.find_grant(key.id, "m").used_tokens == 0 and store.find_grant(key.id, "y").used_tokens == 30
+    [row] = store.requests(key.id)
+    assert (row["model"], row["status"], row["output_tokens"]) == ("other", "ok", 20)
+
+
+def test_a_hold_is_cut_to_what_the_allowance_has_left(store: AccountStore) -> None:
+    """Issue 13, item 8: the reservation (prompt + max_tokens) is cut to what is left, at least prompt + 1."""
+    _, key = store.create_key()
+    store.grant(key.id, "m", 100, None)
+    first = store.reserve(key.id, "m", 60, prompt_tokens=10)
+    assert first.tokens == 60
+    second = store.reserve(key.id, "m", 60, prompt_tokens=10)
+    assert second.tokens == 40  # what the first left
+    assert store.reserve(key.id, "m", 60, prompt_tokens=10) is None  # nothing left: refused
+    store.settle(first, "a", 10, 50, 0, "ok")
+    store.settle(second, "b", 10, 20, 0, "ok")
+    third = store.reserve(key.id, "m", 60, prompt_tokens=25)
+    assert third.tokens == 26  # 20 left, less than the prompt: the prompt and one token
+    assert store.find_grant(key.id, "m").reserved_tokens == 26

@@ -110,3 +110,80 @@ def test_raw_stream_framing(server: Server, image_host) -> None:
         assert block.startswith("data: {")
         chunk = json.loads(block[6:])
         assert chunk["object"] == "chat.completion.chunk" and chunk["usage"] is None
+
+
+def test_what_newer_clients_send(client: openai.OpenAI, image_host) -> None:
+    """Issue 13: `role: "developer"` was refused and `models.retrieve(id)` got 404."""
+    chat = [{"role": "developer", "content": "Answer briefly."}, *messages(image_host.url("/red.png"))]
+    r = client.chat.completions.create(model=SEED_MODEL, messages=chat, max_tokens=2)
+    assert r.choices[0].message.content and r.usage.completion_tokens == 2
+    model = client.models.retrieve(SEED_MODEL)
+    assert (model.id, model.object) == (SEED_MODEL, "model")
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4o")
+    assert missing.value.body["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+        ("tool_choice", "required"),
+        ("response_format", {"type": "json_object"}),
+        ("presence_penalty", 0.5),
+    ],
+)
+def test_what_cannot_be_honoured_is_refused_naming_it(client: openai.OpenAI, image_host, field: str, value) -> None:
+    """Issue 13: tools, response_format and logprobs were silently ignored, answered as if honoured."""
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(
+            model=SEED_MODEL, messages=messages(image_host.url("/red.png")), max_tokens=2, **{field: value}
+        )
+    assert bad.value.body["param"] == field and f"Parameter {field}:" in bad.value.body["message"]
+    # What changes nothing is accepted.
+    r = client.chat.completions.create(
+        model=SEED_MODEL, messages=messages(image_host.url("/red.png")), max_tokens=1, response_format={"type": "text"}
+    )
+    assert r.usage.completion_tokens == 1
+
+
+def test_errors_speak_this_modes_language(client: openai.OpenAI, image_host) -> None:
+    """Issue 13: errors said `input.messages` and left `param` empty."""
+    for kwargs, param, said in [
+        ({"messages": "hello"}, "messages", "messages must be a list"),
+        ({"messages": [{"role": "user", "content": "no image"}]}, "messages", "messages"),
+        ({"messages": messages(image_host.url("/red.png")), "top_p": 5}, "top_p", "top_p"),
+        ({"messages": messages(image_host.url("/red.png")), "model": "nope"}, "model", "Model not exist"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(**{"model": SEED_MODEL, "max_tokens": 1, **kwargs})
+        body = bad.value.body
+        assert body["param"] == param and said in body["message"] and "input.messages" not in body["message"], body
+
+
+def test_logprobs_come_from_the_sampler(client: openai.OpenAI, image_host) -> None:
+    """Issue 13: logprobs were silently ignored. Greedy, each token is its step's likeliest; streamed the same."""
+    kwargs = {
+        "model": SEED_MODEL,
+        "messages": messages(image_host.url("/red.png")),
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
+    r = client.chat.completions.create(**kwargs)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for item in content:
+        rivals = [t.logprob for t in item.top_logprobs]
+        assert len(rivals) == 3 and rivals == sorted(rivals, reverse=True) and rivals[0] <= 0
+        assert item.logprob == pytest.approx(rivals[0], abs=1e-5)  # greedy: the likeliest (or tied with it)
+        assert item.bytes == list(item.token.encode())
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    streamed = [i for c in chunks if c.choices and c.choices[0].logprobs for i in c.choices[0].logprobs.content]
+    assert [(i.token, round(i.logprob, 4)) for i in streamed] == [(i.token, round(i.logprob, 4)) for i in content]
+    plain = client.chat.completions.create(model=SEED_MODEL, messages=kwargs["messages"], max_tokens=1)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(**{**kwargs, "logprobs": False})
+    assert bad.value.body["param"] == "top_logprobs"

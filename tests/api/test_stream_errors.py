@@ -27,7 +27,7 @@ from llamascope.conversation.service import ConversationService
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
 from llamascope.images.intake import ImageIntake
 from llamascope.images.uploads import UploadStore
-from llamascope.settings import ModelSpec, Settings
+from llamascope.settings import Settings
 from tests.conftest import API_KEY, free_port, user_turn
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
@@ -65,7 +65,7 @@ def failing_server(image_host, tmp_path_factory: pytest.TempPathFactory) -> Iter
     settings = Settings.load(image_fetch_allow=["127.0.0.1"])
     accounts = AccountStore.for_path(tmp_path_factory.mktemp("accounts") / "accounts.db")
     accounts.migrate()
-    admin.seed_keys(accounts, [API_KEY], {"flaky": ModelSpec(path="scripted")})
+    admin.seed_keys(accounts, [API_KEY])
     service = ConversationService(
         {"flaky": FailingEngine(["Hello", " there"])}, ImageIntake.from_settings(settings), Accounts(accounts)
     )

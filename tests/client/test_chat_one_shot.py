@@ -5,6 +5,7 @@ Its standard output is a pipe here, so the answer comes as plain text, exactly.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, SEED_MODEL, ImageHost, Server, free_port, png_bytes
+from tests.conftest import ADMIN_KEY, SEED_MODEL, ImageHost, Server, free_port, png_bytes, user_turn
 
 GREEDY = ["-o", "temperature", "0", "-o", "max_tokens", "12"]
 
@@ -85,10 +86,16 @@ def test_options_override_the_environment_and_choose_the_model(server: Server, p
 def used_up_key(server: Server) -> str:
     r = httpx.post(
         server.base + "/admin/keys",
-        json={"name": "used up", "allowance_tokens": 0},
+        json={"name": "used up", "allowance": 1},  # every model; an allowance is at least 1 token: spend it
         headers={"Authorization": f"Bearer {ADMIN_KEY}"},
     )
-    return r.json()["data"]["api_key"]
+    key = r.json()["data"]["api_key"]
+    image = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    spend = {"model": SEED_MODEL, "input": {"messages": [user_turn(image)]}, "parameters": {"max_tokens": 1}}
+    path = "/api/v1/services/aigc/multimodal-generation/generation"
+    spent = httpx.post(server.base + path, json=spend, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert spent.status_code == 200, spent.text
+    return key
 
 
 @pytest.mark.parametrize(

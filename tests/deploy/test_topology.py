@@ -27,8 +27,8 @@ from tests.accounts.test_replicas import fresh_database
 from tests.conftest import CACHE_DIR, SEED_MODEL, Server, free_port, png_bytes, start_server
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
-ENGINE_KEY = "sk-" + "e" * 40
-FIRST_KEY = "sk-" + "f" * 40
+ENGINE_KEY = "sk-e3b0c44298fc1c149afbf4c8996fb92427ae41e4"  # keys of the settings must be hard to guess
+FIRST_KEY = "sk-f1d2d2f924e986ac86fdf7b36c94bcdf32beec15"
 SECRET = "topology-upload-secret-" + "1" * 40
 
 NGINX_CONF = """
@@ -238,7 +238,7 @@ def test_sdk_through_nginx_streams_and_uploads(topology: Topology, tmp_path: Pat
 
 
 def test_allowance_race_across_replicas_overruns_at_most_once(topology: Topology) -> None:
-    key = new_key(topology, "--allowance", "300")
+    key = new_key(topology, "--model", SEED_MODEL, "--allowance", "300")
     responses = asyncio.run(burst(topology, key, 12, max_tokens=40, temperature=0))
     statuses = [r.status_code for r in responses]
     served = [r for r in responses if r.status_code == 200]

@@ -111,10 +111,13 @@ def refused(url: str, policy: FetchPolicy) -> errors.ServiceError:
     return info.value
 
 
-def test_loopback_refused_by_default(host: str) -> None:
+def test_loopback_refused_by_default(host: str, caplog: pytest.LogCaptureFixture) -> None:
     error = refused(host + "/ok", FetchPolicy())
     assert error.status == 400 and "private or local network" in error.message
-    assert "127.0.0.1" not in error.message
+    assert "127.0.0.1" not in error.message and "ALLOW" not in error.message
+    # The operator's log says which address, and how to allow it (issue 13).
+    [line] = [r.getMessage() for r in caplog.records if "image URL refused" in r.getMessage()]
+    assert "127.0.0.1" in line and "LLAMASCOPE_IMAGE_FETCH_ALLOW" in line
 
 
 def test_names_that_resolve_to_loopback_are_refused(host: str) -> None:
@@ -139,8 +142,11 @@ def test_every_redirect_hop_is_checked(host: str) -> None:
 
 def test_byte_cap_counts_what_arrives(host: str) -> None:
     small = FetchPolicy.from_allow_list(["127.0.0.0/8"], max_bytes=100_000)
-    assert "Exceeded limit on max bytes" in refused(host + "/endless", small).message
-    assert "Exceeded limit on max bytes" in refused(host + "/declares-huge", small).message
+    # Issue 13, item 10: a URL's body was refused as a "data-uri item"; say what it was.
+    for path in ("/endless", "/declares-huge"):
+        message = refused(host + path, small).message
+        assert "the image URL's body is larger than the limit of 100000 bytes" in message
+        assert "data-uri" not in message
 
 
 def test_stalled_host_times_out() -> None:

@@ -31,8 +31,9 @@ async def answer(request: Request, reply: Reply, render: sse.Render) -> Response
             lambda events: sse.stream(reply, events, request_id, request.state, render),
             media_type=sse.MEDIA_TYPE,
             headers=sse.HEADERS,
+            last_words=lambda error, n: sse.error_block(n, error, request_id),
         )
-    text = await unless_disconnected(request, reply.complete())
+    text = await unless_disconnected(request, reply.complete(), reply)
     if text is None:
         return Response(status_code=CLIENT_CLOSED)
     assert reply.finish_reason is not None

@@ -18,9 +18,10 @@ from llamascope import errors
 from llamascope.api.incoming import envelope
 from llamascope.api.native.protocol import EXAMPLE_IMAGE, MaxTokens, Sampling
 from llamascope.conversation.service import Usage
+from llamascope.engines.base import TokenLogprob
 
 # Sampling fields that mean the same in both dialects; DashScope extras ride at the top level.
-_SAME = ("temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty")
+_SAME = ("temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty", "logprobs", "top_logprobs")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class ChatRequest:
         body = envelope(body)
         if body.get("n") not in (None, 1):
             raise errors.invalid_parameter("Parameter n: only one choice per request is supported.")
+        _refuse_unserved(body)
         parameters = {name: body[name] for name in _SAME if body.get(name) is not None}
         for name in ("max_completion_tokens", "max_tokens"):  # the first given, under its own name for errors
             if body.get(name) is not None:
@@ -56,10 +58,56 @@ class ChatRequest:
         return cls(body["model"], _messages(body.get("messages")), parameters, stream, include_usage)
 
 
+def _unserved(body: dict[str, Any]) -> tuple[str, str] | None:
+    """The first field of the request this server cannot honour, and why; None if it can honour them all.
+
+    Answering as if it had been honoured (a tool call never made, text where JSON was promised, no log
+    probabilities) would mislead the caller; fields that change nothing when left alone are accepted."""
+    if body.get("tools"):
+        return "tools", "tool calls are not supported by these models here"
+    if body.get("functions"):
+        return "functions", "function calls are not supported by these models here"
+    if body.get("tool_choice") not in (None, "none"):
+        return "tool_choice", "tool calls are not supported by these models here"
+    if body.get("function_call") not in (None, "none"):
+        return "function_call", "function calls are not supported by these models here"
+    response_format = body.get("response_format")
+    if response_format is not None and not (
+        isinstance(response_format, dict) and response_format.get("type") == "text"
+    ):
+        return "response_format", 'only {"type": "text"} is supported (no JSON mode or JSON schema)'
+    if body.get("logit_bias"):
+        return "logit_bias", "logit biases are not supported"
+    for name in ("frequency_penalty", "presence_penalty"):
+        if body.get(name) not in (None, 0):
+            return name, "not supported; repetition_penalty (a top-level field) is"
+    modalities = body.get("modalities")
+    if modalities not in (None, ["text"]):
+        return "modalities", 'only ["text"] is supported'
+    if body.get("audio") is not None:
+        return "audio", "audio output is not supported"
+    if body.get("prediction") is not None:
+        return "prediction", "predicted outputs are not supported"
+    return None
+
+
+def _refuse_unserved(body: dict[str, Any]) -> None:
+    unserved = _unserved(body)
+    if unserved is not None:
+        name, why = unserved
+        raise errors.invalid_parameter(f"Parameter {name}: {why}.")
+
+
 def _messages(messages: Any) -> Any:
     if not isinstance(messages, list):
         return messages  # the conversation rules say what is wrong with it
-    return [{**m, "content": _content(m.get("content"))} if isinstance(m, dict) else m for m in messages]
+    return [_message(m) if isinstance(m, dict) else m for m in messages]
+
+
+def _message(message: dict[str, Any]) -> dict[str, Any]:
+    # "developer" is newer OpenAI clients' name for the system message.
+    role = "system" if message.get("role") == "developer" else message.get("role")
+    return {**message, "role": role, "content": _content(message.get("content"))}
 
 
 def _content(content: Any) -> Any:
@@ -180,11 +228,34 @@ class Message(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobBody(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+    @classmethod
+    def of(cls, item: TokenLogprob) -> TokenLogprobBody:
+        rivals = [TopLogprob(token=t, logprob=p, bytes=list(t.encode())) for t, p in item.top]
+        return cls(token=item.text, logprob=item.logprob, bytes=list(item.text.encode()), top_logprobs=rivals)
+
+
+class Logprobs(BaseModel):
+    content: list[TokenLogprobBody]
+
+    @classmethod
+    def of(cls, items: list[TokenLogprob] | None) -> Logprobs | None:
+        return None if items is None else cls(content=[TokenLogprobBody.of(i) for i in items])
+
+
 class Choice(BaseModel):
     index: int = 0
     message: Message
     finish_reason: str = Field(json_schema_extra={"enum": ["stop", "length"]})
-    logprobs: None = None
+    logprobs: Logprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -197,12 +268,21 @@ class ChatCompletion(BaseModel):
     system_fingerprint: None = None
 
     @classmethod
-    def of(cls, request_id: str, model: str, text: str, finish: str, usage: Usage) -> ChatCompletion:
+    def of(
+        cls,
+        request_id: str,
+        model: str,
+        text: str,
+        finish: str,
+        usage: Usage,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> ChatCompletion:
+        choice = Choice(message=Message(content=text), finish_reason=finish, logprobs=Logprobs.of(logprobs))
         return cls(
             id=completion_id(request_id),
             created=int(time.time()),
             model=model,
-            choices=[Choice(message=Message(content=text), finish_reason=finish)],
+            choices=[choice],
             usage=UsageBody.of(usage),
         )
 
@@ -211,7 +291,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Message  # a delta has a message's shape: role and (new) content
     finish_reason: str | None = Field(None, json_schema_extra={"enum": ["stop", "length", None]})
-    logprobs: None = None
+    logprobs: Logprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

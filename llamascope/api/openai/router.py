@@ -28,6 +28,7 @@ from llamascope.api.openai.protocol import (
     ChatRequest,
     ChunkChoice,
     ErrorBody,
+    Logprobs,
     Message,
     ModelEntry,
     ModelList,
@@ -50,6 +51,7 @@ async def _stream(
     reply: Reply, events: AsyncIterator[Event], request_id: str, include_usage: bool, state: object
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
+    wants_logprobs = reply.options.sampling.logprobs is not None
 
     def chunk(choices: list[ChunkChoice], usage: UsageBody | None = None) -> bytes:
         body = ChatCompletionChunk(
@@ -61,7 +63,8 @@ async def _stream(
         async for event in events:
             finish = event.finish_reason.value if event.finish_reason else None
             if event.delta or finish:
-                yield chunk([ChunkChoice(delta=Message(content=event.delta), finish_reason=finish)])
+                logprobs = Logprobs.of(event.logprobs) if wants_logprobs else None
+                yield chunk([ChunkChoice(delta=Message(content=event.delta), finish_reason=finish, logprobs=logprobs)])
         if include_usage:
             yield chunk([], UsageBody.of(reply.usage))
         yield _data("[DONE]")
@@ -80,13 +83,29 @@ async def chat_completions(request: Request) -> Response:
             lambda events: _stream(reply, events, request_id, call.include_usage, request.state),
             media_type="text/event-stream; charset=utf-8",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            last_words=lambda error, _n: _data(openai_error_body(error, request_id)),
         )
-    text = await unless_disconnected(request, reply.complete())
+    text = await unless_disconnected(request, reply.complete(), reply)
     if text is None:
         return Response(status_code=CLIENT_CLOSED)
     assert reply.finish_reason is not None
-    body = ChatCompletion.of(request_id, reply.model, text, reply.finish_reason.value, reply.usage)
+    logprobs = reply.logprobs if reply.options.sampling.logprobs is not None else None
+    body = ChatCompletion.of(request_id, reply.model, text, reply.finish_reason.value, reply.usage, logprobs)
     return JSONResponse(body.model_dump())
+
+
+def _model(name: str, service: ConversationService) -> dict[str, object]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "llamascope",
+        "test_model": _is_test(name, service),
+    }
+
+
+def _is_test(name: str, service: ConversationService) -> bool:
+    return service.engines[name].info.test_model
 
 
 async def tokenize(request: Request) -> JSONResponse:
@@ -105,8 +124,17 @@ async def tokenize(request: Request) -> JSONResponse:
 
 async def list_models(request: Request) -> JSONResponse:
     service: ConversationService = request.app.state.service
-    data = [ModelEntry(id=name, test_model=engine.info.test_model) for name, engine in service.engines.items()]
+    data = [ModelEntry(**_model(name, service)) for name in service.engines]  # type: ignore[arg-type]
     return JSONResponse(ModelList(data=data).model_dump())
+
+
+async def retrieve_model(request: Request) -> JSONResponse:
+    """``client.models.retrieve(id)``."""
+    service: ConversationService = request.app.state.service
+    name = request.path_params["model"]
+    if name not in service.engines:
+        raise errors.ServiceError(404, "model_not_found", f"The model {name!r} does not exist.")
+    return JSONResponse(ModelEntry(**_model(name, service)).model_dump())  # type: ignore[arg-type]
 
 
 # Plain Starlette routes for the hot path: FastAPI's per-request dependency solving has nothing to do here.
@@ -118,6 +146,7 @@ STREAM = openapi.Stream(
 for prefix in PREFIXES:
     router.add_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
     router.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
+    router.add_api_route(f"{prefix}/models/{{model:path}}", retrieve_model, methods=["GET"])
     openapi.operation(
         "POST",
         f"{prefix}/chat/completions",
@@ -130,6 +159,9 @@ for prefix in PREFIXES:
         refusals=(403, 408, 429, 500, 503),
     )
     openapi.operation("GET", f"{prefix}/models", "Served models", tag="compatible-mode", ok=ModelList)
+    openapi.operation(
+        "GET", f"{prefix}/models/{{model}}", "A served model", tag="compatible-mode", ok=ModelEntry, refusals=(404,)
+    )
 router.add_route("/tokenize", tokenize, methods=["POST"])  # where vLLM serves it: beside /v1, not in it
 openapi.operation(
     "POST",

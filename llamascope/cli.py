@@ -158,6 +158,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from llamascope.accounts import admin
     from llamascope.accounts.admission import Accounts
+    from llamascope.accounts.checkpoints import Checkpoints
     from llamascope.api.app import create_app
     from llamascope.conversation.service import ConversationService
     from llamascope.engines.mllama import ModelLoadError
@@ -167,8 +168,14 @@ def serve(args: argparse.Namespace) -> int:
 
     threads = configure_torch(settings.torch_threads)
     store = open_store(settings)
-    if store.is_sqlite:
-        store.forget_reservations()  # one server per SQLite file: nothing else can be holding any
+    checkpoints = Checkpoints(
+        store,
+        seconds=settings.checkpoint_seconds,
+        tokens=settings.checkpoint_tokens,
+        wait_seconds=settings.checkpoint_wait_seconds,
+        lease_seconds=settings.lease_seconds,
+    )
+    checkpoints.start()  # charges what requests interrupted by a crash had made
     admin.seed_keys(store, settings.api_keys, settings.models)
     first_key = None
     if store.count_keys() == 0:
@@ -187,7 +194,9 @@ def serve(args: argparse.Namespace) -> int:
         policy_seconds=settings.upload_policy_seconds,
         max_bytes=settings.upload_max_bytes,
     )
-    service = ConversationService(engines, ImageIntake.from_settings(settings, uploads_store), Accounts(store))
+    service = ConversationService(
+        engines, ImageIntake.from_settings(settings, uploads_store), Accounts(store, checkpoints=checkpoints)
+    )
     app = create_app(
         service,
         uploads_store,

@@ -115,11 +115,14 @@ def keys_table(rows: list[tuple[KeyView, list[GrantView]]]) -> str:
 
 
 def usage_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'day':<10}  {'key':<10} {'model':<32} {'requests':>8} {'input':>10} {'output':>10} {'image':>10}"]
-    for r in rows:
+    lines = [
+        f"{'day':<10}  {'key':<10} {'model':<32} {'requests':>8} {'input':>10} {'output':>10} {'image':>10} "
+        f"{'interrupted':>11}"
+    ]
+    for r in rows:  # interrupted: requests a crash cut short, charged as far as their last checkpoint
         lines.append(
             f"{r['day']:<10}  {r['prefix'] + '…':<10} {r['model'][:32]:<32} {r['requests']:>8} "
-            f"{r['input_tokens']:>10} {r['output_tokens']:>10} {r['image_tokens']:>10}"
+            f"{r['input_tokens']:>10} {r['output_tokens']:>10} {r['image_tokens']:>10} {r['interrupted']:>11}"
         )
     if len(lines) == 1:
         lines.append("(no requests yet)")

@@ -15,8 +15,9 @@ the engine made (a checkpoint records the engine's own counts).
 
 The same thread renews this replica's lease (every third of ``lease_seconds``), reclaims replicas that
 are gone (``AccountStore.reclaim``: a lease run out, or a process that no longer exists on this host, as
-after a SIGKILL and restart), and retries charges that failed while the store was unreachable, so that
-no finished request's ledger row is lost when the database comes back.
+after a SIGKILL and restart; after the store was unreachable, only once it has answered for a whole
+lease, since no replica could renew meanwhile), and retries charges that failed while the store was
+unreachable, so that no finished request's ledger row is lost when the database comes back.
 """
 
 from __future__ import annotations
@@ -189,6 +190,10 @@ class Checkpoints:
                 if not self._failing:
                     log.error("accounts store: checkpoints not saved, retrying: %s", str(exc).splitlines()[0])
                 self._failing = True
+                # Other replicas could not renew their leases either: once the store is back, renew ours at
+                # once and give theirs a whole lease before taking any of them for dead.
+                next_lease = now
+                next_reclaim = max(next_reclaim, now + self.lease_seconds)
                 time.sleep(min(tick, 0.25))
             else:
                 if self._failing:

@@ -381,8 +381,11 @@ class AccountStore:
         return bool(renewed)
 
     def end_lease(self, replica_id: str) -> bool:
-        """Give the lease up at a clean stop, unless requests of this replica are still in flight."""
+        """Give the lease up at a clean stop, unless requests of this replica are still in flight (rows of
+        requests already in the ledger, put back by a checkpoint written while they settled, do not count)."""
         with self.engine.begin() as connection:
+            mine = InFlight.replica_id == replica_id
+            connection.execute(delete(InFlight).where(mine, InFlight.request_id.in_(select(UsageRecord.request_id))))
             if connection.execute(select(InFlight.request_id).where(InFlight.replica_id == replica_id)).first():
                 return False
             connection.execute(delete(Replica).where(Replica.id == replica_id))

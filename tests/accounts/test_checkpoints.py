@@ -88,7 +88,15 @@ def test_leases_and_processes(store: AccountStore) -> None:  # noqa: F811
     assert store.hold_lease("a", "h", "1:1", 30) is False  # taken, not renewed
     assert store.hold_lease("a", "h", "1:1", 30) is True
     assert [(r[0], r[3]) for r in store.replicas()] == [("a", False)]
-    assert store.end_lease("a") and store.replicas() == []
+    _, key = store.create_key()
+    grant = store.grant(key.id, "m", None, days=None)
+    now = utcnow()
+    row = {"request_id": "x", "replica_id": "a", "grant_id": grant.id, "key_id": key.id, "model": "m"}
+    row |= {"reserved_tokens": 0, "input_tokens": 1, "output_tokens": 2, "image_tokens": 0}
+    store.save_checkpoints([row | {"started_at": now, "checkpoint_at": now}])
+    assert not store.end_lease("a")  # a request of its own still in flight
+    store.settle(Reservation(grant.id, key.id, "m", 0, now), "x", 1, 2, 0, "ok")  # the row put back after it
+    assert store.end_lease("a") and store.replicas() == [] and _count(store, "in_flight") == 0
     assert process_alive(this_process())
     pid, _, started = this_process().partition(":")
     assert not process_alive(f"{pid}:{int(started) + 1}")  # the same pid, another process

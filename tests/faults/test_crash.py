@@ -19,7 +19,7 @@ from llamascope.accounts.store import AccountStore
 from tests.conftest import ROOT, SEED_MODEL, start_server
 from tests.faults.conftest import Stream, until
 
-WINDOW = 16  # LLAMASCOPE_CHECKPOINT_TOKENS in these tests: small, so that a few dozen tokens cross it
+WINDOW = 8  # LLAMASCOPE_CHECKPOINT_TOKENS in these tests: small, so that a few dozen tokens cross it
 IN_FLIGHT_EVENT = 8  # at most this many tokens in the one event a dying server had not sent yet
 
 

@@ -19,7 +19,7 @@ from llamascope.accounts.store import AccountStore
 from tests.conftest import ROOT, SEED_MODEL, Server, generation_body, start_server
 from tests.faults.conftest import PATH, Postgres, Stream, until
 
-WINDOW = 16
+WINDOW = 8
 
 
 @pytest.fixture(scope="module")

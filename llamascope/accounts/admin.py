@@ -7,6 +7,8 @@ from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
+
 from llamascope.accounts.store import AccountStore, GrantView, KeyView, utcnow
 from llamascope.settings import ModelSpec
 
@@ -70,13 +72,26 @@ def create_key(
 
 
 def seed_keys(store: AccountStore, keys: Iterable[str], specs: Mapping[str, ModelSpec]) -> None:
-    """Keys from settings: stored (by hash) if new, and granted every served model without limit."""
+    """Keys from settings: stored (by hash) if new, and granted every served model without limit.
+
+    Replicas started together seed the same keys at once: one that finds another's key or grant stored
+    between its look-up and its write looks again."""
     for key in keys:
-        view = store.find_key(key) or store.create_key("from settings", key=key)[1]
-        for model in specs:
-            grant = store.find_grant(view.id, model)
-            if grant is None or grant.allowance_tokens is not None or grant.expires_at is not None:
-                store.grant(view.id, model, None, None)
+        for attempt in range(3):
+            try:
+                _seed_key(store, key, specs)
+                break
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+
+
+def _seed_key(store: AccountStore, key: str, specs: Mapping[str, ModelSpec]) -> None:
+    view = store.find_key(key) or store.create_key("from settings", key=key)[1]
+    for model in specs:
+        grant = store.find_grant(view.id, model)
+        if grant is None or grant.allowance_tokens is not None or grant.expires_at is not None:
+            store.grant(view.id, model, None, None)
 
 
 def describe(view: KeyView, grants: list[GrantView]) -> dict[str, Any]:

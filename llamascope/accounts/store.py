@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 from sqlalchemy import BigInteger, bindparam, case, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql as postgresql_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -124,7 +124,8 @@ class AccountStore:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         # A database that does not answer is an error within seconds, never a request that hangs.
-        connect_args = {} if self.is_sqlite else {"connect_timeout": 5}
+        libpq = make_url(url).get_driver_name() in ("psycopg", "psycopg2")
+        connect_args = {"connect_timeout": 5} if libpq else {}
         self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite, connect_args=connect_args)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)

@@ -221,6 +221,7 @@ def serve(args: argparse.Namespace) -> int:
     else:
         lines.append(f"API keys: {store.count_keys()} in {_safe_url(store.url)} (`llamascope keys list`)")
     lines.append(f"SDK: export DASHSCOPE_HTTP_BASE_URL={base}/api/v1 DASHSCOPE_API_KEY=<the key>")
+    lines.append(f"Playground: {base}/ in a browser")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
     config = uvicorn.Config(

@@ -11,7 +11,7 @@ import anyio
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
-from llamascope import __version__, errors
+from llamascope import __version__, errors, web
 from llamascope.api import admin, operations, uploads
 from llamascope.api import errors as api_errors
 from llamascope.api.middleware import Authentication, BodyLimit, RequestContext
@@ -23,8 +23,10 @@ from llamascope.settings import ModelSpec
 
 log = logging.getLogger(__name__)
 
-# The upload POST carries no key: its signed policy authorises it.
-PUBLIC_PATHS = frozenset({"/health", uploads.OBJECTS_PATH})
+# The upload POST carries no key: its signed policy authorises it. The playground page needs none
+# (its API calls carry the key typed into it), nor does "/", which sends browsers to it.
+PUBLIC_PATHS = frozenset({"/health", uploads.OBJECTS_PATH, "/", web.PLAYGROUND_PATH})
+PUBLIC_PREFIXES = (web.PLAYGROUND_PATH + "/",)
 PURGE_EVERY_SECONDS = 600
 
 
@@ -68,11 +70,19 @@ def create_app(
     app.include_router(uploads.router)
     app.include_router(operations.router)
     app.include_router(admin.router)
+    app.include_router(web.router)
+    app.mount(web.PLAYGROUND_PATH, web.playground_files())
     app.add_exception_handler(errors.ServiceError, api_errors.on_service_error)
     app.add_exception_handler(HTTPException, api_errors.on_http_exception)
     app.add_exception_handler(Exception, api_errors.on_unexpected)
     # Added innermost first: a request meets RequestContext, then BodyLimit, then Authentication.
-    app.add_middleware(Authentication, accounts=service.accounts, public_paths=PUBLIC_PATHS, admin_key=admin_key)
+    app.add_middleware(
+        Authentication,
+        accounts=service.accounts,
+        public_paths=PUBLIC_PATHS,
+        public_prefixes=PUBLIC_PREFIXES,
+        admin_key=admin_key,
+    )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(RequestContext)
     return app

@@ -6,7 +6,8 @@
 - ``BodyLimit``: refuses bodies over the limit while they arrive, whatever
   Content-Length says.
 - ``Authentication``: applies ``accounts.keys.authenticate`` to every route
-  but the public ones.
+  but the public ones (exact paths, and prefixes such as the playground's
+  static files).
 """
 
 from __future__ import annotations
@@ -138,15 +139,22 @@ class Authentication:
     """Every route but the public ones needs a key: an API key, or the admin key under /admin/."""
 
     def __init__(
-        self, app: ASGIApp, accounts: Accounts, public_paths: frozenset[str], admin_key: str | None = None
+        self,
+        app: ASGIApp,
+        accounts: Accounts,
+        public_paths: frozenset[str],
+        admin_key: str | None = None,
+        public_prefixes: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.accounts = accounts
         self.public_paths = public_paths
+        self.public_prefixes = public_prefixes
         self.admin_key = admin_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.public_paths:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self.public_paths or path.startswith(self.public_prefixes):
             await self.app(scope, receive, send)
             return
         authorization = None

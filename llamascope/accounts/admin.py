@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 
@@ -74,24 +74,32 @@ def create_key(
 def seed_keys(store: AccountStore, keys: Iterable[str], specs: Mapping[str, ModelSpec]) -> None:
     """Keys from settings: stored (by hash) if new, and granted every served model without limit.
 
-    Replicas started together seed the same keys at once: one that finds another's key or grant stored
-    between its look-up and its write looks again."""
+    Replicas started together seed the same keys at once: a step that finds another replica's key or grant
+    stored between its look-up and its write looks again, and then finds it."""
     for key in keys:
-        for attempt in range(3):
-            try:
-                _seed_key(store, key, specs)
-                break
-            except IntegrityError:
-                if attempt == 2:
-                    raise
+        view = _looking_again(_stored_key, store, key)
+        for model in specs:
+            _looking_again(_unlimited_grant, store, view.id, model)
 
 
-def _seed_key(store: AccountStore, key: str, specs: Mapping[str, ModelSpec]) -> None:
-    view = store.find_key(key) or store.create_key("from settings", key=key)[1]
-    for model in specs:
-        grant = store.find_grant(view.id, model)
-        if grant is None or grant.allowance_tokens is not None or grant.expires_at is not None:
-            store.grant(view.id, model, None, None)
+def _stored_key(store: AccountStore, key: str) -> KeyView:
+    return store.find_key(key) or store.create_key("from settings", key=key)[1]
+
+
+def _unlimited_grant(store: AccountStore, key_id: int, model: str) -> None:
+    grant = store.find_grant(key_id, model)
+    if grant is None or grant.allowance_tokens is not None or grant.expires_at is not None:
+        store.grant(key_id, model, None, None)
+
+
+T = TypeVar("T")
+
+
+def _looking_again(step: Callable[..., T], *args: Any) -> T:
+    try:
+        return step(*args)
+    except IntegrityError:
+        return step(*args)
 
 
 def describe(view: KeyView, grants: list[GrantView]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Server, free_port, generation_body
+from tests.conftest import ADMIN_KEY, SEED_MODEL, Server, free_port, generation_body
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)
@@ -132,3 +132,11 @@ def until(condition, timeout: float = 120, what: str = "") -> None:  # type: ign
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or condition}")
         time.sleep(0.05)
+
+
+def limited_key(server: Server, allowance: int = 900_000) -> str:
+    """A new key with a token allowance (its requests hold reservations), through the admin API."""
+    body = {"models": [SEED_MODEL], "allowance_tokens": allowance}
+    r = httpx.post(server.base + "/admin/keys", json=body, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert r.status_code == 200, r.text
+    return str(r.json()["data"]["api_key"])

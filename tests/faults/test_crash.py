@@ -8,36 +8,29 @@ one event that was on its way when the process died.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from llamascope import cli
 from llamascope.accounts.store import AccountStore
-from tests.conftest import ROOT, SEED_MODEL, start_server
-from tests.faults.conftest import Stream, until
+from tests.conftest import SEED_MODEL, start_server
+from tests.faults.conftest import Stream, limited_key, until
 
 WINDOW = 8  # LLAMASCOPE_CHECKPOINT_TOKENS in these tests: small, so that a few dozen tokens cross it
 IN_FLIGHT_EVENT = 8  # at most this many tokens in the one event a dying server had not sent yet
 
 
-def llamascope(data: Path, *args: str) -> str:
-    env = {**os.environ, "LLAMASCOPE_DATA_DIR": str(data)}
-    done = subprocess.run(
-        [sys.executable, "-m", "llamascope", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
-def test_sigkill_mid_stream_then_restart_charges_what_was_delivered(tmp_path: Path, image_host) -> None:
+def test_sigkill_mid_stream_then_restart_charges_what_was_delivered(
+    tmp_path: Path, image_host, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = tmp_path / "data"
     env = {"LLAMASCOPE_CHECKPOINT_TOKENS": str(WINDOW)}
     server = start_server(tmp_path, env=env)
     # Half the streams on a key with an allowance (its reservation is held in the store), half unlimited.
-    limited = llamascope(data, "keys", "create", "--model", SEED_MODEL, "--allowance", "500000").split()[0]
+    limited = limited_key(server)
     image = image_host.url("/red.png")
     streams = [Stream(server, image, 3000, key=limited if i % 2 else "").start() for i in range(8)]
     until(lambda: all(s.delivered >= 3 * WINDOW for s in streams), what="every stream past 3 windows")
@@ -67,7 +60,10 @@ def test_sigkill_mid_stream_then_restart_charges_what_was_delivered(tmp_path: Pa
         assert any(g.allowance_tokens for g in grants.values())  # the limited key's reservations were released
         with store.engine.connect() as connection:
             assert connection.exec_driver_sql("SELECT count(*) FROM in_flight").scalar() == 0
-        report = llamascope(data, "usage")
+        monkeypatch.setenv("LLAMASCOPE_DATA_DIR", str(data))
+        capsys.readouterr()
+        assert cli.main(["usage"]) == 0  # `llamascope usage`, in this process
+        report = capsys.readouterr().out
         assert "interrupted" in report.splitlines()[0]
         assert sum(int(line.split()[-1]) for line in report.splitlines()[1:]) == 8, report
     finally:

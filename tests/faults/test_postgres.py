@@ -4,10 +4,7 @@ stopped under running streams gives clear errors, and the service recovers by it
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +13,8 @@ import httpx
 import pytest
 
 from llamascope.accounts.store import AccountStore
-from tests.conftest import ROOT, SEED_MODEL, Server, generation_body, start_server
-from tests.faults.conftest import PATH, Postgres, Stream, until
+from tests.conftest import SEED_MODEL, Server, generation_body, start_server
+from tests.faults.conftest import PATH, Postgres, Stream, limited_key, until
 
 WINDOW = 8
 
@@ -52,21 +49,11 @@ def _answers(server: Server) -> bool:
         return False
 
 
-def _limited_key(url: str, tmp: Path) -> str:
-    env = {**os.environ, "LLAMASCOPE_DATABASE_URL": url, "LLAMASCOPE_DATA_DIR": str(tmp)}
-    done = subprocess.run(
-        [sys.executable, "-m", "llamascope", "keys", "create", "--model", SEED_MODEL, "--allowance", "900000"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return done.stdout.split()[0]
-
-
 def test_a_killed_replica_is_reclaimed_once_by_the_others(
-    replicas: list[Server], postgres: Postgres, tmp_path: Path, image_host
+    replicas: list[Server], postgres: Postgres, image_host
 ) -> None:
     doomed, survivor = replicas
-    limited = _limited_key(postgres.url, tmp_path)
+    limited = limited_key(doomed)
     streams = [Stream(doomed, image_host.url("/red.png"), 3000, key=limited if i % 2 else "").start() for i in range(4)]
     until(lambda: all(s.delivered >= 2 * WINDOW for s in streams), what="tokens on the doomed replica")
     doomed.process.send_signal(signal.SIGKILL)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Any, TypeVar
-
-from sqlalchemy.exc import IntegrityError
+from typing import Any
 
 from llamascope.accounts.store import AccountStore, GrantView, KeyView, utcnow
 from llamascope.settings import ModelSpec
@@ -74,32 +73,24 @@ def create_key(
 def seed_keys(store: AccountStore, keys: Iterable[str], specs: Mapping[str, ModelSpec]) -> None:
     """Keys from settings: stored (by hash) if new, and granted every served model without limit.
 
-    Replicas started together seed the same keys at once: a step that finds another replica's key or grant
-    stored between its look-up and its write looks again, and then finds it."""
+    Replicas starting together on one store each try: a key or grant another stored a moment before (the
+    unique constraint refuses the second insert) is taken as it is.
+    """
+    from sqlalchemy.exc import IntegrityError
+
     for key in keys:
-        view = _looking_again(_stored_key, store, key)
+        view = store.find_key(key)
+        if view is None:
+            try:
+                view = store.create_key("from settings", key=key)[1]
+            except IntegrityError:
+                view = store.find_key(key)
+        assert view is not None
         for model in specs:
-            _looking_again(_unlimited_grant, store, view.id, model)
-
-
-def _stored_key(store: AccountStore, key: str) -> KeyView:
-    return store.find_key(key) or store.create_key("from settings", key=key)[1]
-
-
-def _unlimited_grant(store: AccountStore, key_id: int, model: str) -> None:
-    grant = store.find_grant(key_id, model)
-    if grant is None or grant.allowance_tokens is not None or grant.expires_at is not None:
-        store.grant(key_id, model, None, None)
-
-
-T = TypeVar("T")
-
-
-def _looking_again(step: Callable[..., T], *args: Any) -> T:
-    try:
-        return step(*args)
-    except IntegrityError:
-        return step(*args)
+            grant = store.find_grant(view.id, model)
+            if grant is None or grant.allowance_tokens is not None or grant.expires_at is not None:
+                with contextlib.suppress(IntegrityError):
+                    store.grant(view.id, model, None, None)
 
 
 def describe(view: KeyView, grants: list[GrantView]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from llamascope import errors
 from llamascope.accounts.access import bearer_key, grant_refusal, key_refusal
 from llamascope.accounts.checkpoints import Checkpoints, Progress
-from llamascope.accounts.limits import RateLimits
+from llamascope.accounts.limits import RateLimits, SharedRateLimits
 from llamascope.accounts.store import AccountStore, GrantView, KeyView, Reservation, utcnow
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class Admission:
     principal: Principal
     reservation: Reservation
     request_id: str
+    counted: bool = True  # by the rate limits (False: Redis was down and the request went on uncounted)
     progress: Progress | None = None  # what is on disk of it, when the accounts keep checkpoints
     settled: bool = field(default=False)
 
@@ -102,14 +103,17 @@ class Admission:
                 checkpoints.defer(progress, charge)
                 progress = None  # the writer finishes it once the charge is saved
             finally:
-                self.accounts.limits.leave(self.principal.key, input_tokens + output_tokens)
+                await self.accounts.limits.leave(self.principal.key, input_tokens + output_tokens, self.counted)
                 if checkpoints is not None and progress is not None:
                     checkpoints.finish(progress)
 
 
 class Accounts:
     def __init__(
-        self, store: AccountStore, limits: RateLimits | None = None, checkpoints: Checkpoints | None = None
+        self,
+        store: AccountStore,
+        limits: RateLimits | SharedRateLimits | None = None,
+        checkpoints: Checkpoints | None = None,
     ) -> None:
         self.store = store
         self.limits = limits or RateLimits()
@@ -165,7 +169,7 @@ class Accounts:
 
     async def admit(self, principal: Principal, grant: GrantView, tokens: int, request_id: str) -> Admission:
         """Hold ``tokens`` (the request's most) of the allowance and count the request in, or refuse."""
-        self.limits.enter(principal.key)
+        counted = await self.limits.enter(principal.key)
         model = grant.model
         checkpoints = self.checkpoints
         in_flight = (request_id, checkpoints.replica_id) if checkpoints is not None else None
@@ -185,7 +189,8 @@ class Accounts:
                     latest = await self.read(self.store.find_grant, principal.key.id, model)
                     raise grant_refusal(model, latest, utcnow()) or errors.internal_error()
         except BaseException:
-            self.limits.leave(principal.key, 0)
+            with anyio.CancelScope(shield=True):
+                await self.limits.leave(principal.key, 0, counted)
             raise
         progress = checkpoints.track(request_id, reservation, in_flight is not None) if checkpoints else None
-        return Admission(self, principal, reservation, request_id, progress)
+        return Admission(self, principal, reservation, request_id, counted, progress)

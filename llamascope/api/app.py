@@ -57,6 +57,7 @@ def create_app(
             await engine.close()
         service.intake.close()
         service.accounts.close()
+        await service.accounts.limits.aclose()
 
     app = FastAPI(
         title="llamascope", version=__version__, docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan

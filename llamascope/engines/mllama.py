@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import weakref
 from collections import deque
@@ -22,7 +23,7 @@ from typing import Any
 import anyio
 
 from llamascope import errors
-from llamascope.engines import attention
+from llamascope.engines import attention, devices
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
 from llamascope.engines.batching import BatchLimits, Message, Scheduler, Sequence, VisionCache
 from llamascope.engines.mllama_pixels import MllamaPixels
@@ -31,6 +32,12 @@ from llamascope.images import PreparedImage
 
 log = logging.getLogger(__name__)
 
+# Tests only, with fault injection on (``LLAMASCOPE_FAULT_INJECTION``): a conversation whose text holds
+# ``[[llamascope-fault:STAGE@N]]`` fails at that stage (prefill, decode: the model's step, sample: the
+# next-token choice; oom: the step runs out of device memory) once it has made N tokens, as a bug or a
+# bad row would, so tests can check that the failure stays with its request.
+FAULT = re.compile(r"\[\[llamascope-fault:(prefill|decode|sample|oom)@(\d+)\]\]")
+
 
 @dataclass
 class _Payload:
@@ -38,6 +45,7 @@ class _Payload:
 
     inputs: Any
     image: PreparedImage | None
+    fault: tuple[str, int] | None = None  # tests only: see ``FAULT``
 
 
 class ModelLoadError(Exception):
@@ -75,18 +83,21 @@ def check_model_dir(path: Path) -> dict[str, Any]:
     return config
 
 
-def _nf4_config(compute_dtype: Any, config: dict[str, Any]) -> Any:
-    """4-bit NF4 weights (bitsandbytes), computing in ``compute_dtype``; says what to install if it is missing.
+def _quantization_config(kind: str, compute_dtype: Any, config: dict[str, Any]) -> Any:
+    """bitsandbytes weights: 4-bit NF4 (``nf4``) or LLM.int8 (``int8``), computing in ``compute_dtype``.
 
-    bitsandbytes quantizes in blocks of 64 inputs: a part whose layers take fewer (or a number not a
-    multiple of 64) stays unquantized. For the real Llama 3.2 Vision models nothing is left out; the
-    tiny built-in model keeps its vision tower (width 32) and projector (96) as they are.
+    Says what to install if bitsandbytes is missing. bitsandbytes quantizes in blocks of 64 inputs: a part
+    whose layers take fewer (or a number not a multiple of 64) stays unquantized. For the real Llama 3.2
+    Vision models nothing is left out; the tiny built-in model keeps its vision tower (width 32) and
+    projector (96) as they are. int8 holds the 90B in about 90 GB, so it fits one 141 GB GPU.
     """
     from importlib.util import find_spec
 
     missing = [name for name in ("bitsandbytes", "accelerate") if find_spec(name) is None]
     if missing:
-        raise ModelLoadError(f"quantization 'nf4' needs {' and '.join(missing)}: pip install 'llamascope[quantized]'")
+        raise ModelLoadError(
+            f"quantization {kind!r} needs {' and '.join(missing)}: pip install 'llamascope[quantized]'"
+        )
     from transformers import BitsAndBytesConfig
 
     vision = config.get("vision_config", {})
@@ -95,6 +106,8 @@ def _nf4_config(compute_dtype: Any, config: dict[str, Any]) -> Any:
         keep.append("model.vision_model")
     if vision.get("vision_output_dim", 7680) % 64:
         keep.append("model.multi_modal_projector")
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         llm_int8_skip_modules=keep,
@@ -190,6 +203,7 @@ class MllamaEngine:
         template: str,
         limits: BatchLimits | None = None,
         vision_cache_bytes: int = 1 << 30,
+        faults: bool = False,
     ) -> None:
         if model.config.text_config._attn_implementation == "sdpa":  # SDPA, reading a shared image's states once
             attention.register()
@@ -214,8 +228,9 @@ class MllamaEngine:
         self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = weakref.WeakKeyDictionary()
         self._outboxes_lock = threading.Lock()  # the model thread flushes while a loop may add its own
         self.vision_cache = VisionCache(vision_cache_bytes)
+        self.faults = faults
         self.scheduler = Scheduler(
-            model, self._pixel_tensors, self.eos_ids, limits or BatchLimits(), self.vision_cache, self._flush
+            model, self._pixel_tensors, self.eos_ids, limits or BatchLimits(), self.vision_cache, self._flush, faults
         )
 
     @property
@@ -234,12 +249,31 @@ class MllamaEngine:
         chat_template: str | None = None,
         test_model: bool = False,
         limits: BatchLimits | None = None,
-        vision_cache_bytes: int = 1 << 30,
+        vision_cache_bytes: int | None = None,
+        faults: bool = False,
+        device: str = "cpu",
+        gpu_memory_cap: str | None = None,
+        bounds: devices.Bounds | None = None,
     ) -> MllamaEngine:
+        """Load a model directory onto ``device`` (already resolved: ``devices.resolve_device``).
+
+        ``bounds`` names the batch bounds the operator set (None fields are derived from the memory left
+        after loading, ``devices.settle``); without it, ``limits`` and ``vision_cache_bytes`` are taken as given.
+        """
+        import dataclasses
+
         import torch
         from transformers import AutoProcessor, MllamaForConditionalGeneration
 
         config = check_model_dir(path)
+        limits = limits or BatchLimits()
+        if bounds is None:
+            bounds = devices.Bounds(
+                limits.max_batch,
+                limits.max_batch_tokens,
+                devices.CPU_BOUNDS.vision_cache_bytes if vision_cache_bytes is None else vision_cache_bytes,
+            )
+        dtype = devices.compute_dtype(dtype, device)
         try:
             processor = AutoProcessor.from_pretrained(path, backend="pil")
         except Exception as exc:  # transformers raises many types here
@@ -248,17 +282,26 @@ class MllamaEngine:
             ) from exc
         torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
         extra: dict[str, Any] = {}
-        if quantization == "nf4":
-            extra["quantization_config"] = _nf4_config(torch.bfloat16 if dtype == "auto" else torch_dtype, config)
-            torch_dtype = torch.bfloat16 if dtype == "auto" else torch_dtype
+        if quantization in ("nf4", "int8"):
+            compute = torch.bfloat16 if dtype == "auto" else torch_dtype
+            extra["quantization_config"] = _quantization_config(quantization, compute, config)
+            torch_dtype = compute
+        extra.update(devices.placement(device, devices.cuda_devices() if device != "cpu" else 0, gpu_memory_cap))
         try:
             model = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, **extra)
         except Exception as exc:
             raise ModelLoadError(f"{path}: the weights cannot be loaded: {exc}") from exc
         model.eval()
+        try:
+            batch, batch_tokens, cache_bytes = devices.settle(
+                model, bounds, context_length=context_length, prefill_chunk=limits.prefill_chunk, report=log.info
+            )
+        except devices.DeviceError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from exc
+        limits = dataclasses.replace(limits, max_batch=batch, max_batch_tokens=batch_tokens)
         template = Path(chat_template).read_text() if chat_template else LLAMASCOPE_TEMPLATE
         info = EngineInfo(kind="transformers", source=str(path), context_length=context_length, test_model=test_model)
-        return cls(model, processor, info, template, limits, vision_cache_bytes)
+        return cls(model, processor, info, template, limits, cache_bytes, faults)
 
     def stats(self) -> dict[str, int]:
         cache = self.vision_cache
@@ -308,6 +351,7 @@ class MllamaEngine:
         if len(prompt.encode()) // self._max_token_bytes > max_input:
             raise errors.input_too_long(max_input)  # certain without tokenising megabytes of text
         inputs = self._model_inputs(prompt, images)
+        fault = FAULT.search(prompt) if self.faults else None
         input_tokens = int(inputs["input_ids"].shape[1])
         if input_tokens > max_input:
             raise errors.input_too_long(max_input)
@@ -315,7 +359,7 @@ class MllamaEngine:
             input_tokens=input_tokens,
             image_tokens=len(images) * self.image_tokens_per_image,
             max_new_tokens=self.info.context_length - input_tokens,
-            payload=_Payload(inputs, images[0] if images else None),
+            payload=_Payload(inputs, images[0] if images else None, fault and (fault[1], int(fault[2]))),
         )
 
     def _model_inputs(self, prompt: str, images: list[PreparedImage]) -> Any:
@@ -378,6 +422,7 @@ class MllamaEngine:
             sampling=sampling,
             max_new=prompt.new_tokens(sampling),
             send=send,
+            fault=payload.fault,
         )
         self.scheduler.submit(seq)  # raises 429 Throttling when the queue is full
         text = _IncrementalText(self.tokenizer)

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llamascope.engines.base import Engine
-from llamascope.engines.batching import BatchLimits
+from llamascope.engines.batching import BatchLimits, default_queue_bytes
+from llamascope.engines.devices import Bounds, DeviceError, resolve_device
 from llamascope.engines.mllama import MllamaEngine, ModelLoadError
 from llamascope.engines.test_model import ensure_test_model, is_test_model
 from llamascope.engines.upstream import UpstreamEngine
@@ -22,20 +23,29 @@ log = logging.getLogger(__name__)
 
 def load_engines(settings: Settings, progress: Callable[[str], None] = log.info) -> dict[str, Engine]:
     """Load every configured model; raise ModelLoadError naming the model that failed."""
-    loaded: dict[tuple[str, str, str, int, str | None], Engine] = {}
+    loaded: dict[tuple[str, str, str, int, str | None, str], Engine] = {}
     engines: dict[str, Engine] = {}
     for name, spec in settings.models.items():
         if spec.upstreams:
             progress(f"serving {name!r} through {', '.join(spec.upstreams)}")
             engines[name] = UpstreamEngine.create(
-                spec.upstreams, spec.upstream_model or name, spec.upstream_api_key, spec.context_length
+                spec.upstreams,
+                spec.upstream_model or name,
+                spec.upstream_api_key,
+                spec.context_length,
+                spec.upstream_tokenizer,
+                spec.chat_template,
             )
             continue
         path = _resolve(spec, settings)
-        key = (str(path), spec.dtype, spec.quantization, spec.context_length, spec.chat_template)
+        try:
+            device = resolve_device(spec.device or settings.device)
+        except DeviceError as exc:
+            raise ModelLoadError(f"model {name!r}: {exc}") from exc
+        key = (str(path), spec.dtype, spec.quantization, spec.context_length, spec.chat_template, device)
         if key not in loaded:
             what = "the built-in test model" if spec.is_builtin else str(path)
-            progress(f"loading {name!r} from {what} ...")
+            progress(f"loading {name!r} from {what} onto {device} ...")
             try:
                 loaded[key] = MllamaEngine.load(
                     path,
@@ -45,13 +55,17 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
                     chat_template=spec.chat_template,
                     test_model=is_test_model(path),
                     limits=BatchLimits(
-                        max_batch=settings.max_batch_size,
-                        max_batch_tokens=settings.max_batch_tokens,
                         max_queued=settings.max_queued,
+                        max_queued_bytes=settings.max_queued_bytes
+                        if settings.max_queued_bytes is not None
+                        else default_queue_bytes(),
                         max_queue_wait=settings.max_queue_wait_seconds,
                         prefill_chunk=settings.prefill_chunk_tokens,
                     ),
-                    vision_cache_bytes=settings.vision_cache_bytes,
+                    bounds=Bounds(settings.max_batch_size, settings.max_batch_tokens, settings.vision_cache_bytes),
+                    device=device,
+                    gpu_memory_cap=settings.gpu_memory_cap,
+                    faults=settings.fault_injection,
                 )
             except ModelLoadError as exc:
                 raise ModelLoadError(f"model {name!r}: {exc}") from exc

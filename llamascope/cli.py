@@ -289,6 +289,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from llamascope.accounts import admin
     from llamascope.accounts.admission import Accounts
+    from llamascope.accounts.checkpoints import Checkpoints
     from llamascope.accounts.limits import rate_limits
     from llamascope.api.app import create_app
     from llamascope.api.drain import LAST_WORDS_SECONDS, Drain, DrainingServer
@@ -301,15 +302,23 @@ def serve(args: argparse.Namespace) -> int:
 
     threads = configure_torch(settings.torch_threads)
     store = open_store(settings)  # the schema only: a database that cannot be reached stops start-up here
-    if store.is_sqlite:
-        store.forget_reservations()  # one server per SQLite file: nothing else can be holding any
     try:
         engines = load_engines(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except ModelLoadError as exc:
         print(f"llamascope: cannot start: {exc}", file=sys.stderr)
         return 2
 
-    # Start-up has succeeded: now the keys are written (a failed start uses up no first key).
+    # Start-up has succeeded: now the store is written. First what requests a crash interrupted had made
+    # (this replica's predecessor's, or a dead replica's) is charged, then the keys (a failed start uses up
+    # no first key).
+    checkpoints = Checkpoints(
+        store,
+        seconds=settings.checkpoint_seconds,
+        tokens=settings.checkpoint_tokens,
+        wait_seconds=settings.checkpoint_wait_seconds,
+        lease_seconds=settings.lease_seconds,
+    )
+    checkpoints.start()
     for change in admin.seed_keys(store, settings.api_keys):
         log.info("API keys: %s", change)
     first_key = None
@@ -327,7 +336,8 @@ def serve(args: argparse.Namespace) -> int:
         max_bytes=settings.upload_max_bytes,
     )
     limits = rate_limits(settings.redis_url, settings.rate_limits_on_redis_error)
-    service = ConversationService(engines, ImageIntake.from_settings(settings, uploads_store), Accounts(store, limits))
+    accounts = Accounts(store, limits, checkpoints=checkpoints)
+    service = ConversationService(engines, ImageIntake.from_settings(settings, uploads_store), accounts)
     drain = Drain(settings.shutdown_grace_seconds)
     app = create_app(
         service,

@@ -76,3 +76,13 @@ def throttled(retry_after: int) -> ServiceError:
 def request_timed_out() -> ServiceError:
     """A request waited in the engine's queue longer than the server allows."""
     return ServiceError(408, "RequestTimeOut", "Request timed out, please try again later.")
+
+
+def store_unavailable() -> ServiceError:
+    """The accounts store does not answer: a request that cannot be authorised or charged is not served."""
+    return ServiceError(
+        503,
+        "ServiceUnavailable",
+        "The accounts store is not reachable, so usage cannot be recorded; please try again later.",
+        headers={"Retry-After": "5", "x-should-retry": "true"},
+    )

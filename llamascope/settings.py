@@ -103,6 +103,14 @@ class Settings(BaseSettings):
 
     # The accounts store: SQLite in data_dir by default; a postgresql+psycopg:// URL for shared replicas.
     database_url: str | None = None
+    # Crash-safe accounting (accounts/checkpoints.py): what a running request has made is on disk within
+    # about checkpoint_seconds or checkpoint_tokens; a stream whose checkpoint is more than checkpoint_tokens
+    # behind waits for it, at most checkpoint_wait_seconds, then ends with 503. A replica that has not renewed
+    # its lease for lease_seconds is taken for dead, and its running requests are charged by another.
+    checkpoint_seconds: float = Field(1.0, gt=0)
+    checkpoint_tokens: int = Field(64, ge=1)
+    checkpoint_wait_seconds: float = Field(5.0, gt=0)
+    lease_seconds: float = Field(30.0, gt=0)
     # Keys to put in the store at start-up, each new one granted every model ("*") without limit; each must
     # be "sk-" and 40 random characters or more (serve refuses weaker ones). A key these settings no longer
     # name is revoked at the next start. With none given and an empty store, the first start makes one key

@@ -240,6 +240,7 @@ USAGE_COLUMNS = (
     ("ok", 6, "ok"),
     ("cancelled", 9, "cancelled"),
     ("failed", 6, "failed"),
+    ("interrupted", 11, "interrupted"),  # requests a crash cut short, charged as far as their last checkpoint
     ("input", 10, "input_tokens"),
     ("output", 10, "output_tokens"),
     ("image", 10, "image_tokens"),

@@ -8,22 +8,38 @@ Store writes (and every call on PostgreSQL) run in a small thread pool; SQLite r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+import sqlite3
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from llamascope import errors
 from llamascope.accounts.access import bearer_key, grant_refusal, key_refusal
+from llamascope.accounts.checkpoints import Checkpoints, Progress
 from llamascope.accounts.limits import RateLimits, SharedRateLimits
 from llamascope.accounts.store import AccountStore, GrantView, KeyView, Reservation, utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# What a store that cannot be reached raises (PostgreSQL down, a connection cut, SQLite's disk gone).
+UNREACHABLE = (OperationalError, InterfaceError, sqlite3.OperationalError)
+
+
+@contextlib.contextmanager
+def _reachable() -> Iterator[None]:
+    """A store that does not answer is a clear 503 for the caller, not a 500 with a traceback."""
+    try:
+        yield
+    except UNREACHABLE as exc:
+        log.error("accounts store unreachable: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise errors.store_unavailable() from None
 
 
 @dataclass(frozen=True)
@@ -50,29 +66,58 @@ class Admission:
     reservation: Reservation
     request_id: str
     counted: bool = True  # by the rate limits (False: Redis was down and the request went on uncounted)
+    progress: Progress | None = None  # what is on disk of it, when the accounts keep checkpoints
     settled: bool = field(default=False)
+
+    def record(self, input_tokens: int, output_tokens: int, image_tokens: int) -> bool:
+        """The request has made this much (no store call); True if it must ``await saved()`` before it
+        delivers more (see accounts/checkpoints.py)."""
+        checkpoints, progress = self.accounts.checkpoints, self.progress
+        if checkpoints is None or progress is None:
+            return False
+        return checkpoints.record(progress, input_tokens, output_tokens, image_tokens)
+
+    async def saved(self) -> None:
+        if self.accounts.checkpoints is not None and self.progress is not None:
+            await self.accounts.checkpoints.saved(self.progress)
 
     async def settle(self, input_tokens: int, output_tokens: int, image_tokens: int, status: str) -> None:
         if self.settled:
             return
         self.settled = True
-        store = self.accounts.store
+        store, checkpoints, progress = self.accounts.store, self.accounts.checkpoints, self.progress
         charge = (self.reservation, self.request_id, input_tokens, output_tokens, image_tokens, status)
+        in_flight = progress is not None and progress.written
         with anyio.CancelScope(shield=True):  # a client hanging up must not skip the charge
             try:
-                if store.settle(*charge, wait=False):  # SQLite with the write lock free: done, no thread hop
+                # SQLite with the write lock free: done, no thread hop
+                if store.settle(*charge, wait=False, in_flight=in_flight):
                     if store.checkpoint_due:
                         self.accounts.background(store.checkpoint)
                 else:
-                    await self.accounts.run(store.settle, *charge)
+                    await self.accounts.run(functools.partial(store.settle, *charge, in_flight=in_flight))
+            except UNREACHABLE as exc:
+                if checkpoints is None:
+                    raise
+                log.error("request %s: charge not saved, retrying until the store answers: %s", self.request_id, exc)
+                checkpoints.defer(progress, charge)
+                progress = None  # the writer finishes it once the charge is saved
             finally:
                 await self.accounts.limits.leave(self.principal.key, input_tokens + output_tokens, self.counted)
+                if checkpoints is not None and progress is not None:
+                    checkpoints.finish(progress)
 
 
 class Accounts:
-    def __init__(self, store: AccountStore, limits: RateLimits | SharedRateLimits | None = None) -> None:
+    def __init__(
+        self,
+        store: AccountStore,
+        limits: RateLimits | SharedRateLimits | None = None,
+        checkpoints: Checkpoints | None = None,
+    ) -> None:
         self.store = store
         self.limits = limits or RateLimits()
+        self.checkpoints = checkpoints
         # Store calls block (SQLite, or a PostgreSQL round trip): a small pool of their own keeps them off the
         # event loop and never queued behind other thread work.
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="llamascope-accounts")
@@ -97,12 +142,15 @@ class Accounts:
         return await self.run(call, *args)
 
     def close(self) -> None:
-        """Wait for charges still being written, then stop the pool (at server stop)."""
+        """Wait for charges still being written, then stop the pool and the checkpoint writer (at server stop)."""
         self._pool.shutdown(wait=True)
+        if self.checkpoints is not None:
+            self.checkpoints.stop()
 
     async def authenticate(self, authorization: str | None) -> Principal:
         key = bearer_key(authorization)
-        view = await self.read(self.store.find_key, key) if key else None
+        with _reachable():
+            view = await self.read(self.store.find_key, key) if key else None
         refusal = key_refusal(view, utcnow())
         if refusal is not None:
             raise refusal
@@ -111,7 +159,8 @@ class Accounts:
 
     async def check(self, principal: Principal, model: str) -> GrantView:
         """Refuse early (before any image is fetched) if the key may not call the model now."""
-        grant = await self.read(self.store.find_grant, principal.key.id, model)
+        with _reachable():
+            grant = await self.read(self.store.find_grant, principal.key.id, model)
         refusal = grant_refusal(model, grant, utcnow())
         if refusal is not None:
             raise refusal
@@ -132,18 +181,26 @@ class Accounts:
         With ``prompt_tokens``, the hold is cut to what the allowance has left (at least the prompt and one
         token): ``Admission.reservation.tokens`` minus the prompt is then the most the request may make."""
         counted = await self.limits.enter(principal.key)
+        checkpoints = self.checkpoints
+        in_flight = (request_id, checkpoints.replica_id) if checkpoints is not None else None
         try:
-            if grant.allowance_tokens is None and grant.expires_at is None:
-                # Nothing to protect: no write on the request's path (check() has just read the grant).
-                reservation: Reservation | None = Reservation(grant.id, grant.key_id, model, 0, utcnow())
-            else:
-                # One conditional UPDATE decides (see AccountStore.reserve); a refusal is worded from a fresh read.
-                reservation = await self.run(self.store.reserve, principal.key.id, model, tokens, None, prompt_tokens)
-            if reservation is None:
-                latest = await self.read(self.store.find_grant, principal.key.id, model)
-                raise grant_refusal(model, latest, utcnow()) or errors.internal_error()
+            with _reachable():
+                if grant.allowance_tokens is None and grant.expires_at is None:
+                    # Nothing to protect: no write on the request's path (check() has just read the grant);
+                    # its in-flight row, if it runs long enough to need one, comes from the checkpoint writer.
+                    reservation: Reservation | None = Reservation(grant.id, grant.key_id, model, 0, utcnow())
+                    in_flight = None
+                else:
+                    # One conditional UPDATE decides (see AccountStore.reserve), writing the in-flight row with
+                    # it; a refusal is worded from a fresh read.
+                    reserve = functools.partial(self.store.reserve, prompt_tokens=prompt_tokens, in_flight=in_flight)
+                    reservation = await self.run(reserve, principal.key.id, model, tokens)
+                if reservation is None:
+                    latest = await self.read(self.store.find_grant, principal.key.id, model)
+                    raise grant_refusal(model, latest, utcnow()) or errors.internal_error()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.limits.leave(principal.key, 0, counted)
             raise
-        return Admission(self, principal, reservation, request_id, counted)
+        progress = checkpoints.track(request_id, reservation, in_flight is not None) if checkpoints else None
+        return Admission(self, principal, reservation, request_id, counted, progress)

@@ -62,3 +62,37 @@ class UsageRecord(Base):
     status: Mapped[str] = mapped_column(String(40))  # ok, cancelled, or the error code
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class InFlight(Base):
+    """A running request's hold on its grant and the tokens it had made at its last checkpoint.
+
+    Written at admission (with the reservation) or by the checkpoint writer, deleted when the request is
+    settled. A row still here when its replica is gone is an interrupted request: see AccountStore.reclaim.
+    """
+
+    __tablename__ = "in_flight"
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    replica_id: Mapped[str] = mapped_column(String(36), index=True)
+    grant_id: Mapped[int] = mapped_column(ForeignKey("grants.id", ondelete="CASCADE"))
+    key_id: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(200))
+    reserved_tokens: Mapped[int] = mapped_column(BigInteger)  # held in grants.reserved_tokens for this request
+    input_tokens: Mapped[int] = mapped_column(Integer)
+    output_tokens: Mapped[int] = mapped_column(Integer)
+    image_tokens: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    checkpoint_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Replica(Base):
+    """A serving process and its lease: it renews ``lease_until`` while it lives."""
+
+    __tablename__ = "replicas"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    host: Mapped[str] = mapped_column(String(200))  # host name and boot id: where ``process`` can be checked
+    process: Mapped[str] = mapped_column(String(64))  # "pid:start time": the process, even after its pid is reused
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime] = mapped_column(DateTime(timezone=True))

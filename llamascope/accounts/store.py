@@ -11,11 +11,20 @@ plus max_tokens) in one conditional UPDATE that succeeds only while
 tokens really used and writes the ledger row, in one transaction. So once an
 allowance is nearly spent, only one running request can hold it, and at most
 that one can overrun it.
+
+Crash safety: a running request has an ``in_flight`` row (written with its reservation, or by the
+checkpoint writer of ``accounts/checkpoints.py``) holding what it had made at its last checkpoint; ``settle``
+deletes it. Each serving process holds a lease in ``replicas``. ``reclaim`` charges the in-flight requests of
+a replica that is gone (its lease ran out, or its process no longer exists on this host) what their last
+checkpoint recorded, releases their reservations and writes their ledger rows with status ``interrupted``,
+exactly once however many replicas try (the replica's row is deleted in the same transaction, and only
+one transaction can delete it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import sqlite3
 import threading
@@ -31,6 +40,7 @@ from sqlalchemy import (
     bindparam,
     case,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -39,13 +49,17 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects import postgresql as postgresql_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from llamascope.accounts.schema import ApiKey, Grant, UsageRecord
+from llamascope.accounts.schema import ApiKey, Grant, InFlight, Replica, UsageRecord
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+INTERRUPTED = "interrupted"  # the ledger status of a request its replica did not live to settle
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -131,7 +145,10 @@ class AccountStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite)
+        # A database that does not answer is an error within seconds, never a request that hangs.
+        libpq = make_url(url).get_driver_name() in ("psycopg", "psycopg2")
+        connect_args = {"connect_timeout": 5} if libpq else {}
+        self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite, connect_args=connect_args)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -167,11 +184,6 @@ class AccountStore:
                 connection.execute(text("SELECT pg_advisory_xact_lock(7247150131)"))
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
-
-    def forget_reservations(self) -> None:
-        """Drop reservations left by a process that died mid-request. Only safe when no other replica runs."""
-        with self.session() as s:
-            s.execute(update(Grant).values(reserved_tokens=0))
 
     # -- keys -------------------------------------------------------------------
 
@@ -292,7 +304,13 @@ class AccountStore:
     # -- charging ---------------------------------------------------------------
 
     def reserve(
-        self, key_id: int, model: str, tokens: int, now: datetime | None = None, prompt_tokens: int | None = None
+        self,
+        key_id: int,
+        model: str,
+        tokens: int,
+        now: datetime | None = None,
+        prompt_tokens: int | None = None,
+        in_flight: tuple[str, str] | None = None,
     ) -> Reservation | None:
         """Hold ``tokens`` of the key's allowance for the model in one conditional UPDATE; None if there is
         no grant, or it is spent (``used + reserved >= allowance``) or expired.
@@ -301,6 +319,9 @@ class AccountStore:
         ``prompt_tokens``, the hold is cut to what the allowance has left (but at least the prompt and one
         token), in the same transaction: ``Reservation.tokens`` says what was held, and the request may make
         at most ``tokens - prompt_tokens`` tokens, so it overruns the allowance by at most its prompt.
+
+        ``in_flight`` (request id, replica id) writes the request's in-flight row in the same transaction,
+        so a crash at any moment leaves no reservation that ``reclaim`` cannot release.
         """
         now = now or utcnow()
         unlimited = Grant.allowance_tokens.is_(None)
@@ -329,6 +350,13 @@ class AccountStore:
                         .values(reserved_tokens=Grant.reserved_tokens - (tokens - held))
                     )
                     tokens = held
+            if in_flight is not None:
+                request_id, replica_id = in_flight
+                row_in = {"request_id": request_id, "replica_id": replica_id, "grant_id": grant_id, "key_id": key_id}
+                row_in |= {"model": model, "reserved_tokens": tokens, "started_at": now, "checkpoint_at": now}
+                connection.execute(
+                    insert(InFlight), row_in | {"input_tokens": 0, "output_tokens": 0, "image_tokens": 0}
+                )
         return Reservation(grant_id, key_id, model, tokens, now)
 
     def settle(
@@ -340,8 +368,13 @@ class AccountStore:
         image_tokens: int,
         status: str,
         wait: bool = True,
+        in_flight: bool = False,
     ) -> bool:
-        """Charge what was used, release the reservation and write the ledger row, in one transaction.
+        """Charge what was used, release the reservation and write the ledger row, in one transaction;
+        with ``in_flight``, delete the request's in-flight row in it too.
+
+        A request already in the ledger (a replica's lease ran out while it lived, and another reclaimed
+        its requests) is not charged again: the ledger's unique request id rolls the charge back.
 
         SQLAlchemy Core on a plain connection: this runs once per request, and the ORM's unit of work
         made it three times slower. On SQLite, the stdlib driver directly (see _SqliteHotPath).
@@ -369,12 +402,17 @@ class AccountStore:
             "finished_at": now,
         }
         if self._sqlite is not None:
-            return self._sqlite.settle(charge, row, wait=wait)
+            return self._sqlite.settle(charge, row, wait=wait, in_flight=in_flight)
         if not wait:
             return False
-        with self.engine.begin() as connection:
-            connection.execute(self._hot.charge, charge)
-            connection.execute(self._hot.ledger_row, row)
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(self._hot.charge, charge)
+                connection.execute(self._hot.ledger_row, row)
+                if in_flight:
+                    connection.execute(self._hot.forget_in_flight, {"request_id": request_id})
+        except IntegrityError:
+            _already_charged(request_id)
         return True
 
     @property
@@ -384,6 +422,95 @@ class AccountStore:
     def checkpoint(self) -> None:
         if self._sqlite is not None:
             self._sqlite.checkpoint()
+
+    # -- checkpoints and leases ---------------------------------------------------
+
+    def save_checkpoints(self, rows: list[dict[str, Any]]) -> None:
+        """Write running requests' in-flight rows (InFlight's columns), new or updated, in one transaction."""
+        if not rows:
+            return
+        dialect: Any = sqlite_dialect if self.is_sqlite else postgresql_dialect
+        statement = dialect.insert(InFlight)
+        latest = {name: statement.excluded[name] for name in _CHECKPOINTED}
+        with self.engine.begin() as connection:
+            connection.execute(statement.on_conflict_do_update(index_elements=["request_id"], set_=latest), rows)
+
+    def forget_checkpoints(self, request_ids: list[str]) -> None:
+        """Delete in-flight rows of requests already settled (a checkpoint written while they settled)."""
+        if request_ids:
+            with self.engine.begin() as connection:
+                connection.execute(delete(InFlight).where(InFlight.request_id.in_(request_ids)))
+
+    def _now(self) -> Any:
+        """The time leases are measured by: the database's own clock on PostgreSQL, shared by every replica."""
+        return utcnow() if self.is_sqlite else func.now()
+
+    def hold_lease(self, replica_id: str, host: str, process: str, seconds: float) -> bool:
+        """Take or renew a replica's lease for ``seconds``; False if it had been lost (and so was reclaimed)."""
+        until = self._now() + timedelta(seconds=seconds)
+        with self.engine.begin() as connection:
+            renewed = connection.execute(
+                update(Replica).where(Replica.id == replica_id).values(lease_until=until)
+            ).rowcount
+            if not renewed:
+                row = {"id": replica_id, "host": host, "process": process, "started_at": utcnow()}
+                connection.execute(insert(Replica).values(row | {"lease_until": until}))
+        return bool(renewed)
+
+    def end_lease(self, replica_id: str) -> bool:
+        """Give the lease up at a clean stop, unless requests of this replica are still in flight (rows of
+        requests already in the ledger, put back by a checkpoint written while they settled, do not count)."""
+        with self.engine.begin() as connection:
+            mine = InFlight.replica_id == replica_id
+            connection.execute(delete(InFlight).where(mine, InFlight.request_id.in_(select(UsageRecord.request_id))))
+            if connection.execute(select(InFlight.request_id).where(InFlight.replica_id == replica_id)).first():
+                return False
+            connection.execute(delete(Replica).where(Replica.id == replica_id))
+        return True
+
+    def replicas(self) -> list[tuple[str, str, str, bool]]:
+        """Every replica: id, host, process, and whether its lease has run out."""
+        expired = Replica.lease_until < self._now()
+        with self.engine.connect() as connection:
+            query = select(Replica.id, Replica.host, Replica.process, expired)
+            return [(r[0], r[1], r[2], bool(r[3])) for r in connection.execute(query)]
+
+    def reclaim(self, replica_id: str, lease_expired: bool) -> int:
+        """Settle the in-flight requests of a replica that is gone, as ``interrupted``; how many.
+
+        One transaction deletes the replica's row first (only while its lease is still expired, when that is
+        the reason), so of several replicas reclaiming the same one at once, exactly one charges: the others
+        wait on the row lock (PostgreSQL) or the write lock (SQLite) and then find nothing to delete."""
+        with self.engine.begin() as connection:
+            claim = delete(Replica).where(Replica.id == replica_id)
+            if lease_expired:
+                claim = claim.where(Replica.lease_until < self._now())
+            if not connection.execute(claim).rowcount:
+                return 0
+            return self._charge_interrupted(connection, replica_id)
+
+    def _charge_interrupted(self, connection: Connection, replica_id: str) -> int:
+        rows = list(connection.execute(select(InFlight).where(InFlight.replica_id == replica_id)))
+        ids = [r.request_id for r in rows]
+        settled = set(connection.scalars(select(UsageRecord.request_id).where(UsageRecord.request_id.in_(ids))))
+        now = utcnow()
+        charged = 0
+        for r in rows:
+            if r.request_id in settled:  # settled while its checkpoint was being written: charged already
+                continue
+            used = r.input_tokens + r.output_tokens
+            connection.execute(
+                self._hot.charge, {"grant_id": r.grant_id, "used": used, "held": r.reserved_tokens, "now": now}
+            )
+            ledger = {name: getattr(r, name) for name in LEDGER_FIELDS if hasattr(r, name)}
+            connection.execute(self._hot.ledger_row, ledger | {"status": INTERRUPTED, "finished_at": r.checkpoint_at})
+            charged += 1
+        connection.execute(delete(InFlight).where(InFlight.replica_id == replica_id))
+        if charged:
+            log.warning(
+                "charged %d requests of replica %s, interrupted, as far as their checkpoints", charged, replica_id
+            )
+        return charged
 
     # -- the ledger -------------------------------------------------------------
 
@@ -403,6 +530,7 @@ class AccountStore:
                 func.sum(case((UsageRecord.status == "ok", 1), else_=0)).label("ok"),
                 func.sum(case((UsageRecord.status == "cancelled", 1), else_=0)).label("cancelled"),
                 func.sum(case((UsageRecord.status.not_in(["ok", "cancelled"]), 1), else_=0)).label("failed"),
+                func.sum(case((UsageRecord.status == INTERRUPTED, 1), else_=0)).label("interrupted"),
             )
             .join(ApiKey, ApiKey.id == UsageRecord.key_id)
             .group_by(UsageRecord.key_id, ApiKey.prefix, UsageRecord.model, day)
@@ -466,7 +594,7 @@ class _SqliteHotPath:
         self.path = path
         self.hot = hot
         self._local = threading.local()
-        statements = (hot.find_key, hot.find_grant, hot.charge, hot.ledger_row)
+        statements = (hot.find_key, hot.find_grant, hot.charge, hot.ledger_row, hot.forget_in_flight)
         self._compiled = {id(s): str(s.compile(dialect=_SQLITE_NAMED)) for s in statements}
         self.settled_at_once = 0
 
@@ -495,7 +623,7 @@ class _SqliteHotPath:
             row = self._connection(wait=True).execute(sql, parameters).fetchone()  # rare in WAL mode
         return row
 
-    def settle(self, charge: dict[str, Any], row: dict[str, Any], wait: bool) -> bool:
+    def settle(self, charge: dict[str, Any], row: dict[str, Any], wait: bool, in_flight: bool) -> bool:
         """Settle; with ``wait=False`` only if the write lock is free at once, saying whether it was."""
         stored = {k: _stored(v) if isinstance(v, datetime) else v for k, v in row.items()}
         connection = self._connection(wait)
@@ -508,6 +636,12 @@ class _SqliteHotPath:
         try:
             connection.execute(self._sql(self.hot.charge), charge | {"now": _stored(charge["now"])})
             connection.execute(self._sql(self.hot.ledger_row), stored)
+            if in_flight:
+                connection.execute(self._sql(self.hot.forget_in_flight), {"request_id": row["request_id"]})
+        except sqlite3.IntegrityError:
+            connection.execute("ROLLBACK")
+            _already_charged(row["request_id"])
+            return True
         except BaseException:
             connection.execute("ROLLBACK")
             raise
@@ -555,6 +689,11 @@ class _HotStatements:
             )
         )
         self.ledger_row = insert(UsageRecord).values({name: bindparam(name) for name in LEDGER_FIELDS})
+        self.forget_in_flight = delete(InFlight).where(InFlight.request_id == bindparam("request_id"))
+
+
+def _already_charged(request_id: str) -> None:
+    log.warning("request %s was already charged (its replica's lease had run out): not charged again", request_id)
 
 
 LEDGER_FIELDS = (
@@ -568,6 +707,8 @@ LEDGER_FIELDS = (
     "started_at",
     "finished_at",
 )
+# What a checkpoint updates in an existing in-flight row (the reservation stays as admission wrote it).
+_CHECKPOINTED = ("input_tokens", "output_tokens", "image_tokens", "checkpoint_at")
 _SQLITE_NAMED = sqlite_dialect.dialect(paramstyle="named")
 
 

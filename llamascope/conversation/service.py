@@ -156,6 +156,7 @@ class Reply:
                     break
                 if delta:
                     self.text += delta
+                    await self._checkpointed()
                     yield Event(delta, self.text, self.usage, logprobs=self.logprobs[sent:])
                     sent = len(self.logprobs)
         except errors.ServiceError:
@@ -169,7 +170,15 @@ class Reply:
             # Only reached when the engine itself gave up; a caller that left never gets here.
             raise errors.internal_error()
         self.finish_reason = finish
+        await self._checkpointed()
         yield Event(delta, self.text, self.usage, finish, self.logprobs[sent:])
+
+    async def _checkpointed(self) -> None:
+        """Before tokens reach the client: those not on disk yet stay within the checkpoint window, so a
+        crash cannot take the charge for more than that (accounts/checkpoints.py). Usually no wait at all."""
+        usage, admission = self.usage, self.admission
+        if admission is not None and admission.record(usage.input_tokens, usage.output_tokens, usage.image_tokens):
+            await admission.saved()
 
     async def complete(self) -> str:
         async for _ in self.events():

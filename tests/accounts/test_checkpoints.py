@@ -1,0 +1,126 @@
+"""Crash-safe accounting in the store: checkpoints, leases, and reclaiming a dead replica's requests once.
+
+On a real SQLite file always, and on PostgreSQL when LLAMASCOPE_TEST_DATABASE_URL is set (.ci/run does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from llamascope import errors
+from llamascope.accounts.checkpoints import Checkpoints, process_alive, this_process
+from llamascope.accounts.store import AccountStore, Reservation, utcnow
+from tests.accounts.test_store import store  # noqa: F401  (the fixture: SQLite, and PostgreSQL when set)
+
+DEAD = "00000000-0000-0000-0000-00000000dead"
+
+
+def _count(db: AccountStore, table: str) -> int:
+    with db.engine.connect() as connection:
+        return int(connection.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar() or 0)
+
+
+def _interrupted_requests(db: AccountStore) -> tuple[Reservation, Reservation]:
+    """A replica with a short lease, two requests in flight: one holding a reservation, one unlimited."""
+    _, key = db.create_key()
+    limited = db.grant(key.id, "m", 10_000, days=None)
+    unlimited = db.grant(key.id, "u", None, days=None)
+    db.hold_lease(DEAD, "elsewhere/boot", "1:1", seconds=0.2)
+    held = db.reserve(key.id, "m", 600, in_flight=("r-limited", DEAD))
+    assert held is not None and limited.id == held.grant_id
+    free = Reservation(unlimited.id, key.id, "u", 0, utcnow())
+    rows = [
+        {"request_id": "r-limited", "grant_id": held.grant_id, "reserved_tokens": 600, "output_tokens": 40},
+        {"request_id": "r-free", "grant_id": free.grant_id, "reserved_tokens": 0, "output_tokens": 7},
+    ]
+    now = utcnow()
+    common = {"replica_id": DEAD, "key_id": key.id, "input_tokens": 100, "image_tokens": 6404}
+    db.save_checkpoints([r | common | {"model": "m", "started_at": now, "checkpoint_at": now} for r in rows])
+    assert db.find_grant(key.id, "m").reserved_tokens == 600
+    return held, free
+
+
+def test_a_dead_replicas_requests_are_charged_once_however_many_reclaim(store: AccountStore) -> None:  # noqa: F811
+    held, _ = _interrupted_requests(store)
+    assert store.reclaim(DEAD, lease_expired=True) == 0  # its lease still runs
+    time.sleep(0.3)
+    barrier, charged = threading.Barrier(4), []
+
+    def reclaimer() -> None:
+        barrier.wait()
+        charged.append(store.reclaim(DEAD, lease_expired=True))
+
+    threads = [threading.Thread(target=reclaimer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(charged) == [0, 0, 0, 2]
+    ledger = {r.request_id: r for r in store.ledger()}
+    assert {r.status for r in ledger.values()} == {"interrupted"}
+    assert (ledger["r-limited"].input_tokens, ledger["r-limited"].output_tokens) == (100, 40)
+    grant = store.find_grant(held.key_id, "m")
+    assert (grant.used_tokens, grant.reserved_tokens) == (140, 0)
+    assert _count(store, "in_flight") == 0 and _count(store, "replicas") == 0
+    assert store.usage()[0]["interrupted"] in (1, 2)
+
+    # The replica was alive after all (a long pause): its own settle now charges nothing twice.
+    assert store.settle(held, "r-limited", 100, 55, 6404, "ok", in_flight=True)
+    grant = store.find_grant(held.key_id, "m")
+    assert (grant.used_tokens, grant.reserved_tokens) == (140, 0) and len(store.ledger()) == 2
+
+
+def test_a_settled_request_left_in_flight_is_not_charged_again(store: AccountStore) -> None:  # noqa: F811
+    """A checkpoint written while its request settled puts the row back: reclaiming skips it."""
+    _, free = _interrupted_requests(store)
+    store.settle(free, "r-free", 100, 9, 6404, "ok")  # without deleting its in-flight row
+    time.sleep(0.3)
+    assert store.reclaim(DEAD, lease_expired=True) == 1
+    assert {r.request_id: r.status for r in store.ledger()} == {"r-free": "ok", "r-limited": "interrupted"}
+    assert store.find_grant(free.key_id, "u").used_tokens == 109
+
+
+def test_leases_and_processes(store: AccountStore) -> None:  # noqa: F811
+    assert store.hold_lease("a", "h", "1:1", 30) is False  # taken, not renewed
+    assert store.hold_lease("a", "h", "1:1", 30) is True
+    assert [(r[0], r[3]) for r in store.replicas()] == [("a", False)]
+    _, key = store.create_key()
+    grant = store.grant(key.id, "m", None, days=None)
+    now = utcnow()
+    row = {"request_id": "x", "replica_id": "a", "grant_id": grant.id, "key_id": key.id, "model": "m"}
+    row |= {"reserved_tokens": 0, "input_tokens": 1, "output_tokens": 2, "image_tokens": 0}
+    store.save_checkpoints([row | {"started_at": now, "checkpoint_at": now}])
+    assert not store.end_lease("a")  # a request of its own still in flight
+    store.settle(Reservation(grant.id, key.id, "m", 0, now), "x", 1, 2, 0, "ok")  # the row put back after it
+    assert store.end_lease("a") and store.replicas() == [] and _count(store, "in_flight") == 0
+    assert process_alive(this_process())
+    pid, _, started = this_process().partition(":")
+    assert not process_alive(f"{pid}:{int(started) + 1}")  # the same pid, another process
+
+
+def test_streams_wait_for_their_checkpoint_and_fail_clearly_without_one(store: AccountStore) -> None:  # noqa: F811
+    _, key = store.create_key()
+    grant = store.grant(key.id, "m", None, days=None)
+    checkpoints = Checkpoints(store, seconds=30, tokens=8, wait_seconds=1.0, lease_seconds=30)
+    checkpoints.start()
+    try:
+        progress = checkpoints.track("r1", Reservation(grant.id, key.id, "m", 0, utcnow()), written=False)
+        assert checkpoints.record(progress, 10, 8, 0) is False  # 8 unsaved: within the window
+        assert checkpoints.record(progress, 10, 9, 0) is True
+        asyncio.run(checkpoints.saved(progress))  # the writer, woken, saved it
+        assert progress.saved_output == 9 and progress.written
+        with store.engine.connect() as connection:
+            row = connection.exec_driver_sql("SELECT input_tokens, output_tokens FROM in_flight").one()
+        assert tuple(row) == (10, 9)
+
+        checkpoints.stop()  # no writer: the next checkpoint never comes
+        assert checkpoints.record(progress, 10, 30, 0)
+        with pytest.raises(errors.ServiceError) as failure:
+            asyncio.run(checkpoints.saved(progress))
+        assert (failure.value.status, failure.value.code) == (503, "ServiceUnavailable")
+    finally:
+        checkpoints.stop()

@@ -1,0 +1,34 @@
+"""Keys from settings, seeded by replicas that start at the same moment."""
+
+from __future__ import annotations
+
+import threading
+
+from llamascope.accounts import admin
+from llamascope.accounts.store import AccountStore
+from llamascope.settings import ModelSpec
+from tests.accounts.test_store import store  # noqa: F401  (the fixture: SQLite, and PostgreSQL when set)
+
+KEY = "sk-seed-0123456789abcdefghijklmnopqrstuvw"
+
+
+def test_replicas_seeding_the_same_key_at_once_all_start(store: AccountStore) -> None:  # noqa: F811
+    specs = {name: ModelSpec(path="builtin:test-model") for name in ("a", "b", "c")}
+    barrier, failures = threading.Barrier(4), []
+
+    def replica() -> None:
+        barrier.wait()
+        try:
+            admin.seed_keys(store, [KEY], specs)
+        except Exception as exc:  # what would stop a replica's start
+            failures.append(exc)
+
+    threads = [threading.Thread(target=replica) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    ((view, grants),) = store.list_keys()
+    assert store.find_key(KEY) == view
+    assert sorted(g.model for g in grants) == ["a", "b", "c"] and {g.allowance_tokens for g in grants} == {None}

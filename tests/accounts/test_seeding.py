@@ -6,20 +6,18 @@ import threading
 
 from llamascope.accounts import admin
 from llamascope.accounts.store import AccountStore
-from llamascope.settings import ModelSpec
 from tests.accounts.test_store import store  # noqa: F401  (the fixture: SQLite, and PostgreSQL when set)
 
-KEY = "sk-seed-0123456789abcdefghijklmnopqrstuvw"
+KEY = "sk-" + "5eed0123456789ab" * 2 + "c0ffee42"
 
 
 def test_replicas_seeding_the_same_key_at_once_all_start(store: AccountStore) -> None:  # noqa: F811
-    specs = {name: ModelSpec(path="builtin:test-model") for name in ("a", "b", "c")}
     barrier, failures = threading.Barrier(4), []
 
     def replica() -> None:
         barrier.wait()
         try:
-            admin.seed_keys(store, [KEY], specs)
+            admin.seed_keys(store, [KEY])
         except Exception as exc:  # what would stop a replica's start
             failures.append(exc)
 
@@ -31,4 +29,5 @@ def test_replicas_seeding_the_same_key_at_once_all_start(store: AccountStore) ->
     assert failures == []
     ((view, grants),) = store.list_keys()
     assert store.find_key(KEY) == view
-    assert sorted(g.model for g in grants) == ["a", "b", "c"] and {g.allowance_tokens for g in grants} == {None}
+    # one grant for every model ("*"), without limit
+    assert [(g.model, g.allowance_tokens) for g in grants] == [(admin.EVERY_MODEL, None)]

@@ -26,6 +26,7 @@ from llamascope.engines import attention
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
 from llamascope.engines.batching import BatchLimits, Message, Scheduler, Sequence, VisionCache
 from llamascope.engines.mllama_pixels import MllamaPixels
+from llamascope.engines.prefix_cache import PrefixCache, default_bytes
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
 from llamascope.images import PreparedImage
 
@@ -190,6 +191,7 @@ class MllamaEngine:
         template: str,
         limits: BatchLimits | None = None,
         vision_cache_bytes: int = 1 << 30,
+        prefix_cache_bytes: int | None = None,  # None: derived from free memory (prefix_cache.default_bytes)
     ) -> None:
         if model.config.text_config._attn_implementation == "sdpa":  # SDPA, reading a shared image's states once
             attention.register()
@@ -214,8 +216,17 @@ class MllamaEngine:
         self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = weakref.WeakKeyDictionary()
         self._outboxes_lock = threading.Lock()  # the model thread flushes while a loop may add its own
         self.vision_cache = VisionCache(vision_cache_bytes)
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = default_bytes(model.device)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.scheduler = Scheduler(
-            model, self._pixel_tensors, self.eos_ids, limits or BatchLimits(), self.vision_cache, self._flush
+            model,
+            self._pixel_tensors,
+            self.eos_ids,
+            limits or BatchLimits(),
+            self.vision_cache,
+            self._flush,
+            self.prefix_cache,
         )
 
     @property
@@ -235,6 +246,7 @@ class MllamaEngine:
         test_model: bool = False,
         limits: BatchLimits | None = None,
         vision_cache_bytes: int = 1 << 30,
+        prefix_cache_bytes: int | None = None,
     ) -> MllamaEngine:
         import torch
         from transformers import AutoProcessor, MllamaForConditionalGeneration
@@ -258,7 +270,7 @@ class MllamaEngine:
         model.eval()
         template = Path(chat_template).read_text() if chat_template else LLAMASCOPE_TEMPLATE
         info = EngineInfo(kind="transformers", source=str(path), context_length=context_length, test_model=test_model)
-        return cls(model, processor, info, template, limits, vision_cache_bytes)
+        return cls(model, processor, info, template, limits, vision_cache_bytes, prefix_cache_bytes)
 
     def stats(self) -> dict[str, int]:
         cache = self.vision_cache
@@ -268,6 +280,7 @@ class MllamaEngine:
             "vision_cache_images": len(cache),
             "vision_cache_hits": cache.hits,
             "vision_cache_misses": cache.misses,
+            **self.prefix_cache.stats(),
         }
 
     def _flush(self) -> None:

@@ -52,6 +52,7 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
                         prefill_chunk=settings.prefill_chunk_tokens,
                     ),
                     vision_cache_bytes=settings.vision_cache_bytes,
+                    prefix_cache_bytes=settings.prefix_cache_bytes,
                 )
             except ModelLoadError as exc:
                 raise ModelLoadError(f"model {name!r}: {exc}") from exc

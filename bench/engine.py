@@ -105,11 +105,11 @@ def user(text: str, image: str | None = None) -> dict:
     return {"role": "user", "content": ([{"image": image}] if image else []) + [{"text": text}]}
 
 
-async def stream(client: httpx.AsyncClient, payload: dict) -> tuple[float, int, str]:
-    """(time to first event, output tokens, text) of one streamed request."""
+async def stream(client: httpx.AsyncClient, payload: dict) -> tuple[float, int, str, int]:
+    """(time to first event, output tokens, text, input tokens) of one streamed request."""
     started = time.perf_counter()
     first = 0.0
-    tokens = 0
+    tokens = prompt = 0
     text = ""
     headers = {"X-DashScope-SSE": "enable"}
     async with client.stream("POST", PATH, json=payload, headers=headers) as response:
@@ -122,8 +122,8 @@ async def stream(client: httpx.AsyncClient, payload: dict) -> tuple[float, int, 
                 if "output" not in event:
                     raise RuntimeError(f"error event: {line}")
                 text += event["output"]["choices"][0]["message"]["content"][0].get("text", "")
-                tokens = event["usage"]["output_tokens"]
-    return first, tokens, text
+                tokens, prompt = event["usage"]["output_tokens"], event["usage"]["input_tokens"]
+    return first, tokens, text, prompt
 
 
 def tok_s(result: dict) -> float:
@@ -133,7 +133,7 @@ def tok_s(result: dict) -> float:
 async def level(client: httpx.AsyncClient, payloads: list[dict], concurrency: int) -> dict:
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(payload: dict) -> tuple[float, int, str]:
+    async def one(payload: dict) -> tuple[float, int, str, int]:
         async with gate:
             return await stream(client, payload)
 
@@ -154,9 +154,9 @@ async def turns(client: httpx.AsyncClient, model: str, conversations: int) -> tu
     for i in range(conversations):
         image = photo(10_000 + i)
         turn1 = [user("What is in this picture?", image)]
-        ttft1, _, answer = await stream(client, body(model, turn1, 16))
+        ttft1, _, answer, _ = await stream(client, body(model, turn1, 16))
         turn2 = [*turn1, {"role": "assistant", "content": [{"text": answer}]}, user("And what colour is it?")]
-        ttft2, _, _ = await stream(client, body(model, turn2, 16))
+        ttft2, *_ = await stream(client, body(model, turn2, 16))
         firsts.append(ttft1)
         seconds.append(ttft2)
     return statistics.median(firsts) * 1000, statistics.median(seconds) * 1000
@@ -183,19 +183,7 @@ async def conversation_turns(
         for client, messages, timings in zip(clients, conversations, out, strict=True):
             question = f"Turn {turn}: what else can you tell me about the picture?"
             messages.append(user(question, image if turn == 1 else None))
-            payload = body(model, messages, answer)
-            payload["parameters"]["incremental_output"] = True
-            started = time.perf_counter()
-            first, text, prompt = 0.0, "", 0
-            async with client.stream("POST", PATH, json=payload, headers={"X-DashScope-SSE": "enable"}) as response:
-                if response.status_code != 200:
-                    raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-                async for line in response.aiter_lines():
-                    if line.startswith("data:"):
-                        first = first or time.perf_counter() - started
-                        event = json.loads(line[5:])
-                        text += event["output"]["choices"][0]["message"]["content"][0].get("text", "")
-                        prompt = event["usage"]["input_tokens"]
+            first, _, text, prompt = await stream(client, body(model, messages, answer))
             messages.append({"role": "assistant", "content": [{"text": text}]})
             timings.append((prompt, first * 1000))
     return out

@@ -47,6 +47,8 @@ class ModelSpec(BaseModel):
     upstreams: list[str] = Field(default_factory=list)
     upstream_model: str | None = Field(None, description="the model name the upstreams know (default: this name)")
     upstream_api_key: str | None = None
+    # A local directory with the upstream model's tokenizer: prompts are counted here, not asked of the engine.
+    upstream_tokenizer: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # "nf4": load the weights as 4-bit NF4 through bitsandbytes (pip install 'llamascope[quantized]').
     quantization: Literal["none", "nf4"] = "none"
@@ -105,7 +107,10 @@ class Settings(BaseSettings):
     # Throttling), and how long one may wait (beyond: 408 RequestTimeOut).
     max_batch_size: int = Field(16, ge=1)
     max_batch_tokens: int = Field(131072, ge=1)
-    max_queued: int = Field(64, ge=0)
+    # Requests wait while what they hold fits in max_queued_bytes (None: a quarter of the memory available
+    # at start, within 256 MiB and 32 GiB); max_queued, if set, caps their number too.
+    max_queued: int | None = Field(None, ge=0)
+    max_queued_bytes: int | None = Field(None, ge=0)
     max_queue_wait_seconds: float = Field(60.0, gt=0)
     # A long prompt is prefilled this many tokens at a time, running streams going on in between.
     prefill_chunk_tokens: int = Field(512, ge=16)
@@ -143,6 +148,9 @@ class Settings(BaseSettings):
     # The address clients reach this server at, for upload_host in upload policies
     # (e.g. https://llm.example.com behind a proxy). Default: from the request's Host.
     public_base_url: str | None = None
+
+    # Tests only: requests may ask the in-process engine to fail at a given step (engines/mllama.py, FAULT).
+    fault_injection: bool = False
 
     shutdown_grace_seconds: float = Field(30.0, ge=0)
     log_level: str = "info"

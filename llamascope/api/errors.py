@@ -30,7 +30,7 @@ def request_id_of(request: Request) -> str:
     return getattr(request.state, "request_id", "") or ""
 
 
-OPENAI_PREFIXES = ("/compatible-mode/", "/v1/")
+OPENAI_PREFIXES = ("/compatible-mode/", "/v1/", "/tokenize")
 
 # DashScope codes as the hosted compatible mode spells them; others keep their DashScope code.
 _OPENAI_CODES = {

@@ -9,6 +9,7 @@ service ignores them: the SDKs forward every keyword they do not consume.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,8 @@ from llamascope import errors
 from llamascope.engines.base import SamplingParams
 
 MAX_SEED = 2**63 - 1
+# One setting, several names: the first one the caller sent is the one used, and named in its errors.
+MAX_TOKENS_NAMES = ("max_tokens", "max_new_tokens", "max_completion_tokens")
 
 
 @dataclass(frozen=True)
@@ -33,9 +36,11 @@ def _integer(params: dict[str, Any], name: str) -> int | None:
     value = params.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise _bad(f"Parameter {name} should be an integer; got {value!r}.")
-    return int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # NaN and infinities are not integers
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"Parameter {name} should be an integer; got {value!r:.40}.")
+    return value
 
 
 def _number(params: dict[str, Any], name: str) -> float | None:
@@ -43,8 +48,12 @@ def _number(params: dict[str, Any], name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(f"Parameter {name} should be a number; got {value!r}.")
-    return float(value)
+        raise _bad(f"Parameter {name} should be a number; got {value!r:.40}.")
+    # NaN and infinities are not JSON, but Python's parser takes them; an integer beyond a float's range too.
+    number = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
+    if not math.isfinite(number):
+        raise _bad(f"Parameter {name} should be a finite number; got {value!r:.40}.")
+    return number
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -64,17 +73,16 @@ def parse_parameters(params: Any, context_length: int) -> Options:
     if not isinstance(params, dict):
         raise _bad("parameters must be an object.")
 
-    max_new = _integer(params, "max_tokens")
-    if max_new is None:
-        max_new = _integer(params, "max_new_tokens")
+    max_name = next((name for name in MAX_TOKENS_NAMES if params.get(name) is not None), "max_tokens")
+    max_new = _integer(params, max_name)
     if max_new is None:
         max_new = 512
     if not 1 <= max_new <= context_length:
-        raise _bad(f"Range of max_tokens should be [1, {context_length}]")
+        raise _bad(f"Range of {max_name} should be [1, {context_length}]")
 
     min_new = _integer(params, "min_new_tokens") or 0
     if min_new < 0:
-        raise _bad("Range of min_new_tokens should be [0, max_tokens]")
+        raise _bad(f"Range of min_new_tokens should be [0, {max_name}]")
 
     top_p = _number(params, "top_p")
     top_p = 1.0 if top_p is None else top_p

@@ -188,3 +188,11 @@ class ConversationService:
         admission = await self.accounts.admit(principal, grant, most, request_id)
         usage = Usage(input_tokens=prompt.input_tokens, image_tokens=prompt.image_tokens)
         return Reply(model=model, engine=engine, prompt=prompt, options=options, usage=usage, admission=admission)
+
+    async def count(self, principal: Principal, model: Any, messages: Any, context: SourceContext = ANONYMOUS) -> int:
+        """The prompt's input tokens as ``open`` would count them, without generating (``POST /tokenize``)."""
+        engine = self.engine(model)
+        await self.accounts.check(principal, model)
+        draft = parse_messages(messages)
+        image = await self.intake.load(draft.image_ref, context, fit=engine.image_size, fit_key=engine.info.source)
+        return (await engine.prepare(draft.with_image(image))).input_tokens

@@ -12,9 +12,11 @@ states, dim] block), reading the shared states once per row. Registered through
 transformers' ``AttentionInterface`` as ``ATTENTION``, this function sees the
 stride-0 view and attends all rows' queries against the one copy in a single
 call; any other call goes to transformers' SDPA function unchanged. Each
-query's result is bit-for-bit what SDPA gives that row alone (tests check it):
-the queries are only stacked along the query axis, which the kernel does not mix
-(for models with grouped key/value heads, as every Llama 3.2 Vision model has).
+query's result is what SDPA gives that row alone, up to the order of float32
+sums: the queries are only stacked along the query axis, which the kernel does
+not mix (for models with grouped key/value heads, as every Llama 3.2 Vision
+model has), but its matrix products block the work by the number of queries,
+so on some CPUs (an AVX-512 EPYC) the last bits differ; tests check the bound.
 """
 
 from __future__ import annotations

@@ -18,14 +18,16 @@ One thread runs the model; the event loop only hands requests in and reads
 token ids out. Everything here but ``submit`` and ``stop`` runs on that thread.
 
 Bounds: at most ``max_batch`` requests run at once and their prompt plus the
-tokens they may still make stay within ``max_batch_tokens``; at most
-``max_queued`` wait for a place (beyond: ``429 Throttling`` with Retry-After),
+tokens they may still make stay within ``max_batch_tokens``; requests wait for
+a place while what they hold fits in ``max_queued_bytes`` (and, if set, while
+fewer than ``max_queued`` wait; beyond: ``429 Throttling`` with Retry-After),
 and a request that waits longer than ``max_queue_wait`` gets
 ``408 RequestTimeOut``. So the engine never holds more work than it was sized for.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -49,11 +51,26 @@ Tokens = list[int]
 Message = Tokens | FinishReason | errors.ServiceError
 
 
+# What a waiting request holds besides its tensors and its decoded image: the request, its parsed body,
+# its coroutine and stream. Measured (bench/queue_memory.py): the server's resident memory grew 75 KiB a
+# waiting request about one image (200 waiting; 475 KiB with 50 fetched by URL), 18.2 MiB about an image
+# each (four tiles: 15 MB of pixel tensors and 2.8 MB decoded, which ``waiting_bytes`` counts apart).
+WAITING_OVERHEAD_BYTES = 512 * 1024
+
+
+def default_queue_bytes() -> int:
+    """A quarter of the memory available now, within [256 MiB, 32 GiB]: what requests may hold waiting."""
+    import psutil
+
+    return min(max(psutil.virtual_memory().available // 4, 256 << 20), 32 << 30)
+
+
 @dataclass(frozen=True)
 class BatchLimits:
     max_batch: int = 16
     max_batch_tokens: int = 131072
-    max_queued: int = 64
+    max_queued: int | None = None  # None: as many as fit in max_queued_bytes
+    max_queued_bytes: int = 1 << 30
     max_queue_wait: float = 60.0
     prefill_chunk: int = 512  # prompt tokens prefilled between two decode steps
 
@@ -79,6 +96,7 @@ class Sequence:
     max_new: int
     send: Callable[[Message], None]
     cancel: threading.Event = field(default_factory=threading.Event)
+    fault: tuple[str, int] | None = None  # tests only: fail at this stage and step (``Scheduler.faults``)
     queued_at: float = field(default_factory=time.monotonic)
     # Set when it runs:
     started_at: float = 0.0
@@ -104,6 +122,16 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.budget = int(self.inputs["input_ids"].shape[1]) + self.max_new  # the most tokens it will hold
+        self.waiting_bytes = waiting_bytes(self)
+
+
+def waiting_bytes(seq: Sequence) -> int:
+    """The memory a request holds while it waits: its model inputs (an image's pixel tensors, 15 MB for
+    Llama 3.2's four tiles, unless its vision states are cached), its decoded image, and the rest."""
+    tensors = sum(t.numel() * t.element_size() for t in seq.inputs.values() if hasattr(t, "element_size"))
+    image = seq.image.image if seq.image is not None else None
+    pixels = image.width * image.height * len(image.getbands()) if image is not None else 0
+    return WAITING_OVERHEAD_BYTES + tensors + pixels
 
 
 class Batch:
@@ -214,6 +242,41 @@ def _first_tiles(states: Any, tiles: int, of: int) -> Any:
     return states[:, :, : states.shape[2] // of * tiles]
 
 
+class _Checkpoint:
+    """What a decode step changes, to take it back: the mask, each cache layer's tensors (a step replaces
+    them by longer ones, it does not write into them) and the random generators of the rows that sample."""
+
+    def __init__(self, batch: Batch) -> None:
+        self.mask = batch.mask
+        self.cache = batch.cache
+        self.layers = [(layer, layer.keys, layer.values, layer.is_initialized) for layer in batch.cache.layers]
+        self.generators = {id(seq): seq.sampler.generator.get_state() for seq in batch.rows if not seq.sampler.greedy}
+
+    def restore(self, batch: Batch) -> None:
+        batch.mask = self.mask
+        for layer, keys, values, initialized in self.layers:
+            layer.keys, layer.values, layer.is_initialized = keys, values, initialized
+        for seq in batch.rows:
+            self.restore_generator(seq)
+
+    def restore_generator(self, seq: Sequence) -> None:
+        state = self.generators.get(id(seq))
+        if state is not None:
+            seq.sampler.generator.set_state(state)
+
+    def row_cache(self, row: int) -> Any:
+        """A cache of row ``row`` alone: views of the checkpoint's tensors, in copies of its layer objects."""
+        cache = copy.copy(self.cache)
+        cache.layers = []
+        for layer, keys, values, initialized in self.layers:
+            mine = copy.copy(layer)
+            mine.is_initialized = initialized
+            if keys is not None and keys.numel():
+                mine.keys, mine.values = keys[row : row + 1], values[row : row + 1]
+            cache.layers.append(mine)
+        return cache
+
+
 class Scheduler:
     """Runs the model on its own thread over a queue of ``Sequence``; see the module's text."""
 
@@ -225,10 +288,12 @@ class Scheduler:
         limits: BatchLimits,
         vision_cache: VisionCache,
         flush: Callable[[], None],  # hands what was sent on to the readers, once per burst
+        faults: bool = False,  # tests only: honour the requests' ``fault`` (``_inject``)
         prefix_cache: PrefixCache | None = None,  # past requests' keys and values; None: no reuse
     ) -> None:
         self.model = model
         self.prefix = prefix_cache if prefix_cache is not None else PrefixCache(0)
+        self.faults = faults
         self.flush = flush
         self.pixels = pixels
         self.eos_ids = eos_ids
@@ -242,6 +307,7 @@ class Scheduler:
         self._eos_index = torch.tensor(sorted(eos_ids))
         self.batches = {False: Batch(self.cross_layers), True: Batch(self.cross_layers)}  # by has_image
         self.waiting: deque[Sequence] = deque()
+        self.waiting_bytes = 0  # what the waiting requests hold (``Sequence.waiting_bytes``)
         self.prefilling: Sequence | None = None
         self._cond = threading.Condition()
         self._stopping = False
@@ -261,10 +327,13 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise errors.ServiceError(503, "ServiceUnavailable", "The server is shutting down.")
-            if len(self.waiting) >= self.limits.max_queued:
+            limits = self.limits
+            full = limits.max_queued is not None and len(self.waiting) >= limits.max_queued
+            if full or (self.waiting and self.waiting_bytes + seq.waiting_bytes > limits.max_queued_bytes):
                 retry = math.ceil(self._service_time * (len(self.waiting) + 1) / self.limits.max_batch)
                 raise errors.throttled(min(max(retry, 1), 60))
             self.waiting.append(seq)
+            self.waiting_bytes += seq.waiting_bytes
             self._cond.notify()
 
     def wake(self) -> None:
@@ -355,11 +424,11 @@ class Scheduler:
             while self.waiting:
                 seq = self.waiting[0]
                 if seq.cancel.is_set():
-                    self.waiting.popleft()
+                    self._pop_waiting()
                     seq.send(FinishReason.CANCELLED)
                     continue
                 if now - seq.queued_at > self.limits.max_queue_wait:
-                    self.waiting.popleft()
+                    self._pop_waiting()
                     seq.send(errors.request_timed_out())
                     continue
                 running = [s for b in self.batches.values() for s in b.rows]
@@ -368,8 +437,13 @@ class Scheduler:
                     or sum(s.budget for s in running) + seq.budget > self.limits.max_batch_tokens
                 ):
                     return None
-                return self.waiting.popleft()
+                return self._pop_waiting()
         return None
+
+    def _pop_waiting(self) -> Sequence:
+        seq = self.waiting.popleft()
+        self.waiting_bytes -= seq.waiting_bytes
+        return seq
 
     def _prefill(self, seq: Sequence, budget: int) -> FinishReason | None:
         """Run up to ``budget`` more of the prompt, alone. At its end, send the first token.
@@ -381,6 +455,7 @@ class Scheduler:
 
         if seq.cancel.is_set():
             return FinishReason.CANCELLED
+        self._inject([seq], "prefill")
         inputs = seq.inputs
         device = self.model.device
         ids = inputs["input_ids"]
@@ -491,9 +566,11 @@ class Scheduler:
             layer.values = _first_tiles(layer.values, tiles, all_tiles).clone()
 
     def _step(self, batch: Batch) -> None:
-        """One decode step for every row; rows that finish or were cancelled leave."""
-        import torch
+        """One decode step for every row; rows that finish or were cancelled leave.
 
+        A step that fails is taken back and every row is tried alone (``_recover``): a request that fails
+        alone ends with an error, and the others go on as if it had never been in the batch.
+        """
         rows = batch.rows
         cancelled = [s for s in rows if s.cancel.is_set()]
         if cancelled:
@@ -503,6 +580,37 @@ class Scheduler:
             rows = batch.rows
             if not rows:
                 return
+        before = _Checkpoint(batch)
+        try:
+            tokens = self._decode(batch)
+        except Exception:
+            log.exception("decode step failed for a batch of %d; trying each request alone", len(rows))
+            recovered = self._recover(batch, before)
+            if recovered is None:
+                return
+            tokens = recovered
+        self.steps += 1
+        keep = []
+        ended: list[tuple[Sequence, FinishReason]] = []
+        for i, (seq, token) in enumerate(zip(batch.rows, tokens, strict=True)):
+            finish = self._advance(seq, token)
+            if finish is None:
+                keep.append(i)
+            else:
+                ended.append((seq, finish))
+        if ended:
+            for i, seq in enumerate(batch.rows):
+                if i not in keep:  # every token but the last has its keys and values in the cache: for the next turn
+                    self._remember(seq.ids[:-1], seq, batch.cache, i)
+            batch.keep(keep)
+            for seq, finish in ended:  # sent once they no longer count as active
+                seq.send(finish)
+
+    def _decode(self, batch: Batch) -> list[int]:
+        """The model's step and the next token of every row. Changes only what ``_Checkpoint`` takes back."""
+        import torch
+
+        rows = batch.rows
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(rows), 1))], dim=1)
         device = self.model.device
         kwargs: dict[str, Any] = {
@@ -516,32 +624,55 @@ class Scheduler:
         }
         if batch.cross_mask is not None:
             kwargs["cross_attention_mask"] = batch.cross_mask
-        try:
-            logits = self.model(**kwargs).logits[:, -1, :].float()
-        except Exception:
-            log.exception("decode step failed for a batch of %d", len(rows))
-            batch.keep([])
-            for seq in rows:
-                seq.send(errors.internal_error())
-            return
-        self.steps += 1
+        self._inject(rows, "decode")
+        logits = self.model(**kwargs).logits[:, -1, :].float()
+        self._inject(rows, "sample")
         logits = self._hold_back_eos(logits, rows)
-        tokens = pick([s.sampler for s in rows], [s.ids for s in rows], logits)
-        keep = []
-        ended: list[tuple[Sequence, FinishReason]] = []
-        for i, (seq, token) in enumerate(zip(rows, tokens, strict=True)):
-            finish = self._advance(seq, token)
-            if finish is None:
-                keep.append(i)
-            else:
-                ended.append((seq, finish))
-        if ended:
-            for i, (seq, _) in zip((i for i in range(len(rows)) if i not in keep), ended, strict=True):
-                # Every token but the last has its keys and values in the cache: kept for the next turn.
-                self._remember(seq.ids[:-1], seq, batch.cache, i)
-            batch.keep(keep)
-            for seq, finish in ended:  # sent once they no longer count as active
-                seq.send(finish)
+        return pick([s.sampler for s in rows], [s.ids for s in rows], logits)
+
+    def _recover(self, batch: Batch, before: _Checkpoint) -> list[int] | None:
+        """After a failed step: the step again without the rows that fail alone, or None if it cannot be had.
+
+        The batch is taken back to ``before``. Each row is then tried alone, on a cache of its own slices
+        of the batch's (the batch's own tensors are not written: the cache's layers grow by new tensors),
+        its random generator put back afterwards. Those that fail alone end with an error; the step is run
+        again for the rest, which then make the tokens they would have made without them. When every row
+        or none fails alone, the failure is the batch's: it ends for every row.
+        """
+        rows = list(batch.rows)
+        before.restore(batch)
+        culprits = []
+        for i, seq in enumerate(rows):
+            alone = Batch(self.cross_layers)
+            alone.rows, alone.cache = [seq], before.row_cache(i)
+            alone.mask = batch.mask[i : i + 1]
+            alone.cross_mask = batch.cross_mask[i : i + 1] if batch.cross_mask is not None else None
+            try:
+                self._decode(alone)
+            except Exception:
+                culprits.append(seq)
+            before.restore_generator(seq)
+        if 0 < len(culprits) < len(rows):
+            log.warning("%d of %d requests fail alone; the batch goes on without them", len(culprits), len(rows))
+            batch.keep([i for i, s in enumerate(rows) if s not in culprits])
+            for seq in culprits:
+                seq.send(errors.internal_error())
+            try:
+                return self._decode(batch)
+            except Exception:
+                log.exception("decode step failed again without the requests that failed alone")
+                rows = list(batch.rows)
+        batch.keep([])
+        for seq in rows:
+            seq.send(errors.internal_error())
+        return None
+
+    def _inject(self, rows: list[Sequence], stage: str) -> None:
+        """With ``faults`` on (tests only), fail where a request asked to: its ``fault`` (stage, step)."""
+        if self.faults:
+            for seq in rows:
+                if seq.fault is not None and seq.fault[0] == stage and seq.generated >= seq.fault[1]:
+                    raise RuntimeError(f"fault injected at {stage}, step {seq.generated}")
 
     def _hold_back_eos(self, logits: Any, rows: list[Sequence]) -> Any:
         """Rows still short of their min_new_tokens may not end: their end-of-turn logits become -inf."""

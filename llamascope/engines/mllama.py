@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import weakref
 from collections import deque
@@ -32,6 +33,12 @@ from llamascope.images import PreparedImage
 
 log = logging.getLogger(__name__)
 
+# Tests only, with fault injection on (``LLAMASCOPE_FAULT_INJECTION``): a conversation whose text holds
+# ``[[llamascope-fault:STAGE@N]]`` fails at that stage (prefill, decode: the model's step, sample: the
+# next-token choice) once it has made N tokens, as a bug or a bad row would, so tests can check that the
+# failure stays with its request.
+FAULT = re.compile(r"\[\[llamascope-fault:(prefill|decode|sample)@(\d+)\]\]")
+
 
 @dataclass
 class _Payload:
@@ -39,6 +46,7 @@ class _Payload:
 
     inputs: Any
     image: PreparedImage | None
+    fault: tuple[str, int] | None = None  # tests only: see ``FAULT``
 
 
 class ModelLoadError(Exception):
@@ -192,6 +200,7 @@ class MllamaEngine:
         limits: BatchLimits | None = None,
         vision_cache_bytes: int = 1 << 30,
         prefix_cache_bytes: int | None = None,  # None: derived from free memory (prefix_cache.default_bytes)
+        faults: bool = False,
     ) -> None:
         if model.config.text_config._attn_implementation == "sdpa":  # SDPA, reading a shared image's states once
             attention.register()
@@ -219,6 +228,7 @@ class MllamaEngine:
         if prefix_cache_bytes is None:
             prefix_cache_bytes = default_bytes(model.device)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.faults = faults
         self.scheduler = Scheduler(
             model,
             self._pixel_tensors,
@@ -226,6 +236,7 @@ class MllamaEngine:
             limits or BatchLimits(),
             self.vision_cache,
             self._flush,
+            faults,
             self.prefix_cache,
         )
 
@@ -247,6 +258,7 @@ class MllamaEngine:
         limits: BatchLimits | None = None,
         vision_cache_bytes: int = 1 << 30,
         prefix_cache_bytes: int | None = None,
+        faults: bool = False,
     ) -> MllamaEngine:
         import torch
         from transformers import AutoProcessor, MllamaForConditionalGeneration
@@ -270,7 +282,7 @@ class MllamaEngine:
         model.eval()
         template = Path(chat_template).read_text() if chat_template else LLAMASCOPE_TEMPLATE
         info = EngineInfo(kind="transformers", source=str(path), context_length=context_length, test_model=test_model)
-        return cls(model, processor, info, template, limits, vision_cache_bytes, prefix_cache_bytes)
+        return cls(model, processor, info, template, limits, vision_cache_bytes, prefix_cache_bytes, faults)
 
     def stats(self) -> dict[str, int]:
         cache = self.vision_cache
@@ -321,6 +333,7 @@ class MllamaEngine:
         if len(prompt.encode()) // self._max_token_bytes > max_input:
             raise errors.input_too_long(max_input)  # certain without tokenising megabytes of text
         inputs = self._model_inputs(prompt, images)
+        fault = FAULT.search(prompt) if self.faults else None
         input_tokens = int(inputs["input_ids"].shape[1])
         if input_tokens > max_input:
             raise errors.input_too_long(max_input)
@@ -328,7 +341,7 @@ class MllamaEngine:
             input_tokens=input_tokens,
             image_tokens=len(images) * self.image_tokens_per_image,
             max_new_tokens=self.info.context_length - input_tokens,
-            payload=_Payload(inputs, images[0] if images else None),
+            payload=_Payload(inputs, images[0] if images else None, fault and (fault[1], int(fault[2]))),
         )
 
     def _model_inputs(self, prompt: str, images: list[PreparedImage]) -> Any:
@@ -391,6 +404,7 @@ class MllamaEngine:
             sampling=sampling,
             max_new=prompt.new_tokens(sampling),
             send=send,
+            fault=payload.fault,
         )
         self.scheduler.submit(seq)  # raises 429 Throttling when the queue is full
         text = _IncrementalText(self.tokenizer)

@@ -168,7 +168,7 @@ class PrefixCache:
                 piece = slice(start, start + self.block_tokens)
                 kv = torch.stack([torch.stack([k[:, piece], v[:, piece]]) for k, v in layers])  # a copy
                 size = kv.numel() * kv.element_size()
-                if not self._make_room(size):
+                if not self._make_room(size, keep=set(keys)):
                     break  # the later blocks are useless without this one
                 self._blocks[key] = _Block(kv, size)
                 self.bytes += size
@@ -180,18 +180,19 @@ class PrefixCache:
             if key in self._blocks:
                 self._blocks.move_to_end(key)
 
-    def _make_room(self, size: int) -> bool:
-        """Evict least recently used free blocks until ``size`` more bytes fit; False if they cannot."""
+    def _make_room(self, size: int, keep: set[bytes]) -> bool:
+        """Evict least recently used free blocks, but those in ``keep`` (the chain being stored), until ``size``
+        more bytes fit; False if they cannot."""
         if self.bytes + size <= self.max_bytes:
             return True
-        free = sum(b.size for b in self._blocks.values() if b.holders == 0)
+        free = sum(b.size for k, b in self._blocks.items() if b.holders == 0 and k not in keep)
         if self.bytes - free + size > self.max_bytes:
             return False
         for key in list(self._blocks):
             if self.bytes + size <= self.max_bytes:
                 break
             block = self._blocks[key]
-            if block.holders == 0:
+            if block.holders == 0 and key not in keep:
                 del self._blocks[key]
                 self.bytes -= block.size
                 self.evicted += 1

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llamascope.engines.base import Engine
-from llamascope.engines.batching import BatchLimits
+from llamascope.engines.batching import BatchLimits, default_queue_bytes
 from llamascope.engines.mllama import MllamaEngine, ModelLoadError
 from llamascope.engines.test_model import ensure_test_model, is_test_model
 from llamascope.engines.upstream import UpstreamEngine
@@ -28,7 +28,12 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
         if spec.upstreams:
             progress(f"serving {name!r} through {', '.join(spec.upstreams)}")
             engines[name] = UpstreamEngine.create(
-                spec.upstreams, spec.upstream_model or name, spec.upstream_api_key, spec.context_length
+                spec.upstreams,
+                spec.upstream_model or name,
+                spec.upstream_api_key,
+                spec.context_length,
+                spec.upstream_tokenizer,
+                spec.chat_template,
             )
             continue
         path = _resolve(spec, settings)
@@ -48,11 +53,15 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
                         max_batch=settings.max_batch_size,
                         max_batch_tokens=settings.max_batch_tokens,
                         max_queued=settings.max_queued,
+                        max_queued_bytes=settings.max_queued_bytes
+                        if settings.max_queued_bytes is not None
+                        else default_queue_bytes(),
                         max_queue_wait=settings.max_queue_wait_seconds,
                         prefill_chunk=settings.prefill_chunk_tokens,
                     ),
                     vision_cache_bytes=settings.vision_cache_bytes,
                     prefix_cache_bytes=settings.prefix_cache_bytes,
+                    faults=settings.fault_injection,
                 )
             except ModelLoadError as exc:
                 raise ModelLoadError(f"model {name!r}: {exc}") from exc

@@ -28,6 +28,14 @@ from llamascope.engines.base import SamplingParams
 # Top-p without top-k looks for its set among this many of the most likely tokens first (one partial
 # sort), and sorts the whole vocabulary only for a row whose set is larger.
 TOP_P_CANDIDATES = 1024
+# Every positive temperature and repetition penalty is valid, but float32 holds only this range: one beyond
+# it acts as the range's end, which changes nothing the distribution can show. A temperature below the
+# smallest keeps only the most likely token (ties shared), one above the largest makes every token as likely.
+FLOAT32 = torch.finfo(torch.float32)
+
+
+def _float32_range(value: float) -> float:
+    return min(max(value, FLOAT32.tiny), FLOAT32.max)
 
 
 class Sampler:
@@ -35,12 +43,12 @@ class Sampler:
 
     def __init__(self, sampling: SamplingParams) -> None:
         self.greedy = sampling.greedy
-        self.temperature = sampling.temperature
+        self.temperature = _float32_range(sampling.temperature) if not self.greedy else 0.0
         self.top_k = sampling.top_k or 0  # 0: off
         self.top_p = sampling.top_p
         self.min_new = sampling.min_new_tokens  # the scheduler masks end-of-turn ids until then
         self.penalty = (
-            RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty)
+            RepetitionPenaltyLogitsProcessor(_float32_range(sampling.repetition_penalty))
             if sampling.repetition_penalty != 1.0
             else None
         )
@@ -59,7 +67,8 @@ def pick(samplers: Sequence[Sampler], ids: Sequence[list[int]], logits: torch.Te
     """
     for i, sampler in enumerate(samplers):
         if sampler.penalty is not None:
-            logits[i : i + 1] = sampler.penalty(torch.tensor([ids[i]]), logits[i : i + 1])  # type: ignore[arg-type]
+            row = sampler.penalty(torch.tensor([ids[i]]), logits[i : i + 1])  # type: ignore[arg-type]
+            logits[i : i + 1] = row.clamp_(max=FLOAT32.max)  # a tiny penalty can push a logit to +inf
     picks: list[int] = [0] * len(samplers)
     greedy = [i for i, s in enumerate(samplers) if s.greedy]
     if greedy:
@@ -96,12 +105,16 @@ def argmax(logits: torch.Tensor, block: int = 256) -> torch.Tensor:
 def _sample(samplers: list[Sampler], logits: torch.Tensor) -> list[int]:
     """Sample every row (all with temperature > 0) after its own temperature, top-k and top-p."""
     vocab = logits.shape[-1]
-    logits.div_(torch.tensor([s.temperature for s in samplers])[:, None])  # the caller's rows are ours to change
+    # Each row's largest logit becomes 0 before the temperature divides: the rest become negative or -inf,
+    # never +inf or NaN, however small the temperature (dividing first, a tiny one made inf - inf = NaN and
+    # a draw past the row's end). The caller's rows are ours to change.
+    logits.sub_(logits.amax(-1, keepdim=True)).div_(torch.tensor([s.temperature for s in samplers])[:, None])
     if not samplers[0].restricts:  # the caller groups rows: here none restricts
         return _draw(samplers, logits)
     top_k = torch.tensor([min(s.top_k, vocab) if s.top_k else vocab for s in samplers])
     # 1.0 turns top-p off, as transformers leaves its warper out (a sum that rounds to 1 must drop nothing).
-    top_p = torch.tensor([s.top_p if s.top_p < 1.0 else float("inf") for s in samplers])
+    # A top-p below float32's smallest would round to 0 and remove every token: at the smallest it keeps one.
+    top_p = torch.tensor([max(s.top_p, FLOAT32.tiny) if s.top_p < 1.0 else float("inf") for s in samplers])
     width = min(vocab, max(min(s.top_k, vocab) if s.top_k else TOP_P_CANDIDATES for s in samplers))
     values, index = logits.topk(width)  # each row's most likely tokens, in order
     values = values.masked_fill(torch.arange(width)[None, :] >= top_k[:, None], float("-inf"))  # top-k
@@ -133,12 +146,13 @@ def _sample(samplers: list[Sampler], logits: torch.Tensor) -> list[int]:
 def _draw(samplers: list[Sampler], logits: torch.Tensor, block: int = 256) -> list[int]:
     """One draw per row from softmax(logits), by inverse CDF with the row's own generator.
 
-    ``logits`` become the rows' unnormalised probabilities, in place. Rather than a running sum over
-    the whole vocabulary (a slow sequential pass), the sums of 256-wide blocks find the block where
-    u * total falls, and a running sum within that block finds the token: the same token.
+    ``logits`` have each row's largest at 0 (``_sample`` shifts them so), and become the rows' unnormalised
+    probabilities, in place: each row's total is at least 1. Rather than a running sum over the whole
+    vocabulary (a slow sequential pass), the sums of 256-wide blocks find the block where u * total falls,
+    and a running sum within that block finds the token: the same token.
     """
     rows, vocab = logits.shape
-    weights = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+    weights = logits.exp_()
     uniform = torch.tensor([float(torch.rand(1, generator=s.generator)) for s in samplers])[:, None]
     if vocab % block:
         cumulative = weights.cumsum(-1)

@@ -9,9 +9,14 @@ Each is health-checked (``GET /models``) in the background and taken out of
 rotation while failing; a request that fails before its first token is tried
 on another. Closing the generation closes the upstream stream at once.
 
-Token counts come from the upstream's reported usage; until it reports (and
-if it never does) llamascope estimates: the prompt's UTF-8 bytes / 4 plus one
-token per image, and one token per streamed piece.
+The prompt is counted before the request goes out, so that its allowance is
+held with the true count and every streamed event reports the same input
+tokens: with the model's tokenizer from a local directory when one is
+configured (``upstream_tokenizer``), else by the engine itself through its
+``POST /tokenize`` (vLLM's; llamascope serves it too). Only an engine without
+one gets an estimate (the prompt's UTF-8 bytes / 4 plus one token per image),
+corrected by its reported usage at the end. Output tokens are the engine's
+count, one per streamed piece until it reports.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ HEALTH_EVERY_SECONDS = 5.0
 # Sent images fit in what Llama 3.2 Vision can use: 4 tiles of 560x560, at most 2240 pixels a side.
 MAX_SENT_PIXELS = 4 * 560 * 560
 MAX_SENT_SIDE = 2240
+# Counting a prompt is quick; an engine that takes longer is counted by estimate instead.
+TOKENIZE_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=5)
 
 
 @dataclass
@@ -47,6 +54,12 @@ class Upstream:
     outstanding: int = 0
     healthy: bool = True
     failures: int = 0
+    tokenize: bool = True  # it answers POST /tokenize; False once it said it has none
+
+    @property
+    def tokenize_url(self) -> str:
+        """Where vLLM serves it: beside /v1, not in it."""
+        return self.url.removesuffix("/v1") + "/tokenize"
 
 
 @dataclass
@@ -57,15 +70,26 @@ class UpstreamEngine:
     model: str
     info: EngineInfo
     api_key: str | None = None
+    # The model's tokenizer, from a local directory: the prompt's exact count without asking the engine.
+    tokenizer: PromptCounter | None = None
     _client: aiohttp.ClientSession | None = field(default=None, repr=False)
     # Re-encoded images by content hash, the last 64: a conversation re-sends its image every turn.
     _uris: SizedLRU[str, str] = field(default_factory=lambda: SizedLRU(64, lambda _: 1), repr=False)
     _health: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
-    def create(cls, urls: list[str], model: str, api_key: str | None, context_length: int) -> UpstreamEngine:
+    def create(
+        cls,
+        urls: list[str],
+        model: str,
+        api_key: str | None,
+        context_length: int,
+        tokenizer: str | None = None,
+        chat_template: str | None = None,
+    ) -> UpstreamEngine:
         info = EngineInfo(kind="upstream", source=",".join(urls), context_length=context_length)
-        return cls([Upstream(u.rstrip("/")) for u in urls], model, info, api_key)
+        counter = PromptCounter.load(tokenizer, chat_template) if tokenizer else None
+        return cls([Upstream(u.rstrip("/")) for u in urls], model, info, api_key, counter)
 
     @property
     def client(self) -> aiohttp.ClientSession:
@@ -108,16 +132,48 @@ class UpstreamEngine:
             content.append({"type": "image_url", "image_url": {"url": await self._data_uri(turn.image)}})
             content.append({"type": "text", "text": turn.text})
             messages.append({"role": turn.role, "content": content})
-        estimate = text_bytes // 4 + images + 8 * len(turns)
+        count = await self._count(messages)
+        if count is None:
+            count = text_bytes // 4 + images + 8 * len(turns)  # an estimate: the engine's usage corrects it
         max_input = self.info.context_length - 1
-        if estimate > max_input:
+        if count > max_input:
             raise errors.input_too_long(max_input)
         return PreparedPrompt(
-            input_tokens=estimate,
+            input_tokens=count,
             image_tokens=0,
-            max_new_tokens=max(1, self.info.context_length - estimate),
+            max_new_tokens=max(1, self.info.context_length - count),
             payload=messages,
         )
+
+    async def _count(self, messages: list[dict[str, Any]]) -> int | None:
+        """The prompt's tokens as the engine counts them, or None where neither way is open."""
+        if self.tokenizer is not None:
+            return await asyncio.to_thread(self.tokenizer.count, messages)
+        body = {"model": self.model, "messages": messages, "add_generation_prompt": True}
+        for upstream in sorted(self.upstreams, key=lambda u: (not u.healthy, u.outstanding, u.failures)):
+            if not upstream.tokenize:
+                continue
+            try:
+                async with self.client.post(
+                    upstream.tokenize_url, json=body, allow_redirects=False, timeout=TOKENIZE_TIMEOUT
+                ) as response:
+                    if response.status in (404, 405, 501):
+                        log.warning("upstream %s has no /tokenize: its prompts are estimated", upstream.url)
+                        upstream.tokenize = False
+                        continue
+                    text = (await response.read()).decode(errors="replace")
+                    if response.status == 400:  # the engine refuses the prompt (too long, ...): say why now
+                        raise _client_error(400, text)
+                    answer = json.loads(text) if response.status == 200 else None
+                    count = answer.get("count") if isinstance(answer, dict) else None
+            except aiohttp.ClientError as exc:  # it cannot be reached: out of rotation, as a completion would take it
+                self._mark_failed(upstream, type(exc).__name__)
+                continue
+            except (asyncio.TimeoutError, ValueError):  # slow, or an answer not vLLM's: estimated instead
+                continue
+            if isinstance(count, int) and not isinstance(count, bool):
+                return count
+        return None
 
     async def _data_uri(self, image: Any) -> str:
         uri = self._uris.get(image.digest)
@@ -268,3 +324,61 @@ def _data_uri(image: Any) -> str:
     buffer = io.BytesIO()
     image.image.save(buffer, format="JPEG", quality=92)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+class PromptCounter:
+    """The model's tokenizer and chat template, from a local directory: counts a prompt as the engine will.
+
+    The template must be the engine's (``chat_template`` where the engine was given its own), or the count
+    is off; the engine's reported usage stays what is charged.
+    """
+
+    def __init__(self, tokenizer: Any, template: str) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+
+    @classmethod
+    def load(cls, directory: str, chat_template: str | None) -> PromptCounter:
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        from llamascope.engines.mllama import ModelLoadError
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        except Exception as exc:  # transformers raises many types here
+            raise ModelLoadError(f"upstream_tokenizer {directory}: the tokenizer cannot be loaded: {exc}") from exc
+        template = Path(chat_template).read_text() if chat_template else _directory_template(Path(directory))
+        if template is None:
+            raise ModelLoadError(f"upstream_tokenizer {directory} has no chat template: give chat_template")
+        return cls(tokenizer, template)
+
+    def count(self, messages: list[dict[str, Any]]) -> int:
+        conversation = [
+            {
+                "role": m["role"],
+                "content": m["content"]
+                if isinstance(m["content"], str)
+                else [{"type": "image"} if p["type"] == "image_url" else p for p in m["content"]],
+            }
+            for m in messages
+        ]
+        prompt = self.tokenizer.apply_chat_template(
+            conversation, chat_template=self.template, tokenize=False, add_generation_prompt=True
+        )
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def _directory_template(directory: Any) -> str | None:
+    """The chat template a Hugging Face model directory carries (the tokenizer's, or the processor's file)."""
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        path = directory / name
+        if not path.is_file():
+            continue
+        if name.endswith(".jinja"):
+            return str(path.read_text())
+        template = json.loads(path.read_text()).get("chat_template")
+        if isinstance(template, str):
+            return template
+    return None

@@ -282,6 +282,11 @@ PARAM_CASES = [
     ({"max_tokens": 9000}, "Range of max_tokens should be [1, 8192]"),
     ({"max_tokens": True}, "max_tokens"),
     ({"max_new_tokens": "10"}, "max_new_tokens"),
+    ({"max_new_tokens": 0}, "Range of max_new_tokens should be [1, 8192]"),  # the name the caller used
+    ({"max_tokens": float("inf")}, "max_tokens"),  # Python's JSON parser takes Infinity and NaN
+    ({"temperature": float("inf")}, "Parameter temperature should be a finite number"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
     ({"min_new_tokens": -1}, "min_new_tokens"),
     ({"top_k": -1}, "top_k"),
     ({"seed": -1}, "seed"),

@@ -265,6 +265,35 @@ def test_full_queue_is_refused_with_retry_after(test_model_dir: Path) -> None:
         time.sleep(0.01)
 
 
+def test_the_queue_holds_what_fits_in_its_memory(test_model_dir: Path) -> None:
+    """Waiting requests are counted at what they hold: many small ones wait where one image's pixels do not fit."""
+    engine = MllamaEngine.load(
+        test_model_dir, test_model=True, limits=BatchLimits(max_batch=1, max_queued_bytes=8 * 1024 * 1024)
+    )
+
+    async def scenario() -> tuple[int, int, errors.ServiceError]:
+        text = await engine.prepare([Turn("user", "Go on and on.")])
+        big = await engine.prepare([Turn("user", "And this?", image((1, 2, 3), (1120, 840)))])  # four tiles of pixels
+        running = engine.generate(text, SamplingParams(max_new_tokens=100_000, temperature=0))
+        await anext(running)
+        waiting = [engine.generate(text, SamplingParams(max_new_tokens=1, temperature=0)) for _ in range(12)]
+        tasks = [asyncio.create_task(anext(w)) for w in waiting]  # each about 0.5 MB: 12 fit in 8 MB
+        await asyncio.sleep(0.2)
+        queued, held = engine.stats()["waiting"], engine.scheduler.waiting_bytes
+        with pytest.raises(errors.ServiceError) as refused:
+            await anext(engine.generate(big, SamplingParams(max_new_tokens=1)))  # 15 MB of pixel tensors
+        await running.aclose()
+        await asyncio.gather(*tasks)
+        for w in waiting:
+            await w.aclose()
+        return queued, held, refused.value
+
+    queued, held, error = asyncio.run(scenario())
+    assert queued == 12 and 12 * 512 * 1024 <= held < 8 * 1024 * 1024
+    assert (error.status, error.code) == (429, "Throttling")
+    assert engine.scheduler.waiting_bytes == 0
+
+
 def test_waiting_too_long_is_a_timeout(test_model_dir: Path) -> None:
     engine = MllamaEngine.load(
         test_model_dir, test_model=True, limits=BatchLimits(max_batch=1, max_queued=4, max_queue_wait=0.3)
@@ -309,3 +338,52 @@ def test_token_budget_keeps_requests_waiting(test_model_dir: Path) -> None:
         return peak
 
     assert asyncio.run(scenario()) == 1
+
+
+@pytest.fixture(scope="module")
+def faulty(test_model_dir: Path) -> MllamaEngine:
+    """Fault injection on: a conversation holding ``[[llamascope-fault:STAGE@N]]`` fails there (tests only)."""
+    return MllamaEngine.load(test_model_dir, test_model=True, faults=True)
+
+
+RED = image((200, 30, 30))
+GOOD = [  # one image shared by two rows (one copy of its states), another image, and a seeded sampled row
+    ([Turn("user", "Describe.", RED)], SamplingParams(max_new_tokens=14, min_new_tokens=14, temperature=0)),
+    (
+        [Turn("user", "Its colours?", RED)],
+        SamplingParams(max_new_tokens=14, min_new_tokens=14, temperature=0.9, seed=5),
+    ),
+    (
+        [Turn("user", "And this?", image((9, 99, 9), (1200, 300)))],
+        SamplingParams(max_new_tokens=12, min_new_tokens=12, temperature=0),
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def good_alone(faulty: MllamaEngine) -> list[str]:
+    async def scenario() -> list[str]:
+        return [(await run(faulty, turns, sampling))[0] for turns, sampling in GOOD]
+
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("stage", ["prefill", "decode", "sample"])
+def test_a_failing_request_ends_alone(faulty: MllamaEngine, good_alone: list[str], stage: str) -> None:
+    """A request whose step fails ends with an error; the rest of its batch goes on, token for token as alone."""
+    step = 0 if stage == "prefill" else 4  # prefill: before its first token; else at its fifth
+    bad = [Turn("user", f"[[llamascope-fault:{stage}@{step}]] Describe.", RED)]
+
+    async def scenario() -> list[object]:
+        return await asyncio.gather(
+            *(run(faulty, t, s) for t, s in GOOD[:2]),
+            run(faulty, bad, SamplingParams(max_new_tokens=14, min_new_tokens=14, temperature=0)),
+            run(faulty, *GOOD[2]),
+            return_exceptions=True,
+        )
+
+    together = asyncio.run(scenario())
+    failed = together.pop(2)
+    assert isinstance(failed, errors.ServiceError) and (failed.status, failed.code) == (500, "InternalError.Algo")
+    assert [text for text, _ in together] == good_alone  # type: ignore[misc]
+    assert faulty.active == 0 and faulty.stats()["waiting"] == 0

@@ -88,6 +88,8 @@ def test_answers_with_reuse_equal_answers_without(
     request: pytest.FixtureRequest, plain: MllamaEngine, pool: str, count: int, picture: PreparedImage | None
 ) -> None:
     engine: MllamaEngine = request.getfixturevalue(pool)
+    if pool == "tiny":  # another image's blocks fill the pool: the conversation's must evict them
+        asyncio.run(answer(engine, [Turn("user", "Fill the pool. " * 8, image((1, 1, 1)))]))
     before = engine.prefix_cache.stats()
     expected = conversations(plain, count, picture)
     got = conversations(engine, count, picture)
@@ -99,6 +101,7 @@ def test_answers_with_reuse_equal_answers_without(
         assert after["prefix_cache_hits"] - before["prefix_cache_hits"] >= count * (len(QUESTIONS) - 1)
     else:  # four conversations at once churn six blocks too fast to find much; one alone reuses across eviction
         assert after["prefix_cache_evicted"] > before["prefix_cache_evicted"]
+        assert after["prefix_cache_bytes"] <= after["prefix_cache_max_bytes"]
     if pool == "reusing" or count == 1:
         assert after["prefix_cache_tokens_reused"] > before["prefix_cache_tokens_reused"]
 

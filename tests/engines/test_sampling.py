@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -119,3 +121,48 @@ def test_a_low_temperature_draw_is_the_top_token() -> None:
     logits = torch.randn(8, 1024, generator=torch.Generator().manual_seed(6)) * 5
     samplers = [Sampler(SamplingParams(temperature=1e-4, seed=i)) for i in range(8)]
     assert pick(samplers, [[]] * 8, logits.clone()) == logits.argmax(-1).tolist()
+
+
+# Every value the API accepts (conversation/parameters.py): temperature >= 0, top_p in (0, 1], top_k from 1
+# (0 and above 100 turn it off), repetition_penalty > 0; finite, as JSON numbers are.
+POSITIVE = st.floats(min_value=0.0, exclude_min=True, allow_infinity=False)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    temperature=st.one_of(st.just(0.0), POSITIVE, st.sampled_from([5e-324, 1e-45, 1e-38, 1e38, 1e300])),
+    top_p=st.one_of(st.floats(min_value=0.0, max_value=1.0, exclude_min=True), st.sampled_from([5e-324, 1.0])),
+    top_k=st.one_of(st.none(), st.integers(1, 100)),
+    penalty=st.one_of(st.just(1.0), POSITIVE, st.sampled_from([5e-324, 1e-300, 1e300])),
+    vocab=st.sampled_from([40, 768, 4 * TOP_P_CANDIDATES]),  # one running sum, block sums, beyond the candidates
+    scale=st.sampled_from([0.01, 1.0, 30.0]),
+    seed=st.integers(0, 2**63 - 1),
+)
+def test_any_valid_setting_draws_a_token_it_may(
+    temperature: float, top_p: float, top_k: int | None, penalty: float, vocab: int, scale: float, seed: int
+) -> None:
+    """Extremes of the documented ranges once made NaN and a draw past the row's end (a 500 from the API)."""
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(seed % 2**32)) * scale
+    held = [vocab - 1, 3]  # end-of-turn ids held back for min_new_tokens: never drawn
+    logits[:, held] = float("-inf")
+    history = [[3, 5, 7, vocab - 1], [1], [5, 5]]
+    mine = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=penalty, seed=seed)
+    others = [SamplingParams(), SamplingParams(temperature=0.7, top_k=20, seed=1)]
+    tokens = pick([Sampler(mine), *map(Sampler, others)], history, logits.clone())
+    for row, token in enumerate(tokens):
+        assert 0 <= token < vocab and token not in held, (row, token)
+    if top_k is not None and penalty == 1.0:  # among the k most likely (ties with the k-th kept)
+        assert int((logits[0] > logits[0, tokens[0]]).sum()) < top_k
+
+
+def test_a_tiny_temperature_or_top_p_samples_the_top_token() -> None:
+    """Below float32's smallest number a temperature divided logits into inf - inf = NaN and a top-p of 1e-300
+    rounded to 0 and removed every token: both drew index 5 of a top-k of 5 (``index 5 is out of bounds``)."""
+    logits = torch.randn(4, 128256, generator=torch.Generator().manual_seed(7)) * 3
+    for params in [
+        SamplingParams(temperature=1e-40, top_k=5),
+        SamplingParams(temperature=1e-40),
+        SamplingParams(temperature=0.8, top_p=1e-300),
+    ]:
+        samplers = [Sampler(SamplingParams(**{**vars(params), "seed": i})) for i in range(4)]
+        assert pick(samplers, [[]] * 4, logits.clone()) == logits.argmax(-1).tolist()

@@ -32,14 +32,20 @@ def upstream(tmp_path_factory: pytest.TempPathFactory, test_model_dir: Path) -> 
 
 
 @pytest.fixture(scope="module")
-def front(tmp_path_factory: pytest.TempPathFactory, upstream: Server) -> Iterator[Server]:
+def front(tmp_path_factory: pytest.TempPathFactory, upstream: Server, test_model_dir: Path) -> Iterator[Server]:
+    from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
+
     tmp = tmp_path_factory.mktemp("front")
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    template = tmp / "template.jinja"  # the upstream's: an llamascope renders with its own
+    template.write_text(LLAMASCOPE_TEMPLATE)
     config = tmp / "llamascope.toml"
     config.write_text(
         f'[models."{MODEL}"]\nupstreams = ["{upstream.base}/v1"]\nupstream_api_key = "{UPSTREAM_KEY}"\n'
         f'[models."pair"]\nupstreams = ["{dead}", "{upstream.base}/v1"]\nupstream_model = "{MODEL}"\n'
         f'upstream_api_key = "{UPSTREAM_KEY}"\n'
+        f'[models."local"]\nupstreams = ["{upstream.base}/v1"]\nupstream_model = "{MODEL}"\n'
+        f'upstream_api_key = "{UPSTREAM_KEY}"\nupstream_tokenizer = "{test_model_dir}"\nchat_template = "{template}"\n'
     )
     srv = start_server(tmp, ["--config", str(config)])
     yield srv
@@ -146,3 +152,43 @@ def test_upstream_refusals_come_back_as_400(front: Server, image_host) -> None:
     # Short in bytes, long in tokens: the front's estimate admits it, the upstream counts and refuses.
     r = post(front, {"model": MODEL, "input": {"messages": [user_turn(image_host.url("/red.png"), "龘" * 3000)]}})
     assert r.status_code == 400 and "Range of input length" in r.json()["message"]
+
+
+@pytest.mark.parametrize(
+    "model", [MODEL, "pair", "local"], ids=["the engine's /tokenize", "after a dead upstream", "a local tokenizer"]
+)
+def test_streamed_input_tokens_are_exact_from_the_first_event(front: Server, image_host, model: str) -> None:
+    """Counted before the request goes out, not estimated until the engine reports: every event says the same."""
+    for text in ["?", "Describe every colour in this picture, one by one, in as much detail as you can."]:
+        body = body_for(model, image_host.url("/red.png"), max_tokens=5, temperature=0)
+        body["input"]["messages"] = [
+            {"role": "system", "content": "Be brief."},
+            user_turn(image_host.url("/red.png"), text),
+        ]
+        r = post(front, body, **{"X-DashScope-SSE": "enable"})
+        events = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:")]
+        assert len(events) > 1 and events[-1]["output"]["choices"][0]["finish_reason"] == "length"
+        # The last event carries the engine's own count (its reported usage).
+        assert {e["usage"]["input_tokens"] for e in events} == {events[-1]["usage"]["input_tokens"]}
+
+
+def test_tokenize_counts_as_a_completion_reports(upstream: Server, image_host) -> None:
+    """llamascope serves vLLM's POST /tokenize for chat messages (what a front llamascope asks)."""
+    import base64
+
+    uri = "data:image/png;base64," + base64.b64encode(httpx.get(image_host.url("/red.png")).content).decode()
+    messages = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "Hi"}]}
+    ]
+    headers = {"Authorization": f"Bearer {upstream.key}"}
+    counted = httpx.post(upstream.base + "/tokenize", json={"model": MODEL, "messages": messages}, headers=headers)
+    assert counted.status_code == 200, counted.text
+    done = httpx.post(
+        upstream.base + "/v1/chat/completions",
+        json={"model": MODEL, "messages": messages, "max_tokens": 1},
+        headers=headers,
+        timeout=60,
+    )
+    assert counted.json() == {"count": done.json()["usage"]["prompt_tokens"], "max_model_len": 8192}
+    refused = httpx.post(upstream.base + "/tokenize", json={"model": MODEL, "messages": []}, headers=headers)
+    assert refused.status_code == 400 and refused.json()["error"]["message"]

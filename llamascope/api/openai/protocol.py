@@ -35,9 +35,10 @@ class ChatRequest:
         if body.get("n") not in (None, 1):
             raise errors.invalid_parameter("Parameter n: only one choice per request is supported.")
         parameters = {name: body[name] for name in _SAME if body.get(name) is not None}
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is not None:
-            parameters["max_tokens"] = max_tokens
+        for name in ("max_completion_tokens", "max_tokens"):  # the first given, under its own name for errors
+            if body.get(name) is not None:
+                parameters[name] = body[name]
+                break
         stream = body.get("stream") or False
         if not isinstance(stream, bool):
             raise errors.invalid_parameter("Parameter stream should be true or false.")

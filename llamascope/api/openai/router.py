@@ -79,6 +79,18 @@ async def chat_completions(request: Request) -> Response:
     return JSONResponse(body.model_dump())
 
 
+async def tokenize(request: Request) -> JSONResponse:
+    """vLLM's ``POST /tokenize`` for chat messages: the prompt's token count, as a completion would report it.
+
+    An llamascope in front of another (``--model NAME=openai+http://...``) asks it this, so its usage is exact
+    from the first event. The token ids vLLM also returns are left out: no caller here needs them.
+    """
+    service: ConversationService = request.app.state.service
+    call = ChatRequest.from_body(await read_json(request))
+    count = await service.count(request.state.principal, call.model, call.messages, source_context(request))
+    return JSONResponse({"count": count, "max_model_len": service.engine(call.model).info.context_length})
+
+
 async def list_models(request: Request) -> JSONResponse:
     service: ConversationService = request.app.state.service
     data = [
@@ -92,3 +104,4 @@ async def list_models(request: Request) -> JSONResponse:
 for prefix in PREFIXES:
     router.add_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
     router.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
+router.add_route("/tokenize", tokenize, methods=["POST"])  # where vLLM serves it: beside /v1, not in it

@@ -7,10 +7,27 @@ ARGS   ?=
 
 .PHONY: setup serve test lint bench clean
 
+# On a GPU machine (README, "On GPUs"), one of:
+#   make setup TORCH_INDEX_URL=<PyTorch's CUDA wheel index for your CUDA, e.g. its cu128 one>
+#       installs torch 2.13.0 built for that CUDA first; constraints.txt's torch==2.13.0 then keeps it;
+#   make setup SYSTEM_TORCH=1
+#       a venv that sees the system's packages, keeping the CUDA torch (2.11 or newer) already installed.
+TORCH_INDEX_URL ?=
+SYSTEM_TORCH    ?=
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+
 $(STAMP): pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	# constraints.txt pins every package; torch==2.13.0 is the CPU wheel, so no CUDA download.
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	$(PYTHON) -m venv $(if $(SYSTEM_TORCH),--system-site-packages) $(VENV)
+ifneq ($(TORCH_INDEX_URL),)
+	$(PIP) torch==2.13.0 --index-url $(TORCH_INDEX_URL)
+endif
+ifneq ($(SYSTEM_TORCH),)
+	grep -v '^torch==' constraints.txt > $(VENV)/constraints-system-torch.txt
+	$(PIP) -c $(VENV)/constraints-system-torch.txt -e ".[test]"
+else
+	# constraints.txt pins every package; torch==2.13.0 is the CPU wheel here, so no CUDA download.
+	$(PIP) -c constraints.txt -e ".[test]"
+endif
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -59,5 +59,10 @@ class SizedLRU(Generic[K, V]):
                 _, evicted = self._entries.popitem(last=False)
                 self.total -= self.size(evicted)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.total = 0
+
     def __len__(self) -> int:
         return len(self._entries)

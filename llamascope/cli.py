@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamascope import __version__
+from llamascope.client import chat
 from llamascope.settings import BUILTIN, ModelSpec, Settings
 
 if TYPE_CHECKING:
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", type=Path, help="TOML config file (default: $LLAMASCOPE_CONFIG)")
     serve.add_argument("--threads", type=int, help="PyTorch threads (default: one per usable core)")
+    serve.add_argument(
+        "--device",
+        help="auto (default: a CUDA GPU when one is visible, else the CPU), cpu, cuda (every visible GPU, "
+        "a model too large for one split across them) or cuda:N",
+    )
     serve.add_argument("--log-level", help="debug, info, warning, error (default info)")
 
     build = commands.add_parser("build-test-model", help="build the built-in test model and print its directory")
@@ -80,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="the accounts database").add_subparsers(dest="action", required=True)
     upgrade = db.add_parser("upgrade", help="apply schema migrations")
+    chat.add_parser(commands)
     for command in (create, listing, revoke, grant, usage, upgrade):
         command.add_argument("--config", type=Path, help="TOML config file (default: $LLAMASCOPE_CONFIG)")
     return parser
@@ -143,6 +150,7 @@ def serve(args: argparse.Namespace) -> int:
         "host": args.host,
         "port": args.port,
         "torch_threads": args.threads,
+        "device": args.device,
         "log_level": args.log_level,
     }
     if args.model:
@@ -158,6 +166,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from llamascope.accounts import admin
     from llamascope.accounts.admission import Accounts
+    from llamascope.accounts.limits import rate_limits
     from llamascope.api.app import create_app
     from llamascope.conversation.service import ConversationService
     from llamascope.engines.mllama import ModelLoadError
@@ -182,12 +191,15 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     uploads_store = UploadStore(
         settings.upload_dir or settings.data_dir / "uploads",
-        load_or_create_secret(settings.data_dir / "upload-secret"),
+        settings.upload_secret.encode()
+        if settings.upload_secret
+        else load_or_create_secret(settings.data_dir / "upload-secret"),
         ttl_seconds=settings.upload_ttl_hours * 3600,
         policy_seconds=settings.upload_policy_seconds,
         max_bytes=settings.upload_max_bytes,
     )
-    service = ConversationService(engines, ImageIntake.from_settings(settings, uploads_store), Accounts(store))
+    limits = rate_limits(settings.redis_url, settings.rate_limits_on_redis_error)
+    service = ConversationService(engines, ImageIntake.from_settings(settings, uploads_store), Accounts(store, limits))
     app = create_app(
         service,
         uploads_store,
@@ -303,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args)
     if args.command in ("keys", "usage", "db"):
         return accounts_command(args)
+    if args.command == "chat":
+        return chat.run(args)
     if args.command == "build-test-model":
         from llamascope.engines.test_model import ensure_test_model
 

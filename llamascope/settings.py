@@ -35,6 +35,7 @@ from pydantic_settings import (
 
 SEED_MODELS = ("llama3.2-11b-vision", "llama3.2-90b-vision-instruct")
 BUILTIN = "builtin:test-model"
+BUILTIN_TEXT = "builtin:text-model"  # the tiny text-only Llama, for trying the text-only models
 
 _config_file: ContextVar[Path | None] = ContextVar("llamascope_config_file", default=None)
 
@@ -42,7 +43,9 @@ _config_file: ContextVar[Path | None] = ContextVar("llamascope_config_file", def
 class ModelSpec(BaseModel):
     """Where one served model name gets its answers from: local weights, or upstream engines."""
 
-    path: str | None = Field(None, description=f"a local Hugging Face model directory, or {BUILTIN!r}")
+    path: str | None = Field(
+        None, description=f"a local Hugging Face model directory, or {BUILTIN!r} or {BUILTIN_TEXT!r}"
+    )
     # OpenAI-compatible engines (SGLang, TGI, vLLM, Ollama, llama.cpp server), e.g. "http://gpu1:30000/v1".
     upstreams: list[str] = Field(default_factory=list)
     upstream_model: str | None = Field(None, description="the model name the upstreams know (default: this name)")
@@ -50,9 +53,12 @@ class ModelSpec(BaseModel):
     # A local directory with the upstream model's tokenizer: prompts are counted here, not asked of the engine.
     upstream_tokenizer: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # "nf4": load the weights as 4-bit NF4 through bitsandbytes (pip install 'llamascope[quantized]').
-    quantization: Literal["none", "nf4"] = "none"
+    # Weights quantized through bitsandbytes as they load (pip install 'llamascope[quantized]'):
+    # "nf4" (4-bit NF4: the 11B in about 7 GB) or "int8" (LLM.int8: the 90B in about 90 GB).
+    quantization: Literal["none", "nf4", "int8"] = "none"
     context_length: int = Field(8192, ge=16)
+    # auto, cpu, cuda or cuda:N; None: the server-wide device setting.
+    device: str | None = Field(None, pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
     chat_template: str | None = Field(None, description="a Jinja file to render prompts with instead of llamascope's")
     description: str = ""
     # What `llamascope keys create/grant` give a key for this model unless told otherwise.
@@ -61,7 +67,7 @@ class ModelSpec(BaseModel):
 
     @property
     def is_builtin(self) -> bool:
-        return self.path == BUILTIN
+        return self.path in (BUILTIN, BUILTIN_TEXT)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -100,13 +106,20 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir)
     cache_dir: Path = Field(default_factory=_default_cache_dir)
 
+    # Where in-process models run: auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda (every
+    # visible GPU: a model larger than one is split across them by layers) or cuda:N. Per model too.
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    # With device cuda on several GPUs: the most each may hold of a model's weights, e.g. "70GiB".
+    gpu_memory_cap: str | None = Field(None, pattern=r"^\d+(\.\d+)?\s*(GiB|GB|MiB|MB)$")
     # PyTorch threads for the in-process engine; None means one per usable core.
     torch_threads: int | None = Field(None, ge=1)
     # The in-process engine's scheduler: how many requests decode together, the tokens (prompt plus the
     # most each may still make) they may hold together, how many may wait for a place (beyond: 429
-    # Throttling), and how long one may wait (beyond: 408 RequestTimeOut).
-    max_batch_size: int = Field(16, ge=1)
-    max_batch_tokens: int = Field(131072, ge=1)
+    # Throttling), and how long one may wait (beyond: 408 RequestTimeOut). Batch size, batch tokens and the
+    # vision cache left unset: 16, 131,072 and 1 GiB on the CPU; on a GPU, what its free memory holds
+    # after loading (engines/devices.plan_memory), printed at start.
+    max_batch_size: int | None = Field(None, ge=1)
+    max_batch_tokens: int | None = Field(None, ge=1)
     # Requests wait while what they hold fits in max_queued_bytes (None: a quarter of the memory available
     # at start, within 256 MiB and 32 GiB); max_queued, if set, caps their number too.
     max_queued: int | None = Field(None, ge=0)
@@ -115,7 +128,7 @@ class Settings(BaseSettings):
     # A long prompt is prefilled this many tokens at a time, running streams going on in between.
     prefill_chunk_tokens: int = Field(512, ge=16)
     # The vision tower's output kept by image content hash, so later turns with the same image skip it.
-    vision_cache_bytes: int = Field(1024 * 1024 * 1024, ge=0)
+    vision_cache_bytes: int | None = Field(None, ge=0)
     # Past requests' self-attention keys and values, reused by requests that start with the same tokens about
     # the same image (the next turn of a conversation). None: a tenth of the memory free at start-up (the GPU's
     # on a GPU), at most 8 GiB; 0 turns reuse off.
@@ -149,6 +162,14 @@ class Settings(BaseSettings):
     # (e.g. https://llm.example.com behind a proxy). Default: from the request's Host.
     public_base_url: str | None = None
 
+    # Per-key rate limits shared by every replica, in Redis (redis://host:6379/0); None: kept in this process.
+    redis_url: str | None = None
+    # When Redis cannot be reached: "open" serves requests without the shared limits, "closed" refuses
+    # them with 503 ServiceUnavailable.
+    rate_limits_on_redis_error: Literal["open", "closed"] = "open"
+    # The HMAC secret of upload policies (at least 32 characters), the same on every replica; None: a
+    # random one kept in DATA_DIR/upload-secret.
+    upload_secret: str | None = Field(None, min_length=32)
     # Tests only: requests may ask the in-process engine to fail at a given step (engines/mllama.py, FAULT).
     fault_injection: bool = False
 

@@ -211,3 +211,26 @@ def user_turn(image: str, text: str = "What is in the picture?") -> dict[str, ob
 
 def generation_body(image: str, **parameters: object) -> dict[str, object]:
     return {"model": SEED_MODEL, "input": {"messages": [user_turn(image)]}, "parameters": parameters}
+
+
+# -- the text-generation API and a text-only Llama ----------------------------
+
+TEXT_MODEL = "llama3.1-8b-instruct"
+
+
+@pytest.fixture(scope="session")
+def text_model_dir() -> Path:
+    from llamascope.engines.test_model import ensure_text_test_model
+
+    return ensure_text_test_model(CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def text_server(
+    tmp_path_factory: pytest.TempPathFactory, test_model_dir: Path, text_model_dir: Path
+) -> Iterator[Server]:
+    """Both seed names on the built-in vision model, and a text-only Llama directory served by --model."""
+    models = [f"{SEED_MODEL}=builtin", "llama3.2-11b-vision=builtin", f"{TEXT_MODEL}={text_model_dir}"]
+    srv = start_server(tmp_path_factory.mktemp("text-server"), [arg for m in models for arg in ("--model", m)])
+    yield srv
+    srv.stop()

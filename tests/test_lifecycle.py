@@ -22,14 +22,16 @@ PATH = "/api/v1/services/aigc/multimodal-generation/generation"
     [
         ("x=/nonexistent/llama", "model 'x': /nonexistent/llama does not exist"),
         ("x={tmp}", "is not a Hugging Face model directory: it has no config.json"),
-        ("x={textonly}", "is a text-only model (model_type 'llama')"),
+        ("x={textonly}", "has a config.json but no weights"),  # a text-only Llama is served: it needs weights
+        ("x={other}", "has model_type 'gpt2'; llamascope serves Llama 3.2 Vision"),
     ],
 )
 def test_bad_model_fails_at_start_with_a_reason(tmp_path: Path, model_arg: str, message: str) -> None:
-    textonly = tmp_path / "textonly"
-    textonly.mkdir()
-    (textonly / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    arg = model_arg.format(tmp=tmp_path, textonly=textonly)
+    textonly, other = tmp_path / "textonly", tmp_path / "other"
+    for folder, model_type in ((textonly, "llama"), (other, "gpt2")):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    arg = model_arg.format(tmp=tmp_path, textonly=textonly, other=other)
     server = start_server(tmp_path, ["--model", arg], wait=False)
     assert server.process.wait(120) == 2
     assert message in server.log()

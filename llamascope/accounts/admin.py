@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from datetime import timedelta
@@ -70,13 +71,26 @@ def create_key(
 
 
 def seed_keys(store: AccountStore, keys: Iterable[str], specs: Mapping[str, ModelSpec]) -> None:
-    """Keys from settings: stored (by hash) if new, and granted every served model without limit."""
+    """Keys from settings: stored (by hash) if new, and granted every served model without limit.
+
+    Replicas starting together on one store each try: a key or grant another stored a moment before (the
+    unique constraint refuses the second insert) is taken as it is.
+    """
+    from sqlalchemy.exc import IntegrityError
+
     for key in keys:
-        view = store.find_key(key) or store.create_key("from settings", key=key)[1]
+        view = store.find_key(key)
+        if view is None:
+            try:
+                view = store.create_key("from settings", key=key)[1]
+            except IntegrityError:
+                view = store.find_key(key)
+        assert view is not None
         for model in specs:
             grant = store.find_grant(view.id, model)
             if grant is None or grant.allowance_tokens is not None or grant.expires_at is not None:
-                store.grant(view.id, model, None, None)
+                with contextlib.suppress(IntegrityError):
+                    store.grant(view.id, model, None, None)
 
 
 def describe(view: KeyView, grants: list[GrantView]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import anyio
 
 from llamascope import errors
 from llamascope.accounts.access import bearer_key, grant_refusal, key_refusal
-from llamascope.accounts.limits import RateLimits
+from llamascope.accounts.limits import RateLimits, SharedRateLimits
 from llamascope.accounts.store import AccountStore, GrantView, KeyView, Reservation, utcnow
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class Admission:
     principal: Principal
     reservation: Reservation
     request_id: str
+    counted: bool = True  # by the rate limits (False: Redis was down and the request went on uncounted)
     settled: bool = field(default=False)
 
     async def settle(self, input_tokens: int, output_tokens: int, image_tokens: int, status: str) -> None:
@@ -65,11 +66,11 @@ class Admission:
                 else:
                     await self.accounts.run(store.settle, *charge)
             finally:
-                self.accounts.limits.leave(self.principal.key, input_tokens + output_tokens)
+                await self.accounts.limits.leave(self.principal.key, input_tokens + output_tokens, self.counted)
 
 
 class Accounts:
-    def __init__(self, store: AccountStore, limits: RateLimits | None = None) -> None:
+    def __init__(self, store: AccountStore, limits: RateLimits | SharedRateLimits | None = None) -> None:
         self.store = store
         self.limits = limits or RateLimits()
         # Store calls block (SQLite, or a PostgreSQL round trip): a small pool of their own keeps them off the
@@ -119,7 +120,7 @@ class Accounts:
 
     async def admit(self, principal: Principal, grant: GrantView, tokens: int, request_id: str) -> Admission:
         """Hold ``tokens`` (the request's most) of the allowance and count the request in, or refuse."""
-        self.limits.enter(principal.key)
+        counted = await self.limits.enter(principal.key)
         model = grant.model
         try:
             if grant.allowance_tokens is None and grant.expires_at is None:
@@ -132,6 +133,7 @@ class Accounts:
                 latest = await self.read(self.store.find_grant, principal.key.id, model)
                 raise grant_refusal(model, latest, utcnow()) or errors.internal_error()
         except BaseException:
-            self.limits.leave(principal.key, 0)
+            with anyio.CancelScope(shield=True):
+                await self.limits.leave(principal.key, 0, counted)
             raise
-        return Admission(self, principal, reservation, request_id)
+        return Admission(self, principal, reservation, request_id, counted)

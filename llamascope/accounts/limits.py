@@ -1,12 +1,28 @@
 """Per-key rate limits: requests and tokens per minute (the ``limits`` library's moving window), and
-concurrent requests (a counter). Limits live in this process: several replicas each enforce their own.
+concurrent requests.
+
+``RateLimits`` keeps them in this process (one server). ``SharedRateLimits`` keeps them in Redis, so that
+every replica behind a load balancer counts against the same numbers: the moving windows through the
+``limits`` library's Redis storage, the concurrency counter in a Redis hash of one field per replica,
+changed only by Lua scripts (atomic on the server). Each replica keeps a heartbeat key that expires
+``heartbeat_ttl`` seconds after its last beat; a replica that died stops counting once it has expired, so
+its requests do not hold a key's concurrency for ever.
+
+When Redis cannot be reached within ``timeout`` seconds, a request is served without the shared limits
+(``on_error="open"``, the default: an outage of the limiter is not an outage of the service) or refused
+with ``503 ServiceUnavailable`` (``"closed"``); it never waits longer than the timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 import time
+import uuid
 from collections import Counter
+from typing import Any, Literal
 
 from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage
@@ -14,6 +30,8 @@ from limits.strategies import MovingWindowRateLimiter
 
 from llamascope import errors
 from llamascope.accounts.store import KeyView
+
+log = logging.getLogger(__name__)
 
 
 def throttled(message: str, retry_after: float) -> errors.ServiceError:
@@ -26,7 +44,19 @@ def throttled(message: str, retry_after: float) -> errors.ServiceError:
     )
 
 
+def _items(key: KeyView) -> tuple[RateLimitItemPerMinute | None, RateLimitItemPerMinute | None]:
+    tokens = RateLimitItemPerMinute(key.tokens_per_minute, namespace="tokens") if key.tokens_per_minute else None
+    requests = (
+        RateLimitItemPerMinute(key.requests_per_minute, namespace="requests") if key.requests_per_minute else None
+    )
+    return tokens, requests
+
+
 class RateLimits:
+    """The limits of one process. ``enter`` before a request runs, ``leave`` once when it ends."""
+
+    shared = False
+
     def __init__(self) -> None:
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
         self.running: Counter[int] = Counter()
@@ -35,28 +65,202 @@ class RateLimits:
         reset, _remaining = self._limiter.get_window_stats(item, str(key_id))
         return reset - time.time()
 
-    def enter(self, key: KeyView) -> None:
-        """Count a request in, or raise 429. Pair with ``leave``."""
+    async def enter(self, key: KeyView) -> bool:
+        """Count a request in, or raise 429. True: counted (pass it to ``leave``)."""
         if key.max_concurrent is not None and self.running[key.id] >= key.max_concurrent:
             raise throttled(f"at most {key.max_concurrent} concurrent requests", 1)
-        if key.tokens_per_minute is not None:
-            tokens = RateLimitItemPerMinute(key.tokens_per_minute, namespace="tokens")
-            if not self._limiter.test(tokens, str(key.id)):
-                raise throttled(f"{key.tokens_per_minute} tokens per minute", self._retry_after(tokens, key.id))
-        if key.requests_per_minute is not None:
-            requests = RateLimitItemPerMinute(key.requests_per_minute, namespace="requests")
-            if not self._limiter.hit(requests, str(key.id)):
-                raise throttled(f"{key.requests_per_minute} requests per minute", self._retry_after(requests, key.id))
+        tokens, requests = _items(key)
+        if tokens is not None and not self._limiter.test(tokens, str(key.id)):
+            raise throttled(f"{key.tokens_per_minute} tokens per minute", self._retry_after(tokens, key.id))
+        if requests is not None and not self._limiter.hit(requests, str(key.id)):
+            raise throttled(f"{key.requests_per_minute} requests per minute", self._retry_after(requests, key.id))
         self.running[key.id] += 1
+        return True
 
-    def leave(self, key: KeyView, tokens: int) -> None:
-        self.running[key.id] -= 1
-        if self.running[key.id] <= 0:
-            del self.running[key.id]
-        if key.tokens_per_minute is not None and tokens > 0:
-            item = RateLimitItemPerMinute(key.tokens_per_minute, namespace="tokens")
-            if not self._limiter.hit(item, str(key.id), cost=tokens):
-                # More than the window has left: the library would record nothing, so fill the window.
-                left = self._limiter.get_window_stats(item, str(key.id)).remaining
+    async def leave(self, key: KeyView, tokens: int, counted: bool = True) -> None:
+        if counted:
+            self.running[key.id] -= 1
+            if self.running[key.id] <= 0:
+                del self.running[key.id]
+        item, _ = _items(key)
+        if item is not None and tokens > 0 and not self._limiter.hit(item, str(key.id), cost=tokens):
+            # More than the window has left: the library would record nothing, so fill the window.
+            left = self._limiter.get_window_stats(item, str(key.id)).remaining
+            if left > 0:
+                self._limiter.hit(item, str(key.id), cost=left)
+
+    async def aclose(self) -> None:
+        pass
+
+
+# One field per replica in a key's hash; fields of replicas whose heartbeat expired are dropped, not counted.
+_ENTER = """
+local counts = redis.call('HGETALL', KEYS[1])
+local total = 0
+for i = 1, #counts, 2 do
+  if redis.call('EXISTS', ARGV[3] .. counts[i]) == 1 then
+    total = total + tonumber(counts[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], counts[i])
+  end
+end
+if total >= tonumber(ARGV[2]) then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[1], 86400)
+return 1
+"""
+_LEAVE = """
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return n
+"""
+
+
+class LimiterUnavailable(Exception):
+    """Redis did not answer in time, or refused."""
+
+
+class SharedRateLimits:
+    """The limits of every replica together, kept in Redis (see the module's text)."""
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        on_error: Literal["open", "closed"] = "open",
+        timeout: float = 0.5,
+        heartbeat_ttl: float = 15.0,
+        prefix: str = "llamascope",
+        replica: str | None = None,
+    ) -> None:
+        import redis.asyncio as redis
+        from limits.aio.storage import RedisStorage
+        from limits.aio.strategies import MovingWindowRateLimiter as AsyncMovingWindow
+
+        self.url = url
+        self.on_error = on_error
+        self.timeout = timeout
+        self.heartbeat_ttl = heartbeat_ttl
+        self.prefix = prefix
+        self.replica = replica or uuid.uuid4().hex[:12]
+        options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        self._redis = redis.Redis.from_url(url, **options)
+        storage_url = url if url.startswith("async+") else "async+" + url
+        self._storage = RedisStorage(storage_url, implementation="redispy", key_prefix=f"{prefix}:rl", **options)
+        self._limiter = AsyncMovingWindow(self._storage)
+        self._enter_script = self._redis.register_script(_ENTER)
+        self._leave_script = self._redis.register_script(_LEAVE)
+        self._beating: asyncio.Task[None] | None = None
+        self._last_warning = 0.0
+        self.unavailable = 0  # requests that met an unreachable Redis
+
+    def _running_key(self, key: KeyView) -> str:
+        return f"{self.prefix}:running:{key.id}"
+
+    @property
+    def _replica_prefix(self) -> str:
+        return f"{self.prefix}:replica:"
+
+    async def _call(self, coroutine: Any) -> Any:
+        try:
+            return await asyncio.wait_for(coroutine, self.timeout * 2)
+        except Exception as exc:  # redis' errors, the limits library's StorageError, timeouts, refused sockets
+            raise LimiterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _beat(self) -> None:
+        await self._call(
+            self._redis.set(self._replica_prefix + self.replica, str(time.time()), px=int(self.heartbeat_ttl * 1000))
+        )
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_ttl / 3)
+            try:
+                await self._beat()
+            except LimiterUnavailable as exc:
+                self._warn(exc)
+
+    def _warn(self, exc: Exception) -> None:
+        self.unavailable += 1
+        now = time.monotonic()
+        if now - self._last_warning > 60:
+            self._last_warning = now
+            rule = "serving without shared rate limits" if self.on_error == "open" else "refusing requests (503)"
+            log.warning("rate limits: Redis at %s is unavailable (%s): %s", _safe(self.url), exc, rule)
+
+    async def _start(self) -> None:
+        if self._beating is None or self._beating.done():
+            await self._beat()  # this replica counts from its first request on
+            self._beating = asyncio.get_running_loop().create_task(self._beat_forever())
+
+    async def enter(self, key: KeyView) -> bool:
+        """Count a request in across replicas, or raise 429 (or 503 with ``on_error="closed"``).
+
+        Returns False when Redis was unreachable and the request goes on uncounted (``on_error="open"``).
+        """
+        try:
+            await self._start()
+            tokens, requests = _items(key)
+            if tokens is not None and not await self._call(self._limiter.test(tokens, str(key.id))):
+                reset = (await self._call(self._limiter.get_window_stats(tokens, str(key.id)))).reset_time
+                raise throttled(f"{key.tokens_per_minute} tokens per minute", reset - time.time())
+            if key.max_concurrent is not None:
+                args: list[str | int] = [self.replica, key.max_concurrent, self._replica_prefix]
+                if not await self._call(self._enter_script(keys=[self._running_key(key)], args=args)):
+                    raise throttled(f"at most {key.max_concurrent} concurrent requests", 1)
+            if requests is not None and not await self._call(self._limiter.hit(requests, str(key.id))):
+                if key.max_concurrent is not None:
+                    await self._call(self._leave_script(keys=[self._running_key(key)], args=[self.replica]))
+                reset = (await self._call(self._limiter.get_window_stats(requests, str(key.id)))).reset_time
+                raise throttled(f"{key.requests_per_minute} requests per minute", reset - time.time())
+        except LimiterUnavailable as exc:
+            self._warn(exc)
+            if self.on_error == "closed":
+                raise errors.ServiceError(
+                    503,
+                    "ServiceUnavailable",
+                    "The rate limiter is unavailable; please try again later.",
+                    headers={"Retry-After": "5"},
+                ) from None
+            return False
+        return True
+
+    async def leave(self, key: KeyView, tokens: int, counted: bool = True) -> None:
+        """Count the request out (only if ``enter`` counted it in) and charge its tokens to the window."""
+        try:
+            if counted and key.max_concurrent is not None:
+                await self._call(self._leave_script(keys=[self._running_key(key)], args=[self.replica]))
+            item, _ = _items(key)
+            if (
+                item is not None
+                and tokens > 0
+                and not await self._call(self._limiter.hit(item, str(key.id), cost=tokens))
+            ):
+                left = (await self._call(self._limiter.get_window_stats(item, str(key.id)))).remaining
                 if left > 0:
-                    self._limiter.hit(item, str(key.id), cost=left)
+                    await self._call(self._limiter.hit(item, str(key.id), cost=left))
+        except LimiterUnavailable as exc:
+            self._warn(exc)
+
+    async def aclose(self) -> None:
+        """Stop beating and take this replica's counts out at once (a clean stop need not wait for expiry)."""
+        if self._beating is not None:
+            self._beating.cancel()
+        with contextlib.suppress(LimiterUnavailable):
+            await self._call(self._redis.delete(self._replica_prefix + self.replica))
+        await self._redis.aclose()
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for logs."""
+    if "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def rate_limits(redis_url: str | None, on_error: Literal["open", "closed"] = "open") -> RateLimits | SharedRateLimits:
+    """Shared through Redis when a URL is given, else this process's own."""
+    return SharedRateLimits(redis_url, on_error=on_error) if redis_url else RateLimits()

@@ -26,7 +26,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, bindparam, case, create_engine, event, func, insert, select, update
+from sqlalchemy import BigInteger, bindparam, case, create_engine, event, func, insert, select, text, update
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -141,6 +141,9 @@ class AccountStore:
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Replicas starting together on one store: one migrates, the others wait, then find it done.
+                connection.execute(text("SELECT pg_advisory_xact_lock(7247150131)"))
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 

@@ -17,6 +17,7 @@ from llamascope.api import errors as api_errors
 from llamascope.api.middleware import Authentication, BodyLimit, RequestContext
 from llamascope.api.native import router as native
 from llamascope.api.openai import router as openai
+from llamascope.api.text import router as text
 from llamascope.conversation.service import ConversationService
 from llamascope.images.uploads import UploadStore
 from llamascope.settings import ModelSpec
@@ -57,6 +58,7 @@ def create_app(
             await engine.close()
         service.intake.close()
         service.accounts.close()
+        await service.accounts.limits.aclose()
 
     app = FastAPI(
         title="llamascope", version=__version__, docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
@@ -67,6 +69,7 @@ def create_app(
     app.state.model_specs = model_specs or {}
     app.include_router(native.router)
     app.include_router(openai.router)
+    app.include_router(text.router)
     app.include_router(uploads.router)
     app.include_router(operations.router)
     app.include_router(admin.router)

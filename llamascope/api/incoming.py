@@ -6,14 +6,15 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from llamascope import errors
-from llamascope.conversation.service import Event, Reply
+from llamascope.api.errors import request_id_of
+from llamascope.conversation.service import ConversationService, Endpoint, Event, Reply
 from llamascope.images.source import SourceContext
 
 CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer
@@ -72,6 +73,34 @@ def source_context(request: Request) -> SourceContext:
         owner=request.state.principal.key_id,
         resolve_oss=request.headers.get("x-dashscope-ossresourceresolve", "").strip().lower() == "enable",
     )
+
+
+class Call(Protocol):
+    """A parsed generation request, whatever its surface."""
+
+    @property
+    def model(self) -> Any: ...
+    @property
+    def messages(self) -> Any: ...
+    @property
+    def parameters(self) -> Any: ...
+
+
+async def open_reply(request: Request, call: Call, endpoint: Endpoint) -> Reply:
+    """The conversation service's reply to ``call`` for the request's key, kept on the request: the access log
+    reads it, and the request's end charges it."""
+    service: ConversationService = request.app.state.service
+    reply = await service.open(
+        request.state.principal,
+        request_id_of(request),
+        call.model,
+        call.messages,
+        call.parameters,
+        source_context(request),
+        endpoint,
+    )
+    request.state.reply = reply
+    return reply
 
 
 class EventStream(Response):

@@ -32,6 +32,7 @@ async def models(request: Request) -> JSONResponse:
                 "context_length": info.context_length,
                 "engine": info.kind,
                 "test_model": info.test_model,
+                "takes_images": info.takes_images,  # False: a text-only model, for the text-generation API
                 "description": TEST_MODEL_NOTE if info.test_model else f"served by the {info.kind} engine",
             }
         )

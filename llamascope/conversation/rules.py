@@ -1,9 +1,11 @@
-"""The conversation rules of the Llama 3.2 Vision models, as the hosted service states them.
+"""The conversation rules of the Llama models, as the hosted service states them.
 
 - ``system``, if present, is the first message and carries text only;
-- the first ``user`` message carries exactly one image (no text-only input);
-- later user messages are text: one image per conversation, no image lists,
-  no video, no audio;
+- images follow the ``Images`` rule the request is under: on the multimodal
+  endpoint the first ``user`` message carries exactly one image (no text-only
+  input) and later user messages are text; on the text-generation endpoint a
+  vision model takes a text-only conversation or one image in a user message;
+  a text-only model takes no image. Never an image list, video or audio;
 - ``assistant`` messages are earlier replies, text only;
 - ``content`` is a string or a list of ``{"text": ...}`` / ``{"image": ...}``
   items; sibling hints such as ``min_pixels`` are accepted and ignored;
@@ -17,6 +19,7 @@ that names the message and the problem.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from llamascope import errors
@@ -26,6 +29,14 @@ from llamascope.images import PreparedImage
 ROLES = ("system", "user", "assistant")
 # Keys that may ride beside "image" or "text" in a content item; DashScope clients send them.
 _HINTS = {"min_pixels", "max_pixels", "total_pixels", "cache_control", "type"}
+
+
+class Images(Enum):
+    """Where a conversation may (or must) carry its one image."""
+
+    REQUIRED = "required"  # the multimodal endpoint: the first user message carries exactly one
+    OPTIONAL = "optional"  # a vision model on the text-generation endpoint: none, or one in a user message
+    NONE = "none"  # a text-only model
 
 
 @dataclass(frozen=True)
@@ -39,9 +50,9 @@ class DraftTurn:
 @dataclass(frozen=True)
 class Draft:
     turns: tuple[DraftTurn, ...]
-    image_ref: str
+    image_ref: str | None  # None: a text-only conversation
 
-    def with_image(self, image: PreparedImage) -> list[Turn]:
+    def with_image(self, image: PreparedImage | None) -> list[Turn]:
         return [
             Turn(
                 role=t.role,  # type: ignore[arg-type]
@@ -97,7 +108,7 @@ def _content_parts(index: int, role: str, content: Any) -> tuple[list[str], list
     return before, after, images
 
 
-def parse_messages(messages: Any) -> Draft:
+def parse_messages(messages: Any, rule: Images = Images.REQUIRED) -> Draft:
     if messages is None or messages == []:
         raise errors.ServiceError(400, "BadRequest.EmptyInput", "Required input parameter missing from request.")
     if not isinstance(messages, list):
@@ -122,8 +133,13 @@ def parse_messages(messages: Any) -> Draft:
         elif role == "assistant":
             if images:
                 raise _bad(f"messages[{i}]: assistant messages take text only.")
-        elif not seen_user:
-            seen_user = True
+        elif images and rule is Images.NONE:
+            raise _bad(f"messages[{i}]: this model is a text-only model; it takes no image.")
+        elif rule is Images.OPTIONAL and images:
+            if len(images) > 1 or image_ref is not None:
+                raise _bad(f"messages[{i}]: this model takes one image per conversation.")
+            image_ref = images[0]
+        elif rule is Images.REQUIRED and not seen_user:
             if len(images) != 1:
                 raise _bad(
                     f"messages[{i}]: the first user message must carry exactly one image "
@@ -135,6 +151,7 @@ def parse_messages(messages: Any) -> Draft:
                 f"messages[{i}]: only the first user message may carry an image; "
                 "this model takes one image per conversation, later turns are text."
             )
+        seen_user = seen_user or role == "user"
         turns.append(
             DraftTurn(role=role, text="".join(after), has_image=bool(images), text_before_image="".join(before))
         )
@@ -142,5 +159,4 @@ def parse_messages(messages: Any) -> Draft:
         raise _bad("The input messages do not contain elements with the role of user.")
     if turns[-1].role != "user":
         raise _bad("The last message must be a user message.")
-    assert image_ref is not None
     return Draft(turns=tuple(turns), image_ref=image_ref)

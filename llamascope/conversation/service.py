@@ -1,8 +1,10 @@
 """The conversation service: one request, from raw messages to generated text.
 
-Both surfaces (DashScope native and OpenAI-compatible) call ``open()``,
+Every surface (DashScope's multimodal and text generation, OpenAI-compatible)
+calls ``open()``, naming its ``Endpoint`` (which decides where images may be),
 which does every check that can fail before the first byte is sent (model,
-grant, messages, parameters, image, context, allowance), and get a ``Reply``.
+grant, messages, parameters, image, context, allowance), and gets a ``Reply``.
+``tokens()`` (Tokenization) makes the same prompt and counts it.
 Iterating ``Reply.events()`` generates; closing it cancels the engine. The
 Reply keeps the running usage and charges it to the caller's allowance when
 generation ends, whichever way: finished, failed, or the caller gone.
@@ -13,17 +15,26 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from llamascope import errors
 from llamascope.accounts.admission import Accounts, Admission, Principal
 from llamascope.conversation.parameters import Options, parse_parameters
-from llamascope.conversation.rules import parse_messages
+from llamascope.conversation.rules import Draft, Images, parse_messages
 from llamascope.engines.base import Engine, FinishReason, PreparedPrompt
 from llamascope.images.intake import ImageIntake
 from llamascope.images.source import ANONYMOUS, SourceContext
 
 log = logging.getLogger(__name__)
+
+
+class Endpoint(Enum):
+    """The API a request came through: it decides where a conversation's image may be."""
+
+    MULTIMODAL = "multimodal-generation"  # the seed's rules: the first user message carries one image
+    TEXT = "text-generation"  # text-only conversations, or one image for a vision model
+    CHAT = "chat-completions"  # OpenAI-compatible: the multimodal rules, text-only models as on TEXT
 
 
 @dataclass
@@ -176,23 +187,52 @@ class ConversationService:
         messages: Any,
         parameters: Any,
         context: SourceContext = ANONYMOUS,
+        endpoint: Endpoint = Endpoint.MULTIMODAL,
     ) -> Reply:
         """Check everything that can be checked before generating; raise ServiceError, or return the Reply."""
         engine = self.engine(model)
         grant = await self.accounts.check(principal, model)  # before any image is fetched
-        draft = parse_messages(messages)
+        draft = parse_messages(messages, self._images(model, engine, endpoint))
         options = parse_parameters(parameters, engine.info.context_length)
-        image = await self.intake.load(draft.image_ref, context, fit=engine.image_size, fit_key=engine.info.source)
-        prompt = await engine.prepare(draft.with_image(image))
+        prompt = await self._prompt(engine, draft, context)
         most = prompt.input_tokens + prompt.new_tokens(options.sampling)
         admission = await self.accounts.admit(principal, grant, most, request_id)
         usage = Usage(input_tokens=prompt.input_tokens, image_tokens=prompt.image_tokens)
         return Reply(model=model, engine=engine, prompt=prompt, options=options, usage=usage, admission=admission)
 
+    async def tokens(
+        self, principal: Principal, model: Any, messages: Any, context: SourceContext = ANONYMOUS
+    ) -> tuple[list[int], list[str]]:
+        """The token ids (and their text) of the prompt a text-generation request with these messages runs."""
+        engine, prompt = await self._counted(principal, model, messages, context, Endpoint.TEXT)
+        return engine.tokens(prompt)
+
     async def count(self, principal: Principal, model: Any, messages: Any, context: SourceContext = ANONYMOUS) -> int:
         """The prompt's input tokens as ``open`` would count them, without generating (``POST /tokenize``)."""
+        return (await self._counted(principal, model, messages, context, Endpoint.CHAT))[1].input_tokens
+
+    async def _counted(
+        self, principal: Principal, model: Any, messages: Any, context: SourceContext, endpoint: Endpoint
+    ) -> tuple[Engine, PreparedPrompt]:
+        """The prompt ``open`` would make, checked as it checks it, but for parameters and the allowance."""
         engine = self.engine(model)
         await self.accounts.check(principal, model)
-        draft = parse_messages(messages)
-        image = await self.intake.load(draft.image_ref, context, fit=engine.image_size, fit_key=engine.info.source)
-        return (await engine.prepare(draft.with_image(image))).input_tokens
+        draft = parse_messages(messages, self._images(model, engine, endpoint))
+        return engine, await self._prompt(engine, draft, context)
+
+    @staticmethod
+    def _images(model: str, engine: Engine, endpoint: Endpoint) -> Images:
+        if not engine.info.takes_images:
+            if endpoint is Endpoint.MULTIMODAL:
+                raise errors.invalid_parameter(
+                    f"Model {model} is a text-only model: call it through the text-generation API "
+                    "(POST /api/v1/services/aigc/text-generation/generation, dashscope.Generation)."
+                )
+            return Images.NONE
+        return Images.OPTIONAL if endpoint is Endpoint.TEXT else Images.REQUIRED
+
+    async def _prompt(self, engine: Engine, draft: Draft, context: SourceContext) -> PreparedPrompt:
+        image = None
+        if draft.image_ref is not None:
+            image = await self.intake.load(draft.image_ref, context, fit=engine.image_size, fit_key=engine.info.source)
+        return await engine.prepare(draft.with_image(image))

@@ -8,8 +8,9 @@ token count, the last one carrying the finish reason. Closing the iterator
 (``aclose()``, or cancelling the task that iterates it) cancels the generation:
 the engine stops within one decode step and frees what it held.
 
-The in-process transformers engine (with its batching scheduler) and the
-upstream-proxy engine implement it.
+The in-process transformers engines (Llama 3.2 Vision, and the text-only
+Llama models, sharing one batching scheduler) and the upstream-proxy engine
+implement it.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class EngineInfo:
     source: str  # where the weights come from, for listings and logs
     context_length: int
     test_model: bool = False
+    takes_images: bool = True  # False: a text-only model (the text-generation API only)
 
 
 class Engine(Protocol):
@@ -90,6 +92,10 @@ class Engine(Protocol):
 
     def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:
         """Generate; close the iterator to cancel."""
+        ...
+
+    def tokens(self, prompt: PreparedPrompt) -> tuple[list[int], list[str]]:
+        """The prompt's token ids, exactly as ``generate`` runs them, and each one's text (for Tokenization)."""
         ...
 
     def image_size(self, width: int, height: int) -> tuple[int, int]:

@@ -27,6 +27,7 @@ and a request that waits longer than ``max_queue_wait`` gets
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -242,6 +243,24 @@ def _first_tiles(states: Any, tiles: int, of: int) -> Any:
     return states[:, :, : states.shape[2] // of * tiles]
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """A device allocation that failed (CUDA's, or another backend's RuntimeError saying so)."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def out_of_memory_error() -> errors.ServiceError:
+    return errors.ServiceError(
+        500,
+        "InternalError.Algo",
+        "The model ran out of device memory for this request; the other requests go on. "
+        "Try again, or with a shorter prompt or a smaller max_tokens.",
+    )
+
+
 class _Checkpoint:
     """What a decode step changes, to take it back: the mask, each cache layer's tensors (a step replaces
     them by longer ones, it does not write into them) and the random generators of the rows that sample."""
@@ -299,9 +318,9 @@ class Scheduler:
         self.eos_ids = eos_ids
         self.limits = limits
         self.vision = vision_cache
-        text_config = model.config.text_config
+        text_config = model.config.get_text_config()  # Mllama's text part; a text-only Llama's whole config
         self.text_config = text_config
-        self.cross_layers = set(text_config.cross_attention_layers)
+        self.cross_layers = set(getattr(text_config, "cross_attention_layers", ()))
         import torch
 
         self._eos_index = torch.tensor(sorted(eos_ids))
@@ -313,6 +332,8 @@ class Scheduler:
         self._stopping = False
         self._service_time = 5.0  # seconds a request takes, smoothed; for Retry-After
         self.steps = 0
+        # A debug mode the model thread runs under (devices.discipline: every tensor names its device).
+        self.device_check: Any = None
         self._thread = threading.Thread(target=self._run, name="llamascope-generate", daemon=True)
         self._thread.start()
 
@@ -358,12 +379,13 @@ class Scheduler:
                     if self._stopping:
                         break
                 try:
-                    self._admit()
-                    self._hand_over()  # requests it ended without a prefill (cancelled, waited out)
-                    for batch in self.batches.values():
-                        if batch.rows:
-                            self._step(batch)
-                            self._hand_over()
+                    with self.device_check or contextlib.nullcontext():
+                        self._admit()
+                        self._hand_over()  # requests it ended without a prefill (cancelled, waited out)
+                        for batch in self.batches.values():
+                            if batch.rows:
+                                self._step(batch)
+                                self._hand_over()
                 except Exception:  # a bug here must not leave requests waiting for ever
                     log.exception("the scheduler failed; failing the requests it was running")
                     failed: list[Sequence] = [self.prefilling] if self.prefilling else []
@@ -407,9 +429,14 @@ class Scheduler:
                 budget -= seq.prefilled - max(before, seq.reused)  # reused tokens cost no prefill
                 if ended is None and seq.cache is not None and seq.inputs is None:  # prefilled: joins the batch
                     self.batches[seq.has_image].add(seq)
-            except Exception:
-                log.exception("prefill failed")
-                ended = errors.internal_error()
+            except Exception as exc:
+                if out_of_memory(exc):
+                    log.warning("out of memory in a prefill; its request ends, the caches are emptied")
+                    self._release_memory()
+                    ended = out_of_memory_error()
+                else:
+                    log.exception("prefill failed")
+                    ended = errors.internal_error()
             if ended is None and seq.inputs is not None:  # more of its prompt to go, after a decode step
                 return
             self.prefilling = None
@@ -432,9 +459,10 @@ class Scheduler:
                     seq.send(errors.request_timed_out())
                     continue
                 running = [s for b in self.batches.values() for s in b.rows]
+                # A batch's caches are padded to its longest row: count every row as long as the longest.
                 if running and (
                     len(running) >= self.limits.max_batch
-                    or sum(s.budget for s in running) + seq.budget > self.limits.max_batch_tokens
+                    or (len(running) + 1) * max(seq.budget, *(s.budget for s in running)) > self.limits.max_batch_tokens
                 ):
                     return None
                 return self._pop_waiting()
@@ -456,6 +484,7 @@ class Scheduler:
         if seq.cancel.is_set():
             return FinishReason.CANCELLED
         self._inject([seq], "prefill")
+        self._inject([seq], "oom")
         inputs = seq.inputs
         device = self.model.device
         ids = inputs["input_ids"]
@@ -583,9 +612,12 @@ class Scheduler:
         before = _Checkpoint(batch)
         try:
             tokens = self._decode(batch)
-        except Exception:
-            log.exception("decode step failed for a batch of %d; trying each request alone", len(rows))
-            recovered = self._recover(batch, before)
+        except Exception as exc:
+            if out_of_memory(exc):
+                recovered = self._shed(batch, before)
+            else:
+                log.exception("decode step failed for a batch of %d; trying each request alone", len(rows))
+                recovered = self._recover(batch, before)
             if recovered is None:
                 return
             tokens = recovered
@@ -625,6 +657,7 @@ class Scheduler:
         if batch.cross_mask is not None:
             kwargs["cross_attention_mask"] = batch.cross_mask
         self._inject(rows, "decode")
+        self._inject(rows, "oom")
         logits = self.model(**kwargs).logits[:, -1, :].float()
         self._inject(rows, "sample")
         logits = self._hold_back_eos(logits, rows)
@@ -667,11 +700,46 @@ class Scheduler:
             seq.send(errors.internal_error())
         return None
 
+    def _shed(self, batch: Batch, before: _Checkpoint) -> list[int] | None:
+        """Out of memory in a decode step: the caches emptied and the step run again; each time it still does
+        not fit, the newest request ends with an error (as vLLM preempts the newest) and the step is tried
+        again without it. The others go on, making the tokens they would have made."""
+        while True:
+            before.restore(batch)
+            self._release_memory()
+            try:
+                return self._decode(batch)
+            except Exception as exc:
+                before.restore(batch)
+                if not out_of_memory(exc):
+                    return self._recover(batch, before)
+            rows = batch.rows
+            newest = max(range(len(rows)), key=lambda i: rows[i].queued_at)
+            log.warning("out of memory in a decode step of %d requests; ending the newest", len(rows))
+            shed = rows[newest]
+            batch.keep([i for i in range(len(rows)) if i != newest])
+            shed.send(out_of_memory_error())
+            if not batch.rows:
+                return None
+            before = _Checkpoint(batch)
+
+    def _release_memory(self) -> None:
+        """Give back what can be given back: the vision cache, and the CUDA allocator's unused blocks."""
+        import torch
+
+        self.vision.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def _inject(self, rows: list[Sequence], stage: str) -> None:
         """With ``faults`` on (tests only), fail where a request asked to: its ``fault`` (stage, step)."""
         if self.faults:
             for seq in rows:
                 if seq.fault is not None and seq.fault[0] == stage and seq.generated >= seq.fault[1]:
+                    if stage == "oom":
+                        import torch
+
+                        raise torch.OutOfMemoryError(f"fault injected: out of memory at step {seq.generated}")
                     raise RuntimeError(f"fault injected at {stage}, step {seq.generated}")
 
     def _hold_back_eos(self, logits: Any, rows: list[Sequence]) -> Any:

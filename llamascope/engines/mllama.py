@@ -18,12 +18,12 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from llamascope import errors
-from llamascope.engines import attention
+from llamascope.engines import attention, devices
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
 from llamascope.engines.batching import BatchLimits, Message, Scheduler, Sequence, VisionCache
 from llamascope.engines.mllama_pixels import MllamaPixels
@@ -31,13 +31,16 @@ from llamascope.engines.prefix_cache import PrefixCache, default_bytes
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
 from llamascope.images import PreparedImage
 
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11; annotations are not evaluated at run time
+
 log = logging.getLogger(__name__)
 
 # Tests only, with fault injection on (``LLAMASCOPE_FAULT_INJECTION``): a conversation whose text holds
 # ``[[llamascope-fault:STAGE@N]]`` fails at that stage (prefill, decode: the model's step, sample: the
-# next-token choice) once it has made N tokens, as a bug or a bad row would, so tests can check that the
-# failure stays with its request.
-FAULT = re.compile(r"\[\[llamascope-fault:(prefill|decode|sample)@(\d+)\]\]")
+# next-token choice; oom: the step runs out of device memory) once it has made N tokens, as a bug or a
+# bad row would, so tests can check that the failure stays with its request.
+FAULT = re.compile(r"\[\[llamascope-fault:(prefill|decode|sample|oom)@(\d+)\]\]")
 
 
 @dataclass
@@ -53,8 +56,10 @@ class ModelLoadError(Exception):
     """A model directory that cannot be served; the message says why."""
 
 
-def check_model_dir(path: Path) -> dict[str, Any]:
-    """Fail early, with a message that says what is wrong, before transformers tries."""
+def check_model_dir(path: Path, model_types: tuple[str, ...] = ("mllama",)) -> dict[str, Any]:
+    """Fail early, with a message that says what is wrong, before transformers tries.
+
+    ``model_types``: the ``model_type`` values the caller can serve (Llama 3.2 Vision is 'mllama')."""
     if not path.exists():
         raise ModelLoadError(f"{path} does not exist")
     if not path.is_dir():
@@ -67,11 +72,16 @@ def check_model_dir(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{config_file} cannot be read as JSON: {exc}") from None
     model_type = config.get("model_type")
-    if model_type != "mllama":
+    if model_type not in model_types:
         if "vision_config" in config:
             raise ModelLoadError(
                 f"{path} is a vision-language model of type {model_type!r}; the in-process engine runs "
                 "Llama 3.2 Vision (model_type 'mllama')"
+            )
+        if "llama" in model_types:
+            raise ModelLoadError(
+                f"{path} has model_type {model_type!r}; llamascope serves Llama 3.2 Vision (model_type "
+                "'mllama') and the Llama 3 text models (model_type 'llama', LlamaForCausalLM)"
             )
         raise ModelLoadError(
             f"{path} is a text-only model (model_type {model_type!r}); llamascope serves vision-language "
@@ -84,18 +94,21 @@ def check_model_dir(path: Path) -> dict[str, Any]:
     return config
 
 
-def _nf4_config(compute_dtype: Any, config: dict[str, Any]) -> Any:
-    """4-bit NF4 weights (bitsandbytes), computing in ``compute_dtype``; says what to install if it is missing.
+def _quantization_config(kind: str, compute_dtype: Any, config: dict[str, Any]) -> Any:
+    """bitsandbytes weights: 4-bit NF4 (``nf4``) or LLM.int8 (``int8``), computing in ``compute_dtype``.
 
-    bitsandbytes quantizes in blocks of 64 inputs: a part whose layers take fewer (or a number not a
-    multiple of 64) stays unquantized. For the real Llama 3.2 Vision models nothing is left out; the
-    tiny built-in model keeps its vision tower (width 32) and projector (96) as they are.
+    Says what to install if bitsandbytes is missing. bitsandbytes quantizes in blocks of 64 inputs: a part
+    whose layers take fewer (or a number not a multiple of 64) stays unquantized. For the real Llama 3.2
+    Vision models nothing is left out; the tiny built-in model keeps its vision tower (width 32) and
+    projector (96) as they are. int8 holds the 90B in about 90 GB, so it fits one 141 GB GPU.
     """
     from importlib.util import find_spec
 
     missing = [name for name in ("bitsandbytes", "accelerate") if find_spec(name) is None]
     if missing:
-        raise ModelLoadError(f"quantization 'nf4' needs {' and '.join(missing)}: pip install 'llamascope[quantized]'")
+        raise ModelLoadError(
+            f"quantization {kind!r} needs {' and '.join(missing)}: pip install 'llamascope[quantized]'"
+        )
     from transformers import BitsAndBytesConfig
 
     vision = config.get("vision_config", {})
@@ -104,6 +117,8 @@ def _nf4_config(compute_dtype: Any, config: dict[str, Any]) -> Any:
         keep.append("model.vision_model")
     if vision.get("vision_output_dim", 7680) % 64:
         keep.append("model.multi_modal_projector")
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         llm_int8_skip_modules=keep,
@@ -111,6 +126,34 @@ def _nf4_config(compute_dtype: Any, config: dict[str, Any]) -> Any:
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=True,
     )
+
+
+def load_weights(
+    model_class: Any,
+    path: Path,
+    dtype: str,
+    quantization: str,
+    config: dict[str, Any],
+    device: str = "cpu",
+    gpu_memory_cap: str | None = None,
+) -> Any:
+    """``model_class.from_pretrained`` in the dtype and quantization asked for, placed on ``device``, ready for
+    inference."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
+    extra: dict[str, Any] = {}
+    if quantization in ("nf4", "int8"):
+        compute = torch.bfloat16 if dtype == "auto" else torch_dtype
+        extra["quantization_config"] = _quantization_config(quantization, compute, config)
+        torch_dtype = compute
+    extra.update(devices.placement(device, devices.cuda_devices() if device != "cpu" else 0, gpu_memory_cap))
+    try:
+        model = model_class.from_pretrained(path, dtype=torch_dtype, **extra)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: the weights cannot be loaded: {exc}") from exc
+    model.eval()
+    return model
 
 
 class _IncrementalText:
@@ -199,23 +242,37 @@ class MllamaEngine:
         template: str,
         limits: BatchLimits | None = None,
         vision_cache_bytes: int = 1 << 30,
-        prefix_cache_bytes: int | None = None,  # None: derived from free memory (prefix_cache.default_bytes)
         faults: bool = False,
+        prefix_cache_bytes: int | None = None,  # None: derived from free memory (prefix_cache.default_bytes)
     ) -> None:
         if model.config.text_config._attn_implementation == "sdpa":  # SDPA, reading a shared image's states once
             attention.register()
             model.set_attn_implementation({"text_config": attention.ATTENTION})
-        self.model = model
         self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.info = info
-        self.template = template
         self.pixels = MllamaPixels(processor.image_processor)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         vision = model.config.vision_config
         per_tile = (vision.image_size // vision.patch_size) ** 2 + 1
         # Every image becomes max_num_tiles tiles of per_tile vision states (6,404 for Llama 3.2).
         self.image_tokens_per_image = vision.max_num_tiles * per_tile
+        self._start(model, processor.tokenizer, info, template, limits, vision_cache_bytes, faults, prefix_cache_bytes)
+
+    def _start(
+        self,
+        model: Any,
+        tokenizer: Any,
+        info: EngineInfo,
+        template: str,
+        limits: BatchLimits | None,
+        cache: int,
+        faults: bool = False,
+        prefix_cache_bytes: int | None = None,
+    ) -> None:
+        """What every in-process model needs to serve: its tokenizer, end ids and the scheduler's thread."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.template = template
         gen = model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos)
@@ -224,7 +281,7 @@ class MllamaEngine:
         self._preparers = anyio.CapacityLimiter(2)
         self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = weakref.WeakKeyDictionary()
         self._outboxes_lock = threading.Lock()  # the model thread flushes while a loop may add its own
-        self.vision_cache = VisionCache(vision_cache_bytes)
+        self.vision_cache = VisionCache(cache)
         if prefix_cache_bytes is None:
             prefix_cache_bytes = default_bytes(model.device)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
@@ -256,33 +313,72 @@ class MllamaEngine:
         chat_template: str | None = None,
         test_model: bool = False,
         limits: BatchLimits | None = None,
-        vision_cache_bytes: int = 1 << 30,
-        prefix_cache_bytes: int | None = None,
+        vision_cache_bytes: int | None = None,
         faults: bool = False,
-    ) -> MllamaEngine:
-        import torch
-        from transformers import AutoProcessor, MllamaForConditionalGeneration
+        device: str = "cpu",
+        prefix_cache_bytes: int | None = None,
+        gpu_memory_cap: str | None = None,
+        bounds: devices.Bounds | None = None,
+    ) -> Self:
+        """Load a model directory onto ``device`` (already resolved: ``devices.resolve_device``).
 
-        config = check_model_dir(path)
+        ``bounds`` names the batch bounds the operator set (None fields are derived from the memory left
+        after loading, ``devices.settle``); without it, ``limits`` and ``vision_cache_bytes`` are taken as given.
+        """
+        import dataclasses
+
+        config = check_model_dir(path, (cls.MODEL_TYPE,))
+        limits = limits or BatchLimits()
+        if bounds is None:
+            bounds = devices.Bounds(
+                limits.max_batch,
+                limits.max_batch_tokens,
+                devices.CPU_BOUNDS.vision_cache_bytes if vision_cache_bytes is None else vision_cache_bytes,
+            )
+        dtype = devices.compute_dtype(dtype, device)
+        processor = cls._processor(path)
+        model = load_weights(cls._model_class(), path, dtype, quantization, config, device, gpu_memory_cap)
         try:
-            processor = AutoProcessor.from_pretrained(path, backend="pil")
+            batch, batch_tokens, cache_bytes = devices.settle(
+                model, bounds, context_length=context_length, prefill_chunk=limits.prefill_chunk, report=log.info
+            )
+        except devices.DeviceError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from exc
+        limits = dataclasses.replace(limits, max_batch=batch, max_batch_tokens=batch_tokens)
+        template = Path(chat_template).read_text() if chat_template else cls._template(processor, path)
+        info = EngineInfo(
+            kind="transformers",
+            source=str(path),
+            context_length=context_length,
+            test_model=test_model,
+            takes_images=cls.TAKES_IMAGES,
+        )
+        return cls(model, processor, info, template, limits, cache_bytes, faults, prefix_cache_bytes)
+
+    # What a subclass for another model family changes (llama_text.LlamaTextEngine):
+    MODEL_TYPE = "mllama"  # config.json's model_type
+    TAKES_IMAGES = True
+
+    @staticmethod
+    def _processor(path: Path) -> Any:
+        from transformers import AutoProcessor
+
+        try:
+            return AutoProcessor.from_pretrained(path, backend="pil")
         except Exception as exc:  # transformers raises many types here
             raise ModelLoadError(
                 f"{path}: the processor (tokenizer and image processor) cannot be loaded: {exc}"
             ) from exc
-        torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
-        extra: dict[str, Any] = {}
-        if quantization == "nf4":
-            extra["quantization_config"] = _nf4_config(torch.bfloat16 if dtype == "auto" else torch_dtype, config)
-            torch_dtype = torch.bfloat16 if dtype == "auto" else torch_dtype
-        try:
-            model = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, **extra)
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: the weights cannot be loaded: {exc}") from exc
-        model.eval()
-        template = Path(chat_template).read_text() if chat_template else LLAMASCOPE_TEMPLATE
-        info = EngineInfo(kind="transformers", source=str(path), context_length=context_length, test_model=test_model)
-        return cls(model, processor, info, template, limits, vision_cache_bytes, prefix_cache_bytes, faults)
+
+    @staticmethod
+    def _model_class() -> Any:
+        from transformers import MllamaForConditionalGeneration
+
+        return MllamaForConditionalGeneration
+
+    @staticmethod
+    def _template(processor: Any, path: Path) -> str:
+        return LLAMASCOPE_TEMPLATE
 
     def stats(self) -> dict[str, int]:
         cache = self.vision_cache
@@ -312,20 +408,7 @@ class MllamaEngine:
         return await anyio.to_thread.run_sync(self._prepare, turns, limiter=self._preparers)
 
     def _prepare(self, turns: list[Turn]) -> PreparedPrompt:
-        messages: list[dict[str, Any]] = []
-        images: list[PreparedImage] = []
-        for turn in turns:
-            if turn.role == "system":
-                messages.append({"role": "system", "content": turn.text})
-                continue
-            content: list[dict[str, str]] = []
-            if turn.image is not None:
-                if turn.text_before_image:
-                    content.append({"type": "text", "text": turn.text_before_image})
-                content.append({"type": "image"})
-                images.append(turn.image)
-            content.append({"type": "text", "text": turn.text})
-            messages.append({"role": turn.role, "content": content})
+        messages, images = self._chat(turns)
         prompt = self.tokenizer.apply_chat_template(
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=True
         )
@@ -343,6 +426,24 @@ class MllamaEngine:
             max_new_tokens=self.info.context_length - input_tokens,
             payload=_Payload(inputs, images[0] if images else None, fault and (fault[1], int(fault[2]))),
         )
+
+    def _chat(self, turns: list[Turn]) -> tuple[list[dict[str, Any]], list[PreparedImage]]:
+        """The conversation as the chat template takes it, and its images in order."""
+        messages: list[dict[str, Any]] = []
+        images: list[PreparedImage] = []
+        for turn in turns:
+            if turn.role == "system":
+                messages.append({"role": "system", "content": turn.text})
+                continue
+            content: list[dict[str, str]] = []
+            if turn.image is not None:
+                if turn.text_before_image:
+                    content.append({"type": "text", "text": turn.text_before_image})
+                content.append({"type": "image"})
+                images.append(turn.image)
+            content.append({"type": "text", "text": turn.text})
+            messages.append({"role": turn.role, "content": content})
+        return messages, images
 
     def _model_inputs(self, prompt: str, images: list[PreparedImage]) -> Any:
         """What ``MllamaProcessor(images=[images], text=[prompt])`` returns, with the images done by MllamaPixels.
@@ -380,6 +481,10 @@ class MllamaEngine:
         pixels = self.pixels(image)
         pixels.pop("num_tiles")
         return BatchFeature(data=pixels, tensor_type="pt")
+
+    def tokens(self, prompt: PreparedPrompt) -> tuple[list[int], list[str]]:
+        ids: list[int] = prompt.payload.inputs["input_ids"][0].tolist()
+        return ids, [self.tokenizer.decode([i]) for i in ids]
 
     # -- generate --------------------------------------------------------
 

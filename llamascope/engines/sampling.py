@@ -67,7 +67,7 @@ def pick(samplers: Sequence[Sampler], ids: Sequence[list[int]], logits: torch.Te
     """
     for i, sampler in enumerate(samplers):
         if sampler.penalty is not None:
-            row = sampler.penalty(torch.tensor([ids[i]]), logits[i : i + 1])  # type: ignore[arg-type]
+            row = sampler.penalty(torch.tensor([ids[i]], device=logits.device), logits[i : i + 1])  # type: ignore[arg-type]
             logits[i : i + 1] = row.clamp_(max=FLOAT32.max)  # a tiny penalty can push a logit to +inf
     picks: list[int] = [0] * len(samplers)
     greedy = [i for i, s in enumerate(samplers) if s.greedy]
@@ -99,7 +99,7 @@ def argmax(logits: torch.Tensor, block: int = 256) -> torch.Tensor:
         return logits.max(-1).indices
     blocks = logits.reshape(rows, vocab // block, block)
     best = blocks.amax(-1).argmax(-1)  # the first block holding the row's largest value
-    return best * block + blocks[torch.arange(rows), best].argmax(-1)
+    return best * block + blocks[torch.arange(rows, device=logits.device), best].argmax(-1)
 
 
 def _sample(samplers: list[Sampler], logits: torch.Tensor) -> list[int]:
@@ -108,16 +108,22 @@ def _sample(samplers: list[Sampler], logits: torch.Tensor) -> list[int]:
     # Each row's largest logit becomes 0 before the temperature divides: the rest become negative or -inf,
     # never +inf or NaN, however small the temperature (dividing first, a tiny one made inf - inf = NaN and
     # a draw past the row's end). The caller's rows are ours to change.
-    logits.sub_(logits.amax(-1, keepdim=True)).div_(torch.tensor([s.temperature for s in samplers])[:, None])
+    logits.sub_(logits.amax(-1, keepdim=True)).div_(
+        torch.tensor([s.temperature for s in samplers], device=logits.device)[:, None]
+    )
     if not samplers[0].restricts:  # the caller groups rows: here none restricts
         return _draw(samplers, logits)
-    top_k = torch.tensor([min(s.top_k, vocab) if s.top_k else vocab for s in samplers])
+    top_k = torch.tensor([min(s.top_k, vocab) if s.top_k else vocab for s in samplers], device=logits.device)
     # 1.0 turns top-p off, as transformers leaves its warper out (a sum that rounds to 1 must drop nothing).
     # A top-p below float32's smallest would round to 0 and remove every token: at the smallest it keeps one.
-    top_p = torch.tensor([max(s.top_p, FLOAT32.tiny) if s.top_p < 1.0 else float("inf") for s in samplers])
+    top_p = torch.tensor(
+        [max(s.top_p, FLOAT32.tiny) if s.top_p < 1.0 else float("inf") for s in samplers], device=logits.device
+    )
     width = min(vocab, max(min(s.top_k, vocab) if s.top_k else TOP_P_CANDIDATES for s in samplers))
     values, index = logits.topk(width)  # each row's most likely tokens, in order
-    values = values.masked_fill(torch.arange(width)[None, :] >= top_k[:, None], float("-inf"))  # top-k
+    values = values.masked_fill(
+        torch.arange(width, device=logits.device)[None, :] >= top_k[:, None], float("-inf")
+    )  # top-k
     # Top-p's probabilities are over what top-k left: the candidates when top-k is on, the whole row when off.
     by_k = top_k < vocab
     probs = (values - torch.where(by_k, values.logsumexp(-1), logits.logsumexp(-1))[:, None]).exp()
@@ -138,7 +144,11 @@ def _sample(samplers: list[Sampler], logits: torch.Tensor) -> list[int]:
         before = row_probs.cumsum(-1) - row_probs  # the probability of the more likely tokens (0 for the first)
         row_values = row_values.masked_fill(before >= top_p[rows][:, None], float("-inf"))  # top-p
         drawn = _draw([samplers[i] for i in rows], row_values)
-        for i, token in zip(rows, row_index.gather(1, torch.tensor(drawn)[:, None]).flatten().tolist(), strict=True):
+        for i, token in zip(
+            rows,
+            row_index.gather(1, torch.tensor(drawn, device=row_index.device)[:, None]).flatten().tolist(),
+            strict=True,
+        ):
             chosen[i] = token
     return chosen
 
@@ -153,7 +163,9 @@ def _draw(samplers: list[Sampler], logits: torch.Tensor, block: int = 256) -> li
     """
     rows, vocab = logits.shape
     weights = logits.exp_()
-    uniform = torch.tensor([float(torch.rand(1, generator=s.generator)) for s in samplers])[:, None]
+    uniform = torch.tensor([float(torch.rand(1, generator=s.generator)) for s in samplers], device=logits.device)[
+        :, None
+    ]  # each request's own CPU generator; the draws go where the logits are
     if vocab % block:
         cumulative = weights.cumsum(-1)
         chosen = _first_above(cumulative, uniform * cumulative[:, -1:])
@@ -163,7 +175,7 @@ def _draw(samplers: list[Sampler], logits: torch.Tensor, block: int = 256) -> li
         target = uniform * by_block[:, -1:]
         which = _first_above(by_block, target)
         before = torch.where(which > 0, by_block.gather(1, (which - 1).clamp(min=0)), 0.0)
-        within = blocks[torch.arange(rows), which[:, 0]].cumsum(-1)  # [rows, block]
+        within = blocks[torch.arange(rows, device=logits.device), which[:, 0]].cumsum(-1)  # [rows, block]
         chosen = which * block + _first_above(within, (target - before).clamp_(min=0.0))
     return chosen.flatten().tolist()
 

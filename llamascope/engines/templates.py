@@ -11,6 +11,10 @@ is incompatible with system messages."), because the DashScope API allows a
 system message in every conversation and every conversation here has an image.
 For any conversation the stock template accepts, both render the same string
 (``tests/engines/test_templates.py`` checks it).
+
+``TEXT_TEMPLATE`` is the Llama 3 text models' template (Llama 3.2 1B/3B-Instruct's,
+tool-calling branches left out), which the built-in text-only test model ships
+with: a conversation without images, rendered as the stock template renders one.
 """
 
 _HEAD = r"""{{- bos_token }}
@@ -81,3 +85,4 @@ _BODY = r"""
 
 STOCK_TEMPLATE = _HEAD + _STOCK_SYSTEM + _BODY
 LLAMASCOPE_TEMPLATE = _HEAD + _LLAMASCOPE_SYSTEM + _BODY
+TEXT_TEMPLATE = _HEAD + _BODY  # with no image in any message, _HEAD only sets the system message

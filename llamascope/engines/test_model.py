@@ -10,6 +10,12 @@ exactly like real weights, so tests run the same code path end to end.
 
 Its answers are random text: it exists so that llamascope can be set up,
 tried and tested without downloading anything.
+
+Its text-only sibling (``ensure_text_test_model``) is a tiny random Llama 3
+text model built the same way: ``LlamaConfig`` and ``LlamaForCausalLM``, the
+same tokenizer without the image token (128,256 ids, as Llama 3.1), and the
+Llama 3 text chat template, so that text-only serving runs as with
+Llama-3.1-8B-Instruct.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llamascope.engines.templates import STOCK_TEMPLATE
+from llamascope.engines.templates import STOCK_TEMPLATE, TEXT_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +94,9 @@ def _syllable_words(count: int, taken: set[str]) -> list[str]:
     return words
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer laid out like Llama 3's (ids and specials)."""
+def build_tokenizer(image_token: bool = True):
+    """A byte-level BPE tokenizer laid out like Llama 3's (ids and specials); Llama 3.2 Vision's ``<|image|>``
+    at 128256 unless ``image_token`` is False."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -125,7 +133,7 @@ def build_tokenizer():
         if i not in _NAMED_SPECIALS:
             specials[i] = f"<|reserved_special_token_{n}|>"
             n += 1
-    tok.add_special_tokens([*specials, IMAGE_TOKEN])
+    tok.add_special_tokens([*specials, IMAGE_TOKEN] if image_token else specials)
     tok.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A",
         pair="<|begin_of_text|> $A <|begin_of_text|> $B",
@@ -138,7 +146,7 @@ def build_tokenizer():
         pad_token="<|finetune_right_pad_id|>",
         model_max_length=131072,
     )
-    assert fast.convert_tokens_to_ids(IMAGE_TOKEN) == BASE_VOCAB + 256
+    assert not image_token or fast.convert_tokens_to_ids(IMAGE_TOKEN) == BASE_VOCAB + 256
     assert fast.convert_tokens_to_ids("<|eot_id|>") == BASE_VOCAB + 9
     return fast
 
@@ -200,6 +208,41 @@ def build_model(text_overrides: dict[str, Any] | None = None):
     return model
 
 
+# The text model's shape: the vision model's text part without its cross-attention layers.
+_TEXT_SHAPE: dict[str, Any] = {
+    "vocab_size": BASE_VOCAB + 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 131072,
+    "initializer_range": 0.5,
+}
+_EOS_IDS = [BASE_VOCAB + 1, BASE_VOCAB + 8, BASE_VOCAB + 9]  # end_of_text, eom, eot: as Llama 3.1's
+
+
+def build_text_model():
+    """The tiny Llama 3 text model, seeded, with Llama 3.1's special ids and generation settings."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        **_TEXT_SHAPE,
+        bos_token_id=BASE_VOCAB,
+        eos_token_id=_EOS_IDS,
+        pad_token_id=BASE_VOCAB + 4,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=BASE_VOCAB, eos_token_id=_EOS_IDS, do_sample=True, temperature=0.6, top_p=0.9
+    )
+    return model
+
+
 def build_processor(tokenizer):
     from transformers import MllamaProcessor
     from transformers.models.mllama import MllamaImageProcessorPil
@@ -224,24 +267,41 @@ def _recipe_key(text_overrides: dict[str, Any] | None = None) -> str:
 
 
 def ensure_test_model(cache_dir: Path, text_overrides: dict[str, Any] | None = None) -> Path:
-    """Return the directory of the built-in test model, building it on first use.
+    """Return the directory of the built-in test model, building it on first use."""
 
-    The build goes to a temporary directory that is renamed into place, so a
-    crash or a concurrent build never leaves a half-written model behind.
-    """
-    root = Path(cache_dir)
-    target = root / f"test-model-{_recipe_key(text_overrides)}"
+    def build(into: Path) -> None:
+        build_processor(build_tokenizer()).save_pretrained(into)
+        build_model(text_overrides).save_pretrained(into)
+
+    key = _recipe_key(text_overrides)
+    return _built_once(Path(cache_dir) / f"test-model-{key}", build, "Llama 3.2 Vision")
+
+
+def ensure_text_test_model(cache_dir: Path) -> Path:
+    """Return the directory of the built-in text-only test model (a tiny Llama 3), building it on first use."""
+
+    def build(into: Path) -> None:
+        tokenizer = build_tokenizer(image_token=False)
+        tokenizer.chat_template = TEXT_TEMPLATE
+        tokenizer.save_pretrained(into)
+        build_text_model().save_pretrained(into)
+
+    return _built_once(Path(cache_dir) / f"text-model-{_recipe_key({'text_only': True})}", build, "Llama 3 text")
+
+
+def _built_once(target: Path, build: Callable[[Path], None], kind: str) -> Path:
+    """Build into a temporary directory that is renamed into place, so a crash or a concurrent build never
+    leaves a half-written model behind."""
+    root = target.parent
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
     log.info("building the built-in test model in %s (once)", target)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
     try:
-        tokenizer = build_tokenizer()
-        build_processor(tokenizer).save_pretrained(tmp)
-        build_model(text_overrides).save_pretrained(tmp)
+        build(tmp)
         (tmp / "LLAMASCOPE_TEST_MODEL").write_text(
-            "A tiny randomly initialised Llama 3.2 Vision model built by llamascope. Its answers are random text.\n"
+            f"A tiny randomly initialised {kind} model built by llamascope. Its answers are random text.\n"
         )
         try:
             os.rename(tmp, target)

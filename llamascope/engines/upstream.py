@@ -112,6 +112,11 @@ class UpstreamEngine:
             "healthy_upstreams": sum(u.healthy for u in self.upstreams),
         }
 
+    def tokens(self, prompt: PreparedPrompt) -> tuple[list[int], list[str]]:
+        raise errors.ServiceError(
+            400, "InvalidParameter", "This model's tokens are counted by its upstream engine; it has no tokenizer here."
+        )
+
     def image_size(self, width: int, height: int) -> tuple[int, int]:
         scale = min(1.0, math.sqrt(MAX_SENT_PIXELS / (width * height)), MAX_SENT_SIDE / max(width, height))
         return max(1, int(width * scale)), max(1, int(height * scale))

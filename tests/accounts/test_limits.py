@@ -1,14 +1,21 @@
-"""Per-key rate limits on the real limiter."""
+"""Per-key rate limits on the real limiter: in this process, and shared by replicas through a real Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
 from llamascope import errors
-from llamascope.accounts.limits import RateLimits
+from llamascope.accounts.limits import RateLimits, SharedRateLimits
 from llamascope.accounts.store import KeyView
+from tests.conftest import free_port
 
 
 def key(**limits: int) -> KeyView:
@@ -17,33 +24,167 @@ def key(**limits: int) -> KeyView:
 
 
 def test_concurrency() -> None:
-    limits, k = RateLimits(), key(concurrent=2)
-    limits.enter(k)
-    limits.enter(k)
-    with pytest.raises(errors.ServiceError) as info:
-        limits.enter(k)
-    assert info.value.status == 429 and info.value.headers["Retry-After"] == "1"
-    limits.leave(k, 0)
-    limits.enter(k)  # a slot is free again
+    async def scenario() -> None:
+        limits, k = RateLimits(), key(concurrent=2)
+        await limits.enter(k)
+        await limits.enter(k)
+        with pytest.raises(errors.ServiceError) as info:
+            await limits.enter(k)
+        assert info.value.status == 429 and info.value.headers["Retry-After"] == "1"
+        await limits.leave(k, 0)
+        await limits.enter(k)  # a slot is free again
+
+    asyncio.run(scenario())
 
 
 def test_tokens_per_minute_are_charged_after_the_fact() -> None:
-    limits, k = RateLimits(), key(tpm=100)
-    limits.enter(k)
-    limits.leave(k, 60)
-    limits.enter(k)  # 40 left: still admitted
-    limits.leave(k, 500)  # more than was left: the window is full now
-    with pytest.raises(errors.ServiceError, match="100 tokens per minute") as info:
-        limits.enter(k)
-    assert info.value.code == "Throttling.RateQuota"
-    assert 1 <= int(info.value.headers["Retry-After"]) <= 60
+    async def scenario() -> None:
+        limits, k = RateLimits(), key(tpm=100)
+        await limits.enter(k)
+        await limits.leave(k, 60)
+        await limits.enter(k)  # 40 left: still admitted
+        await limits.leave(k, 500)  # more than was left: the window is full now
+        with pytest.raises(errors.ServiceError, match="100 tokens per minute") as info:
+            await limits.enter(k)
+        assert info.value.code == "Throttling.RateQuota"
+        assert 1 <= int(info.value.headers["Retry-After"]) <= 60
+
+    asyncio.run(scenario())
 
 
 def test_requests_per_minute() -> None:
-    limits, k = RateLimits(), key(rpm=3)
-    for _ in range(3):
-        limits.enter(k)
-        limits.leave(k, 1)
-    with pytest.raises(errors.ServiceError, match="3 requests per minute"):
-        limits.enter(k)
-    assert limits.running[k.id] == 0
+    async def scenario() -> None:
+        limits, k = RateLimits(), key(rpm=3)
+        for _ in range(3):
+            await limits.enter(k)
+            await limits.leave(k, 1)
+        with pytest.raises(errors.ServiceError, match="3 requests per minute"):
+            await limits.enter(k)
+        assert limits.running[k.id] == 0
+
+    asyncio.run(scenario())
+
+
+# -- shared through Redis ------------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A throwaway redis-server on loopback, stopped and restarted on the same port at will."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.port = tmp, free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.tmp,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs Debian's redis-server)")
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def test_replicas_share_requests_tokens_and_concurrency(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        a, b = SharedRateLimits(redis_server.url), SharedRateLimits(redis_server.url)
+        try:
+            rpm = key(rpm=3)
+            assert await a.enter(rpm) and await b.enter(rpm) and await a.enter(rpm)
+            with pytest.raises(errors.ServiceError, match="3 requests per minute") as info:
+                await b.enter(rpm)  # 3 in total, not 3 each
+            assert 1 <= int(info.value.headers["Retry-After"]) <= 60
+
+            two = KeyView(2, "sk-two", "", datetime.now(timezone.utc), None, None, None, None, 2)
+            await a.enter(two)
+            await b.enter(two)
+            with pytest.raises(errors.ServiceError, match="at most 2 concurrent"):
+                await a.enter(two)
+            await b.leave(two, 0)
+            await a.enter(two)  # b's slot, taken by a
+
+            tpm = KeyView(3, "sk-tpm", "", datetime.now(timezone.utc), None, None, None, 100, None)
+            await a.enter(tpm)
+            await a.leave(tpm, 60)
+            await b.enter(tpm)  # 40 left, seen by the other replica
+            await b.leave(tpm, 500)
+            with pytest.raises(errors.ServiceError, match="100 tokens per minute"):
+                await a.enter(tpm)
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_replicas_requests_stop_counting_when_its_heartbeat_expires(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        live = SharedRateLimits(redis_server.url, heartbeat_ttl=0.6)
+        dying = SharedRateLimits(redis_server.url, heartbeat_ttl=0.6)
+        one = key(concurrent=1)
+        await dying.enter(one)
+        with pytest.raises(errors.ServiceError, match="at most 1 concurrent"):
+            await live.enter(one)
+        assert dying._beating is not None
+        dying._beating.cancel()  # the replica dies: no more beats, its request never leaves
+        await asyncio.sleep(0.9)
+        assert await live.enter(one)  # its slot came back without it
+        await live.leave(one, 0)
+        await live.aclose()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("rule", ["open", "closed"])
+def test_redis_down_is_served_or_refused_by_the_rule_never_hung(redis_server: RedisServer, rule: str) -> None:
+    async def scenario() -> None:
+        limits = SharedRateLimits(redis_server.url, on_error=rule, timeout=0.3)  # type: ignore[arg-type]
+        k = key(rpm=100, concurrent=5)
+        assert await limits.enter(k)
+        await limits.leave(k, 1)
+        redis_server.stop()
+        started = time.monotonic()
+        if rule == "open":
+            assert await limits.enter(k) is False  # served, uncounted
+            await limits.leave(k, 1, counted=False)
+        else:
+            with pytest.raises(errors.ServiceError) as info:
+                await limits.enter(k)
+            assert (info.value.status, info.value.code) == (503, "ServiceUnavailable")
+        assert time.monotonic() - started < 2.0
+        redis_server.start()  # back: counted again, with nothing to do by hand
+        assert await limits.enter(k) is True
+        await limits.leave(k, 1)
+        await limits.aclose()
+
+    asyncio.run(scenario())

@@ -387,3 +387,30 @@ def test_a_failing_request_ends_alone(faulty: MllamaEngine, good_alone: list[str
     assert isinstance(failed, errors.ServiceError) and (failed.status, failed.code) == (500, "InternalError.Algo")
     assert [text for text, _ in together] == good_alone  # type: ignore[misc]
     assert faulty.active == 0 and faulty.stats()["waiting"] == 0
+
+
+@pytest.mark.parametrize("step", [0, 3], ids=["in its prefill", "in a decode step"])
+def test_out_of_memory_ends_the_newest_request_and_empties_the_caches(
+    faulty: MllamaEngine, good_alone: list[str], step: int
+) -> None:
+    """An allocation that fails (injected as torch.OutOfMemoryError): the vision cache is emptied, the newest
+    request ends with a DashScope error, and the requests already running go on, token for token as alone."""
+    bad = [Turn("user", f"[[llamascope-fault:oom@{step}]] Describe.", RED)]
+
+    async def scenario() -> tuple[list[object], int]:
+        running = [asyncio.create_task(run(faulty, t, s)) for t, s in GOOD[:2]]
+        while faulty.active < 2:  # both in the batch before the newest arrives
+            await asyncio.sleep(0.005)
+        late = asyncio.create_task(
+            run(faulty, bad, SamplingParams(max_new_tokens=14, min_new_tokens=14, temperature=0))
+        )
+        results = await asyncio.gather(*running, late, return_exceptions=True)
+        return list(results), len(faulty.vision_cache)
+
+    results, cached = asyncio.run(scenario())
+    failed = results.pop()
+    assert isinstance(failed, errors.ServiceError) and (failed.status, failed.code) == (500, "InternalError.Algo")
+    assert "out of device memory" in failed.message
+    assert [text for text, _ in results] == good_alone[:2]  # type: ignore[misc]
+    assert cached == 0  # emptied, nothing has been put back since
+    assert faulty.active == 0

@@ -1,4 +1,4 @@
-"""The paths a user without a GPU takes to run real weights: bf16, and 4-bit NF4 through bitsandbytes.
+"""The paths to fit real weights in less memory: bf16, and 4-bit NF4 or 8-bit through bitsandbytes.
 
 The built-in model stands in for the real weights: same classes, same loading code.
 """
@@ -54,3 +54,15 @@ def test_bf16_and_nf4_load_and_generate(test_model_dir: Path) -> None:
 
     # The scheduler batches quantized models too, and greedy answers do not change.
     assert asyncio.run(together()) == [(text, made)] * 3
+
+
+def test_int8_loads_and_generates(test_model_dir: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear8bitLt
+
+    full = MllamaEngine.load(test_model_dir)
+    int8 = MllamaEngine.load(test_model_dir, quantization="int8")
+    assert isinstance(int8.model.model.language_model.layers[0].self_attn.q_proj, Linear8bitLt)
+    assert footprint(int8) < footprint(full)
+    text, made = asyncio.run(answer(int8))
+    assert made == 12 and text

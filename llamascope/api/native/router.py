@@ -6,28 +6,28 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from llamascope.api.errors import request_id_of
-from llamascope.api.incoming import CLIENT_CLOSED, EventStream, read_json, source_context, unless_disconnected
+from llamascope.api.incoming import CLIENT_CLOSED, EventStream, open_reply, read_json, unless_disconnected
 from llamascope.api.native import sse
 from llamascope.api.native.protocol import GenerationRequest, GenerationResult
-from llamascope.conversation.service import ConversationService
+from llamascope.conversation.service import Endpoint, Reply
 
 GENERATION_PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 router = APIRouter()
 
 
 async def generation(request: Request) -> Response:
-    service: ConversationService = request.app.state.service
-    request_id = request_id_of(request)
     call = GenerationRequest.from_body(await read_json(request))
-    principal = request.state.principal
-    reply = await service.open(
-        principal, request_id, call.model, call.messages, call.parameters, source_context(request)
-    )
-    request.state.reply = reply
+    reply = await open_reply(request, call, Endpoint.MULTIMODAL)
+    return await answer(request, reply, GenerationResult.of)
+
+
+async def answer(request: Request, reply: Reply, render: sse.Render) -> Response:
+    """A DashScope answer: server-sent events when ``X-DashScope-SSE: enable``, else one JSON body."""
+    request_id = request_id_of(request)
     if request.headers.get("x-dashscope-sse", "").strip().lower() == "enable":
         return EventStream(
             reply,
-            lambda events: sse.stream(reply, events, request_id, request.state),
+            lambda events: sse.stream(reply, events, request_id, request.state, render),
             media_type=sse.MEDIA_TYPE,
             headers=sse.HEADERS,
         )
@@ -35,8 +35,7 @@ async def generation(request: Request) -> Response:
     if text is None:
         return Response(status_code=CLIENT_CLOSED)
     assert reply.finish_reason is not None
-    result = GenerationResult.of(text, reply.finish_reason.value, reply.usage, request_id)
-    return JSONResponse(result.model_dump())
+    return JSONResponse(render(text, reply.finish_reason.value, reply.usage, request_id).model_dump(exclude_none=True))
 
 
 # A plain Starlette route: FastAPI's per-request dependency solving has nothing to do here.

@@ -16,19 +16,24 @@ does not send it; other parsers ignore it), and data with both ``code`` and
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from pydantic import BaseModel
 
 from llamascope import errors
 from llamascope.api.native.protocol import ErrorBody, GenerationResult
-from llamascope.conversation.service import Event, Reply
+from llamascope.conversation.service import Event, Reply, Usage
+
+# A result body from (text, finish_reason, usage, request_id): each API family shapes its own.
+Render = Callable[[str, str, Usage, str], BaseModel]
 
 MEDIA_TYPE = "text/event-stream;charset=UTF-8"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def result_block(n: int, result: GenerationResult) -> bytes:
-    return f"id:{n}\nevent:result\n:HTTP_STATUS/200\ndata:{result.model_dump_json()}\n\n".encode()
+def result_block(n: int, result: BaseModel) -> bytes:
+    return f"id:{n}\nevent:result\n:HTTP_STATUS/200\ndata:{result.model_dump_json(exclude_none=True)}\n\n".encode()
 
 
 def error_block(n: int, error: errors.ServiceError, request_id: str) -> bytes:
@@ -37,7 +42,9 @@ def error_block(n: int, error: errors.ServiceError, request_id: str) -> bytes:
     return f"id:{n}\nevent:error\n:HTTP_STATUS/{s}\nstatus:{s}\ndata:{body.model_dump_json()}\n\n".encode()
 
 
-async def stream(reply: Reply, events: AsyncIterator[Event], request_id: str, state: Any) -> AsyncIterator[bytes]:
+async def stream(
+    reply: Reply, events: AsyncIterator[Event], request_id: str, state: Any, render: Render = GenerationResult.of
+) -> AsyncIterator[bytes]:
     """One block per event; cumulative text unless the request asked for increments."""
     incremental = reply.options.incremental_output
     n = 0
@@ -46,7 +53,7 @@ async def stream(reply: Reply, events: AsyncIterator[Event], request_id: str, st
             n += 1
             finish = event.finish_reason.value if event.finish_reason else "null"
             text = event.delta if incremental else event.text
-            yield result_block(n, GenerationResult.of(text, finish, event.usage, request_id))
+            yield result_block(n, render(text, finish, event.usage, request_id))
     except errors.ServiceError as error:
         state.error_code = error.code  # for the access log
         yield error_block(n + 1, error, request_id)

@@ -11,7 +11,14 @@ from starlette.responses import JSONResponse, Response
 
 from llamascope import errors
 from llamascope.api.errors import openai_error_body, request_id_of
-from llamascope.api.incoming import CLIENT_CLOSED, EventStream, read_json, source_context, unless_disconnected
+from llamascope.api.incoming import (
+    CLIENT_CLOSED,
+    EventStream,
+    open_reply,
+    read_json,
+    source_context,
+    unless_disconnected,
+)
 from llamascope.api.openai.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -21,7 +28,7 @@ from llamascope.api.openai.protocol import (
     UsageBody,
     completion_id,
 )
-from llamascope.conversation.service import ConversationService, Event, Reply
+from llamascope.conversation.service import ConversationService, Endpoint, Event, Reply
 
 router = APIRouter()
 PREFIXES = ("/compatible-mode/v1", "/v1")
@@ -57,13 +64,9 @@ async def _stream(
 
 
 async def chat_completions(request: Request) -> Response:
-    service: ConversationService = request.app.state.service
     request_id = request_id_of(request)
     call = ChatRequest.from_body(await read_json(request))
-    reply = await service.open(
-        request.state.principal, request_id, call.model, call.messages, call.parameters, source_context(request)
-    )
-    request.state.reply = reply
+    reply = await open_reply(request, call, Endpoint.CHAT)
     if call.stream:
         return EventStream(
             reply,

@@ -135,7 +135,8 @@ async function loadModels() {
       setStatus(`${error.code}: ${error.message}`, true);
       return;
     }
-    models = (await response.json()).data || [];
+    // The playground talks to the multimodal endpoint: text-only models (takes_images false) answer elsewhere.
+    models = ((await response.json()).data || []).filter((m) => m.takes_images !== false);
   } catch (error) {
     setStatus(`The server could not be reached: ${error.message}`, true);
     return;

@@ -1,0 +1,40 @@
+"""The HTTP shell of the text APIs: parse, call the conversation service, shape the answer."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from llamascope.api.errors import request_id_of
+from llamascope.api.incoming import open_reply, read_json, source_context
+from llamascope.api.native.router import answer
+from llamascope.api.text.protocol import (
+    TextGenerationRequest,
+    TextGenerationResult,
+    TokenizationRequest,
+    TokenizationResult,
+)
+from llamascope.conversation.service import ConversationService, Endpoint
+
+TEXT_GENERATION_PATH = "/api/v1/services/aigc/text-generation/generation"
+TOKENIZER_PATH = "/api/v1/tokenizer"
+router = APIRouter()
+
+
+async def generation(request: Request) -> Response:
+    call = TextGenerationRequest.from_body(await read_json(request))
+    reply = await open_reply(request, call, Endpoint.TEXT)
+    return await answer(request, reply, TextGenerationResult.render(call.result_format))
+
+
+async def tokenizer(request: Request) -> JSONResponse:
+    """Token ids of the prompt a text-generation request with this input runs: the count is its input_tokens."""
+    service: ConversationService = request.app.state.service
+    call = TokenizationRequest.from_body(await read_json(request))
+    ids, tokens = await service.tokens(request.state.principal, call.model, call.messages, source_context(request))
+    return JSONResponse(TokenizationResult.of(ids, tokens, request_id_of(request)).model_dump())
+
+
+# Plain Starlette routes, as the native surface's: FastAPI's dependency solving has nothing to do here.
+router.add_route(TEXT_GENERATION_PATH, generation, methods=["POST"])
+router.add_route(TOKENIZER_PATH, tokenizer, methods=["POST"])

@@ -1,0 +1,13 @@
+"""A client of the DashScope native API, and ``llamascope chat`` on top of it.
+
+``native`` is the HTTP side (httpx, server-sent events through httpx-sse, one
+error type); ``conversation`` the messages and parameters; ``attachment``
+turns an image's name into what the API takes; ``display`` shows an answer as
+it streams; ``chat`` is the command and ``interactive`` its conversation mode.
+Nothing here imports the server's packages.
+"""
+
+from llamascope.client.conversation import Conversation
+from llamascope.client.native import DEFAULT_BASE_URL, Answer, APIError, Client
+
+__all__ = ["DEFAULT_BASE_URL", "APIError", "Answer", "Client", "Conversation"]

@@ -1,0 +1,77 @@
+"""An image as the user names it (a local path, an http(s) URL, ``-`` for standard input) to what the API takes.
+
+Local files and standard input become ``data:`` URIs, not uploads through
+the SDK's ``getPolicy`` flow, because:
+
+- a ``data:`` URI works against every server of the API that takes one,
+  with no second endpoint, no second host to reach and nothing stored there
+  (the hosted service offers no uploads for these models);
+- the conversation stays self-contained: ``/save`` writes a file that any
+  key can send again later, where an uploaded ``oss://`` key is readable only
+  by the key that uploaded it, and only for 48 hours;
+- the cost, the image re-sent with every turn, is small on the loopback
+  and the local network, and llamascope decodes it once (its decoded-image
+  and vision caches are keyed by content).
+
+URLs (``http(s)://``, ``data:``, ``oss://``) are passed on as they are:
+the server fetches them, under its own rules.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import mimetypes
+import sys
+from pathlib import Path
+from typing import BinaryIO
+
+PASSED_ON = ("http://", "https://", "data:", "oss://")
+
+
+def media_type(data: bytes, name: str = "") -> str:
+    """The image's media type from its bytes (Pillow's reading of its header), else from its name."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format and image.format in Image.MIME:
+                return Image.MIME[image.format]
+    except (UnidentifiedImageError, OSError, ValueError):
+        pass
+    guessed, _ = mimetypes.guess_type(name)
+    return guessed or "application/octet-stream"
+
+
+def data_uri(data: bytes, name: str = "") -> str:
+    return f"data:{media_type(data, name)};base64,{base64.b64encode(data).decode()}"
+
+
+def image_reference(value: str, stdin: BinaryIO | None = None) -> str:
+    """What goes into ``{"image": ...}``. OSError (for a person to read) when a local file cannot be read."""
+    if value.startswith(PASSED_ON):
+        return value
+    if value == "-":
+        data = (stdin or sys.stdin.buffer).read()
+        if not data:
+            raise OSError("no image on standard input")
+        return data_uri(data)
+    path = Path(value.removeprefix("file://")).expanduser()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise OSError(f"no such file: {value}") from None
+    except IsADirectoryError:
+        raise OSError(f"a directory, not an image: {value}") from None
+    except OSError as exc:
+        raise OSError(f"cannot read {value}: {exc.strerror or exc}") from None
+    return data_uri(data, path.name)
+
+
+def describe(reference: str) -> str:
+    """A short, printable name for an image reference (a data: URI is not shown whole)."""
+    if reference.startswith("data:"):
+        header = reference.split(",", 1)[0]
+        size = len(reference) * 3 // 4 // 1024
+        return f"{header} (about {size} KB)"
+    return reference

@@ -1,0 +1,315 @@
+"""``llamascope chat``: one question, or a whole conversation, with any server of the DashScope native API.
+
+``add_parser`` registers the command on ``llamascope``'s parser and ``run``
+carries it out; the HTTP side is ``llamascope.client.native``, the
+conversation ``llamascope.client.conversation``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from llamascope.client import attachment
+from llamascope.client.conversation import PARAMETERS, Conversation, parse_parameter
+from llamascope.client.native import DEFAULT_BASE_URL, DEFAULT_MODEL, Answer, APIError, Client
+
+DESCRIPTION = """\
+Ask a vision model about an image, once or in a conversation, through the
+DashScope native API: a local llamascope by default, or the server that
+DASHSCOPE_HTTP_BASE_URL and DASHSCOPE_API_KEY name (the variables the
+official SDK reads; --base-url and --api-key override them).
+
+With a question it prints the answer as it streams and exits (0, or 1 when
+the API refused the call). Without one it starts a conversation: /help
+there lists its commands.
+
+Images: a local path, an http(s) URL (the server fetches it under its own
+rules) or - for standard input. A local file is sent inline as a data: URI,
+not uploaded through the SDK's upload flow: that works with every server of
+the API, stores nothing on it, and /save then writes a conversation that any
+key can send again later (an upload is readable only by the key that made
+it, and for 48 hours)."""
+
+EPILOG = """\
+examples:
+  llamascope chat -a photo.jpg "what is this?"
+  llamascope chat -a https://example.com/dog.jpeg -o temperature 0 "how many dogs?"
+  cat question.txt | llamascope chat -a photo.jpg
+  curl -s https://example.com/dog.jpeg | llamascope chat -a - "describe it" --json
+  llamascope chat -a photo.jpg            (a conversation)"""
+
+NO_KEY = """\
+llamascope chat: no API key. Give the key `llamascope serve` printed on its first start:
+  export DASHSCOPE_API_KEY=sk-...
+or make one (on the machine that serves, with its settings):
+  export DASHSCOPE_API_KEY=$(.venv/bin/llamascope keys create --name chat)"""
+
+USAGE_KEYS = ("input_tokens", "output_tokens", "image_tokens", "total_tokens")
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``chat`` on the ``llamascope`` command's subparsers."""
+    chat = commands.add_parser(
+        "chat",
+        help="ask a model about an image: one question, or a conversation",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chat.add_argument("prompt", nargs="*", help="the question; none: a conversation, or the question from a pipe")
+    chat.add_argument("-a", "--attach", metavar="IMAGE", help="the image: a local path, an http(s) URL, or - (stdin)")
+    chat.add_argument(
+        "-m", "--model", help="model name (default: the first the server lists, else " + DEFAULT_MODEL + ")"
+    )
+    chat.add_argument("-s", "--system", help="system prompt")
+    chat.add_argument(
+        "-o",
+        "--option",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a parameter of the API, e.g. -o temperature 0.2 -o max_tokens 100 (repeatable): " + ", ".join(PARAMETERS),
+    )
+    chat.add_argument(
+        "--base-url", help=f"the API's base URL (default: $DASHSCOPE_HTTP_BASE_URL or {DEFAULT_BASE_URL})"
+    )
+    chat.add_argument("--api-key", help="API key (default: $DASHSCOPE_API_KEY, then the SDK's key files)")
+    chat.add_argument("--json", action="store_true", help="print the final response body as JSON, not the text")
+    chat.add_argument("--no-stream", action="store_true", help="ask for the whole answer at once")
+    chat.add_argument("--plain", action="store_true", help="never render Markdown (it is only on a terminal anyway)")
+
+
+def resolve_api_key(given: str | None) -> str | None:
+    """As the official SDK finds it: the argument, $DASHSCOPE_API_KEY, $DASHSCOPE_API_KEY_FILE_PATH, ~/.dashscope."""
+    if given:
+        return given
+    if os.environ.get("DASHSCOPE_API_KEY"):
+        return os.environ["DASHSCOPE_API_KEY"]
+    for name in (os.environ.get("DASHSCOPE_API_KEY_FILE_PATH"), "~/.dashscope/api_key"):
+        path = Path(name).expanduser() if name else None
+        if path is not None and path.is_file():
+            key = path.read_text().strip()
+            if key:
+                return key
+    return None
+
+
+def history_file() -> Path:
+    """Where readline keeps what was typed: the user's state directory (XDG)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "llamascope" / "chat_history"
+
+
+def show_error(error: APIError) -> None:
+    print(f"error: {error.describe()}", file=sys.stderr, flush=True)
+    if error.code == "ConnectionError":
+        print("  (is the server running? `make serve` starts a local llamascope)", file=sys.stderr, flush=True)
+    elif error.status == 401:
+        print("  (check DASHSCOPE_API_KEY or --api-key)", file=sys.stderr, flush=True)
+
+
+def discover_model(client: Client, wanted: str | None) -> tuple[str, dict[str, Any] | None]:
+    """The model to use and what the server says of it. Only a llamascope lists its models: elsewhere the
+    listing fails and the default name is used. An unreachable server or a wrong key is said at once."""
+    try:
+        served = client.models()
+    except APIError as error:
+        if error.code == "ConnectionError" or error.status == 401:
+            raise
+        served = []
+    name = wanted or (served[0]["model"] if served else DEFAULT_MODEL)
+    return name, next((m for m in served if m.get("model") == name), None)
+
+
+class Display(Protocol):
+    def write(self, text: str) -> None: ...
+
+
+def make_display(markdown: bool) -> Callable[[], AbstractContextManager[Display]]:
+    from llamascope.client.display import MarkdownText, PlainText
+
+    if not markdown:
+        return PlainText
+    from rich.console import Console
+
+    console = Console()
+    return lambda: MarkdownText(console)
+
+
+def ask(
+    client: Client, conversation: Conversation, stream: bool, display: Callable[[], AbstractContextManager[Display]]
+) -> tuple[Answer, bool]:
+    """One answer to the conversation as it stands, shown as it comes; (answer, stopped by Ctrl+C).
+
+    APIError passes through; Ctrl+C closes the stream (so the server stops generating) and keeps
+    what arrived."""
+    messages, parameters = conversation.messages(), conversation.parameters
+    if not stream:
+        try:
+            answer = client.generate(conversation.model, messages, parameters)
+        except KeyboardInterrupt:
+            return Answer(), True
+        with display() as out:
+            out.write(answer.text)
+        return answer, False
+    answer_stream = client.stream(conversation.model, messages, parameters)
+    interrupt = DeferredInterrupt()
+    try:
+        with interrupt.installed(), quiet_terminal(), answer_stream, display() as out:
+            for piece in answer_stream:
+                with interrupt.deferred():  # never stop half way through drawing: the screen would be left torn
+                    out.write(piece)
+    except KeyboardInterrupt:
+        return answer_stream.answer, True
+    return answer_stream.answer, False
+
+
+@contextmanager
+def quiet_terminal() -> Iterator[None]:
+    """No echo on the terminal while an answer is drawn: the ``^C`` of Ctrl+C, or keys typed meanwhile,
+    would move the cursor under rich's feet and leave a line drawn twice. Typed keys wait for the prompt."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (ImportError, OSError, ValueError):  # not POSIX, or no standard input
+        saved = None
+    if saved is None:  # not a terminal: nothing to silence
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+class DeferredInterrupt:
+    """Ctrl+C raises KeyboardInterrupt at once (also while waiting on the network), except inside
+    ``deferred()``, where it is held until the block ends."""
+
+    def __init__(self) -> None:
+        self.deferring = False
+        self.pending = False
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.deferring:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+def one_shot(client: Client, conversation: Conversation, question: str, args: argparse.Namespace) -> int:
+    conversation.ask(question)
+    if args.json:
+        from llamascope.client.display import PlainText
+
+        display: Callable[[], AbstractContextManager[Display]] = lambda: PlainText(io.StringIO())  # noqa: E731
+    else:
+        display = make_display(sys.stdout.isatty() and not args.plain)
+    try:
+        answer, stopped = ask(client, conversation, not args.no_stream, display)
+    except APIError as error:
+        show_error(error)
+        return 1
+    except BrokenPipeError:  # the reader went away (`| head`): no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    if stopped:
+        print("(stopped)", file=sys.stderr)
+        return 130
+    if args.json:
+        body = answer.body if args.no_stream and answer.body else answer.final_body()
+        print(json.dumps(body, ensure_ascii=False, indent=2))
+    elif answer.finish_reason == "length":
+        print("(the answer reached max_tokens)", file=sys.stderr)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """``llamascope chat``: the exit status."""
+    base_url = args.base_url or os.environ.get("DASHSCOPE_HTTP_BASE_URL") or DEFAULT_BASE_URL
+    key = resolve_api_key(args.api_key)
+    if not key:
+        print(NO_KEY, file=sys.stderr)
+        return 2
+    try:
+        parameters = {name: parse_parameter(name, value) for name, value in args.option}
+    except ValueError as exc:
+        print(f"llamascope chat: {exc}", file=sys.stderr)
+        return 2
+    question = " ".join(args.prompt)
+    interactive = not question and sys.stdin.isatty()
+    if (not question or question == "-") and not interactive:
+        if args.attach == "-":
+            print(
+                "llamascope chat: the image comes from standard input: give the question as an argument",
+                file=sys.stderr,
+            )
+            return 2
+        question = sys.stdin.read().strip()
+        if not question:
+            print("llamascope chat: no question (none given, and standard input was empty)", file=sys.stderr)
+            return 2
+    image = None
+    if args.attach:
+        if args.attach == "-" and interactive:
+            print("llamascope chat: -a - reads standard input, which is the terminal here", file=sys.stderr)
+            return 2
+        try:
+            image = attachment.image_reference(args.attach)
+        except OSError as exc:
+            print(f"llamascope chat: {exc}", file=sys.stderr)
+            return 2
+
+    with Client(base_url, key) as client:
+        try:
+            model, info = discover_model(client, args.model)
+        except APIError as error:
+            show_error(error)
+            return 1
+        conversation = Conversation(model=model, system=args.system, image=image, parameters=parameters)
+        if not interactive:
+            if info and info.get("test_model") and sys.stderr.isatty():
+                print(f"({model} is the built-in test model: its answers are random words)", file=sys.stderr)
+            return one_shot(client, conversation, question, args)
+        from llamascope.client.interactive import InteractiveChat
+
+        markdown = sys.stdout.isatty() and not args.plain
+        return InteractiveChat(client, conversation, info, stream=not args.no_stream, markdown=markdown).run()

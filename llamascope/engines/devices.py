@@ -1,0 +1,298 @@
+"""Where a model runs, how it is placed there, and how many requests fit beside it.
+
+``resolve_device`` turns the ``device`` setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``) into a device that
+exists, or a ``DeviceError`` that says why not; ``placement`` gives transformers' ``from_pretrained`` its
+``device_map`` and ``max_memory`` (one GPU, or layers split across every visible GPU through accelerate);
+``plan_memory`` works out, from a model's config and the memory left after loading, the scheduler's batch
+bounds and the vision cache's size.
+
+The plan counts what the scheduler really holds per request (see ``engines/batching.py``):
+- self-attention keys and values: ``2 x self-attention layers x kv heads x head dim`` per token, for the
+  prompt and every token it may still make (``MAX_BATCH_TOKENS`` bounds their sum);
+- the image's cross-attention keys and values: ``2 x cross-attention layers x kv heads x head dim`` per
+  vision state, 6,404 states an image (4 tiles of 1,601): 210 MB a request for the 11B in bf16;
+- the vision cache: the projected vision states an image, ``hidden size x 6,404`` (52 MB for the 11B);
+- the activations of one prefill chunk and the logits of one decode step, which live only for that step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class DeviceError(Exception):
+    """A device setting this machine cannot honour; the message says why and what to do."""
+
+
+def cuda_devices() -> int:
+    """How many CUDA GPUs this PyTorch sees (0 on a CPU build or a machine without one)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_device(requested: str, visible: int | None = None) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda``/``cuda:N`` only where they exist."""
+    count = cuda_devices() if visible is None else visible
+    if requested == "auto":
+        return "cuda" if count else "cpu"
+    if requested == "cpu":
+        return "cpu"
+    if requested == "cuda" or requested.startswith("cuda:"):
+        if not count:
+            import torch
+
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise DeviceError(
+                f"device {requested!r}: no CUDA GPU is visible (PyTorch {torch.__version__}, {build}). "
+                "Install a CUDA build of PyTorch (README: 'On GPUs') or serve with --device cpu"
+            )
+        if requested.startswith("cuda:"):
+            index = requested.removeprefix("cuda:")
+            if not index.isdigit():
+                raise DeviceError(f"device {requested!r}: expected cuda:N with N a GPU number, e.g. cuda:0")
+            if int(index) >= count:
+                raise DeviceError(f"device {requested!r}: only {count} GPU(s) are visible (cuda:0 to cuda:{count - 1})")
+        return requested
+    raise DeviceError(f"device {requested!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def compute_dtype(dtype: str, device: str) -> str:
+    """The dtype to load in: ``auto`` keeps the checkpoint's on the CPU and means bfloat16 on a GPU."""
+    if dtype == "auto" and device != "cpu":
+        return "bfloat16"
+    return dtype
+
+
+def placement(device: str, visible: int, gpu_memory_cap: str | None = None) -> dict[str, Any]:
+    """``from_pretrained`` arguments that put the model on ``device``.
+
+    ``cuda:N`` and ``cuda`` with one GPU: the whole model on that GPU. ``cuda`` with several GPUs: layers
+    split across all of them (accelerate's ``device_map="auto"``, whole decoder layers per GPU, each GPU at
+    most ``gpu_memory_cap``, e.g. ``"70GiB"``). That is pipeline-style layer splitting: one GPU works at a
+    time. ``cpu``: nothing (transformers' default, as before).
+    """
+    if device == "cpu":
+        return {}
+    if device.startswith("cuda:"):
+        return {"device_map": {"": int(device.removeprefix("cuda:"))}}
+    if visible <= 1:
+        return {"device_map": {"": 0}}
+    extra: dict[str, Any] = {"device_map": "auto"}
+    if gpu_memory_cap:
+        extra["max_memory"] = {i: gpu_memory_cap for i in range(visible)}
+    return extra
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The scheduler's bounds as the memory left after loading allows them."""
+
+    free_bytes: int
+    kv_bytes_per_token: int
+    image_bytes_per_request: int
+    vision_cache_bytes: int
+    step_bytes: int
+    max_batch_size: int
+    max_batch_tokens: int
+
+    def describe(self) -> str:
+        gib = 1 << 30
+        return (
+            f"{self.free_bytes / gib:.1f} GiB free after loading: MAX_BATCH_SIZE {self.max_batch_size}, "
+            f"MAX_BATCH_TOKENS {self.max_batch_tokens:,} ({self.kv_bytes_per_token / 1024:.0f} KiB of keys and "
+            f"values a token), VISION_CACHE_BYTES {self.vision_cache_bytes / gib:.2f} GiB, "
+            f"{self.image_bytes_per_request / (1 << 20):.0f} MiB of image states a request, "
+            f"{self.step_bytes / (1 << 20):.0f} MiB kept for a step's activations"
+        )
+
+
+def _text(config: Any) -> Any:
+    return getattr(config, "text_config", config)
+
+
+def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
+    text = _text(config)
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    cross = len(getattr(text, "cross_attention_layers", None) or [])
+    return 2 * (text.num_hidden_layers - cross) * kv_heads * head_dim * dtype_bytes
+
+
+def image_states(config: Any) -> int:
+    """Vision states an image becomes (6,404 for Llama 3.2 Vision); 0 for a text-only model."""
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        return 0
+    return vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
+
+
+def plan_memory(
+    config: Any,
+    free_bytes: int,
+    *,
+    dtype_bytes: int = 2,
+    context_length: int = 8192,
+    prefill_chunk: int = 512,
+    headroom: float = 0.10,
+    vision_cache_share: float = 0.10,
+    max_batch_cap: int = 256,
+) -> MemoryPlan:
+    """Batch bounds that fit in ``free_bytes`` (what the GPU has left once the weights are loaded).
+
+    ``headroom`` of it stays unused (the allocator's fragmentation, CUDA's own workspaces); the activations
+    of one prefill chunk and one decode step's logits are set aside; the vision cache takes
+    ``vision_cache_share`` of the rest (at least one image); what remains holds the running requests: each
+    its keys and values for prompt plus answer, and, with an image, that image's cross-attention states.
+    ``MAX_BATCH_TOKENS`` is that remainder in tokens; ``MAX_BATCH_SIZE`` is how many requests of a quarter
+    of the context each, with an image, fit in it (at least 1, at most ``max_batch_cap``).
+    """
+    text = _text(config)
+    per_token = kv_bytes_per_token(config, dtype_bytes)
+    states = image_states(config)
+    cross = len(getattr(text, "cross_attention_layers", None) or [])
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    per_image_request = 2 * cross * kv_heads * head_dim * states * dtype_bytes
+    per_cached_image = text.hidden_size * states * dtype_bytes
+    # A prefill chunk's widest activations (the MLP's gate and up projections, attention's q/k/v), held a few
+    # times over by autograd-free eager code; a decode step's float32 logits for a full batch.
+    step = prefill_chunk * (4 * text.hidden_size + 3 * text.intermediate_size) * dtype_bytes * 2
+    step += max_batch_cap * text.vocab_size * 4
+    usable = int(free_bytes * (1 - headroom)) - step
+    if usable <= 0:
+        raise DeviceError(
+            f"only {free_bytes / (1 << 30):.1f} GiB left after loading: not enough for one request's activations "
+            "(quantize the weights, split them across GPUs, or use a larger GPU)"
+        )
+    cache = max(per_cached_image, int(usable * vision_cache_share)) if states else 0
+    for_requests = usable - cache
+    typical = (context_length // 4) * per_token + per_image_request
+    max_batch = max(1, min(max_batch_cap, for_requests // max(typical, 1)))
+    # Image states of a full batch come out of the same memory as the keys and values.
+    tokens = max(0, for_requests - max_batch * per_image_request) // per_token
+    if tokens < context_length:
+        max_batch = max(1, min(max_batch, (for_requests - context_length * per_token) // max(per_image_request, 1)))
+        tokens = max(0, for_requests - max_batch * per_image_request) // per_token
+    return MemoryPlan(
+        free_bytes=free_bytes,
+        kv_bytes_per_token=per_token,
+        image_bytes_per_request=per_image_request,
+        vision_cache_bytes=cache,
+        step_bytes=step,
+        max_batch_size=int(max_batch),
+        max_batch_tokens=int(tokens),
+    )
+
+
+def free_memory(model: Any) -> int:
+    """Bytes free on the GPUs the model's weights are on, once loaded; 0 for a model on the CPU."""
+    import torch
+
+    devices = {p.device for p in model.parameters() if p.device.type == "cuda"}
+    # Split across GPUs, each holds its own layers' keys and values: their free memory adds up.
+    return sum(torch.cuda.mem_get_info(d)[0] for d in devices)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The scheduler's memory-bound settings; None: derive it (CPU_BOUNDS on the CPU, ``plan_memory`` on a GPU)."""
+
+    max_batch_size: int | None = None
+    max_batch_tokens: int | None = None
+    vision_cache_bytes: int | None = None
+
+
+CPU_BOUNDS = Bounds(max_batch_size=16, max_batch_tokens=131072, vision_cache_bytes=1 << 30)
+
+
+def settle(
+    model: Any, wanted: Bounds, *, context_length: int, prefill_chunk: int, report: Any = None
+) -> tuple[int, int, int]:
+    """(max batch size, max batch tokens, vision cache bytes): what the operator set, the rest derived."""
+    if wanted.max_batch_size and wanted.max_batch_tokens and wanted.vision_cache_bytes is not None:
+        return wanted.max_batch_size, wanted.max_batch_tokens, wanted.vision_cache_bytes
+    free = free_memory(model)
+    if not free:  # on the CPU: fixed defaults, as the operating system pages and nothing fails on a spike
+        derived = CPU_BOUNDS
+    else:
+        plan = plan_memory(
+            model.config,
+            free,
+            dtype_bytes=model.dtype.itemsize,
+            context_length=context_length,
+            prefill_chunk=prefill_chunk,
+        )
+        if report is not None:
+            report(plan.describe())
+        derived = Bounds(plan.max_batch_size, plan.max_batch_tokens, plan.vision_cache_bytes)
+    return (
+        wanted.max_batch_size or int(derived.max_batch_size or 1),
+        wanted.max_batch_tokens or int(derived.max_batch_tokens or 1),
+        wanted.vision_cache_bytes if wanted.vision_cache_bytes is not None else int(derived.vision_cache_bytes or 0),
+    )
+
+
+# Tensor factories: each makes a tensor on the default device (the CPU) unless told ``device=``.
+_FACTORIES = frozenset(
+    {
+        "tensor",
+        "as_tensor",
+        "arange",
+        "zeros",
+        "ones",
+        "full",
+        "empty",
+        "rand",
+        "randn",
+        "randint",
+        "linspace",
+        "eye",
+    }
+)
+
+
+def discipline() -> Any:
+    """A debug mode for the model thread: every tensor llamascope's engine code makes names its device.
+
+    On a GPU, a tensor made without ``device=`` lands on the CPU, and the first operation that meets the
+    model's tensors fails (or copies each step). On a CPU-only machine that mix-up cannot show, so this
+    mode (a ``TorchFunctionMode``) records each factory call from ``llamascope/engines`` that gives no
+    device: a test runs batched, sampled generation under it and expects none. Draws from a request's own
+    CPU generator (``generator=``) are allowed: they are moved with the values they make.
+    """
+    import sys
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    engines = str(__file__).rsplit("/", 1)[0] + "/"
+
+    class Discipline(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.violations: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            if (
+                name in _FACTORIES
+                and getattr(torch, name, None) is func
+                and kwargs.get("device") is None
+                and kwargs.get("generator") is None
+            ):
+                frame: Any = sys._getframe(1)
+                while frame is not None and "/torch/" in frame.f_code.co_filename:
+                    frame = frame.f_back
+                if frame is not None and frame.f_code.co_filename.startswith(engines):
+                    where = f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
+                    self.violations.append(f"torch.{name} without device= at {where}")
+            return func(*args, **kwargs)
+
+    return Discipline()

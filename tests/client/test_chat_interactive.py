@@ -1,0 +1,154 @@
+"""``llamascope chat`` without a question, through a real pseudo-terminal (pexpect), against a real server.
+
+One conversation goes through the commands a person uses: an answer, /retry,
+/save, a message of several lines, /undo, /load, a refused image, and Ctrl+C
+in the middle of a long answer, after which the server is generating nothing
+and the chat goes on. What the chat saved is sent again by the official SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import SEED_MODEL, ImageHost, Server, png_bytes
+
+pexpect = pytest.importorskip("pexpect")
+
+PROMPT = ">>> "
+
+
+def spawn(server: Server, home: Path, *args: str, key: str | None = None) -> pexpect.spawn:
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_STATE_HOME": str(home / "state"),
+        "DASHSCOPE_HTTP_BASE_URL": server.api,
+        "DASHSCOPE_API_KEY": key or server.key,
+        "TERM": "xterm-256color",
+    }
+    return pexpect.spawn(
+        sys.executable,
+        ["-m", "llamascope", "chat", *args],
+        env=env,
+        cwd=str(home),
+        encoding="utf-8",
+        codec_errors="replace",
+        dimensions=(40, 120),
+        timeout=60,
+    )
+
+
+def command(child: pexpect.spawn, line: str, expect: str = PROMPT) -> str:
+    """Type a line; return what the chat printed until ``expect``."""
+    child.sendline(line)
+    child.expect_exact(expect)
+    return child.before
+
+
+def running(server: Server) -> int:
+    return httpx.get(server.base + "/health", timeout=5).json()["models"][SEED_MODEL]["running"]
+
+
+def saved(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["input"]["messages"]
+
+
+def test_a_conversation_in_a_terminal(server: Server, image_host: ImageHost, tmp_path: Path) -> None:
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png_bytes())
+    child = spawn(server, tmp_path, "-a", str(photo), "-m", SEED_MODEL)
+    child.expect_exact(PROMPT)
+    assert "built-in test model" in child.before and "image: data:image/png;base64" in child.before
+
+    assert "max_tokens = 8" in command(child, "/set max_tokens 8")
+    command(child, "/set temperature 0")
+    shown = command(child, "What is in the picture?")
+    assert "\x1b[?25l" in shown  # a terminal: rich draws the answer (its live area hides the cursor)
+    command(child, "/retry")
+    assert "session: 2 answers" in command(child, "/stats")
+    command(child, "/save first.json")
+    first = saved(tmp_path / "first.json")
+    assert [m["role"] for m in first] == ["user", "assistant"]  # /retry replaced the answer
+    assert first[0]["content"][0]["image"].startswith("data:image/png;base64,")
+
+    child.sendline('"""')
+    child.sendline("first line")
+    child.sendline('second line"""')
+    child.expect_exact(PROMPT)
+    command(child, "/save second.json")
+    second = saved(tmp_path / "second.json")
+    assert second[:2] == first and second[2] == {"role": "user", "content": [{"text": "first line\nsecond line"}]}
+    assert "forgot the last question" in command(child, "/undo")
+    command(child, "/save undone.json")
+    assert saved(tmp_path / "undone.json") == first
+    assert "loaded 4 messages" in command(child, "/load second.json")
+    command(child, "/save loaded.json")
+    assert saved(tmp_path / "loaded.json") == second
+
+    # A refused image: the API's code and message, and the chat goes on.
+    command(child, f"/image {image_host.url('/anim.gif')}")
+    refused = command(child, "And this one?")
+    assert "InvalidParameter.DataInspection (HTTP 400)" in refused and "Traceback" not in refused
+    command(child, f"/image {photo}")
+
+    # Ctrl+C in the middle of a long answer: the stream closes, the server stops, the chat goes on.
+    command(child, "/set max_tokens 8000")
+    command(child, "/set min_new_tokens 8000")
+    child.sendline("Tell me everything.")
+    deadline = time.monotonic() + 60
+    while running(server) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running(server) == 1
+    time.sleep(0.5)  # some of the answer on the screen
+    child.sendintr()
+    child.expect_exact("(stopped; the answer so far is kept")
+    assert "^C" not in child.before  # no echo while an answer is drawn: it would tear rich's live area
+    child.expect_exact(PROMPT)
+    deadline = time.monotonic() + 30
+    while running(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert running(server) == 0
+    stats = command(child, "/stats")
+    assert "ended: stopped" in stats
+    request_id = re.search(r"request ([0-9a-f-]{36})", stats)
+    assert request_id and "client=disconnected" in server.access_line(request_id.group(1))
+    command(child, "/set min_new_tokens")
+    command(child, "/set max_tokens 4")
+    assert "error" not in command(child, "One more?")
+
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert "What is in the picture?" in (tmp_path / "state" / "llamascope" / "chat_history").read_text()
+    again = spawn(server, tmp_path)  # readline history: the up arrow brings back the last line, /bye
+    again.expect_exact(PROMPT)
+    again.send("\x1b[A\r")
+    again.expect(pexpect.EOF)
+    again.close()
+    assert again.exitstatus == 0
+
+    # What /save wrote is a conversation the API takes: the official SDK sends it with one more question.
+    import dashscope
+
+    messages = [*saved(tmp_path / "first.json"), {"role": "user", "content": [{"text": "And then?"}]}]
+    response = dashscope.MultiModalConversation.call(
+        model=SEED_MODEL, messages=messages, api_key=server.key, base_address=server.api, max_tokens=4
+    )
+    assert response.status_code == 200, response.message
+
+
+def test_a_wrong_key_is_said_at_once_without_a_traceback(server: Server, tmp_path: Path) -> None:
+    child = spawn(server, tmp_path, key="sk-wrong")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert "error: InvalidApiKey (HTTP 401): Invalid API-key provided." in child.before
+    assert "Traceback" not in child.before and child.exitstatus == 1

@@ -1,0 +1,150 @@
+"""``llamascope chat`` with a question, as a user runs it: a real process against a real server.
+
+Its standard output is a pipe here, so the answer comes as plain text, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_KEY, SEED_MODEL, ImageHost, Server, free_port, png_bytes
+
+GREEDY = ["-o", "temperature", "0", "-o", "max_tokens", "12"]
+
+
+def chat(
+    args: list[str], server: Server, home: Path, stdin: bytes | str = b"", **environment: str
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "HOME": str(home),  # no ~/.dashscope/api_key of the person running the tests
+        "DASHSCOPE_HTTP_BASE_URL": server.api,
+        "DASHSCOPE_API_KEY": server.key,
+        **environment,
+    }
+    env = {k: v for k, v in env.items() if v}
+    data = stdin if isinstance(stdin, bytes) else stdin.encode()
+    done = subprocess.run(
+        [sys.executable, "-m", "llamascope", "chat", *args], input=data, capture_output=True, env=env, timeout=120
+    )
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    path = tmp_path / "photo.png"
+    path.write_bytes(png_bytes((200, 30, 30)))  # the same bytes as the image host's /red.png
+    return path
+
+
+def test_the_answer_streams_to_standard_output(server: Server, image_host: ImageHost, photo: Path) -> None:
+    home = photo.parent
+    streamed = chat(["-a", str(photo), *GREEDY, "What is in the picture?"], server, home)
+    assert streamed.returncode == 0, streamed.stderr
+    answer = streamed.stdout.removesuffix("\n")
+    assert answer.strip() and "\x1b" not in streamed.stdout  # plain text: no Markdown rendering into a pipe
+
+    # The question from standard input, the whole answer at once, the response body as JSON: the same answer.
+    body = chat(["-a", str(photo), *GREEDY, "--no-stream", "--json"], server, home, stdin="What is in the picture?\n")
+    assert body.returncode == 0, body.stderr
+    data = json.loads(body.stdout)
+    assert data["output"]["choices"][0]["message"]["content"][0]["text"] == answer
+    assert data["usage"]["image_tokens"] > 0 and data["request_id"]
+
+    # The image by URL (the server fetches it) and from standard input: the same image, the same answer.
+    by_url = chat(["-a", image_host.url("/red.png"), *GREEDY, "--json", "What is in the picture?"], server, home)
+    streamed_body = json.loads(by_url.stdout)
+    assert streamed_body["output"] == data["output"] and streamed_body["usage"] == data["usage"]
+    piped = chat(["-a", "-", *GREEDY, "What is in the picture?"], server, home, stdin=photo.read_bytes())
+    assert piped.returncode == 0 and piped.stdout == streamed.stdout
+
+
+def test_options_override_the_environment_and_choose_the_model(server: Server, photo: Path) -> None:
+    options = ["--base-url", server.api, "--api-key", server.key, "-m", "llama3.2-11b-vision"]
+    done = chat(
+        ["-a", str(photo), *options, *"--json -o max_tokens 3 Hi".split()],
+        server,
+        photo.parent,
+        DASHSCOPE_HTTP_BASE_URL=f"http://127.0.0.1:{free_port()}/api/v1",
+        DASHSCOPE_API_KEY="sk-wrong",
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["usage"]["output_tokens"] == 3
+    assert "model=llama3.2-11b-vision" in server.access_line(data["request_id"])
+
+
+def used_up_key(server: Server) -> str:
+    r = httpx.post(
+        server.base + "/admin/keys",
+        json={"name": "used up", "allowance_tokens": 0},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    return r.json()["data"]["api_key"]
+
+
+@pytest.mark.parametrize(
+    "case,expected,status",
+    [
+        ("wrong key", "InvalidApiKey (HTTP 401): Invalid API-key provided.", 1),
+        ("refused image", "InvalidParameter.DataInspection (HTTP 400): ", 1),
+        ("used-up allowance", "AllocationQuota.FreeTierOnly (HTTP 403): ", 1),
+        ("unreachable server", "ConnectionError: cannot reach http://127.0.0.1:", 1),
+        ("no image", "InvalidParameter (HTTP 400): messages[0]: the first user message must carry", 1),
+        ("missing file", "llamascope chat: no such file: nothere.png", 2),
+        ("no key", "llamascope chat: no API key.", 2),
+    ],
+)
+def test_errors_are_shown_as_the_api_gave_them(
+    case: str, expected: str, status: int, server: Server, image_host: ImageHost, photo: Path
+) -> None:
+    args, env = ["-a", str(photo), "What is it?"], {}
+    if case == "wrong key":
+        env = {"DASHSCOPE_API_KEY": "sk-wrong"}
+    elif case == "refused image":
+        args[1] = image_host.url("/anim.gif")
+    elif case == "used-up allowance":
+        env = {"DASHSCOPE_API_KEY": used_up_key(server)}
+    elif case == "unreachable server":
+        env = {"DASHSCOPE_HTTP_BASE_URL": f"http://127.0.0.1:{free_port()}/api/v1"}
+    elif case == "no image":
+        args = ["What is it?"]
+    elif case == "missing file":
+        args[1] = "nothere.png"
+    elif case == "no key":
+        env = {"DASHSCOPE_API_KEY": ""}
+    done = chat(args, server, photo.parent, **env)
+    assert done.returncode == status
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_a_reader_that_goes_away_stops_the_answer_quietly(server: Server, photo: Path) -> None:
+    """``llamascope chat ... | head -c 20``: no traceback, and the server stops generating."""
+    env = {**os.environ, "HOME": str(photo.parent), "DASHSCOPE_HTTP_BASE_URL": server.api}
+    env["DASHSCOPE_API_KEY"] = server.key
+    args = ["-a", str(photo), "-o", "max_tokens", "8000", "-o", "min_new_tokens", "8000", "Go on."]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llamascope", "chat", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.read(20)
+    process.stdout.close()
+    assert process.wait(60) == 141
+    assert "Traceback" not in process.stderr.read().decode()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and httpx.get(server.base + "/health").json()["models"][SEED_MODEL]["running"]:
+        time.sleep(0.1)
+    assert httpx.get(server.base + "/health").json()["models"][SEED_MODEL]["running"] == 0

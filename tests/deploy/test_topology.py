@@ -1,0 +1,294 @@
+"""The topology of docs/deploy.md, run for real on loopback: nginx balancing three llamascope replicas that
+share one PostgreSQL and one Redis, in front of two upstream engines (llamascope instances on the built-in
+model). Everything goes through nginx with the official SDK or plain HTTP, as clients would.
+
+Needs nginx, redis-server and PostgreSQL (LLAMASCOPE_TEST_DATABASE_URL): .ci/run installs and starts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.accounts.test_limits import RedisServer
+from tests.accounts.test_replicas import fresh_database
+from tests.conftest import CACHE_DIR, SEED_MODEL, Server, free_port, png_bytes, start_server
+
+PATH = "/api/v1/services/aigc/multimodal-generation/generation"
+ENGINE_KEY = "sk-" + "e" * 40
+FIRST_KEY = "sk-" + "f" * 40
+SECRET = "topology-upload-secret-" + "1" * 40
+
+NGINX_CONF = """
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {tmp}/nginx-access.log;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    client_max_body_size 32m;
+    upstream llamascope {{
+{servers}
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://llamascope;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            # Server-sent events: pass each event on as it comes, and let long answers stream.
+            proxy_buffering off;
+            proxy_cache off;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+            # A replica that refuses the connection or dies before answering: try the next one.
+            proxy_next_upstream error timeout;
+        }}
+    }}
+}}
+"""
+
+
+@dataclass
+class Topology:
+    base: str  # nginx
+    replicas: list[Server]
+    engines: list[Server]
+    env: dict[str, str]
+
+    @property
+    def api(self) -> str:
+        return self.base + "/api/v1"
+
+
+def wait_healthy(servers: list[Server]) -> None:
+    deadline = time.monotonic() + 180
+    for server in servers:
+        while True:
+            if server.process.poll() is not None:
+                raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
+            try:
+                if httpx.get(server.base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{server.log()}")
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory: pytest.TempPathFactory, test_model_dir: Path) -> Iterator[Topology]:
+    url = os.environ.get("LLAMASCOPE_TEST_DATABASE_URL")
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if not url or nginx is None or shutil.which("redis-server") is None:
+        pytest.skip("needs nginx, redis-server and LLAMASCOPE_TEST_DATABASE_URL (.ci/run provides them)")
+    tmp = tmp_path_factory.mktemp("topology")
+    redis = RedisServer(tmp)
+    engines = [
+        start_server(tmp / f"engine{i}", env={"LLAMASCOPE_API_KEYS": ENGINE_KEY}, wait=False)
+        for i in (1, 2)
+        if (tmp / f"engine{i}").mkdir() is None
+    ]
+    wait_healthy(engines)
+    upstreams = ", ".join(f'"{e.base}/v1"' for e in engines)
+    config = tmp / "llamascope.toml"
+    config.write_text(
+        f'[models."{SEED_MODEL}"]\nupstreams = [{upstreams}]\nupstream_api_key = "{ENGINE_KEY}"\n'
+        "allowance_tokens = 1000000\n"
+    )
+    env = {
+        "LLAMASCOPE_DATABASE_URL": fresh_database(url),
+        "LLAMASCOPE_REDIS_URL": redis.url,
+        "LLAMASCOPE_UPLOAD_SECRET": SECRET,
+        "LLAMASCOPE_UPLOAD_DIR": str(tmp / "uploads"),
+        "LLAMASCOPE_API_KEYS": FIRST_KEY,
+        "LLAMASCOPE_CONFIG": str(config),
+    }
+    replicas = []
+    for i in (1, 2, 3):
+        (tmp / f"replica{i}").mkdir()
+        replicas.append(start_server(tmp / f"replica{i}", env=env, wait=False))
+    wait_healthy(replicas)
+    port = free_port()
+    servers = "\n".join(
+        f"        server {r.base.removeprefix('http://')} max_fails=1 fail_timeout=2s;" for r in replicas
+    )
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / sub).mkdir()
+    (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, servers=servers, port=port))
+    proxy = subprocess.Popen([nginx, "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"], stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(base + "/health", timeout=1)
+            break
+        except httpx.HTTPError:
+            if proxy.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nginx did not start: {proxy.stderr.read() if proxy.stderr else ''}") from None
+            time.sleep(0.1)
+    yield Topology(base, replicas, engines, env)
+    proxy.send_signal(signal.SIGQUIT)
+    proxy.wait(10)
+    for server in [*replicas, *engines]:
+        server.stop()
+    redis.stop()
+
+
+def new_key(topology: Topology, *options: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "llamascope", "keys", "create", *options],
+        env={**os.environ, **topology.env, "LLAMASCOPE_CACHE_DIR": str(CACHE_DIR)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()[0]
+
+
+def image() -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes((30, 120, 200), (320, 240))).decode()
+
+
+def messages(text: str = "What is in the picture?") -> list[dict]:
+    return [{"role": "user", "content": [{"image": image()}, {"text": text}]}]
+
+
+def body(**parameters: object) -> dict:
+    return {"model": SEED_MODEL, "input": {"messages": messages()}, "parameters": parameters}
+
+
+async def burst(topology: Topology, key: str, count: int, **parameters: object) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=topology.base, timeout=300) as client:
+        return list(
+            await asyncio.gather(
+                *(
+                    client.post(PATH, json=body(**parameters), headers={"Authorization": f"Bearer {key}"})
+                    for _ in range(count)
+                )
+            )
+        )
+
+
+def replicas_used(topology: Topology, request_ids: set[str]) -> int:
+    return sum(any(f"request_id={rid}" in r.log() for rid in request_ids) for r in topology.replicas)
+
+
+def test_sdk_through_nginx_streams_and_uploads(topology: Topology, tmp_path: Path) -> None:
+    """The official SDK, unchanged but for the base URL: streaming through nginx, and a local file uploaded
+    through one replica and read by whichever replica the generation lands on."""
+    import dashscope
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png_bytes((250, 180, 20), (500, 400)))
+    old = dashscope.base_http_api_url
+    dashscope.base_http_api_url = topology.api
+    try:
+        events = list(
+            dashscope.MultiModalConversation.call(
+                api_key=FIRST_KEY,
+                model=SEED_MODEL,
+                messages=messages(),
+                stream=True,
+                incremental_output=True,
+                max_tokens=24,
+                min_new_tokens=24,
+            )
+        )
+        assert len(events) >= 5 and all(e.status_code == 200 for e in events)
+        assert events[-1].usage["output_tokens"] == 24
+        ids = set()
+        for _ in range(4):  # round robin: the SDK's policy, upload and generation meet different replicas
+            r = dashscope.MultiModalConversation.call(
+                api_key=FIRST_KEY,
+                model=SEED_MODEL,
+                messages=[{"role": "user", "content": [{"image": str(photo)}, {"text": "?"}]}],
+                max_tokens=2,
+            )
+            assert r.status_code == 200, r  # the oss:// object was found whichever replica took the upload
+            assert r.usage["output_tokens"] == 2
+            ids.add(r.request_id)
+    finally:
+        dashscope.base_http_api_url = old
+    uploaded = {i for i, r in enumerate(topology.replicas) if "POST /api/v1/uploads/oss" in r.log()}
+    generated = {i for i, r in enumerate(topology.replicas) if any(f"request_id={x}" in r.log() for x in ids)}
+    assert uploaded and generated and uploaded | generated != uploaded & generated, (uploaded, generated)
+
+
+def test_allowance_race_across_replicas_overruns_at_most_once(topology: Topology) -> None:
+    key = new_key(topology, "--allowance", "300")
+    responses = asyncio.run(burst(topology, key, 12, max_tokens=40, temperature=0))
+    statuses = [r.status_code for r in responses]
+    served = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 403]
+    assert len(served) + len(refused) == 12, statuses
+    assert all(r.json()["code"] == "AllocationQuota.FreeTierOnly" for r in refused)
+    used = [r.json()["usage"]["total_tokens"] for r in served]
+    # Each request reserves its most before it runs: all but at most one fit inside the allowance.
+    assert sum(sorted(used)[:-1]) <= 300, used
+    assert replicas_used(topology, {r.json()["request_id"] for r in served}) >= 2
+    # The books agree: the grant's used tokens equal the ledger's rows, which equal what the answers reported.
+    # (A charge is written as its request ends, a moment after the last byte: wait for the last of them.)
+    deadline = time.monotonic() + 15
+    while True:
+        with psycopg_connect(topology) as db:
+            used_tokens, reserved = db.execute(
+                "SELECT g.used_tokens, g.reserved_tokens FROM grants g JOIN api_keys k ON k.id = g.key_id "
+                "WHERE k.prefix = %s AND g.model = %s",
+                (key[:7], SEED_MODEL),
+            ).fetchone()
+            ledger = db.execute(
+                "SELECT count(*), sum(u.input_tokens + u.output_tokens) FROM usage u "
+                "JOIN api_keys k ON k.id = u.key_id WHERE k.prefix = %s",
+                (key[:7],),
+            ).fetchone()
+        if reserved == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert (used_tokens, reserved) == (sum(used), 0)
+    assert ledger == (len(served), sum(used))
+
+
+def psycopg_connect(topology: Topology):
+    import psycopg
+
+    return psycopg.connect(topology.env["LLAMASCOPE_DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://"))
+
+
+def test_requests_per_minute_hold_in_total(topology: Topology) -> None:
+    key = new_key(topology, "--rpm", "4")
+    responses = asyncio.run(burst(topology, key, 9, max_tokens=1))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 4 + [429] * 5, statuses
+    assert all(r.json()["code"] == "Throttling.RateQuota" for r in responses if r.status_code == 429)
+
+
+def test_concurrency_holds_across_replicas(topology: Topology) -> None:
+    key = new_key(topology, "--concurrency", "2")
+    responses = asyncio.run(burst(topology, key, 8, max_tokens=60, min_new_tokens=60, temperature=0))
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert (len(ok), len(refused)) == (2, 6), [r.status_code for r in responses]
+    assert all("at most 2 concurrent" in r.json()["message"] for r in refused)

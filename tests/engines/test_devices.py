@@ -1,0 +1,191 @@
+"""Device choice, placement, memory planning, and the model thread's device discipline.
+
+What needs a GPU runs in ``bench/gpu_check.py`` on one; here, everything that decides where tensors go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import MllamaConfig
+
+from llamascope.engines import devices
+from llamascope.engines.base import SamplingParams, Turn
+from llamascope.engines.batching import BatchLimits
+from llamascope.engines.devices import DeviceError, placement, plan_memory, resolve_device
+from llamascope.engines.mllama import MllamaEngine
+from tests.conftest import CACHE_DIR, free_port
+from tests.engines.test_batching import REQUESTS, image, run
+
+GIB = 1 << 30
+
+
+def eleven_b() -> MllamaConfig:
+    """Llama-3.2-11B-Vision-Instruct's sizes (its config.json), no weights."""
+    return MllamaConfig(
+        text_config={
+            "vocab_size": 128256,
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 40,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38],
+        },
+        vision_config={"image_size": 560, "patch_size": 14, "max_num_tiles": 4, "hidden_size": 1280},
+    )
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("auto", visible=0) == "cpu"
+    assert resolve_device("auto", visible=2) == "cuda"
+    assert resolve_device("cpu", visible=2) == "cpu"
+    assert resolve_device("cuda:1", visible=2) == "cuda:1"
+    with pytest.raises(DeviceError, match="no CUDA GPU is visible"):
+        resolve_device("cuda", visible=0)
+    with pytest.raises(DeviceError, match="only 2 GPU"):
+        resolve_device("cuda:2", visible=2)
+    with pytest.raises(DeviceError, match="expected auto, cpu"):
+        resolve_device("tpu", visible=0)
+
+
+def test_dtype_auto_is_bf16_on_gpu_only() -> None:
+    assert devices.compute_dtype("auto", "cuda:0") == "bfloat16"
+    assert devices.compute_dtype("auto", "cpu") == "auto"
+    assert devices.compute_dtype("float32", "cuda") == "float32"
+
+
+def test_placement() -> None:
+    assert placement("cpu", 0) == {}
+    assert placement("cuda:1", 2) == {"device_map": {"": 1}}
+    assert placement("cuda", 1) == {"device_map": {"": 0}}
+    assert placement("cuda", 4, "70GiB") == {"device_map": "auto", "max_memory": {i: "70GiB" for i in range(4)}}
+
+
+def test_memory_plan_of_the_11b_fits_what_is_free() -> None:
+    config = eleven_b()
+    # Exact sizes, from the architecture: 32 self-attention layers x 8 kv heads x 128 x (k, v) x 2 bytes.
+    assert devices.kv_bytes_per_token(config, 2) == 2 * 32 * 8 * 128 * 2 == 131072
+    assert devices.image_states(config) == 6404
+    for free in (4 * GIB, 20 * GIB, 60 * GIB, 120 * GIB):
+        plan = plan_memory(config, free, dtype_bytes=2, context_length=8192)
+        held = (
+            plan.max_batch_tokens * plan.kv_bytes_per_token
+            + plan.max_batch_size * plan.image_bytes_per_request
+            + plan.vision_cache_bytes
+            + plan.step_bytes
+        )
+        assert held <= free * 0.9, plan
+        assert plan.max_batch_tokens >= 8192  # one request of the whole context always fits
+        assert plan.image_bytes_per_request == 2 * 8 * 8 * 128 * 6404 * 2
+        assert "MAX_BATCH_SIZE" in plan.describe()
+    small, large = plan_memory(config, 20 * GIB), plan_memory(config, 120 * GIB)
+    assert large.max_batch_size > small.max_batch_size and large.max_batch_tokens > small.max_batch_tokens
+    with pytest.raises(DeviceError, match="not enough"):
+        plan_memory(config, 64 << 20)
+
+
+def test_bounds_set_by_the_operator_are_kept_and_cpu_gets_fixed_defaults(test_model_dir: Path) -> None:
+    engine = MllamaEngine.load(test_model_dir, test_model=True, bounds=devices.Bounds(max_batch_size=3))
+    assert engine.scheduler.limits.max_batch == 3
+    assert engine.scheduler.limits.max_batch_tokens == devices.CPU_BOUNDS.max_batch_tokens
+    assert engine.vision_cache.max_size == devices.CPU_BOUNDS.vision_cache_bytes
+
+
+@pytest.mark.skipif(devices.cuda_devices() > 0, reason="this machine has a GPU")
+def test_serve_on_cuda_without_a_gpu_stops_clearly(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "LLAMASCOPE_CACHE_DIR": str(CACHE_DIR),
+        "LLAMASCOPE_DATA_DIR": str(tmp_path / "data"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "llamascope", "serve", "--port", str(free_port()), "--device", "cuda"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "no CUDA GPU is visible" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_model_thread_names_every_tensors_device(test_model_dir: Path) -> None:
+    """Batched prefill, decode and sampling (greedy, top-k, top-p, penalties, seeds), with and without
+    images, make no tensor without ``device=``: on a GPU each such tensor would be on the CPU."""
+    engine = MllamaEngine.load(test_model_dir, test_model=True)
+    check = devices.discipline()
+    engine.scheduler.device_check = check
+
+    async def scenario() -> None:
+        await asyncio.gather(*(run(engine, turns, sampling) for turns, sampling in REQUESTS))
+        # a stop by length and a minimum length, which hold back the end-of-turn token
+        turns = [Turn("user", "Go on.", image((5, 100, 5)))]
+        await run(engine, turns, SamplingParams(max_new_tokens=6, min_new_tokens=4, temperature=0))
+
+    asyncio.run(scenario())
+    assert sorted(set(check.violations)) == []
+
+
+def test_padded_batch_counts_against_the_token_bound(test_model_dir: Path) -> None:
+    """A batch's caches are as long as its longest row times its rows: that is what MAX_BATCH_TOKENS bounds."""
+    engine = MllamaEngine.load(test_model_dir, test_model=True, limits=BatchLimits(max_batch_tokens=260))
+    short = [Turn("user", "Hi")]
+    peak = 0
+
+    async def scenario() -> None:
+        nonlocal peak
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, engine.active)
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.create_task(watch())
+        # budgets 200-odd and 20-odd: together 230-odd tokens, but padded 2 x 200-odd > 260
+        await asyncio.gather(
+            run(engine, short, SamplingParams(max_new_tokens=200, temperature=0)),
+            run(engine, short, SamplingParams(max_new_tokens=20, temperature=0)),
+        )
+        watcher.cancel()
+
+    asyncio.run(scenario())
+    assert peak == 1
+
+
+QUICK = ["--tokens", "4", "--levels", "2"]
+
+
+def test_gpu_check_script_runs_its_parts_on_the_cpu(tmp_path: Path) -> None:
+    """bench/gpu_check.py, the one command for a GPU machine, runs end to end here on the CPU and tiny model."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/gpu_check.py",
+            "--device",
+            "cpu",
+            "--shape",
+            "tiny",
+            *QUICK,
+            "--cache-dir",
+            str(CACHE_DIR),
+        ],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    for row in ("batched == alone (float32)", "5 of 5", "cancelled request left the batch", "tok/s, 2 concurrent"):
+        assert row in done.stdout
+    row = next(line for line in done.stdout.splitlines() if line.startswith("tensors made without a device"))
+    assert row.split()[-2:] == ["none", "yes"], row

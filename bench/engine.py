@@ -23,9 +23,15 @@ the same code wander by 20%. Rounds go through every level in turn.
   does without the HTTP server, its event loop and this process's client sharing the machine's cores.
 - a stream's longest gap between chunks while a prompt near the context limit is prefilled beside it
   (prefilled in pieces of PREFILL_CHUNK_TOKENS, so the stream goes on in between).
+- multi-turn: --conversations conversations about one image each, one after another, every turn adding a
+  forced 128-token answer and a short question, until the history passes --history tokens; time to first
+  token by turn (median over the conversations) on two servers at once, one reusing the history's keys and
+  values (PREFIX_CACHE_BYTES at its default) and one not (PREFIX_CACHE_BYTES=0), each turn sent to both in
+  turn. ``--only multi-turn`` runs this load alone.
 
     .venv/bin/python bench/engine.py [--model PATH | --shape tiny|medium] [--dtype auto|float32|bfloat16]
                                      [--tokens 128] [--requests 16] [--levels 1,4,16] [--rounds 3]
+                                     [--history 2000] [--only multi-turn]
 """
 
 from __future__ import annotations
@@ -99,11 +105,11 @@ def user(text: str, image: str | None = None) -> dict:
     return {"role": "user", "content": ([{"image": image}] if image else []) + [{"text": text}]}
 
 
-async def stream(client: httpx.AsyncClient, payload: dict) -> tuple[float, int, str]:
-    """(time to first event, output tokens, text) of one streamed request."""
+async def stream(client: httpx.AsyncClient, payload: dict) -> tuple[float, int, str, int]:
+    """(time to first event, output tokens, text, input tokens) of one streamed request."""
     started = time.perf_counter()
     first = 0.0
-    tokens = 0
+    tokens = prompt = 0
     text = ""
     headers = {"X-DashScope-SSE": "enable"}
     async with client.stream("POST", PATH, json=payload, headers=headers) as response:
@@ -116,8 +122,8 @@ async def stream(client: httpx.AsyncClient, payload: dict) -> tuple[float, int, 
                 if "output" not in event:
                     raise RuntimeError(f"error event: {line}")
                 text += event["output"]["choices"][0]["message"]["content"][0].get("text", "")
-                tokens = event["usage"]["output_tokens"]
-    return first, tokens, text
+                tokens, prompt = event["usage"]["output_tokens"], event["usage"]["input_tokens"]
+    return first, tokens, text, prompt
 
 
 def tok_s(result: dict) -> float:
@@ -127,7 +133,7 @@ def tok_s(result: dict) -> float:
 async def level(client: httpx.AsyncClient, payloads: list[dict], concurrency: int) -> dict:
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(payload: dict) -> tuple[float, int, str]:
+    async def one(payload: dict) -> tuple[float, int, str, int]:
         async with gate:
             return await stream(client, payload)
 
@@ -148,9 +154,9 @@ async def turns(client: httpx.AsyncClient, model: str, conversations: int) -> tu
     for i in range(conversations):
         image = photo(10_000 + i)
         turn1 = [user("What is in this picture?", image)]
-        ttft1, _, answer = await stream(client, body(model, turn1, 16))
+        ttft1, _, answer, _ = await stream(client, body(model, turn1, 16))
         turn2 = [*turn1, {"role": "assistant", "content": [{"text": answer}]}, user("And what colour is it?")]
-        ttft2, _, _ = await stream(client, body(model, turn2, 16))
+        ttft2, *_ = await stream(client, body(model, turn2, 16))
         firsts.append(ttft1)
         seconds.append(ttft2)
     return statistics.median(firsts) * 1000, statistics.median(seconds) * 1000
@@ -161,6 +167,81 @@ async def http_ttft(client: httpx.AsyncClient, model: str, repeats: int) -> floa
     for _ in range(3):
         await stream(client, payload)
     return statistics.median([(await stream(client, payload))[0] for _ in range(repeats)]) * 1000
+
+
+async def conversation_turns(
+    clients: list[httpx.AsyncClient], model: str, seed: int, history: int, answer: int
+) -> list[list[tuple[int, float]]]:
+    """One conversation on each server, turn by turn (each turn to every server in turn): per server, each turn's
+    (history tokens, time to first token)."""
+    image = photo(seed)
+    conversations: list[list[dict]] = [[] for _ in clients]
+    out: list[list[tuple[int, float]]] = [[] for _ in clients]
+    turn = 0
+    while not out[0] or out[0][-1][0] < history:
+        turn += 1
+        for client, messages, timings in zip(clients, conversations, out, strict=True):
+            question = f"Turn {turn}: what else can you tell me about the picture?"
+            messages.append(user(question, image if turn == 1 else None))
+            first, _, text, prompt = await stream(client, body(model, messages, answer))
+            messages.append({"role": "assistant", "content": [{"text": text}]})
+            timings.append((prompt, first * 1000))
+    return out
+
+
+def multi_turn(model_dir: Path, dtype: str, conversations: int, history: int, answer: int) -> list[str]:
+    """The multi-turn load on two servers, reuse on and off; the table's lines."""
+    with Processes("llamascope-multiturn-") as children:
+        ports = []
+        for limit in (None, "0"):
+            port = free_port()
+            config = children.tmp / f"llamascope-{port}.toml"
+            config.write_text(f'[models.bench]\npath = "{model_dir}"\ndtype = "{dtype}"\n')
+            children.spawn(
+                [sys.executable, "-m", "llamascope", "serve", "--port", str(port), "--config", str(config)],
+                {
+                    "LLAMASCOPE_API_KEYS": KEY,
+                    "LLAMASCOPE_DATA_DIR": str(children.tmp / f"data-{port}"),
+                    "LLAMASCOPE_LOG_LEVEL": "warning",
+                    **({"LLAMASCOPE_PREFIX_CACHE_BYTES": limit} if limit else {}),
+                },
+            )
+            ports.append(port)
+        for port in ports:
+            wait_ready(f"http://127.0.0.1:{port}/health", seconds=600)
+
+        async def measure() -> list[list[list[tuple[int, float]]]]:
+            headers = {"Authorization": f"Bearer {KEY}"}
+            clients = [
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=3600) for port in ports
+            ]
+            try:
+                for client in clients:  # warm up: the first request of a process is slow
+                    await stream(client, body("bench", [user("warm up", small_image()[0])], 2))
+                return [
+                    await conversation_turns(clients, "bench", 20_000 + c, history, answer)
+                    for c in range(conversations)
+                ]
+            finally:
+                for client in clients:
+                    await client.aclose()
+
+        runs = asyncio.run(measure())
+    lines = [
+        f"multi-turn: {conversations} conversations one after another, each turn a forced {answer}-token answer and a "
+        "short question; time to first token by turn, median over the conversations",
+        f"{'turn':>4} {'history tokens':>15} {'TTFT reuse':>11} {'TTFT no reuse':>14} {'no reuse / reuse':>17} "
+        f"{'reuse / turn 2':>15}",
+    ]
+    turns = min(len(run[0]) for run in runs)
+    reuse_turn2 = statistics.median(run[0][1][1] for run in runs) if turns > 1 else 0.0
+    for t in range(turns):
+        tokens = int(statistics.median(run[0][t][0] for run in runs))
+        on = statistics.median(run[0][t][1] for run in runs)
+        off = statistics.median(run[1][t][1] for run in runs)
+        versus = f"{on / reuse_turn2:>14.2f}x" if reuse_turn2 else ""
+        lines.append(f"{t + 1:>4} {tokens:>15} {on:>9.1f}ms {off:>12.1f}ms {off / on:>16.2f}x {versus}")
+    return lines
 
 
 def direct(model_dir: Path, repeats: int, dtype: str, tokens: int, requests: int, rounds: int) -> dict:
@@ -260,6 +341,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per level; the median is shown")
     parser.add_argument("--conversations", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--history", type=int, default=2000, help="multi-turn: turns until the history passes this")
+    parser.add_argument("--only", choices=["multi-turn"], help="run only this load")
     args = parser.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
 
@@ -267,6 +350,10 @@ def main() -> None:
     from llamascope.settings import Settings
 
     model_dir = args.model or ensure_test_model(Settings.load().cache_dir, **SHAPES[args.shape])
+    if args.only == "multi-turn":
+        print(f"model: {model_dir} ({args.dtype})")
+        print("\n".join(multi_turn(model_dir, args.dtype, args.conversations, args.history, args.tokens)))
+        return
     name = "bench"
     rows: list[tuple[str, int, dict]] = []
     with Processes("llamascope-engine-") as children:
@@ -338,6 +425,7 @@ def main() -> None:
     settings = [str(model_dir), str(args.repeats), args.dtype, str(args.tokens), str(args.requests), str(args.rounds)]
     child = [sys.executable, __file__, "--direct", *settings]
     alone = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    conversation = multi_turn(model_dir, args.dtype, args.conversations, args.history, args.tokens)
 
     print(f"model: {model_dir} ({args.dtype}); {args.requests} streamed requests per level, over loopback")
     print(f"{'load':<18} {'concurrent':>10} {'tok/s':>9} {'x 1-at-a-time':>14} {'TTFT p50':>10} {'TTFT p99':>10}")
@@ -369,6 +457,7 @@ def main() -> None:
         f"a prompt near the context limit beside a running stream (engine directly): the stream's median gap "
         f"{alone['gap']:.1f} ms, longest {alone['longest_gap']:.1f} ms (PREFILL_CHUNK_TOKENS at its default)"
     )
+    print("\n".join(conversation))
 
 
 if __name__ == "__main__":

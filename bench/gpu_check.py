@@ -171,10 +171,12 @@ def build(shape: str, device: str, cache_dir: Path) -> MllamaEngine:
     model.generation_config = GenerationConfig(bos_token_id=128000, eos_token_id=[128001, 128008, 128009])
     model.eval()
     processor = build_processor(build_tokenizer())
-    batch, tokens, cache = devices.settle(model, devices.Bounds(), context_length=8192, prefill_chunk=512, report=print)
+    batch, tokens, cache, prefix = devices.settle(
+        model, devices.Bounds(), context_length=8192, prefill_chunk=512, report=print
+    )
     limits = BatchLimits(max_batch=max(batch, 64), max_batch_tokens=max(tokens, 64 * 1024), max_queued=1024)
     info = EngineInfo(kind="transformers", source="random 11B shape", context_length=8192, test_model=True)
-    return MllamaEngine(model, processor, info, LLAMASCOPE_TEMPLATE, limits, cache)
+    return MllamaEngine(model, processor, info, LLAMASCOPE_TEMPLATE, limits, cache, prefix_cache_bytes=prefix)
 
 
 def bandwidth(device: str) -> float:

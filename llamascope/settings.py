@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(512, ge=16)
     # The vision tower's output kept by image content hash, so later turns with the same image skip it.
     vision_cache_bytes: int | None = Field(None, ge=0)
+    # Past requests' self-attention keys and values, reused by requests that start with the same tokens about
+    # the same image (the next turn of a conversation). None: a tenth of the memory free at start-up (the GPU's
+    # on a GPU), at most 8 GiB; 0 turns reuse off.
+    prefix_cache_bytes: int | None = Field(None, ge=0)
 
     # Requests: the body cap sits above the image cap so an oversized data: URI
     # reaches the image check and gets its own message.

@@ -42,6 +42,7 @@ from llamascope import errors
 from llamascope.caching import SizedLRU
 from llamascope.engines.attention import shared_rows
 from llamascope.engines.base import FinishReason, SamplingParams
+from llamascope.engines.prefix_cache import PrefixCache
 from llamascope.engines.sampling import Sampler, chosen_logprobs, log_probabilities, pick
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class Sequence:
     generated: int = 0
     last: int = 0  # the last token made, the next step's input
     prefilled: int = 0  # prompt tokens through the model so far
+    reused: int = 0  # of those, the ones whose keys and values came from the prefix cache
     tiles: int = 0  # its image's own tiles (of ``max_num_tiles``)
     cache: Any = None  # its own key/value cache, until it joins a batch
     mask: Any = None  # its attention mask [1, n], until it joins a batch
@@ -117,6 +119,11 @@ class Sequence:
     @property
     def has_image(self) -> bool:
         return self.image is not None
+
+    @property
+    def digest(self) -> str | None:
+        """Its image's content hash, or None."""
+        return self.image.digest if self.image is not None else None
 
     def __post_init__(self) -> None:
         self.budget = int(self.inputs["input_ids"].shape[1]) + self.max_new  # the most tokens it will hold
@@ -305,8 +312,10 @@ class Scheduler:
         vision_cache: VisionCache,
         flush: Callable[[], None],  # hands what was sent on to the readers, once per burst
         faults: bool = False,  # tests only: honour the requests' ``fault`` (``_inject``)
+        prefix_cache: PrefixCache | None = None,  # past requests' keys and values; None: no reuse
     ) -> None:
         self.model = model
+        self.prefix = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self.faults = faults
         self.flush = flush
         self.pixels = pixels
@@ -421,7 +430,7 @@ class Scheduler:
             try:
                 before = seq.prefilled
                 ended = self._prefill(seq, budget)
-                budget -= seq.prefilled - before
+                budget -= seq.prefilled - max(before, seq.reused)  # reused tokens cost no prefill
                 if ended is None and seq.cache is not None and seq.inputs is None:  # prefilled: joins the batch
                     self.batches[seq.has_image].add(seq)
             except Exception as exc:
@@ -483,6 +492,11 @@ class Scheduler:
         inputs = seq.inputs
         device = self.model.device
         ids = inputs["input_ids"]
+        first = seq.cache is None
+        if first:
+            seq.started_at = time.monotonic()
+            seq.cache = DynamicCache(config=self.text_config)
+            seq.prefilled = seq.reused = self._reuse(seq, ids[0].tolist())
         start = seq.prefilled
         end = min(ids.shape[1], start + budget)
         kwargs: dict[str, Any] = {
@@ -491,12 +505,9 @@ class Scheduler:
             "position_ids": _positions(start, end, device),
             "use_cache": True,
         }
-        if start == 0:
-            seq.started_at = time.monotonic()
-            seq.cache = DynamicCache(config=self.text_config)
-            if seq.has_image:
-                states, seq.tiles = self._vision_states(seq)
-                kwargs["cross_attention_states"] = states  # its key/value projections go to the cache
+        if first and seq.has_image:
+            states, seq.tiles = self._vision_states(seq)
+            kwargs["cross_attention_states"] = states  # its key/value projections go to the cache
         kwargs["past_key_values"] = seq.cache
         if seq.has_image:
             kwargs["cross_attention_mask"] = inputs["cross_attention_mask"][:, start:end].to(device)
@@ -511,10 +522,45 @@ class Scheduler:
             seq.cross_mask = inputs["cross_attention_mask"][:, -1:, :, : seq.tiles].to(device)
             self._drop_padding_tiles(seq.cache, seq.tiles, int(inputs["cross_attention_mask"].shape[-1]))
         seq.ids = ids[0].tolist()
+        self._remember(seq.ids, seq, seq.cache, 0)  # for requests that start the same way, running beside it
         seq.sampler = Sampler(seq.sampling)
         seq.inputs = None  # pixels and the rest are no longer needed
         logits = self._hold_back_eos(out.logits[:, -1, :].float(), [seq])
         return self._advance(seq, self._pick([seq], logits)[0])
+
+    def _reuse(self, seq: Sequence, ids: list[int]) -> int:
+        """Put the longest cached prefix of the prompt in its new cache; the prompt tokens it covers."""
+        lease = self.prefix.take(ids, seq.digest)
+        if not lease.tokens:
+            return 0
+        layers = iter(lease.layers)
+        for index, layer in enumerate(seq.cache.layers):
+            if index not in self.cross_layers:
+                keys, values = next(layers)
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys, values
+        send, prefix = seq.send, self.prefix
+
+        def send_then_give_back(message: Message) -> None:  # its blocks may go once it has ended
+            if not isinstance(message, list):
+                prefix.give_back(lease)
+            send(message)
+
+        seq.send = send_then_give_back
+        return lease.tokens
+
+    def _remember(self, ids: list[int], seq: Sequence, cache: Any, row: int) -> None:
+        """Put the keys and values of ``ids`` (row ``row`` of ``cache``, its last len(ids) positions) in the
+        prefix cache. A failure there (out of memory) costs only the reuse, never the request."""
+        if not self.prefix.enabled:
+            return
+        layers = [
+            (layer.keys[row], layer.values[row]) for i, layer in enumerate(cache.layers) if i not in self.cross_layers
+        ]
+        try:
+            self.prefix.store(ids, seq.digest, layers)
+        except Exception:
+            log.exception("keeping a prefix failed")
 
     def _vision_states(self, seq: Sequence) -> Any:
         digest = seq.image.digest
@@ -591,6 +637,9 @@ class Scheduler:
             else:
                 ended.append((seq, finish))
         if ended:
+            for i, seq in enumerate(batch.rows):
+                if i not in keep:  # every token but the last has its keys and values in the cache: for the next turn
+                    self._remember(seq.ids[:-1], seq, batch.cache, i)
             batch.keep(keep)
             for seq, finish in ended:  # sent once they no longer count as active
                 seq.send(finish)

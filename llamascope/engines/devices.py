@@ -95,6 +95,7 @@ class MemoryPlan:
     kv_bytes_per_token: int
     image_bytes_per_request: int
     vision_cache_bytes: int
+    prefix_cache_bytes: int
     step_bytes: int
     max_batch_size: int
     max_batch_tokens: int
@@ -105,6 +106,7 @@ class MemoryPlan:
             f"{self.free_bytes / gib:.1f} GiB free after loading: MAX_BATCH_SIZE {self.max_batch_size}, "
             f"MAX_BATCH_TOKENS {self.max_batch_tokens:,} ({self.kv_bytes_per_token / 1024:.0f} KiB of keys and "
             f"values a token), VISION_CACHE_BYTES {self.vision_cache_bytes / gib:.2f} GiB, "
+            f"PREFIX_CACHE_BYTES {self.prefix_cache_bytes / gib:.2f} GiB, "
             f"{self.image_bytes_per_request / (1 << 20):.0f} MiB of image states a request, "
             f"{self.step_bytes / (1 << 20):.0f} MiB kept for a step's activations"
         )
@@ -140,13 +142,15 @@ def plan_memory(
     prefill_chunk: int = 512,
     headroom: float = 0.10,
     vision_cache_share: float = 0.10,
+    prefix_cache_share: float = 0.10,
     max_batch_cap: int = 256,
 ) -> MemoryPlan:
     """Batch bounds that fit in ``free_bytes`` (what the GPU has left once the weights are loaded).
 
     ``headroom`` of it stays unused (the allocator's fragmentation, CUDA's own workspaces); the activations
     of one prefill chunk and one decode step's logits are set aside; the vision cache takes
-    ``vision_cache_share`` of the rest (at least one image); what remains holds the running requests: each
+    ``vision_cache_share`` of the rest (at least one image), the prefix pool ``prefix_cache_share``; what
+    remains holds the running requests: each
     its keys and values for prompt plus answer, and, with an image, that image's cross-attention states.
     ``MAX_BATCH_TOKENS`` is that remainder in tokens; ``MAX_BATCH_SIZE`` is how many requests of a quarter
     of the context each, with an image, fit in it (at least 1, at most ``max_batch_cap``).
@@ -171,7 +175,8 @@ def plan_memory(
             "(quantize the weights, split them across GPUs, or use a larger GPU)"
         )
     cache = max(per_cached_image, int(usable * vision_cache_share)) if states else 0
-    for_requests = usable - cache
+    prefix = int(usable * prefix_cache_share)  # finished requests' keys and values, for prefix reuse
+    for_requests = usable - cache - prefix
     typical = (context_length // 4) * per_token + per_image_request
     max_batch = max(1, min(max_batch_cap, for_requests // max(typical, 1)))
     # Image states of a full batch come out of the same memory as the keys and values.
@@ -184,6 +189,7 @@ def plan_memory(
         kv_bytes_per_token=per_token,
         image_bytes_per_request=per_image_request,
         vision_cache_bytes=cache,
+        prefix_cache_bytes=prefix,
         step_bytes=step,
         max_batch_size=int(max_batch),
         max_batch_tokens=int(tokens),
@@ -206,6 +212,7 @@ class Bounds:
     max_batch_size: int | None = None
     max_batch_tokens: int | None = None
     vision_cache_bytes: int | None = None
+    prefix_cache_bytes: int | None = None  # None on the CPU too: prefix_cache.default_bytes
 
 
 CPU_BOUNDS = Bounds(max_batch_size=16, max_batch_tokens=131072, vision_cache_bytes=1 << 30)
@@ -213,10 +220,11 @@ CPU_BOUNDS = Bounds(max_batch_size=16, max_batch_tokens=131072, vision_cache_byt
 
 def settle(
     model: Any, wanted: Bounds, *, context_length: int, prefill_chunk: int, report: Any = None
-) -> tuple[int, int, int]:
-    """(max batch size, max batch tokens, vision cache bytes): what the operator set, the rest derived."""
+) -> tuple[int, int, int, int | None]:
+    """(max batch size, max batch tokens, vision cache bytes, prefix pool bytes or None for its own default):
+    what the operator set, the rest derived."""
     if wanted.max_batch_size and wanted.max_batch_tokens and wanted.vision_cache_bytes is not None:
-        return wanted.max_batch_size, wanted.max_batch_tokens, wanted.vision_cache_bytes
+        return wanted.max_batch_size, wanted.max_batch_tokens, wanted.vision_cache_bytes, wanted.prefix_cache_bytes
     free = free_memory(model)
     if not free:  # on the CPU: fixed defaults, as the operating system pages and nothing fails on a spike
         derived = CPU_BOUNDS
@@ -230,11 +238,12 @@ def settle(
         )
         if report is not None:
             report(plan.describe())
-        derived = Bounds(plan.max_batch_size, plan.max_batch_tokens, plan.vision_cache_bytes)
+        derived = Bounds(plan.max_batch_size, plan.max_batch_tokens, plan.vision_cache_bytes, plan.prefix_cache_bytes)
     return (
         wanted.max_batch_size or int(derived.max_batch_size or 1),
         wanted.max_batch_tokens or int(derived.max_batch_tokens or 1),
         wanted.vision_cache_bytes if wanted.vision_cache_bytes is not None else int(derived.vision_cache_bytes or 0),
+        wanted.prefix_cache_bytes if wanted.prefix_cache_bytes is not None else derived.prefix_cache_bytes,
     )
 
 

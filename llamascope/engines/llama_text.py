@@ -35,9 +35,10 @@ class LlamaTextEngine(MllamaEngine):
         limits: BatchLimits | None = None,
         vision_cache_bytes: int = 0,  # nothing to cache: no vision tower
         faults: bool = False,
+        prefix_cache_bytes: int | None = None,  # None: derived from free memory (prefix_cache.default_bytes)
     ) -> None:
         self.image_tokens_per_image = 0
-        self._start(model, tokenizer, info, template, limits, 0, faults)
+        self._start(model, tokenizer, info, template, limits, 0, faults, prefix_cache_bytes)
 
     @staticmethod
     def _processor(path: Path) -> Any:

@@ -36,6 +36,7 @@ from llamascope.engines.base import (
 )
 from llamascope.engines.batching import BatchLimits, Message, Scheduler, Sequence, VisionCache
 from llamascope.engines.mllama_pixels import MllamaPixels
+from llamascope.engines.prefix_cache import PrefixCache, default_bytes
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
 from llamascope.images import PreparedImage
 from llamascope.observability.request import engine_stages, image_preprocessed
@@ -257,6 +258,7 @@ class MllamaEngine:
         limits: BatchLimits | None = None,
         vision_cache_bytes: int = 1 << 30,
         faults: bool = False,
+        prefix_cache_bytes: int | None = None,  # None: derived from free memory (prefix_cache.default_bytes)
     ) -> None:
         if model.config.text_config._attn_implementation == "sdpa":  # SDPA, reading a shared image's states once
             attention.register()
@@ -268,7 +270,7 @@ class MllamaEngine:
         per_tile = (vision.image_size // vision.patch_size) ** 2 + 1
         # Every image becomes max_num_tiles tiles of per_tile vision states (6,404 for Llama 3.2).
         self.image_tokens_per_image = vision.max_num_tiles * per_tile
-        self._start(model, processor.tokenizer, info, template, limits, vision_cache_bytes, faults)
+        self._start(model, processor.tokenizer, info, template, limits, vision_cache_bytes, faults, prefix_cache_bytes)
 
     def _start(
         self,
@@ -279,6 +281,7 @@ class MllamaEngine:
         limits: BatchLimits | None,
         cache: int,
         faults: bool = False,
+        prefix_cache_bytes: int | None = None,
     ) -> None:
         """What every in-process model needs to serve: its tokenizer, end ids and the scheduler's thread."""
         self.model = model
@@ -294,9 +297,19 @@ class MllamaEngine:
         self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = weakref.WeakKeyDictionary()
         self._outboxes_lock = threading.Lock()  # the model thread flushes while a loop may add its own
         self.vision_cache = VisionCache(cache)
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = default_bytes(model.device)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.faults = faults
         self.scheduler = Scheduler(
-            model, self._pixel_tensors, self.eos_ids, limits or BatchLimits(), self.vision_cache, self._flush, faults
+            model,
+            self._pixel_tensors,
+            self.eos_ids,
+            limits or BatchLimits(),
+            self.vision_cache,
+            self._flush,
+            faults,
+            self.prefix_cache,
         )
 
     @property
@@ -318,6 +331,7 @@ class MllamaEngine:
         vision_cache_bytes: int | None = None,
         faults: bool = False,
         device: str = "cpu",
+        prefix_cache_bytes: int | None = None,
         gpu_memory_cap: str | None = None,
         bounds: devices.Bounds | None = None,
     ) -> Self:
@@ -340,7 +354,9 @@ class MllamaEngine:
         processor = cls._processor(path)
         model = load_weights(cls._model_class(), path, dtype, quantization, config, device, gpu_memory_cap)
         try:
-            batch, batch_tokens, cache_bytes = devices.settle(
+            if prefix_cache_bytes is not None:
+                bounds = dataclasses.replace(bounds, prefix_cache_bytes=prefix_cache_bytes)
+            batch, batch_tokens, cache_bytes, prefix_cache_bytes = devices.settle(
                 model, bounds, context_length=context_length, prefill_chunk=limits.prefill_chunk, report=log.info
             )
         except devices.DeviceError as exc:
@@ -354,7 +370,7 @@ class MllamaEngine:
             test_model=test_model,
             takes_images=cls.TAKES_IMAGES,
         )
-        return cls(model, processor, info, template, limits, cache_bytes, faults)
+        return cls(model, processor, info, template, limits, cache_bytes, faults, prefix_cache_bytes)
 
     # What a subclass for another model family changes (llama_text.LlamaTextEngine):
     MODEL_TYPE = "mllama"  # config.json's model_type
@@ -389,6 +405,7 @@ class MllamaEngine:
             "vision_cache_images": len(cache),
             "vision_cache_hits": cache.hits,
             "vision_cache_misses": cache.misses,
+            **self.prefix_cache.stats(),
         }
 
     def _flush(self) -> None:

@@ -69,6 +69,7 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
                     bounds=Bounds(settings.max_batch_size, settings.max_batch_tokens, settings.vision_cache_bytes),
                     device=device,
                     gpu_memory_cap=settings.gpu_memory_cap,
+                    prefix_cache_bytes=settings.prefix_cache_bytes,
                     faults=settings.fault_injection,
                 )
             except ModelLoadError as exc:

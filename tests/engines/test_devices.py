@@ -78,6 +78,7 @@ def test_memory_plan_of_the_11b_fits_what_is_free() -> None:
             plan.max_batch_tokens * plan.kv_bytes_per_token
             + plan.max_batch_size * plan.image_bytes_per_request
             + plan.vision_cache_bytes
+            + plan.prefix_cache_bytes
             + plan.step_bytes
         )
         assert held <= free * 0.9, plan

@@ -119,9 +119,28 @@ class UsageRow(BaseModel):
     model: str
     day: str
     requests: int
+    ok: int = Field(0, description="Requests that ended as asked.")
+    cancelled: int = Field(0, description="Requests whose client hung up.")
+    failed: int = Field(0, description="Requests that ended with an error code.")
+    interrupted: int = Field(0, description="Requests a crash cut short, charged to their last checkpoint.")
     input_tokens: int
     output_tokens: int
     image_tokens: int
+
+
+class RequestRow(BaseModel):
+    """One request of the ledger (``?requests=N``): its tokens and how it ended."""
+
+    request_id: str
+    key_id: int
+    prefix: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    image_tokens: int
+    status: str = Field(description="ok, cancelled, interrupted, or the error code")
+    started_at: str
+    finished_at: str
 
 
 class KeysAnswer(BaseModel):
@@ -141,7 +160,7 @@ class NewKeyAnswer(BaseModel):
 
 class UsageAnswer(BaseModel):
     request_id: str
-    data: list[UsageRow]
+    data: list[UsageRow] | list[RequestRow] = Field(description="Per day, key and model; with ?requests=N, requests.")
 
 
 class UsageQuery(BaseModel):
@@ -162,8 +181,10 @@ def _specs(request: Request) -> dict[str, ModelSpec]:
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
     raw = await request.body()
+    if not raw.strip():  # as documented: a JSON object, {} for every default
+        raise errors.invalid_parameter("The request body must be a JSON object ({} takes every default).")
     try:
-        return model.model_validate_json(raw or b"{}")
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"]) or "the body"

@@ -165,7 +165,7 @@ def test_operations_uploads_and_admin_answers_are_as_documented(server: Server, 
         ("POST", "/admin/keys", {"days": "soon"}, "/admin/keys"),
         ("POST", "/admin/keys", {"requests_per_minute": 2**40}, "/admin/keys"),
         ("POST", "/admin/keys/99999999999999999999/revoke", None, "/admin/keys/{ref}/revoke"),
-        ("POST", "/admin/keys/2/grants", {"model": SEED_MODEL, "allowance_tokens": "12"}, "/admin/keys/{ref}/grants"),
+        ("POST", "/admin/keys/2/grants", {"model": SEED_MODEL, "allowance_tokens": "lots"}, "/admin/keys/{ref}/grants"),
     ],
 )
 def test_admin_refuses_what_it_cannot_hold(

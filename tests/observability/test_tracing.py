@@ -73,7 +73,7 @@ def front(tmp_path_factory: pytest.TempPathFactory, observed: Server) -> Iterato
     settings.data_dir.mkdir(parents=True)
     store = AccountStore(settings.database)
     store.migrate()
-    admin.seed_keys(store, [API_KEY], settings.models)
+    admin.seed_keys(store, [API_KEY])
     uploads = UploadStore(tmp / "uploads", b"0" * 32)
     service = ConversationService(load_engines(settings), ImageIntake.from_settings(settings, uploads), Accounts(store))
     metrics_port = free_port()

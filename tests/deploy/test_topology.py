@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import shutil
 import signal
@@ -124,6 +125,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory, test_model_dir: Path) -> 
         "LLAMASCOPE_UPLOAD_DIR": str(tmp / "uploads"),
         "LLAMASCOPE_API_KEYS": FIRST_KEY,
         "LLAMASCOPE_CONFIG": str(config),
+        "LLAMASCOPE_LEASE_SECONDS": "4",  # a dead replica is found and its requests charged within seconds
     }
     replicas = []
     for i in (1, 2, 3):
@@ -292,3 +294,79 @@ def test_concurrency_holds_across_replicas(topology: Topology) -> None:
     refused = [r for r in responses if r.status_code == 429]
     assert (len(ok), len(refused)) == (2, 6), [r.status_code for r in responses]
     assert all("at most 2 concurrent" in r.json()["message"] for r in refused)
+
+
+def test_a_replica_killed_mid_traffic(topology: Topology) -> None:
+    """SIGKILL one replica while six streams run through nginx (two on each replica): the streams on the
+    others finish; the dead replica's requests are charged, once, what their last checkpoint recorded, by
+    the replicas left, with an ``interrupted`` ledger row each and nothing left reserved. Runs last: it
+    leaves the topology one replica short."""
+    key = new_key(topology, "--model", SEED_MODEL, "--allowance", "1000000")
+    headers = {"Authorization": f"Bearer {key}", "X-DashScope-SSE": "enable"}
+    payload = body(max_tokens=300, min_new_tokens=300, temperature=0, incremental_output=True)
+    victim = topology.replicas[-1]
+    streaming = asyncio.Event()
+
+    async def one(client: httpx.AsyncClient, results: dict[str, tuple[int, bool]]) -> None:
+        request_id, made, finished = "", 0, False
+        try:
+            async with client.stream("POST", PATH, json=payload, headers=headers) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data:"):
+                        event = json.loads(line[5:])
+                        request_id = event.get("request_id", request_id)
+                        made = event.get("usage", {}).get("output_tokens", made)
+                        choices = event.get("output", {}).get("choices") or [{}]
+                        finished = choices[0].get("finish_reason") == "length"
+                        if made >= 20:
+                            streaming.set()
+        except httpx.HTTPError:
+            pass  # its replica died under it
+        results[request_id] = (made, finished)
+
+    async def scenario() -> dict[str, tuple[int, bool]]:
+        results: dict[str, tuple[int, bool]] = {}
+        async with httpx.AsyncClient(base_url=topology.base, timeout=300) as client:
+            tasks = [asyncio.create_task(one(client, results)) for _ in range(6)]
+            await asyncio.wait_for(streaming.wait(), 120)
+            await asyncio.sleep(0.5)
+            victim.process.send_signal(signal.SIGKILL)
+            await asyncio.gather(*tasks)
+        return results
+
+    results = asyncio.run(scenario())
+    cut = {rid: made for rid, (made, finished) in results.items() if not finished}
+    assert len(results) == 6 and 1 <= len(cut) <= 3, results
+    assert all(made == 300 for made, finished in results.values() if finished)
+    # The replicas left find the dead one (its process is gone from this host) and charge its requests once.
+    deadline = time.monotonic() + 60
+    while True:
+        with psycopg_connect(topology) as db:
+            rows = db.execute(
+                "SELECT u.request_id, u.output_tokens, u.status FROM usage u JOIN api_keys k ON k.id = u.key_id "
+                "WHERE k.prefix = %s",
+                (key[:7],),
+            ).fetchall()
+            used, reserved = db.execute(
+                "SELECT g.used_tokens, g.reserved_tokens FROM grants g JOIN api_keys k ON k.id = g.key_id "
+                "WHERE k.prefix = %s",
+                (key[:7],),
+            ).fetchone()
+            in_flight = db.execute("SELECT count(*) FROM in_flight").fetchone()[0]
+        if (len(rows) == 6 and reserved == 0 and in_flight == 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    ledger = {rid: (output, status) for rid, output, status in rows}
+    assert sorted(ledger) == sorted(results), (ledger, results)
+    for rid, delivered in cut.items():
+        output, status = ledger[rid]
+        assert status == "interrupted", (rid, status)
+        assert delivered - 64 <= output <= delivered + 64, (rid, delivered, output)  # CHECKPOINT_TOKENS
+    assert (reserved, in_flight) == (0, 0)
+    with psycopg_connect(topology) as db:
+        charged = db.execute(
+            "SELECT sum(u.input_tokens + u.output_tokens) FROM usage u JOIN api_keys k ON k.id = u.key_id "
+            "WHERE k.prefix = %s",
+            (key[:7],),
+        ).fetchone()[0]
+    assert used == charged

@@ -47,7 +47,14 @@ class _Allowance(_Strict):
 # names the API has always taken (allowance_tokens, requests_per_minute, ...) are accepted too.
 class NewKey(_Allowance):
     name: str = ""
-    models: list[str] | None = Field(None, validation_alias=AliasChoices("models", "model"))
+    models: list[str] | None = Field(
+        None,
+        validation_alias=AliasChoices("models", "model"),
+        # one name or a list of them (see _one_or_many)
+        json_schema_extra={
+            "anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}, {"type": "null"}]
+        },
+    )
     expires_days: Any = None
     rpm: Any = Field(None, validation_alias=AliasChoices("rpm", "requests_per_minute"))
     tpm: Any = Field(None, validation_alias=AliasChoices("tpm", "tokens_per_minute"))

@@ -415,6 +415,20 @@ def test_the_page_needs_no_key_and_allows_only_its_origin(server: Server) -> Non
         connection.close()
 
 
+STORED_IMAGE = """() => new Promise((resolve) => {
+  const opened = indexedDB.open("llamascope-playground", 1);
+  opened.onerror = () => resolve(false);
+  opened.onsuccess = () => {
+    const db = opened.result;
+    try {
+      const got = db.transaction("images").objectStore("images").get("current");
+      got.onsuccess = () => { db.close(); resolve(Boolean(got.result)); };
+      got.onerror = () => { db.close(); resolve(false); };
+    } catch (error) { db.close(); resolve(false); }
+  };
+})"""
+
+
 def test_a_large_image_survives_a_reload(tab: Tab) -> None:
     """A photo's data: URI is bigger than localStorage holds (about 5 M characters): it is kept in IndexedDB."""
     noise = Image.frombytes("RGB", (1500, 1300), os.urandom(1500 * 1300 * 3))
@@ -425,6 +439,8 @@ def test_a_large_image_survives_a_reload(tab: Tab) -> None:
     page = tab.page
     pick_image(page, "photo.png", data, "image/png")
     expect(page.locator("#image-name")).to_have_text("photo.png")
+    # Writing 7.8 MB into IndexedDB takes a while on a busy machine: reload once it is there, as a person would.
+    page.wait_for_function(STORED_IMAGE, timeout=60_000)
     page.reload()
     expect(page.locator("body[data-ready=true]")).to_have_count(1)
     expect(page.locator("#image-name")).to_have_text("photo.png")

@@ -36,46 +36,8 @@ from llamascope.engines.base import EngineInfo, SamplingParams, Turn
 from llamascope.engines.batching import BatchLimits
 from llamascope.engines.mllama import MllamaEngine
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
-from llamascope.engines.test_model import build_processor, build_tokenizer, ensure_test_model
+from llamascope.engines.test_model import ELEVEN_B, build_processor, build_tokenizer, ensure_test_model
 from llamascope.images import PreparedImage
-
-# Llama-3.2-11B-Vision-Instruct's config.json, sizes only.
-ELEVEN_B = {
-    "text_config": {
-        "vocab_size": 128256,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 40,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38],
-        "rope_theta": 500000.0,
-        "max_position_embeddings": 131072,
-        "rope_scaling": {
-            "factor": 8.0,
-            "high_freq_factor": 4.0,
-            "low_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-            "rope_type": "llama3",
-        },
-        "bos_token_id": 128000,
-        "eos_token_id": [128001, 128008, 128009],
-        "pad_token_id": 128004,
-    },
-    "vision_config": {
-        "hidden_size": 1280,
-        "image_size": 560,
-        "patch_size": 14,
-        "max_num_tiles": 4,
-        "num_hidden_layers": 32,
-        "num_global_layers": 8,
-        "attention_heads": 16,
-        "intermediate_size": 5120,
-        "vision_output_dim": 7680,
-        "intermediate_layers_indices": [3, 7, 15, 23, 30],
-    },
-    "image_token_index": 128256,
-}
 
 
 def photo(seed: int) -> PreparedImage:
@@ -137,8 +99,18 @@ def correctness(device: str, cache_dir: Path) -> list[tuple[str, str, bool]]:
         return alone, together, engine.active == 0
 
     alone, together, cancelled = asyncio.run(run())
-    same = sum(a[0] == b[0] for a, b in zip(alone, together, strict=True))
-    rows.append(("batched == alone (float32)", f"{same} of {len(requests)}", same == len(requests)))
+    # Greedy rows; the sampled ones are shown too. Equal up to the order of float32 sums (README): a tie
+    # within that distance may part them, so this is a check to read, not a guarantee of bits.
+    greedy = [i for i, (_, sampling) in enumerate(requests) if sampling.temperature == 0]
+    same = sum(alone[i][0] == together[i][0] for i in greedy)
+    sampled = sum(alone[i][0] == together[i][0] for i in range(len(requests)) if i not in greedy)
+    rows.append(
+        (
+            "batched == alone (float32)",
+            f"greedy {same} of {len(greedy)}, sampled {sampled} of {len(requests) - len(greedy)}",
+            same == len(greedy),
+        )
+    )
     rows.append(("cancelled request left the batch", "yes" if cancelled else "no", cancelled))
     violations = sorted(set(check.violations))
     rows.append(("tensors made without a device", "; ".join(violations) or "none", not violations))

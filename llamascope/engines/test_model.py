@@ -151,6 +151,46 @@ def build_tokenizer(image_token: bool = True):
     return fast
 
 
+# Llama-3.2-11B-Vision-Instruct's config.json, sizes only: the shape the GPU check and the memory plan's tests
+# build (with random weights, or none).
+ELEVEN_B = {
+    "text_config": {
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38],
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 131072,
+        "rope_scaling": {
+            "factor": 8.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "bos_token_id": 128000,
+        "eos_token_id": [128001, 128008, 128009],
+        "pad_token_id": 128004,
+    },
+    "vision_config": {
+        "hidden_size": 1280,
+        "image_size": 560,
+        "patch_size": 14,
+        "max_num_tiles": 4,
+        "num_hidden_layers": 32,
+        "num_global_layers": 8,
+        "attention_heads": 16,
+        "intermediate_size": 5120,
+        "vision_output_dim": 7680,
+        "intermediate_layers_indices": [3, 7, 15, 23, 30],
+    },
+    "image_token_index": 128256,
+}
+
+
 def build_model(text_overrides: dict[str, Any] | None = None):
     """The tiny Mllama model, seeded, with every gate opened (see below).
 

@@ -384,6 +384,10 @@ def serve(args: argparse.Namespace) -> int:
         access_log=False,
         # The drain (api.drain) has ended every request by then; this only bounds a stuck one.
         timeout_graceful_shutdown=int(LAST_WORDS_SECONDS) + 1,
+        # Idle keep-alive connections are closed after 75 s, later than clients (httpx: 5 s) and load
+        # balancers (nginx's upstream keepalive: 60 s) drop them: the side that reuses a connection must not
+        # meet one the server closed a moment before (a ReadError, or a 502 from the balancer).
+        timeout_keep_alive=75,
         server_header=False,
     )
     DrainingServer(config, drain).run(sockets=[sock])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -316,6 +317,23 @@ def test_waiting_too_long_is_a_timeout(test_model_dir: Path) -> None:
     assert 0.3 <= waited < 3
 
 
+async def most_active(engine: MllamaEngine, *requests: Any) -> tuple[list[Any], int]:
+    """The requests' results, and the most the engine ran at once while they ran (sampled every 2 ms)."""
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, engine.active)
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return list(await asyncio.gather(*requests)), peak
+    finally:
+        watcher.cancel()
+
+
 def test_token_budget_keeps_requests_waiting(test_model_dir: Path) -> None:
     """Requests whose prompts and answers would not fit together wait; they are served, one after another."""
     engine = MllamaEngine.load(test_model_dir, test_model=True, limits=BatchLimits(max_batch_tokens=300))
@@ -323,17 +341,7 @@ def test_token_budget_keeps_requests_waiting(test_model_dir: Path) -> None:
     sampling = SamplingParams(max_new_tokens=200, temperature=0)
 
     async def scenario() -> int:
-        peak = 0
-
-        async def watch() -> None:
-            nonlocal peak
-            while True:
-                peak = max(peak, engine.active)
-                await asyncio.sleep(0.002)
-
-        watcher = asyncio.create_task(watch())
-        results = await asyncio.gather(*(run(engine, turns, sampling) for _ in range(3)))
-        watcher.cancel()
+        results, peak = await most_active(engine, *(run(engine, turns, sampling) for _ in range(3)))
         assert all(chunks[-1].finish_reason in (FinishReason.STOP, FinishReason.LENGTH) for _, chunks in results)
         return peak
 

@@ -21,7 +21,7 @@ from llamascope.engines.devices import DeviceError, placement, plan_memory, reso
 from llamascope.engines.mllama import MllamaEngine
 from llamascope.engines.test_model import ELEVEN_B
 from tests.conftest import CACHE_DIR, free_port
-from tests.engines.test_batching import REQUESTS, image, run
+from tests.engines.test_batching import REQUESTS, image, most_active, run
 
 GIB = 1 << 30
 
@@ -128,26 +128,14 @@ def test_padded_batch_counts_against_the_token_bound(test_model_dir: Path) -> No
     """A batch's caches are as long as its longest row times its rows: that is what MAX_BATCH_TOKENS bounds."""
     engine = MllamaEngine.load(test_model_dir, test_model=True, limits=BatchLimits(max_batch_tokens=260))
     short = [Turn("user", "Hi")]
-    peak = 0
-
-    async def scenario() -> None:
-        nonlocal peak
-
-        async def watch() -> None:
-            nonlocal peak
-            while True:
-                peak = max(peak, engine.active)
-                await asyncio.sleep(0.002)
-
-        watcher = asyncio.create_task(watch())
-        # budgets 200-odd and 20-odd: together 230-odd tokens, but padded 2 x 200-odd > 260
-        await asyncio.gather(
+    # budgets 200-odd and 20-odd: together 230-odd tokens, but padded 2 x 200-odd > 260
+    _, peak = asyncio.run(
+        most_active(
+            engine,
             run(engine, short, SamplingParams(max_new_tokens=200, temperature=0)),
             run(engine, short, SamplingParams(max_new_tokens=20, temperature=0)),
         )
-        watcher.cancel()
-
-    asyncio.run(scenario())
+    )
     assert peak == 1
 
 

@@ -142,8 +142,14 @@ class Settings(BaseSettings):
     max_queue_wait_seconds: float = Field(60.0, gt=0)
     # A long prompt is prefilled this many tokens at a time, running streams going on in between.
     prefill_chunk_tokens: int = Field(512, ge=16)
-    # The vision tower's output kept by image content hash, so later turns with the same image skip it.
+    # Each image's cross-attention keys and values (the vision tower's output, projected) kept by image
+    # content hash, so later turns with the same image skip the tower and the projections.
     vision_cache_bytes: int | None = Field(None, ge=0)
+    # Images of requests admitted together go through the vision tower in one call of at most this many
+    # tiles (Llama 3.2 pads every image to 4); 4 or less: one image a call. None: 16 on a GPU, 1 on the CPU,
+    # where the tower is bound by its arithmetic and several images at once only delay the first
+    # (bench/engine.py --only image-dominated).
+    vision_batch_tiles: int | None = Field(None, ge=1)
     # Past requests' self-attention keys and values, reused by requests that start with the same tokens about
     # the same image (the next turn of a conversation). None: a tenth of the memory free at start-up (the GPU's
     # on a GPU), at most 8 GiB; 0 turns reuse off.

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import math
 import threading
@@ -39,11 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamascope import errors
-from llamascope.caching import SizedLRU
 from llamascope.engines.attention import shared_rows
 from llamascope.engines.base import FinishReason, SamplingParams
 from llamascope.engines.prefix_cache import PrefixCache
 from llamascope.engines.sampling import Sampler, chosen_logprobs, log_probabilities, pick
+from llamascope.engines.vision import DEFAULT_BATCH_TILES, ImageEncoder, VisionCache
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +75,7 @@ class BatchLimits:
     max_queued_bytes: int = 1 << 30
     max_queue_wait: float = 60.0
     prefill_chunk: int = 512  # prompt tokens prefilled between two decode steps
-
-
-class VisionCache(SizedLRU[str, tuple[Any, int]]):
-    """The vision tower's output (the cross-attention states) and tile count, by image content hash.
-
-    A multi-turn conversation sends the same image every turn; with its states kept, turn 2 skips the
-    vision tower, which is most of a request's cost at Llama 3.2's four 560-pixel tiles. Bounded in bytes.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__(max_bytes, lambda entry: entry[0].numel() * entry[0].element_size())
+    vision_batch_tiles: int = DEFAULT_BATCH_TILES  # tiles through the vision tower in one call (vision.ImageEncoder)
 
 
 @dataclass(eq=False)
@@ -325,6 +316,7 @@ class Scheduler:
         text_config = model.config.get_text_config()  # Mllama's text part; a text-only Llama's whole config
         self.text_config = text_config
         self.cross_layers = set(getattr(text_config, "cross_attention_layers", ()))
+        self.encoder = ImageEncoder(model, pixels, vision_cache, self.cross_layers, limits.vision_batch_tiles)
         import torch
 
         self._eos_index = torch.tensor(sorted(eos_ids))
@@ -420,6 +412,7 @@ class Scheduler:
         instead of stalling for the whole prompt; short prompts arriving together are all prefilled
         before the next step. Requests cancelled or waited out are dropped here.
         """
+        self._encode_ahead()
         budget = self.limits.prefill_chunk
         while budget > 0:
             seq = self.prefilling or self._next_waiting()
@@ -447,6 +440,16 @@ class Scheduler:
             if ended is not None:  # sent once it no longer counts as active
                 seq.send(ended)
             self._hand_over()  # its first token now, not after the other prompts of this turn
+
+    def _encode_ahead(self) -> None:
+        """The images of the requests that may join this turn, through the vision tower together."""
+        with self._cond:
+            if len(self.waiting) < 2:
+                return
+            room = self.limits.max_batch - sum(len(b.rows) for b in self.batches.values())
+            candidates = [s for s in itertools.islice(self.waiting, max(room, 0)) if s.has_image]
+        if len(candidates) > 1:
+            self.encoder.encode_ahead(candidates)
 
     def _next_waiting(self) -> Sequence | None:
         """The first waiting request if there is room for it; those cancelled or waited out are ended."""
@@ -505,9 +508,12 @@ class Scheduler:
             "position_ids": _positions(start, end, device),
             "use_cache": True,
         }
-        if first and seq.has_image:
-            states, seq.tiles = self._vision_states(seq)
-            kwargs["cross_attention_states"] = states  # its key/value projections go to the cache
+        if first and seq.has_image:  # its image's keys and values: views of the vision cache's one copy
+            kv, seq.tiles = self.encoder.cross_kv(seq)
+            for index, (keys, values) in zip(sorted(self.cross_layers), kv, strict=True):
+                layer = seq.cache.layers[index]
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys, values
         kwargs["past_key_values"] = seq.cache
         if seq.has_image:
             kwargs["cross_attention_mask"] = inputs["cross_attention_mask"][:, start:end].to(device)
@@ -562,28 +568,6 @@ class Scheduler:
         except Exception:
             log.exception("keeping a prefix failed")
 
-    def _vision_states(self, seq: Sequence) -> Any:
-        digest = seq.image.digest
-        cached = self.vision.get(digest)
-        if cached is not None:
-            return cached
-        inputs = seq.inputs
-        if "pixel_values" not in inputs:  # prepared while cached, evicted since
-            inputs.update(self.pixels(seq.image.image))
-        # As MllamaModel.forward does with pixel_values (transformers has no method for this part alone).
-        started = time.monotonic()
-        model = self.model.model
-        vision = model.vision_model(
-            pixel_values=inputs["pixel_values"].to(self.model.device, model.vision_model.dtype),
-            aspect_ratio_ids=inputs["aspect_ratio_ids"].to(self.model.device),
-            aspect_ratio_mask=inputs["aspect_ratio_mask"].to(self.model.device),
-        ).last_hidden_state
-        states = model.multi_modal_projector(vision).reshape(-1, vision.shape[-2], model.hidden_size)
-        entry = (states, int(inputs["aspect_ratio_mask"].sum()))
-        seq.encoded = (started, time.monotonic())
-        self.vision.put(digest, entry)
-        return entry
-
     def _drop_padding_tiles(self, cache: Any, tiles: int, all_tiles: int) -> None:
         """Keep only the image's own tiles in the cross-attention cache, for decoding.
 
@@ -591,14 +575,15 @@ class Scheduler:
         its tokens before the image attend to every state, padding included (the stock model adds that
         attention output and masks only the MLP's). Every later token attends to the real tiles alone, the
         padding masked to zero weight, so decoding over the real tiles gives the same result, and a
-        one-tile image costs a quarter of the cross-attention.
+        one-tile image costs a quarter of the cross-attention. Views: the vision cache's copy stays the one
+        copy (a batch of requests about other images copies them into its own tensors anyway).
         """
         if tiles == all_tiles:
             return
-        for index in self.cross_layers:  # clone: not the padding's memory
+        for index in self.cross_layers:
             layer = cache.layers[index]
-            layer.keys = _first_tiles(layer.keys, tiles, all_tiles).clone()
-            layer.values = _first_tiles(layer.values, tiles, all_tiles).clone()
+            layer.keys = _first_tiles(layer.keys, tiles, all_tiles)
+            layer.values = _first_tiles(layer.values, tiles, all_tiles)
 
     def _step(self, batch: Batch) -> None:
         """One decode step for every row; rows that finish or were cancelled leave.

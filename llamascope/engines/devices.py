@@ -144,6 +144,7 @@ def plan_memory(
     vision_cache_share: float = 0.10,
     prefix_cache_share: float = 0.10,
     max_batch_cap: int = 256,
+    vision_batch_tiles: int = 16,
 ) -> MemoryPlan:
     """Batch bounds that fit in ``free_bytes`` (what the GPU has left once the weights are loaded).
 
@@ -162,12 +163,19 @@ def plan_memory(
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    # An image's cross-attention keys and values: what a request about it holds, and a vision-cache entry.
     per_image_request = 2 * cross * kv_heads * head_dim * states * dtype_bytes
-    per_cached_image = text.hidden_size * states * dtype_bytes
+    per_cached_image = per_image_request
     # A prefill chunk's widest activations (the MLP's gate and up projections, attention's q/k/v), held a few
-    # times over by autograd-free eager code; a decode step's float32 logits for a full batch.
+    # times over by autograd-free eager code; a decode step's float32 logits for a full batch; the vision
+    # tower's for one call of ``vision_batch_tiles`` tiles, the same way.
     step = prefill_chunk * (4 * text.hidden_size + 3 * text.intermediate_size) * dtype_bytes * 2
     step += max_batch_cap * text.vocab_size * 4
+    vision = getattr(config, "vision_config", None)
+    if vision is not None:
+        per_tile = (vision.image_size // vision.patch_size) ** 2 + 1
+        tiles = max(vision_batch_tiles, vision.max_num_tiles)
+        step += tiles * per_tile * (4 * vision.hidden_size + vision.intermediate_size) * dtype_bytes * 2
     usable = int(free_bytes * (1 - headroom)) - step
     if usable <= 0:
         raise DeviceError(
@@ -219,7 +227,13 @@ CPU_BOUNDS = Bounds(max_batch_size=16, max_batch_tokens=131072, vision_cache_byt
 
 
 def settle(
-    model: Any, wanted: Bounds, *, context_length: int, prefill_chunk: int, report: Any = None
+    model: Any,
+    wanted: Bounds,
+    *,
+    context_length: int,
+    prefill_chunk: int,
+    report: Any = None,
+    vision_batch_tiles: int = 16,
 ) -> tuple[int, int, int, int | None]:
     """(max batch size, max batch tokens, vision cache bytes, prefix pool bytes or None for its own default):
     what the operator set, the rest derived."""
@@ -235,6 +249,7 @@ def settle(
             dtype_bytes=model.dtype.itemsize,
             context_length=context_length,
             prefill_chunk=prefill_chunk,
+            vision_batch_tiles=vision_batch_tiles,
         )
         if report is not None:
             report(plan.describe())

@@ -34,10 +34,11 @@ from llamascope.engines.base import (
     TokenLogprob,
     Turn,
 )
-from llamascope.engines.batching import BatchLimits, Message, Scheduler, Sequence, VisionCache
+from llamascope.engines.batching import BatchLimits, Message, Scheduler, Sequence
 from llamascope.engines.mllama_pixels import MllamaPixels
 from llamascope.engines.prefix_cache import PrefixCache, default_bytes
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
+from llamascope.engines.vision import VisionCache
 from llamascope.images import PreparedImage
 from llamascope.observability.request import engine_stages, image_preprocessed
 
@@ -357,7 +358,12 @@ class MllamaEngine:
             if prefix_cache_bytes is not None:
                 bounds = dataclasses.replace(bounds, prefix_cache_bytes=prefix_cache_bytes)
             batch, batch_tokens, cache_bytes, prefix_cache_bytes = devices.settle(
-                model, bounds, context_length=context_length, prefill_chunk=limits.prefill_chunk, report=log.info
+                model,
+                bounds,
+                context_length=context_length,
+                prefill_chunk=limits.prefill_chunk,
+                report=log.info,
+                vision_batch_tiles=limits.vision_batch_tiles,
             )
         except devices.DeviceError as exc:
             raise ModelLoadError(f"{path}: {exc}") from exc
@@ -547,13 +553,15 @@ class MllamaEngine:
                         break
                     message = queue.get_nowait()
                 if ids:
+                    cached = None
                     if not produced:
                         first_token = time.monotonic()
+                        cached = seq.reused
                     logprobs = self._logprobs(ids, seq.logprobs[produced:]) if sampling.logprobs is not None else None
                     produced += len(ids)
                     delta = text.add(ids)
-                    if delta or logprobs:
-                        yield Chunk(delta, produced, logprobs=logprobs)
+                    if delta or logprobs or cached:
+                        yield Chunk(delta, produced, logprobs=logprobs, cached_tokens=cached)
                 if isinstance(message, errors.ServiceError):
                     raise message
                 if isinstance(message, FinishReason):

@@ -225,9 +225,10 @@ def test_vision_states_are_reused_and_change_nothing(test_model_dir: Path) -> No
     prompt = asyncio.run(engine.prepare(turns))
     assert "pixel_values" not in prompt.payload.inputs
     # Evicted between prepare and run: the scheduler makes the pixels itself.
-    engine.vision_cache.put("other", (engine.vision_cache.get(cat.digest)[0].clone(), 4))
+    entry = engine.vision_cache.get(cat.digest)
+    engine.vision_cache.put("other", entry)
     engine.vision_cache.max_size = engine.vision_cache.total // 2 + 1
-    engine.vision_cache.put("other2", (engine.vision_cache.get("other")[0].clone(), 4))
+    engine.vision_cache.put("other2", entry)
     assert engine.vision_cache.peek(cat.digest) is None
 
     async def late() -> str:

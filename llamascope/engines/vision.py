@@ -1,0 +1,198 @@
+"""Images into what Mllama's cross-attention layers read: the vision tower, batched, and one copy per image.
+
+An image reaches the text model as cross-attention keys and values: the vision
+tower and projector turn its tiles into states (6,404 of them for Llama 3.2's
+four 560-pixel tiles), and every cross-attention layer projects those states to
+its keys and values (``k_proj`` and ``k_norm``, ``v_proj``). transformers does
+both inside the model's forward, once per request. Here:
+
+- **Projected once.** ``VisionCache`` keeps, by image content hash, every
+  cross-attention layer's keys and values of the image, not the states they
+  come from. A request about a cached image (the next turn of a conversation,
+  or sixteen users asking about one photo) puts views of them in its cache and
+  runs no vision tower and no projection; the rows of a batch about one image
+  read one copy (``attention.shared_rows``). The projection is the model's own
+  modules applied as its forward applies them, so the values are those the
+  stock path computes.
+- **Encoded together.** Images of requests that wait for the same scheduling
+  turn go through the vision tower in one call (``ImageEncoder.encode_ahead``),
+  at most ``batch_tiles`` tiles at once (every image counts as Mllama's
+  ``max_num_tiles``: the tower runs on the padding tiles too). A lone image
+  takes the path it always took.
+
+Every image is independent inside the tower (its tiles attend among
+themselves), so an image encoded beside others gets its own states, up to the
+order of float32 sums in the matrix products, whose blocking depends on how many
+rows they multiply.
+
+Everything here runs on the scheduler's model thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from llamascope.caching import SizedLRU
+
+log = logging.getLogger(__name__)
+
+# Per cross-attention layer, in layer order: (keys, values) [1, kv heads, tiles * states per tile, head dim].
+CrossKV = tuple[tuple[Any, Any], ...]
+
+# Tiles the vision tower takes in one call by default: four Llama 3.2 images. Its activations for them
+# (about 1 GiB in bf16 for Llama 3.2's 1280-wide tower) are set aside by ``devices.plan_memory``.
+DEFAULT_BATCH_TILES = 16
+
+
+def kv_bytes(kv: CrossKV) -> int:
+    return sum(t.numel() * t.element_size() for pair in kv for t in pair)
+
+
+class VisionCache(SizedLRU[str, tuple[CrossKV, int]]):
+    """Each image's cross-attention keys and values (``CrossKV``) and its own tile count, by content hash.
+
+    A multi-turn conversation sends the same image every turn; with its keys and values kept, turn 2 skips
+    the vision tower and the projections, most of a request's cost at Llama 3.2's four tiles. Bounded in
+    bytes; a running request keeps what it uses (views) after it is evicted, until it ends.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(max_bytes, lambda entry: kv_bytes(entry[0]))
+
+
+class ImageEncoder:
+    """The vision tower and the cross-attention projections of one Mllama model, over the vision cache."""
+
+    def __init__(
+        self,
+        model: Any,
+        pixels: Callable[[Any], dict[str, Any]],  # a PIL image to its pixel tensors (pixel_values, aspect ratio)
+        cache: VisionCache,
+        cross_layers: Iterable[int],
+        batch_tiles: int = DEFAULT_BATCH_TILES,
+    ) -> None:
+        self.model = model
+        self.pixels = pixels
+        self.cache = cache
+        self.cross_layers = sorted(cross_layers)
+        self.batch_tiles = batch_tiles
+        self.calls = 0  # vision-tower calls
+        self.encoded = 0  # images through them
+
+    @property
+    def max_tiles(self) -> int:
+        return int(self.model.config.vision_config.max_num_tiles)
+
+    def entry_bytes(self) -> int:
+        """What one image's ``CrossKV`` takes in the cache."""
+        config = self.model.config
+        text, vision = config.text_config, config.vision_config
+        states = vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return 2 * len(self.cross_layers) * text.num_key_value_heads * head_dim * states * self.model.dtype.itemsize
+
+    # -- one image -------------------------------------------------------
+
+    def cross_kv(self, seq: Any) -> tuple[CrossKV, int]:
+        """The request's image's keys and values and tile count: from the cache, else encoded and projected
+        now (and cached). ``seq`` is a ``batching.Sequence`` about an image."""
+        found = self.cache.get(seq.digest)
+        if found is not None:
+            return found
+        started = time.monotonic()
+        ((kv, tiles),) = self._encode([seq])
+        seq.encoded = (started, time.monotonic())
+        return kv, tiles
+
+    # -- several ---------------------------------------------------------
+
+    def encode_ahead(self, seqs: Iterable[Any]) -> int:
+        """Encode the images of these waiting requests that are not cached, together, in vision-tower calls of
+        at most ``batch_tiles`` tiles, and cache them; the images encoded.
+
+        Only worth it for two images or more (one is encoded in its request's prefill, as always), and only
+        as many as the cache holds at once. A failure here costs the batching only: it is logged, and each
+        request then encodes its own image in its prefill, where an error stays with that request.
+        """
+        per_call = max(self.batch_tiles // self.max_tiles, 1)
+        room = self.cache.max_size // max(self.entry_bytes(), 1)
+        todo: dict[str, Any] = {}
+        for seq in seqs:
+            digest = seq.digest
+            if digest is None or digest in todo or seq.cancel.is_set() or self.cache.peek(digest) is not None:
+                continue
+            if len(todo) >= room:
+                break
+            todo[digest] = seq
+        if per_call < 2 or len(todo) < 2:
+            return 0
+        waiting = list(todo.values())
+        done = 0
+        for start in range(0, len(waiting), per_call):
+            group = waiting[start : start + per_call]
+            started = time.monotonic()
+            try:
+                self._encode(group)
+            except Exception as exc:
+                from llamascope.engines.batching import out_of_memory
+
+                if out_of_memory(exc):
+                    log.warning("out of memory encoding %d images together; each is encoded alone", len(group))
+                    import torch
+
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                else:
+                    log.exception("encoding %d images together failed; each is encoded alone", len(group))
+                return done
+            ended = time.monotonic()
+            for seq in group:
+                seq.encoded = (started, ended)
+            done += len(group)
+        return done
+
+    def _encode(self, seqs: list[Any]) -> list[tuple[CrossKV, int]]:
+        """One vision-tower call for these requests' images (distinct, none cached); each one's keys and values
+        and tile count, cached."""
+        import torch
+
+        inputs = []
+        for seq in seqs:
+            if "pixel_values" not in seq.inputs:  # prepared while cached, evicted since
+                seq.inputs.update(self.pixels(seq.image.image))
+            inputs.append(seq.inputs)
+        model = self.model.model
+        tower = model.vision_model
+        device = next(tower.parameters()).device
+        # As MllamaModel.forward does with pixel_values (transformers has no method for this part alone).
+        vision = tower(
+            pixel_values=torch.cat([i["pixel_values"] for i in inputs]).to(device, tower.dtype),
+            aspect_ratio_ids=torch.cat([i["aspect_ratio_ids"] for i in inputs]).to(device),
+            aspect_ratio_mask=torch.cat([i["aspect_ratio_mask"] for i in inputs]).to(device),
+        ).last_hidden_state
+        states = model.multi_modal_projector(vision).reshape(-1, vision.shape[-2], model.hidden_size)
+        self.calls += 1
+        self.encoded += len(seqs)
+        out = []
+        for index, (seq, chunk) in enumerate(zip(seqs, states.chunk(len(seqs)), strict=True)):
+            entry = (self._project(chunk), int(inputs[index]["aspect_ratio_mask"].sum()))
+            self.cache.put(seq.digest, entry)
+            out.append(entry)
+        return out
+
+    def _project(self, states: Any) -> CrossKV:
+        """One image's states [tiles, states per tile, hidden] to every cross-attention layer's keys and values,
+        as ``MllamaTextCrossAttention.forward`` computes them (then hands them to the cache)."""
+        layers = self.model.model.language_model.layers
+        out = []
+        for index in self.cross_layers:
+            attention = layers[index].cross_attn
+            here = states.to(attention.k_proj.weight.device)
+            shape = (1, -1, attention.num_key_value_heads, attention.head_dim)
+            keys = attention.k_norm(attention.k_proj(here).view(shape).transpose(1, 2))
+            values = attention.v_proj(here).view(shape).transpose(1, 2)
+            out.append((keys, values))
+        return tuple(out)

@@ -1,0 +1,171 @@
+"""Images through the vision tower together, and each image's cross-attention keys and values projected once.
+
+Real Mllama classes on the built-in model, the scheduler's own thread running them. The model's modules
+are watched with PyTorch hooks (never replaced): a pre-hook on the text model can hold the model thread
+inside a decode step, so that requests pile up in the queue as they do under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from llamascope.engines.base import Chunk, SamplingParams, Turn
+from llamascope.engines.batching import BatchLimits
+from llamascope.engines.mllama import MllamaEngine
+from tests.engines.test_batching import image
+
+GREEDY = SamplingParams(max_new_tokens=6, min_new_tokens=6, temperature=0)
+
+
+class Gate:
+    """A forward pre-hook that, once armed, holds the model thread in the next forward until released."""
+
+    def __init__(self, module: Any) -> None:
+        self.armed = False
+        self.inside = threading.Event()
+        self.release = threading.Event()
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: Any, args: Any) -> None:
+        if self.armed:
+            self.armed = False
+            self.inside.set()
+            self.release.wait(60)
+
+
+class Calls:
+    """Every call of a module, with the leading size of its first tensor argument (or keyword)."""
+
+    def __init__(self, module: Any) -> None:
+        self.sizes: list[int] = []
+        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: Any, args: Any, kwargs: Any) -> None:
+        first = args[0] if args else next(iter(kwargs.values()))
+        self.sizes.append(int(first.shape[0]))
+
+
+async def text_of(chunks: AsyncIterator[Chunk]) -> tuple[str, int]:
+    out = [c async for c in chunks]
+    return "".join(c.text for c in out), out[-1].output_tokens
+
+
+async def piled_up(engine: MllamaEngine, gate: Gate, prompts: list[Any]) -> list[tuple[str, int]]:
+    """Hold the model thread in a running request's decode step, queue ``prompts``, then let it go on: the
+    next scheduling turn finds them all waiting."""
+    running = engine.generate(
+        await engine.prepare([Turn("user", "Keep going.")]),
+        SamplingParams(max_new_tokens=10_000, min_new_tokens=10_000, temperature=0),
+    )
+    await anext(running)
+    gate.armed = True
+    await asyncio.to_thread(gate.inside.wait, 30)
+    tasks = [asyncio.create_task(text_of(engine.generate(p, GREEDY))) for p in prompts]
+    while len(engine.scheduler.waiting) < len(prompts):
+        await asyncio.sleep(0.01)
+    gate.release.set()
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        await running.aclose()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def engine(test_model_dir: Path) -> MllamaEngine:
+    return MllamaEngine.load(test_model_dir, test_model=True, limits=BatchLimits(max_batch=8, vision_batch_tiles=12))
+
+
+def test_images_waiting_together_go_through_the_tower_in_one_call(engine: MllamaEngine) -> None:
+    pictures = [image((40 * i, 90, 200 - 30 * i), (500 + 150 * i, 400)) for i in range(5)]
+    tower = Calls(engine.model.model.vision_model)
+    gate = Gate(engine.model.model)
+
+    async def scenario() -> list[tuple[str, int]]:
+        prompts = [await engine.prepare([Turn("user", "What is this?", p)]) for p in pictures]
+        return await piled_up(engine, gate, prompts)
+
+    results = asyncio.run(scenario())
+    assert [n for _, n in results] == [6] * 5
+    # VISION_BATCH_TILES 12 takes three of Llama 3.2's four-tile images a call: the five in two calls, where
+    # each alone took five.
+    assert sorted(tower.sizes) == [2, 3]
+    assert engine.vision_cache.misses == 0 and len(engine.vision_cache) == 5
+
+    # Each image's keys and values are those it gets through the tower alone, up to the order of sums.
+    together = {p.digest: engine.vision_cache.peek(p.digest) for p in pictures}
+    engine.vision_cache.clear()
+    for picture in pictures:
+        asyncio.run(text_of(engine.generate(asyncio.run(engine.prepare([Turn("user", "?", picture)])), GREEDY)))
+        (kv, tiles), (kv_together, tiles_together) = engine.vision_cache.peek(picture.digest), together[picture.digest]
+        assert tiles == tiles_together
+        for (keys, values), (keys_t, values_t) in zip(kv, kv_together, strict=True):
+            torch.testing.assert_close(keys_t, keys, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(values_t, values, rtol=1e-4, atol=1e-5)
+    assert tower.sizes[2:] == [1] * 5
+
+
+def test_a_failed_batch_of_images_costs_only_the_batching(engine: MllamaEngine) -> None:
+    """The tower failing on several images at once (out of memory, say): each request encodes its own."""
+    pictures = [image((10, 20 * i, 30), (700, 300 + 100 * i)) for i in range(3)]
+
+    def refuse_several(module: Any, args: Any, kwargs: Any) -> None:
+        if kwargs["pixel_values"].shape[0] > 1:
+            raise torch.OutOfMemoryError("several images at once do not fit")
+
+    handle = engine.model.model.vision_model.register_forward_pre_hook(refuse_several, with_kwargs=True)
+    gate = Gate(engine.model.model)
+
+    async def scenario() -> list[tuple[str, int]]:
+        prompts = [await engine.prepare([Turn("user", "And this?", p)]) for p in pictures]
+        return await piled_up(engine, gate, prompts)
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        handle.remove()
+    assert [n for _, n in results] == [6] * 3
+    assert engine.scheduler.encoder.calls == 3 and len(engine.vision_cache) == 3
+
+
+def test_an_images_keys_and_values_are_projected_once_and_shared(engine: MllamaEngine) -> None:
+    """Turns and concurrent requests about one image: one projection, and the batch reads the cache's copy."""
+    layer = min(engine.scheduler.cross_layers)
+    projections = Calls(engine.model.model.language_model.layers[layer].cross_attn.k_proj)
+    photo = image((90, 140, 60), (800, 600))
+    gate = Gate(engine.model.model)
+
+    async def scenario() -> tuple[list[tuple[str, int]], bool]:
+        first = await text_of(engine.generate(await engine.prepare([Turn("user", "What is this?", photo)]), GREEDY))
+        second = await text_of(
+            engine.generate(
+                await engine.prepare(
+                    [Turn("user", "What is this?", photo), Turn("assistant", first[0]), Turn("user", "Colours?")]
+                ),
+                GREEDY,
+            )
+        )
+        # Four at once about it, held in a decode step to look at what the batch reads.
+        prompts = [await engine.prepare([Turn("user", f"Question {i}?", photo)]) for i in range(4)]
+        tasks = [asyncio.create_task(text_of(engine.generate(p, SamplingParams(max_new_tokens=40)))) for p in prompts]
+        batch = engine.scheduler.batches[True]
+        while len(batch.rows) < 4:
+            await asyncio.sleep(0.005)
+        gate.armed = True
+        await asyncio.to_thread(gate.inside.wait, 30)
+        (kv, _tiles) = engine.vision_cache.peek(photo.digest)
+        cached = kv[0][0].untyped_storage().data_ptr()
+        read = batch.cache.layers[layer].keys.untyped_storage().data_ptr()
+        gate.release.set()
+        return [first, second, *await asyncio.gather(*tasks)], cached == read
+
+    results, same_storage = asyncio.run(scenario())
+    assert all(n > 0 for _, n in results)
+    assert projections.sizes == [engine.model.config.vision_config.max_num_tiles]  # once, for all six
+    assert same_storage

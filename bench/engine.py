@@ -28,10 +28,14 @@ the same code wander by 20%. Rounds go through every level in turn.
   token by turn (median over the conversations) on two servers at once, one reusing the history's keys and
   values (PREFIX_CACHE_BYTES at its default) and one not (PREFIX_CACHE_BYTES=0), each turn sent to both in
   turn. ``--only multi-turn`` runs this load alone.
+- image-dominated, encoding on and off: the image-dominated load on two servers, one encoding the
+  images of requests admitted together in one vision-tower call (VISION_BATCH_TILES=16, the default on
+  a GPU), one encoding each alone (VISION_BATCH_TILES=1, the default on the CPU), each round sent to
+  both in turn. ``--only image-dominated``.
 
     .venv/bin/python bench/engine.py [--model PATH | --shape tiny|medium] [--dtype auto|float32|bfloat16]
                                      [--tokens 128] [--requests 16] [--levels 1,4,16] [--rounds 3]
-                                     [--history 2000] [--only multi-turn]
+                                     [--history 2000] [--only multi-turn|image-dominated]
 """
 
 from __future__ import annotations
@@ -189,26 +193,32 @@ async def conversation_turns(
     return out
 
 
+def serve_pair(children: Processes, model_dir: Path, dtype: str, envs: list[dict[str, str]]) -> list[int]:
+    """A ``llamascope serve`` of the model for each of ``envs`` (settings on top of the bench's), ready; their ports."""
+    ports = []
+    for env in envs:
+        port = free_port()
+        config = children.tmp / f"llamascope-{port}.toml"
+        config.write_text(f'[models.bench]\npath = "{model_dir}"\ndtype = "{dtype}"\n')
+        children.spawn(
+            [sys.executable, "-m", "llamascope", "serve", "--port", str(port), "--config", str(config)],
+            {
+                "LLAMASCOPE_API_KEYS": KEY,
+                "LLAMASCOPE_DATA_DIR": str(children.tmp / f"data-{port}"),
+                "LLAMASCOPE_LOG_LEVEL": "warning",
+                **env,
+            },
+        )
+        ports.append(port)
+    for port in ports:
+        wait_ready(f"http://127.0.0.1:{port}/health", seconds=600)
+    return ports
+
+
 def multi_turn(model_dir: Path, dtype: str, conversations: int, history: int, answer: int) -> list[str]:
     """The multi-turn load on two servers, reuse on and off; the table's lines."""
     with Processes("llamascope-multiturn-") as children:
-        ports = []
-        for limit in (None, "0"):
-            port = free_port()
-            config = children.tmp / f"llamascope-{port}.toml"
-            config.write_text(f'[models.bench]\npath = "{model_dir}"\ndtype = "{dtype}"\n')
-            children.spawn(
-                [sys.executable, "-m", "llamascope", "serve", "--port", str(port), "--config", str(config)],
-                {
-                    "LLAMASCOPE_API_KEYS": KEY,
-                    "LLAMASCOPE_DATA_DIR": str(children.tmp / f"data-{port}"),
-                    "LLAMASCOPE_LOG_LEVEL": "warning",
-                    **({"LLAMASCOPE_PREFIX_CACHE_BYTES": limit} if limit else {}),
-                },
-            )
-            ports.append(port)
-        for port in ports:
-            wait_ready(f"http://127.0.0.1:{port}/health", seconds=600)
+        ports = serve_pair(children, model_dir, dtype, [{}, {"LLAMASCOPE_PREFIX_CACHE_BYTES": "0"}])
 
         async def measure() -> list[list[list[tuple[int, float]]]]:
             headers = {"Authorization": f"Bearer {KEY}"}
@@ -241,6 +251,64 @@ def multi_turn(model_dir: Path, dtype: str, conversations: int, history: int, an
         off = statistics.median(run[1][t][1] for run in runs)
         versus = f"{on / reuse_turn2:>14.2f}x" if reuse_turn2 else ""
         lines.append(f"{t + 1:>4} {tokens:>15} {on:>9.1f}ms {off:>12.1f}ms {off / on:>16.2f}x {versus}")
+    return lines
+
+
+def image_batching(model_dir: Path, dtype: str, levels: list[int], requests: int, rounds: int) -> list[str]:
+    """The image-dominated load on two servers, images encoded together (VISION_BATCH_TILES=16, the default
+    on a GPU) and one at a time (VISION_BATCH_TILES=1); each round sent to both in turn. The table's lines."""
+    batch = str(max(levels))
+    with Processes("llamascope-images-") as children:
+        ports = serve_pair(
+            children,
+            model_dir,
+            dtype,
+            [
+                {"LLAMASCOPE_MAX_BATCH_SIZE": batch},
+                {"LLAMASCOPE_MAX_BATCH_SIZE": batch, "LLAMASCOPE_VISION_BATCH_TILES": "1"},
+            ],
+        )
+
+        async def measure() -> list[dict[int, dict]]:
+            headers = {"Authorization": f"Bearer {KEY}"}
+            limits = httpx.Limits(max_connections=max(levels) + 4)
+            clients = [
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, limits=limits, timeout=3600)
+                for port in ports
+            ]
+            results: list[dict[int, list[dict]]] = [{n: [] for n in levels} for _ in clients]
+            try:
+                for client in clients:  # warm up: the first requests of a process are slow
+                    await level(client, [body("bench", [user("Describe.", photo(900 + i))], 2) for i in range(4)], 4)
+                for r in range(rounds):
+                    for n in levels:
+                        seeds = [300_000 + 100_000 * r + 1000 * n + i for i in range(requests)]
+                        load = [body("bench", [user("Describe the picture.", photo(seed))], 8) for seed in seeds]
+                        for client, found in zip(clients, results, strict=True):  # the same fresh images to each
+                            found[n].append(await level(client, load, n))
+            finally:
+                for client in clients:
+                    await client.aclose()
+            return [{n: sorted(found[n], key=tok_s)[rounds // 2] for n in levels} for found in results]
+
+        together, alone = asyncio.run(measure())
+    lines = [
+        "image-dominated, images encoded together (VISION_BATCH_TILES=16) and one at a time (=1, the CPU's "
+        f"default): {requests} requests, each a new 1120x840 photo and 8 new tokens; round of median tok/s",
+        f"{'concurrent':>10} {'together tok/s':>15} {'one at a time':>14} {'together / one':>15} "
+        f"{'TTFT p50 together':>18} {'one at a time':>14}",
+    ]
+    for n in levels:
+        on, off = together[n], alone[n]
+        lines.append(
+            f"{n:>10} {on['tok_s']:>15.1f} {off['tok_s']:>14.1f} {on['tok_s'] / off['tok_s']:>14.2f}x "
+            f"{on['p50']:>16.1f}ms {off['p50']:>12.1f}ms"
+        )
+    base_on, base_off = together[levels[0]]["tok_s"], alone[levels[0]]["tok_s"]
+    lines.append(
+        f"x {levels[0]} concurrent at {levels[-1]}: together {together[levels[-1]]['tok_s'] / base_on:.2f}x, "
+        f"one at a time {alone[levels[-1]]['tok_s'] / base_off:.2f}x"
+    )
     return lines
 
 
@@ -342,7 +410,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--history", type=int, default=2000, help="multi-turn: turns until the history passes this")
-    parser.add_argument("--only", choices=["multi-turn"], help="run only this load")
+    parser.add_argument("--only", choices=["multi-turn", "image-dominated"], help="run only this load")
     args = parser.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
 
@@ -353,6 +421,10 @@ def main() -> None:
     if args.only == "multi-turn":
         print(f"model: {model_dir} ({args.dtype})")
         print("\n".join(multi_turn(model_dir, args.dtype, args.conversations, args.history, args.tokens)))
+        return
+    if args.only == "image-dominated":
+        print(f"model: {model_dir} ({args.dtype})")
+        print("\n".join(image_batching(model_dir, args.dtype, levels, args.requests, args.rounds)))
         return
     name = "bench"
     rows: list[tuple[str, int, dict]] = []
@@ -426,6 +498,7 @@ def main() -> None:
     child = [sys.executable, __file__, "--direct", *settings]
     alone = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     conversation = multi_turn(model_dir, args.dtype, args.conversations, args.history, args.tokens)
+    encoding = image_batching(model_dir, args.dtype, levels, args.requests, args.rounds)
 
     print(f"model: {model_dir} ({args.dtype}); {args.requests} streamed requests per level, over loopback")
     print(f"{'load':<18} {'concurrent':>10} {'tok/s':>9} {'x 1-at-a-time':>14} {'TTFT p50':>10} {'TTFT p99':>10}")
@@ -458,6 +531,7 @@ def main() -> None:
         f"{alone['gap']:.1f} ms, longest {alone['longest_gap']:.1f} ms (PREFILL_CHUNK_TOKENS at its default)"
     )
     print("\n".join(conversation))
+    print("\n".join(encoding))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     image_tokens: int = 0
+    cached_tokens: int = 0  # of the input tokens, those whose keys and values came from the prefix cache
 
     @property
     def total_tokens(self) -> int:
@@ -142,6 +143,8 @@ class Reply:
                 self.usage.output_tokens = chunk.output_tokens
                 if chunk.input_tokens is not None:
                     self.usage.input_tokens = chunk.input_tokens
+                if chunk.cached_tokens is not None:
+                    self.usage.cached_tokens = chunk.cached_tokens
                 if chunk.logprobs:
                     self.logprobs += chunk.logprobs
                 delta, stopped = stop.feed(chunk.text)

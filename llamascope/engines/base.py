@@ -70,6 +70,7 @@ class Chunk:
     finish_reason: FinishReason | None = None
     input_tokens: int | None = None  # the prompt's true count, when the engine learns it only now
     logprobs: list[TokenLogprob] | None = None  # the tokens of this chunk, when the request asked for them
+    cached_tokens: int | None = None  # prompt tokens whose keys and values were reused, not computed (first chunk)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 
 import httpx
 import openai
@@ -187,3 +188,26 @@ def test_logprobs_come_from_the_sampler(client: openai.OpenAI, image_host) -> No
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(**{**kwargs, "logprobs": False})
     assert bad.value.body["param"] == "top_logprobs"
+
+
+def test_cached_tokens_say_how_much_of_the_prompt_was_reused(client: openai.OpenAI, image_host) -> None:
+    """usage.prompt_tokens_details.cached_tokens: the prompt tokens whose keys and values came from the prefix
+    cache (as DashScope's context cache reports them), 0 on a first turn."""
+    turn1 = messages(image_host.url("/red.png"), f"{uuid.uuid4().hex}: a first question about this red square?")
+    first = client.chat.completions.create(model=SEED_MODEL, messages=turn1, max_tokens=12, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    turn2 = [*turn1, {"role": "assistant", "content": first.choices[0].message.content}]
+    turn2.append({"role": "user", "content": "And its colour?"})
+    chunks = list(
+        client.chat.completions.create(
+            model=SEED_MODEL,
+            messages=turn2,
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    usage = chunks[-1].usage
+    cached = usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens - 16 < cached < usage.prompt_tokens
+    assert cached % 16 == 0  # whole blocks

@@ -219,7 +219,10 @@ class UsageBody(BaseModel):
     @classmethod
     def of(cls, usage: Usage) -> UsageBody:
         return cls(
-            prompt_tokens=usage.input_tokens, completion_tokens=usage.output_tokens, total_tokens=usage.total_tokens
+            prompt_tokens=usage.input_tokens,
+            completion_tokens=usage.output_tokens,
+            total_tokens=usage.total_tokens,
+            prompt_tokens_details={"cached_tokens": usage.cached_tokens},
         )
 
 

@@ -193,3 +193,36 @@ def test_the_readmes_first_examples_run_with_no_network(server: Server, tmp_path
         out = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True)
         assert out.returncode == 0 and out.stdout.strip(), out.stdout + out.stderr
         assert "InvalidParameter" not in out.stdout and "Traceback" not in out.stderr
+
+
+def test_ten_turns_each_prefill_only_what_is_new(dashscope_sdk, server: Server, image_host) -> None:
+    """A ten-turn conversation about one image through the SDK, the whole history re-sent every turn as the
+    seed's multi-turn example does: every turn answers, and every turn after the first takes the keys and
+    values of the history the previous turn ran from the prefix cache, so the tokens it runs through the
+    model stay those of the new question and answer, not the growing history (bench/engine.py --only
+    multi-turn times it)."""
+    import httpx
+    from dashscope import MultiModalConversation
+
+    def reused() -> int:
+        health = httpx.get(server.base + "/health", timeout=10).json()
+        return int(health["models"][SEED_MODEL]["prefix_cache_tokens_reused"])
+
+    messages = [{"role": "user", "content": [{"image": image_host.url("/dog_and_girl.jpeg")}, {"text": "这是什么?"}]}]
+    previous_input = 0
+    fresh = []  # tokens each turn ran through the model
+    for turn in range(10):
+        before = reused()
+        response = MultiModalConversation.call(model=SEED_MODEL, messages=messages, max_tokens=24, temperature=0)
+        assert response.status_code == HTTPStatus.OK, response
+        taken = reused() - before
+        input_tokens = response.usage.input_tokens
+        assert input_tokens > previous_input
+        if turn:  # the previous prompt is this one's start: all its whole 16-token blocks were reused
+            assert previous_input - 16 < taken < input_tokens, (turn, taken, previous_input, input_tokens)
+        fresh.append(input_tokens - taken)
+        previous_input = input_tokens
+        messages.append(response.output.choices[0].message)
+        messages.append({"role": "user", "content": [{"text": f"第{turn + 2}个问题:还有什么?"}]})
+    # The history grew to hundreds of tokens; the last turn ran a small part of it through the model.
+    assert previous_input > 400 and fresh[-1] * 3 < previous_input, (fresh, previous_input)

@@ -42,6 +42,7 @@ from typing import Any
 from llamascope import errors
 from llamascope.engines.attention import shared_rows
 from llamascope.engines.base import FinishReason, SamplingParams
+from llamascope.engines.kv_cache import new_cache
 from llamascope.engines.prefix_cache import PrefixCache
 from llamascope.engines.sampling import Sampler, chosen_logprobs, log_probabilities, pick
 from llamascope.engines.vision import DEFAULT_BATCH_TILES, ImageEncoder, VisionCache
@@ -316,6 +317,8 @@ class Scheduler:
         text_config = model.config.get_text_config()  # Mllama's text part; a text-only Llama's whole config
         self.text_config = text_config
         self.cross_layers = set(getattr(text_config, "cross_attention_layers", ()))
+        # Self-attention caches appended to in place (kv_cache.GrowingLayer); off: transformers' DynamicLayer.
+        self.growing_kv = True
         self.encoder = ImageEncoder(model, pixels, vision_cache, self.cross_layers, limits.vision_batch_tiles)
         import torch
 
@@ -486,8 +489,6 @@ class Scheduler:
         None if the request goes on (to more prefill, or to the batch once ``seq.inputs`` is cleared),
         else how it ended.
         """
-        from transformers import DynamicCache
-
         if seq.cancel.is_set():
             return FinishReason.CANCELLED
         self._inject([seq], "prefill")
@@ -498,7 +499,7 @@ class Scheduler:
         first = seq.cache is None
         if first:
             seq.started_at = time.monotonic()
-            seq.cache = DynamicCache(config=self.text_config)
+            seq.cache = new_cache(self.text_config, self.cross_layers, self.growing_kv)
             seq.prefilled = seq.reused = self._reuse(seq, ids[0].tolist())
         start = seq.prefilled
         end = min(ids.shape[1], start + budget)

@@ -185,13 +185,17 @@ def plan_memory(
     cache = max(per_cached_image, int(usable * vision_cache_share)) if states else 0
     prefix = int(usable * prefix_cache_share)  # finished requests' keys and values, for prefix reuse
     for_requests = usable - cache - prefix
-    typical = (context_length // 4) * per_token + per_image_request
+    from llamascope.engines.kv_cache import SLACK
+
+    # Each running request also holds its image's states and room for SLACK more tokens (kv_cache.GrowingLayer).
+    per_request = per_image_request + SLACK * per_token
+    typical = (context_length // 4) * per_token + per_request
     max_batch = max(1, min(max_batch_cap, for_requests // max(typical, 1)))
     # Image states of a full batch come out of the same memory as the keys and values.
-    tokens = max(0, for_requests - max_batch * per_image_request) // per_token
+    tokens = max(0, for_requests - max_batch * per_request) // per_token
     if tokens < context_length:
-        max_batch = max(1, min(max_batch, (for_requests - context_length * per_token) // max(per_image_request, 1)))
-        tokens = max(0, for_requests - max_batch * per_image_request) // per_token
+        max_batch = max(1, min(max_batch, (for_requests - context_length * per_token) // max(per_request, 1)))
+        tokens = max(0, for_requests - max_batch * per_request) // per_token
     return MemoryPlan(
         free_bytes=free_bytes,
         kv_bytes_per_token=per_token,

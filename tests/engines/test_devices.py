@@ -18,6 +18,7 @@ from llamascope.engines import devices
 from llamascope.engines.base import SamplingParams, Turn
 from llamascope.engines.batching import BatchLimits
 from llamascope.engines.devices import DeviceError, placement, plan_memory, resolve_device
+from llamascope.engines.kv_cache import SLACK
 from llamascope.engines.mllama import MllamaEngine
 from llamascope.engines.test_model import ELEVEN_B
 from tests.conftest import CACHE_DIR, free_port
@@ -66,7 +67,7 @@ def test_memory_plan_of_the_11b_fits_what_is_free() -> None:
         plan = plan_memory(config, free, dtype_bytes=2, context_length=8192)
         held = (
             plan.max_batch_tokens * plan.kv_bytes_per_token
-            + plan.max_batch_size * plan.image_bytes_per_request
+            + plan.max_batch_size * (plan.image_bytes_per_request + SLACK * plan.kv_bytes_per_token)
             + plan.vision_cache_bytes
             + plan.prefix_cache_bytes
             + plan.step_bytes

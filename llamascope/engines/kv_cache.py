@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 # Tokens of room a buffer gets beyond what it holds: a copy of the cache every this many decode steps, not
 # every step; at most this many tokens' keys and values unused per request (16 MiB for Llama 3.2 11B in bf16).

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from llamascope.engines.base import SamplingParams, Turn
 from llamascope.engines.kv_cache import SLACK, GrowingLayer, new_cache

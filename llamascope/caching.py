@@ -45,6 +45,14 @@ class SizedLRU(Generic[K, V]):
         with self._lock:
             return self._entries.get(key)
 
+    def touch(self, key: K) -> bool:
+        """Make the entry the most recent, without counting a hit; whether it is there."""
+        with self._lock:
+            if key not in self._entries:
+                return False
+            self._entries.move_to_end(key)
+            return True
+
     def put(self, key: K, value: V) -> None:
         size = self.size(value)
         if size > self.max_size:

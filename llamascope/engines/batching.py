@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import logging
 import math
 import threading
@@ -76,7 +75,9 @@ class BatchLimits:
     max_queued_bytes: int = 1 << 30
     max_queue_wait: float = 60.0
     prefill_chunk: int = 512  # prompt tokens prefilled between two decode steps
-    vision_batch_tiles: int = DEFAULT_BATCH_TILES  # tiles through the vision tower in one call (vision.ImageEncoder)
+    # Tiles through the vision tower in one call (vision.ImageEncoder); None: 16 on a GPU, 1 (one image a call)
+    # on the CPU, where the tower is bound by its arithmetic.
+    vision_batch_tiles: int | None = None
 
 
 @dataclass(eq=False)
@@ -319,7 +320,8 @@ class Scheduler:
         self.cross_layers = set(getattr(text_config, "cross_attention_layers", ()))
         # Self-attention caches appended to in place (kv_cache.GrowingLayer); off: transformers' DynamicLayer.
         self.growing_kv = True
-        self.encoder = ImageEncoder(model, pixels, vision_cache, self.cross_layers, limits.vision_batch_tiles)
+        tiles = limits.vision_batch_tiles or (DEFAULT_BATCH_TILES if model.device.type == "cuda" else 1)
+        self.encoder = ImageEncoder(model, pixels, vision_cache, self.cross_layers, tiles)
         import torch
 
         self._eos_index = torch.tensor(sorted(eos_ids))
@@ -445,14 +447,35 @@ class Scheduler:
             self._hand_over()  # its first token now, not after the other prompts of this turn
 
     def _encode_ahead(self) -> None:
-        """The images of the requests that may join this turn, through the vision tower together."""
+        """The images of the requests this turn is expected to admit, through the vision tower together.
+
+        Expected as ``_next_waiting`` and ``_admit`` decide: in queue order, while the batch bounds leave
+        room and the prefill budget lasts (counting whole prompts: reused prefixes may let more in, whose
+        images are then encoded in their prefill as before); cancelled and waited-out requests left out.
+        """
+        limits = self.limits
         with self._cond:
             if len(self.waiting) < 2:
                 return
-            room = self.limits.max_batch - sum(len(b.rows) for b in self.batches.values())
-            candidates = [s for s in itertools.islice(self.waiting, max(room, 0)) if s.has_image]
-        if len(candidates) > 1:
-            self.encoder.encode_ahead(candidates)
+            now = time.monotonic()
+            running = [s for b in self.batches.values() for s in b.rows]
+            count, longest = len(running), max((s.budget for s in running), default=0)
+            budget = limits.prefill_chunk if self.prefilling is None else 0
+            expected = []
+            for seq in self.waiting:
+                if budget <= 0:
+                    break
+                if seq.cancel.is_set() or now - seq.queued_at > limits.max_queue_wait:
+                    continue
+                longest = max(longest, seq.budget)
+                if count and (count >= limits.max_batch or (count + 1) * longest > limits.max_batch_tokens):
+                    break
+                expected.append(seq)
+                count += 1
+                budget -= int(seq.inputs["input_ids"].shape[1])
+        images = [s for s in expected if s.has_image]
+        if len(images) > 1:
+            self.encoder.encode_ahead(images)
 
     def _next_waiting(self) -> Sequence | None:
         """The first waiting request if there is room for it; those cancelled or waited out are ended."""

@@ -41,6 +41,13 @@ class GrowingLayer(DynamicLayer):
         self._buffers: tuple[Any, Any] | None = None
         self.regrown = 0  # buffers made: a copy of the cache each (tests, benchmarks)
 
+    def __copy__(self) -> GrowingLayer:
+        """A copy (the scheduler's cache of one row of a batch) never writes into this layer's buffers."""
+        mine = GrowingLayer.__new__(GrowingLayer)
+        mine.__dict__.update(self.__dict__)
+        mine._buffers = None
+        return mine
+
     def _front(self) -> bool:
         """Whether ``keys`` and ``values`` are still the front of this layer's buffers (nothing replaced them)."""
         if self._buffers is None or self.keys is None or self.values is None:

@@ -17,7 +17,6 @@ from llamascope.engines.llama_text import LlamaTextEngine
 from llamascope.engines.mllama import MllamaEngine, ModelLoadError, check_model_dir
 from llamascope.engines.test_model import ensure_test_model, ensure_text_test_model, is_test_model
 from llamascope.engines.upstream import UpstreamEngine
-from llamascope.engines.vision import DEFAULT_BATCH_TILES
 from llamascope.settings import BUILTIN_TEXT, ModelSpec, Settings
 
 log = logging.getLogger(__name__)
@@ -66,8 +65,7 @@ def load_engines(settings: Settings, progress: Callable[[str], None] = log.info)
                         else default_queue_bytes(),
                         max_queue_wait=settings.max_queue_wait_seconds,
                         prefill_chunk=settings.prefill_chunk_tokens,
-                        vision_batch_tiles=settings.vision_batch_tiles
-                        or (1 if device == "cpu" else DEFAULT_BATCH_TILES),
+                        vision_batch_tiles=settings.vision_batch_tiles,
                     ),
                     bounds=Bounds(settings.max_batch_size, settings.max_batch_tokens, settings.vision_cache_bytes),
                     device=device,

@@ -81,6 +81,7 @@ class ImageEncoder:
         self.batch_tiles = batch_tiles
         self.calls = 0  # vision-tower calls
         self.encoded = 0  # images through them
+        self._failed: set[str] = set()  # images a call together failed on: encoded alone from then on
 
     @property
     def max_tiles(self) -> int:
@@ -110,49 +111,68 @@ class ImageEncoder:
     # -- several ---------------------------------------------------------
 
     def encode_ahead(self, seqs: Iterable[Any]) -> int:
-        """Encode the images of these waiting requests that are not cached, together, in vision-tower calls of
-        at most ``batch_tiles`` tiles, and cache them; the images encoded.
+        """Encode the images of these waiting requests (those the scheduler expects to admit this turn, in
+        order) that are not cached, together, in vision-tower calls of at most ``batch_tiles`` tiles, and
+        cache them; the images encoded.
 
         Only worth it for two images or more (one is encoded in its request's prefill, as always), and only
-        as many as the cache holds at once. A failure here costs the batching only: it is logged, and each
-        request then encodes its own image in its prefill, where an error stays with that request.
+        as many distinct images as the cache holds at once, counting those already there (made recent, so
+        that this turn's entries do not evict them before their requests run). A failure costs only the
+        batching: it is logged, its images are not tried together again (their requests encode them alone
+        in their prefill, where an error stays with that request), and after running out of memory the
+        calls take half as many tiles.
         """
-        per_call = max(self.batch_tiles // self.max_tiles, 1)
+        per_call = self.batch_tiles // self.max_tiles
+        if per_call < 2:
+            return 0
         room = self.cache.max_size // max(self.entry_bytes(), 1)
-        todo: dict[str, Any] = {}
+        seen: set[str] = set()
+        todo: list[Any] = []
         for seq in seqs:
             digest = seq.digest
-            if digest is None or digest in todo or seq.cancel.is_set() or self.cache.peek(digest) is not None:
+            if digest is None or digest in seen or seq.cancel.is_set():
                 continue
-            if len(todo) >= room:
+            seen.add(digest)
+            if len(seen) > room:
                 break
-            todo[digest] = seq
-        if per_call < 2 or len(todo) < 2:
-            return 0
-        waiting = list(todo.values())
+            if self.cache.touch(digest) or digest in self._failed:
+                continue
+            todo.append(seq)
         done = 0
-        for start in range(0, len(waiting), per_call):
-            group = waiting[start : start + per_call]
+        for start in range(0, len(todo) if len(todo) > 1 else 0, per_call):
+            group = todo[start : start + per_call]
             started = time.monotonic()
-            try:
-                self._encode(group)
-            except Exception as exc:
-                from llamascope.engines.batching import out_of_memory
-
-                if out_of_memory(exc):
-                    log.warning("out of memory encoding %d images together; each is encoded alone", len(group))
+            failure = self._try(group)
+            if failure is not None:
+                if len(self._failed) > 4096:
+                    self._failed.clear()
+                self._failed.update(seq.digest for seq in group)
+                if failure:
+                    self.batch_tiles = max(self.batch_tiles // 2, self.max_tiles)
                     import torch
 
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
-                else:
-                    log.exception("encoding %d images together failed; each is encoded alone", len(group))
                 return done
             ended = time.monotonic()
             for seq in group:
                 seq.encoded = (started, ended)
             done += len(group)
         return done
+
+    def _try(self, group: list[Any]) -> bool | None:
+        """``_encode`` the group: None if it went through, else whether it ran out of memory (logged)."""
+        from llamascope.engines.batching import out_of_memory
+
+        try:
+            self._encode(group)
+        except Exception as exc:
+            if out_of_memory(exc):
+                log.warning("out of memory encoding %d images together; each is encoded alone", len(group))
+                return True
+            log.exception("encoding %d images together failed; each is encoded alone", len(group))
+            return False
+        return None
 
     def _encode(self, seqs: list[Any]) -> list[tuple[CrossKV, int]]:
         """One vision-tower call for these requests' images (distinct, none cached); each one's keys and values

@@ -115,8 +115,11 @@ def test_a_failed_batch_of_images_costs_only_the_batching(engine: MllamaEngine) 
     """The tower failing on several images at once (out of memory, say): each request encodes its own."""
     pictures = [image((10, 20 * i, 30), (700, 300 + 100 * i)) for i in range(3)]
 
+    together: list[int] = []
+
     def refuse_several(module: Any, args: Any, kwargs: Any) -> None:
         if kwargs["pixel_values"].shape[0] > 1:
+            together.append(kwargs["pixel_values"].shape[0])
             raise torch.OutOfMemoryError("several images at once do not fit")
 
     handle = engine.model.model.vision_model.register_forward_pre_hook(refuse_several, with_kwargs=True)
@@ -132,6 +135,36 @@ def test_a_failed_batch_of_images_costs_only_the_batching(engine: MllamaEngine) 
         handle.remove()
     assert [n for _, n in results] == [6] * 3
     assert engine.scheduler.encoder.calls == 3 and len(engine.vision_cache) == 3
+    # Tried together once, not again every scheduling turn; after running out of memory, calls take half.
+    assert together == [3] and engine.scheduler.encoder.batch_tiles == 6
+
+
+def test_a_queue_longer_than_the_cache_holds_encodes_each_image_once(test_model_dir: Path) -> None:
+    """Six requests about six images wait while the batch's token bound lets one in at a time, and the vision
+    cache holds two images: each image goes through the tower once (entries made for requests that are
+    still waiting are not evicted by the next turn's)."""
+    engine = MllamaEngine.load(
+        test_model_dir, test_model=True, limits=BatchLimits(max_batch=8, max_batch_tokens=100, vision_batch_tiles=16)
+    )
+    engine.vision_cache.max_size = 2 * engine.scheduler.encoder.entry_bytes()
+    tower = Calls(engine.model.model.vision_model)
+    pictures = [image((30 * i, 100, 200 - 20 * i), (500 + 120 * i, 400)) for i in range(6)]
+
+    async def scenario() -> list[tuple[str, int]]:
+        prompts = [await engine.prepare([Turn("user", "What is this?", p)]) for p in pictures]
+        running = engine.generate(
+            await engine.prepare([Turn("user", "Keep going.")]),
+            SamplingParams(max_new_tokens=60, min_new_tokens=60, temperature=0),
+        )
+        await anext(running)
+        tasks = [asyncio.create_task(text_of(engine.generate(p, GREEDY))) for p in prompts]
+        async for _ in running:
+            pass
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(scenario())
+    assert [n for _, n in results] == [6] * 6
+    assert sum(tower.sizes) == 6 and max(tower.sizes) == 2, tower.sizes
 
 
 def test_an_images_keys_and_values_are_projected_once_and_shared(engine: MllamaEngine) -> None:

@@ -96,6 +96,7 @@ class PrefixCache:
         self.hits = 0  # requests that took at least one block
         self.misses = 0  # requests that took none
         self.tokens_reused = 0
+        self.tokens_queried = 0  # prompt tokens of the requests that looked (as vLLM's prefix_cache_queries)
         self.evicted = 0  # blocks
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
@@ -116,6 +117,7 @@ class PrefixCache:
         found: list[bytes] = []
         chain = _chain(ids, image, self.block_tokens, (len(ids) - 1) // self.block_tokens)
         with self._lock:
+            self.tokens_queried += len(ids)
             for key in chain:
                 if key not in self._blocks:
                     break
@@ -208,5 +210,6 @@ class PrefixCache:
                 "prefix_cache_hits": self.hits,
                 "prefix_cache_misses": self.misses,
                 "prefix_cache_tokens_reused": self.tokens_reused,
+                "prefix_cache_tokens_queried": self.tokens_queried,
                 "prefix_cache_evicted": self.evicted,
             }

@@ -198,19 +198,28 @@ METRICS = Metrics()
 # -- state, read at scrape time ---------------------------------------------------
 
 # Figures an engine's stats() may report, as the metric each becomes. Engines report what they have; a
-# figure appears once an engine reports it (the prefix-cache rows are ready for a prefix cache).
+# figure appears once an engine reports it. The prefix cache's hits and queries count prompt tokens, as
+# vLLM's do, so its dashboards' hit rate (hits / queries) reads the same here.
 _ENGINE_GAUGES = {
     "running": ("num_requests_running", "Requests prefilling or decoding."),
     "waiting": ("num_requests_waiting", "Requests waiting for a place in the batch."),
     "vision_cache_images": ("vision_cache_images", "Images whose vision-tower output is cached."),
     "prefix_cache_bytes": ("prefix_cache_bytes", "Bytes held by the prefix cache."),
+    "prefix_cache_max_bytes": ("prefix_cache_max_bytes", "The prefix cache's bound in bytes (PREFIX_CACHE_BYTES)."),
     "prefix_cache_blocks": ("prefix_cache_blocks", "Blocks held by the prefix cache."),
+    "prefix_cache_held_blocks": ("prefix_cache_held_blocks", "Prefix-cache blocks that running requests hold."),
 }
 _ENGINE_COUNTERS = {
     "vision_cache_hits": ("vision_cache_hits", "Images whose vision-tower output came from the cache."),
     "vision_cache_misses": ("vision_cache_misses", "Images that went through the vision tower."),
-    "prefix_cache_hits": ("prefix_cache_hits", "Prompt tokens found in the prefix cache."),
-    "prefix_cache_queries": ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    "prefix_cache_tokens_reused": ("prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled)."),
+    "prefix_cache_tokens_queried": ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    "prefix_cache_hits": (
+        "prefix_cache_request_hits",
+        "Requests that took some of their prompt from the prefix cache.",
+    ),
+    "prefix_cache_misses": ("prefix_cache_request_misses", "Requests that took none of their prompt from it."),
+    "prefix_cache_evicted": ("prefix_cache_evicted_blocks", "Prefix-cache blocks evicted to make room."),
 }
 
 

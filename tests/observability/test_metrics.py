@@ -8,6 +8,7 @@ llamascope exposes.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, API_KEY, ROOT, Server, free_port, generation_body
+from tests.conftest import ADMIN_KEY, API_KEY, ROOT, Server, free_port, generation_body, png_bytes
 from tests.observability.conftest import METRICS_KEY
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
@@ -364,3 +365,32 @@ def test_alert_rules_pass_promtool_and_name_existing_metrics(server: Server, pro
     assert {"LlamascopeQueueFull", "LlamascopeErrorRate", "LlamascopeTTFTp99", "LlamascopeAllowanceLow"} <= alerts
     assert "LlamascopeUpstreamDown" in alerts
     assert all(rule["health"] != "err" for rule in rules), rules
+
+
+def test_prefix_cache_hits_and_queries_count_prompt_tokens(server: Server) -> None:
+    """Two turns of one conversation about a new image: the second finds the first's prompt in the prefix
+    cache. Hits and queries count prompt tokens (vLLM's meaning: hits / queries is the hit rate)."""
+    model = 'model_name="llama3.2-90b-vision-instruct"'
+    picture = "data:image/png;base64," + base64.b64encode(png_bytes((17, 99, 201), (300, 200))).decode()
+    turn1 = [{"role": "user", "content": [{"image": picture}, {"text": "What is in this picture?"}]}]
+    turn2 = [*turn1, {"role": "assistant", "content": [{"text": "A blue rectangle."}]}]
+    turn2.append({"role": "user", "content": [{"text": "And its colour?"}]})
+    before = scrape(server)
+    first = post(
+        server, {"model": "llama3.2-90b-vision-instruct", "input": {"messages": turn1}, "parameters": {"max_tokens": 2}}
+    )
+    second = post(
+        server, {"model": "llama3.2-90b-vision-instruct", "input": {"messages": turn2}, "parameters": {"max_tokens": 2}}
+    )
+    after = settled(server, before, 2)
+
+    def delta(name: str) -> float:
+        return value(after, f"llamascope:{name}{{{model}}}") - value(before, f"llamascope:{name}{{{model}}}")
+
+    assert delta("prefix_cache_queries_total") == first["input_tokens"] + second["input_tokens"]
+    hits = delta("prefix_cache_hits_total")
+    assert first["input_tokens"] - 16 < hits < second["input_tokens"] and hits % 16 == 0
+    assert delta("prefix_cache_request_hits_total") == 1 and delta("prefix_cache_request_misses_total") == 1
+    assert value(after, f"llamascope:prefix_cache_bytes{{{model}}}") <= value(
+        after, f"llamascope:prefix_cache_max_bytes{{{model}}}"
+    )

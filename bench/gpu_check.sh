@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # The GPU device check in one command, on a machine with an NVIDIA GPU and a CUDA build of PyTorch:
 #   bash bench/gpu_check.sh [bench/gpu_check.py options]       (default: the 11B shape on cuda)
-# A machine whose Python has PyTorch but older transformers (or none of llamascope's engine needs) takes
-# them as wheels from .whl/, made beforehand on any machine with pip (they install nowhere but /tmp):
+# It runs with .venv/bin/python when `make setup` made one (PYTHON=... to choose another). A machine
+# whose Python has PyTorch but older transformers (or none of llamascope's engine needs) takes them as
+# wheels from .whl/, made beforehand on any machine with pip (they install nowhere but /tmp):
 #   bash bench/gpu_check.sh --fetch-wheels
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+# The venv `make setup` made (with TORCH_INDEX_URL for a CUDA torch, or SYSTEM_TORCH=1), else this Python.
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=${PYTHON:-python3}; fi
 if [ "${1:-}" = "--fetch-wheels" ]; then
-  # The engine's own needs beyond PyTorch, at constraints.txt's versions.
-  mapfile -t wanted < <(grep -iE '^(transformers|huggingface_hub|tokenizers|httpx2|httpcore2|truststore|safetensors)==' constraints.txt)
+  # Everything the check imports beyond PyTorch and the standard library, at constraints.txt's versions
+  # (about 45 MB): what the machine lacks, or has older (transformers), it takes from here.
+  names='transformers|huggingface_hub|hf-xet|tokenizers|safetensors|regex|pyyaml|tqdm|packaging|numpy|pillow'
+  names+='|anyio|sniffio|idna|h11|httpx2|httpcore2|truststore|psutil|pydantic|pydantic_core|pydantic-settings'
+  names+='|python-dotenv|annotated-types|typing-inspection|prometheus_client|zstandard|protobuf'
+  mapfile -t wanted < <(grep -iE "^(${names})==" constraints.txt)
   platforms=()
   for n in 28 27 17; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
   "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

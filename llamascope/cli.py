@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from llamascope import __version__
 from llamascope.client import chat
-from llamascope.settings import BUILTIN, ModelSpec, Settings
+from llamascope.settings import BUILTIN, ModelSpec, Settings, describe_error
 
 if TYPE_CHECKING:
     from llamascope.accounts.store import AccountStore
@@ -271,7 +271,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings.load(args.config, **overrides)
     except Exception as exc:  # pydantic's ValidationError or a missing file: say it plainly
-        print(f"llamascope: bad settings: {exc}", file=sys.stderr)
+        print(f"llamascope: bad settings: {describe_error(exc)}", file=sys.stderr)
         return 2
     if weak := weak_keys(settings.api_keys):
         print("llamascope: cannot start: " + "\n".join(weak), file=sys.stderr)
@@ -420,7 +420,7 @@ def accounts_command(args: argparse.Namespace) -> int:
     try:
         settings = Settings.load(getattr(args, "config", None))
     except Exception as exc:
-        print(f"llamascope: bad settings: {exc}", file=sys.stderr)
+        print(f"llamascope: bad settings: {describe_error(exc)}", file=sys.stderr)
         return 2
     store = open_store(settings)
     try:

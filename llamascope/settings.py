@@ -265,3 +265,19 @@ class Settings(BaseSettings):
                 for name in SEED_MODELS
             }
         return settings
+
+
+def describe_error(exc: BaseException) -> str:
+    """A settings error as a user reads it: each wrong setting by the environment variable (and config-file
+    key) that sets it, what is wrong, and the value given; pydantic's own text for anything else."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    lines = []
+    for error in exc.errors(include_url=False):
+        where = [str(part) for part in error["loc"]]
+        name = f"LLAMASCOPE_{where[0].upper()} ({'.'.join(where)})" if len(where) == 1 else ".".join(where)
+        given = f" (given: {error['input']!r})" if error["type"] != "missing" and "input" in error else ""
+        lines.append(f"{name}: {error['msg']}{given}")
+    return "\n".join(lines)

@@ -160,3 +160,14 @@ def test_help_says_what_each_option_does() -> None:
                 assert action.help, f"{prog}: {action.option_strings or action.dest} has no help"
     grant = subprocess.run([*LLAMASCOPE, "keys", "grant", "--help"], capture_output=True, text=True).stdout
     assert "the key itself" in grant and "'*'" in grant
+
+
+def test_a_bad_setting_is_refused_naming_its_environment_variable(tmp_path: Path) -> None:
+    out = llamascope(
+        tmp_path, "serve", "--port", "1", env={"LLAMASCOPE_VISION_BATCH_TILES": "0", "LLAMASCOPE_MAX_BATCH_SIZE": "abc"}
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert (
+        "LLAMASCOPE_VISION_BATCH_TILES (vision_batch_tiles): Input should be greater than or equal to 1" in out.stderr
+    )
+    assert "(given: '0')" in out.stderr and "LLAMASCOPE_MAX_BATCH_SIZE" in out.stderr, out.stderr

@@ -63,6 +63,8 @@ _PARAM_PATTERNS = (
 def openai_param(error: errors.ServiceError) -> str | None:
     if error.status != 400:
         return None
+    if error.code == "BadRequest.EmptyInput":  # DashScope's words name no field; here it is always messages
+        return "messages"
     for pattern, param in _PARAM_PATTERNS:
         found = pattern.search(error.message)
         if found:

@@ -93,6 +93,10 @@ def test_errors_in_the_openai_shape(server: Server, client: openai.OpenAI, image
     assert raw.status_code == 400 and set(body) == {"error", "request_id"}
     assert set(body["error"]) == {"code", "type", "param", "message"}
     assert body["request_id"] == raw.headers["x-request-id"]
+    for empty in ([], None):  # DashScope's "Required input parameter missing" names messages here
+        with pytest.raises(openai.BadRequestError) as missing:
+            client.chat.completions.create(model=SEED_MODEL, messages=empty)  # type: ignore[arg-type]
+        assert missing.value.body["param"] == "messages", missing.value.body
 
 
 def test_models(client: openai.OpenAI) -> None:

@@ -135,6 +135,18 @@ class Server:
             time.sleep(0.05)
         raise AssertionError(f"no access line for {request_id}:\n{self.log()[-3000:]}")
 
+    def hang_up_after(self, path: str, body: dict[str, object], events: int = 3) -> str:
+        """Stream ``body`` to ``path``, hang up after ``events`` events; the request's access-log line."""
+        headers = {"Authorization": f"Bearer {self.key}", "X-DashScope-SSE": "enable"}
+        with httpx.stream("POST", self.base + path, json=body, headers=headers, timeout=60) as r:
+            request_id = r.headers["x-request-id"]
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data:")
+                if seen == events:
+                    break
+        return self.access_line(request_id)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)

@@ -192,15 +192,7 @@ def test_config_file_and_model_flag(tmp_path: Path, test_model_dir: Path) -> Non
 
 def test_stream_hangup_stops_generation(server: Server, image_host) -> None:
     body = generation_body(image_host.url("/red.png"), max_tokens=4000, temperature=0)
-    headers = {"Authorization": f"Bearer {server.key}", "X-DashScope-SSE": "enable"}
-    with httpx.stream("POST", server.base + PATH, json=body, headers=headers, timeout=60) as r:
-        request_id = r.headers["x-request-id"]
-        seen = 0
-        for line in r.iter_lines():
-            seen += line.startswith("data:")
-            if seen == 3:
-                break
-    line = server.access_line(request_id)
+    line = server.hang_up_after(PATH, body)
     assert "client=disconnected" in line
     produced = int(re.search(r"output_tokens=(\d+)", line).group(1))
     assert 3 <= produced < 400, line

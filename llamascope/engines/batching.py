@@ -44,7 +44,7 @@ from llamascope.engines.base import FinishReason, SamplingParams
 from llamascope.engines.kv_cache import new_cache
 from llamascope.engines.prefix_cache import PrefixCache
 from llamascope.engines.sampling import Sampler, chosen_logprobs, log_probabilities, pick
-from llamascope.engines.vision import DEFAULT_BATCH_TILES, ImageEncoder, VisionCache
+from llamascope.engines.vision import ImageEncoder, VisionCache, batch_tiles
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +207,13 @@ class Batch:
             layer.keys, layer.values = keys, values
 
 
+def _put(layer: Any, keys: Any, values: Any) -> None:
+    """A cache layer made to hold these keys and values (a prefix cache lease's, an image's), as it would after
+    computing them."""
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+
+
 def _positions(start: int, end: int, device: Any) -> Any:
     """Position ids [1, end - start] for the prompt tokens start..end."""
     import torch
@@ -320,7 +327,7 @@ class Scheduler:
         self.cross_layers = set(getattr(text_config, "cross_attention_layers", ()))
         # Self-attention caches appended to in place (kv_cache.GrowingLayer); off: transformers' DynamicLayer.
         self.growing_kv = True
-        tiles = limits.vision_batch_tiles or (DEFAULT_BATCH_TILES if model.device.type == "cuda" else 1)
+        tiles = batch_tiles(limits.vision_batch_tiles, model.device.type)
         self.encoder = ImageEncoder(model, pixels, vision_cache, self.cross_layers, tiles)
         import torch
 
@@ -468,7 +475,7 @@ class Scheduler:
                 if seq.cancel.is_set() or now - seq.queued_at > limits.max_queue_wait:
                     continue
                 longest = max(longest, seq.budget)
-                if count and (count >= limits.max_batch or (count + 1) * longest > limits.max_batch_tokens):
+                if not self._room(count, longest):
                     break
                 expected.append(seq)
                 count += 1
@@ -492,14 +499,17 @@ class Scheduler:
                     seq.send(errors.request_timed_out())
                     continue
                 running = [s for b in self.batches.values() for s in b.rows]
-                # A batch's caches are padded to its longest row: count every row as long as the longest.
-                if running and (
-                    len(running) >= self.limits.max_batch
-                    or (len(running) + 1) * max(seq.budget, *(s.budget for s in running)) > self.limits.max_batch_tokens
-                ):
+                if not self._room(len(running), max([seq.budget, *(s.budget for s in running)])):
                     return None
                 return self._pop_waiting()
         return None
+
+    def _room(self, running: int, longest: int) -> bool:
+        """Whether one more request fits beside ``running`` ones, the longest budget among them all ``longest``.
+
+        A batch's caches are padded to its longest row: every row counts as long as the longest."""
+        limits = self.limits
+        return not running or (running < limits.max_batch and (running + 1) * longest <= limits.max_batch_tokens)
 
     def _pop_waiting(self) -> Sequence:
         seq = self.waiting.popleft()
@@ -534,10 +544,8 @@ class Scheduler:
         }
         if first and seq.has_image:  # its image's keys and values: views of the vision cache's one copy
             kv, seq.tiles = self.encoder.cross_kv(seq)
-            for index, (keys, values) in zip(sorted(self.cross_layers), kv, strict=True):
-                layer = seq.cache.layers[index]
-                layer.lazy_initialization(keys, values)
-                layer.keys, layer.values = keys, values
+            for index, (keys, values) in zip(self.encoder.cross_layers, kv, strict=True):
+                _put(seq.cache.layers[index], keys, values)
         kwargs["past_key_values"] = seq.cache
         if seq.has_image:
             kwargs["cross_attention_mask"] = inputs["cross_attention_mask"][:, start:end].to(device)
@@ -566,9 +574,7 @@ class Scheduler:
         layers = iter(lease.layers)
         for index, layer in enumerate(seq.cache.layers):
             if index not in self.cross_layers:
-                keys, values = next(layers)
-                layer.lazy_initialization(keys, values)
-                layer.keys, layer.values = keys, values
+                _put(layer, *next(layers))
         send, prefix = seq.send, self.prefix
 
         def send_then_give_back(message: Message) -> None:  # its blocks may go once it has ended

@@ -116,13 +116,19 @@ def _text(config: Any) -> Any:
     return getattr(config, "text_config", config)
 
 
-def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
+def _kv_layout(config: Any) -> tuple[int, int, int]:
+    """(self-attention layers, cross-attention layers, kv heads x head dim) of a model's text part."""
     text = _text(config)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     cross = len(getattr(text, "cross_attention_layers", None) or [])
-    return 2 * (text.num_hidden_layers - cross) * kv_heads * head_dim * dtype_bytes
+    return text.num_hidden_layers - cross, cross, kv_heads * head_dim
+
+
+def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
+    layers, _, width = _kv_layout(config)
+    return 2 * layers * width * dtype_bytes
 
 
 def image_states(config: Any) -> int:
@@ -131,6 +137,13 @@ def image_states(config: Any) -> int:
     if vision is None:
         return 0
     return vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
+
+
+def image_kv_bytes(config: Any, dtype_bytes: int) -> int:
+    """One image's cross-attention keys and values, every cross-attention layer's (210 MB for the 11B in bf16):
+    what a request about it holds, and a vision-cache entry; 0 for a text-only model."""
+    _, cross, width = _kv_layout(config)
+    return 2 * cross * width * image_states(config) * dtype_bytes
 
 
 def plan_memory(
@@ -159,13 +172,7 @@ def plan_memory(
     text = _text(config)
     per_token = kv_bytes_per_token(config, dtype_bytes)
     states = image_states(config)
-    cross = len(getattr(text, "cross_attention_layers", None) or [])
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    # An image's cross-attention keys and values: what a request about it holds, and a vision-cache entry.
-    per_image_request = 2 * cross * kv_heads * head_dim * states * dtype_bytes
-    per_cached_image = per_image_request
+    per_image_request = image_kv_bytes(config, dtype_bytes)  # also what a vision-cache entry takes
     # A prefill chunk's widest activations (the MLP's gate and up projections, attention's q/k/v), held a few
     # times over by autograd-free eager code; a decode step's float32 logits for a full batch; the vision
     # tower's for one call of ``vision_batch_tiles`` tiles, the same way.
@@ -182,16 +189,16 @@ def plan_memory(
             f"only {free_bytes / (1 << 30):.1f} GiB left after loading: not enough for one request's activations "
             "(quantize the weights, split them across GPUs, or use a larger GPU)"
         )
-    cache = max(per_cached_image, int(usable * vision_cache_share)) if states else 0
+    cache = max(per_image_request, int(usable * vision_cache_share)) if states else 0
     prefix = int(usable * prefix_cache_share)  # finished requests' keys and values, for prefix reuse
     for_requests = usable - cache - prefix
     from llamascope.engines.kv_cache import SLACK
 
-    # Each running request also holds its image's states and room for SLACK more tokens (kv_cache.GrowingLayer).
+    # Each running request also holds its image's keys and values and room for SLACK more tokens (kv_cache).
     per_request = per_image_request + SLACK * per_token
     typical = (context_length // 4) * per_token + per_request
     max_batch = max(1, min(max_batch_cap, for_requests // max(typical, 1)))
-    # Image states of a full batch come out of the same memory as the keys and values.
+    # Images' keys and values of a full batch come out of the same memory as the self-attention ones.
     tokens = max(0, for_requests - max_batch * per_request) // per_token
     if tokens < context_length:
         max_batch = max(1, min(max_batch, (for_requests - context_length * per_token) // max(per_request, 1)))

@@ -38,7 +38,7 @@ from llamascope.engines.batching import BatchLimits, Message, Scheduler, Sequenc
 from llamascope.engines.mllama_pixels import MllamaPixels
 from llamascope.engines.prefix_cache import PrefixCache, default_bytes
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
-from llamascope.engines.vision import DEFAULT_BATCH_TILES, VisionCache
+from llamascope.engines.vision import VisionCache, batch_tiles
 from llamascope.images import PreparedImage
 from llamascope.observability.request import engine_stages, image_preprocessed
 
@@ -363,7 +363,7 @@ class MllamaEngine:
                 context_length=context_length,
                 prefill_chunk=limits.prefill_chunk,
                 report=log.info,
-                vision_batch_tiles=limits.vision_batch_tiles or DEFAULT_BATCH_TILES,
+                vision_batch_tiles=batch_tiles(limits.vision_batch_tiles, model.device.type),
             )
         except devices.DeviceError as exc:
             raise ModelLoadError(f"{path}: {exc}") from exc

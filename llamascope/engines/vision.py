@@ -47,6 +47,12 @@ CrossKV = tuple[tuple[Any, Any], ...]
 DEFAULT_BATCH_TILES = 16
 
 
+def batch_tiles(setting: int | None, device_type: str) -> int:
+    """VISION_BATCH_TILES as set, else its default for the device: ``DEFAULT_BATCH_TILES`` on a GPU, 1 (one image
+    a call) on the CPU, where the tower is bound by its arithmetic."""
+    return setting or (DEFAULT_BATCH_TILES if device_type == "cuda" else 1)
+
+
 def kv_bytes(kv: CrossKV) -> int:
     return sum(t.numel() * t.element_size() for pair in kv for t in pair)
 
@@ -89,11 +95,9 @@ class ImageEncoder:
 
     def entry_bytes(self) -> int:
         """What one image's ``CrossKV`` takes in the cache."""
-        config = self.model.config
-        text, vision = config.text_config, config.vision_config
-        states = vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return 2 * len(self.cross_layers) * text.num_key_value_heads * head_dim * states * self.model.dtype.itemsize
+        from llamascope.engines.devices import image_kv_bytes
+
+        return image_kv_bytes(self.model.config, self.model.dtype.itemsize)
 
     # -- one image -------------------------------------------------------
 

@@ -253,16 +253,8 @@ def test_grants_allowances_and_ledger(text_server: Server) -> None:
 
 def test_a_client_that_hangs_up_stops_the_text_model(text_server: Server) -> None:
     """The text-only engine stops when its caller leaves, is charged what it made, and frees its place."""
-    headers = {"Authorization": f"Bearer {text_server.key}", "X-DashScope-SSE": "enable"}
     long = body(TEXT_MODEL, HI, max_tokens=4000, min_new_tokens=4000, incremental_output=True)
-    with httpx.stream("POST", text_server.base + PATH, json=long, headers=headers, timeout=60) as r:
-        request_id = r.headers["x-request-id"]
-        events = 0
-        for line in r.iter_lines():
-            events += line.startswith("data:")
-            if events == 3:
-                break
-    line = text_server.access_line(request_id)
+    line = text_server.hang_up_after(PATH, long)
     assert "client=disconnected" in line and f"model={TEXT_MODEL}" in line
     made = int(line.split("output_tokens=")[1].split()[0])
     assert 3 <= made < 4000

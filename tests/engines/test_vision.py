@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -186,9 +187,11 @@ def test_an_images_keys_and_values_are_projected_once_and_shared(engine: MllamaE
         )
         # Four at once about it, held in a decode step to look at what the batch reads.
         prompts = [await engine.prepare([Turn("user", f"Question {i}?", photo)]) for i in range(4)]
-        tasks = [asyncio.create_task(text_of(engine.generate(p, SamplingParams(max_new_tokens=40)))) for p in prompts]
+        forty = SamplingParams(max_new_tokens=40, min_new_tokens=40)  # none ends before all four have joined
+        tasks = [asyncio.create_task(text_of(engine.generate(p, forty))) for p in prompts]
         batch = engine.scheduler.batches[True]
-        while len(batch.rows) < 4:
+        deadline = time.monotonic() + 60
+        while len(batch.rows) < 4 and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         gate.armed = True
         await asyncio.to_thread(gate.inside.wait, 30)

@@ -2,12 +2,18 @@
 
 Nothing here stands in for llamascope's own code: servers are started with
 the real ``llamascope serve`` command and driven over loopback HTTP.
+
+What a test needs beyond Python is a marker (registered in pyproject.toml): ``server`` for a test that
+starts llamascope servers of its own, and one per service it starts on loopback (``postgres``, ``redis``,
+``nginx``, ``chromium``, ``prometheus``). A test whose service is missing is skipped with the package to
+install; under ``CI=true`` it fails instead, so CI never passes by skipping what it was meant to run.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,6 +59,91 @@ def test_model_dir() -> Path:
     from llamascope.engines.test_model import ensure_test_model
 
     return ensure_test_model(CACHE_DIR)
+
+
+# -- what tests need: the services they start on loopback --------------------
+
+IN_CI = os.environ.get("CI") == "true"
+PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)
+
+
+def _postgres_missing() -> str | None:
+    if PG_BIN is None or not (PG_BIN / "initdb").exists():
+        return "PostgreSQL is not installed (Debian package 'postgresql')"
+    if os.geteuid() == 0 and subprocess.run(["id", "postgres"], capture_output=True).returncode != 0:
+        return "running as root and there is no postgres user to run PostgreSQL as (Debian package 'postgresql')"
+    if IN_CI and not os.environ.get("LLAMASCOPE_TEST_DATABASE_URL"):
+        return "LLAMASCOPE_TEST_DATABASE_URL is not set (.ci/run starts a PostgreSQL and sets it)"
+    return None
+
+
+def _nginx_missing() -> str | None:
+    if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
+        return None
+    return "nginx is not installed (Debian package 'nginx')"
+
+
+def _chromium_missing() -> str | None:
+    if not Path("/usr/bin/chromium").exists():
+        return "/usr/bin/chromium is not installed (Debian package 'chromium')"
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "Playwright is not installed (the test extras: pip install -e '.[test]')"
+    return None
+
+
+def _commands_missing(package: str, *commands: str) -> str | None:
+    absent = [c for c in commands if shutil.which(c) is None]
+    return f"{', '.join(absent)} not installed (Debian package '{package}')" if absent else None
+
+
+# Each service marker, and why its service is missing on this machine (None: it is here).
+SERVICES = {
+    "postgres": _postgres_missing,
+    "redis": lambda: _commands_missing("redis-server", "redis-server"),
+    "nginx": _nginx_missing,
+    "chromium": _chromium_missing,
+    "prometheus": lambda: _commands_missing("prometheus", "prometheus", "promtool"),
+}
+
+
+def _needed(item: pytest.Item) -> list[str]:
+    return [name for name in SERVICES if item.get_closest_marker(name) is not None]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before any fixture starts: a missing service fails the test under CI=true and skips it elsewhere."""
+    for name in _needed(item):
+        why = SERVICES[name]()
+        if why is not None:
+            message = f"needs {name}: {why}; .ci/run installs it"
+            if IN_CI:
+                pytest.fail(f"{message} (under CI=true a missing service is a failure)", pytrace=False)
+            pytest.skip(message)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under CI=true a test that needs a service may not skip on its own either (an unset database URL)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if IN_CI and report.skipped and _needed(item) and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"under CI=true a test that needs {', '.join(_needed(item))} may not skip: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """Under CI=true no test module may skip as a whole (the browser tests skip when Chromium is absent)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if IN_CI and report.skipped and isinstance(collector, pytest.Module):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"under CI=true {collector.nodeid} may not skip: {reason}"
 
 
 # -- a loopback image host ---------------------------------------------------

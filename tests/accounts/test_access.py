@@ -128,7 +128,7 @@ def test_rate_limits(dashscope_sdk, server: Server, image_host) -> None:
     assert call(image_host.url("/red.png"), key).code == "Throttling.RateQuota"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.server, pytest.mark.postgres])])
 def any_store_server(request: pytest.FixtureRequest, server: Server, tmp_path: Path, test_model_dir: Path):
     """The session server (SQLite), or one on PostgreSQL when LLAMASCOPE_TEST_DATABASE_URL is set."""
     if request.param == "sqlite":
@@ -197,6 +197,7 @@ def test_admin_api_needs_the_admin_key(server: Server) -> None:
         assert (r.status_code, r.json()["code"]) == (401, "InvalidApiKey")
 
 
+@pytest.mark.server
 def test_ledger_survives_a_restart_and_the_cli_reads_it(tmp_path: Path, test_model_dir: Path, image_host) -> None:
     import subprocess
     import sys

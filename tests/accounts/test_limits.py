@@ -115,6 +115,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.mark.redis
 def test_replicas_share_requests_tokens_and_concurrency(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         a, b = SharedRateLimits(redis_server.url), SharedRateLimits(redis_server.url)
@@ -147,6 +148,7 @@ def test_replicas_share_requests_tokens_and_concurrency(redis_server: RedisServe
     asyncio.run(scenario())
 
 
+@pytest.mark.redis
 def test_a_dead_replicas_requests_stop_counting_when_its_heartbeat_expires(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         live = SharedRateLimits(redis_server.url, heartbeat_ttl=0.6)
@@ -165,6 +167,7 @@ def test_a_dead_replicas_requests_stop_counting_when_its_heartbeat_expires(redis
     asyncio.run(scenario())
 
 
+@pytest.mark.redis
 @pytest.mark.parametrize("rule", ["open", "closed"])
 def test_redis_down_is_served_or_refused_by_the_rule_never_hung(redis_server: RedisServer, rule: str) -> None:
     async def scenario() -> None:

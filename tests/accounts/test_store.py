@@ -15,7 +15,12 @@ from llamascope.accounts.store import AccountStore, Reservation, utcnow
 POSTGRES = os.environ.get("LLAMASCOPE_TEST_DATABASE_URL")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not POSTGRES, reason="no PG"))])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.skipif(not POSTGRES, reason="no PG")]),
+    ]
+)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> AccountStore:
     if request.param == "sqlite":
         s = AccountStore.for_path(tmp_path / "accounts.db")

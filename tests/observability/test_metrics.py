@@ -24,6 +24,7 @@ import pytest
 from tests.conftest import ADMIN_KEY, API_KEY, ROOT, Server, free_port, generation_body, png_bytes
 from tests.observability.conftest import METRICS_KEY
 
+pytestmark = pytest.mark.server
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 DASHBOARD = ROOT / "docs" / "observability" / "grafana-dashboard.json"
 ALERTS = ROOT / "docs" / "observability" / "alerts.yml"
@@ -169,6 +170,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, server: Server) -> Iter
     prom.stop()
 
 
+@pytest.mark.prometheus
 def test_prometheus_reads_token_counters_equal_to_the_reported_usage(
     server: Server, prometheus: Prometheus, image_host
 ) -> None:
@@ -217,6 +219,7 @@ def test_prometheus_reads_token_counters_equal_to_the_reported_usage(
     assert prometheus.scalar('sum(llamascope:http_requests_total{route="/admin/keys",status="200"})') == 1
 
 
+@pytest.mark.prometheus
 def test_refusals_count_by_code_and_routes_by_template(server: Server, prometheus: Prometheus, image_host) -> None:
     before = scrape(server)
     bad_key = httpx.post(server.base + PATH, json={}, headers={"Authorization": "Bearer sk-nope"})
@@ -316,6 +319,7 @@ def exposed_names(text: str) -> set[str]:
     return names
 
 
+@pytest.mark.prometheus
 def test_dashboard_is_a_grafana_dashboard_whose_queries_run(server: Server, prometheus: Prometheus) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     # What Grafana's import needs (grafana/pkg/.../dashboard JSON model): a title, a schema version,
@@ -349,6 +353,7 @@ def test_dashboard_is_a_grafana_dashboard_whose_queries_run(server: Server, prom
         prometheus.query(promql)
 
 
+@pytest.mark.prometheus
 def test_alert_rules_pass_promtool_and_name_existing_metrics(server: Server, prometheus: Prometheus) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:

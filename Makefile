@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test test-fast lint bench clean
 
 # On a GPU machine (README, "On GPUs"), one of:
 #   make setup TORCH_INDEX_URL=<PyTorch's CUDA wheel index for your CUDA, e.g. its cu128 one>
@@ -42,6 +42,12 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The inner loop, under 2 minutes on two cores: no test that needs a llamascope server process or a service,
+# none marked slow (the markers in pyproject.toml). `make test` runs everything.
+FAST := not server and not postgres and not redis and not nginx and not chromium and not prometheus and not slow
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "$(FAST)" $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .mypy_cache

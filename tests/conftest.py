@@ -4,7 +4,8 @@ Nothing here stands in for llamascope's own code: servers are started with
 the real ``llamascope serve`` command and driven over loopback HTTP.
 
 What a test needs beyond Python is a marker (registered in pyproject.toml): ``server`` for a test that
-starts llamascope servers of its own, and one per service it starts on loopback (``postgres``, ``redis``,
+needs real llamascope server processes (its own, marked where it starts them, or the session's shared ones,
+marked here), and one per service it starts on loopback (``postgres``, ``redis``,
 ``nginx``, ``chromium``, ``prometheus``). A test whose service is missing is skipped with the package to
 install; under ``CI=true`` it fails instead, so CI never passes by skipping what it was meant to run.
 """
@@ -114,6 +115,17 @@ SERVICES = {
 }
 
 
+SHARED_SERVERS = ("server", "text_server")  # session fixtures, one real ``llamascope serve`` each
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test on one of the session's shared servers needs a real server process too: it is marked ``server``."""
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in SHARED_SERVERS):
+            item.add_marker(pytest.mark.server)
+
+
 def _needed(item: pytest.Item) -> list[str]:
     return [name for name in SERVICES if item.get_closest_marker(name) is not None]
 
@@ -200,7 +212,7 @@ def pytest_runtestloop(session: pytest.Session) -> Iterator[object]:
             warnings.simplefilter("always", ResourceWarning)
             gc.collect()
         _left_open.extend(f"collected at the end: {w.message}" for w in caught if str(w.message).startswith(UNCLOSED))
-        live = [o for o in gc.get_objects() if isinstance(o, aiohttp.ClientSession) and not o.closed]
+        live = [o for o in gc.get_objects() if issubclass(type(o), aiohttp.ClientSession) and not o.closed]
         _left_open.extend(f"still open at the end: {o!r}" for o in live if not any(repr(o) in x for x in _left_open))
     if _left_open:
         why = "aiohttp sessions were left open (close them before their event loop ends; the dashscope SDK's: run_sdk)"

@@ -53,6 +53,7 @@ REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 def test_batched_output_is_token_identical_to_alone(engine: MllamaEngine) -> None:
     async def scenario() -> tuple[list[tuple[str, int]], list[tuple[str, int]], int]:
         alone = []
@@ -76,6 +77,7 @@ def chunked(test_model_dir: Path) -> MllamaEngine:
     return MllamaEngine.load(test_model_dir, test_model=True, limits=BatchLimits(prefill_chunk=5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(320, 240), (1120, 840)], ids=["one tile", "four tiles"])
 @pytest.mark.parametrize("prefill", ["whole", "chunked"])
 def test_answers_equal_transformers_generate(
@@ -114,6 +116,7 @@ def test_answers_equal_transformers_generate(
     assert engine.vision_cache.peek(turns[0].image.digest)[1] == tiles
 
 
+@pytest.mark.slow
 def test_requests_about_one_image_share_its_states(engine: MllamaEngine) -> None:
     """Rows with the same image keep one copy of its cross-attention states, not one each; a row with
     another image makes the batch hold copies until it leaves; every answer is the request's alone."""

@@ -19,6 +19,7 @@ from llamascope.client import chat
 from llamascope.settings import BUILTIN, ModelSpec, Settings, describe_error
 
 if TYPE_CHECKING:
+    from llamascope.accounts.records import ModelAllowance
     from llamascope.accounts.store import AccountStore
 
 log = logging.getLogger("llamascope")
@@ -324,7 +325,7 @@ def serve(args: argparse.Namespace) -> int:
     first_key = None
     if store.count_keys() == 0:
         first_key, _, _ = admin.create_key(
-            store, settings.models, name="first start", allowance=admin.UNLIMITED, days=admin.UNLIMITED
+            store, model_allowances(settings), name="first start", allowance=admin.UNLIMITED, days=admin.UNLIMITED
         )
     uploads_store = UploadStore(
         settings.upload_dir or settings.data_dir / "uploads",
@@ -411,11 +412,18 @@ def open_store(settings: Settings) -> AccountStore:
     return store
 
 
+def model_allowances(settings: Settings) -> dict[str, ModelAllowance]:
+    """Each model's default allowance from the settings, for accounts.admin (which reads no settings)."""
+    from llamascope.accounts.records import ModelAllowance
+
+    return {name: ModelAllowance(spec.allowance_tokens, spec.allowance_days) for name, spec in settings.models.items()}
+
+
 def accounts_command(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from llamascope.accounts import admin
-    from llamascope.accounts.store import utcnow
+    from llamascope.accounts.records import utcnow
 
     try:
         settings = Settings.load(getattr(args, "config", None))
@@ -437,7 +445,7 @@ def accounts_command(args: argparse.Namespace) -> int:
             _warn_unknown(admin.unknown_models(args.model or [], settings.models), settings)
             key, view, grants = admin.create_key(
                 store,
-                settings.models,
+                model_allowances(settings),
                 name=args.name,
                 models=args.model,
                 allowance=args.allowance,
@@ -458,7 +466,7 @@ def accounts_command(args: argparse.Namespace) -> int:
         elif args.action == "grant":
             view = store.key(args.key)
             _warn_unknown(admin.unknown_models([args.model], settings.models), settings)
-            admin.grant_models(store, view.id, [args.model], settings.models, args.allowance, args.days)
+            admin.grant_models(store, view.id, [args.model], model_allowances(settings), args.allowance, args.days)
             print(admin.keys_table([(v, g) for v, g in store.list_keys() if v.id == view.id]))
     except (LookupError, ValueError) as exc:
         print(f"llamascope: {exc}", file=sys.stderr)

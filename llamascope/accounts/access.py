@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from llamascope import errors
-from llamascope.accounts.store import GrantView, KeyView
+from llamascope.accounts.records import GrantView, KeyView
 
 # A key of the settings must be as hard to guess as one llamascope makes: "sk-" and 40 hex digits (160 bits).
 KEY_ALPHABET = frozenset("0123456789abcdefABCDEFghijklmnopqrstuvwxyzGHIJKLMNOPQRSTUVWXYZ-_")

@@ -24,7 +24,8 @@ from llamascope import errors
 from llamascope.accounts.access import bearer_key, grant_refusal, key_refusal
 from llamascope.accounts.checkpoints import Checkpoints, Progress
 from llamascope.accounts.limits import RateLimits, SharedRateLimits
-from llamascope.accounts.store import AccountStore, GrantView, KeyView, Reservation, utcnow
+from llamascope.accounts.records import GrantView, KeyView, Reservation, utcnow
+from llamascope.accounts.store import AccountStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

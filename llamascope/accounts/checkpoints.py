@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamascope import errors
-from llamascope.accounts.store import AccountStore, Reservation, utcnow
+from llamascope.accounts.records import Reservation, utcnow
+from llamascope.accounts.store import AccountStore
 
 log = logging.getLogger(__name__)
 # AccountStore.settle's arguments: reservation, request id, input, output and image tokens, status.

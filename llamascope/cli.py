@@ -247,12 +247,12 @@ def listen(host: str, port: int) -> socket.socket:
 
 def weak_keys(keys: list[str]) -> list[str]:
     """Lines that say which keys of the settings are too easy to guess, and how to make a good one."""
-    from llamascope.accounts.access import MAKE_A_KEY, key_weakness
+    from llamascope.accounts.access import KEY_RULE, MAKE_A_KEY, key_weakness
 
     lines = [f"  key {i + 1} ({key[:7]}…): {reason}" for i, key in enumerate(keys) if (reason := key_weakness(key))]
     if lines:
         lines.insert(0, "the API keys of the settings (LLAMASCOPE_API_KEYS or api_keys) must be hard to guess:")
-        lines.append(f"  a key is sk- and at least 40 random characters (40 hex digits: 160 bits); {MAKE_A_KEY}")
+        lines.append(f"  {KEY_RULE}; {MAKE_A_KEY}")
     return lines
 
 

@@ -112,9 +112,9 @@ class Settings(BaseSettings):
     checkpoint_wait_seconds: float = Field(5.0, gt=0)
     lease_seconds: float = Field(30.0, gt=0)
     # Keys to put in the store at start-up, each new one granted every model ("*") without limit; each must
-    # be "sk-" and 40 random characters or more (serve refuses weaker ones). A key these settings no longer
-    # name is revoked at the next start. With none given and an empty store, the first start makes one key
-    # and prints it once.
+    # be "sk-" and 128 random bits or more, such as DashScope's 32 hex digits (serve refuses weaker ones). A
+    # key these settings no longer name is revoked at the next start. With none given and an empty store, the
+    # first start makes one key and prints it once.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Bearer key of the admin HTTP API (/admin/...). None: the admin API is off.
     admin_key: str | None = None

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llamascope.accounts.access import key_weakness
 from tests.conftest import ADMIN_KEY, SEED_MODEL, Server, generation_body, start_server, user_turn
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
@@ -41,6 +42,33 @@ def call(image_url: str, key: str, model: str = SEED_MODEL, **kwargs: object):
     from dashscope import MultiModalConversation
 
     return MultiModalConversation.call(model=model, messages=[user_turn(image_url)], api_key=key, **kwargs)
+
+
+DASHSCOPE_KEY = "sk-" + "9f86d081884c7d659a2feaa0c55ad015"  # DashScope's own format: 32 hex digits, 128 bits
+
+
+def test_keys_of_dashscope_s_format_are_strong_enough() -> None:
+    """Issue 27, item 2: keys moved over from DashScope (sk- and 32 hex digits) were refused as too weak."""
+    assert key_weakness(DASHSCOPE_KEY) is None
+    assert key_weakness(DASHSCOPE_KEY.upper().replace("SK-", "sk-")) is None
+    assert key_weakness("sk-" + "5ca3e903596fc2d3361b8f0ff4bbd2e3c92bab3b") is None  # as llamascope makes them
+    assert key_weakness("sk-" + "Zq3_x9-KpL0mW7vB2nR8tY4hJ6") is None  # 26 of 64 characters: 156 bits
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "sk-" + "9f86d081884c7d659a2feaa0c55ad01",  # 31 hex digits: 124 bits
+        "sk-" + "0" * 40,
+        "sk-" + "0123456789abcdef" * 2,  # every hex digit, in order, twice
+        "sk-" + "abcdefghij" * 4,
+        "sk-a",
+        "sk-...",
+        "9f86d081884c7d659a2feaa0c55ad015",  # no sk-
+    ],
+)
+def test_guessable_keys_are_still_refused(key: str) -> None:
+    assert key_weakness(key) is not None
 
 
 def test_keys(dashscope_sdk, server: Server, image_host) -> None:

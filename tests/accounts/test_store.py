@@ -136,6 +136,15 @@ def test_a_key_is_found_by_itself_by_its_id_and_by_a_prefix(store: AccountStore)
         store.key("sk-")
 
 
+def test_a_key_of_dashscope_s_format_is_matched_whole(store: AccountStore) -> None:
+    """Issue 27, item 2: a key from the settings as DashScope makes them (sk- and 32 hex) is a whole key."""
+    key = "sk-9f86d081884c7d659a2feaa0c55ad015"
+    _, view = store.create_key("from settings", key=key)
+    assert store.key(key) == view and store.key(key[:12]) == view
+    with pytest.raises(LookupError, match="no key"):
+        store.key(key[:-1] + "0")  # mistyped: matches nothing, not the key of the same prefix
+
+
 def test_a_grant_for_every_model_and_a_models_own(store: AccountStore) -> None:
     """Issue 13, item 2: one grant ('*') covers every model; a model's own grant goes first."""
     _, key = store.create_key()

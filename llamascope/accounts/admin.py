@@ -249,15 +249,24 @@ USAGE_COLUMNS = (
     ("input", 10, "input_tokens"),
     ("output", 10, "output_tokens"),
     ("image", 10, "image_tokens"),
+    ("refused", 7, "refused"),  # requests refused before they reached the model (no ledger row), ...
 )
 
 
+def _refusals(counts: dict[str, int] | None) -> str:
+    """... and by DashScope code: "InvalidParameter=14 Throttling.RateQuota=3"."""
+    return " ".join(f"{code}={n}" for code, n in (counts or {}).items())
+
+
 def usage_table(rows: list[dict[str, Any]]) -> str:
-    """Requests (by how they ended) and tokens per day, key and model."""
-    lines = [f"{'day':<10}  {'key':<10} {'model':<32} " + " ".join(f"{h:>{w}}" for h, w, _ in USAGE_COLUMNS)]
+    """Requests (by how they ended, and those refused by code) and tokens per day, key and model."""
+    columns = " ".join(f"{h:>{w}}" for h, w, _ in USAGE_COLUMNS)
+    lines = [f"{'day':<10}  {'key':<10} {'model':<32} {columns}  refusals"]
     for r in rows:
         counts = " ".join(f"{r.get(field) or 0:>{w}}" for _, w, field in USAGE_COLUMNS)
-        lines.append(f"{r['day']:<10}  {r['prefix'] + '…':<10} {r['model'][:32]:<32} {counts}")
+        model = r["model"][:32] or "-"  # "-": refused before naming a served model
+        line = f"{r['day']:<10}  {r['prefix'] + '…':<10} {model:<32} {counts}  {_refusals(r.get('refusals'))}"
+        lines.append(line.rstrip())
     if len(lines) == 1:
         lines.append("(no requests yet)")
     return "\n".join(lines)

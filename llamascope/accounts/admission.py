@@ -143,10 +143,14 @@ class Accounts:
         return await self.run(call, *args)
 
     def close(self) -> None:
-        """Wait for charges still being written, then stop the pool and the checkpoint writer (at server stop)."""
+        """Wait for charges still being written, then stop the pool and the checkpoint writer, and save the
+        refusals counted (at server stop)."""
         self._pool.shutdown(wait=True)
         if self.checkpoints is not None:
-            self.checkpoints.stop()
+            self.checkpoints.stop()  # saves the refusals counted since its last tick
+        else:
+            with contextlib.suppress(*UNREACHABLE):
+                self.store.save_refusals()
 
     async def authenticate(self, authorization: str | None) -> Principal:
         key = bearer_key(authorization)

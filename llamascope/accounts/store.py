@@ -51,6 +51,7 @@ from llamascope.accounts.records import (
     utcnow,
     view_of,
 )
+from llamascope.accounts.refusals import RefusalCounts, with_refusals
 from llamascope.accounts.schema import ApiKey, Grant, InFlight, Replica, UsageRecord
 from llamascope.accounts.sqlite_hot_path import SqliteHotPath, already_charged, sqlite_pragmas
 from llamascope.accounts.statements import LEDGER_FIELDS, HotStatements
@@ -81,6 +82,7 @@ class AccountStore:
             event.listen(self.engine, "connect", sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._hot = HotStatements()
+        self.refusals = RefusalCounts(self.engine)
         database = self.engine.url.database
         # The per-request path through the stdlib driver, for an SQLite file (not an in-memory database).
         self._sqlite = (
@@ -442,8 +444,18 @@ class AccountStore:
 
     # -- the ledger -------------------------------------------------------------
 
+    def record_refusal(self, key_id: int, model: str, code: str) -> None:
+        """Count a request of this key refused before it reached a model (``code``: the DashScope code; ``model``
+        "" if none is known). In memory, no store call: ``save_refusals`` writes the counts (see refusals.py)."""
+        self.refusals.count(key_id, model, code)
+
+    def save_refusals(self) -> None:
+        self.refusals.save()
+
     def usage(self, key_id: int | None = None, since: datetime | None = None) -> list[dict[str, Any]]:
-        """Totals per key, model and day (UTC)."""
+        """Totals per key, model and day (UTC): requests by how they ended, tokens, and the requests refused
+        before they reached the model (``refused``, and ``refusals`` per DashScope code; counted per day, so
+        ``since`` takes its whole first day of them)."""
         day = func.date(UsageRecord.started_at)
         query = (
             select(
@@ -468,8 +480,10 @@ class AccountStore:
             query = query.where(UsageRecord.key_id == key_id)
         if since is not None:
             query = query.where(UsageRecord.started_at >= since)
+        self.refusals.save()  # what this process counted so far
         with self.session() as s:
-            return [dict(row._mapping) | {"day": str(row.day)} for row in s.execute(query)]
+            rows = [dict(row._mapping) | {"day": str(row.day)} for row in s.execute(query)]
+        return with_refusals(rows, self.refusals.totals(key_id, since))
 
     def requests(
         self, key_id: int | None = None, since: datetime | None = None, limit: int = 50

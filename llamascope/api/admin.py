@@ -119,7 +119,8 @@ class NewKeyDescription(KeyDescription):
 
 
 class UsageRow(BaseModel):
-    """Requests and tokens of one key, model and day (UTC)."""
+    """Requests and tokens of one key, model and day (UTC); model "" for refusals of requests that named no
+    served model."""
 
     key_id: int
     prefix: str
@@ -133,6 +134,8 @@ class UsageRow(BaseModel):
     input_tokens: int
     output_tokens: int
     image_tokens: int
+    refused: int = Field(0, description="Requests refused before they reached the model (not in requests).")
+    refusals: dict[str, int] = Field(default_factory=dict, description="The refused requests per DashScope code.")
 
 
 class RequestRow(BaseModel):

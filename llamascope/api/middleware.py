@@ -184,7 +184,11 @@ class Authentication:
             state["error_code"] = refusal.code
             await error_response(refusal, state.get("request_id", ""), scope["path"])(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:  # a key's request refused before it reached a model has no ledger row: count it (no I/O)
+            if (code := state.get("error_code")) and "principal" in state and "reply" not in state:
+                self.accounts.store.record_refusal(state["principal"].key.id, state.get("model", ""), code)
 
     def _check_admin(self, authorization: str | None) -> None:
         if self.admin_key is None:

@@ -7,13 +7,18 @@ import re
 import signal
 import threading
 import time
+from datetime import timedelta
 from http import HTTPStatus
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import update
 
-from llamascope.accounts.access import key_weakness
+from llamascope.accounts.access import grant_refusal, key_refusal, key_weakness
+from llamascope.accounts.records import GrantView, KeyView, utcnow
+from llamascope.accounts.schema import Grant
+from llamascope.accounts.store import AccountStore
 from tests.conftest import ADMIN_KEY, SEED_MODEL, Server, generation_body, start_server, user_turn
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
@@ -86,9 +91,28 @@ def test_keys(dashscope_sdk, server: Server, image_host) -> None:
         assert (r.status_code, r.json()["code"]) == (401, "InvalidApiKey")
 
 
+def server_store(server: Server) -> AccountStore:
+    """The server's own store (its SQLite file): a test moves a key's or a grant's end into the past there,
+    as if the time had passed, and the server's next request sees it."""
+    return AccountStore.for_path(server.log_path.parent / "data" / "llamascope.db")
+
+
+def test_expiry_decisions() -> None:
+    """What the server decides at the moment a key or an allowance ends, on the decisions' own clock."""
+    now = utcnow()
+    key = KeyView(1, "sk-abcd", "", now, now + timedelta(days=1), None, None, None, None)
+    assert key_refusal(key, now) is None
+    assert key_refusal(key, now + timedelta(days=1)).code == "InvalidApiKey"
+    grant = GrantView(1, 1, SEED_MODEL, None, 0, 0, now, now + timedelta(seconds=1), None)
+    assert grant_refusal(SEED_MODEL, grant, now) is None
+    refused = grant_refusal(SEED_MODEL, grant, now + timedelta(seconds=1))
+    assert refused.code == "AllocationQuota.FreeTierOnly" and "expired on" in refused.message
+
+
 def test_expired_key(dashscope_sdk, server: Server, image_host) -> None:
-    key, _ = new_key(server, expires_days=0.5 / 86400)
-    time.sleep(1)
+    key, key_id = new_key(server, expires_days=1)
+    assert call(image_host.url("/red.png"), key, max_tokens=1).status_code == HTTPStatus.OK
+    server_store(server).update_key(key_id, expires_at=utcnow() - timedelta(seconds=1))
     assert call(image_host.url("/red.png"), key).code == "InvalidApiKey"
 
 
@@ -136,8 +160,10 @@ def test_an_allowance_caps_max_tokens(dashscope_sdk, server: Server, image_host)
 
 
 def test_expired_allowance(dashscope_sdk, server: Server, image_host) -> None:
-    key, _ = new_key(server, models=[SEED_MODEL], days=0.5 / 86400)
-    time.sleep(1)
+    key, key_id = new_key(server, models=[SEED_MODEL], days=1)
+    assert call(image_host.url("/red.png"), key, max_tokens=1).status_code == HTTPStatus.OK
+    with server_store(server).session() as s:
+        s.execute(update(Grant).where(Grant.key_id == key_id).values(expires_at=utcnow() - timedelta(seconds=1)))
     refused = call(image_host.url("/red.png"), key)
     assert (refused.status_code, refused.code) == (403, "AllocationQuota.FreeTierOnly")
     assert "expired on" in refused.message

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from llamascope.structured.backend import Backend, Matcher
@@ -35,9 +36,15 @@ class StepMasks:
         self.backend = backend
         self.device = torch.device(device)
         self._cpu = self._allocate(16)
-        # Each byte of the bitmask, unpacked: one lookup turns a row of words into a row of allowed flags.
-        self._bits = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool().to(self.device)
-        self._stops = torch.tensor([s for s in backend.stop_ids if s < backend.vocab_size], device=self.device)
+        # Each byte of the bitmask, unpacked: one lookup turns a row of words into a row of disallowed flags.
+        self._refused = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).eq(0).to(self.device)
+        self._stops = [s for s in backend.stop_ids if s < backend.vocab_size]
+        # The bits of the model's own tokens (a mask may have more: the tokenizer's ids beyond the output layer).
+        whole, rest = divmod(backend.vocab_size, 32)
+        self._own = np.zeros(backend.mask_words, dtype=np.uint32)
+        self._own[:whole] = 0xFFFFFFFF
+        if rest:
+            self._own[whole] = (1 << rest) - 1
 
     def _allocate(self, rows: int) -> torch.Tensor:
         pin = self.device.type == "cuda"
@@ -51,26 +58,28 @@ class StepMasks:
         if len(rows) > self._cpu.shape[0]:
             self._cpu = self._allocate(max(len(rows), 2 * self._cpu.shape[0]))
         bitmask = self._cpu[: len(rows)]
-        self.backend.fill_bitmask([m for m in (matchers[i] for i in rows) if m is not None], bitmask.numpy())
+        words = bitmask.numpy()
+        self.backend.fill_bitmask([m for m in (matchers[i] for i in rows) if m is not None], words)
+        # A row whose grammar allows none of the model's tokens (a schema nothing can satisfy) is allowed its stop
+        # tokens instead, so that it ends rather than sampling from all -inf.
+        for row in np.flatnonzero(~(words.view(np.uint32) & self._own).any(axis=1)):
+            for stop in self._stops:
+                words.view(np.uint32)[row, stop // 32] |= np.uint32(1 << (stop % 32))
         return FilledMasks(rows, bitmask)
 
     def apply(self, logits: torch.Tensor, filled: FilledMasks | None) -> None:
-        """Set the disallowed tokens' logits of the filled rows to -inf, in place (``logits``: [rows, vocab]).
-
-        A row whose grammar allows none of the model's tokens (a schema nothing can satisfy) is allowed its stop
-        tokens instead, so it ends rather than sampling from all -inf.
-        """
+        """Set the disallowed tokens' logits of the filled rows to -inf, in place (``logits``: [rows, vocab]); the
+        other rows are not read or written."""
         if filled is None:
             return
         count, vocab = len(filled.rows), logits.shape[-1]
         packed = filled.bitmask.to(self.device, non_blocking=True).view(torch.uint8).long()
-        allowed = self._bits[packed].view(count, -1)[:, :vocab]
-        allowed[:, self._stops] |= ~allowed.any(-1, keepdim=True)
+        refused = self._refused[packed].view(count, -1)[:, :vocab]
         if count == logits.shape[0]:
-            logits.masked_fill_(~allowed, float("-inf"))
+            logits.masked_fill_(refused, float("-inf"))
         else:
             index = torch.tensor(filled.rows, device=logits.device)
-            logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+            logits[index] = logits[index].masked_fill(refused, float("-inf"))
 
     @staticmethod
     def advance(matchers: Sequence[Matcher | None], tokens: Sequence[int]) -> list[bool]:

@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 import torch
 
+from llamascope.errors import ServiceError
 from llamascope.structured.compiler import GrammarCache
 from llamascope.structured.guidance import GuidanceBackend
 from llamascope.structured.masking import StepMasks
@@ -240,3 +241,19 @@ def test_a_grammar_is_compiled_once(backend: GuidanceBackend) -> None:
     assert len(cache) == 2
     assert cache.get_blocking(specs[0]) is not first
     cache.close()
+
+
+def test_a_grammar_without_the_models_tokens_ends_the_answer(backend: GuidanceBackend) -> None:
+    """A mask allowing none of the model's tokens (here only <|image|>, which is beyond the output layer) would
+    leave only -inf to sample from: the stop tokens are allowed instead."""
+    grammar = backend.compile(GrammarSpec("lark", "start: <[128256]>"))
+    masks = StepMasks(backend)
+    logits = torch.zeros(1, backend.vocab_size)
+    masks.apply(logits, masks.fill([grammar.matcher()]))
+    assert set(torch.isfinite(logits[0]).nonzero().flatten().tolist()) == set(backend.stop_ids)
+
+
+def test_an_unsatisfiable_schema_is_refused_when_compiled(backend: GuidanceBackend) -> None:
+    with pytest.raises(ServiceError) as caught:
+        backend.compile(GrammarSpec.json_schema({"type": "integer", "minimum": 5, "maximum": 1}, "response_format"))
+    assert "'response_format'" in caught.value.message and caught.value.code == "InvalidParameter"

@@ -279,7 +279,9 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     from llamascope import observability
 
-    observability.configure(settings)  # logs, traces
+    observability.configure(  # logs, traces, per-key metrics
+        settings.log_level, settings.log_format, settings.otlp_traces_endpoint, settings.metrics_keys
+    )
     try:
         sock = listen(settings.host, settings.port)
     except OSError as exc:

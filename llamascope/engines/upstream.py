@@ -40,6 +40,7 @@ import aiohttp
 from llamascope import errors
 from llamascope.caching import SizedLRU
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
+from llamascope.observability.facts import UpstreamHealth
 from llamascope.observability.request import outgoing_headers, upstream_call, upstream_failed, upstream_failover
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,9 @@ class UpstreamEngine:
         return self._client
 
     # -- the Engine protocol ------------------------------------------------
+
+    def health(self) -> list[UpstreamHealth]:
+        return [UpstreamHealth(u.url, u.healthy, u.outstanding) for u in self.upstreams]
 
     def stats(self) -> dict[str, int]:
         return {

@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 
 from llamascope.accounts import admin
 from llamascope.accounts.records import utcnow
@@ -57,6 +58,7 @@ def test_counts_are_kept_per_day_and_until_saved(store: AccountStore) -> None:  
     assert [n for *_, n in counts.totals(key.id, now - timedelta(days=1))] == [1]
 
 
+@pytest.mark.server
 def test_refusals_through_a_server_show_in_usage_per_key_and_code(
     tmp_path: Path, test_model_dir: Path, image_host
 ) -> None:

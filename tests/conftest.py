@@ -76,7 +76,7 @@ PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=Tru
 
 def _postgres_missing() -> str | None:
     if PG_BIN is None or not (PG_BIN / "initdb").exists():
-        return "PostgreSQL is not installed (Debian package 'postgresql')"
+        return "PostgreSQL is not installed (Debian package 'postgresql'; .ci/run installs it)"
     if os.geteuid() == 0 and subprocess.run(["id", "postgres"], capture_output=True).returncode != 0:
         return "running as root and there is no postgres user to run PostgreSQL as (Debian package 'postgresql')"
     if IN_CI and not os.environ.get("LLAMASCOPE_TEST_DATABASE_URL"):
@@ -87,12 +87,12 @@ def _postgres_missing() -> str | None:
 def _nginx_missing() -> str | None:
     if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
         return None
-    return "nginx is not installed (Debian package 'nginx')"
+    return "nginx is not installed (Debian package 'nginx'; .ci/run installs it)"
 
 
 def _chromium_missing() -> str | None:
     if not Path("/usr/bin/chromium").exists():
-        return "/usr/bin/chromium is not installed (Debian package 'chromium')"
+        return "/usr/bin/chromium is not installed (Debian package 'chromium'; .ci/run installs it)"
     try:
         import playwright  # noqa: F401
     except ImportError:
@@ -102,7 +102,7 @@ def _chromium_missing() -> str | None:
 
 def _commands_missing(package: str, *commands: str) -> str | None:
     absent = [c for c in commands if shutil.which(c) is None]
-    return f"{', '.join(absent)} not installed (Debian package '{package}')" if absent else None
+    return f"{', '.join(absent)} not installed (Debian package '{package}'; .ci/run installs it)" if absent else None
 
 
 # Each service marker, and why its service is missing on this machine (None: it is here).
@@ -141,7 +141,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     for name in _needed(item):
         why = SERVICES[name]()
         if why is not None:
-            message = f"needs {name}: {why}; .ci/run installs it"
+            message = f"needs {name}: {why}"
             if IN_CI:
                 pytest.fail(f"{message} (under CI=true a missing service is a failure)", pytrace=False)
             pytest.skip(message)

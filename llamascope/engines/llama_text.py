@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from llamascope.engines.base import EngineInfo, Turn
-from llamascope.engines.batching import BatchLimits
 from llamascope.engines.mllama import MllamaEngine, ModelLoadError
+from llamascope.engines.requests import BatchLimits
 from llamascope.images import PreparedImage
 
 

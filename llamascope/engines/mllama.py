@@ -34,9 +34,10 @@ from llamascope.engines.base import (
     TokenLogprob,
     Turn,
 )
-from llamascope.engines.batching import BatchLimits, Message, Scheduler, Sequence
 from llamascope.engines.mllama_pixels import MllamaPixels
 from llamascope.engines.prefix_cache import PrefixCache, default_bytes
+from llamascope.engines.requests import BatchLimits, Message, Sequence
+from llamascope.engines.scheduler import Scheduler
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
 from llamascope.engines.vision import VisionCache, batch_tiles
 from llamascope.images import PreparedImage

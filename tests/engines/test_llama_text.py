@@ -15,11 +15,11 @@ import pytest
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from llamascope.engines.base import SamplingParams, Turn
-from llamascope.engines.batching import BatchLimits
 from llamascope.engines.llama_text import LlamaTextEngine
 from llamascope.engines.mllama import ModelLoadError
+from llamascope.engines.requests import BatchLimits
 from llamascope.engines.test_model import is_test_model
-from tests.engines.test_batching import run
+from tests.engines.test_scheduler import run
 
 
 @pytest.fixture(scope="module")

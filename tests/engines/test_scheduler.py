@@ -16,8 +16,8 @@ from PIL import Image
 from llamascope import errors
 from llamascope.engines.attention import is_shared
 from llamascope.engines.base import Chunk, FinishReason, SamplingParams, Turn
-from llamascope.engines.batching import BatchLimits
 from llamascope.engines.mllama import MllamaEngine
+from llamascope.engines.requests import BatchLimits
 from llamascope.images import PreparedImage
 
 

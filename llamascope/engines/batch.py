@@ -4,12 +4,11 @@ A request prefilled alone joins the batch by merging its cache into the batch's:
 to the longest row (the attention mask marks the padding), an image's cross-attention states right-padded
 to the most tiles (the cross-attention mask marks those). Rows that all have one image keep one copy of its
 states, a stride-0 view for every row (``attention.shared_rows``). A row that leaves takes its slice with it,
-and padding no row needs any more goes. ``Checkpoint`` takes a decode step back.
+and padding no row needs any more goes.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -141,38 +140,3 @@ def drop_padding_tiles(cache: Any, cross_layers: set[int], tiles: int, all_tiles
         layer = cache.layers[index]
         layer.keys = _first_tiles(layer.keys, tiles, all_tiles)
         layer.values = _first_tiles(layer.values, tiles, all_tiles)
-
-
-class Checkpoint:
-    """What a decode step changes, to take it back: the mask, each cache layer's tensors (a step replaces
-    them by longer ones, it does not write into them) and the random generators of the rows that sample."""
-
-    def __init__(self, batch: Batch) -> None:
-        self.mask = batch.mask
-        self.cache = batch.cache
-        self.layers = [(layer, layer.keys, layer.values, layer.is_initialized) for layer in batch.cache.layers]
-        self.generators = {id(seq): seq.sampler.generator.get_state() for seq in batch.rows if not seq.sampler.greedy}
-
-    def restore(self, batch: Batch) -> None:
-        batch.mask = self.mask
-        for layer, keys, values, initialized in self.layers:
-            layer.keys, layer.values, layer.is_initialized = keys, values, initialized
-        for seq in batch.rows:
-            self.restore_generator(seq)
-
-    def restore_generator(self, seq: Sequence) -> None:
-        state = self.generators.get(id(seq))
-        if state is not None:
-            seq.sampler.generator.set_state(state)
-
-    def row_cache(self, row: int) -> Any:
-        """A cache of row ``row`` alone: views of the checkpoint's tensors, in copies of its layer objects."""
-        cache = copy.copy(self.cache)
-        cache.layers = []
-        for layer, keys, values, initialized in self.layers:
-            mine = copy.copy(layer)
-            mine.is_initialized = initialized
-            if keys is not None and keys.numel():
-                mine.keys, mine.values = keys[row : row + 1], values[row : row + 1]
-            cache.layers.append(mine)
-        return cache

@@ -40,24 +40,16 @@ import torch
 
 from llamascope import errors
 from llamascope.engines.base import FinishReason
-from llamascope.engines.batch import Batch, Checkpoint, drop_padding_tiles, positions, set_layer
+from llamascope.engines.batch import Batch, drop_padding_tiles, positions, set_layer
 from llamascope.engines.devices import out_of_memory
 from llamascope.engines.kv_cache import new_cache
 from llamascope.engines.prefix_cache import PrefixCache
+from llamascope.engines.recovery import Checkpoint, out_of_memory_error, recover, shed
 from llamascope.engines.requests import BatchLimits, Message, Sequence
 from llamascope.engines.sampling import Sampler, chosen_logprobs, log_probabilities, pick
 from llamascope.engines.vision import ImageEncoder, VisionCache, batch_tiles
 
 log = logging.getLogger(__name__)
-
-
-def out_of_memory_error() -> errors.ServiceError:
-    return errors.ServiceError(
-        500,
-        "InternalError.Algo",
-        "The model ran out of device memory for this request; the other requests go on. "
-        "Try again, or with a shorter prompt or a smaller max_tokens.",
-    )
 
 
 class Scheduler:
@@ -357,7 +349,7 @@ class Scheduler:
     def _step(self, batch: Batch) -> None:
         """One decode step for every row; rows that finish or were cancelled leave.
 
-        A step that fails is taken back and every row is tried alone (``_recover``): a request that fails
+        A step that fails is taken back and every row is tried alone (``recovery``): a request that fails
         alone ends with an error, and the others go on as if it had never been in the batch.
         """
         rows = batch.rows
@@ -374,10 +366,10 @@ class Scheduler:
             tokens = self._decode(batch)
         except Exception as exc:
             if out_of_memory(exc):
-                recovered = self._shed(batch, before)
+                recovered = shed(batch, before, self._decode, self._release_memory)
             else:
                 log.exception("decode step failed for a batch of %d; trying each request alone", len(rows))
-                recovered = self._recover(batch, before)
+                recovered = recover(batch, before, self._decode)
             if recovered is None:
                 return
             tokens = recovered
@@ -420,66 +412,6 @@ class Scheduler:
         self._inject(rows, "sample")
         logits = self._hold_back_eos(logits, rows)
         return self._pick(rows, logits)
-
-    def _recover(self, batch: Batch, before: Checkpoint) -> list[int] | None:
-        """After a failed step: the step again without the rows that fail alone, or None if it cannot be had.
-
-        The batch is taken back to ``before``. Each row is then tried alone, on a cache of its own slices
-        of the batch's (the batch's own tensors are not written: the cache's layers grow by new tensors),
-        its random generator put back afterwards. Those that fail alone end with an error; the step is run
-        again for the rest, which then make the tokens they would have made without them. When every row
-        or none fails alone, the failure is the batch's: it ends for every row.
-        """
-        rows = list(batch.rows)
-        before.restore(batch)
-        culprits = []
-        for i, seq in enumerate(rows):
-            alone = Batch(self.cross_layers)
-            alone.rows, alone.cache = [seq], before.row_cache(i)
-            alone.mask = batch.mask[i : i + 1]
-            alone.cross_mask = batch.cross_mask[i : i + 1] if batch.cross_mask is not None else None
-            try:
-                self._decode(alone)
-            except Exception:
-                culprits.append(seq)
-            before.restore_generator(seq)
-        if 0 < len(culprits) < len(rows):
-            log.warning("%d of %d requests fail alone; the batch goes on without them", len(culprits), len(rows))
-            batch.keep([i for i, s in enumerate(rows) if s not in culprits])
-            for seq in culprits:
-                seq.send(errors.internal_error())
-            try:
-                return self._decode(batch)
-            except Exception:
-                log.exception("decode step failed again without the requests that failed alone")
-                rows = list(batch.rows)
-        batch.keep([])
-        for seq in rows:
-            seq.send(errors.internal_error())
-        return None
-
-    def _shed(self, batch: Batch, before: Checkpoint) -> list[int] | None:
-        """Out of memory in a decode step: the caches emptied and the step run again; each time it still does
-        not fit, the newest request ends with an error (as vLLM preempts the newest) and the step is tried
-        again without it. The others go on, making the tokens they would have made."""
-        while True:
-            before.restore(batch)
-            self._release_memory()
-            try:
-                return self._decode(batch)
-            except Exception as exc:
-                before.restore(batch)
-                if not out_of_memory(exc):
-                    return self._recover(batch, before)
-            rows = batch.rows
-            newest = max(range(len(rows)), key=lambda i: rows[i].queued_at)
-            log.warning("out of memory in a decode step of %d requests; ending the newest", len(rows))
-            shed = rows[newest]
-            batch.keep([i for i in range(len(rows)) if i != newest])
-            shed.send(out_of_memory_error())
-            if not batch.rows:
-                return None
-            before = Checkpoint(batch)
 
     def _release_memory(self) -> None:
         """Give back what can be given back: the vision cache, and the CUDA allocator's unused blocks."""

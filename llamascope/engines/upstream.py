@@ -36,7 +36,15 @@ import aiohttp
 
 from llamascope import errors
 from llamascope.caching import SizedLRU
-from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
+from llamascope.engines.base import (
+    Chunk,
+    EngineInfo,
+    FinishReason,
+    ModelLoadError,
+    PreparedPrompt,
+    SamplingParams,
+    Turn,
+)
 from llamascope.observability.request import outgoing_headers, upstream_call, upstream_failed, upstream_failover
 
 log = logging.getLogger(__name__)
@@ -355,8 +363,6 @@ class PromptCounter:
         from pathlib import Path
 
         from transformers import AutoTokenizer
-
-        from llamascope.engines.mllama import ModelLoadError
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -16,11 +16,11 @@ from transformers import MllamaConfig
 
 from llamascope.engines import devices
 from llamascope.engines.base import SamplingParams, Turn
+from llamascope.engines.builtin_model import ELEVEN_B
 from llamascope.engines.devices import DeviceError, placement, plan_memory, resolve_device
 from llamascope.engines.kv_cache import SLACK
 from llamascope.engines.mllama import MllamaEngine
 from llamascope.engines.requests import BatchLimits
-from llamascope.engines.test_model import ELEVEN_B
 from tests.conftest import CACHE_DIR, free_port
 from tests.engines.test_scheduler import REQUESTS, image, most_active, run
 

@@ -45,7 +45,8 @@ from llamascope.engines.scheduler import Scheduler
 from llamascope.engines.streaming import IncrementalText, Outbox
 from llamascope.engines.vision import VisionCache, batch_tiles
 from llamascope.images import PreparedImage
-from llamascope.observability.request import engine_stages
+from llamascope.observability.facts import EngineTimings, UpstreamHealth
+from llamascope.observability.request import engine_timings
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11; annotations are not evaluated at run time
@@ -194,6 +195,9 @@ class InProcessEngine(ABC):
     def _template(processor: Any, path: Path) -> str:
         """The chat template when none is configured."""
 
+    def health(self) -> tuple[UpstreamHealth, ...]:
+        return ()  # in process: no upstream engines
+
     def stats(self) -> dict[str, int]:
         return {
             "running": self.scheduler.active,
@@ -324,13 +328,8 @@ class InProcessEngine(ABC):
         finally:
             seq.cancel.set()
             self.scheduler.wake()
-            engine_stages(
-                queued=seq.queued_at,
-                started=seq.started_at,
-                first_token=first_token,
-                ended=time.monotonic(),
-                vision=seq.encoded,
-            )
+            ended = time.monotonic()
+            engine_timings(EngineTimings(seq.queued_at, seq.started_at or None, first_token, ended, seq.encoded))
 
     def _logprobs(self, ids: list[int], found: list[tuple[float, list[tuple[int, float]]]]) -> list[TokenLogprob]:
         """The scheduler's log-probabilities of these tokens, with each token's (and rival's) own text."""

@@ -123,7 +123,7 @@ class MllamaEngine(InProcessEngine):
         if cached is None:
             started = time.monotonic()
             pixels = self.pixels(images[0].image)
-            image_preprocessed(images[0], started)
+            image_preprocessed(images[0].format, started)
         else:
             pixels = {"num_tiles": [[cached[1]]]}
         data: dict[str, Any] = {

@@ -162,13 +162,16 @@ for prefix in PREFIXES:
     openapi.operation(
         "GET", f"{prefix}/models/{{model}}", "A served model", tag="compatible-mode", ok=ModelEntry, refusals=(404,)
     )
-router.add_route("/tokenize", tokenize, methods=["POST"])  # where vLLM serves it: beside /v1, not in it
-openapi.operation(
-    "POST",
-    "/tokenize",
-    "A chat's prompt tokens, as a completion would count them (vLLM's /tokenize)",
-    tag="compatible-mode",
-    body=ChatInput,
-    ok=TokenCount,
-    refusals=(403,),
-)
+# Where vLLM serves it: beside /v1, not in it. Beside each prefix, so that an llamascope in front finds it
+# whichever base it was given: /compatible-mode/v1 (DashScope's) or /v1.
+for path in ("/compatible-mode/tokenize", "/tokenize"):
+    router.add_route(path, tokenize, methods=["POST"])
+    openapi.operation(
+        "POST",
+        path,
+        "A chat's prompt tokens, as a completion would count them (vLLM's /tokenize)",
+        tag="compatible-mode",
+        body=ChatInput,
+        ok=TokenCount,
+        refusals=(403,),
+    )

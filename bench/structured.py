@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llamascope.engines.test_model import ensure_test_model
+from llamascope.engines.builtin_model import ensure_test_model
 from llamascope.settings import Settings
 from llamascope.structured.backend import Matcher
 from llamascope.structured.compiler import GrammarCache

@@ -297,7 +297,7 @@ def serve(args: argparse.Namespace) -> int:
     from llamascope.api.app import create_app
     from llamascope.api.drain import LAST_WORDS_SECONDS, Drain, DrainingServer
     from llamascope.conversation.service import ConversationService
-    from llamascope.engines.mllama import ModelLoadError
+    from llamascope.engines.base import ModelLoadError
     from llamascope.engines.registry import load_engines
     from llamascope.images.intake import ImageIntake
     from llamascope.images.uploads import UploadStore, load_or_create_secret
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "chat":
         return chat.run(args)
     if args.command == "build-test-model":
-        from llamascope.engines.test_model import ensure_test_model
+        from llamascope.engines.builtin_model import ensure_test_model
 
         configure_logging("info")
         print(ensure_test_model(args.cache_dir or Settings.load().cache_dir))

@@ -63,7 +63,7 @@ def png_bytes(
 
 @pytest.fixture(scope="session")
 def test_model_dir() -> Path:
-    from llamascope.engines.test_model import ensure_test_model
+    from llamascope.engines.builtin_model import ensure_test_model
 
     return ensure_test_model(CACHE_DIR)
 
@@ -408,7 +408,7 @@ TEXT_MODEL = "llama3.1-8b-instruct"
 
 @pytest.fixture(scope="session")
 def text_model_dir() -> Path:
-    from llamascope.engines.test_model import ensure_text_test_model
+    from llamascope.engines.builtin_model import ensure_text_test_model
 
     return ensure_text_test_model(CACHE_DIR)
 

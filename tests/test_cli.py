@@ -30,7 +30,8 @@ def test_model_argument() -> None:
     # Issue 13: a URL without openai+ said "http:/host/v1 does not exist"; a hub id only "does not exist".
     with pytest.raises(Exception, match="write openai\\+http://host/v1"):
         _model_arg("up=http://host/v1")
-    from llamascope.engines.mllama import ModelLoadError, check_model_dir
+    from llamascope.engines.base import ModelLoadError
+    from llamascope.engines.loading import check_model_dir
 
     with pytest.raises(ModelLoadError, match="Hugging Face hub ids are not fetched: download the model first"):
         check_model_dir(Path("meta-llama/Llama-3.2-11B-Vision-Instruct"))

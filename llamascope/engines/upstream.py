@@ -39,7 +39,15 @@ import aiohttp
 
 from llamascope import errors
 from llamascope.caching import SizedLRU
-from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
+from llamascope.engines.base import (
+    Chunk,
+    EngineInfo,
+    FinishReason,
+    ModelLoadError,
+    PreparedPrompt,
+    SamplingParams,
+    Turn,
+)
 from llamascope.observability.facts import UpstreamHealth
 from llamascope.observability.request import outgoing_headers, upstream_call, upstream_failed, upstream_failover
 
@@ -388,8 +396,6 @@ class PromptCounter:
         from pathlib import Path
 
         from transformers import AutoTokenizer
-
-        from llamascope.engines.mllama import ModelLoadError
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -16,13 +16,13 @@ from transformers import MllamaConfig
 
 from llamascope.engines import devices
 from llamascope.engines.base import SamplingParams, Turn
-from llamascope.engines.batching import BatchLimits
+from llamascope.engines.builtin_model import ELEVEN_B
 from llamascope.engines.devices import DeviceError, placement, plan_memory, resolve_device
 from llamascope.engines.kv_cache import SLACK
 from llamascope.engines.mllama import MllamaEngine
-from llamascope.engines.test_model import ELEVEN_B
+from llamascope.engines.requests import BatchLimits
 from tests.conftest import CACHE_DIR, free_port
-from tests.engines.test_batching import REQUESTS, image, most_active, run
+from tests.engines.test_scheduler import REQUESTS, image, most_active, run
 
 GIB = 1 << 30
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from llamascope.engines.base import Chunk, SamplingParams, Turn
-from llamascope.engines.batching import BatchLimits
 from llamascope.engines.mllama import MllamaEngine
-from tests.engines.test_batching import image
+from llamascope.engines.requests import BatchLimits
+from tests.engines.test_scheduler import image
 
 GREEDY = SamplingParams(max_new_tokens=6, min_new_tokens=6, temperature=0)
 

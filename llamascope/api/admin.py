@@ -302,33 +302,35 @@ def _query(parse: Any, value: str | None, name: str, *args: Any) -> Any:
         raise errors.invalid_parameter(f"Query parameter {exc}.") from None
 
 
-openapi.operation("GET", "/admin/keys", "Keys and their grants", tag="admin", auth="admin_key", ok=KeysAnswer)
-openapi.operation("POST", "/admin/keys", "A new key", tag="admin", auth="admin_key", body=NewKey, ok=NewKeyAnswer)
-openapi.operation(
-    "POST",
-    "/admin/keys/{ref}/revoke",
-    "Revoke a key (by id or prefix)",
-    tag="admin",
-    auth="admin_key",
-    ok=KeyAnswer,
-    refusals=(400,),
-)
-openapi.operation(
-    "POST",
-    "/admin/keys/{ref}/grants",
-    "Grant a key a model",
-    tag="admin",
-    auth="admin_key",
-    body=NewGrant,
-    ok=KeyAnswer,
-)
-openapi.operation(
-    "GET",
-    "/admin/usage",
-    "Requests and tokens per day, key and model",
-    tag="admin",
-    auth="admin_key",
-    query=UsageQuery,
-    ok=UsageAnswer,
-    refusals=(400,),
+OPERATIONS = (
+    openapi.operation("GET", "/admin/keys", "Keys and their grants", tag="admin", auth="admin_key", ok=KeysAnswer),
+    openapi.operation("POST", "/admin/keys", "A new key", tag="admin", auth="admin_key", body=NewKey, ok=NewKeyAnswer),
+    openapi.operation(
+        "POST",
+        "/admin/keys/{ref}/revoke",
+        "Revoke a key (by id or prefix)",
+        tag="admin",
+        auth="admin_key",
+        ok=KeyAnswer,
+        refusals=(400,),
+    ),
+    openapi.operation(
+        "POST",
+        "/admin/keys/{ref}/grants",
+        "Grant a key a model",
+        tag="admin",
+        auth="admin_key",
+        body=NewGrant,
+        ok=KeyAnswer,
+    ),
+    openapi.operation(
+        "GET",
+        "/admin/usage",
+        "Requests and tokens per day, key and model",
+        tag="admin",
+        auth="admin_key",
+        query=UsageQuery,
+        ok=UsageAnswer,
+        refusals=(400,),
+    ),
 )

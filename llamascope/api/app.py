@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import anyio
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
-from llamascope import __version__, errors, web
-from llamascope.api import admin, openapi, operations, uploads
+from llamascope import __version__, errors
+from llamascope.api import admin, openapi, operations, playground, uploads
 from llamascope.api import errors as api_errors
 from llamascope.api.drain import Drain, Draining
 from llamascope.api.middleware import Authentication, BodyLimit, RequestContext
@@ -23,15 +24,18 @@ from llamascope.conversation.service import ConversationService
 from llamascope.images.uploads import UploadStore
 from llamascope.observability.metrics import MetricsEndpoint, registry_for, serve_on_port
 from llamascope.observability.request import routes_of
-from llamascope.settings import ModelSpec
 
 log = logging.getLogger(__name__)
 
 # The upload POST carries no key: its signed policy authorises it. The playground page needs none
 # (its API calls carry the key typed into it), nor does "/", which sends browsers to it. /metrics checks
 # its own key, if any.
-PUBLIC_PATHS = frozenset({"/health", "/metrics", openapi.PATH, uploads.OBJECTS_PATH, "/", web.PLAYGROUND_PATH})
-PUBLIC_PREFIXES = (web.PLAYGROUND_PATH + "/",)
+PUBLIC_PATHS = frozenset({"/health", "/metrics", openapi.PATH, uploads.OBJECTS_PATH, "/", playground.PLAYGROUND_PATH})
+PUBLIC_PREFIXES = (playground.PLAYGROUND_PATH + "/",)
+# Each HTTP surface: its router and the operations it declares for the OpenAPI document.
+SURFACES = (native, openai, text, uploads, operations, admin, openapi, playground)
+# The order /openapi.json lists the surfaces' operations in (as it always has).
+DOCUMENT_ORDER = (openapi, playground, admin, operations, uploads, native, openai, text)
 PURGE_EVERY_SECONDS = 600
 
 
@@ -50,7 +54,7 @@ def create_app(
     max_body_bytes: int,
     public_base_url: str | None = None,
     admin_key: str | None = None,
-    model_specs: dict[str, ModelSpec] | None = None,
+    model_specs: Mapping[str, Any] | None = None,
     metrics: MetricsEndpoint | None = None,
     drain: Drain | None = None,
 ) -> FastAPI:
@@ -86,21 +90,12 @@ def create_app(
     app.state.metrics = metrics
     app.state.metrics_registry = registry
     app.state.drain = drain
-    routers = (
-        native.router,
-        openai.router,
-        text.router,
-        uploads.router,
-        operations.router,
-        admin.router,
-        openapi.router,
-        web.router,
-    )
-    for router in routers:
-        app.include_router(router)
-    app.mount(web.PLAYGROUND_PATH, web.playground_files())
-    playground = app.router.routes[-1]  # the Mount just made
-    routes_of(app, [route for router in routers for route in router.routes] + [playground])  # for metrics
+    app.state.operations = openapi.collect(*(surface.OPERATIONS for surface in DOCUMENT_ORDER))
+    for surface in SURFACES:
+        app.include_router(surface.router)
+    app.mount(playground.PLAYGROUND_PATH, playground.playground_files())
+    files = app.router.routes[-1]  # the Mount just made
+    routes_of(app, [route for surface in SURFACES for route in surface.router.routes] + [files])  # for metrics
     app.add_exception_handler(errors.ServiceError, api_errors.on_service_error)
     app.add_exception_handler(HTTPException, api_errors.on_http_exception)
     app.add_exception_handler(Exception, api_errors.on_unexpected)

@@ -147,28 +147,38 @@ for prefix in PREFIXES:
     router.add_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
     router.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
     router.add_api_route(f"{prefix}/models/{{model:path}}", retrieve_model, methods=["GET"])
+router.add_route("/tokenize", tokenize, methods=["POST"])  # where vLLM serves it: beside /v1, not in it
+
+
+def _prefix_operations(prefix: str) -> tuple[openapi.Operation, ...]:
+    return (
+        openapi.operation(
+            "POST",
+            f"{prefix}/chat/completions",
+            "Chat completions (OpenAI-compatible mode)",
+            tag="compatible-mode",
+            body=ChatBody,
+            ok=ChatCompletion,
+            stream=STREAM,
+            headers=(openapi.Header("X-DashScope-OssResourceResolve", "enable: oss:// image URLs name uploads"),),
+            refusals=(403, 408, 429, 500, 503),
+        ),
+        openapi.operation("GET", f"{prefix}/models", "Served models", tag="compatible-mode", ok=ModelList),
+        openapi.operation(
+            "GET", f"{prefix}/models/{{model}}", "A served model", tag="compatible-mode", ok=ModelEntry, refusals=(404,)
+        ),
+    )
+
+
+OPERATIONS = (
+    *(op for prefix in PREFIXES for op in _prefix_operations(prefix)),
     openapi.operation(
         "POST",
-        f"{prefix}/chat/completions",
-        "Chat completions (OpenAI-compatible mode)",
+        "/tokenize",
+        "A chat's prompt tokens, as a completion would count them (vLLM's /tokenize)",
         tag="compatible-mode",
-        body=ChatBody,
-        ok=ChatCompletion,
-        stream=STREAM,
-        headers=(openapi.Header("X-DashScope-OssResourceResolve", "enable: oss:// image URLs name uploads"),),
-        refusals=(403, 408, 429, 500, 503),
-    )
-    openapi.operation("GET", f"{prefix}/models", "Served models", tag="compatible-mode", ok=ModelList)
-    openapi.operation(
-        "GET", f"{prefix}/models/{{model}}", "A served model", tag="compatible-mode", ok=ModelEntry, refusals=(404,)
-    )
-router.add_route("/tokenize", tokenize, methods=["POST"])  # where vLLM serves it: beside /v1, not in it
-openapi.operation(
-    "POST",
-    "/tokenize",
-    "A chat's prompt tokens, as a completion would count them (vLLM's /tokenize)",
-    tag="compatible-mode",
-    body=ChatInput,
-    ok=TokenCount,
-    refusals=(403,),
+        body=ChatInput,
+        ok=TokenCount,
+        refusals=(403,),
+    ),
 )

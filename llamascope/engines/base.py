@@ -96,6 +96,10 @@ class EngineInfo:
     takes_images: bool = True  # False: a text-only model (the text-generation API only)
 
 
+class ModelLoadError(Exception):
+    """A model that cannot be served (its directory, its weights, its tokenizer); the message says why."""
+
+
 class Engine(Protocol):
     info: EngineInfo
 

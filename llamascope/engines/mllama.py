@@ -29,6 +29,7 @@ from llamascope.engines.base import (
     Chunk,
     EngineInfo,
     FinishReason,
+    ModelLoadError,
     PreparedPrompt,
     SamplingParams,
     TokenLogprob,
@@ -61,10 +62,6 @@ class _Payload:
     inputs: Any
     image: PreparedImage | None
     fault: tuple[str, int] | None = None  # tests only: see ``FAULT``
-
-
-class ModelLoadError(Exception):
-    """A model directory that cannot be served; the message says why."""
 
 
 def check_model_dir(path: Path, model_types: tuple[str, ...] = ("mllama",)) -> dict[str, Any]:

@@ -36,7 +36,15 @@ import aiohttp
 
 from llamascope import errors
 from llamascope.caching import SizedLRU
-from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
+from llamascope.engines.base import (
+    Chunk,
+    EngineInfo,
+    FinishReason,
+    ModelLoadError,
+    PreparedPrompt,
+    SamplingParams,
+    Turn,
+)
 from llamascope.observability.request import outgoing_headers, upstream_call, upstream_failed, upstream_failover
 
 log = logging.getLogger(__name__)
@@ -354,9 +362,10 @@ class PromptCounter:
     def load(cls, directory: str, chat_template: str | None) -> PromptCounter:
         from pathlib import Path
 
+        # transformers only when a local tokenizer is configured (upstream_tokenizer): a gateway that counts
+        # through the engine's /tokenize never loads it, nor PyTorch. Its chat templates (Jinja with
+        # transformers' own globals) are what make the count exact, so it is not replaced here.
         from transformers import AutoTokenizer
-
-        from llamascope.engines.mllama import ModelLoadError
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -14,11 +14,13 @@ starts in about a second without it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,8 +254,7 @@ def serve(settings: Settings) -> int:
         return 2
     host, port = sock.getsockname()[:2]
     print(banner(server, f"http://{f'[{host}]' if ':' in host else host}:{port}"), file=sys.stderr, flush=True)
-    run(server, sock)
-    return 0
+    return run(server, sock)
 
 
 def banner(server: Server, base: str) -> str:
@@ -278,8 +279,8 @@ def banner(server: Server, base: str) -> str:
     return "\n".join(lines)
 
 
-def run(server: Server, sock: socket.socket) -> None:
-    """Serve on ``sock`` until a signal stops the server (``api.drain``)."""
+def run(server: Server, sock: socket.socket) -> int:
+    """Serve on ``sock`` until a signal stops the server (``api.drain``); the exit status."""
     config = uvicorn.Config(
         server.app,
         host=server.settings.host,
@@ -294,7 +295,22 @@ def run(server: Server, sock: socket.socket) -> None:
         timeout_keep_alive=75,
         server_header=False,
     )
-    DrainingServer(config, server.drain).run(sockets=[sock])
+    runner = DrainingServer(config, server.drain)
+    status = 0
+    try:
+        runner.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C that stopped it, after a clean shutdown
+        status = 130  # as a shell reports a command that Ctrl+C ended, without a traceback
+    if runner.hurried:
+        # A second signal asks to stop at once, and everything is closed and written by now: exit-time handlers
+        # run, but not the interpreter's teardown, which frees a model's objects one by one (seconds).
+        started = time.monotonic()
+        atexit._run_exitfuncs()
+        log.debug("exit handlers took %.2f s", time.monotonic() - started)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -317,8 +317,8 @@ def direct(model_dir: Path, repeats: int, dtype: str, tokens: int, requests: int
     the decode-dominated load's tokens per second one at a time and all at once (median of ``rounds``)."""
     from llamascope.engines.base import SamplingParams, Turn
     from llamascope.engines.mllama import MllamaEngine
+    from llamascope.engines.threads import configure_torch
     from llamascope.images import PreparedImage
-    from llamascope.server import configure_torch
 
     configure_torch(None)
     engine = MllamaEngine.load(model_dir, dtype=dtype)

@@ -36,7 +36,7 @@ def main() -> None:
     from llamascope.engines.batching import BatchLimits
     from llamascope.engines.mllama import MllamaEngine
     from llamascope.engines.test_model import ensure_test_model
-    from llamascope.server import configure_torch
+    from llamascope.engines.threads import configure_torch
     from llamascope.settings import Settings
 
     configure_torch(None)

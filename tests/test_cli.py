@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llamascope.cli import _model_arg
-from llamascope.server import usable_cores
+from llamascope.engines.threads import usable_cores
 from llamascope.settings import BUILTIN
 from tests.conftest import LLAMASCOPE, SEED_MODEL
 
@@ -51,7 +51,7 @@ def test_openmp_spinning_is_set_before_torch_loads(environment: dict[str, str], 
 
     script = (
         "import json, os, sys\n"
-        "from llamascope.server import configure_torch\n"
+        "from llamascope.engines.threads import configure_torch\n"
         "configure_torch(1)\n"
         "print(json.dumps([os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules]))\n"
     )

@@ -18,7 +18,9 @@ from llamascope.api import errors as api_errors
 from llamascope.api.drain import Drain, Draining
 from llamascope.api.middleware import Authentication, BodyLimit, RequestContext
 from llamascope.api.native import router as native
+from llamascope.api.native.protocol import ErrorBody as NativeErrorBody
 from llamascope.api.openai import router as openai
+from llamascope.api.openai.protocol import ErrorBody as OpenAIErrorBody
 from llamascope.api.text import router as text
 from llamascope.conversation.service import ConversationService
 from llamascope.images.uploads import UploadStore
@@ -91,6 +93,7 @@ def create_app(
     app.state.metrics_registry = registry
     app.state.drain = drain
     app.state.operations = openapi.collect(*(surface.OPERATIONS for surface in DOCUMENT_ORDER))
+    app.state.error_bodies = (NativeErrorBody, OpenAIErrorBody)  # the refusals' bodies in the document
     for surface in SURFACES:
         app.include_router(surface.router)
     app.mount(playground.PLAYGROUND_PATH, playground.playground_files())

@@ -13,7 +13,8 @@ bodies::
                           ok="text/plain; version=0.0.4"),
     )
 
-The app collects them (``api.app``) and keeps them in ``app.state.operations``;
+The app collects them (``api.app``) and keeps them in ``app.state.operations``,
+with each surface's error body in ``app.state.error_bodies``;
 ``document(app)`` builds the document from those whose routes the app has, with
 schemas from pydantic's ``models_json_schema``; a route nobody described is
 listed as ``x-undescribed`` (and the tests fail on it). Errors get
@@ -40,11 +41,10 @@ from starlette.routing import BaseRoute, Mount
 
 from llamascope import __version__
 from llamascope.api.errors import OPENAI_PREFIXES
-from llamascope.api.native.protocol import UP_TO_CONTEXT_LENGTH
-from llamascope.api.native.protocol import ErrorBody as NativeErrorBody
-from llamascope.api.openai.protocol import ErrorBody as OpenAIErrorBody
 
 PATH = "/openapi.json"
+# A field's json_schema_extra marking it as bounded by the served context length (max_tokens).
+UP_TO_CONTEXT_LENGTH = {"x-maximum": "context_length"}
 Auth = Literal["api_key", "admin_key"] | None
 Model = type[BaseModel]
 
@@ -198,7 +198,7 @@ class _Names(GenerateJsonSchema):
 class _Schemas:
     """Every model's schema, named once in components (requests validated, answers serialised)."""
 
-    def __init__(self, ops: list[Operation]) -> None:
+    def __init__(self, ops: list[Operation], error_bodies: tuple[Model, ...]) -> None:
         models: list[tuple[Model, Literal["validation", "serialization"]]] = []
         for op in ops:
             for model in (op.body, op.form, op.query):
@@ -209,7 +209,7 @@ class _Schemas:
             for _, data in op.stream.events if op.stream else ():
                 if isinstance(data, type):
                     models.append((data, "serialization"))
-        models += [(NativeErrorBody, "serialization"), (OpenAIErrorBody, "serialization")]
+        models += [(body, "serialization") for body in error_bodies]
         unique = list(dict.fromkeys(models))
         self.refs, defs = models_json_schema(
             unique, ref_template="#/components/schemas/{model}", schema_generator=_Names
@@ -371,14 +371,19 @@ def _bound(schema: Any, context_length: int | None) -> None:
 
 
 def build(
-    routes: list[BaseRoute], operations: Operations, title: str = "llamascope", context_length: int | None = None
+    routes: list[BaseRoute],
+    operations: Operations,
+    title: str = "llamascope",
+    context_length: int | None = None,
+    error_bodies: tuple[Model, ...] = (),
 ) -> dict[str, Any]:
     """The document of the given operations these routes answer, in the operations' order.
 
-    ``context_length``: the largest of the served models', the bound of max_tokens."""
+    ``context_length``: the largest of the served models', the bound of max_tokens. ``error_bodies``: each
+    surface's error body (``ErrorBody``, ``OpenAIErrorBody``), which the refusals name."""
     present = routed(routes)
     ops = [op for key, op in operations.items() if key in present]
-    schemas = _Schemas(ops)
+    schemas = _Schemas(ops, error_bodies)
     _bound(schemas.components, context_length)
     paths: dict[str, dict[str, Any]] = {}
     refusals: dict[str, Any] = {}
@@ -423,7 +428,8 @@ def document(app: FastAPI) -> dict[str, Any]:
         service = getattr(app.state, "service", None)
         lengths = [engine.info.context_length for engine in service.engines.values()] if service else []
         operations = getattr(app.state, "operations", {})
-        cached = app.state.openapi = build(app.routes, operations, app.title, max(lengths, default=None))
+        error_bodies = getattr(app.state, "error_bodies", ())
+        cached = app.state.openapi = build(app.routes, operations, app.title, max(lengths, default=None), error_bodies)
     return cached
 
 

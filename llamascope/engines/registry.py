@@ -79,13 +79,14 @@ def load_engines(
     for name, model in models.items():
         if isinstance(model, UpstreamModel):
             progress(f"serving {name!r} through {', '.join(model.upstreams)}")
+            counter = None
+            if model.tokenizer:
+                # transformers only for a model whose prompts are counted here: a gateway never loads it.
+                from llamascope.engines.prompt_counter import PromptCounter
+
+                counter = PromptCounter.load(model.tokenizer, model.chat_template)
             engines[name] = UpstreamEngine.create(
-                list(model.upstreams),
-                model.model,
-                model.api_key,
-                model.context_length,
-                model.tokenizer,
-                model.chat_template,
+                list(model.upstreams), model.model, model.api_key, model.context_length, counter
             )
         else:
             engines[name] = _load_in_process(name, model, runtime, loaded, progress)

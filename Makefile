@@ -1,13 +1,16 @@
 # One command to set up and serve, one to set up and test. Both create .venv on first use.
+# `make serve` installs what serving needs and nothing more; `make test` (and `make docs`) add the `test`
+# extra (pytest, the SDKs the tests drive, linters, Playwright, MkDocs). Each install has its stamp file.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
+TEST_STAMP  := $(VENV)/.installed-test
 ARGS   ?=
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test lint docs bench clean
 
-# On a GPU machine (README, "On GPUs"), one of:
+# On a GPU machine (docs/models.md, "On GPUs"), one of:
 #   make setup TORCH_INDEX_URL=<PyTorch's CUDA wheel index for your CUDA, e.g. its cu128 one>
 #       installs torch 2.13.0 built for that CUDA first; constraints.txt's torch==2.13.0 then keeps it;
 #   make setup SYSTEM_TORCH=1
@@ -15,27 +18,31 @@ ARGS   ?=
 TORCH_INDEX_URL ?=
 SYSTEM_TORCH    ?=
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+# constraints.txt pins every package; torch==2.13.0 is the CPU wheel here, so no CUDA download. With
+# SYSTEM_TORCH the system's torch stays, so its pin is left out.
+CONSTRAINTS := $(if $(SYSTEM_TORCH),$(VENV)/constraints-system-torch.txt,constraints.txt)
 
-$(STAMP): pyproject.toml constraints.txt
+$(SERVE_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(if $(SYSTEM_TORCH),--system-site-packages) $(VENV)
 ifneq ($(TORCH_INDEX_URL),)
 	$(PIP) torch==2.13.0 --index-url $(TORCH_INDEX_URL)
 endif
 ifneq ($(SYSTEM_TORCH),)
-	grep -v '^torch==' constraints.txt > $(VENV)/constraints-system-torch.txt
-	$(PIP) -c $(VENV)/constraints-system-torch.txt -e ".[test]"
-else
-	# constraints.txt pins every package; torch==2.13.0 is the CPU wheel here, so no CUDA download.
-	$(PIP) -c constraints.txt -e ".[test]"
+	grep -v '^torch==' constraints.txt > $(CONSTRAINTS)
 endif
-	touch $(STAMP)
+	$(PIP) -c $(CONSTRAINTS) -e .
+	touch $(SERVE_STAMP)
 
-setup: $(STAMP)
+$(TEST_STAMP): $(SERVE_STAMP)
+	$(PIP) -c $(CONSTRAINTS) -e ".[test]"
+	touch $(TEST_STAMP)
 
-serve: $(STAMP)
+setup: $(SERVE_STAMP)
+
+serve: $(SERVE_STAMP)
 	$(BIN)/llamascope serve $(ARGS)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy llamascope
@@ -43,5 +50,9 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
+# The documentation site (mkdocs.yml, docs/) into ./site; --strict: a broken link or a missing page fails.
+docs: $(TEST_STAMP)
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .mypy_cache site

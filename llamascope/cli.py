@@ -172,12 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def weak_keys(keys: list[str]) -> list[str]:
     """Lines that say which keys of the settings are too easy to guess, and how to make a good one."""
-    from llamascope.accounts.access import MAKE_A_KEY, key_weakness
+    from llamascope.accounts.access import KEY_RULE, MAKE_A_KEY, key_weakness
 
     lines = [f"  key {i + 1} ({key[:7]}…): {reason}" for i, key in enumerate(keys) if (reason := key_weakness(key))]
     if lines:
         lines.insert(0, "the API keys of the settings (LLAMASCOPE_API_KEYS or api_keys) must be hard to guess:")
-        lines.append(f"  a key is sk- and at least 40 random characters (40 hex digits: 160 bits); {MAKE_A_KEY}")
+        lines.append(f"  {KEY_RULE}; {MAKE_A_KEY}")
     return lines
 
 
@@ -211,8 +211,8 @@ def accounts_command(args: argparse.Namespace) -> int:
 
     # The store (and the server stack around it) loads only for the commands that use it: chat starts fast.
     from llamascope.accounts import admin
-    from llamascope.accounts.store import utcnow
-    from llamascope.server import open_store, safe_url
+    from llamascope.accounts.records import utcnow
+    from llamascope.server import model_allowances, open_store, safe_url
 
     try:
         settings = Settings.load(getattr(args, "config", None))
@@ -234,7 +234,7 @@ def accounts_command(args: argparse.Namespace) -> int:
             _warn_unknown(admin.unknown_models(args.model or [], settings.models), settings)
             key, view, grants = admin.create_key(
                 store,
-                settings.models,
+                model_allowances(settings),
                 name=args.name,
                 models=args.model,
                 allowance=args.allowance,
@@ -255,7 +255,7 @@ def accounts_command(args: argparse.Namespace) -> int:
         elif args.action == "grant":
             view = store.key(args.key)
             _warn_unknown(admin.unknown_models([args.model], settings.models), settings)
-            admin.grant_models(store, view.id, [args.model], settings.models, args.allowance, args.days)
+            admin.grant_models(store, view.id, [args.model], model_allowances(settings), args.allowance, args.days)
             print(admin.keys_table([(v, g) for v, g in store.list_keys() if v.id == view.id]))
     except (LookupError, ValueError) as exc:
         print(f"llamascope: {exc}", file=sys.stderr)

@@ -28,11 +28,12 @@ import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.engine import make_url
 
-from llamascope import __version__
+from llamascope import __version__, observability
 from llamascope.accounts import admin
 from llamascope.accounts.admission import Accounts
 from llamascope.accounts.checkpoints import Checkpoints
 from llamascope.accounts.limits import rate_limits
+from llamascope.accounts.records import ModelAllowance
 from llamascope.accounts.store import AccountStore
 from llamascope.api.app import create_app
 from llamascope.api.drain import LAST_WORDS_SECONDS, Drain, DrainingServer
@@ -53,7 +54,6 @@ from llamascope.images.decode import DecodeLimits
 from llamascope.images.intake import ImageIntake
 from llamascope.images.source import FetchPolicy, LocalPolicy
 from llamascope.images.uploads import UploadStore, load_or_create_secret
-from llamascope.observability import logs, request, tracing
 from llamascope.observability.metrics import MetricsEndpoint
 from llamascope.settings import BUILTIN, BUILTIN_TEXT, ModelSpec, Settings
 
@@ -64,9 +64,14 @@ log = logging.getLogger("llamascope")
 
 def configure_observability(settings: Settings) -> None:
     """Logs, traces and per-key metrics as the settings say; once, before serving."""
-    logs.configure(settings.log_level, settings.log_format)
-    tracing.configure(settings.otlp_traces_endpoint)
-    request.configure(settings.metrics_keys)
+    observability.configure(
+        settings.log_level, settings.log_format, settings.otlp_traces_endpoint, settings.metrics_keys
+    )
+
+
+def model_allowances(settings: Settings) -> dict[str, ModelAllowance]:
+    """Each model's default allowance from the settings, for accounts.admin and the admin API."""
+    return {name: ModelAllowance(spec.allowance_tokens, spec.allowance_days) for name, spec in settings.models.items()}
 
 
 def open_store(settings: Settings) -> AccountStore:
@@ -177,7 +182,7 @@ def build_app(settings: Settings, service: ConversationService, uploads: UploadS
         max_body_bytes=settings.max_body_bytes,
         public_base_url=settings.public_base_url,
         admin_key=settings.admin_key,
-        model_specs=dict(settings.models),
+        model_allowances=model_allowances(settings),
         metrics=MetricsEndpoint(
             enabled=settings.metrics,
             key=settings.metrics_key,
@@ -228,7 +233,7 @@ def build(settings: Settings, progress: Callable[[str], None] = log.info) -> Ser
     first_key = None
     if store.count_keys() == 0:
         first_key, _, _ = admin.create_key(
-            store, settings.models, name="first start", allowance=admin.UNLIMITED, days=admin.UNLIMITED
+            store, model_allowances(settings), name="first start", allowance=admin.UNLIMITED, days=admin.UNLIMITED
         )
     uploads = open_uploads(settings)
     limits = rate_limits(settings.redis_url, settings.rate_limits_on_redis_error)

@@ -46,24 +46,41 @@ class ModelSpec(BaseModel):
     path: str | None = Field(
         None, description=f"a local Hugging Face model directory, or {BUILTIN!r} or {BUILTIN_TEXT!r}"
     )
-    # OpenAI-compatible engines (SGLang, TGI, vLLM, Ollama, llama.cpp server), e.g. "http://gpu1:30000/v1".
-    upstreams: list[str] = Field(default_factory=list)
+    upstreams: list[str] = Field(
+        default_factory=list,
+        description="OpenAI-compatible engines (SGLang, TGI, vLLM, Ollama, llama.cpp server) to serve it "
+        'through, e.g. `["http://gpu1:30000/v1"]`; a model has either `path` or `upstreams`',
+    )
     upstream_model: str | None = Field(None, description="the model name the upstreams know (default: this name)")
-    upstream_api_key: str | None = None
-    # A local directory with the upstream model's tokenizer: prompts are counted here, not asked of the engine.
-    upstream_tokenizer: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # Weights quantized through bitsandbytes as they load (pip install 'llamascope[quantized]'):
-    # "nf4" (4-bit NF4: the 11B in about 7 GB) or "int8" (LLM.int8: the 90B in about 90 GB).
-    quantization: Literal["none", "nf4", "int8"] = "none"
-    context_length: int = Field(8192, ge=16)
-    # auto, cpu, cuda or cuda:N; None: the server-wide device setting.
-    device: str | None = Field(None, pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    upstream_api_key: str | None = Field(None, description="the Bearer key the upstreams ask for")
+    upstream_tokenizer: str | None = Field(
+        None,
+        description="a local directory with the upstream model's tokenizer: prompts are counted here, not asked "
+        "of the engine",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the weights' type; `auto`: the checkpoint's (bf16 on a GPU)"
+    )
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none",
+        description="weights quantized through bitsandbytes as they load (the `quantized` extra): `nf4` "
+        "(4-bit NF4: the 11B in about 7 GB) or `int8` (LLM.int8: the 90B in about 90 GB)",
+    )
+    context_length: int = Field(8192, ge=16, description="prompt plus answer, in tokens")
+    device: str | None = Field(
+        None,
+        pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="`auto`, `cpu`, `cuda` or `cuda:N`; unset: the server-wide `device` setting",
+    )
     chat_template: str | None = Field(None, description="a Jinja file to render prompts with instead of llamascope's")
-    description: str = ""
+    description: str = Field("", description="a note about the model, for whoever reads the config")
     # What `llamascope keys create/grant` give a key for this model unless told otherwise.
-    allowance_tokens: int | None = Field(1_000_000, ge=1, description="None: unlimited")
-    allowance_days: float | None = Field(180, gt=0, description="None: never expires")
+    allowance_tokens: int | None = Field(
+        1_000_000, ge=1, description="the tokens a new grant of this model allows; None: unlimited"
+    )
+    allowance_days: float | None = Field(
+        180, gt=0, description="how long a new grant's allowance lasts; None: it never expires"
+    )
 
     @property
     def is_builtin(self) -> bool:
@@ -97,114 +114,213 @@ def _default_cache_dir() -> Path:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLAMASCOPE_", extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    models: dict[str, ModelSpec] = Field(default_factory=dict)
+    host: str = Field("127.0.0.1", description="the address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="the port to listen on")
+    models: dict[str, ModelSpec] = Field(
+        default_factory=dict,
+        description="the served model names and where each gets its answers (the table below; `--model "
+        "NAME=PATH` on the command line). None given: both seed names on the built-in test model",
+    )
 
-    # The accounts store: SQLite in data_dir by default; a postgresql+psycopg:// URL for shared replicas.
-    database_url: str | None = None
-    # Crash-safe accounting (accounts/checkpoints.py): what a running request has made is on disk within
-    # about checkpoint_seconds or checkpoint_tokens; a stream whose checkpoint is more than checkpoint_tokens
-    # behind waits for it, at most checkpoint_wait_seconds, then ends with 503. A replica that has not renewed
-    # its lease for lease_seconds is taken for dead, and its running requests are charged by another.
-    checkpoint_seconds: float = Field(1.0, gt=0)
-    checkpoint_tokens: int = Field(64, ge=1)
-    checkpoint_wait_seconds: float = Field(5.0, gt=0)
-    lease_seconds: float = Field(30.0, gt=0)
-    # Keys to put in the store at start-up, each new one granted every model ("*") without limit; each must
-    # be "sk-" and 40 random characters or more (serve refuses weaker ones). A key these settings no longer
-    # name is revoked at the next start. With none given and an empty store, the first start makes one key
-    # and prints it once.
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Bearer key of the admin HTTP API (/admin/...). None: the admin API is off.
-    admin_key: str | None = None
-    data_dir: Path = Field(default_factory=_default_data_dir)
-    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    database_url: str | None = Field(
+        None,
+        description="the accounts store: SQLite in `DATA_DIR` by default; a `postgresql+psycopg://...` URL "
+        "for replicas sharing one store",
+    )
+    # Crash-safe accounting (accounts/checkpoints.py).
+    checkpoint_seconds: float = Field(
+        1.0, gt=0, description="what a running request has made is on disk within about this long..."
+    )
+    checkpoint_tokens: int = Field(
+        64, ge=1, description="...or this many tokens; a stream never runs more than this past its checkpoint"
+    )
+    checkpoint_wait_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="a stream whose checkpoint is more than `CHECKPOINT_TOKENS` behind waits this long for it, "
+        "then ends with 503",
+    )
+    lease_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="a replica that has not renewed its lease for this long is taken for dead, and its running "
+        "requests are charged by another",
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="keys put in the store at start-up (comma-separated), each new one granted every model "
+        "(`*`) without limit; each `sk-` and 128 random bits or more (32 hex digits, as DashScope's keys). A key "
+        "these settings no longer name is revoked at the next start. None given and an empty store: the first "
+        "start makes one key and prints it once",
+    )
+    admin_key: str | None = Field(None, description="Bearer key of the admin HTTP API (`/admin/...`); unset: it is off")
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="the SQLite store, uploads, the upload-policy secret (`$XDG_DATA_HOME/llamascope`, "
+        "else `~/.local/share/llamascope`)",
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="where the built-in test models are built (`$XDG_CACHE_HOME/llamascope`, "
+        "else `~/.cache/llamascope`)",
+    )
 
-    # Where in-process models run: auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda (every
-    # visible GPU: a model larger than one is split across them by layers) or cuda:N. Per model too.
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
-    # With device cuda on several GPUs: the most each may hold of a model's weights, e.g. "70GiB".
-    gpu_memory_cap: str | None = Field(None, pattern=r"^\d+(\.\d+)?\s*(GiB|GB|MiB|MB)$")
-    # PyTorch threads for the in-process engine; None means one per usable core.
-    torch_threads: int | None = Field(None, ge=1)
-    # The in-process engine's scheduler: how many requests decode together, the tokens (prompt plus the
-    # most each may still make) they may hold together, how many may wait for a place (beyond: 429
-    # Throttling), and how long one may wait (beyond: 408 RequestTimeOut). Batch size, batch tokens and the
-    # vision cache left unset: 16, 131,072 and 1 GiB on the CPU; on a GPU, what its free memory holds
-    # after loading (engines/devices.plan_memory), printed at start.
-    max_batch_size: int | None = Field(None, ge=1)
-    max_batch_tokens: int | None = Field(None, ge=1)
-    # Requests wait while what they hold fits in max_queued_bytes (None: a quarter of the memory available
-    # at start, within 256 MiB and 32 GiB); max_queued, if set, caps their number too.
-    max_queued: int | None = Field(None, ge=0)
-    max_queued_bytes: int | None = Field(None, ge=0)
-    max_queue_wait_seconds: float = Field(60.0, gt=0)
-    # A long prompt is prefilled this many tokens at a time, running streams going on in between.
-    prefill_chunk_tokens: int = Field(512, ge=16)
-    # Each image's cross-attention keys and values (the vision tower's output, projected) kept by image
-    # content hash, so later turns with the same image skip the tower and the projections.
-    vision_cache_bytes: int | None = Field(None, ge=0)
-    # Images of requests admitted together go through the vision tower in one call of at most this many
-    # tiles (Llama 3.2 pads every image to 4); 4 or less: one image a call. None: 16 on a GPU, 1 on the CPU,
-    # where the tower is bound by its arithmetic and several images at once only delay the first
-    # (bench/engine.py --only image-dominated).
-    vision_batch_tiles: int | None = Field(None, ge=1)
-    # Past requests' self-attention keys and values, reused by requests that start with the same tokens about
-    # the same image (the next turn of a conversation). None: a tenth of the memory free at start-up (the GPU's
-    # on a GPU), at most 8 GiB; 0 turns reuse off.
-    prefix_cache_bytes: int | None = Field(None, ge=0)
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="where in-process models run: `auto` (a CUDA GPU when one is visible, else the CPU), `cpu`, "
+        "`cuda` (every visible GPU: a model larger than one is split across them by layers) or `cuda:N`; "
+        "per model too",
+    )
+    gpu_memory_cap: str | None = Field(
+        None,
+        pattern=r"^\d+(\.\d+)?\s*(GiB|GB|MiB|MB)$",
+        description="with `cuda` on several GPUs, the most of a model's weights each holds, e.g. `70GiB`",
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="PyTorch intra-op threads for the in-process engine (inter-op: 1; the model runs on one "
+        "thread of its own); unset: one per usable core",
+    )
+    # The in-process engine's scheduler; batch size, batch tokens and the vision cache left unset are worked
+    # out on a GPU from its free memory after loading (engines/devices.plan_memory), printed at start.
+    max_batch_size: int | None = Field(
+        None, ge=1, description="requests decoded together; unset: 16 on the CPU, on a GPU from its free memory"
+    )
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="tokens the running requests' caches may hold, counted as a batch holds them (every row as "
+        "long as the longest prompt plus most-to-generate); unset: 131,072 on the CPU, on a GPU from its free "
+        "memory",
+    )
+    max_queued: int | None = Field(None, ge=0, description="a cap on the number of waiting requests as well, if set")
+    max_queued_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="what waiting requests may hold together; beyond: 429 `Throttling` with `Retry-After`. "
+        "Unset: a quarter of the memory available at start, within 256 MiB and 32 GiB",
+    )
+    max_queue_wait_seconds: float = Field(
+        60.0, gt=0, description="the longest wait for a place; beyond: 408 `RequestTimeOut`"
+    )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=16,
+        description="prompt tokens run before the next decode step: a long prompt does not stall running "
+        "streams for its whole length",
+    )
+    vision_cache_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="each image's cross-attention keys and values (the vision tower's output, projected) kept "
+        "by image content hash, so later turns with the same image skip the tower and the projections (210 MB "
+        "an image for the 11B in bfloat16; a running request keeps what it uses until it ends); 0 turns it off. "
+        "Unset: 1 GiB on the CPU, on a GPU from its free memory",
+    )
+    vision_batch_tiles: int | None = Field(
+        None,
+        ge=1,
+        description="images of requests admitted together go through the vision tower in one call of at most "
+        "this many tiles (Llama 3.2 pads every image to 4); 4 or less: one image a call. Unset: 16 on a GPU, "
+        "1 on the CPU, where the tower is bound by its arithmetic",
+    )
+    prefix_cache_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="past requests' self-attention keys and values, reused by requests that start with the "
+        "same tokens about the same image (128 KiB a token for the 11B in bfloat16); least recently used blocks "
+        "go first, never one a running request holds; 0 turns reuse off. Unset: a tenth of the memory free at "
+        "start-up, at most 8 GiB; on a GPU, a tenth of what the memory plan has left after loading",
+    )
 
-    # Requests: the body cap sits above the image cap so an oversized data: URI
-    # reaches the image check and gets its own message.
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
-    image_max_bytes: int = Field(10 * 1024 * 1024, ge=1)
-    image_max_pixels: int = Field(100_000_000, ge=1)  # as the image header declares them
-    image_max_decode_pixels: int = Field(20_000_000, ge=1)  # as decoded (JPEG/JPEG2000 decode reduced)
-    image_min_side: int = Field(10, ge=1)
-    image_fetch_connect_timeout: float = Field(5.0, gt=0)
-    image_fetch_timeout: float = Field(15.0, gt=0)
-    image_fetch_max_redirects: int = Field(3, ge=0)
-    # Networks or host names that image URLs may reach although they are not
-    # public (loopback, private ranges...). Empty: only public addresses.
-    image_fetch_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Directories whose files requests may name as file:// URLs or paths. Empty: none.
-    image_local_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
-    image_decode_workers: int = Field(2, ge=1)
-    image_decode_timeout: float = Field(5.0, gt=0)
-    image_cache_bytes: int = Field(256 * 1024 * 1024, ge=0)
+    # The body cap sits above the image cap so an oversized data: URI reaches the image check and gets its
+    # own message.
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request body limit (413 above it)")
+    image_max_bytes: int = Field(10 * 1024 * 1024, ge=1, description="per image, from a URL or a `data:` URI")
+    image_max_pixels: int = Field(
+        100_000_000, ge=1, description="pixels as the image header declares them, checked before decoding"
+    )
+    image_max_decode_pixels: int = Field(
+        20_000_000, ge=1, description="pixels as decoded (JPEG and JPEG2000 decode at reduced size)"
+    )
+    image_min_side: int = Field(10, ge=1, description="the shortest width or height an image may have, in pixels")
+    image_fetch_connect_timeout: float = Field(5.0, gt=0, description="seconds to connect, per image fetch")
+    image_fetch_timeout: float = Field(15.0, gt=0, description="seconds for a whole image fetch")
+    image_fetch_max_redirects: int = Field(3, ge=0, description="redirects an image fetch follows, each checked again")
+    image_fetch_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="networks or host names that image URLs may reach although they are not public "
+        "(loopback, private ranges...), comma-separated; none: only public addresses",
+    )
+    image_local_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="server directories whose files requests may name as `file://` URLs or paths; none: none",
+    )
+    image_decode_workers: int = Field(2, ge=1, description="the image decode pool's threads")
+    image_decode_timeout: float = Field(5.0, gt=0, description="each image's decode budget, in seconds")
+    image_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="decoded images kept by content hash")
 
-    # The SDK's local-file upload flow. upload_dir defaults to data_dir/uploads.
-    upload_dir: Path | None = None
-    upload_ttl_hours: float = Field(48.0, gt=0)
-    upload_policy_seconds: int = Field(300, ge=10)
-    upload_max_bytes: int = Field(10 * 1024 * 1024, ge=1)
-    # The address clients reach this server at, for upload_host in upload policies
-    # (e.g. https://llm.example.com behind a proxy). Default: from the request's Host.
-    public_base_url: str | None = None
+    upload_dir: Path | None = Field(
+        None, description="where the SDK's local-file uploads are kept; unset: `DATA_DIR/uploads`"
+    )
+    upload_ttl_hours: float = Field(48.0, gt=0, description="how long an upload lives")
+    upload_policy_seconds: int = Field(
+        300, ge=10, description="how long an upload policy (the SDK's getPolicy answer) stays valid"
+    )
+    upload_max_bytes: int = Field(10 * 1024 * 1024, ge=1, description="the largest upload")
+    public_base_url: str | None = Field(
+        None,
+        description="the address clients reach this server at, for upload policies (e.g. "
+        "`https://llm.example.com` behind a proxy); unset: from the request's Host",
+    )
 
-    # Per-key rate limits shared by every replica, in Redis (redis://host:6379/0); None: kept in this process.
-    redis_url: str | None = None
-    # When Redis cannot be reached: "open" serves requests without the shared limits, "closed" refuses
-    # them with 503 ServiceUnavailable.
-    rate_limits_on_redis_error: Literal["open", "closed"] = "open"
-    # The HMAC secret of upload policies (at least 32 characters), the same on every replica; None: a
-    # random one kept in DATA_DIR/upload-secret.
-    upload_secret: str | None = Field(None, min_length=32)
-    # Tests only: requests may ask the in-process engine to fail at a given step (engines/mllama.py, FAULT).
-    fault_injection: bool = False
+    redis_url: str | None = Field(
+        None,
+        description="per-key rate limits shared by every replica, in Redis (`redis://host:6379/0`); unset: "
+        "kept in this process",
+    )
+    rate_limits_on_redis_error: Literal["open", "closed"] = Field(
+        "open",
+        description="Redis unreachable (each call bounded at 0.5 s): `open` serves requests without the shared "
+        "limits, `closed` refuses them with 503 `ServiceUnavailable`",
+    )
+    upload_secret: str | None = Field(
+        None,
+        min_length=32,
+        description="the HMAC secret of upload policies (32 characters or more), the same on every replica; "
+        "unset: a random one kept in `DATA_DIR/upload-secret`",
+    )
+    fault_injection: bool = Field(
+        False,
+        description="tests only: a conversation holding `[[llamascope-fault:STAGE@N]]` (prefill, decode, "
+        "sample, oom) makes the in-process engine fail there",
+    )
 
-    shutdown_grace_seconds: float = Field(30.0, ge=0)
-    log_level: str = "info"
-    # Operating it (docs/observability.md): log lines as text or one JSON object a line; Prometheus
-    # metrics at /metrics (no key needed unless metrics_key is set), or on a port of their own; per-key
-    # series only for the key names listed; OpenTelemetry traces to an OTLP/HTTP endpoint when one is set.
-    log_format: Literal["text", "json"] = "text"
-    metrics: bool = True
-    metrics_key: str | None = None
-    metrics_port: int | None = Field(None, ge=1, le=65535)
-    metrics_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    otlp_traces_endpoint: str | None = None
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="on SIGTERM or Ctrl+C, how long running requests get to finish"
+    )
+    log_level: str = Field("info", description="`debug` also shows Alembic's migration lines")
+    # Operating it: docs/observability.md.
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text, or `json`: one JSON object a line, each naming its request"
+    )
+    metrics: bool = Field(True, description="Prometheus metrics at `/metrics`")
+    metrics_key: str | None = Field(None, description="the Bearer key `/metrics` asks for; unset: no key")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve the metrics on this port instead of at `/metrics`"
+    )
+    metrics_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="key names (as `keys create --name`) whose tokens and allowance get series of their own "
+        "(comma-separated)",
+    )
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        description="an OTLP/HTTP collector for OpenTelemetry traces, e.g. `http://collector:4318` (`/v1/traces` is "
+        "added); unset: traces off",
+    )
 
     @field_validator("api_keys", "image_fetch_allow", "image_local_dirs", "metrics_keys", mode="before")
     @classmethod

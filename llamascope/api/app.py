@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
 
 import anyio
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
 from llamascope import __version__, errors
+from llamascope.accounts.records import ModelAllowance
 from llamascope.api import admin, openapi, operations, playground, uploads
 from llamascope.api import errors as api_errors
 from llamascope.api.drain import Drain, Draining
@@ -56,13 +56,15 @@ def create_app(
     max_body_bytes: int,
     public_base_url: str | None = None,
     admin_key: str | None = None,
-    model_specs: Mapping[str, Any] | None = None,
+    model_allowances: Mapping[str, ModelAllowance] | None = None,
     metrics: MetricsEndpoint | None = None,
     drain: Drain | None = None,
 ) -> FastAPI:
-    """The app. ``drain`` is the shutdown state ``DrainingServer`` shares with it (see ``api.drain``)."""
+    """The app. ``model_allowances``: each served model's default allowance (the admin API grants it; its
+    names are the served models). ``drain`` is the shutdown state ``DrainingServer`` shares with it (see
+    ``api.drain``)."""
     metrics = metrics or MetricsEndpoint()
-    registry = registry_for(service, metrics.key_names)
+    registry = registry_for(operations.service_state(service, metrics.key_names))
     drain = drain or Drain(grace_seconds=0)
 
     @contextlib.asynccontextmanager
@@ -88,7 +90,7 @@ def create_app(
     app.state.service = service
     app.state.uploads = uploads_store
     app.state.public_base_url = public_base_url
-    app.state.model_specs = model_specs or {}
+    app.state.model_allowances = dict(model_allowances or {})  # each served model's, for the admin API
     app.state.metrics = metrics
     app.state.metrics_registry = registry
     app.state.drain = drain

@@ -141,9 +141,11 @@ def parse_messages(messages: Any, rule: Images = Images.REQUIRED) -> Draft:
             image_ref = images[0]
         elif rule is Images.REQUIRED and not seen_user:
             if len(images) != 1:
+                # Say only what is wrong: none breaks the no-text-only rule, several the one-image rule.
+                why = "takes no text-only input" if not images else "takes one image per conversation"
                 raise _bad(
                     f"messages[{i}]: the first user message must carry exactly one image "
-                    f"(found {len(images)}); this model takes no text-only input."
+                    f"(found {len(images)}); this model {why}."
                 )
             image_ref = images[0]
         elif images:

@@ -15,12 +15,13 @@ implement it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal, Protocol
 
 from llamascope.images import PreparedImage
+from llamascope.observability.facts import UpstreamHealth
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,10 @@ class Engine(Protocol):
 
     def stats(self) -> dict[str, int]:
         """Its load right now, for /health: requests running and waiting, and the like."""
+        ...
+
+    def health(self) -> Sequence[UpstreamHealth]:
+        """The upstream engines it calls, each in rotation or not, for /metrics (in process: none)."""
         ...
 
     async def close(self) -> None: ...

@@ -41,7 +41,8 @@ from llamascope.engines.prefix_cache import PrefixCache, default_bytes
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
 from llamascope.engines.vision import VisionCache, batch_tiles
 from llamascope.images import PreparedImage
-from llamascope.observability.request import engine_stages, image_preprocessed
+from llamascope.observability.facts import EngineTimings, UpstreamHealth
+from llamascope.observability.request import engine_timings, image_preprocessed
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11; annotations are not evaluated at run time
@@ -400,6 +401,9 @@ class MllamaEngine:
     def _template(processor: Any, path: Path) -> str:
         return LLAMASCOPE_TEMPLATE
 
+    def health(self) -> tuple[UpstreamHealth, ...]:
+        return ()  # in process: no upstream engines
+
     def stats(self) -> dict[str, int]:
         cache = self.vision_cache
         return {
@@ -486,7 +490,7 @@ class MllamaEngine:
             if cached is None:
                 started = time.monotonic()
                 pixels = self.pixels(images[0].image)
-                image_preprocessed(images[0], started)
+                image_preprocessed(images[0].format, started)
             else:
                 pixels = {"num_tiles": [[cached[1]]]}
             ids = text["input_ids"][0]
@@ -567,7 +571,8 @@ class MllamaEngine:
         finally:
             seq.cancel.set()
             self.scheduler.wake()
-            engine_stages(seq.queued_at, seq.started_at, first_token, time.monotonic(), seq.encoded)
+            ended = time.monotonic()
+            engine_timings(EngineTimings(seq.queued_at, seq.started_at or None, first_token, ended, seq.encoded))
 
     def _logprobs(self, ids: list[int], found: list[tuple[float, list[tuple[int, float]]]]) -> list[TokenLogprob]:
         """The scheduler's log-probabilities of these tokens, with each token's (and rival's) own text."""

@@ -13,7 +13,9 @@ The prompt is counted before the request goes out, so that its allowance is
 held with the true count and every streamed event reports the same input
 tokens: with the model's tokenizer from a local directory when one is
 configured (``upstream_tokenizer``), else by the engine itself through its
-``POST /tokenize`` (vLLM's; llamascope serves it too). Only an engine without
+``POST /tokenize`` (vLLM's, beside ``/v1``; llamascope serves it beside each
+of its prefixes), found on first use beside the configured base, else at the
+server's root, and remembered per upstream. Only an engine without
 one gets an estimate (the prompt's UTF-8 bytes / 4 plus one token per image),
 corrected by its reported usage at the end. Output tokens are the engine's
 count, one per streamed piece until it reports.
@@ -31,19 +33,14 @@ import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
 from llamascope import errors
 from llamascope.caching import SizedLRU
-from llamascope.engines.base import (
-    Chunk,
-    EngineInfo,
-    FinishReason,
-    PreparedPrompt,
-    SamplingParams,
-    Turn,
-)
+from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
+from llamascope.observability.facts import UpstreamHealth
 from llamascope.observability.request import outgoing_headers, upstream_call, upstream_failed, upstream_failover
 
 log = logging.getLogger(__name__)
@@ -64,16 +61,24 @@ class CountsPrompts(Protocol):
 
 @dataclass
 class Upstream:
-    url: str  # ends in /v1
+    url: str  # the OpenAI-compatible base, usually ending in /v1
     outstanding: int = 0
     healthy: bool = True
     failures: int = 0
-    tokenize: bool = True  # it answers POST /tokenize; False once it said it has none
+    # Where it may count prompts (POST /tokenize), in the order tried: narrowed to the one that answered,
+    # emptied once none did (its prompts are then estimated).
+    tokenize_urls: list[str] = field(init=False)
 
-    @property
-    def tokenize_url(self) -> str:
-        """Where vLLM serves it: beside /v1, not in it."""
-        return self.url.removesuffix("/v1") + "/tokenize"
+    def __post_init__(self) -> None:
+        self.tokenize_urls = tokenize_urls(self.url)
+
+
+def tokenize_urls(base: str) -> list[str]:
+    """Where an engine with this base may serve ``POST /tokenize``: beside the base, as vLLM does beside
+    ``/v1`` (``/compatible-mode/v1`` gives ``/compatible-mode/tokenize``), then at the server's root."""
+    parts = urlsplit(base)
+    root = urlunsplit((parts.scheme, parts.netloc, "/tokenize", "", ""))
+    return list(dict.fromkeys([base.removesuffix("/v1") + "/tokenize", root]))
 
 
 @dataclass
@@ -118,6 +123,9 @@ class UpstreamEngine:
         return self._client
 
     # -- the Engine protocol ------------------------------------------------
+
+    def health(self) -> list[UpstreamHealth]:
+        return [UpstreamHealth(u.url, u.healthy, u.outstanding) for u in self.upstreams]
 
     def stats(self) -> dict[str, int]:
         return {
@@ -169,32 +177,40 @@ class UpstreamEngine:
             return await asyncio.to_thread(self.tokenizer.count, messages)
         body = {"model": self.model, "messages": messages, "add_generation_prompt": True}
         for upstream in sorted(self.upstreams, key=lambda u: (not u.healthy, u.outstanding, u.failures)):
-            if not upstream.tokenize:
-                continue
             try:
-                async with self.client.post(
-                    upstream.tokenize_url,
-                    json=body,
-                    headers=outgoing_headers(),  # the request's id and trace context
-                    allow_redirects=False,
-                    timeout=TOKENIZE_TIMEOUT,
-                ) as response:
-                    if response.status in (404, 405, 501):
-                        log.warning("upstream %s has no /tokenize: its prompts are estimated", upstream.url)
-                        upstream.tokenize = False
-                        continue
-                    text = (await response.read()).decode(errors="replace")
-                    if response.status == 400:  # the engine refuses the prompt (too long, ...): say why now
-                        raise _client_error(400, text)
-                    answer = json.loads(text) if response.status == 200 else None
-                    count = answer.get("count") if isinstance(answer, dict) else None
+                count = await self._ask_count(upstream, body)
             except aiohttp.ClientError as exc:  # it cannot be reached: out of rotation, as a completion would take it
                 self._mark_failed(upstream, type(exc).__name__)
                 continue
-            except (asyncio.TimeoutError, ValueError):  # slow, or an answer not vLLM's: estimated instead
+            except asyncio.TimeoutError:  # slow: estimated instead
                 continue
-            if isinstance(count, int) and not isinstance(count, bool):
+            if count is not None:
                 return count
+        return None
+
+    async def _ask_count(self, upstream: Upstream, body: dict[str, Any]) -> int | None:
+        """The prompt's count from this upstream, trying where its tokenizer may be until one answers."""
+        for url in list(upstream.tokenize_urls):
+            async with self.client.post(
+                url,
+                json=body,
+                headers=outgoing_headers(),  # the request's id and trace context
+                allow_redirects=False,
+                timeout=TOKENIZE_TIMEOUT,
+            ) as response:
+                text = (await response.read()).decode(errors="replace")
+            if response.status == 400:  # the engine refuses the prompt (too long, ...): say why now
+                raise _client_error(400, text)
+            if response.status not in (200, 404, 405, 501):
+                return None  # it is there but failed this once: estimated this time
+            count = _count_in(text) if response.status == 200 else None
+            if count is not None:
+                upstream.tokenize_urls = [url]  # remembered: only this one from now on
+                return count
+            with contextlib.suppress(ValueError):  # another request may have found it missing first
+                upstream.tokenize_urls.remove(url)
+            if not upstream.tokenize_urls:
+                log.warning("upstream %s has no /tokenize: its prompts are estimated", upstream.url)
         return None
 
     async def _data_uri(self, image: Any) -> str:
@@ -326,6 +342,16 @@ class UpstreamEngine:
                 if ok != upstream.healthy:
                     log.warning("upstream %s is %s", upstream.url, "back" if ok else "failing its health check")
                 upstream.healthy = ok
+
+
+def _count_in(text: str) -> int | None:
+    """The count in a vLLM ``/tokenize`` answer; None for any other answer (not an engine's tokenizer)."""
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        return None
+    count = answer.get("count") if isinstance(answer, dict) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 class _UpstreamFailed(Exception):

@@ -48,3 +48,11 @@ def test_a_text_only_model_takes_no_image() -> None:
     # LangChain's {"type": "text"} parts are text like DashScope's own items.
     draft = parse_messages([user({"type": "text", "text": "hi"})], Images.NONE)
     assert draft.turns[0].text == "hi"
+
+
+def test_two_images_in_the_first_message_are_refused_for_what_is_wrong() -> None:
+    """Two images break the one-image rule only: the refusal says nothing about text-only input."""
+    message = refusal([user(IMAGE, IMAGE, {"text": "compare"})], Images.REQUIRED)
+    assert "exactly one image (found 2)" in message and "one image per conversation" in message
+    assert "text-only" not in message
+    assert "text-only input" in refusal(TEXT_ONLY, Images.REQUIRED)  # with none, that is what is wrong

@@ -17,6 +17,7 @@ from tests.conftest import Server, free_port, generation_body, start_server, use
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 UPSTREAM_KEY = "sk-8f1c8e9939b6e046908ec799c08eaf8c9fa97f43"
 MODEL = "llama3.2-11b-vision"
+DASHSCOPE_BASE = "by-dashscope-base"  # the same upstream, named by the base DashScope documents: .../compatible-mode/v1
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,8 @@ def front(tmp_path_factory: pytest.TempPathFactory, upstream: Server, test_model
         f'upstream_api_key = "{UPSTREAM_KEY}"\n'
         f'[models."local"]\nupstreams = ["{upstream.base}/v1"]\nupstream_model = "{MODEL}"\n'
         f'upstream_api_key = "{UPSTREAM_KEY}"\nupstream_tokenizer = "{test_model_dir}"\nchat_template = "{template}"\n'
+        f'[models."{DASHSCOPE_BASE}"]\nupstreams = ["{upstream.base}/compatible-mode/v1"]\nupstream_model = "{MODEL}"\n'
+        f'upstream_api_key = "{UPSTREAM_KEY}"\n'
     )
     srv = start_server(tmp, ["--config", str(config)])
     yield srv
@@ -155,7 +158,9 @@ def test_upstream_refusals_come_back_as_400(front: Server, image_host) -> None:
 
 
 @pytest.mark.parametrize(
-    "model", [MODEL, "pair", "local"], ids=["the engine's /tokenize", "after a dead upstream", "a local tokenizer"]
+    "model",
+    [MODEL, "pair", "local", DASHSCOPE_BASE],
+    ids=["the engine's /tokenize", "after a dead upstream", "a local tokenizer", "a /compatible-mode/v1 base"],
 )
 def test_streamed_input_tokens_are_exact_from_the_first_event(front: Server, image_host, model: str) -> None:
     """Counted before the request goes out, not estimated until the engine reports: every event says the same."""
@@ -192,3 +197,103 @@ def test_tokenize_counts_as_a_completion_reports(upstream: Server, image_host) -
     assert counted.json() == {"count": done.json()["usage"]["prompt_tokens"], "max_model_len": 8192}
     refused = httpx.post(upstream.base + "/tokenize", json={"model": MODEL, "messages": []}, headers=headers)
     assert refused.status_code == 400 and refused.json()["error"]["message"]
+
+
+def test_an_upstream_named_by_its_dashscope_base_counts_exactly(front: Server, upstream: Server, image_host) -> None:
+    """``upstreams = [".../compatible-mode/v1"]``: the front finds the engine's tokenizer beside that base, so a
+    streamed answer's input tokens are the engine's exact count in every event, as in the non-streamed answer."""
+    body = body_for(DASHSCOPE_BASE, image_host.url("/red.png"), max_tokens=5, temperature=0)
+    body["input"]["messages"] = [
+        {"role": "system", "content": "Be brief."},
+        user_turn(image_host.url("/red.png"), "Describe every colour in this picture, one by one, in detail."),
+    ]
+    whole = post(front, body).json()["usage"]["input_tokens"]
+    r = post(front, body, **{"X-DashScope-SSE": "enable"})
+    events = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:")]
+    assert len(events) > 1
+    assert [e["usage"]["input_tokens"] for e in events] == [whole] * len(events)
+    asked = [x for x in upstream.log().splitlines() if "tokenize" in x and "POST" in x]
+    assert any("/compatible-mode/tokenize" in x for x in asked), upstream.log()[-2000:]
+
+
+def test_tokenize_is_served_beside_each_compatible_prefix(upstream: Server, image_host) -> None:
+    import base64
+
+    uri = "data:image/png;base64," + base64.b64encode(httpx.get(image_host.url("/red.png")).content).decode()
+    messages = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "Hi"}]}
+    ]
+    headers = {"Authorization": f"Bearer {upstream.key}"}
+    counts = [
+        httpx.post(upstream.base + path, json={"model": MODEL, "messages": messages}, headers=headers)
+        for path in ("/tokenize", "/compatible-mode/tokenize")
+    ]
+    assert [c.status_code for c in counts] == [200, 200], counts[1].text
+    assert counts[0].json() == counts[1].json()
+    refused = httpx.post(upstream.base + "/compatible-mode/tokenize", json={"model": MODEL, "messages": []})
+    assert refused.status_code == 401 and "error" in refused.json()  # the compatible mode's error shape
+
+
+# Where an engine's tokenizer is found, per layout: an OpenAI-compatible engine (not llamascope) that serves
+# POST /tokenize at some paths and answers everything else with 404, recording what it was asked.
+VLLM_ANSWER = {"count": 42, "max_model_len": 8192}
+LLAMA_CPP_ANSWER = {"tokens": []}  # llama.cpp's /tokenize takes "content", not chat messages
+
+
+@pytest.mark.parametrize(
+    ("base", "serves", "asked", "count"),
+    [
+        ("/compatible-mode/v1", {"/compatible-mode/tokenize": VLLM_ANSWER}, ["/compatible-mode/tokenize"] * 2, 42),
+        (
+            "/compatible-mode/v1",
+            {"/tokenize": VLLM_ANSWER},
+            ["/compatible-mode/tokenize", "/tokenize", "/tokenize"],
+            42,
+        ),
+        ("/v1", {"/tokenize": VLLM_ANSWER}, ["/tokenize"] * 2, 42),
+        ("/compatible-mode/v1", {}, ["/compatible-mode/tokenize", "/tokenize"], None),
+        ("/v1", {"/tokenize": LLAMA_CPP_ANSWER}, ["/tokenize"], None),
+    ],
+    ids=["beside the base", "at the root", "vLLM's layout", "nowhere", "not vLLM's"],
+)
+def test_the_engines_tokenizer_is_found_and_remembered(
+    base: str, serves: dict[str, dict], asked: list[str], count: int | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Beside the base first, then at the root; what worked (or that nothing did) is remembered."""
+    import asyncio
+
+    from aiohttp import web
+
+    from llamascope.engines.base import Turn
+    from llamascope.engines.upstream import UpstreamEngine
+
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        if request.method == "POST" and request.path in serves:
+            return web.json_response(serves[request.path])
+        return web.json_response({"error": "not found"}, status=404)
+
+    async def two_prompts() -> list[int]:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        engine = UpstreamEngine.create([f"http://127.0.0.1:{port}{base}"], MODEL, None, 8192)
+        try:
+            return [(await engine.prepare([Turn("user", "Hi")])).input_tokens for _ in range(2)]
+        finally:
+            await engine.close()
+            await runner.cleanup()
+
+    counted = asyncio.run(two_prompts())
+    assert [p for p in seen if p.endswith("/tokenize")] == asked
+    if count is None:
+        assert counted[0] == counted[1] != VLLM_ANSWER["count"]  # estimated
+        assert "has no /tokenize: its prompts are estimated" in caplog.text
+    else:
+        assert counted == [count, count]

@@ -147,7 +147,11 @@ for prefix in PREFIXES:
     router.add_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
     router.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
     router.add_api_route(f"{prefix}/models/{{model:path}}", retrieve_model, methods=["GET"])
-router.add_route("/tokenize", tokenize, methods=["POST"])  # where vLLM serves it: beside /v1, not in it
+# Where vLLM serves it: beside /v1, not in it. Beside each prefix, so that an llamascope in front finds it
+# whichever base it was given: /compatible-mode/v1 (DashScope's) or /v1.
+TOKENIZE_PATHS = ("/compatible-mode/tokenize", "/tokenize")
+for path in TOKENIZE_PATHS:
+    router.add_route(path, tokenize, methods=["POST"])
 
 
 def _prefix_operations(prefix: str) -> tuple[openapi.Operation, ...]:
@@ -172,13 +176,16 @@ def _prefix_operations(prefix: str) -> tuple[openapi.Operation, ...]:
 
 OPERATIONS = (
     *(op for prefix in PREFIXES for op in _prefix_operations(prefix)),
-    openapi.operation(
-        "POST",
-        "/tokenize",
-        "A chat's prompt tokens, as a completion would count them (vLLM's /tokenize)",
-        tag="compatible-mode",
-        body=ChatInput,
-        ok=TokenCount,
-        refusals=(403,),
+    *(
+        openapi.operation(
+            "POST",
+            path,
+            "A chat's prompt tokens, as a completion would count them (vLLM's /tokenize)",
+            tag="compatible-mode",
+            body=ChatInput,
+            ok=TokenCount,
+            refusals=(403,),
+        )
+        for path in TOKENIZE_PATHS
     ),
 )

@@ -473,3 +473,48 @@ def test_answers_render_markdown_and_never_run_html(tab: Tab, image_host: ImageH
     expect(bubble).to_contain_text('<img src="x" onerror="window.ran = true"> <script>')
     assert bubble.locator("img, script").count() == 0
     assert page.evaluate("() => window.ran") is None
+
+
+def hold_model_list(page: Any) -> list[Any]:
+    """Holds the page's model-list requests until released (``route.continue_()``): a Send is then surely
+    clicked before the list for the key just typed has arrived, however busy the machine."""
+    held: list[Any] = []
+    page.route("**/api/v1/models", lambda route: held.append(route))
+    return held
+
+
+def release_when_asked(page: Any, held: list[Any]) -> None:
+    deadline = time.monotonic() + 30
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)  # lets Playwright deliver the routed request
+    assert held, "the page never asked for the model list"
+    for route in held:
+        route.continue_()
+    page.unroute("**/api/v1/models")
+
+
+def test_send_right_after_the_key_waits_for_the_model_list(tab: Tab) -> None:
+    """The key typed, Send clicked at once: the answer comes once the key's models are known (not nothing)."""
+    page, traffic = tab.page, tab.traffic
+    pick_image(page, "blue.png", IMAGE, "image/png")
+    set_parameter(page, "Max tokens", "3")
+    held = hold_model_list(page)
+    page.get_by_label("API key").fill(API_KEY)
+    answer = ask(page, "What is in the picture?")
+    release_when_asked(page, held)
+    expect(answer).to_have_attribute("data-status", "done", timeout=ANSWER_TIMEOUT_MS)
+    assert len(traffic.generations) == 1 and answer.locator(".answer").text_content()
+    expect(page.get_by_role("status")).to_have_text("")
+
+
+def test_a_refusal_stays_when_the_model_list_arrives(tab: Tab) -> None:
+    page, traffic = tab.page, tab.traffic
+    held = hold_model_list(page)
+    page.get_by_label("API key").fill(API_KEY)
+    ask(page, "What is this?")  # no image yet
+    release_when_asked(page, held)
+    expect(page.get_by_label("Model")).to_be_enabled()  # the list has come
+    expect(page.get_by_role("status")).to_contain_text("Add an image first")
+    page.wait_for_timeout(500)  # and nothing the page does by itself takes the refusal away
+    expect(page.get_by_role("status")).to_contain_text("Add an image first")
+    assert traffic.generations == []

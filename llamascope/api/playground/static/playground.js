@@ -19,6 +19,8 @@ const $ = (id) => document.getElementById(id);
 let state = emptyState();
 let models = [];
 let running = null; // {controller, turn} while an answer streams
+let modelsTimer = null; // a model list waiting for the key's typing to pause
+let modelsLoading = null; // the model list being fetched, a promise
 let saveTimer = null; // a save waiting for typing to pause
 const views = new WeakMap(); // turn -> its DOM nodes
 const RENDER_EVERY_MS = 33; // a streaming answer is drawn at most about 30 times a second
@@ -115,6 +117,29 @@ async function errorOf(response) {
   return { code: `HTTP ${response.status}`, message: text.slice(0, 300) || response.statusText };
 }
 
+// The model list follows the key as it is typed, once typing pauses; a Send waits for it (modelsSettled).
+function loadModelsSoon() {
+  clearTimeout(modelsTimer);
+  modelsTimer = setTimeout(loadModelsNow, 350);
+}
+
+function loadModelsNow() {
+  clearTimeout(modelsTimer);
+  modelsTimer = null;
+  const loading = loadModels().finally(() => {
+    if (modelsLoading === loading) modelsLoading = null;
+  });
+  modelsLoading = loading;
+  return loading;
+}
+
+// Resolves once no model list is pending: one waiting for typing to pause is fetched at once.
+async function modelsSettled() {
+  while (modelsTimer !== null || modelsLoading) {
+    await (modelsTimer !== null ? loadModelsNow() : modelsLoading);
+  }
+}
+
 async function loadModels() {
   const select = $("model");
   const key = apiKey();
@@ -122,23 +147,25 @@ async function loadModels() {
     select.replaceChildren(new Option("Enter a key to list models", ""));
     select.disabled = true;
     showModelBadge();
+    clearStatus("key");
     return;
   }
   try {
     const response = await fetch(`${API}/models`, { headers: { Authorization: `Bearer ${key}` } });
+    if (key !== apiKey()) return; // typed on since: the list for the key as it is now follows
     if (!response.ok) {
       const error = await errorOf(response);
       models = [];
       select.replaceChildren(new Option("Key refused", ""));
       select.disabled = true;
       showModelBadge();
-      setStatus(`${error.code}: ${error.message}`, true);
+      setStatus(`${error.code}: ${error.message}`, true, "key");
       return;
     }
     // The playground talks to the multimodal endpoint: text-only models (takes_images false) answer elsewhere.
     models = ((await response.json()).data || []).filter((m) => m.takes_images !== false);
   } catch (error) {
-    setStatus(`The server could not be reached: ${error.message}`, true);
+    setStatus(`The server could not be reached: ${error.message}`, true, "key");
     return;
   }
   select.replaceChildren(...models.map((m) => new Option(m.model, m.model)));
@@ -146,7 +173,7 @@ async function loadModels() {
   if (!models.some((m) => m.model === state.model)) state.model = models[0]?.model || "";
   select.value = state.model;
   showModelBadge();
-  setStatus("");
+  clearStatus("key"); // what the list said about an earlier key; anything else stays until the person acts
   save();
 }
 
@@ -223,6 +250,8 @@ async function* events(body) {
 
 async function ask(text) {
   if (running) return;
+  await modelsSettled(); // a key typed just now: its model list is on its way
+  if (running) return; // a second Send while the list came
   if (!apiKey()) return refuse("Enter an API key first.", $("api-key"));
   if (!state.model) return refuse("No model to ask: check the key.", $("api-key"));
   if (!state.image) return refuse("Add an image first: this model answers about one image per conversation.");
@@ -487,9 +516,15 @@ function setBusy(busy) {
   $("stop").hidden = !busy;
 }
 
-function setStatus(text, bad = false) {
+// `about` names what a message reports, so that only news of the same thing replaces it (clearStatus).
+function setStatus(text, bad = false, about = "") {
   $("status").textContent = text;
   $("status").classList.toggle("bad", bad);
+  $("status").dataset.about = about;
+}
+
+function clearStatus(about) {
+  if ($("status").dataset.about === about) setStatus("");
 }
 
 function fitComposer() {
@@ -667,16 +702,13 @@ function showCode() {
 
 function wire() {
   const key = $("api-key");
-  let keyTimer = null;
   key.addEventListener("input", () => {
     sessionStorage.setItem(KEY_SLOT, key.value.trim());
-    clearTimeout(keyTimer);
-    keyTimer = setTimeout(loadModels, 350);
+    loadModelsSoon();
   });
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    clearTimeout(keyTimer);
-    loadModels();
+    loadModelsNow();
   });
   $("model").addEventListener("change", () => {
     state.model = $("model").value;
@@ -786,7 +818,7 @@ async function start() {
   if (Object.values(state.parameters).some((v) => `${v}`.trim())) $("parameters").open = true;
   renderImage();
   renderConversation();
-  await loadModels();
+  await loadModelsNow();
   document.body.dataset.ready = "true";
   $(apiKey() ? "message" : "api-key").focus();
 }

@@ -1,0 +1,65 @@
+"""The README and the documentation site say what the code does: the settings page is generated from
+llamascope/settings.py, the architecture page's layers are the import-linter contract's, the README's
+examples are the tested example files, and every config-file example loads."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from llamascope.settings import ModelSpec, Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+sys.path.insert(0, str(DOCS))
+
+import gen_settings  # noqa: E402
+
+
+def test_the_settings_page_lists_every_setting_with_its_meaning() -> None:
+    page = (DOCS / "settings.md").read_text()
+    assert "<!-- settings-table -->" in page and "<!-- model-table -->" in page
+    filled = gen_settings.fill(page)
+    for name, field in Settings.model_fields.items():
+        assert f"`LLAMASCOPE_{name.upper()}`<br>`{name}`" in filled, name
+        assert field.description, f"settings.py: {name} has no Field(description=...)"
+    for name, field in ModelSpec.model_fields.items():
+        assert f"| `{name}` |" in filled, name
+        assert field.description, f"settings.py: ModelSpec.{name} has no Field(description=...)"
+    assert "IMAGE_MIN_SIDE" in filled and "UPLOAD_POLICY_SECONDS" in filled  # once missing from the README
+
+
+def test_the_architecture_page_lists_the_contracts_layers() -> None:
+    contract = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c["layers"] for c in contract if c["type"] == "layers")
+    page = (DOCS / "architecture.md").read_text()
+    listed = re.findall(r"^\d+\. `([^`]+)`", page, re.M)
+    assert listed == layers
+
+
+def _blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+def test_the_readme_is_a_landing_page_whose_examples_are_the_tested_ones() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    assert _blocks(readme, "python")[0] == (DOCS / "examples" / "sdk_call.py").read_text()
+    curl = next(block for block in _blocks(readme, "bash") if "curl" in block)
+    assert curl == (DOCS / "examples" / "curl_stream.sh").read_text()
+    for link in re.findall(r"\]\((docs/[^)#]+)", readme):
+        assert (ROOT / link).exists(), link
+
+
+@pytest.mark.parametrize("path", sorted((DOCS / "examples").glob("*.toml")), ids=lambda p: p.name)
+def test_config_examples_load(path: Path) -> None:
+    settings = Settings.load(path)
+    assert settings.models or settings.port

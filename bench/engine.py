@@ -315,9 +315,9 @@ def image_batching(model_dir: Path, dtype: str, levels: list[int], requests: int
 def direct(model_dir: Path, repeats: int, dtype: str, tokens: int, requests: int, rounds: int) -> dict:
     """The engine in this process, no HTTP, no keys, no JSON: time to first token of the short request, and
     the decode-dominated load's tokens per second one at a time and all at once (median of ``rounds``)."""
-    from llamascope.cli import configure_torch
     from llamascope.engines.base import SamplingParams, Turn
     from llamascope.engines.mllama import MllamaEngine
+    from llamascope.engines.threads import configure_torch
     from llamascope.images import PreparedImage
 
     configure_torch(None)

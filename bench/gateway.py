@@ -12,11 +12,19 @@ process's CPU time (user + system, from /proc) over the sequential requests,
 divided by their number: unlike latency, it hardly moves when other programs
 load the machine, so it compares two versions of llamascope on a busy one.
 
+Start-up and memory of the gateway: the time from starting `llamascope serve`
+(every model upstream) to its first answered chat request, and its resident
+memory (VmRSS) after --rss-requests requests. A guard prints PASS or FAIL for
+each target of the gateway (issue 29): first answer within 1.5 s of start,
+at most 150 MB resident after 1,000 requests, added latency at most 1 ms p50
+and 2 ms p99, CPU at most 1.0 ms per request. It is a report, not a test:
+timings on a shared machine vary.
+
 LiteLLM is not a llamascope dependency: the script uses bench/.venv-litellm
 (`python3 -m venv bench/.venv-litellm && bench/.venv-litellm/bin/pip install 'litellm[proxy]'`)
 and skips that row if it is missing.
 
-    .venv/bin/python bench/gateway.py [--requests 300] [--concurrency 16] [--seconds 5]
+    .venv/bin/python bench/gateway.py [--requests 300] [--concurrency 16] [--seconds 5] [--skip-litellm]
 """
 
 from __future__ import annotations
@@ -39,6 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 LITELLM = ROOT / "bench" / ".venv-litellm" / "bin" / "litellm"
 KEY = "sk-1e9bb01f134451d1a43b1903784a1916afafe9b0"
 MODEL = "stub-vision"
+# The gateway's targets (issue 29): name, the measured value's key, the bound, its unit.
+TARGETS = (
+    ("first answer after start", "startup", 1.5, "s"),
+    ("resident memory after {n} requests", "rss", 150.0, "MB"),  # n: at least --rss-requests
+    ("added latency p50", "added_p50", 1.0, "ms"),
+    ("added latency p99", "added_p99", 2.0, "ms"),
+    ("CPU per request", "cpu", 1.0, "ms"),
+)
 
 STUB = r"""
 import json, sys
@@ -106,6 +122,45 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def resident_mb(pid: int) -> float:
+    """A process's resident memory (VmRSS) in MB (10^6 bytes)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / 1e6
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def first_answer(url: str, headers: dict[str, str], started: float, seconds: float = 120) -> float:
+    """Seconds from ``started`` (time.perf_counter()) to the first answered chat request, asked every 10 ms."""
+    payload = body()
+    deadline = started + seconds
+    while time.perf_counter() < deadline:
+        try:
+            with httpx.Client(headers=headers, timeout=30) as client, client.stream("POST", url, json=payload) as r:
+                if r.status_code == 200:
+                    r.read()
+                    return time.perf_counter() - started
+        except httpx.TransportError:  # not listening yet
+            pass
+        time.sleep(0.01)
+    raise RuntimeError(f"{url} did not answer within {seconds:g} s")
+
+
+async def top_up(url: str, headers: dict[str, str], total: int, concurrency: int) -> None:
+    """Send requests until the server has answered ``total`` since it started (run after ``measure``)."""
+    payload = body()
+    left = total
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await one(client, url, payload)
+
+    async with httpx.AsyncClient(headers=headers, timeout=30) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+
+
 async def measure(url: str, headers: dict[str, str], requests: int, concurrency: int, seconds: float, pid: int) -> dict:
     payload = body()
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -133,6 +188,7 @@ async def measure(url: str, headers: dict[str, str], requests: int, concurrency:
         "p99": latencies[int(len(latencies) * 0.99) - 1] * 1000,
         "rps": done / elapsed,
         "cpu": cpu / requests * 1000,
+        "requests": 20 + requests + done,
     }
 
 
@@ -142,6 +198,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--skip-litellm", action="store_true")
+    parser.add_argument("--rss-requests", type=int, default=1000, help="requests before the gateway's RSS is read")
     args = parser.parse_args()
     with Processes("llamascope-gateway-") as children:
         tmp = children.tmp
@@ -150,19 +207,16 @@ def main() -> None:
         stub_pid = spawn([sys.executable, "-c", STUB, str(stub_port)]).pid
         wait_ready(f"http://127.0.0.1:{stub_port}/v1/models")
         stub = f"http://127.0.0.1:{stub_port}/v1"
+        gateway = f"http://127.0.0.1:{ls_port}/v1/chat/completions"
+        started = time.perf_counter()
         ls_pid = spawn(
             [sys.executable, "-m", "llamascope", "serve", "--port", str(ls_port), "--model", f"{MODEL}=openai+{stub}"],
             {"LLAMASCOPE_API_KEYS": KEY, "LLAMASCOPE_DATA_DIR": str(tmp / "data"), "LLAMASCOPE_LOG_LEVEL": "warning"},
         ).pid
-        wait_ready(f"http://127.0.0.1:{ls_port}/health")
+        startup = first_answer(gateway, {"Authorization": f"Bearer {KEY}"}, started)
         targets = [
             ("stub engine, called directly", f"{stub}/chat/completions", {}, stub_pid),
-            (
-                "llamascope (upstream mode)",
-                f"http://127.0.0.1:{ls_port}/v1/chat/completions",
-                {"Authorization": f"Bearer {KEY}"},
-                ls_pid,
-            ),
+            ("llamascope (upstream mode)", gateway, {"Authorization": f"Bearer {KEY}"}, ls_pid),
         ]
         if LITELLM.exists() and not args.skip_litellm:
             config = tmp / "litellm.yaml"
@@ -187,6 +241,10 @@ def main() -> None:
             (name, asyncio.run(measure(url, h, args.requests, args.concurrency, args.seconds, pid)))
             for name, url, h, pid in targets
         ]
+        answered = 1 + results[1][1]["requests"]  # the first answer, then measure's
+        if answered < args.rss_requests:
+            asyncio.run(top_up(gateway, targets[1][2], args.rss_requests - answered, args.concurrency))
+        rss = resident_mb(ls_pid)
 
     base = results[0][1]
     print(
@@ -203,6 +261,23 @@ def main() -> None:
     if "LiteLLM proxy" in names:
         ratio = names["llamascope (upstream mode)"]["rps"] / names["LiteLLM proxy"]["rps"]
         print(f"llamascope / LiteLLM requests per second: {ratio:.1f}x")
+    ours = names["llamascope (upstream mode)"]
+    print(
+        f"llamascope start-up: first answer {startup:.2f} s after start; {rss:.0f} MB resident after "
+        f"{max(answered, args.rss_requests)} requests"
+    )
+    measured = {
+        "startup": startup,
+        "rss": rss,
+        "added_p50": ours["p50"] - base["p50"],
+        "added_p99": ours["p99"] - base["p99"],
+        "cpu": ours["cpu"],
+    }
+    for what, key, bound, unit in TARGETS:
+        verdict = "PASS" if measured[key] <= bound else "FAIL"
+        value = f"{measured[key]:.2f} {unit}"
+        label = what.format(n=max(answered, args.rss_requests))
+        print(f"{verdict}  {label:<40} {value:>10}  (target <= {bound:g} {unit})")
 
 
 if __name__ == "__main__":

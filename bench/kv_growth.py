@@ -32,11 +32,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from llamascope.cli import configure_torch
     from llamascope.engines.base import SamplingParams, Turn
     from llamascope.engines.builtin_model import ensure_test_model
     from llamascope.engines.mllama import MllamaEngine
     from llamascope.engines.requests import BatchLimits
+    from llamascope.engines.threads import configure_torch
     from llamascope.settings import Settings
 
     configure_torch(None)

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import os
-import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
 from llamascope import __version__
 from llamascope.client import chat
 from llamascope.settings import BUILTIN, ModelSpec, Settings, describe_error
-
-if TYPE_CHECKING:
-    from llamascope.accounts.records import ModelAllowance
-    from llamascope.accounts.store import AccountStore
-
-log = logging.getLogger("llamascope")
 
 
 def _model_arg(value: str) -> tuple[str, ModelSpec]:
@@ -180,71 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: str) -> None:
-    from llamascope.observability import logs
-
-    logs.configure(level)
-
-
-def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota if one is set.
-
-    PyTorch counts the host's cores; in a container limited to 2 CPUs on a
-    64-core host that oversubscribes 32-fold (bench/threads.py: 4x
-    oversubscription already makes each decode step 1.5x slower here).
-    """
-    cores = len(os.sched_getaffinity(0))
-    try:
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "200000 100000"
-        if quota != "max":
-            cores = min(cores, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
-
-
-# How long PyTorch's OpenMP worker threads (GNU libgomp) spin after a parallel region before they sleep.
-# libgomp's default, 300,000 spins, keeps them busy between the many small operations of a decode step,
-# taking a core from the event loop (and, on a small machine, from the clients): bench/engine.py's
-# decode load at 16 concurrent streams ran 11% faster with 30,000 (an A/B of two rounds of each of three
-# settings, one at a time 4% slower); 10,000 and below cost more than they gave.
-GOMP_SPIN_COUNT = "30000"
-
-
-def configure_openmp() -> None:
-    """The OpenMP workers' spinning (``GOMP_SPIN_COUNT``), unless the environment sets a wait policy of its
-    own. libgomp reads it once, when PyTorch loads it: call this before anything imports torch."""
-    if "torch" not in sys.modules and not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & os.environ.keys():
-        os.environ["GOMP_SPINCOUNT"] = GOMP_SPIN_COUNT
-
-
-def configure_torch(threads: int | None) -> int:
-    """Set PyTorch's threads deliberately: its defaults oversubscribe containers."""
-    configure_openmp()
-    import torch
-
-    count = threads or usable_cores()
-    torch.set_num_threads(count)
-    with contextlib.suppress(RuntimeError):  # already set earlier in this process
-        torch.set_num_interop_threads(1)  # llamascope runs one generation per engine thread
-    return count
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """Bind the server's address before anything slow (a model load takes minutes) or anything written:
-    a port already in use stops start-up at once. uvicorn serves on this very socket."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family=family)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
-
-
 def weak_keys(keys: list[str]) -> list[str]:
     """Lines that say which keys of the settings are too easy to guess, and how to make a good one."""
     from llamascope.accounts.access import KEY_RULE, MAKE_A_KEY, key_weakness
@@ -257,9 +182,7 @@ def weak_keys(keys: list[str]) -> list[str]:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Start in an order that writes nothing until the server can run: settings, the address, the store's
-    schema, the models; then the keys, the banner, and serving."""
-    configure_openmp()  # before the imports below load torch
+    """``llamascope serve``: the settings from the environment, the config file and the options; then the server."""
     overrides: dict[str, object] = {
         "host": args.host,
         "port": args.port,
@@ -277,155 +200,19 @@ def serve(args: argparse.Namespace) -> int:
     if weak := weak_keys(settings.api_keys):
         print("llamascope: cannot start: " + "\n".join(weak), file=sys.stderr)
         return 2
-    from llamascope import observability
+    # The server's stack (FastAPI, SQLAlchemy, uvicorn) loads only for the commands that run it: chat starts fast.
+    from llamascope import server
 
-    observability.configure(  # logs, traces, per-key metrics
-        settings.log_level, settings.log_format, settings.otlp_traces_endpoint, settings.metrics_keys
-    )
-    try:
-        sock = listen(settings.host, settings.port)
-    except OSError as exc:
-        print(f"llamascope: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-
-    import uvicorn
-
-    from llamascope.accounts import admin
-    from llamascope.accounts.admission import Accounts
-    from llamascope.accounts.checkpoints import Checkpoints
-    from llamascope.accounts.limits import rate_limits
-    from llamascope.api.app import create_app
-    from llamascope.api.drain import LAST_WORDS_SECONDS, Drain, DrainingServer
-    from llamascope.conversation.service import ConversationService
-    from llamascope.engines.base import ModelLoadError
-    from llamascope.engines.registry import load_engines
-    from llamascope.images.intake import ImageIntake
-    from llamascope.images.uploads import UploadStore, load_or_create_secret
-    from llamascope.observability.metrics import MetricsEndpoint
-
-    threads = configure_torch(settings.torch_threads)
-    store = open_store(settings)  # the schema only: a database that cannot be reached stops start-up here
-    try:
-        engines = load_engines(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except ModelLoadError as exc:
-        print(f"llamascope: cannot start: {exc}", file=sys.stderr)
-        return 2
-
-    # Start-up has succeeded: now the store is written. First what requests a crash interrupted had made
-    # (this replica's predecessor's, or a dead replica's) is charged, then the keys (a failed start uses up
-    # no first key).
-    checkpoints = Checkpoints(
-        store,
-        seconds=settings.checkpoint_seconds,
-        tokens=settings.checkpoint_tokens,
-        wait_seconds=settings.checkpoint_wait_seconds,
-        lease_seconds=settings.lease_seconds,
-    )
-    checkpoints.start()
-    for change in admin.seed_keys(store, settings.api_keys):
-        log.info("API keys: %s", change)
-    first_key = None
-    if store.count_keys() == 0:
-        first_key, _, _ = admin.create_key(
-            store, model_allowances(settings), name="first start", allowance=admin.UNLIMITED, days=admin.UNLIMITED
-        )
-    uploads_store = UploadStore(
-        settings.upload_dir or settings.data_dir / "uploads",
-        settings.upload_secret.encode()
-        if settings.upload_secret
-        else load_or_create_secret(settings.data_dir / "upload-secret"),
-        ttl_seconds=settings.upload_ttl_hours * 3600,
-        policy_seconds=settings.upload_policy_seconds,
-        max_bytes=settings.upload_max_bytes,
-    )
-    limits = rate_limits(settings.redis_url, settings.rate_limits_on_redis_error)
-    accounts = Accounts(store, limits, checkpoints=checkpoints)
-    service = ConversationService(engines, ImageIntake.from_settings(settings, uploads_store), accounts)
-    drain = Drain(settings.shutdown_grace_seconds)
-    app = create_app(
-        service,
-        uploads_store,
-        max_body_bytes=settings.max_body_bytes,
-        public_base_url=settings.public_base_url,
-        admin_key=settings.admin_key,
-        model_specs=dict(settings.models),
-        metrics=MetricsEndpoint(
-            enabled=settings.metrics,
-            key=settings.metrics_key,
-            port=settings.metrics_port,
-            host=settings.host,
-            key_names=frozenset(settings.metrics_keys),
-        ),
-        drain=drain,
-    )
-
-    host, port = sock.getsockname()[:2]
-    base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    lines = [f"llamascope {__version__} on {base} (PyTorch threads: {threads})", "models:"]
-    for name, engine in engines.items():
-        what = (
-            "built-in test model: tiny and random, its answers are random text"
-            if engine.info.test_model
-            else engine.info.source
-        )
-        lines.append(f"  {name:<32} {what}")
-    if first_key:
-        lines.append(f"API key: {first_key}")
-        lines.append("  (made on this first start and shown only now: keep it. `llamascope keys create` makes more.)")
-    else:
-        active = store.count_keys(active=True)
-        lines.append(f"API keys: {active} active in {_safe_url(store.url)} (`llamascope keys list`)")
-    lines.append(f"SDK: export DASHSCOPE_HTTP_BASE_URL={base}/api/v1 DASHSCOPE_API_KEY=<the key>")
-    lines.append(f"Playground: {base}/ in a browser")
-    print("\n".join(lines), file=sys.stderr, flush=True)
-
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        # The drain (api.drain) has ended every request by then; this only bounds a stuck one.
-        timeout_graceful_shutdown=int(LAST_WORDS_SECONDS) + 1,
-        # Idle keep-alive connections are closed after 75 s, later than clients (httpx: 5 s) and load
-        # balancers (nginx's upstream keepalive: 60 s) drop them: the side that reuses a connection must not
-        # meet one the server closed a moment before (a ReadError, or a 502 from the balancer).
-        timeout_keep_alive=75,
-        server_header=False,
-    )
-    DrainingServer(config, drain).run(sockets=[sock])
-    return 0
-
-
-def _safe_url(url: str) -> str:
-    """A database URL without its password, for printing."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def open_store(settings: Settings) -> AccountStore:
-    from llamascope.accounts.store import AccountStore
-
-    if settings.database_url is None:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = AccountStore(settings.database)
-    store.migrate()
-    return store
-
-
-def model_allowances(settings: Settings) -> dict[str, ModelAllowance]:
-    """Each model's default allowance from the settings, for accounts.admin (which reads no settings)."""
-    from llamascope.accounts.records import ModelAllowance
-
-    return {name: ModelAllowance(spec.allowance_tokens, spec.allowance_days) for name, spec in settings.models.items()}
+    return server.serve(settings)
 
 
 def accounts_command(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
+    # The store (and the server stack around it) loads only for the commands that use it: chat starts fast.
     from llamascope.accounts import admin
     from llamascope.accounts.records import utcnow
+    from llamascope.server import model_allowances, open_store, safe_url
 
     try:
         settings = Settings.load(getattr(args, "config", None))
@@ -435,7 +222,7 @@ def accounts_command(args: argparse.Namespace) -> int:
     store = open_store(settings)
     try:
         if args.command == "db":
-            print(f"schema up to date in {_safe_url(store.url)}")
+            print(f"schema up to date in {safe_url(store.url)}")
         elif args.command == "usage":
             key_id = store.key(args.key).id if args.key else None
             since = utcnow() - timedelta(days=args.days) if args.days else None
@@ -494,9 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "chat":
         return chat.run(args)
     if args.command == "build-test-model":
+        # PyTorch and transformers load for this command only.
         from llamascope.engines.builtin_model import ensure_test_model
+        from llamascope.observability import logs
 
-        configure_logging("info")
+        logs.configure("info")
         print(ensure_test_model(args.cache_dir or Settings.load().cache_dir))
         return 0
     return 2

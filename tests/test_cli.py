@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llamascope.cli import _model_arg, usable_cores
+from llamascope.cli import _model_arg
+from llamascope.engines.threads import usable_cores
 from llamascope.settings import BUILTIN
 from tests.conftest import LLAMASCOPE, SEED_MODEL
 
@@ -52,7 +53,7 @@ def test_openmp_spinning_is_set_before_torch_loads(environment: dict[str, str], 
 
     script = (
         "import json, os, sys\n"
-        "from llamascope.cli import configure_torch\n"
+        "from llamascope.engines.threads import configure_torch\n"
         "configure_torch(1)\n"
         "print(json.dumps([os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules]))\n"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -177,6 +178,49 @@ def test_sigterm_drains_then_ends_what_still_runs_with_an_error_event(
     )
     [row] = [x for x in out.stdout.splitlines() if request_ids["long"] in x]
     assert "ServiceUnavailable.ShuttingDown" in row and f" {made} " in row
+
+
+@pytest.mark.server
+def test_a_second_ctrl_c_ends_streams_with_an_error_event_and_exits_at_once(
+    tmp_path: Path, test_model_dir: Path, image_host
+) -> None:
+    """Issue 27, item 4: a second SIGINT while a stream runs (the first one drains, with a long grace) ended in
+    "timeout graceful shutdown exceeded", a CancelledError and a KeyboardInterrupt traceback, 6 s later, and the
+    client got no closing event. It ends the stream with its event:error and exits at once, quietly."""
+    server = start_server(tmp_path, env={"LLAMASCOPE_SHUTDOWN_GRACE_SECONDS": "60"})
+    headers = {"Authorization": f"Bearer {server.key}", "X-DashScope-SSE": "enable"}
+    body = generation_body(image_host.url("/red.png"), max_tokens=8000, min_new_tokens=8000)
+    chunks: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        with (
+            httpx.stream("POST", server.base + PATH, json=body, headers=headers, timeout=120) as r,
+            contextlib.suppress(httpx.HTTPError),  # cut short: the assertions below say what was missing
+        ):
+            for chunk in r.iter_text():
+                chunks.append(chunk)
+                started.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert started.wait(60)
+    server.process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while httpx.get(server.base + "/api/v1/models", headers=headers).status_code != 503:  # the drain has begun
+        assert time.monotonic() < deadline, server.log()[-2000:]
+        time.sleep(0.05)
+    server.process.send_signal(signal.SIGINT)
+    second = time.monotonic()
+    status = server.process.wait(30)
+    exited = time.monotonic() - second
+    reader.join(30)
+    log = server.log()
+    assert exited < 4, f"exited {exited:.1f} s after the second Ctrl+C:\n{log[-800:]}"  # generous: a busy machine
+    assert "Traceback" not in log and "CancelledError" not in log and "timeout graceful shutdown" not in log, log
+    last = _sse_blocks("".join(chunks))[-1]
+    assert last["event"] == "error" and json.loads(last["data"])["code"] == "ServiceUnavailable.ShuttingDown"
+    assert status == 130  # as a shell reports a command Ctrl+C ended
 
 
 @pytest.mark.server

@@ -186,13 +186,12 @@ def _store(request: Request) -> AccountStore:
 
 
 def _served(request: Request) -> list[str]:
-    return list(request.app.state.model_specs)
+    return list(request.app.state.model_allowances)
 
 
 def _allowances(request: Request) -> dict[str, ModelAllowance]:
-    """Each served model's default allowance, from the specs the composition root gave create_app."""
-    specs = request.app.state.model_specs
-    return {name: ModelAllowance(spec.allowance_tokens, spec.allowance_days) for name, spec in specs.items()}
+    """Each served model's default allowance, as the composition root gave create_app."""
+    return dict(request.app.state.model_allowances)
 
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
@@ -311,33 +310,35 @@ def _query(parse: Any, value: str | None, name: str, *args: Any) -> Any:
         raise errors.invalid_parameter(f"Query parameter {exc}.") from None
 
 
-openapi.operation("GET", "/admin/keys", "Keys and their grants", tag="admin", auth="admin_key", ok=KeysAnswer)
-openapi.operation("POST", "/admin/keys", "A new key", tag="admin", auth="admin_key", body=NewKey, ok=NewKeyAnswer)
-openapi.operation(
-    "POST",
-    "/admin/keys/{ref}/revoke",
-    "Revoke a key (by id or prefix)",
-    tag="admin",
-    auth="admin_key",
-    ok=KeyAnswer,
-    refusals=(400,),
-)
-openapi.operation(
-    "POST",
-    "/admin/keys/{ref}/grants",
-    "Grant a key a model",
-    tag="admin",
-    auth="admin_key",
-    body=NewGrant,
-    ok=KeyAnswer,
-)
-openapi.operation(
-    "GET",
-    "/admin/usage",
-    "Requests and tokens per day, key and model",
-    tag="admin",
-    auth="admin_key",
-    query=UsageQuery,
-    ok=UsageAnswer,
-    refusals=(400,),
+OPERATIONS = (
+    openapi.operation("GET", "/admin/keys", "Keys and their grants", tag="admin", auth="admin_key", ok=KeysAnswer),
+    openapi.operation("POST", "/admin/keys", "A new key", tag="admin", auth="admin_key", body=NewKey, ok=NewKeyAnswer),
+    openapi.operation(
+        "POST",
+        "/admin/keys/{ref}/revoke",
+        "Revoke a key (by id or prefix)",
+        tag="admin",
+        auth="admin_key",
+        ok=KeyAnswer,
+        refusals=(400,),
+    ),
+    openapi.operation(
+        "POST",
+        "/admin/keys/{ref}/grants",
+        "Grant a key a model",
+        tag="admin",
+        auth="admin_key",
+        body=NewGrant,
+        ok=KeyAnswer,
+    ),
+    openapi.operation(
+        "GET",
+        "/admin/usage",
+        "Requests and tokens per day, key and model",
+        tag="admin",
+        auth="admin_key",
+        query=UsageQuery,
+        ok=UsageAnswer,
+        refusals=(400,),
+    ),
 )

@@ -5,33 +5,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import anyio
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
-from llamascope import __version__, errors, web
-from llamascope.api import admin, openapi, operations, uploads
+from llamascope import __version__, errors
+from llamascope.accounts.records import ModelAllowance
+from llamascope.api import admin, openapi, operations, playground, uploads
 from llamascope.api import errors as api_errors
 from llamascope.api.drain import Drain, Draining
 from llamascope.api.middleware import Authentication, BodyLimit, RequestContext
 from llamascope.api.native import router as native
+from llamascope.api.native.protocol import ErrorBody as NativeErrorBody
 from llamascope.api.openai import router as openai
+from llamascope.api.openai.protocol import ErrorBody as OpenAIErrorBody
 from llamascope.api.text import router as text
 from llamascope.conversation.service import ConversationService
 from llamascope.images.uploads import UploadStore
 from llamascope.observability.metrics import MetricsEndpoint, registry_for, serve_on_port
 from llamascope.observability.request import routes_of
-from llamascope.settings import ModelSpec
 
 log = logging.getLogger(__name__)
 
 # The upload POST carries no key: its signed policy authorises it. The playground page needs none
 # (its API calls carry the key typed into it), nor does "/", which sends browsers to it. /metrics checks
 # its own key, if any.
-PUBLIC_PATHS = frozenset({"/health", "/metrics", openapi.PATH, uploads.OBJECTS_PATH, "/", web.PLAYGROUND_PATH})
-PUBLIC_PREFIXES = (web.PLAYGROUND_PATH + "/",)
+PUBLIC_PATHS = frozenset({"/health", "/metrics", openapi.PATH, uploads.OBJECTS_PATH, "/", playground.PLAYGROUND_PATH})
+PUBLIC_PREFIXES = (playground.PLAYGROUND_PATH + "/",)
+# Each HTTP surface: its router and the operations it declares for the OpenAPI document.
+SURFACES = (native, openai, text, uploads, operations, admin, openapi, playground)
+# The order /openapi.json lists the surfaces' operations in (as it always has).
+DOCUMENT_ORDER = (openapi, playground, admin, operations, uploads, native, openai, text)
 PURGE_EVERY_SECONDS = 600
 
 
@@ -50,11 +56,13 @@ def create_app(
     max_body_bytes: int,
     public_base_url: str | None = None,
     admin_key: str | None = None,
-    model_specs: dict[str, ModelSpec] | None = None,
+    model_allowances: Mapping[str, ModelAllowance] | None = None,
     metrics: MetricsEndpoint | None = None,
     drain: Drain | None = None,
 ) -> FastAPI:
-    """The app. ``drain`` is the shutdown state ``DrainingServer`` shares with it (see ``api.drain``)."""
+    """The app. ``model_allowances``: each served model's default allowance (the admin API grants it; its
+    names are the served models). ``drain`` is the shutdown state ``DrainingServer`` shares with it (see
+    ``api.drain``)."""
     metrics = metrics or MetricsEndpoint()
     registry = registry_for(operations.service_state(service, metrics.key_names))
     drain = drain or Drain(grace_seconds=0)
@@ -82,25 +90,17 @@ def create_app(
     app.state.service = service
     app.state.uploads = uploads_store
     app.state.public_base_url = public_base_url
-    app.state.model_specs = model_specs or {}
+    app.state.model_allowances = dict(model_allowances or {})  # each served model's, for the admin API
     app.state.metrics = metrics
     app.state.metrics_registry = registry
     app.state.drain = drain
-    routers = (
-        native.router,
-        openai.router,
-        text.router,
-        uploads.router,
-        operations.router,
-        admin.router,
-        openapi.router,
-        web.router,
-    )
-    for router in routers:
-        app.include_router(router)
-    app.mount(web.PLAYGROUND_PATH, web.playground_files())
-    playground = app.router.routes[-1]  # the Mount just made
-    routes_of(app, [route for router in routers for route in router.routes] + [playground])  # for metrics
+    app.state.operations = openapi.collect(*(surface.OPERATIONS for surface in DOCUMENT_ORDER))
+    app.state.error_bodies = (NativeErrorBody, OpenAIErrorBody)  # the refusals' bodies in the document
+    for surface in SURFACES:
+        app.include_router(surface.router)
+    app.mount(playground.PLAYGROUND_PATH, playground.playground_files())
+    files = app.router.routes[-1]  # the Mount just made
+    routes_of(app, [route for surface in SURFACES for route in surface.router.routes] + [files])  # for metrics
     app.add_exception_handler(errors.ServiceError, api_errors.on_service_error)
     app.add_exception_handler(HTTPException, api_errors.on_http_exception)
     app.add_exception_handler(Exception, api_errors.on_unexpected)

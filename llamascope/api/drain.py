@@ -5,7 +5,11 @@ On SIGTERM (or Ctrl+C) the server keeps its address but takes no new requests: e
 elsewhere. Requests already running get ``SHUTDOWN_GRACE_SECONDS`` to finish. One still running then is
 ended by llamascope itself, not cut by uvicorn: a stream gets a last ``event:error`` block (in the
 OpenAI-compatible mode, an error chunk), a plain request a 503 answer, and either is charged what it made.
-Only then does uvicorn's own shutdown run, with nothing left to cancel. A second signal stops at once.
+Only then does uvicorn's own shutdown run, with nothing left to cancel.
+
+A second signal (a second Ctrl+C) stops at once: the grace period ends there, the running requests get their
+last event as above, and the server exits within ``HURRY_SECONDS``, without tracebacks. A third signal is
+uvicorn's own: it exits without waiting for anything.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ log = logging.getLogger("llamascope")
 SHUTTING_DOWN = "ServiceUnavailable.ShuttingDown"
 # After the grace period, how long the requests still running get to send their last event and settle.
 LAST_WORDS_SECONDS = 5.0
+# After a second signal, how long they get for the same, and uvicorn's shutdown after them.
+HURRY_SECONDS = 0.5
 
 
 def refused_while_draining() -> errors.ServiceError:
@@ -98,14 +104,23 @@ class DrainingServer(uvicorn.Server):
         self.drain = drain
         self._stop_at: float | None = None
         self._announced = False
+        self._hurry = False  # a second signal came: stop at once
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler: only set state here (logging could deadlock); on_tick acts on it.
-        if self.drain.draining or sig not in (signal.SIGTERM, signal.SIGINT):
+        if sig not in (signal.SIGTERM, signal.SIGINT) or self.should_exit:
             super().handle_exit(sig, frame)
             return
-        self._captured_signals.append(sig)  # re-raised after shutdown, as uvicorn does
+        if sig not in self._captured_signals:
+            self._captured_signals.append(sig)  # re-raised after shutdown, as uvicorn does (once)
+        if self.drain.draining:
+            self._hurry = True
         self.drain.begin()
+
+    @property
+    def hurried(self) -> bool:
+        """Whether a second signal stopped the server."""
+        return self._hurry
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain.draining and not self.should_exit:
@@ -123,12 +138,21 @@ class DrainingServer(uvicorn.Server):
                 drain.active,
                 drain.grace_seconds,
             )
+        last_words = HURRY_SECONDS if self._hurry else LAST_WORDS_SECONDS
         if drain.active == 0:
             log.info("shutting down: no requests running")
-            self.should_exit = True
-        elif waited >= drain.grace_seconds and not drain.stop.is_set():
-            log.warning("shutting down: ending %d requests still running after %g s", drain.active, waited)
+            self._exit()
+        elif (waited >= drain.grace_seconds or self._hurry) and not drain.stop.is_set():
+            if self._hurry:
+                log.warning("shutting down now (a second signal): ending %d requests still running", drain.active)
+            else:
+                log.warning("shutting down: ending %d requests still running after %g s", drain.active, waited)
             drain.stop.set()
             self._stop_at = time.monotonic()
-        elif self._stop_at is not None and time.monotonic() - self._stop_at > LAST_WORDS_SECONDS:
-            self.should_exit = True
+        elif self._stop_at is not None and time.monotonic() - self._stop_at > last_words:
+            self._exit()
+
+    def _exit(self) -> None:
+        if self._hurry:  # what still runs after its last words is cut short by uvicorn within a second
+            self.config.timeout_graceful_shutdown = 1
+        self.should_exit = True

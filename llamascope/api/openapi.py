@@ -2,17 +2,22 @@
 
 The hot routes are plain Starlette routes, so FastAPI's own document would not
 see them, and every route answers a ``JSONResponse`` whose shape FastAPI cannot
-know. So each route's module registers its operation here, in one call beside
-the route, naming the pydantic models that make or describe its bodies::
+know. So each router's module declares its operations beside its routes, in a
+constant ``OPERATIONS``, naming the pydantic models that make or describe their
+bodies::
 
-    openapi.operation("POST", GENERATION_PATH, "Multimodal generation", tag="native",
-                      body=GenerationBody, ok=GenerationResult, stream=sse.EVENTS)
-    openapi.operation("GET", "/metrics", "Prometheus metrics", tag="operations", auth=None,
-                      ok="text/plain; version=0.0.4")
+    OPERATIONS = (
+        openapi.operation("POST", GENERATION_PATH, "Multimodal generation", tag="native",
+                          body=GenerationBody, ok=GenerationResult, stream=sse.EVENTS),
+        openapi.operation("GET", "/metrics", "Prometheus metrics", tag="operations", auth=None,
+                          ok="text/plain; version=0.0.4"),
+    )
 
-``document(app)`` builds the document from the operations whose routes the app
-has, with schemas from pydantic's ``models_json_schema``; a route nobody
-registered is listed as ``x-undescribed`` (and the tests fail on it). Errors get
+The app collects them (``api.app``) and keeps them in ``app.state.operations``,
+with each surface's error body in ``app.state.error_bodies``;
+``document(app)`` builds the document from those whose routes the app has, with
+schemas from pydantic's ``models_json_schema``; a route nobody described is
+listed as ``x-undescribed`` (and the tests fail on it). Errors get
 the surface's shape: DashScope's ``{"code", "message", "request_id"}``, or the
 OpenAI shape under ``/compatible-mode/`` and ``/v1/`` (as ``api.errors`` sends
 them). A streamed answer is described under ``text/event-stream`` one event at
@@ -36,11 +41,10 @@ from starlette.routing import BaseRoute, Mount
 
 from llamascope import __version__
 from llamascope.api.errors import OPENAI_PREFIXES
-from llamascope.api.native.protocol import UP_TO_CONTEXT_LENGTH
-from llamascope.api.native.protocol import ErrorBody as NativeErrorBody
-from llamascope.api.openai.protocol import ErrorBody as OpenAIErrorBody
 
 PATH = "/openapi.json"
+# A field's json_schema_extra marking it as bounded by the served context length (max_tokens).
+UP_TO_CONTEXT_LENGTH = {"x-maximum": "context_length"}
 Auth = Literal["api_key", "admin_key"] | None
 Model = type[BaseModel]
 
@@ -101,7 +105,7 @@ class Operation:
     others: tuple[tuple[int, str], ...] = ()  # other answers without a body, such as redirects
 
 
-_OPERATIONS: dict[tuple[str, str], Operation] = {}
+Operations = dict[tuple[str, str], Operation]  # by (method, path), in the order the document lists them
 
 
 def operation(
@@ -120,19 +124,17 @@ def operation(
     description: str = "",
     headers: tuple[Header, ...] = (),
     others: dict[int, str] | None = None,
-) -> None:
-    """Register a route's operation for the document (call it beside the route, once).
+) -> Operation:
+    """A route's operation, for its router's ``OPERATIONS``.
 
     ``auth``: ``"api_key"`` (a Bearer API key), ``"admin_key"`` or None (public). Refusals every such
     route can give are added by themselves: 401 with a key, 400 and 413 with a body; ``refusals`` adds
     others (403, 408, 429, 500, 503...); ``others`` answers without a body ({307: "why"}). ``{name}`` in
     the path is a string path parameter; a mounted app's files are ``GET <mount path>/{path}``.
     """
-    path = _plain(path)
-    key = (method.upper(), path)
-    _OPERATIONS[key] = Operation(
+    return Operation(
         method.upper(),
-        path,
+        _plain(path),
         summary,
         tag,
         auth,
@@ -148,8 +150,16 @@ def operation(
     )
 
 
-def operations() -> dict[tuple[str, str], Operation]:
-    return dict(_OPERATIONS)
+def collect(*declared: tuple[Operation, ...]) -> Operations:
+    """The operations of several routers, in the order given; a (method, path) declared twice is an error."""
+    found: Operations = {}
+    for ops in declared:
+        for op in ops:
+            key = (op.method, op.path)
+            if key in found:
+                raise ValueError(f"{op.method} {op.path} is described twice")
+            found[key] = op
+    return found
 
 
 def _plain(path: str) -> str:
@@ -188,7 +198,7 @@ class _Names(GenerateJsonSchema):
 class _Schemas:
     """Every model's schema, named once in components (requests validated, answers serialised)."""
 
-    def __init__(self, ops: list[Operation]) -> None:
+    def __init__(self, ops: list[Operation], error_bodies: tuple[Model, ...]) -> None:
         models: list[tuple[Model, Literal["validation", "serialization"]]] = []
         for op in ops:
             for model in (op.body, op.form, op.query):
@@ -199,7 +209,7 @@ class _Schemas:
             for _, data in op.stream.events if op.stream else ():
                 if isinstance(data, type):
                     models.append((data, "serialization"))
-        models += [(NativeErrorBody, "serialization"), (OpenAIErrorBody, "serialization")]
+        models += [(body, "serialization") for body in error_bodies]
         unique = list(dict.fromkeys(models))
         self.refs, defs = models_json_schema(
             unique, ref_template="#/components/schemas/{model}", schema_generator=_Names
@@ -360,17 +370,24 @@ def _bound(schema: Any, context_length: int | None) -> None:
             _bound(child, context_length)
 
 
-def build(routes: list[BaseRoute], title: str = "llamascope", context_length: int | None = None) -> dict[str, Any]:
-    """The document of the registered operations these routes answer, in registration order.
+def build(
+    routes: list[BaseRoute],
+    operations: Operations,
+    title: str = "llamascope",
+    context_length: int | None = None,
+    error_bodies: tuple[Model, ...] = (),
+) -> dict[str, Any]:
+    """The document of the given operations these routes answer, in the operations' order.
 
-    ``context_length``: the largest of the served models', the bound of max_tokens."""
+    ``context_length``: the largest of the served models', the bound of max_tokens. ``error_bodies``: each
+    surface's error body (``ErrorBody``, ``OpenAIErrorBody``), which the refusals name."""
     present = routed(routes)
-    ops = [op for key, op in _OPERATIONS.items() if key in present]
-    schemas = _Schemas(ops)
+    ops = [op for key, op in operations.items() if key in present]
+    schemas = _Schemas(ops, error_bodies)
     _bound(schemas.components, context_length)
     paths: dict[str, dict[str, Any]] = {}
     refusals: dict[str, Any] = {}
-    for method, path in sorted(present - set(_OPERATIONS)):  # a route nobody described: listed, and flagged
+    for method, path in sorted(present - set(operations)):  # a route nobody described: listed, and flagged
         paths.setdefault(path, {})[method.lower()] = {
             "summary": "Not described yet",
             "x-undescribed": True,
@@ -404,12 +421,15 @@ def build(routes: list[BaseRoute], title: str = "llamascope", context_length: in
 
 
 def document(app: FastAPI) -> dict[str, Any]:
-    """The app's document, built on first use (every route and model is known by then)."""
+    """The app's document, built on first use (every route and model is known by then) from the operations
+    the app collected in ``app.state.operations``."""
     cached = getattr(app.state, "openapi", None)
     if cached is None:
         service = getattr(app.state, "service", None)
         lengths = [engine.info.context_length for engine in service.engines.values()] if service else []
-        cached = app.state.openapi = build(app.routes, app.title, max(lengths, default=None))
+        operations = getattr(app.state, "operations", {})
+        error_bodies = getattr(app.state, "error_bodies", ())
+        cached = app.state.openapi = build(app.routes, operations, app.title, max(lengths, default=None), error_bodies)
     return cached
 
 
@@ -421,4 +441,4 @@ async def openapi_json(request: Request) -> JSONResponse:
     return JSONResponse(document(request.app))
 
 
-operation("GET", PATH, "This document", tag="operations", auth=None, ok="application/json")
+OPERATIONS = (operation("GET", PATH, "This document", tag="operations", auth=None, ok="application/json"),)

@@ -116,18 +116,20 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse({"request_id": request_id_of(request), "data": data})
 
 
-openapi.operation(
-    "GET", "/health", "Up, and each model's running and waiting requests", tag="operations", auth=None, ok=Health
-)
-openapi.operation("GET", "/api/v1/models", "Served models", tag="native", ok=ModelList)
-openapi.operation(
-    "GET",
-    "/metrics",
-    "Prometheus metrics",
-    tag="operations",
-    auth=None,
-    ok="text/plain; version=0.0.4",
-    refusals=(401, 404),
-    description="Prometheus text format (docs/observability.md). A Bearer key only when LLAMASCOPE_METRICS_KEY "
-    "is set; 404 when LLAMASCOPE_METRICS_PORT serves them on another port.",
+OPERATIONS = (
+    openapi.operation(
+        "GET", "/health", "Up, and each model's running and waiting requests", tag="operations", auth=None, ok=Health
+    ),
+    openapi.operation("GET", "/api/v1/models", "Served models", tag="native", ok=ModelList),
+    openapi.operation(
+        "GET",
+        "/metrics",
+        "Prometheus metrics",
+        tag="operations",
+        auth=None,
+        ok="text/plain; version=0.0.4",
+        refusals=(401, 404),
+        description="Prometheus text format (docs/observability.md). A Bearer key only when LLAMASCOPE_METRICS_KEY "
+        "is set; 404 when LLAMASCOPE_METRICS_PORT serves them on another port.",
+    ),
 )

@@ -101,22 +101,24 @@ async def put_object(request: Request) -> Response:
     return Response(status_code=200)
 
 
-openapi.operation(
-    "GET",
-    POLICY_PATH,
-    "An upload policy (the SDK's first step with a local file)",
-    tag="uploads",
-    query=PolicyQuery,
-    ok=PolicyAnswer,
-    refusals=(400,),
-)
-openapi.operation(
-    "POST",
-    OBJECTS_PATH,
-    "Upload a file under a policy (no key: the policy authorises it)",
-    tag="uploads",
-    auth=None,
-    form=UploadForm,
-    refusals=(403, 409),
-    description="Answers a bare 200 with an empty body; the image is then oss://<key>.",
+OPERATIONS = (
+    openapi.operation(
+        "GET",
+        POLICY_PATH,
+        "An upload policy (the SDK's first step with a local file)",
+        tag="uploads",
+        query=PolicyQuery,
+        ok=PolicyAnswer,
+        refusals=(400,),
+    ),
+    openapi.operation(
+        "POST",
+        OBJECTS_PATH,
+        "Upload a file under a policy (no key: the policy authorises it)",
+        tag="uploads",
+        auth=None,
+        form=UploadForm,
+        refusals=(403, 409),
+        description="Answers a bare 200 with an empty body; the image is then oss://<key>.",
+    ),
 )

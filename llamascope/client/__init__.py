@@ -3,7 +3,9 @@
 ``native`` is the HTTP side (httpx, server-sent events through httpx-sse, one
 error type); ``conversation`` the messages and parameters; ``attachment``
 turns an image's name into what the API takes; ``display`` shows an answer as
-it streams; ``chat`` is the command and ``interactive`` its conversation mode.
+it streams; ``answering`` asks for one answer and shows it; ``chat`` is the
+command and ``interactive`` its conversation mode (imports point that way:
+chat, interactive, answering).
 Nothing here imports the server's packages.
 """
 

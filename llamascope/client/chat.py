@@ -1,7 +1,8 @@
 """``llamascope chat``: one question, or a whole conversation, with any server of the DashScope native API.
 
 ``add_parser`` registers the command on ``llamascope``'s parser and ``run``
-carries it out; the HTTP side is ``llamascope.client.native``, the
+carries it out; ``answering`` asks and shows one answer, ``interactive`` is the
+conversation mode, the HTTP side is ``llamascope.client.native``, the
 conversation ``llamascope.client.conversation``.
 """
 
@@ -11,17 +12,17 @@ import argparse
 import io
 import json
 import os
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from llamascope.client import attachment
+from llamascope.client.answering import Display, ask, make_display, show_error
 from llamascope.client.conversation import PARAMETERS, Conversation, parse_parameter
-from llamascope.client.native import DEFAULT_BASE_URL, DEFAULT_MODEL, Answer, APIError, Client
+from llamascope.client.interactive import InteractiveChat
+from llamascope.client.native import DEFAULT_BASE_URL, DEFAULT_MODEL, APIError, Client
 
 DESCRIPTION = """\
 Ask a vision model about an image, once or in a conversation, through the
@@ -53,8 +54,6 @@ llamascope chat: no API key. Give the key `llamascope serve` printed on its firs
   export DASHSCOPE_API_KEY=sk-...
 or make one (on the machine that serves, with its settings):
   export DASHSCOPE_API_KEY=$(.venv/bin/llamascope keys create --name chat)"""
-
-USAGE_KEYS = ("input_tokens", "output_tokens", "image_tokens", "total_tokens")
 
 
 def add_parser(commands: Any) -> None:
@@ -105,20 +104,6 @@ def resolve_api_key(given: str | None) -> str | None:
     return None
 
 
-def history_file() -> Path:
-    """Where readline keeps what was typed: the user's state directory (XDG)."""
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "llamascope" / "chat_history"
-
-
-def show_error(error: APIError) -> None:
-    print(f"error: {error.describe()}", file=sys.stderr, flush=True)
-    if error.code == "ConnectionError":
-        print("  (is the server running? `make serve` starts a local llamascope)", file=sys.stderr, flush=True)
-    elif error.status == 401:
-        print("  (check DASHSCOPE_API_KEY or --api-key)", file=sys.stderr, flush=True)
-
-
 def discover_model(client: Client, wanted: str | None) -> tuple[str, dict[str, Any] | None]:
     """The model to use and what the server says of it. Only a llamascope lists its models: elsewhere the
     listing fails and the default name is used. An unreachable server or a wrong key is said at once."""
@@ -132,113 +117,10 @@ def discover_model(client: Client, wanted: str | None) -> tuple[str, dict[str, A
     return name, next((m for m in served if m.get("model") == name), None)
 
 
-class Display(Protocol):
-    def write(self, text: str) -> None: ...
-
-
-def make_display(markdown: bool) -> Callable[[], AbstractContextManager[Display]]:
-    from llamascope.client.display import MarkdownText, PlainText
-
-    if not markdown:
-        return PlainText
-    from rich.console import Console
-
-    console = Console()
-    return lambda: MarkdownText(console)
-
-
-def ask(
-    client: Client, conversation: Conversation, stream: bool, display: Callable[[], AbstractContextManager[Display]]
-) -> tuple[Answer, bool]:
-    """One answer to the conversation as it stands, shown as it comes; (answer, stopped by Ctrl+C).
-
-    APIError passes through; Ctrl+C closes the stream (so the server stops generating) and keeps
-    what arrived."""
-    messages, parameters = conversation.messages(), conversation.parameters
-    if not stream:
-        try:
-            answer = client.generate(conversation.model, messages, parameters)
-        except KeyboardInterrupt:
-            return Answer(), True
-        with display() as out:
-            out.write(answer.text)
-        return answer, False
-    answer_stream = client.stream(conversation.model, messages, parameters)
-    interrupt = DeferredInterrupt()
-    try:
-        with interrupt.installed(), quiet_terminal(), answer_stream, display() as out:
-            for piece in answer_stream:
-                with interrupt.deferred():  # never stop half way through drawing: the screen would be left torn
-                    out.write(piece)
-    except KeyboardInterrupt:
-        return answer_stream.answer, True
-    return answer_stream.answer, False
-
-
-@contextmanager
-def quiet_terminal() -> Iterator[None]:
-    """No echo on the terminal while an answer is drawn: the ``^C`` of Ctrl+C, or keys typed meanwhile,
-    would move the cursor under rich's feet and leave a line drawn twice. Typed keys wait for the prompt."""
-    try:
-        import termios
-
-        fd = sys.stdin.fileno()
-        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
-    except (ImportError, OSError, ValueError):  # not POSIX, or no standard input
-        saved = None
-    if saved is None:  # not a terminal: nothing to silence
-        yield
-        return
-    quiet = list(saved)
-    quiet[3] &= ~termios.ECHO
-    termios.tcsetattr(fd, termios.TCSANOW, quiet)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSANOW, saved)
-
-
-class DeferredInterrupt:
-    """Ctrl+C raises KeyboardInterrupt at once (also while waiting on the network), except inside
-    ``deferred()``, where it is held until the block ends."""
-
-    def __init__(self) -> None:
-        self.deferring = False
-        self.pending = False
-
-    def _handler(self, signum: int, frame: object) -> None:
-        if self.deferring:
-            self.pending = True
-        else:
-            raise KeyboardInterrupt
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = signal.signal(signal.SIGINT, self._handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-    @contextmanager
-    def deferred(self) -> Iterator[None]:
-        self.deferring = True
-        try:
-            yield
-        finally:
-            self.deferring = False
-        if self.pending:
-            self.pending = False
-            raise KeyboardInterrupt
-
-
 def one_shot(client: Client, conversation: Conversation, question: str, args: argparse.Namespace) -> int:
     conversation.ask(question)
     if args.json:
-        from llamascope.client.display import PlainText
+        from llamascope.client.display import PlainText  # rich, only when an answer is shown (see answering)
 
         display: Callable[[], AbstractContextManager[Display]] = lambda: PlainText(io.StringIO())  # noqa: E731
     else:
@@ -309,7 +191,5 @@ def run(args: argparse.Namespace) -> int:
             if info and info.get("test_model") and sys.stderr.isatty():
                 print(f"({model} is the built-in test model: its answers are random words)", file=sys.stderr)
             return one_shot(client, conversation, question, args)
-        from llamascope.client.interactive import InteractiveChat
-
         markdown = sys.stdout.isatty() and not args.plain
         return InteractiveChat(client, conversation, info, stream=not args.no_stream, markdown=markdown).run()

@@ -8,13 +8,14 @@ What was typed is kept by readline in ``history_file()``.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from llamascope.client import attachment
-from llamascope.client.chat import USAGE_KEYS, ask, history_file, make_display, show_error
+from llamascope.client.answering import USAGE_KEYS, ask, make_display, show_error
 from llamascope.client.conversation import PARAMETERS, Conversation, parse_parameter
 from llamascope.client.native import Answer, APIError, Client
 
@@ -37,6 +38,12 @@ HELP = """\
   Ctrl+C              stops the answer being written (the server stops too); the chat goes on"""
 
 MULTILINE = '"""'
+
+
+def history_file() -> Path:
+    """Where readline keeps what was typed: the user's state directory (XDG)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "llamascope" / "chat_history"
 
 
 def say(text: str) -> None:

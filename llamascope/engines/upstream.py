@@ -32,7 +32,7 @@ import logging
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -43,7 +43,6 @@ from llamascope.engines.base import (
     Chunk,
     EngineInfo,
     FinishReason,
-    ModelLoadError,
     PreparedPrompt,
     SamplingParams,
     Turn,
@@ -59,6 +58,12 @@ MAX_SENT_PIXELS = 4 * 560 * 560
 MAX_SENT_SIDE = 2240
 # Counting a prompt is quick; an engine that takes longer is counted by estimate instead.
 TOKENIZE_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=5)
+
+
+class CountsPrompts(Protocol):
+    """The model's tokenizer and chat template (``engines.prompt_counter.PromptCounter``)."""
+
+    def count(self, messages: list[dict[str, Any]]) -> int: ...
 
 
 @dataclass
@@ -92,7 +97,7 @@ class UpstreamEngine:
     info: EngineInfo
     api_key: str | None = None
     # The model's tokenizer, from a local directory: the prompt's exact count without asking the engine.
-    tokenizer: PromptCounter | None = None
+    tokenizer: CountsPrompts | None = None
     _client: aiohttp.ClientSession | None = field(default=None, repr=False)
     # Re-encoded images by content hash, the last 64: a conversation re-sends its image every turn.
     _uris: SizedLRU[str, str] = field(default_factory=lambda: SizedLRU(64, lambda _: 1), repr=False)
@@ -105,11 +110,10 @@ class UpstreamEngine:
         model: str,
         api_key: str | None,
         context_length: int,
-        tokenizer: str | None = None,
-        chat_template: str | None = None,
+        counter: CountsPrompts | None = None,
     ) -> UpstreamEngine:
+        """``counter``: the model's tokenizer (``engines.prompt_counter``), else the engine counts."""
         info = EngineInfo(kind="upstream", source=",".join(urls), context_length=context_length)
-        counter = PromptCounter.load(tokenizer, chat_template) if tokenizer else None
         return cls([Upstream(u.rstrip("/")) for u in urls], model, info, api_key, counter)
 
     @property
@@ -378,59 +382,3 @@ def _data_uri(image: Any) -> str:
     buffer = io.BytesIO()
     image.image.save(buffer, format="JPEG", quality=92)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-class PromptCounter:
-    """The model's tokenizer and chat template, from a local directory: counts a prompt as the engine will.
-
-    The template must be the engine's (``chat_template`` where the engine was given its own), or the count
-    is off; the engine's reported usage stays what is charged.
-    """
-
-    def __init__(self, tokenizer: Any, template: str) -> None:
-        self.tokenizer = tokenizer
-        self.template = template
-
-    @classmethod
-    def load(cls, directory: str, chat_template: str | None) -> PromptCounter:
-        from pathlib import Path
-
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-        except Exception as exc:  # transformers raises many types here
-            raise ModelLoadError(f"upstream_tokenizer {directory}: the tokenizer cannot be loaded: {exc}") from exc
-        template = Path(chat_template).read_text() if chat_template else _directory_template(Path(directory))
-        if template is None:
-            raise ModelLoadError(f"upstream_tokenizer {directory} has no chat template: give chat_template")
-        return cls(tokenizer, template)
-
-    def count(self, messages: list[dict[str, Any]]) -> int:
-        conversation = [
-            {
-                "role": m["role"],
-                "content": m["content"]
-                if isinstance(m["content"], str)
-                else [{"type": "image"} if p["type"] == "image_url" else p for p in m["content"]],
-            }
-            for m in messages
-        ]
-        prompt = self.tokenizer.apply_chat_template(
-            conversation, chat_template=self.template, tokenize=False, add_generation_prompt=True
-        )
-        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-
-
-def _directory_template(directory: Any) -> str | None:
-    """The chat template a Hugging Face model directory carries (the tokenizer's, or the processor's file)."""
-    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
-        path = directory / name
-        if not path.is_file():
-            continue
-        if name.endswith(".jinja"):
-            return str(path.read_text())
-        template = json.loads(path.read_text()).get("chat_template")
-        if isinstance(template, str):
-            return template
-    return None

@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from llamascope import errors
 from llamascope.caching import SizedLRU
@@ -26,9 +25,7 @@ from llamascope.images.source import (
     SourceContext,
     parse_reference,
 )
-from llamascope.images.uploads import UploadStore
 from llamascope.observability.request import ImageWatch
-from llamascope.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -58,30 +55,6 @@ class ImageIntake:
         self._decoders = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="llamascope-decode")
         # Decoded images by content hash and sizing rule, bounded by the bytes of their pixels.
         self.cache: SizedLRU[tuple[str, str], PreparedImage] = SizedLRU(cache_bytes, _pixel_bytes)
-
-    @classmethod
-    def from_settings(cls, settings: Settings, store: UploadStore | None = None) -> ImageIntake:
-        policy = FetchPolicy.from_allow_list(
-            settings.image_fetch_allow,
-            max_bytes=settings.image_max_bytes,
-            connect_timeout=settings.image_fetch_connect_timeout,
-            total_timeout=settings.image_fetch_timeout,
-            max_redirects=settings.image_fetch_max_redirects,
-        )
-        limits = DecodeLimits(
-            max_pixels=settings.image_max_pixels,
-            max_decode_pixels=settings.image_max_decode_pixels,
-            min_side=settings.image_min_side,
-        )
-        local = LocalPolicy(store=store, allowed_dirs=tuple(Path(d).resolve() for d in settings.image_local_dirs))
-        return cls(
-            policy,
-            limits,
-            local=local,
-            decode_workers=settings.image_decode_workers,
-            decode_timeout=settings.image_decode_timeout,
-            cache_bytes=settings.image_cache_bytes,
-        )
 
     async def load(
         self,

@@ -24,8 +24,8 @@ from llamascope.accounts.store import AccountStore
 from llamascope.api.app import create_app
 from llamascope.conversation.service import ConversationService
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
-from llamascope.images.intake import ImageIntake
 from llamascope.images.uploads import UploadStore
+from llamascope.server import build_intake
 from llamascope.settings import Settings
 from tests.conftest import API_KEY, free_port, run_sdk, user_turn
 
@@ -66,7 +66,7 @@ def failing_server(image_host, tmp_path_factory: pytest.TempPathFactory) -> Iter
     accounts.migrate()
     admin.seed_keys(accounts, [API_KEY])
     service = ConversationService(
-        {"flaky": FailingEngine(["Hello", " there"])}, ImageIntake.from_settings(settings), Accounts(accounts)
+        {"flaky": FailingEngine(["Hello", " there"])}, build_intake(settings), Accounts(accounts)
     )
     store = UploadStore(tmp_path_factory.mktemp("uploads"), b"x" * 32)
     app = create_app(service, store, max_body_bytes=settings.max_body_bytes)

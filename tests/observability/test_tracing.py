@@ -29,12 +29,11 @@ from llamascope.accounts.admission import Accounts
 from llamascope.accounts.store import AccountStore
 from llamascope.api.app import create_app
 from llamascope.conversation.service import ConversationService
-from llamascope.engines.registry import load_engines
-from llamascope.images.intake import ImageIntake
 from llamascope.images.uploads import UploadStore
 from llamascope.observability import tracing
 from llamascope.observability.logs import RequestFilter, TextFormatter
 from llamascope.observability.metrics import MetricsEndpoint
+from llamascope.server import build_intake, load_engines
 from llamascope.settings import ModelSpec, Settings
 from tests.conftest import API_KEY, CACHE_DIR, Server, free_port, generation_body
 from tests.observability.conftest import METRICS_KEY, OtlpReceiver
@@ -76,7 +75,7 @@ def front(tmp_path_factory: pytest.TempPathFactory, observed: Server) -> Iterato
     store.migrate()
     admin.seed_keys(store, [API_KEY])
     uploads = UploadStore(tmp / "uploads", b"0" * 32)
-    service = ConversationService(load_engines(settings), ImageIntake.from_settings(settings, uploads), Accounts(store))
+    service = ConversationService(load_engines(settings), build_intake(settings, uploads), Accounts(store))
     metrics_port = free_port()
     app = create_app(
         service, uploads, max_body_bytes=settings.max_body_bytes, metrics=MetricsEndpoint(port=metrics_port)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llamascope import errors
 from llamascope.api.incoming import envelope
+from llamascope.api.openapi import UP_TO_CONTEXT_LENGTH
 from llamascope.conversation.parameters import MAX_SEED
 from llamascope.conversation.service import Usage
 
@@ -46,7 +47,6 @@ class GenerationRequest:
 
 Hint = Annotated[Any, Field(description="Accepted beside an item and ignored (DashScope clients send it).")]
 # Marks a bound the served models set: the OpenAPI document puts their largest context length there.
-UP_TO_CONTEXT_LENGTH = {"x-maximum": "context_length"}
 MaxTokens = Annotated[
     int | None,
     Field(

@@ -46,14 +46,16 @@ SSE_HEADERS = (  # what a DashScope generation call reads, for the OpenAPI docum
     openapi.Header("X-DashScope-SSE", "enable: the answer streams as server-sent events (else JSON)"),
     openapi.Header("X-DashScope-OssResourceResolve", "enable: oss:// image references name uploads"),
 )
-openapi.operation(
-    "POST",
-    GENERATION_PATH,
-    "Multimodal generation (DashScope native)",
-    tag="native",
-    body=GenerationBody,
-    ok=GenerationResult,
-    stream=sse.EVENTS,
-    headers=SSE_HEADERS,
-    refusals=(403, 408, 429, 500, 503),
+OPERATIONS = (
+    openapi.operation(
+        "POST",
+        GENERATION_PATH,
+        "Multimodal generation (DashScope native)",
+        tag="native",
+        body=GenerationBody,
+        ok=GenerationResult,
+        stream=sse.EVENTS,
+        headers=SSE_HEADERS,
+        refusals=(403, 408, 429, 500, 503),
+    ),
 )

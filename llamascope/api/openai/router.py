@@ -147,31 +147,45 @@ for prefix in PREFIXES:
     router.add_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
     router.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
     router.add_api_route(f"{prefix}/models/{{model:path}}", retrieve_model, methods=["GET"])
-    openapi.operation(
-        "POST",
-        f"{prefix}/chat/completions",
-        "Chat completions (OpenAI-compatible mode)",
-        tag="compatible-mode",
-        body=ChatBody,
-        ok=ChatCompletion,
-        stream=STREAM,
-        headers=(openapi.Header("X-DashScope-OssResourceResolve", "enable: oss:// image URLs name uploads"),),
-        refusals=(403, 408, 429, 500, 503),
-    )
-    openapi.operation("GET", f"{prefix}/models", "Served models", tag="compatible-mode", ok=ModelList)
-    openapi.operation(
-        "GET", f"{prefix}/models/{{model}}", "A served model", tag="compatible-mode", ok=ModelEntry, refusals=(404,)
-    )
 # Where vLLM serves it: beside /v1, not in it. Beside each prefix, so that an llamascope in front finds it
 # whichever base it was given: /compatible-mode/v1 (DashScope's) or /v1.
-for path in ("/compatible-mode/tokenize", "/tokenize"):
+TOKENIZE_PATHS = ("/compatible-mode/tokenize", "/tokenize")
+for path in TOKENIZE_PATHS:
     router.add_route(path, tokenize, methods=["POST"])
-    openapi.operation(
-        "POST",
-        path,
-        "A chat's prompt tokens, as a completion would count them (vLLM's /tokenize)",
-        tag="compatible-mode",
-        body=ChatInput,
-        ok=TokenCount,
-        refusals=(403,),
+
+
+def _prefix_operations(prefix: str) -> tuple[openapi.Operation, ...]:
+    return (
+        openapi.operation(
+            "POST",
+            f"{prefix}/chat/completions",
+            "Chat completions (OpenAI-compatible mode)",
+            tag="compatible-mode",
+            body=ChatBody,
+            ok=ChatCompletion,
+            stream=STREAM,
+            headers=(openapi.Header("X-DashScope-OssResourceResolve", "enable: oss:// image URLs name uploads"),),
+            refusals=(403, 408, 429, 500, 503),
+        ),
+        openapi.operation("GET", f"{prefix}/models", "Served models", tag="compatible-mode", ok=ModelList),
+        openapi.operation(
+            "GET", f"{prefix}/models/{{model}}", "A served model", tag="compatible-mode", ok=ModelEntry, refusals=(404,)
+        ),
     )
+
+
+OPERATIONS = (
+    *(op for prefix in PREFIXES for op in _prefix_operations(prefix)),
+    *(
+        openapi.operation(
+            "POST",
+            path,
+            "A chat's prompt tokens, as a completion would count them (vLLM's /tokenize)",
+            tag="compatible-mode",
+            body=ChatInput,
+            ok=TokenCount,
+            refusals=(403,),
+        )
+        for path in TOKENIZE_PATHS
+    ),
+)

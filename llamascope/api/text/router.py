@@ -43,23 +43,25 @@ async def tokenizer(request: Request) -> JSONResponse:
 # Plain Starlette routes, as the native surface's: FastAPI's dependency solving has nothing to do here.
 router.add_route(TEXT_GENERATION_PATH, generation, methods=["POST"])
 router.add_route(TOKENIZER_PATH, tokenizer, methods=["POST"])
-openapi.operation(
-    "POST",
-    TEXT_GENERATION_PATH,
-    "Text generation (DashScope native)",
-    tag="native",
-    body=TextGenerationBody,
-    ok=TextGenerationResult,
-    stream=openapi.Stream((("result", TextGenerationResult), ("error", ErrorBody)), sse.EVENTS.description),
-    headers=SSE_HEADERS,
-    refusals=(403, 408, 429, 500, 503),
-)
-openapi.operation(
-    "POST",
-    TOKENIZER_PATH,
-    "The prompt's token ids (their count is a text-generation call's input_tokens)",
-    tag="native",
-    body=TokenizationBody,
-    ok=TokenizationResult,
-    refusals=(403,),
+OPERATIONS = (
+    openapi.operation(
+        "POST",
+        TEXT_GENERATION_PATH,
+        "Text generation (DashScope native)",
+        tag="native",
+        body=TextGenerationBody,
+        ok=TextGenerationResult,
+        stream=openapi.Stream((("result", TextGenerationResult), ("error", ErrorBody)), sse.EVENTS.description),
+        headers=SSE_HEADERS,
+        refusals=(403, 408, 429, 500, 503),
+    ),
+    openapi.operation(
+        "POST",
+        TOKENIZER_PATH,
+        "The prompt's token ids (their count is a text-generation call's input_tokens)",
+        tag="native",
+        body=TokenizationBody,
+        ok=TokenizationResult,
+        refusals=(403,),
+    ),
 )

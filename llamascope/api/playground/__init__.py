@@ -76,22 +76,24 @@ def playground_files() -> ASGIApp:
     return _Secured(StaticFiles(directory=STATIC_DIR, html=True))
 
 
-openapi.operation(
-    "GET",
-    "/",
-    "Browsers go to the playground; other clients find nothing here",
-    tag="playground",
-    auth=None,
-    ok=False,
-    others={307: "Accept: text/html: to /playground/"},
-    refusals=(404,),
-)
-openapi.operation(
-    "GET",
-    PLAYGROUND_PATH + "/{path}",
-    "The playground: its page (/playground/), script, styles and icon",
-    tag="playground",
-    auth=None,
-    ok="*/*",
-    refusals=(404,),
+OPERATIONS = (
+    openapi.operation(
+        "GET",
+        "/",
+        "Browsers go to the playground; other clients find nothing here",
+        tag="playground",
+        auth=None,
+        ok=False,
+        others={307: "Accept: text/html: to /playground/"},
+        refusals=(404,),
+    ),
+    openapi.operation(
+        "GET",
+        PLAYGROUND_PATH + "/{path}",
+        "The playground: its page (/playground/), script, styles and icon",
+        tag="playground",
+        auth=None,
+        ok="*/*",
+        refusals=(404,),
+    ),
 )

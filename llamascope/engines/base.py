@@ -22,14 +22,18 @@ from typing import Any, Literal, Protocol
 
 from llamascope.images import PreparedImage
 from llamascope.observability.facts import UpstreamHealth
+from llamascope.structured.spec import OutputSpec
+from llamascope.structured.tools import ToolCall
 
 
 @dataclass(frozen=True)
 class Turn:
-    role: Literal["system", "user", "assistant"]
-    text: str  # the text after the image, or all of it when the turn has no image
+    role: Literal["system", "user", "assistant", "tool"]
+    text: str  # the text after the image, or all of it when the turn has no image; a tool turn: the tool's result
     image: PreparedImage | None = None
     text_before_image: str = ""  # clients may put text ahead of the image; its place is kept
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn that called tools (its text may be empty)
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class SamplingParams:
 class FinishReason(str, Enum):
     STOP = "stop"  # end-of-turn token or a stop string
     LENGTH = "length"  # max_new_tokens or the context limit
+    TOOL_CALLS = "tool_calls"  # the answer is tool calls (Chunk.tool_calls), not text
     CANCELLED = "cancelled"  # the caller went away; never sent to a client
 
 
@@ -72,6 +77,7 @@ class Chunk:
     input_tokens: int | None = None  # the prompt's true count, when the engine learns it only now
     logprobs: list[TokenLogprob] | None = None  # the tokens of this chunk, when the request asked for them
     cached_tokens: int | None = None  # prompt tokens whose keys and values were reused, not computed (first chunk)
+    tool_calls: list[ToolCall] | None = None  # the last chunk of an answer that calls tools (FinishReason.TOOL_CALLS)
 
 
 @dataclass
@@ -82,6 +88,7 @@ class PreparedPrompt:
     image_tokens: int
     max_new_tokens: int  # the most this prompt may generate before the context is full
     payload: Any = field(default=None, repr=False)
+    output: OutputSpec | None = None  # the answer's required shape, as given to ``prepare``
 
     def new_tokens(self, sampling: SamplingParams) -> int:
         """The most a request may generate: what it asked for, within the context."""
@@ -104,8 +111,12 @@ class ModelLoadError(Exception):
 class Engine(Protocol):
     info: EngineInfo
 
-    async def prepare(self, turns: list[Turn]) -> PreparedPrompt:
-        """Tokenise and check the conversation; raise ServiceError if it cannot be served."""
+    async def prepare(self, turns: list[Turn], output: OutputSpec | None = None) -> PreparedPrompt:
+        """Tokenise and check the conversation; raise ServiceError if it cannot be served.
+
+        ``output``: the answer's required shape (JSON, a JSON Schema, tools offered or forced); the prompt
+        tells the model of the tools it offers, and ``generate`` holds the answer to it.
+        """
         ...
 
     def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:

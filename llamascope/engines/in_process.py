@@ -47,6 +47,7 @@ from llamascope.engines.vision import VisionCache, batch_tiles
 from llamascope.images import PreparedImage
 from llamascope.observability.facts import EngineTimings, UpstreamHealth
 from llamascope.observability.request import engine_timings
+from llamascope.structured.spec import OutputSpec
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11; annotations are not evaluated at run time
@@ -223,8 +224,10 @@ class InProcessEngine(ABC):
     def image_size(self, width: int, height: int) -> tuple[int, int]:
         """The size this model resizes a width x height image to."""
 
-    async def prepare(self, turns: list[Turn]) -> PreparedPrompt:
-        return await anyio.to_thread.run_sync(self._prepare, turns, limiter=self._preparers)
+    async def prepare(self, turns: list[Turn], output: OutputSpec | None = None) -> PreparedPrompt:
+        prompt = await anyio.to_thread.run_sync(self._prepare, turns, limiter=self._preparers)
+        prompt.output = output
+        return prompt
 
     def _prepare(self, turns: list[Turn]) -> PreparedPrompt:
         messages, images = self._chat(turns)

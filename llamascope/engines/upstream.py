@@ -49,6 +49,7 @@ from llamascope.engines.base import (
 )
 from llamascope.observability.facts import UpstreamHealth
 from llamascope.observability.request import outgoing_headers, upstream_call, upstream_failed, upstream_failover
+from llamascope.structured.spec import OutputSpec
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class UpstreamEngine:
         scale = min(1.0, math.sqrt(MAX_SENT_PIXELS / (width * height)), MAX_SENT_SIDE / max(width, height))
         return max(1, int(width * scale)), max(1, int(height * scale))
 
-    async def prepare(self, turns: list[Turn]) -> PreparedPrompt:
+    async def prepare(self, turns: list[Turn], output: OutputSpec | None = None) -> PreparedPrompt:
         messages: list[dict[str, Any]] = []
         text_bytes = 0
         images = 0

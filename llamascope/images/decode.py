@@ -63,6 +63,7 @@ def _sniff(data: bytes) -> str | None:
 # Images are decoded no larger than that: the model never sees more.
 FitFunction = Callable[[int, int], tuple[int, int]]
 
+_REDUCIBLE = {"JPEG", "MPO", "JPEG2000"}  # formats decoded at a reduced size when the model needs less
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
 _MAX_J2K_REDUCE = 5  # encoders write 5 decomposition levels by default
 # A reduced decode may land this far below the model's size; one resize then brings it to the exact size.
@@ -99,10 +100,9 @@ def decode_image(
                 )
             if min(width, height) < limits.min_side:
                 raise errors.image_bad_size(f"[height:{height} or width:{width} must be larger than {limits.min_side}]")
-            rgb = None
-            if libvips and found in vips.FORMATS:
-                _check_decode_budget(img, 0, limits.max_decode_pixels)  # libvips formats are decoded whole
-                rgb = _decode_vips(data, found, fit)
+            if found not in _REDUCIBLE:  # decoded whole on either path; before anything reads a pixel
+                _check_decode_budget(img, 0, limits.max_decode_pixels)  # (Pillow's getexif reads a whole PNG)
+            rgb = _decode_vips(data, found, fit) if libvips and found in vips.FORMATS else None
             if rgb is None:
                 target = _target(img, fit)
                 level = _reduction(img, target)

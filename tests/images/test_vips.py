@@ -122,6 +122,17 @@ def test_exif_orientation_applied_before_sizing(fmt: str) -> None:
     assert np.abs(ours - pillow).mean() <= 2
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_as_pillow_turns_it(orientation: int) -> None:
+    img = Image.fromarray(np.random.default_rng(orientation).integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(img, "PNG", exif=exif)
+    assert taken_by_libvips(data, "PNG", None)
+    ours, pillow = both_paths(data, None)
+    assert (ours == pillow).all()  # no resize: exactly the same pixels
+
+
 def test_the_stock_processor_sees_the_same_pixel_values() -> None:
     """From the bytes to pixel_values: libvips's shrunk image against the stock processor given the whole one."""
     from transformers.models.mllama import MllamaImageProcessorPil

@@ -1,4 +1,4 @@
-"""Decode PNG and WEBP with libvips: streamed, shrunk while loading, never whole in memory.
+"""Decode PNG and large WEBP with libvips: streamed or shrunk while loading, never whole in memory.
 
 decode.py identifies the format and checks every budget from the header with
 Pillow first; only then are the bytes handed here. libvips (the ``pyvips``
@@ -7,21 +7,23 @@ at the model's size: PNG rows stream through the resize in bands, and libwebp
 scales while it decodes, so neither holds the full-size image (a 20 MP PNG
 needs about 60 MB decoded whole; here a few MB).
 
-Measured with bench/images.py, per format (why the others stay with Pillow):
-- PNG: 3-4x faster than Pillow's decode-then-resize (libspng, and no
-  full-size buffer), and far less memory.
-- WEBP: about as fast as Pillow (libwebp does the same work either way) but
-  scaled in the decoder, so a 12 MP photo needs no 48 MB RGBA frame.
-- JPEG: libjpeg-turbo's reduced decode costs the same through either binding;
-  Pillow's draft mode stays (one fewer copy, today's pixels exactly).
+Measured per format (CPU time of decode_image to the model's size, this 2-core
+machine under load; bench/images.py has the end-to-end times and peaks):
+- PNG: 20 MP 85 ms against Pillow's 403 (libspng, streamed), 1600x1200 photo
+  42 against 57, and no full-size buffer.
+- WEBP scaled to 0.28 (12 MP to 1120x840): 491 ms against 586, a peak of about
+  40 MB against 200; near the model's size (1600x1200, scale 0.7) slower, so
+  Pillow keeps it (WEBP_MAX_SCALE).
+- JPEG: libjpeg-turbo's reduced decode through libvips is slower (12 MP: 84 ms
+  against 71; less noisy, 56 against 36); Pillow's draft mode stays.
 - JPEG 2000: the wheel's libvips has no OpenJPEG; Pillow's reduced decode stays.
-- BMP, ICO, ICNS, SGI, TIFF: rare and small, or not offered by libvips; Pillow.
+- BMP, ICO, ICNS, SGI, TIFF: rare, or not offered by libvips; Pillow.
 
 Pixels follow today's Pillow path: no colour management (ICC profiles are
 ignored, as the stock processor ignores them), alpha flattened onto white
 before resizing, EXIF orientation applied, the resize bilinear with the same
 reducing gap. Anything outside the common case (16-bit, CMYK, an odd
-interpretation) is left to Pillow by returning None.
+interpretation) is left to Pillow: decode() raises Unsupported.
 
 If pyvips cannot load (no wheel for the platform), every image goes to Pillow
 and the log says so once.

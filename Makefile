@@ -8,7 +8,7 @@ SERVE_STAMP := $(VENV)/.installed-serve
 TEST_STAMP  := $(VENV)/.installed-test
 ARGS   ?=
 
-.PHONY: setup serve test lint docs bench clean
+.PHONY: setup serve test test-fast lint docs bench clean
 
 # On a GPU machine (docs/models.md, "On GPUs"), one of:
 #   make setup TORCH_INDEX_URL=<PyTorch's CUDA wheel index for your CUDA, e.g. its cu128 one>
@@ -49,6 +49,12 @@ lint: $(TEST_STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The inner loop, under 2 minutes on two cores: no test that needs a llamascope server process or a service,
+# none marked slow (the markers in pyproject.toml). `make test` runs everything.
+FAST := not server and not postgres and not redis and not nginx and not chromium and not prometheus and not slow
+test-fast: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q -m "$(FAST)" $(ARGS)
 
 # The documentation site (mkdocs.yml, docs/) into ./site; --strict: a broken link or a missing page fails.
 docs: $(TEST_STAMP)

@@ -414,7 +414,7 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
 
-    from llamascope.engines.test_model import ensure_test_model
+    from llamascope.engines.builtin_model import ensure_test_model
     from llamascope.settings import Settings
 
     model_dir = args.model or ensure_test_model(Settings.load().cache_dir, **SHAPES[args.shape])

@@ -35,10 +35,10 @@ from PIL import Image
 
 from llamascope.engines import devices
 from llamascope.engines.base import EngineInfo, SamplingParams, Turn
-from llamascope.engines.batching import BatchLimits
+from llamascope.engines.builtin_model import ELEVEN_B, build_processor, build_tokenizer, ensure_test_model
 from llamascope.engines.mllama import MllamaEngine
+from llamascope.engines.requests import BatchLimits
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
-from llamascope.engines.test_model import ELEVEN_B, build_processor, build_tokenizer, ensure_test_model
 from llamascope.images import PreparedImage
 
 

@@ -41,7 +41,7 @@ method, paths, repeats = sys.argv[1], sys.argv[2].split(os.pathsep), int(sys.arg
 from PIL import Image
 Image.MAX_IMAGE_PIXELS = None  # the baseline as commonly run: Pillow's bomb check warns, people ignore it
 from llamascope.engines.mllama import MllamaEngine
-from llamascope.engines.test_model import ensure_test_model
+from llamascope.engines.builtin_model import ensure_test_model
 from llamascope.settings import Settings
 from llamascope.images import vips
 from llamascope.images.decode import DecodeLimits, decode_image

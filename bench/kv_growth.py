@@ -34,9 +34,9 @@ def main() -> None:
 
     from llamascope.cli import configure_torch
     from llamascope.engines.base import SamplingParams, Turn
-    from llamascope.engines.batching import BatchLimits
+    from llamascope.engines.builtin_model import ensure_test_model
     from llamascope.engines.mllama import MllamaEngine
-    from llamascope.engines.test_model import ensure_test_model
+    from llamascope.engines.requests import BatchLimits
     from llamascope.settings import Settings
 
     configure_torch(None)

@@ -16,8 +16,8 @@ import argparse
 import time
 from types import SimpleNamespace
 
-from llamascope.engines.base import FinishReason
 from llamascope.observability import request as hooks
+from llamascope.observability.facts import EngineTimings, Generation, Outcome
 from llamascope.observability.metrics import METRICS, exposition
 
 MODEL = "llama3.2-11b-vision"
@@ -31,20 +31,18 @@ def one_request(tokens: int) -> None:
         "route": SimpleNamespace(path="/v1/chat/completions"),
         "headers": [(b"host", b"llm"), (b"authorization", b"Bearer sk-x"), (b"content-type", b"application/json")],
     }
-    usage = SimpleNamespace(input_tokens=20, output_tokens=tokens, image_tokens=6404)
-    reply = SimpleNamespace(model=MODEL, usage=usage, finish_reason=FinishReason.STOP, started=True)
-    state = {"reply": reply, "principal": SimpleNamespace(key=SimpleNamespace(name="from settings"))}
     observation = hooks.begin(scope, "0f6b1c7e-5d1a-4e43-9a8b-5d5f0c1e2a3b")
     image = hooks.ImageWatch()
     image.fetched("data")
     image.decoded(time.monotonic())
-    image.accepted(SimpleNamespace(format="PNG"))  # type: ignore[arg-type]
+    image.accepted("PNG")
     watch = hooks.TokenWatch(MODEL)
     with hooks.upstream_call("http://gpu1:30000/v1"):
         for n in range(1, tokens + 1):
             watch(n)
-    hooks.engine_stages(0.0, 0.5, 0.6, 1.0, (0.5, 0.55))
-    hooks.end(observation, scope, state, 200, 0.01)
+    hooks.engine_timings(EngineTimings(0.0, 0.5, 0.6, 1.0, (0.5, 0.55)))
+    generation = Generation(MODEL, 20, tokens, 6404, "stop", True, 16, 0.8, 1.0)
+    hooks.end(observation, scope, Outcome(200, 0.01, key_name="from settings", generation=generation))
     hooks.finished(observation)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from PIL import Image
 from llamascope.engines.mllama import MllamaEngine
 from llamascope.engines.base import SamplingParams, Turn
-from llamascope.engines.test_model import ensure_test_model
+from llamascope.engines.builtin_model import ensure_test_model
 from llamascope.images import PreparedImage
 from llamascope.settings import Settings
 

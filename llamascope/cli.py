@@ -19,6 +19,7 @@ from llamascope.client import chat
 from llamascope.settings import BUILTIN, ModelSpec, Settings, describe_error
 
 if TYPE_CHECKING:
+    from llamascope.accounts.records import ModelAllowance
     from llamascope.accounts.store import AccountStore
 
 log = logging.getLogger("llamascope")
@@ -246,12 +247,12 @@ def listen(host: str, port: int) -> socket.socket:
 
 def weak_keys(keys: list[str]) -> list[str]:
     """Lines that say which keys of the settings are too easy to guess, and how to make a good one."""
-    from llamascope.accounts.access import MAKE_A_KEY, key_weakness
+    from llamascope.accounts.access import KEY_RULE, MAKE_A_KEY, key_weakness
 
     lines = [f"  key {i + 1} ({key[:7]}…): {reason}" for i, key in enumerate(keys) if (reason := key_weakness(key))]
     if lines:
         lines.insert(0, "the API keys of the settings (LLAMASCOPE_API_KEYS or api_keys) must be hard to guess:")
-        lines.append(f"  a key is sk- and at least 40 random characters (40 hex digits: 160 bits); {MAKE_A_KEY}")
+        lines.append(f"  {KEY_RULE}; {MAKE_A_KEY}")
     return lines
 
 
@@ -278,7 +279,9 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     from llamascope import observability
 
-    observability.configure(settings)  # logs, traces
+    observability.configure(  # logs, traces, per-key metrics
+        settings.log_level, settings.log_format, settings.otlp_traces_endpoint, settings.metrics_keys
+    )
     try:
         sock = listen(settings.host, settings.port)
     except OSError as exc:
@@ -294,7 +297,7 @@ def serve(args: argparse.Namespace) -> int:
     from llamascope.api.app import create_app
     from llamascope.api.drain import LAST_WORDS_SECONDS, Drain, DrainingServer
     from llamascope.conversation.service import ConversationService
-    from llamascope.engines.mllama import ModelLoadError
+    from llamascope.engines.base import ModelLoadError
     from llamascope.engines.registry import load_engines
     from llamascope.images.intake import ImageIntake
     from llamascope.images.uploads import UploadStore, load_or_create_secret
@@ -324,7 +327,7 @@ def serve(args: argparse.Namespace) -> int:
     first_key = None
     if store.count_keys() == 0:
         first_key, _, _ = admin.create_key(
-            store, settings.models, name="first start", allowance=admin.UNLIMITED, days=admin.UNLIMITED
+            store, model_allowances(settings), name="first start", allowance=admin.UNLIMITED, days=admin.UNLIMITED
         )
     uploads_store = UploadStore(
         settings.upload_dir or settings.data_dir / "uploads",
@@ -411,11 +414,18 @@ def open_store(settings: Settings) -> AccountStore:
     return store
 
 
+def model_allowances(settings: Settings) -> dict[str, ModelAllowance]:
+    """Each model's default allowance from the settings, for accounts.admin (which reads no settings)."""
+    from llamascope.accounts.records import ModelAllowance
+
+    return {name: ModelAllowance(spec.allowance_tokens, spec.allowance_days) for name, spec in settings.models.items()}
+
+
 def accounts_command(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from llamascope.accounts import admin
-    from llamascope.accounts.store import utcnow
+    from llamascope.accounts.records import utcnow
 
     try:
         settings = Settings.load(getattr(args, "config", None))
@@ -437,7 +447,7 @@ def accounts_command(args: argparse.Namespace) -> int:
             _warn_unknown(admin.unknown_models(args.model or [], settings.models), settings)
             key, view, grants = admin.create_key(
                 store,
-                settings.models,
+                model_allowances(settings),
                 name=args.name,
                 models=args.model,
                 allowance=args.allowance,
@@ -458,7 +468,7 @@ def accounts_command(args: argparse.Namespace) -> int:
         elif args.action == "grant":
             view = store.key(args.key)
             _warn_unknown(admin.unknown_models([args.model], settings.models), settings)
-            admin.grant_models(store, view.id, [args.model], settings.models, args.allowance, args.days)
+            admin.grant_models(store, view.id, [args.model], model_allowances(settings), args.allowance, args.days)
             print(admin.keys_table([(v, g) for v, g in store.list_keys() if v.id == view.id]))
     except (LookupError, ValueError) as exc:
         print(f"llamascope: {exc}", file=sys.stderr)
@@ -484,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "chat":
         return chat.run(args)
     if args.command == "build-test-model":
-        from llamascope.engines.test_model import ensure_test_model
+        from llamascope.engines.builtin_model import ensure_test_model
 
         configure_logging("info")
         print(ensure_test_model(args.cache_dir or Settings.load().cache_dir))

@@ -149,9 +149,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="keys put in the store at start-up (comma-separated), each new one granted every model "
-        "(`*`) without limit; each `sk-` and 40 random characters or more. A key these settings no longer "
-        "name is revoked at the next start. None given and an empty store: the first start makes one key "
-        "and prints it once",
+        "(`*`) without limit; each `sk-` and 128 random bits or more (32 hex digits, as DashScope's keys). A key "
+        "these settings no longer name is revoked at the next start. None given and an empty store: the first "
+        "start makes one key and prints it once",
     )
     admin_key: str | None = Field(None, description="Bearer key of the admin HTTP API (`/admin/...`); unset: it is off")
     data_dir: Path = Field(

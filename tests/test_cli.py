@@ -30,12 +30,14 @@ def test_model_argument() -> None:
     # Issue 13: a URL without openai+ said "http:/host/v1 does not exist"; a hub id only "does not exist".
     with pytest.raises(Exception, match="write openai\\+http://host/v1"):
         _model_arg("up=http://host/v1")
-    from llamascope.engines.mllama import ModelLoadError, check_model_dir
+    from llamascope.engines.base import ModelLoadError
+    from llamascope.engines.loading import check_model_dir
 
     with pytest.raises(ModelLoadError, match="Hugging Face hub ids are not fetched: download the model first"):
         check_model_dir(Path("meta-llama/Llama-3.2-11B-Vision-Instruct"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "environment,expected",
     [({}, "30000"), ({"GOMP_SPINCOUNT": "5"}, "5"), ({"OMP_WAIT_POLICY": "passive"}, None)],
@@ -74,6 +76,7 @@ def made_key(data_dir: Path, *args: str) -> str:
     return out.stdout.strip()
 
 
+@pytest.mark.slow
 def test_keys_are_found_by_the_whole_key_and_by_any_unambiguous_prefix(tmp_path: Path) -> None:
     """Issue 13, item 1: `keys revoke sk-<the whole key>` said "no key"; so did any prefix past 7 characters."""
     first, second, third = (made_key(tmp_path, "--name", name) for name in ("a", "b", "c"))

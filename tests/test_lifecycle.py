@@ -21,6 +21,7 @@ PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 CONFIG_KEY = "sk-b374df758f8b4666dcc68ec4c1415b891881f369"
 
 
+@pytest.mark.server
 @pytest.mark.parametrize(
     ("model_arg", "message"),
     [
@@ -42,6 +43,7 @@ def test_bad_model_fails_at_start_with_a_reason(tmp_path: Path, model_arg: str, 
     assert "Traceback" not in server.log()
 
 
+@pytest.mark.server
 def test_a_busy_port_stops_start_up_before_anything_is_loaded_or_written(tmp_path: Path) -> None:
     """Issue 13: a port in use was found only after the model had loaded and a first key was written."""
     with socket.socket() as taken:
@@ -56,6 +58,7 @@ def test_a_busy_port_stops_start_up_before_anything_is_loaded_or_written(tmp_pat
     assert not (tmp_path / "data" / "llamascope.db").exists()
 
 
+@pytest.mark.server
 def test_first_start_makes_a_key_then_shutdown_lets_streams_finish(
     tmp_path: Path, test_model_dir: Path, image_host
 ) -> None:
@@ -103,6 +106,7 @@ def _sse_blocks(text: str) -> list[dict[str, str]]:
     return blocks
 
 
+@pytest.mark.server
 def test_sigterm_drains_then_ends_what_still_runs_with_an_error_event(
     tmp_path: Path, test_model_dir: Path, image_host
 ) -> None:
@@ -175,6 +179,7 @@ def test_sigterm_drains_then_ends_what_still_runs_with_an_error_event(
     assert "ServiceUnavailable.ShuttingDown" in row and f" {made} " in row
 
 
+@pytest.mark.server
 def test_config_file_and_model_flag(tmp_path: Path, test_model_dir: Path) -> None:
     config = tmp_path / "llamascope.toml"
     config.write_text(

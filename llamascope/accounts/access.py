@@ -9,18 +9,40 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 
 from llamascope import errors
-from llamascope.accounts.store import GrantView, KeyView
+from llamascope.accounts.records import GrantView, KeyView
 
-# A key of the settings must be as hard to guess as one llamascope makes: "sk-" and 40 hex digits (160 bits).
+# A key of the settings must be as hard to guess as DashScope's own ("sk-" and 32 hex digits: 128 bits)
+# or one llamascope makes ("sk-" and 40 hex digits: 160 bits).
 KEY_ALPHABET = frozenset("0123456789abcdefABCDEFghijklmnopqrstuvwxyzGHIJKLMNOPQRSTUVWXYZ-_")
-MIN_KEY_CHARS = 40
-MIN_DISTINCT_CHARS = 8  # a random 40-hex key has 8 or more distinct characters all but never fails this
+MIN_KEY_BITS = 128
+MIN_DISTINCT_CHARS = 8  # a random 32-hex key has 8 or more distinct characters all but never fails this
+KEY_RULE = "a key is sk- and random characters worth at least 128 bits (32 hex digits, as DashScope's keys)"
 MAKE_A_KEY = (
     "make one with `llamascope keys create`, or: python3 -c 'import secrets; print(\"sk-\" + secrets.token_hex(20))'"
 )
+_HEX = (frozenset("0123456789abcdef"), frozenset("0123456789ABCDEF"))
+_CLASSES = (frozenset("0123456789"), frozenset("abcdefghijklmnopqrstuvwxyz"), frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+
+
+def key_bits(body: str) -> float:
+    """At most how many bits of chance a key's characters (after sk-) hold: their number times the bits of
+    the alphabet they are drawn from, as far as the characters show it (hex digits, else the classes used:
+    digits, lower case, upper case, - and _)."""
+    chars = set(body)
+    if any(chars <= hex_digits for hex_digits in _HEX):
+        size = 16
+    else:
+        size = sum(len(c) for c in _CLASSES if chars & c) + (2 if chars & {"-", "_"} else 0)
+    return len(body) * math.log2(size) if size > 1 else 0.0
+
+
+def _periodic(body: str) -> bool:
+    """A short run of characters repeated ("0123456789abcdef0123456789abcdef"): not random."""
+    return any(body == (body[:n] * (len(body) // n + 1))[: len(body)] for n in range(1, len(body) // 2 + 1))
 
 
 def key_weakness(key: str) -> str | None:
@@ -28,11 +50,11 @@ def key_weakness(key: str) -> str | None:
     body = key.removeprefix("sk-")
     if not key.startswith("sk-"):
         return "it does not start with sk-"
-    if len(body) < MIN_KEY_CHARS:
-        return f"it has {len(body)} characters after sk-, fewer than {MIN_KEY_CHARS}"
     if not set(body) <= KEY_ALPHABET:
         return "it has characters other than letters, digits, - and _"
-    if len(set(body)) < MIN_DISTINCT_CHARS:
+    if (bits := key_bits(body)) < MIN_KEY_BITS:
+        return f"its {len(body)} characters after sk- hold at most {bits:.0f} bits of chance, fewer than {MIN_KEY_BITS}"
+    if len(set(body)) < MIN_DISTINCT_CHARS or _periodic(body):
         return "it repeats a few characters: it is not random"
     return None
 

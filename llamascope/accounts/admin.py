@@ -1,4 +1,8 @@
-"""Administration, shared by the ``llamascope keys``/``usage`` commands and the admin HTTP API."""
+"""Administration, shared by the ``llamascope keys``/``usage`` commands and the admin HTTP API.
+
+It reads no settings: the caller (the command line, the admin API) passes each model's default allowance
+as ``ModelAllowance`` values, made from the settings where they are read.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
-from llamascope.accounts.store import EVERY_MODEL, AccountStore, GrantView, KeyView, hash_key, utcnow
-from llamascope.settings import ModelSpec
+from llamascope.accounts.records import EVERY_MODEL, GrantView, KeyView, ModelAllowance, hash_key, utcnow
+from llamascope.accounts.store import AccountStore
 
 UNLIMITED = "unlimited"
 Limit = int | float | str | None  # a number, "unlimited", or None for the model's default
@@ -82,16 +86,17 @@ def _limit(value: Limit, default: Any) -> Any:
     return value
 
 
-def unknown_models(models: Iterable[str], specs: Mapping[str, ModelSpec]) -> list[str]:
+def unknown_models(models: Iterable[str], served: Iterable[str]) -> list[str]:
     """Names this process does not serve (another replica may): worth a warning, not a refusal."""
-    return [m for m in models if m != EVERY_MODEL and m not in specs]
+    known = set(served)
+    return [m for m in models if m != EVERY_MODEL and m not in known]
 
 
 def grant_models(
     store: AccountStore,
     key_id: int,
     models: Iterable[str],
-    specs: Mapping[str, ModelSpec],
+    defaults: Mapping[str, ModelAllowance],
     allowance: Limit = None,
     days: Limit = None,
 ) -> list[GrantView]:
@@ -104,16 +109,16 @@ def grant_models(
     for model in models:
         if not model or not model.strip():
             raise ValueError("a model name must not be empty")
-        spec = specs.get(model)
-        tokens = _limit(allowance, spec.allowance_tokens if spec else DEFAULT_ALLOWANCE_TOKENS)
-        period = _limit(days, spec.allowance_days if spec else DEFAULT_ALLOWANCE_DAYS)
+        default = defaults.get(model)
+        tokens = _limit(allowance, default.tokens if default else DEFAULT_ALLOWANCE_TOKENS)
+        period = _limit(days, default.days if default else DEFAULT_ALLOWANCE_DAYS)
         granted.append(store.grant(key_id, model, None if tokens is None else int(tokens), period))
     return granted
 
 
 def create_key(
     store: AccountStore,
-    specs: Mapping[str, ModelSpec],
+    defaults: Mapping[str, ModelAllowance],
     *,
     name: str = "",
     models: Iterable[str] | None = None,
@@ -138,7 +143,7 @@ def create_key(
         tokens_per_minute=parse_limit(tokens_per_minute, "tokens_per_minute"),
         max_concurrent=parse_limit(max_concurrent, "max_concurrent"),
     )
-    return key, view, grant_models(store, view.id, chosen, specs, allowance, days)
+    return key, view, grant_models(store, view.id, chosen, defaults, allowance, days)
 
 
 def seed_keys(store: AccountStore, keys: Iterable[str]) -> list[str]:
@@ -244,15 +249,24 @@ USAGE_COLUMNS = (
     ("input", 10, "input_tokens"),
     ("output", 10, "output_tokens"),
     ("image", 10, "image_tokens"),
+    ("refused", 7, "refused"),  # requests refused before they reached the model (no ledger row), ...
 )
 
 
+def _refusals(counts: dict[str, int] | None) -> str:
+    """... and by DashScope code: "InvalidParameter=14 Throttling.RateQuota=3"."""
+    return " ".join(f"{code}={n}" for code, n in (counts or {}).items())
+
+
 def usage_table(rows: list[dict[str, Any]]) -> str:
-    """Requests (by how they ended) and tokens per day, key and model."""
-    lines = [f"{'day':<10}  {'key':<10} {'model':<32} " + " ".join(f"{h:>{w}}" for h, w, _ in USAGE_COLUMNS)]
+    """Requests (by how they ended, and those refused by code) and tokens per day, key and model."""
+    columns = " ".join(f"{h:>{w}}" for h, w, _ in USAGE_COLUMNS)
+    lines = [f"{'day':<10}  {'key':<10} {'model':<32} {columns}  refusals"]
     for r in rows:
         counts = " ".join(f"{r.get(field) or 0:>{w}}" for _, w, field in USAGE_COLUMNS)
-        lines.append(f"{r['day']:<10}  {r['prefix'] + '…':<10} {r['model'][:32]:<32} {counts}")
+        model = r["model"][:32] or "-"  # "-": refused before naming a served model
+        line = f"{r['day']:<10}  {r['prefix'] + '…':<10} {model:<32} {counts}  {_refusals(r.get('refusals'))}"
+        lines.append(line.rstrip())
     if len(lines) == 1:
         lines.append("(no requests yet)")
     return "\n".join(lines)

@@ -24,7 +24,8 @@ from llamascope import errors
 from llamascope.accounts.access import bearer_key, grant_refusal, key_refusal
 from llamascope.accounts.checkpoints import Checkpoints, Progress
 from llamascope.accounts.limits import RateLimits, SharedRateLimits
-from llamascope.accounts.store import AccountStore, GrantView, KeyView, Reservation, utcnow
+from llamascope.accounts.records import GrantView, KeyView, Reservation, utcnow
+from llamascope.accounts.store import AccountStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -142,10 +143,14 @@ class Accounts:
         return await self.run(call, *args)
 
     def close(self) -> None:
-        """Wait for charges still being written, then stop the pool and the checkpoint writer (at server stop)."""
+        """Wait for charges still being written, then stop the pool and the checkpoint writer, and save the
+        refusals counted (at server stop)."""
         self._pool.shutdown(wait=True)
         if self.checkpoints is not None:
-            self.checkpoints.stop()
+            self.checkpoints.stop()  # saves the refusals counted since its last tick
+        else:
+            with contextlib.suppress(*UNREACHABLE):
+                self.store.save_refusals()
 
     async def authenticate(self, authorization: str | None) -> Principal:
         key = bearer_key(authorization)

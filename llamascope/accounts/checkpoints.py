@@ -17,7 +17,8 @@ The same thread renews this replica's lease (every third of ``lease_seconds``), 
 are gone (``AccountStore.reclaim``: a lease run out, or a process that no longer exists on this host, as
 after a SIGKILL and restart; after the store was unreachable, only once it has answered for a whole
 lease, since no replica could renew meanwhile), and retries charges that failed while the store was
-unreachable, so that no finished request's ledger row is lost when the database comes back.
+unreachable, so that no finished request's ledger row is lost when the database comes back. And it
+saves the refused requests counted since its last tick (``AccountStore.record_refusal``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamascope import errors
-from llamascope.accounts.store import AccountStore, Reservation, utcnow
+from llamascope.accounts.records import Reservation, utcnow
+from llamascope.accounts.store import AccountStore
 
 log = logging.getLogger(__name__)
 # AccountStore.settle's arguments: reservation, request id, input, output and image tokens, status.
@@ -154,6 +156,7 @@ class Checkpoints:
             self._thread.join(timeout=30)
         with contextlib.suppress(Exception):
             self._settle_deferred()
+            self.store.save_refusals()
             if not self._deferred:
                 self.store.end_lease(self.replica_id)
 
@@ -179,6 +182,7 @@ class Checkpoints:
             try:
                 self._flush(now)
                 self._settle_deferred()
+                self.store.save_refusals()
                 if now >= next_lease:
                     if not self.store.hold_lease(self.replica_id, self.host, self.process, self.lease_seconds):
                         log.warning("this replica's lease had run out and its requests were reclaimed; renewed")

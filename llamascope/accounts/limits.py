@@ -29,7 +29,7 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
 from llamascope import errors
-from llamascope.accounts.store import KeyView
+from llamascope.accounts.records import KeyView
 
 log = logging.getLogger(__name__)
 

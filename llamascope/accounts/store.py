@@ -23,122 +23,51 @@ one transaction can delete it).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import secrets
-import sqlite3
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
-from datetime import datetime, timedelta, timezone
+from dataclasses import fields
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import (
-    BigInteger,
-    bindparam,
-    case,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    literal_column,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import case, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql as postgresql_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from llamascope.accounts.records import (
+    INTERRUPTED,
+    PREFIX_LENGTH,
+    GrantView,
+    KeyView,
+    Reservation,
+    aware,
+    hash_key,
+    is_whole_key,
+    new_key,
+    utcnow,
+    view_of,
+)
+from llamascope.accounts.refusals import RefusalCounts, with_refusals
 from llamascope.accounts.schema import ApiKey, Grant, InFlight, Replica, UsageRecord
+from llamascope.accounts.sqlite_hot_path import SqliteHotPath, already_charged, sqlite_pragmas
+from llamascope.accounts.statements import LEDGER_FIELDS, HotStatements
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-INTERRUPTED = "interrupted"  # the ledger status of a request its replica did not live to settle
 log = logging.getLogger(__name__)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands datetimes back without their zone; they are stored as UTC.
-    return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
-
-
 V = TypeVar("V")
+# What a checkpoint updates in an existing in-flight row (the reservation stays as admission wrote it).
+_CHECKPOINTED = ("input_tokens", "output_tokens", "image_tokens", "checkpoint_at")
 
 
 def _view(cls: type[V], row: Any) -> V:
     """A frozen copy of an ORM row's fields, datetimes in UTC: views leave the session, rows do not."""
-    view = _view_of(cls, [getattr(row, f.name) for f in fields(cls)])  # type: ignore[arg-type]
+    view = view_of(cls, [getattr(row, f.name) for f in fields(cls)])  # type: ignore[arg-type]
     assert view is not None
     return view
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def new_key() -> str:
-    return "sk-" + secrets.token_hex(20)
-
-
-PREFIX_LENGTH = 7  # the characters of a key kept in clear ("sk-" and 4 more), for listings and logs
-EVERY_MODEL = "*"  # a grant for this model name covers every served model without a grant of its own
-
-
-def is_whole_key(text: str) -> bool:
-    """A string the length of a key made here ("sk-" and 40 hex), or longer: matched by hash, never by prefix."""
-    return text.startswith("sk-") and len(text) >= len(new_key())
-
-
-@dataclass(frozen=True)
-class KeyView:
-    id: int
-    prefix: str
-    name: str
-    created_at: datetime
-    expires_at: datetime | None
-    revoked_at: datetime | None
-    requests_per_minute: int | None
-    tokens_per_minute: int | None
-    max_concurrent: int | None
-
-    @classmethod
-    def of(cls, row: ApiKey) -> KeyView:
-        return _view(cls, row)
-
-
-@dataclass(frozen=True)
-class GrantView:
-    id: int
-    key_id: int
-    model: str
-    allowance_tokens: int | None
-    used_tokens: int
-    reserved_tokens: int
-    granted_at: datetime
-    expires_at: datetime | None
-    exhausted_at: datetime | None
-
-    @classmethod
-    def of(cls, row: Grant) -> GrantView:
-        return _view(cls, row)
-
-
-@dataclass(frozen=True)
-class Reservation:
-    grant_id: int
-    key_id: int
-    model: str
-    tokens: int
-    started_at: datetime
 
 
 class AccountStore:
@@ -150,13 +79,14 @@ class AccountStore:
         connect_args = {"connect_timeout": 5} if libpq else {}
         self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite, connect_args=connect_args)
         if self.is_sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._hot = _HotStatements()
+        self._hot = HotStatements()
+        self.refusals = RefusalCounts(self.engine)
         database = self.engine.url.database
         # The per-request path through the stdlib driver, for an SQLite file (not an in-memory database).
         self._sqlite = (
-            _SqliteHotPath(database, self._hot) if self.is_sqlite and database and database != ":memory:" else None
+            SqliteHotPath(database, self._hot) if self.is_sqlite and database and database != ":memory:" else None
         )
 
     @classmethod
@@ -212,10 +142,10 @@ class AccountStore:
         with self.session() as s:
             s.add(row)
             s.flush()
-            return key, KeyView.of(row)
+            return key, _view(KeyView, row)
 
     def find_key(self, key: str) -> KeyView | None:
-        return _view_of(KeyView, self._lookup(self._hot.find_key, {"key_hash": hash_key(key)}))
+        return view_of(KeyView, self._lookup(self._hot.find_key, {"key_hash": hash_key(key)}))
 
     def key(self, ref: str | int) -> KeyView:
         """A key by id, by the key itself (matched by its hash), or by an unambiguous prefix of it.
@@ -238,7 +168,7 @@ class AccountStore:
                 rows = [row for row in candidates if text.startswith(row.prefix) or row.prefix.startswith(text)]
             if len(rows) != 1:
                 raise LookupError(f"no key {ref!r}" if not rows else f"{ref!r} matches {len(rows)} keys; use the id")
-            return KeyView.of(rows[0])
+            return _view(KeyView, rows[0])
 
     def count_keys(self, active: bool = False) -> int:
         """Keys in the store; with ``active``, only those neither revoked nor expired."""
@@ -253,7 +183,7 @@ class AccountStore:
         with self.session() as s:
             keys = list(s.scalars(select(ApiKey).order_by(ApiKey.id)))
             grants = list(s.scalars(select(Grant).order_by(Grant.key_id, Grant.model)))
-        return [(KeyView.of(k), [GrantView.of(g) for g in grants if g.key_id == k.id]) for k in keys]
+        return [(_view(KeyView, k), [_view(GrantView, g) for g in grants if g.key_id == k.id]) for k in keys]
 
     def revoke(self, ref: str | int) -> KeyView:
         view = self.key(ref)
@@ -269,7 +199,7 @@ class AccountStore:
         """The keys of this name, by hash (to find the keys from settings that settings no longer name)."""
         with self.session() as s:
             rows = list(s.scalars(select(ApiKey).where(ApiKey.name == name)))
-        return {row.key_hash: KeyView.of(row) for row in rows}
+        return {row.key_hash: _view(KeyView, row) for row in rows}
 
     # -- grants -----------------------------------------------------------------
 
@@ -288,10 +218,10 @@ class AccountStore:
             row.exhausted_at = None
             row.used_tokens = 0
             s.flush()
-            return GrantView.of(row)
+            return _view(GrantView, row)
 
     def find_grant(self, key_id: int, model: str) -> GrantView | None:
-        return _view_of(GrantView, self._lookup(self._hot.find_grant, {"key_id": key_id, "model": model}))
+        return view_of(GrantView, self._lookup(self._hot.find_grant, {"key_id": key_id, "model": model}))
 
     def _lookup(self, statement: Any, parameters: dict[str, Any]) -> Any:
         """One row of a per-request lookup: through the stdlib driver on SQLite, else SQLAlchemy Core (the
@@ -377,13 +307,13 @@ class AccountStore:
         its requests) is not charged again: the ledger's unique request id rolls the charge back.
 
         SQLAlchemy Core on a plain connection: this runs once per request, and the ORM's unit of work
-        made it three times slower. On SQLite, the stdlib driver directly (see _SqliteHotPath).
+        made it three times slower. On SQLite, the stdlib driver directly (see sqlite_hot_path).
 
         ``wait=False`` settles only if that cannot wait (SQLite, the write lock free at once) and says
         whether it did; the event loop calls it so, saving the hop to a thread and back (0.4 ms a request,
         bench/gateway.py), and runs ``checkpoint`` off the loop when ``checkpoint_due``.
         """
-        now = utcnow()  # the parameters of _HotStatements.charge and .ledger_row
+        now = utcnow()  # the parameters of HotStatements.charge and .ledger_row
         charge = {
             "grant_id": reservation.grant_id,
             "used": input_tokens + output_tokens,
@@ -412,7 +342,7 @@ class AccountStore:
                 if in_flight:
                     connection.execute(self._hot.forget_in_flight, {"request_id": request_id})
         except IntegrityError:
-            _already_charged(request_id)
+            already_charged(request_id)
         return True
 
     @property
@@ -514,8 +444,18 @@ class AccountStore:
 
     # -- the ledger -------------------------------------------------------------
 
+    def record_refusal(self, key_id: int, model: str, code: str) -> None:
+        """Count a request of this key refused before it reached a model (``code``: the DashScope code; ``model``
+        "" if none is known). In memory, no store call: ``save_refusals`` writes the counts (see refusals.py)."""
+        self.refusals.count(key_id, model, code)
+
+    def save_refusals(self) -> None:
+        self.refusals.save()
+
     def usage(self, key_id: int | None = None, since: datetime | None = None) -> list[dict[str, Any]]:
-        """Totals per key, model and day (UTC)."""
+        """Totals per key, model and day (UTC): requests by how they ended, tokens, and the requests refused
+        before they reached the model (``refused``, and ``refusals`` per DashScope code; counted per day, so
+        ``since`` takes its whole first day of them)."""
         day = func.date(UsageRecord.started_at)
         query = (
             select(
@@ -540,8 +480,10 @@ class AccountStore:
             query = query.where(UsageRecord.key_id == key_id)
         if since is not None:
             query = query.where(UsageRecord.started_at >= since)
+        self.refusals.save()  # what this process counted so far
         with self.session() as s:
-            return [dict(row._mapping) | {"day": str(row.day)} for row in s.execute(query)]
+            rows = [dict(row._mapping) | {"day": str(row.day)} for row in s.execute(query)]
+        return with_refusals(rows, self.refusals.totals(key_id, since))
 
     def requests(
         self, key_id: int | None = None, since: datetime | None = None, limit: int = 50
@@ -561,7 +503,7 @@ class AccountStore:
             rows = s.execute(query).all()
         return [
             {name: getattr(record, name) for name in LEDGER_FIELDS}
-            | {"prefix": prefix, "started_at": _aware(record.started_at), "finished_at": _aware(record.finished_at)}
+            | {"prefix": prefix, "started_at": aware(record.started_at), "finished_at": aware(record.finished_at)}
             for record, prefix in rows
         ]
 
@@ -571,185 +513,3 @@ class AccountStore:
             if key_id is not None:
                 query = query.where(UsageRecord.key_id == key_id)
             return list(s.scalars(query))
-
-
-class _SqliteHotPath:
-    """What every request does to the store (look up its key and its grant, then settle), on SQLite,
-    through the stdlib driver itself, on the event loop's thread.
-
-    Measured with bench/gateway.py on this machine: through SQLAlchemy (pool checkout, compiled-statement
-    cache, result rows) a lookup took about 70 us, twice a request on the event loop, and handing the
-    settle to a thread and back added 0.4 ms p50 to every request. Through ``sqlite3`` a lookup takes
-    2 to 5 us, and a settle some 30 us. The statements are _HotStatements', compiled once for SQLite.
-
-    Each thread has two autocommit connections (so every lookup sees the latest commit: a revoked key is
-    refused on the very next request):
-    - "at once": never waits for the write lock (busy_timeout 0: the caller falls back to a waiting path)
-      and never checkpoints the WAL, which syncs the database file; ``checkpoint_due`` says when to run
-      one off the loop. Lookups use it too, so its page cache survives its own settles.
-    - "waiting": busy_timeout 10 s and SQLite's automatic checkpoints, for pool threads.
-    """
-
-    def __init__(self, path: str, hot: _HotStatements) -> None:
-        self.path = path
-        self.hot = hot
-        self._local = threading.local()
-        statements = (hot.find_key, hot.find_grant, hot.charge, hot.ledger_row, hot.forget_in_flight)
-        self._compiled = {id(s): str(s.compile(dialect=_SQLITE_NAMED)) for s in statements}
-        self.settled_at_once = 0
-
-    def _sql(self, statement: Any) -> str:
-        return self._compiled[id(statement)]
-
-    def _connection(self, wait: bool) -> sqlite3.Connection:
-        name = "waiting" if wait else "at_once"
-        connection: sqlite3.Connection | None = getattr(self._local, name, None)
-        if connection is None:
-            connection = sqlite3.connect(self.path, isolation_level=None)
-            _sqlite_pragmas(connection, None)
-            if not wait:
-                connection.execute("PRAGMA busy_timeout=0")
-                connection.execute("PRAGMA wal_autocheckpoint=0")
-            setattr(self._local, name, connection)
-        return connection
-
-    def lookup(self, statement: Any, parameters: dict[str, Any]) -> tuple[Any, ...] | None:
-        sql = self._sql(statement)
-        try:
-            row: tuple[Any, ...] | None = self._connection(wait=False).execute(sql, parameters).fetchone()
-        except sqlite3.OperationalError as exc:
-            if not _busy(exc):
-                raise
-            row = self._connection(wait=True).execute(sql, parameters).fetchone()  # rare in WAL mode
-        return row
-
-    def settle(self, charge: dict[str, Any], row: dict[str, Any], wait: bool, in_flight: bool) -> bool:
-        """Settle; with ``wait=False`` only if the write lock is free at once, saying whether it was."""
-        stored = {k: _stored(v) if isinstance(v, datetime) else v for k, v in row.items()}
-        connection = self._connection(wait)
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if wait or not _busy(exc):
-                raise
-            return False
-        try:
-            connection.execute(self._sql(self.hot.charge), charge | {"now": _stored(charge["now"])})
-            connection.execute(self._sql(self.hot.ledger_row), stored)
-            if in_flight:
-                connection.execute(self._sql(self.hot.forget_in_flight), {"request_id": row["request_id"]})
-        except sqlite3.IntegrityError:
-            connection.execute("ROLLBACK")
-            _already_charged(row["request_id"])
-            return True
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
-        if not wait:
-            self.settled_at_once += 1
-        return True
-
-    @property
-    def checkpoint_due(self) -> bool:
-        return self.settled_at_once % 256 == 0
-
-    def checkpoint(self) -> None:
-        """Move the WAL's pages into the database file, without waiting for readers."""
-        self._connection(wait=True).execute("PRAGMA wal_checkpoint(PASSIVE)")
-
-
-def _busy(error: sqlite3.OperationalError) -> bool:
-    text = str(error)
-    return "locked" in text or "busy" in text
-
-
-class _HotStatements:
-    """The statements every request runs, built once: building them per call was most of their cost."""
-
-    def __init__(self) -> None:
-        self.find_key = select(*_columns(ApiKey, KeyView)).where(ApiKey.key_hash == bindparam("key_hash"))
-        # The model's own grant, else the key's grant for every model.
-        # Literal SQL for the constants: these statements are compiled once to text, with only named parameters.
-        every: Any = literal_column(f"'{EVERY_MODEL}'")
-        matches = (Grant.key_id == bindparam("key_id"), (Grant.model == bindparam("model")) | (Grant.model == every))
-        own_first = (Grant.model == every).asc()  # false (the model's own grant) sorts first
-        # At most two rows: the first is the one that applies (callers take the first).
-        self.find_grant = select(*_columns(Grant, GrantView)).where(*matches).order_by(own_first)
-        self.grant_id = select(Grant.id).where(*matches).order_by(own_first)
-        used: Any = bindparam("used", type_=BigInteger)
-        crosses = Grant.allowance_tokens.is_not(None) & (Grant.used_tokens + used >= Grant.allowance_tokens)
-        self.charge = (
-            update(Grant)
-            .where(Grant.id == bindparam("grant_id"))
-            .values(
-                used_tokens=Grant.used_tokens + used,
-                reserved_tokens=Grant.reserved_tokens - bindparam("held"),
-                exhausted_at=case((Grant.exhausted_at.is_(None) & crosses, bindparam("now")), else_=Grant.exhausted_at),
-            )
-        )
-        self.ledger_row = insert(UsageRecord).values({name: bindparam(name) for name in LEDGER_FIELDS})
-        self.forget_in_flight = delete(InFlight).where(InFlight.request_id == bindparam("request_id"))
-
-
-def _already_charged(request_id: str) -> None:
-    log.warning("request %s was already charged (its replica's lease had run out): not charged again", request_id)
-
-
-LEDGER_FIELDS = (
-    "request_id",
-    "key_id",
-    "model",
-    "input_tokens",
-    "output_tokens",
-    "image_tokens",
-    "status",
-    "started_at",
-    "finished_at",
-)
-# What a checkpoint updates in an existing in-flight row (the reservation stays as admission wrote it).
-_CHECKPOINTED = ("input_tokens", "output_tokens", "image_tokens", "checkpoint_at")
-_SQLITE_NAMED = sqlite_dialect.dialect(paramstyle="named")
-
-
-def _columns(table: Any, view: type) -> list[Any]:
-    """The table's columns a view holds, in the view's order."""
-    return [table.__table__.c[f.name] for f in fields(view)]
-
-
-_DATE_FIELDS: dict[type, list[int]] = {}
-
-
-def _date_fields(view: type) -> list[int]:
-    if view not in _DATE_FIELDS:
-        _DATE_FIELDS[view] = [i for i, f in enumerate(fields(view)) if "datetime" in str(f.type)]
-    return _DATE_FIELDS[view]
-
-
-def _view_of(view: type[V], row: Any) -> V | None:
-    """A view from a row holding its fields in order; SQLite gives datetimes as text or without a zone."""
-    if row is None:
-        return None
-    values = list(row)
-    for i in _date_fields(view):
-        if isinstance(values[i], str):  # SQLite through the stdlib driver
-            values[i] = datetime.fromisoformat(values[i])
-        values[i] = _aware(values[i])
-    return view(*values)
-
-
-def _stored(moment: datetime) -> str:
-    """A datetime as SQLAlchemy stores it in SQLite: UTC, without the zone."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-def _sqlite_pragmas(connection: Any, _record: Any) -> None:
-    cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
-    cursor.execute("PRAGMA busy_timeout=10000")  # writers queue instead of failing
-    cursor.execute("PRAGMA foreign_keys=ON")
-    # In WAL mode NORMAL keeps every commit across process crashes and restarts, without an fsync per
-    # commit (which cost 7 ms p50 / 70 ms p99 per request in bench/gateway.py); a power cut may roll back
-    # the last commits. PostgreSQL keeps its own durability settings.
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()

@@ -12,10 +12,10 @@ from starlette.responses import JSONResponse
 
 from llamascope import errors
 from llamascope.accounts import admin
-from llamascope.accounts.store import AccountStore, utcnow
+from llamascope.accounts.records import ModelAllowance, utcnow
+from llamascope.accounts.store import AccountStore
 from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
-from llamascope.settings import ModelSpec
 
 router = APIRouter(prefix="/admin")
 
@@ -119,7 +119,8 @@ class NewKeyDescription(KeyDescription):
 
 
 class UsageRow(BaseModel):
-    """Requests and tokens of one key, model and day (UTC)."""
+    """Requests and tokens of one key, model and day (UTC); model "" for refusals of requests that named no
+    served model."""
 
     key_id: int
     prefix: str
@@ -133,6 +134,8 @@ class UsageRow(BaseModel):
     input_tokens: int
     output_tokens: int
     image_tokens: int
+    refused: int = Field(0, description="Requests refused before they reached the model (not in requests).")
+    refusals: dict[str, int] = Field(default_factory=dict, description="The refused requests per DashScope code.")
 
 
 class RequestRow(BaseModel):
@@ -182,8 +185,14 @@ def _store(request: Request) -> AccountStore:
     return request.app.state.service.accounts.store
 
 
-def _specs(request: Request) -> dict[str, ModelSpec]:
-    return request.app.state.model_specs
+def _served(request: Request) -> list[str]:
+    return list(request.app.state.model_specs)
+
+
+def _allowances(request: Request) -> dict[str, ModelAllowance]:
+    """Each served model's default allowance, from the specs the composition root gave create_app."""
+    specs = request.app.state.model_specs
+    return {name: ModelAllowance(spec.allowance_tokens, spec.allowance_days) for name, spec in specs.items()}
 
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
@@ -237,7 +246,7 @@ async def create_key(request: Request) -> JSONResponse:
     key, view, grants = await _run(
         admin.create_key,
         _store(request),
-        _specs(request),
+        _allowances(request),
         name=body.name,
         models=body.models,
         allowance=body.allowance,
@@ -252,10 +261,10 @@ async def create_key(request: Request) -> JSONResponse:
 
 
 def _warnings(request: Request, models: list[str]) -> dict[str, Any]:
-    unknown = admin.unknown_models(models, _specs(request))
+    unknown = admin.unknown_models(models, _served(request))
     if not unknown:
         return {}
-    served = ", ".join(_specs(request))
+    served = ", ".join(_served(request))
     return {"warnings": [f"{m!r} is not served by this server (it serves {served}); granted anyway" for m in unknown]}
 
 
@@ -270,7 +279,7 @@ async def grant(request: Request, ref: str) -> JSONResponse:
     body: NewGrant = await _body(request, NewGrant)
     store = _store(request)
     view = await _run(store.key, _key_ref(ref))
-    await _run(admin.grant_models, store, view.id, [body.model], _specs(request), body.allowance, body.days)
+    await _run(admin.grant_models, store, view.id, [body.model], _allowances(request), body.allowance, body.days)
     rows = await _run(store.list_keys)
     data = next(admin.describe(v, g) for v, g in rows if v.id == view.id)
     return _answer(request, data | _warnings(request, [body.model]))

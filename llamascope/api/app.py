@@ -56,7 +56,7 @@ def create_app(
 ) -> FastAPI:
     """The app. ``drain`` is the shutdown state ``DrainingServer`` shares with it (see ``api.drain``)."""
     metrics = metrics or MetricsEndpoint()
-    registry = registry_for(service, metrics.key_names)
+    registry = registry_for(operations.service_state(service, metrics.key_names))
     drain = drain or Drain(grace_seconds=0)
 
     @contextlib.asynccontextmanager

@@ -119,6 +119,8 @@ async def open_reply(request: Request, call: Call, endpoint: Endpoint) -> Reply:
     """The conversation service's reply to ``call`` for the request's key, kept on the request: the access log
     reads it, and the request's end charges it."""
     service: ConversationService = request.app.state.service
+    if isinstance(call.model, str) and call.model in service.engines:
+        request.state.model = call.model  # whose refusal this may be (a served name: the counts stay bounded)
     reply = await service.open(
         request.state.principal,
         request_id_of(request),

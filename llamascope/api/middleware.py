@@ -1,8 +1,10 @@
 """Cross-cutting HTTP work as plain ASGI middleware.
 
-- ``RequestContext``: a request id for every request (``x-request-id``), and
-  one access-log line when it ends: id, key prefix, route, model, tokens,
-  finish, status, latency. Never the key itself.
+- ``RequestContext``: a request id for every request (``x-request-id``); when
+  it ends, the one place its reply is settled (its usage charged), its
+  ``Outcome`` pushed to the metrics and the trace, and one access-log line:
+  id, key prefix, route, model, tokens, finish, status, latency. Never the
+  key itself.
 - ``BodyLimit``: refuses bodies over the limit while they arrive, whatever
   Content-Length says.
 - ``Authentication``: applies ``accounts.keys.authenticate`` to every route
@@ -23,7 +25,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llamascope import errors
 from llamascope.accounts.admission import Accounts
 from llamascope.api.errors import error_response
+from llamascope.conversation.service import Reply
 from llamascope.observability import request as observed
+from llamascope.observability.facts import Outcome
 from llamascope.observability.logs import AccessRecord
 
 access_log = logging.getLogger("llamascope.access")
@@ -49,8 +53,11 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = list(message.get("headers", []))
-                if not any(name.lower() == b"x-request-id" for name, _ in headers):
+                headers = list(message.get("headers", ()))
+                for name, _ in headers:
+                    if name.lower() == b"x-request-id":
+                        break
+                else:
                     headers.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
             await send(message)
@@ -68,47 +75,52 @@ class RequestContext:
             status = status or 500
             raise
         finally:
-            reply = state.get("reply")
+            reply: Reply | None = state.get("reply")  # api.incoming.open_reply keeps it there
             if reply is not None:
-                await reply.close()  # charges the tokens made, whatever way the request ended
-            seconds = time.perf_counter() - started
-            observed.end(observation, scope, state, status, seconds)
-            self._log(scope, state, status, disconnected, seconds, observation)
+                await reply.settle()  # the one place a request is charged, however it ended
+            principal = state.get("principal")
+            outcome = Outcome(
+                status=status,
+                seconds=time.perf_counter() - started,
+                error_code=state.get("error_code"),
+                key_name=principal.key.name if principal is not None else None,
+                generation=reply.generation() if reply is not None else None,
+            )
+            observed.end(observation, scope, outcome)
+            self._log(scope, state, outcome, disconnected, observation)
             observed.finished(observation)
 
     @staticmethod
     def _log(
         scope: Scope,
         state: dict[str, Any],
-        status: int,
+        outcome: Outcome,
         disconnected: bool,
-        seconds: float,
         observation: observed.RequestObservation,
     ) -> None:
         if scope.get("path") in ("/health", "/metrics") or not access_log.isEnabledFor(logging.INFO):
             return
-        reply = state.get("reply")
         principal = state.get("principal")
+        generation = outcome.generation
         fields: dict[str, Any] = {
             "request_id": state["request_id"],
             "key": principal.key_prefix if principal else None,
             "method": scope.get("method", "-"),
             "path": scope.get("path", "-"),
-            "model": reply.model if reply else None,
-            "status": status,
+            "model": generation.model if generation else None,
+            "status": outcome.status,
         }
-        if reply is not None:
-            usage = reply.usage
-            fields["input_tokens"] = usage.input_tokens
-            fields["output_tokens"] = usage.output_tokens
-            fields["image_tokens"] = usage.image_tokens
-            fields["finish"] = reply.finish_reason.value if reply.finish_reason else "-"
-        fields["error"] = state.get("error_code")
-        if disconnected and (reply is None or reply.finish_reason is None):
+        if generation is not None:
+            fields["input_tokens"] = generation.input_tokens
+            fields["output_tokens"] = generation.output_tokens
+            fields["image_tokens"] = generation.image_tokens
+            fields["finish"] = generation.finish_reason or "-"
+        fields["error"] = outcome.error_code
+        if disconnected and (generation is None or generation.finish_reason is None):
             fields["client_disconnected"] = True
         fields["client_request_id"] = observation.client_request_id
         fields["trace_id"] = observation.trace_id
-        fields["latency_ms"] = round(seconds * 1000, 1)
+        fields["latency_ms"] = round(outcome.seconds * 1000, 1)
         access_log.info(AccessRecord(fields))
 
 
@@ -184,7 +196,11 @@ class Authentication:
             state["error_code"] = refusal.code
             await error_response(refusal, state.get("request_id", ""), scope["path"])(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:  # a key's request refused before it reached a model has no ledger row: count it (no I/O)
+            if (code := state.get("error_code")) and "principal" in state and "reply" not in state:
+                self.accounts.store.record_refusal(state["principal"].key.id, state.get("model", ""), code)
 
     def _check_admin(self, authorization: str | None) -> None:
         if self.admin_key is None:

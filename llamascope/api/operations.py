@@ -1,8 +1,9 @@
-"""Health, metrics and the model listing."""
+"""Health, metrics and the model listing; and what a metrics scrape reads of a service's state."""
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterator
 from typing import Literal
 
 import anyio
@@ -11,10 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from llamascope import errors
+from llamascope.accounts.store import AccountStore
 from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
 from llamascope.conversation.service import ConversationService
-from llamascope.observability.metrics import CONTENT_TYPE, MetricsEndpoint, exposition
+from llamascope.observability.facts import Allowance, CacheStats
+from llamascope.observability.metrics import CONTENT_TYPE, MetricsEndpoint, StateCollector, exposition
 
 router = APIRouter()
 
@@ -67,6 +70,31 @@ async def metrics(request: Request) -> Response:
     # Off the event loop: per-key allowances are read from the accounts store.
     body = await anyio.to_thread.run_sync(exposition, request.app.state.metrics_registry)
     return Response(body, media_type=CONTENT_TYPE)
+
+
+def service_state(service: ConversationService, key_names: frozenset[str] = frozenset()) -> StateCollector:
+    """What a scrape reads of ``service``: its engines, its decoded-image cache, and the allowances left of
+    the keys named in ``key_names`` (LLAMASCOPE_METRICS_KEYS; none: no per-key figures)."""
+    cache = service.intake.cache
+    store = service.accounts.store
+    return StateCollector(
+        engines=lambda: service.engines,
+        image_cache=lambda: CacheStats(cache.hits, cache.misses, cache.total),
+        allowances=(lambda: allowances_left(store, key_names)) if key_names else None,
+    )
+
+
+def allowances_left(store: AccountStore, key_names: frozenset[str]) -> Iterator[Allowance]:
+    """The limited grants of the live keys named in ``key_names``, each with what is left of it now."""
+    for key, grants in store.list_keys():
+        if key.name not in key_names or key.revoked_at is not None:
+            continue
+        for grant in grants:
+            if grant.allowance_tokens is None:
+                continue
+            left = max(0, grant.allowance_tokens - grant.used_tokens - grant.reserved_tokens)
+            expires = float(grant.expires_at.timestamp()) if grant.expires_at is not None else None
+            yield Allowance(key.name, grant.model, left, grant.allowance_tokens, expires)
 
 
 @router.get("/api/v1/models")

@@ -6,8 +6,10 @@ which does every check that can fail before the first byte is sent (model,
 grant, messages, parameters, image, context, allowance), and gets a ``Reply``.
 ``tokens()`` (Tokenization) makes the same prompt and counts it.
 Iterating ``Reply.events()`` generates; closing it cancels the engine. The
-Reply keeps the running usage and charges it to the caller's allowance when
-generation ends, whichever way: finished, failed, or the caller gone.
+Reply keeps the running usage; ``Reply.settle()`` charges it to the caller's
+allowance, once, whichever way generation ended: finished, failed, or the
+caller gone. The HTTP layer settles every reply when its request ends
+(``api.middleware.RequestContext``), after the answer's last byte.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from llamascope.conversation.rules import Draft, Images, parse_messages
 from llamascope.engines.base import Engine, FinishReason, PreparedPrompt, TokenLogprob
 from llamascope.images.intake import ImageIntake
 from llamascope.images.source import ANONYMOUS, SourceContext
+from llamascope.observability.facts import Generation
 from llamascope.observability.request import TokenWatch
 
 log = logging.getLogger(__name__)
@@ -102,19 +105,32 @@ class Reply:
     started: bool = False  # the engine has sent something: the prompt was run
     logprobs: list[TokenLogprob] = field(default_factory=list)  # every token's, when the request asked
 
-    async def close(self) -> None:
-        """Charge what was used (once). Safe to call again, and before or after events()."""
+    async def settle(self) -> None:
+        """Charge the caller's allowance what was used, and record how the request ended; only the first
+        call charges. Called once the answer is sent, keeping the store off the answer's path: until then
+        the reservation holds the tokens, so no other request can spend them."""
         if self.admission is not None:
             usage = self.usage
             await self.admission.settle(usage.input_tokens, usage.output_tokens, usage.image_tokens, self.status)
 
-    async def events(self) -> AsyncGenerator[Event, None]:
-        """Generate; each event has new text. The last one has the finish reason.
+    def generation(self) -> Generation:
+        """What it made and how it ended, for the metrics, the trace and the access log."""
+        usage, sampling = self.usage, self.options.sampling
+        return Generation(
+            model=self.model,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            image_tokens=usage.image_tokens,
+            finish_reason=self.finish_reason.value if self.finish_reason is not None else None,
+            started=self.started,
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+        )
 
-        A finished reply is charged by ``close()`` once the answer is sent (the HTTP layer calls it when
-        the request ends), keeping the store off the answer's path; until then its reservation holds the
-        tokens, so no other request can spend them. A failed or abandoned reply is charged here at once.
-        """
+    async def events(self) -> AsyncGenerator[Event, None]:
+        """Generate; each event has new text. The last one has the finish reason. What ends it (finished,
+        failed, cancelled) is kept in ``status`` and ``usage`` for ``settle()``."""
         try:
             async for event in self._generate():
                 if event.finish_reason is not None:
@@ -125,9 +141,6 @@ class Reply:
             if not self.started:  # refused before the model ran (queue full, waited too long): no charge
                 self.usage.input_tokens = self.usage.image_tokens = 0
             raise
-        finally:
-            if self.status != "ok":
-                await self.close()
 
     async def _generate(self) -> AsyncIterator[Event]:
         stop = StopText(self.options.stop)

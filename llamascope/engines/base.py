@@ -15,12 +15,13 @@ implement it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal, Protocol
 
 from llamascope.images import PreparedImage
+from llamascope.observability.facts import UpstreamHealth
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,10 @@ class EngineInfo:
     takes_images: bool = True  # False: a text-only model (the text-generation API only)
 
 
+class ModelLoadError(Exception):
+    """A model that cannot be served (its directory, its weights, its tokenizer); the message says why."""
+
+
 class Engine(Protocol):
     info: EngineInfo
 
@@ -117,6 +122,10 @@ class Engine(Protocol):
 
     def stats(self) -> dict[str, int]:
         """Its load right now, for /health: requests running and waiting, and the like."""
+        ...
+
+    def health(self) -> Sequence[UpstreamHealth]:
+        """The upstream engines it calls, each in rotation or not, for /metrics (in process: none)."""
         ...
 
     async def close(self) -> None: ...

@@ -6,7 +6,7 @@ exists, or a ``DeviceError`` that says why not; ``placement`` gives transformers
 ``plan_memory`` works out, from a model's config and the memory left after loading, the scheduler's batch
 bounds and the vision cache's size.
 
-The plan counts what the scheduler really holds per request (see ``engines/batching.py``):
+The plan counts what the scheduler really holds per request (see ``engines/scheduler.py`` and ``engines/batch.py``):
 - self-attention keys and values: ``2 x self-attention layers x kv heads x head dim`` per token, for the
   prompt and every token it may still make (``MAX_BATCH_TOKENS`` bounds their sum);
 - the image's cross-attention keys and values: ``2 x cross-attention layers x kv heads x head dim`` per
@@ -32,6 +32,15 @@ def cuda_devices() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A device allocation that failed (CUDA's, or another backend's RuntimeError saying so)."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
 
 
 def resolve_device(requested: str, visible: int | None = None) -> str:

@@ -1,12 +1,11 @@
 """The in-process engine for the text-only Llama models (Llama 3.1 8B/70B, 3.2 1B/3B, 3.3 70B).
 
-transformers' ``LlamaForCausalLM`` on the request path of the Llama 3.2 Vision
-engine: the same batching scheduler (``batching.Scheduler``: requests join and
-leave the running batch at token boundaries, chunked prefill, queue bounds),
-the same per-request sampling, cancellation, token streaming and counting.
-Only the model, the tokenizer and the prompt differ: prompts are rendered with
-the checkpoint's own chat template (Meta's ships in ``tokenizer_config.json``),
-or the file the operator configures, and carry no image.
+transformers' ``LlamaForCausalLM`` on the request path every in-process model shares
+(``in_process.InProcessEngine``): the same batching scheduler (``scheduler.Scheduler``: requests join
+and leave the running batch at token boundaries, chunked prefill, queue bounds), the same per-request
+sampling, cancellation, token streaming and counting. Only the model, the tokenizer and the prompt
+differ: prompts are rendered with the checkpoint's own chat template (Meta's ships in
+``tokenizer_config.json``), or the file the operator configures, and carry no image.
 """
 
 from __future__ import annotations
@@ -14,13 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llamascope.engines.base import EngineInfo, Turn
-from llamascope.engines.batching import BatchLimits
-from llamascope.engines.mllama import MllamaEngine, ModelLoadError
+from llamascope.engines.base import EngineInfo, ModelLoadError, Turn
+from llamascope.engines.in_process import InProcessEngine
+from llamascope.engines.requests import BatchLimits
 from llamascope.images import PreparedImage
 
 
-class LlamaTextEngine(MllamaEngine):
+class LlamaTextEngine(InProcessEngine):
     """Implements ``llamascope.engines.base.Engine`` for a text-only Llama in this process."""
 
     MODEL_TYPE = "llama"  # LlamaForCausalLM
@@ -37,8 +36,7 @@ class LlamaTextEngine(MllamaEngine):
         faults: bool = False,
         prefix_cache_bytes: int | None = None,  # None: derived from free memory (prefix_cache.default_bytes)
     ) -> None:
-        self.image_tokens_per_image = 0
-        self._start(model, tokenizer, info, template, limits, 0, faults, prefix_cache_bytes)
+        super().__init__(model, tokenizer, info, template, limits, 0, faults, prefix_cache_bytes)
 
     @staticmethod
     def _processor(path: Path) -> Any:
@@ -63,9 +61,6 @@ class LlamaTextEngine(MllamaEngine):
                 'set chat_template = "/path/to/template.jinja" for this model in the config file'
             )
         return str(processor.chat_template)
-
-    def stats(self) -> dict[str, int]:
-        return {name: n for name, n in super().stats().items() if not name.startswith("vision_cache")}
 
     def image_size(self, width: int, height: int) -> tuple[int, int]:
         return width, height  # never asked: the conversation rules give a text-only model no image

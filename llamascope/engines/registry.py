@@ -10,12 +10,13 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from llamascope.engines.base import Engine
-from llamascope.engines.batching import BatchLimits, default_queue_bytes
+from llamascope.engines.base import Engine, ModelLoadError
+from llamascope.engines.builtin_model import ensure_test_model, ensure_text_test_model, is_test_model
 from llamascope.engines.devices import Bounds, DeviceError, resolve_device
 from llamascope.engines.llama_text import LlamaTextEngine
-from llamascope.engines.mllama import MllamaEngine, ModelLoadError, check_model_dir
-from llamascope.engines.test_model import ensure_test_model, ensure_text_test_model, is_test_model
+from llamascope.engines.loading import check_model_dir
+from llamascope.engines.mllama import MllamaEngine
+from llamascope.engines.requests import BatchLimits, default_queue_bytes
 from llamascope.engines.upstream import UpstreamEngine
 from llamascope.settings import BUILTIN_TEXT, ModelSpec, Settings
 

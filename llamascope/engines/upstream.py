@@ -39,7 +39,16 @@ import aiohttp
 
 from llamascope import errors
 from llamascope.caching import SizedLRU
-from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
+from llamascope.engines.base import (
+    Chunk,
+    EngineInfo,
+    FinishReason,
+    ModelLoadError,
+    PreparedPrompt,
+    SamplingParams,
+    Turn,
+)
+from llamascope.observability.facts import UpstreamHealth
 from llamascope.observability.request import outgoing_headers, upstream_call, upstream_failed, upstream_failover
 
 log = logging.getLogger(__name__)
@@ -117,6 +126,9 @@ class UpstreamEngine:
         return self._client
 
     # -- the Engine protocol ------------------------------------------------
+
+    def health(self) -> list[UpstreamHealth]:
+        return [UpstreamHealth(u.url, u.healthy, u.outstanding) for u in self.upstreams]
 
     def stats(self) -> dict[str, int]:
         return {
@@ -384,8 +396,6 @@ class PromptCounter:
         from pathlib import Path
 
         from transformers import AutoTokenizer
-
-        from llamascope.engines.mllama import ModelLoadError
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory)

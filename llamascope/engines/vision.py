@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from llamascope.caching import SizedLRU
+from llamascope.engines.devices import image_kv_bytes, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +96,13 @@ class ImageEncoder:
 
     def entry_bytes(self) -> int:
         """What one image's ``CrossKV`` takes in the cache."""
-        from llamascope.engines.devices import image_kv_bytes
-
         return image_kv_bytes(self.model.config, self.model.dtype.itemsize)
 
     # -- one image -------------------------------------------------------
 
     def cross_kv(self, seq: Any) -> tuple[CrossKV, int]:
         """The request's image's keys and values and tile count: from the cache, else encoded and projected
-        now (and cached). ``seq`` is a ``batching.Sequence`` about an image."""
+        now (and cached). ``seq`` is a ``requests.Sequence`` about an image."""
         found = self.cache.get(seq.digest)
         if found is not None:
             return found
@@ -166,8 +165,6 @@ class ImageEncoder:
 
     def _try(self, group: list[Any]) -> bool | None:
         """``_encode`` the group: None if it went through, else whether it ran out of memory (logged)."""
-        from llamascope.engines.batching import out_of_memory
-
         try:
             self._encode(group)
         except Exception as exc:

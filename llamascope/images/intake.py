@@ -100,7 +100,7 @@ class ImageIntake:
         except errors.ServiceError as refusal:
             watch.refused(refusal)
             raise
-        watch.accepted(image)
+        watch.accepted(image.format)
         return image
 
     async def decode(

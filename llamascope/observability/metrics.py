@@ -12,8 +12,9 @@ Two kinds of figures:
 - events (tokens, latencies, images, errors) are counted where the fact is
   decided, by the hooks of ``llamascope.observability.request``;
 - state (requests running and waiting, caches, upstream health, allowances
-  left) is read when Prometheus scrapes, by ``ServiceCollector``: nothing on
-  the request path keeps it up to date.
+  left) is read when Prometheus scrapes, by ``StateCollector``, through the
+  callables it is given by whoever builds the server: nothing on the request
+  path keeps it up to date, and nothing here imports what it reads.
 
 llamascope serves from one process, so one registry holds every count.
 """
@@ -21,16 +22,15 @@ llamascope serves from one process, so one registry holds every count.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-if TYPE_CHECKING:
-    from llamascope.conversation.service import ConversationService
+from llamascope.observability.facts import Allowance, CacheStats, EngineState
 
 log = logging.getLogger(__name__)
 
@@ -223,26 +223,32 @@ _ENGINE_COUNTERS = {
 }
 
 
-class ServiceCollector:
-    """Reads the service's state when Prometheus scrapes: engines, caches, upstreams, allowances left.
+class StateCollector:
+    """Reads the server's state when Prometheus scrapes, through what it is given: the engines by model name
+    (each one's ``stats()`` and ``health()``), the decoded-image cache, the allowances left.
 
     Names served by one engine (by default both seed names share the built-in model) each show that
     engine's figures, as ``/health`` does.
     """
 
-    def __init__(self, service: ConversationService, key_names: Iterable[str] = ()) -> None:
-        self.service = service
-        self.key_names = frozenset(key_names)
+    def __init__(
+        self,
+        engines: Callable[[], Mapping[str, EngineState]],
+        image_cache: Callable[[], CacheStats] | None = None,
+        allowances: Callable[[], Iterable[Allowance]] | None = None,
+    ) -> None:
+        self.engines = engines
+        self.image_cache = image_cache
+        self.allowances = allowances
 
     def collect(self) -> Iterator[Metric]:
         yield from self._engines()
-        yield from self._image_cache()
-        if self.key_names:
+        if self.image_cache is not None:
+            yield from self._image_cache(self.image_cache())
+        if self.allowances is not None:
             yield from self._allowances()
 
     def _engines(self) -> Iterator[Metric]:
-        from llamascope.engines.upstream import UpstreamEngine
-
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             k: GaugeMetricFamily(PREFIX + n, d, labels=["model_name"]) for k, (n, d) in _ENGINE_GAUGES.items()
         }
@@ -258,10 +264,11 @@ class ServiceCollector:
             labels=["model_name", "upstream"],
         )  # fmt: skip
         reported: set[str] = set()
-        for name, engine in self.service.engines.items():
-            try:
+        for name, engine in self.engines().items():
+            try:  # a scrape must not fail for one engine
                 stats = engine.stats()
-            except Exception:  # a scrape must not fail for one engine
+                upstreams = engine.health()
+            except Exception:
                 log.exception("stats of model %s", name)
                 continue
             for key, value in stats.items():
@@ -269,26 +276,25 @@ class ServiceCollector:
                 if family is not None:
                     family.add_metric([name], float(value))
                     reported.add(key)
-            if isinstance(engine, UpstreamEngine):
-                for upstream in engine.upstreams:
-                    label = upstream_label(upstream.url)
-                    healthy.add_metric([name, label], 1.0 if upstream.healthy else 0.0)
-                    outstanding.add_metric([name, label], float(upstream.outstanding))
+            for upstream in upstreams:
+                label = upstream_label(upstream.url)
+                healthy.add_metric([name, label], 1.0 if upstream.healthy else 0.0)
+                outstanding.add_metric([name, label], float(upstream.outstanding))
         for key, family in families.items():
             if key in reported or key in ("running", "waiting"):
                 yield family
         yield healthy
         yield outstanding
 
-    def _image_cache(self) -> Iterator[Metric]:
-        cache = self.service.intake.cache
+    @staticmethod
+    def _image_cache(cache: CacheStats) -> Iterator[Metric]:
         yield CounterMetricFamily(
             PREFIX + "image_cache_hits", "Images whose decode came from the decoded-image cache.", value=cache.hits
         )
         yield CounterMetricFamily(
             PREFIX + "image_cache_misses", "Images decoded (not in the cache).", value=cache.misses
         )
-        yield GaugeMetricFamily(PREFIX + "image_cache_bytes", "Pixel bytes in the decoded-image cache.", cache.total)
+        yield GaugeMetricFamily(PREFIX + "image_cache_bytes", "Pixel bytes in the decoded-image cache.", cache.bytes)
 
     def _allowances(self) -> Iterator[Metric]:
         labels = ["key_name", "model_name"]
@@ -305,25 +311,19 @@ class ServiceCollector:
             "When a named key's allowance expires (Unix time).",
             labels=labels,
         )
-        sums: dict[tuple[str, str], list[float]] = {}
+        sums: dict[tuple[str, str], list[float]] = {}  # several grants of one key and model add up
+        assert self.allowances is not None
         try:
-            keys = self.service.accounts.store.list_keys()
+            grants = list(self.allowances())
         except Exception:
             log.exception("allowances for /metrics")
-            keys = []
-        for key, grants in keys:
-            if key.name not in self.key_names or key.revoked_at is not None:
-                continue
-            for grant in grants:
-                if grant.allowance_tokens is None:
-                    continue
-                left = max(0, grant.allowance_tokens - grant.used_tokens - grant.reserved_tokens)
-                row = sums.setdefault((key.name, grant.model), [0.0, 0.0, 0.0])
-                row[0] += left
-                row[1] += grant.allowance_tokens
-                if grant.expires_at is not None:
-                    at = float(grant.expires_at.timestamp())
-                    row[2] = at if not row[2] else min(row[2], at)
+            grants = []
+        for grant in grants:
+            row = sums.setdefault((grant.key_name, grant.model), [0.0, 0.0, 0.0])
+            row[0] += grant.remaining_tokens
+            row[1] += grant.allowance_tokens
+            if grant.expires_at is not None:
+                row[2] = grant.expires_at if not row[2] else min(row[2], grant.expires_at)
         for labels_of, (remains, total, expiry) in sorted(sums.items()):
             remaining.add_metric(list(labels_of), remains)
             allowance.add_metric(list(labels_of), total)
@@ -371,11 +371,11 @@ class _Forward:
         return METRICS.registry.collect()
 
 
-def registry_for(service: ConversationService, key_names: Iterable[str] = ()) -> CollectorRegistry:
-    """One service's metrics: the event metrics, and its state read at scrape time."""
+def registry_for(state: StateCollector) -> CollectorRegistry:
+    """One server's metrics: the event metrics, and its state read at scrape time."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Forward())  # type: ignore[arg-type]
-    registry.register(ServiceCollector(service, key_names))  # type: ignore[arg-type]
+    registry.register(state)  # type: ignore[arg-type]
     return registry
 
 

@@ -1,8 +1,8 @@
 """One request as metrics, a span and log context: the hooks the rest of llamascope calls.
 
 The HTTP layer opens a ``RequestObservation`` when a request arrives
-(``begin``) and closes it when the last byte is sent (``end``); it lives in a
-context variable, so the hooks deeper down (image intake, the engines, the
+(``begin``) and closes it with the request's ``Outcome`` when the last byte is
+sent (``end``); it lives in a context variable, so the hooks deeper down (image intake, the engines, the
 conversation service) find it without being handed it, in the request's tasks
 and in the worker threads anyio starts for it. Each hook is a few clock reads
 and counter increments; spans are made only when traces are on.
@@ -20,6 +20,7 @@ from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
 from llamascope.observability import tracing
+from llamascope.observability.facts import EngineTimings, Generation, Outcome
 from llamascope.observability.metrics import METRICS, upstream_label
 
 if TYPE_CHECKING:
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     from starlette.types import Scope
 
     from llamascope.errors import ServiceError
-    from llamascope.images import PreparedImage
 
 log = logging.getLogger(__name__)
 _current: ContextVar[RequestObservation | None] = ContextVar("llamascope_request", default=None)
@@ -77,8 +77,7 @@ class RequestObservation:
         self.model: str | None = None
         self.first_token: float | None = None
         self.last_token: float | None = None
-        # The in-process engine's stages (time.monotonic()): queued, started, first token, ended, vision encoder.
-        self.engine: tuple[float, float, float | None, float, tuple[float, float] | None] | None = None
+        self.engine: EngineTimings | None = None  # the in-process engine's stages
         self.image_source: str | None = None
         self._token: Token[RequestObservation | None] | None = None
 
@@ -133,29 +132,29 @@ def _client_request_id(value: str) -> str | None:
     return value if value and set(value) <= _CLIENT_ID_CHARS else None
 
 
-def end(observation: RequestObservation, scope: Scope, state: dict[str, Any], status: int, seconds: float) -> None:
+def end(observation: RequestObservation, scope: Scope, outcome: Outcome) -> None:
     """The request's last byte is sent (or it failed): count it, and end its span."""
     try:
-        _end(observation, scope, state, status, seconds)
+        _end(observation, scope, outcome)
     except Exception:  # never the request's problem
         log.exception("recording the request's metrics failed")
 
 
-def _end(observation: RequestObservation, scope: Scope, state: dict[str, Any], status: int, seconds: float) -> None:
+def _end(observation: RequestObservation, scope: Scope, outcome: Outcome) -> None:
     route = route_of(scope)
     method = scope.get("method", "")
-    requests, duration = _http_series(route, method if method in _METHODS else "other", status)
+    requests, duration = _http_series(route, method if method in _METHODS else "other", outcome.status)
     requests.inc()
-    duration.observe(seconds)
-    code = state.get("error_code")
+    duration.observe(outcome.seconds)
+    code = outcome.error_code
     if code:
-        METRICS.request_errors.labels(code).inc()
-    reply = state.get("reply")
-    if reply is not None:
-        _count_reply(observation, reply, state.get("principal"), code)
+        _error_series(code).inc()
+    generation = outcome.generation
+    if generation is not None:
+        _count_generation(observation, generation, outcome.key_name, code)
     span = observation.span
     if span is not None:
-        _end_span(observation, span, route, status, code, reply)
+        _end_span(observation, span, route, outcome)
 
 
 def finished(observation: RequestObservation) -> None:
@@ -173,16 +172,48 @@ def _http_series(route: str, method: str, status: int) -> tuple[Any, Any]:
     return METRICS.http_requests.labels(route, method, str(status)), METRICS.http_duration.labels(route)
 
 
+@functools.lru_cache(maxsize=256)
+def _error_series(code: str) -> Any:
+    return METRICS.request_errors.labels(code)
+
+
 class _ModelSeries:
-    """One model's series of the per-model metrics."""
+    """One model's series of the per-model metrics, looked up once."""
+
+    __slots__ = (
+        "decode_time",
+        "e2e",
+        "finished",
+        "generation_tokens",
+        "image_tokens",
+        "inter_token",
+        "model",
+        "prefill_time",
+        "prompt_tokens",
+        "queue_time",
+        "ttft",
+        "vision_encoder",
+    )
 
     def __init__(self, model: str) -> None:
+        self.model = model
         self.prompt_tokens = METRICS.prompt_tokens.labels(model)
         self.generation_tokens = METRICS.generation_tokens.labels(model)
         self.image_tokens = METRICS.image_tokens.labels(model)
         self.ttft = METRICS.ttft.labels(model)
         self.inter_token = METRICS.inter_token.labels(model)
         self.e2e = METRICS.e2e.labels(model)
+        self.queue_time = METRICS.queue_time.labels(model)
+        self.prefill_time = METRICS.prefill_time.labels(model)
+        self.decode_time = METRICS.decode_time.labels(model)
+        self.vision_encoder = METRICS.vision_encoder.labels(model)
+        self.finished: dict[str, Any] = {}  # request_success by finished_reason, as they come
+
+    def success(self, reason: str) -> Any:
+        series = self.finished.get(reason)
+        if series is None:
+            series = self.finished[reason] = METRICS.request_success.labels(self.model, reason)
+        return series
 
 
 @functools.lru_cache(maxsize=1024)
@@ -190,41 +221,46 @@ def _model_series(model: str) -> _ModelSeries:
     return _ModelSeries(model)
 
 
-def _count_reply(observation: RequestObservation, reply: Any, principal: Any, code: str | None) -> None:
-    model = reply.model
-    usage = reply.usage
-    series = _model_series(model)
-    series.prompt_tokens.inc(usage.input_tokens)
-    series.generation_tokens.inc(usage.output_tokens)
-    if usage.image_tokens:
-        series.image_tokens.inc(usage.image_tokens)
-    if principal is not None and principal.key.name in _key_names:
-        name = principal.key.name
-        METRICS.key_tokens.labels(name, model, "input").inc(usage.input_tokens)
-        METRICS.key_tokens.labels(name, model, "output").inc(usage.output_tokens)
-        METRICS.key_tokens.labels(name, model, "image").inc(usage.image_tokens)
-    now = time.monotonic()
-    if reply.finish_reason is not None:
-        METRICS.request_success.labels(model, reply.finish_reason.value).inc()
-        series.e2e.observe((observation.last_token or now) - observation.arrived)
-    elif reply.started and code is None:
-        METRICS.request_success.labels(model, "abort").inc()
-    stages = observation.engine
-    if stages is not None:
-        queued, started, first, ended, vision = stages
-        if started:
-            METRICS.queue_time.labels(model).observe(started - queued)
-            if first is not None:
-                METRICS.prefill_time.labels(model).observe(first - started)
-                METRICS.decode_time.labels(model).observe(ended - first)
-        if vision is not None:
-            METRICS.vision_encoder.labels(model).observe(vision[1] - vision[0])
+@functools.lru_cache(maxsize=1024)
+def _key_series(name: str, model: str) -> tuple[Any, Any, Any]:
+    tokens = METRICS.key_tokens
+    inputs, outputs, images = (tokens.labels(name, model, kind) for kind in ("input", "output", "image"))
+    return inputs, outputs, images
 
 
-def _end_span(
-    observation: RequestObservation, span: Span, route: str, status: int, code: str | None, reply: Any
+def _count_generation(
+    observation: RequestObservation, generation: Generation, key_name: str | None, code: str | None
 ) -> None:
+    series = _model_series(generation.model)
+    series.prompt_tokens.inc(generation.input_tokens)
+    series.generation_tokens.inc(generation.output_tokens)
+    if generation.image_tokens:
+        series.image_tokens.inc(generation.image_tokens)
+    if key_name is not None and key_name in _key_names:
+        inputs, outputs, images = _key_series(key_name, generation.model)
+        inputs.inc(generation.input_tokens)
+        outputs.inc(generation.output_tokens)
+        images.inc(generation.image_tokens)
+    if generation.finish_reason is not None:
+        series.success(generation.finish_reason).inc()
+        series.e2e.observe((observation.last_token or time.monotonic()) - observation.arrived)
+    elif generation.started and code is None:
+        series.success("abort").inc()
+    timings = observation.engine
+    if timings is not None:
+        if timings.started is not None:
+            series.queue_time.observe(timings.started - timings.queued)
+            if timings.first_token is not None:
+                series.prefill_time.observe(timings.first_token - timings.started)
+                series.decode_time.observe(timings.ended - timings.first_token)
+        if timings.vision is not None:
+            series.vision_encoder.observe(timings.vision[1] - timings.vision[0])
+
+
+def _end_span(observation: RequestObservation, span: Span, route: str, outcome: Outcome) -> None:
     from opentelemetry.trace import Status, StatusCode
+
+    status, code, generation = outcome.status, outcome.error_code, outcome.generation
 
     method = span.attributes.get("http.request.method", "") if span.attributes else ""  # type: ignore[attr-defined]
     span.update_name(f"{method} {route}")
@@ -234,38 +270,35 @@ def _end_span(
         span.set_attribute("error.type", code)
     if status >= 500 or (code and status == 200):
         span.set_status(Status(StatusCode.ERROR, code or str(status)))
-    if reply is not None:
-        usage = reply.usage
-        sampling = reply.options.sampling
+    if generation is not None:
         span.set_attributes(
             {
                 "gen_ai.operation.name": "chat",
                 "gen_ai.provider.name": "llamascope",
-                "gen_ai.request.model": reply.model,
-                "gen_ai.response.model": reply.model,
-                "gen_ai.request.max_tokens": sampling.max_new_tokens,
-                "gen_ai.request.temperature": sampling.temperature,
-                "gen_ai.request.top_p": sampling.top_p,
-                "gen_ai.usage.input_tokens": usage.input_tokens,
-                "gen_ai.usage.output_tokens": usage.output_tokens,
-                "llamascope.usage.image_tokens": usage.image_tokens,
+                "gen_ai.request.model": generation.model,
+                "gen_ai.response.model": generation.model,
+                "gen_ai.request.max_tokens": generation.max_tokens,
+                "gen_ai.request.temperature": generation.temperature,
+                "gen_ai.request.top_p": generation.top_p,
+                "gen_ai.usage.input_tokens": generation.input_tokens,
+                "gen_ai.usage.output_tokens": generation.output_tokens,
+                "llamascope.usage.image_tokens": generation.image_tokens,
             }
         )
-        if reply.finish_reason is not None:
-            span.set_attribute("gen_ai.response.finish_reasons", [reply.finish_reason.value])
-        stages = observation.engine
-        if stages is not None:
-            queued, started, first, ended, vision = stages
+        if generation.finish_reason is not None:
+            span.set_attribute("gen_ai.response.finish_reasons", [generation.finish_reason])
+        timings = observation.engine
+        if timings is not None:
             wall = tracing.wall_ns
-            if started:
-                tracing.recorded_span(span, "queue", wall(queued), wall(started))
-                if vision is not None:
-                    tracing.recorded_span(span, "vision_encoder", wall(vision[0]), wall(vision[1]))
-                if first is not None:
-                    tracing.recorded_span(span, "prefill", wall(started), wall(first))
-                    tracing.recorded_span(span, "decode", wall(first), wall(ended))
+            if timings.started is not None:
+                tracing.recorded_span(span, "queue", wall(timings.queued), wall(timings.started))
+                if timings.vision is not None:
+                    tracing.recorded_span(span, "vision_encoder", wall(timings.vision[0]), wall(timings.vision[1]))
+                if timings.first_token is not None:
+                    tracing.recorded_span(span, "prefill", wall(timings.started), wall(timings.first_token))
+                    tracing.recorded_span(span, "decode", wall(timings.first_token), wall(timings.ended))
             else:
-                tracing.recorded_span(span, "queue", wall(queued), wall(ended))
+                tracing.recorded_span(span, "queue", wall(timings.queued), wall(timings.ended))
         elif observation.first_token is not None:  # an upstream engine: its own trace shows its stages
             tracing.recorded_span(
                 span, "first_token", tracing.wall_ns(observation.first_token), tracing.wall_ns(observation.first_token)
@@ -356,13 +389,11 @@ class TokenWatch:
 # -- the engines ------------------------------------------------------------------
 
 
-def engine_stages(
-    queued: float, started: float, first_token: float | None, ended: float, vision: tuple[float, float] | None
-) -> None:
-    """The in-process engine's stages of the current request (``time.monotonic()``; started 0: never ran)."""
+def engine_timings(timings: EngineTimings) -> None:
+    """The in-process engine's stages of the current request."""
     observation = _current.get()
     if observation is not None:
-        observation.engine = (queued, started, first_token, ended, vision)
+        observation.engine = timings
 
 
 @contextlib.contextmanager
@@ -393,7 +424,7 @@ def upstream_call(url: str) -> Iterator[dict[str, str]]:
             span.set_status(Status(StatusCode.ERROR, type(error).__name__))
         raise
     finally:
-        METRICS.upstream_latency.labels(label).observe(time.monotonic() - started)
+        _upstream_latency(label).observe(time.monotonic() - started)
         if span is not None:
             span.end()
 
@@ -419,12 +450,28 @@ def _upstream_label(url: str) -> str:
     return upstream_label(url)
 
 
-def image_preprocessed(image: PreparedImage, started: float) -> None:
-    """The engine made an image's tiles and pixel values, from ``started`` (``time.monotonic()``) until now."""
+@functools.lru_cache(maxsize=256)
+def _upstream_latency(label: str) -> Any:
+    return METRICS.upstream_latency.labels(label)
+
+
+@functools.lru_cache(maxsize=256)
+def _image_series(source: str, image_format: str) -> tuple[Any, Any, Any]:
+    """An image source's and format's fetch, decode and preprocess series."""
+    return (
+        METRICS.image_fetch.labels(source, image_format),
+        METRICS.image_decode.labels(source, image_format),
+        METRICS.image_preprocess.labels(source, image_format),
+    )
+
+
+def image_preprocessed(image_format: str, started: float) -> None:
+    """The engine made the tiles and pixel values of an image in ``image_format`` (PNG, JPEG, ...), from
+    ``started`` (``time.monotonic()``) until now."""
     now = time.monotonic()
     observation = _current.get()
     source = (observation.image_source if observation is not None else None) or "unknown"
-    METRICS.image_preprocess.labels(source, image.format).observe(now - started)
+    _image_series(source, image_format)[2].observe(now - started)
     if observation is not None and observation.span is not None:
         tracing.recorded_span(observation.span, "image.preprocess", tracing.wall_ns(started), tracing.wall_ns(now))
 
@@ -456,12 +503,15 @@ class ImageWatch:
         """It was decoded (not found in the cache), from ``started`` until now."""
         self.decode_seconds = time.monotonic() - started
 
-    def accepted(self, image: PreparedImage) -> None:
+    def accepted(self, image_format: str) -> None:
+        """It was taken, in ``image_format`` (PNG, JPEG, ...)."""
         fetched = self.fetched_at or self.started
-        METRICS.image_fetch.labels(self.source, image.format).observe(fetched - self.started)
+        fetch, decode, _ = _image_series(self.source, image_format)
+        fetch.observe(fetched - self.started)
         if self.decode_seconds is not None:
-            METRICS.image_decode.labels(self.source, image.format).observe(self.decode_seconds)
-        self._spans({"llamascope.image.format": image.format})
+            decode.observe(self.decode_seconds)
+        if self.observation is not None and self.observation.span is not None:
+            self._spans({"llamascope.image.format": image_format})
 
     def refused(self, error: ServiceError) -> None:
         if self.fetched_at is None:

@@ -7,12 +7,18 @@ import re
 import signal
 import threading
 import time
+from datetime import timedelta
 from http import HTTPStatus
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import update
 
+from llamascope.accounts.access import grant_refusal, key_refusal, key_weakness
+from llamascope.accounts.records import GrantView, KeyView, utcnow
+from llamascope.accounts.schema import Grant
+from llamascope.accounts.store import AccountStore
 from tests.conftest import ADMIN_KEY, SEED_MODEL, Server, generation_body, start_server, user_turn
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
@@ -43,6 +49,33 @@ def call(image_url: str, key: str, model: str = SEED_MODEL, **kwargs: object):
     return MultiModalConversation.call(model=model, messages=[user_turn(image_url)], api_key=key, **kwargs)
 
 
+DASHSCOPE_KEY = "sk-" + "9f86d081884c7d659a2feaa0c55ad015"  # DashScope's own format: 32 hex digits, 128 bits
+
+
+def test_keys_of_dashscope_s_format_are_strong_enough() -> None:
+    """Issue 27, item 2: keys moved over from DashScope (sk- and 32 hex digits) were refused as too weak."""
+    assert key_weakness(DASHSCOPE_KEY) is None
+    assert key_weakness(DASHSCOPE_KEY.upper().replace("SK-", "sk-")) is None
+    assert key_weakness("sk-" + "5ca3e903596fc2d3361b8f0ff4bbd2e3c92bab3b") is None  # as llamascope makes them
+    assert key_weakness("sk-" + "Zq3_x9-KpL0mW7vB2nR8tY4hJ6") is None  # 26 of 64 characters: 156 bits
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "sk-" + "9f86d081884c7d659a2feaa0c55ad01",  # 31 hex digits: 124 bits
+        "sk-" + "0" * 40,
+        "sk-" + "0123456789abcdef" * 2,  # every hex digit, in order, twice
+        "sk-" + "abcdefghij" * 4,
+        "sk-a",
+        "sk-...",
+        "9f86d081884c7d659a2feaa0c55ad015",  # no sk-
+    ],
+)
+def test_guessable_keys_are_still_refused(key: str) -> None:
+    assert key_weakness(key) is not None
+
+
 def test_keys(dashscope_sdk, server: Server, image_host) -> None:
     key, key_id = new_key(server, models=[SEED_MODEL], allowance_tokens="unlimited")
     assert call(image_host.url("/red.png"), key, max_tokens=2).status_code == HTTPStatus.OK
@@ -58,9 +91,28 @@ def test_keys(dashscope_sdk, server: Server, image_host) -> None:
         assert (r.status_code, r.json()["code"]) == (401, "InvalidApiKey")
 
 
+def server_store(server: Server) -> AccountStore:
+    """The server's own store (its SQLite file): a test moves a key's or a grant's end into the past there,
+    as if the time had passed, and the server's next request sees it."""
+    return AccountStore.for_path(server.log_path.parent / "data" / "llamascope.db")
+
+
+def test_expiry_decisions() -> None:
+    """What the server decides at the moment a key or an allowance ends, on the decisions' own clock."""
+    now = utcnow()
+    key = KeyView(1, "sk-abcd", "", now, now + timedelta(days=1), None, None, None, None)
+    assert key_refusal(key, now) is None
+    assert key_refusal(key, now + timedelta(days=1)).code == "InvalidApiKey"
+    grant = GrantView(1, 1, SEED_MODEL, None, 0, 0, now, now + timedelta(seconds=1), None)
+    assert grant_refusal(SEED_MODEL, grant, now) is None
+    refused = grant_refusal(SEED_MODEL, grant, now + timedelta(seconds=1))
+    assert refused.code == "AllocationQuota.FreeTierOnly" and "expired on" in refused.message
+
+
 def test_expired_key(dashscope_sdk, server: Server, image_host) -> None:
-    key, _ = new_key(server, expires_days=0.5 / 86400)
-    time.sleep(1)
+    key, key_id = new_key(server, expires_days=1)
+    assert call(image_host.url("/red.png"), key, max_tokens=1).status_code == HTTPStatus.OK
+    server_store(server).update_key(key_id, expires_at=utcnow() - timedelta(seconds=1))
     assert call(image_host.url("/red.png"), key).code == "InvalidApiKey"
 
 
@@ -108,8 +160,10 @@ def test_an_allowance_caps_max_tokens(dashscope_sdk, server: Server, image_host)
 
 
 def test_expired_allowance(dashscope_sdk, server: Server, image_host) -> None:
-    key, _ = new_key(server, models=[SEED_MODEL], days=0.5 / 86400)
-    time.sleep(1)
+    key, key_id = new_key(server, models=[SEED_MODEL], days=1)
+    assert call(image_host.url("/red.png"), key, max_tokens=1).status_code == HTTPStatus.OK
+    with server_store(server).session() as s:
+        s.execute(update(Grant).where(Grant.key_id == key_id).values(expires_at=utcnow() - timedelta(seconds=1)))
     refused = call(image_host.url("/red.png"), key)
     assert (refused.status_code, refused.code) == (403, "AllocationQuota.FreeTierOnly")
     assert "expired on" in refused.message
@@ -128,7 +182,7 @@ def test_rate_limits(dashscope_sdk, server: Server, image_host) -> None:
     assert call(image_host.url("/red.png"), key).code == "Throttling.RateQuota"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.server, pytest.mark.postgres])])
 def any_store_server(request: pytest.FixtureRequest, server: Server, tmp_path: Path, test_model_dir: Path):
     """The session server (SQLite), or one on PostgreSQL when LLAMASCOPE_TEST_DATABASE_URL is set."""
     if request.param == "sqlite":
@@ -197,6 +251,7 @@ def test_admin_api_needs_the_admin_key(server: Server) -> None:
         assert (r.status_code, r.json()["code"]) == (401, "InvalidApiKey")
 
 
+@pytest.mark.server
 def test_ledger_survives_a_restart_and_the_cli_reads_it(tmp_path: Path, test_model_dir: Path, image_host) -> None:
     import subprocess
     import sys

@@ -89,6 +89,7 @@ def call(server: Server, key: str, model: str, image_host) -> httpx.Response:
     return httpx.post(server.base + PATH, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
 
 
+@pytest.mark.server
 def test_cli_keys_cover_served_models_and_settings_keys_follow_the_settings(
     tmp_path: Path, test_model_dir: Path, image_host
 ) -> None:
@@ -124,6 +125,7 @@ def test_cli_keys_cover_served_models_and_settings_keys_follow_the_settings(
         again.stop()
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("where", ["env", "config"])
 def test_weak_settings_keys_stop_start_up(tmp_path: Path, where: str) -> None:
     """Item 4: `api_keys = ["sk-..."]` copied from the README, or LLAMASCOPE_API_KEYS=sk-a,sk-b, were keys."""

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
 from llamascope import errors
 from llamascope.accounts.checkpoints import Checkpoints, process_alive, this_process
-from llamascope.accounts.store import AccountStore, Reservation, utcnow
+from llamascope.accounts.records import Reservation, utcnow
+from llamascope.accounts.store import AccountStore
 from tests.accounts.test_store import store  # noqa: F401  (the fixture: SQLite, and PostgreSQL when set)
 
 DEAD = "00000000-0000-0000-0000-00000000dead"
@@ -24,12 +24,17 @@ def _count(db: AccountStore, table: str) -> int:
         return int(connection.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar() or 0)
 
 
+def _lease_runs_out(db: AccountStore) -> None:
+    """The dead replica's lease ends a second ago (as if time had passed, without waiting for it)."""
+    db.hold_lease(DEAD, "elsewhere/boot", "1:1", seconds=-1)
+
+
 def _interrupted_requests(db: AccountStore) -> tuple[Reservation, Reservation]:
-    """A replica with a short lease, two requests in flight: one holding a reservation, one unlimited."""
+    """A replica with a lease, two requests in flight: one holding a reservation, one unlimited."""
     _, key = db.create_key()
     limited = db.grant(key.id, "m", 10_000, days=None)
     unlimited = db.grant(key.id, "u", None, days=None)
-    db.hold_lease(DEAD, "elsewhere/boot", "1:1", seconds=0.2)
+    db.hold_lease(DEAD, "elsewhere/boot", "1:1", seconds=30)
     held = db.reserve(key.id, "m", 600, in_flight=("r-limited", DEAD))
     assert held is not None and limited.id == held.grant_id
     free = Reservation(unlimited.id, key.id, "u", 0, utcnow())
@@ -47,7 +52,7 @@ def _interrupted_requests(db: AccountStore) -> tuple[Reservation, Reservation]:
 def test_a_dead_replicas_requests_are_charged_once_however_many_reclaim(store: AccountStore) -> None:  # noqa: F811
     held, _ = _interrupted_requests(store)
     assert store.reclaim(DEAD, lease_expired=True) == 0  # its lease still runs
-    time.sleep(0.3)
+    _lease_runs_out(store)
     barrier, charged = threading.Barrier(4), []
 
     def reclaimer() -> None:
@@ -66,7 +71,8 @@ def test_a_dead_replicas_requests_are_charged_once_however_many_reclaim(store: A
     grant = store.find_grant(held.key_id, "m")
     assert (grant.used_tokens, grant.reserved_tokens) == (140, 0)
     assert _count(store, "in_flight") == 0 and _count(store, "replicas") == 0
-    assert store.usage()[0]["interrupted"] in (1, 2)
+    [row] = store.usage()  # both requests were of model m (see _interrupted_requests)
+    assert (row["requests"], row["interrupted"]) == (2, 2)
 
     # The replica was alive after all (a long pause): its own settle now charges nothing twice.
     assert store.settle(held, "r-limited", 100, 55, 6404, "ok", in_flight=True)
@@ -78,7 +84,7 @@ def test_a_settled_request_left_in_flight_is_not_charged_again(store: AccountSto
     """A checkpoint written while its request settled puts the row back: reclaiming skips it."""
     _, free = _interrupted_requests(store)
     store.settle(free, "r-free", 100, 9, 6404, "ok")  # without deleting its in-flight row
-    time.sleep(0.3)
+    _lease_runs_out(store)
     assert store.reclaim(DEAD, lease_expired=True) == 1
     assert {r.request_id: r.status for r in store.ledger()} == {"r-free": "ok", "r-limited": "interrupted"}
     assert store.find_grant(free.key_id, "u").used_tokens == 109

@@ -14,8 +14,10 @@ import pytest
 
 from llamascope import errors
 from llamascope.accounts.limits import RateLimits, SharedRateLimits
-from llamascope.accounts.store import KeyView
+from llamascope.accounts.records import KeyView
 from tests.conftest import free_port
+
+HANG = 60.0  # seconds after which a call that should have answered is taken for hung
 
 
 def key(**limits: int) -> KeyView:
@@ -115,6 +117,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.mark.redis
 def test_replicas_share_requests_tokens_and_concurrency(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         a, b = SharedRateLimits(redis_server.url), SharedRateLimits(redis_server.url)
@@ -147,6 +150,7 @@ def test_replicas_share_requests_tokens_and_concurrency(redis_server: RedisServe
     asyncio.run(scenario())
 
 
+@pytest.mark.redis
 def test_a_dead_replicas_requests_stop_counting_when_its_heartbeat_expires(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         live = SharedRateLimits(redis_server.url, heartbeat_ttl=0.6)
@@ -165,6 +169,7 @@ def test_a_dead_replicas_requests_stop_counting_when_its_heartbeat_expires(redis
     asyncio.run(scenario())
 
 
+@pytest.mark.redis
 @pytest.mark.parametrize("rule", ["open", "closed"])
 def test_redis_down_is_served_or_refused_by_the_rule_never_hung(redis_server: RedisServer, rule: str) -> None:
     async def scenario() -> None:
@@ -173,15 +178,15 @@ def test_redis_down_is_served_or_refused_by_the_rule_never_hung(redis_server: Re
         assert await limits.enter(k)
         await limits.leave(k, 1)
         redis_server.stop()
-        started = time.monotonic()
+        # Within the limiter's timeout (0.3 s); the bound here only keeps a hang from stalling the suite.
+        # How long the decision takes with Redis down: bench/limits_outage.py.
         if rule == "open":
-            assert await limits.enter(k) is False  # served, uncounted
+            assert await asyncio.wait_for(limits.enter(k), HANG) is False  # served, uncounted
             await limits.leave(k, 1, counted=False)
         else:
             with pytest.raises(errors.ServiceError) as info:
-                await limits.enter(k)
+                await asyncio.wait_for(limits.enter(k), HANG)
             assert (info.value.status, info.value.code) == (503, "ServiceUnavailable")
-        assert time.monotonic() - started < 2.0
         redis_server.start()  # back: counted again, with nothing to do by hand
         assert await limits.enter(k) is True
         await limits.leave(k, 1)

@@ -77,6 +77,9 @@ def ask(server: Server, key: str) -> httpx.Response:
     )
 
 
+@pytest.mark.server
+@pytest.mark.redis
+@pytest.mark.postgres
 def test_limits_and_uploads_hold_across_replicas(replicas: tuple[Server, Server, dict]) -> None:
     a, b, env = replicas
 

@@ -10,12 +10,18 @@ from pathlib import Path
 import pytest
 
 from llamascope.accounts.access import bearer_key, grant_refusal, key_refusal
-from llamascope.accounts.store import AccountStore, Reservation, utcnow
+from llamascope.accounts.records import utcnow
+from llamascope.accounts.store import AccountStore
 
 POSTGRES = os.environ.get("LLAMASCOPE_TEST_DATABASE_URL")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not POSTGRES, reason="no PG"))])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.skipif(not POSTGRES, reason="no PG")]),
+    ]
+)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> AccountStore:
     if request.param == "sqlite":
         s = AccountStore.for_path(tmp_path / "accounts.db")
@@ -103,28 +109,6 @@ def test_usage_report(store: AccountStore) -> None:
     assert (row["requests"], row["input_tokens"], row["output_tokens"], row["image_tokens"]) == (3, 15, 9, 300)
 
 
-def test_settling_at_once_never_waits_for_the_write_lock(tmp_path: Path) -> None:
-    """The event loop's settle: done at once when SQLite's write lock is free, refused (not waited for) when not."""
-    import sqlite3
-
-    store = AccountStore.for_path(tmp_path / "accounts.db")
-    store.migrate()
-    _, key = store.create_key()
-    grant = store.grant(key.id, "m", 1000, days=30)
-    assert store.settle(store.reserve(key.id, "m", 50), "first", 10, 5, 0, "ok", wait=False)
-    other = sqlite3.connect(tmp_path / "accounts.db", isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")  # another process writing
-    started = utcnow()
-    late = Reservation(grant.id, key.id, "m", 0, started)
-    assert not store.settle(late, "second", 1, 1, 0, "ok", wait=False)
-    assert (utcnow() - started).total_seconds() < 1  # refused at once
-    other.execute("COMMIT")
-    assert store.settle(late, "second", 1, 1, 0, "ok")  # the pool's way, which waits
-    store.checkpoint()
-    assert store.find_grant(key.id, "m").used_tokens == 17
-    assert [r["requests"] for r in store.usage()] == [2]
-
-
 def test_a_key_is_found_by_itself_by_its_id_and_by_a_prefix(store: AccountStore) -> None:
     """Issue 13, item 1: a whole key, or a prefix longer than the 7 characters kept, found nothing."""
     key, view = store.create_key("a")
@@ -134,6 +118,15 @@ def test_a_key_is_found_by_itself_by_its_id_and_by_a_prefix(store: AccountStore)
         store.key(key[:-1] + ("0" if key[-1] != "0" else "1"))  # a whole key matches by its hash only
     with pytest.raises(LookupError, match="too short"):
         store.key("sk-")
+
+
+def test_a_key_of_dashscope_s_format_is_matched_whole(store: AccountStore) -> None:
+    """Issue 27, item 2: a key from the settings as DashScope makes them (sk- and 32 hex) is a whole key."""
+    key = "sk-9f86d081884c7d659a2feaa0c55ad015"
+    _, view = store.create_key("from settings", key=key)
+    assert store.key(key) == view and store.key(key[:12]) == view
+    with pytest.raises(LookupError, match="no key"):
+        store.key(key[:-1] + "0")  # mistyped: matches nothing, not the key of the same prefix
 
 
 def test_a_grant_for_every_model_and_a_models_own(store: AccountStore) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import SEED_MODEL, Server, generation_body, png_bytes, start_server, user_turn
 
+pytestmark = pytest.mark.server
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 
 

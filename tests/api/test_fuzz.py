@@ -24,6 +24,7 @@ from llamascope.api.native.protocol import EXAMPLE_IMAGE
 from llamascope.settings import BUILTIN
 from tests.conftest import ADMIN_KEY, API_KEY, SEED_MODEL, Server, start_server
 
+pytestmark = pytest.mark.server
 EXAMPLES = int(os.environ.get("LLAMASCOPE_FUZZ_EXAMPLES", "8"))
 CONTEXT_LENGTH = 46  # the documents' examples (41 tokens of prompt) then generate 5 at most
 SACRIFICE = "sacrifice"  # a key the admin operations may revoke or re-grant in place of the fuzzer's own

@@ -24,24 +24,23 @@ def load(server: Server) -> dict[str, int]:
     return httpx.get(server.base + "/health", timeout=5).json()["models"][SEED_MODEL]
 
 
-def wait_idle(server: Server, within: float) -> float:
-    started = time.monotonic()
+def wait_idle(server: Server, within: float) -> None:
+    deadline = time.monotonic() + within
     while True:
         now = load(server)
         if now["running"] == 0 and now["waiting"] == 0:
-            return time.monotonic() - started
-        assert time.monotonic() - started < within, now
+            return
+        assert time.monotonic() < deadline, now
         time.sleep(0.01)
 
 
-def time_to_first_event(server: Server, body: dict) -> float:
+def first_event(server: Server, body: dict) -> None:
     headers = {"Authorization": f"Bearer {server.key}", "X-DashScope-SSE": "enable"}
-    started = time.monotonic()
     with httpx.stream("POST", server.base + PATH, json=body, headers=headers, timeout=60) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data:"):
-                return time.monotonic() - started
+                return
     raise AssertionError("no event")
 
 
@@ -58,7 +57,8 @@ def raw_request(server: Server, body: bytes) -> socket.socket:
 
 
 def test_hangups_during_prefill_and_mid_stream_free_the_engine(server: Server, image_host) -> None:
-    baseline = time_to_first_event(server, generation_body(image_host.url("/red.png"), max_tokens=2))
+    """Behaviour, not speed (bench/engine.py times the engine): each hang-up ends its request, charged what
+    it made, and leaves the engine idle for the next."""
     # During prefill: a prompt near the context limit, abandoned before its first token.
     long_prompt = generation_body(image_host.url("/red.png"), max_tokens=4000, temperature=0)
     long_prompt["input"]["messages"][0]["content"][1]["text"] = "describe every detail " * 800
@@ -68,24 +68,29 @@ def test_hangups_during_prefill_and_mid_stream_free_the_engine(server: Server, i
         assert time.monotonic() < deadline
         time.sleep(0.002)
     sock.close()
-    wait_idle(server, within=10)
-    line = ""
+    wait_idle(server, within=60)
+    line, deadline = "", time.monotonic() + 15
     while not line and time.monotonic() < deadline:
         line = next((x for x in server.log().splitlines() if "status=499" in x and "output_tokens=" in x), "")
+        time.sleep(0.05)
     assert "client=disconnected" in line
     assert int(re.search(r"output_tokens=(\d+)", line).group(1)) <= 1, line
 
-    # Mid-stream: a few events, then gone; it leaves the batch within a step.
-    sock = raw_request(server, json.dumps(generation_body(image_host.url("/red.png"), max_tokens=4000)).encode())
+    # Mid-stream: a few events, then gone; it leaves the batch long before its 4000 tokens.
+    body = generation_body(image_host.url("/red.png"), max_tokens=4000, min_new_tokens=4000)
+    sock = raw_request(server, json.dumps(body).encode())
     received = b""
     while received.count(b"data:") < 5:
         received += sock.recv(65536)
+    request_id = re.search(rb"x-request-id: ([\w-]+)", received, re.IGNORECASE).group(1).decode()
     sock.close()
-    assert wait_idle(server, within=5) < 2
+    wait_idle(server, within=60)
+    line = server.access_line(request_id)
+    assert "client=disconnected" in line and "finish=-" in line, line
+    assert 5 <= int(re.search(r"output_tokens=(\d+)", line).group(1)) < 4000, line
 
-    # The next request starts as fast as before.
-    after = time_to_first_event(server, generation_body(image_host.url("/red.png"), max_tokens=2))
-    assert after < max(3 * baseline, baseline + 0.5), (baseline, after)
+    # Nothing of the two is left in the engine: the next request is served.
+    first_event(server, generation_body(image_host.url("/red.png"), max_tokens=2))
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +103,7 @@ def tight_server(tmp_path_factory: pytest.TempPathFactory, test_model_dir: Path)
     srv.stop()
 
 
+@pytest.mark.server
 def test_full_queue_and_long_wait_are_clean_errors(tight_server: Server, image_host) -> None:
     server = tight_server
     headers = {"Authorization": f"Bearer {server.key}"}

@@ -8,7 +8,6 @@ llamascope's, on loopback.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -28,7 +27,7 @@ from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPro
 from llamascope.images.intake import ImageIntake
 from llamascope.images.uploads import UploadStore
 from llamascope.settings import Settings
-from tests.conftest import API_KEY, free_port, user_turn
+from tests.conftest import API_KEY, free_port, run_sdk, user_turn
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 
@@ -140,7 +139,7 @@ def test_async_sdk_reports_the_in_stream_error(failing_server: str, image_host) 
         )
         return [event async for event in stream]
 
-    events = asyncio.run(run())
+    events = run_sdk(run())
     assert events[-1].code == "InternalError.Algo"
     assert events[-1].status_code == 500
 

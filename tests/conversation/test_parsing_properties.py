@@ -129,6 +129,7 @@ def parameter_objects(draw: st.DrawFn, valid_only: bool = False) -> tuple[dict[s
     return {**params, **extras}, invalid
 
 
+@pytest.mark.slow
 @settings(REPRODUCIBLE, max_examples=400)
 @given(parameter_objects())
 def test_parameters_are_accepted_exactly_when_valid_and_refusals_name_them(
@@ -154,6 +155,7 @@ def test_parameters_are_accepted_exactly_when_valid_and_refusals_name_them(
         assert all(0 <= t < 512 for t in tokens)
 
 
+@pytest.mark.slow
 @settings(ON_THE_MODEL, max_examples=8)
 @given(parameter_objects(valid_only=True))
 def test_accepted_parameters_generate_on_the_model(

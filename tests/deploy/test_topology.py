@@ -27,6 +27,7 @@ from tests.accounts.test_limits import RedisServer
 from tests.accounts.test_replicas import fresh_database
 from tests.conftest import CACHE_DIR, SEED_MODEL, Server, free_port, png_bytes, start_server
 
+pytestmark = [pytest.mark.server, pytest.mark.postgres, pytest.mark.redis, pytest.mark.nginx]
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 ENGINE_KEY = "sk-e3b0c44298fc1c149afbf4c8996fb92427ae41e4"  # keys of the settings must be hard to guess
 FIRST_KEY = "sk-f1d2d2f924e986ac86fdf7b36c94bcdf32beec15"
@@ -309,9 +310,10 @@ def test_a_replica_killed_mid_traffic(topology: Topology) -> None:
     headers = {"Authorization": f"Bearer {key}", "X-DashScope-SSE": "enable"}
     payload = body(max_tokens=300, min_new_tokens=300, temperature=0, incremental_output=True)
     victim = topology.replicas[-1]
-    streaming = asyncio.Event()
+    streaming: set[int] = set()
+    all_streaming = asyncio.Event()
 
-    async def one(client: httpx.AsyncClient, results: dict[str, tuple[int, bool]]) -> None:
+    async def one(client: httpx.AsyncClient, results: dict[str, tuple[int, bool]], n: int) -> None:
         request_id, made, finished = "", 0, False
         try:
             async with client.stream("POST", PATH, json=payload, headers=headers) as r:
@@ -323,7 +325,9 @@ def test_a_replica_killed_mid_traffic(topology: Topology) -> None:
                         choices = event.get("output", {}).get("choices") or [{}]
                         finished = choices[0].get("finish_reason") == "length"
                         if made >= 20:
-                            streaming.set()
+                            streaming.add(n)
+                            if len(streaming) == 6:
+                                all_streaming.set()
         except httpx.HTTPError:
             pass  # its replica died under it
         results[request_id] = (made, finished)
@@ -331,9 +335,8 @@ def test_a_replica_killed_mid_traffic(topology: Topology) -> None:
     async def scenario() -> dict[str, tuple[int, bool]]:
         results: dict[str, tuple[int, bool]] = {}
         async with httpx.AsyncClient(base_url=topology.base, timeout=300) as client:
-            tasks = [asyncio.create_task(one(client, results)) for _ in range(6)]
-            await asyncio.wait_for(streaming.wait(), 120)
-            await asyncio.sleep(0.5)
+            tasks = [asyncio.create_task(one(client, results, n)) for n in range(6)]
+            await asyncio.wait_for(all_streaming.wait(), 120)  # every replica is mid-stream
             victim.process.send_signal(signal.SIGKILL)
             await asyncio.gather(*tasks)
         return results

@@ -37,9 +37,13 @@ def test_shared_states_attend_as_each_row_alone(heads: int, kv_heads: int, padde
     assert is_shared(shared_keys) and shared_keys.data_ptr() == keys.data_ptr()
 
     out, _ = attention(module, query, shared_keys, shared_values, mask, scaling=module.scaling)
-    # What attention() does with grouped heads, called directly: not a fallback that happens to agree.
-    direct = stacked(query, keys, values, mask, heads // kv_heads, 0.0, module.scaling) if heads > kv_heads else out
-
+    # The path attention() takes, called directly: with grouped heads the stacked one (not a fallback that
+    # happens to agree); without, SDPA row by row on the shared view, unchanged.
+    if heads > kv_heads:
+        direct = stacked(query, keys, values, mask, heads // kv_heads, 0.0, module.scaling)
+    else:
+        direct, _ = sdpa_attention_forward(module, query, shared_keys, shared_values, mask, scaling=module.scaling)
+    assert direct.shape == out.shape == (rows, 1, heads, dim)
     assert torch.equal(direct, out)  # the same computation: exact
 
     for row in range(rows):  # SDPA for that row alone, as a request served by itself

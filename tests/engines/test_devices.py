@@ -16,13 +16,13 @@ from transformers import MllamaConfig
 
 from llamascope.engines import devices
 from llamascope.engines.base import SamplingParams, Turn
-from llamascope.engines.batching import BatchLimits
+from llamascope.engines.builtin_model import ELEVEN_B
 from llamascope.engines.devices import DeviceError, placement, plan_memory, resolve_device
 from llamascope.engines.kv_cache import SLACK
 from llamascope.engines.mllama import MllamaEngine
-from llamascope.engines.test_model import ELEVEN_B
+from llamascope.engines.requests import BatchLimits
 from tests.conftest import CACHE_DIR, free_port
-from tests.engines.test_batching import REQUESTS, image, most_active, run
+from tests.engines.test_scheduler import REQUESTS, image, most_active, run
 
 GIB = 1 << 30
 
@@ -89,6 +89,7 @@ def test_bounds_set_by_the_operator_are_kept_and_cpu_gets_fixed_defaults(test_mo
     assert engine.vision_cache.max_size == devices.CPU_BOUNDS.vision_cache_bytes
 
 
+@pytest.mark.server
 @pytest.mark.skipif(devices.cuda_devices() > 0, reason="this machine has a GPU")
 def test_serve_on_cuda_without_a_gpu_stops_clearly(tmp_path: Path) -> None:
     env = {
@@ -108,6 +109,7 @@ def test_serve_on_cuda_without_a_gpu_stops_clearly(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr + done.stdout
 
 
+@pytest.mark.slow
 def test_model_thread_names_every_tensors_device(test_model_dir: Path) -> None:
     """Batched prefill, decode and sampling (greedy, top-k, top-p, penalties, seeds), with and without
     images, make no tensor without ``device=``: on a GPU each such tensor would be on the CPU."""
@@ -143,6 +145,7 @@ def test_padded_batch_counts_against_the_token_bound(test_model_dir: Path) -> No
 QUICK = ["--tokens", "4", "--levels", "2"]
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_its_parts_on_the_cpu(tmp_path: Path) -> None:
     """bench/gpu_check.py, the one command for a GPU machine, runs end to end here on the CPU and tiny model."""
     root = Path(__file__).resolve().parents[2]

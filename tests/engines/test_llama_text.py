@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from llamascope.engines.base import SamplingParams, Turn
-from llamascope.engines.batching import BatchLimits
+from llamascope.engines.base import ModelLoadError, SamplingParams, Turn
+from llamascope.engines.builtin_model import is_test_model
 from llamascope.engines.llama_text import LlamaTextEngine
-from llamascope.engines.mllama import ModelLoadError
-from llamascope.engines.test_model import is_test_model
-from tests.engines.test_batching import run
+from llamascope.engines.requests import BatchLimits
+from tests.engines.test_scheduler import run
 
 
 @pytest.fixture(scope="module")

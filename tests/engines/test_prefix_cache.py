@@ -81,6 +81,7 @@ def conversations(engine: MllamaEngine, count: int, picture: PreparedImage | Non
     return asyncio.run(scenario())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("picture", [None, image((200, 30, 30))], ids=["text", "image"])
 @pytest.mark.parametrize("count", [1, 4], ids=["alone", "batched"])
 @pytest.mark.parametrize("pool", ["reusing", "tiny"], ids=["large pool", "evicting pool"])
@@ -106,6 +107,7 @@ def test_answers_with_reuse_equal_answers_without(
         assert after["prefix_cache_tokens_reused"] > before["prefix_cache_tokens_reused"]
 
 
+@pytest.mark.slow
 def test_another_image_or_none_reuses_nothing(reusing: MllamaEngine, plain: MllamaEngine) -> None:
     """The same words about another image, or about none, have other keys and values: nothing of the first
     request is taken (a text-only request may take only what every text-only prompt starts with)."""
@@ -128,6 +130,7 @@ def test_another_image_or_none_reuses_nothing(reusing: MllamaEngine, plain: Mlla
         assert reusing.prefix_cache.stats()["prefix_cache_tokens_reused"] - before <= most
 
 
+@pytest.mark.slow
 def test_pool_stays_within_its_bytes_under_concurrent_load(tiny: MllamaEngine, plain: MllamaEngine) -> None:
     """Six conversations at once on a six-block pool: after every request the pool holds at most its bound
     (``conversation`` checks it after each turn), and the answers are those without reuse."""

@@ -29,6 +29,7 @@ def footprint(engine: MllamaEngine) -> int:
     return int(engine.model.get_memory_footprint())
 
 
+@pytest.mark.slow
 def test_bf16_and_nf4_load_and_generate(test_model_dir: Path) -> None:
     import torch
 
@@ -56,6 +57,7 @@ def test_bf16_and_nf4_load_and_generate(test_model_dir: Path) -> None:
     assert asyncio.run(together()) == [(text, made)] * 3
 
 
+@pytest.mark.slow
 def test_int8_loads_and_generates(test_model_dir: Path) -> None:
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.nn import Linear8bitLt

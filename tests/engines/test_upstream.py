@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import Server, free_port, generation_body, start_server, user_turn
 
+pytestmark = pytest.mark.server
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 UPSTREAM_KEY = "sk-8f1c8e9939b6e046908ec799c08eaf8c9fa97f43"
 MODEL = "llama3.2-11b-vision"

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from llamascope.engines.base import Chunk, SamplingParams, Turn
-from llamascope.engines.batching import BatchLimits
 from llamascope.engines.mllama import MllamaEngine
-from tests.engines.test_batching import image
+from llamascope.engines.requests import BatchLimits
+from tests.engines.test_scheduler import image
 
 GREEDY = SamplingParams(max_new_tokens=6, min_new_tokens=6, temperature=0)
 
@@ -83,6 +83,7 @@ def engine(test_model_dir: Path) -> MllamaEngine:
     return MllamaEngine.load(test_model_dir, test_model=True, limits=BatchLimits(max_batch=8, vision_batch_tiles=12))
 
 
+@pytest.mark.slow
 def test_images_waiting_together_go_through_the_tower_in_one_call(engine: MllamaEngine) -> None:
     pictures = [image((40 * i, 90, 200 - 30 * i), (500 + 150 * i, 400)) for i in range(5)]
     tower = Calls(engine.model.model.vision_model)
@@ -112,6 +113,7 @@ def test_images_waiting_together_go_through_the_tower_in_one_call(engine: Mllama
     assert tower.sizes[2:] == [1] * 5
 
 
+@pytest.mark.slow
 def test_a_failed_batch_of_images_costs_only_the_batching(engine: MllamaEngine) -> None:
     """The tower failing on several images at once (out of memory, say): each request encodes its own."""
     pictures = [image((10, 20 * i, 30), (700, 300 + 100 * i)) for i in range(3)]
@@ -140,6 +142,7 @@ def test_a_failed_batch_of_images_costs_only_the_batching(engine: MllamaEngine) 
     assert together == [3] and engine.scheduler.encoder.batch_tiles == 6
 
 
+@pytest.mark.slow
 def test_a_queue_longer_than_the_cache_holds_encodes_each_image_once(test_model_dir: Path) -> None:
     """Six requests about six images wait while the batch's token bound lets one in at a time, and the vision
     cache holds two images: each image goes through the tower once (entries made for requests that are

@@ -19,6 +19,7 @@ from llamascope.accounts.store import AccountStore
 from tests.conftest import SEED_MODEL, start_server
 from tests.faults.conftest import Stream, limited_key, until
 
+pytestmark = pytest.mark.server
 WINDOW = 8  # LLAMASCOPE_CHECKPOINT_TOKENS in these tests: small, so that a few dozen tokens cross it
 IN_FLIGHT_EVENT = 8  # at most this many tokens in the one event a dying server had not sent yet
 

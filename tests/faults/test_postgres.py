@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from llamascope.accounts.store import AccountStore
 from tests.conftest import SEED_MODEL, Server, generation_body, start_server
 from tests.faults.conftest import PATH, Postgres, Stream, limited_key, until
 
+pytestmark = [pytest.mark.server, pytest.mark.postgres]
 WINDOW = 8
 
 
@@ -66,8 +68,16 @@ def test_a_killed_replica_is_reclaimed_once_by_the_others(
     def interrupted() -> list:  # type: ignore[type-arg]
         return [r for r in store.ledger() if r.request_id in ids]
 
-    until(lambda: len(interrupted()) == 4, 60, "the survivors to reclaim")
-    time.sleep(3)  # more reclaim passes of both survivors: nothing more is charged
+    until(lambda: len(interrupted()) == 4, 60, "the survivor to reclaim")
+
+    def lease_until() -> datetime:
+        with store.engine.connect() as connection:
+            return connection.exec_driver_sql("SELECT max(lease_until) FROM replicas").scalar()
+
+    # More passes of the survivor's checkpoint thread (it reclaims every lease/2 = 2 s, renews its lease every
+    # lease/3): once its lease has moved on 3 s, it has reclaimed again at least once, and charged nothing more.
+    renewed = lease_until()
+    until(lambda: lease_until() >= renewed + timedelta(seconds=3), 60, "more passes of the survivor")
     rows = {r.request_id: r for r in interrupted()}
     assert len(rows) == 4 and {r.status for r in rows.values()} == {"interrupted"}
     for s in streams:

@@ -20,10 +20,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
+from llamascope.observability.facts import Allowance, CacheStats, UpstreamHealth
+from llamascope.observability.metrics import StateCollector
 from tests.conftest import ADMIN_KEY, API_KEY, ROOT, Server, free_port, generation_body, png_bytes
 from tests.observability.conftest import METRICS_KEY
 
+pytestmark = pytest.mark.server
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 DASHBOARD = ROOT / "docs" / "observability" / "grafana-dashboard.json"
 ALERTS = ROOT / "docs" / "observability" / "alerts.yml"
@@ -169,6 +173,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, server: Server) -> Iter
     prom.stop()
 
 
+@pytest.mark.prometheus
 def test_prometheus_reads_token_counters_equal_to_the_reported_usage(
     server: Server, prometheus: Prometheus, image_host
 ) -> None:
@@ -217,6 +222,7 @@ def test_prometheus_reads_token_counters_equal_to_the_reported_usage(
     assert prometheus.scalar('sum(llamascope:http_requests_total{route="/admin/keys",status="200"})') == 1
 
 
+@pytest.mark.prometheus
 def test_refusals_count_by_code_and_routes_by_template(server: Server, prometheus: Prometheus, image_host) -> None:
     before = scrape(server)
     bad_key = httpx.post(server.base + PATH, json={}, headers={"Authorization": "Bearer sk-nope"})
@@ -316,6 +322,7 @@ def exposed_names(text: str) -> set[str]:
     return names
 
 
+@pytest.mark.prometheus
 def test_dashboard_is_a_grafana_dashboard_whose_queries_run(server: Server, prometheus: Prometheus) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     # What Grafana's import needs (grafana/pkg/.../dashboard JSON model): a title, a schema version,
@@ -349,6 +356,7 @@ def test_dashboard_is_a_grafana_dashboard_whose_queries_run(server: Server, prom
         prometheus.query(promql)
 
 
+@pytest.mark.prometheus
 def test_alert_rules_pass_promtool_and_name_existing_metrics(server: Server, prometheus: Prometheus) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -394,3 +402,75 @@ def test_prefix_cache_hits_and_queries_count_prompt_tokens(server: Server) -> No
     assert value(after, f"llamascope:prefix_cache_bytes{{{model}}}") <= value(
         after, f"llamascope:prefix_cache_max_bytes{{{model}}}"
     )
+
+
+# -- the state a scrape reads, through the callables it is given (no server) ------------------------------
+
+
+class ReportingEngine:
+    """An engine as a scrape sees it: its stats and the upstreams it calls."""
+
+    def __init__(self, stats: dict[str, int], upstreams: tuple[UpstreamHealth, ...] = ()) -> None:
+        self._stats = stats
+        self._upstreams = upstreams
+
+    def stats(self) -> dict[str, int]:
+        if not self._stats:
+            raise RuntimeError("this engine cannot say")
+        return self._stats
+
+    def health(self) -> tuple[UpstreamHealth, ...]:
+        return self._upstreams
+
+
+def exposed(state: StateCollector) -> dict[str, float]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(state)  # type: ignore[arg-type]
+    samples: dict[str, float] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def test_state_collector_reports_each_engine_and_its_upstreams() -> None:
+    gateway = ReportingEngine(
+        {"running": 3, "healthy_upstreams": 1},
+        (UpstreamHealth("http://user:secret@gpu1:30000/v1", True, 2), UpstreamHealth("http://gpu2:30000/v1", False, 1)),
+    )
+    local = ReportingEngine({"running": 1, "waiting": 4, "prefix_cache_tokens_reused": 96})
+    broken = ReportingEngine({})  # its stats raise: the scrape goes on without it
+    state = StateCollector(
+        engines=lambda: {"gateway": gateway, "local": local, "broken": broken},
+        image_cache=lambda: CacheStats(hits=5, misses=2, bytes=1024),
+    )
+    samples = exposed(state)
+    assert samples['llamascope:num_requests_running{model_name="gateway"}'] == 3
+    assert samples['llamascope:num_requests_waiting{model_name="local"}'] == 4
+    assert samples['llamascope:prefix_cache_hits_total{model_name="local"}'] == 96
+    assert samples['llamascope:upstream_healthy{model_name="gateway",upstream="http://gpu1:30000/v1"}'] == 1
+    assert samples['llamascope:upstream_healthy{model_name="gateway",upstream="http://gpu2:30000/v1"}'] == 0
+    outstanding = 'llamascope:upstream_outstanding_requests{model_name="gateway",upstream="http://gpu2:30000/v1"}'
+    assert samples[outstanding] == 1
+    assert not [name for name in samples if "broken" in name or "secret" in name]
+    assert samples["llamascope:image_cache_hits_total{}"] == 5
+    assert samples["llamascope:image_cache_bytes{}"] == 1024
+    assert not [name for name in samples if "allowance" in name]  # no allowances given: no per-key figures
+
+
+def test_state_collector_adds_up_a_keys_grants_per_model() -> None:
+    def allowances() -> list[Allowance]:
+        return [
+            Allowance("alice", "*", 300, 1000, expires_at=2000.0),
+            Allowance("alice", "*", 50, 100, expires_at=1500.0),
+            Allowance("alice", "llama", 10, 10),
+            Allowance("carol", "*", 0, 500),
+        ]
+
+    samples = exposed(StateCollector(engines=dict, allowances=allowances))
+    assert samples['llamascope:key_allowance_remaining_tokens{key_name="alice",model_name="*"}'] == 350
+    assert samples['llamascope:key_allowance_tokens{key_name="alice",model_name="*"}'] == 1100
+    assert samples['llamascope:key_allowance_expires_timestamp_seconds{key_name="alice",model_name="*"}'] == 1500
+    assert 'llamascope:key_allowance_expires_timestamp_seconds{key_name="alice",model_name="llama"}' not in samples
+    assert samples['llamascope:key_allowance_remaining_tokens{key_name="carol",model_name="*"}'] == 0

@@ -39,6 +39,7 @@ from llamascope.settings import ModelSpec, Settings
 from tests.conftest import API_KEY, CACHE_DIR, Server, free_port, generation_body
 from tests.observability.conftest import METRICS_KEY, OtlpReceiver
 
+pytestmark = pytest.mark.server
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"

@@ -28,6 +28,7 @@ from PIL import Image
 
 from tests.conftest import API_KEY, CACHE_DIR, ImageHost, Server, png_bytes
 
+pytestmark = pytest.mark.chromium
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is absent (apt-get install -y chromium)", allow_module_level=True)

@@ -7,13 +7,12 @@ loopback because this machine has no internet).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from http import HTTPStatus
 
 import pytest
 
-from tests.conftest import SEED_MODEL, Server, user_turn
+from tests.conftest import SEED_MODEL, Server, run_sdk, user_turn
 
 
 def test_seed_single_turn_example(dashscope_sdk, image_host) -> None:
@@ -108,7 +107,7 @@ def test_async_client(dashscope_sdk, image_host) -> None:
         stream = await AioMultiModalConversation.call(model=SEED_MODEL, messages=messages, max_tokens=4, stream=True)
         return single, [event async for event in stream]
 
-    single, events = asyncio.run(run())
+    single, events = run_sdk(run())
     assert single.status_code == HTTPStatus.OK, single
     assert single.usage.output_tokens == 4
     assert events and all(e.status_code == HTTPStatus.OK for e in events)

@@ -4,7 +4,6 @@ text-only Llama served with ``--model NAME=PATH`` (conftest's ``text_server``)."
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import itertools
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import TEXT_MODEL, Server, png_bytes
+from tests.conftest import TEXT_MODEL, Server, png_bytes, run_sdk
 
 VISION = "llama3.2-11b-vision"  # no "vl" in the name: ChatTongyi picks dashscope.Generation for it
 HI = [{"role": "user", "content": "hi"}]
@@ -79,7 +78,7 @@ def test_aio_generation(sdk) -> None:
         )
         return single, [event async for event in stream]
 
-    single, events = asyncio.run(run())
+    single, events = run_sdk(run())
     assert single.status_code == HTTPStatus.OK and single.usage.output_tokens == 4, single
     assert all(e.status_code == HTTPStatus.OK for e in events) and len(events) >= 2
     assert events[-1].output.choices[0].finish_reason == "length"

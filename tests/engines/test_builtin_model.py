@@ -7,8 +7,8 @@ from pathlib import Path
 
 from transformers import AutoProcessor, MllamaForConditionalGeneration
 
+from llamascope.engines.builtin_model import ensure_test_model, is_test_model
 from llamascope.engines.templates import STOCK_TEMPLATE
-from llamascope.engines.test_model import ensure_test_model, is_test_model
 
 
 def test_real_image_settings_and_tokens(test_model_dir: Path) -> None:

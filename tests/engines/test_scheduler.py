@@ -14,10 +14,9 @@ import pytest
 from PIL import Image
 
 from llamascope import errors
-from llamascope.engines.attention import is_shared
 from llamascope.engines.base import Chunk, FinishReason, SamplingParams, Turn
-from llamascope.engines.batching import BatchLimits
 from llamascope.engines.mllama import MllamaEngine
+from llamascope.engines.requests import BatchLimits
 from llamascope.images import PreparedImage
 
 
@@ -53,6 +52,7 @@ REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 def test_batched_output_is_token_identical_to_alone(engine: MllamaEngine) -> None:
     async def scenario() -> tuple[list[tuple[str, int]], list[tuple[str, int]], int]:
         alone = []
@@ -76,6 +76,7 @@ def chunked(test_model_dir: Path) -> MllamaEngine:
     return MllamaEngine.load(test_model_dir, test_model=True, limits=BatchLimits(prefill_chunk=5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(320, 240), (1120, 840)], ids=["one tile", "four tiles"])
 @pytest.mark.parametrize("prefill", ["whole", "chunked"])
 def test_answers_equal_transformers_generate(
@@ -112,50 +113,6 @@ def test_answers_equal_transformers_generate(
 
     assert asyncio.run(scenario()) == (expected, expected)
     assert engine.vision_cache.peek(turns[0].image.digest)[1] == tiles
-
-
-def test_requests_about_one_image_share_its_states(engine: MllamaEngine) -> None:
-    """Rows with the same image keep one copy of its cross-attention states, not one each; a row with
-    another image makes the batch hold copies until it leaves; every answer is the request's alone."""
-    same, other = image((200, 120, 0), (640, 480)), image((0, 120, 200), (1200, 300))
-    requests = [
-        ([Turn("user", "What is it?", same)], SamplingParams(max_new_tokens=90, min_new_tokens=90, temperature=0)),
-        ([Turn("user", "Its colours?", same)], SamplingParams(max_new_tokens=80, min_new_tokens=80, temperature=0)),
-        ([Turn("user", "And this?", other)], SamplingParams(max_new_tokens=10, min_new_tokens=10, temperature=0)),
-    ]
-    batch = engine.scheduler.batches[True]
-    layer = min(engine.scheduler.cross_layers)
-    seen: list[tuple[int, bool]] = []  # (rows holding the image states, whether they are one shared copy)
-
-    async def watch() -> None:
-        while True:
-            cache = batch.cache
-            if cache is not None:
-                keys = cache.layers[layer].keys
-                if not seen or seen[-1] != (keys.shape[0], is_shared(keys)):
-                    seen.append((keys.shape[0], is_shared(keys)))
-            await asyncio.sleep(0.0005)
-
-    async def scenario() -> tuple[list[str], list[str]]:
-        alone = [(await run(engine, turns, sampling))[0] for turns, sampling in requests]
-        watcher = asyncio.create_task(watch())
-        streams = [engine.generate(await engine.prepare(t), s) for t, s in requests]
-        firsts = await asyncio.gather(anext(streams[0]), anext(streams[1]))  # both running before the third
-
-        async def rest(i: int, first: str) -> str:
-            return first + "".join([c.text async for c in streams[i]])
-
-        await asyncio.sleep(0.05)
-        third = asyncio.create_task(rest(2, ""))
-        together = await asyncio.gather(rest(0, firsts[0].text), rest(1, firsts[1].text), third)
-        watcher.cancel()
-        return alone, list(together)
-
-    alone, together = asyncio.run(scenario())
-    assert together == alone
-    shared_two = seen.index((2, True))
-    mixed = seen.index((3, False), shared_two)
-    assert (2, True) in seen[mixed:]  # the other image left: one copy again
 
 
 def test_running_streams_go_on_while_a_long_prompt_is_prefilled(test_model_dir: Path) -> None:
@@ -347,79 +304,3 @@ def test_token_budget_keeps_requests_waiting(test_model_dir: Path) -> None:
         return peak
 
     assert asyncio.run(scenario()) == 1
-
-
-@pytest.fixture(scope="module")
-def faulty(test_model_dir: Path) -> MllamaEngine:
-    """Fault injection on: a conversation holding ``[[llamascope-fault:STAGE@N]]`` fails there (tests only)."""
-    return MllamaEngine.load(test_model_dir, test_model=True, faults=True)
-
-
-RED = image((200, 30, 30))
-GOOD = [  # one image shared by two rows (one copy of its states), another image, and a seeded sampled row
-    ([Turn("user", "Describe.", RED)], SamplingParams(max_new_tokens=14, min_new_tokens=14, temperature=0)),
-    (
-        [Turn("user", "Its colours?", RED)],
-        SamplingParams(max_new_tokens=14, min_new_tokens=14, temperature=0.9, seed=5),
-    ),
-    (
-        [Turn("user", "And this?", image((9, 99, 9), (1200, 300)))],
-        SamplingParams(max_new_tokens=12, min_new_tokens=12, temperature=0),
-    ),
-]
-
-
-@pytest.fixture(scope="module")
-def good_alone(faulty: MllamaEngine) -> list[str]:
-    async def scenario() -> list[str]:
-        return [(await run(faulty, turns, sampling))[0] for turns, sampling in GOOD]
-
-    return asyncio.run(scenario())
-
-
-@pytest.mark.parametrize("stage", ["prefill", "decode", "sample"])
-def test_a_failing_request_ends_alone(faulty: MllamaEngine, good_alone: list[str], stage: str) -> None:
-    """A request whose step fails ends with an error; the rest of its batch goes on, token for token as alone."""
-    step = 0 if stage == "prefill" else 4  # prefill: before its first token; else at its fifth
-    bad = [Turn("user", f"[[llamascope-fault:{stage}@{step}]] Describe.", RED)]
-
-    async def scenario() -> list[object]:
-        return await asyncio.gather(
-            *(run(faulty, t, s) for t, s in GOOD[:2]),
-            run(faulty, bad, SamplingParams(max_new_tokens=14, min_new_tokens=14, temperature=0)),
-            run(faulty, *GOOD[2]),
-            return_exceptions=True,
-        )
-
-    together = asyncio.run(scenario())
-    failed = together.pop(2)
-    assert isinstance(failed, errors.ServiceError) and (failed.status, failed.code) == (500, "InternalError.Algo")
-    assert [text for text, _ in together] == good_alone  # type: ignore[misc]
-    assert faulty.active == 0 and faulty.stats()["waiting"] == 0
-
-
-@pytest.mark.parametrize("step", [0, 3], ids=["in its prefill", "in a decode step"])
-def test_out_of_memory_ends_the_newest_request_and_empties_the_caches(
-    faulty: MllamaEngine, good_alone: list[str], step: int
-) -> None:
-    """An allocation that fails (injected as torch.OutOfMemoryError): the vision cache is emptied, the newest
-    request ends with a DashScope error, and the requests already running go on, token for token as alone."""
-    bad = [Turn("user", f"[[llamascope-fault:oom@{step}]] Describe.", RED)]
-
-    async def scenario() -> tuple[list[object], int]:
-        running = [asyncio.create_task(run(faulty, t, s)) for t, s in GOOD[:2]]
-        while faulty.active < 2:  # both in the batch before the newest arrives
-            await asyncio.sleep(0.005)
-        late = asyncio.create_task(
-            run(faulty, bad, SamplingParams(max_new_tokens=14, min_new_tokens=14, temperature=0))
-        )
-        results = await asyncio.gather(*running, late, return_exceptions=True)
-        return list(results), len(faulty.vision_cache)
-
-    results, cached = asyncio.run(scenario())
-    failed = results.pop()
-    assert isinstance(failed, errors.ServiceError) and (failed.status, failed.code) == (500, "InternalError.Algo")
-    assert "out of device memory" in failed.message
-    assert [text for text, _ in results] == good_alone[:2]  # type: ignore[misc]
-    assert cached == 0  # emptied, nothing has been put back since
-    assert faulty.active == 0

@@ -28,276 +28,28 @@ and a request that waits longer than ``max_queue_wait`` gets
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from llamascope import errors
-from llamascope.engines.attention import shared_rows
-from llamascope.engines.base import FinishReason, SamplingParams
+from llamascope.engines.base import FinishReason
+from llamascope.engines.batch import Batch, drop_padding_tiles, positions, set_layer
+from llamascope.engines.devices import out_of_memory
 from llamascope.engines.kv_cache import new_cache
 from llamascope.engines.prefix_cache import PrefixCache
+from llamascope.engines.recovery import Checkpoint, out_of_memory_error, recover, shed
+from llamascope.engines.requests import BatchLimits, Message, Sequence
 from llamascope.engines.sampling import Sampler, chosen_logprobs, log_probabilities, pick
 from llamascope.engines.vision import ImageEncoder, VisionCache, batch_tiles
 
 log = logging.getLogger(__name__)
-
-# What the model thread sends to the request's event loop.
-Tokens = list[int]
-Message = Tokens | FinishReason | errors.ServiceError
-
-
-# What a waiting request holds besides its tensors and its decoded image: the request, its parsed body,
-# its coroutine and stream. Measured (bench/queue_memory.py): the server's resident memory grew 75 KiB a
-# waiting request about one image (200 waiting; 475 KiB with 50 fetched by URL), 18.2 MiB about an image
-# each (four tiles: 15 MB of pixel tensors and 2.8 MB decoded, which ``waiting_bytes`` counts apart).
-WAITING_OVERHEAD_BYTES = 512 * 1024
-
-
-def default_queue_bytes() -> int:
-    """A quarter of the memory available now, within [256 MiB, 32 GiB]: what requests may hold waiting."""
-    import psutil
-
-    return min(max(psutil.virtual_memory().available // 4, 256 << 20), 32 << 30)
-
-
-@dataclass(frozen=True)
-class BatchLimits:
-    max_batch: int = 16
-    max_batch_tokens: int = 131072
-    max_queued: int | None = None  # None: as many as fit in max_queued_bytes
-    max_queued_bytes: int = 1 << 30
-    max_queue_wait: float = 60.0
-    prefill_chunk: int = 512  # prompt tokens prefilled between two decode steps
-    # Tiles through the vision tower in one call (vision.ImageEncoder); None: 16 on a GPU, 1 (one image a call)
-    # on the CPU, where the tower is bound by its arithmetic.
-    vision_batch_tiles: int | None = None
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request, from the queue to its last token."""
-
-    inputs: Any  # the engine's model inputs (BatchFeature): input_ids, attention_mask, and the image's
-    image: Any  # the PreparedImage, or None: its digest keys the vision cache, its pixels are made on a miss
-    sampling: SamplingParams
-    max_new: int
-    send: Callable[[Message], None]
-    cancel: threading.Event = field(default_factory=threading.Event)
-    fault: tuple[str, int] | None = None  # tests only: fail at this stage and step (``Scheduler.faults``)
-    queued_at: float = field(default_factory=time.monotonic)
-    # Set when it runs:
-    started_at: float = 0.0
-    ids: list[int] = field(default_factory=list)  # prompt and generated ids (for the repetition penalty)
-    generated: int = 0
-    last: int = 0  # the last token made, the next step's input
-    prefilled: int = 0  # prompt tokens through the model so far
-    reused: int = 0  # of those, the ones whose keys and values came from the prefix cache
-    tiles: int = 0  # its image's own tiles (of ``max_num_tiles``)
-    cache: Any = None  # its own key/value cache, until it joins a batch
-    mask: Any = None  # its attention mask [1, n], until it joins a batch
-    cross_mask: Any = None  # the cross-attention mask row for new tokens [1, 1, 1, tiles]
-    sampler: Any = None
-    encoded: tuple[float, float] | None = None  # when the vision tower ran on its image (monotonic), if it did
-    # (log-probability, [(rival id, its log-probability)]) of each token made, when sampling.logprobs asks;
-    # appended before the token is sent, read by the engine's generate loop.
-    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
-
-    @property
-    def has_image(self) -> bool:
-        return self.image is not None
-
-    @property
-    def digest(self) -> str | None:
-        """Its image's content hash, or None."""
-        return self.image.digest if self.image is not None else None
-
-    def __post_init__(self) -> None:
-        self.budget = int(self.inputs["input_ids"].shape[1]) + self.max_new  # the most tokens it will hold
-        self.waiting_bytes = waiting_bytes(self)
-
-
-def waiting_bytes(seq: Sequence) -> int:
-    """The memory a request holds while it waits: its model inputs (an image's pixel tensors, 15 MB for
-    Llama 3.2's four tiles, unless its vision states are cached), its decoded image, and the rest."""
-    tensors = sum(t.numel() * t.element_size() for t in seq.inputs.values() if hasattr(t, "element_size"))
-    image = seq.image.image if seq.image is not None else None
-    pixels = image.width * image.height * len(image.getbands()) if image is not None else 0
-    return WAITING_OVERHEAD_BYTES + tensors + pixels
-
-
-class Batch:
-    """Running sequences that share one forward pass: one key/value cache, left-padded to a common length."""
-
-    def __init__(self, cross_layers: set[int]) -> None:
-        self.rows: list[Sequence] = []
-        self.cross_layers = cross_layers
-        self.cache: Any = None
-        self.mask: Any = None  # [B, L] 1 for real tokens, 0 for padding
-        self.cross_mask: Any = None  # [B, 1, 1, tiles] for image batches
-        # The image every row has (its digest), or None. Its cross-attention keys and values are then one
-        # copy that every row views (``attention.shared_rows``), not a copy per row.
-        self.image: str | None = None
-
-    def add(self, seq: Sequence) -> None:
-        if not self.rows:
-            self.rows, self.cache, self.mask, self.cross_mask = [seq], seq.cache, seq.mask, seq.cross_mask
-            self.image = seq.image.digest if seq.has_image else None
-        else:
-            shared = seq.has_image and seq.image.digest == self.image
-            for index, (mine, theirs) in enumerate(zip(self.cache.layers, seq.cache.layers, strict=True)):
-                if not theirs.is_initialized or theirs.keys.numel() == 0:
-                    continue
-                if shared and index in self.cross_layers:  # the same states as the batch's: its copy goes
-                    mine.keys = shared_rows(mine.keys, len(self.rows) + 1)
-                    mine.values = shared_rows(mine.values, len(self.rows) + 1)
-                    continue
-                # Past tokens are padded on the left to the longest row; an image's states on the right, to
-                # the most tiles (a shared view becomes a copy per row here).
-                left = index not in self.cross_layers
-                mine.keys = _joined(mine.keys, theirs.keys, 2, left)
-                mine.values = _joined(mine.values, theirs.values, 2, left)
-            if not shared:
-                self.image = None
-            self.mask = _joined(self.mask, seq.mask, 1, left=True)
-            if self.cross_mask is not None:  # padding tiles are masked out (0)
-                self.cross_mask = _joined(self.cross_mask, seq.cross_mask, 3, left=False)
-            self.rows.append(seq)
-        seq.cache = seq.mask = None
-
-    def keep(self, keep: list[int]) -> None:
-        """Keep only these rows; drop padding columns no row needs any more."""
-        import torch
-
-        self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.cache = self.mask = self.cross_mask = self.image = None
-            return
-        images = {s.image.digest for s in self.rows if s.has_image}
-        self.image = images.pop() if len(images) == 1 and self.rows[0].has_image else None
-        index = torch.tensor(keep, device=self.mask.device)
-        self.mask = self.mask[index]
-        unused = int((self.mask.sum(0) == 0).cumprod(0).sum())  # leading columns that are padding in every row
-        self.mask = self.mask[:, unused:]
-        tiles = before = 0  # the most tiles a remaining row's image has, and the batch's tiles before
-        if self.cross_mask is not None:
-            before = self.cross_mask.shape[3]
-            self.cross_mask = self.cross_mask[index]
-            tiles = int(self.cross_mask.sum(3).max())  # each row's real tiles come first
-            self.cross_mask = self.cross_mask[..., :tiles]
-        for i, layer in enumerate(self.cache.layers):
-            if not layer.is_initialized or layer.keys.numel() == 0:
-                continue
-            cross = i in self.cross_layers
-            # Rows that now all have one image keep one copy of its states (their copies are the same).
-            rows = index[:1] if cross and self.image is not None else index
-            keys, values = layer.keys[rows], layer.values[rows]
-            if not cross and unused:
-                keys, values = keys[:, :, unused:], values[:, :, unused:]
-            if cross and tiles < before:  # the padding only the rows that left needed
-                keys, values = _first_tiles(keys, tiles, before), _first_tiles(values, tiles, before)
-            if cross and self.image is not None:
-                keys, values = shared_rows(keys, len(keep)), shared_rows(values, len(keep))
-            layer.keys, layer.values = keys, values
-
-
-def _put(layer: Any, keys: Any, values: Any) -> None:
-    """A cache layer made to hold these keys and values (a prefix cache lease's, an image's), as it would after
-    computing them."""
-    layer.lazy_initialization(keys, values)
-    layer.keys, layer.values = keys, values
-
-
-def _positions(start: int, end: int, device: Any) -> Any:
-    """Position ids [1, end - start] for the prompt tokens start..end."""
-    import torch
-
-    return torch.arange(start, end, device=device)[None, :]
-
-
-def _joined(mine: Any, theirs: Any, dim: int, left: bool) -> Any:
-    """Two batches' tensors as one: the shorter padded with zeros along ``dim`` (on the left or right)."""
-    import torch
-
-    length = max(mine.shape[dim], theirs.shape[dim])
-    return torch.cat([_pad(mine, length, dim, left), _pad(theirs, length, dim, left)])
-
-
-def _pad(tensor: Any, length: int, dim: int, left: bool) -> Any:
-    """``tensor`` made ``length`` long along ``dim`` with zeros."""
-    import torch
-
-    missing = length - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    zeros = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
-    return torch.cat([zeros, tensor] if left else [tensor, zeros], dim=dim)
-
-
-def _first_tiles(states: Any, tiles: int, of: int) -> Any:
-    """Cross-attention keys or values [B, heads, of * per tile, dim] cut to their first ``tiles`` tiles."""
-    return states[:, :, : states.shape[2] // of * tiles]
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """A device allocation that failed (CUDA's, or another backend's RuntimeError saying so)."""
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
-
-
-def out_of_memory_error() -> errors.ServiceError:
-    return errors.ServiceError(
-        500,
-        "InternalError.Algo",
-        "The model ran out of device memory for this request; the other requests go on. "
-        "Try again, or with a shorter prompt or a smaller max_tokens.",
-    )
-
-
-class _Checkpoint:
-    """What a decode step changes, to take it back: the mask, each cache layer's tensors (a step replaces
-    them by longer ones, it does not write into them) and the random generators of the rows that sample."""
-
-    def __init__(self, batch: Batch) -> None:
-        self.mask = batch.mask
-        self.cache = batch.cache
-        self.layers = [(layer, layer.keys, layer.values, layer.is_initialized) for layer in batch.cache.layers]
-        self.generators = {id(seq): seq.sampler.generator.get_state() for seq in batch.rows if not seq.sampler.greedy}
-
-    def restore(self, batch: Batch) -> None:
-        batch.mask = self.mask
-        for layer, keys, values, initialized in self.layers:
-            layer.keys, layer.values, layer.is_initialized = keys, values, initialized
-        for seq in batch.rows:
-            self.restore_generator(seq)
-
-    def restore_generator(self, seq: Sequence) -> None:
-        state = self.generators.get(id(seq))
-        if state is not None:
-            seq.sampler.generator.set_state(state)
-
-    def row_cache(self, row: int) -> Any:
-        """A cache of row ``row`` alone: views of the checkpoint's tensors, in copies of its layer objects."""
-        cache = copy.copy(self.cache)
-        cache.layers = []
-        for layer, keys, values, initialized in self.layers:
-            mine = copy.copy(layer)
-            mine.is_initialized = initialized
-            if keys is not None and keys.numel():
-                mine.keys, mine.values = keys[row : row + 1], values[row : row + 1]
-            cache.layers.append(mine)
-        return cache
 
 
 class Scheduler:
@@ -329,8 +81,6 @@ class Scheduler:
         self.growing_kv = True
         tiles = batch_tiles(limits.vision_batch_tiles, model.device.type)
         self.encoder = ImageEncoder(model, pixels, vision_cache, self.cross_layers, tiles)
-        import torch
-
         self._eos_index = torch.tensor(sorted(eos_ids))
         self.batches = {False: Batch(self.cross_layers), True: Batch(self.cross_layers)}  # by has_image
         self.waiting: deque[Sequence] = deque()
@@ -377,8 +127,6 @@ class Scheduler:
     # -- the model thread -------------------------------------------------
 
     def _run(self) -> None:
-        import torch
-
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -539,13 +287,13 @@ class Scheduler:
         kwargs: dict[str, Any] = {
             "input_ids": ids[:, start:end].to(device),
             "attention_mask": inputs["attention_mask"][:, :end].to(device),
-            "position_ids": _positions(start, end, device),
+            "position_ids": positions(start, end, device),
             "use_cache": True,
         }
         if first and seq.has_image:  # its image's keys and values: views of the vision cache's one copy
             kv, seq.tiles = self.encoder.cross_kv(seq)
             for index, (keys, values) in zip(self.encoder.cross_layers, kv, strict=True):
-                _put(seq.cache.layers[index], keys, values)
+                set_layer(seq.cache.layers[index], keys, values)
         kwargs["past_key_values"] = seq.cache
         if seq.has_image:
             kwargs["cross_attention_mask"] = inputs["cross_attention_mask"][:, start:end].to(device)
@@ -558,7 +306,7 @@ class Scheduler:
         seq.mask = inputs["attention_mask"].to(device)
         if seq.has_image:
             seq.cross_mask = inputs["cross_attention_mask"][:, -1:, :, : seq.tiles].to(device)
-            self._drop_padding_tiles(seq.cache, seq.tiles, int(inputs["cross_attention_mask"].shape[-1]))
+            drop_padding_tiles(seq.cache, self.cross_layers, seq.tiles, int(inputs["cross_attention_mask"].shape[-1]))
         seq.ids = ids[0].tolist()
         self._remember(seq.ids, seq, seq.cache, 0)  # for requests that start the same way, running beside it
         seq.sampler = Sampler(seq.sampling)
@@ -574,7 +322,7 @@ class Scheduler:
         layers = iter(lease.layers)
         for index, layer in enumerate(seq.cache.layers):
             if index not in self.cross_layers:
-                _put(layer, *next(layers))
+                set_layer(layer, *next(layers))
         send, prefix = seq.send, self.prefix
 
         def send_then_give_back(message: Message) -> None:  # its blocks may go once it has ended
@@ -598,27 +346,10 @@ class Scheduler:
         except Exception:
             log.exception("keeping a prefix failed")
 
-    def _drop_padding_tiles(self, cache: Any, tiles: int, all_tiles: int) -> None:
-        """Keep only the image's own tiles in the cross-attention cache, for decoding.
-
-        Mllama pads every image to max_num_tiles (4) tiles of 1,601 states. The prompt needs them all:
-        its tokens before the image attend to every state, padding included (the stock model adds that
-        attention output and masks only the MLP's). Every later token attends to the real tiles alone, the
-        padding masked to zero weight, so decoding over the real tiles gives the same result, and a
-        one-tile image costs a quarter of the cross-attention. Views: the vision cache's copy stays the one
-        copy (a batch of requests about other images copies them into its own tensors anyway).
-        """
-        if tiles == all_tiles:
-            return
-        for index in self.cross_layers:
-            layer = cache.layers[index]
-            layer.keys = _first_tiles(layer.keys, tiles, all_tiles)
-            layer.values = _first_tiles(layer.values, tiles, all_tiles)
-
     def _step(self, batch: Batch) -> None:
         """One decode step for every row; rows that finish or were cancelled leave.
 
-        A step that fails is taken back and every row is tried alone (``_recover``): a request that fails
+        A step that fails is taken back and every row is tried alone (``recovery``): a request that fails
         alone ends with an error, and the others go on as if it had never been in the batch.
         """
         rows = batch.rows
@@ -630,15 +361,15 @@ class Scheduler:
             rows = batch.rows
             if not rows:
                 return
-        before = _Checkpoint(batch)
+        before = Checkpoint(batch)
         try:
             tokens = self._decode(batch)
         except Exception as exc:
             if out_of_memory(exc):
-                recovered = self._shed(batch, before)
+                recovered = shed(batch, before, self._decode, self._release_memory)
             else:
                 log.exception("decode step failed for a batch of %d; trying each request alone", len(rows))
-                recovered = self._recover(batch, before)
+                recovered = recover(batch, before, self._decode)
             if recovered is None:
                 return
             tokens = recovered
@@ -660,9 +391,7 @@ class Scheduler:
                 seq.send(finish)
 
     def _decode(self, batch: Batch) -> list[int]:
-        """The model's step and the next token of every row. Changes only what ``_Checkpoint`` takes back."""
-        import torch
-
+        """The model's step and the next token of every row. Changes only what ``Checkpoint`` takes back."""
         rows = batch.rows
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(rows), 1))], dim=1)
         device = self.model.device
@@ -684,70 +413,8 @@ class Scheduler:
         logits = self._hold_back_eos(logits, rows)
         return self._pick(rows, logits)
 
-    def _recover(self, batch: Batch, before: _Checkpoint) -> list[int] | None:
-        """After a failed step: the step again without the rows that fail alone, or None if it cannot be had.
-
-        The batch is taken back to ``before``. Each row is then tried alone, on a cache of its own slices
-        of the batch's (the batch's own tensors are not written: the cache's layers grow by new tensors),
-        its random generator put back afterwards. Those that fail alone end with an error; the step is run
-        again for the rest, which then make the tokens they would have made without them. When every row
-        or none fails alone, the failure is the batch's: it ends for every row.
-        """
-        rows = list(batch.rows)
-        before.restore(batch)
-        culprits = []
-        for i, seq in enumerate(rows):
-            alone = Batch(self.cross_layers)
-            alone.rows, alone.cache = [seq], before.row_cache(i)
-            alone.mask = batch.mask[i : i + 1]
-            alone.cross_mask = batch.cross_mask[i : i + 1] if batch.cross_mask is not None else None
-            try:
-                self._decode(alone)
-            except Exception:
-                culprits.append(seq)
-            before.restore_generator(seq)
-        if 0 < len(culprits) < len(rows):
-            log.warning("%d of %d requests fail alone; the batch goes on without them", len(culprits), len(rows))
-            batch.keep([i for i, s in enumerate(rows) if s not in culprits])
-            for seq in culprits:
-                seq.send(errors.internal_error())
-            try:
-                return self._decode(batch)
-            except Exception:
-                log.exception("decode step failed again without the requests that failed alone")
-                rows = list(batch.rows)
-        batch.keep([])
-        for seq in rows:
-            seq.send(errors.internal_error())
-        return None
-
-    def _shed(self, batch: Batch, before: _Checkpoint) -> list[int] | None:
-        """Out of memory in a decode step: the caches emptied and the step run again; each time it still does
-        not fit, the newest request ends with an error (as vLLM preempts the newest) and the step is tried
-        again without it. The others go on, making the tokens they would have made."""
-        while True:
-            before.restore(batch)
-            self._release_memory()
-            try:
-                return self._decode(batch)
-            except Exception as exc:
-                before.restore(batch)
-                if not out_of_memory(exc):
-                    return self._recover(batch, before)
-            rows = batch.rows
-            newest = max(range(len(rows)), key=lambda i: rows[i].queued_at)
-            log.warning("out of memory in a decode step of %d requests; ending the newest", len(rows))
-            shed = rows[newest]
-            batch.keep([i for i in range(len(rows)) if i != newest])
-            shed.send(out_of_memory_error())
-            if not batch.rows:
-                return None
-            before = _Checkpoint(batch)
-
     def _release_memory(self) -> None:
         """Give back what can be given back: the vision cache, and the CUDA allocator's unused blocks."""
-        import torch
-
         self.vision.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -758,8 +425,6 @@ class Scheduler:
             for seq in rows:
                 if seq.fault is not None and seq.fault[0] == stage and seq.generated >= seq.fault[1]:
                     if stage == "oom":
-                        import torch
-
                         raise torch.OutOfMemoryError(f"fault injected: out of memory at step {seq.generated}")
                     raise RuntimeError(f"fault injected at {stage}, step {seq.generated}")
 
@@ -780,8 +445,6 @@ class Scheduler:
         """Rows still short of their min_new_tokens may not end: their end-of-turn logits become -inf."""
         short = [i for i, s in enumerate(rows) if s.generated < s.sampler.min_new]
         if short:
-            import torch
-
             index = torch.tensor(short, device=logits.device)[:, None]
             logits[index, self._eos_index.to(logits.device)] = float("-inf")
         return logits

@@ -1,0 +1,56 @@
+"""The statements every request runs (find its key and grant, charge it, write its ledger row), built once:
+building them per call was most of their cost. SQLAlchemy Core runs them on PostgreSQL; on SQLite
+``sqlite_hot_path`` runs their compiled text through the stdlib driver."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from sqlalchemy import BigInteger, bindparam, case, delete, insert, literal_column, select, update
+
+from llamascope.accounts.records import EVERY_MODEL, GrantView, KeyView
+from llamascope.accounts.schema import ApiKey, Grant, InFlight, UsageRecord
+
+LEDGER_FIELDS = (
+    "request_id",
+    "key_id",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "image_tokens",
+    "status",
+    "started_at",
+    "finished_at",
+)
+
+
+def columns(table: Any, view: type) -> list[Any]:
+    """The table's columns a view holds, in the view's order."""
+    return [table.__table__.c[f.name] for f in fields(view)]
+
+
+class HotStatements:
+    def __init__(self) -> None:
+        self.find_key = select(*columns(ApiKey, KeyView)).where(ApiKey.key_hash == bindparam("key_hash"))
+        # The model's own grant, else the key's grant for every model.
+        # Literal SQL for the constants: these statements are compiled once to text, with only named parameters.
+        every: Any = literal_column(f"'{EVERY_MODEL}'")
+        matches = (Grant.key_id == bindparam("key_id"), (Grant.model == bindparam("model")) | (Grant.model == every))
+        own_first = (Grant.model == every).asc()  # false (the model's own grant) sorts first
+        # At most two rows: the first is the one that applies (callers take the first).
+        self.find_grant = select(*columns(Grant, GrantView)).where(*matches).order_by(own_first)
+        self.grant_id = select(Grant.id).where(*matches).order_by(own_first)
+        used: Any = bindparam("used", type_=BigInteger)
+        crosses = Grant.allowance_tokens.is_not(None) & (Grant.used_tokens + used >= Grant.allowance_tokens)
+        self.charge = (
+            update(Grant)
+            .where(Grant.id == bindparam("grant_id"))
+            .values(
+                used_tokens=Grant.used_tokens + used,
+                reserved_tokens=Grant.reserved_tokens - bindparam("held"),
+                exhausted_at=case((Grant.exhausted_at.is_(None) & crosses, bindparam("now")), else_=Grant.exhausted_at),
+            )
+        )
+        self.ledger_row = insert(UsageRecord).values({name: bindparam(name) for name in LEDGER_FIELDS})
+        self.forget_in_flight = delete(InFlight).where(InFlight.request_id == bindparam("request_id"))

@@ -1,0 +1,348 @@
+"""What every model run in this process shares: the scheduler's thread, prompt preparation, token streaming.
+
+Prompt preparation (template, tokenising, and for a vision model the image's tiles) runs in worker
+threads; generation runs on the scheduler's one model thread (``scheduler.Scheduler``), which decodes
+concurrent requests together and streams token ids back to the event loop. Cancellation is a flag the
+scheduler checks before every step.
+
+``InProcessEngine`` is the request path; each model family is a subclass that says how to load it and how a
+conversation becomes its model inputs: ``mllama.MllamaEngine`` (Llama 3.2 Vision) and
+``llama_text.LlamaTextEngine`` (the text-only Llama 3 models).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import anyio
+
+from llamascope import errors
+from llamascope.engines import devices
+from llamascope.engines.base import (
+    Chunk,
+    EngineInfo,
+    FinishReason,
+    ModelLoadError,
+    PreparedPrompt,
+    SamplingParams,
+    TokenLogprob,
+    Turn,
+)
+from llamascope.engines.loading import check_model_dir, load_weights
+from llamascope.engines.prefix_cache import PrefixCache, default_bytes
+from llamascope.engines.requests import BatchLimits, Message, Sequence
+from llamascope.engines.scheduler import Scheduler
+from llamascope.engines.streaming import IncrementalText, Outbox
+from llamascope.engines.vision import VisionCache, batch_tiles
+from llamascope.images import PreparedImage
+from llamascope.observability.facts import EngineTimings, UpstreamHealth
+from llamascope.observability.request import engine_timings
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11; annotations are not evaluated at run time
+
+log = logging.getLogger(__name__)
+
+# Tests only, with fault injection on (``LLAMASCOPE_FAULT_INJECTION``): a conversation whose text holds
+# ``[[llamascope-fault:STAGE@N]]`` fails at that stage (prefill, decode: the model's step, sample: the
+# next-token choice; oom: the step runs out of device memory) once it has made N tokens, as a bug or a
+# bad row would, so tests can check that the failure stays with its request.
+FAULT = re.compile(r"\[\[llamascope-fault:(prefill|decode|sample|oom)@(\d+)\]\]")
+
+
+@dataclass
+class _Payload:
+    """What ``prepare`` makes for ``generate``: the model inputs and the image (its digest keys the vision cache)."""
+
+    inputs: Any
+    image: PreparedImage | None
+    fault: tuple[str, int] | None = None  # tests only: see ``FAULT``
+
+
+class InProcessEngine(ABC):
+    """Implements ``llamascope.engines.base.Engine`` in this process, for one model family (a subclass)."""
+
+    # What a model family says about itself:
+    MODEL_TYPE: ClassVar[str]  # config.json's model_type
+    TAKES_IMAGES: ClassVar[bool]
+    image_tokens_per_image = 0  # what an image counts in a prompt's usage
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        info: EngineInfo,
+        template: str,
+        limits: BatchLimits | None = None,
+        vision_cache_bytes: int = 0,
+        faults: bool = False,
+        prefix_cache_bytes: int | None = None,  # None: derived from free memory (prefix_cache.default_bytes)
+    ) -> None:
+        """What every in-process model needs to serve: its tokenizer, end ids and the scheduler's thread."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.template = template
+        gen = model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_ids = {eos} if isinstance(eos, int) else set(eos)
+        # No token covers more bytes than this, so a prompt of N bytes has at least N/this tokens.
+        self._max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab())
+        self._preparers = anyio.CapacityLimiter(2)
+        self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = weakref.WeakKeyDictionary()
+        self._outboxes_lock = threading.Lock()  # the model thread flushes while a loop may add its own
+        self.vision_cache = VisionCache(vision_cache_bytes)
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = default_bytes(model.device)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.faults = faults
+        self.scheduler = Scheduler(
+            model,
+            self._pixel_tensors,
+            self.eos_ids,
+            limits or BatchLimits(),
+            self.vision_cache,
+            self._flush,
+            faults,
+            self.prefix_cache,
+        )
+
+    @property
+    def active(self) -> int:
+        """Requests the model is working on right now (prefilling or decoding)."""
+        return self.scheduler.active
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        *,
+        dtype: str = "auto",
+        quantization: str = "none",
+        context_length: int = 8192,
+        chat_template: str | None = None,
+        test_model: bool = False,
+        limits: BatchLimits | None = None,
+        vision_cache_bytes: int | None = None,
+        faults: bool = False,
+        device: str = "cpu",
+        prefix_cache_bytes: int | None = None,
+        gpu_memory_cap: str | None = None,
+        bounds: devices.Bounds | None = None,
+    ) -> Self:
+        """Load a model directory onto ``device`` (already resolved: ``devices.resolve_device``).
+
+        ``bounds`` names the batch bounds the operator set (None fields are derived from the memory left
+        after loading, ``devices.settle``); without it, ``limits`` and ``vision_cache_bytes`` are taken as given.
+        """
+        config = check_model_dir(path, (cls.MODEL_TYPE,))
+        limits = limits or BatchLimits()
+        if bounds is None:
+            bounds = devices.Bounds(
+                limits.max_batch,
+                limits.max_batch_tokens,
+                devices.CPU_BOUNDS.vision_cache_bytes if vision_cache_bytes is None else vision_cache_bytes,
+            )
+        dtype = devices.compute_dtype(dtype, device)
+        processor = cls._processor(path)
+        model = load_weights(cls._model_class(), path, dtype, quantization, config, device, gpu_memory_cap)
+        try:
+            if prefix_cache_bytes is not None:
+                bounds = replace(bounds, prefix_cache_bytes=prefix_cache_bytes)
+            batch, batch_tokens, cache_bytes, prefix_cache_bytes = devices.settle(
+                model,
+                bounds,
+                context_length=context_length,
+                prefill_chunk=limits.prefill_chunk,
+                report=log.info,
+                vision_batch_tiles=batch_tiles(limits.vision_batch_tiles, model.device.type),
+            )
+        except devices.DeviceError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from exc
+        limits = replace(limits, max_batch=batch, max_batch_tokens=batch_tokens)
+        template = Path(chat_template).read_text() if chat_template else cls._template(processor, path)
+        info = EngineInfo(
+            kind="transformers",
+            source=str(path),
+            context_length=context_length,
+            test_model=test_model,
+            takes_images=cls.TAKES_IMAGES,
+        )
+        return cls(model, processor, info, template, limits, cache_bytes, faults, prefix_cache_bytes)
+
+    @staticmethod
+    @abstractmethod
+    def _processor(path: Path) -> Any:
+        """What the family's ``__init__`` takes as its second argument, loaded from the directory."""
+
+    @staticmethod
+    @abstractmethod
+    def _model_class() -> Any:
+        """transformers' model class for the family."""
+
+    @staticmethod
+    @abstractmethod
+    def _template(processor: Any, path: Path) -> str:
+        """The chat template when none is configured."""
+
+    def health(self) -> tuple[UpstreamHealth, ...]:
+        return ()  # in process: no upstream engines
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": self.scheduler.active,
+            "waiting": len(self.scheduler.waiting),
+            **self._image_stats(),
+            **self.prefix_cache.stats(),
+        }
+
+    def _image_stats(self) -> dict[str, int]:
+        """The family's own image counters for ``stats``; a text model has none."""
+        return {}
+
+    def _flush(self) -> None:
+        """The model thread's tokens so far, on their way to every event loop that waits for some."""
+        with self._outboxes_lock:
+            outboxes = list(self._outboxes.values())
+        for outbox in outboxes:
+            outbox.flush()
+
+    # -- prepare ---------------------------------------------------------
+
+    @abstractmethod
+    def image_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size this model resizes a width x height image to."""
+
+    async def prepare(self, turns: list[Turn]) -> PreparedPrompt:
+        return await anyio.to_thread.run_sync(self._prepare, turns, limiter=self._preparers)
+
+    def _prepare(self, turns: list[Turn]) -> PreparedPrompt:
+        messages, images = self._chat(turns)
+        prompt = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=True
+        )
+        max_input = self.info.context_length - 1
+        if len(prompt.encode()) // self._max_token_bytes > max_input:
+            raise errors.input_too_long(max_input)  # certain without tokenising megabytes of text
+        inputs = self._model_inputs(prompt, images)
+        fault = FAULT.search(prompt) if self.faults else None
+        input_tokens = int(inputs["input_ids"].shape[1])
+        if input_tokens > max_input:
+            raise errors.input_too_long(max_input)
+        return PreparedPrompt(
+            input_tokens=input_tokens,
+            image_tokens=len(images) * self.image_tokens_per_image,
+            max_new_tokens=self.info.context_length - input_tokens,
+            payload=_Payload(inputs, images[0] if images else None, fault and (fault[1], int(fault[2]))),
+        )
+
+    @abstractmethod
+    def _chat(self, turns: list[Turn]) -> tuple[list[dict[str, Any]], list[PreparedImage]]:
+        """The conversation as the chat template takes it, and its images in order."""
+
+    def _model_inputs(self, prompt: str, images: list[PreparedImage]) -> Any:
+        """The prompt's input_ids and attention_mask as the model takes them (BatchFeature), and its images'."""
+        from transformers import BatchFeature
+
+        text = self.tokenizer([prompt], add_special_tokens=False)
+        data: dict[str, Any] = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
+        if images:
+            data.update(self._image_inputs(text["input_ids"][0], images))
+        return BatchFeature(data=data, tensor_type="pt")
+
+    def _image_inputs(self, ids: list[int], images: list[PreparedImage]) -> dict[str, Any]:
+        """What the model takes about the prompt's images besides its token ids; only a vision model has any."""
+        raise TypeError(f"{type(self).__name__} takes no image")
+
+    def _pixel_tensors(self, image: Any) -> Any:
+        """An image's pixel tensors, for the scheduler on a vision-cache miss; only a vision model has any."""
+        raise TypeError(f"{type(self).__name__} takes no image")
+
+    def tokens(self, prompt: PreparedPrompt) -> tuple[list[int], list[str]]:
+        ids: list[int] = prompt.payload.inputs["input_ids"][0].tolist()
+        return ids, [self.tokenizer.decode([i]) for i in ids]
+
+    # -- generate --------------------------------------------------------
+
+    async def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:
+        loop = asyncio.get_running_loop()
+        with self._outboxes_lock:
+            outbox = self._outboxes.get(loop)
+            if outbox is None:
+                outbox = self._outboxes[loop] = Outbox(loop)
+        queue: asyncio.Queue[Message] = asyncio.Queue()
+
+        def send(message: Message) -> None:
+            try:
+                outbox.put(queue, message)
+            except RuntimeError:  # the caller's event loop is gone: so is the caller
+                seq.cancel.set()
+
+        payload: _Payload = prompt.payload
+        seq = Sequence(
+            inputs=payload.inputs,
+            image=payload.image,
+            sampling=sampling,
+            max_new=prompt.new_tokens(sampling),
+            send=send,
+            fault=payload.fault,
+        )
+        self.scheduler.submit(seq)  # raises 429 Throttling when the queue is full
+        text = IncrementalText(self.tokenizer)
+        produced = 0
+        first_token: float | None = None
+        try:
+            while True:
+                message = await queue.get()
+                ids: list[int] = []
+                while isinstance(message, list):  # take every token already there: one chunk when behind
+                    ids += message
+                    if queue.empty():
+                        break
+                    message = queue.get_nowait()
+                if ids:
+                    cached = None
+                    if not produced:
+                        first_token = time.monotonic()
+                        cached = seq.reused
+                    logprobs = self._logprobs(ids, seq.logprobs[produced:]) if sampling.logprobs is not None else None
+                    produced += len(ids)
+                    delta = text.add(ids)
+                    if delta or logprobs or cached:
+                        yield Chunk(delta, produced, logprobs=logprobs, cached_tokens=cached)
+                if isinstance(message, errors.ServiceError):
+                    raise message
+                if isinstance(message, FinishReason):
+                    yield Chunk(text.add([], final=True), produced, message)
+                    return
+        finally:
+            seq.cancel.set()
+            self.scheduler.wake()
+            ended = time.monotonic()
+            engine_timings(EngineTimings(seq.queued_at, seq.started_at or None, first_token, ended, seq.encoded))
+
+    def _logprobs(self, ids: list[int], found: list[tuple[float, list[tuple[int, float]]]]) -> list[TokenLogprob]:
+        """The scheduler's log-probabilities of these tokens, with each token's (and rival's) own text."""
+
+        def piece(token: int) -> str:
+            return str(self.tokenizer.decode([token]))
+
+        return [
+            TokenLogprob(piece(token), logprob, tuple((piece(r), p) for r, p in rivals))
+            for token, (logprob, rivals) in zip(ids, found, strict=False)
+        ]
+
+    async def close(self) -> None:
+        """Stop the model thread once its current step ends; requests still on it end as cancelled."""
+        self.scheduler.stop()
+        await anyio.to_thread.run_sync(self.scheduler.join, 30)

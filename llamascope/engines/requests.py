@@ -1,0 +1,99 @@
+"""A request on the in-process scheduler: its record from the queue to its last token, what the model thread
+sends back about it, what it holds while it waits, and the bounds the queue and the running batch keep.
+
+Pure records (no PyTorch): the scheduler (``scheduler.py``) and the batch layout (``batch.py``) work on them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from llamascope import errors
+from llamascope.engines.base import FinishReason, SamplingParams
+
+# What the model thread sends to the request's event loop.
+Tokens = list[int]
+Message = Tokens | FinishReason | errors.ServiceError
+
+
+# What a waiting request holds besides its tensors and its decoded image: the request, its parsed body,
+# its coroutine and stream. Measured (bench/queue_memory.py): the server's resident memory grew 75 KiB a
+# waiting request about one image (200 waiting; 475 KiB with 50 fetched by URL), 18.2 MiB about an image
+# each (four tiles: 15 MB of pixel tensors and 2.8 MB decoded, which ``waiting_bytes`` counts apart).
+WAITING_OVERHEAD_BYTES = 512 * 1024
+
+
+def default_queue_bytes() -> int:
+    """A quarter of the memory available now, within [256 MiB, 32 GiB]: what requests may hold waiting."""
+    return min(max(psutil.virtual_memory().available // 4, 256 << 20), 32 << 30)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch: int = 16
+    max_batch_tokens: int = 131072
+    max_queued: int | None = None  # None: as many as fit in max_queued_bytes
+    max_queued_bytes: int = 1 << 30
+    max_queue_wait: float = 60.0
+    prefill_chunk: int = 512  # prompt tokens prefilled between two decode steps
+    # Tiles through the vision tower in one call (vision.ImageEncoder); None: 16 on a GPU, 1 (one image a call)
+    # on the CPU, where the tower is bound by its arithmetic.
+    vision_batch_tiles: int | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request, from the queue to its last token."""
+
+    inputs: Any  # the engine's model inputs (BatchFeature): input_ids, attention_mask, and the image's
+    image: Any  # the PreparedImage, or None: its digest keys the vision cache, its pixels are made on a miss
+    sampling: SamplingParams
+    max_new: int
+    send: Callable[[Message], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    fault: tuple[str, int] | None = None  # tests only: fail at this stage and step (``Scheduler.faults``)
+    queued_at: float = field(default_factory=time.monotonic)
+    # Set when it runs:
+    started_at: float = 0.0
+    ids: list[int] = field(default_factory=list)  # prompt and generated ids (for the repetition penalty)
+    generated: int = 0
+    last: int = 0  # the last token made, the next step's input
+    prefilled: int = 0  # prompt tokens through the model so far
+    reused: int = 0  # of those, the ones whose keys and values came from the prefix cache
+    tiles: int = 0  # its image's own tiles (of ``max_num_tiles``)
+    cache: Any = None  # its own key/value cache, until it joins a batch
+    mask: Any = None  # its attention mask [1, n], until it joins a batch
+    cross_mask: Any = None  # the cross-attention mask row for new tokens [1, 1, 1, tiles]
+    sampler: Any = None
+    encoded: tuple[float, float] | None = None  # when the vision tower ran on its image (monotonic), if it did
+    # (log-probability, [(rival id, its log-probability)]) of each token made, when sampling.logprobs asks;
+    # appended before the token is sent, read by the engine's generate loop.
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+    @property
+    def digest(self) -> str | None:
+        """Its image's content hash, or None."""
+        return self.image.digest if self.image is not None else None
+
+    def __post_init__(self) -> None:
+        self.budget = int(self.inputs["input_ids"].shape[1]) + self.max_new  # the most tokens it will hold
+        self.waiting_bytes = waiting_bytes(self)
+
+
+def waiting_bytes(seq: Sequence) -> int:
+    """The memory a request holds while it waits: its model inputs (an image's pixel tensors, 15 MB for
+    Llama 3.2's four tiles, unless its vision states are cached), its decoded image, and the rest."""
+    tensors = sum(t.numel() * t.element_size() for t in seq.inputs.values() if hasattr(t, "element_size"))
+    image = seq.image.image if seq.image is not None else None
+    pixels = image.width * image.height * len(image.getbands()) if image is not None else 0
+    return WAITING_OVERHEAD_BYTES + tensors + pixels

@@ -1,0 +1,92 @@
+"""One decode step's token masks for a batch: filled for the constrained rows only, applied in one call.
+
+The in-process engine's side (the one module here that imports torch). Per step::
+
+    filled = masks.fill([seq.matcher for seq in rows])   # None for unconstrained rows; CPU, no GIL held
+    logits = model(...)                                   # fill may run on a thread while this runs
+    masks.apply(logits, filled)                           # before sampling; unconstrained rows untouched
+    tokens = pick(...)
+    ends = masks.advance([seq.matcher for seq in rows], tokens)
+
+A batch without a constrained row costs nothing: ``fill`` returns None and ``apply`` returns at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llamascope.structured.backend import Backend, Matcher
+
+
+@dataclass
+class FilledMasks:
+    rows: list[int]  # the batch rows the masks are for, in order
+    bitmask: torch.Tensor  # [len(rows), mask_words] int32, on the CPU
+
+
+class StepMasks:
+    """The mask buffers of one engine: a CPU bitmask (pinned where CUDA is, for an asynchronous copy) reused
+    every step, grown to the largest batch seen."""
+
+    def __init__(self, backend: Backend, device: torch.device | str = "cpu") -> None:
+        self.backend = backend
+        self.device = torch.device(device)
+        self._cpu = self._allocate(16)
+        # Each byte of the bitmask, unpacked: one lookup turns a row of words into a row of disallowed flags.
+        self._refused = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).eq(0).to(self.device)
+        self._stops = [s for s in backend.stop_ids if s < backend.vocab_size]
+        # The bits of the model's own tokens (a mask may have more: the tokenizer's ids beyond the output layer).
+        whole, rest = divmod(backend.vocab_size, 32)
+        self._own = np.zeros(backend.mask_words, dtype=np.uint32)
+        self._own[:whole] = 0xFFFFFFFF
+        if rest:
+            self._own[whole] = (1 << rest) - 1
+
+    def _allocate(self, rows: int) -> torch.Tensor:
+        pin = self.device.type == "cuda"
+        return torch.full((rows, self.backend.mask_words), -1, dtype=torch.int32, pin_memory=pin)
+
+    def fill(self, matchers: Sequence[Matcher | None]) -> FilledMasks | None:
+        """The masks of the rows that have a live matcher (all filled at once); None if no row has one."""
+        rows = [i for i, m in enumerate(matchers) if m is not None and not m.finished]
+        if not rows:
+            return None
+        if len(rows) > self._cpu.shape[0]:
+            self._cpu = self._allocate(max(len(rows), 2 * self._cpu.shape[0]))
+        bitmask = self._cpu[: len(rows)]
+        words = bitmask.numpy()
+        self.backend.fill_bitmask([m for m in (matchers[i] for i in rows) if m is not None], words)
+        # A row whose grammar allows none of the model's tokens (a schema nothing can satisfy) is allowed its stop
+        # tokens instead, so that it ends rather than sampling from all -inf.
+        for row in np.flatnonzero(~(words.view(np.uint32) & self._own).any(axis=1)):
+            for stop in self._stops:
+                words.view(np.uint32)[row, stop // 32] |= np.uint32(1 << (stop % 32))
+        return FilledMasks(rows, bitmask)
+
+    def apply(self, logits: torch.Tensor, filled: FilledMasks | None) -> None:
+        """Set the disallowed tokens' logits of the filled rows to -inf, in place (``logits``: [rows, vocab]); the
+        other rows are not read or written."""
+        if filled is None:
+            return
+        count, vocab = len(filled.rows), logits.shape[-1]
+        packed = filled.bitmask.to(self.device, non_blocking=True).view(torch.uint8).long()
+        refused = self._refused[packed].view(count, -1)[:, :vocab]
+        if count == logits.shape[0]:
+            logits.masked_fill_(refused, float("-inf"))
+        else:
+            index = torch.tensor(filled.rows, device=logits.device)
+            logits[index] = logits[index].masked_fill(refused, float("-inf"))
+
+    @staticmethod
+    def advance(matchers: Sequence[Matcher | None], tokens: Sequence[int]) -> list[bool]:
+        """Give each constrained row its sampled token; True for the rows whose grammar is now complete (end
+        them with "stop", or "tool_calls" for a forced call) or has failed (which a mask makes impossible)."""
+        ends = [False] * len(tokens)
+        for i, (matcher, token) in enumerate(zip(matchers, tokens, strict=True)):
+            if matcher is not None and not matcher.finished:
+                ends[i] = not matcher.advance(token) or matcher.finished
+        return ends

@@ -1,0 +1,315 @@
+"""What a request asks of its answer's shape: ``response_format``, ``tools``, ``tool_choice``, ``parallel_tool_calls``.
+
+``read_request`` turns the wire fields (the same in DashScope's ``parameters`` and in OpenAI's body) into an
+``OutputSpec`` and refuses, with ``InvalidParameter`` naming the field, what cannot be served: a schema the grammar
+library cannot compile, ``json_object`` without the word "json" in the messages, a tool whose parameters are not a
+JSON Schema object, a ``tool_choice`` naming an unknown function. ``OutputSpec.grammar()`` then says which grammar,
+if any, constrains decoding. Nothing here needs the model or its tokenizer: the surfaces call it before a request
+is queued.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import jsonschema
+import llguidance
+
+from llamascope.errors import ServiceError, invalid_parameter
+
+# OpenAI's rule for function and schema names.
+NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# JSON as people read it, and as Llama 3.1 writes its tool calls: one line, ", " and ": ". A flexible
+# whitespace rule would let a weak model pad an answer with newlines until it runs out of tokens.
+JSON_STYLE: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# Llama 3.1's JSON tool calls are one object; vLLM's llama3_json parser also takes several separated by ";".
+PARALLEL_SEPARATOR = "; "
+MAX_PARALLEL_CALLS = 8
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A grammar to compile: ``kind`` is "json_schema" (``source`` a schema) or "lark" (llguidance's Lark).
+
+    ``key`` identifies the compiled grammar in the cache; ``field`` names the request field it came from, for
+    the error if it cannot be compiled.
+    """
+
+    kind: Literal["json_schema", "lark"]
+    source: str
+    field: str = field(default="response_format", compare=False)
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(f"{self.kind}\0{self.source}".encode()).hexdigest()
+
+    @classmethod
+    def json_schema(cls, schema: Mapping[str, Any], field: str) -> GrammarSpec:
+        return cls("json_schema", canonical_json(schema), field)
+
+    def llguidance_grammar(self) -> str:
+        """This grammar in llguidance's own form (cheap: compiling happens when a matcher is built)."""
+        if self.kind == "json_schema":
+            return llguidance.LLMatcher.grammar_from_json_schema(self.source, overrides=JSON_STYLE)  # type: ignore[arg-type]
+        return llguidance.LLMatcher.grammar_from_lark(self.source)
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    schema: Mapping[str, Any] | None = None
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call; ``parameters`` is a JSON Schema of type object."""
+
+    name: str
+    parameters: Mapping[str, Any]
+    description: str | None = None
+
+    def to_openai(self) -> dict[str, Any]:
+        function: dict[str, Any] = {"name": self.name}
+        if self.description is not None:
+            function["description"] = self.description
+        function["parameters"] = dict(self.parameters)
+        return {"type": "function", "function": function}
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """``auto``, ``none``, ``required``, or ``function`` with the ``name`` of the one function to call."""
+
+    mode: Literal["auto", "none", "required", "function"] = "auto"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """A request's wishes about the shape of its answer, checked."""
+
+    response_format: ResponseFormat = ResponseFormat()
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
+    parallel_tool_calls: bool = True
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer may be tool calls (the output is then parsed for them)."""
+        return bool(self.tools) and self.tool_choice.mode != "none"
+
+    @property
+    def forces_tool_call(self) -> bool:
+        """Whether the answer must be tool calls (the grammar makes it one; ``finish_reason`` "tool_calls")."""
+        return bool(self.tools) and self.tool_choice.mode in ("required", "function")
+
+    def offered_tools(self) -> tuple[Tool, ...]:
+        """The tools the model is told of: all, or the one ``tool_choice`` names, or none for ``none``."""
+        if not self.calls_tools:
+            return ()
+        if self.tool_choice.mode == "function":
+            return tuple(t for t in self.tools if t.name == self.tool_choice.name)
+        return self.tools
+
+    def grammar(self) -> GrammarSpec | None:
+        """The grammar that constrains decoding, or None for free text.
+
+        A forced tool call wins over ``response_format``; with ``auto`` the model may answer in text or call a
+        tool, so only ``response_format`` constrains (and the output is parsed for calls afterwards).
+        """
+        if self.forces_tool_call:
+            return tool_call_grammar(self.offered_tools(), parallel=self.parallel_tool_calls)
+        fmt = self.response_format
+        if fmt.type == "json_object":
+            return GrammarSpec.json_schema(ANY_OBJECT, "response_format")
+        if fmt.type == "json_schema":
+            assert fmt.schema is not None
+            return GrammarSpec.json_schema(fmt.schema, "response_format.json_schema.schema")
+        return None
+
+
+def tool_call_grammar(tools: tuple[Tool, ...], *, parallel: bool) -> GrammarSpec:
+    """A grammar for one call of one of ``tools`` in the Llama 3.1 JSON format, or with ``parallel`` up to
+    ``MAX_PARALLEL_CALLS`` of them separated by "; ": ``{"name": "...", "parameters": {...}}``, the
+    parameters valid against the tool's schema."""
+    alternatives = " | ".join(f"call_{i}" for i in range(len(tools)))
+    separator = json.dumps(PARALLEL_SEPARATOR)
+    start = f"start: call ({separator} call){{0,{MAX_PARALLEL_CALLS - 1}}}" if parallel else "start: call"
+    lines = [start, f"call: {alternatives}"]
+    for i, tool in enumerate(tools):
+        lines.append(f"call_{i}: %json {canonical_json(call_schema(tool))}")
+    return GrammarSpec("lark", "\n".join(lines), "tools")
+
+
+def call_schema(tool: Tool) -> dict[str, Any]:
+    """The JSON Schema of one call of ``tool``: its parameters' own ``$ref``s re-rooted under ``$defs``."""
+    return {
+        "type": "object",
+        "properties": {"name": {"const": tool.name}, "parameters": {"$ref": "#/$defs/parameters"}},
+        "required": ["name", "parameters"],
+        "additionalProperties": False,
+        "$defs": {"parameters": _reroot(tool.parameters, "#/$defs/parameters")},
+        "x-guidance": JSON_STYLE,
+    }
+
+
+# Keywords whose values are data, not schemas: a "$ref" key inside them is not a reference.
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _reroot(schema: Any, root: str) -> Any:
+    """``schema`` with every local ``$ref`` ("#", "#/...") pointing into ``root`` instead of the top."""
+    if isinstance(schema, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in schema.items():
+            if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+                out[key] = root + value[1:]
+            elif key in _DATA_KEYWORDS:
+                out[key] = value
+            else:
+                out[key] = _reroot(value, root)
+        return out
+    if isinstance(schema, list):
+        return [_reroot(item, root) for item in schema]
+    return schema
+
+
+def canonical_json(value: Any) -> str:
+    """One line of JSON, keys in their given order: a schema's ``properties`` order is the answer's order."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def read_request(
+    *,
+    response_format: Any = None,
+    tools: Any = None,
+    tool_choice: Any = None,
+    parallel_tool_calls: Any = None,
+    message_texts: Iterable[str] = (),
+    prefix: str = "",
+) -> OutputSpec:
+    """The checked ``OutputSpec`` of a request's fields (each None when absent).
+
+    ``message_texts`` are the texts of the request's messages (for ``json_object``'s "json" rule); ``prefix``
+    goes before field names in messages ("parameters." for DashScope's native body).
+    """
+    fmt = _response_format(response_format, prefix)
+    if fmt.type == "json_object" and not any("json" in text.lower() for text in message_texts):
+        raise invalid_parameter(
+            f"'messages' must contain the word 'json' in some form, to use '{prefix}response_format' of type "
+            "'json_object'."
+        )
+    tool_list = _tools(tools, prefix)
+    choice = _tool_choice(tool_choice, tool_list, prefix)
+    if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
+        raise _bad(prefix, "parallel_tool_calls", "expected a boolean")
+    return OutputSpec(fmt, tool_list, choice, True if parallel_tool_calls is None else parallel_tool_calls)
+
+
+def _bad(prefix: str, name: str, why: str) -> ServiceError:
+    return invalid_parameter(f"Invalid value for '{prefix}{name}': {why}.")
+
+
+def _response_format(value: Any, prefix: str) -> ResponseFormat:
+    if value is None:
+        return ResponseFormat()
+    if not isinstance(value, Mapping) or not isinstance(value.get("type"), str):
+        raise _bad(prefix, "response_format", 'expected an object with a "type"')
+    kind = value["type"]
+    if kind in ("text", "json_object"):
+        return ResponseFormat(kind)
+    if kind != "json_schema":
+        raise _bad(prefix, "response_format.type", f"'{kind}' is not one of 'text', 'json_object', 'json_schema'")
+    spec = value.get("json_schema")
+    if not isinstance(spec, Mapping):
+        raise _bad(prefix, "response_format.json_schema", "expected an object with a 'name' and a 'schema'")
+    name = spec.get("name")
+    if not isinstance(name, str) or not NAME.match(name):
+        raise _bad(prefix, "response_format.json_schema.name", "expected a string of letters, digits, _ or -, 1 to 64")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise _bad(prefix, "response_format.json_schema.strict", "expected a boolean")
+    schema = spec.get("schema", ANY_OBJECT)
+    check_schema(schema, f"{prefix}response_format.json_schema.schema")
+    return ResponseFormat("json_schema", name, schema, bool(strict))
+
+
+def _tools(value: Any, prefix: str) -> tuple[Tool, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _bad(prefix, "tools", "expected a list of tools")
+    tools: list[Tool] = []
+    for i, item in enumerate(value):
+        at = f"tools[{i}]"
+        if not isinstance(item, Mapping) or item.get("type", "function") != "function":
+            raise _bad(prefix, f"{at}.type", "expected 'function'")
+        function = item.get("function")
+        if not isinstance(function, Mapping):
+            raise _bad(prefix, f"{at}.function", "expected an object with a 'name'")
+        name = function.get("name")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise _bad(prefix, f"{at}.function.name", "expected a string of letters, digits, _ or -, 1 to 64")
+        if any(t.name == name for t in tools):
+            raise _bad(prefix, f"{at}.function.name", f"the name '{name}' is given to two tools")
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise _bad(prefix, f"{at}.function.description", "expected a string")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        where = f"{prefix}{at}.function.parameters"
+        if not isinstance(parameters, Mapping) or parameters.get("type") != "object":
+            raise invalid_parameter(f"Invalid value for '{where}': expected a JSON Schema of type 'object'.")
+        check_schema(parameters, where)
+        tools.append(Tool(name, parameters, description))
+    return tuple(tools)
+
+
+def _tool_choice(value: Any, tools: tuple[Tool, ...], prefix: str) -> ToolChoice:
+    if value is None:
+        return ToolChoice("auto")
+    if value in ("auto", "none"):
+        return ToolChoice(value)
+    if value == "required":
+        if not tools:
+            raise _bad(prefix, "tool_choice", "'required' needs 'tools'")
+        return ToolChoice("required")
+    if isinstance(value, Mapping) and value.get("type", "function") == "function":
+        function = value.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(name, str):
+            raise _bad(prefix, "tool_choice.function.name", "expected the name of a function in 'tools'")
+        if not any(t.name == name for t in tools):
+            raise _bad(prefix, "tool_choice.function.name", f"no function named '{name}' is in 'tools'")
+        return ToolChoice("function", name)
+    raise _bad(prefix, "tool_choice", "expected 'auto', 'none', 'required' or a function")
+
+
+def check_schema(schema: Any, where: str) -> None:
+    """Refuse a schema that is not a JSON Schema, or that the grammar library cannot compile."""
+    if not isinstance(schema, Mapping):
+        raise invalid_parameter(f"Invalid value for '{where}': expected a JSON Schema object.")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise invalid_parameter(f"Invalid value for '{where}': not a JSON Schema ({e.message}).") from None
+    problem = compile_problem(GrammarSpec.json_schema(schema, where))
+    if problem:
+        raise invalid_parameter(f"Invalid value for '{where}': the schema cannot be used for decoding: {problem}")
+
+
+def compile_problem(spec: GrammarSpec) -> str:
+    """Why llguidance cannot compile ``spec`` (its first line), or "" if it can; no tokenizer needed."""
+    try:
+        grammar = spec.llguidance_grammar()
+    except ValueError as e:
+        return str(e).strip().splitlines()[0]
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    return messages[0].strip().splitlines()[0] if is_error and messages else ""

@@ -1,0 +1,155 @@
+"""Tool calls in Llama 3.1's JSON format, read out of an answer and written back into a prompt.
+
+The model calls a function by answering ``{"name": "get_weather", "parameters": {"city": "Hangzhou"}}`` (Meta's
+prompt format for JSON-based tool calling, which Llama 3.2 Vision shares); with parallel calls, several such
+objects separated by ";" (as vLLM's ``llama3_json`` parser reads them). ``parse_answer`` splits an answer into
+text and OpenAI-shaped calls; ``CallStream`` does it for a streamed answer; ``tools_prompt``, ``call_text`` and
+``TOOL_RESULT_ROLE`` say how tools, calls and results go into the chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from llamascope.structured.spec import PARALLEL_SEPARATOR, Tool
+
+# The special token Llama 3.1 may put before a call (for its built-in tools); vLLM's parser skips it too.
+PYTHON_TAG = "<|python_tag|>"
+# Meta's template renders a tool's result in an "ipython" turn.
+TOOL_RESULT_ROLE = "ipython"
+
+
+def call_id() -> str:
+    """An id for a tool call, as OpenAI's look: "call_" and 24 hex digits."""
+    return "call_" + secrets.token_hex(12)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # a JSON object, as text
+    id: str = field(default_factory=call_id)
+
+    def to_openai(self, index: int | None = None) -> dict[str, Any]:
+        """The call as OpenAI and DashScope write it in ``message.tool_calls`` (with ``index`` in a stream)."""
+        out: dict[str, Any] = {} if index is None else {"index": index}
+        out.update({"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}})
+        return out
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An answer read for tool calls: either ``calls`` (and no text) or ``text``."""
+
+    text: str
+    calls: tuple[ToolCall, ...] = ()
+
+    @property
+    def finish_reason(self) -> str | None:
+        """ "tool_calls" when the answer is calls; otherwise the engine's own reason stands."""
+        return "tool_calls" if self.calls else None
+
+
+def parse_answer(text: str, tools: Iterable[Tool]) -> Answer:
+    """The tool calls in ``text`` if it is nothing but calls of known tools, else ``text`` as it is.
+
+    Like vLLM's ``llama3_json`` parser: the answer (after an optional ``<|python_tag|>``) is one JSON object or
+    several separated by ";", each with a "name" and its "parameters" (or "arguments") as an object.
+    """
+    names = {t.name for t in tools}
+    body = text.strip()
+    if body.startswith(PYTHON_TAG):
+        body = body[len(PYTHON_TAG) :].lstrip()
+    if not body.startswith("{"):
+        return Answer(text)
+    decoder = json.JSONDecoder()
+    calls: list[ToolCall] = []
+    at = 0
+    while at < len(body):
+        try:
+            value, at = decoder.raw_decode(body, at)
+        except json.JSONDecodeError:
+            return Answer(text)
+        call = _call(value, names)
+        if call is None:
+            return Answer(text)
+        calls.append(call)
+        at = _skip(body, at)
+        if at < len(body):
+            if body[at] != ";":
+                return Answer(text)
+            at = _skip(body, at + 1)
+    return Answer("", tuple(calls))
+
+
+def _call(value: Any, names: set[str]) -> ToolCall | None:
+    if not isinstance(value, dict) or value.get("name") not in names:
+        return None
+    arguments = value.get("parameters", value.get("arguments"))
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(value["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+def _skip(text: str, at: int) -> int:
+    while at < len(text) and text[at].isspace():
+        at += 1
+    return at
+
+
+class CallStream:
+    """A streamed answer that may be tool calls: text is let through as soon as it cannot be a call, held back
+    while it may be one.
+
+    ``push(delta)`` returns the text to send now; ``finish()`` returns the held-back text to send (when it was
+    not a call after all) and the calls. A forced call (``forced``) is always held back and always calls. The
+    calls go out whole, one delta each: ``ToolCall.to_openai(index)``, which the OpenAI SDKs and DashScope's
+    incremental mode join as they do any ``tool_calls`` delta.
+    """
+
+    def __init__(self, tools: Iterable[Tool], forced: bool = False) -> None:
+        self.tools = tuple(tools)
+        self.forced = forced
+        self._text = ""
+        self._holding: bool | None = True if forced else None  # None: not yet known
+
+    def push(self, delta: str) -> str:
+        self._text += delta
+        if self._holding is None:
+            head = self._text.lstrip()
+            if not head:
+                return ""
+            self._holding = head.startswith("{") or PYTHON_TAG.startswith(head[: len(PYTHON_TAG)])
+            return "" if self._holding else self._text
+        return "" if self._holding else delta
+
+    def finish(self) -> tuple[str, Answer]:
+        answer = parse_answer(self._text, self.tools)
+        held = self._text if self._holding is not False else ""
+        return ("" if answer.calls else held), answer
+
+
+def tools_prompt(tools: Iterable[Tool]) -> str:
+    """Meta's instruction for JSON tool calling, which its template puts before the first user message."""
+    listed = "".join(json.dumps(t.to_openai(), indent=4) + "\n\n" for t in tools)
+    return (
+        "Given the following functions, please respond with a JSON for a function call with its proper arguments "
+        "that best answers the given prompt.\n\n"
+        'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+        "Do not use variables.\n\n" + listed
+    )
+
+
+def call_text(calls: Iterable[Mapping[str, Any]]) -> str:
+    """An assistant message's OpenAI ``tool_calls`` as the model writes them (for the history in a prompt)."""
+    out = []
+    for call in calls:
+        function = call.get("function", {})
+        arguments = function.get("arguments", "{}")
+        parameters = json.loads(arguments) if isinstance(arguments, str) else arguments
+        out.append(json.dumps({"name": function.get("name"), "parameters": parameters}, ensure_ascii=False))
+    return PARALLEL_SEPARATOR.join(out)

@@ -1,0 +1,91 @@
+"""Settling a reply: generating charges nothing; ``Reply.settle()`` charges once, however the reply ended."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from llamascope.accounts import admin
+from llamascope.accounts.admission import Accounts
+from llamascope.accounts.store import AccountStore
+from llamascope.conversation.service import ConversationService, Endpoint
+from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
+from llamascope.errors import ServiceError
+from llamascope.images.decode import DecodeLimits
+from llamascope.images.intake import ImageIntake
+from llamascope.images.source import FetchPolicy
+from llamascope.observability.facts import UpstreamHealth
+from tests.conftest import API_KEY
+
+MESSAGES = [{"role": "user", "content": "Say three words."}]
+
+
+class ScriptedEngine:
+    """A text-only engine that says ``words``, then stops, or fails if ``fail``."""
+
+    info = EngineInfo(kind="scripted", source="tests", context_length=4096, takes_images=False)
+
+    def __init__(self, words: list[str], fail: bool = False) -> None:
+        self.words = words
+        self.fail = fail
+
+    async def prepare(self, turns: list[Turn]) -> PreparedPrompt:
+        return PreparedPrompt(input_tokens=12, image_tokens=0, max_new_tokens=100)
+
+    async def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:
+        for i, word in enumerate(self.words):
+            yield Chunk(word, i + 1)
+        if self.fail:
+            raise ServiceError(500, "InternalError.Algo", "the engine failed")
+        yield Chunk("", len(self.words), FinishReason.STOP)
+
+    def tokens(self, prompt: PreparedPrompt) -> tuple[list[int], list[str]]:
+        return [], []
+
+    def image_size(self, width: int, height: int) -> tuple[int, int]:
+        return width, height
+
+    def stats(self) -> dict[str, int]:
+        return {"running": 0}
+
+    def health(self) -> tuple[UpstreamHealth, ...]:
+        return ()
+
+    async def close(self) -> None:
+        pass
+
+
+def ledger_after(tmp_path: Path, engine: ScriptedEngine, settles: int) -> list[dict]:
+    store = AccountStore(f"sqlite:///{tmp_path / 'accounts.db'}")
+    store.migrate()
+    admin.seed_keys(store, [API_KEY])
+    accounts = Accounts(store)
+    service = ConversationService({"scripted": engine}, ImageIntake(FetchPolicy(), DecodeLimits()), accounts)
+
+    async def run() -> None:
+        principal = await accounts.authenticate(f"Bearer {API_KEY}")
+        reply = await service.open(principal, "request-1", "scripted", MESSAGES, {}, endpoint=Endpoint.TEXT)
+        with contextlib.suppress(ServiceError):
+            await reply.complete()
+        assert store.requests() == []  # generating, finished or failed, charges nothing by itself
+        for _ in range(settles):
+            await reply.settle()
+
+    try:
+        asyncio.run(run())
+        return store.requests()
+    finally:
+        service.intake.close()
+        accounts.close()
+
+
+def test_a_finished_reply_is_charged_once_however_often_it_is_settled(tmp_path: Path) -> None:
+    (row,) = ledger_after(tmp_path, ScriptedEngine(["one", " two", " three"]), settles=3)
+    assert (row["status"], row["input_tokens"], row["output_tokens"]) == ("ok", 12, 3)
+
+
+def test_a_failed_reply_is_charged_what_it_made_with_the_error_code(tmp_path: Path) -> None:
+    (row,) = ledger_after(tmp_path, ScriptedEngine(["one", " two"], fail=True), settles=2)
+    assert (row["status"], row["input_tokens"], row["output_tokens"]) == ("InternalError.Algo", 12, 2)

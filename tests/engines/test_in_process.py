@@ -1,0 +1,63 @@
+"""The request path every in-process model shares (prompt preparation, generation, cancellation), driven
+directly (no HTTP) on the built-in Llama 3.2 Vision model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from llamascope import errors
+from llamascope.engines.base import FinishReason, SamplingParams, Turn
+from llamascope.engines.mllama import MllamaEngine
+from tests.engines.test_mllama import RED, collect
+
+
+@pytest.fixture(scope="module")
+def engine(test_model_dir: Path) -> MllamaEngine:
+    return MllamaEngine.load(test_model_dir, test_model=True)
+
+
+def test_seeded_sampling_repeats(engine: MllamaEngine) -> None:
+    turns = [Turn("user", "Describe.", RED)]
+    run = lambda seed: asyncio.run(collect(engine, turns, SamplingParams(max_new_tokens=10, seed=seed)))[0]  # noqa: E731
+    assert run(1) == run(1) != run(2)
+
+
+def test_context_limit(test_model_dir: Path) -> None:
+    small = MllamaEngine.load(test_model_dir, context_length=40, test_model=True)
+    turns = [Turn("user", "Describe.", RED)]
+    _text, chunks = asyncio.run(collect(small, turns, SamplingParams(max_new_tokens=512, temperature=0)))
+    prompt = asyncio.run(small.prepare(turns))
+    assert chunks[-1].output_tokens == 40 - prompt.input_tokens
+    assert chunks[-1].finish_reason == FinishReason.LENGTH
+    with pytest.raises(errors.ServiceError, match=r"Range of input length should be \[1, 39\]"):
+        asyncio.run(small.prepare([Turn("user", "dog " * 50, RED)]))
+    # A prompt far too long is refused without tokenising it.
+    with pytest.raises(errors.ServiceError, match="Range of input length"):
+        asyncio.run(small.prepare([Turn("user", "x" * 5_000_000, RED)]))
+
+
+def test_cancel_frees_the_model_within_a_step(engine: MllamaEngine) -> None:
+    async def scenario() -> tuple[int, float]:
+        prompt = await engine.prepare([Turn("user", "Describe.", RED)])
+        stream = engine.generate(prompt, SamplingParams(max_new_tokens=4000, temperature=0))
+        got = 0
+        async for chunk in stream:
+            got = chunk.output_tokens
+            if got >= 3:
+                break
+        await stream.aclose()
+        closed = time.monotonic()
+        while engine.active:
+            await asyncio.sleep(0.005)
+            assert time.monotonic() - closed < 5, "generation kept running after cancel"
+        # The next request runs at once: the model thread is free.
+        _text, chunks = await collect(engine, [Turn("user", "Next.", RED)], SamplingParams(max_new_tokens=2))
+        return chunks[-1].output_tokens, time.monotonic() - closed
+
+    produced, _ = asyncio.run(scenario())
+    assert produced == 2
+    assert engine.active == 0

@@ -1,0 +1,123 @@
+"""Reading and refusing a request's response_format, tools and tool_choice: each refusal names its field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from llamascope.errors import ServiceError
+from llamascope.structured.spec import GrammarSpec, read_request
+
+OBJECT = {"type": "object", "properties": {"a": {"type": "integer"}}}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": OBJECT}}
+
+
+def refusal(**fields: Any) -> str:
+    with pytest.raises(ServiceError) as caught:
+        read_request(**fields)
+    assert (caught.value.status, caught.value.code) == (400, "InvalidParameter")
+    return caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}},
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "x",
+                        "schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=x)a"}}},
+                    },
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nothing"}}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/missing"}},
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": OBJECT}}},
+            "response_format.json_schema.name",
+        ),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_object"}, "message_texts": ["Describe the image."]}, "response_format"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+            "tools[0].function.parameters",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+            "tools[0].function.parameters",
+        ),
+        (
+            {
+                "tools": [
+                    TOOL,
+                    {
+                        "type": "function",
+                        "function": {"name": "g", "parameters": {"type": "object", "properties": {"a": {"type": 3}}}},
+                    },
+                ]
+            },
+            "tools[1].function.parameters",
+        ),
+        ({"tools": [TOOL, TOOL]}, "tools[1].function.name"),
+        (
+            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            "tool_choice.function.name",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ],
+)
+def test_refusals_name_the_field(fields: dict[str, Any], named: str) -> None:
+    assert f"'{named}'" in refusal(**fields)
+
+
+def test_native_fields_are_named_with_their_prefix() -> None:
+    message = refusal(response_format={"type": "json_object"}, message_texts=["hi"], prefix="parameters.")
+    assert "'parameters.response_format'" in message and "json" in message
+
+
+def test_what_each_request_is_constrained_by() -> None:
+    assert read_request().grammar() is None
+    assert read_request(response_format={"type": "text"}).grammar() is None
+    json_object = read_request(response_format={"type": "json_object"}, message_texts=["Answer in JSON."]).grammar()
+    assert json_object == GrammarSpec.json_schema({"type": "object"}, "response_format")
+    schema = read_request(
+        response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": OBJECT, "strict": True}}
+    )
+    assert schema.response_format.strict and schema.grammar() == GrammarSpec.json_schema(OBJECT, "x")
+    auto = read_request(
+        tools=[TOOL], response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": OBJECT}}
+    )
+    assert auto.calls_tools and not auto.forces_tool_call and auto.grammar() == schema.grammar()
+    none = read_request(tools=[TOOL], tool_choice="none")
+    assert not none.calls_tools and none.grammar() is None and none.offered_tools() == ()
+    forced = read_request(tools=[TOOL], tool_choice="required", parallel_tool_calls=False)
+    assert forced.forces_tool_call and forced.grammar() is not None and forced.grammar().kind == "lark"  # type: ignore[union-attr]
+    no_parameters = read_request(tools=[{"type": "function", "function": {"name": "now"}}])
+    assert no_parameters.tools[0].parameters == {"type": "object", "properties": {}}

@@ -1,0 +1,116 @@
+"""Tool calls: forced by the grammar (whatever the weights), read from free answers, streamed."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import jsonschema
+import pytest
+
+from llamascope.structured.compiler import GrammarCache
+from llamascope.structured.guidance import GuidanceBackend
+from llamascope.structured.spec import read_request
+from llamascope.structured.tools import CallStream, call_text, parse_answer, tools_prompt
+from tests.structured.decoding import random_decode
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Hangzhou", "Beijing"]}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+RECEIPT = {
+    "type": "function",
+    "function": {
+        "name": "save_receipt",
+        "parameters": {
+            "$defs": {"money": {"type": "integer", "minimum": 0, "maximum": 9999}},
+            "type": "object",
+            "properties": {"total": {"$ref": "#/$defs/money"}, "tip": {"$ref": "#/$defs/money"}},
+            "required": ["total"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOLS = [WEATHER, RECEIPT]
+
+
+@pytest.mark.parametrize(
+    ("choice", "parallel"),
+    [("required", False), ("required", True), ({"type": "function", "function": {"name": "save_receipt"}}, False)],
+)
+def test_forced_calls_parse_and_validate(
+    choice: object, parallel: bool, backend: GuidanceBackend, grammars: GrammarCache
+) -> None:
+    spec = read_request(tools=TOOLS, tool_choice=choice, parallel_tool_calls=parallel)
+    grammar_spec = spec.grammar()
+    assert grammar_spec is not None and spec.forces_tool_call
+    grammar = grammars.get_blocking(grammar_spec)
+    rows, _ = random_decode(backend, [grammar] * 20, zlib.crc32(repr(choice).encode()), 200, torch_path=False)
+    parameters = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    allowed = {t.name for t in spec.offered_tools()}
+    counts = set()
+    for row in rows:
+        text = backend.decode(row.tokens)
+        if row.finish_reason == "length":
+            assert grammar.accepts_prefix(row.tokens), text
+            continue
+        answer = parse_answer(text, spec.tools)
+        assert answer.calls and answer.finish_reason == "tool_calls", text
+        counts.add(len(answer.calls))
+        for call in answer.calls:
+            assert call.name in allowed and call.id.startswith("call_")
+            jsonschema.validate(json.loads(call.arguments), parameters[call.name])
+    assert counts and (max(counts) > 1) == parallel
+
+
+def test_auto_answers_are_read_like_vllms_llama3_json() -> None:
+    spec = read_request(tools=TOOLS)
+    one = parse_answer('{"name": "get_weather", "parameters": {"city": "Hangzhou"}}', spec.tools)
+    assert [(c.name, json.loads(c.arguments)) for c in one.calls] == [("get_weather", {"city": "Hangzhou"})]
+    two = parse_answer(
+        '<|python_tag|>{"name": "get_weather", "arguments": {}}; {"name": "save_receipt", "parameters": {"total": 3}}',
+        spec.tools,
+    )
+    assert [c.name for c in two.calls] == ["get_weather", "save_receipt"] and two.text == ""
+    for text in (
+        "It is sunny.",
+        '{"name": "unknown", "parameters": {}}',
+        '{"name": "get_weather"',
+        '{"a": 1} and more',
+    ):
+        assert parse_answer(text, spec.tools) == parse_answer(text, spec.tools).__class__(text)
+    call = one.calls[0].to_openai(index=0)
+    assert call["type"] == "function" and call["index"] == 0 and isinstance(call["function"]["arguments"], str)
+
+
+def test_a_stream_lets_text_through_and_holds_calls_back() -> None:
+    spec = read_request(tools=TOOLS)
+    text = CallStream(spec.tools)
+    assert [text.push(d) for d in (" ", "It is", " sunny")] == ["", " It is", " sunny"]
+    assert text.finish()[0] == "" and not text.finish()[1].calls
+    call = CallStream(spec.tools)
+    assert [call.push(d) for d in ('{"name": "get_weather", ', '"parameters": {"city": "Beijing"}}')] == ["", ""]
+    held, answer = call.finish()
+    assert held == "" and answer.calls[0].name == "get_weather"
+    not_a_call = CallStream(spec.tools)
+    not_a_call.push('{"just": "json"}')
+    assert not_a_call.finish() == ('{"just": "json"}', parse_answer('{"just": "json"}', spec.tools))
+
+
+def test_calls_and_tools_go_back_into_the_prompt() -> None:
+    spec = read_request(tools=[WEATHER])
+    history = [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Hangzhou"}'}}
+    ]
+    assert call_text(history) == '{"name": "get_weather", "parameters": {"city": "Hangzhou"}}'
+    prompt = tools_prompt(spec.tools)
+    assert '"name": "get_weather"' in prompt and prompt.startswith("Given the following functions")

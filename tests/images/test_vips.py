@@ -133,6 +133,7 @@ def test_every_exif_orientation_as_pillow_turns_it(orientation: int) -> None:
     assert (ours == pillow).all()  # no resize: exactly the same pixels
 
 
+@pytest.mark.slow  # imports transformers: about 10 s on two cores
 def test_the_stock_processor_sees_the_same_pixel_values() -> None:
     """From the bytes to pixel_values: libvips's shrunk image against the stock processor given the whole one."""
     from transformers.models.mllama import MllamaImageProcessorPil

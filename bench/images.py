@@ -1,8 +1,14 @@
 """Image intake against the usual path: bytes to the model's pixel_values, time and peak memory.
 
 baseline:   PIL.Image.open(bytes).convert("RGB"), then the stock Mllama image processor
-llamascope: decode_image(bytes, limits, engine.image_size) (checks, reduced decode, one resize),
-            then the engine's one-pass preprocessing (MllamaPixels; equal to the stock processor's output)
+pillow:     llamascope before libvips: decode_image(bytes, limits, engine.image_size, libvips=False)
+            (checks, reduced decode, one resize), then the engine's one-pass preprocessing
+            (MllamaPixels; equal to the stock processor's output)
+libvips:    llamascope as it runs: the same, with PNG and large WEBP decoded by libvips (images/vips.py)
+
+A case of several images is a conversation that sends them together: the baseline
+gives them to the stock processor at once; llamascope decodes them in a pool of
+LLAMASCOPE_IMAGE_DECODE_WORKERS threads, as the intake's decode pool does.
 
 Every case and method runs in a fresh process: peak memory is that process's
 high-water mark above what it held before the case (Python, PyTorch and the
@@ -28,14 +34,16 @@ import numpy as np
 from PIL import Image
 
 CHILD = r"""
-import io, json, resource, statistics, sys, time, warnings
+import io, json, os, resource, statistics, sys, time, warnings
+from concurrent.futures import ThreadPoolExecutor
 warnings.simplefilter("ignore")
-method, path, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
+method, paths, repeats = sys.argv[1], sys.argv[2].split(os.pathsep), int(sys.argv[3])
 from PIL import Image
 Image.MAX_IMAGE_PIXELS = None  # the baseline as commonly run: Pillow's bomb check warns, people ignore it
 from llamascope.engines.mllama import MllamaEngine
 from llamascope.engines.builtin_model import ensure_test_model
 from llamascope.settings import Settings
+from llamascope.images import vips
 from llamascope.images.decode import DecodeLimits, decode_image
 from llamascope import errors
 settings = Settings.load()
@@ -43,7 +51,11 @@ engine = MllamaEngine.load(ensure_test_model(settings.cache_dir), test_model=Tru
 processor = engine.processor.image_processor
 limits = DecodeLimits(max_pixels=settings.image_max_pixels, max_decode_pixels=settings.image_max_decode_pixels,
                       min_side=settings.image_min_side)
-data = open(path, "rb").read()
+decoders = ThreadPoolExecutor(settings.image_decode_workers)  # as the intake's decode pool
+images = [open(path, "rb").read() for path in paths]
+use_libvips = method == "libvips"
+if use_libvips:
+    vips.available()  # libvips loaded with the process, as in a server: not the case's cost
 
 def status_kb(field):
     for line in open("/proc/self/status"):
@@ -51,15 +63,18 @@ def status_kb(field):
             return int(line.split()[1])
 
 def baseline():
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    return processor(images=[[img]], return_tensors="np")["pixel_values"].shape
+    imgs = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+    return processor(images=[imgs], return_tensors="np")["pixel_values"].shape
+
+def decode(data):
+    return decode_image(data, limits, engine.image_size, libvips=use_libvips)
 
 def llamascope():
     try:
-        img = decode_image(data, limits, engine.image_size).image
+        decoded = [decode(images[0])] if len(images) == 1 else list(decoders.map(decode, images))
     except errors.ServiceError as exc:
         return "refused: " + exc.message[:60]
-    return engine.pixels(img)["pixel_values"].shape
+    return [engine.pixels(image.image)["pixel_values"].shape for image in decoded]
 
 run = baseline if method == "baseline" else llamascope
 open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark: loading is not the case's cost
@@ -105,7 +120,7 @@ def j2k_near(img: Image.Image, target_bytes: int) -> bytes:
     return encode(img, "JPEG2000", quality_mode="rates", quality_layers=[raw / target_bytes], irreversible=True)
 
 
-def cases() -> dict[str, bytes]:
+def cases() -> dict[str, bytes | list[bytes]]:
     formats_img = photo(1600, 1200, 1)
     out = {
         f"{fmt.lower()} 1600x1200": encode(formats_img.convert(mode) if mode else formats_img, fmt, **kw)
@@ -130,13 +145,20 @@ def cases() -> dict[str, bytes]:
     out["WORST 20 MP PNG (at the decode budget)"] = encode(Image.new("RGB", (5470, 3656), (10, 120, 200)), "PNG")
     out["WORST 100 MP JPEG (at the pixel budget)"] = encode(Image.new("RGB", (12000, 8333), (9, 9, 9)), "JPEG")
     out["WORST 12 MP WEBP"] = encode(big, "WEBP", quality=90)
+    # A conversation comparing phone photos: what people send, each in its common format.
+    out["4 images: 12 MP JPEG, WEBP, PNG 1600x1200, JPEG"] = [
+        out["12 MP JPEG, less sensor noise"],
+        encode(photo(4000, 3000, 6, noise=3), "WEBP", quality=85),
+        out["png 1600x1200"],
+        out["jpeg 1600x1200"],
+    ]
     return out
 
 
-def measure(method: str, path: Path, repeats: int) -> dict:
+def measure(method: str, paths: list[Path], repeats: int) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, method, str(path), str(repeats)],
+        [sys.executable, "-c", CHILD, method, os.pathsep.join(map(str, paths)), str(repeats)],
         capture_output=True,
         text=True,
         env=env,
@@ -153,25 +175,32 @@ def main() -> None:
     parser.add_argument("--only", help="run only cases whose name contains this")
     args = parser.parse_args()
     started = time.time()
-    print("bytes -> Mllama pixel_values; time = median, peak = memory high-water mark above the loaded process")
+    print("bytes -> Mllama pixel_values; time = median, peak = memory high-water mark above the loaded process;")
+    print("speed-up = baseline time / llamascope time (before libvips: pillow; now: libvips)")
     header = (
-        f"{'case':<40} {'size':>8} {'baseline':>10} {'peak':>8} {'llamascope':>11} {'peak':>8} {'speed-up':>9}  result"
+        f"{'case':<46} {'size':>8} {'baseline':>9} {'peak':>6} {'pillow':>8} {'peak':>6} {'libvips':>8} {'peak':>6}"
+        f" {'before':>7} {'now':>6}  result"
     )
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
-        for name, data in cases().items():
+        for name, content in cases().items():
             if args.only and args.only not in name:
                 continue
-            path = Path(tmp) / "image"
-            path.write_bytes(data)
-            base = measure("baseline", path, args.repeats)
-            ours = measure("llamascope", path, args.repeats)
-            ratio = base["seconds"] / ours["seconds"]
-            result = ours["result"] if ours["result"].startswith(("refused", "crashed")) else "ok"
+            images = content if isinstance(content, list) else [content]
+            paths = [Path(tmp) / f"image{i}" for i in range(len(images))]
+            for path, data in zip(paths, images, strict=True):
+                path.write_bytes(data)
+            base = measure("baseline", paths, args.repeats)
+            before = measure("pillow", paths, args.repeats)
+            now = measure("libvips", paths, args.repeats)
+            result = now["result"] if now["result"].startswith(("refused", "crashed")) else "ok"
+            size = sum(map(len, images)) / 1e6
             print(
-                f"{name:<40} {len(data) / 1e6:>6.2f}MB {base['seconds'] * 1000:>8.0f}ms {base['peak_mb']:>6.0f}MB "
-                f"{ours['seconds'] * 1000:>9.0f}ms {ours['peak_mb']:>6.0f}MB {ratio:>8.1f}x  {result}",
+                f"{name:<46} {size:>6.2f}MB {base['seconds'] * 1000:>7.0f}ms {base['peak_mb']:>4.0f}MB "
+                f"{before['seconds'] * 1000:>6.0f}ms {before['peak_mb']:>4.0f}MB "
+                f"{now['seconds'] * 1000:>6.0f}ms {now['peak_mb']:>4.0f}MB "
+                f"{base['seconds'] / before['seconds']:>6.1f}x {base['seconds'] / now['seconds']:>5.1f}x  {result}",
                 flush=True,
             )
     print(f"({time.time() - started:.0f} s)")

@@ -15,6 +15,12 @@ from llamascope.images.decode import DecodeLimits, decode_image
 LIMITS = DecodeLimits(max_pixels=40_000_000, min_side=10)
 
 
+@pytest.fixture(params=[True, False], ids=["libvips", "pillow"])
+def libvips(request: pytest.FixtureRequest) -> bool:
+    """Both decode paths: libvips where it is faster (PNG, large WEBP), Pillow for all."""
+    return bool(request.param)
+
+
 def encode(fmt: str, mode: str = "RGB", size: tuple[int, int] = (64, 48), **kwargs: object) -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, (10, 200, 30, 255)[: len(mode)] if mode not in ("L", "P") else 100).save(
@@ -73,10 +79,10 @@ def test_not_an_image() -> None:
         decode_image(b"just some text, not a picture", LIMITS)
 
 
-def test_truncated() -> None:
+def test_truncated(libvips: bool) -> None:
     data = encode("PNG", size=(400, 400))
     with pytest.raises(errors.ServiceError, match="corrupt or truncated"):
-        decode_image(data[: len(data) // 2], LIMITS)
+        decode_image(data[: len(data) // 2], LIMITS, libvips=libvips)
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -90,10 +96,18 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 @pytest.mark.parametrize("side", [7000, 12000, 100_000])
-def test_pixel_budget_checked_before_decoding(side: int) -> None:
+def test_pixel_budget_checked_before_decoding(side: int, libvips: bool) -> None:
     with pytest.raises(errors.ServiceError) as info:
-        decode_image(png_header_only(side, side), LIMITS)
+        decode_image(png_header_only(side, side), LIMITS, libvips=libvips)
     assert info.value.status == 400 and "pixels" in info.value.message
+
+
+def test_decode_budget_checked_before_decoding(libvips: bool) -> None:
+    """Within the header's budget but more to decode than the server allows: refused from the header too
+    (the PNG has no pixel data, so decoding would fail otherwise). WEBP counts whole on both paths."""
+    limits = DecodeLimits(max_pixels=40_000_000, max_decode_pixels=1_000_000)
+    with pytest.raises(errors.ServiceError, match="decodes at most 1000000 pixels"):
+        decode_image(png_header_only(2000, 1000), limits, lambda w, h: (200, 100), libvips=libvips)
 
 
 def test_too_small() -> None:
@@ -101,19 +115,19 @@ def test_too_small() -> None:
         decode_image(encode("PNG", size=(5, 300)), LIMITS)
 
 
-def test_alpha_flattened_onto_white() -> None:
+def test_alpha_flattened_onto_white(libvips: bool) -> None:
     buf = io.BytesIO()
     Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(buf, format="PNG")
-    image = decode_image(buf.getvalue(), LIMITS).image
+    image = decode_image(buf.getvalue(), LIMITS, libvips=libvips).image
     assert image.getpixel((5, 5)) == (255, 255, 255)
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "CMYK", "I;16", "LA"])
-def test_modes_become_rgb(mode: str) -> None:
+def test_modes_become_rgb(mode: str, libvips: bool) -> None:
     fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
     buf = io.BytesIO()
     Image.new(mode, (30, 30)).save(buf, format=fmt)
-    assert decode_image(buf.getvalue(), LIMITS).image.mode == "RGB"
+    assert decode_image(buf.getvalue(), LIMITS, libvips=libvips).image.mode == "RGB"
 
 
 def test_sixteen_bit_scaled_not_clipped() -> None:
@@ -123,17 +137,18 @@ def test_sixteen_bit_scaled_not_clipped() -> None:
     assert 120 <= r <= 135 and r == g == b
 
 
-def test_exif_orientation_applied() -> None:
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_applied(fmt: str, libvips: bool) -> None:
     img = Image.new("RGB", (60, 20), (0, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees when shown
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", exif=exif)
-    assert decode_image(buf.getvalue(), LIMITS).image.size == (20, 60)
+    img.save(buf, format=fmt, exif=exif)
+    assert decode_image(buf.getvalue(), LIMITS, libvips=libvips).image.size == (20, 60)
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "JPEG2000", "PNG"])
-def test_decoded_no_larger_than_the_model_wants(fmt: str) -> None:
+@pytest.mark.parametrize("fmt", ["JPEG", "JPEG2000", "PNG", "WEBP"])
+def test_decoded_no_larger_than_the_model_wants(fmt: str, libvips: bool) -> None:
     data = encode(fmt, size=(4000, 3000))
     asked = []
 
@@ -141,7 +156,7 @@ def test_decoded_no_larger_than_the_model_wants(fmt: str) -> None:
         asked.append((width, height))
         return 1120, 840
 
-    image = decode_image(data, LIMITS, fit)
+    image = decode_image(data, LIMITS, fit, libvips=libvips)
     assert asked == [(4000, 3000)]
     assert (image.source_width, image.source_height) == (4000, 3000)
     assert image.image.size == (1120, 840)
@@ -162,8 +177,8 @@ def test_fit_sees_the_rotated_size() -> None:
     assert asked == [(2000, 3000)]
 
 
-def test_small_images_are_not_upscaled_here() -> None:
-    image = decode_image(encode("PNG", size=(300, 200)), LIMITS, lambda w, h: (560, 373))
+def test_small_images_are_not_upscaled_here(libvips: bool) -> None:
+    image = decode_image(encode("PNG", size=(300, 200)), LIMITS, lambda w, h: (560, 373), libvips=libvips)
     assert image.image.size == (300, 200)  # the model's processor upscales; intake never does
 
 
@@ -175,11 +190,11 @@ def test_digest_is_of_the_source_bytes() -> None:
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
-def test_first_frame_of_animations_and_pages(fmt: str) -> None:
+def test_first_frame_of_animations_and_pages(fmt: str, libvips: bool) -> None:
     frames = [Image.new("RGB", (40, 40), c) for c in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
     buf = io.BytesIO()
     frames[0].save(
         buf, format=fmt, save_all=True, append_images=frames[1:], **({"lossless": True} if fmt == "WEBP" else {})
     )
-    r, g, b = decode_image(buf.getvalue(), LIMITS).image.getpixel((20, 20))
+    r, g, b = decode_image(buf.getvalue(), LIMITS, libvips=libvips).image.getpixel((20, 20))
     assert r > 200 and g < 50 and b < 50

@@ -42,10 +42,12 @@ setup: $(SERVE_STAMP)
 serve: $(SERVE_STAMP)
 	$(BIN)/llamascope serve $(ARGS)
 
+# lint-imports checks the layering contracts in pyproject.toml ([tool.importlinter]; docs/architecture.md).
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy llamascope
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest

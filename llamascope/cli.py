@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from llamascope import __version__
+from llamascope.accounts import admin
+from llamascope.accounts.access import KEY_RULE, MAKE_A_KEY, key_weakness
+from llamascope.accounts.records import utcnow
 from llamascope.client import chat
+from llamascope.engines.builtin_model import ensure_test_model
 from llamascope.settings import BUILTIN, ModelSpec, Settings, describe_error
 
 
@@ -63,8 +68,6 @@ KEYS_GRANT_DESCRIPTION = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llamascope.accounts import admin
-
     parser = argparse.ArgumentParser(prog="llamascope", description=__doc__)
     parser.add_argument("--version", action="version", version=f"llamascope {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -172,8 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def weak_keys(keys: list[str]) -> list[str]:
     """Lines that say which keys of the settings are too easy to guess, and how to make a good one."""
-    from llamascope.accounts.access import KEY_RULE, MAKE_A_KEY, key_weakness
-
     lines = [f"  key {i + 1} ({key[:7]}…): {reason}" for i, key in enumerate(keys) if (reason := key_weakness(key))]
     if lines:
         lines.insert(0, "the API keys of the settings (LLAMASCOPE_API_KEYS or api_keys) must be hard to guess:")
@@ -207,11 +208,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def accounts_command(args: argparse.Namespace) -> int:
-    from datetime import timedelta
-
-    # The store (and the server stack around it) loads only for the commands that use it: chat starts fast.
-    from llamascope.accounts import admin
-    from llamascope.accounts.records import utcnow
+    # The store (SQLAlchemy, Alembic) and the server stack around it load only for the commands that use
+    # them: chat starts fast.
     from llamascope.server import model_allowances, open_store, safe_url
 
     try:
@@ -281,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "chat":
         return chat.run(args)
     if args.command == "build-test-model":
-        # PyTorch and transformers load for this command only.
-        from llamascope.engines.builtin_model import ensure_test_model
+        # Observability (prometheus-client, OpenTelemetry) loads only for the commands that serve or build:
+        # chat starts fast. (PyTorch and transformers load inside ensure_test_model.)
         from llamascope.observability import logs
 
         logs.configure("info")

@@ -24,7 +24,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -386,8 +386,6 @@ class Settings(BaseSettings):
 def describe_error(exc: BaseException) -> str:
     """A settings error as a user reads it: each wrong setting by the environment variable (and config-file
     key) that sets it, what is wrong, and the value given; pydantic's own text for anything else."""
-    from pydantic import ValidationError
-
     if not isinstance(exc, ValidationError):
         return str(exc)
     lines = []

@@ -11,10 +11,12 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llamascope.accounts.records import EVERY_MODEL, GrantView, KeyView, ModelAllowance, hash_key, utcnow
-from llamascope.accounts.store import AccountStore
+
+if TYPE_CHECKING:  # the parsers here run at every command's start (cli.build_parser): no SQLAlchemy for them
+    from llamascope.accounts.store import AccountStore
 
 UNLIMITED = "unlimited"
 Limit = int | float | str | None  # a number, "unlimited", or None for the model's default
@@ -157,7 +159,7 @@ def seed_keys(store: AccountStore, keys: Iterable[str]) -> list[str]:
     Replicas starting together on one store each try: a key or grant another stored a moment before (the
     unique constraint refuses the second insert) is taken as it is.
     """
-    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import IntegrityError  # SQLAlchemy only with a store: see the imports above
 
     changes = []
     wanted = {hash_key(key): key for key in keys}

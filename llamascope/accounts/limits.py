@@ -135,6 +135,7 @@ class SharedRateLimits:
         prefix: str = "llamascope",
         replica: str | None = None,
     ) -> None:
+        # redis and limits' async storage (about 0.3 s) load only when a Redis URL is set
         import redis.asyncio as redis
         from limits.aio.storage import RedisStorage
         from limits.aio.strategies import MovingWindowRateLimiter as AsyncMovingWindow

@@ -38,7 +38,7 @@ def make_display(markdown: bool) -> Callable[[], AbstractContextManager[Display]
 
     if not markdown:
         return PlainText
-    from rich.console import Console
+    from rich.console import Console  # as above: rich only when an answer is shown
 
     console = Console()
     return lambda: MarkdownText(console)
@@ -77,7 +77,7 @@ def quiet_terminal() -> Iterator[None]:
     """No echo on the terminal while an answer is drawn: the ``^C`` of Ctrl+C, or keys typed meanwhile,
     would move the cursor under rich's feet and leave a line drawn twice. Typed keys wait for the prompt."""
     try:
-        import termios
+        import termios  # POSIX only: here, where its absence is handled
 
         fd = sys.stdin.fileno()
         saved = termios.tcgetattr(fd) if os.isatty(fd) else None

@@ -31,7 +31,7 @@ PASSED_ON = ("http://", "https://", "data:", "oss://")
 
 def media_type(data: bytes, name: str = "") -> str:
     """The image's media type from its bytes (Pillow's reading of its header), else from its name."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # Pillow only when an image is attached: chat starts without it
 
     try:
         with Image.open(io.BytesIO(data)) as image:

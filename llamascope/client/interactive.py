@@ -8,6 +8,7 @@ What was typed is kept by readline in ``history_file()``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -317,7 +318,7 @@ class InteractiveChat:
     @staticmethod
     def _start_history() -> Path | None:
         try:
-            import readline
+            import readline  # not on every platform, and importing it changes how input() reads lines
         except ImportError:  # not on every platform; input() still works
             return None
         path = history_file()
@@ -334,7 +335,7 @@ class InteractiveChat:
     def _save_history(path: Path | None) -> None:
         if path is None:
             return
-        import readline
+        import readline  # loaded by _start_history already (which returned a path)
 
         try:
             readline.write_history_file(path)
@@ -343,8 +344,6 @@ class InteractiveChat:
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value, ensure_ascii=False)
 
 

@@ -97,6 +97,7 @@ def _syllable_words(count: int, taken: set[str]) -> list[str]:
 def build_tokenizer(image_token: bool = True):
     """A byte-level BPE tokenizer laid out like Llama 3's (ids and specials); Llama 3.2 Vision's ``<|image|>``
     at 128256 unless ``image_token`` is False."""
+    # the command line imports this module: tokenizers and transformers load only when a model is built
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -196,6 +197,7 @@ def build_model(text_overrides: dict[str, Any] | None = None):
 
     ``text_overrides`` changes the text model's shape (benchmarks build larger random models this way).
     """
+    # PyTorch and transformers only when a model is built (the command line imports this module)
     import torch
     from transformers import GenerationConfig, MllamaConfig, MllamaForConditionalGeneration
 
@@ -264,6 +266,7 @@ _EOS_IDS = [BASE_VOCAB + 1, BASE_VOCAB + 8, BASE_VOCAB + 9]  # end_of_text, eom,
 
 def build_text_model():
     """The tiny Llama 3 text model, seeded, with Llama 3.1's special ids and generation settings."""
+    # as in build_model
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -284,6 +287,7 @@ def build_text_model():
 
 
 def build_processor(tokenizer):
+    # as in build_model
     from transformers import MllamaProcessor
     from transformers.models.mllama import MllamaImageProcessorPil
 
@@ -297,6 +301,7 @@ def build_processor(tokenizer):
 
 
 def _recipe_key(text_overrides: dict[str, Any] | None = None) -> str:
+    # for their versions, only when a model is looked for (the command line imports this module)
     import tokenizers
     import transformers
 

@@ -17,6 +17,7 @@ The plan counts what the scheduler really holds per request (see ``engines/sched
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,14 +30,14 @@ class DeviceError(Exception):
 
 def cuda_devices() -> int:
     """How many CUDA GPUs this PyTorch sees (0 on a CPU build or a machine without one)."""
-    import torch
+    import torch  # gateways import this module: PyTorch only when a device is used
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def out_of_memory(exc: BaseException) -> bool:
     """A device allocation that failed (CUDA's, or another backend's RuntimeError saying so)."""
-    import torch
+    import torch  # as in cuda_devices
 
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
@@ -52,7 +53,7 @@ def resolve_device(requested: str, visible: int | None = None) -> str:
         return "cpu"
     if requested == "cuda" or requested.startswith("cuda:"):
         if not count:
-            import torch
+            import torch  # as in cuda_devices
 
             build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
             raise DeviceError(
@@ -201,7 +202,7 @@ def plan_memory(
     cache = max(per_image_request, int(usable * vision_cache_share)) if states else 0
     prefix = int(usable * prefix_cache_share)  # finished requests' keys and values, for prefix reuse
     for_requests = usable - cache - prefix
-    from llamascope.engines.kv_cache import SLACK
+    from llamascope.engines.kv_cache import SLACK  # kv_cache imports transformers: gateways import this module
 
     # Each running request also holds its image's keys and values and room for SLACK more tokens (kv_cache).
     per_request = per_image_request + SLACK * per_token
@@ -226,7 +227,7 @@ def plan_memory(
 
 def free_memory(model: Any) -> int:
     """Bytes free on the GPUs the model's weights are on, once loaded; 0 for a model on the CPU."""
-    import torch
+    import torch  # as in cuda_devices
 
     devices = {p.device for p in model.parameters() if p.device.type == "cuda"}
     # Split across GPUs, each holds its own layers' keys and values: their free memory adds up.
@@ -310,9 +311,7 @@ def discipline() -> Any:
     device: a test runs batched, sampled generation under it and expects none. Draws from a request's own
     CPU generator (``generator=``) are allowed: they are moved with the values they make.
     """
-    import sys
-
-    import torch
+    import torch  # as in cuda_devices
     from torch.overrides import TorchFunctionMode
 
     engines = str(__file__).rsplit("/", 1)[0] + "/"

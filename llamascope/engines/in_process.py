@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
+from transformers import BatchFeature
 
 from llamascope import errors
 from llamascope.engines import devices
@@ -255,8 +256,6 @@ class InProcessEngine(ABC):
 
     def _model_inputs(self, prompt: str, images: list[PreparedImage]) -> Any:
         """The prompt's input_ids and attention_mask as the model takes them (BatchFeature), and its images'."""
-        from transformers import BatchFeature
-
         text = self.tokenizer([prompt], add_special_tokens=False)
         data: dict[str, Any] = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
         if images:

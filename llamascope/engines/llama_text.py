@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoTokenizer, LlamaForCausalLM
+
 from llamascope.engines.base import EngineInfo, ModelLoadError, Turn
 from llamascope.engines.in_process import InProcessEngine
 from llamascope.engines.requests import BatchLimits
@@ -40,8 +42,6 @@ class LlamaTextEngine(InProcessEngine):
 
     @staticmethod
     def _processor(path: Path) -> Any:
-        from transformers import AutoTokenizer
-
         try:
             return AutoTokenizer.from_pretrained(path)
         except Exception as exc:  # transformers raises many types here
@@ -49,8 +49,6 @@ class LlamaTextEngine(InProcessEngine):
 
     @staticmethod
     def _model_class() -> Any:
-        from transformers import LlamaForCausalLM
-
         return LlamaForCausalLM
 
     @staticmethod

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import re
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
+
+import torch
+from transformers import BitsAndBytesConfig
 
 from llamascope.engines import devices
 from llamascope.engines.base import ModelLoadError
@@ -67,15 +71,11 @@ def _quantization_config(kind: str, compute_dtype: Any, config: dict[str, Any]) 
     Vision models nothing is left out; the tiny built-in model keeps its vision tower (width 32) and
     projector (96) as they are. int8 holds the 90B in about 90 GB, so it fits one 141 GB GPU.
     """
-    from importlib.util import find_spec
-
     missing = [name for name in ("bitsandbytes", "accelerate") if find_spec(name) is None]
     if missing:
         raise ModelLoadError(
             f"quantization {kind!r} needs {' and '.join(missing)}: pip install 'llamascope[quantized]'"
         )
-    from transformers import BitsAndBytesConfig
-
     vision = config.get("vision_config", {})
     keep = ["lm_head"]  # transformers' default: the output layer stays as it is
     if vision.get("hidden_size", 1280) % 64:
@@ -104,8 +104,6 @@ def load_weights(
 ) -> Any:
     """``model_class.from_pretrained`` in the dtype and quantization asked for, placed on ``device``, ready for
     inference."""
-    import torch
-
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
     extra: dict[str, Any] = {}
     if quantization in ("nf4", "int8"):

@@ -12,6 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoProcessor, BatchFeature, MllamaForConditionalGeneration
+from transformers.models.mllama.processing_mllama import (
+    convert_sparse_cross_attention_mask_to_dense,
+    get_cross_attention_token_mask,
+)
+
 from llamascope.engines import attention
 from llamascope.engines.base import EngineInfo, ModelLoadError, Turn
 from llamascope.engines.in_process import InProcessEngine
@@ -55,8 +61,6 @@ class MllamaEngine(InProcessEngine):
 
     @staticmethod
     def _processor(path: Path) -> Any:
-        from transformers import AutoProcessor
-
         try:
             return AutoProcessor.from_pretrained(path, backend="pil")
         except Exception as exc:  # transformers raises many types here
@@ -66,8 +70,6 @@ class MllamaEngine(InProcessEngine):
 
     @staticmethod
     def _model_class() -> Any:
-        from transformers import MllamaForConditionalGeneration
-
         return MllamaForConditionalGeneration
 
     @staticmethod
@@ -112,11 +114,6 @@ class MllamaEngine(InProcessEngine):
         An image whose vision states are cached gets no pixels: the scheduler needs only its tile count
         (and makes the pixels itself should the entry be evicted before the request runs).
         """
-        from transformers.models.mllama.processing_mllama import (
-            convert_sparse_cross_attention_mask_to_dense,
-            get_cross_attention_token_mask,
-        )
-
         if len(images) != 1:
             raise ValueError("Llama 3.2 Vision conversations carry one image")
         cached = self.vision_cache.peek(images[0].digest)
@@ -139,8 +136,6 @@ class MllamaEngine(InProcessEngine):
 
     def _pixel_tensors(self, image: Any) -> Any:
         """pixel_values, aspect_ratio_ids and aspect_ratio_mask of an image, as the model takes them."""
-        from transformers import BatchFeature
-
         pixels = self.pixels(image)
         pixels.pop("num_tiles")
         return BatchFeature(data=pixels, tensor_type="pt")

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 BLOCK_TOKENS = 16
 # Blocks live in slots carved from tensors of up to this many bytes, made as the pool fills and kept: one
 # large allocation each, not a small one per block. Thousands of small long-lived tensors among a decode
@@ -47,8 +49,6 @@ def default_bytes(device: Any = None) -> int:
     8 GiB (0 where it cannot be known)."""
     free = 0
     if device is not None and getattr(device, "type", "cpu") == "cuda":
-        import torch
-
         free, _ = torch.cuda.mem_get_info(device)
     else:
         try:
@@ -165,8 +165,6 @@ class PrefixCache:
             self._touch(found)
             self.hits += 1
             self.tokens_reused += len(found) * self.block_tokens
-        import torch
-
         kv = blocks[0].kv if len(blocks) == 1 else torch.cat([b.kv for b in blocks], dim=3)
         lease.tokens = len(found) * self.block_tokens
         lease.layers = [(kv[i, 0][None], kv[i, 1][None]) for i in range(kv.shape[0])]

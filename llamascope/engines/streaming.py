@@ -8,6 +8,8 @@ import threading
 from collections import deque
 from typing import Any
 
+from tokenizers.decoders import DecodeStream
+
 from llamascope.engines.requests import Message
 
 
@@ -22,8 +24,6 @@ class IncrementalText:
     """
 
     def __init__(self, tokenizer: Any) -> None:
-        from tokenizers.decoders import DecodeStream
-
         self._tokenizer = tokenizer
         self._stream = DecodeStream(skip_special_tokens=True)
         self._pending: list[int] = []  # ids since the last text

@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
+
 from llamascope.caching import SizedLRU
 from llamascope.engines.devices import image_kv_bytes, out_of_memory
 
@@ -152,8 +154,6 @@ class ImageEncoder:
                 self._failed.update(seq.digest for seq in group)
                 if failure:
                     self.batch_tiles = max(self.batch_tiles // 2, self.max_tiles)
-                    import torch
-
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                 return done
@@ -178,8 +178,6 @@ class ImageEncoder:
     def _encode(self, seqs: list[Any]) -> list[tuple[CrossKV, int]]:
         """One vision-tower call for these requests' images (distinct, none cached); each one's keys and values
         and tile count, cached."""
-        import torch
-
         inputs = []
         for seq in seqs:
             if "pixel_values" not in seq.inputs:  # prepared while cached, evicted since

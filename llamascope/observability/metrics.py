@@ -25,8 +25,16 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -336,8 +344,6 @@ class StateCollector:
 
 def upstream_label(url: str) -> str:
     """An upstream URL as a label: without user name or password."""
-    from urllib.parse import urlsplit, urlunsplit
-
     parts = urlsplit(url)
     if "@" not in parts.netloc:
         return url
@@ -381,7 +387,5 @@ def registry_for(state: StateCollector) -> CollectorRegistry:
 
 def serve_on_port(registry: CollectorRegistry, host: str, port: int) -> Any:
     """prometheus-client's own HTTP server on a port of its own (a thread); ``.shutdown()`` stops it."""
-    from prometheus_client import start_http_server
-
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

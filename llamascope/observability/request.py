@@ -19,6 +19,9 @@ from collections.abc import Iterator
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry.trace import Status, StatusCode
+from starlette.routing import Match
+
 from llamascope.observability import tracing
 from llamascope.observability.facts import EngineTimings, Generation, Outcome
 from llamascope.observability.metrics import METRICS, upstream_label
@@ -258,8 +261,6 @@ def _count_generation(
 
 
 def _end_span(observation: RequestObservation, span: Span, route: str, outcome: Outcome) -> None:
-    from opentelemetry.trace import Status, StatusCode
-
     status, code, generation = outcome.status, outcome.error_code, outcome.generation
 
     method = span.attributes.get("http.request.method", "") if span.attributes else ""  # type: ignore[attr-defined]
@@ -328,8 +329,6 @@ def route_of(scope: Scope) -> str:
     known = _routes.get(app) if app is not None else None
     if known is None:
         return "other"
-    from starlette.routing import Match
-
     routes, by_endpoint = known
     endpoint = scope.get("endpoint")
     candidates = by_endpoint.get(endpoint) if endpoint is not None else None
@@ -419,8 +418,6 @@ def upstream_call(url: str) -> Iterator[dict[str, str]]:
         yield headers
     except Exception as error:
         if span is not None:
-            from opentelemetry.trace import Status, StatusCode
-
             span.set_status(Status(StatusCode.ERROR, type(error).__name__))
         raise
     finally:

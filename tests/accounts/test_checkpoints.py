@@ -14,7 +14,6 @@ from llamascope import errors
 from llamascope.accounts.checkpoints import Checkpoints, process_alive, this_process
 from llamascope.accounts.records import Reservation, utcnow
 from llamascope.accounts.store import AccountStore
-from tests.accounts.test_store import store  # noqa: F401  (the fixture: SQLite, and PostgreSQL when set)
 
 DEAD = "00000000-0000-0000-0000-00000000dead"
 
@@ -49,7 +48,7 @@ def _interrupted_requests(db: AccountStore) -> tuple[Reservation, Reservation]:
     return held, free
 
 
-def test_a_dead_replicas_requests_are_charged_once_however_many_reclaim(store: AccountStore) -> None:  # noqa: F811
+def test_a_dead_replicas_requests_are_charged_once_however_many_reclaim(store: AccountStore) -> None:
     held, _ = _interrupted_requests(store)
     assert store.reclaim(DEAD, lease_expired=True) == 0  # its lease still runs
     _lease_runs_out(store)
@@ -80,7 +79,7 @@ def test_a_dead_replicas_requests_are_charged_once_however_many_reclaim(store: A
     assert (grant.used_tokens, grant.reserved_tokens) == (140, 0) and len(store.ledger()) == 2
 
 
-def test_a_settled_request_left_in_flight_is_not_charged_again(store: AccountStore) -> None:  # noqa: F811
+def test_a_settled_request_left_in_flight_is_not_charged_again(store: AccountStore) -> None:
     """A checkpoint written while its request settled puts the row back: reclaiming skips it."""
     _, free = _interrupted_requests(store)
     store.settle(free, "r-free", 100, 9, 6404, "ok")  # without deleting its in-flight row
@@ -90,7 +89,7 @@ def test_a_settled_request_left_in_flight_is_not_charged_again(store: AccountSto
     assert store.find_grant(free.key_id, "u").used_tokens == 109
 
 
-def test_leases_and_processes(store: AccountStore) -> None:  # noqa: F811
+def test_leases_and_processes(store: AccountStore) -> None:
     assert store.hold_lease("a", "h", "1:1", 30) is False  # taken, not renewed
     assert store.hold_lease("a", "h", "1:1", 30) is True
     assert [(r[0], r[3]) for r in store.replicas()] == [("a", False)]
@@ -108,7 +107,7 @@ def test_leases_and_processes(store: AccountStore) -> None:  # noqa: F811
     assert not process_alive(f"{pid}:{int(started) + 1}")  # the same pid, another process
 
 
-def test_streams_wait_for_their_checkpoint_and_fail_clearly_without_one(store: AccountStore) -> None:  # noqa: F811
+def test_streams_wait_for_their_checkpoint_and_fail_clearly_without_one(store: AccountStore) -> None:
     _, key = store.create_key()
     grant = store.grant(key.id, "m", None, days=None)
     checkpoints = Checkpoints(store, seconds=30, tokens=8, wait_seconds=1.0, lease_seconds=30)

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
-import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 
 from llamascope import errors
 from llamascope.accounts.limits import RateLimits, SharedRateLimits
 from llamascope.accounts.records import KeyView
-from tests.conftest import free_port
+from tests.services import RedisServer
 
 HANG = 60.0  # seconds after which a call that should have answered is taken for hung
 
@@ -68,53 +63,6 @@ def test_requests_per_minute() -> None:
 
 
 # -- shared through Redis ------------------------------------------------------------------------------
-
-
-class RedisServer:
-    """A throwaway redis-server on loopback, stopped and restarted on the same port at will."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp, self.port = tmp, free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            cwd=self.tmp,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        import redis
-
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (.ci/run installs Debian's redis-server)")
-    server = RedisServer(tmp_path)
-    yield server
-    server.stop()
 
 
 @pytest.mark.redis

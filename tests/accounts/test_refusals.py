@@ -17,14 +17,13 @@ from llamascope.accounts import admin
 from llamascope.accounts.records import utcnow
 from llamascope.accounts.refusals import RefusalCounts
 from llamascope.accounts.store import AccountStore
-from tests.accounts.test_store import store  # noqa: F401  (the fixture: SQLite, and PostgreSQL when set)
 from tests.conftest import ADMIN_KEY, API_KEY, SEED_MODEL, generation_body, start_server
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 DASHSCOPE_KEY = "sk-9f86d081884c7d659a2feaa0c55ad015"  # DashScope's format (issue 27, item 2)
 
 
-def test_counts_are_added_in_batches_and_merged_into_the_usage(store: AccountStore) -> None:  # noqa: F811
+def test_counts_are_added_in_batches_and_merged_into_the_usage(store: AccountStore) -> None:
     _, a = store.create_key("a")
     _, b = store.create_key("b")
     grant = store.grant(a.id, "m", None, None)
@@ -45,7 +44,7 @@ def test_counts_are_added_in_batches_and_merged_into_the_usage(store: AccountSto
     assert "InvalidParameter=4 Throttling.RateQuota=1" in table and "InvalidParameter=1" in table
 
 
-def test_counts_are_kept_per_day_and_until_saved(store: AccountStore) -> None:  # noqa: F811
+def test_counts_are_kept_per_day_and_until_saved(store: AccountStore) -> None:
     _, key = store.create_key()
     counts = RefusalCounts(store.engine)
     now = utcnow()

@@ -10,31 +10,19 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.accounts.test_limits import RedisServer, redis_server  # noqa: F401  (the fixture)
-from tests.api.test_uploads import PATH, generate_with, policy_for, upload
+from tests.api.upload_flow import PATH, generate_with, policy_for, upload
 from tests.conftest import CACHE_DIR, SEED_MODEL, Server, png_bytes, start_server
-
-
-def fresh_database(url: str) -> str:
-    """A new, empty database on the test server, so other tests' rows do not meet these replicas."""
-    import psycopg
-
-    name = f"llamascope_replicas_{uuid.uuid4().hex[:8]}"
-    base, _, _ = url.rpartition("/")
-    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"{base}/{name}"
+from tests.services import RedisServer, fresh_database
 
 
 @pytest.fixture
-def replicas(tmp_path: Path, redis_server: RedisServer, test_model_dir: Path) -> Iterator[tuple[Server, Server, dict]]:  # noqa: F811
+def replicas(tmp_path: Path, redis_server: RedisServer, test_model_dir: Path) -> Iterator[tuple[Server, Server, dict]]:
     url = os.environ.get("LLAMASCOPE_TEST_DATABASE_URL")
     if not url:
         pytest.skip("LLAMASCOPE_TEST_DATABASE_URL is not set (.ci/run starts a PostgreSQL)")

@@ -6,12 +6,11 @@ import threading
 
 from llamascope.accounts import admin
 from llamascope.accounts.store import AccountStore
-from tests.accounts.test_store import store  # noqa: F401  (the fixture: SQLite, and PostgreSQL when set)
 
 KEY = "sk-" + "5eed0123456789ab" * 2 + "c0ffee42"
 
 
-def test_replicas_seeding_the_same_key_at_once_all_start(store: AccountStore) -> None:  # noqa: F811
+def test_replicas_seeding_the_same_key_at_once_all_start(store: AccountStore) -> None:
     barrier, failures = threading.Barrier(4), []
 
     def replica() -> None:

@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
 from llamascope.accounts.access import bearer_key, grant_refusal, key_refusal
 from llamascope.accounts.records import utcnow
 from llamascope.accounts.store import AccountStore
-
-POSTGRES = os.environ.get("LLAMASCOPE_TEST_DATABASE_URL")
-
-
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.skipif(not POSTGRES, reason="no PG")]),
-    ]
-)
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> AccountStore:
-    if request.param == "sqlite":
-        s = AccountStore.for_path(tmp_path / "accounts.db")
-    else:
-        s = AccountStore(str(POSTGRES))
-        with s.engine.begin() as connection:
-            connection.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    s.migrate()
-    return s
 
 
 def test_keys_are_stored_as_hashes(store: AccountStore) -> None:

@@ -10,7 +10,6 @@ import pytest
 from httpx_sse import connect_sse
 
 from tests.api.documented import Document
-from tests.api.test_stream_errors import failing_server  # noqa: F401  (a fixture: an engine that fails mid-stream)
 from tests.conftest import ADMIN_KEY, API_KEY, SEED_MODEL, Server, png_bytes, user_turn
 
 NATIVE = "/api/v1/services/aigc/multimodal-generation/generation"
@@ -105,7 +104,7 @@ def test_compatible_answers_and_chunks_are_as_documented(server: Server, doc: Do
 
 
 def test_errors_after_the_stream_began_are_documented_events(
-    failing_server: str,  # noqa: F811
+    failing_server: str,
     doc: Document,
     image_host,
 ) -> None:

@@ -1,84 +1,21 @@
 """Errors after the stream began: ``event:error`` frames, read raw and by both SDK generations.
 
-The model cannot be made to fail on demand, so these tests register a real
-backend of their own: an engine that implements the Engine protocol, says a
-few words, then fails. Everything else (app, service, intake, uvicorn) is
-llamascope's, on loopback.
+The model cannot be made to fail on demand, so these tests run on the ``failing_server`` fixture
+(tests/conftest.py): a real backend of their own, an engine that implements the Engine protocol, says a
+few words, then fails. Everything else (app, service, intake, uvicorn) is llamascope's, on loopback.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
 from http import HTTPStatus
 
 import httpx
 import pytest
-import uvicorn
 
-from llamascope.accounts import admin
-from llamascope.accounts.admission import Accounts
-from llamascope.accounts.store import AccountStore
-from llamascope.api.app import create_app
-from llamascope.conversation.service import ConversationService
-from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
-from llamascope.images.uploads import UploadStore
-from llamascope.server import build_intake
-from llamascope.settings import Settings
-from tests.conftest import API_KEY, free_port, run_sdk, user_turn
+from tests.conftest import API_KEY, run_sdk, user_turn
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
-
-
-class FailingEngine:
-    """Says ``words`` one by one, then raises."""
-
-    info = EngineInfo(kind="scripted", source="tests", context_length=8192)
-
-    def __init__(self, words: list[str]) -> None:
-        self.words = words
-
-    async def prepare(self, turns: list[Turn]) -> PreparedPrompt:
-        return PreparedPrompt(input_tokens=11, image_tokens=0, max_new_tokens=100)
-
-    async def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:
-        for i, word in enumerate(self.words):
-            yield Chunk(word, i + 1)
-        raise RuntimeError("the accelerator caught fire")
-        yield Chunk("", 0, FinishReason.STOP)  # unreachable; keeps this an async generator
-
-    def image_size(self, width: int, height: int) -> tuple[int, int]:
-        return width, height
-
-    def stats(self) -> dict[str, int]:
-        return {}
-
-    async def close(self) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def failing_server(image_host, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = Settings.load(image_fetch_allow=["127.0.0.1"])
-    accounts = AccountStore.for_path(tmp_path_factory.mktemp("accounts") / "accounts.db")
-    accounts.migrate()
-    admin.seed_keys(accounts, [API_KEY])
-    service = ConversationService(
-        {"flaky": FailingEngine(["Hello", " there"])}, build_intake(settings), Accounts(accounts)
-    )
-    store = UploadStore(tmp_path_factory.mktemp("uploads"), b"x" * 32)
-    app = create_app(service, store, max_body_bytes=settings.max_body_bytes)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
 
 
 def messages(image_host) -> list[dict]:

@@ -9,9 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.api.upload_flow import generate_with, policy_for, upload
 from tests.conftest import OTHER_KEY, SEED_MODEL, Server, png_bytes
-
-PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 
 
 @pytest.fixture
@@ -56,42 +55,6 @@ def test_v2_client_uploads_too(server: Server, cat_png: Path) -> None:
     ]
     completion = client.multimodal.chat.create(model=SEED_MODEL, messages=messages, max_tokens=3)
     assert completion.output_text
-
-
-def policy_for(server: Server, key: str | None = None) -> dict:
-    r = httpx.get(
-        server.api + "/uploads",
-        params={"action": "getPolicy", "model": SEED_MODEL},
-        headers={"Authorization": f"Bearer {key or server.key}"},
-    )
-    assert r.status_code == 200, r.text
-    return r.json()["data"]
-
-
-def upload(data: dict, key: str, content: bytes, **overrides: str) -> httpx.Response:
-    fields = {
-        "OSSAccessKeyId": data["oss_access_key_id"],
-        "Signature": data["signature"],
-        "policy": data["policy"],
-        "key": key,
-        "x-oss-object-acl": data["x_oss_object_acl"],
-        "x-oss-forbid-overwrite": data["x_oss_forbid_overwrite"],
-        "success_action_status": "200",
-        **overrides,
-    }
-    return httpx.post(data["upload_host"], data=fields, files={"file": ("cat.png", content)})
-
-
-def generate_with(server: Server, oss_key: str, api_key: str, resolve: bool = True) -> httpx.Response:
-    body = {
-        "model": SEED_MODEL,
-        "input": {"messages": [{"role": "user", "content": [{"image": f"oss://{oss_key}"}, {"text": "?"}]}]},
-        "parameters": {"max_tokens": 2},
-    }
-    headers = {"Authorization": f"Bearer {api_key}"}
-    if resolve:
-        headers["X-DashScope-OssResourceResolve"] = "enable"
-    return httpx.post(server.base + PATH, json=body, headers=headers, timeout=60)
 
 
 def test_policy_shape(server: Server) -> None:

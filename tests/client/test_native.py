@@ -8,7 +8,6 @@ import httpx
 import pytest
 
 from llamascope.client import APIError, Client
-from tests.api.test_stream_errors import failing_server  # noqa: F401 (a fixture: a server whose engine fails)
 from tests.conftest import API_KEY, SEED_MODEL, ImageHost, Server, free_port, user_turn
 
 GREEDY = {"temperature": 0, "max_tokens": 16}
@@ -54,7 +53,7 @@ def test_refusals_and_failures_are_one_error_type(server: Server, image_host: Im
     assert "cannot reach" in down.value.describe()
 
 
-def test_an_error_in_the_stream_comes_after_the_text_so_far(failing_server: str, image_host: ImageHost) -> None:  # noqa: F811
+def test_an_error_in_the_stream_comes_after_the_text_so_far(failing_server: str, image_host: ImageHost) -> None:
     pieces: list[str] = []
     with (
         Client(failing_server + "/api/v1", API_KEY) as client,

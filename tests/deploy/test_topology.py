@@ -23,9 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.accounts.test_limits import RedisServer
-from tests.accounts.test_replicas import fresh_database
 from tests.conftest import CACHE_DIR, SEED_MODEL, Server, free_port, png_bytes, start_server
+from tests.services import RedisServer, fresh_database
 
 pytestmark = [pytest.mark.server, pytest.mark.postgres, pytest.mark.redis, pytest.mark.nginx]
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"

@@ -22,7 +22,7 @@ from llamascope.engines.kv_cache import SLACK
 from llamascope.engines.mllama import MllamaEngine
 from llamascope.engines.requests import BatchLimits
 from tests.conftest import CACHE_DIR, free_port
-from tests.engines.test_scheduler import REQUESTS, image, most_active, run
+from tests.engines.helpers import REQUESTS, image, most_active, run
 
 GIB = 1 << 30
 

@@ -12,7 +12,8 @@ import pytest
 from llamascope import errors
 from llamascope.engines.base import FinishReason, SamplingParams, Turn
 from llamascope.engines.mllama import MllamaEngine
-from tests.engines.test_mllama import RED, collect
+from tests.engines.helpers import RED
+from tests.engines.helpers import run as collect
 
 
 @pytest.fixture(scope="module")

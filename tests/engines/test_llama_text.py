@@ -18,7 +18,7 @@ from llamascope.engines.base import ModelLoadError, SamplingParams, Turn
 from llamascope.engines.builtin_model import is_test_model
 from llamascope.engines.llama_text import LlamaTextEngine
 from llamascope.engines.requests import BatchLimits
-from tests.engines.test_scheduler import run
+from tests.engines.helpers import run
 
 
 @pytest.fixture(scope="module")

@@ -11,26 +11,13 @@ from PIL import Image
 from llamascope.engines.base import FinishReason, SamplingParams, Turn
 from llamascope.engines.mllama import MllamaEngine
 from llamascope.images import PreparedImage
-
-
-def prepared(color: tuple[int, int, int]) -> PreparedImage:
-    return PreparedImage(
-        Image.new("RGB", (600, 400), color), digest=str(color), format="PNG", source_width=600, source_height=400
-    )
-
-
-RED = prepared((200, 30, 30))
+from tests.engines.helpers import RED, prepared
+from tests.engines.helpers import run as collect
 
 
 @pytest.fixture(scope="module")
 def engine(test_model_dir: Path) -> MllamaEngine:
     return MllamaEngine.load(test_model_dir, test_model=True)
-
-
-async def collect(engine: MllamaEngine, turns: list[Turn], sampling: SamplingParams) -> tuple[str, list]:
-    prompt = await engine.prepare(turns)
-    chunks = [c async for c in engine.generate(prompt, sampling)]
-    return "".join(c.text for c in chunks), chunks
 
 
 def test_prepare_counts_tokens(engine: MllamaEngine) -> None:

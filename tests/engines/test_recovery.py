@@ -11,7 +11,7 @@ import pytest
 from llamascope import errors
 from llamascope.engines.base import SamplingParams, Turn
 from llamascope.engines.mllama import MllamaEngine
-from tests.engines.test_scheduler import image, run
+from tests.engines.helpers import image, run
 
 
 @pytest.fixture(scope="module")

@@ -8,48 +8,21 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
 
 from llamascope import errors
-from llamascope.engines.base import Chunk, FinishReason, SamplingParams, Turn
+from llamascope.engines.base import FinishReason, SamplingParams, Turn
 from llamascope.engines.mllama import MllamaEngine
 from llamascope.engines.requests import BatchLimits
 from llamascope.images import PreparedImage
-
-
-def image(color: tuple[int, int, int], size: tuple[int, int] = (600, 400)) -> PreparedImage:
-    return PreparedImage(Image.new("RGB", size, color), f"{color}{size}", "PNG", *size)
+from tests.engines.helpers import REQUESTS, image, most_active, run
 
 
 @pytest.fixture(scope="module")
 def engine(test_model_dir: Path) -> MllamaEngine:
     return MllamaEngine.load(test_model_dir, test_model=True)
-
-
-async def run(engine: MllamaEngine, turns: list[Turn], sampling: SamplingParams) -> tuple[str, list[Chunk]]:
-    prompt = await engine.prepare(turns)
-    chunks = [c async for c in engine.generate(prompt, sampling)]
-    return "".join(c.text for c in chunks), chunks
-
-
-REQUESTS = [
-    ([Turn("user", "Describe.", image((200, 30, 30)))], SamplingParams(max_new_tokens=40, temperature=0)),
-    (
-        [Turn("user", "What is in this picture? Tell me a lot.", image((20, 30, 230), (1200, 300)))],
-        SamplingParams(max_new_tokens=25, temperature=0),
-    ),
-    ([Turn("user", "Hello there")], SamplingParams(max_new_tokens=60, temperature=0.9, top_p=0.9, seed=7)),
-    (
-        [Turn("system", "Be brief."), Turn("user", "Count to ten please, slowly and carefully")],
-        SamplingParams(max_new_tokens=33, temperature=0, repetition_penalty=1.3),
-    ),
-    ([Turn("user", "Other", image((0, 255, 0), (300, 900)))], SamplingParams(max_new_tokens=50, temperature=0)),
-    ([Turn("user", "x y z " * 30)], SamplingParams(max_new_tokens=20, temperature=0.7, top_k=20, seed=3)),
-    ([Turn("user", "Short", image((9, 9, 9)))], SamplingParams(max_new_tokens=5, temperature=1.0, seed=11)),
-]
 
 
 @pytest.mark.slow
@@ -273,23 +246,6 @@ def test_waiting_too_long_is_a_timeout(test_model_dir: Path) -> None:
     error, waited = asyncio.run(scenario())
     assert (error.status, error.code) == (408, "RequestTimeOut")
     assert 0.3 <= waited < 3
-
-
-async def most_active(engine: MllamaEngine, *requests: Any) -> tuple[list[Any], int]:
-    """The requests' results, and the most the engine ran at once while they ran (sampled every 2 ms)."""
-    peak = 0
-
-    async def watch() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, engine.active)
-            await asyncio.sleep(0.002)
-
-    watcher = asyncio.create_task(watch())
-    try:
-        return list(await asyncio.gather(*requests)), peak
-    finally:
-        watcher.cancel()
 
 
 def test_token_budget_keeps_requests_waiting(test_model_dir: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 from llamascope.engines.base import Chunk, SamplingParams, Turn
 from llamascope.engines.mllama import MllamaEngine
 from llamascope.engines.requests import BatchLimits
-from tests.engines.test_scheduler import image
+from tests.engines.helpers import image
 
 GREEDY = SamplingParams(max_new_tokens=6, min_new_tokens=6, temperature=0)
 

@@ -11,6 +11,7 @@ import socket
 import httpx
 import pytest
 
+from tests.api.wire import sse_events
 from tests.conftest import SEED_MODEL, Server, generation_body, png_bytes, user_turn
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
@@ -23,13 +24,6 @@ def post(server: Server, body: object, *, stream: bool = False, key: str | None 
         hdrs["X-DashScope-SSE"] = "enable"
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(server.base + PATH, content=content, headers=hdrs, timeout=60)
-
-
-def sse_events(text: str) -> list[dict]:
-    blocks = BLOCK.findall(text)
-    assert "".join(f"id:{n}\nevent:result\n:HTTP_STATUS/200\ndata:{d}\n\n" for n, d in blocks) == text
-    assert [int(n) for n, _ in blocks] == list(range(1, len(blocks) + 1))
-    return [json.loads(d) for _, d in blocks]
 
 
 def text_of(body: dict) -> str:

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.api.native.test_router import sse_events
+from tests.api.wire import sse_events
 from tests.conftest import ADMIN_KEY, SEED_MODEL, TEXT_MODEL, Server, png_bytes
 
 PATH = "/api/v1/services/aigc/text-generation/generation"

@@ -6,7 +6,12 @@ A test that needs a service skips without it and fails under ``CI=true``; an aio
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LEAKS = """
 import asyncio
@@ -61,6 +66,8 @@ QUIET = ("-W", "ignore::pytest.PytestUnknownMarkWarning")  # the markers are reg
 def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, source: str, *args: str) -> pytest.RunResult:
     pytester.makepyfile(test_it=source)
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")  # only the suite's own hooks: a quicker start
+    # The pytest of its own runs in a temporary directory: `tests` is importable from the checkout only.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return pytester.runpytest_subprocess("-p", "tests.conftest", "-p", "no:cacheprovider", "-rs", *QUIET, *args)
 
 

@@ -323,10 +323,11 @@ def test_a_forced_tool_call_comes_back_through_an_upstream_llamascope(upstream: 
     from llamascope.engines.upstream import UpstreamEngine
     from llamascope.structured.spec import read_request
     from llamascope.structured.tools import ToolCall
+    from tests.engines.test_scheduler import image
 
     spec = read_request(tools=[WEATHER_TOOL], tool_choice="required", parallel_tool_calls=False)
     history = [
-        Turn("user", "Weather in Paris, then Hangzhou?"),
+        Turn("user", "Weather here, then in Hangzhou?", image((90, 120, 200))),  # the model takes an image first
         Turn("assistant", "", tool_calls=(ToolCall("get_weather", '{"city": "Paris"}', "call_0"),)),
         Turn("tool", "Sunny", tool_call_id="call_0"),
     ]
@@ -335,7 +336,7 @@ def test_a_forced_tool_call_comes_back_through_an_upstream_llamascope(upstream: 
         engine = UpstreamEngine.create([upstream.base + "/compatible-mode/v1"], MODEL, UPSTREAM_KEY, 8192)
         try:
             prompt = await engine.prepare(history, spec)
-            return [c async for c in engine.generate(prompt, SamplingParams(max_new_tokens=40, temperature=0))]
+            return [c async for c in engine.generate(prompt, SamplingParams(max_new_tokens=80, temperature=0))]
         finally:
             await engine.close()
 

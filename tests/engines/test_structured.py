@@ -142,7 +142,7 @@ def test_forced_and_named_tool_calls_parse_and_validate(engine: MllamaEngine) ->
     auto = read_request(tools=TOOLS)
 
     async def scenario() -> list[tuple[OutputSpec, Answer]]:
-        runs = [(required, i) for i in range(10)] + [(named, i) for i in range(6)] + [(auto, i) for i in range(6)]
+        runs = [(required, i) for i in range(8)] + [(named, i) for i in range(4)] + [(auto, i) for i in range(4)]
         turns = [Turn("user", "What is the weather in Paris?")]
         done = await asyncio.gather(
             *(
@@ -174,7 +174,7 @@ def test_forced_and_named_tool_calls_parse_and_validate(engine: MllamaEngine) ->
             assert len(last.tool_calls) == 1 or spec.parallel_tool_calls
         else:
             assert last.tool_calls is None
-    assert called >= 10, "bounded tools' forced calls should mostly complete"
+    assert called >= 8, "bounded tools' forced calls should mostly complete"
 
 
 def test_a_grammar_that_cannot_compile_fails_before_any_chunk(engine: MllamaEngine) -> None:

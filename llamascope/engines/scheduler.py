@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -317,7 +317,7 @@ class Scheduler:
         self._remember(seq.ids, seq, seq.cache, 0)  # for requests that start the same way, running beside it
         seq.sampler = Sampler(seq.sampling)
         seq.inputs = None  # pixels and the rest are no longer needed
-        logits = self._hold_back_eos(out.logits[:, -1, :].float(), [seq])
+        logits = self._hold_back_eos(out.logits[:, -1, :].float(), self._short([seq]))
         return self._advance(seq, self._pick([seq], logits)[0])
 
     def _reuse(self, seq: Sequence, ids: list[int]) -> int:
@@ -414,10 +414,16 @@ class Scheduler:
             kwargs["cross_attention_mask"] = batch.cross_mask
         self._inject(rows, "decode")
         self._inject(rows, "oom")
+        short = self._short(rows)  # before the fill: a matcher is the filler thread's until its mask is made
         filling = self._fill_ahead(rows)  # the constrained rows' masks, made while the model runs
-        logits = self.model(**kwargs).logits[:, -1, :].float()
-        self._inject(rows, "sample")
-        logits = self._hold_back_eos(logits, rows)
+        try:
+            logits = self.model(**kwargs).logits[:, -1, :].float()
+            self._inject(rows, "sample")
+        except BaseException:
+            if filling is not None:  # a step tried again must not touch the matchers while this fill runs
+                wait([filling])
+            raise
+        logits = self._hold_back_eos(logits, short)
         return self._pick(rows, logits, filling)
 
     def _release_memory(self) -> None:
@@ -467,17 +473,21 @@ class Scheduler:
                 rows[i].logprobs.append(found)
         return tokens
 
-    def _hold_back_eos(self, logits: Any, rows: list[Sequence]) -> Any:
-        """Rows still short of their min_new_tokens may not end: their end-of-turn logits become -inf.
+    @staticmethod
+    def _short(rows: list[Sequence]) -> list[int]:
+        """The rows still short of their min_new_tokens, which may not end yet (``_hold_back_eos``).
 
         Not a row whose grammar cannot end yet: its mask refuses the end-of-turn tokens already, except when it
         allows none of the model's tokens, and then they are all it has left.
         """
-        short = [
+        return [
             i
             for i, s in enumerate(rows)
             if s.generated < s.sampler.min_new and (s.matcher is None or s.matcher.can_end)
         ]
+
+    def _hold_back_eos(self, logits: Any, short: list[int]) -> Any:
+        """The ``short`` rows' end-of-turn logits become -inf."""
         if short:
             index = torch.tensor(short, device=logits.device)[:, None]
             logits[index, self._eos_index.to(logits.device)] = float("-inf")

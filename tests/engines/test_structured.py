@@ -89,7 +89,12 @@ def mixed_run(engine: MllamaEngine) -> tuple[dict[str, list[Answer]], list[Answe
                 engine,
                 [Turn("user", f"Answer in JSON ({i}).")],
                 schema_spec(schema),
-                SamplingParams(max_new_tokens=MAX_TOKENS, temperature=1.0, seed=zlib.crc32(name.encode()) + i),
+                SamplingParams(
+                    max_new_tokens=MAX_TOKENS,
+                    min_new_tokens=6 * (i % 2),  # held back from ending, until the grammar ends it
+                    temperature=1.0,
+                    seed=zlib.crc32(name.encode()) + i,
+                ),
             )
             for name, schema in SCHEMAS.items()
             for i in range(PER_SCHEMA)

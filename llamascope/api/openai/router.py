@@ -62,8 +62,14 @@ async def _stream(
     try:
         async for event in events:
             finish = event.finish_reason.value if event.finish_reason else None
-            if event.delta or finish:
-                logprobs = Logprobs.of(event.logprobs) if wants_logprobs else None
+            logprobs = Logprobs.of(event.logprobs) if wants_logprobs else None
+            if event.tool_calls:
+                # As OpenAI streams them: each call's delta with its index, then the finish with no content.
+                if event.delta:
+                    yield chunk([ChunkChoice(delta=Message(content=event.delta), logprobs=logprobs)])
+                yield chunk([ChunkChoice(delta=Message.of("", event.tool_calls, indexed=True))])
+                yield chunk([ChunkChoice(delta=Message(content=None), finish_reason=finish)])
+            elif event.delta or finish:
                 yield chunk([ChunkChoice(delta=Message(content=event.delta), finish_reason=finish, logprobs=logprobs)])
         if include_usage:
             yield chunk([], UsageBody.of(reply.usage))
@@ -90,7 +96,9 @@ async def chat_completions(request: Request) -> Response:
         return Response(status_code=CLIENT_CLOSED)
     assert reply.finish_reason is not None
     logprobs = reply.logprobs if reply.options.sampling.logprobs is not None else None
-    body = ChatCompletion.of(request_id, reply.model, text, reply.finish_reason.value, reply.usage, logprobs)
+    body = ChatCompletion.of(
+        request_id, reply.model, text, reply.finish_reason.value, reply.usage, logprobs, reply.tool_calls
+    )
     return JSONResponse(body.model_dump())
 
 
@@ -140,7 +148,8 @@ async def retrieve_model(request: Request) -> JSONResponse:
 # Plain Starlette routes for the hot path: FastAPI's per-request dependency solving has nothing to do here.
 STREAM = openapi.Stream(
     (("message", ChatCompletionChunk), ("message", ErrorBody), ("message", {"const": "[DONE]"})),
-    "Chunks with deltas (finish_reason null until the last), a usage chunk with no choices when "
+    "Chunks with deltas (finish_reason null until the last; tool calls as one delta each, with their index), "
+    "a usage chunk with no choices when "
     "stream_options.include_usage, then [DONE]; an error after the stream started is a data: error event.",
 )
 for prefix in PREFIXES:

@@ -317,9 +317,22 @@ class ChatCompletion(BaseModel):
         )
 
 
+class Delta(BaseModel):
+    """What is new in a streamed answer; a key only when it has news, as OpenAI streams it: ``role`` in the
+    first chunk alone (the openai SDK's stream helper joins every string it is sent, the role too)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallBody] | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_news(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class ChunkChoice(BaseModel):
     index: int = 0
-    delta: Message  # a delta has a message's shape: role and (new) content
+    delta: Delta
     finish_reason: str | None = Field(None, json_schema_extra={"enum": [*FINISH_REASONS, None]})
     logprobs: Logprobs | None = None
 

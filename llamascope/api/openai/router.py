@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
@@ -20,6 +21,7 @@ from llamascope.api.incoming import (
     source_context,
     unless_disconnected,
 )
+from llamascope.api.native.protocol import ToolCallBody, tool_call_bodies
 from llamascope.api.openai.protocol import (
     ChatBody,
     ChatCompletion,
@@ -27,9 +29,9 @@ from llamascope.api.openai.protocol import (
     ChatInput,
     ChatRequest,
     ChunkChoice,
+    Delta,
     ErrorBody,
     Logprobs,
-    Message,
     ModelEntry,
     ModelList,
     TokenCount,
@@ -59,18 +61,25 @@ async def _stream(
         )
         return _data(body.model_dump_json())
 
+    role: Literal["assistant"] | None = "assistant"  # in the first delta only
+
+    def delta(content: str | None = None, tool_calls: list[ToolCallBody] | None = None) -> Delta:
+        nonlocal role
+        news, role = Delta(role=role, content=content, tool_calls=tool_calls), None
+        return news
+
     try:
         async for event in events:
             finish = event.finish_reason.value if event.finish_reason else None
             logprobs = Logprobs.of(event.logprobs) if wants_logprobs else None
             if event.tool_calls:
-                # As OpenAI streams them: each call's delta with its index, then the finish with no content.
+                # As OpenAI streams them: the calls' deltas with their index, then the finish with nothing new.
                 if event.delta:
-                    yield chunk([ChunkChoice(delta=Message(content=event.delta), logprobs=logprobs)])
-                yield chunk([ChunkChoice(delta=Message.of("", event.tool_calls, indexed=True))])
-                yield chunk([ChunkChoice(delta=Message(content=None), finish_reason=finish)])
+                    yield chunk([ChunkChoice(delta=delta(event.delta), logprobs=logprobs)])
+                yield chunk([ChunkChoice(delta=delta(tool_calls=tool_call_bodies(event.tool_calls)))])
+                yield chunk([ChunkChoice(delta=delta(), finish_reason=finish)])
             elif event.delta or finish:
-                yield chunk([ChunkChoice(delta=Message(content=event.delta), finish_reason=finish, logprobs=logprobs)])
+                yield chunk([ChunkChoice(delta=delta(event.delta), finish_reason=finish, logprobs=logprobs)])
         if include_usage:
             yield chunk([], UsageBody.of(reply.usage))
         yield _data("[DONE]")

@@ -113,6 +113,12 @@ def tool_call_bodies(calls: Sequence[ToolCall], indexed: bool = True) -> list[To
     return [ToolCallBody.of(call, i if indexed else None) for i, call in enumerate(calls)] or None
 
 
+TOOL_CALLS_IN = (
+    'An assistant turn\'s calls, as an answer gives them: [{"id", "type": "function", '
+    '"function": {"name", "arguments"}}], arguments a JSON object as a string.'
+)
+
+
 class Message(BaseModel):
     """One turn. system first (text), the first user turn carries exactly one image, the last turn is user's
     (or the results of the calls the assistant turn before them made)."""
@@ -121,8 +127,9 @@ class Message(BaseModel):
     content: str | list[TextContent | ImageContent] | None = Field(
         description="Null only in an assistant turn that called tools."
     )
-    tool_calls: list[ToolCallBody] | None = Field(None, description="An assistant turn's calls.")
-    tool_call_id: str | None = Field(None, description="A tool turn: the id of the call whose result it is.")
+    # Any: other roles' tool_calls and tool_call_id are ignored, as the hosted service ignores them.
+    tool_calls: Any = Field(None, description=TOOL_CALLS_IN)
+    tool_call_id: Any = Field(None, description="A tool turn: the id of the call whose result it is (a string).")
 
 
 class Input(BaseModel):
@@ -141,27 +148,21 @@ class Sampling(BaseModel):
     repetition_penalty: RepetitionPenalty = None
 
 
-class JsonSchemaFormat(BaseModel):
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
-    schema_: dict[str, Any] | None = Field(
-        None, alias="schema", description="A JSON Schema; the answer is held to it as it is made."
-    )
-    strict: bool | None = None
-    description: str | None = None
-
-
 class ResponseFormat(BaseModel):
     """``text`` (the default), ``json_object`` (the messages must say "json") or ``json_schema``."""
 
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
+    json_schema: Any = Field(
+        None,
+        description='With type "json_schema": {"name" (letters, digits, _ or -, 1 to 64), "schema" (a JSON '
+        'Schema the answer is held to as it is made), "strict"}; ignored with the other types.',
+    )
 
 
 class FunctionSpec(BaseModel):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = Field(None, description='A JSON Schema of "type": "object".')
-    strict: bool | None = None
 
 
 class ToolSpec(BaseModel):
@@ -171,7 +172,7 @@ class ToolSpec(BaseModel):
 
 class NamedTool(BaseModel):
     type: Literal["function"] = "function"
-    function: dict[str, str] = Field(description='{"name": ...}, a function in tools.')
+    function: dict[str, Any] = Field(description='{"name": ...}, a function in tools.')
 
 
 class Structured(BaseModel):

@@ -19,6 +19,7 @@ from llamascope.api.incoming import envelope
 from llamascope.api.native.protocol import (
     EXAMPLE_IMAGE,
     FINISH_REASONS,
+    TOOL_CALLS_IN,
     MaxTokens,
     Sampling,
     Structured,
@@ -159,8 +160,9 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart | ImagePart] | None = Field(
         description="Null only in an assistant turn that called tools."
     )
-    tool_calls: list[ToolCallBody] | None = Field(None, description="An assistant turn's calls.")
-    tool_call_id: str | None = Field(None, description="A tool turn: the id of the call whose result it is.")
+    # Any: other roles' tool_calls and tool_call_id are ignored.
+    tool_calls: Any = Field(None, description=TOOL_CALLS_IN)
+    tool_call_id: Any = Field(None, description="A tool turn: the id of the call whose result it is (a string).")
 
 
 class StreamOptions(BaseModel):

@@ -43,6 +43,7 @@ class StepMasks:
         bits = (np.arange(256)[:, None] >> np.arange(8)) & 1
         self._offsets = np.where(bits == 1, np.float32(0), np.float32(-np.inf)).astype(np.float32)
         self._offsets_device = torch.from_numpy(self._offsets).to(self.device)
+        self._spread = np.empty((0, backend.mask_words * 4, 8), dtype=np.float32)  # the CPU's offsets, per row
         self._stops = [s for s in backend.stop_ids if s < backend.vocab_size]
         # The bits of the model's own tokens (a mask may have more: the tokenizer's ids beyond the output layer).
         whole, rest = divmod(backend.vocab_size, 32)
@@ -80,7 +81,11 @@ class StepMasks:
         count, vocab = len(filled.rows), logits.shape[-1]
         if logits.device.type == "cpu":
             packed = filled.bitmask.numpy().view(np.uint8)
-            offsets = torch.from_numpy(np.take(self._offsets, packed, axis=0))
+            if self._spread.shape[0] < count:  # reused: a fresh 8 MB a step cost more in page faults than the work
+                self._spread = np.empty((count, *self._spread.shape[1:]), dtype=np.float32)
+            spread = self._spread[:count]
+            np.take(self._offsets, packed, axis=0, out=spread)
+            offsets = torch.from_numpy(spread)
         else:
             packed_device = filled.bitmask.to(logits.device, non_blocking=True).view(torch.uint8).long()
             offsets = self._offsets_on(logits.device)[packed_device]
@@ -88,7 +93,8 @@ class StepMasks:
         if filled.rows == list(range(logits.shape[0])):
             logits.add_(offsets)  # -inf where refused; a finite logit plus 0 is itself
         else:
-            logits.index_add_(0, torch.tensor(filled.rows, device=logits.device), offsets)
+            for j, row in enumerate(filled.rows):  # views: only these rows are read or written
+                logits[row].add_(offsets[j])
 
     def _offsets_on(self, device: torch.device) -> torch.Tensor:
         if self._offsets_device.device != device:

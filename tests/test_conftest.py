@@ -6,6 +6,9 @@ A test that needs a service skips without it and fails under ``CI=true``; an aio
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 LEAKS = """
@@ -55,12 +58,16 @@ def test_skips_by_itself() -> None:
 """
 
 
+ROOT = Path(__file__).resolve().parents[1]
 QUIET = ("-W", "ignore::pytest.PytestUnknownMarkWarning")  # the markers are registered in pyproject.toml
 
 
 def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, source: str, *args: str) -> pytest.RunResult:
     pytester.makepyfile(test_it=source)
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")  # only the suite's own hooks: a quicker start
+    # `-p tests.conftest` imports the suite's package: the repository's root must be on the path, as it is
+    # for `python -m pytest` run there, whatever the environment says.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return pytester.runpytest_subprocess("-p", "tests.conftest", "-p", "no:cacheprovider", "-rs", *QUIET, *args)
 
 

@@ -202,6 +202,8 @@ class UpstreamEngine:
         """The prompt's tokens as the engine counts them, or None where neither way is open."""
         if self.tokenizer is not None:
             return await asyncio.to_thread(self.tokenizer.count, messages, tools)
+        if not any(u.tokenize_urls for u in self.upstreams):
+            return None  # none counts prompts (remembered): estimated, with nothing to ask
         body: dict[str, Any] = {"model": self.model, "messages": messages, "add_generation_prompt": True}
         if tools:
             body["tools"] = tools
@@ -337,10 +339,11 @@ class UpstreamEngine:
                 async for data in response.content.iter_any():
                     *lines, pending = (pending + data).split(b"\n")
                     text = ""
-                    for line in lines:
-                        if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-                            continue
-                        event = json.loads(line[5:])
+                    # The events of one read parsed as one JSON array: one parse, not one per event.
+                    payloads = [
+                        p for line in lines if line.startswith(b"data:") and (p := line[5:]).strip() != b"[DONE]"
+                    ]
+                    for event in json.loads(b"[" + b",".join(payloads) + b"]") if payloads else ():
                         if "error" in event:
                             failed = str(event["error"])[:200]
                             raise _UpstreamFailed(failed) if pieces == 0 else errors.internal_error()

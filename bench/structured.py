@@ -7,12 +7,23 @@
 - mask apply: the bitmask put on a [rows, vocab] float32 logits tensor, all rows constrained and half of them,
   on the CPU and, where there is one, the GPU.
 
-    .venv/bin/python bench/structured.py [--rows 16] [--steps 64] [--model-dir DIR]
+Then the issue's targets, through the in-process engine (``prepare`` and ``generate``, no HTTP; text prompts,
+sampled at temperature 1 with seeds, every row made to run --tokens tokens), each load --rounds times, the
+median shown:
+
+- 16 concurrent streams under a JSON Schema (a free-text field, which random weights seldom close) against the
+  same 16 unconstrained: tokens/s, and their ratio (target: at least 0.85);
+- a mixed batch, 8 constrained and 8 not: the unconstrained rows' tokens/s against theirs in the batch of 16
+  unconstrained (target: at most 5% lower);
+- a new schema's first token against a cached one's, each request alone (target: at most 50 ms later).
+
+    .venv/bin/python bench/structured.py [--rows 16] [--steps 64] [--model-dir DIR] [--tokens 64] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import time
@@ -22,13 +33,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llamascope.engines.base import SamplingParams, Turn
 from llamascope.engines.builtin_model import ensure_test_model
+from llamascope.engines.mllama import MllamaEngine
 from llamascope.settings import Settings
 from llamascope.structured.backend import Matcher
 from llamascope.structured.compiler import GrammarCache
 from llamascope.structured.guidance import GuidanceBackend
 from llamascope.structured.masking import FilledMasks, StepMasks
-from llamascope.structured.spec import GrammarSpec
+from llamascope.structured.spec import GrammarSpec, OutputSpec, read_request
+
+# A schema whose answer random weights seldom end: the rows run their full length, as unconstrained ones do.
+FREE_TEXT = {"type": "object", "properties": {"note": {"type": "string"}}, "required": ["note"]}
 
 
 def receipt(variant: int) -> dict[str, object]:
@@ -71,11 +87,101 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def as_output(schema: dict[str, object]) -> OutputSpec:
+    return read_request(
+        response_format={"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}},
+        message_texts=["json"],
+    )
+
+
+async def streams(engine: MllamaEngine, outputs: list[OutputSpec | None], tokens: int) -> list[tuple[int, float]]:
+    """All at once; each stream's tokens and the seconds from the start to its last chunk."""
+    began = time.perf_counter()
+
+    async def one(i: int, output: OutputSpec | None) -> tuple[int, float]:
+        prompt = await engine.prepare([Turn("user", f"Write about item {i} in JSON.")], output)
+        sampling = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=1.0, seed=i)
+        made = 0
+        async for chunk in engine.generate(prompt, sampling):
+            made = chunk.output_tokens
+        return made, time.perf_counter() - began
+
+    return await asyncio.gather(*(one(i, o) for i, o in enumerate(outputs)))
+
+
+def rate(results: list[tuple[int, float]]) -> float:
+    """Tokens per second of these streams together: their tokens over the time until the last one ended."""
+    return sum(made for made, _ in results) / max(seconds for _, seconds in results)
+
+
+async def first_token_ms(engine: MllamaEngine, output: OutputSpec) -> float:
+    prompt = await engine.prepare([Turn("user", "Answer in JSON.")], output)
+    began = time.perf_counter()
+    stream = engine.generate(prompt, SamplingParams(max_new_tokens=4, temperature=1.0, seed=0))
+    try:
+        async for chunk in stream:
+            if chunk.output_tokens:
+                break
+    finally:
+        await stream.aclose()
+    return (time.perf_counter() - began) * 1000
+
+
+def engine_loads(model_dir: Path, tokens: int, rounds: int, rows: int) -> list[tuple[str, str]]:
+    engine = MllamaEngine.load(model_dir, test_model=True)
+    constrained = as_output(FREE_TEXT)
+    half = rows // 2
+    loads: dict[str, list[OutputSpec | None]] = {
+        "unconstrained": [None] * rows,
+        "constrained": [constrained] * rows,
+        "mixed": [constrained if i % 2 else None for i in range(rows)],
+    }
+    found: dict[str, list[float]] = {"unconstrained": [], "constrained": [], "mixed, its unconstrained rows": []}
+
+    async def run() -> tuple[list[float], list[float]]:
+        await streams(engine, loads["constrained"], 8)  # warm: the backend, the grammar, the model's first steps
+        for _ in range(rounds):
+            for name, outputs in loads.items():
+                results = await streams(engine, outputs, tokens)
+                if name == "mixed":
+                    # The unconstrained rows' rate, scaled to a batch of `rows` for comparison with the others.
+                    plain = [r for r, o in zip(results, outputs, strict=True) if o is None]
+                    found["mixed, its unconstrained rows"].append(rate(plain) * rows / len(plain))
+                else:
+                    found[name].append(rate(results))
+        new, cached = [], []
+        await first_token_ms(engine, constrained)
+        for variant in range(10):
+            cached.append(await first_token_ms(engine, constrained))
+            new.append(await first_token_ms(engine, as_output({**FREE_TEXT, "description": f"new {variant}"})))
+        return new, cached
+
+    new, cached = asyncio.run(run())
+    asyncio.run(engine.close())
+    median = {name: statistics.median(values) for name, values in found.items()}
+    plain = median["unconstrained"]
+    return [
+        (f"engine: {rows} streams unconstrained, tokens/s", f"{plain:.0f}"),
+        (f"engine: {rows} streams schema-constrained, tokens/s", f"{median['constrained']:.0f}"),
+        ("  constrained / unconstrained (target >= 0.85)", f"{median['constrained'] / plain:.2f}"),
+        (
+            f"engine: mixed {half}+{rows - half}, unconstrained rows' tokens/s (x{rows}/{rows - half})",
+            f"{median['mixed, its unconstrained rows']:.0f}",
+        ),
+        ("  their cost (target <= 5%)", f"{(1 - median['mixed, its unconstrained rows'] / plain) * 100:.1f}%"),
+        ("engine: first token, cached schema (median of 10)", f"{statistics.median(cached):.1f} ms"),
+        ("engine: first token, new schema (median of 10)", f"{statistics.median(new):.1f} ms"),
+        ("  new minus cached (target <= 50 ms)", f"{statistics.median(new) - statistics.median(cached):.1f} ms"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--model-dir", type=Path, default=None)
+    parser.add_argument("--tokens", type=int, default=64, help="tokens each engine stream makes")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     model_dir = args.model_dir or ensure_test_model(Settings.load().cache_dir)
     began = time.perf_counter()
@@ -132,6 +238,7 @@ def main() -> None:
         rows.append((f"mask apply, {args.rows // 2}/{args.rows} rows constrained, {device}", f"{timed(half):.2f} ms"))
         rows.append((f"mask apply, 0/{args.rows} rows constrained, {device}", f"{timed(None):.3f} ms"))
     cache.close()
+    rows += engine_loads(Path(model_dir), args.tokens, args.rounds, args.rows)
 
     width = max(len(name) for name, _ in rows)
     print(f"structured output, llguidance, vocabulary {backend.vocab_size}, {Path(model_dir).name}")

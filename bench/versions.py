@@ -5,8 +5,9 @@ directory holding its ``llamascope`` package), this one from this tree; both
 in upstream mode in front of bench/gateway.py's stub, with the same streamed
 request. Requests alternate between the stub, the baseline and this version
 (the order flipped every round), so a busy machine slows all three alike; the
-table gives each one's p50, its added p50 over the stub, and the median of the
-paired differences.
+table gives each one's p50, its added p50 over the stub, its CPU time per
+request (user + system, from /proc: it hardly moves with the machine's load),
+the median of the paired differences, and the ratio of the CPU times.
 
     git archive main llamascope | tar -x -C /tmp/baseline   # the version to compare with
     .venv/bin/python bench/versions.py --baseline /tmp/baseline [--requests 1500]
@@ -21,14 +22,14 @@ import sys
 from pathlib import Path
 
 import httpx
-from gateway import KEY, MODEL, STUB, body, one
+from gateway import KEY, MODEL, STUB, body, cpu_seconds, one
 from harness import Processes, free_port, wait_ready
 
 
 async def compare(baseline: Path, requests: int) -> None:
     with Processes("llamascope-versions-") as children:
         stub_port = free_port()
-        children.spawn([sys.executable, "-c", STUB, str(stub_port)])
+        pids = {"stub engine, called directly": children.spawn([sys.executable, "-c", STUB, str(stub_port)]).pid}
         wait_ready(f"http://127.0.0.1:{stub_port}/v1/models")
         stub = f"http://127.0.0.1:{stub_port}/v1"
         urls = {"stub engine, called directly": f"{stub}/chat/completions"}
@@ -48,7 +49,7 @@ async def compare(baseline: Path, requests: int) -> None:
                 "--model",
                 f"{MODEL}=openai+{stub}",
             ]
-            children.spawn(serve, env)
+            pids[name] = children.spawn(serve, env).pid
             wait_ready(f"http://127.0.0.1:{port}/health")
             urls[name] = f"http://127.0.0.1:{port}/v1/chat/completions"
         payload = body()
@@ -57,19 +58,22 @@ async def compare(baseline: Path, requests: int) -> None:
             for url in urls.values():
                 for _ in range(30):  # warm-up
                     await one(client, url, payload)
+            cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
             for i in range(requests):
                 order = list(urls.items())
                 for name, url in order if i % 2 == 0 else reversed(order):
                     latencies[name].append(await one(client, url, payload))
+            cpu = {name: (cpu_seconds(pid) - cpu[name]) / requests * 1000 for name, pid in pids.items()}
     names = list(urls)
     direct = statistics.median(latencies[names[0]]) * 1000
     print(f"streamed chat request with a 64x64 image; {requests} rounds, requests alternating; loopback")
-    print(f"{'target':<30} {'p50':>8} {'added p50':>10}")
+    print(f"{'target':<30} {'p50':>8} {'added p50':>10} {'CPU/req':>9}")
     for name in names:
         p50 = statistics.median(latencies[name]) * 1000
-        print(f"{name:<30} {p50:>6.2f}ms {p50 - direct:>8.2f}ms")
+        print(f"{name:<30} {p50:>6.2f}ms {p50 - direct:>8.2f}ms {cpu[name]:>7.2f}ms")
     paired = [(new - old) * 1000 for old, new in zip(latencies[names[1]], latencies[names[2]], strict=True)]
     print(f"this tree - baseline, median of the paired differences: {statistics.median(paired):+.2f}ms")
+    print(f"CPU per request, this tree / baseline: {cpu[names[2]] / cpu[names[1]]:.2f}")
 
 
 def main() -> None:

@@ -37,6 +37,11 @@ from llamascope.accounts.records import ModelAllowance
 from llamascope.accounts.store import AccountStore
 from llamascope.api.app import create_app
 from llamascope.api.drain import LAST_WORDS_SECONDS, Drain, DrainingServer
+from llamascope.batch.files import FileStore
+from llamascope.batch.lines import MAX_FILE_BYTES
+from llamascope.batch.repository import BatchRepository
+from llamascope.batch.runner import Runner
+from llamascope.batch.service import BatchService
 from llamascope.conversation.service import ConversationService
 from llamascope.engines.base import Engine, ModelLoadError
 from llamascope.engines.devices import Bounds
@@ -174,7 +179,31 @@ def build_intake(settings: Settings, uploads: UploadStore | None = None) -> Imag
     )
 
 
-def build_app(settings: Settings, service: ConversationService, uploads: UploadStore, drain: Drain) -> FastAPI:
+def build_batches(
+    settings: Settings, store: AccountStore, engines: dict[str, Engine], replica_id: str, drain: Drain
+) -> BatchService:
+    """The Batch and Files APIs: files under the data directory, lines claimed as this replica."""
+    files = FileStore(settings.batch_files_dir or settings.data_dir / "batch-files", MAX_FILE_BYTES)
+    runner = Runner(
+        BatchRepository(store),
+        files,
+        engines,
+        store,
+        replica_id=replica_id,
+        in_flight=settings.batch_in_flight,
+        poll_seconds=settings.batch_poll_seconds,
+        stopping=lambda: drain.draining,
+    )
+    return BatchService(runner.repository, files, runner)
+
+
+def build_app(
+    settings: Settings,
+    service: ConversationService,
+    uploads: UploadStore,
+    drain: Drain,
+    batches: BatchService | None = None,
+) -> FastAPI:
     """The ASGI app around a ready service."""
     return create_app(
         service,
@@ -191,6 +220,7 @@ def build_app(settings: Settings, service: ConversationService, uploads: UploadS
             key_names=frozenset(settings.metrics_keys),
         ),
         drain=drain,
+        batches=batches,
     )
 
 
@@ -240,7 +270,8 @@ def build(settings: Settings, progress: Callable[[str], None] = log.info) -> Ser
     accounts = Accounts(store, limits, checkpoints=checkpoints)
     service = ConversationService(engines, build_intake(settings, uploads), accounts)
     drain = Drain(settings.shutdown_grace_seconds)
-    app = build_app(settings, service, uploads, drain)
+    batches = build_batches(settings, store, engines, checkpoints.replica_id, drain)
+    app = build_app(settings, service, uploads, drain, batches)
     return Server(settings, app, engines, store, drain, first_key, threads)
 
 

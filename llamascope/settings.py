@@ -276,6 +276,22 @@ class Settings(BaseSettings):
         "`https://llm.example.com` behind a proxy); unset: from the request's Host",
     )
 
+    # The Batch and Files APIs (docs/batch.md).
+    batch_files_dir: Path | None = Field(
+        None,
+        description="where the Files API keeps batch inputs and results, the same directory on every replica; "
+        "unset: `DATA_DIR/batch-files`",
+    )
+    batch_in_flight: int = Field(
+        8,
+        ge=1,
+        description="batch lines running at once per model (each is taken only while its engine has no "
+        "interactive request waiting)",
+    )
+    batch_poll_seconds: float = Field(
+        1.0, gt=0, description="how often the batch runner looks for work that other replicas made or cancelled"
+    )
+
     redis_url: str | None = Field(
         None,
         description="per-key rate limits shared by every replica, in Redis (`redis://host:6379/0`); unset: "

@@ -44,6 +44,7 @@ from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPro
 from llamascope.images.uploads import UploadStore
 from llamascope.server import build_intake
 from llamascope.settings import Settings
+from llamascope.structured.spec import OutputSpec
 
 pytest_plugins = ["pytester"]  # tests/test_conftest.py runs pytest on this file's hooks
 
@@ -446,7 +447,7 @@ class FailingEngine:
     def __init__(self, words: list[str]) -> None:
         self.words = words
 
-    async def prepare(self, turns: list[Turn]) -> PreparedPrompt:
+    async def prepare(self, turns: list[Turn], output: OutputSpec | None = None) -> PreparedPrompt:
         return PreparedPrompt(input_tokens=11, image_tokens=0, max_new_tokens=100)
 
     async def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 LEAKS = """
 import asyncio
 
@@ -60,13 +58,15 @@ def test_skips_by_itself() -> None:
 """
 
 
+ROOT = Path(__file__).resolve().parents[1]
 QUIET = ("-W", "ignore::pytest.PytestUnknownMarkWarning")  # the markers are registered in pyproject.toml
 
 
 def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, source: str, *args: str) -> pytest.RunResult:
     pytester.makepyfile(test_it=source)
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")  # only the suite's own hooks: a quicker start
-    # The pytest of its own runs in a temporary directory: `tests` is importable from the checkout only.
+    # `-p tests.conftest` imports the suite's package: the repository's root must be on the path, as it is
+    # for `python -m pytest` run there, whatever the environment says.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return pytester.runpytest_subprocess("-p", "tests.conftest", "-p", "no:cacheprovider", "-rs", *QUIET, *args)
 

@@ -22,14 +22,14 @@ import math
 import time
 import uuid
 from collections import Counter
-from typing import Any, Literal
-
-from limits import RateLimitItemPerMinute
-from limits.storage import MemoryStorage
-from limits.strategies import MovingWindowRateLimiter
+from typing import TYPE_CHECKING, Any, Literal
 
 from llamascope import errors
 from llamascope.accounts.records import KeyView
+
+if TYPE_CHECKING:
+    from limits import RateLimitItemPerMinute
+    from limits.strategies import MovingWindowRateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,11 @@ def throttled(message: str, retry_after: float) -> errors.ServiceError:
 
 
 def _items(key: KeyView) -> tuple[RateLimitItemPerMinute | None, RateLimitItemPerMinute | None]:
+    if not key.tokens_per_minute and not key.requests_per_minute:
+        return None, None
+    # why here: the limits library takes a tenth of a second to import, and most keys have no per-minute limit
+    from limits import RateLimitItemPerMinute
+
     tokens = RateLimitItemPerMinute(key.tokens_per_minute, namespace="tokens") if key.tokens_per_minute else None
     requests = (
         RateLimitItemPerMinute(key.requests_per_minute, namespace="requests") if key.requests_per_minute else None
@@ -58,8 +63,18 @@ class RateLimits:
     shared = False
 
     def __init__(self) -> None:
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._moving_window: MovingWindowRateLimiter | None = None  # made when a key first has a per-minute limit
         self.running: Counter[int] = Counter()
+
+    @property
+    def _limiter(self) -> MovingWindowRateLimiter:
+        if self._moving_window is None:
+            # why here: the limits library takes a tenth of a second to import (start-up), see _items
+            from limits.storage import MemoryStorage
+            from limits.strategies import MovingWindowRateLimiter
+
+            self._moving_window = MovingWindowRateLimiter(MemoryStorage())
+        return self._moving_window
 
     def _retry_after(self, item: RateLimitItemPerMinute, key_id: int) -> float:
         reset, _remaining = self._limiter.get_window_stats(item, str(key_id))

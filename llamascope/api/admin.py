@@ -300,7 +300,16 @@ async def usage(request: Request) -> JSONResponse:
     since = utcnow() - timedelta(days=float(days)) if days is not None else None
     if count is not None:
         return _answer(request, admin.jsonable(await _run(store.requests, key_id, since, count)))
-    return _answer(request, await _run(store.usage, key_id, since))
+    rows = await _run(store.usage, key_id, since)
+    # ``data`` keeps the ledger's rows (each with its refusals); a day, key and model with refusals only (no
+    # request reached a model) is listed apart, so existing readers of ``data`` see the rows they always did.
+    return JSONResponse(
+        {
+            "request_id": request_id_of(request),
+            "data": [row for row in rows if row["requests"]],
+            "refused_only": [row for row in rows if not row["requests"]],
+        }
+    )
 
 
 def _query(parse: Any, value: str | None, name: str, *args: Any) -> Any:

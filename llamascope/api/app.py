@@ -15,6 +15,7 @@ from llamascope import __version__, errors
 from llamascope.accounts.records import ModelAllowance
 from llamascope.api import admin, openapi, operations, playground, uploads
 from llamascope.api import errors as api_errors
+from llamascope.api.batch import router as batch
 from llamascope.api.drain import Drain, Draining
 from llamascope.api.middleware import Authentication, BodyLimit, RequestContext
 from llamascope.api.native import router as native
@@ -22,6 +23,8 @@ from llamascope.api.native.protocol import ErrorBody as NativeErrorBody
 from llamascope.api.openai import router as openai
 from llamascope.api.openai.protocol import ErrorBody as OpenAIErrorBody
 from llamascope.api.text import router as text
+from llamascope.batch.lines import MAX_FILE_BYTES
+from llamascope.batch.service import BatchService
 from llamascope.conversation.service import ConversationService
 from llamascope.images.uploads import UploadStore
 from llamascope.observability.metrics import MetricsEndpoint, registry_for, serve_on_port
@@ -35,9 +38,9 @@ log = logging.getLogger(__name__)
 PUBLIC_PATHS = frozenset({"/health", "/metrics", openapi.PATH, uploads.OBJECTS_PATH, "/", playground.PLAYGROUND_PATH})
 PUBLIC_PREFIXES = (playground.PLAYGROUND_PATH + "/",)
 # Each HTTP surface: its router and the operations it declares for the OpenAPI document.
-SURFACES = (native, openai, text, uploads, operations, admin, openapi, playground)
+SURFACES = (native, openai, text, batch, uploads, operations, admin, openapi, playground)
 # The order /openapi.json lists the surfaces' operations in (as it always has).
-DOCUMENT_ORDER = (openapi, playground, admin, operations, uploads, native, openai, text)
+DOCUMENT_ORDER = (openapi, playground, admin, operations, uploads, native, openai, text, batch)
 PURGE_EVERY_SECONDS = 600
 
 
@@ -59,10 +62,11 @@ def create_app(
     model_allowances: Mapping[str, ModelAllowance] | None = None,
     metrics: MetricsEndpoint | None = None,
     drain: Drain | None = None,
+    batches: BatchService | None = None,
 ) -> FastAPI:
     """The app. ``model_allowances``: each served model's default allowance (the admin API grants it; its
     names are the served models). ``drain`` is the shutdown state ``DrainingServer`` shares with it (see
-    ``api.drain``)."""
+    ``api.drain``). ``batches``: the Batch API and its runner (None: not served)."""
     metrics = metrics or MetricsEndpoint()
     registry = registry_for(operations.service_state(service, metrics.key_names))
     drain = drain or Drain(grace_seconds=0)
@@ -70,10 +74,14 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         purge = asyncio.create_task(_purge_uploads(uploads_store))
+        if batches is not None:
+            batches.start(app)  # lines run through this very app, in process
         metrics_server = None
         if metrics.enabled and metrics.port is not None:
             metrics_server = serve_on_port(registry, metrics.host, metrics.port)
         yield
+        if batches is not None:
+            await batches.stop()
         purge.cancel()
         if metrics_server is not None:
             metrics_server.shutdown()
@@ -94,6 +102,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.metrics_registry = registry
     app.state.drain = drain
+    app.state.batches = batches
     app.state.operations = openapi.collect(*(surface.OPERATIONS for surface in DOCUMENT_ORDER))
     app.state.error_bodies = (NativeErrorBody, OpenAIErrorBody)  # the refusals' bodies in the document
     for surface in SURFACES:
@@ -112,7 +121,7 @@ def create_app(
         public_prefixes=PUBLIC_PREFIXES,
         admin_key=admin_key,
     )
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, larger=dict.fromkeys(batch.FILES_PATHS, MAX_FILE_BYTES))
     app.add_middleware(Draining, drain=drain)
     app.add_middleware(RequestContext)
     return app

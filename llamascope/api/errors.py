@@ -52,8 +52,10 @@ _OPENAI_TYPES = {
 
 
 # The request field an error is about, read from the shared message texts (one place, rather than a field on
-# every error): "Range of top_p ...", "Parameter stop ...", "messages[1] ...", "Model not exist.".
+# every error): "Invalid value for 'tools[0].type'", "Range of top_p ...", "Parameter stop ...", "messages[1] ...",
+# "Model not exist.".
 _PARAM_PATTERNS = (
+    (re.compile(r"^Invalid value for '([\w.\[\]-]+)'"), None),  # structured output: "tools[0].function.name"
     (re.compile(r"^(?:Range of|Parameter) (\w+)"), None),
     (re.compile(r"messages|image|url error|media|multimodal|[Ii]nput length"), "messages"),
     (re.compile(r"^Model not exist|\"model\""), "model"),

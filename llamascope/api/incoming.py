@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -46,35 +46,62 @@ async def until_hangup(
 
     Its errors are raised. A cancelled ``work`` gets to run its cleanup (a reply cancels its engine).
     ``stop`` (the server's shutdown, see ``api.drain``) ends ``work`` too: ``on_stop`` is called, ``work``
-    is cancelled and ``stopped_by_shutdown`` is raised."""
-    task = asyncio.ensure_future(work)
+    is cancelled and ``stopped_by_shutdown`` is raised.
+
+    ``work`` runs in the calling task, which the hang-up or the stop cancels: one watcher task a request,
+    and one task for the whole server waiting for ``stop``. (A task for ``work`` and one waiting for
+    ``stop`` for each request, joined by ``asyncio.wait``, took 27 us a request where this takes 11 us.)"""
+    task = asyncio.current_task()
+    assert task is not None
+    ended: list[str] = []  # why this cancelled ``work``: "hangup" or "stop"
+
+    def end(why: str) -> None:
+        if not ended and not task.done():
+            ended.append(why)
+            if why == "stop" and on_stop is not None:
+                on_stop()
+            task.cancel()
 
     async def hangup() -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
+        end("hangup")
+
+    def stopped(_: object) -> None:
+        end("stop")
 
     watcher = asyncio.ensure_future(hangup())
-    waiters: set[asyncio.Future[Any]] = {task, watcher}
-    stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
-    if stopper is not None:
-        waiters.add(stopper)
-    stopped = False
+    stopping = _stopping(stop) if stop is not None else None
+    if stopping is not None:
+        stopping.add_done_callback(stopped)
     try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        stopped = stopper is not None and stopper.done() and not task.done()
-        if stopped and on_stop is not None:
-            on_stop()
-    finally:
-        for pending in waiters:
-            if not pending.done():
-                pending.cancel()
-    if not task.done() or task.cancelled():
-        with contextlib.suppress(BaseException):
-            await task
-        if stopped:
-            raise stopped_by_shutdown()
+        result = await work
+    except BaseException as exc:
+        # Ours was delivered to ``work``, whatever it ended with (its cleanup's errors are not the caller's);
+        # another cancellation as well (the server stopping at once) goes on.
+        if not ended or (task.uncancel() > 0 and isinstance(exc, asyncio.CancelledError)):
+            raise
+        if ended[0] == "stop":
+            raise stopped_by_shutdown() from None
         return False, None
-    return True, task.result()
+    finally:
+        watcher.cancel()
+        if stopping is not None:
+            stopping.remove_done_callback(stopped)
+    if ended:  # asked to cancel as it finished: it finished
+        task.uncancel()
+    return True, result
+
+
+# The server's shutdown (``Drain.stop``) as one future per server, which requests watch with a callback.
+_stops: weakref.WeakKeyDictionary[asyncio.Event, asyncio.Future[Any]] = weakref.WeakKeyDictionary()
+
+
+def _stopping(stop: asyncio.Event) -> asyncio.Future[Any]:
+    future = _stops.get(stop)
+    if future is None or future.get_loop() is not asyncio.get_running_loop():
+        future = _stops[stop] = asyncio.ensure_future(stop.wait())
+    return future
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T], reply: Reply | None = None) -> T | None:

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llamascope import errors
 from llamascope.accounts.admission import Accounts
 from llamascope.api.errors import error_response
+from llamascope.batch.caller import key_id_of, principal_of
 from llamascope.conversation.service import Reply
 from llamascope.observability import request as observed
 from llamascope.observability.facts import Outcome
@@ -125,23 +126,25 @@ class RequestContext:
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, larger: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.larger = larger or {}  # paths with a limit of their own (the Files API's uploads)
 
-    def _error(self) -> errors.ServiceError:
+    def _error(self, max_bytes: int) -> errors.ServiceError:
         return errors.ServiceError(
-            413, "BadRequest.TooLarge", f"Exceeded limit on max bytes to request body : {self.max_bytes}"
+            413, "BadRequest.TooLarge", f"Exceeded limit on max bytes to request body : {max_bytes}"
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.larger.get(scope["path"], self.max_bytes)
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+            if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
                 scope.setdefault("state", {})["error_code"] = "BadRequest.TooLarge"
-                await error_response(self._error(), scope["state"].get("request_id", ""), scope["path"])(
+                await error_response(self._error(max_bytes), scope["state"].get("request_id", ""), scope["path"])(
                     scope, receive, send
                 )
                 return
@@ -152,8 +155,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._error()
+                if received > max_bytes:
+                    raise self._error(max_bytes)
             return message
 
         await self.app(scope, counting_receive, send)
@@ -190,6 +193,8 @@ class Authentication:
         try:
             if scope["path"].startswith("/admin/"):
                 self._check_admin(authorization)
+            elif (batch_key := key_id_of(scope)) is not None:  # a batch line, run in process as its batch's key
+                state["principal"] = await principal_of(self.accounts, batch_key)
             else:
                 state["principal"] = await self.accounts.authenticate(authorization)
         except errors.ServiceError as refusal:

@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -47,6 +48,7 @@ examples:
   llamascope chat -a https://example.com/dog.jpeg -o temperature 0 "how many dogs?"
   cat question.txt | llamascope chat -a photo.jpg
   curl -s https://example.com/dog.jpeg | llamascope chat -a - "describe it" --json
+  llamascope chat -a receipt.jpg --schema receipt.schema.json "read the receipt"
   llamascope chat -a photo.jpg            (a conversation)"""
 
 NO_KEY = """\
@@ -84,6 +86,12 @@ def add_parser(commands: Any) -> None:
         "--base-url", help=f"the API's base URL (default: $DASHSCOPE_HTTP_BASE_URL or {DEFAULT_BASE_URL})"
     )
     chat.add_argument("--api-key", help="API key (default: $DASHSCOPE_API_KEY, then the SDK's key files)")
+    chat.add_argument(
+        "--schema",
+        metavar="FILE",
+        type=Path,
+        help="a JSON Schema: the answer is held to it (response_format json_schema) and printed indented",
+    )
     chat.add_argument("--json", action="store_true", help="print the final response body as JSON, not the text")
     chat.add_argument("--no-stream", action="store_true", help="ask for the whole answer at once")
     chat.add_argument("--plain", action="store_true", help="never render Markdown (it is only on a terminal anyway)")
@@ -117,9 +125,28 @@ def discover_model(client: Client, wanted: str | None) -> tuple[str, dict[str, A
     return name, next((m for m in served if m.get("model") == name), None)
 
 
+def schema_format(path: Path) -> dict[str, Any]:
+    """``response_format`` for the JSON Schema in ``path``, named after the file; OSError or ValueError says why
+    it cannot be read."""
+    schema = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(schema, dict):
+        raise ValueError("a JSON Schema is a JSON object")
+    name = re.sub(r"[^a-zA-Z0-9_-]", "_", path.name.split(".")[0])[:64] or "answer"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+
+
+def indented(text: str) -> str:
+    """A JSON answer indented for reading; one that is not JSON (cut by max_tokens) as it is."""
+    try:
+        return json.dumps(json.loads(text), ensure_ascii=False, indent=2)
+    except ValueError:
+        return text
+
+
 def one_shot(client: Client, conversation: Conversation, question: str, args: argparse.Namespace) -> int:
     conversation.ask(question)
-    if args.json:
+    pretty = args.schema is not None and not args.json  # the whole answer, indented, once it is complete
+    if args.json or pretty:
         from llamascope.client.display import PlainText  # rich, only when an answer is shown (see answering)
 
         display: Callable[[], AbstractContextManager[Display]] = lambda: PlainText(io.StringIO())  # noqa: E731
@@ -139,7 +166,9 @@ def one_shot(client: Client, conversation: Conversation, question: str, args: ar
     if args.json:
         body = answer.body if args.no_stream and answer.body else answer.final_body()
         print(json.dumps(body, ensure_ascii=False, indent=2))
-    elif answer.finish_reason == "length":
+    elif pretty:
+        print(indented(answer.text))
+    if not args.json and answer.finish_reason == "length":
         print("(the answer reached max_tokens)", file=sys.stderr)
     return 0
 
@@ -156,6 +185,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"llamascope chat: {exc}", file=sys.stderr)
         return 2
+    if args.schema is not None:
+        try:
+            parameters["response_format"] = schema_format(args.schema)
+        except (OSError, ValueError) as exc:
+            print(f"llamascope chat: --schema {args.schema}: {exc}", file=sys.stderr)
+            return 2
     question = " ".join(args.prompt)
     interactive = not question and sys.stdin.isatty()
     if (not question or question == "-") and not interactive:

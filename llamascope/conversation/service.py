@@ -29,6 +29,8 @@ from llamascope.images.intake import ImageIntake
 from llamascope.images.source import ANONYMOUS, SourceContext
 from llamascope.observability.facts import Generation
 from llamascope.observability.request import TokenWatch
+from llamascope.structured.spec import OutputSpec, read_request
+from llamascope.structured.tools import ToolCall
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class Event:
     usage: Usage
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens new in this event, when asked
+    tool_calls: list[ToolCall] = field(default_factory=list)  # the last event of an answer that calls tools
 
 
 class StopText:
@@ -104,6 +107,7 @@ class Reply:
     status: str = "cancelled"  # what the ledger records unless generation ends otherwise
     started: bool = False  # the engine has sent something: the prompt was run
     logprobs: list[TokenLogprob] = field(default_factory=list)  # every token's, when the request asked
+    tool_calls: list[ToolCall] = field(default_factory=list)  # the answer's calls (finish_reason "tool_calls")
 
     async def settle(self) -> None:
         """Charge the caller's allowance what was used, and record how the request ended; only the first
@@ -167,6 +171,7 @@ class Reply:
                     break
                 if chunk.finish_reason is not None:
                     finish = chunk.finish_reason
+                    self.tool_calls = list(chunk.tool_calls or ())
                     delta += stop.flush()
                     self.text += delta
                     break
@@ -187,7 +192,7 @@ class Reply:
             raise errors.internal_error()
         self.finish_reason = finish
         await self._checkpointed()
-        yield Event(delta, self.text, self.usage, finish, self.logprobs[sent:])
+        yield Event(delta, self.text, self.usage, finish, self.logprobs[sent:], self.tool_calls)
 
     async def _checkpointed(self) -> None:
         """Before tokens reach the client: those not on disk yet stay within the checkpoint window, so a
@@ -232,7 +237,8 @@ class ConversationService:
             raise errors.invalid_parameter(
                 "Parameter logprobs: not available for a model served by an upstream engine."
             )
-        prompt = await self._prompt(engine, draft, context)
+        output = output_spec(parameters, draft, endpoint)
+        prompt = await self._prompt(engine, draft, context, output)
         most = prompt.input_tokens + prompt.new_tokens(options.sampling)
         admission = await self.accounts.admit(principal, model, grant, most, request_id, prompt.input_tokens)
         held = admission.reservation.tokens
@@ -277,8 +283,29 @@ class ConversationService:
             return Images.NONE
         return Images.OPTIONAL if endpoint is Endpoint.TEXT else Images.REQUIRED
 
-    async def _prompt(self, engine: Engine, draft: Draft, context: SourceContext) -> PreparedPrompt:
+    async def _prompt(
+        self, engine: Engine, draft: Draft, context: SourceContext, output: OutputSpec | None = None
+    ) -> PreparedPrompt:
         image = None
         if draft.image_ref is not None:
             image = await self.intake.load(draft.image_ref, context, fit=engine.image_size, fit_key=engine.info.source)
-        return await engine.prepare(draft.with_image(image))
+        return await engine.prepare(draft.with_image(image), output)
+
+
+def output_spec(parameters: Any, draft: Draft, endpoint: Endpoint) -> OutputSpec | None:
+    """What the request asks of its answer's shape (``response_format``, ``tools``, ``tool_choice``,
+    ``parallel_tool_calls``), checked; None when it asks nothing (free text, no tools).
+
+    The fields are ``parameters``' on the native surfaces and the body's in compatible mode (which hands
+    them over in ``parameters`` under the same names): refusals name them as the caller wrote them.
+    """
+    fields = parameters if isinstance(parameters, dict) else {}
+    spec = read_request(
+        response_format=fields.get("response_format"),
+        tools=fields.get("tools"),
+        tool_choice=fields.get("tool_choice"),
+        parallel_tool_calls=fields.get("parallel_tool_calls"),
+        message_texts=draft.texts(),
+        prefix="" if endpoint is Endpoint.CHAT else "parameters.",
+    )
+    return None if spec == OutputSpec() else spec

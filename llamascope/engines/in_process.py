@@ -48,7 +48,11 @@ from llamascope.engines.vision import VisionCache, batch_tiles
 from llamascope.images import PreparedImage
 from llamascope.observability.facts import EngineTimings, UpstreamHealth
 from llamascope.observability.request import engine_timings
+from llamascope.structured.compiler import GrammarCache
+from llamascope.structured.guidance import GuidanceBackend
+from llamascope.structured.masking import StepMasks
 from llamascope.structured.spec import OutputSpec
+from llamascope.structured.tools import TOOL_RESULT_ROLE, CallStream, call_text, tools_prompt
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11; annotations are not evaluated at run time
@@ -108,6 +112,9 @@ class InProcessEngine(ABC):
             prefix_cache_bytes = default_bytes(model.device)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.faults = faults
+        # Structured output's grammar library for this model, made with its first constrained request.
+        self._grammars: GrammarCache | None = None
+        self._grammars_lock = threading.Lock()
         self.scheduler = Scheduler(
             model,
             self._pixel_tensors,
@@ -226,14 +233,20 @@ class InProcessEngine(ABC):
         """The size this model resizes a width x height image to."""
 
     async def prepare(self, turns: list[Turn], output: OutputSpec | None = None) -> PreparedPrompt:
-        prompt = await anyio.to_thread.run_sync(self._prepare, turns, limiter=self._preparers)
+        prompt = await anyio.to_thread.run_sync(self._prepare, turns, output, limiter=self._preparers)
         prompt.output = output
         return prompt
 
-    def _prepare(self, turns: list[Turn]) -> PreparedPrompt:
+    def _prepare(self, turns: list[Turn], output: OutputSpec | None = None) -> PreparedPrompt:
         messages, images = self._chat(turns)
+        tools = [t.to_openai() for t in output.offered_tools()] if output is not None else []
+        extra: dict[str, Any] = {}
+        if tools and "tools" in self.template:  # Meta's templates (and llamascope's) place them themselves
+            extra["tools"] = tools
+        elif tools:  # a template that knows no tools: Meta's instruction heads the first user message
+            _head_first_user_message(messages, tools_prompt(output.offered_tools() if output else ()))
         prompt = self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=True
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=True, **extra
         )
         max_input = self.info.context_length - 1
         if len(prompt.encode()) // self._max_token_bytes > max_input:
@@ -252,7 +265,8 @@ class InProcessEngine(ABC):
 
     @abstractmethod
     def _chat(self, turns: list[Turn]) -> tuple[list[dict[str, Any]], list[PreparedImage]]:
-        """The conversation as the chat template takes it, and its images in order."""
+        """The conversation as the chat template takes it, and its images in order (``chat_role`` and
+        ``chat_text`` say how a tool call and a tool's result read)."""
 
     def _model_inputs(self, prompt: str, images: list[PreparedImage]) -> Any:
         """The prompt's input_ids and attention_mask as the model takes them (BatchFeature), and its images'."""
@@ -291,6 +305,20 @@ class InProcessEngine(ABC):
                 seq.cancel.set()
 
         payload: _Payload = prompt.payload
+        output = prompt.output
+        grammar_spec = output.grammar() if output is not None else None
+        matcher = None
+        if grammar_spec is not None:  # compiled once per schema; a schema that cannot be refuses before any chunk
+            grammars = self._grammars  # (a GrammarCache has a length: an empty one is falsy)
+            if grammars is None:
+                grammars = await anyio.to_thread.run_sync(self._grammar_cache)
+            matcher = (await grammars.get(grammar_spec)).matcher()
+        # An answer that may call tools: text that may be a call is held back until it is known.
+        calls = (
+            CallStream(output.offered_tools(), forced=output.forces_tool_call)
+            if output is not None and output.calls_tools
+            else None
+        )
         seq = Sequence(
             inputs=payload.inputs,
             image=payload.image,
@@ -298,6 +326,7 @@ class InProcessEngine(ABC):
             max_new=prompt.new_tokens(sampling),
             send=send,
             fault=payload.fault,
+            matcher=matcher,
         )
         self.scheduler.submit(seq)  # raises 429 Throttling when the queue is full
         text = IncrementalText(self.tokenizer)
@@ -320,12 +349,22 @@ class InProcessEngine(ABC):
                     logprobs = self._logprobs(ids, seq.logprobs[produced:]) if sampling.logprobs is not None else None
                     produced += len(ids)
                     delta = text.add(ids)
+                    if calls is not None:
+                        delta = calls.push(delta)
                     if delta or logprobs or cached:
                         yield Chunk(delta, produced, logprobs=logprobs, cached_tokens=cached)
                 if isinstance(message, errors.ServiceError):
                     raise message
                 if isinstance(message, FinishReason):
-                    yield Chunk(text.add([], final=True), produced, message)
+                    last = text.add([], final=True)
+                    if calls is not None and message is not FinishReason.CANCELLED:
+                        last = calls.push(last)
+                        held, answer = calls.finish()
+                        if answer.calls:
+                            yield Chunk("", produced, FinishReason.TOOL_CALLS, tool_calls=list(answer.calls))
+                            return
+                        last += held  # not a call after all (or a forced one cut short): its text
+                    yield Chunk(last, produced, message)
                     return
         finally:
             seq.cancel.set()
@@ -344,7 +383,49 @@ class InProcessEngine(ABC):
             for token, (logprob, rivals) in zip(ids, found, strict=False)
         ]
 
+    def _grammar_cache(self) -> GrammarCache:
+        """This model's grammar library and cache, made on first use (its tokenizer takes about half a second to
+        index, which a model never asked for structured output does not spend); off the event loop."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                backend = GuidanceBackend.from_tokenizer(
+                    self.tokenizer,
+                    vocab_size=int(self.model.config.get_text_config().vocab_size),  # the output layer's width
+                    stop_ids=sorted(self.eos_ids),  # the generation config's: 128001, 128008, 128009 for Llama 3
+                )
+                self.scheduler.masks = StepMasks(backend, self.model.device)
+                self._grammars = GrammarCache(backend)
+            return self._grammars
+
     async def close(self) -> None:
         """Stop the model thread once its current step ends; requests still on it end as cancelled."""
         self.scheduler.stop()
         await anyio.to_thread.run_sync(self.scheduler.join, 30)
+        if self._grammars is not None:
+            self._grammars.close()
+
+
+def chat_role(turn: Turn) -> str:
+    """The turn's role in the chat template: a tool's result is Meta's "ipython" turn."""
+    return TOOL_RESULT_ROLE if turn.role == "tool" else turn.role
+
+
+def chat_text(turn: Turn) -> str:
+    """The turn's text in the chat template: an assistant's tool calls as the model writes them (Llama 3.1's
+    JSON, "; " between parallel calls), after any text it had."""
+    if not turn.tool_calls:
+        return turn.text
+    written = call_text(call.to_openai() for call in turn.tool_calls)
+    return f"{turn.text}{written}" if turn.text.strip() else written
+
+
+def _head_first_user_message(messages: list[dict[str, Any]], head: str) -> None:
+    """Put ``head`` before the first user message's content, in place (the content a string or a list)."""
+    for message in messages:
+        if message["role"] == "user":
+            content = message["content"]
+            if isinstance(content, str):
+                message["content"] = head + content
+            else:
+                message["content"] = [{"type": "text", "text": head}, *content]
+            return

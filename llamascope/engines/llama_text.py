@@ -16,7 +16,7 @@ from typing import Any
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from llamascope.engines.base import EngineInfo, ModelLoadError, Turn
-from llamascope.engines.in_process import InProcessEngine
+from llamascope.engines.in_process import InProcessEngine, chat_role, chat_text
 from llamascope.engines.requests import BatchLimits
 from llamascope.images import PreparedImage
 
@@ -64,4 +64,4 @@ class LlamaTextEngine(InProcessEngine):
         return width, height  # never asked: the conversation rules give a text-only model no image
 
     def _chat(self, turns: list[Turn]) -> tuple[list[dict[str, Any]], list[PreparedImage]]:
-        return [{"role": turn.role, "content": turn.text} for turn in turns], []
+        return [{"role": chat_role(turn), "content": chat_text(turn)} for turn in turns], []

@@ -20,7 +20,7 @@ from transformers.models.mllama.processing_mllama import (
 
 from llamascope.engines import attention
 from llamascope.engines.base import EngineInfo, ModelLoadError, Turn
-from llamascope.engines.in_process import InProcessEngine
+from llamascope.engines.in_process import InProcessEngine, chat_role, chat_text
 from llamascope.engines.mllama_pixels import MllamaPixels
 from llamascope.engines.requests import BatchLimits
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
@@ -94,8 +94,8 @@ class MllamaEngine(InProcessEngine):
         messages: list[dict[str, Any]] = []
         images: list[PreparedImage] = []
         for turn in turns:
-            if turn.role == "system":
-                messages.append({"role": "system", "content": turn.text})
+            if turn.role == "system" or turn.role == "tool" or turn.tool_calls:  # text only
+                messages.append({"role": chat_role(turn), "content": chat_text(turn)})
                 continue
             content: list[dict[str, str]] = []
             if turn.image is not None:

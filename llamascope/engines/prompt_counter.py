@@ -17,6 +17,7 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from llamascope.engines.base import ModelLoadError
+from llamascope.structured.tools import TOOL_RESULT_ROLE, call_text
 
 
 class PromptCounter:
@@ -41,20 +42,32 @@ class PromptCounter:
             raise ModelLoadError(f"upstream_tokenizer {directory} has no chat template: give chat_template")
         return cls(tokenizer, template)
 
-    def count(self, messages: list[dict[str, Any]]) -> int:
+    def count(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int:
+        """``messages`` in OpenAI's form (as the engine is sent them), ``tools`` OpenAI's function tools."""
         conversation = [
             {
-                "role": m["role"],
-                "content": m["content"]
-                if isinstance(m["content"], str)
-                else [{"type": "image"} if p["type"] == "image_url" else p for p in m["content"]],
+                "role": TOOL_RESULT_ROLE if m["role"] == "tool" else m["role"],
+                "content": _content(m),
             }
             for m in messages
         ]
+        extra: dict[str, Any] = {"tools": tools} if tools and "tools" in self.template else {}
         prompt = self.tokenizer.apply_chat_template(
-            conversation, chat_template=self.template, tokenize=False, add_generation_prompt=True
+            conversation, chat_template=self.template, tokenize=False, add_generation_prompt=True, **extra
         )
         return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def _content(message: dict[str, Any]) -> Any:
+    """A message's content as the template takes it: an image part as {"type": "image"}, tool calls as the
+    model writes them."""
+    content = message.get("content")
+    if message.get("tool_calls"):
+        written = call_text(message["tool_calls"])
+        return f"{content}{written}" if isinstance(content, str) and content.strip() else written
+    if content is None or isinstance(content, str):
+        return content or ""
+    return [{"type": "image"} if p["type"] == "image_url" else p for p in content]
 
 
 def _directory_template(directory: Any) -> str | None:

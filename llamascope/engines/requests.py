@@ -16,6 +16,7 @@ import psutil
 
 from llamascope import errors
 from llamascope.engines.base import FinishReason, SamplingParams
+from llamascope.structured.backend import Matcher
 
 # What the model thread sends to the request's event loop.
 Tokens = list[int]
@@ -58,6 +59,7 @@ class Sequence:
     send: Callable[[Message], None]
     cancel: threading.Event = field(default_factory=threading.Event)
     fault: tuple[str, int] | None = None  # tests only: fail at this stage and step (``Scheduler.faults``)
+    matcher: Matcher | None = None  # its answer's place in the grammar it must follow (structured output)
     queued_at: float = field(default_factory=time.monotonic)
     # Set when it runs:
     started_at: float = 0.0

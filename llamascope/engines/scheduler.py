@@ -34,6 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ from llamascope.engines.recovery import Checkpoint, out_of_memory_error, recover
 from llamascope.engines.requests import BatchLimits, Message, Sequence
 from llamascope.engines.sampling import Sampler, chosen_logprobs, log_probabilities, pick
 from llamascope.engines.vision import ImageEncoder, VisionCache, batch_tiles
+from llamascope.structured.masking import FilledMasks, StepMasks
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,10 @@ class Scheduler:
         self._stopping = False
         self._service_time = 5.0  # seconds a request takes, smoothed; for Retry-After
         self.steps = 0
+        # Structured output's token masks (set by the engine with its first constrained request), and the thread
+        # that fills a step's masks while the model runs (llguidance holds no GIL while it fills).
+        self.masks: StepMasks | None = None
+        self._filler: ThreadPoolExecutor | None = None
         # A debug mode the model thread runs under (devices.discipline: every tensor names its device).
         self.device_check: Any = None
         self._thread = threading.Thread(target=self._run, name="llamascope-generate", daemon=True)
@@ -311,7 +317,7 @@ class Scheduler:
         self._remember(seq.ids, seq, seq.cache, 0)  # for requests that start the same way, running beside it
         seq.sampler = Sampler(seq.sampling)
         seq.inputs = None  # pixels and the rest are no longer needed
-        logits = self._hold_back_eos(out.logits[:, -1, :].float(), [seq])
+        logits = self._hold_back_eos(out.logits[:, -1, :].float(), self._short([seq]))
         return self._advance(seq, self._pick([seq], logits)[0])
 
     def _reuse(self, seq: Sequence, ids: list[int]) -> int:
@@ -408,10 +414,17 @@ class Scheduler:
             kwargs["cross_attention_mask"] = batch.cross_mask
         self._inject(rows, "decode")
         self._inject(rows, "oom")
-        logits = self.model(**kwargs).logits[:, -1, :].float()
-        self._inject(rows, "sample")
-        logits = self._hold_back_eos(logits, rows)
-        return self._pick(rows, logits)
+        short = self._short(rows)  # before the fill: a matcher is the filler thread's until its mask is made
+        filling = self._fill_ahead(rows)  # the constrained rows' masks, made while the model runs
+        try:
+            logits = self.model(**kwargs).logits[:, -1, :].float()
+            self._inject(rows, "sample")
+        except BaseException:
+            if filling is not None:  # a step tried again must not touch the matchers while this fill runs
+                wait([filling])
+            raise
+        logits = self._hold_back_eos(logits, short)
+        return self._pick(rows, logits, filling)
 
     def _release_memory(self) -> None:
         """Give back what can be given back: the vision cache, and the CUDA allocator's unused blocks."""
@@ -428,11 +441,30 @@ class Scheduler:
                         raise torch.OutOfMemoryError(f"fault injected: out of memory at step {seq.generated}")
                     raise RuntimeError(f"fault injected at {stage}, step {seq.generated}")
 
-    @staticmethod
-    def _pick(rows: list[Sequence], logits: Any) -> list[int]:
-        """Each row's next token; the log-probabilities of the rows that asked for them are kept on the row."""
+    def _fill_ahead(self, rows: list[Sequence]) -> Future[FilledMasks | None] | None:
+        """The masks of the rows that decode under a grammar, being filled on the filler thread; None if none does.
+
+        One thread: fills run one after another, so a step run again (recovery) never fills beside its first try.
+        """
+        if self.masks is None or all(s.matcher is None for s in rows):
+            return None
+        if self._filler is None:
+            self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamascope-masks")
+        return self._filler.submit(self.masks.fill, [s.matcher for s in rows])
+
+    def _pick(self, rows: list[Sequence], logits: Any, filling: Future[FilledMasks | None] | None = None) -> list[int]:
+        """Each row's next token; the log-probabilities of the rows that asked for them are kept on the row.
+
+        Rows under a grammar (structured output) pick among the tokens it allows: their masks go on after the
+        log-probabilities are taken (those stay the model's own) and before the sampling settings, so
+        temperature, top-k, top-p and the repetition penalty see only allowed tokens. Other rows are untouched.
+        """
         wanted = [i for i, s in enumerate(rows) if s.sampling.logprobs is not None]
         logprobs = log_probabilities(logits, wanted)  # before pick changes the logits
+        if filling is None:
+            filling = self._fill_ahead(rows)
+        if filling is not None and self.masks is not None:
+            self.masks.apply(logits, filling.result())
         tokens = pick([s.sampler for s in rows], [s.ids for s in rows], logits)
         if logprobs is not None:
             top = [rows[i].sampling.logprobs or 0 for i in wanted]
@@ -441,9 +473,21 @@ class Scheduler:
                 rows[i].logprobs.append(found)
         return tokens
 
-    def _hold_back_eos(self, logits: Any, rows: list[Sequence]) -> Any:
-        """Rows still short of their min_new_tokens may not end: their end-of-turn logits become -inf."""
-        short = [i for i, s in enumerate(rows) if s.generated < s.sampler.min_new]
+    @staticmethod
+    def _short(rows: list[Sequence]) -> list[int]:
+        """The rows still short of their min_new_tokens, which may not end yet (``_hold_back_eos``).
+
+        Not a row whose grammar cannot end yet: its mask refuses the end-of-turn tokens already, except when it
+        allows none of the model's tokens, and then they are all it has left.
+        """
+        return [
+            i
+            for i, s in enumerate(rows)
+            if s.generated < s.sampler.min_new and (s.matcher is None or s.matcher.can_end)
+        ]
+
+    def _hold_back_eos(self, logits: Any, short: list[int]) -> Any:
+        """The ``short`` rows' end-of-turn logits become -inf."""
         if short:
             index = torch.tensor(short, device=logits.device)[:, None]
             logits[index, self._eos_index.to(logits.device)] = float("-inf")
@@ -457,6 +501,8 @@ class Scheduler:
         seq.send([token])
         if token in self.eos_ids:
             finish = FinishReason.STOP
+        elif seq.matcher is not None and (not seq.matcher.advance(token) or seq.matcher.finished):
+            finish = FinishReason.STOP  # its grammar is complete: it ends now, even short of min_new_tokens
         elif seq.generated >= seq.max_new:
             finish = FinishReason.LENGTH
         else:
@@ -466,3 +512,5 @@ class Scheduler:
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
+        if self._filler is not None and not self._thread.is_alive():
+            self._filler.shutdown(wait=False)

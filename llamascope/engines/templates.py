@@ -1,8 +1,15 @@
 """Chat templates for Llama 3.2 Vision.
 
-``STOCK_TEMPLATE`` is Meta's Llama-3.2-Vision-Instruct template (tool-calling
-branches left out: these models take no tools on DashScope). It is what the
+``STOCK_TEMPLATE`` is Meta's Llama-3.2-Vision-Instruct template. It is what the
 built-in test model ships with, so that it reads like real weights.
+
+Tools (``apply_chat_template(..., tools=[...])``, OpenAI-shaped) go where Meta's
+template puts them: "Environment: ipython" in the system turn (which a
+conversation with an image has not) and the JSON tool-call instruction with the
+function definitions at the head of the first user message. Unlike Meta's, that
+message keeps its image (Meta's trims its content as a string). Tool results
+come as "ipython" turns and earlier calls as the assistant's text (the engine
+writes both so), which the ordinary branch renders as Meta's template does.
 
 ``LLAMASCOPE_TEMPLATE`` is what llamascope renders prompts with. It differs
 from the stock one in one place only: a system message together with an image
@@ -12,12 +19,21 @@ system message in every conversation and every conversation here has an image.
 For any conversation the stock template accepts, both render the same string
 (``tests/engines/test_templates.py`` checks it).
 
-``TEXT_TEMPLATE`` is the Llama 3 text models' template (Llama 3.2 1B/3B-Instruct's,
-tool-calling branches left out), which the built-in text-only test model ships
-with: a conversation without images, rendered as the stock template renders one.
+``TEXT_TEMPLATE`` is the Llama 3 text models' template (Llama 3.2 1B/3B-Instruct's),
+which the built-in text-only test model ships with: a conversation without
+images, rendered as the stock template renders one.
 """
 
 _HEAD = r"""{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
 {%- if not date_string is defined %}
     {%- if strftime_now is defined %}
         {%- set date_string = strftime_now("%d %b %Y") %}
@@ -58,9 +74,51 @@ _LLAMASCOPE_SYSTEM = r"""
 _BODY = r"""
 {%- if not image_ns.has_images %}
     {{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+    {%- if tools is not none %}
+        {{- "Environment: ipython\n" }}
+    {%- endif %}
     {{- "Cutting Knowledge Date: December 2023\n" }}
     {{- "Today Date: " + date_string + "\n\n" }}
+    {%- if tools is not none and not tools_in_user_message %}
+        {{- "You have access to the following functions. To call a function, please respond with JSON for a " }}
+        {{- "function call." }}
+        {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+        {{- "Do not use variables.\n\n" }}
+        {%- for t in tools %}
+            {{- t | tojson(indent=4) }}
+            {{- "\n\n" }}
+        {%- endfor %}
+    {%- endif %}
     {{- system_message }}
+    {{- "<|eot_id|>" }}
+{%- endif %}
+{%- if tools_in_user_message and tools is not none %}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content'] %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+    {%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+    {%- if first_user_message is string %}
+        {{- first_user_message | trim }}
+    {%- else %}
+        {%- for content in first_user_message %}
+            {%- if content['type'] == 'image' %}
+                {{- '<|image|>' }}
+            {%- elif content['type'] == 'text' %}
+                {{- content['text'] }}
+            {%- endif %}
+        {%- endfor %}
+    {%- endif %}
     {{- "<|eot_id|>" }}
 {%- endif %}
 {%- for message in messages %}

@@ -19,6 +19,12 @@ server's root, and remembered per upstream. Only an engine without
 one gets an estimate (the prompt's UTF-8 bytes / 4 plus one token per image),
 corrected by its reported usage at the end. Output tokens are the engine's
 count, one per streamed piece until it reports.
+
+Structured output is the engine's to do: ``response_format``, ``tools``,
+``tool_choice`` and ``parallel_tool_calls`` go on in OpenAI's shapes, tool
+results and earlier calls in OpenAI's message form, and the engine's streamed
+``tool_calls`` deltas (joined by their ``index``) come back as the last
+chunk's calls with finish reason ``tool_calls``.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from llamascope.engines.base import (
 from llamascope.observability.facts import UpstreamHealth
 from llamascope.observability.request import outgoing_headers, upstream_call, upstream_failed, upstream_failover
 from llamascope.structured.spec import OutputSpec
+from llamascope.structured.tools import ToolCall, call_id
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +71,7 @@ TOKENIZE_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=5)
 class CountsPrompts(Protocol):
     """The model's tokenizer and chat template (``engines.prompt_counter.PromptCounter``)."""
 
-    def count(self, messages: list[dict[str, Any]]) -> int: ...
+    def count(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int: ...
 
 
 @dataclass
@@ -156,6 +163,14 @@ class UpstreamEngine:
         images = 0
         for turn in turns:
             text_bytes += len(turn.text.encode()) + len(turn.text_before_image.encode())
+            if turn.role == "tool":
+                messages.append({"role": "tool", "content": turn.text, "tool_call_id": turn.tool_call_id or ""})
+                continue
+            if turn.tool_calls:
+                calls = [call.to_openai() for call in turn.tool_calls]
+                text_bytes += sum(len(c.arguments.encode()) + len(c.name) for c in turn.tool_calls)
+                messages.append({"role": turn.role, "content": turn.text or None, "tool_calls": calls})
+                continue
             if turn.image is None:
                 messages.append({"role": turn.role, "content": turn.text})
                 continue
@@ -166,9 +181,12 @@ class UpstreamEngine:
             content.append({"type": "image_url", "image_url": {"url": await self._data_uri(turn.image)}})
             content.append({"type": "text", "text": turn.text})
             messages.append({"role": turn.role, "content": content})
-        count = await self._count(messages)
+        tools = [t.to_openai() for t in output.tools] if output is not None and output.tools else None
+        count = await self._count(messages, tools)
         if count is None:
-            count = text_bytes // 4 + images + 8 * len(turns)  # an estimate: the engine's usage corrects it
+            tools_bytes = len(json.dumps(tools).encode()) if tools else 0
+            # An estimate: the engine's usage corrects it.
+            count = (text_bytes + tools_bytes) // 4 + images + 8 * len(turns)
         max_input = self.info.context_length - 1
         if count > max_input:
             raise errors.input_too_long(max_input)
@@ -177,13 +195,18 @@ class UpstreamEngine:
             image_tokens=0,
             max_new_tokens=max(1, self.info.context_length - count),
             payload=messages,
+            output=output,
         )
 
-    async def _count(self, messages: list[dict[str, Any]]) -> int | None:
+    async def _count(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int | None:
         """The prompt's tokens as the engine counts them, or None where neither way is open."""
         if self.tokenizer is not None:
-            return await asyncio.to_thread(self.tokenizer.count, messages)
-        body = {"model": self.model, "messages": messages, "add_generation_prompt": True}
+            return await asyncio.to_thread(self.tokenizer.count, messages, tools)
+        if not any(u.tokenize_urls for u in self.upstreams):
+            return None  # none counts prompts (remembered): estimated, with nothing to ask
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "add_generation_prompt": True}
+        if tools:
+            body["tools"] = tools
         for upstream in sorted(self.upstreams, key=lambda u: (not u.healthy, u.outstanding, u.failures)):
             try:
                 count = await self._ask_count(upstream, body)
@@ -279,6 +302,8 @@ class UpstreamEngine:
             body["repetition_penalty"] = sampling.repetition_penalty
         if sampling.min_new_tokens:
             body["min_tokens"] = sampling.min_new_tokens
+        if prompt.output is not None:
+            body.update(output_fields(prompt.output))
         return body
 
     def _pick(self, tried: set[str]) -> Upstream:
@@ -300,6 +325,7 @@ class UpstreamEngine:
         reported: int | None = None
         finish: FinishReason | None = None
         input_tokens: int | None = None
+        calls = _CallDeltas()
         try:
             url = upstream.url + "/chat/completions"
             async with self.client.post(url, json=body, headers=headers, allow_redirects=False) as response:
@@ -313,10 +339,11 @@ class UpstreamEngine:
                 async for data in response.content.iter_any():
                     *lines, pending = (pending + data).split(b"\n")
                     text = ""
-                    for line in lines:
-                        if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-                            continue
-                        event = json.loads(line[5:])
+                    # The events of one read parsed as one JSON array: one parse, not one per event.
+                    payloads = [
+                        p for line in lines if line.startswith(b"data:") and (p := line[5:]).strip() != b"[DONE]"
+                    ]
+                    for event in json.loads(b"[" + b",".join(payloads) + b"]") if payloads else ():
                         if "error" in event:
                             failed = str(event["error"])[:200]
                             raise _UpstreamFailed(failed) if pieces == 0 else errors.internal_error()
@@ -325,19 +352,24 @@ class UpstreamEngine:
                             input_tokens = usage.get("prompt_tokens", input_tokens)
                             reported = usage.get("completion_tokens", reported)
                         for choice in event.get("choices") or []:
-                            piece = (choice.get("delta") or {}).get("content") or ""
+                            delta = choice.get("delta") or choice.get("message") or {}
+                            piece = delta.get("content") or ""
                             pieces += bool(piece)
                             text += piece
+                            if delta.get("tool_calls"):
+                                pieces += calls.add(delta["tool_calls"])
                             if choice.get("finish_reason"):
-                                finish = (
-                                    FinishReason.LENGTH if choice["finish_reason"] == "length" else FinishReason.STOP
-                                )
+                                finish = _FINISH.get(choice["finish_reason"], FinishReason.STOP)
                     if text:
                         yield Chunk(text, reported or pieces)
         except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
             raise _UpstreamFailed(type(exc).__name__) from None
         upstream.failures = 0
-        yield Chunk("", reported if reported is not None else pieces, finish or FinishReason.STOP, input_tokens)
+        made = calls.calls()
+        if made:  # the answer is calls, whatever reason the engine gave (some say "stop")
+            finish = FinishReason.TOOL_CALLS
+        output_tokens = reported if reported is not None else pieces
+        yield Chunk("", output_tokens, finish or FinishReason.STOP, input_tokens, tool_calls=made or None)
 
     async def _check_health(self) -> None:
         while True:
@@ -350,6 +382,59 @@ class UpstreamEngine:
                 if ok != upstream.healthy:
                     log.warning("upstream %s is %s", upstream.url, "back" if ok else "failing its health check")
                 upstream.healthy = ok
+
+
+_FINISH = {"length": FinishReason.LENGTH, "tool_calls": FinishReason.TOOL_CALLS}
+
+
+def output_fields(output: OutputSpec) -> dict[str, Any]:
+    """A request's structured-output fields in OpenAI's shapes, for the engine's /chat/completions."""
+    fields: dict[str, Any] = {}
+    fmt = output.response_format
+    if fmt.type == "json_object":
+        fields["response_format"] = {"type": "json_object"}
+    elif fmt.type == "json_schema":
+        schema: dict[str, Any] = {"name": fmt.name, "schema": dict(fmt.schema or {})}
+        if fmt.strict:
+            schema["strict"] = True
+        fields["response_format"] = {"type": "json_schema", "json_schema": schema}
+    if output.tools:
+        fields["tools"] = [t.to_openai() for t in output.tools]
+        choice = output.tool_choice
+        fields["tool_choice"] = (
+            {"type": "function", "function": {"name": choice.name}} if choice.mode == "function" else choice.mode
+        )
+        if not output.parallel_tool_calls:  # OpenAI's default is true; an engine that knows no such field is spared
+            fields["parallel_tool_calls"] = False
+    return fields
+
+
+class _CallDeltas:
+    """An engine's streamed tool calls: pieces joined by their ``index`` (OpenAI's stream), or whole calls."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def add(self, deltas: list[dict[str, Any]]) -> int:
+        """Take one event's ``tool_calls``; how many pieces it held."""
+        for delta in deltas:
+            index = delta["index"] if isinstance(delta.get("index"), int) else len(self._calls)  # whole: a new one
+            call = self._calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+            call["id"] = delta.get("id") or call["id"]
+            function = delta.get("function") or {}
+            call["name"] += function.get("name") or ""
+            arguments = function.get("arguments")
+            if isinstance(arguments, dict):  # an engine that sends the object, not its text
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            call["arguments"] += arguments or ""
+        return len(deltas)
+
+    def calls(self) -> list[ToolCall]:
+        return [
+            ToolCall(c["name"], c["arguments"] or "{}", c["id"] or call_id())
+            for _, c in sorted(self._calls.items())
+            if c["name"]
+        ]
 
 
 def _count_in(text: str) -> int | None:

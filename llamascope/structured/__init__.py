@@ -32,7 +32,7 @@ Engine, at admission: ``grammar = await cache.get(spec.grammar())`` (the request
 the model directory (``vocab_size`` from the output layer, 128,256 for Llama 3.2 Vision whose tokenizer has
 128,257 ids; stop ids from the generation config).
 
-Engine, every decode step (``engines/batching.py``, around ``_pick``): ``filled = masks.fill(matchers)`` (may run
+Engine, every decode step (``engines/scheduler.py``, in ``_pick``): ``filled = masks.fill(matchers)`` (may run
 on a thread while the forward pass runs: llguidance drops the GIL), then ``masks.apply(logits, filled)`` after
 ``_hold_back_eos`` and after ``log_probabilities`` (logprobs stay the model's own, as vLLM reports them) and
 before ``pick`` (so temperature, top-k, top-p and the repetition penalty see only allowed tokens); then

@@ -7,6 +7,7 @@ its request almost nothing), and fills a batch's masks in parallel native thread
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,10 +60,10 @@ class GuidanceGrammar(Grammar):
 class GuidanceBackend(Backend):
     """llguidance for one model.
 
-    ``tokenizer_json`` is the model's ``tokenizer.json``; ``vocab_size`` its output layer's width (Llama 3.2
-    Vision's is 128,256 while its tokenizer has 128,257 ids: ``<|image|>`` is never an output); ``stop_ids``
-    the ids that end an answer (Llama 3's are 128001, 128008 and 128009), which the grammar allows once it is
-    complete. ``threads`` is for the mask fill (llguidance's default: 80% of the CPUs, at most 32).
+    ``tokenizer_json`` is the model's ``tokenizer.json`` (a path, or its text); ``vocab_size`` its output layer's
+    width (Llama 3.2 Vision's is 128,256 while its tokenizer has 128,257 ids: ``<|image|>`` is never an output);
+    ``stop_ids`` the ids that end an answer (Llama 3's are 128001, 128008 and 128009), which the grammar allows
+    once it is complete. ``threads`` is for the mask fill (llguidance's default: 80% of the CPUs, at most 32).
     """
 
     def __init__(
@@ -95,6 +96,17 @@ class GuidanceBackend(Backend):
             stop_ids=_ids(stops),
             threads=threads,
         )
+
+    @classmethod
+    def from_tokenizer(
+        cls, tokenizer: Any, *, vocab_size: int, stop_ids: Sequence[int], threads: int | None = None
+    ) -> GuidanceBackend:
+        """The backend for a loaded Hugging Face fast tokenizer (its Rust tokenizer's JSON, added tokens and all),
+        for a model whose output layer is ``vocab_size`` wide and whose answers end at ``stop_ids``."""
+        inner = copy.copy(tokenizer.backend_tokenizer)
+        inner.no_padding()
+        inner.no_truncation()
+        return cls(inner.to_str(), vocab_size=vocab_size, stop_ids=stop_ids, threads=threads)
 
     def compile(self, spec: GrammarSpec) -> GuidanceGrammar:
         try:

@@ -82,7 +82,9 @@ def test_refusals_through_a_server_show_in_usage_per_key_and_code(
         assert post(limited, max_tokens=2).status_code == 200
         assert [post(limited, max_tokens=2).json()["code"] for _ in range(2)] == ["Throttling.RateQuota"] * 2
 
-        rows = httpx.get(server.base + "/admin/usage", headers=admin_headers).json()["data"]
+        answer = httpx.get(server.base + "/admin/usage", headers=admin_headers).json()
+        assert all(r["requests"] for r in answer["data"])  # the ledger's rows, as before; refusals-only apart
+        rows = answer["data"] + answer["refused_only"]
         by_key = {r["prefix"]: r for r in rows}
         mine = by_key[DASHSCOPE_KEY[:7]]
         assert (mine["model"], mine["requests"], mine["refused"]) == (SEED_MODEL, 0, 3)

@@ -155,3 +155,29 @@ def test_a_reader_that_goes_away_stops_the_answer_quietly(server: Server, photo:
     while time.monotonic() < deadline and httpx.get(server.base + "/health").json()["models"][SEED_MODEL]["running"]:
         time.sleep(0.1)
     assert httpx.get(server.base + "/health").json()["models"][SEED_MODEL]["running"] == 0
+
+
+def test_a_schema_holds_the_answer_and_prints_it_indented(server: Server, photo: Path, tmp_path: Path) -> None:
+    """Issue 24: ``--schema FILE`` sends it as response_format json_schema and prints the answer indented."""
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "green", "blue"]}, "shade": {"type": "integer", "maximum": 9}},
+        "required": ["colour", "shade"],
+        "additionalProperties": False,
+    }
+    path = tmp_path / "colour.schema.json"
+    path.write_text(json.dumps(schema))
+    home = tmp_path / "home"
+    home.mkdir()
+    args = ["-a", str(photo), "--schema", str(path), "-o", "max_tokens", "64", "-o", "seed", "3", "Which colour?"]
+    done = chat(args, server, home)
+    assert done.returncode == 0, done.stderr
+    value = json.loads(done.stdout)
+    assert done.stdout == json.dumps(value, indent=2) + "\n"
+    assert value["colour"] in ("red", "green", "blue") and isinstance(value["shade"], int) and value["shade"] <= 9
+    body = json.loads(chat([*args, "--json"], server, home).stdout)  # the same seed, the same answer
+    assert json.loads(body["output"]["choices"][0]["message"]["content"][0]["text"]) == value
+
+    path.write_text("{not json")
+    refused = chat(args, server, home)
+    assert refused.returncode == 2 and f"--schema {path}" in refused.stderr

@@ -17,6 +17,7 @@ from llamascope.images.decode import DecodeLimits
 from llamascope.images.intake import ImageIntake
 from llamascope.images.source import FetchPolicy
 from llamascope.observability.facts import UpstreamHealth
+from llamascope.structured.spec import OutputSpec
 from tests.conftest import API_KEY
 
 MESSAGES = [{"role": "user", "content": "Say three words."}]
@@ -31,7 +32,7 @@ class ScriptedEngine:
         self.words = words
         self.fail = fail
 
-    async def prepare(self, turns: list[Turn]) -> PreparedPrompt:
+    async def prepare(self, turns: list[Turn], output: OutputSpec | None = None) -> PreparedPrompt:
         return PreparedPrompt(input_tokens=12, image_tokens=0, max_new_tokens=100)
 
     async def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:

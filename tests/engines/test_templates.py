@@ -8,6 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE, STOCK_TEMPLATE
+from llamascope.structured.spec import Tool
+from llamascope.structured.tools import tools_prompt
 
 IMAGE = {"type": "image"}
 
@@ -54,3 +56,30 @@ def test_system_with_image(tokenizer) -> None:
         "<|start_header_id|>user<|end_header_id|>\n\n<|image|>What?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_tools_go_where_metas_template_puts_them(tokenizer) -> None:
+    messages = [{"role": "user", "content": [text(" Hi ")]}, {"role": "ipython", "content": "42"}]
+    rendered = tokenizer.apply_chat_template(
+        messages, chat_template=LLAMASCOPE_TEMPLATE, tokenize=False, tools=[TOOL], date_string="26 Jul 2024"
+    )
+    assert rendered == tokenizer.apply_chat_template(
+        messages, chat_template=STOCK_TEMPLATE, tokenize=False, tools=[TOOL], date_string="26 Jul 2024"
+    )
+    assert rendered == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n"
+        + tools_prompt([Tool("f", {"type": "object", "properties": {}})])
+        + " Hi <|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n42<|eot_id|>"
+    )
+
+
+def test_tools_with_an_image_keep_the_image(tokenizer) -> None:
+    messages = [{"role": "user", "content": [IMAGE, text("Which city?")]}]
+    rendered = tokenizer.apply_chat_template(messages, chat_template=LLAMASCOPE_TEMPLATE, tokenize=False, tools=[TOOL])
+    assert "Environment" not in rendered  # no system turn with an image, as Meta's
+    assert rendered.endswith('"properties": {}\n        }\n    }\n}\n\n<|image|>Which city?<|eot_id|>')

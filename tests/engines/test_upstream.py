@@ -298,3 +298,121 @@ def test_the_engines_tokenizer_is_found_and_remembered(
         assert "has no /tokenize: its prompts are estimated" in caplog.text
     else:
         assert counted == [count, count]
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Hangzhou"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_a_forced_tool_call_comes_back_through_an_upstream_llamascope(upstream: Server) -> None:
+    """llamascope in front of llamascope: the fields go on, the upstream's grammar forces the call, and its
+    streamed ``tool_calls`` come back as the last chunk's calls."""
+    import asyncio
+
+    from llamascope.engines.base import FinishReason, SamplingParams, Turn
+    from llamascope.engines.upstream import UpstreamEngine
+    from llamascope.structured.spec import read_request
+    from llamascope.structured.tools import ToolCall
+    from tests.engines.helpers import image
+
+    spec = read_request(tools=[WEATHER_TOOL], tool_choice="required", parallel_tool_calls=False)
+    history = [
+        Turn("user", "Weather here, then in Hangzhou?", image((90, 120, 200))),  # the model takes an image first
+        Turn("assistant", "", tool_calls=(ToolCall("get_weather", '{"city": "Paris"}', "call_0"),)),
+        Turn("tool", "Sunny", tool_call_id="call_0"),
+    ]
+
+    async def ask() -> list:
+        engine = UpstreamEngine.create([upstream.base + "/compatible-mode/v1"], MODEL, UPSTREAM_KEY, 8192)
+        try:
+            prompt = await engine.prepare(history, spec)
+            return [c async for c in engine.generate(prompt, SamplingParams(max_new_tokens=80, temperature=0))]
+        finally:
+            await engine.close()
+
+    chunks = asyncio.run(ask())
+    last = chunks[-1]
+    assert last.finish_reason == FinishReason.TOOL_CALLS and not "".join(c.text for c in chunks)
+    assert [c.name for c in last.tool_calls] == ["get_weather"]
+    assert json.loads(last.tool_calls[0].arguments)["city"] in ("Paris", "Hangzhou")
+
+
+def test_tool_call_deltas_are_joined_by_index() -> None:
+    """An engine that streams its calls in pieces (vLLM's way): the fields it was sent, and the calls joined."""
+    import asyncio
+
+    from aiohttp import web
+
+    from llamascope.engines.base import FinishReason, SamplingParams, Turn
+    from llamascope.engines.upstream import UpstreamEngine
+    from llamascope.structured.spec import read_request
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    spec = read_request(
+        response_format={"type": "json_schema", "json_schema": {"name": "count", "schema": schema, "strict": True}},
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
+    )
+    bodies: list[dict] = []
+    deltas = [
+        {"tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather"}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
+        {"tool_calls": [{"index": 1, "id": "call_b", "function": {"name": "get_weather", "arguments": "{"}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
+        {"tool_calls": [{"index": 1, "function": {"arguments": '"city": "Hangzhou"}'}}]},
+    ]
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        bodies.append(await request.json())
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for delta in deltas:
+            await response.write(f"data: {json.dumps({'choices': [{'index': 0, 'delta': delta}]})}\n\n".encode())
+        done = {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+        await response.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
+        return response
+
+    async def counted(request: web.Request) -> web.Response:
+        return web.json_response({"count": 9})
+
+    async def ask() -> list:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", completions)
+        app.router.add_post("/tokenize", counted)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        engine = UpstreamEngine.create([f"http://127.0.0.1:{runner.addresses[0][1]}/v1"], MODEL, None, 8192)
+        try:
+            prompt = await engine.prepare([Turn("user", "json please")], spec)
+            return [c async for c in engine.generate(prompt, SamplingParams(max_new_tokens=30))]
+        finally:
+            await engine.close()
+            await runner.cleanup()
+
+    chunks = asyncio.run(ask())
+    sent = bodies[0]
+    assert sent["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "count", "schema": schema, "strict": True},
+    }
+    assert sent["tools"] == [WEATHER_TOOL] and sent["parallel_tool_calls"] is False
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    last = chunks[-1]
+    assert last.finish_reason == FinishReason.TOOL_CALLS
+    assert [(c.id, c.name, json.loads(c.arguments)) for c in last.tool_calls] == [
+        ("call_a", "get_weather", {"city": "Paris"}),
+        ("call_b", "get_weather", {"city": "Hangzhou"}),
+    ]

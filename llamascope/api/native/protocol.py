@@ -13,16 +13,18 @@ fuzz tests hold the two to each other.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from llamascope import errors
 from llamascope.api.incoming import envelope
 from llamascope.api.openapi import UP_TO_CONTEXT_LENGTH
 from llamascope.conversation.parameters import MAX_SEED
 from llamascope.conversation.service import Usage
+from llamascope.structured.tools import ToolCall
 
 
 @dataclass(frozen=True)
@@ -88,11 +90,46 @@ class ImageContent(BaseModel):
     cache_control: Hint = None
 
 
-class Message(BaseModel):
-    """One turn. system first (text), the first user turn carries exactly one image, the last turn is user's."""
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments: a JSON object, as a string.")
 
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextContent | ImageContent]
+
+class ToolCallBody(BaseModel):
+    """A tool call, as DashScope and OpenAI write it; ``index`` is its place among the answer's calls."""
+
+    index: int | None = None
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    @classmethod
+    def of(cls, call: ToolCall, index: int | None) -> ToolCallBody:
+        return cls(index=index, id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+
+
+def tool_call_bodies(calls: Sequence[ToolCall], indexed: bool = True) -> list[ToolCallBody] | None:
+    """An answer's calls for ``message.tool_calls``, or None (the key left out) when it called none."""
+    return [ToolCallBody.of(call, i if indexed else None) for i, call in enumerate(calls)] or None
+
+
+TOOL_CALLS_IN = (
+    'An assistant turn\'s calls, as an answer gives them: [{"id", "type": "function", '
+    '"function": {"name", "arguments"}}], arguments a JSON object as a string.'
+)
+
+
+class Message(BaseModel):
+    """One turn. system first (text), the first user turn carries exactly one image, the last turn is user's
+    (or the results of the calls the assistant turn before them made)."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextContent | ImageContent] | None = Field(
+        description="Null only in an assistant turn that called tools."
+    )
+    # Any: other roles' tool_calls and tool_call_id are ignored, as the hosted service ignores them.
+    tool_calls: Any = Field(None, description=TOOL_CALLS_IN)
+    tool_call_id: Any = Field(None, description="A tool turn: the id of the call whose result it is (a string).")
 
 
 class Input(BaseModel):
@@ -111,7 +148,45 @@ class Sampling(BaseModel):
     repetition_penalty: RepetitionPenalty = None
 
 
-class Parameters(Sampling):
+class ResponseFormat(BaseModel):
+    """``text`` (the default), ``json_object`` (the messages must say "json") or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Any = Field(
+        None,
+        description='With type "json_schema": {"name" (letters, digits, _ or -, 1 to 64), "schema" (a JSON '
+        'Schema the answer is held to as it is made), "strict"}; ignored with the other types.',
+    )
+
+
+class FunctionSpec(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description='A JSON Schema of "type": "object".')
+
+
+class ToolSpec(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class NamedTool(BaseModel):
+    type: Literal["function"] = "function"
+    function: dict[str, Any] = Field(description='{"name": ...}, a function in tools.')
+
+
+class Structured(BaseModel):
+    """The answer's shape, under the same names on both surfaces (the compatible mode at its body's top level)."""
+
+    response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = Field(None, description="Functions the model may call.")
+    tool_choice: Literal["auto", "none", "required"] | NamedTool | None = Field(
+        None, description='"auto" (the default), "none", "required" (some call), or one function.'
+    )
+    parallel_tool_calls: bool | None = Field(None, description="Whether an answer may make several calls.")
+
+
+class Parameters(Sampling, Structured):
     """Generation settings; unknown ones are ignored, as the hosted service ignores them."""
 
     model_config = ConfigDict(extra="allow")
@@ -166,12 +241,16 @@ class TextItem(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: str = "assistant"
-    content: list[TextItem]
+    content: list[TextItem] = Field(description="No item when the answer is tool calls.")
+    tool_calls: list[ToolCallBody] | None = Field(None, description='With finish_reason "tool_calls".')
+
+
+FINISH_REASONS: list[JsonValue] = ["stop", "length", "tool_calls"]
 
 
 class Choice(BaseModel):
     finish_reason: str = Field(
-        json_schema_extra={"enum": ["stop", "length", "null"]},
+        json_schema_extra={"enum": [*FINISH_REASONS, "null"]},
         description='The string "null" until the last event of a stream.',
     )
     message: AssistantMessage
@@ -203,8 +282,11 @@ class GenerationResult(BaseModel):
     request_id: str
 
     @classmethod
-    def of(cls, text: str, finish_reason: str, usage: Usage, request_id: str) -> GenerationResult:
-        message = AssistantMessage(content=[TextItem(text=text)])
+    def of(
+        cls, text: str, finish_reason: str, usage: Usage, request_id: str, tool_calls: Sequence[ToolCall] = ()
+    ) -> GenerationResult:
+        items = [TextItem(text=text)] if text or not tool_calls else []
+        message = AssistantMessage(content=items, tool_calls=tool_call_bodies(tool_calls))
         return cls(
             output=Output(choices=[Choice(finish_reason=finish_reason, message=message)]),
             usage=UsageBody.of(usage),

@@ -37,7 +37,8 @@ async def answer(request: Request, reply: Reply, render: sse.Render) -> Response
     if text is None:
         return Response(status_code=CLIENT_CLOSED)
     assert reply.finish_reason is not None
-    return JSONResponse(render(text, reply.finish_reason.value, reply.usage, request_id).model_dump(exclude_none=True))
+    result = render(text, reply.finish_reason.value, reply.usage, request_id, reply.tool_calls)
+    return JSONResponse(result.model_dump(exclude_none=True))
 
 
 # A plain Starlette route: FastAPI's per-request dependency solving has nothing to do here.

@@ -16,7 +16,7 @@ does not send it; other parsers ignore it), and data with both ``code`` and
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -25,9 +25,10 @@ from llamascope import errors
 from llamascope.api import openapi
 from llamascope.api.native.protocol import ErrorBody, GenerationResult
 from llamascope.conversation.service import Event, Reply, Usage
+from llamascope.structured.tools import ToolCall
 
-# A result body from (text, finish_reason, usage, request_id): each API family shapes its own.
-Render = Callable[[str, str, Usage, str], BaseModel]
+# A result body from (text, finish_reason, usage, request_id, tool_calls): each API family shapes its own.
+Render = Callable[[str, str, Usage, str, Sequence[ToolCall]], BaseModel]
 
 MEDIA_TYPE = "text/event-stream;charset=UTF-8"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -35,6 +36,7 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 EVENTS = openapi.Stream(
     (("result", GenerationResult), ("error", ErrorBody)),
     'Results (cumulative text unless parameters.incremental_output), finish_reason "null" until the last; '
+    'an answer that calls tools has them all in its last result (finish_reason "tool_calls"); '
     "an error after the stream started ends it as an `error` event (with a `status:` line).",
 )
 
@@ -52,7 +54,8 @@ def error_block(n: int, error: errors.ServiceError, request_id: str) -> bytes:
 async def stream(
     reply: Reply, events: AsyncIterator[Event], request_id: str, state: Any, render: Render = GenerationResult.of
 ) -> AsyncIterator[bytes]:
-    """One block per event; cumulative text unless the request asked for increments."""
+    """One block per event; cumulative text unless the request asked for increments. Tool calls come whole in
+    the last event: the full list, which is also all that is new."""
     incremental = reply.options.incremental_output
     n = 0
     try:
@@ -60,7 +63,7 @@ async def stream(
             n += 1
             finish = event.finish_reason.value if event.finish_reason else "null"
             text = event.delta if incremental else event.text
-            yield result_block(n, render(text, finish, event.usage, request_id))
+            yield result_block(n, render(text, finish, event.usage, request_id, event.tool_calls))
     except errors.ServiceError as error:
         state.error_code = error.code  # for the access log
         yield error_block(n + 1, error, request_id)

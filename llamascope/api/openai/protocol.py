@@ -12,16 +12,30 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, SerializerFunctionWrapHandler, model_serializer
 
 from llamascope import errors
 from llamascope.api.incoming import envelope
-from llamascope.api.native.protocol import EXAMPLE_IMAGE, MaxTokens, Sampling
+from llamascope.api.native.protocol import (
+    EXAMPLE_IMAGE,
+    FINISH_REASONS,
+    TOOL_CALLS_IN,
+    MaxTokens,
+    Sampling,
+    Structured,
+    ToolCallBody,
+    tool_call_bodies,
+)
 from llamascope.conversation.service import Usage
 from llamascope.engines.base import TokenLogprob
+from llamascope.structured.tools import ToolCall
 
-# Sampling fields that mean the same in both dialects; DashScope extras ride at the top level.
-_SAME = ("temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty", "logprobs", "top_logprobs")
+# Fields that mean the same in both dialects (DashScope's in ``parameters``); DashScope extras ride at the top
+# level.
+_SAME = (
+    *("temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty", "logprobs", "top_logprobs"),
+    *("response_format", "tools", "tool_choice", "parallel_tool_calls"),
+)
 
 
 @dataclass(frozen=True)
@@ -63,19 +77,10 @@ def _unserved(body: dict[str, Any]) -> tuple[str, str] | None:
 
     Answering as if it had been honoured (a tool call never made, text where JSON was promised, no log
     probabilities) would mislead the caller; fields that change nothing when left alone are accepted."""
-    if body.get("tools"):
-        return "tools", "tool calls are not supported by these models here"
     if body.get("functions"):
-        return "functions", "function calls are not supported by these models here"
-    if body.get("tool_choice") not in (None, "none"):
-        return "tool_choice", "tool calls are not supported by these models here"
+        return "functions", "the deprecated function calls are not supported; use tools"
     if body.get("function_call") not in (None, "none"):
-        return "function_call", "function calls are not supported by these models here"
-    response_format = body.get("response_format")
-    if response_format is not None and not (
-        isinstance(response_format, dict) and response_format.get("type") == "text"
-    ):
-        return "response_format", 'only {"type": "text"} is supported (no JSON mode or JSON schema)'
+        return "function_call", "the deprecated function calls are not supported; use tool_choice"
     if body.get("logit_bias"):
         return "logit_bias", "logit biases are not supported"
     for name in ("frequency_penalty", "presence_penalty"):
@@ -148,10 +153,16 @@ class ImagePart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One turn, with the native surface's rules: system first, one image in the first user turn, user last."""
+    """One turn, with the native surface's rules: system first, one image in the first user turn, user last
+    (or the results of the calls the assistant turn before them made)."""
 
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart | ImagePart]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart | ImagePart] | None = Field(
+        description="Null only in an assistant turn that called tools."
+    )
+    # Any: other roles' tool_calls and tool_call_id are ignored.
+    tool_calls: Any = Field(None, description=TOOL_CALLS_IN)
+    tool_call_id: Any = Field(None, description="A tool turn: the id of the call whose result it is (a string).")
 
 
 class StreamOptions(BaseModel):
@@ -183,7 +194,7 @@ class ChatInput(BaseModel):
     n: Literal[1] | None = Field(None, description="One choice per request.")
 
 
-class ChatBody(ChatInput, Sampling):
+class ChatBody(ChatInput, Sampling, Structured):
     """A chat-completions request; DashScope extras (top_k, repetition_penalty) ride at the top level."""
 
     model_config = ConfigDict(
@@ -227,8 +238,24 @@ class UsageBody(BaseModel):
 
 
 class Message(BaseModel):
+    """The answer (or, in a stream, what is new in it): text, or tool calls with null content."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallBody] | None = Field(None, description='With finish_reason "tool_calls".')
+
+    @model_serializer(mode="wrap")
+    def _without_absent_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        body: dict[str, object] = handler(self)
+        if body.get("tool_calls") is None:
+            body.pop("tool_calls", None)  # as OpenAI: the key only when there are calls
+        return body
+
+    @classmethod
+    def of(cls, text: str, tool_calls: list[ToolCall], indexed: bool = False) -> Message:
+        if tool_calls:
+            return cls(content=text or None, tool_calls=tool_call_bodies(tool_calls, indexed))
+        return cls(content=text)
 
 
 class TopLogprob(BaseModel):
@@ -257,7 +284,7 @@ class Logprobs(BaseModel):
 class Choice(BaseModel):
     index: int = 0
     message: Message
-    finish_reason: str = Field(json_schema_extra={"enum": ["stop", "length"]})
+    finish_reason: str = Field(json_schema_extra={"enum": FINISH_REASONS})
     logprobs: Logprobs | None = None
 
 
@@ -279,8 +306,10 @@ class ChatCompletion(BaseModel):
         finish: str,
         usage: Usage,
         logprobs: list[TokenLogprob] | None = None,
+        tool_calls: list[ToolCall] | None = None,
     ) -> ChatCompletion:
-        choice = Choice(message=Message(content=text), finish_reason=finish, logprobs=Logprobs.of(logprobs))
+        message = Message.of(text, tool_calls or [])
+        choice = Choice(message=message, finish_reason=finish, logprobs=Logprobs.of(logprobs))
         return cls(
             id=completion_id(request_id),
             created=int(time.time()),
@@ -290,10 +319,23 @@ class ChatCompletion(BaseModel):
         )
 
 
+class Delta(BaseModel):
+    """What is new in a streamed answer; a key only when it has news, as OpenAI streams it: ``role`` in the
+    first chunk alone (the openai SDK's stream helper joins every string it is sent, the role too)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallBody] | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_news(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class ChunkChoice(BaseModel):
     index: int = 0
-    delta: Message  # a delta has a message's shape: role and (new) content
-    finish_reason: str | None = Field(None, json_schema_extra={"enum": ["stop", "length", None]})
+    delta: Delta
+    finish_reason: str | None = Field(None, json_schema_extra={"enum": [*FINISH_REASONS, None]})
     logprobs: Logprobs | None = None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
@@ -20,6 +21,7 @@ from llamascope.api.incoming import (
     source_context,
     unless_disconnected,
 )
+from llamascope.api.native.protocol import ToolCallBody, tool_call_bodies
 from llamascope.api.openai.protocol import (
     ChatBody,
     ChatCompletion,
@@ -27,9 +29,9 @@ from llamascope.api.openai.protocol import (
     ChatInput,
     ChatRequest,
     ChunkChoice,
+    Delta,
     ErrorBody,
     Logprobs,
-    Message,
     ModelEntry,
     ModelList,
     TokenCount,
@@ -59,12 +61,25 @@ async def _stream(
         )
         return _data(body.model_dump_json())
 
+    role: Literal["assistant"] | None = "assistant"  # in the first delta only
+
+    def delta(content: str | None = None, tool_calls: list[ToolCallBody] | None = None) -> Delta:
+        nonlocal role
+        news, role = Delta(role=role, content=content, tool_calls=tool_calls), None
+        return news
+
     try:
         async for event in events:
             finish = event.finish_reason.value if event.finish_reason else None
-            if event.delta or finish:
-                logprobs = Logprobs.of(event.logprobs) if wants_logprobs else None
-                yield chunk([ChunkChoice(delta=Message(content=event.delta), finish_reason=finish, logprobs=logprobs)])
+            logprobs = Logprobs.of(event.logprobs) if wants_logprobs else None
+            if event.tool_calls:
+                # As OpenAI streams them: the calls' deltas with their index, then the finish with nothing new.
+                if event.delta:
+                    yield chunk([ChunkChoice(delta=delta(event.delta), logprobs=logprobs)])
+                yield chunk([ChunkChoice(delta=delta(tool_calls=tool_call_bodies(event.tool_calls)))])
+                yield chunk([ChunkChoice(delta=delta(), finish_reason=finish)])
+            elif event.delta or finish:
+                yield chunk([ChunkChoice(delta=delta(event.delta), finish_reason=finish, logprobs=logprobs)])
         if include_usage:
             yield chunk([], UsageBody.of(reply.usage))
         yield _data("[DONE]")
@@ -90,7 +105,9 @@ async def chat_completions(request: Request) -> Response:
         return Response(status_code=CLIENT_CLOSED)
     assert reply.finish_reason is not None
     logprobs = reply.logprobs if reply.options.sampling.logprobs is not None else None
-    body = ChatCompletion.of(request_id, reply.model, text, reply.finish_reason.value, reply.usage, logprobs)
+    body = ChatCompletion.of(
+        request_id, reply.model, text, reply.finish_reason.value, reply.usage, logprobs, reply.tool_calls
+    )
     return JSONResponse(body.model_dump())
 
 
@@ -140,7 +157,8 @@ async def retrieve_model(request: Request) -> JSONResponse:
 # Plain Starlette routes for the hot path: FastAPI's per-request dependency solving has nothing to do here.
 STREAM = openapi.Stream(
     (("message", ChatCompletionChunk), ("message", ErrorBody), ("message", {"const": "[DONE]"})),
-    "Chunks with deltas (finish_reason null until the last), a usage chunk with no choices when "
+    "Chunks with deltas (finish_reason null until the last; tool calls as one delta each, with their index), "
+    "a usage chunk with no choices when "
     "stream_options.include_usage, then [DONE]; an error after the stream started is a data: error event.",
 )
 for prefix in PREFIXES:

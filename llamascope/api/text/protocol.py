@@ -5,14 +5,15 @@
 ``{"image"}`` items), or a ``prompt`` (with the deprecated ``history`` of
 ``{"user", "bot"}`` pairs before it); ``parameters.result_format`` is
 ``"text"`` (the default: ``output.text`` and ``output.finish_reason``) or
-``"message"`` (``output.choices[0].message`` with string content). Usage has
+``"message"`` (``output.choices[0].message`` with string content, and
+``tool_calls``: tools need this format, as on the hosted service). Usage has
 ``input_tokens``, ``output_tokens`` and ``total_tokens``, and ``image_tokens``
 when the conversation had an image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,8 +21,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llamascope import errors
 from llamascope.api.incoming import envelope
-from llamascope.api.native.protocol import GenerationRequest, Message, Parameters, UsageBody
+from llamascope.api.native.protocol import (
+    FINISH_REASONS,
+    GenerationRequest,
+    Message,
+    Parameters,
+    ToolCallBody,
+    UsageBody,
+    tool_call_bodies,
+)
 from llamascope.conversation.service import Usage
+from llamascope.structured.tools import ToolCall
 
 RESULT_FORMATS = ("text", "message")
 
@@ -92,7 +102,18 @@ class TextGenerationRequest(GenerationRequest):
             result_format = "text"
         if result_format not in RESULT_FORMATS:
             raise errors.invalid_parameter('Parameter result_format should be "text" or "message".')
+        if result_format == "text" and _may_call_tools(parameters):
+            raise errors.invalid_parameter(
+                'Parameter result_format should be "message" when tools are given: tool calls are answered in '
+                "output.choices[0].message.tool_calls, which the text format does not have."
+            )
         return cls(body["model"], messages_of(body.get("input")), parameters, result_format)
+
+
+def _may_call_tools(parameters: Any) -> bool:
+    if not isinstance(parameters, dict):
+        return False
+    return bool(parameters.get("tools")) and parameters.get("tool_choice") != "none"
 
 
 @dataclass(frozen=True)
@@ -121,11 +142,12 @@ class TextOutput(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: str = "assistant"
-    content: str
+    content: str = Field(description="Empty when the answer is tool calls.")
+    tool_calls: list[ToolCallBody] | None = Field(None, description='With finish_reason "tool_calls".')
 
 
 class Choice(BaseModel):
-    finish_reason: str
+    finish_reason: str = Field(json_schema_extra={"enum": [*FINISH_REASONS, "null"]})
     message: AssistantMessage
 
 
@@ -139,13 +161,16 @@ class TextGenerationResult(BaseModel):
     request_id: str
 
     @classmethod
-    def render(cls, result_format: str) -> Callable[[str, str, Usage, str], TextGenerationResult]:
-        """The body maker for one result format: (text, finish_reason, usage, request_id) to a result."""
+    def render(cls, result_format: str) -> Callable[[str, str, Usage, str, Sequence[ToolCall]], TextGenerationResult]:
+        """The body maker for one result format: (text, finish_reason, usage, request_id, tool_calls) to a
+        result. Only the message format has tool calls (``from_body`` refuses tools in the text format)."""
 
-        def of(text: str, finish_reason: str, usage: Usage, request_id: str) -> TextGenerationResult:
+        def of(
+            text: str, finish_reason: str, usage: Usage, request_id: str, tool_calls: Sequence[ToolCall] = ()
+        ) -> TextGenerationResult:
             output: TextOutput | MessageOutput
             if result_format == "message":
-                message = AssistantMessage(content=text)
+                message = AssistantMessage(content=text, tool_calls=tool_call_bodies(tool_calls))
                 output = MessageOutput(choices=[Choice(finish_reason=finish_reason, message=message)])
             else:
                 output = TextOutput(text=text, finish_reason=finish_reason)

@@ -191,7 +191,7 @@ ERROR_CASES = [
     ("not-json", b"{not json", 400, "InvalidParameter", "not valid JSON"),
     ("not-object", [1, 2], 400, "InvalidParameter", "JSON object"),
     ("text-only", _msgs({"role": "user", "content": "hi"}), 400, "InvalidParameter", "exactly one image"),
-    ("tool-role", _msgs({"role": "tool", "content": "x"}), 400, "InvalidParameter", "role 'tool'"),
+    ("tool-role", _msgs({"role": "tool", "content": "x"}), 400, "InvalidParameter", "must answer a call"),
     (
         "system-late",
         _msgs(user_turn("IMG"), {"role": "assistant", "content": "a"}, {"role": "system", "content": "s"}),

@@ -184,7 +184,7 @@ def test_the_readmes_first_examples_run_with_no_network(server: Server, tmp_path
     import sys
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     examples = re.findall(r"```python\n(.*?)```", readme, re.S)[:2]
     env = os.environ | {"DASHSCOPE_HTTP_BASE_URL": server.api, "DASHSCOPE_API_KEY": server.key}
     for example in examples:

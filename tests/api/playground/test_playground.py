@@ -519,3 +519,35 @@ def test_a_refusal_stays_when_the_model_list_arrives(tab: Tab) -> None:
     page.wait_for_timeout(500)  # and nothing the page does by itself takes the refusal away
     expect(page.get_by_role("status")).to_contain_text("Add an image first")
     assert traffic.generations == []
+
+
+def test_a_json_schema_holds_the_answer_and_shows_it_pretty_printed(tab: Tab) -> None:
+    """Issue 24: the schema field becomes parameters.response_format; the answer shows indented."""
+    page, traffic = tab.page, tab.traffic
+    sign_in(page)
+    pick_image(page, "blue.png", IMAGE, "image/png")
+    page.get_by_text("Answer shape", exact=True).click()
+    page.get_by_label("JSON Schema").fill("{not json")
+    ask(page, "Which colour?")
+    expect(page.get_by_role("status")).to_contain_text("The JSON Schema is not JSON")
+    assert traffic.generations == []
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "blue"]}, "sure": {"type": "boolean"}},
+        "required": ["colour", "sure"],
+        "additionalProperties": False,
+    }
+    page.get_by_label("JSON Schema").fill(json.dumps(schema))
+    set_parameter(page, "Max tokens", "64")
+    answer = ask(page, "Which colour?")
+    expect(answer).to_have_attribute("data-status", "done", timeout=ANSWER_TIMEOUT_MS)
+    sent = traffic.generations[0]["parameters"]["response_format"]
+    assert sent == {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    value = json.loads(traffic.streamed_text(0))
+    assert value["colour"] in ("red", "blue") and isinstance(value["sure"], bool)
+    expect(answer.locator("pre.json")).to_have_text(json.dumps(value, indent=2))
+
+    page.get_by_role("button", name="Get code").click()  # the schema rides in the code, as Python's literals
+    page.get_by_role("tab", name="Python · dashscope").click()
+    expect(page.locator("#code-text")).to_contain_text('"additionalProperties": False')
+    page.get_by_role("button", name="Close").click()

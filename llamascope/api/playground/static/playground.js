@@ -26,7 +26,7 @@ const views = new WeakMap(); // turn -> its DOM nodes
 const RENDER_EVERY_MS = 33; // a streaming answer is drawn at most about 30 times a second
 
 function emptyState() {
-  return { model: "", system: "", parameters: {}, image: null, turns: [] };
+  return { model: "", system: "", schema: "", parameters: {}, image: null, turns: [] };
 }
 
 // -- storage -------------------------------------------------------------------------------------
@@ -201,6 +201,21 @@ function parameters() {
   return out;
 }
 
+// The answer's shape: the JSON Schema field as parameters.response_format, or null for free text. Throws a
+// SyntaxError when the field is not JSON.
+function responseFormat() {
+  const text = (state.schema || "").trim();
+  if (!text) return null;
+  const schema = JSON.parse(text);
+  return { type: "json_schema", json_schema: { name: "answer", schema } };
+}
+
+// What a request is sent: the parameters set, and the answer's shape when one is set.
+function requestParameters() {
+  const format = responseFormat();
+  return format ? { ...parameters(), response_format: format } : parameters();
+}
+
 function userMessage(text, image) {
   return { role: "user", content: image ? [{ image }, { text }] : [{ text }] };
 }
@@ -255,9 +270,23 @@ async function ask(text) {
   if (!apiKey()) return refuse("Enter an API key first.", $("api-key"));
   if (!state.model) return refuse("No model to ask: check the key.", $("api-key"));
   if (!state.image) return refuse("Add an image first: this model answers about one image per conversation.");
+  let params;
+  try {
+    params = requestParameters();
+  } catch (error) {
+    $("answer-shape").open = true;
+    return refuse(`The JSON Schema is not JSON: ${error.message}`, $("schema"));
+  }
   const { messages, imageGiven } = history(state.image.src);
   messages.push(userMessage(text, imageGiven ? null : state.image.src));
-  const turn = { user: text, answer: "", status: "streaming", withImage: !imageGiven, model: state.model };
+  const turn = {
+    user: text,
+    answer: "",
+    status: "streaming",
+    withImage: !imageGiven,
+    model: state.model,
+    json: Boolean(params.response_format),
+  };
   state.turns.push(turn);
   $("message").value = "";
   fitComposer();
@@ -283,7 +312,7 @@ async function ask(text) {
       body: JSON.stringify({
         model: state.model,
         input: { messages },
-        parameters: { ...parameters(), incremental_output: true },
+        parameters: { ...params, incremental_output: true },
       }),
       signal: controller.signal,
     });
@@ -470,7 +499,8 @@ function updateTurn(turn) {
   const stick = nearEnd();
   view.assistant.dataset.status = turn.status;
   view.assistant.setAttribute("aria-busy", String(streaming)); // screen readers: the answer once, when done
-  if (turn.answer) renderMarkdown(view.bubble, turn.answer);
+  if (turn.answer && turn.json) view.bubble.replaceChildren(el("pre", "json", prettyJson(turn.answer)));
+  else if (turn.answer) renderMarkdown(view.bubble, turn.answer);
   else view.bubble.textContent = streaming ? "Thinking…" : "";
   view.bubble.classList.toggle("streaming", streaming && Boolean(turn.answer));
   view.bubble.classList.toggle("waiting", streaming && !turn.answer);
@@ -483,6 +513,15 @@ function updateTurn(turn) {
   }
   view.stats.replaceChildren(...statsOf(turn));
   if (stick) scrollToEnd();
+}
+
+// A JSON answer indented for reading; one still streaming (or cut by max tokens) as it is.
+function prettyJson(text) {
+  try {
+    return JSON.stringify(JSON.parse(text), null, 2);
+  } catch {
+    return text;
+  }
 }
 
 function statsOf(turn) {
@@ -574,10 +613,20 @@ function compact(value) {
   return JSON.stringify(value);
 }
 
+// The same as a Python literal: true, false and null are Python's True, False and None (a JSON Schema has them).
+function pyLiteral(value) {
+  if (Array.isArray(value)) return `[${value.map(pyLiteral).join(", ")}]`;
+  if (value && typeof value === "object") {
+    return `{${Object.entries(value).map(([k, v]) => `${JSON.stringify(k)}: ${pyLiteral(v)}`).join(", ")}}`;
+  }
+  if (value === true || value === false) return value ? "True" : "False";
+  return value === null ? "None" : JSON.stringify(value);
+}
+
 // A list one item a line, as people write a conversation by hand.
 const listing = (items, indent) => `[\n${items.map((m) => `${indent}${compact(m)},\n`).join("")}${indent.slice(4)}]`;
-const py = (value) => compact(value);
-const pyKwargs = (entries) => entries.map(([k, v]) => `    ${k}=${compact(v)},\n`).join("");
+const py = (value) => pyLiteral(value);
+const pyKwargs = (entries) => entries.map(([k, v]) => `    ${k}=${pyLiteral(v)},\n`).join("");
 const sq = (text) => `'${text.replace(/'/g, "'\\''")}'`;
 
 function curlCode(messages, params) {
@@ -686,7 +735,12 @@ function openaiCode(messages, params) {
 
 function showCode() {
   const messages = codeMessages();
-  const params = parameters();
+  let params;
+  try {
+    params = requestParameters();
+  } catch {
+    params = parameters(); // the schema field is not JSON yet: the code leaves it out
+  }
   const code = { curl: curlCode, dashscope: dashscopeCode, openai: openaiCode }[codeLanguage](messages, params);
   $("code-text").textContent = code;
   for (const tab of document.querySelectorAll(".tabs [role=tab]")) {
@@ -717,6 +771,10 @@ function wire() {
   });
   $("system").addEventListener("input", () => {
     state.system = $("system").value;
+    saveSoon();
+  });
+  $("schema").addEventListener("input", () => {
+    state.schema = $("schema").value;
     saveSoon();
   });
   for (const name of PARAMETERS) {
@@ -814,6 +872,8 @@ async function start() {
   $("api-key").value = sessionStorage.getItem(KEY_SLOT) || "";
   await restore();
   $("system").value = state.system;
+  $("schema").value = state.schema;
+  if (state.schema.trim()) $("answer-shape").open = true;
   for (const name of PARAMETERS) $(`p-${name}`).value = state.parameters[name] ?? "";
   if (Object.values(state.parameters).some((v) => `${v}`.trim())) $("parameters").open = true;
   renderImage();

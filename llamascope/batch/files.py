@@ -1,0 +1,85 @@
+"""The batch file store: each file's bytes under its id, in one directory (``DATA_DIR/batch-files`` by default;
+a directory every replica shares in a replicated deployment). Written whole before a file's id is handed
+out: an upload goes to a temporary name and is renamed when complete."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from llamascope import errors
+
+CHUNK = 1024 * 1024
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class FileStore:
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, file_id: str) -> Path:
+        if not _ID.match(file_id):  # ids are ours, but never let one name a path elsewhere
+            raise ValueError(f"not a file id: {file_id!r}")
+        return self.root / file_id
+
+    def save(self, file_id: str, source: BinaryIO) -> int:
+        """Copy ``source`` in, a chunk at a time; its size. Over ``max_bytes``: ServiceError, nothing kept."""
+        size = 0
+        with self._writing(file_id) as out:
+            while chunk := source.read(CHUNK):
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise errors.ServiceError(
+                        400, "invalid_file", f"The file is over {self.max_bytes // (1024 * 1024)} MB."
+                    )
+                out.write(chunk)
+        return size
+
+    def write_lines(self, file_id: str, lines: Iterable[str]) -> int:
+        """A result file from its lines (JSON, one a line); its size."""
+        size = 0
+        with self._writing(file_id) as out:
+            for line in lines:
+                data = line.encode() + b"\n"
+                out.write(data)
+                size += len(data)
+        return size
+
+    @contextmanager
+    def _writing(self, file_id: str) -> Iterator[BinaryIO]:
+        target = self.path(file_id)
+        fd, temporary = tempfile.mkstemp(dir=self.root, prefix=".writing-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                yield out
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    @contextmanager
+    def open(self, file_id: str) -> Iterator[BinaryIO]:
+        with open(self.path(file_id), "rb") as stream:
+            yield stream
+
+    def read_range(self, file_id: str, offset: int, length: int) -> bytes:
+        with open(self.path(file_id), "rb") as stream:
+            stream.seek(offset)
+            return stream.read(length)
+
+    def chunks(self, file_id: str) -> Iterator[bytes]:
+        with open(self.path(file_id), "rb") as stream:
+            while chunk := stream.read(CHUNK):
+                yield chunk
+
+    def delete(self, file_id: str) -> None:
+        self.path(file_id).unlink(missing_ok=True)

@@ -1,0 +1,346 @@
+"""The batch runner: validates new batches, runs their lines on the capacity interactive requests leave free,
+stops cancelled and expired ones, and writes each batch's result files when its lines have ended.
+
+Every line goes through the whole request path, in process: the runner posts the line's body to its ``url``
+on the app itself (``httpx.ASGITransport``), as the batch's key (``caller``). So a line is parsed, checked,
+rendered, rate-limited and charged to the key's grant exactly as the same call made over HTTP, its usage is
+the API's own, and a refusal is the API's own code and message in the error file.
+
+Fair to interactive traffic: a line is taken only while its model's engine has nothing waiting, and at most
+``in_flight`` lines of a model run at once (an upstream engine has no queue of its own here: only the bound
+applies). Lines refused for a while (429, 503, 408) go back to the queue and their model pauses a moment.
+
+One runner per process. Several processes on one database share the work through the repository's claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import httpx
+from starlette.types import ASGIApp
+
+from llamascope.accounts.access import grant_refusal
+from llamascope.accounts.records import utcnow
+from llamascope.accounts.store import AccountStore
+from llamascope.batch import lines as input_lines
+from llamascope.batch.caller import as_key
+from llamascope.batch.files import FileStore
+from llamascope.batch.records import (
+    BATCH_OUTPUT,
+    CANCELLED_CODE,
+    EXPIRED_CODE,
+    BatchView,
+    FileView,
+    LineError,
+    Status,
+    new_file_id,
+    new_result_id,
+)
+from llamascope.batch.repository import INSERT_CHUNK, BatchRepository
+from llamascope.engines.base import Engine
+
+log = logging.getLogger("llamascope.batch")
+
+TRANSIENT = frozenset({408, 429, 503})  # refused for now, not for what the line asks: try it again later
+MAX_REFUSALS = 5  # a line refused so many times in a row ends in the error file with the last refusal
+PAUSE_SECONDS = 1.0  # a model whose line was refused for now takes no new line for this long
+
+
+class Runner:
+    def __init__(
+        self,
+        repository: BatchRepository,
+        files: FileStore,
+        engines: Mapping[str, Engine],
+        store: AccountStore,
+        *,
+        replica_id: str,
+        in_flight: int = 8,
+        poll_seconds: float = 1.0,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.repository = repository
+        self.files = files
+        self.engines = engines
+        self.store = store
+        self.replica_id = replica_id
+        self.in_flight = in_flight
+        self.poll_seconds = poll_seconds
+        self.stopping = stopping
+        self._wake = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+        self._app: ASGIApp | None = None
+        self._clients: dict[int, httpx.AsyncClient] = {}
+        self._lines: dict[str, dict[int, asyncio.Task[None]]] = defaultdict(dict)  # batch -> line -> its task
+        self._running: dict[str, int] = defaultdict(int)  # model -> lines running here
+        self._paused: dict[str, float] = {}  # model -> monotonic time it may take lines again
+        self._refusals: dict[tuple[str, int], int] = defaultdict(int)
+        self._steps: set[str] = set()  # batches being validated or finalized here
+
+    # -- life ----------------------------------------------------------------------------------------
+
+    def start(self, app: ASGIApp) -> None:
+        """Run in the background, calling ``app`` (the whole app, middleware included) for each line."""
+        self._app = app
+        self._loop = asyncio.create_task(self._run(), name="llamascope-batch-runner")
+
+    def wake(self) -> None:
+        """Look for work now (a batch was made or cancelled, a line ended)."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop taking lines, end the running ones, and hand every line held here back to the queue."""
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        tasks = [task for batch in self._lines.values() for task in batch.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.repository.release_all, self.replica_id)
+        for client in self._clients.values():
+            await client.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if not self.stopping():
+                    await self._tick()
+            except Exception:  # the store unreachable, a bug: say so, keep going
+                log.exception("batch runner: a round failed; trying again")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            self._wake.clear()
+
+    # -- one round -----------------------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        repository = self.repository
+        await asyncio.to_thread(repository.expire_due)
+        for batch in await asyncio.to_thread(repository.with_status, Status.VALIDATING):
+            claim = repository.claim_step
+            if batch.id not in self._steps and await asyncio.to_thread(claim, batch.id, batch.status, self.replica_id):
+                self._step(batch.id, self._validate(batch))
+        active = Status.IN_PROGRESS, Status.CANCELLING, Status.FINALIZING
+        for batch in await asyncio.to_thread(repository.with_status, *active):
+            stopped = batch.status is Status.CANCELLING or batch.ending is not None
+            if stopped:
+                self._stop_lines(batch.id)
+            elif batch.status is Status.IN_PROGRESS:
+                await self._take(batch)
+            if batch.id in self._steps or self._lines.get(batch.id):
+                continue
+            pending, running = await asyncio.to_thread(repository.unfinished, batch.id)
+            if running == 0 and (pending == 0 or stopped):
+                self._step(batch.id, self._finalize(batch.id))
+
+    def _step(self, batch_id: str, work: Any) -> None:
+        self._steps.add(batch_id)
+        task = asyncio.create_task(work)
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._steps.discard(batch_id)
+            self.wake()
+
+        task.add_done_callback(done)
+
+    async def _take(self, batch: BatchView) -> None:
+        """Claim as many of the batch's lines as its model has room for now, and start them."""
+        model = batch.model or ""
+        room = self.in_flight - self._running[model]
+        if room <= 0 or self._paused.get(model, 0) > time.monotonic():
+            return
+        engine = self.engines.get(model)
+        if engine is not None and engine.stats().get("waiting", 0) > 0:
+            return  # interactive requests are waiting: they go first
+        for line in await asyncio.to_thread(self.repository.claim_lines, batch.id, self.replica_id, room):
+            self._running[model] += 1
+            task = asyncio.create_task(self._line(batch, line))
+            self._lines[batch.id][line.number] = task
+            task.add_done_callback(functools.partial(self._ended, batch.id, line.number, model))
+
+    def _ended(self, batch_id: str, number: int, model: str, _: object = None) -> None:
+        self._running[model] -= 1
+        lines = self._lines.get(batch_id)
+        if lines is not None:
+            lines.pop(number, None)
+            if not lines:
+                del self._lines[batch_id]
+        self.wake()
+
+    def _stop_lines(self, batch_id: str) -> None:
+        for task in self._lines.get(batch_id, {}).values():
+            task.cancel()
+
+    # -- a line --------------------------------------------------------------------------------------
+
+    def _client(self, key_id: int) -> httpx.AsyncClient:
+        client = self._clients.get(key_id)
+        if client is None:
+            assert self._app is not None
+            transport = httpx.ASGITransport(as_key(self._app, key_id), raise_app_exceptions=False)
+            client = httpx.AsyncClient(transport=transport, base_url="http://batch.llamascope", timeout=None)
+            self._clients[key_id] = client
+        return client
+
+    async def _line(self, batch: BatchView, line: input_lines.Line) -> None:
+        try:
+            raw = await asyncio.to_thread(self.files.read_range, batch.input_file_id, line.offset, line.length)
+            request = json.loads(raw)
+            response = await self._client(batch.key_id).post(request["url"], json=request["body"])
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    asyncio.to_thread(self.repository.release_lines, batch.id, [line.number], self.replica_id)
+                )
+            raise
+        except Exception as exc:  # the input file gone or changed under the batch
+            log.error("batch %s line %d could not be read: %s", batch.id, line.number, exc)
+            await self._finish(batch, line, 500, None, {"code": "internal_error", "message": str(exc)}, {})
+            return
+        status = response.status_code
+        key = (batch.id, line.number)
+        if status in TRANSIENT and (self.stopping() or self._refusals[key] < MAX_REFUSALS):
+            self._refusals[key] += 1
+            self._paused[batch.model or ""] = time.monotonic() + PAUSE_SECONDS
+            await asyncio.to_thread(self.repository.release_lines, batch.id, [line.number], self.replica_id)
+            return
+        self._refusals.pop(key, None)
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"message": response.text}
+        error = None if status == 200 else _error_of(body, status)
+        await self._finish(batch, line, status, response.headers.get("x-request-id"), error, body)
+
+    async def _finish(
+        self,
+        batch: BatchView,
+        line: input_lines.Line,
+        status: int,
+        request_id: str | None,
+        error: dict[str, Any] | None,
+        body: Any,
+    ) -> None:
+        result = {
+            "id": new_result_id(),
+            "custom_id": line.custom_id,
+            "response": {"status_code": status, "request_id": request_id, "body": body},
+            "error": error,
+        }
+        input_tokens, output_tokens = _usage(body)
+        text = json.dumps(result, ensure_ascii=False, separators=(",", ":"))
+        finish = self.repository.finish_line
+        args = (batch.id, line.number, self.replica_id, error is None, text, input_tokens, output_tokens)
+        # Shielded: a cancel arriving now must not lose a result the key has been charged for.
+        await asyncio.shield(asyncio.to_thread(finish, *args))
+
+    # -- whole batches -------------------------------------------------------------------------------
+
+    async def _validate(self, batch: BatchView) -> None:
+        try:
+            await asyncio.to_thread(self._check, batch)
+        except Exception:
+            log.exception("batch %s: validation failed", batch.id)
+            problem = LineError(None, "internal_error", "The input file could not be read.")
+            await asyncio.to_thread(self.repository.invalid, batch.id, self.replica_id, [problem], None)
+
+    def _check(self, batch: BatchView) -> None:
+        """Stream the input once: its lines stored as they pass, then the model and the key's grant for it."""
+        found = input_lines.Checked()
+        first = True
+        with self.files.open(batch.input_file_id) as stream:
+            passed = input_lines.read(stream, batch.endpoint, found)
+            while chunk := list(itertools.islice(passed, INSERT_CHUNK)):
+                if not found.errors:
+                    self.repository.add_lines(batch.id, chunk, first)
+                    first = False
+        problems = list(found.errors or ())
+        if not problems and found.model is not None:
+            problems = self._model_problems(batch.key_id, found.model)
+        if problems:
+            self.repository.invalid(batch.id, self.replica_id, problems, found.model)
+            log.info("batch %s failed validation: %s", batch.id, problems[0].message)
+            return
+        assert found.model is not None
+        self.repository.validated(batch.id, self.replica_id, found.model, found.lines)
+
+    def _model_problems(self, key_id: int, model: str) -> list[LineError]:
+        if model not in self.engines:
+            return [LineError(1, "model_not_found", f"The model {model!r} is not served here.", "body.model")]
+        refusal = grant_refusal(model, self.store.find_grant(key_id, model), utcnow())
+        if refusal is not None:
+            return [LineError(1, refusal.code, refusal.message, "body.model")]
+        return []
+
+    async def _finalize(self, batch_id: str) -> None:
+        batch = await asyncio.to_thread(self.repository.begin_finalizing, batch_id, self.replica_id)
+        if batch is not None:
+            await asyncio.to_thread(self._write_results, batch)
+
+    def _write_results(self, batch: BatchView) -> None:
+        """The output and error files, streamed from the lines' results in input order; then the batch ends."""
+        ending = batch.ending or Status.COMPLETED
+        code = EXPIRED_CODE if ending is Status.EXPIRED else CANCELLED_CODE
+        why = "the batch's completion window ended" if ending is Status.EXPIRED else "the batch was cancelled"
+        not_run = 0
+
+        def unrun() -> Iterator[str]:
+            nonlocal not_run
+            for custom_id in self.repository.not_run(batch.id):
+                not_run += 1
+                error = {"code": code, "message": f"This request was not run: {why}."}
+                line = {"id": new_result_id(), "custom_id": custom_id, "response": None, "error": error}
+                yield json.dumps(line, ensure_ascii=False, separators=(",", ":"))
+
+        made: list[FileView] = []
+        ids: list[str | None] = []
+        for name, results in (
+            ("output", self.repository.results(batch.id, True)),
+            ("error", itertools.chain(self.repository.results(batch.id, False), unrun())),
+        ):
+            file_id = new_file_id()
+            size = self.files.write_lines(file_id, results)
+            if size == 0:
+                self.files.delete(file_id)
+                ids.append(None)
+                continue
+            made.append(FileView(file_id, batch.key_id, f"{batch.id}_{name}.jsonl", BATCH_OUTPUT, size, utcnow()))
+            ids.append(file_id)
+        if not self.repository.finalized(batch.id, self.replica_id, ending, made, ids[0], ids[1], not_run):
+            for file in made:  # another replica took the step over meanwhile: its files count
+                self.files.delete(file.id)
+            return
+        log.info(
+            "batch %s %s: %d completed, %d failed", batch.id, ending.value, batch.completed, batch.failed + not_run
+        )
+
+
+def _error_of(body: Any, status: int) -> dict[str, Any]:
+    """The API's code and message, from either surface's error shape."""
+    if isinstance(body, dict):
+        inner: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else body
+        return {"code": inner.get("code") or str(status), "message": inner.get("message") or ""}
+    return {"code": str(status), "message": str(body)}
+
+
+def _usage(body: Any) -> tuple[int, int]:
+    """Input and output tokens of an answer, in either surface's words (none: 0, 0)."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return 0, 0
+    if "prompt_tokens" in usage:
+        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    return int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)

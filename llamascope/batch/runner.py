@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import httpx
+from sqlalchemy.exc import OperationalError
 from starlette.types import ASGIApp
 
 from llamascope.accounts.access import grant_refusal
@@ -118,7 +119,9 @@ class Runner:
             try:
                 if not self.stopping():
                     await self._tick()
-            except Exception:  # the store unreachable, a bug: say so, keep going
+            except OperationalError as exc:  # the store unreachable: said in one line, as the accounts say it
+                log.error("batch runner: the store is unreachable, trying again: %s", str(exc).splitlines()[0])
+            except Exception:  # a bug: its traceback, and keep going
                 log.exception("batch runner: a round failed; trying again")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_seconds)

@@ -306,6 +306,8 @@ def _recipe_key(text_overrides: dict[str, Any] | None = None) -> str:
     import transformers
 
     raw = f"{RECIPE_VERSION}:{SEED}:{transformers.__version__}:{tokenizers.__version__}"
+    # The templates are saved into the model: a changed one is another model (a cached build kept the old one).
+    raw += ":" + hashlib.sha256((STOCK_TEMPLATE + TEXT_TEMPLATE).encode()).hexdigest()
     if text_overrides:  # another shape is another model
         raw += ":" + json.dumps(text_overrides, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:12]

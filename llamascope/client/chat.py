@@ -36,7 +36,10 @@ the API refused the call). Without one it starts a conversation: /help
 there lists its commands.
 
 Images: a local path, an http(s) URL (the server fetches it under its own
-rules) or - for standard input. A local file is sent inline as a data: URI,
+rules) or - for standard input. Several -a send several images with the
+first question, in order; in a conversation /image adds one to the next
+message at any turn (Meta recommends one image per prompt for the best
+answers; the server says how many a conversation may hold). A local file is sent inline as a data: URI,
 not uploaded through the SDK's upload flow: that works with every server of
 the API, stores nothing on it, and /save then writes a conversation that any
 key can send again later (an upload is readable only by the key that made
@@ -46,6 +49,7 @@ EPILOG = """\
 examples:
   llamascope chat -a photo.jpg "what is this?"
   llamascope chat -a https://example.com/dog.jpeg -o temperature 0 "how many dogs?"
+  llamascope chat -a before.jpg -a after.jpg "what changed between the two photos?"
   cat question.txt | llamascope chat -a photo.jpg
   curl -s https://example.com/dog.jpeg | llamascope chat -a - "describe it" --json
   llamascope chat -a receipt.jpg --schema receipt.schema.json "read the receipt"
@@ -68,7 +72,15 @@ def add_parser(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     chat.add_argument("prompt", nargs="*", help="the question; none: a conversation, or the question from a pipe")
-    chat.add_argument("-a", "--attach", metavar="IMAGE", help="the image: a local path, an http(s) URL, or - (stdin)")
+    chat.add_argument(
+        "-a",
+        "--attach",
+        metavar="IMAGE",
+        action="append",
+        default=[],
+        help="an image: a local path, an http(s) URL, or - (stdin); repeat it for several, sent in order with the"
+        " first question",
+    )
     chat.add_argument(
         "-m", "--model", help="model name (default: the first the server lists, else " + DEFAULT_MODEL + ")"
     )
@@ -194,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     question = " ".join(args.prompt)
     interactive = not question and sys.stdin.isatty()
     if (not question or question == "-") and not interactive:
-        if args.attach == "-":
+        if "-" in args.attach:
             print(
                 "llamascope chat: the image comes from standard input: give the question as an argument",
                 file=sys.stderr,
@@ -204,13 +216,16 @@ def run(args: argparse.Namespace) -> int:
         if not question:
             print("llamascope chat: no question (none given, and standard input was empty)", file=sys.stderr)
             return 2
-    image = None
-    if args.attach:
-        if args.attach == "-" and interactive:
-            print("llamascope chat: -a - reads standard input, which is the terminal here", file=sys.stderr)
-            return 2
+    if "-" in args.attach and interactive:
+        print("llamascope chat: -a - reads standard input, which is the terminal here", file=sys.stderr)
+        return 2
+    if args.attach.count("-") > 1:
+        print("llamascope chat: standard input holds one image: give -a - once", file=sys.stderr)
+        return 2
+    images = []
+    for value in args.attach:
         try:
-            image = attachment.image_reference(args.attach)
+            images.append(attachment.image_reference(value))
         except OSError as exc:
             print(f"llamascope chat: {exc}", file=sys.stderr)
             return 2
@@ -221,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         except APIError as error:
             show_error(error)
             return 1
-        conversation = Conversation(model=model, system=args.system, image=image, parameters=parameters)
+        conversation = Conversation(model=model, system=args.system, images=images, parameters=parameters)
         if not interactive:
             if info and info.get("test_model") and sys.stderr.isatty():
                 print(f"({model} is the built-in test model: its answers are random words)", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""A conversation as the client holds it: model, system prompt, the one image, the turns, the parameters.
+"""A conversation as the client holds it: model, system prompt, the turns with their images, the parameters.
 
 It becomes exactly the request body the API accepts (``body()``), and a saved
 body is read back (``from_body()``): a saved conversation is that body, the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from llamascope.client.native import DEFAULT_MODEL
 
@@ -80,77 +80,102 @@ def parse_parameter(name: str, value: str) -> Any:
         raise ValueError(f"{name}: {exc}") from None
 
 
-def _text_of(content: Any) -> tuple[str, str | None]:
-    """(text, image) of a message's content: a string or a list of text and image items."""
+def _text_of(content: Any) -> tuple[str, list[str]]:
+    """(text, images) of a message's content: a string or a list of text and image items, images in order."""
     if isinstance(content, str):
-        return content, None
+        return content, []
     if not isinstance(content, list):
         raise ValueError("a message's content must be a string or a list of items")
-    texts, image = [], None
+    texts, images = [], []
     for item in content:
         if not isinstance(item, dict):
             raise ValueError("a content item must be an object")
         if isinstance(item.get("image"), str):
-            image = item["image"]
+            images.append(item["image"])
         elif isinstance(item.get("text"), str):
             texts.append(item["text"])
-    return "".join(texts), image
+    return "".join(texts), images
+
+
+class Turn(NamedTuple):
+    role: str  # user or assistant
+    text: str
+    images: tuple[str, ...] = ()  # a user turn's images, in order, as sent
 
 
 @dataclass
 class Conversation:
+    """``images`` wait for the next question: ``ask`` takes them into its message (several, in order),
+    so an image joins the conversation at any turn. Each turn keeps the images it carried."""
+
     model: str = DEFAULT_MODEL
     system: str | None = None
-    image: str | None = None  # as sent: an http(s) URL, a data: URI or an oss:// key
-    turns: list[tuple[str, str]] = field(default_factory=list)  # (role, text): user, assistant, ...
+    images: list[str] = field(default_factory=list)  # as sent: http(s) URLs, data: URIs or oss:// keys
+    turns: list[Turn] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
 
     def messages(self) -> list[dict[str, Any]]:
-        """The messages the API takes: the system prompt, then the turns, the image in the first user turn."""
+        """The messages the API takes: the system prompt, then the turns, each user turn's images before its text."""
         messages: list[dict[str, Any]] = []
         if self.system:
             messages.append({"role": "system", "content": [{"text": self.system}]})
-        first_user = True
-        for role, text in self.turns:
-            content: list[dict[str, str]] = [{"text": text}]
-            if role == "user" and first_user:
-                first_user = False
-                if self.image:
-                    content.insert(0, {"image": self.image})
-            messages.append({"role": role, "content": content})
+        for turn in self.turns:
+            content = [{"image": image} for image in turn.images]
+            content.append({"text": turn.text})
+            messages.append({"role": turn.role, "content": content})
         return messages
+
+    def sent_images(self) -> list[str]:
+        """The images already in the conversation, in the order they were sent."""
+        return [image for turn in self.turns for image in turn.images]
 
     def body(self) -> dict[str, Any]:
         return {"model": self.model, "input": {"messages": self.messages()}, "parameters": dict(self.parameters)}
 
     def ask(self, text: str) -> None:
-        self.turns.append(("user", text))
+        """A question, with the images waiting for it."""
+        self.turns.append(Turn("user", text, tuple(self.images)))
+        self.images = []
 
     def answered(self, text: str) -> None:
-        self.turns.append(("assistant", text))
+        self.turns.append(Turn("assistant", text))
 
-    def unanswered(self) -> None:
-        """Drop the question that got no answer (the call failed), so the conversation stays valid."""
-        if self.turns and self.turns[-1][0] == "user":
-            self.turns.pop()
+    def unanswered(self, keep_images: bool = True) -> tuple[str, ...]:
+        """Drop the question that got no answer, so the conversation stays valid; its images wait for the next
+        question again, or (``keep_images`` false: a refusal, most often of an image) are dropped too. Returns
+        the images it carried."""
+        if not self.turns or self.turns[-1].role != "user":
+            return ()
+        images = self.turns.pop().images
+        if keep_images:
+            self.images[:0] = images
+        return images
 
     def last_question(self) -> str | None:
-        """For /retry: drop the last answer and return the question it answered (None: nothing to retry)."""
-        if self.turns and self.turns[-1][0] == "assistant":
+        """For /retry: drop the last answer and return the question it answered, its images waiting again
+        (None: nothing to retry)."""
+        if self.turns and self.turns[-1].role == "assistant":
             self.turns.pop()
-        if self.turns and self.turns[-1][0] == "user":
-            return self.turns.pop()[1]
+        if self.turns and self.turns[-1].role == "user":
+            turn = self.turns.pop()
+            self.images[:0] = turn.images
+            return turn.text
         return None
 
     def undo(self) -> bool:
-        """Drop the last question and its answer; False when there is nothing to drop."""
+        """Drop the last question and its answer (its images wait for the next question); False when there is
+        nothing to drop."""
         if not self.turns:
             return False
-        if self.turns[-1][0] == "assistant":
+        if self.turns[-1].role == "assistant":
             self.turns.pop()
-        if self.turns and self.turns[-1][0] == "user":
-            self.turns.pop()
+        self.unanswered()
         return True
+
+    def clear(self) -> None:
+        """Start again: the turns go, their images wait for the first question of the new conversation."""
+        self.images[:0] = self.sent_images()
+        self.turns.clear()
 
     def save(self) -> str:
         return json.dumps(self.body(), ensure_ascii=False, indent=2) + "\n"
@@ -173,13 +198,11 @@ class Conversation:
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
                 raise ValueError(f"messages[{i}]: expected an object with role system, user or assistant")
-            text, image = _text_of(message.get("content"))
+            text, images = _text_of(message.get("content"))
             if message["role"] == "system":
                 conversation.system = text
                 continue
-            if image is not None:
-                if conversation.image is not None:
-                    raise ValueError(f"messages[{i}]: a second image; a conversation has one")
-                conversation.image = image
-            conversation.turns.append((message["role"], text))
+            if images and message["role"] != "user":
+                raise ValueError(f"messages[{i}]: only a user message carries images")
+            conversation.turns.append(Turn(message["role"], text, tuple(images)))
         return conversation

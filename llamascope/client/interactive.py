@@ -21,18 +21,20 @@ from llamascope.client.conversation import PARAMETERS, Conversation, parse_param
 from llamascope.client.native import Answer, APIError, Client
 
 HELP = """\
-  /image PATH|URL     attach an image (a new image starts a new conversation: one image each)
+  /image PATH|URL     add an image to the next message, at any turn (again: several in one message)
+  /image              list the conversation's images and those waiting for the next message
+  /image clear        forget the images waiting for the next message
   /system [TEXT]      set the system prompt (without TEXT: remove it)
   /set [NAME [VALUE]] set a parameter of the API (without VALUE: back to the server's default;
                       without NAME: list them)
   /model [NAME]       use another model (without NAME: list the served ones)
   /retry              ask the last question again, for a new answer
   /undo               forget the last question and its answer
-  /clear              start again (keeps the image, system prompt and parameters)
+  /clear              start again (keeps the images, system prompt and parameters)
   /save FILE          save the conversation as the JSON request body the API accepts
   /load FILE          continue a saved conversation (a request body or a list of messages)
   /stats              time to first token, tokens per second and usage: last answer and session
-  /show               model, server, image, system prompt, parameters
+  /show               model, server, images, system prompt, parameters
   /help               this list
   /bye                leave (or Ctrl+D)
   \"\"\"                 begins and ends a message of several lines
@@ -140,9 +142,9 @@ class InteractiveChat:
         if self.model_info and self.model_info.get("test_model"):
             note = " (the built-in test model: tiny and random, its answers are random words)"
         say(f"llamascope chat: {c.model}{note} at {self.client.base_url}")
-        if c.image:
-            say(f"image: {attachment.describe(c.image)}")
-        else:
+        for image in c.images:
+            say(f"image: {attachment.describe(image)}")
+        if not c.images:
             say("no image yet: these models need one with the first question; /image PATH|URL attaches it")
         say('/help lists the commands, """ begins a message of several lines, Ctrl+D or /bye leaves.')
 
@@ -151,8 +153,12 @@ class InteractiveChat:
         try:
             answer, stopped = ask(self.client, self.conversation, self.stream, self.display)
         except APIError as error:
-            self.conversation.unanswered()
+            # A refusal is most often of an image (its format, its size, one too many): the question takes its
+            # images with it, so that the next one is not refused again.
+            dropped = self.conversation.unanswered(keep_images=False)
             show_error(error)
+            if dropped:
+                say(f"({_images(len(dropped))} went with the question: /image adds again)")
             return
         self.last, self.last_stopped = answer, stopped
         if answer.usage:
@@ -174,9 +180,19 @@ class InteractiveChat:
     # -- commands: each returns True to leave -----------------------------------
 
     def image(self, value: str) -> None:
+        c = self.conversation
         if not value:
-            image = self.conversation.image
-            say(f"image: {attachment.describe(image)}" if image else "no image: /image PATH|URL attaches one")
+            sent = c.sent_images()
+            for image in sent:
+                say(f"in the conversation: {attachment.describe(image)}")
+            for image in c.images:
+                say(f"with the next message: {attachment.describe(image)}")
+            if not sent and not c.images:
+                say("no image: /image PATH|URL adds one")
+            return
+        if value == "clear":
+            say(f"forgot {_images(len(c.images))} waiting for the next message" if c.images else "none waiting")
+            c.images.clear()
             return
         if value == "-":
             say("error: standard input is this terminal here: give a path or a URL")
@@ -186,11 +202,9 @@ class InteractiveChat:
         except OSError as exc:
             say(f"error: {exc}")
             return
-        self.conversation.image = reference
-        if self.conversation.turns:
-            self.conversation.turns.clear()
-            say("a new image starts a new conversation (the model takes one image per conversation)")
-        say(f"image: {attachment.describe(reference)}")
+        c.images.append(reference)
+        waiting = f" ({len(c.images)} with the next message)" if len(c.images) > 1 else ""
+        say(f"image: {attachment.describe(reference)}{waiting}")
 
     def system(self, value: str) -> None:
         self.conversation.system = value or None
@@ -245,11 +259,17 @@ class InteractiveChat:
         self.reply()
 
     def undo(self, _: str) -> None:
-        say("forgot the last question and its answer" if self.conversation.undo() else "nothing to undo")
+        waiting = len(self.conversation.images)
+        if not self.conversation.undo():
+            say("nothing to undo")
+            return
+        back = len(self.conversation.images) - waiting
+        back_note = f" ({_images(back)} back for the next message)" if back else ""
+        say("forgot the last question and its answer" + back_note)
 
     def clear(self, _: str) -> None:
-        self.conversation.turns.clear()
-        say("a new conversation (same image, system prompt and parameters)")
+        self.conversation.clear()
+        say("a new conversation (same images, system prompt and parameters)")
 
     def save(self, value: str) -> None:
         if not value:
@@ -278,7 +298,7 @@ class InteractiveChat:
             return
         self.conversation = loaded
         say(f"loaded {len(loaded.turns)} messages, model {loaded.model}")
-        if loaded.turns and loaded.turns[-1][0] == "user":
+        if loaded.turns and loaded.turns[-1].role == "user":
             say("it ends with a question: answering it")
             self.reply()
 
@@ -302,7 +322,8 @@ class InteractiveChat:
     def show(self, _: str) -> None:
         c = self.conversation
         say(f"model: {c.model}  at {self.client.base_url}")
-        say(f"image: {attachment.describe(c.image) if c.image else '(none)'}")
+        images = c.sent_images() + c.images
+        say(f"images: {', '.join(attachment.describe(i) for i in images) if images else '(none)'}")
         say(f"system prompt: {c.system or '(none)'}")
         say(f"parameters: {_json(c.parameters) if c.parameters else '(the server defaults)'}")
         say(f"messages so far: {len(c.turns)}")
@@ -350,3 +371,7 @@ def _json(value: Any) -> str:
 def _usage(usage: dict[str, int]) -> str:
     parts = [f"{key.removesuffix('_tokens')} {usage[key]:,}" for key in USAGE_KEYS if key in usage]
     return (", ".join(parts) + " tokens") if parts else "no usage reported"
+
+
+def _images(n: int) -> str:
+    return "1 image" if n == 1 else f"{n} images"

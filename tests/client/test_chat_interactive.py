@@ -1,8 +1,8 @@
 """``llamascope chat`` without a question, through a real pseudo-terminal (pexpect), against a real server.
 
 One conversation goes through the commands a person uses: an answer, /retry,
-/save, a message of several lines, /undo, /load, a refused image, and Ctrl+C
-in the middle of a long answer, after which the server is generating nothing
+/save, a message of several lines, /undo, /load, a refused image, two images
+joining at a later turn, and Ctrl+C in the middle of a long answer, after which the server is generating nothing
 and the chat goes on. What the chat saved is sent again by the official SDK.
 """
 
@@ -97,7 +97,12 @@ def test_a_conversation_in_a_terminal(server: Server, image_host: ImageHost, tmp
     command(child, f"/image {image_host.url('/anim.gif')}")
     refused = command(child, "And this one?")
     assert "InvalidParameter.DataInspection (HTTP 400)" in refused and "Traceback" not in refused
+    assert "1 image went with the question" in refused  # so the next question is not refused again
+    # Two images join the conversation at this turn (it keeps its first image and its turns).
+    other = tmp_path / "other.png"
+    other.write_bytes(png_bytes((30, 200, 30)))
     command(child, f"/image {photo}")
+    assert "(2 with the next message)" in command(child, f"/image {other}")
 
     # Ctrl+C in the middle of a long answer: the stream closes, the server stops, the chat goes on.
     command(child, "/set max_tokens 8000")
@@ -123,6 +128,12 @@ def test_a_conversation_in_a_terminal(server: Server, image_host: ImageHost, tmp
     command(child, "/set min_new_tokens")
     command(child, "/set max_tokens 4")
     assert "error" not in command(child, "One more?")
+    listed = command(child, "/image")
+    assert listed.count("in the conversation: data:image/png") == 3 and "with the next message" not in listed
+    command(child, "/save multi.json")
+    images = [[i["image"][:22] for i in m["content"] if "image" in i] for m in saved(tmp_path / "multi.json")]
+    png = "data:image/png;base64,"
+    assert images == [[png], [], [], [], [png, png], [], [], []]
 
     child.sendline("/bye")
     child.expect(pexpect.EOF)

@@ -67,6 +67,12 @@ def test_the_answer_streams_to_standard_output(server: Server, image_host: Image
     piped = chat(["-a", "-", *GREEDY, "What is in the picture?"], server, home, stdin=photo.read_bytes())
     assert piped.returncode == 0 and piped.stdout == streamed.stdout
 
+    # Several -a: every image goes with the question, in order.
+    both = ["-a", str(photo), "-a", "-", *GREEDY, "--json", "Compare them."]
+    two = chat(both, server, home, stdin=photo.read_bytes())
+    assert two.returncode == 0, two.stderr
+    assert json.loads(two.stdout)["usage"]["image_tokens"] == 2 * data["usage"]["image_tokens"]
+
 
 def test_options_override_the_environment_and_choose_the_model(server: Server, photo: Path) -> None:
     options = ["--base-url", server.api, "--api-key", server.key, "-m", "llama3.2-11b-vision"]

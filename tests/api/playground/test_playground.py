@@ -40,6 +40,7 @@ GENERATION = "/api/v1/services/aigc/multimodal-generation/generation"
 SCREENSHOTS = CACHE_DIR / "screenshots"
 ANSWER_TIMEOUT_MS = 90_000  # two busy cores: an answer of a few dozen tokens may take a while
 IMAGE = png_bytes((30, 90, 200), (640, 480))
+SECOND = png_bytes((40, 180, 60), (480, 640))  # joins the conversation at its second turn
 # Records, on every change, how long the last answer is and whether it is still streaming.
 WATCH_ANSWER = """() => {
     window.seenAnswers = [];
@@ -165,17 +166,20 @@ class Conversation:
 
 @pytest.fixture(scope="module")
 def conversation(browser: Any, server: Server) -> Iterator[Conversation]:
+    """Two turns, an image with each: the second joins the conversation (issue 26)."""
     traffic = Traffic()
     context, page = open_page(browser, server, traffic)
     sign_in(page)
     pick_image(page, "blue.png", IMAGE, "image/png")
-    expect(page.get_by_alt_text("The conversation's image")).to_be_visible()
+    expect(page.get_by_alt_text("blue.png")).to_be_visible()  # in the tray, for the next message
     page.get_by_label("System prompt").fill("You are a terse assistant.")
     set_parameter(page, "Max tokens", "16")
     set_parameter(page, "Seed", "7")
     page.evaluate(WATCH_ANSWER)
     answers, shown, growth = [], [], []
     for n, question in enumerate(("What is in the picture?", "And what colour is it?")):
+        if n == 1:
+            pick_image(page, "green.png", SECOND, "image/png")
         answer = ask(page, question)
         expect(answer).to_have_attribute("data-status", "done", timeout=ANSWER_TIMEOUT_MS)
         answers.append(traffic.streamed_text(n))
@@ -197,19 +201,24 @@ def test_the_answer_streams_in(conversation: Conversation) -> None:
     assert ["done", final] in first
 
 
-def test_follow_up_sends_the_whole_conversation(conversation: Conversation, server: Server) -> None:
+def test_follow_up_sends_the_whole_conversation_with_each_image_in_its_turn(conversation: Conversation) -> None:
     first, second = conversation.traffic.generations
     system = {"role": "system", "content": [{"text": "You are a terse assistant."}]}
     image = "data:image/png;base64," + base64.b64encode(IMAGE).decode()
+    later = "data:image/png;base64," + base64.b64encode(SECOND).decode()
     asked = {"role": "user", "content": [{"image": image}, {"text": "What is in the picture?"}]}
     assert first["input"]["messages"] == [system, asked]
     assert second["input"]["messages"] == [
         system,
         asked,
         {"role": "assistant", "content": [{"text": conversation.answers[0]}]},
-        {"role": "user", "content": [{"text": "And what colour is it?"}]},
+        {"role": "user", "content": [{"image": later}, {"text": "And what colour is it?"}]},
     ]
     assert first["parameters"] == {"max_tokens": 16, "seed": 7, "incremental_output": True}
+    turns = conversation.page.locator(".message.user")
+    expect(turns.nth(0).get_by_alt_text("blue.png")).to_be_visible()
+    expect(turns.nth(1).get_by_alt_text("green.png")).to_be_visible()
+    expect(conversation.page.locator(".attachment")).to_have_count(0)  # the tray went with the message
 
 
 def test_each_answer_shows_its_timing_and_usage(conversation: Conversation, server: Server) -> None:
@@ -238,13 +247,14 @@ def test_get_code_runs_as_shown(conversation: Conversation, server: Server, tmp_
     for tab in ("curl", "Python · dashscope", "Python · openai"):
         page.get_by_role("tab", name=tab).click()
         snippets[tab] = page.locator("#code-text").text_content()
-    expect(page.locator("#code-note")).to_contain_text("blue.png")
+    expect(page.locator("#code-note")).to_contain_text("blue.png, green.png")
     page.get_by_role("button", name="Close").click()
     page.get_by_label("Message").fill("")
     assert API_KEY not in "".join(snippets.values())
     assert conversation.answers[0] in snippets["curl"] and "Anything else?" in snippets["curl"]
 
     (tmp_path / "blue.png").write_bytes(IMAGE)
+    (tmp_path / "green.png").write_bytes(SECOND)
     env = {**os.environ, "DASHSCOPE_API_KEY": API_KEY}
     env.pop("DASHSCOPE_HTTP_BASE_URL", None)
     runs = {
@@ -272,14 +282,14 @@ def test_the_conversation_survives_a_reload(
     expect(page.get_by_label("API key")).to_have_value(API_KEY)  # session storage: this tab only
     expect(page.get_by_label("System prompt")).to_have_value("You are a terse assistant.")
     image = "data:image/png;base64," + base64.b64encode(IMAGE).decode()
-    expect(page.get_by_alt_text("The conversation's image")).to_have_attribute("src", image)
+    expect(page.get_by_alt_text("blue.png")).to_have_attribute("src", image)  # in its turn, kept in IndexedDB
     assert not page.evaluate("() => JSON.stringify(localStorage)").count(API_KEY)
     screenshot(page, "playground.png", capsys)
     page.emulate_media(color_scheme="dark")
     page.wait_for_timeout(300)  # the colours' transitions
     screenshot(page, "playground-dark.png", capsys)
     page.emulate_media(color_scheme="light")
-    # And it goes on from where it was: the image (kept in IndexedDB) and both turns are sent again.
+    # And it goes on from where it was: the images (kept in IndexedDB) and both turns are sent again.
     answer = ask(page, "One more thing?")
     expect(answer).to_have_attribute("data-status", "done", timeout=ANSWER_TIMEOUT_MS)
     messages = conversation.traffic.generations[-1]["input"]["messages"]
@@ -356,7 +366,7 @@ def test_an_image_by_url_is_fetched_by_the_server_only(tab: Tab, server: Server,
     url = image_host.url("/red.png")
     page.get_by_label("Image URL").fill(url)
     page.get_by_role("button", name="Use", exact=True).click()
-    expect(page.locator("#url-card")).to_contain_text(f"127.0.0.1:{image_host.port}")
+    expect(page.locator(".url-card")).to_contain_text(f"127.0.0.1:{image_host.port}")
     set_parameter(page, "Max tokens", "3")
     answer = ask(page, "What is in the picture?")
     expect(answer).to_have_attribute("data-status", "done", timeout=ANSWER_TIMEOUT_MS)
@@ -379,13 +389,15 @@ def test_an_image_by_drop_or_paste(tab: Tab) -> None:
     data = base64.b64encode(IMAGE).decode()
     dropped = page.evaluate_handle(make_transfer, [data, "dropped.png"])
     page.dispatch_event("#dropzone", "drop", {"dataTransfer": dropped})
-    expect(page.locator("#image-name")).to_have_text("dropped.png")
+    expect(page.locator(".attachment .image-name")).to_have_text(["dropped.png"])
     pasted = page.evaluate_handle(make_transfer, [data, "pasted.png"])
     page.evaluate(
         "(t) => document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: t, bubbles: true}))", pasted
     )
-    expect(page.locator("#image-name")).to_have_text("pasted.png")
-    expect(page.get_by_alt_text("The conversation's image")).to_have_attribute("src", "data:image/png;base64," + data)
+    expect(page.locator(".attachment .image-name")).to_have_text(["dropped.png", "pasted.png"])  # both, in order
+    expect(page.get_by_alt_text("pasted.png")).to_have_attribute("src", "data:image/png;base64," + data)
+    page.get_by_role("button", name="Remove dropped.png").click()
+    expect(page.locator(".attachment .image-name")).to_have_text(["pasted.png"])
 
 
 def test_the_page_needs_no_key_and_allows_only_its_origin(server: Server) -> None:
@@ -422,7 +434,7 @@ STORED_IMAGE = """() => new Promise((resolve) => {
   opened.onsuccess = () => {
     const db = opened.result;
     try {
-      const got = db.transaction("images").objectStore("images").get("current");
+      const got = db.transaction("images").objectStore("images").count();
       got.onsuccess = () => { db.close(); resolve(Boolean(got.result)); };
       got.onerror = () => { db.close(); resolve(false); };
     } catch (error) { db.close(); resolve(false); }
@@ -439,13 +451,13 @@ def test_a_large_image_survives_a_reload(tab: Tab) -> None:
     assert len(data) * 4 / 3 > 5_500_000
     page = tab.page
     pick_image(page, "photo.png", data, "image/png")
-    expect(page.locator("#image-name")).to_have_text("photo.png")
+    expect(page.locator(".image-name")).to_have_text("photo.png")
     # Writing 7.8 MB into IndexedDB takes a while on a busy machine: reload once it is there, as a person would.
     page.wait_for_function(STORED_IMAGE, timeout=60_000)
     page.reload()
     expect(page.locator("body[data-ready=true]")).to_have_count(1)
-    expect(page.locator("#image-name")).to_have_text("photo.png")
-    src = page.get_by_alt_text("The conversation's image").get_attribute("src")
+    expect(page.locator(".image-name")).to_have_text("photo.png")
+    src = page.get_by_alt_text("photo.png").get_attribute("src")
     assert src == "data:image/png;base64," + base64.b64encode(data).decode()
     expect(page.get_by_role("status")).to_have_text("")
 

@@ -1,8 +1,11 @@
 // llamascope playground: talks to this server's public DashScope native API with the key typed in.
 //
-// Storage: the key in sessionStorage (this tab only); the conversation in localStorage; a local
-// image (a data: URI, possibly megabytes) in IndexedDB, whose quota is far larger than
+// Storage: the key in sessionStorage (this tab only); the conversation in localStorage; local
+// images (data: URIs, possibly megabytes each) in IndexedDB by id, whose quota is far larger than
 // localStorage's. Nothing is sent anywhere but this origin.
+//
+// Images: the tray (state.pending) holds those for the next message; sending takes them into the
+// turn, which keeps them. A conversation carries each turn's images in that turn's user message.
 
 import { renderMarkdown } from "./markdown.js";
 
@@ -26,7 +29,7 @@ const views = new WeakMap(); // turn -> its DOM nodes
 const RENDER_EVERY_MS = 33; // a streaming answer is drawn at most about 30 times a second
 
 function emptyState() {
-  return { model: "", system: "", schema: "", parameters: {}, image: null, turns: [] };
+  return { model: "", system: "", schema: "", parameters: {}, pending: [], turns: [] };
 }
 
 // -- storage -------------------------------------------------------------------------------------
@@ -54,22 +57,41 @@ async function imageStore(mode, action) {
   }
 }
 
-const keepImage = (src) => imageStore("readwrite", (s) => s.put(src, "current"));
-const readImage = () => imageStore("readonly", (s) => s.get("current"));
-const forgetImage = () => imageStore("readwrite", (s) => s.delete("current"));
+const keepImage = (id, src) => imageStore("readwrite", (s) => s.put(src, id));
+const readImage = (id) => imageStore("readonly", (s) => s.get(id));
+
+// Every image the page holds: the conversation's, in order, then the tray's.
+function allImages() {
+  return [...state.turns.flatMap((t) => t.images), ...state.pending];
+}
+
+// Forgets the stored images that neither a turn nor the tray holds any more.
+async function pruneImages() {
+  const used = new Set(allImages().map((i) => i.id));
+  await imageStore("readwrite", (store) => {
+    const keys = store.getAllKeys();
+    keys.onsuccess = () => keys.result.filter((k) => !used.has(k)).forEach((k) => store.delete(k));
+    return keys;
+  }).catch(() => undefined);
+}
+
+// A local image lives in IndexedDB: only its id and name are kept with the conversation.
+const stored = (image) => (image.kind === "url" ? image : { id: image.id, kind: "data", name: image.name });
 
 function save() {
   clearTimeout(saveTimer);
   saveTimer = null;
-  const { image, ...rest } = state;
-  const stored = {
-    ...rest,
-    turns: state.turns.map((t) => ({ ...t, status: t.status === "streaming" ? "stopped" : t.status })),
-    // A local image lives in IndexedDB; only its name is kept here.
-    image: image && (image.kind === "url" ? image : { kind: "data", name: image.name }),
+  const kept = {
+    ...state,
+    pending: state.pending.map(stored),
+    turns: state.turns.map((t) => ({
+      ...t,
+      images: t.images.map(stored),
+      status: t.status === "streaming" ? "stopped" : t.status,
+    })),
   };
   try {
-    localStorage.setItem(STATE_SLOT, JSON.stringify(stored));
+    localStorage.setItem(STATE_SLOT, JSON.stringify(kept));
   } catch {
     setStatus("This browser's storage is full: the conversation will not survive a reload.", true);
   }
@@ -81,23 +103,36 @@ function saveSoon() {
 }
 
 async function restore() {
-  let stored = null;
+  let kept = null;
   try {
-    stored = JSON.parse(localStorage.getItem(STATE_SLOT) || "null");
+    kept = JSON.parse(localStorage.getItem(STATE_SLOT) || "null");
   } catch {
-    stored = null;
+    kept = null;
   }
-  if (!stored) return;
-  state = { ...emptyState(), ...stored };
-  if (state.image?.kind === "data") {
-    const src = await readImage().catch(() => undefined);
-    if (src) {
-      state.image = { ...state.image, src };
-    } else {
-      state.image = null;
-      setStatus("The image could not be kept in this browser; add it again to go on.", true);
-    }
+  if (!kept) return;
+  const { image, ...rest } = kept;
+  state = { ...emptyState(), ...rest };
+  state.turns = state.turns.map((t) => ({ ...t, images: t.images || [] }));
+  if (image) {
+    // Kept by an earlier playground, one image per conversation (stored in IndexedDB as "current"): it
+    // belongs to the first answered turn, the one that carried it, else to the next message.
+    const old = image.kind === "url" ? { ...image, id: newId() } : { ...image, id: "current" };
+    const first = state.turns.find((t) => t.withImage && t.answer && ["done", "stopped"].includes(t.status));
+    if (first) first.images = [old];
+    else state.pending = [old];
   }
+  let lost = false;
+  for (const held of allImages()) {
+    if (held.kind !== "data") continue;
+    held.src = await readImage(held.id).catch(() => undefined);
+    lost ||= !held.src;
+  }
+  state.pending = state.pending.filter((i) => i.kind !== "data" || i.src);
+  if (lost) setStatus("An image could not be kept in this browser; add it again to go on.", true);
+}
+
+function newId() {
+  return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`;
 }
 
 // -- the API -------------------------------------------------------------------------------------
@@ -216,22 +251,27 @@ function requestParameters() {
   return format ? { ...parameters(), response_format: format } : parameters();
 }
 
-function userMessage(text, image) {
-  return { role: "user", content: image ? [{ image }, { text }] : [{ text }] };
+function userMessage(text, images) {
+  return { role: "user", content: [...images.map((image) => ({ image })), { text }] };
 }
 
-// The messages the API is sent: the system prompt, every answered turn, the image with the first.
-function history(imageRef) {
+// The messages the API is sent: the system prompt, then every answered turn, each user message with the
+// images its turn carried, as `reference(image)` gives them. `imageGiven`: an image is among them.
+function history(reference = (image) => image.src) {
   const messages = [];
   if (state.system.trim()) messages.push({ role: "system", content: [{ text: state.system }] });
   let imageGiven = false;
-  for (const turn of state.turns) {
-    if (!["done", "stopped"].includes(turn.status) || !turn.answer) continue;
-    messages.push(userMessage(turn.user, imageGiven ? null : imageRef));
+  for (const turn of answered()) {
+    messages.push(userMessage(turn.user, turn.images.map(reference)));
     messages.push({ role: "assistant", content: [{ text: turn.answer }] });
-    imageGiven = true;
+    imageGiven ||= turn.images.length > 0;
   }
   return { messages, imageGiven };
+}
+
+// The turns the conversation goes on from: a failed one, or one stopped before its answer, is left out.
+function answered() {
+  return state.turns.filter((t) => ["done", "stopped"].includes(t.status) && t.answer);
 }
 
 // Server-sent events as DashScope frames them: "event:result" or "event:error", then "data:{json}".
@@ -269,7 +309,11 @@ async function ask(text) {
   if (running) return; // a second Send while the list came
   if (!apiKey()) return refuse("Enter an API key first.", $("api-key"));
   if (!state.model) return refuse("No model to ask: check the key.", $("api-key"));
-  if (!state.image) return refuse("Add an image first: this model answers about one image per conversation.");
+  const images = state.pending;
+  const { messages, imageGiven } = history();
+  if (!imageGiven && !images.length) {
+    return refuse("Add an image first: the first message needs one (more may join at any turn).");
+  }
   let params;
   try {
     params = requestParameters();
@@ -277,17 +321,18 @@ async function ask(text) {
     $("answer-shape").open = true;
     return refuse(`The JSON Schema is not JSON: ${error.message}`, $("schema"));
   }
-  const { messages, imageGiven } = history(state.image.src);
-  messages.push(userMessage(text, imageGiven ? null : state.image.src));
+  messages.push(userMessage(text, images.map((i) => i.src)));
   const turn = {
     user: text,
+    images,
     answer: "",
     status: "streaming",
-    withImage: !imageGiven,
     model: state.model,
     json: Boolean(params.response_format),
   };
   state.turns.push(turn);
+  state.pending = [];
+  renderTray();
   $("message").value = "";
   fitComposer();
   renderTurn(turn);
@@ -355,6 +400,11 @@ async function ask(text) {
     running = null;
     setBusy(false);
     updateTurn(turn);
+    if (!answered().includes(turn) && turn.images.length) {
+      // Not part of the conversation: its images wait in the tray for the next message (× removes one).
+      state.pending = [...turn.images, ...state.pending];
+      renderTray();
+    }
     save();
   }
 }
@@ -368,25 +418,25 @@ function stop() {
   running?.controller.abort();
 }
 
-// -- the image -----------------------------------------------------------------------------------
+// -- the images ----------------------------------------------------------------------------------
 
-async function setImage(image) {
-  // One image per conversation: a new one starts a new conversation.
-  if (state.turns.length) {
-    stop();
-    state.turns = [];
-    renderConversation();
-    setStatus("A new image starts a new conversation.");
-  }
-  state.image = image;
-  renderImage();
+async function addImage(image) {
+  state.pending.push(image);
+  renderTray();
   save();
+  if (image.kind !== "data") return;
   try {
-    if (image?.kind === "data") await keepImage(image.src);
-    else await forgetImage();
+    await keepImage(image.id, image.src);
   } catch {
     setStatus("This image is too large to keep in this browser: a reload will lose it.", true);
   }
+}
+
+function removeImage(image) {
+  state.pending = state.pending.filter((i) => i !== image);
+  renderTray();
+  save();
+  pruneImages();
 }
 
 function readFile(file) {
@@ -398,10 +448,11 @@ function readFile(file) {
   });
 }
 
-async function takeFile(file) {
-  if (!file) return;
-  const src = await readFile(file);
-  await setImage({ kind: "data", src, name: file.name || "pasted-image.png" });
+async function takeFiles(files) {
+  for (const file of files) {
+    const src = await readFile(file);
+    await addImage({ id: newId(), kind: "data", src, name: file.name || "pasted-image.png" });
+  }
 }
 
 function takeUrl(url) {
@@ -416,25 +467,46 @@ function takeUrl(url) {
     setStatus("An image URL starts with http:// or https://.", true);
     return;
   }
-  setImage({ kind: "url", src: value, name: parsed.pathname.split("/").pop() || parsed.host });
+  addImage({ id: newId(), kind: "url", src: value, name: parsed.pathname.split("/").pop() || parsed.host });
 }
 
-function renderImage() {
-  const image = state.image;
-  $("image-empty").hidden = Boolean(image);
-  $("image-preview").hidden = !image;
-  if (!image) {
-    $("thumbnail").removeAttribute("src");
-    return;
-  }
-  $("image-name").textContent = image.name;
-  $("image-name").title = image.kind === "url" ? image.src : image.name;
-  // A URL image is fetched by the server only: loading it here would be a third-party request.
-  const local = image.kind === "data";
-  $("thumbnail").hidden = !local;
-  $("url-card").hidden = local;
-  if (local) $("thumbnail").src = image.src;
-  else $("url-host").textContent = new URL(image.src).host;
+// The tray: a thumbnail of each image for the next message, with its name and a button that removes it.
+function renderTray() {
+  const list = $("attachments");
+  list.replaceChildren(
+    ...state.pending.map((image) => {
+      const figure = el("figure", "image-preview");
+      // A URL image is fetched by the server only: loading it here would be a third-party request.
+      if (image.kind === "data") {
+        const img = el("img");
+        img.src = image.src;
+        img.alt = image.name;
+        figure.append(img);
+      } else {
+        const card = el("div", "url-card");
+        card.append(el("span", "url-host", new URL(image.src).host), el("small", "", "fetched by the server"));
+        figure.append(card);
+      }
+      const caption = el("figcaption");
+      const name = el("span", "image-name", image.name);
+      name.title = image.kind === "url" ? image.src : image.name;
+      const remove = el("button", "icon", "×");
+      remove.type = "button";
+      remove.title = `Remove ${image.name}`;
+      remove.setAttribute("aria-label", remove.title);
+      remove.addEventListener("click", () => removeImage(image));
+      caption.append(name, remove);
+      figure.append(caption);
+      const item = el("li", "attachment");
+      item.append(figure);
+      return item;
+    }),
+  );
+  list.hidden = state.pending.length === 0;
+  $("dropzone").classList.toggle("holding", state.pending.length > 0);
+  const sent = state.turns.some((t) => t.images.length);
+  $("image-prompt").textContent =
+    state.pending.length || sent ? "Add another image for the next message:" : "Drop images here, paste them, or";
 }
 
 // -- the conversation ----------------------------------------------------------------------------
@@ -456,16 +528,18 @@ function renderConversation() {
 function renderTurn(turn) {
   $("welcome").hidden = true;
   const user = el("div", "message user");
-  if (turn.withImage && state.image) {
-    if (state.image.kind === "data") {
+  const attached = el("div", "attached-images");
+  for (const image of turn.images) {
+    if (image.kind === "data" && image.src) {
       const img = el("img", "attached");
-      img.src = state.image.src;
-      img.alt = state.image.name;
-      user.append(img);
+      img.src = image.src;
+      img.alt = image.name;
+      attached.append(img);
     } else {
-      user.append(el("div", "attached-url", `image: ${state.image.src}`));
+      attached.append(el("div", "attached-url", `image: ${image.kind === "url" ? image.src : image.name}`));
     }
   }
+  if (turn.images.length) user.append(attached);
   user.append(el("div", "bubble", turn.user));
   const assistant = el("div", "message assistant");
   assistant.dataset.role = "answer";
@@ -572,36 +646,66 @@ function fitComposer() {
   box.style.height = `${Math.min(box.scrollHeight + 2, 192)}px`;
 }
 
+// A new conversation about the same images: the old one's go back to the tray, for its first message.
 function newChat() {
   stop();
+  const again = [...answered().flatMap((t) => t.images), ...state.pending];
+  state.pending = again.filter((image, n) => again.findIndex((i) => i.id === image.id) === n);
   state.turns = [];
   renderConversation();
+  renderTray();
   save();
+  pruneImages();
   setStatus("");
   $("message").focus();
 }
 
 // -- get code ------------------------------------------------------------------------------------
 
-const IMAGE_TOKEN = "\u2063IMAGE\u2063"; // stands for the image in generated code, replaced below
 let codeLanguage = "curl";
 
-function codeMessages() {
-  const { messages, imageGiven } = history(IMAGE_TOKEN);
+// The conversation as the code sends it, and the images in it: each stands in the messages as a token,
+// replaced by what each language writes for it (a file read beside the code, or a URL). `file` is a
+// local image's file name, unique among them; an image of null is the example URL.
+function codeConversation() {
+  const images = [];
+  const names = new Set();
+  const token = (image) => {
+    const entry = { image, token: `\u2063IMAGE${images.length}\u2063` };
+    if (image?.kind === "data") entry.file = uniqueName(image.name, names);
+    images.push(entry);
+    return entry.token;
+  };
+  const { messages } = history(token);
   const pending = $("message").value.trim();
-  if (pending) messages.push(userMessage(pending, imageGiven ? null : IMAGE_TOKEN));
+  if (pending) messages.push(userMessage(pending, state.pending.map(token)));
   else if (messages.at(-1)?.role === "assistant") messages.pop(); // asks the last question again
-  if (!messages.some((m) => m.role === "user")) messages.push(userMessage("What is in this image?", IMAGE_TOKEN));
-  return messages;
+  if (!messages.some((m) => m.role === "user")) {
+    messages.push(userMessage("What is in this image?", state.pending.map(token)));
+  }
+  if (!images.length) messages.find((m) => m.role === "user").content.unshift({ image: token(null) });
+  return { messages, images };
 }
 
-function fileName() {
-  const name = (state.image?.name || "image.png").split(/[\\/]/).pop();
-  return name.replace(/[^\w.+-]/g, "_") || "image.png";
+function uniqueName(name, taken) {
+  const base = (name || "image.png").split(/[\\/]/).pop().replace(/[^\w.+-]/g, "_") || "image.png";
+  let file = base;
+  for (let n = 2; taken.has(file); n += 1) file = base.replace(/(\.[^.]*)?$/, `-${n}$1`);
+  taken.add(file);
+  return file;
 }
 
-function imageMime() {
-  return state.image?.src.match(/^data:([^;,]+)/)?.[1] || "image/png";
+function mimeOf(image) {
+  return image.src?.match(/^data:([^;,]+)/)?.[1] || "image/png";
+}
+
+const urlOf = (image) => image?.src || "https://example.com/your-image.jpg";
+
+// Python variables for the local images: `image` when there is one, else image1, image2, ...
+function imageVariables(images) {
+  const local = images.filter((i) => i.file);
+  local.forEach((entry, n) => (entry.variable = local.length === 1 ? "image" : `image${n + 1}`));
+  return local;
 }
 
 // JSON as Python's json.dumps writes it (", " and ": "): valid Python too for these values.
@@ -629,52 +733,55 @@ const py = (value) => pyLiteral(value);
 const pyKwargs = (entries) => entries.map(([k, v]) => `    ${k}=${pyLiteral(v)},\n`).join("");
 const sq = (text) => `'${text.replace(/'/g, "'\\''")}'`;
 
-function curlCode(messages, params) {
+function curlCode({ messages, images }, params) {
   const body = [
     `{"model": ${compact(state.model || "MODEL")},`,
     ` "input": {"messages": ${listing(messages, "    ").replace(/,\n(\s*\])$/, "\n$1")}},`,
     ` "parameters": ${compact({ ...params, incremental_output: true })}}`,
   ].join("\n");
-  const local = state.image?.kind === "data";
-  let heredoc = body;
-  let marker = "'EOF'";
-  if (local) {
-    // An unquoted here-document expands $(...): escape what the shell would read in the JSON itself.
-    heredoc = body.replace(/[\\$`]/g, (c) => `\\${c}`);
-    heredoc = heredoc.replace(IMAGE_TOKEN, `data:${imageMime()};base64,$(base64 < ${sq(fileName())} | tr -d '\\n')`);
-    marker = "EOF";
-  } else {
-    heredoc = heredoc.replace(IMAGE_TOKEN, imageUrl());
+  const local = images.some((i) => i.file);
+  // An unquoted here-document expands $(...): escape what the shell would read in the JSON itself.
+  const escape = (text) => (local ? text.replace(/[\\$`]/g, (c) => `\\${c}`) : text);
+  let heredoc = escape(body);
+  for (const { image, token, file } of images) {
+    const value = file
+      ? `data:${mimeOf(image)};base64,$(base64 < ${sq(file)} | tr -d '\\n')`
+      : escape(urlOf(image));
+    heredoc = heredoc.replace(token, value);
   }
   return [
     `curl -N ${location.origin}${GENERATION} \\`,
     '  -H "Authorization: Bearer $DASHSCOPE_API_KEY" \\',
     "  -H 'Content-Type: application/json' \\",
     "  -H 'X-DashScope-SSE: enable' \\",
-    `  --data-binary @- <<${marker}`,
+    `  --data-binary @- <<${local ? "EOF" : "'EOF'"}`,
     heredoc,
     "EOF",
     "",
   ].join("\n");
 }
 
-function imageUrl() {
-  return state.image?.kind === "url" ? state.image.src : "https://example.com/your-image.jpg";
+// The literal of `messages` with each image token replaced by its Python expression.
+function pythonMessages(messages, images) {
+  let literal = listing(messages, "    ");
+  for (const entry of images) literal = literal.replace(py(entry.token), entry.variable || py(urlOf(entry.image)));
+  return literal;
 }
 
-function dashscopeCode(messages, params) {
-  const local = state.image?.kind === "data";
-  const imageExpr = local ? "image" : py(imageUrl());
-  const literal = listing(messages, "    ").replace(py(IMAGE_TOKEN), imageExpr);
+function dashscopeCode({ messages, images }, params) {
+  const local = imageVariables(images);
+  const reads = local.map(
+    (e, n) => `${e.variable} = Path(${py(e.file)}).resolve().as_uri()${n ? "" : "  # the SDK uploads the file to the server"}`,
+  );
   return [
     "import os",
-    ...(local ? ["from pathlib import Path"] : []),
+    ...(local.length ? ["from pathlib import Path"] : []),
     "",
     "import dashscope",
     "",
     `dashscope.base_http_api_url = ${py(location.origin + API)}`,
-    ...(local ? [`image = Path(${py(fileName())}).resolve().as_uri()  # the SDK uploads the file to the server`] : []),
-    `messages = ${literal}`,
+    ...reads,
+    `messages = ${pythonMessages(messages, images)}`,
     "responses = dashscope.MultiModalConversation.call(",
     '    api_key=os.getenv("DASHSCOPE_API_KEY"),',
     `    model=${py(state.model || "MODEL")},`,
@@ -692,41 +799,36 @@ function dashscopeCode(messages, params) {
   ].join("\n");
 }
 
-function openaiCode(messages, params) {
-  const local = state.image?.kind === "data";
+function openaiCode({ messages, images }, params) {
+  const local = imageVariables(images);
   const converted = messages.map((m) => {
     const text = m.content.filter((c) => "text" in c).map((c) => c.text).join("");
     if (m.role !== "user" || !m.content.some((c) => "image" in c)) return { role: m.role, content: text };
-    return {
-      role: "user",
-      content: [
-        { type: "image_url", image_url: { url: IMAGE_TOKEN } },
-        { type: "text", text },
-      ],
-    };
+    const parts = m.content.filter((c) => "image" in c).map((c) => ({ type: "image_url", image_url: { url: c.image } }));
+    return { role: "user", content: [...parts, { type: "text", text }] };
   });
-  const literal = listing(converted, "    ").replace(py(IMAGE_TOKEN), local ? "image" : py(imageUrl()));
   const { top_k: topK, ...standard } = params;
   const extra = topK === undefined ? "" : `    extra_body={"top_k": ${topK}},\n`;
+  const reads = local.map(
+    (e) => `${e.variable} = "data:${mimeOf(e.image)};base64," + base64.b64encode(Path(${py(e.file)}).read_bytes()).decode()`,
+  );
   return [
-    ...(local ? ["import base64"] : []),
+    ...(local.length ? ["import base64"] : []),
     "import os",
-    ...(local ? ["from pathlib import Path"] : []),
+    ...(local.length ? ["from pathlib import Path"] : []),
     "",
     "from openai import OpenAI",
     "",
     `client = OpenAI(api_key=os.getenv("DASHSCOPE_API_KEY"), base_url=${py(`${location.origin}/compatible-mode/v1`)})`,
-    ...(local
-      ? [`image = "data:${imageMime()};base64," + base64.b64encode(Path(${py(fileName())}).read_bytes()).decode()`]
-      : []),
-    `messages = ${literal}`,
+    ...reads,
+    `messages = ${pythonMessages(converted, images)}`,
     "stream = client.chat.completions.create(",
     `    model=${py(state.model || "MODEL")},`,
     "    messages=messages,",
     "    stream=True,",
     pyKwargs(Object.entries(standard)) + extra + ")",
     "for chunk in stream:",
-    "    if chunk.choices and chunk.choices[0].delta.content:",
+    '    if chunk.choices and chunk.choices[0].delta.content:',
     '        print(chunk.choices[0].delta.content, end="", flush=True)',
     "print()",
     "",
@@ -734,21 +836,23 @@ function openaiCode(messages, params) {
 }
 
 function showCode() {
-  const messages = codeMessages();
+  const conversation = codeConversation();
   let params;
   try {
     params = requestParameters();
   } catch {
     params = parameters(); // the schema field is not JSON yet: the code leaves it out
   }
-  const code = { curl: curlCode, dashscope: dashscopeCode, openai: openaiCode }[codeLanguage](messages, params);
+  const code = { curl: curlCode, dashscope: dashscopeCode, openai: openaiCode }[codeLanguage](conversation, params);
   $("code-text").textContent = code;
   for (const tab of document.querySelectorAll(".tabs [role=tab]")) {
     tab.setAttribute("aria-selected", String(tab.dataset.lang === codeLanguage));
   }
   const notes = ["The key is read from $DASHSCOPE_API_KEY."];
-  if (state.image?.kind === "data") notes.push(`Save the image as ${fileName()} beside it.`);
-  if (!state.image) notes.push("Add an image, or put its URL in place of the example.");
+  const files = conversation.images.filter((i) => i.file).map((i) => i.file);
+  if (files.length === 1) notes.push(`Save the image as ${files[0]} beside it.`);
+  if (files.length > 1) notes.push(`Save the images as ${files.join(", ")} beside it.`);
+  if (conversation.images.some((i) => !i.image)) notes.push("Add an image, or put its URL in place of the example.");
   $("code-note").textContent = notes.join(" ");
 }
 
@@ -799,8 +903,8 @@ function wire() {
   $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", newChat);
 
-  $("image-file").addEventListener("change", (event) => {
-    takeFile(event.target.files[0]);
+  $("image-file").addEventListener("change", async (event) => {
+    await takeFiles([...event.target.files]);
     event.target.value = "";
   });
   $("url-form").addEventListener("submit", (event) => {
@@ -808,7 +912,6 @@ function wire() {
     if ($("image-url").value.trim()) takeUrl($("image-url").value);
     $("image-url").value = "";
   });
-  $("remove-image").addEventListener("click", () => setImage(null));
   $("dropzone").addEventListener("keydown", (event) => {
     if (event.key === "Enter" || event.key === " ") {
       event.preventDefault();
@@ -816,10 +919,10 @@ function wire() {
     }
   });
   document.addEventListener("paste", (event) => {
-    const file = [...(event.clipboardData?.files || [])].find((f) => f.type.startsWith("image/"));
-    if (file) {
+    const files = [...(event.clipboardData?.files || [])].filter((f) => f.type.startsWith("image/"));
+    if (files.length) {
       event.preventDefault();
-      takeFile(file);
+      takeFiles(files);
     }
   });
   // Dropping anywhere on the page takes the image (and never navigates away to the file).
@@ -838,8 +941,8 @@ function wire() {
     event.preventDefault();
     depth = 0;
     $("dropzone").classList.remove("dragging");
-    const file = [...(event.dataTransfer?.files || [])].find((f) => f.type.startsWith("image/"));
-    if (file) return takeFile(file);
+    const files = [...(event.dataTransfer?.files || [])].filter((f) => f.type.startsWith("image/"));
+    if (files.length) return takeFiles(files);
     const url = event.dataTransfer?.getData("text/uri-list") || event.dataTransfer?.getData("text/plain");
     if (url) takeUrl(url.split("\n")[0]);
   });
@@ -876,7 +979,7 @@ async function start() {
   if (state.schema.trim()) $("answer-shape").open = true;
   for (const name of PARAMETERS) $(`p-${name}`).value = state.parameters[name] ?? "";
   if (Object.values(state.parameters).some((v) => `${v}`.trim())) $("parameters").open = true;
-  renderImage();
+  renderTray();
   renderConversation();
   await loadModelsNow();
   document.body.dataset.ready = "true";

@@ -31,11 +31,12 @@ the same code wander by 20%. Rounds go through every level in turn.
 - image-dominated, encoding on and off: the image-dominated load on two servers, one encoding the
   images of requests admitted together in one vision-tower call (VISION_BATCH_TILES=16, the default on
   a GPU), one encoding each alone (VISION_BATCH_TILES=1, the default on the CPU), each round sent to
-  both in turn. ``--only image-dominated``.
+  both in turn. ``--only image-dominated``. With ``--images 4``, its multi-image variant (issue 26): four
+  different photos in each request's message, four times the images to decode and encode.
 
     .venv/bin/python bench/engine.py [--model PATH | --shape tiny|medium] [--dtype auto|float32|bfloat16]
                                      [--tokens 128] [--requests 16] [--levels 1,4,16] [--rounds 3]
-                                     [--history 2000] [--only multi-turn|image-dominated]
+                                     [--history 2000] [--only multi-turn|image-dominated] [--images 1]
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ def body(model: str, messages: list[dict], tokens: int, greedy: bool = True) -> 
     return {"model": model, "input": {"messages": messages}, "parameters": parameters}
 
 
-def user(text: str, image: str | None = None) -> dict:
-    return {"role": "user", "content": ([{"image": image}] if image else []) + [{"text": text}]}
+def user(text: str, *images: str | None) -> dict:
+    """A user message: its images (none, one or several; None for none), in order, then the text."""
+    return {"role": "user", "content": [*({"image": image} for image in images if image), {"text": text}]}
 
 
 async def stream(client: httpx.AsyncClient, payload: dict) -> tuple[float, int, str, int]:
@@ -254,9 +256,12 @@ def multi_turn(model_dir: Path, dtype: str, conversations: int, history: int, an
     return lines
 
 
-def image_batching(model_dir: Path, dtype: str, levels: list[int], requests: int, rounds: int) -> list[str]:
+def image_batching(
+    model_dir: Path, dtype: str, levels: list[int], requests: int, rounds: int, images: int = 1
+) -> list[str]:
     """The image-dominated load on two servers, images encoded together (VISION_BATCH_TILES=16, the default
-    on a GPU) and one at a time (VISION_BATCH_TILES=1); each round sent to both in turn. The table's lines."""
+    on a GPU) and one at a time (VISION_BATCH_TILES=1); each round sent to both in turn. ``images``: photos in
+    each request. The table's lines."""
     batch = str(max(levels))
     with Processes("llamascope-images-") as children:
         ports = serve_pair(
@@ -282,8 +287,11 @@ def image_batching(model_dir: Path, dtype: str, levels: list[int], requests: int
                     await level(client, [body("bench", [user("Describe.", photo(900 + i))], 2) for i in range(4)], 4)
                 for r in range(rounds):
                     for n in levels:
-                        seeds = [300_000 + 100_000 * r + 1000 * n + i for i in range(requests)]
-                        load = [body("bench", [user("Describe the picture.", photo(seed))], 8) for seed in seeds]
+                        seeds = [300_000 + 100_000 * r + 1000 * n + 10 * i for i in range(requests)]
+                        load = [
+                            body("bench", [user("Describe the pictures.", *(photo(s + j) for j in range(images)))], 8)
+                            for s in seeds
+                        ]
                         for client, found in zip(clients, results, strict=True):  # the same fresh images to each
                             found[n].append(await level(client, load, n))
             finally:
@@ -294,7 +302,8 @@ def image_batching(model_dir: Path, dtype: str, levels: list[int], requests: int
         together, alone = asyncio.run(measure())
     lines = [
         "image-dominated, images encoded together (VISION_BATCH_TILES=16) and one at a time (=1, the CPU's "
-        f"default): {requests} requests, each a new 1120x840 photo and 8 new tokens; round of median tok/s",
+        f"default): {requests} requests, each {images} new 1120x840 photo{'s' if images > 1 else ''} and 8 new "
+        "tokens; round of median tok/s",
         f"{'concurrent':>10} {'together tok/s':>15} {'one at a time':>14} {'together / one':>15} "
         f"{'TTFT p50 together':>18} {'one at a time':>14}",
     ]
@@ -411,6 +420,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--history", type=int, default=2000, help="multi-turn: turns until the history passes this")
     parser.add_argument("--only", choices=["multi-turn", "image-dominated"], help="run only this load")
+    parser.add_argument("--images", type=int, default=1, help="image-dominated: photos in each request (issue 26)")
     args = parser.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
 
@@ -424,7 +434,7 @@ def main() -> None:
         return
     if args.only == "image-dominated":
         print(f"model: {model_dir} ({args.dtype})")
-        print("\n".join(image_batching(model_dir, args.dtype, levels, args.requests, args.rounds)))
+        print("\n".join(image_batching(model_dir, args.dtype, levels, args.requests, args.rounds, args.images)))
         return
     name = "bench"
     rows: list[tuple[str, int, dict]] = []
@@ -498,7 +508,7 @@ def main() -> None:
     child = [sys.executable, __file__, "--direct", *settings]
     alone = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     conversation = multi_turn(model_dir, args.dtype, args.conversations, args.history, args.tokens)
-    encoding = image_batching(model_dir, args.dtype, levels, args.requests, args.rounds)
+    encoding = image_batching(model_dir, args.dtype, levels, args.requests, args.rounds, args.images)
 
     print(f"model: {model_dir} ({args.dtype}); {args.requests} streamed requests per level, over loopback")
     print(f"{'load':<18} {'concurrent':>10} {'tok/s':>9} {'x 1-at-a-time':>14} {'TTFT p50':>10} {'TTFT p99':>10}")

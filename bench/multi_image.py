@@ -1,0 +1,107 @@
+"""A conversation about four images against one about one image, through the server (issue 26).
+
+A real ``llamascope serve`` (the built-in test model unless --model names a
+directory) answers streamed native requests over loopback. Each repetition
+holds two conversations, one after the other, with fresh photo-like
+1120x840 JPEGs (data: URIs, so no cache hit from an earlier repetition):
+
+- one image: turn 1 carries the image and a question; turn 2 (no new image)
+  sends the history back with one more question;
+- four images: the same, turn 1 carrying four images in its message (encoded
+  together where the vision batch allows).
+
+Every answer is exactly --tokens greedy tokens. Shown: the median time to
+first token of each turn, over --repeats repetitions after one warm-up, and
+the two ratios against their targets (issue 26), PASS or FAIL: the 4-image
+turn 1 at most 4.5x the 1-image turn 1 (four images cost about four encodings,
+everything else shared), and the 4-image turn 2 at most 1.5x the 1-image turn 2
+(nothing re-encoded or re-prefilled: the vision cache and the prefix cache hold
+it all). It is a report, not a test: timings on a shared machine vary.
+
+    .venv/bin/python bench/multi_image.py [--model PATH] [--dtype auto|float32|bfloat16] [--repeats 5]
+                                          [--tokens 16] [--images 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+from engine import KEY, body, photo, serve_pair, stream
+from harness import Processes
+
+# The targets (issue 26): name, the measured ratio's key, the bound.
+TARGETS = (
+    ("turn 1 (new images): {n} images / 1 image", "turn1", 4.5),
+    ("turn 2 (no new image): {n} images / 1 image", "turn2", 1.5),
+)
+
+
+def user(text: str, images: Sequence[str] = ()) -> dict:
+    return {"role": "user", "content": [*({"image": image} for image in images), {"text": text}]}
+
+
+async def conversation(client: httpx.AsyncClient, images: list[str], tokens: int) -> tuple[float, float]:
+    """Time to first token of turn 1 (the images and a question) and of turn 2 (one more question), seconds."""
+    turn1 = [user("What do these pictures show?", images)]
+    first, _, answer, _ = await stream(client, body("bench", turn1, tokens))
+    turn2 = [*turn1, {"role": "assistant", "content": [{"text": answer}]}, user("And which colours stand out?")]
+    second, *_ = await stream(client, body("bench", turn2, tokens))
+    return first, second
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=Path, help="a Llama 3.2 Vision directory (default: the built-in test model)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=5, help="conversations of each kind; medians are shown")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens of each answer")
+    parser.add_argument("--images", type=int, default=4, help="images of the larger conversation")
+    args = parser.parse_args()
+
+    from llamascope.engines.builtin_model import ensure_test_model
+    from llamascope.settings import Settings
+
+    model_dir = args.model or ensure_test_model(Settings.load().cache_dir)
+    n = args.images
+    with Processes("llamascope-multi-image-") as children:
+        (port,) = serve_pair(children, model_dir, args.dtype, [{}])
+
+        async def measure() -> dict[int, list[tuple[float, float]]]:
+            timings: dict[int, list[tuple[float, float]]] = {1: [], n: []}
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"}, timeout=3600
+            ) as client:
+                for r in range(args.repeats + 1):  # the first round warms up, untimed
+                    # Alternate which kind goes first, so that both share the same stretches of a shared machine.
+                    for count in (1, n) if r % 2 else (n, 1):
+                        images = [photo(10_000 * r + 100 * count + i) for i in range(count)]
+                        result = await conversation(client, images, args.tokens)
+                        if r:
+                            timings[count].append(result)
+            return timings
+
+        timings = asyncio.run(measure())
+
+    medians = {count: [statistics.median(t[k] for t in timings[count]) * 1000 for k in (0, 1)] for count in timings}
+    print(
+        f"model: {model_dir} ({args.dtype}); median of {args.repeats} conversations each, "
+        f"{args.tokens}-token greedy answers, 1120x840 JPEGs"
+    )
+    print(f"{'conversation':<14} {'turn 1 TTFT':>12} {'turn 2 TTFT':>12}")
+    for count, (first, second) in medians.items():
+        label = f"{count} image" + ("s" if count > 1 else "")
+        print(f"{label:<14} {first:>10.1f}ms {second:>10.1f}ms")
+    ratios = {"turn1": medians[n][0] / medians[1][0], "turn2": medians[n][1] / medians[1][1]}
+    for what, key, bound in TARGETS:
+        verdict = "PASS" if ratios[key] <= bound else "FAIL"
+        print(f"{verdict}  {what.format(n=n):<44} {ratios[key]:>6.2f}x  (target <= {bound:g}x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -98,11 +98,7 @@ def test_a_conversation_in_a_terminal(server: Server, image_host: ImageHost, tmp
     refused = command(child, "And this one?")
     assert "InvalidParameter.DataInspection (HTTP 400)" in refused and "Traceback" not in refused
     assert "1 image went with the question" in refused  # so the next question is not refused again
-    # Two images join the conversation at this turn (it keeps its first image and its turns).
-    other = tmp_path / "other.png"
-    other.write_bytes(png_bytes((30, 200, 30)))
-    command(child, f"/image {photo}")
-    assert "(2 with the next message)" in command(child, f"/image {other}")
+    command(child, f"/image {photo}")  # joins the conversation, which keeps its turns
 
     # Ctrl+C in the middle of a long answer: the stream closes, the server stops, the chat goes on.
     command(child, "/set max_tokens 8000")
@@ -127,13 +123,18 @@ def test_a_conversation_in_a_terminal(server: Server, image_host: ImageHost, tmp
     assert request_id and "client=disconnected" in server.access_line(request_id.group(1))
     command(child, "/set min_new_tokens")
     command(child, "/set max_tokens 4")
+    # Two images in one message, at a later turn.
+    other = tmp_path / "other.png"
+    other.write_bytes(png_bytes((30, 200, 30)))
+    command(child, f"/image {other}")
+    assert "(2 with the next message)" in command(child, f"/image {photo}")
     assert "error" not in command(child, "One more?")
     listed = command(child, "/image")
-    assert listed.count("in the conversation: data:image/png") == 3 and "with the next message" not in listed
+    assert listed.count("in the conversation: data:image/png") == 4 and "with the next message" not in listed
     command(child, "/save multi.json")
     images = [[i["image"][:22] for i in m["content"] if "image" in i] for m in saved(tmp_path / "multi.json")]
     png = "data:image/png;base64,"
-    assert images == [[png], [], [], [], [png, png], [], [], []]
+    assert images == [[png], [], [], [], [png], [], [png, png], []]
 
     child.sendline("/bye")
     child.expect(pexpect.EOF)

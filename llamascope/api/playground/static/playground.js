@@ -262,9 +262,10 @@ function history(reference = (image) => image.src) {
   if (state.system.trim()) messages.push({ role: "system", content: [{ text: state.system }] });
   let imageGiven = false;
   for (const turn of answered()) {
-    messages.push(userMessage(turn.user, turn.images.map(reference)));
+    const images = turn.images.filter((i) => i.src); // one this browser could not keep is left out
+    messages.push(userMessage(turn.user, images.map(reference)));
     messages.push({ role: "assistant", content: [{ text: turn.answer }] });
-    imageGiven ||= turn.images.length > 0;
+    imageGiven ||= images.length > 0;
   }
   return { messages, imageGiven };
 }
@@ -400,7 +401,7 @@ async function ask(text) {
     running = null;
     setBusy(false);
     updateTurn(turn);
-    if (!answered().includes(turn) && turn.images.length) {
+    if (state.turns.includes(turn) && !answered().includes(turn) && turn.images.length) {
       // Not part of the conversation: its images wait in the tray for the next message (× removes one).
       state.pending = [...turn.images, ...state.pending];
       renderTray();
@@ -649,7 +650,7 @@ function fitComposer() {
 // A new conversation about the same images: the old one's go back to the tray, for its first message.
 function newChat() {
   stop();
-  const again = [...answered().flatMap((t) => t.images), ...state.pending];
+  const again = [...answered().flatMap((t) => t.images), ...(running?.turn.images || []), ...state.pending];
   state.pending = again.filter((image, n) => again.findIndex((i) => i.id === image.id) === n);
   state.turns = [];
   renderConversation();

@@ -39,11 +39,12 @@ Images: a local path, an http(s) URL (the server fetches it under its own
 rules) or - for standard input. Several -a send several images with the
 first question, in order; in a conversation /image adds one to the next
 message at any turn (Meta recommends one image per prompt for the best
-answers; the server says how many a conversation may hold). A local file is sent inline as a data: URI,
-not uploaded through the SDK's upload flow: that works with every server of
-the API, stores nothing on it, and /save then writes a conversation that any
-key can send again later (an upload is readable only by the key that made
-it, and for 48 hours)."""
+answers; the server says how many a conversation may hold).
+
+A local file is sent inline as a data: URI, not uploaded through the SDK's
+upload flow: that works with every server of the API, stores nothing on it,
+and /save then writes a conversation that any key can send again later (an
+upload is readable only by the key that made it, and for 48 hours)."""
 
 EPILOG = """\
 examples:

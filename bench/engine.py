@@ -335,7 +335,7 @@ def direct(model_dir: Path, repeats: int, dtype: str, tokens: int, requests: int
 
     async def once() -> float:
         started = time.perf_counter()
-        prompt = await engine.prepare([Turn("user", "Say hello.", image)])
+        prompt = await engine.prepare([Turn("user", (image, "Say hello."))])
         chunks = engine.generate(prompt, SamplingParams(max_new_tokens=4, min_new_tokens=4, temperature=0))
         await anext(chunks)
         elapsed = time.perf_counter() - started
@@ -343,7 +343,7 @@ def direct(model_dir: Path, repeats: int, dtype: str, tokens: int, requests: int
         return elapsed
 
     async def story(i: int) -> int:
-        prompt = await engine.prepare([Turn("user", f"Tell a story about the number {i}.", image)])
+        prompt = await engine.prepare([Turn("user", (image, f"Tell a story about the number {i}."))])
         greedy = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0)
         made = 0
         async for chunk in engine.generate(prompt, greedy):

@@ -78,11 +78,11 @@ def correctness(device: str, cache_dir: Path) -> list[tuple[str, str, bool]]:
     rows = [("weights on", ", ".join(sorted(where)), all(d.startswith(device.split(":")[0]) for d in where))]
     image = PreparedImage(Image.new("RGB", (600, 400), (200, 30, 30)), "red", "PNG", 600, 400)
     requests = [
-        ([Turn("user", "Describe.", image)], SamplingParams(max_new_tokens=30, temperature=0)),
+        ([Turn("user", (image, "Describe."))], SamplingParams(max_new_tokens=30, temperature=0)),
         ([Turn("user", "Count to ten please")], SamplingParams(max_new_tokens=25, temperature=0)),
-        ([Turn("user", "Other", photo(1))], SamplingParams(max_new_tokens=20, temperature=0)),
+        ([Turn("user", (photo(1), "Other"))], SamplingParams(max_new_tokens=20, temperature=0)),
         ([Turn("user", "x y z " * 30)], SamplingParams(max_new_tokens=15, temperature=0.7, top_k=20, seed=3)),
-        ([Turn("user", "Go", image)], SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.8, seed=5)),
+        ([Turn("user", (image, "Go"))], SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.8, seed=5)),
     ]
     check = devices.discipline()
     engine.scheduler.device_check = check
@@ -91,7 +91,7 @@ def correctness(device: str, cache_dir: Path) -> list[tuple[str, str, bool]]:
         alone = [await answer(engine, t, s) for t, s in requests]
         together = await asyncio.gather(*(answer(engine, t, s) for t, s in requests))
         # Cancellation: a long answer dropped after its first tokens leaves the model within a step or two.
-        prompt = await engine.prepare([Turn("user", "A long story.", image)])
+        prompt = await engine.prepare([Turn("user", (image, "A long story."))])
         stream = engine.generate(prompt, SamplingParams(max_new_tokens=2000, min_new_tokens=2000, temperature=0))
         await anext(stream)
         await stream.aclose()
@@ -184,25 +184,25 @@ def speed(engine: MllamaEngine, device: str, tokens: int, levels: list[int]) -> 
 
     async def run() -> dict[str, Any]:
         greedy = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0)
-        await answer(engine, [Turn("user", "warm up", shared)], greedy)  # caches the shared image's states
-        _, _, decode = await answer(engine, [Turn("user", "Tell a story.", shared)], greedy)
+        await answer(engine, [Turn("user", (shared, "warm up"))], greedy)  # caches the shared image's states
+        _, _, decode = await answer(engine, [Turn("user", (shared, "Tell a story."))], greedy)
         out: dict[str, Any] = {"batch1": (tokens - 1) / decode}
         for n in levels:
             started = time.perf_counter()
             results = await asyncio.gather(
-                *(answer(engine, [Turn("user", f"Story {i}.", shared)], greedy) for i in range(n))
+                *(answer(engine, [Turn("user", (shared, f"Story {i}."))], greedy) for i in range(n))
             )
             out[n] = sum(r[0][-1] for r in results) / (time.perf_counter() - started)
         one = SamplingParams(max_new_tokens=1, temperature=0)
-        await answer(engine, [Turn("user", "warm", photo(99))], one)
-        new = [(await answer(engine, [Turn("user", "What is this?", photo(100 + i))], one))[1] for i in range(5)]
-        cached = [(await answer(engine, [Turn("user", "And this?", photo(100 + i))], one))[1] for i in range(5)]
+        await answer(engine, [Turn("user", (photo(99), "warm"))], one)
+        new = [(await answer(engine, [Turn("user", (photo(100 + i), "What is this?"))], one))[1] for i in range(5)]
+        cached = [(await answer(engine, [Turn("user", (photo(100 + i), "And this?"))], one))[1] for i in range(5)]
         out["new"], out["cached"] = statistics.median(new), statistics.median(cached)
 
         async def images(batch_tiles: int, seed: int) -> float:
             """Seconds for 16 requests about 16 new images, prepared first and then sent at once."""
             engine.scheduler.encoder.batch_tiles = batch_tiles
-            prompts = [await engine.prepare([Turn("user", "What is this?", photo(seed + i))]) for i in range(16)]
+            prompts = [await engine.prepare([Turn("user", (photo(seed + i), "What is this?"))]) for i in range(16)]
 
             async def drain(prompt: Any) -> None:
                 async for _ in engine.generate(prompt, one):

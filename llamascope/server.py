@@ -42,7 +42,7 @@ from llamascope.batch.lines import MAX_FILE_BYTES
 from llamascope.batch.repository import BatchRepository
 from llamascope.batch.runner import Runner
 from llamascope.batch.service import BatchService
-from llamascope.conversation.service import ConversationService
+from llamascope.conversation.service import ConversationService, ImagePolicy
 from llamascope.engines.base import Engine, ModelLoadError
 from llamascope.engines.devices import Bounds
 from llamascope.engines.registry import (
@@ -114,6 +114,14 @@ def _model(name: str, spec: ModelSpec, settings: Settings) -> UpstreamModel | In
         chat_template=spec.chat_template,
         device=spec.device or settings.device,
     )
+
+
+def image_policies(settings: Settings) -> dict[str, ImagePolicy]:
+    """Each served model's image settings, as the conversation service takes them."""
+    return {
+        name: ImagePolicy(max_images=spec.max_images, require_image=spec.require_image)
+        for name, spec in settings.models.items()
+    }
 
 
 def engine_runtime(settings: Settings) -> Runtime:
@@ -268,7 +276,7 @@ def build(settings: Settings, progress: Callable[[str], None] = log.info) -> Ser
     uploads = open_uploads(settings)
     limits = rate_limits(settings.redis_url, settings.rate_limits_on_redis_error)
     accounts = Accounts(store, limits, checkpoints=checkpoints)
-    service = ConversationService(engines, build_intake(settings, uploads), accounts)
+    service = ConversationService(engines, build_intake(settings, uploads), accounts, image_policies(settings))
     drain = Drain(settings.shutdown_grace_seconds)
     batches = build_batches(settings, store, engines, checkpoints.replica_id, drain)
     app = build_app(settings, service, uploads, drain, batches)

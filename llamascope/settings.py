@@ -73,6 +73,20 @@ class ModelSpec(BaseModel):
         description="`auto`, `cpu`, `cuda` or `cuda:N`; unset: the server-wide `device` setting",
     )
     chat_template: str | None = Field(None, description="a Jinja file to render prompts with instead of llamascope's")
+    max_images: int | None = Field(
+        None,
+        ge=1,
+        description="images a conversation may carry, in all its user messages (400 InvalidParameter above it); "
+        "unset: for Llama 3.2 Vision in process 4, as many as one vision-tower call encodes (16 tiles, four an "
+        "image; each image's cross-attention keys and values take 210 MB for the 11B in bf16, and neither the "
+        "processor nor the model sets a limit of its own), through upstreams 1 (vLLM's default "
+        "`--limit-mm-per-prompt`). Meta recommends one image a prompt for the best answers",
+    )
+    require_image: bool = Field(
+        True,
+        description="the multimodal-generation endpoint wants an image in the first user message, as the API "
+        "reference says; false: it takes text-only conversations too (text generation and compatible mode always do)",
+    )
     description: str = Field("", description="a note about the model, for whoever reads the config")
     # What `llamascope keys create/grant` give a key for this model unless told otherwise.
     allowance_tokens: int | None = Field(

@@ -15,10 +15,11 @@ if response.status_code != 200:
 answer = response.output.choices[0].message.content[0]["text"]
 print(answer)
 
-# A later turn adds a second image: the conversation now holds both, each in the message that brought it.
+# A later turn adds a second image: the conversation holds both, each in the message that brought it (the
+# new question looks at the new image; to compare two, send them together in one message).
 messages += [
     {"role": "assistant", "content": [{"text": answer}]},
-    {"role": "user", "content": [{"image": os.path.abspath("blue.png")}, {"text": "And this one: what changed?"}]},
+    {"role": "user", "content": [{"image": os.path.abspath("blue.png")}, {"text": "And this one: what colour is it?"}]},
 ]
 response = dashscope.MultiModalConversation.call(
     api_key=os.getenv("DASHSCOPE_API_KEY"), model=model, messages=messages, max_tokens=32

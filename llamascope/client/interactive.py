@@ -21,7 +21,8 @@ from llamascope.client.conversation import PARAMETERS, Conversation, parse_param
 from llamascope.client.native import Answer, APIError, Client
 
 HELP = """\
-  /image PATH|URL     add an image to the next message, at any turn (again: several in one message)
+  /image PATH|URL     add an image to the next message, at any turn (again: several in one message,
+                      as images to compare should be)
   /image              list the conversation's images and those waiting for the next message
   /image clear        forget the images waiting for the next message
   /system [TEXT]      set the system prompt (without TEXT: remove it)

@@ -1,11 +1,12 @@
 """The conversation rules of the Llama models, as the hosted service states them.
 
 - ``system``, if present, is the first message and carries text only;
-- images follow the ``Images`` rule the request is under: on the multimodal
-  endpoint the first ``user`` message carries exactly one image (no text-only
-  input) and later user messages are text; on the text-generation endpoint a
-  vision model takes a text-only conversation or one image in a user message;
-  a text-only model takes no image. Never an image list, video or audio;
+- images follow the ``Images`` rule the request is under: any ``user`` message
+  may carry images, several of them, between its texts (their order is kept),
+  up to the model's limit per conversation; on the multimodal endpoint the first
+  ``user`` message carries at least one (no text-only input) unless the model's
+  setting relaxes it; a text-only model takes no image. Never an image list,
+  video or audio;
 - ``assistant`` messages are earlier replies, text only; one that called tools
   carries ``tool_calls`` (OpenAI's shape) and may have no content;
 - ``tool`` messages are the results of those calls, text only, each after an
@@ -16,20 +17,19 @@
   answers them).
 
 ``parse_messages`` checks all of this on the raw JSON and returns a ``Draft``
-whose image is still a reference; every violation is a 400 InvalidParameter
+whose images are still references; every violation is a 400 InvalidParameter
 that names the message and the problem.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 from llamascope import errors
-from llamascope.engines.base import Turn
+from llamascope.engines.base import Part, Turn
 from llamascope.images import PreparedImage
 from llamascope.structured.tools import ToolCall
 
@@ -38,72 +38,79 @@ ROLES = ("system", "user", "assistant", "tool")
 _HINTS = {"min_pixels", "max_pixels", "total_pixels", "cache_control", "type"}
 
 
-class Images(Enum):
-    """Where a conversation may (or must) carry its one image."""
+@dataclass(frozen=True)
+class Images:
+    """Where a conversation may (or must) carry images, and how many."""
 
-    REQUIRED = "required"  # the multimodal endpoint: the first user message carries exactly one
-    OPTIONAL = "optional"  # a vision model on the text-generation endpoint: none, or one in a user message
-    NONE = "none"  # a text-only model
+    most: int  # images per conversation at most; 0: a text-only model, which takes none
+    required: bool = False  # the first user message must carry one (the multimodal endpoint's contract)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image of a message, not fetched yet: its URL, ``data:`` URI or ``oss://`` key."""
+
+    reference: str
 
 
 @dataclass(frozen=True)
 class DraftTurn:
     role: str
-    text: str  # the text after the image, or all the text if the turn has no image
-    has_image: bool = False
-    text_before_image: str = ""
+    parts: tuple[str | ImageRef, ...]  # its texts and images in order, adjacent texts joined
     tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
     tool_call_id: str | None = None  # a tool turn's call
+
+    @property
+    def text(self) -> str:
+        return "".join(p for p in self.parts if isinstance(p, str))
 
 
 @dataclass(frozen=True)
 class Draft:
     turns: tuple[DraftTurn, ...]
-    image_ref: str | None  # None: a text-only conversation
+
+    @property
+    def image_refs(self) -> list[str]:
+        """Every image's reference, in the conversation's order (empty: a text-only conversation)."""
+        return [p.reference for t in self.turns for p in t.parts if isinstance(p, ImageRef)]
 
     def texts(self) -> Iterator[str]:
         """Every text of the conversation, calls included (``response_format`` json_object looks for "json")."""
         for turn in self.turns:
-            yield turn.text_before_image
             yield turn.text
             for call in turn.tool_calls:
                 yield call.arguments
 
-    def with_image(self, image: PreparedImage | None) -> list[Turn]:
-        return [
-            Turn(
-                role=t.role,  # type: ignore[arg-type]
-                text=t.text,
-                image=image if t.has_image else None,
-                text_before_image=t.text_before_image,
-                tool_calls=t.tool_calls,
-                tool_call_id=t.tool_call_id,
-            )
-            for t in self.turns
-        ]
+    def with_images(self, images: Sequence[PreparedImage]) -> list[Turn]:
+        """The turns, each image reference replaced by its image (``images`` in ``image_refs``' order)."""
+        given = iter(images)
+        turns = []
+        for t in self.turns:
+            parts: tuple[Part, ...] = tuple(next(given) if isinstance(p, ImageRef) else p for p in t.parts)
+            content: str | tuple[Part, ...] = parts[0] if len(parts) == 1 and isinstance(parts[0], str) else parts
+            turns.append(Turn(t.role, content, t.tool_calls, t.tool_call_id))  # type: ignore[arg-type]
+        return turns
 
 
 def _bad(message: str) -> errors.ServiceError:
     return errors.invalid_parameter(message)
 
 
-def _content_parts(index: int, role: str, content: Any) -> tuple[list[str], list[str], list[str]]:
-    """Return (text before the first image, text after it, image references) of one message."""
+def _content_parts(index: int, role: str, content: Any) -> tuple[str | ImageRef, ...]:
+    """One message's texts and images, in order, adjacent texts joined."""
     where = f"messages[{index}] ({role})"
     if isinstance(content, str):
-        return [], [content], []
+        return (content,)
     if not isinstance(content, list):
         raise _bad(f'{where}: content must be a string or a list of {{"text": ...}} / {{"image": ...}} items.')
-    before: list[str] = []
-    after: list[str] = []
-    images: list[str] = []
+    parts: list[str | ImageRef] = []
     for j, item in enumerate(content):
         at = f"{where} content[{j}]"
         if not isinstance(item, dict):
             raise _bad(f'{at}: The item of `content` should be a message of a certain modal, like {{"text": "..."}}.')
         for modal in ("video", "audio"):
             if modal in item:
-                raise _bad(f"{at}: this model takes no {modal}; it understands one image and text.")
+                raise _bad(f"{at}: this model takes no {modal}; it understands images and text.")
         kinds = [k for k in ("text", "image") if k in item]
         unknown = set(item) - {"text", "image"} - _HINTS
         if len(kinds) != 1 or unknown:
@@ -114,17 +121,18 @@ def _content_parts(index: int, role: str, content: Any) -> tuple[list[str], list
         value = item[kinds[0]]
         if kinds[0] == "image":
             if isinstance(value, list):
-                raise _bad(f"{at}: image lists are not supported; send one image per conversation.")
+                raise _bad(f'{at}: image lists are not supported; send each image as its own {{"image": ...}} item.')
             if not isinstance(value, str) or not value.strip():
                 raise _bad(f'{at}: "image" must be a URL string.')
-            images.append(value.strip())
+            parts.append(ImageRef(value.strip()))
         else:
             if not isinstance(value, str):
                 raise _bad(f'{at}: "text" must be a string.')
-            (after if images else before).append(value)
-    if not images:
-        return [], before, images
-    return before, after, images
+            if parts and isinstance(parts[-1], str):
+                parts[-1] += value
+            else:
+                parts.append(value)
+    return tuple(parts) if parts else ("",)
 
 
 def _tool_calls(index: int, value: Any) -> tuple[ToolCall, ...]:
@@ -178,13 +186,13 @@ def _tool_call_id(index: int, message: dict[str, Any], calls: tuple[ToolCall, ..
     return value
 
 
-def parse_messages(messages: Any, rule: Images = Images.REQUIRED) -> Draft:
+def parse_messages(messages: Any, rule: Images = Images(1, required=True)) -> Draft:
     if messages is None or messages == []:
         raise errors.ServiceError(400, "BadRequest.EmptyInput", "Required input parameter missing from request.")
     if not isinstance(messages, list):
         raise _bad("input.messages must be a list of messages.")
     turns: list[DraftTurn] = []
-    image_ref: str | None = None
+    count = 0  # images so far
     seen_user = False
     answering: tuple[ToolCall, ...] = ()  # the calls of the assistant message the tool messages now answer
     for i, message in enumerate(messages):
@@ -199,13 +207,14 @@ def parse_messages(messages: Any, rule: Images = Images.REQUIRED) -> Draft:
             content = ""  # OpenAI's assistant message that only calls tools has null content
         if content is None:
             raise _bad(f"messages[{i}] ({role}) has no content.")
-        before, after, images = _content_parts(i, role, content)
+        parts = _content_parts(i, role, content)
+        images = sum(isinstance(p, ImageRef) for p in parts)
         call_id = None
         if role == "system":
             if i != 0:
                 raise _bad(f"messages[{i}]: the system message must be the first message.")
             if images:
-                raise _bad("messages[0]: the system message takes text only; put the image in the first user message.")
+                raise _bad("messages[0]: the system message takes text only; put images in user messages.")
         elif role == "assistant":
             if images:
                 raise _bad(f"messages[{i}]: assistant messages take text only.")
@@ -213,41 +222,25 @@ def parse_messages(messages: Any, rule: Images = Images.REQUIRED) -> Draft:
             if images:
                 raise _bad(f"messages[{i}]: tool messages take text only.")
             call_id = _tool_call_id(i, message, answering)
-        elif images and rule is Images.NONE:
+        elif images and rule.most == 0:
             raise _bad(f"messages[{i}]: this model is a text-only model; it takes no image.")
-        elif rule is Images.OPTIONAL and images:
-            if len(images) > 1 or image_ref is not None:
-                raise _bad(f"messages[{i}]: this model takes one image per conversation.")
-            image_ref = images[0]
-        elif rule is Images.REQUIRED and not seen_user:
-            if len(images) != 1:
-                # Say only what is wrong: none breaks the no-text-only rule, several the one-image rule.
-                why = "takes no text-only input" if not images else "takes one image per conversation"
-                raise _bad(
-                    f"messages[{i}]: the first user message must carry exactly one image "
-                    f"(found {len(images)}); this model {why}."
-                )
-            image_ref = images[0]
-        elif images:
+        elif rule.required and not seen_user and not images:
             raise _bad(
-                f"messages[{i}]: only the first user message may carry an image; "
-                "this model takes one image per conversation, later turns are text."
+                f"messages[{i}]: the first user message must carry an image (found 0); "
+                "this model takes no text-only input on this endpoint."
+            )
+        count += images
+        if count > rule.most:
+            raise _bad(
+                f"messages[{i}]: this model takes at most {rule.most} image{'s' if rule.most != 1 else ''} "
+                f"per conversation (found {count} so far); its limit is the model's max_images setting."
             )
         seen_user = seen_user or role == "user"
         if role != "tool":
             answering = calls
-        turns.append(
-            DraftTurn(
-                role=role,
-                text="".join(after),
-                has_image=bool(images),
-                text_before_image="".join(before),
-                tool_calls=calls,
-                tool_call_id=call_id,
-            )
-        )
+        turns.append(DraftTurn(role=role, parts=parts, tool_calls=calls, tool_call_id=call_id))
     if not seen_user:
         raise _bad("The input messages do not contain elements with the role of user.")
     if turns[-1].role not in ("user", "tool"):
         raise _bad("The last message must be a user message (or the results of the tool calls before it).")
-    return Draft(turns=tuple(turns), image_ref=image_ref)
+    return Draft(turns=tuple(turns))

@@ -14,6 +14,7 @@ caller gone. The HTTP layer settles every reply when its request ends
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -36,11 +37,20 @@ log = logging.getLogger(__name__)
 
 
 class Endpoint(Enum):
-    """The API a request came through: it decides where a conversation's image may be."""
+    """The API a request came through: it decides whether a conversation must carry an image."""
 
-    MULTIMODAL = "multimodal-generation"  # the seed's rules: the first user message carries one image
-    TEXT = "text-generation"  # text-only conversations, or one image for a vision model
-    CHAT = "chat-completions"  # OpenAI-compatible: the multimodal rules, text-only models as on TEXT
+    MULTIMODAL = "multimodal-generation"  # the seed's contract: the first user message carries an image
+    TEXT = "text-generation"  # text-only conversations, or images for a vision model
+    CHAT = "chat-completions"  # OpenAI-compatible: as TEXT (chat UIs and health checks start with plain text)
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """A served model's own image settings (the composition root makes them from its config)."""
+
+    max_images: int | None = None  # images per conversation at most; None: the engine's ``EngineInfo.max_images``
+    # The multimodal endpoint's first user message must carry an image; False takes text-only conversations there.
+    require_image: bool = True
 
 
 @dataclass
@@ -208,10 +218,17 @@ class Reply:
 
 
 class ConversationService:
-    def __init__(self, engines: Mapping[str, Engine], intake: ImageIntake, accounts: Accounts) -> None:
+    def __init__(
+        self,
+        engines: Mapping[str, Engine],
+        intake: ImageIntake,
+        accounts: Accounts,
+        image_policies: Mapping[str, ImagePolicy] | None = None,  # by model name; a model not named: the defaults
+    ) -> None:
         self.engines = engines
         self.intake = intake
         self.accounts = accounts
+        self.image_policies = image_policies or {}
 
     def engine(self, model: Any) -> Engine:
         if not isinstance(model, str) or model not in self.engines:
@@ -272,24 +289,33 @@ class ConversationService:
         draft = parse_messages(messages, self._images(model, engine, endpoint))
         return engine, await self._prompt(engine, draft, context)
 
-    @staticmethod
-    def _images(model: str, engine: Engine, endpoint: Endpoint) -> Images:
+    def _images(self, model: str, engine: Engine, endpoint: Endpoint) -> Images:
         if not engine.info.takes_images:
             if endpoint is Endpoint.MULTIMODAL:
                 raise errors.invalid_parameter(
                     f"Model {model} is a text-only model: call it through the text-generation API "
                     "(POST /api/v1/services/aigc/text-generation/generation, dashscope.Generation)."
                 )
-            return Images.NONE
-        return Images.OPTIONAL if endpoint is Endpoint.TEXT else Images.REQUIRED
+            return Images(0)
+        policy = self.image_policies.get(model, ImagePolicy())
+        most = policy.max_images if policy.max_images is not None else engine.info.max_images
+        return Images(most, required=endpoint is Endpoint.MULTIMODAL and policy.require_image)
 
     async def _prompt(
         self, engine: Engine, draft: Draft, context: SourceContext, output: OutputSpec | None = None
     ) -> PreparedPrompt:
-        image = None
-        if draft.image_ref is not None:
-            image = await self.intake.load(draft.image_ref, context, fit=engine.image_size, fit_key=engine.info.source)
-        return await engine.prepare(draft.with_image(image), output)
+        """The conversation's images fetched and decoded (together, each distinct reference once), then prepared."""
+        refs = draft.image_refs
+        distinct = list(dict.fromkeys(refs))
+        loaded = await asyncio.gather(
+            *(self.intake.load(r, context, fit=engine.image_size, fit_key=engine.info.source) for r in distinct),
+            return_exceptions=True,
+        )
+        for result in loaded:  # the first refusal in the conversation's order
+            if isinstance(result, BaseException):
+                raise result
+        images = dict(zip(distinct, loaded, strict=True))
+        return await engine.prepare(draft.with_images([images[r] for r in refs]), output)  # type: ignore[misc]
 
 
 def output_spec(parameters: Any, draft: Draft, endpoint: Endpoint) -> OutputSpec | None:

@@ -25,15 +25,36 @@ from llamascope.observability.facts import UpstreamHealth
 from llamascope.structured.spec import OutputSpec
 from llamascope.structured.tools import ToolCall
 
+# A turn's content, in order: its text and its images (several may be in one turn, text between them).
+Part = str | PreparedImage
+
 
 @dataclass(frozen=True)
 class Turn:
+    """One message of a conversation that passed the rules, its images decoded.
+
+    ``content`` is its text, or its text and images in the order the client sent them (Mllama's text tokens
+    attend to the images before them, so the order is kept). A tool turn's text is the tool's result.
+    """
+
     role: Literal["system", "user", "assistant", "tool"]
-    text: str  # the text after the image, or all of it when the turn has no image; a tool turn: the tool's result
-    image: PreparedImage | None = None
-    text_before_image: str = ""  # clients may put text ahead of the image; its place is kept
+    content: str | tuple[Part, ...]
     tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn that called tools (its text may be empty)
     tool_call_id: str | None = None  # a tool turn: the call it answers
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        """The content as parts, in order (a string content: one text part)."""
+        return (self.content,) if isinstance(self.content, str) else self.content
+
+    @property
+    def text(self) -> str:
+        """All of its text, joined, without the images."""
+        return "".join(p for p in self.parts if isinstance(p, str))
+
+    @property
+    def images(self) -> tuple[PreparedImage, ...]:
+        return tuple(p for p in self.parts if isinstance(p, PreparedImage))
 
 
 @dataclass(frozen=True)
@@ -102,6 +123,10 @@ class EngineInfo:
     context_length: int
     test_model: bool = False
     takes_images: bool = True  # False: a text-only model (the text-generation API only)
+    # Images a conversation may carry unless the model's ``max_images`` setting says otherwise: for Llama 3.2
+    # Vision in process, as many as the vision tower encodes in one call (``mllama.default_max_images``); through
+    # an upstream engine 1, vLLM's own default (``--limit-mm-per-prompt``).
+    max_images: int = 1
 
 
 class ModelLoadError(Exception):

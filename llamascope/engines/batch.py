@@ -1,10 +1,10 @@
 """The running batch's tensor layout: rows that share one forward pass and one key/value cache.
 
 A request prefilled alone joins the batch by merging its cache into the batch's: past tokens left-padded
-to the longest row (the attention mask marks the padding), an image's cross-attention states right-padded
-to the most tiles (the cross-attention mask marks those). Rows that all have one image keep one copy of its
-states, a stride-0 view for every row (``attention.shared_rows``). A row that leaves takes its slice with it,
-and padding no row needs any more goes.
+to the longest row (the attention mask marks the padding), the cross-attention states of the images its new
+tokens attend to right-padded to the most tiles (the cross-attention mask marks those). Rows that all attend
+to the same images keep one copy of their states, a stride-0 view for every row (``attention.shared_rows``).
+A row that leaves takes its slice with it, and padding no row needs any more goes.
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ class Batch:
         self.cache: Any = None
         self.mask: Any = None  # [B, L] 1 for real tokens, 0 for padding
         self.cross_mask: Any = None  # [B, 1, 1, tiles] for image batches
-        # The image every row has (its digest), or None. Its cross-attention keys and values are then one
-        # copy that every row views (``attention.shared_rows``), not a copy per row.
-        self.image: str | None = None
+        # The images every row attends to (``Sequence.visible``), or None. Their cross-attention keys and values
+        # are then one copy that every row views (``attention.shared_rows``), not a copy per row.
+        self.image: tuple[str, ...] | None = None
 
     def add(self, seq: Sequence) -> None:
         if not self.rows:
             self.rows, self.cache, self.mask, self.cross_mask = [seq], seq.cache, seq.mask, seq.cross_mask
-            self.image = seq.image.digest if seq.has_image else None
+            self.image = seq.visible if seq.has_image else None
         else:
-            shared = seq.has_image and seq.image.digest == self.image
+            shared = seq.has_image and seq.visible == self.image
             for index, (mine, theirs) in enumerate(zip(self.cache.layers, seq.cache.layers, strict=True)):
                 if not theirs.is_initialized or theirs.keys.numel() == 0:
                     continue
@@ -62,7 +62,7 @@ class Batch:
         if not self.rows:
             self.cache = self.mask = self.cross_mask = self.image = None
             return
-        images = {s.image.digest for s in self.rows if s.has_image}
+        images = {s.visible for s in self.rows if s.has_image}
         self.image = images.pop() if len(images) == 1 and self.rows[0].has_image else None
         index = torch.tensor(keep, device=self.mask.device)
         self.mask = self.mask[index]
@@ -124,19 +124,33 @@ def _first_tiles(states: Any, tiles: int, of: int) -> Any:
     return states[:, :, : states.shape[2] // of * tiles]
 
 
-def drop_padding_tiles(cache: Any, cross_layers: set[int], tiles: int, all_tiles: int) -> None:
-    """Keep only the image's own tiles in the cross-attention cache, for decoding.
+def drop_padding_tiles(cache: Any, cross_layers: set[int], tiles: list[int], all_tiles: int) -> None:
+    """Keep only the tiles new tokens attend to in the cross-attention cache, for decoding: ``tiles[i]`` of
+    image i's ``all_tiles`` (its real tiles if the prompt's last token attends to it, else none).
 
     Mllama pads every image to max_num_tiles (4) tiles of 1,601 states. The prompt needs them all:
-    its tokens before the image attend to every state, padding included (the stock model adds that
-    attention output and masks only the MLP's). Every later token attends to the real tiles alone, the
-    padding masked to zero weight, so decoding over the real tiles gives the same result, and a
-    one-tile image costs a quarter of the cross-attention. Views: the vision cache's copy stays the one
-    copy (a batch of requests about other images copies them into its own tensors anyway).
+    its tokens before the first image attend to every state, padding included (the stock model adds that
+    attention output and masks only the MLP's). Every later token attends to the real tiles of the images
+    before it alone, the rest masked to zero weight, so decoding over those tiles gives the same result, and
+    a one-tile image costs a quarter of the cross-attention. One image: views, so the vision cache's copy
+    stays the one copy (a batch of requests about other images copies them into its own tensors anyway);
+    several: a copy of the tiles kept.
     """
-    if tiles == all_tiles:
+    if tiles == [all_tiles]:
         return
     for index in cross_layers:
         layer = cache.layers[index]
-        layer.keys = _first_tiles(layer.keys, tiles, all_tiles)
-        layer.values = _first_tiles(layer.values, tiles, all_tiles)
+        layer.keys = _tiles_kept(layer.keys, tiles, all_tiles)
+        layer.values = _tiles_kept(layer.values, tiles, all_tiles)
+
+
+def _tiles_kept(states: Any, tiles: list[int], all_tiles: int) -> Any:
+    """Cross-attention keys or values [B, heads, images * all_tiles * per tile, dim] cut to each image's first
+    ``tiles[i]`` tiles."""
+    per_tile = states.shape[2] // (len(tiles) * all_tiles)
+    pieces = [
+        states[:, :, i * all_tiles * per_tile : (i * all_tiles + kept) * per_tile]
+        for i, kept in enumerate(tiles)
+        if kept
+    ]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)

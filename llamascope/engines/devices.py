@@ -11,6 +11,8 @@ The plan counts what the scheduler really holds per request (see ``engines/sched
   prompt and every token it may still make (``MAX_BATCH_TOKENS`` bounds their sum);
 - the image's cross-attention keys and values: ``2 x cross-attention layers x kv heads x head dim`` per
   vision state, 6,404 states an image (4 tiles of 1,601): 210 MB a request for the 11B in bf16;
+- a request about several images: their keys and values once more, one after another, while it is prefilled
+  (``scheduler.cross_states``), and while it decodes a copy of the real tiles of those its tokens attend to;
 - the vision cache: the projected vision states an image, ``hidden size x 6,404`` (52 MB for the 11B);
 - the activations of one prefill chunk and the logits of one decode step, which live only for that step.
 """
@@ -168,12 +170,14 @@ def plan_memory(
     prefix_cache_share: float = 0.10,
     max_batch_cap: int = 256,
     vision_batch_tiles: int = 16,
+    max_images: int = 1,
 ) -> MemoryPlan:
     """Batch bounds that fit in ``free_bytes`` (what the GPU has left once the weights are loaded).
 
     ``headroom`` of it stays unused (the allocator's fragmentation, CUDA's own workspaces); the activations
     of one prefill chunk and one decode step's logits are set aside; the vision cache takes
-    ``vision_cache_share`` of the rest (at least one image), the prefix pool ``prefix_cache_share``; what
+    ``vision_cache_share`` of the rest (at least ``max_images``, a conversation's most), the prefix pool
+    ``prefix_cache_share``; a prefill about ``max_images`` images holds their keys and values joined; what
     remains holds the running requests: each
     its keys and values for prompt plus answer, and, with an image, that image's cross-attention states.
     ``MAX_BATCH_TOKENS`` is that remainder in tokens; ``MAX_BATCH_SIZE`` is how many requests of a quarter
@@ -193,13 +197,15 @@ def plan_memory(
         per_tile = (vision.image_size // vision.patch_size) ** 2 + 1
         tiles = max(vision_batch_tiles, vision.max_num_tiles)
         step += tiles * per_tile * (4 * vision.hidden_size + vision.intermediate_size) * dtype_bytes * 2
+        if max_images > 1:  # the prefill's images joined (a copy), and the decode copy of those its tokens see
+            step += 2 * max_images * per_image_request
     usable = int(free_bytes * (1 - headroom)) - step
     if usable <= 0:
         raise DeviceError(
             f"only {free_bytes / (1 << 30):.1f} GiB left after loading: not enough for one request's activations "
             "(quantize the weights, split them across GPUs, or use a larger GPU)"
         )
-    cache = max(per_image_request, int(usable * vision_cache_share)) if states else 0
+    cache = max(max(max_images, 1) * per_image_request, int(usable * vision_cache_share)) if states else 0
     prefix = int(usable * prefix_cache_share)  # finished requests' keys and values, for prefix reuse
     for_requests = usable - cache - prefix
     from llamascope.engines.kv_cache import SLACK  # kv_cache imports transformers: gateways import this module
@@ -255,6 +261,7 @@ def settle(
     prefill_chunk: int,
     report: Any = None,
     vision_batch_tiles: int = 16,
+    max_images: int = 1,
 ) -> tuple[int, int, int, int | None]:
     """(max batch size, max batch tokens, vision cache bytes, prefix pool bytes or None for its own default):
     what the operator set, the rest derived."""
@@ -271,6 +278,7 @@ def settle(
             context_length=context_length,
             prefill_chunk=prefill_chunk,
             vision_batch_tiles=vision_batch_tiles,
+            max_images=max_images,
         )
         if report is not None:
             report(plan.describe())

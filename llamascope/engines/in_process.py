@@ -20,7 +20,7 @@ import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -68,10 +68,12 @@ FAULT = re.compile(r"\[\[llamascope-fault:(prefill|decode|sample|oom)@(\d+)\]\]"
 
 @dataclass
 class _Payload:
-    """What ``prepare`` makes for ``generate``: the model inputs and the image (its digest keys the vision cache)."""
+    """What ``prepare`` makes for ``generate``: the model inputs, the images in the prompt's order (their digests
+    key the vision cache) and the pixel tensors of those the vision cache had no states of, by digest."""
 
     inputs: Any
-    image: PreparedImage | None
+    images: tuple[PreparedImage, ...] = ()
+    pixels: dict[str, Any] = field(default_factory=dict)
     fault: tuple[str, int] | None = None  # tests only: see ``FAULT``
 
 
@@ -175,6 +177,7 @@ class InProcessEngine(ABC):
                 prefill_chunk=limits.prefill_chunk,
                 report=log.info,
                 vision_batch_tiles=batch_tiles(limits.vision_batch_tiles, model.device.type),
+                max_images=cls._max_images(model),
             )
         except devices.DeviceError as exc:
             raise ModelLoadError(f"{path}: {exc}") from exc
@@ -186,6 +189,7 @@ class InProcessEngine(ABC):
             context_length=context_length,
             test_model=test_model,
             takes_images=cls.TAKES_IMAGES,
+            max_images=cls._max_images(model),
         )
         return cls(model, processor, info, template, limits, cache_bytes, faults, prefix_cache_bytes)
 
@@ -203,6 +207,11 @@ class InProcessEngine(ABC):
     @abstractmethod
     def _template(processor: Any, path: Path) -> str:
         """The chat template when none is configured."""
+
+    @staticmethod
+    def _max_images(model: Any) -> int:
+        """Images per conversation by default (``EngineInfo.max_images``); a text-only family takes none."""
+        return 0
 
     def health(self) -> tuple[UpstreamHealth, ...]:
         return ()  # in process: no upstream engines
@@ -251,7 +260,7 @@ class InProcessEngine(ABC):
         max_input = self.info.context_length - 1
         if len(prompt.encode()) // self._max_token_bytes > max_input:
             raise errors.input_too_long(max_input)  # certain without tokenising megabytes of text
-        inputs = self._model_inputs(prompt, images)
+        inputs, pixels = self._model_inputs(prompt, images)
         fault = FAULT.search(prompt) if self.faults else None
         input_tokens = int(inputs["input_ids"].shape[1])
         if input_tokens > max_input:
@@ -260,7 +269,7 @@ class InProcessEngine(ABC):
             input_tokens=input_tokens,
             image_tokens=len(images) * self.image_tokens_per_image,
             max_new_tokens=self.info.context_length - input_tokens,
-            payload=_Payload(inputs, images[0] if images else None, fault and (fault[1], int(fault[2]))),
+            payload=_Payload(inputs, tuple(images), pixels, fault and (fault[1], int(fault[2]))),
         )
 
     @abstractmethod
@@ -268,16 +277,20 @@ class InProcessEngine(ABC):
         """The conversation as the chat template takes it, and its images in order (``chat_role`` and
         ``chat_text`` say how a tool call and a tool's result read)."""
 
-    def _model_inputs(self, prompt: str, images: list[PreparedImage]) -> Any:
-        """The prompt's input_ids and attention_mask as the model takes them (BatchFeature), and its images'."""
+    def _model_inputs(self, prompt: str, images: list[PreparedImage]) -> tuple[Any, dict[str, Any]]:
+        """The prompt's input_ids and attention_mask as the model takes them (BatchFeature) with its images'
+        cross-attention mask, and the images' pixel tensors by digest (``_image_inputs``)."""
         text = self.tokenizer([prompt], add_special_tokens=False)
         data: dict[str, Any] = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
+        pixels: dict[str, Any] = {}
         if images:
-            data.update(self._image_inputs(text["input_ids"][0], images))
-        return BatchFeature(data=data, tensor_type="pt")
+            mask, pixels = self._image_inputs(text["input_ids"][0], images)
+            data.update(mask)
+        return BatchFeature(data=data, tensor_type="pt"), pixels
 
-    def _image_inputs(self, ids: list[int], images: list[PreparedImage]) -> dict[str, Any]:
-        """What the model takes about the prompt's images besides its token ids; only a vision model has any."""
+    def _image_inputs(self, ids: list[int], images: list[PreparedImage]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What the model takes about the prompt's images besides its token ids, and the pixel tensors of the
+        images not in the vision cache, by digest; only a vision model has any."""
         raise TypeError(f"{type(self).__name__} takes no image")
 
     def _pixel_tensors(self, image: Any) -> Any:
@@ -321,7 +334,8 @@ class InProcessEngine(ABC):
         )
         seq = Sequence(
             inputs=payload.inputs,
-            image=payload.image,
+            images=payload.images,
+            pixels=payload.pixels,
             sampling=sampling,
             max_new=prompt.new_tokens(sampling),
             send=send,

@@ -2,8 +2,8 @@
 
 The request path (prepare in worker threads, generate on the scheduler's model thread) is
 ``in_process.InProcessEngine``'s; what is Mllama's own is here: its processor, the ``<|image|>`` turn in
-the chat, and an image's model inputs (the cross-attention mask and, unless the vision cache has its
-states, the pixel tensors made by ``MllamaPixels``).
+the chat (several images in any user turn, in order), and the images' model inputs (the cross-attention
+mask and, for each image the vision cache has no states of, the pixel tensors made by ``MllamaPixels``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,18 @@ from llamascope.engines.in_process import InProcessEngine, chat_role, chat_text
 from llamascope.engines.mllama_pixels import MllamaPixels
 from llamascope.engines.requests import BatchLimits
 from llamascope.engines.templates import LLAMASCOPE_TEMPLATE
+from llamascope.engines.vision import DEFAULT_BATCH_TILES
 from llamascope.images import PreparedImage
 from llamascope.observability.request import image_preprocessed
+
+
+def default_max_images(max_tiles: int) -> int:
+    """Images per conversation by default: as many as one vision-tower call takes at its default size (16 tiles,
+    ``vision.DEFAULT_BATCH_TILES``), 4 for Llama 3.2's four tiles an image. Their cross-attention keys and
+    values are what ``devices.plan_memory`` sets aside for one prefill's images (210 MB an image for the 11B in
+    bf16). Neither the processor nor the model has a limit of its own (``max_num_images`` there is the most
+    images of any prompt in the batch); Meta recommends one image a prompt for the best answers."""
+    return max(1, DEFAULT_BATCH_TILES // max_tiles)
 
 
 class MllamaEngine(InProcessEngine):
@@ -76,6 +86,10 @@ class MllamaEngine(InProcessEngine):
     def _template(processor: Any, path: Path) -> str:
         return LLAMASCOPE_TEMPLATE
 
+    @staticmethod
+    def _max_images(model: Any) -> int:
+        return default_max_images(int(model.config.vision_config.max_num_tiles))
+
     def _image_stats(self) -> dict[str, int]:
         cache = self.vision_cache
         return {
@@ -97,42 +111,46 @@ class MllamaEngine(InProcessEngine):
             if turn.role == "system" or turn.role == "tool" or turn.tool_calls:  # text only
                 messages.append({"role": chat_role(turn), "content": chat_text(turn)})
                 continue
-            content: list[dict[str, str]] = []
-            if turn.image is not None:
-                if turn.text_before_image:
-                    content.append({"type": "text", "text": turn.text_before_image})
-                content.append({"type": "image"})
-                images.append(turn.image)
-            content.append({"type": "text", "text": turn.text})
+            content: list[dict[str, str]] = [
+                {"type": "text", "text": part} if isinstance(part, str) else {"type": "image"} for part in turn.parts
+            ]
+            images += turn.images
             messages.append({"role": turn.role, "content": content})
         return messages, images
 
-    def _image_inputs(self, ids: list[int], images: list[PreparedImage]) -> dict[str, Any]:
-        """What ``MllamaProcessor(images=[images], text=[prompt])`` adds to the token ids, the image done by
-        MllamaPixels.
+    def _image_inputs(self, ids: list[int], images: list[PreparedImage]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What ``MllamaProcessor(images=[images], text=[prompt])`` adds to the token ids, the images done by
+        MllamaPixels: the cross-attention mask [1, tokens, images, max tiles] (each token marks the real tiles of
+        the images it attends to, transformers' own rule), and the pixel tensors of each image not in the vision
+        cache, by digest.
 
         An image whose vision states are cached gets no pixels: the scheduler needs only its tile count
         (and makes the pixels itself should the entry be evicted before the request runs).
         """
-        if len(images) != 1:
-            raise ValueError("Llama 3.2 Vision conversations carry one image")
-        cached = self.vision_cache.peek(images[0].digest)
-        if cached is None:
-            started = time.monotonic()
-            pixels = self.pixels(images[0].image)
-            image_preprocessed(images[0].format, started)
-        else:
-            pixels = {"num_tiles": [[cached[1]]]}
-        data: dict[str, Any] = {
-            "cross_attention_mask": convert_sparse_cross_attention_mask_to_dense(
-                [get_cross_attention_token_mask(ids, self.image_token_id)],
-                num_tiles=pixels.pop("num_tiles"),
-                max_num_tiles=self.pixels.max_tiles,
-                length=len(ids),
-            )
-        }
-        data.update(pixels)
-        return data
+        tiles: list[int] = []
+        pixels: dict[str, Any] = {}
+        for image in images:
+            cached = self.vision_cache.peek(image.digest)
+            if cached is not None:
+                tiles.append(cached[1])
+                continue
+            if image.digest not in pixels:
+                started = time.monotonic()
+                made = self.pixels(image.image)
+                image_preprocessed(image.format, started)
+                pixels[image.digest] = made
+            tiles.append(pixels[image.digest]["num_tiles"][0][0])
+        mask = convert_sparse_cross_attention_mask_to_dense(
+            [get_cross_attention_token_mask(ids, self.image_token_id)],
+            num_tiles=[tiles],
+            max_num_tiles=self.pixels.max_tiles,
+            length=len(ids),
+        )
+        tensors = {}
+        for digest, made in pixels.items():
+            made.pop("num_tiles")
+            tensors[digest] = BatchFeature(data=made, tensor_type="pt")
+        return {"cross_attention_mask": mask}, tensors
 
     def _pixel_tensors(self, image: Any) -> Any:
         """pixel_values, aspect_ratio_ids and aspect_ratio_mask of an image, as the model takes them."""

@@ -4,12 +4,16 @@ A multi-turn conversation re-sends its whole history every turn; without this po
 whole history through the model again, so time to first token grows with the conversation. As vLLM's
 automatic prefix caching does, the pool holds the keys and values in blocks of ``block_tokens`` tokens,
 each named by a hash chained over everything before it: ``hash(parent's hash, block's tokens)``, starting
-from the digest of the image the request is about (or none). A new request walks its prompt block by
+from the digests of the images the request is about, in order (or none). A new request walks its prompt block by
 block and takes the longest run of blocks found; it prefills only the rest (at least its last token,
 whose logits it needs).
 
-The image is part of the chain's root because Mllama's cross-attention layers make every position after
-the image depend on it: the same text about another image (or about none) has other keys and values.
+The images are the chain's root because with Mllama every position depends on every image of the prompt:
+a token after an image attends to it, and the tokens before the first image (the prompt's start) attend to
+all of them, padding tiles included (the stock model's fully masked rows attend to everything and only the
+MLP's output is masked), and every later token attends to those. So every block's tokens can see every image:
+the same text about other images (or about none, or about the same first image and then another) has other
+keys and values, and never shares a block.
 Cross-attention states themselves are not here (the vision cache keeps them, by image).
 
 A block holds every self-attention layer's keys and values for its tokens, without padding:
@@ -103,6 +107,7 @@ class Lease:
 
 
 def _root(image: str | None) -> bytes:
+    """The chain's root: ``image`` is the prompt's image digests in order, joined (``Sequence.images_key``)."""
     return hashlib.blake2b(b"image:" + (image or "").encode(), digest_size=16).digest()
 
 

@@ -52,14 +52,16 @@ class BatchLimits:
 class Sequence:
     """One request, from the queue to its last token."""
 
-    inputs: Any  # the engine's model inputs (BatchFeature): input_ids, attention_mask, and the image's
-    image: Any  # the PreparedImage, or None: its digest keys the vision cache, its pixels are made on a miss
+    inputs: Any  # the engine's model inputs (BatchFeature): input_ids, attention_mask, the cross-attention mask
     sampling: SamplingParams
     max_new: int
     send: Callable[[Message], None]
     cancel: threading.Event = field(default_factory=threading.Event)
     fault: tuple[str, int] | None = None  # tests only: fail at this stage and step (``Scheduler.faults``)
     matcher: Matcher | None = None  # its answer's place in the grammar it must follow (structured output)
+    # Its PreparedImages in the prompt's order: their digests key the vision cache, their pixels are made on a miss.
+    images: tuple[Any, ...] = ()
+    pixels: dict[str, Any] = field(default_factory=dict)  # pixel tensors of images not cached when prepared, by digest
     queued_at: float = field(default_factory=time.monotonic)
     # Set when it runs:
     started_at: float = 0.0
@@ -68,24 +70,26 @@ class Sequence:
     last: int = 0  # the last token made, the next step's input
     prefilled: int = 0  # prompt tokens through the model so far
     reused: int = 0  # of those, the ones whose keys and values came from the prefix cache
-    tiles: int = 0  # its image's own tiles (of ``max_num_tiles``)
+    # The images its generated tokens attend to (those the prompt's last token does), by digest: rows with the same
+    # ones share one copy of their keys and values in a batch. Set when its prefill ends.
+    visible: tuple[str, ...] = ()
     cache: Any = None  # its own key/value cache, until it joins a batch
     mask: Any = None  # its attention mask [1, n], until it joins a batch
-    cross_mask: Any = None  # the cross-attention mask row for new tokens [1, 1, 1, tiles]
+    cross_mask: Any = None  # the cross-attention mask row for new tokens [1, 1, 1, the visible images' real tiles]
     sampler: Any = None
-    encoded: tuple[float, float] | None = None  # when the vision tower ran on its image (monotonic), if it did
+    encoded: tuple[float, float] | None = None  # when the vision tower ran on its images (monotonic), if it did
     # (log-probability, [(rival id, its log-probability)]) of each token made, when sampling.logprobs asks;
     # appended before the token is sent, read by the engine's generate loop.
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
     @property
     def has_image(self) -> bool:
-        return self.image is not None
+        return bool(self.images)
 
     @property
-    def digest(self) -> str | None:
-        """Its image's content hash, or None."""
-        return self.image.digest if self.image is not None else None
+    def images_key(self) -> str | None:
+        """Its images' content hashes in order, joined (None: no image): what its every token may depend on."""
+        return "+".join(image.digest for image in self.images) if self.images else None
 
     def __post_init__(self) -> None:
         self.budget = int(self.inputs["input_ids"].shape[1]) + self.max_new  # the most tokens it will hold
@@ -93,9 +97,10 @@ class Sequence:
 
 
 def waiting_bytes(seq: Sequence) -> int:
-    """The memory a request holds while it waits: its model inputs (an image's pixel tensors, 15 MB for
-    Llama 3.2's four tiles, unless its vision states are cached), its decoded image, and the rest."""
-    tensors = sum(t.numel() * t.element_size() for t in seq.inputs.values() if hasattr(t, "element_size"))
-    image = seq.image.image if seq.image is not None else None
-    pixels = image.width * image.height * len(image.getbands()) if image is not None else 0
+    """The memory a request holds while it waits: its model inputs, every image's pixel tensors (15 MB an image
+    for Llama 3.2's four tiles, unless its vision states are cached), its decoded images, and the rest."""
+    held = [*seq.inputs.values(), *(t for pixels in seq.pixels.values() for t in pixels.values())]
+    tensors = sum(t.numel() * t.element_size() for t in held if hasattr(t, "element_size"))
+    decoded = {image.digest: image.image for image in seq.images}
+    pixels = sum(image.width * image.height * len(image.getbands()) for image in decoded.values())
     return WAITING_OVERHEAD_BYTES + tensors + pixels

@@ -48,7 +48,7 @@ from llamascope.engines.prefix_cache import PrefixCache
 from llamascope.engines.recovery import Checkpoint, out_of_memory_error, recover, shed
 from llamascope.engines.requests import BatchLimits, Message, Sequence
 from llamascope.engines.sampling import Sampler, chosen_logprobs, log_probabilities, pick
-from llamascope.engines.vision import ImageEncoder, VisionCache, batch_tiles
+from llamascope.engines.vision import CrossKV, ImageEncoder, VisionCache, batch_tiles
 from llamascope.structured.masking import FilledMasks, StepMasks
 
 log = logging.getLogger(__name__)
@@ -296,8 +296,8 @@ class Scheduler:
             "position_ids": positions(start, end, device),
             "use_cache": True,
         }
-        if first and seq.has_image:  # its image's keys and values: views of the vision cache's one copy
-            kv, seq.tiles = self.encoder.cross_kv(seq)
+        if first and seq.has_image:  # its images' keys and values: one image's, views of the vision cache's copy
+            kv = cross_states([entry for entry, _ in self.encoder.cross_kv(seq)])
             for index, (keys, values) in zip(self.encoder.cross_layers, kv, strict=True):
                 set_layer(seq.cache.layers[index], keys, values)
         kwargs["past_key_values"] = seq.cache
@@ -310,19 +310,23 @@ class Scheduler:
         out = self.model(**kwargs, logits_to_keep=1)
         seq.prefilled = end
         seq.mask = inputs["attention_mask"].to(device)
-        if seq.has_image:
-            seq.cross_mask = inputs["cross_attention_mask"][:, -1:, :, : seq.tiles].to(device)
-            drop_padding_tiles(seq.cache, self.cross_layers, seq.tiles, int(inputs["cross_attention_mask"].shape[-1]))
+        if seq.has_image:  # new tokens attend to what the last prompt token does: those tiles alone are kept
+            last = inputs["cross_attention_mask"][0, -1]  # [images, max tiles]
+            tiles = [int(t) for t in last.sum(1)]
+            seq.visible = tuple(image.digest for image, kept in zip(seq.images, tiles, strict=True) if kept)
+            seq.cross_mask = torch.ones((1, 1, 1, sum(tiles)), dtype=last.dtype, device=device)
+            drop_padding_tiles(seq.cache, self.cross_layers, tiles, int(last.shape[-1]))
         seq.ids = ids[0].tolist()
         self._remember(seq.ids, seq, seq.cache, 0)  # for requests that start the same way, running beside it
         seq.sampler = Sampler(seq.sampling)
         seq.inputs = None  # pixels and the rest are no longer needed
+        seq.pixels = {}
         logits = self._hold_back_eos(out.logits[:, -1, :].float(), self._short([seq]))
         return self._advance(seq, self._pick([seq], logits)[0])
 
     def _reuse(self, seq: Sequence, ids: list[int]) -> int:
         """Put the longest cached prefix of the prompt in its new cache; the prompt tokens it covers."""
-        lease = self.prefix.take(ids, seq.digest)
+        lease = self.prefix.take(ids, seq.images_key)
         if not lease.tokens:
             return 0
         layers = iter(lease.layers)
@@ -348,7 +352,7 @@ class Scheduler:
             (layer.keys[row], layer.values[row]) for i, layer in enumerate(cache.layers) if i not in self.cross_layers
         ]
         try:
-            self.prefix.store(ids, seq.digest, layers)
+            self.prefix.store(ids, seq.images_key, layers)
         except Exception:
             log.exception("keeping a prefix failed")
 
@@ -514,3 +518,14 @@ class Scheduler:
         self._thread.join(timeout)
         if self._filler is not None and not self._thread.is_alive():
             self._filler.shutdown(wait=False)
+
+
+def cross_states(images: list[CrossKV]) -> CrossKV:
+    """A request's cross-attention keys and values: its images' one after another, as Mllama's forward lays their
+    states out (one image: the vision cache's tensors themselves)."""
+    if len(images) == 1:
+        return images[0]
+    return tuple(
+        (torch.cat([kv[layer][0] for kv in images], dim=2), torch.cat([kv[layer][1] for kv in images], dim=2))
+        for layer in range(len(images[0]))
+    )

@@ -162,7 +162,7 @@ class UpstreamEngine:
         text_bytes = 0
         images = 0
         for turn in turns:
-            text_bytes += len(turn.text.encode()) + len(turn.text_before_image.encode())
+            text_bytes += len(turn.text.encode())
             if turn.role == "tool":
                 messages.append({"role": "tool", "content": turn.text, "tool_call_id": turn.tool_call_id or ""})
                 continue
@@ -171,15 +171,16 @@ class UpstreamEngine:
                 text_bytes += sum(len(c.arguments.encode()) + len(c.name) for c in turn.tool_calls)
                 messages.append({"role": turn.role, "content": turn.text or None, "tool_calls": calls})
                 continue
-            if turn.image is None:
+            if not turn.images:
                 messages.append({"role": turn.role, "content": turn.text})
                 continue
-            images += 1
+            images += len(turn.images)
             content: list[dict[str, Any]] = []
-            if turn.text_before_image:
-                content.append({"type": "text", "text": turn.text_before_image})
-            content.append({"type": "image_url", "image_url": {"url": await self._data_uri(turn.image)}})
-            content.append({"type": "text", "text": turn.text})
+            for part in turn.parts:  # texts and images in the client's order
+                if isinstance(part, str):
+                    content.append({"type": "text", "text": part})
+                else:
+                    content.append({"type": "image_url", "image_url": {"url": await self._data_uri(part)}})
             messages.append({"role": turn.role, "content": content})
         tools = [t.to_openai() for t in output.tools] if output is not None and output.tools else None
         count = await self._count(messages, tools)

@@ -16,9 +16,12 @@ both inside the model's forward, once per request. Here:
   stock path computes.
 - **Encoded together.** Images of requests that wait for the same scheduling
   turn go through the vision tower in one call (``ImageEncoder.encode_ahead``),
-  at most ``batch_tiles`` tiles at once (every image counts as Mllama's
-  ``max_num_tiles``: the tower runs on the padding tiles too). A lone image
-  takes the path it always took.
+  and so do a request's several images (``cross_kv``), at most ``batch_tiles``
+  tiles at once (every image counts as Mllama's ``max_num_tiles``: the tower
+  runs on the padding tiles too). A lone image takes the path it always took.
+- **Concatenated per request.** A request about several images attends to
+  their keys and values one after another, in the prompt's order (as Mllama's
+  forward concatenates their states); the cache still keeps one entry per image.
 
 Every image is independent inside the tower (its tiles attend among
 themselves), so an image encoded beside others gets its own states, up to the
@@ -100,18 +103,31 @@ class ImageEncoder:
         """What one image's ``CrossKV`` takes in the cache."""
         return image_kv_bytes(self.model.config, self.model.dtype.itemsize)
 
-    # -- one image -------------------------------------------------------
+    # -- one request -----------------------------------------------------
 
-    def cross_kv(self, seq: Any) -> tuple[CrossKV, int]:
-        """The request's image's keys and values and tile count: from the cache, else encoded and projected
-        now (and cached). ``seq`` is a ``requests.Sequence`` about an image."""
-        found = self.cache.get(seq.digest)
-        if found is not None:
-            return found
-        started = time.monotonic()
-        ((kv, tiles),) = self._encode([seq])
-        seq.encoded = (started, time.monotonic())
-        return kv, tiles
+    def cross_kv(self, seq: Any) -> list[tuple[CrossKV, int]]:
+        """Each of the request's images' keys and values and tile count, in the prompt's order: from the cache,
+        else encoded and projected now (and cached), its images together in calls of at most ``batch_tiles``
+        tiles. ``seq`` is a ``requests.Sequence`` about images."""
+        found: dict[str, tuple[CrossKV, int]] = {}
+        todo: list[Any] = []
+        for image in seq.images:
+            if image.digest in found or any(image.digest == t.digest for t in todo):
+                continue
+            entry = self.cache.get(image.digest)
+            if entry is None:
+                todo.append(image)
+            else:
+                found[image.digest] = entry
+        if todo:
+            started = time.monotonic()
+            per_call = max(self.batch_tiles // self.max_tiles, 1)
+            for start in range(0, len(todo), per_call):
+                group = todo[start : start + per_call]
+                for image, entry in zip(group, self._encode([(i, seq.pixels) for i in group]), strict=True):
+                    found[image.digest] = entry
+            seq.encoded = (started, time.monotonic())
+        return [found[image.digest] for image in seq.images]
 
     # -- several ---------------------------------------------------------
 
@@ -132,38 +148,43 @@ class ImageEncoder:
             return 0
         room = self.cache.max_size // max(self.entry_bytes(), 1)
         seen: set[str] = set()
-        todo: list[Any] = []
+        todo: list[tuple[Any, Any]] = []  # (image, its request)
         for seq in seqs:
-            digest = seq.digest
-            if digest is None or digest in seen or seq.cancel.is_set():
+            if seq.cancel.is_set():
                 continue
-            seen.add(digest)
+            for image in seq.images:
+                digest = image.digest
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                if len(seen) > room:
+                    break
+                if self.cache.touch(digest) or digest in self._failed:
+                    continue
+                todo.append((image, seq))
             if len(seen) > room:
                 break
-            if self.cache.touch(digest) or digest in self._failed:
-                continue
-            todo.append(seq)
         done = 0
         for start in range(0, len(todo) if len(todo) > 1 else 0, per_call):
             group = todo[start : start + per_call]
             started = time.monotonic()
-            failure = self._try(group)
+            failure = self._try([(image, seq.pixels) for image, seq in group])
             if failure is not None:
                 if len(self._failed) > 4096:
                     self._failed.clear()
-                self._failed.update(seq.digest for seq in group)
+                self._failed.update(image.digest for image, _ in group)
                 if failure:
                     self.batch_tiles = max(self.batch_tiles // 2, self.max_tiles)
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                 return done
             ended = time.monotonic()
-            for seq in group:
-                seq.encoded = (started, ended)
+            for _, seq in group:
+                seq.encoded = (seq.encoded[0] if seq.encoded else started, ended)
             done += len(group)
         return done
 
-    def _try(self, group: list[Any]) -> bool | None:
+    def _try(self, group: list[tuple[Any, dict[str, Any]]]) -> bool | None:
         """``_encode`` the group: None if it went through, else whether it ran out of memory (logged)."""
         try:
             self._encode(group)
@@ -175,14 +196,15 @@ class ImageEncoder:
             return False
         return None
 
-    def _encode(self, seqs: list[Any]) -> list[tuple[CrossKV, int]]:
-        """One vision-tower call for these requests' images (distinct, none cached); each one's keys and values
-        and tile count, cached."""
+    def _encode(self, images: list[tuple[Any, dict[str, Any]]]) -> list[tuple[CrossKV, int]]:
+        """One vision-tower call for these images (distinct, none cached), each a PreparedImage and the pixel
+        tensors its request made, by digest; each one's keys and values and tile count, cached."""
         inputs = []
-        for seq in seqs:
-            if "pixel_values" not in seq.inputs:  # prepared while cached, evicted since
-                seq.inputs.update(self.pixels(seq.image.image))
-            inputs.append(seq.inputs)
+        for image, pixels in images:
+            made = pixels.get(image.digest)
+            if made is None:  # prepared while cached, evicted since
+                made = pixels[image.digest] = self.pixels(image.image)
+            inputs.append(made)
         model = self.model.model
         tower = model.vision_model
         device = next(tower.parameters()).device
@@ -194,11 +216,11 @@ class ImageEncoder:
         ).last_hidden_state
         states = model.multi_modal_projector(vision).reshape(-1, vision.shape[-2], model.hidden_size)
         self.calls += 1
-        self.encoded += len(seqs)
+        self.encoded += len(images)
         out = []
-        for index, (seq, chunk) in enumerate(zip(seqs, states.chunk(len(seqs)), strict=True)):
+        for index, ((image, _), chunk) in enumerate(zip(images, states.chunk(len(images)), strict=True)):
             entry = (self._project(chunk), int(inputs[index]["aspect_ratio_mask"].sum()))
-            self.cache.put(seq.digest, entry)
+            self.cache.put(image.digest, entry)
             out.append(entry)
         return out
 

@@ -165,7 +165,7 @@ def test_accepted_parameters_generate_on_the_model(
     draft = parse_messages([{"role": "user", "content": [{"image": "x"}, {"text": "Describe it."}]}])
 
     async def generate() -> list[Any]:
-        prompt = await short_engine.prepare(draft.with_image(IMAGE))
+        prompt = await short_engine.prepare(draft.with_images([IMAGE]))
         return [chunk async for chunk in short_engine.generate(prompt, options.sampling)]
 
     chunks = asyncio.run(generate())
@@ -210,7 +210,7 @@ def test_accepted_conversations_run_on_the_model(engine: MllamaEngine, messages:
     sampling = parse_parameters({"max_tokens": 1, "temperature": 0}, CONTEXT).sampling
 
     async def generate() -> list[Any]:
-        prompt = await engine.prepare(draft.with_image(IMAGE))
+        prompt = await engine.prepare(draft.with_images([IMAGE]))
         return [chunk async for chunk in engine.generate(prompt, sampling)]
 
     try:

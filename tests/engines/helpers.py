@@ -37,9 +37,9 @@ async def run(engine: MllamaEngine, turns: list[Turn], sampling: SamplingParams)
 
 # Requests of every kind together: with and without an image, greedy and sampled, each bounded.
 REQUESTS = [
-    ([Turn("user", "Describe.", image((200, 30, 30)))], SamplingParams(max_new_tokens=40, temperature=0)),
+    ([Turn("user", (image((200, 30, 30)), "Describe."))], SamplingParams(max_new_tokens=40, temperature=0)),
     (
-        [Turn("user", "What is in this picture? Tell me a lot.", image((20, 30, 230), (1200, 300)))],
+        [Turn("user", (image((20, 30, 230), (1200, 300)), "What is in this picture? Tell me a lot."))],
         SamplingParams(max_new_tokens=25, temperature=0),
     ),
     ([Turn("user", "Hello there")], SamplingParams(max_new_tokens=60, temperature=0.9, top_p=0.9, seed=7)),
@@ -47,9 +47,9 @@ REQUESTS = [
         [Turn("system", "Be brief."), Turn("user", "Count to ten please, slowly and carefully")],
         SamplingParams(max_new_tokens=33, temperature=0, repetition_penalty=1.3),
     ),
-    ([Turn("user", "Other", image((0, 255, 0), (300, 900)))], SamplingParams(max_new_tokens=50, temperature=0)),
+    ([Turn("user", (image((0, 255, 0), (300, 900)), "Other"))], SamplingParams(max_new_tokens=50, temperature=0)),
     ([Turn("user", "x y z " * 30)], SamplingParams(max_new_tokens=20, temperature=0.7, top_k=20, seed=3)),
-    ([Turn("user", "Short", image((9, 9, 9)))], SamplingParams(max_new_tokens=5, temperature=1.0, seed=11)),
+    ([Turn("user", (image((9, 9, 9)), "Short"))], SamplingParams(max_new_tokens=5, temperature=1.0, seed=11)),
 ]
 
 

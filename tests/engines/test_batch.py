@@ -25,9 +25,9 @@ def test_requests_about_one_image_share_its_states(engine: MllamaEngine) -> None
     another image makes the batch hold copies until it leaves; every answer is the request's alone."""
     same, other = image((200, 120, 0), (640, 480)), image((0, 120, 200), (1200, 300))
     requests = [
-        ([Turn("user", "What is it?", same)], SamplingParams(max_new_tokens=90, min_new_tokens=90, temperature=0)),
-        ([Turn("user", "Its colours?", same)], SamplingParams(max_new_tokens=80, min_new_tokens=80, temperature=0)),
-        ([Turn("user", "And this?", other)], SamplingParams(max_new_tokens=10, min_new_tokens=10, temperature=0)),
+        ([Turn("user", (same, "What is it?"))], SamplingParams(max_new_tokens=90, min_new_tokens=90, temperature=0)),
+        ([Turn("user", (same, "Its colours?"))], SamplingParams(max_new_tokens=80, min_new_tokens=80, temperature=0)),
+        ([Turn("user", (other, "And this?"))], SamplingParams(max_new_tokens=10, min_new_tokens=10, temperature=0)),
     ]
     batch = engine.scheduler.batches[True]
     layer = min(engine.scheduler.cross_layers)

@@ -76,6 +76,9 @@ def test_memory_plan_of_the_11b_fits_what_is_free() -> None:
         assert plan.max_batch_tokens >= 8192  # one request of the whole context always fits
         assert plan.image_bytes_per_request == 2 * 8 * 8 * 128 * 6404 * 2
         assert "MAX_BATCH_SIZE" in plan.describe()
+    one, four = plan_memory(config, 20 * GIB), plan_memory(config, 20 * GIB, max_images=4)
+    assert four.step_bytes == one.step_bytes + 2 * 4 * one.image_bytes_per_request  # a prefill's images joined
+    assert four.vision_cache_bytes >= 4 * one.image_bytes_per_request  # a conversation's images stay cached
     small, large = plan_memory(config, 20 * GIB), plan_memory(config, 120 * GIB)
     assert large.max_batch_size > small.max_batch_size and large.max_batch_tokens > small.max_batch_tokens
     with pytest.raises(DeviceError, match="not enough"):
@@ -120,7 +123,7 @@ def test_model_thread_names_every_tensors_device(test_model_dir: Path) -> None:
     async def scenario() -> None:
         await asyncio.gather(*(run(engine, turns, sampling) for turns, sampling in REQUESTS))
         # a stop by length and a minimum length, which hold back the end-of-turn token
-        turns = [Turn("user", "Go on.", image((5, 100, 5)))]
+        turns = [Turn("user", (image((5, 100, 5)), "Go on."))]
         await run(engine, turns, SamplingParams(max_new_tokens=6, min_new_tokens=4, temperature=0))
 
     asyncio.run(scenario())

@@ -22,28 +22,28 @@ def engine(test_model_dir: Path) -> MllamaEngine:
 
 
 def test_seeded_sampling_repeats(engine: MllamaEngine) -> None:
-    turns = [Turn("user", "Describe.", RED)]
+    turns = [Turn("user", (RED, "Describe."))]
     run = lambda seed: asyncio.run(collect(engine, turns, SamplingParams(max_new_tokens=10, seed=seed)))[0]  # noqa: E731
     assert run(1) == run(1) != run(2)
 
 
 def test_context_limit(test_model_dir: Path) -> None:
     small = MllamaEngine.load(test_model_dir, context_length=40, test_model=True)
-    turns = [Turn("user", "Describe.", RED)]
+    turns = [Turn("user", (RED, "Describe."))]
     _text, chunks = asyncio.run(collect(small, turns, SamplingParams(max_new_tokens=512, temperature=0)))
     prompt = asyncio.run(small.prepare(turns))
     assert chunks[-1].output_tokens == 40 - prompt.input_tokens
     assert chunks[-1].finish_reason == FinishReason.LENGTH
     with pytest.raises(errors.ServiceError, match=r"Range of input length should be \[1, 39\]"):
-        asyncio.run(small.prepare([Turn("user", "dog " * 50, RED)]))
+        asyncio.run(small.prepare([Turn("user", (RED, "dog " * 50))]))
     # A prompt far too long is refused without tokenising it.
     with pytest.raises(errors.ServiceError, match="Range of input length"):
-        asyncio.run(small.prepare([Turn("user", "x" * 5_000_000, RED)]))
+        asyncio.run(small.prepare([Turn("user", (RED, "x" * 5_000_000))]))
 
 
 def test_cancel_frees_the_model_within_a_step(engine: MllamaEngine) -> None:
     async def scenario() -> tuple[int, float]:
-        prompt = await engine.prepare([Turn("user", "Describe.", RED)])
+        prompt = await engine.prepare([Turn("user", (RED, "Describe."))])
         stream = engine.generate(prompt, SamplingParams(max_new_tokens=4000, temperature=0))
         got = 0
         async for chunk in stream:
@@ -56,7 +56,7 @@ def test_cancel_frees_the_model_within_a_step(engine: MllamaEngine) -> None:
             await asyncio.sleep(0.005)
             assert time.monotonic() - closed < 5, "generation kept running after cancel"
         # The next request runs at once: the model thread is free.
-        _text, chunks = await collect(engine, [Turn("user", "Next.", RED)], SamplingParams(max_new_tokens=2))
+        _text, chunks = await collect(engine, [Turn("user", (RED, "Next."))], SamplingParams(max_new_tokens=2))
         return chunks[-1].output_tokens, time.monotonic() - closed
 
     produced, _ = asyncio.run(scenario())

@@ -141,7 +141,7 @@ def test_vision_model_text_only_answers_as_transformers_generate(test_model_dir:
     async def scenario() -> tuple[str, str]:
         alone, _ = await run(vision, turns, greedy)
         (batched, _), _ = await asyncio.gather(
-            run(vision, turns, greedy), run(vision, [Turn("user", "And this?", picture)], greedy)
+            run(vision, turns, greedy), run(vision, [Turn("user", (picture, "And this?"))], greedy)
         )
         return alone, batched
 

@@ -21,7 +21,7 @@ def engine(test_model_dir: Path) -> MllamaEngine:
 
 
 def test_prepare_counts_tokens(engine: MllamaEngine) -> None:
-    prompt = asyncio.run(engine.prepare([Turn("user", "What is this?", RED)]))
+    prompt = asyncio.run(engine.prepare([Turn("user", (RED, "What is this?"))]))
     assert prompt.image_tokens == 6404
     expected = engine.tokenizer(
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>What is this?<|eot_id|>"
@@ -34,9 +34,9 @@ def test_prepare_counts_tokens(engine: MllamaEngine) -> None:
 
 def test_greedy_is_deterministic_and_sees_the_image(engine: MllamaEngine) -> None:
     greedy = SamplingParams(max_new_tokens=10, temperature=0)
-    a, chunks = asyncio.run(collect(engine, [Turn("user", "Describe.", RED)], greedy))
-    b, _ = asyncio.run(collect(engine, [Turn("user", "Describe.", RED)], greedy))
-    c, _ = asyncio.run(collect(engine, [Turn("user", "Describe.", prepared((0, 0, 255)))], greedy))
+    a, chunks = asyncio.run(collect(engine, [Turn("user", (RED, "Describe."))], greedy))
+    b, _ = asyncio.run(collect(engine, [Turn("user", (RED, "Describe."))], greedy))
+    c, _ = asyncio.run(collect(engine, [Turn("user", (prepared((0, 0, 255)), "Describe."))], greedy))
     assert a == b != c
     assert chunks[-1].finish_reason == FinishReason.LENGTH and chunks[-1].output_tokens == 10
     assert [ch.finish_reason for ch in chunks[:-1]] == [None] * (len(chunks) - 1)
@@ -72,19 +72,31 @@ def test_decoding_at_the_model_size_changes_nothing_the_model_sees(
 
 
 def test_model_inputs_equal_the_stock_processor(engine: MllamaEngine) -> None:
+    """Two images, one in each user turn: the cross-attention mask (which images each token attends to, which of
+    their tiles are real) and the pixel tensors are the stock processor's."""
     import numpy as np
+    import torch
 
     prompt = (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\n<|image|>What is this?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nA square.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nAnd<|image|>this?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 1300, 3), dtype=np.uint8))
-    ours = engine._model_inputs(prompt, [PreparedImage(image, "noise", "PNG", 1300, 700)])
-    theirs = engine.processor(images=[[image]], text=[prompt], add_special_tokens=False, return_tensors="pt")
-    assert set(ours) == set(theirs)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)) for size in ((700, 1300, 3), (300, 200, 3))]
+    prepared = [PreparedImage(image, f"noise{i}", "PNG", *image.size) for i, image in enumerate(images)]
+    ours, pixels = engine._model_inputs(prompt, prepared)
+    theirs = engine.processor(images=[images], text=[prompt], add_special_tokens=False, return_tensors="pt")
+    assert set(ours) | {"pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"} == set(theirs)
+    assert list(pixels) == ["noise0", "noise1"]
     for name in theirs:
-        if name == "pixel_values":
-            assert np.allclose(ours[name].numpy(), theirs[name].numpy(), atol=1e-5)
-        else:
+        if name in ours:
             assert (ours[name] == theirs[name]).all(), name
+            continue
+        joined = torch.cat([pixels[image.digest][name] for image in prepared], dim=1)
+        if name == "pixel_values":
+            assert np.allclose(joined.numpy(), theirs[name].numpy(), atol=1e-5)
+        else:
+            assert (joined == theirs[name]).all(), name

@@ -66,7 +66,7 @@ async def conversation(engine: MllamaEngine, opening: str, picture: PreparedImag
     turns: list[Turn] = []
     answers = []
     for n, question in enumerate(QUESTIONS):
-        turns.append(Turn("user", f"{opening} {question}", picture if n == 0 else None))
+        turns.append(Turn("user", (picture, f"{opening} {question}") if n == 0 else f"{opening} {question}"))
         text, tokens = await answer(engine, turns)
         assert engine.prefix_cache.bytes <= engine.prefix_cache.max_bytes
         answers.append((text, tokens))
@@ -90,7 +90,7 @@ def test_answers_with_reuse_equal_answers_without(
 ) -> None:
     engine: MllamaEngine = request.getfixturevalue(pool)
     if pool == "tiny":  # another image's blocks fill the pool: the conversation's must evict them
-        asyncio.run(answer(engine, [Turn("user", "Fill the pool. " * 8, image((1, 1, 1)))]))
+        asyncio.run(answer(engine, [Turn("user", (image((1, 1, 1)), "Fill the pool. " * 8))]))
     before = engine.prefix_cache.stats()
     expected = conversations(plain, count, picture)
     got = conversations(engine, count, picture)
@@ -112,7 +112,7 @@ def test_another_image_or_none_reuses_nothing(reusing: MllamaEngine, plain: Mlla
     """The same words about another image, or about none, have other keys and values: nothing of the first
     request is taken (a text-only request may take only what every text-only prompt starts with)."""
     words = "Which animal is this, and what is it doing here?"
-    first = [Turn("user", words, image((10, 200, 10)))]
+    first = [Turn("user", (image((10, 200, 10)), words))]
     asyncio.run(answer(reusing, first))
     again = reusing.prefix_cache.stats()["prefix_cache_tokens_reused"]
     asyncio.run(answer(reusing, first))  # the same image: its whole prompt but the last block is taken
@@ -124,7 +124,7 @@ def test_another_image_or_none_reuses_nothing(reusing: MllamaEngine, plain: Mlla
     text_only, other = ids([Turn("user", words)]), ids([Turn("user", "Something else entirely")])
     common = next(i for i, (a, b) in enumerate(zip(text_only, other, strict=False)) if a != b)
     for picture, most in [(image((10, 10, 200)), 0), (None, common)]:
-        turns = [Turn("user", words, picture)]
+        turns = [Turn("user", (picture, words) if picture else words)]
         before = reusing.prefix_cache.stats()["prefix_cache_tokens_reused"]
         assert asyncio.run(answer(reusing, turns)) == asyncio.run(answer(plain, turns))
         assert reusing.prefix_cache.stats()["prefix_cache_tokens_reused"] - before <= most
@@ -194,6 +194,74 @@ def test_the_next_turn_takes_the_prompt_and_the_answer_as_far_as_they_match(reus
     reused = reusing.prefix_cache.stats()["prefix_cache_tokens_reused"] - before
     assert reused == min(common, len(second) - 1) // block * block
     assert reused >= first.shape[1] // block * block
+
+
+def noise(seed: int, size: tuple[int, int]) -> PreparedImage:
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return PreparedImage(Image.fromarray(pixels), f"noise{seed}{size}", "PNG", *size)
+
+
+SHORT = SamplingParams(max_new_tokens=8, min_new_tokens=8, temperature=0)
+
+
+def stock_answer(engine: MllamaEngine, turns: list[Turn]) -> str:
+    """transformers' own MllamaProcessor and generate on the prompt the engine renders, greedy."""
+    import torch
+
+    ids = asyncio.run(engine.prepare(turns)).payload.inputs["input_ids"]
+    images = [image for turn in turns for image in turn.images]
+    inputs = engine.processor(
+        images=[[i.image for i in images]],
+        text=[engine.tokenizer.decode(ids[0])],
+        add_special_tokens=False,
+        return_tensors="pt",
+    )
+    assert (inputs["input_ids"] == ids).all()
+    with torch.inference_mode():
+        out = engine.model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    return str(engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+def test_a_second_image_later_leaves_the_first_turn_as_it_was(reusing: MllamaEngine, plain: MllamaEngine) -> None:
+    """Turn 1 about image A, turn 2 adds image B: turn 2 answers as stock generate does on both images (greedy,
+    float32), takes none of turn 1's blocks (its every token sees B too), and turn 1 replayed afterwards answers
+    token for token as before. Two images side by side in one message answer as stock generate too."""
+    a, b = noise(1, (320, 240)), noise(2, (1120, 400))  # one tile, two tiles
+    turn1 = [Turn("user", (a, "What is this?"))]
+    first = asyncio.run(answer(reusing, turn1, SHORT))
+    turn2 = [*turn1, Turn("assistant", first[0]), Turn("user", ("And", b, "this?"))]
+    before = reusing.prefix_cache.stats()["prefix_cache_tokens_reused"]
+    second = asyncio.run(answer(reusing, turn2, SHORT))
+    assert reusing.prefix_cache.stats()["prefix_cache_tokens_reused"] == before
+    assert second[0] == stock_answer(reusing, turn2)
+    assert asyncio.run(answer(reusing, turn1, SHORT)) == first
+    side_by_side = [Turn("user", (b, a, "Compare them."))]
+
+    async def batched() -> list[tuple[str, int]]:  # beside a one-image request: its rows padded to more tiles
+        requests = (side_by_side, turn1, turn2)
+        return list(await asyncio.gather(*(answer(plain, turns, SHORT) for turns in requests)))
+
+    together = asyncio.run(batched())
+    assert together[0][0] == stock_answer(plain, side_by_side)
+    assert together[1:] == [first, second]
+
+
+def test_the_same_words_about_other_images_share_no_block(reusing: MllamaEngine) -> None:
+    """Blocks are keyed by every image of the prompt, in order: another second image, the same two the other way
+    round, or the first alone take nothing of a two-image prompt's blocks; the same two again take its prefix."""
+    words = "Compare the two pictures, please, in every detail you can see."
+    a, b, c = image((1, 2, 3)), image((200, 2, 3)), image((1, 200, 3))
+
+    def reused(*pictures: PreparedImage) -> int:
+        before = reusing.prefix_cache.stats()["prefix_cache_tokens_reused"]
+        asyncio.run(answer(reusing, [Turn("user", (*pictures, words))], SamplingParams(max_new_tokens=1)))
+        return int(reusing.prefix_cache.stats()["prefix_cache_tokens_reused"] - before)
+
+    assert reused(a, b) == 0
+    assert [reused(a, c), reused(b, a), reused(a)] == [0, 0, 0]
+    assert reused(a, b) > 0
 
 
 def test_turn_n_reuses_turn_n_minus_1_through_the_server(server: Server) -> None:

@@ -19,7 +19,7 @@ IMAGE = PreparedImage(Image.new("RGB", (600, 400), (10, 120, 200)), "blue", "PNG
 
 
 async def answer(engine: MllamaEngine, tokens: int = 12) -> tuple[str, int]:
-    prompt = await engine.prepare([Turn("user", "What is this?", IMAGE)])
+    prompt = await engine.prepare([Turn("user", (IMAGE, "What is this?"))])
     sampling = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0)
     chunks = [c async for c in engine.generate(prompt, sampling)]
     return "".join(c.text for c in chunks), chunks[-1].output_tokens

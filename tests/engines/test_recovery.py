@@ -22,13 +22,13 @@ def faulty(test_model_dir: Path) -> MllamaEngine:
 
 RED = image((200, 30, 30))
 GOOD = [  # one image shared by two rows (one copy of its states), another image, and a seeded sampled row
-    ([Turn("user", "Describe.", RED)], SamplingParams(max_new_tokens=14, min_new_tokens=14, temperature=0)),
+    ([Turn("user", (RED, "Describe."))], SamplingParams(max_new_tokens=14, min_new_tokens=14, temperature=0)),
     (
-        [Turn("user", "Its colours?", RED)],
+        [Turn("user", (RED, "Its colours?"))],
         SamplingParams(max_new_tokens=14, min_new_tokens=14, temperature=0.9, seed=5),
     ),
     (
-        [Turn("user", "And this?", image((9, 99, 9), (1200, 300)))],
+        [Turn("user", (image((9, 99, 9), (1200, 300)), "And this?"))],
         SamplingParams(max_new_tokens=12, min_new_tokens=12, temperature=0),
     ),
 ]
@@ -46,7 +46,7 @@ def good_alone(faulty: MllamaEngine) -> list[str]:
 def test_a_failing_request_ends_alone(faulty: MllamaEngine, good_alone: list[str], stage: str) -> None:
     """A request whose step fails ends with an error; the rest of its batch goes on, token for token as alone."""
     step = 0 if stage == "prefill" else 4  # prefill: before its first token; else at its fifth
-    bad = [Turn("user", f"[[llamascope-fault:{stage}@{step}]] Describe.", RED)]
+    bad = [Turn("user", (RED, f"[[llamascope-fault:{stage}@{step}]] Describe."))]
 
     async def scenario() -> list[object]:
         return await asyncio.gather(
@@ -69,7 +69,7 @@ def test_out_of_memory_ends_the_newest_request_and_empties_the_caches(
 ) -> None:
     """An allocation that fails (injected as torch.OutOfMemoryError): the vision cache is emptied, the newest
     request ends with a DashScope error, and the requests already running go on, token for token as alone."""
-    bad = [Turn("user", f"[[llamascope-fault:oom@{step}]] Describe.", RED)]
+    bad = [Turn("user", (RED, f"[[llamascope-fault:oom@{step}]] Describe."))]
 
     async def scenario() -> tuple[list[object], int]:
         running = [asyncio.create_task(run(faulty, t, s)) for t, s in GOOD[:2]]

@@ -66,7 +66,7 @@ def test_answers_equal_transformers_generate(
     engine: MllamaEngine = request.getfixturevalue("engine" if prefill == "whole" else "chunked")
 
     pixels = Image.fromarray(np.random.default_rng(size[0]).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    turns = [Turn("user", "What is this?", PreparedImage(pixels, f"noise{size}", "PNG", *size))]
+    turns = [Turn("user", (PreparedImage(pixels, f"noise{size}", "PNG", *size), "What is this?"))]
     greedy = SamplingParams(max_new_tokens=24, min_new_tokens=24, temperature=0)
     ours = asyncio.run(engine.prepare(turns)).payload.inputs
     prompt = engine.tokenizer.decode(ours["input_ids"][0])
@@ -77,7 +77,7 @@ def test_answers_equal_transformers_generate(
         stock = engine.model.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=False)
     expected = engine.tokenizer.decode(stock[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     # Alone and in a batch with a request whose image has a different number of tiles.
-    other = [Turn("user", "And this?", image((9, 99, 9), (1200, 300) if tiles == 1 else (300, 200)))]
+    other = [Turn("user", (image((9, 99, 9), (1200, 300) if tiles == 1 else (300, 200)), "And this?"))]
 
     async def scenario() -> tuple[str, str]:
         alone, _ = await run(engine, turns, greedy)
@@ -85,7 +85,7 @@ def test_answers_equal_transformers_generate(
         return alone, batched
 
     assert asyncio.run(scenario()) == (expected, expected)
-    assert engine.vision_cache.peek(turns[0].image.digest)[1] == tiles
+    assert engine.vision_cache.peek(turns[0].images[0].digest)[1] == tiles
 
 
 def test_running_streams_go_on_while_a_long_prompt_is_prefilled(test_model_dir: Path) -> None:
@@ -143,7 +143,7 @@ def test_requests_join_and_leave_a_running_batch(engine: MllamaEngine) -> None:
 def test_vision_states_are_reused_and_change_nothing(test_model_dir: Path) -> None:
     engine = MllamaEngine.load(test_model_dir, test_model=True)
     cat = image((120, 80, 40), (800, 600))
-    turns = [Turn("user", "What is this?", cat)]
+    turns = [Turn("user", (cat, "What is this?"))]
     greedy = SamplingParams(max_new_tokens=30, temperature=0)
     first, _ = asyncio.run(run(engine, turns, greedy))
     assert engine.stats()["vision_cache_misses"] == 1
@@ -205,7 +205,7 @@ def test_the_queue_holds_what_fits_in_its_memory(test_model_dir: Path) -> None:
 
     async def scenario() -> tuple[int, int, errors.ServiceError]:
         text = await engine.prepare([Turn("user", "Go on and on.")])
-        big = await engine.prepare([Turn("user", "And this?", image((1, 2, 3), (1120, 840)))])  # four tiles of pixels
+        big = await engine.prepare([Turn("user", (image((1, 2, 3), (1120, 840)), "And this?"))])  # four tiles of pixels
         running = engine.generate(text, SamplingParams(max_new_tokens=100_000, temperature=0))
         await anext(running)
         waiting = [engine.generate(text, SamplingParams(max_new_tokens=1, temperature=0)) for _ in range(12)]

@@ -156,7 +156,7 @@ def test_forced_and_named_tool_calls_parse_and_validate(engine: MllamaEngine) ->
             )
         )
         # One with an image: Meta says calls work poorly with images; the grammar still holds the shape.
-        pictured = [Turn("user", "Which city is this?", image((30, 90, 200)))]
+        pictured = [Turn("user", (image((30, 90, 200)), "Which city is this?"))]
         done.append(await answer(engine, pictured, required, SamplingParams(max_new_tokens=64, temperature=0)))
         return list(zip([spec for spec, _ in runs] + [required], done, strict=True))
 

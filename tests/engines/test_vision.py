@@ -90,7 +90,7 @@ def test_images_waiting_together_go_through_the_tower_in_one_call(engine: Mllama
     gate = Gate(engine.model.model)
 
     async def scenario() -> list[tuple[str, int]]:
-        prompts = [await engine.prepare([Turn("user", "What is this?", p)]) for p in pictures]
+        prompts = [await engine.prepare([Turn("user", (p, "What is this?"))]) for p in pictures]
         return await piled_up(engine, gate, prompts)
 
     results = asyncio.run(scenario())
@@ -104,7 +104,7 @@ def test_images_waiting_together_go_through_the_tower_in_one_call(engine: Mllama
     together = {p.digest: engine.vision_cache.peek(p.digest) for p in pictures}
     engine.vision_cache.clear()
     for picture in pictures:
-        asyncio.run(text_of(engine.generate(asyncio.run(engine.prepare([Turn("user", "?", picture)])), GREEDY)))
+        asyncio.run(text_of(engine.generate(asyncio.run(engine.prepare([Turn("user", (picture, "?"))])), GREEDY)))
         (kv, tiles), (kv_together, tiles_together) = engine.vision_cache.peek(picture.digest), together[picture.digest]
         assert tiles == tiles_together
         for (keys, values), (keys_t, values_t) in zip(kv, kv_together, strict=True):
@@ -129,7 +129,7 @@ def test_a_failed_batch_of_images_costs_only_the_batching(engine: MllamaEngine) 
     gate = Gate(engine.model.model)
 
     async def scenario() -> list[tuple[str, int]]:
-        prompts = [await engine.prepare([Turn("user", "And this?", p)]) for p in pictures]
+        prompts = [await engine.prepare([Turn("user", (p, "And this?"))]) for p in pictures]
         return await piled_up(engine, gate, prompts)
 
     try:
@@ -155,7 +155,7 @@ def test_a_queue_longer_than_the_cache_holds_encodes_each_image_once(test_model_
     pictures = [image((30 * i, 100, 200 - 20 * i), (500 + 120 * i, 400)) for i in range(6)]
 
     async def scenario() -> list[tuple[str, int]]:
-        prompts = [await engine.prepare([Turn("user", "What is this?", p)]) for p in pictures]
+        prompts = [await engine.prepare([Turn("user", (p, "What is this?"))]) for p in pictures]
         running = engine.generate(
             await engine.prepare([Turn("user", "Keep going.")]),
             SamplingParams(max_new_tokens=60, min_new_tokens=60, temperature=0),
@@ -179,17 +179,17 @@ def test_an_images_keys_and_values_are_projected_once_and_shared(engine: MllamaE
     gate = Gate(engine.model.model)
 
     async def scenario() -> tuple[list[tuple[str, int]], bool]:
-        first = await text_of(engine.generate(await engine.prepare([Turn("user", "What is this?", photo)]), GREEDY))
+        first = await text_of(engine.generate(await engine.prepare([Turn("user", (photo, "What is this?"))]), GREEDY))
         second = await text_of(
             engine.generate(
                 await engine.prepare(
-                    [Turn("user", "What is this?", photo), Turn("assistant", first[0]), Turn("user", "Colours?")]
+                    [Turn("user", (photo, "What is this?")), Turn("assistant", first[0]), Turn("user", "Colours?")]
                 ),
                 GREEDY,
             )
         )
         # Four at once about it, held in a decode step to look at what the batch reads.
-        prompts = [await engine.prepare([Turn("user", f"Question {i}?", photo)]) for i in range(4)]
+        prompts = [await engine.prepare([Turn("user", (photo, f"Question {i}?"))]) for i in range(4)]
         forty = SamplingParams(max_new_tokens=40, min_new_tokens=40)  # none ends before all four have joined
         tasks = [asyncio.create_task(text_of(engine.generate(p, forty))) for p in prompts]
         batch = engine.scheduler.batches[True]

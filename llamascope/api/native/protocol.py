@@ -120,7 +120,7 @@ TOOL_CALLS_IN = (
 
 
 class Message(BaseModel):
-    """One turn. system first (text), the first user turn carries exactly one image, the last turn is user's
+    """One turn. system first (text), images in user turns (the first carries one), the last turn is user's
     (or the results of the calls the assistant turn before them made)."""
 
     role: Literal["system", "user", "assistant", "tool"]

@@ -153,7 +153,7 @@ class ImagePart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One turn, with the native surface's rules: system first, one image in the first user turn, user last
+    """One turn, with the native surface's rules: system first, images in user turns, user last
     (or the results of the calls the assistant turn before them made)."""
 
     role: Literal["system", "user", "assistant", "tool"]

@@ -190,7 +190,7 @@ ERROR_CASES = [
     ("unknown-model", {"model": "nope", "input": {"messages": []}}, 400, "InvalidParameter", "Model not exist."),
     ("not-json", b"{not json", 400, "InvalidParameter", "not valid JSON"),
     ("not-object", [1, 2], 400, "InvalidParameter", "JSON object"),
-    ("text-only", _msgs({"role": "user", "content": "hi"}), 400, "InvalidParameter", "exactly one image"),
+    ("text-only", _msgs({"role": "user", "content": "hi"}), 400, "InvalidParameter", "must carry an image (found 0)"),
     ("tool-role", _msgs({"role": "tool", "content": "x"}), 400, "InvalidParameter", "must answer a call"),
     (
         "system-late",
@@ -207,11 +207,11 @@ ERROR_CASES = [
         "system message takes text only",
     ),
     (
-        "two-images",
-        _msgs({"role": "user", "content": [{"image": "IMG"}, {"image": "IMG"}]}),
+        "five-images",
+        _msgs({"role": "user", "content": [{"image": "IMG"}] * 5}),
         400,
         "InvalidParameter",
-        "exactly one image (found 2)",
+        "at most 4 images per conversation (found 5",
     ),
     (
         "image-list",
@@ -223,11 +223,15 @@ ERROR_CASES = [
     ("video", _msgs({"role": "user", "content": [{"video": "v.mp4"}]}), 400, "InvalidParameter", "no video"),
     ("audio", _msgs({"role": "user", "content": [{"audio": "a.wav"}]}), 400, "InvalidParameter", "no audio"),
     (
-        "second-image",
-        _msgs(user_turn("IMG"), {"role": "assistant", "content": "a"}, user_turn("IMG")),
+        "images-over-turns",
+        _msgs(
+            {"role": "user", "content": [{"image": "IMG"}, {"image": "IMG"}, {"text": "?"}]},
+            {"role": "assistant", "content": "a"},
+            {"role": "user", "content": [{"text": "and"}, {"image": "IMG"}, {"image": "IMG"}, {"image": "IMG"}]},
+        ),
         400,
         "InvalidParameter",
-        "only the first user message may carry an image",
+        "messages[2]: this model takes at most 4 images per conversation (found 5",
     ),
     (
         "ends-with-assistant",

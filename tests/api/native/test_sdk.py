@@ -98,6 +98,24 @@ def test_system_message_with_image(dashscope_sdk, image_host) -> None:
     assert with_system.usage.input_tokens > without.usage.input_tokens
 
 
+def test_two_images_in_one_message_and_a_later_turn(dashscope_sdk, image_host) -> None:
+    """MultiModalConversation with two images in one message, then a third in a later turn."""
+    from dashscope import MultiModalConversation
+
+    red, blue = image_host.url("/red.png"), image_host.url("/blue.png")
+    messages = [{"role": "user", "content": [{"image": red}, {"image": blue}, {"text": "Compare them."}]}]
+    first = MultiModalConversation.call(model=SEED_MODEL, messages=messages, max_tokens=3)
+    assert first.status_code == HTTPStatus.OK, first
+    assert first.usage.image_tokens == 2 * 6404  # each image's vision states, as one image counts them
+    messages += [
+        {"role": "assistant", "content": [{"text": first.output.choices[0].message.content[0]["text"]}]},
+        {"role": "user", "content": [{"text": "And this one?"}, {"image": red}]},
+    ]
+    second = MultiModalConversation.call(model=SEED_MODEL, messages=messages, max_tokens=3)
+    assert second.status_code == HTTPStatus.OK, second
+    assert second.usage.image_tokens == 3 * 6404
+
+
 def test_async_client(dashscope_sdk, image_host) -> None:
     from dashscope import AioMultiModalConversation
 
@@ -138,7 +156,7 @@ def test_errors_come_back_as_responses(dashscope_sdk, image_host) -> None:
 
     text_only = MultiModalConversation.call(model=SEED_MODEL, messages=[{"role": "user", "content": [{"text": "hi"}]}])
     assert (text_only.status_code, text_only.code) == (400, "InvalidParameter")
-    assert "exactly one image" in text_only.message
+    assert "must carry an image" in text_only.message  # the multimodal endpoint's contract
 
     # Rejected before the stream starts: the streaming SDK yields one error object.
     events = list(MultiModalConversation.call(model=SEED_MODEL, messages=messages, stream=True, top_p=3))

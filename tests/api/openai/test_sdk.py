@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import SEED_MODEL, Server, png_bytes
 
 NATIVE = "/api/v1/services/aigc/multimodal-generation/generation"
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "https://example.com/never-fetched.png"}}
 
 
 @pytest.fixture(params=["/compatible-mode/v1", "/v1"])
@@ -32,6 +33,22 @@ def test_completion(client: openai.OpenAI, image_host) -> None:
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 6 and r.usage.total_tokens == r.usage.prompt_tokens + 6
+
+
+def test_two_images_in_one_message_and_text_only(server: Server, image_host) -> None:
+    """Compatible mode takes several image_url parts in a message, and a vision model's text-only chat."""
+    client = openai.OpenAI(api_key=server.key, base_url=server.base + "/compatible-mode/v1", max_retries=0)
+    two = [
+        {"type": "image_url", "image_url": {"url": image_host.url("/red.png")}},
+        {"type": "image_url", "image_url": {"url": image_host.url("/blue.png")}},
+        {"type": "text", "text": "Which is redder?"},
+    ]
+    r = client.chat.completions.create(model=SEED_MODEL, messages=[{"role": "user", "content": two}], max_tokens=3)
+    assert r.choices[0].message.content and r.usage.completion_tokens == 3
+    one = client.chat.completions.create(model=SEED_MODEL, messages=messages(image_host.url("/red.png")), max_tokens=1)
+    assert r.usage.prompt_tokens > one.usage.prompt_tokens  # the second image's <|image|> token
+    text = client.chat.completions.create(model=SEED_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert text.choices[0].message.content and text.usage.completion_tokens == 2
 
 
 def test_stream_with_usage(client: openai.OpenAI, image_host) -> None:
@@ -76,8 +93,8 @@ def test_string_content_system_and_data_uri(client: openai.OpenAI) -> None:
 
 def test_errors_in_the_openai_shape(server: Server, client: openai.OpenAI, image_host) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
-        client.chat.completions.create(model=SEED_MODEL, messages=[{"role": "user", "content": "text only"}])
-    assert bad.value.body["code"] == "invalid_parameter_error" and "exactly one image" in bad.value.body["message"]
+        client.chat.completions.create(model=SEED_MODEL, messages=[{"role": "user", "content": [IMAGE_PART] * 5}])
+    assert bad.value.body["code"] == "invalid_parameter_error" and "at most 4 images" in bad.value.body["message"]
     with pytest.raises(openai.BadRequestError, match="top_p"):
         client.chat.completions.create(model=SEED_MODEL, messages=messages(image_host.url("/red.png")), top_p=7)
     with pytest.raises(openai.BadRequestError, match="Model not exist"):

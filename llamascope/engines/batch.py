@@ -153,4 +153,5 @@ def _tiles_kept(states: Any, tiles: list[int], all_tiles: int) -> Any:
         for i, kept in enumerate(tiles)
         if kept
     ]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+    # Several images: a copy even of one piece, so that the prefill's joined states (scheduler.cross_states) go.
+    return pieces[0] if len(tiles) == 1 else torch.cat(pieces, dim=2)

@@ -84,8 +84,8 @@ def run(server: Server, document: dict[str, Any]) -> list[str]:
             "output": {"sanitization": {"enabled": False}},
             "generation": {"max-examples": EXAMPLES, "deterministic": True, "database": "none"},
             "phases": {"stateful": {"enabled": False}},
-            # Valid by the schema is not enough to be served: the conversation rules (one image, in the first
-            # user turn; a user turn last) are more than JSON Schema says, so 400s to valid data are expected.
+            # Valid by the schema is not enough to be served: the conversation rules (an image in the first user
+            # turn, at most max_images; a user turn last) are more than JSON Schema says, so 400s are expected.
             "checks": {"positive_data_acceptance": {"enabled": False}},
             "auth": {"openapi": {"apiKey": {"bearer": API_KEY}, "adminKey": {"bearer": ADMIN_KEY}}},
         }

@@ -247,7 +247,7 @@ MUTATIONS = [
     "assistant image",
     "no image",
     "two images",
-    "late image",
+    "late image",  # a second image, over the default rule's one
     "ends with assistant",
     "not an object",
 ]

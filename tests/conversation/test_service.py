@@ -10,7 +10,8 @@ from pathlib import Path
 from llamascope.accounts import admin
 from llamascope.accounts.admission import Accounts
 from llamascope.accounts.store import AccountStore
-from llamascope.conversation.service import ConversationService, Endpoint
+from llamascope.conversation.rules import Images
+from llamascope.conversation.service import ConversationService, Endpoint, ImagePolicy
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
 from llamascope.errors import ServiceError
 from llamascope.images.decode import DecodeLimits
@@ -90,3 +91,19 @@ def test_a_finished_reply_is_charged_once_however_often_it_is_settled(tmp_path: 
 def test_a_failed_reply_is_charged_what_it_made_with_the_error_code(tmp_path: Path) -> None:
     (row,) = ledger_after(tmp_path, ScriptedEngine(["one", " two"], fail=True), settles=2)
     assert (row["status"], row["input_tokens"], row["output_tokens"]) == ("InternalError.Algo", 12, 2)
+
+
+def test_image_rules_per_model_and_endpoint() -> None:
+    """A model's image settings (``ImagePolicy``) over its engine's default: the limit, and whether the
+    multimodal endpoint wants an image first; text generation and compatible mode never do."""
+    vision = ScriptedEngine([])
+    vision.info = EngineInfo(kind="scripted", source="tests", context_length=4096, max_images=4)
+    intake = ImageIntake(FetchPolicy(), DecodeLimits())
+    relaxed = {"b": ImagePolicy(max_images=2, require_image=False)}
+    service = ConversationService({"a": vision, "b": vision}, intake, None, relaxed)  # type: ignore[arg-type]
+    try:
+        assert service._images("a", vision, Endpoint.MULTIMODAL) == Images(4, required=True)
+        assert service._images("a", vision, Endpoint.CHAT) == service._images("a", vision, Endpoint.TEXT) == Images(4)
+        assert service._images("b", vision, Endpoint.MULTIMODAL) == Images(2)
+    finally:
+        intake.close()

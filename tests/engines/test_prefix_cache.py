@@ -224,6 +224,7 @@ def stock_answer(engine: MllamaEngine, turns: list[Turn]) -> str:
     return str(engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 
+@pytest.mark.slow
 def test_a_second_image_later_leaves_the_first_turn_as_it_was(reusing: MllamaEngine, plain: MllamaEngine) -> None:
     """Turn 1 about image A, turn 2 adds image B: turn 2 answers as stock generate does on both images (greedy,
     float32), takes none of turn 1's blocks (its every token sees B too), and turn 1 replayed afterwards answers

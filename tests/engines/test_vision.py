@@ -83,6 +83,18 @@ def engine(test_model_dir: Path) -> MllamaEngine:
     return MllamaEngine.load(test_model_dir, test_model=True, limits=BatchLimits(max_batch=8, vision_batch_tiles=12))
 
 
+def test_a_requests_images_go_through_the_tower_together(engine: MllamaEngine) -> None:
+    """A request's images (one of them twice) through the tower in one call, each encoded once and cached under
+    its own digest for the next turn."""
+    pictures = [image((10 + 50 * i, 20, 30), (400 + 100 * i, 300)) for i in range(2)]
+    tower = Calls(engine.model.model.vision_model)
+    turns = [Turn("user", (*pictures, pictures[0], "Which differ?"))]
+    asyncio.run(text_of(engine.generate(asyncio.run(engine.prepare(turns)), GREEDY)))
+    tower.handle.remove()
+    assert tower.sizes == [2]
+    assert all(engine.vision_cache.peek(p.digest) is not None for p in pictures)
+
+
 @pytest.mark.slow
 def test_images_waiting_together_go_through_the_tower_in_one_call(engine: MllamaEngine) -> None:
     pictures = [image((40 * i, 90, 200 - 30 * i), (500 + 150 * i, 400)) for i in range(5)]

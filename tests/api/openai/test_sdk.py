@@ -169,7 +169,7 @@ def test_errors_speak_this_modes_language(client: openai.OpenAI, image_host) -> 
     """Issue 13: errors said `input.messages` and left `param` empty."""
     for kwargs, param, said in [
         ({"messages": "hello"}, "messages", "messages must be a list"),
-        ({"messages": [{"role": "user", "content": "no image"}]}, "messages", "messages"),
+        ({"messages": [{"role": "user", "content": [IMAGE_PART] * 5}]}, "messages", "messages"),
         ({"messages": messages(image_host.url("/red.png")), "top_p": 5}, "top_p", "top_p"),
         ({"messages": messages(image_host.url("/red.png")), "model": "nope"}, "model", "Model not exist"),
     ]:

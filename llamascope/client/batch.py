@@ -1,30 +1,28 @@
 """``llamascope batch``: a folder of images and a prompt as one batch job, watched to its end, its results saved.
 
-``add_parser`` registers the command and its subcommands, ``run`` carries them out. The input file is built on
-disk (``build_input``), one chat-completions request an image with the image inline as a ``data:`` URI, so a
-folder of any size never sits in memory; ``Watch`` polls the batch and shows its progress; ``save_results``
-writes its output and error files as one JSONL file and a CSV table. The HTTP side is
-``llamascope.client.batches``.
+``add_parser`` registers the command and its subcommands, ``run`` carries them out, ``Watch`` shows a batch's
+progress. The input made from a folder is ``batch_input``'s, the saved results ``batch_results``', the HTTP
+side ``batches``' (imports point that way).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, TextIO
+from typing import Any, TextIO
 
 from llamascope.client.answering import show_error
-from llamascope.client.attachment import data_uri
+from llamascope.client.batch_input import InputProblem, build_input, endpoint_of
+from llamascope.client.batch_results import save_results
 from llamascope.client.batches import CHAT_ENDPOINT, Batch, BatchClient, compatible_base
 from llamascope.client.chat import discover_model, resolve_api_key, schema_format
 from llamascope.client.native import DEFAULT_BASE_URL, APIError, Client
@@ -48,14 +46,6 @@ examples:
   llamascope batch watch batch_0a1b...        (after Ctrl+C)
   llamascope batch list
   llamascope batch download batch_0a1b... -o captions    (captions.jsonl, captions.csv)"""
-
-# The Batch API's limits (DashScope's and llamascope's): a line, a file, lines in a file.
-MAX_LINE_BYTES = 6 * 1024 * 1024
-MAX_FILE_BYTES = 500 * 1024 * 1024
-MAX_LINES = 50_000
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jp2"})
-CSV_COLUMNS = ("custom_id", "status", "answer", "error")
-MB = 1024 * 1024
 
 
 def add_parser(commands: Any) -> None:
@@ -111,74 +101,6 @@ def add_parser(commands: Any) -> None:
             "--base-url", help=f"the API's base URL (default: $DASHSCOPE_HTTP_BASE_URL or {DEFAULT_BASE_URL})"
         )
         command.add_argument("--api-key", help="API key (default: $DASHSCOPE_API_KEY, then the SDK's key files)")
-
-
-class InputProblem(Exception):
-    """The batch cannot be built or sent as asked: the message says why, for a person."""
-
-
-# -- the input file -----------------------------------------------------------------------------------------
-
-
-def images_in(folder: Path) -> list[Path]:
-    """The images directly in ``folder``, by name (hidden files and other files left out)."""
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-
-
-def request_line(custom_id: str, image: str, prompt: str, model: str, parameters: dict[str, Any]) -> bytes:
-    """One line of the input: a chat-completions request with the image and the prompt."""
-    messages: list[dict[str, Any]] = []
-    if parameters.get("system"):
-        messages.append({"role": "system", "content": parameters["system"]})
-    content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": prompt}]
-    messages.append({"role": "user", "content": content})
-    body = {"model": model, "messages": messages, **{k: v for k, v in parameters.items() if k != "system"}}
-    line = {"custom_id": custom_id, "method": "POST", "url": CHAT_ENDPOINT, "body": body}
-    return json.dumps(line, ensure_ascii=False).encode()
-
-
-def build_input(folder: Path, prompt: str, model: str, parameters: dict[str, Any], target: BinaryIO) -> int:
-    """Write one request an image of ``folder`` to the binary file ``target``; the number of lines.
-    InputProblem (before anything is sent) names every image whose line is over the API's 6 MB, and a folder
-    with no image or over the API's other limits."""
-    images = images_in(folder)
-    if not images:
-        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-        raise InputProblem(f"no images in {folder} (files ending in {suffixes})")
-    if len(images) > MAX_LINES:
-        raise InputProblem(f"{len(images)} images in {folder}: a batch takes at most {MAX_LINES:,}; split the folder")
-    too_big: list[str] = []
-    written = 0
-    for path in images:
-        data = path.read_bytes()
-        line = request_line(path.name, data_uri(data, path.name), prompt, model, parameters)
-        if len(line) > MAX_LINE_BYTES:
-            too_big.append(f"  {path.name}: {len(data) / MB:.1f} MB, its request line {len(line) / MB:.1f} MB")
-            continue
-        if not too_big:
-            target.write(line + b"\n")
-            written += len(line) + 1
-            if written > MAX_FILE_BYTES:
-                raise InputProblem(f"the images of {folder} make over 500 MB of requests, a batch's limit: split it")
-    if too_big:
-        raise InputProblem(
-            "over the 6 MB a request line may have (an image grows by a third as base64, so about 4.5 MB an "
-            "image at most); shrink these or move them out of the folder:\n" + "\n".join(too_big)
-        )
-    return len(images)
-
-
-def endpoint_of(path: Path) -> str:
-    """The ``url`` of a JSONL input file's first line (the batch's endpoint must equal it)."""
-    with path.open("rb") as source:
-        first = source.readline(MAX_LINE_BYTES + 1)
-    try:
-        url = json.loads(first).get("url")
-    except (ValueError, AttributeError):
-        url = None
-    return url if isinstance(url, str) and url else CHAT_ENDPOINT
 
 
 # -- watching -----------------------------------------------------------------------------------------------
@@ -278,63 +200,6 @@ def watch(client: BatchClient, batch_id: str, interval: float, live: bool) -> Ba
             if batch.ended:
                 return batch
             time.sleep(interval)
-
-
-# -- results ------------------------------------------------------------------------------------------------
-
-
-def answer_text(body: Any) -> str:
-    """The answer's text in a response body: chat completions, or DashScope's native shapes."""
-    if not isinstance(body, dict):
-        return ""
-    choices = body.get("choices") or (body.get("output") or {}).get("choices") or []
-    if not choices:
-        return str((body.get("output") or {}).get("text") or "")
-    content = (choices[0].get("message") or {}).get("content")
-    if isinstance(content, list):
-        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return str(content or "")
-
-
-def result_row(line: dict[str, Any]) -> dict[str, str]:
-    """One result line as a row of the table: custom_id, status (ok, failed, cancelled, expired), answer, error."""
-    error = line.get("error")
-    response = line.get("response") or {}
-    if not error:
-        return {
-            "custom_id": line.get("custom_id", ""),
-            "status": "ok",
-            "answer": answer_text(response.get("body")),
-            "error": "",
-        }
-    code = str(error.get("code") or "")
-    status = {"batch_cancelled": "cancelled", "batch_expired": "expired"}.get(code, "failed")
-    return {
-        "custom_id": line.get("custom_id", ""),
-        "status": status,
-        "answer": "",
-        "error": f"{code}: {error.get('message', '')}",
-    }
-
-
-def save_results(client: BatchClient, batch: Batch, prefix: Path) -> tuple[Path, Path, int]:
-    """The batch's output and error files as ``prefix.jsonl`` (each line as the server wrote it) and
-    ``prefix.csv`` (one row a line); the paths and the number of rows."""
-    jsonl, table = prefix.with_name(prefix.name + ".jsonl"), prefix.with_name(prefix.name + ".csv")
-    rows = 0
-    with jsonl.open("w", encoding="utf-8") as out, table.open("w", encoding="utf-8", newline="") as sheet:
-        writer = csv.DictWriter(sheet, CSV_COLUMNS)
-        writer.writeheader()
-        for text in _result_lines(client, batch):
-            out.write(text + "\n")
-            writer.writerow(result_row(json.loads(text)))
-            rows += 1
-    return jsonl, table, rows
-
-
-def _result_lines(client: BatchClient, batch: Batch) -> Iterator[str]:
-    for name in ("output_file_id", "error_file_id"):
-        yield from client.lines(batch.raw.get(name))
 
 
 # -- the command --------------------------------------------------------------------------------------------

@@ -248,6 +248,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"llamascope batch: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if batch_id is None:
+            print("\nstopped: nothing was submitted", file=sys.stderr)
+            return 130
         print(
             f"\nstopped watching; batch {batch_id} goes on. `llamascope batch watch {batch_id}` takes it up again, "
             f"`llamascope batch cancel {batch_id}` stops it.",

@@ -9,7 +9,6 @@ import base64
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -104,31 +103,33 @@ def test_an_image_too_big_for_a_line_is_named_before_anything_is_sent(
     assert "submitted" not in refused.stderr
 
 
-def test_ctrl_c_stops_watching_not_the_batch_and_watch_takes_it_up(
+def test_on_a_terminal_a_progress_bar_and_ctrl_c_stops_watching_not_the_batch(
     server: Server, photos: Path, tmp_path: Path
 ) -> None:
+    pexpect = pytest.importorskip("pexpect")
     args = ["submit", str(photos), "Describe it.", "--max-tokens", "32", "--interval", "0.1"]
-    watching = subprocess.Popen(
-        [sys.executable, "-m", "llamascope", "batch", *args],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=environment(server, tmp_path),
-        cwd=tmp_path,
+    env = {**environment(server, tmp_path), "TERM": "xterm-256color"}
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "llamascope", "batch", *args],
+        env=env,
+        cwd=str(tmp_path),
+        encoding="utf-8",
+        dimensions=(24, 140),
+        timeout=60,
     )
-    assert watching.stderr is not None
-    first = ""
-    while "watching batch" not in first:
-        first = watching.stderr.readline()
-        assert first, "the command ended before it watched"
-    watching.send_signal(signal.SIGINT)
-    assert watching.wait(timeout=30) == 130
-    said = watching.stderr.read()
-    batch_id = first.split("watching batch ", 1)[1].split()[0]
-    assert f"llamascope batch watch {batch_id}" in said and "Traceback" not in said
+    child.expect(r"batch (batch_\w+) submitted")
+    batch_id = child.match.group(1)
+    child.expect("tokens/s  ETA")  # rich's bar, drawn
+    child.sendintr()  # Ctrl+C
+    child.expect(f"goes on. `llamascope batch watch {batch_id}` takes it up again")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130 and "Traceback" not in (child.before or "")
 
     resumed = batch(["watch", batch_id, "--interval", "0.1", "-o", "later"], server, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert "completed" in resumed.stderr
+    assert f"batch {batch_id}: completed" in resumed.stderr
     assert sorted(r["custom_id"] for r in rows(tmp_path / "later.csv")) == sorted(COLORS)
 
 

@@ -76,14 +76,16 @@ def add_parser(commands: Any) -> None:
     submit.add_argument("--no-watch", action="store_true", help="print the batch's id and exit")
 
     watch = actions.add_parser("watch", help="show a batch's progress until it ends, then save its results")
-    watch.add_argument("batch_id")
+    watch.add_argument("batch_id", help="the batch's id (batch_...)")
     actions.add_parser("list", help="your batches, newest first").add_argument(
         "--limit", type=int, default=20, help="at most this many (default 20, at most 100)"
     )
     status = actions.add_parser("status", help="a batch's status, counts, tokens, files and input errors")
-    status.add_argument("batch_id")
+    status.add_argument("batch_id", help="the batch's id (batch_...)")
     status.add_argument("--json", action="store_true", help="the batch object as the API sends it")
-    actions.add_parser("cancel", help="cancel a batch (lines done keep their results)").add_argument("batch_id")
+    actions.add_parser("cancel", help="cancel a batch (lines done keep their results)").add_argument(
+        "batch_id", help="the batch's id (batch_...)"
+    )
     download = actions.add_parser("download", help="a batch's results (JSONL and CSV), or any batch file by its id")
     download.add_argument("id", help="a batch id (batch_...) or a file id")
     for command in (submit, watch, download):

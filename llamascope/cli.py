@@ -15,7 +15,7 @@ from llamascope import __version__
 from llamascope.accounts import admin
 from llamascope.accounts.access import KEY_RULE, MAKE_A_KEY, key_weakness
 from llamascope.accounts.records import utcnow
-from llamascope.client import chat
+from llamascope.client import batch, chat
 from llamascope.engines.builtin_model import ensure_test_model
 from llamascope.settings import BUILTIN, ModelSpec, Settings, describe_error
 
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="the accounts database").add_subparsers(dest="action", required=True)
     upgrade = db.add_parser("upgrade", help="apply schema migrations")
     chat.add_parser(commands)
+    batch.add_parser(commands)
     for command in (create, listing, revoke, grant, usage, upgrade):
         command.add_argument("--config", type=Path, help="TOML config file (default: $LLAMASCOPE_CONFIG)")
     return parser
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         return accounts_command(args)
     if args.command == "chat":
         return chat.run(args)
+    if args.command == "batch":
+        return batch.run(args)
     if args.command == "build-test-model":
         # Observability (prometheus-client, OpenTelemetry) loads only for the commands that serve or build:
         # chat starts fast. (PyTorch and transformers load inside ensure_test_model.)

@@ -68,7 +68,7 @@ def create_app(
     names are the served models). ``drain`` is the shutdown state ``DrainingServer`` shares with it (see
     ``api.drain``). ``batches``: the Batch API and its runner (None: not served)."""
     metrics = metrics or MetricsEndpoint()
-    registry = registry_for(operations.service_state(service, metrics.key_names))
+    registry = registry_for(operations.service_state(service, metrics.key_names, batches))
     drain = drain or Drain(grace_seconds=0)
 
     @contextlib.asynccontextmanager

@@ -15,6 +15,7 @@ from llamascope import errors
 from llamascope.accounts.store import AccountStore
 from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
+from llamascope.batch.service import BatchService
 from llamascope.conversation.service import ConversationService
 from llamascope.observability.facts import Allowance, CacheStats
 from llamascope.observability.metrics import CONTENT_TYPE, MetricsEndpoint, StateCollector, exposition
@@ -72,15 +73,19 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE)
 
 
-def service_state(service: ConversationService, key_names: frozenset[str] = frozenset()) -> StateCollector:
-    """What a scrape reads of ``service``: its engines, its decoded-image cache, and the allowances left of
-    the keys named in ``key_names`` (LLAMASCOPE_METRICS_KEYS; none: no per-key figures)."""
+def service_state(
+    service: ConversationService, key_names: frozenset[str] = frozenset(), batches: BatchService | None = None
+) -> StateCollector:
+    """What a scrape reads of ``service``: its engines, its decoded-image cache, the allowances left of the
+    keys named in ``key_names`` (LLAMASCOPE_METRICS_KEYS; none: no per-key figures), and the batch lines of
+    ``batches`` (None: no batch figures)."""
     cache = service.intake.cache
     store = service.accounts.store
     return StateCollector(
         engines=lambda: service.engines,
         image_cache=lambda: CacheStats(cache.hits, cache.misses, cache.total),
         allowances=(lambda: allowances_left(store, key_names)) if key_names else None,
+        batches=batches.stats if batches is not None else None,
     )
 
 

@@ -28,6 +28,7 @@ from llamascope.accounts.store import AccountStore
 from llamascope.batch.lines import Line
 from llamascope.batch.records import (
     DONE,
+    ENDED,
     PENDING,
     RUNNING,
     BatchView,
@@ -35,6 +36,7 @@ from llamascope.batch.records import (
     LineError,
     Status,
 )
+from llamascope.observability.facts import BatchStats
 
 INSERT_CHUNK = 1000
 
@@ -428,3 +430,57 @@ class BatchRepository:
             for file in files:
                 connection.execute(insert(BatchFile).values(**{f.name: getattr(file, f.name) for f in fields(file)}))
         return True
+
+    # -- what /metrics reads --------------------------------------------------------------------------
+
+    def stats(self) -> BatchStats:
+        """Every batch's lines in one look: waiting and running lines of the batches not ended (their lines
+        found through the (batch, state) index), the counts and tokens of all."""
+        live_statuses = [s.value for s in Status if s not in ENDED]
+        running_batches = select(BatchJob.id).where(BatchJob.status == Status.IN_PROGRESS.value)
+        with self.engine.connect() as connection:
+            totals = connection.execute(
+                select(
+                    func.coalesce(func.sum(BatchJob.completed), 0),
+                    func.coalesce(func.sum(BatchJob.failed), 0),
+                    func.coalesce(func.sum(BatchJob.input_tokens), 0),
+                    func.coalesce(func.sum(BatchJob.output_tokens), 0),
+                )
+            ).one()
+            statuses = dict(
+                connection.execute(
+                    select(BatchJob.status, func.count())
+                    .where(BatchJob.status.in_(live_statuses))
+                    .group_by(BatchJob.status)
+                ).all()
+            )
+            live_batches = select(BatchJob.id).where(BatchJob.status.in_(live_statuses))
+            running = connection.scalar(
+                select(func.count())
+                .select_from(BatchLine)
+                .where(
+                    BatchLine.batch_id.in_(live_batches),
+                    BatchLine.state == RUNNING,
+                    BatchLine.owner.in_(self._live()),
+                )
+            )
+            waiting = connection.scalar(
+                select(func.count())
+                .select_from(BatchLine)
+                .where(
+                    BatchLine.batch_id.in_(running_batches),
+                    or_(
+                        BatchLine.state == PENDING,
+                        and_(BatchLine.state == RUNNING, self._unclaimed(BatchLine.owner)),
+                    ),
+                )
+            )
+        return BatchStats(
+            waiting=int(waiting or 0),
+            running=int(running or 0),
+            completed=int(totals[0]),
+            failed=int(totals[1]),
+            input_tokens=int(totals[2]),
+            output_tokens=int(totals[3]),
+            batches={status: int(statuses.get(status, 0)) for status in live_statuses},
+        )

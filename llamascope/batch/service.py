@@ -26,6 +26,7 @@ from llamascope.batch.records import (
 )
 from llamascope.batch.repository import BatchRepository
 from llamascope.batch.runner import Runner
+from llamascope.observability.facts import BatchStats
 
 MAX_METADATA = 16  # OpenAI's: 16 pairs, keys up to 64 characters, values up to 512
 
@@ -45,6 +46,10 @@ class BatchService:
 
     async def stop(self) -> None:
         await self.runner.stop()
+
+    def stats(self) -> BatchStats:
+        """What /metrics reads of the batches (every key's; in the database shared by replicas, all of theirs)."""
+        return self.repository.stats()
 
     # -- files ----------------------------------------------------------------------------------------
 

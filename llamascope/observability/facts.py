@@ -78,6 +78,20 @@ class Allowance:
     expires_at: float | None = None  # Unix time
 
 
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """Batch lines in the accounts database, read when Prometheus scrapes (replicas sharing one database all
+    read the same figures). ``batches``: how many batches are in each status that has not ended."""
+
+    waiting: int  # lines of running batches not yet run (or whose replica died while running them)
+    running: int  # lines a live replica is running now
+    completed: int  # lines in the output files, ever
+    failed: int  # lines in the error files, ever: refused, or never run (cancelled, expired)
+    input_tokens: int
+    output_tokens: int
+    batches: Mapping[str, int]
+
+
 class EngineState(Protocol):
     """What a scrape reads of an engine (``llamascope.engines.base.Engine`` offers it)."""
 

@@ -38,7 +38,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from llamascope.observability.facts import Allowance, CacheStats, EngineState
+from llamascope.observability.facts import Allowance, BatchStats, CacheStats, EngineState
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +244,12 @@ class StateCollector:
         engines: Callable[[], Mapping[str, EngineState]],
         image_cache: Callable[[], CacheStats] | None = None,
         allowances: Callable[[], Iterable[Allowance]] | None = None,
+        batches: Callable[[], BatchStats] | None = None,
     ) -> None:
         self.engines = engines
         self.image_cache = image_cache
         self.allowances = allowances
+        self.batches = batches
 
     def collect(self) -> Iterator[Metric]:
         yield from self._engines()
@@ -255,6 +257,8 @@ class StateCollector:
             yield from self._image_cache(self.image_cache())
         if self.allowances is not None:
             yield from self._allowances()
+        if self.batches is not None:
+            yield from self._batches(self.batches)
 
     def _engines(self) -> Iterator[Metric]:
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
@@ -340,6 +344,39 @@ class StateCollector:
         yield remaining
         yield allowance
         yield expires
+
+    @staticmethod
+    def _batches(read: Callable[[], BatchStats]) -> Iterator[Metric]:
+        try:  # a scrape must not fail while the accounts database is away
+            stats = read()
+        except Exception as exc:
+            log.warning("batch figures for /metrics: %s", exc)
+            return
+        yield GaugeMetricFamily(
+            PREFIX + "batch_lines_waiting", "Lines of running batches not yet run.", value=stats.waiting
+        )
+        yield GaugeMetricFamily(PREFIX + "batch_lines_running", "Batch lines running now.", value=stats.running)
+        yield CounterMetricFamily(
+            PREFIX + "batch_lines_completed", "Batch lines answered (for the output file).", value=stats.completed
+        )
+        yield CounterMetricFamily(
+            PREFIX + "batch_lines_failed",
+            "Batch lines in an error file: refused, or never run (the batch was cancelled or expired).",
+            value=stats.failed,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "batch_prompt_tokens", "Input tokens of the batch lines that ran.", value=stats.input_tokens
+        )
+        yield CounterMetricFamily(
+            PREFIX + "batch_generation_tokens", "Output tokens of the batch lines that ran.", value=stats.output_tokens
+        )
+        batches = GaugeMetricFamily(
+            PREFIX + "batches", "Batches not ended, by status (validating, in_progress, finalizing, cancelling).",
+            labels=["status"],
+        )  # fmt: skip
+        for status, count in stats.batches.items():
+            batches.add_metric([status], float(count))
+        yield batches
 
 
 def upstream_label(url: str) -> str:

@@ -1,0 +1,167 @@
+"""``llamascope batch`` as a user runs it: a real process against a real server on the built-in model.
+
+Its standard error is a pipe here, so the progress comes as one line per change, not a bar.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SEED_MODEL, Server, png_bytes
+
+pytestmark = pytest.mark.server
+COLORS = {"red.png": (200, 30, 30), "green.jpg": (30, 200, 30), "blue.png": (30, 30, 200)}
+
+
+def environment(server: Server, home: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HOME": str(home),  # no ~/.dashscope/api_key of the person running the tests
+        "DASHSCOPE_HTTP_BASE_URL": server.api,
+        "DASHSCOPE_API_KEY": server.key,
+    }
+
+
+def batch(args: list[str], server: Server, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llamascope", "batch", *args],
+        capture_output=True,
+        text=True,
+        env=environment(server, cwd),
+        cwd=cwd,
+        timeout=180,
+    )
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, color in COLORS.items():
+        (folder / name).write_bytes(png_bytes(color, (48, 48), "JPEG" if name.endswith(".jpg") else "PNG"))
+    (folder / "notes.txt").write_text("not an image: left out")
+    return folder
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as table:
+        return list(csv.DictReader(table))
+
+
+def test_a_folder_and_a_prompt_run_to_jsonl_and_csv(server: Server, photos: Path, tmp_path: Path) -> None:
+    done = batch(
+        ["submit", str(photos), "What colour is it?", "--max-tokens", "4", "--interval", "0.1", "-o", "colours"],
+        server,
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "3 images of" in done.stderr and " to llama3.2-" in done.stderr
+    assert "completed: 3/3 (0 failed)" in done.stderr
+    table = rows(tmp_path / "colours.csv")
+    assert sorted(r["custom_id"] for r in table) == sorted(COLORS)
+    assert all(r["status"] == "ok" and r["answer"].strip() and not r["error"] for r in table)
+    results = [json.loads(line) for line in (tmp_path / "colours.jsonl").read_text().splitlines()]
+    by_id = {r["custom_id"]: r for r in results}
+    for row in table:  # the table's answer is the response's text
+        body = by_id[row["custom_id"]]["response"]["body"]
+        assert body["choices"][0]["message"]["content"] == row["answer"]
+        assert body["usage"]["completion_tokens"] <= 4
+    batch_id = done.stderr.split("batch ", 1)[1].split()[0]
+
+    listed = batch(["list"], server, tmp_path)
+    assert listed.returncode == 0 and batch_id in listed.stdout and "completed" in listed.stdout
+    status = batch(["status", batch_id, "--json"], server, tmp_path)
+    obj = json.loads(status.stdout)
+    assert obj["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    assert obj["usage"]["output_tokens"] == sum(r["response"]["body"]["usage"]["completion_tokens"] for r in results)
+
+    # Any batch file, by its id, to standard output; the results again, by the batch's id.
+    output = batch(["download", obj["output_file_id"]], server, tmp_path)
+    assert sorted(json.loads(x)["custom_id"] for x in output.stdout.splitlines()) == sorted(COLORS)
+    again = batch(["download", batch_id, "-o", "again"], server, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert rows(tmp_path / "again.csv") == table
+
+
+def test_an_image_too_big_for_a_line_is_named_before_anything_is_sent(
+    server: Server, photos: Path, tmp_path: Path
+) -> None:
+    (photos / "huge.png").write_bytes(os.urandom(5 * 1024 * 1024))  # 6.7 MB as base64
+    refused = batch(["submit", str(photos), "Describe it."], server, tmp_path)
+    assert refused.returncode == 2
+    assert "huge.png: 5.0 MB" in refused.stderr and "6 MB" in refused.stderr
+    assert "red.png" not in refused.stderr
+    assert "submitted" not in refused.stderr
+
+
+def test_on_a_terminal_a_progress_bar_and_ctrl_c_stops_watching_not_the_batch(
+    server: Server, photos: Path, tmp_path: Path
+) -> None:
+    pexpect = pytest.importorskip("pexpect")
+    args = ["submit", str(photos), "Describe it.", "--max-tokens", "32", "--interval", "0.1"]
+    env = {**environment(server, tmp_path), "TERM": "xterm-256color"}
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "llamascope", "batch", *args],
+        env=env,
+        cwd=str(tmp_path),
+        encoding="utf-8",
+        dimensions=(24, 140),
+        timeout=60,
+    )
+    child.expect(r"batch (batch_\w+) submitted")
+    batch_id = child.match.group(1)
+    child.expect("tokens/s  ETA")  # rich's bar, drawn
+    child.sendintr()  # Ctrl+C
+    child.expect(f"goes on. `llamascope batch watch {batch_id}` takes it up again")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130 and "Traceback" not in (child.before or "")
+
+    resumed = batch(["watch", batch_id, "--interval", "0.1", "-o", "later"], server, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"batch {batch_id}: completed" in resumed.stderr
+    assert sorted(r["custom_id"] for r in rows(tmp_path / "later.csv")) == sorted(COLORS)
+
+
+def test_a_jsonl_file_submitted_then_cancelled(server: Server, tmp_path: Path) -> None:
+    LINES = 400  # far more than run in the seconds before the cancel comes
+    image = "data:image/png;base64," + base64.b64encode(png_bytes((90, 90, 90), (16, 16))).decode()
+    content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Say hi."}]
+    lines = [
+        {
+            "custom_id": f"q{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": SEED_MODEL, "max_tokens": 128, "messages": [{"role": "user", "content": content}]},
+        }
+        for i in range(LINES)
+    ]
+    source = tmp_path / "requests.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert batch(["submit", str(source), "a prompt"], server, tmp_path).returncode == 2  # a file has its prompts
+    submitted = batch(["submit", str(source), "--no-watch"], server, tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = submitted.stdout.strip()
+    cancelled = batch(["cancel", batch_id], server, tmp_path)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert f"batch {batch_id}: cancel" in cancelled.stdout
+    deadline = time.monotonic() + 60
+    while json.loads(batch(["status", batch_id, "--json"], server, tmp_path).stdout)["status"] == "cancelling":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    saved = batch(["download", batch_id, "-o", "cancelled"], server, tmp_path)
+    assert saved.returncode == 0, saved.stderr
+    table = rows(tmp_path / "cancelled.csv")
+    assert sorted(r["custom_id"] for r in table) == sorted(f"q{i}" for i in range(LINES))  # each exactly once
+    assert {r["status"] for r in table} <= {"ok", "cancelled"} and any(r["status"] == "cancelled" for r in table)
+    assert all(r["error"].startswith("batch_cancelled: ") for r in table if r["status"] == "cancelled")

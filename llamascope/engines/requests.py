@@ -61,6 +61,7 @@ class Sequence:
     fault: tuple[str, int] | None = None  # tests only: fail at this stage and step (``Scheduler.faults``)
     matcher: Matcher | None = None  # its answer's place in the grammar it must follow (structured output)
     queued_at: float = field(default_factory=time.monotonic)
+    background: bool = False  # a batch line: runs only on room no interactive request waits for
     # Set when it runs:
     started_at: float = 0.0
     ids: list[int] = field(default_factory=list)  # prompt and generated ids (for the repetition penalty)

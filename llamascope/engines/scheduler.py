@@ -25,9 +25,10 @@ and a request that waits longer than ``max_queue_wait`` gets
 ``408 RequestTimeOut``. So the engine never holds more work than it was sized for.
 
 Background requests (batch lines, ``Sequence.background``) wait in a queue of their own: one is admitted only
-when no interactive request waits, and they are not counted in the bounds interactive requests are refused
-by (their number is bounded by whoever sends them: the batch runner's lines in flight). They have no
-``max_queue_wait``: they are there to wait for idle capacity.
+when no interactive request waits, and never to the batch's last free place (an interactive request that
+comes finds one). They are not counted in the bounds interactive requests are refused by (their number is
+bounded by whoever sends them: the batch runner's lines in flight), and have no ``max_queue_wait``: they are
+there to wait for idle capacity.
 """
 
 from __future__ import annotations
@@ -268,12 +269,17 @@ class Scheduler:
                     seq.send(errors.request_timed_out())
                     continue
                 return self._pop_waiting() if self._fits(seq) else None
-            if self.background and self._fits(self.background[0]):
+            if self.background and self._fits(self.background[0], keep=1):
                 return self.background.popleft()
         return None
 
-    def _fits(self, seq: Sequence) -> bool:
+    def _fits(self, seq: Sequence, keep: int = 0) -> bool:
+        """Whether ``seq`` fits beside the running batch, leaving ``keep`` places free (a background request
+        leaves one to the next interactive request, unless the batch is empty: its first token then waits for
+        no line to end)."""
         running = [s for b in self.batches.values() for s in b.rows]
+        if running and len(running) + 1 + keep > self.limits.max_batch:
+            return False
         return self._room(len(running), max([seq.budget, *(s.budget for s in running)]))
 
     def _room(self, running: int, longest: int) -> bool:

@@ -229,6 +229,32 @@ def test_interactive_requests_go_before_background_ones_and_are_never_refused_fo
     assert started == ["interactive", "line0", "line1", "line2"]
 
 
+def test_background_requests_leave_the_batch_a_place_for_an_interactive_one(test_model_dir: Path) -> None:
+    """With two places and one taken, a batch line waits: the interactive request that comes runs at once."""
+    engine = MllamaEngine.load(test_model_dir, test_model=True, limits=BatchLimits(max_batch=2))
+    endless = SamplingParams(max_new_tokens=100_000, temperature=0)
+
+    async def scenario() -> tuple[int, int]:
+        prompt = await engine.prepare([Turn("user", "Go on and on.")])
+        running = engine.generate(prompt, endless)
+        await anext(running)
+        background.set(True)
+        lines = engine.generate(prompt, endless)
+        line = asyncio.create_task(anext(lines))
+        background.set(False)
+        await asyncio.sleep(0.3)
+        waiting = engine.stats()["waiting_background"]
+        interactive = engine.generate(prompt, endless)
+        await asyncio.wait_for(anext(interactive), 30)  # in the place kept free
+        await interactive.aclose()
+        await running.aclose()
+        await asyncio.wait_for(line, 30)  # the line runs once the batch has room again
+        await lines.aclose()
+        return waiting, engine.stats()["waiting_background"]
+
+    assert asyncio.run(scenario()) == (1, 0)
+
+
 def test_the_queue_holds_what_fits_in_its_memory(test_model_dir: Path) -> None:
     """Waiting requests are counted at what they hold: many small ones wait where one image's pixels do not fit."""
     engine = MllamaEngine.load(

@@ -1,6 +1,7 @@
 """Batch jobs against the same requests sent by hand, with issue 25's targets (one run, ratios, PASS/FAIL).
 
-A real ``llamascope serve`` (the built-in test model, ``LLAMASCOPE_BATCH_IN_FLIGHT`` = --concurrency):
+A real ``llamascope serve`` (the built-in test model, ``LLAMASCOPE_BATCH_IN_FLIGHT`` = --concurrency, and
+``LLAMASCOPE_MAX_BATCH_SIZE`` one more: the place batch lines leave to interactive requests):
 
 1. --lines chat requests, each a 64x64 image and a question, 32 output tokens at most, sent through the API
    at --concurrency; then the same requests (other images of the same size, so neither run finds the other's
@@ -143,6 +144,9 @@ def main() -> None:
             "LLAMASCOPE_DATA_DIR": str(children.tmp / "data"),
             "LLAMASCOPE_LOG_LEVEL": "warning",
             "LLAMASCOPE_BATCH_IN_FLIGHT": str(args.concurrency),
+            # Batch lines leave the running batch one place for interactive requests: one place more, so the
+            # batch runs as many at once as the API side does.
+            "LLAMASCOPE_MAX_BATCH_SIZE": str(args.concurrency + 1),
         }
         port = free_port()
         server = children.spawn([sys.executable, "-m", "llamascope", "serve", "--port", str(port)], env)

@@ -147,6 +147,7 @@ def main() -> None:
             # Batch lines leave the running batch one place for interactive requests: one place more, so the
             # batch runs as many at once as the API side does.
             "LLAMASCOPE_MAX_BATCH_SIZE": str(args.concurrency + 1),
+            "LLAMASCOPE_MAX_QUEUE_WAIT_SECONDS": "600",  # a loaded machine: slow, not refused
         }
         port = free_port()
         server = children.spawn([sys.executable, "-m", "llamascope", "serve", "--port", str(port)], env)

@@ -200,6 +200,7 @@ def build_batches(
         replica_id=replica_id,
         in_flight=settings.batch_in_flight,
         poll_seconds=settings.batch_poll_seconds,
+        price=settings.batch_price,
         stopping=lambda: drain.draining,
     )
     return BatchService(runner.repository, files, runner)

@@ -299,11 +299,20 @@ class Settings(BaseSettings):
     batch_in_flight: int = Field(
         8,
         ge=1,
-        description="batch lines running at once per model (each is taken only while its engine has no "
-        "interactive request waiting)",
+        description="batch lines running at once per model (in the engine's batch, each only while no "
+        "interactive request waits)",
     )
     batch_poll_seconds: float = Field(
-        1.0, gt=0, description="how often the batch runner looks for work that other replicas made or cancelled"
+        10.0,
+        gt=0,
+        description="how often the batch runner looks in the database for what no event in this process tells: "
+        "batches made or cancelled on other replicas, a dead replica's lines, windows ending",
+    )
+    batch_price: float = Field(
+        0.5,
+        ge=0,
+        description="the fraction of a batch line's tokens charged to the key's grant (DashScope charges batch "
+        "calls half); the output file reports the tokens made",
     )
 
     redis_url: str | None = Field(

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,12 @@ class Principal:
     """Who a request is from, as far as the rest of llamascope needs to know."""
 
     key: KeyView
+    # The fraction of its tokens a request is charged: 1 for a call, the operator's batch price for a batch line.
+    price: float = 1.0
+
+    def charged(self, tokens: int) -> int:
+        """What ``tokens`` tokens cost this caller, rounded up (so a priced line is never free by rounding)."""
+        return tokens if self.price == 1.0 else math.ceil(tokens * self.price)
 
     @property
     def key_id(self) -> str:
@@ -76,7 +83,8 @@ class Admission:
         checkpoints, progress = self.accounts.checkpoints, self.progress
         if checkpoints is None or progress is None:
             return False
-        return checkpoints.record(progress, input_tokens, output_tokens, image_tokens)
+        price = self.principal.charged
+        return checkpoints.record(progress, price(input_tokens), price(output_tokens), price(image_tokens))
 
     async def saved(self) -> None:
         if self.accounts.checkpoints is not None and self.progress is not None:
@@ -86,6 +94,9 @@ class Admission:
         if self.settled:
             return
         self.settled = True
+        used = input_tokens + output_tokens  # the rate limits count the tokens made, whatever they cost
+        price = self.principal.charged
+        input_tokens, output_tokens, image_tokens = price(input_tokens), price(output_tokens), price(image_tokens)
         store, checkpoints, progress = self.accounts.store, self.accounts.checkpoints, self.progress
         charge = (self.reservation, self.request_id, input_tokens, output_tokens, image_tokens, status)
         in_flight = progress is not None and progress.written
@@ -104,7 +115,7 @@ class Admission:
                 checkpoints.defer(progress, charge)
                 progress = None  # the writer finishes it once the charge is saved
             finally:
-                await self.accounts.limits.leave(self.principal.key, input_tokens + output_tokens, self.counted)
+                await self.accounts.limits.leave(self.principal.key, used, self.counted)
                 if checkpoints is not None and progress is not None:
                     checkpoints.finish(progress)
 

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llamascope import errors
 from llamascope.accounts.admission import Accounts
 from llamascope.api.errors import error_response
-from llamascope.batch.caller import key_id_of, principal_of
+from llamascope.batch.caller import caller_of, principal_of
 from llamascope.conversation.service import Reply
 from llamascope.observability import request as observed
 from llamascope.observability.facts import Outcome
@@ -193,8 +193,8 @@ class Authentication:
         try:
             if scope["path"].startswith("/admin/"):
                 self._check_admin(authorization)
-            elif (batch_key := key_id_of(scope)) is not None:  # a batch line, run in process as its batch's key
-                state["principal"] = await principal_of(self.accounts, batch_key)
+            elif (caller := caller_of(scope)) is not None:  # a batch line, run in process as its batch's key
+                state["principal"] = await principal_of(self.accounts, caller)
             else:
                 state["principal"] = await self.accounts.authenticate(authorization)
         except errors.ServiceError as refusal:

@@ -6,9 +6,16 @@ on the app itself (``httpx.ASGITransport``), as the batch's key (``caller``). So
 rendered, rate-limited and charged to the key's grant exactly as the same call made over HTTP, its usage is
 the API's own, and a refusal is the API's own code and message in the error file.
 
-Fair to interactive traffic: a line is taken only while its model's engine has nothing waiting, and at most
-``in_flight`` lines of a model run at once (an upstream engine has no queue of its own here: only the bound
-applies). Lines refused for a while (429, 503, 408) go back to the queue and their model pauses a moment.
+Fair to interactive traffic: a line's request is made in the engines' ``background``: the in-process engine
+admits it only when no interactive request waits and never counts it in the queue interactive requests are
+refused from (engines/scheduler.py). At most ``in_flight`` lines of a model run at once (through an upstream
+engine, only this bound applies). Lines refused for a while (429, 503, 408) go back to the queue and their
+model pauses a moment. Each line is charged ``price`` of its tokens (the caller's extension carries it).
+
+Woken by events, not by polling: a batch made or cancelled here (``wake``), a line ended, a step done, a
+pause over. The database is looked at on a timer (``poll_seconds``) only for what no event here tells: batches
+made, cancelled or left behind by other replicas (a dead one's claims run out with its lease), and windows
+ending.
 
 One runner per process. Several processes on one database share the work through the repository's claims.
 """
@@ -21,6 +28,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
@@ -34,7 +42,7 @@ from llamascope.accounts.access import grant_refusal
 from llamascope.accounts.records import utcnow
 from llamascope.accounts.store import AccountStore
 from llamascope.batch import lines as input_lines
-from llamascope.batch.caller import as_key
+from llamascope.batch.caller import BatchCaller, as_key
 from llamascope.batch.files import FileStore
 from llamascope.batch.records import (
     BATCH_OUTPUT,
@@ -48,7 +56,7 @@ from llamascope.batch.records import (
     new_result_id,
 )
 from llamascope.batch.repository import INSERT_CHUNK, BatchRepository
-from llamascope.engines.base import Engine
+from llamascope.engines.base import Engine, background
 
 log = logging.getLogger("llamascope.batch")
 
@@ -67,7 +75,8 @@ class Runner:
         *,
         replica_id: str,
         in_flight: int = 8,
-        poll_seconds: float = 1.0,
+        poll_seconds: float = 10.0,
+        price: float = 1.0,
         stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.repository = repository
@@ -77,6 +86,7 @@ class Runner:
         self.replica_id = replica_id
         self.in_flight = in_flight
         self.poll_seconds = poll_seconds
+        self.price = price
         self.stopping = stopping
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
@@ -115,23 +125,29 @@ class Runner:
             await client.aclose()
 
     async def _run(self) -> None:
+        polled = -math.inf  # when the timer's round last ran (monotonic)
         while True:
+            now = time.monotonic()
+            polled = now if now - polled >= self.poll_seconds else polled
             try:
                 if not self.stopping():
-                    await self._tick()
+                    await self._tick(expire=polled == now)
             except OperationalError as exc:  # the store unreachable: said in one line, as the accounts say it
                 log.error("batch runner: the store is unreachable, trying again: %s", str(exc).splitlines()[0])
             except Exception:  # a bug: its traceback, and keep going
                 log.exception("batch runner: a round failed; trying again")
+            now = time.monotonic()
+            pauses = [until - now for until in self._paused.values() if until > now]
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                await asyncio.wait_for(self._wake.wait(), min([polled + self.poll_seconds - now, *pauses]))
             self._wake.clear()
 
     # -- one round -----------------------------------------------------------------------------------
 
-    async def _tick(self) -> None:
+    async def _tick(self, expire: bool) -> None:
         repository = self.repository
-        await asyncio.to_thread(repository.expire_due)
+        if expire:
+            await asyncio.to_thread(repository.expire_due)
         for batch in await asyncio.to_thread(repository.with_status, Status.VALIDATING):
             claim = repository.claim_step
             if batch.id not in self._steps and await asyncio.to_thread(claim, batch.id, batch.status, self.replica_id):
@@ -165,9 +181,6 @@ class Runner:
         room = self.in_flight - self._running[model]
         if room <= 0 or self._paused.get(model, 0) > time.monotonic():
             return
-        engine = self.engines.get(model)
-        if engine is not None and engine.stats().get("waiting", 0) > 0:
-            return  # interactive requests are waiting: they go first
         for line in await asyncio.to_thread(self.repository.claim_lines, batch.id, self.replica_id, room):
             self._running[model] += 1
             task = asyncio.create_task(self._line(batch, line))
@@ -193,12 +206,15 @@ class Runner:
         client = self._clients.get(key_id)
         if client is None:
             assert self._app is not None
-            transport = httpx.ASGITransport(as_key(self._app, key_id), raise_app_exceptions=False)
+            transport = httpx.ASGITransport(
+                as_key(self._app, BatchCaller(key_id, self.price)), raise_app_exceptions=False
+            )
             client = httpx.AsyncClient(transport=transport, base_url="http://batch.llamascope", timeout=None)
             self._clients[key_id] = client
         return client
 
     async def _line(self, batch: BatchView, line: input_lines.Line) -> None:
+        background.set(True)  # this line's task's own context: its request waits behind interactive ones
         try:
             raw = await asyncio.to_thread(self.files.read_range, batch.input_file_id, line.offset, line.length)
             request = json.loads(raw)

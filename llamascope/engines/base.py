@@ -16,6 +16,7 @@ implement it.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal, Protocol
@@ -27,6 +28,12 @@ from llamascope.structured.tools import ToolCall
 
 # A turn's content, in order: its text and its images (several may be in one turn, text between them).
 Part = str | PreparedImage
+
+# Set while a request runs on the capacity interactive requests leave free (a batch line, see batch/runner.py):
+# an engine with a queue admits it only when no interactive request waits, and never counts it in the queue
+# interactive requests are refused from. A context variable, as the request passes the HTTP layer in process
+# on its way here and the engine is the only one that acts on it.
+background: ContextVar[bool] = ContextVar("llamascope_background", default=False)
 
 
 @dataclass(frozen=True)

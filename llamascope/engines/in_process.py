@@ -38,6 +38,7 @@ from llamascope.engines.base import (
     SamplingParams,
     TokenLogprob,
     Turn,
+    background,
 )
 from llamascope.engines.loading import check_model_dir, load_weights
 from llamascope.engines.prefix_cache import PrefixCache, default_bytes
@@ -220,6 +221,7 @@ class InProcessEngine(ABC):
         return {
             "running": self.scheduler.active,
             "waiting": len(self.scheduler.waiting),
+            "waiting_background": len(self.scheduler.background),
             **self._image_stats(),
             **self.prefix_cache.stats(),
         }
@@ -341,6 +343,7 @@ class InProcessEngine(ABC):
             send=send,
             fault=payload.fault,
             matcher=matcher,
+            background=background.get(),
         )
         self.scheduler.submit(seq)  # raises 429 Throttling when the queue is full
         text = IncrementalText(self.tokenizer)

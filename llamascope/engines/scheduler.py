@@ -23,6 +23,12 @@ a place while what they hold fits in ``max_queued_bytes`` (and, if set, while
 fewer than ``max_queued`` wait; beyond: ``429 Throttling`` with Retry-After),
 and a request that waits longer than ``max_queue_wait`` gets
 ``408 RequestTimeOut``. So the engine never holds more work than it was sized for.
+
+Background requests (batch lines, ``Sequence.background``) wait in a queue of their own: one is admitted only
+when no interactive request waits, and never to the batch's last free place (an interactive request that
+comes finds one). They are not counted in the bounds interactive requests are refused by (their number is
+bounded by whoever sends them: the batch runner's lines in flight), and have no ``max_queue_wait``: they are
+there to wait for idle capacity.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ class Scheduler:
         self.batches = {False: Batch(self.cross_layers), True: Batch(self.cross_layers)}  # by has_image
         self.waiting: deque[Sequence] = deque()
         self.waiting_bytes = 0  # what the waiting requests hold (``Sequence.waiting_bytes``)
+        self.background: deque[Sequence] = deque()  # batch lines, admitted only when ``waiting`` is empty
         self.prefilling: Sequence | None = None
         self._cond = threading.Condition()
         self._stopping = False
@@ -112,6 +119,10 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise errors.ServiceError(503, "ServiceUnavailable", "The server is shutting down.")
+            if seq.background:
+                self.background.append(seq)
+                self._cond.notify()
+                return
             limits = self.limits
             full = limits.max_queued is not None and len(self.waiting) >= limits.max_queued
             if full or (self.waiting and self.waiting_bytes + seq.waiting_bytes > limits.max_queued_bytes):
@@ -136,7 +147,7 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._stopping and not self.waiting and self.active == 0:
+                    while not self._stopping and not self.waiting and not self.background and self.active == 0:
                         self._cond.wait()
                     if self._stopping:
                         break
@@ -159,7 +170,7 @@ class Scheduler:
                         seq.send(errors.internal_error())
                     self.flush()
         prefilling = [self.prefilling] if self.prefilling else []
-        for seq in [*self.waiting, *prefilling, *(s for b in self.batches.values() for s in b.rows)]:
+        for seq in [*self.waiting, *self.background, *prefilling, *(s for b in self.batches.values() for s in b.rows)]:
             seq.send(FinishReason.CANCELLED)
         self.flush()
 
@@ -210,23 +221,24 @@ class Scheduler:
     def _encode_ahead(self) -> None:
         """The images of the requests this turn is expected to admit, through the vision tower together.
 
-        Expected as ``_next_waiting`` and ``_admit`` decide: in queue order, while the batch bounds leave
-        room and the prefill budget lasts (counting whole prompts: reused prefixes may let more in, whose
-        images are then encoded in their prefill as before); cancelled and waited-out requests left out.
+        Expected as ``_next_waiting`` and ``_admit`` decide: in queue order (background ones last), while the
+        batch bounds leave room and the prefill budget lasts (counting whole prompts: reused prefixes may let
+        more in, whose images are then encoded in their prefill as before); cancelled and waited-out requests
+        left out.
         """
         limits = self.limits
         with self._cond:
-            if len(self.waiting) < 2:
+            if len(self.waiting) + len(self.background) < 2:
                 return
             now = time.monotonic()
             running = [s for b in self.batches.values() for s in b.rows]
             count, longest = len(running), max((s.budget for s in running), default=0)
             budget = limits.prefill_chunk if self.prefilling is None else 0
             expected = []
-            for seq in self.waiting:
+            for seq in [*self.waiting, *self.background]:
                 if budget <= 0:
                     break
-                if seq.cancel.is_set() or now - seq.queued_at > limits.max_queue_wait:
+                if seq.cancel.is_set() or (not seq.background and now - seq.queued_at > limits.max_queue_wait):
                     continue
                 longest = max(longest, seq.budget)
                 if not self._room(count, longest):
@@ -239,9 +251,13 @@ class Scheduler:
             self.encoder.encode_ahead(images)
 
     def _next_waiting(self) -> Sequence | None:
-        """The first waiting request if there is room for it; those cancelled or waited out are ended."""
+        """The first waiting request if there is room for it; those cancelled or waited out are ended. A
+        background request only when no interactive one waits (and so none is refused for it)."""
         now = time.monotonic()
         with self._cond:
+            for ended in [seq for seq in self.background if seq.cancel.is_set()]:
+                self.background.remove(ended)
+                ended.send(FinishReason.CANCELLED)
             while self.waiting:
                 seq = self.waiting[0]
                 if seq.cancel.is_set():
@@ -252,11 +268,19 @@ class Scheduler:
                     self._pop_waiting()
                     seq.send(errors.request_timed_out())
                     continue
-                running = [s for b in self.batches.values() for s in b.rows]
-                if not self._room(len(running), max([seq.budget, *(s.budget for s in running)])):
-                    return None
-                return self._pop_waiting()
+                return self._pop_waiting() if self._fits(seq) else None
+            if self.background and self._fits(self.background[0], keep=1):
+                return self.background.popleft()
         return None
+
+    def _fits(self, seq: Sequence, keep: int = 0) -> bool:
+        """Whether ``seq`` fits beside the running batch, leaving ``keep`` places free (a background request
+        leaves one to the next interactive request, unless the batch is empty: its first token then waits for
+        no line to end)."""
+        running = [s for b in self.batches.values() for s in b.rows]
+        if running and len(running) + 1 + keep > self.limits.max_batch:
+            return False
+        return self._room(len(running), max([seq.budget, *(s.budget for s in running)]))
 
     def _room(self, running: int, longest: int) -> bool:
         """Whether one more request fits beside ``running`` ones, the longest budget among them all ``longest``.

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from llamascope import errors
-from llamascope.engines.base import FinishReason, SamplingParams, Turn
+from llamascope.engines.base import FinishReason, PreparedPrompt, SamplingParams, Turn, background
 from llamascope.engines.mllama import MllamaEngine
 from llamascope.engines.requests import BatchLimits
 from llamascope.images import PreparedImage
@@ -195,6 +195,64 @@ def test_full_queue_is_refused_with_retry_after(test_model_dir: Path) -> None:
     while engine.active or engine.stats()["waiting"]:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def test_interactive_requests_go_before_background_ones_and_are_never_refused_for_them(test_model_dir: Path) -> None:
+    """Batch lines (background) wait apart: a full batch and three lines waiting leave the one-place queue to
+    interactive requests, and the interactive one waiting is admitted before any line though it came last."""
+    engine = MllamaEngine.load(test_model_dir, test_model=True, limits=BatchLimits(max_batch=1, max_queued=1))
+    turns = [Turn("user", "Go on and on.")]
+    started: list[str] = []
+
+    async def first_token(name: str, prompt: PreparedPrompt, is_background: bool) -> None:
+        background.set(is_background)  # this task's own context, as a batch line's request has
+        async for _ in engine.generate(prompt, SamplingParams(max_new_tokens=3, temperature=0)):
+            started.append(name)
+            break
+
+    async def scenario() -> errors.ServiceError:
+        prompt = await engine.prepare(turns)
+        running = engine.generate(prompt, SamplingParams(max_new_tokens=100_000, temperature=0))
+        await anext(running)  # the batch is full
+        lines = [asyncio.create_task(first_token(f"line{i}", prompt, True)) for i in range(3)]
+        await asyncio.sleep(0.1)
+        interactive = asyncio.create_task(first_token("interactive", prompt, False))
+        await asyncio.sleep(0.1)
+        assert engine.stats()["waiting"] == 1 and engine.stats()["waiting_background"] == 3
+        with pytest.raises(errors.ServiceError) as refused:  # the queue's one place is the interactive one's
+            await anext(engine.generate(prompt, SamplingParams(max_new_tokens=1)))
+        await running.aclose()
+        await asyncio.gather(interactive, *lines)
+        return refused.value
+
+    assert asyncio.run(scenario()).code == "Throttling"
+    assert started == ["interactive", "line0", "line1", "line2"]
+
+
+def test_background_requests_leave_the_batch_a_place_for_an_interactive_one(test_model_dir: Path) -> None:
+    """With two places and one taken, a batch line waits: the interactive request that comes runs at once."""
+    engine = MllamaEngine.load(test_model_dir, test_model=True, limits=BatchLimits(max_batch=2))
+    endless = SamplingParams(max_new_tokens=100_000, temperature=0)
+
+    async def scenario() -> tuple[int, int]:
+        prompt = await engine.prepare([Turn("user", "Go on and on.")])
+        running = engine.generate(prompt, endless)
+        await anext(running)
+        background.set(True)
+        lines = engine.generate(prompt, endless)
+        line = asyncio.create_task(anext(lines))
+        background.set(False)
+        await asyncio.sleep(0.3)
+        waiting = engine.stats()["waiting_background"]
+        interactive = engine.generate(prompt, endless)
+        await asyncio.wait_for(anext(interactive), 30)  # in the place kept free
+        await interactive.aclose()
+        await running.aclose()
+        await asyncio.wait_for(line, 30)  # the line runs once the batch has room again
+        await lines.aclose()
+        return waiting, engine.stats()["waiting_background"]
+
+    assert asyncio.run(scenario()) == (1, 0)
 
 
 def test_the_queue_holds_what_fits_in_its_memory(test_model_dir: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import signal
 import time
 from collections.abc import Iterator
@@ -71,8 +72,15 @@ def batch_server(
     assert "Traceback" not in srv.log(), srv.log()[-5000:]
 
 
+def store_of(server: Server) -> AccountStore:
+    return AccountStore(f"sqlite:///{server.log_path.parent / 'data' / 'llamascope.db'}")
+
+
 def test_a_batch_of_image_questions_runs_to_its_output_file(batch_server: Server) -> None:
     client = sdk(batch_server)
+    store = store_of(batch_server)
+    key_id = store.find_key(API_KEY).id  # type: ignore[union-attr]
+    used_before = store.find_grant(key_id, SEED_MODEL).used_tokens  # type: ignore[union-attr]
     colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
     batch = submit(client, [image_question(f"image-{i}", c) for i, c in enumerate(colors)])
     assert batch.status == "validating" and batch.request_counts.total == 0
@@ -92,6 +100,17 @@ def test_a_batch_of_image_questions_runs_to_its_output_file(batch_server: Server
         assert body["usage"]["completion_tokens"] <= 8
     assert batch.usage.output_tokens == sum(line["response"]["body"]["usage"]["completion_tokens"] for line in output)
     assert batch.usage.input_tokens == sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in output)
+    # The output keeps the tokens made; the key is charged the batch price (0.5 by default) of them, rounded up.
+    ledger = {row.request_id: row for row in store.ledger(key_id)}
+    charged = 0
+    for line in output:
+        row, usage = ledger[line["response"]["request_id"]], line["response"]["body"]["usage"]
+        assert (row.input_tokens, row.output_tokens) == (
+            math.ceil(usage["prompt_tokens"] / 2),
+            math.ceil(usage["completion_tokens"] / 2),
+        )
+        charged += row.input_tokens + row.output_tokens
+    assert store.find_grant(key_id, SEED_MODEL).used_tokens - used_before == charged  # type: ignore[union-attr]
     # The files and the batch are listed for their key.
     assert batch.id in [b.id for b in client.batches.list()]
     listed = client.files.list()
@@ -200,7 +219,8 @@ def test_a_server_killed_mid_batch_finishes_it_after_a_restart(
     charged = [row for row in ledger if row.status == "ok"]
     reported = [line["response"]["body"]["usage"] for line in output]
     assert len(reported) <= len(charged) <= len(reported) + in_flight
-    assert sum(r.input_tokens + r.output_tokens for r in charged) >= sum(u["total_tokens"] for u in reported)
+    priced = sum(math.ceil(u["prompt_tokens"] / 2) + math.ceil(u["completion_tokens"] / 2) for u in reported)
+    assert sum(r.input_tokens + r.output_tokens for r in charged) >= priced  # at the batch price, 0.5
     if len(charged) == len(reported):
-        assert sum(r.input_tokens + r.output_tokens for r in charged) == sum(u["total_tokens"] for u in reported)
+        assert sum(r.input_tokens + r.output_tokens for r in charged) == priced
     assert sum(row.status == "interrupted" for row in ledger) <= in_flight

@@ -1,0 +1,214 @@
+"""Batch jobs against the same requests sent by hand, with issue 25's targets (one run, ratios, PASS/FAIL).
+
+A real ``llamascope serve`` (the built-in test model, ``LLAMASCOPE_BATCH_IN_FLIGHT`` = --concurrency, and
+``LLAMASCOPE_MAX_BATCH_SIZE`` one more: the place batch lines leave to interactive requests):
+
+1. --lines chat requests, each a 64x64 image and a question, 32 output tokens at most, sent through the API
+   at --concurrency; then the same requests (other images of the same size, so neither run finds the other's
+   in the caches) as one batch, from ``batches.create`` to ``completed``. Target: batch <= 1.1x the API.
+2. Time to first token of a streamed interactive request (median of --probes), on the idle server and while a
+   batch of the same lines runs. Target: <= 1.5x.
+3. A --big-lines file (default 50,000, each with a small image) validated: from ``batches.create`` to
+   ``in_progress``, and the server's resident memory over that time against before. Targets: < 10 s, and the
+   memory flat (it grows less than 32 MB, for a file of some 340 MB: streamed, never loaded whole).
+
+    .venv/bin/python bench/batch.py [--lines 1000] [--concurrency 16] [--probes 20] [--big-lines 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx
+import openai
+import psutil
+from harness import Processes, free_port, wait_ready
+from PIL import Image
+
+KEY = "sk-batchbench-0123456789abcdefghijklmnopq"
+MODEL = "llama3.2-11b-vision"
+CHAT = "/v1/chat/completions"
+
+
+def image(seed: int) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (seed % 251, (seed // 251) % 251, 7 + seed % 13)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def body(seed: int, max_tokens: int = 32, stream: bool = False) -> dict[str, Any]:
+    content = [{"type": "image_url", "image_url": {"url": image(seed)}}, {"type": "text", "text": "What is this?"}]
+    return {
+        "model": MODEL,
+        "max_tokens": max_tokens,
+        "stream": stream,
+        "messages": [{"role": "user", "content": content}],
+    }
+
+
+def jsonl(seeds: range, picture: str | None = None) -> bytes:
+    """A line per seed; with ``picture``, every line's image is that one (the large file: a photo's weight)."""
+    lines = []
+    for seed in seeds:
+        request = body(seed)
+        if picture is not None:
+            request["messages"][0]["content"][0]["image_url"]["url"] = picture
+        lines.append(json.dumps({"custom_id": f"q{seed}", "method": "POST", "url": CHAT, "body": request}))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def noise() -> str:
+    """A 40x40 PNG of random pixels: about 6 KB as a data URI, as it does not compress."""
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (40, 40), os.urandom(40 * 40 * 3)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+async def through_api(base: str, seeds: range, concurrency: int) -> tuple[float, int]:
+    gate = asyncio.Semaphore(concurrency)
+    tokens = 0
+
+    async def one(client: httpx.AsyncClient, seed: int) -> None:
+        nonlocal tokens
+        async with gate:
+            r = await client.post("/compatible-mode/v1/chat/completions", json=body(seed))
+            r.raise_for_status()
+            tokens += r.json()["usage"]["completion_tokens"]
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=600, limits=limits) as client:
+        started = time.monotonic()
+        await asyncio.gather(*(one(client, s) for s in seeds))
+        return time.monotonic() - started, tokens
+
+
+def submit(client: openai.OpenAI, data: bytes, before: Any = lambda: None) -> tuple[Any, float]:
+    """The batch made of ``data`` and when it was made (after the upload; ``before`` runs between the two)."""
+    file = client.files.create(file=("input.jsonl", data), purpose="batch")
+    before()
+    started = time.monotonic()
+    return client.batches.create(input_file_id=file.id, endpoint=CHAT, completion_window="24h"), started
+
+
+def wait(client: openai.OpenAI, batch_id: str, until: tuple[str, ...], poll: float = 0.05) -> Any:
+    while (batch := client.batches.retrieve(batch_id)).status not in until:
+        time.sleep(poll)
+    return batch
+
+
+def first_token_ms(base: str, seed: int) -> float:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    started = time.monotonic()
+    url = base + "/compatible-mode/v1/chat/completions"
+    with httpx.stream("POST", url, json=body(seed, stream=True), headers=headers, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and '"content":"' in line and '"content":""' not in line:
+                return (time.monotonic() - started) * 1000
+    raise RuntimeError("no token came")
+
+
+def probes(base: str, count: int, first_seed: int) -> float:
+    times = []
+    for i in range(count):
+        times.append(first_token_ms(base, first_seed + i))
+        time.sleep(0.1)
+    return statistics.median(times)
+
+
+def row(name: str, measured: str, target: str, ok: bool) -> str:
+    return f"| {name} | {measured} | {target} | {'PASS' if ok else 'FAIL'} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lines", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--probes", type=int, default=20)
+    parser.add_argument("--big-lines", type=int, default=50_000)
+    args = parser.parse_args()
+    n = args.lines
+    with Processes("llamascope-batch-bench-") as children:
+        env = {
+            "LLAMASCOPE_API_KEYS": KEY,
+            "LLAMASCOPE_DATA_DIR": str(children.tmp / "data"),
+            "LLAMASCOPE_LOG_LEVEL": "warning",
+            "LLAMASCOPE_BATCH_IN_FLIGHT": str(args.concurrency),
+            # Batch lines leave the running batch one place for interactive requests: one place more, so the
+            # batch runs as many at once as the API side does.
+            "LLAMASCOPE_MAX_BATCH_SIZE": str(args.concurrency + 1),
+            "LLAMASCOPE_MAX_QUEUE_WAIT_SECONDS": "600",  # a loaded machine: slow, not refused
+        }
+        port = free_port()
+        server = children.spawn([sys.executable, "-m", "llamascope", "serve", "--port", str(port)], env)
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base + "/health")
+        client = openai.OpenAI(base_url=base + "/compatible-mode/v1", api_key=KEY, max_retries=0)
+        asyncio.run(through_api(base, range(10**6, 10**6 + 32), args.concurrency))  # warm up
+
+        api_s, api_tokens = asyncio.run(through_api(base, range(n), args.concurrency))
+        batch, started = submit(client, jsonl(range(n, 2 * n)))
+        batch = wait(client, batch.id, ("completed", "failed", "cancelled"))
+        batch_s = time.monotonic() - started
+        assert batch.status == "completed" and batch.request_counts.completed == n, batch
+
+        idle_ms = probes(base, args.probes, 3 * n)
+        loaded, _ = submit(client, jsonl(range(4 * n, 5 * n)))
+        wait(client, loaded.id, ("in_progress", "completed", "failed"))
+        busy_ms = probes(base, args.probes, 3 * n + args.probes)
+        still = client.batches.retrieve(loaded.id).status == "in_progress"
+        if still:
+            client.batches.cancel(loaded.id)
+            wait(client, loaded.id, ("cancelled", "completed"))
+
+        data = jsonl(range(10**7, 10**7 + args.big_lines), noise())
+        process = psutil.Process(server.pid)
+        before = peak = 0
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, process.memory_info().rss)
+                time.sleep(0.02)
+
+        def measure() -> None:  # once the upload is in: from here on only the validation runs
+            nonlocal before, peak
+            before = peak = process.memory_info().rss
+            sampler.start()
+
+        sampler = threading.Thread(target=sample)
+        big, started = submit(client, data, measure)
+        big = wait(client, big.id, ("in_progress", "failed", "completed"), poll=0.02)
+        validate_s = time.monotonic() - started
+        done.set()
+        sampler.join()
+        client.batches.cancel(big.id)
+        assert big.status != "failed", big.errors
+
+    mb = 1024 * 1024
+    print(f"{n} lines, concurrency {args.concurrency}, {api_tokens} output tokens through the API, "
+          f"{batch.usage.output_tokens} in the batch; the batch still running after the probes: {still}\n")  # fmt: skip
+    print("| measure | measured | target | |\n|---|---|---|---|")
+    ratio = batch_s / api_s
+    print(row("batch vs API", f"{batch_s:.1f} s / {api_s:.1f} s = {ratio:.2f}x", "≤ 1.1x", ratio <= 1.1))
+    ttft = busy_ms / idle_ms
+    print(row("TTFT, batch running vs idle", f"{busy_ms:.0f} / {idle_ms:.0f} ms = {ttft:.2f}x", "≤ 1.5x", ttft <= 1.5))
+    print(row(f"{args.big_lines:,} lines validated", f"{validate_s:.1f} s", "< 10 s", validate_s < 10))
+    grown = (peak - before) / mb
+    size = len(data) / mb
+    print(row("memory while validating", f"+{grown:.0f} MB (file {size:.0f} MB)", "flat (< 32 MB)", grown < 32))
+
+
+if __name__ == "__main__":
+    main()

@@ -208,19 +208,19 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def accounts_command(args: argparse.Namespace) -> int:
-    # The store (SQLAlchemy, Alembic) and the server stack around it load only for the commands that use
-    # them: chat starts fast.
-    from llamascope.server import model_allowances, open_store, safe_url
+    # why: the store (SQLAlchemy) loads only for the commands that use it, and never the server's stack
+    # (FastAPI, uvicorn, the engines): chat starts fast, and so do these
+    from llamascope.accounts.store import open_store, printable_url
 
     try:
         settings = Settings.load(getattr(args, "config", None))
     except Exception as exc:
         print(f"llamascope: bad settings: {describe_error(exc)}", file=sys.stderr)
         return 2
-    store = open_store(settings)
+    store = open_store(settings.database, settings.data_dir if settings.database_url is None else None)
     try:
         if args.command == "db":
-            print(f"schema up to date in {safe_url(store.url)}")
+            print(f"schema up to date in {printable_url(store.url)}")
         elif args.command == "usage":
             key_id = store.key(args.key).id if args.key else None
             since = utcnow() - timedelta(days=args.days) if args.days else None
@@ -232,7 +232,7 @@ def accounts_command(args: argparse.Namespace) -> int:
             _warn_unknown(admin.unknown_models(args.model or [], settings.models), settings)
             key, view, grants = admin.create_key(
                 store,
-                model_allowances(settings),
+                admin.model_allowances(settings.models),
                 name=args.name,
                 models=args.model,
                 allowance=args.allowance,
@@ -253,7 +253,9 @@ def accounts_command(args: argparse.Namespace) -> int:
         elif args.action == "grant":
             view = store.key(args.key)
             _warn_unknown(admin.unknown_models([args.model], settings.models), settings)
-            admin.grant_models(store, view.id, [args.model], model_allowances(settings), args.allowance, args.days)
+            admin.grant_models(
+                store, view.id, [args.model], admin.model_allowances(settings.models), args.allowance, args.days
+            )
             print(admin.keys_table([(v, g) for v, g in store.list_keys() if v.id == view.id]))
     except (LookupError, ValueError) as exc:
         print(f"llamascope: {exc}", file=sys.stderr)

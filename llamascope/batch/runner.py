@@ -24,9 +24,8 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from sqlalchemy.exc import OperationalError
 from starlette.types import ASGIApp
 
@@ -49,6 +48,9 @@ from llamascope.batch.records import (
 )
 from llamascope.batch.repository import INSERT_CHUNK, BatchRepository
 from llamascope.engines.base import Engine
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("llamascope.batch")
 
@@ -192,6 +194,8 @@ class Runner:
     def _client(self, key_id: int) -> httpx.AsyncClient:
         client = self._clients.get(key_id)
         if client is None:
+            import httpx  # why: its import (rich included) is 0.1-0.2 s of every start; only batches need it
+
             assert self._app is not None
             transport = httpx.ASGITransport(as_key(self._app, key_id), raise_app_exceptions=False)
             client = httpx.AsyncClient(transport=transport, base_url="http://batch.llamascope", timeout=None)

@@ -15,7 +15,6 @@ from llamascope import __version__
 from llamascope.accounts import admin
 from llamascope.accounts.access import KEY_RULE, MAKE_A_KEY, key_weakness
 from llamascope.accounts.records import utcnow
-from llamascope.client import chat
 from llamascope.engines.builtin_model import ensure_test_model
 from llamascope.settings import BUILTIN, ModelSpec, Settings, describe_error
 
@@ -67,7 +66,11 @@ KEYS_GRANT_DESCRIPTION = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The commands that never need the client: their parser is built without chat's (see build_parser).
+SERVER_COMMANDS = frozenset({"serve", "keys", "usage", "db", "build-test-model"})
+
+
+def build_parser(with_chat: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamascope", description=__doc__)
     parser.add_argument("--version", action="version", version=f"llamascope {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -167,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="the accounts database").add_subparsers(dest="action", required=True)
     upgrade = db.add_parser("upgrade", help="apply schema migrations")
-    chat.add_parser(commands)
+    if with_chat:
+        # why: the client (httpx, and rich through it: 0.1-0.2 s) loads only when the command may be chat
+        from llamascope.client import chat
+
+        chat.add_parser(commands)
     for command in (create, listing, revoke, grant, usage, upgrade):
         command.add_argument("--config", type=Path, help="TOML config file (default: $LLAMASCOPE_CONFIG)")
     return parser
@@ -273,12 +280,15 @@ def _warn_unknown(models: list[str], settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(with_chat=not argv or argv[0] not in SERVER_COMMANDS).parse_args(argv)
     if args.command == "serve":
         return serve(args)
     if args.command in ("keys", "usage", "db"):
         return accounts_command(args)
     if args.command == "chat":
+        from llamascope.client import chat  # why: see build_parser
+
         return chat.run(args)
     if args.command == "build-test-model":
         # Observability (prometheus-client, OpenTelemetry) loads only for the commands that serve or build:

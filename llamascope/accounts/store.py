@@ -32,8 +32,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import case, create_engine, delete, event, func, insert, select, text, update
-from sqlalchemy.dialects import postgresql as postgresql_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -55,7 +53,7 @@ from llamascope.accounts.records import (
 from llamascope.accounts.refusals import RefusalCounts, with_refusals
 from llamascope.accounts.schema import ApiKey, Base, Grant, InFlight, Replica, UsageRecord
 from llamascope.accounts.sqlite_hot_path import SqliteHotPath, already_charged, sqlite_pragmas
-from llamascope.accounts.statements import LEDGER_FIELDS, HotStatements
+from llamascope.accounts.statements import LEDGER_FIELDS, HotStatements, upsert_into
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest migration: its file's number is its revision (tests/accounts/test_store.py checks it is
@@ -446,8 +444,7 @@ class AccountStore:
         """Write running requests' in-flight rows (InFlight's columns), new or updated, in one transaction."""
         if not rows:
             return
-        dialect: Any = sqlite_dialect if self.is_sqlite else postgresql_dialect
-        statement = dialect.insert(InFlight)
+        statement = upsert_into(InFlight, self.engine.dialect.name)
         latest = {name: statement.excluded[name] for name in _CHECKPOINTED}
         with self.engine.begin() as connection:
             connection.execute(statement.on_conflict_do_update(index_elements=["request_id"], set_=latest), rows)

@@ -15,7 +15,6 @@ from llamascope import __version__
 from llamascope.accounts import admin
 from llamascope.accounts.access import KEY_RULE, MAKE_A_KEY, key_weakness
 from llamascope.accounts.records import utcnow
-from llamascope.client import batch, chat
 from llamascope.engines.builtin_model import ensure_test_model
 from llamascope.settings import BUILTIN, ModelSpec, Settings, describe_error
 
@@ -67,7 +66,11 @@ KEYS_GRANT_DESCRIPTION = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The commands that never need the client: their parser is built without chat's (see build_parser).
+SERVER_COMMANDS = frozenset({"serve", "keys", "usage", "db", "build-test-model"})
+
+
+def build_parser(with_chat: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamascope", description=__doc__)
     parser.add_argument("--version", action="version", version=f"llamascope {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -167,8 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="the accounts database").add_subparsers(dest="action", required=True)
     upgrade = db.add_parser("upgrade", help="apply schema migrations")
-    chat.add_parser(commands)
-    batch.add_parser(commands)
+    if with_chat:
+        # why: the client (httpx, and rich through it: 0.1-0.2 s) loads only when the command may be a client's
+        from llamascope.client import batch, chat
+
+        chat.add_parser(commands)
+        batch.add_parser(commands)
     for command in (create, listing, revoke, grant, usage, upgrade):
         command.add_argument("--config", type=Path, help="TOML config file (default: $LLAMASCOPE_CONFIG)")
     return parser
@@ -209,19 +216,19 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def accounts_command(args: argparse.Namespace) -> int:
-    # The store (SQLAlchemy, Alembic) and the server stack around it load only for the commands that use
-    # them: chat starts fast.
-    from llamascope.server import model_allowances, open_store, safe_url
+    # why: the store (SQLAlchemy) loads only for the commands that use it, and never the server's stack
+    # (FastAPI, uvicorn, the engines): chat starts fast, and so do these
+    from llamascope.accounts.store import open_store, printable_url
 
     try:
         settings = Settings.load(getattr(args, "config", None))
     except Exception as exc:
         print(f"llamascope: bad settings: {describe_error(exc)}", file=sys.stderr)
         return 2
-    store = open_store(settings)
+    store = open_store(settings.database, settings.data_dir if settings.database_url is None else None)
     try:
         if args.command == "db":
-            print(f"schema up to date in {safe_url(store.url)}")
+            print(f"schema up to date in {printable_url(store.url)}")
         elif args.command == "usage":
             key_id = store.key(args.key).id if args.key else None
             since = utcnow() - timedelta(days=args.days) if args.days else None
@@ -233,7 +240,7 @@ def accounts_command(args: argparse.Namespace) -> int:
             _warn_unknown(admin.unknown_models(args.model or [], settings.models), settings)
             key, view, grants = admin.create_key(
                 store,
-                model_allowances(settings),
+                admin.model_allowances(settings.models),
                 name=args.name,
                 models=args.model,
                 allowance=args.allowance,
@@ -254,7 +261,9 @@ def accounts_command(args: argparse.Namespace) -> int:
         elif args.action == "grant":
             view = store.key(args.key)
             _warn_unknown(admin.unknown_models([args.model], settings.models), settings)
-            admin.grant_models(store, view.id, [args.model], model_allowances(settings), args.allowance, args.days)
+            admin.grant_models(
+                store, view.id, [args.model], admin.model_allowances(settings.models), args.allowance, args.days
+            )
             print(admin.keys_table([(v, g) for v, g in store.list_keys() if v.id == view.id]))
     except (LookupError, ValueError) as exc:
         print(f"llamascope: {exc}", file=sys.stderr)
@@ -272,14 +281,19 @@ def _warn_unknown(models: list[str], settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(with_chat=not argv or argv[0] not in SERVER_COMMANDS).parse_args(argv)
     if args.command == "serve":
         return serve(args)
     if args.command in ("keys", "usage", "db"):
         return accounts_command(args)
     if args.command == "chat":
+        from llamascope.client import chat  # why: see build_parser
+
         return chat.run(args)
     if args.command == "batch":
+        from llamascope.client import batch  # why: see build_parser
+
         return batch.run(args)
     if args.command == "build-test-model":
         # Observability (prometheus-client, OpenTelemetry) loads only for the commands that serve or build:

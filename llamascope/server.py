@@ -26,10 +26,10 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
-from sqlalchemy.engine import make_url
 
 from llamascope import __version__, observability
 from llamascope.accounts import admin
+from llamascope.accounts import store as accounts_store
 from llamascope.accounts.admission import Accounts
 from llamascope.accounts.checkpoints import Checkpoints
 from llamascope.accounts.limits import rate_limits
@@ -76,16 +76,12 @@ def configure_observability(settings: Settings) -> None:
 
 def model_allowances(settings: Settings) -> dict[str, ModelAllowance]:
     """Each model's default allowance from the settings, for accounts.admin and the admin API."""
-    return {name: ModelAllowance(spec.allowance_tokens, spec.allowance_days) for name, spec in settings.models.items()}
+    return admin.model_allowances(settings.models)
 
 
 def open_store(settings: Settings) -> AccountStore:
     """The accounts store, its schema migrated: a database that cannot be reached stops start-up here."""
-    if settings.database_url is None:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = AccountStore(settings.database)
-    store.migrate()
-    return store
+    return accounts_store.open_store(settings.database, settings.data_dir if settings.database_url is None else None)
 
 
 def model_plan(settings: Settings) -> dict[str, UpstreamModel | InProcessModel]:
@@ -375,4 +371,4 @@ def listen(host: str, port: int) -> socket.socket:
 
 def safe_url(url: str) -> str:
     """A database URL without its password, for printing."""
-    return make_url(url).render_as_string(hide_password=True)
+    return accounts_store.printable_url(url)

@@ -107,3 +107,6 @@ def test_a_gateway_never_imports_pytorch_or_transformers(upstream: str, tmp_path
     assert json.loads(result["text"])["choices"][0]["message"]["content"] == "".join(PIECES)
     heavy = [m for m in result["modules"] if m.split(".")[0] in ("torch", "transformers", "torchvision")]
     assert heavy == []
+    # Nor what only some requests or stores need: Alembic (a new store is made at the head without it), the
+    # structured-output libraries (no request asked for a shape).
+    assert [m for m in result["modules"] if m.split(".")[0] in ("alembic", "jsonschema", "llguidance")] == []

@@ -88,6 +88,11 @@ def _limit(value: Limit, default: Any) -> Any:
     return value
 
 
+def model_allowances(models: Mapping[str, Any]) -> dict[str, ModelAllowance]:
+    """Each model's default allowance, from model specs that have ``allowance_tokens`` and ``allowance_days``."""
+    return {name: ModelAllowance(spec.allowance_tokens, spec.allowance_days) for name, spec in models.items()}
+
+
 def unknown_models(models: Iterable[str], served: Iterable[str]) -> list[str]:
     """Names this process does not serve (another replica may): worth a warning, not a refusal."""
     known = set(served)

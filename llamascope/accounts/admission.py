@@ -212,7 +212,7 @@ class Accounts:
                     reserve = functools.partial(self.store.reserve, prompt_tokens=prompt_tokens, in_flight=in_flight)
                     reservation = await self.run(reserve, principal.key.id, model, tokens)
                 if reservation is None:
-                    latest = await self.read(self.store.find_grant, principal.key.id, model)
+                    latest = await self.read(self.store.find_grant, principal.key.id, model, True)
                     raise grant_refusal(model, latest, utcnow()) or errors.internal_error()
         except BaseException:
             with anyio.CancelScope(shield=True):

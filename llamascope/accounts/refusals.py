@@ -14,12 +14,11 @@ from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql as postgresql_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Engine
 
 from llamascope.accounts.records import utcnow
 from llamascope.accounts.schema import ApiKey, Refusals
+from llamascope.accounts.statements import upsert_into
 
 _MODEL_CHARS = Refusals.__table__.c.model.type.length  # type: ignore[attr-defined]
 _CODE_CHARS = Refusals.__table__.c.code.type.length  # type: ignore[attr-defined]
@@ -43,8 +42,7 @@ class RefusalCounts:
         if not counts:
             return
         rows = [{"key_id": k, "model": m, "code": c, "day": d, "count": n} for (k, m, c, d), n in counts.items()]
-        dialect: Any = sqlite_dialect if self.engine.dialect.name == "sqlite" else postgresql_dialect
-        insert = dialect.insert(Refusals)
+        insert = upsert_into(Refusals, self.engine.dialect.name)
         upsert = insert.on_conflict_do_update(
             index_elements=["key_id", "model", "code", "day"], set_={"count": Refusals.count + insert.excluded.count}
         )

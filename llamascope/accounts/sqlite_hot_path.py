@@ -55,6 +55,14 @@ class SqliteHotPath:
             setattr(self._local, name, connection)
         return connection
 
+    def data_version(self) -> int:
+        """The count of commits other connections made, as this thread's "at once" connection sees it."""
+        cursor: sqlite3.Cursor | None = getattr(self._local, "version_cursor", None)
+        if cursor is None:
+            cursor = self._local.version_cursor = self._connection(wait=False).cursor()
+        version: int = cursor.execute("PRAGMA data_version").fetchone()[0]
+        return version
+
     def lookup(self, statement: Any, parameters: dict[str, Any]) -> tuple[Any, ...] | None:
         sql = self._sql(statement)
         try:

@@ -31,15 +31,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import case, create_engine, delete, event, func, insert, select, text, update
-from sqlalchemy.dialects import postgresql as postgresql_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from llamascope.accounts.lookups import Lookups
 from llamascope.accounts.records import (
     INTERRUPTED,
     PREFIX_LENGTH,
@@ -54,15 +51,38 @@ from llamascope.accounts.records import (
     view_of,
 )
 from llamascope.accounts.refusals import RefusalCounts, with_refusals
-from llamascope.accounts.schema import ApiKey, Grant, InFlight, Replica, UsageRecord
+from llamascope.accounts.schema import ApiKey, Base, Grant, InFlight, Replica, UsageRecord
 from llamascope.accounts.sqlite_hot_path import SqliteHotPath, already_charged, sqlite_pragmas
-from llamascope.accounts.statements import LEDGER_FIELDS, HotStatements
+from llamascope.accounts.statements import LEDGER_FIELDS, HotStatements, upsert_into
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# The newest migration: its file's number is its revision (tests/accounts/test_store.py checks it is
+# Alembic's head). A store already there starts without importing Alembic.
+HEAD = max(p.name.partition("_")[0] for p in (MIGRATIONS / "versions").glob("[0-9]*_*.py"))
+# Alembic's own table, as its first upgrade makes it on SQLite.
+_VERSION_TABLE = (
+    "CREATE TABLE alembic_version (\n\tversion_num VARCHAR(32) NOT NULL, \n\t"
+    "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num)\n)"
+)
 log = logging.getLogger(__name__)
 V = TypeVar("V")
 # What a checkpoint updates in an existing in-flight row (the reservation stays as admission wrote it).
 _CHECKPOINTED = ("input_tokens", "output_tokens", "image_tokens", "checkpoint_at")
+
+
+def open_store(url: str, data_dir: Path | None = None) -> AccountStore:
+    """The store at ``url``, its schema migrated (``data_dir``: made first, for a default SQLite file there):
+    a database that cannot be reached stops here."""
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    store = AccountStore(url)
+    store.migrate()
+    return store
+
+
+def printable_url(url: str) -> str:
+    """A database URL without its password, for printing."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _view(cls: type[V], row: Any) -> V:
@@ -90,6 +110,16 @@ class AccountStore:
         self._sqlite = (
             SqliteHotPath(database, self._hot) if self.is_sqlite and database and database != ":memory:" else None
         )
+        # Keys and grants as the requests look them up, remembered until the store changes (see lookups.py);
+        # an in-memory SQLite (tests) is read afresh every time.
+        self._lookups: Lookups | None = None
+        if self._sqlite is not None:
+            self._lookups = Lookups(self._sqlite.data_version)
+        elif not self.is_sqlite:
+            self._lookups = Lookups(None)
+        if self._lookups is not None:
+            event.listen(self.engine, "commit", lambda _connection: self._lookups.changed())  # type: ignore[union-attr]
+        self._unlimited: set[int] = set()  # grants without an allowance: charging them changes no decision
 
     @classmethod
     def for_path(cls, path: Path) -> AccountStore:
@@ -104,7 +134,17 @@ class AccountStore:
     # -- schema -----------------------------------------------------------------
 
     def migrate(self) -> None:
-        """Bring the schema to the newest migration."""
+        """Bring the schema to the newest migration.
+
+        Alembic (a quarter of a second of imports) runs only for a store below the head: one at the head
+        is left as it is, and a new SQLite file gets the schema the migrations make (the same tables and
+        indexes, tests/accounts/test_store.py compares them), stamped at the head."""
+        if self.revision() == HEAD or (self.is_sqlite and self._create_at_head()):
+            return
+        # why: Alembic only when there are migrations to run
+        from alembic import command
+        from alembic.config import Config
+
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as connection:
@@ -113,6 +153,29 @@ class AccountStore:
                 connection.execute(text("SELECT pg_advisory_xact_lock(7247150131)"))
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+
+    def revision(self) -> str | None:
+        """The store's migration (None: a new database, or one Alembic never stamped)."""
+        with self.engine.connect() as connection:
+            try:
+                return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+            except DBAPIError:  # no such table
+                return None
+
+    def _create_at_head(self) -> bool:
+        """On an SQLite file with no tables: make the schema, stamped at the head, in one transaction that
+        holds the write lock (a replica starting beside this one waits, then finds it made). False if the
+        file has tables already (Alembic decides)."""
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            if connection.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar():
+                connection.rollback()
+                return False
+            Base.metadata.create_all(connection)
+            connection.exec_driver_sql(_VERSION_TABLE)
+            connection.exec_driver_sql("INSERT INTO alembic_version (version_num) VALUES (?)", (HEAD,))
+            connection.commit()
+        return True
 
     # -- keys -------------------------------------------------------------------
 
@@ -144,7 +207,12 @@ class AccountStore:
             return key, _view(KeyView, row)
 
     def find_key(self, key: str) -> KeyView | None:
-        return view_of(KeyView, self._lookup(self._hot.find_key, {"key_hash": hash_key(key)}))
+        key_hash = hash_key(key)
+
+        def load() -> KeyView | None:
+            return view_of(KeyView, self._lookup(self._hot.find_key, {"key_hash": key_hash}))
+
+        return load() if self._lookups is None else self._lookups.get(key_hash, load)
 
     def key(self, ref: str | int) -> KeyView:
         """A key by id, by the key itself (matched by its hash), or by an unambiguous prefix of it.
@@ -219,8 +287,20 @@ class AccountStore:
             s.flush()
             return _view(GrantView, row)
 
-    def find_grant(self, key_id: int, model: str) -> GrantView | None:
-        return view_of(GrantView, self._lookup(self._hot.find_grant, {"key_id": key_id, "model": model}))
+    def find_grant(self, key_id: int, model: str, fresh: bool = False) -> GrantView | None:
+        """The grant that applies to the key for the model; ``fresh``: read now, not as remembered."""
+
+        def load() -> GrantView | None:
+            grant = view_of(GrantView, self._lookup(self._hot.find_grant, {"key_id": key_id, "model": model}))
+            if grant is not None and grant.allowance_tokens is None:
+                self._unlimited.add(grant.id)
+            elif grant is not None:
+                self._unlimited.discard(grant.id)
+            return grant
+
+        if self._lookups is None or fresh:
+            return load()
+        return self._lookups.get((key_id, model), load)
 
     def _lookup(self, statement: Any, parameters: dict[str, Any]) -> Any:
         """One row of a per-request lookup: through the stdlib driver on SQLite, else SQLAlchemy Core (the
@@ -331,7 +411,13 @@ class AccountStore:
             "finished_at": now,
         }
         if self._sqlite is not None:
-            return self._sqlite.settle(charge, row, wait=wait, in_flight=in_flight)
+            settled = self._sqlite.settle(charge, row, wait=wait, in_flight=in_flight)
+            if settled and not wait and self._lookups is not None:  # committed where data_version cannot see it
+                if reservation.grant_id in self._unlimited:
+                    self._lookups.charged(reservation.grant_id, input_tokens + output_tokens, reservation.tokens)
+                else:  # the grant's room changed: decisions may too
+                    self._lookups.changed()
+            return settled
         if not wait:
             return False
         try:
@@ -358,8 +444,7 @@ class AccountStore:
         """Write running requests' in-flight rows (InFlight's columns), new or updated, in one transaction."""
         if not rows:
             return
-        dialect: Any = sqlite_dialect if self.is_sqlite else postgresql_dialect
-        statement = dialect.insert(InFlight)
+        statement = upsert_into(InFlight, self.engine.dialect.name)
         latest = {name: statement.excluded[name] for name in _CHECKPOINTED}
         with self.engine.begin() as connection:
             connection.execute(statement.on_conflict_do_update(index_elements=["request_id"], set_=latest), rows)

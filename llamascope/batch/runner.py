@@ -32,9 +32,8 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from sqlalchemy.exc import OperationalError
 from starlette.types import ASGIApp
 
@@ -57,6 +56,9 @@ from llamascope.batch.records import (
 )
 from llamascope.batch.repository import INSERT_CHUNK, BatchRepository
 from llamascope.engines.base import Engine, background
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("llamascope.batch")
 
@@ -205,6 +207,8 @@ class Runner:
     def _client(self, key_id: int) -> httpx.AsyncClient:
         client = self._clients.get(key_id)
         if client is None:
+            import httpx  # why: its import (rich included) is 0.1-0.2 s of every start; only batches need it
+
             assert self._app is not None
             transport = httpx.ASGITransport(
                 as_key(self._app, BatchCaller(key_id, self.price)), raise_app_exceptions=False

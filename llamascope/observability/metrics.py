@@ -379,6 +379,23 @@ class StateCollector:
         yield batches
 
 
+def observe_many(histogram: Any, amount: float, count: int) -> None:
+    """``count`` observations of the same ``amount`` on a labelled histogram: what ``count`` calls of its
+    ``observe`` do, with one bucket search and two increments (a stream's tokens arriving together share one
+    inter-token gap). Reads prometheus-client's histogram fields; tests/observability/test_metrics.py checks
+    it against ``observe``."""
+    if count <= 0:
+        return
+    if count == 1:
+        histogram.observe(amount)
+        return
+    histogram._sum.inc(amount * count)
+    for i, bound in enumerate(histogram._upper_bounds):
+        if amount <= bound:
+            histogram._buckets[i].inc(count)
+            break
+
+
 def upstream_label(url: str) -> str:
     """An upstream URL as a label: without user name or password."""
     parts = urlsplit(url)

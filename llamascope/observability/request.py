@@ -24,7 +24,7 @@ from starlette.routing import Match
 
 from llamascope.observability import tracing
 from llamascope.observability.facts import EngineTimings, Generation, Outcome
-from llamascope.observability.metrics import METRICS, upstream_label
+from llamascope.observability.metrics import METRICS, observe_many, upstream_label
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -378,8 +378,7 @@ class TokenWatch:
             gap, new = 0.0, new - 1
         else:
             gap = (now - self.last) / new
-        for _ in range(new):
-            self.inter_token.observe(gap)
+        observe_many(self.inter_token, gap, new)
         self.last = now
         if self.observation is not None:
             self.observation.last_token = now

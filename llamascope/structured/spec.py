@@ -17,9 +17,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import jsonschema
-import llguidance
-
 from llamascope.errors import ServiceError, invalid_parameter
 
 # OpenAI's rule for function and schema names.
@@ -55,6 +52,8 @@ class GrammarSpec:
 
     def llguidance_grammar(self) -> str:
         """This grammar in llguidance's own form (cheap: compiling happens when a matcher is built)."""
+        import llguidance  # why: only requests that ask for an answer's shape need it (see check_schema)
+
         if self.kind == "json_schema":
             return llguidance.LLMatcher.grammar_from_json_schema(self.source, overrides=JSON_STYLE)  # type: ignore[arg-type]
         return llguidance.LLMatcher.grammar_from_lark(self.source)
@@ -296,6 +295,10 @@ def check_schema(schema: Any, where: str) -> None:
     """Refuse a schema that is not a JSON Schema, or that the grammar library cannot compile."""
     if not isinstance(schema, Mapping):
         raise invalid_parameter(f"Invalid value for '{where}': expected a JSON Schema object.")
+    # why: jsonschema and llguidance are 0.1-0.2 s of imports; a gateway whose requests never ask for an
+    # answer's shape starts without them
+    import jsonschema
+
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
@@ -311,5 +314,7 @@ def compile_problem(spec: GrammarSpec) -> str:
         grammar = spec.llguidance_grammar()
     except ValueError as e:
         return str(e).strip().splitlines()[0]
+    import llguidance  # why: see check_schema
+
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     return messages[0].strip().splitlines()[0] if is_error and messages else ""

@@ -10,7 +10,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, API_KEY, LLAMASCOPE, OTHER_KEY, Server, generation_body, start_server
+from tests.conftest import (
+    ADMIN_KEY,
+    API_KEY,
+    LLAMASCOPE,
+    OTHER_KEY,
+    SEED_MODEL,
+    Server,
+    generation_body,
+    start_server,
+)
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -75,6 +84,23 @@ def test_usage_lists_requests_with_how_they_ended(server: Server, image_host) ->
     assert row["status"] == "ok" and row["output_tokens"] == 2
     totals = httpx.get(f"{server.base}/admin/usage", headers=ADMIN).json()["data"]
     assert all(t["requests"] == t["ok"] + t["cancelled"] + t["failed"] for t in totals)
+
+
+def test_an_admin_change_applies_to_the_next_request(server: Server, image_host) -> None:
+    """Issue 29: the server remembers keys and grants between requests; what the admin API changes, and what a
+    request's charge uses up, still decide the very next request."""
+    made = post_key(server, {"model": SEED_MODEL, "allowance": 1}).json()["data"]
+    key = made["api_key"]
+    first = call(server, key, SEED_MODEL, image_host)  # held down to its prompt and one token
+    assert first.status_code == 200, first.text
+    spent = call(server, key, SEED_MODEL, image_host)  # the first one's charge used the allowance up
+    assert (spent.status_code, spent.json()["code"]) == (403, "AllocationQuota.FreeTierOnly")
+    r = httpx.post(f"{server.base}/admin/keys/{made['id']}/grants", json={"model": SEED_MODEL}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert call(server, key, SEED_MODEL, image_host).status_code == 200  # a fresh, default allowance
+    assert httpx.post(f"{server.base}/admin/keys/{made['id']}/revoke", headers=ADMIN).status_code == 200
+    revoked = call(server, key, SEED_MODEL, image_host)
+    assert (revoked.status_code, revoked.json()["code"]) == (401, "InvalidApiKey")
 
 
 def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:

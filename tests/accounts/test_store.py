@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 from llamascope.accounts.access import bearer_key, grant_refusal, key_refusal
-from llamascope.accounts.records import utcnow
-from llamascope.accounts.store import AccountStore
+from llamascope.accounts.lookups import TTL_SECONDS
+from llamascope.accounts.records import Reservation, utcnow
+from llamascope.accounts.store import HEAD, MIGRATIONS, AccountStore
 
 
 def test_keys_are_stored_as_hashes(store: AccountStore) -> None:
@@ -137,3 +141,70 @@ def test_a_hold_is_cut_to_what_the_allowance_has_left(store: AccountStore) -> No
     third = store.reserve(key.id, "m", 60, prompt_tokens=25)
     assert third.tokens == 26  # 20 left, less than the prompt: the prompt and one token
     assert store.find_grant(key.id, "m").reserved_tokens == 26
+
+
+def test_a_new_sqlite_store_has_the_schema_the_migrations_make(tmp_path: Path) -> None:
+    """Issue 29: a new SQLite file gets the schema without Alembic; it must be the migrations' own, stamped
+    at their head (the newest migration file's number)."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(config).get_current_head() == HEAD
+    made = AccountStore.for_path(tmp_path / "made.db")
+    made.migrate()
+    migrated = AccountStore.for_path(tmp_path / "migrated.db")
+    with migrated.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    def schema(path: Path) -> list[tuple[str, ...]]:
+        with sqlite3.connect(path) as connection:
+            return sorted(connection.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+
+    assert schema(tmp_path / "made.db") == schema(tmp_path / "migrated.db")
+    assert made.revision() == migrated.revision() == HEAD
+    made.migrate()  # at the head: left as it is
+    assert made.count_keys() == 0
+
+
+def test_lookups_see_every_change_at_once(store: AccountStore, tmp_path: Path) -> None:
+    """Issue 29: keys and grants are remembered between requests, yet a change shows on the next lookup,
+    whoever made it: this store, another store on the same database (another process, `llamascope keys`),
+    or the request's own charge."""
+    key, view = store.create_key("k")
+    unlimited = store.grant(view.id, "m", None, None)
+    store.grant(view.id, "small", 100, days=30)
+    assert store.find_key(key) == store.find_key(key) and store.find_grant(view.id, "m").id == unlimited.id
+    other = AccountStore(store.url)  # as another process would
+
+    def others_change_shown() -> None:  # at once on SQLite; another replica's within a second on PostgreSQL
+        if not store.is_sqlite:
+            time.sleep(TTL_SECONDS)
+
+    other.revoke(view.id)
+    others_change_shown()
+    assert store.find_key(key).revoked_at is not None
+    other.update_key(view.id, revoked_at=None)
+    others_change_shown()
+    assert store.find_key(key).revoked_at is None
+    store.update_key(view.id, name="renamed")  # this store's own change
+    assert store.find_key(key).name == "renamed"
+
+    wait = not store.is_sqlite  # the event loop's settle on SQLite (on PostgreSQL it always waits)
+    for i in range(3):  # charged on the grant as remembered, exactly
+        assert store.settle(Reservation(unlimited.id, view.id, "m", 0, utcnow()), f"r{i}", 5, 2, 0, "ok", wait=wait)
+        assert store.find_grant(view.id, "m").used_tokens == 7 * (i + 1)
+    assert store.find_grant(view.id, "m") == store.find_grant(view.id, "m", fresh=True)
+
+    assert store.find_grant(view.id, "small").used_tokens == 0
+    held = store.reserve(view.id, "small", 100)
+    assert store.find_grant(view.id, "small").reserved_tokens == 100
+    assert store.settle(held, "s", 60, 40, 0, "ok", wait=wait)
+    grant = store.find_grant(view.id, "small")
+    assert (grant.used_tokens, grant.reserved_tokens, grant.exhausted_at is not None) == (100, 0, True)
+    other.grant(view.id, "small", 500, days=30)
+    others_change_shown()
+    assert store.find_grant(view.id, "small").allowance_tokens == 500

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llamascope.accounts.store import AccountStore
+from llamascope.accounts.store import HEAD, MIGRATIONS, AccountStore
 from llamascope.observability import logs
 
 
@@ -23,13 +23,31 @@ def restore_logging() -> Iterator[None]:
     logging.getLogger("alembic").setLevel(logging.NOTSET)
 
 
+def first_migration_only(path: Path) -> AccountStore:
+    """A store of an older llamascope: below the head, so ``migrate`` runs Alembic (a new file would be made at
+    the head without it)."""
+    from alembic import command
+    from alembic.config import Config
+
+    store = AccountStore(f"sqlite:///{path}")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    return store
+
+
 def test_migrations_say_nothing_at_the_default_level(tmp_path: Path, capfd, restore_logging) -> None:
+    a, b = first_migration_only(tmp_path / "a.db"), first_migration_only(tmp_path / "b.db")
+    capfd.readouterr()
     logs.configure("info")
-    AccountStore(f"sqlite:///{tmp_path / 'a.db'}").migrate()  # a first start: every migration runs
+    a.migrate()  # the other migrations run
     assert "alembic" not in capfd.readouterr().err
     logs.configure("debug")
-    AccountStore(f"sqlite:///{tmp_path / 'b.db'}").migrate()
+    b.migrate()
     assert "alembic.runtime.migration" in capfd.readouterr().err  # still there when asked for
+    assert a.revision() == b.revision() == HEAD
 
 
 def test_json_lines_carry_the_exception(capfd, restore_logging) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from llamascope.observability import request as hooks
 from llamascope.observability.facts import EngineTimings, Generation, Outcome
-from llamascope.observability.metrics import METRICS
+from llamascope.observability.metrics import METRICS, observe_many
 
 ROUTE = "/v1/chat/completions"
 
@@ -80,3 +80,26 @@ def test_an_outcome_counts_the_http_request_by_route_template() -> None:
     before = sample("http_requests_total", route=ROUTE, method="POST", status="418")
     finish(Outcome(418, 0.002))
     assert sample("http_requests_total", route=ROUTE, method="POST", status="418") == before + 1
+
+
+@pytest.mark.parametrize("amount", [0.0, 0.0007, 0.03, 1e9])
+def test_tokens_arriving_together_are_counted_as_that_many_observations(amount: float) -> None:
+    """observe_many (one bucket search for a read's tokens) leaves a histogram as that many observe() calls."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    registry = CollectorRegistry()
+    histogram = Histogram("gaps", "", ["way"], registry=registry, buckets=(0.001, 0.01, 0.1))
+    for _ in range(7):
+        histogram.labels("one by one").observe(amount)
+    observe_many(histogram.labels("together"), amount, 7)
+    observe_many(histogram.labels("together"), amount, 0)
+
+    def samples(way: str) -> list[tuple[str, str, float]]:
+        return sorted(
+            (s.name, s.labels.get("le", ""), s.value)
+            for metric in registry.collect()
+            for s in metric.samples
+            if s.labels.get("way") == way
+        )
+
+    assert samples("together") == samples("one by one")

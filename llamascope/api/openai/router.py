@@ -68,8 +68,14 @@ async def _stream(
         news, role = Delta(role=role, content=content, tool_calls=tool_calls), None
         return news
 
+    # The frames of the last event wait for the end of the events (it comes at once) and go out with the usage
+    # and [DONE] in one write: the same bytes, two writes (and two wake-ups of the client) fewer.
+    last = b""
     try:
         async for event in events:
+            if last:  # an event after the finishing one (none is expected): in order
+                yield last
+                last = b""
             finish = event.finish_reason.value if event.finish_reason else None
             logprobs = Logprobs.of(event.logprobs) if wants_logprobs else None
             if event.tool_calls:
@@ -77,15 +83,17 @@ async def _stream(
                 if event.delta:
                     yield chunk([ChunkChoice(delta=delta(event.delta), logprobs=logprobs)])
                 yield chunk([ChunkChoice(delta=delta(tool_calls=tool_call_bodies(event.tool_calls)))])
-                yield chunk([ChunkChoice(delta=delta(), finish_reason=finish)])
-            elif event.delta or finish:
+                last = chunk([ChunkChoice(delta=delta(), finish_reason=finish)])
+            elif finish:
+                last = chunk([ChunkChoice(delta=delta(event.delta), finish_reason=finish, logprobs=logprobs)])
+            elif event.delta:
                 yield chunk([ChunkChoice(delta=delta(event.delta), finish_reason=finish, logprobs=logprobs)])
         if include_usage:
-            yield chunk([], UsageBody.of(reply.usage))
-        yield _data("[DONE]")
+            last += chunk([], UsageBody.of(reply.usage))
+        yield last + _data("[DONE]")
     except errors.ServiceError as error:
         state.error_code = error.code  # type: ignore[attr-defined]  # for the access log
-        yield _data(openai_error_body(error, request_id))
+        yield last + _data(openai_error_body(error, request_id))
 
 
 async def chat_completions(request: Request) -> Response:

@@ -307,7 +307,15 @@ class Scheduler:
             self.model.model(**kwargs)
             seq.prefilled = end
             return None
-        out = self.model(**kwargs, logits_to_keep=1)
+        seq.sampler = Sampler(seq.sampling)
+        short = self._short([seq])  # before the fill, which has the matcher until its mask is made
+        filling = self._fill_ahead([seq])  # its first mask, made while the model runs
+        try:
+            out = self.model(**kwargs, logits_to_keep=1)
+        except BaseException:
+            if filling is not None:
+                wait([filling])
+            raise
         seq.prefilled = end
         seq.mask = inputs["attention_mask"].to(device)
         if seq.has_image:
@@ -315,10 +323,9 @@ class Scheduler:
             drop_padding_tiles(seq.cache, self.cross_layers, seq.tiles, int(inputs["cross_attention_mask"].shape[-1]))
         seq.ids = ids[0].tolist()
         self._remember(seq.ids, seq, seq.cache, 0)  # for requests that start the same way, running beside it
-        seq.sampler = Sampler(seq.sampling)
         seq.inputs = None  # pixels and the rest are no longer needed
-        logits = self._hold_back_eos(out.logits[:, -1, :].float(), self._short([seq]))
-        return self._advance(seq, self._pick([seq], logits)[0])
+        logits = self._hold_back_eos(out.logits[:, -1, :].float(), short)
+        return self._advance(seq, self._pick([seq], logits, filling)[0])
 
     def _reuse(self, seq: Sequence, ids: list[int]) -> int:
         """Put the longest cached prefix of the prompt in its new cache; the prompt tokens it covers."""

@@ -141,8 +141,9 @@ def engine_loads(model_dir: Path, tokens: int, rounds: int, rows: int) -> list[t
 
     async def run() -> tuple[list[float], list[float]]:
         await streams(engine, loads["constrained"], 8)  # warm: the backend, the grammar, the model's first steps
-        for _ in range(rounds):
-            for name, outputs in loads.items():
+        for round_ in range(rounds):
+            order = list(loads.items())  # alternated, so that no load always runs after the same other one
+            for name, outputs in order if round_ % 2 == 0 else reversed(order):
                 results = await streams(engine, outputs, tokens)
                 if name == "mixed":
                     # The unconstrained rows' rate, scaled to a batch of `rows` for comparison with the others.

@@ -3,7 +3,8 @@
 - compile: a new JSON Schema's grammar (a miss of the grammar cache) against a cached one (a hit), each with the
   request's own matcher made from it: what a new schema adds to its request's first token;
 - mask fill: one step's bitmask for --rows constrained rows (llguidance's batched fill), the rows at the states a
-  random decode reaches (inside strings, where most of the vocabulary is allowed, and between fields);
+  random decode reaches (inside strings, where most of the vocabulary is allowed, and between fields); with the
+  CPU's index plan (``StepMasks.fill``: what the engine's filler thread does beside the model's step);
 - mask apply: the bitmask put on a [rows, vocab] float32 logits tensor, all rows constrained and half of them,
   on the CPU and, where there is one, the GPU.
 
@@ -140,8 +141,9 @@ def engine_loads(model_dir: Path, tokens: int, rounds: int, rows: int) -> list[t
 
     async def run() -> tuple[list[float], list[float]]:
         await streams(engine, loads["constrained"], 8)  # warm: the backend, the grammar, the model's first steps
-        for _ in range(rounds):
-            for name, outputs in loads.items():
+        for round_ in range(rounds):
+            order = list(loads.items())  # alternated, so that no load always runs after the same other one
+            for name, outputs in order if round_ % 2 == 0 else reversed(order):
                 results = await streams(engine, outputs, tokens)
                 if name == "mixed":
                     # The unconstrained rows' rate, scaled to a batch of `rows` for comparison with the others.
@@ -199,11 +201,15 @@ def main() -> None:
     rng = np.random.default_rng(0)
     matchers: list[Matcher] = [grammar.matcher() for _ in range(args.rows)]
     bitmask = backend.allocate_bitmask(args.rows)
-    fills = []
+    fills, plans = [], []
+    step_masks = StepMasks(backend)
     for _ in range(args.steps):
         began = time.perf_counter()
         backend.fill_bitmask(matchers, bitmask)
         fills.append((time.perf_counter() - began) * 1000)
+        began = time.perf_counter()
+        step_masks.fill(matchers)  # the same fill, and the index plan the CPU's apply uses
+        plans.append((time.perf_counter() - began) * 1000)
         for i, bits in enumerate(bitmask):  # a random allowed token each, as a random model would pick
             allowed = np.flatnonzero(np.unpackbits(bits.view(np.uint8), bitorder="little")[: backend.vocab_size])
             token = int(rng.choice(allowed))
@@ -217,6 +223,7 @@ def main() -> None:
         ("new minus cached (first-token cost)", f"{new - cached:.2f} ms"),
         (f"mask fill, {args.rows} rows, median step", f"{statistics.median(fills):.2f} ms"),
         (f"mask fill, {args.rows} rows, p90 step", f"{np.percentile(fills, 90):.2f} ms"),
+        (f"mask fill + CPU index plan, {args.rows} rows, median step", f"{statistics.median(plans):.2f} ms"),
     ]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:

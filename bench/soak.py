@@ -6,11 +6,20 @@ share of them (--hangup, default 0.2) hang up at a random event. Meanwhile the s
 and open file descriptors are read from /proc every few seconds.
 
 Prints requests per second, answers by status and code, time to first token p50/p99 (from the request
-to the first event), the server's RSS and open fds at the start, after the first minute, in the middle
-at the end of the load and once it is over, and whether /health is back to 0 running and 0 waiting within
-2 s of the end. Then the targets: no error but the refusals by design (429, 408); RSS at the end of the
-load within 10% of the first minute's; file descriptors flat (once the load and its connections are gone,
-within 10 of the start, as counted before any load).
+to the first event), the curve: per minute the server's RSS, open fds, requests answered and the bounded
+caches' fill (the prefix pool's MB and the vision cache's images, from /health), then whether /health is
+back to 0 running and 0 waiting within 2 s of the end. Then the targets, each PASS or FAIL, and one line
+for all: no error but the refusals by design (429, 408); RSS at the end of the load at most 10% above the
+first minute's, not counting what the prefix pool took meanwhile; file descriptors flat (once the load
+and its connections are gone, within 10 of the start, as counted before any load). The exit status is 1
+if a target is missed.
+
+The prefix pool keeps every answer's keys and values for a next turn that would resend it, so under this
+load (each answer new) it fills towards its bound, a tenth of the memory free at start-up unless
+LLAMASCOPE_PREFIX_CACHE_BYTES says: on the built-in model about 15 KB a request, which is most of what RSS
+gains over a few minutes at tens of requests a second. The RSS target leaves the pool's own growth out
+(its MB are in the table). To see the raw curve flat as well, serve with a pool that is full after the
+first minute, e.g. LLAMASCOPE_PREFIX_CACHE_BYTES=16000000 at ~30 requests a second.
 
     make serve   # or any started server, on this machine (its /proc is read)
     .venv/bin/python bench/soak.py --key sk-... [--base http://127.0.0.1:8000] [--streams 200] [--minutes 5]
@@ -40,6 +49,16 @@ from PIL import Image
 
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 REFUSALS = {"429", "408"}  # refused by design: the queue is full, or the wait too long
+
+
+@dataclass
+class Sample:
+    at: float  # seconds since the load began
+    rss: float  # MB
+    fds: int
+    done: int = 0  # requests answered so far
+    pool: float | None = None  # the prefix pool's MB, from /health (None: not an in-process model)
+    images: int | None = None  # images in the vision cache
 
 
 @dataclass
@@ -137,7 +156,18 @@ async def idle_within(client: httpx.AsyncClient, base: str, seconds: float) -> f
     return None
 
 
-async def soak(args: argparse.Namespace) -> None:
+async def caches(client: httpx.AsyncClient, base: str, model: str) -> tuple[float | None, int | None]:
+    """The bounded caches' fill of ``model`` (in process), from /health: the prefix pool's MB and the vision
+    cache's images; None where it does not say."""
+    try:
+        health = (await client.get(base + "/health", timeout=10)).json()["models"][model]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None, None
+    pool = health.get("prefix_cache_bytes")
+    return (pool / 2**20 if pool is not None else None), health.get("vision_cache_images")
+
+
+async def soak(args: argparse.Namespace) -> int:
     pid = args.pid or server_pid(args.base)
     headers = {"Authorization": f"Bearer {args.key}", "X-DashScope-SSE": "enable"}
     limits = httpx.Limits(max_connections=args.streams + 8, max_keepalive_connections=args.streams + 8)
@@ -145,7 +175,7 @@ async def soak(args: argparse.Namespace) -> None:
         if not args.model:
             listing = (await client.get(args.base + "/api/v1/models")).json()
             args.model = listing["data"][0]["model"]
-        samples: list[tuple[float, float, int]] = [(0.0, *footprint(pid))]
+        samples = [Sample(0.0, *footprint(pid), 0, *await caches(client, args.base, args.model))]
         load = os.getloadavg()
         tally = Tally()
         seconds = args.minutes * 60
@@ -155,7 +185,8 @@ async def soak(args: argparse.Namespace) -> None:
         async def sampler() -> None:
             while time.monotonic() < stop:
                 await asyncio.sleep(min(5.0, seconds / 12))
-                samples.append((time.monotonic() - began, *footprint(pid)))
+                fill = await caches(client, args.base, args.model)
+                samples.append(Sample(time.monotonic() - began, *footprint(pid), tally.done, *fill))
 
         watcher = asyncio.create_task(sampler())
         await asyncio.gather(*(client_loop(client, args, stop, tally) for _ in range(args.streams)))
@@ -164,20 +195,19 @@ async def soak(args: argparse.Namespace) -> None:
         settled = await idle_within(client, args.base, 2.0)
     # After the clients' connections are closed (they are the server's fds too) and it has noticed.
     await asyncio.sleep(1.0)
-    after = (time.monotonic() - began, *footprint(pid))
+    after = Sample(time.monotonic() - began, *footprint(pid), done=tally.done)
 
-    def at(moment: float) -> tuple[float, float, int]:
-        return min(samples, key=lambda s: abs(s[0] - moment))
+    def at(moment: float) -> Sample:
+        return min(samples, key=lambda s: abs(s.at - moment))
 
     first_minute = at(min(60.0, seconds))
     end = at(seconds)  # the last sample under load
-    points = [("start (idle)", samples[0]), ("after the first minute", first_minute)]
-    points += [("middle", at(seconds / 2)), ("end of the load", end), ("after it (idle)", after)]
     ttft = sorted(tally.ttft)
     print(
         f"soak: {args.streams} streams for {elapsed:.0f} s against {args.base} (pid {pid}), max_tokens 8-"
         f"{args.max_tokens}, {args.hangup:.0%} hung up at a random event; load average before: "
-        f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs"
+        f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, after: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+        f"on {os.cpu_count()} CPUs"
     )
     print(f"requests: {tally.done} ({tally.done / elapsed:.1f}/s)")
     for answer, count in tally.answers.most_common():
@@ -185,23 +215,51 @@ async def soak(args: argparse.Namespace) -> None:
     if ttft:
         p99 = ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))]
         print(f"TTFT: p50 {statistics.median(ttft) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms ({len(ttft)} streams)")
-    print(f"{'server':<24} {'at s':>6} {'RSS MB':>8} {'open fds':>9}")
-    for name, (moment, rss, fds) in points:
-        print(f"{name:<24} {moment:>6.0f} {rss:>8.0f} {fds:>9}")
+
+    # The curve: the start, then the sample nearest each minute's end, the end of the load and after it.
+    points = [("start (idle)", samples[0])]
+    points += [(f"minute {m}", at(m * 60.0)) for m in range(1, int(seconds // 60) + 1)]
+    if seconds % 60:
+        points.append(("end of the load", end))
+    points.append(("after it (idle)", after))
+    header = f"{'server':<18} {'at s':>6} {'RSS MB':>8} {'vs min 1':>9} {'open fds':>9} {'req/s':>6}"
+    print(header + f" {'pool MB':>8} {'images':>6}")
+    previous = samples[0]
+    for name, sample in points:
+        rate = (sample.done - previous.done) / (sample.at - previous.at) if sample.at > previous.at else 0.0
+        growth = f"{sample.rss / first_minute.rss - 1:+.1%}" if sample is not samples[0] else ""
+        pool = f"{sample.pool:.0f}" if sample.pool is not None else "-"
+        images = f"{sample.images}" if sample.images is not None else "-"
+        print(
+            f"{name:<18} {sample.at:>6.0f} {sample.rss:>8.0f} {growth:>9} {sample.fds:>9} {rate:>6.1f} {pool:>8}"
+            f" {images:>6}"
+        )
+        previous = sample
     idle = f"after {settled:.2f} s" if settled is not None else "NOT within 2 s"
     print(f"/health at 0 running, 0 waiting: {idle}")
 
     errors = {a: n for a, n in tally.answers.items() if not a.startswith("200") and a.split()[0] not in REFUSALS}
-    rss_growth = end[1] / first_minute[1] - 1
-    fd_growth = after[2] - samples[0][2]
+    # The prefix pool fills towards its bound (a tenth of the free memory unless set) with every answer it has
+    # not seen: memory the operator allowed, not a leak. The target is what grows beyond it.
+    pool_mb = end.pool - first_minute.pool if end.pool is not None and first_minute.pool is not None else 0.0
+    rss_growth = end.rss / first_minute.rss - 1
+    beyond_pool = (end.rss - pool_mb) / first_minute.rss - 1
+    fd_growth = after.fds - samples[0].fds
     checks = [
         ("no error but 429/408", not errors, str(errors or "none")),
-        ("RSS at the end within 10% of the first minute's", abs(rss_growth) <= 0.10, f"{rss_growth:+.1%}"),
+        (
+            "RSS at the end within 10% of the first minute's, beyond the prefix pool's filling",
+            beyond_pool <= 0.10,
+            f"{beyond_pool:+.1%} (RSS {rss_growth:+.1%}, the pool {pool_mb:+.0f} MB)",
+        ),
         ("open fds flat (idle after as at the start, within 10)", abs(fd_growth) <= 10, f"{fd_growth:+d}"),
         ("/health idle within 2 s of the end", settled is not None, ""),
     ]
     for name, ok, detail in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {name}  {detail}")
+    failed = [name for name, ok, _ in checks if not ok]
+    print(f"{'FAIL' if failed else 'PASS'}: {len(checks) - len(failed)} of {len(checks)} targets met")
+    return 1 if failed else 0
 
 
 def main() -> None:
@@ -217,7 +275,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--pid", type=int, help="the server's process (default: found from the port)")
     args = parser.parse_args()
-    asyncio.run(soak(args))
+    raise SystemExit(asyncio.run(soak(args)))
 
 
 if __name__ == "__main__":

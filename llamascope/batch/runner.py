@@ -245,7 +245,7 @@ class Runner:
             body = response.json()
         except ValueError:
             body = {"message": response.text}
-        error = None if status == 200 else _error_of(body, status)
+        error = None if status == 200 else error_of(body, status)
         await self._finish(batch, line, status, response.headers.get("x-request-id"), error, body)
 
     async def _finish(
@@ -351,7 +351,7 @@ class Runner:
         )
 
 
-def _error_of(body: Any, status: int) -> dict[str, Any]:
+def error_of(body: Any, status: int) -> dict[str, Any]:
     """The API's code and message, from either surface's error shape."""
     if isinstance(body, dict):
         inner: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else body

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from llamascope import __version__
-from llamascope.client.native import APIError, _error_of, _Translated
+from llamascope.client.native import APIError, error_of, TranslatedErrors
 
 # The compatible mode's root, beside the native API's ``/api/v1``.
 COMPATIBLE_PATH = "/compatible-mode/v1"
@@ -86,14 +86,14 @@ class BatchClient:
         self.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        with _Translated(self.base_url):
+        with TranslatedErrors(self.base_url):
             response = self.http.request(method, path, **kwargs)
         if response.status_code != 200:
-            raise _error_of(response, response.text)
+            raise error_of(response, response.text)
         try:
             return response.json()
         except ValueError:
-            raise _error_of(response, response.text) from None
+            raise error_of(response, response.text) from None
 
     def upload(self, path: Path, name: str | None = None) -> dict[str, Any]:
         """``POST /files`` with ``purpose=batch``: the file streams from disk."""
@@ -128,9 +128,9 @@ class BatchClient:
 
     def content(self, file_id: str) -> Iterator[bytes]:
         """``GET /files/{id}/content``, streamed."""
-        with _Translated(self.base_url), self.http.stream("GET", f"files/{file_id}/content") as response:
+        with TranslatedErrors(self.base_url), self.http.stream("GET", f"files/{file_id}/content") as response:
             if response.status_code != 200:
-                raise _error_of(response, response.read().decode(errors="replace"))
+                raise error_of(response, response.read().decode(errors="replace"))
             yield from response.iter_bytes()
 
     def lines(self, file_id: str | None) -> Iterator[str]:

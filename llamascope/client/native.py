@@ -48,7 +48,7 @@ class APIError(Exception):
         return f"{self.code}{status}: {self.message}{request}"
 
 
-def _error_of(response: httpx.Response, body: str) -> APIError:
+def error_of(response: httpx.Response, body: str) -> APIError:
     """The API's own error body, or (from something else on the way, such as a proxy) what can be said of it."""
     try:
         data = json.loads(body)
@@ -189,11 +189,11 @@ class AnswerStream:
                 return
             body = response.read().decode(errors="replace")
         if response.status_code != 200:
-            raise _error_of(response, body)
+            raise error_of(response, body)
         try:  # a whole JSON answer where a stream was asked for: take it as the answer
             data = json.loads(body)
         except ValueError:
-            raise _error_of(response, body) from None
+            raise error_of(response, body) from None
         self.answer.absorb(data, incremental=False)
         a = self.answer  # a whole answer: its time to first token is its time to the end; no rate
         a.first_token_at = a.last_event_at = a.finished_at = time.monotonic()
@@ -258,8 +258,8 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def translated_errors(self) -> _Translated:
-        return _Translated(self.base_url)
+    def translated_errors(self) -> TranslatedErrors:
+        return TranslatedErrors(self.base_url)
 
     @staticmethod
     def body(model: str, messages: list[dict[str, Any]], parameters: dict[str, Any] | None) -> dict[str, Any]:
@@ -277,11 +277,11 @@ class Client:
         with self.translated_errors():
             response = self.http.post(GENERATION_PATH, json=self.body(model, messages, parameters))
         if response.status_code != 200:
-            raise _error_of(response, response.text)
+            raise error_of(response, response.text)
         try:
             data = response.json()
         except ValueError:
-            raise _error_of(response, response.text) from None
+            raise error_of(response, response.text) from None
         answer.absorb(data, incremental=False)
         answer.first_token_at = answer.last_event_at = answer.finished_at = time.monotonic()  # no rate: one piece
         return answer
@@ -291,15 +291,15 @@ class Client:
         with self.translated_errors():
             response = self.http.get("models")
         if response.status_code != 200:
-            raise _error_of(response, response.text)
+            raise error_of(response, response.text)
         try:
             data = response.json().get("data")
         except (ValueError, AttributeError):
-            raise _error_of(response, response.text) from None
+            raise error_of(response, response.text) from None
         return [m for m in data if isinstance(m, dict) and "model" in m] if isinstance(data, list) else []
 
 
-class _Translated:
+class TranslatedErrors:
     """Turns what httpx raises into ``APIError``, so that every failure reads the same."""
 
     def __init__(self, base_url: str) -> None:

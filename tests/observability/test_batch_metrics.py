@@ -42,7 +42,8 @@ def test_a_batch_is_counted_as_its_object_reports_it(server: Server) -> None:
     lines = [
         line("a", [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Colour?"}]),
         line("b", [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Shape?"}]),
-        line("refused", "no image: this model refuses a text-only question"),
+        # Bytes that are no image: the line fails when it runs (a text-only question would be answered).
+        line("refused", [{"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]),
     ]
     before = figures(server)
     file = client.files.create(file=("input.jsonl", "\n".join(lines).encode()), purpose="batch")

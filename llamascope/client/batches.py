@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from llamascope import __version__
-from llamascope.client.native import APIError, error_of, TranslatedErrors
+from llamascope.client.native import APIError, TranslatedErrors, error_of
 
 # The compatible mode's root, beside the native API's ``/api/v1``.
 COMPATIBLE_PATH = "/compatible-mode/v1"

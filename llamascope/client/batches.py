@@ -12,10 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from llamascope import __version__
-from llamascope.client.native import APIError, TranslatedErrors, error_of
+from llamascope.client.native import APIError, HttpApi, TranslatedErrors, error_of
 
 # The compatible mode's root, beside the native API's ``/api/v1``.
 COMPATIBLE_PATH = "/compatible-mode/v1"
@@ -65,25 +62,10 @@ class Batch:
         return list((self.raw.get("errors") or {}).get("data") or [])
 
 
-class BatchClient:
+class BatchClient(HttpApi):
     """The Files and Batch APIs at ``base_url`` (the compatible mode's, see ``compatible_base``), one key."""
 
-    def __init__(self, base_url: str, api_key: str, timeout: float = 300.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(
-            base_url=self.base_url + "/",
-            headers={"Authorization": f"Bearer {api_key}", "User-Agent": f"llamascope-batch/{__version__}"},
-            timeout=httpx.Timeout(timeout, connect=5.0),
-        )
-
-    def close(self) -> None:
-        self.http.close()
-
-    def __enter__(self) -> BatchClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    AGENT = "llamascope-batch"
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         with TranslatedErrors(self.base_url):

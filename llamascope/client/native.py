@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import httpx
 from httpx_sse import EventSource, SSEError, connect_sse
@@ -237,14 +237,16 @@ class AnswerStream:
                 )
 
 
-class Client:
-    """The DashScope native API at ``base_url`` (ending in ``/api/v1``), with one API key."""
+class HttpApi:
+    """One HTTP API at ``base_url`` with one API key: the connection the command's clients share."""
+
+    AGENT = "llamascope"
 
     def __init__(self, base_url: str = DEFAULT_BASE_URL, api_key: str = "", timeout: float = 300.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.http = httpx.Client(
             base_url=self.base_url + "/",
-            headers={"Authorization": f"Bearer {api_key}", "User-Agent": f"llamascope-chat/{__version__}"},
+            headers={"Authorization": f"Bearer {api_key}", "User-Agent": f"{self.AGENT}/{__version__}"},
             # The SDK's 300 s for reads: a CPU-bound model can take minutes to its first token.
             timeout=httpx.Timeout(timeout, connect=5.0),
         )
@@ -252,11 +254,17 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Client(HttpApi):
+    """The DashScope native API at ``base_url`` (ending in ``/api/v1``), with one API key."""
+
+    AGENT = "llamascope-chat"
 
     def translated_errors(self) -> TranslatedErrors:
         return TranslatedErrors(self.base_url)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -204,6 +206,13 @@ def test_interactive_requests_go_before_background_ones_and_are_never_refused_fo
     turns = [Turn("user", "Go on and on.")]
     started: list[str] = []
 
+    async def queued(until: Callable[[dict[str, Any]], bool]) -> None:
+        """Wait (no fixed sleep: a loaded machine is slower) until the engine's queue is as ``until`` says."""
+        deadline = time.monotonic() + 30
+        while not until(engine.stats()):
+            assert time.monotonic() < deadline, engine.stats()
+            await asyncio.sleep(0.01)
+
     async def first_token(name: str, prompt: PreparedPrompt, is_background: bool) -> None:
         background.set(is_background)  # this task's own context, as a batch line's request has
         async for _ in engine.generate(prompt, SamplingParams(max_new_tokens=3, temperature=0)):
@@ -215,9 +224,9 @@ def test_interactive_requests_go_before_background_ones_and_are_never_refused_fo
         running = engine.generate(prompt, SamplingParams(max_new_tokens=100_000, temperature=0))
         await anext(running)  # the batch is full
         lines = [asyncio.create_task(first_token(f"line{i}", prompt, True)) for i in range(3)]
-        await asyncio.sleep(0.1)
+        await queued(lambda stats: stats["waiting_background"] == 3)  # the lines wait before the interactive comes
         interactive = asyncio.create_task(first_token("interactive", prompt, False))
-        await asyncio.sleep(0.1)
+        await queued(lambda stats: stats["waiting"] == 1)
         assert engine.stats()["waiting"] == 1 and engine.stats()["waiting_background"] == 3
         with pytest.raises(errors.ServiceError) as refused:  # the queue's one place is the interactive one's
             await anext(engine.generate(prompt, SamplingParams(max_new_tokens=1)))

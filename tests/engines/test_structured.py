@@ -141,6 +141,41 @@ def test_unconstrained_rows_are_as_alone(mixed_run) -> None:
     assert all(a.last.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) for a in batched)
 
 
+def test_rows_leaving_and_joining_mid_answer_keep_every_grammar(engine: MllamaEngine) -> None:
+    """A batch's next masks are made as soon as a step's tokens are known; rows that leave (a stream closed) or
+    join (a late request) before that step change the batch they were made for. The answers still hold."""
+    name = "nested objects"
+    spec = schema_spec(SCHEMAS[name])
+
+    async def closed_early(i: int) -> None:
+        prompt = await engine.prepare([Turn("user", f"Answer in JSON ({i}).")], spec)
+        stream = engine.generate(prompt, SamplingParams(max_new_tokens=MAX_TOKENS, temperature=1.0, seed=i))
+        async for chunk in stream:
+            if chunk.output_tokens >= 2 + i % 5:
+                break
+        await stream.aclose()
+
+    async def late(i: int) -> Answer:
+        await asyncio.sleep(0.02 * (i % 4))
+        sampling = SamplingParams(max_new_tokens=MAX_TOKENS, temperature=1.0, seed=100 + i)
+        return await answer(engine, [Turn("user", f"Answer in JSON ({i}).")], spec, sampling)
+
+    async def scenario() -> list[Answer]:
+        done = await asyncio.gather(*(closed_early(i) for i in range(6)), *(late(i) for i in range(10)))
+        return [a for a in done if a is not None]
+
+    answers = asyncio.run(scenario())
+    grammar = engine._grammar_cache().get_blocking(spec.grammar())  # type: ignore[arg-type]
+    tokenizer = engine._grammar_cache().backend.tokenizer  # type: ignore[attr-defined]
+    for a in answers:
+        if a.last.finish_reason == FinishReason.STOP:
+            jsonschema.validate(json.loads(a.text), SCHEMAS[name])
+        else:
+            assert a.last.finish_reason == FinishReason.LENGTH, a.text
+            assert grammar.accepts_prefix(tokenizer.tokenize_str(a.text.rstrip("\ufffd"))), a.text
+    assert len(answers) == 10
+
+
 def test_forced_and_named_tool_calls_parse_and_validate(engine: MllamaEngine) -> None:
     required = read_request(tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
     named = read_request(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}})

@@ -100,13 +100,13 @@ class StepMasks:
         return FilledMasks(rows, bitmask, plan)
 
     def _plan(self, rows: NDArray[np.int64], words: NDArray[np.uint32]) -> IndexPlan:
-        """Each row's mask as index writes: the words that refuse some token, or the tokens it allows (where
-        more than a quarter of its words refuse some: a row that allows few tokens)."""
+        """Each row's mask as index writes: the words that refuse some token, or the tokens it allows (where it
+        allows fewer than half)."""
         vocab = self.backend.vocab_size
         width = vocab // 32  # the words of the model's own tokens (the bitmask may have one more)
         own = words[:, :width]
         refusing = own != np.uint32(0xFFFFFFFF)
-        few = refusing.sum(axis=1) * 4 > width
+        few = np.bitwise_count(own).sum(axis=1) * 2 < vocab
         kept_at = np.empty(0, dtype=np.int64)
         if few.any():
             kept_at = _flat_bits(own[few], rows[few], vocab)
@@ -134,8 +134,9 @@ class StepMasks:
             and logits.dtype == plan.offsets.dtype
         )
         if plan is not None and fits and logits.device.type == "cpu":
-            if plan.words.numel():  # -inf where refused; a logit plus 0 is itself
-                logits.view(-1, 32).index_add_(0, plan.words, plan.offsets)
+            if plan.words.numel():  # -inf where refused; a logit plus 0 is itself. (index_add_ would do the same
+                # but runs on torch's threads: ms when a core is busy elsewhere; accumulating index_put_ is serial.)
+                logits.view(-1, 32).index_put_((plan.words,), plan.offsets, accumulate=True)
             if plan.cleared.numel():
                 flat = logits.view(-1)
                 kept = flat[plan.kept]

@@ -134,9 +134,9 @@ def drop_padding_tiles(cache: Any, cross_layers: set[int], tiles: list[int], all
     before it alone, the rest masked to zero weight, so decoding over those tiles gives the same result, and
     a one-tile image costs a quarter of the cross-attention. One image: views, so the vision cache's copy
     stays the one copy (a batch of requests about other images copies them into its own tensors anyway);
-    several: a copy of the tiles kept.
+    several: a copy of the tiles kept, unless every tile is (the prefill's joined states are then those kept).
     """
-    if tiles == [all_tiles]:
+    if all(kept == all_tiles for kept in tiles):
         return
     for index in cross_layers:
         layer = cache.layers[index]

@@ -89,6 +89,11 @@ class Scheduler:
         self.growing_kv = True
         tiles = batch_tiles(limits.vision_batch_tiles, model.device.type)
         self.encoder = ImageEncoder(model, pixels, vision_cache, self.cross_layers, tiles)
+        for index in self.cross_layers:
+            # A token attends to every image state it is given: a prefill chunk that needs no mask runs with none
+            # (``_attends``), and transformers' attention functions take a module's ``is_causal`` (default True)
+            # when there is no mask.
+            model.model.language_model.layers[index].cross_attn.is_causal = False
         self._eos_index = torch.tensor(sorted(eos_ids))
         self.batches = {False: Batch(self.cross_layers), True: Batch(self.cross_layers)}  # by has_image
         self.waiting: deque[Sequence] = deque()
@@ -321,11 +326,18 @@ class Scheduler:
             "use_cache": True,
         }
         if first and seq.has_image:  # its images' keys and values: one image's, views of the vision cache's copy
-            kv = cross_states([entry for entry, _ in self.encoder.cross_kv(seq)])
+            images = [entry for entry, _ in self.encoder.cross_kv(seq)]
+            rest = inputs["cross_attention_mask"][0, start:]  # [prompt tokens left, images, max tiles]
+            tiles = None
+            if bool((rest == rest[0]).all()) and bool(rest[0].any()):
+                # Every token left attends to the same tiles, as its answer's tokens will (the next turn of a
+                # conversation, its history reused): only those tiles, and no mask to build (``_attends``).
+                tiles = self._attends(seq, rest[0])
+            kv = cross_states(images, tiles, int(rest.shape[-1]))
             for index, (keys, values) in zip(self.encoder.cross_layers, kv, strict=True):
                 set_layer(seq.cache.layers[index], keys, values)
         kwargs["past_key_values"] = seq.cache
-        if seq.has_image:
+        if seq.has_image and seq.cross_mask is None:
             kwargs["cross_attention_mask"] = inputs["cross_attention_mask"][:, start:end].to(device)
         if end < ids.shape[1]:  # not the last chunk: no output layer
             self.model.model(**kwargs)
@@ -342,18 +354,30 @@ class Scheduler:
             raise
         seq.prefilled = end
         seq.mask = inputs["attention_mask"].to(device)
-        if seq.has_image:  # new tokens attend to what the last prompt token does: those tiles alone are kept
+        if seq.has_image and seq.cross_mask is None:  # new tokens attend to what the last prompt token does
             last = inputs["cross_attention_mask"][0, -1]  # [images, max tiles]
-            tiles = [int(t) for t in last.sum(1)]
-            seq.visible = tuple(image.digest for image, kept in zip(seq.images, tiles, strict=True) if kept)
-            seq.cross_mask = torch.ones((1, 1, 1, sum(tiles)), dtype=last.dtype, device=device)
-            drop_padding_tiles(seq.cache, self.cross_layers, tiles, int(last.shape[-1]))
+            drop_padding_tiles(seq.cache, self.cross_layers, self._attends(seq, last), int(last.shape[-1]))
         seq.ids = ids[0].tolist()
         self._remember(seq.ids, seq, seq.cache, 0)  # for requests that start the same way, running beside it
         seq.inputs = None  # pixels and the rest are no longer needed
         seq.pixels = {}
         logits = self._hold_back_eos(out.logits[:, -1, :].float(), short)
         return self._advance(seq, self._pick([seq], logits, filling)[0])
+
+    def _attends(self, seq: Sequence, row: Any) -> list[int]:
+        """What ``seq``'s new tokens attend to, from a prompt token's row of the cross-attention mask
+        [images, max tiles] that they share: each image's real tiles it marks (its first ones), kept as
+        ``seq.visible`` and ``seq.cross_mask``.
+
+        Once ``seq.cross_mask`` is set its cross-attention caches hold those tiles alone, and the tokens that
+        attend to them run without a mask (a padding tile masked out has no weight, so attending to the rest
+        alone is the same): transformers' mask for a prefill chunk is [chunk, every image's tiles x 1,601]
+        floats, made in six passes, more than its attention takes with several images on a CPU.
+        """
+        tiles = [int(t) for t in row.sum(1)]
+        seq.visible = tuple(image.digest for image, kept in zip(seq.images, tiles, strict=True) if kept)
+        seq.cross_mask = torch.ones((1, 1, 1, sum(tiles)), dtype=row.dtype, device=self.model.device)
+        return tiles
 
     def _reuse(self, seq: Sequence, ids: list[int]) -> int:
         """Put the longest cached prefix of the prompt in its new cache; the prompt tokens it covers."""
@@ -558,12 +582,20 @@ class Scheduler:
             self._filler.shutdown(wait=False)
 
 
-def cross_states(images: list[CrossKV]) -> CrossKV:
+def cross_states(images: list[CrossKV], tiles: list[int] | None = None, all_tiles: int = 1) -> CrossKV:
     """A request's cross-attention keys and values: its images' one after another, as Mllama's forward lays their
-    states out (one image: the vision cache's tensors themselves)."""
-    if len(images) == 1:
-        return images[0]
-    return tuple(
-        (torch.cat([kv[layer][0] for kv in images], dim=2), torch.cat([kv[layer][1] for kv in images], dim=2))
-        for layer in range(len(images[0]))
-    )
+    states out (one image: the vision cache's tensors themselves); with ``tiles``, only image i's first
+    ``tiles[i]`` of its ``all_tiles`` tiles (a view for one image, else one copy of the tiles kept)."""
+    if tiles is None:
+        tiles = [all_tiles] * len(images)
+
+    def kept(kv: CrossKV, layer: int, part: int, count: int) -> Any:
+        states = kv[layer][part]
+        return states if count == all_tiles else states[:, :, : states.shape[2] // all_tiles * count]
+
+    pieces = [(kv, count) for kv, count in zip(images, tiles, strict=True) if count]
+    out = []
+    for layer in range(len(images[0])):
+        keys, values = ([kept(kv, layer, part, count) for kv, count in pieces] for part in (0, 1))
+        out.append((keys[0], values[0]) if len(pieces) == 1 else (torch.cat(keys, dim=2), torch.cat(values, dim=2)))
+    return tuple(out)

@@ -249,6 +249,32 @@ def test_a_second_image_later_leaves_the_first_turn_as_it_was(reusing: MllamaEng
     assert together[1:] == [first, second]
 
 
+@pytest.mark.slow
+def test_the_next_turn_about_several_images_answers_as_stock_generate(reusing: MllamaEngine) -> None:
+    """Turn 2 of a conversation about three images (one, two and four tiles), no new image: its history is taken
+    past the images, so the rest of its prompt runs without a cross-attention mask, on the tiles it attends to
+    alone, and answers as stock generate does (greedy, float32)."""
+    pictures = (noise(3, (320, 240)), noise(4, (1120, 400)), noise(5, (1120, 840)))
+    turn1 = [Turn("user", (*pictures, "Compare them."))]
+    first = asyncio.run(answer(reusing, turn1, SHORT))
+    turn2 = [*turn1, Turn("assistant", first[0]), Turn("user", "Which is brighter?")]
+    masks: list[bool] = []  # each prefill forward: whether it had a cross-attention mask
+
+    def hook(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if kwargs["input_ids"].shape[1] > 1:
+            masks.append(kwargs.get("cross_attention_mask") is not None)
+
+    handle = reusing.model.register_forward_pre_hook(hook, with_kwargs=True)
+    before = reusing.prefix_cache.stats()["prefix_cache_tokens_reused"]
+    try:
+        second = asyncio.run(answer(reusing, turn2, SHORT))
+    finally:
+        handle.remove()
+    assert reusing.prefix_cache.stats()["prefix_cache_tokens_reused"] > before
+    assert masks == [False]
+    assert second[0] == stock_answer(reusing, turn2)
+
+
 def test_the_same_words_about_other_images_share_no_block(reusing: MllamaEngine) -> None:
     """Blocks are keyed by every image of the prompt, in order: another second image, the same two the other way
     round, or the first alone take nothing of a two-image prompt's blocks; the same two again take its prefix."""

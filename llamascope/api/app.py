@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import anyio
 from fastapi import FastAPI
@@ -64,15 +65,14 @@ class App(FastAPI):
     them at every wait (about 5% of the gateway's CPU a request in bench/gateway.py). FastAPI's native
     telemetry, when an OpenTelemetry provider turns it on, keeps the full stack."""
 
-    _hot: dict[str, tuple[Route, ASGIApp]] | None = None
+    _hot: Mapping[str, tuple[Route, ASGIApp]] = {}  # set by take_hot_paths
     # Every route in the order the router tries them (FastAPI keeps included routers' routes inside them).
     routes_in_order: tuple[BaseRoute, ...] = ()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in HOT_PATHS:
-            hot = self._hot if self._hot is not None else self._hot_routes()
-            found = hot.get(scope["path"])
-            if found is not None and "fastapi.telemetry" not in scope and not self._native_telemetry.enabled():
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            found = self._hot.get(scope["path"])
+            if found is not None and "fastapi.telemetry" not in scope and not self._telemetry_on():
                 route, stack = found
                 scope["app"] = self
                 scope["router"] = self.router
@@ -83,8 +83,17 @@ class App(FastAPI):
                 return
         await super().__call__(scope, receive, send)
 
-    def _hot_routes(self) -> dict[str, tuple[Route, ASGIApp]]:
-        """Each hot path's route (the one the router would pick) and the stack that leads to it."""
+    def _telemetry_on(self) -> bool:
+        telemetry = getattr(self, "_native_telemetry", None)  # FastAPI's own (private): unknown, assume on
+        return telemetry is None or bool(telemetry.enabled())
+
+    def take_hot_paths(self) -> None:
+        """Once routes, handlers and middleware are all added: each hot path's route (the one the router would
+        pick) and the stack that leads to it. Only where FastAPI's own layers are those this skips, known to do
+        nothing for these routes (``FASTAPI_LAYERS``; tests/api/test_app.py checks them): else the full stack."""
+        self._hot = {}
+        if self.max_body_size is not None or fastapi_layers(self) != FASTAPI_LAYERS:
+            return
         error_handler = None
         handlers = {}
         for key, value in self.exception_handlers.items():
@@ -103,7 +112,29 @@ class App(FastAPI):
                 stack = cls(stack, *args, **kwargs)
             hot[path] = (first, ServerErrorMiddleware(stack, handler=error_handler, debug=self.debug))
         self._hot = hot
-        return hot
+
+
+# FastAPI's layers around the user middleware and the router, outermost first, as its build_middleware_stack
+# makes them in the pinned version: the hot path keeps the first and the last but one (Starlette's).
+FASTAPI_LAYERS = (
+    "ServerErrorMiddleware",
+    "ExceptionTelemetryMiddleware",
+    "AppBodyLimitMiddleware",
+    "ExceptionMiddleware",
+    "AsyncExitStackMiddleware",
+)
+
+
+def fastapi_layers(app: FastAPI) -> tuple[str, ...]:
+    """The class names of the layers FastAPI's stack puts around the user middleware and the router."""
+    ours = {middleware.cls.__name__ for middleware in app.user_middleware}  # type: ignore[attr-defined]
+    names = []
+    layer: Any = app.build_middleware_stack()
+    while layer is not app.router and hasattr(layer, "app"):
+        if type(layer).__name__ not in ours:
+            names.append(type(layer).__name__)
+        layer = layer.app
+    return tuple(names)
 
 
 async def _purge_uploads(store: UploadStore) -> None:
@@ -187,4 +218,5 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, larger=dict.fromkeys(batch.FILES_PATHS, MAX_FILE_BYTES))
     app.add_middleware(Draining, drain=drain)
     app.add_middleware(RequestContext)
+    app.take_hot_paths()
     return app

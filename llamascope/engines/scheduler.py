@@ -305,9 +305,11 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._stopping and (seq := self._next_line_to_encode()) is None:
+                    seq = self._next_line_to_encode()
+                    while not self._stopping and seq is None:
                         self._cond.wait()
-                    if self._stopping:
+                        seq = self._next_line_to_encode()
+                    if self._stopping or seq is None:
                         return
                 try:
                     if not seq.cancel.is_set():

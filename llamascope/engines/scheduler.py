@@ -15,7 +15,8 @@ mixed batch cannot do, and padding it with an empty image changes its output. A
 greedy request gives the same tokens batched as alone (tests check it).
 
 One thread runs the model; the event loop only hands requests in and reads
-token ids out. Everything here but ``submit`` and ``stop`` runs on that thread.
+token ids out. Everything here but ``submit``, ``stop`` and the line-images
+thread (below) runs on that thread.
 
 Bounds: at most ``max_batch`` requests run at once and their prompt plus the
 tokens they may still make stay within ``max_batch_tokens``; requests wait for

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
@@ -181,6 +181,7 @@ class EventStream(Response):
         media_type: str,
         headers: dict[str, str],
         last_words: Callable[[errors.ServiceError, int], bytes],
+        joins_frames: bool = False,
     ) -> None:
         self.background = None  # what frameworks expect of a Response; nothing runs after this one
         self.media_type = media_type
@@ -188,6 +189,7 @@ class EventStream(Response):
         self.reply = reply
         self.frames = render
         self.last_words = last_words  # the surface's error frame, for a stream the server's shutdown ends
+        self.joins_frames = joins_frames  # frames made together may share an HTTP chunk (DashScope's may not)
         self.started = False
         self.sent = 0  # frames sent
 
@@ -222,9 +224,86 @@ class EventStream(Response):
                 async for event in events:
                     yield event
 
-            async for chunk in self.frames(chained()):
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            # Frames go out as soon as they are made. The next one is polled without waiting: when the stream
+            # ends there, the last frame goes out with the end (one write, not two); where the surface allows
+            # it (``joins_frames``), frames made together (an upstream read that held several events) go out
+            # as one chunk. The same bytes, fewer writes and fewer wake-ups of the client.
+            frames = aiter(self.frames(chained()))
+            ready: bytes | None = await anext(frames, None)
+            while ready is not None:
                 self.sent += 1
+                try:
+                    now, made = poll(anext(frames))
+                    while now and made is not None and self.joins_frames:
+                        ready += made
+                        self.sent += 1
+                        now, made = poll(anext(frames))
+                except BaseException:
+                    await send({"type": "http.response.body", "body": ready, "more_body": True})
+                    raise
+                if now and made is None:  # the end, with the last frame
+                    await send({"type": "http.response.body", "body": ready})
+                    return
+                try:
+                    await send({"type": "http.response.body", "body": ready, "more_body": True})
+                except BaseException as exc:  # cancelled (the client left): the frame under way learns it too
+                    if not now:
+                        await made.stopped(exc)
+                    raise
+                if now:
+                    ready = made  # made already
+                    continue
+                try:
+                    ready = await made
+                except StopAsyncIteration:
+                    ready = None
             await send({"type": "http.response.body", "body": b""})
         finally:
             await events.aclose()
+
+
+def poll(step: Awaitable[T]) -> tuple[bool, Any]:
+    """Run an async iterator's ``step`` (``anext(it)``, without a default) until it would wait: ``(True, the
+    next item)`` if it came without a wait, ``(True, None)`` if the iterator ended, else ``(False, GoingOn)``:
+    the rest of the step, to be awaited in the same task (and which may raise StopAsyncIteration)."""
+    steps = step.__await__()
+    try:
+        waits_for = steps.send(None)
+    except StopIteration as done:
+        return True, done.value
+    except StopAsyncIteration:
+        return True, None
+    return False, GoingOn(steps, waits_for)
+
+
+class GoingOn:
+    """The rest of an async iterator's step that ``poll`` began: awaited, it waits for what the step was
+    waiting for, then goes on with it. ``stopped(exc)`` ends it with ``exc`` instead (a cancellation)."""
+
+    __slots__ = ("_steps", "_thrown", "_waits_for")
+
+    def __init__(self, steps: Generator[Any, None, Any], waits_for: Any) -> None:
+        self._steps = steps
+        self._waits_for = waits_for
+        self._thrown: BaseException | None = None
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        steps, waits_for, thrown = self._steps, self._waits_for, self._thrown
+        while True:
+            if thrown is not None:
+                try:
+                    waits_for = steps.throw(thrown)
+                except StopIteration as done:
+                    return done.value
+                thrown = None
+            try:
+                yield waits_for  # the task wakes us when it is ready (asyncio sends None)
+            except BaseException as exc:  # a cancellation while it waited: the step decides what it does
+                thrown = exc
+                continue
+            return (yield from steps)
+
+    def stopped(self, exc: BaseException) -> GoingOn:
+        """The step, with ``exc`` raised where it waits: await it to let it end."""
+        self._thrown = exc
+        return self

@@ -16,7 +16,7 @@ from llamascope.accounts.store import AccountStore
 from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
 from llamascope.batch.service import BatchService
-from llamascope.conversation.service import ConversationService
+from llamascope.conversation.service import ConversationService, Endpoint
 from llamascope.observability.facts import Allowance, CacheStats
 from llamascope.observability.metrics import CONTENT_TYPE, MetricsEndpoint, StateCollector, exposition
 
@@ -43,6 +43,9 @@ class ModelEntry(BaseModel):
     context_length: int
     engine: str
     test_model: bool
+    takes_images: bool
+    max_images: int
+    requires_image: bool
     description: str
 
 
@@ -108,6 +111,7 @@ async def models(request: Request) -> JSONResponse:
     data = []
     for name, engine in service.engines.items():
         info = engine.info
+        images = service.image_rules(name, Endpoint.MULTIMODAL)
         data.append(
             {
                 "model": name,
@@ -115,6 +119,9 @@ async def models(request: Request) -> JSONResponse:
                 "engine": info.kind,
                 "test_model": info.test_model,
                 "takes_images": info.takes_images,  # False: a text-only model, for the text-generation API
+                "max_images": images.most,  # images per conversation at most (the model's max_images setting)
+                # The multimodal endpoint wants an image in the first user message (the require_image setting).
+                "requires_image": images.required,
                 "description": TEST_MODEL_NOTE if info.test_model else f"served by the {info.kind} engine",
             }
         )

@@ -289,17 +289,23 @@ class ConversationService:
         draft = parse_messages(messages, self._images(model, engine, endpoint))
         return engine, await self._prompt(engine, draft, context)
 
-    def _images(self, model: str, engine: Engine, endpoint: Endpoint) -> Images:
+    def image_rules(self, model: str, endpoint: Endpoint) -> Images:
+        """How many images a conversation with ``model`` may carry through ``endpoint``, and whether its first user
+        message must carry one: the model's settings over its engine's defaults (0 images: a text-only model)."""
+        engine = self.engine(model)
         if not engine.info.takes_images:
-            if endpoint is Endpoint.MULTIMODAL:
-                raise errors.invalid_parameter(
-                    f"Model {model} is a text-only model: call it through the text-generation API "
-                    "(POST /api/v1/services/aigc/text-generation/generation, dashscope.Generation)."
-                )
             return Images(0)
         policy = self.image_policies.get(model, ImagePolicy())
         most = policy.max_images if policy.max_images is not None else engine.info.max_images
         return Images(most, required=endpoint is Endpoint.MULTIMODAL and policy.require_image)
+
+    def _images(self, model: str, engine: Engine, endpoint: Endpoint) -> Images:
+        if not engine.info.takes_images and endpoint is Endpoint.MULTIMODAL:
+            raise errors.invalid_parameter(
+                f"Model {model} is a text-only model: call it through the text-generation API "
+                "(POST /api/v1/services/aigc/text-generation/generation, dashscope.Generation)."
+            )
+        return self.image_rules(model, endpoint)
 
     async def _prompt(
         self, engine: Engine, draft: Draft, context: SourceContext, output: OutputSpec | None = None

@@ -102,8 +102,8 @@ def test_image_rules_per_model_and_endpoint() -> None:
     relaxed = {"b": ImagePolicy(max_images=2, require_image=False)}
     service = ConversationService({"a": vision, "b": vision}, intake, None, relaxed)  # type: ignore[arg-type]
     try:
-        assert service._images("a", vision, Endpoint.MULTIMODAL) == Images(4, required=True)
-        assert service._images("a", vision, Endpoint.CHAT) == service._images("a", vision, Endpoint.TEXT) == Images(4)
-        assert service._images("b", vision, Endpoint.MULTIMODAL) == Images(2)
+        assert service.image_rules("a", Endpoint.MULTIMODAL) == Images(4, required=True)
+        assert service.image_rules("a", Endpoint.CHAT) == service.image_rules("a", Endpoint.TEXT) == Images(4)
+        assert service.image_rules("b", Endpoint.MULTIMODAL) == Images(2)
     finally:
         intake.close()

@@ -107,6 +107,7 @@ async def chat_completions(request: Request) -> Response:
             media_type="text/event-stream; charset=utf-8",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             last_words=lambda error, _n: _data(openai_error_body(error, request_id)),
+            joins_frames=True,  # as its last frames, usage and [DONE] share one
         )
     text = await unless_disconnected(request, reply.complete(), reply)
     if text is None:

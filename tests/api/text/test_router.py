@@ -187,12 +187,12 @@ def test_errors_name_what_is_wrong(text_server: Server, model, payload, paramete
 
 
 def test_the_model_list_says_which_take_images(text_server: Server) -> None:
+    """Which models take images, how many a conversation may carry, and whether the multimodal endpoint wants one
+    in the first user message (the playground reads these)."""
     listed = httpx.get(text_server.api + "/models", headers={"Authorization": f"Bearer {text_server.key}"}).json()
-    assert {m["model"]: m["takes_images"] for m in listed["data"]} == {
-        SEED_MODEL: True,
-        "llama3.2-11b-vision": True,
-        TEXT_MODEL: False,
-    }
+    images = {m["model"]: (m["takes_images"], m["max_images"], m["requires_image"]) for m in listed["data"]}
+    vision = (True, 4, True)
+    assert images == {SEED_MODEL: vision, "llama3.2-11b-vision": vision, TEXT_MODEL: (False, 0, False)}
 
 
 def test_the_multimodal_endpoint_keeps_its_rule_and_refuses_text_only_models(text_server: Server, image_host) -> None:

@@ -312,7 +312,8 @@ async function ask(text) {
   if (!state.model) return refuse("No model to ask: check the key.", $("api-key"));
   const images = state.pending;
   const { messages, imageGiven } = history();
-  if (!imageGiven && !images.length) {
+  const model = models.find((m) => m.model === state.model);
+  if (!imageGiven && !images.length && model?.requires_image !== false) {
     return refuse("Add an image first: the first message needs one (more may join at any turn).");
   }
   let params;

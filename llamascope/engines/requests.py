@@ -64,6 +64,7 @@ class Sequence:
     pixels: dict[str, Any] = field(default_factory=dict)  # pixel tensors of images not cached when prepared, by digest
     queued_at: float = field(default_factory=time.monotonic)
     background: bool = False  # a batch line: runs only on room no interactive request waits for
+    images_ready: bool = False  # a batch line's images encoded ahead, off the model thread (``Scheduler``)
     # Set when it runs:
     started_at: float = 0.0
     ids: list[int] = field(default_factory=list)  # prompt and generated ids (for the repetition penalty)

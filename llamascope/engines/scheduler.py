@@ -15,7 +15,8 @@ mixed batch cannot do, and padding it with an empty image changes its output. A
 greedy request gives the same tokens batched as alone (tests check it).
 
 One thread runs the model; the event loop only hands requests in and reads
-token ids out. Everything here but ``submit`` and ``stop`` runs on that thread.
+token ids out. Everything here but ``submit``, ``stop`` and the line-images
+thread (below) runs on that thread.
 
 Bounds: at most ``max_batch`` requests run at once and their prompt plus the
 tokens they may still make stay within ``max_batch_tokens``; requests wait for
@@ -29,11 +30,20 @@ when no interactive request waits, and never to the batch's last free place (an 
 comes finds one). They are not counted in the bounds interactive requests are refused by (their number is
 bounded by whoever sends them: the batch runner's lines in flight), and have no ``max_queue_wait``: they are
 there to wait for idle capacity.
+
+On the CPU, a batch line's images go through the vision tower on a thread of their own while the line waits
+(``_encode_lines``), not in its prefill on the model thread: that call is most of a prefill's time (the built-in
+model: the whole tower over four padded tiles), and an interactive request that came while the model thread ran
+it waited for all of it. That thread pauses before every layer of the tower while an interactive request waits
+or is prefilled, so the interactive prefill has the processor, and goes on afterwards with no work lost; a line
+is admitted once its images are encoded. (Not on a GPU: two tower calls at once would need twice the memory
+set aside for one.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import threading
@@ -112,6 +122,10 @@ class Scheduler:
         self.device_check: Any = None
         self._thread = threading.Thread(target=self._run, name="llamascope-generate", daemon=True)
         self._thread.start()
+        self._line_images: threading.Thread | None = None
+        if model.device.type == "cpu" and self.cross_layers:
+            self._line_images = threading.Thread(target=self._encode_lines, name="llamascope-line-images", daemon=True)
+            self._line_images.start()
 
     # -- from the event loop ---------------------------------------------
 
@@ -126,7 +140,7 @@ class Scheduler:
                 raise errors.ServiceError(503, "ServiceUnavailable", "The server is shutting down.")
             if seq.background:
                 self.background.append(seq)
-                self._cond.notify()
+                self._cond.notify_all()
                 return
             limits = self.limits
             full = limits.max_queued is not None and len(self.waiting) >= limits.max_queued
@@ -135,16 +149,16 @@ class Scheduler:
                 raise errors.throttled(min(max(retry, 1), 60))
             self.waiting.append(seq)
             self.waiting_bytes += seq.waiting_bytes
-            self._cond.notify()
+            self._cond.notify_all()
 
     def wake(self) -> None:
         with self._cond:
-            self._cond.notify()
+            self._cond.notify_all()
 
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
-            self._cond.notify()
+            self._cond.notify_all()
 
     # -- the model thread -------------------------------------------------
 
@@ -152,7 +166,7 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._stopping and not self.waiting and not self.background and self.active == 0:
+                    while not self._stopping and not self.waiting and not self._line_ready() and self.active == 0:
                         self._cond.wait()
                     if self._stopping:
                         break
@@ -219,6 +233,9 @@ class Scheduler:
             if ended is None and seq.inputs is not None:  # more of its prompt to go, after a decode step
                 return
             self.prefilling = None
+            if not seq.background and self._line_images is not None:
+                with self._cond:  # the batch lines' images may go on
+                    self._cond.notify_all()
             if ended is not None:  # sent once it no longer counts as active
                 seq.send(ended)
             self._hand_over()  # its first token now, not after the other prompts of this turn
@@ -274,9 +291,63 @@ class Scheduler:
                     seq.send(errors.request_timed_out())
                     continue
                 return self._pop_waiting() if self._fits(seq) else None
-            if self.background and self._fits(self.background[0], keep=1):
+            if self._line_ready() and self._fits(self.background[0], keep=1):
+                self._cond.notify_all()  # the line-images thread may encode one more ahead
                 return self.background.popleft()
         return None
+
+    def _line_ready(self) -> bool:
+        """Whether the first batch line may be admitted now (its images encoded), or ended (cancelled)."""
+        line = self.background[0] if self.background else None
+        if line is None:
+            return False
+        return line.images_ready or not line.has_image or self._line_images is None or line.cancel.is_set()
+
+    # -- the batch lines' images (the CPU) ---------------------------------
+
+    def _encode_lines(self) -> None:
+        """Encode the waiting batch lines' images, in queue order, a line ahead of those ready; see the module's
+        text. A failure is logged and left to the line's prefill, where the error stays with that line."""
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    seq = self._next_line_to_encode()
+                    while not self._stopping and seq is None:
+                        self._cond.wait()
+                        seq = self._next_line_to_encode()
+                    if self._stopping or seq is None:
+                        return
+                try:
+                    if not seq.cancel.is_set():
+                        self.encoder.cross_kv(seq, pause=self._after_interactive)
+                except Exception:
+                    log.exception("encoding a batch line's images failed; its prefill tries again")
+                with self._cond:
+                    seq.images_ready = True
+                    self._cond.notify_all()
+
+    def _next_line_to_encode(self) -> Sequence | None:
+        """The first waiting batch line whose images are not encoded yet, unless two lines are ready already
+        (their images held in the vision cache until they run)."""
+        ready = 0
+        for seq in itertools.islice(self.background, 64):
+            if not seq.has_image:
+                continue
+            if not seq.images_ready:
+                return seq
+            ready += 1
+            if ready >= 2:
+                return None
+        return None
+
+    def _after_interactive(self) -> None:
+        """Wait while an interactive request waits or is being prefilled (the line-images thread, between
+        two layers of the vision tower)."""
+        with self._cond:
+            while not self._stopping and (
+                self.waiting or (self.prefilling is not None and not self.prefilling.background)
+            ):
+                self._cond.wait(0.5)  # (a request ended in the queue tells no one)
 
     def _fits(self, seq: Sequence, keep: int = 0) -> bool:
         """Whether ``seq`` fits beside the running batch, leaving ``keep`` places free (a background request
@@ -578,6 +649,8 @@ class Scheduler:
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
+        if self._line_images is not None:
+            self._line_images.join(timeout)
         if self._filler is not None and not self._thread.is_alive():
             self._filler.shutdown(wait=False)
 

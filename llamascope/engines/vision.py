@@ -28,12 +28,14 @@ themselves), so an image encoded beside others gets its own states, up to the
 order of float32 sums in the matrix products, whose blocking depends on how many
 rows they multiply.
 
-Everything here runs on the scheduler's model thread.
+Everything here runs on the scheduler's model thread, but for batch lines' images on the CPU, which the
+scheduler encodes on a thread of their own (``cross_kv`` with ``pause``: see ``Scheduler``).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -94,6 +96,13 @@ class ImageEncoder:
         self.calls = 0  # vision-tower calls
         self.encoded = 0  # images through them
         self._failed: set[str] = set()  # images a call together failed on: encoded alone from then on
+        # What an encode calls before each of the tower's layers, on the thread that runs it (``cross_kv``).
+        self._between_layers = threading.local()
+        tower = getattr(getattr(model, "model", None), "vision_model", None)  # None: a text-only model
+        for module in tower.modules() if tower is not None else ():
+            if isinstance(module, torch.nn.ModuleList):
+                for layer in module:
+                    layer.register_forward_pre_hook(self._before_layer)
 
     @property
     def max_tiles(self) -> int:
@@ -105,10 +114,23 @@ class ImageEncoder:
 
     # -- one request -----------------------------------------------------
 
-    def cross_kv(self, seq: Any) -> list[tuple[CrossKV, int]]:
+    def _before_layer(self, module: Any, args: Any) -> None:
+        pause = getattr(self._between_layers, "pause", None)
+        if pause is not None:
+            pause()
+
+    def cross_kv(self, seq: Any, pause: Callable[[], None] | None = None) -> list[tuple[CrossKV, int]]:
         """Each of the request's images' keys and values and tile count, in the prompt's order: from the cache,
         else encoded and projected now (and cached), its images together in calls of at most ``batch_tiles``
-        tiles. ``seq`` is a ``requests.Sequence`` about images."""
+        tiles. ``seq`` is a ``requests.Sequence`` about images. ``pause``: called before each layer of the
+        vision tower (it may block, to let other work have the processor)."""
+        self._between_layers.pause = pause
+        try:
+            return self._cross_kv(seq)
+        finally:
+            self._between_layers.pause = None
+
+    def _cross_kv(self, seq: Any) -> list[tuple[CrossKV, int]]:
         found: dict[str, tuple[CrossKV, int]] = {}
         todo: list[Any] = []
         for image in seq.images:

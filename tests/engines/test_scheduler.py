@@ -6,6 +6,7 @@ Real Mllama classes on the built-in model; the scheduler's own thread runs them.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -327,3 +328,27 @@ def test_token_budget_keeps_requests_waiting(test_model_dir: Path) -> None:
         return peak
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_a_batch_lines_image_is_encoded_off_the_model_thread_with_the_same_answer(test_model_dir: Path) -> None:
+    """On the CPU a batch line's image goes through the vision tower on the line-images thread before the line is
+    admitted (an interactive request need not wait for it); the answer is the one the same request gets alone."""
+    turns = [Turn("user", (image((30, 160, 90), (640, 480)), "What is this?"))]
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    alone, _ = asyncio.run(run(MllamaEngine.load(test_model_dir, test_model=True), turns, greedy))
+    engine = MllamaEngine.load(test_model_dir, test_model=True)
+    encoded_on: list[str] = []
+    tower_call = engine.scheduler.encoder._encode
+
+    def watched(images: Any) -> Any:
+        encoded_on.append(threading.current_thread().name)
+        return tower_call(images)
+
+    engine.scheduler.encoder._encode = watched  # type: ignore[method-assign]
+
+    async def line() -> str:
+        background.set(True)
+        return (await run(engine, turns, greedy))[0]
+
+    assert asyncio.run(line()) == alone
+    assert encoded_on == ["llamascope-line-images"]

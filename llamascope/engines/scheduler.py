@@ -36,8 +36,11 @@ On the CPU, a batch line's images go through the vision tower on a thread of the
 model: the whole tower over four padded tiles), and an interactive request that came while the model thread ran
 it waited for all of it. That thread pauses before every layer of the tower while an interactive request waits
 or is prefilled, so the interactive prefill has the processor, and goes on afterwards with no work lost; a line
-is admitted once its images are encoded. (Not on a GPU: two tower calls at once would need twice the memory
-set aside for one.)
+is admitted once its images are encoded. Only while interactive traffic is about (a request waiting or running,
+or one within ``INTERACTIVE_GRACE_SECONDS``): with batch lines alone, the two threads' PyTorch work on the same
+cores cost the batch more than it gained (bench/batch.py: 1.27x the API's time against 1.04x), so the lines'
+images go through the tower in their prefills as before. (Not on a GPU: two tower calls at once would need
+twice the memory set aside for one.)
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ from llamascope.engines.vision import CrossKV, ImageEncoder, VisionCache, batch_
 from llamascope.structured.masking import FilledMasks, StepMasks
 
 log = logging.getLogger(__name__)
+# Interactive traffic counts as about this long after a request was submitted or last decoded (``Scheduler``).
+INTERACTIVE_GRACE_SECONDS = 2.0
 
 
 class Scheduler:
@@ -123,6 +128,7 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="llamascope-generate", daemon=True)
         self._thread.start()
         self._line_images: threading.Thread | None = None
+        self._interactive_at = -math.inf  # when an interactive request was last submitted or in a step
         if model.device.type == "cpu" and self.cross_layers:
             self._line_images = threading.Thread(target=self._encode_lines, name="llamascope-line-images", daemon=True)
             self._line_images.start()
@@ -142,6 +148,7 @@ class Scheduler:
                 self.background.append(seq)
                 self._cond.notify_all()
                 return
+            self._interactive_at = time.monotonic()
             limits = self.limits
             full = limits.max_queued is not None and len(self.waiting) >= limits.max_queued
             if full or (self.waiting and self.waiting_bytes + seq.waiting_bytes > limits.max_queued_bytes):
@@ -301,7 +308,12 @@ class Scheduler:
         line = self.background[0] if self.background else None
         if line is None:
             return False
-        return line.images_ready or not line.has_image or self._line_images is None or line.cancel.is_set()
+        ahead = self._line_images is not None and line.has_image and self._interactive_about()
+        return line.images_ready or not ahead or line.cancel.is_set()
+
+    def _interactive_about(self) -> bool:
+        """Whether interactive traffic is about: the batch lines' images then go ahead on their own thread."""
+        return time.monotonic() - self._interactive_at < INTERACTIVE_GRACE_SECONDS
 
     # -- the batch lines' images (the CPU) ---------------------------------
 
@@ -329,6 +341,8 @@ class Scheduler:
     def _next_line_to_encode(self) -> Sequence | None:
         """The first waiting batch line whose images are not encoded yet, unless two lines are ready already
         (their images held in the vision cache until they run)."""
+        if not self._interactive_about():
+            return None  # the line's prefill encodes them (the module's text says why)
         ready = 0
         for seq in itertools.islice(self.background, 64):
             if not seq.has_image:
@@ -489,6 +503,8 @@ class Scheduler:
         alone ends with an error, and the others go on as if it had never been in the batch.
         """
         rows = batch.rows
+        if self._line_images is not None and not all(s.background for s in rows):
+            self._interactive_at = time.monotonic()
         cancelled = [s for s in rows if s.cancel.is_set()]
         if cancelled:
             batch.keep([i for i, s in enumerate(rows) if not s.cancel.is_set()])

@@ -331,8 +331,9 @@ def test_token_budget_keeps_requests_waiting(test_model_dir: Path) -> None:
 
 
 def test_a_batch_lines_image_is_encoded_off_the_model_thread_with_the_same_answer(test_model_dir: Path) -> None:
-    """On the CPU a batch line's image goes through the vision tower on the line-images thread before the line is
-    admitted (an interactive request need not wait for it); the answer is the one the same request gets alone."""
+    """On the CPU, while interactive traffic is about, a batch line's image goes through the vision tower on the
+    line-images thread before the line is admitted (an interactive request need not wait for it); with batch
+    lines alone, in its prefill on the model thread. Either way the answer is the one it gets alone."""
     turns = [Turn("user", (image((30, 160, 90), (640, 480)), "What is this?"))]
     greedy = SamplingParams(max_new_tokens=12, temperature=0)
     alone, _ = asyncio.run(run(MllamaEngine.load(test_model_dir, test_model=True), turns, greedy))
@@ -346,9 +347,21 @@ def test_a_batch_lines_image_is_encoded_off_the_model_thread_with_the_same_answe
 
     engine.scheduler.encoder._encode = watched  # type: ignore[method-assign]
 
-    async def line() -> str:
+    async def line(about: bool) -> str:
+        if about:  # an interactive request about another image, decoding while the line comes
+            talk = [Turn("user", (image((200, 10, 10), (640, 480)), "Describe it."))]
+            prompt = await engine.prepare(talk)
+            stream = engine.generate(prompt, SamplingParams(max_new_tokens=400, min_new_tokens=400))
+            await anext(stream)
         background.set(True)
-        return (await run(engine, turns, greedy))[0]
+        answer = (await run(engine, turns, greedy))[0]
+        if about:
+            await stream.aclose()
+        return answer
 
-    assert asyncio.run(line()) == alone
-    assert encoded_on == ["llamascope-line-images"]
+    assert asyncio.run(line(about=False)) == alone
+    assert encoded_on == ["llamascope-generate"]
+    engine.scheduler.encoder.cache.clear()
+    encoded_on.clear()
+    assert asyncio.run(line(about=True)) == alone
+    assert encoded_on == ["llamascope-generate", "llamascope-line-images"]

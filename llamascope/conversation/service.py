@@ -292,7 +292,9 @@ class ConversationService:
     def image_rules(self, model: str, endpoint: Endpoint) -> Images:
         """How many images a conversation with ``model`` may carry through ``endpoint``, and whether its first user
         message must carry one: the model's settings over its engine's defaults (0 images: a text-only model)."""
-        engine = self.engine(model)
+        return self._image_rules(model, self.engine(model), endpoint)
+
+    def _image_rules(self, model: str, engine: Engine, endpoint: Endpoint) -> Images:
         if not engine.info.takes_images:
             return Images(0)
         policy = self.image_policies.get(model, ImagePolicy())
@@ -305,7 +307,7 @@ class ConversationService:
                 f"Model {model} is a text-only model: call it through the text-generation API "
                 "(POST /api/v1/services/aigc/text-generation/generation, dashscope.Generation)."
             )
-        return self.image_rules(model, endpoint)
+        return self._image_rules(model, engine, endpoint)
 
     async def _prompt(
         self, engine: Engine, draft: Draft, context: SourceContext, output: OutputSpec | None = None

@@ -103,7 +103,9 @@ class Scheduler:
         # Self-attention caches appended to in place (kv_cache.GrowingLayer); off: transformers' DynamicLayer.
         self.growing_kv = True
         tiles = batch_tiles(limits.vision_batch_tiles, model.device.type)
-        self.encoder = ImageEncoder(model, pixels, vision_cache, self.cross_layers, tiles)
+        # On the CPU batch lines' images are encoded on a thread of their own, which pauses for interactive work.
+        lines_apart = model.device.type == "cpu" and bool(self.cross_layers)
+        self.encoder = ImageEncoder(model, pixels, vision_cache, self.cross_layers, tiles, pausable=lines_apart)
         for index in self.cross_layers:
             # A token attends to every image state it is given: a prefill chunk that needs no mask runs with none
             # (``_attends``), and transformers' attention functions take a module's ``is_causal`` (default True)
@@ -129,7 +131,7 @@ class Scheduler:
         self._thread.start()
         self._line_images: threading.Thread | None = None
         self._interactive_at = -math.inf  # when an interactive request was last submitted or in a step
-        if model.device.type == "cpu" and self.cross_layers:
+        if lines_apart:
             self._line_images = threading.Thread(target=self._encode_lines, name="llamascope-line-images", daemon=True)
             self._line_images.start()
 

@@ -87,6 +87,7 @@ class ImageEncoder:
         cache: VisionCache,
         cross_layers: Iterable[int],
         batch_tiles: int = DEFAULT_BATCH_TILES,
+        pausable: bool = False,  # encodes may pause between the tower's layers (``cross_kv``'s ``pause``)
     ) -> None:
         self.model = model
         self.pixels = pixels
@@ -96,10 +97,11 @@ class ImageEncoder:
         self.calls = 0  # vision-tower calls
         self.encoded = 0  # images through them
         self._failed: set[str] = set()  # images a call together failed on: encoded alone from then on
-        # What an encode calls before each of the tower's layers, on the thread that runs it (``cross_kv``).
+        # What an encode calls before each of the tower's layers, on the thread that runs it (``cross_kv``). The
+        # hooks only where an encode may pause: elsewhere every tower call would run them for nothing.
         self._between_layers = threading.local()
         tower = getattr(getattr(model, "model", None), "vision_model", None)  # None: a text-only model
-        for module in tower.modules() if tower is not None else ():
+        for module in tower.modules() if tower is not None and pausable else ():
             if isinstance(module, torch.nn.ModuleList):
                 for layer in module:
                     layer.register_forward_pre_hook(self._before_layer)

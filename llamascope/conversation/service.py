@@ -315,13 +315,14 @@ class ConversationService:
         """The conversation's images fetched and decoded (together, each distinct reference once), then prepared."""
         refs = draft.image_refs
         distinct = list(dict.fromkeys(refs))
-        loaded = await asyncio.gather(
-            *(self.intake.load(r, context, fit=engine.image_size, fit_key=engine.info.source) for r in distinct),
-            return_exceptions=True,
-        )
-        for result in loaded:  # the first refusal in the conversation's order
-            if isinstance(result, BaseException):
-                raise result
+        loads = [self.intake.load(r, context, fit=engine.image_size, fit_key=engine.info.source) for r in distinct]
+        if len(loads) == 1:  # one image (the usual case): awaited here, without a task and a loop turn for it
+            loaded: list[Any] = [await loads[0]]
+        else:
+            loaded = await asyncio.gather(*loads, return_exceptions=True)
+            for result in loaded:  # the first refusal in the conversation's order
+                if isinstance(result, BaseException):
+                    raise result
         images = dict(zip(distinct, loaded, strict=True))
         return await engine.prepare(draft.with_images([images[r] for r in refs]), output)  # type: ignore[misc]
 

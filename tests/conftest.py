@@ -370,19 +370,25 @@ def start_server(
         )
     server = Server(base=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
     if wait:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-            try:
-                if httpx.get(server.base + "/health", timeout=1).status_code == 200:
-                    return server
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        server.stop(signal.SIGKILL)
-        raise RuntimeError(f"server did not start:\n{server.log()}")
+        wait_ready(server)
     return server
+
+
+def wait_ready(server: Server, timeout: float = 120) -> Server:
+    """Wait until a server started with ``wait=False`` answers /health. Servers that need not start one after
+    the other are started together and then waited for: their seconds of imports overlap."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.base + "/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.stop(signal.SIGKILL)
+    raise RuntimeError(f"server did not start:\n{server.log()}")
 
 
 @pytest.fixture(scope="session")

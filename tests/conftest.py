@@ -378,15 +378,19 @@ def wait_ready(server: Server, timeout: float = 120) -> Server:
     """Wait until a server started with ``wait=False`` answers /health. Servers that need not start one after
     the other are started together and then waited for: their seconds of imports overlap."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(server.base + "/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    # One client for every try: httpx.get makes a client (and its SSL context) each time, tens of ms of CPU
+    # taken from the starting server five times a second; this way a try costs well under a millisecond, so
+    # the server is asked often and found up within 0.05 s.
+    with httpx.Client(timeout=1) as client:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
+            try:
+                if client.get(server.base + "/health").status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server did not start:\n{server.log()}")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import CACHE_DIR, SEED_MODEL, Server, free_port, png_bytes, start_server
+from tests.conftest import CACHE_DIR, SEED_MODEL, Server, free_port, png_bytes, start_server, wait_ready
 from tests.services import RedisServer, fresh_database
 
 pytestmark = [pytest.mark.server, pytest.mark.postgres, pytest.mark.redis, pytest.mark.nginx]
@@ -85,17 +85,7 @@ class Topology:
 def wait_healthy(servers: list[Server]) -> None:
     deadline = time.monotonic() + 180
     for server in servers:
-        while True:
-            if server.process.poll() is not None:
-                raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
-            try:
-                if httpx.get(server.base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{server.log()}")
-            time.sleep(0.2)
+        wait_ready(server, max(deadline - time.monotonic(), 1))
 
 
 @pytest.fixture(scope="module")

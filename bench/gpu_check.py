@@ -1,7 +1,8 @@
 """The GPU device check: the in-process engine on a GPU, in one command, printing a table.
 
     bash bench/gpu_check.sh            # on a GPU machine (installs the wheels in .whl/ if there are any)
-    python bench/gpu_check.py --device cpu --shape tiny --tokens 8 --levels 1,2   # its CPU parts (a test runs this)
+    python bench/gpu_check.py --device cpu --shape tiny --tokens 8 --levels 1,2   # its CPU parts
+    python bench/gpu_check.py --device cpu --shape tiny --tokens 4 --levels 2 --images 2 --samples 1  # the test's
 
 1. Correctness on the device, with the built-in model loaded through ``from_pretrained`` onto it (the path
    ``serve --model NAME=PATH --device cuda`` takes) in float32: greedy answers batched are token for token
@@ -11,9 +12,9 @@
    config's sizes, not its weights) in bf16, built on the device: decode tokens/s at batch 1 against the
    memory-bandwidth limit (bytes of weights one decode step reads over the copy bandwidth measured in the
    same run), tokens/s at each ``--levels`` concurrency (one shared cached image), time to first token with
-   a new image (vision encoding and prefill) and with a cached one, 16 requests about 16 new images sent
-   at once with their images encoded together (VISION_BATCH_TILES 16) against one at a time, and peak GPU
-   memory.
+   a new image (vision encoding and prefill) and with a cached one (the median of ``--samples``), 16
+   requests about 16 new images (``--images``) sent at once with their images encoded together
+   (VISION_BATCH_TILES 16) against one at a time, and peak GPU memory.
 Targets on one H200: batch-1 decode >= 60% of the bandwidth limit; 64 concurrent >= 20x batch 1; a new
 image's time to first token < 150 ms.
 """
@@ -170,7 +171,9 @@ def bandwidth(device: str) -> float:
     return 2 * size * 10 / (time.perf_counter() - started)
 
 
-def speed(engine: MllamaEngine, device: str, tokens: int, levels: list[int]) -> list[tuple[str, str, bool | None]]:
+def speed(
+    engine: MllamaEngine, device: str, tokens: int, levels: list[int], images: int = 16, samples: int = 5
+) -> list[tuple[str, str, bool | None]]:
     import torch
 
     text = engine.model.model.language_model
@@ -195,14 +198,16 @@ def speed(engine: MllamaEngine, device: str, tokens: int, levels: list[int]) -> 
             out[n] = sum(r[0][-1] for r in results) / (time.perf_counter() - started)
         one = SamplingParams(max_new_tokens=1, temperature=0)
         await answer(engine, [Turn("user", (photo(99), "warm"))], one)
-        new = [(await answer(engine, [Turn("user", (photo(100 + i), "What is this?"))], one))[1] for i in range(5)]
-        cached = [(await answer(engine, [Turn("user", (photo(100 + i), "And this?"))], one))[1] for i in range(5)]
+        new = [
+            (await answer(engine, [Turn("user", (photo(100 + i), "What is this?"))], one))[1] for i in range(samples)
+        ]
+        cached = [(await answer(engine, [Turn("user", (photo(100 + i), "And this?"))], one))[1] for i in range(samples)]
         out["new"], out["cached"] = statistics.median(new), statistics.median(cached)
 
-        async def images(batch_tiles: int, seed: int) -> float:
-            """Seconds for 16 requests about 16 new images, prepared first and then sent at once."""
+        async def at_once(batch_tiles: int, seed: int) -> float:
+            """Seconds for ``images`` requests about as many new images, prepared first and then sent at once."""
             engine.scheduler.encoder.batch_tiles = batch_tiles
-            prompts = [await engine.prepare([Turn("user", (photo(seed + i), "What is this?"))]) for i in range(16)]
+            prompts = [await engine.prepare([Turn("user", (photo(seed + i), "What is this?"))]) for i in range(images)]
 
             async def drain(prompt: Any) -> None:
                 async for _ in engine.generate(prompt, one):
@@ -212,7 +217,7 @@ def speed(engine: MllamaEngine, device: str, tokens: int, levels: list[int]) -> 
             await asyncio.gather(*(drain(p) for p in prompts))
             return time.perf_counter() - started
 
-        out["images"] = (await images(1, 1000), await images(16, 2000))
+        out["images"] = (await at_once(1, 1000), await at_once(16, 2000))
         return out
 
     r = asyncio.run(run())
@@ -235,7 +240,7 @@ def speed(engine: MllamaEngine, device: str, tokens: int, levels: list[int]) -> 
     alone, together = r["images"]
     rows.append(
         (
-            "16 new images at once, encoded together",
+            f"{images} new images at once, encoded together",
             f"{alone / together:.2f}x one at a time ({together * 1000:.0f} ms vs {alone * 1000:.0f} ms)",
             None,
         )
@@ -250,6 +255,8 @@ def main() -> int:
     parser.add_argument("--shape", choices=["11b", "tiny"], default="11b", help="the speed part's model")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per answer in the decode loads")
     parser.add_argument("--levels", default="16,64", help="concurrent requests to measure")
+    parser.add_argument("--images", type=int, default=16, help="new images sent at once in the encoding check")
+    parser.add_argument("--samples", type=int, default=5, help="time-to-first-token samples per row (the median)")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="where the built-in model is built")
     args = parser.parse_args()
     import torch
@@ -267,7 +274,8 @@ def main() -> int:
     print(f"correctness done in {time.perf_counter() - started:.0f} s", flush=True)
     engine = build(args.shape, device, args.cache_dir)
     print(f"{args.shape} model built in {time.perf_counter() - started:.0f} s", flush=True)
-    rows += speed(engine, device, args.tokens, [int(n) for n in args.levels.split(",")])
+    levels = [int(n) for n in args.levels.split(",")]
+    rows += speed(engine, device, args.tokens, levels, images=args.images, samples=args.samples)
     width = max(len(r[0]) for r in rows)
     print(f"\n{'check':<{width}}  {'result':<50} ok")
     for what, result, ok in rows:

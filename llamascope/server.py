@@ -52,6 +52,7 @@ from llamascope.engines.registry import (
     InProcessModel,
     Runtime,
     UpstreamModel,
+    check_model_dirs,
 )
 from llamascope.engines.registry import load_engines as load_models
 from llamascope.engines.threads import configure_openmp, configure_torch
@@ -249,6 +250,7 @@ def build(settings: Settings, progress: Callable[[str], None] = log.info) -> Ser
     """Everything from the settings, in an order that writes nothing until the server can run: the store's
     schema, the models; then crash leftovers are charged and the keys seeded. Raises ModelLoadError."""
     configure_openmp()  # before anything loads torch
+    check_model_dirs(model_plan(settings))  # a wrong model path stops start-up before PyTorch's seconds of imports
     threads = configure_torch(settings.torch_threads) if serves_in_process(settings) else None
     store = open_store(settings)
     engines = load_engines(settings, progress)

@@ -72,7 +72,9 @@ def test_first_start_makes_a_key_then_shutdown_lets_streams_finish(
     assert key.encode() not in (tmp_path / "data" / "llamascope.db").read_bytes()  # only its hash is kept
     assert "built-in test model: tiny and random" in server.log()
 
-    body = generation_body(image_host.url("/red.png"), max_tokens=300, incremental_output=True)
+    # Long enough to be mid-stream when the signal lands (it is sent after the second event), short enough to
+    # stream fast: the drain lets it finish, all its tokens, before the server ends.
+    body = generation_body(image_host.url("/red.png"), max_tokens=100, incremental_output=True)
     headers = {"Authorization": f"Bearer {key}", "X-DashScope-SSE": "enable"}
     events: list[dict] = []
     with httpx.stream("POST", server.base + PATH, json=body, headers=headers, timeout=60) as r:
@@ -82,11 +84,11 @@ def test_first_start_makes_a_key_then_shutdown_lets_streams_finish(
                 if len(events) == 2:
                     server.process.send_signal(signal.SIGTERM)
     assert events[-1]["output"]["choices"][0]["finish_reason"] == "length"
-    assert events[-1]["usage"]["output_tokens"] == 300
+    assert events[-1]["usage"]["output_tokens"] == 100
     # uvicorn re-raises SIGTERM after a graceful shutdown, as service managers expect.
     assert server.process.wait(30) in (0, -signal.SIGTERM)
     log = server.log()
-    assert log.index("shutting down: 1 requests running") < log.index("output_tokens=300") < log.index("Finished")
+    assert log.index("shutting down: 1 requests running") < log.index("output_tokens=100") < log.index("Finished")
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.base + "/health")
 
@@ -114,7 +116,9 @@ def test_sigterm_drains_then_ends_what_still_runs_with_an_error_event(
     """Issues 12 and 13 (item 9): on SIGTERM, running streams get SHUTDOWN_GRACE_SECONDS to finish and new
     requests get 503 meanwhile; a stream still running when the grace ends gets a last event:error (DashScope
     shape, a code that says the server is shutting down) and is charged; no traceback in the log."""
-    grace = 8  # long enough for the short stream to finish on a loaded machine
+    # Long enough for the short stream, already streaming when the signal is sent (3 tokens left), to finish on
+    # a loaded machine; the long one runs out the grace, so the test lasts at least this long.
+    grace = 4
     server = start_server(tmp_path, env={"LLAMASCOPE_SHUTDOWN_GRACE_SECONDS": str(grace)})
     headers = {"Authorization": f"Bearer {server.key}", "X-DashScope-SSE": "enable"}
     long_body = generation_body(image_host.url("/red.png"), max_tokens=8000, min_new_tokens=8000)

@@ -110,3 +110,36 @@ def test_a_gateway_never_imports_pytorch_or_transformers(upstream: str, tmp_path
     # Nor what only some requests or stores need: Alembic (a new store is made at the head without it), the
     # structured-output libraries (no request asked for a shape).
     assert [m for m in result["modules"] if m.split(".")[0] in ("alembic", "jsonschema", "llguidance")] == []
+
+
+BAD_MODEL = """
+import json, sys
+from llamascope import server
+from llamascope.engines.base import ModelLoadError
+from llamascope.settings import ModelSpec, Settings
+
+settings = Settings.load(models={"x": ModelSpec(path=sys.argv[1])}, data_dir=sys.argv[2], api_keys=[])
+try:
+    server.build(settings)
+except ModelLoadError as exc:
+    print(json.dumps({"error": str(exc), "modules": sorted(sys.modules)}))
+"""
+
+
+def test_a_bad_model_directory_stops_start_up_before_pytorch_loads(tmp_path: Path) -> None:
+    """A wrong --model path is found from the directory alone, before PyTorch's seconds of imports; and before
+    anything is written."""
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    for path, message in ((tmp_path / "missing", "does not exist"), (tmp_path / "gpt2", "model_type 'gpt2'")):
+        out = subprocess.run(
+            [sys.executable, "-c", BAD_MODEL, str(path), str(tmp_path / "data")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["error"].startswith("model 'x': ") and message in result["error"]
+        assert [m for m in result["modules"] if m.split(".")[0] in ("torch", "transformers")] == []
+    assert not (tmp_path / "data" / "llamascope.db").exists()

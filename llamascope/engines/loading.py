@@ -1,14 +1,10 @@
-"""A model directory checked before transformers reads it, and its weights loaded as asked.
-
-``check_model_dir`` fails early with a message that says what is wrong (a hub id, no config, another model
-family, no weights, no tokenizer); ``load_weights`` loads in the dtype and quantization asked for, onto the
-device. Both raise ``base.ModelLoadError``.
+"""A model's weights loaded as asked: ``load_weights`` loads in the dtype and quantization asked for, onto the
+device, and raises ``base.ModelLoadError``. The directory is checked first (``model_dir.check_model_dir``,
+re-exported here).
 """
 
 from __future__ import annotations
 
-import json
-import re
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -18,49 +14,9 @@ from transformers import BitsAndBytesConfig
 
 from llamascope.engines import devices
 from llamascope.engines.base import ModelLoadError
+from llamascope.engines.model_dir import check_model_dir
 
-
-def check_model_dir(path: Path, model_types: tuple[str, ...] = ("mllama",)) -> dict[str, Any]:
-    """Fail early, with a message that says what is wrong, before transformers tries.
-
-    ``model_types``: the ``model_type`` values the caller can serve (Llama 3.2 Vision is 'mllama')."""
-    if not path.exists():
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):  # "meta-llama/Llama-3.2-11B-Vision-Instruct"
-            raise ModelLoadError(
-                f"{path} does not exist here, and Hugging Face hub ids are not fetched: download the model first "
-                f"(huggingface-cli download {path} --local-dir /models/{path.name}) and give that directory"
-            )
-        raise ModelLoadError(f"{path} does not exist")
-    if not path.is_dir():
-        raise ModelLoadError(f"{path} is not a directory (give the folder of a Hugging Face model)")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ModelLoadError(f"{path} is not a Hugging Face model directory: it has no config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{config_file} cannot be read as JSON: {exc}") from None
-    model_type = config.get("model_type")
-    if model_type not in model_types:
-        if "vision_config" in config:
-            raise ModelLoadError(
-                f"{path} is a vision-language model of type {model_type!r}; the in-process engine runs "
-                "Llama 3.2 Vision (model_type 'mllama')"
-            )
-        if "llama" in model_types:
-            raise ModelLoadError(
-                f"{path} has model_type {model_type!r}; llamascope serves Llama 3.2 Vision (model_type "
-                "'mllama') and the Llama 3 text models (model_type 'llama', LlamaForCausalLM)"
-            )
-        raise ModelLoadError(
-            f"{path} is a text-only model (model_type {model_type!r}); llamascope serves vision-language "
-            "models such as Llama-3.2-11B-Vision-Instruct (model_type 'mllama')"
-        )
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ModelLoadError(f"{path} has a config.json but no weights (*.safetensors)")
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        raise ModelLoadError(f"{path} has no tokenizer (tokenizer.json)")
-    return config
+__all__ = ["check_model_dir", "load_weights"]
 
 
 def _quantization_config(kind: str, compute_dtype: Any, config: dict[str, Any]) -> Any:

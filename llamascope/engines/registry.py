@@ -19,6 +19,7 @@ from typing import Literal
 
 from llamascope.engines.base import Engine, ModelLoadError
 from llamascope.engines.devices import Bounds
+from llamascope.engines.model_dir import SERVED_MODEL_TYPES, check_model_dir
 from llamascope.engines.upstream import UpstreamEngine
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,18 @@ class Runtime:
     faults: bool = False
 
 
+def check_model_dirs(models: Mapping[str, UpstreamModel | InProcessModel]) -> None:
+    """Check each in-process model's directory, with no PyTorch imported: raise ModelLoadError naming the first
+    bad one. The composition root calls this before anything loads PyTorch, so that a wrong ``--model`` path
+    stops start-up in about a second instead of after seconds of imports."""
+    for name, model in models.items():
+        if isinstance(model, InProcessModel) and model.source not in (TEST_MODEL, TEXT_TEST_MODEL):
+            try:
+                check_model_dir(Path(model.source).expanduser(), SERVED_MODEL_TYPES)
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"model {name!r}: {exc}") from exc
+
+
 def load_engines(
     models: Mapping[str, UpstreamModel | InProcessModel],
     runtime: Runtime,
@@ -105,7 +118,6 @@ def _load_in_process(
     from llamascope.engines.builtin_model import ensure_test_model, ensure_text_test_model, is_test_model
     from llamascope.engines.devices import DeviceError, resolve_device
     from llamascope.engines.llama_text import LlamaTextEngine
-    from llamascope.engines.loading import check_model_dir
     from llamascope.engines.mllama import MllamaEngine
     from llamascope.engines.requests import BatchLimits, default_queue_bytes
 
@@ -125,7 +137,7 @@ def _load_in_process(
         progress(f"loading {name!r} from {what} onto {device} ...")
         try:
             # Llama 3.2 Vision (mllama) or a text-only Llama 3 (llama): the directory's config says which.
-            kind = check_model_dir(path, ("mllama", LlamaTextEngine.MODEL_TYPE)).get("model_type")
+            kind = check_model_dir(path, SERVED_MODEL_TYPES).get("model_type")
             engine_class = LlamaTextEngine if kind == LlamaTextEngine.MODEL_TYPE else MllamaEngine
             loaded[key] = engine_class.load(
                 path,

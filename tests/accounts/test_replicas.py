@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.api.upload_flow import PATH, generate_with, policy_for, upload
-from tests.conftest import CACHE_DIR, SEED_MODEL, Server, png_bytes, start_server
+from tests.conftest import CACHE_DIR, SEED_MODEL, Server, png_bytes, start_server, wait_ready
 from tests.services import RedisServer, fresh_database
 
 
@@ -34,11 +34,14 @@ def replicas(tmp_path: Path, redis_server: RedisServer, test_model_dir: Path) ->
     }
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    a = start_server(tmp_path / "a", env=env)
-    b = start_server(tmp_path / "b", env=env)
-    yield a, b, env
-    a.stop()
-    b.stop()
+    a, b = servers = [start_server(tmp_path / name, env=env, wait=False) for name in ("a", "b")]  # together
+    try:
+        for server in servers:
+            wait_ready(server)
+        yield a, b, env
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def new_key(env: dict, *options: str) -> str:

@@ -145,7 +145,9 @@ def test_padded_batch_counts_against_the_token_bound(test_model_dir: Path) -> No
     assert peak == 1
 
 
-QUICK = ["--tokens", "4", "--levels", "2"]
+# The smallest loads that still run every part: one sample per time-to-first-token row, two images encoded
+# together against one at a time.
+QUICK = ["--tokens", "4", "--levels", "2", "--images", "2", "--samples", "1"]
 
 
 @pytest.mark.slow
@@ -172,7 +174,13 @@ def test_gpu_check_script_runs_its_parts_on_the_cpu(tmp_path: Path) -> None:
     )
     # 0, or 1 when a check says no: batched and lone answers may part at a float32 tie on some CPU (README).
     assert done.returncode in (0, 1), done.stdout + done.stderr[-3000:]
-    for row in ("batched == alone (float32)", "tok/s, 2 concurrent", "TTFT, cached image"):
+    for row in (
+        "batched == alone (float32)",
+        "tok/s, 2 concurrent",
+        "TTFT, new image",
+        "TTFT, cached image",
+        "2 new images at once, encoded together",
+    ):
         assert row in done.stdout
     cancelled = next(line for line in done.stdout.splitlines() if line.startswith("cancelled request left the batch"))
     assert cancelled.split()[-2:] == ["yes", "yes"], cancelled

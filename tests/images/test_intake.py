@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 from llamascope import errors
 from llamascope.images.decode import DecodeLimits
 from llamascope.images.intake import ImageIntake
-from llamascope.images.source import FetchPolicy
+from llamascope.images.source import DataUriSource, FetchPolicy
 
 
 def png(size: tuple[int, int], color: tuple[int, int, int] = (1, 2, 3)) -> bytes:
@@ -47,3 +48,22 @@ def test_decode_over_budget_is_refused() -> None:
     intake = ImageIntake(FetchPolicy(), DecodeLimits(), decode_timeout=0.001, cache_bytes=0)
     with pytest.raises(errors.ServiceError, match="took longer than"):
         asyncio.run(intake.decode(png((3000, 3000))))
+
+
+def test_a_data_uri_seen_before_is_not_decoded_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    intake = ImageIntake(FetchPolicy(), DecodeLimits(), cache_bytes=10 * 1024 * 1024)
+    uri = "data:image/png;base64," + base64.b64encode(png((80, 60))).decode()
+    first = asyncio.run(intake.load(uri, fit_key="m"))
+
+    def no_read(self: DataUriSource) -> bytes:
+        raise AssertionError("read again")
+
+    monkeypatch.setattr(DataUriSource, "read", no_read)
+    # A new string with the same text, as the next turn's request body gives.
+    assert asyncio.run(intake.load("".join(["data", uri[4:]]), fit_key="m")) is first
+    # Another sizing rule, or the decoded image gone from its cache: read and decoded again.
+    with pytest.raises(AssertionError, match="read again"):
+        asyncio.run(intake.load(uri, fit_key="other"))
+    intake.cache.clear()
+    with pytest.raises(AssertionError, match="read again"):
+        asyncio.run(intake.load(uri, fit_key="m"))

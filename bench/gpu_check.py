@@ -259,6 +259,8 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=5, help="time-to-first-token samples per row (the median)")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="where the built-in model is built")
     args = parser.parse_args()
+    if min(args.images, args.samples) < 1:
+        parser.error("--images and --samples must be at least 1")
     import torch
 
     try:

@@ -74,7 +74,7 @@ def test_first_start_makes_a_key_then_shutdown_lets_streams_finish(
 
     # Long enough to be mid-stream when the signal lands (it is sent after the second event), short enough to
     # stream fast: the drain lets it finish, all its tokens, before the server ends.
-    body = generation_body(image_host.url("/red.png"), max_tokens=100, incremental_output=True)
+    body = generation_body(image_host.url("/red.png"), max_tokens=160, incremental_output=True)
     headers = {"Authorization": f"Bearer {key}", "X-DashScope-SSE": "enable"}
     events: list[dict] = []
     with httpx.stream("POST", server.base + PATH, json=body, headers=headers, timeout=60) as r:
@@ -84,11 +84,11 @@ def test_first_start_makes_a_key_then_shutdown_lets_streams_finish(
                 if len(events) == 2:
                     server.process.send_signal(signal.SIGTERM)
     assert events[-1]["output"]["choices"][0]["finish_reason"] == "length"
-    assert events[-1]["usage"]["output_tokens"] == 100
+    assert events[-1]["usage"]["output_tokens"] == 160
     # uvicorn re-raises SIGTERM after a graceful shutdown, as service managers expect.
     assert server.process.wait(30) in (0, -signal.SIGTERM)
     log = server.log()
-    assert log.index("shutting down: 1 requests running") < log.index("output_tokens=100") < log.index("Finished")
+    assert log.index("shutting down: 1 requests running") < log.index("output_tokens=160") < log.index("Finished")
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.base + "/health")
 

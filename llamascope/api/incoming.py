@@ -238,8 +238,8 @@ class EventStream(Response):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 self.sent += 1
             # The last frame and the body's end in one write (the same bytes; one wake-up of the client fewer).
-            last, self.held = self.held or b"", None
-            await send({"type": "http.response.body", "body": last})
-            self.sent += bool(last)
+            # Held until sent: a shutdown that cancels this send still sends it first (``__call__``).
+            await send({"type": "http.response.body", "body": self.held or b""})
+            self.held = None
         finally:
             await events.aclose()

@@ -4,7 +4,8 @@
   request's own matcher made from it: what a new schema adds to its request's first token;
 - mask fill: one step's bitmask for --rows constrained rows (llguidance's batched fill), the rows at the states a
   random decode reaches (inside strings, where most of the vocabulary is allowed, and between fields); with the
-  CPU's index plan (``StepMasks.fill``: what the engine's filler thread makes for each step);
+  CPU's index plan (``StepMasks.fill``: what a CPU engine's model thread makes before each step, its rows
+  filled one after another);
 - mask apply: the bitmask put on a [rows, vocab] float32 logits tensor, all rows constrained and half of them,
   on the CPU and, where there is one, the GPU.
 

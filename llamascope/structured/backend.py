@@ -70,9 +70,10 @@ class Backend(ABC):
         ``spec.field`` if it cannot be."""
 
     @abstractmethod
-    def fill_bitmask(self, matchers: Sequence[Matcher], bitmask: Bitmask) -> None:
+    def fill_bitmask(self, matchers: Sequence[Matcher], bitmask: Bitmask, *, parallel: bool = True) -> None:
         """Write each matcher's allowed next tokens into its row of ``bitmask`` (row i for ``matchers[i]``),
-        all rows at once; the library may use several threads and does not hold the GIL."""
+        all rows at once; with ``parallel`` the library may use several threads of its own, else it fills them
+        one after another on the calling thread. It does not hold the GIL while it fills."""
 
     def allocate_bitmask(self, rows: int) -> Bitmask:
         return np.full((rows, self.mask_words), -1, dtype=np.int32)

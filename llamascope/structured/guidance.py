@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import llguidance
+import numpy as np
 from llguidance.numpy import fill_next_token_bitmask_par
 
 from llamascope.errors import invalid_parameter
@@ -121,9 +122,15 @@ class GuidanceBackend(Backend):
             )
         return GuidanceGrammar(start)
 
-    def fill_bitmask(self, matchers: Sequence[Matcher], bitmask: Bitmask) -> None:
-        pairs = [(_inner(m), i) for i, m in enumerate(matchers)]
-        fill_next_token_bitmask_par(self.executor, pairs, bitmask)
+    def fill_bitmask(self, matchers: Sequence[Matcher], bitmask: Bitmask, *, parallel: bool = True) -> None:
+        if parallel:
+            fill_next_token_bitmask_par(self.executor, [(_inner(m), i) for i, m in enumerate(matchers)], bitmask)
+            return
+        assert bitmask.dtype == np.int32 and bitmask.flags["C_CONTIGUOUS"], "an int32 bitmask, C-contiguous"
+        row_bytes = bitmask.shape[1] * 4
+        at = bitmask.ctypes.data
+        for i, matcher in enumerate(matchers):
+            _inner(matcher).unsafe_compute_mask_ptr(at + i * row_bytes, row_bytes)
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode_str(list(tokens))

@@ -15,11 +15,11 @@ On the CPU the mask is applied as index writes, not as a pass over the whole [ro
 allows most tokens (inside a JSON string it refuses a few hundred of 128,256, in a few dozen of the bitmask's
 32-token words) becomes just those words: each as the 32 logit offsets it stands for (0 allowed, -inf refused),
 added where it goes in the logits seen as [rows * vocab / 32, 32]. A row that allows few (between fields: a
-handful) becomes its allowed tokens: ``apply`` clears the row and puts them back. For 16 constrained rows
-``apply`` takes about 0.05 ms, where spreading the bitmask over the row and adding it took 2.5 ms (and a
-compiled kernel, llguidance.torch's, costs a C++ compile of tens of seconds on first use); the plan is made
-with a few numpy calls over the whole batch, the bits of only the rows that allow few tokens unpacked (for 8 rows
-inside strings: 0.06 ms, where unpacking every refused bit took 0.14 ms, on the model thread each step).
+handful) becomes its allowed tokens: ``apply`` clears the row and puts them back. Both are numpy's work, on one
+thread: torch runs an operation over more than 32,768 values on its threads, and a fill_ of one row waited 13 ms
+for a core another process held (numpy's: 0.01 ms). Each numpy call costs microseconds however small its array,
+so the plan takes few (in the engine, 8 of 16 rows constrained: fill and plan 0.25-0.30 ms a step, where the
+library's parallel fill and the former plan took 0.45-0.55 ms; apply 0.1 ms).
 """
 
 from __future__ import annotations
@@ -33,16 +33,21 @@ from numpy.typing import NDArray
 
 from llamascope.structured.backend import Backend, Matcher
 
+_NO_INDEX: NDArray[np.int64] = np.empty(0, dtype=np.int64)
+_FULL = np.uint32(0xFFFFFFFF)
+
 
 @dataclass
 class IndexPlan:
-    """A filled mask as index writes into the [batch, vocab] logits (CPU; vocab a multiple of 32)."""
+    """A filled mask as index writes into the [batch, vocab] logits (CPU; vocab a multiple of 32), made and
+    applied with numpy: torch runs an operation over more than 32,768 values on its threads, which waited
+    milliseconds for a core another process held (a row's fill_: 13 ms where numpy's takes 0.01 ms)."""
 
     vocab: int  # the logits' width the indices were made for
-    words: torch.Tensor  # rows of the logits seen as [batch * vocab / 32, 32] that refuse some token (rows that
-    offsets: torch.Tensor  # allow most), and what is added to each: [len(words), 32] float32, 0 or -inf
-    cleared: torch.Tensor  # batch rows to set to -inf whole (rows that allow few tokens) ...
-    kept: torch.Tensor  # ... but for these flat indices of the [batch * vocab] logits, whose logits are put back
+    words: NDArray[np.int64]  # rows of the logits seen as [batch * vocab / 32, 32] that refuse some token (rows
+    offsets: NDArray[np.float32]  # that allow most), and what is added to each: [len(words), 32], 0 or -inf
+    cleared: NDArray[np.int64]  # batch rows to set to -inf whole (rows that allow few tokens) ...
+    kept: NDArray[np.int64]  # ... but for these flat indices of the [batch * vocab] logits, whose logits are put back
 
 
 @dataclass
@@ -60,6 +65,7 @@ class StepMasks:
         self.backend = backend
         self.device = torch.device(device)
         self._cpu = self._allocate(16)
+        self._cpu_words = self._cpu.numpy().view(np.uint32)  # the same memory, as numpy's unsigned words
         # On a GPU the bitmask is spread over the row: each byte as the 8 logit offsets it stands for (0 for an
         # allowed token, -inf for a refused one), one gather and one addition, which the GPU does in microseconds.
         bits = (np.arange(256)[:, None] >> np.arange(8)) & 1
@@ -68,6 +74,7 @@ class StepMasks:
         self._stops = [s for s in backend.stop_ids if s < backend.vocab_size]
         # The bits of the model's own tokens (a mask may have more: the tokenizer's ids beyond the output layer).
         whole, rest = divmod(backend.vocab_size, 32)
+        self._whole = whole
         self._own = np.zeros(backend.mask_words, dtype=np.uint32)
         self._own[:whole] = 0xFFFFFFFF
         if rest:
@@ -86,40 +93,59 @@ class StepMasks:
             return None
         if len(rows) > self._cpu.shape[0]:
             self._cpu = self._allocate(max(len(rows), 2 * self._cpu.shape[0]))
+            self._cpu_words = self._cpu.numpy().view(np.uint32)
+        words = self._cpu_words[: len(rows)]
+        # On the CPU the rows are filled on this thread one after another: the library's own threads (its parallel
+        # fill) waited for a core that the model's threads or another process held, 1 to 3 ms in one step of ten.
+        cpu = self.device.type == "cpu"
+        self.backend.fill_bitmask(
+            [m for m in (matchers[i] for i in rows) if m is not None], words.view(np.int32), parallel=not cpu
+        )
         bitmask = self._cpu[: len(rows)]
-        words = bitmask.numpy().view(np.uint32)
-        self.backend.fill_bitmask([m for m in (matchers[i] for i in rows) if m is not None], bitmask.numpy())
-        words &= self._own  # the model's own tokens only (the tokenizer's ids beyond its output layer never are)
-        # A row whose grammar allows none of the model's tokens (a schema nothing can satisfy) is allowed its stop
-        # tokens instead, so that it ends rather than sampling from all -inf.
-        for row in np.flatnonzero(~words.any(axis=1)):
+        if cpu and self._whole * 32 == self.backend.vocab_size:  # the plan reads the model's own tokens only
+            return FilledMasks(rows, bitmask, self._plan(rows, words))
+        words[:, self._whole :] &= self._own[self._whole :]  # the model's own tokens only
+        self._allow_stops(words, np.flatnonzero(~words.any(axis=1)))
+        return FilledMasks(rows, bitmask)
+
+    def _allow_stops(self, words: NDArray[np.uint32], empty: NDArray[np.int64]) -> None:
+        """A row whose grammar allows none of the model's tokens (a schema nothing can satisfy) is allowed its
+        stop tokens instead, so that it ends rather than sampling from all -inf."""
+        for row in empty:
             for stop in self._stops:
                 words[row, stop // 32] |= np.uint32(1 << (stop % 32))
-        cpu = self.device.type == "cpu" and self.backend.vocab_size % 32 == 0
-        plan = self._plan(np.asarray(rows), words) if cpu else None
-        return FilledMasks(rows, bitmask, plan)
 
-    def _plan(self, rows: NDArray[np.int64], words: NDArray[np.uint32]) -> IndexPlan:
+    def _plan(self, rows: list[int], words: NDArray[np.uint32]) -> IndexPlan:
         """Each row's mask as index writes: the words that refuse some token, or the tokens it allows (where it
-        allows fewer than half)."""
+        allows fewer than half).
+
+        Made in as few numpy calls as the common step allows (each costs microseconds however small its array):
+        inside a JSON string a row refuses in a few dozen words; only a row refusing in more than a sixteenth
+        of them (a row the grammar leaves one token refuses in every word) has its allowed tokens counted."""
         vocab = self.backend.vocab_size
-        width = vocab // 32  # the words of the model's own tokens (the bitmask may have one more)
+        width = vocab // 32
         own = words[:, :width]
-        refusing = own != np.uint32(0xFFFFFFFF)
-        few = np.bitwise_count(own).sum(axis=1) * 2 < vocab
-        kept_at = np.empty(0, dtype=np.int64)
-        if few.any():
-            kept_at = _flat_bits(own[few], rows[few], vocab)
-            refusing[few] = False
-        row, word = np.divmod(np.flatnonzero(refusing), width)
+        at = np.flatnonzero(own != _FULL)
+        row, word = np.divmod(at, width)
+        batch_rows = np.asarray(rows)
+        cleared, kept = _NO_INDEX, _NO_INDEX
+        if len(at) > width // 16:
+            dense = np.flatnonzero(np.bincount(row, minlength=len(rows)) > width // 16)
+            if len(dense):
+                allowed = np.bitwise_count(own[dense]).sum(axis=1)
+                if not allowed.all():  # refusing every token: its stops instead
+                    self._allow_stops(words, dense[allowed == 0])
+                    allowed[allowed == 0] = len(self._stops)
+                few = dense[allowed * 2 < vocab]
+                if len(few):
+                    cleared = batch_rows[few]
+                    kept = _flat_bits(own[few], cleared, vocab)
+                    many = np.ones(len(rows), dtype=np.bool_)
+                    many[few] = False
+                    chosen = many[row]
+                    row, word = row[chosen], word[chosen]
         offsets = self._offsets_cpu[own[row, word].view(np.uint8)].reshape(-1, 32)
-        return IndexPlan(
-            vocab,
-            torch.from_numpy(rows[row] * width + word),
-            torch.from_numpy(offsets),
-            torch.from_numpy(rows[few]),
-            torch.from_numpy(kept_at),
-        )
+        return IndexPlan(vocab, batch_rows[row] * width + word, offsets, cleared, kept)
 
     def apply(self, logits: torch.Tensor, filled: FilledMasks | None) -> None:
         """Set the disallowed tokens' logits of the filled rows to -inf, in place (``logits``: [rows, vocab]); the
@@ -129,19 +155,20 @@ class StepMasks:
         plan = filled.plan
         fits = (
             plan is not None
+            and logits.device.type == "cpu"
             and logits.is_contiguous()
             and logits.shape[-1] == plan.vocab
-            and logits.dtype == plan.offsets.dtype
+            and logits.dtype == torch.float32
         )
-        if plan is not None and fits and logits.device.type == "cpu":
-            if plan.words.numel():  # -inf where refused; a logit plus 0 is itself. (index_add_ would do the same
-                # but runs on torch's threads: ms when a core is busy elsewhere; accumulating index_put_ is serial.)
-                logits.view(-1, 32).index_put_((plan.words,), plan.offsets, accumulate=True)
-            if plan.cleared.numel():
-                flat = logits.view(-1)
+        if plan is not None and fits:
+            values = logits.detach().numpy()
+            if len(plan.words):  # -inf where refused; a logit plus 0 is itself (each word is indexed once)
+                values.reshape(-1, 32)[plan.words] += plan.offsets
+            if len(plan.cleared):
+                flat = values.reshape(-1)
                 kept = flat[plan.kept]
-                logits.index_fill_(0, plan.cleared, float("-inf"))
-                flat.index_copy_(0, plan.kept, kept)
+                values[plan.cleared] = -np.inf
+                flat[plan.kept] = kept
             return
         count, vocab = len(filled.rows), logits.shape[-1]
         packed = filled.bitmask.to(logits.device, non_blocking=True).view(torch.uint8).long()

@@ -58,6 +58,13 @@ SEED_MODEL = "llama3.2-90b-vision-instruct"
 _SCRIPT = Path(sys.executable).with_name("llamascope")
 LLAMASCOPE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "llamascope"]
 
+# A suite started in the background by a shell without job control (`(make test &)`, nohup in a script)
+# inherits Ctrl+C ignored, and so would every process it starts: the tests of what Ctrl+C does (the server's
+# drain and exit status 130, the batch client's stop) would then see nothing happen. Python's own handler here
+# makes its children start with the default disposition again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def free_port() -> int:
     with socket.socket() as s:

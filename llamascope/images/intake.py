@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from llamascope import errors
@@ -61,7 +62,8 @@ class ImageIntake:
         self._decoders = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="llamascope-decode")
         # Decoded images by content hash and sizing rule, bounded by the bytes of their pixels.
         self.cache: SizedLRU[tuple[str, str], PreparedImage] = SizedLRU(cache_bytes, _pixel_bytes)
-        # The digest of each data: URI decoded lately, by the URI and sizing rule, bounded by the URIs' length.
+        # The digest of each data: URI decoded lately whose image the cache above holds, by the URI and sizing
+        # rule, bounded by the URIs' own memory (a quarter more than the images' bytes, at most).
         # A conversation re-sends its images every turn: four 1120x840 photos' URIs took 5 ms a turn to decode
         # from base64 and hash (2 cores, loaded), a lookup by the string (hashed and compared whole) 0.5 ms.
         self.data_uris: SizedLRU[tuple[str, str], tuple[int, str]] = SizedLRU(cache_bytes // 4, _first)
@@ -84,8 +86,8 @@ class ImageIntake:
                 data = await source.read()
                 watch.fetched(source.kind)
                 image = await self.decode(data, fit, fit_key, watch)
-                if source.kind == "data":
-                    self.data_uris.put((reference, fit_key), (len(reference), image.digest))
+                if source.kind == "data" and self.cache.peek((image.digest, fit_key)) is not None:
+                    self.data_uris.put((reference, fit_key), (sys.getsizeof(reference), image.digest))
         except errors.ServiceError as refusal:
             watch.refused(refusal)
             raise
@@ -95,7 +97,9 @@ class ImageIntake:
     def _seen(self, uri: str, fit_key: str) -> PreparedImage | None:
         """The decoded image of a data: URI read before, while the decoded-image cache still holds it."""
         known = self.data_uris.get((uri, fit_key))
-        return None if known is None else self.cache.get((known[1], fit_key))
+        if known is None or not self.cache.touch(key := (known[1], fit_key)):
+            return None  # (its decode counts the miss, once)
+        return self.cache.get(key)
 
     async def decode(
         self, data: bytes, fit: FitFunction | None = None, fit_key: str = "", watch: ImageWatch | None = None

@@ -32,7 +32,7 @@ def test_model_argument() -> None:
     with pytest.raises(Exception, match="write openai\\+http://host/v1"):
         _model_arg("up=http://host/v1")
     from llamascope.engines.base import ModelLoadError
-    from llamascope.engines.loading import check_model_dir
+    from llamascope.engines.model_dir import check_model_dir
 
     with pytest.raises(ModelLoadError, match="Hugging Face hub ids are not fetched: download the model first"):
         check_model_dir(Path("meta-llama/Llama-3.2-11B-Vision-Instruct"))

@@ -40,7 +40,8 @@ from llamascope.engines.base import (
     Turn,
     background,
 )
-from llamascope.engines.loading import check_model_dir, load_weights
+from llamascope.engines.loading import load_weights
+from llamascope.engines.model_dir import check_model_dir
 from llamascope.engines.prefix_cache import PrefixCache, default_bytes
 from llamascope.engines.requests import BatchLimits, Message, Sequence
 from llamascope.engines.scheduler import Scheduler

@@ -1,6 +1,5 @@
 """A model's weights loaded as asked: ``load_weights`` loads in the dtype and quantization asked for, onto the
-device, and raises ``base.ModelLoadError``. The directory is checked first (``model_dir.check_model_dir``,
-re-exported here).
+device, and raises ``base.ModelLoadError``. The directory is checked before (``model_dir.check_model_dir``).
 """
 
 from __future__ import annotations
@@ -14,9 +13,6 @@ from transformers import BitsAndBytesConfig
 
 from llamascope.engines import devices
 from llamascope.engines.base import ModelLoadError
-from llamascope.engines.model_dir import check_model_dir
-
-__all__ = ["check_model_dir", "load_weights"]
 
 
 def _quantization_config(kind: str, compute_dtype: Any, config: dict[str, Any]) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llamascope.engines.base import ModelLoadError
-from llamascope.engines.loading import check_model_dir
+from llamascope.engines.model_dir import check_model_dir
 
 
 def test_load_errors_say_what_is_wrong(tmp_path: Path) -> None:

@@ -122,18 +122,6 @@ class Stream:
         assert not self.thread.is_alive(), f"stream {self.request_id} still running after {timeout} s"
 
 
-# One client for every try (httpx.get makes one, tens of ms of CPU, each time); it keeps no connection open.
-_HEALTH = httpx.Client(timeout=1, limits=httpx.Limits(max_keepalive_connections=0))
-
-
-def answers_health(base: str) -> bool:
-    """Whether the server at ``base`` answers /health now: cheap enough to ask every 0.05 s while it starts."""
-    try:
-        return _HEALTH.get(base + "/health").status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def until(condition, timeout: float = 120, what: str = "") -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not condition():

@@ -16,8 +16,8 @@ import pytest
 
 from llamascope import cli
 from llamascope.accounts.store import AccountStore
-from tests.conftest import SEED_MODEL, start_server
-from tests.faults.conftest import Stream, answers_health, limited_key, until
+from tests.conftest import SEED_MODEL, start_server, wait_ready
+from tests.faults.conftest import Stream, limited_key, until
 
 pytestmark = pytest.mark.server
 WINDOW = 8  # LLAMASCOPE_CHECKPOINT_TOKENS in these tests: small, so that a few dozen tokens cross it
@@ -80,7 +80,7 @@ def test_upstream_killed_mid_stream_gets_an_error_and_is_charged(tmp_path: Path,
     engine_url = f"{engine.base}/compatible-mode/v1"
     config.write_text(f'[models."{SEED_MODEL}"]\nupstreams = ["{engine_url}"]\nupstream_api_key = "{engine.key}"\n')
     gateway = start_server(tmp_path / "gateway", ["--config", str(config)])
-    until(lambda: engine.process.poll() is None and answers_health(engine.base), what="the engine")
+    wait_ready(engine)
     try:
         stream = Stream(gateway, image_host.url("/red.png"), 3000).start()
         until(lambda: stream.delivered >= 10, what="tokens through the gateway")

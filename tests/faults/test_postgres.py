@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from llamascope.accounts.store import AccountStore
-from tests.conftest import SEED_MODEL, Server, generation_body, start_server
-from tests.faults.conftest import PATH, Postgres, Stream, answers_health, limited_key, until
+from tests.conftest import SEED_MODEL, Server, generation_body, start_server, wait_ready
+from tests.faults.conftest import PATH, Postgres, Stream, limited_key, until
 
 pytestmark = [pytest.mark.server, pytest.mark.postgres]
 WINDOW = 8
@@ -36,8 +36,7 @@ def replicas(
     servers = [start_server(tmp_path_factory.mktemp("replica"), env=env, wait=False) for _ in range(2)]
     try:
         for s in servers:
-            until(lambda s=s: answers_health(s.base) or s.process.poll() is not None, what="a replica")  # type: ignore[misc]
-            assert s.process.poll() is None, s.log()
+            wait_ready(s)
         yield servers
     finally:
         for s in servers:

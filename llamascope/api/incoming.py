@@ -181,6 +181,7 @@ class EventStream(Response):
         media_type: str,
         headers: dict[str, str],
         last_words: Callable[[errors.ServiceError, int], bytes],
+        together: bool = False,
     ) -> None:
         self.background = None  # what frameworks expect of a Response; nothing runs after this one
         self.media_type = media_type
@@ -188,18 +189,23 @@ class EventStream(Response):
         self.reply = reply
         self.frames = render
         self.last_words = last_words  # the surface's error frame, for a stream the server's shutdown ends
+        # Frames that come at once may share an HTTP chunk (one write). DashScope's SSE is flushed per event,
+        # one block per chunk (the wire spec): its surface leaves this off.
+        self.together = together
         self.started = False
         self.sent = 0  # frames sent
-        self.held: bytes | None = None  # a frame made once the answer has finished, sent with the body's end
+        # Frames made but not sent yet: those whose next frame the engine already holds, and those made once the
+        # answer has finished (sent with the body's end).
+        self.held = b""
+        self.held_frames = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             finished, _ = await until_hangup(receive, self._stream(send), *_stop_of(scope, self.reply))
         except errors.ServiceError as error:  # the server's shutdown ended the stream
             if self.started:
-                if self.held is not None:  # the answer's last frame, made before the stop: it goes first
-                    await send({"type": "http.response.body", "body": self.held, "more_body": True})
-                    self.sent += 1
+                if self.held_frames:  # frames made before the stop: they go first
+                    await self._send_held(send, more_body=True)
                 last = self.last_words(error, self.sent + 1)
                 await send({"type": "http.response.body", "body": last, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
@@ -226,20 +232,24 @@ class EventStream(Response):
                 async for event in events:
                     yield event
 
-            reply = self.reply
-            async for chunk in self.frames(chained()):
-                if self.held is not None:
-                    await send({"type": "http.response.body", "body": self.held, "more_body": True})
-                    self.sent += 1
-                    self.held = None
-                if reply.finish_reason is not None:  # the answer is made: this may be the stream's last frame
-                    self.held = chunk
-                    continue
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                self.sent += 1
-            # The last frame and the body's end in one write (the same bytes; one wake-up of the client fewer).
-            # Held until sent: a shutdown that cancels this send still sends it first (``__call__``).
-            await send({"type": "http.response.body", "body": self.held or b""})
-            self.held = None
+            # The answer's last frame goes with the body's end, in one write (a wake-up of the client fewer).
+            # With ``together``, so do the frames before it that come at once: a frame then waits only for
+            # frames already on their way (``Reply.next_ready``: the engine holds the rest of a burst), and
+            # whatever must be waited for, the frames before it are sent first. The same bytes, fewer writes.
+            reply, together = self.reply, self.together
+            async for frame in self.frames(chained()):
+                if self.held_frames and not together:  # one frame a chunk: the one held goes first
+                    await self._send_held(send, more_body=True)
+                self.held += frame
+                self.held_frames += 1
+                if reply.finish_reason is None and not (together and reply.next_ready):
+                    await self._send_held(send, more_body=True)
+            await self._send_held(send, more_body=False)
         finally:
             await events.aclose()
+
+    async def _send_held(self, send: Send, more_body: bool) -> None:
+        # Held until sent: a shutdown that cancels this send still sends them first (``__call__``).
+        await send({"type": "http.response.body", "body": self.held, "more_body": more_body})
+        self.sent += self.held_frames
+        self.held, self.held_frames = b"", 0

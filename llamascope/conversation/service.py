@@ -118,6 +118,9 @@ class Reply:
     started: bool = False  # the engine has sent something: the prompt was run
     logprobs: list[TokenLogprob] = field(default_factory=list)  # every token's, when the request asked
     tool_calls: list[ToolCall] = field(default_factory=list)  # the answer's calls (finish_reason "tool_calls")
+    # The engine holds what follows the last event already (``Chunk.next_ready``): a stream may write that event
+    # with the next one, in one write. False when the next must be waited for.
+    next_ready: bool = False
 
     async def settle(self) -> None:
         """Charge the caller's allowance what was used, and record how the request ended; only the first
@@ -166,6 +169,7 @@ class Reply:
         try:
             async for chunk in chunks:
                 self.started = True
+                self.next_ready = chunk.next_ready
                 tokens(chunk.output_tokens)
                 self.usage.output_tokens = chunk.output_tokens
                 if chunk.input_tokens is not None:

@@ -106,6 +106,9 @@ class Chunk:
     logprobs: list[TokenLogprob] | None = None  # the tokens of this chunk, when the request asked for them
     cached_tokens: int | None = None  # prompt tokens whose keys and values were reused, not computed (first chunk)
     tool_calls: list[ToolCall] | None = None  # the last chunk of an answer that calls tools (FinishReason.TOOL_CALLS)
+    # The engine holds its next chunk already (the rest of a burst): the caller may write this one together with
+    # it. False whenever the next must be waited for, so that a token made alone goes out alone, at once.
+    next_ready: bool = False
 
 
 @dataclass

@@ -370,7 +370,9 @@ class InProcessEngine(ABC):
                     if calls is not None:
                         delta = calls.push(delta)
                     if delta or logprobs or cached:
-                        yield Chunk(delta, produced, logprobs=logprobs, cached_tokens=cached)
+                        # The answer's end (or a failure) already in hand: it follows at once.
+                        ready = not isinstance(message, list)
+                        yield Chunk(delta, produced, logprobs=logprobs, cached_tokens=cached, next_ready=ready)
                 if isinstance(message, errors.ServiceError):
                     raise message
                 if isinstance(message, FinishReason):

@@ -361,8 +361,8 @@ class UpstreamEngine:
                                 pieces += calls.add(delta["tool_calls"])
                             if choice.get("finish_reason"):
                                 finish = _FINISH.get(choice["finish_reason"], FinishReason.STOP)
-                    if text:
-                        yield Chunk(text, reported or pieces)
+                    if text:  # the upstream's answer all here already (its end read): what follows comes at once
+                        yield Chunk(text, reported or pieces, next_ready=response.content.is_eof())
         except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
             raise _UpstreamFailed(type(exc).__name__) from None
         upstream.failures = 0

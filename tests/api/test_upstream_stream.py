@@ -1,0 +1,167 @@
+"""A streamed answer through an upstream engine, as its client reads it: the exact bytes when the upstream
+sends its whole answer at once (llamascope writes frames that come together in one write, the bytes
+unchanged), and a first token that leaves at once when the upstream has nothing more yet."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import API_KEY, Server, start_server
+
+pytestmark = pytest.mark.server
+PIECES = ["The ", "picture ", "shows ", "a ", "small ", "red ", "square", "."]
+WAIT_SECONDS = 5  # how long the slow upstream holds the rest of its answer unless the client has its first token
+
+
+def _event(delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
+    choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    body = {"id": "up", "object": "chat.completion.chunk", "created": 0, "model": "up", "choices": choices}
+    if usage:
+        body["usage"] = usage
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def _answer() -> list[bytes]:
+    events = [_event({"role": "assistant", "content": p}) for p in PIECES[:-1]]
+    events.append(_event({"content": PIECES[-1]}, "stop"))
+    events.append(_event({}, usage={"prompt_tokens": 20, "completion_tokens": 8, "total_tokens": 28}))
+    return [*events, b"data: [DONE]\n\n"]
+
+
+class Upstream:
+    """An OpenAI-compatible engine in a thread of the test: model "burst" sends its whole answer in one write;
+    "slow" sends its first event, then waits until ``released`` (or ``WAIT_SECONDS``) for the rest."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.waited_out = False  # the slow answer's rest went out because nobody released it
+        self.base = ""
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
+        self._stop: asyncio.Event | None = None
+
+    def __enter__(self) -> Upstream:
+        self._thread.start()
+        assert self._ready.wait(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    async def _serve(self) -> None:
+        from aiohttp import web
+
+        async def completions(request: web.Request) -> web.StreamResponse:
+            model = (await request.json())["model"]
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            events = _answer()
+            if model == "slow":
+                await response.write(events[0])
+                released = await asyncio.get_running_loop().run_in_executor(None, self.released.wait, WAIT_SECONDS)
+                self.waited_out = not released
+                events = events[1:]
+            await response.write(b"".join(events))
+            await response.write_eof()
+            return response
+
+        async def models(request: web.Request) -> web.Response:
+            return web.json_response({"object": "list", "data": [{"id": "burst"}, {"id": "slow"}]})
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", completions)
+        app.router.add_get("/v1/models", models)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.base = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._ready.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    with Upstream() as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Server]:
+    models = [arg for name in ("burst", "slow") for arg in ("--model", f"{name}=openai+{upstream.base}")]
+    srv = start_server(tmp_path_factory.mktemp("front"), models)
+    yield srv
+    srv.stop()
+
+
+def _request(model: str) -> dict:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "What is in the picture?"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def test_a_whole_answer_at_once_comes_back_byte_for_byte(front: Server) -> None:
+    r = httpx.post(
+        front.base + "/compatible-mode/v1/chat/completions",
+        json=_request("burst"),
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=30,
+    )
+    assert r.status_code == 200
+    head = f'data: {{"id":"chatcmpl-{r.headers["x-request-id"]}","object":"chat.completion.chunk","created":'
+    created = re.match(re.escape(head) + r"(\d+),", r.text)
+    assert created is not None, r.text[:300]
+    start = f'{head}{created[1]},"model":"burst","choices":'
+    end = ',"system_fingerprint":null}\n\n'
+    text = "".join(PIECES)
+    # What llamascope sent before frames were written together: one chunk for the upstream's one read, the finish
+    # with empty content, the usage (the upstream's), then [DONE].
+    assert r.text == (
+        f'{start}[{{"index":0,"delta":{{"role":"assistant","content":"{text}"}},"finish_reason":null,'
+        f'"logprobs":null}}],"usage":null{end}'
+        f'{start}[{{"index":0,"delta":{{"content":""}},"finish_reason":"stop","logprobs":null}}],"usage":null{end}'
+        f'{start}[],"usage":{{"prompt_tokens":20,"completion_tokens":8,"total_tokens":28,'
+        f'"prompt_tokens_details":{{"cached_tokens":0}}}}{end}'
+        "data: [DONE]\n\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/compatible-mode/v1/chat/completions",
+        "/api/v1/services/aigc/text-generation/generation",
+    ],
+)
+def test_a_first_token_alone_is_not_held_back(front: Server, upstream: Upstream, path: str) -> None:
+    upstream.released.clear()
+    upstream.waited_out = False
+    headers = {"Authorization": f"Bearer {API_KEY}", "X-DashScope-SSE": "enable"}
+    body = _request("slow")
+    if path.startswith("/api/"):
+        body = {"model": "slow", "input": {"messages": body["messages"]}, "parameters": {"incremental_output": True}}
+    seen = []
+    with httpx.stream("POST", front.base + path, json=body, headers=headers, timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data:") and PIECES[0].strip() in line:
+                upstream.released.set()  # the first token is here while the upstream still holds the rest
+            seen.append(line)
+    assert not upstream.waited_out, "the first token came only with the rest of the answer"
+    assert upstream.released.is_set()
+    assert any("square." in line for line in seen)

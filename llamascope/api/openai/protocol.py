@@ -8,6 +8,7 @@ and parameter checks are the native surface's, with the same messages.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -347,6 +348,41 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: UsageBody | None = None
     system_fingerprint: None = None
+
+
+class TextChunks:
+    """A stream's plain chunks (text, no tool calls, no logprobs) and its usage chunk, as ``data:`` frames: the
+    bytes ``ChatCompletionChunk`` writes (tests/api/openai/test_frames.py compares them), joined from parts
+    made once a stream instead of a model built and dumped per chunk (9 us a chunk; this takes 1 to 2)."""
+
+    def __init__(self, id: str, created: int, model: str) -> None:
+        shared = (
+            f'data: {{"id":{_json(id)},"object":"chat.completion.chunk","created":{created},"model":{_json(model)},'
+        )
+        self._text = shared + '"choices":[{"index":0,"delta":{'
+        self._usage = shared + '"choices":[],"usage":'
+
+    def text(self, content: str, finish: str | None, role: bool) -> bytes | None:
+        """A chunk with ``content`` (the first names the role); None for text JSON cannot carry (a lone
+        surrogate), which ``ChatCompletionChunk`` refuses as it always did."""
+        reason = "null" if finish is None else _json(finish)
+        news = '"role":"assistant",' if role else ""
+        frame = f'{self._text}{news}"content":{_json(content)}}},"finish_reason":{reason},"logprobs":null}}],'
+        try:
+            return (frame + '"usage":null,"system_fingerprint":null}\n\n').encode()
+        except UnicodeEncodeError:
+            return None
+
+    def usage(self, usage: Usage) -> bytes:
+        return (
+            f'{self._usage}{{"prompt_tokens":{usage.input_tokens},"completion_tokens":{usage.output_tokens},'
+            f'"total_tokens":{usage.total_tokens},"prompt_tokens_details":{{"cached_tokens":{usage.cached_tokens}}}}},'
+            '"system_fingerprint":null}\n\n'
+        ).encode()
+
+
+# json.dumps(text, ensure_ascii=False), without making an encoder each call
+_json = json.JSONEncoder(ensure_ascii=False).encode
 
 
 class ErrorDetail(BaseModel):

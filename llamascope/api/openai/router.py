@@ -34,6 +34,7 @@ from llamascope.api.openai.protocol import (
     Logprobs,
     ModelEntry,
     ModelList,
+    TextChunks,
     TokenCount,
     UsageBody,
     completion_id,
@@ -68,6 +69,17 @@ async def _stream(
         news, role = Delta(role=role, content=content, tool_calls=tool_calls), None
         return news
 
+    plain = TextChunks(completion_id(request_id), created, reply.model)
+
+    def text(content: str, finish: str | None) -> bytes:
+        """A chunk of text alone (no logprobs asked)."""
+        nonlocal role
+        frame = plain.text(content, finish, role is not None)
+        if frame is None:  # text JSON cannot carry: the model refuses it, as it always did
+            return chunk([ChunkChoice(delta=delta(content), finish_reason=finish)])
+        role = None
+        return frame
+
     # The frames of the last event wait for the end of the events (it comes at once) and go out with the usage
     # and [DONE] in one write: the same bytes, two writes (and two wake-ups of the client) fewer.
     last = b""
@@ -84,12 +96,18 @@ async def _stream(
                     yield chunk([ChunkChoice(delta=delta(event.delta), logprobs=logprobs)])
                 yield chunk([ChunkChoice(delta=delta(tool_calls=tool_call_bodies(event.tool_calls)))])
                 last = chunk([ChunkChoice(delta=delta(), finish_reason=finish)])
+            elif logprobs is None and (finish or event.delta):
+                frame = text(event.delta, finish)
+                if finish:
+                    last = frame
+                else:
+                    yield frame
             elif finish:
                 last = chunk([ChunkChoice(delta=delta(event.delta), finish_reason=finish, logprobs=logprobs)])
             elif event.delta:
                 yield chunk([ChunkChoice(delta=delta(event.delta), finish_reason=finish, logprobs=logprobs)])
         if include_usage:
-            last += chunk([], UsageBody.of(reply.usage))
+            last += plain.usage(reply.usage)
         yield last + _data("[DONE]")
     except errors.ServiceError as error:
         state.error_code = error.code  # type: ignore[attr-defined]  # for the access log
@@ -107,6 +125,7 @@ async def chat_completions(request: Request) -> Response:
             media_type="text/event-stream; charset=utf-8",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             last_words=lambda error, _n: _data(openai_error_body(error, request_id)),
+            together=True,  # its last frames already share one write; so may those that come at once
         )
     text = await unless_disconnected(request, reply.complete(), reply)
     if text is None:

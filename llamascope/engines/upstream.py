@@ -36,7 +36,7 @@ import io
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -262,9 +262,12 @@ class UpstreamEngine:
             started = False
             try:
                 with upstream_call(upstream.url) as headers:  # request id and trace context; timed
-                    async for chunk in self._stream(upstream, body, headers):
-                        started = True
-                        yield chunk
+                    # Closed here when the caller stops at the last chunk: a generator dropped unclosed is closed
+                    # by the loop's finalizer hook, through a thread-safe wake-up of the loop and a task of its own.
+                    async with contextlib.aclosing(self._stream(upstream, body, headers)) as chunks:
+                        async for chunk in chunks:
+                            started = True
+                            yield chunk
                 return
             except _UpstreamFailed as failure:
                 self._mark_failed(upstream, str(failure))
@@ -321,7 +324,9 @@ class UpstreamEngine:
             log.warning("upstream %s out of rotation: %s", upstream.url, why)
         upstream.healthy = False
 
-    async def _stream(self, upstream: Upstream, body: dict[str, Any], headers: dict[str, str]) -> AsyncIterator[Chunk]:
+    async def _stream(
+        self, upstream: Upstream, body: dict[str, Any], headers: dict[str, str]
+    ) -> AsyncGenerator[Chunk, None]:
         pieces = 0  # streamed pieces: the output count until the upstream reports its own
         reported: int | None = None
         finish: FinishReason | None = None

@@ -331,6 +331,9 @@ class ConversationService:
         return await engine.prepare(draft.with_images([images[r] for r in refs]), output)  # type: ignore[misc]
 
 
+_OUTPUT_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls")
+
+
 def output_spec(parameters: Any, draft: Draft, endpoint: Endpoint) -> OutputSpec | None:
     """What the request asks of its answer's shape (``response_format``, ``tools``, ``tool_choice``,
     ``parallel_tool_calls``), checked; None when it asks nothing (free text, no tools).
@@ -339,6 +342,9 @@ def output_spec(parameters: Any, draft: Draft, endpoint: Endpoint) -> OutputSpec
     them over in ``parameters`` under the same names): refusals name them as the caller wrote them.
     """
     fields = parameters if isinstance(parameters, dict) else {}
+    if not any(fields.get(name) is not None for name in _OUTPUT_FIELDS):
+        # Nothing asked (most requests): read_request would make and compare the defaults' spec, 10 us for None.
+        return None
     spec = read_request(
         response_format=fields.get("response_format"),
         tools=fields.get("tools"),

@@ -213,9 +213,12 @@ class Accounts:
                     in_flight = None
                 else:
                     # One conditional UPDATE decides (see AccountStore.reserve), writing the in-flight row with
-                    # it; a refusal is worded from a fresh read.
-                    reserve = functools.partial(self.store.reserve, prompt_tokens=prompt_tokens, in_flight=in_flight)
-                    reservation = await self.run(reserve, principal.key.id, model, tokens)
+                    # it; a refusal is worded from a fresh read. SQLite with the write lock free: no thread hop.
+                    args = (principal.key.id, model, tokens)
+                    done, reservation = self.store.reserve_at_once(*args, prompt_tokens, in_flight)
+                    if not done:
+                        reserve = functools.partial(self.store.reserve, prompt_tokens=prompt_tokens)
+                        reservation = await self.run(functools.partial(reserve, in_flight=in_flight), *args)
                 if reservation is None:
                     latest = await self.read(self.store.find_grant, principal.key.id, model, True)
                     raise grant_refusal(model, latest, utcnow()) or errors.internal_error()

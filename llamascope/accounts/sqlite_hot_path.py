@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
+from llamascope.accounts.records import Reservation
 from llamascope.accounts.statements import HotStatements
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class SqliteHotPath:
         self.path = path
         self.hot = hot
         self._local = threading.local()
-        statements = (hot.find_key, hot.find_grant, hot.charge, hot.ledger_row, hot.forget_in_flight)
+        statements: tuple[Any, ...] = (hot.find_key, hot.find_grant, hot.charge, hot.ledger_row, hot.forget_in_flight)
+        statements += (hot.grant_id, hot.hold, hot.give_back, hot.in_flight_row)
         self._compiled = {id(s): str(s.compile(dialect=_SQLITE_NAMED)) for s in statements}
         self.settled_at_once = 0
 
@@ -99,6 +101,55 @@ class SqliteHotPath:
         if not wait:
             self.settled_at_once += 1
         return True
+
+    def reserve(
+        self,
+        key_id: int,
+        model: str,
+        tokens: int,
+        now: datetime,
+        prompt_tokens: int | None,
+        in_flight: tuple[str, str] | None,
+    ) -> tuple[bool, Reservation | None]:
+        """``AccountStore.reserve``'s transaction, only if the write lock is free at once: (False, None) if it
+        was not, else (True, the reservation or None for a refusal)."""
+        connection = self._connection(wait=False)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc):
+                raise
+            return False, None
+        try:
+            found = connection.execute(self._sql(self.hot.grant_id), {"key_id": key_id, "model": model}).fetchone()
+            stored_now = _stored(now)
+            held = None
+            if found is not None:
+                grant_id = found[0]
+                hold = {"grant_id": grant_id, "tokens": tokens, "now": stored_now}
+                held = connection.execute(self._sql(self.hot.hold), hold).fetchall()  # to its end: no step pending
+            if not held:
+                connection.execute("COMMIT")  # nothing written
+                return True, None
+            allowance, used, reserved = held[0]
+            if prompt_tokens is not None and allowance is not None:
+                left = allowance - used - (reserved - tokens)  # what the others left before this hold
+                kept = min(tokens, max(left, prompt_tokens + 1))
+                if kept < tokens:
+                    excess = {"grant_id": grant_id, "excess": tokens - kept}
+                    connection.execute(self._sql(self.hot.give_back), excess)
+                    tokens = kept
+            if in_flight is not None:
+                request_id, replica_id = in_flight
+                row = {"request_id": request_id, "replica_id": replica_id, "grant_id": grant_id, "key_id": key_id}
+                row |= {"model": model, "reserved_tokens": tokens, "input_tokens": 0, "output_tokens": 0}
+                row |= {"image_tokens": 0, "started_at": stored_now, "checkpoint_at": stored_now}
+                connection.execute(self._sql(self.hot.in_flight_row), row)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        return True, Reservation(grant_id, key_id, model, tokens, now)
 
     @property
     def checkpoint_due(self) -> bool:

@@ -24,6 +24,20 @@ LEDGER_FIELDS = (
     "started_at",
     "finished_at",
 )
+# The in-flight row admission writes with its hold.
+IN_FLIGHT_FIELDS = (
+    "request_id",
+    "replica_id",
+    "grant_id",
+    "key_id",
+    "model",
+    "reserved_tokens",
+    "started_at",
+    "checkpoint_at",
+    "input_tokens",
+    "output_tokens",
+    "image_tokens",
+)
 
 
 def upsert_into(table: Any, dialect_name: str) -> Any:
@@ -64,4 +78,20 @@ class HotStatements:
             )
         )
         self.ledger_row = insert(UsageRecord).values({name: bindparam(name) for name in LEDGER_FIELDS})
+        # Admission's hold (AccountStore.reserve's, for the SQLite hot path): the grant's room, taken in one
+        # conditional UPDATE; the part of it the allowance has not left given back; the request's in-flight row.
+        room = Grant.allowance_tokens.is_(None) | (Grant.used_tokens + Grant.reserved_tokens < Grant.allowance_tokens)
+        valid = Grant.expires_at.is_(None) | (Grant.expires_at > bindparam("now"))
+        self.hold = (
+            update(Grant)
+            .where(Grant.id == bindparam("grant_id"), room, valid)
+            .values(reserved_tokens=Grant.reserved_tokens + bindparam("tokens", type_=BigInteger))
+            .returning(Grant.allowance_tokens, Grant.used_tokens, Grant.reserved_tokens)
+        )
+        self.give_back = (
+            update(Grant)
+            .where(Grant.id == bindparam("grant_id"))
+            .values(reserved_tokens=Grant.reserved_tokens - bindparam("excess", type_=BigInteger))
+        )
+        self.in_flight_row = insert(InFlight).values({name: bindparam(name) for name in IN_FLIGHT_FIELDS})
         self.forget_in_flight = delete(InFlight).where(InFlight.request_id == bindparam("request_id"))

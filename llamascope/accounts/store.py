@@ -368,6 +368,24 @@ class AccountStore:
                 )
         return Reservation(grant_id, key_id, model, tokens, now)
 
+    def reserve_at_once(
+        self,
+        key_id: int,
+        model: str,
+        tokens: int,
+        prompt_tokens: int | None = None,
+        in_flight: tuple[str, str] | None = None,
+    ) -> tuple[bool, Reservation | None]:
+        """``reserve``, only where that cannot wait (SQLite, its write lock free at once): (True, what ``reserve``
+        returns), else (False, None). The event loop calls it so, saving the hop to a thread and back and
+        SQLAlchemy's connection pool (see sqlite_hot_path)."""
+        if self._sqlite is None:
+            return False, None
+        done, reservation = self._sqlite.reserve(key_id, model, tokens, utcnow(), prompt_tokens, in_flight)
+        if done and self._lookups is not None:  # committed where neither data_version nor SQLAlchemy sees it
+            self._lookups.changed()
+        return done, reservation
+
     def settle(
         self,
         reservation: Reservation,

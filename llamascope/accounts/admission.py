@@ -1,8 +1,9 @@
 """What the request path asks of accounts, in async form: who is calling, may they call this
 model, hold their allowance while the request runs, and charge it when the request ends.
 
-Store writes (and every call on PostgreSQL) run in a small thread pool; SQLite reads run inline (see
-``Accounts.read``). The decisions are the pure functions of ``access``.
+Every call on PostgreSQL runs in a small thread pool. On SQLite, reads run inline (see ``Accounts.read``),
+and so do a request's reservation and charge when the write lock is free at once (else the pool waits for
+it). The decisions are the pure functions of ``access``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What every request does to the store (look up its key and its grant, then settle), on an SQLite file,
+"""What every request does to the store (look up its key and its grant, reserve a limited grant's tokens,
+then settle), on an SQLite file,
 through the stdlib driver itself, on the event loop's thread.
 
 Measured with bench/gateway.py on this machine: through SQLAlchemy (pool checkout, compiled-statement

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from llamascope.accounts.records import Reservation
-from llamascope.accounts.statements import HotStatements
+from llamascope.accounts.statements import HotStatements, hold
 
 log = logging.getLogger(__name__)
 _SQLITE_NAMED = sqlite_dialect.dialect(paramstyle="named")
@@ -121,36 +121,18 @@ class SqliteHotPath:
             if not _busy(exc):
                 raise
             return False, None
+
+        def execute(statement: Any, parameters: dict[str, Any]) -> list[Any]:
+            stored = {k: _stored(v) if isinstance(v, datetime) else v for k, v in parameters.items()}
+            return connection.execute(self._sql(statement), stored).fetchall()  # to its end: no step pending
+
         try:
-            found = connection.execute(self._sql(self.hot.grant_id), {"key_id": key_id, "model": model}).fetchone()
-            stored_now = _stored(now)
-            held = None
-            if found is not None:
-                grant_id = found[0]
-                hold = {"grant_id": grant_id, "tokens": tokens, "now": stored_now}
-                held = connection.execute(self._sql(self.hot.hold), hold).fetchall()  # to its end: no step pending
-            if not held:
-                connection.execute("COMMIT")  # nothing written
-                return True, None
-            allowance, used, reserved = held[0]
-            if prompt_tokens is not None and allowance is not None:
-                left = allowance - used - (reserved - tokens)  # what the others left before this hold
-                kept = min(tokens, max(left, prompt_tokens + 1))
-                if kept < tokens:
-                    excess = {"grant_id": grant_id, "excess": tokens - kept}
-                    connection.execute(self._sql(self.hot.give_back), excess)
-                    tokens = kept
-            if in_flight is not None:
-                request_id, replica_id = in_flight
-                row = {"request_id": request_id, "replica_id": replica_id, "grant_id": grant_id, "key_id": key_id}
-                row |= {"model": model, "reserved_tokens": tokens, "input_tokens": 0, "output_tokens": 0}
-                row |= {"image_tokens": 0, "started_at": stored_now, "checkpoint_at": stored_now}
-                connection.execute(self._sql(self.hot.in_flight_row), row)
+            reservation = hold(execute, self.hot, key_id, model, tokens, now, prompt_tokens, in_flight)
         except BaseException:
             connection.execute("ROLLBACK")
             raise
         connection.execute("COMMIT")
-        return True, Reservation(grant_id, key_id, model, tokens, now)
+        return True, reservation
 
     @property
     def checkpoint_due(self) -> bool:

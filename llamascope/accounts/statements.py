@@ -5,12 +5,14 @@ building them per call was most of their cost. SQLAlchemy Core runs them on Post
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import fields
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, bindparam, case, delete, insert, literal_column, select, update
 
-from llamascope.accounts.records import EVERY_MODEL, GrantView, KeyView
+from llamascope.accounts.records import EVERY_MODEL, GrantView, KeyView, Reservation
 from llamascope.accounts.schema import ApiKey, Grant, InFlight, UsageRecord
 
 LEDGER_FIELDS = (
@@ -95,3 +97,38 @@ class HotStatements:
         )
         self.in_flight_row = insert(InFlight).values({name: bindparam(name) for name in IN_FLIGHT_FIELDS})
         self.forget_in_flight = delete(InFlight).where(InFlight.request_id == bindparam("request_id"))
+
+
+def hold(
+    execute: Callable[[Any, dict[str, Any]], Sequence[Any]],
+    hot: HotStatements,
+    key_id: int,
+    model: str,
+    tokens: int,
+    now: datetime,
+    prompt_tokens: int | None,
+    in_flight: tuple[str, str] | None,
+) -> Reservation | None:
+    """The statements of ``AccountStore.reserve``'s transaction (its text says what they hold), each run by
+    ``execute`` (statement, parameters) -> rows, inside a transaction the caller opens and commits: SQLAlchemy's
+    connection on any store, the stdlib driver on SQLite's hot path (sqlite_hot_path)."""
+    found = execute(hot.grant_id, {"key_id": key_id, "model": model})
+    if not found:
+        return None
+    grant_id = found[0][0]
+    held = execute(hot.hold, {"grant_id": grant_id, "tokens": tokens, "now": now})
+    if not held:
+        return None
+    allowance, used, reserved = held[0]
+    if prompt_tokens is not None and allowance is not None:
+        left = allowance - used - (reserved - tokens)  # what the others left before this hold
+        kept = min(tokens, max(left, prompt_tokens + 1))
+        if kept < tokens:
+            execute(hot.give_back, {"grant_id": grant_id, "excess": tokens - kept})
+            tokens = kept
+    if in_flight is not None:
+        request_id, replica_id = in_flight
+        row = {"request_id": request_id, "replica_id": replica_id, "grant_id": grant_id, "key_id": key_id}
+        row |= {"model": model, "reserved_tokens": tokens, "input_tokens": 0, "output_tokens": 0}
+        execute(hot.in_flight_row, row | {"image_tokens": 0, "started_at": now, "checkpoint_at": now})
+    return Reservation(grant_id, key_id, model, tokens, now)

@@ -53,7 +53,7 @@ from llamascope.accounts.records import (
 from llamascope.accounts.refusals import RefusalCounts, with_refusals
 from llamascope.accounts.schema import ApiKey, Base, Grant, InFlight, Replica, UsageRecord
 from llamascope.accounts.sqlite_hot_path import SqliteHotPath, already_charged, sqlite_pragmas
-from llamascope.accounts.statements import LEDGER_FIELDS, HotStatements, upsert_into
+from llamascope.accounts.statements import LEDGER_FIELDS, HotStatements, hold, upsert_into
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest migration: its file's number is its revision (tests/accounts/test_store.py checks it is
@@ -333,40 +333,13 @@ class AccountStore:
         so a crash at any moment leaves no reservation that ``reclaim`` cannot release.
         """
         now = now or utcnow()
-        unlimited = Grant.allowance_tokens.is_(None)
-        has_room = Grant.used_tokens + Grant.reserved_tokens < Grant.allowance_tokens
-        valid = Grant.expires_at.is_(None) | (Grant.expires_at > now)
         with self.engine.begin() as connection:
-            grant_id = connection.execute(self._hot.grant_id, {"key_id": key_id, "model": model}).scalar()
-            if grant_id is None:
-                return None
-            row = connection.execute(
-                update(Grant)
-                .where(Grant.id == grant_id, unlimited | has_room, valid)
-                .values(reserved_tokens=Grant.reserved_tokens + tokens)
-                .returning(Grant.allowance_tokens, Grant.used_tokens, Grant.reserved_tokens)
-            ).first()
-            if row is None:
-                return None
-            allowance, used, reserved = row
-            if prompt_tokens is not None and allowance is not None:
-                left = allowance - used - (reserved - tokens)  # what the others left before this hold
-                held = min(tokens, max(left, prompt_tokens + 1))
-                if held < tokens:
-                    connection.execute(
-                        update(Grant)
-                        .where(Grant.id == grant_id)
-                        .values(reserved_tokens=Grant.reserved_tokens - (tokens - held))
-                    )
-                    tokens = held
-            if in_flight is not None:
-                request_id, replica_id = in_flight
-                row_in = {"request_id": request_id, "replica_id": replica_id, "grant_id": grant_id, "key_id": key_id}
-                row_in |= {"model": model, "reserved_tokens": tokens, "started_at": now, "checkpoint_at": now}
-                connection.execute(
-                    insert(InFlight), row_in | {"input_tokens": 0, "output_tokens": 0, "image_tokens": 0}
-                )
-        return Reservation(grant_id, key_id, model, tokens, now)
+
+            def execute(statement: Any, parameters: dict[str, Any]) -> list[Any]:
+                result = connection.execute(statement, parameters)
+                return list(result.fetchall()) if result.returns_rows else []
+
+            return hold(execute, self._hot, key_id, model, tokens, now, prompt_tokens, in_flight)
 
     def reserve_at_once(
         self,

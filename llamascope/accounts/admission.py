@@ -218,8 +218,10 @@ class Accounts:
                     args = (principal.key.id, model, tokens)
                     done, reservation = self.store.reserve_at_once(*args, prompt_tokens, in_flight)
                     if not done:
-                        reserve = functools.partial(self.store.reserve, prompt_tokens=prompt_tokens)
-                        reservation = await self.run(functools.partial(reserve, in_flight=in_flight), *args)
+                        reserve = functools.partial(
+                            self.store.reserve, prompt_tokens=prompt_tokens, in_flight=in_flight
+                        )
+                        reservation = await self.run(reserve, *args)
                 if reservation is None:
                     latest = await self.read(self.store.find_grant, principal.key.id, model, True)
                     raise grant_refusal(model, latest, utcnow()) or errors.internal_error()

@@ -1,6 +1,5 @@
 """What every request does to the store (look up its key and its grant, reserve a limited grant's tokens,
-then settle), on an SQLite file,
-through the stdlib driver itself, on the event loop's thread.
+then settle), on an SQLite file, through the stdlib driver itself, on the event loop's thread.
 
 Measured with bench/gateway.py on this machine: through SQLAlchemy (pool checkout, compiled-statement
 cache, result rows) a lookup took about 70 us, twice a request on the event loop, and handing the
@@ -19,7 +18,7 @@ from typing import Any
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from llamascope.accounts.records import Reservation
-from llamascope.accounts.statements import HotStatements, hold
+from llamascope.accounts.statements import HotStatements, reserve_rows
 
 log = logging.getLogger(__name__)
 _SQLITE_NAMED = sqlite_dialect.dialect(paramstyle="named")
@@ -127,7 +126,7 @@ class SqliteHotPath:
             return connection.execute(self._sql(statement), stored).fetchall()  # to its end: no step pending
 
         try:
-            reservation = hold(execute, self.hot, key_id, model, tokens, now, prompt_tokens, in_flight)
+            reservation = reserve_rows(execute, self.hot, key_id, model, tokens, now, prompt_tokens, in_flight)
         except BaseException:
             connection.execute("ROLLBACK")
             raise

@@ -99,7 +99,7 @@ class HotStatements:
         self.forget_in_flight = delete(InFlight).where(InFlight.request_id == bindparam("request_id"))
 
 
-def hold(
+def reserve_rows(
     execute: Callable[[Any, dict[str, Any]], Sequence[Any]],
     hot: HotStatements,
     key_id: int,

@@ -53,7 +53,7 @@ from llamascope.accounts.records import (
 from llamascope.accounts.refusals import RefusalCounts, with_refusals
 from llamascope.accounts.schema import ApiKey, Base, Grant, InFlight, Replica, UsageRecord
 from llamascope.accounts.sqlite_hot_path import SqliteHotPath, already_charged, sqlite_pragmas
-from llamascope.accounts.statements import LEDGER_FIELDS, HotStatements, hold, upsert_into
+from llamascope.accounts.statements import LEDGER_FIELDS, HotStatements, reserve_rows, upsert_into
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest migration: its file's number is its revision (tests/accounts/test_store.py checks it is
@@ -339,7 +339,7 @@ class AccountStore:
                 result = connection.execute(statement, parameters)
                 return list(result.fetchall()) if result.returns_rows else []
 
-            return hold(execute, self._hot, key_id, model, tokens, now, prompt_tokens, in_flight)
+            return reserve_rows(execute, self._hot, key_id, model, tokens, now, prompt_tokens, in_flight)
 
     def reserve_at_once(
         self,

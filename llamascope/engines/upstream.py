@@ -355,8 +355,8 @@ class UpstreamEngine:
                             raise _UpstreamFailed(failed) if pieces == 0 else errors.internal_error()
                         usage = event.get("usage")
                         if usage:
-                            input_tokens = usage.get("prompt_tokens", input_tokens)
-                            reported = usage.get("completion_tokens", reported)
+                            input_tokens = _count(usage.get("prompt_tokens"), input_tokens)
+                            reported = _count(usage.get("completion_tokens"), reported)
                         for choice in event.get("choices") or []:
                             delta = choice.get("delta") or choice.get("message") or {}
                             piece = delta.get("content") or ""
@@ -474,3 +474,11 @@ def _data_uri(image: Any) -> str:
     buffer = io.BytesIO()
     image.image.save(buffer, format="JPEG", quality=92)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _count(value: Any, default: Any) -> Any:
+    """A token count the upstream reported, as an int (20.0 is 20), or ``default`` for what is not a whole
+    number of 0 or more: it is charged, and written as the client's usage."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        return default
+    return int(value) if value == int(value) else default

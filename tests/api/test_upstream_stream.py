@@ -28,16 +28,18 @@ def _event(delta: dict, finish: str | None = None, usage: dict | None = None) ->
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
-def _answer() -> list[bytes]:
+def _answer(counts: type = int) -> list[bytes]:
     events = [_event({"role": "assistant", "content": p}) for p in PIECES[:-1]]
     events.append(_event({"content": PIECES[-1]}, "stop"))
-    events.append(_event({}, usage={"prompt_tokens": 20, "completion_tokens": 8, "total_tokens": 28}))
+    usage = {"prompt_tokens": counts(20), "completion_tokens": counts(8), "total_tokens": counts(28)}
+    events.append(_event({}, usage=usage))
     return [*events, b"data: [DONE]\n\n"]
 
 
 class Upstream:
     """An OpenAI-compatible engine in a thread of the test: model "burst" sends its whole answer in one write;
-    "slow" sends its first event, then waits until ``released`` (or ``WAIT_SECONDS``) for the rest."""
+    "slow" sends its first event, then waits until ``released`` (or ``WAIT_SECONDS``) for the rest; "floats"
+    is "burst" with its usage counts written as 20.0."""
 
     def __init__(self) -> None:
         self.released = threading.Event()
@@ -64,7 +66,7 @@ class Upstream:
             model = (await request.json())["model"]
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
-            events = _answer()
+            events = _answer(float if model == "floats" else int)
             if model == "slow":
                 await response.write(events[0])
                 released = await asyncio.get_running_loop().run_in_executor(None, self.released.wait, WAIT_SECONDS)
@@ -75,7 +77,7 @@ class Upstream:
             return response
 
         async def models(request: web.Request) -> web.Response:
-            return web.json_response({"object": "list", "data": [{"id": "burst"}, {"id": "slow"}]})
+            return web.json_response({"object": "list", "data": [{"id": "burst"}, {"id": "slow"}, {"id": "floats"}]})
 
         app = web.Application()
         app.router.add_post("/v1/chat/completions", completions)
@@ -100,7 +102,7 @@ def upstream() -> Iterator[Upstream]:
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Server]:
-    models = [arg for name in ("burst", "slow") for arg in ("--model", f"{name}=openai+{upstream.base}")]
+    models = [arg for name in ("burst", "slow", "floats") for arg in ("--model", f"{name}=openai+{upstream.base}")]
     srv = start_server(tmp_path_factory.mktemp("front"), models)
     yield srv
     srv.stop()
@@ -165,3 +167,15 @@ def test_a_first_token_alone_is_not_held_back(front: Server, upstream: Upstream,
     assert not upstream.waited_out, "the first token came only with the rest of the answer"
     assert upstream.released.is_set()
     assert any("square." in line for line in seen)
+
+
+def test_usage_counts_written_as_floats_come_back_as_whole_numbers(front: Server) -> None:
+    """An upstream may write its counts as 20.0: the client gets 20 (what it is charged), as pydantic made it."""
+    r = httpx.post(
+        front.base + "/compatible-mode/v1/chat/completions",
+        json=_request("floats"),
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=30,
+    )
+    assert r.status_code == 200
+    assert '"usage":{"prompt_tokens":20,"completion_tokens":8,"total_tokens":28,' in r.text, r.text[-400:]

@@ -6,12 +6,13 @@ A real ``llamascope serve`` (the built-in test model, ``LLAMASCOPE_BATCH_IN_FLIG
 1. --lines chat requests, each a 64x64 image and a question, 32 output tokens at most, sent through the API
    at --concurrency; then the same requests (other images of the same size, so neither run finds the other's
    in the caches) as one batch, from ``batches.create`` to ``completed``. Target: batch <= 1.1x the API.
-   The batch's status is looked at every --poll seconds (default 1; a run takes minutes, so the end is known
-   to within a fraction of a percent). Each look is a request the server answers (about 1.5 ms of its CPU
-   and as much of this script's, measured): looked at every 0.05 s, as this script once did, those requests
-   took the batch's side alone about a tenth longer on a 2-core machine (1.16x against 1.06x, 64 lines), as
-   PyTorch's prefill on both cores waits for any other work on them. The server's CPU time in each part is
-   printed with the table.
+   The batch's status is looked at every --poll seconds (default 1, as `llamascope batch` looks; this adds up
+   to a second to the batch's time, against it). Each look is a request the server answers (about 1.5 ms of
+   its CPU and as much of this script's, measured on an idle server). Looked at every 0.05 s, as this script
+   once did, the batch took 1.16x the API's time against 1.06x every second, in one pair of 64-line runs in
+   the same minutes: its lines' prefills took 0.49 s against 0.44 s (medians), and a profile of the server
+   found its event loop busy about a tenth of the time answering the looks, beside PyTorch's prefill on both
+   cores. The server's CPU time in each part is printed with the table.
 2. Time to first token of a streamed interactive request (median of --probes), on the idle server and while a
    batch of the same lines runs. Target: <= 1.5x.
 3. A --big-lines file (default 50,000, each with a small image) validated: from ``batches.create`` to

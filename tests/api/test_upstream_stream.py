@@ -117,14 +117,20 @@ def _request(model: str) -> dict:
     }
 
 
-def test_a_whole_answer_at_once_comes_back_byte_for_byte(front: Server) -> None:
+def _streamed(front: Server, model: str) -> httpx.Response:
+    """The model's streamed compatible-mode answer, read whole."""
     r = httpx.post(
         front.base + "/compatible-mode/v1/chat/completions",
-        json=_request("burst"),
+        json=_request(model),
         headers={"Authorization": f"Bearer {API_KEY}"},
         timeout=30,
     )
     assert r.status_code == 200
+    return r
+
+
+def test_a_whole_answer_at_once_comes_back_byte_for_byte(front: Server) -> None:
+    r = _streamed(front, "burst")
     head = f'data: {{"id":"chatcmpl-{r.headers["x-request-id"]}","object":"chat.completion.chunk","created":'
     created = re.match(re.escape(head) + r"(\d+),", r.text)
     assert created is not None, r.text[:300]
@@ -171,11 +177,5 @@ def test_a_first_token_alone_is_not_held_back(front: Server, upstream: Upstream,
 
 def test_usage_counts_written_as_floats_come_back_as_whole_numbers(front: Server) -> None:
     """An upstream may write its counts as 20.0: the client gets 20 (what it is charged), as pydantic made it."""
-    r = httpx.post(
-        front.base + "/compatible-mode/v1/chat/completions",
-        json=_request("floats"),
-        headers={"Authorization": f"Bearer {API_KEY}"},
-        timeout=30,
-    )
-    assert r.status_code == 200
+    r = _streamed(front, "floats")
     assert '"usage":{"prompt_tokens":20,"completion_tokens":8,"total_tokens":28,' in r.text, r.text[-400:]

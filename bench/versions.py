@@ -10,14 +10,19 @@ request (user + system, from /proc: it hardly moves with the machine's load),
 the median of the paired differences, and the ratio of the CPU times.
 
     git archive main llamascope | tar -x -C /tmp/baseline   # the version to compare with
-    .venv/bin/python bench/versions.py --baseline /tmp/baseline [--requests 1500]
+    .venv/bin/python bench/versions.py --baseline /tmp/baseline [--requests 1500] [--allowance TOKENS]
+
+With --allowance, the key's grant of the model has that many tokens for 30 days instead of none (unlimited):
+each request then reserves its tokens before it runs and settles them after, as a metered key's does.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +31,7 @@ from gateway import KEY, MODEL, STUB, body, cpu_seconds, one
 from harness import Processes, free_port, wait_ready
 
 
-async def compare(baseline: Path, requests: int) -> None:
+async def compare(baseline: Path, requests: int, allowance: int | None) -> None:
     with Processes("llamascope-versions-") as children:
         stub_port = free_port()
         pids = {"stub engine, called directly": children.spawn([sys.executable, "-c", STUB, str(stub_port)]).pid}
@@ -51,6 +56,10 @@ async def compare(baseline: Path, requests: int) -> None:
             ]
             pids[name] = children.spawn(serve, env).pid
             wait_ready(f"http://127.0.0.1:{port}/health")
+            if allowance is not None:  # a limited grant: every request reserves its tokens, then settles
+                grant = [sys.executable, "-m", "llamascope", "keys", "grant", KEY, "--model", MODEL]
+                grant += ["--allowance", str(allowance), "--days", "30"]
+                subprocess.run(grant, env=os.environ | env, check=True, capture_output=True)
             urls[name] = f"http://127.0.0.1:{port}/v1/chat/completions"
         payload = body()
         latencies: dict[str, list[float]] = {name: [] for name in urls}
@@ -66,7 +75,8 @@ async def compare(baseline: Path, requests: int) -> None:
             cpu = {name: (cpu_seconds(pid) - cpu[name]) / requests * 1000 for name, pid in pids.items()}
     names = list(urls)
     direct = statistics.median(latencies[names[0]]) * 1000
-    print(f"streamed chat request with a 64x64 image; {requests} rounds, requests alternating; loopback")
+    held = "unlimited grant" if allowance is None else f"a grant of {allowance:,} tokens"
+    print(f"streamed chat request with a 64x64 image; {requests} rounds, requests alternating; loopback; {held}")
     print(f"{'target':<30} {'p50':>8} {'added p50':>10} {'CPU/req':>9}")
     for name in names:
         p50 = statistics.median(latencies[name]) * 1000
@@ -80,10 +90,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--baseline", type=Path, required=True, help="a directory holding the other llamascope package")
     parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--allowance", type=int, help="tokens of a limited grant for the key (default: unlimited)")
     args = parser.parse_args()
     if not (args.baseline / "llamascope" / "__init__.py").is_file():
         parser.error(f"{args.baseline} holds no llamascope package")
-    asyncio.run(compare(args.baseline.resolve(), args.requests))
+    asyncio.run(compare(args.baseline.resolve(), args.requests, args.allowance))
 
 
 if __name__ == "__main__":

@@ -80,8 +80,8 @@ class HotStatements:
             )
         )
         self.ledger_row = insert(UsageRecord).values({name: bindparam(name) for name in LEDGER_FIELDS})
-        # Admission's hold (AccountStore.reserve's, for the SQLite hot path): the grant's room, taken in one
-        # conditional UPDATE; the part of it the allowance has not left given back; the request's in-flight row.
+        # Admission's hold (``reserve_rows``, run by AccountStore.reserve and by the SQLite hot path): the grant's
+        # room, taken in one conditional UPDATE; the part the allowance has not left given back; the in-flight row.
         room = Grant.allowance_tokens.is_(None) | (Grant.used_tokens + Grant.reserved_tokens < Grant.allowance_tokens)
         valid = Grant.expires_at.is_(None) | (Grant.expires_at > bindparam("now"))
         self.hold = (

@@ -476,7 +476,7 @@ def _data_uri(image: Any) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _count(value: Any, default: Any) -> Any:
+def _count(value: Any, default: int | None) -> int | None:
     """A token count the upstream reported, as an int (20.0 is 20), or ``default`` for what is not a whole
     number of 0 or more: it is charged, and written as the client's usage."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:

@@ -3,7 +3,7 @@
 baseline:   PIL.Image.open(bytes).convert("RGB"), then the stock Mllama image processor
 pillow:     llamascope before libvips: decode_image(bytes, limits, engine.image_size, libvips=False)
             (checks, reduced decode, one resize), then the engine's one-pass preprocessing
-            (MllamaPixels; equal to the stock processor's output)
+            (MllamaPixels; equal to the stock processor's output), JPEG 2000 on every core
 libvips:    llamascope as it runs: the same, with PNG and large WEBP decoded by libvips (images/vips.py)
 
 A case of several images is a conversation that sends them together: the baseline
@@ -44,7 +44,7 @@ from llamascope.engines.mllama import MllamaEngine
 from llamascope.engines.builtin_model import ensure_test_model
 from llamascope.settings import Settings
 from llamascope.images import vips
-from llamascope.images.decode import DecodeLimits, decode_image
+from llamascope.images.decode import DecodeLimits, configure_codec_threads, decode_image
 from llamascope import errors
 settings = Settings.load()
 engine = MllamaEngine.load(ensure_test_model(settings.cache_dir), test_model=True)
@@ -54,6 +54,8 @@ limits = DecodeLimits(max_pixels=settings.image_max_pixels, max_decode_pixels=se
 decoders = ThreadPoolExecutor(settings.image_decode_workers)  # as the intake's decode pool
 images = [open(path, "rb").read() for path in paths]
 use_libvips = method == "libvips"
+if method != "baseline":
+    configure_codec_threads()  # as the intake sets it at start: JPEG 2000 on every core (stock Pillow: one)
 if use_libvips:
     vips.available()  # libvips loaded with the process, as in a server: not the case's cost
 

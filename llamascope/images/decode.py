@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +78,24 @@ class DecodeLimits:
     max_pixels: int = 100_000_000  # as the header declares them
     max_decode_pixels: int = 20_000_000  # as decoded, after JPEG/JPEG2000 reduction (about 10 ms per million)
     min_side: int = 10
+
+
+# OpenJPEG's thread count, from the environment: it reads OPJ_NUM_THREADS each time a decoder is created
+# (Pillow creates one per image), and without it decodes JPEG 2000 on one thread. Pillow offers no setting.
+OPJ_THREADS = "OPJ_NUM_THREADS"
+
+
+def configure_codec_threads() -> None:
+    """Let OpenJPEG decode each JPEG 2000 image on all of this process's cores, unless ``OPJ_NUM_THREADS``
+    is set already (the operator's value stays).
+
+    Process-wide (an environment variable, inherited by child processes): call it once at start-up, before
+    any decode runs; the image intake does, when the server builds it. The pixels are the same on any count
+    (tests/images/test_decode.py); a 1600x1200 photo decodes in about half the time on 2 cores.
+    """
+    if OPJ_THREADS not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        os.environ[OPJ_THREADS] = str(cores or 1)
 
 
 def decode_image(

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from llamascope import errors
-from llamascope.images.decode import DecodeLimits, decode_image
+from llamascope.images.decode import OPJ_THREADS, DecodeLimits, FitFunction, configure_codec_threads, decode_image
 
 LIMITS = DecodeLimits(max_pixels=40_000_000, min_side=10)
 
@@ -198,3 +200,32 @@ def test_first_frame_of_animations_and_pages(fmt: str, libvips: bool) -> None:
     )
     r, g, b = decode_image(buf.getvalue(), LIMITS, libvips=libvips).image.getpixel((20, 20))
     assert r > 200 and g < 50 and b < 50
+
+
+def test_jpeg2000_threads_default_to_the_cores_and_keep_the_operators_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(OPJ_THREADS, raising=False)
+    configure_codec_threads()
+    assert os.environ[OPJ_THREADS] == str(len(os.sched_getaffinity(0)))
+    monkeypatch.setenv(OPJ_THREADS, "3")
+    configure_codec_threads()
+    assert os.environ[OPJ_THREADS] == "3"
+
+
+@pytest.mark.parametrize("fit", [None, lambda width, height: (300, 225)], ids=["whole", "reduced"])
+def test_jpeg2000_on_several_threads_gives_the_same_pixels(
+    monkeypatch: pytest.MonkeyPatch, fit: FitFunction | None
+) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)  # many code blocks
+    data = encode_array(noise, "JPEG2000")
+    decoded = {}
+    for threads in ("1", "4"):  # OpenJPEG reads the variable per decoder: set after Pillow is loaded
+        monkeypatch.setenv(OPJ_THREADS, threads)
+        decoded[threads] = np.asarray(decode_image(data, LIMITS, fit).image)
+    assert decoded["1"].shape == ((480, 640, 3) if fit is None else (225, 300, 3))
+    assert np.array_equal(decoded["1"], decoded["4"])
+
+
+def encode_array(pixels: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()

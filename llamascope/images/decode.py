@@ -4,8 +4,9 @@ The format is identified from the bytes (never from a name or a Content-Type)
 and must be one the hosted service lists. The pixel size is read from the
 header and checked before any pixel is decoded, so a small file that would
 decode to gigabytes is refused cheaply. Only then are the pixels decoded:
-PNG and WEBP by libvips (images/vips.py says why, measured), the other
-formats by Pillow, to the same pixels within the resize's rounding.
+WEBP by libwebp's own API (images/libwebp.py), PNG by libvips (images/vips.py;
+each says why, measured), the other formats by Pillow, to the same pixels
+within the resize's rounding.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from llamascope import errors
-from llamascope.images import PreparedImage, vips
+from llamascope.images import PreparedImage, libwebp, vips
 
 # Pillow's format names for the seed's list. MPO is what Pillow calls the JPEG
 # files many phone cameras write (a JPEG with extra frames).
@@ -103,7 +104,8 @@ def decode_image(
 ) -> PreparedImage:
     """Decode, check and normalise one image; with ``fit``, no larger than the model will use.
 
-    ``libvips=False`` decodes every format with Pillow (for comparisons: both give the same pixels)."""
+    ``libvips=False`` decodes every format with Pillow, neither libvips nor libwebp's API (for comparisons:
+    both give the same pixels, within the resize's rounding)."""
     digest = hashlib.sha256(data).hexdigest()
     try:
         with warnings.catch_warnings():
@@ -121,7 +123,7 @@ def decode_image(
                 raise errors.image_bad_size(f"[height:{height} or width:{width} must be larger than {limits.min_side}]")
             if found not in _REDUCIBLE:  # decoded whole on either path; before anything reads a pixel
                 _check_decode_budget(img, 0, limits.max_decode_pixels)  # (Pillow's getexif reads a whole PNG)
-            rgb = _decode_vips(data, found, fit) if libvips and found in vips.FORMATS else None
+            rgb = _decode_faster(img, data, found, fit) if libvips else None
             if rgb is None:
                 target = _target(img, fit)
                 level = _reduction(img, target)
@@ -199,8 +201,17 @@ def _check_decode_budget(img: Image.Image, level: int, max_decode_pixels: int) -
         )
 
 
-def _decode_vips(data: bytes, fmt: str, fit: FitFunction | None) -> Image.Image | None:
-    """The libvips path (images/vips.py), or None where Pillow is to decode it."""
+def _decode_faster(img: Image.Image, data: bytes, fmt: str, fit: FitFunction | None) -> Image.Image | None:
+    """WEBP through libwebp's API (images/libwebp.py), PNG through libvips (images/vips.py), and WEBP too
+    where libwebp's API is not reachable; None where Pillow is to decode it."""
+    if fmt == "WEBP":
+        orientation = img.getexif().get(0x0112, 1)
+        try:
+            return libwebp.decode(data, orientation, _fit_target(*img.size, orientation, fit))
+        except libwebp.Unsupported:
+            pass
+    if fmt not in vips.FORMATS:
+        return None
     try:
         return vips.decode(data, fmt, functools.partial(_fit_target, fit=fit))
     except vips.Unsupported:

@@ -1,4 +1,5 @@
-"""Decode PNG and large WEBP with libvips: streamed or shrunk while loading, never whole in memory.
+"""Decode PNG with libvips, and large WEBP where libwebp's API is not reachable: streamed or shrunk while
+loading, never whole in memory.
 
 decode.py identifies the format and checks every budget from the header with
 Pillow first; only then are the bytes handed here. libvips (the ``pyvips``
@@ -13,10 +14,13 @@ machine under load; bench/images.py has the end-to-end times and peaks):
   42 against 57, and no full-size buffer.
 - WEBP scaled to 0.28 (12 MP to 1120x840): 491 ms against 586, a peak of about
   40 MB against 200; near the model's size (1600x1200, scale 0.7) slower, so
-  Pillow keeps it (WEBP_MAX_SCALE).
+  Pillow keeps it (WEBP_MAX_SCALE). libwebp's API called directly (images/libwebp.py)
+  is faster than both (the same 12 MP: 311 ms) and takes WEBP first; this path
+  is its fallback.
 - JPEG: libjpeg-turbo's reduced decode through libvips is slower (12 MP: 84 ms
   against 71; less noisy, 56 against 36); Pillow's draft mode stays.
-- JPEG 2000: the wheel's libvips has no OpenJPEG; Pillow's reduced decode stays.
+- JPEG 2000: the wheel's libvips has no OpenJPEG; Pillow's reduced decode stays,
+  on every core (decode.configure_codec_threads).
 - BMP, ICO, ICNS, SGI, TIFF: rare, or not offered by libvips; Pillow.
 
 Pixels follow today's Pillow path: no colour management (ICC profiles are

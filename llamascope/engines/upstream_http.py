@@ -2,25 +2,32 @@
 they arrive, and nothing else.
 
 Written here rather than taken from aiohttp, which made this hop until now, because the hop is most of
-what a gateway does: on a 2-core machine, a streamed chat request through aiohttp's client cost about 250 us
-of CPU, a quarter of the gateway's budget of 1 ms a request (issue 29), and about 90 us through this one
+what a gateway does: on a 2-core machine, a streamed chat request through aiohttp's client cost about 220 us
+of CPU, a fifth of the gateway's budget of 1 ms a request (issue 29), and about 100 us through this one
 (bench/upstream_http.py measures both). It does what the hop needs and no more:
 
 - HTTP/1.1 over TCP, or TLS by the event loop (the system's trust store, verified), with keep-alive: idle
-  connections are kept per origin for ``KEEP_IDLE_SECONDS`` and one that the engine closed meanwhile is
-  replaced, the request sent once more on a new one if nothing came back on the kept one;
+  connections are kept per origin for ``KEEP_IDLE_SECONDS``, less than engines served by uvicorn (vLLM,
+  SGLang) or llama.cpp keep theirs, so that a request rarely meets a connection the engine is closing. One
+  found closed before the request is written is replaced; a GET that got nothing back on a kept connection
+  is sent once more on a new one, as aiohttp and Go do, but never a POST, which the engine may have begun
+  (its failure goes to the engine's failover);
 - bodies framed by Content-Length, chunked, or by the connection's end, parsed by httptools (the parser
   uvicorn serves with); gzip and deflate bodies are decoded, though none is asked for;
 - a deadline per request (connecting included) that ends it with ``asyncio.TimeoutError``, and back
   pressure: a reader slower than the engine stops reading from its socket, so its buffer stays bounded;
-- a response left before its end closes its connection, so the engine sees the hang-up and stops.
+- a response left before its end closes its connection, so the engine sees the hang-up and stops; interim
+  (1xx) responses are skipped, and bytes from an idle connection end it.
 
-No redirects, cookies, proxies or HTTP/2: the engines are URLs the operator configured.
+No redirects, cookies, proxies, connection limits or HTTP/2: the engines are URLs the operator configured,
+and the requests in flight to them are bounded by llamascope's own admission. A user and password in the
+URL are sent as Basic authentication, as aiohttp sent them, unless an API key is configured.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import socket
 import ssl
@@ -28,13 +35,14 @@ import zlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import httptools
 
 from llamascope import __version__
 
-KEEP_IDLE_SECONDS = 15.0  # as aiohttp's client keeps them; engines served by uvicorn close theirs after 5 s
+KEEP_IDLE_SECONDS = 4.0  # engines served by uvicorn (vLLM, SGLang) and llama.cpp's server close theirs after 5 s
+IDEMPOTENT = frozenset({"GET", "HEAD"})
 MAX_IDLE_PER_ORIGIN = 64
 HIGH_WATER = 1 << 16  # bytes received and not yet read, past which reading from the socket pauses
 USER_AGENT = f"llamascope/{__version__}"
@@ -56,6 +64,7 @@ class _Origin:
 class _Target:
     origin: _Origin
     path: str  # with its query, as sent
+    basic: str | None  # an Authorization header from the URL's user and password
 
 
 def _target(url: str) -> _Target:
@@ -65,10 +74,17 @@ def _target(url: str) -> _Target:
     default = 443 if parts.scheme == "https" else 80
     port = parts.port or default
     host = parts.hostname
-    shown = f"[{host}]" if ":" in host else host  # an IPv6 literal
+    shown = f"[{host.replace('%', '%25')}]" if ":" in host else host  # an IPv6 literal (its zone escaped)
     host_header = shown if port == default else f"{shown}:{port}"
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return _Target(_Origin(parts.scheme, host, port, host_header), path)
+    # As sent on the request line: what a URL may hold unescaped stays, the rest (spaces, non-ASCII) is escaped.
+    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+    if parts.query:
+        path += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
+    basic = None
+    if parts.username is not None:
+        user_password = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        basic = "Basic " + base64.b64encode(user_password).decode()
+    return _Target(_Origin(parts.scheme, host, port, host_header), path, basic)
 
 
 class _Connection(asyncio.Protocol):
@@ -79,6 +95,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.lost = False
+        self.busy = False  # a request sent and its response not yet given back: bytes now belong to it
         self.idle_since = 0.0
         self._waiter: asyncio.Future[None] | None = None
         self.reset()
@@ -86,6 +103,7 @@ class _Connection(asyncio.Protocol):
     def reset(self) -> None:
         """Ready for the next response."""
         self.status = 0
+        self.interim = False  # a 1xx response is being read: skipped
         self.headers_done = False
         self.complete = False
         self.keep_alive = False
@@ -107,6 +125,10 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if not self.busy:  # an idle connection has nothing to say (a 408 before closing it, ...): it ends
+            self.lost = True
+            self.close()
+            return
         self.received = True
         try:
             self.parser.feed_data(data)
@@ -115,8 +137,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        if self.headers_done and not self.complete and not self.framed and self.error is None:
-            self.complete = True  # a body delimited by the connection's end: this is its end
+        if self.headers_done and not self.complete and not self.framed and self.error is None and exc is None:
+            self.complete = True  # a body delimited by the connection's end (closed, not reset): this is its end
             self._wake()
         elif not self.complete:
             self.fail(TransportError(f"the engine closed the connection{f': {exc}' if exc else ''}"))
@@ -129,6 +151,10 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks --
 
+    def on_message_begin(self) -> None:
+        self.framed = False
+        self.encoding = b""
+
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if name == b"content-encoding":
@@ -137,11 +163,17 @@ class _Connection(asyncio.Protocol):
             self.framed = True
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:  # interim (100 Continue, 103 Early Hints): the answer follows
+            self.interim = True
+            return
+        self.status = status
         self.headers_done = True
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.interim:
+            return
         self.pieces.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
@@ -150,6 +182,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         self.keep_alive = self.parser.should_keep_alive()  # read here: the parser forgets it after this call
         self.complete = True
         self._wake()
@@ -157,14 +192,17 @@ class _Connection(asyncio.Protocol):
     # -- for the pool and the response --
 
     def fail(self, error: BaseException) -> None:
-        if self.error is None and not self.complete:
+        """End the response being read with ``error`` (unless it has ended) and close the connection."""
+        if self.complete:  # all here: nothing to end (a deadline passing while the caller still holds it)
+            return
+        if self.error is None:
             self.error = error
         self._wake()
-        if self.transport is not None:
-            self.transport.close()
+        self.close()
 
     async def wait(self) -> None:
-        """Until something arrives, the response ends, or the connection fails."""
+        """Until something arrives, the response ends, or the connection fails (one reader at a time)."""
+        assert self._waiter is None, "two readers of one response"
         self._waiter = self.loop.create_future()
         try:
             await self._waiter
@@ -186,7 +224,15 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def reusable(self) -> bool:
-        return self.complete and not self.pieces and self.error is None and not self.lost and self.keep_alive
+        return (
+            self.complete
+            and not self.pieces
+            and self.error is None
+            and not self.lost
+            and self.keep_alive
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -223,12 +269,12 @@ class Response:
             if connection.pieces:
                 data = connection.take()
                 if self._decoder is not None:
-                    data = self._decoder.decompress(data)
+                    data = self._decompress(data)
                 if data:
                     return data
             elif connection.complete:
                 if self._decoder is not None:
-                    rest, self._decoder = self._decoder.flush(), None
+                    rest, self._decoder = self._decompress(None), None
                     if rest:
                         return bytes(rest)
                 raise StopAsyncIteration
@@ -236,6 +282,13 @@ class Response:
                 raise connection.error
             else:
                 await connection.wait()
+
+    def _decompress(self, data: bytes | None) -> bytes:
+        """The next decoded bytes of the body (with None, the last)."""
+        try:
+            return self._decoder.decompress(data) if data is not None else self._decoder.flush()
+        except zlib.error as exc:
+            raise TransportError(f"the engine's compressed body is broken: {exc}") from None
 
     async def read(self, limit: int = 1 << 20) -> bytes:
         """The whole body, of which at most ``limit`` bytes are kept (an error page, a count: never large)."""
@@ -250,12 +303,13 @@ class Client:
 
     def __init__(self, headers: Mapping[str, str] | None = None, connect_timeout: float = 5.0) -> None:
         self.headers = dict(headers or {})
-        _check_headers(self.headers)
         self.connect_timeout = connect_timeout
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._targets: dict[str, _Target] = {}
         self._tls: ssl.SSLContext | None = None
-        self._fixed = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in self.headers.items())
+        self._fixed = _lines(self.headers)
+        self._authorized = any(name.lower() == "authorization" for name in self.headers)
+        self._closed = False
 
     @contextlib.asynccontextmanager
     async def request(
@@ -281,6 +335,7 @@ class Client:
             transport = connection.transport
             assert transport is not None  # connected
             timer = loop.call_at(deadline, connection.fail, asyncio.TimeoutError())
+            connection.busy = True
             try:
                 transport.write(message)
                 while not connection.headers_done and connection.error is None:
@@ -293,9 +348,11 @@ class Client:
                 break
             timer.cancel()
             error = connection.error
-            # A kept connection the engine had closed (its idle timeout, a restart): the request never reached
-            # it. Sent once more, on a new connection (those kept beside it are likely closed too).
-            if not (kept and attempt == 1 and not connection.received and isinstance(error, TransportError)):
+            # A kept connection the engine closed as the request went out (its idle timeout, a restart): a GET is
+            # sent once more, on a new connection (those kept beside it are likely closed too). Not a POST: the
+            # engine may have read it and begun.
+            resend = method in IDEMPOTENT and kept and attempt == 1 and not connection.received
+            if not (resend and isinstance(error, TransportError)):
                 raise error
             for stale in self._idle.pop(target.origin, ()):
                 stale.close()
@@ -304,14 +361,17 @@ class Client:
         finally:
             timer.cancel()
             idle = self._idle.setdefault(target.origin, [])
-            if connection.reusable() and len(idle) < MAX_IDLE_PER_ORIGIN:
+            if connection.reusable() and len(idle) < MAX_IDLE_PER_ORIGIN and not self._closed:
                 connection.reset()
+                connection.busy = False
                 connection.idle_since = loop.time()
                 idle.append(connection)
             else:  # left before its end, or broken: the engine sees the hang-up and stops
                 connection.close()
 
     async def close(self) -> None:
+        """Close the kept connections; those in use close when their response is done with."""
+        self._closed = True
         for idle in self._idle.values():
             for connection in idle:
                 connection.close()
@@ -324,10 +384,9 @@ class Client:
         ]
         if body is not None:
             lines.append(f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n")
-        if headers:
-            _check_headers(headers)
-            lines.extend(f"{k}: {v}\r\n" for k, v in headers.items())
-        head = "".join(lines).encode("latin-1") + self._fixed + b"\r\n"
+        if target.basic is not None and not self._authorized:
+            lines.append(f"Authorization: {target.basic}\r\n")
+        head = "".join(lines).encode("latin-1") + self._fixed + (_lines(headers) if headers else b"") + b"\r\n"
         return head + body if body else head
 
     async def _connection(
@@ -338,7 +397,7 @@ class Client:
         now = loop.time()
         while idle:
             connection = idle.pop()
-            if not connection.lost and now - connection.idle_since < KEEP_IDLE_SECONDS:
+            if not connection.lost and connection.error is None and now - connection.idle_since < KEEP_IDLE_SECONDS:
                 return connection, True
             connection.close()
         tls = None
@@ -357,12 +416,20 @@ class Client:
                 ),
                 max(0.0, min(self.connect_timeout, deadline - now)),
             )
+        except asyncio.TimeoutError:  # before OSError: on Python 3.11 and later, a TimeoutError is an OSError
+            raise TransportError(f"cannot connect to {origin.host_header}: timed out") from None
         except OSError as exc:  # refused, unreachable, a name that does not resolve, TLS refused
             raise TransportError(f"cannot connect to {origin.host_header}: {exc}") from None
         return connection, False
 
 
-def _check_headers(headers: Mapping[str, str]) -> None:
+def _lines(headers: Mapping[str, str]) -> bytes:
+    """Header lines as sent; a name or value that would break the request's lines is refused."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     for name, value in headers.items():
-        if any(c in name or c in value for c in "\r\n\0") or ":" in name:
-            raise ValueError(f"header {name!r} cannot be sent: line breaks or a colon in its name")
+        if not name.strip() or ":" in name or any(c in name or c in value for c in "\r\n\0"):
+            raise ValueError(f"header {name!r} cannot be sent: an empty name, a colon in it, or a line break")
+    try:
+        return lines.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError("a header outside Latin-1 cannot be sent") from None

@@ -4,10 +4,13 @@ keep-alive and its failures, deadlines, hang-ups and back pressure."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import gzip
 import ipaddress
+import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -130,25 +133,106 @@ def test_body_ended_by_the_connection_and_gzip() -> None:
     asyncio.run(serve(handler, check))
 
 
-def test_kept_connection_closed_by_the_engine_is_replaced_once() -> None:
+def test_kept_connection_closed_by_the_engine_resends_a_get_but_never_a_post() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)
-        writer.write(ok(b"first" if n == 0 else b"again"))
+        writer.write(ok(b"ok%d" % n))
         await writer.drain()
-        if n == 0:
-            await read_request(reader)  # the second request, on the kept connection: closed, nothing said
-            return
-        await reader.read()
+        await read_request(reader)  # the next request, on the kept connection: read, then closed unanswered
 
     async def check(base: str, connections: list[int]) -> None:
         client = Client()
-        for expected in (b"first", b"again"):
-            async with client.request("POST", base + "/", 5, b"{}") as r:
+        for expected in (b"ok0", b"ok1"):
+            async with client.request("GET", base + "/", 5) as r:
                 assert await r.read() == expected
+        assert connections == [0, 1]  # the second GET went again, on a new connection
+        with pytest.raises(TransportError):  # the engine may have begun a POST: its failover decides
+            async with client.request("POST", base + "/", 5, b"{}"):
+                pass
+        await client.close()
+        assert connections == [0, 1]  # not sent again
+
+    asyncio.run(serve(handler, check))
+
+
+def test_interim_answers_and_idle_bytes_never_reach_a_request() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        if n == 0:  # 103 Early Hints, then the answer
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(ok(b"real"))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 7\r\n\r\ntimeout")  # idle: unasked
+            await writer.drain()
+            await reader.read()
+        else:
+            writer.write(ok(b"second"))
+            await writer.drain()
+            await reader.read()
+
+    async def check(base: str, connections: list[int]) -> None:
+        client = Client()
+        async with client.request("POST", base + "/", 5, b"{}") as r:
+            assert (r.status, await r.read()) == (200, b"real")
+        await asyncio.sleep(0.2)  # the 408 arrives meanwhile
+        async with client.request("POST", base + "/", 5, b"{}") as r:
+            assert (r.status, await r.read()) == (200, b"second")
         await client.close()
         assert connections == [0, 1]
 
     asyncio.run(serve(handler, check))
+
+
+def test_a_reset_is_no_end_and_a_passed_deadline_keeps_a_finished_connection() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            if b"/reset" in head:  # a body ended by the connection, but reset: cut off
+                writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npartial")
+                await writer.drain()
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+                return
+            writer.write(ok(b"whole"))
+            await writer.drain()
+
+    async def check(base: str, connections: list[int]) -> None:
+        client = Client()
+        with pytest.raises(TransportError):
+            async with client.request("GET", base + "/reset", 5) as r:
+                await r.read()
+        async with client.request("GET", base + "/", 0.1) as r:
+            assert await r.read() == b"whole"
+            await asyncio.sleep(0.2)  # past the deadline, the answer read: nothing to end
+        async with client.request("GET", base + "/", 5) as r:
+            assert await r.read() == b"whole"
+        await client.close()
+        assert connections == [0, 1]  # the second connection served both
+
+    asyncio.run(serve(handler, check))
+
+
+def test_user_and_password_in_the_url_are_sent() -> None:
+    heads: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        head, _ = await read_request(reader)
+        heads.append(head)
+        writer.write(ok(b""))
+        await writer.drain()
+
+    async def check(base: str, connections: list[int]) -> None:
+        url = base.replace("http://", "http://user:p%40ss@") + "/a b"
+        async with Client().request("GET", url, 5) as r:
+            await r.read()
+
+    asyncio.run(serve(handler, check))
+    assert heads[0].startswith(b"GET /a%20b HTTP/1.1\r\n")
+    assert b"Authorization: Basic " + base64.b64encode(b"user:p@ss") + b"\r\n" in heads[0]
 
 
 def test_a_new_connection_closed_without_an_answer_is_an_error() -> None:

@@ -41,8 +41,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
-
 from llamascope import errors
 from llamascope.caching import SizedLRU
 from llamascope.engines.base import (
@@ -53,6 +51,7 @@ from llamascope.engines.base import (
     SamplingParams,
     Turn,
 )
+from llamascope.engines.upstream_http import Client, TransportError
 from llamascope.observability.facts import UpstreamHealth
 from llamascope.observability.request import outgoing_headers, upstream_call, upstream_failed, upstream_failover
 from llamascope.structured.spec import OutputSpec
@@ -65,7 +64,10 @@ HEALTH_EVERY_SECONDS = 5.0
 MAX_SENT_PIXELS = 4 * 560 * 560
 MAX_SENT_SIDE = 2240
 # Counting a prompt is quick; an engine that takes longer is counted by estimate instead.
-TOKENIZE_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=5)
+TOKENIZE_TIMEOUT = 10.0  # seconds
+# A streamed answer, from the request's start to its end.
+ANSWER_TIMEOUT = 300.0
+HEALTH_TIMEOUT = 3.0
 
 
 class CountsPrompts(Protocol):
@@ -106,7 +108,7 @@ class UpstreamEngine:
     api_key: str | None = None
     # The model's tokenizer, from a local directory: the prompt's exact count without asking the engine.
     tokenizer: CountsPrompts | None = None
-    _client: aiohttp.ClientSession | None = field(default=None, repr=False)
+    _client: Client | None = field(default=None, repr=False)
     # Re-encoded images by content hash, the last 64: a conversation re-sends its image every turn.
     _uris: SizedLRU[str, str] = field(default_factory=lambda: SizedLRU(64, lambda _: 1), repr=False)
     _health: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -125,15 +127,9 @@ class UpstreamEngine:
         return cls([Upstream(u.rstrip("/")) for u in urls], model, info, api_key, counter)
 
     @property
-    def client(self) -> aiohttp.ClientSession:
-        # aiohttp rather than httpx for this hop: it cost half as much per request (bench/gateway.py).
+    def client(self) -> Client:
         if self._client is None:
-            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            self._client = aiohttp.ClientSession(
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=300, connect=5),
-                connector=aiohttp.TCPConnector(limit=1000),
-            )
+            self._client = Client({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})
             self._health = asyncio.get_running_loop().create_task(self._check_health())
         return self._client
 
@@ -211,7 +207,7 @@ class UpstreamEngine:
         for upstream in sorted(self.upstreams, key=lambda u: (not u.healthy, u.outstanding, u.failures)):
             try:
                 count = await self._ask_count(upstream, body)
-            except aiohttp.ClientError as exc:  # it cannot be reached: out of rotation, as a completion would take it
+            except TransportError as exc:  # it cannot be reached: out of rotation, as a completion would take it
                 self._mark_failed(upstream, type(exc).__name__)
                 continue
             except asyncio.TimeoutError:  # slow: estimated instead
@@ -223,12 +219,12 @@ class UpstreamEngine:
     async def _ask_count(self, upstream: Upstream, body: dict[str, Any]) -> int | None:
         """The prompt's count from this upstream, trying where its tokenizer may be until one answers."""
         for url in list(upstream.tokenize_urls):
-            async with self.client.post(
+            async with self.client.request(
+                "POST",
                 url,
-                json=body,
-                headers=outgoing_headers(),  # the request's id and trace context
-                allow_redirects=False,
-                timeout=TOKENIZE_TIMEOUT,
+                TOKENIZE_TIMEOUT,
+                json.dumps(body).encode(),
+                outgoing_headers(),  # the request's id and trace context
             ) as response:
                 text = (await response.read()).decode(errors="replace")
             if response.status == 400:  # the engine refuses the prompt (too long, ...): say why now
@@ -334,7 +330,7 @@ class UpstreamEngine:
         calls = _CallDeltas()
         try:
             url = upstream.url + "/chat/completions"
-            async with self.client.post(url, json=body, headers=headers, allow_redirects=False) as response:
+            async with self.client.request("POST", url, ANSWER_TIMEOUT, json.dumps(body).encode(), headers) as response:
                 if response.status >= 500:
                     raise _UpstreamFailed(f"HTTP {response.status}")
                 if response.status != 200:
@@ -342,7 +338,7 @@ class UpstreamEngine:
                 pending = b""
                 # Read to the end (so the connection goes back to the pool). The deltas of one network read
                 # become one chunk: when the upstream is faster than the client, fewer, larger events.
-                async for data in response.content.iter_any():
+                async for data in response:
                     *lines, pending = (pending + data).split(b"\n")
                     text = ""
                     # The events of one read parsed as one JSON array: one parse, not one per event.
@@ -367,8 +363,8 @@ class UpstreamEngine:
                             if choice.get("finish_reason"):
                                 finish = _FINISH.get(choice["finish_reason"], FinishReason.STOP)
                     if text:  # the upstream's answer all here already (its end read): what follows comes at once
-                        yield Chunk(text, reported or pieces, next_ready=response.content.is_eof())
-        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+                        yield Chunk(text, reported or pieces, next_ready=response.at_end)
+        except (TransportError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
             raise _UpstreamFailed(type(exc).__name__) from None
         upstream.failures = 0
         made = calls.calls()
@@ -382,8 +378,9 @@ class UpstreamEngine:
             await asyncio.sleep(HEALTH_EVERY_SECONDS)
             for upstream in self.upstreams:
                 ok = False
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                    async with self.client.get(upstream.url + "/models", timeout=aiohttp.ClientTimeout(total=3)) as r:
+                with contextlib.suppress(TransportError, asyncio.TimeoutError):
+                    async with self.client.request("GET", upstream.url + "/models", HEALTH_TIMEOUT) as r:
+                        await r.read()  # to its end: the connection is kept
                         ok = r.status == 200
                 if ok != upstream.healthy:
                     log.warning("upstream %s is %s", upstream.url, "back" if ok else "failing its health check")

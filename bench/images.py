@@ -4,7 +4,8 @@ baseline:   PIL.Image.open(bytes).convert("RGB"), then the stock Mllama image pr
 pillow:     llamascope before libvips: decode_image(bytes, limits, engine.image_size, libvips=False)
             (checks, reduced decode, one resize), then the engine's one-pass preprocessing
             (MllamaPixels; equal to the stock processor's output), JPEG 2000 on every core
-libvips:    llamascope as it runs: the same, with PNG and large WEBP decoded by libvips (images/vips.py)
+libvips:    llamascope as it runs: the same, with PNG decoded by libvips (images/vips.py) and WEBP by
+            libwebp's API (images/libwebp.py)
 
 A case of several images is a conversation that sends them together: the baseline
 gives them to the stock processor at once; llamascope decodes them in a pool of
@@ -178,7 +179,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     print("bytes -> Mllama pixel_values; time = median, peak = memory high-water mark above the loaded process;")
-    print("speed-up = baseline time / llamascope time (before libvips: pillow; now: libvips)")
+    print("speed-up = baseline time / llamascope time (before libvips: pillow; now: libvips and libwebp)")
     header = (
         f"{'case':<46} {'size':>8} {'baseline':>9} {'peak':>6} {'pillow':>8} {'peak':>6} {'libvips':>8} {'peak':>6}"
         f" {'before':>7} {'now':>6}  result"

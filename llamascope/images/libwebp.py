@@ -34,6 +34,13 @@ import logging
 
 from PIL import Image, ImageChops, ImageOps
 
+try:
+    from PIL import _webp  # the extension that links libwebp (Pillow loads it for any WEBP)
+
+    _EXTENSION: str | None = _webp.__file__
+except ImportError:  # a Pillow built without WEBP: it reads no WEBP at all, so nothing comes here
+    _EXTENSION = None
+
 log = logging.getLogger(__name__)
 
 _ABI_VERSION = 0x0209  # WEBP_DECODER_ABI_VERSION of decode.h; libwebp refuses a different major version
@@ -100,9 +107,9 @@ class _Config(ctypes.Structure):
 def _libwebp() -> ctypes.CDLL | None:
     """libwebp's decoding API, from the library Pillow loaded, or None (logged once)."""
     try:
-        from PIL import _webp  # the extension that links libwebp; loaded by Pillow for any WEBP anyway
-
-        lib = ctypes.CDLL(_webp.__file__)  # CDLL: each call releases the GIL, as the decode pool needs
+        if _EXTENSION is None:
+            raise ImportError("Pillow has no WEBP support")
+        lib = ctypes.CDLL(_EXTENSION)  # CDLL: each call releases the GIL, as the decode pool needs
         bytes_in, size = ctypes.c_char_p, ctypes.c_size_t
         for name, arguments in [
             ("WebPGetFeaturesInternal", [bytes_in, size, ctypes.POINTER(_Features), ctypes.c_int]),

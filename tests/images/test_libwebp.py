@@ -65,3 +65,17 @@ def test_a_truncated_file_is_an_error() -> None:
     data = encode(photo(400, 300), "WEBP")
     with pytest.raises(OSError, match="status 7"):
         libwebp.decode(data[: len(data) // 2], 1, (200, 150))
+
+
+def test_an_incompatible_libwebp_leaves_webp_to_the_other_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A libwebp whose decoder ABI differs refuses the config; WEBP still decodes, by libvips or Pillow."""
+    monkeypatch.setattr(libwebp, "_ABI_VERSION", 0x0309)  # a major version this libwebp does not speak
+    libwebp._libwebp.cache_clear()
+    try:
+        assert not libwebp.available()
+        data = encode(photo(1200, 900), "WEBP", quality=90)
+        assert decode_image(data, LIMITS, lambda w, h: (300, 225)).image.size == (300, 225)
+    finally:
+        monkeypatch.undo()
+        libwebp._libwebp.cache_clear()
+    assert libwebp.available()

@@ -45,6 +45,7 @@ from llamascope.engines.mllama import MllamaEngine
 from llamascope.engines.builtin_model import ensure_test_model
 from llamascope.settings import Settings
 from llamascope.images import vips
+from llamascope.engines.threads import usable_cores
 from llamascope.images.decode import DecodeLimits, configure_codec_threads, decode_image
 from llamascope import errors
 settings = Settings.load()
@@ -56,7 +57,7 @@ decoders = ThreadPoolExecutor(settings.image_decode_workers)  # as the intake's 
 images = [open(path, "rb").read() for path in paths]
 use_libvips = method == "libvips"
 if method != "baseline":
-    configure_codec_threads()  # as the intake sets it at start: JPEG 2000 on every core (stock Pillow: one)
+    configure_codec_threads(usable_cores())  # as the server sets it at start: JPEG 2000 on every usable core
 if use_libvips:
     vips.available()  # libvips loaded with the process, as in a server: not the case's cost
 

@@ -55,8 +55,8 @@ from llamascope.engines.registry import (
     check_model_dirs,
 )
 from llamascope.engines.registry import load_engines as load_models
-from llamascope.engines.threads import configure_openmp, configure_torch
-from llamascope.images.decode import DecodeLimits
+from llamascope.engines.threads import configure_openmp, configure_torch, usable_cores
+from llamascope.images.decode import DecodeLimits, configure_codec_threads
 from llamascope.images.intake import ImageIntake
 from llamascope.images.source import FetchPolicy, LocalPolicy
 from llamascope.images.uploads import UploadStore, load_or_create_secret
@@ -250,6 +250,7 @@ def build(settings: Settings, progress: Callable[[str], None] = log.info) -> Ser
     """Everything from the settings, in an order that writes nothing until the server can run: the store's
     schema, the models; then crash leftovers are charged and the keys seeded. Raises ModelLoadError."""
     configure_openmp()  # before anything loads torch
+    configure_codec_threads(usable_cores())  # JPEG 2000 on every usable core; an environment variable: set first
     check_model_dirs(model_plan(settings))  # a wrong model path stops start-up before PyTorch's seconds of imports
     threads = configure_torch(settings.torch_threads) if serves_in_process(settings) else None
     store = open_store(settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -64,7 +65,7 @@ def upstream() -> Iterator[str]:
 # Builds and serves a gateway as `llamascope serve` does, answers one chat request through it, and prints what
 # the process has imported by then.
 GATEWAY = """
-import json, sys, threading, time
+import json, os, sys, threading, time
 import httpx
 from llamascope import server
 from llamascope.settings import ModelSpec, Settings
@@ -85,7 +86,8 @@ while True:
     except httpx.TransportError:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-print(json.dumps({"status": answer.status_code, "text": answer.text, "modules": sorted(sys.modules)}))
+print(json.dumps({"status": answer.status_code, "text": answer.text, "modules": sorted(sys.modules),
+    "jpeg2000_threads": os.environ.get("OPJ_NUM_THREADS")}))
 sys.stdout.flush()
 """
 
@@ -100,6 +102,7 @@ def test_a_gateway_never_imports_pytorch_or_transformers(upstream: str, tmp_path
         capture_output=True,
         text=True,
         timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "OPJ_NUM_THREADS"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -110,6 +113,7 @@ def test_a_gateway_never_imports_pytorch_or_transformers(upstream: str, tmp_path
     # Nor what only some requests or stores need: Alembic (a new store is made at the head without it), the
     # structured-output libraries (no request asked for a shape).
     assert [m for m in result["modules"] if m.split(".")[0] in ("alembic", "jsonschema", "llguidance")] == []
+    assert int(result["jpeg2000_threads"]) >= 1  # set at start: OpenJPEG decodes on every usable core
 
 
 BAD_MODEL = """

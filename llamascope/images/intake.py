@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from llamascope import errors
 from llamascope.caching import SizedLRU
 from llamascope.images import PreparedImage
-from llamascope.images.decode import DecodeLimits, FitFunction, configure_codec_threads, decode_image
+from llamascope.images.decode import DecodeLimits, FitFunction, decode_image
 from llamascope.images.source import (
     ANONYMOUS,
     NO_LOCAL_FILES,
@@ -57,9 +57,6 @@ class ImageIntake:
         self.limits = limits
         self.local = local
         self.decode_timeout = decode_timeout
-        # JPEG 2000 on every core (OpenJPEG decodes on one thread unless told): set here, when the server
-        # starts, not per request, since it is an environment variable and so the whole process's setting.
-        configure_codec_threads()
         # A bounded pool: a decode that overruns its budget is answered at once but keeps its
         # worker until it ends, so runaway decodes cannot pile up beyond the pool's size.
         self._decoders = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="llamascope-decode")

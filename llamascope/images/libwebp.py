@@ -1,4 +1,4 @@
-"""Decode WEBP with libwebp's own API: scaled to the model's size while decoding, with its filtering thread.
+"""Decode WEBP with libwebp's own API: scaled to the model's size while decoding, with its second thread.
 
 Pillow decodes WEBP through libwebp's animation decoder with default options:
 every image whole, into an RGBA canvas, on one thread, then converted to RGB.
@@ -14,11 +14,14 @@ libwebp here, scaled, 311 ms (347 on one thread). What is left is libwebp's
 entropy decoding and reconstruction of every macroblock, which no option
 skips (bypass_filtering and no_fancy_upsampling gained nothing measurable).
 
-The pixels are libwebp's own (Pillow's full-size decode gives the same values);
-only the resize differs from the Pillow path: libwebp's area-averaging scaler
-instead of Pillow's reduce and bilinear, a mean difference of about 1/255.
-Alpha is decoded premultiplied, so flattening onto white after scaling is the
-same as flattening before it, as the Pillow path does.
+Decoded whole, the pixels are libwebp's own, as Pillow's (the same values).
+Scaled, they differ from the Pillow path by its resize: libwebp's
+area-averaging scaler instead of Pillow's reduce and bilinear; and where both
+sides shrink below 3/4, libwebp itself skips its in-loop filter and fancy
+upsampling, which the averaging hides. A mean difference of about 1/255
+(tests/images/test_libwebp.py bounds it). Alpha comes back straight (libwebp
+weights its scaler by alpha) and is flattened onto white by decode.py, as
+every other path's is.
 
 libwebp's API is reached with ctypes through Pillow's ``_webp`` extension (its
 dependencies resolve the symbols). Where that fails (a Pillow that links
@@ -32,7 +35,7 @@ import ctypes
 import functools
 import logging
 
-from PIL import Image, ImageChops, ImageOps
+from PIL import Image
 
 try:
     from PIL import _webp  # the extension that links libwebp (Pillow loads it for any WEBP)
@@ -44,7 +47,7 @@ except ImportError:  # a Pillow built without WEBP: it reads no WEBP at all, so 
 log = logging.getLogger(__name__)
 
 _ABI_VERSION = 0x0209  # WEBP_DECODER_ABI_VERSION of decode.h; libwebp refuses a different major version
-_MODE_RGB, _MODE_PREMULTIPLIED_RGBA = 0, 7  # WEBP_CSP_MODE: MODE_RGB, MODE_rgbA
+_MODE_RGB, _MODE_RGBA = 0, 1  # WEBP_CSP_MODE: MODE_RGB, MODE_RGBA (not premultiplied)
 
 
 class Unsupported(Exception):
@@ -143,13 +146,14 @@ _TURNS = {
 
 
 def decode(data: bytes, orientation: int, target: tuple[int, int] | None) -> Image.Image:
-    """Decode WEBP bytes (already checked by decode.py) to 8-bit RGB, shown as ``orientation`` says, at
-    ``target`` (width, height as shown) or whole.
+    """Decode WEBP bytes (already checked by decode.py) to 8-bit RGB, or RGBA where the image has alpha, shown
+    as ``orientation`` says, at ``target`` (width, height as shown) or whole.
 
     Raises Unsupported for an animation or where libwebp's API is not reachable, OSError for corrupt data."""
     lib = _libwebp()
     if lib is None:
         raise Unsupported("no libwebp API")
+    data = bytes(data)  # ctypes passes only bytes as a char pointer (a bytes object is not copied)
     config = _Config()
     if not lib.WebPInitDecoderConfigInternal(ctypes.byref(config), _ABI_VERSION):
         raise Unsupported("libwebp's ABI")
@@ -166,20 +170,16 @@ def decode(data: bytes, orientation: int, target: tuple[int, int] | None) -> Ima
     channels = 4 if alpha else 3
     pixels = bytearray(width * height * channels)  # libwebp checks that its output fits this size
     output = (ctypes.c_char * len(pixels)).from_buffer(pixels)
-    config.output.colorspace = _MODE_PREMULTIPLIED_RGBA if alpha else _MODE_RGB
+    config.output.colorspace = _MODE_RGBA if alpha else _MODE_RGB
     config.output.is_external_memory = 1
     config.output.u.RGBA.rgba = ctypes.addressof(output)
     config.output.u.RGBA.stride = width * channels
     config.output.u.RGBA.size = len(pixels)
-    config.options.use_threads = 1  # filtering in a second thread, as libvips asks; same pixels
+    config.options.use_threads = 1  # a second thread (filtering, or scaling and colour), as libvips asks
     status = lib.WebPDecode(data, len(data), ctypes.byref(config))
     del output  # (the buffer's export: Pillow shares its memory below)
     if status != 0:  # VP8StatusCode: a truncated (7) or corrupt bitstream
         raise OSError(f"libwebp: status {status}")
-    if alpha:  # premultiplied: the colour plus the white showing through, (255 - alpha), is the flattened pixel
-        premultiplied = Image.frombuffer("RGBA", (width, height), pixels, "raw", "RGBA", 0, 1)
-        gap = ImageOps.invert(premultiplied.getchannel("A"))
-        rgb = ImageChops.add(premultiplied.convert("RGB"), Image.merge("RGB", (gap, gap, gap)))
-    else:
-        rgb = Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1)
-    return rgb.transpose(_TURNS[orientation]) if orientation in _TURNS else rgb
+    mode = "RGBA" if alpha else "RGB"
+    image = Image.frombuffer(mode, (width, height), pixels, "raw", mode, 0, 1)
+    return image.transpose(_TURNS[orientation]) if orientation in _TURNS else image

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import os
 
 import pytest
 from PIL import Image
 
 from llamascope import errors
-from llamascope.images.decode import OPJ_THREADS, DecodeLimits
+from llamascope.images.decode import DecodeLimits
 from llamascope.images.intake import ImageIntake
 from llamascope.images.source import DataUriSource, FetchPolicy
 
@@ -68,9 +67,3 @@ def test_a_data_uri_seen_before_is_not_decoded_again(monkeypatch: pytest.MonkeyP
     intake.cache.clear()
     with pytest.raises(AssertionError, match="read again"):
         asyncio.run(intake.load(uri, fit_key="m"))
-
-
-def test_the_intake_sets_jpeg2000_threads_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(OPJ_THREADS, raising=False)
-    ImageIntake(FetchPolicy(), DecodeLimits()).close()
-    assert int(os.environ[OPJ_THREADS]) >= 1

@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 import openai
 import psutil
-from harness import Processes, free_port, wait_ready
+from harness import Processes, cpu_seconds, free_port, wait_ready
 from PIL import Image
 
 KEY = "sk-batchbench-0123456789abcdefghijklmnopq"
@@ -131,12 +131,6 @@ def probes(base: str, count: int, first_seed: int) -> float:
         times.append(first_token_ms(base, first_seed + i))
         time.sleep(0.1)
     return statistics.median(times)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far, its threads included."""
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
 
 
 def row(name: str, measured: str, target: str, ok: bool) -> str:

@@ -33,14 +33,13 @@ import argparse
 import asyncio
 import base64
 import io
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import httpx
-from harness import Processes, free_port, wait_ready
+from harness import Processes, cpu_seconds, free_port, wait_ready
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,12 +113,6 @@ async def one(client: httpx.AsyncClient, url: str, payload: dict) -> float:
         async for _ in response.aiter_bytes():
             pass
     return time.perf_counter() - start
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def resident_mb(pid: int) -> float:

@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 
 import httpx
-from gateway import KEY, MODEL, STUB, body, cpu_seconds, one
-from harness import Processes, free_port, wait_ready
+from gateway import KEY, MODEL, STUB, body, one
+from harness import Processes, cpu_seconds, free_port, wait_ready
 
 
 async def compare(baseline: Path, requests: int, allowance: int | None) -> None:

@@ -143,12 +143,6 @@ class _Connection(asyncio.Protocol):
         elif not self.complete:
             self.fail(TransportError(f"the engine closed the connection{f': {exc}' if exc else ''}"))
 
-    def pause_writing(self) -> None:  # requests are small: written whole
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # -- httptools callbacks --
 
     def on_message_begin(self) -> None:
@@ -302,13 +296,13 @@ class Client:
     """Requests to the engines: a pool of kept connections per origin (scheme, host, port)."""
 
     def __init__(self, headers: Mapping[str, str] | None = None, connect_timeout: float = 5.0) -> None:
-        self.headers = dict(headers or {})
+        headers = headers or {}
         self.connect_timeout = connect_timeout
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._targets: dict[str, _Target] = {}
         self._tls: ssl.SSLContext | None = None
-        self._fixed = _lines(self.headers)
-        self._authorized = any(name.lower() == "authorization" for name in self.headers)
+        self._fixed = _lines(headers)  # every request's
+        self._authorized = any(name.lower() == "authorization" for name in headers)
         self._closed = False
 
     @contextlib.asynccontextmanager

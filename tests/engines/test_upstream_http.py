@@ -156,6 +156,8 @@ def test_kept_connection_closed_by_the_engine_resends_a_get_but_never_a_post() -
 
 
 def test_interim_answers_and_idle_bytes_never_reach_a_request() -> None:
+    unasked = asyncio.Event()
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)
         if n == 0:  # 103 Early Hints, then the answer
@@ -167,6 +169,7 @@ def test_interim_answers_and_idle_bytes_never_reach_a_request() -> None:
             await asyncio.sleep(0.05)
             writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 7\r\n\r\ntimeout")  # idle: unasked
             await writer.drain()
+            unasked.set()
             await reader.read()
         else:
             writer.write(ok(b"second"))
@@ -177,7 +180,12 @@ def test_interim_answers_and_idle_bytes_never_reach_a_request() -> None:
         client = Client()
         async with client.request("POST", base + "/", 5, b"{}") as r:
             assert (r.status, await r.read()) == (200, b"real")
-        await asyncio.sleep(0.2)  # the 408 arrives meanwhile
+        await asyncio.wait_for(unasked.wait(), 5)
+        kept = next(iter(client._idle.values()))
+        for _ in range(200):  # until the kept connection has read the 408 and ended (2 s: under its 4 s of idling)
+            if not kept or kept[0].lost:
+                break
+            await asyncio.sleep(0.01)
         async with client.request("POST", base + "/", 5, b"{}") as r:
             assert (r.status, await r.read()) == (200, b"second")
         await client.close()
@@ -205,9 +213,9 @@ def test_a_reset_is_no_end_and_a_passed_deadline_keeps_a_finished_connection() -
         with pytest.raises(TransportError):
             async with client.request("GET", base + "/reset", 5) as r:
                 await r.read()
-        async with client.request("GET", base + "/", 0.1) as r:
+        async with client.request("GET", base + "/", 1) as r:
             assert await r.read() == b"whole"
-            await asyncio.sleep(0.2)  # past the deadline, the answer read: nothing to end
+            await asyncio.sleep(1.2)  # past the deadline, the answer read: nothing to end
         async with client.request("GET", base + "/", 5) as r:
             assert await r.read() == b"whole"
         await client.close()

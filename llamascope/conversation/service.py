@@ -331,7 +331,7 @@ class ConversationService:
         return await engine.prepare(draft.with_images([images[r] for r in refs]), output)  # type: ignore[misc]
 
 
-_OUTPUT_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls")
+_OUTPUT_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls")  # read_request's
 
 
 def output_spec(parameters: Any, draft: Draft, endpoint: Endpoint) -> OutputSpec | None:
@@ -346,10 +346,7 @@ def output_spec(parameters: Any, draft: Draft, endpoint: Endpoint) -> OutputSpec
         # Nothing asked (most requests): read_request would make and compare the defaults' spec, 10 us for None.
         return None
     spec = read_request(
-        response_format=fields.get("response_format"),
-        tools=fields.get("tools"),
-        tool_choice=fields.get("tool_choice"),
-        parallel_tool_calls=fields.get("parallel_tool_calls"),
+        **{name: fields.get(name) for name in _OUTPUT_FIELDS},
         message_texts=draft.texts(),
         prefix="" if endpoint is Endpoint.CHAT else "parameters.",
     )

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llamascope import errors
@@ -51,6 +51,7 @@ class ImageRef:
     """An image of a message, not fetched yet: its URL, ``data:`` URI or ``oss://`` key."""
 
     reference: str
+    at: str = field(default="", compare=False)  # where the request has it: "messages[2] (user) content[0]"
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,15 @@ class Draft:
     def image_refs(self) -> list[str]:
         """Every image's reference, in the conversation's order (empty: a text-only conversation)."""
         return [p.reference for t in self.turns for p in t.parts if isinstance(p, ImageRef)]
+
+    def image_places(self) -> dict[str, str]:
+        """Where each image's reference first is in the request ("messages[2] (user) content[0]")."""
+        places: dict[str, str] = {}
+        for turn in self.turns:
+            for part in turn.parts:
+                if isinstance(part, ImageRef):
+                    places.setdefault(part.reference, part.at)
+        return places
 
     def texts(self) -> Iterator[str]:
         """Every text of the conversation, calls included (``response_format`` json_object looks for "json")."""
@@ -124,7 +134,7 @@ def _content_parts(index: int, role: str, content: Any) -> tuple[str | ImageRef,
                 raise _bad(f'{at}: image lists are not supported; send each image as its own {{"image": ...}} item.')
             if not isinstance(value, str) or not value.strip():
                 raise _bad(f'{at}: "image" must be a URL string.')
-            parts.append(ImageRef(value.strip()))
+            parts.append(ImageRef(value.strip(), at))
         else:
             if not isinstance(value, str):
                 raise _bad(f'{at}: "text" must be a string.')

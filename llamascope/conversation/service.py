@@ -324,7 +324,10 @@ class ConversationService:
             loaded: list[Any] = [await loads[0]]
         else:
             loaded = await asyncio.gather(*loads, return_exceptions=True)
-            for result in loaded:  # the first refusal in the conversation's order
+            places = draft.image_places()
+            for ref, result in zip(distinct, loaded, strict=True):  # the first refusal in the conversation's order
+                if isinstance(result, errors.ServiceError):  # which of the images it is (one alone needs no saying)
+                    raise replace(result, message=f"{result.message} (the image at {places[ref]})") from None
                 if isinstance(result, BaseException):
                     raise result
         images = dict(zip(distinct, loaded, strict=True))

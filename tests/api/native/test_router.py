@@ -259,7 +259,14 @@ ERROR_CASES = [
     ("file-url", _msgs(user_turn("file:///etc/passwd")), 400, "InvalidParameter", "reads no local paths itself"),
     ("ftp-url", _msgs(user_turn("ftp://example.com/x.png")), 400, "InvalidParameter", "url error"),
     ("gif", _msgs(user_turn("HOST/anim.gif")), 400, "InvalidParameter.DataInspection", "The image is GIF"),
-    ("corrupt", _msgs(user_turn("HOST/broken.png")), 400, "InvalidParameter.DataInspection", "corrupt or truncated"),
+    ("corrupt", _msgs(user_turn("HOST/broken.png")), 400, "InvalidParameter.DataInspection", "corrupt or truncated."),
+    (  # one image of several: which one
+        "corrupt-of-two",
+        _msgs({"role": "user", "content": [{"image": "IMG"}, {"image": "HOST/broken.png"}, {"text": "?"}]}),
+        400,
+        "InvalidParameter.DataInspection",
+        "corrupt or truncated. (the image at messages[0] (user) content[1])",
+    ),
     ("unreachable", _msgs(user_turn("http://127.0.0.1:9/x.png")), 400, "InvalidParameter", "Failed to download"),
     ("not-found", _msgs(user_turn("HOST/missing.png")), 400, "InvalidParameter", "answered HTTP 404"),
     (

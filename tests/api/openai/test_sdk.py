@@ -21,10 +21,12 @@ def client(request: pytest.FixtureRequest, server: Server) -> openai.OpenAI:
     return openai.OpenAI(api_key=server.key, base_url=server.base + request.param, max_retries=0)
 
 
+def _image(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
 def messages(url: str, text: str = "What is in the picture?") -> list[dict]:
-    return [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}
-    ]
+    return [{"role": "user", "content": [_image(url), {"type": "text", "text": text}]}]
 
 
 def test_completion(client: openai.OpenAI, image_host) -> None:
@@ -167,11 +169,18 @@ def test_what_cannot_be_honoured_is_refused_naming_it(client: openai.OpenAI, ima
 
 def test_errors_speak_this_modes_language(client: openai.OpenAI, image_host) -> None:
     """Issue 13: errors said `input.messages` and left `param` empty."""
+    two = messages(image_host.url("/broken.png"))
     for kwargs, param, said in [
         ({"messages": "hello"}, "messages", "messages must be a list"),
         ({"messages": [{"role": "user", "content": [IMAGE_PART] * 5}]}, "messages", "messages"),
         ({"messages": messages(image_host.url("/red.png")), "top_p": 5}, "top_p", "top_p"),
         ({"messages": messages(image_host.url("/red.png")), "model": "nope"}, "model", "Model not exist"),
+        ({"messages": messages("data:image/png;base64," + "A" * (14 << 20))}, "messages", "per data-uri item"),
+        (  # one image of several: which one
+            {"messages": [{"role": "user", "content": [_image(image_host.url("/red.png")), *two[0]["content"]]}]},
+            "messages",
+            "(the image at messages[0] (user) content[1])",
+        ),
     ]:
         with pytest.raises(openai.BadRequestError) as bad:
             client.chat.completions.create(**{"model": SEED_MODEL, "max_tokens": 1, **kwargs})

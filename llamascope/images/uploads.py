@@ -121,18 +121,37 @@ class UploadStore:
         return claims
 
     def save(self, claims: Claims, key: str, stream: BinaryIO, now: float | None = None) -> int:
-        """Store the body (read with the cap) under ``key``; refuse to overwrite. Returns its size."""
+        """Store the body (read with the cap) under ``key``; refuse to overwrite it with other bytes. Returns its size.
+
+        The same bytes again are taken (200): the SDK names each upload ``<upload_dir>/<file name>``, with one
+        upload_dir for a whole call, so a conversation that names one file twice (again in a later turn) uploads
+        it twice, which OSS's forbid-overwrite would refuse. Two different files of the same name are refused:
+        both references would name one object."""
         data = stream.read(claims.max + 1)
         if len(data) > claims.max:
             raise errors.ServiceError(400, "EntityTooLarge", f"Your upload exceeds the maximum of {claims.max} bytes.")
         target = self._path(key)
         if target.exists():
-            raise errors.ServiceError(409, "FileAlreadyExists", "The object you specified already exists.")
+            if self._holds(target, data):
+                return len(data)
+            raise errors.ServiceError(
+                409,
+                "FileAlreadyExists",
+                "The object you specified already exists: another file of the same name was uploaded for this call "
+                "(the SDK names uploads by their file names); give the files different names.",
+            )
         now = time.time() if now is None else now
         record = {"key": key, "owner": claims.owner, "model": claims.model, "expires": now + self.ttl_seconds}
         self._write(target.with_suffix(".json"), json.dumps(record).encode())
         self._write(target, data)
         return len(data)
+
+    @staticmethod
+    def _holds(path: Path, data: bytes) -> bool:
+        try:
+            return path.read_bytes() == data
+        except OSError:
+            return False
 
     def _write(self, path: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".part-")

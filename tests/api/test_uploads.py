@@ -31,6 +31,24 @@ def test_sdk_uploads_local_files(dashscope_sdk, cat_png: Path, form: str) -> Non
     assert response.usage["image_tokens"] == 6404
 
 
+def test_sdk_sends_one_file_twice(dashscope_sdk, cat_png: Path, tmp_path: Path) -> None:
+    """The SDK uploads a call's files under one upload_dir by their names: one file named twice (a conversation
+    that shows it again) is one object; two files of one name are refused, saying so."""
+    from dashscope import MultiModalConversation
+    from dashscope.common.error import UploadFileException
+
+    content = [{"image": str(cat_png)}, {"image": str(cat_png)}, {"text": "Same?"}]
+    r = MultiModalConversation.call(model=SEED_MODEL, messages=[{"role": "user", "content": content}], max_tokens=2)
+    assert r.status_code == HTTPStatus.OK, r
+    assert r.usage["image_tokens"] == 2 * 6404
+    other = tmp_path / "elsewhere" / cat_png.name
+    other.parent.mkdir()
+    other.write_bytes(png_bytes((0, 0, 255), (500, 400)))
+    content[1] = {"image": str(other)}
+    with pytest.raises(UploadFileException, match="different names"):
+        MultiModalConversation.call(model=SEED_MODEL, messages=[{"role": "user", "content": content}], max_tokens=2)
+
+
 def test_uploaded_image_answers_like_the_same_bytes_inline(dashscope_sdk, cat_png: Path) -> None:
     import base64
 
@@ -96,7 +114,9 @@ def test_objects_belong_to_the_key_that_uploaded_them(server: Server) -> None:
     assert other.status_code == 400 and "belongs to another API key" in other.json()["message"]
     no_header = generate_with(server, key, server.key, resolve=False)
     assert no_header.json()["code"] == "InvalidParameter.DataInspection"
-    assert upload(data, key, png_bytes()).status_code == 409  # x-oss-forbid-overwrite
+    assert upload(data, key, png_bytes()).status_code == 200  # the same bytes again: the same object
+    other = upload(data, key, png_bytes(color=(0, 0, 255)))  # x-oss-forbid-overwrite: never other bytes
+    assert other.status_code == 409 and "different names" in other.text
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,7 @@ def test_size_cap_and_no_overwrite(store: UploadStore) -> None:
     assert refused(store.save, claims, key, io.BytesIO(b"x" * 1001)).code == "EntityTooLarge"
     store.save(claims, key, io.BytesIO(b"first"))
     assert refused(store.save, claims, key, io.BytesIO(b"second")).status == 409
+    assert store.save(claims, key, io.BytesIO(b"first")) == 5  # the same file again (the SDK, one file named twice)
     assert store.read(key, "owner-a") == b"first"
 
 

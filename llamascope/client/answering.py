@@ -26,6 +26,13 @@ def show_error(error: APIError) -> None:
         print("  (is the server running? `make serve` starts a local llamascope)", file=sys.stderr, flush=True)
     elif error.status == 401:
         print("  (check DASHSCOPE_API_KEY or --api-key)", file=sys.stderr, flush=True)
+    elif error.status == 413:  # the body limit: local images go inline, as base64 (a third larger), every turn
+        print(
+            "  (local images are sent inline, a third larger as base64: send fewer or smaller ones, give URLs, or"
+            " raise the server's MAX_BODY_BYTES)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 class Display(Protocol):

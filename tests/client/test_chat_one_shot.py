@@ -114,6 +114,11 @@ def used_up_key(server: Server) -> str:
         ("no image", "InvalidParameter (HTTP 400): messages[0]: the first user message must carry", 1),
         ("missing file", "llamascope chat: no such file: nothere.png", 2),
         ("no key", "llamascope chat: no API key.", 2),
+        (
+            "over the body limit",
+            "HTTP 413): Exceeded limit on max bytes to request body : 33554432 [request_id",
+            1,
+        ),
     ],
 )
 def test_errors_are_shown_as_the_api_gave_them(
@@ -134,9 +139,15 @@ def test_errors_are_shown_as_the_api_gave_them(
         args[1] = "nothere.png"
     elif case == "no key":
         env = {"DASHSCOPE_API_KEY": ""}
+    elif case == "over the body limit":  # three photos of 8 MB, sent inline: 32 MB of base64
+        big = photo.parent / "big.bin"
+        big.write_bytes(b"\0" * (8 << 20))
+        args = ["-a", str(big), "-a", str(big), "-a", str(big), "What is it?"]
     done = chat(args, server, photo.parent, **env)
     assert done.returncode == status
     assert expected in done.stderr
+    if "HTTP 413" in expected:
+        assert "\n  (local images are sent inline" in done.stderr  # and what to do
     assert "Traceback" not in done.stderr and done.stdout == ""
 
 

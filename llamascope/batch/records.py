@@ -54,12 +54,14 @@ def completion_window(text: str) -> timedelta:
     found = _WINDOW.match(str(text))
     if found is None:
         raise errors.invalid_parameter(
-            f"completion_window {text!r} is not a number of hours or days, such as 24h or 7d."
+            f"Invalid value for 'completion_window': {text!r} is not a number of hours or days, such as 24h or 7d."
         )
     amount = int(found.group(1))
     window = timedelta(hours=amount) if found.group(2) == "h" else timedelta(days=amount)
     if not MIN_WINDOW <= window <= MAX_WINDOW:
-        raise errors.invalid_parameter(f"completion_window {text!r} is outside 24h to 336h (1d to 14d).")
+        raise errors.invalid_parameter(
+            f"Invalid value for 'completion_window': {text!r} is outside 24h to 336h (1d to 14d)."
+        )
     return window
 
 

@@ -55,7 +55,9 @@ class BatchService:
 
     async def upload(self, key_id: int, filename: str, purpose: str, source: BinaryIO) -> FileView:
         if purpose != BATCH:
-            raise errors.invalid_parameter(f"purpose {purpose!r} is not supported here: only 'batch'.")
+            raise errors.invalid_parameter(
+                f"Invalid value for 'purpose': {purpose!r} is not supported here, only 'batch'."
+            )
         file_id = new_file_id()
         size = await asyncio.to_thread(self.files.save, file_id, source)
         view = FileView(file_id, key_id, filename[:255] or "input.jsonl", purpose, size, utcnow())
@@ -92,12 +94,16 @@ class BatchService:
         self, key_id: int, input_file_id: str, endpoint: str, window: str, metadata: dict[str, Any] | None
     ) -> BatchView:
         if endpoint not in ENDPOINTS:
-            raise errors.invalid_parameter(f"endpoint {endpoint!r} is not one of {', '.join(ENDPOINTS)}.")
+            raise errors.invalid_parameter(
+                f"Invalid value for 'endpoint': {endpoint!r} is not one of {', '.join(ENDPOINTS)}."
+            )
         length = completion_window(window)
         _check_metadata(metadata)
         file = await self.file(key_id, input_file_id)
         if file.purpose != BATCH:
-            raise errors.invalid_parameter(f"File {input_file_id} was not uploaded with purpose 'batch'.")
+            raise errors.invalid_parameter(
+                f"Invalid value for 'input_file_id': file {input_file_id} was not uploaded with purpose 'batch'."
+            )
         now = utcnow()
         batch = BatchView(
             id=new_batch_id(),
@@ -155,9 +161,12 @@ def _check_metadata(metadata: dict[str, Any] | None) -> None:
     if metadata is None:
         return
     if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA:
-        raise errors.invalid_parameter(f"metadata is an object of at most {MAX_METADATA} string pairs.")
+        raise errors.invalid_parameter(
+            f"Invalid value for 'metadata': an object of at most {MAX_METADATA} string pairs."
+        )
     for key, value in metadata.items():
         if not isinstance(value, str) or len(key) > 64 or len(value) > 512:
             raise errors.invalid_parameter(
-                f"metadata {json.dumps(key)}: keys are up to 64 characters, values strings up to 512."
+                f"Invalid value for 'metadata': {json.dumps(key)}: keys are up to 64 characters, "
+                "values strings up to 512."
             )

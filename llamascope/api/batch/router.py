@@ -41,12 +41,23 @@ def _key(request: Request) -> int:
     return int(request.state.principal.key.id)
 
 
+def _invalid(exc: ValidationError) -> errors.ServiceError:
+    """The first problem, worded "Invalid value for 'field': ..." so that compatible mode's ``param`` names the
+    field (api.errors reads it from the message)."""
+    first = exc.errors()[0]
+    where = [str(part) for part in first["loc"]]
+    why = "it is required" if first["type"] == "missing" else first["msg"]
+    if not where:  # the body as a whole (not an object)
+        return errors.invalid_parameter(f"The body: {why}")
+    inner = ".".join(where[1:])
+    return errors.invalid_parameter(f"Invalid value for '{where[0]}': {inner + ': ' if inner else ''}{why}")
+
+
 def _query(model: Any, request: Request) -> Any:
     try:
         return model.model_validate(dict(request.query_params))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise errors.invalid_parameter(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise _invalid(exc) from None
 
 
 # -- files ---------------------------------------------------------------------------------------------
@@ -61,7 +72,8 @@ async def upload_file(request: Request) -> JSONResponse:
     try:
         file, purpose = form.get("file"), form.get("purpose")
         if not isinstance(file, UploadFile) or not isinstance(purpose, str):
-            raise errors.invalid_parameter("The upload needs the fields file and purpose.")
+            missing = "purpose" if isinstance(file, UploadFile) else "file"
+            raise errors.invalid_parameter(f"Invalid value for '{missing}': an upload has the fields file and purpose.")
         view = await service.upload(_key(request), file.filename or "", purpose, file.file)
     finally:
         await form.close()
@@ -104,9 +116,7 @@ async def create_batch(request: Request) -> JSONResponse:
     try:
         body = CreateBatch.model_validate(await read_json(request))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(map(str, first["loc"])) or "body"
-        raise errors.invalid_parameter(f"{where}: {first['msg']}") from None
+        raise _invalid(exc) from None
     view = await service.create(_key(request), body.input_file_id, body.endpoint, body.completion_window, body.metadata)
     return JSONResponse(BatchObject.of(view).model_dump())
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -144,13 +145,28 @@ def test_a_model_not_served_fails_the_batch(batch_server: Server) -> None:
     assert [(e.line, e.code) for e in batch.errors.data] == [(1, "model_not_found")]
 
 
-def test_the_create_call_checks_its_fields(batch_server: Server) -> None:
+def test_the_create_call_checks_its_fields_and_param_names_the_one_at_fault(batch_server: Server) -> None:
     client = sdk(batch_server)
     file = client.files.create(file=("input.jsonl", request("a", "hi").encode()), purpose="batch")
-    with pytest.raises(openai.BadRequestError, match="completion_window"):
-        client.batches.create(input_file_id=file.id, endpoint=CHAT, completion_window="1h")  # type: ignore[arg-type]
-    with pytest.raises(openai.BadRequestError, match="endpoint"):
-        client.batches.create(input_file_id=file.id, endpoint="/v1/embeddings", completion_window="24h")
+    wrong: list[tuple[str, dict[str, Any]]] = [
+        ("completion_window", {"completion_window": "1h"}),
+        ("completion_window", {"completion_window": "soon"}),
+        ("endpoint", {"endpoint": "/v1/embeddings"}),
+        ("metadata", {"metadata": {"a": 1}}),
+        ("metadata", {"metadata": {str(i): "x" for i in range(17)}}),
+    ]
+    for field, change in wrong:
+        with pytest.raises(openai.BadRequestError, match=field) as refused:
+            client.batches.create(**{"input_file_id": file.id, "endpoint": CHAT, "completion_window": "24h", **change})
+        assert refused.value.param == field, (change, refused.value.body)
+    # Fields left out (the SDK would not send such a call).
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for field, body in (
+        ("input_file_id", {"endpoint": CHAT, "completion_window": "24h"}),
+        ("completion_window", {"input_file_id": file.id, "endpoint": CHAT}),
+    ):
+        answer = httpx.post(f"{batch_server.base}/compatible-mode/v1/batches", json=body, headers=headers)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == field, answer.text
 
 
 def test_another_key_gets_404_for_a_batch_and_its_files(batch_server: Server) -> None:

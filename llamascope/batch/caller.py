@@ -9,7 +9,8 @@ this one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -37,12 +38,27 @@ def caller_of(scope: Scope) -> BatchCaller | None:
     return value if isinstance(value, BatchCaller) else None
 
 
+@dataclass
+class LineCall:
+    """One line's request as the request path leaves it: its scope's ``state``, where the request id and the
+    reply (what it made, and so what it was charged) are kept; read after a request stopped without an answer."""
+
+    state: dict[str, Any] = field(default_factory=dict)
+    written: bool = False  # its result is being written: a stop now changes nothing
+
+
+# The line a task is running now: set by the runner in the line's own task, read by ``as_key`` in the same task.
+current_line: ContextVar[LineCall | None] = ContextVar("llamascope_batch_line", default=None)
+
+
 def as_key(app: ASGIApp, caller: BatchCaller) -> ASGIApp:
-    """``app``, its requests made as ``caller``."""
+    """``app``, its requests made as ``caller``; a request made for a line (``current_line``) keeps its state there."""
 
     async def call(scope: Scope, receive: Receive, send: Send) -> None:
         extensions = {**(scope.get("extensions") or {}), KEY_EXTENSION: caller}
-        await app({**scope, "extensions": extensions}, receive, send)
+        line = current_line.get()
+        state = line.state if line is not None else scope.get("state", {})
+        await app({**scope, "extensions": extensions, "state": state}, receive, send)
 
     return call
 

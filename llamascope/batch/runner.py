@@ -9,8 +9,17 @@ the API's own, and a refusal is the API's own code and message in the error file
 Fair to interactive traffic: a line's request is made in the engines' ``background``: the in-process engine
 admits it only when no interactive request waits and never counts it in the queue interactive requests are
 refused from (engines/scheduler.py). At most ``in_flight`` lines of a model run at once (through an upstream
-engine, only this bound applies). Lines refused for a while (429, 503, 408) go back to the queue and their
-model pauses a moment. Each line is charged ``price`` of its tokens (the caller's extension carries it).
+engine, only this bound applies). Each line is charged ``price`` of its tokens (the caller's extension carries it).
+
+Limits slow a batch down, never fail it. A key's lines run no more at once than its ``max_concurrent``. A line
+refused for now (a rate limit's 429, 503, 408, or an allowance that running requests hold but have not used up)
+goes back to the queue, as often as it takes, and what refused it pauses: the key for as long as its Retry-After
+says (a held allowance: until one of its lines here ends), the model for a 503 or 408; and the key's lines that
+may run at once are halved (one more comes back at each line that runs). Only the batch's window or a cancel
+ends the wait. An allowance used up or expired is a line's answer.
+
+A line running when its batch is cancelled or expires is stopped; if its request was charged by then, it goes
+to the error file with the usage it was charged for (``response.status_code`` 499), not as a line not run.
 
 Woken by events, not by polling: a batch made or cancelled here (``wake``), a line ended, a step done, a
 pause over. The database is looked at on a timer (``poll_seconds``) only for what no event here tells: batches
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -41,7 +51,7 @@ from llamascope.accounts.access import grant_refusal
 from llamascope.accounts.records import utcnow
 from llamascope.accounts.store import AccountStore
 from llamascope.batch import lines as input_lines
-from llamascope.batch.caller import BatchCaller, as_key
+from llamascope.batch.caller import BatchCaller, LineCall, as_key, current_line
 from llamascope.batch.files import FileStore
 from llamascope.batch.records import (
     BATCH_OUTPUT,
@@ -63,8 +73,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("llamascope.batch")
 
 TRANSIENT = frozenset({408, 429, 503})  # refused for now, not for what the line asks: try it again later
-MAX_REFUSALS = 5  # a line refused so many times in a row ends in the error file with the last refusal
-PAUSE_SECONDS = 1.0  # a model whose line was refused for now takes no new line for this long
+PAUSE_SECONDS = 1.0  # the wait after a refusal for now that gives no Retry-After
+MAX_PAUSE_SECONDS = 3600.0  # the longest Retry-After taken as it is
+ALLOWANCE_CODE = "AllocationQuota.FreeTierOnly"
+STOPPED_STATUS = 499  # a line stopped while running: the status logged for a request its client stopped
 
 
 class Runner:
@@ -96,8 +108,17 @@ class Runner:
         self._clients: dict[int, httpx.AsyncClient] = {}
         self._lines: dict[str, dict[int, asyncio.Task[None]]] = defaultdict(dict)  # batch -> line -> its task
         self._running: dict[str, int] = defaultdict(int)  # model -> lines running here
-        self._paused: dict[str, float] = {}  # model -> monotonic time it may take lines again
-        self._refusals: dict[tuple[str, int], int] = defaultdict(int)
+        self._key_running: dict[int, int] = defaultdict(int)  # key -> lines running here
+        # ("model", name) or ("key", id) -> monotonic time it may take lines again: a model that answered 503
+        # or 408, a key refused by a rate limit (its Retry-After) or by an allowance its running lines hold.
+        self._paused: dict[tuple[str, Any], float] = {}
+        # key -> its lines running here when an allowance they hold refused one: paused until another ends
+        self._held: dict[int, int] = {}
+        # key -> how many of its lines may run here at once: halved at each refusal for now, one more at each
+        # line that ran, up to ``in_flight``; so a limited key's lines do not all knock at once.
+        self._window: dict[int, float] = {}
+        self._limits: dict[int, tuple[float, int | None]] = {}  # key -> (when read, its max_concurrent)
+        self._stopped: dict[str, Status] = {}  # batch -> how it ends, while its running lines are stopped
         self._steps: set[str] = set()  # batches being validated or finalized here
 
     # -- life ----------------------------------------------------------------------------------------
@@ -158,7 +179,7 @@ class Runner:
         for batch in await asyncio.to_thread(repository.with_status, *active):
             stopped = batch.status is Status.CANCELLING or batch.ending is not None
             if stopped:
-                self._stop_lines(batch.id)
+                self._stop_lines(batch.id, batch.ending or Status.CANCELLED)
             elif batch.status is Status.IN_PROGRESS:
                 await self._take(batch)
             if batch.id in self._steps or self._lines.get(batch.id):
@@ -178,19 +199,41 @@ class Runner:
         task.add_done_callback(done)
 
     async def _take(self, batch: BatchView) -> None:
-        """Claim as many of the batch's lines as its model has room for now, and start them."""
-        model = batch.model or ""
-        room = self.in_flight - self._running[model]
-        if room <= 0 or self._paused.get(model, 0) > time.monotonic():
+        """Claim as many of the batch's lines as its model and its key have room for now, and start them."""
+        model, key = batch.model or "", batch.key_id
+        now = time.monotonic()
+        if self._paused.get(("model", model), 0) > now or self._paused.get(("key", key), 0) > now:
+            return
+        window = min(int(self._window.get(key, self.in_flight)), await self._concurrency(key))
+        room = min(self.in_flight - self._running[model], window - self._key_running[key])
+        if room <= 0:
             return
         for line in await asyncio.to_thread(self.repository.claim_lines, batch.id, self.replica_id, room):
             self._running[model] += 1
+            self._key_running[key] += 1
             task = asyncio.create_task(self._line(batch, line))
             self._lines[batch.id][line.number] = task
-            task.add_done_callback(functools.partial(self._ended, batch.id, line.number, model))
+            task.add_done_callback(functools.partial(self._ended, batch.id, line.number, model, key))
 
-    def _ended(self, batch_id: str, number: int, model: str, _: object = None) -> None:
+    async def _concurrency(self, key_id: int) -> int:
+        """How many lines of the key may run here at once: ``in_flight``, or its ``max_concurrent`` if fewer
+        (read again every ``poll_seconds``), so that its lines do not knock on a limit known beforehand."""
+        now = time.monotonic()
+        read_at, limit = self._limits.get(key_id, (-math.inf, None))
+        if now - read_at >= self.poll_seconds:
+            try:
+                limit = (await asyncio.to_thread(self.store.key, key_id)).max_concurrent
+            except LookupError:  # deleted: its lines are refused as such
+                limit = None
+            self._limits[key_id] = now, limit
+        return min(self.in_flight, limit or self.in_flight)
+
+    def _ended(self, batch_id: str, number: int, model: str, key: int, _: object = None) -> None:
         self._running[model] -= 1
+        self._key_running[key] -= 1
+        if key in self._held and self._key_running[key] < self._held[key] - 1:
+            del self._held[key]  # a line other than the refused one ended, releasing its hold: try again now
+            self._paused.pop(("key", key), None)
         lines = self._lines.get(batch_id)
         if lines is not None:
             lines.pop(number, None)
@@ -198,9 +241,12 @@ class Runner:
                 del self._lines[batch_id]
         self.wake()
 
-    def _stop_lines(self, batch_id: str) -> None:
+    def _stop_lines(self, batch_id: str, ending: Status) -> None:
+        """Stop the batch's running lines (cancelled, or its window ended): each is written as stopped."""
+        self._stopped[batch_id] = ending
         for task in self._lines.get(batch_id, {}).values():
-            task.cancel()
+            if not task.cancelling():
+                task.cancel()
 
     # -- a line --------------------------------------------------------------------------------------
 
@@ -219,34 +265,90 @@ class Runner:
 
     async def _line(self, batch: BatchView, line: input_lines.Line) -> None:
         background.set(True)  # this line's task's own context: its request waits behind interactive ones
+        call = LineCall()
+        current_line.set(call)  # as_key keeps the request's state there: what it made, if it is stopped
+        try:
+            await self._send(batch, line)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._stopped_line(batch, line, call))
+            raise
+
+    async def _send(self, batch: BatchView, line: input_lines.Line) -> None:
         try:
             raw = await asyncio.to_thread(self.files.read_range, batch.input_file_id, line.offset, line.length)
             request = json.loads(raw)
             response = await self._client(batch.key_id).post(request["url"], json=request["body"])
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(
-                    asyncio.to_thread(self.repository.release_lines, batch.id, [line.number], self.replica_id)
-                )
             raise
         except Exception as exc:  # the input file gone or changed under the batch
             log.error("batch %s line %d could not be read: %s", batch.id, line.number, exc)
             await self._finish(batch, line, 500, None, {"code": "internal_error", "message": str(exc)}, {})
             return
         status = response.status_code
-        key = (batch.id, line.number)
-        if status in TRANSIENT and (self.stopping() or self._refusals[key] < MAX_REFUSALS):
-            self._refusals[key] += 1
-            self._paused[batch.model or ""] = time.monotonic() + PAUSE_SECONDS
-            await asyncio.to_thread(self.repository.release_lines, batch.id, [line.number], self.replica_id)
-            return
-        self._refusals.pop(key, None)
         try:
             body = response.json()
         except ValueError:
             body = {"message": response.text}
         error = None if status == 200 else error_of(body, status)
+        if error is not None and await self._waits(batch, status, error["code"], response.headers.get("retry-after")):
+            await asyncio.to_thread(self.repository.release_lines, batch.id, [line.number], self.replica_id)
+            return
+        key = batch.key_id
+        self._window[key] = min(float(self.in_flight), self._window.get(key, self.in_flight) + 1)
         await self._finish(batch, line, status, response.headers.get("x-request-id"), error, body)
+
+    async def _waits(self, batch: BatchView, status: int, code: str, retry_after: str | None) -> bool:
+        """Is this refusal one to wait out? Then the line goes back to the queue, and what refused it pauses:
+        the key, for a rate limit (as long as its Retry-After says) or for an allowance held by running
+        requests (until one of its lines here ends); the model, for a 503 or 408. An allowance used up or
+        expired, and every other refusal, is the line's answer."""
+        key, now = batch.key_id, time.monotonic()
+        if status in TRANSIENT:
+            scope = ("key", key) if code.startswith("Throttling.RateQuota") else ("model", batch.model or "")
+            self._pause(scope, now + _seconds(retry_after), key)
+            return True
+        if status == 403 and code == ALLOWANCE_CODE and await asyncio.to_thread(self._allowance_held, batch):
+            self._held[key] = self._key_running[key]
+            self._pause(("key", key), now + PAUSE_SECONDS, key)
+            return True
+        return False
+
+    def _pause(self, scope: tuple[str, Any], until: float, key: int) -> None:
+        self._paused[scope] = max(self._paused.get(scope, 0.0), until)
+        self._window[key] = max(1.0, self._window.get(key, self.in_flight) / 2)
+
+    def _allowance_held(self, batch: BatchView) -> bool:
+        """The key's allowance for the model refuses only for what running requests hold: it would admit a
+        request if nothing were held (not used up, not expired)."""
+        model = batch.model or ""
+        grant = self.store.find_grant(batch.key_id, model, True)
+        return (
+            grant is not None and grant_refusal(model, dataclasses.replace(grant, reserved_tokens=0), utcnow()) is None
+        )
+
+    async def _stopped_line(self, batch: BatchView, line: input_lines.Line, call: LineCall) -> None:
+        """A line stopped before its answer. Stopped by its batch's cancel or window, after its request was
+        charged for tokens: written to the error file with what it made (the charge is the batch price of it).
+        Otherwise (the server stopping, or nothing charged yet): back to the queue, to be run again or reported
+        as not run."""
+        if call.written:
+            return
+        ending = self._stopped.get(batch.id)
+        reply = call.state.get("reply")  # the request path keeps its reply there (api.incoming.open_reply)
+        usage = getattr(reply, "usage", None) if getattr(reply, "admission", None) is not None else None
+        made = (int(usage.input_tokens), int(usage.output_tokens)) if usage is not None else (0, 0)
+        if ending is None or sum(made) == 0:
+            await asyncio.to_thread(self.repository.release_lines, batch.id, [line.number], self.replica_id)
+            return
+        code, why = _ending_words(ending)
+        message = (
+            f"This request was stopped while running: {why}. It was charged for the tokens it had used "
+            "(response.body.usage), at the batch price."
+        )
+        body = {"usage": _usage_body(batch.endpoint, *made)}
+        error = {"code": code, "message": message}
+        await self._finish(batch, line, STOPPED_STATUS, call.state.get("request_id"), error, body)
 
     async def _finish(
         self,
@@ -263,6 +365,8 @@ class Runner:
             "response": {"status_code": status, "request_id": request_id, "body": body},
             "error": error,
         }
+        if (call := current_line.get()) is not None:
+            call.written = True
         input_tokens, output_tokens = _usage(body)
         text = json.dumps(result, ensure_ascii=False, separators=(",", ":"))
         finish = self.repository.finish_line
@@ -312,12 +416,12 @@ class Runner:
         batch = await asyncio.to_thread(self.repository.begin_finalizing, batch_id, self.replica_id)
         if batch is not None:
             await asyncio.to_thread(self._write_results, batch)
+        self._stopped.pop(batch_id, None)
 
     def _write_results(self, batch: BatchView) -> None:
         """The output and error files, streamed from the lines' results in input order; then the batch ends."""
         ending = batch.ending or Status.COMPLETED
-        code = EXPIRED_CODE if ending is Status.EXPIRED else CANCELLED_CODE
-        why = "the batch's completion window ended" if ending is Status.EXPIRED else "the batch was cancelled"
+        code, why = _ending_words(ending)
         not_run = 0
 
         def unrun() -> Iterator[str]:
@@ -357,6 +461,30 @@ def error_of(body: Any, status: int) -> dict[str, Any]:
         inner: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else body
         return {"code": inner.get("code") or str(status), "message": inner.get("message") or ""}
     return {"code": str(status), "message": str(body)}
+
+
+def _ending_words(ending: Status) -> tuple[str, str]:
+    """The error code of a line a batch's end left unfinished, and why, in words."""
+    if ending is Status.EXPIRED:
+        return EXPIRED_CODE, "the batch's completion window ended"
+    return CANCELLED_CODE, "the batch was cancelled"
+
+
+def _seconds(retry_after: str | None) -> float:
+    """A Retry-After in seconds (none, or not a number: ``PAUSE_SECONDS``)."""
+    try:
+        seconds = float(retry_after) if retry_after is not None else PAUSE_SECONDS
+    except ValueError:
+        seconds = PAUSE_SECONDS
+    return min(max(seconds, 0.0), MAX_PAUSE_SECONDS) if math.isfinite(seconds) else PAUSE_SECONDS
+
+
+def _usage_body(endpoint: str, input_tokens: int, output_tokens: int) -> dict[str, int]:
+    """A usage object in the endpoint's own words."""
+    total = input_tokens + output_tokens
+    if endpoint == input_lines.CHAT:
+        return {"prompt_tokens": input_tokens, "completion_tokens": output_tokens, "total_tokens": total}
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": total}
 
 
 def _usage(body: Any) -> tuple[int, int]:

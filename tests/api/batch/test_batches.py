@@ -18,7 +18,7 @@ import pytest
 
 from llamascope.accounts.store import AccountStore
 from llamascope.settings import BUILTIN, BUILTIN_TEXT
-from tests.conftest import API_KEY, OTHER_KEY, SEED_MODEL, TEXT_MODEL, Server, png_bytes, start_server
+from tests.conftest import ADMIN_KEY, API_KEY, OTHER_KEY, SEED_MODEL, TEXT_MODEL, Server, png_bytes, start_server
 
 pytestmark = pytest.mark.server
 CHAT = "/v1/chat/completions"
@@ -191,10 +191,14 @@ def test_another_key_gets_404_for_a_batch_and_its_files(batch_server: Server) ->
         mine.files.retrieve(file.id)
 
 
-def test_cancel_stops_the_batch_and_keeps_what_finished(batch_server: Server) -> None:
-    client = sdk(batch_server)
-    lines = [request(f"r{i}", f"Tell a story number {i}.", max_tokens=400, model=TEXT_MODEL) for i in range(24)]
-    batch = wait(client, submit(client, lines).id, until=lambda b: b.status == "in_progress")
+def test_cancel_stops_the_batch_keeps_what_finished_and_reports_every_charged_token(batch_server: Server) -> None:
+    key, key_id = new_key(batch_server)
+    client = sdk(batch_server, key)
+    # The first line ends soon, while the others run: the cancel comes then.
+    lines = [
+        request(f"r{i}", f"Tell a story number {i}.", max_tokens=400 if i else 8, model=TEXT_MODEL) for i in range(24)
+    ]
+    batch = wait(client, submit(client, lines).id, until=lambda b: b.request_counts.completed >= 1)
     cancelled = client.batches.cancel(batch.id)
     assert cancelled.status in ("cancelling", "cancelled") and cancelled.cancelling_at is not None
     batch = wait(client, batch.id)
@@ -202,12 +206,70 @@ def test_cancel_stops_the_batch_and_keeps_what_finished(batch_server: Server) ->
     output, failed = results(client, batch.output_file_id), results(client, batch.error_file_id)
     ids = [line["custom_id"] for line in output + failed]
     assert sorted(ids) == sorted(f"r{i}" for i in range(24))  # each exactly once
-    assert any(line["error"]["code"] == "batch_cancelled" for line in failed)
+    assert {line["error"]["code"] for line in failed} == {"batch_cancelled"}
     counts = batch.request_counts
     assert (counts.total, counts.completed, counts.completed + counts.failed) == (24, len(output), 24)
+    # Lines running at the cancel were stopped: in the error file with what they made, apart from those not run.
+    stopped = [line for line in failed if line["response"] is not None]
+    assert stopped and all(line["response"]["status_code"] == 499 for line in stopped)
+    assert all("stopped while running" in line["error"]["message"] for line in stopped)
+    assert any(line["response"] is None and "not run" in line["error"]["message"] for line in failed)
+    # Every token charged shows in the files (at the batch price, 0.5) and in the batch's usage.
+    ran = {line["response"]["request_id"]: line["response"]["body"]["usage"] for line in output + stopped}
+    ledger = store_of(batch_server).ledger(key_id)
+    assert {row.request_id for row in ledger} == set(ran)
+    for row in ledger:
+        usage = ran[row.request_id]
+        assert (row.input_tokens, row.output_tokens) == (
+            math.ceil(usage["prompt_tokens"] / 2),
+            math.ceil(usage["completion_tokens"] / 2),
+        )
+    assert batch.usage.input_tokens == sum(usage["prompt_tokens"] for usage in ran.values())
+    assert batch.usage.output_tokens == sum(usage["completion_tokens"] for usage in ran.values())
     assert client.batches.cancel(batch.id).status == "cancelled"  # again: the same answer
     with pytest.raises(openai.ConflictError):  # a completed batch cannot be cancelled
         client.batches.cancel(wait(client, submit(client, [request("x", "hi", model=TEXT_MODEL)]).id).id)
+
+
+def new_key(server: Server, **fields: Any) -> tuple[str, int]:
+    """A key made through the admin API (as `llamascope keys create` makes one), for the text model."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    made = httpx.post(f"{server.base}/admin/keys", json={"model": TEXT_MODEL, **fields}, headers=headers)
+    assert made.status_code == 200, made.text
+    return made.json()["data"]["api_key"], made.json()["data"]["id"]
+
+
+def test_a_rate_limit_slows_a_batch_down_without_failing_a_line(batch_server: Server) -> None:
+    # One request at a time, eight lines: they run one by one, none refused (the key's limit is known), none
+    # failed; a line refused for now (here by an interactive call of the key) would wait and run later.
+    key, key_id = new_key(batch_server, concurrency=1)
+    client = sdk(batch_server, key)
+    batch = wait(client, submit(client, [request(f"r{i}", f"Count to {i}.", model=TEXT_MODEL) for i in range(8)]).id)
+    counts = batch.request_counts
+    assert (batch.status, counts.completed, counts.failed, batch.error_file_id) == ("completed", 8, 0, None)
+    usage = httpx.get(f"{batch_server.base}/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+    assert [row["refusals"] for row in usage["data"] if row["key_id"] == key_id] == [{}]
+
+
+def test_an_allowance_held_by_running_lines_makes_lines_wait_and_one_used_up_fails_them(batch_server: Server) -> None:
+    lines = [request(f"r{i}", "Count to three.", max_tokens=32, model=TEXT_MODEL) for i in range(6)]
+    probe = sdk(batch_server).chat.completions.create(
+        model=TEXT_MODEL, max_tokens=1, messages=[{"role": "user", "content": "Count to three."}]
+    )
+    hold = probe.usage.prompt_tokens + 32  # what a running line holds (at full price): its prompt and max_tokens
+    # Three lines' holds (and a little): the others wait for them, while all six, charged at half, fit in it.
+    key, _ = new_key(batch_server, allowance=3 * hold + 10)
+    client = sdk(batch_server, key)
+    batch = wait(client, submit(client, lines).id)
+    assert (batch.status, batch.request_counts.completed, batch.error_file_id) == ("completed", 6, None), batch
+    # One line's hold: lines run until it is used up; the rest fail, saying so.
+    key, _ = new_key(batch_server, allowance=hold)
+    client = sdk(batch_server, key)
+    batch = wait(client, submit(client, lines).id)
+    failed = results(client, batch.error_file_id)
+    assert batch.status == "completed" and batch.request_counts.completed >= 1 and failed, batch
+    for line in failed:
+        assert line["error"]["code"] == "AllocationQuota.FreeTierOnly" and "used up" in line["error"]["message"]
 
 
 def test_a_server_killed_mid_batch_finishes_it_after_a_restart(

@@ -291,24 +291,24 @@ class Runner:
         except ValueError:
             body = {"message": response.text}
         error = None if status == 200 else error_of(body, status)
-        if error is not None and await self._waits(batch, status, error["code"], response.headers.get("retry-after")):
+        if error is not None and await self._waits(batch, status, error, response.headers.get("retry-after")):
             await asyncio.to_thread(self.repository.release_lines, batch.id, [line.number], self.replica_id)
             return
         key = batch.key_id
         self._window[key] = min(float(self.in_flight), self._window.get(key, self.in_flight) + 1)
         await self._finish(batch, line, status, response.headers.get("x-request-id"), error, body)
 
-    async def _waits(self, batch: BatchView, status: int, code: str, retry_after: str | None) -> bool:
+    async def _waits(self, batch: BatchView, status: int, error: dict[str, Any], retry_after: str | None) -> bool:
         """Is this refusal one to wait out? Then the line goes back to the queue, and what refused it pauses:
         the key, for a rate limit (as long as its Retry-After says) or for an allowance held by running
         requests (until one of its lines here ends); the model, for a 503 or 408. An allowance used up or
         expired, and every other refusal, is the line's answer."""
-        key, now = batch.key_id, time.monotonic()
+        key, now, code = batch.key_id, time.monotonic(), error["code"]
         if status in TRANSIENT:
             scope = ("key", key) if code.startswith("Throttling.RateQuota") else ("model", batch.model or "")
             self._pause(scope, now + _seconds(retry_after), key)
             return True
-        if status == 403 and code == ALLOWANCE_CODE and await asyncio.to_thread(self._allowance_held, batch):
+        if status == 403 and code == ALLOWANCE_CODE and await asyncio.to_thread(self._ask_again, batch, error):
             self._held[key] = self._key_running[key]
             self._pause(("key", key), now + PAUSE_SECONDS, key)
             return True
@@ -318,14 +318,18 @@ class Runner:
         self._paused[scope] = max(self._paused.get(scope, 0.0), until)
         self._window[key] = max(1.0, self._window.get(key, self.in_flight) / 2)
 
-    def _allowance_held(self, batch: BatchView) -> bool:
-        """The key's allowance for the model refuses only for what running requests hold: it would admit a
-        request if nothing were held (not used up, not expired)."""
-        model = batch.model or ""
+    def _ask_again(self, batch: BatchView, error: dict[str, Any]) -> bool:
+        """An allowance refused the line: ask again later if it refuses only for what running requests hold
+        (it would admit a request if nothing were held: not used up, not expired), or if its refusal now is
+        not the one the line got (it changed meanwhile: the line's answer is the refusal as it stands)."""
+        model, now = batch.model or "", utcnow()
         grant = self.store.find_grant(batch.key_id, model, True)
-        return (
-            grant is not None and grant_refusal(model, dataclasses.replace(grant, reserved_tokens=0), utcnow()) is None
-        )
+        if grant is None:
+            return False
+        if grant_refusal(model, dataclasses.replace(grant, reserved_tokens=0), now) is None:
+            return True
+        refusal = grant_refusal(model, grant, now)
+        return refusal is not None and refusal.message != error["message"]
 
     async def _stopped_line(self, batch: BatchView, line: input_lines.Line, call: LineCall) -> None:
         """A line stopped before its answer. Stopped by its batch's cancel or window, after its request was

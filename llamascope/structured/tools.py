@@ -137,9 +137,10 @@ class CallStream:
     while it may be one.
 
     ``push(delta)`` returns the text to send now; ``finish(cut)`` returns the held-back text to send (when it was
-    not a call after all) and the answer (``cut``: the answer ran out of tokens, see ``parse_answer``). A forced call (``forced``) is always held back and always calls. The
-    calls go out whole, one delta each: ``ToolCall.to_openai(index)``, which the OpenAI SDKs and DashScope's
-    incremental mode join as they do any ``tool_calls`` delta.
+    not a call after all) and the answer (``cut``: the answer ran out of tokens, see ``parse_answer``). A forced
+    call (``forced``) is always held back and always calls. The calls go out whole, one delta each:
+    ``ToolCall.to_openai(index)``, which the OpenAI SDKs and DashScope's incremental mode join as they do any
+    ``tool_calls`` delta.
     """
 
     def __init__(self, tools: Iterable[Tool], forced: bool = False) -> None:

@@ -164,6 +164,30 @@ def test_openai_refusals_name_the_field(client: openai.OpenAI, fields: dict, tex
         assert body["param"] == ("messages" if named.startswith("'messages'") else named), body
 
 
+LEGACY = {"name": "get_weather", "parameters": WEATHER_PARAMETERS}
+
+
+@pytest.mark.parametrize(
+    ("fields", "named", "instead"),
+    [
+        ({"functions": [LEGACY]}, "functions", "tools"),
+        ({"function_call": {"name": "get_weather"}}, "function_call", "tool_choice"),
+    ],
+    ids=["functions", "function_call"],
+)
+def test_native_apis_refuse_legacy_function_fields(server: Server, fields: dict, named: str, instead: str) -> None:
+    """As compatible mode does: answering as if they were heard would make no call and say nothing."""
+    for path, messages in ((NATIVE, native_messages()), (TEXT, [{"role": "user", "content": "Weather?"}])):
+        parameters = {"max_tokens": 4, "result_format": "message", **fields}
+        r = post(server, path, {"model": SEED_MODEL, "input": {"messages": messages}, "parameters": parameters})
+        assert r.status_code == 400 and r.json()["code"] == "InvalidParameter", r.text
+        assert f"parameters.{named}" in r.json()["message"] and f"parameters.{instead}" in r.json()["message"]
+    if named == "function_call":  # "none" asks nothing: taken, as in compatible mode
+        parameters["function_call"] = "none"
+        r = post(server, TEXT, {"model": SEED_MODEL, "input": {"messages": messages}, "parameters": parameters})
+        assert r.status_code == 200, r.text
+
+
 def test_tool_messages_must_answer_a_call(server: Server, client: openai.OpenAI) -> None:
     orphan = {"role": "tool", "content": "22 degrees", "tool_call_id": "call_1"}
     with pytest.raises(openai.BadRequestError) as bad:

@@ -334,7 +334,8 @@ class ConversationService:
         return await engine.prepare(draft.with_images([images[r] for r in refs]), output)  # type: ignore[misc]
 
 
-_OUTPUT_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls")  # read_request's
+# read_request's (the legacy functions and function_call to be refused)
+_OUTPUT_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")
 
 
 def output_spec(parameters: Any, draft: Draft, endpoint: Endpoint) -> OutputSpec | None:

@@ -146,3 +146,47 @@ def test_no_engine_reachable_is_503_worth_retrying() -> None:
         asyncio.run(ask([None, None]))
     assert (gone.value.status, gone.value.code) == (503, "ServiceUnavailable")
     assert gone.value.headers["x-should-retry"] == "true"
+
+
+def test_an_answer_that_breaks_the_schema_asked_for_is_not_passed_on(tmp_path) -> None:
+    """Through the conversation service: the engine answers prose to a json_schema request (an engine without
+    guided decoding): an error, not an answer that ends with "stop"; a valid one passes."""
+    from llamascope.accounts import admin
+    from llamascope.accounts.admission import Accounts
+    from llamascope.accounts.store import AccountStore
+    from llamascope.conversation.service import ConversationService, Endpoint
+    from llamascope.images.decode import DecodeLimits
+    from llamascope.images.intake import ImageIntake
+    from llamascope.images.source import FetchPolicy
+    from tests.conftest import API_KEY
+
+    store = AccountStore(f"sqlite:///{tmp_path / 'accounts.db'}")
+    store.migrate()
+    admin.seed_keys(store, [API_KEY])
+    accounts = Accounts(store)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    parameters = {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}
+
+    async def answer(text: str) -> str:
+        done = event({"content": text}, "stop") + b"data: [DONE]\n\n"
+        served = engine(answer_with(done))
+        gateway = UpstreamEngine.create([await anext(served)], "stub", None, 8192)
+        service = ConversationService({"stub": gateway}, ImageIntake(FetchPolicy(), DecodeLimits()), accounts)
+        try:
+            principal = await accounts.authenticate(f"Bearer {API_KEY}")
+            messages = [{"role": "user", "content": "How many? Answer in JSON."}]
+            reply = await service.open(principal, "r", "stub", messages, parameters, endpoint=Endpoint.CHAT)
+            return await reply.complete()
+        finally:
+            await gateway.close()
+            service.intake.close()
+            await served.aclose()
+
+    try:
+        assert asyncio.run(answer('{"n": 3}')) == '{"n": 3}'
+        with pytest.raises(errors.ServiceError) as broken:
+            asyncio.run(answer("There are three."))
+        assert (broken.value.status, broken.value.code) == (500, "InternalError.Algo")
+        assert "not what the request asked for: its answer is not JSON" in broken.value.message
+    finally:
+        accounts.close()

@@ -53,6 +53,13 @@ class ModelSpec(BaseModel):
     )
     upstream_model: str | None = Field(None, description="the model name the upstreams know (default: this name)")
     upstream_api_key: str | None = Field(None, description="the Bearer key the upstreams ask for")
+    upstream_timeout: float = Field(
+        300.0,
+        gt=0,
+        description="seconds an upstream may send nothing (before its answer's first byte, or between two) before "
+        "the request is given up on it: the next upstream, else 408 RequestTimeOut; an answer that keeps coming "
+        "is never cut",
+    )
     upstream_tokenizer: str | None = Field(
         None,
         description="a local directory with the upstream model's tokenizer: prompts are counted here, not asked "

@@ -56,9 +56,12 @@ class ModelList(BaseModel):
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """Up, and each served model's load (shared engines are listed under each of their names)."""
+    """Up, and each served model's load (shared engines are listed under each of their names). "degraded" (still
+    200: this server answers, and says why it cannot) while a model has upstream engines and none is healthy."""
     service: ConversationService = request.app.state.service
-    return JSONResponse({"status": "ok", "models": {name: e.stats() for name, e in service.engines.items()}})
+    models = {name: e.stats() for name, e in service.engines.items()}
+    degraded = any(stats.get("healthy_upstreams") == 0 for stats in models.values())
+    return JSONResponse({"status": "degraded" if degraded else "ok", "models": models})
 
 
 @router.get("/metrics")

@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 PASSED_ON = ("http://", "https://", "data:", "oss://")
+# The files behind the data: URIs made here, as the user named them: what ``describe`` shows (a chat's images
+# are told apart by their names, not by their types).
+_NAMES: dict[str, str] = {}
 
 
 def media_type(data: bytes, name: str = "") -> str:
@@ -65,13 +68,17 @@ def image_reference(value: str, stdin: BinaryIO | None = None) -> str:
         raise OSError(f"a directory, not an image: {value}") from None
     except OSError as exc:
         raise OSError(f"cannot read {value}: {exc.strerror or exc}") from None
-    return data_uri(data, path.name)
+    uri = data_uri(data, path.name)
+    _NAMES[uri] = value
+    return uri
 
 
 def describe(reference: str) -> str:
-    """A short, printable name for an image reference (a data: URI is not shown whole)."""
+    """A short, printable name for an image reference (a data: URI is not shown whole, but its file's name is)."""
     if reference.startswith("data:"):
-        header = reference.split(",", 1)[0]
-        size = len(reference) * 3 // 4 // 1024
-        return f"{header} (about {size} KB)"
+        header, _, payload = reference.partition(",")
+        data_bytes = len(payload) * 3 // 4 - payload[-2:].count("=")
+        size = -(-data_bytes // 1024)  # rounded up: a small image is "about 1 KB", not 0
+        name = _NAMES.get(reference)
+        return f"{header} (about {size} KB)" + (f" from {name}" if name else "")
     return reference

@@ -30,6 +30,7 @@ from llamascope.images.intake import ImageIntake
 from llamascope.images.source import ANONYMOUS, SourceContext
 from llamascope.observability.facts import Generation
 from llamascope.observability.request import TokenWatch
+from llamascope.structured.conformance import breach
 from llamascope.structured.spec import OutputSpec, read_request
 from llamascope.structured.tools import ToolCall
 
@@ -163,6 +164,7 @@ class Reply:
         stop = StopText(self.options.stop)
         chunks = self.engine.generate(self.prompt, self.options.sampling)
         finish: FinishReason | None = None
+        engine_finish: FinishReason | None = None  # the engine's own end (not one of the request's stop words)
         delta = ""
         tokens = TokenWatch(self.model)  # time to first token, between tokens
         sent = 0  # logprobs already in an event
@@ -184,7 +186,7 @@ class Reply:
                     self.text += delta
                     break
                 if chunk.finish_reason is not None:
-                    finish = chunk.finish_reason
+                    finish = engine_finish = chunk.finish_reason
                     self.tool_calls = list(chunk.tool_calls or ())
                     delta += stop.flush()
                     self.text += delta
@@ -204,6 +206,17 @@ class Reply:
         if finish is None or finish == FinishReason.CANCELLED:
             # Only reached when the engine itself gave up; a caller that left never gets here.
             raise errors.internal_error()
+        output = self.prompt.output
+        if output is not None and engine_finish in _WHOLE and self.engine.info.kind == "upstream":
+            # An upstream engine may ignore the shape asked of it (the in-process one cannot): never passed on as kept
+            problem = breach(output, self.text, self.tool_calls)
+            if problem:
+                log.warning("the engine of model %s broke the shape asked of its answer: %s", self.model, problem)
+                raise errors.ServiceError(
+                    500,
+                    "InternalError.Algo",
+                    f"The model engine's answer is not what the request asked for: {problem}.",
+                )
         self.finish_reason = finish
         await self._checkpointed()
         yield Event(delta, self.text, self.usage, finish, self.logprobs[sent:], self.tool_calls)
@@ -334,7 +347,9 @@ class ConversationService:
         return await engine.prepare(draft.with_images([images[r] for r in refs]), output)  # type: ignore[misc]
 
 
-_OUTPUT_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls")  # read_request's
+# read_request's (the legacy functions and function_call to be refused)
+_WHOLE = (FinishReason.STOP, FinishReason.TOOL_CALLS)  # answers that end as the model meant them to
+_OUTPUT_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")
 
 
 def output_spec(parameters: Any, draft: Draft, endpoint: Endpoint) -> OutputSpec | None:

@@ -105,7 +105,7 @@ class Chunk:
     input_tokens: int | None = None  # the prompt's true count, when the engine learns it only now
     logprobs: list[TokenLogprob] | None = None  # the tokens of this chunk, when the request asked for them
     cached_tokens: int | None = None  # prompt tokens whose keys and values were reused, not computed (first chunk)
-    tool_calls: list[ToolCall] | None = None  # the last chunk of an answer that calls tools (FinishReason.TOOL_CALLS)
+    tool_calls: list[ToolCall] | None = None  # the last chunk of an answer that calls tools (or was cut calling)
     # The engine holds its next chunk already (the rest of a burst): the caller may write this one together with
     # it. False whenever the next must be waited for, so that a token made alone goes out alone, at once.
     next_ready: bool = False

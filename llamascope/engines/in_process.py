@@ -379,11 +379,13 @@ class InProcessEngine(ABC):
                     last = text.add([], final=True)
                     if calls is not None and message is not FinishReason.CANCELLED:
                         last = calls.push(last)
-                        held, answer = calls.finish()
-                        if answer.calls:
-                            yield Chunk("", produced, FinishReason.TOOL_CALLS, tool_calls=list(answer.calls))
+                        cut = message is FinishReason.LENGTH
+                        held, answer = calls.finish(cut)
+                        if answer.is_calls:  # cut short: its whole calls, "length" (never the raw format as text)
+                            reason = message if cut else FinishReason.TOOL_CALLS
+                            yield Chunk("", produced, reason, tool_calls=list(answer.calls) or None)
                             return
-                        last += held  # not a call after all (or a forced one cut short): its text
+                        last += held  # not a call after all: its text
                     yield Chunk(last, produced, message)
                     return
         finally:

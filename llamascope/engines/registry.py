@@ -39,6 +39,7 @@ class UpstreamModel:
     context_length: int = 8192
     tokenizer: str | None = None  # a local tokenizer directory, to count prompts without asking the engine
     chat_template: str | None = None
+    silence: float = 300.0  # seconds an engine may send nothing before its answer is given up (upstream_timeout)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def load_engines(
 
                 counter = PromptCounter.load(model.tokenizer, model.chat_template)
             engines[name] = UpstreamEngine.create(
-                list(model.upstreams), model.model, model.api_key, model.context_length, counter
+                list(model.upstreams), model.model, model.api_key, model.context_length, counter, model.silence
             )
         else:
             engines[name] = _load_in_process(name, model, runtime, loaded, progress)

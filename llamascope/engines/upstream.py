@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import io
 import json
 import logging
@@ -65,9 +66,11 @@ MAX_SENT_PIXELS = 4 * 560 * 560
 MAX_SENT_SIDE = 2240
 # Counting a prompt is quick; an engine that takes longer is counted by estimate instead.
 TOKENIZE_TIMEOUT = 10.0  # seconds
-# A streamed answer, from the request's start to its end.
-ANSWER_TIMEOUT = 300.0
+# How long an engine may send nothing, before its answer's first byte or between two: then the request is
+# given up on it (the next upstream, else 408). Long answers that keep coming are never cut.
+ANSWER_SILENCE = 300.0  # seconds, unless the model's upstream_timeout says otherwise
 HEALTH_TIMEOUT = 3.0
+MAX_ANSWER_BYTES = 16 << 20  # a whole (not streamed) answer, at most
 
 
 class CountsPrompts(Protocol):
@@ -108,6 +111,7 @@ class UpstreamEngine:
     api_key: str | None = None
     # The model's tokenizer, from a local directory: the prompt's exact count without asking the engine.
     tokenizer: CountsPrompts | None = None
+    silence: float = ANSWER_SILENCE  # seconds an engine may send nothing before its answer is given up
     _client: Client | None = field(default=None, repr=False)
     # Re-encoded images by content hash, the last 64: a conversation re-sends its image every turn.
     _uris: SizedLRU[str, str] = field(default_factory=lambda: SizedLRU(64, lambda _: 1), repr=False)
@@ -121,16 +125,18 @@ class UpstreamEngine:
         api_key: str | None,
         context_length: int,
         counter: CountsPrompts | None = None,
+        silence: float = ANSWER_SILENCE,
     ) -> UpstreamEngine:
         """``counter``: the model's tokenizer (``engines.prompt_counter``), else the engine counts."""
         info = EngineInfo(kind="upstream", source=",".join(urls), context_length=context_length)
-        return cls([Upstream(u.rstrip("/")) for u in urls], model, info, api_key, counter)
+        return cls([Upstream(u.rstrip("/")) for u in urls], model, info, api_key, counter, silence)
 
     @property
     def client(self) -> Client:
         if self._client is None:
             self._client = Client({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})
-            self._health = asyncio.get_running_loop().create_task(self._check_health())
+            # Made by the first request that needs it: in a context of its own, not that request's (its id in logs)
+            self._health = asyncio.get_running_loop().create_task(self._check_health(), context=contextvars.Context())
         return self._client
 
     # -- the Engine protocol ------------------------------------------------
@@ -251,6 +257,7 @@ class UpstreamEngine:
     async def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:
         body = self._body(prompt, sampling)
         tried: set[str] = set()
+        kinds: set[str] = set()  # how the upstreams tried failed: "timeout", "unreachable", "engine"
         while True:
             upstream = self._pick(tried)
             tried.add(upstream.url)
@@ -267,10 +274,9 @@ class UpstreamEngine:
                 return
             except _UpstreamFailed as failure:
                 self._mark_failed(upstream, str(failure))
+                kinds.add(failure.kind)
                 if started or len(tried) >= len(self.upstreams):
-                    raise errors.ServiceError(
-                        500, "InternalError.Algo", "The model engine failed; please try again later."
-                    ) from None
+                    raise _refusal(kinds if not started else {failure.kind}) from None
                 upstream_failover(upstream.url)
                 log.warning("upstream %s failed before its first token; trying another", upstream.url)
             finally:
@@ -328,27 +334,38 @@ class UpstreamEngine:
         finish: FinishReason | None = None
         input_tokens: int | None = None
         calls = _CallDeltas()
+        ended = False  # the engine said its answer is complete: a finish reason, or [DONE]
         try:
             url = upstream.url + "/chat/completions"
-            async with self.client.request("POST", url, ANSWER_TIMEOUT, json.dumps(body).encode(), headers) as response:
+            request = self.client.request("POST", url, self.silence, json.dumps(body).encode(), headers, silence=True)
+            async with request as response:
                 if response.status >= 500:
                     raise _UpstreamFailed(f"HTTP {response.status}")
                 if response.status != 200:
                     raise _client_error(response.status, (await response.read()).decode(errors="replace"))
+                if response.content_type == "application/json":  # an engine that does not stream: the whole answer
+                    reads: AsyncIterator[bytes] = _as_event(await response.read(MAX_ANSWER_BYTES))
+                elif response.content_type in ("text/event-stream", ""):
+                    reads = response
+                else:  # an error page of something between, or not an engine
+                    raise _UpstreamFailed(f"it answered {response.content_type}, not an event stream")
                 pending = b""
                 # Read to the end (so the connection goes back to the pool). The deltas of one network read
                 # become one chunk: when the upstream is faster than the client, fewer, larger events.
-                async for data in response:
+                async for data in reads:
                     *lines, pending = (pending + data).split(b"\n")
                     text = ""
+                    payloads = []
+                    for line in lines:
+                        if line.startswith(b"data:"):
+                            if (payload := line[5:]).strip() == b"[DONE]":
+                                ended = True
+                            else:
+                                payloads.append(payload)
                     # The events of one read parsed as one JSON array: one parse, not one per event.
-                    payloads = [
-                        p for line in lines if line.startswith(b"data:") and (p := line[5:]).strip() != b"[DONE]"
-                    ]
                     for event in json.loads(b"[" + b",".join(payloads) + b"]") if payloads else ():
                         if "error" in event:
-                            failed = str(event["error"])[:200]
-                            raise _UpstreamFailed(failed) if pieces == 0 else errors.internal_error()
+                            raise _UpstreamFailed(str(event["error"])[:200])
                         usage = event.get("usage")
                         if usage:
                             input_tokens = _count(usage.get("prompt_tokens"), input_tokens)
@@ -362,10 +379,18 @@ class UpstreamEngine:
                                 pieces += calls.add(delta["tool_calls"])
                             if choice.get("finish_reason"):
                                 finish = _FINISH.get(choice["finish_reason"], FinishReason.STOP)
+                                ended = True
                     if text:  # the upstream's answer all here already (its end read): what follows comes at once
                         yield Chunk(text, reported or pieces, next_ready=response.at_end)
-        except (TransportError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
-            raise _UpstreamFailed(type(exc).__name__) from None
+        except asyncio.TimeoutError:
+            raise _UpstreamFailed(f"nothing from it for {self.silence:g} s", "timeout") from None
+        except TransportError as exc:
+            kind = "engine" if pieces or finish else "unreachable"  # broken off in its answer, or never reached
+            raise _UpstreamFailed(str(exc), kind) from None
+        except (json.JSONDecodeError, AttributeError, TypeError) as exc:  # not OpenAI's events
+            raise _UpstreamFailed(f"its answer is not OpenAI's chat events: {type(exc).__name__}") from None
+        if not ended:  # the stream stopped short of its end (a crash, a proxy's cut), or held no events at all
+            raise _UpstreamFailed("its answer ended before its finish reason or [DONE]")
         upstream.failures = 0
         made = calls.calls()
         if made:  # the answer is calls, whatever reason the engine gave (some say "stop")
@@ -451,7 +476,32 @@ def _count_in(text: str) -> int | None:
 
 
 class _UpstreamFailed(Exception):
-    """The upstream failed in a way another upstream might not."""
+    """The upstream failed in a way another upstream might not: as an ``engine`` (an error, a broken answer), by
+    ``timeout`` (silent too long), or ``unreachable`` (no connection)."""
+
+    def __init__(self, why: str, kind: str = "engine") -> None:
+        super().__init__(why)
+        self.kind = kind
+
+
+def _refusal(kinds: set[str]) -> errors.ServiceError:
+    """What the client is told when the upstreams tried all failed: the wire spec's timeout (408) when they were
+    silent, 503 (worth a retry) when none could be reached, else the engine's failure (500)."""
+    if kinds == {"timeout"}:
+        return errors.ServiceError(408, "RequestTimeOut", "Request timed out, please try again later.")
+    if kinds == {"unreachable"}:
+        return errors.ServiceError(
+            503,
+            "ServiceUnavailable",
+            "No model engine could be reached; please try again later.",
+            {"x-should-retry": "true", "retry-after": "1"},
+        )
+    return errors.ServiceError(500, "InternalError.Algo", "The model engine failed; please try again later.")
+
+
+async def _as_event(body: bytes) -> AsyncIterator[bytes]:
+    """A whole JSON answer (``chat.completion``) as the one event of a stream that ends with it."""
+    yield b"data: " + body.replace(b"\n", b" ") + b"\n\ndata: [DONE]\n"
 
 
 def _client_error(status: int, text: str) -> errors.ServiceError:

@@ -14,8 +14,10 @@ of CPU, a fifth of the gateway's budget of 1 ms a request (issue 29), and about 
   (its failure goes to the engine's failover);
 - bodies framed by Content-Length, chunked, or by the connection's end, parsed by httptools (the parser
   uvicorn serves with); gzip and deflate bodies are decoded, though none is asked for;
-- a deadline per request (connecting included) that ends it with ``asyncio.TimeoutError``, and back
-  pressure: a reader slower than the engine stops reading from its socket, so its buffer stays bounded;
+- a deadline per request (connecting included) that ends it with ``asyncio.TimeoutError``: for the whole
+  request, or (``silence=True``, a streamed answer, however long) for the engine's silence before its head
+  and between two reads; and back pressure: a reader slower than the engine stops reading from its socket,
+  so its buffer stays bounded;
 - a response left before its end closes its connection, so the engine sees the hang-up and stops; interim
   (1xx) responses are skipped, and bytes from an idle connection end it.
 
@@ -97,6 +99,9 @@ class _Connection(asyncio.Protocol):
         self.lost = False
         self.busy = False  # a request sent and its response not yet given back: bytes now belong to it
         self.idle_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None  # the request's deadline
+        self.silence: float | None = None  # seconds the engine may be silent (None: the deadline is the request's)
+        self.last_heard = 0.0
         self._waiter: asyncio.Future[None] | None = None
         self.reset()
 
@@ -109,6 +114,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.framed = False  # Content-Length or chunked: the body's end is in the bytes, not the connection's
         self.encoding = b""
+        self.content_type = b""
         self.pieces: list[bytes] = []
         self.buffered = 0
         self.paused = False
@@ -130,6 +136,7 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self.received = True
+        self.last_heard = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -148,11 +155,14 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.framed = False
         self.encoding = b""
+        self.content_type = b""
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if name == b"content-encoding":
             self.encoding = value.strip().lower()
+        elif name == b"content-type":
+            self.content_type = value.partition(b";")[0].strip().lower()
         elif name in (b"content-length", b"transfer-encoding"):
             self.framed = True
 
@@ -184,6 +194,25 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     # -- for the pool and the response --
+
+    def arm(self, deadline: float, silence: float | None) -> None:
+        """End the response with ``asyncio.TimeoutError`` at ``deadline``, or (``silence``) once the engine has
+        sent nothing for that many seconds: the timer moves on to the last byte's time plus ``silence`` when it
+        fires (one timer a request, not one a read)."""
+        self.silence, self.last_heard = silence, self.loop.time()
+        self.timer = self.loop.call_at(deadline, self._time_out)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _time_out(self) -> None:
+        if self.silence is not None and (heard_until := self.last_heard + self.silence) > self.loop.time():
+            self.timer = self.loop.call_at(heard_until, self._time_out)
+            return
+        self.timer = None
+        self.fail(asyncio.TimeoutError())
 
     def fail(self, error: BaseException) -> None:
         """End the response being read with ``error`` (unless it has ended) and close the connection."""
@@ -241,6 +270,7 @@ class Response:
     def __init__(self, connection: _Connection) -> None:
         self._connection = connection
         self.status = connection.status
+        self.content_type = connection.content_type.decode("latin-1")  # lower case, without its parameters
         encoding = connection.encoding
         self._decoder: Any = None
         if encoding in (b"gzip", b"x-gzip"):
@@ -313,9 +343,11 @@ class Client:
         timeout: float,
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        silence: bool = False,
     ) -> AsyncIterator[Response]:
         """Send a request; the response once its head has arrived. Raises ``TransportError`` where the engine
-        cannot be reached or breaks off, ``asyncio.TimeoutError`` past ``timeout`` seconds (whole request)."""
+        cannot be reached or breaks off, ``asyncio.TimeoutError`` past ``timeout`` seconds: of the whole request,
+        or with ``silence`` of the engine sending nothing (connecting included)."""
         target = self._targets.get(url)
         if target is None:
             target = self._targets[url] = _target(url)
@@ -328,19 +360,19 @@ class Client:
             connection, kept = await self._connection(target.origin, loop, deadline)
             transport = connection.transport
             assert transport is not None  # connected
-            timer = loop.call_at(deadline, connection.fail, asyncio.TimeoutError())
+            connection.arm(deadline, timeout if silence else None)
             connection.busy = True
             try:
                 transport.write(message)
                 while not connection.headers_done and connection.error is None:
                     await connection.wait()
             except BaseException:  # cancelled
-                timer.cancel()
+                connection.disarm()
                 transport.close()
                 raise
             if connection.error is None:
                 break
-            timer.cancel()
+            connection.disarm()
             error = connection.error
             # A kept connection the engine closed as the request went out (its idle timeout, a restart): a GET is
             # sent once more, on a new connection (those kept beside it are likely closed too). Not a POST: the
@@ -353,7 +385,7 @@ class Client:
         try:
             yield Response(connection)
         finally:
-            timer.cancel()
+            connection.disarm()
             idle = self._idle.setdefault(target.origin, [])
             if connection.reusable() and len(idle) < MAX_IDLE_PER_ORIGIN and not self._closed:
                 connection.reset()

@@ -42,7 +42,8 @@ reached (its mask would otherwise allow only the held-back stop tokens). The fir
 masked the same way.
 
 Answer: with ``spec.calls_tools``, ``parse_answer(text, spec.tools)``: calls replace the text, ``finish_reason``
-becomes "tool_calls" (a forced call cut by ``length`` stays text with "length"). Streaming: ``CallStream(tools,
+becomes "tool_calls"; an answer of calls cut by ``length`` keeps its whole calls, drops the one cut and
+stays "length" (``parse_answer(..., cut=True)``), never the raw format as text. Streaming: ``CallStream(tools,
 forced=spec.forces_tool_call)``: each ``push(delta)`` returns the text to send; ``finish()`` returns the held-back
 text and the calls, sent as one delta each: OpenAI ``choices[0].delta.tool_calls = [call.to_openai(index=i)]``;
 DashScope incremental the same under ``output.choices[0].message.tool_calls``, cumulative the full list. JSON

@@ -192,14 +192,24 @@ def read_request(
     tools: Any = None,
     tool_choice: Any = None,
     parallel_tool_calls: Any = None,
+    functions: Any = None,
+    function_call: Any = None,
     message_texts: Iterable[str] = (),
     prefix: str = "",
 ) -> OutputSpec:
     """The checked ``OutputSpec`` of a request's fields (each None when absent).
 
     ``message_texts`` are the texts of the request's messages (for ``json_object``'s "json" rule); ``prefix``
-    goes before field names in messages ("parameters." for DashScope's native body).
+    goes before field names in messages ("parameters." for DashScope's native body). OpenAI's legacy
+    ``functions`` and ``function_call`` are refused for ``tools`` and ``tool_choice``: answering as if they were
+    heard (no call ever made) would mislead.
     """
+    legacy = "functions" if functions else "function_call" if function_call not in (None, "none") else None
+    if legacy is not None:  # (no functions, or function_call "none", asks nothing: as in compatible mode)
+        instead = "tools" if legacy == "functions" else "tool_choice"
+        raise invalid_parameter(
+            f"Parameter {prefix}{legacy}: the deprecated function calls are not supported; use {prefix}{instead}."
+        )
     fmt = _response_format(response_format, prefix)
     if fmt.type == "json_object" and not any("json" in text.lower() for text in message_texts):
         raise invalid_parameter(

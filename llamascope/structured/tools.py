@@ -3,13 +3,15 @@
 The model calls a function by answering ``{"name": "get_weather", "parameters": {"city": "Hangzhou"}}`` (Meta's
 prompt format for JSON-based tool calling, which Llama 3.2 Vision shares); with parallel calls, several such
 objects separated by ";" (as vLLM's ``llama3_json`` parser reads them). ``parse_answer`` splits an answer into
-text and OpenAI-shaped calls; ``CallStream`` does it for a streamed answer; ``tools_prompt``, ``call_text`` and
+text and OpenAI-shaped calls (an answer cut short keeps its whole calls and drops the one cut); ``CallStream`` does
+it for a streamed answer; ``tools_prompt``, ``call_text`` and
 ``TOOL_RESULT_ROLE`` say how tools, calls and results go into the chat template.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -43,22 +45,40 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class Answer:
-    """An answer read for tool calls: either ``calls`` (and no text) or ``text``."""
+    """An answer read for tool calls: either calls (``calls``, no text) or ``text``.
+
+    ``cut``: the answer was calls but was cut short (by ``max_tokens``) in the middle of one; that call's
+    arguments are not JSON yet, so it is dropped and ``calls`` holds those before it (maybe none).
+    """
 
     text: str
     calls: tuple[ToolCall, ...] = ()
+    cut: bool = False
+
+    @property
+    def is_calls(self) -> bool:
+        """Whether the answer is tool calls (then it has no text), whole or cut short."""
+        return bool(self.calls) or self.cut
 
     @property
     def finish_reason(self) -> str | None:
-        """ "tool_calls" when the answer is calls; otherwise the engine's own reason stands."""
-        return "tool_calls" if self.calls else None
+        """ "tool_calls" when the answer is calls, none cut; otherwise the engine's own reason stands."""
+        return "tool_calls" if self.calls and not self.cut else None
 
 
-def parse_answer(text: str, tools: Iterable[Tool]) -> Answer:
+# How a call begins, up to its function's name (and the quote closing it, if it came).
+_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"([^"]*)(")?')
+# What is shorter than that: a prefix of '{"name": "'.
+_SHORT_HEAD = re.compile(r'\{\s*(?:"(?:n(?:a(?:m(?:e(?:"\s*(?::\s*)?)?)?)?)?)?)?')
+
+
+def parse_answer(text: str, tools: Iterable[Tool], *, cut: bool = False) -> Answer:
     """The tool calls in ``text`` if it is nothing but calls of known tools, else ``text`` as it is.
 
     Like vLLM's ``llama3_json`` parser: the answer (after an optional ``<|python_tag|>``) is one JSON object or
-    several separated by ";", each with a "name" and its "parameters" (or "arguments") as an object.
+    several separated by ";", each with a "name" and its "parameters" (or "arguments") as an object. With
+    ``cut`` (the answer ran out of tokens), the last of them may be the beginning of a call of a known tool: the
+    answer is then the calls before it, ``Answer.cut``.
     """
     names = {t.name for t in tools}
     body = text.strip()
@@ -73,6 +93,8 @@ def parse_answer(text: str, tools: Iterable[Tool]) -> Answer:
         try:
             value, at = decoder.raw_decode(body, at)
         except json.JSONDecodeError:
+            if cut and _begins_call(body[at:], names):
+                return Answer("", tuple(calls), cut=True)
             return Answer(text)
         call = _call(value, names)
         if call is None:
@@ -84,6 +106,15 @@ def parse_answer(text: str, tools: Iterable[Tool]) -> Answer:
                 return Answer(text)
             at = _skip(body, at + 1)
     return Answer("", tuple(calls))
+
+
+def _begins_call(text: str, names: set[str]) -> bool:
+    """Whether ``text`` (not yet JSON) may be the beginning of a call of one of the functions ``names``."""
+    head = _CALL_HEAD.match(text)
+    if head is None:
+        return _SHORT_HEAD.fullmatch(text) is not None
+    name, closed = head.groups()
+    return name in names if closed else any(n.startswith(name) for n in names)
 
 
 def _call(value: Any, names: set[str]) -> ToolCall | None:
@@ -105,10 +136,11 @@ class CallStream:
     """A streamed answer that may be tool calls: text is let through as soon as it cannot be a call, held back
     while it may be one.
 
-    ``push(delta)`` returns the text to send now; ``finish()`` returns the held-back text to send (when it was
-    not a call after all) and the calls. A forced call (``forced``) is always held back and always calls. The
-    calls go out whole, one delta each: ``ToolCall.to_openai(index)``, which the OpenAI SDKs and DashScope's
-    incremental mode join as they do any ``tool_calls`` delta.
+    ``push(delta)`` returns the text to send now; ``finish(cut)`` returns the held-back text to send (when it was
+    not a call after all) and the answer (``cut``: the answer ran out of tokens, see ``parse_answer``). A forced
+    call (``forced``) is always held back and always calls. The calls go out whole, one delta each:
+    ``ToolCall.to_openai(index)``, which the OpenAI SDKs and DashScope's incremental mode join as they do any
+    ``tool_calls`` delta.
     """
 
     def __init__(self, tools: Iterable[Tool], forced: bool = False) -> None:
@@ -127,10 +159,10 @@ class CallStream:
             return "" if self._holding else self._text
         return "" if self._holding else delta
 
-    def finish(self) -> tuple[str, Answer]:
-        answer = parse_answer(self._text, self.tools)
+    def finish(self, cut: bool = False) -> tuple[str, Answer]:
+        answer = parse_answer(self._text, self.tools, cut=cut)
         held = self._text if self._holding is not False else ""
-        return ("" if answer.calls else held), answer
+        return ("" if answer.is_calls else held), answer
 
 
 def tools_prompt(tools: Iterable[Tool]) -> str:

@@ -164,6 +164,30 @@ def test_openai_refusals_name_the_field(client: openai.OpenAI, fields: dict, tex
         assert body["param"] == ("messages" if named.startswith("'messages'") else named), body
 
 
+LEGACY = {"name": "get_weather", "parameters": WEATHER_PARAMETERS}
+
+
+@pytest.mark.parametrize(
+    ("fields", "named", "instead"),
+    [
+        ({"functions": [LEGACY]}, "functions", "tools"),
+        ({"function_call": {"name": "get_weather"}}, "function_call", "tool_choice"),
+    ],
+    ids=["functions", "function_call"],
+)
+def test_native_apis_refuse_legacy_function_fields(server: Server, fields: dict, named: str, instead: str) -> None:
+    """As compatible mode does: answering as if they were heard would make no call and say nothing."""
+    for path, messages in ((NATIVE, native_messages()), (TEXT, [{"role": "user", "content": "Weather?"}])):
+        parameters = {"max_tokens": 4, "result_format": "message", **fields}
+        r = post(server, path, {"model": SEED_MODEL, "input": {"messages": messages}, "parameters": parameters})
+        assert r.status_code == 400 and r.json()["code"] == "InvalidParameter", r.text
+        assert f"parameters.{named}" in r.json()["message"] and f"parameters.{instead}" in r.json()["message"]
+    if named == "function_call":  # "none" asks nothing: taken, as in compatible mode
+        parameters["function_call"] = "none"
+        r = post(server, TEXT, {"model": SEED_MODEL, "input": {"messages": messages}, "parameters": parameters})
+        assert r.status_code == 200, r.text
+
+
 def test_tool_messages_must_answer_a_call(server: Server, client: openai.OpenAI) -> None:
     orphan = {"role": "tool", "content": "22 degrees", "tool_call_id": "call_1"}
     with pytest.raises(openai.BadRequestError) as bad:
@@ -408,3 +432,82 @@ def test_chat_tongyi_bind_tools_and_structured_output(sdk: Any) -> None:
     forced = ChatTongyi(model_kwargs={"max_tokens": ROOM, "tool_choice": "required"}, **options)
     receipt = forced.with_structured_output(Receipt).invoke(question)
     assert isinstance(receipt, Receipt)
+
+
+# -- tool calls cut by max_tokens: the whole calls as calls, "length", never the raw format as text ------------
+
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 8}},  # room for one call in 64 tokens, not two
+    "required": ["city"],
+    "additionalProperties": False,
+}
+W = {"type": "function", "function": {"name": "w", "parameters": CITY}}
+ASK = [{"role": "user", "content": "Weather in Hangzhou?"}]
+
+
+def test_forced_calls_cut_by_length_keep_the_whole_ones(client: openai.OpenAI, sdk: Any) -> None:
+    def ask(seed: int, **more: Any) -> Any:
+        return client.chat.completions.create(
+            model=SEED_MODEL, messages=ASK, tools=[W], tool_choice="required", max_tokens=64, seed=seed, **more
+        )
+
+    # Whether the random model begins a second call is up to its seed: find one that does (most do).
+    for seed in range(12):
+        whole = ask(seed)
+        choice = whole.choices[0]
+        calls = [c.model_dump() for c in choice.message.tool_calls or []]
+        assert choice.message.content is None and calls, choice  # never the raw format as text
+        assert all(c["function"]["name"] == "w" for c in calls)
+        for c in calls:
+            jsonschema.validate(json.loads(c["function"]["arguments"]), CITY)
+        if choice.finish_reason == "length":
+            break
+        assert choice.finish_reason == "tool_calls", choice
+    else:
+        pytest.fail("no seed began a second call")
+    chunks = [c for c in ask(seed, stream=True) if c.choices]
+    streamed = [d.function.model_dump() for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert streamed == [c["function"] for c in calls] and chunks[-1].choices[0].finish_reason == "length"
+    assert not any(c.choices[0].delta.content for c in chunks)
+
+    # The native API, streamed and not: the same answer.
+    native = {"model": SEED_MODEL, "messages": ASK, "tools": [W], "tool_choice": "required", "max_tokens": 64}
+    native.update(seed=seed, result_format="message")
+    for stream in (False, True):
+        r = sdk.Generation.call(stream=stream, incremental_output=stream, **native)
+        last = list(r)[-1] if stream else r
+        assert last.status_code == HTTPStatus.OK, last
+        answer = last.output.choices[0]
+        assert answer.finish_reason == "length" and answer.message.content == "", answer
+        assert [c["function"] for c in answer.message.tool_calls] == [c["function"] for c in calls]
+
+
+def test_a_call_cut_before_it_is_whole_is_no_text(client: openai.OpenAI, sdk: Any) -> None:
+    """Cut in the first call (forced, or begun under "auto"): no call, no text, "length"."""
+    schema = {
+        "type": "object",
+        "properties": {"name": {"const": "w"}, "parameters": CITY},
+        "required": ["name", "parameters"],
+        "additionalProperties": False,
+    }
+    call_shape = {"type": "json_schema", "json_schema": {"name": "call", "schema": schema}}
+    for fields in ({"tool_choice": "required"}, {"response_format": call_shape}):  # the schema begins a call
+        for stream in (False, True):
+            r = client.chat.completions.create(
+                model=SEED_MODEL, messages=ASK, tools=[W], max_tokens=8, stream=stream, **fields
+            )
+            if stream:
+                chunks = [c for c in r if c.choices]
+                assert not any(c.choices[0].delta.content or c.choices[0].delta.tool_calls for c in chunks), chunks
+                assert chunks[-1].choices[0].finish_reason == "length"
+            else:
+                message = r.choices[0].message
+                assert r.choices[0].finish_reason == "length" and not message.content, r
+                assert not message.tool_calls
+        native = sdk.Generation.call(
+            model=SEED_MODEL, messages=ASK, tools=[W], max_tokens=8, result_format="message", **fields
+        )
+        answer = native.output.choices[0]
+        assert answer.finish_reason == "length" and answer.message.content == "", native
+        assert "tool_calls" not in answer.message

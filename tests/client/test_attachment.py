@@ -25,7 +25,10 @@ def test_a_local_file_becomes_a_data_uri_typed_by_its_bytes(tmp_path: Path) -> N
     assert image_reference(f"file://{path}") == image_reference(str(path))
     gif = png_bytes(fmt="GIF")  # passed on: the server, not the client, says what it accepts
     assert decoded(image_reference("-", io.BytesIO(gif))) == ("data:image/gif;base64", gif)
-    assert describe(image_reference(str(path))).startswith("data:image/png;base64 (about ")
+    size = -(-len(data) // 1024)
+    assert describe(image_reference(str(path))) == f"data:image/png;base64 (about {size} KB) from {path}"
+    tiny = png_bytes(size=(2, 2), fmt="GIF")  # under 1 KB: "about 1 KB", not 0; from standard input: no name
+    assert describe(image_reference("-", io.BytesIO(tiny))) == "data:image/gif;base64 (about 1 KB)"
 
 
 def test_urls_are_passed_on() -> None:

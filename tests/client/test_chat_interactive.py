@@ -131,6 +131,7 @@ def test_a_conversation_in_a_terminal(server: Server, image_host: ImageHost, tmp
     assert "error" not in command(child, "One more?")
     listed = command(child, "/image")
     assert listed.count("in the conversation: data:image/png") == 4 and "with the next message" not in listed
+    assert listed.count(f"from {other}") == 1 and listed.count(f"from {photo}") == 3  # told apart by their names
     command(child, "/save multi.json")
     images = [[i["image"][:22] for i in m["content"] if "image" in i] for m in saved(tmp_path / "multi.json")]
     png = "data:image/png;base64,"

@@ -50,6 +50,7 @@ def front(tmp_path_factory: pytest.TempPathFactory, upstream: Server, test_model
         f'upstream_api_key = "{UPSTREAM_KEY}"\nupstream_tokenizer = "{test_model_dir}"\nchat_template = "{template}"\n'
         f'[models."{DASHSCOPE_BASE}"]\nupstreams = ["{upstream.base}/compatible-mode/v1"]\nupstream_model = "{MODEL}"\n'
         f'upstream_api_key = "{UPSTREAM_KEY}"\n'
+        f'[models."gone"]\nupstreams = ["{dead}"]\n'
     )
     srv = start_server(tmp, ["--config", str(config)])
     yield srv
@@ -131,6 +132,13 @@ def test_a_failing_upstream_is_skipped(front: Server, image_host) -> None:
     for _ in range(3):
         assert post(front, body_for("pair", image_host.url("/red.png"), max_tokens=2)).status_code == 200
     assert "out of rotation" in front.log()
+
+
+def test_no_upstream_reachable_is_a_503_worth_retrying_and_health_says_so(front: Server, image_host) -> None:
+    r = post(front, body_for("gone", image_host.url("/red.png"), max_tokens=2))
+    assert (r.status_code, r.json()["code"], r.headers["x-should-retry"]) == (503, "ServiceUnavailable", "true")
+    health = httpx.get(front.base + "/health", timeout=10).json()
+    assert health["status"] == "degraded" and health["models"]["gone"]["healthy_upstreams"] == 0
 
 
 def test_hangup_closes_the_upstream_stream(front: Server, upstream: Server, image_host) -> None:

@@ -11,7 +11,7 @@ import pytest
 from llamascope.structured.compiler import GrammarCache
 from llamascope.structured.guidance import GuidanceBackend
 from llamascope.structured.spec import read_request
-from llamascope.structured.tools import CallStream, call_text, parse_answer, tools_prompt
+from llamascope.structured.tools import Answer, CallStream, call_text, parse_answer, tools_prompt
 from tests.structured.decoding import random_decode
 
 WEATHER = {
@@ -90,6 +90,23 @@ def test_auto_answers_are_read_like_vllms_llama3_json() -> None:
         assert parse_answer(text, spec.tools) == parse_answer(text, spec.tools).__class__(text)
     call = one.calls[0].to_openai(index=0)
     assert call["type"] == "function" and call["index"] == 0 and isinstance(call["function"]["arguments"], str)
+
+
+def test_an_answer_cut_short_keeps_its_whole_calls() -> None:
+    spec = read_request(tools=TOOLS)
+    one = '{"name": "get_weather", "parameters": {"city": "Hangzhou"}}'
+    for rest in ("; ", '; {"name": "save_re', '; {"na', ";{"):
+        answer = parse_answer(one + rest, spec.tools, cut=True)
+        assert answer.text == "" and [c.name for c in answer.calls] == ["get_weather"], rest
+    first = parse_answer('<|python_tag|>{"name": "get_weather", "parameters": {"ci', spec.tools, cut=True)
+    assert first.is_calls and first.cut and not first.calls and first.finish_reason is None
+    for text in ('{"a": 1', '{"name": "get_time", "p', '{"name": "unknown"', one + "; more"):  # not calls: text
+        assert parse_answer(text, spec.tools, cut=True) == Answer(text), text
+    assert parse_answer(one + '; {"na', spec.tools) == Answer(one + '; {"na')  # not cut: a malformed answer
+    stream = CallStream(spec.tools, forced=True)
+    stream.push('{"name": "save_receipt", "parameters": {"tot')
+    held, answer = stream.finish(cut=True)
+    assert held == "" and answer.cut and not answer.calls
 
 
 def test_a_stream_lets_text_through_and_holds_calls_back() -> None:

@@ -1,0 +1,192 @@
+"""An upstream engine that breaks its answer, is slow, hangs or is gone: what the gateway makes of it.
+
+The engines are raw asyncio servers on loopback that answer with exact bytes; the gateway's engine is the
+real ``UpstreamEngine`` with its own HTTP client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from llamascope import errors
+from llamascope.engines.base import Chunk, FinishReason, SamplingParams, Turn
+from llamascope.engines.upstream import UpstreamEngine
+from tests.conftest import free_port
+
+Writer = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+
+def event(delta: dict, finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
+
+
+def head(content_type: str, length: int | None = None) -> bytes:
+    framing = f"Content-Length: {length}" if length is not None else "Connection: close"
+    return f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n{framing}\r\n\r\n".encode()
+
+
+def answer_with(body: bytes, content_type: str = "text/event-stream") -> Writer:
+    async def write(writer: asyncio.StreamWriter) -> None:
+        writer.write(head(content_type) + body)
+
+    return write
+
+
+ENDED = event({"content": "A red "}) + event({"content": "square."}, "stop") + b"data: [DONE]\n\n"
+COMPLETION = {
+    "object": "chat.completion",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "A red square."}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11},
+}
+
+
+async def slowly(writer: asyncio.StreamWriter) -> None:
+    """Five pieces 0.2 s apart: a second in all, never silent for long."""
+    writer.write(head("text/event-stream"))
+    for i in range(5):
+        await asyncio.sleep(0.2)
+        writer.write(event({"content": f"{i} "}))
+    writer.write(event({}, "stop") + b"data: [DONE]\n\n")
+
+
+async def never(writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(30)
+
+
+async def engine(write: Writer) -> AsyncIterator[str]:
+    """An engine at a loopback base URL whose /chat/completions answers as ``write`` does (404 elsewhere)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            (int(line[15:]) for line in request.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+        )
+        await reader.readexactly(length)
+        if b"/chat/completions" in request.split(b"\r\n")[0]:
+            await write(writer)
+        else:
+            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+
+
+async def ask(writes: list[Writer | None], silence: float = 300.0) -> list[Chunk]:
+    """Through engines that answer as ``writes`` do (None: nothing listens there), tried in that order."""
+    bases: list[str] = []
+    running = []
+    for write in writes:
+        if write is None:
+            bases.append(f"http://127.0.0.1:{free_port()}/v1")
+            continue
+        served = engine(write)
+        running.append(served)
+        bases.append(await anext(served))
+    gateway = UpstreamEngine.create(bases, "stub", None, 8192, silence=silence)
+    try:
+        prompt = await gateway.prepare([Turn("user", "What is it?")])
+        return [chunk async for chunk in gateway.generate(prompt, SamplingParams(max_new_tokens=16))]
+    finally:
+        await gateway.close()
+        for served in running:
+            await served.aclose()
+
+
+def text_of(chunks: list[Chunk]) -> str:
+    return "".join(c.text for c in chunks)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        (b"<html><body>502 Bad Gateway</body></html>", "text/html"),  # a proxy's page
+        (b"<html>not json", "text/event-stream"),  # no events at all
+        (event({"content": "A red "}) + b"data: {broken", "text/event-stream"),  # not JSON
+        (event({"content": "A red "}), "text/event-stream"),  # ended before its finish reason or [DONE]
+    ],
+    ids=["html page", "no events", "not JSON", "cut short"],
+)
+def test_a_broken_answer_is_an_error_never_an_answer(broken: tuple[bytes, str]) -> None:
+    """Issue 29's gateway, tried as a user: a broken answer came back as a short or empty one, finish "stop"."""
+    with pytest.raises(errors.ServiceError) as alone:
+        asyncio.run(ask([(answer_with(*broken))]))
+    assert (alone.value.status, alone.value.code) == (500, "InternalError.Algo")
+    if b"red" not in broken[0]:  # nothing delivered yet: the next upstream answers instead
+        chunks = asyncio.run(ask([(answer_with(*broken)), (answer_with(ENDED))]))
+        assert text_of(chunks) == "A red square." and chunks[-1].finish_reason == FinishReason.STOP
+
+
+def test_an_engine_that_does_not_stream_is_read_whole() -> None:
+    body = json.dumps(COMPLETION).encode()
+    chunks = asyncio.run(ask([(answer_with(body, "application/json"))]))
+    assert text_of(chunks) == "A red square."
+    assert (chunks[-1].finish_reason, chunks[-1].input_tokens, chunks[-1].output_tokens) == (FinishReason.STOP, 7, 4)
+
+
+def test_silence_ends_an_answer_and_a_slow_one_is_never_cut() -> None:
+    """The engine may be silent at most ``silence`` seconds: a hung one is given up (408, as the wire spec's
+    timeout), one that keeps sending runs past it, however long it takes in all."""
+    chunks = asyncio.run(ask([slowly], silence=0.6))
+    assert text_of(chunks) == "0 1 2 3 4 " and chunks[-1].finish_reason == FinishReason.STOP
+    with pytest.raises(errors.ServiceError) as hung:
+        asyncio.run(ask([never], silence=0.3))
+    assert (hung.value.status, hung.value.code) == (408, "RequestTimeOut")
+
+
+def test_no_engine_reachable_is_503_worth_retrying() -> None:
+    with pytest.raises(errors.ServiceError) as gone:
+        asyncio.run(ask([None, None]))
+    assert (gone.value.status, gone.value.code) == (503, "ServiceUnavailable")
+    assert gone.value.headers["x-should-retry"] == "true"
+
+
+def test_an_answer_that_breaks_the_schema_asked_for_is_not_passed_on(tmp_path) -> None:
+    """Through the conversation service: the engine answers prose to a json_schema request (an engine without
+    guided decoding): an error, not an answer that ends with "stop"; a valid one passes."""
+    from llamascope.accounts import admin
+    from llamascope.accounts.admission import Accounts
+    from llamascope.accounts.store import AccountStore
+    from llamascope.conversation.service import ConversationService, Endpoint
+    from llamascope.images.decode import DecodeLimits
+    from llamascope.images.intake import ImageIntake
+    from llamascope.images.source import FetchPolicy
+    from tests.conftest import API_KEY
+
+    store = AccountStore(f"sqlite:///{tmp_path / 'accounts.db'}")
+    store.migrate()
+    admin.seed_keys(store, [API_KEY])
+    accounts = Accounts(store)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    parameters = {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}
+
+    async def answer(text: str) -> str:
+        done = event({"content": text}, "stop") + b"data: [DONE]\n\n"
+        served = engine(answer_with(done))
+        gateway = UpstreamEngine.create([await anext(served)], "stub", None, 8192)
+        service = ConversationService({"stub": gateway}, ImageIntake(FetchPolicy(), DecodeLimits()), accounts)
+        try:
+            principal = await accounts.authenticate(f"Bearer {API_KEY}")
+            messages = [{"role": "user", "content": "How many? Answer in JSON."}]
+            reply = await service.open(principal, "r", "stub", messages, parameters, endpoint=Endpoint.CHAT)
+            return await reply.complete()
+        finally:
+            await gateway.close()
+            service.intake.close()
+            await served.aclose()
+
+    try:
+        assert asyncio.run(answer('{"n": 3}')) == '{"n": 3}'
+        with pytest.raises(errors.ServiceError) as broken:
+            asyncio.run(answer("There are three."))
+        assert (broken.value.status, broken.value.code) == (500, "InternalError.Algo")
+        assert "not what the request asked for: its answer is not JSON" in broken.value.message
+    finally:
+        accounts.close()

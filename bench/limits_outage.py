@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import redis
 from harness import Processes, free_port
@@ -26,7 +26,7 @@ from llamascope.accounts.records import KeyView
 
 async def decisions(url: str, rule: str, timeout: float, tries: int, stop: object) -> list[float]:
     limits = SharedRateLimits(url, on_error=rule, timeout=timeout)  # type: ignore[arg-type]
-    key = KeyView(1, "sk-bench", "", datetime.now(timezone.utc), None, None, 100, None, 5)
+    key = KeyView(1, "sk-bench", "", datetime.now(UTC), None, None, 100, None, 5)
     await limits.enter(key)
     await limits.leave(key, 1)
     stop()  # type: ignore[operator]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -129,7 +129,7 @@ def test_a_key_expires_when_told(tmp_path: Path) -> None:
     limits = ["--rpm", "60", "--tpm", "2000", "--concurrency", "2"]
     key = made_key(tmp_path, "--name", "bob", "--expires-days", "0.5", *limits)
     [row] = [line for line in llamascope(tmp_path, "keys", "list").stdout.splitlines() if key[:7] in line]
-    expires = (datetime.now(timezone.utc) + timedelta(days=0.5)).strftime("%Y-%m-%d")
+    expires = (datetime.now(UTC) + timedelta(days=0.5)).strftime("%Y-%m-%d")
     assert row.split()[3:5] == ["active", expires] and "60 rpm, 2000 tpm, 2 at once" in row  # expiry, limits
 
 

@@ -121,7 +121,7 @@ class Checkpoints:
             self._wake.set()
             try:
                 await asyncio.wait_for(progress.waiter, max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.error("request %s: no checkpoint for %.0f s; ending it", progress.request_id, self.wait_seconds)
                 raise errors.store_unavailable() from None
             finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 PREFIX_LENGTH = 7  # the characters of a key kept in clear ("sk-" and 4 more), for listings and logs
@@ -20,12 +20,12 @@ MIN_WHOLE_KEY = len("sk-") + 32
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def aware(value: datetime | None) -> datetime | None:
     """A datetime in UTC: SQLite hands datetimes back without their zone; they are stored as UTC."""
-    return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 def hash_key(key: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -154,7 +154,7 @@ def already_charged(request_id: str) -> None:
 def _stored(moment: datetime) -> str:
     """A datetime as SQLAlchemy stores it in SQLite: UTC, without the zone ("2025-01-31 12:00:00.000000").
     isoformat with the microseconds always written gives strftime's "%Y-%m-%d %H:%M:%S.%f" at half the cost."""
-    return moment.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ", "microseconds")
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def sqlite_pragmas(connection: Any, _record: Any) -> None:

@@ -291,7 +291,13 @@ class Runner:
         except ValueError:
             body = {"message": response.text}
         error = None if status == 200 else error_of(body, status)
-        if error is not None and await self._waits(batch, status, error, response.headers.get("retry-after")):
+        call = current_line.get()
+        charged = call is not None and sum(_made(call)) > 0  # it ran, and failed: its answer, never run again
+        if (
+            error is not None
+            and not charged
+            and await self._waits(batch, status, error, response.headers.get("retry-after"))
+        ):
             await asyncio.to_thread(self.repository.release_lines, batch.id, [line.number], self.replica_id)
             return
         key = batch.key_id
@@ -301,8 +307,9 @@ class Runner:
     async def _waits(self, batch: BatchView, status: int, error: dict[str, Any], retry_after: str | None) -> bool:
         """Is this refusal one to wait out? Then the line goes back to the queue, and what refused it pauses:
         the key, for a rate limit (as long as its Retry-After says) or for an allowance held by running
-        requests (until one of its lines here ends); the model, for a 503 or 408. An allowance used up or
-        expired, and every other refusal, is the line's answer."""
+        requests (until one of its lines here ends, or ``PAUSE_SECONDS``: the hold may be another request's);
+        the model, for a 503 or 408. An allowance used up or expired, and every other refusal, is the line's
+        answer."""
         key, now, code = batch.key_id, time.monotonic(), error["code"]
         if status in TRANSIENT:
             scope = ("key", key) if code.startswith("Throttling.RateQuota") else ("model", batch.model or "")
@@ -339,9 +346,7 @@ class Runner:
         if call.written:
             return
         ending = self._stopped.get(batch.id)
-        reply = call.state.get("reply")  # the request path keeps its reply there (api.incoming.open_reply)
-        usage = getattr(reply, "usage", None) if getattr(reply, "admission", None) is not None else None
-        made = (int(usage.input_tokens), int(usage.output_tokens)) if usage is not None else (0, 0)
+        made = _made(call)
         if ending is None or sum(made) == 0:
             await asyncio.to_thread(self.repository.release_lines, batch.id, [line.number], self.replica_id)
             return
@@ -472,6 +477,13 @@ def _ending_words(ending: Status) -> tuple[str, str]:
     if ending is Status.EXPIRED:
         return EXPIRED_CODE, "the batch's completion window ended"
     return CANCELLED_CODE, "the batch was cancelled"
+
+
+def _made(call: LineCall) -> tuple[int, int]:
+    """The input and output tokens a line's request was charged for (none if it was refused before it ran)."""
+    reply = call.state.get("reply")  # the request path keeps its reply there (api.incoming.open_reply)
+    usage = getattr(reply, "usage", None) if getattr(reply, "admission", None) is not None else None
+    return (int(usage.input_tokens), int(usage.output_tokens)) if usage is not None else (0, 0)
 
 
 def _seconds(retry_after: str | None) -> float:

@@ -20,6 +20,7 @@ the server fetches them, under its own rules.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import mimetypes
 import sys
@@ -27,9 +28,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 PASSED_ON = ("http://", "https://", "data:", "oss://")
-# The files behind the data: URIs made here, as the user named them: what ``describe`` shows (a chat's images
-# are told apart by their names, not by their types).
-_NAMES: dict[str, str] = {}
+# The files behind the data: URIs made here, as the user named them, by the URI's digest (not the URI: that
+# would keep every image alive): what ``describe`` shows, so that a chat's images are told apart by their names.
+_NAMES: dict[bytes, str] = {}
 
 
 def media_type(data: bytes, name: str = "") -> str:
@@ -69,8 +70,12 @@ def image_reference(value: str, stdin: BinaryIO | None = None) -> str:
     except OSError as exc:
         raise OSError(f"cannot read {value}: {exc.strerror or exc}") from None
     uri = data_uri(data, path.name)
-    _NAMES[uri] = value
+    _NAMES[_digest(uri)] = value
     return uri
+
+
+def _digest(uri: str) -> bytes:
+    return hashlib.sha256(uri.encode()).digest()
 
 
 def describe(reference: str) -> str:
@@ -79,6 +84,6 @@ def describe(reference: str) -> str:
         header, _, payload = reference.partition(",")
         data_bytes = len(payload) * 3 // 4 - payload[-2:].count("=")
         size = -(-data_bytes // 1024)  # rounded up: a small image is "about 1 KB", not 0
-        name = _NAMES.get(reference)
+        name = _NAMES.get(_digest(reference))
         return f"{header} (about {size} KB)" + (f" from {name}" if name else "")
     return reference

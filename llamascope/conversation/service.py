@@ -347,8 +347,8 @@ class ConversationService:
         return await engine.prepare(draft.with_images([images[r] for r in refs]), output)  # type: ignore[misc]
 
 
-# read_request's (the legacy functions and function_call to be refused)
 _WHOLE = (FinishReason.STOP, FinishReason.TOOL_CALLS)  # answers that end as the model meant them to
+# read_request's (the legacy functions and function_call to be refused)
 _OUTPUT_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")
 
 

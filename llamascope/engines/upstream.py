@@ -52,7 +52,7 @@ from llamascope.engines.base import (
     SamplingParams,
     Turn,
 )
-from llamascope.engines.upstream_http import Client, TransportError
+from llamascope.engines.upstream_http import Client, TransportError, Unreachable
 from llamascope.observability.facts import UpstreamHealth
 from llamascope.observability.request import outgoing_headers, upstream_call, upstream_failed, upstream_failover
 from llamascope.structured.spec import OutputSpec
@@ -216,7 +216,7 @@ class UpstreamEngine:
             except TransportError as exc:  # it cannot be reached: out of rotation, as a completion would take it
                 self._mark_failed(upstream, type(exc).__name__)
                 continue
-            except asyncio.TimeoutError:  # slow: estimated instead
+            except TimeoutError:  # slow: estimated instead
                 continue
             if count is not None:
                 return count
@@ -275,8 +275,10 @@ class UpstreamEngine:
             except _UpstreamFailed as failure:
                 self._mark_failed(upstream, str(failure))
                 kinds.add(failure.kind)
-                if started or len(tried) >= len(self.upstreams):
-                    raise _refusal(kinds if not started else {failure.kind}) from None
+                if started:  # the answer had begun (and is charged what it made): it failed, no "try again later"
+                    raise _refusal({"engine"}) from None
+                if len(tried) >= len(self.upstreams):
+                    raise _refusal(kinds) from None
                 upstream_failover(upstream.url)
                 log.warning("upstream %s failed before its first token; trying another", upstream.url)
             finally:
@@ -329,12 +331,7 @@ class UpstreamEngine:
     async def _stream(
         self, upstream: Upstream, body: dict[str, Any], headers: dict[str, str]
     ) -> AsyncGenerator[Chunk, None]:
-        pieces = 0  # streamed pieces: the output count until the upstream reports its own
-        reported: int | None = None
-        finish: FinishReason | None = None
-        input_tokens: int | None = None
-        calls = _CallDeltas()
-        ended = False  # the engine said its answer is complete: a finish reason, or [DONE]
+        answer = _Answer()
         try:
             url = upstream.url + "/chat/completions"
             request = self.client.request("POST", url, self.silence, json.dumps(body).encode(), headers, silence=True)
@@ -354,49 +351,22 @@ class UpstreamEngine:
                 # become one chunk: when the upstream is faster than the client, fewer, larger events.
                 async for data in reads:
                     *lines, pending = (pending + data).split(b"\n")
-                    text = ""
-                    payloads = []
-                    for line in lines:
-                        if line.startswith(b"data:"):
-                            if (payload := line[5:]).strip() == b"[DONE]":
-                                ended = True
-                            else:
-                                payloads.append(payload)
-                    # The events of one read parsed as one JSON array: one parse, not one per event.
-                    for event in json.loads(b"[" + b",".join(payloads) + b"]") if payloads else ():
-                        if "error" in event:
-                            raise _UpstreamFailed(str(event["error"])[:200])
-                        usage = event.get("usage")
-                        if usage:
-                            input_tokens = _count(usage.get("prompt_tokens"), input_tokens)
-                            reported = _count(usage.get("completion_tokens"), reported)
-                        for choice in event.get("choices") or []:
-                            delta = choice.get("delta") or choice.get("message") or {}
-                            piece = delta.get("content") or ""
-                            pieces += bool(piece)
-                            text += piece
-                            if delta.get("tool_calls"):
-                                pieces += calls.add(delta["tool_calls"])
-                            if choice.get("finish_reason"):
-                                finish = _FINISH.get(choice["finish_reason"], FinishReason.STOP)
-                                ended = True
+                    text = answer.read(lines)
                     if text:  # the upstream's answer all here already (its end read): what follows comes at once
-                        yield Chunk(text, reported or pieces, next_ready=response.at_end)
-        except asyncio.TimeoutError:
+                        yield Chunk(text, answer.reported or answer.pieces, next_ready=response.at_end)
+                if pending.strip() and (text := answer.read([pending])):  # a last event without its line's end
+                    yield Chunk(text, answer.reported or answer.pieces)
+        except TimeoutError:
             raise _UpstreamFailed(f"nothing from it for {self.silence:g} s", "timeout") from None
         except TransportError as exc:
-            kind = "engine" if pieces or finish else "unreachable"  # broken off in its answer, or never reached
-            raise _UpstreamFailed(str(exc), kind) from None
+            if not answer.ended:  # broken after the answer's end (only its usage or [DONE] lost): it is whole
+                raise _UpstreamFailed(str(exc), "unreachable" if isinstance(exc, Unreachable) else "engine") from None
         except (json.JSONDecodeError, AttributeError, TypeError) as exc:  # not OpenAI's events
             raise _UpstreamFailed(f"its answer is not OpenAI's chat events: {type(exc).__name__}") from None
-        if not ended:  # the stream stopped short of its end (a crash, a proxy's cut), or held no events at all
+        if not answer.ended:  # the stream stopped short of its end (a crash, a proxy's cut), or held no events at all
             raise _UpstreamFailed("its answer ended before its finish reason or [DONE]")
         upstream.failures = 0
-        made = calls.calls()
-        if made:  # the answer is calls, whatever reason the engine gave (some say "stop")
-            finish = FinishReason.TOOL_CALLS
-        output_tokens = reported if reported is not None else pieces
-        yield Chunk("", output_tokens, finish or FinishReason.STOP, input_tokens, tool_calls=made or None)
+        yield answer.last()
 
     async def _check_health(self) -> None:
         while True:
@@ -435,6 +405,67 @@ def output_fields(output: OutputSpec) -> dict[str, Any]:
         if not output.parallel_tool_calls:  # OpenAI's default is true; an engine that knows no such field is spared
             fields["parallel_tool_calls"] = False
     return fields
+
+
+class _Answer:
+    """An engine's answer as it arrives, read from OpenAI's chat events: its text, counts, calls and end."""
+
+    def __init__(self) -> None:
+        self.pieces = 0  # streamed pieces: the output count until the engine reports its own
+        self.reported: int | None = None
+        self.input_tokens: int | None = None
+        self.finish: FinishReason | None = None
+        self.ended = False  # the engine said its answer is complete: a finish reason, or [DONE]
+        self.calls = _CallDeltas()
+
+    def read(self, lines: list[bytes]) -> str:
+        """Take the lines of one network read; the text they add."""
+        text = ""
+        payloads = []
+        for line in lines:
+            if line.startswith(b"data:"):
+                if (payload := line[5:]).strip() == b"[DONE]":
+                    self.ended = True
+                else:
+                    payloads.append(payload)
+        # The events of one read parsed as one JSON array: one parse, not one per event.
+        for event in json.loads(b"[" + b",".join(payloads) + b"]") if payloads else ():
+            if "error" in event:
+                raise _UpstreamFailed(str(event["error"])[:200])
+            usage = event.get("usage")
+            if usage:
+                self.input_tokens = _count(usage.get("prompt_tokens"), self.input_tokens)
+                self.reported = _count(usage.get("completion_tokens"), self.reported)
+            for choice in event.get("choices") or []:
+                delta = choice.get("delta") or choice.get("message") or {}
+                piece = delta.get("content") or ""
+                self.pieces += bool(piece)
+                text += piece
+                if delta.get("tool_calls"):
+                    self.pieces += self.calls.add(delta["tool_calls"])
+                if choice.get("finish_reason"):
+                    self.finish = _FINISH.get(choice["finish_reason"], FinishReason.STOP)
+                    self.ended = True
+        return text
+
+    def last(self) -> Chunk:
+        """The answer's last chunk: its end, counts and calls."""
+        made = self.calls.calls()
+        finish = self.finish or FinishReason.STOP
+        if finish == FinishReason.LENGTH:  # cut short: its whole calls, not the one cut (its arguments unfinished)
+            if made and not _json_object(made[-1].arguments):
+                made.pop()
+        elif made:  # the answer is calls, whatever reason the engine gave (some say "stop")
+            finish = FinishReason.TOOL_CALLS
+        output_tokens = self.reported if self.reported is not None else self.pieces
+        return Chunk("", output_tokens, finish, self.input_tokens, tool_calls=made or None)
+
+
+def _json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 class _CallDeltas:
@@ -494,7 +525,7 @@ def _refusal(kinds: set[str]) -> errors.ServiceError:
             503,
             "ServiceUnavailable",
             "No model engine could be reached; please try again later.",
-            {"x-should-retry": "true", "retry-after": "1"},
+            {"x-should-retry": "true", "Retry-After": "1"},
         )
     return errors.ServiceError(500, "InternalError.Algo", "The model engine failed; please try again later.")
 

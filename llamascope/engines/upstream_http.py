@@ -54,6 +54,10 @@ class TransportError(Exception):
     """The engine could not be reached, or broke the connection or the protocol before its answer's end."""
 
 
+class Unreachable(TransportError):
+    """No connection to the engine could be made: the request never reached it."""
+
+
 @dataclass(frozen=True)
 class _Origin:
     scheme: str
@@ -208,11 +212,14 @@ class _Connection(asyncio.Protocol):
             self.timer = None
 
     def _time_out(self) -> None:
-        if self.silence is not None and (heard_until := self.last_heard + self.silence) > self.loop.time():
-            self.timer = self.loop.call_at(heard_until, self._time_out)
-            return
+        if self.silence is not None:
+            if self.paused:  # not reading (the reader is behind): the engine is not silent, it is held back
+                self.last_heard = self.loop.time()
+            if (heard_until := self.last_heard + self.silence) > self.loop.time():
+                self.timer = self.loop.call_at(heard_until, self._time_out)
+                return
         self.timer = None
-        self.fail(asyncio.TimeoutError())
+        self.fail(TimeoutError())
 
     def fail(self, error: BaseException) -> None:
         """End the response being read with ``error`` (unless it has ended) and close the connection."""
@@ -442,10 +449,10 @@ class Client:
                 ),
                 max(0.0, min(self.connect_timeout, deadline - now)),
             )
-        except asyncio.TimeoutError:  # before OSError: on Python 3.11 and later, a TimeoutError is an OSError
-            raise TransportError(f"cannot connect to {origin.host_header}: timed out") from None
+        except TimeoutError:  # before OSError: on Python 3.11 and later, a TimeoutError is an OSError
+            raise Unreachable(f"cannot connect to {origin.host_header}: timed out") from None
         except OSError as exc:  # refused, unreachable, a name that does not resolve, TLS refused
-            raise TransportError(f"cannot connect to {origin.host_header}: {exc}") from None
+            raise Unreachable(f"cannot connect to {origin.host_header}: {exc}") from None
         return connection, False
 
 

@@ -113,7 +113,7 @@ class ImageIntake:
         work = loop.run_in_executor(self._decoders, decode_image, data, self.limits, fit)
         try:
             image = await asyncio.wait_for(work, self.decode_timeout)
-        except asyncio.TimeoutError:  # an alias of TimeoutError from 3.11 on
+        except TimeoutError:  # an alias of TimeoutError from 3.11 on
             log.warning("an image took more than %.1f s to decode and was refused", self.decode_timeout)
             if watch is not None:
                 watch.timed_out = True

@@ -149,7 +149,7 @@ class UploadStore:
     @staticmethod
     def _holds(path: Path, data: bytes) -> bool:
         try:
-            return path.read_bytes() == data
+            return path.stat().st_size == len(data) and path.read_bytes() == data
         except OSError:
             return False
 

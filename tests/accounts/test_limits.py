@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -16,7 +16,7 @@ HANG = 60.0  # seconds after which a call that should have answered is taken for
 
 
 def key(**limits: int) -> KeyView:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return KeyView(1, "sk-test", "", now, None, None, limits.get("rpm"), limits.get("tpm"), limits.get("concurrent"))
 
 
@@ -76,7 +76,7 @@ def test_replicas_share_requests_tokens_and_concurrency(redis_server: RedisServe
                 await b.enter(rpm)  # 3 in total, not 3 each
             assert 1 <= int(info.value.headers["Retry-After"]) <= 60
 
-            two = KeyView(2, "sk-two", "", datetime.now(timezone.utc), None, None, None, None, 2)
+            two = KeyView(2, "sk-two", "", datetime.now(UTC), None, None, None, None, 2)
             await a.enter(two)
             await b.enter(two)
             with pytest.raises(errors.ServiceError, match="at most 2 concurrent"):
@@ -84,7 +84,7 @@ def test_replicas_share_requests_tokens_and_concurrency(redis_server: RedisServe
             await b.leave(two, 0)
             await a.enter(two)  # b's slot, taken by a
 
-            tpm = KeyView(3, "sk-tpm", "", datetime.now(timezone.utc), None, None, None, 100, None)
+            tpm = KeyView(3, "sk-tpm", "", datetime.now(UTC), None, None, None, 100, None)
             await a.enter(tpm)
             await a.leave(tpm, 60)
             await b.enter(tpm)  # 40 left, seen by the other replica

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from llamascope.accounts.access import key_weakness
 from llamascope.accounts.records import KeyView, hash_key, is_whole_key, new_key, view_of
@@ -23,6 +23,6 @@ def test_a_view_from_a_row_has_its_datetimes_in_utc() -> None:
     """SQLite gives datetimes without their zone, or as text through the stdlib driver."""
     row = (1, "sk-abcd", "a", "2030-01-02 03:04:05.000006", datetime(2031, 1, 1), None, 5, None, None)
     view = view_of(KeyView, row)
-    assert view is not None and view.created_at == datetime(2030, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc)
-    assert view.expires_at == datetime(2031, 1, 1, tzinfo=timezone.utc) and view.revoked_at is None
+    assert view is not None and view.created_at == datetime(2030, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    assert view.expires_at == datetime(2031, 1, 1, tzinfo=UTC) and view.revoked_at is None
     assert view_of(KeyView, None) is None

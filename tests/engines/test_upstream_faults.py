@@ -25,7 +25,7 @@ def event(delta: dict, finish: str | None = None) -> bytes:
     return b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
 
 
-def head(content_type: str, length: int | None = None) -> bytes:
+def head(content_type: str = "text/event-stream", length: int | None = None) -> bytes:
     framing = f"Content-Length: {length}" if length is not None else "Connection: close"
     return f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n{framing}\r\n\r\n".encode()
 
@@ -46,16 +46,32 @@ COMPLETION = {
 
 
 async def slowly(writer: asyncio.StreamWriter) -> None:
-    """Five pieces 0.2 s apart: a second in all, never silent for long."""
-    writer.write(head("text/event-stream"))
-    for i in range(5):
-        await asyncio.sleep(0.2)
+    """Twenty pieces 0.1 s apart: two seconds in all, never silent for long."""
+    writer.write(head())
+    for i in range(20):
+        await asyncio.sleep(0.1)
         writer.write(event({"content": f"{i} "}))
     writer.write(event({}, "stop") + b"data: [DONE]\n\n")
 
 
 async def never(writer: asyncio.StreamWriter) -> None:
     await asyncio.sleep(30)
+
+
+async def then_silent(writer: asyncio.StreamWriter) -> None:
+    writer.write(head() + event({"content": "A red "}))
+    await writer.drain()
+    await asyncio.sleep(30)
+
+
+async def gone_before_its_head(writer: asyncio.StreamWriter) -> None:
+    """Takes the request, then its connection ends with no answer (an engine that crashed on it)."""
+
+
+async def cut_after_its_end(writer: asyncio.StreamWriter) -> None:
+    """The whole answer, then the connection ends short of the length it announced (usage and [DONE] lost)."""
+    body = event({"content": "A red "}) + event({"content": "square."}, "stop")
+    writer.write(head(length=len(body) + 100) + body)
 
 
 async def engine(write: Writer) -> AsyncIterator[str]:
@@ -133,12 +149,33 @@ def test_an_engine_that_does_not_stream_is_read_whole() -> None:
 
 def test_silence_ends_an_answer_and_a_slow_one_is_never_cut() -> None:
     """The engine may be silent at most ``silence`` seconds: a hung one is given up (408, as the wire spec's
-    timeout), one that keeps sending runs past it, however long it takes in all."""
-    chunks = asyncio.run(ask([slowly], silence=0.6))
-    assert text_of(chunks) == "0 1 2 3 4 " and chunks[-1].finish_reason == FinishReason.STOP
+    timeout), one that keeps sending runs past it, however long it takes in all. Silent once its answer has
+    begun (the client has part of it, and is charged for it): a failure, not "try again later"."""
+    chunks = asyncio.run(ask([slowly], silence=1.5))
+    assert text_of(chunks) == "".join(f"{i} " for i in range(20)) and chunks[-1].finish_reason == FinishReason.STOP
     with pytest.raises(errors.ServiceError) as hung:
         asyncio.run(ask([never], silence=0.3))
     assert (hung.value.status, hung.value.code) == (408, "RequestTimeOut")
+    with pytest.raises(errors.ServiceError) as begun:
+        asyncio.run(ask([then_silent], silence=0.3))
+    assert (begun.value.status, begun.value.code) == (500, "InternalError.Algo")
+
+
+def test_an_answer_whole_before_its_connection_broke_or_its_last_line_ended_is_whole() -> None:
+    chunks = asyncio.run(ask([cut_after_its_end]))
+    assert text_of(chunks) == "A red square." and chunks[-1].finish_reason == FinishReason.STOP
+    no_newline = event({"content": "A red square."}, "stop").rstrip()
+    chunks = asyncio.run(ask([answer_with(no_newline)]))
+    assert text_of(chunks) == "A red square." and chunks[-1].finish_reason == FinishReason.STOP
+
+
+def test_calls_cut_by_length_keep_the_whole_ones() -> None:
+    whole = {"index": 0, "id": "call_a", "function": {"name": "w", "arguments": '{"city": "Paris"}'}}
+    cut = {"index": 1, "id": "call_b", "function": {"name": "w", "arguments": '{"ci'}}
+    body = event({"tool_calls": [whole]}) + event({"tool_calls": [cut]}) + event({}, "length") + b"data: [DONE]\n\n"
+    last = asyncio.run(ask([answer_with(body)]))[-1]
+    assert last.finish_reason == FinishReason.LENGTH
+    assert [(c.id, c.arguments) for c in last.tool_calls or ()] == [("call_a", '{"city": "Paris"}')]
 
 
 def test_no_engine_reachable_is_503_worth_retrying() -> None:
@@ -146,6 +183,9 @@ def test_no_engine_reachable_is_503_worth_retrying() -> None:
         asyncio.run(ask([None, None]))
     assert (gone.value.status, gone.value.code) == (503, "ServiceUnavailable")
     assert gone.value.headers["x-should-retry"] == "true"
+    with pytest.raises(errors.ServiceError) as crashed:  # reached, and it broke on the request: the engine failed
+        asyncio.run(ask([None, gone_before_its_head]))
+    assert (crashed.value.status, crashed.value.code) == (500, "InternalError.Algo")
 
 
 def test_an_answer_that_breaks_the_schema_asked_for_is_not_passed_on(tmp_path) -> None:

@@ -202,8 +202,10 @@ def test_upstream_metrics_and_where_metrics_are_served(front: Front, observed: S
     assert httpx.get(front.base + "/metrics").status_code == 404  # so not here
     dead, live = [line for line in text.splitlines() if line.startswith("llamascope:upstream_healthy{")]
     assert dead.endswith(" 0.0") and live.endswith(" 1.0")
+    # The dead one's errors, none of the live one's (the registry is this process's: other tests' engines too)
     errors = [x for x in text.splitlines() if x.startswith("llamascope:upstream_errors_total{")]
-    assert len(errors) == 1 and "/v1" in errors[0] and observed.base not in errors[0]  # the dead one's
+    dead_url = dead.split('upstream="')[1].split('"')[0]
+    assert [x for x in errors if f'upstream="{dead_url}"' in x] and not [x for x in errors if observed.base in x]
     assert 'llamascope:upstream_request_seconds_count{upstream="' + observed.base + '/v1"}' in text
     # The upstream asks for its metrics key.
     assert httpx.get(observed.base + "/metrics").status_code == 401

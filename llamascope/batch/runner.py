@@ -14,9 +14,10 @@ engine, only this bound applies). Each line is charged ``price`` of its tokens (
 Limits slow a batch down, never fail it. A key's lines run no more at once than its ``max_concurrent``. A line
 refused for now (a rate limit's 429, 503, 408, or an allowance that running requests hold but have not used up)
 goes back to the queue, as often as it takes, and what refused it pauses: the key for as long as its Retry-After
-says (a held allowance: until one of its lines here ends), the model for a 503 or 408; and the key's lines that
-may run at once are halved (one more comes back at each line that runs). Only the batch's window or a cancel
-ends the wait. An allowance used up or expired is a line's answer.
+says (a held allowance: until one of its lines here ends, or a second), the model for a 503 or 408; and the
+key's lines that may run at once are halved (one more comes back at each line that runs). Only the batch's window
+or a cancel ends the wait. An allowance used up or expired is a line's answer, and so is the failure of a line
+whose request ran and was charged: it is never run again.
 
 A line running when its batch is cancelled or expires is stopped; if its request was charged by then, it goes
 to the error file with the usage it was charged for (``response.status_code`` 499), not as a line not run.

@@ -70,7 +70,7 @@ def image_reference(value: str, stdin: BinaryIO | None = None) -> str:
     except OSError as exc:
         raise OSError(f"cannot read {value}: {exc.strerror or exc}") from None
     uri = data_uri(data, path.name)
-    _NAMES[_digest(uri)] = value
+    _NAMES.setdefault(_digest(uri), value)  # the same bytes again (a copy) keep the name they came with first
     return uri
 
 

@@ -207,8 +207,10 @@ class Reply:
             # Only reached when the engine itself gave up; a caller that left never gets here.
             raise errors.internal_error()
         output = self.prompt.output
-        if output is not None and engine_finish in _WHOLE and self.engine.info.kind == "upstream":
-            # An upstream engine may ignore the shape asked of it (the in-process one cannot): never passed on as kept
+        checked = engine_finish in _WHOLE or (engine_finish == FinishReason.LENGTH and self.tool_calls)
+        if output is not None and checked and self.engine.info.kind == "upstream":
+            # An upstream engine may ignore the shape asked of it (the in-process one cannot): never passed on as kept.
+            # Cut by length, its calls are checked (each one given is one to run), not its text (a JSON unfinished).
             problem = breach(output, self.text, self.tool_calls)
             if problem:
                 log.warning("the engine of model %s broke the shape asked of its answer: %s", self.model, problem)

@@ -351,6 +351,8 @@ class UpstreamEngine:
                 # become one chunk: when the upstream is faster than the client, fewer, larger events.
                 async for data in reads:
                     *lines, pending = (pending + data).split(b"\n")
+                    if len(pending) > MAX_ANSWER_BYTES:
+                        raise _UpstreamFailed(f"it sent a line of over {MAX_ANSWER_BYTES >> 20} MB")
                     text = answer.read(lines)
                     if text:  # the upstream's answer all here already (its end read): what follows comes at once
                         yield Chunk(text, answer.reported or answer.pieces, next_ready=response.at_end)
@@ -361,10 +363,10 @@ class UpstreamEngine:
         except TransportError as exc:
             if not answer.ended:  # broken after the answer's end (only its usage or [DONE] lost): it is whole
                 raise _UpstreamFailed(str(exc), "unreachable" if isinstance(exc, Unreachable) else "engine") from None
-        except (json.JSONDecodeError, AttributeError, TypeError) as exc:  # not OpenAI's events
+        except (ValueError, AttributeError, TypeError, RecursionError) as exc:  # not JSON (nor UTF-8), not OpenAI's
             raise _UpstreamFailed(f"its answer is not OpenAI's chat events: {type(exc).__name__}") from None
-        if not answer.ended:  # the stream stopped short of its end (a crash, a proxy's cut), or held no events at all
-            raise _UpstreamFailed("its answer ended before its finish reason or [DONE]")
+        if not answer.ended:  # stopped short of its end (a crash, a proxy's cut), or no answer in it at all
+            raise _UpstreamFailed("its answer ended before its finish reason, or held no choice")
         upstream.failures = 0
         yield answer.last()
 
@@ -415,8 +417,14 @@ class _Answer:
         self.reported: int | None = None
         self.input_tokens: int | None = None
         self.finish: FinishReason | None = None
-        self.ended = False  # the engine said its answer is complete: a finish reason, or [DONE]
+        self.done = False  # [DONE] came
+        self.chosen = False  # an event had a choice (an answer, if an empty one)
         self.calls = _CallDeltas()
+
+    @property
+    def ended(self) -> bool:
+        """Whether the engine said its answer is complete: a finish reason, or [DONE] after a choice."""
+        return self.finish is not None or (self.done and self.chosen)
 
     def read(self, lines: list[bytes]) -> str:
         """Take the lines of one network read; the text they add."""
@@ -425,7 +433,7 @@ class _Answer:
         for line in lines:
             if line.startswith(b"data:"):
                 if (payload := line[5:]).strip() == b"[DONE]":
-                    self.ended = True
+                    self.done = True
                 else:
                     payloads.append(payload)
         # The events of one read parsed as one JSON array: one parse, not one per event.
@@ -437,6 +445,7 @@ class _Answer:
                 self.input_tokens = _count(usage.get("prompt_tokens"), self.input_tokens)
                 self.reported = _count(usage.get("completion_tokens"), self.reported)
             for choice in event.get("choices") or []:
+                self.chosen = True
                 delta = choice.get("delta") or choice.get("message") or {}
                 piece = delta.get("content") or ""
                 self.pieces += bool(piece)
@@ -445,7 +454,6 @@ class _Answer:
                     self.pieces += self.calls.add(delta["tool_calls"])
                 if choice.get("finish_reason"):
                     self.finish = _FINISH.get(choice["finish_reason"], FinishReason.STOP)
-                    self.ended = True
         return text
 
     def last(self) -> Chunk:

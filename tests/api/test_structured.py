@@ -246,7 +246,7 @@ def test_openai_json_mode_streams_as_text(client: openai.OpenAI) -> None:
 
 
 def test_openai_forced_tool_calls_are_parsed(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(
+    raw = client.chat.completions.with_raw_response.create(
         model=SEED_MODEL,
         messages=openai_messages("What is the weather where this was bought?"),
         tools=[WEATHER, TIME],
@@ -254,6 +254,9 @@ def test_openai_forced_tool_calls_are_parsed(client: openai.OpenAI) -> None:
         max_tokens=ROOM,
         seed=3,
     )
+    sent = raw.http_response.json()["choices"][0]["message"]["tool_calls"]
+    assert sent and all("index" not in c for c in sent)  # as OpenAI's: a whole answer's calls have no index
+    r = raw.parse()
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
     check_calls([c.model_dump() for c in choice.message.tool_calls or []])

@@ -27,6 +27,9 @@ def test_a_local_file_becomes_a_data_uri_typed_by_its_bytes(tmp_path: Path) -> N
     assert decoded(image_reference("-", io.BytesIO(gif))) == ("data:image/gif;base64", gif)
     size = -(-len(data) // 1024)
     assert describe(image_reference(str(path))) == f"data:image/png;base64 (about {size} KB) from {path}"
+    copy = tmp_path / "copy.png"  # the same bytes under another name: the name they came with first
+    copy.write_bytes(data)
+    assert describe(image_reference(str(copy))).endswith(f" from {path}")
     tiny = png_bytes(size=(2, 2), fmt="GIF")  # under 1 KB: "about 1 KB", not 0; from standard input: no name
     assert describe(image_reference("-", io.BytesIO(tiny))) == "data:image/gif;base64 (about 1 KB)"
 

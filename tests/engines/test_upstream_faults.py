@@ -127,8 +127,12 @@ def text_of(chunks: list[Chunk]) -> str:
         (b"<html>not json", "text/event-stream"),  # no events at all
         (event({"content": "A red "}) + b"data: {broken", "text/event-stream"),  # not JSON
         (event({"content": "A red "}), "text/event-stream"),  # ended before its finish reason or [DONE]
+        (b'{"hello": "world"}', "application/json"),  # JSON, not an answer
+        (b'data: {"foo": 1}\n\ndata: [DONE]\n\n', "text/event-stream"),  # [DONE], and no choice before it
+        (b'data: {"choices": [{"index": 0, "delta": {"content": "caf\xe9 \xff"}}]}\n\n', "text/event-stream"),
+        (b"data: " + b"[" * 100_000 + b"\n\n", "text/event-stream"),  # nested past the parser's depth
     ],
-    ids=["html page", "no events", "not JSON", "cut short"],
+    ids=["html page", "no events", "not JSON", "cut short", "no answer", "no choice", "not UTF-8", "too deep"],
 )
 def test_a_broken_answer_is_an_error_never_an_answer(broken: tuple[bytes, str]) -> None:
     """Issue 29's gateway, tried as a user: a broken answer came back as a short or empty one, finish "stop"."""
@@ -205,11 +209,10 @@ def test_an_answer_that_breaks_the_schema_asked_for_is_not_passed_on(tmp_path) -
     admin.seed_keys(store, [API_KEY])
     accounts = Accounts(store)
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-    parameters = {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}
+    asked = {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}
 
-    async def answer(text: str) -> str:
-        done = event({"content": text}, "stop") + b"data: [DONE]\n\n"
-        served = engine(answer_with(done))
+    async def answer(events: bytes, parameters: dict = asked) -> str:
+        served = engine(answer_with(events + b"data: [DONE]\n\n"))
         gateway = UpstreamEngine.create([await anext(served)], "stub", None, 8192)
         service = ConversationService({"stub": gateway}, ImageIntake(FetchPolicy(), DecodeLimits()), accounts)
         try:
@@ -223,10 +226,16 @@ def test_an_answer_that_breaks_the_schema_asked_for_is_not_passed_on(tmp_path) -
             await served.aclose()
 
     try:
-        assert asyncio.run(answer('{"n": 3}')) == '{"n": 3}'
+        assert asyncio.run(answer(event({"content": '{"n": 3}'}, "stop"))) == '{"n": 3}'
         with pytest.raises(errors.ServiceError) as broken:
-            asyncio.run(answer("There are three."))
+            asyncio.run(answer(event({"content": "There are three."}, "stop")))
         assert (broken.value.status, broken.value.code) == (500, "InternalError.Algo")
         assert "not what the request asked for: its answer is not JSON" in broken.value.message
+        # Cut by length, its calls are still held to the functions offered (the text, unfinished, is not)
+        tools = {"tools": [{"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}]}
+        call = {"index": 0, "id": "call_a", "function": {"name": "launch", "arguments": "{}"}}
+        with pytest.raises(errors.ServiceError) as unoffered:
+            asyncio.run(answer(event({"tool_calls": [call]}) + event({}, "length"), tools))
+        assert "it called 'launch', which is not a function it was offered" in unoffered.value.message
     finally:
         accounts.close()

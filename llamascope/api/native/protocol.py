@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, SerializerFunctionWrapHandler, model_serializer
 
 from llamascope import errors
 from llamascope.api.incoming import envelope
@@ -102,6 +102,13 @@ class ToolCallBody(BaseModel):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
+
+    @model_serializer(mode="wrap")
+    def _without_absent_index(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        body: dict[str, object] = handler(self)
+        if body.get("index") is None:
+            body.pop("index", None)  # as OpenAI: a whole answer's calls have no index, only a stream's
+        return body
 
     @classmethod
     def of(cls, call: ToolCall, index: int | None) -> ToolCallBody:

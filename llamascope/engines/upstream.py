@@ -340,12 +340,12 @@ class UpstreamEngine:
                     raise _UpstreamFailed(f"HTTP {response.status}")
                 if response.status != 200:
                     raise _client_error(response.status, (await response.read()).decode(errors="replace"))
-                if response.content_type == "application/json":  # an engine that does not stream: the whole answer
-                    reads: AsyncIterator[bytes] = _as_event(await response.read(MAX_ANSWER_BYTES))
-                elif response.content_type in ("text/event-stream", ""):
-                    reads = response
-                else:  # an error page of something between, or not an engine
-                    raise _UpstreamFailed(f"it answered {response.content_type}, not an event stream")
+                # Read as events whatever its type says (a page of something between holds none: it fails below),
+                # but a JSON answer (an engine that does not stream) is its own one event.
+                reads: AsyncIterator[bytes] = response
+                if response.content_type == "application/json":
+                    whole = await response.read(MAX_ANSWER_BYTES)
+                    reads = _as_event(whole) if whole.lstrip().startswith(b"{") else _as_event(whole, raw=True)
                 pending = b""
                 # Read to the end (so the connection goes back to the pool). The deltas of one network read
                 # become one chunk: when the upstream is faster than the client, fewer, larger events.
@@ -366,7 +366,7 @@ class UpstreamEngine:
         except (ValueError, AttributeError, TypeError, RecursionError) as exc:  # not JSON (nor UTF-8), not OpenAI's
             raise _UpstreamFailed(f"its answer is not OpenAI's chat events: {type(exc).__name__}") from None
         if not answer.ended:  # stopped short of its end (a crash, a proxy's cut), or no answer in it at all
-            raise _UpstreamFailed("its answer ended before its finish reason, or held no choice")
+            raise _UpstreamFailed(f"its answer ({response.content_type}) ended before its finish reason, or had none")
         upstream.failures = 0
         yield answer.last()
 
@@ -538,9 +538,10 @@ def _refusal(kinds: set[str]) -> errors.ServiceError:
     return errors.ServiceError(500, "InternalError.Algo", "The model engine failed; please try again later.")
 
 
-async def _as_event(body: bytes) -> AsyncIterator[bytes]:
-    """A whole JSON answer (``chat.completion``) as the one event of a stream that ends with it."""
-    yield b"data: " + body.replace(b"\n", b" ") + b"\n\ndata: [DONE]\n"
+async def _as_event(body: bytes, raw: bool = False) -> AsyncIterator[bytes]:
+    """A whole JSON answer (``chat.completion``) as the one event of a stream that ends with it; ``raw``: a body
+    that is events already, whatever its type said."""
+    yield body if raw else b"data: " + body.replace(b"\n", b" ") + b"\n\ndata: [DONE]\n"
 
 
 def _client_error(status: int, text: str) -> errors.ServiceError:

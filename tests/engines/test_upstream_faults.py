@@ -137,18 +137,20 @@ def text_of(chunks: list[Chunk]) -> str:
 def test_a_broken_answer_is_an_error_never_an_answer(broken: tuple[bytes, str]) -> None:
     """Issue 29's gateway, tried as a user: a broken answer came back as a short or empty one, finish "stop"."""
     with pytest.raises(errors.ServiceError) as alone:
-        asyncio.run(ask([(answer_with(*broken))]))
+        asyncio.run(ask([answer_with(*broken)]))
     assert (alone.value.status, alone.value.code) == (500, "InternalError.Algo")
     if b"red" not in broken[0]:  # nothing delivered yet: the next upstream answers instead
-        chunks = asyncio.run(ask([(answer_with(*broken)), (answer_with(ENDED))]))
+        chunks = asyncio.run(ask([answer_with(*broken), answer_with(ENDED)]))
         assert text_of(chunks) == "A red square." and chunks[-1].finish_reason == FinishReason.STOP
 
 
-def test_an_engine_that_does_not_stream_is_read_whole() -> None:
+def test_an_engine_that_does_not_stream_is_read_whole_and_events_are_read_whatever_their_type() -> None:
     body = json.dumps(COMPLETION).encode()
-    chunks = asyncio.run(ask([(answer_with(body, "application/json"))]))
+    chunks = asyncio.run(ask([answer_with(body, "application/json")]))
     assert text_of(chunks) == "A red square."
     assert (chunks[-1].finish_reason, chunks[-1].input_tokens, chunks[-1].output_tokens) == (FinishReason.STOP, 7, 4)
+    for mislabelled in ("text/plain", "application/json"):  # a small engine's (or a test stub's) events
+        assert text_of(asyncio.run(ask([answer_with(ENDED, mislabelled)]))) == "A red square."
 
 
 def test_silence_ends_an_answer_and_a_slow_one_is_never_cut() -> None:

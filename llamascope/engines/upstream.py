@@ -71,6 +71,7 @@ TOKENIZE_TIMEOUT = 10.0  # seconds
 ANSWER_SILENCE = 300.0  # seconds, unless the model's upstream_timeout says otherwise
 HEALTH_TIMEOUT = 3.0
 MAX_ANSWER_BYTES = 16 << 20  # a whole (not streamed) answer, at most
+MAX_EVENT_BYTES = 4 << 20  # one line of a streamed answer, at most (a delta is small; a whole call's arguments fit)
 
 
 class CountsPrompts(Protocol):
@@ -345,26 +346,25 @@ class UpstreamEngine:
                 reads: AsyncIterator[bytes] = response
                 if response.content_type == "application/json":
                     whole = await response.read(MAX_ANSWER_BYTES)
-                    reads = _as_event(whole) if whole.lstrip().startswith(b"{") else _as_event(whole, raw=True)
+                    reads = _as_event(whole, raw=not whole[:64].lstrip().startswith(b"{"))
                 pending = b""
                 # Read to the end (so the connection goes back to the pool). The deltas of one network read
                 # become one chunk: when the upstream is faster than the client, fewer, larger events.
                 async for data in reads:
                     *lines, pending = (pending + data).split(b"\n")
-                    if len(pending) > MAX_ANSWER_BYTES:
-                        raise _UpstreamFailed(f"it sent a line of over {MAX_ANSWER_BYTES >> 20} MB")
+                    if len(pending) > MAX_EVENT_BYTES:
+                        raise _UpstreamFailed(f"it sent a line of over {MAX_EVENT_BYTES >> 20} MB")
                     text = answer.read(lines)
                     if text:  # the upstream's answer all here already (its end read): what follows comes at once
                         yield Chunk(text, answer.reported or answer.pieces, next_ready=response.at_end)
                 if pending.strip() and (text := answer.read([pending])):  # a last event without its line's end
                     yield Chunk(text, answer.reported or answer.pieces)
-        except TimeoutError:
-            raise _UpstreamFailed(f"nothing from it for {self.silence:g} s", "timeout") from None
-        except TransportError as exc:
-            if not answer.ended:  # broken after the answer's end (only its usage or [DONE] lost): it is whole
+        except (TimeoutError, TransportError) as exc:
+            # Broken or silent after the answer's end (only its usage or [DONE] lost or late): it is whole.
+            if not answer.ended:
+                if isinstance(exc, TimeoutError):
+                    raise _UpstreamFailed(f"nothing from it for {self.silence:g} s", "timeout") from None
                 raise _UpstreamFailed(str(exc), "unreachable" if isinstance(exc, Unreachable) else "engine") from None
-        except (ValueError, AttributeError, TypeError, RecursionError) as exc:  # not JSON (nor UTF-8), not OpenAI's
-            raise _UpstreamFailed(f"its answer is not OpenAI's chat events: {type(exc).__name__}") from None
         if not answer.ended:  # stopped short of its end (a crash, a proxy's cut), or no answer in it at all
             raise _UpstreamFailed(f"its answer ({response.content_type}) ended before its finish reason, or had none")
         upstream.failures = 0
@@ -375,7 +375,7 @@ class UpstreamEngine:
             await asyncio.sleep(HEALTH_EVERY_SECONDS)
             for upstream in self.upstreams:
                 ok = False
-                with contextlib.suppress(TransportError, asyncio.TimeoutError):
+                with contextlib.suppress(TransportError, TimeoutError):
                     async with self.client.request("GET", upstream.url + "/models", HEALTH_TIMEOUT) as r:
                         await r.read()  # to its end: the connection is kept
                         ok = r.status == 200
@@ -427,7 +427,14 @@ class _Answer:
         return self.finish is not None or (self.done and self.chosen)
 
     def read(self, lines: list[bytes]) -> str:
-        """Take the lines of one network read; the text they add."""
+        """Take the lines of one network read; the text they add. ``_UpstreamFailed`` for what is not OpenAI's
+        chat events (not JSON, nor UTF-8, nested past the parser's depth, of other shapes)."""
+        try:
+            return self._read(lines)
+        except (ValueError, AttributeError, TypeError, RecursionError) as exc:
+            raise _UpstreamFailed(f"its answer is not OpenAI's chat events: {type(exc).__name__}") from None
+
+    def _read(self, lines: list[bytes]) -> str:
         text = ""
         payloads = []
         for line in lines:
@@ -458,12 +465,9 @@ class _Answer:
 
     def last(self) -> Chunk:
         """The answer's last chunk: its end, counts and calls."""
-        made = self.calls.calls()
         finish = self.finish or FinishReason.STOP
-        if finish == FinishReason.LENGTH:  # cut short: its whole calls, not the one cut (its arguments unfinished)
-            if made and not _json_object(made[-1].arguments):
-                made.pop()
-        elif made:  # the answer is calls, whatever reason the engine gave (some say "stop")
+        made = self.calls.calls(cut=finish == FinishReason.LENGTH)  # cut short: its whole calls, not the one cut
+        if made and finish != FinishReason.LENGTH:  # the answer is calls, whatever reason the engine gave ("stop")
             finish = FinishReason.TOOL_CALLS
         output_tokens = self.reported if self.reported is not None else self.pieces
         return Chunk("", output_tokens, finish, self.input_tokens, tool_calls=made or None)
@@ -496,12 +500,13 @@ class _CallDeltas:
             call["arguments"] += arguments or ""
         return len(deltas)
 
-    def calls(self) -> list[ToolCall]:
-        return [
-            ToolCall(c["name"], c["arguments"] or "{}", c["id"] or call_id())
-            for _, c in sorted(self._calls.items())
-            if c["name"]
-        ]
+    def calls(self, cut: bool = False) -> list[ToolCall]:
+        """The calls; ``cut`` (the answer ran out of tokens): without the last if its arguments, as the engine
+        sent them, are not a whole JSON object (it was cut in the middle of it)."""
+        made = [c for _, c in sorted(self._calls.items()) if c["name"]]
+        if cut and made and not _json_object(made[-1]["arguments"]):
+            made.pop()
+        return [ToolCall(c["name"], c["arguments"] or "{}", c["id"] or call_id()) for c in made]
 
 
 def _count_in(text: str) -> int | None:

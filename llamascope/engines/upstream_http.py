@@ -14,7 +14,7 @@ of CPU, a fifth of the gateway's budget of 1 ms a request (issue 29), and about 
   (its failure goes to the engine's failover);
 - bodies framed by Content-Length, chunked, or by the connection's end, parsed by httptools (the parser
   uvicorn serves with); gzip and deflate bodies are decoded, though none is asked for;
-- a deadline per request (connecting included) that ends it with ``asyncio.TimeoutError``: for the whole
+- a deadline per request (connecting included) that ends it with ``TimeoutError``: for the whole
   request, or (``silence=True``, a streamed answer, however long) for the engine's silence before its head
   and between two reads; and back pressure: a reader slower than the engine stops reading from its socket,
   so its buffer stays bounded;
@@ -200,7 +200,7 @@ class _Connection(asyncio.Protocol):
     # -- for the pool and the response --
 
     def arm(self, deadline: float, silence: float | None) -> None:
-        """End the response with ``asyncio.TimeoutError`` at ``deadline``, or (``silence``) once the engine has
+        """End the response with ``TimeoutError`` at ``deadline``, or (``silence``) once the engine has
         sent nothing for that many seconds: the timer moves on to the last byte's time plus ``silence`` when it
         fires (one timer a request, not one a read)."""
         self.silence, self.last_heard = silence, self.loop.time()
@@ -212,12 +212,9 @@ class _Connection(asyncio.Protocol):
             self.timer = None
 
     def _time_out(self) -> None:
-        if self.silence is not None:
-            if self.paused:  # not reading (the reader is behind): the engine is not silent, it is held back
-                self.last_heard = self.loop.time()
-            if (heard_until := self.last_heard + self.silence) > self.loop.time():
-                self.timer = self.loop.call_at(heard_until, self._time_out)
-                return
+        if self.silence is not None and (heard_until := self.last_heard + self.silence) > self.loop.time():
+            self.timer = self.loop.call_at(heard_until, self._time_out)
+            return
         self.timer = None
         self.fail(TimeoutError())
 
@@ -244,7 +241,8 @@ class _Connection(asyncio.Protocol):
         data = self.pieces[0] if len(self.pieces) == 1 else b"".join(self.pieces)
         self.pieces.clear()
         self.buffered = 0
-        if self.paused and self.transport is not None:
+        if self.paused and self.transport is not None:  # held back by the reader, which reads again: progress
+            self.last_heard = self.loop.time()
             self.paused = False
             self.transport.resume_reading()
         return data
@@ -353,7 +351,7 @@ class Client:
         silence: bool = False,
     ) -> AsyncIterator[Response]:
         """Send a request; the response once its head has arrived. Raises ``TransportError`` where the engine
-        cannot be reached or breaks off, ``asyncio.TimeoutError`` past ``timeout`` seconds: of the whole request,
+        cannot be reached or breaks off, ``TimeoutError`` past ``timeout`` seconds: of the whole request,
         or with ``silence`` of the engine sending nothing (connecting included)."""
         target = self._targets.get(url)
         if target is None:
@@ -386,6 +384,8 @@ class Client:
             # engine may have read it and begun.
             resend = method in IDEMPOTENT and kept and attempt == 1 and not connection.received
             if not (resend and isinstance(error, TransportError)):
+                if kept and not connection.received and type(error) is TransportError:  # closed as it was reused
+                    raise Unreachable(f"{error} (a kept connection, as the request went out)") from None
                 raise error
             for stale in self._idle.pop(target.origin, ()):
                 stale.close()

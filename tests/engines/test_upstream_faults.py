@@ -129,7 +129,11 @@ def text_of(chunks: list[Chunk]) -> str:
         (event({"content": "A red "}), "text/event-stream"),  # ended before its finish reason or [DONE]
         (b'{"hello": "world"}', "application/json"),  # JSON, not an answer
         (b'data: {"foo": 1}\n\ndata: [DONE]\n\n', "text/event-stream"),  # [DONE], and no choice before it
-        (b'data: {"choices": [{"index": 0, "delta": {"content": "caf\xe9 \xff"}}]}\n\n', "text/event-stream"),
+        (
+            b'data: {"choices": [{"index": 0, "delta": {"content": "caf\xe9 \xff"}, "finish_reason": "stop"}]}\n\n'
+            b"data: [DONE]\n\n",
+            "text/event-stream",
+        ),
         (b"data: " + b"[" * 100_000 + b"\n\n", "text/event-stream"),  # nested past the parser's depth
     ],
     ids=["html page", "no events", "not JSON", "cut short", "no answer", "no choice", "not UTF-8", "too deep"],
@@ -178,10 +182,12 @@ def test_an_answer_whole_before_its_connection_broke_or_its_last_line_ended_is_w
 def test_calls_cut_by_length_keep_the_whole_ones() -> None:
     whole = {"index": 0, "id": "call_a", "function": {"name": "w", "arguments": '{"city": "Paris"}'}}
     cut = {"index": 1, "id": "call_b", "function": {"name": "w", "arguments": '{"ci'}}
-    body = event({"tool_calls": [whole]}) + event({"tool_calls": [cut]}) + event({}, "length") + b"data: [DONE]\n\n"
-    last = asyncio.run(ask([answer_with(body)]))[-1]
-    assert last.finish_reason == FinishReason.LENGTH
-    assert [(c.id, c.arguments) for c in last.tool_calls or ()] == [("call_a", '{"city": "Paris"}')]
+    bare = {"index": 2, "id": "call_c", "function": {"name": "w"}}  # cut right after its name: no arguments yet
+    for last_one in (cut, bare):
+        body = event({"tool_calls": [whole]}) + event({"tool_calls": [last_one]}) + event({}, "length")
+        last = asyncio.run(ask([answer_with(body + b"data: [DONE]\n\n")]))[-1]
+        assert last.finish_reason == FinishReason.LENGTH
+        assert [(c.id, c.arguments) for c in last.tool_calls or ()] == [("call_a", '{"city": "Paris"}')]
 
 
 def test_no_engine_reachable_is_503_worth_retrying() -> None:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from llamascope import errors
 from llamascope.api.incoming import envelope
@@ -96,28 +96,32 @@ class FunctionCall(BaseModel):
 
 
 class ToolCallBody(BaseModel):
-    """A tool call, as DashScope and OpenAI write it; ``index`` is its place among the answer's calls."""
+    """A tool call, as OpenAI writes it in a whole answer."""
 
-    index: int | None = None
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
-    @model_serializer(mode="wrap")
-    def _without_absent_index(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
-        body: dict[str, object] = handler(self)
-        if body.get("index") is None:
-            body.pop("index", None)  # as OpenAI: a whole answer's calls have no index, only a stream's
-        return body
 
-    @classmethod
-    def of(cls, call: ToolCall, index: int | None) -> ToolCallBody:
-        return cls(index=index, id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+class IndexedToolCallBody(ToolCallBody):
+    """A tool call with ``index``, its place among the answer's calls: DashScope's always, OpenAI's in a stream."""
+
+    index: int
 
 
-def tool_call_bodies(calls: Sequence[ToolCall], indexed: bool = True) -> list[ToolCallBody] | None:
+def tool_call_bodies(calls: Sequence[ToolCall]) -> list[IndexedToolCallBody] | None:
     """An answer's calls for ``message.tool_calls``, or None (the key left out) when it called none."""
-    return [ToolCallBody.of(call, i if indexed else None) for i, call in enumerate(calls)] or None
+    bodies = [
+        IndexedToolCallBody(index=i, id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+        for i, c in enumerate(calls)
+    ]
+    return bodies or None
+
+
+def whole_tool_call_bodies(calls: Sequence[ToolCall]) -> list[ToolCallBody] | None:
+    """As ``tool_call_bodies``, without ``index``: an OpenAI answer's, not streamed."""
+    bodies = [ToolCallBody(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+    return bodies or None
 
 
 TOOL_CALLS_IN = (
@@ -249,7 +253,7 @@ class TextItem(BaseModel):
 class AssistantMessage(BaseModel):
     role: str = "assistant"
     content: list[TextItem] = Field(description="No item when the answer is tool calls.")
-    tool_calls: list[ToolCallBody] | None = Field(None, description='With finish_reason "tool_calls".')
+    tool_calls: list[IndexedToolCallBody] | None = Field(None, description='With finish_reason "tool_calls".')
 
 
 FINISH_REASONS: list[JsonValue] = ["stop", "length", "tool_calls"]

@@ -21,11 +21,12 @@ from llamascope.api.native.protocol import (
     EXAMPLE_IMAGE,
     FINISH_REASONS,
     TOOL_CALLS_IN,
+    IndexedToolCallBody,
     MaxTokens,
     Sampling,
     Structured,
     ToolCallBody,
-    tool_call_bodies,
+    whole_tool_call_bodies,
 )
 from llamascope.conversation.service import Usage
 from llamascope.engines.base import TokenLogprob
@@ -253,9 +254,9 @@ class Message(BaseModel):
         return body
 
     @classmethod
-    def of(cls, text: str, tool_calls: list[ToolCall], indexed: bool = False) -> Message:
+    def of(cls, text: str, tool_calls: list[ToolCall]) -> Message:
         if tool_calls:
-            return cls(content=text or None, tool_calls=tool_call_bodies(tool_calls, indexed))
+            return cls(content=text or None, tool_calls=whole_tool_call_bodies(tool_calls))
         return cls(content=text)
 
 
@@ -326,7 +327,7 @@ class Delta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
-    tool_calls: list[ToolCallBody] | None = None
+    tool_calls: list[IndexedToolCallBody] | None = None
 
     @model_serializer(mode="wrap")
     def _only_news(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:

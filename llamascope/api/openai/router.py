@@ -21,7 +21,7 @@ from llamascope.api.incoming import (
     source_context,
     unless_disconnected,
 )
-from llamascope.api.native.protocol import ToolCallBody, tool_call_bodies
+from llamascope.api.native.protocol import IndexedToolCallBody, tool_call_bodies
 from llamascope.api.openai.protocol import (
     ChatBody,
     ChatCompletion,
@@ -64,7 +64,7 @@ async def _stream(
 
     role: Literal["assistant"] | None = "assistant"  # in the first delta only
 
-    def delta(content: str | None = None, tool_calls: list[ToolCallBody] | None = None) -> Delta:
+    def delta(content: str | None = None, tool_calls: list[IndexedToolCallBody] | None = None) -> Delta:
         nonlocal role
         news, role = Delta(role=role, content=content, tool_calls=tool_calls), None
         return news

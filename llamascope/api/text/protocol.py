@@ -24,9 +24,9 @@ from llamascope.api.incoming import envelope
 from llamascope.api.native.protocol import (
     FINISH_REASONS,
     GenerationRequest,
+    IndexedToolCallBody,
     Message,
     Parameters,
-    ToolCallBody,
     UsageBody,
     tool_call_bodies,
 )
@@ -143,7 +143,7 @@ class TextOutput(BaseModel):
 class AssistantMessage(BaseModel):
     role: str = "assistant"
     content: str = Field(description="Empty when the answer is tool calls.")
-    tool_calls: list[ToolCallBody] | None = Field(None, description='With finish_reason "tool_calls".')
+    tool_calls: list[IndexedToolCallBody] | None = Field(None, description='With finish_reason "tool_calls".')
 
 
 class Choice(BaseModel):

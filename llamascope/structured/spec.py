@@ -186,6 +186,16 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def legacy_functions(functions: Any, function_call: Any) -> tuple[str, str] | None:
+    """OpenAI's deprecated ``functions`` / ``function_call``, where a request uses them: (the field, the field to use
+    instead); None for neither (no functions, or function_call "none", asks nothing). Refused on every surface."""
+    if functions:
+        return "functions", "tools"
+    if function_call not in (None, "none"):
+        return "function_call", "tool_choice"
+    return None
+
+
 def read_request(
     *,
     response_format: Any = None,
@@ -204,11 +214,11 @@ def read_request(
     ``functions`` and ``function_call`` are refused for ``tools`` and ``tool_choice``: answering as if they were
     heard (no call ever made) would mislead.
     """
-    legacy = "functions" if functions else "function_call" if function_call not in (None, "none") else None
-    if legacy is not None:  # (no functions, or function_call "none", asks nothing: as in compatible mode)
-        instead = "tools" if legacy == "functions" else "tool_choice"
+    legacy = legacy_functions(functions, function_call)
+    if legacy is not None:
+        field, instead = legacy
         raise invalid_parameter(
-            f"Parameter {prefix}{legacy}: the deprecated function calls are not supported; use {prefix}{instead}."
+            f"Parameter {prefix}{field}: the deprecated function calls are not supported; use {prefix}{instead}."
         )
     fmt = _response_format(response_format, prefix)
     if fmt.type == "json_object" and not any("json" in text.lower() for text in message_texts):

@@ -30,6 +30,7 @@ from llamascope.api.native.protocol import (
 )
 from llamascope.conversation.service import Usage
 from llamascope.engines.base import TokenLogprob
+from llamascope.structured.spec import legacy_functions
 from llamascope.structured.tools import ToolCall
 
 # Fields that mean the same in both dialects (DashScope's in ``parameters``); DashScope extras ride at the top
@@ -79,10 +80,9 @@ def _unserved(body: dict[str, Any]) -> tuple[str, str] | None:
 
     Answering as if it had been honoured (a tool call never made, text where JSON was promised, no log
     probabilities) would mislead the caller; fields that change nothing when left alone are accepted."""
-    if body.get("functions"):
-        return "functions", "the deprecated function calls are not supported; use tools"
-    if body.get("function_call") not in (None, "none"):
-        return "function_call", "the deprecated function calls are not supported; use tool_choice"
+    legacy = legacy_functions(body.get("functions"), body.get("function_call"))
+    if legacy is not None:
+        return legacy[0], f"the deprecated function calls are not supported; use {legacy[1]}"
     if body.get("logit_bias"):
         return "logit_bias", "logit biases are not supported"
     for name in ("frequency_penalty", "presence_penalty"):

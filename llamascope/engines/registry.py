@@ -20,7 +20,7 @@ from typing import Literal
 from llamascope.engines.base import Engine, ModelLoadError
 from llamascope.engines.devices import Bounds
 from llamascope.engines.model_dir import SERVED_MODEL_TYPES, check_model_dir
-from llamascope.engines.upstream import UpstreamEngine
+from llamascope.engines.upstream import ANSWER_SILENCE, UpstreamEngine
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class UpstreamModel:
     context_length: int = 8192
     tokenizer: str | None = None  # a local tokenizer directory, to count prompts without asking the engine
     chat_template: str | None = None
-    silence: float = 300.0  # seconds an engine may send nothing before its answer is given up (upstream_timeout)
+    silence: float = ANSWER_SILENCE  # seconds an engine may send nothing before its answer is given up
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ async def read_json(request: Request) -> object:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise errors.invalid_parameter(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the parser's depth (about 1,000): the caller's body, not a 500
+        raise errors.invalid_parameter("The request body is not valid JSON: it is nested too deeply.") from None
 
 
 async def until_hangup(

@@ -164,7 +164,7 @@ def _tool_calls(index: int, value: Any) -> tuple[ToolCall, ...]:
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
                 raise _bad(f"{at}.function.arguments: not valid JSON.") from None
         if arguments is None:
             arguments = {}

@@ -114,6 +114,9 @@ def events(r: httpx.Response) -> list[dict[str, Any]]:
 # -- refusals: 400 InvalidParameter naming the field, before anything streams ---------------------------------
 
 UNCOMPILABLE = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}
+DEEP: dict[str, Any] = {"type": "integer"}
+for _ in range(300):  # well within the body parser's depth, past what the schema checks can recurse through
+    DEEP = {"type": "object", "properties": {"a": DEEP}}
 REFUSALS = [
     # (id, fields, messages' text, the field named)
     ("json without json", {"response_format": {"type": "json_object"}}, "Read it.", "'messages' must contain"),
@@ -136,6 +139,18 @@ REFUSALS = [
         "tool_choice.function.name",
     ),
     ("required without tools", {"tool_choice": "required"}, "Read it.", "tool_choice"),
+    (
+        "schema nested too deeply",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": DEEP}}},
+        "Read it.",
+        "response_format.json_schema.schema",
+    ),
+    (
+        "parameters nested too deeply",
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": DEEP}}]},
+        "Read it.",
+        "tools[0].function.parameters",
+    ),
 ]
 
 

@@ -118,6 +118,28 @@ def test_errors_in_the_openai_shape(server: Server, client: openai.OpenAI, image
         assert missing.value.body["param"] == "messages", missing.value.body
 
 
+def test_json_nested_too_deeply_is_the_callers_400(server: Server, client: openai.OpenAI) -> None:
+    """JSON nested past the parser's depth, as a body or as a tool call's arguments in the history, is refused
+    naming the fault, on both surfaces, never a 500."""
+    headers = {"Authorization": f"Bearer {server.key}", "Content-Type": "application/json"}
+    deep = b"[" * 5000 + b"]" * 5000
+    for url in (str(client.base_url) + "chat/completions", server.base + NATIVE):
+        raw = httpx.post(url, content=deep, headers=headers)
+        assert raw.status_code == 400 and "nested too deeply" in raw.text, raw.text
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call_of("f", "[" * 5000 + "]" * 5000)]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "done"},
+    ]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=SEED_MODEL, messages=history, max_tokens=2)  # type: ignore[arg-type]
+    assert "tool_calls[0].function.arguments" in bad.value.body["message"], bad.value.body
+
+
+def call_of(name: str, arguments: str) -> dict:
+    return {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
 def test_models(client: openai.OpenAI) -> None:
     assert {m.id for m in client.models.list()} == {"llama3.2-11b-vision", "llama3.2-90b-vision-instruct"}
 

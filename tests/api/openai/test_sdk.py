@@ -140,6 +140,19 @@ def call_of(name: str, arguments: str) -> dict:
     return {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
+def test_tokenize_counts_the_tools_as_a_completion_does(server: Server) -> None:
+    """vLLM's /tokenize (what a front llamascope asks, with the request's tools): the tools are in the prompt, so
+    they are in the count, which is the completion's prompt_tokens."""
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    body = {"model": SEED_MODEL, "messages": [{"role": "user", "content": "What time is it?"}], "tools": [tool]}
+    headers = {"Authorization": f"Bearer {server.key}"}
+    counted = httpx.post(server.base + "/compatible-mode/tokenize", json=body, headers=headers)
+    chat = server.base + "/compatible-mode/v1/chat/completions"
+    done = httpx.post(chat, json={**body, "max_tokens": 1}, headers=headers, timeout=60)
+    bare = httpx.post(server.base + "/compatible-mode/tokenize", json={**body, "tools": None}, headers=headers)
+    assert counted.json()["count"] == done.json()["usage"]["prompt_tokens"] > bare.json()["count"], counted.text
+
+
 def test_models(client: openai.OpenAI) -> None:
     assert {m.id for m in client.models.list()} == {"llama3.2-11b-vision", "llama3.2-90b-vision-instruct"}
 

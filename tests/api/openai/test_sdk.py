@@ -116,6 +116,11 @@ def test_errors_in_the_openai_shape(server: Server, client: openai.OpenAI, image
         with pytest.raises(openai.BadRequestError) as missing:
             client.chat.completions.create(model=SEED_MODEL, messages=empty)  # type: ignore[arg-type]
         assert missing.value.body["param"] == "messages", missing.value.body
+    with pytest.raises(openai.BadRequestError) as last:  # "The last message must be a user message ..."
+        client.chat.completions.create(
+            model=SEED_MODEL, messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        )
+    assert last.value.body["param"] == "messages", last.value.body
 
 
 def test_json_nested_too_deeply_is_the_callers_400(server: Server, client: openai.OpenAI) -> None:

@@ -141,6 +141,30 @@ def test_json_nested_too_deeply_is_the_callers_400(server: Server, client: opena
     assert "tool_calls[0].function.arguments" in bad.value.body["message"], bad.value.body
 
 
+def test_a_lone_surrogate_is_the_callers_400(server: Server, client: openai.OpenAI) -> None:
+    """A string cut inside an emoji (a JavaScript client's slice) reaches JSON as a lone surrogate escape, which no
+    text can be encoded with: refused on every surface, in the body or in a call's arguments; a whole pair is
+    its character."""
+    headers = {"Authorization": f"Bearer {server.key}", "Content-Type": "application/json"}
+    chat = str(client.base_url) + "chat/completions"
+    body = '{"model": "%s", "max_tokens": 1, "messages": [{"role": "user", "content": "%s"}]}'
+    whole = httpx.post(chat, content=body % (SEED_MODEL, "smile \\ud83d\\ude00"), headers=headers, timeout=60)
+    assert whole.status_code == 200, whole.text
+    native = '{"model": "%s", "input": {"messages": [{"role": "user", "content": "%s"}]}}'
+    text = server.base + "/api/v1/services/aigc/text-generation/generation"
+    for url, form in ((chat, body), (text, native)):
+        cut = httpx.post(url, content=form % (SEED_MODEL, "smile \\ud83d"), headers=headers, timeout=60)
+        assert cut.status_code == 400 and "lone surrogate" in cut.text, cut.text
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call_of("f", '{"text": "\\ud83d"}')]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "done"},
+    ]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=SEED_MODEL, messages=history, max_tokens=2)  # type: ignore[arg-type]
+    assert "function.arguments: a string holds a lone surrogate" in bad.value.body["message"], bad.value.body
+
+
 def call_of(name: str, arguments: str) -> dict:
     return {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}
 

@@ -179,6 +179,24 @@ def test_openai_refusals_name_the_field(client: openai.OpenAI, fields: dict, tex
         assert body["param"] == ("messages" if named.startswith("'messages'") else named), body
 
 
+@pytest.mark.parametrize(
+    "schema",
+    [{"$ref": "#"}, {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}],
+    ids=["itself", "a circle"],
+)
+def test_a_schema_nothing_satisfies_is_refused(client: openai.OpenAI, schema: dict) -> None:
+    """It compiles, but allows no first token: answered, it ended at once as "stop" with no JSON at all."""
+    json_schema = {"name": "r", "schema": schema}
+    fields: dict[str, Any] = {"response_format": {"type": "json_schema", "json_schema": json_schema}}
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(
+                model=SEED_MODEL, messages=openai_messages(), max_tokens=8, stream=stream, **fields
+            )
+        assert bad.value.body["param"] == "response_format.json_schema.schema", bad.value.body
+        assert "no JSON value satisfies it" in bad.value.body["message"], bad.value.body
+
+
 LEGACY = {"name": "get_weather", "parameters": WEATHER_PARAMETERS}
 
 

@@ -31,12 +31,39 @@ def envelope(body: object) -> dict[str, Any]:
     return body
 
 
+# Deeper than any request needs (a JSON Schema of ten levels is already rare); deep enough bodies would
+# otherwise end in a RecursionError, in the parser or in whatever walks the body after it: a 500.
+MAX_JSON_DEPTH = 128
+
+
 async def read_json(request: Request) -> object:
     body = await request.body()
     try:
-        return json.loads(body)
+        value = json.loads(body)
+    except RecursionError:
+        value = None  # nested past the parser's own limit
     except (ValueError, UnicodeDecodeError) as exc:
         raise errors.invalid_parameter(f"The request body is not valid JSON: {exc}") from None
+    else:
+        if _within_depth(value, MAX_JSON_DEPTH):
+            return value
+    raise errors.invalid_parameter(f"The request body is nested too deeply: at most {MAX_JSON_DEPTH} levels.")
+
+
+def _within_depth(value: object, limit: int) -> bool:
+    """Whether no array or object in ``value`` lies more than ``limit`` levels deep (walked without recursion)."""
+    level: list[object] = [value]
+    for _ in range(limit):
+        below: list[object] = []
+        for item in level:
+            if isinstance(item, dict):
+                below.extend(v for v in item.values() if isinstance(v, (dict, list)))
+            elif isinstance(item, list):
+                below.extend(v for v in item if isinstance(v, (dict, list)))
+        if not below:
+            return True
+        level = below
+    return False
 
 
 async def until_hangup(

@@ -63,7 +63,7 @@ def _stop(value: Any) -> tuple[str, ...]:
         return ()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise _bad("Parameter stop should be a string or a list of strings.")
+        raise _bad("Parameter stop should be a string or a list of strings (stop token ids are not supported).")
     if any(s == "" for s in items):
         raise _bad("Parameter stop should not contain an empty string.")
     return tuple(dict.fromkeys(items))
@@ -74,6 +74,10 @@ def parse_parameters(params: Any, context_length: int) -> Options:
         params = {}
     if not isinstance(params, dict):
         raise _bad("parameters must be an object.")
+
+    n = params.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise _bad("Parameter n: only one choice per request is supported.")
 
     max_name = next((name for name in MAX_TOKENS_NAMES if params.get(name) is not None), "max_tokens")
     max_new = _integer(params, max_name)

@@ -26,6 +26,10 @@ from llamascope.conversation.parameters import MAX_SEED
 from llamascope.conversation.service import Usage
 from llamascope.structured.tools import ToolCall
 
+# The multimodal endpoint answers in the message format either way (its VL callers read output.choices), but
+# a value that is neither is refused on both endpoints alike.
+RESULT_FORMATS = ("text", "message")
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -42,6 +46,9 @@ class GenerationRequest:
             raise errors.ServiceError(400, "BadRequest.EmptyInput", "Required input parameter missing from request.")
         if not isinstance(payload, dict):
             raise errors.invalid_parameter("input must be an object with a messages list.")
+        parameters = body.get("parameters")
+        if isinstance(parameters, dict) and parameters.get("result_format") not in (None, *RESULT_FORMATS):
+            raise errors.invalid_parameter('Parameter result_format should be "text" or "message".')
         return cls(model=model, messages=payload.get("messages"), parameters=body.get("parameters"))
 
 
@@ -209,6 +216,10 @@ class Parameters(Sampling, Structured):
     max_completion_tokens: MaxTokens = Field(None, description="Another name of max_tokens.")
     min_new_tokens: MinNewTokens = None
     incremental_output: bool | None = Field(None, description="Stream deltas instead of the whole text so far.")
+    result_format: Literal["text", "message"] | None = Field(
+        None, description="Either way the multimodal endpoint answers in the message format (output.choices)."
+    )
+    n: Literal[1] | None = Field(None, description="Choices per request: one only.")
 
 
 # A 16 x 16 red PNG: the documents' examples run as they are.

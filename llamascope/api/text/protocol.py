@@ -23,6 +23,7 @@ from llamascope import errors
 from llamascope.api.incoming import envelope
 from llamascope.api.native.protocol import (
     FINISH_REASONS,
+    RESULT_FORMATS,
     GenerationRequest,
     IndexedToolCallBody,
     Message,
@@ -32,8 +33,6 @@ from llamascope.api.native.protocol import (
 )
 from llamascope.conversation.service import Usage
 from llamascope.structured.tools import ToolCall
-
-RESULT_FORMATS = ("text", "message")
 
 
 def _empty_input() -> errors.ServiceError:

@@ -190,6 +190,9 @@ ERROR_CASES = [
     ("unknown-model", {"model": "nope", "input": {"messages": []}}, 400, "InvalidParameter", "Model not exist."),
     ("not-json", b"{not json", 400, "InvalidParameter", "not valid JSON"),
     ("not-object", [1, 2], 400, "InvalidParameter", "JSON object"),
+    # Nested past the parser's recursion limit, or only deep: a RecursionError was a 500.
+    ("nested-past-parser", b'{"model": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "InvalidParameter", "too deeply"),
+    ("nested-deep", b'{"parameters": {"x": ' + b"[" * 990 + b"]" * 990 + b"}}", 400, "InvalidParameter", "too deeply"),
     ("text-only", _msgs({"role": "user", "content": "hi"}), 400, "InvalidParameter", "must carry an image (found 0)"),
     ("tool-role", _msgs({"role": "tool", "content": "x"}), 400, "InvalidParameter", "must answer a call"),
     (
@@ -300,6 +303,9 @@ PARAM_CASES = [
     ({"stop": ""}, "stop"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"incremental_output": "yes"}, "incremental_output"),
+    ({"n": 2}, "Parameter n: only one choice"),  # was answered with one choice, silently
+    ({"result_format": "xml"}, "result_format"),  # the text-generation endpoint refused it, this one ignored it
+    ({"stop": [[128009]]}, "stop token ids are not supported"),
 ]
 
 

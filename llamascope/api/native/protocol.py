@@ -24,6 +24,7 @@ from llamascope.api.incoming import envelope
 from llamascope.api.openapi import UP_TO_CONTEXT_LENGTH
 from llamascope.conversation.parameters import MAX_SEED
 from llamascope.conversation.service import Usage
+from llamascope.engines.base import TokenLogprob
 from llamascope.structured.tools import ToolCall
 
 # The multimodal endpoint answers in the message format either way (its VL callers read output.choices), but
@@ -270,12 +271,45 @@ class AssistantMessage(BaseModel):
 FINISH_REASONS: list[JsonValue] = ["stop", "length", "tool_calls"]
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobBody(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+    @classmethod
+    def of(cls, item: TokenLogprob) -> TokenLogprobBody:
+        rivals = [TopLogprob(token=t, logprob=p, bytes=list(t.encode())) for t, p in item.top]
+        return cls(token=item.text, logprob=item.logprob, bytes=list(item.text.encode()), top_logprobs=rivals)
+
+
+class Logprobs(BaseModel):
+    """Each token's log-probability with its likeliest rivals: OpenAI's shape, which DashScope's answers share
+    (``choices[].logprobs.content``)."""
+
+    content: list[TokenLogprobBody]
+
+    @classmethod
+    def of(cls, items: list[TokenLogprob] | None) -> Logprobs | None:
+        return None if items is None else cls(content=[TokenLogprobBody.of(i) for i in items])
+
+
+LOGPROBS_IN = (
+    "With parameters.logprobs: the answer's tokens; in a stream with incremental_output those new in each "
+    "event, without it all of them in the last event."
+)
+
+
 class Choice(BaseModel):
     finish_reason: str = Field(
         json_schema_extra={"enum": [*FINISH_REASONS, "null"]},
         description='The string "null" until the last event of a stream.',
     )
     message: AssistantMessage
+    logprobs: Logprobs | None = Field(None, description=LOGPROBS_IN)
 
 
 class Output(BaseModel):
@@ -305,12 +339,19 @@ class GenerationResult(BaseModel):
 
     @classmethod
     def of(
-        cls, text: str, finish_reason: str, usage: Usage, request_id: str, tool_calls: Sequence[ToolCall] = ()
+        cls,
+        text: str,
+        finish_reason: str,
+        usage: Usage,
+        request_id: str,
+        tool_calls: Sequence[ToolCall] = (),
+        logprobs: list[TokenLogprob] | None = None,
     ) -> GenerationResult:
         items = [TextItem(text=text)] if text or not tool_calls else []
         message = AssistantMessage(content=items, tool_calls=tool_call_bodies(tool_calls))
+        choice = Choice(finish_reason=finish_reason, message=message, logprobs=Logprobs.of(logprobs))
         return cls(
-            output=Output(choices=[Choice(finish_reason=finish_reason, message=message)]),
+            output=Output(choices=[choice]),
             usage=UsageBody.of(usage),
             request_id=request_id,
         )

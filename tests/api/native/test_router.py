@@ -101,6 +101,22 @@ def test_greedy_stream_deltas_equal_whole_answer(server: Server, image_host) -> 
     assert [e["output"]["choices"][0]["finish_reason"] for e in deltas].count("length") == 1
 
 
+def test_streamed_logprobs_come_with_their_tokens(server: Server, image_host) -> None:
+    """With increments, each event has its new tokens'; without, the last event has them all (none before)."""
+    body = generation_body(image_host.url("/red.png"), max_tokens=6, temperature=0, logprobs=True)
+    whole = post(server, body).json()["output"]["choices"][0]["logprobs"]["content"]
+    tokens = [t["token"] for t in whole]
+    cumulative = [e["output"]["choices"][0] for e in sse_events(post(server, body, stream=True).text)]
+    assert [c.get("logprobs") for c in cumulative[:-1]] == [None] * (len(cumulative) - 1)
+    assert [t["token"] for t in cumulative[-1]["logprobs"]["content"]] == tokens
+    body["parameters"]["incremental_output"] = True
+    deltas = [e["output"]["choices"][0] for e in sse_events(post(server, body, stream=True).text)]
+    assert [t["token"] for c in deltas for t in c["logprobs"]["content"]] == tokens
+    assert all(
+        "".join(t["token"] for t in c["logprobs"]["content"]) == c["message"]["content"][0]["text"] for c in deltas
+    )
+
+
 def test_image_changes_the_answer_and_seed_repeats_it(server: Server, image_host) -> None:
     red = text_of(post(server, generation_body(image_host.url("/red.png"), max_tokens=12, temperature=0)).json())
     blue = text_of(post(server, generation_body(image_host.url("/blue.png"), max_tokens=12, temperature=0)).json())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -34,20 +35,38 @@ def envelope(body: object) -> dict[str, Any]:
 # Deeper than any request needs (a JSON Schema of ten levels is already rare); deep enough bodies would
 # otherwise end in a RecursionError, in the parser or in whatever walks the body after it: a 500.
 MAX_JSON_DEPTH = 128
+# JSON may escape a UTF-16 surrogate (an emoji is a pair of them); Python's parser also takes a lone one,
+# which is no character: it fails (a 500) wherever the text is encoded, in the prompt, a log, an answer.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 async def read_json(request: Request) -> object:
     body = await request.body()
     try:
         value = json.loads(body)
-    except RecursionError:
-        value = None  # nested past the parser's own limit
+    except RecursionError:  # nested past the parser's own limit
+        raise _too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise errors.invalid_parameter(f"The request body is not valid JSON: {exc}") from None
-    else:
-        if _within_depth(value, MAX_JSON_DEPTH):
-            return value
-    raise errors.invalid_parameter(f"The request body is nested too deeply: at most {MAX_JSON_DEPTH} levels.")
+    if not _within_depth(value, MAX_JSON_DEPTH):
+        raise _too_deep()
+    if _SURROGATE_ESCAPE.search(body) and not _encodable(value):
+        raise errors.invalid_parameter(
+            "The request body is not valid JSON: a \\u escape is a lone UTF-16 surrogate, which is no character."
+        )
+    return value
+
+
+def _too_deep() -> errors.ServiceError:
+    return errors.invalid_parameter(f"The request body is nested too deeply: at most {MAX_JSON_DEPTH} levels.")
+
+
+def _encodable(value: object) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _within_depth(value: object, limit: int) -> bool:

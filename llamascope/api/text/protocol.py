@@ -59,7 +59,10 @@ def messages_of(payload: Any) -> Any:
         if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
             raise errors.invalid_parameter('input.history must be a list of {"user": ..., "bot": ...} pairs.')
         turns = []
-        for pair in history:
+        for i, pair in enumerate(history):
+            for said in ("user", "bot"):
+                if pair.get(said) is not None and not isinstance(pair[said], str):
+                    raise errors.invalid_parameter(f"input.history[{i}].{said} must be a string.")
             turns += [{"role": "user", "content": pair.get("user")}, {"role": "assistant", "content": pair.get("bot")}]
     elif prompt:
         turns = []

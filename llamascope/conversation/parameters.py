@@ -19,6 +19,7 @@ from llamascope.engines.base import SamplingParams
 MAX_SEED = 2**63 - 1
 DEFAULT_MAX_TOKENS = 512
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat completions
+MAX_STOPS, MAX_STOP_CHARS = 32, 1000  # OpenAI takes 4 stop strings
 # One setting, several names: the first one the caller sent is the one used, and named in its errors.
 MAX_TOKENS_NAMES = ("max_tokens", "max_new_tokens", "max_completion_tokens")
 
@@ -66,6 +67,9 @@ def _stop(value: Any) -> tuple[str, ...]:
         raise _bad("Parameter stop should be a string or a list of strings (stop token ids are not supported).")
     if any(s == "" for s in items):
         raise _bad("Parameter stop should not contain an empty string.")
+    # Each is looked for in every piece of the answer, on the event loop: tens of thousands stalled the server.
+    if len(items) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in items):
+        raise _bad(f"Parameter stop should hold at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters.")
     return tuple(dict.fromkeys(items))
 
 

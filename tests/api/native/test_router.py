@@ -330,6 +330,8 @@ PARAM_CASES = [
     ({"n": 2}, "Parameter n: only one choice"),  # was answered with one choice, silently
     ({"result_format": "xml"}, "result_format"),  # the text-generation endpoint refused it, this one ignored it
     ({"stop": [[128009]]}, "stop token ids are not supported"),
+    ({"stop": [f"s{i}" for i in range(33)]}, "at most 32 strings"),  # 50,000 stalled the server for seconds
+    ({"stop": ["s" * 1001]}, "of at most 1000 characters"),
 ]
 
 

@@ -108,7 +108,9 @@ def decode_image(
     digest = hashlib.sha256(data).hexdigest()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns from 89.5 million pixels (its MAX_IMAGE_PIXELS) and refuses from twice that; the limit
+            # here is limits.max_pixels, checked below before any pixel is decoded.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             found = img.format or "unknown"
             if found not in ACCEPTED_FORMATS:
@@ -133,8 +135,9 @@ def decode_image(
                     rgb = rgb.resize(target, Image.Resampling.BILINEAR, reducing_gap=vips.RESIZE_GAP)
     except errors.ServiceError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise errors.image_bad_size(f"The image has more than the limit of {limits.max_pixels} pixels.") from None
+    except Image.DecompressionBombError:  # over twice Pillow's own limit, which it holds whatever ours is
+        limit = min(limits.max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or limits.max_pixels))
+        raise errors.image_bad_size(f"The image has more than the limit of {limit} pixels.") from None
     except UnidentifiedImageError:
         sniffed = _sniff(data)
         if sniffed:

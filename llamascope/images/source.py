@@ -102,7 +102,10 @@ def parse_reference(
     ref: str, policy: FetchPolicy, context: SourceContext = ANONYMOUS, local: LocalPolicy = NO_LOCAL_FILES
 ) -> ImageSource:
     """Pick the source for an image reference, or refuse it."""
-    scheme = urlsplit(ref).scheme.lower() if ":" in ref else ""
+    try:
+        scheme = urlsplit(ref).scheme.lower() if ":" in ref else ""
+    except ValueError:  # a bracketed host that is no IPv6 address: "http://[127.0.0.1]/"
+        raise errors.invalid_parameter("url error, please check url! The image URL is not valid.") from None
     if scheme == "data":
         return DataUriSource(ref, policy.max_bytes)
     if scheme in ("http", "https"):
@@ -235,6 +238,10 @@ class UrlSource:
             ) from None
         except _Refused as exc:
             raise errors.image_download_failed(str(exc)) from None
+        except httpx.InvalidURL:  # control characters, or longer than httpx takes (not an HTTPError)
+            raise errors.image_download_failed("the image URL is not valid") from None
+        except httpx.RemoteProtocolError:  # a malformed answer, or a body cut short of its Content-Length
+            raise errors.image_download_failed("the image host sent an invalid or incomplete HTTP answer") from None
         except httpx.HTTPError:
             raise errors.image_download_failed("the image host could not be reached") from None
 
@@ -248,9 +255,11 @@ class UrlSource:
                 request = await self._pinned_request(client, url)
                 response = await client.send(request, stream=True)
                 try:
-                    if response.is_redirect:
-                        location = response.headers.get("location", "")
-                        url = urljoin(url, location)
+                    if response.has_redirect_location:  # a 3xx without a Location is answered below, as it is
+                        try:
+                            url = urljoin(url, response.headers["location"])
+                        except ValueError:
+                            raise _Refused("the image host redirected to a URL that is not valid") from None
                         continue
                     if response.status_code != 200:
                         raise _Refused(f"the image host answered HTTP {response.status_code}")
@@ -274,20 +283,32 @@ class UrlSource:
         return bytes(body)
 
     async def _pinned_request(self, client: httpx.AsyncClient, url: str) -> httpx.Request:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(url)
+            hostname = parts.hostname
+        except ValueError:  # a bracketed host that is no IPv6 address
+            raise _Refused("the image URL is not valid") from None
+        if parts.scheme not in ("http", "https") or not hostname:
             raise _Refused("only http and https URLs with a host name can be fetched")
         if parts.username or parts.password:
             raise _Refused("URLs with credentials are not fetched")
-        host = parts.hostname.rstrip(".").lower()
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            # The ASCII form a browser would send (IDNA): the name is checked, resolved and sent as Host and TLS
+            # name in the one spelling, and "①②⑦.0.0.①" is checked as the 127.0.0.1 it stands for.
+            host = hostname.rstrip(".").encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            raise _Refused("the image host name could not be resolved") from None
+        try:
+            explicit_port = parts.port
         except ValueError:
             raise _Refused("the URL's port is not valid") from None
+        port = explicit_port or (443 if parts.scheme == "https" else 80)
         address = await self._checked_address(host, port)
         netloc = f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
         pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-        host_header = parts.netloc.rsplit("@", 1)[-1]
+        host_header = f"[{host}]" if ":" in host else host
+        if explicit_port is not None:
+            host_header += f":{explicit_port}"
         return client.build_request(
             "GET",
             pinned,

@@ -161,11 +161,15 @@ class LocalFileSource:
         raw = unquote(parts.path) if parts.scheme else self.ref
         if parts.scheme and parts.netloc not in ("", "localhost"):
             raise errors.invalid_parameter("url error, please check url! file:// URLs must name a local path.")
-        path = Path(os.path.expanduser(raw)).resolve()  # symlinks followed before the check
+        outside = errors.invalid_parameter(
+            "url error, please check url! The path is not a file inside a directory this server may read."
+        )
+        try:
+            path = Path(os.path.expanduser(raw)).resolve()  # symlinks followed before the check
+        except (ValueError, RuntimeError):  # a NUL byte, a symlink loop
+            raise outside from None
         if not any(path.is_relative_to(root.resolve()) for root in self.allowed_dirs) or not path.is_file():
-            raise errors.invalid_parameter(
-                "url error, please check url! The path is not a file inside a directory this server may read."
-            )
+            raise outside
         data = await anyio.to_thread.run_sync(self._read, path)
         if len(data) > self.max_bytes:
             raise _too_large(self.max_bytes, "the file")

@@ -177,6 +177,8 @@ def test_local_files_only_inside_allowed_directories(tmp_path) -> None:
     (allowed / "cat.png").write_bytes(b"cat")
     (tmp_path / "secret.txt").write_bytes(b"secret")
     (allowed / "escape.png").symlink_to(tmp_path / "secret.txt")
+    (allowed / "loop1.png").symlink_to(allowed / "loop2.png")
+    (allowed / "loop2.png").symlink_to(allowed / "loop1.png")
     local = LocalPolicy(allowed_dirs=(allowed,))
 
     def load(ref: str) -> bytes:
@@ -184,7 +186,13 @@ def test_local_files_only_inside_allowed_directories(tmp_path) -> None:
 
     assert load(str(allowed / "cat.png")) == b"cat"
     assert load(f"file://{allowed}/cat.png") == b"cat"
-    for ref in (str(tmp_path / "secret.txt"), str(allowed / "escape.png"), f"{allowed}/../secret.txt"):
+    for ref in (
+        str(tmp_path / "secret.txt"),
+        str(allowed / "escape.png"),
+        f"{allowed}/../secret.txt",
+        f"file://{allowed}/cat%00.png",  # a NUL byte (was a 500)
+        str(allowed / "loop1.png"),  # a symlink loop (was a 500)
+    ):
         with pytest.raises(errors.ServiceError, match="not a file inside a directory"):
             load(ref)
     with pytest.raises(errors.ServiceError, match="must name a local path"):

@@ -65,7 +65,10 @@ def _sniff(data: bytes) -> str | None:
 # Images are decoded no larger than that: the model never sees more.
 FitFunction = Callable[[int, int], tuple[int, int]]
 
-_REDUCIBLE = {"JPEG", "MPO", "JPEG2000"}  # formats decoded at a reduced size when the model needs less
+# Formats decoded at a reduced size when the model needs less. Not a progressive JPEG: libjpeg keeps every
+# coefficient of the whole image across its scans, whatever the scale (6 bytes a pixel: a 1 MB file of 80 million
+# pixels took 0.5 GB), so it counts at full size.
+_REDUCIBLE = {"JPEG", "MPO", "JPEG2000"}
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
 _MAX_J2K_REDUCE = 5  # encoders write 5 decomposition levels by default
 # A reduced decode may land this far below the model's size; one resize then brings it to the exact size.
@@ -122,7 +125,7 @@ def decode_image(
                 )
             if min(width, height) < limits.min_side:
                 raise errors.image_bad_size(f"[height:{height} or width:{width} must be larger than {limits.min_side}]")
-            if found not in _REDUCIBLE:  # decoded whole on either path; before anything reads a pixel
+            if found not in _REDUCIBLE or img.info.get("progressive"):  # decoded whole; before a pixel is read
                 _check_decode_budget(img, 0, limits.max_decode_pixels)  # (Pillow's getexif reads a whole PNG)
             rgb = _decode_faster(img, data, found, fit) if libvips else None
             if rgb is None:
@@ -196,9 +199,12 @@ def _check_decode_budget(img: Image.Image, level: int, max_decode_pixels: int) -
     WEBP counts whole on both paths: libwebp scales its output, but decodes every source pixel."""
     width, height = (-(-side >> level) for side in img.size)
     if width * height > max_decode_pixels:
+        what = (
+            "a progressive JPEG, which is decoded whole" if img.info.get("progressive") else "an image in this format"
+        )
         raise errors.image_bad_size(
             f"The image is {img.size[0]}x{img.size[1]} pixels; this server decodes at most {max_decode_pixels} "
-            "pixels of an image in this format (JPEG and JPEG2000 larger than the model needs are decoded "
+            f"pixels of {what} (other JPEG and JPEG2000 images larger than the model needs are decoded "
             "at reduced size and may be larger)."
         )
 

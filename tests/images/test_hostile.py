@@ -7,6 +7,7 @@ misbehaving image host below listens.
 from __future__ import annotations
 
 import base64
+import io
 import struct
 import threading
 import zlib
@@ -15,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.conftest import Server, generation_body, png_bytes
 
@@ -123,3 +125,18 @@ def test_the_declared_pixel_limit_is_ours_not_pillows(server: Server) -> None:
     uri = "data:image/png;base64," + base64.b64encode(png_declaring(10001, 10000)).decode()
     assert "limit of 100000000 pixels" in refusal(server, uri)["message"]
     assert generate(server, "data:image/png;base64," + base64.b64encode(png_bytes()).decode()).status_code == 200
+
+
+def jpeg(size: tuple[int, int], progressive: bool) -> str:
+    buf = io.BytesIO()
+    Image.new("L", size, 90).save(buf, "JPEG", quality=50, progressive=progressive)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_a_progressive_jpeg_counts_at_full_size(server: Server) -> None:
+    # 20.5 million pixels: a baseline JPEG decodes at 1/4 scale, but libjpeg holds all of a progressive one's
+    # coefficients (120 kB of solid grey would have taken 120 MB; a 1 MB 80 MP one took 0.5 GB).
+    assert generate(server, jpeg((5000, 4100), progressive=False)).status_code == 200
+    message = refusal(server, jpeg((5000, 4100), progressive=True))["message"]
+    assert "decodes at most 20000000 pixels of a progressive JPEG" in message
+    assert generate(server, jpeg((1600, 1200), progressive=True)).status_code == 200

@@ -198,10 +198,10 @@ class DataUriSource:
         if not sep:
             raise errors.invalid_parameter("url error, please check url! A data: URI needs a ',' before its data.")
         if header.lower().endswith(";base64"):
+            payload = "".join(payload.split())  # clients may wrap base64 in lines (base64 and MIME: 76 columns)
             # Refuse from the encoded length first, so an oversized URI is never decoded.
             if (len(payload) // 4) * 3 > self.max_bytes + 2:
                 raise _too_large(self.max_bytes)
-            payload = "".join(payload.split())  # clients may wrap base64 in lines
             payload += "=" * (-len(payload) % 4)  # and may drop the padding
             try:
                 data = base64.b64decode(payload, validate=True)

@@ -209,6 +209,9 @@ def test_data_uris() -> None:
         asyncio.run(DataUriSource("data:image/png;base64," + base64.b64encode(payload).decode(), 100).read()) == payload
     )
     assert asyncio.run(DataUriSource("data:,hello%20there", 100).read()) == b"hello there"
+    # Wrapped in lines (base64's and MIME's 76 columns): the line breaks do not count against the limit.
+    wrapped = base64.encodebytes(b"\x89PNG" * 250).decode()
+    assert asyncio.run(DataUriSource("data:image/png;base64," + wrapped, 1000).read()) == b"\x89PNG" * 250
     with pytest.raises(errors.ServiceError, match="max bytes per data-uri item : 100"):
         asyncio.run(DataUriSource("data:image/png;base64," + "A" * 1000, 100).read())
     with pytest.raises(errors.ServiceError, match="base64"):

@@ -108,6 +108,8 @@ def decode_image(
 
     ``libvips=False`` decodes every format with Pillow, neither libvips nor libwebp's API (for comparisons:
     both give the same pixels, within the resize's rounding)."""
+    if not data:  # an empty file, uploaded by the SDK or read from an allowed directory
+        raise errors.image_unreadable("The image is empty (0 bytes).")
     digest = hashlib.sha256(data).hexdigest()
     try:
         with warnings.catch_warnings():

@@ -13,12 +13,13 @@ import threading
 import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import Server, generation_body, png_bytes
+from tests.conftest import SEED_MODEL, Server, generation_body, png_bytes
 
 GENERATION = "/services/aigc/multimodal-generation/generation"
 
@@ -140,3 +141,13 @@ def test_a_progressive_jpeg_counts_at_full_size(server: Server) -> None:
     message = refusal(server, jpeg((5000, 4100), progressive=True))["message"]
     assert "decodes at most 20000000 pixels of a progressive JPEG" in message
     assert generate(server, jpeg((1600, 1200), progressive=True)).status_code == 200
+
+
+def test_an_empty_local_file_through_the_sdk_is_called_empty(dashscope_sdk, tmp_path: Path) -> None:
+    from dashscope import MultiModalConversation
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    messages = [{"role": "user", "content": [{"image": str(tmp_path / "empty.png")}, {"text": "What is this?"}]}]
+    response = MultiModalConversation.call(model=SEED_MODEL, messages=messages, max_tokens=2)
+    assert (response.status_code, response.code) == (400, "InvalidParameter.DataInspection")
+    assert response.message.endswith("The image is empty (0 bytes).") and response.request_id

@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IPv6 ranges that Python's is_global (3.11) counts as global but that are not, or that lead into IPv4 where a
+# network routes them: IPv4-compatible (deprecated), SIIT's IPv4-translated, NAT64's local-use prefix (RFC 8215,
+# with the IPv4 address split around a reserved octet) and the deprecated site-local range.
+_NOT_GLOBAL_V6 = tuple(
+    ipaddress.IPv6Network(net) for net in ("::/96", "::ffff:0:0:0/96", "64:ff9b:1::/48", "fec0::/10")
+)
 
 
 class ImageSource(Protocol):
@@ -77,6 +83,8 @@ def is_public(ip: IPAddress) -> bool:
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None:
             return is_public(embedded)
+        if any(ip in net for net in _NOT_GLOBAL_V6):
+            return False
     return ip.is_global and not ip.is_multicast
 
 

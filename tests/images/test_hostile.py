@@ -151,3 +151,9 @@ def test_an_empty_local_file_through_the_sdk_is_called_empty(dashscope_sdk, tmp_
     response = MultiModalConversation.call(model=SEED_MODEL, messages=messages, max_tokens=2)
     assert (response.status_code, response.code) == (400, "InvalidParameter.DataInspection")
     assert response.message.endswith("The image is empty (0 bytes).") and response.request_id
+
+
+@pytest.mark.parametrize("host", ["[::7f00:1]", "[::ffff:0:7f00:1]", "[64:ff9b:1:7f00:0:100::]", "[fec0::1]"])
+def test_ipv6_spellings_of_private_addresses_are_refused(server: Server, host: str) -> None:
+    body = refusal(server, f"http://{host}/x.png")
+    assert "private or local network" in body["message"]

@@ -40,6 +40,10 @@ ALLOW_LOOPBACK = FetchPolicy.from_allow_list(["127.0.0.0/8"])
         ("64:ff9b::a00:1", False),  # NAT64 of 10.0.0.1
         ("2002:7f00:1::", False),  # 6to4 of 127.0.0.1
         ("2002:808:808::", True),  # 6to4 of 8.8.8.8
+        ("::7f00:1", False),  # IPv4-compatible 127.0.0.1 (Python's is_global says True)
+        ("::ffff:0:a00:1", False),  # SIIT's IPv4-translated 10.0.0.1
+        ("64:ff9b:1:a00:1::", False),  # NAT64 local-use prefix
+        ("fec0::1", False),  # site-local
     ],
 )
 def test_is_public(address: str, public: bool) -> None:

@@ -15,6 +15,8 @@ import functools
 import hashlib
 import io
 import os
+import re
+import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +61,27 @@ def _sniff(data: bytes) -> str | None:
     if data[4:8] == b"ftyp":
         return _ISO_BRANDS.get(data[8:12], "an ISO media file (video or HEIF)")
     return None
+
+
+# Icon containers (ICO, ICNS) whose frames Pillow decodes while it opens the file, before any size here is seen:
+# their embedded PNG and JPEG 2000 frames are sized from the bytes first. A 240 kB ICO holding a 9000x9000 PNG
+# took 340 MB, and one of 12000x12000 590 MB, to be refused after its decode.
+_ICON_CONTAINERS = (b"\x00\x00\x01\x00", b"icns")
+_EMBEDDED_SIZES = re.compile(
+    rb"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR(?P<png>.{8})"  # PNG: width, height
+    rb"|ihdr(?P<jp2>.{8})"  # JP2's image header box: height, width
+    rb"|\xff\x4f\xff\x51..\x00\x00(?P<j2k>.{8})",  # a JPEG 2000 codestream's SIZ marker: width, height
+    re.DOTALL,
+)
+
+
+def _largest_embedded_frame(data: bytes) -> int:
+    """The pixels of the largest PNG or JPEG 2000 frame inside an icon container (0 if none)."""
+    largest = 0
+    for match in _EMBEDDED_SIZES.finditer(data):
+        first, second = struct.unpack(">II", match.group(match.lastgroup or "png"))
+        largest = max(largest, first * second)
+    return largest
 
 
 # Given an image's (width, height) as shown, the size the model will resize it to.
@@ -110,6 +133,11 @@ def decode_image(
     both give the same pixels, within the resize's rounding)."""
     if not data:  # an empty file, uploaded by the SDK or read from an allowed directory
         raise errors.image_unreadable("The image is empty (0 bytes).")
+    if data[:4] in _ICON_CONTAINERS and (frame := _largest_embedded_frame(data)) > limits.max_decode_pixels:
+        raise errors.image_bad_size(
+            f"The icon holds a frame of {frame} pixels; this server decodes at most {limits.max_decode_pixels} "
+            "pixels of an image in this format."
+        )
     digest = hashlib.sha256(data).hexdigest()
     try:
         with warnings.catch_warnings():

@@ -157,3 +157,17 @@ def test_an_empty_local_file_through_the_sdk_is_called_empty(dashscope_sdk, tmp_
 def test_ipv6_spellings_of_private_addresses_are_refused(server: Server, host: str) -> None:
     body = refusal(server, f"http://{host}/x.png")
     assert "private or local network" in body["message"]
+
+
+@pytest.mark.parametrize("container", ["ICO", "ICNS"])
+def test_an_icon_is_sized_by_its_frames_before_pillow_decodes_them(server: Server, container: str) -> None:
+    # Pillow decodes an icon's frame while it opens the file: a 240 kB ICO holding a 9000x9000 PNG took 340 MB
+    # before it was refused. The frames are sized from their bytes first.
+    frame = png_declaring(5000, 4100)
+    if container == "ICO":
+        icon = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(frame), 22) + frame
+    else:
+        entry = b"ic10" + struct.pack(">I", 8 + len(frame)) + frame
+        icon = b"icns" + struct.pack(">I", 8 + len(entry)) + entry
+    message = refusal(server, "data:image/x-icon;base64," + base64.b64encode(icon).decode())["message"]
+    assert "The icon holds a frame of 20500000 pixels; this server decodes at most 20000000" in message

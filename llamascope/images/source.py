@@ -16,9 +16,9 @@ URL fetches are hostile by default:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
+import functools
 import ipaddress
 import logging
 import os
@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Image host lookups at once, in threads of their own: a host name whose DNS never answers holds a thread for the
+# resolver's whole timeout. In the event loop's default executor (loop.getaddrinfo) a few such names held every
+# thread that asyncio.to_thread (an upstream engine's token counts) needed, for every request.
+_RESOLVERS = anyio.CapacityLimiter(8)
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # IPv6 ranges that Python's is_global (3.11) counts as global but that are not, or that lead into IPv4 where a
 # network routes them: IPv4-compatible (deprecated), SIIT's IPv4-translated, NAT64's local-use prefix (RFC 8215,
@@ -342,7 +346,11 @@ class UrlSource:
             addresses = [literal]
         else:
             try:
-                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                infos = await anyio.to_thread.run_sync(
+                    functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM),
+                    abandon_on_cancel=True,  # the fetch's deadline answers; a stalled lookup ends in its thread
+                    limiter=_RESOLVERS,
+                )
             except (socket.gaierror, UnicodeError):
                 raise _Refused("the image host name could not be resolved") from None
             addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]

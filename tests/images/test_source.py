@@ -222,3 +222,32 @@ def test_data_uris() -> None:
         asyncio.run(DataUriSource("data:image/png;base64,@@@", 100).read())
     with pytest.raises(errors.ServiceError, match="needs a ','"):
         asyncio.run(DataUriSource("data:image/png;base64", 100).read())
+
+
+def test_stalled_dns_holds_no_thread_the_rest_of_the_server_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host lookups that never answer time out with their fetch, and leave asyncio's default executor (which
+    asyncio.to_thread uses, as an upstream engine does for token counts) free."""
+    release = threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def stalled(host: str, *args: object, **kwargs: object) -> object:
+        if host.endswith("stall.test"):
+            release.wait(30)  # a resolver that does not answer
+            raise socket.gaierror("no answer")
+        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", stalled)
+    policy = FetchPolicy(total_timeout=0.5)
+
+    async def many() -> tuple[list[object], str]:
+        reads = [parse_reference(f"http://h{i}.stall.test/x.png", policy).read() for i in range(40)]
+        fetches = asyncio.gather(*reads, return_exceptions=True)
+        free = await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 10)
+        return await fetches, free
+
+    try:
+        results, free = asyncio.run(many())
+    finally:
+        release.set()
+    assert free == "free"
+    assert all(isinstance(r, errors.ServiceError) and "timed out" in r.message for r in results)

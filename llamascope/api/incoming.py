@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -34,9 +35,39 @@ def envelope(body: object) -> dict[str, Any]:
 async def read_json(request: Request) -> object:
     body = await request.body()
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise errors.invalid_parameter(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the parser's depth (about 1,000): the caller's body, not a 500
+        raise errors.invalid_parameter("The request body is not valid JSON: it is nested too deeply.") from None
+    # A surrogate comes only from an escape (\ud83d) or from raw bytes json decodes with surrogatepass (\xed\xa0):
+    # most bodies have neither, and are not walked.
+    if (b"\\ud" in body or b"\\uD" in body or b"\xed" in body) and _lone_surrogate(value):
+        raise errors.invalid_parameter(
+            "The request body is not valid JSON: a string holds a lone surrogate (one half of a pair, "
+            "\\ud800 to \\udfff, as a string cut inside an emoji has); send text as UTF-8."
+        )
+    return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: object) -> bool:
+    """Whether a string in ``value`` holds a surrogate: json joins an escaped pair into its character, so one left
+    is alone, which no text can be encoded with (the prompt, an error message echoing it: a 500 otherwise)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 async def until_hangup(

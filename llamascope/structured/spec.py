@@ -321,9 +321,11 @@ def check_schema(schema: Any, where: str) -> None:
 
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
+        problem = compile_problem(GrammarSpec.json_schema(schema, where))
     except jsonschema.SchemaError as e:
         raise invalid_parameter(f"Invalid value for '{where}': not a JSON Schema ({e.message}).") from None
-    problem = compile_problem(GrammarSpec.json_schema(schema, where))
+    except RecursionError:  # the checks recurse: a schema nested a few hundred deep is the caller's, not a 500
+        raise invalid_parameter(f"Invalid value for '{where}': the schema is nested too deeply.") from None
     if problem:
         raise invalid_parameter(f"Invalid value for '{where}': the schema cannot be used for decoding: {problem}")
 

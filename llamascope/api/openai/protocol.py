@@ -181,7 +181,8 @@ EXAMPLE_MESSAGES: list[JsonValue] = [
 
 
 class ChatInput(BaseModel):
-    """What every chat-shaped body is checked for; ``POST /tokenize`` reads no more (sampling is ignored)."""
+    """What every chat-shaped body is checked for; ``POST /tokenize`` reads no more but the tools and
+    response_format a completion would put in the prompt (sampling is ignored)."""
 
     model_config = ConfigDict(
         extra="allow", json_schema_extra={"examples": [{"model": "llama3.2-11b-vision", "messages": EXAMPLE_MESSAGES}]}

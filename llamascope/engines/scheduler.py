@@ -386,7 +386,7 @@ class Scheduler:
         self.waiting_bytes -= seq.waiting_bytes
         return seq
 
-    def _prefill(self, seq: Sequence, budget: int) -> FinishReason | None:
+    def _prefill(self, seq: Sequence, budget: int) -> FinishReason | errors.ServiceError | None:
         """Run up to ``budget`` more of the prompt, alone. At its end, send the first token.
 
         None if the request goes on (to more prefill, or to the batch once ``seq.inputs`` is cleared),
@@ -529,7 +529,7 @@ class Scheduler:
             tokens = recovered
         self.steps += 1
         keep = []
-        ended: list[tuple[Sequence, FinishReason]] = []
+        ended: list[tuple[Sequence, FinishReason | errors.ServiceError]] = []
         for i, (seq, token) in enumerate(zip(batch.rows, tokens, strict=True)):
             finish = self._advance(seq, token)
             if finish is None:
@@ -649,15 +649,24 @@ class Scheduler:
             logits[index, self._eos_index.to(logits.device)] = float("-inf")
         return logits
 
-    def _advance(self, seq: Sequence, token: int) -> FinishReason | None:
+    def _advance(self, seq: Sequence, token: int) -> FinishReason | errors.ServiceError | None:
         """Record and send a new token; None if the sequence goes on, else how it ends (the caller sends it)."""
         seq.ids.append(token)
         seq.generated += 1
         seq.last = token
         seq.send([token])
-        if token in self.eos_ids:
+        finish: FinishReason | errors.ServiceError
+        matcher = seq.matcher
+        # A grammar's dead end: it allowed no token (masking gave the row its stop tokens, so that it ends), or
+        # failed on the token its own mask allowed (llguidance looks ahead as it takes one, and gives up on a
+        # schema that needs an unbounded answer). What was made is no answer of the grammar: never "stop".
+        if token in self.eos_ids and matcher is not None and not matcher.can_end:
+            finish = grammar_dead_end(seq.generated - 1, matcher.failed)
+        elif token in self.eos_ids:
             finish = FinishReason.STOP
-        elif seq.matcher is not None and (not seq.matcher.advance(token) or seq.matcher.finished):
+        elif matcher is not None and not matcher.advance(token):
+            finish = grammar_dead_end(seq.generated, matcher.failed)
+        elif matcher is not None and matcher.finished:
             finish = FinishReason.STOP  # its grammar is complete: it ends now, even short of min_new_tokens
         elif seq.generated >= seq.max_new:
             finish = FinishReason.LENGTH
@@ -672,6 +681,19 @@ class Scheduler:
             self._line_images.join(timeout)
         if self._filler is not None and not self._thread.is_alive():
             self._filler.shutdown(wait=False)
+
+
+def grammar_dead_end(made: int, reason: str) -> errors.ServiceError:
+    """The end of an answer whose grammar came to a dead end after ``made`` tokens (``reason``: the library's)."""
+    why = reason.strip().splitlines()[0] if reason.strip() else "it allows none of the model's tokens"
+    log.warning("an answer's grammar came to a dead end after %d tokens: %s", made, why)
+    return errors.ServiceError(
+        500,
+        "InternalError.Algo",
+        f"The answer could not be completed in the shape asked for: after {made} tokens its schema allows no "
+        f"next token ({why}). A schema that needs an unbounded answer (a required property holding the schema "
+        "again) cannot be completed.",
+    )
 
 
 def cross_states(images: list[CrossKV], tiles: list[int] | None = None, all_tiles: int = 1) -> CrossKV:

@@ -21,6 +21,9 @@ from llamascope.errors import invalid_parameter
 from llamascope.structured.backend import Backend, Bitmask, Grammar, Matcher
 from llamascope.structured.spec import GrammarSpec
 
+# How far compile follows a grammar's start while it allows one token only (``GuidanceBackend._forced_dead_end``).
+FORCED_STEPS = 16
+
 
 class GuidanceMatcher(Matcher):
     def __init__(self, inner: llguidance.LLMatcher) -> None:
@@ -120,16 +123,42 @@ class GuidanceBackend(Backend):
             raise invalid_parameter(
                 f"Invalid value for '{spec.field}': the schema cannot be used for decoding: {problem}"
             )
-        # A schema nothing satisfies ({"$ref": "#"}, references in a circle) compiles, and its first mask allows
-        # no token: the answer would end at once as "stop" with no JSON. Found here, on a copy, once per schema.
-        first = start.deep_copy()
-        first.compute_bitmask()
-        if first.is_error():
+        problem = self._forced_dead_end(start)
+        if problem:
             raise invalid_parameter(
-                f"Invalid value for '{spec.field}': the schema cannot be used for decoding: no JSON value satisfies it "
-                f"({_first_line(first.get_error())})."
+                f"Invalid value for '{spec.field}': the schema cannot be used for decoding: {problem}."
             )
         return GuidanceGrammar(start)
+
+    def _forced_dead_end(self, start: llguidance.LLMatcher) -> str:
+        """Why every answer of this grammar comes to a dead end, where its start shows it; "" where it does not.
+
+        A schema nothing satisfies ({"$ref": "#"}, references in a circle) compiles, and its first mask allows no
+        token; one that can be begun but never finished (a required property holding the whole schema again)
+        allows "{" and then nothing. Either would end the answer as "stop" with no JSON. While the grammar allows
+        one token only (an object's "{", its first key) that token starts every answer: followed, on a copy, at
+        most ``FORCED_STEPS`` tokens, once per schema (a few masks: milliseconds). A dead end after a choice is
+        found only when decoding comes to it (``engines.scheduler``: an error, never "stop").
+        """
+        matcher = start.deep_copy()
+        forced: list[int] = []
+        for _ in range(FORCED_STEPS):
+            words = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint32)
+            if matcher.is_error():
+                break
+            if matcher.is_accepting() or int(np.bitwise_count(words).sum()) != 1:
+                return ""  # an answer may end here, or a choice comes: decoding goes on
+            word = int(np.flatnonzero(words)[0])
+            token = word * 32 + int(words[word]).bit_length() - 1
+            forced.append(token)
+            if not matcher.consume_token(token) or matcher.is_error():  # llguidance looks ahead as it takes it
+                break
+        else:
+            return ""
+        reason = _first_line(matcher.get_error())
+        if not forced:
+            return f"no JSON value satisfies it ({reason})"
+        return f"no answer can be completed after {self.decode(forced)!r} ({reason})"
 
     def fill_bitmask(self, matchers: Sequence[Matcher], bitmask: Bitmask, *, parallel: bool = True) -> None:
         if parallel:

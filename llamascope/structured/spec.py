@@ -99,6 +99,9 @@ class OutputSpec:
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = ToolChoice()
     parallel_tool_calls: bool = True
+    # Before the field names in a refusal made once the grammar is compiled ("parameters." natively), as
+    # ``read_request``'s own refusals have it; not part of what is asked.
+    prefix: str = field(default="", compare=False)
 
     @property
     def calls_tools(self) -> bool:
@@ -125,17 +128,19 @@ class OutputSpec:
         tool, so only ``response_format`` constrains (and the output is parsed for calls afterwards).
         """
         if self.forces_tool_call:
-            return tool_call_grammar(self.offered_tools(), parallel=self.parallel_tool_calls)
+            return tool_call_grammar(
+                self.offered_tools(), parallel=self.parallel_tool_calls, field=f"{self.prefix}tools"
+            )
         fmt = self.response_format
         if fmt.type == "json_object":
-            return GrammarSpec.json_schema(ANY_OBJECT, "response_format")
+            return GrammarSpec.json_schema(ANY_OBJECT, f"{self.prefix}response_format")
         if fmt.type == "json_schema":
             assert fmt.schema is not None
-            return GrammarSpec.json_schema(fmt.schema, "response_format.json_schema.schema")
+            return GrammarSpec.json_schema(fmt.schema, f"{self.prefix}response_format.json_schema.schema")
         return None
 
 
-def tool_call_grammar(tools: tuple[Tool, ...], *, parallel: bool) -> GrammarSpec:
+def tool_call_grammar(tools: tuple[Tool, ...], *, parallel: bool, field: str = "tools") -> GrammarSpec:
     """A grammar for one call of one of ``tools`` in the Llama 3.1 JSON format, or with ``parallel`` up to
     ``MAX_PARALLEL_CALLS`` of them separated by "; ": ``{"name": "...", "parameters": {...}}``, the
     parameters valid against the tool's schema."""
@@ -145,7 +150,7 @@ def tool_call_grammar(tools: tuple[Tool, ...], *, parallel: bool) -> GrammarSpec
     lines = [start, f"call: {alternatives}"]
     for i, tool in enumerate(tools):
         lines.append(f"call_{i}: %json {canonical_json(call_schema(tool))}")
-    return GrammarSpec("lark", "\n".join(lines), "tools")
+    return GrammarSpec("lark", "\n".join(lines), field)
 
 
 def call_schema(tool: Tool) -> dict[str, Any]:
@@ -230,7 +235,7 @@ def read_request(
     choice = _tool_choice(tool_choice, tool_list, prefix)
     if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
         raise _bad(prefix, "parallel_tool_calls", "expected a boolean")
-    return OutputSpec(fmt, tool_list, choice, True if parallel_tool_calls is None else parallel_tool_calls)
+    return OutputSpec(fmt, tool_list, choice, True if parallel_tool_calls is None else parallel_tool_calls, prefix)
 
 
 def _bad(prefix: str, name: str, why: str) -> ServiceError:

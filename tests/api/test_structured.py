@@ -179,13 +179,33 @@ def test_openai_refusals_name_the_field(client: openai.OpenAI, fields: dict, tex
         assert body["param"] == ("messages" if named.startswith("'messages'") else named), body
 
 
+ENDLESS = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}  # "{" then no way on
+# Every answer begins "{" or "[" and comes to a dead end right after: a choice at the start, so only decoding
+# finds it.
+ENDLESS_EITHER = {
+    "$defs": {
+        "o": {"type": "object", "properties": {"a": {"$ref": "#/$defs/o"}}, "required": ["a"]},
+        "l": {"type": "array", "items": {"$ref": "#/$defs/l"}, "minItems": 1},
+    },
+    "anyOf": [{"$ref": "#/$defs/o"}, {"$ref": "#/$defs/l"}],
+}
+
+
 @pytest.mark.parametrize(
-    "schema",
-    [{"$ref": "#"}, {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}],
-    ids=["itself", "a circle"],
+    ("schema", "found"),
+    [
+        ({"$ref": "#"}, "no JSON value satisfies it"),
+        (
+            {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+            "no JSON value satisfies it",
+        ),
+        (ENDLESS, "no answer can be completed after '{'"),
+    ],
+    ids=["itself", "a circle", "a required property holding the schema"],
 )
-def test_a_schema_nothing_satisfies_is_refused(client: openai.OpenAI, schema: dict) -> None:
-    """It compiles, but allows no first token: answered, it ended at once as "stop" with no JSON at all."""
+def test_a_schema_nothing_satisfies_is_refused(server: Server, client: openai.OpenAI, schema: dict, found: str) -> None:
+    """It compiles, but allows no first token, or none after "{": answered, it ended as "stop" with "{" or
+    nothing, not JSON. Natively the field is named with "parameters." before it, as every refusal there is."""
     json_schema = {"name": "r", "schema": schema}
     fields: dict[str, Any] = {"response_format": {"type": "json_schema", "json_schema": json_schema}}
     for stream in (False, True):
@@ -194,7 +214,34 @@ def test_a_schema_nothing_satisfies_is_refused(client: openai.OpenAI, schema: di
                 model=SEED_MODEL, messages=openai_messages(), max_tokens=8, stream=stream, **fields
             )
         assert bad.value.body["param"] == "response_format.json_schema.schema", bad.value.body
-        assert "no JSON value satisfies it" in bad.value.body["message"], bad.value.body
+        assert found in bad.value.body["message"] and "parameters." not in bad.value.body["message"], bad.value.body
+    parameters = {"max_tokens": 8, "result_format": "message", **fields}
+    r = post(server, NATIVE, {"model": SEED_MODEL, "input": {"messages": native_messages()}, "parameters": parameters})
+    assert r.status_code == 400 and r.json()["code"] == "InvalidParameter", r.text
+    assert "'parameters.response_format.json_schema.schema'" in r.json()["message"] and found in r.text, r.text
+
+
+def test_a_dead_end_while_decoding_is_an_error_not_stop(server: Server, client: openai.OpenAI) -> None:
+    """The grammar allows no token after the answer's first: the answer so far is not JSON, so it never ends
+    as "stop" (it did, with content "{"): a 500, streamed as an error after the text so far."""
+    fields: dict[str, Any] = {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": ENDLESS_EITHER}}
+    }
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.chat.completions.create(model=SEED_MODEL, messages=openai_messages(), max_tokens=8, **fields)
+    assert "schema allows no next token" in str(failed.value.body), failed.value.body
+    stream = client.chat.completions.create(
+        model=SEED_MODEL, messages=openai_messages(), max_tokens=8, stream=True, **fields
+    )
+    with pytest.raises(openai.APIError) as broke:
+        finishes = [c.choices[0].finish_reason for c in stream if c.choices]
+        raise AssertionError(f"the stream ended without an error: {finishes}")
+    assert "schema allows no next token" in str(broke.value), broke.value
+    body = {"model": SEED_MODEL, "input": {"messages": native_messages()}, "parameters": {"max_tokens": 8, **fields}}
+    r = post(server, NATIVE, body)
+    assert r.status_code == 500 and r.json()["code"] == "InternalError.Algo", r.text
+    r = post(server, NATIVE, body, stream=True)
+    assert "event:error" in r.text and '"finish_reason":"stop"' not in r.text.replace(" ", ""), r.text
 
 
 LEGACY = {"name": "get_weather", "parameters": WEATHER_PARAMETERS}

@@ -186,7 +186,7 @@ class UpstreamEngine:
                     content.append({"type": "image_url", "image_url": {"url": await self._data_uri(part)}})
             messages.append({"role": turn.role, "content": content})
         tools = [t.to_openai() for t in output.tools] if output is not None and output.tools else None
-        count = await self._count(messages, tools)
+        count = await self._count(messages, tools, output)
         if count is None:
             tools_bytes = len(json.dumps(tools).encode()) if tools else 0
             # An estimate: the engine's usage corrects it.
@@ -202,15 +202,21 @@ class UpstreamEngine:
             output=output,
         )
 
-    async def _count(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int | None:
-        """The prompt's tokens as the engine counts them, or None where neither way is open."""
+    async def _count(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, output: OutputSpec | None
+    ) -> int | None:
+        """The prompt's tokens as the engine counts them, or None where neither way is open.
+
+        The engine is sent the structured-output fields its completion will get (``output_fields``), not the
+        tools alone: an llamascope upstream puts in the prompt only the tools ``tool_choice`` offers (none for
+        "none", the named one for a function); vLLM reads ``tools`` and ignores the rest."""
         if self.tokenizer is not None:
             return await asyncio.to_thread(self.tokenizer.count, messages, tools)
         if not any(u.tokenize_urls for u in self.upstreams):
             return None  # none counts prompts (remembered): estimated, with nothing to ask
         body: dict[str, Any] = {"model": self.model, "messages": messages, "add_generation_prompt": True}
-        if tools:
-            body["tools"] = tools
+        if output is not None:
+            body.update(output_fields(output))
         for upstream in sorted(self.upstreams, key=lambda u: (not u.healthy, u.outstanding, u.failures)):
             try:
                 count = await self._ask_count(upstream, body)

@@ -322,6 +322,57 @@ WEATHER_TOOL = {
 }
 
 
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The time now in a zone, for the prompt to hold more than one tool.",
+        "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CST"]}}, "required": ["zone"]},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "tool_choice",
+    ["none", {"type": "function", "function": {"name": "get_weather"}}],
+    ids=["none", "a named function"],
+)
+def test_the_engines_count_sees_the_tool_choice(upstream: Server, tool_choice: object) -> None:
+    """A front asks the upstream's /tokenize with the completion's tool_choice: an llamascope upstream puts no
+    tool in the prompt for "none" and only the named one for a function, so the front's count is the one the
+    completion reports (sent the tools alone, it counted both tools in the prompt)."""
+    import asyncio
+
+    from llamascope.engines.base import Turn
+    from llamascope.engines.upstream import UpstreamEngine
+    from llamascope.structured.spec import read_request
+
+    tools, question = [WEATHER_TOOL, TIME_TOOL], "What is the weather in Paris?"
+    spec = read_request(tools=tools, tool_choice=tool_choice)
+
+    async def count() -> int:
+        engine = UpstreamEngine.create([upstream.base + "/v1"], MODEL, UPSTREAM_KEY, 8192)
+        try:
+            return (await engine.prepare([Turn("user", question)], spec)).input_tokens
+        finally:
+            await engine.close()
+
+    done = httpx.post(
+        upstream.base + "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": question}],
+            "tools": tools,
+            "tool_choice": tool_choice,
+            "max_tokens": 1,
+        },
+        headers={"Authorization": f"Bearer {UPSTREAM_KEY}"},
+        timeout=60,
+    )
+    assert done.status_code == 200, done.text
+    assert asyncio.run(count()) == done.json()["usage"]["prompt_tokens"]
+
+
 def test_a_forced_tool_call_comes_back_through_an_upstream_llamascope(upstream: Server) -> None:
     """llamascope in front of llamascope: the fields go on, the upstream's grammar forces the call, and its
     streamed ``tool_calls`` come back as the last chunk's calls."""

@@ -300,7 +300,12 @@ class Runner:
         try:
             raw = await asyncio.to_thread(self.files.read_range, batch.input_file_id, line.offset, line.length)
             request = json.loads(raw)
-            response = await self._client(batch.key_id).post(request["url"], json=request["body"])
+            # Sent with every non-ASCII character escaped, as a client may send it: a lone surrogate ("\ud83d"),
+            # which json reads but no UTF-8 holds, then meets the API's own check (a 400, as an interactive request
+            # gets) instead of failing to encode here (a 500). The line's other values go as they were read.
+            content = json.dumps(request["body"]).encode()
+            headers = {"Content-Type": "application/json"}
+            response = await self._client(batch.key_id).post(request["url"], content=content, headers=headers)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the input file gone or changed under the batch

@@ -138,6 +138,26 @@ def test_a_wrong_input_fails_the_batch_naming_its_lines_before_anything_runs(bat
     assert batch.usage.total_tokens == 0 and batch.request_counts.completed == 0
 
 
+def test_a_line_with_a_lone_surrogate_fails_alone_as_the_api_refuses_it(batch_server: Server) -> None:
+    """A lone "\\ud83d" (half an emoji) is valid JSON but no character: the interactive API refuses such a body
+    with a 400, and so does the line (it failed with 500 internal_error: the body could not be encoded to send)."""
+    client = sdk(batch_server)
+    lines = [request("ok", "hello", model=TEXT_MODEL), request("cut", "an emoji cut in half: \ud83d", model=TEXT_MODEL)]
+    assert "\\ud83d" in lines[1]
+    batch = wait(client, submit(client, lines).id)
+    assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 1, 1), batch
+    (failed,) = results(client, batch.error_file_id)
+    assert failed["custom_id"] == "cut" and failed["response"]["status_code"] == 400, failed
+    interactive = httpx.post(
+        batch_server.base + "/compatible-mode/v1/chat/completions",
+        content=json.dumps(json.loads(lines[1])["body"]).encode(),
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
+    assert interactive.status_code == 400
+    assert failed["error"]["code"] == interactive.json()["error"]["code"], (failed, interactive.json())
+    assert "lone surrogate" in failed["error"]["message"], failed
+
+
 def test_a_model_not_served_fails_the_batch(batch_server: Server) -> None:
     client = sdk(batch_server)
     batch = wait(client, submit(client, [request("a", "hi", model="no-such-model")]).id)

@@ -115,7 +115,7 @@ def events(r: httpx.Response) -> list[dict[str, Any]]:
 
 UNCOMPILABLE = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}
 DEEP: dict[str, Any] = {"type": "integer"}
-for _ in range(300):  # well within the body parser's depth, past what the schema checks can recurse through
+for _ in range(300):  # past what a request body may nest (api.incoming.MAX_JSON_DEPTH), and the schema checks
     DEEP = {"type": "object", "properties": {"a": DEEP}}
 REFUSALS = [
     # (id, fields, messages' text, the field named)
@@ -139,18 +139,10 @@ REFUSALS = [
         "tool_choice.function.name",
     ),
     ("required without tools", {"tool_choice": "required"}, "Read it.", "tool_choice"),
-    (
-        "schema nested too deeply",
-        {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": DEEP}}},
-        "Read it.",
-        "response_format.json_schema.schema",
-    ),
-    (
-        "parameters nested too deeply",
-        {"tools": [{"type": "function", "function": {"name": "f", "parameters": DEEP}}]},
-        "Read it.",
-        "tools[0].function.parameters",
-    ),
+]
+DEEP_FIELDS = [
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": DEEP}}},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": DEEP}}]},
 ]
 
 
@@ -164,6 +156,20 @@ def test_native_refusals_name_the_field(server: Server, fields: dict, text: str,
     assert r.json()["code"] == "InvalidParameter"
     message = r.json()["message"]
     assert named in message and "parameters." in message, message
+
+
+@pytest.mark.parametrize("fields", DEEP_FIELDS, ids=["schema", "parameters"])
+def test_a_schema_nested_too_deeply_is_refused_as_the_body(server: Server, client: openai.OpenAI, fields: dict) -> None:
+    """Nested past what a request body may be (api.incoming.MAX_JSON_DEPTH, 128 levels): refused with the body,
+    before the schema checks, which would recurse through it, read it."""
+    parameters = {"max_tokens": 4, **fields}
+    body = {"model": SEED_MODEL, "input": {"messages": native_messages()}, "parameters": parameters}
+    r = post(server, NATIVE, body)
+    assert r.status_code == 400 and r.json()["code"] == "InvalidParameter", r.text
+    assert "nested too deeply" in r.json()["message"], r.text
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=SEED_MODEL, messages=openai_messages(), max_tokens=4, **fields)
+    assert "nested too deeply" in bad.value.body["message"], bad.value.body
 
 
 @pytest.mark.parametrize(("fields", "text", "named"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])

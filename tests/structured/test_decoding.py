@@ -105,3 +105,16 @@ def test_an_unsatisfiable_schema_is_refused_when_compiled(backend: GuidanceBacke
     with pytest.raises(ServiceError) as caught:
         backend.compile(GrammarSpec.json_schema({"type": "integer", "minimum": 5, "maximum": 1}, "response_format"))
     assert "'response_format'" in caught.value.message and caught.value.code == "InvalidParameter"
+
+
+def test_a_schema_whose_forced_start_dead_ends_is_refused_when_compiled(backend: GuidanceBackend) -> None:
+    """Every answer begins "{" and llguidance finds no way on after it (the object requires itself for ever)."""
+    endless = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+    with pytest.raises(ServiceError) as caught:
+        backend.compile(GrammarSpec.json_schema(endless, "response_format.json_schema.schema"))
+    assert "no answer can be completed after '{'" in caught.value.message
+    assert "'response_format.json_schema.schema'" in caught.value.message
+    optional = {"type": "object", "properties": {"a": {"$ref": "#"}}}  # "{}" satisfies it
+    assert backend.compile(GrammarSpec.json_schema(optional, "response_format")).accepts(
+        backend.tokenizer.tokenize_str("{}")
+    )

@@ -374,7 +374,8 @@ class AccountStore:
         with ``in_flight``, delete the request's in-flight row in it too.
 
         A request already in the ledger (a replica's lease ran out while it lived, and another reclaimed
-        its requests) is not charged again: the ledger's unique request id rolls the charge back.
+        its requests) is not charged again: the ledger's unique request id rolls the charge back; its
+        in-flight row, which this replica's checkpoints put back after the reclaim, is deleted all the same.
 
         SQLAlchemy Core on a plain connection: this runs once per request, and the ORM's unit of work
         made it three times slower. On SQLite, the stdlib driver directly (see sqlite_hot_path).
@@ -419,6 +420,8 @@ class AccountStore:
                     connection.execute(self._hot.forget_in_flight, {"request_id": request_id})
         except IntegrityError:
             already_charged(request_id)
+            if in_flight:  # the row this replica's checkpoints put back after the reclaim: nothing holds it now
+                self.forget_checkpoints([request_id])
         return True
 
     @property

@@ -73,10 +73,17 @@ def test_a_dead_replicas_requests_are_charged_once_however_many_reclaim(store: A
     [row] = store.usage()  # both requests were of model m (see _interrupted_requests)
     assert (row["requests"], row["interrupted"]) == (2, 2)
 
-    # The replica was alive after all (a long pause): its own settle now charges nothing twice.
+    # The replica was alive after all (a long pause): its checkpoint writer, resumed, puts its request's row
+    # back, and its own settle then charges nothing twice, and leaves no row in flight behind it.
+    store.hold_lease(DEAD, "elsewhere/boot", "1:1", seconds=30)  # renewed after the pause
+    now = utcnow()
+    row = {"request_id": "r-limited", "replica_id": DEAD, "grant_id": held.grant_id, "key_id": held.key_id}
+    row |= {"model": "m", "reserved_tokens": 600, "input_tokens": 100, "output_tokens": 50, "image_tokens": 6404}
+    store.save_checkpoints([row | {"started_at": now, "checkpoint_at": now}])
     assert store.settle(held, "r-limited", 100, 55, 6404, "ok", in_flight=True)
     grant = store.find_grant(held.key_id, "m")
     assert (grant.used_tokens, grant.reserved_tokens) == (140, 0) and len(store.ledger()) == 2
+    assert _count(store, "in_flight") == 0
 
 
 def test_a_settled_request_left_in_flight_is_not_charged_again(store: AccountStore) -> None:

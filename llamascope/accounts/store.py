@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import case, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from llamascope.accounts.lookups import Lookups
@@ -70,19 +70,43 @@ V = TypeVar("V")
 _CHECKPOINTED = ("input_tokens", "output_tokens", "image_tokens", "checkpoint_at")
 
 
+class StoreUnreachable(Exception):
+    """The accounts store cannot be opened: its URL does not parse, its driver is not installed, or its
+    database does not answer or refuses the login. The message says which, for the operator."""
+
+
 def open_store(url: str, data_dir: Path | None = None) -> AccountStore:
     """The store at ``url``, its schema migrated (``data_dir``: made first, for a default SQLite file there):
-    a database that cannot be reached stops here."""
+    a database that cannot be reached stops here, with StoreUnreachable."""
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
-    store = AccountStore(url)
-    store.migrate()
+    try:
+        store = AccountStore(url)
+    except ArgumentError as exc:  # no URL, or no such dialect (a misspelt postgresql+psycopg)
+        raise StoreUnreachable(f"the accounts store's URL {_shown(url)} is not one it can use: {exc}") from None
+    except ImportError as exc:
+        hint = " (PostgreSQL: pip install -c constraints.txt -e '.[postgres]')" if url.startswith("postgres") else ""
+        missing = f"the accounts store {_shown(url)} needs a driver that is not installed: {exc}{hint}"
+        raise StoreUnreachable(missing) from None
+    try:
+        store.migrate()
+    except (DBAPIError, OSError) as exc:
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        raise StoreUnreachable(f"cannot open the accounts store {printable_url(url)}: {reason}") from None
     return store
 
 
 def printable_url(url: str) -> str:
     """A database URL without its password, for printing."""
     return make_url(url).render_as_string(hide_password=True)
+
+
+def _shown(url: str) -> str:
+    """The URL for a message: without its password, and not at all if it may hold one that does not parse."""
+    try:
+        return repr(printable_url(url))
+    except ArgumentError:
+        return "(not shown: it does not parse)" if "@" in url else repr(url)
 
 
 def _view(cls: type[V], row: Any) -> V:

@@ -17,6 +17,7 @@ from tests.conftest import (
     OTHER_KEY,
     SEED_MODEL,
     Server,
+    free_port,
     generation_body,
     start_server,
 )
@@ -167,3 +168,23 @@ def test_weak_settings_keys_stop_start_up(tmp_path: Path, where: str) -> None:
     log = server.log()
     assert "must be hard to guess" in log and "llamascope keys create" in log and "token_hex(20)" in log
     assert "Traceback" not in log and not (tmp_path / "data").exists()
+
+
+@pytest.mark.server
+def test_an_unreachable_store_stops_commands_and_start_up_with_a_message(tmp_path: Path) -> None:
+    """New-user trial: a replica whose PostgreSQL was down (or not installed, or the URL mistyped) printed 80
+    lines of SQLAlchemy traceback for `keys list`, `db upgrade` and `serve`, instead of saying what is wrong."""
+    down = f"postgresql+psycopg://llamascope@127.0.0.1:{free_port()}/llamascope"
+    for url, said in [(down, "Connection refused"), ("not a url", "Could not parse"), ("mysql://u@h/x", "MySQLdb")]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMASCOPE_")}
+        done = subprocess.run(
+            [*LLAMASCOPE, "keys", "list"], capture_output=True, text=True, env=env | {"LLAMASCOPE_DATABASE_URL": url}
+        )
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr and "accounts store" in done.stderr and said in done.stderr
+    server = start_server(
+        tmp_path, ["--model", "m=openai+http://127.0.0.1:9/v1"], env={"LLAMASCOPE_DATABASE_URL": down}, wait=False
+    )
+    assert server.process.wait(120) == 2
+    log = server.log()
+    assert "cannot start" in log and "Connection refused" in log and "Traceback" not in log

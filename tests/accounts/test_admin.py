@@ -56,6 +56,15 @@ def test_new_keys_take_the_clis_names_and_refuse_what_they_do_not_know(server: S
         assert all(word in r.json()["message"] for word in words), r.json()["message"]
         assert "invalid literal" not in r.json()["message"]
 
+    # New-user trial: {"model": []} made a key for every model, and {"model": ""} (or ["a", ""]) was refused
+    # after the key had been written: an active key with no grants (or only some) was left in the store.
+    listed = len(httpx.get(server.base + "/admin/keys", headers=ADMIN).json()["data"])
+    for body in [{"model": []}, {"model": ""}, {"models": ["elsewhere", " "]}]:
+        r = post_key(server, body)
+        assert (r.status_code, r.json()["code"]) == (400, "InvalidParameter"), (body, r.text)
+        assert "'model'" in r.json()["message"], r.json()["message"]
+    assert len(httpx.get(server.base + "/admin/keys", headers=ADMIN).json()["data"]) == listed
+
     key_id = post_key(server, {}).json()["data"]["id"]
     r = httpx.post(f"{server.base}/admin/keys/{key_id}/grants", json={"model": "x", "allowance": -5}, headers=ADMIN)
     assert r.status_code == 400 and "'allowance'" in r.json()["message"]

@@ -235,7 +235,9 @@ def _model_name(model: str) -> str:
 
 def keys_table(rows: list[tuple[KeyView, list[GrantView]]]) -> str:
     """Keys (prefix only), their state, expiry and rate limits, and a line per grant."""
-    head = f"{'id':>4}  {'key':<10} {'name':<20} {'state':<8} {'key expires':<11} {'limits':<28}"
+    # The limits are shown whole (the docs' own `--rpm 60 --tpm 200000 --concurrency 4` is 29 characters).
+    wide = max([28, *(len(_limits(view)) for view, _ in rows)])
+    head = f"{'id':>4}  {'key':<10} {'name':<20} {'state':<8} {'key expires':<11} {'limits':<{wide}}"
     lines = [f"{head} {'model':<32} {'used':>10} {'allowance':>10}  until"]
     now = utcnow()
     for view, grants in rows:
@@ -246,7 +248,7 @@ def keys_table(rows: list[tuple[KeyView, list[GrantView]]]) -> str:
         for i, g in enumerate(grants or [None]):  # type: ignore[list-item]
             if i == 0:
                 key = f"{view.id:>4}  {view.prefix + '…':<10} {view.name[:20]:<20} {state:<8} {expires:<11}"
-                key += f" {_limits(view)[:28]:<28}"
+                key += f" {_limits(view):<{wide}}"
             else:
                 key = " " * len(head)
             if g is None:

@@ -197,3 +197,14 @@ def test_an_unreachable_store_stops_commands_and_start_up_with_a_message(tmp_pat
     assert server.process.wait(120) == 2
     log = server.log()
     assert "cannot start" in log and "Connection refused" in log and "Traceback" not in log
+
+
+def test_keys_list_shows_a_keys_limits_whole(tmp_path: Path) -> None:
+    """New-user trial: the docs' `keys create --name batch --rpm 60 --tpm 200000 --concurrency 4` was listed
+    with the limits "60 rpm, 200000 tpm, 4 at onc"."""
+    made = cli(tmp_path, "keys", "create", "--name", "batch", "--rpm", "60", "--tpm", "200000", "--concurrency", "4")
+    assert made.returncode == 0, made.stderr
+    listed = cli(tmp_path, "keys", "list")
+    assert "60 rpm, 200000 tpm, 4 at once" in listed.stdout, listed.stdout
+    head, row = listed.stdout.splitlines()
+    assert head.index("model") == row.index("* (every model)")  # the columns still line up

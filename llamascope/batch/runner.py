@@ -177,7 +177,9 @@ class Runner:
             if batch.id not in self._steps and await asyncio.to_thread(claim, batch.id, batch.status, self.replica_id):
                 self._step(batch.id, self._validate(batch))
         active = Status.IN_PROGRESS, Status.CANCELLING, Status.FINALIZING
-        for batch in await asyncio.to_thread(repository.with_status, *active):
+        batches = await asyncio.to_thread(repository.with_status, *active)
+        await self._forget({batch.key_id for batch in batches}, {batch.model or "" for batch in batches})
+        for batch in batches:
             stopped = batch.status is Status.CANCELLING or batch.ending is not None
             if stopped:
                 self._stop_lines(batch.id, batch.ending or Status.CANCELLED)
@@ -188,6 +190,25 @@ class Runner:
             pending, running = await asyncio.to_thread(repository.unfinished, batch.id)
             if running == 0 and (pending == 0 or stopped):
                 self._step(batch.id, self._finalize(batch.id))
+
+    async def _forget(self, keys: set[int], models: set[str]) -> None:
+        """Drop what is kept for keys and models with no batch under way and no line running here (their
+        window, limit, pauses and client), so that a long-lived server's tables hold its active keys only."""
+        now = time.monotonic()
+        for scope, until in list(self._paused.items()):
+            kind, name = scope
+            if until <= now and name not in (keys if kind == "key" else models):
+                del self._paused[scope]
+        for key in set(self._window) | set(self._limits) | set(self._clients) | set(self._key_running):
+            if key in keys or self._key_running.get(key):
+                continue
+            for table in (self._window, self._limits, self._held, self._key_running):
+                table.pop(key, None)
+            client = self._clients.pop(key, None)
+            if client is not None:
+                await client.aclose()
+        for model in [model for model, running in self._running.items() if not running and model not in models]:
+            del self._running[model]
 
     def _step(self, batch_id: str, work: Any) -> None:
         self._steps.add(batch_id)

@@ -64,6 +64,7 @@ PARAMETERS: dict[str, Parameter] = {
     "top_k": Parameter(_integer, "candidates to sample from (none, 0 or above 100: off)"),
     "seed": Parameter(_integer, "the same seed gives the same answer"),
     "repetition_penalty": Parameter(float, "above 1 discourages repeating (default 1.0)"),
+    "presence_penalty": Parameter(float, "in [-2, 2]: above 0 discourages the tokens the answer has made"),
     "stop": Parameter(_stop, 'end the answer at this string, or any of a JSON list: ["\\n\\n", "END"]'),
     "incremental_output": Parameter(_boolean, "stream deltas instead of the whole text so far (true/false)"),
 }

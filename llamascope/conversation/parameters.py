@@ -69,6 +69,14 @@ def _stop(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def _penalty(params: dict[str, Any], name: str) -> float:
+    """presence_penalty or frequency_penalty: OpenAI's range, DashScope's for presence_penalty."""
+    value = _number(params, name)
+    if value is not None and not -2 <= value <= 2:
+        raise _bad(f"Range of {name} should be [-2.0, 2.0]")
+    return value or 0.0
+
+
 def parse_parameters(params: Any, context_length: int) -> Options:
     if params is None:
         params = {}
@@ -111,6 +119,8 @@ def parse_parameters(params: Any, context_length: int) -> Options:
     if penalty <= 0:
         raise _bad("Range of repetition_penalty should be (0.0, +inf)")
 
+    presence, frequency = (_penalty(params, name) for name in ("presence_penalty", "frequency_penalty"))
+
     incremental = params.get("incremental_output", False)
     if incremental is None:
         incremental = False
@@ -137,6 +147,8 @@ def parse_parameters(params: Any, context_length: int) -> Options:
             top_k=top_k,
             seed=seed,
             repetition_penalty=penalty,
+            presence_penalty=presence,
+            frequency_penalty=frequency,
             logprobs=(top_logprobs or 0) if logprobs else None,
         ),
         stop=_stop(params.get("stop")),

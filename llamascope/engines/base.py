@@ -73,6 +73,10 @@ class SamplingParams:
     top_k: int | None = None  # None: top-k off, only top-p applies
     seed: int | None = None
     repetition_penalty: float = 1.0
+    # OpenAI's: subtracted from the logit of each token the answer has made so far, once (presence) and once
+    # for each time it was made (frequency); the prompt's tokens do not count.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     # Log-probabilities of the tokens made: None, off; N >= 0, each token's own and its N likeliest rivals.
     logprobs: int | None = None
 

@@ -52,6 +52,7 @@ class Sampler:
             if sampling.repetition_penalty != 1.0
             else None
         )
+        self.presence, self.frequency = sampling.presence_penalty, sampling.frequency_penalty
         seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -60,15 +61,20 @@ class Sampler:
         return self.top_k > 0 or self.top_p < 1.0
 
 
-def pick(samplers: Sequence[Sampler], ids: Sequence[list[int]], logits: torch.Tensor) -> list[int]:
+def pick(
+    samplers: Sequence[Sampler], ids: Sequence[list[int]], logits: torch.Tensor, made: Sequence[int] = ()
+) -> list[int]:
     """The next token of every row of ``logits`` [rows, vocab] (float32; changed in place).
 
-    ``ids`` are each row's prompt and generated ids, for the repetition penalty.
+    ``ids`` are each row's prompt and generated ids, for the repetition penalty; ``made``, how many of them
+    each row generated (its last ones), for the presence and frequency penalties.
     """
     for i, sampler in enumerate(samplers):
         if sampler.penalty is not None:
             row = sampler.penalty(torch.tensor([ids[i]], device=logits.device), logits[i : i + 1])  # type: ignore[arg-type]
             logits[i : i + 1] = row.clamp_(max=FLOAT32.max)  # a tiny penalty can push a logit to +inf
+        if (sampler.presence or sampler.frequency) and made and made[i]:
+            _penalize(sampler, ids[i][len(ids[i]) - made[i] :], logits[i])
     picks: list[int] = [0] * len(samplers)
     greedy = [i for i, s in enumerate(samplers) if s.greedy]
     if greedy:
@@ -85,6 +91,14 @@ def pick(samplers: Sequence[Sampler], ids: Sequence[list[int]], logits: torch.Te
             for i, token in zip(group, chosen, strict=True):
                 picks[i] = token
     return picks
+
+
+def _penalize(sampler: Sampler, answer: list[int], row: torch.Tensor) -> None:
+    """OpenAI's presence and frequency penalties, as vLLM applies them: over the tokens the answer has made."""
+    tokens, counts = torch.tensor(answer, device=row.device).unique(return_counts=True)
+    tokens = tokens[tokens < row.shape[-1]]  # ids past the logits (a tokenizer's added tokens) have none
+    counts = counts[: tokens.shape[0]].to(row.dtype)
+    row.index_put_((tokens,), -(sampler.presence + sampler.frequency * counts), accumulate=True)
 
 
 def argmax(logits: torch.Tensor, block: int = 256) -> torch.Tensor:

@@ -621,7 +621,7 @@ class Scheduler:
             filling = self._fill_ahead(rows)
         if filling is not None and self.masks is not None:
             self.masks.apply(logits, filling.result())
-        tokens = pick([s.sampler for s in rows], [s.ids for s in rows], logits)
+        tokens = pick([s.sampler for s in rows], [s.ids for s in rows], logits, [s.generated for s in rows])
         if logprobs is not None:
             top = [rows[i].sampling.logprobs or 0 for i in wanted]
             for i, found in zip(wanted, chosen_logprobs(logprobs, [tokens[i] for i in wanted], top), strict=True):

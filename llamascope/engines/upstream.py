@@ -309,6 +309,10 @@ class UpstreamEngine:
             body["seed"] = sampling.seed
         if sampling.repetition_penalty != 1.0:
             body["repetition_penalty"] = sampling.repetition_penalty
+        if sampling.presence_penalty:
+            body["presence_penalty"] = sampling.presence_penalty
+        if sampling.frequency_penalty:
+            body["frequency_penalty"] = sampling.frequency_penalty
         if sampling.min_new_tokens:
             body["min_tokens"] = sampling.min_new_tokens
         if prompt.output is not None:

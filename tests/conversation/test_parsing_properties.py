@@ -100,6 +100,18 @@ PARAMETERS: dict[str, Values] = {
         st.floats(min_value=0.0, exclude_min=True, **FINITE),
         st.one_of(NOT_NUMBERS, NOT_FINITE, st.floats(max_value=0.0, **FINITE)),
     ),
+    **{
+        name: (
+            st.floats(-2.0, 2.0),
+            st.one_of(
+                NOT_NUMBERS,
+                NOT_FINITE,
+                st.floats(max_value=-2.0, exclude_max=True, **FINITE),
+                st.floats(min_value=2.0, exclude_min=True, **FINITE),
+            ),
+        )
+        for name in ("presence_penalty", "frequency_penalty")
+    },
     "stop": (
         st.one_of(st.text(min_size=1, max_size=4), st.lists(st.text(min_size=1, max_size=4), max_size=3)),
         st.one_of(st.just(""), st.just([""]), st.lists(st.integers(), min_size=1, max_size=2), st.integers()),

@@ -166,3 +166,22 @@ def test_a_tiny_temperature_or_top_p_samples_the_top_token() -> None:
     ]:
         samplers = [Sampler(SamplingParams(**{**vars(params), "seed": i})) for i in range(4)]
         assert pick(samplers, [[]] * 4, logits.clone()) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize(
+    ("presence", "frequency", "answer", "expected"),
+    [
+        (0.0, 0.0, [3], 3),  # no penalty: the top token
+        (2.0, 0.0, [3], 5),  # made once: 1.0 below the second
+        (0.0, 0.5, [3], 3),  # once, 0.5 down: still on top
+        (0.0, 0.5, [3, 3, 3], 5),  # three times, 1.5 down
+        (-2.0, 0.0, [1], 1),  # a negative presence favours what was made
+    ],
+)
+def test_presence_and_frequency_penalties_count_the_answers_tokens_only(
+    presence: float, frequency: float, answer: list[int], expected: int
+) -> None:
+    logits = torch.tensor([[0.0, 8.5, 0.0, 10.0, 0.0, 9.0, 0.0, 0.0]])
+    sampler = Sampler(SamplingParams(temperature=0, presence_penalty=presence, frequency_penalty=frequency))
+    prompt = [5] * 10  # the prompt's tokens never count
+    assert pick([sampler], [prompt + answer], logits, [len(answer)]) == [expected]

@@ -37,7 +37,7 @@ from llamascope.structured.tools import ToolCall
 # level.
 _SAME = (
     *("temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty", "logprobs", "top_logprobs"),
-    *("response_format", "tools", "tool_choice", "parallel_tool_calls"),
+    *("response_format", "tools", "tool_choice", "parallel_tool_calls", "presence_penalty", "frequency_penalty"),
 )
 
 
@@ -85,9 +85,6 @@ def _unserved(body: dict[str, Any]) -> tuple[str, str] | None:
         return legacy[0], f"the deprecated function calls are not supported; use {legacy[1]}"
     if body.get("logit_bias"):
         return "logit_bias", "logit biases are not supported"
-    for name in ("frequency_penalty", "presence_penalty"):
-        if body.get(name) not in (None, 0):
-            return name, "not supported; repetition_penalty (a top-level field) is"
     modalities = body.get("modalities")
     if modalities not in (None, ["text"]):
         return "modalities", 'only ["text"] is supported'

@@ -133,6 +133,7 @@ def test_parameters_aliases_and_unknowns(server: Server, image_host) -> None:
         top_k=500,
         min_new_tokens=2,
         repetition_penalty=1.1,
+        presence_penalty=1.5,
         result_format="message",
         vl_high_resolution_images=True,
         something_new={"x": 1},
@@ -299,6 +300,7 @@ PARAM_CASES = [
     ({"stop": [1, 2]}, "stop"),
     ({"stop": ""}, "stop"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"presence_penalty": 2.5}, "Range of presence_penalty should be [-2.0, 2.0]"),
     ({"incremental_output": "yes"}, "incremental_output"),
 ]
 

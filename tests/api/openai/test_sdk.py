@@ -150,7 +150,7 @@ def test_what_newer_clients_send(client: openai.OpenAI, image_host) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("presence_penalty", 0.5), ("functions", [{"name": "f", "parameters": {"type": "object"}}])],
+    [("logit_bias", {"1": 5}), ("functions", [{"name": "f", "parameters": {"type": "object"}}])],
 )
 def test_what_cannot_be_honoured_is_refused_naming_it(client: openai.OpenAI, image_host, field: str, value) -> None:
     """Issue 13: what was not honoured was silently ignored, answered as if honoured (tools and response_format
@@ -160,11 +160,19 @@ def test_what_cannot_be_honoured_is_refused_naming_it(client: openai.OpenAI, ima
             model=SEED_MODEL, messages=messages(image_host.url("/red.png")), max_tokens=2, **{field: value}
         )
     assert bad.value.body["param"] == field and f"Parameter {field}:" in bad.value.body["message"]
-    # What changes nothing is accepted.
+    # What changes nothing is accepted; so are the penalties, served.
     r = client.chat.completions.create(
         model=SEED_MODEL, messages=messages(image_host.url("/red.png")), max_tokens=1, response_format={"type": "text"}
     )
     assert r.usage.completion_tokens == 1
+    r = client.chat.completions.create(
+        model=SEED_MODEL,
+        messages=messages(image_host.url("/red.png")),
+        max_tokens=3,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+    )
+    assert r.usage.completion_tokens == 3
 
 
 def test_errors_speak_this_modes_language(client: openai.OpenAI, image_host) -> None:
@@ -174,6 +182,7 @@ def test_errors_speak_this_modes_language(client: openai.OpenAI, image_host) -> 
         ({"messages": "hello"}, "messages", "messages must be a list"),
         ({"messages": [{"role": "user", "content": [IMAGE_PART] * 5}]}, "messages", "messages"),
         ({"messages": messages(image_host.url("/red.png")), "top_p": 5}, "top_p", "top_p"),
+        ({"messages": messages(image_host.url("/red.png")), "presence_penalty": 3}, "presence_penalty", "[-2.0, 2.0]"),
         ({"messages": messages(image_host.url("/red.png")), "model": "nope"}, "model", "Model not exist"),
         ({"messages": messages("data:image/png;base64," + "A" * (14 << 20))}, "messages", "per data-uri item"),
         (  # one image of several: which one

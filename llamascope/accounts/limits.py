@@ -113,6 +113,7 @@ class RateLimits:
 # the request uncounted: a script Redis runs only then (it was paused, or stalled) counts nothing (-1), or the
 # count would never be taken out again.
 _ENTER = """
+if redis.replicate_commands then redis.replicate_commands() end -- writes after TIME on Redis before 5
 local now = redis.call('TIME')
 if tonumber(now[1]) + tonumber(now[2]) / 1000000 > tonumber(ARGV[4]) then return -1 end
 local counts = redis.call('HGETALL', KEYS[1])

@@ -468,10 +468,14 @@ class AccountStore:
             connection.execute(statement.on_conflict_do_update(index_elements=["request_id"], set_=latest), rows)
 
     def forget_checkpoints(self, request_ids: list[str]) -> None:
-        """Delete in-flight rows of requests already settled (a checkpoint written while they settled)."""
+        """Delete in-flight rows of requests already settled (a checkpoint written while they settled); a
+        request the ledger does not have yet keeps its row (its settle, still to commit, deletes it)."""
         if request_ids:
+            settled = select(UsageRecord.request_id).where(UsageRecord.request_id.in_(request_ids))
             with self.engine.begin() as connection:
-                connection.execute(delete(InFlight).where(InFlight.request_id.in_(request_ids)))
+                connection.execute(
+                    delete(InFlight).where(InFlight.request_id.in_(request_ids), InFlight.request_id.in_(settled))
+                )
 
     def _now(self) -> Any:
         """The time leases are measured by: the database's own clock on PostgreSQL, shared by every replica."""

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
 from llamascope import errors
+from llamascope.accounts.admission import Accounts, Admission, Principal
 from llamascope.accounts.checkpoints import Checkpoints, process_alive, this_process
+from llamascope.accounts.limits import RateLimits
 from llamascope.accounts.records import Reservation, utcnow
 from llamascope.accounts.store import AccountStore
 
@@ -136,3 +139,38 @@ def test_streams_wait_for_their_checkpoint_and_fail_clearly_without_one(store: A
         assert (failure.value.status, failure.value.code) == (503, "ServiceUnavailable")
     finally:
         checkpoints.stop()
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["a-later-checkpoint", "its-first-checkpoint"])
+def test_a_checkpoint_written_as_its_request_settles_leaves_no_row(store: AccountStore, first: bool) -> None:
+    """New-user trial (tests/deploy/test_topology.py failed on it by chance: one in-flight row left): the
+    writer read a request's last tokens, its settle then committed (deleting the row), the writer's upsert put
+    the row back, and the writer's check for settled requests came before the settle was marked finished
+    (Redis's leave is awaited in between): the row stayed for as long as the replica lived."""
+    _, key = store.create_key()
+    grant = store.grant(key.id, "m", None, days=None)
+    checkpoints = Checkpoints(store, seconds=0.01, tokens=64, wait_seconds=1.0, lease_seconds=30)
+    reservation = Reservation(grant.id, key.id, "m", 0, utcnow())
+    progress = checkpoints.track("r1", reservation, written=False)
+    if first:
+        checkpoints.record(progress, 10, 5, 0)
+        checkpoints._flush(time.monotonic() + 1)  # a first checkpoint: the row exists
+    checkpoints.record(progress, 10, 9, 0)  # its last tokens, not yet saved
+
+    settle = store.settle
+
+    def settling_meanwhile(*args: object, **kwargs: object) -> bool:
+        if not first:  # the request's first checkpoint, written as its settle (told no row exists) begins
+            checkpoints._flush(time.monotonic() + 1)
+        done = settle(*args, **kwargs)  # type: ignore[arg-type]
+        if done and first:  # committed: the writer's turn, before the settle is marked finished
+            checkpoints._flush(time.monotonic() + 1)
+        return done
+
+    store.settle = settling_meanwhile  # type: ignore[method-assign]
+    admission = Admission(
+        Accounts(store, RateLimits(), checkpoints=checkpoints), Principal(key), reservation, "r1", True, progress
+    )
+    asyncio.run(admission.settle(10, 9, 0, "ok"))
+    assert [r.request_id for r in store.ledger()] == ["r1"]
+    assert _count(store, "in_flight") == 0

@@ -57,7 +57,7 @@ _OPENAI_TYPES = {
 _PARAM_PATTERNS = (
     (re.compile(r"^Invalid value for '([\w.\[\]-]+)'"), None),  # structured output: "tools[0].function.name"
     (re.compile(r"^(?:Range of|Parameter) (\w+)"), None),
-    (re.compile(r"messages|image|url error|data-uri|media|multimodal|[Ii]nput length"), "messages"),
+    (re.compile(r"messages|last message|image|url error|data-uri|media|multimodal|[Ii]nput length"), "messages"),
     (re.compile(r"^Model not exist|\"model\""), "model"),
 )
 

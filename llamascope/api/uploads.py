@@ -78,6 +78,8 @@ async def get_policy(request: Request) -> JSONResponse:
     if request.query_params.get("action") != "getPolicy":
         raise errors.invalid_parameter("action must be getPolicy.")
     model = request.query_params.get("model")
+    if not model:
+        raise errors.ServiceError(400, "BadRequest.EmptyModel", 'Required parameter "model" missing from request.')
     service.engine(model)  # an unknown model gets "Model not exist." like the generation call
     data = store.issue_policy(request.state.principal.key_id, str(model))
     data["upload_host"] = upload_host(request)

@@ -19,6 +19,7 @@ from llamascope.engines.base import SamplingParams
 MAX_SEED = 2**63 - 1
 DEFAULT_MAX_TOKENS = 512
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat completions
+MAX_STOPS, MAX_STOP_CHARS = 32, 1000  # OpenAI takes 4 stop strings
 # One setting, several names: the first one the caller sent is the one used, and named in its errors.
 MAX_TOKENS_NAMES = ("max_tokens", "max_new_tokens", "max_completion_tokens")
 
@@ -63,9 +64,12 @@ def _stop(value: Any) -> tuple[str, ...]:
         return ()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise _bad("Parameter stop should be a string or a list of strings.")
+        raise _bad("Parameter stop should be a string or a list of strings (stop token ids are not supported).")
     if any(s == "" for s in items):
         raise _bad("Parameter stop should not contain an empty string.")
+    # Each is looked for in every piece of the answer, on the event loop: tens of thousands stalled the server.
+    if len(items) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in items):
+        raise _bad(f"Parameter stop should hold at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters.")
     return tuple(dict.fromkeys(items))
 
 
@@ -82,6 +86,10 @@ def parse_parameters(params: Any, context_length: int) -> Options:
         params = {}
     if not isinstance(params, dict):
         raise _bad("parameters must be an object.")
+
+    n = params.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise _bad("Parameter n: only one choice per request is supported.")
 
     max_name = next((name for name in MAX_TOKENS_NAMES if params.get(name) is not None), "max_tokens")
     max_new = _integer(params, max_name)

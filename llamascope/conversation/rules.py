@@ -164,13 +164,15 @@ def _tool_calls(index: int, value: Any) -> tuple[ToolCall, ...]:
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
                 raise _bad(f"{at}.function.arguments: not valid JSON.") from None
         if arguments is None:
             arguments = {}
         if not isinstance(arguments, dict):
             raise _bad(f"{at}.function.arguments: must be a JSON object (as a string).")
         text = json.dumps(arguments, ensure_ascii=False)
+        if not text.isascii() and text.encode(errors="ignore").decode() != text:  # a lone surrogate, from its escape
+            raise _bad(f"{at}.function.arguments: a string holds a lone surrogate (\\ud800 to \\udfff).")
         given = call.get("id")
         if given is not None and not isinstance(given, str):
             raise _bad(f"{at}.id: must be a string.")

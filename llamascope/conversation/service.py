@@ -295,18 +295,33 @@ class ConversationService:
         engine, prompt = await self._counted(principal, model, messages, context, Endpoint.TEXT)
         return engine.tokens(prompt)
 
-    async def count(self, principal: Principal, model: Any, messages: Any, context: SourceContext = ANONYMOUS) -> int:
-        """The prompt's input tokens as ``open`` would count them, without generating (``POST /tokenize``)."""
-        return (await self._counted(principal, model, messages, context, Endpoint.CHAT))[1].input_tokens
+    async def count(
+        self,
+        principal: Principal,
+        model: Any,
+        messages: Any,
+        context: SourceContext = ANONYMOUS,
+        parameters: Any = None,
+    ) -> int:
+        """The prompt's input tokens as ``open`` would count them, without generating (``POST /tokenize``);
+        ``parameters``' tools (and response_format) are in the prompt as ``open`` puts them there."""
+        prompt = (await self._counted(principal, model, messages, context, Endpoint.CHAT, parameters))[1]
+        return prompt.input_tokens
 
     async def _counted(
-        self, principal: Principal, model: Any, messages: Any, context: SourceContext, endpoint: Endpoint
+        self,
+        principal: Principal,
+        model: Any,
+        messages: Any,
+        context: SourceContext,
+        endpoint: Endpoint,
+        parameters: Any = None,
     ) -> tuple[Engine, PreparedPrompt]:
-        """The prompt ``open`` would make, checked as it checks it, but for parameters and the allowance."""
+        """The prompt ``open`` would make, checked as it checks it, but for sampling and the allowance."""
         engine = self.engine(model)
         await self.accounts.check(principal, model)
         draft = parse_messages(messages, self._images(model, engine, endpoint))
-        return engine, await self._prompt(engine, draft, context)
+        return engine, await self._prompt(engine, draft, context, output_spec(parameters, draft, endpoint))
 
     def image_rules(self, model: str, endpoint: Endpoint) -> Images:
         """How many images a conversation with ``model`` may carry through ``endpoint``, and whether its first user

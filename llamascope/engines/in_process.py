@@ -108,6 +108,8 @@ class InProcessEngine(ABC):
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos)
         # No token covers more bytes than this, so a prompt of N bytes has at least N/this tokens.
         self._max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab())
+        specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len)
+        self._specials = re.compile("|".join(re.escape(t) for t in reversed(specials))) if specials else None
         self._preparers = anyio.CapacityLimiter(2)
         self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = weakref.WeakKeyDictionary()
         self._outboxes_lock = threading.Lock()  # the model thread flushes while a loop may add its own
@@ -252,6 +254,8 @@ class InProcessEngine(ABC):
     def _prepare(self, turns: list[Turn], output: OutputSpec | None = None) -> PreparedPrompt:
         messages, images = self._chat(turns)
         tools = [t.to_openai() for t in output.offered_tools()] if output is not None else []
+        if self._specials is not None:  # the caller's strings are text: "<|image|>" in one is no image
+            messages, tools = _as_text(messages, self._specials), _as_text(tools, self._specials)
         extra: dict[str, Any] = {}
         if tools and "tools" in self.template:  # Meta's templates (and llamascope's) place them themselves
             extra["tools"] = tools
@@ -439,6 +443,19 @@ def chat_text(turn: Turn) -> str:
         return turn.text
     written = call_text(call.to_openai() for call in turn.tool_calls)
     return f"{turn.text}{written}" if turn.text.strip() else written
+
+
+def _as_text(value: Any, specials: re.Pattern[str]) -> Any:
+    """``value`` (a chat template's messages or tools) with each special token in its strings broken by a word
+    joiner (U+2060), so the tokenizer reads it as text: a caller cannot add an image token (the image count then
+    no longer matched: a 500) or end a turn and start another role's."""
+    if isinstance(value, str):
+        return specials.sub(lambda m: m[0][0] + "\u2060" + m[0][1:], value)
+    if isinstance(value, list):
+        return [_as_text(v, specials) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_text(v, specials) for k, v in value.items()}
+    return value
 
 
 def _head_first_user_message(messages: list[dict[str, Any]], head: str) -> None:

@@ -15,6 +15,8 @@ import functools
 import hashlib
 import io
 import os
+import re
+import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,11 +63,35 @@ def _sniff(data: bytes) -> str | None:
     return None
 
 
+# Icon containers (ICO, ICNS) whose frames Pillow decodes while it opens the file, before any size here is seen:
+# their embedded PNG and JPEG 2000 frames are sized from the bytes first. A 240 kB ICO holding a 9000x9000 PNG
+# took 340 MB, and one of 12000x12000 590 MB, to be refused after its decode.
+_ICON_CONTAINERS = (b"\x00\x00\x01\x00", b"icns")
+_EMBEDDED_SIZES = re.compile(
+    rb"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR(?P<png>.{8})"  # PNG: width, height
+    rb"|ihdr(?P<jp2>.{8})"  # JP2's image header box: height, width
+    rb"|\xff\x4f\xff\x51..\x00\x00(?P<j2k>.{8})",  # a JPEG 2000 codestream's SIZ marker: width, height
+    re.DOTALL,
+)
+
+
+def _largest_embedded_frame(data: bytes) -> int:
+    """The pixels of the largest PNG or JPEG 2000 frame inside an icon container (0 if none)."""
+    largest = 0
+    for match in _EMBEDDED_SIZES.finditer(data):
+        first, second = struct.unpack(">II", match.group(match.lastgroup or "png"))
+        largest = max(largest, first * second)
+    return largest
+
+
 # Given an image's (width, height) as shown, the size the model will resize it to.
 # Images are decoded no larger than that: the model never sees more.
 FitFunction = Callable[[int, int], tuple[int, int]]
 
-_REDUCIBLE = {"JPEG", "MPO", "JPEG2000"}  # formats decoded at a reduced size when the model needs less
+# Formats decoded at a reduced size when the model needs less. Not a progressive JPEG: libjpeg keeps every
+# coefficient of the whole image across its scans, whatever the scale (6 bytes a pixel: a 1 MB file of 80 million
+# pixels took 0.5 GB), so it counts at full size.
+_REDUCIBLE = {"JPEG", "MPO", "JPEG2000"}
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
 _MAX_J2K_REDUCE = 5  # encoders write 5 decomposition levels by default
 # A reduced decode may land this far below the model's size; one resize then brings it to the exact size.
@@ -105,10 +131,19 @@ def decode_image(
 
     ``libvips=False`` decodes every format with Pillow, neither libvips nor libwebp's API (for comparisons:
     both give the same pixels, within the resize's rounding)."""
+    if not data:  # an empty file, uploaded by the SDK or read from an allowed directory
+        raise errors.image_unreadable("The image is empty (0 bytes).")
+    if data[:4] in _ICON_CONTAINERS and (frame := _largest_embedded_frame(data)) > limits.max_decode_pixels:
+        raise errors.image_bad_size(
+            f"The icon holds a frame of {frame} pixels; this server decodes at most {limits.max_decode_pixels} "
+            "pixels of an image in this format."
+        )
     digest = hashlib.sha256(data).hexdigest()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns from 89.5 million pixels (its MAX_IMAGE_PIXELS) and refuses from twice that; the limit
+            # here is limits.max_pixels, checked below before any pixel is decoded.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             found = img.format or "unknown"
             if found not in ACCEPTED_FORMATS:
@@ -120,7 +155,7 @@ def decode_image(
                 )
             if min(width, height) < limits.min_side:
                 raise errors.image_bad_size(f"[height:{height} or width:{width} must be larger than {limits.min_side}]")
-            if found not in _REDUCIBLE:  # decoded whole on either path; before anything reads a pixel
+            if found not in _REDUCIBLE or img.info.get("progressive"):  # decoded whole; before a pixel is read
                 _check_decode_budget(img, 0, limits.max_decode_pixels)  # (Pillow's getexif reads a whole PNG)
             rgb = _decode_faster(img, data, found, fit) if libvips else None
             if rgb is None:
@@ -133,8 +168,9 @@ def decode_image(
                     rgb = rgb.resize(target, Image.Resampling.BILINEAR, reducing_gap=vips.RESIZE_GAP)
     except errors.ServiceError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise errors.image_bad_size(f"The image has more than the limit of {limits.max_pixels} pixels.") from None
+    except Image.DecompressionBombError:  # over twice Pillow's own limit, which it holds whatever ours is
+        limit = min(limits.max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or limits.max_pixels))
+        raise errors.image_bad_size(f"The image has more than the limit of {limit} pixels.") from None
     except UnidentifiedImageError:
         sniffed = _sniff(data)
         if sniffed:
@@ -193,9 +229,12 @@ def _check_decode_budget(img: Image.Image, level: int, max_decode_pixels: int) -
     WEBP counts whole on both paths: libwebp scales its output, but decodes every source pixel."""
     width, height = (-(-side >> level) for side in img.size)
     if width * height > max_decode_pixels:
+        what = (
+            "a progressive JPEG, which is decoded whole" if img.info.get("progressive") else "an image in this format"
+        )
         raise errors.image_bad_size(
             f"The image is {img.size[0]}x{img.size[1]} pixels; this server decodes at most {max_decode_pixels} "
-            "pixels of an image in this format (JPEG and JPEG2000 larger than the model needs are decoded "
+            f"pixels of {what} (other JPEG and JPEG2000 images larger than the model needs are decoded "
             "at reduced size and may be larger)."
         )
 

@@ -110,13 +110,32 @@ class ImageIntake:
             return cached
         loop = asyncio.get_running_loop()
         started = loop.time()
-        work = loop.run_in_executor(self._decoders, decode_image, data, self.limits, fit)
+        began = asyncio.Event()  # set when a worker takes the image: its budget starts then, not in the queue
+
+        def run() -> PreparedImage:
+            loop.call_soon_threadsafe(began.set)
+            return decode_image(data, self.limits, fit)
+
+        work = loop.run_in_executor(self._decoders, run)
         try:
-            image = await asyncio.wait_for(work, self.decode_timeout)
-        except TimeoutError:  # an alias of TimeoutError from 3.11 on
-            log.warning("an image took more than %.1f s to decode and was refused", self.decode_timeout)
+            # As long again to wait for a worker: an image queued behind others' decodes is not blamed for them.
+            async with asyncio.timeout(self.decode_timeout) as budget:
+                await began.wait()
+                budget.reschedule(loop.time() + self.decode_timeout)
+                image = await work
+        except TimeoutError:
+            work.cancel()  # not started yet: it never runs
             if watch is not None:
                 watch.timed_out = True
+            if not began.is_set():
+                log.warning("every image decoder was busy for %.1f s: an image was refused", self.decode_timeout)
+                raise errors.ServiceError(
+                    429,
+                    "Throttling",
+                    "Requests throttling triggered: every image decoder of this server is busy; try again shortly.",
+                    headers={"Retry-After": "1"},
+                ) from None
+            log.warning("an image took more than %.1f s to decode and was refused", self.decode_timeout)
             raise errors.image_unreadable(
                 f"The image took longer than {self.decode_timeout:g} s to decode; send a smaller or simpler image."
             ) from None

@@ -16,9 +16,9 @@ URL fetches are hostile by default:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
+import functools
 import ipaddress
 import logging
 import os
@@ -40,7 +40,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Image host lookups at once, in threads of their own: a host name whose DNS never answers holds a thread for the
+# resolver's whole timeout. In the event loop's default executor (loop.getaddrinfo) a few such names held every
+# thread that asyncio.to_thread (an upstream engine's token counts) needed, for every request.
+_RESOLVERS = anyio.CapacityLimiter(8)
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IPv6 ranges that Python's is_global (3.11) counts as global but that are not, or that lead into IPv4 where a
+# network routes them: IPv4-compatible (deprecated), SIIT's IPv4-translated, NAT64's local-use prefix (RFC 8215,
+# with the IPv4 address split around a reserved octet) and the deprecated site-local range.
+_NOT_GLOBAL_V6 = tuple(
+    ipaddress.IPv6Network(net) for net in ("::/96", "::ffff:0:0:0/96", "64:ff9b:1::/48", "fec0::/10")
+)
 
 
 class ImageSource(Protocol):
@@ -77,6 +87,8 @@ def is_public(ip: IPAddress) -> bool:
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None:
             return is_public(embedded)
+        if any(ip in net for net in _NOT_GLOBAL_V6):
+            return False
     return ip.is_global and not ip.is_multicast
 
 
@@ -102,7 +114,10 @@ def parse_reference(
     ref: str, policy: FetchPolicy, context: SourceContext = ANONYMOUS, local: LocalPolicy = NO_LOCAL_FILES
 ) -> ImageSource:
     """Pick the source for an image reference, or refuse it."""
-    scheme = urlsplit(ref).scheme.lower() if ":" in ref else ""
+    try:
+        scheme = urlsplit(ref).scheme.lower() if ":" in ref else ""
+    except ValueError:  # a bracketed host that is no IPv6 address: "http://[127.0.0.1]/"
+        raise errors.invalid_parameter("url error, please check url! The image URL is not valid.") from None
     if scheme == "data":
         return DataUriSource(ref, policy.max_bytes)
     if scheme in ("http", "https"):
@@ -158,11 +173,15 @@ class LocalFileSource:
         raw = unquote(parts.path) if parts.scheme else self.ref
         if parts.scheme and parts.netloc not in ("", "localhost"):
             raise errors.invalid_parameter("url error, please check url! file:// URLs must name a local path.")
-        path = Path(os.path.expanduser(raw)).resolve()  # symlinks followed before the check
+        outside = errors.invalid_parameter(
+            "url error, please check url! The path is not a file inside a directory this server may read."
+        )
+        try:
+            path = Path(os.path.expanduser(raw)).resolve()  # symlinks followed before the check
+        except (ValueError, RuntimeError):  # a NUL byte, a symlink loop
+            raise outside from None
         if not any(path.is_relative_to(root.resolve()) for root in self.allowed_dirs) or not path.is_file():
-            raise errors.invalid_parameter(
-                "url error, please check url! The path is not a file inside a directory this server may read."
-            )
+            raise outside
         data = await anyio.to_thread.run_sync(self._read, path)
         if len(data) > self.max_bytes:
             raise _too_large(self.max_bytes, "the file")
@@ -191,10 +210,10 @@ class DataUriSource:
         if not sep:
             raise errors.invalid_parameter("url error, please check url! A data: URI needs a ',' before its data.")
         if header.lower().endswith(";base64"):
+            payload = "".join(payload.split())  # clients may wrap base64 in lines (base64 and MIME: 76 columns)
             # Refuse from the encoded length first, so an oversized URI is never decoded.
             if (len(payload) // 4) * 3 > self.max_bytes + 2:
                 raise _too_large(self.max_bytes)
-            payload = "".join(payload.split())  # clients may wrap base64 in lines
             payload += "=" * (-len(payload) % 4)  # and may drop the padding
             try:
                 data = base64.b64decode(payload, validate=True)
@@ -235,6 +254,10 @@ class UrlSource:
             ) from None
         except _Refused as exc:
             raise errors.image_download_failed(str(exc)) from None
+        except httpx.InvalidURL:  # control characters, or longer than httpx takes (not an HTTPError)
+            raise errors.image_download_failed("the image URL is not valid") from None
+        except httpx.RemoteProtocolError:  # a malformed answer, or a body cut short of its Content-Length
+            raise errors.image_download_failed("the image host sent an invalid or incomplete HTTP answer") from None
         except httpx.HTTPError:
             raise errors.image_download_failed("the image host could not be reached") from None
 
@@ -248,9 +271,11 @@ class UrlSource:
                 request = await self._pinned_request(client, url)
                 response = await client.send(request, stream=True)
                 try:
-                    if response.is_redirect:
-                        location = response.headers.get("location", "")
-                        url = urljoin(url, location)
+                    if response.has_redirect_location:  # a 3xx without a Location is answered below, as it is
+                        try:
+                            url = urljoin(url, response.headers["location"])
+                        except ValueError:
+                            raise _Refused("the image host redirected to a URL that is not valid") from None
                         continue
                     if response.status_code != 200:
                         raise _Refused(f"the image host answered HTTP {response.status_code}")
@@ -274,20 +299,32 @@ class UrlSource:
         return bytes(body)
 
     async def _pinned_request(self, client: httpx.AsyncClient, url: str) -> httpx.Request:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(url)
+            hostname = parts.hostname
+        except ValueError:  # a bracketed host that is no IPv6 address
+            raise _Refused("the image URL is not valid") from None
+        if parts.scheme not in ("http", "https") or not hostname:
             raise _Refused("only http and https URLs with a host name can be fetched")
         if parts.username or parts.password:
             raise _Refused("URLs with credentials are not fetched")
-        host = parts.hostname.rstrip(".").lower()
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            # The ASCII form a browser would send (IDNA): the name is checked, resolved and sent as Host and TLS
+            # name in the one spelling, and "①②⑦.0.0.①" is checked as the 127.0.0.1 it stands for.
+            host = hostname.rstrip(".").encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            raise _Refused("the image host name could not be resolved") from None
+        try:
+            explicit_port = parts.port
         except ValueError:
             raise _Refused("the URL's port is not valid") from None
+        port = explicit_port or (443 if parts.scheme == "https" else 80)
         address = await self._checked_address(host, port)
         netloc = f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
         pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-        host_header = parts.netloc.rsplit("@", 1)[-1]
+        host_header = f"[{host}]" if ":" in host else host
+        if explicit_port is not None:
+            host_header += f":{explicit_port}"
         return client.build_request(
             "GET",
             pinned,
@@ -309,7 +346,11 @@ class UrlSource:
             addresses = [literal]
         else:
             try:
-                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                infos = await anyio.to_thread.run_sync(
+                    functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM),
+                    abandon_on_cancel=True,  # the fetch's deadline answers; a stalled lookup ends in its thread
+                    limiter=_RESOLVERS,
+                )
             except (socket.gaierror, UnicodeError):
                 raise _Refused("the image host name could not be resolved") from None
             addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]

@@ -120,6 +120,15 @@ class GuidanceBackend(Backend):
             raise invalid_parameter(
                 f"Invalid value for '{spec.field}': the schema cannot be used for decoding: {problem}"
             )
+        # A schema nothing satisfies ({"$ref": "#"}, references in a circle) compiles, and its first mask allows
+        # no token: the answer would end at once as "stop" with no JSON. Found here, on a copy, once per schema.
+        first = start.deep_copy()
+        first.compute_bitmask()
+        if first.is_error():
+            raise invalid_parameter(
+                f"Invalid value for '{spec.field}': the schema cannot be used for decoding: no JSON value satisfies it "
+                f"({_first_line(first.get_error())})."
+            )
         return GuidanceGrammar(start)
 
     def fill_bitmask(self, matchers: Sequence[Matcher], bitmask: Bitmask, *, parallel: bool = True) -> None:

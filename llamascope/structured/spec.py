@@ -261,11 +261,17 @@ def _response_format(value: Any, prefix: str) -> ResponseFormat:
     return ResponseFormat("json_schema", name, schema, bool(strict))
 
 
+# OpenAI's own limit. Each tool goes into the prompt and the grammar: thousands held the event loop for seconds.
+MAX_TOOLS = 128
+
+
 def _tools(value: Any, prefix: str) -> tuple[Tool, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
         raise _bad(prefix, "tools", "expected a list of tools")
+    if len(value) > MAX_TOOLS:
+        raise _bad(prefix, "tools", f"expected at most {MAX_TOOLS} tools; got {len(value)}")
     tools: list[Tool] = []
     for i, item in enumerate(value):
         at = f"tools[{i}]"
@@ -321,9 +327,11 @@ def check_schema(schema: Any, where: str) -> None:
 
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
+        problem = compile_problem(GrammarSpec.json_schema(schema, where))
     except jsonschema.SchemaError as e:
         raise invalid_parameter(f"Invalid value for '{where}': not a JSON Schema ({e.message}).") from None
-    problem = compile_problem(GrammarSpec.json_schema(schema, where))
+    except RecursionError:  # the checks recurse: a schema nested a few hundred deep is the caller's, not a 500
+        raise invalid_parameter(f"Invalid value for '{where}': the schema is nested too deeply.") from None
     if problem:
         raise invalid_parameter(f"Invalid value for '{where}': the schema cannot be used for decoding: {problem}")
 

@@ -114,6 +114,9 @@ def events(r: httpx.Response) -> list[dict[str, Any]]:
 # -- refusals: 400 InvalidParameter naming the field, before anything streams ---------------------------------
 
 UNCOMPILABLE = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}
+DEEP: dict[str, Any] = {"type": "integer"}
+for _ in range(300):  # well within the body parser's depth, past what the schema checks can recurse through
+    DEEP = {"type": "object", "properties": {"a": DEEP}}
 REFUSALS = [
     # (id, fields, messages' text, the field named)
     ("json without json", {"response_format": {"type": "json_object"}}, "Read it.", "'messages' must contain"),
@@ -136,6 +139,18 @@ REFUSALS = [
         "tool_choice.function.name",
     ),
     ("required without tools", {"tool_choice": "required"}, "Read it.", "tool_choice"),
+    (
+        "schema nested too deeply",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": DEEP}}},
+        "Read it.",
+        "response_format.json_schema.schema",
+    ),
+    (
+        "parameters nested too deeply",
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": DEEP}}]},
+        "Read it.",
+        "tools[0].function.parameters",
+    ),
 ]
 
 
@@ -162,6 +177,24 @@ def test_openai_refusals_name_the_field(client: openai.OpenAI, fields: dict, tex
         assert body["code"] == "invalid_parameter_error" and named in body["message"], body
         assert "parameters." not in body["message"]
         assert body["param"] == ("messages" if named.startswith("'messages'") else named), body
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [{"$ref": "#"}, {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}],
+    ids=["itself", "a circle"],
+)
+def test_a_schema_nothing_satisfies_is_refused(client: openai.OpenAI, schema: dict) -> None:
+    """It compiles, but allows no first token: answered, it ended at once as "stop" with no JSON at all."""
+    json_schema = {"name": "r", "schema": schema}
+    fields: dict[str, Any] = {"response_format": {"type": "json_schema", "json_schema": json_schema}}
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(
+                model=SEED_MODEL, messages=openai_messages(), max_tokens=8, stream=stream, **fields
+            )
+        assert bad.value.body["param"] == "response_format.json_schema.schema", bad.value.body
+        assert "no JSON value satisfies it" in bad.value.body["message"], bad.value.body
 
 
 LEGACY = {"name": "get_weather", "parameters": WEATHER_PARAMETERS}

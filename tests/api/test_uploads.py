@@ -102,6 +102,11 @@ def test_policy_needs_key_and_known_model(server: Server) -> None:
         headers={"Authorization": f"Bearer {server.key}"},
     )
     assert (r.status_code, r.json()["message"]) == (400, "Model not exist.")
+    # No model named: said so, as a generation call says it (was "Model not exist.").
+    r = httpx.get(
+        server.api + "/uploads", params={"action": "getPolicy"}, headers={"Authorization": f"Bearer {server.key}"}
+    )
+    assert (r.status_code, r.json()["code"]) == (400, "BadRequest.EmptyModel") and '"model"' in r.json()["message"]
 
 
 def test_objects_belong_to_the_key_that_uploaded_them(server: Server) -> None:

@@ -118,7 +118,7 @@ PARAMETERS: dict[str, Values] = {
     ),
     "incremental_output": (st.booleans(), st.one_of(st.integers(), st.text(max_size=3))),
 }
-KNOWN = set(PARAMETERS) | {"max_completion_tokens"}
+KNOWN = set(PARAMETERS) | {"max_completion_tokens", "n"}  # n: 1 only, refused otherwise
 
 
 @st.composite

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import time
+from collections.abc import Callable
 
 import pytest
 from PIL import Image
 
 from llamascope import errors
+from llamascope.images import PreparedImage
 from llamascope.images.decode import DecodeLimits
 from llamascope.images.intake import ImageIntake
 from llamascope.images.source import DataUriSource, FetchPolicy
@@ -67,3 +70,39 @@ def test_a_data_uri_seen_before_is_not_decoded_again(monkeypatch: pytest.MonkeyP
     intake.cache.clear()
     with pytest.raises(AssertionError, match="read again"):
         asyncio.run(intake.load(uri, fit_key="m"))
+
+
+def slow_fit(seconds: float) -> Callable[[int, int], tuple[int, int]]:
+    """A model's sizing rule that takes ``seconds``: it runs inside the decode, which it makes that slow."""
+
+    def fit(width: int, height: int) -> tuple[int, int]:
+        time.sleep(seconds)
+        return width, height
+
+    return fit
+
+
+def test_the_budget_starts_when_a_decoder_takes_the_image() -> None:
+    """An image queued behind another's decode is not refused for the time it waited."""
+    intake = ImageIntake(FetchPolicy(), DecodeLimits(), decode_workers=1, decode_timeout=1.6, cache_bytes=0)
+
+    async def two() -> list[object]:
+        fit = slow_fit(1.0)  # each decode well within its 1.6 s; both together not
+        loads = (intake.decode(png((100, 100), (i, i, i)), fit, "slow") for i in range(2))
+        return await asyncio.gather(*loads, return_exceptions=True)
+
+    assert [type(result) for result in asyncio.run(two())] == [PreparedImage, PreparedImage]
+
+
+def test_an_image_no_decoder_takes_in_time_is_throttled_not_blamed() -> None:
+    intake = ImageIntake(FetchPolicy(), DecodeLimits(), decode_workers=1, decode_timeout=0.3, cache_bytes=0)
+
+    async def two() -> list[object]:
+        fit = slow_fit(1.0)
+        loads = (intake.decode(png((100, 100), (i, i, i)), fit, "slow") for i in range(2))
+        return await asyncio.gather(*loads, return_exceptions=True)
+
+    overran, waited = asyncio.run(two())
+    assert isinstance(overran, errors.ServiceError) and "took longer than 0.3 s" in overran.message
+    assert isinstance(waited, errors.ServiceError)
+    assert (waited.status, waited.code, waited.headers) == (429, "Throttling", {"Retry-After": "1"})

@@ -40,6 +40,10 @@ ALLOW_LOOPBACK = FetchPolicy.from_allow_list(["127.0.0.0/8"])
         ("64:ff9b::a00:1", False),  # NAT64 of 10.0.0.1
         ("2002:7f00:1::", False),  # 6to4 of 127.0.0.1
         ("2002:808:808::", True),  # 6to4 of 8.8.8.8
+        ("::7f00:1", False),  # IPv4-compatible 127.0.0.1 (Python's is_global says True)
+        ("::ffff:0:a00:1", False),  # SIIT's IPv4-translated 10.0.0.1
+        ("64:ff9b:1:a00:1::", False),  # NAT64 local-use prefix
+        ("fec0::1", False),  # site-local
     ],
 )
 def test_is_public(address: str, public: bool) -> None:
@@ -177,6 +181,8 @@ def test_local_files_only_inside_allowed_directories(tmp_path) -> None:
     (allowed / "cat.png").write_bytes(b"cat")
     (tmp_path / "secret.txt").write_bytes(b"secret")
     (allowed / "escape.png").symlink_to(tmp_path / "secret.txt")
+    (allowed / "loop1.png").symlink_to(allowed / "loop2.png")
+    (allowed / "loop2.png").symlink_to(allowed / "loop1.png")
     local = LocalPolicy(allowed_dirs=(allowed,))
 
     def load(ref: str) -> bytes:
@@ -184,7 +190,13 @@ def test_local_files_only_inside_allowed_directories(tmp_path) -> None:
 
     assert load(str(allowed / "cat.png")) == b"cat"
     assert load(f"file://{allowed}/cat.png") == b"cat"
-    for ref in (str(tmp_path / "secret.txt"), str(allowed / "escape.png"), f"{allowed}/../secret.txt"):
+    for ref in (
+        str(tmp_path / "secret.txt"),
+        str(allowed / "escape.png"),
+        f"{allowed}/../secret.txt",
+        f"file://{allowed}/cat%00.png",  # a NUL byte (was a 500)
+        str(allowed / "loop1.png"),  # a symlink loop (was a 500)
+    ):
         with pytest.raises(errors.ServiceError, match="not a file inside a directory"):
             load(ref)
     with pytest.raises(errors.ServiceError, match="must name a local path"):
@@ -201,9 +213,41 @@ def test_data_uris() -> None:
         asyncio.run(DataUriSource("data:image/png;base64," + base64.b64encode(payload).decode(), 100).read()) == payload
     )
     assert asyncio.run(DataUriSource("data:,hello%20there", 100).read()) == b"hello there"
+    # Wrapped in lines (base64's and MIME's 76 columns): the line breaks do not count against the limit.
+    wrapped = base64.encodebytes(b"\x89PNG" * 250).decode()
+    assert asyncio.run(DataUriSource("data:image/png;base64," + wrapped, 1000).read()) == b"\x89PNG" * 250
     with pytest.raises(errors.ServiceError, match="max bytes per data-uri item : 100"):
         asyncio.run(DataUriSource("data:image/png;base64," + "A" * 1000, 100).read())
     with pytest.raises(errors.ServiceError, match="base64"):
         asyncio.run(DataUriSource("data:image/png;base64,@@@", 100).read())
     with pytest.raises(errors.ServiceError, match="needs a ','"):
         asyncio.run(DataUriSource("data:image/png;base64", 100).read())
+
+
+def test_stalled_dns_holds_no_thread_the_rest_of_the_server_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host lookups that never answer time out with their fetch, and leave asyncio's default executor (which
+    asyncio.to_thread uses, as an upstream engine does for token counts) free."""
+    release = threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def stalled(host: str, *args: object, **kwargs: object) -> object:
+        if host.endswith("stall.test"):
+            release.wait(30)  # a resolver that does not answer
+            raise socket.gaierror("no answer")
+        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", stalled)
+    policy = FetchPolicy(total_timeout=0.5)
+
+    async def many() -> tuple[list[object], str]:
+        reads = [parse_reference(f"http://h{i}.stall.test/x.png", policy).read() for i in range(40)]
+        fetches = asyncio.gather(*reads, return_exceptions=True)
+        free = await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 10)
+        return await fetches, free
+
+    try:
+        results, free = asyncio.run(many())
+    finally:
+        release.set()
+    assert free == "free"
+    assert all(isinstance(r, errors.ServiceError) and "timed out" in r.message for r in results)

@@ -84,6 +84,7 @@ def refusal(**fields: Any) -> str:
             "tools[1].function.parameters",
         ),
         ({"tools": [TOOL, TOOL]}, "tools[1].function.name"),
+        ({"tools": [TOOL] * 129}, "tools"),  # at most 128, as OpenAI
         (
             {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
             "tool_choice.function.name",

@@ -24,7 +24,12 @@ from llamascope.api.incoming import envelope
 from llamascope.api.openapi import UP_TO_CONTEXT_LENGTH
 from llamascope.conversation.parameters import MAX_SEED
 from llamascope.conversation.service import Usage
+from llamascope.engines.base import TokenLogprob
 from llamascope.structured.tools import ToolCall
+
+# The multimodal endpoint answers in the message format either way (its VL callers read output.choices), but
+# a value that is neither is refused on both endpoints alike.
+RESULT_FORMATS = ("text", "message")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,9 @@ class GenerationRequest:
             raise errors.ServiceError(400, "BadRequest.EmptyInput", "Required input parameter missing from request.")
         if not isinstance(payload, dict):
             raise errors.invalid_parameter("input must be an object with a messages list.")
+        parameters = body.get("parameters")
+        if isinstance(parameters, dict) and parameters.get("result_format") not in (None, *RESULT_FORMATS):
+            raise errors.invalid_parameter('Parameter result_format should be "text" or "message".')
         return cls(model=model, messages=payload.get("messages"), parameters=body.get("parameters"))
 
 
@@ -209,6 +217,10 @@ class Parameters(Sampling, Structured):
     max_completion_tokens: MaxTokens = Field(None, description="Another name of max_tokens.")
     min_new_tokens: MinNewTokens = None
     incremental_output: bool | None = Field(None, description="Stream deltas instead of the whole text so far.")
+    result_format: Literal["text", "message"] | None = Field(
+        None, description="Either way the multimodal endpoint answers in the message format (output.choices)."
+    )
+    n: Literal[1] | None = Field(None, description="Choices per request: one only.")
 
 
 # A 16 x 16 red PNG: the documents' examples run as they are.
@@ -259,12 +271,45 @@ class AssistantMessage(BaseModel):
 FINISH_REASONS: list[JsonValue] = ["stop", "length", "tool_calls"]
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobBody(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+    @classmethod
+    def of(cls, item: TokenLogprob) -> TokenLogprobBody:
+        rivals = [TopLogprob(token=t, logprob=p, bytes=list(t.encode())) for t, p in item.top]
+        return cls(token=item.text, logprob=item.logprob, bytes=list(item.text.encode()), top_logprobs=rivals)
+
+
+class Logprobs(BaseModel):
+    """Each token's log-probability with its likeliest rivals: OpenAI's shape, which DashScope's answers share
+    (``choices[].logprobs.content``)."""
+
+    content: list[TokenLogprobBody]
+
+    @classmethod
+    def of(cls, items: list[TokenLogprob] | None) -> Logprobs | None:
+        return None if items is None else cls(content=[TokenLogprobBody.of(i) for i in items])
+
+
+LOGPROBS_IN = (
+    "With parameters.logprobs: the answer's tokens; in a stream with incremental_output those new in each "
+    "event, without it all of them in the last event."
+)
+
+
 class Choice(BaseModel):
     finish_reason: str = Field(
         json_schema_extra={"enum": [*FINISH_REASONS, "null"]},
         description='The string "null" until the last event of a stream.',
     )
     message: AssistantMessage
+    logprobs: Logprobs | None = Field(None, description=LOGPROBS_IN)
 
 
 class Output(BaseModel):
@@ -294,12 +339,19 @@ class GenerationResult(BaseModel):
 
     @classmethod
     def of(
-        cls, text: str, finish_reason: str, usage: Usage, request_id: str, tool_calls: Sequence[ToolCall] = ()
+        cls,
+        text: str,
+        finish_reason: str,
+        usage: Usage,
+        request_id: str,
+        tool_calls: Sequence[ToolCall] = (),
+        logprobs: list[TokenLogprob] | None = None,
     ) -> GenerationResult:
         items = [TextItem(text=text)] if text or not tool_calls else []
         message = AssistantMessage(content=items, tool_calls=tool_call_bodies(tool_calls))
+        choice = Choice(finish_reason=finish_reason, message=message, logprobs=Logprobs.of(logprobs))
         return cls(
-            output=Output(choices=[Choice(finish_reason=finish_reason, message=message)]),
+            output=Output(choices=[choice]),
             usage=UsageBody.of(usage),
             request_id=request_id,
         )

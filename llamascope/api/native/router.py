@@ -37,7 +37,8 @@ async def answer(request: Request, reply: Reply, render: sse.Render) -> Response
     if text is None:
         return Response(status_code=CLIENT_CLOSED)
     assert reply.finish_reason is not None
-    result = render(text, reply.finish_reason.value, reply.usage, request_id, reply.tool_calls)
+    logprobs = reply.logprobs if reply.options.sampling.logprobs is not None else None
+    result = render(text, reply.finish_reason.value, reply.usage, request_id, reply.tool_calls, logprobs)
     return JSONResponse(result.model_dump(exclude_none=True))
 
 

@@ -25,10 +25,12 @@ from llamascope import errors
 from llamascope.api import openapi
 from llamascope.api.native.protocol import ErrorBody, GenerationResult
 from llamascope.conversation.service import Event, Reply, Usage
+from llamascope.engines.base import TokenLogprob
 from llamascope.structured.tools import ToolCall
 
-# A result body from (text, finish_reason, usage, request_id, tool_calls): each API family shapes its own.
-Render = Callable[[str, str, Usage, str, Sequence[ToolCall]], BaseModel]
+# A result body from (text, finish_reason, usage, request_id, tool_calls, logprobs or None when not asked):
+# each API family shapes its own.
+Render = Callable[[str, str, Usage, str, Sequence[ToolCall], list[TokenLogprob] | None], BaseModel]
 
 MEDIA_TYPE = "text/event-stream;charset=UTF-8"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -55,15 +57,21 @@ async def stream(
     reply: Reply, events: AsyncIterator[Event], request_id: str, state: Any, render: Render = GenerationResult.of
 ) -> AsyncIterator[bytes]:
     """One block per event; cumulative text unless the request asked for increments. Tool calls come whole in
-    the last event: the full list, which is also all that is new."""
+    the last event: the full list, which is also all that is new. Log-probabilities, when asked, come with
+    the tokens new in each event in increments; without, all of them in the last event (each event repeating
+    those so far would send the square of the answer's length)."""
     incremental = reply.options.incremental_output
+    wants_logprobs = reply.options.sampling.logprobs is not None
     n = 0
     try:
         async for event in events:
             n += 1
             finish = event.finish_reason.value if event.finish_reason else "null"
             text = event.delta if incremental else event.text
-            yield result_block(n, render(text, finish, event.usage, request_id, event.tool_calls))
+            logprobs = None
+            if wants_logprobs and (incremental or event.finish_reason):
+                logprobs = event.logprobs if incremental else reply.logprobs
+            yield result_block(n, render(text, finish, event.usage, request_id, event.tool_calls, logprobs))
     except errors.ServiceError as error:
         state.error_code = error.code  # for the access log
         yield error_block(n + 1, error, request_id)

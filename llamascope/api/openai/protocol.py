@@ -22,6 +22,7 @@ from llamascope.api.native.protocol import (
     FINISH_REASONS,
     TOOL_CALLS_IN,
     IndexedToolCallBody,
+    Logprobs,
     MaxTokens,
     Sampling,
     Structured,
@@ -181,7 +182,8 @@ EXAMPLE_MESSAGES: list[JsonValue] = [
 
 
 class ChatInput(BaseModel):
-    """What every chat-shaped body is checked for; ``POST /tokenize`` reads no more (sampling is ignored)."""
+    """What every chat-shaped body is checked for; ``POST /tokenize`` reads no more but the tools and
+    response_format a completion would put in the prompt (sampling is ignored)."""
 
     model_config = ConfigDict(
         extra="allow", json_schema_extra={"examples": [{"model": "llama3.2-11b-vision", "messages": EXAMPLE_MESSAGES}]}
@@ -255,29 +257,6 @@ class Message(BaseModel):
         if tool_calls:
             return cls(content=text or None, tool_calls=whole_tool_call_bodies(tool_calls))
         return cls(content=text)
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class TokenLogprobBody(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-    @classmethod
-    def of(cls, item: TokenLogprob) -> TokenLogprobBody:
-        rivals = [TopLogprob(token=t, logprob=p, bytes=list(t.encode())) for t, p in item.top]
-        return cls(token=item.text, logprob=item.logprob, bytes=list(item.text.encode()), top_logprobs=rivals)
-
-
-class Logprobs(BaseModel):
-    content: list[TokenLogprobBody]
-
-    @classmethod
-    def of(cls, items: list[TokenLogprob] | None) -> Logprobs | None:
-        return None if items is None else cls(content=[TokenLogprobBody.of(i) for i in items])
 
 
 class Choice(BaseModel):

@@ -156,11 +156,13 @@ async def tokenize(request: Request) -> JSONResponse:
     """vLLM's ``POST /tokenize`` for chat messages: the prompt's token count, as a completion would report it.
 
     An llamascope in front of another (``--model NAME=openai+http://...``) asks it this, so its usage is exact
-    from the first event. The token ids vLLM also returns are left out: no caller here needs them.
+    from the first event. The token ids vLLM also returns are left out: no caller here needs them. ``tools``
+    (what a front sends with them) are counted as a completion puts them in the prompt.
     """
     service: ConversationService = request.app.state.service
     call = ChatRequest.from_body(await read_json(request))
-    count = await service.count(request.state.principal, call.model, call.messages, source_context(request))
+    principal, context = request.state.principal, source_context(request)
+    count = await service.count(principal, call.model, call.messages, context, call.parameters)
     return JSONResponse(
         TokenCount(count=count, max_model_len=service.engine(call.model).info.context_length).model_dump()
     )

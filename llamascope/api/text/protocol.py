@@ -23,17 +23,19 @@ from llamascope import errors
 from llamascope.api.incoming import envelope
 from llamascope.api.native.protocol import (
     FINISH_REASONS,
+    LOGPROBS_IN,
+    RESULT_FORMATS,
     GenerationRequest,
     IndexedToolCallBody,
+    Logprobs,
     Message,
     Parameters,
     UsageBody,
     tool_call_bodies,
 )
 from llamascope.conversation.service import Usage
+from llamascope.engines.base import TokenLogprob
 from llamascope.structured.tools import ToolCall
-
-RESULT_FORMATS = ("text", "message")
 
 
 def _empty_input() -> errors.ServiceError:
@@ -57,7 +59,10 @@ def messages_of(payload: Any) -> Any:
         if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
             raise errors.invalid_parameter('input.history must be a list of {"user": ..., "bot": ...} pairs.')
         turns = []
-        for pair in history:
+        for i, pair in enumerate(history):
+            for said in ("user", "bot"):
+                if pair.get(said) is not None and not isinstance(pair[said], str):
+                    raise errors.invalid_parameter(f"input.history[{i}].{said} must be a string.")
             turns += [{"role": "user", "content": pair.get("user")}, {"role": "assistant", "content": pair.get("bot")}]
     elif prompt:
         turns = []
@@ -107,6 +112,11 @@ class TextGenerationRequest(GenerationRequest):
                 'Parameter result_format should be "message" when tools are given: tool calls are answered in '
                 "output.choices[0].message.tool_calls, which the text format does not have."
             )
+        if result_format == "text" and isinstance(parameters, dict) and parameters.get("logprobs") is True:
+            raise errors.invalid_parameter(
+                'Parameter result_format should be "message" when logprobs is true: log-probabilities are '
+                "answered in output.choices[0].logprobs, which the text format does not have."
+            )
         return cls(body["model"], messages_of(body.get("input")), parameters, result_format)
 
 
@@ -149,6 +159,7 @@ class AssistantMessage(BaseModel):
 class Choice(BaseModel):
     finish_reason: str = Field(json_schema_extra={"enum": [*FINISH_REASONS, "null"]})
     message: AssistantMessage
+    logprobs: Logprobs | None = Field(None, description=LOGPROBS_IN)
 
 
 class MessageOutput(BaseModel):
@@ -161,17 +172,26 @@ class TextGenerationResult(BaseModel):
     request_id: str
 
     @classmethod
-    def render(cls, result_format: str) -> Callable[[str, str, Usage, str, Sequence[ToolCall]], TextGenerationResult]:
-        """The body maker for one result format: (text, finish_reason, usage, request_id, tool_calls) to a
-        result. Only the message format has tool calls (``from_body`` refuses tools in the text format)."""
+    def render(
+        cls, result_format: str
+    ) -> Callable[[str, str, Usage, str, Sequence[ToolCall], list[TokenLogprob] | None], TextGenerationResult]:
+        """The body maker for one result format: (text, finish_reason, usage, request_id, tool_calls, logprobs)
+        to a result. Only the message format has tool calls and log-probabilities (``from_body`` refuses them
+        in the text format)."""
 
         def of(
-            text: str, finish_reason: str, usage: Usage, request_id: str, tool_calls: Sequence[ToolCall] = ()
+            text: str,
+            finish_reason: str,
+            usage: Usage,
+            request_id: str,
+            tool_calls: Sequence[ToolCall] = (),
+            logprobs: list[TokenLogprob] | None = None,
         ) -> TextGenerationResult:
             output: TextOutput | MessageOutput
             if result_format == "message":
                 message = AssistantMessage(content=text, tool_calls=tool_call_bodies(tool_calls))
-                output = MessageOutput(choices=[Choice(finish_reason=finish_reason, message=message)])
+                choice = Choice(finish_reason=finish_reason, message=message, logprobs=Logprobs.of(logprobs))
+                output = MessageOutput(choices=[choice])
             else:
                 output = TextOutput(text=text, finish_reason=finish_reason)
             return cls(output=output, usage=usage_body(usage), request_id=request_id)

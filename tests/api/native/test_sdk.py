@@ -143,6 +143,26 @@ def test_sdk_incremental_false_still_cumulative(dashscope_sdk, image_host) -> No
     assert events[-1].output.choices[0].message.content[0]["text"] == whole.output.choices[0].message.content[0]["text"]
 
 
+def test_logprobs_are_answered_as_the_sdk_merges_them(dashscope_sdk, image_host) -> None:
+    """logprobs=True was accepted and answered without them. DashScope answers them in choices[].logprobs; the
+    1.x SDK joins a stream's (incremental_output=False, true on the wire) as it joins its text."""
+    from dashscope import Generation, MultiModalConversation
+
+    messages = [user_turn(image_host.url("/red.png"))]
+    kwargs = {"model": SEED_MODEL, "messages": messages, "max_tokens": 5, "temperature": 0, "logprobs": True}
+    whole = MultiModalConversation.call(top_logprobs=2, **kwargs)
+    content = whole.output.choices[0].logprobs["content"]
+    assert len(content) == 5 and all(len(t["top_logprobs"]) == 2 and t["logprob"] <= 0 for t in content)
+    assert "".join(t["token"] for t in content) == whole.output.choices[0].message.content[0]["text"]
+    events = list(MultiModalConversation.call(stream=True, incremental_output=False, **kwargs))
+    assert [t["token"] for t in events[-1].output.choices[0].logprobs["content"]] == [t["token"] for t in content]
+
+    text = Generation.call(result_format="message", **kwargs)
+    assert len(text.output.choices[0].logprobs["content"]) == 5
+    refused = Generation.call(**kwargs)  # the text format has no choices to put them in
+    assert (refused.status_code, refused.code) == (400, "InvalidParameter") and "result_format" in refused.message
+
+
 def test_errors_come_back_as_responses(dashscope_sdk, image_host) -> None:
     from dashscope import MultiModalConversation
 

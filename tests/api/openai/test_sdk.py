@@ -116,6 +116,70 @@ def test_errors_in_the_openai_shape(server: Server, client: openai.OpenAI, image
         with pytest.raises(openai.BadRequestError) as missing:
             client.chat.completions.create(model=SEED_MODEL, messages=empty)  # type: ignore[arg-type]
         assert missing.value.body["param"] == "messages", missing.value.body
+    with pytest.raises(openai.BadRequestError) as last:  # "The last message must be a user message ..."
+        client.chat.completions.create(
+            model=SEED_MODEL, messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        )
+    assert last.value.body["param"] == "messages", last.value.body
+
+
+def test_json_nested_too_deeply_is_the_callers_400(server: Server, client: openai.OpenAI) -> None:
+    """JSON nested past the parser's depth, as a body or as a tool call's arguments in the history, is refused
+    naming the fault, on both surfaces, never a 500."""
+    headers = {"Authorization": f"Bearer {server.key}", "Content-Type": "application/json"}
+    deep = b"[" * 5000 + b"]" * 5000
+    for url in (str(client.base_url) + "chat/completions", server.base + NATIVE):
+        raw = httpx.post(url, content=deep, headers=headers)
+        assert raw.status_code == 400 and "nested too deeply" in raw.text, raw.text
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call_of("f", "[" * 5000 + "]" * 5000)]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "done"},
+    ]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=SEED_MODEL, messages=history, max_tokens=2)  # type: ignore[arg-type]
+    assert "tool_calls[0].function.arguments" in bad.value.body["message"], bad.value.body
+
+
+def test_a_lone_surrogate_is_the_callers_400(server: Server, client: openai.OpenAI) -> None:
+    """A string cut inside an emoji (a JavaScript client's slice) reaches JSON as a lone surrogate escape, which no
+    text can be encoded with: refused on every surface, in the body or in a call's arguments; a whole pair is
+    its character."""
+    headers = {"Authorization": f"Bearer {server.key}", "Content-Type": "application/json"}
+    chat = str(client.base_url) + "chat/completions"
+    body = '{"model": "%s", "max_tokens": 1, "messages": [{"role": "user", "content": "%s"}]}'
+    whole = httpx.post(chat, content=body % (SEED_MODEL, "smile \\ud83d\\ude00"), headers=headers, timeout=60)
+    assert whole.status_code == 200, whole.text
+    native = '{"model": "%s", "input": {"messages": [{"role": "user", "content": "%s"}]}}'
+    text = server.base + "/api/v1/services/aigc/text-generation/generation"
+    for url, form in ((chat, body), (text, native)):
+        cut = httpx.post(url, content=form % (SEED_MODEL, "smile \\ud83d"), headers=headers, timeout=60)
+        assert cut.status_code == 400 and "lone surrogate" in cut.text, cut.text
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call_of("f", '{"text": "\\ud83d"}')]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "done"},
+    ]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=SEED_MODEL, messages=history, max_tokens=2)  # type: ignore[arg-type]
+    assert "function.arguments: a string holds a lone surrogate" in bad.value.body["message"], bad.value.body
+
+
+def call_of(name: str, arguments: str) -> dict:
+    return {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def test_tokenize_counts_the_tools_as_a_completion_does(server: Server) -> None:
+    """vLLM's /tokenize (what a front llamascope asks, with the request's tools): the tools are in the prompt, so
+    they are in the count, which is the completion's prompt_tokens."""
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    body = {"model": SEED_MODEL, "messages": [{"role": "user", "content": "What time is it?"}], "tools": [tool]}
+    headers = {"Authorization": f"Bearer {server.key}"}
+    counted = httpx.post(server.base + "/compatible-mode/tokenize", json=body, headers=headers)
+    chat = server.base + "/compatible-mode/v1/chat/completions"
+    done = httpx.post(chat, json={**body, "max_tokens": 1}, headers=headers, timeout=60)
+    bare = httpx.post(server.base + "/compatible-mode/tokenize", json={**body, "tools": None}, headers=headers)
+    assert counted.json()["count"] == done.json()["usage"]["prompt_tokens"] > bare.json()["count"], counted.text
 
 
 def test_models(client: openai.OpenAI) -> None:

@@ -146,6 +146,8 @@ def test_vision_model_text_only_and_with_an_image(text_server: Server, image_hos
             "at most 4 images per conversation",
         ),
         (TEXT_MODEL, HI, {"result_format": "json"}, 400, "InvalidParameter", "result_format"),
+        (TEXT_MODEL, HI, {"n": 3}, 400, "InvalidParameter", "Parameter n: only one choice"),
+        (TEXT_MODEL, {"history": [{"user": 5}], "prompt": "hi"}, {}, 400, "InvalidParameter", "input.history[0].user"),
         (TEXT_MODEL, {}, {}, 400, "BadRequest.EmptyInput", "input"),
         (TEXT_MODEL, {"prompt": 3}, {}, 400, "InvalidParameter", "input.prompt"),
         (TEXT_MODEL, HI, {"top_p": 3}, 400, "InvalidParameter", "top_p"),

@@ -218,14 +218,18 @@ def serve(args: argparse.Namespace) -> int:
 def accounts_command(args: argparse.Namespace) -> int:
     # why: the store (SQLAlchemy) loads only for the commands that use it, and never the server's stack
     # (FastAPI, uvicorn, the engines): chat starts fast, and so do these
-    from llamascope.accounts.store import open_store, printable_url
+    from llamascope.accounts.store import StoreUnreachable, open_store, printable_url
 
     try:
         settings = Settings.load(getattr(args, "config", None))
     except Exception as exc:
         print(f"llamascope: bad settings: {describe_error(exc)}", file=sys.stderr)
         return 2
-    store = open_store(settings.database, settings.data_dir if settings.database_url is None else None)
+    try:
+        store = open_store(settings.database, settings.data_dir if settings.database_url is None else None)
+    except StoreUnreachable as exc:
+        print(f"llamascope: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.command == "db":
             print(f"schema up to date in {printable_url(store.url)}")

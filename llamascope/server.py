@@ -294,7 +294,7 @@ def serve(settings: Settings) -> int:
         return 2
     try:
         server = build(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except ModelLoadError as exc:
+    except (ModelLoadError, accounts_store.StoreUnreachable) as exc:
         print(f"llamascope: cannot start: {exc}", file=sys.stderr)
         return 2
     host, port = sock.getsockname()[:2]

@@ -80,6 +80,20 @@ def parse_limit(value: object, name: str) -> int | None:
     return _whole(value, name, f"a whole number from 1 to {MAX_PER_MINUTE} (leave it out for no limit)", MAX_PER_MINUTE)
 
 
+def parse_models(models: Iterable[str] | None, name: str = "model") -> list[str]:
+    """The models a key is granted, each once; None: every model (``EVERY_MODEL``). An empty list or an
+    empty name is refused rather than read as every model, or granted after the key was written."""
+    if models is None:
+        return [EVERY_MODEL]
+    chosen = list(dict.fromkeys(models))
+    if not chosen:
+        raise ValueError(f"'{name}' must name at least one model (leave it out for every model); got []")
+    for model in chosen:
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(f"'{name}' must be a model's name; got {model!r}")
+    return chosen
+
+
 def _limit(value: Limit, default: Any) -> Any:
     if value is None:
         return default
@@ -113,9 +127,7 @@ def grant_models(
     allowance = parse_tokens(allowance)
     days = parse_days(days)
     granted = []
-    for model in models:
-        if not model or not model.strip():
-            raise ValueError("a model name must not be empty")
+    for model in parse_models(models):
         default = defaults.get(model)
         tokens = _limit(allowance, default.tokens if default else DEFAULT_ALLOWANCE_TOKENS)
         period = _limit(days, default.days if default else DEFAULT_ALLOWANCE_DAYS)
@@ -138,8 +150,8 @@ def create_key(
 ) -> tuple[str, KeyView, list[GrantView]]:
     """A new key granted ``models``; with none, one grant for every model the server serves, whatever it
     is configured with (``EVERY_MODEL``). The key is returned once, never stored."""
-    chosen = list(dict.fromkeys(models)) if models else [EVERY_MODEL]
     # Every value is checked before anything is written.
+    chosen = parse_models(models)
     allowance = parse_tokens(allowance)
     days = parse_days(days)
     lifetime = parse_days(expires_days, "expires_days", unlimited=False)
@@ -223,7 +235,9 @@ def _model_name(model: str) -> str:
 
 def keys_table(rows: list[tuple[KeyView, list[GrantView]]]) -> str:
     """Keys (prefix only), their state, expiry and rate limits, and a line per grant."""
-    head = f"{'id':>4}  {'key':<10} {'name':<20} {'state':<8} {'key expires':<11} {'limits':<28}"
+    # The limits are shown whole (the docs' own `--rpm 60 --tpm 200000 --concurrency 4` is 29 characters).
+    wide = max([28, *(len(_limits(view)) for view, _ in rows)])
+    head = f"{'id':>4}  {'key':<10} {'name':<20} {'state':<8} {'key expires':<11} {'limits':<{wide}}"
     lines = [f"{head} {'model':<32} {'used':>10} {'allowance':>10}  until"]
     now = utcnow()
     for view, grants in rows:
@@ -234,7 +248,7 @@ def keys_table(rows: list[tuple[KeyView, list[GrantView]]]) -> str:
         for i, g in enumerate(grants or [None]):  # type: ignore[list-item]
             if i == 0:
                 key = f"{view.id:>4}  {view.prefix + '…':<10} {view.name[:20]:<20} {state:<8} {expires:<11}"
-                key += f" {_limits(view)[:28]:<28}"
+                key += f" {_limits(view):<{wide}}"
             else:
                 key = " " * len(head)
             if g is None:

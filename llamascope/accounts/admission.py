@@ -105,6 +105,8 @@ class Admission:
         input_tokens, output_tokens, image_tokens = price(input_tokens), price(output_tokens), price(image_tokens)
         store, checkpoints, progress = self.accounts.store, self.accounts.checkpoints, self.progress
         charge = (self.reservation, self.request_id, input_tokens, output_tokens, image_tokens, status)
+        if progress is not None:
+            progress.settling = True  # before the charge commits: a checkpoint written meanwhile is undone
         in_flight = progress is not None and progress.written
         limits = self.accounts.limits
         try:
@@ -116,6 +118,9 @@ class Admission:
             else:
                 with anyio.CancelScope(shield=True):  # a client hanging up must not skip the charge
                     await self.accounts.run(functools.partial(store.settle, *charge, in_flight=in_flight))
+            if progress is not None and progress.written and not in_flight:  # a first checkpoint raced the settle
+                with anyio.CancelScope(shield=True):
+                    await self.accounts.run(store.forget_checkpoints, [self.request_id])
         except UNREACHABLE as exc:
             if checkpoints is None:
                 raise

@@ -57,6 +57,7 @@ class Progress:
     saved_input: int = 0
     saved_output: int = 0
     written: bool = False  # its in-flight row may exist: settling deletes it
+    settling: bool = False  # its settle has begun (its charge may be committed before ``settled`` is set)
     settled: bool = False
     asked: bool = False  # the writer was woken for it
     waiter: asyncio.Future[None] | None = None
@@ -243,7 +244,9 @@ class Checkpoints:
         for p, (input_tokens, output_tokens, _) in marks:
             p.saved_input, p.saved_output = input_tokens, output_tokens
             p.asked = False
-            if p.settled:  # its settle may have deleted its row before this write put it back
+            # Its settle may have deleted its row before this write put it back (the row goes only if the
+            # ledger has the request: a settle not committed yet deletes the row itself).
+            if p.settling or p.settled:
                 settled_meanwhile.append(p.request_id)
             waiter = p.waiter
             if waiter is not None and self._loop is not None:

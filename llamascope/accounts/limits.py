@@ -109,7 +109,13 @@ class RateLimits:
 
 
 # One field per replica in a key's hash; fields of replicas whose heartbeat expired are dropped, not counted.
+# ARGV[4] is the moment (Redis's clock) after which the replica has stopped waiting for the answer and serves
+# the request uncounted: a script Redis runs only then (it was paused, or stalled) counts nothing (-1), or the
+# count would never be taken out again.
 _ENTER = """
+if redis.replicate_commands then redis.replicate_commands() end -- writes after TIME on Redis before 5
+local now = redis.call('TIME')
+if tonumber(now[1]) + tonumber(now[2]) / 1000000 > tonumber(ARGV[4]) then return -1 end
 local counts = redis.call('HGETALL', KEYS[1])
 local total = 0
 for i = 1, #counts, 2 do
@@ -169,6 +175,7 @@ class SharedRateLimits:
         self._enter_script = self._redis.register_script(_ENTER)
         self._leave_script = self._redis.register_script(_LEAVE)
         self._beating: asyncio.Task[None] | None = None
+        self._clock_offset: float | None = None  # Redis's clock less this one's, as the last beat measured it
         self._last_warning = 0.0
         self.unavailable = 0  # requests that met an unreachable Redis
 
@@ -189,6 +196,15 @@ class SharedRateLimits:
         await self._call(
             self._redis.set(self._replica_prefix + self.replica, str(time.time()), px=int(self.heartbeat_ttl * 1000))
         )
+        seconds, micros = await self._call(self._redis.time())
+        # Redis's clock read before this answer came back: the offset errs low by at most the round trip, so
+        # the ENTER script's deadline (set in Redis's clock with it) errs early, never late.
+        self._clock_offset = seconds + micros / 1e6 - time.time()
+
+    def _enter_deadline(self) -> float:
+        """When (Redis's clock) an ENTER script sent now comes too late: a fifth of the socket's timeout (the
+        first moment this replica may give up on the answer) before it, for the answer's way back."""
+        return time.time() + (self._clock_offset or 0.0) + self.timeout * 0.8
 
     async def _beat_forever(self) -> None:
         while True:
@@ -223,8 +239,12 @@ class SharedRateLimits:
                 reset = (await self._call(self._limiter.get_window_stats(tokens, str(key.id)))).reset_time
                 raise throttled(f"{key.tokens_per_minute} tokens per minute", reset - time.time())
             if key.max_concurrent is not None:
-                args: list[str | int] = [self.replica, key.max_concurrent, self._replica_prefix]
-                if not await self._call(self._enter_script(keys=[self._running_key(key)], args=args)):
+                deadline = repr(self._enter_deadline())
+                args: list[str | int] = [self.replica, key.max_concurrent, self._replica_prefix, deadline]
+                entered = await self._call(self._enter_script(keys=[self._running_key(key)], args=args))
+                if entered == -1:  # Redis answered, but too late to count this request in
+                    raise LimiterUnavailable("Redis ran the count after its deadline")
+                if not entered:
                     raise throttled(f"at most {key.max_concurrent} concurrent requests", 1)
             if requests is not None and not await self._call(self._limiter.hit(requests, str(key.id))):
                 if key.max_concurrent is not None:

@@ -9,6 +9,7 @@ settle to a thread and back added 0.4 ms p50 to every request. Through ``sqlite3
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -93,6 +94,9 @@ class SqliteHotPath:
         except sqlite3.IntegrityError:
             connection.execute("ROLLBACK")
             already_charged(row["request_id"])
+            if in_flight:  # the row this replica's checkpoints put back after the reclaim: nothing holds it now
+                with contextlib.suppress(sqlite3.OperationalError):  # busy: a clean stop's end_lease drops it
+                    connection.execute(self._sql(self.hot.forget_in_flight), {"request_id": row["request_id"]})
             return True
         except BaseException:
             connection.execute("ROLLBACK")

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import case, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from llamascope.accounts.lookups import Lookups
@@ -70,19 +70,43 @@ V = TypeVar("V")
 _CHECKPOINTED = ("input_tokens", "output_tokens", "image_tokens", "checkpoint_at")
 
 
+class StoreUnreachable(Exception):
+    """The accounts store cannot be opened: its URL does not parse, its driver is not installed, or its
+    database does not answer or refuses the login. The message says which, for the operator."""
+
+
 def open_store(url: str, data_dir: Path | None = None) -> AccountStore:
     """The store at ``url``, its schema migrated (``data_dir``: made first, for a default SQLite file there):
-    a database that cannot be reached stops here."""
+    a database that cannot be reached stops here, with StoreUnreachable."""
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
-    store = AccountStore(url)
-    store.migrate()
+    try:
+        store = AccountStore(url)
+    except ArgumentError as exc:  # no URL, or no such dialect (a misspelt postgresql+psycopg)
+        raise StoreUnreachable(f"the accounts store's URL {_shown(url)} is not one it can use: {exc}") from None
+    except ImportError as exc:
+        hint = " (PostgreSQL: pip install -c constraints.txt -e '.[postgres]')" if url.startswith("postgres") else ""
+        missing = f"the accounts store {_shown(url)} needs a driver that is not installed: {exc}{hint}"
+        raise StoreUnreachable(missing) from None
+    try:
+        store.migrate()
+    except (DBAPIError, OSError) as exc:
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        raise StoreUnreachable(f"cannot open the accounts store {printable_url(url)}: {reason}") from None
     return store
 
 
 def printable_url(url: str) -> str:
     """A database URL without its password, for printing."""
     return make_url(url).render_as_string(hide_password=True)
+
+
+def _shown(url: str) -> str:
+    """The URL for a message: without its password, and not at all if it may hold one that does not parse."""
+    try:
+        return repr(printable_url(url))
+    except ArgumentError:
+        return "(not shown: it does not parse)" if "@" in url else repr(url)
 
 
 def _view(cls: type[V], row: Any) -> V:
@@ -374,7 +398,8 @@ class AccountStore:
         with ``in_flight``, delete the request's in-flight row in it too.
 
         A request already in the ledger (a replica's lease ran out while it lived, and another reclaimed
-        its requests) is not charged again: the ledger's unique request id rolls the charge back.
+        its requests) is not charged again: the ledger's unique request id rolls the charge back; its
+        in-flight row, which this replica's checkpoints put back after the reclaim, is deleted all the same.
 
         SQLAlchemy Core on a plain connection: this runs once per request, and the ORM's unit of work
         made it three times slower. On SQLite, the stdlib driver directly (see sqlite_hot_path).
@@ -419,6 +444,8 @@ class AccountStore:
                     connection.execute(self._hot.forget_in_flight, {"request_id": request_id})
         except IntegrityError:
             already_charged(request_id)
+            if in_flight:  # the row this replica's checkpoints put back after the reclaim: nothing holds it now
+                self.forget_checkpoints([request_id])
         return True
 
     @property
@@ -441,10 +468,14 @@ class AccountStore:
             connection.execute(statement.on_conflict_do_update(index_elements=["request_id"], set_=latest), rows)
 
     def forget_checkpoints(self, request_ids: list[str]) -> None:
-        """Delete in-flight rows of requests already settled (a checkpoint written while they settled)."""
+        """Delete in-flight rows of requests already settled (a checkpoint written while they settled); a
+        request the ledger does not have yet keeps its row (its settle, still to commit, deletes it)."""
         if request_ids:
+            settled = select(UsageRecord.request_id).where(UsageRecord.request_id.in_(request_ids))
             with self.engine.begin() as connection:
-                connection.execute(delete(InFlight).where(InFlight.request_id.in_(request_ids)))
+                connection.execute(
+                    delete(InFlight).where(InFlight.request_id.in_(request_ids), InFlight.request_id.in_(settled))
+                )
 
     def _now(self) -> Any:
         """The time leases are measured by: the database's own clock on PostgreSQL, shared by every replica."""

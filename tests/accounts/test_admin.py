@@ -17,6 +17,7 @@ from tests.conftest import (
     OTHER_KEY,
     SEED_MODEL,
     Server,
+    free_port,
     generation_body,
     start_server,
 )
@@ -54,6 +55,15 @@ def test_new_keys_take_the_clis_names_and_refuse_what_they_do_not_know(server: S
         assert (r.status_code, r.json()["code"]) == (400, "InvalidParameter"), (body, r.text)
         assert all(word in r.json()["message"] for word in words), r.json()["message"]
         assert "invalid literal" not in r.json()["message"]
+
+    # New-user trial: {"model": []} made a key for every model, and {"model": ""} (or ["a", ""]) was refused
+    # after the key had been written: an active key with no grants (or only some) was left in the store.
+    listed = len(httpx.get(server.base + "/admin/keys", headers=ADMIN).json()["data"])
+    for body in [{"model": []}, {"model": ""}, {"models": ["elsewhere", " "]}]:
+        r = post_key(server, body)
+        assert (r.status_code, r.json()["code"]) == (400, "InvalidParameter"), (body, r.text)
+        assert "'model'" in r.json()["message"], r.json()["message"]
+    assert len(httpx.get(server.base + "/admin/keys", headers=ADMIN).json()["data"]) == listed
 
     key_id = post_key(server, {}).json()["data"]["id"]
     r = httpx.post(f"{server.base}/admin/keys/{key_id}/grants", json={"model": "x", "allowance": -5}, headers=ADMIN)
@@ -167,3 +177,34 @@ def test_weak_settings_keys_stop_start_up(tmp_path: Path, where: str) -> None:
     log = server.log()
     assert "must be hard to guess" in log and "llamascope keys create" in log and "token_hex(20)" in log
     assert "Traceback" not in log and not (tmp_path / "data").exists()
+
+
+@pytest.mark.server
+def test_an_unreachable_store_stops_commands_and_start_up_with_a_message(tmp_path: Path) -> None:
+    """New-user trial: a replica whose PostgreSQL was down (or not installed, or the URL mistyped) printed 80
+    lines of SQLAlchemy traceback for `keys list`, `db upgrade` and `serve`, instead of saying what is wrong."""
+    down = f"postgresql+psycopg://llamascope@127.0.0.1:{free_port()}/llamascope"
+    for url, said in [(down, "Connection refused"), ("not a url", "Could not parse"), ("mysql://u@h/x", "MySQLdb")]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMASCOPE_")}
+        done = subprocess.run(
+            [*LLAMASCOPE, "keys", "list"], capture_output=True, text=True, env=env | {"LLAMASCOPE_DATABASE_URL": url}
+        )
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr and "accounts store" in done.stderr and said in done.stderr
+    server = start_server(
+        tmp_path, ["--model", "m=openai+http://127.0.0.1:9/v1"], env={"LLAMASCOPE_DATABASE_URL": down}, wait=False
+    )
+    assert server.process.wait(120) == 2
+    log = server.log()
+    assert "cannot start" in log and "Connection refused" in log and "Traceback" not in log
+
+
+def test_keys_list_shows_a_keys_limits_whole(tmp_path: Path) -> None:
+    """New-user trial: the docs' `keys create --name batch --rpm 60 --tpm 200000 --concurrency 4` was listed
+    with the limits "60 rpm, 200000 tpm, 4 at onc"."""
+    made = cli(tmp_path, "keys", "create", "--name", "batch", "--rpm", "60", "--tpm", "200000", "--concurrency", "4")
+    assert made.returncode == 0, made.stderr
+    listed = cli(tmp_path, "keys", "list")
+    assert "60 rpm, 200000 tpm, 4 at once" in listed.stdout, listed.stdout
+    head, row = listed.stdout.splitlines()
+    assert head.index("model") == row.index("* (every model)")  # the columns still line up

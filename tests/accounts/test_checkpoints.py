@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
 from llamascope import errors
+from llamascope.accounts.admission import Accounts, Admission, Principal
 from llamascope.accounts.checkpoints import Checkpoints, process_alive, this_process
+from llamascope.accounts.limits import RateLimits
 from llamascope.accounts.records import Reservation, utcnow
 from llamascope.accounts.store import AccountStore
 
@@ -73,10 +76,17 @@ def test_a_dead_replicas_requests_are_charged_once_however_many_reclaim(store: A
     [row] = store.usage()  # both requests were of model m (see _interrupted_requests)
     assert (row["requests"], row["interrupted"]) == (2, 2)
 
-    # The replica was alive after all (a long pause): its own settle now charges nothing twice.
+    # The replica was alive after all (a long pause): its checkpoint writer, resumed, puts its request's row
+    # back, and its own settle then charges nothing twice, and leaves no row in flight behind it.
+    store.hold_lease(DEAD, "elsewhere/boot", "1:1", seconds=30)  # renewed after the pause
+    now = utcnow()
+    row = {"request_id": "r-limited", "replica_id": DEAD, "grant_id": held.grant_id, "key_id": held.key_id}
+    row |= {"model": "m", "reserved_tokens": 600, "input_tokens": 100, "output_tokens": 50, "image_tokens": 6404}
+    store.save_checkpoints([row | {"started_at": now, "checkpoint_at": now}])
     assert store.settle(held, "r-limited", 100, 55, 6404, "ok", in_flight=True)
     grant = store.find_grant(held.key_id, "m")
     assert (grant.used_tokens, grant.reserved_tokens) == (140, 0) and len(store.ledger()) == 2
+    assert _count(store, "in_flight") == 0
 
 
 def test_a_settled_request_left_in_flight_is_not_charged_again(store: AccountStore) -> None:
@@ -129,3 +139,38 @@ def test_streams_wait_for_their_checkpoint_and_fail_clearly_without_one(store: A
         assert (failure.value.status, failure.value.code) == (503, "ServiceUnavailable")
     finally:
         checkpoints.stop()
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["a-later-checkpoint", "its-first-checkpoint"])
+def test_a_checkpoint_written_as_its_request_settles_leaves_no_row(store: AccountStore, first: bool) -> None:
+    """New-user trial (tests/deploy/test_topology.py failed on it by chance: one in-flight row left): the
+    writer read a request's last tokens, its settle then committed (deleting the row), the writer's upsert put
+    the row back, and the writer's check for settled requests came before the settle was marked finished
+    (Redis's leave is awaited in between): the row stayed for as long as the replica lived."""
+    _, key = store.create_key()
+    grant = store.grant(key.id, "m", None, days=None)
+    checkpoints = Checkpoints(store, seconds=0.01, tokens=64, wait_seconds=1.0, lease_seconds=30)
+    reservation = Reservation(grant.id, key.id, "m", 0, utcnow())
+    progress = checkpoints.track("r1", reservation, written=False)
+    if first:
+        checkpoints.record(progress, 10, 5, 0)
+        checkpoints._flush(time.monotonic() + 1)  # a first checkpoint: the row exists
+    checkpoints.record(progress, 10, 9, 0)  # its last tokens, not yet saved
+
+    settle = store.settle
+
+    def settling_meanwhile(*args: object, **kwargs: object) -> bool:
+        if not first:  # the request's first checkpoint, written as its settle (told no row exists) begins
+            checkpoints._flush(time.monotonic() + 1)
+        done = settle(*args, **kwargs)  # type: ignore[arg-type]
+        if done and first:  # committed: the writer's turn, before the settle is marked finished
+            checkpoints._flush(time.monotonic() + 1)
+        return done
+
+    store.settle = settling_meanwhile  # type: ignore[method-assign]
+    admission = Admission(
+        Accounts(store, RateLimits(), checkpoints=checkpoints), Principal(key), reservation, "r1", True, progress
+    )
+    asyncio.run(admission.settle(10, 9, 0, "ok"))
+    assert [r.request_id for r in store.ledger()] == ["r1"]
+    assert _count(store, "in_flight") == 0

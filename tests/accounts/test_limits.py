@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from datetime import UTC, datetime
 
 import pytest
@@ -138,6 +140,35 @@ def test_redis_down_is_served_or_refused_by_the_rule_never_hung(redis_server: Re
         redis_server.start()  # back: counted again, with nothing to do by hand
         assert await limits.enter(k) is True
         await limits.leave(k, 1)
+        await limits.aclose()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.redis
+def test_a_request_counted_in_after_its_replica_gave_up_on_redis_does_not_hold_a_slot(
+    redis_server: RedisServer,
+) -> None:
+    """New-user trial: Redis paused (SIGSTOP) past the limiter's timeout; the request was served uncounted, as
+    the rule says, but the count Redis ran once it resumed was never taken out again: a key limited to one
+    concurrent request got 429 from then on, on every replica, for as long as this replica lived."""
+    assert redis_server.process is not None
+    pid = redis_server.process.pid
+
+    async def scenario() -> None:
+        limits = SharedRateLimits(redis_server.url, timeout=0.2)
+        one = key(concurrent=1)
+        assert await limits.enter(one) is True  # the heartbeat is up, and the clocks compared
+        await limits.leave(one, 0)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert await asyncio.wait_for(limits.enter(one), HANG) is False  # served, uncounted
+            await limits.leave(one, 0, counted=False)
+        finally:
+            os.kill(pid, signal.SIGCONT)  # Redis now runs what it was sent while paused
+        await asyncio.sleep(0.3)
+        assert await limits.enter(one) is True  # the slot is free
+        await limits.leave(one, 0)
         await limits.aclose()
 
     asyncio.run(scenario())

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from llamascope.observability.facts import Allowance, CacheStats, UpstreamHealth
@@ -474,3 +475,18 @@ def test_state_collector_adds_up_a_keys_grants_per_model() -> None:
     assert samples['llamascope:key_allowance_expires_timestamp_seconds{key_name="alice",model_name="*"}'] == 1500
     assert 'llamascope:key_allowance_expires_timestamp_seconds{key_name="alice",model_name="llama"}' not in samples
     assert samples['llamascope:key_allowance_remaining_tokens{key_name="carol",model_name="*"}'] == 0
+
+
+def test_figures_read_from_the_store_are_taken_once_across_replicas() -> None:
+    """New-user trial: with two replicas, the dashboard drew each named key's allowance twice and the
+    allowance alerts fired once per replica: every replica reports the same figures, read from the shared
+    store, so the queries take one of them per key and model (min or max by), never each or their sum."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for row in dashboard["panels"] for p in [row, *row.get("panels", [])]]
+    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    exprs += [str(rule["expr"]) for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
+    store_figures = [e for e in exprs if "key_allowance_" in e]
+    assert len(store_figures) >= 3
+    for expr in store_figures:
+        for name in re.findall(r"llamascope:key_allowance_\w+", expr):
+            assert re.search(rf"(min|max) by \(key_name, model_name\) \({re.escape(name)}\b", expr), (name, expr)

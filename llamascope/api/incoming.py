@@ -185,12 +185,37 @@ def _stop_of(scope: Scope, reply: Reply | None) -> tuple[asyncio.Event | None, C
     return drain.stop, record
 
 
-def source_context(request: Request) -> SourceContext:
-    """Whose request this is, and whether it may name uploaded oss:// objects."""
+def source_context(request: Request, hung_up: Callable[[], Awaitable[None]] | None = None) -> SourceContext:
+    """Whose request this is, whether it may name uploaded oss:// objects, and (``hung_up``) when its client left."""
     return SourceContext(
         owner=request.state.principal.key_id,
         resolve_oss=request.headers.get("x-dashscope-ossresourceresolve", "").strip().lower() == "enable",
+        hung_up=hung_up,
     )
+
+
+class Hangup:
+    """The client's hang-up while a request is opened (its images fetched), for however many fetches wait on it:
+    one task reads ``receive`` from the first wait until ``close``, which comes before the answer's own watch."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._left = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def wait(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read())
+        await self._left.wait()
+
+    async def _read(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self._left.set()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
 
 
 class Call(Protocol):
@@ -210,15 +235,19 @@ async def open_reply(request: Request, call: Call, endpoint: Endpoint) -> Reply:
     service: ConversationService = request.app.state.service
     if isinstance(call.model, str) and call.model in service.engines:
         request.state.model = call.model  # whose refusal this may be (a served name: the counts stay bounded)
-    reply = await service.open(
-        request.state.principal,
-        request_id_of(request),
-        call.model,
-        call.messages,
-        call.parameters,
-        source_context(request),
-        endpoint,
-    )
+    hangup = Hangup(request.receive)  # an image fetch ends when the client hangs up (not the rest of open)
+    try:
+        reply = await service.open(
+            request.state.principal,
+            request_id_of(request),
+            call.model,
+            call.messages,
+            call.parameters,
+            source_context(request, hangup.wait),
+            endpoint,
+        )
+    finally:
+        hangup.close()
     request.state.reply = reply
     return reply
 

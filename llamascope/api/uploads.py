@@ -8,19 +8,25 @@ HTTP 200. The policy alone authorises that POST.
 
 from __future__ import annotations
 
-from typing import Literal
+import io
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
-from starlette.datastructures import UploadFile
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from llamascope import errors
 from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
 from llamascope.conversation.service import ConversationService
-from llamascope.images.uploads import UploadStore
+from llamascope.images.uploads import Claims, UploadStore
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 POLICY_PATH = "/api/v1/uploads"
 OBJECTS_PATH = "/api/v1/uploads/oss"
@@ -89,18 +95,148 @@ async def get_policy(request: Request) -> JSONResponse:
 @router.post(OBJECTS_PATH)
 async def put_object(request: Request) -> Response:
     store: UploadStore = request.app.state.uploads
+    form = PostObjectForm(store, _boundary(request.headers.get("content-type", "")))
     try:
-        form = await request.form(max_files=1, max_fields=16)
-    except Exception:  # python-multipart's errors, and limits exceeded
-        raise errors.invalid_parameter("The upload must be multipart/form-data with one file.") from None
-    fields = {name: form.get(name) for name in ("policy", "Signature", "key")}
-    file = form.get("file")
-    if not all(isinstance(v, str) and v for v in fields.values()) or not isinstance(file, UploadFile):
-        raise errors.invalid_parameter("The upload needs the fields policy, Signature, key and file.")
-    claims = store.verify(str(fields["policy"]), str(fields["Signature"]), str(fields["key"]))
-    await anyio.to_thread.run_sync(store.save, claims, str(fields["key"]), file.file)
-    await form.close()
+        async for chunk in request.stream():
+            if form.feed(chunk):
+                break  # the file is in: what follows it is not read
+        else:
+            form.finish()
+    except (ClientDisconnect, MultipartParseError):
+        raise errors.invalid_parameter(_NOT_A_FORM) from None
+    assert form.claims is not None and form.key is not None and form.file is not None
+    await anyio.to_thread.run_sync(store.save, form.claims, form.key, io.BytesIO(form.file))
     return Response(status_code=200)
+
+
+_NOT_A_FORM = "The upload must be multipart/form-data with one file."
+# What is parsed of a form before its policy, signature and key have passed: the SDK's fields take about 1.5 KB
+# (a policy, its signature, a key of at most 1 KiB and five short ones). Nothing without a valid policy makes
+# the server read more (a form used to be parsed whole, 32 MB of it, before anything was checked).
+FORM_BEFORE_FILE = 16 * 1024
+_MAX_PARTS = 16
+
+
+def _boundary(content_type: str) -> bytes:
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        raise errors.invalid_parameter(_NOT_A_FORM)
+    return boundary
+
+
+class PostObjectForm:
+    """The SDK's multipart POST, read as it arrives and checked field by field.
+
+    The policy and its signature are checked as soon as both are in and the key as soon as it is (the SDK,
+    like OSS's PostObject, sends them before the file, which comes last); the first one that fails ends the
+    request. The file is read only after all three passed, and only up to the policy's size cap. Before
+    that, at most ``FORM_BEFORE_FILE`` bytes are parsed."""
+
+    def __init__(self, store: UploadStore, boundary: bytes) -> None:
+        self.store = store
+        self.fields: dict[str, bytearray] = {}
+        self.claims: Claims | None = None
+        self.key: str | None = None
+        self.file: bytearray | None = None  # from the file's part on
+        self.read_before_file = 0
+        self._parts = 0
+        self._header, self._value_bytes, self._disposition = bytearray(), bytearray(), b""
+        self._value: bytearray | None = None  # the part being read: a field's value, or the file
+        self._name = ""
+        self._file_ended = False
+        callbacks: MultipartCallbacks = {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
+        self._parser = MultipartParser(boundary, callbacks)
+
+    def feed(self, chunk: bytes) -> bool:
+        """Parse what arrived; True once the file is whole. Raises the first refusal."""
+        while chunk and not self._file_ended:
+            if self.file is None:  # before the file: parsed only within the budget
+                room = FORM_BEFORE_FILE - self.read_before_file
+                if room <= 0:
+                    raise errors.invalid_parameter(
+                        f"The upload's form before its file exceeds {FORM_BEFORE_FILE} bytes: send the fields "
+                        "policy, Signature and key, then the file."
+                    )
+                piece, chunk = chunk[:room], chunk[room:]
+                self.read_before_file += len(piece)
+            else:
+                piece, chunk = chunk, b""
+            self._parser.write(piece)
+        return self._file_ended
+
+    def finish(self) -> None:
+        """The body ended: refuse a form without its file (or cut short in it)."""
+        self._parser.finalize()
+        if self.file is None:
+            raise errors.invalid_parameter("The upload needs the fields policy, Signature, key and file.")
+        if not self._file_ended:
+            raise errors.invalid_parameter(_NOT_A_FORM)
+
+    def _part_begin(self) -> None:
+        self._parts += 1
+        if self._parts > _MAX_PARTS:
+            raise errors.invalid_parameter(f"The upload's form has more than {_MAX_PARTS} parts.")
+        self._disposition = b""
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value_bytes += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._header.lower() == b"content-disposition":
+            self._disposition = bytes(self._value_bytes)
+        self._header, self._value_bytes = bytearray(), bytearray()
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        self._name = _text(options.get(b"name", b""))
+        if self._name != "file":
+            self._value = self.fields[self._name] = bytearray()
+            return
+        if self.claims is None or self.key is None:
+            raise errors.invalid_parameter(
+                "The upload needs the fields policy, Signature and key before its file (the file comes last)."
+            )
+        self._value = self.file = bytearray()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        assert self._value is not None
+        self._value += data[start:end]
+        if self.file is not None and self.claims is not None and len(self.file) > self.claims.max:
+            raise errors.ServiceError(
+                400, "EntityTooLarge", f"Your upload exceeds the maximum of {self.claims.max} bytes."
+            )
+
+    def _part_end(self) -> None:
+        if self._value is self.file:
+            self._file_ended = True
+            return
+        policy, signature = self.fields.get("policy"), self.fields.get("Signature")
+        if self.claims is None and policy and signature:
+            self.claims = self.store.check_policy(_text(policy), _text(signature))
+        key = self.fields.get("key")
+        if self.claims is not None and self.key is None and key:
+            self.store.check_key(self.claims, _text(key))
+            self.key = _text(key)
+
+
+def _text(value: bytes | bytearray) -> str:
+    """A form value as Starlette reads one: UTF-8, else Latin-1 (every byte a character)."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 OPERATIONS = (

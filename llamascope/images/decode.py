@@ -50,6 +50,8 @@ _SIGNATURES = [
     (b"<?xml", "SVG or another XML document"),
     (b"GIF8", "GIF"),
 ]
+# Classic and BigTIFF, little- and big-endian.
+_TIFF_HEADERS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _ISO_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF"}
 
 
@@ -172,6 +174,11 @@ def decode_image(
         limit = min(limits.max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or limits.max_pixels))
         raise errors.image_bad_size(f"The image has more than the limit of {limit} pixels.") from None
     except UnidentifiedImageError:
+        if data[:4] in _TIFF_HEADERS:  # a TIFF whose layout Pillow has no decoder for: not "an unknown format"
+            raise errors.image_unreadable(
+                "The image is a TIFF in a layout this server cannot decode (such as CIELab in 16 bits or floating "
+                "point, or CIELab with an alpha channel); send it as PNG or JPEG, or as an 8-bit RGB TIFF."
+            ) from None
         sniffed = _sniff(data)
         if sniffed:
             raise errors.image_unreadable(f"The image is {sniffed}; accepted formats are {ACCEPTED_LIST}.") from None

@@ -24,6 +24,7 @@ from llamascope.images.source import (
     ANONYMOUS,
     NO_LOCAL_FILES,
     FetchPolicy,
+    ImageSource,
     LocalPolicy,
     SourceContext,
     parse_reference,
@@ -40,6 +41,28 @@ def _pixel_bytes(image: PreparedImage) -> int:
 
 def _first(entry: tuple[int, str]) -> int:
     return entry[0]
+
+
+_HUNG_UP = "ClientClosedRequest"  # the code of the answer to a client that left (which nobody reads)
+
+
+async def _read(source: ImageSource, context: SourceContext) -> bytes:
+    """The source's bytes; a URL fetch ends (its connection closed) as soon as the client hangs up."""
+    if context.hung_up is None or source.kind != "url":
+        return await source.read()  # the others read a file or decode a string: nothing to wait for
+    fetch = asyncio.ensure_future(source.read())
+    hangup = asyncio.ensure_future(context.hung_up())
+    try:
+        await asyncio.wait((fetch, hangup), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # the request cancelled here ends both too
+        hangup.cancel()
+        if not fetch.done():
+            fetch.cancel()
+    if fetch.done():
+        return fetch.result()
+    await asyncio.wait((fetch,))  # its cleanup: the connection closed
+    # nginx's status for a client that left before its answer
+    raise errors.ServiceError(499, _HUNG_UP, "The client hung up while its image was being fetched.")
 
 
 class ImageIntake:
@@ -83,13 +106,14 @@ class ImageIntake:
             if image is not None:
                 watch.fetched(source.kind)
             else:
-                data = await source.read()
+                data = await _read(source, context)
                 watch.fetched(source.kind)
                 image = await self.decode(data, fit, fit_key, watch)
                 if source.kind == "data" and self.cache.peek((image.digest, fit_key)) is not None:
                     self.data_uris.put((reference, fit_key), (sys.getsizeof(reference), image.digest))
         except errors.ServiceError as refusal:
-            watch.refused(refusal)
+            if refusal.code != _HUNG_UP:  # no refusal of the image
+                watch.refused(refusal)
             raise
         watch.accepted(image.format)
         return image

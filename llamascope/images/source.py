@@ -23,7 +23,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
@@ -98,6 +98,9 @@ class SourceContext:
 
     owner: str | None = None  # the API key's id: uploads resolve only for their owner
     resolve_oss: bool = False  # the request carried X-DashScope-OssResourceResolve: enable
+    # Returns once the request's client has hung up (None: not watched); a URL fetch then ends at once rather
+    # than running on, for nobody, until its deadline.
+    hung_up: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,10 @@ class DataUriSource:
             if (len(payload) // 4) * 3 > self.max_bytes + 2:
                 raise _too_large(self.max_bytes)
             payload += "=" * (-len(payload) % 4)  # and may drop the padding
+            # or write the URL-safe alphabet (RFC 4648 section 5: "-" and "_" for "+" and "/"), as Go's and
+            # JavaScript's URL encoders and many image tools do; no character means one thing in one and
+            # another in the other, so both are read.
+            payload = payload.replace("-", "+").replace("_", "/")
             try:
                 data = base64.b64decode(payload, validate=True)
             except (binascii.Error, ValueError):

@@ -105,6 +105,13 @@ class UploadStore:
     # -- step 2: the unauthenticated POST ---------------------------------------
 
     def verify(self, policy: str, signature: str, key: str, now: float | None = None) -> Claims:
+        """The claims of a signed, unexpired policy whose upload_dir holds ``key``, or the refusal."""
+        claims = self.check_policy(policy, signature, now)
+        self.check_key(claims, key)
+        return claims
+
+    def check_policy(self, policy: str, signature: str, now: float | None = None) -> Claims:
+        """The claims of a policy this server signed and that has not expired (the POST's first check)."""
         if not hmac.compare_digest(self._sign(policy).encode(), signature.encode()):
             raise errors.ServiceError(403, "AccessDenied", "The request signature we calculated does not match.")
         try:
@@ -113,12 +120,16 @@ class UploadStore:
             raise errors.ServiceError(400, "InvalidPolicyDocument", "The policy cannot be read.") from None
         if (time.time() if now is None else now) > claims.exp:
             raise errors.ServiceError(403, "AccessDenied", "Invalid according to Policy: Policy expired.")
+        return claims
+
+    @staticmethod
+    def check_key(claims: Claims, key: str) -> None:
+        """Refuse a key outside the policy's upload_dir."""
         name = key[len(claims.dir) + 1 :] if key.startswith(claims.dir + "/") else ""
         if not name or len(key) > _MAX_KEY_LENGTH or "\x00" in key or ".." in name.split("/"):
             raise errors.ServiceError(
                 403, "AccessDenied", "Invalid according to Policy: the key is outside upload_dir."
             )
-        return claims
 
     def save(self, claims: Claims, key: str, stream: BinaryIO, now: float | None = None) -> int:
         """Store the body (read with the cap) under ``key``; refuse to overwrite it with other bytes. Returns its size.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 from http import HTTPStatus
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llamascope.api.uploads import FORM_BEFORE_FILE
 from tests.api.upload_flow import generate_with, policy_for, upload
 from tests.conftest import OTHER_KEY, SEED_MODEL, Server, png_bytes
 
@@ -167,3 +169,36 @@ def test_upload_garbage_is_a_clean_400(server: Server) -> None:
         server.base + "/api/v1/uploads/oss", content=b"not multipart", headers={"Content-Type": "text/plain"}
     )
     assert r.status_code == 400 and json.loads(r.text)["code"] == "InvalidParameter"
+
+
+def answer_to_a_body_begun(server: Server, fields: dict[str, str], file_start: bytes = b"") -> http.client.HTTPResponse:
+    """Send a form's ``fields`` and the start of its file, declared 20 MB long, and read the answer without
+    sending the rest: the server must answer from what it has (else the read times out)."""
+    boundary = "b0undary"
+    head = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    )
+    head += f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'.encode()
+    head += file_start
+    connection = http.client.HTTPConnection(server.base.removeprefix("http://"), timeout=30)
+    connection.putrequest("POST", "/api/v1/uploads/oss")
+    connection.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
+    connection.putheader("Content-Length", str(20 * 1024 * 1024))
+    connection.endheaders(head)
+    return connection.getresponse()
+
+
+def test_a_bad_signature_is_refused_before_the_file_is_read(server: Server) -> None:
+    """An upload is authorised by its policy alone, without a key: the policy is checked as its fields arrive,
+    so a caller without one cannot make the server read (and parse) a whole body (it read 32 MB first)."""
+    data = policy_for(server)
+    fields = {"OSSAccessKeyId": "x", "Signature": "bm90IHRoZSBzaWduYXR1cmU=", "policy": data["policy"]}
+    r = answer_to_a_body_begun(server, {**fields, "key": data["upload_dir"] + "/big.png"}, b"\0" * 4096)
+    assert r.status == 403 and "signature" in json.loads(r.read())["message"]
+
+
+def test_fields_before_the_file_are_bounded(server: Server) -> None:
+    """What comes before the policy is checked is bounded too: a long field is refused once past the bound."""
+    r = answer_to_a_body_begun(server, {"OSSAccessKeyId": "x" * (FORM_BEFORE_FILE + 1)})
+    assert r.status == 400 and "before its file" in json.loads(r.read())["message"]

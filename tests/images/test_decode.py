@@ -229,3 +229,66 @@ def encode_array(pixels: np.ndarray, fmt: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def cielab_tiff(colors: list[tuple[int, int, int]]) -> bytes:
+    """An 8-bit CIELab TIFF (as Photoshop and libtiff write it: D50) of a row of sRGB ``colors``, 10x10 each."""
+    from PIL import ImageCms
+
+    rgb = Image.new("RGB", (10 * len(colors), 10))
+    for i, color in enumerate(colors):
+        rgb.paste(color, (10 * i, 0, 10 * i + 10, 10))
+    to_lab = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")
+    buf = io.BytesIO()
+    ImageCms.applyTransform(rgb, to_lab).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def test_a_cielab_tiff_decodes_to_its_colours() -> None:
+    """Its L*a*b* values are converted to sRGB (by LittleCMS), never taken for RGB values."""
+    colors = [(250, 180, 20), (220, 30, 30), (30, 160, 60), (40, 90, 200), (128, 128, 128)]
+    data = cielab_tiff(colors)
+    assert Image.open(io.BytesIO(data)).mode == "LAB"
+    image = decode_image(data, LIMITS).image
+    for i, color in enumerate(colors):
+        got = image.getpixel((10 * i + 5, 5))
+        assert max(abs(a - b) for a, b in zip(got, color, strict=True)) <= 12, (color, got)
+
+
+def bare_tiff(photometric: int, bits: tuple[int, ...], extra_samples: tuple[int, ...] = ()) -> bytes:
+    """A 16x16 uncompressed little-endian TIFF of zeros in a given layout, written field by field."""
+    side, samples = 16, len(bits)
+    data = bytes(side * side * sum(bits) // 8)
+    entries = [
+        (256, 3, 1, side),
+        (257, 3, 1, side),
+        (258, 3, samples, None),  # BitsPerSample: stored after the IFD
+        (259, 3, 1, 1),
+        (262, 3, 1, photometric),
+        (273, 4, 1, None),  # StripOffsets: after the bits
+        (277, 3, 1, samples),
+        (278, 3, 1, side),
+        (279, 4, 1, len(data)),
+    ] + ([(338, 3, 1, extra_samples[0])] if extra_samples else [])
+    bits_at = 8 + 2 + 12 * len(entries) + 4
+    strip_at = bits_at + 2 * samples
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        value = {258: bits_at, 273: strip_at}.get(tag, value)
+        packed = struct.pack("<HI", value, 0)[:4] if kind == 3 and tag != 258 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, kind, count) + packed
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\0\0\0\0" + struct.pack(f"<{samples}H", *bits) + data
+
+
+@pytest.mark.parametrize(
+    ("layout", "photometric", "bits", "extra"),
+    [("16-bit CIELab", 8, (16, 16, 16), ()), ("CIELab with alpha", 8, (8, 8, 8, 8), (2,))],
+)
+def test_a_tiff_in_a_layout_pillow_cannot_read_is_called_a_tiff(
+    layout: str, photometric: int, bits: tuple[int, ...], extra: tuple[int, ...]
+) -> None:
+    """It was refused as "not an image in a known format; accepted formats are ..., TIFF, ..."."""
+    assert decode_image(bare_tiff(2, (8, 8, 8)), LIMITS).image.size == (16, 16)  # the same file, in RGB, reads
+    with pytest.raises(errors.ServiceError) as refusal:
+        decode_image(bare_tiff(photometric, bits, extra), LIMITS)
+    assert "The image is a TIFF in a layout this server cannot decode" in refusal.value.message, layout

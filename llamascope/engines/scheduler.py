@@ -687,12 +687,12 @@ def grammar_dead_end(made: int, reason: str) -> errors.ServiceError:
     """The end of an answer whose grammar came to a dead end after ``made`` tokens (``reason``: the library's)."""
     why = reason.strip().splitlines()[0] if reason.strip() else "it allows none of the model's tokens"
     log.warning("an answer's grammar came to a dead end after %d tokens: %s", made, why)
-    return errors.ServiceError(
-        500,
-        "InternalError.Algo",
-        f"The answer could not be completed in the shape asked for: after {made} tokens its schema allows no "
-        f"next token ({why}). A schema that needs an unbounded answer (a required property holding the schema "
-        "again) cannot be completed.",
+    # The caller's schema, not the server, is at fault, and the same request meets it again: a 400, which the
+    # SDKs do not retry (a 500 ran it three times on the openai SDK's default retries, each charged).
+    return errors.invalid_parameter(
+        f"{errors.ALGO_PREFIX}The answer could not be completed in the shape asked for (response_format or tools): "
+        f"after {made} tokens its schema allows no next token ({why}). A schema that needs an unbounded answer (a "
+        "required property holding the schema again) cannot be completed."
     )
 
 

@@ -61,6 +61,8 @@ async def _read(source: ImageSource, context: SourceContext) -> bytes:
     if fetch.done():
         return fetch.result()
     await asyncio.wait((fetch,))  # its cleanup: the connection closed
+    if not fetch.cancelled():
+        fetch.exception()  # whatever it ended with is moot now: taken, so asyncio does not log it as lost
     # nginx's status for a client that left before its answer
     raise errors.ServiceError(499, _HUNG_UP, "The client hung up while its image was being fetched.")
 

@@ -32,6 +32,14 @@ from llamascope.structured.tools import ToolCall
 RESULT_FORMATS = ("text", "message")
 
 
+def result_format_of(parameters: Any) -> str | None:
+    """The request's ``result_format``, None where it names none; one of RESULT_FORMATS, or a 400."""
+    value = parameters.get("result_format") if isinstance(parameters, dict) else None
+    if value not in (None, *RESULT_FORMATS):
+        raise errors.invalid_parameter('Parameter result_format should be "text" or "message".')
+    return value
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     model: Any
@@ -47,9 +55,7 @@ class GenerationRequest:
             raise errors.ServiceError(400, "BadRequest.EmptyInput", "Required input parameter missing from request.")
         if not isinstance(payload, dict):
             raise errors.invalid_parameter("input must be an object with a messages list.")
-        parameters = body.get("parameters")
-        if isinstance(parameters, dict) and parameters.get("result_format") not in (None, *RESULT_FORMATS):
-            raise errors.invalid_parameter('Parameter result_format should be "text" or "message".')
+        result_format_of(body.get("parameters"))
         return cls(model=model, messages=payload.get("messages"), parameters=body.get("parameters"))
 
 

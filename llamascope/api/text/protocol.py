@@ -24,13 +24,13 @@ from llamascope.api.incoming import envelope
 from llamascope.api.native.protocol import (
     FINISH_REASONS,
     LOGPROBS_IN,
-    RESULT_FORMATS,
     GenerationRequest,
     IndexedToolCallBody,
     Logprobs,
     Message,
     Parameters,
     UsageBody,
+    result_format_of,
     tool_call_bodies,
 )
 from llamascope.conversation.service import Usage
@@ -102,21 +102,16 @@ class TextGenerationRequest(GenerationRequest):
     def from_body(cls, body: Any) -> TextGenerationRequest:
         body = envelope(body)
         parameters = body.get("parameters")
-        result_format = parameters.get("result_format") if isinstance(parameters, dict) else None
-        if result_format is None:
-            result_format = "text"
-        if result_format not in RESULT_FORMATS:
-            raise errors.invalid_parameter('Parameter result_format should be "text" or "message".')
+        result_format = result_format_of(parameters) or "text"
         if result_format == "text" and _may_call_tools(parameters):
             raise errors.invalid_parameter(
                 'Parameter result_format should be "message" when tools are given: tool calls are answered in '
                 "output.choices[0].message.tool_calls, which the text format does not have."
             )
-        if result_format == "text" and isinstance(parameters, dict) and parameters.get("logprobs") is True:
-            raise errors.invalid_parameter(
-                'Parameter result_format should be "message" when logprobs is true: log-probabilities are '
-                "answered in output.choices[0].logprobs, which the text format does not have."
-            )
+        if result_format == "text" and isinstance(parameters, dict) and "logprobs" in parameters:
+            # The text format has no place for them: not computed, as before they were served (the SDK's
+            # Generation.call(logprobs=True) sends no result_format, and was answered)
+            parameters = {k: v for k, v in parameters.items() if k not in ("logprobs", "top_logprobs")}
         return cls(body["model"], messages_of(body.get("input")), parameters, result_format)
 
 

@@ -171,8 +171,8 @@ class TextGenerationResult(BaseModel):
         cls, result_format: str
     ) -> Callable[[str, str, Usage, str, Sequence[ToolCall], list[TokenLogprob] | None], TextGenerationResult]:
         """The body maker for one result format: (text, finish_reason, usage, request_id, tool_calls, logprobs)
-        to a result. Only the message format has tool calls and log-probabilities (``from_body`` refuses them
-        in the text format)."""
+        to a result. Only the message format has tool calls and log-probabilities (in the text format
+        ``from_body`` refuses tools and drops logprobs)."""
 
         def of(
             text: str,

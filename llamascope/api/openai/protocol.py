@@ -37,7 +37,7 @@ from llamascope.structured.tools import ToolCall
 # Fields that mean the same in both dialects (DashScope's in ``parameters``); DashScope extras ride at the top
 # level.
 _SAME = (
-    *("temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty", "logprobs", "top_logprobs", "n"),
+    *("temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty", "logprobs", "top_logprobs"),
     *("response_format", "tools", "tool_choice", "parallel_tool_calls", "presence_penalty", "frequency_penalty"),
 )
 
@@ -53,6 +53,9 @@ class ChatRequest:
     @classmethod
     def from_body(cls, body: Any) -> ChatRequest:
         body = envelope(body)
+        # Here, not only by parse_parameters (the native surfaces' check): /tokenize reads a chat request too.
+        if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
+            raise errors.invalid_parameter("Parameter n: only one choice per request is supported.")
         _refuse_unserved(body)
         parameters = {name: body[name] for name in _SAME if body.get(name) is not None}
         for name in ("max_completion_tokens", "max_tokens"):  # the first given, under its own name for errors

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -17,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 from llamascope import errors
 from llamascope.api.drain import SHUTTING_DOWN, stopped_by_shutdown
 from llamascope.api.errors import error_response, request_id_of
+from llamascope.conversation.rules import lone_surrogate
 from llamascope.conversation.service import ConversationService, Endpoint, Event, Reply
 from llamascope.images.source import SourceContext
 
@@ -52,13 +52,10 @@ async def read_json(request: Request) -> object:
     return value
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _fault(value: object) -> errors.ServiceError | None:
     """What makes a parsed body unusable though it parsed: an array or object more than MAX_JSON_DEPTH levels
-    deep, or a string holding a surrogate (json joins an escaped pair into its character, so one left is alone;
-    no text can be encoded with it: the prompt, an error message echoing it: a 500 otherwise).
+    deep, or a string holding a lone surrogate (``lone_surrogate``: no text can be encoded with one, so it would
+    fail as a 500 wherever it is: the prompt, an error message echoing it).
 
     One walk over the containers, without recursion: its cost is their number, not the body's bytes (``isascii``
     is a flag of the string, so a 10 MB data: URI costs nothing; scanning the raw bytes for brackets and escapes
@@ -71,7 +68,7 @@ def _fault(value: object) -> errors.ServiceError | None:
             return _too_deep()
         for child in (*item, *item.values()) if isinstance(item, dict) else item:  # keys too
             if type(child) is str:
-                if not child.isascii() and _SURROGATE.search(child):
+                if lone_surrogate(child):
                     return errors.invalid_parameter(
                         "The request body is not valid JSON: a string holds a lone surrogate (one half of a pair, "
                         "\\ud800 to \\udfff, as a string cut inside an emoji has), which is no character; send "

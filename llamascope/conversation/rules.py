@@ -24,6 +24,7 @@ that names the message and the problem.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,16 @@ from llamascope.images import PreparedImage
 from llamascope.structured.tools import ToolCall
 
 ROLES = ("system", "user", "assistant", "tool")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a surrogate: json joins an escaped pair into its character, so one left is alone, and
+    no text can be encoded with it (the prompt, a log line, an error message echoing it). ``isascii`` is a flag of
+    the string: most texts cost nothing."""
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
 # Keys that may ride beside "image" or "text" in a content item; DashScope clients send them.
 _HINTS = {"min_pixels", "max_pixels", "total_pixels", "cache_control", "type"}
 
@@ -171,7 +182,7 @@ def _tool_calls(index: int, value: Any) -> tuple[ToolCall, ...]:
         if not isinstance(arguments, dict):
             raise _bad(f"{at}.function.arguments: must be a JSON object (as a string).")
         text = json.dumps(arguments, ensure_ascii=False)
-        if not text.isascii() and text.encode(errors="ignore").decode() != text:  # a lone surrogate, from its escape
+        if lone_surrogate(text):  # from an escape in the arguments' own JSON
             raise _bad(f"{at}.function.arguments: a string holds a lone surrogate (\\ud800 to \\udfff).")
         given = call.get("id")
         if given is not None and not isinstance(given, str):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from llamascope.errors import ServiceError, invalid_parameter
+from llamascope.structured.finite import has_finite_value
 
 # OpenAI's rule for function and schema names.
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -323,7 +324,8 @@ def _tool_choice(value: Any, tools: tuple[Tool, ...], prefix: str) -> ToolChoice
 
 
 def check_schema(schema: Any, where: str) -> None:
-    """Refuse a schema that is not a JSON Schema, or that the grammar library cannot compile."""
+    """Refuse a schema that is not a JSON Schema, that the grammar library cannot compile, or that no finite
+    JSON value satisfies (whose answers could never end)."""
     if not isinstance(schema, Mapping):
         raise invalid_parameter(f"Invalid value for '{where}': expected a JSON Schema object.")
     # why: jsonschema and llguidance are 0.1-0.2 s of imports; a gateway whose requests never ask for an
@@ -333,6 +335,8 @@ def check_schema(schema: Any, where: str) -> None:
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
         problem = compile_problem(GrammarSpec.json_schema(schema, where))
+        if not problem and not has_finite_value(schema):
+            problem = "no JSON value satisfies it (a value would have to hold the schema again, without end)"
     except jsonschema.SchemaError as e:
         raise invalid_parameter(f"Invalid value for '{where}': not a JSON Schema ({e.message}).") from None
     except RecursionError:  # the checks recurse: a schema nested a few hundred deep is the caller's, not a 500

@@ -63,3 +63,10 @@ def test_the_readme_is_a_landing_page_whose_examples_are_the_tested_ones() -> No
 def test_config_examples_load(path: Path) -> None:
     settings = Settings.load(path)
     assert settings.models or settings.port
+
+
+def test_every_python_example_on_a_page_is_a_tested_file() -> None:
+    """The house rule, every example in the docs runs in a test: a page's Python is included from docs/examples/."""
+    for page in sorted(DOCS.glob("*.md")):
+        for block in _blocks(page.read_text(), "python"):
+            assert block.startswith("--8<--\n"), f"{page.name}: move this example into docs/examples/:\n{block}"

@@ -70,3 +70,12 @@ def test_every_python_example_on_a_page_is_a_tested_file() -> None:
     for page in sorted(DOCS.glob("*.md")):
         for block in _blocks(page.read_text(), "python"):
             assert block.startswith("--8<--\n"), f"{page.name}: move this example into docs/examples/:\n{block}"
+
+
+def test_the_architecture_pages_large_modules_are_those_past_500_lines() -> None:
+    page = (DOCS / "architecture.md").read_text()
+    section = page.split("## Large modules", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^- `([^`]+\.py)`", section, re.M))
+    package = ROOT / "llamascope"
+    large = {str(p.relative_to(package)) for p in package.rglob("*.py") if len(p.read_text().splitlines()) > 500}
+    assert listed == large

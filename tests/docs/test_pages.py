@@ -79,3 +79,10 @@ def test_the_architecture_pages_large_modules_are_those_past_500_lines() -> None
     package = ROOT / "llamascope"
     large = {str(p.relative_to(package)) for p in package.rglob("*.py") if len(p.read_text().splitlines()) > 500}
     assert listed == large
+
+
+def test_every_benchmark_script_is_on_the_benchmarks_page() -> None:
+    page = (DOCS / "benchmarks.md").read_text()
+    scripts = [p for p in (ROOT / "bench").iterdir() if p.suffix in (".py", ".sh") and p.name != "harness.py"]
+    for path in scripts:
+        assert f"bench/{path.name}" in page, path.name

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from markdown.extensions.toc import slugify
 
 try:
     import tomllib
@@ -55,8 +56,10 @@ def test_the_readme_is_a_landing_page_whose_examples_are_the_tested_ones() -> No
     assert _blocks(readme, "python")[0] == (DOCS / "examples" / "sdk_call.py").read_text()
     curl = next(block for block in _blocks(readme, "bash") if "curl" in block)
     assert curl == (DOCS / "examples" / "curl_stream.sh").read_text()
-    for link in re.findall(r"\]\((docs/[^)#]+)", readme):
+    for link, anchor in re.findall(r"\]\((docs/[^)#]+)(?:#([^)]+))?\)", readme):
         assert (ROOT / link).exists(), link
+        headings = re.findall(r"^#+ (.+)$", (ROOT / link).read_text(), re.M)
+        assert not anchor or anchor in {slugify(h, "-") for h in headings}, f"{link}#{anchor}"
 
 
 @pytest.mark.parametrize("path", sorted((DOCS / "examples").glob("*.toml")), ids=lambda p: p.name)

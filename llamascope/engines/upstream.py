@@ -37,6 +37,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -430,6 +431,7 @@ class _Answer:
         self.done = False  # [DONE] came
         self.chosen = False  # an event had a choice (an answer, if an empty one)
         self.calls = _CallDeltas()
+        self.text = _Utf16Text()
 
     @property
     def ended(self) -> bool:
@@ -471,7 +473,7 @@ class _Answer:
                     self.pieces += self.calls.add(delta["tool_calls"])
                 if choice.get("finish_reason"):
                     self.finish = _FINISH.get(choice["finish_reason"], FinishReason.STOP)
-        return text
+        return self.text.add(text)
 
     def last(self) -> Chunk:
         """The answer's last chunk: its end, counts and calls."""
@@ -480,7 +482,28 @@ class _Answer:
         if made and finish != FinishReason.LENGTH:  # the answer is calls, whatever reason the engine gave ("stop")
             finish = FinishReason.TOOL_CALLS
         output_tokens = self.reported if self.reported is not None else self.pieces
-        return Chunk("", output_tokens, finish, self.input_tokens, tool_calls=made or None)
+        return Chunk(self.text.add("", final=True), output_tokens, finish, self.input_tokens, tool_calls=made or None)
+
+
+class _Utf16Text:
+    """An engine's text deltas as valid text. JSON strings are UTF-16: an engine that cuts its text between the
+    halves of a surrogate pair (an emoji) sends each half escaped in its own delta, and Python keeps them as two
+    lone surrogates, which no UTF-8 answer can carry (a 500 mid-answer, once). A pair is joined across deltas;
+    a half that stays alone becomes U+FFFD, as a UTF-8 decoder makes a broken sequence."""
+
+    def __init__(self) -> None:
+        self._high = ""  # a pair's first half, waiting for the next delta
+
+    def add(self, piece: str, final: bool = False) -> str:
+        if not self._high and (piece.isascii() or not _SURROGATE.search(piece)):
+            return piece  # nearly always
+        text, self._high = self._high + piece, ""
+        if not final and text and "\ud800" <= text[-1] <= "\udbff":
+            text, self._high = text[:-1], text[-1]
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _json_object(text: str) -> bool:

@@ -17,6 +17,9 @@ from tests.conftest import API_KEY, Server, start_server
 
 pytestmark = pytest.mark.server
 PIECES = ["The ", "picture ", "shows ", "a ", "small ", "red ", "square", "."]
+# An engine that cuts its text between the halves of a surrogate pair (JSON strings are UTF-16): each half is
+# escaped alone in its delta (json.dumps writes "\ud83d"), and a half of a pair is left alone before "!".
+HALVES = ["A ", "\ud83d", "\udc09", " or ", "\ud83d", "!"]
 WAIT_SECONDS = 5  # how long the slow upstream holds the rest of its answer unless the client has its first token
 
 
@@ -28,9 +31,9 @@ def _event(delta: dict, finish: str | None = None, usage: dict | None = None) ->
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
-def _answer(counts: type = int) -> list[bytes]:
-    events = [_event({"role": "assistant", "content": p}) for p in PIECES[:-1]]
-    events.append(_event({"content": PIECES[-1]}, "stop"))
+def _answer(counts: type = int, pieces: list[str] = PIECES) -> list[bytes]:
+    events = [_event({"role": "assistant", "content": p}) for p in pieces[:-1]]
+    events.append(_event({"content": pieces[-1]}, "stop"))
     usage = {"prompt_tokens": counts(20), "completion_tokens": counts(8), "total_tokens": counts(28)}
     events.append(_event({}, usage=usage))
     return [*events, b"data: [DONE]\n\n"]
@@ -39,7 +42,7 @@ def _answer(counts: type = int) -> list[bytes]:
 class Upstream:
     """An OpenAI-compatible engine in a thread of the test: model "burst" sends its whole answer in one write;
     "slow" sends its first event, then waits until ``released`` (or ``WAIT_SECONDS``) for the rest; "floats"
-    is "burst" with its usage counts written as 20.0."""
+    is "burst" with its usage counts written as 20.0; "halves" sends ``HALVES`` an event a write."""
 
     def __init__(self) -> None:
         self.released = threading.Event()
@@ -66,7 +69,12 @@ class Upstream:
             model = (await request.json())["model"]
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
-            events = _answer(float if model == "floats" else int)
+            events = _answer(float if model == "floats" else int, HALVES if model == "halves" else PIECES)
+            if model == "halves":
+                for event in events[:-1]:
+                    await response.write(event)
+                    await asyncio.sleep(0.01)  # each its own read, most likely
+                events = events[-1:]
             if model == "slow":
                 await response.write(events[0])
                 released = await asyncio.get_running_loop().run_in_executor(None, self.released.wait, WAIT_SECONDS)
@@ -77,7 +85,8 @@ class Upstream:
             return response
 
         async def models(request: web.Request) -> web.Response:
-            return web.json_response({"object": "list", "data": [{"id": "burst"}, {"id": "slow"}, {"id": "floats"}]})
+            names = ("burst", "slow", "floats", "halves")
+            return web.json_response({"object": "list", "data": [{"id": name} for name in names]})
 
         app = web.Application()
         app.router.add_post("/v1/chat/completions", completions)
@@ -102,7 +111,9 @@ def upstream() -> Iterator[Upstream]:
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Server]:
-    models = [arg for name in ("burst", "slow", "floats") for arg in ("--model", f"{name}=openai+{upstream.base}")]
+    models = [
+        arg for name in ("burst", "slow", "floats", "halves") for arg in ("--model", f"{name}=openai+{upstream.base}")
+    ]
     srv = start_server(tmp_path_factory.mktemp("front"), models)
     yield srv
     srv.stop()
@@ -179,3 +190,30 @@ def test_usage_counts_written_as_floats_come_back_as_whole_numbers(front: Server
     """An upstream may write its counts as 20.0: the client gets 20 (what it is charged), as pydantic made it."""
     r = _streamed(front, "floats")
     assert '"usage":{"prompt_tokens":20,"completion_tokens":8,"total_tokens":28,' in r.text, r.text[-400:]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_surrogate_pair_cut_between_deltas_comes_back_whole(front: Server, stream: bool) -> None:
+    """Its halves joined, a half alone as U+FFFD: never a 500 or a stream cut short for text UTF-8 cannot carry."""
+    import openai
+
+    client = openai.OpenAI(base_url=front.base + "/compatible-mode/v1", api_key=API_KEY, max_retries=0)
+    messages = _request("halves")["messages"]
+    if stream:
+        chunks = client.chat.completions.create(model="halves", messages=messages, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        text = client.chat.completions.create(model="halves", messages=messages).choices[0].message.content or ""
+    assert text == "A \U0001f409 or \ufffd!"
+    native = httpx.post(
+        front.base + "/api/v1/services/aigc/text-generation/generation",
+        json={"model": "halves", "input": {"messages": messages}, "parameters": {"incremental_output": True}},
+        headers={"Authorization": f"Bearer {API_KEY}", **({"X-DashScope-SSE": "enable"} if stream else {})},
+        timeout=30,
+    )
+    assert native.status_code == 200
+    if stream:
+        events = [json.loads(line[5:]) for line in native.text.splitlines() if line.startswith("data:")]
+    else:
+        events = [native.json()]
+    assert "".join(e["output"]["text"] for e in events) == text

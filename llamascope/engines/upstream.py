@@ -71,6 +71,7 @@ TOKENIZE_TIMEOUT = 10.0  # seconds
 # given up on it (the next upstream, else 408). Long answers that keep coming are never cut.
 ANSWER_SILENCE = 300.0  # seconds, unless the model's upstream_timeout says otherwise
 HEALTH_TIMEOUT = 3.0
+FORWARDED_STOPS = 4  # stop strings told the engine, at most
 MAX_ANSWER_BYTES = 16 << 20  # a whole (not streamed) answer, at most
 MAX_EVENT_BYTES = 4 << 20  # one line of a streamed answer, at most (a delta is small; a whole call's arguments fit)
 
@@ -322,6 +323,11 @@ class UpstreamEngine:
             body["frequency_penalty"] = sampling.frequency_penalty
         if sampling.min_new_tokens:
             body["min_tokens"] = sampling.min_new_tokens
+        if sampling.stop and prompt.output is None:
+            # Told, the engine stops at once and reports its count (cut here, it ran on until the hang-up was seen
+            # and counted no usage). OpenAI's API and TGI take 4: the text is cut here at every one anyway. Not with
+            # tools or a response_format: an engine may cut its calls' JSON at them.
+            body["stop"] = list(sampling.stop[:FORWARDED_STOPS])
         if prompt.output is not None:
             body.update(output_fields(prompt.output))
         return body

@@ -42,10 +42,13 @@ def _answer(counts: type = int, pieces: list[str] = PIECES) -> list[bytes]:
 class Upstream:
     """An OpenAI-compatible engine in a thread of the test: model "burst" sends its whole answer in one write;
     "slow" sends its first event, then waits until ``released`` (or ``WAIT_SECONDS``) for the rest; "floats"
-    is "burst" with its usage counts written as 20.0; "halves" sends ``HALVES`` an event a write."""
+    is "burst" with its usage counts written as 20.0; "halves" sends ``HALVES`` an event a write; "stops" ends
+    its answer before the first of the request's stop strings, as vLLM does, an event a write. ``bodies`` holds
+    the requests it was sent."""
 
     def __init__(self) -> None:
         self.released = threading.Event()
+        self.bodies: list[dict] = []
         self.waited_out = False  # the slow answer's rest went out because nobody released it
         self.base = ""
         self._ready = threading.Event()
@@ -66,7 +69,11 @@ class Upstream:
         from aiohttp import web
 
         async def completions(request: web.Request) -> web.StreamResponse:
-            model = (await request.json())["model"]
+            body = await request.json()
+            self.bodies.append(body)
+            model = body["model"]
+            if model == "stops":
+                return await _stopping(request, body.get("stop") or [])
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
             events = _answer(float if model == "floats" else int, HALVES if model == "halves" else PIECES)
@@ -85,7 +92,7 @@ class Upstream:
             return response
 
         async def models(request: web.Request) -> web.Response:
-            names = ("burst", "slow", "floats", "halves")
+            names = ("burst", "slow", "floats", "halves", "stops")
             return web.json_response({"object": "list", "data": [{"id": name} for name in names]})
 
         app = web.Application()
@@ -103,6 +110,30 @@ class Upstream:
         await runner.cleanup()
 
 
+async def _stopping(request: object, stops: list[str]) -> object:
+    """The answer of an engine told ``stops``: its pieces up to the first stop string, without it, then its
+    usage; an event a write, as a token at a time."""
+    from aiohttp import web
+
+    text, made = "", []
+    for piece in PIECES:
+        cut = min((i for i in ((text + piece).find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            made.append((text + piece)[len(text) : cut])
+            break
+        text += piece
+        made.append(piece)
+    finish = "stop"
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)  # type: ignore[arg-type]
+    for i, piece in enumerate(made):
+        await response.write(_event({"content": piece}, finish if i == len(made) - 1 else None))
+        await asyncio.sleep(0.01)
+    usage = {"prompt_tokens": 20, "completion_tokens": len(made), "total_tokens": 20 + len(made)}
+    await response.write(_event({}, usage=usage) + b"data: [DONE]\n\n")
+    return response
+
+
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
     with Upstream() as engine:
@@ -112,7 +143,9 @@ def upstream() -> Iterator[Upstream]:
 @pytest.fixture(scope="module")
 def front(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Server]:
     models = [
-        arg for name in ("burst", "slow", "floats", "halves") for arg in ("--model", f"{name}=openai+{upstream.base}")
+        arg
+        for name in ("burst", "slow", "floats", "halves", "stops")
+        for arg in ("--model", f"{name}=openai+{upstream.base}")
     ]
     srv = start_server(tmp_path_factory.mktemp("front"), models)
     yield srv
@@ -217,3 +250,17 @@ def test_a_surrogate_pair_cut_between_deltas_comes_back_whole(front: Server, str
     else:
         events = [native.json()]
     assert "".join(e["output"]["text"] for e in events) == text
+
+
+def test_stop_strings_are_told_the_engine_which_stops_and_counts(front: Server, upstream: Upstream) -> None:
+    """The engine stops at once and reports its count: the usage is its, exactly (cut here alone, it ran on
+    until the hang-up was seen, and its count of the prompt and of what it made never came)."""
+    import openai
+
+    client = openai.OpenAI(base_url=front.base + "/compatible-mode/v1", api_key=API_KEY, max_retries=0)
+    stops = ["nothing", "red", "sq", "x", "y"]
+    r = client.chat.completions.create(model="stops", messages=_request("stops")["messages"], stop=stops)
+    assert upstream.bodies[-1]["stop"] == stops[:4]  # OpenAI's API and TGI take 4
+    assert r.choices[0].message.content == "The picture shows a small "
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None and (r.usage.prompt_tokens, r.usage.completion_tokens) == (20, 6)

@@ -310,6 +310,28 @@ def test_openai_json_mode_streams_as_text(client: openai.OpenAI) -> None:
         assert isinstance(json.loads(text), dict)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_never_cut_a_json_answer(client: openai.OpenAI, stream: bool) -> None:
+    """A "stop" answer is whole JSON: stop strings apply to free text (a "{" once ended JSON mode's answer as
+    "" with finish_reason "stop")."""
+    kwargs: dict[str, Any] = {
+        "model": SEED_MODEL,
+        "messages": openai_messages("Answer in JSON."),
+        "response_format": {"type": "json_object"},
+        "max_tokens": ROOM,
+        "seed": 2,
+        "stop": ["{", "}", '"', ":"],
+    }
+    if stream:
+        chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        text, finish = choice.message.content or "", choice.finish_reason
+    assert finish == "stop" and isinstance(json.loads(text), dict), text
+
+
 def test_openai_forced_tool_calls_are_parsed(client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model=SEED_MODEL,

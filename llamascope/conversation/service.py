@@ -3,7 +3,7 @@
 Every surface (DashScope's multimodal and text generation, OpenAI-compatible)
 calls ``open()``, naming its ``Endpoint`` (which decides where images may be),
 which does every check that can fail before the first byte is sent (model,
-grant, messages, parameters, image, context, allowance), and gets a ``Reply``.
+grant, messages, parameters, rate limits, image, context, allowance), and gets a ``Reply``.
 ``tokens()`` (Tokenization) makes the same prompt and counts it.
 Iterating ``Reply.events()`` generates; closing it cancels the engine. The
 Reply keeps the running usage; ``Reply.settle()`` charges it to the caller's
@@ -274,9 +274,14 @@ class ConversationService:
                 "Parameter logprobs: not available for a model served by an upstream engine."
             )
         output = output_spec(parameters, draft, endpoint)
-        prompt = await self._prompt(engine, draft, context, output)
-        most = prompt.input_tokens + prompt.new_tokens(options.sampling)
-        admission = await self.accounts.admit(principal, model, grant, most, request_id, prompt.input_tokens)
+        counted = await self.accounts.enter(principal)  # the key's rate limits, before any image is fetched
+        try:
+            prompt = await self._prompt(engine, draft, context, output)
+            most = prompt.input_tokens + prompt.new_tokens(options.sampling)
+        except BaseException:  # refused (an image, the length), failed, or the caller gone: counted out
+            await self.accounts.leave(principal, counted)
+            raise
+        admission = await self.accounts.admit(principal, model, grant, most, request_id, prompt.input_tokens, counted)
         held = admission.reservation.tokens
         if grant.allowance_tokens is not None and held < most:
             # The allowance has less left than the request could make: it may make only what is left (at

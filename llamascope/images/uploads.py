@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import filecmp
 import hashlib
 import hmac
 import json
@@ -31,6 +32,7 @@ from typing import BinaryIO
 from llamascope import errors
 
 _MAX_KEY_LENGTH = 1024
+_CHUNK = 1024 * 1024  # what ``save`` reads of a stream at a time
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,40 @@ class Claims:
     max: int  # bytes
     owner: str  # Principal.key_id
     model: str
+
+
+def too_large(most: int) -> errors.ServiceError:
+    return errors.ServiceError(400, "EntityTooLarge", f"Your upload exceeds the maximum of {most} bytes.")
+
+
+class Incoming:
+    """An upload's file as it arrives, written to a temporary file among the objects (``.part-*``, which
+    ``purge_expired`` removes if a crash leaves one): never whole in memory, and refused past its cap."""
+
+    def __init__(self, root: Path, claims: Claims, key: str) -> None:
+        self.claims = claims
+        self.key = key
+        fd, name = tempfile.mkstemp(dir=root, prefix=".part-")
+        self.path = Path(name)
+        self._file: BinaryIO | None = os.fdopen(fd, "wb")
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.size += len(data)
+        if self.size > self.claims.max:
+            raise too_large(self.claims.max)
+        assert self._file is not None
+        self._file.write(data)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def discard(self) -> None:
+        """Remove the file unless it was kept (then it is gone from its temporary name already)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -131,20 +167,34 @@ class UploadStore:
                 403, "AccessDenied", "Invalid according to Policy: the key is outside upload_dir."
             )
 
+    def receive(self, claims: Claims, key: str) -> Incoming:
+        """Where the file of an upload under ``claims`` to ``key`` is written as it arrives (a temporary file
+        beside the objects, at most ``claims.max`` bytes); ``keep`` it once whole, else ``discard`` it."""
+        return Incoming(self.root, claims, key)
+
     def save(self, claims: Claims, key: str, stream: BinaryIO, now: float | None = None) -> int:
-        """Store the body (read with the cap) under ``key``; refuse to overwrite it with other bytes. Returns its size.
+        """Store ``stream`` (read in pieces, with the cap) under ``key``, as ``keep`` does; returns its size."""
+        incoming = self.receive(claims, key)
+        try:
+            while chunk := stream.read(_CHUNK):
+                incoming.write(chunk)
+            return self.keep(incoming, now)
+        finally:
+            incoming.discard()
+
+    def keep(self, incoming: Incoming, now: float | None = None) -> int:
+        """Put a whole upload in place (its size), or refuse it.
 
         The same bytes again are taken (200): the SDK names each upload ``<upload_dir>/<file name>``, with one
         upload_dir for a whole call, so a conversation that names one file twice (again in a later turn) uploads
         it twice, which OSS's forbid-overwrite would refuse. Two different files of the same name are refused:
         both references would name one object."""
-        data = stream.read(claims.max + 1)
-        if len(data) > claims.max:
-            raise errors.ServiceError(400, "EntityTooLarge", f"Your upload exceeds the maximum of {claims.max} bytes.")
+        incoming.close()
+        claims, key = incoming.claims, incoming.key
         target = self._path(key)
         if target.exists():
-            if self._holds(target, data):
-                return len(data)
+            if self._holds(target, incoming.path):
+                return incoming.size
             raise errors.ServiceError(
                 409,
                 "FileAlreadyExists",
@@ -154,13 +204,13 @@ class UploadStore:
         now = time.time() if now is None else now
         record = {"key": key, "owner": claims.owner, "model": claims.model, "expires": now + self.ttl_seconds}
         self._write(target.with_suffix(".json"), json.dumps(record).encode())
-        self._write(target, data)
-        return len(data)
+        os.replace(incoming.path, target)
+        return incoming.size
 
     @staticmethod
-    def _holds(path: Path, data: bytes) -> bool:
+    def _holds(path: Path, other: Path) -> bool:
         try:
-            return path.stat().st_size == len(data) and path.read_bytes() == data
+            return filecmp.cmp(path, other, shallow=False)
         except OSError:
             return False
 

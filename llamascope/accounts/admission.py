@@ -200,12 +200,13 @@ class Accounts:
         assert grant is not None
         return grant
 
-    async def enter(self, principal: Principal) -> bool:
+    async def enter(self, principal: Principal, per_minute: bool = True) -> bool:
         """Count the request in by its key's rate limits (requests and tokens per minute, concurrency), or raise
         429: before any image is fetched, so a key over its limits costs no fetch. Its result goes to ``admit``,
         or, when the request ends before that (refused, failed, its caller gone), to ``leave``.
-        A request counted in counts toward the key's requests per minute, whatever refuses it afterwards."""
-        return await self.limits.enter(principal.key)
+        A request counted in counts toward the key's requests per minute, whatever refuses it afterwards;
+        with ``per_minute`` False (a prompt only counted), it holds a concurrent slot but is not counted there."""
+        return await self.limits.enter(principal.key, per_minute)
 
     async def leave(self, principal: Principal, counted: bool) -> None:
         """Count out a request ``enter`` let in that never reached ``admit``; shielded (a hang-up cannot skip it)."""

@@ -326,7 +326,14 @@ class ConversationService:
         engine = self.engine(model)
         await self.accounts.check(principal, model)
         draft = parse_messages(messages, self._images(model, engine, endpoint))
-        return engine, await self._prompt(engine, draft, context, output_spec(parameters, draft, endpoint))
+        output = output_spec(parameters, draft, endpoint)
+        # Its images cost what a call's do: within the key's concurrency (not its requests per minute: an
+        # llamascope in front counts each prompt before its call), and not for a key over its limits.
+        counted = await self.accounts.enter(principal, per_minute=False)
+        try:
+            return engine, await self._prompt(engine, draft, context, output)
+        finally:
+            await self.accounts.leave(principal, counted)
 
     def image_rules(self, model: str, endpoint: Endpoint) -> Images:
         """How many images a conversation with ``model`` may carry through ``endpoint``, and whether its first user

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.accounts.test_access import PATH, admin
-from tests.conftest import Server, generation_body, png_bytes
+from tests.conftest import SEED_MODEL, Server, generation_body, png_bytes
 
 
 class Recorder:
@@ -69,14 +69,8 @@ def post(server: Server, key: str, image: str) -> httpx.Response:
     return httpx.post(server.base + PATH, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
 
 
-def test_a_key_at_its_concurrency_limit_costs_no_image_fetch(server: Server, recorder: Recorder) -> None:
-    """The rate limits were checked after the images were fetched and decoded: a key at its concurrency
-    limit made the server fetch each new request's image before its 429. Now the slot is taken before any
-    fetch, and given back on every path: a request whose caller hangs up mid-fetch, one whose image is
-    refused."""
-    key = admin(server, "POST", "/keys", concurrency=1)["api_key"]
-
-    # The key's one slot, held by a request whose image is slow to come; sent by hand, so that it can hang up.
+def hold_the_slot(server: Server, key: str, recorder: Recorder) -> socket.socket:
+    """A key's one slot, held by a request whose image is slow to come; sent by hand, so that it can hang up."""
     held = socket.create_connection(("127.0.0.1", int(server.base.rsplit(":", 1)[1])))
     payload = json.dumps(generation_body(recorder.url("/slow.png"), max_tokens=1)).encode()
     held.sendall(
@@ -85,6 +79,16 @@ def test_a_key_at_its_concurrency_limit_costs_no_image_fetch(server: Server, rec
         + payload
     )
     recorder.wait_for("/slow.png")
+    return held
+
+
+def test_a_key_at_its_concurrency_limit_costs_no_image_fetch(server: Server, recorder: Recorder) -> None:
+    """The rate limits were checked after the images were fetched and decoded: a key at its concurrency
+    limit made the server fetch each new request's image before its 429. Now the slot is taken before any
+    fetch, and given back on every path: a request whose caller hangs up mid-fetch, one whose image is
+    refused."""
+    key = admin(server, "POST", "/keys", concurrency=1)["api_key"]
+    held = hold_the_slot(server, key, recorder)
 
     refused = post(server, key, recorder.url("/other.png"))
     assert (refused.status_code, refused.json()["code"]) == (429, "Throttling.RateQuota"), refused.text
@@ -101,3 +105,34 @@ def test_a_key_at_its_concurrency_limit_costs_no_image_fetch(server: Server, rec
     # An image refused (404): 400, and the slot is free at once for the next request.
     assert post(server, key, recorder.url("/missing.png")).status_code == 400
     assert post(server, key, recorder.url("/next.png")).status_code == 200
+
+
+def tokenize(server: Server, key: str, image: str | None = None) -> httpx.Response:
+    content: list[dict] = [{"type": "text", "text": "What is it?"}]
+    if image is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": image}})
+    body = {"model": SEED_MODEL, "messages": [{"role": "user", "content": content}]}
+    return httpx.post(server.base + "/tokenize", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def test_tokenize_is_no_way_around_a_keys_limits(server: Server, recorder: Recorder) -> None:
+    """POST /tokenize fetched and decoded a request's images whatever the key's limits: a free way round them.
+    It holds one of the key's concurrent requests while it counts, and a key over its limits is refused; it
+    is not counted in the requests per minute (an llamascope in front counts each prompt before its call)."""
+    key = admin(server, "POST", "/keys", concurrency=1)["api_key"]
+    held = hold_the_slot(server, key, recorder)
+    refused = tokenize(server, key, recorder.url("/counted.png"))
+    assert refused.status_code == 429 and "at most 1 concurrent" in refused.json()["error"]["message"], refused.text
+    assert recorder.seen == ["/slow.png"]
+    held.close()
+    deadline = time.monotonic() + 15
+    while (r := tokenize(server, key, recorder.url("/counted.png"))).status_code == 429:
+        assert time.monotonic() < deadline, "the slot never came back"
+        time.sleep(0.1)
+    assert r.status_code == 200 and r.json()["count"] > 0, r.text
+    assert tokenize(server, key).status_code == 200  # its slot was given back
+
+    key = admin(server, "POST", "/keys", rpm=2)["api_key"]
+    assert [tokenize(server, key).status_code for _ in range(3)] == [200] * 3  # not counted per minute
+    assert [post(server, key, recorder.url("/next.png")).status_code for _ in range(3)] == [200, 200, 429]
+    assert tokenize(server, key).status_code == 429  # the key is over its requests per minute

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.accounts.test_access import PATH, admin
-from tests.conftest import SEED_MODEL, Server, generation_body, png_bytes
+from tests.conftest import SEED_MODEL, Server, generation_body, png_bytes, start_server
+from tests.services import fresh_database
 
 
 class Recorder:
@@ -82,11 +85,29 @@ def hold_the_slot(server: Server, key: str, recorder: Recorder) -> socket.socket
     return held
 
 
-def test_a_key_at_its_concurrency_limit_costs_no_image_fetch(server: Server, recorder: Recorder) -> None:
+@pytest.fixture(params=["sqlite", pytest.param("postgresql+redis", marks=[pytest.mark.postgres, pytest.mark.redis])])
+def stores(request: pytest.FixtureRequest, server: Server, tmp_path: Path) -> Iterator[Server]:
+    """The session server (SQLite, limits in the process), or one on PostgreSQL with its limits in Redis."""
+    if request.param == "sqlite":
+        yield server
+        return
+    url = os.environ.get("LLAMASCOPE_TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("LLAMASCOPE_TEST_DATABASE_URL is not set (.ci/run starts a PostgreSQL)")
+    redis = request.getfixturevalue("redis_server")
+    shared = start_server(
+        tmp_path, env={"LLAMASCOPE_DATABASE_URL": fresh_database(url), "LLAMASCOPE_REDIS_URL": redis.url}
+    )
+    yield shared
+    shared.stop()
+
+
+def test_a_key_at_its_concurrency_limit_costs_no_image_fetch(stores: Server, recorder: Recorder) -> None:
     """The rate limits were checked after the images were fetched and decoded: a key at its concurrency
     limit made the server fetch each new request's image before its 429. Now the slot is taken before any
     fetch, and given back on every path: a request whose caller hangs up mid-fetch, one whose image is
     refused."""
+    server = stores
     key = admin(server, "POST", "/keys", concurrency=1)["api_key"]
     held = hold_the_slot(server, key, recorder)
 

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from llamascope import errors
 from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
-from llamascope.conversation.service import ConversationService
+from llamascope.conversation.service import ConversationService, Endpoint
 from llamascope.images.uploads import Claims, Incoming, UploadStore, too_large
 
 if TYPE_CHECKING:
@@ -86,7 +86,8 @@ async def get_policy(request: Request) -> JSONResponse:
     if not model:
         raise errors.ServiceError(400, "BadRequest.EmptyModel", 'Required parameter "model" missing from request.')
     service.engine(model)  # an unknown model gets "Model not exist." like the generation call
-    data = store.issue_policy(request.state.principal.key_id, str(model))
+    files = max(1, service.image_rules(model, Endpoint.MULTIMODAL).most)  # the most a call may carry
+    data = store.issue_policy(request.state.principal.key_id, str(model), files=files)
     data["upload_host"] = upload_host(request)
     return JSONResponse({"request_id": request_id_of(request), "data": data})
 

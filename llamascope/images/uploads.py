@@ -33,6 +33,7 @@ from llamascope import errors
 
 _MAX_KEY_LENGTH = 1024
 _CHUNK = 1024 * 1024  # what ``save`` reads of a stream at a time
+_PLACE = ".place-"  # a policy's places (``UploadStore._take_place``)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class Claims:
     max: int  # bytes
     owner: str  # Principal.key_id
     model: str
+    # Objects the policy may store at most (a call's images, each uploaded once); 0: no bound (a policy signed
+    # before there was one: it expires within minutes).
+    files: int = 0
 
 
 def too_large(most: int) -> errors.ServiceError:
@@ -111,8 +115,10 @@ class UploadStore:
 
     # -- step 1: the policy ---------------------------------------------------
 
-    def issue_policy(self, owner: str, model: str, now: float | None = None) -> dict[str, object]:
-        """The ``data`` object of a getPolicy answer, less ``upload_host``."""
+    def issue_policy(self, owner: str, model: str, now: float | None = None, files: int = 0) -> dict[str, object]:
+        """The ``data`` object of a getPolicy answer, less ``upload_host``. ``files``: the objects it may store
+        at most (the SDK uploads a call's files under one policy: as many as the model takes images in a
+        conversation); 0: no bound."""
         now = time.time() if now is None else now
         day = time.strftime("%Y-%m-%d", time.gmtime(now))
         claims = Claims(
@@ -121,7 +127,9 @@ class UploadStore:
             max=self.max_bytes,
             owner=owner,
             model=model,
+            files=files,
         )
+        capacity = self.max_bytes * (files or 1)
         policy = base64.b64encode(json.dumps(asdict(claims), separators=(",", ":")).encode()).decode()
         return {
             "policy": policy,
@@ -129,7 +137,7 @@ class UploadStore:
             "upload_dir": claims.dir,
             "expire_in_seconds": self.policy_seconds,
             "max_file_size_mb": max(1, self.max_bytes // (1024 * 1024)),
-            "capacity_limit_mb": max(1, self.max_bytes // (1024 * 1024)),
+            "capacity_limit_mb": max(1, capacity // (1024 * 1024)),
             "oss_access_key_id": "llamascope",
             "x_oss_object_acl": "private",
             "x_oss_forbid_overwrite": "true",
@@ -201,11 +209,31 @@ class UploadStore:
                 "The object you specified already exists: another file of the same name was uploaded for this call "
                 "(the SDK names uploads by their file names); give the files different names.",
             )
+        self._take_place(claims)
         now = time.time() if now is None else now
         record = {"key": key, "owner": claims.owner, "model": claims.model, "expires": now + self.ttl_seconds}
         self._write(target.with_suffix(".json"), json.dumps(record).encode())
         os.replace(incoming.path, target)
         return incoming.size
+
+    def _take_place(self, claims: Claims) -> None:
+        """One of the policy's ``files`` places, or the refusal: one policy is no way to store without end. A
+        place is a file made only if absent (atomic, also for replicas sharing the directory), kept until
+        ``purge_expired`` finds the policy long expired."""
+        if not claims.files:
+            return
+        stem = self.root / f"{_PLACE}{hashlib.sha256(claims.dir.encode()).hexdigest()[:32]}-"
+        for place in range(claims.files):
+            try:
+                os.close(os.open(f"{stem}{place}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                return
+            except FileExistsError:
+                continue
+        raise errors.ServiceError(
+            403,
+            "AccessDenied",
+            f"Invalid according to Policy: it allows at most {claims.files} files (the images of one call).",
+        )
 
     @staticmethod
     def _holds(path: Path, other: Path) -> bool:
@@ -253,6 +281,9 @@ class UploadStore:
         for part in self.root.glob(".part-*"):  # left by a crash mid-write
             if part.stat().st_mtime < now - 3600:
                 part.unlink(missing_ok=True)
+        for place in self.root.glob(_PLACE + "*"):  # a policy's places, once it can take no more uploads
+            if place.stat().st_mtime < now - self.policy_seconds - 60:
+                place.unlink(missing_ok=True)
         return removed
 
     def _path(self, key: str) -> Path:

@@ -238,3 +238,13 @@ def test_a_file_goes_to_disk_as_it_comes_and_nothing_stays_of_one_refused(server
     while [p.name for p in store.glob(".part-*")]:
         assert time.monotonic() < deadline, [p.name for p in store.glob(".part-*")]
         time.sleep(0.05)
+
+
+def test_one_policy_stores_no_more_files_than_a_call_has_images(server: Server) -> None:
+    """A policy is the SDK's for one call: it stores as many files as the model takes images in a conversation
+    (4 for the built-in model), not any number for its five minutes."""
+    data = policy_for(server)
+    assert data["capacity_limit_mb"] == 40
+    statuses = [upload(data, f"{data['upload_dir']}/{i}.png", png_bytes((i, 0, 0))).status_code for i in range(5)]
+    assert statuses == [200] * 4 + [403]
+    assert upload(data, f"{data['upload_dir']}/0.png", png_bytes((0, 0, 0))).status_code == 200  # the same again

@@ -161,7 +161,7 @@ class Reply:
             raise
 
     async def _generate(self) -> AsyncIterator[Event]:
-        stop = StopText(self.options.stop)
+        stop = StopText(self.options.sampling.stop)
         chunks = self.engine.generate(self.prompt, self.options.sampling)
         finish: FinishReason | None = None
         engine_finish: FinishReason | None = None  # the engine's own end (not one of the request's stop words)
@@ -274,6 +274,10 @@ class ConversationService:
                 "Parameter logprobs: not available for a model served by an upstream engine."
             )
         output = output_spec(parameters, draft, endpoint)
+        if options.sampling.stop and output is not None and output.grammar() is not None:
+            # The answer is held to JSON (a schema, a forced call): a stop string would cut it, and an answer that
+            # ends with "stop" is whole JSON that validates. The stop strings apply to free text, as tool calls'.
+            options = replace(options, sampling=replace(options.sampling, stop=()))
         counted = await self.accounts.enter(principal)  # the key's rate limits, before any image is fetched
         try:
             prompt = await self._prompt(engine, draft, context, output)

@@ -23,7 +23,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
@@ -32,6 +32,8 @@ from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit, urlunspli
 import anyio
 
 from llamascope import errors
+from llamascope.images.connections import CLIENTS
+from llamascope.images.http_cache import Reuse, reuse_of
 from llamascope.images.uploads import UploadStore
 
 if TYPE_CHECKING:
@@ -237,6 +239,14 @@ class DataUriSource:
         return data
 
 
+@dataclass(frozen=True)
+class UrlAnswer:
+    """An image URL's answer: its bytes (None: not modified since the answer kept before) and its terms of reuse."""
+
+    body: bytes | None
+    reuse: Reuse
+
+
 class _Refused(Exception):
     """A fetch refused by policy; the message is safe to show (no resolved addresses)."""
 
@@ -248,11 +258,18 @@ class UrlSource:
     kind: ClassVar[str] = "url"  # for metrics and traces
 
     async def read(self) -> bytes:
+        answer = await self.fetch()
+        assert answer.body is not None  # asked without conditions: a whole body
+        return answer.body
+
+    async def fetch(self, known: Reuse | None = None) -> UrlAnswer:
+        """The image's bytes and the host's terms for reusing them; with ``known`` (the terms of an answer kept
+        before), the host is asked whether it changed, and ``body`` is None if it did not (304)."""
         import httpx  # why: its import (rich included) is 0.1-0.2 s of a gateway's start; only URLs need it
 
         try:
             with anyio.fail_after(self.policy.total_timeout):
-                return await self._fetch()
+                return await self._fetch(known)
         except TimeoutError:
             raise errors.ServiceError(
                 400,
@@ -268,27 +285,28 @@ class UrlSource:
         except httpx.HTTPError:
             raise errors.image_download_failed("the image host could not be reached") from None
 
-    async def _fetch(self) -> bytes:
-        import httpx  # why: see read
+    async def _fetch(self, known: Reuse | None) -> UrlAnswer:
 
-        timeout = httpx.Timeout(self.policy.total_timeout, connect=self.policy.connect_timeout)
         url = self.url
-        async with httpx.AsyncClient(timeout=timeout, trust_env=False, follow_redirects=False) as client:
-            for _hop in range(self.policy.max_redirects + 1):
-                request = await self._pinned_request(client, url)
-                response = await client.send(request, stream=True)
-                try:
-                    if response.has_redirect_location:  # a 3xx without a Location is answered below, as it is
-                        try:
-                            url = urljoin(url, response.headers["location"])
-                        except ValueError:
-                            raise _Refused("the image host redirected to a URL that is not valid") from None
-                        continue
-                    if response.status_code != 200:
-                        raise _Refused(f"the image host answered HTTP {response.status_code}")
-                    return await self._read_capped(response)
-                finally:
-                    await response.aclose()
+        conditions = known.conditions() if known is not None else {}
+        for hop in range(self.policy.max_redirects + 1):
+            client, request = await self._pinned_request(url, conditions)
+            response = await client.send(request, stream=True)
+            try:
+                if response.has_redirect_location:  # a 3xx without a Location is answered below, as it is
+                    try:
+                        url = urljoin(url, response.headers["location"])
+                    except ValueError:
+                        raise _Refused("the image host redirected to a URL that is not valid") from None
+                    continue
+                reuse = reuse_of(response.headers, redirected=hop > 0)
+                if response.status_code == 304 and known is not None and conditions:
+                    return UrlAnswer(None, known.renewed(reuse))
+                if response.status_code != 200:
+                    raise _Refused(f"the image host answered HTTP {response.status_code}")
+                return UrlAnswer(await self._read_capped(response), reuse)
+            finally:
+                await response.aclose()  # read to its end, its connection goes back to the host's client
         raise _Refused(f"more than {self.policy.max_redirects} redirects")
 
     async def _read_capped(self, response: httpx.Response) -> bytes:
@@ -305,7 +323,11 @@ class UrlSource:
             raise _Refused("the image host sent an empty body")
         return bytes(body)
 
-    async def _pinned_request(self, client: httpx.AsyncClient, url: str) -> httpx.Request:
+    async def _pinned_request(self, url: str, conditions: Mapping[str, str]) -> tuple[httpx.AsyncClient, httpx.Request]:
+        """The request for ``url`` to the address its host name resolved to and that passed the check, and the
+        client of that host name (``connections``) to send it with."""
+        import httpx  # why: see read
+
         try:
             parts = urlsplit(url)
             hostname = parts.hostname
@@ -332,7 +354,8 @@ class UrlSource:
         host_header = f"[{host}]" if ":" in host else host
         if explicit_port is not None:
             host_header += f":{explicit_port}"
-        return client.build_request(
+        client = CLIENTS.get(parts.scheme, host, port)
+        return client, client.build_request(
             "GET",
             pinned,
             headers={
@@ -340,8 +363,10 @@ class UrlSource:
                 "Accept": "image/*",
                 "Accept-Encoding": "identity",
                 "User-Agent": "llamascope",
+                **conditions,
             },
             extensions={"sni_hostname": host},
+            timeout=httpx.Timeout(self.policy.total_timeout, connect=self.policy.connect_timeout),
         )
 
     async def _checked_address(self, host: str, port: int) -> IPAddress:

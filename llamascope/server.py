@@ -168,6 +168,7 @@ def build_intake(settings: Settings, uploads: UploadStore | None = None) -> Imag
         connect_timeout=settings.image_fetch_connect_timeout,
         total_timeout=settings.image_fetch_timeout,
         max_redirects=settings.image_fetch_max_redirects,
+        max_fetches=settings.image_fetch_concurrency,
     )
     limits = DecodeLimits(
         max_pixels=settings.image_max_pixels,

@@ -277,6 +277,12 @@ class Settings(BaseSettings):
     image_fetch_connect_timeout: float = Field(5.0, gt=0, description="seconds to connect, per image fetch")
     image_fetch_timeout: float = Field(15.0, gt=0, description="seconds for a whole image fetch")
     image_fetch_max_redirects: int = Field(3, ge=0, description="redirects an image fetch follows, each checked again")
+    image_fetch_concurrency: int = Field(
+        16,
+        ge=1,
+        description="image URL fetches at once, server-wide (each holds up to `image_max_bytes` as it arrives); "
+        "a fetch that waits `image_fetch_timeout` for its turn gets 429 Throttling",
+    )
     image_fetch_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="networks or host names that image URLs may reach although they are not public "

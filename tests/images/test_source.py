@@ -165,6 +165,36 @@ def test_stalled_host_times_out() -> None:
         listener.close()
 
 
+def test_fetches_wait_their_turn_server_wide_and_a_long_wait_is_throttled(host: str) -> None:
+    """Each fetch holds up to 10 MB as it arrives: at most ``max_fetches`` at once. One that waits as long as a
+    fetch may take gets 429 Throttling (the server is busy, not the image at fault); a slot comes back after
+    each fetch, whatever its end."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()  # accepts connections, never answers
+    policy = FetchPolicy.from_allow_list(["127.0.0.0/8"], total_timeout=1.0, max_fetches=1)
+    stalled = f"http://127.0.0.1:{listener.getsockname()[1]}/x.png"
+
+    async def three() -> list[BaseException | bytes]:
+        # Each fetch and each wait take at most 1 s: the first holds the one slot from 0 to 1.0 s, the second
+        # waits from 0.3 s and holds it from 1.0 s to 2.0 s, the third waits from 0.4 s until 1.4 s.
+        first = asyncio.ensure_future(parse_reference(stalled, policy).read())
+        await asyncio.sleep(0.3)
+        second = asyncio.ensure_future(parse_reference(stalled, policy).read())
+        await asyncio.sleep(0.1)
+        third = parse_reference(host + "/ok", policy).read()
+        return await asyncio.gather(first, second, third, return_exceptions=True)
+
+    try:
+        first, second, third = asyncio.run(three())
+    finally:
+        listener.close()
+    assert all(isinstance(e, errors.ServiceError) and "timed out" in e.message for e in (first, second))
+    assert isinstance(third, errors.ServiceError) and (third.status, third.code) == (429, "Throttling")
+    assert third.headers == {"Retry-After": "1"}
+    assert read(host + "/ok", policy) == b"\x89PNG fake image bytes"  # both slots' holders let go
+
+
 @pytest.mark.parametrize("url", ["ftp://example.com/a.png", "file:///etc/passwd", "/etc/passwd", "gopher://x/"])
 def test_other_schemes_refused(url: str) -> None:
     assert "url error" in refused(url, FetchPolicy()).message
@@ -237,7 +267,7 @@ def test_stalled_dns_holds_no_thread_the_rest_of_the_server_needs(monkeypatch: p
         return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(socket, "getaddrinfo", stalled)
-    policy = FetchPolicy(total_timeout=0.5)
+    policy = FetchPolicy(total_timeout=0.5, max_fetches=40)  # all at once: the lookups' threads are the subject
 
     async def many() -> tuple[list[object], str]:
         reads = [parse_reference(f"http://h{i}.stall.test/x.png", policy).read() for i in range(40)]

@@ -342,6 +342,27 @@ def test_stop_ends_generation_on_the_server(tab: Tab, server: Server) -> None:
     assert 0 < int(logged["output_tokens"]) < 4000
 
 
+def test_a_reload_while_the_answer_streams_keeps_the_answer_so_far(tab: Tab, server: Server) -> None:
+    """As Stop would: stopped, in the conversation, the server no longer generating (it was shown as a
+    broken stream, and the answer left out of the conversation)."""
+    page = tab.page
+    sign_in(page)
+    pick_image(page, "long.png", IMAGE, "image/png")
+    set_parameter(page, "Max tokens", "4000")
+    answer = ask(page, "Tell me a very long story about this picture.")
+    expect(answer.locator(".answer.streaming")).to_have_count(1, timeout=ANSWER_TIMEOUT_MS)
+    page.reload()
+    expect(page.locator("body[data-ready=true]")).to_have_count(1)
+    expect(answer).to_have_attribute("data-status", "stopped")
+    expect(answer.locator(".error")).to_be_hidden()
+    assert answer.locator(".answer").text_content()
+    expect(page.locator(".attachment")).to_have_count(0)  # its image stays in its turn
+    deadline = time.monotonic() + 30
+    while running(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert running(server) == 0
+
+
 def test_a_gif_is_refused_with_its_dashscope_code(tab: Tab) -> None:
     page, traffic = tab.page, tab.traffic
     sign_in(page)

@@ -22,6 +22,7 @@ const $ = (id) => document.getElementById(id);
 let state = emptyState();
 let models = [];
 let running = null; // {controller, turn} while an answer streams
+let leaving = false; // the page is being left (a reload, a closed tab): a stream that ends then was stopped
 let modelsTimer = null; // a model list waiting for the key's typing to pause
 let modelsLoading = null; // the model list being fetched, a promise
 let saveTimer = null; // a save waiting for typing to pause
@@ -383,7 +384,7 @@ async function ask(text) {
     }
     turn.status = turn.error ? "error" : "done";
   } catch (error) {
-    if (error.name === "AbortError") {
+    if (error.name === "AbortError" || leaving) {
       turn.status = "stopped";
     } else {
       turn.status = "error";
@@ -402,11 +403,31 @@ async function ask(text) {
     running = null;
     setBusy(false);
     updateTurn(turn);
-    if (state.turns.includes(turn) && !answered().includes(turn) && turn.images.length) {
-      // Not part of the conversation: its images wait in the tray for the next message (× removes one).
-      state.pending = [...turn.images, ...state.pending];
-      renderTray();
-    }
+    giveBackImages(turn);
+    save();
+  }
+}
+
+// A turn that is not part of the conversation (failed, or stopped before its answer): its images wait in the
+// tray for the next message (× removes one).
+function giveBackImages(turn) {
+  if (!state.turns.includes(turn) || answered().includes(turn)) return;
+  const back = turn.images.filter((image) => !state.pending.includes(image));
+  if (!back.length) return;
+  state.pending = [...back, ...state.pending];
+  renderTray();
+}
+
+// Leaving the page cuts the stream: the answer so far stays in the conversation, stopped, as Stop leaves it
+// (not as a broken stream, which would drop it), and the server stops generating.
+function leave() {
+  if (running) {
+    leaving = true;
+    running.turn.status = "stopped";
+    giveBackImages(running.turn);
+    running.controller.abort();
+    save();
+  } else if (saveTimer) {
     save();
   }
 }
@@ -969,7 +990,8 @@ function wire() {
     }
     setTimeout(() => ($("copy-code").textContent = "Copy"), 1500);
   });
-  window.addEventListener("pagehide", () => saveTimer && save());
+  window.addEventListener("pagehide", leave);
+  window.addEventListener("pageshow", () => (leaving = false)); // back from the browser's page cache
 }
 
 async function start() {

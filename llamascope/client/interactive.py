@@ -42,6 +42,7 @@ HELP = """\
   Ctrl+C              stops the answer being written (the server stops too); the chat goes on"""
 
 MULTILINE = '"""'
+REFUSALS_OF_IMAGES = (400, 413)  # statuses an image may be the cause of: the question takes its images with it
 
 
 def history_file() -> Path:
@@ -154,12 +155,16 @@ class InteractiveChat:
         try:
             answer, stopped = ask(self.client, self.conversation, self.stream, self.display)
         except APIError as error:
-            # A refusal is most often of an image (its format, its size, one too many): the question takes its
-            # images with it, so that the next one is not refused again.
-            dropped = self.conversation.unanswered(keep_images=False)
+            # A refusal (400, 413) is most often of an image (its format, its size, one too many): the question
+            # takes its images with it, so that the next one is not refused again. Any other failure (the server
+            # busy or unreachable, an engine down, the key) is not theirs: they wait for the question asked again.
+            refused = error.status in REFUSALS_OF_IMAGES
+            dropped = self.conversation.unanswered(keep_images=not refused)
             show_error(error)
-            if dropped:
+            if dropped and refused:
                 say(f"({_images(len(dropped))} went with the question: /image adds again)")
+            elif dropped:
+                say(f"({_images(len(dropped))} will go with the next question: ask again)")
             return
         self.last, self.last_stopped = answer, stopped
         if answer.usage:
@@ -318,7 +323,7 @@ class InteractiveChat:
             + f", ended: {how}"
         )
         say(f"  usage: {_usage(answer.usage)}" + (f"  (request {answer.request_id})" if answer.request_id else ""))
-        say(f"session: {self.answers} answers, {_usage(self.totals)}")
+        say(f"session: {self.answers} answer{'' if self.answers == 1 else 's'}, {_usage(self.totals)}")
 
     def show(self, _: str) -> None:
         c = self.conversation

@@ -67,6 +67,13 @@ class SizedLRU(Generic[K, V]):
                 _, evicted = self._entries.popitem(last=False)
                 self.total -= self.size(evicted)
 
+    def pop(self, key: K) -> None:
+        """Forget the entry, if there is one."""
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.total -= self.size(old)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

@@ -16,7 +16,7 @@ from llamascope.accounts import admin
 from llamascope.accounts.access import KEY_RULE, MAKE_A_KEY, key_weakness
 from llamascope.accounts.records import utcnow
 from llamascope.engines.builtin_model import ensure_test_model
-from llamascope.settings import BUILTIN, ModelSpec, Settings, describe_error
+from llamascope.settings import ModelSpec, Settings, describe_error
 
 
 def _model_arg(value: str) -> tuple[str, ModelSpec]:
@@ -28,7 +28,7 @@ def _model_arg(value: str) -> tuple[str, ModelSpec]:
         if source.startswith("openai+"):
             urls = [u.strip().removeprefix("openai+") for u in source.split(",") if u.strip()]
             return name, ModelSpec(upstreams=urls)
-        return name, ModelSpec(path=BUILTIN if source in ("builtin", BUILTIN) else source)
+        return name, ModelSpec(path=source)  # 'builtin' is the test model's short name (ModelSpec)
     except ValidationError as exc:
         raise argparse.ArgumentTypeError(f"{value}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 

@@ -44,7 +44,8 @@ class ModelSpec(BaseModel):
     """Where one served model name gets its answers from: local weights, or upstream engines."""
 
     path: str | None = Field(
-        None, description=f"a local Hugging Face model directory, or {BUILTIN!r} or {BUILTIN_TEXT!r}"
+        None,
+        description=f"a local Hugging Face model directory, or {BUILTIN!r} (`builtin` for short) or {BUILTIN_TEXT!r}",
     )
     upstreams: list[str] = Field(
         default_factory=list,
@@ -106,6 +107,12 @@ class ModelSpec(BaseModel):
     @property
     def is_builtin(self) -> bool:
         return self.path in (BUILTIN, BUILTIN_TEXT)
+
+    @field_validator("path")
+    @classmethod
+    def _builtin_alias(cls, path: str | None) -> str | None:
+        """``builtin`` in a config file or ``LLAMASCOPE_MODELS`` names the test model, as on the command line."""
+        return BUILTIN if path == "builtin" else path
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:

@@ -9,7 +9,7 @@ import pytest
 
 from llamascope.cli import _model_arg
 from llamascope.engines.threads import usable_cores
-from llamascope.settings import BUILTIN
+from llamascope.settings import BUILTIN, Settings
 from tests.conftest import LLAMASCOPE, SEED_MODEL
 
 
@@ -36,6 +36,13 @@ def test_model_argument() -> None:
 
     with pytest.raises(ModelLoadError, match="Hugging Face hub ids are not fetched: download the model first"):
         check_model_dir(Path("meta-llama/Llama-3.2-11B-Vision-Instruct"))
+
+
+def test_a_config_file_names_the_test_model_as_the_command_line_does(tmp_path: Path) -> None:
+    config = tmp_path / "llamascope.toml"
+    config.write_text('[models.a]\npath = "builtin"\n[models.b]\npath = "builtin:test-model"\n')
+    models = Settings.load(config).models
+    assert models["a"].path == models["b"].path == BUILTIN and models["a"].is_builtin
 
 
 @pytest.mark.slow

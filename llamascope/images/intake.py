@@ -5,28 +5,35 @@ with a time budget per image. Decoded images are cached by the SHA-256 of
 their bytes and the size the model wants, in memory bounded by bytes, so a
 conversation that re-sends its image every turn decodes it once. A ``data:``
 URI seen before is found by the URI itself, so its next turns skip the base64
-decoding and the hashing too.
+decoding and the hashing too; an image URL seen before is not fetched again
+while its host's answer is fresh, and only asked whether it changed once it
+is stale, where the host allows (``http_cache``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
 
 from llamascope import errors
 from llamascope.caching import SizedLRU
 from llamascope.images import PreparedImage
 from llamascope.images.decode import DecodeLimits, FitFunction, decode_image
+from llamascope.images.http_cache import Reuse
 from llamascope.images.source import (
     ANONYMOUS,
     NO_LOCAL_FILES,
     FetchPolicy,
-    ImageSource,
     LocalPolicy,
     SourceContext,
+    UrlSource,
     parse_reference,
 )
 from llamascope.observability.request import ImageWatch
@@ -43,14 +50,25 @@ def _first(entry: tuple[int, str]) -> int:
     return entry[0]
 
 
+URL_MEMORY_BYTES = 4 << 20
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _KnownUrl:
+    digest: str  # of the bytes last fetched: the decoded-image cache's key
+    reuse: Reuse
+    size: int  # its memory, the URL's included
+
+
 _HUNG_UP = "ClientClosedRequest"  # the code of the answer to a client that left (which nobody reads)
 
 
-async def _read(source: ImageSource, context: SourceContext) -> bytes:
-    """The source's bytes; a URL fetch ends (its connection closed) as soon as the client hangs up."""
-    if context.hung_up is None or source.kind != "url":
-        return await source.read()  # the others read a file or decode a string: nothing to wait for
-    fetch = asyncio.ensure_future(source.read())
+async def _read(read: Callable[[], Awaitable[T]], context: SourceContext, fetches: bool) -> T:
+    """``read()``'s result; a URL fetch (``fetches``) ends, its connection closed, as soon as the client hangs up."""
+    if context.hung_up is None or not fetches:
+        return await read()  # the others read a file or decode a string: nothing to wait for
+    fetch = asyncio.ensure_future(read())
     hangup = asyncio.ensure_future(context.hung_up())
     try:
         await asyncio.wait((fetch, hangup), return_when=asyncio.FIRST_COMPLETED)
@@ -92,6 +110,9 @@ class ImageIntake:
         # A conversation re-sends its images every turn: four 1120x840 photos' URIs took 5 ms a turn to decode
         # from base64 and hash (2 cores, loaded), a lookup by the string (hashed and compared whole) 0.5 ms.
         self.data_uris: SizedLRU[tuple[str, str], tuple[int, str]] = SizedLRU(cache_bytes // 4, _first)
+        # Each image URL's host's terms of reuse and its image's digest (http_cache): a conversation sends its
+        # URLs again every turn, which were fetched whole each time.
+        self.urls: SizedLRU[str, _KnownUrl] = SizedLRU(URL_MEMORY_BYTES, lambda known: known.size)
 
     async def load(
         self,
@@ -105,10 +126,12 @@ class ImageIntake:
         try:
             source = parse_reference(reference, self.policy, context, self.local)
             image = self._seen(reference, fit_key) if source.kind == "data" else None
-            if image is not None:
+            if isinstance(source, UrlSource):
+                image = await self._load_url(source, context, fit, fit_key, watch)
+            elif image is not None:
                 watch.fetched(source.kind)
             else:
-                data = await _read(source, context)
+                data = await _read(source.read, context, fetches=False)
                 watch.fetched(source.kind)
                 image = await self.decode(data, fit, fit_key, watch)
                 if source.kind == "data" and self.cache.peek((image.digest, fit_key)) is not None:
@@ -118,6 +141,30 @@ class ImageIntake:
                 watch.refused(refusal)
             raise
         watch.accepted(image.format)
+        return image
+
+    async def _load_url(
+        self, source: UrlSource, context: SourceContext, fit: FitFunction | None, fit_key: str, watch: ImageWatch
+    ) -> PreparedImage:
+        """An image URL's image: not fetched while the host's answer kept for it is fresh, the host asked whether
+        it changed once it is stale (a 304 carries no body), else fetched whole (``http_cache``)."""
+        known = self.urls.get(source.url)
+        kept = self.cache.peek((known.digest, fit_key)) if known is not None else None
+        if known is not None and kept is not None and known.reuse.fresh():
+            watch.fetched(source.kind)
+            return self.cache.get((known.digest, fit_key)) or kept
+        asked = known.reuse if known is not None and kept is not None and known.reuse.validated else None
+        answer = await _read(functools.partial(source.fetch, asked), context, fetches=True)
+        watch.fetched(source.kind)
+        if answer.body is None:  # not modified: the image kept
+            assert known is not None and kept is not None
+            image = self.cache.get((known.digest, fit_key)) or kept
+        else:
+            image = await self.decode(answer.body, fit, fit_key, watch)
+        if answer.reuse.keep:
+            self.urls.put(source.url, _KnownUrl(image.digest, answer.reuse, sys.getsizeof(source.url) + 256))
+        else:
+            self.urls.pop(source.url)
         return image
 
     def _seen(self, uri: str, fit_key: str) -> PreparedImage | None:

@@ -17,7 +17,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from llamascope.caching import SizedLRU
 from llamascope.errors import ServiceError, invalid_parameter
+from llamascope.structured.finite import has_finite_value
 
 # OpenAI's rule for function and schema names.
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -322,10 +324,33 @@ def _tool_choice(value: Any, tools: tuple[Tool, ...], prefix: str) -> ToolChoice
     raise _bad(prefix, "tool_choice", "expected 'auto', 'none', 'required' or a function")
 
 
+# What check_schema found for each schema seen lately (by its canonical JSON): the same tools and schemas come with
+# every request of a program, and the meta-schema check alone costs milliseconds of the event loop.
+SCHEMA_VERDICTS_BYTES = 8 << 20
+_verdicts: SizedLRU[str, tuple[str, int]] = SizedLRU(SCHEMA_VERDICTS_BYTES, lambda verdict: verdict[1])
+
+
 def check_schema(schema: Any, where: str) -> None:
-    """Refuse a schema that is not a JSON Schema, or that the grammar library cannot compile."""
+    """Refuse a schema that is not a JSON Schema, that the grammar library cannot compile, or that no finite
+    JSON value satisfies (whose answers could never end)."""
     if not isinstance(schema, Mapping):
         raise invalid_parameter(f"Invalid value for '{where}': expected a JSON Schema object.")
+    try:
+        key = canonical_json(schema)
+    except RecursionError:  # deeper than any request body is read: checked, not kept
+        key = ""
+    known = _verdicts.get(key) if key else None
+    if known is None:
+        verdict = _schema_verdict(schema, where)
+        known = (verdict, len(key) + len(verdict) + 64)
+        if key:
+            _verdicts.put(key, known)
+    if known[0]:
+        raise invalid_parameter(f"Invalid value for '{where}': {known[0]}")
+
+
+def _schema_verdict(schema: Mapping[str, Any], where: str) -> str:
+    """What is wrong with ``schema``, as the end of an error message, or "" if nothing is."""
     # why: jsonschema and llguidance are 0.1-0.2 s of imports; a gateway whose requests never ask for an
     # answer's shape starts without them
     import jsonschema
@@ -333,12 +358,13 @@ def check_schema(schema: Any, where: str) -> None:
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
         problem = compile_problem(GrammarSpec.json_schema(schema, where))
+        if not problem and not has_finite_value(schema):
+            problem = "no JSON value satisfies it (a value would have to hold the schema again, without end)"
     except jsonschema.SchemaError as e:
-        raise invalid_parameter(f"Invalid value for '{where}': not a JSON Schema ({e.message}).") from None
+        return f"not a JSON Schema ({e.message})."
     except RecursionError:  # the checks recurse: a schema nested a few hundred deep is the caller's, not a 500
-        raise invalid_parameter(f"Invalid value for '{where}': the schema is nested too deeply.") from None
-    if problem:
-        raise invalid_parameter(f"Invalid value for '{where}': the schema cannot be used for decoding: {problem}")
+        return "the schema is nested too deeply."
+    return f"the schema cannot be used for decoding: {problem}" if problem else ""
 
 
 def compile_problem(spec: GrammarSpec) -> str:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from markdown.extensions.toc import slugify
 
 try:
     import tomllib
@@ -55,11 +56,36 @@ def test_the_readme_is_a_landing_page_whose_examples_are_the_tested_ones() -> No
     assert _blocks(readme, "python")[0] == (DOCS / "examples" / "sdk_call.py").read_text()
     curl = next(block for block in _blocks(readme, "bash") if "curl" in block)
     assert curl == (DOCS / "examples" / "curl_stream.sh").read_text()
-    for link in re.findall(r"\]\((docs/[^)#]+)", readme):
+    for link, anchor in re.findall(r"\]\((docs/[^)#]+)(?:#([^)]+))?\)", readme):
         assert (ROOT / link).exists(), link
+        headings = re.findall(r"^#+ (.+)$", (ROOT / link).read_text(), re.M)
+        assert not anchor or anchor in {slugify(h, "-") for h in headings}, f"{link}#{anchor}"
 
 
 @pytest.mark.parametrize("path", sorted((DOCS / "examples").glob("*.toml")), ids=lambda p: p.name)
 def test_config_examples_load(path: Path) -> None:
     settings = Settings.load(path)
     assert settings.models or settings.port
+
+
+def test_every_python_example_on_a_page_is_a_tested_file() -> None:
+    """The house rule, every example in the docs runs in a test: a page's Python is included from docs/examples/."""
+    for page in sorted(DOCS.glob("*.md")):
+        for block in _blocks(page.read_text(), "python"):
+            assert block.startswith("--8<--\n"), f"{page.name}: move this example into docs/examples/:\n{block}"
+
+
+def test_the_architecture_pages_large_modules_are_those_past_500_lines() -> None:
+    page = (DOCS / "architecture.md").read_text()
+    section = page.split("## Large modules", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^- `([^`]+\.py)`", section, re.M))
+    package = ROOT / "llamascope"
+    large = {str(p.relative_to(package)) for p in package.rglob("*.py") if len(p.read_text().splitlines()) > 500}
+    assert listed == large
+
+
+def test_every_benchmark_script_is_on_the_benchmarks_page() -> None:
+    page = (DOCS / "benchmarks.md").read_text()
+    scripts = [p for p in (ROOT / "bench").iterdir() if p.suffix in (".py", ".sh") and p.name != "harness.py"]
+    for path in scripts:
+        assert f"bench/{path.name}" in page, path.name

@@ -233,6 +233,33 @@ def test_a_grammar_that_cannot_compile_fails_before_any_chunk(engine: MllamaEngi
     assert engine.active == 0
 
 
+def test_a_dead_end_while_decoding_is_an_error_not_stop(engine: MllamaEngine) -> None:
+    """Past read_request's check (which refuses this schema: it has no finite value): every answer begins "{" or
+    "[" and the grammar allows nothing after it. The answer so far is not JSON, so it never ends as "stop" (it
+    did, with "{"): a 400, the schema's fault (the SDKs retry a 500), after the token made."""
+    branches = {
+        "o": {"type": "object", "properties": {"a": {"$ref": "#/$defs/o"}}, "required": ["a"]},
+        "l": {"type": "array", "items": {"$ref": "#/$defs/l"}, "minItems": 1},
+    }
+    endless = OutputSpec(
+        ResponseFormat("json_schema", "x", {"$defs": branches, "anyOf": [{"$ref": "#/$defs/o"}, {"$ref": "#/$defs/l"}]})
+    )
+    chunks: list[Chunk] = []
+
+    async def scenario() -> None:
+        prompt = await engine.prepare([Turn("user", "json")], endless)
+        async for chunk in engine.generate(prompt, SamplingParams(max_new_tokens=8)):
+            chunks.append(chunk)
+
+    with pytest.raises(ServiceError) as caught:
+        asyncio.run(scenario())
+    assert caught.value.status == 400 and caught.value.code == "InvalidParameter"
+    assert "schema allows no next token" in caught.value.message, caught.value.message
+    text = "".join(c.text for c in chunks)  # the tokens before the dead end: "{", '{"', "["...
+    assert all(c.finish_reason is None for c in chunks) and text[:1] in ("{", "["), text
+    assert engine.active == 0
+
+
 def test_tools_and_tool_turns_in_the_prompt(engine: MllamaEngine) -> None:
     from llamascope.structured.tools import ToolCall
 

@@ -98,6 +98,20 @@ def test_refusals_name_the_field(fields: dict[str, Any], named: str) -> None:
     assert f"'{named}'" in refusal(**fields)
 
 
+def test_a_schema_checked_before_is_refused_again_naming_the_new_field() -> None:
+    """check_schema keeps its verdict per schema (the meta-schema check costs milliseconds): the same bad schema
+    sent again, in another field, is refused again, naming that field."""
+    bad = {"type": "object", "properties": {"a": {"type": 3}}}
+    for _ in range(2):
+        assert "'response_format.json_schema.schema'" in refusal(
+            response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": bad}}
+        )
+        tool = {"type": "function", "function": {"name": "f", "parameters": bad}}
+        assert "'parameters.tools[0].function.parameters': not a JSON Schema" in refusal(
+            tools=[tool], prefix="parameters."
+        )
+
+
 def test_native_fields_are_named_with_their_prefix() -> None:
     message = refusal(response_format={"type": "json_object"}, message_texts=["hi"], prefix="parameters.")
     assert "'parameters.response_format'" in message and "json" in message

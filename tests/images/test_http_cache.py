@@ -1,0 +1,140 @@
+"""Image URLs seen before (``images/http_cache.py``, ``ImageIntake``): a real loopback host that counts what it is
+asked and answers with the caching headers each test gives it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+from llamascope.images.decode import DecodeLimits
+from llamascope.images.http_cache import MAX_FRESH, reuse_of
+from llamascope.images.intake import ImageIntake
+from llamascope.images.source import FetchPolicy
+
+
+def png(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Host(ThreadingHTTPServer):
+    """Serves ``body`` at every path with ``headers``; honours If-None-Match against ``etag``; logs requests."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.daemon_threads = True
+        self.body = png((200, 0, 0))
+        self.headers: dict[str, str] = {}
+        self.asked: list[dict[str, str]] = []  # each request's headers, in order
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/photo.png"
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Host
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        host = self.server
+        host.asked.append(dict(self.headers))
+        if self.path == "/moved":
+            self.send_response(302)
+            self.send_header("Location", "/photo.png")
+            self.end_headers()
+            return
+        etag = host.headers.get("ETag")
+        matched = etag is not None and self.headers.get("If-None-Match") == etag
+        self.send_response(304 if matched else 200)
+        for name, value in host.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", "0" if matched else str(len(host.body)))
+        self.end_headers()
+        if not matched:
+            self.wfile.write(host.body)
+
+
+@pytest.fixture
+def host() -> Iterator[Host]:
+    server = Host()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+def loads(url: str, times: int, intake: ImageIntake | None = None) -> list:
+    intake = intake or ImageIntake(FetchPolicy.from_allow_list(["127.0.0.0/8"]), DecodeLimits())
+
+    async def each() -> list:
+        return [await intake.load(url, fit_key="m") for _ in range(times)]
+
+    return asyncio.run(each())
+
+
+def test_a_fresh_answer_is_not_fetched_again(host: Host) -> None:
+    host.headers = {"Cache-Control": "public, max-age=60"}
+    first, second, third = loads(host.url, 3)
+    assert len(host.asked) == 1 and first is second is third
+
+
+def test_a_stale_answer_is_asked_whether_it_changed(host: Host) -> None:
+    """OSS's and most hosts' way: an ETag and no freshness. The same bytes come back as a 304 with no body."""
+    host.headers = {"ETag": '"v1"'}
+    intake = ImageIntake(FetchPolicy.from_allow_list(["127.0.0.0/8"]), DecodeLimits())
+    first, second = loads(host.url, 2, intake)
+    assert [h.get("If-None-Match") for h in host.asked] == [None, '"v1"'] and second is first
+    host.body, host.headers = png((0, 0, 200)), {"ETag": '"v2"'}  # changed: a whole answer, decoded anew
+    (third,) = loads(host.url, 1, intake)
+    assert host.asked[-1].get("If-None-Match") == '"v1"' and third.digest != first.digest
+    assert third.image.getpixel((0, 0)) == (0, 0, 200)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Cache-Control": "no-store", "ETag": '"v1"'}, {"Cache-Control": "private, max-age=60"}],
+    ids=["says nothing", "no-store", "private"],
+)
+def test_answers_a_shared_cache_may_not_keep_are_fetched_whole_each_time(host: Host, headers: dict) -> None:
+    host.headers = headers
+    loads(host.url, 3)
+    assert len(host.asked) == 3 and not any("If-None-Match" in h for h in host.asked)
+
+
+def test_an_answer_through_a_redirect_is_asked_again(host: Host) -> None:
+    host.headers = {"Cache-Control": "max-age=60", "ETag": '"v1"'}
+    moved = host.url.replace("/photo.png", "/moved")
+    loads(moved, 2)
+    assert [h.get("If-None-Match") for h in host.asked] == [None, None, '"v1"', '"v1"']
+
+
+def test_an_image_no_longer_held_decoded_is_fetched_whole(host: Host) -> None:
+    host.headers = {"Cache-Control": "max-age=60", "ETag": '"v1"'}
+    intake = ImageIntake(FetchPolicy.from_allow_list(["127.0.0.0/8"]), DecodeLimits())
+    loads(host.url, 1, intake)
+    intake.cache.clear()
+    loads(host.url, 1, intake)
+    assert len(host.asked) == 2 and "If-None-Match" not in host.asked[1]
+
+
+def test_terms_of_reuse() -> None:
+    now = 1000.0
+    assert reuse_of({"cache-control": "max-age=60", "age": "50"}, now=now).fresh_until == now + 10
+    assert reuse_of({"cache-control": "s-maxage=5, max-age=60"}, now=now).fresh_until == now + 5
+    assert reuse_of({"cache-control": "max-age=31536000, immutable"}, now=now).fresh_until == now + MAX_FRESH
+    dated = {"date": "Mon, 07 Dec 2026 08:00:00 GMT", "expires": "Mon, 07 Dec 2026 08:02:00 GMT"}
+    assert reuse_of(dated, now=now).fresh_until == now + 120
+    assert not reuse_of({"expires": "0", "etag": '"x"'}, now=now).fresh(now)
+    assert reuse_of({"expires": "0", "etag": '"x"'}, now=now).keep
+    assert not reuse_of({"cache-control": "no-cache", "etag": '"x"'}, now=now).fresh(now)
+    assert not reuse_of({"cache-control": "max-age=60", "vary": "*"}, now=now).keep
+    assert not reuse_of({"cache-control": "max-age=-1"}, now=now).keep

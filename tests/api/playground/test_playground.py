@@ -374,6 +374,24 @@ def test_a_gif_is_refused_with_its_dashscope_code(tab: Tab) -> None:
     expect(answer.locator(".error .request-id")).to_have_text(f"request {traffic.request_ids[0]}")
 
 
+def test_more_images_than_the_model_takes_are_refused_before_they_are_sent(tab: Tab, server: Server) -> None:
+    page, traffic = tab.page, tab.traffic
+    sign_in(page)
+    served = httpx.get(server.api + "/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"]
+    limit = served[0]["max_images"]  # the model the page picks: the first
+    files = [{"name": f"{n}.png", "mimeType": "image/png", "buffer": IMAGE} for n in range(limit + 1)]
+    page.get_by_label("Image", exact=True).set_input_files(files)
+    set_parameter(page, "Max tokens", "3")
+    page.get_by_label("Message").fill("Compare them all.")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#status")).to_contain_text(f"at most {limit} images a conversation")
+    expect(page.locator("#status")).to_contain_text("remove some from the tray")
+    expect(page.locator(".attachment")).to_have_count(limit + 1)  # still there, to remove one
+    page.get_by_role("button", name="Remove 0.png").click()
+    expect(ask(page, "Compare them all.")).to_have_attribute("data-status", "done", timeout=ANSWER_TIMEOUT_MS)
+    assert len(traffic.generations) == 1 and len(traffic.generations[0]["input"]["messages"][0]["content"]) == limit + 1
+
+
 def test_a_wrong_key_is_shown_as_the_api_says(tab: Tab) -> None:
     page = tab.page
     page.get_by_label("API key").fill("sk-" + "0" * 40)

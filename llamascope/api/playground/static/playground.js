@@ -257,18 +257,18 @@ function userMessage(text, images) {
 }
 
 // The messages the API is sent: the system prompt, then every answered turn, each user message with the
-// images its turn carried, as `reference(image)` gives them. `imageGiven`: an image is among them.
+// images its turn carried, as `reference(image)` gives them. `imagesGiven`: how many images are among them.
 function history(reference = (image) => image.src) {
   const messages = [];
   if (state.system.trim()) messages.push({ role: "system", content: [{ text: state.system }] });
-  let imageGiven = false;
+  let imagesGiven = 0;
   for (const turn of answered()) {
     const images = turn.images.filter((i) => i.src); // one this browser could not keep is left out
     messages.push(userMessage(turn.user, images.map(reference)));
     messages.push({ role: "assistant", content: [{ text: turn.answer }] });
-    imageGiven ||= images.length > 0;
+    imagesGiven += images.length;
   }
-  return { messages, imageGiven };
+  return { messages, imagesGiven };
 }
 
 // The turns the conversation goes on from: a failed one, or one stopped before its answer, is left out.
@@ -312,10 +312,18 @@ async function ask(text) {
   if (!apiKey()) return refuse("Enter an API key first.", $("api-key"));
   if (!state.model) return refuse("No model to ask: check the key.", $("api-key"));
   const images = state.pending;
-  const { messages, imageGiven } = history();
+  const { messages, imagesGiven } = history();
   const model = models.find((m) => m.model === state.model);
-  if (!imageGiven && !images.length && model?.requires_image !== false) {
+  if (!imagesGiven && !images.length && model?.requires_image !== false) {
     return refuse("Add an image first: the first message needs one (more may join at any turn).");
+  }
+  // The model's limit, said before megabytes of images go out, with the way on (the server would refuse too).
+  const limit = model?.max_images;
+  if (limit && imagesGiven + images.length > limit) {
+    const most = limit === 1 ? "1 image" : `${limit} images`;
+    const way = imagesGiven > limit ? "start a New chat" : "remove some from the tray (×) or start a New chat";
+    return refuse(`${state.model} takes at most ${most} a conversation and this message would make it `
+      + `${imagesGiven + images.length}: ${way}.`);
   }
   let params;
   try {

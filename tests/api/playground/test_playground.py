@@ -413,6 +413,29 @@ def test_an_image_by_url_is_fetched_by_the_server_only(tab: Tab, server: Server,
     assert [u for u in traffic.urls if not u.startswith(server.base + "/")] == []
 
 
+def test_get_code_for_an_image_url_with_quotes_runs_as_shown(tab: Tab, image_host: ImageHost, tmp_path: Path) -> None:
+    """A URL's " (and a "$&", a replacement pattern to String.replace) once broke the curl snippet's JSON."""
+    page = tab.page
+    image_host.files["/say%22cheese%22$&.png"] = (IMAGE, "image/png")
+    url = image_host.url('/say"cheese"$&.png')
+    sign_in(page)
+    page.get_by_label("Image URL").fill(url)
+    page.get_by_role("button", name="Use", exact=True).click()
+    set_parameter(page, "Max tokens", "3")
+    page.get_by_label("Message").fill("What is it?")
+    page.get_by_role("button", name="Get code").click()
+    curl = page.locator("#code-text").text_content()
+    page.get_by_role("tab", name="Python · openai").click()
+    openai = page.locator("#code-text").text_content()
+    env = {**os.environ, "DASHSCOPE_API_KEY": API_KEY}
+    ran = subprocess.run(["bash", "-c", curl], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert '"finish_reason":"length"' in ran.stdout, f"{curl}\n{ran.stdout}\n{ran.stderr}"
+    ran = subprocess.run(
+        [sys.executable, "-c", openai], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0 and ran.stdout.strip(), f"{openai}\n{ran.stderr}"
+
+
 def test_an_image_by_drop_or_paste(tab: Tab) -> None:
     page, traffic = tab.page, tab.traffic
     sign_in(page)

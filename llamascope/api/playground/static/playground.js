@@ -777,8 +777,8 @@ function curlCode({ messages, images }, params) {
   for (const { image, token, file } of images) {
     const value = file
       ? `data:${mimeOf(image)};base64,$(base64 < ${sq(file)} | tr -d '\\n')`
-      : escape(urlOf(image));
-    heredoc = heredoc.replace(token, value);
+      : escape(JSON.stringify(urlOf(image)).slice(1, -1)); // a URL's " or \ inside a JSON string
+    heredoc = heredoc.replace(token, () => value); // a function: "$&" or "$'" in a URL is no pattern
   }
   return [
     `curl -N ${location.origin}${GENERATION} \\`,
@@ -795,7 +795,9 @@ function curlCode({ messages, images }, params) {
 // The literal of `messages` with each image token replaced by its Python expression.
 function pythonMessages(messages, images) {
   let literal = listing(messages, "    ");
-  for (const entry of images) literal = literal.replace(py(entry.token), entry.variable || py(urlOf(entry.image)));
+  for (const entry of images) {
+    literal = literal.replace(py(entry.token), () => entry.variable || py(urlOf(entry.image)));
+  }
   return literal;
 }
 

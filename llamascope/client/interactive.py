@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -204,7 +205,7 @@ class InteractiveChat:
             say("error: standard input is this terminal here: give a path or a URL")
             return
         try:
-            reference = attachment.image_reference(value)
+            reference = attachment.image_reference(_typed_path(value))
         except OSError as exc:
             say(f"error: {exc}")
             return
@@ -281,7 +282,7 @@ class InteractiveChat:
         if not value:
             say("/save FILE")
             return
-        path = Path(value).expanduser()
+        path = Path(_typed_path(value)).expanduser()
         try:
             path.write_text(self.conversation.save(), encoding="utf-8")
         except OSError as exc:
@@ -294,7 +295,7 @@ class InteractiveChat:
             say("/load FILE")
             return
         try:
-            text = Path(value).expanduser().read_text(encoding="utf-8")
+            text = Path(_typed_path(value)).expanduser().read_text(encoding="utf-8")
             loaded = Conversation.load(text, model=self.conversation.model)
         except OSError as exc:
             say(f"error: cannot read {value}: {exc.strerror or exc}")
@@ -377,6 +378,18 @@ def _json(value: Any) -> str:
 def _usage(usage: dict[str, int]) -> str:
     parts = [f"{key.removesuffix('_tokens')} {usage[key]:,}" for key in USAGE_KEYS if key in usage]
     return (", ".join(parts) + " tokens") if parts else "no usage reported"
+
+
+def _typed_path(value: str) -> str:
+    """A path as typed or, when that names no file, as a shell reads it: a file dragged into a terminal comes
+    quoted ('/home/me/my photo.png') or with its spaces escaped (my\\ photo.png). For /image, /load, /save."""
+    if value.startswith(attachment.PASSED_ON) or Path(value).expanduser().exists():
+        return value
+    try:
+        words = shlex.split(value)
+    except ValueError:  # an unclosed quote: as typed
+        return value
+    return words[0] if len(words) == 1 else value
 
 
 def _images(n: int) -> str:

@@ -182,3 +182,16 @@ def test_a_failure_not_of_the_images_keeps_them_for_the_next_question(tmp_path: 
         child.expect(pexpect.EOF)
     finally:
         down.stop()
+
+
+def test_a_path_dragged_into_the_terminal_names_its_file(server: Server, tmp_path: Path) -> None:
+    """Terminals paste a dropped file's path quoted, or with its spaces escaped."""
+    (tmp_path / "my photo.png").write_bytes(png_bytes(size=(32, 32)))
+    child = spawn(server, tmp_path)
+    child.expect_exact(PROMPT)
+    for typed in (f"'{tmp_path}/my photo.png'", '"my photo.png"', "my\\ photo.png", "my photo.png"):
+        assert "image: data:image/png;base64" in command(child, f"/image {typed}"), typed
+    assert "saved 0 messages" in command(child, "/save 'my chat.json'")
+    assert "loaded 0 messages" in command(child, "/load my\\ chat.json")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)

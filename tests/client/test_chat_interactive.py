@@ -184,8 +184,8 @@ def test_a_failure_not_of_the_images_keeps_them_for_the_next_question(tmp_path: 
         down.stop()
 
 
-def test_a_path_dragged_into_the_terminal_names_its_file(server: Server, tmp_path: Path) -> None:
-    """Terminals paste a dropped file's path quoted, or with its spaces escaped."""
+def test_names_typed_in_commands(server: Server, tmp_path: Path) -> None:
+    """Terminals paste a dropped file's path quoted, or with its spaces escaped; a model name is one served."""
     (tmp_path / "my photo.png").write_bytes(png_bytes(size=(32, 32)))
     child = spawn(server, tmp_path)
     child.expect_exact(PROMPT)
@@ -193,5 +193,8 @@ def test_a_path_dragged_into_the_terminal_names_its_file(server: Server, tmp_pat
         assert "image: data:image/png;base64" in command(child, f"/image {typed}"), typed
     assert "saved 0 messages" in command(child, "/save 'my chat.json'")
     assert "loaded 0 messages" in command(child, "/load my\\ chat.json")
+    assert "nosuch is not served here" in command(child, "/model nosuch")  # not taken, to fail at the next question
+    assert "nosuch" not in command(child, "/show")
+    assert f"model: {SEED_MODEL}" in command(child, f"/model {SEED_MODEL}")
     child.sendline("/bye")
     child.expect(pexpect.EOF)

@@ -245,14 +245,14 @@ class InteractiveChat:
     def model(self, value: str) -> None:
         if value:
             try:
-                served = {m["model"]: m for m in self.client.models()}
+                listed = {m["model"]: m for m in self.client.models()}
             except APIError:  # a server without the listing (the hosted service): the name as given
-                served = {}
-            if served and value not in served:
+                listed = {}
+            if listed and value not in listed:
                 say(f"error: {value} is not served here: /model lists the models that are")
                 return
             self.conversation.model = value
-            self.model_info = served.get(value)
+            self.model_info = listed.get(value)
             say(f"model: {value}")
             return
         say(f"model: {self.conversation.model}")

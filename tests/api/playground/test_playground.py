@@ -392,6 +392,18 @@ def test_more_images_than_the_model_takes_are_refused_before_they_are_sent(tab: 
     assert len(traffic.generations) == 1 and len(traffic.generations[0]["input"]["messages"][0]["content"]) == limit + 1
 
 
+def test_a_request_over_the_body_limit_says_what_to_do(tab: Tab) -> None:
+    page = tab.page
+    sign_in(page)
+    over = 3 * 32 * 2**20 // 4 + 2**20  # as base64, more than the server's 32 MiB body limit
+    pick_image(page, "huge.png", IMAGE + bytes(over), "image/png")
+    answer = ask(page, "What is this?")
+    expect(answer).to_have_attribute("data-status", "error", timeout=ANSWER_TIMEOUT_MS)
+    expect(answer.locator(".error .error-code")).to_have_text("BadRequest.TooLarge")
+    expect(answer.locator(".error .error-hint")).to_contain_text("MAX_BODY_BYTES")
+    expect(page.locator(".attachment")).to_have_count(1)  # back in the tray, to remove
+
+
 def test_a_wrong_key_is_shown_as_the_api_says(tab: Tab) -> None:
     page = tab.page
     page.get_by_label("API key").fill("sk-" + "0" * 40)

@@ -16,6 +16,10 @@ const STATE_SLOT = "llamascope.playground.conversation";
 const IMAGE_DB = "llamascope-playground";
 const PARAMETERS = ["temperature", "top_p", "top_k", "max_tokens", "seed", "stop"];
 const INTEGER_PARAMETERS = new Set(["top_k", "max_tokens", "seed"]);
+// What to do about a request body over the server's limit: the images are in it, each turn, as base64.
+const TOO_LARGE =
+  "Every message sends the conversation's images again, as data: URIs a third larger than their files: " +
+  "remove some, use smaller ones or image URLs, start a New chat, or raise the server's MAX_BODY_BYTES.";
 
 const $ = (id) => document.getElementById(id);
 
@@ -375,6 +379,7 @@ async function ask(text) {
     turn.request_id = response.headers.get("x-request-id") || undefined;
     if (!response.ok) {
       turn.error = await errorOf(response);
+      if (turn.error.code === "BadRequest.TooLarge") turn.error.hint = TOO_LARGE;
     } else {
       for await (const { event, data } of events(response.body)) {
         if (event === "error") {
@@ -613,6 +618,7 @@ function updateTurn(turn) {
   view.error.hidden = !turn.error;
   if (turn.error) {
     view.error.replaceChildren(el("span", "error-code", turn.error.code), el("span", "error-message", turn.error.message));
+    if (turn.error.hint) view.error.append(el("span", "error-hint", turn.error.hint));
     const rid = turn.error.request_id || turn.request_id;
     if (rid) view.error.append(el("span", "request-id", `request ${rid}`));
   }

@@ -14,6 +14,7 @@ the median of the paired differences, and the ratio of the CPU times.
 
 With --allowance, the key's grant of the model has that many tokens for 30 days instead of none (unlimited):
 each request then reserves its tokens before it runs and settles them after, as a metered key's does.
+With --tools N, each request offers N function tools (as an agent's requests do, the same ones every time).
 """
 
 from __future__ import annotations
@@ -31,7 +32,24 @@ from gateway import KEY, MODEL, STUB, body, one
 from harness import Processes, cpu_seconds, free_port, wait_ready
 
 
-async def compare(baseline: Path, requests: int, allowance: int | None) -> None:
+def tools(count: int) -> list[dict]:
+    """``count`` function tools, each with a small object schema for its arguments."""
+    parameters = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Hangzhou", "Beijing", "Paris"]}, "days": {"type": "integer", "minimum": 1}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    return [
+        {
+            "type": "function",
+            "function": {"name": f"forecast_{i}", "description": "The forecast.", "parameters": parameters},
+        }
+        for i in range(count)
+    ]
+
+
+async def compare(baseline: Path, requests: int, allowance: int | None, offered: int = 0) -> None:
     with Processes("llamascope-versions-") as children:
         stub_port = free_port()
         pids = {"stub engine, called directly": children.spawn([sys.executable, "-c", STUB, str(stub_port)]).pid}
@@ -61,7 +79,7 @@ async def compare(baseline: Path, requests: int, allowance: int | None) -> None:
                 grant += ["--allowance", str(allowance), "--days", "30"]
                 subprocess.run(grant, env=os.environ | env, check=True, capture_output=True)
             urls[name] = f"http://127.0.0.1:{port}/v1/chat/completions"
-        payload = body()
+        payload = body() | ({"tools": tools(offered)} if offered else {})
         latencies: dict[str, list[float]] = {name: [] for name in urls}
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as client:
             for url in urls.values():
@@ -76,7 +94,8 @@ async def compare(baseline: Path, requests: int, allowance: int | None) -> None:
     names = list(urls)
     direct = statistics.median(latencies[names[0]]) * 1000
     held = "unlimited grant" if allowance is None else f"a grant of {allowance:,} tokens"
-    print(f"streamed chat request with a 64x64 image; {requests} rounds, requests alternating; loopback; {held}")
+    offer = f"; {offered} tools offered" if offered else ""
+    print(f"streamed chat request with a 64x64 image{offer}; {requests} rounds, requests alternating; loopback; {held}")
     print(f"{'target':<30} {'p50':>8} {'added p50':>10} {'CPU/req':>9}")
     for name in names:
         p50 = statistics.median(latencies[name]) * 1000
@@ -91,10 +110,11 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, required=True, help="a directory holding the other llamascope package")
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--allowance", type=int, help="tokens of a limited grant for the key (default: unlimited)")
+    parser.add_argument("--tools", type=int, default=0, help="function tools each request offers (default: none)")
     args = parser.parse_args()
     if not (args.baseline / "llamascope" / "__init__.py").is_file():
         parser.error(f"{args.baseline} holds no llamascope package")
-    asyncio.run(compare(args.baseline.resolve(), args.requests, args.allowance))
+    asyncio.run(compare(args.baseline.resolve(), args.requests, args.allowance, args.tools))
 
 
 if __name__ == "__main__":

@@ -241,7 +241,8 @@ def accounts_command(args: argparse.Namespace) -> int:
             else:
                 print(admin.usage_table(store.usage(key_id, since)))
         elif args.action == "create":
-            _warn_unknown(admin.unknown_models(args.model or [], settings.models), settings)
+            # Checked before the warning: a name refused (empty) is not "granted anyway".
+            _warn_unknown(admin.unknown_models(admin.parse_models(args.model), settings.models), settings)
             key, view, grants = admin.create_key(
                 store,
                 admin.model_allowances(settings.models),
@@ -264,7 +265,7 @@ def accounts_command(args: argparse.Namespace) -> int:
             print(f"revoked key {view.id} ({view.prefix}…)")
         elif args.action == "grant":
             view = store.key(args.key)
-            _warn_unknown(admin.unknown_models([args.model], settings.models), settings)
+            _warn_unknown(admin.unknown_models(admin.parse_models([args.model]), settings.models), settings)
             admin.grant_models(
                 store, view.id, [args.model], admin.model_allowances(settings.models), args.allowance, args.days
             )

@@ -151,6 +151,17 @@ def test_a_key_made_without_models_covers_every_model(tmp_path: Path) -> None:
     assert "my-vision" in named.stderr and "500" in named.stderr
 
 
+@pytest.mark.parametrize("args", [["keys", "create", "--model", ""], ["keys", "grant", "KEY", "--model", " "]])
+def test_an_empty_model_name_is_refused_without_a_granted_anyway_warning(tmp_path: Path, args: list[str]) -> None:
+    """New-user trial: `keys create --model ''` warned "'' is not among the models ...; granted anyway", then
+    refused the name and exited 2: the warning said the opposite of what happened."""
+    if "KEY" in args:
+        args = [made_key(tmp_path) if arg == "KEY" else arg for arg in args]
+    out = llamascope(tmp_path, *args)
+    assert out.returncode == 2 and "must be a model's name" in out.stderr
+    assert "granted anyway" not in out.stderr and "warning" not in out.stderr, out.stderr
+
+
 def test_help_says_what_each_option_does() -> None:
     """Issue 13: `keys grant --help` had no descriptions; `build-test-model` was undocumented."""
     import argparse

@@ -200,6 +200,19 @@ class Accounts:
         assert grant is not None
         return grant
 
+    async def enter(self, principal: Principal, per_minute: bool = True) -> bool:
+        """Count the request in by its key's rate limits (requests and tokens per minute, concurrency), or raise
+        429: before any image is fetched, so a key over its limits costs no fetch. Its result goes to ``admit``,
+        or, when the request ends before that (refused, failed, its caller gone), to ``leave``.
+        A request counted in counts toward the key's requests per minute, whatever refuses it afterwards;
+        with ``per_minute`` False (a prompt only counted), it holds a concurrent slot but is not counted there."""
+        return await self.limits.enter(principal.key, per_minute)
+
+    async def leave(self, principal: Principal, counted: bool) -> None:
+        """Count out a request ``enter`` let in that never reached ``admit``; shielded (a hang-up cannot skip it)."""
+        with anyio.CancelScope(shield=True):
+            await self.limits.leave(principal.key, 0, counted)
+
     async def admit(
         self,
         principal: Principal,
@@ -208,12 +221,16 @@ class Accounts:
         tokens: int,
         request_id: str,
         prompt_tokens: int | None = None,
+        counted: bool | None = None,
     ) -> Admission:
-        """Hold ``tokens`` (the request's most) of the allowance and count the request in, or refuse.
+        """Hold ``tokens`` (the request's most) of the allowance, or refuse.
 
         With ``prompt_tokens``, the hold is cut to what the allowance has left (at least the prompt and one
-        token): ``Admission.reservation.tokens`` minus the prompt is then the most the request may make."""
-        counted = await self.limits.enter(principal.key)
+        token): ``Admission.reservation.tokens`` minus the prompt is then the most the request may make.
+        ``counted`` is what ``enter`` returned for the request (None: it is counted in here); from this call on
+        the count is the admission's to take out, or this call's when it refuses."""
+        if counted is None:
+            counted = await self.limits.enter(principal.key)
         checkpoints = self.checkpoints
         in_flight = (request_id, checkpoints.replica_id) if checkpoints is not None else None
         try:
@@ -237,8 +254,7 @@ class Accounts:
                     latest = await self.read(self.store.find_grant, principal.key.id, model, True)
                     raise grant_refusal(model, latest, utcnow()) or errors.internal_error()
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self.limits.leave(principal.key, 0, counted)
+            await self.leave(principal, counted)
             raise
         progress = checkpoints.track(request_id, reservation, in_flight is not None) if checkpoints else None
         return Admission(self, principal, reservation, request_id, counted, progress)

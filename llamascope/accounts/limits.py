@@ -80,14 +80,16 @@ class RateLimits:
         reset, _remaining = self._limiter.get_window_stats(item, str(key_id))
         return reset - time.time()
 
-    async def enter(self, key: KeyView) -> bool:
-        """Count a request in, or raise 429. True: counted (pass it to ``leave``)."""
+    async def enter(self, key: KeyView, per_minute: bool = True) -> bool:
+        """Count a request in, or raise 429. True: counted (pass it to ``leave``). ``per_minute`` False: the
+        request is refused by a full window but not counted in the requests per minute (``/tokenize``)."""
         if key.max_concurrent is not None and self.running[key.id] >= key.max_concurrent:
             raise throttled(f"at most {key.max_concurrent} concurrent requests", 1)
         tokens, requests = _items(key)
         if tokens is not None and not self._limiter.test(tokens, str(key.id)):
             raise throttled(f"{key.tokens_per_minute} tokens per minute", self._retry_after(tokens, key.id))
-        if requests is not None and not self._limiter.hit(requests, str(key.id)):
+        hit = self._limiter.hit if per_minute else self._limiter.test
+        if requests is not None and not hit(requests, str(key.id)):
             raise throttled(f"{key.requests_per_minute} requests per minute", self._retry_after(requests, key.id))
         self.running[key.id] += 1
         return True
@@ -227,8 +229,9 @@ class SharedRateLimits:
             await self._beat()  # this replica counts from its first request on
             self._beating = asyncio.get_running_loop().create_task(self._beat_forever())
 
-    async def enter(self, key: KeyView) -> bool:
-        """Count a request in across replicas, or raise 429 (or 503 with ``on_error="closed"``).
+    async def enter(self, key: KeyView, per_minute: bool = True) -> bool:
+        """Count a request in across replicas, or raise 429 (or 503 with ``on_error="closed"``); ``per_minute``
+        as ``RateLimits.enter``.
 
         Returns False when Redis was unreachable and the request goes on uncounted (``on_error="open"``).
         """
@@ -246,7 +249,8 @@ class SharedRateLimits:
                     raise LimiterUnavailable("Redis ran the count after its deadline")
                 if not entered:
                     raise throttled(f"at most {key.max_concurrent} concurrent requests", 1)
-            if requests is not None and not await self._call(self._limiter.hit(requests, str(key.id))):
+            hit = self._limiter.hit if per_minute else self._limiter.test
+            if requests is not None and not await self._call(hit(requests, str(key.id))):
                 if key.max_concurrent is not None:
                     await self._call(self._leave_script(keys=[self._running_key(key)], args=[self.replica]))
                 reset = (await self._call(self._limiter.get_window_stats(requests, str(key.id)))).reset_time

@@ -194,7 +194,7 @@ def create_app(
         # Several names may share one engine: close each once (upstream sessions, model threads).
         for engine in {id(e): e for e in service.engines.values()}.values():
             await engine.close()
-        service.intake.close()
+        await service.intake.aclose()
         service.accounts.close()
         await service.accounts.limits.aclose()
 

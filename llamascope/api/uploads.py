@@ -8,7 +8,6 @@ HTTP 200. The policy alone authorises that POST.
 
 from __future__ import annotations
 
-import io
 from typing import TYPE_CHECKING, Literal
 
 import anyio
@@ -22,8 +21,8 @@ from starlette.responses import JSONResponse, Response
 from llamascope import errors
 from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
-from llamascope.conversation.service import ConversationService
-from llamascope.images.uploads import Claims, UploadStore
+from llamascope.conversation.service import ConversationService, Endpoint
+from llamascope.images.uploads import Claims, Incoming, UploadStore, too_large
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -87,7 +86,8 @@ async def get_policy(request: Request) -> JSONResponse:
     if not model:
         raise errors.ServiceError(400, "BadRequest.EmptyModel", 'Required parameter "model" missing from request.')
     service.engine(model)  # an unknown model gets "Model not exist." like the generation call
-    data = store.issue_policy(request.state.principal.key_id, str(model))
+    files = max(1, service.image_rules(model, Endpoint.MULTIMODAL).most)  # the most a call may carry
+    data = store.issue_policy(request.state.principal.key_id, str(model), files=files)
     data["upload_host"] = upload_host(request)
     return JSONResponse({"request_id": request_id_of(request), "data": data})
 
@@ -97,15 +97,22 @@ async def put_object(request: Request) -> Response:
     store: UploadStore = request.app.state.uploads
     form = PostObjectForm(store, _boundary(request.headers.get("content-type", "")))
     try:
-        async for chunk in request.stream():
-            if form.feed(chunk):
-                break  # the file is in: what follows it is not read
-        else:
-            form.finish()
-    except (ClientDisconnect, MultipartParseError):
-        raise errors.invalid_parameter(_NOT_A_FORM) from None
-    assert form.claims is not None and form.key is not None and form.file is not None
-    await anyio.to_thread.run_sync(store.save, form.claims, form.key, io.BytesIO(form.file))
+        try:
+            async for chunk in request.stream():
+                whole = form.feed(chunk)
+                if len(form.pending) >= SPILL or (whole and form.pending):
+                    await anyio.to_thread.run_sync(form.spill)  # the file goes to disk as it comes
+                if whole:
+                    break  # the file is in: what follows it is not read
+            else:
+                form.finish()
+        except (ClientDisconnect, MultipartParseError):
+            raise errors.invalid_parameter(_NOT_A_FORM) from None
+        assert form.incoming is not None
+        await anyio.to_thread.run_sync(store.keep, form.incoming)
+    finally:
+        if form.incoming is not None:  # refused, cut short, or its client gone: nothing of it stays
+            form.incoming.discard()
     return Response(status_code=200)
 
 
@@ -114,6 +121,8 @@ _NOT_A_FORM = "The upload must be multipart/form-data with one file."
 # (a policy, its signature, a key of at most 1 KiB and five short ones). Nothing without a valid policy makes
 # the server read more (a form used to be parsed whole, 32 MB of it, before anything was checked).
 FORM_BEFORE_FILE = 16 * 1024
+# What of the file is held in memory before it is written to disk (the body comes in pieces of about 64 KiB).
+SPILL = 1024 * 1024
 _MAX_PARTS = 16
 
 
@@ -130,7 +139,8 @@ class PostObjectForm:
 
     The policy and its signature are checked as soon as both are in and the key as soon as it is (the SDK,
     like OSS's PostObject, sends them before the file, which comes last); the first one that fails ends the
-    request. The file is read only after all three passed, and only up to the policy's size cap. Before
+    request. The file is read only after all three passed, and only up to the policy's size cap; it goes to
+    the store's ``Incoming`` file as it comes (``pending``, then ``spill``), never whole in memory. Before
     that, at most ``FORM_BEFORE_FILE`` bytes are parsed."""
 
     def __init__(self, store: UploadStore, boundary: bytes) -> None:
@@ -138,11 +148,12 @@ class PostObjectForm:
         self.fields: dict[str, bytearray] = {}
         self.claims: Claims | None = None
         self.key: str | None = None
-        self.file: bytearray | None = None  # from the file's part on
+        self.incoming: Incoming | None = None  # from the file's part on
+        self.pending = bytearray()  # of the file, parsed and not yet written (``spill``)
         self.read_before_file = 0
         self._parts = 0
         self._header, self._value_bytes, self._disposition = bytearray(), bytearray(), b""
-        self._value: bytearray | None = None  # the part being read: a field's value, or the file
+        self._value: bytearray | None = None  # the field being read (None in the file: it goes to ``pending``)
         self._name = ""
         self._file_ended = False
         callbacks: MultipartCallbacks = {
@@ -159,7 +170,7 @@ class PostObjectForm:
     def feed(self, chunk: bytes) -> bool:
         """Parse what arrived; True once the file is whole. Raises the first refusal."""
         while chunk and not self._file_ended:
-            if self.file is None:  # before the file: parsed only within the budget
+            if self.incoming is None:  # before the file: parsed only within the budget
                 room = FORM_BEFORE_FILE - self.read_before_file
                 if room <= 0:
                     raise errors.invalid_parameter(
@@ -176,7 +187,7 @@ class PostObjectForm:
     def finish(self) -> None:
         """The body ended: refuse a form without its file (or cut short in it)."""
         self._parser.finalize()
-        if self.file is None:
+        if self.incoming is None:
             raise errors.invalid_parameter("The upload needs the fields policy, Signature, key and file.")
         if not self._file_ended:
             raise errors.invalid_parameter(_NOT_A_FORM)
@@ -208,18 +219,26 @@ class PostObjectForm:
             raise errors.invalid_parameter(
                 "The upload needs the fields policy, Signature and key before its file (the file comes last)."
             )
-        self._value = self.file = bytearray()
+        self.incoming = self.store.receive(self.claims, self.key)
+        self._value = None
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        assert self._value is not None
-        self._value += data[start:end]
-        if self.file is not None and self.claims is not None and len(self.file) > self.claims.max:
-            raise errors.ServiceError(
-                400, "EntityTooLarge", f"Your upload exceeds the maximum of {self.claims.max} bytes."
-            )
+        if self._value is not None:
+            self._value += data[start:end]
+            return
+        assert self.incoming is not None
+        self.pending += data[start:end]
+        if self.incoming.size + len(self.pending) > self.incoming.claims.max:  # refused before it is written
+            raise too_large(self.incoming.claims.max)
+
+    def spill(self) -> None:
+        """Write what is pending of the file to its ``Incoming`` file (blocking: called in a thread)."""
+        assert self.incoming is not None
+        pending, self.pending = self.pending, bytearray()
+        self.incoming.write(pending)
 
     def _part_end(self) -> None:
-        if self._value is self.file:
+        if self._value is None:  # the file's part
             self._file_ended = True
             return
         policy, signature = self.fields.get("policy"), self.fields.get("Signature")

@@ -26,8 +26,7 @@ MAX_TOKENS_NAMES = ("max_tokens", "max_new_tokens", "max_completion_tokens")
 
 @dataclass(frozen=True)
 class Options:
-    sampling: SamplingParams
-    stop: tuple[str, ...] = ()
+    sampling: SamplingParams  # with the stop strings
     incremental_output: bool = False
 
 
@@ -158,7 +157,7 @@ def parse_parameters(params: Any, context_length: int) -> Options:
             presence_penalty=presence,
             frequency_penalty=frequency,
             logprobs=(top_logprobs or 0) if logprobs else None,
+            stop=_stop(params.get("stop")),
         ),
-        stop=_stop(params.get("stop")),
         incremental_output=incremental,
     )

@@ -3,7 +3,7 @@
 Every surface (DashScope's multimodal and text generation, OpenAI-compatible)
 calls ``open()``, naming its ``Endpoint`` (which decides where images may be),
 which does every check that can fail before the first byte is sent (model,
-grant, messages, parameters, image, context, allowance), and gets a ``Reply``.
+grant, messages, parameters, rate limits, image, context, allowance), and gets a ``Reply``.
 ``tokens()`` (Tokenization) makes the same prompt and counts it.
 Iterating ``Reply.events()`` generates; closing it cancels the engine. The
 Reply keeps the running usage; ``Reply.settle()`` charges it to the caller's
@@ -161,7 +161,7 @@ class Reply:
             raise
 
     async def _generate(self) -> AsyncIterator[Event]:
-        stop = StopText(self.options.stop)
+        stop = StopText(self.options.sampling.stop)
         chunks = self.engine.generate(self.prompt, self.options.sampling)
         finish: FinishReason | None = None
         engine_finish: FinishReason | None = None  # the engine's own end (not one of the request's stop words)
@@ -274,9 +274,18 @@ class ConversationService:
                 "Parameter logprobs: not available for a model served by an upstream engine."
             )
         output = output_spec(parameters, draft, endpoint)
-        prompt = await self._prompt(engine, draft, context, output)
-        most = prompt.input_tokens + prompt.new_tokens(options.sampling)
-        admission = await self.accounts.admit(principal, model, grant, most, request_id, prompt.input_tokens)
+        if options.sampling.stop and output is not None and output.grammar() is not None:
+            # The answer is held to JSON (a schema, a forced call): a stop string would cut it, and an answer that
+            # ends with "stop" is whole JSON that validates. The stop strings apply to free text, as tool calls'.
+            options = replace(options, sampling=replace(options.sampling, stop=()))
+        counted = await self.accounts.enter(principal)  # the key's rate limits, before any image is fetched
+        try:
+            prompt = await self._prompt(engine, draft, context, output)
+            most = prompt.input_tokens + prompt.new_tokens(options.sampling)
+        except BaseException:  # refused (an image, the length), failed, or the caller gone: counted out
+            await self.accounts.leave(principal, counted)
+            raise
+        admission = await self.accounts.admit(principal, model, grant, most, request_id, prompt.input_tokens, counted)
         held = admission.reservation.tokens
         if grant.allowance_tokens is not None and held < most:
             # The allowance has less left than the request could make: it may make only what is left (at
@@ -321,7 +330,14 @@ class ConversationService:
         engine = self.engine(model)
         await self.accounts.check(principal, model)
         draft = parse_messages(messages, self._images(model, engine, endpoint))
-        return engine, await self._prompt(engine, draft, context, output_spec(parameters, draft, endpoint))
+        output = output_spec(parameters, draft, endpoint)
+        # Its images cost what a call's do: within the key's concurrency (not its requests per minute: an
+        # llamascope in front counts each prompt before its call), and not for a key over its limits.
+        counted = await self.accounts.enter(principal, per_minute=False)
+        try:
+            return engine, await self._prompt(engine, draft, context, output)
+        finally:
+            await self.accounts.leave(principal, counted)
 
     def image_rules(self, model: str, endpoint: Endpoint) -> Images:
         """How many images a conversation with ``model`` may carry through ``endpoint``, and whether its first user

@@ -79,6 +79,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # Log-probabilities of the tokens made: None, off; N >= 0, each token's own and its N likeliest rivals.
     logprobs: int | None = None
+    # The request's stop strings. The conversation cuts the text at the first of them whatever the engine does;
+    # an engine that can end its answer at one itself (an upstream) is told them, so that it stops at once
+    # and counts its tokens to there.
+    stop: tuple[str, ...] = ()
 
     @property
     def greedy(self) -> bool:

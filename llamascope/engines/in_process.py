@@ -354,13 +354,16 @@ class InProcessEngine(ABC):
         text = IncrementalText(self.tokenizer)
         produced = 0
         first_token: float | None = None
+        # With stop strings, a token a chunk: the conversation cuts at the first stop string and is charged the
+        # tokens to the one that completed it, which a chunk of several made after it would overstate.
+        one_by_one = bool(sampling.stop)
         try:
             while True:
                 message = await queue.get()
                 ids: list[int] = []
                 while isinstance(message, list):  # take every token already there: one chunk when behind
                     ids += message
-                    if queue.empty():
+                    if one_by_one or queue.empty():
                         break
                     message = queue.get_nowait()
                 if ids:
@@ -374,8 +377,8 @@ class InProcessEngine(ABC):
                     if calls is not None:
                         delta = calls.push(delta)
                     if delta or logprobs or cached:
-                        # The answer's end (or a failure) already in hand: it follows at once.
-                        ready = not isinstance(message, list)
+                        # What follows already in hand (the end, a failure; with stop strings a next token): at once.
+                        ready = not isinstance(message, list) or not queue.empty()
                         yield Chunk(delta, produced, logprobs=logprobs, cached_tokens=cached, next_ready=ready)
                 if isinstance(message, errors.ServiceError):
                     raise message

@@ -37,6 +37,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -70,6 +71,7 @@ TOKENIZE_TIMEOUT = 10.0  # seconds
 # given up on it (the next upstream, else 408). Long answers that keep coming are never cut.
 ANSWER_SILENCE = 300.0  # seconds, unless the model's upstream_timeout says otherwise
 HEALTH_TIMEOUT = 3.0
+FORWARDED_STOPS = 4  # stop strings told the engine, at most
 MAX_ANSWER_BYTES = 16 << 20  # a whole (not streamed) answer, at most
 MAX_EVENT_BYTES = 4 << 20  # one line of a streamed answer, at most (a delta is small; a whole call's arguments fit)
 
@@ -321,6 +323,11 @@ class UpstreamEngine:
             body["frequency_penalty"] = sampling.frequency_penalty
         if sampling.min_new_tokens:
             body["min_tokens"] = sampling.min_new_tokens
+        if sampling.stop and prompt.output is None:
+            # Told, the engine stops at once and reports its count (cut here, it ran on until the hang-up was seen
+            # and counted no usage). OpenAI's API and TGI take 4: the text is cut here at every one anyway. Not with
+            # tools or a response_format: an engine may cut its calls' JSON at them.
+            body["stop"] = list(sampling.stop[:FORWARDED_STOPS])
         if prompt.output is not None:
             body.update(output_fields(prompt.output))
         return body
@@ -430,6 +437,7 @@ class _Answer:
         self.done = False  # [DONE] came
         self.chosen = False  # an event had a choice (an answer, if an empty one)
         self.calls = _CallDeltas()
+        self.text = _Utf16Text()
 
     @property
     def ended(self) -> bool:
@@ -471,7 +479,7 @@ class _Answer:
                     self.pieces += self.calls.add(delta["tool_calls"])
                 if choice.get("finish_reason"):
                     self.finish = _FINISH.get(choice["finish_reason"], FinishReason.STOP)
-        return text
+        return self.text.add(text)
 
     def last(self) -> Chunk:
         """The answer's last chunk: its end, counts and calls."""
@@ -480,7 +488,28 @@ class _Answer:
         if made and finish != FinishReason.LENGTH:  # the answer is calls, whatever reason the engine gave ("stop")
             finish = FinishReason.TOOL_CALLS
         output_tokens = self.reported if self.reported is not None else self.pieces
-        return Chunk("", output_tokens, finish, self.input_tokens, tool_calls=made or None)
+        return Chunk(self.text.add("", final=True), output_tokens, finish, self.input_tokens, tool_calls=made or None)
+
+
+class _Utf16Text:
+    """An engine's text deltas as valid text. JSON strings are UTF-16: an engine that cuts its text between the
+    halves of a surrogate pair (an emoji) sends each half escaped in its own delta, and Python keeps them as two
+    lone surrogates, which no UTF-8 answer can carry (a 500 mid-answer, once). A pair is joined across deltas;
+    a half that stays alone becomes U+FFFD, as a UTF-8 decoder makes a broken sequence."""
+
+    def __init__(self) -> None:
+        self._high = ""  # a pair's first half, waiting for the next delta
+
+    def add(self, piece: str, final: bool = False) -> str:
+        if not self._high and (piece.isascii() or not _SURROGATE.search(piece)):
+            return piece  # nearly always
+        text, self._high = self._high + piece, ""
+        if not final and text and "\ud800" <= text[-1] <= "\udbff":
+            text, self._high = text[:-1], text[-1]
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _json_object(text: str) -> bool:

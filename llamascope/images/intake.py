@@ -25,6 +25,7 @@ from typing import TypeVar
 from llamascope import errors
 from llamascope.caching import SizedLRU
 from llamascope.images import PreparedImage
+from llamascope.images.connections import CLIENTS
 from llamascope.images.decode import DecodeLimits, FitFunction, decode_image
 from llamascope.images.http_cache import Reuse
 from llamascope.images.source import (
@@ -219,3 +220,8 @@ class ImageIntake:
 
     def close(self) -> None:
         self._decoders.shutdown(wait=False, cancel_futures=True)
+
+    async def aclose(self) -> None:
+        """``close``, and the connections kept open to image hosts (``connections``)."""
+        self.close()
+        await CLIENTS.aclose()

@@ -23,7 +23,6 @@ import ipaddress
 import logging
 import os
 import socket
-import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit, urlunspli
 import anyio
 
 from llamascope import errors
+from llamascope.images.connections import CLIENTS
 from llamascope.images.http_cache import Reuse, reuse_of
 from llamascope.images.uploads import UploadStore
 
@@ -239,15 +239,6 @@ class DataUriSource:
         return data
 
 
-@functools.cache
-def _tls() -> ssl.SSLContext:
-    """The TLS settings of every image fetch, made once: httpx makes them anew for each client it builds (the CA
-    bundle read again), 20-25 ms of the event loop's time for each image URL."""
-    import httpx  # why: see UrlSource.read
-
-    return httpx.create_ssl_context(trust_env=False)
-
-
 @dataclass(frozen=True)
 class UrlAnswer:
     """An image URL's answer: its bytes (None: not modified since the answer kept before) and its terms of reuse."""
@@ -295,31 +286,27 @@ class UrlSource:
             raise errors.image_download_failed("the image host could not be reached") from None
 
     async def _fetch(self, known: Reuse | None) -> UrlAnswer:
-        import httpx  # why: see read
 
-        timeout = httpx.Timeout(self.policy.total_timeout, connect=self.policy.connect_timeout)
         url = self.url
         conditions = known.conditions() if known is not None else {}
-        client = httpx.AsyncClient(timeout=timeout, trust_env=False, follow_redirects=False, verify=_tls())
-        async with client:
-            for hop in range(self.policy.max_redirects + 1):
-                request = await self._pinned_request(client, url, conditions)
-                response = await client.send(request, stream=True)
-                try:
-                    if response.has_redirect_location:  # a 3xx without a Location is answered below, as it is
-                        try:
-                            url = urljoin(url, response.headers["location"])
-                        except ValueError:
-                            raise _Refused("the image host redirected to a URL that is not valid") from None
-                        continue
-                    reuse = reuse_of(response.headers, redirected=hop > 0)
-                    if response.status_code == 304 and known is not None and conditions:
-                        return UrlAnswer(None, known.renewed(reuse))
-                    if response.status_code != 200:
-                        raise _Refused(f"the image host answered HTTP {response.status_code}")
-                    return UrlAnswer(await self._read_capped(response), reuse)
-                finally:
-                    await response.aclose()
+        for hop in range(self.policy.max_redirects + 1):
+            client, request = await self._pinned_request(url, conditions)
+            response = await client.send(request, stream=True)
+            try:
+                if response.has_redirect_location:  # a 3xx without a Location is answered below, as it is
+                    try:
+                        url = urljoin(url, response.headers["location"])
+                    except ValueError:
+                        raise _Refused("the image host redirected to a URL that is not valid") from None
+                    continue
+                reuse = reuse_of(response.headers, redirected=hop > 0)
+                if response.status_code == 304 and known is not None and conditions:
+                    return UrlAnswer(None, known.renewed(reuse))
+                if response.status_code != 200:
+                    raise _Refused(f"the image host answered HTTP {response.status_code}")
+                return UrlAnswer(await self._read_capped(response), reuse)
+            finally:
+                await response.aclose()  # read to its end, its connection goes back to the host's client
         raise _Refused(f"more than {self.policy.max_redirects} redirects")
 
     async def _read_capped(self, response: httpx.Response) -> bytes:
@@ -336,9 +323,11 @@ class UrlSource:
             raise _Refused("the image host sent an empty body")
         return bytes(body)
 
-    async def _pinned_request(
-        self, client: httpx.AsyncClient, url: str, conditions: Mapping[str, str]
-    ) -> httpx.Request:
+    async def _pinned_request(self, url: str, conditions: Mapping[str, str]) -> tuple[httpx.AsyncClient, httpx.Request]:
+        """The request for ``url`` to the address its host name resolved to and that passed the check, and the
+        client of that host name (``connections``) to send it with."""
+        import httpx  # why: see read
+
         try:
             parts = urlsplit(url)
             hostname = parts.hostname
@@ -365,7 +354,8 @@ class UrlSource:
         host_header = f"[{host}]" if ":" in host else host
         if explicit_port is not None:
             host_header += f":{explicit_port}"
-        return client.build_request(
+        client = CLIENTS.get(parts.scheme, host, port)
+        return client, client.build_request(
             "GET",
             pinned,
             headers={
@@ -376,6 +366,7 @@ class UrlSource:
                 **conditions,
             },
             extensions={"sni_hostname": host},
+            timeout=httpx.Timeout(self.policy.total_timeout, connect=self.policy.connect_timeout),
         )
 
     async def _checked_address(self, host: str, port: int) -> IPAddress:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import filecmp
 import hashlib
 import hmac
 import json
@@ -31,6 +32,8 @@ from typing import BinaryIO
 from llamascope import errors
 
 _MAX_KEY_LENGTH = 1024
+_CHUNK = 1024 * 1024  # what ``save`` reads of a stream at a time
+_PLACE = ".place-"  # a policy's places (``UploadStore._take_place``)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,43 @@ class Claims:
     max: int  # bytes
     owner: str  # Principal.key_id
     model: str
+    # Objects the policy may store at most (a call's images, each uploaded once); 0: no bound (a policy signed
+    # before there was one: it expires within minutes).
+    files: int = 0
+
+
+def too_large(most: int) -> errors.ServiceError:
+    return errors.ServiceError(400, "EntityTooLarge", f"Your upload exceeds the maximum of {most} bytes.")
+
+
+class Incoming:
+    """An upload's file as it arrives, written to a temporary file among the objects (``.part-*``, which
+    ``purge_expired`` removes if a crash leaves one): never whole in memory, and refused past its cap."""
+
+    def __init__(self, root: Path, claims: Claims, key: str) -> None:
+        self.claims = claims
+        self.key = key
+        fd, name = tempfile.mkstemp(dir=root, prefix=".part-")
+        self.path = Path(name)
+        self._file: BinaryIO | None = os.fdopen(fd, "wb")
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.size += len(data)
+        if self.size > self.claims.max:
+            raise too_large(self.claims.max)
+        assert self._file is not None
+        self._file.write(data)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def discard(self) -> None:
+        """Remove the file unless it was kept (then it is gone from its temporary name already)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -75,8 +115,10 @@ class UploadStore:
 
     # -- step 1: the policy ---------------------------------------------------
 
-    def issue_policy(self, owner: str, model: str, now: float | None = None) -> dict[str, object]:
-        """The ``data`` object of a getPolicy answer, less ``upload_host``."""
+    def issue_policy(self, owner: str, model: str, now: float | None = None, files: int = 0) -> dict[str, object]:
+        """The ``data`` object of a getPolicy answer, less ``upload_host``. ``files``: the objects it may store
+        at most (the SDK uploads a call's files under one policy: as many as the model takes images in a
+        conversation); 0: no bound."""
         now = time.time() if now is None else now
         day = time.strftime("%Y-%m-%d", time.gmtime(now))
         claims = Claims(
@@ -85,7 +127,9 @@ class UploadStore:
             max=self.max_bytes,
             owner=owner,
             model=model,
+            files=files,
         )
+        capacity = self.max_bytes * (files or 1)
         policy = base64.b64encode(json.dumps(asdict(claims), separators=(",", ":")).encode()).decode()
         return {
             "policy": policy,
@@ -93,7 +137,7 @@ class UploadStore:
             "upload_dir": claims.dir,
             "expire_in_seconds": self.policy_seconds,
             "max_file_size_mb": max(1, self.max_bytes // (1024 * 1024)),
-            "capacity_limit_mb": max(1, self.max_bytes // (1024 * 1024)),
+            "capacity_limit_mb": max(1, capacity // (1024 * 1024)),
             "oss_access_key_id": "llamascope",
             "x_oss_object_acl": "private",
             "x_oss_forbid_overwrite": "true",
@@ -131,36 +175,70 @@ class UploadStore:
                 403, "AccessDenied", "Invalid according to Policy: the key is outside upload_dir."
             )
 
+    def receive(self, claims: Claims, key: str) -> Incoming:
+        """Where the file of an upload under ``claims`` to ``key`` is written as it arrives (a temporary file
+        beside the objects, at most ``claims.max`` bytes); ``keep`` it once whole, else ``discard`` it."""
+        return Incoming(self.root, claims, key)
+
     def save(self, claims: Claims, key: str, stream: BinaryIO, now: float | None = None) -> int:
-        """Store the body (read with the cap) under ``key``; refuse to overwrite it with other bytes. Returns its size.
+        """Store ``stream`` (read in pieces, with the cap) under ``key``, as ``keep`` does; returns its size."""
+        incoming = self.receive(claims, key)
+        try:
+            while chunk := stream.read(_CHUNK):
+                incoming.write(chunk)
+            return self.keep(incoming, now)
+        finally:
+            incoming.discard()
+
+    def keep(self, incoming: Incoming, now: float | None = None) -> int:
+        """Put a whole upload in place (its size), or refuse it.
 
         The same bytes again are taken (200): the SDK names each upload ``<upload_dir>/<file name>``, with one
         upload_dir for a whole call, so a conversation that names one file twice (again in a later turn) uploads
         it twice, which OSS's forbid-overwrite would refuse. Two different files of the same name are refused:
         both references would name one object."""
-        data = stream.read(claims.max + 1)
-        if len(data) > claims.max:
-            raise errors.ServiceError(400, "EntityTooLarge", f"Your upload exceeds the maximum of {claims.max} bytes.")
+        incoming.close()
+        claims, key = incoming.claims, incoming.key
         target = self._path(key)
         if target.exists():
-            if self._holds(target, data):
-                return len(data)
+            if self._holds(target, incoming.path):
+                return incoming.size
             raise errors.ServiceError(
                 409,
                 "FileAlreadyExists",
                 "The object you specified already exists: another file of the same name was uploaded for this call "
                 "(the SDK names uploads by their file names); give the files different names.",
             )
+        self._take_place(claims)
         now = time.time() if now is None else now
         record = {"key": key, "owner": claims.owner, "model": claims.model, "expires": now + self.ttl_seconds}
         self._write(target.with_suffix(".json"), json.dumps(record).encode())
-        self._write(target, data)
-        return len(data)
+        os.replace(incoming.path, target)
+        return incoming.size
+
+    def _take_place(self, claims: Claims) -> None:
+        """One of the policy's ``files`` places, or the refusal: one policy is no way to store without end. A
+        place is a file made only if absent (atomic, also for replicas sharing the directory), kept until
+        ``purge_expired`` finds the policy long expired."""
+        if not claims.files:
+            return
+        stem = self.root / f"{_PLACE}{hashlib.sha256(claims.dir.encode()).hexdigest()[:32]}-"
+        for place in range(claims.files):
+            try:
+                os.close(os.open(f"{stem}{place}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                return
+            except FileExistsError:
+                continue
+        raise errors.ServiceError(
+            403,
+            "AccessDenied",
+            f"Invalid according to Policy: it allows at most {claims.files} files (the images of one call).",
+        )
 
     @staticmethod
-    def _holds(path: Path, data: bytes) -> bool:
+    def _holds(path: Path, other: Path) -> bool:
         try:
-            return path.stat().st_size == len(data) and path.read_bytes() == data
+            return filecmp.cmp(path, other, shallow=False)
         except OSError:
             return False
 
@@ -203,6 +281,9 @@ class UploadStore:
         for part in self.root.glob(".part-*"):  # left by a crash mid-write
             if part.stat().st_mtime < now - 3600:
                 part.unlink(missing_ok=True)
+        for place in self.root.glob(_PLACE + "*"):  # a policy's places, once it can take no more uploads
+            if place.stat().st_mtime < now - self.policy_seconds - 60:
+                place.unlink(missing_ok=True)
         return removed
 
     def _path(self, key: str) -> Path:

@@ -64,7 +64,37 @@ def test_requests_per_minute() -> None:
     asyncio.run(scenario())
 
 
+async def uncounted_per_minute(limits: RateLimits | SharedRateLimits, k: KeyView) -> None:
+    """A request that is not to count per minute (``/tokenize``): refused by a full window, holding a slot."""
+    for _ in range(3):
+        counted = await limits.enter(k, per_minute=False)
+        await limits.leave(k, 0, counted)
+    assert await limits.enter(k) and await limits.enter(k)  # the two a minute, both still free
+    with pytest.raises(errors.ServiceError, match="at most 2 concurrent"):
+        await limits.enter(k, per_minute=False)  # it takes a slot like any request
+    await limits.leave(k, 0)
+    await limits.leave(k, 0)
+    with pytest.raises(errors.ServiceError, match="2 requests per minute"):
+        await limits.enter(k, per_minute=False)  # the window is full
+
+
+def test_a_request_need_not_count_per_minute() -> None:
+    asyncio.run(uncounted_per_minute(RateLimits(), key(rpm=2, concurrent=2)))
+
+
 # -- shared through Redis ------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_a_request_need_not_count_per_minute_across_replicas(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        limits = SharedRateLimits(redis_server.url, prefix="uncounted")
+        try:
+            await uncounted_per_minute(limits, key(rpm=2, concurrent=2))
+        finally:
+            await limits.aclose()
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.redis

@@ -205,7 +205,7 @@ ENDLESS_EITHER = {
             {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
             "no JSON value satisfies it",
         ),
-        (ENDLESS, "no answer can be completed after '{'"),
+        (ENDLESS, "no JSON value satisfies it"),
         (ENDLESS_EITHER, "no JSON value satisfies it"),
     ],
     ids=["itself", "a circle", "a required property holding the schema", "each branch holding the schema"],
@@ -308,6 +308,28 @@ def test_openai_json_mode_streams_as_text(client: openai.OpenAI) -> None:
     assert text == whole.choices[0].message.content
     if whole.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(text), dict)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_never_cut_a_json_answer(client: openai.OpenAI, stream: bool) -> None:
+    """A "stop" answer is whole JSON: stop strings apply to free text (a "{" once ended JSON mode's answer as
+    "" with finish_reason "stop")."""
+    kwargs: dict[str, Any] = {
+        "model": SEED_MODEL,
+        "messages": openai_messages("Answer in JSON."),
+        "response_format": {"type": "json_object"},
+        "max_tokens": ROOM,
+        "seed": 2,
+        "stop": ["{", "}", '"', ":"],
+    }
+    if stream:
+        chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        text, finish = choice.message.content or "", choice.finish_reason
+    assert finish == "stop" and isinstance(json.loads(text), dict), text
 
 
 def test_openai_forced_tool_calls_are_parsed(client: openai.OpenAI) -> None:

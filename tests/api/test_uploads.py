@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from http import HTTPStatus
 from pathlib import Path
 
@@ -202,3 +203,48 @@ def test_fields_before_the_file_are_bounded(server: Server) -> None:
     """What comes before the policy is checked is bounded too: a long field is refused once past the bound."""
     r = answer_to_a_body_begun(server, {"OSSAccessKeyId": "x" * (FORM_BEFORE_FILE + 1)})
     assert r.status == 400 and "before its file" in json.loads(r.read())["message"]
+
+
+def test_a_file_goes_to_disk_as_it_comes_and_nothing_stays_of_one_refused(server: Server) -> None:
+    """An upload's file was held in memory twice while saved (20 MiB of peak memory for a 10 MiB file); it is
+    written to a temporary file as it arrives (bench/upload_memory.py). Whatever ends it early (past its cap,
+    a second file of the same name, a client that hangs up mid-file), no temporary file stays."""
+    store = server.log_path.parent / "data" / "uploads"
+    data = policy_for(server)
+    content = png_bytes((1, 2, 3), (900, 700))
+    assert upload(data, data["upload_dir"] + "/a.png", content).status_code == 200
+    assert content in [p.read_bytes() for p in store.iterdir() if not p.name.endswith(".json")]
+    assert upload(data, data["upload_dir"] + "/a.png", content).status_code == 200  # the same bytes again
+    assert upload(data, data["upload_dir"] + "/a.png", content + b"!").status_code == 409
+    assert upload(data, data["upload_dir"] + "/b.png", b"\0" * (10 * 1024 * 1024 + 1)).status_code == 400
+    # A body declared 5 MB long, of which 2 MB of the file are sent before the client hangs up.
+    fields = {"policy": data["policy"], "Signature": data["signature"], "key": data["upload_dir"] + "/c.png"}
+    head = b"".join(
+        f'--b\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    )
+    head += b'--b\r\nContent-Disposition: form-data; name="file"; filename="c.png"\r\n\r\n'
+    connection = http.client.HTTPConnection(server.base.removeprefix("http://"), timeout=30)
+    connection.putrequest("POST", "/api/v1/uploads/oss")
+    connection.putheader("Content-Type", "multipart/form-data; boundary=b")
+    connection.putheader("Content-Length", str(5 * 1024 * 1024))
+    connection.endheaders(head + b"\0" * (2 * 1024 * 1024))
+    deadline = time.monotonic() + 10
+    while not list(store.glob(".part-*")):  # the file is being written as it comes
+        assert time.monotonic() < deadline, "the file was not written as it came"
+        time.sleep(0.02)
+    connection.close()
+    deadline = time.monotonic() + 10
+    while [p.name for p in store.glob(".part-*")]:
+        assert time.monotonic() < deadline, [p.name for p in store.glob(".part-*")]
+        time.sleep(0.05)
+
+
+def test_one_policy_stores_no_more_files_than_a_call_has_images(server: Server) -> None:
+    """A policy is the SDK's for one call: it stores as many files as the model takes images in a conversation
+    (4 for the built-in model), not any number for its five minutes."""
+    data = policy_for(server)
+    assert data["capacity_limit_mb"] == 40
+    statuses = [upload(data, f"{data['upload_dir']}/{i}.png", png_bytes((i, 0, 0))).status_code for i in range(5)]
+    assert statuses == [200] * 4 + [403]
+    assert upload(data, f"{data['upload_dir']}/0.png", png_bytes((0, 0, 0))).status_code == 200  # the same again

@@ -17,6 +17,9 @@ from tests.conftest import API_KEY, Server, start_server
 
 pytestmark = pytest.mark.server
 PIECES = ["The ", "picture ", "shows ", "a ", "small ", "red ", "square", "."]
+# An engine that cuts its text between the halves of a surrogate pair (JSON strings are UTF-16): each half is
+# escaped alone in its delta (json.dumps writes "\ud83d"), and a half of a pair is left alone before "!".
+HALVES = ["A ", "\ud83d", "\udc09", " or ", "\ud83d", "!"]
 WAIT_SECONDS = 5  # how long the slow upstream holds the rest of its answer unless the client has its first token
 
 
@@ -28,9 +31,9 @@ def _event(delta: dict, finish: str | None = None, usage: dict | None = None) ->
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
-def _answer(counts: type = int) -> list[bytes]:
-    events = [_event({"role": "assistant", "content": p}) for p in PIECES[:-1]]
-    events.append(_event({"content": PIECES[-1]}, "stop"))
+def _answer(counts: type = int, pieces: list[str] = PIECES) -> list[bytes]:
+    events = [_event({"role": "assistant", "content": p}) for p in pieces[:-1]]
+    events.append(_event({"content": pieces[-1]}, "stop"))
     usage = {"prompt_tokens": counts(20), "completion_tokens": counts(8), "total_tokens": counts(28)}
     events.append(_event({}, usage=usage))
     return [*events, b"data: [DONE]\n\n"]
@@ -39,10 +42,13 @@ def _answer(counts: type = int) -> list[bytes]:
 class Upstream:
     """An OpenAI-compatible engine in a thread of the test: model "burst" sends its whole answer in one write;
     "slow" sends its first event, then waits until ``released`` (or ``WAIT_SECONDS``) for the rest; "floats"
-    is "burst" with its usage counts written as 20.0."""
+    is "burst" with its usage counts written as 20.0; "halves" sends ``HALVES`` an event a write; "stops" ends
+    its answer before the first of the request's stop strings, as vLLM does, an event a write. ``bodies`` holds
+    the requests it was sent."""
 
     def __init__(self) -> None:
         self.released = threading.Event()
+        self.bodies: list[dict] = []
         self.waited_out = False  # the slow answer's rest went out because nobody released it
         self.base = ""
         self._ready = threading.Event()
@@ -63,10 +69,19 @@ class Upstream:
         from aiohttp import web
 
         async def completions(request: web.Request) -> web.StreamResponse:
-            model = (await request.json())["model"]
+            body = await request.json()
+            self.bodies.append(body)
+            model = body["model"]
+            if model == "stops":
+                return await _stopping(request, body.get("stop") or [])
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
-            events = _answer(float if model == "floats" else int)
+            events = _answer(float if model == "floats" else int, HALVES if model == "halves" else PIECES)
+            if model == "halves":
+                for event in events[:-1]:
+                    await response.write(event)
+                    await asyncio.sleep(0.01)  # each its own read, most likely
+                events = events[-1:]
             if model == "slow":
                 await response.write(events[0])
                 released = await asyncio.get_running_loop().run_in_executor(None, self.released.wait, WAIT_SECONDS)
@@ -77,7 +92,8 @@ class Upstream:
             return response
 
         async def models(request: web.Request) -> web.Response:
-            return web.json_response({"object": "list", "data": [{"id": "burst"}, {"id": "slow"}, {"id": "floats"}]})
+            names = ("burst", "slow", "floats", "halves", "stops")
+            return web.json_response({"object": "list", "data": [{"id": name} for name in names]})
 
         app = web.Application()
         app.router.add_post("/v1/chat/completions", completions)
@@ -94,6 +110,30 @@ class Upstream:
         await runner.cleanup()
 
 
+async def _stopping(request: object, stops: list[str]) -> object:
+    """The answer of an engine told ``stops``: its pieces up to the first stop string, without it, then its
+    usage; an event a write, as a token at a time."""
+    from aiohttp import web
+
+    text, made = "", []
+    for piece in PIECES:
+        cut = min((i for i in ((text + piece).find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            made.append((text + piece)[len(text) : cut])
+            break
+        text += piece
+        made.append(piece)
+    finish = "stop"
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)  # type: ignore[arg-type]
+    for i, piece in enumerate(made):
+        await response.write(_event({"content": piece}, finish if i == len(made) - 1 else None))
+        await asyncio.sleep(0.01)
+    usage = {"prompt_tokens": 20, "completion_tokens": len(made), "total_tokens": 20 + len(made)}
+    await response.write(_event({}, usage=usage) + b"data: [DONE]\n\n")
+    return response
+
+
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
     with Upstream() as engine:
@@ -102,7 +142,11 @@ def upstream() -> Iterator[Upstream]:
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Server]:
-    models = [arg for name in ("burst", "slow", "floats") for arg in ("--model", f"{name}=openai+{upstream.base}")]
+    models = [
+        arg
+        for name in ("burst", "slow", "floats", "halves", "stops")
+        for arg in ("--model", f"{name}=openai+{upstream.base}")
+    ]
     srv = start_server(tmp_path_factory.mktemp("front"), models)
     yield srv
     srv.stop()
@@ -179,3 +223,44 @@ def test_usage_counts_written_as_floats_come_back_as_whole_numbers(front: Server
     """An upstream may write its counts as 20.0: the client gets 20 (what it is charged), as pydantic made it."""
     r = _streamed(front, "floats")
     assert '"usage":{"prompt_tokens":20,"completion_tokens":8,"total_tokens":28,' in r.text, r.text[-400:]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_surrogate_pair_cut_between_deltas_comes_back_whole(front: Server, stream: bool) -> None:
+    """Its halves joined, a half alone as U+FFFD: never a 500 or a stream cut short for text UTF-8 cannot carry."""
+    import openai
+
+    client = openai.OpenAI(base_url=front.base + "/compatible-mode/v1", api_key=API_KEY, max_retries=0)
+    messages = _request("halves")["messages"]
+    if stream:
+        chunks = client.chat.completions.create(model="halves", messages=messages, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        text = client.chat.completions.create(model="halves", messages=messages).choices[0].message.content or ""
+    assert text == "A \U0001f409 or \ufffd!"
+    native = httpx.post(
+        front.base + "/api/v1/services/aigc/text-generation/generation",
+        json={"model": "halves", "input": {"messages": messages}, "parameters": {"incremental_output": True}},
+        headers={"Authorization": f"Bearer {API_KEY}", **({"X-DashScope-SSE": "enable"} if stream else {})},
+        timeout=30,
+    )
+    assert native.status_code == 200
+    if stream:
+        events = [json.loads(line[5:]) for line in native.text.splitlines() if line.startswith("data:")]
+    else:
+        events = [native.json()]
+    assert "".join(e["output"]["text"] for e in events) == text
+
+
+def test_stop_strings_are_told_the_engine_which_stops_and_counts(front: Server, upstream: Upstream) -> None:
+    """The engine stops at once and reports its count: the usage is its, exactly (cut here alone, it ran on
+    until the hang-up was seen, and its count of the prompt and of what it made never came)."""
+    import openai
+
+    client = openai.OpenAI(base_url=front.base + "/compatible-mode/v1", api_key=API_KEY, max_retries=0)
+    stops = ["nothing", "red", "sq", "x", "y"]
+    r = client.chat.completions.create(model="stops", messages=_request("stops")["messages"], stop=stops)
+    assert upstream.bodies[-1]["stop"] == stops[:4]  # OpenAI's API and TGI take 4
+    assert r.choices[0].message.content == "The picture shows a small "
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None and (r.usage.prompt_tokens, r.usage.completion_tokens) == (20, 6)

@@ -27,6 +27,24 @@ def test_seeded_sampling_repeats(engine: MllamaEngine) -> None:
     assert run(1) == run(1) != run(2)
 
 
+def test_with_stop_strings_each_token_comes_in_its_own_chunk(engine: MllamaEngine) -> None:
+    """A loop that falls behind gets the tokens made meanwhile in one chunk, unless the request has stop strings:
+    the conversation cuts at the first and charges the tokens to the one that completed it (a chunk of several
+    once charged those made after it too, more the further behind the loop was)."""
+
+    async def counts(stop: tuple[str, ...]) -> list[int]:
+        prompt = await engine.prepare([Turn("user", (RED, "Describe."))])
+        made = []
+        async for chunk in engine.generate(prompt, SamplingParams(max_new_tokens=8, temperature=0, stop=stop)):
+            made.append(chunk.output_tokens)
+            if len(made) == 1:
+                time.sleep(2)  # the loop behind: the model makes the rest meanwhile
+        return made
+
+    assert len(asyncio.run(counts(()))) < 8
+    assert asyncio.run(counts(("never said",)))[:8] == list(range(1, 9))
+
+
 def test_context_limit(test_model_dir: Path) -> None:
     small = MllamaEngine.load(test_model_dir, context_length=40, test_model=True)
     turns = [Turn("user", (RED, "Describe."))]

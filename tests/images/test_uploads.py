@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,18 @@ def test_secret_is_kept(tmp_path: Path) -> None:
     first = load_or_create_secret(tmp_path / "secret")
     assert load_or_create_secret(tmp_path / "secret") == first and len(first) >= 32
     assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_policy_stores_at_most_its_files(store: UploadStore) -> None:
+    """One policy let its holder store any number of files for its five minutes (each up to the cap): a disk
+    filled from one getPolicy. It stores at most ``files`` objects; the same object again takes no place."""
+    policy = store.issue_policy("owner-a", "m", now=NOW, files=2)
+    assert policy["capacity_limit_mb"] == 1  # two files of 1000 bytes, as the policy says
+    claims = store.verify(policy["policy"], policy["signature"], policy["upload_dir"] + "/a.png", now=NOW)
+    for name in ("a.png", "a.png", "b.png"):
+        store.save(claims, policy["upload_dir"] + "/" + name, io.BytesIO(b"bytes of " + name.encode()), now=NOW)
+    third = refused(store.save, claims, policy["upload_dir"] + "/c.png", io.BytesIO(b"c"), now=NOW)
+    assert (third.status, third.code) == (403, "AccessDenied") and "at most 2 files" in third.message
+    assert not list(store.root.glob(".part-*"))
+    store.purge_expired(now=time.time() + 3600)  # the policy long expired: its places go
+    assert not list(store.root.glob(".place-*"))

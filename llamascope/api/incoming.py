@@ -277,7 +277,8 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             finished, _ = await until_hangup(receive, self._stream(send), *_stop_of(scope, self.reply))
-        except errors.ServiceError as error:  # the server's shutdown ended the stream
+        except errors.ServiceError as error:  # refused before the first event, or the server's shutdown ended it
+            scope.setdefault("state", {})["error_code"] = error.code  # for the access log and the metrics
             if self.started:
                 if self.held_frames:  # frames made before the stop: they go first
                     await self._send_held(send, more_body=True)

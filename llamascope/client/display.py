@@ -22,19 +22,32 @@ from rich.live import Live
 from rich.markdown import Markdown
 
 FENCE = re.compile(r"^(\s{0,3})(`{3,}|~{3,})(.*)$")
+# What an answer may not send to a terminal: the C0 controls but tab and newline (ESC begins the sequences
+# that clear the screen, set the window's title or write the clipboard, OSC 52), DEL and the C1 controls. The
+# text is the model's, and whoever wrote the prompt, or the text in an image, can steer it.
+TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def for_terminal(text: str) -> str:
+    """``text`` without the control characters a terminal would act on."""
+    return TERMINAL_CONTROLS.sub("", text)
 
 
 class PlainText:
-    """The answer as it comes, flushed at every piece (a pipe or a file gets exactly the text)."""
+    """The answer as it comes, flushed at every piece (a pipe or a file gets exactly the text; a terminal, with
+    ``--plain``, the text without its control characters)."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stdout
+        self.terminal = self.stream.isatty()
         self.last = "\n"
 
     def __enter__(self) -> PlainText:
         return self
 
     def write(self, text: str) -> None:
+        if self.terminal:
+            text = for_terminal(text)
         if text:
             self.stream.write(text)
             self.stream.flush()
@@ -93,7 +106,7 @@ class MarkdownText:
                 self.live.console.print()
 
     def write(self, text: str) -> None:
-        self.tail += text
+        self.tail += for_terminal(text)
         end = finished_blocks(self.tail)
         if end:
             self._commit(self.tail[:end], gap=True)

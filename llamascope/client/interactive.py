@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,7 @@ HELP = """\
   Ctrl+C              stops the answer being written (the server stops too); the chat goes on"""
 
 MULTILINE = '"""'
+REFUSALS_OF_IMAGES = (400, 413)  # statuses an image may be the cause of: the question takes its images with it
 
 
 def history_file() -> Path:
@@ -154,12 +156,16 @@ class InteractiveChat:
         try:
             answer, stopped = ask(self.client, self.conversation, self.stream, self.display)
         except APIError as error:
-            # A refusal is most often of an image (its format, its size, one too many): the question takes its
-            # images with it, so that the next one is not refused again.
-            dropped = self.conversation.unanswered(keep_images=False)
+            # A refusal (400, 413) is most often of an image (its format, its size, one too many): the question
+            # takes its images with it, so that the next one is not refused again. Any other failure (the server
+            # busy or unreachable, an engine down, the key) is not theirs: they wait for the question asked again.
+            refused = error.status in REFUSALS_OF_IMAGES
+            dropped = self.conversation.unanswered(keep_images=not refused)
             show_error(error)
-            if dropped:
+            if dropped and refused:
                 say(f"({_images(len(dropped))} went with the question: /image adds again)")
+            elif dropped:
+                say(f"({_images(len(dropped))} will go with the next question: ask again)")
             return
         self.last, self.last_stopped = answer, stopped
         if answer.usage:
@@ -199,7 +205,7 @@ class InteractiveChat:
             say("error: standard input is this terminal here: give a path or a URL")
             return
         try:
-            reference = attachment.image_reference(value)
+            reference = attachment.image_reference(_typed_path(value))
         except OSError as exc:
             say(f"error: {exc}")
             return
@@ -238,7 +244,15 @@ class InteractiveChat:
 
     def model(self, value: str) -> None:
         if value:
+            try:
+                listed = {m["model"]: m for m in self.client.models()}
+            except APIError:  # a server without the listing (the hosted service): the name as given
+                listed = {}
+            if listed and value not in listed:
+                say(f"error: {value} is not served here: /model lists the models that are")
+                return
             self.conversation.model = value
+            self.model_info = listed.get(value)
             say(f"model: {value}")
             return
         say(f"model: {self.conversation.model}")
@@ -276,7 +290,7 @@ class InteractiveChat:
         if not value:
             say("/save FILE")
             return
-        path = Path(value).expanduser()
+        path = Path(_typed_path(value)).expanduser()
         try:
             path.write_text(self.conversation.save(), encoding="utf-8")
         except OSError as exc:
@@ -289,7 +303,7 @@ class InteractiveChat:
             say("/load FILE")
             return
         try:
-            text = Path(value).expanduser().read_text(encoding="utf-8")
+            text = Path(_typed_path(value)).expanduser().read_text(encoding="utf-8")
             loaded = Conversation.load(text, model=self.conversation.model)
         except OSError as exc:
             say(f"error: cannot read {value}: {exc.strerror or exc}")
@@ -318,7 +332,7 @@ class InteractiveChat:
             + f", ended: {how}"
         )
         say(f"  usage: {_usage(answer.usage)}" + (f"  (request {answer.request_id})" if answer.request_id else ""))
-        say(f"session: {self.answers} answers, {_usage(self.totals)}")
+        say(f"session: {self.answers} answer{'' if self.answers == 1 else 's'}, {_usage(self.totals)}")
 
     def show(self, _: str) -> None:
         c = self.conversation
@@ -372,6 +386,18 @@ def _json(value: Any) -> str:
 def _usage(usage: dict[str, int]) -> str:
     parts = [f"{key.removesuffix('_tokens')} {usage[key]:,}" for key in USAGE_KEYS if key in usage]
     return (", ".join(parts) + " tokens") if parts else "no usage reported"
+
+
+def _typed_path(value: str) -> str:
+    """A path as typed or, when that names no file, as a shell reads it: a file dragged into a terminal comes
+    quoted ('/home/me/my photo.png') or with its spaces escaped (my\\ photo.png). For /image, /load, /save."""
+    if value.startswith(attachment.PASSED_ON) or Path(value).expanduser().exists():
+        return value
+    try:
+        words = shlex.split(value)
+    except ValueError:  # an unclosed quote: as typed
+        return value
+    return words[0] if len(words) == 1 else value
 
 
 def _images(n: int) -> str:

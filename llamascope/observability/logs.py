@@ -104,6 +104,8 @@ def configure(level: str, fmt: LogFormat = "text") -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     root = logging.getLogger().level
     # httpx logs every image fetch at INFO; the access log already says what a request did. Alembic says
-    # "Context impl SQLiteImpl" and each migration at INFO on every start: shown at debug level only.
+    # "Context impl SQLiteImpl" and each migration at INFO on every start, and libvips (through pyvips) its
+    # "VIPS: threadpool completed with 2 workers" now and then, from its own threads: at debug level only.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, root))
-    logging.getLogger("alembic").setLevel(root if root <= logging.DEBUG else max(logging.WARNING, root))
+    for chatty in ("alembic", "pyvips"):
+        logging.getLogger(chatty).setLevel(root if root <= logging.DEBUG else max(logging.WARNING, root))

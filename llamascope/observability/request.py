@@ -20,7 +20,7 @@ from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Status, StatusCode
-from starlette.routing import Match
+from starlette.routing import Match, Mount
 
 from llamascope.observability import tracing
 from llamascope.observability.facts import EngineTimings, Generation, Outcome
@@ -316,7 +316,9 @@ def routes_of(app: Any, routes: list[Any]) -> None:
     """The routes of ``app`` (each with a ``path`` template), for ``route_of``."""
     by_endpoint: dict[Any, list[Any]] = {}
     for route in routes:
-        by_endpoint.setdefault(getattr(route, "endpoint", None), []).append(route)
+        # A Mount (the playground's files) puts the app it serves in the scope as the endpoint.
+        endpoint = route.app if isinstance(route, Mount) else getattr(route, "endpoint", None)
+        by_endpoint.setdefault(endpoint, []).append(route)
     _routes[app] = (routes, by_endpoint)
 
 
@@ -333,11 +335,16 @@ def route_of(scope: Scope) -> str:
     endpoint = scope.get("endpoint")
     candidates = by_endpoint.get(endpoint) if endpoint is not None else None
     if candidates and len(candidates) == 1:
-        return str(candidates[0].path)
+        return _template(candidates[0])
     for candidate in candidates or routes:  # refused before routing (a bad key): matched here
         if candidate.matches(scope)[0] == Match.FULL:
-            return str(candidate.path)
+            return _template(candidate)
     return "other"
+
+
+def _template(route: Any) -> str:
+    # A Mount's own path is its prefix ("/playground"); what it serves is "/playground/{path}".
+    return str(route.path_format if isinstance(route, Mount) else route.path)
 
 
 # -- the conversation service ------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import SEED_MODEL, ImageHost, Server, png_bytes
+from tests.conftest import SEED_MODEL, ImageHost, Server, free_port, png_bytes, start_server
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -165,3 +165,36 @@ def test_a_wrong_key_is_said_at_once_without_a_traceback(server: Server, tmp_pat
     child.close()
     assert "error: InvalidApiKey (HTTP 401): Invalid API-key provided." in child.before
     assert "Traceback" not in child.before and child.exitstatus == 1
+
+
+def test_a_failure_not_of_the_images_keeps_them_for_the_next_question(tmp_path: Path) -> None:
+    """An engine that cannot be reached (503) is no fault of the images: they wait for the question asked again,
+    where a refusal (400) drops them (the test above)."""
+    down = start_server(tmp_path, args=["--model", f"down=openai+http://127.0.0.1:{free_port()}/v1"])
+    try:
+        (tmp_path / "red.png").write_bytes(png_bytes(size=(32, 32)))
+        child = spawn(down, tmp_path, "-a", "red.png")
+        child.expect_exact(PROMPT)
+        failed = command(child, "What is this?")
+        assert "ServiceUnavailable (HTTP 503)" in failed and "1 image will go with the next question" in failed
+        assert "with the next message: data:image/png" in command(child, "/image")
+        child.sendline("/bye")
+        child.expect(pexpect.EOF)
+    finally:
+        down.stop()
+
+
+def test_names_typed_in_commands(server: Server, tmp_path: Path) -> None:
+    """Terminals paste a dropped file's path quoted, or with its spaces escaped; a model name is one served."""
+    (tmp_path / "my photo.png").write_bytes(png_bytes(size=(32, 32)))
+    child = spawn(server, tmp_path)
+    child.expect_exact(PROMPT)
+    for typed in (f"'{tmp_path}/my photo.png'", '"my photo.png"', "my\\ photo.png", "my photo.png"):
+        assert "image: data:image/png;base64" in command(child, f"/image {typed}"), typed
+    assert "saved 0 messages" in command(child, "/save 'my chat.json'")
+    assert "loaded 0 messages" in command(child, "/load my\\ chat.json")
+    assert "nosuch is not served here" in command(child, "/model nosuch")  # not taken, to fail at the next question
+    assert "nosuch" not in command(child, "/show")
+    assert f"model: {SEED_MODEL}" in command(child, f"/model {SEED_MODEL}")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)

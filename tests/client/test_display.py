@@ -11,7 +11,7 @@ import io
 
 from rich.console import Console
 
-from llamascope.client.display import MarkdownText, finished_blocks
+from llamascope.client.display import MarkdownText, PlainText, finished_blocks
 
 
 def render(text: str, step: int = 3, height: int = 12) -> str:
@@ -47,3 +47,30 @@ def test_a_code_block_taller_than_the_screen_is_cut_at_a_line_and_stays_code() -
     lines = [f"line_{i} = {i}" for i in range(60)]
     shown = render("```python\n" + "\n".join(lines) + "\n```\n", step=5, height=8)
     assert [line.strip() for line in shown.splitlines() if line.strip()] == lines
+
+
+ESCAPES = "plain \x1b[2J\x1b[31mred\x1b[0m \x1b]0;title\x07 \x1b]52;c;cHduZWQ=\x07 \x9b2J end"
+
+
+def test_a_terminal_is_never_sent_the_answers_control_characters() -> None:
+    """A model steered to write escape sequences (clear the screen, set the title, write the clipboard) only
+    shows their printable rest; a pipe still gets the answer's exact text."""
+    out = io.StringIO()
+    console = Console(file=out, width=80, force_terminal=True, color_system="truecolor")
+    with MarkdownText(console, refresh_seconds=0) as display:
+        display.write(ESCAPES)
+    shown = out.getvalue()
+    for sequence in ("\x1b[2J", "\x1b]0;", "\x1b]52", "\x07", "\x9b"):
+        assert sequence not in shown
+    assert "plain" in shown and "end" in shown
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal, pipe = Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        with PlainText(stream) as plain:
+            plain.write(ESCAPES)
+    assert "\x1b" not in terminal.getvalue() and "\x07" not in terminal.getvalue()
+    assert pipe.getvalue() == ESCAPES + "\n"

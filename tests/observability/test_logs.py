@@ -20,7 +20,8 @@ def restore_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-    logging.getLogger("alembic").setLevel(logging.NOTSET)
+    for chatty in ("alembic", "pyvips"):
+        logging.getLogger(chatty).setLevel(logging.NOTSET)
 
 
 def first_migration_only(path: Path) -> AccountStore:
@@ -48,6 +49,14 @@ def test_migrations_say_nothing_at_the_default_level(tmp_path: Path, capfd, rest
     b.migrate()
     assert "alembic.runtime.migration" in capfd.readouterr().err  # still there when asked for
     assert a.revision() == b.revision() == HEAD
+
+
+def test_libvips_threadpool_lines_show_only_at_debug(capfd, restore_logging) -> None:
+    """libvips says this now and then from its own threads, naming no request (seen in a server's log)."""
+    for level, shown in (("info", False), ("debug", True)):
+        logs.configure(level)
+        logging.getLogger("pyvips").info("VIPS: threadpool completed with 2 workers")
+        assert ("threadpool" in capfd.readouterr().err) is shown
 
 
 def test_json_lines_carry_the_exception(capfd, restore_logging) -> None:

@@ -342,6 +342,27 @@ def test_stop_ends_generation_on_the_server(tab: Tab, server: Server) -> None:
     assert 0 < int(logged["output_tokens"]) < 4000
 
 
+def test_a_reload_while_the_answer_streams_keeps_the_answer_so_far(tab: Tab, server: Server) -> None:
+    """As Stop would: stopped, in the conversation, the server no longer generating (it was shown as a
+    broken stream, and the answer left out of the conversation)."""
+    page = tab.page
+    sign_in(page)
+    pick_image(page, "long.png", IMAGE, "image/png")
+    set_parameter(page, "Max tokens", "4000")
+    answer = ask(page, "Tell me a very long story about this picture.")
+    expect(answer.locator(".answer.streaming")).to_have_count(1, timeout=ANSWER_TIMEOUT_MS)
+    page.reload()
+    expect(page.locator("body[data-ready=true]")).to_have_count(1)
+    expect(answer).to_have_attribute("data-status", "stopped")
+    expect(answer.locator(".error")).to_be_hidden()
+    assert answer.locator(".answer").text_content()
+    expect(page.locator(".attachment")).to_have_count(0)  # its image stays in its turn
+    deadline = time.monotonic() + 30
+    while running(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert running(server) == 0
+
+
 def test_a_gif_is_refused_with_its_dashscope_code(tab: Tab) -> None:
     page, traffic = tab.page, tab.traffic
     sign_in(page)
@@ -351,6 +372,36 @@ def test_a_gif_is_refused_with_its_dashscope_code(tab: Tab) -> None:
     expect(answer.locator(".error .error-code")).to_have_text("InvalidParameter.DataInspection")
     expect(answer.locator(".error")).to_contain_text("GIF")
     expect(answer.locator(".error .request-id")).to_have_text(f"request {traffic.request_ids[0]}")
+
+
+def test_more_images_than_the_model_takes_are_refused_before_they_are_sent(tab: Tab, server: Server) -> None:
+    page, traffic = tab.page, tab.traffic
+    sign_in(page)
+    served = httpx.get(server.api + "/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"]
+    limit = served[0]["max_images"]  # the model the page picks: the first
+    files = [{"name": f"{n}.png", "mimeType": "image/png", "buffer": IMAGE} for n in range(limit + 1)]
+    page.get_by_label("Image", exact=True).set_input_files(files)
+    set_parameter(page, "Max tokens", "3")
+    page.get_by_label("Message").fill("Compare them all.")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#status")).to_contain_text(f"at most {limit} images a conversation")
+    expect(page.locator("#status")).to_contain_text("remove some from the tray")
+    expect(page.locator(".attachment")).to_have_count(limit + 1)  # still there, to remove one
+    page.get_by_role("button", name="Remove 0.png").click()
+    expect(ask(page, "Compare them all.")).to_have_attribute("data-status", "done", timeout=ANSWER_TIMEOUT_MS)
+    assert len(traffic.generations) == 1 and len(traffic.generations[0]["input"]["messages"][0]["content"]) == limit + 1
+
+
+def test_a_request_over_the_body_limit_says_what_to_do(tab: Tab) -> None:
+    page = tab.page
+    sign_in(page)
+    over = 3 * 32 * 2**20 // 4 + 2**20  # as base64, more than the server's 32 MiB body limit
+    pick_image(page, "huge.png", IMAGE + bytes(over), "image/png")
+    answer = ask(page, "What is this?")
+    expect(answer).to_have_attribute("data-status", "error", timeout=ANSWER_TIMEOUT_MS)
+    expect(answer.locator(".error .error-code")).to_have_text("BadRequest.TooLarge")
+    expect(answer.locator(".error .error-hint")).to_contain_text("MAX_BODY_BYTES")
+    expect(page.locator(".attachment")).to_have_count(1)  # back in the tray, to remove
 
 
 def test_a_wrong_key_is_shown_as_the_api_says(tab: Tab) -> None:
@@ -372,6 +423,29 @@ def test_an_image_by_url_is_fetched_by_the_server_only(tab: Tab, server: Server,
     expect(answer).to_have_attribute("data-status", "done", timeout=ANSWER_TIMEOUT_MS)
     assert traffic.generations[0]["input"]["messages"][0]["content"][0] == {"image": url}
     assert [u for u in traffic.urls if not u.startswith(server.base + "/")] == []
+
+
+def test_get_code_for_an_image_url_with_quotes_runs_as_shown(tab: Tab, image_host: ImageHost, tmp_path: Path) -> None:
+    """A URL's " (and a "$&", a replacement pattern to String.replace) once broke the curl snippet's JSON."""
+    page = tab.page
+    image_host.files["/say%22cheese%22$&.png"] = (IMAGE, "image/png")
+    url = image_host.url('/say"cheese"$&.png')
+    sign_in(page)
+    page.get_by_label("Image URL").fill(url)
+    page.get_by_role("button", name="Use", exact=True).click()
+    set_parameter(page, "Max tokens", "3")
+    page.get_by_label("Message").fill("What is it?")
+    page.get_by_role("button", name="Get code").click()
+    curl = page.locator("#code-text").text_content()
+    page.get_by_role("tab", name="Python · openai").click()
+    openai = page.locator("#code-text").text_content()
+    env = {**os.environ, "DASHSCOPE_API_KEY": API_KEY}
+    ran = subprocess.run(["bash", "-c", curl], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert '"finish_reason":"length"' in ran.stdout, f"{curl}\n{ran.stdout}\n{ran.stderr}"
+    ran = subprocess.run(
+        [sys.executable, "-c", openai], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0 and ran.stdout.strip(), f"{openai}\n{ran.stderr}"
 
 
 def test_an_image_by_drop_or_paste(tab: Tab) -> None:

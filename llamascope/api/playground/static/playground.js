@@ -16,12 +16,17 @@ const STATE_SLOT = "llamascope.playground.conversation";
 const IMAGE_DB = "llamascope-playground";
 const PARAMETERS = ["temperature", "top_p", "top_k", "max_tokens", "seed", "stop"];
 const INTEGER_PARAMETERS = new Set(["top_k", "max_tokens", "seed"]);
+// What to do about a request body over the server's limit: the images are in it, each turn, as base64.
+const TOO_LARGE =
+  "Every message sends the conversation's images again, as data: URIs a third larger than their files: " +
+  "remove some, use smaller ones or image URLs, start a New chat, or raise the server's MAX_BODY_BYTES.";
 
 const $ = (id) => document.getElementById(id);
 
 let state = emptyState();
 let models = [];
 let running = null; // {controller, turn} while an answer streams
+let leaving = false; // the page is being left (a reload, a closed tab): a stream that ends then was stopped
 let modelsTimer = null; // a model list waiting for the key's typing to pause
 let modelsLoading = null; // the model list being fetched, a promise
 let saveTimer = null; // a save waiting for typing to pause
@@ -256,18 +261,18 @@ function userMessage(text, images) {
 }
 
 // The messages the API is sent: the system prompt, then every answered turn, each user message with the
-// images its turn carried, as `reference(image)` gives them. `imageGiven`: an image is among them.
+// images its turn carried, as `reference(image)` gives them. `imagesGiven`: how many images are among them.
 function history(reference = (image) => image.src) {
   const messages = [];
   if (state.system.trim()) messages.push({ role: "system", content: [{ text: state.system }] });
-  let imageGiven = false;
+  let imagesGiven = 0;
   for (const turn of answered()) {
     const images = turn.images.filter((i) => i.src); // one this browser could not keep is left out
     messages.push(userMessage(turn.user, images.map(reference)));
     messages.push({ role: "assistant", content: [{ text: turn.answer }] });
-    imageGiven ||= images.length > 0;
+    imagesGiven += images.length;
   }
-  return { messages, imageGiven };
+  return { messages, imagesGiven };
 }
 
 // The turns the conversation goes on from: a failed one, or one stopped before its answer, is left out.
@@ -311,10 +316,18 @@ async function ask(text) {
   if (!apiKey()) return refuse("Enter an API key first.", $("api-key"));
   if (!state.model) return refuse("No model to ask: check the key.", $("api-key"));
   const images = state.pending;
-  const { messages, imageGiven } = history();
+  const { messages, imagesGiven } = history();
   const model = models.find((m) => m.model === state.model);
-  if (!imageGiven && !images.length && model?.requires_image !== false) {
+  if (!imagesGiven && !images.length && model?.requires_image !== false) {
     return refuse("Add an image first: the first message needs one (more may join at any turn).");
+  }
+  // The model's limit, said before megabytes of images go out, with the way on (the server would refuse too).
+  const limit = model?.max_images;
+  if (limit && imagesGiven + images.length > limit) {
+    const most = limit === 1 ? "1 image" : `${limit} images`;
+    const way = imagesGiven > limit ? "start a New chat" : "remove some from the tray (×) or start a New chat";
+    return refuse(`${state.model} takes at most ${most} a conversation and this message would make it `
+      + `${imagesGiven + images.length}: ${way}.`);
   }
   let params;
   try {
@@ -366,6 +379,7 @@ async function ask(text) {
     turn.request_id = response.headers.get("x-request-id") || undefined;
     if (!response.ok) {
       turn.error = await errorOf(response);
+      if (turn.error.code === "BadRequest.TooLarge") turn.error.hint = TOO_LARGE;
     } else {
       for await (const { event, data } of events(response.body)) {
         if (event === "error") {
@@ -383,7 +397,7 @@ async function ask(text) {
     }
     turn.status = turn.error ? "error" : "done";
   } catch (error) {
-    if (error.name === "AbortError") {
+    if (error.name === "AbortError" || leaving) {
       turn.status = "stopped";
     } else {
       turn.status = "error";
@@ -402,11 +416,31 @@ async function ask(text) {
     running = null;
     setBusy(false);
     updateTurn(turn);
-    if (state.turns.includes(turn) && !answered().includes(turn) && turn.images.length) {
-      // Not part of the conversation: its images wait in the tray for the next message (× removes one).
-      state.pending = [...turn.images, ...state.pending];
-      renderTray();
-    }
+    giveBackImages(turn);
+    save();
+  }
+}
+
+// A turn that is not part of the conversation (failed, or stopped before its answer): its images wait in the
+// tray for the next message (× removes one).
+function giveBackImages(turn) {
+  if (!state.turns.includes(turn) || answered().includes(turn)) return;
+  const back = turn.images.filter((image) => !state.pending.includes(image));
+  if (!back.length) return;
+  state.pending = [...back, ...state.pending];
+  renderTray();
+}
+
+// Leaving the page cuts the stream: the answer so far stays in the conversation, stopped, as Stop leaves it
+// (not as a broken stream, which would drop it), and the server stops generating.
+function leave() {
+  if (running) {
+    leaving = true;
+    running.turn.status = "stopped";
+    giveBackImages(running.turn);
+    running.controller.abort();
+    save();
+  } else if (saveTimer) {
     save();
   }
 }
@@ -584,6 +618,7 @@ function updateTurn(turn) {
   view.error.hidden = !turn.error;
   if (turn.error) {
     view.error.replaceChildren(el("span", "error-code", turn.error.code), el("span", "error-message", turn.error.message));
+    if (turn.error.hint) view.error.append(el("span", "error-hint", turn.error.hint));
     const rid = turn.error.request_id || turn.request_id;
     if (rid) view.error.append(el("span", "request-id", `request ${rid}`));
   }
@@ -748,8 +783,8 @@ function curlCode({ messages, images }, params) {
   for (const { image, token, file } of images) {
     const value = file
       ? `data:${mimeOf(image)};base64,$(base64 < ${sq(file)} | tr -d '\\n')`
-      : escape(urlOf(image));
-    heredoc = heredoc.replace(token, value);
+      : escape(JSON.stringify(urlOf(image)).slice(1, -1)); // a URL's " or \ inside a JSON string
+    heredoc = heredoc.replace(token, () => value); // a function: "$&" or "$'" in a URL is no pattern
   }
   return [
     `curl -N ${location.origin}${GENERATION} \\`,
@@ -766,7 +801,9 @@ function curlCode({ messages, images }, params) {
 // The literal of `messages` with each image token replaced by its Python expression.
 function pythonMessages(messages, images) {
   let literal = listing(messages, "    ");
-  for (const entry of images) literal = literal.replace(py(entry.token), entry.variable || py(urlOf(entry.image)));
+  for (const entry of images) {
+    literal = literal.replace(py(entry.token), () => entry.variable || py(urlOf(entry.image)));
+  }
   return literal;
 }
 
@@ -969,7 +1006,8 @@ function wire() {
     }
     setTimeout(() => ($("copy-code").textContent = "Copy"), 1500);
   });
-  window.addEventListener("pagehide", () => saveTimer && save());
+  window.addEventListener("pagehide", leave);
+  window.addEventListener("pageshow", () => (leaving = false)); // back from the browser's page cache
 }
 
 async function start() {

@@ -223,7 +223,12 @@ class Settings(BaseSettings):
         "long as the longest prompt plus most-to-generate); unset: 131,072 on the CPU, on a GPU from its free "
         "memory",
     )
-    max_queued: int | None = Field(None, ge=0, description="a cap on the number of waiting requests as well, if set")
+    max_queued: int | None = Field(
+        None,
+        ge=1,
+        description="a cap on the number of waiting requests as well, if set; at least 1 (every request waits for "
+        "the model's thread to take it, room or not: 0 refused them all)",
+    )
     max_queued_bytes: int | None = Field(
         None,
         ge=0,

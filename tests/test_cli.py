@@ -193,3 +193,6 @@ def test_a_bad_setting_is_refused_naming_its_environment_variable(tmp_path: Path
         "LLAMASCOPE_VISION_BATCH_TILES (vision_batch_tiles): Input should be greater than or equal to 1" in out.stderr
     )
     assert "(given: '0')" in out.stderr and "LLAMASCOPE_MAX_BATCH_SIZE" in out.stderr, out.stderr
+    # MAX_QUEUED=0 started, then refused every request with 429 (each waits for the model's thread to take it).
+    out = llamascope(tmp_path, "serve", "--port", "1", env={"LLAMASCOPE_MAX_QUEUED": "0"})
+    assert out.returncode == 2 and "LLAMASCOPE_MAX_QUEUED (max_queued)" in out.stderr, out.stderr

@@ -287,8 +287,10 @@ class UrlSource:
 
     async def _fetch(self, known: Reuse | None) -> UrlAnswer:
         url = self.url
-        conditions = known.conditions() if known is not None else {}
         for hop in range(self.policy.max_redirects + 1):
+            # Validators are asked only of the address that gave them: sent along a redirect that points elsewhere
+            # now, an older image's If-Modified-Since would have the new one answered 304, the old image kept.
+            conditions = known.conditions() if known is not None and known.url == url else {}
             origin, request = await self._pinned_request(url, conditions)
             with CLIENTS.lend(*origin) as client:
                 response = await client.send(request, stream=True)
@@ -299,7 +301,7 @@ class UrlSource:
                         except ValueError:
                             raise _Refused("the image host redirected to a URL that is not valid") from None
                         continue
-                    reuse = reuse_of(response.headers, redirected=hop > 0)
+                    reuse = reuse_of(response.headers, url=url, redirected=hop > 0)
                     if response.status_code == 304 and known is not None and conditions:
                         return UrlAnswer(None, known.renewed(reuse))
                     if response.status_code != 200:

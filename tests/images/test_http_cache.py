@@ -176,3 +176,11 @@ def test_terms_of_reuse() -> None:
     assert not reuse_of({"cache-control": "no-cache", "etag": '"x"'}, now=now).fresh(now)
     assert not reuse_of({"cache-control": "max-age=60", "vary": "*"}, now=now).keep
     assert not reuse_of({"cache-control": "max-age=-1"}, now=now).keep
+
+
+def test_a_known_url_counts_its_validators_memory(host: Host) -> None:
+    """An ETag of kilobytes, from a host the caller names, counts as what it holds: the 4 MB bound holds."""
+    host.headers = {"ETag": '"' + "x" * 8000 + '"'}
+    intake = ImageIntake(FetchPolicy.from_allow_list(["127.0.0.0/8"]), DecodeLimits())
+    loads(host.url, 1, intake)
+    assert intake.urls.total > 8000

@@ -506,10 +506,17 @@ class _Utf16Text:
         text, self._high = self._high + piece, ""
         if not final and text and "\ud800" <= text[-1] <= "\udbff":
             text, self._high = text[:-1], text[-1]
-        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        return _joined(text)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _joined(text: str) -> str:
+    """``text`` with its surrogate pairs joined, each lone half U+FFFD: text UTF-8 can carry."""
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _json_object(text: str) -> bool:
@@ -545,7 +552,8 @@ class _CallDeltas:
         made = [c for _, c in sorted(self._calls.items()) if c["name"]]
         if cut and made and not _json_object(made[-1]["arguments"]):
             made.pop()
-        return [ToolCall(c["name"], c["arguments"] or "{}", c["id"] or call_id()) for c in made]
+        # Joined here, whole: an emoji's halves may come in two deltas, as in the text (_Utf16Text).
+        return [ToolCall(_joined(c["name"]), _joined(c["arguments"]) or "{}", c["id"] or call_id()) for c in made]
 
 
 def _count_in(text: str) -> int | None:

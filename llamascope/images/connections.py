@@ -10,8 +10,12 @@ its certificate verified for it, so no connection made for one name carries a re
 request is still resolved and checked before it is sent; a connection is reused only to an address the name
 resolved to and that passed the check again.
 
-Clients belong to the event loop that made them (a server has one; a new loop finds none); the least
-recently used beyond ``MAX_HOSTS`` are closed.
+A client is lent for one request and its answer (``lend``): the least recently used beyond ``MAX_HOSTS`` are
+closed, each once its last request lent is done (closing an httpx client closes its connections in use too,
+cutting the fetches under way). Clients keep no cookies: an image host's ``Set-Cookie`` from one caller's fetch
+would go out with every later caller's, and the jar would grow for as long as the host is used.
+
+Clients belong to the event loop that made them (a server has one; a new loop finds none).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import contextlib
 import functools
 import ssl
 from collections import OrderedDict
+from collections.abc import Iterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -46,13 +52,29 @@ class HostClients:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clients: OrderedDict[tuple[str, str, int], httpx.AsyncClient] = OrderedDict()
+        self._lent: dict[httpx.AsyncClient, int] = {}  # requests under way, by client
+        self._closing: set[asyncio.Task[None]] = set()
 
-    def get(self, scheme: str, host: str, port: int) -> httpx.AsyncClient:
+    @contextlib.contextmanager
+    def lend(self, scheme: str, host: str, port: int) -> Iterator[httpx.AsyncClient]:
+        """The host name's client, for one request and the reading of its answer."""
+        client = self._client(scheme, host, port)
+        self._lent[client] = self._lent.get(client, 0) + 1
+        try:
+            yield client
+        finally:
+            left = self._lent.pop(client, 1) - 1
+            if left:
+                self._lent[client] = left
+            elif client not in self._clients.values():  # evicted while lent: its last request is done
+                self._close(client)
+
+    def _client(self, scheme: str, host: str, port: int) -> httpx.AsyncClient:
         import httpx  # why: see tls
 
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # another loop's clients cannot be used (or closed) from this one
-            self._loop, self._clients = loop, OrderedDict()
+            self._loop, self._clients, self._lent = loop, OrderedDict(), {}
         key = (scheme, host, port)
         client = self._clients.get(key)
         if client is not None:
@@ -62,6 +84,7 @@ class HostClients:
             trust_env=False,
             follow_redirects=False,
             verify=tls(),
+            cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),  # none kept: see the module's docstring
             limits=httpx.Limits(
                 max_connections=None, max_keepalive_connections=IDLE_PER_HOST, keepalive_expiry=IDLE_SECONDS
             ),
@@ -69,22 +92,26 @@ class HostClients:
         self._clients[key] = client
         while len(self._clients) > MAX_HOSTS:
             _, evicted = self._clients.popitem(last=False)
-            # Its fetches under way keep it open until they end; only its idle connections close now.
-            task = loop.create_task(evicted.aclose())
-            task.add_done_callback(_taken)
+            if evicted not in self._lent:  # else closed when its last request is done (lend)
+                self._close(evicted)
         return client
 
+    def _close(self, client: httpx.AsyncClient) -> None:
+        task = asyncio.get_running_loop().create_task(client.aclose())
+        self._closing.add(task)  # the loop holds its tasks weakly
+        task.add_done_callback(self._closed)
+
+    def _closed(self, task: asyncio.Task[None]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled():
+            task.exception()  # an evicted client's close that failed: nothing to do about it
+
     async def aclose(self) -> None:
-        clients, self._clients = list(self._clients.values()), OrderedDict()
+        clients, self._clients, self._lent = list(self._clients.values()), OrderedDict(), {}
         if self._loop is asyncio.get_running_loop():
             for client in clients:
                 with contextlib.suppress(Exception):
                     await client.aclose()
-
-
-def _taken(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()  # an evicted client's close that failed: nothing to do about it
 
 
 CLIENTS = HostClients()

@@ -14,7 +14,8 @@ digest) but the host's word on reuse, as ``Reuse``:
 
 llamascope answers many callers, so it is a shared cache: ``no-store``, ``private`` and ``Vary: *`` answers are
 not kept, and ``no-cache`` ones are asked again each time. An answer reached through a redirect is never
-fresh (the redirect may point elsewhere next time): it is asked again, its validators sent along the hops.
+fresh (the redirect may point elsewhere next time): it is asked again, its validators sent to the address that
+gave them alone (``Reuse.url``), should the redirect still lead there.
 
 Hand-written: hishel (the httpx cache) keeps whole responses, where this keeps the image once, decoded, and
 every fetch goes to an address checked hop by hop (``source.UrlSource``), which a transport-level cache would
@@ -40,6 +41,7 @@ class Reuse:
     last_modified: str | None = None
     fresh_until: float = 0.0  # time.monotonic(): until then the answer is used without asking
     keep: bool = False  # a shared cache may keep it
+    url: str = ""  # the address that answered (a redirect's last hop): the validators are its, asked of it alone
 
     def fresh(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) < self.fresh_until
@@ -68,19 +70,20 @@ class Reuse:
         )
 
 
-def reuse_of(headers: Mapping[str, str], *, redirected: bool = False, now: float | None = None) -> Reuse:
-    """The terms of reuse of an answer with these headers (names in any case, as httpx's Headers take them)."""
+def reuse_of(headers: Mapping[str, str], *, url: str = "", redirected: bool = False, now: float | None = None) -> Reuse:
+    """The terms of reuse of the answer from ``url`` with these headers (names in any case, as httpx's Headers
+    take them)."""
     now = time.monotonic() if now is None else now
     directives = _directives(headers.get("cache-control", ""))
     vary = {v.strip() for v in headers.get("vary", "").split(",")}
     etag = headers.get("etag") or None
     last_modified = headers.get("last-modified") or None
     if "no-store" in directives or "private" in directives or "*" in vary:
-        return Reuse()
+        return Reuse(url=url)
     lifetime = 0.0 if "no-cache" in directives or redirected else _lifetime(directives, headers)
     lifetime = min(lifetime, MAX_FRESH)
     keep = lifetime > 0 or etag is not None or last_modified is not None
-    return Reuse(etag, last_modified, now + lifetime if lifetime > 0 else 0.0, keep)
+    return Reuse(etag, last_modified, now + lifetime if lifetime > 0 else 0.0, keep, url)
 
 
 def _directives(value: str) -> dict[str, str]:

@@ -62,6 +62,12 @@ class _KnownUrl:
     size: int  # its memory, the URL's included
 
 
+def _memory(url: str, reuse: Reuse) -> int:
+    """A known URL's memory: its strings, the host's validators included (an ETag may be kilobytes), and the rest."""
+    strings = (url, reuse.url, reuse.etag or "", reuse.last_modified or "")
+    return sum(sys.getsizeof(s) for s in strings) + 256
+
+
 _HUNG_UP = "ClientClosedRequest"  # the code of the answer to a client that left (which nobody reads)
 
 
@@ -163,7 +169,7 @@ class ImageIntake:
         else:
             image = await self.decode(answer.body, fit, fit_key, watch)
         if answer.reuse.keep:
-            self.urls.put(source.url, _KnownUrl(image.digest, answer.reuse, sys.getsizeof(source.url) + 256))
+            self.urls.put(source.url, _KnownUrl(image.digest, answer.reuse, _memory(source.url, answer.reuse)))
         else:
             self.urls.pop(source.url)
         return image

@@ -305,27 +305,29 @@ class UrlSource:
             self.policy.fetching.release()
 
     async def _fetch(self, known: Reuse | None) -> UrlAnswer:
-
         url = self.url
-        conditions = known.conditions() if known is not None else {}
         for hop in range(self.policy.max_redirects + 1):
-            client, request = await self._pinned_request(url, conditions)
-            response = await client.send(request, stream=True)
-            try:
-                if response.has_redirect_location:  # a 3xx without a Location is answered below, as it is
-                    try:
-                        url = urljoin(url, response.headers["location"])
-                    except ValueError:
-                        raise _Refused("the image host redirected to a URL that is not valid") from None
-                    continue
-                reuse = reuse_of(response.headers, redirected=hop > 0)
-                if response.status_code == 304 and known is not None and conditions:
-                    return UrlAnswer(None, known.renewed(reuse))
-                if response.status_code != 200:
-                    raise _Refused(f"the image host answered HTTP {response.status_code}")
-                return UrlAnswer(await self._read_capped(response), reuse)
-            finally:
-                await response.aclose()  # read to its end, its connection goes back to the host's client
+            # Validators are asked only of the address that gave them: sent along a redirect that points elsewhere
+            # now, an older image's If-Modified-Since would have the new one answered 304, the old image kept.
+            conditions = known.conditions() if known is not None and known.url == url else {}
+            origin, request = await self._pinned_request(url, conditions)
+            with CLIENTS.lend(*origin) as client:
+                response = await client.send(request, stream=True)
+                try:
+                    if response.has_redirect_location:  # a 3xx without a Location is answered below, as it is
+                        try:
+                            url = urljoin(url, response.headers["location"])
+                        except ValueError:
+                            raise _Refused("the image host redirected to a URL that is not valid") from None
+                        continue
+                    reuse = reuse_of(response.headers, url=url, redirected=hop > 0)
+                    if response.status_code == 304 and known is not None and conditions:
+                        return UrlAnswer(None, known.renewed(reuse))
+                    if response.status_code != 200:
+                        raise _Refused(f"the image host answered HTTP {response.status_code}")
+                    return UrlAnswer(await self._read_capped(response), reuse)
+                finally:
+                    await response.aclose()  # read to its end, its connection goes back to the host's client
         raise _Refused(f"more than {self.policy.max_redirects} redirects")
 
     async def _read_capped(self, response: httpx.Response) -> bytes:
@@ -342,9 +344,11 @@ class UrlSource:
             raise _Refused("the image host sent an empty body")
         return bytes(body)
 
-    async def _pinned_request(self, url: str, conditions: Mapping[str, str]) -> tuple[httpx.AsyncClient, httpx.Request]:
+    async def _pinned_request(
+        self, url: str, conditions: Mapping[str, str]
+    ) -> tuple[tuple[str, str, int], httpx.Request]:
         """The request for ``url`` to the address its host name resolved to and that passed the check, and the
-        client of that host name (``connections``) to send it with."""
+        host name's origin, whose client (``connections``) sends it."""
         import httpx  # why: see read
 
         try:
@@ -373,8 +377,8 @@ class UrlSource:
         host_header = f"[{host}]" if ":" in host else host
         if explicit_port is not None:
             host_header += f":{explicit_port}"
-        client = CLIENTS.get(parts.scheme, host, port)
-        return client, client.build_request(
+        # Built alone, not by the client: nothing of the client's (its cookies) goes into it.
+        return (parts.scheme, host, port), httpx.Request(
             "GET",
             pinned,
             headers={
@@ -384,8 +388,10 @@ class UrlSource:
                 "User-Agent": "llamascope",
                 **conditions,
             },
-            extensions={"sni_hostname": host},
-            timeout=httpx.Timeout(self.policy.total_timeout, connect=self.policy.connect_timeout),
+            extensions={
+                "sni_hostname": host,
+                "timeout": httpx.Timeout(self.policy.total_timeout, connect=self.policy.connect_timeout).as_dict(),
+            },
         )
 
     async def _checked_address(self, host: str, port: int) -> IPAddress:

@@ -28,6 +28,8 @@ MAX_PASSES = 64  # each pass adds a reference to those known finite, or ends: mo
 def has_finite_value(schema: Any) -> bool:
     """False only if no finite JSON value satisfies ``schema`` (a JSON Schema, already checked as one)."""
     refs = _local_refs(schema)
+    if refs is None:
+        return True  # references resolved against a subschema's own base URI: not read
     known: dict[str, bool] = dict.fromkeys(refs, False)
     for _ in range(MAX_PASSES):
         now = {ref: _finite(target, schema, known) for ref, target in refs.items()}
@@ -39,13 +41,17 @@ def has_finite_value(schema: Any) -> bool:
     return _finite(schema, schema, known)
 
 
-def _local_refs(root: Any) -> dict[str, Any]:
-    """Every ``$ref`` in ``root`` that points inside it ("#", "#/$defs/x"), with what it points to."""
+def _local_refs(root: Any) -> dict[str, Any] | None:
+    """Every ``$ref`` in ``root`` that points inside it ("#", "#/$defs/x"), with what it points to; None where a
+    subschema sets its own base URI (``$id``, draft 4's ``id``), against which "#" and "#/..." in it name that
+    subschema, not the root (read as the root's, a finite schema could be found to have no value)."""
     found: dict[str, Any] = {}
     stack = [root]
     while stack:
         node = stack.pop()
         if isinstance(node, Mapping):
+            if node is not root and (isinstance(node.get("$id"), str) or isinstance(node.get("id"), str)):
+                return None
             ref = node.get("$ref")
             if isinstance(ref, str) and ref not in found:
                 target = _resolve(root, ref)
@@ -58,8 +64,9 @@ def _local_refs(root: Any) -> dict[str, Any]:
 
 
 def _resolve(root: Any, ref: str) -> Any:
-    """What a local JSON Pointer reference names, or None (a remote or unreadable reference)."""
-    if not ref.startswith("#"):
+    """What a local JSON Pointer reference names, or None (a remote or unreadable reference, or a plain-name
+    fragment such as "#leaf", which names an ``$anchor``, not the root)."""
+    if ref != "#" and not ref.startswith("#/"):
         return None
     node = root
     for part in ref[1:].split("/")[1:] if ref != "#" else []:

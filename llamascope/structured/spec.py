@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -342,7 +343,7 @@ def check_schema(schema: Any, where: str) -> None:
     known = _verdicts.get(key) if key else None
     if known is None:
         verdict = _schema_verdict(schema, where)
-        known = (verdict, len(key) + len(verdict) + 64)
+        known = (verdict, sys.getsizeof(key) + sys.getsizeof(verdict))  # bytes: a character may take 4
         if key:
             _verdicts.put(key, known)
     if known[0]:

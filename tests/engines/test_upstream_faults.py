@@ -247,3 +247,13 @@ def test_an_answer_that_breaks_the_schema_asked_for_is_not_passed_on(tmp_path) -
         assert "it called 'launch', which is not a function it was offered" in unoffered.value.message
     finally:
         accounts.close()
+
+
+def test_call_arguments_cut_between_the_halves_of_a_surrogate_pair_come_back_whole() -> None:
+    """As the text's: an engine's JSON may split an emoji's UTF-16 halves across two argument deltas; joined as two
+    lone surrogates, the arguments could not be written as UTF-8 (a 500). A half left alone becomes U+FFFD."""
+    first = {"index": 0, "id": "call_a", "function": {"name": "w", "arguments": '{"a": "\ud83d'}}
+    rest = {"index": 0, "function": {"arguments": '\udc09", "b": "\ud83d"}'}}
+    body = event({"tool_calls": [first]}) + event({"tool_calls": [rest]}) + event({}, "tool_calls")
+    last = asyncio.run(ask([answer_with(body + b"data: [DONE]\n\n")]))[-1]
+    assert [c.arguments for c in last.tool_calls or ()] == ['{"a": "\U0001f409", "b": "\ufffd"}']

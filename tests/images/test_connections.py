@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from llamascope.images import connections
 from llamascope.images.connections import CLIENTS
 from llamascope.images.source import FetchPolicy, parse_reference
 
@@ -38,6 +40,25 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.server.hosts.append(self.headers["Host"])
         body = b"\x89PNG " + self.path.encode()
+        if self.path == "/cookie":  # sets a cookie
+            body = b"\x89PNG set"
+            self.send_response(200)
+            self.send_header("Set-Cookie", "who=alice; Path=/")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if self.path == "/echo":  # the cookies it was sent
+            body = b"\x89PNG " + (self.headers.get("Cookie") or "none").encode()
+        if self.path == "/slow":  # half the body, a pause, the rest
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:4])
+            self.wfile.flush()
+            time.sleep(0.5)
+            self.wfile.write(body[4:])
+            return
         if self.path == "/moved":
             self.send_response(302)
             self.send_header("Location", "/after")
@@ -79,3 +100,34 @@ def test_a_new_event_loop_starts_without_the_last_ones_connections(host: Host) -
     for _ in range(2):
         assert asyncio.run(parse_reference(url, ALLOW).read()) == b"\x89PNG /x"
     assert host.connections == 2
+
+
+def test_a_host_evicted_while_its_image_is_read_finishes_the_read(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing an httpx client closes its connections in use: an evicted host's client waits for its fetches."""
+    monkeypatch.setattr(connections, "MAX_HOSTS", 1)
+    port = host.server_address[1]
+
+    async def fetches() -> list[bytes]:
+        slow = asyncio.ensure_future(parse_reference(f"http://127.0.0.1:{port}/slow", ALLOW).read())
+        await asyncio.sleep(0.2)  # its headers in, its body under way
+        other = await parse_reference(f"http://localhost:{port}/other", ALLOW).read()  # evicts 127.0.0.1's
+        try:
+            return [await slow, other]
+        finally:
+            await CLIENTS.aclose()
+
+    assert asyncio.run(fetches()) == [b"\x89PNG /slow", b"\x89PNG /other"]
+
+
+def test_a_cookie_an_image_host_sets_goes_out_with_no_later_fetch(host: Host) -> None:
+    """One caller's fetch must not carry what the host told another's; nor may the jar grow with the host's use."""
+    port = host.server_address[1]
+
+    async def fetches() -> bytes:
+        try:
+            await parse_reference(f"http://127.0.0.1:{port}/cookie", ALLOW).read()
+            return await parse_reference(f"http://127.0.0.1:{port}/echo", ALLOW).read()
+        finally:
+            await CLIENTS.aclose()
+
+    assert asyncio.run(fetches()) == b"\x89PNG none" and host.connections == 1

@@ -7,6 +7,7 @@ import asyncio
 import io
 import threading
 from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -33,6 +34,9 @@ class Host(ThreadingHTTPServer):
         self.body = png((200, 0, 0))
         self.headers: dict[str, str] = {}
         self.asked: list[dict[str, str]] = []  # each request's headers, in order
+        self.location = "/photo.png"  # where /moved sends
+        # Other paths' own body and headers, If-Modified-Since honoured against their Last-Modified.
+        self.pages: dict[str, tuple[bytes, dict[str, str]]] = {}
 
     @property
     def url(self) -> str:
@@ -50,8 +54,22 @@ class Handler(BaseHTTPRequestHandler):
         host.asked.append(dict(self.headers))
         if self.path == "/moved":
             self.send_response(302)
-            self.send_header("Location", "/photo.png")
+            self.send_header("Location", host.location)
             self.end_headers()
+            return
+        if self.path in host.pages:
+            body, headers = host.pages[self.path]
+            since = self.headers.get("If-Modified-Since")
+            unchanged = since is not None and parsedate_to_datetime(headers["Last-Modified"]) <= parsedate_to_datetime(
+                since
+            )
+            self.send_response(304 if unchanged else 200)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", "0" if unchanged else str(len(body)))
+            self.end_headers()
+            if not unchanged:
+                self.wfile.write(body)
             return
         etag = host.headers.get("ETag")
         matched = etag is not None and self.headers.get("If-None-Match") == etag
@@ -114,7 +132,27 @@ def test_an_answer_through_a_redirect_is_asked_again(host: Host) -> None:
     host.headers = {"Cache-Control": "max-age=60", "ETag": '"v1"'}
     moved = host.url.replace("/photo.png", "/moved")
     loads(moved, 2)
-    assert [h.get("If-None-Match") for h in host.asked] == [None, None, '"v1"', '"v1"']
+    # The validators go to the address that gave them, not to the one that redirects.
+    assert [h.get("If-None-Match") for h in host.asked] == [None, None, None, '"v1"']
+
+
+def test_a_redirect_that_leads_elsewhere_now_is_not_asked_the_last_images_validators(host: Host) -> None:
+    """An older image behind the redirect now: asked If-Modified-Since the newer one's date, it would say 304."""
+    host.pages = {
+        "/new.png": (png((200, 0, 0)), {"Last-Modified": "Mon, 07 Dec 2026 08:00:00 GMT"}),
+        "/old.png": (png((0, 0, 200)), {"Last-Modified": "Wed, 01 Jan 2025 00:00:00 GMT"}),
+    }
+    intake = ImageIntake(FetchPolicy.from_allow_list(["127.0.0.0/8"]), DecodeLimits())
+    moved = host.url.replace("/photo.png", "/moved")
+    host.location = "/new.png"
+    (first,) = loads(moved, 1, intake)
+    host.location = "/old.png"
+    (second,) = loads(moved, 1, intake)
+    assert "If-Modified-Since" not in host.asked[-1]
+    assert second.image.getpixel((0, 0)) == (0, 0, 200) and first.image.getpixel((0, 0)) == (200, 0, 0)
+    host.location = "/new.png"  # back: its own validators, a 304, and the first image again
+    (third,) = loads(moved, 1, intake)
+    assert third.image.getpixel((0, 0)) == (200, 0, 0)
 
 
 def test_an_image_no_longer_held_decoded_is_fetched_whole(host: Host) -> None:
@@ -138,3 +176,11 @@ def test_terms_of_reuse() -> None:
     assert not reuse_of({"cache-control": "no-cache", "etag": '"x"'}, now=now).fresh(now)
     assert not reuse_of({"cache-control": "max-age=60", "vary": "*"}, now=now).keep
     assert not reuse_of({"cache-control": "max-age=-1"}, now=now).keep
+
+
+def test_a_known_url_counts_its_validators_memory(host: Host) -> None:
+    """An ETag of kilobytes, from a host the caller names, counts as what it holds: the 4 MB bound holds."""
+    host.headers = {"ETag": '"' + "x" * 8000 + '"'}
+    intake = ImageIntake(FetchPolicy.from_allow_list(["127.0.0.0/8"]), DecodeLimits())
+    loads(host.url, 1, intake)
+    assert intake.urls.total > 8000

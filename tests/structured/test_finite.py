@@ -38,6 +38,34 @@ FINITE: dict[str, Any] = {
     "a remote reference (not read)": {"$ref": "https://example.com/schema.json"},
     "a required property a pattern may give": {"type": "object", "patternProperties": {"^a": SELF}, "required": ["a"]},
     "an enum beside a reference to itself": {"$ref": "#", "enum": [1]},
+    # A fragment that is no JSON pointer names an anchor, not the root: {"a": "x"} is a value of these two.
+    "a required property by $anchor": {
+        "type": "object",
+        "properties": {"a": {"$ref": "#leaf"}},
+        "required": ["a"],
+        "$defs": {"leaf": {"$anchor": "leaf", "type": "string"}},
+    },
+    "a required property by a draft-07 id": {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "type": "object",
+        "properties": {"a": {"$ref": "#leaf"}},
+        "required": ["a"],
+        "definitions": {"leaf": {"$id": "#leaf", "type": "string"}},
+    },
+    # Under its own $id, "#/$defs/s" is the subschema's s (a string), not the root's (a circle nothing uses).
+    "a subschema with its own base URI": {
+        "$ref": "#/$defs/t",
+        "$defs": {
+            "t": {
+                "$id": "https://example.com/t.json",
+                "type": "object",
+                "properties": {"a": {"$ref": "#/$defs/s"}},
+                "required": ["a"],
+                "$defs": {"s": {"type": "string"}},
+            },
+            "s": {"$ref": "#/$defs/s"},
+        },
+    },
 }
 ENDLESS: dict[str, Any] = {
     "itself": {"$ref": "#"},

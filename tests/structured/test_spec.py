@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from llamascope.errors import ServiceError
-from llamascope.structured.spec import GrammarSpec, read_request
+from llamascope.structured import spec
+from llamascope.structured.spec import GrammarSpec, check_schema, read_request
 
 OBJECT = {"type": "object", "properties": {"a": {"type": "integer"}}}
 TOOL = {"type": "function", "function": {"name": "f", "parameters": OBJECT}}
@@ -110,6 +111,14 @@ def test_a_schema_checked_before_is_refused_again_naming_the_new_field() -> None
         assert "'parameters.tools[0].function.parameters': not a JSON Schema" in refusal(
             tools=[tool], prefix="parameters."
         )
+
+
+def test_a_kept_verdict_counts_the_bytes_of_its_schema() -> None:
+    """The verdicts' 8 MB bound is of memory: a schema of 4-byte characters counts 4 bytes each, not 1."""
+    schema = {"type": "string", "description": "\U0001f409" * 10_000}
+    before = spec._verdicts.total
+    check_schema(schema, "s")
+    assert spec._verdicts.total - before >= 40_000
 
 
 def test_native_fields_are_named_with_their_prefix() -> None:

@@ -233,8 +233,10 @@ class SharedRateLimits:
         """Count a request in across replicas, or raise 429 (or 503 with ``on_error="closed"``); ``per_minute``
         as ``RateLimits.enter``.
 
-        Returns False when Redis was unreachable and the request goes on uncounted (``on_error="open"``).
+        Returns False when Redis was unreachable and the request goes on uncounted (``on_error="open"``); True
+        when it was counted in by its concurrency before Redis failed (``leave`` takes that count out).
         """
+        entered = False  # counted in by the key's concurrency: to be taken out on every path
         try:
             await self._start()
             tokens, requests = _items(key)
@@ -244,27 +246,35 @@ class SharedRateLimits:
             if key.max_concurrent is not None:
                 deadline = repr(self._enter_deadline())
                 args: list[str | int] = [self.replica, key.max_concurrent, self._replica_prefix, deadline]
-                entered = await self._call(self._enter_script(keys=[self._running_key(key)], args=args))
-                if entered == -1:  # Redis answered, but too late to count this request in
+                answer = await self._call(self._enter_script(keys=[self._running_key(key)], args=args))
+                if answer == -1:  # Redis answered, but too late to count this request in
                     raise LimiterUnavailable("Redis ran the count after its deadline")
+                entered = answer == 1
                 if not entered:
                     raise throttled(f"at most {key.max_concurrent} concurrent requests", 1)
             hit = self._limiter.hit if per_minute else self._limiter.test
             if requests is not None and not await self._call(hit(requests, str(key.id))):
-                if key.max_concurrent is not None:
+                if entered:
                     await self._call(self._leave_script(keys=[self._running_key(key)], args=[self.replica]))
+                    entered = False
                 reset = (await self._call(self._limiter.get_window_stats(requests, str(key.id)))).reset_time
                 raise throttled(f"{key.requests_per_minute} requests per minute", reset - time.time())
         except LimiterUnavailable as exc:
+            # Counted in by its concurrency, then a later call failed (the per-minute window): served, the
+            # request is counted (its leave takes the count out); refused, the count comes out here. Dropped,
+            # it held one of the key's slots for as long as this replica lived.
             self._warn(exc)
             if self.on_error == "closed":
+                if entered:
+                    with contextlib.suppress(LimiterUnavailable):
+                        await self._call(self._leave_script(keys=[self._running_key(key)], args=[self.replica]))
                 raise errors.ServiceError(
                     503,
                     "ServiceUnavailable",
                     "The rate limiter is unavailable; please try again later.",
                     headers={"Retry-After": "5"},
                 ) from None
-            return False
+            return entered
         return True
 
     async def leave(self, key: KeyView, tokens: int, counted: bool = True) -> None:

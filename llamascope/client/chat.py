@@ -15,7 +15,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +148,17 @@ def schema_format(path: Path) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
 
 
-def indented(text: str) -> str:
-    """A JSON answer indented for reading; one that is not JSON (cut by max_tokens) as it is."""
-    try:
-        return json.dumps(json.loads(text), ensure_ascii=False, indent=2)
-    except ValueError:
-        return text
+def indented(text: str, terminal: bool = False) -> str:
+    """A JSON answer indented for reading; one that is not JSON (cut by max_tokens) as it is. For a
+    ``terminal``, without the control characters it would act on (``display.for_terminal``): a string's
+    ``\\u009b`` is one once decoded, and an answer cut short is the engine's text as it came."""
+    with suppress(ValueError):
+        text = json.dumps(json.loads(text), ensure_ascii=False, indent=2)
+    if terminal:
+        from llamascope.client.display import for_terminal  # rich, only when an answer is shown (see answering)
+
+        text = for_terminal(text)
+    return text
 
 
 def one_shot(client: Client, conversation: Conversation, question: str, args: argparse.Namespace) -> int:
@@ -180,7 +185,7 @@ def one_shot(client: Client, conversation: Conversation, question: str, args: ar
         body = answer.body if args.no_stream and answer.body else answer.final_body()
         print(json.dumps(body, ensure_ascii=False, indent=2))
     elif pretty:
-        print(indented(answer.text))
+        print(indented(answer.text, sys.stdout.isatty()))
     if not args.json and answer.finish_reason == "length":
         print("(the answer reached max_tokens)", file=sys.stderr)
     return 0

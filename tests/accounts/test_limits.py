@@ -202,3 +202,39 @@ def test_a_request_counted_in_after_its_replica_gave_up_on_redis_does_not_hold_a
         await limits.aclose()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("rule", ["open", "closed"])
+def test_a_failure_after_the_concurrency_count_does_not_keep_the_slot(redis_server: RedisServer, rule: str) -> None:
+    """Redis counted the request in (its concurrency), then failed the per-minute window: the request was served
+    uncounted (or refused 503), and the concurrency it was counted in by was never taken out again: a key
+    limited to one concurrent request got 429 from then on, for as long as this replica lived."""
+
+    async def scenario() -> None:
+        import redis.asyncio as redis
+
+        limits = SharedRateLimits(redis_server.url, on_error=rule, prefix=f"broken-{rule}")  # type: ignore[arg-type]
+        one = key(rpm=100, concurrent=1)
+        assert await limits.enter(one) is True
+        await limits.leave(one, 0)
+        client = redis.Redis.from_url(redis_server.url)
+        windows = await client.keys(f"broken-{rule}:rl:*requests*")
+        assert windows, await client.keys("*")
+        for window in windows:  # the window is no list now: Redis answers the limiter WRONGTYPE, as a failure
+            await client.delete(window)
+            await client.set(window, "not a window")
+        if rule == "open":
+            counted = await limits.enter(one)  # served: counted in or not, as leave is told
+            await limits.leave(one, 0, counted)
+        else:
+            with pytest.raises(errors.ServiceError, match="unavailable"):
+                await limits.enter(one)
+        for window in windows:
+            await client.delete(window)
+        assert await limits.enter(one) is True  # the slot is free
+        await limits.leave(one, 0)
+        await client.aclose()
+        await limits.aclose()
+
+    asyncio.run(scenario())

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llamascope.client.chat import indented
 from tests.conftest import ADMIN_KEY, SEED_MODEL, ImageHost, Server, free_port, png_bytes, user_turn
 
 GREEDY = ["-o", "temperature", "0", "-o", "max_tokens", "12"]
@@ -198,3 +199,16 @@ def test_a_schema_holds_the_answer_and_prints_it_indented(server: Server, photo:
     path.write_text("{not json")
     refused = chat(args, server, home)
     assert refused.returncode == 2 and f"--schema {path}" in refused.stderr
+
+
+def test_a_schema_answer_printed_to_a_terminal_has_no_control_characters() -> None:
+    """``--schema`` printed its answer past the display, straight to the terminal: a JSON string's ``\\u009b``
+    (CSI), valid JSON a model may be steered to write, came out decoded, and an answer cut short (no JSON) came
+    out with its ESC sequences as the engine sent them. A pipe still gets the exact text."""
+    answer = json.dumps({"note": "\x9b2J\x1b]52;c;cHduZWQ=\x07 \x7f done"})
+    shown = indented(answer, terminal=True)
+    assert json.loads(shown) == {"note": "2J\x1b]52;c;cHduZWQ=\x07  done"}  # C0 stays escaped, as JSON writes it
+    assert not any(c in shown for c in "\x9b\x7f\x1b\x07")
+    assert "\x9b" in indented(answer)  # a pipe: the text as decoded
+    cut = '{"note": "\x1b]0;title\x07 \x1b[2J'
+    assert indented(cut, terminal=True) == '{"note": "]0;title [2J' and indented(cut) == cut

@@ -327,7 +327,7 @@ class UrlSource:
                         raise _Refused(f"the image host answered HTTP {response.status_code}")
                     return UrlAnswer(await self._read_capped(response), reuse)
                 finally:
-                    await response.aclose()  # read to its end, its connection goes back to the host's client
+                    await response.aclose()  # read to its end (a 200), its connection goes back to the host's client
         raise _Refused(f"more than {self.policy.max_redirects} redirects")
 
     async def _read_capped(self, response: httpx.Response) -> bytes:

@@ -331,6 +331,9 @@ SCHEMA_VERDICTS_BYTES = 8 << 20
 _verdicts: SizedLRU[str, tuple[str, int]] = SizedLRU(SCHEMA_VERDICTS_BYTES, lambda verdict: verdict[1])
 
 
+NESTED_TOO_DEEPLY = "the schema is nested too deeply."
+
+
 def check_schema(schema: Any, where: str) -> None:
     """Refuse a schema that is not a JSON Schema, that the grammar library cannot compile, or that no finite
     JSON value satisfies (whose answers could never end)."""
@@ -344,7 +347,7 @@ def check_schema(schema: Any, where: str) -> None:
     if known is None:
         verdict = _schema_verdict(schema, where)
         known = (verdict, sys.getsizeof(key) + sys.getsizeof(verdict))  # bytes: a character may take 4
-        if key:
+        if key and verdict != NESTED_TOO_DEEPLY:  # that one depends on the stack's depth at the time: not kept
             _verdicts.put(key, known)
     if known[0]:
         raise invalid_parameter(f"Invalid value for '{where}': {known[0]}")
@@ -364,7 +367,7 @@ def _schema_verdict(schema: Mapping[str, Any], where: str) -> str:
     except jsonschema.SchemaError as e:
         return f"not a JSON Schema ({e.message})."
     except RecursionError:  # the checks recurse: a schema nested a few hundred deep is the caller's, not a 500
-        return "the schema is nested too deeply."
+        return NESTED_TOO_DEEPLY
     return f"the schema cannot be used for decoding: {problem}" if problem else ""
 
 

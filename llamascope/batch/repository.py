@@ -409,7 +409,7 @@ class BatchRepository:
         error_file_id: str | None,
         not_run: int,
     ) -> bool:
-        """The result files are written: record them and end the batch, in one transaction."""
+        """The result files are written: record them, end the batch and drop its lines, in one transaction."""
         now = utcnow()
         stamp = {Status.COMPLETED: "completed_at", Status.EXPIRED: "expired_at", Status.CANCELLED: "cancelled_at"}
         with self.engine.begin() as connection:
@@ -429,6 +429,8 @@ class BatchRepository:
                 return False
             for file in files:
                 connection.execute(insert(BatchFile).values(**{f.name: getattr(file, f.name) for f in fields(file)}))
+            # The files hold every line's result now: its rows would only keep a second copy, for good.
+            connection.execute(delete(BatchLine).where(BatchLine.batch_id == batch_id))
         return True
 
     # -- what /metrics reads --------------------------------------------------------------------------

@@ -15,7 +15,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from sqlalchemy import func, select
 
+from llamascope.accounts.schema import BatchLine
 from llamascope.accounts.store import AccountStore
 from llamascope.settings import BUILTIN, BUILTIN_TEXT
 from tests.conftest import ADMIN_KEY, API_KEY, OTHER_KEY, SEED_MODEL, TEXT_MODEL, Server, png_bytes, start_server
@@ -118,6 +120,10 @@ def test_a_batch_of_image_questions_runs_to_its_output_file(batch_server: Server
     assert {batch.input_file_id, batch.output_file_id} <= {f.id for f in listed}
     output_file = client.files.retrieve(batch.output_file_id)
     assert output_file.purpose == "batch_output" and output_file.bytes > 0
+    # The files hold the results now: the batch's line rows (a second copy of each result) are gone.
+    with store.engine.connect() as connection:
+        kept = connection.scalar(select(func.count()).select_from(BatchLine).where(BatchLine.batch_id == batch.id))
+    assert kept == 0
 
 
 def test_a_wrong_input_fails_the_batch_naming_its_lines_before_anything_runs(batch_server: Server) -> None:

@@ -109,6 +109,18 @@ class BatchRepository:
             gone = connection.execute(delete(BatchFile).where(BatchFile.id == file_id, BatchFile.key_id == key_id))
         return bool(gone.rowcount)
 
+    def forsaken(self, file_id: str) -> bool:
+        """Deleted (no record), and the input of no batch under way (one keeps it until it ends): its bytes may go."""
+        ended = [s.value for s in ENDED]
+        with self.engine.connect() as connection:
+            recorded = connection.scalar(select(func.count()).select_from(BatchFile).where(BatchFile.id == file_id))
+            reading = connection.scalar(
+                select(func.count())
+                .select_from(BatchJob)
+                .where(BatchJob.input_file_id == file_id, BatchJob.status.not_in(ended))
+            )
+        return not recorded and not reading
+
     # -- batches --------------------------------------------------------------------------------------
 
     def add_batch(self, batch: BatchView) -> None:

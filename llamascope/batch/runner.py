@@ -308,9 +308,10 @@ class Runner:
             response = await self._client(batch.key_id).post(request["url"], content=content, headers=headers)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the input file gone or changed under the batch
+        except Exception as exc:  # the input file changed under the batch, or the disk failed
             log.error("batch %s line %d could not be read: %s", batch.id, line.number, exc)
-            await self._finish(batch, line, 500, None, {"code": "internal_error", "message": str(exc)}, {})
+            error = {"code": "internal_error", "message": "This line of the input file could not be read."}
+            await self._finish(batch, line, 500, None, error, {})
             return
         status = response.status_code
         try:
@@ -419,6 +420,13 @@ class Runner:
             log.exception("batch %s: validation failed", batch.id)
             problem = LineError(None, "internal_error", "The input file could not be read.")
             await asyncio.to_thread(self.repository.invalid, batch.id, self.replica_id, [problem], None)
+        await asyncio.to_thread(self._drop_input, batch)
+
+    def _drop_input(self, batch: BatchView) -> None:
+        """The batch's input file, deleted through the Files API while the batch read it: its bytes go once
+        no batch under way reads them."""
+        if self.repository.forsaken(batch.input_file_id):
+            self.files.delete(batch.input_file_id)
 
     def _check(self, batch: BatchView) -> None:
         """Stream the input once: its lines stored as they pass, then the model and the key's grant for it."""
@@ -452,6 +460,7 @@ class Runner:
         batch = await asyncio.to_thread(self.repository.begin_finalizing, batch_id, self.replica_id)
         if batch is not None:
             await asyncio.to_thread(self._write_results, batch)
+            await asyncio.to_thread(self._drop_input, batch)
         self._stopped.pop(batch_id, None)
 
     def _write_results(self, batch: BatchView) -> None:

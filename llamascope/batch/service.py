@@ -85,7 +85,9 @@ class BatchService:
         view = await self.file(key_id, file_id)
         if not await asyncio.to_thread(self.repository.delete_file, file_id, key_id):
             raise not_found("File", file_id)
-        await asyncio.to_thread(self.files.delete, file_id)
+        # The input of a batch under way keeps its bytes until the batch ends (the runner drops them then).
+        if await asyncio.to_thread(self.repository.forsaken, file_id):
+            await asyncio.to_thread(self.files.delete, file_id)
         return view
 
     # -- batches --------------------------------------------------------------------------------------

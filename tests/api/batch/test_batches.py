@@ -195,6 +195,18 @@ def test_the_create_call_checks_its_fields_and_param_names_the_one_at_fault(batc
         assert answer.status_code == 400 and answer.json()["error"]["param"] == field, answer.text
 
 
+def test_an_input_file_deleted_while_its_batch_runs_is_kept_until_the_batch_ends(batch_server: Server) -> None:
+    client = sdk(batch_server)
+    batch = submit(client, [request(f"r{i}", f"Say {i}.", max_tokens=2, model=TEXT_MODEL) for i in range(12)])
+    assert client.files.delete(batch.input_file_id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(batch.input_file_id)
+    batch = wait(client, batch.id)
+    assert (batch.status, batch.request_counts.completed, batch.error_file_id) == ("completed", 12, None), batch
+    assert [line["custom_id"] for line in results(client, batch.output_file_id)] == [f"r{i}" for i in range(12)]
+    assert not (batch_server.log_path.parent / "data" / "batch-files" / batch.input_file_id).exists()
+
+
 def test_another_key_gets_404_for_a_batch_and_its_files(batch_server: Server) -> None:
     mine, theirs = sdk(batch_server), sdk(batch_server, OTHER_KEY)
     file = mine.files.create(file=("input.jsonl", request("a", "hi").encode()), purpose="batch")

@@ -310,8 +310,8 @@ class Runner:
             raise
         except Exception as exc:  # the input file changed under the batch, or the disk failed
             log.error("batch %s line %d could not be read: %s", batch.id, line.number, exc)
-            error = {"code": "internal_error", "message": "This line of the input file could not be read."}
-            await self._finish(batch, line, 500, None, error, {})
+            unread = {"code": "internal_error", "message": "This line of the input file could not be read."}
+            await self._finish(batch, line, 500, None, unread, {})
             return
         status = response.status_code
         try:

@@ -19,7 +19,15 @@ A real ``llamascope serve`` (the built-in test model, ``LLAMASCOPE_BATCH_IN_FLIG
    ``in_progress``, and the server's resident memory over that time against before. Targets: < 10 s, and the
    memory flat (it grows less than 32 MB, for a file of some 340 MB: streamed, never loaded whole).
 
+4. With --url-lines N: three batches of N lines, every line naming one image URL on a loopback host (a
+   1120x840 JPEG of noise, about 0.5 MB), served with ``Cache-Control: max-age=600`` (fresh: not fetched
+   again), an ``ETag`` alone (asked again, answered 304 with no body) and no caching headers (fetched whole
+   each line): each batch's time and the host's fetches. No target: what the image-URL reuse
+   (images/http_cache.py) does for a batch's repeated URLs. Fetches may pass 1 for a fresh URL: the lines
+   that start together each fetch it before the first answer is kept.
+
     .venv/bin/python bench/batch.py [--lines 1000] [--concurrency 16] [--probes 20] [--big-lines 50000] [--poll 1]
+        [--url-lines 0]
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -133,6 +143,54 @@ def probes(base: str, count: int, first_seed: int) -> float:
     return statistics.median(times)
 
 
+URL_HEADERS = {"/fresh": {"Cache-Control": "max-age=600"}, "/etag": {"ETag": '"v1"'}, "/silent": {}}
+
+
+def image_host() -> tuple[ThreadingHTTPServer, Counter[str]]:
+    """A loopback host serving one photo-sized JPEG at ``URL_HEADERS``' paths, counting full answers and 304s."""
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (1120, 840), os.urandom(1120 * 840 * 3)).save(buf, format="JPEG", quality=90)
+    photo, served = buf.getvalue(), Counter[str]()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            headers = URL_HEADERS[self.path]
+            same = "ETag" in headers and self.headers.get("If-None-Match") == headers["ETag"]
+            served[self.path + (" 304" if same else " 200")] += 1
+            self.send_response(304 if same else 200)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", "0" if same else str(len(photo)))
+            self.end_headers()
+            if not same:
+                self.wfile.write(photo)
+
+    host = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    host.daemon_threads = True
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    return host, served
+
+
+def url_batches(client: openai.OpenAI, port: int, served: Counter[str], lines: int, poll: float) -> list[str]:
+    """Table rows: per caching header, a batch of ``lines`` lines naming the one URL, its time and fetches."""
+    rows = []
+    for path in URL_HEADERS:
+        data = jsonl(range(lines), f"http://127.0.0.1:{port}{path}")
+        batch, started = submit(client, data)
+        batch = wait(client, batch.id, ("completed", "failed", "cancelled"), poll)
+        seconds = time.monotonic() - started
+        assert batch.status == "completed" and batch.request_counts.completed == lines, batch
+        full, not_modified = served[path + " 200"], served[path + " 304"]
+        headers = ", ".join(f"{k}: {v}" for k, v in URL_HEADERS[path].items()) or "none"
+        rows.append(f"| {headers} | {seconds:.1f} s ({lines / seconds:.1f} lines/s) | {full} | {not_modified} |")
+    return rows
+
+
 def row(name: str, measured: str, target: str, ok: bool) -> str:
     return f"| {name} | {measured} | {target} | {'PASS' if ok else 'FAIL'} |"
 
@@ -144,6 +202,7 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=20)
     parser.add_argument("--big-lines", type=int, default=50_000)
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between two looks at the batch's status")
+    parser.add_argument("--url-lines", type=int, default=0, help="lines of each one-URL batch (0: none)")
     args = parser.parse_args()
     n = args.lines
     with Processes("llamascope-batch-bench-") as children:
@@ -156,6 +215,7 @@ def main() -> None:
             # batch runs as many at once as the API side does.
             "LLAMASCOPE_MAX_BATCH_SIZE": str(args.concurrency + 1),
             "LLAMASCOPE_MAX_QUEUE_WAIT_SECONDS": "600",  # a loaded machine: slow, not refused
+            "LLAMASCOPE_IMAGE_FETCH_ALLOW": "127.0.0.1",  # the loopback image host of part 4
         }
         port = free_port()
         server = children.spawn([sys.executable, "-m", "llamascope", "serve", "--port", str(port)], env)
@@ -206,6 +266,12 @@ def main() -> None:
         sampler.join()
         client.batches.cancel(big.id)
         assert big.status != "failed", big.errors
+        url_rows: list[str] = []
+        if args.url_lines:
+            wait(client, big.id, ("cancelled", "completed"), 0.05)
+            host, served = image_host()
+            url_rows = url_batches(client, host.server_address[1], served, args.url_lines, args.poll)
+            host.shutdown()
 
     mb = 1024 * 1024
     print(f"{n} lines, concurrency {args.concurrency}, {api_tokens} output tokens through the API, "
@@ -222,6 +288,10 @@ def main() -> None:
     grown = (peak - before) / mb
     size = len(data) / mb
     print(row("memory while validating", f"+{grown:.0f} MB (file {size:.0f} MB)", "flat (< 32 MB)", grown < 32))
+    if url_rows:
+        print(f"\n{args.url_lines} lines naming one image URL, by the host's caching headers:\n")
+        print("| caching headers | batch | full fetches | 304s |\n|---|---|---|---|")
+        print("\n".join(url_rows))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from starlette.responses import JSONResponse, Response
 from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
 from llamascope.api.incoming import open_reply, read_json, source_context
+from llamascope.api.middleware import note_model
 from llamascope.api.native import sse
 from llamascope.api.native.protocol import ErrorBody
 from llamascope.api.native.router import SSE_HEADERS, answer
@@ -27,7 +28,9 @@ router = APIRouter()
 
 
 async def generation(request: Request) -> Response:
-    call = TextGenerationRequest.from_body(await read_json(request))
+    body = await read_json(request)
+    note_model(request, body)
+    call = TextGenerationRequest.from_body(body)
     reply = await open_reply(request, call, Endpoint.TEXT)
     return await answer(request, reply, TextGenerationResult.render(call.result_format))
 
@@ -35,7 +38,9 @@ async def generation(request: Request) -> Response:
 async def tokenizer(request: Request) -> JSONResponse:
     """Token ids of the prompt a text-generation request with this input runs: the count is its input_tokens."""
     service: ConversationService = request.app.state.service
-    call = TokenizationRequest.from_body(await read_json(request))
+    body = await read_json(request)
+    note_model(request, body)
+    call = TokenizationRequest.from_body(body)
     ids, tokens = await service.tokens(request.state.principal, call.model, call.messages, source_context(request))
     return JSONResponse(TokenizationResult.of(ids, tokens, request_id_of(request)).model_dump())
 

@@ -283,9 +283,8 @@ class InProcessEngine(ABC):
         )
 
     def _fewest_tokens(self, turns: list[Turn]) -> int:
-        """A lower bound on the tokens of the prompt ``turns`` make, without rendering it: each turn after the
-        first adds the chat template's special tokens for a turn (the first may be the system message, which
-        goes in a block every prompt has), and no token covers more of the turns' text than the longest one."""
+        """A lower bound on the prompt's tokens, without rendering it: each turn but the first (maybe the system
+        message, in a block every prompt has) adds the template's specials, and its text bytes/longest token."""
         text = sum(len(part.strip().encode()) for turn in turns for part in turn.parts if isinstance(part, str))
         return (len(turns) - 1) * self._turn_specials + text // self._max_token_bytes
 
@@ -462,22 +461,16 @@ def chat_text(turn: Turn) -> str:
 
 
 def _turn_specials(tokenizer: Any, template: str, specials: re.Pattern[str] | None) -> int:
-    """The fewest special tokens (each one token, whatever the text about it) that ``template`` writes for
-    one more turn of a conversation, whatever its role: 3 in Llama 3's templates (the role's header and the
-    end of turn). 0 where it cannot tell (a role the template refuses there)."""
-    if specials is None:
-        return 0
+    """The fewest special tokens (one token each) ``template`` writes for one more turn, whatever its role: 3 in
+    Llama 3's (the role's header, the turn's end); 0 where it cannot tell (a role it refuses there)."""
 
     def count(messages: list[dict[str, str]]) -> int:
-        rendered = tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=True
-        )
-        return len(specials.findall(rendered))
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+        return len(specials.findall(text)) if specials is not None else 0
 
     first = [{"role": "user", "content": "a"}]
     try:
-        base = count(first)
-        return max(0, min(count([*first, {"role": role, "content": "a"}]) - base for role in CHAT_ROLES))
+        return max(0, min(count([*first, {"role": role, "content": "a"}]) for role in CHAT_ROLES) - count(first))
     except Exception:  # a template that refuses a role there (raise_exception, or any error of its own)
         return 0
 

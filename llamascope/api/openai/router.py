@@ -155,7 +155,7 @@ def _is_test(name: str, service: ConversationService) -> bool:
     return service.engines[name].info.test_model
 
 
-async def tokenize(request: Request) -> JSONResponse:
+async def tokenize(request: Request) -> Response:
     """vLLM's ``POST /tokenize`` for chat messages: the prompt's token count, as a completion would report it.
 
     An llamascope in front of another (``--model NAME=openai+http://...``) asks it this, so its usage is exact
@@ -167,7 +167,12 @@ async def tokenize(request: Request) -> JSONResponse:
     note_model(request, body)
     call = ChatRequest.from_body(body)
     principal, context = request.state.principal, source_context(request)
-    count = await service.count(principal, call.model, call.messages, context, call.parameters)
+    # A client that leaves ends the count: its image fetch, and its hold on the key's concurrency, as a chat's
+    count = await unless_disconnected(
+        request, service.count(principal, call.model, call.messages, context, call.parameters)
+    )
+    if count is None:
+        return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(
         TokenCount(count=count, max_model_len=service.engine(call.model).info.context_length).model_dump()
     )

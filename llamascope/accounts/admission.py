@@ -19,13 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import anyio
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from llamascope import errors
 from llamascope.accounts.access import bearer_key, grant_refusal, key_refusal
 from llamascope.accounts.checkpoints import Checkpoints, Progress
-from llamascope.accounts.limits import RateLimits, SharedRateLimits
+from llamascope.accounts.limits import RateLimits, SharedRateLimits, to_the_end
 from llamascope.accounts.records import GrantView, KeyView, Reservation, utcnow
 from llamascope.accounts.store import AccountStore
 
@@ -97,30 +96,43 @@ class Admission:
             await self.accounts.checkpoints.saved(self.progress)
 
     async def settle(self, input_tokens: int, output_tokens: int, image_tokens: int, status: str) -> None:
+        """Charge what was used, and count the request out; whatever cancels the calling task meanwhile (a client
+        hanging up, a batch cancelled, the server stopping), both are done before the cancellation is raised."""
         if self.settled:
             return
         self.settled = True
         used = input_tokens + output_tokens  # the rate limits count the tokens made, whatever they cost
         price = self.principal.charged
         input_tokens, output_tokens, image_tokens = price(input_tokens), price(output_tokens), price(image_tokens)
-        store, checkpoints, progress = self.accounts.store, self.accounts.checkpoints, self.progress
+        store, progress = self.accounts.store, self.progress
         charge = (self.reservation, self.request_id, input_tokens, output_tokens, image_tokens, status)
         if progress is not None:
             progress.settling = True  # before the charge commits: a checkpoint written meanwhile is undone
         in_flight = progress is not None and progress.written
-        limits = self.accounts.limits
         try:
-            # SQLite with the write lock free: done, no thread hop, and nothing awaited, so nothing to shield
-            # (anyio's shield costs about 7 us a request)
-            if store.settle(*charge, wait=False, in_flight=in_flight):
-                if store.checkpoint_due:
-                    self.accounts.background(store.checkpoint)
-            else:
-                with anyio.CancelScope(shield=True):  # a client hanging up must not skip the charge
-                    await self.accounts.run(functools.partial(store.settle, *charge, in_flight=in_flight))
+            # SQLite with the write lock free: charged here, without a thread hop
+            charged = store.settle(*charge, wait=False, in_flight=in_flight)
+        except UNREACHABLE:
+            charged = False  # tried again off the loop, where a store that does not answer is dealt with
+        if charged and store.checkpoint_due:
+            self.accounts.background(store.checkpoint)
+        ending = self._settle(charge, charged, in_flight, used)
+        if charged and not self.accounts.limits.shared:
+            # Nothing in it waits (the charge is done, this process's limits never wait), so nothing can cut it
+            # short: awaited as it is, without the task to_the_end costs.
+            await ending
+        else:
+            await to_the_end(ending)
+
+    async def _settle(
+        self, charge: tuple[Reservation, str, int, int, int, str], charged: bool, in_flight: bool, used: int
+    ) -> None:
+        store, checkpoints, progress = self.accounts.store, self.accounts.checkpoints, self.progress
+        try:
+            if not charged:
+                await self.accounts.run(functools.partial(store.settle, *charge, in_flight=in_flight))
             if progress is not None and progress.written and not in_flight:  # a first checkpoint raced the settle
-                with anyio.CancelScope(shield=True):
-                    await self.accounts.run(store.forget_checkpoints, [self.request_id])
+                await self.accounts.run(store.forget_checkpoints, [self.request_id])
         except UNREACHABLE as exc:
             if checkpoints is None:
                 raise
@@ -128,11 +140,7 @@ class Admission:
             checkpoints.defer(progress, charge)
             progress = None  # the writer finishes it once the charge is saved
         finally:
-            if limits.shared:  # counted in Redis: awaited, and shielded like the charge
-                with anyio.CancelScope(shield=True):
-                    await limits.leave(self.principal.key, used, self.counted)
-            else:  # counted here: it never waits, so it cannot be cancelled
-                await limits.leave(self.principal.key, used, self.counted)
+            await self.accounts.limits.leave(self.principal.key, used, self.counted)
             if checkpoints is not None and progress is not None:
                 checkpoints.finish(progress)
 
@@ -209,9 +217,9 @@ class Accounts:
         return await self.limits.enter(principal.key, per_minute)
 
     async def leave(self, principal: Principal, counted: bool) -> None:
-        """Count out a request ``enter`` let in that never reached ``admit``; shielded (a hang-up cannot skip it)."""
-        with anyio.CancelScope(shield=True):
-            await self.limits.leave(principal.key, 0, counted)
+        """Count out a request ``enter`` let in that never reached ``admit``; a cancellation cannot cut it short
+        (this process's limits never wait; Redis's are waited for to the end)."""
+        await self.limits.leave(principal.key, 0, counted)
 
     async def admit(
         self,

@@ -22,7 +22,8 @@ import math
 import time
 import uuid
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from llamascope import errors
 from llamascope.accounts.records import KeyView
@@ -32,6 +33,27 @@ if TYPE_CHECKING:
     from limits.strategies import MovingWindowRateLimiter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def to_the_end(work: Awaitable[T]) -> T:
+    """Await ``work`` to its end though the calling task is cancelled meanwhile, as many times as it is; the
+    cancellation is raised once ``work`` has ended (its own error instead, if it fails). For what must not be
+    cut short: a request counted out, a charge saved. (anyio's ``CancelScope(shield=True)`` does not hold
+    against asyncio's own ``Task.cancel``, which the hang-up watch and the batch runner use.)"""
+    task = asyncio.ensure_future(work)
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError as exc:
+            if task.cancelled():  # ``work`` itself was cancelled (the loop closing): nothing left to wait for
+                raise
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
+    return result
 
 
 def throttled(message: str, retry_after: float) -> errors.ServiceError:
@@ -246,7 +268,7 @@ class SharedRateLimits:
             if key.max_concurrent is not None:
                 deadline = repr(self._enter_deadline())
                 args: list[str | int] = [self.replica, key.max_concurrent, self._replica_prefix, deadline]
-                answer = await self._call(self._enter_script(keys=[self._running_key(key)], args=args))
+                answer = await self._count_in(key, args)
                 if answer == -1:  # Redis answered, but too late to count this request in
                     raise LimiterUnavailable("Redis ran the count after its deadline")
                 entered = answer == 1
@@ -255,8 +277,8 @@ class SharedRateLimits:
             hit = self._limiter.hit if per_minute else self._limiter.test
             if requests is not None and not await self._call(hit(requests, str(key.id))):
                 if entered:
-                    await self._call(self._leave_script(keys=[self._running_key(key)], args=[self.replica]))
-                    entered = False
+                    entered = False  # before the wait: a cancellation meanwhile must not count it out twice
+                    await self._count_out(key)
                 reset = (await self._call(self._limiter.get_window_stats(requests, str(key.id)))).reset_time
                 raise throttled(f"{key.requests_per_minute} requests per minute", reset - time.time())
         except LimiterUnavailable as exc:
@@ -267,7 +289,7 @@ class SharedRateLimits:
             if self.on_error == "closed":
                 if entered:
                     with contextlib.suppress(LimiterUnavailable):
-                        await self._call(self._leave_script(keys=[self._running_key(key)], args=[self.replica]))
+                        await self._count_out(key)
                 raise errors.ServiceError(
                     503,
                     "ServiceUnavailable",
@@ -275,10 +297,36 @@ class SharedRateLimits:
                     headers={"Retry-After": "5"},
                 ) from None
             return entered
+        except asyncio.CancelledError:  # the caller gone (a hang-up, a batch line stopped) once counted in
+            if entered:
+                with contextlib.suppress(LimiterUnavailable):
+                    await self._count_out(key)
+            raise
         return True
 
+    async def _count_in(self, key: KeyView, args: list[str | int]) -> int:
+        """The concurrency script's answer (1: counted in, 0: full, -1: too late). Its caller cancelled while
+        Redis runs it, the answer is still awaited, and a request it counted in is counted out again: Redis may
+        have run the script already, and nothing else would take that count out."""
+        counting = asyncio.ensure_future(self._call(self._enter_script(keys=[self._running_key(key)], args=args)))
+        try:
+            answer: int = await to_the_end(counting)
+        except asyncio.CancelledError:
+            if counting.done() and not counting.cancelled() and counting.exception() is None and counting.result() == 1:
+                with contextlib.suppress(LimiterUnavailable):
+                    await self._count_out(key)
+            raise
+        return answer
+
     async def leave(self, key: KeyView, tokens: int, counted: bool = True) -> None:
-        """Count the request out (only if ``enter`` counted it in) and charge its tokens to the window."""
+        """Count the request out (only if ``enter`` counted it in) and charge its tokens to the window, to the end
+        whatever cancels the caller meanwhile: cut short, it held one of the key's slots for this replica's life."""
+        await to_the_end(self._leave(key, tokens, counted))
+
+    async def _count_out(self, key: KeyView) -> None:
+        await to_the_end(self._call(self._leave_script(keys=[self._running_key(key)], args=[self.replica])))
+
+    async def _leave(self, key: KeyView, tokens: int, counted: bool) -> None:
         try:
             if counted and key.max_concurrent is not None:
                 await self._call(self._leave_script(keys=[self._running_key(key)], args=[self.replica]))

@@ -139,7 +139,8 @@ class PostObjectForm:
 
     The policy and its signature are checked as soon as both are in and the key as soon as it is (the SDK,
     like OSS's PostObject, sends them before the file, which comes last); the first one that fails ends the
-    request. The file is read only after all three passed, and only up to the policy's size cap; it goes to
+    request. The file is read only after all three passed and the policy had a place left for it (its files,
+    ``UploadStore.receive``), and only up to the policy's size cap; it goes to
     the store's ``Incoming`` file as it comes (``pending``, then ``spill``), never whole in memory. Before
     that, at most ``FORM_BEFORE_FILE`` bytes are parsed."""
 

@@ -49,6 +49,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.types import ASGIApp
 
 from llamascope.accounts.access import grant_refusal
+from llamascope.accounts.limits import to_the_end
 from llamascope.accounts.records import utcnow
 from llamascope.accounts.store import AccountStore
 from llamascope.batch import lines as input_lines
@@ -292,8 +293,8 @@ class Runner:
         try:
             await self._send(batch, line)
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._stopped_line(batch, line, call))
+            with contextlib.suppress(Exception):  # to its end, however often the line is cancelled meanwhile
+                await to_the_end(self._stopped_line(batch, line, call))
             raise
 
     async def _send(self, batch: BatchView, line: input_lines.Line) -> None:
@@ -408,8 +409,9 @@ class Runner:
         text = json.dumps(result, ensure_ascii=False, separators=(",", ":"))
         finish = self.repository.finish_line
         args = (batch.id, line.number, self.replica_id, error is None, text, input_tokens, output_tokens)
-        # Shielded: a cancel arriving now must not lose a result the key has been charged for.
-        await asyncio.shield(asyncio.to_thread(finish, *args))
+        # To its end: a cancel arriving now (or a second, the server stopping) must not lose a result the key has
+        # been charged for, nor leave it being written after ``stop`` has handed the line back.
+        await to_the_end(asyncio.to_thread(finish, *args))
 
     # -- whole batches -------------------------------------------------------------------------------
 

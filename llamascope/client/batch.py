@@ -110,21 +110,43 @@ def add_parser(commands: Any) -> None:
 
 @dataclass
 class Pace:
-    """Tokens a second and the time left, from what changed since watching began."""
+    """Tokens a second and the time left: from what changed since watching began, and for a batch that has
+    ended from its own timestamps (watching may have begun as it ended)."""
 
     started: float
     tokens: int
     lines: int
 
-    def rates(self, batch: Batch, now: float) -> tuple[float, float | None]:
+    def rates(self, batch: Batch, now: float) -> tuple[float | None, float | None]:
+        """Tokens a second (None: nothing to measure yet) and seconds left (None: unknown)."""
+        if batch.ended:
+            return _whole_run_rate(batch), 0.0
         elapsed = now - self.started
         if elapsed <= 0:
-            return 0.0, None
+            return None, None
         tokens = max(0, batch.tokens() - self.tokens) / elapsed
         ended = batch.count("completed") + batch.count("failed")
         lines = (ended - self.lines) / elapsed
         left = batch.count("total") - ended
         return tokens, (left / lines if lines > 0 else None)
+
+
+# The stamps that end a batch's run of lines, whichever came first.
+_RUN_ENDS = ("finalizing_at", "cancelling_at", "completed_at", "failed_at", "expired_at", "cancelled_at")
+
+
+def _whole_run_rate(batch: Batch) -> float | None:
+    """The tokens a second of an ended batch over its run, by its own timestamps (whole seconds): None if it
+    never ran, or ran within one second."""
+    started = batch.raw.get("in_progress_at")
+    ends = [batch.raw[name] for name in _RUN_ENDS if isinstance(batch.raw.get(name), int | float)]
+    if not isinstance(started, int | float) or not ends or min(ends) <= started:
+        return None
+    return batch.tokens() / (min(ends) - started)
+
+
+def _rate(tokens_per_second: float | None) -> str:
+    return "-" if tokens_per_second is None else f"{tokens_per_second:.1f}"
 
 
 def _eta(seconds: float | None) -> str:
@@ -156,10 +178,10 @@ class Watch:
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("failed {task.fields[failed]}  {task.fields[rate]:.1f} tokens/s  ETA {task.fields[eta]}"),
+                TextColumn("failed {task.fields[failed]}  {task.fields[rate]} tokens/s  ETA {task.fields[eta]}"),
                 console=Console(file=self.stream),
             )
-            self.task = self.progress.add_task("validating", total=None, failed=0, rate=0.0, eta="-:--:--")
+            self.task = self.progress.add_task("validating", total=None, failed=0, rate="-", eta="-:--:--")
             self.progress.start()
         return self
 
@@ -177,13 +199,13 @@ class Watch:
                 total=total or None,
                 completed=done + failed,
                 failed=failed,
-                rate=rate,
+                rate=_rate(rate),
                 eta=_eta(left),
             )
             return
         line = f"{batch.status}: {done + failed}/{total} ({failed} failed)"
         if line != self.last:
-            print(f"{line}, {rate:.1f} tokens/s, ETA {_eta(left)}", file=self.stream, flush=True)
+            print(f"{line}, {_rate(rate)} tokens/s, ETA {_eta(left)}", file=self.stream, flush=True)
             self.last = line
 
     def __exit__(

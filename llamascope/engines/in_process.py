@@ -110,6 +110,7 @@ class InProcessEngine(ABC):
         self._max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab())
         specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len)
         self._specials = re.compile("|".join(re.escape(t) for t in reversed(specials))) if specials else None
+        self._turn_specials = _turn_specials(tokenizer, template, self._specials)
         self._preparers = anyio.CapacityLimiter(2)
         self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = weakref.WeakKeyDictionary()
         self._outboxes_lock = threading.Lock()  # the model thread flushes while a loop may add its own
@@ -252,6 +253,9 @@ class InProcessEngine(ABC):
         return prompt
 
     def _prepare(self, turns: list[Turn], output: OutputSpec | None = None) -> PreparedPrompt:
+        max_input = self.info.context_length - 1
+        if self._fewest_tokens(turns) > max_input:
+            raise errors.input_too_long(max_input)  # certain before rendering thousands of turns
         messages, images = self._chat(turns)
         tools = [t.to_openai() for t in output.offered_tools()] if output is not None else []
         if self._specials is not None:  # the caller's strings are text: "<|image|>" in one is no image
@@ -264,7 +268,6 @@ class InProcessEngine(ABC):
         prompt = self.tokenizer.apply_chat_template(
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=True, **extra
         )
-        max_input = self.info.context_length - 1
         if len(prompt.encode()) // self._max_token_bytes > max_input:
             raise errors.input_too_long(max_input)  # certain without tokenising megabytes of text
         inputs, pixels = self._model_inputs(prompt, images)
@@ -278,6 +281,12 @@ class InProcessEngine(ABC):
             max_new_tokens=self.info.context_length - input_tokens,
             payload=_Payload(inputs, tuple(images), pixels, fault and (fault[1], int(fault[2]))),
         )
+
+    def _fewest_tokens(self, turns: list[Turn]) -> int:
+        """A lower bound on the prompt's tokens, without rendering it: each turn but the first (maybe the system
+        message, in a block every prompt has) adds the template's specials, and its text bytes/longest token."""
+        text = sum(len(part.strip().encode()) for turn in turns for part in turn.parts if isinstance(part, str))
+        return (len(turns) - 1) * self._turn_specials + text // self._max_token_bytes
 
     @abstractmethod
     def _chat(self, turns: list[Turn]) -> tuple[list[dict[str, Any]], list[PreparedImage]]:
@@ -434,6 +443,9 @@ class InProcessEngine(ABC):
             self._grammars.close()
 
 
+CHAT_ROLES = ("system", "user", "assistant", TOOL_RESULT_ROLE)  # what ``chat_role`` gives
+
+
 def chat_role(turn: Turn) -> str:
     """The turn's role in the chat template: a tool's result is Meta's "ipython" turn."""
     return TOOL_RESULT_ROLE if turn.role == "tool" else turn.role
@@ -446,6 +458,21 @@ def chat_text(turn: Turn) -> str:
         return turn.text
     written = call_text(call.to_openai() for call in turn.tool_calls)
     return f"{turn.text}{written}" if turn.text.strip() else written
+
+
+def _turn_specials(tokenizer: Any, template: str, specials: re.Pattern[str] | None) -> int:
+    """The fewest special tokens (one token each) ``template`` writes for one more turn, whatever its role: 3 in
+    Llama 3's (the role's header, the turn's end); 0 where it cannot tell (a role it refuses there)."""
+
+    def count(messages: list[dict[str, str]]) -> int:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+        return len(specials.findall(text)) if specials is not None else 0
+
+    first = [{"role": "user", "content": "a"}]
+    try:
+        return max(0, min(count([*first, {"role": role, "content": "a"}]) for role in CHAT_ROLES) - count(first))
+    except Exception:  # a template that refuses a role there (raise_exception, or any error of its own)
+        return 0
 
 
 def _as_text(value: Any, specials: re.Pattern[str]) -> Any:

@@ -54,11 +54,14 @@ def too_large(most: int) -> errors.ServiceError:
 
 class Incoming:
     """An upload's file as it arrives, written to a temporary file among the objects (``.part-*``, which
-    ``purge_expired`` removes if a crash leaves one): never whole in memory, and refused past its cap."""
+    ``purge_expired`` removes if a crash leaves one): never whole in memory, and refused past its cap. It holds
+    one of its policy's places (``place``) from before its first byte; ``discard`` gives it back unless kept."""
 
-    def __init__(self, root: Path, claims: Claims, key: str) -> None:
+    def __init__(self, root: Path, claims: Claims, key: str, place: Path | None = None) -> None:
         self.claims = claims
         self.key = key
+        self.place = place
+        self.kept = False
         fd, name = tempfile.mkstemp(dir=root, prefix=".part-")
         self.path = Path(name)
         self._file: BinaryIO | None = os.fdopen(fd, "wb")
@@ -77,9 +80,13 @@ class Incoming:
             self._file = None
 
     def discard(self) -> None:
-        """Remove the file unless it was kept (then it is gone from its temporary name already)."""
+        """Remove the temporary file (kept, the object is another name of it), and give the place back unless
+        the upload was kept: refused, cut short or the same file again, it stores nothing."""
         self.close()
         self.path.unlink(missing_ok=True)
+        if self.place is not None and not self.kept:
+            self.place.unlink(missing_ok=True)
+            self.place = None
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -177,8 +184,17 @@ class UploadStore:
 
     def receive(self, claims: Claims, key: str) -> Incoming:
         """Where the file of an upload under ``claims`` to ``key`` is written as it arrives (a temporary file
-        beside the objects, at most ``claims.max`` bytes); ``keep`` it once whole, else ``discard`` it."""
-        return Incoming(self.root, claims, key)
+        beside the objects, at most ``claims.max`` bytes); ``keep`` it once whole, then ``discard`` it.
+
+        It takes one of the policy's places first, or raises the refusal before a byte of the file is read;
+        not when ``key`` holds an object already (the same file again takes none, and another is refused)."""
+        place = None if self._path(key).exists() else self._take_place(claims)
+        try:
+            return Incoming(self.root, claims, key, place)
+        except BaseException:
+            if place is not None:
+                place.unlink(missing_ok=True)
+            raise
 
     def save(self, claims: Claims, key: str, stream: BinaryIO, now: float | None = None) -> int:
         """Store ``stream`` (read in pieces, with the cap) under ``key``, as ``keep`` does; returns its size."""
@@ -200,33 +216,42 @@ class UploadStore:
         incoming.close()
         claims, key = incoming.claims, incoming.key
         target = self._path(key)
-        if target.exists():
-            if self._holds(target, incoming.path):
+        if not target.exists():
+            if incoming.place is None:  # its key held an object when it began, purged since
+                incoming.place = self._take_place(claims)
+            now = time.time() if now is None else now
+            record = {"key": key, "owner": claims.owner, "model": claims.model, "expires": now + self.ttl_seconds}
+            # Before the object: an object never stays without the record that lets it be purged. Another
+            # upload to this key that loses the race below rewrote it with the same key and owner (one policy).
+            self._write(target.with_suffix(".json"), json.dumps(record).encode())
+            try:
+                # Made only if absent, atomically, also between replicas sharing the directory (os.replace
+                # after a check let two different files to one key both be taken, the last one kept).
+                os.link(incoming.path, target)
+                incoming.kept = True
                 return incoming.size
-            raise errors.ServiceError(
-                409,
-                "FileAlreadyExists",
-                "The object you specified already exists: another file of the same name was uploaded for this call "
-                "(the SDK names uploads by their file names); give the files different names.",
-            )
-        self._take_place(claims)
-        now = time.time() if now is None else now
-        record = {"key": key, "owner": claims.owner, "model": claims.model, "expires": now + self.ttl_seconds}
-        self._write(target.with_suffix(".json"), json.dumps(record).encode())
-        os.replace(incoming.path, target)
-        return incoming.size
+            except FileExistsError:
+                pass  # another upload to this key came first: the same file, or a refusal
+        if self._holds(target, incoming.path):
+            return incoming.size
+        raise errors.ServiceError(
+            409,
+            "FileAlreadyExists",
+            "The object you specified already exists: another file of the same name was uploaded for this call "
+            "(the SDK names uploads by their file names); give the files different names.",
+        )
 
-    def _take_place(self, claims: Claims) -> None:
-        """One of the policy's ``files`` places, or the refusal: one policy is no way to store without end. A
-        place is a file made only if absent (atomic, also for replicas sharing the directory), kept until
-        ``purge_expired`` finds the policy long expired."""
+    def _take_place(self, claims: Claims) -> Path | None:
+        """One of the policy's ``files`` places (None: it has no bound), or the refusal: one policy is no way to
+        store without end. A place is a file made only if absent (atomic, also for replicas sharing the
+        directory), kept until ``purge_expired`` finds the policy long expired."""
         if not claims.files:
-            return
+            return None
         stem = self.root / f"{_PLACE}{hashlib.sha256(claims.dir.encode()).hexdigest()[:32]}-"
         for place in range(claims.files):
             try:
                 os.close(os.open(f"{stem}{place}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                return
+                return Path(f"{stem}{place}")
             except FileExistsError:
                 continue
         raise errors.ServiceError(
@@ -244,9 +269,13 @@ class UploadStore:
 
     def _write(self, path: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".part-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
 
     # -- step 3: oss://key --------------------------------------------------------
 

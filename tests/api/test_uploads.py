@@ -248,3 +248,14 @@ def test_one_policy_stores_no_more_files_than_a_call_has_images(server: Server) 
     statuses = [upload(data, f"{data['upload_dir']}/{i}.png", png_bytes((i, 0, 0))).status_code for i in range(5)]
     assert statuses == [200] * 4 + [403]
     assert upload(data, f"{data['upload_dir']}/0.png", png_bytes((0, 0, 0))).status_code == 200  # the same again
+
+
+def test_a_policy_with_no_place_left_is_refused_before_the_file_is_read(server: Server) -> None:
+    """The policy's file count was checked once the whole file (up to 10 MB) had arrived: it is checked as soon
+    as the policy, its signature and the key have passed, before a byte of the file is read."""
+    data = policy_for(server)
+    for i in range(4):
+        assert upload(data, f"{data['upload_dir']}/{i}.png", png_bytes((i, 9, 9))).status_code == 200
+    fields = {"policy": data["policy"], "Signature": data["signature"], "key": data["upload_dir"] + "/big.png"}
+    r = answer_to_a_body_begun(server, fields, b"\0" * 4096)
+    assert r.status == 403 and "at most 4 files" in json.loads(r.read())["message"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from llamascope.client.batch import Watch
+from llamascope.client.batches import Batch
 from tests.conftest import SEED_MODEL, Server, png_bytes
 
 pytestmark = pytest.mark.server
@@ -83,6 +86,10 @@ def test_a_folder_and_a_prompt_run_to_jsonl_and_csv(server: Server, photos: Path
     obj = json.loads(status.stdout)
     assert obj["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
     assert obj["usage"]["output_tokens"] == sum(r["response"]["body"]["usage"]["completion_tokens"] for r in results)
+    # The rate shown at the end is the whole run's, by the batch's own timestamps ("-": it ran within a second).
+    run = obj["finalizing_at"] - obj["in_progress_at"]
+    rate = f"{obj['usage']['total_tokens'] / run:.1f}" if run > 0 else "-"
+    assert f"completed: 3/3 (0 failed), {rate} tokens/s, ETA 0:00:00" in done.stderr
 
     # Any batch file, by its id, to standard output; the results again, by the batch's id.
     output = batch(["download", obj["output_file_id"]], server, tmp_path)
@@ -90,6 +97,25 @@ def test_a_folder_and_a_prompt_run_to_jsonl_and_csv(server: Server, photos: Path
     again = batch(["download", batch_id, "-o", "again"], server, tmp_path)
     assert again.returncode == 0, again.stderr
     assert rows(tmp_path / "again.csv") == table
+
+
+def test_a_batch_that_ended_between_two_looks_shows_its_whole_runs_rate() -> None:
+    """New-user trial: it showed "0.0 tokens/s" (the pace began at the look that saw it ended)."""
+
+    def looks(*batches: dict[str, object]) -> list[str]:
+        shown = io.StringIO()
+        with Watch(live=False, stream=shown) as watch:
+            for raw in batches:
+                watch.show(Batch({"id": "batch_1", **raw}))
+        return shown.getvalue().splitlines()
+
+    counts = {"total": 3, "completed": 3, "failed": 0}
+    ended = {"status": "completed", "request_counts": counts, "usage": {"total_tokens": 120}, "in_progress_at": 100}
+    assert looks({"status": "validating"}, {**ended, "finalizing_at": 104, "completed_at": 105}) == [
+        "validating: 0/0 (0 failed), - tokens/s, ETA -:--:--",  # nothing measured yet
+        "completed: 3/3 (0 failed), 30.0 tokens/s, ETA 0:00:00",
+    ]
+    assert looks({**ended, "finalizing_at": 100, "completed_at": 100})[-1].endswith(", - tokens/s, ETA 0:00:00")
 
 
 def test_an_image_too_big_for_a_line_is_named_before_anything_is_sent(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llamascope import errors
-from llamascope.engines.base import FinishReason, SamplingParams, Turn
+from llamascope.engines.base import FinishReason, SamplingParams, ToolCall, Turn
 from llamascope.engines.mllama import MllamaEngine
 from tests.engines.helpers import RED
 from tests.engines.helpers import run as collect
@@ -45,7 +45,7 @@ def test_with_stop_strings_each_token_comes_in_its_own_chunk(engine: MllamaEngin
     assert asyncio.run(counts(("never said",)))[:8] == list(range(1, 9))
 
 
-def test_context_limit(test_model_dir: Path) -> None:
+def test_context_limit(test_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     small = MllamaEngine.load(test_model_dir, context_length=40, test_model=True)
     turns = [Turn("user", (RED, "Describe."))]
     _text, chunks = asyncio.run(collect(small, turns, SamplingParams(max_new_tokens=512, temperature=0)))
@@ -57,6 +57,25 @@ def test_context_limit(test_model_dir: Path) -> None:
     # A prompt far too long is refused without tokenising it.
     with pytest.raises(errors.ServiceError, match="Range of input length"):
         asyncio.run(small.prepare([Turn("user", (RED, "x" * 5_000_000))]))
+    # So is one of many short turns, before its chat template is rendered (10,000 turns took 0.6 s of CPU):
+    # each turn's header and end are tokens too.
+    monkeypatch.setattr(small.tokenizer, "apply_chat_template", lambda *a, **k: pytest.fail("rendered"))
+    many = [Turn("user" if i % 2 == 0 else "assistant", (RED, "hi") if i == 0 else "hi") for i in range(10_000)]
+    with pytest.raises(errors.ServiceError, match=r"Range of input length should be \[1, 39\]"):
+        asyncio.run(small.prepare(many))
+
+
+def test_the_cheap_bound_on_a_prompt_never_exceeds_its_tokens(engine: MllamaEngine) -> None:
+    """The tokens counted before rendering are a lower bound, so a prompt that fits is never refused by it."""
+    call = ToolCall("get_weather", '{"city": "Paris"}', "call_1")
+    conversations = [
+        [Turn("user", (RED, "Describe."))],
+        [Turn("system", "  Be brief.  "), Turn("user", "hi"), Turn("assistant", "\n"), Turn("user", "ünïcødé " * 9)],
+        [Turn("user", "w?"), Turn("assistant", "", tool_calls=(call,)), Turn("tool", "12 C", tool_call_id="call_1")],
+        [Turn("user" if i % 2 == 0 else "assistant", "hi") for i in range(500)],
+    ]
+    for turns in conversations:
+        assert engine._fewest_tokens(turns) <= asyncio.run(engine.prepare(turns)).input_tokens
 
 
 def test_cancel_frees_the_model_within_a_step(engine: MllamaEngine) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -110,3 +112,51 @@ def test_a_policy_stores_at_most_its_files(store: UploadStore) -> None:
     assert not list(store.root.glob(".part-*"))
     store.purge_expired(now=time.time() + 3600)  # the policy long expired: its places go
     assert not list(store.root.glob(".place-*"))
+
+
+def test_a_policys_places_are_checked_before_the_file_and_given_back_by_a_failed_keep(store: UploadStore) -> None:
+    """The place was taken only once the whole file (10 MB) had arrived, and a place taken by an upload that then
+    failed to be kept was lost: the policy stored fewer files than it said."""
+    policy = store.issue_policy("owner-a", "m", now=NOW, files=1)
+    key = policy["upload_dir"] + "/a.png"
+    claims = store.verify(policy["policy"], policy["signature"], key, now=NOW)
+    record = store.root / (hashlib.sha256(key.encode()).hexdigest() + ".json")  # a directory: its write fails
+    record.mkdir()
+    with pytest.raises(OSError):
+        store.save(claims, key, io.BytesIO(b"a"), now=NOW)
+    record.rmdir()
+    store.save(claims, key, io.BytesIO(b"a"), now=NOW)  # its place was given back
+    second = refused(store.receive, claims, policy["upload_dir"] + "/b.png")  # before a byte of the file
+    assert (second.status, second.code) == (403, "AccessDenied") and "at most 1 files" in second.message
+    assert store.save(claims, key, io.BytesIO(b"a"), now=NOW) == 1  # the same file again takes no place
+    assert not list(store.root.glob(".part-*"))
+
+
+def test_two_files_uploaded_to_one_key_at_once_do_not_both_win(store: UploadStore) -> None:
+    """Replicas sharing the directory (here: threads) checked that the key held nothing, then each replaced the
+    object: both uploads were answered 200, and one reference named the other's file."""
+    policy = store.issue_policy("owner-a", "m", now=NOW)
+    claims = store.verify(policy["policy"], policy["signature"], policy["upload_dir"] + "/0.png", now=NOW)
+    for i in range(200):
+        key = f"{policy['upload_dir']}/{i}.png"
+        barrier, kept = threading.Barrier(2), []
+
+        def upload(content: bytes, key: str = key, barrier: threading.Barrier = barrier, kept: list = kept) -> None:
+            incoming = store.receive(claims, key)
+            try:
+                incoming.write(content)
+                barrier.wait()
+                store.keep(incoming, now=NOW)
+                kept.append(content)
+            except errors.ServiceError as error:
+                assert error.status == 409
+            finally:
+                incoming.discard()
+
+        threads = [threading.Thread(target=upload, args=(content,)) for content in (b"one", b"two")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(kept) == 1, (i, kept)
+        assert store.read(key, "owner-a") == kept[0]

@@ -1,4 +1,5 @@
-"""What an operator sees of requests refused once a stream was asked for, and of the playground's files:
+"""What an operator sees of requests refused (once a stream was asked for, or as they were read), and of the
+playground's files:
 a server whose only model is an upstream engine that cannot be reached (so every generation ends in 503
 before its first event), with JSON logs."""
 
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, Server, free_port, png_bytes, start_server
+from tests.conftest import ADMIN_KEY, API_KEY, OTHER_KEY, Server, free_port, png_bytes, start_server
 
 pytestmark = pytest.mark.server
 NATIVE = "/api/v1/services/aigc/multimodal-generation/generation"
@@ -71,3 +72,24 @@ def test_the_playground_files_count_under_their_route_template(down: Server) -> 
         assert httpx.get(down.base + path).status_code == 200
     assert metric(down, series) - before == 2
     assert 'route="other"' not in httpx.get(down.base + "/metrics").text
+
+
+def test_a_request_refused_before_it_ran_names_the_served_model_it_asked_for(down: Server) -> None:
+    """New-user trial: a 400 showed model=- in the access log and the usage table though it named a served
+    model. A name not served stays unnamed (the counts of refusals stay bounded)."""
+    messages = [{"role": "user", "content": [{"image": IMAGE}, {"text": "hi"}]}]
+    calls = [
+        (NATIVE, {"model": "down", "input": "x"}),  # refused as the body is read
+        (NATIVE, {"model": "down", "input": {"messages": messages}, "parameters": {"temperature": -1}}),
+        ("/compatible-mode/v1/chat/completions", {"model": "down", "messages": [], "n": 2}),
+        (NATIVE, {"model": "not-served", "input": "x"}),
+    ]
+    models = []
+    for path, body in calls:
+        r = httpx.post(down.base + path, json=body, headers={"Authorization": f"Bearer {OTHER_KEY}"}, timeout=60)
+        assert r.status_code == 400, r.text
+        models.append(access_record(down, r.headers["x-request-id"]).get("model"))
+    assert models == ["down", "down", "down", None]
+    usage = httpx.get(down.base + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+    refused = {r["model"]: r["refused"] for r in usage["data"] + usage["refused_only"] if r["prefix"] == OTHER_KEY[:7]}
+    assert refused == {"down": 3, "": 1}

@@ -21,6 +21,7 @@ from llamascope.api.incoming import (
     source_context,
     unless_disconnected,
 )
+from llamascope.api.middleware import note_model
 from llamascope.api.native.protocol import IndexedToolCallBody, tool_call_bodies
 from llamascope.api.openai.protocol import (
     ChatBody,
@@ -116,7 +117,9 @@ async def _stream(
 
 async def chat_completions(request: Request) -> Response:
     request_id = request_id_of(request)
-    call = ChatRequest.from_body(await read_json(request))
+    body = await read_json(request)
+    note_model(request, body)
+    call = ChatRequest.from_body(body)
     reply = await open_reply(request, call, Endpoint.CHAT)
     if call.stream:
         return EventStream(
@@ -152,7 +155,7 @@ def _is_test(name: str, service: ConversationService) -> bool:
     return service.engines[name].info.test_model
 
 
-async def tokenize(request: Request) -> JSONResponse:
+async def tokenize(request: Request) -> Response:
     """vLLM's ``POST /tokenize`` for chat messages: the prompt's token count, as a completion would report it.
 
     An llamascope in front of another (``--model NAME=openai+http://...``) asks it this, so its usage is exact
@@ -160,9 +163,16 @@ async def tokenize(request: Request) -> JSONResponse:
     (what a front sends with them) are counted as a completion puts them in the prompt.
     """
     service: ConversationService = request.app.state.service
-    call = ChatRequest.from_body(await read_json(request))
+    body = await read_json(request)
+    note_model(request, body)
+    call = ChatRequest.from_body(body)
     principal, context = request.state.principal, source_context(request)
-    count = await service.count(principal, call.model, call.messages, context, call.parameters)
+    # A client that leaves ends the count: its image fetch, and its hold on the key's concurrency, as a chat's
+    count = await unless_disconnected(
+        request, service.count(principal, call.model, call.messages, context, call.parameters)
+    )
+    if count is None:
+        return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(
         TokenCount(count=count, max_model_len=service.engine(call.model).info.context_length).model_dump()
     )

@@ -7,7 +7,8 @@ from starlette.responses import JSONResponse, Response
 
 from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
-from llamascope.api.incoming import open_reply, read_json, source_context
+from llamascope.api.incoming import CLIENT_CLOSED, open_reply, read_json, source_context, unless_disconnected
+from llamascope.api.middleware import note_model
 from llamascope.api.native import sse
 from llamascope.api.native.protocol import ErrorBody
 from llamascope.api.native.router import SSE_HEADERS, answer
@@ -27,16 +28,25 @@ router = APIRouter()
 
 
 async def generation(request: Request) -> Response:
-    call = TextGenerationRequest.from_body(await read_json(request))
+    body = await read_json(request)
+    note_model(request, body)
+    call = TextGenerationRequest.from_body(body)
     reply = await open_reply(request, call, Endpoint.TEXT)
     return await answer(request, reply, TextGenerationResult.render(call.result_format))
 
 
-async def tokenizer(request: Request) -> JSONResponse:
+async def tokenizer(request: Request) -> Response:
     """Token ids of the prompt a text-generation request with this input runs: the count is its input_tokens."""
     service: ConversationService = request.app.state.service
-    call = TokenizationRequest.from_body(await read_json(request))
-    ids, tokens = await service.tokens(request.state.principal, call.model, call.messages, source_context(request))
+    body = await read_json(request)
+    note_model(request, body)
+    call = TokenizationRequest.from_body(body)
+    principal, context = request.state.principal, source_context(request)
+    # A client that leaves ends it: its image fetch, and its hold on the key's concurrency, as a generation's
+    counted = await unless_disconnected(request, service.tokens(principal, call.model, call.messages, context))
+    if counted is None:
+        return Response(status_code=CLIENT_CLOSED)
+    ids, tokens = counted
     return JSONResponse(TokenizationResult.of(ids, tokens, request_id_of(request)).model_dump())
 
 

@@ -62,5 +62,27 @@ def test_the_keys_batches_are_listed_with_their_progress(browser: Any, server: S
         page.get_by_label("API key").fill("sk-" + "0" * 40)
         expect(page.locator("#batch-note")).to_contain_text("(HTTP 401)")
         expect(page.locator("li.batch")).to_have_count(0)
+        # The key changed while its list loads (new-user trial: the first key's list came and stayed): the new
+        # key's list is read and shown, the first key's, come late, is not.
+        held: list[Any] = []
+        first = f"Bearer {API_KEY}"
+        page.route(
+            "**/compatible-mode/v1/batches?limit=20",
+            lambda route: (
+                held.append(route) if route.request.headers.get("authorization") == first else route.continue_()
+            ),
+        )
+        page.get_by_label("API key").fill(API_KEY)
+        deadline = time.monotonic() + 30
+        while not held and time.monotonic() < deadline:
+            page.wait_for_timeout(50)  # lets Playwright deliver the routed request
+        assert held, "the page never asked for the first key's batches"
+        page.get_by_label("API key").fill(OTHER_KEY)
+        expect(page.locator(f"li.batch[data-batch-id='{theirs}']")).to_have_count(1)
+        with page.expect_request_finished(lambda r: r.headers.get("authorization") == first):
+            held[0].continue_()
+        page.wait_for_timeout(200)  # a late list would be drawn by now
+        expect(page.locator(f"li.batch[data-batch-id='{mine}']")).to_have_count(0)
+        expect(page.locator(f"li.batch[data-batch-id='{theirs}']")).to_have_count(1)
     finally:
         context.close()

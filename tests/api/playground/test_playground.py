@@ -304,6 +304,35 @@ def test_no_request_leaves_the_origin_and_nothing_breaks_the_policy(conversation
     assert conversation.traffic.console_errors == []
 
 
+def test_two_tabs_keep_their_own_conversation_and_images(conversation: Conversation, server: Server) -> None:
+    """New-user trial: two tabs shared one saved conversation, and New chat in one deleted the images the other
+    had just added (gone from IndexedDB: lost on its reload)."""
+    first = conversation.page
+    answers = first.locator("[data-role=answer][data-status=done]").count()
+    second = first.context.new_page()
+    second.goto(server.base + "/playground/", wait_until="load")
+    expect(second.locator("body[data-ready=true]")).to_have_count(1)
+    expect(second.locator("[data-role=answer][data-status=done]")).to_have_count(answers)  # the last saved
+    pick_image(first, "later.png", SECOND, "image/png")
+    expect(first.get_by_alt_text("later.png")).to_be_visible()
+    first.wait_for_function(
+        "(n) => new Promise((done) => { const o = indexedDB.open('llamascope-playground', 1); o.onsuccess = () =>"
+        " { const c = o.result.transaction('images').objectStore('images').count(); c.onsuccess = () =>"
+        " { o.result.close(); done(c.result >= n); }; }; })",
+        arg=3,
+    )
+    second.get_by_role("button", name="New chat").click()
+    expect(second.locator("[data-role=answer]")).to_have_count(0)
+    second.wait_for_timeout(300)  # its pruning, done by now
+    second.close()
+    first.reload()
+    expect(first.locator("body[data-ready=true]")).to_have_count(1)
+    expect(first.locator("[data-role=answer][data-status=done]")).to_have_count(answers)  # its own conversation
+    image = "data:image/png;base64," + base64.b64encode(SECOND).decode()
+    expect(first.get_by_alt_text("later.png")).to_have_attribute("src", image)
+    expect(first.get_by_role("status")).to_have_text("")
+
+
 # -- stopping, refusals, the other ways in: each in a fresh browser context ----------------------
 
 
@@ -624,6 +653,10 @@ def test_a_json_schema_holds_the_answer_and_shows_it_pretty_printed(tab: Tab) ->
         "additionalProperties": False,
     }
     page.get_by_label("JSON Schema").fill(json.dumps(schema))
+    set_parameter(page, "Max tokens", "1e999")  # Infinity, which JSON sends as null: said, not sent
+    ask(page, "Which colour?")
+    expect(page.get_by_role("status")).to_contain_text("Max tokens: not a number in range.")
+    assert traffic.generations == []
     set_parameter(page, "Max tokens", "64")
     answer = ask(page, "Which colour?")
     expect(answer).to_have_attribute("data-status", "done", timeout=ANSWER_TIMEOUT_MS)

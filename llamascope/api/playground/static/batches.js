@@ -12,7 +12,7 @@ const TYPING_PAUSE_MS = 400;
 const $ = (id) => document.getElementById(id);
 let pollTimer = null;
 let typingTimer = null;
-let loading = null;
+let loading = null; // {key, promise}: the list being read, for the key it was read with
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -68,29 +68,37 @@ async function load() {
   clearTimeout(pollTimer);
   const key = $("api-key").value.trim();
   if (!key) {
+    loading = null; // a list on its way for the key that was there is not shown
     $("batch-list").replaceChildren();
     setNote("Enter a key to list its batches.");
     return;
   }
-  if (loading) return loading;
-  loading = (async () => {
+  if (loading?.key === key) return loading.promise;
+  // A load begun for another key may end after this one: only the latest load shows what it read.
+  const mine = { key, promise: null };
+  const latest = () => loading === mine;
+  mine.promise = (async () => {
     try {
       const response = await fetch(BATCHES, { headers: { Authorization: `Bearer ${key}` } });
       if (!response.ok) {
+        const text = await errorText(response);
+        if (!latest()) return;
         $("batch-list").replaceChildren();
-        setNote(await errorText(response), true);
+        setNote(text, true);
         return;
       }
       const batches = (await response.json()).data || [];
+      if (!latest()) return;
       render(batches);
       if ($("batches").open && batches.some((b) => !ENDED.has(b.status))) pollTimer = setTimeout(load, POLL_MS);
     } catch (error) {
-      setNote(`The batches could not be read: ${error.message}`, true);
+      if (latest()) setNote(`The batches could not be read: ${error.message}`, true);
     } finally {
-      loading = null;
+      if (latest()) loading = null;
     }
   })();
-  return loading;
+  loading = mine;
+  return mine.promise;
 }
 
 function wireBatches() {

@@ -1,8 +1,10 @@
 // llamascope playground: talks to this server's public DashScope native API with the key typed in.
 //
-// Storage: the key in sessionStorage (this tab only); the conversation in localStorage; local
-// images (data: URIs, possibly megabytes each) in IndexedDB by id, whose quota is far larger than
-// localStorage's. Nothing is sent anywhere but this origin.
+// Storage: the key in sessionStorage (this tab only); the conversation in sessionStorage (this tab's, kept
+// over a reload) and in localStorage (the last saved, where a new tab starts); local images (data: URIs,
+// possibly megabytes each) in IndexedDB by id, whose quota is far larger than localStorage's, shared by the
+// tabs: each open tab lists the ids it holds (HELD_SLOT), and no tab forgets an image another holds.
+// Nothing is sent anywhere but this origin.
 //
 // Images: the tray (state.pending) holds those for the next message; sending takes them into the
 // turn, which keeps them. A conversation carries each turn's images in that turn's user message.
@@ -13,6 +15,9 @@ const API = "/api/v1";
 const GENERATION = `${API}/services/aigc/multimodal-generation/generation`;
 const KEY_SLOT = "llamascope.playground.key";
 const STATE_SLOT = "llamascope.playground.conversation";
+const HELD_SLOT = "llamascope.playground.held"; // {page id: {ids, at}}: the stored images each open tab holds
+const HELD_DAYS = 30; // a tab that vanished without a word (a crash) stops holding its images after this
+const PAGE = newId(); // this page's entry in HELD_SLOT (a duplicated tab gets its own)
 const IMAGE_DB = "llamascope-playground";
 const PARAMETERS = ["temperature", "top_p", "top_k", "max_tokens", "seed", "stop"];
 const INTEGER_PARAMETERS = new Set(["top_k", "max_tokens", "seed"]);
@@ -70,9 +75,41 @@ function allImages() {
   return [...state.turns.flatMap((t) => t.images), ...state.pending];
 }
 
-// Forgets the stored images that neither a turn nor the tray holds any more.
+function heldByTabs() {
+  try {
+    return JSON.parse(localStorage.getItem(HELD_SLOT) || "{}") || {};
+  } catch {
+    return {};
+  }
+}
+
+// Says which stored images this page holds (none: it is being left), for the other tabs' pruning.
+function hold(images) {
+  const held = heldByTabs();
+  const since = Date.now() - HELD_DAYS * 86_400_000;
+  for (const [page, entry] of Object.entries(held)) if (!(entry?.at > since)) delete held[page];
+  if (images) held[PAGE] = { ids: images.filter((i) => i.kind === "data").map((i) => i.id), at: Date.now() };
+  else delete held[PAGE];
+  try {
+    localStorage.setItem(HELD_SLOT, JSON.stringify(held));
+  } catch {
+    // storage full: save() says so
+  }
+}
+
+// Forgets the stored images that no turn or tray holds any more: this tab's, another open tab's, or the
+// last saved conversation's (where a new tab starts).
 async function pruneImages() {
   const used = new Set(allImages().map((i) => i.id));
+  for (const entry of Object.values(heldByTabs())) for (const id of entry?.ids || []) used.add(id);
+  try {
+    const last = JSON.parse(localStorage.getItem(STATE_SLOT) || "null");
+    for (const t of [...(last?.turns || []), { images: last?.pending || [] }]) {
+      for (const image of t.images || []) used.add(image.id);
+    }
+  } catch {
+    // nothing saved that parses: nothing held by it
+  }
   await imageStore("readwrite", (store) => {
     const keys = store.getAllKeys();
     keys.onsuccess = () => keys.result.filter((k) => !used.has(k)).forEach((k) => store.delete(k));
@@ -95,8 +132,11 @@ function save() {
       status: t.status === "streaming" ? "stopped" : t.status,
     })),
   };
+  hold(allImages());
   try {
-    localStorage.setItem(STATE_SLOT, JSON.stringify(kept));
+    const text = JSON.stringify(kept);
+    sessionStorage.setItem(STATE_SLOT, text); // this tab's own, over a reload
+    localStorage.setItem(STATE_SLOT, text); // where a new tab starts
   } catch {
     setStatus("This browser's storage is full: the conversation will not survive a reload.", true);
   }
@@ -110,7 +150,7 @@ function saveSoon() {
 async function restore() {
   let kept = null;
   try {
-    kept = JSON.parse(localStorage.getItem(STATE_SLOT) || "null");
+    kept = JSON.parse(sessionStorage.getItem(STATE_SLOT) || localStorage.getItem(STATE_SLOT) || "null");
   } catch {
     kept = null;
   }
@@ -126,6 +166,7 @@ async function restore() {
     if (first) first.images = [old];
     else state.pending = [old];
   }
+  hold(allImages()); // before any await: another tab's pruning sees them held
   let lost = false;
   for (const held of allImages()) {
     if (held.kind !== "data") continue;
@@ -225,10 +266,20 @@ function showModelBadge() {
   $("model").title = model?.description || "";
 }
 
-function parameters() {
+// The parameters set, as numbers (and stop as a list). A number field holding what is no number in range
+// (1e999: the browser reads it as empty, or Number() as Infinity, which JSON sends as null) throws a
+// RangeError naming the field (`field`), unless `lenient`: then it is left out.
+function parameters(lenient = false) {
   const out = {};
   for (const name of PARAMETERS) {
     const raw = (state.parameters[name] ?? "").toString().trim();
+    const field = $(`p-${name}`);
+    if (name !== "stop" && (field.validity?.badInput || (raw && !Number.isFinite(Number(raw))))) {
+      if (lenient) continue;
+      const label = document.querySelector(`label[for="p-${name}"]`)?.textContent || name;
+      const said = raw ? `${label}: ${raw} is not a number in range.` : `${label}: not a number in range.`;
+      throw Object.assign(new RangeError(said), { field });
+    }
     if (!raw) continue;
     if (name === "stop") {
       const stops = raw.split("\n").filter((s) => s.length > 0);
@@ -333,6 +384,10 @@ async function ask(text) {
   try {
     params = requestParameters();
   } catch (error) {
+    if (error instanceof RangeError) {
+      $("parameters").open = true;
+      return refuse(error.message, error.field);
+    }
     $("answer-shape").open = true;
     return refuse(`The JSON Schema is not JSON: ${error.message}`, $("schema"));
   }
@@ -443,6 +498,7 @@ function leave() {
   } else if (saveTimer) {
     save();
   }
+  hold(null); // a reload holds them again as it restores
 }
 
 function refuse(message, focus) {
@@ -876,11 +932,12 @@ function openaiCode({ messages, images }, params) {
 
 function showCode() {
   const conversation = codeConversation();
-  let params;
+  const params = parameters(true); // a number out of range: left out (Send says so)
   try {
-    params = requestParameters();
+    const format = responseFormat();
+    if (format) params.response_format = format;
   } catch {
-    params = parameters(); // the schema field is not JSON yet: the code leaves it out
+    // the schema field is not JSON yet: the code leaves it out
   }
   const code = { curl: curlCode, dashscope: dashscopeCode, openai: openaiCode }[codeLanguage](conversation, params);
   $("code-text").textContent = code;
@@ -1007,7 +1064,11 @@ function wire() {
     setTimeout(() => ($("copy-code").textContent = "Copy"), 1500);
   });
   window.addEventListener("pagehide", leave);
-  window.addEventListener("pageshow", () => (leaving = false)); // back from the browser's page cache
+  window.addEventListener("pageshow", (event) => {
+    if (!event.persisted) return; // back from the browser's page cache: this page again, its images held again
+    leaving = false;
+    hold(allImages());
+  });
 }
 
 async function start() {

@@ -170,6 +170,42 @@ def test_a_new_sqlite_store_has_the_schema_the_migrations_make(tmp_path: Path) -
     assert made.count_keys() == 0
 
 
+def test_the_lines_of_batches_ended_before_an_upgrade_are_dropped(tmp_path: Path) -> None:
+    """Migration 0005: ended batches' lines (their results are in the batches' files) go; a running batch's
+    stay."""
+    from alembic import command
+    from alembic.config import Config
+
+    store = AccountStore.for_path(tmp_path / "old.db")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0004")
+    when = "2026-12-01 00:00:00"
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        # (foreign keys are off in a plain sqlite3 connection: no key row needed)
+        for batch, status in (("done", "completed"), ("gone", "cancelled"), ("live", "in_progress")):
+            db.execute(
+                "INSERT INTO batches (id, key_id, input_file_id, endpoint, completion_window, status, total, "
+                "completed, failed, input_tokens, output_tokens, created_at, expires_at) "
+                "VALUES (?, 1, 'f', '/v1/chat/completions', '24h', ?, 2, 0, 0, 0, 0, ?, ?)",
+                (batch, status, when, when),
+            )
+            for line in range(2):
+                db.execute(
+                    "INSERT INTO batch_lines (batch_id, line, custom_id, offset, length, state, attempts, "
+                    "input_tokens, output_tokens) VALUES (?, ?, 'c', 0, 1, 'done', 1, 0, 0)",
+                    (batch, line),
+                )
+    store.migrate()
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        left = db.execute("SELECT batch_id, count(*) FROM batch_lines GROUP BY batch_id").fetchall()
+        batches = db.execute("SELECT count(*) FROM batches").fetchone()[0]
+    assert left == [("live", 2)] and batches == 3
+    assert store.revision() == HEAD
+
+
 def test_lookups_see_every_change_at_once(store: AccountStore, tmp_path: Path) -> None:
     """Issue 29: keys and grants are remembered between requests, yet a change shows on the next lookup,
     whoever made it: this store, another store on the same database (another process, `llamascope keys`),

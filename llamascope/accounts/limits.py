@@ -25,6 +25,8 @@ from collections import Counter
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import anyio
+
 from llamascope import errors
 from llamascope.accounts.records import KeyView
 
@@ -38,19 +40,28 @@ T = TypeVar("T")
 
 async def to_the_end(work: Awaitable[T]) -> T:
     """Await ``work`` to its end though the calling task is cancelled meanwhile, as many times as it is; the
-    cancellation is raised once ``work`` has ended (its own error instead, if it fails). For what must not be
-    cut short: a request counted out, a charge saved. (anyio's ``CancelScope(shield=True)`` does not hold
-    against asyncio's own ``Task.cancel``, which the hang-up watch and the batch runner use.)"""
+    cancellation is raised once ``work`` has ended, also when ``work`` failed (its error is logged then: raised
+    instead, it would end a cancelled task as though nothing had cancelled it). For what must not be cut short:
+    a request counted out, a charge saved. anyio's ``CancelScope(shield=True)`` alone does not hold against
+    asyncio's own ``Task.cancel``, which the hang-up watch and the batch runner use; it is kept around the wait
+    all the same, as without it an anyio scope cancelled outside (Starlette's, a client gone from a stream)
+    cancels the task again on every turn of the loop, a busy wait for as long as ``work`` runs."""
     task = asyncio.ensure_future(work)
     cancelled: asyncio.CancelledError | None = None
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError as exc:
-            if task.cancelled():  # ``work`` itself was cancelled (the loop closing): nothing left to wait for
-                raise
-            cancelled = exc
+    with anyio.CancelScope(shield=True):
+        while True:
+            try:
+                result = await asyncio.shield(task)
+                break
+            except asyncio.CancelledError as exc:
+                if task.cancelled():  # ``work`` itself was cancelled (the loop closing): nothing left to wait for
+                    raise
+                cancelled = exc
+            except Exception:
+                if cancelled is None:
+                    raise
+                log.exception("cut short by a cancellation, it ran to its end and failed")
+                raise cancelled from None
     if cancelled is not None:
         raise cancelled
     return result

@@ -8,14 +8,16 @@ import asyncio
 import os
 import signal
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import anyio
 import pytest
 
 from llamascope.accounts.admission import Accounts, Principal
-from llamascope.accounts.limits import RateLimits, SharedRateLimits
+from llamascope.accounts.limits import RateLimits, SharedRateLimits, to_the_end
 from llamascope.accounts.store import AccountStore
 from tests.services import RedisServer
 
@@ -127,5 +129,51 @@ def test_a_settle_cancelled_twice_charges_and_frees_the_slot(
         await accounts.leave(principal, True)
         await limits.aclose()
         accounts.close()
+
+    asyncio.run(scenario())
+
+
+def test_to_the_end_in_a_cancelled_anyio_scope_waits_without_spinning() -> None:
+    """Starlette cancels a stream's task group when its client leaves: anyio then cancels the task again on
+    every turn of the loop while it is not shielded, and the wait for the charge was a busy loop (some
+    30,000 turns for a 0.3 s wait, a core held all along)."""
+
+    charged: list[str] = []
+
+    async def charge() -> None:
+        await asyncio.to_thread(time.sleep, 0.3)
+        charged.append("r1")
+
+    async def scenario() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            try:
+                await to_the_end(charge())
+                await anyio.sleep(0)  # the scope's cancellation, delivered once the charge is done
+            finally:
+                cancels = task.cancelling()
+            raise AssertionError("not cancelled")
+        return cancels
+
+    assert asyncio.run(scenario()) <= 1
+    assert charged == ["r1"]
+
+
+def test_to_the_end_failing_after_a_cancel_still_raises_the_cancellation() -> None:
+    """A count-out or a charge that fails after its caller was cancelled: the error instead of the cancellation
+    let the task go on as though nothing had cancelled it (an ``enter`` with ``on_error="open"`` let the
+    request of a client gone run to its end)."""
+
+    async def failing() -> None:
+        await asyncio.sleep(0.2)
+        raise ValueError("Redis went away")
+
+    async def scenario() -> None:
+        waiting = asyncio.ensure_future(to_the_end(failing()))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        await ended(waiting)
 
     asyncio.run(scenario())

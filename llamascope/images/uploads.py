@@ -89,6 +89,16 @@ class Incoming:
             self.place = None
 
 
+def _older(path: Path, moment: float) -> bool:
+    """Whether ``path`` was last written before ``moment``; a file gone since it was listed is not (an upload
+    kept or given back meanwhile, another replica's purge): it must not end the purge, which runs in a loop
+    that a failure ends for the server's life."""
+    try:
+        return path.stat().st_mtime < moment
+    except FileNotFoundError:
+        return False
+
+
 def load_or_create_secret(path: Path) -> bytes:
     """The HMAC key for policies, kept across restarts so policies in flight stay valid."""
     if path.is_file():
@@ -308,10 +318,10 @@ class UploadStore:
             meta.unlink(missing_ok=True)
             removed += 1
         for part in self.root.glob(".part-*"):  # left by a crash mid-write
-            if part.stat().st_mtime < now - 3600:
+            if _older(part, now - 3600):
                 part.unlink(missing_ok=True)
         for place in self.root.glob(_PLACE + "*"):  # a policy's places, once it can take no more uploads
-            if place.stat().st_mtime < now - self.policy_seconds - 60:
+            if _older(place, now - self.policy_seconds - 60):
                 place.unlink(missing_ok=True)
         return removed
 

@@ -160,3 +160,17 @@ def test_two_files_uploaded_to_one_key_at_once_do_not_both_win(store: UploadStor
             thread.join()
         assert len(kept) == 1, (i, kept)
         assert store.read(key, "owner-a") == kept[0]
+
+
+def test_a_file_gone_while_the_purge_looks_does_not_end_it(store: UploadStore) -> None:
+    """A place given back (a refused upload) or a temporary file kept between the purge's listing and its look
+    at the file's age raised FileNotFoundError: the loop that purges every few minutes ended for the server's
+    life. A dangling link is such a file, listed and then not found."""
+    policy = store.issue_policy("owner-a", "m", now=NOW, files=1)
+    key = policy["upload_dir"] + "/a.png"
+    claims = store.verify(policy["policy"], policy["signature"], key, now=NOW)
+    store.save(claims, key, io.BytesIO(b"a"), now=NOW)
+    (store.root / ".part-gone").symlink_to(store.root / "nothing")
+    (store.root / ".place-gone").symlink_to(store.root / "nothing")
+    assert store.purge_expired(now=NOW + 7200) == 1
+    assert not list(store.root.glob(".place-*[0-9]"))  # the policy's own place, long expired, went all the same

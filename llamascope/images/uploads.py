@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import filecmp
 import hashlib
 import hmac
@@ -87,6 +88,26 @@ class Incoming:
         if self.place is not None and not self.kept:
             self.place.unlink(missing_ok=True)
             self.place = None
+
+
+# What link(2) answers on a filesystem that has no hard links (vfat, some FUSE and SMB mounts): EPERM, as Linux
+# documents it, or "not supported".
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def _make_if_absent(source: Path, target: Path) -> None:
+    """``target`` made another name of ``source`` if nothing has that name yet, else FileExistsError, atomically.
+    Where the filesystem has no hard links, the name is claimed by an exclusive create and the file then moved
+    onto it: as atomic against another upload to the name, though a reader finds it empty for that moment."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.replace(source, target)
 
 
 def _older(path: Path, moment: float) -> bool:
@@ -237,7 +258,7 @@ class UploadStore:
             try:
                 # Made only if absent, atomically, also between replicas sharing the directory (os.replace
                 # after a check let two different files to one key both be taken, the last one kept).
-                os.link(incoming.path, target)
+                _make_if_absent(incoming.path, target)
                 incoming.kept = True
                 return incoming.size
             except FileExistsError:

@@ -109,14 +109,17 @@ class Admission:
         if progress is not None:
             progress.settling = True  # before the charge commits: a checkpoint written meanwhile is undone
         in_flight = progress is not None and progress.written
+        failure: Exception | None = None
         try:
             # SQLite with the write lock free: charged here, without a thread hop
             charged = store.settle(*charge, wait=False, in_flight=in_flight)
         except UNREACHABLE:
             charged = False  # tried again off the loop, where a store that does not answer is dealt with
+        except Exception as exc:  # failed for good (a damaged database): counted out all the same, then raised
+            charged, failure = False, exc
         if charged and store.checkpoint_due:
             self.accounts.background(store.checkpoint)
-        ending = self._settle(charge, charged, in_flight, used)
+        ending = self._settle(charge, charged, in_flight, used, failure)
         if charged and not self.accounts.limits.shared:
             # Nothing in it waits (the charge is done, this process's limits never wait), so nothing can cut it
             # short: awaited as it is, without the task to_the_end costs.
@@ -125,10 +128,17 @@ class Admission:
             await to_the_end(ending)
 
     async def _settle(
-        self, charge: tuple[Reservation, str, int, int, int, str], charged: bool, in_flight: bool, used: int
+        self,
+        charge: tuple[Reservation, str, int, int, int, str],
+        charged: bool,
+        in_flight: bool,
+        used: int,
+        failure: Exception | None = None,
     ) -> None:
         store, checkpoints, progress = self.accounts.store, self.accounts.checkpoints, self.progress
         try:
+            if failure is not None:
+                raise failure  # the charge tried on the loop: the count-out below is done before it is raised
             if not charged:
                 await self.accounts.run(functools.partial(store.settle, *charge, in_flight=in_flight))
             if progress is not None and progress.written and not in_flight:  # a first checkpoint raced the settle

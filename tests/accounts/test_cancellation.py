@@ -177,3 +177,31 @@ def test_to_the_end_failing_after_a_cancel_still_raises_the_cancellation() -> No
         await ended(waiting)
 
     asyncio.run(scenario())
+
+
+def test_a_charge_that_fails_for_good_still_counts_the_request_out(tmp_path: Path) -> None:
+    """The event loop's settle raising other than "unreachable" (sqlite3.DatabaseError: a damaged file) skipped
+    the count-out: a key limited to one concurrent request got 429 for as long as the process lived. A store
+    whose charge fails so stands in for the damaged file."""
+
+    class Damaged(AccountStore):
+        def settle(self, *args: object, **kwargs: object) -> bool:
+            raise sqlite3.DatabaseError("database disk image is malformed")
+
+    store = Damaged.for_path(tmp_path / "accounts.db")
+    store.migrate()
+    _, view = store.create_key(max_concurrent=1)
+    store.grant(view.id, "m", 1000, days=None)
+
+    async def scenario() -> None:
+        accounts = Accounts(store, RateLimits())
+        principal = Principal(view)
+        grant = await accounts.check(principal, "m")
+        admission = await accounts.admit(principal, "m", grant, 100, "r1", counted=await accounts.enter(principal))
+        with pytest.raises(sqlite3.DatabaseError):
+            await admission.settle(10, 5, 0, "ok")
+        assert await accounts.enter(principal) is True  # the slot is free
+        await accounts.leave(principal, True)
+        accounts.close()
+
+    asyncio.run(scenario())

@@ -46,6 +46,7 @@ from llamascope.engines.prefix_cache import PrefixCache, default_bytes
 from llamascope.engines.requests import BatchLimits, Message, Sequence
 from llamascope.engines.scheduler import Scheduler
 from llamascope.engines.streaming import IncrementalText, Outbox
+from llamascope.engines.templates import renders_every_text, turn_specials
 from llamascope.engines.vision import VisionCache, batch_tiles
 from llamascope.images import PreparedImage
 from llamascope.observability.facts import EngineTimings, UpstreamHealth
@@ -110,7 +111,9 @@ class InProcessEngine(ABC):
         self._max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab())
         specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len)
         self._specials = re.compile("|".join(re.escape(t) for t in reversed(specials))) if specials else None
-        self._turn_specials = _turn_specials(tokenizer, template, self._specials)
+        self._turn_specials = turn_specials(tokenizer, template, self._specials)
+        # A template that leaves some turn's text out (a configured one may drop history): no text in the bound.
+        self._text_counts = renders_every_text(tokenizer, template)
         self._preparers = anyio.CapacityLimiter(2)
         self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = weakref.WeakKeyDictionary()
         self._outboxes_lock = threading.Lock()  # the model thread flushes while a loop may add its own
@@ -286,7 +289,7 @@ class InProcessEngine(ABC):
         """A lower bound on the prompt's tokens, without rendering it: each turn but the first (maybe the system
         message, in a block every prompt has) adds the template's specials, and its text bytes/longest token."""
         text = sum(len(part.strip().encode()) for turn in turns for part in turn.parts if isinstance(part, str))
-        return (len(turns) - 1) * self._turn_specials + text // self._max_token_bytes
+        return (len(turns) - 1) * self._turn_specials + (text // self._max_token_bytes if self._text_counts else 0)
 
     @abstractmethod
     def _chat(self, turns: list[Turn]) -> tuple[list[dict[str, Any]], list[PreparedImage]]:
@@ -443,9 +446,6 @@ class InProcessEngine(ABC):
             self._grammars.close()
 
 
-CHAT_ROLES = ("system", "user", "assistant", TOOL_RESULT_ROLE)  # what ``chat_role`` gives
-
-
 def chat_role(turn: Turn) -> str:
     """The turn's role in the chat template: a tool's result is Meta's "ipython" turn."""
     return TOOL_RESULT_ROLE if turn.role == "tool" else turn.role
@@ -458,21 +458,6 @@ def chat_text(turn: Turn) -> str:
         return turn.text
     written = call_text(call.to_openai() for call in turn.tool_calls)
     return f"{turn.text}{written}" if turn.text.strip() else written
-
-
-def _turn_specials(tokenizer: Any, template: str, specials: re.Pattern[str] | None) -> int:
-    """The fewest special tokens (one token each) ``template`` writes for one more turn, whatever its role: 3 in
-    Llama 3's (the role's header, the turn's end); 0 where it cannot tell (a role it refuses there)."""
-
-    def count(messages: list[dict[str, str]]) -> int:
-        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
-        return len(specials.findall(text)) if specials is not None else 0
-
-    first = [{"role": "user", "content": "a"}]
-    try:
-        return max(0, min(count([*first, {"role": role, "content": "a"}]) for role in CHAT_ROLES) - count(first))
-    except Exception:  # a template that refuses a role there (raise_exception, or any error of its own)
-        return 0
 
 
 def _as_text(value: Any, specials: re.Pattern[str]) -> Any:

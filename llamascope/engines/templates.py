@@ -22,7 +22,18 @@ For any conversation the stock template accepts, both render the same string
 ``TEXT_TEMPLATE`` is the Llama 3 text models' template (Llama 3.2 1B/3B-Instruct's),
 which the built-in text-only test model ships with: a conversation without
 images, rendered as the stock template renders one.
+
+``turn_specials`` and ``renders_every_text`` probe any template (a configured one too) once, at load: how many
+special tokens it writes for each turn, and whether it writes every turn's text; the engine's cheap lower
+bound on a prompt's tokens (``in_process``) rests on them.
 """
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from llamascope.structured.tools import TOOL_RESULT_ROLE
 
 _HEAD = r"""{{- bos_token }}
 {%- if custom_tools is defined %}
@@ -144,3 +155,34 @@ _BODY = r"""
 STOCK_TEMPLATE = _HEAD + _STOCK_SYSTEM + _BODY
 LLAMASCOPE_TEMPLATE = _HEAD + _LLAMASCOPE_SYSTEM + _BODY
 TEXT_TEMPLATE = _HEAD + _BODY  # with no image in any message, _HEAD only sets the system message
+
+
+CHAT_ROLES = ("system", "user", "assistant", TOOL_RESULT_ROLE)  # what ``in_process.chat_role`` gives
+
+
+def turn_specials(tokenizer: Any, template: str, specials: re.Pattern[str] | None) -> int:
+    """The fewest special tokens (one token each) ``template`` writes for one more turn, whatever its role: 3 in
+    Llama 3's (the role's header, the turn's end); 0 where it cannot tell (a role it refuses there)."""
+
+    def count(messages: list[dict[str, str]]) -> int:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+        return len(specials.findall(text)) if specials is not None else 0
+
+    first = [{"role": "user", "content": "a"}]
+    try:
+        return max(0, min(count([*first, {"role": role, "content": "a"}]) for role in CHAT_ROLES) - count(first))
+    except Exception:  # a template that refuses a role there (raise_exception, or any error of its own)
+        return 0
+
+
+def renders_every_text(tokenizer: Any, template: str) -> bool:
+    """Whether ``template`` writes every turn's text into the prompt (Meta's templates do), each role's and each
+    turn's of a conversation: only then is a conversation's text a bound on its prompt's."""
+    probes = [f"llamascope probe {i}" for i in range(len(CHAT_ROLES) + 1)]
+    roles = ["user", *CHAT_ROLES]  # each role once after a first user turn
+    messages = [{"role": role, "content": probe} for role, probe in zip(roles, probes, strict=True)]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    except Exception:  # a template that refuses a role there: the turns are not all written
+        return False
+    return all(probe in text for probe in probes)

@@ -78,6 +78,15 @@ def test_the_cheap_bound_on_a_prompt_never_exceeds_its_tokens(engine: MllamaEngi
         assert engine._fewest_tokens(turns) <= asyncio.run(engine.prepare(turns)).input_tokens
 
 
+def test_the_cheap_bound_counts_text_only_where_the_template_writes_every_turn(engine: MllamaEngine) -> None:
+    """A configured template may drop a conversation's history: its text is then no bound on the prompt."""
+    from llamascope.engines.templates import renders_every_text
+
+    assert engine._text_counts and renders_every_text(engine.tokenizer, engine.template)
+    last_only = "{{ messages[-1]['content'] }}"
+    assert not renders_every_text(engine.tokenizer, last_only)
+
+
 def test_cancel_frees_the_model_within_a_step(engine: MllamaEngine) -> None:
     async def scenario() -> tuple[int, float]:
         prompt = await engine.prepare([Turn("user", (RED, "Describe."))])

@@ -79,6 +79,7 @@ PAUSE_SECONDS = 1.0  # the wait after a refusal for now that gives no Retry-Afte
 MAX_PAUSE_SECONDS = 3600.0  # the longest Retry-After taken as it is
 ALLOWANCE_CODE = "AllocationQuota.FreeTierOnly"
 STOPPED_STATUS = 499  # a line stopped while running: the status logged for a request its client stopped
+STOP_SECONDS = 10.0  # at shutdown, how long the lines stopped may take to save what they made
 
 
 class Runner:
@@ -143,7 +144,12 @@ class Runner:
         tasks = [task for batch in self._lines.values() for task in batch.values()]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:  # each saves what its line made to its end (to_the_end): bounded, so a stalled store stalls no exit
+            _, stuck = await asyncio.wait(tasks, timeout=STOP_SECONDS)
+            if stuck:
+                log.warning(
+                    "batch runner: %d lines still saving after %.0f s at shutdown; left", len(stuck), STOP_SECONDS
+                )
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.repository.release_all, self.replica_id)
         for client in self._clients.values():

@@ -38,3 +38,30 @@ def test_a_key_with_no_batch_left_is_forgotten_and_one_with_running_lines_kept(t
     assert set(runner._window) == set(runner._limits) == set(runner._clients) == {2}
     assert runner._paused == {} and dict(runner._running) == {}
     assert gone.is_closed and not busy.is_closed
+
+
+def test_shutdown_waits_a_bounded_time_for_lines_still_saving(tmp_path: Path, monkeypatch) -> None:
+    """Each stopped line saves what it made to its end (``to_the_end``), and a stalled store would hold that
+    forever: shutdown waits ``STOP_SECONDS`` for them, then goes on."""
+    from llamascope.accounts.limits import to_the_end
+    from llamascope.batch import runner as module
+
+    monkeypatch.setattr(module, "STOP_SECONDS", 0.2)
+    store = AccountStore(f"sqlite:///{tmp_path / 'accounts.db'}")
+    store.migrate()
+    runner = Runner(BatchRepository(store), FileStore(tmp_path / "files", 1 << 20), {}, store, replica_id="r1")
+
+    async def stop_with_a_stuck_line() -> float:
+        async def line() -> None:
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                await to_the_end(asyncio.sleep(3600))  # saving, on a store that never answers
+
+        runner._lines["b"] = {0: asyncio.ensure_future(line())}
+        await asyncio.sleep(0)
+        began = time.monotonic()
+        await runner.stop()
+        return time.monotonic() - began
+
+    assert asyncio.run(asyncio.wait_for(stop_with_a_stuck_line(), 30)) < 10

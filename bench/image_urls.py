@@ -16,54 +16,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-HEADERS: dict[str, dict[str, str]] = {
-    "/fresh": {"Cache-Control": "max-age=600"},
-    "/etag": {"ETag": '"v1"'},
-    "/silent": {},
-}
+from batch import URL_HEADERS, image_host
+
 CASES = {"/fresh": "max-age=600 (fresh)", "/etag": "ETag only (304)", "/silent": "no caching headers"}
-
-
-def serve() -> ThreadingHTTPServer:
-    import numpy as np
-    from PIL import Image
-
-    pixels = np.random.default_rng(0).integers(0, 255, (840, 1120, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-    body = buf.getvalue()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            headers = HEADERS[self.path]
-            same = "ETag" in headers and self.headers.get("If-None-Match") == headers["ETag"]
-            self.send_response(304 if same else 200)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", "0" if same else str(len(body)))
-            self.end_headers()
-            if not same:
-                self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def measure(port: int, repeats: int) -> None:
@@ -76,7 +38,7 @@ def measure(port: int, repeats: int) -> None:
 
     async def run() -> dict[str, float]:
         medians = {}
-        for path in HEADERS:
+        for path in URL_HEADERS:
             url = f"http://127.0.0.1:{port}{path}"
             await intake.load(url, fit_key="bench")
             times = []
@@ -99,7 +61,7 @@ def main() -> None:
     if args.child:
         measure(args.child, args.repeats)
         return
-    server = serve()
+    server, _ = image_host()
     port = server.server_address[1]
     here = str(Path(__file__).resolve().parents[1])
     trees = {"this tree": here} | ({"baseline": str(args.baseline)} if args.baseline else {})

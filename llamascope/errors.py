@@ -68,9 +68,11 @@ def internal_error() -> ServiceError:
     )
 
 
-def throttled(retry_after: int) -> ServiceError:
-    """The engine's queue is full: come back later."""
-    return ServiceError(429, "Throttling", "Requests throttling triggered.", headers={"Retry-After": str(retry_after)})
+def throttled(retry_after: int, busy: str = "") -> ServiceError:
+    """The server is full (the engine's queue; with ``busy``, what else is: its image decoders, its fetches):
+    come back later."""
+    message = f"Requests throttling triggered: {busy}; try again shortly." if busy else "Requests throttling triggered."
+    return ServiceError(429, "Throttling", message, headers={"Retry-After": str(retry_after)})
 
 
 def request_timed_out() -> ServiceError:

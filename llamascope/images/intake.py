@@ -209,12 +209,7 @@ class ImageIntake:
                 watch.timed_out = True
             if not began.is_set():
                 log.warning("every image decoder was busy for %.1f s: an image was refused", self.decode_timeout)
-                raise errors.ServiceError(
-                    429,
-                    "Throttling",
-                    "Requests throttling triggered: every image decoder of this server is busy; try again shortly.",
-                    headers={"Retry-After": "1"},
-                ) from None
+                raise errors.throttled(1, "every image decoder of this server is busy") from None
             log.warning("an image took more than %.1f s to decode and was refused", self.decode_timeout)
             raise errors.image_unreadable(
                 f"The image took longer than {self.decode_timeout:g} s to decode; send a smaller or simpler image."

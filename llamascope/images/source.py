@@ -278,12 +278,7 @@ class UrlSource:
             await self.policy.fetching.acquire()
         if waiting.cancelled_caught:  # the server's fetches are all busy: not the image's fault
             log.warning("every image fetch was busy for %.1f s: an image was refused", self.policy.total_timeout)
-            raise errors.ServiceError(
-                429,
-                "Throttling",
-                "Requests throttling triggered: every image fetch of this server is busy; try again shortly.",
-                headers={"Retry-After": "1"},
-            )
+            raise errors.throttled(1, "every image fetch of this server is busy")
         try:
             with anyio.fail_after(self.policy.total_timeout):
                 return await self._fetch(known)

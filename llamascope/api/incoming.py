@@ -39,6 +39,8 @@ MAX_JSON_DEPTH = 128
 
 
 async def read_json(request: Request) -> object:
+    """The request's JSON body, checked (``_fault``); the served model it names is kept on the request for its
+    log line (``_note_model``)."""
     body = await request.body()
     try:
         value = json.loads(body)
@@ -49,7 +51,17 @@ async def read_json(request: Request) -> object:
     fault = _fault(value)
     if fault is not None:
         raise fault
+    _note_model(request, value)
     return value
+
+
+def _note_model(request: Request, body: object) -> None:
+    """The model ``body`` names, kept on the request (``state.model``) if it is served: the access-log line and
+    the key's count of refusals (``Authentication``) name it should the request be refused before it runs. An
+    unknown name is not kept: the counts stay bounded, and the log says ``model=-``."""
+    model = body.get("model") if isinstance(body, dict) else None
+    if isinstance(model, str) and model in request.app.state.service.engines:
+        request.state.model = model
 
 
 def _fault(value: object) -> errors.ServiceError | None:

@@ -5,7 +5,7 @@
   ``Outcome`` pushed to the metrics and the trace, and one access-log line:
   id, key prefix, route, model, tokens, finish, status, latency. Never the
   key itself. A request refused before it ran names the served model it
-  asked for (``note_model``: what the routers call once they have its body).
+  asked for (``incoming.read_json`` keeps it as it reads the body).
 - ``BodyLimit``: refuses bodies over the limit while they arrive, whatever
   Content-Length says.
 - ``Authentication``: applies ``accounts.keys.authenticate`` to every route
@@ -21,7 +21,6 @@ import time
 import uuid
 from typing import Any
 
-from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamascope import errors
@@ -125,15 +124,6 @@ class RequestContext:
         fields["trace_id"] = observation.trace_id
         fields["latency_ms"] = round(outcome.seconds * 1000, 1)
         access_log.info(AccessRecord(fields))
-
-
-def note_model(request: Request, body: object) -> None:
-    """The model ``body`` names, kept on the request (``state.model``) if it is served: the access-log line and
-    the key's count of refusals (``Authentication``) name it should the request be refused before it runs. An
-    unknown name is not kept: the counts stay bounded, and the log says ``model=-``."""
-    model = body.get("model") if isinstance(body, dict) else None
-    if isinstance(model, str) and model in request.app.state.service.engines:
-        request.state.model = model
 
 
 class BodyLimit:

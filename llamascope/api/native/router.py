@@ -8,7 +8,6 @@ from starlette.responses import JSONResponse, Response
 from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
 from llamascope.api.incoming import CLIENT_CLOSED, EventStream, open_reply, read_json, unless_disconnected
-from llamascope.api.middleware import note_model
 from llamascope.api.native import sse
 from llamascope.api.native.protocol import GenerationBody, GenerationRequest, GenerationResult
 from llamascope.conversation.service import Endpoint, Reply
@@ -19,7 +18,6 @@ router = APIRouter()
 
 async def generation(request: Request) -> Response:
     body = await read_json(request)
-    note_model(request, body)
     call = GenerationRequest.from_body(body)
     reply = await open_reply(request, call, Endpoint.MULTIMODAL)
     return await answer(request, reply, GenerationResult.of)

@@ -21,7 +21,6 @@ from llamascope.api.incoming import (
     source_context,
     unless_disconnected,
 )
-from llamascope.api.middleware import note_model
 from llamascope.api.native.protocol import IndexedToolCallBody, tool_call_bodies
 from llamascope.api.openai.protocol import (
     ChatBody,
@@ -118,7 +117,6 @@ async def _stream(
 async def chat_completions(request: Request) -> Response:
     request_id = request_id_of(request)
     body = await read_json(request)
-    note_model(request, body)
     call = ChatRequest.from_body(body)
     reply = await open_reply(request, call, Endpoint.CHAT)
     if call.stream:
@@ -164,7 +162,6 @@ async def tokenize(request: Request) -> Response:
     """
     service: ConversationService = request.app.state.service
     body = await read_json(request)
-    note_model(request, body)
     call = ChatRequest.from_body(body)
     principal, context = request.state.principal, source_context(request)
     # A client that leaves ends the count: its image fetch, and its hold on the key's concurrency, as a chat's

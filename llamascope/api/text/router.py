@@ -8,7 +8,6 @@ from starlette.responses import JSONResponse, Response
 from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
 from llamascope.api.incoming import CLIENT_CLOSED, open_reply, read_json, source_context, unless_disconnected
-from llamascope.api.middleware import note_model
 from llamascope.api.native import sse
 from llamascope.api.native.protocol import ErrorBody
 from llamascope.api.native.router import SSE_HEADERS, answer
@@ -29,7 +28,6 @@ router = APIRouter()
 
 async def generation(request: Request) -> Response:
     body = await read_json(request)
-    note_model(request, body)
     call = TextGenerationRequest.from_body(body)
     reply = await open_reply(request, call, Endpoint.TEXT)
     return await answer(request, reply, TextGenerationResult.render(call.result_format))
@@ -39,7 +37,6 @@ async def tokenizer(request: Request) -> Response:
     """Token ids of the prompt a text-generation request with this input runs: the count is its input_tokens."""
     service: ConversationService = request.app.state.service
     body = await read_json(request)
-    note_model(request, body)
     call = TokenizationRequest.from_body(body)
     principal, context = request.state.principal, source_context(request)
     # A client that leaves ends it: its image fetch, and its hold on the key's concurrency, as a generation's

@@ -43,6 +43,7 @@ from llamascope.batch.repository import BatchRepository
 from llamascope.batch.runner import Runner
 from llamascope.batch.service import BatchService
 from llamascope.conversation.service import ConversationService, ImagePolicy
+from llamascope.disk import DiskReserve
 from llamascope.engines.base import Engine, ModelLoadError
 from llamascope.engines.devices import Bounds
 from llamascope.engines.registry import (
@@ -157,6 +158,7 @@ def open_uploads(settings: Settings) -> UploadStore:
         ttl_seconds=settings.upload_ttl_hours * 3600,
         policy_seconds=settings.upload_policy_seconds,
         max_bytes=settings.upload_max_bytes,
+        reserve=DiskReserve(settings.min_free_disk_mb * 2**20),
     )
 
 
@@ -190,7 +192,11 @@ def build_batches(
     settings: Settings, store: AccountStore, engines: dict[str, Engine], replica_id: str, drain: Drain
 ) -> BatchService:
     """The Batch and Files APIs: files under the data directory, lines claimed as this replica."""
-    files = FileStore(settings.batch_files_dir or settings.data_dir / "batch-files", MAX_FILE_BYTES)
+    files = FileStore(
+        settings.batch_files_dir or settings.data_dir / "batch-files",
+        MAX_FILE_BYTES,
+        DiskReserve(settings.min_free_disk_mb * 2**20),
+    )
     runner = Runner(
         BatchRepository(store),
         files,

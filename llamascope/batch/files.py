@@ -13,15 +13,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 from llamascope import errors
+from llamascope.disk import NO_RESERVE, DiskReserve
 
 CHUNK = 1024 * 1024
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class FileStore:
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, reserve: DiskReserve = NO_RESERVE) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self.reserve = reserve
         root.mkdir(parents=True, exist_ok=True)
 
     def path(self, file_id: str) -> Path:
@@ -30,7 +32,9 @@ class FileStore:
         return self.root / file_id
 
     def save(self, file_id: str, source: BinaryIO) -> int:
-        """Copy ``source`` in, a chunk at a time; its size. Over ``max_bytes``: ServiceError, nothing kept."""
+        """Copy ``source`` in, a chunk at a time; its size. Over ``max_bytes``, or the disk short of its
+        reserve for a file that large (checked first): ServiceError, nothing kept."""
+        self.ensure_room()
         size = 0
         with self._writing(file_id) as out:
             while chunk := source.read(CHUNK):
@@ -41,6 +45,11 @@ class FileStore:
                     )
                 out.write(chunk)
         return size
+
+    def ensure_room(self) -> None:
+        """Refuse a new file (507) while the disk is short of its reserve for one of ``max_bytes``."""
+        if refusal := self.reserve.refusal(self.root, self.max_bytes):
+            raise errors.ServiceError(507, "insufficient_storage", refusal)
 
     def write_lines(self, file_id: str, lines: Iterable[str]) -> int:
         """A result file from its lines (JSON, one a line); its size."""

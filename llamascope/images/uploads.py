@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from llamascope import errors
+from llamascope.disk import NO_RESERVE, DiskReserve
 
 _MAX_KEY_LENGTH = 1024
 _CHUNK = 1024 * 1024  # what ``save`` reads of a stream at a time
@@ -143,8 +144,10 @@ class UploadStore:
         ttl_seconds: float = 48 * 3600,
         policy_seconds: int = 300,
         max_bytes: int = 10 * 1024 * 1024,
+        reserve: DiskReserve = NO_RESERVE,
     ) -> None:
         self.root = root
+        self.reserve = reserve
         self.secret = secret
         self.ttl_seconds = ttl_seconds
         self.policy_seconds = policy_seconds
@@ -218,7 +221,10 @@ class UploadStore:
         beside the objects, at most ``claims.max`` bytes); ``keep`` it once whole, then ``discard`` it.
 
         It takes one of the policy's places first, or raises the refusal before a byte of the file is read;
-        not when ``key`` holds an object already (the same file again takes none, and another is refused)."""
+        not when ``key`` holds an object already (the same file again takes none, and another is refused). A
+        disk short of its reserve refuses it first (507)."""
+        if refusal := self.reserve.refusal(self.root, claims.max):
+            raise errors.ServiceError(507, "InsufficientStorage", refusal)
         place = None if self._path(key).exists() else self._take_place(claims)
         try:
             return Incoming(self.root, claims, key, place)

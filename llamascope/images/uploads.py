@@ -34,7 +34,6 @@ from llamascope import errors
 from llamascope.disk import NO_RESERVE, DiskReserve
 
 _MAX_KEY_LENGTH = 1024
-_CHUNK = 1024 * 1024  # what ``save`` reads of a stream at a time
 _PLACE = ".place-"  # a policy's places (``UploadStore._take_place``)
 
 
@@ -189,12 +188,6 @@ class UploadStore:
 
     # -- step 2: the unauthenticated POST ---------------------------------------
 
-    def verify(self, policy: str, signature: str, key: str, now: float | None = None) -> Claims:
-        """The claims of a signed, unexpired policy whose upload_dir holds ``key``, or the refusal."""
-        claims = self.check_policy(policy, signature, now)
-        self.check_key(claims, key)
-        return claims
-
     def check_policy(self, policy: str, signature: str, now: float | None = None) -> Claims:
         """The claims of a policy this server signed and that has not expired (the POST's first check)."""
         if not hmac.compare_digest(self._sign(policy).encode(), signature.encode()):
@@ -232,16 +225,6 @@ class UploadStore:
             if place is not None:
                 place.unlink(missing_ok=True)
             raise
-
-    def save(self, claims: Claims, key: str, stream: BinaryIO, now: float | None = None) -> int:
-        """Store ``stream`` (read in pieces, with the cap) under ``key``, as ``keep`` does; returns its size."""
-        incoming = self.receive(claims, key)
-        try:
-            while chunk := stream.read(_CHUNK):
-                incoming.write(chunk)
-            return self.keep(incoming, now)
-        finally:
-            incoming.discard()
 
     def keep(self, incoming: Incoming, now: float | None = None) -> int:
         """Put a whole upload in place (its size), or refuse it.

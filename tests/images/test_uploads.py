@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from llamascope import errors
-from llamascope.images.uploads import UploadStore, load_or_create_secret
+from llamascope.images.uploads import Claims, UploadStore, load_or_create_secret
 
 NOW = 1_800_000_000.0
 
@@ -23,6 +23,24 @@ NOW = 1_800_000_000.0
 @pytest.fixture
 def store(tmp_path: Path) -> UploadStore:
     return UploadStore(tmp_path / "objects", b"s" * 64, ttl_seconds=3600, policy_seconds=300, max_bytes=1000)
+
+
+def verify(store: UploadStore, policy: str, signature: str, key: str, now: float | None = None) -> Claims:
+    """The POST's checks in the order the form brings their fields: the policy, then the key."""
+    claims = store.check_policy(policy, signature, now)
+    store.check_key(claims, key)
+    return claims
+
+
+def save(store: UploadStore, claims: Claims, key: str, stream: io.BytesIO, now: float | None = None) -> int:
+    """An upload as the POST stores it: received in pieces, kept whole, the temporary file discarded."""
+    incoming = store.receive(claims, key)
+    try:
+        while chunk := stream.read(1024):
+            incoming.write(chunk)
+        return store.keep(incoming, now)
+    finally:
+        incoming.discard()
 
 
 def refused(call, *args, **kwargs) -> errors.ServiceError:
@@ -34,8 +52,8 @@ def refused(call, *args, **kwargs) -> errors.ServiceError:
 def test_round_trip(store: UploadStore) -> None:
     policy = store.issue_policy("owner-a", "m", now=NOW)
     key = policy["upload_dir"] + "/cat.png"
-    claims = store.verify(policy["policy"], policy["signature"], key, now=NOW + 10)
-    assert store.save(claims, key, io.BytesIO(b"image bytes"), now=NOW) == 11
+    claims = verify(store, policy["policy"], policy["signature"], key, now=NOW + 10)
+    assert save(store, claims, key, io.BytesIO(b"image bytes"), now=NOW) == 11
     assert store.read(key, "owner-a", now=NOW + 100) == b"image bytes"
 
 
@@ -45,40 +63,40 @@ def test_tampered_policy_or_signature(store: UploadStore) -> None:
     claims = json.loads(base64.b64decode(policy["policy"]))
     claims["max"] = 10**12
     forged = base64.b64encode(json.dumps(claims).encode()).decode()
-    assert refused(store.verify, forged, policy["signature"], key, now=NOW).status == 403
-    assert refused(store.verify, policy["policy"], "AAAA" + policy["signature"][4:], key, now=NOW).status == 403
+    assert refused(verify, store, forged, policy["signature"], key, now=NOW).status == 403
+    assert refused(verify, store, policy["policy"], "AAAA" + policy["signature"][4:], key, now=NOW).status == 403
     other = UploadStore(store.root, b"t" * 64)  # another server's secret
-    assert refused(other.verify, policy["policy"], policy["signature"], key, now=NOW).status == 403
+    assert refused(verify, other, policy["policy"], policy["signature"], key, now=NOW).status == 403
 
 
 def test_expired_policy(store: UploadStore) -> None:
     policy = store.issue_policy("owner-a", "m", now=NOW)
-    error = refused(store.verify, policy["policy"], policy["signature"], policy["upload_dir"] + "/x", now=NOW + 301)
+    error = refused(verify, store, policy["policy"], policy["signature"], policy["upload_dir"] + "/x", now=NOW + 301)
     assert error.message == "Invalid according to Policy: Policy expired."
 
 
 @pytest.mark.parametrize("suffix", ["", "/", "/../../etc/passwd", "/a/../../b", "-sibling/x.png"])
 def test_keys_outside_the_upload_dir(store: UploadStore, suffix: str) -> None:
     policy = store.issue_policy("owner-a", "m", now=NOW)
-    error = refused(store.verify, policy["policy"], policy["signature"], policy["upload_dir"] + suffix, now=NOW)
+    error = refused(verify, store, policy["policy"], policy["signature"], policy["upload_dir"] + suffix, now=NOW)
     assert error.status == 403 and "outside upload_dir" in error.message
 
 
 def test_size_cap_and_no_overwrite(store: UploadStore) -> None:
     policy = store.issue_policy("owner-a", "m", now=NOW)
     key = policy["upload_dir"] + "/cat.png"
-    claims = store.verify(policy["policy"], policy["signature"], key, now=NOW)
-    assert refused(store.save, claims, key, io.BytesIO(b"x" * 1001)).code == "EntityTooLarge"
-    store.save(claims, key, io.BytesIO(b"first"))
-    assert refused(store.save, claims, key, io.BytesIO(b"second")).status == 409
-    assert store.save(claims, key, io.BytesIO(b"first")) == 5  # the same file again (the SDK, one file named twice)
+    claims = verify(store, policy["policy"], policy["signature"], key, now=NOW)
+    assert refused(save, store, claims, key, io.BytesIO(b"x" * 1001)).code == "EntityTooLarge"
+    save(store, claims, key, io.BytesIO(b"first"))
+    assert refused(save, store, claims, key, io.BytesIO(b"second")).status == 409
+    assert save(store, claims, key, io.BytesIO(b"first")) == 5  # the same file again (the SDK, one file named twice)
     assert store.read(key, "owner-a") == b"first"
 
 
 def test_only_the_owner_reads_and_only_until_expiry(store: UploadStore) -> None:
     policy = store.issue_policy("owner-a", "m", now=NOW)
     key = policy["upload_dir"] + "/cat.png"
-    store.save(store.verify(policy["policy"], policy["signature"], key, now=NOW), key, io.BytesIO(b"c"), now=NOW)
+    save(store, verify(store, policy["policy"], policy["signature"], key, now=NOW), key, io.BytesIO(b"c"), now=NOW)
     foreign = refused(store.read, key, "owner-b", now=NOW)
     expired = refused(store.read, key, "owner-a", now=NOW + 3601)
     missing = refused(store.read, policy["upload_dir"] + "/dog.png", "owner-a", now=NOW)
@@ -90,7 +108,7 @@ def test_only_the_owner_reads_and_only_until_expiry(store: UploadStore) -> None:
 def test_objects_are_stored_under_hashes(store: UploadStore) -> None:
     policy = store.issue_policy("owner-a", "m", now=NOW)
     key = policy["upload_dir"] + "/we ird name;rm -rf.png"
-    store.save(store.verify(policy["policy"], policy["signature"], key, now=NOW), key, io.BytesIO(b"c"))
+    save(store, verify(store, policy["policy"], policy["signature"], key, now=NOW), key, io.BytesIO(b"c"))
     names = sorted(p.name for p in store.root.iterdir())
     assert len(names) == 2 and all(len(n.split(".")[0]) == 64 for n in names)
 
@@ -106,10 +124,10 @@ def test_a_policy_stores_at_most_its_files(store: UploadStore) -> None:
     filled from one getPolicy. It stores at most ``files`` objects; the same object again takes no place."""
     policy = store.issue_policy("owner-a", "m", now=NOW, files=2)
     assert policy["capacity_limit_mb"] == 1  # two files of 1000 bytes, as the policy says
-    claims = store.verify(policy["policy"], policy["signature"], policy["upload_dir"] + "/a.png", now=NOW)
+    claims = verify(store, policy["policy"], policy["signature"], policy["upload_dir"] + "/a.png", now=NOW)
     for name in ("a.png", "a.png", "b.png"):
-        store.save(claims, policy["upload_dir"] + "/" + name, io.BytesIO(b"bytes of " + name.encode()), now=NOW)
-    third = refused(store.save, claims, policy["upload_dir"] + "/c.png", io.BytesIO(b"c"), now=NOW)
+        save(store, claims, policy["upload_dir"] + "/" + name, io.BytesIO(b"bytes of " + name.encode()), now=NOW)
+    third = refused(save, store, claims, policy["upload_dir"] + "/c.png", io.BytesIO(b"c"), now=NOW)
     assert (third.status, third.code) == (403, "AccessDenied") and "at most 2 files" in third.message
     assert not list(store.root.glob(".part-*"))
     store.purge_expired(now=time.time() + 3600)  # the policy long expired: its places go
@@ -121,16 +139,16 @@ def test_a_policys_places_are_checked_before_the_file_and_given_back_by_a_failed
     failed to be kept was lost: the policy stored fewer files than it said."""
     policy = store.issue_policy("owner-a", "m", now=NOW, files=1)
     key = policy["upload_dir"] + "/a.png"
-    claims = store.verify(policy["policy"], policy["signature"], key, now=NOW)
+    claims = verify(store, policy["policy"], policy["signature"], key, now=NOW)
     record = store.root / (hashlib.sha256(key.encode()).hexdigest() + ".json")  # a directory: its write fails
     record.mkdir()
     with pytest.raises(OSError):
-        store.save(claims, key, io.BytesIO(b"a"), now=NOW)
+        save(store, claims, key, io.BytesIO(b"a"), now=NOW)
     record.rmdir()
-    store.save(claims, key, io.BytesIO(b"a"), now=NOW)  # its place was given back
+    save(store, claims, key, io.BytesIO(b"a"), now=NOW)  # its place was given back
     second = refused(store.receive, claims, policy["upload_dir"] + "/b.png")  # before a byte of the file
     assert (second.status, second.code) == (403, "AccessDenied") and "at most 1 files" in second.message
-    assert store.save(claims, key, io.BytesIO(b"a"), now=NOW) == 1  # the same file again takes no place
+    assert save(store, claims, key, io.BytesIO(b"a"), now=NOW) == 1  # the same file again takes no place
     assert not list(store.root.glob(".part-*"))
 
 
@@ -138,7 +156,7 @@ def test_two_files_uploaded_to_one_key_at_once_do_not_both_win(store: UploadStor
     """Replicas sharing the directory (here: threads) checked that the key held nothing, then each replaced the
     object: both uploads were answered 200, and one reference named the other's file."""
     policy = store.issue_policy("owner-a", "m", now=NOW)
-    claims = store.verify(policy["policy"], policy["signature"], policy["upload_dir"] + "/0.png", now=NOW)
+    claims = verify(store, policy["policy"], policy["signature"], policy["upload_dir"] + "/0.png", now=NOW)
     for i in range(200):
         key = f"{policy['upload_dir']}/{i}.png"
         barrier, kept = threading.Barrier(2), []
@@ -170,8 +188,8 @@ def test_a_file_gone_while_the_purge_looks_does_not_end_it(store: UploadStore) -
     life. A dangling link is such a file, listed and then not found."""
     policy = store.issue_policy("owner-a", "m", now=NOW, files=1)
     key = policy["upload_dir"] + "/a.png"
-    claims = store.verify(policy["policy"], policy["signature"], key, now=NOW)
-    store.save(claims, key, io.BytesIO(b"a"), now=NOW)
+    claims = verify(store, policy["policy"], policy["signature"], key, now=NOW)
+    save(store, claims, key, io.BytesIO(b"a"), now=NOW)
     (store.root / ".part-gone").symlink_to(store.root / "nothing")
     (store.root / ".place-gone").symlink_to(store.root / "nothing")
     assert store.purge_expired(now=NOW + 7200) == 1
@@ -192,10 +210,10 @@ def test_a_directory_without_hard_links_still_stores_uploads(
     monkeypatch.setattr(os, "link", no_link)
     policy = store.issue_policy("owner-a", "m", now=NOW, files=2)
     key = policy["upload_dir"] + "/a.png"
-    claims = store.verify(policy["policy"], policy["signature"], key, now=NOW)
-    assert store.save(claims, key, io.BytesIO(b"a"), now=NOW) == 1
-    assert store.save(claims, key, io.BytesIO(b"a"), now=NOW) == 1  # the same file again
-    other = refused(store.save, claims, key, io.BytesIO(b"b"), now=NOW)
+    claims = verify(store, policy["policy"], policy["signature"], key, now=NOW)
+    assert save(store, claims, key, io.BytesIO(b"a"), now=NOW) == 1
+    assert save(store, claims, key, io.BytesIO(b"a"), now=NOW) == 1  # the same file again
+    other = refused(save, store, claims, key, io.BytesIO(b"b"), now=NOW)
     assert other.status == 409
     assert store.read(key, "owner-a", now=NOW) == b"a"
     assert not list(store.root.glob(".part-*"))

@@ -8,9 +8,15 @@ they may go into the reserve by up to that many files' caps: the reserve is a ma
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# What a caller is told: the server's free space is the operator's business, not every key holder's.
+FULL = "The server's disk is nearly full, so it stores no more files for now. Try again later."
 
 
 @dataclass(frozen=True)
@@ -24,16 +30,19 @@ class DiskReserve:
             return 0
         return max(0, self.bytes + most - shutil.disk_usage(directory).free)
 
-    def refusal(self, directory: Path, most: int) -> str | None:
-        """What to tell a caller whose file of up to ``most`` bytes does not fit (None: it fits)."""
+    def full(self, directory: Path, most: int) -> bool:
+        """Whether a file of up to ``most`` bytes must be refused; the operator's log says why."""
         missing = self.short_by(directory, most)
-        if not missing:
-            return None
-        return (
-            f"The server's disk is nearly full: it keeps {self.bytes // 2**20} MB free and lacks "
-            f"{-(-missing // 2**20)} MB for a file of up to {most // 2**20} MB. Try again later, or ask its operator "
-            "to free space (expired uploads are removed by themselves; batch files go when deleted)."
-        )
+        if missing:
+            log.warning(
+                "refused a file of up to %d bytes for %s: the disk lacks %d bytes to keep MIN_FREE_DISK_BYTES "
+                "(%d) free",
+                most,
+                directory,
+                missing,
+                self.bytes,
+            )
+        return bool(missing)
 
 
 NO_RESERVE = DiskReserve(0)

@@ -158,7 +158,7 @@ def open_uploads(settings: Settings) -> UploadStore:
         ttl_seconds=settings.upload_ttl_hours * 3600,
         policy_seconds=settings.upload_policy_seconds,
         max_bytes=settings.upload_max_bytes,
-        reserve=DiskReserve(settings.min_free_disk_mb * 2**20),
+        reserve=DiskReserve(settings.min_free_disk_bytes),
     )
 
 
@@ -195,7 +195,7 @@ def build_batches(
     files = FileStore(
         settings.batch_files_dir or settings.data_dir / "batch-files",
         MAX_FILE_BYTES,
-        DiskReserve(settings.min_free_disk_mb * 2**20),
+        DiskReserve(settings.min_free_disk_bytes),
     )
     runner = Runner(
         BatchRepository(store),

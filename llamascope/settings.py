@@ -309,11 +309,11 @@ class Settings(BaseSettings):
         300, ge=10, description="how long an upload policy (the SDK's getPolicy answer) stays valid"
     )
     upload_max_bytes: int = Field(10 * 1024 * 1024, ge=1, description="the largest upload")
-    min_free_disk_mb: int = Field(
-        1024,
+    min_free_disk_bytes: int = Field(
+        1024**3,
         ge=0,
-        description="the free disk kept: an upload or a batch input file is refused (507) while storing the "
-        "largest one allowed would leave less free than this on its disk; 0: none kept",
+        description="the free disk kept (1 GiB): an upload or a batch input file is refused (507) while storing "
+        "the largest one allowed would leave less free than this on its disk; 0: none kept",
     )
     public_base_url: str | None = Field(
         None,

@@ -11,7 +11,7 @@ class Receipt(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # these fields and no others
     merchant: str = Field(max_length=40)
-    total: float = Field(ge=0, le=100_000, multiple_of=0.01)  # cents: a number's digits are bounded only so
+    total: float = Field(ge=0, le=100_000, multiple_of=0.01)  # whole cents: bounds the decimals
     currency: Literal["CNY", "USD", "EUR"]
 
 

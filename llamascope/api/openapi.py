@@ -62,6 +62,7 @@ STATUS_TEXT = {
     "see Retry-After.",
     500: "The model failed (InternalError.Algo).",
     503: "The server is shutting down, or no engine is available (ServiceUnavailable).",
+    507: "The server's disk is nearly full: it stores no more files for now (MIN_FREE_DISK_BYTES).",
 }
 REQUEST_ID_HEADER = {
     "description": "The request's id, also in every JSON body as request_id.",

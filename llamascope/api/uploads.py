@@ -276,7 +276,7 @@ OPERATIONS = (
         tag="uploads",
         auth=None,
         form=UploadForm,
-        refusals=(403, 409),
+        refusals=(403, 409, 507),
         description="Answers a bare 200 with an empty body; the image is then oss://<key>.",
     ),
 )

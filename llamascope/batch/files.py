@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from llamascope import errors
+from llamascope import disk, errors
 from llamascope.disk import NO_RESERVE, DiskReserve
 
 CHUNK = 1024 * 1024
@@ -48,8 +48,8 @@ class FileStore:
 
     def ensure_room(self) -> None:
         """Refuse a new file (507) while the disk is short of its reserve for one of ``max_bytes``."""
-        if refusal := self.reserve.refusal(self.root, self.max_bytes):
-            raise errors.ServiceError(507, "insufficient_storage", refusal)
+        if self.reserve.full(self.root, self.max_bytes):
+            raise errors.ServiceError(507, "insufficient_storage", disk.FULL)
 
     def write_lines(self, file_id: str, lines: Iterable[str]) -> int:
         """A result file from its lines (JSON, one a line); its size."""

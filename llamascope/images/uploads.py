@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from llamascope import errors
+from llamascope import disk, errors
 from llamascope.disk import NO_RESERVE, DiskReserve
 
 _MAX_KEY_LENGTH = 1024
@@ -216,8 +216,8 @@ class UploadStore:
         It takes one of the policy's places first, or raises the refusal before a byte of the file is read;
         not when ``key`` holds an object already (the same file again takes none, and another is refused). A
         disk short of its reserve refuses it first (507)."""
-        if refusal := self.reserve.refusal(self.root, claims.max):
-            raise errors.ServiceError(507, "InsufficientStorage", refusal)
+        if self.reserve.full(self.root, claims.max):
+            raise errors.ServiceError(507, "InsufficientStorage", disk.FULL)
         place = None if self._path(key).exists() else self._take_place(claims)
         try:
             return Incoming(self.root, claims, key, place)

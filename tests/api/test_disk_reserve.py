@@ -4,6 +4,8 @@ it, saying why, and keeps nothing: one key's files must not fill the disk the ac
 from __future__ import annotations
 
 import io
+import json
+import socket
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
@@ -14,11 +16,10 @@ from llamascope.disk import DiskReserve
 from tests.conftest import SEED_MODEL, Server, free_port, png_bytes, start_server
 
 
-def test_a_reserve_of_zero_never_refuses(tmp_path: Path) -> None:
-    assert DiskReserve(0).refusal(tmp_path, 10 * 2**40) is None
-    assert DiskReserve(2**20).refusal(tmp_path, 2**20) is None  # this disk has 2 MB free
-    refusal = DiskReserve(2**60).refusal(tmp_path, 10 * 2**20)
-    assert refusal is not None and "keeps 1099511627776 MB free" in refusal and "up to 10 MB" in refusal
+def test_the_reserve_and_the_file_must_both_fit(tmp_path: Path) -> None:
+    assert not DiskReserve(0).full(tmp_path, 10 * 2**50)  # none kept: never full
+    assert not DiskReserve(2**20).full(tmp_path, 2**20)  # this disk has at least 2 MiB free
+    assert DiskReserve(2**60).full(tmp_path, 10 * 2**20)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def full(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = start_server(
         tmp,
         ["--model", f"{SEED_MODEL}=openai+http://127.0.0.1:{free_port()}/v1"],
-        {"LLAMASCOPE_MIN_FREE_DISK_MB": str(2**40)},
+        {"LLAMASCOPE_MIN_FREE_DISK_BYTES": str(2**60)},
     )
     yield server
     server.stop()
@@ -53,6 +54,7 @@ def test_an_upload_to_a_full_disk_is_refused_saying_why(
     with pytest.raises(UploadFileException, match="disk is nearly full"):
         MultiModalConversation.call(model=SEED_MODEL, messages=messages, api_key=full.key)
     assert _stored(full) == []
+    assert "lacks" in full.log() and "MIN_FREE_DISK_BYTES" in full.log()  # the operator is told by how much
 
 
 def test_a_batch_file_to_a_full_disk_is_refused_saying_why(full: Server) -> None:
@@ -64,3 +66,26 @@ def test_a_batch_file_to_a_full_disk_is_refused_saying_why(full: Server) -> None
     assert caught.value.status_code == HTTPStatus.INSUFFICIENT_STORAGE
     assert "disk is nearly full" in caught.value.message and caught.value.request_id
     assert _stored(full) == []
+
+
+def test_a_batch_file_is_refused_before_its_body_is_read(full: Server) -> None:
+    """The refusal comes while the client has sent only the headers of a 400 MB form: nothing of it was read."""
+    host, port = full.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        head = (
+            "POST /compatible-mode/v1/files HTTP/1.1\r\n"
+            f"Host: {host}\r\nAuthorization: Bearer {full.key}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {400 * 2**20}\r\n\r\n"
+            '--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        )
+        sock.sendall(head.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            piece = sock.recv(65536)  # times out (30 s) if the server waits for the rest of the body
+            if not piece:
+                break
+            answer += piece
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 507"), answer
+    assert json.loads(body)["error"]["code"] == "insufficient_storage"

@@ -162,7 +162,7 @@ def _operations(prefix: str) -> tuple[openapi.Operation, ...]:
         return openapi.operation(method, prefix + path, summary, tag="batch", **kwargs)
 
     return (
-        op("POST", "/files", "Upload a batch's input file (JSONL)", form=FileForm, ok=FileObject),
+        op("POST", "/files", "Upload a batch's input file (JSONL)", form=FileForm, ok=FileObject, refusals=(507,)),
         op("GET", "/files", "The key's files, newest first", query=FileQuery, ok=FileList, refusals=(400,)),
         op("GET", "/files/{file_id}", "A file", ok=FileObject, refusals=(404,)),
         op("DELETE", "/files/{file_id}", "Delete a file", ok=FileDeleted, refusals=(404,)),

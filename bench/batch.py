@@ -23,8 +23,11 @@ A real ``llamascope serve`` (the built-in test model, ``LLAMASCOPE_BATCH_IN_FLIG
    1120x840 JPEG of noise, about 0.5 MB), served with ``Cache-Control: max-age=600`` (fresh: not fetched
    again), an ``ETag`` alone (asked again, answered 304 with no body) and no caching headers (fetched whole
    each line): each batch's time and the host's fetches. No target: what the image-URL reuse
-   (images/http_cache.py) does for a batch's repeated URLs. Fetches may pass 1 for a fresh URL: the lines
-   that start together each fetch it before the first answer is kept.
+   (images/http_cache.py) does for a batch's repeated URLs. The lines that start together wait for one fetch
+   (images/inflight.py; before it each fetched it: 8 fetches at --concurrency 8): a fresh URL is fetched once; one
+   with an ETag once whole, then asked again (304) by a line that finds no ask under way (51 of 200, 8 at once),
+   the others waiting for that 304; one with no caching headers whole by every line (its answer is its own
+   line's).
 
     .venv/bin/python bench/batch.py [--lines 1000] [--concurrency 16] [--probes 20] [--big-lines 50000] [--poll 1]
         [--url-lines 0]

@@ -13,7 +13,11 @@ digest) but the host's word on reuse, as ``Reuse``:
   about reuse is asked every time.
 
 llamascope answers many callers, so it is a shared cache: ``no-store``, ``private`` and ``Vary: *`` answers are
-not kept, and ``no-cache`` ones are asked again each time. An answer reached through a redirect is never
+not kept, and ``no-cache`` ones are asked again each time. Requests for a URL whose fetch is under way wait for
+that fetch and take its answer (``intake``, ``inflight``; RFC 9111 section 4 lets a shared cache "collapse
+requests" so) where the answer is one that is kept (``Reuse.keep``): an answer reused later only once its host
+says it did not change is as good for a request that came while it was being fetched. The others are each
+request's own: those that waited fetch it again. An answer reached through a redirect is never
 fresh (the redirect may point elsewhere next time): it is asked again, its validators sent to the address that
 gave them alone (``Reuse.url``), should the redirect still lead there.
 

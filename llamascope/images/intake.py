@@ -7,12 +7,14 @@ conversation that re-sends its image every turn decodes it once. A ``data:``
 URI seen before is found by the URI itself, so its next turns skip the base64
 decoding and the hashing too; an image URL seen before is not fetched again
 while its host's answer is fresh, and only asked whether it changed once it
-is stale, where the host allows (``http_cache``).
+is stale, where the host allows (``http_cache``). Requests that name a URL while it is being fetched wait for
+that fetch and take its image (``inflight``), where its host's answer may serve them all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -28,6 +30,7 @@ from llamascope.images import PreparedImage
 from llamascope.images.connections import CLIENTS
 from llamascope.images.decode import DecodeLimits, FitFunction, decode_image
 from llamascope.images.http_cache import Reuse
+from llamascope.images.inflight import InFlight
 from llamascope.images.source import (
     ANONYMOUS,
     NO_LOCAL_FILES,
@@ -66,6 +69,36 @@ def _memory(url: str, reuse: Reuse) -> int:
     """A known URL's memory: its strings, the host's validators included (an ETag may be kilobytes), and the rest."""
     strings = (url, reuse.url, reuse.etag or "", reuse.last_modified or "")
     return sum(sys.getsizeof(s) for s in strings) + 256
+
+
+def _url_key(url: str) -> str:
+    """An image URL as its fetch sends it (scheme and host name in lower case, no default port, no fragment,
+    percent-encoded as httpx encodes it): one key for the spellings of one address, in the caches and in the
+    fetches under way."""
+    import httpx  # why: its import (rich included) is 0.1-0.2 s of a gateway's start; only URLs need it
+
+    try:
+        parsed = httpx.URL(url)
+        return str(parsed.copy_with(fragment=None, path=parsed.path or "/"))
+    except (httpx.InvalidURL, TypeError, ValueError):  # refused by the fetch itself, with its own words
+        return url
+
+
+@dataclass
+class _Fetched:
+    """An image URL's fetch and decode as it ended, for every request that waited for it (``InFlight``)."""
+
+    image: PreparedImage | None
+    error: errors.ServiceError | None  # its refusal instead
+    watch: ImageWatch  # when its bytes came, and how long the decode took
+    shared: bool = True  # the host's answer may serve the requests that waited (http_cache.Reuse.keep)
+    # A request has taken it: the first, which counts its decode, and which alone it serves where not shared.
+    taken: bool = False
+
+    def take(self) -> bool:
+        """Whether this request is the first to take it."""
+        first, self.taken = not self.taken, True
+        return first
 
 
 _HUNG_UP = "ClientClosedRequest"  # the code of the answer to a client that left (which nobody reads)
@@ -120,6 +153,9 @@ class ImageIntake:
         # Each image URL's host's terms of reuse and its image's digest (http_cache): a conversation sends its
         # URLs again every turn, which were fetched whole each time.
         self.urls: SizedLRU[str, _KnownUrl] = SizedLRU(URL_MEMORY_BYTES, lambda known: known.size)
+        # Each image URL's fetch and decode under way, by its key and sizing rule: requests that name it meanwhile
+        # wait for it, where they fetched it each (8 fetches for a 200-line batch of one URL, 8 lines at once).
+        self.fetching: InFlight[tuple[str, str], _Fetched] = InFlight()
 
     async def load(
         self,
@@ -153,26 +189,69 @@ class ImageIntake:
     async def _load_url(
         self, source: UrlSource, context: SourceContext, fit: FitFunction | None, fit_key: str, watch: ImageWatch
     ) -> PreparedImage:
-        """An image URL's image: not fetched while the host's answer kept for it is fresh, the host asked whether
-        it changed once it is stale (a 304 carries no body), else fetched whole (``http_cache``)."""
-        known = self.urls.get(source.url)
-        kept = self.cache.peek((known.digest, fit_key)) if known is not None else None
-        if known is not None and kept is not None and known.reuse.fresh():
+        """An image URL's image: not fetched while the host's answer kept for it is fresh, else fetched (``_fetch``)
+        once for all the requests that name it while the fetch is under way, where its answer may serve them.
+
+        A request that waits for another's fetch waits no longer than its own would take: that fetch began
+        earlier, under the same time limits. A request that leaves stops waiting, and the fetch goes on for the
+        others (``InFlight``); the server's bound on fetches at once counts it once."""
+        key = _url_key(source.url)
+        image = self._fresh(key, fit_key)
+        if image is not None:
             watch.fetched(source.kind)
-            return self.cache.get((known.digest, fit_key)) or kept
-        asked = known.reuse if known is not None and kept is not None and known.reuse.validated else None
-        answer = await _read(functools.partial(source.fetch, asked), context, fetches=True)
-        watch.fetched(source.kind)
-        if answer.body is None:  # not modified: the image kept
-            assert known is not None and kept is not None
-            image = self.cache.get((known.digest, fit_key)) or kept
-        else:
-            image = await self.decode(answer.body, fit, fit_key, watch)
+            return image
+        join = functools.partial(
+            self.fetching.join, (key, fit_key), functools.partial(self._fetch, source, key, fit, fit_key)
+        )
+        fetched = await _read(join, context, fetches=True)
+        first = fetched.take()
+        if not (first or fetched.shared):  # no-store, private, Vary: *...: its request's own image, fetched again
+            fetched = await _read(functools.partial(self._fetch, source, key, fit, fit_key), context, fetches=True)
+            first = fetched.take()
+        watch.took(fetched.watch, decoded=first)
+        if fetched.error is not None:  # each request's own error, answered with its own request id
+            raise dataclasses.replace(fetched.error, headers=dict(fetched.error.headers))
+        assert fetched.image is not None
+        return fetched.image
+
+    def _fresh(self, key: str, fit_key: str, *, again: bool = False) -> PreparedImage | None:
+        """The image of an image URL whose host's answer is fresh, while the decoded-image cache holds it
+        (``again``: looked for a second time, not counted again)."""
+        known = self.urls.peek(key) if again else self.urls.get(key)
+        kept = self.cache.peek((known.digest, fit_key)) if known is not None else None
+        if known is None or kept is None or not known.reuse.fresh():
+            return None
+        return self.cache.get((known.digest, fit_key)) or kept
+
+    async def _fetch(self, source: UrlSource, key: str, fit: FitFunction | None, fit_key: str) -> _Fetched:
+        """An image URL's image fetched (the host asked whether it changed once the answer kept is stale and
+        a 304 carries no body: ``http_cache``) and decoded, or its refusal: what every request waiting for it
+        takes (``_load_url``)."""
+        watch = ImageWatch()  # this fetch's times, which each request waiting for it takes as its own
+        try:
+            image = self._fresh(key, fit_key, again=True)  # fresh since the request looked: a fetch just ended
+            if image is not None:
+                watch.fetched(source.kind)
+                return _Fetched(image, None, watch)
+            known = self.urls.peek(key)
+            kept = self.cache.peek((known.digest, fit_key)) if known is not None else None
+            asked = known.reuse if known is not None and kept is not None and known.reuse.validated else None
+            answer = await source.fetch(asked)
+            watch.fetched(source.kind)
+            if answer.body is None:  # not modified: the image kept
+                assert known is not None and kept is not None
+                image = self.cache.get((known.digest, fit_key)) or kept
+            else:
+                image = await self.decode(answer.body, fit, fit_key, watch)
+        except errors.ServiceError as refusal:
+            # A copy: the refusal's traceback, and the exception it was raised from, held the fetch's frames
+            # (its bytes read so far) for as long as the requests that wait for it hold it.
+            return _Fetched(None, dataclasses.replace(refusal, headers=dict(refusal.headers)), watch)
         if answer.reuse.keep:
-            self.urls.put(source.url, _KnownUrl(image.digest, answer.reuse, _memory(source.url, answer.reuse)))
+            self.urls.put(key, _KnownUrl(image.digest, answer.reuse, _memory(key, answer.reuse)))
         else:
-            self.urls.pop(source.url)
-        return image
+            self.urls.pop(key)
+        return _Fetched(image, None, watch, shared=answer.reuse.keep)
 
     def _seen(self, uri: str, fit_key: str) -> PreparedImage | None:
         """The decoded image of a data: URI read before, while the decoded-image cache still holds it."""

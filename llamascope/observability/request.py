@@ -506,6 +506,17 @@ class ImageWatch:
         """It was decoded (not found in the cache), from ``started`` until now."""
         self.decode_seconds = time.monotonic() - started
 
+    def took(self, fetch: ImageWatch, *, decoded: bool) -> None:
+        """Its image came from ``fetch``, a fetch and decode made for the requests that waited for it (this one's
+        included): its bytes came when they came or when this request asked, and the decode counts for
+        ``decoded``, the first request that took it, alone (a decode, not one for each request)."""
+        self.source = fetch.source
+        if fetch.fetched_at is not None:
+            self.fetched(fetch.source)
+            self.fetched_at = max(self.started, fetch.fetched_at)
+        self.decode_seconds = fetch.decode_seconds if decoded else None
+        self.timed_out = fetch.timed_out
+
     def accepted(self, image_format: str) -> None:
         """It was taken, in ``image_format`` (PNG, JPEG, ...)."""
         fetched = self.fetched_at or self.started

@@ -254,6 +254,11 @@ def test_errors_speak_this_modes_language(client: openai.OpenAI, image_host) -> 
             "messages",
             "(the image at messages[0] (user) content[1])",
         ),
+        # An empty image_url said '"image" must be a URL string' (a key this mode has not), and a local path
+        # that the file "was not found" and that "the dashscope SDK uploads a local file it finds": the openai
+        # SDK uploads nothing.
+        ({"messages": messages("")}, "messages", 'content[0]: "image_url" must be {"url": ...}'),
+        ({"messages": messages("/home/me/cat.png")}, "messages", "'/home/me/cat.png' is a local path"),
     ]:
         with pytest.raises(openai.BadRequestError) as bad:
             client.chat.completions.create(**{"model": SEED_MODEL, "max_tokens": 1, **kwargs})

@@ -67,6 +67,17 @@ def test_a_local_file_is_not_uploaded_by_generation_and_the_refusal_says_so(sdk,
             assert "not found" not in r.message and "MultiModalConversation" in r.message, r.message
 
 
+def test_an_openai_style_image_part_without_a_url_is_named_as_written(sdk) -> None:
+    """ChatTongyi sends OpenAI's image_url parts as written: one with no URL was refused as '"image" must be a
+    URL string', naming a key the caller never wrote."""
+    from dashscope import Generation
+
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}, {"type": "text"}]}]
+    r = Generation.call(model=VISION, messages=messages, max_tokens=2, result_format="message")
+    assert (r.status_code, r.code) == (400, "InvalidParameter"), r
+    assert 'content[0]: "image_url" must be {"url": ...}' in r.message, r.message
+
+
 @pytest.mark.parametrize("result_format", ["text", "message"])
 def test_generation_streams(sdk, result_format: str) -> None:
     from dashscope import Generation

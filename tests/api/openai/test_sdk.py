@@ -315,3 +315,7 @@ def test_cached_tokens_say_how_much_of_the_prompt_was_reused(client: openai.Open
     cached = usage.prompt_tokens_details.cached_tokens
     assert first.usage.prompt_tokens - 16 < cached < usage.prompt_tokens
     assert cached % 16 == 0  # whole blocks
+    # A turn that adds an image reuses nothing (the prompt's opening tokens see every image), as Images says.
+    turn2[-1] = {"role": "user", "content": [_image(image_host.url("/blue.png")), {"type": "text", "text": "This?"}]}
+    added = client.chat.completions.create(model=SEED_MODEL, messages=turn2, max_tokens=2)
+    assert added.usage.prompt_tokens_details.cached_tokens == 0

@@ -291,8 +291,8 @@ class UploadStore:
         raise errors.ServiceError(
             403,
             "AccessDenied",
-            f"Invalid according to Policy: {claims.model} takes at most {images} per conversation (its max_images "
-            "setting), and a policy stores one call's images: this call uploads more.",
+            f"Invalid according to Policy: it allows at most {claims.files} files (the images of one call), and "
+            f"{claims.model} takes at most {images} per conversation (its max_images setting): this call has more.",
         )
 
     @staticmethod

@@ -278,4 +278,4 @@ def test_a_policy_with_no_place_left_is_refused_before_the_file_is_read(server: 
         assert upload(data, f"{data['upload_dir']}/{i}.png", png_bytes((i, 9, 9))).status_code == 200
     fields = {"policy": data["policy"], "Signature": data["signature"], "key": data["upload_dir"] + "/big.png"}
     r = answer_to_a_body_begun(server, fields, b"\0" * 4096)
-    assert r.status == 403 and "takes at most 4 images per conversation" in json.loads(r.read())["message"]
+    assert r.status == 403 and "at most 4 files" in json.loads(r.read())["message"]

@@ -110,7 +110,7 @@ def test_a_policy_stores_at_most_its_files(store: UploadStore) -> None:
     for name in ("a.png", "a.png", "b.png"):
         store.save(claims, policy["upload_dir"] + "/" + name, io.BytesIO(b"bytes of " + name.encode()), now=NOW)
     third = refused(store.save, claims, policy["upload_dir"] + "/c.png", io.BytesIO(b"c"), now=NOW)
-    assert (third.status, third.code) == (403, "AccessDenied") and "m takes at most 2 images" in third.message
+    assert (third.status, third.code) == (403, "AccessDenied") and "at most 2 files" in third.message
     assert not list(store.root.glob(".part-*"))
     store.purge_expired(now=time.time() + 3600)  # the policy long expired: its places go
     assert not list(store.root.glob(".place-*"))
@@ -129,7 +129,7 @@ def test_a_policys_places_are_checked_before_the_file_and_given_back_by_a_failed
     record.rmdir()
     store.save(claims, key, io.BytesIO(b"a"), now=NOW)  # its place was given back
     second = refused(store.receive, claims, policy["upload_dir"] + "/b.png")  # before a byte of the file
-    assert (second.status, second.code) == (403, "AccessDenied") and "m takes at most 1 image " in second.message
+    assert (second.status, second.code) == (403, "AccessDenied") and "at most 1 files" in second.message
     assert store.save(claims, key, io.BytesIO(b"a"), now=NOW) == 1  # the same file again takes no place
     assert not list(store.root.glob(".part-*"))
 

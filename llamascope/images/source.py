@@ -107,8 +107,8 @@ class SourceContext:
 
     owner: str | None = None  # the API key's id: uploads resolve only for their owner
     resolve_oss: bool = False  # the request carried X-DashScope-OssResourceResolve: enable
-    # The endpoint the dashscope SDK's MultiModalConversation calls, which uploads the local files it finds first
-    # (Generation, Tokenization and the openai SDK upload none): what a refused local path is told.
+    # The endpoint the dashscope SDK uploads the local files it finds for first (MultiModalConversation's, and the
+    # 2.x Client's with images; Generation, Tokenization and the openai SDK upload none): what a refused path is told.
     sdk_uploads: bool = False
     # Returns once the request's client has hung up (None: not watched); a URL fetch then ends at once rather
     # than running on, for nobody, until its deadline.
@@ -189,7 +189,8 @@ class LocalFileSource:
             raise errors.invalid_parameter(
                 f"url error, please check url! The image {self.ref!r} is a local path, and this server reads no "
                 "local paths: send the image as a data: URI (the file's bytes in base64) or an http(s) URL. "
-                "Only the dashscope SDK's MultiModalConversation uploads a local file itself."
+                "The dashscope SDK uploads a local file itself only to the multimodal-generation endpoint "
+                "(MultiModalConversation, and the 2.x Client's calls with images)."
             )
         parts = urlsplit(self.ref)
         raw = unquote(parts.path) if parts.scheme else self.ref

@@ -179,12 +179,16 @@ def _stop_of(scope: Scope, reply: Reply | None) -> tuple[asyncio.Event | None, C
     return drain.stop, record
 
 
-def source_context(request: Request, hung_up: Callable[[], Awaitable[None]] | None = None) -> SourceContext:
-    """Whose request this is, whether it may name uploaded oss:// objects, and (``hung_up``) when its client left."""
+def source_context(
+    request: Request, hung_up: Callable[[], Awaitable[None]] | None = None, sdk_uploads: bool = False
+) -> SourceContext:
+    """Whose request this is, whether it may name uploaded oss:// objects, (``hung_up``) when its client left, and
+    (``sdk_uploads``) whether it comes from the one SDK call that uploads local files first."""
     return SourceContext(
         owner=request.state.principal.key_id,
         resolve_oss=request.headers.get("x-dashscope-ossresourceresolve", "").strip().lower() == "enable",
         hung_up=hung_up,
+        sdk_uploads=sdk_uploads,
     )
 
 
@@ -239,7 +243,7 @@ async def open_reply(request: Request, call: Call, endpoint: Endpoint) -> Reply:
             call.model,
             call.messages,
             call.parameters,
-            source_context(request, hangup.wait),
+            source_context(request, hangup.wait, sdk_uploads=endpoint is Endpoint.MULTIMODAL),
             endpoint,
         )
     finally:

@@ -47,6 +47,9 @@ def lone_surrogate(text: str) -> bool:
 
 # Keys that may ride beside "image" or "text" in a content item; DashScope clients send them.
 _HINTS = {"min_pixels", "max_pixels", "total_pixels", "cache_control", "type"}
+# An OpenAI-style image part with no URL, said in the form the caller wrote: it reaches the rules as
+# {"type": "image_url", "image": url} (api/openai and api/text keep the type), a key the caller never wrote.
+_NO_IMAGE_URL = '"image_url" must be {"url": ...} with an http(s) URL or a data: URI.'
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,11 @@ def _content_parts(index: int, role: str, content: Any) -> tuple[str | ImageRef,
             if isinstance(value, list):
                 raise _bad(f'{at}: image lists are not supported; send each image as its own {{"image": ...}} item.')
             if not isinstance(value, str) or not value.strip():
-                raise _bad(f'{at}: "image" must be a URL string.')
+                raise _bad(
+                    f"{at}: {_NO_IMAGE_URL}"
+                    if item.get("type") == "image_url"
+                    else f'{at}: "image" must be a URL string.'
+                )
             parts.append(ImageRef(value.strip(), at))
         else:
             if not isinstance(value, str):

@@ -107,6 +107,9 @@ class SourceContext:
 
     owner: str | None = None  # the API key's id: uploads resolve only for their owner
     resolve_oss: bool = False  # the request carried X-DashScope-OssResourceResolve: enable
+    # The endpoint the dashscope SDK uploads the local files it finds for first (MultiModalConversation's, and the
+    # 2.x Client's with images; Generation, Tokenization and the openai SDK upload none): what a refused path is told.
+    sdk_uploads: bool = False
     # Returns once the request's client has hung up (None: not watched); a URL fetch then ends at once rather
     # than running on, for nobody, until its deadline.
     hung_up: Callable[[], Awaitable[None]] | None = None
@@ -137,7 +140,7 @@ def parse_reference(
     if scheme == "oss":
         return OssSource(ref[len("oss://") :], context, local.store)
     if scheme == "file" or (not scheme and ref.startswith(("/", "~", "."))):
-        return LocalFileSource(ref, local.allowed_dirs, policy.max_bytes)
+        return LocalFileSource(ref, local.allowed_dirs, policy.max_bytes, context.sdk_uploads)
     raise errors.invalid_parameter(
         "url error, please check url! An image must be an http(s) URL, a data: URI, or an oss:// key "
         "from the SDK's local-file upload."
@@ -169,10 +172,11 @@ class LocalFileSource:
     ref: str
     allowed_dirs: tuple[Path, ...]
     max_bytes: int
+    sdk_uploads: bool = False  # SourceContext.sdk_uploads
     kind: ClassVar[str] = "local"  # for metrics and traces
 
     async def read(self) -> bytes:
-        if not self.allowed_dirs:
+        if not self.allowed_dirs and self.sdk_uploads:
             # The SDK uploads the local files it finds and sends any other path unchanged: a path arriving
             # here is most often a file the caller's SDK did not find (a typo), not a call without the SDK.
             raise errors.invalid_parameter(
@@ -180,6 +184,13 @@ class LocalFileSource:
                 "a local file it finds, and sent this path as it was, so check that the file exists where the "
                 "program runs. This server reads no local paths itself: without the SDK, send the image as a "
                 "URL or a data: URI."
+            )
+        if not self.allowed_dirs:  # a client that uploads nothing sent the path of a file that may well exist
+            raise errors.invalid_parameter(
+                f"url error, please check url! The image {self.ref!r} is a local path, and this server reads no "
+                "local paths: send the image as a data: URI (the file's bytes in base64) or an http(s) URL. "
+                "The dashscope SDK uploads a local file itself only to the multimodal-generation endpoint "
+                "(MultiModalConversation, and the 2.x Client's calls with images)."
             )
         parts = urlsplit(self.ref)
         raw = unquote(parts.path) if parts.scheme else self.ref

@@ -274,10 +274,14 @@ class UploadStore:
                 return Path(f"{stem}{place}")
             except FileExistsError:
                 continue
+        # The policy's bound is the model's image limit (api/uploads.py): said as the 400 for the same call with
+        # URLs says it, since the SDK raises this refusal in place of that call's answer.
+        images = "1 image" if claims.files == 1 else f"{claims.files} images"
         raise errors.ServiceError(
             403,
             "AccessDenied",
-            f"Invalid according to Policy: it allows at most {claims.files} files (the images of one call).",
+            f"Invalid according to Policy: it allows at most {claims.files} files (the images of one call), and "
+            f"{claims.model} takes at most {images} per conversation (its max_images setting): this call has more.",
         )
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import time
 from http import HTTPStatus
 from pathlib import Path
@@ -50,6 +51,25 @@ def test_sdk_sends_one_file_twice(dashscope_sdk, cat_png: Path, tmp_path: Path) 
     content[1] = {"image": str(other)}
     with pytest.raises(UploadFileException, match="different names"):
         MultiModalConversation.call(model=SEED_MODEL, messages=[{"role": "user", "content": content}], max_tokens=2)
+
+
+def test_sdk_call_over_the_image_limit_is_refused_naming_the_limit(dashscope_sdk, tmp_path: Path) -> None:
+    """Five local files in a call to a model that takes four: the SDK's fifth upload was refused with "it
+    allows at most 4 files (the images of one call)", nothing saying it was the model's image limit (the
+    same call with URLs gets the 400 naming it); the refusal the SDK raises now names the model and its
+    max_images."""
+    from dashscope import MultiModalConversation
+    from dashscope.common.error import UploadFileException
+
+    content: list[dict[str, str]] = []
+    for i in range(5):
+        path = tmp_path / f"photo{i}.png"
+        path.write_bytes(png_bytes((40 * i, 0, 0), (32, 32)))
+        content.append({"image": str(path)})
+    messages = [{"role": "user", "content": [*content, {"text": "Compare them."}]}]
+    limit = f"{SEED_MODEL} takes at most 4 images per conversation (its max_images setting)"
+    with pytest.raises(UploadFileException, match=re.escape(limit)):
+        MultiModalConversation.call(model=SEED_MODEL, messages=messages, max_tokens=2)
 
 
 def test_uploaded_image_answers_like_the_same_bytes_inline(dashscope_sdk, cat_png: Path) -> None:

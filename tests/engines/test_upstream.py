@@ -88,6 +88,8 @@ def test_same_answer_and_usage_as_the_upstream_itself(front: Server, upstream: S
     assert text and via_front["output"]["choices"][0]["finish_reason"] == "length"
     assert via_front["usage"]["input_tokens"] == direct["usage"]["input_tokens"]  # the upstream's count
     assert via_front["usage"]["output_tokens"] == 12
+    # An engine reports no vision states: 0, as Images says (the engine itself counted 6,404).
+    assert (via_front["usage"]["image_tokens"], direct["usage"]["image_tokens"]) == (0, 6404)
 
 
 def test_the_upstream_never_sees_the_users_url(front: Server, upstream: Server, image_host) -> None:

@@ -124,9 +124,9 @@ def _content(content: Any) -> Any:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
             items.append({"text": part.get("text")})
-        elif kind == "image_url":
+        elif kind == "image_url":  # the type kept: the rules name this form, not "image", when the URL is bad
             url = part.get("image_url")
-            items.append({"image": url.get("url") if isinstance(url, dict) else url})
+            items.append({"type": kind, "image": url.get("url") if isinstance(url, dict) else url})
         elif kind in ("video_url", "video"):
             items.append({"video": part.get(kind)})
         elif kind in ("input_audio", "audio"):

@@ -83,8 +83,8 @@ def _with_dashscope_items(message: Any) -> Any:
     for item in content:
         kind = item.get("type") if isinstance(item, dict) else None
         if kind == "image_url":  # OpenAI's form, which LangChain also takes: {"image_url": {"url": ...}}
-            url = item.get("image_url")
-            item = {"image": url.get("url") if isinstance(url, dict) else url}
+            url = item.get("image_url")  # its type kept: the rules name this form, not "image", for a bad URL
+            item = {"type": kind, "image": url.get("url") if isinstance(url, dict) else url}
         elif kind == "image" and "image" not in item:  # LangChain's own: {"url": ...} or {"base64", "mime_type"}
             url = item.get("url")
             if url is None and isinstance(item.get("base64"), str):

@@ -254,6 +254,11 @@ def test_errors_speak_this_modes_language(client: openai.OpenAI, image_host) -> 
             "messages",
             "(the image at messages[0] (user) content[1])",
         ),
+        # An empty image_url said '"image" must be a URL string' (a key this mode has not), and a local path
+        # that the file "was not found" and that "the dashscope SDK uploads a local file it finds": the openai
+        # SDK uploads nothing.
+        ({"messages": messages("")}, "messages", 'content[0]: "image_url" must be {"url": ...}'),
+        ({"messages": messages("/home/me/cat.png")}, "messages", "'/home/me/cat.png' is a local path"),
     ]:
         with pytest.raises(openai.BadRequestError) as bad:
             client.chat.completions.create(**{"model": SEED_MODEL, "max_tokens": 1, **kwargs})
@@ -310,3 +315,7 @@ def test_cached_tokens_say_how_much_of_the_prompt_was_reused(client: openai.Open
     cached = usage.prompt_tokens_details.cached_tokens
     assert first.usage.prompt_tokens - 16 < cached < usage.prompt_tokens
     assert cached % 16 == 0  # whole blocks
+    # A turn that adds an image reuses nothing (the prompt's opening tokens see every image), as Images says.
+    turn2[-1] = {"role": "user", "content": [_image(image_host.url("/blue.png")), {"type": "text", "text": "This?"}]}
+    added = client.chat.completions.create(model=SEED_MODEL, messages=turn2, max_tokens=2)
+    assert added.usage.prompt_tokens_details.cached_tokens == 0

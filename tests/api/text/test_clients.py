@@ -48,6 +48,36 @@ def test_generation_call_both_result_formats(sdk, model: str) -> None:
     assert choice.finish_reason == "length" and message.usage.input_tokens == text.usage.input_tokens
 
 
+def test_a_local_file_is_not_uploaded_by_generation_and_the_refusal_says_so(sdk, tmp_path) -> None:
+    """Generation and Tokenization upload no local file (MultiModalConversation does): a path they sent, of a
+    file that exists, was refused as "not found: the dashscope SDK uploads a local file it finds ... check that
+    the file exists". The refusal says what to send instead."""
+    from dashscope import Generation, Tokenization
+
+    path = tmp_path / "cat.png"
+    path.write_bytes(png_bytes())
+    for image in (str(path), path.as_uri()):
+        messages = [{"role": "user", "content": [{"image": image}, {"text": "What is it?"}]}]
+        for r in (
+            Generation.call(model=VISION, messages=messages, max_tokens=2, result_format="message"),
+            Tokenization.call(model=VISION, messages=messages),
+        ):
+            assert (r.status_code, r.code) == (400, "InvalidParameter"), r
+            assert f"{image!r} is a local path" in r.message and "data: URI" in r.message, r.message
+            assert "not found" not in r.message and "MultiModalConversation" in r.message, r.message
+
+
+def test_an_openai_style_image_part_without_a_url_is_named_as_written(sdk) -> None:
+    """ChatTongyi sends OpenAI's image_url parts as written: one with no URL was refused as '"image" must be a
+    URL string', naming a key the caller never wrote."""
+    from dashscope import Generation
+
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}, {"type": "text"}]}]
+    r = Generation.call(model=VISION, messages=messages, max_tokens=2, result_format="message")
+    assert (r.status_code, r.code) == (400, "InvalidParameter"), r
+    assert 'content[0]: "image_url" must be {"url": ...}' in r.message, r.message
+
+
 @pytest.mark.parametrize("result_format", ["text", "message"])
 def test_generation_streams(sdk, result_format: str) -> None:
     from dashscope import Generation

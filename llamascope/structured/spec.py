@@ -173,11 +173,17 @@ _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 
 
 def _reroot(schema: Any, root: str) -> Any:
-    """``schema`` with every local ``$ref`` ("#", "#/...") pointing into ``root`` instead of the top."""
+    """``schema`` with every JSON-pointer ``$ref`` ("#", "#/...") pointing into ``root`` instead of the top.
+
+    Left as they are: a subschema with an ``$id`` of its own (at the top too), a resource whose references
+    resolve against that ``$id`` wherever it is put; and a plain-name fragment ("#name", an ``$anchor``), which
+    names a place in the same resource, not a path from its top."""
     if isinstance(schema, Mapping):
+        if isinstance(schema.get("$id"), str):
+            return schema
         out: dict[str, Any] = {}
         for key, value in schema.items():
-            if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
                 out[key] = root + value[1:]
             elif key in _DATA_KEYWORDS:
                 out[key] = value

@@ -393,6 +393,53 @@ def test_openai_streamed_tool_calls_and_history(client: openai.OpenAI) -> None:
     assert after.choices[0].message.content and not after.choices[0].message.tool_calls
 
 
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {  # a schema with its own $id (as generators write them): its references are relative to it
+            "$id": "https://example.com/schemas/lookup.json",
+            "$defs": {"code": {"enum": ["A1", "B2"]}},
+            "type": "object",
+            "properties": {"code": {"$ref": "#/$defs/code"}},
+            "required": ["code"],
+            "additionalProperties": False,
+        },
+        {  # a reference to an $anchor (a plain-name fragment, not a JSON pointer)
+            "$defs": {"code": {"$anchor": "code", "enum": ["A1", "B2"]}},
+            "type": "object",
+            "properties": {"code": {"$ref": "#code"}},
+            "required": ["code"],
+            "additionalProperties": False,
+        },
+        {  # a subschema with an $id of its own inside one without: its "#/..." is its own
+            "$defs": {
+                "code": {"$id": "https://example.com/code.json", "$defs": {"c": {"enum": ["A1"]}}, "$ref": "#/$defs/c"}
+            },
+            "type": "object",
+            "properties": {"code": {"$ref": "#/$defs/code"}},
+            "required": ["code"],
+            "additionalProperties": False,
+        },
+    ],
+    ids=["$id", "$anchor", "nested $id"],
+)
+def test_tool_parameters_keep_their_references(client: openai.OpenAI, parameters: dict[str, Any]) -> None:
+    """A tool's parameters compile and bind as the same schema does as response_format: the call grammar
+    wraps them in a schema of its own, and their references must still point where they did."""
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": parameters}}
+    r = client.chat.completions.create(
+        model=SEED_MODEL,
+        messages=[{"role": "user", "content": "Look it up."}],
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "lookup"}},
+        parallel_tool_calls=False,
+        max_tokens=ROOM,
+    )
+    calls = r.choices[0].message.tool_calls or []
+    assert r.choices[0].finish_reason == "tool_calls" and len(calls) == 1, r
+    jsonschema.validate(json.loads(calls[0].function.arguments), parameters)
+
+
 # -- dashscope, native ---------------------------------------------------------------------------------------
 
 

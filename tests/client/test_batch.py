@@ -129,6 +129,18 @@ def test_an_image_too_big_for_a_line_is_named_before_anything_is_sent(
     assert "submitted" not in refused.stderr
 
 
+def test_a_schema_that_is_no_json_schema_is_named_before_anything_is_sent(
+    server: Server, photos: Path, tmp_path: Path
+) -> None:
+    """Every line would be refused with the same 400: the whole batch would run for nothing."""
+    schema = tmp_path / "colour.schema.json"
+    schema.write_text(json.dumps({"type": "objekt"}))
+    refused = batch(["submit", str(photos), "Which colour?", "--schema", str(schema)], server, tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert f"--schema {schema}: not a JSON Schema" in refused.stderr and "objekt" in refused.stderr
+    assert "submitted" not in refused.stderr
+
+
 def test_on_a_terminal_a_progress_bar_and_ctrl_c_stops_watching_not_the_batch(
     server: Server, photos: Path, tmp_path: Path
 ) -> None:

@@ -127,33 +127,52 @@ class OutputSpec:
     def grammar(self) -> GrammarSpec | None:
         """The grammar that constrains decoding, or None for free text.
 
-        A forced tool call wins over ``response_format``; with ``auto`` the model may answer in text or call a
-        tool, so only ``response_format`` constrains (and the output is parsed for calls afterwards).
+        A forced tool call wins over ``response_format``. With ``auto`` the model may answer or call a tool (the
+        output is parsed for calls afterwards): with a ``response_format`` too, the grammar is either, the answer
+        held to its format (held to the format alone, the model could never call a tool); without one, free text.
         """
         if self.forces_tool_call:
             return tool_call_grammar(
                 self.offered_tools(), parallel=self.parallel_tool_calls, field=f"{self.prefix}tools"
             )
         fmt = self.response_format
+        schema: Mapping[str, Any]
         if fmt.type == "json_object":
-            return GrammarSpec.json_schema(ANY_OBJECT, f"{self.prefix}response_format")
-        if fmt.type == "json_schema":
+            schema, where = ANY_OBJECT, f"{self.prefix}response_format"
+        elif fmt.type == "json_schema":
             assert fmt.schema is not None
-            return GrammarSpec.json_schema(fmt.schema, f"{self.prefix}response_format.json_schema.schema")
-        return None
+            schema, where = fmt.schema, f"{self.prefix}response_format.json_schema.schema"
+        else:
+            return None
+        if self.calls_tools:
+            return tool_call_grammar(
+                self.offered_tools(), parallel=self.parallel_tool_calls, field=where, answer=schema
+            )
+        return GrammarSpec.json_schema(schema, where)
 
 
-def tool_call_grammar(tools: tuple[Tool, ...], *, parallel: bool, field: str = "tools") -> GrammarSpec:
+def tool_call_grammar(
+    tools: tuple[Tool, ...], *, parallel: bool, field: str = "tools", answer: Mapping[str, Any] | None = None
+) -> GrammarSpec:
     """A grammar for one call of one of ``tools`` in the Llama 3.1 JSON format, or with ``parallel`` up to
     ``MAX_PARALLEL_CALLS`` of them separated by "; ": ``{"name": "...", "parameters": {...}}``, the
-    parameters valid against the tool's schema."""
+    parameters valid against the tool's schema. With ``answer`` (a JSON Schema), the calls or an answer of it."""
     alternatives = " | ".join(f"call_{i}" for i in range(len(tools)))
     separator = json.dumps(PARALLEL_SEPARATOR)
-    start = f"start: call ({separator} call){{0,{MAX_PARALLEL_CALLS - 1}}}" if parallel else "start: call"
-    lines = [start, f"call: {alternatives}"]
+    calls = f"call ({separator} call){{0,{MAX_PARALLEL_CALLS - 1}}}" if parallel else "call"
+    if answer is None:
+        lines = [f"start: {calls}"]
+    else:
+        lines = ["start: calls | answer", f"calls: {calls}", f"answer: %json {canonical_json(answer_schema(answer))}"]
+    lines.append(f"call: {alternatives}")
     for i, tool in enumerate(tools):
         lines.append(f"call_{i}: %json {canonical_json(call_schema(tool))}")
     return GrammarSpec("lark", "\n".join(lines), field)
+
+
+def answer_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """``schema`` as a Lark grammar's ``%json`` takes it: in the JSON style a schema's own grammar is compiled in."""
+    return {**schema, "x-guidance": JSON_STYLE}
 
 
 def call_schema(tool: Tool) -> dict[str, Any]:

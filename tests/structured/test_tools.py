@@ -72,6 +72,56 @@ def test_forced_calls_parse_and_validate(
     assert counts and (max(counts) > 1) == parallel
 
 
+VERDICT = {
+    "type": "object",
+    "properties": {"verdict": {"enum": ["yes", "no"]}},
+    "required": ["verdict"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("response_format", "schema"),
+    [
+        ({"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT}}, VERDICT),
+        ({"type": "json_object"}, {"type": "object"}),
+    ],
+    ids=["json_schema", "json_object"],
+)
+def test_auto_with_a_response_format_may_call_or_answer(
+    response_format: dict, schema: dict, backend: GuidanceBackend, grammars: GrammarCache
+) -> None:
+    """tool_choice "auto" with a response_format, as agents ask ("call tools as you need, then answer in this
+    shape"): the grammar holds the answer to its format, but lets the model call tools instead. Held to the
+    answer's format alone, it could never call one (a call, or two, is no answer of that schema)."""
+    spec = read_request(tools=TOOLS, response_format=response_format, message_texts=["Answer in JSON."])
+    grammar_spec = spec.grammar()
+    assert grammar_spec is not None and spec.calls_tools and not spec.forces_tool_call
+    grammar = grammars.get_blocking(grammar_spec)
+    tokens = backend.tokenizer.tokenize_str
+    call = '{"name": "get_weather", "parameters": {"city": "Beijing"}}'
+    assert grammar.accepts(tokens(call)) and grammar.accepts(tokens(f"{call}; {call}"))
+    assert grammar.accepts(tokens('{"verdict": "yes"}'))
+    assert not grammar.accepts(tokens("yes"))
+    assert not grammar.accepts(tokens('{"name": "get_weather", "parameters": {"city": "Paris"}}; 1'))
+
+    rows, _ = random_decode(backend, [grammar] * 30, zlib.crc32(repr(response_format).encode()), 200, torch_path=False)
+    parameters = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    kinds = set()
+    for row in rows:
+        text = backend.decode(row.tokens)
+        if row.finish_reason == "length":
+            assert grammar.accepts_prefix(row.tokens), text
+            continue
+        answer = parse_answer(text, spec.tools)
+        kinds.add("calls" if answer.calls else "answer")
+        for made in answer.calls:
+            jsonschema.validate(json.loads(made.arguments), parameters[made.name])
+        if not answer.calls:
+            jsonschema.validate(json.loads(text), schema)
+    assert "answer" in kinds and ("calls" in kinds or response_format["type"] == "json_object"), kinds
+
+
 def test_auto_answers_are_read_like_vllms_llama3_json() -> None:
     spec = read_request(tools=TOOLS)
     one = parse_answer('{"name": "get_weather", "parameters": {"city": "Hangzhou"}}', spec.tools)

@@ -116,6 +116,11 @@ class OutputSpec:
         """Whether the answer must be tool calls (the grammar makes it one; ``finish_reason`` "tool_calls")."""
         return bool(self.tools) and self.tool_choice.mode in ("required", "function")
 
+    @property
+    def most_calls(self) -> int:
+        """How many calls an answer may make: one without ``parallel_tool_calls``, else ``MAX_PARALLEL_CALLS``."""
+        return MAX_PARALLEL_CALLS if self.parallel_tool_calls else 1
+
     def offered_tools(self) -> tuple[Tool, ...]:
         """The tools the model is told of: all, or the one ``tool_choice`` names, or none for ``none``."""
         if not self.calls_tools:

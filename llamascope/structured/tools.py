@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from llamascope.structured.spec import PARALLEL_SEPARATOR, Tool
+from llamascope.structured.spec import MAX_PARALLEL_CALLS, PARALLEL_SEPARATOR, Tool
 
 # The special token Llama 3.1 may put before a call (for its built-in tools); vLLM's parser skips it too.
 PYTHON_TAG = "<|python_tag|>"
@@ -72,13 +72,15 @@ _CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"([^"]*)(")?')
 _SHORT_HEAD = re.compile(r'\{\s*(?:"(?:n(?:a(?:m(?:e(?:"\s*(?::\s*)?)?)?)?)?)?)?')
 
 
-def parse_answer(text: str, tools: Iterable[Tool], *, cut: bool = False) -> Answer:
+def parse_answer(text: str, tools: Iterable[Tool], *, cut: bool = False, most: int = MAX_PARALLEL_CALLS) -> Answer:
     """The tool calls in ``text`` if it is nothing but calls of known tools, else ``text`` as it is.
 
     Like vLLM's ``llama3_json`` parser: the answer (after an optional ``<|python_tag|>``) is one JSON object or
     several separated by ";", each with a "name" and its "parameters" (or "arguments") as an object. With
     ``cut`` (the answer ran out of tokens), the last of them may be the beginning of a call of a known tool: the
-    answer is then the calls before it, ``Answer.cut``.
+    answer is then the calls before it, ``Answer.cut``. An answer of more than ``most`` calls (an unconstrained
+    one, under "auto") keeps its first ``most``: the request allows no more (``parallel_tool_calls``); cut
+    after them, it is whole.
     """
     names = {t.name for t in tools}
     body = text.strip()
@@ -94,7 +96,7 @@ def parse_answer(text: str, tools: Iterable[Tool], *, cut: bool = False) -> Answ
             value, at = decoder.raw_decode(body, at)
         except json.JSONDecodeError:
             if cut and _begins_call(body[at:], names):
-                return Answer("", tuple(calls), cut=True)
+                return Answer("", tuple(calls[:most]), cut=len(calls) < most)
             return Answer(text)
         call = _call(value, names)
         if call is None:
@@ -105,7 +107,7 @@ def parse_answer(text: str, tools: Iterable[Tool], *, cut: bool = False) -> Answ
             if body[at] != ";":
                 return Answer(text)
             at = _skip(body, at + 1)
-    return Answer("", tuple(calls))
+    return Answer("", tuple(calls[:most]))
 
 
 def _begins_call(text: str, names: set[str]) -> bool:
@@ -143,9 +145,10 @@ class CallStream:
     ``tool_calls`` delta.
     """
 
-    def __init__(self, tools: Iterable[Tool], forced: bool = False) -> None:
+    def __init__(self, tools: Iterable[Tool], forced: bool = False, most: int = MAX_PARALLEL_CALLS) -> None:
         self.tools = tuple(tools)
         self.forced = forced
+        self.most = most  # calls an answer may make (OutputSpec.most_calls)
         self._text = ""
         self._holding: bool | None = True if forced else None  # None: not yet known
 
@@ -160,7 +163,7 @@ class CallStream:
         return "" if self._holding else delta
 
     def finish(self, cut: bool = False) -> tuple[str, Answer]:
-        answer = parse_answer(self._text, self.tools, cut=cut)
+        answer = parse_answer(self._text, self.tools, cut=cut, most=self.most)
         held = self._text if self._holding is not False else ""
         return ("" if answer.is_calls else held), answer
 

@@ -142,6 +142,27 @@ def test_auto_answers_are_read_like_vllms_llama3_json() -> None:
     assert call["type"] == "function" and call["index"] == 0 and isinstance(call["function"]["arguments"], str)
 
 
+def test_an_answer_under_auto_makes_no_more_calls_than_the_request_allows() -> None:
+    """Under "auto" no grammar holds the answer (free text, read for calls once made, as the engine's CallStream
+    does): a model that writes two calls where parallel_tool_calls is false, or more than 8, gives its first."""
+    call = '{"name": "get_weather", "parameters": {"city": "Hangzhou"}}'
+    other = '{"name": "save_receipt", "parameters": {"total": 3}}'
+    single = read_request(tools=TOOLS, parallel_tool_calls=False)
+    stream = CallStream(single.offered_tools(), forced=single.forces_tool_call, most=single.most_calls)
+    assert stream.push(f"{call}; {other}") == ""
+    held, answer = stream.finish()
+    assert held == "" and [c.name for c in answer.calls] == ["get_weather"] and answer.finish_reason == "tool_calls"
+    # Cut in a second call it may not make: the one it may is whole.
+    stream = CallStream(single.offered_tools(), most=single.most_calls)
+    stream.push(f'{call}; {{"name": "save_rec')
+    _, whole = stream.finish(cut=True)
+    assert [c.name for c in whole.calls] == ["get_weather"] and not whole.cut and whole.finish_reason == "tool_calls"
+    many = read_request(tools=TOOLS)
+    stream = CallStream(many.offered_tools(), most=many.most_calls)
+    stream.push("; ".join([call] * 10))
+    assert len(stream.finish()[1].calls) == 8
+
+
 def test_an_answer_cut_short_keeps_its_whole_calls() -> None:
     spec = read_request(tools=TOOLS)
     one = '{"name": "get_weather", "parameters": {"city": "Hangzhou"}}'

@@ -154,13 +154,15 @@ class CallStream:
 
     def push(self, delta: str) -> str:
         self._text += delta
-        if self._holding is None:
-            head = self._text.lstrip()
-            if not head:
-                return ""
-            self._holding = head.startswith("{") or PYTHON_TAG.startswith(head[: len(PYTHON_TAG)])
-            return "" if self._holding else self._text
-        return "" if self._holding else delta
+        if self._holding is False:
+            return delta
+        if self._holding:  # forced, or begun as a call ("{", the whole tag): held to the end
+            return ""
+        head = self._text.lstrip()
+        if not head or (len(head) < len(PYTHON_TAG) and PYTHON_TAG.startswith(head)):
+            return ""  # may still become the tag: decided when it is whole or has parted from it
+        self._holding = head.startswith("{") or head.startswith(PYTHON_TAG)
+        return "" if self._holding else self._text
 
     def finish(self, cut: bool = False) -> tuple[str, Answer]:
         answer = parse_answer(self._text, self.tools, cut=cut, most=self.most)

@@ -192,6 +192,10 @@ def test_a_stream_lets_text_through_and_holds_calls_back() -> None:
     not_a_call = CallStream(spec.tools)
     not_a_call.push('{"just": "json"}')
     assert not_a_call.finish() == ('{"just": "json"}', parse_answer('{"just": "json"}', spec.tools))
+    # "<" may begin <|python_tag|>: held only until it cannot (it held an answer of HTML to its end)
+    tag_like = CallStream(spec.tools)
+    assert [tag_like.push(d) for d in ("<", "|py", "thon>1</", "b> text")] == ["", "", "<|python>1</", "b> text"]
+    assert tag_like.finish() == ("", parse_answer("<|python>1</b> text", spec.tools))
 
 
 def test_calls_and_tools_go_back_into_the_prompt() -> None:

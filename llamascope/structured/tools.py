@@ -11,6 +11,7 @@ it for a streamed answer; ``tools_prompt``, ``call_text`` and
 from __future__ import annotations
 
 import json
+import json.scanner
 import re
 import secrets
 from collections.abc import Iterable, Mapping
@@ -92,13 +93,14 @@ def parse_answer(text: str, tools: Iterable[Tool], *, cut: bool = False, most: i
     calls: list[ToolCall] = []
     at = 0
     while at < len(body):
+        begun = at
         try:
             value, at = decoder.raw_decode(body, at)
         except json.JSONDecodeError:
             if cut and _begins_call(body[at:], names):
                 return Answer("", tuple(calls[:most]), cut=len(calls) < most)
             return Answer(text)
-        call = _call(value, names)
+        call = _call(value, names, body[begun:at], decoder)
         if call is None:
             return Answer(text)
         calls.append(call)
@@ -119,13 +121,36 @@ def _begins_call(text: str, names: set[str]) -> bool:
     return name in names if closed else any(n.startswith(name) for n in names)
 
 
-def _call(value: Any, names: set[str]) -> ToolCall | None:
+def _call(value: Any, names: set[str], written: str, decoder: json.JSONDecoder) -> ToolCall | None:
+    """The call ``value`` (parsed from ``written``) makes, its arguments the text the model wrote for them."""
     if not isinstance(value, dict) or value.get("name") not in names:
         return None
-    arguments = value.get("parameters", value.get("arguments"))
-    if not isinstance(arguments, dict):
+    key = "parameters" if "parameters" in value else "arguments"
+    if not isinstance(value.get(key), dict):
         return None
-    return ToolCall(value["name"], json.dumps(arguments, ensure_ascii=False))
+    return ToolCall(value["name"], _member_texts(written, decoder)[key])
+
+
+def _member_texts(written: str, decoder: json.JSONDecoder) -> dict[str, str]:
+    """Each member's value in ``written`` (a JSON object's text) as written, the last of a repeated name winning,
+    as in ``json.loads``.
+
+    Why by hand: the json module gives values, not where they are written, and a value written again is not the
+    model's: a number past a float's range (1e999) would come back as ``Infinity``, which is no JSON.
+    """
+    # a value at an index: (the value, the index past its text); typeshed types the decoder it takes wrongly
+    scan = json.scanner.make_scanner(decoder)  # type: ignore[arg-type]
+    out: dict[str, str] = {}
+    at = _skip(written, 1)  # past "{"
+    while written[at] == '"':
+        name, at = scan(written, at)
+        at = _skip(written, _skip(written, at) + 1)  # past ":"
+        _, end = scan(written, at)
+        out[name] = written[at:end]
+        at = _skip(written, end)
+        if written[at] == ",":
+            at = _skip(written, at + 1)
+    return out
 
 
 def _skip(text: str, at: int) -> int:

@@ -89,7 +89,16 @@ def check_calls(calls: list[dict[str, Any]], names: set[str] | None = None) -> N
         assert call["type"] == "function" and call["id"].startswith("call_"), call
         name = call["function"]["name"]
         assert name in (names or SCHEMAS), call
-        jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[name])
+        jsonschema.validate(strict_json(call["function"]["arguments"]), SCHEMAS[name])
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads`` without Python's extensions: ``Infinity`` and ``NaN`` are no JSON (JSON.parse refuses them)."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON: {text!r}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 @pytest.fixture
@@ -438,6 +447,35 @@ def test_tool_parameters_keep_their_references(client: openai.OpenAI, parameters
     calls = r.choices[0].message.tool_calls or []
     assert r.choices[0].finish_reason == "tool_calls" and len(calls) == 1, r
     jsonschema.validate(json.loads(calls[0].function.arguments), parameters)
+
+
+def test_call_arguments_are_json_as_the_model_wrote_them(client: openai.OpenAI) -> None:
+    """A number the model writes past a float's range (random weights write 752e4124810271312) stays as written:
+    read and written again, it became Infinity, which no JSON parser but Python's takes."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "measure",
+            "parameters": {
+                "type": "object",
+                "properties": {"v": {"type": "number"}},
+                "required": ["v"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    for seed in range(6):
+        raw = client.chat.completions.with_raw_response.create(
+            model=SEED_MODEL,
+            messages=[{"role": "user", "content": "Measure it."}],
+            tools=[tool],
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_tokens=80,
+            seed=seed,
+        )
+        for call in raw.http_response.json()["choices"][0]["message"].get("tool_calls") or []:
+            assert isinstance(strict_json(call["function"]["arguments"])["v"], (int, float)), call
 
 
 # -- dashscope, native ---------------------------------------------------------------------------------------

@@ -142,6 +142,17 @@ def test_auto_answers_are_read_like_vllms_llama3_json() -> None:
     assert call["type"] == "function" and call["index"] == 0 and isinstance(call["function"]["arguments"], str)
 
 
+def test_a_calls_arguments_are_the_models_own_json() -> None:
+    """Not parsed and written again: 1e999 would come back as Infinity (no JSON), 0.10 as 0.1."""
+    spec = read_request(tools=TOOLS)
+    text = '{"parameters": {"total": 1e999, "tip": 0.10,\n "note": "\\u00e9"}, "name": "save_receipt"}; '
+    answer = parse_answer(text + '{"name": "get_weather", "arguments": {"city": "Beijing"}}', spec.tools)
+    assert [c.arguments for c in answer.calls] == [
+        '{"total": 1e999, "tip": 0.10,\n "note": "\\u00e9"}',
+        '{"city": "Beijing"}',
+    ]
+
+
 def test_an_answer_under_auto_makes_no_more_calls_than_the_request_allows() -> None:
     """Under "auto" no grammar holds the answer (free text, read for calls once made, as the engine's CallStream
     does): a model that writes two calls where parallel_tool_calls is false, or more than 8, gives its first."""

@@ -1,42 +1,77 @@
 """The results of a batch as ``llamascope batch`` saves them: its output and error files as one JSONL file
-(each line as the server wrote it) and a CSV table of custom_id, status, answer and error."""
+(each line as the server wrote it) and a CSV table of custom_id, status, answer, error and finish_reason."""
 
 from __future__ import annotations
 
 import csv
 import json
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from llamascope.client.batches import Batch, BatchClient
 
-CSV_COLUMNS = ("custom_id", "status", "answer", "error")
+# finish_reason last: a table read by column position keeps its first four.
+CSV_COLUMNS = ("custom_id", "status", "answer", "error", "finish_reason")
+
+
+def _first_choice(body: Any) -> dict[str, Any]:
+    """The first choice of a response body (chat completions, or DashScope's native message format), or {}."""
+    if not isinstance(body, dict):
+        return {}
+    choices = body.get("choices") or (body.get("output") or {}).get("choices") or []
+    return choices[0] if choices and isinstance(choices[0], dict) else {}
 
 
 def answer_text(body: Any) -> str:
-    """The answer's text in a response body: chat completions, or DashScope's native shapes."""
+    """The answer in a response body: its text (chat completions, or DashScope's native shapes), or for an
+    answer of tool calls, which has none, the calls as a JSON list of ``{"name", "arguments"}``."""
     if not isinstance(body, dict):
         return ""
-    choices = body.get("choices") or (body.get("output") or {}).get("choices") or []
-    if not choices:
+    choice = _first_choice(body)
+    if not choice:
         return str((body.get("output") or {}).get("text") or "")
-    content = (choices[0].get("message") or {}).get("content")
+    message = choice.get("message") or {}
+    calls = message.get("tool_calls")
+    if calls:
+        return json.dumps([_call(call) for call in calls], ensure_ascii=False)
+    content = message.get("content")
     if isinstance(content, list):
         return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
     return str(content or "")
 
 
+def _call(call: Any) -> dict[str, Any]:
+    function = (call.get("function") if isinstance(call, dict) else None) or {}
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        with suppress(ValueError):  # else as the server wrote them
+            arguments = json.loads(arguments)
+    return {"name": function.get("name"), "arguments": arguments}
+
+
+def finish_reason(body: Any) -> str:
+    """Why the answer ended ("stop", "length", "tool_calls"): a JSON answer cut by max_tokens is not JSON."""
+    reason = _first_choice(body).get("finish_reason")
+    if reason is None and isinstance(body, dict):
+        reason = (body.get("output") or {}).get("finish_reason")
+    return str(reason or "")
+
+
 def result_row(line: dict[str, Any]) -> dict[str, str]:
-    """One result line as a row of the table: custom_id, status (ok, failed, cancelled, expired), answer, error."""
+    """One result line as a row of the table: custom_id, status (ok, failed, cancelled, expired), answer, error,
+    finish_reason."""
     error = line.get("error")
     response = line.get("response") or {}
     if not error:
+        body = response.get("body")
         return {
             "custom_id": line.get("custom_id", ""),
             "status": "ok",
-            "answer": answer_text(response.get("body")),
+            "answer": answer_text(body),
             "error": "",
+            "finish_reason": finish_reason(body),
         }
     code = str(error.get("code") or "")
     status = {"batch_cancelled": "cancelled", "batch_expired": "expired"}.get(code, "failed")
@@ -45,6 +80,7 @@ def result_row(line: dict[str, Any]) -> dict[str, str]:
         "status": status,
         "answer": "",
         "error": f"{code}: {error.get('message', '')}",
+        "finish_reason": "",
     }
 
 

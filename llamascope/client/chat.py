@@ -144,6 +144,13 @@ def schema_format(path: Path) -> dict[str, Any]:
     schema = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(schema, dict):
         raise ValueError("a JSON Schema is a JSON object")
+    # Checked here, as any server of the API refuses it: a batch's every line would be refused the same.
+    import jsonschema  # why: 0.1 s of imports, only for --schema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise ValueError(f"not a JSON Schema ({e.message})") from None
     name = re.sub(r"[^a-zA-Z0-9_-]", "_", path.name.split(".")[0])[:64] or "answer"
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
 

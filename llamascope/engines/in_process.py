@@ -347,7 +347,7 @@ class InProcessEngine(ABC):
             matcher = (await grammars.get(grammar_spec)).matcher()
         # An answer that may call tools: text that may be a call is held back until it is known.
         calls = (
-            CallStream(output.offered_tools(), forced=output.forces_tool_call)
+            CallStream(output.offered_tools(), forced=output.forces_tool_call, most=output.most_calls)
             if output is not None and output.calls_tools
             else None
         )

@@ -116,6 +116,11 @@ class OutputSpec:
         """Whether the answer must be tool calls (the grammar makes it one; ``finish_reason`` "tool_calls")."""
         return bool(self.tools) and self.tool_choice.mode in ("required", "function")
 
+    @property
+    def most_calls(self) -> int:
+        """How many calls an answer may make: one without ``parallel_tool_calls``, else ``MAX_PARALLEL_CALLS``."""
+        return MAX_PARALLEL_CALLS if self.parallel_tool_calls else 1
+
     def offered_tools(self) -> tuple[Tool, ...]:
         """The tools the model is told of: all, or the one ``tool_choice`` names, or none for ``none``."""
         if not self.calls_tools:
@@ -127,33 +132,52 @@ class OutputSpec:
     def grammar(self) -> GrammarSpec | None:
         """The grammar that constrains decoding, or None for free text.
 
-        A forced tool call wins over ``response_format``; with ``auto`` the model may answer in text or call a
-        tool, so only ``response_format`` constrains (and the output is parsed for calls afterwards).
+        A forced tool call wins over ``response_format``. With ``auto`` the model may answer or call a tool (the
+        output is parsed for calls afterwards): with a ``response_format`` too, the grammar is either, the answer
+        held to its format (held to the format alone, the model could never call a tool); without one, free text.
         """
         if self.forces_tool_call:
             return tool_call_grammar(
                 self.offered_tools(), parallel=self.parallel_tool_calls, field=f"{self.prefix}tools"
             )
         fmt = self.response_format
+        schema: Mapping[str, Any]
         if fmt.type == "json_object":
-            return GrammarSpec.json_schema(ANY_OBJECT, f"{self.prefix}response_format")
-        if fmt.type == "json_schema":
+            schema, where = ANY_OBJECT, f"{self.prefix}response_format"
+        elif fmt.type == "json_schema":
             assert fmt.schema is not None
-            return GrammarSpec.json_schema(fmt.schema, f"{self.prefix}response_format.json_schema.schema")
-        return None
+            schema, where = fmt.schema, f"{self.prefix}response_format.json_schema.schema"
+        else:
+            return None
+        if self.calls_tools:
+            return tool_call_grammar(
+                self.offered_tools(), parallel=self.parallel_tool_calls, field=where, answer=schema
+            )
+        return GrammarSpec.json_schema(schema, where)
 
 
-def tool_call_grammar(tools: tuple[Tool, ...], *, parallel: bool, field: str = "tools") -> GrammarSpec:
+def tool_call_grammar(
+    tools: tuple[Tool, ...], *, parallel: bool, field: str = "tools", answer: Mapping[str, Any] | None = None
+) -> GrammarSpec:
     """A grammar for one call of one of ``tools`` in the Llama 3.1 JSON format, or with ``parallel`` up to
     ``MAX_PARALLEL_CALLS`` of them separated by "; ": ``{"name": "...", "parameters": {...}}``, the
-    parameters valid against the tool's schema."""
+    parameters valid against the tool's schema. With ``answer`` (a JSON Schema), the calls or an answer of it."""
     alternatives = " | ".join(f"call_{i}" for i in range(len(tools)))
     separator = json.dumps(PARALLEL_SEPARATOR)
-    start = f"start: call ({separator} call){{0,{MAX_PARALLEL_CALLS - 1}}}" if parallel else "start: call"
-    lines = [start, f"call: {alternatives}"]
+    calls = f"call ({separator} call){{0,{MAX_PARALLEL_CALLS - 1}}}" if parallel else "call"
+    if answer is None:
+        lines = [f"start: {calls}"]
+    else:
+        lines = ["start: calls | answer", f"calls: {calls}", f"answer: %json {canonical_json(answer_schema(answer))}"]
+    lines.append(f"call: {alternatives}")
     for i, tool in enumerate(tools):
         lines.append(f"call_{i}: %json {canonical_json(call_schema(tool))}")
     return GrammarSpec("lark", "\n".join(lines), field)
+
+
+def answer_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """``schema`` as a Lark grammar's ``%json`` takes it: in the JSON style a schema's own grammar is compiled in."""
+    return {**schema, "x-guidance": JSON_STYLE}
 
 
 def call_schema(tool: Tool) -> dict[str, Any]:
@@ -173,11 +197,17 @@ _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 
 
 def _reroot(schema: Any, root: str) -> Any:
-    """``schema`` with every local ``$ref`` ("#", "#/...") pointing into ``root`` instead of the top."""
+    """``schema`` with every JSON-pointer ``$ref`` ("#", "#/...") pointing into ``root`` instead of the top.
+
+    Left as they are: a subschema with an ``$id`` of its own (at the top too), a resource whose references
+    resolve against that ``$id`` wherever it is put; and a plain-name fragment ("#name", an ``$anchor``), which
+    names a place in the same resource, not a path from its top."""
     if isinstance(schema, Mapping):
+        if isinstance(schema.get("$id"), str):
+            return schema
         out: dict[str, Any] = {}
         for key, value in schema.items():
-            if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
                 out[key] = root + value[1:]
             elif key in _DATA_KEYWORDS:
                 out[key] = value

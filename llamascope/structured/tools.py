@@ -11,13 +11,14 @@ it for a streamed answer; ``tools_prompt``, ``call_text`` and
 from __future__ import annotations
 
 import json
+import json.scanner
 import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from llamascope.structured.spec import PARALLEL_SEPARATOR, Tool
+from llamascope.structured.spec import MAX_PARALLEL_CALLS, PARALLEL_SEPARATOR, Tool
 
 # The special token Llama 3.1 may put before a call (for its built-in tools); vLLM's parser skips it too.
 PYTHON_TAG = "<|python_tag|>"
@@ -72,13 +73,15 @@ _CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"([^"]*)(")?')
 _SHORT_HEAD = re.compile(r'\{\s*(?:"(?:n(?:a(?:m(?:e(?:"\s*(?::\s*)?)?)?)?)?)?)?')
 
 
-def parse_answer(text: str, tools: Iterable[Tool], *, cut: bool = False) -> Answer:
+def parse_answer(text: str, tools: Iterable[Tool], *, cut: bool = False, most: int = MAX_PARALLEL_CALLS) -> Answer:
     """The tool calls in ``text`` if it is nothing but calls of known tools, else ``text`` as it is.
 
     Like vLLM's ``llama3_json`` parser: the answer (after an optional ``<|python_tag|>``) is one JSON object or
     several separated by ";", each with a "name" and its "parameters" (or "arguments") as an object. With
     ``cut`` (the answer ran out of tokens), the last of them may be the beginning of a call of a known tool: the
-    answer is then the calls before it, ``Answer.cut``.
+    answer is then the calls before it, ``Answer.cut``. An answer of more than ``most`` calls (an unconstrained
+    one, under "auto") keeps its first ``most``: the request allows no more (``parallel_tool_calls``); cut
+    after them, it is whole.
     """
     names = {t.name for t in tools}
     body = text.strip()
@@ -90,13 +93,14 @@ def parse_answer(text: str, tools: Iterable[Tool], *, cut: bool = False) -> Answ
     calls: list[ToolCall] = []
     at = 0
     while at < len(body):
+        begun = at
         try:
             value, at = decoder.raw_decode(body, at)
         except json.JSONDecodeError:
             if cut and _begins_call(body[at:], names):
-                return Answer("", tuple(calls), cut=True)
+                return Answer("", tuple(calls[:most]), cut=len(calls) < most)
             return Answer(text)
-        call = _call(value, names)
+        call = _call(value, names, body[begun:at], decoder)
         if call is None:
             return Answer(text)
         calls.append(call)
@@ -105,7 +109,7 @@ def parse_answer(text: str, tools: Iterable[Tool], *, cut: bool = False) -> Answ
             if body[at] != ";":
                 return Answer(text)
             at = _skip(body, at + 1)
-    return Answer("", tuple(calls))
+    return Answer("", tuple(calls[:most]))
 
 
 def _begins_call(text: str, names: set[str]) -> bool:
@@ -117,13 +121,36 @@ def _begins_call(text: str, names: set[str]) -> bool:
     return name in names if closed else any(n.startswith(name) for n in names)
 
 
-def _call(value: Any, names: set[str]) -> ToolCall | None:
+def _call(value: Any, names: set[str], written: str, decoder: json.JSONDecoder) -> ToolCall | None:
+    """The call ``value`` (parsed from ``written``) makes, its arguments the text the model wrote for them."""
     if not isinstance(value, dict) or value.get("name") not in names:
         return None
-    arguments = value.get("parameters", value.get("arguments"))
-    if not isinstance(arguments, dict):
+    key = "parameters" if "parameters" in value else "arguments"
+    if not isinstance(value.get(key), dict):
         return None
-    return ToolCall(value["name"], json.dumps(arguments, ensure_ascii=False))
+    return ToolCall(value["name"], _member_texts(written, decoder)[key])
+
+
+def _member_texts(written: str, decoder: json.JSONDecoder) -> dict[str, str]:
+    """Each member's value in ``written`` (a JSON object's text) as written, the last of a repeated name winning,
+    as in ``json.loads``.
+
+    Why by hand: the json module gives values, not where they are written, and a value written again is not the
+    model's: a number past a float's range (1e999) would come back as ``Infinity``, which is no JSON.
+    """
+    # a value at an index: (the value, the index past its text); typeshed types the decoder it takes wrongly
+    scan = json.scanner.make_scanner(decoder)  # type: ignore[arg-type]
+    out: dict[str, str] = {}
+    at = _skip(written, 1)  # past "{"
+    while written[at] == '"':
+        name, at = scan(written, at)
+        at = _skip(written, _skip(written, at) + 1)  # past ":"
+        _, end = scan(written, at)
+        out[name] = written[at:end]
+        at = _skip(written, end)
+        if written[at] == ",":
+            at = _skip(written, at + 1)
+    return out
 
 
 def _skip(text: str, at: int) -> int:
@@ -143,24 +170,27 @@ class CallStream:
     ``tool_calls`` delta.
     """
 
-    def __init__(self, tools: Iterable[Tool], forced: bool = False) -> None:
+    def __init__(self, tools: Iterable[Tool], forced: bool = False, most: int = MAX_PARALLEL_CALLS) -> None:
         self.tools = tuple(tools)
         self.forced = forced
+        self.most = most  # calls an answer may make (OutputSpec.most_calls)
         self._text = ""
         self._holding: bool | None = True if forced else None  # None: not yet known
 
     def push(self, delta: str) -> str:
         self._text += delta
-        if self._holding is None:
-            head = self._text.lstrip()
-            if not head:
-                return ""
-            self._holding = head.startswith("{") or PYTHON_TAG.startswith(head[: len(PYTHON_TAG)])
-            return "" if self._holding else self._text
-        return "" if self._holding else delta
+        if self._holding is False:
+            return delta
+        if self._holding:  # forced, or begun as a call ("{", the whole tag): held to the end
+            return ""
+        head = self._text.lstrip()
+        if not head or (len(head) < len(PYTHON_TAG) and PYTHON_TAG.startswith(head)):
+            return ""  # may still become the tag: decided when it is whole or has parted from it
+        self._holding = head.startswith("{") or head.startswith(PYTHON_TAG)
+        return "" if self._holding else self._text
 
     def finish(self, cut: bool = False) -> tuple[str, Answer]:
-        answer = parse_answer(self._text, self.tools, cut=cut)
+        answer = parse_answer(self._text, self.tools, cut=cut, most=self.most)
         held = self._text if self._holding is not False else ""
         return ("" if answer.is_calls else held), answer
 

@@ -89,7 +89,16 @@ def check_calls(calls: list[dict[str, Any]], names: set[str] | None = None) -> N
         assert call["type"] == "function" and call["id"].startswith("call_"), call
         name = call["function"]["name"]
         assert name in (names or SCHEMAS), call
-        jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[name])
+        jsonschema.validate(strict_json(call["function"]["arguments"]), SCHEMAS[name])
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads`` without Python's extensions: ``Infinity`` and ``NaN`` are no JSON (JSON.parse refuses them)."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON: {text!r}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 @pytest.fixture
@@ -391,6 +400,82 @@ def test_openai_streamed_tool_calls_and_history(client: openai.OpenAI) -> None:
         model=SEED_MODEL, messages=history, tools=[WEATHER], tool_choice="none", max_tokens=4
     )
     assert after.choices[0].message.content and not after.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {  # a schema with its own $id (as generators write them): its references are relative to it
+            "$id": "https://example.com/schemas/lookup.json",
+            "$defs": {"code": {"enum": ["A1", "B2"]}},
+            "type": "object",
+            "properties": {"code": {"$ref": "#/$defs/code"}},
+            "required": ["code"],
+            "additionalProperties": False,
+        },
+        {  # a reference to an $anchor (a plain-name fragment, not a JSON pointer)
+            "$defs": {"code": {"$anchor": "code", "enum": ["A1", "B2"]}},
+            "type": "object",
+            "properties": {"code": {"$ref": "#code"}},
+            "required": ["code"],
+            "additionalProperties": False,
+        },
+        {  # a subschema with an $id of its own inside one without: its "#/..." is its own
+            "$defs": {
+                "code": {"$id": "https://example.com/code.json", "$defs": {"c": {"enum": ["A1"]}}, "$ref": "#/$defs/c"}
+            },
+            "type": "object",
+            "properties": {"code": {"$ref": "#/$defs/code"}},
+            "required": ["code"],
+            "additionalProperties": False,
+        },
+    ],
+    ids=["$id", "$anchor", "nested $id"],
+)
+def test_tool_parameters_keep_their_references(client: openai.OpenAI, parameters: dict[str, Any]) -> None:
+    """A tool's parameters compile and bind as the same schema does as response_format: the call grammar
+    wraps them in a schema of its own, and their references must still point where they did."""
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": parameters}}
+    r = client.chat.completions.create(
+        model=SEED_MODEL,
+        messages=[{"role": "user", "content": "Look it up."}],
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "lookup"}},
+        parallel_tool_calls=False,
+        max_tokens=ROOM,
+    )
+    calls = r.choices[0].message.tool_calls or []
+    assert r.choices[0].finish_reason == "tool_calls" and len(calls) == 1, r
+    jsonschema.validate(json.loads(calls[0].function.arguments), parameters)
+
+
+def test_call_arguments_are_json_as_the_model_wrote_them(client: openai.OpenAI) -> None:
+    """A number the model writes past a float's range (random weights write 752e4124810271312) stays as written:
+    read and written again, it became Infinity, which no JSON parser but Python's takes."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "measure",
+            "parameters": {
+                "type": "object",
+                "properties": {"v": {"type": "number"}},
+                "required": ["v"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    for seed in range(6):
+        raw = client.chat.completions.with_raw_response.create(
+            model=SEED_MODEL,
+            messages=[{"role": "user", "content": "Measure it."}],
+            tools=[tool],
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_tokens=80,
+            seed=seed,
+        )
+        for call in raw.http_response.json()["choices"][0]["message"].get("tool_calls") or []:
+            assert isinstance(strict_json(call["function"]["arguments"])["v"], (int, float)), call
 
 
 # -- dashscope, native ---------------------------------------------------------------------------------------

@@ -129,6 +129,18 @@ def test_an_image_too_big_for_a_line_is_named_before_anything_is_sent(
     assert "submitted" not in refused.stderr
 
 
+def test_a_schema_that_is_no_json_schema_is_named_before_anything_is_sent(
+    server: Server, photos: Path, tmp_path: Path
+) -> None:
+    """Every line would be refused with the same 400: the whole batch would run for nothing."""
+    schema = tmp_path / "colour.schema.json"
+    schema.write_text(json.dumps({"type": "objekt"}))
+    refused = batch(["submit", str(photos), "Which colour?", "--schema", str(schema)], server, tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert f"--schema {schema}: not a JSON Schema" in refused.stderr and "objekt" in refused.stderr
+    assert "submitted" not in refused.stderr
+
+
 def test_on_a_terminal_a_progress_bar_and_ctrl_c_stops_watching_not_the_batch(
     server: Server, photos: Path, tmp_path: Path
 ) -> None:
@@ -157,6 +169,53 @@ def test_on_a_terminal_a_progress_bar_and_ctrl_c_stops_watching_not_the_batch(
     assert resumed.returncode == 0, resumed.stderr
     assert f"batch {batch_id}: completed" in resumed.stderr
     assert sorted(r["custom_id"] for r in rows(tmp_path / "later.csv")) == sorted(COLORS)
+
+
+def test_tool_calls_and_cut_answers_show_in_the_table(server: Server, tmp_path: Path) -> None:
+    """A line answered with tool calls has no text: the table's answer is its calls; and a JSON answer cut by
+    max_tokens is told from a whole one by its finish_reason."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    parameters = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Hangzhou", "Beijing"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    bodies = {
+        "call": {
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": parameters}}],
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+            "max_tokens": 200,
+        },
+        "cut": {
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+            "max_tokens": 2,
+        },
+    }
+    source = tmp_path / "requests.jsonl"
+    source.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "custom_id": name,
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {"model": SEED_MODEL, "messages": [{"role": "user", "content": "Weather?"}], **body},
+                }
+            )
+            + "\n"
+            for name, body in bodies.items()
+        )
+    )
+    done = batch(["submit", str(source), "--interval", "0.1", "-o", "answers"], server, tmp_path)
+    assert done.returncode == 0, done.stderr
+    table = {r["custom_id"]: r for r in rows(tmp_path / "answers.csv")}
+    call, cut = table["call"], table["cut"]
+    assert call["status"] == "ok" and call["finish_reason"] == "tool_calls", call
+    [made] = json.loads(call["answer"])
+    assert made["name"] == "get_weather" and made["arguments"]["city"] in ("Hangzhou", "Beijing"), call
+    assert cut["status"] == "ok" and cut["finish_reason"] == "length" and cut["answer"].startswith("{"), cut
 
 
 def test_a_jsonl_file_submitted_then_cancelled(server: Server, tmp_path: Path) -> None:

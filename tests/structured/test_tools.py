@@ -72,6 +72,56 @@ def test_forced_calls_parse_and_validate(
     assert counts and (max(counts) > 1) == parallel
 
 
+VERDICT = {
+    "type": "object",
+    "properties": {"verdict": {"enum": ["yes", "no"]}},
+    "required": ["verdict"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("response_format", "schema"),
+    [
+        ({"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT}}, VERDICT),
+        ({"type": "json_object"}, {"type": "object"}),
+    ],
+    ids=["json_schema", "json_object"],
+)
+def test_auto_with_a_response_format_may_call_or_answer(
+    response_format: dict, schema: dict, backend: GuidanceBackend, grammars: GrammarCache
+) -> None:
+    """tool_choice "auto" with a response_format, as agents ask ("call tools as you need, then answer in this
+    shape"): the grammar holds the answer to its format, but lets the model call tools instead. Held to the
+    answer's format alone, it could never call one (a call, or two, is no answer of that schema)."""
+    spec = read_request(tools=TOOLS, response_format=response_format, message_texts=["Answer in JSON."])
+    grammar_spec = spec.grammar()
+    assert grammar_spec is not None and spec.calls_tools and not spec.forces_tool_call
+    grammar = grammars.get_blocking(grammar_spec)
+    tokens = backend.tokenizer.tokenize_str
+    call = '{"name": "get_weather", "parameters": {"city": "Beijing"}}'
+    assert grammar.accepts(tokens(call)) and grammar.accepts(tokens(f"{call}; {call}"))
+    assert grammar.accepts(tokens('{"verdict": "yes"}'))
+    assert not grammar.accepts(tokens("yes"))
+    assert not grammar.accepts(tokens('{"name": "get_weather", "parameters": {"city": "Paris"}}; 1'))
+
+    rows, _ = random_decode(backend, [grammar] * 30, zlib.crc32(repr(response_format).encode()), 200, torch_path=False)
+    parameters = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    kinds = set()
+    for row in rows:
+        text = backend.decode(row.tokens)
+        if row.finish_reason == "length":
+            assert grammar.accepts_prefix(row.tokens), text
+            continue
+        answer = parse_answer(text, spec.tools)
+        kinds.add("calls" if answer.calls else "answer")
+        for made in answer.calls:
+            jsonschema.validate(json.loads(made.arguments), parameters[made.name])
+        if not answer.calls:
+            jsonschema.validate(json.loads(text), schema)
+    assert "answer" in kinds and ("calls" in kinds or response_format["type"] == "json_object"), kinds
+
+
 def test_auto_answers_are_read_like_vllms_llama3_json() -> None:
     spec = read_request(tools=TOOLS)
     one = parse_answer('{"name": "get_weather", "parameters": {"city": "Hangzhou"}}', spec.tools)
@@ -90,6 +140,38 @@ def test_auto_answers_are_read_like_vllms_llama3_json() -> None:
         assert parse_answer(text, spec.tools) == parse_answer(text, spec.tools).__class__(text)
     call = one.calls[0].to_openai(index=0)
     assert call["type"] == "function" and call["index"] == 0 and isinstance(call["function"]["arguments"], str)
+
+
+def test_a_calls_arguments_are_the_models_own_json() -> None:
+    """Not parsed and written again: 1e999 would come back as Infinity (no JSON), 0.10 as 0.1."""
+    spec = read_request(tools=TOOLS)
+    text = '{"parameters": {"total": 1e999, "tip": 0.10,\n "note": "\\u00e9"}, "name": "save_receipt"}; '
+    answer = parse_answer(text + '{"name": "get_weather", "arguments": {"city": "Beijing"}}', spec.tools)
+    assert [c.arguments for c in answer.calls] == [
+        '{"total": 1e999, "tip": 0.10,\n "note": "\\u00e9"}',
+        '{"city": "Beijing"}',
+    ]
+
+
+def test_an_answer_under_auto_makes_no_more_calls_than_the_request_allows() -> None:
+    """Under "auto" no grammar holds the answer (free text, read for calls once made, as the engine's CallStream
+    does): a model that writes two calls where parallel_tool_calls is false, or more than 8, gives its first."""
+    call = '{"name": "get_weather", "parameters": {"city": "Hangzhou"}}'
+    other = '{"name": "save_receipt", "parameters": {"total": 3}}'
+    single = read_request(tools=TOOLS, parallel_tool_calls=False)
+    stream = CallStream(single.offered_tools(), forced=single.forces_tool_call, most=single.most_calls)
+    assert stream.push(f"{call}; {other}") == ""
+    held, answer = stream.finish()
+    assert held == "" and [c.name for c in answer.calls] == ["get_weather"] and answer.finish_reason == "tool_calls"
+    # Cut in a second call it may not make: the one it may is whole.
+    stream = CallStream(single.offered_tools(), most=single.most_calls)
+    stream.push(f'{call}; {{"name": "save_rec')
+    _, whole = stream.finish(cut=True)
+    assert [c.name for c in whole.calls] == ["get_weather"] and not whole.cut and whole.finish_reason == "tool_calls"
+    many = read_request(tools=TOOLS)
+    stream = CallStream(many.offered_tools(), most=many.most_calls)
+    stream.push("; ".join([call] * 10))
+    assert len(stream.finish()[1].calls) == 8
 
 
 def test_an_answer_cut_short_keeps_its_whole_calls() -> None:
@@ -121,6 +203,10 @@ def test_a_stream_lets_text_through_and_holds_calls_back() -> None:
     not_a_call = CallStream(spec.tools)
     not_a_call.push('{"just": "json"}')
     assert not_a_call.finish() == ('{"just": "json"}', parse_answer('{"just": "json"}', spec.tools))
+    # "<" may begin <|python_tag|>: held only until it cannot (it held an answer of HTML to its end)
+    tag_like = CallStream(spec.tools)
+    assert [tag_like.push(d) for d in ("<", "|py", "thon>1</", "b> text")] == ["", "", "<|python>1</", "b> text"]
+    assert tag_like.finish() == ("", parse_answer("<|python>1</b> text", spec.tools))
 
 
 def test_calls_and_tools_go_back_into_the_prompt() -> None:

@@ -78,8 +78,8 @@ def _url_key(url: str) -> str:
     import httpx  # why: its import (rich included) is 0.1-0.2 s of a gateway's start; only URLs need it
 
     try:
-        parsed = httpx.URL(url)
-        return str(parsed.copy_with(fragment=None, path=parsed.path or "/"))
+        # Not the path: httpx's is percent-decoded, and /a%2Fb is not /a/b (an S3 key, a GitLab project path).
+        return str(httpx.URL(url).copy_with(fragment=None))
     except (httpx.InvalidURL, TypeError, ValueError):  # refused by the fetch itself, with its own words
         return url
 

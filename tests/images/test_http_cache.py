@@ -184,3 +184,17 @@ def test_a_known_url_counts_its_validators_memory(host: Host) -> None:
     intake = ImageIntake(FetchPolicy.from_allow_list(["127.0.0.0/8"]), DecodeLimits())
     loads(host.url, 1, intake)
     assert intake.urls.total > 8000
+
+
+def test_urls_that_differ_only_in_percent_encoding_are_different_images(host: Host) -> None:
+    """/a%2Fb.png and /a/b.png are two resources (an S3 key holding a slash, a GitLab project path): one was
+    taken for the other from the cache of fresh answers."""
+    fresh = {"Cache-Control": "max-age=60"}
+    host.pages["/a/b.png"] = (png((255, 0, 0)), fresh)
+    host.pages["/a%2Fb.png"] = (png((0, 0, 255)), fresh)
+    host.pages["/a%25b.png"] = (png((0, 255, 0)), fresh)
+    base = host.url.removesuffix("/photo.png")
+    intake = ImageIntake(FetchPolicy.from_allow_list(["127.0.0.0/8"]), DecodeLimits())
+    colours = [loads(base + path, 1, intake)[0].image.convert("RGB").getpixel((0, 0)) for path in host.pages]
+    assert colours == [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
+    assert len(host.asked) == 3

@@ -100,6 +100,13 @@ class _Fetched:
         first, self.taken = not self.taken, True
         return first
 
+    def result(self) -> PreparedImage:
+        """The image, or the refusal: each request's own, answered with its own request id."""
+        if self.error is not None:
+            raise dataclasses.replace(self.error, headers=dict(self.error.headers))
+        assert self.image is not None
+        return self.image
+
 
 _HUNG_UP = "ClientClosedRequest"  # the code of the answer to a client that left (which nobody reads)
 
@@ -153,6 +160,9 @@ class ImageIntake:
         # Each image URL's host's terms of reuse and its image's digest (http_cache): a conversation sends its
         # URLs again every turn, which were fetched whole each time.
         self.urls: SizedLRU[str, _KnownUrl] = SizedLRU(URL_MEMORY_BYTES, lambda known: known.size)
+        # The image URLs whose host's last answer could serve its own request alone (no-store, private...), with
+        # the memory each takes: requests that name them fetch them each at once, not after waiting for another's.
+        self.unshared: SizedLRU[str, int] = SizedLRU(URL_MEMORY_BYTES // 4, lambda size: size)
         # Each image URL's fetch and decode under way, by its key and sizing rule: requests that name it meanwhile
         # wait for it, where they fetched it each (8 fetches for a 200-line batch of one URL, 8 lines at once).
         self.fetching: InFlight[tuple[str, str], _Fetched] = InFlight()
@@ -194,12 +204,18 @@ class ImageIntake:
 
         A request that waits for another's fetch waits no longer than its own would take: that fetch began
         earlier, under the same time limits. A request that leaves stops waiting, and the fetch goes on for the
-        others (``InFlight``); the server's bound on fetches at once counts it once."""
+        others (``InFlight``); the server's bound on fetches at once counts it once. A URL whose host's last
+        answer could serve no other request is fetched by each request at once (``unshared``): those that
+        waited for that answer fetched it again after it."""
         key = _url_key(source.url)
         image = self._fresh(key, fit_key)
         if image is not None:
             watch.fetched(source.kind)
             return image
+        if self.unshared.peek(key) is not None:
+            fetched = await _read(functools.partial(self._fetch, source, key, fit, fit_key), context, fetches=True)
+            watch.took(fetched.watch, decoded=fetched.take())
+            return fetched.result()
         join = functools.partial(
             self.fetching.join, (key, fit_key), functools.partial(self._fetch, source, key, fit, fit_key)
         )
@@ -209,10 +225,7 @@ class ImageIntake:
             fetched = await _read(functools.partial(self._fetch, source, key, fit, fit_key), context, fetches=True)
             first = fetched.take()
         watch.took(fetched.watch, decoded=first)
-        if fetched.error is not None:  # each request's own error, answered with its own request id
-            raise dataclasses.replace(fetched.error, headers=dict(fetched.error.headers))
-        assert fetched.image is not None
-        return fetched.image
+        return fetched.result()
 
     def _fresh(self, key: str, fit_key: str, *, again: bool = False) -> PreparedImage | None:
         """The image of an image URL whose host's answer is fresh, while the decoded-image cache holds it
@@ -249,8 +262,10 @@ class ImageIntake:
             return _Fetched(None, dataclasses.replace(refusal, headers=dict(refusal.headers)), watch)
         if answer.reuse.keep:
             self.urls.put(key, _KnownUrl(image.digest, answer.reuse, _memory(key, answer.reuse)))
+            self.unshared.pop(key)
         else:
             self.urls.pop(key)
+            self.unshared.put(key, sys.getsizeof(key) + 64)
         return _Fetched(image, None, watch, shared=answer.reuse.keep)
 
     def _seen(self, uri: str, fit_key: str) -> PreparedImage | None:

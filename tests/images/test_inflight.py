@@ -43,9 +43,9 @@ class Host(ThreadingHTTPServer):
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}{path}"
 
-    def wait_for(self, prefix: str, count: int) -> None:
+    def wait_for(self, prefix: str, count: int, timeout: float = 60) -> None:
         with self.seen:
-            assert self.seen.wait_for(lambda: self.asked(prefix) >= count, 60), self.gets
+            assert self.seen.wait_for(lambda: self.asked(prefix) >= count, timeout), self.gets
 
     def asked(self, prefix: str) -> int:
         return sum(n for path, n in self.gets.items() if path.startswith(prefix))
@@ -148,12 +148,18 @@ def test_an_answer_a_shared_cache_may_not_reuse_serves_its_own_request_alone(
     server: Server, host: Host, headers: dict[str, str]
 ) -> None:
     """The requests that waited for it fetch the URL again, each (RFC 9111 section 4: collapsed requests a
-    shared cache cannot use the answer for are forwarded)."""
+    shared cache cannot use the answer for are forwarded); later ones fetch it each at once, not after waiting."""
     host.headers = headers
     slow = f"/slow/{uuid.uuid4().hex}.png"
     replies = at_once(server, host, host.url(slow))
     assert [r.status_code for r in replies] == [200] * N, replies[0].text
     assert host.gets[slow] == N
+    host.gate.clear()
+    with ThreadPoolExecutor(N) as pool:
+        later = [pool.submit(generate, server, host.url(slow)) for _ in range(N)]
+        host.wait_for(slow, 2 * N, timeout=20)  # all asked while the host holds its answers: none waits for another
+        host.gate.set()
+        assert [reply.result().status_code for reply in later] == [200] * N
 
 
 def test_spellings_of_one_url_are_one_fetch(server: Server, host: Host) -> None:

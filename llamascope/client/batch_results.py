@@ -35,20 +35,29 @@ def answer_text(body: Any) -> str:
     message = choice.get("message") or {}
     calls = message.get("tool_calls")
     if calls:
-        return json.dumps([_call(call) for call in calls], ensure_ascii=False)
+        return "[" + ", ".join(_call(call) for call in calls) + "]"
     content = message.get("content")
     if isinstance(content, list):
         return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
     return str(content or "")
 
 
-def _call(call: Any) -> dict[str, Any]:
+def _call(call: Any) -> str:
+    """One call as ``{"name": ..., "arguments": ...}``, its arguments the JSON the model wrote: parsed and written
+    again, a number past a float's range (752e4124810271312) came back as Infinity, which is no JSON, and 0.10 as
+    0.1. Arguments that are not strict JSON are written as a string."""
     function = (call.get("function") if isinstance(call, dict) else None) or {}
     arguments = function.get("arguments")
+    written = json.dumps(arguments, ensure_ascii=False)
     if isinstance(arguments, str):
-        with suppress(ValueError):  # else as the server wrote them
-            arguments = json.loads(arguments)
-    return {"name": function.get("name"), "arguments": arguments}
+        with suppress(ValueError):
+            json.loads(arguments, parse_constant=_no_constant)
+            written = arguments.strip()
+    return f'{{"name": {json.dumps(function.get("name"), ensure_ascii=False)}, "arguments": {written}}}'
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is no JSON")
 
 
 def finish_reason(body: Any) -> str:

@@ -250,3 +250,19 @@ def test_a_jsonl_file_submitted_then_cancelled(server: Server, tmp_path: Path) -
     assert sorted(r["custom_id"] for r in table) == sorted(f"q{i}" for i in range(LINES))  # each exactly once
     assert {r["status"] for r in table} <= {"ok", "cancelled"} and any(r["status"] == "cancelled" for r in table)
     assert all(r["error"].startswith("batch_cancelled: ") for r in table if r["status"] == "cancelled")
+
+
+def test_a_calls_arguments_go_into_the_table_as_the_model_wrote_them() -> None:
+    from llamascope.client.batch_results import answer_text
+
+    def body(arguments: str) -> dict:
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        return {"choices": [{"message": {"content": None, "tool_calls": [call]}, "finish_reason": "tool_calls"}]}
+
+    def strict(text: str) -> object:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
+
+    written = answer_text(body('{"n": 752e4124810271312, "p": 0.10}'))
+    assert [call["name"] for call in strict(written)] == ["f"]  # JSON: no Infinity written
+    assert '"arguments": {"n": 752e4124810271312, "p": 0.10}' in written
+    assert strict(answer_text(body('{"x": NaN}'))) == [{"name": "f", "arguments": '{"x": NaN}'}]  # not JSON: a string

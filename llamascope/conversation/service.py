@@ -208,6 +208,10 @@ class Reply:
             raise errors.internal_error()
         output = self.prompt.output
         checked = engine_finish in _WHOLE or (engine_finish == FinishReason.LENGTH and self.tool_calls)
+        if output is not None and len(self.tool_calls) > output.most_calls:
+            # An unconstrained answer (tool_choice "auto", an upstream's) keeps its first calls, as many as the
+            # request allows (parallel_tool_calls), as the in-process engine's answers do (structured.tools).
+            del self.tool_calls[output.most_calls :]
         if output is not None and checked and self.engine.info.kind == "upstream":
             # An upstream engine may ignore the shape asked of it (the in-process one cannot): never passed on as kept.
             # Cut by length, its calls are checked (each one given is one to run), not its text (a JSON unfinished).

@@ -9,12 +9,11 @@ validates, and every tool call names a function offered, with arguments that val
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llamascope.structured.spec import OutputSpec
-from llamascope.structured.tools import ToolCall
+from llamascope.structured.tools import STRICT_JSON, ToolCall
 
 
 def breach(spec: OutputSpec, text: str, calls: Sequence[ToolCall]) -> str | None:
@@ -45,7 +44,7 @@ def breach(spec: OutputSpec, text: str, calls: Sequence[ToolCall]) -> str | None
 
 def _problem(text: str, schema: Mapping[str, Any] | None, object_only: bool) -> str | None:
     try:
-        value = json.loads(text)
+        value = STRICT_JSON.decode(text)
     except ValueError:
         return "not JSON"
     if object_only and not isinstance(value, dict):

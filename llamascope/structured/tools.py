@@ -89,14 +89,14 @@ def parse_answer(text: str, tools: Iterable[Tool], *, cut: bool = False, most: i
         body = body[len(PYTHON_TAG) :].lstrip()
     if not body.startswith("{"):
         return Answer(text)
-    decoder = json.JSONDecoder()
+    decoder = STRICT_JSON
     calls: list[ToolCall] = []
     at = 0
     while at < len(body):
         begun = at
         try:
             value, at = decoder.raw_decode(body, at)
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON (NaN and Infinity included: ``STRICT_JSON``)
             if cut and _begins_call(body[at:], names):
                 return Answer("", tuple(calls[:most]), cut=len(calls) < most)
             return Answer(text)
@@ -110,6 +110,15 @@ def parse_answer(text: str, tools: Iterable[Tool], *, cut: bool = False, most: i
                 return Answer(text)
             at = _skip(body, at + 1)
     return Answer("", tuple(calls[:most]))
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+# JSON as RFC 8259 has it: Python's decoder also takes NaN, Infinity and -Infinity, which a call's arguments, passed
+# on as written, must not hold (JSON.parse, Go and the other SDKs' decoders refuse them).
+STRICT_JSON = json.JSONDecoder(parse_constant=_not_json)
 
 
 def _begins_call(text: str, names: set[str]) -> bool:

@@ -218,6 +218,7 @@ def test_an_answer_that_breaks_the_schema_asked_for_is_not_passed_on(tmp_path) -
     accounts = Accounts(store)
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     asked = {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}
+    calls: list = []  # the last answer's calls
 
     async def answer(events: bytes, parameters: dict = asked) -> str:
         served = engine(answer_with(events + b"data: [DONE]\n\n"))
@@ -227,7 +228,9 @@ def test_an_answer_that_breaks_the_schema_asked_for_is_not_passed_on(tmp_path) -
             principal = await accounts.authenticate(f"Bearer {API_KEY}")
             messages = [{"role": "user", "content": "How many? Answer in JSON."}]
             reply = await service.open(principal, "r", "stub", messages, parameters, endpoint=Endpoint.CHAT)
-            return await reply.complete()
+            text = await reply.complete()
+            calls[:] = reply.tool_calls
+            return text
         finally:
             await gateway.close()
             service.intake.close()
@@ -245,6 +248,14 @@ def test_an_answer_that_breaks_the_schema_asked_for_is_not_passed_on(tmp_path) -
         with pytest.raises(errors.ServiceError) as unoffered:
             asyncio.run(answer(event({"tool_calls": [call]}) + event({}, "length"), tools))
         assert "it called 'launch', which is not a function it was offered" in unoffered.value.message
+        # Two calls under "auto" though parallel_tool_calls is false: the first kept, as the in-process engine
+        # keeps its free answers' (it was a 500 saying the engine broke the shape asked)
+        two = [{"index": i, "id": f"call_{i}", "function": {"name": "w", "arguments": "{}"}} for i in (0, 1)]
+        assert asyncio.run(answer(event({"tool_calls": two}) + event({}, "tool_calls"), tools)) == ""
+        assert [c.id for c in calls] == ["call_0", "call_1"]
+        single = {**tools, "parallel_tool_calls": False}
+        assert asyncio.run(answer(event({"tool_calls": two}) + event({}, "tool_calls"), single)) == ""
+        assert [c.id for c in calls] == ["call_0"]
     finally:
         accounts.close()
 

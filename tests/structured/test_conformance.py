@@ -33,6 +33,9 @@ JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "n", "schema": SCH
         ({"response_format": {"type": "json_object"}}, "[1]", (), "its answer is not a JSON object"),
         ({"response_format": {"type": "text"}}, "Three.", (), None),
         ({"tools": [WEATHER]}, "It is sunny.", (), None),  # auto: text is an answer
+        # Python's decoder takes NaN and Infinity; JSON has neither (JSON.parse, Go refuse them)
+        ({"tools": [WEATHER]}, "", (ToolCall("w", '{"city": NaN}'),), "the arguments of its call of 'w' are not JSON"),
+        ({"response_format": {"type": "json_object"}}, '{"n": Infinity}', (), "its answer is not JSON"),
         (
             {"tools": [WEATHER], "tool_choice": "required"},
             "It is sunny.",

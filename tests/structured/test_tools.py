@@ -151,6 +151,10 @@ def test_a_calls_arguments_are_the_models_own_json() -> None:
         '{"total": 1e999, "tip": 0.10,\n "note": "\\u00e9"}',
         '{"city": "Beijing"}',
     ]
+    # NaN and Infinity, which Python's decoder takes, are no JSON: such an answer is text, not a call
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        text = '{"name": "get_weather", "parameters": {"city": ' + constant + "}}"
+        assert parse_answer(text, spec.tools) == Answer(text)
 
 
 def test_an_answer_under_auto_makes_no_more_calls_than_the_request_allows() -> None:

@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 from llamascope import errors
 from llamascope.api.drain import SHUTTING_DOWN, stopped_by_shutdown
 from llamascope.api.errors import error_response, request_id_of
+from llamascope.batch.caller import KEY_EXTENSION
 from llamascope.conversation.rules import lone_surrogate
 from llamascope.conversation.service import ConversationService, Endpoint, Event, Reply
 from llamascope.images.source import SourceContext
@@ -179,6 +180,10 @@ def _stop_of(scope: Scope, reply: Reply | None) -> tuple[asyncio.Event | None, C
     return drain.stop, record
 
 
+def _batch_line(request: Request) -> bool:
+    return KEY_EXTENSION in (request.scope.get("extensions") or {})
+
+
 def source_context(
     request: Request, hung_up: Callable[[], Awaitable[None]] | None = None, sdk_uploads: bool = False
 ) -> SourceContext:
@@ -243,7 +248,10 @@ async def open_reply(request: Request, call: Call, endpoint: Endpoint) -> Reply:
             call.model,
             call.messages,
             call.parameters,
-            source_context(request, hangup.wait, sdk_uploads=endpoint is Endpoint.MULTIMODAL),
+            # A batch line is no SDK call, though it names the multimodal endpoint: no SDK uploaded its files.
+            source_context(
+                request, hangup.wait, sdk_uploads=endpoint is Endpoint.MULTIMODAL and not _batch_line(request)
+            ),
             endpoint,
         )
     finally:

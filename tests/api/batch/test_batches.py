@@ -24,6 +24,7 @@ from tests.conftest import ADMIN_KEY, API_KEY, OTHER_KEY, SEED_MODEL, TEXT_MODEL
 
 pytestmark = pytest.mark.server
 CHAT = "/v1/chat/completions"
+NATIVE = "/api/v1/services/aigc/multimodal-generation/generation"
 ENDED = ("completed", "failed", "expired", "cancelled")
 # The vision model and, for lines that need no image (quicker on a CPU), the built-in text-only Llama.
 MODELS = ["--model", f"{SEED_MODEL}={BUILTIN}", "--model", f"{TEXT_MODEL}={BUILTIN_TEXT}"]
@@ -162,6 +163,21 @@ def test_a_line_with_a_lone_surrogate_fails_alone_as_the_api_refuses_it(batch_se
     assert interactive.status_code == 400
     assert failed["error"]["code"] == interactive.json()["error"]["code"], (failed, interactive.json())
     assert "lone surrogate" in failed["error"]["message"], failed
+
+
+def test_a_native_line_naming_a_local_path_is_told_it_is_a_local_path(batch_server: Server, tmp_path: Path) -> None:
+    """Not the words for the SDK (which uploads a local file it finds, so a path reaching the server is one it did
+    not find): no SDK uploads a batch file's images."""
+    client = sdk(batch_server)
+    image = tmp_path / "cat.png"
+    image.write_bytes(png_bytes((200, 30, 30), (64, 64)))
+    content = [{"image": str(image)}, {"text": "What is it?"}]
+    body = {"model": SEED_MODEL, "input": {"messages": [{"role": "user", "content": content}]}}
+    line = json.dumps({"custom_id": "local", "method": "POST", "url": NATIVE, "body": body})
+    file = client.files.create(file=("input.jsonl", (line + "\n").encode()), purpose="batch")
+    batch = wait(client, client.batches.create(input_file_id=file.id, endpoint=NATIVE, completion_window="24h").id)
+    (failed,) = results(client, batch.error_file_id)
+    assert failed["response"]["status_code"] == 400 and "is a local path" in failed["error"]["message"], failed
 
 
 def test_a_model_not_served_fails_the_batch(batch_server: Server) -> None:

@@ -86,7 +86,9 @@ async def get_policy(request: Request) -> JSONResponse:
     if not model:
         raise errors.ServiceError(400, "BadRequest.EmptyModel", 'Required parameter "model" missing from request.')
     service.engine(model)  # an unknown model gets "Model not exist." like the generation call
-    files = max(1, service.image_rules(model, Endpoint.MULTIMODAL).most)  # the most a call may carry
+    files = service.image_rules(model, Endpoint.MULTIMODAL).most  # the most a call may carry
+    if not files:  # the SDK asks for a policy only to upload a call's images
+        raise errors.invalid_parameter(f"{model} takes no images: there is nothing to upload for it.")
     data = store.issue_policy(request.state.principal.key_id, str(model), files=files)
     data["upload_host"] = upload_host(request)
     return JSONResponse({"request_id": request_id_of(request), "data": data})

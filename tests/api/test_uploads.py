@@ -14,7 +14,7 @@ import pytest
 
 from llamascope.api.uploads import FORM_BEFORE_FILE
 from tests.api.upload_flow import generate_with, policy_for, upload
-from tests.conftest import OTHER_KEY, SEED_MODEL, Server, png_bytes
+from tests.conftest import OTHER_KEY, SEED_MODEL, TEXT_MODEL, Server, png_bytes
 
 
 @pytest.fixture
@@ -279,3 +279,14 @@ def test_a_policy_with_no_place_left_is_refused_before_the_file_is_read(server: 
     fields = {"policy": data["policy"], "Signature": data["signature"], "key": data["upload_dir"] + "/big.png"}
     r = answer_to_a_body_begun(server, fields, b"\0" * 4096)
     assert r.status == 403 and "at most 4 files" in json.loads(r.read())["message"]
+
+
+def test_a_text_only_model_gives_no_upload_policy(text_server: Server) -> None:
+    """The SDK asks for a policy only to upload a call's images: for a model that takes none, the 400 says so (it
+    gave a policy of one file, and a second file was refused as over "1 image per conversation")."""
+    r = httpx.get(
+        text_server.api + "/uploads",
+        params={"action": "getPolicy", "model": TEXT_MODEL},
+        headers={"Authorization": f"Bearer {text_server.key}"},
+    )
+    assert r.status_code == 400 and "takes no images" in r.json()["message"] and r.json()["request_id"], r.text

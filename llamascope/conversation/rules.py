@@ -144,14 +144,12 @@ def _content_parts(index: int, role: str, content: Any) -> tuple[str | ImageRef,
             )
         value = item[kinds[0]]
         if kinds[0] == "image":
+            openai_style = item.get("type") == "image_url"  # a compatible-mode part, translated: named as written
             if isinstance(value, list):
-                raise _bad(f'{at}: image lists are not supported; send each image as its own {{"image": ...}} item.')
+                own = '{"type": "image_url", "image_url": {"url": ...}} part' if openai_style else '{"image": ...} item'
+                raise _bad(f"{at}: image lists are not supported; send each image as its own {own}.")
             if not isinstance(value, str) or not value.strip():
-                raise _bad(
-                    f"{at}: {_NO_IMAGE_URL}"
-                    if item.get("type") == "image_url"
-                    else f'{at}: "image" must be a URL string.'
-                )
+                raise _bad(f"{at}: {_NO_IMAGE_URL}" if openai_style else f'{at}: "image" must be a URL string.')
             parts.append(ImageRef(value.strip(), at))
         else:
             if not isinstance(value, str):

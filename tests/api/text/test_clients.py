@@ -76,6 +76,9 @@ def test_an_openai_style_image_part_without_a_url_is_named_as_written(sdk) -> No
     r = Generation.call(model=VISION, messages=messages, max_tokens=2, result_format="message")
     assert (r.status_code, r.code) == (400, "InvalidParameter"), r
     assert 'content[0]: "image_url" must be {"url": ...}' in r.message, r.message
+    messages[0]["content"][0]["image_url"]["url"] = ["a.png", "b.png"]  # a list: one part an image, as written
+    r = Generation.call(model=VISION, messages=messages, max_tokens=2, result_format="message")
+    assert r.status_code == 400 and '{"type": "image_url", "image_url": {"url": ...}} part' in r.message, r.message
 
 
 @pytest.mark.parametrize("result_format", ["text", "message"])

@@ -266,7 +266,7 @@ class UpstreamEngine:
     async def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:
         body = self._body(prompt, sampling)
         tried: set[str] = set()
-        kinds: set[str] = set()  # how the upstreams tried failed: "timeout", "unreachable", "engine"
+        kinds: set[str] = set()  # how the upstreams tried failed: "timeout", "unreachable", "engine", "busy"
         while True:
             upstream = self._pick(tried)
             tried.add(upstream.url)
@@ -282,7 +282,11 @@ class UpstreamEngine:
                             yield chunk
                 return
             except _UpstreamFailed as failure:
-                self._mark_failed(upstream, str(failure))
+                if failure.kind == "busy":  # at capacity, not failing: it stays in rotation, after the others
+                    upstream_failed(upstream.url)
+                    upstream.failures += 1
+                else:
+                    self._mark_failed(upstream, str(failure))
                 kinds.add(failure.kind)
                 if started:  # the answer had begun (and is charged what it made): it failed, no "try again later"
                     raise _refusal({"engine"}) from None
@@ -356,6 +360,9 @@ class UpstreamEngine:
             async with request as response:
                 if response.status >= 500:
                     raise _UpstreamFailed(f"HTTP {response.status}")
+                if response.status == 429:  # at capacity (TGI, a rate-limiting proxy): another may not be
+                    await response.read()  # to its end: the connection is kept
+                    raise _UpstreamFailed("HTTP 429", "busy")
                 if response.status != 200:
                     raise _client_error(response.status, (await response.read()).decode(errors="replace"))
                 # Read as events whatever its type says (a page of something between holds none: it fails below),
@@ -568,7 +575,7 @@ def _count_in(text: str) -> int | None:
 
 class _UpstreamFailed(Exception):
     """The upstream failed in a way another upstream might not: as an ``engine`` (an error, a broken answer), by
-    ``timeout`` (silent too long), or ``unreachable`` (no connection)."""
+    ``timeout`` (silent too long), ``unreachable`` (no connection), or ``busy`` (429: at capacity)."""
 
     def __init__(self, why: str, kind: str = "engine") -> None:
         super().__init__(why)
@@ -577,7 +584,10 @@ class _UpstreamFailed(Exception):
 
 def _refusal(kinds: set[str]) -> errors.ServiceError:
     """What the client is told when the upstreams tried all failed: the wire spec's timeout (408) when they were
-    silent, 503 (worth a retry) when none could be reached, else the engine's failure (500)."""
+    silent, 503 (worth a retry) when none could be reached, 429 Throttling when one at least was busy and none
+    failed, else the engine's failure (500)."""
+    if "busy" in kinds and "engine" not in kinds:
+        return errors.throttled(1, "every model engine is busy")
     if kinds == {"timeout"}:
         return errors.ServiceError(408, "RequestTimeOut", "Request timed out, please try again later.")
     if kinds == {"unreachable"}:

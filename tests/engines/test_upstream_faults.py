@@ -257,3 +257,48 @@ def test_call_arguments_cut_between_the_halves_of_a_surrogate_pair_come_back_who
     body = event({"tool_calls": [first]}) + event({"tool_calls": [rest]}) + event({}, "tool_calls")
     last = asyncio.run(ask([answer_with(body + b"data: [DONE]\n\n")]))[-1]
     assert [c.arguments for c in last.tool_calls or ()] == ['{"a": "\U0001f409", "b": "\ufffd"}']
+
+
+def refusing(status: str, message: str) -> Writer:
+    """An engine that answers the completion with an error status and an OpenAI-shaped error."""
+    body = json.dumps({"object": "error", "message": message, "type": "RateLimitError"}).encode()
+
+    async def write(writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + body
+        )
+
+    return write
+
+
+def test_a_busy_engine_passes_the_request_on_and_every_engine_busy_is_429_throttling() -> None:
+    """An engine at capacity (429: TGI past its max_concurrent_requests, a rate-limiting proxy) failed nothing:
+    the request goes to another engine, and when every one is busy the client is throttled, worth a retry."""
+    busy = refusing("429 Too Many Requests", "Model is overloaded")
+    assert text_of(asyncio.run(ask([busy, answer_with(ENDED)]))) == "A red square."
+    with pytest.raises(errors.ServiceError) as throttled:
+        asyncio.run(ask([busy, busy]))
+    assert (throttled.value.status, throttled.value.code) == (429, "Throttling")
+    assert throttled.value.headers["Retry-After"] == "1"
+    with pytest.raises(errors.ServiceError) as partly:  # busy, or not there: still worth a retry later
+        asyncio.run(ask([None, busy]))
+    assert (partly.value.status, partly.value.code) == (429, "Throttling")
+
+
+def test_a_busy_engine_stays_in_rotation() -> None:
+    async def run() -> list[bool]:
+        served = engine(refusing("429 Too Many Requests", "Model is overloaded"))
+        gateway = UpstreamEngine.create([await anext(served)], "stub", None, 8192)
+        try:
+            prompt = await gateway.prepare([Turn("user", "What is it?")])
+            with pytest.raises(errors.ServiceError):
+                async for _ in gateway.generate(prompt, SamplingParams(max_new_tokens=16)):
+                    pass
+            return [u.healthy for u in gateway.health()]
+        finally:
+            await gateway.close()
+            await served.aclose()
+
+    assert asyncio.run(run()) == [True]

@@ -144,6 +144,11 @@ class UpstreamEngine:
 
     # -- the Engine protocol ------------------------------------------------
 
+    def start(self) -> None:
+        """Health checks from now on, not from the first request: /health and the upstream_healthy gauge say
+        that an engine is down before anyone is sent to it."""
+        _ = self.client
+
     def health(self) -> list[UpstreamHealth]:
         return [UpstreamHealth(u.url, u.healthy, u.outstanding) for u in self.upstreams]
 
@@ -396,7 +401,6 @@ class UpstreamEngine:
 
     async def _check_health(self) -> None:
         while True:
-            await asyncio.sleep(HEALTH_EVERY_SECONDS)
             for upstream in self.upstreams:
                 ok = False
                 with contextlib.suppress(TransportError, TimeoutError):
@@ -406,6 +410,7 @@ class UpstreamEngine:
                 if ok != upstream.healthy:
                     log.warning("upstream %s is %s", upstream.url, "back" if ok else "failing its health check")
                 upstream.healthy = ok
+            await asyncio.sleep(HEALTH_EVERY_SECONDS)
 
 
 _FINISH = {"length": FinishReason.LENGTH, "tool_calls": FinishReason.TOOL_CALLS}

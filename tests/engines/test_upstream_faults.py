@@ -45,6 +45,9 @@ COMPLETION = {
 }
 
 
+MODELS = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{"data": []}'
+
+
 async def slowly(writer: asyncio.StreamWriter) -> None:
     """Twenty pieces 0.1 s apart: two seconds in all, never silent for long."""
     writer.write(head())
@@ -75,7 +78,8 @@ async def cut_after_its_end(writer: asyncio.StreamWriter) -> None:
 
 
 async def engine(write: Writer) -> AsyncIterator[str]:
-    """An engine at a loopback base URL whose /chat/completions answers as ``write`` does (404 elsewhere)."""
+    """An engine at a loopback base URL whose /chat/completions answers as ``write`` does, whose /models passes
+    the health check, and 404 elsewhere."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await reader.readuntil(b"\r\n\r\n")
@@ -85,6 +89,8 @@ async def engine(write: Writer) -> AsyncIterator[str]:
         await reader.readexactly(length)
         if b"/chat/completions" in request.split(b"\r\n")[0]:
             await write(writer)
+        elif b"/models" in request.split(b"\r\n")[0]:
+            writer.write(MODELS)
         else:
             writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         await writer.drain()

@@ -369,7 +369,12 @@ class UpstreamEngine:
                     await response.read()  # to its end: the connection is kept
                     raise _UpstreamFailed("HTTP 429", "busy")
                 if response.status != 200:
-                    raise _client_error(response.status, (await response.read()).decode(errors="replace"))
+                    text = (await response.read()).decode(errors="replace")
+                    if response.status != 400:  # not the request's fault (a key or model name it refuses): logged
+                        log.warning(
+                            "upstream %s refused the call: HTTP %d %s", upstream.url, response.status, text[:300]
+                        )
+                    raise _client_error(response.status, text)
                 # Read as events whatever its type says (a page of something between holds none: it fails below),
                 # but a JSON answer (an engine that does not stream) is its own one event.
                 reads: AsyncIterator[bytes] = response

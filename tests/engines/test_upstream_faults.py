@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -308,3 +309,14 @@ def test_a_busy_engine_stays_in_rotation() -> None:
             await served.aclose()
 
     assert asyncio.run(run()) == [True]
+
+
+def test_an_engine_that_refuses_the_gateway_itself_is_named_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A wrong upstream_api_key (401) or upstream_model (vLLM's 404) fails every request with a 500: the
+    operator's log says which engine refused, with what status and words (the access log says only 500)."""
+    with pytest.raises(errors.ServiceError) as refused:
+        asyncio.run(ask([refusing("401 Unauthorized", "Invalid API key")]))
+    assert (refused.value.status, refused.value.code) == (500, "InternalError.Algo")
+    assert "Invalid API key" in refused.value.message
+    line = next(r.getMessage() for r in caplog.records if "refused" in r.getMessage())
+    assert re.search(r"upstream http://127\.0\.0\.1:\d+/v1 refused .*HTTP 401.*Invalid API key", line), line

@@ -450,6 +450,7 @@ class _Answer:
         self.pieces = 0  # streamed pieces: the output count until the engine reports its own
         self.reported: int | None = None
         self.input_tokens: int | None = None
+        self.cached: int | None = None  # prompt tokens from the engine's prefix cache, where it says
         self.finish: FinishReason | None = None
         self.done = False  # [DONE] came
         self.chosen = False  # an event had a choice (an answer, if an empty one)
@@ -486,6 +487,8 @@ class _Answer:
             if usage:
                 self.input_tokens = _count(usage.get("prompt_tokens"), self.input_tokens)
                 self.reported = _count(usage.get("completion_tokens"), self.reported)
+                if isinstance(details := usage.get("prompt_tokens_details"), dict):
+                    self.cached = _count(details.get("cached_tokens"), self.cached)
             for choice in event.get("choices") or []:
                 self.chosen = True
                 delta = choice.get("delta") or choice.get("message") or {}
@@ -505,7 +508,17 @@ class _Answer:
         if made and finish != FinishReason.LENGTH:  # the answer is calls, whatever reason the engine gave ("stop")
             finish = FinishReason.TOOL_CALLS
         output_tokens = self.reported if self.reported is not None else self.pieces
-        return Chunk(self.text.add("", final=True), output_tokens, finish, self.input_tokens, tool_calls=made or None)
+        cached = (
+            self.cached if self.input_tokens is None or self.cached is None else min(self.cached, self.input_tokens)
+        )
+        return Chunk(
+            self.text.add("", final=True),
+            output_tokens,
+            finish,
+            self.input_tokens,
+            cached_tokens=cached,
+            tool_calls=made or None,
+        )
 
 
 class _Utf16Text:

@@ -88,6 +88,10 @@ class Upstream:
     outstanding: int = 0
     healthy: bool = True
     failures: int = 0
+    # The name it serves the model by, where it lists one other than the model's (vLLM's path, without
+    # --served-model-name) and upstream_model was not set; None: the model's name.
+    model: str | None = None
+    listing_read: bool = False  # its GET /models was read for that name (once)
     # Where it may count prompts (POST /tokenize), in the order tried: narrowed to the one that answered,
     # emptied once none did (its prompts are then estimated).
     tokenize_urls: list[str] = field(init=False)
@@ -115,6 +119,7 @@ class UpstreamEngine:
     # The model's tokenizer, from a local directory: the prompt's exact count without asking the engine.
     tokenizer: CountsPrompts | None = None
     silence: float = ANSWER_SILENCE  # seconds an engine may send nothing before its answer is given up
+    named: bool = True  # ``model`` was set for the engines (upstream_model): never replaced by what they list
     _client: Client | None = field(default=None, repr=False)
     # Re-encoded images by content hash, the last 64: a conversation re-sends its image every turn.
     _uris: SizedLRU[str, str] = field(default_factory=lambda: SizedLRU(64, lambda _: 1), repr=False)
@@ -129,10 +134,13 @@ class UpstreamEngine:
         context_length: int,
         counter: CountsPrompts | None = None,
         silence: float = ANSWER_SILENCE,
+        named: bool = True,
     ) -> UpstreamEngine:
-        """``counter``: the model's tokenizer (``engines.prompt_counter``), else the engine counts."""
+        """``counter``: the model's tokenizer (``engines.prompt_counter``), else the engine counts. ``named``:
+        ``model`` is the engines' name for it (upstream_model), not the served name, which an engine that lists
+        one model only under another name (vLLM's path) is called by that one instead."""
         info = EngineInfo(kind="upstream", source=",".join(urls), context_length=context_length)
-        return cls([Upstream(u.rstrip("/")) for u in urls], model, info, api_key, counter, silence)
+        return cls([Upstream(u.rstrip("/")) for u in urls], model, info, api_key, counter, silence, named)
 
     @property
     def client(self) -> Client:
@@ -238,6 +246,8 @@ class UpstreamEngine:
 
     async def _ask_count(self, upstream: Upstream, body: dict[str, Any]) -> int | None:
         """The prompt's count from this upstream, trying where its tokenizer may be until one answers."""
+        if upstream.model is not None:
+            body = {**body, "model": upstream.model}
         for url in list(upstream.tokenize_urls):
             async with self.client.request(
                 "POST",
@@ -361,7 +371,8 @@ class UpstreamEngine:
         answer = _Answer()
         try:
             url = upstream.url + "/chat/completions"
-            request = self.client.request("POST", url, self.silence, json.dumps(body).encode(), headers, silence=True)
+            sent = json.dumps(body if upstream.model is None else {**body, "model": upstream.model}).encode()
+            request = self.client.request("POST", url, self.silence, sent, headers, silence=True)
             async with request as response:
                 if response.status >= 500:
                     raise _UpstreamFailed(f"HTTP {response.status}")
@@ -410,12 +421,35 @@ class UpstreamEngine:
                 ok = False
                 with contextlib.suppress(TransportError, TimeoutError):
                     async with self.client.request("GET", upstream.url + "/models", HEALTH_TIMEOUT) as r:
-                        await r.read()  # to its end: the connection is kept
+                        listing = await r.read()  # to its end: the connection is kept
                         ok = r.status == 200
+                if ok and not self.named and not upstream.listing_read:
+                    upstream.listing_read = True
+                    self._name_from(upstream, listing)
                 if ok != upstream.healthy:
                     log.warning("upstream %s is %s", upstream.url, "back" if ok else "failing its health check")
                 upstream.healthy = ok
             await asyncio.sleep(HEALTH_EVERY_SECONDS)
+
+    def _name_from(self, upstream: Upstream, listing: bytes) -> None:
+        """Where the engine's GET /models does not list the model's name, and lists one model only, the engine
+        is called by that one: vLLM serves a model by its path unless told ``--served-model-name``, and refuses
+        any other name (404), which ``--model NAME=openai+URL`` cannot set. Several listed: said in the log."""
+        try:
+            names = [m["id"] for m in json.loads(listing)["data"]]
+        except (ValueError, KeyError, TypeError):
+            return  # not OpenAI's listing: called by the model's name
+        if self.model in names or not names:
+            return
+        if len(names) == 1 and isinstance(names[0], str):
+            upstream.model = names[0]
+            log.warning(
+                "upstream %s serves only %r: called by that name (upstream_model sets one)", upstream.url, names[0]
+            )
+        else:
+            log.warning(
+                "upstream %s does not list %r (it lists %s): set upstream_model", upstream.url, self.model, names[:8]
+            )
 
 
 _FINISH = {"length": FinishReason.LENGTH, "tool_calls": FinishReason.TOOL_CALLS}

@@ -320,3 +320,55 @@ def test_an_engine_that_refuses_the_gateway_itself_is_named_in_the_log(caplog: p
     assert "Invalid API key" in refused.value.message
     line = next(r.getMessage() for r in caplog.records if "refused" in r.getMessage())
     assert re.search(r"upstream http://127\.0\.0\.1:\d+/v1 refused .*HTTP 401.*Invalid API key", line), line
+
+
+async def vllm_by_its_path(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """vLLM started without --served-model-name: it lists the model by its path and refuses any other name (404)."""
+    request = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line[15:]) for line in request.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+    body = json.loads(await reader.readexactly(length)) if length else {}
+    if b"GET /v1/models" in request:
+        answer, status = {"object": "list", "data": [{"id": VLLM_PATH, "object": "model"}]}, "200 OK"
+    elif body.get("model") != VLLM_PATH:
+        answer, status = {"object": "error", "message": f"The model `{body.get('model')}` does not exist."}, "404"
+    else:
+        writer.write(head() + ENDED)
+        await writer.drain()
+        writer.close()
+        return
+    data = json.dumps(answer).encode()
+    writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+    await writer.drain()
+    writer.close()
+
+
+VLLM_PATH = "/models/Llama-3.2-90B-Vision-Instruct"
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_an_engine_that_serves_one_model_by_another_name_is_called_by_it(named: bool) -> None:
+    """`--model llama3.2-90b-vision-instruct=openai+http://gpu1:8000/v1` in front of `vllm serve /models/...`
+    (the names differ, and the command line cannot set upstream_model): answers, not a 500 on every request.
+    A name set with upstream_model is the operator's: kept, and the engine's refusal says why."""
+
+    async def run() -> str:
+        server = await asyncio.start_server(vllm_by_its_path, "127.0.0.1", 0)
+        base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        gateway = UpstreamEngine.create([base], "llama3.2-90b-vision-instruct", None, 8192, named=named)
+        try:
+            gateway.start()  # its health check reads the engine's list of models
+            deadline = asyncio.get_running_loop().time() + 10
+            while not gateway.upstreams[0].listing_read and not named and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            prompt = await gateway.prepare([Turn("user", "What is it?")])
+            return text_of([c async for c in gateway.generate(prompt, SamplingParams(max_new_tokens=16))])
+        finally:
+            await gateway.close()
+            server.close()
+
+    if not named:
+        assert asyncio.run(run()) == "A red square."
+        return
+    with pytest.raises(errors.ServiceError) as refused:
+        asyncio.run(run())
+    assert refused.value.status == 500 and "`llama3.2-90b-vision-instruct` does not exist" in refused.value.message

@@ -381,7 +381,8 @@ class UpstreamEngine:
                     raise _UpstreamFailed("HTTP 429", "busy")
                 if response.status != 200:
                     text = (await response.read()).decode(errors="replace")
-                    if response.status != 400:  # not the request's fault (a key or model name it refuses): logged
+                    if response.status != 400:  # not the request's fault (a key or model name it refuses)
+                        upstream_failed(upstream.url)  # counted and logged, for the operator to see
                         log.warning(
                             "upstream %s refused the call: HTTP %d %s", upstream.url, response.status, text[:300]
                         )

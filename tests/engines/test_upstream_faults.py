@@ -16,6 +16,7 @@ import pytest
 from llamascope import errors
 from llamascope.engines.base import Chunk, FinishReason, SamplingParams, Turn
 from llamascope.engines.upstream import UpstreamEngine
+from llamascope.observability.metrics import METRICS
 from tests.conftest import free_port
 
 Writer = Callable[[asyncio.StreamWriter], Awaitable[None]]
@@ -319,7 +320,10 @@ def test_an_engine_that_refuses_the_gateway_itself_is_named_in_the_log(caplog: p
     assert (refused.value.status, refused.value.code) == (500, "InternalError.Algo")
     assert "Invalid API key" in refused.value.message
     line = next(r.getMessage() for r in caplog.records if "refused" in r.getMessage())
-    assert re.search(r"upstream http://127\.0\.0\.1:\d+/v1 refused .*HTTP 401.*Invalid API key", line), line
+    found = re.search(r"upstream (http://127\.0\.0\.1:\d+/v1) refused .*HTTP 401.*Invalid API key", line)
+    assert found, line
+    errors_counted = METRICS.registry.get_sample_value("llamascope:upstream_errors_total", {"upstream": found[1]})
+    assert errors_counted == 1  # in llamascope:upstream_errors_total, which an operator's alert watches
 
 
 async def vllm_by_its_path(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

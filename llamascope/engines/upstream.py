@@ -454,6 +454,9 @@ class UpstreamEngine:
 
 
 _FINISH = {"length": FinishReason.LENGTH, "tool_calls": FinishReason.TOOL_CALLS}
+# vLLM and SGLang end a request they aborted (preempted for good, shutting down) with "abort"; "error" is an
+# engine's error as a reason: either answer stopped short, never passed on as a whole one ended by "stop".
+_BROKEN_OFF = frozenset({"abort", "error"})
 
 
 def output_fields(output: OutputSpec) -> dict[str, Any]:
@@ -532,8 +535,10 @@ class _Answer:
                 text += piece
                 if delta.get("tool_calls"):
                     self.pieces += self.calls.add(delta["tool_calls"])
-                if choice.get("finish_reason"):
-                    self.finish = _FINISH.get(choice["finish_reason"], FinishReason.STOP)
+                if reason := choice.get("finish_reason"):
+                    if reason in _BROKEN_OFF:  # not the answer's end: the engine gave up on it
+                        raise _UpstreamFailed(f"it ended its answer with finish_reason {reason!r}")
+                    self.finish = _FINISH.get(reason, FinishReason.STOP)
         return self.text.add(text)
 
     def last(self) -> Chunk:

@@ -143,8 +143,22 @@ def text_of(chunks: list[Chunk]) -> str:
             "text/event-stream",
         ),
         (b"data: " + b"[" * 100_000 + b"\n\n", "text/event-stream"),  # nested past the parser's depth
+        # vLLM and SGLang end a request they aborted (preempted, shutting down) with finish_reason "abort"
+        (event({"content": "A red "}) + event({}, "abort") + b"data: [DONE]\n\n", "text/event-stream"),
+        (event({"role": "assistant"}) + event({}, "abort") + b"data: [DONE]\n\n", "text/event-stream"),
     ],
-    ids=["html page", "no events", "not JSON", "cut short", "no answer", "no choice", "not UTF-8", "too deep"],
+    ids=[
+        "html page",
+        "no events",
+        "not JSON",
+        "cut short",
+        "no answer",
+        "no choice",
+        "not UTF-8",
+        "too deep",
+        "aborted",
+        "aborted at once",
+    ],
 )
 def test_a_broken_answer_is_an_error_never_an_answer(broken: tuple[bytes, str]) -> None:
     """Issue 29's gateway, tried as a user: a broken answer came back as a short or empty one, finish "stop"."""

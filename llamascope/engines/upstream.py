@@ -124,6 +124,9 @@ class UpstreamEngine:
     # Re-encoded images by content hash, the last 64: a conversation re-sends its image every turn.
     _uris: SizedLRU[str, str] = field(default_factory=lambda: SizedLRU(64, lambda _: 1), repr=False)
     _health: asyncio.Task[None] | None = field(default=None, repr=False)
+    # The least context an engine said it has (vLLM's /tokenize: max_model_len), where less than context_length:
+    # a request is given what fits in it, as in process, not refused by the engine for asking more.
+    _engine_context: int | None = field(default=None, repr=False)
 
     @classmethod
     def create(
@@ -206,13 +209,14 @@ class UpstreamEngine:
             tools_bytes = len(json.dumps(tools).encode()) if tools else 0
             # An estimate: the engine's usage corrects it.
             count = (text_bytes + tools_bytes) // 4 + images + 8 * len(turns)
-        max_input = self.info.context_length - 1
+        context = min(self.info.context_length, self._engine_context or self.info.context_length)
+        max_input = context - 1
         if count > max_input:
             raise errors.input_too_long(max_input)
         return PreparedPrompt(
             input_tokens=count,
             image_tokens=0,
-            max_new_tokens=max(1, self.info.context_length - count),
+            max_new_tokens=max(1, context - count),
             payload=messages,
             output=output,
         )
@@ -261,7 +265,9 @@ class UpstreamEngine:
                 raise _client_error(400, text)
             if response.status not in (200, 404, 405, 501):
                 return None  # it is there but failed this once: estimated this time
-            count = _count_in(text) if response.status == 200 else None
+            count, context = _count_in(text) if response.status == 200 else (None, None)
+            if context is not None and (self._engine_context is None or context < self._engine_context):
+                self._engine_context = context  # the least one says: what fits in it fits in each
             if count is not None:
                 upstream.tokenize_urls = [url]  # remembered: only this one from now on
                 return count
@@ -626,14 +632,20 @@ class _CallDeltas:
         return [ToolCall(_joined(c["name"]), _joined(c["arguments"]) or "{}", c["id"] or call_id()) for c in made]
 
 
-def _count_in(text: str) -> int | None:
-    """The count in a vLLM ``/tokenize`` answer; None for any other answer (not an engine's tokenizer)."""
+def _count_in(text: str) -> tuple[int | None, int | None]:
+    """The count in a vLLM ``/tokenize`` answer, and its ``max_model_len`` where it says one; None for any
+    other answer (not an engine's tokenizer)."""
     try:
         answer = json.loads(text)
     except ValueError:
-        return None
-    count = answer.get("count") if isinstance(answer, dict) else None
-    return count if isinstance(count, int) and not isinstance(count, bool) else None
+        return None, None
+    if not isinstance(answer, dict):
+        return None, None
+    count, context = answer.get("count"), answer.get("max_model_len")
+    return (
+        count if isinstance(count, int) and not isinstance(count, bool) else None,
+        context if isinstance(context, int) and not isinstance(context, bool) and context > 1 else None,
+    )
 
 
 class _UpstreamFailed(Exception):

@@ -390,3 +390,46 @@ def test_an_engine_that_serves_one_model_by_another_name_is_called_by_it(named: 
     with pytest.raises(errors.ServiceError) as refused:
         asyncio.run(run())
     assert refused.value.status == 500 and "`llama3.2-90b-vision-instruct` does not exist" in refused.value.message
+
+
+async def vllm_of_short_context(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """vLLM started with --max-model-len 40: its /tokenize says so, and it refuses (400) a completion whose prompt
+    and max_tokens together pass it, as vLLM does."""
+    request = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line[15:]) for line in request.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+    body = json.loads(await reader.readexactly(length)) if length else {}
+    if b"/tokenize" in request.split(b"\r\n")[0]:
+        answer, status = {"count": 30, "max_model_len": 40, "tokens": list(range(30))}, "200 OK"
+    elif 30 + body.get("max_tokens", 0) > 40:
+        message = f"This model's maximum context length is 40 tokens. However, you requested {30 + body['max_tokens']}"
+        answer, status = {"object": "error", "message": message, "type": "BadRequestError", "code": 400}, "400"
+    else:
+        usage = {"prompt_tokens": 30, "completion_tokens": body["max_tokens"], "total_tokens": 30 + body["max_tokens"]}
+        done = event({"content": "A red square"}, "length")[:-2]  # the usage rides on the last event
+        writer.write(head() + done[:-1] + b', "usage": ' + json.dumps(usage).encode() + b"}\n\ndata: [DONE]\n\n")
+        await writer.drain()
+        writer.close()
+        return
+    data = json.dumps(answer).encode()
+    writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+    await writer.drain()
+    writer.close()
+
+
+def test_an_engine_of_a_shorter_context_than_configured_gets_what_fits_in_it() -> None:
+    """context_length left at 8192 before `vllm --max-model-len 40`: a request that does not say max_tokens is
+    answered as far as the engine's context allows (finish length), as in process, not refused by the engine."""
+
+    async def run() -> list[Chunk]:
+        server = await asyncio.start_server(vllm_of_short_context, "127.0.0.1", 0)
+        base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        gateway = UpstreamEngine.create([base], "stub", None, 8192)
+        try:
+            prompt = await gateway.prepare([Turn("user", "What is it?")])
+            return [c async for c in gateway.generate(prompt, SamplingParams(max_new_tokens=512))]
+        finally:
+            await gateway.close()
+            server.close()
+
+    last = asyncio.run(run())[-1]
+    assert (last.finish_reason, last.input_tokens, last.output_tokens) == (FinishReason.LENGTH, 30, 10)

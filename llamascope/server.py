@@ -101,6 +101,7 @@ def _model(name: str, spec: ModelSpec, settings: Settings) -> UpstreamModel | In
             tokenizer=spec.upstream_tokenizer,
             chat_template=spec.chat_template,
             silence=spec.upstream_timeout,
+            named=spec.upstream_model is not None,
         )
     assert spec.path is not None  # a spec has a path or upstreams (ModelSpec checks)
     builtins: dict[str, BuiltinModel] = {BUILTIN: TEST_MODEL, BUILTIN_TEXT: TEXT_TEST_MODEL}

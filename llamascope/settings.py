@@ -52,7 +52,12 @@ class ModelSpec(BaseModel):
         description="OpenAI-compatible engines (SGLang, TGI, vLLM, Ollama, llama.cpp server) to serve it "
         'through, e.g. `["http://gpu1:30000/v1"]`; a model has either `path` or `upstreams`',
     )
-    upstream_model: str | None = Field(None, description="the model name the upstreams know (default: this name)")
+    upstream_model: str | None = Field(
+        None,
+        description="the model name the upstreams know (default: this name; an engine whose `GET /models` lists "
+        "one model only, under another name, as vLLM lists its path without `--served-model-name`, is called by "
+        "that one)",
+    )
     upstream_api_key: str | None = Field(None, description="the Bearer key the upstreams ask for")
     upstream_timeout: float = Field(
         300.0,

@@ -479,6 +479,9 @@ class FailingEngine:
     def stats(self) -> dict[str, int]:
         return {}
 
+    def start(self) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 

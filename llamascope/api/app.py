@@ -180,6 +180,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         purge = asyncio.create_task(_purge_uploads(uploads_store))
+        for engine in {id(e): e for e in service.engines.values()}.values():
+            engine.start()  # an upstream's health checks
         if batches is not None:
             batches.start(app)  # lines run through this very app, in process
         metrics_server = None

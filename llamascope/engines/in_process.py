@@ -224,6 +224,9 @@ class InProcessEngine(ABC):
     def health(self) -> tuple[UpstreamHealth, ...]:
         return ()  # in process: no upstream engines
 
+    def start(self) -> None:
+        return  # nothing to begin: its model thread runs from its construction
+
     def stats(self) -> dict[str, int]:
         return {
             "running": self.scheduler.active,

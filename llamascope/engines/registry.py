@@ -40,6 +40,8 @@ class UpstreamModel:
     tokenizer: str | None = None  # a local tokenizer directory, to count prompts without asking the engine
     chat_template: str | None = None
     silence: float = ANSWER_SILENCE  # seconds an engine may send nothing before its answer is given up
+    # The name was set (upstream_model), not this model's own: never replaced by the one an engine lists.
+    named: bool = True
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,13 @@ def load_engines(
 
                 counter = PromptCounter.load(model.tokenizer, model.chat_template)
             engines[name] = UpstreamEngine.create(
-                list(model.upstreams), model.model, model.api_key, model.context_length, counter, model.silence
+                list(model.upstreams),
+                model.model,
+                model.api_key,
+                model.context_length,
+                counter,
+                model.silence,
+                model.named,
             )
         else:
             engines[name] = _load_in_process(name, model, runtime, loaded, progress)

@@ -88,6 +88,10 @@ class Upstream:
     outstanding: int = 0
     healthy: bool = True
     failures: int = 0
+    # The name it serves the model by, where it lists one other than the model's (vLLM's path, without
+    # --served-model-name) and upstream_model was not set; None: the model's name.
+    model: str | None = None
+    listing_read: bool = False  # its GET /models was read for that name (once)
     # Where it may count prompts (POST /tokenize), in the order tried: narrowed to the one that answered,
     # emptied once none did (its prompts are then estimated).
     tokenize_urls: list[str] = field(init=False)
@@ -115,10 +119,14 @@ class UpstreamEngine:
     # The model's tokenizer, from a local directory: the prompt's exact count without asking the engine.
     tokenizer: CountsPrompts | None = None
     silence: float = ANSWER_SILENCE  # seconds an engine may send nothing before its answer is given up
+    named: bool = True  # ``model`` was set for the engines (upstream_model): never replaced by what they list
     _client: Client | None = field(default=None, repr=False)
     # Re-encoded images by content hash, the last 64: a conversation re-sends its image every turn.
     _uris: SizedLRU[str, str] = field(default_factory=lambda: SizedLRU(64, lambda _: 1), repr=False)
     _health: asyncio.Task[None] | None = field(default=None, repr=False)
+    # The least context an engine said it has (vLLM's /tokenize: max_model_len), where less than context_length:
+    # a request is given what fits in it, as in process, not refused by the engine for asking more.
+    _engine_context: int | None = field(default=None, repr=False)
 
     @classmethod
     def create(
@@ -129,10 +137,13 @@ class UpstreamEngine:
         context_length: int,
         counter: CountsPrompts | None = None,
         silence: float = ANSWER_SILENCE,
+        named: bool = True,
     ) -> UpstreamEngine:
-        """``counter``: the model's tokenizer (``engines.prompt_counter``), else the engine counts."""
+        """``counter``: the model's tokenizer (``engines.prompt_counter``), else the engine counts. ``named``:
+        ``model`` is the engines' name for it (upstream_model), not the served name, which an engine that lists
+        one model only under another name (vLLM's path) is called by that one instead."""
         info = EngineInfo(kind="upstream", source=",".join(urls), context_length=context_length)
-        return cls([Upstream(u.rstrip("/")) for u in urls], model, info, api_key, counter, silence)
+        return cls([Upstream(u.rstrip("/")) for u in urls], model, info, api_key, counter, silence, named)
 
     @property
     def client(self) -> Client:
@@ -143,6 +154,11 @@ class UpstreamEngine:
         return self._client
 
     # -- the Engine protocol ------------------------------------------------
+
+    def start(self) -> None:
+        """Health checks from now on, not from the first request: /health and the upstream_healthy gauge say
+        that an engine is down before anyone is sent to it."""
+        _ = self.client
 
     def health(self) -> list[UpstreamHealth]:
         return [UpstreamHealth(u.url, u.healthy, u.outstanding) for u in self.upstreams]
@@ -193,13 +209,14 @@ class UpstreamEngine:
             tools_bytes = len(json.dumps(tools).encode()) if tools else 0
             # An estimate: the engine's usage corrects it.
             count = (text_bytes + tools_bytes) // 4 + images + 8 * len(turns)
-        max_input = self.info.context_length - 1
+        context = min(self.info.context_length, self._engine_context or self.info.context_length)
+        max_input = context - 1
         if count > max_input:
             raise errors.input_too_long(max_input)
         return PreparedPrompt(
             input_tokens=count,
             image_tokens=0,
-            max_new_tokens=max(1, self.info.context_length - count),
+            max_new_tokens=max(1, context - count),
             payload=messages,
             output=output,
         )
@@ -233,6 +250,8 @@ class UpstreamEngine:
 
     async def _ask_count(self, upstream: Upstream, body: dict[str, Any]) -> int | None:
         """The prompt's count from this upstream, trying where its tokenizer may be until one answers."""
+        if upstream.model is not None:
+            body = {**body, "model": upstream.model}
         for url in list(upstream.tokenize_urls):
             async with self.client.request(
                 "POST",
@@ -246,7 +265,9 @@ class UpstreamEngine:
                 raise _client_error(400, text)
             if response.status not in (200, 404, 405, 501):
                 return None  # it is there but failed this once: estimated this time
-            count = _count_in(text) if response.status == 200 else None
+            count, context = _count_in(text) if response.status == 200 else (None, None)
+            if context is not None and (self._engine_context is None or context < self._engine_context):
+                self._engine_context = context  # the least one says: what fits in it fits in each
             if count is not None:
                 upstream.tokenize_urls = [url]  # remembered: only this one from now on
                 return count
@@ -266,7 +287,7 @@ class UpstreamEngine:
     async def generate(self, prompt: PreparedPrompt, sampling: SamplingParams) -> AsyncIterator[Chunk]:
         body = self._body(prompt, sampling)
         tried: set[str] = set()
-        kinds: set[str] = set()  # how the upstreams tried failed: "timeout", "unreachable", "engine"
+        kinds: set[str] = set()  # how the upstreams tried failed: "timeout", "unreachable", "engine", "busy"
         while True:
             upstream = self._pick(tried)
             tried.add(upstream.url)
@@ -282,7 +303,11 @@ class UpstreamEngine:
                             yield chunk
                 return
             except _UpstreamFailed as failure:
-                self._mark_failed(upstream, str(failure))
+                if failure.kind == "busy":  # at capacity, not failing: it stays in rotation, after the others
+                    upstream_failed(upstream.url)
+                    upstream.failures += 1
+                else:
+                    self._mark_failed(upstream, str(failure))
                 kinds.add(failure.kind)
                 if started:  # the answer had begun (and is charged what it made): it failed, no "try again later"
                     raise _refusal({"engine"}) from None
@@ -352,12 +377,22 @@ class UpstreamEngine:
         answer = _Answer()
         try:
             url = upstream.url + "/chat/completions"
-            request = self.client.request("POST", url, self.silence, json.dumps(body).encode(), headers, silence=True)
+            sent = json.dumps(body if upstream.model is None else {**body, "model": upstream.model}).encode()
+            request = self.client.request("POST", url, self.silence, sent, headers, silence=True)
             async with request as response:
                 if response.status >= 500:
                     raise _UpstreamFailed(f"HTTP {response.status}")
+                if response.status == 429:  # at capacity (TGI, a rate-limiting proxy): another may not be
+                    await response.read()  # to its end: the connection is kept
+                    raise _UpstreamFailed("HTTP 429", "busy")
                 if response.status != 200:
-                    raise _client_error(response.status, (await response.read()).decode(errors="replace"))
+                    text = (await response.read()).decode(errors="replace")
+                    if response.status != 400:  # not the request's fault (a key or model name it refuses)
+                        upstream_failed(upstream.url)  # counted and logged, for the operator to see
+                        log.warning(
+                            "upstream %s refused the call: HTTP %d %s", upstream.url, response.status, text[:300]
+                        )
+                    raise _client_error(response.status, text)
                 # Read as events whatever its type says (a page of something between holds none: it fails below),
                 # but a JSON answer (an engine that does not stream) is its own one event.
                 reads: AsyncIterator[bytes] = response
@@ -389,19 +424,45 @@ class UpstreamEngine:
 
     async def _check_health(self) -> None:
         while True:
-            await asyncio.sleep(HEALTH_EVERY_SECONDS)
             for upstream in self.upstreams:
                 ok = False
                 with contextlib.suppress(TransportError, TimeoutError):
                     async with self.client.request("GET", upstream.url + "/models", HEALTH_TIMEOUT) as r:
-                        await r.read()  # to its end: the connection is kept
+                        listing = await r.read()  # to its end: the connection is kept
                         ok = r.status == 200
+                if ok and not self.named and not upstream.listing_read:
+                    upstream.listing_read = True
+                    self._name_from(upstream, listing)
                 if ok != upstream.healthy:
                     log.warning("upstream %s is %s", upstream.url, "back" if ok else "failing its health check")
                 upstream.healthy = ok
+            await asyncio.sleep(HEALTH_EVERY_SECONDS)
+
+    def _name_from(self, upstream: Upstream, listing: bytes) -> None:
+        """Where the engine's GET /models does not list the model's name, and lists one model only, the engine
+        is called by that one: vLLM serves a model by its path unless told ``--served-model-name``, and refuses
+        any other name (404), which ``--model NAME=openai+URL`` cannot set. Several listed: said in the log."""
+        try:
+            names = [m["id"] for m in json.loads(listing)["data"]]
+        except (ValueError, KeyError, TypeError):
+            return  # not OpenAI's listing: called by the model's name
+        if self.model in names or not names:
+            return
+        if len(names) == 1 and isinstance(names[0], str):
+            upstream.model = names[0]
+            log.warning(
+                "upstream %s serves only %r: called by that name (upstream_model sets one)", upstream.url, names[0]
+            )
+        else:
+            log.warning(
+                "upstream %s does not list %r (it lists %s): set upstream_model", upstream.url, self.model, names[:8]
+            )
 
 
 _FINISH = {"length": FinishReason.LENGTH, "tool_calls": FinishReason.TOOL_CALLS}
+# vLLM and SGLang end a request they aborted (preempted for good, shutting down) with "abort"; "error" is an
+# engine's error as a reason: either answer stopped short, never passed on as a whole one ended by "stop".
+_BROKEN_OFF = frozenset({"abort", "error"})
 
 
 def output_fields(output: OutputSpec) -> dict[str, Any]:
@@ -433,6 +494,7 @@ class _Answer:
         self.pieces = 0  # streamed pieces: the output count until the engine reports its own
         self.reported: int | None = None
         self.input_tokens: int | None = None
+        self.cached: int | None = None  # prompt tokens from the engine's prefix cache, where it says
         self.finish: FinishReason | None = None
         self.done = False  # [DONE] came
         self.chosen = False  # an event had a choice (an answer, if an empty one)
@@ -469,6 +531,8 @@ class _Answer:
             if usage:
                 self.input_tokens = _count(usage.get("prompt_tokens"), self.input_tokens)
                 self.reported = _count(usage.get("completion_tokens"), self.reported)
+                if isinstance(details := usage.get("prompt_tokens_details"), dict):
+                    self.cached = _count(details.get("cached_tokens"), self.cached)
             for choice in event.get("choices") or []:
                 self.chosen = True
                 delta = choice.get("delta") or choice.get("message") or {}
@@ -477,8 +541,10 @@ class _Answer:
                 text += piece
                 if delta.get("tool_calls"):
                     self.pieces += self.calls.add(delta["tool_calls"])
-                if choice.get("finish_reason"):
-                    self.finish = _FINISH.get(choice["finish_reason"], FinishReason.STOP)
+                if reason := choice.get("finish_reason"):
+                    if reason in _BROKEN_OFF:  # not the answer's end: the engine gave up on it
+                        raise _UpstreamFailed(f"it ended its answer with finish_reason {reason!r}")
+                    self.finish = _FINISH.get(reason, FinishReason.STOP)
         return self.text.add(text)
 
     def last(self) -> Chunk:
@@ -488,7 +554,17 @@ class _Answer:
         if made and finish != FinishReason.LENGTH:  # the answer is calls, whatever reason the engine gave ("stop")
             finish = FinishReason.TOOL_CALLS
         output_tokens = self.reported if self.reported is not None else self.pieces
-        return Chunk(self.text.add("", final=True), output_tokens, finish, self.input_tokens, tool_calls=made or None)
+        cached = (
+            self.cached if self.input_tokens is None or self.cached is None else min(self.cached, self.input_tokens)
+        )
+        return Chunk(
+            self.text.add("", final=True),
+            output_tokens,
+            finish,
+            self.input_tokens,
+            cached_tokens=cached,
+            tool_calls=made or None,
+        )
 
 
 class _Utf16Text:
@@ -556,19 +632,25 @@ class _CallDeltas:
         return [ToolCall(_joined(c["name"]), _joined(c["arguments"]) or "{}", c["id"] or call_id()) for c in made]
 
 
-def _count_in(text: str) -> int | None:
-    """The count in a vLLM ``/tokenize`` answer; None for any other answer (not an engine's tokenizer)."""
+def _count_in(text: str) -> tuple[int | None, int | None]:
+    """The count in a vLLM ``/tokenize`` answer, and its ``max_model_len`` where it says one; None for any
+    other answer (not an engine's tokenizer)."""
     try:
         answer = json.loads(text)
     except ValueError:
-        return None
-    count = answer.get("count") if isinstance(answer, dict) else None
-    return count if isinstance(count, int) and not isinstance(count, bool) else None
+        return None, None
+    if not isinstance(answer, dict):
+        return None, None
+    count, context = answer.get("count"), answer.get("max_model_len")
+    return (
+        count if isinstance(count, int) and not isinstance(count, bool) else None,
+        context if isinstance(context, int) and not isinstance(context, bool) and context > 1 else None,
+    )
 
 
 class _UpstreamFailed(Exception):
     """The upstream failed in a way another upstream might not: as an ``engine`` (an error, a broken answer), by
-    ``timeout`` (silent too long), or ``unreachable`` (no connection)."""
+    ``timeout`` (silent too long), ``unreachable`` (no connection), or ``busy`` (429: at capacity)."""
 
     def __init__(self, why: str, kind: str = "engine") -> None:
         super().__init__(why)
@@ -577,7 +659,10 @@ class _UpstreamFailed(Exception):
 
 def _refusal(kinds: set[str]) -> errors.ServiceError:
     """What the client is told when the upstreams tried all failed: the wire spec's timeout (408) when they were
-    silent, 503 (worth a retry) when none could be reached, else the engine's failure (500)."""
+    silent, 503 (worth a retry) when none could be reached, 429 Throttling when one at least was busy and none
+    failed, else the engine's failure (500)."""
+    if "busy" in kinds and "engine" not in kinds:
+        return errors.throttled(1, "every model engine is busy")
     if kinds == {"timeout"}:
         return errors.ServiceError(408, "RequestTimeOut", "Request timed out, please try again later.")
     if kinds == {"unreachable"}:

@@ -31,10 +31,12 @@ def _event(delta: dict, finish: str | None = None, usage: dict | None = None) ->
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
-def _answer(counts: type = int, pieces: list[str] = PIECES) -> list[bytes]:
+def _answer(counts: type = int, pieces: list[str] = PIECES, cached: int | None = None) -> list[bytes]:
     events = [_event({"role": "assistant", "content": p}) for p in pieces[:-1]]
     events.append(_event({"content": pieces[-1]}, "stop"))
-    usage = {"prompt_tokens": counts(20), "completion_tokens": counts(8), "total_tokens": counts(28)}
+    usage: dict = {"prompt_tokens": counts(20), "completion_tokens": counts(8), "total_tokens": counts(28)}
+    if cached is not None:  # vLLM (--enable-prompt-tokens-details) and SGLang report their prefix cache's reuse
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
     events.append(_event({}, usage=usage))
     return [*events, b"data: [DONE]\n\n"]
 
@@ -42,9 +44,9 @@ def _answer(counts: type = int, pieces: list[str] = PIECES) -> list[bytes]:
 class Upstream:
     """An OpenAI-compatible engine in a thread of the test: model "burst" sends its whole answer in one write;
     "slow" sends its first event, then waits until ``released`` (or ``WAIT_SECONDS``) for the rest; "floats"
-    is "burst" with its usage counts written as 20.0; "halves" sends ``HALVES`` an event a write; "stops" ends
-    its answer before the first of the request's stop strings, as vLLM does, an event a write. ``bodies`` holds
-    the requests it was sent."""
+    is "burst" with its usage counts written as 20.0, "cached" with 16 of its prompt's tokens from its cache;
+    "halves" sends ``HALVES`` an event a write; "stops" ends its answer before the first of the request's stop
+    strings, as vLLM does, an event a write. ``bodies`` holds the requests it was sent."""
 
     def __init__(self) -> None:
         self.released = threading.Event()
@@ -76,7 +78,11 @@ class Upstream:
                 return await _stopping(request, body.get("stop") or [])
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
-            events = _answer(float if model == "floats" else int, HALVES if model == "halves" else PIECES)
+            events = _answer(
+                float if model == "floats" else int,
+                HALVES if model == "halves" else PIECES,
+                16 if model == "cached" else None,
+            )
             if model == "halves":
                 for event in events[:-1]:
                     await response.write(event)
@@ -92,7 +98,7 @@ class Upstream:
             return response
 
         async def models(request: web.Request) -> web.Response:
-            names = ("burst", "slow", "floats", "halves", "stops")
+            names = ("burst", "slow", "floats", "halves", "stops", "cached")
             return web.json_response({"object": "list", "data": [{"id": name} for name in names]})
 
         app = web.Application()
@@ -144,7 +150,7 @@ def upstream() -> Iterator[Upstream]:
 def front(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Server]:
     models = [
         arg
-        for name in ("burst", "slow", "floats", "halves", "stops")
+        for name in ("burst", "slow", "floats", "halves", "stops", "cached")
         for arg in ("--model", f"{name}=openai+{upstream.base}")
     ]
     srv = start_server(tmp_path_factory.mktemp("front"), models)
@@ -223,6 +229,22 @@ def test_usage_counts_written_as_floats_come_back_as_whole_numbers(front: Server
     """An upstream may write its counts as 20.0: the client gets 20 (what it is charged), as pydantic made it."""
     r = _streamed(front, "floats")
     assert '"usage":{"prompt_tokens":20,"completion_tokens":8,"total_tokens":28,' in r.text, r.text[-400:]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_engines_cached_prompt_tokens_are_reported(front: Server, stream: bool) -> None:
+    """What the engine's prefix cache reused, as it reports it: not 0, as if nothing had been."""
+    import openai
+
+    client = openai.OpenAI(api_key=API_KEY, base_url=front.base + "/compatible-mode/v1", max_retries=0)
+    asked = {"model": "cached", "messages": [{"role": "user", "content": "What is in the picture?"}]}
+    if stream:
+        chunks = list(client.chat.completions.create(**asked, stream=True, stream_options={"include_usage": True}))
+        usage = chunks[-1].usage
+    else:
+        usage = client.chat.completions.create(**asked).usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens) == (20, 16)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -51,6 +51,7 @@ def front(tmp_path_factory: pytest.TempPathFactory, upstream: Server, test_model
         f'[models."{DASHSCOPE_BASE}"]\nupstreams = ["{upstream.base}/compatible-mode/v1"]\nupstream_model = "{MODEL}"\n'
         f'upstream_api_key = "{UPSTREAM_KEY}"\n'
         f'[models."gone"]\nupstreams = ["{dead}"]\n'
+        f'[models."down-at-start"]\nupstreams = ["http://127.0.0.1:{free_port()}/v1"]\n'  # never called
     )
     srv = start_server(tmp, ["--config", str(config)])
     yield srv
@@ -133,7 +134,8 @@ def test_openai_surface_through_an_upstream(front: Server, image_host) -> None:
 def test_a_failing_upstream_is_skipped(front: Server, image_host) -> None:
     for _ in range(3):
         assert post(front, body_for("pair", image_host.url("/red.png"), max_tokens=2)).status_code == 200
-    assert "out of rotation" in front.log()
+    # Out of rotation by its health check, which runs from the start, or by the first request it failed
+    assert re.search(r"upstream http://\S+ (is failing its health check|out of rotation)", front.log())
 
 
 def test_no_upstream_reachable_is_a_503_worth_retrying_and_health_says_so(front: Server, image_host) -> None:
@@ -141,6 +143,20 @@ def test_no_upstream_reachable_is_a_503_worth_retrying_and_health_says_so(front:
     assert (r.status_code, r.json()["code"], r.headers["x-should-retry"]) == (503, "ServiceUnavailable", "true")
     health = httpx.get(front.base + "/health", timeout=10).json()
     assert health["status"] == "degraded" and health["models"]["gone"]["healthy_upstreams"] == 0
+
+
+def test_an_engine_down_at_start_shows_in_health_before_any_request(front: Server) -> None:
+    """A load balancer's probe of /health and the upstream_healthy gauge see an engine that was never up,
+    though no request has tried it (the health checks run from the start, not from the first request)."""
+    deadline = time.monotonic() + 30
+    down = 1
+    while time.monotonic() < deadline and down:
+        down = httpx.get(front.base + "/health", timeout=10).json()["models"]["down-at-start"]["healthy_upstreams"]
+        time.sleep(0.2)
+    assert down == 0
+    metrics = httpx.get(front.base + "/metrics", timeout=10).text.splitlines()
+    gauge = next(x for x in metrics if x.startswith("llamascope:upstream_healthy{") and "down-at-start" in x)
+    assert gauge.endswith(" 0.0")
 
 
 def test_hangup_closes_the_upstream_stream(front: Server, upstream: Server, image_host) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from llamascope import errors
 from llamascope.engines.base import Chunk, FinishReason, SamplingParams, Turn
 from llamascope.engines.upstream import UpstreamEngine
+from llamascope.observability.metrics import METRICS
 from tests.conftest import free_port
 
 Writer = Callable[[asyncio.StreamWriter], Awaitable[None]]
@@ -43,6 +45,9 @@ COMPLETION = {
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "A red square."}, "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11},
 }
+
+
+MODELS = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{"data": []}'
 
 
 async def slowly(writer: asyncio.StreamWriter) -> None:
@@ -75,7 +80,8 @@ async def cut_after_its_end(writer: asyncio.StreamWriter) -> None:
 
 
 async def engine(write: Writer) -> AsyncIterator[str]:
-    """An engine at a loopback base URL whose /chat/completions answers as ``write`` does (404 elsewhere)."""
+    """An engine at a loopback base URL whose /chat/completions answers as ``write`` does, whose /models passes
+    the health check, and 404 elsewhere."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await reader.readuntil(b"\r\n\r\n")
@@ -85,6 +91,8 @@ async def engine(write: Writer) -> AsyncIterator[str]:
         await reader.readexactly(length)
         if b"/chat/completions" in request.split(b"\r\n")[0]:
             await write(writer)
+        elif b"/models" in request.split(b"\r\n")[0]:
+            writer.write(MODELS)
         else:
             writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         await writer.drain()
@@ -135,8 +143,22 @@ def text_of(chunks: list[Chunk]) -> str:
             "text/event-stream",
         ),
         (b"data: " + b"[" * 100_000 + b"\n\n", "text/event-stream"),  # nested past the parser's depth
+        # vLLM and SGLang end a request they aborted (preempted, shutting down) with finish_reason "abort"
+        (event({"content": "A red "}) + event({}, "abort") + b"data: [DONE]\n\n", "text/event-stream"),
+        (event({"role": "assistant"}) + event({}, "abort") + b"data: [DONE]\n\n", "text/event-stream"),
     ],
-    ids=["html page", "no events", "not JSON", "cut short", "no answer", "no choice", "not UTF-8", "too deep"],
+    ids=[
+        "html page",
+        "no events",
+        "not JSON",
+        "cut short",
+        "no answer",
+        "no choice",
+        "not UTF-8",
+        "too deep",
+        "aborted",
+        "aborted at once",
+    ],
 )
 def test_a_broken_answer_is_an_error_never_an_answer(broken: tuple[bytes, str]) -> None:
     """Issue 29's gateway, tried as a user: a broken answer came back as a short or empty one, finish "stop"."""
@@ -268,3 +290,157 @@ def test_call_arguments_cut_between_the_halves_of_a_surrogate_pair_come_back_who
     body = event({"tool_calls": [first]}) + event({"tool_calls": [rest]}) + event({}, "tool_calls")
     last = asyncio.run(ask([answer_with(body + b"data: [DONE]\n\n")]))[-1]
     assert [c.arguments for c in last.tool_calls or ()] == ['{"a": "\U0001f409", "b": "\ufffd"}']
+
+
+def refusing(status: str, message: str) -> Writer:
+    """An engine that answers the completion with an error status and an OpenAI-shaped error."""
+    body = json.dumps({"object": "error", "message": message, "type": "RateLimitError"}).encode()
+
+    async def write(writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + body
+        )
+
+    return write
+
+
+def test_a_busy_engine_passes_the_request_on_and_every_engine_busy_is_429_throttling() -> None:
+    """An engine at capacity (429: TGI past its max_concurrent_requests, a rate-limiting proxy) failed nothing:
+    the request goes to another engine, and when every one is busy the client is throttled, worth a retry."""
+    busy = refusing("429 Too Many Requests", "Model is overloaded")
+    assert text_of(asyncio.run(ask([busy, answer_with(ENDED)]))) == "A red square."
+    with pytest.raises(errors.ServiceError) as throttled:
+        asyncio.run(ask([busy, busy]))
+    assert (throttled.value.status, throttled.value.code) == (429, "Throttling")
+    assert throttled.value.headers["Retry-After"] == "1"
+    with pytest.raises(errors.ServiceError) as partly:  # busy, or not there: still worth a retry later
+        asyncio.run(ask([None, busy]))
+    assert (partly.value.status, partly.value.code) == (429, "Throttling")
+
+
+def test_a_busy_engine_stays_in_rotation() -> None:
+    async def run() -> list[bool]:
+        served = engine(refusing("429 Too Many Requests", "Model is overloaded"))
+        gateway = UpstreamEngine.create([await anext(served)], "stub", None, 8192)
+        try:
+            prompt = await gateway.prepare([Turn("user", "What is it?")])
+            with pytest.raises(errors.ServiceError):
+                async for _ in gateway.generate(prompt, SamplingParams(max_new_tokens=16)):
+                    pass
+            return [u.healthy for u in gateway.health()]
+        finally:
+            await gateway.close()
+            await served.aclose()
+
+    assert asyncio.run(run()) == [True]
+
+
+def test_an_engine_that_refuses_the_gateway_itself_is_named_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A wrong upstream_api_key (401) or upstream_model (vLLM's 404) fails every request with a 500: the
+    operator's log says which engine refused, with what status and words (the access log says only 500)."""
+    with pytest.raises(errors.ServiceError) as refused:
+        asyncio.run(ask([refusing("401 Unauthorized", "Invalid API key")]))
+    assert (refused.value.status, refused.value.code) == (500, "InternalError.Algo")
+    assert "Invalid API key" in refused.value.message
+    line = next(r.getMessage() for r in caplog.records if "refused" in r.getMessage())
+    found = re.search(r"upstream (http://127\.0\.0\.1:\d+/v1) refused .*HTTP 401.*Invalid API key", line)
+    assert found, line
+    errors_counted = METRICS.registry.get_sample_value("llamascope:upstream_errors_total", {"upstream": found[1]})
+    assert errors_counted == 1  # in llamascope:upstream_errors_total, which an operator's alert watches
+
+
+async def vllm_by_its_path(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """vLLM started without --served-model-name: it lists the model by its path and refuses any other name (404)."""
+    request = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line[15:]) for line in request.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+    body = json.loads(await reader.readexactly(length)) if length else {}
+    if b"GET /v1/models" in request:
+        answer, status = {"object": "list", "data": [{"id": VLLM_PATH, "object": "model"}]}, "200 OK"
+    elif body.get("model") != VLLM_PATH:
+        answer, status = {"object": "error", "message": f"The model `{body.get('model')}` does not exist."}, "404"
+    else:
+        writer.write(head() + ENDED)
+        await writer.drain()
+        writer.close()
+        return
+    data = json.dumps(answer).encode()
+    writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+    await writer.drain()
+    writer.close()
+
+
+VLLM_PATH = "/models/Llama-3.2-90B-Vision-Instruct"
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_an_engine_that_serves_one_model_by_another_name_is_called_by_it(named: bool) -> None:
+    """`--model llama3.2-90b-vision-instruct=openai+http://gpu1:8000/v1` in front of `vllm serve /models/...`
+    (the names differ, and the command line cannot set upstream_model): answers, not a 500 on every request.
+    A name set with upstream_model is the operator's: kept, and the engine's refusal says why."""
+
+    async def run() -> str:
+        server = await asyncio.start_server(vllm_by_its_path, "127.0.0.1", 0)
+        base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        gateway = UpstreamEngine.create([base], "llama3.2-90b-vision-instruct", None, 8192, named=named)
+        try:
+            gateway.start()  # its health check reads the engine's list of models
+            deadline = asyncio.get_running_loop().time() + 10
+            while not gateway.upstreams[0].listing_read and not named and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            prompt = await gateway.prepare([Turn("user", "What is it?")])
+            return text_of([c async for c in gateway.generate(prompt, SamplingParams(max_new_tokens=16))])
+        finally:
+            await gateway.close()
+            server.close()
+
+    if not named:
+        assert asyncio.run(run()) == "A red square."
+        return
+    with pytest.raises(errors.ServiceError) as refused:
+        asyncio.run(run())
+    assert refused.value.status == 500 and "`llama3.2-90b-vision-instruct` does not exist" in refused.value.message
+
+
+async def vllm_of_short_context(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """vLLM started with --max-model-len 40: its /tokenize says so, and it refuses (400) a completion whose prompt
+    and max_tokens together pass it, as vLLM does."""
+    request = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line[15:]) for line in request.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+    body = json.loads(await reader.readexactly(length)) if length else {}
+    if b"/tokenize" in request.split(b"\r\n")[0]:
+        answer, status = {"count": 30, "max_model_len": 40, "tokens": list(range(30))}, "200 OK"
+    elif 30 + body.get("max_tokens", 0) > 40:
+        message = f"This model's maximum context length is 40 tokens. However, you requested {30 + body['max_tokens']}"
+        answer, status = {"object": "error", "message": message, "type": "BadRequestError", "code": 400}, "400"
+    else:
+        usage = {"prompt_tokens": 30, "completion_tokens": body["max_tokens"], "total_tokens": 30 + body["max_tokens"]}
+        done = event({"content": "A red square"}, "length")[:-2]  # the usage rides on the last event
+        writer.write(head() + done[:-1] + b', "usage": ' + json.dumps(usage).encode() + b"}\n\ndata: [DONE]\n\n")
+        await writer.drain()
+        writer.close()
+        return
+    data = json.dumps(answer).encode()
+    writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+    await writer.drain()
+    writer.close()
+
+
+def test_an_engine_of_a_shorter_context_than_configured_gets_what_fits_in_it() -> None:
+    """context_length left at 8192 before `vllm --max-model-len 40`: a request that does not say max_tokens is
+    answered as far as the engine's context allows (finish length), as in process, not refused by the engine."""
+
+    async def run() -> list[Chunk]:
+        server = await asyncio.start_server(vllm_of_short_context, "127.0.0.1", 0)
+        base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        gateway = UpstreamEngine.create([base], "stub", None, 8192)
+        try:
+            prompt = await gateway.prepare([Turn("user", "What is it?")])
+            return [c async for c in gateway.generate(prompt, SamplingParams(max_new_tokens=512))]
+        finally:
+            await gateway.close()
+            server.close()
+
+    last = asyncio.run(run())[-1]
+    assert (last.finish_reason, last.input_tokens, last.output_tokens) == (FinishReason.LENGTH, 30, 10)

@@ -91,7 +91,8 @@ class Upstream:
     # The name it serves the model by, where it lists one other than the model's (vLLM's path, without
     # --served-model-name) and upstream_model was not set; None: the model's name.
     model: str | None = None
-    listing_read: bool = False  # its GET /models was read for that name (once)
+    listing_read: bool = False  # its GET /models was read (a listing without the model's name said once)
+    context: int | None = None  # its max_model_len, as its /tokenize last said
     # Where it may count prompts (POST /tokenize), in the order tried: narrowed to the one that answered,
     # emptied once none did (its prompts are then estimated).
     tokenize_urls: list[str] = field(init=False)
@@ -124,9 +125,6 @@ class UpstreamEngine:
     # Re-encoded images by content hash, the last 64: a conversation re-sends its image every turn.
     _uris: SizedLRU[str, str] = field(default_factory=lambda: SizedLRU(64, lambda _: 1), repr=False)
     _health: asyncio.Task[None] | None = field(default=None, repr=False)
-    # The least context an engine said it has (vLLM's /tokenize: max_model_len), where less than context_length:
-    # a request is given what fits in it, as in process, not refused by the engine for asking more.
-    _engine_context: int | None = field(default=None, repr=False)
 
     @classmethod
     def create(
@@ -209,7 +207,9 @@ class UpstreamEngine:
             tools_bytes = len(json.dumps(tools).encode()) if tools else 0
             # An estimate: the engine's usage corrects it.
             count = (text_bytes + tools_bytes) // 4 + images + 8 * len(turns)
-        context = min(self.info.context_length, self._engine_context or self.info.context_length)
+        # The least context an engine said it has (vLLM's /tokenize: max_model_len), where less than context_length:
+        # a request is given what fits in it, as in process, not refused by the engine for asking more.
+        context = min([self.info.context_length, *(u.context for u in self.upstreams if u.context)])
         max_input = context - 1
         if count > max_input:
             raise errors.input_too_long(max_input)
@@ -266,8 +266,8 @@ class UpstreamEngine:
             if response.status not in (200, 404, 405, 501):
                 return None  # it is there but failed this once: estimated this time
             count, context = _count_in(text) if response.status == 200 else (None, None)
-            if context is not None and (self._engine_context is None or context < self._engine_context):
-                self._engine_context = context  # the least one says: what fits in it fits in each
+            if context is not None:
+                upstream.context = context  # its latest word: an engine restarted may have another
             if count is not None:
                 upstream.tokenize_urls = [url]  # remembered: only this one from now on
                 return count
@@ -425,38 +425,50 @@ class UpstreamEngine:
     async def _check_health(self) -> None:
         while True:
             for upstream in self.upstreams:
-                ok = False
-                with contextlib.suppress(TransportError, TimeoutError):
-                    async with self.client.request("GET", upstream.url + "/models", HEALTH_TIMEOUT) as r:
-                        listing = await r.read()  # to its end: the connection is kept
-                        ok = r.status == 200
-                if ok and not self.named and not upstream.listing_read:
-                    upstream.listing_read = True
-                    self._name_from(upstream, listing)
-                if ok != upstream.healthy:
-                    log.warning("upstream %s is %s", upstream.url, "back" if ok else "failing its health check")
-                upstream.healthy = ok
+                try:
+                    await self._check(upstream)
+                except Exception:  # an engine's answer no check foresaw must not end the checks for good
+                    log.exception("the health check of upstream %s failed", upstream.url)
             await asyncio.sleep(HEALTH_EVERY_SECONDS)
 
+    async def _check(self, upstream: Upstream) -> None:
+        ok = False
+        with contextlib.suppress(TransportError, TimeoutError):
+            async with self.client.request("GET", upstream.url + "/models", HEALTH_TIMEOUT) as r:
+                listing = await r.read()  # to its end: the connection is kept
+                ok = r.status == 200
+        if ok and not self.named:  # every time: an engine restarted may serve the model by another name
+            self._name_from(upstream, listing)
+        if ok != upstream.healthy:
+            log.warning("upstream %s is %s", upstream.url, "back" if ok else "failing its health check")
+        if ok:
+            upstream.failures = 0  # back, or idle since its last failure: in rotation as the others
+        upstream.healthy = ok
+
     def _name_from(self, upstream: Upstream, listing: bytes) -> None:
-        """Where the engine's GET /models does not list the model's name, and lists one model only, the engine
-        is called by that one: vLLM serves a model by its path unless told ``--served-model-name``, and refuses
-        any other name (404), which ``--model NAME=openai+URL`` cannot set. Several listed: said in the log."""
+        """Where the engine's GET /models does not list the model's name, and lists one model only, by a path or
+        a hub id (a "/" in it), the engine is called by that one: vLLM and SGLang serve a model by the path they
+        were given unless told ``--served-model-name``, and refuse any other name (404), which ``--model
+        NAME=openai+URL`` cannot set. Any other listing (another name without a "/": another model, most
+        likely, as a proxy or Ollama would list it; several) is said in the log, and the model's name is used."""
         try:
             names = [m["id"] for m in json.loads(listing)["data"]]
-        except (ValueError, KeyError, TypeError):
-            return  # not OpenAI's listing: called by the model's name
-        if self.model in names or not names:
-            return
-        if len(names) == 1 and isinstance(names[0], str):
-            upstream.model = names[0]
-            log.warning(
-                "upstream %s serves only %r: called by that name (upstream_model sets one)", upstream.url, names[0]
-            )
-        else:
+        except (ValueError, KeyError, TypeError, RecursionError):
+            names = []  # not OpenAI's listing: called by the model's name
+        learned = None
+        if self.model not in names and len(names) == 1 and isinstance(names[0], str) and "/" in names[0]:
+            learned = names[0]
+        if learned != upstream.model:
+            if learned is not None:
+                log.warning(
+                    "upstream %s serves only %r: called by that name (upstream_model sets one)", upstream.url, learned
+                )
+            upstream.model = learned
+        if learned is None and names and self.model not in names and not upstream.listing_read:
             log.warning(
                 "upstream %s does not list %r (it lists %s): set upstream_model", upstream.url, self.model, names[:8]
             )
+        upstream.listing_read = True
 
 
 _FINISH = {"length": FinishReason.LENGTH, "tool_calls": FinishReason.TOOL_CALLS}
@@ -554,9 +566,8 @@ class _Answer:
         if made and finish != FinishReason.LENGTH:  # the answer is calls, whatever reason the engine gave ("stop")
             finish = FinishReason.TOOL_CALLS
         output_tokens = self.reported if self.reported is not None else self.pieces
-        cached = (
-            self.cached if self.input_tokens is None or self.cached is None else min(self.cached, self.input_tokens)
-        )
+        # Of the prompt it counted: without that count, its cached count cannot be checked, so it is not taken.
+        cached = None if self.input_tokens is None or self.cached is None else min(self.cached, self.input_tokens)
         return Chunk(
             self.text.add("", final=True),
             output_tokens,

@@ -79,7 +79,8 @@ def _url_key(url: str) -> str:
 
     try:
         # Not the path: httpx's is percent-decoded, and /a%2Fb is not /a/b (an S3 key, a GitLab project path).
-        return str(httpx.URL(url).copy_with(fragment=None))
+        parsed = httpx.URL(url)
+        return str(parsed.copy_with(fragment=None, raw_path=parsed.raw_path))  # an empty path as "/", as sent
     except (httpx.InvalidURL, TypeError, ValueError):  # refused by the fetch itself, with its own words
         return url
 

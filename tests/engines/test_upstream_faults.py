@@ -444,3 +444,60 @@ def test_an_engine_of_a_shorter_context_than_configured_gets_what_fits_in_it() -
 
     last = asyncio.run(run())[-1]
     assert (last.finish_reason, last.input_tokens, last.output_tokens) == (FinishReason.LENGTH, 30, 10)
+
+
+def test_the_engines_name_for_the_model_is_read_from_its_listing_at_every_check() -> None:
+    """vLLM's path is taken (a "/" in it) and given up once the engine lists the model's own name (restarted with
+    --served-model-name); another model's name (Ollama's, a proxy's) is never taken for it; a hostile listing
+    changes nothing."""
+    gateway = UpstreamEngine.create(["http://127.0.0.1:9/v1"], "llama", None, 8192, named=False)
+    upstream = gateway.upstreams[0]
+
+    def listed(*ids: str) -> bytes:
+        return json.dumps({"object": "list", "data": [{"id": i, "object": "model"} for i in ids]}).encode()
+
+    steps = [
+        (listed("/models/llama"), "/models/llama"),
+        (listed("llama"), None),  # restarted with --served-model-name llama
+        (listed("meta-llama/Llama-3.2-11B-Vision-Instruct"), "meta-llama/Llama-3.2-11B-Vision-Instruct"),
+        (listed("qwen2.5vl:7b"), None),  # another model
+        (listed("a/b", "c/d"), None),
+        (b'{"data": ' + b"[" * 200_000, None),
+    ]
+    for listing, name in steps:
+        gateway._name_from(upstream, listing)
+        assert upstream.model == name, (listing[:60], upstream.model)
+
+
+def test_an_engines_context_is_its_latest_word_and_a_cached_count_needs_a_prompt_count() -> None:
+    from llamascope.engines.upstream import _Answer
+
+    gateway = UpstreamEngine.create(["http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1"], "stub", None, 8192)
+    turns = [Turn("user", "What is it?")]
+    gateway.upstreams[0].context = 40
+    assert asyncio.run(gateway.prepare(turns)).max_new_tokens < 40
+    gateway.upstreams[0].context = 4096  # restarted with a longer --max-model-len
+    assert asyncio.run(gateway.prepare(turns)).max_new_tokens > 4000
+    answer = _Answer()
+    usage = {"completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 999}}
+    answer.read([b"data: " + json.dumps({"choices": [], "usage": usage}).encode()])
+    answer.read([b"data: " + json.dumps({"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}]}).encode()])
+    assert answer.last().cached_tokens is None  # no prompt count to hold it to
+
+
+def test_a_good_health_check_puts_an_engine_back_in_rotation_as_the_others() -> None:
+    """Failures (429s included) weighed against an engine until it answered a request: idle, it got none."""
+
+    async def run() -> tuple[bool, int]:
+        server = await asyncio.start_server(vllm_by_its_path, "127.0.0.1", 0)
+        gateway = UpstreamEngine.create([f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"], "m", None, 8192)
+        upstream = gateway.upstreams[0]
+        upstream.failures, upstream.healthy = 3, False
+        try:
+            await gateway._check(upstream)
+            return upstream.healthy, upstream.failures
+        finally:
+            await gateway.close()
+            server.close()
+
+    assert asyncio.run(run()) == (True, 0)

@@ -198,3 +198,11 @@ def test_urls_that_differ_only_in_percent_encoding_are_different_images(host: Ho
     colours = [loads(base + path, 1, intake)[0].image.convert("RGB").getpixel((0, 0)) for path in host.pages]
     assert colours == [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
     assert len(host.asked) == 3
+
+
+def test_the_spellings_of_one_address_are_one_key_and_others_are_not() -> None:
+    from llamascope.images.intake import _url_key
+
+    same = ["http://h.com/", "http://H.com", "HTTP://h.com:80/#top", "http://h.com#x"]
+    assert {_url_key(u) for u in same} == {"http://h.com/"}
+    assert len({_url_key(u) for u in ("http://h.com/a/b", "http://h.com/a%2Fb", "http://h.com/a%252Fb")}) == 3

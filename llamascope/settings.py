@@ -55,7 +55,7 @@ class ModelSpec(BaseModel):
     upstream_model: str | None = Field(
         None,
         description="the model name the upstreams know (default: this name; an engine whose `GET /models` lists "
-        "one model only, under another name, as vLLM lists its path without `--served-model-name`, is called by "
+        "one model only, by a path or hub id, as vLLM lists its path without `--served-model-name`, is called by "
         "that one)",
     )
     upstream_api_key: str | None = Field(None, description="the Bearer key the upstreams ask for")

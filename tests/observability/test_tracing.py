@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -53,11 +54,40 @@ class Front:
     server: uvicorn.Server = field(repr=False)
 
 
+class DyingEngine(ThreadingHTTPServer):
+    """An engine that answers GET /models (a health check) until it is shut down."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Listing)
+        self.daemon_threads = True
+        self.checked = threading.Event()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class _Listing(BaseHTTPRequestHandler):
+    server: DyingEngine
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        body = json.dumps({"object": "list", "data": [{"id": "llama3.2-11b-vision", "object": "model"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.server.checked.set()
+
+
 @pytest.fixture(scope="module")
 def front(tmp_path_factory: pytest.TempPathFactory, observed: Server) -> Iterator[Front]:
-    """llamascope in this process, serving 'chain' through a dead upstream and the upstream llamascope."""
+    """llamascope in this process, serving 'chain' through a dead upstream and the upstream llamascope. The dead
+    one answers the health check made as the server starts, then dies: the first request finds it dead."""
     tmp = tmp_path_factory.mktemp("front")
-    dead = f"http://127.0.0.1:{free_port()}/v1"
+    dying = DyingEngine()
+    dead = f"http://127.0.0.1:{dying.server_address[1]}/v1"
     settings = Settings.load(
         data_dir=tmp / "data",
         cache_dir=CACHE_DIR,
@@ -95,6 +125,9 @@ def front(tmp_path_factory: pytest.TempPathFactory, observed: Server) -> Iterato
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started
+    assert dying.checked.wait(30)  # the start's health check found it well
+    dying.shutdown()
+    dying.server_close()
     yield Front(f"http://127.0.0.1:{port}", metrics_port, spans, log, server)
     server.should_exit = True
     thread.join(30)

@@ -351,6 +351,13 @@ def test_an_engine_that_refuses_the_gateway_itself_is_named_in_the_log(caplog: p
     assert errors_counted == 1  # in llamascope:upstream_errors_total, which an operator's alert watches
 
 
+async def json_answer(writer: asyncio.StreamWriter, status: str, answer: dict) -> None:
+    data = json.dumps(answer).encode()
+    writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+    await writer.drain()
+    writer.close()
+
+
 async def vllm_by_its_path(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """vLLM started without --served-model-name: it lists the model by its path and refuses any other name (404)."""
     request = await reader.readuntil(b"\r\n\r\n")
@@ -365,10 +372,7 @@ async def vllm_by_its_path(reader: asyncio.StreamReader, writer: asyncio.StreamW
         await writer.drain()
         writer.close()
         return
-    data = json.dumps(answer).encode()
-    writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
-    await writer.drain()
-    writer.close()
+    await json_answer(writer, status, answer)
 
 
 VLLM_PATH = "/models/Llama-3.2-90B-Vision-Instruct"
@@ -421,10 +425,7 @@ async def vllm_of_short_context(reader: asyncio.StreamReader, writer: asyncio.St
         await writer.drain()
         writer.close()
         return
-    data = json.dumps(answer).encode()
-    writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
-    await writer.drain()
-    writer.close()
+    await json_answer(writer, status, answer)
 
 
 def test_an_engine_of_a_shorter_context_than_configured_gets_what_fits_in_it() -> None:

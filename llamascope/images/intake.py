@@ -72,9 +72,9 @@ def _memory(url: str, reuse: Reuse) -> int:
 
 
 def _url_key(url: str) -> str:
-    """An image URL as its fetch sends it (scheme and host name in lower case, no default port, no fragment,
-    percent-encoded as httpx encodes it): one key for the spellings of one address, in the caches and in the
-    fetches under way."""
+    """An image URL as its fetch sends it (scheme and host name in lower case, no default port, no fragment, the
+    path and query as written, an empty path as "/"): one key for the spellings of one address, in the caches and
+    in the fetches under way."""
     import httpx  # why: its import (rich included) is 0.1-0.2 s of a gateway's start; only URLs need it
 
     try:
@@ -213,17 +213,13 @@ class ImageIntake:
         if image is not None:
             watch.fetched(source.kind)
             return image
-        if self.unshared.peek(key) is not None:
-            fetched = await _read(functools.partial(self._fetch, source, key, fit, fit_key), context, fetches=True)
-            watch.took(fetched.watch, decoded=fetched.take())
-            return fetched.result()
-        join = functools.partial(
-            self.fetching.join, (key, fit_key), functools.partial(self._fetch, source, key, fit, fit_key)
-        )
-        fetched = await _read(join, context, fetches=True)
+        fetch = functools.partial(self._fetch, source, key, fit, fit_key)
+        alone = self.unshared.peek(key) is not None  # its host's last answer served its own request alone
+        shared = functools.partial(self.fetching.join, (key, fit_key), fetch)
+        fetched = await _read(fetch if alone else shared, context, fetches=True)
         first = fetched.take()
         if not (first or fetched.shared):  # no-store, private, Vary: *...: its request's own image, fetched again
-            fetched = await _read(functools.partial(self._fetch, source, key, fit, fit_key), context, fetches=True)
+            fetched = await _read(fetch, context, fetches=True)
             first = fetched.take()
         watch.took(fetched.watch, decoded=first)
         return fetched.result()

@@ -17,8 +17,7 @@ router = APIRouter()
 
 
 async def generation(request: Request) -> Response:
-    body = await read_json(request)
-    call = GenerationRequest.from_body(body)
+    call = GenerationRequest.from_body(await read_json(request))
     reply = await open_reply(request, call, Endpoint.MULTIMODAL)
     return await answer(request, reply, GenerationResult.of)
 

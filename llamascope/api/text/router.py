@@ -27,8 +27,7 @@ router = APIRouter()
 
 
 async def generation(request: Request) -> Response:
-    body = await read_json(request)
-    call = TextGenerationRequest.from_body(body)
+    call = TextGenerationRequest.from_body(await read_json(request))
     reply = await open_reply(request, call, Endpoint.TEXT)
     return await answer(request, reply, TextGenerationResult.render(call.result_format))
 
@@ -36,8 +35,7 @@ async def generation(request: Request) -> Response:
 async def tokenizer(request: Request) -> Response:
     """Token ids of the prompt a text-generation request with this input runs: the count is its input_tokens."""
     service: ConversationService = request.app.state.service
-    body = await read_json(request)
-    call = TokenizationRequest.from_body(body)
+    call = TokenizationRequest.from_body(await read_json(request))
     principal, context = request.state.principal, source_context(request)
     # A client that leaves ends it: its image fetch, and its hold on the key's concurrency, as a generation's
     counted = await unless_disconnected(request, service.tokens(principal, call.model, call.messages, context))

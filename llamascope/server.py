@@ -37,7 +37,7 @@ from llamascope.accounts.records import ModelAllowance
 from llamascope.accounts.store import AccountStore
 from llamascope.api.app import create_app
 from llamascope.api.drain import LAST_WORDS_SECONDS, Drain, DrainingServer
-from llamascope.batch.files import FileStore
+from llamascope.batch.files import FileQuota, FileStore
 from llamascope.batch.lines import MAX_FILE_BYTES
 from llamascope.batch.repository import BatchRepository
 from llamascope.batch.runner import Runner
@@ -209,7 +209,8 @@ def build_batches(
         price=settings.batch_price,
         stopping=lambda: drain.draining,
     )
-    return BatchService(runner.repository, files, runner)
+    quota = FileQuota(settings.batch_files_per_key, settings.batch_storage_per_key_bytes)
+    return BatchService(runner.repository, files, runner, quota)
 
 
 def build_app(

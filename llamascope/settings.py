@@ -332,6 +332,18 @@ class Settings(BaseSettings):
         description="where the Files API keeps batch inputs and results, the same directory on every replica; "
         "unset: `DATA_DIR/batch-files`",
     )
+    batch_files_per_key: int = Field(
+        10_000,
+        ge=0,
+        description="the files one key may keep in the Files API, its inputs and its batches' results until it "
+        "deletes them (Model Studio's 10,000); an upload past it is refused (400); 0: no bound",
+    )
+    batch_storage_per_key_bytes: int = Field(
+        100 * 1024**3,
+        ge=0,
+        description="the bytes those files may take (100 GiB, Model Studio's 100 GB); an upload that would "
+        "take the key past it is refused (400); 0: no bound",
+    )
     batch_in_flight: int = Field(
         8,
         ge=1,

@@ -9,6 +9,7 @@ import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,6 +18,39 @@ from llamascope.disk import NO_RESERVE, DiskReserve
 
 CHUNK = 1024 * 1024
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class FileQuota:
+    """What one key may keep in the Files API: its inputs and its batches' results, until it deletes them.
+    Model Studio keeps 10,000 files and 100 GB for an account; 0 here: no bound. Only uploads are refused:
+    a batch's results are written whatever the key keeps (they count against its next upload)."""
+
+    files: int
+    bytes: int
+
+    def check(self, count: int, size: int, adding: int = 0) -> None:
+        """Refuse (400) a key keeping ``count`` files of ``size`` bytes one more file, of ``adding`` bytes where
+        known (0: before its bytes are read, refused only once the key is at its bound)."""
+        if self.files and count + 1 > self.files:
+            raise errors.ServiceError(
+                400,
+                "file_quota_exceeded",
+                f"This key keeps {count} files, the most it may keep is {self.files}: delete some (DELETE "
+                "/files/{file_id}, or files.delete in the SDKs) before uploading more.",
+            )
+        if self.bytes and size + max(adding, 1) > self.bytes:
+            raise errors.ServiceError(
+                400,
+                "file_quota_exceeded",
+                f"Out of space: this key's files take {size} bytes"
+                + (f" and this one {adding} more" if adding else "")
+                + f", of the {self.bytes} it may keep: delete some (DELETE /files/{{file_id}}, or files.delete in "
+                "the SDKs) before uploading more.",
+            )
+
+
+NO_QUOTA = FileQuota(0, 0)
 
 
 class FileStore:

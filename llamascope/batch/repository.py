@@ -104,6 +104,13 @@ class BatchRepository:
         with self.engine.connect() as connection:
             return [_file(row) for row in connection.execute(query)]
 
+    def usage(self, key_id: int) -> tuple[int, int]:
+        """The key's files kept (its inputs and its batches' results, until deleted): how many, and their bytes."""
+        query = select(func.count(), func.coalesce(func.sum(BatchFile.bytes), 0)).where(BatchFile.key_id == key_id)
+        with self.engine.connect() as connection:
+            count, size = connection.execute(query).one()
+        return int(count), int(size)
+
     def delete_file(self, file_id: str, key_id: int) -> bool:
         with self.engine.begin() as connection:
             gone = connection.execute(delete(BatchFile).where(BatchFile.id == file_id, BatchFile.key_id == key_id))

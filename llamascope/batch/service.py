@@ -12,7 +12,7 @@ from starlette.types import ASGIApp
 
 from llamascope import errors
 from llamascope.accounts.records import utcnow
-from llamascope.batch.files import FileStore
+from llamascope.batch.files import NO_QUOTA, FileQuota, FileStore
 from llamascope.batch.lines import ENDPOINTS
 from llamascope.batch.records import (
     BATCH,
@@ -36,10 +36,13 @@ def not_found(kind: str, ident: str) -> errors.ServiceError:
 
 
 class BatchService:
-    def __init__(self, repository: BatchRepository, files: FileStore, runner: Runner) -> None:
+    def __init__(
+        self, repository: BatchRepository, files: FileStore, runner: Runner, quota: FileQuota = NO_QUOTA
+    ) -> None:
         self.repository = repository
         self.files = files
         self.runner = runner
+        self.quota = quota
 
     def start(self, app: ASGIApp) -> None:
         self.runner.start(app)
@@ -53,6 +56,13 @@ class BatchService:
 
     # -- files ----------------------------------------------------------------------------------------
 
+    async def has_room(self, key_id: int) -> None:
+        """Refuse a key at its bound of files or bytes another upload (before its body is read), or refuse any
+        upload while the disk is short of its reserve."""
+        self.files.ensure_room()
+        if self.quota != NO_QUOTA:
+            self.quota.check(*await asyncio.to_thread(self.repository.usage, key_id))
+
     async def upload(self, key_id: int, filename: str, purpose: str, source: BinaryIO) -> FileView:
         if purpose != BATCH:
             raise errors.invalid_parameter(
@@ -63,6 +73,15 @@ class BatchService:
         view = FileView(file_id, key_id, filename[:255] or "input.jsonl", purpose, size, utcnow())
         try:
             await asyncio.to_thread(self.repository.add_file, view)
+            if self.quota != NO_QUOTA:
+                # Counted with this file in, so that uploads of one key at once cannot each take the room left:
+                # the one that took the key over its bound is refused (at worst each of them is).
+                count, used = await asyncio.to_thread(self.repository.usage, key_id)
+                try:
+                    self.quota.check(count - 1, used - size, size)
+                except errors.ServiceError:
+                    await asyncio.to_thread(self.repository.delete_file, file_id, key_id)
+                    raise
         except BaseException:
             self.files.delete(file_id)
             raise

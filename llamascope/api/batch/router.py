@@ -65,7 +65,7 @@ def _query(model: Any, request: Request) -> Any:
 
 async def upload_file(request: Request) -> JSONResponse:
     service = _service(request)
-    service.files.ensure_room()  # before the form, which Starlette reads whole into a temporary file
+    await service.has_room(_key(request))  # before the form, which Starlette reads whole into a temporary file
     try:
         form = await request.form(max_files=1, max_fields=8)
     except Exception:  # python-multipart's errors, and limits exceeded

@@ -1,0 +1,95 @@
+"""A key keeps a bounded number of files and bytes in the Files API (Model Studio's 10,000 files and 100 GB an
+account): one key's uploads must not take what the server keeps for every other key. Past either bound an
+upload is refused saying how much the key keeps, and nothing of it is kept; another key is not affected."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from collections.abc import Iterator
+from http import HTTPStatus
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import OTHER_KEY, SEED_MODEL, Server, free_port, start_server
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A gateway (its upstream never answers: nothing here reaches it) keeping 2 files and 100 bytes a key."""
+    server = start_server(
+        tmp_path_factory.mktemp("file-quota"),
+        ["--model", f"{SEED_MODEL}=openai+http://127.0.0.1:{free_port()}/v1"],
+        {"LLAMASCOPE_BATCH_FILES_PER_KEY": "2", "LLAMASCOPE_BATCH_STORAGE_PER_KEY_BYTES": "100"},
+    )
+    yield server
+    server.stop()
+
+
+def _client(server: Server, key: str) -> openai.OpenAI:
+    return openai.OpenAI(api_key=key, base_url=server.base + "/compatible-mode/v1", max_retries=0)
+
+
+def _upload(client: openai.OpenAI, size: int) -> str:
+    line = b'{"custom_id": "a"}'
+    return client.files.create(file=("lines.jsonl", io.BytesIO(line.ljust(size - 1) + b"\n")), purpose="batch").id
+
+
+def _stored(server: Server) -> int:
+    return sum(1 for p in (Path(server.log_path).parent / "data" / "batch-files").glob("*") if p.is_file())
+
+
+def _refused(client: openai.OpenAI, size: int) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as caught:
+        _upload(client, size)
+    assert caught.value.status_code == HTTPStatus.BAD_REQUEST and caught.value.request_id
+    assert caught.value.code == "file_quota_exceeded"
+    return caught.value
+
+
+def test_a_key_keeps_its_bound_of_bytes_and_files(bounded: Server) -> None:
+    client = _client(bounded, bounded.key)
+    first = _upload(client, 60)
+    refused = _refused(client, 60)  # 120 bytes in all: over 100
+    assert "60 bytes and this one 60 more, of the 100" in refused.message
+    assert [f.id for f in client.files.list()] == [first] and _stored(bounded) == 1  # nothing of it kept
+
+    second = _upload(client, 40)  # 100 in all: at the bound, taken
+    assert "keeps 2 files, the most it may keep is 2" in _refused(client, 1).message
+
+    other = _client(bounded, OTHER_KEY)  # another key keeps its own files
+    other.files.delete(_upload(other, 90))
+
+    client.files.delete(first)  # room again
+    client.files.delete(_upload(client, 60))
+    client.files.delete(second)
+    assert _stored(bounded) == 0
+
+
+def test_a_key_at_its_bound_is_refused_before_the_body_is_read(bounded: Server) -> None:
+    """The refusal comes while the client has sent only the headers of a 400 MB form: nothing of it was read."""
+    client = _client(bounded, bounded.key)
+    kept = [_upload(client, 10), _upload(client, 10)]
+    host, port = bounded.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        head = (
+            "POST /compatible-mode/v1/files HTTP/1.1\r\n"
+            f"Host: {host}\r\nAuthorization: Bearer {bounded.key}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {400 * 2**20}\r\n\r\n"
+        )
+        sock.sendall(head.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            piece = sock.recv(65536)  # times out (30 s) if the server waits for the body
+            if not piece:
+                break
+            answer += piece
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400"), answer
+    assert json.loads(body)["error"]["code"] == "file_quota_exceeded"
+    for file_id in kept:
+        client.files.delete(file_id)

@@ -326,9 +326,9 @@ class UrlSource:
                         except ValueError:
                             raise _Refused("the image host redirected to a URL that is not valid") from None
                         continue
-                    reuse = reuse_of(response.headers, url=url, redirected=hop > 0)
                     if response.status_code == 304 and known is not None and conditions:
-                        return UrlAnswer(None, known.renewed(reuse))
+                        return UrlAnswer(None, known.renewed(response.headers, redirected=hop > 0))
+                    reuse = reuse_of(response.headers, url=url, redirected=hop > 0)
                     if response.status_code != 200:
                         raise _Refused(f"the image host answered HTTP {response.status_code}")
                     return UrlAnswer(await self._read_capped(response), reuse)

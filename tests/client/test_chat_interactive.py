@@ -167,6 +167,7 @@ def test_a_wrong_key_is_said_at_once_without_a_traceback(server: Server, tmp_pat
     assert "Traceback" not in child.before and child.exitstatus == 1
 
 
+@pytest.mark.server  # its own server: not the shared one that marks the others
 def test_a_failure_not_of_the_images_keeps_them_for_the_next_question(tmp_path: Path) -> None:
     """An engine that cannot be reached (503) is no fault of the images: they wait for the question asked again,
     where a refusal (400) drops them (the test above)."""
@@ -200,6 +201,7 @@ def test_names_typed_in_commands(server: Server, tmp_path: Path) -> None:
     child.expect(pexpect.EOF)
 
 
+@pytest.mark.server  # its own server: not the shared one that marks the others
 def test_images_past_the_models_limit_are_refused_as_they_are_added(tmp_path: Path, test_model_dir: Path) -> None:
     """The listing's max_images, said at /image and -a: before, the extra image was taken, and the next
     question was refused (400) and took every image with it."""

@@ -421,6 +421,7 @@ def test_more_images_than_the_model_takes_are_refused_before_they_are_sent(tab: 
     assert len(traffic.generations) == 1 and len(traffic.generations[0]["input"]["messages"][0]["content"]) == limit + 1
 
 
+@pytest.mark.server  # its own server, with two models' settings
 def test_the_image_hint_and_limit_follow_the_model(browser: Any, tmp_path: Path, test_model_dir: Path) -> None:
     """The hint said "the first message needs one" and "send them together" whatever the model's require_image
     and max_images; one image too many was said only at Send."""

@@ -22,7 +22,7 @@ from typing import Any
 from llamascope.client import attachment
 from llamascope.client.answering import Display, ask, make_display, show_error
 from llamascope.client.conversation import PARAMETERS, Conversation, parse_parameter
-from llamascope.client.interactive import InteractiveChat
+from llamascope.client.interactive import InteractiveChat, image_limit, too_many
 from llamascope.client.native import DEFAULT_BASE_URL, DEFAULT_MODEL, APIError, Client
 
 DESCRIPTION = """\
@@ -249,6 +249,10 @@ def run(args: argparse.Namespace) -> int:
         except APIError as error:
             show_error(error)
             return 1
+        most = image_limit(info)
+        if most is not None and len(images) > most:  # said before a question is sent (or typed) to be refused
+            print(f"llamascope chat: {too_many(model, most)}: {len(images)} given with -a", file=sys.stderr)
+            return 2
         conversation = Conversation(model=model, system=args.system, images=images, parameters=parameters)
         if not interactive:
             if info and info.get("test_model") and sys.stderr.isatty():

@@ -148,7 +148,12 @@ class InteractiveChat:
         for image in c.images:
             say(f"image: {attachment.describe(image)}")
         if not c.images:
-            say("no image yet: these models need one with the first question; /image PATH|URL attaches it")
+            needed = not self.model_info or self.model_info.get("requires_image") is not False
+            say(
+                "no image yet: this model needs one with the first question; /image PATH|URL attaches it"
+                if needed
+                else "no image yet (this model takes questions without one): /image PATH|URL attaches one"
+            )
         say('/help lists the commands, """ begins a message of several lines, Ctrl+D or /bye leaves.')
 
     def reply(self) -> None:
@@ -204,6 +209,14 @@ class InteractiveChat:
         if value == "-":
             say("error: standard input is this terminal here: give a path or a URL")
             return
+        # Said now, not at the next question: the server would refuse it with the question and its images.
+        most, held = image_limit(self.model_info), len(c.sent_images()) + len(c.images)
+        if most is not None and held >= most:
+            way = (
+                "/image clear forgets those waiting" if held - len(c.images) < most else "a new chat takes other images"
+            )
+            say(f"error: {too_many(c.model, most)}, and this conversation has {held}: {way}")
+            return
         try:
             reference = attachment.image_reference(_typed_path(value))
         except OSError as exc:
@@ -254,6 +267,10 @@ class InteractiveChat:
             self.conversation.model = value
             self.model_info = listed.get(value)
             say(f"model: {value}")
+            held = len(self.conversation.sent_images()) + len(self.conversation.images)
+            most = image_limit(self.model_info)
+            if most is not None and held > most:
+                say(f"({too_many(value, most)}: this conversation has {held}, the next question would be refused)")
             return
         say(f"model: {self.conversation.model}")
         try:
@@ -386,6 +403,17 @@ def _json(value: Any) -> str:
 def _usage(usage: dict[str, int]) -> str:
     parts = [f"{key.removesuffix('_tokens')} {usage[key]:,}" for key in USAGE_KEYS if key in usage]
     return (", ".join(parts) + " tokens") if parts else "no usage reported"
+
+
+def image_limit(model_info: dict[str, Any] | None) -> int | None:
+    """The images a conversation may hold, as the server lists the model (``max_images``); None: not said (a
+    server without the listing), so the server's answer is the only check."""
+    most = (model_info or {}).get("max_images")
+    return most if isinstance(most, int) and not isinstance(most, bool) and most > 0 else None
+
+
+def too_many(model: str, most: int) -> str:
+    return f"{model} takes at most {_images(most)} per conversation (its max_images setting)"
 
 
 def _typed_path(value: str) -> str:

@@ -8,7 +8,9 @@ digest) but the host's word on reuse, as ``Reuse``:
 - fresh (``Cache-Control: s-maxage`` or ``max-age``, else ``Expires`` against ``Date``, less ``Age``; at most
   ``MAX_FRESH``): the URL is not fetched again while the answer is fresh;
 - stale, with a validator (``ETag``, ``Last-Modified``): the host is asked whether it changed
-  (``If-None-Match``, ``If-Modified-Since``), and a ``304 Not Modified`` carries no body;
+  (``If-None-Match``, ``If-Modified-Since``), and a ``304 Not Modified`` carries no body; its header fields
+  update the answer's kept ones (``Reuse.renewed``), so one that sends only the ETag, as most do, makes the
+  answer fresh again for its first ``max-age``;
 - neither: fetched whole, every time, as before. There is no heuristic freshness: a host that says nothing
   about reuse is asked every time.
 
@@ -30,11 +32,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
 MAX_FRESH = 24 * 3600.0  # seconds an answer is used without asking, whatever its host says
+# The header fields of an answer that bear on its reuse, kept with it for a 304 to update (RFC 9111 3.2). Date
+# and Age are not kept: they are the 304's (absent: now, and none), as the 304 is what the host said last.
+STORED = ("cache-control", "expires", "etag", "last-modified", "vary")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Reuse:
     fresh_until: float = 0.0  # time.monotonic(): until then the answer is used without asking
     keep: bool = False  # a shared cache may keep it
     url: str = ""  # the address that answered (a redirect's last hop): the validators are its, asked of it alone
+    stored: tuple[tuple[str, str], ...] = ()  # its header fields of ``STORED``, names in lower case
 
     def fresh(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) < self.fresh_until
@@ -63,15 +69,13 @@ class Reuse:
             asked["If-Modified-Since"] = self.last_modified
         return asked
 
-    def renewed(self, by: Reuse) -> Reuse:
-        """These terms after a ``304 Not Modified`` whose headers gave ``by``: its freshness, and its validators
-        where it sent them (RFC 9111 4.3.4)."""
-        return replace(
-            by,
-            etag=by.etag if by.etag is not None else self.etag,
-            last_modified=by.last_modified if by.last_modified is not None else self.last_modified,
-            keep=by.keep,
-        )
+    def renewed(self, headers: Mapping[str, str], *, redirected: bool = False, now: float | None = None) -> Reuse:
+        """These terms after a ``304 Not Modified`` with ``headers``: the stored answer's header fields, each one
+        the 304 sends replaced by its (RFC 9111 4.3.4, 3.2), read again. A 304 that says nothing of freshness
+        (most send only the ETag) leaves the stored Cache-Control or Expires in force, counted from now."""
+        fields = dict(self.stored)
+        fields.update((name, headers[name]) for name in (*STORED, "date", "age") if name in headers)
+        return reuse_of(fields, url=self.url, redirected=redirected, now=now)
 
 
 def reuse_of(headers: Mapping[str, str], *, url: str = "", redirected: bool = False, now: float | None = None) -> Reuse:
@@ -87,7 +91,8 @@ def reuse_of(headers: Mapping[str, str], *, url: str = "", redirected: bool = Fa
     lifetime = 0.0 if "no-cache" in directives or redirected else _lifetime(directives, headers)
     lifetime = min(lifetime, MAX_FRESH)
     keep = lifetime > 0 or etag is not None or last_modified is not None
-    return Reuse(etag, last_modified, now + lifetime if lifetime > 0 else 0.0, keep, url)
+    stored = tuple((name, headers[name]) for name in STORED if name in headers) if keep else ()
+    return Reuse(etag, last_modified, now + lifetime if lifetime > 0 else 0.0, keep, url, stored)
 
 
 def _directives(value: str) -> dict[str, str]:

@@ -66,8 +66,9 @@ class _KnownUrl:
 
 
 def _memory(url: str, reuse: Reuse) -> int:
-    """A known URL's memory: its strings, the host's validators included (an ETag may be kilobytes), and the rest."""
-    strings = (url, reuse.url, reuse.etag or "", reuse.last_modified or "")
+    """A known URL's memory: its strings, the host's validators and the header fields kept for a 304 to update
+    included (an ETag may be kilobytes, and is in both), and the rest."""
+    strings = (url, reuse.url, reuse.etag or "", reuse.last_modified or "", *(value for _, value in reuse.stored))
     return sum(sys.getsizeof(s) for s in strings) + 256
 
 

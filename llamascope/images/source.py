@@ -22,6 +22,7 @@ import functools
 import ipaddress
 import logging
 import os
+import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # resolver's whole timeout. In the event loop's default executor (loop.getaddrinfo) a few such names held every
 # thread that asyncio.to_thread (an upstream engine's token counts) needed, for every request.
 _RESOLVERS = anyio.CapacityLimiter(8)
+_BASE64 = re.compile(r";[ ]*base64$", re.IGNORECASE)  # a data: URI's header that says its payload is base64
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # IPv6 ranges that Python's is_global (3.11) counts as global but that are not, or that lead into IPv4 where a
 # network routes them: IPv4-compatible (deprecated), SIIT's IPv4-translated, NAT64's local-use prefix (RFC 8215,
@@ -232,7 +234,13 @@ class DataUriSource:
         header, sep, payload = self.uri.partition(",")
         if not sep:
             raise errors.invalid_parameter("url error, please check url! A data: URI needs a ',' before its data.")
-        if header.lower().endswith(";base64"):
+        # As browsers read a data: URL (WHATWG fetch, "data: URL processor"; no library here does): spaces may
+        # come between ";" and "base64", and the payload is percent-decoded before base64 (a URI put through
+        # encodeURIComponent or urllib's quote has %2B, %2F, %3D, %0A; "%" is no base64 character, so a payload
+        # without one is unchanged).
+        if _BASE64.search(header.strip()):
+            if "%" in payload:
+                payload = unquote(payload)
             payload = "".join(payload.split())  # clients may wrap base64 in lines (base64 and MIME: 76 columns)
             # Refuse from the encoded length first, so an oversized URI is never decoded.
             if (len(payload) // 4) * 3 > self.max_bytes + 2:
@@ -326,9 +334,9 @@ class UrlSource:
                         except ValueError:
                             raise _Refused("the image host redirected to a URL that is not valid") from None
                         continue
-                    reuse = reuse_of(response.headers, url=url, redirected=hop > 0)
                     if response.status_code == 304 and known is not None and conditions:
-                        return UrlAnswer(None, known.renewed(reuse))
+                        return UrlAnswer(None, known.renewed(response.headers, redirected=hop > 0))
+                    reuse = reuse_of(response.headers, url=url, redirected=hop > 0)
                     if response.status_code != 200:
                         raise _Refused(f"the image host answered HTTP {response.status_code}")
                     return UrlAnswer(await self._read_capped(response), reuse)

@@ -167,6 +167,7 @@ def test_a_wrong_key_is_said_at_once_without_a_traceback(server: Server, tmp_pat
     assert "Traceback" not in child.before and child.exitstatus == 1
 
 
+@pytest.mark.server  # its own server: not the shared one that marks the others
 def test_a_failure_not_of_the_images_keeps_them_for_the_next_question(tmp_path: Path) -> None:
     """An engine that cannot be reached (503) is no fault of the images: they wait for the question asked again,
     where a refusal (400) drops them (the test above)."""
@@ -198,3 +199,47 @@ def test_names_typed_in_commands(server: Server, tmp_path: Path) -> None:
     assert f"model: {SEED_MODEL}" in command(child, f"/model {SEED_MODEL}")
     child.sendline("/bye")
     child.expect(pexpect.EOF)
+
+
+@pytest.mark.server  # its own server: not the shared one that marks the others
+def test_images_past_the_models_limit_are_refused_as_they_are_added(tmp_path: Path, test_model_dir: Path) -> None:
+    """The listing's max_images, said at /image and -a: before, the extra image was taken, and the next
+    question was refused (400) and took every image with it."""
+    config = tmp_path / "llamascope.toml"
+    config.write_text(
+        '[models."two-images"]\npath = "builtin"\nmax_images = 2\n'
+        '[models."one-image"]\npath = "builtin"\nmax_images = 1\nrequire_image = false\n'
+    )
+    limited = start_server(tmp_path, ["--config", str(config)])
+    try:
+        (tmp_path / "red.png").write_bytes(png_bytes(size=(32, 32)))
+        child = spawn(limited, tmp_path, "-m", "two-images", "-a", "red.png", "-o", "max_tokens", "3")
+        child.expect_exact(PROMPT)
+        assert "(2 with the next message)" in command(child, "/image red.png")
+        refused = command(child, "/image red.png")
+        assert "error: two-images takes at most 2 images per conversation (its max_images setting)" in refused
+        assert "/image clear forgets those waiting" in refused
+        assert "error" not in command(child, "Compare them.")  # the two taken go with the question, answered
+        assert "a new chat takes other images" in command(child, "/image red.png")
+        assert command(child, "/image").count("in the conversation: data:image/png") == 2
+        switched = command(child, "/model one-image")
+        assert "one-image takes at most 1 image" in switched and "this conversation has 2" in switched
+        child.sendline("/bye")
+        child.expect(pexpect.EOF)
+
+        # A model that takes text-only questions says so, not that it needs an image.
+        child = spawn(limited, tmp_path, "-m", "one-image")
+        child.expect_exact(PROMPT)
+        assert "takes questions without one" in child.before and "needs one" not in child.before
+        child.sendline("/bye")
+        child.expect(pexpect.EOF)
+
+        # -a past the limit: said at once, nothing sent.
+        posted = limited.log().count(" POST ")
+        child = spawn(limited, tmp_path, "-m", "one-image", "-a", "red.png", "-a", "red.png", "What is it?")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert "one-image takes at most 1 image per conversation (its max_images setting): 2 given" in child.before
+        assert child.exitstatus == 2 and limited.log().count(" POST ") == posted
+    finally:
+        limited.stop()

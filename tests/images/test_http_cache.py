@@ -33,6 +33,7 @@ class Host(ThreadingHTTPServer):
         self.daemon_threads = True
         self.body = png((200, 0, 0))
         self.headers: dict[str, str] = {}
+        self.not_modified: dict[str, str] | None = None  # a 304's headers, when not ``headers``
         self.asked: list[dict[str, str]] = []  # each request's headers, in order
         self.location = "/photo.png"  # where /moved sends
         # Other paths' own body and headers, If-Modified-Since honoured against their Last-Modified.
@@ -74,7 +75,8 @@ class Handler(BaseHTTPRequestHandler):
         etag = host.headers.get("ETag")
         matched = etag is not None and self.headers.get("If-None-Match") == etag
         self.send_response(304 if matched else 200)
-        for name, value in host.headers.items():
+        sent = host.not_modified if matched and host.not_modified is not None else host.headers
+        for name, value in sent.items():
             self.send_header(name, value)
         self.send_header("Content-Length", "0" if matched else str(len(host.body)))
         self.end_headers()
@@ -115,6 +117,28 @@ def test_a_stale_answer_is_asked_whether_it_changed(host: Host) -> None:
     (third,) = loads(host.url, 1, intake)
     assert host.asked[-1].get("If-None-Match") == '"v1"' and third.digest != first.digest
     assert third.image.getpixel((0, 0)) == (0, 0, 200)
+
+
+@pytest.mark.parametrize(
+    ("not_modified", "asked"),
+    [
+        ({}, [None, '"v1"']),  # a bare 304: the stored max-age holds again
+        ({"ETag": '"v1"'}, [None, '"v1"']),  # the usual 304: validators only
+        ({"ETag": '"v1"', "Expires": "0"}, [None, '"v1"']),  # the stored max-age outranks an Expires
+        ({"ETag": '"v1"', "Cache-Control": "no-cache"}, [None, '"v1"', '"v1"', '"v1"']),  # its own terms replace
+        ({"ETag": '"v1"', "Cache-Control": "max-age=60", "Age": "60"}, [None, '"v1"', '"v1"', '"v1"']),
+    ],
+    ids=["bare", "etag only", "expires only", "no-cache", "stale already"],
+)
+def test_a_304_updates_the_stored_answers_terms(host: Host, not_modified: dict, asked: list) -> None:
+    """RFC 9111 4.3.4: the 304's header fields update the stored answer's, which keeps those the 304 does not
+    send. A 304 without Cache-Control left the answer stale for good (each request asked the host again), and a
+    bare one (no ETag either) made it forgotten: fetched whole from then on."""
+    host.headers = {"Cache-Control": "max-age=60", "Age": "60", "ETag": '"v1"'}  # stale as it comes
+    host.not_modified = not_modified
+    first, *later = loads(host.url, 4)
+    assert [h.get("If-None-Match") for h in host.asked] == asked
+    assert all(image is first for image in later)
 
 
 @pytest.mark.parametrize(

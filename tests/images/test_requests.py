@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -31,6 +32,35 @@ def test_url_safe_and_unpadded_base64_is_the_same_image(server: Server) -> None:
         r = httpx.post(
             server.base + GENERATION,
             json=generation_body("data:image/png;base64," + payload, max_tokens=1),
+            headers={"Authorization": f"Bearer {server.key}"},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        usage.append(r.json()["usage"]["image_tokens"])
+    assert usage[0] == usage[1]
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["; base64", "percent-encoded", "percent-encoded lines"],
+)
+def test_data_uris_as_browsers_read_them_are_the_same_image(server: Server, spelling: str) -> None:
+    """Spellings a browser's data: URL reader takes (WHATWG fetch: spaces between ";" and "base64"; the payload
+    percent-decoded before base64, as a URI put through encodeURIComponent or urllib's quote has it): the first
+    was read as percent-encoded bytes ("not an image in a known format"), the others "not valid base64"."""
+    image = png_bytes((20, 160, 90), (300, 200))
+    plain = base64.b64encode(image).decode()
+    assert "+" in plain or "/" in plain
+    uris = {
+        "; base64": "data:image/png; base64," + plain,
+        "percent-encoded": "data:image/png;base64," + quote(plain, safe=""),
+        "percent-encoded lines": "data:image/png;base64," + quote(base64.encodebytes(image).decode(), safe=""),
+    }
+    usage = []
+    for uri in ("data:image/png;base64," + plain, uris[spelling]):
+        r = httpx.post(
+            server.base + GENERATION,
+            json=generation_body(uri, max_tokens=1),
             headers={"Authorization": f"Bearer {server.key}"},
             timeout=60,
         )

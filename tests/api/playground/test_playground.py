@@ -26,7 +26,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import API_KEY, CACHE_DIR, ImageHost, Server, png_bytes
+from tests.conftest import API_KEY, CACHE_DIR, ImageHost, Server, png_bytes, start_server
 
 pytestmark = pytest.mark.chromium
 CHROMIUM = Path("/usr/bin/chromium")
@@ -419,6 +419,45 @@ def test_more_images_than_the_model_takes_are_refused_before_they_are_sent(tab: 
     page.get_by_role("button", name="Remove 0.png").click()
     expect(ask(page, "Compare them all.")).to_have_attribute("data-status", "done", timeout=ANSWER_TIMEOUT_MS)
     assert len(traffic.generations) == 1 and len(traffic.generations[0]["input"]["messages"][0]["content"]) == limit + 1
+
+
+@pytest.mark.server  # its own server, with two models' settings
+def test_the_image_hint_and_limit_follow_the_model(browser: Any, tmp_path: Path, test_model_dir: Path) -> None:
+    """The hint said "the first message needs one" and "send them together" whatever the model's require_image
+    and max_images; one image too many was said only at Send."""
+    config = tmp_path / "llamascope.toml"
+    config.write_text(
+        '[models."one-image"]\npath = "builtin"\nmax_images = 1\nrequire_image = false\n'
+        '[models."three-images"]\npath = "builtin"\nmax_images = 3\n'
+    )
+    limited = start_server(tmp_path, ["--config", str(config)])
+    traffic = Traffic()
+    context, page = open_page(browser, limited, traffic)
+    try:
+        sign_in(page)
+        expect(page.get_by_label("Model")).to_have_value("one-image")
+        hint = page.locator("#image-hint")
+        expect(hint).to_contain_text("a message may also go without one")
+        expect(hint).to_contain_text("one-image takes at most 1 image a conversation")
+        expect(hint).not_to_contain_text("the first message needs one")
+        expect(hint).not_to_contain_text("To compare images")
+        pick_image(page, "0.png", IMAGE, "image/png")
+        expect(page.locator("#status")).to_have_text("")
+        pick_image(page, "1.png", SECOND, "image/png")  # one too many: said as it joins the tray, before Send
+        expect(page.locator("#status")).to_contain_text("one-image takes at most 1 image a conversation")
+        expect(page.locator("#status")).to_contain_text("remove some from the tray")
+        page.get_by_role("button", name="Remove 1.png").click()
+        expect(page.locator("#status")).to_have_text("")
+        pick_image(page, "1.png", SECOND, "image/png")
+        page.get_by_label("Model").select_option("three-images")  # takes both: nothing to say any more
+        expect(page.locator("#status")).to_have_text("")
+        expect(hint).to_contain_text("the first message needs one")
+        expect(hint).to_contain_text("three-images takes at most 3 images a conversation")
+        expect(hint).to_contain_text("To compare images, send them together")
+        assert traffic.generations == []
+    finally:
+        context.close()
+        limited.stop()
 
 
 def test_a_request_over_the_body_limit_says_what_to_do(tab: Tab) -> None:

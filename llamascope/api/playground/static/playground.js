@@ -264,6 +264,38 @@ function showModelBadge() {
   badge.hidden = !model?.test_model;
   badge.title = model?.description || "";
   $("model").title = model?.description || "";
+  showImageRules(model);
+}
+
+const imageCount = (n) => (n === 1 ? "1 image" : `${n} images`);
+
+// The image hint says the model's own rules (its requires_image and max_images settings, as /models lists
+// them); a tray already past a new model's limit is said at once.
+function showImageRules(model) {
+  const limit = model?.max_images;
+  const first = model?.requires_image === false ? "a message may also go without one" : "the first message needs one";
+  const most = limit ? ` ${model.model} takes at most ${imageCount(limit)} a conversation.` : "";
+  const compare = !limit || limit > 1 ? " To compare images, send them together." : "";
+  $("image-rules").textContent = `Images go with your next message, in order, at any turn; ${first}.${most}${compare}`;
+  checkImageLimit();
+}
+
+// What the model's max_images says of the conversation's images and the tray's, with the way on; "" when
+// within it (or the model is not listed: then the server's answer is the check).
+function overLimit(model, imagesGiven = history().imagesGiven) {
+  const limit = model?.max_images;
+  const total = imagesGiven + state.pending.length;
+  if (!limit || total <= limit) return "";
+  const way = imagesGiven > limit ? "start a New chat" : "remove some from the tray (×) or start a New chat";
+  return `${model.model} takes at most ${imageCount(limit)} a conversation and this message would make it `
+    + `${total}: ${way}.`;
+}
+
+// Said as the tray changes (renderTray), not only at Send: a person adding one image too many learns it then.
+function checkImageLimit() {
+  const over = overLimit(models.find((m) => m.model === state.model));
+  if (over) setStatus(over, true, "images");
+  else clearStatus("images");
 }
 
 // The parameters set, as numbers (and stop as a list). A number field holding what is no number in range
@@ -373,13 +405,8 @@ async function ask(text) {
     return refuse("Add an image first: the first message needs one (more may join at any turn).");
   }
   // The model's limit, said before megabytes of images go out, with the way on (the server would refuse too).
-  const limit = model?.max_images;
-  if (limit && imagesGiven + images.length > limit) {
-    const most = limit === 1 ? "1 image" : `${limit} images`;
-    const way = imagesGiven > limit ? "start a New chat" : "remove some from the tray (×) or start a New chat";
-    return refuse(`${state.model} takes at most ${most} a conversation and this message would make it `
-      + `${imagesGiven + images.length}: ${way}.`);
-  }
+  const over = overLimit(model, imagesGiven);
+  if (over) return setStatus(over, true, "images"); // cleared once the tray is within it again
   let params;
   try {
     params = requestParameters();
@@ -599,6 +626,7 @@ function renderTray() {
   const sent = state.turns.some((t) => t.images.length);
   $("image-prompt").textContent =
     state.pending.length || sent ? "Add another image for the next message:" : "Drop images here, paste them, or";
+  checkImageLimit();
 }
 
 // -- the conversation ----------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from llamascope.engines.base import (
 )
 from llamascope.engines.upstream_http import Client, TransportError, Unreachable
 from llamascope.observability.facts import UpstreamHealth
+from llamascope.observability.metrics import upstream_label
 from llamascope.observability.request import outgoing_headers, upstream_call, upstream_failed, upstream_failover
 from llamascope.structured.spec import OutputSpec
 from llamascope.structured.tools import ToolCall, call_id
@@ -85,6 +86,9 @@ class CountsPrompts(Protocol):
 @dataclass
 class Upstream:
     url: str  # the OpenAI-compatible base, usually ending in /v1
+    # The base as logs, /health, metrics and the banner show it: without the user and password it may hold (sent
+    # as Basic authentication, never shown).
+    shown: str = field(init=False)
     outstanding: int = 0
     healthy: bool = True
     failures: int = 0
@@ -98,6 +102,7 @@ class Upstream:
     tokenize_urls: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.shown = upstream_label(self.url)
         self.tokenize_urls = tokenize_urls(self.url)
 
 
@@ -140,7 +145,7 @@ class UpstreamEngine:
         """``counter``: the model's tokenizer (``engines.prompt_counter``), else the engine counts. ``named``:
         ``model`` is the engines' name for it (upstream_model), not the served name, which an engine that lists
         one model only under another name (vLLM's path) is called by that one instead."""
-        info = EngineInfo(kind="upstream", source=",".join(urls), context_length=context_length)
+        info = EngineInfo(kind="upstream", source=",".join(map(upstream_label, urls)), context_length=context_length)
         return cls([Upstream(u.rstrip("/")) for u in urls], model, info, api_key, counter, silence, named)
 
     @property
@@ -159,7 +164,7 @@ class UpstreamEngine:
         _ = self.client
 
     def health(self) -> list[UpstreamHealth]:
-        return [UpstreamHealth(u.url, u.healthy, u.outstanding) for u in self.upstreams]
+        return [UpstreamHealth(u.shown, u.healthy, u.outstanding) for u in self.upstreams]
 
     def stats(self) -> dict[str, int]:
         return {
@@ -274,7 +279,7 @@ class UpstreamEngine:
             with contextlib.suppress(ValueError):  # another request may have found it missing first
                 upstream.tokenize_urls.remove(url)
             if not upstream.tokenize_urls:
-                log.warning("upstream %s has no /tokenize: its prompts are estimated", upstream.url)
+                log.warning("upstream %s has no /tokenize: its prompts are estimated", upstream.shown)
         return None
 
     async def _data_uri(self, image: Any) -> str:
@@ -314,7 +319,7 @@ class UpstreamEngine:
                 if len(tried) >= len(self.upstreams):
                     raise _refusal(kinds) from None
                 upstream_failover(upstream.url)
-                log.warning("upstream %s failed before its first token; trying another", upstream.url)
+                log.warning("upstream %s failed before its first token; trying another", upstream.shown)
             finally:
                 upstream.outstanding -= 1
 
@@ -368,7 +373,7 @@ class UpstreamEngine:
         upstream_failed(upstream.url)
         upstream.failures += 1
         if upstream.healthy:
-            log.warning("upstream %s out of rotation: %s", upstream.url, why)
+            log.warning("upstream %s out of rotation: %s", upstream.shown, why)
         upstream.healthy = False
 
     async def _stream(
@@ -390,7 +395,7 @@ class UpstreamEngine:
                     if response.status != 400:  # not the request's fault (a key or model name it refuses)
                         upstream_failed(upstream.url)  # counted and logged, for the operator to see
                         log.warning(
-                            "upstream %s refused the call: HTTP %d %s", upstream.url, response.status, text[:300]
+                            "upstream %s refused the call: HTTP %d %s", upstream.shown, response.status, text[:300]
                         )
                     raise _client_error(response.status, text)
                 # Read as events whatever its type says (a page of something between holds none: it fails below),
@@ -428,7 +433,7 @@ class UpstreamEngine:
                 try:
                     await self._check(upstream)
                 except Exception:  # an engine's answer no check foresaw must not end the checks for good
-                    log.exception("the health check of upstream %s failed", upstream.url)
+                    log.exception("the health check of upstream %s failed", upstream.shown)
             await asyncio.sleep(HEALTH_EVERY_SECONDS)
 
     async def _check(self, upstream: Upstream) -> None:
@@ -440,7 +445,7 @@ class UpstreamEngine:
         if ok and not self.named:  # every time: an engine restarted may serve the model by another name
             self._name_from(upstream, listing)
         if ok != upstream.healthy:
-            log.warning("upstream %s is %s", upstream.url, "back" if ok else "failing its health check")
+            log.warning("upstream %s is %s", upstream.shown, "back" if ok else "failing its health check")
         if ok:
             upstream.failures = 0  # back, or idle since its last failure: in rotation as the others
         upstream.healthy = ok
@@ -461,12 +466,12 @@ class UpstreamEngine:
         if learned != upstream.model:
             if learned is not None:
                 log.warning(
-                    "upstream %s serves only %r: called by that name (upstream_model sets one)", upstream.url, learned
+                    "upstream %s serves only %r: called by that name (upstream_model sets one)", upstream.shown, learned
                 )
             upstream.model = learned
         if learned is None and names and self.model not in names and not upstream.listing_read:
             log.warning(
-                "upstream %s does not list %r (it lists %s): set upstream_model", upstream.url, self.model, names[:8]
+                "upstream %s does not list %r (it lists %s): set upstream_model", upstream.shown, self.model, names[:8]
             )
         upstream.listing_read = True
 

@@ -237,10 +237,13 @@ def test_user_and_password_in_the_url_are_sent() -> None:
         url = base.replace("http://", "http://user:p%40ss@") + "/a b"
         async with Client().request("GET", url, 5) as r:
             await r.read()
+        async with Client({"Authorization": "Bearer k"}).request("GET", url, 5) as r:  # an API key configured
+            await r.read()
 
     asyncio.run(serve(handler, check))
     assert heads[0].startswith(b"GET /a%20b HTTP/1.1\r\n")
     assert b"Authorization: Basic " + base64.b64encode(b"user:p@ss") + b"\r\n" in heads[0]
+    assert b"Authorization: Bearer k\r\n" in heads[1] and b"Basic" not in heads[1]  # the key's, not both
 
 
 def test_a_new_connection_closed_without_an_answer_is_an_error() -> None:

@@ -53,7 +53,7 @@ from llamascope.engines.base import (
     SamplingParams,
     Turn,
 )
-from llamascope.engines.upstream_http import Client, TransportError, Unreachable
+from llamascope.engines.upstream_http import Client, Response, TransportError, Unreachable
 from llamascope.observability.facts import UpstreamHealth
 from llamascope.observability.metrics import upstream_label
 from llamascope.observability.request import outgoing_headers, upstream_call, upstream_failed, upstream_failover
@@ -75,6 +75,11 @@ HEALTH_TIMEOUT = 3.0
 FORWARDED_STOPS = 4  # stop strings told the engine, at most
 MAX_ANSWER_BYTES = 16 << 20  # a whole (not streamed) answer, at most
 MAX_EVENT_BYTES = 4 << 20  # one line of a streamed answer, at most (a delta is small; a whole call's arguments fit)
+# An engine's error page: what is read of it, at most (its words, for the log and the client), and how long its
+# words are waited for after a 5xx head (the request goes on to another engine). A larger, or endless, one is
+# left there and its connection closed: a broken engine or a proxy's page is not read into memory whole.
+ERROR_BYTES = 8 << 10
+ERROR_WORDS_SECONDS = 1.0
 
 
 class CountsPrompts(Protocol):
@@ -265,7 +270,9 @@ class UpstreamEngine:
                 json.dumps(body).encode(),
                 outgoing_headers(),  # the request's id and trace context
             ) as response:
-                text = (await response.read()).decode(errors="replace")
+                text = (await response.read() if response.status == 200 else await response.read(ERROR_BYTES)).decode(
+                    errors="replace"
+                )
             if response.status == 400:  # the engine refuses the prompt (too long, ...): say why now
                 raise _client_error(400, text)
             if response.status not in (200, 404, 405, 501):
@@ -386,12 +393,12 @@ class UpstreamEngine:
             request = self.client.request("POST", url, self.silence, sent, headers, silence=True)
             async with request as response:
                 if response.status >= 500:
-                    raise _UpstreamFailed(f"HTTP {response.status}")
+                    raise _UpstreamFailed(f"HTTP {response.status}{await _words(response)}")
                 if response.status == 429:  # at capacity (TGI, a rate-limiting proxy): another may not be
-                    await response.read()  # to its end: the connection is kept
+                    await response.read(ERROR_BYTES)  # to its end, a short one: the connection is kept
                     raise _UpstreamFailed("HTTP 429", "busy")
                 if response.status != 200:
-                    text = (await response.read()).decode(errors="replace")
+                    text = (await response.read(ERROR_BYTES)).decode(errors="replace")
                     if response.status != 400:  # not the request's fault (a key or model name it refuses)
                         upstream_failed(upstream.url)  # counted and logged, for the operator to see
                         log.warning(
@@ -697,12 +704,40 @@ async def _as_event(body: bytes, raw: bool = False) -> AsyncIterator[bytes]:
     yield body if raw else b"data: " + body.replace(b"\n", b" ") + b"\n\ndata: [DONE]\n"
 
 
-def _client_error(status: int, text: str) -> errors.ServiceError:
+async def _words(response: Response) -> str:
+    """A failed engine's words, to say why it failed: the start of its error body, waited for a short while."""
+    try:
+        async with asyncio.timeout(ERROR_WORDS_SECONDS):
+            body = await response.read(ERROR_BYTES)
+    except (TimeoutError, TransportError):
+        return ""
+    message = " ".join(_message_in(body.decode(errors="replace")).split())
+    return f": {message[:300]}" if message else ""
+
+
+def _message_in(text: str) -> str:
+    """The words of an engine's error: OpenAI's ``error.message``, vLLM's ``message`` (``"object": "error"``), TGI's
+    ``error`` string; else the text as it came."""
     try:
         detail = json.loads(text)
-        message = (detail.get("error") or {}).get("message") or detail.get("message") or text
-    except (ValueError, AttributeError):
-        message = text
+    except (ValueError, RecursionError):
+        return text
+    return _error_message(detail) or text
+
+
+def _error_message(detail: Any) -> str:
+    """The message of an engine's error object, as :func:`_message_in` finds it; "" where it has none."""
+    if not isinstance(detail, dict):
+        return ""
+    error = detail.get("error")
+    for message in (error.get("message") if isinstance(error, dict) else error, detail.get("message")):
+        if isinstance(message, str) and message:
+            return message
+    return ""
+
+
+def _client_error(status: int, text: str) -> errors.ServiceError:
+    message = _message_in(text)
     code = "InvalidParameter" if status == 400 else "InternalError.Algo"
     return errors.ServiceError(
         400 if status == 400 else 500, code, f"The model engine refused the request: {message[:300]}"

@@ -502,3 +502,45 @@ def test_a_good_health_check_puts_an_engine_back_in_rotation_as_the_others() -> 
             server.close()
 
     assert asyncio.run(run()) == (True, 0)
+
+
+def endless(status: str, start: bytes, sent: list[int]) -> Writer:
+    """An engine that answers ``status`` with an error body that begins with ``start`` and goes on (64 MiB, as far
+    as a reader that reads it all could tell), counting in ``sent`` what it could send before the hang-up."""
+
+    async def write(writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        sent.append(0)
+        piece = start + b" " * (65536 - len(start))
+        try:
+            while sent[-1] < 64 << 20:
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+                sent[-1] += len(piece)
+                piece = b" " * 65536
+            writer.write(b"0\r\n\r\n")
+        except ConnectionError:
+            pass
+
+    return write
+
+
+@pytest.mark.parametrize("status", ["401 Unauthorized", "429 Too Many Requests", "500 Internal Server Error"])
+def test_an_engines_error_body_is_read_only_for_its_first_words(status: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A broken or hostile engine whose error body is huge, or never ends: its first words are read (for the log
+    and the client), the rest is left and its connection closed, not read into memory, nor for ever."""
+    sent: list[int] = []
+    start = b'{"object": "error", "message": "Invalid API key"'  # cut: no JSON to parse, its words all the same
+    with pytest.raises(errors.ServiceError) as refused:
+        asyncio.run(ask([endless(status, start, sent)]))
+    assert sent and sent[0] < 64 << 20  # it saw the hang-up
+    if status.startswith("429"):
+        assert refused.value.code == "Throttling"
+        return
+    assert (refused.value.status, refused.value.code) == (500, "InternalError.Algo")
+    said = [
+        r.getMessage() for r in caplog.records if "refused" in r.getMessage() or "out of rotation" in r.getMessage()
+    ]
+    assert any("Invalid API key" in line and len(line) < 1000 for line in said), said

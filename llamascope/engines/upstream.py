@@ -549,15 +549,21 @@ class _Answer:
                     payloads.append(payload)
         # The events of one read parsed as one JSON array: one parse, not one per event.
         for event in json.loads(b"[" + b",".join(payloads) + b"]") if payloads else ():
-            if "error" in event:
-                raise _UpstreamFailed(str(event["error"])[:200])
+            choices = event.get("choices")
+            # An error the engine sends in its stream, its status sent already (200): vLLM's and SGLang's
+            # {"error": {"message", "type", "code"}} (once {"error": {"object": "error", ...}}), TGI's
+            # {"error": "..."}, or OpenAI's error object itself ({"object": "error", ...}). The engine failed,
+            # whatever code it gives (vLLM says 400 for a RuntimeError, CUDA's included): as a 5xx would.
+            if not choices and (event.get("error") is not None or event.get("object") == "error"):
+                words = " ".join((_error_message(event) or json.dumps(event)).split())
+                raise _UpstreamFailed(f"it sent an error in its answer: {words[:300]}")
             usage = event.get("usage")
             if usage:
                 self.input_tokens = _count(usage.get("prompt_tokens"), self.input_tokens)
                 self.reported = _count(usage.get("completion_tokens"), self.reported)
                 if isinstance(details := usage.get("prompt_tokens_details"), dict):
                     self.cached = _count(details.get("cached_tokens"), self.cached)
-            for choice in event.get("choices") or []:
+            for choice in choices or ():
                 self.chosen = True
                 delta = choice.get("delta") or choice.get("message") or {}
                 piece = delta.get("content") or ""

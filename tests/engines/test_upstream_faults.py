@@ -504,6 +504,39 @@ def test_a_good_health_check_puts_an_engine_back_in_rotation_as_the_others() -> 
     assert asyncio.run(run()) == (True, 0)
 
 
+# What vLLM sends when its stream generator fails after its 200 (serving_chat.py's ``except Exception``: the error
+# as an event, then [DONE]): {"error": ErrorInfo} now, {"error": ErrorResponse} (with "object": "error") before;
+# TGI's {"error": "...", "error_type": ...}; OpenAI's error object itself, as some engines and proxies write it.
+STREAM_ERRORS = {
+    "vllm": {"error": {"message": "CUDA out of memory", "type": "InternalServerError", "param": None, "code": 500}},
+    "vllm 0.6": {"error": {"object": "error", "message": "CUDA out of memory", "type": "BadRequestError", "code": 400}},
+    "tgi": {"error": "CUDA out of memory", "error_type": "generation"},
+    "error object": {"object": "error", "message": "CUDA out of memory", "type": "InternalServerError", "code": 500},
+}
+
+
+@pytest.mark.parametrize("shape", STREAM_ERRORS)
+def test_an_error_the_engine_sends_in_its_stream_is_its_failure(shape: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Before its first piece: the engine failed, as with a 5xx (out of rotation, counted, its words in the log), and
+    the next engine answers; alone, a 500 (after a piece: tests/api/test_upstream_stream.py)."""
+    error = b"data: " + json.dumps(STREAM_ERRORS[shape]).encode() + b"\n\ndata: [DONE]\n\n"
+    with pytest.raises(errors.ServiceError) as alone:
+        asyncio.run(ask([answer_with(event({"role": "assistant"}) + error)]))
+    assert (alone.value.status, alone.value.code) == (500, "InternalError.Algo")
+    line = next(r.getMessage() for r in caplog.records if "out of rotation" in r.getMessage())
+    assert "CUDA out of memory" in line, line
+    found = re.search(r"upstream (http://127\.0\.0\.1:\d+/v1) out of rotation", line)
+    assert found and METRICS.registry.get_sample_value("llamascope:upstream_errors_total", {"upstream": found[1]}) == 1
+    assert text_of(asyncio.run(ask([answer_with(error), answer_with(ENDED)]))) == "A red square."
+
+
+def test_an_event_that_says_no_error_is_no_error() -> None:
+    """``"error": null`` beside the usage (as a proxy may write every event) is an answer's event, not a failure."""
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}, "error": null}\n\n'
+    chunks = asyncio.run(ask([answer_with(ENDED.replace(b"data: [DONE]", usage + b"data: [DONE]"))]))
+    assert text_of(chunks) == "A red square." and chunks[-1].output_tokens == 2
+
+
 def endless(status: str, start: bytes, sent: list[int]) -> Writer:
     """An engine that answers ``status`` with an error body that begins with ``start`` and goes on (64 MiB, as far
     as a reader that reads it all could tell), counting in ``sent`` what it could send before the hang-up."""

@@ -126,7 +126,7 @@ class ModelSpec(BaseModel):
             raise ValueError("a model needs either path (local weights) or upstreams (engine URLs), not both")
         for url in self.upstreams:
             if not _http_url(url):  # checked here: one that passed ran, and every request to it was a 500
-                raise ValueError(f"upstream {shown_url(url)!r} must be an http(s) URL with a host, ending in /v1")
+                raise ValueError(f"upstream {_shown_url(url)!r} must be an http(s) URL with a host, ending in /v1")
         if self.path is not None and "://" in self.path:
             raise ValueError(
                 f"{self.path!r} is a URL, not a local model directory: to serve through an OpenAI-compatible "
@@ -459,8 +459,9 @@ class Settings(BaseSettings):
         return settings
 
 
-def shown_url(url: str) -> str:
-    """A URL as messages and logs show it: without the user and password it may hold."""
+def _shown_url(url: str) -> str:
+    """A URL as messages show it: without the user and password it may hold (as the engines' logs and metrics
+    show it: observability.metrics.upstream_label, which settings, imported by all, cannot import)."""
     try:
         parts = urlsplit(url)
     except ValueError:

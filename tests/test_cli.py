@@ -45,7 +45,7 @@ def test_an_upstream_url_the_engines_client_cannot_call_is_refused_without_its_p
     for url in ("http://gw:s3cret@h:port/v1", "http://gw:s3cret@:8000/v1", "ftp://gw:s3cret@h/v1", "http://[::1/v1"):
         with pytest.raises(Exception, match="must be an http\\(s\\) URL with a host") as refused:
             _model_arg(f"a=openai+{url}")
-        assert "s3cret" not in str(refused.value).replace(url, ""), refused.value  # argparse repeats the argument
+        assert "s3cret" not in str(refused.value), refused.value
     _model_arg("a=openai+http://gw:s3cret@h:8000/v1,openai+https://[::1]/v1")  # these are fine
     config = tmp_path / "llamascope.toml"
     config.write_text(

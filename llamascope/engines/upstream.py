@@ -74,6 +74,7 @@ ANSWER_SILENCE = 300.0  # seconds, unless the model's upstream_timeout says othe
 HEALTH_TIMEOUT = 3.0
 FORWARDED_STOPS = 4  # stop strings told the engine, at most
 MAX_ANSWER_BYTES = 16 << 20  # a whole (not streamed) answer, at most
+MAX_COUNT_BYTES = 1 << 20  # a /tokenize answer, with its token ids: about 7 bytes a token
 MAX_EVENT_BYTES = 4 << 20  # one line of a streamed answer, at most (a delta is small; a whole call's arguments fit)
 # An engine's error page: what is read of it, at most (its words, for the log and the client), and how long its
 # words are waited for after a 5xx head (the request goes on to another engine). A larger, or endless, one is
@@ -270,9 +271,8 @@ class UpstreamEngine:
                 json.dumps(body).encode(),
                 outgoing_headers(),  # the request's id and trace context
             ) as response:
-                text = (await response.read() if response.status == 200 else await response.read(ERROR_BYTES)).decode(
-                    errors="replace"
-                )
+                limit = MAX_COUNT_BYTES if response.status == 200 else ERROR_BYTES
+                text = (await response.read(limit)).decode(errors="replace")
             if response.status == 400:  # the engine refuses the prompt (too long, ...): say why now
                 raise _client_error(400, text)
             if response.status not in (200, 404, 405, 501):

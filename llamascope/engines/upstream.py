@@ -743,7 +743,7 @@ def _error_message(detail: Any) -> str:
 
 
 def _client_error(status: int, text: str) -> errors.ServiceError:
-    message = _message_in(text)
+    message = _message_in(text).strip() or f"HTTP {status}"  # an empty body (a redirect, a bare 401): its status
     code = "InvalidParameter" if status == 400 else "InternalError.Algo"
     return errors.ServiceError(
         400 if status == 400 else 500, code, f"The model engine refused the request: {message[:300]}"

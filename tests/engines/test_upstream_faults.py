@@ -577,3 +577,35 @@ def test_an_engines_error_body_is_read_only_for_its_first_words(status: str, cap
         r.getMessage() for r in caplog.records if "refused" in r.getMessage() or "out of rotation" in r.getMessage()
     ]
     assert any("Invalid API key" in line and len(line) < 1000 for line in said), said
+
+
+def test_a_redirect_is_not_followed_and_says_its_status() -> None:
+    """The engines are URLs the operator configured: one that redirects (a proxy's login page, a moved engine)
+    fails the request, saying its status (its empty body said nothing: "refused the request: "), and the place
+    it names is never asked."""
+    asked: list[bytes] = []
+
+    async def elsewhere(writer: asyncio.StreamWriter) -> None:
+        asked.append(b"chat")
+        writer.write(head() + ENDED)
+
+    async def run() -> None:
+        served = engine(elsewhere)
+        target = await anext(served)
+
+        async def redirect(writer: asyncio.StreamWriter) -> None:
+            writer.write(
+                f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {target}/chat/completions\r\n"
+                "Content-Length: 0\r\n\r\n".encode()
+            )
+
+        try:
+            with pytest.raises(errors.ServiceError) as refused:
+                await ask([redirect])
+            assert (refused.value.status, refused.value.code) == (500, "InternalError.Algo")
+            assert refused.value.message.endswith("refused the request: HTTP 307"), refused.value.message
+        finally:
+            await served.aclose()
+
+    asyncio.run(run())
+    assert asked == []

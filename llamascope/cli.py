@@ -30,7 +30,8 @@ def _model_arg(value: str) -> tuple[str, ModelSpec]:
             return name, ModelSpec(upstreams=urls)
         return name, ModelSpec(path=source)  # 'builtin' is the test model's short name (ModelSpec)
     except ValidationError as exc:
-        raise argparse.ArgumentTypeError(f"{value}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        # Named, not repeated: the message shows the URL, without a password it may hold
+        raise argparse.ArgumentTypeError(f"{name}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 def _checked(parse: Callable[..., Any], name: str, *args: Any) -> Callable[[str], Any]:

@@ -23,6 +23,7 @@ import os
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -124,8 +125,8 @@ class ModelSpec(BaseModel):
         if (self.path is None) == (not self.upstreams):
             raise ValueError("a model needs either path (local weights) or upstreams (engine URLs), not both")
         for url in self.upstreams:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"upstream {url!r} must be an http(s) URL ending in /v1")
+            if not _http_url(url):  # checked here: one that passed ran, and every request to it was a 500
+                raise ValueError(f"upstream {_shown_url(url)!r} must be an http(s) URL with a host, ending in /v1")
         if self.path is not None and "://" in self.path:
             raise ValueError(
                 f"{self.path!r} is a URL, not a local model directory: to serve through an OpenAI-compatible "
@@ -470,6 +471,28 @@ class Settings(BaseSettings):
         return settings
 
 
+def _shown_url(url: str) -> str:
+    """A URL as messages show it: without the user and password it may hold (as the engines' logs and metrics
+    show it: observability.metrics.upstream_label, which settings, imported by all, cannot import)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a URL that does not parse)" if "@" in url else url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _http_url(url: str) -> bool:
+    """Whether ``url`` is http(s), with a host and a port that is a number if any (as the engines' client needs)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises for a port that is not a number, or out of range
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 def describe_error(exc: BaseException) -> str:
     """A settings error as a user reads it: each wrong setting by the environment variable (and config-file
     key) that sets it, what is wrong, and the value given; pydantic's own text for anything else."""
@@ -480,5 +503,7 @@ def describe_error(exc: BaseException) -> str:
         where = [str(part) for part in error["loc"]]
         name = f"LLAMASCOPE_{where[0].upper()} ({'.'.join(where)})" if len(where) == 1 else ".".join(where)
         given = f" (given: {error['input']!r})" if error["type"] != "missing" and "input" in error else ""
+        if isinstance(error.get("input"), dict):  # a whole section (a model's): it may hold a key or a password
+            given = ""
         lines.append(f"{name}: {error['msg']}{given}")
     return "\n".join(lines)

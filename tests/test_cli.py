@@ -38,6 +38,24 @@ def test_model_argument() -> None:
         check_model_dir(Path("meta-llama/Llama-3.2-11B-Vision-Instruct"))
 
 
+def test_an_upstream_url_the_engines_client_cannot_call_is_refused_without_its_password(tmp_path: Path) -> None:
+    """A port that is no number, or no host: the server started, "healthy", and every request was a 500 (its
+    traceback naming the URL, password and all). Refused at start now, the URL shown without user and password,
+    and a model's settings (an upstream_api_key among them) are not echoed back."""
+    for url in ("http://gw:s3cret@h:port/v1", "http://gw:s3cret@:8000/v1", "ftp://gw:s3cret@h/v1", "http://[::1/v1"):
+        with pytest.raises(Exception, match="must be an http\\(s\\) URL with a host") as refused:
+            _model_arg(f"a=openai+{url}")
+        assert "s3cret" not in str(refused.value), refused.value
+    _model_arg("a=openai+http://gw:s3cret@h:8000/v1,openai+https://[::1]/v1")  # these are fine
+    config = tmp_path / "llamascope.toml"
+    config.write_text(
+        '[models.a]\nupstreams = ["http://gw:s3cret@h:port/v1"]\nupstream_api_key = "sk-upstream-key-s3cret"\n'
+    )
+    out = llamascope(tmp_path, "serve", "--port", "1", "--config", str(config))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "'http://h:port/v1' must be an http(s) URL with a host" in out.stderr and "s3cret" not in out.stderr
+
+
 def test_a_config_file_names_the_test_model_as_the_command_line_does(tmp_path: Path) -> None:
     config = tmp_path / "llamascope.toml"
     config.write_text('[models.a]\npath = "builtin"\n[models.b]\npath = "builtin:test-model"\n')

@@ -21,6 +21,7 @@ from llamascope.engines.base import Engine, ModelLoadError
 from llamascope.engines.devices import Bounds
 from llamascope.engines.model_dir import SERVED_MODEL_TYPES, check_model_dir
 from llamascope.engines.upstream import ANSWER_SILENCE, UpstreamEngine
+from llamascope.observability.metrics import upstream_label
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def load_engines(
     engines: dict[str, Engine] = {}
     for name, model in models.items():
         if isinstance(model, UpstreamModel):
-            progress(f"serving {name!r} through {', '.join(model.upstreams)}")
+            progress(f"serving {name!r} through {', '.join(map(upstream_label, model.upstreams))}")
             counter = None
             if model.tokenizer:
                 # transformers only for a model whose prompts are counted here: a gateway never loads it.

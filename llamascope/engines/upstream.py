@@ -53,8 +53,9 @@ from llamascope.engines.base import (
     SamplingParams,
     Turn,
 )
-from llamascope.engines.upstream_http import Client, TransportError, Unreachable
+from llamascope.engines.upstream_http import Client, Response, TransportError, Unreachable
 from llamascope.observability.facts import UpstreamHealth
+from llamascope.observability.metrics import upstream_label
 from llamascope.observability.request import outgoing_headers, upstream_call, upstream_failed, upstream_failover
 from llamascope.structured.spec import OutputSpec
 from llamascope.structured.tools import ToolCall, call_id
@@ -73,7 +74,13 @@ ANSWER_SILENCE = 300.0  # seconds, unless the model's upstream_timeout says othe
 HEALTH_TIMEOUT = 3.0
 FORWARDED_STOPS = 4  # stop strings told the engine, at most
 MAX_ANSWER_BYTES = 16 << 20  # a whole (not streamed) answer, at most
+MAX_COUNT_BYTES = 1 << 20  # a /tokenize answer, with its token ids: about 7 bytes a token
 MAX_EVENT_BYTES = 4 << 20  # one line of a streamed answer, at most (a delta is small; a whole call's arguments fit)
+# An engine's error page: what is read of it, at most (its words, for the log and the client), and how long its
+# words are waited for after a 5xx head (the request goes on to another engine). A larger, or endless, one is
+# left there and its connection closed: a broken engine or a proxy's page is not read into memory whole.
+ERROR_BYTES = 8 << 10
+ERROR_WORDS_SECONDS = 1.0
 
 
 class CountsPrompts(Protocol):
@@ -85,6 +92,9 @@ class CountsPrompts(Protocol):
 @dataclass
 class Upstream:
     url: str  # the OpenAI-compatible base, usually ending in /v1
+    # The base as logs, /health, metrics and the banner show it: without the user and password it may hold (sent
+    # as Basic authentication, never shown).
+    shown: str = field(init=False)
     outstanding: int = 0
     healthy: bool = True
     failures: int = 0
@@ -98,6 +108,7 @@ class Upstream:
     tokenize_urls: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.shown = upstream_label(self.url)
         self.tokenize_urls = tokenize_urls(self.url)
 
 
@@ -140,7 +151,7 @@ class UpstreamEngine:
         """``counter``: the model's tokenizer (``engines.prompt_counter``), else the engine counts. ``named``:
         ``model`` is the engines' name for it (upstream_model), not the served name, which an engine that lists
         one model only under another name (vLLM's path) is called by that one instead."""
-        info = EngineInfo(kind="upstream", source=",".join(urls), context_length=context_length)
+        info = EngineInfo(kind="upstream", source=",".join(map(upstream_label, urls)), context_length=context_length)
         return cls([Upstream(u.rstrip("/")) for u in urls], model, info, api_key, counter, silence, named)
 
     @property
@@ -159,7 +170,7 @@ class UpstreamEngine:
         _ = self.client
 
     def health(self) -> list[UpstreamHealth]:
-        return [UpstreamHealth(u.url, u.healthy, u.outstanding) for u in self.upstreams]
+        return [UpstreamHealth(u.shown, u.healthy, u.outstanding) for u in self.upstreams]
 
     def stats(self) -> dict[str, int]:
         return {
@@ -260,7 +271,8 @@ class UpstreamEngine:
                 json.dumps(body).encode(),
                 outgoing_headers(),  # the request's id and trace context
             ) as response:
-                text = (await response.read()).decode(errors="replace")
+                limit = MAX_COUNT_BYTES if response.status == 200 else ERROR_BYTES
+                text = (await response.read(limit)).decode(errors="replace")
             if response.status == 400:  # the engine refuses the prompt (too long, ...): say why now
                 raise _client_error(400, text)
             if response.status not in (200, 404, 405, 501):
@@ -274,7 +286,7 @@ class UpstreamEngine:
             with contextlib.suppress(ValueError):  # another request may have found it missing first
                 upstream.tokenize_urls.remove(url)
             if not upstream.tokenize_urls:
-                log.warning("upstream %s has no /tokenize: its prompts are estimated", upstream.url)
+                log.warning("upstream %s has no /tokenize: its prompts are estimated", upstream.shown)
         return None
 
     async def _data_uri(self, image: Any) -> str:
@@ -314,7 +326,7 @@ class UpstreamEngine:
                 if len(tried) >= len(self.upstreams):
                     raise _refusal(kinds) from None
                 upstream_failover(upstream.url)
-                log.warning("upstream %s failed before its first token; trying another", upstream.url)
+                log.warning("upstream %s failed before its first token; trying another", upstream.shown)
             finally:
                 upstream.outstanding -= 1
 
@@ -368,7 +380,7 @@ class UpstreamEngine:
         upstream_failed(upstream.url)
         upstream.failures += 1
         if upstream.healthy:
-            log.warning("upstream %s out of rotation: %s", upstream.url, why)
+            log.warning("upstream %s out of rotation: %s", upstream.shown, why)
         upstream.healthy = False
 
     async def _stream(
@@ -381,16 +393,16 @@ class UpstreamEngine:
             request = self.client.request("POST", url, self.silence, sent, headers, silence=True)
             async with request as response:
                 if response.status >= 500:
-                    raise _UpstreamFailed(f"HTTP {response.status}")
+                    raise _UpstreamFailed(f"HTTP {response.status}{await _words(response)}")
                 if response.status == 429:  # at capacity (TGI, a rate-limiting proxy): another may not be
-                    await response.read()  # to its end: the connection is kept
+                    await response.read(ERROR_BYTES)  # to its end, a short one: the connection is kept
                     raise _UpstreamFailed("HTTP 429", "busy")
                 if response.status != 200:
-                    text = (await response.read()).decode(errors="replace")
+                    text = (await response.read(ERROR_BYTES)).decode(errors="replace")
                     if response.status != 400:  # not the request's fault (a key or model name it refuses)
                         upstream_failed(upstream.url)  # counted and logged, for the operator to see
                         log.warning(
-                            "upstream %s refused the call: HTTP %d %s", upstream.url, response.status, text[:300]
+                            "upstream %s refused the call: HTTP %d %s", upstream.shown, response.status, text[:300]
                         )
                     raise _client_error(response.status, text)
                 # Read as events whatever its type says (a page of something between holds none: it fails below),
@@ -428,7 +440,7 @@ class UpstreamEngine:
                 try:
                     await self._check(upstream)
                 except Exception:  # an engine's answer no check foresaw must not end the checks for good
-                    log.exception("the health check of upstream %s failed", upstream.url)
+                    log.exception("the health check of upstream %s failed", upstream.shown)
             await asyncio.sleep(HEALTH_EVERY_SECONDS)
 
     async def _check(self, upstream: Upstream) -> None:
@@ -440,7 +452,7 @@ class UpstreamEngine:
         if ok and not self.named:  # every time: an engine restarted may serve the model by another name
             self._name_from(upstream, listing)
         if ok != upstream.healthy:
-            log.warning("upstream %s is %s", upstream.url, "back" if ok else "failing its health check")
+            log.warning("upstream %s is %s", upstream.shown, "back" if ok else "failing its health check")
         if ok:
             upstream.failures = 0  # back, or idle since its last failure: in rotation as the others
         upstream.healthy = ok
@@ -461,12 +473,12 @@ class UpstreamEngine:
         if learned != upstream.model:
             if learned is not None:
                 log.warning(
-                    "upstream %s serves only %r: called by that name (upstream_model sets one)", upstream.url, learned
+                    "upstream %s serves only %r: called by that name (upstream_model sets one)", upstream.shown, learned
                 )
             upstream.model = learned
         if learned is None and names and self.model not in names and not upstream.listing_read:
             log.warning(
-                "upstream %s does not list %r (it lists %s): set upstream_model", upstream.url, self.model, names[:8]
+                "upstream %s does not list %r (it lists %s): set upstream_model", upstream.shown, self.model, names[:8]
             )
         upstream.listing_read = True
 
@@ -537,15 +549,21 @@ class _Answer:
                     payloads.append(payload)
         # The events of one read parsed as one JSON array: one parse, not one per event.
         for event in json.loads(b"[" + b",".join(payloads) + b"]") if payloads else ():
-            if "error" in event:
-                raise _UpstreamFailed(str(event["error"])[:200])
+            choices = event.get("choices")
+            # An error the engine sends in its stream, its status sent already (200): vLLM's and SGLang's
+            # {"error": {"message", "type", "code"}} (once {"error": {"object": "error", ...}}), TGI's
+            # {"error": "..."}, or OpenAI's error object itself ({"object": "error", ...}). The engine failed,
+            # whatever code it gives (vLLM says 400 for a RuntimeError, CUDA's included): as a 5xx would.
+            if not choices and (event.get("error") is not None or event.get("object") == "error"):
+                words = " ".join((_error_message(event) or json.dumps(event)).split())
+                raise _UpstreamFailed(f"it sent an error in its answer: {words[:300]}")
             usage = event.get("usage")
             if usage:
                 self.input_tokens = _count(usage.get("prompt_tokens"), self.input_tokens)
                 self.reported = _count(usage.get("completion_tokens"), self.reported)
                 if isinstance(details := usage.get("prompt_tokens_details"), dict):
                     self.cached = _count(details.get("cached_tokens"), self.cached)
-            for choice in event.get("choices") or []:
+            for choice in choices or ():
                 self.chosen = True
                 delta = choice.get("delta") or choice.get("message") or {}
                 piece = delta.get("content") or ""
@@ -692,12 +710,40 @@ async def _as_event(body: bytes, raw: bool = False) -> AsyncIterator[bytes]:
     yield body if raw else b"data: " + body.replace(b"\n", b" ") + b"\n\ndata: [DONE]\n"
 
 
-def _client_error(status: int, text: str) -> errors.ServiceError:
+async def _words(response: Response) -> str:
+    """A failed engine's words, to say why it failed: the start of its error body, waited for a short while."""
+    try:
+        async with asyncio.timeout(ERROR_WORDS_SECONDS):
+            body = await response.read(ERROR_BYTES)
+    except (TimeoutError, TransportError):
+        return ""
+    message = " ".join(_message_in(body.decode(errors="replace")).split())
+    return f": {message[:300]}" if message else ""
+
+
+def _message_in(text: str) -> str:
+    """The words of an engine's error: OpenAI's ``error.message``, vLLM's ``message`` (``"object": "error"``), TGI's
+    ``error`` string; else the text as it came."""
     try:
         detail = json.loads(text)
-        message = (detail.get("error") or {}).get("message") or detail.get("message") or text
-    except (ValueError, AttributeError):
-        message = text
+    except (ValueError, RecursionError):
+        return text
+    return _error_message(detail) or text
+
+
+def _error_message(detail: Any) -> str:
+    """The message of an engine's error object, as :func:`_message_in` finds it; "" where it has none."""
+    if not isinstance(detail, dict):
+        return ""
+    error = detail.get("error")
+    for message in (error.get("message") if isinstance(error, dict) else error, detail.get("message")):
+        if isinstance(message, str) and message:
+            return message
+    return ""
+
+
+def _client_error(status: int, text: str) -> errors.ServiceError:
+    message = _message_in(text).strip() or f"HTTP {status}"  # an empty body (a redirect, a bare 401): its status
     code = "InvalidParameter" if status == 400 else "InternalError.Algo"
     return errors.ServiceError(
         400 if status == 400 else 500, code, f"The model engine refused the request: {message[:300]}"

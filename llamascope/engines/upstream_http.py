@@ -320,10 +320,13 @@ class Response:
             raise TransportError(f"the engine's compressed body is broken: {exc}") from None
 
     async def read(self, limit: int = 1 << 20) -> bytes:
-        """The whole body, of which at most ``limit`` bytes are kept (an error page, a count: never large)."""
+        """The body, or its first ``limit`` bytes (an error page, a count: never large). Reading stops there: the
+        rest of a larger (or endless) body is not read, and its connection is closed, not kept."""
         body = bytearray()
         async for data in self:
             body += data[: limit - len(body)]
+            if len(body) >= limit:
+                break
         return bytes(body)
 
 

@@ -20,6 +20,12 @@ PIECES = ["The ", "picture ", "shows ", "a ", "small ", "red ", "square", "."]
 # An engine that cuts its text between the halves of a surrogate pair (JSON strings are UTF-16): each half is
 # escaped alone in its delta (json.dumps writes "\ud83d"), and a half of a pair is left alone before "!".
 HALVES = ["A ", "\ud83d", "\udc09", " or ", "\ud83d", "!"]
+# An error sent in the stream after its 200 and a first piece: vLLM's (serving_chat.py: the exception as an event,
+# then [DONE]), and OpenAI's error object itself, which had no choice in it and passed for the answer's end.
+STREAM_ERRORS = {
+    "fails": {"error": {"message": "EngineCore died", "type": "InternalServerError", "param": None, "code": 500}},
+    "fails-object": {"object": "error", "message": "EngineCore died", "type": "InternalServerError", "code": 500},
+}
 WAIT_SECONDS = 5  # how long the slow upstream holds the rest of its answer unless the client has its first token
 
 
@@ -88,6 +94,12 @@ class Upstream:
                     await response.write(event)
                     await asyncio.sleep(0.01)  # each its own read, most likely
                 events = events[-1:]
+            if model.startswith("fails"):  # its first piece, then (once released) an error, as vLLM sends one
+                await response.write(events[0])
+                await asyncio.get_running_loop().run_in_executor(None, self.released.wait, WAIT_SECONDS)
+                await response.write(b"data: " + json.dumps(STREAM_ERRORS[model]).encode() + b"\n\ndata: [DONE]\n\n")
+                await response.write_eof()
+                return response
             if model == "slow":
                 await response.write(events[0])
                 released = await asyncio.get_running_loop().run_in_executor(None, self.released.wait, WAIT_SECONDS)
@@ -98,7 +110,7 @@ class Upstream:
             return response
 
         async def models(request: web.Request) -> web.Response:
-            names = ("burst", "slow", "floats", "halves", "stops", "cached")
+            names = ("burst", "slow", "floats", "halves", "stops", "cached", *STREAM_ERRORS)
             return web.json_response({"object": "list", "data": [{"id": name} for name in names]})
 
         app = web.Application()
@@ -150,7 +162,7 @@ def upstream() -> Iterator[Upstream]:
 def front(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Server]:
     models = [
         arg
-        for name in ("burst", "slow", "floats", "halves", "stops", "cached")
+        for name in ("burst", "slow", "floats", "halves", "stops", "cached", *STREAM_ERRORS)
         for arg in ("--model", f"{name}=openai+{upstream.base}")
     ]
     srv = start_server(tmp_path_factory.mktemp("front"), models)
@@ -223,6 +235,36 @@ def test_a_first_token_alone_is_not_held_back(front: Server, upstream: Upstream,
     assert not upstream.waited_out, "the first token came only with the rest of the answer"
     assert upstream.released.is_set()
     assert any("square." in line for line in seen)
+
+
+@pytest.mark.parametrize("model", STREAM_ERRORS)
+@pytest.mark.parametrize("native", [False, True])
+def test_an_error_the_engine_sends_after_its_first_piece_is_an_error_event(
+    front: Server, upstream: Upstream, model: str, native: bool
+) -> None:
+    """The client has the first piece, then an error event in its API's shape (DashScope's ``event:error`` with the
+    500's code and request id; OpenAI's error object): never a stream that ends as if the answer were whole."""
+    upstream.released.clear()
+    headers = {"Authorization": f"Bearer {API_KEY}", "X-DashScope-SSE": "enable"}
+    path, body = "/compatible-mode/v1/chat/completions", _request(model)
+    if native:
+        path = "/api/v1/services/aigc/text-generation/generation"
+        body = {"model": model, "input": {"messages": body["messages"]}, "parameters": {"incremental_output": True}}
+    lines = []
+    with httpx.stream("POST", front.base + path, json=body, headers=headers, timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data:") and PIECES[0].strip() in line:
+                upstream.released.set()  # the error only once the client has the first piece
+            lines.append(line)
+    assert upstream.released.is_set(), lines
+    data = [json.loads(line[5:]) for line in lines if line.startswith("data:") and line != "data: [DONE]"]
+    assert not any(line.startswith("data:") and ('"stop"' in line or "[DONE]" in line) for line in lines), lines
+    if native:
+        assert lines[lines.index("event:error") :][:3] == ["event:error", ":HTTP_STATUS/500", "status:500"], lines
+        assert (data[-1]["code"], data[-1]["request_id"]) == ("InternalError.Algo", r.headers["x-request-id"])
+    else:
+        assert data[-1]["error"]["code"] == "InternalError.Algo", lines
 
 
 def test_usage_counts_written_as_floats_come_back_as_whole_numbers(front: Server) -> None:

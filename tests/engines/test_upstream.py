@@ -16,6 +16,14 @@ from tests.conftest import Server, free_port, generation_body, start_server, use
 
 pytestmark = pytest.mark.server
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
+WITH_PASSWORD = "with-password"
+PASSWORD = "s3cret-of-the-proxy"
+
+
+def with_password(url: str) -> str:
+    return url.replace("http://", f"http://gateway:{PASSWORD}@")
+
+
 UPSTREAM_KEY = "sk-8f1c8e9939b6e046908ec799c08eaf8c9fa97f43"
 MODEL = "llama3.2-11b-vision"
 DASHSCOPE_BASE = "by-dashscope-base"  # the same upstream, named by the base DashScope documents: .../compatible-mode/v1
@@ -51,6 +59,10 @@ def front(tmp_path_factory: pytest.TempPathFactory, upstream: Server, test_model
         f'[models."{DASHSCOPE_BASE}"]\nupstreams = ["{upstream.base}/compatible-mode/v1"]\nupstream_model = "{MODEL}"\n'
         f'upstream_api_key = "{UPSTREAM_KEY}"\n'
         f'[models."gone"]\nupstreams = ["{dead}"]\n'
+        # A user and password in the URL (a proxy's Basic authentication): an upstream_api_key's Bearer goes instead
+        f'[models."{WITH_PASSWORD}"]\nupstreams = ["{with_password(upstream.base)}/v1"]\nupstream_model = "{MODEL}"\n'
+        f'upstream_api_key = "{UPSTREAM_KEY}"\n'
+        f'[models."gone-{WITH_PASSWORD}"]\nupstreams = ["{with_password(dead)}"]\n'
         f'[models."down-at-start"]\nupstreams = ["http://127.0.0.1:{free_port()}/v1"]\n'  # never called
     )
     srv = start_server(tmp, ["--config", str(config)])
@@ -143,6 +155,23 @@ def test_no_upstream_reachable_is_a_503_worth_retrying_and_health_says_so(front:
     assert (r.status_code, r.json()["code"], r.headers["x-should-retry"]) == (503, "ServiceUnavailable", "true")
     health = httpx.get(front.base + "/health", timeout=10).json()
     assert health["status"] == "degraded" and health["models"]["gone"]["healthy_upstreams"] == 0
+
+
+def test_an_upstream_urls_password_is_never_shown(front: Server, image_host) -> None:
+    """The URL's password goes to the engine only: the log (the banner, the engine named as it fails), /health and
+    /metrics name the engine without it. The upstream_api_key's Bearer is what the engine gets (it answers)."""
+    assert post(front, body_for(WITH_PASSWORD, image_host.url("/red.png"), max_tokens=2)).status_code == 200
+    gone = post(front, body_for(f"gone-{WITH_PASSWORD}", image_host.url("/red.png"), max_tokens=2))
+    assert gone.status_code == 503
+    seen = [
+        front.log(),
+        httpx.get(front.base + "/health", timeout=10).text,
+        httpx.get(front.base + "/metrics", timeout=10).text,
+    ]
+    assert not [where for where in seen if PASSWORD in where or "gateway:" in where]
+    dead = re.escape(with_password("http://127.0.0.1:").replace(f"gateway:{PASSWORD}@", ""))
+    assert re.search(rf"gone-{WITH_PASSWORD} +{dead}\d+/v1\n", seen[0])  # the banner's line, without it
+    assert re.search(rf"upstream {dead}\d+/v1 (is failing its health check|out of rotation)", seen[0])
 
 
 def test_an_engine_down_at_start_shows_in_health_before_any_request(front: Server) -> None:

@@ -502,3 +502,110 @@ def test_a_good_health_check_puts_an_engine_back_in_rotation_as_the_others() -> 
             server.close()
 
     assert asyncio.run(run()) == (True, 0)
+
+
+# What vLLM sends when its stream generator fails after its 200 (serving_chat.py's ``except Exception``: the error
+# as an event, then [DONE]): {"error": ErrorInfo} now, {"error": ErrorResponse} (with "object": "error") before;
+# TGI's {"error": "...", "error_type": ...}; OpenAI's error object itself, as some engines and proxies write it.
+STREAM_ERRORS = {
+    "vllm": {"error": {"message": "CUDA out of memory", "type": "InternalServerError", "param": None, "code": 500}},
+    "vllm 0.6": {"error": {"object": "error", "message": "CUDA out of memory", "type": "BadRequestError", "code": 400}},
+    "tgi": {"error": "CUDA out of memory", "error_type": "generation"},
+    "error object": {"object": "error", "message": "CUDA out of memory", "type": "InternalServerError", "code": 500},
+}
+
+
+@pytest.mark.parametrize("shape", STREAM_ERRORS)
+def test_an_error_the_engine_sends_in_its_stream_is_its_failure(shape: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Before its first piece: the engine failed, as with a 5xx (out of rotation, counted, its words in the log), and
+    the next engine answers; alone, a 500 (after a piece: tests/api/test_upstream_stream.py)."""
+    error = b"data: " + json.dumps(STREAM_ERRORS[shape]).encode() + b"\n\ndata: [DONE]\n\n"
+    with pytest.raises(errors.ServiceError) as alone:
+        asyncio.run(ask([answer_with(event({"role": "assistant"}) + error)]))
+    assert (alone.value.status, alone.value.code) == (500, "InternalError.Algo")
+    line = next(r.getMessage() for r in caplog.records if "out of rotation" in r.getMessage())
+    assert "CUDA out of memory" in line, line
+    found = re.search(r"upstream (http://127\.0\.0\.1:\d+/v1) out of rotation", line)
+    assert found and METRICS.registry.get_sample_value("llamascope:upstream_errors_total", {"upstream": found[1]}) == 1
+    assert text_of(asyncio.run(ask([answer_with(error), answer_with(ENDED)]))) == "A red square."
+
+
+def test_an_event_that_says_no_error_is_no_error() -> None:
+    """``"error": null`` beside the usage (as a proxy may write every event) is an answer's event, not a failure."""
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}, "error": null}\n\n'
+    chunks = asyncio.run(ask([answer_with(ENDED.replace(b"data: [DONE]", usage + b"data: [DONE]"))]))
+    assert text_of(chunks) == "A red square." and chunks[-1].output_tokens == 2
+
+
+def endless(status: str, start: bytes, sent: list[int]) -> Writer:
+    """An engine that answers ``status`` with an error body that begins with ``start`` and goes on (64 MiB, as far
+    as a reader that reads it all could tell), counting in ``sent`` what it could send before the hang-up."""
+
+    async def write(writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        sent.append(0)
+        piece = start + b" " * (65536 - len(start))
+        try:
+            while sent[-1] < 64 << 20:
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+                sent[-1] += len(piece)
+                piece = b" " * 65536
+            writer.write(b"0\r\n\r\n")
+        except ConnectionError:
+            pass
+
+    return write
+
+
+@pytest.mark.parametrize("status", ["401 Unauthorized", "429 Too Many Requests", "500 Internal Server Error"])
+def test_an_engines_error_body_is_read_only_for_its_first_words(status: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A broken or hostile engine whose error body is huge, or never ends: its first words are read (for the log
+    and the client), the rest is left and its connection closed, not read into memory, nor for ever."""
+    sent: list[int] = []
+    start = b'{"object": "error", "message": "Invalid API key"'  # cut: no JSON to parse, its words all the same
+    with pytest.raises(errors.ServiceError) as refused:
+        asyncio.run(ask([endless(status, start, sent)]))
+    assert sent and sent[0] < 64 << 20  # it saw the hang-up
+    if status.startswith("429"):
+        assert refused.value.code == "Throttling"
+        return
+    assert (refused.value.status, refused.value.code) == (500, "InternalError.Algo")
+    said = [
+        r.getMessage() for r in caplog.records if "refused" in r.getMessage() or "out of rotation" in r.getMessage()
+    ]
+    assert any("Invalid API key" in line and len(line) < 1000 for line in said), said
+
+
+def test_a_redirect_is_not_followed_and_says_its_status() -> None:
+    """The engines are URLs the operator configured: one that redirects (a proxy's login page, a moved engine)
+    fails the request, saying its status (its empty body said nothing: "refused the request: "), and the place
+    it names is never asked."""
+    asked: list[bytes] = []
+
+    async def elsewhere(writer: asyncio.StreamWriter) -> None:
+        asked.append(b"chat")
+        writer.write(head() + ENDED)
+
+    async def run() -> None:
+        served = engine(elsewhere)
+        target = await anext(served)
+
+        async def redirect(writer: asyncio.StreamWriter) -> None:
+            writer.write(
+                f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {target}/chat/completions\r\n"
+                "Content-Length: 0\r\n\r\n".encode()
+            )
+
+        try:
+            with pytest.raises(errors.ServiceError) as refused:
+                await ask([redirect])
+            assert (refused.value.status, refused.value.code) == (500, "InternalError.Algo")
+            assert refused.value.message.endswith("refused the request: HTTP 307"), refused.value.message
+        finally:
+            await served.aclose()
+
+    asyncio.run(run())
+    assert asked == []

@@ -237,10 +237,13 @@ def test_user_and_password_in_the_url_are_sent() -> None:
         url = base.replace("http://", "http://user:p%40ss@") + "/a b"
         async with Client().request("GET", url, 5) as r:
             await r.read()
+        async with Client({"Authorization": "Bearer k"}).request("GET", url, 5) as r:  # an API key configured
+            await r.read()
 
     asyncio.run(serve(handler, check))
     assert heads[0].startswith(b"GET /a%20b HTTP/1.1\r\n")
     assert b"Authorization: Basic " + base64.b64encode(b"user:p@ss") + b"\r\n" in heads[0]
+    assert b"Authorization: Bearer k\r\n" in heads[1] and b"Basic" not in heads[1]  # the key's, not both
 
 
 def test_a_new_connection_closed_without_an_answer_is_an_error() -> None:
@@ -314,6 +317,43 @@ def test_leaving_early_closes_the_connection() -> None:
         assert client._idle.get(next(iter(client._idle), None), []) == []  # type: ignore[arg-type]  # not kept
 
     asyncio.run(serve(handler, check))
+
+
+def test_a_read_with_a_limit_stops_there_and_its_connection_is_not_kept() -> None:
+    """An error page read for its words: an engine that sends more than the limit, or never stops, is not read to
+    the end (into memory, or forever); its connection is closed, so the rest never reaches the next request. A
+    body within the limit is read whole and its connection kept."""
+    sent: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            if b"/small" in head:
+                writer.write(ok(b"small"))
+                await writer.drain()
+                continue
+            writer.write(b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n")
+            sent.append(0)
+            while sent[-1] < 64 << 20:  # endless, as far as a reader that reads to the end could tell
+                writer.write(chunk(b"x" * 65536))
+                await writer.drain()
+                sent[-1] += 65536
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async def check(base: str, connections: list[int]) -> None:
+        client = Client()
+        async with client.request("GET", base + "/small", 5) as r:
+            assert await r.read(100) == b"small"
+        async with client.request("POST", base + "/endless", 30, b"{}") as r:
+            assert r.status == 403 and await r.read(100) == b"x" * 100
+        async with client.request("GET", base + "/small", 5) as r:  # not on the endless one's connection
+            assert (r.status, await r.read()) == (200, b"small")
+        await client.close()
+        assert connections == [0, 1]
+
+    asyncio.run(serve(handler, check))
+    assert sent[0] < 64 << 20  # the engine saw the hang-up, not a reader of all it sent
 
 
 def test_a_slow_reader_pauses_the_socket() -> None:

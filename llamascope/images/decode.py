@@ -4,9 +4,10 @@ The format is identified from the bytes (never from a name or a Content-Type)
 and must be one the hosted service lists. The pixel size is read from the
 header and checked before any pixel is decoded, so a small file that would
 decode to gigabytes is refused cheaply. Only then are the pixels decoded:
-WEBP by libwebp's own API (images/libwebp.py), PNG by libvips (images/vips.py;
-each says why, measured), the other formats by Pillow, to the same pixels
-within the resize's rounding.
+WEBP by libwebp's own API (images/libwebp.py), PNG by libvips (images/vips.py),
+JPEG 2000 decoded whole by OpenJPEG through imagecodecs (images/jpeg2k.py; each
+says why, measured), the other formats by Pillow, to the same pixels within the
+resize's rounding.
 """
 
 from __future__ import annotations

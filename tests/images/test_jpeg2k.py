@@ -14,7 +14,7 @@ from PIL import Image
 
 from llamascope import errors
 from llamascope.images import jpeg2k
-from llamascope.images.decode import DecodeLimits, decode_image
+from llamascope.images.decode import OPJ_THREADS, DecodeLimits, decode_image
 
 LIMITS = DecodeLimits(max_pixels=40_000_000, min_side=10)
 
@@ -105,10 +105,11 @@ def test_a_bomb_is_refused_from_its_header(no_jp2: bool) -> None:
 
 
 @pytest.mark.parametrize("libvips", [True, False], ids=["imagecodecs", "pillow"])
-def test_other_threads_run_while_a_jpeg2000_decodes(libvips: bool) -> None:
+def test_other_threads_run_while_a_jpeg2000_decodes(libvips: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pillow's decoder holds the GIL from the first byte to the last: the event loop, the scheduler and the
     other decodes stood still. Through imagecodecs a thread waking every millisecond keeps running."""
-    data = encode(photo(1024, 768))  # about 0.2 s of OpenJPEG's CPU
+    monkeypatch.setenv(OPJ_THREADS, "1")
+    data = encode(photo(1280, 960))  # about 0.35 s of OpenJPEG's CPU here, on its one thread
     done = threading.Event()
     worker = threading.Thread(target=lambda: (decode_image(data, LIMITS, libvips=libvips), done.set()))
     worker.start()

@@ -59,8 +59,9 @@ def available() -> bool:
     return _imagecodecs() is not None
 
 
-def plain(data: bytes) -> bool:
-    """Whether the file is the plain case imagecodecs gives Pillow's pixels for (see the module's docstring)."""
+def plain(data: bytes, size: tuple[int, int]) -> bool:
+    """Whether the file is the plain case imagecodecs gives Pillow's pixels for (see the module's docstring),
+    its codestream of the ``size`` decode.py read and checked (in JP2, Pillow reads the image header box's)."""
     # The codestream: the whole file, or in JP2 the codestream box's content, right after its type.
     if data.startswith(_SIZ):
         start = 0
@@ -75,6 +76,9 @@ def plain(data: bytes) -> bool:
     if colr >= 0 and (header[colr + 4 : colr + 5] != b"\x01" or header[colr + 7 : colr + 11] not in _ENUMERATED):
         return False
     siz = data[start + 4 : start + 42]  # after the marker: Lsiz, Rsiz, eight sizes and offsets of 4 bytes, Csiz
+    x, y, x0, y0 = (int.from_bytes(siz[i : i + 4], "big") for i in range(4, 20, 4))  # Xsiz, Ysiz, XOsiz, YOsiz
+    if (x - x0, y - y0) != size:  # OpenJPEG would allocate for the codestream's size, not the budgeted one
+        return False
     components = int.from_bytes(siz[36:38], "big")
     per_component = data[start + 42 : start + 42 + 3 * components]  # Ssiz, XRsiz, YRsiz each
     # Ssiz 7: unsigned 8-bit samples; XRsiz = YRsiz = 1: not subsampled.
@@ -85,7 +89,7 @@ def decode(data: bytes, size: tuple[int, int]) -> Image.Image:
     """Decode a whole JPEG 2000 image (already checked by decode.py, ``size`` from its header) to L, LA,
     RGB or RGBA, without the GIL. Raises Unsupported where Pillow is to decode it."""
     codecs = _imagecodecs()
-    if codecs is None or not plain(data):
+    if codecs is None or not plain(data, size):
         raise Unsupported("not the plain case")
     threads = os.environ.get("OPJ_NUM_THREADS", "1")  # as Pillow's OpenJPEG reads it (decode.OPJ_THREADS)
     try:

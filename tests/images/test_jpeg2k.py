@@ -33,19 +33,24 @@ def photo(width: int, height: int) -> Image.Image:
     return Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8))
 
 
+def plain(data: bytes) -> bool:
+    """Whether images/jpeg2k.py takes the file, of the size Pillow reads from its header (as decode.py passes)."""
+    return jpeg2k.plain(data, Image.open(io.BytesIO(data)).size)
+
+
 def test_imagecodecs_is_here() -> None:
     assert jpeg2k.available()  # a dependency (pyproject.toml): without it every test below tests Pillow twice
 
 
 def test_a_photo_decodes_to_the_pillow_paths_pixels() -> None:
     data = encode(photo(800, 600))  # lossless: the same codec gives the same integers
-    assert jpeg2k.plain(data)
+    assert plain(data)
     ours = decode_image(data, LIMITS, lambda w, h: (560, 420))
     pillow = decode_image(data, LIMITS, lambda w, h: (560, 420), libvips=False)
     assert ours.image.size == (560, 420) and ours.format == "JPEG2000"
     assert np.array_equal(np.asarray(ours.image), np.asarray(pillow.image))
     lossy = encode(photo(640, 480), irreversible=True, quality_mode="rates", quality_layers=[20], no_jp2=True)
-    assert jpeg2k.plain(lossy)
+    assert plain(lossy)
     assert np.array_equal(
         np.asarray(decode_image(lossy, LIMITS).image), np.asarray(decode_image(lossy, LIMITS, libvips=False).image)
     )
@@ -58,7 +63,7 @@ def test_grey_alpha_and_deep_images_as_before(mode: str, no_jp2: bool) -> None:
     (Pillow writes them with alpha) and 16-bit samples stay with Pillow."""
     fill = {"L": 90, "LA": (90, 100), "RGBA": (10, 200, 30, 100), "I;16": 30000}[mode]
     data = encode(Image.new(mode, (64, 48), fill), no_jp2=no_jp2)
-    assert jpeg2k.plain(data) == (mode in ("L", "LA", "RGBA") and (no_jp2 or mode == "L"))
+    assert plain(data) == (mode in ("L", "LA", "RGBA") and (no_jp2 or mode == "L"))
     ours, pillow = decode_image(data, LIMITS), decode_image(data, LIMITS, libvips=False)
     assert ours.image.mode == "RGB"
     assert np.array_equal(np.asarray(ours.image), np.asarray(pillow.image))
@@ -70,15 +75,28 @@ def test_what_imagecodecs_would_not_decode_as_pillow_goes_to_pillow() -> None:
     assert data[colr + 4] == 1 and data[colr + 7 : colr + 11] == (16).to_bytes(4, "big")  # enumerated: sRGB
     sycc = data[: colr + 7] + (18).to_bytes(4, "big") + data[colr + 11 :]  # sYCC: OpenJPEG converts it itself
     icc = data[: colr + 4] + b"\x02" + data[colr + 5 :]  # an ICC profile: imagecodecs would apply it
-    assert jpeg2k.plain(data) and not jpeg2k.plain(sycc) and not jpeg2k.plain(icc)
-    assert not jpeg2k.plain(data[: data.index(b"jp2c") + 10])  # cut inside the size marker
+    assert plain(data) and not plain(sycc) and not plain(icc)
+    assert not jpeg2k.plain(data[: data.index(b"jp2c") + 10], (64, 48))  # cut inside the size marker
     with pytest.raises(jpeg2k.Unsupported):
         jpeg2k.decode(sycc, (64, 48))
 
 
+def test_a_codestream_of_another_size_than_the_jp2_header_says_goes_to_pillow() -> None:
+    """The budgets are checked on the header's size (JP2's image header box): a codestream that declares more
+    is not handed to imagecodecs, whose OpenJPEG would size its buffers by it; Pillow's decoder refuses it."""
+    data = encode(Image.new("RGB", (64, 48), (10, 200, 30)))
+    siz = data.index(b"\xff\x4f\xff\x51") + 8  # Xsiz, Ysiz
+    bigger = data[:siz] + (6000).to_bytes(4, "big") * 2 + data[siz + 8 :]
+    assert Image.open(io.BytesIO(bigger)).size == (64, 48)
+    assert plain(data) and not plain(bigger)
+    with pytest.raises(errors.ServiceError) as info:
+        decode_image(bigger, LIMITS)
+    assert info.value.message.endswith("The image file is corrupt or truncated.")
+
+
 def test_a_truncated_file_is_refused_as_before() -> None:
     cut = encode(photo(256, 192))[:-3000]
-    assert jpeg2k.plain(cut)
+    assert plain(cut)
     for libvips in (True, False):
         with pytest.raises(errors.ServiceError) as info:
             decode_image(cut, LIMITS, libvips=libvips)
@@ -139,7 +157,7 @@ def test_the_stock_processor_sees_the_same_pixel_values() -> None:
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )
     data = encode(photo(1600, 1200))
-    assert jpeg2k.plain(data)
+    assert plain(data)
     shrunk = decode_image(data, LIMITS, MllamaPixels(stock).fit_size).image
     assert shrunk.size == (1120, 840)
     a = stock(images=[[Image.open(io.BytesIO(data)).convert("RGB")]], return_tensors="np")

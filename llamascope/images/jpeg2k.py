@@ -75,14 +75,17 @@ def plain(data: bytes, size: tuple[int, int]) -> bool:
     colr = header.find(b"colr")  # meth 1 (enumerated) and sRGB or grey, not an ICC profile
     if colr >= 0 and (header[colr + 4 : colr + 5] != b"\x01" or header[colr + 7 : colr + 11] not in _ENUMERATED):
         return False
+    # Read here, byte by byte: Pillow keeps none of these fields, and imagecodecs reads no header alone.
     siz = data[start + 4 : start + 42]  # after the marker: Lsiz, Rsiz, eight sizes and offsets of 4 bytes, Csiz
+    if len(siz) < 38:
+        return False
     x, y, x0, y0 = (int.from_bytes(siz[i : i + 4], "big") for i in range(4, 20, 4))  # Xsiz, Ysiz, XOsiz, YOsiz
     if (x - x0, y - y0) != size:  # OpenJPEG would allocate for the codestream's size, not the budgeted one
         return False
     components = int.from_bytes(siz[36:38], "big")
     per_component = data[start + 42 : start + 42 + 3 * components]  # Ssiz, XRsiz, YRsiz each
     # Ssiz 7: unsigned 8-bit samples; XRsiz = YRsiz = 1: not subsampled.
-    return len(siz) == 38 and components in _MODES and per_component == b"\x07\x01\x01" * components
+    return components in _MODES and per_component == b"\x07\x01\x01" * components
 
 
 def decode(data: bytes, size: tuple[int, int]) -> Image.Image:
@@ -93,7 +96,7 @@ def decode(data: bytes, size: tuple[int, int]) -> Image.Image:
         raise Unsupported("not the plain case")
     threads = os.environ.get("OPJ_NUM_THREADS", "1")  # as Pillow's OpenJPEG reads it (decode.OPJ_THREADS)
     try:
-        pixels = codecs.jpeg2k_decode(data, numthreads=int(threads) if threads.isdigit() else 1)
+        pixels = codecs.jpeg2k_decode(data, numthreads=max(1, int(threads)) if threads.isdigit() else 1)
     except (codecs.Jpeg2kError, ValueError, MemoryError) as exc:  # Pillow says what it makes of the file
         raise Unsupported(str(exc)) from None
     bands = 1 if pixels.ndim == 2 else pixels.shape[2]

@@ -4,9 +4,10 @@ The format is identified from the bytes (never from a name or a Content-Type)
 and must be one the hosted service lists. The pixel size is read from the
 header and checked before any pixel is decoded, so a small file that would
 decode to gigabytes is refused cheaply. Only then are the pixels decoded:
-WEBP by libwebp's own API (images/libwebp.py), PNG by libvips (images/vips.py;
-each says why, measured), the other formats by Pillow, to the same pixels
-within the resize's rounding.
+WEBP by libwebp's own API (images/libwebp.py), PNG by libvips (images/vips.py),
+JPEG 2000 decoded whole by OpenJPEG through imagecodecs (images/jpeg2k.py; each
+says why, measured), the other formats by Pillow, to the same pixels within the
+resize's rounding.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from llamascope import errors
-from llamascope.images import PreparedImage, libwebp, vips
+from llamascope.images import PreparedImage, jpeg2k, libwebp, vips
 
 # Pillow's format names for the seed's list. MPO is what Pillow calls the JPEG
 # files many phone cameras write (a JPEG with extra frames).
@@ -164,7 +165,7 @@ def decode_image(
                 target = _target(img, fit)
                 level = _reduction(img, target)
                 _check_decode_budget(img, level, limits.max_decode_pixels)
-                loaded = _load_reduced(img, data, level)
+                loaded = _load_reduced(img, data, level, native=libvips)
                 rgb = _to_rgb(ImageOps.exif_transpose(loaded))
                 if target is not None and rgb.size != target:
                     rgb = rgb.resize(target, Image.Resampling.BILINEAR, reducing_gap=vips.RESIZE_GAP)
@@ -263,8 +264,14 @@ def _decode_faster(img: Image.Image, data: bytes, fmt: str, fit: FitFunction | N
         return None
 
 
-def _load_reduced(img: Image.Image, data: bytes, level: int) -> Image.Image:
-    """Decode, JPEG2000 reduced ``level`` times (JPEG's draft mode is set on ``img`` already)."""
+def _load_reduced(img: Image.Image, data: bytes, level: int, *, native: bool = False) -> Image.Image:
+    """Decode, JPEG2000 reduced ``level`` times (JPEG's draft mode is set on ``img`` already); with ``native``,
+    JPEG2000 decoded whole through imagecodecs where it takes it (images/jpeg2k.py: without holding the GIL)."""
+    if native and not level and img.format == "JPEG2000":
+        try:
+            return jpeg2k.decode(data, img.size)
+        except jpeg2k.Unsupported:
+            pass
     if level:
         img.reduce = level  # type: ignore[method-assign,assignment]  # Pillow's JPEG2000 reduce setting
         try:

@@ -19,8 +19,9 @@ machine under load; bench/images.py has the end-to-end times and peaks):
   is its fallback.
 - JPEG: libjpeg-turbo's reduced decode through libvips is slower (12 MP: 84 ms
   against 71; less noisy, 56 against 36); Pillow's draft mode stays.
-- JPEG 2000: the wheel's libvips has no OpenJPEG; Pillow's reduced decode stays,
-  on every usable core (decode.configure_codec_threads, called by server.build).
+- JPEG 2000: the wheel's libvips has no OpenJPEG (no jp2kload); imagecodecs
+  (images/jpeg2k.py) or Pillow's reduced decode, on every usable core
+  (decode.configure_codec_threads, called by server.build).
 - BMP, ICO, ICNS, SGI, TIFF: rare, or not offered by libvips; Pillow.
 
 Pixels follow today's Pillow path: no colour management (ICC profiles are

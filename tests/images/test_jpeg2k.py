@@ -122,24 +122,24 @@ def test_a_bomb_is_refused_from_its_header(no_jp2: bool) -> None:
         assert limit in info.value.message
 
 
-@pytest.mark.parametrize("libvips", [True, False], ids=["imagecodecs", "pillow"])
-def test_other_threads_run_while_a_jpeg2000_decodes(libvips: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_other_threads_run_while_a_jpeg2000_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pillow's decoder holds the GIL from the first byte to the last: the event loop, the scheduler and the
-    other decodes stood still. Through imagecodecs a thread waking every millisecond keeps running."""
+    other decodes stood still. Through imagecodecs a thread waking every millisecond keeps running: its longest
+    wait is a small part of the decode (measured against the decode's own time, so any CPU's speed passes)."""
     monkeypatch.setenv(OPJ_THREADS, "1")
     data = encode(photo(1280, 960))  # about 0.35 s of OpenJPEG's CPU here, on its one thread
     done = threading.Event()
-    worker = threading.Thread(target=lambda: (decode_image(data, LIMITS, libvips=libvips), done.set()))
+    worker = threading.Thread(target=lambda: (decode_image(data, LIMITS), done.set()))
+    start = last = time.perf_counter()
+    longest = 0.0
     worker.start()
-    ticks = 0
     while not done.is_set():
         time.sleep(0.001)
-        ticks += 1
+        now = time.perf_counter()
+        longest, last = max(longest, now - last), now
     worker.join()
-    if libvips:
-        assert ticks >= 40
-    else:  # what the new path mends: the GIL held through the decode (Image.open and the hash let a few in)
-        assert ticks < 40
+    took = time.perf_counter() - start
+    assert longest < took / 3, (longest, took)  # with the GIL held throughout, the one wait is the decode
 
 
 @pytest.mark.slow  # imports transformers: about 10 s on two cores

@@ -473,7 +473,7 @@ class Settings(BaseSettings):
 
 def _shown_url(url: str) -> str:
     """A URL as messages show it: without the user and password it may hold (as the engines' logs and metrics
-    show it: observability.metrics.upstream_label, which settings, imported by all, cannot import)."""
+    show it: observability.metrics.upstream_label; the layers let neither import the other)."""
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -121,6 +121,11 @@ class BatchService:
         length = completion_window(window)
         _check_metadata(metadata)
         file = await self.file(key_id, input_file_id)
+        if self.quota != NO_QUOTA:
+            # A batch writes its results as files of the key: one at its bound starts none, or its batches, run
+            # again on one input, would keep writing past it (each result counted, none refused).
+            count, used = await asyncio.to_thread(self.repository.usage, key_id)
+            self.quota.check(count, used, doing="starting another batch (its results are files of this key)")
         if file.purpose != BATCH:
             raise errors.invalid_parameter(
                 f"Invalid value for 'input_file_id': file {input_file_id} was not uploaded with purpose 'batch'."

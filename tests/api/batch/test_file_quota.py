@@ -93,3 +93,17 @@ def test_a_key_at_its_bound_is_refused_before_the_body_is_read(bounded: Server) 
     assert json.loads(body)["error"]["code"] == "file_quota_exceeded"
     for file_id in kept:
         client.files.delete(file_id)
+
+
+def test_a_key_at_its_bound_starts_no_batch(bounded: Server) -> None:
+    """A batch's results are files of its key, always written: a key at its bound started batch after batch on
+    one input it kept, each writing results past the bound, none refused. Refused now, before anything runs."""
+    client = _client(bounded, bounded.key)
+    kept = [_upload(client, 10), _upload(client, 10)]  # 2 files: at the bound
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.batches.create(input_file_id=kept[0], endpoint="/v1/chat/completions", completion_window="24h")
+    assert caught.value.status_code == HTTPStatus.BAD_REQUEST and caught.value.code == "file_quota_exceeded"
+    assert "before starting another batch" in caught.value.message
+    assert client.batches.list().data == []
+    for file_id in kept:
+        client.files.delete(file_id)

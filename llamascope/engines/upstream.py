@@ -273,6 +273,11 @@ class UpstreamEngine:
             ) as response:
                 limit = MAX_COUNT_BYTES if response.status == 200 else ERROR_BYTES
                 text = (await response.read(limit)).decode(errors="replace")
+                whole = response.at_end
+            if response.status == 200 and not whole:
+                # Its tokens listed past what is read (vLLM lists them however many: a very long prompt, any
+                # key's): estimated this once, its /tokenize not forgotten for every later prompt.
+                return None
             if response.status == 400:  # the engine refuses the prompt (too long, ...): say why now
                 raise _client_error(400, text)
             if response.status not in (200, 404, 405, 501):

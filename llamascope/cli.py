@@ -23,7 +23,9 @@ def _model_arg(value: str) -> tuple[str, ModelSpec]:
     """NAME=PATH (local weights, 'builtin') or NAME=openai+URL[,openai+URL...] (upstream engines)."""
     name, sep, source = value.partition("=")
     if not sep or not name or not source:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+        # Not echoed where it may hold a URL's password (openai+http://user:password@host/v1 without its NAME=)
+        got = "an engine URL without its NAME=" if "@" in value else repr(value)
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {got}")
     try:
         if source.startswith("openai+"):
             urls = [u.strip().removeprefix("openai+") for u in source.split(",") if u.strip()]

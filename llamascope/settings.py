@@ -129,8 +129,9 @@ class ModelSpec(BaseModel):
                 raise ValueError(f"upstream {_shown_url(url)!r} must be an http(s) URL with a host, ending in /v1")
         if self.path is not None and "://" in self.path:
             raise ValueError(
-                f"{self.path!r} is a URL, not a local model directory: to serve through an OpenAI-compatible "
-                f"engine, write openai+{self.path} on the command line (upstreams = [...] in the config file)"
+                f"{_shown_url(self.path)!r} is a URL, not a local model directory: to serve through an "
+                f"OpenAI-compatible engine, write openai+{_shown_url(self.path)} on the command line (upstreams = "
+                "[...] in the config file)"
             )
         return self
 
@@ -493,6 +494,24 @@ def _http_url(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
+# The settings whose values are secrets: a message about one never shows what was given.
+_SECRETS = frozenset(
+    {"admin_key", "api_keys", "database_url", "metrics_key", "metrics_keys", "upload_secret", "upstream_api_key"}
+)
+
+
+def _shown_input(value: Any) -> Any:
+    """A wrong setting's value as its error shows it: None (not shown) for a whole section, URLs without a
+    user and password."""
+    if isinstance(value, dict):
+        return None
+    if isinstance(value, str):
+        return _shown_url(value)
+    if isinstance(value, list | tuple):
+        return [_shown_url(v) if isinstance(v, str) else v for v in value]
+    return value
+
+
 def describe_error(exc: BaseException) -> str:
     """A settings error as a user reads it: each wrong setting by the environment variable (and config-file
     key) that sets it, what is wrong, and the value given; pydantic's own text for anything else."""
@@ -502,8 +521,11 @@ def describe_error(exc: BaseException) -> str:
     for error in exc.errors(include_url=False):
         where = [str(part) for part in error["loc"]]
         name = f"LLAMASCOPE_{where[0].upper()} ({'.'.join(where)})" if len(where) == 1 else ".".join(where)
-        given = f" (given: {error['input']!r})" if error["type"] != "missing" and "input" in error else ""
-        if isinstance(error.get("input"), dict):  # a whole section (a model's): it may hold a key or a password
-            given = ""
+        given = ""
+        # Not echoed: a key or secret's value (one too short is still a secret), or a whole section (a model's,
+        # with its key); a URL (an upstream given as a string, not a list) without its user and password.
+        if error["type"] != "missing" and "input" in error and not _SECRETS.intersection(where):
+            shown = _shown_input(error["input"])
+            given = f" (given: {shown!r})" if shown is not None else ""
         lines.append(f"{name}: {error['msg']}{given}")
     return "\n".join(lines)

@@ -56,6 +56,21 @@ def test_an_upstream_url_the_engines_client_cannot_call_is_refused_without_its_p
     assert "'http://h:port/v1' must be an http(s) URL with a host" in out.stderr and "s3cret" not in out.stderr
 
 
+def test_a_password_or_secret_in_a_wrong_setting_is_not_shown(tmp_path: Path) -> None:
+    """A URL with a password given as a local path (openai+ forgotten), as one string instead of a list of
+    upstreams, or without its NAME=; a secret too short: the error said the password, or the secret, whole."""
+    for arg in ("a=http://gw:s3cret@h:8000/v1", "openai+http://gw:s3cret@h:8000/v1"):
+        with pytest.raises(Exception, match=r"openai\+http://h:8000/v1|NAME=PATH") as refused:
+            _model_arg(arg)
+        assert "s3cret" not in str(refused.value), refused.value
+    config = tmp_path / "llamascope.toml"
+    config.write_text('upload_secret = "short-s3cret"\n[models.a]\nupstreams = "http://gw:s3cret@h:8000/v1"\n')
+    out = llamascope(tmp_path, "serve", "--port", "1", "--config", str(config))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "models.a.upstreams: Input should be a valid list (given: 'http://h:8000/v1')" in out.stderr, out.stderr
+    assert "upload_secret" in out.stderr and "s3cret" not in out.stderr, out.stderr
+
+
 def test_a_config_file_names_the_test_model_as_the_command_line_does(tmp_path: Path) -> None:
     config = tmp_path / "llamascope.toml"
     config.write_text('[models.a]\npath = "builtin"\n[models.b]\npath = "builtin:test-model"\n')

@@ -29,7 +29,7 @@ class FileQuota:
     files: int
     bytes: int
 
-    def check(self, count: int, size: int, adding: int = 0) -> None:
+    def check(self, count: int, size: int, adding: int = 0, doing: str = "uploading more") -> None:
         """Refuse (400) a key keeping ``count`` files of ``size`` bytes one more file, of ``adding`` bytes where
         known (0: before its bytes are read, refused only once the key is at its bound)."""
         if self.files and count + 1 > self.files:
@@ -37,7 +37,7 @@ class FileQuota:
                 400,
                 "file_quota_exceeded",
                 f"This key keeps {count} files, the most it may keep is {self.files}: delete some (DELETE "
-                "/files/{file_id}, or files.delete in the SDKs) before uploading more.",
+                "/files/{file_id}, or files.delete in the SDKs) before " + doing + ".",
             )
         if self.bytes and size + max(adding, 1) > self.bytes:
             raise errors.ServiceError(
@@ -46,7 +46,7 @@ class FileQuota:
                 f"Out of space: this key's files take {size} bytes"
                 + (f" and this one {adding} more" if adding else "")
                 + f", of the {self.bytes} it may keep: delete some (DELETE /files/{{file_id}}, or files.delete in "
-                "the SDKs) before uploading more.",
+                f"the SDKs) before {doing}.",
             )
 
 

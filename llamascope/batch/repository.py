@@ -111,6 +111,19 @@ class BatchRepository:
             count, size = connection.execute(query).one()
         return int(count), int(size)
 
+    def held_inputs(self, key_id: int) -> list[str]:
+        """The inputs the key deleted that a batch of its under way still reads: their bytes stay on the disk until
+        it ends (``forsaken``), and count against its quota until then."""
+        ended = [s.value for s in ENDED]
+        recorded = select(BatchFile.id).where(BatchFile.id == BatchJob.input_file_id).exists()
+        query = (
+            select(BatchJob.input_file_id)
+            .where(BatchJob.key_id == key_id, BatchJob.status.not_in(ended), ~recorded)
+            .distinct()
+        )
+        with self.engine.connect() as connection:
+            return list(connection.scalars(query))
+
     def delete_file(self, file_id: str, key_id: int) -> bool:
         with self.engine.begin() as connection:
             gone = connection.execute(delete(BatchFile).where(BatchFile.id == file_id, BatchFile.key_id == key_id))

@@ -4,6 +4,7 @@ own files and batches (another key's are answered as if they did not exist)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -61,7 +62,17 @@ class BatchService:
         upload while the disk is short of its reserve."""
         self.files.ensure_room()
         if self.quota != NO_QUOTA:
-            self.quota.check(*await asyncio.to_thread(self.repository.usage, key_id))
+            self.quota.check(*await asyncio.to_thread(self._usage, key_id))
+
+    def _usage(self, key_id: int) -> tuple[int, int]:
+        """What the key keeps on the disk: its files, and the inputs it deleted that its batches under way still
+        read (kept until they end: without them, upload, start a batch, delete, again, went past any bound)."""
+        count, size = self.repository.usage(key_id)
+        for file_id in self.repository.held_inputs(key_id):
+            with contextlib.suppress(OSError):  # gone already: its batch has just ended
+                size += self.files.path(file_id).stat().st_size
+                count += 1
+        return count, size
 
     async def upload(self, key_id: int, filename: str, purpose: str, source: BinaryIO) -> FileView:
         if purpose != BATCH:
@@ -76,7 +87,7 @@ class BatchService:
             if self.quota != NO_QUOTA:
                 # Counted with this file in, so that uploads of one key at once cannot each take the room left:
                 # the one that took the key over its bound is refused (at worst each of them is).
-                count, used = await asyncio.to_thread(self.repository.usage, key_id)
+                count, used = await asyncio.to_thread(self._usage, key_id)
                 try:
                     self.quota.check(count - 1, used - size, size)
                 except errors.ServiceError:
@@ -121,6 +132,11 @@ class BatchService:
         length = completion_window(window)
         _check_metadata(metadata)
         file = await self.file(key_id, input_file_id)
+        if self.quota != NO_QUOTA:
+            # A batch writes its results as files of the key: one at its bound starts none, or its batches, run
+            # again on one input, would keep writing past it (each result counted, none refused).
+            count, used = await asyncio.to_thread(self._usage, key_id)
+            self.quota.check(count, used, doing="starting another batch (its results are files of this key)")
         if file.purpose != BATCH:
             raise errors.invalid_parameter(
                 f"Invalid value for 'input_file_id': file {input_file_id} was not uploaded with purpose 'batch'."

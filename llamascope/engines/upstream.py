@@ -273,6 +273,11 @@ class UpstreamEngine:
             ) as response:
                 limit = MAX_COUNT_BYTES if response.status == 200 else ERROR_BYTES
                 text = (await response.read(limit)).decode(errors="replace")
+                whole = response.at_end
+            if response.status == 200 and not whole:
+                # Its tokens listed past what is read (vLLM lists them however many: a very long prompt, any
+                # key's): estimated this once, its /tokenize not forgotten for every later prompt.
+                return None
             if response.status == 400:  # the engine refuses the prompt (too long, ...): say why now
                 raise _client_error(400, text)
             if response.status not in (200, 404, 405, 501):
@@ -395,10 +400,10 @@ class UpstreamEngine:
                 if response.status >= 500:
                     raise _UpstreamFailed(f"HTTP {response.status}{await _words(response)}")
                 if response.status == 429:  # at capacity (TGI, a rate-limiting proxy): another may not be
-                    await response.read(ERROR_BYTES)  # to its end, a short one: the connection is kept
+                    await _error_body(response)  # to its end, a short one: the connection is kept
                     raise _UpstreamFailed("HTTP 429", "busy")
                 if response.status != 200:
-                    text = (await response.read(ERROR_BYTES)).decode(errors="replace")
+                    text = (await _error_body(response)).decode(errors="replace")
                     if response.status != 400:  # not the request's fault (a key or model name it refuses)
                         upstream_failed(upstream.url)  # counted and logged, for the operator to see
                         log.warning(
@@ -710,12 +715,21 @@ async def _as_event(body: bytes, raw: bool = False) -> AsyncIterator[bytes]:
     yield body if raw else b"data: " + body.replace(b"\n", b" ") + b"\n\ndata: [DONE]\n"
 
 
+async def _error_body(response: Response) -> bytes:
+    """The start of an engine's error body, waited for a short while (b"" past it): one whose head came and whose
+    body does not held the request, a 429 too (for another engine), for all of upstream_timeout."""
+    try:
+        async with asyncio.timeout(ERROR_WORDS_SECONDS):
+            return await response.read(ERROR_BYTES)
+    except TimeoutError:
+        return b""
+
+
 async def _words(response: Response) -> str:
     """A failed engine's words, to say why it failed: the start of its error body, waited for a short while."""
     try:
-        async with asyncio.timeout(ERROR_WORDS_SECONDS):
-            body = await response.read(ERROR_BYTES)
-    except (TimeoutError, TransportError):
+        body = await _error_body(response)
+    except TransportError:
         return ""
     message = " ".join(_message_in(body.decode(errors="replace")).split())
     return f": {message[:300]}" if message else ""

@@ -522,3 +522,38 @@ def test_tool_call_deltas_are_joined_by_index() -> None:
         ("call_a", "get_weather", {"city": "Paris"}),
         ("call_b", "get_weather", {"city": "Hangzhou"}),
     ]
+
+
+def test_a_tokenize_answer_too_long_to_read_leaves_the_engines_tokenizer_known() -> None:
+    """vLLM's /tokenize lists a prompt's tokens, however many (no context check there): a prompt of some 150,000
+    tokens, any key's, is more than the 1 MiB read of that answer. Its count could not be read, and the engine's
+    /tokenize was forgotten for good ("has no /tokenize"): every later prompt, every key's, estimated."""
+    import asyncio
+
+    from aiohttp import web
+
+    from llamascope.engines.base import Turn
+    from llamascope.engines.upstream import MAX_COUNT_BYTES, UpstreamEngine
+
+    async def tokenize(request: web.Request) -> web.Response:
+        if b"long" in await request.read():  # its tokens listed: more than is read of the answer
+            return web.json_response({"count": 200_000, "tokens": [128000] * (MAX_COUNT_BYTES // 7 + 1)})
+        return web.json_response(VLLM_ANSWER)
+
+    async def counts() -> list[int]:
+        app = web.Application()
+        app.router.add_post("/tokenize", tokenize)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        engine = UpstreamEngine.create([f"http://127.0.0.1:{port}/v1"], MODEL, None, 1_000_000)
+        try:
+            return [(await engine.prepare([Turn("user", text)])).input_tokens for text in ("Hi", "long", "Hi")]
+        finally:
+            await engine.close()
+            await runner.cleanup()
+
+    counted = asyncio.run(counts())
+    assert counted[0] == counted[2] == VLLM_ANSWER["count"], counted  # counted by the engine, before and after

@@ -609,3 +609,30 @@ def test_a_redirect_is_not_followed_and_says_its_status() -> None:
 
     asyncio.run(run())
     assert asked == []
+
+
+def stalled_error(status: str) -> Writer:
+    """An engine (or a proxy before it) that sends an error's head, then not the body it announced."""
+
+    async def write(writer: asyncio.StreamWriter) -> None:
+        writer.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n".encode())
+        await writer.drain()
+        await asyncio.sleep(120)
+
+    return write
+
+
+@pytest.mark.parametrize("status", ["429 Too Many Requests", "401 Unauthorized"])
+def test_an_error_body_that_never_comes_does_not_hold_the_request(status: str) -> None:
+    """As with a 5xx, its words are waited for a short while: a 429 goes on to the next engine, and a 401 is
+    refused saying its status, not after upstream_timeout (300 s) of waiting for a body that does not come."""
+
+    async def run() -> list[Chunk]:
+        return await asyncio.wait_for(ask([stalled_error(status), answer_with(ENDED)]), 60)  # not hung: 1 s
+
+    if status.startswith("429"):
+        assert text_of(asyncio.run(run())) == "A red square."
+        return
+    with pytest.raises(errors.ServiceError) as refused:
+        asyncio.run(run())
+    assert refused.value.message.endswith("refused the request: HTTP 401"), refused.value.message

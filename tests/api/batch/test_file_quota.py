@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import time
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
@@ -93,3 +94,44 @@ def test_a_key_at_its_bound_is_refused_before_the_body_is_read(bounded: Server) 
     assert json.loads(body)["error"]["code"] == "file_quota_exceeded"
     for file_id in kept:
         client.files.delete(file_id)
+
+
+def test_a_key_at_its_bound_starts_no_batch(bounded: Server) -> None:
+    """A batch's results are files of its key, always written: a key at its bound started batch after batch on
+    one input it kept, each writing results past the bound, none refused. Refused now, before anything runs."""
+    client = _client(bounded, bounded.key)
+    kept = [_upload(client, 10), _upload(client, 10)]  # 2 files: at the bound
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.batches.create(input_file_id=kept[0], endpoint="/v1/chat/completions", completion_window="24h")
+    assert caught.value.status_code == HTTPStatus.BAD_REQUEST and caught.value.code == "file_quota_exceeded"
+    assert "before starting another batch" in caught.value.message
+    assert client.batches.list().data == []
+    for file_id in kept:
+        client.files.delete(file_id)
+
+
+def test_an_input_deleted_while_its_batch_runs_counts_until_the_batch_ends(tmp_path: Path) -> None:
+    """A batch under way keeps its input's bytes though the key deletes it (they go when it ends): uncounted, a
+    key uploaded, started a batch, deleted its input, and again, past any bound, the disk every key shares."""
+    server = start_server(  # its engine cannot be reached: a batch's lines wait (503), the batch stays under way
+        tmp_path,
+        ["--model", f"{SEED_MODEL}=openai+http://127.0.0.1:{free_port()}/v1"],
+        {"LLAMASCOPE_BATCH_FILES_PER_KEY": "0", "LLAMASCOPE_BATCH_STORAGE_PER_KEY_BYTES": "1000"},
+    )
+    try:
+        client = _client(server, server.key)
+        body = {"model": SEED_MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+        line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body})
+        file = client.files.create(file=("in.jsonl", (line.ljust(599) + "\n").encode()), purpose="batch")
+        batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+        client.files.delete(file.id)
+        assert client.batches.retrieve(batch.id).status not in ("completed", "failed", "expired", "cancelled")
+        refused = _refused(client, 600)  # its 600 bytes still on the disk, and 600 more: over 1000
+        assert "take 600 bytes and this one 600 more" in refused.message
+        client.batches.cancel(batch.id)
+        deadline = time.monotonic() + 60
+        while client.batches.retrieve(batch.id).status != "cancelled" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        client.files.delete(_upload(client, 600))  # its bytes gone with it: room again
+    finally:
+        server.stop()

@@ -56,8 +56,9 @@ def main() -> None:
 
     from llamascope.engines.builtin_model import ensure_test_model
     from llamascope.engines.mllama import MllamaEngine
+    from llamascope.engines.threads import usable_cores
     from llamascope.images import libwebp
-    from llamascope.images.decode import DecodeLimits, decode_image
+    from llamascope.images.decode import DecodeLimits, configure_codec_threads, decode_image
     from llamascope.settings import Settings
 
     settings = Settings.load()
@@ -114,8 +115,10 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    for name, data, floors, absolute in rows:
-        base = median_ms(baseline(data), args.repeats)
+    # The baseline as commonly run (OpenJPEG on one thread); then llamascope as the server sets it at start.
+    bases = [median_ms(baseline(data), args.repeats) for _, data, _, _ in rows]
+    configure_codec_threads(usable_cores())
+    for (name, data, floors, absolute), base in zip(rows, bases, strict=True):
         ours = median_ms(intake(data), args.repeats)
         budget = absolute or base / 5
         for i, (what, run) in enumerate(floors):

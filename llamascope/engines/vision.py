@@ -115,10 +115,10 @@ class VisionCache(SizedLRU[str, tuple[CrossKV, int]]):
     def put(self, key: str, value: tuple[CrossKV, int]) -> None:
         """Cache an image's entry; joined entries go first, as many as its room needs (the class's text)."""
         size = self.size(value)
-        with self._joins_lock:
+        with self._joins_lock:  # held while it goes in: a joined entry kept meanwhile would take its room
             while self._joins and self.total + self.joined_bytes + size > self.max_size:
                 self._drop_oldest_join()
-        super().put(key, value)
+            super().put(key, value)
 
     def joined(self, key: JoinKey, entries: Sequence[CrossKV]) -> CrossKV | None:
         """The images' joined keys and values, if kept and made from these entries (the images' now)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -256,9 +257,14 @@ def test_joined_states_take_only_the_room_the_images_leave() -> None:
     again = _entry(1.0)
     cache.put("a", again)
     assert cache.joined(key, [again[0], b[0]]) is None and cache.joined_bytes == 0
-    assert cache.keep_joined(key, sources([again[0], b[0]]), cross_states([again[0], b[0]]))
+    kept = cross_states([again[0], b[0]])
+    held = weakref.ref(kept[0][0])
+    assert cache.keep_joined(key, sources([again[0], b[0]]), kept)
+    del kept
+    assert held() is not None  # the cache holds it
     cache.clear()
     assert cache.joined_bytes == 0 and cache.total == 0 and cache.joined(key, [again[0], b[0]]) is None
+    assert held() is None  # and let it go
 
 
 def test_a_conversations_next_turn_takes_its_images_joined_states_and_answers_the_same(test_model_dir: Path) -> None:
@@ -277,18 +283,37 @@ def test_a_conversations_next_turn_takes_its_images_joined_states_and_answers_th
             Turn("user", "Which one is darker?"),
         ]
 
+    def answer(engine: MllamaEngine, turns: list[Turn]) -> str:
+        return asyncio.run(text_of(engine.generate(asyncio.run(engine.prepare(turns)), answers)))[0]
+
     def conversations(engine: MllamaEngine, join: bool) -> list[str]:
+        for pictures in sets:  # every turn 1 first: each keeps its joined states beside the others'
+            answer(engine, turn2(pictures)[:1])
         out = []
         for pictures in sets:
-            asyncio.run(text_of(engine.generate(asyncio.run(engine.prepare(turn2(pictures)[:1])), answers)))
             if not join:  # the images encoded again, their states joined again
                 engine.vision_cache.clear()
-            out.append(asyncio.run(text_of(engine.generate(asyncio.run(engine.prepare(turn2(pictures))), answers)))[0])
+            out.append(answer(engine, turn2(pictures)))
         return out
 
     engine = MllamaEngine.load(test_model_dir, test_model=True)
+    # The keys turn 2's prefill attends to in the first cross-attention layer. Attention over a set of states
+    # answers alike in any order, so the answers alone cannot tell another order's joined states: the keys can.
+    cross_attn = engine.model.model.language_model.layers[min(engine.scheduler.cross_layers)].cross_attn
+    read: list[Any] = []
+
+    def watch(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if kwargs["hidden_states"].shape[1] > 1:  # a prefill's
+            read.append(kwargs["past_key_values"].layers[module.layer_idx].keys)
+
+    cross_attn.register_forward_pre_hook(watch, with_kwargs=True)
     joined = conversations(engine, join=True)
     cache = engine.vision_cache
     assert cache.joined_hits == len(sets)
+    max_tiles = engine.model.config.vision_config.max_num_tiles
+    for pictures, keys in zip(sets, read[-len(sets) :], strict=True):  # each turn 2's own images, in order
+        entries = [cache.peek(picture.digest) for picture in pictures]
+        own = cross_states([kv for kv, _ in entries], [tiles for _, tiles in entries], max_tiles)
+        assert torch.equal(keys, own[0][0])
     assert cache.joined_bytes > 0 and cache.total + cache.joined_bytes <= cache.max_size
     assert joined == conversations(MllamaEngine.load(test_model_dir, test_model=True), join=False)

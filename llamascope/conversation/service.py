@@ -369,18 +369,23 @@ class ConversationService:
         """The conversation's images fetched and decoded (together, each distinct reference once), then prepared."""
         refs = draft.image_refs
         distinct = list(dict.fromkeys(refs))
-        loads = [self.intake.load(r, context, fit=engine.image_size, fit_key=engine.info.source) for r in distinct]
-        if len(loads) == 1:  # one image (the usual case): awaited here, without a task and a loop turn for it
+        fit_key = engine.info.source
+        # A conversation's next turn sends its data: URIs again: those still cached are taken here, without a task
+        # each and a loop turn (four 1120x840 photos' took about 1 ms a turn together, 2 cores).
+        images: dict[str, Any] = {r: found for r in distinct if (found := self.intake.known(r, fit_key)) is not None}
+        todo = [r for r in distinct if r not in images]
+        loads = [self.intake.load(r, context, fit=engine.image_size, fit_key=fit_key) for r in todo]
+        if len(distinct) == 1 and loads:  # one image (the usual case): awaited here, without a task and a loop turn
             loaded: list[Any] = [await loads[0]]
-        else:
+        elif loads:
             loaded = await asyncio.gather(*loads, return_exceptions=True)
             places = draft.image_places()
-            for ref, result in zip(distinct, loaded, strict=True):  # the first refusal in the conversation's order
+            for ref, result in zip(todo, loaded, strict=True):  # the first refusal in the conversation's order
                 if isinstance(result, errors.ServiceError):  # which of the images it is (one alone needs no saying)
                     raise replace(result, message=f"{result.message} (the image at {places[ref]})") from None
                 if isinstance(result, BaseException):
                     raise result
-        images = dict(zip(distinct, loaded, strict=True))
+        images.update(zip(todo, loaded if loads else [], strict=True))
         return await engine.prepare(draft.with_images([images[r] for r in refs]), output)  # type: ignore[misc]
 
 

@@ -79,6 +79,8 @@ class Sequence:
     mask: Any = None  # its attention mask [1, n], until it joins a batch
     cross_mask: Any = None  # the cross-attention mask row for new tokens [1, 1, 1, the visible images' real tiles]
     sampler: Any = None
+    # Its images' vision-cache entries its prefill took (weak references): what its joined states are made from.
+    image_sources: tuple[Any, ...] = ()
     encoded: tuple[float, float] | None = None  # when the vision tower ran on its images (monotonic), if it did
     # (log-probability, [(rival id, its log-probability)]) of each token made, when sampling.logprobs asks;
     # appended before the token is sent, read by the engine's generate loop.

@@ -67,7 +67,7 @@ from llamascope.engines.prefix_cache import PrefixCache
 from llamascope.engines.recovery import Checkpoint, out_of_memory_error, recover, shed
 from llamascope.engines.requests import BatchLimits, Message, Sequence
 from llamascope.engines.sampling import Sampler, chosen_logprobs, log_probabilities, pick
-from llamascope.engines.vision import CrossKV, ImageEncoder, VisionCache, batch_tiles
+from llamascope.engines.vision import CrossKV, ImageEncoder, JoinKey, VisionCache, batch_tiles, sources
 from llamascope.structured.masking import FilledMasks, StepMasks
 
 log = logging.getLogger(__name__)
@@ -414,13 +414,20 @@ class Scheduler:
         }
         if first and seq.has_image:  # its images' keys and values: one image's, views of the vision cache's copy
             images = [entry for entry, _ in self.encoder.cross_kv(seq)]
+            seq.image_sources = sources(images)
             rest = inputs["cross_attention_mask"][0, start:]  # [prompt tokens left, images, max tiles]
+            all_tiles = int(rest.shape[-1])
             tiles = None
             if bool((rest == rest[0]).all()) and bool(rest[0].any()):
                 # Every token left attends to the same tiles, as its answer's tokens will (the next turn of a
                 # conversation, its history reused): only those tiles, and no mask to build (``_attends``).
                 tiles = self._attends(seq, rest[0])
-            kv = cross_states(images, tiles, int(rest.shape[-1]))
+            key = _join_key(seq, tiles, all_tiles)
+            kv = self.vision.joined(key, images) if key is not None else None  # kept by an earlier turn
+            if kv is None:
+                kv = cross_states(images, tiles, all_tiles)
+                if key is not None:
+                    self.vision.keep_joined(key, seq.image_sources, kv)
             for index, (keys, values) in zip(self.encoder.cross_layers, kv, strict=True):
                 set_layer(seq.cache.layers[index], keys, values)
         kwargs["past_key_values"] = seq.cache
@@ -443,13 +450,23 @@ class Scheduler:
         seq.mask = inputs["attention_mask"].to(device)
         if seq.has_image and seq.cross_mask is None:  # new tokens attend to what the last prompt token does
             last = inputs["cross_attention_mask"][0, -1]  # [images, max tiles]
-            drop_padding_tiles(seq.cache, self.cross_layers, self._attends(seq, last), int(last.shape[-1]))
+            tiles = self._attends(seq, last)
+            drop_padding_tiles(seq.cache, self.cross_layers, tiles, int(last.shape[-1]))
+            self._keep_joined(seq, tiles, int(last.shape[-1]))
         seq.ids = ids[0].tolist()
         self._remember(seq.ids, seq, seq.cache, 0)  # for requests that start the same way, running beside it
         seq.inputs = None  # pixels and the rest are no longer needed
         seq.pixels = {}
         logits = self._hold_back_eos(out.logits[:, -1, :].float(), short)
         return self._advance(seq, self._pick([seq], logits, filling)[0])
+
+    def _keep_joined(self, seq: Sequence, tiles: list[int], all_tiles: int) -> None:
+        """Keep the joined states its answer attends to (several images'), for the next turn of its conversation:
+        its prompt's tokens attend to those tiles alone, and its prefill takes them (``VisionCache.joined``)."""
+        key = _join_key(seq, tiles, all_tiles)
+        if key is not None:
+            kv = tuple((seq.cache.layers[i].keys, seq.cache.layers[i].values) for i in self.encoder.cross_layers)
+            self.vision.keep_joined(key, seq.image_sources, kv)
 
     def _attends(self, seq: Sequence, row: Any) -> list[int]:
         """What ``seq``'s new tokens attend to, from a prompt token's row of the cross-attention mask
@@ -694,6 +711,14 @@ def grammar_dead_end(made: int, reason: str) -> errors.ServiceError:
         f"after {made} tokens its schema allows no next token ({why}). A schema that needs an unbounded answer (a "
         "required property holding the schema again) cannot be completed."
     )
+
+
+def _join_key(seq: Sequence, tiles: list[int] | None, all_tiles: int) -> JoinKey | None:
+    """The vision cache's key for the joined states of ``seq``'s images with ``tiles`` of each kept (of
+    ``all_tiles``); None where there is nothing joined to keep (one image's states are views of its own entry)."""
+    if tiles is None or sum(1 for kept in tiles if kept) < 2:
+        return None
+    return (*((image.digest, kept) for image, kept in zip(seq.images, tiles, strict=True)), ("", all_tiles))
 
 
 def cross_states(images: list[CrossKV], tiles: list[int] | None = None, all_tiles: int = 1) -> CrossKV:

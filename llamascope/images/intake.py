@@ -266,6 +266,19 @@ class ImageIntake:
             self.unshared.put(key, sys.getsizeof(key) + 64)
         return _Fetched(image, None, watch, shared=answer.reuse.keep)
 
+    def known(self, reference: str, fit_key: str = "") -> PreparedImage | None:
+        """The image of a data: URI ``load`` read before, while it is still cached, taken at once (no fetch, no
+        decode, nothing to await: its metrics counted as ``load`` counts them); None: ``load`` it. Its checks
+        were passed by the same string when it was read."""
+        if reference[:5].lower() != "data:" or self.data_uris.peek((reference, fit_key)) is None:
+            return None
+        watch = ImageWatch()
+        image = self._seen(reference, fit_key)
+        if image is not None:
+            watch.fetched("data")
+            watch.accepted(image.format)
+        return image
+
     def _seen(self, uri: str, fit_key: str) -> PreparedImage | None:
         """The decoded image of a data: URI read before, while the decoded-image cache still holds it."""
         known = self.data_uris.get((uri, fit_key))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ import torch
 from llamascope.engines.base import Chunk, SamplingParams, Turn
 from llamascope.engines.mllama import MllamaEngine
 from llamascope.engines.requests import BatchLimits
+from llamascope.engines.scheduler import cross_states
+from llamascope.engines.vision import VisionCache, kv_bytes, sources
 from tests.engines.helpers import image
 
 GREEDY = SamplingParams(max_new_tokens=6, min_new_tokens=6, temperature=0)
@@ -220,3 +223,97 @@ def test_an_images_keys_and_values_are_projected_once_and_shared(engine: MllamaE
     assert all(n > 0 for _, n in results)
     assert projections.sizes == [engine.model.config.vision_config.max_num_tiles]  # once, for all six
     assert same_storage
+
+
+def _entry(fill: float, states: int = 8) -> tuple[Any, int]:
+    """A vision-cache entry of two layers' keys and values [1, 2, states, 4], all ``fill``."""
+    return tuple((torch.full((1, 2, states, 4), fill), torch.full((1, 2, states, 4), fill)) for _ in range(2)), 4
+
+
+def test_joined_states_take_only_the_room_the_images_leave() -> None:
+    """A joined entry counts in the cache's bound, goes before any image, is kept only where it fits beside them,
+    is served only while made from the images' entries cached now, and goes with ``clear``."""
+    one = kv_bytes(_entry(0.0)[0])
+    cache = VisionCache(4 * one)
+    a, b = _entry(1.0), _entry(2.0)
+    cache.put("a", a)
+    cache.put("b", b)
+    key = (("a", 4), ("b", 4), ("", 4))
+    joined = cross_states([a[0], b[0]])
+    assert cache.keep_joined(key, sources([a[0], b[0]]), joined)
+    assert cache.joined_bytes == 2 * one and cache.total + cache.joined_bytes == 4 * one
+    assert cache.joined(key, [a[0], b[0]]) is joined and cache.joined_hits == 1
+    assert cache.joined((("b", 4), ("a", 4), ("", 4)), [b[0], a[0]]) is None  # another order: another key
+    # An image that needs the room: the joined entry goes, both images stay.
+    cache.put("c", _entry(3.0))
+    assert cache.joined_bytes == 0 and cache.joined(key, [a[0], b[0]]) is None
+    assert all(cache.peek(name) is not None for name in "abc")
+    # No room beside the images (three of four): not kept, and no image evicted for it.
+    assert not cache.keep_joined(key, sources([a[0], b[0]]), joined)
+    assert len(cache) == 3 and cache.joined_bytes == 0
+    # Made from an image's entry no longer cached (encoded again since): not served, and its room given back.
+    cache.pop("c")
+    assert cache.keep_joined(key, sources([a[0], b[0]]), joined)
+    again = _entry(1.0)
+    cache.put("a", again)
+    assert cache.joined(key, [again[0], b[0]]) is None and cache.joined_bytes == 0
+    kept = cross_states([again[0], b[0]])
+    held = weakref.ref(kept[0][0])
+    assert cache.keep_joined(key, sources([again[0], b[0]]), kept)
+    del kept
+    assert held() is not None  # the cache holds it
+    cache.clear()
+    assert cache.joined_bytes == 0 and cache.total == 0 and cache.joined(key, [again[0], b[0]]) is None
+    assert held() is None  # and let it go
+
+
+def test_a_conversations_next_turn_takes_its_images_joined_states_and_answers_the_same(test_model_dir: Path) -> None:
+    """Turn 2 of a conversation about several images attends to the joined states its turn 1 kept; the answers
+    are those made joining them again, and conversations about the same images in another order, or about
+    another set, are never given another's joined states."""
+    colours = [(200, 30, 30), (30, 200, 30), (9, 9, 90)]
+    red, green, blue = (image(colour, (600 + 100 * i, 400)) for i, colour in enumerate(colours))
+    answers = SamplingParams(max_new_tokens=12, temperature=0)
+    sets = [(red, green), (green, red), (red, blue)]
+
+    def turn2(pictures: tuple[Any, ...]) -> list[Turn]:
+        return [
+            Turn("user", (*pictures, "What do these show?")),
+            Turn("assistant", "Some plain colours."),
+            Turn("user", "Which one is darker?"),
+        ]
+
+    def answer(engine: MllamaEngine, turns: list[Turn]) -> str:
+        return asyncio.run(text_of(engine.generate(asyncio.run(engine.prepare(turns)), answers)))[0]
+
+    def conversations(engine: MllamaEngine, join: bool) -> list[str]:
+        for pictures in sets:  # every turn 1 first: each keeps its joined states beside the others'
+            answer(engine, turn2(pictures)[:1])
+        out = []
+        for pictures in sets:
+            if not join:  # the images encoded again, their states joined again
+                engine.vision_cache.clear()
+            out.append(answer(engine, turn2(pictures)))
+        return out
+
+    engine = MllamaEngine.load(test_model_dir, test_model=True)
+    # The keys turn 2's prefill attends to in the first cross-attention layer. Attention over a set of states
+    # answers alike in any order, so the answers alone cannot tell another order's joined states: the keys can.
+    cross_attn = engine.model.model.language_model.layers[min(engine.scheduler.cross_layers)].cross_attn
+    read: list[Any] = []
+
+    def watch(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if kwargs["hidden_states"].shape[1] > 1:  # a prefill's
+            read.append(kwargs["past_key_values"].layers[module.layer_idx].keys)
+
+    cross_attn.register_forward_pre_hook(watch, with_kwargs=True)
+    joined = conversations(engine, join=True)
+    cache = engine.vision_cache
+    assert cache.joined_hits == len(sets)
+    max_tiles = engine.model.config.vision_config.max_num_tiles
+    for pictures, keys in zip(sets, read[-len(sets) :], strict=True):  # each turn 2's own images, in order
+        entries = [cache.peek(picture.digest) for picture in pictures]
+        own = cross_states([kv for kv, _ in entries], [tiles for _, tiles in entries], max_tiles)
+        assert torch.equal(keys, own[0][0])
+    assert cache.joined_bytes > 0 and cache.total + cache.joined_bytes <= cache.max_size
+    assert joined == conversations(MllamaEngine.load(test_model_dir, test_model=True), join=False)

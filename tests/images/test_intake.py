@@ -72,6 +72,22 @@ def test_a_data_uri_seen_before_is_not_decoded_again(monkeypatch: pytest.MonkeyP
         asyncio.run(intake.load(uri, fit_key="m"))
 
 
+def test_a_data_uri_seen_before_is_known_without_awaiting() -> None:
+    """``known``: the image of a data: URI read before and still cached, taken with nothing to await (a
+    conversation's next turn takes its images so); None where ``load`` must read it."""
+    intake = ImageIntake(FetchPolicy(), DecodeLimits(), cache_bytes=10 * 1024 * 1024)
+    uri = "data:image/png;base64," + base64.b64encode(png((80, 60))).decode()
+    assert intake.known(uri, "m") is None  # never read
+    misses = intake.data_uris.misses
+    first = asyncio.run(intake.load(uri, fit_key="m"))
+    assert intake.known("".join(["data", uri[4:]]), "m") is first  # a new string with the same text
+    assert intake.known(uri, "other") is None  # another sizing rule
+    assert intake.known("https://example.com/a.png", "m") is None
+    assert intake.data_uris.misses == misses + 1  # only load's own lookup counted a miss
+    intake.cache.clear()
+    assert intake.known(uri, "m") is None  # the decoded image gone from its cache
+
+
 def slow_fit(seconds: float) -> Callable[[int, int], tuple[int, int]]:
     """A model's sizing rule that takes ``seconds``: it runs inside the decode, which it makes that slow."""
 

@@ -225,3 +225,20 @@ def test_the_colour_box_read_is_the_jp2_headers() -> None:
     jp2h = icc.index(b"jp2h") - 4
     assert plain(data[:jp2h] + xml + data[jp2h:])
     assert not plain(icc[:jp2h] + xml + icc[jp2h:])
+
+
+def test_a_codestream_that_cannot_be_reduced_is_decoded_whole_only_within_the_budget() -> None:
+    """The decode budget is checked on the reduced size; a codestream of fewer resolution levels than the
+    reduction (one here: a 330 kB 6000x6000 file) is decoded whole instead, and was past the budget (36
+    million pixels against 20, 690 MB, 3.7 s with the GIL held): refused as the budget says, as a larger one is."""
+    limits = DecodeLimits(max_pixels=40_000_000, max_decode_pixels=300_000, min_side=10)
+
+    def fit(width: int, height: int) -> tuple[int, int]:
+        return (300, 300)  # a reduction by 2 (400x400: 160,000 pixels) covers it
+
+    levels = encode(photo(800, 800))
+    assert decode_image(levels, limits, fit).image.size == (300, 300)
+    one_level = encode(photo(800, 800), num_resolutions=1)
+    with pytest.raises(errors.ServiceError) as info:
+        decode_image(one_level, limits, fit)
+    assert "decodes at most 300000 pixels" in info.value.message

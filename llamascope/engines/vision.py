@@ -145,10 +145,10 @@ class VisionCache(SizedLRU[str, tuple[CrossKV, int]]):
             old = self._joins.pop(key, None)
             if old is not None:
                 self.joined_bytes -= old.size
+            if self.total + size > self.max_size:
+                return False  # no room beside the images even with no joined entry: the others stay
             while self._joins and self.total + self.joined_bytes + size > self.max_size:
                 self._drop_oldest_join()
-            if self.total + self.joined_bytes + size > self.max_size:
-                return False
             self._joins[key] = _Joined(kv, made_from, size)
             self.joined_bytes += size
             return True

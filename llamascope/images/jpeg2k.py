@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 from PIL import Image
@@ -59,23 +60,53 @@ def available() -> bool:
     return _imagecodecs() is not None
 
 
+def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """The JP2 boxes between ``start`` and ``end``, one after another as OpenJPEG reads them: each one's type and
+    where its content starts and ends (a box of length 0 runs to ``end``, as does one cut short, the last; a
+    64-bit length is read). Hand-written: Pillow's JP2 box reader is private and keeps no offsets."""
+    while start + 8 <= end:
+        length, kind, content = int.from_bytes(data[start : start + 4], "big"), data[start + 4 : start + 8], start + 8
+        if length == 1:  # XLBox: the length in the 8 bytes after the type
+            if start + 16 > end:
+                return
+            length, content = int.from_bytes(data[start + 8 : start + 16], "big"), start + 16
+        stop = end if length == 0 else start + length
+        if stop < content:
+            return
+        yield kind, content, min(stop, end)
+        start = stop
+
+
+def _codestream(data: bytes) -> tuple[int, bytes] | None:
+    """Where the codestream OpenJPEG decodes starts, and the JP2 header box's content (nothing for a bare
+    codestream); None where it is not found. In JP2 it is the first codestream box at the top level: found by
+    walking the boxes, not by looking for its bytes, which any box before it (XML, UUID) may hold too."""
+    if data.startswith(_SIZ):
+        return 0, b""
+    header = b""
+    for kind, content, stop in _boxes(data, 0, len(data)):
+        if kind == b"jp2h" and not header:
+            header = data[content:stop]
+        elif kind == b"jp2c":
+            return (content, header) if data.startswith(_SIZ, content) else None
+    return None
+
+
 def plain(data: bytes, size: tuple[int, int]) -> bool:
     """Whether the file is the plain case imagecodecs gives Pillow's pixels for (see the module's docstring),
     its codestream of the ``size`` decode.py read and checked (in JP2, Pillow reads the image header box's)."""
-    # The codestream: the whole file, or in JP2 the codestream box's content, right after its type.
-    if data.startswith(_SIZ):
-        start = 0
-    elif (box := data.find(b"jp2c" + _SIZ)) >= 0:
-        start = box + 4
-    else:  # a codestream box with a 64-bit length, or none: rare, Pillow's
-        return False
-    header = data[:start]  # JP2's boxes before the codestream; nothing for a bare codestream
-    if b"pclr" in header or b"cdef" in header:
-        return False
-    colr = header.find(b"colr")  # meth 1 (enumerated) and sRGB or grey, not an ICC profile
-    if colr >= 0 and (header[colr + 4 : colr + 5] != b"\x01" or header[colr + 7 : colr + 11] not in _ENUMERATED):
-        return False
     # Read here, byte by byte: Pillow keeps none of these fields, and imagecodecs reads no header alone.
+    found = _codestream(data)
+    if found is None:
+        return False
+    start, header = found
+    if b"pclr" in header or b"cdef" in header:  # (in any box of the header: Pillow's, if only by chance)
+        return False
+    for kind, content, _ in _boxes(header, 0, len(header)):
+        if kind == b"colr":  # the first (OpenJPEG reads no other): meth 1 (enumerated), sRGB or grey; no ICC profile
+            if header[content : content + 1] != b"\x01" or header[content + 3 : content + 7] not in _ENUMERATED:
+                return False
+            break
     siz = data[start + 4 : start + 42]  # after the marker: Lsiz, Rsiz, eight sizes and offsets of 4 bytes, Csiz
     if len(siz) < 38:
         return False
@@ -97,7 +128,9 @@ def decode(data: bytes, size: tuple[int, int]) -> Image.Image:
     threads = os.environ.get("OPJ_NUM_THREADS", "1")  # as Pillow's OpenJPEG reads it (decode.OPJ_THREADS)
     try:
         pixels = codecs.jpeg2k_decode(data, numthreads=max(1, int(threads)) if threads.isdigit() else 1)
-    except (codecs.Jpeg2kError, ValueError, MemoryError) as exc:  # Pillow says what it makes of the file
+    # Pillow says what it makes of the file. Not only Jpeg2kError: imagecodecs raises NotImplementedError for what
+    # it does not convert (subsampled components, samples of mixed depths), a RuntimeError as Jpeg2kError is.
+    except (RuntimeError, ValueError, MemoryError) as exc:
         raise Unsupported(str(exc)) from None
     bands = 1 if pixels.ndim == 2 else pixels.shape[2]
     if pixels.dtype != "uint8" or (pixels.shape[1], pixels.shape[0]) != size or bands not in _MODES:

@@ -317,3 +317,18 @@ def test_a_conversations_next_turn_takes_its_images_joined_states_and_answers_th
         assert torch.equal(keys, own[0][0])
     assert cache.joined_bytes > 0 and cache.total + cache.joined_bytes <= cache.max_size
     assert joined == conversations(MllamaEngine.load(test_model_dir, test_model=True), join=False)
+
+
+def test_a_joined_entry_that_cannot_fit_beside_the_images_evicts_no_other() -> None:
+    """One that would not fit even with every other joined entry gone is not kept, and the others stay: they
+    were dropped for it, for nothing (a conversation's next turn then joined its images again)."""
+    one = kv_bytes(_entry(0.0)[0])
+    cache = VisionCache(4 * one)
+    a, b, c = _entry(1.0), _entry(2.0), _entry(3.0)
+    small_a, small_b = _entry(1.0, states=4), _entry(2.0, states=4)  # half an image each: one image's room
+    for name, entry in (("a", a), ("b", b), ("c", c)):
+        cache.put(name, entry)
+    small = (("a", 2), ("b", 2), ("", 4))
+    assert cache.keep_joined(small, sources([a[0], b[0]]), cross_states([small_a[0], small_b[0]]))
+    assert not cache.keep_joined((("a", 4), ("b", 4), ("", 4)), sources([a[0], b[0]]), cross_states([a[0], b[0]]))
+    assert cache.joined(small, [a[0], b[0]]) is not None and cache.joined_bytes == one

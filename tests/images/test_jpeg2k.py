@@ -165,3 +165,80 @@ def test_the_stock_processor_sees_the_same_pixel_values() -> None:
     assert (a["aspect_ratio_ids"] == b["aspect_ratio_ids"]).all()
     # In normalised units (1/255 is about 0.015 of them), as tests/images/test_vips.py checks libvips's path.
     assert np.abs(a["pixel_values"] - b["pixel_values"]).mean() < 0.03
+
+
+def _with_components(codestream: bytes, components: bytes) -> bytes:
+    """The codestream with its size marker's per-component fields (Ssiz, XRsiz, YRsiz of each) replaced."""
+    start = codestream.index(b"\xff\x51") + 2 + 38  # after Lsiz, Rsiz, the eight sizes and offsets, Csiz
+    return codestream[:start] + components + codestream[start + len(components) :]
+
+
+@pytest.mark.parametrize(
+    "components",
+    [b"\x07\x02\x02" * 3, b"\x07\x01\x01\x0f\x01\x01\x07\x01\x01"],
+    ids=["subsampled", "mixed-depths"],
+)
+def test_a_decoy_size_marker_before_the_codestream_is_not_read_for_it(components: bytes) -> None:
+    """JP2's codestream is its first codestream box: bytes that look like one inside an earlier box (XML here)
+    are not it. Read for it, a decoy that says 8 bits, not subsampled, sent imagecodecs a codestream it refuses
+    with NotImplementedError, which no one caught: a 500 for an image Pillow decodes (or finds corrupt: a 400)."""
+    data = encode(Image.new("RGB", (64, 48), (10, 200, 30)))
+    box = data.index(b"jp2c") - 4
+    codestream = data[box + 8 :]
+    decoy = b"jp2c" + codestream[:60]  # this file's own size marker: 8-bit samples, none subsampled
+    xml = (8 + len(decoy)).to_bytes(4, "big") + b"xml " + decoy
+    real = _with_components(codestream, components)
+    hostile = data[:box] + xml + (8 + len(real)).to_bytes(4, "big") + b"jp2c" + real
+    assert Image.open(io.BytesIO(hostile)).size == (64, 48)
+    assert not plain(hostile)
+    assert plain(data[:box] + xml + data[box:])  # the decoy alone changes nothing
+    try:
+        pillow: object = np.asarray(decode_image(hostile, LIMITS, libvips=False).image)
+    except errors.ServiceError as refused:
+        pillow = refused.status
+    try:
+        ours: object = np.asarray(decode_image(hostile, LIMITS).image)
+    except errors.ServiceError as refused:
+        ours = refused.status
+    assert np.array_equal(ours, pillow)  # type: ignore[arg-type]
+
+
+def test_a_codestream_box_with_a_64_bit_length_is_found() -> None:
+    data = encode(photo(128, 96))
+    box = data.index(b"jp2c") - 4
+    size = len(data) - box + 8  # the box, its header 8 bytes longer
+    wide = data[:box] + (1).to_bytes(4, "big") + b"jp2c" + size.to_bytes(8, "big") + data[box + 8 :]
+    assert plain(wide)
+    assert np.array_equal(
+        np.asarray(decode_image(wide, LIMITS).image), np.asarray(decode_image(wide, LIMITS, libvips=False).image)
+    )
+
+
+def test_the_colour_box_read_is_the_jp2_headers() -> None:
+    """A colour box's bytes in a box before the JP2 header (enumerated sRGB) do not hide the header's own (an
+    ICC profile here, which imagecodecs would apply and Pillow does not)."""
+    data = encode(Image.new("RGB", (64, 48), (10, 200, 30)))
+    colr = data.index(b"colr")
+    icc = data[: colr + 4] + b"\x02" + data[colr + 5 :]
+    decoy = data[colr : colr + 11]  # the sRGB colour box's type and fields
+    xml = (8 + len(decoy)).to_bytes(4, "big") + b"xml " + decoy
+    jp2h = icc.index(b"jp2h") - 4
+    assert plain(data[:jp2h] + xml + data[jp2h:])
+    assert not plain(icc[:jp2h] + xml + icc[jp2h:])
+
+
+def test_a_codestream_that_cannot_be_reduced_is_decoded_whole_only_within_the_budget() -> None:
+    """The decode budget is checked on the reduced size; a codestream of fewer resolution levels than the
+    reduction (one here: a 330 kB 6000x6000 file) is decoded whole instead, and was past the budget (36
+    million pixels against 20, 690 MB, 3.7 s with the GIL held): refused as the budget says, as a larger one is."""
+    limits = DecodeLimits(max_pixels=40_000_000, max_decode_pixels=300_000, min_side=10)
+
+    def fit(width: int, height: int) -> tuple[int, int]:
+        return (300, 300)  # a reduction by 2 (400x400: 160,000 pixels) covers it
+
+    levels = encode(photo(800, 800))
+    assert decode_image(levels, limits, fit).image.size == (300, 300)
+    one_level = encode(photo(800, 800), num_resolutions=1)
+    with pytest.raises(errors.ServiceError) as info:
+        decode_image(one_level, limits, fit)
+    assert "decodes at most 300000 pixels" in info.value.message

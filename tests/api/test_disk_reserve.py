@@ -4,8 +4,6 @@ it, saying why, and keeps nothing: one key's files must not fill the disk the ac
 from __future__ import annotations
 
 import io
-import json
-import socket
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
@@ -13,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llamascope.disk import DiskReserve
-from tests.conftest import SEED_MODEL, Server, free_port, png_bytes, start_server
+from tests.conftest import SEED_MODEL, Server, form_refused_unread, free_port, png_bytes, start_server
 
 
 def test_the_reserve_and_the_file_must_both_fit(tmp_path: Path) -> None:
@@ -70,22 +68,6 @@ def test_a_batch_file_to_a_full_disk_is_refused_saying_why(full: Server) -> None
 
 def test_a_batch_file_is_refused_before_its_body_is_read(full: Server) -> None:
     """The refusal comes while the client has sent only the headers of a 400 MB form: nothing of it was read."""
-    host, port = full.base.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        head = (
-            "POST /compatible-mode/v1/files HTTP/1.1\r\n"
-            f"Host: {host}\r\nAuthorization: Bearer {full.key}\r\n"
-            "Content-Type: multipart/form-data; boundary=b\r\n"
-            f"Content-Length: {400 * 2**20}\r\n\r\n"
-            '--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
-        )
-        sock.sendall(head.encode())
-        answer = b""
-        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            piece = sock.recv(65536)  # times out (30 s) if the server waits for the rest of the body
-            if not piece:
-                break
-            answer += piece
-    status, _, body = answer.partition(b"\r\n\r\n")
-    assert status.startswith(b"HTTP/1.1 507"), answer
-    assert json.loads(body)["error"]["code"] == "insufficient_storage"
+    status, body = form_refused_unread(full)
+    assert status.startswith(b"HTTP/1.1 507"), status
+    assert body["error"]["code"] == "insufficient_storage"

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import Server, free_port, generation_body, start_server, user_turn
+
+
+@contextlib.asynccontextmanager
+async def _engine_before(app: Any, base: str = "/v1", context: int = 8192) -> AsyncIterator[Any]:
+    """An UpstreamEngine in front of ``app`` (an aiohttp stub engine) on a loopback port; both closed after."""
+    from aiohttp import web
+
+    from llamascope.engines.upstream import UpstreamEngine
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    engine = UpstreamEngine.create([f"http://127.0.0.1:{runner.addresses[0][1]}{base}"], MODEL, None, context)
+    try:
+        yield engine
+    finally:
+        await engine.close()
+        await runner.cleanup()
+
 
 pytestmark = pytest.mark.server
 PATH = "/api/v1/services/aigc/multimodal-generation/generation"
@@ -321,7 +342,6 @@ def test_the_engines_tokenizer_is_found_and_remembered(
     from aiohttp import web
 
     from llamascope.engines.base import Turn
-    from llamascope.engines.upstream import UpstreamEngine
 
     seen: list[str] = []
 
@@ -334,17 +354,8 @@ def test_the_engines_tokenizer_is_found_and_remembered(
     async def two_prompts() -> list[int]:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", answer)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        engine = UpstreamEngine.create([f"http://127.0.0.1:{port}{base}"], MODEL, None, 8192)
-        try:
+        async with _engine_before(app, base) as engine:
             return [(await engine.prepare([Turn("user", "Hi")])).input_tokens for _ in range(2)]
-        finally:
-            await engine.close()
-            await runner.cleanup()
 
     counted = asyncio.run(two_prompts())
     assert [p for p in seen if p.endswith("/tokenize")] == asked
@@ -460,7 +471,6 @@ def test_tool_call_deltas_are_joined_by_index() -> None:
     from aiohttp import web
 
     from llamascope.engines.base import FinishReason, SamplingParams, Turn
-    from llamascope.engines.upstream import UpstreamEngine
     from llamascope.structured.spec import read_request
 
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
@@ -496,17 +506,9 @@ def test_tool_call_deltas_are_joined_by_index() -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", completions)
         app.router.add_post("/tokenize", counted)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        engine = UpstreamEngine.create([f"http://127.0.0.1:{runner.addresses[0][1]}/v1"], MODEL, None, 8192)
-        try:
+        async with _engine_before(app) as engine:
             prompt = await engine.prepare([Turn("user", "json please")], spec)
             return [c async for c in engine.generate(prompt, SamplingParams(max_new_tokens=30))]
-        finally:
-            await engine.close()
-            await runner.cleanup()
 
     chunks = asyncio.run(ask())
     sent = bodies[0]
@@ -533,7 +535,7 @@ def test_a_tokenize_answer_too_long_to_read_leaves_the_engines_tokenizer_known()
     from aiohttp import web
 
     from llamascope.engines.base import Turn
-    from llamascope.engines.upstream import MAX_COUNT_BYTES, UpstreamEngine
+    from llamascope.engines.upstream import MAX_COUNT_BYTES
 
     async def tokenize(request: web.Request) -> web.Response:
         if b"long" in await request.read():  # its tokens listed: more than is read of the answer
@@ -543,17 +545,8 @@ def test_a_tokenize_answer_too_long_to_read_leaves_the_engines_tokenizer_known()
     async def counts() -> list[int]:
         app = web.Application()
         app.router.add_post("/tokenize", tokenize)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        engine = UpstreamEngine.create([f"http://127.0.0.1:{port}/v1"], MODEL, None, 1_000_000)
-        try:
+        async with _engine_before(app, context=1_000_000) as engine:
             return [(await engine.prepare([Turn("user", text)])).input_tokens for text in ("Hi", "long", "Hi")]
-        finally:
-            await engine.close()
-            await runner.cleanup()
 
     counted = asyncio.run(counts())
     assert counted[0] == counted[2] == VLLM_ANSWER["count"], counted  # counted by the engine, before and after

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import time
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -15,7 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import OTHER_KEY, SEED_MODEL, Server, free_port, start_server
+from tests.conftest import OTHER_KEY, SEED_MODEL, Server, form_refused_unread, free_port, start_server
 
 
 @pytest.fixture(scope="module")
@@ -74,24 +73,9 @@ def test_a_key_at_its_bound_is_refused_before_the_body_is_read(bounded: Server) 
     """The refusal comes while the client has sent only the headers of a 400 MB form: nothing of it was read."""
     client = _client(bounded, bounded.key)
     kept = [_upload(client, 10), _upload(client, 10)]
-    host, port = bounded.base.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        head = (
-            "POST /compatible-mode/v1/files HTTP/1.1\r\n"
-            f"Host: {host}\r\nAuthorization: Bearer {bounded.key}\r\n"
-            "Content-Type: multipart/form-data; boundary=b\r\n"
-            f"Content-Length: {400 * 2**20}\r\n\r\n"
-        )
-        sock.sendall(head.encode())
-        answer = b""
-        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            piece = sock.recv(65536)  # times out (30 s) if the server waits for the body
-            if not piece:
-                break
-            answer += piece
-    status, _, body = answer.partition(b"\r\n\r\n")
-    assert status.startswith(b"HTTP/1.1 400"), answer
-    assert json.loads(body)["error"]["code"] == "file_quota_exceeded"
+    status, body = form_refused_unread(bounded)
+    assert status.startswith(b"HTTP/1.1 400"), status
+    assert body["error"]["code"] == "file_quota_exceeded"
     for file_id in kept:
         client.files.delete(file_id)
 

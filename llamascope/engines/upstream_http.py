@@ -13,7 +13,8 @@ of CPU, a fifth of the gateway's budget of 1 ms a request (issue 29), and about 
   is sent once more on a new one, as aiohttp and Go do, but never a POST, which the engine may have begun
   (its failure goes to the engine's failover);
 - bodies framed by Content-Length, chunked, or by the connection's end, parsed by httptools (the parser
-  uvicorn serves with); gzip and deflate bodies are decoded, though none is asked for;
+  uvicorn serves with); gzip and deflate bodies are decoded, though none is asked for, a bounded step
+  at a time (a compressed page of KiB may hold GB);
 - a deadline per request (connecting included) that ends it with ``TimeoutError``: for the whole
   request, or (``silence=True``, a streamed answer, however long) for the engine's silence before its head
   and between two reads; and back pressure: a reader slower than the engine stops reading from its socket,
@@ -268,6 +269,9 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
 
+INFLATE_STEP = 256 * 1024  # the most of a compressed body decoded at once
+
+
 class Response:
     """An engine's response: its status, then its body as it arrives (``async for``: all that has arrived at
     once, joined). An iterator, not a generator: one left unfinished needs no closing."""
@@ -295,7 +299,11 @@ class Response:
     async def __anext__(self) -> bytes:
         connection = self._connection
         while True:
-            if connection.pieces:
+            if self._decoder is not None and self._decoder.unconsumed_tail:  # what one step left inflated
+                data = self._decompress(self._decoder.unconsumed_tail)
+                if data:
+                    return data
+            elif connection.pieces:
                 data = connection.take()
                 if self._decoder is not None:
                     data = self._decompress(data)
@@ -313,9 +321,11 @@ class Response:
                 await connection.wait()
 
     def _decompress(self, data: bytes | None) -> bytes:
-        """The next decoded bytes of the body (with None, the last)."""
+        """The next decoded bytes of the body, at most INFLATE_STEP of them (the input they leave is the
+        decoder's ``unconsumed_tail``, decoded next); with None, the last. Bounded: a few KiB of a hostile
+        engine's gzip inflate to many MB, and a capped read (an error page's 8 KiB) must hold no more than it."""
         try:
-            return self._decoder.decompress(data) if data is not None else self._decoder.flush()
+            return self._decoder.decompress(data, INFLATE_STEP) if data is not None else self._decoder.flush()
         except zlib.error as exc:
             raise TransportError(f"the engine's compressed body is broken: {exc}") from None
 

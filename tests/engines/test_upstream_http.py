@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llamascope.engines.upstream_http import HIGH_WATER, Client, TransportError
+from llamascope.engines.upstream_http import HIGH_WATER, INFLATE_STEP, Client, TransportError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -129,6 +129,29 @@ def test_body_ended_by_the_connection_and_gzip() -> None:
             assert await r.read() == b"unzipped " * 100
         await client.close()
         assert connections == [0, 1]  # the first one was closed, not kept
+
+    asyncio.run(serve(handler, check))
+
+
+def test_a_compressed_body_is_inflated_a_bounded_step_at_a_time() -> None:
+    """32 KiB of gzip holding 32 MiB (a hostile engine's error page): decoded in steps of INFLATE_STEP, so a read
+    capped at 8 KiB holds no more than a step, and the whole body still arrives, each byte once."""
+    bomb = gzip.compress(bytes(32 << 20))
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        for _ in range(2):
+            await read_request(reader)
+            writer.write(ok(bomb, b"Content-Encoding: gzip\r\n"))
+            await writer.drain()
+
+    async def check(base: str, connections: list[int]) -> None:
+        client = Client()
+        async with client.request("GET", base + "/", 30) as r:
+            assert await r.read(8192) == bytes(8192)
+        async with client.request("GET", base + "/", 30) as r:
+            sizes = [len(piece) async for piece in r]
+        assert sum(sizes) == 32 << 20 and max(sizes) <= INFLATE_STEP
+        await client.close()
 
     asyncio.run(serve(handler, check))
 

@@ -51,9 +51,13 @@ def test_a_photo_decodes_to_the_pillow_paths_pixels() -> None:
     assert np.array_equal(np.asarray(ours.image), np.asarray(pillow.image))
     lossy = encode(photo(640, 480), irreversible=True, quality_mode="rates", quality_layers=[20], no_jp2=True)
     assert plain(lossy)
-    assert np.array_equal(
-        np.asarray(decode_image(lossy, LIMITS).image), np.asarray(decode_image(lossy, LIMITS, libvips=False).image)
+    # Lossy: OpenJPEG's 9/7 wavelet is floating point, and the two wheels' builds of it may round apart on
+    # another CPU: within one level, not bit for bit.
+    gap = np.abs(
+        np.asarray(decode_image(lossy, LIMITS).image, dtype=np.int16)
+        - np.asarray(decode_image(lossy, LIMITS, libvips=False).image, dtype=np.int16)
     )
+    assert gap.max() <= 1
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "I;16"])

@@ -375,8 +375,9 @@ class ConversationService:
         images: dict[str, Any] = {r: found for r in distinct if (found := self.intake.known(r, fit_key)) is not None}
         todo = [r for r in distinct if r not in images]
         loads = [self.intake.load(r, context, fit=engine.image_size, fit_key=fit_key) for r in todo]
+        loaded: list[Any] = []
         if len(distinct) == 1 and loads:  # one image (the usual case): awaited here, without a task and a loop turn
-            loaded: list[Any] = [await loads[0]]
+            loaded = [await loads[0]]
         elif loads:
             loaded = await asyncio.gather(*loads, return_exceptions=True)
             places = draft.image_places()
@@ -385,7 +386,7 @@ class ConversationService:
                     raise replace(result, message=f"{result.message} (the image at {places[ref]})") from None
                 if isinstance(result, BaseException):
                     raise result
-        images.update(zip(todo, loaded if loads else [], strict=True))
+        images.update(zip(todo, loaded, strict=True))
         return await engine.prepare(draft.with_images([images[r] for r in refs]), output)  # type: ignore[misc]
 
 

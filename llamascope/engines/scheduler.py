@@ -424,10 +424,8 @@ class Scheduler:
                 tiles = self._attends(seq, rest[0])
             key = _join_key(seq, tiles, all_tiles)
             kv = self.vision.joined(key, images) if key is not None else None  # kept by an earlier turn
-            if kv is None:
+            if kv is None:  # joined now, and kept when the prefill ends (``_keep_joined``)
                 kv = cross_states(images, tiles, all_tiles)
-                if key is not None:
-                    self.vision.keep_joined(key, seq.image_sources, kv)
             for index, (keys, values) in zip(self.encoder.cross_layers, kv, strict=True):
                 set_layer(seq.cache.layers[index], keys, values)
         kwargs["past_key_values"] = seq.cache

@@ -400,7 +400,7 @@ class UpstreamEngine:
                 if response.status >= 500:
                     raise _UpstreamFailed(f"HTTP {response.status}{await _words(response)}")
                 if response.status == 429:  # at capacity (TGI, a rate-limiting proxy): another may not be
-                    await _error_body(response)  # to its end, a short one: the connection is kept
+                    await _error_body(response)  # its start: a short one read to its end keeps the connection
                     raise _UpstreamFailed("HTTP 429", "busy")
                 if response.status != 200:
                     text = (await _error_body(response)).decode(errors="replace")

@@ -112,7 +112,7 @@ class DecodeLimits:
 
 # OpenJPEG's thread count, from the environment: it reads OPJ_NUM_THREADS each time a decoder is created
 # (Pillow creates one per image), and without it decodes JPEG 2000 on one thread. Pillow offers no setting.
-OPJ_THREADS = "OPJ_NUM_THREADS"
+OPJ_THREADS = jpeg2k.OPJ_THREADS
 
 
 def configure_codec_threads(cores: int) -> None:

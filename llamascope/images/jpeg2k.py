@@ -36,6 +36,10 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
+# OpenJPEG's thread count, from the environment: Pillow's OpenJPEG reads it each time a decoder is created, and
+# this module passes it on (decode.configure_codec_threads sets it).
+OPJ_THREADS = "OPJ_NUM_THREADS"
+
 _SIZ = b"\xff\x4f\xff\x51"  # a codestream's start (SOC) and its image and tile size marker (SIZ)
 _SRGB, _GREY = 16, 17  # the JP2 colr box's enumerated colour spaces taken here
 _MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # by component count, as Pillow reads them
@@ -125,7 +129,7 @@ def decode(data: bytes, size: tuple[int, int]) -> Image.Image:
     codecs = _imagecodecs()
     if codecs is None or not plain(data, size):
         raise Unsupported("not the plain case")
-    threads = os.environ.get("OPJ_NUM_THREADS", "1")  # as Pillow's OpenJPEG reads it (decode.OPJ_THREADS)
+    threads = os.environ.get(OPJ_THREADS, "1")
     try:
         pixels = codecs.jpeg2k_decode(data, numthreads=max(1, int(threads)) if threads.isdigit() else 1)
     # Pillow says what it makes of the file. Not only Jpeg2kError: imagecodecs raises NotImplementedError for what

@@ -1,7 +1,8 @@
 """The free disk a server keeps for itself: what callers store (the SDK's uploads, the Files API's batch inputs)
 is refused while storing the most a file may hold would leave less free than the reserve on the disk under it.
-Uploads last two days and batch files until deleted, and neither is bounded per key: without a reserve one key
-could fill the disk that holds the account store, the logs and every other caller's files.
+Uploads last two days and batch files until deleted; each key is bounded in what it keeps of them
+(``KeyQuota``), but not every key together: without a reserve the keys could fill the disk that holds the
+account store, the logs and every other caller's files.
 
 Checked before a file's first byte is read. Uploads running at once each see the same free space, so together
 they may go into the reserve by up to that many files' caps: the reserve is a margin, not an exact bound."""
@@ -12,6 +13,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +48,34 @@ class DiskReserve:
 
 
 NO_RESERVE = DiskReserve(0)
+
+
+class Overrun(NamedTuple):
+    """Which bound of a ``KeyQuota`` one more file would pass, and what the key keeps, said for its holder."""
+
+    bound: Literal["files", "bytes"]
+    said: str  # "this key keeps 3 files, the most it may keep is 3"
+
+
+@dataclass(frozen=True)
+class KeyQuota:
+    """What one key may keep on the disk: files and bytes, 0: no bound (the Files API's files and the SDK's
+    uploads each have one). The callers say the refusal in their own API's words."""
+
+    files: int
+    bytes: int
+
+    def overrun(self, count: int, size: int, adding: int = 0) -> Overrun | None:
+        """What a key keeping ``count`` files of ``size`` bytes passes with one more file, of ``adding`` bytes
+        where known (0: before its bytes are read, only a key at its bound passes); None: it fits."""
+        if self.files and count + 1 > self.files:
+            return Overrun("files", f"this key keeps {count} files, the most it may keep is {self.files}")
+        if self.bytes and size + max(adding, 1) > self.bytes:
+            more = f" and this one {adding} more" if adding else ""
+            return Overrun(
+                "bytes", f"out of space: this key's files take {size} bytes{more}, of the {self.bytes} it may keep"
+            )
+        return None
+
+
+NO_KEY_QUOTA = KeyQuota(0, 0)

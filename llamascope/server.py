@@ -43,7 +43,7 @@ from llamascope.batch.repository import BatchRepository
 from llamascope.batch.runner import Runner
 from llamascope.batch.service import BatchService
 from llamascope.conversation.service import ConversationService, ImagePolicy
-from llamascope.disk import DiskReserve
+from llamascope.disk import DiskReserve, KeyQuota
 from llamascope.engines.base import Engine, ModelLoadError
 from llamascope.engines.devices import Bounds
 from llamascope.engines.registry import (
@@ -160,6 +160,7 @@ def open_uploads(settings: Settings) -> UploadStore:
         policy_seconds=settings.upload_policy_seconds,
         max_bytes=settings.upload_max_bytes,
         reserve=DiskReserve(settings.min_free_disk_bytes),
+        quota=KeyQuota(settings.upload_files_per_key, settings.upload_storage_per_key_bytes),
     )
 
 

@@ -316,6 +316,18 @@ class Settings(BaseSettings):
         300, ge=10, description="how long an upload policy (the SDK's getPolicy answer) stays valid"
     )
     upload_max_bytes: int = Field(10 * 1024 * 1024, ge=1, description="the largest upload")
+    upload_files_per_key: int = Field(
+        1000,
+        ge=0,
+        description="the uploads one key may keep at once (each for `UPLOAD_TTL_HOURS`); one more is refused "
+        "(429 `Throttling.AllocationQuota`) before its file is read, and so is its policy; 0: no bound",
+    )
+    upload_storage_per_key_bytes: int = Field(
+        1024**3,
+        ge=0,
+        description="the bytes one key's uploads may take at once (1 GiB); an upload that would take the key "
+        "past it is refused (429 `Throttling.AllocationQuota`); 0: no bound",
+    )
     min_free_disk_bytes: int = Field(
         1024**3,
         ge=0,

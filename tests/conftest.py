@@ -350,22 +350,23 @@ class Server:
         return self.process.returncode
 
 
-def form_refused_unread(server: Server) -> tuple[bytes, dict]:
-    """Send the Files API only the headers of a 400 MB form (and its first field): the answer's status line and
-    JSON body, which must come while the body is unsent (the socket times out after 30 s if the server waits
-    for it). A refusal answered so was decided before a byte of the file was read."""
+def refused_unread(
+    server: Server, path: str, head: str, start: str, length: int, key: str | None = None
+) -> tuple[bytes, dict]:
+    """Send ``path`` only the headers of a body ``length`` bytes long (``head``: its Content-Type and any other
+    header lines) and its ``start``: the answer's status line and headers, and its JSON body, which must come
+    while the rest is unsent (the socket times out after 30 s if the server waits for it). A refusal answered
+    so was decided before the server read the body."""
     import json
 
     host, port = server.base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        head = (
-            "POST /compatible-mode/v1/files HTTP/1.1\r\n"
-            f"Host: {host}\r\nAuthorization: Bearer {server.key}\r\n"
-            "Content-Type: multipart/form-data; boundary=b\r\n"
-            f"Content-Length: {400 * 2**20}\r\n\r\n"
-            '--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        sock.sendall(
+            (
+                f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key or server.key}\r\n{head}"
+                f"Content-Length: {length}\r\n\r\n{start}"
+            ).encode()
         )
-        sock.sendall(head.encode())
         answer = b""
         while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
             piece = sock.recv(65536)
@@ -374,6 +375,18 @@ def form_refused_unread(server: Server) -> tuple[bytes, dict]:
             answer += piece
     status, _, body = answer.partition(b"\r\n\r\n")
     return status, json.loads(body) if body else {}
+
+
+def form_refused_unread(server: Server) -> tuple[bytes, dict]:
+    """Send the Files API only the headers of a 400 MB form (and its first field): ``refused_unread``. A refusal
+    answered so was decided before a byte of the file was read."""
+    return refused_unread(
+        server,
+        "/compatible-mode/v1/files",
+        "Content-Type: multipart/form-data; boundary=b\r\n",
+        '--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n',
+        400 * 2**20,
+    )
 
 
 def start_server(

@@ -24,7 +24,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from llamascope import errors
 from llamascope.accounts.access import bearer_key, grant_refusal, key_refusal
 from llamascope.accounts.checkpoints import Checkpoints, Progress
-from llamascope.accounts.limits import RateLimits, SharedRateLimits, to_the_end
+from llamascope.accounts.limits import RateLimits, SharedRateLimits, at_most_concurrent, to_the_end
 from llamascope.accounts.records import GrantView, KeyView, Reservation, utcnow
 from llamascope.accounts.store import AccountStore
 
@@ -225,6 +225,14 @@ class Accounts:
         A request counted in counts toward the key's requests per minute, whatever refuses it afterwards;
         with ``per_minute`` False (a prompt only counted), it holds a concurrent slot but is not counted there."""
         return await self.limits.enter(principal.key, per_minute)
+
+    async def refuse_when_full(self, principal: Principal) -> None:
+        """Refuse (the 429 ``enter`` gives) a key already running as many requests as it may at once, before its
+        request's body is read: waiting for it, a key at its bound made the server read and hold a body of up
+        to MAX_BODY_BYTES for each request it sent on. A look, counting nothing: ``enter`` still decides (requests
+        sent at once may all pass this)."""
+        if await self.limits.full(principal.key):
+            raise at_most_concurrent(principal.key)
 
     async def leave(self, principal: Principal, counted: bool) -> None:
         """Count out a request ``enter`` let in that never reached ``admit``; a cancellation cannot cut it short

@@ -77,6 +77,12 @@ def throttled(message: str, retry_after: float) -> errors.ServiceError:
     )
 
 
+def at_most_concurrent(key: KeyView) -> errors.ServiceError:
+    """A key at its bound of concurrent requests: as ``enter`` refuses it, and as it is refused before its
+    request's body is read (``Accounts.refuse_when_full``)."""
+    return throttled(f"at most {key.max_concurrent} concurrent requests", 1)
+
+
 def _items(key: KeyView) -> tuple[RateLimitItemPerMinute | None, RateLimitItemPerMinute | None]:
     if not key.tokens_per_minute and not key.requests_per_minute:
         return None, None
@@ -117,7 +123,7 @@ class RateLimits:
         """Count a request in, or raise 429. True: counted (pass it to ``leave``). ``per_minute`` False: the
         request is refused by a full window but not counted in the requests per minute (``/tokenize``)."""
         if key.max_concurrent is not None and self.running[key.id] >= key.max_concurrent:
-            raise throttled(f"at most {key.max_concurrent} concurrent requests", 1)
+            raise at_most_concurrent(key)
         tokens, requests = _items(key)
         if tokens is not None and not self._limiter.test(tokens, str(key.id)):
             raise throttled(f"{key.tokens_per_minute} tokens per minute", self._retry_after(tokens, key.id))
@@ -126,6 +132,10 @@ class RateLimits:
             raise throttled(f"{key.requests_per_minute} requests per minute", self._retry_after(requests, key.id))
         self.running[key.id] += 1
         return True
+
+    async def full(self, key: KeyView) -> bool:
+        """Whether the key runs as many requests as it may at once (a look: nothing is counted)."""
+        return key.max_concurrent is not None and self.running[key.id] >= key.max_concurrent
 
     async def leave(self, key: KeyView, tokens: int, counted: bool = True) -> None:
         if counted:
@@ -164,6 +174,15 @@ if total >= tonumber(ARGV[2]) then return 0 end
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('EXPIRE', KEYS[1], 86400)
 return 1
+"""
+# What _ENTER counts, without counting anything in (the dead replicas' counts are left for _ENTER to drop).
+_RUNNING = """
+local counts = redis.call('HGETALL', KEYS[1])
+local total = 0
+for i = 1, #counts, 2 do
+  if redis.call('EXISTS', ARGV[1] .. counts[i]) == 1 then total = total + tonumber(counts[i + 1]) end
+end
+return total
 """
 _LEAVE = """
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
@@ -209,6 +228,7 @@ class SharedRateLimits:
         self._limiter = AsyncMovingWindow(self._storage)
         self._enter_script = self._redis.register_script(_ENTER)
         self._leave_script = self._redis.register_script(_LEAVE)
+        self._running_script = self._redis.register_script(_RUNNING)
         self._beating: asyncio.Task[None] | None = None
         self._clock_offset: float | None = None  # Redis's clock less this one's, as the last beat measured it
         self._last_warning = 0.0
@@ -284,7 +304,7 @@ class SharedRateLimits:
                     raise LimiterUnavailable("Redis ran the count after its deadline")
                 entered = answer == 1
                 if not entered:
-                    raise throttled(f"at most {key.max_concurrent} concurrent requests", 1)
+                    raise at_most_concurrent(key)
             hit = self._limiter.hit if per_minute else self._limiter.test
             if requests is not None and not await self._call(hit(requests, str(key.id))):
                 if entered:
@@ -314,6 +334,18 @@ class SharedRateLimits:
                     await self._count_out(key)
             raise
         return True
+
+    async def full(self, key: KeyView) -> bool:
+        """Whether the key runs as many requests as it may at once on every replica together (a look: nothing
+        is counted). Redis unreachable: False, and ``enter`` decides by its ``on_error`` rule."""
+        if key.max_concurrent is None:
+            return False
+        try:
+            args = [self._replica_prefix]
+            running = await self._call(self._running_script(keys=[self._running_key(key)], args=args))
+        except LimiterUnavailable:
+            return False
+        return int(running) >= key.max_concurrent
 
     async def _count_in(self, key: KeyView, args: list[str | int]) -> int:
         """The concurrency script's answer (1: counted in, 0: full, -1: too late). Its caller cancelled while

@@ -56,6 +56,17 @@ async def read_json(request: Request) -> object:
     return value
 
 
+async def read_call_json(request: Request) -> object:
+    """``read_json`` for a request that takes one of its key's concurrent slots (a generation, a count of
+    tokens): a key at its bound is refused with the 429 of the slot's own check before a byte of the body is
+    read (``Accounts.refuse_when_full``)."""
+    principal = getattr(request.state, "principal", None)
+    if principal is not None:
+        service: ConversationService = request.app.state.service
+        await service.accounts.refuse_when_full(principal)
+    return await read_json(request)
+
+
 def _note_model(request: Request, body: object) -> None:
     """The model ``body`` names, kept on the request (``state.model``) if it is served: the access-log line and
     the key's count of refusals (``Authentication``) name it should the request be refused before it runs. An

@@ -58,8 +58,8 @@ STATUS_TEXT = {
     408: "Waited too long for a place in the engine's queue (RequestTimeOut).",
     409: "The object already exists (FileAlreadyExists).",
     413: "The body is over the limit (BadRequest.TooLarge).",
-    429: "The engine's queue is full (Throttling) or a per-key limit was reached (Throttling.RateQuota); "
-    "see Retry-After.",
+    429: "The engine's queue is full (Throttling) or a per-key limit was reached (Throttling.RateQuota; see "
+    "Retry-After), or the key keeps as many uploads as it may (Throttling.AllocationQuota).",
     500: "The model failed (InternalError.Algo).",
     503: "The server is shutting down, or no engine is available (ServiceUnavailable).",
     507: "The server's disk is nearly full: it stores no more files for now (MIN_FREE_DISK_BYTES).",

@@ -89,7 +89,9 @@ async def get_policy(request: Request) -> JSONResponse:
     files = service.image_rules(model, Endpoint.MULTIMODAL).most  # the most a call may carry
     if not files:  # the SDK asks for a policy only to upload a call's images
         raise errors.invalid_parameter(f"{model} takes no images: there is nothing to upload for it.")
-    data = store.issue_policy(request.state.principal.key_id, str(model), files=files)
+    owner = request.state.principal.key_id
+    await anyio.to_thread.run_sync(store.check_quota, owner)  # a key at its bound gets no policy to upload with
+    data = store.issue_policy(owner, str(model), files=files)
     data["upload_host"] = upload_host(request)
     return JSONResponse({"request_id": request_id_of(request), "data": data})
 
@@ -269,7 +271,7 @@ OPERATIONS = (
         tag="uploads",
         query=PolicyQuery,
         ok=PolicyAnswer,
-        refusals=(400,),
+        refusals=(400, 429),
     ),
     openapi.operation(
         "POST",
@@ -278,7 +280,7 @@ OPERATIONS = (
         tag="uploads",
         auth=None,
         form=UploadForm,
-        refusals=(403, 409, 507),
+        refusals=(403, 409, 429, 507),
         description="Answers a bare 200 with an empty body; the image is then oss://<key>.",
     ),
 )

@@ -14,39 +14,28 @@ from pathlib import Path
 from typing import BinaryIO
 
 from llamascope import disk, errors
-from llamascope.disk import NO_RESERVE, DiskReserve
+from llamascope.disk import NO_RESERVE, DiskReserve, KeyQuota
 
 CHUNK = 1024 * 1024
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 @dataclass(frozen=True)
-class FileQuota:
+class FileQuota(KeyQuota):
     """What one key may keep in the Files API: its inputs and its batches' results, until it deletes them.
     Model Studio keeps 10,000 files and 100 GB for an account; 0 here: no bound. Only uploads are refused:
     a batch's results are written whatever the key keeps (they count against its next upload)."""
 
-    files: int
-    bytes: int
-
     def check(self, count: int, size: int, adding: int = 0, doing: str = "uploading more") -> None:
         """Refuse (400) a key keeping ``count`` files of ``size`` bytes one more file, of ``adding`` bytes where
         known (0: before its bytes are read, refused only once the key is at its bound)."""
-        if self.files and count + 1 > self.files:
+        overrun = self.overrun(count, size, adding)
+        if overrun is not None:
             raise errors.ServiceError(
                 400,
                 "file_quota_exceeded",
-                f"This key keeps {count} files, the most it may keep is {self.files}: delete some (DELETE "
-                "/files/{file_id}, or files.delete in the SDKs) before " + doing + ".",
-            )
-        if self.bytes and size + max(adding, 1) > self.bytes:
-            raise errors.ServiceError(
-                400,
-                "file_quota_exceeded",
-                f"Out of space: this key's files take {size} bytes"
-                + (f" and this one {adding} more" if adding else "")
-                + f", of the {self.bytes} it may keep: delete some (DELETE /files/{{file_id}}, or files.delete in "
-                f"the SDKs) before {doing}.",
+                overrun.said[0].upper() + overrun.said[1:] + ": delete some (DELETE /files/{file_id}, or "
+                f"files.delete in the SDKs) before {doing}.",
             )
 
 

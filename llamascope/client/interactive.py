@@ -328,11 +328,32 @@ class InteractiveChat:
         except ValueError as exc:
             say(f"error: {value} is not a conversation: {exc}")
             return
-        self.conversation = loaded
+        info = self.model_info if loaded.model == self.conversation.model else self._listed(loaded.model)
+        # Said now, not at the next question (a 400 that takes only that question's images, so every later one is
+        # refused too): the images a conversation sent stay in it. Refused, not loaded with a warning: /load
+        # replaces the conversation under way, which may be unsaved, with one that no question could continue.
+        most, held = image_limit(info), len(loaded.sent_images())
+        if most is not None and held > most:
+            way = (
+                'the file names that model: a model that takes more, named in its "model", continues it'
+                if _names_model(text)
+                else "/model NAME for a model that takes more, then /load again"
+            )
+            say(f"error: {value} holds {_images(held)}, and {too_many(loaded.model, most)}: not loaded ({way})")
+            say("(the conversation goes on as it was)")
+            return
+        self.conversation, self.model_info = loaded, info
         say(f"loaded {len(loaded.turns)} messages, model {loaded.model}")
         if loaded.turns and loaded.turns[-1].role == "user":
             say("it ends with a question: answering it")
             self.reply()
+
+    def _listed(self, model: str) -> dict[str, Any] | None:
+        """What the server lists of ``model`` (None: not listed, or a server without the listing)."""
+        try:
+            return next((m for m in self.client.models() if m["model"] == model), None)
+        except APIError:
+            return None
 
     def stats(self, _: str) -> None:
         answer = self.last
@@ -414,6 +435,12 @@ def image_limit(model_info: dict[str, Any] | None) -> int | None:
 
 def too_many(model: str, most: int) -> str:
     return f"{model} takes at most {_images(most)} per conversation (its max_images setting)"
+
+
+def _names_model(saved: str) -> bool:
+    """Whether a saved conversation names its model (``Conversation.load`` takes it over the chat's)."""
+    data = json.loads(saved)
+    return isinstance(data, dict) and bool(data.get("model"))
 
 
 def _typed_path(value: str) -> str:

@@ -6,10 +6,12 @@ refers to the file as ``oss://<key>``. The unauthenticated POST is authorised
 only by the policy it carries back: a base64 JSON of claims (upload directory,
 expiry, size cap, model, owner) with an HMAC-SHA256 signature.
 
-Objects live on disk under one directory, each stored under the SHA-256 of its
-key (no client-chosen name ever becomes a path), beside a small JSON record of
-its owner and expiry. They are readable only by the key that uploaded them and
-only until they expire (48 hours by default); expired objects are purged.
+Objects live on disk under one directory, in a folder for each owner (so that
+what a key keeps is one listing: ``KeyQuota`` bounds it), each stored under the
+SHA-256 of its key (no client-chosen name ever becomes a path), beside a small
+JSON record of its owner and expiry. They are readable only by the key that
+uploaded them and only until they expire (48 hours by default); expired objects
+are purged.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from llamascope import disk, errors
-from llamascope.disk import NO_RESERVE, DiskReserve
+from llamascope.disk import NO_KEY_QUOTA, NO_RESERVE, DiskReserve, KeyQuota, Overrun
 
 _MAX_KEY_LENGTH = 1024
 _PLACE = ".place-"  # a policy's places (``UploadStore._take_place``)
+_OWNER = "key-"  # an owner's folder (``UploadStore._folder``)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,20 @@ class Claims:
 
 def too_large(most: int) -> errors.ServiceError:
     return errors.ServiceError(400, "EntityTooLarge", f"Your upload exceeds the maximum of {most} bytes.")
+
+
+def quota_exceeded(overrun: Overrun, ttl_hours: float) -> errors.ServiceError:
+    """A key at its bound of uploads: DashScope's code for a quota used up (429 Throttling.AllocationQuota), and
+    no retry (``x-should-retry``: the SDK would ask twice more at once; room comes back only as uploads expire)."""
+    setting = "UPLOAD_FILES_PER_KEY" if overrun.bound == "files" else "UPLOAD_STORAGE_PER_KEY_BYTES"
+    return errors.ServiceError(
+        429,
+        "Throttling.AllocationQuota",
+        f"Allocated quota exceeded for this key's uploads (the server's {setting}): {overrun.said}. Uploads are "
+        f"kept {ttl_hours:g} hours, and room comes back as they expire; meanwhile send images as data: URIs or "
+        "URLs.",
+        headers={"x-should-retry": "false"},
+    )
 
 
 class Incoming:
@@ -144,9 +161,11 @@ class UploadStore:
         policy_seconds: int = 300,
         max_bytes: int = 10 * 1024 * 1024,
         reserve: DiskReserve = NO_RESERVE,
+        quota: KeyQuota = NO_KEY_QUOTA,
     ) -> None:
         self.root = root
         self.reserve = reserve
+        self.quota = quota
         self.secret = secret
         self.ttl_seconds = ttl_seconds
         self.policy_seconds = policy_seconds
@@ -215,10 +234,14 @@ class UploadStore:
 
         It takes one of the policy's places first, or raises the refusal before a byte of the file is read;
         not when ``key`` holds an object already (the same file again takes none, and another is refused). A
-        disk short of its reserve refuses it first (507)."""
+        disk short of its reserve refuses it first (507), then an owner at its quota (429)."""
         if self.reserve.full(self.root, claims.max):
             raise errors.ServiceError(507, "InsufficientStorage", disk.FULL)
-        place = None if self._path(key).exists() else self._take_place(claims)
+        if self._path(key, claims.owner).exists():
+            place = None
+        else:
+            self.check_quota(claims.owner)
+            place = self._take_place(claims)
         try:
             return Incoming(self.root, claims, key, place)
         except BaseException:
@@ -235,8 +258,9 @@ class UploadStore:
         both references would name one object."""
         incoming.close()
         claims, key = incoming.claims, incoming.key
-        target = self._path(key)
+        target = self._path(key, claims.owner)
         if not target.exists():
+            target.parent.mkdir(exist_ok=True)
             if incoming.place is None:  # its key held an object when it began, purged since
                 incoming.place = self._take_place(claims)
             now = time.time() if now is None else now
@@ -248,10 +272,12 @@ class UploadStore:
                 # Made only if absent, atomically, also between replicas sharing the directory (os.replace
                 # after a check let two different files to one key both be taken, the last one kept).
                 _make_if_absent(incoming.path, target)
-                incoming.kept = True
-                return incoming.size
             except FileExistsError:
                 pass  # another upload to this key came first: the same file, or a refusal
+            else:
+                self._recount(claims.owner, target, incoming.size)  # refused: removed, and its place given back
+                incoming.kept = True
+                return incoming.size
         if self._holds(target, incoming.path):
             return incoming.size
         raise errors.ServiceError(
@@ -260,6 +286,45 @@ class UploadStore:
             "The object you specified already exists: another file of the same name was uploaded for this call "
             "(the SDK names uploads by their file names); give the files different names.",
         )
+
+    # -- what a key keeps ---------------------------------------------------------
+
+    def usage(self, owner: str) -> tuple[int, int]:
+        """The objects ``owner`` keeps and their bytes: one listing of its folder (an object expired and not yet
+        purged counts until the purge, every few minutes, removes it; its record is not read)."""
+        count = size = 0
+        try:
+            with os.scandir(self._folder(owner)) as entries:
+                for entry in entries:
+                    if entry.name.endswith(".json"):
+                        continue
+                    try:
+                        size += entry.stat().st_size
+                        count += 1
+                    except FileNotFoundError:  # purged since it was listed
+                        continue
+        except FileNotFoundError:  # nothing uploaded yet
+            pass
+        return count, size
+
+    def check_quota(self, owner: str) -> None:
+        """Refuse (429) an owner at its bound of objects or bytes one more upload, before a byte of it is read:
+        at getPolicy, and again as an upload's file begins (a policy handed out earlier stores up to its files)."""
+        overrun = self.quota.overrun(*self.usage(owner)) if self.quota != NO_KEY_QUOTA else None
+        if overrun is not None:
+            raise quota_exceeded(overrun, self.ttl_seconds / 3600)
+
+    def _recount(self, owner: str, target: Path, size: int) -> None:
+        """Counted with the object just kept in, so that uploads of one key at once cannot each take the room
+        left: the one that took the key over its bound is removed and refused (at worst each of them is)."""
+        if self.quota == NO_KEY_QUOTA:
+            return
+        count, used = self.usage(owner)
+        overrun = self.quota.overrun(count - 1, used - size, size)
+        if overrun is not None:
+            target.unlink(missing_ok=True)
+            target.with_suffix(".json").unlink(missing_ok=True)
+            raise quota_exceeded(overrun, self.ttl_seconds / 3600)
 
     def _take_place(self, claims: Claims) -> Path | None:
         """One of the policy's ``files`` places (None: it has no bound), or the refusal: one policy is no way to
@@ -309,7 +374,9 @@ class UploadStore:
             "url error, please check url! The oss:// object does not exist, has expired "
             f"(uploads are kept {self.ttl_seconds / 3600:g} hours) or belongs to another API key."
         )
-        target = self._path(key)
+        target = self._path(key, owner)
+        if not target.exists():  # kept before owners had folders (within the last ``ttl_seconds`` of an upgrade)
+            target = self.root / hashlib.sha256(key.encode()).hexdigest()
         try:
             record = json.loads(target.with_suffix(".json").read_text())
             expired = (time.time() if now is None else now) > record["expires"]
@@ -322,7 +389,7 @@ class UploadStore:
     def purge_expired(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
         removed = 0
-        for meta in self.root.glob("*.json"):
+        for meta in [*self.root.glob("*.json"), *self.root.glob(f"{_OWNER}*/*.json")]:
             try:
                 if json.loads(meta.read_text())["expires"] >= now:
                     continue
@@ -339,5 +406,8 @@ class UploadStore:
                 place.unlink(missing_ok=True)
         return removed
 
-    def _path(self, key: str) -> Path:
-        return self.root / hashlib.sha256(key.encode()).hexdigest()
+    def _folder(self, owner: str) -> Path:
+        return self.root / (_OWNER + hashlib.sha256(owner.encode()).hexdigest()[:32])
+
+    def _path(self, key: str, owner: str) -> Path:
+        return self._folder(owner) / hashlib.sha256(key.encode()).hexdigest()

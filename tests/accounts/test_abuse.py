@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.accounts.test_access import PATH, admin
-from tests.conftest import SEED_MODEL, Server, generation_body, png_bytes, start_server
+from tests.conftest import SEED_MODEL, Server, generation_body, png_bytes, refused_unread, start_server
 from tests.services import fresh_database
 
 
@@ -126,6 +126,32 @@ def test_a_key_at_its_concurrency_limit_costs_no_image_fetch(stores: Server, rec
     # An image refused (404): 400, and the slot is free at once for the next request.
     assert post(server, key, recorder.url("/missing.png")).status_code == 400
     assert post(server, key, recorder.url("/next.png")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    [PATH, "/api/v1/services/aigc/text-generation/generation", "/compatible-mode/v1/chat/completions", "/tokenize"],
+)
+def test_a_key_at_its_concurrency_limit_makes_the_server_read_no_body(
+    stores: Server, recorder: Recorder, path: str
+) -> None:
+    """The concurrency was checked once the body was read: a key at its bound made the server read and hold a
+    body of up to MAX_BODY_BYTES (32 MB) for each request it sent on, to answer 429. It is refused, with the
+    same 429, before a byte of the body is read; a key with room left is still served."""
+    server = stores
+    key = admin(server, "POST", "/keys", concurrency=1)["api_key"]
+    held = hold_the_slot(server, key, recorder)
+    status, body = refused_unread(server, path, "Content-Type: application/json\r\n", '{"model": "', 30 * 2**20, key)
+    assert status.startswith(b"HTTP/1.1 429"), status
+    code = body["error"]["code"] if "error" in body else body["code"]  # the OpenAI shape on its surfaces
+    message = body["error"]["message"] if "error" in body else body["message"]
+    assert code == "Throttling.RateQuota" and "at most 1 concurrent" in message, body
+    held.close()
+    deadline = time.monotonic() + 15
+    while (r := post(server, key, recorder.url("/after.png"))).status_code == 429:
+        assert time.monotonic() < deadline, "the slot never came back"
+        time.sleep(0.1)
+    assert r.status_code == 200, r.text
 
 
 def tokenize(server: Server, key: str, image: str | None = None) -> httpx.Response:

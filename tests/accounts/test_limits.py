@@ -150,6 +150,31 @@ def test_a_dead_replicas_requests_stop_counting_when_its_heartbeat_expires(redis
 
 
 @pytest.mark.redis
+def test_a_look_at_the_shared_concurrency_counts_every_live_replica_and_nothing_in(redis_server: RedisServer) -> None:
+    """``full`` (what refuses a key at its bound before its request's body is read) sees another replica's
+    requests, counts nothing in, and stops seeing a dead replica's; in this process, the same."""
+
+    async def scenario() -> None:
+        one, free = key(concurrent=1), key()
+        local = RateLimits()
+        assert not await local.full(one)
+        await local.enter(one)
+        assert await local.full(one) and not await local.full(free)
+        live = SharedRateLimits(redis_server.url, heartbeat_ttl=0.6)
+        dying = SharedRateLimits(redis_server.url, heartbeat_ttl=0.6)
+        assert not await live.full(one) and not await live.full(one)  # looking twice takes no slot
+        await dying.enter(one)
+        assert await live.full(one) and not await live.full(free)
+        assert dying._beating is not None
+        dying._beating.cancel()  # the replica dies: its request stops counting when its heartbeat expires
+        await asyncio.sleep(0.9)
+        assert not await live.full(one)
+        await live.aclose()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.redis
 @pytest.mark.parametrize("rule", ["open", "closed"])
 def test_redis_down_is_served_or_refused_by_the_rule_never_hung(redis_server: RedisServer, rule: str) -> None:
     async def scenario() -> None:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from llamascope.api.uploads import FORM_BEFORE_FILE
-from tests.api.upload_flow import generate_with, policy_for, upload
+from tests.api.upload_flow import answer_to_a_body_begun, generate_with, policy_for, upload
 from tests.conftest import OTHER_KEY, SEED_MODEL, TEXT_MODEL, Server, png_bytes
 
 
@@ -192,24 +192,6 @@ def test_upload_garbage_is_a_clean_400(server: Server) -> None:
     assert r.status_code == 400 and json.loads(r.text)["code"] == "InvalidParameter"
 
 
-def answer_to_a_body_begun(server: Server, fields: dict[str, str], file_start: bytes = b"") -> http.client.HTTPResponse:
-    """Send a form's ``fields`` and the start of its file, declared 20 MB long, and read the answer without
-    sending the rest: the server must answer from what it has (else the read times out)."""
-    boundary = "b0undary"
-    head = b"".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        for name, value in fields.items()
-    )
-    head += f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'.encode()
-    head += file_start
-    connection = http.client.HTTPConnection(server.base.removeprefix("http://"), timeout=30)
-    connection.putrequest("POST", "/api/v1/uploads/oss")
-    connection.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
-    connection.putheader("Content-Length", str(20 * 1024 * 1024))
-    connection.endheaders(head)
-    return connection.getresponse()
-
-
 def test_a_bad_signature_is_refused_before_the_file_is_read(server: Server) -> None:
     """An upload is authorised by its policy alone, without a key: the policy is checked as its fields arrive,
     so a caller without one cannot make the server read (and parse) a whole body (it read 32 MB first)."""
@@ -233,7 +215,7 @@ def test_a_file_goes_to_disk_as_it_comes_and_nothing_stays_of_one_refused(server
     data = policy_for(server)
     content = png_bytes((1, 2, 3), (900, 700))
     assert upload(data, data["upload_dir"] + "/a.png", content).status_code == 200
-    assert content in [p.read_bytes() for p in store.iterdir() if not p.name.endswith(".json")]
+    assert content in [p.read_bytes() for p in store.glob("key-*/*") if not p.name.endswith(".json")]
     assert upload(data, data["upload_dir"] + "/a.png", content).status_code == 200  # the same bytes again
     assert upload(data, data["upload_dir"] + "/a.png", content + b"!").status_code == 409
     assert upload(data, data["upload_dir"] + "/b.png", b"\0" * (10 * 1024 * 1024 + 1)).status_code == 400

@@ -3,6 +3,8 @@ generation that names the ``oss://`` key."""
 
 from __future__ import annotations
 
+import http.client
+
 import httpx
 
 from tests.conftest import SEED_MODEL, Server
@@ -44,3 +46,21 @@ def generate_with(server: Server, oss_key: str, api_key: str, resolve: bool = Tr
     if resolve:
         headers["X-DashScope-OssResourceResolve"] = "enable"
     return httpx.post(server.base + PATH, json=body, headers=headers, timeout=60)
+
+
+def answer_to_a_body_begun(server: Server, fields: dict[str, str], file_start: bytes = b"") -> http.client.HTTPResponse:
+    """Send a form's ``fields`` and the start of its file, declared 20 MB long, and read the answer without
+    sending the rest: the server must answer from what it has (else the read times out)."""
+    boundary = "b0undary"
+    head = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    )
+    head += f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'.encode()
+    head += file_start
+    connection = http.client.HTTPConnection(server.base.removeprefix("http://"), timeout=30)
+    connection.putrequest("POST", "/api/v1/uploads/oss")
+    connection.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
+    connection.putheader("Content-Length", str(20 * 1024 * 1024))
+    connection.endheaders(head)
+    return connection.getresponse()

@@ -224,6 +224,25 @@ def test_images_past_the_models_limit_are_refused_as_they_are_added(tmp_path: Pa
         assert command(child, "/image").count("in the conversation: data:image/png") == 2
         switched = command(child, "/model one-image")
         assert "one-image takes at most 1 image" in switched and "this conversation has 2" in switched
+
+        # /load of a conversation past its model's limit: said at /load, not at the next question (a 400 that
+        # took only that question's images, so every question after it was refused too), and not loaded.
+        command(child, "/save over.json")  # names one-image, with 2 images
+        (tmp_path / "bare.json").write_text(json.dumps(saved(tmp_path / "over.json")))  # no model: the chat's
+        command(child, "/model two-images")
+        posted = limited.log().count(" POST ")
+        refused = command(child, "/load over.json")
+        assert "error: over.json holds 2 images, and one-image takes at most 1 image per conversation" in refused
+        assert "not loaded (the file names that model" in refused and "loaded 3" not in refused
+        assert "model: two-images" in command(child, "/show")  # the conversation under way goes on
+        assert "error" not in command(child, "And now?")
+        command(child, "/model one-image")
+        refused = command(child, "/load bare.json")
+        assert "bare.json holds 2 images, and one-image takes at most 1 image" in refused
+        assert "/model NAME for a model that takes more, then /load again" in refused
+        assert limited.log().count(" POST ") == posted + 1  # the question only: no load was sent to be refused
+        command(child, "/model two-images")
+        assert "loaded 2 messages, model two-images" in command(child, "/load bare.json")
         child.sendline("/bye")
         child.expect(pexpect.EOF)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from llamascope import errors
+from llamascope.disk import KeyQuota
 from llamascope.images.uploads import Claims, UploadStore, load_or_create_secret
 
 NOW = 1_800_000_000.0
@@ -41,6 +42,11 @@ def save(store: UploadStore, claims: Claims, key: str, stream: io.BytesIO, now: 
         return store.keep(incoming, now)
     finally:
         incoming.discard()
+
+
+def stored(store: UploadStore) -> list[Path]:
+    """The files under the store's directory, its owners' folders included."""
+    return [p for p in store.root.rglob("*") if p.is_file()]
 
 
 def refused(call, *args, **kwargs) -> errors.ServiceError:
@@ -102,15 +108,16 @@ def test_only_the_owner_reads_and_only_until_expiry(store: UploadStore) -> None:
     missing = refused(store.read, policy["upload_dir"] + "/dog.png", "owner-a", now=NOW)
     assert foreign.message == expired.message == missing.message  # no telling them apart
     assert store.purge_expired(now=NOW + 3601) == 1
-    assert list(store.root.iterdir()) == []
+    assert stored(store) == []
 
 
 def test_objects_are_stored_under_hashes(store: UploadStore) -> None:
     policy = store.issue_policy("owner-a", "m", now=NOW)
     key = policy["upload_dir"] + "/we ird name;rm -rf.png"
     save(store, verify(store, policy["policy"], policy["signature"], key, now=NOW), key, io.BytesIO(b"c"))
-    names = sorted(p.name for p in store.root.iterdir())
+    names = sorted(p.name for p in stored(store))
     assert len(names) == 2 and all(len(n.split(".")[0]) == 64 for n in names)
+    assert [p.name for p in store.root.iterdir()] == ["key-" + hashlib.sha256(b"owner-a").hexdigest()[:32]]
 
 
 def test_secret_is_kept(tmp_path: Path) -> None:
@@ -140,8 +147,11 @@ def test_a_policys_places_are_checked_before_the_file_and_given_back_by_a_failed
     policy = store.issue_policy("owner-a", "m", now=NOW, files=1)
     key = policy["upload_dir"] + "/a.png"
     claims = verify(store, policy["policy"], policy["signature"], key, now=NOW)
-    record = store.root / (hashlib.sha256(key.encode()).hexdigest() + ".json")  # a directory: its write fails
-    record.mkdir()
+    record = (
+        store.root
+        / f"key-{hashlib.sha256(b'owner-a').hexdigest()[:32]}/{hashlib.sha256(key.encode()).hexdigest()}.json"
+    )
+    record.mkdir(parents=True)  # a directory: its write fails
     with pytest.raises(OSError):
         save(store, claims, key, io.BytesIO(b"a"), now=NOW)
     record.rmdir()
@@ -217,3 +227,51 @@ def test_a_directory_without_hard_links_still_stores_uploads(
     assert other.status == 409
     assert store.read(key, "owner-a", now=NOW) == b"a"
     assert not list(store.root.glob(".part-*"))
+
+
+def _upload(store: UploadStore, owner: str, name: str, size: int, now: float = NOW) -> int:
+    policy = store.issue_policy(owner, "m", now=now)
+    key = f"{policy['upload_dir']}/{name}"
+    return save(
+        store, verify(store, policy["policy"], policy["signature"], key, now=now), key, io.BytesIO(b"x" * size), now=now
+    )
+
+
+def test_a_key_keeps_at_most_its_bound_of_uploads(tmp_path: Path) -> None:
+    """Uploads were bounded by the disk reserve only: one key could fill the disk every key shares. A key keeps
+    at most ``files`` objects and ``bytes`` bytes: one more is refused (429 Throttling.AllocationQuota, naming
+    the setting) before a byte of it is read, or once its size is known past the bytes; nothing of it stays."""
+    store = UploadStore(tmp_path / "objects", b"s" * 64, ttl_seconds=3600, max_bytes=1000, quota=KeyQuota(2, 1500))
+    assert _upload(store, "owner-a", "a.png", 1000) == 1000
+    over = refused(_upload, store, "owner-a", "b.png", 600)  # its size is known once it has arrived
+    assert (over.status, over.code) == (429, "Throttling.AllocationQuota")
+    assert (
+        "UPLOAD_STORAGE_PER_KEY_BYTES" in over.message
+        and "1000 bytes and this one 600 more, of the 1500" in over.message
+    )
+    assert over.headers["x-should-retry"] == "false"  # room comes back only as uploads expire
+    assert store.usage("owner-a") == (1, 1000) and not list(store.root.glob(".part-*"))
+    assert _upload(store, "owner-a", "b.png", 400) == 400  # its place was given back: the policy takes it
+    policy = store.issue_policy("owner-a", "m", now=NOW)
+    key = policy["upload_dir"] + "/c.png"
+    full = refused(store.receive, verify(store, policy["policy"], policy["signature"], key, now=NOW), key)
+    assert (full.status, full.code) == (429, "Throttling.AllocationQuota")  # before the file: no Incoming made
+    assert (
+        "UPLOAD_FILES_PER_KEY" in full.message and "this key keeps 2 files, the most it may keep is 2" in full.message
+    )
+    assert refused(store.check_quota, "owner-a").message == full.message  # what getPolicy asks first
+    assert _upload(store, "owner-b", "a.png", 1000) == 1000  # another key is not affected
+    store.purge_expired(now=NOW + 3601)  # expired and purged: room again
+    assert store.usage("owner-a") == (0, 0) and _upload(store, "owner-a", "c.png", 10, now=time.time()) == 10
+
+
+def test_an_object_kept_before_owners_had_folders_is_still_read_and_purged(store: UploadStore) -> None:
+    """Objects stored flat (before the per-key bound) stay readable by their owner until they expire."""
+    policy = store.issue_policy("owner-a", "m", now=NOW)
+    key = policy["upload_dir"] + "/cat.png"
+    save(store, verify(store, policy["policy"], policy["signature"], key, now=NOW), key, io.BytesIO(b"old"), now=NOW)
+    for path in stored(store):  # as an older llamascope kept it
+        path.rename(store.root / path.name)
+    assert store.read(key, "owner-a", now=NOW) == b"old"
+    refused(store.read, key, "owner-b", now=NOW)
+    assert store.purge_expired(now=NOW + 3601) == 1 and stored(store) == []

@@ -7,7 +7,7 @@ from starlette.responses import JSONResponse, Response
 
 from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
-from llamascope.api.incoming import CLIENT_CLOSED, EventStream, open_reply, read_json, unless_disconnected
+from llamascope.api.incoming import CLIENT_CLOSED, EventStream, open_reply, read_call_json, unless_disconnected
 from llamascope.api.native import sse
 from llamascope.api.native.protocol import GenerationBody, GenerationRequest, GenerationResult
 from llamascope.conversation.service import Endpoint, Reply
@@ -17,7 +17,7 @@ router = APIRouter()
 
 
 async def generation(request: Request) -> Response:
-    call = GenerationRequest.from_body(await read_json(request))
+    call = GenerationRequest.from_body(await read_call_json(request))
     reply = await open_reply(request, call, Endpoint.MULTIMODAL)
     return await answer(request, reply, GenerationResult.of)
 

@@ -17,7 +17,7 @@ from llamascope.api.incoming import (
     CLIENT_CLOSED,
     EventStream,
     open_reply,
-    read_json,
+    read_call_json,
     source_context,
     unless_disconnected,
 )
@@ -116,7 +116,7 @@ async def _stream(
 
 async def chat_completions(request: Request) -> Response:
     request_id = request_id_of(request)
-    call = ChatRequest.from_body(await read_json(request))
+    call = ChatRequest.from_body(await read_call_json(request))
     reply = await open_reply(request, call, Endpoint.CHAT)
     if call.stream:
         return EventStream(
@@ -160,7 +160,7 @@ async def tokenize(request: Request) -> Response:
     (what a front sends with them) are counted as a completion puts them in the prompt.
     """
     service: ConversationService = request.app.state.service
-    call = ChatRequest.from_body(await read_json(request))
+    call = ChatRequest.from_body(await read_call_json(request))
     principal, context = request.state.principal, source_context(request)
     # A client that leaves ends the count: its image fetch, and its hold on the key's concurrency, as a chat's
     count = await unless_disconnected(

@@ -7,7 +7,7 @@ from starlette.responses import JSONResponse, Response
 
 from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
-from llamascope.api.incoming import CLIENT_CLOSED, open_reply, read_json, source_context, unless_disconnected
+from llamascope.api.incoming import CLIENT_CLOSED, open_reply, read_call_json, source_context, unless_disconnected
 from llamascope.api.native import sse
 from llamascope.api.native.protocol import ErrorBody
 from llamascope.api.native.router import SSE_HEADERS, answer
@@ -27,7 +27,7 @@ router = APIRouter()
 
 
 async def generation(request: Request) -> Response:
-    call = TextGenerationRequest.from_body(await read_json(request))
+    call = TextGenerationRequest.from_body(await read_call_json(request))
     reply = await open_reply(request, call, Endpoint.TEXT)
     return await answer(request, reply, TextGenerationResult.render(call.result_format))
 
@@ -35,7 +35,7 @@ async def generation(request: Request) -> Response:
 async def tokenizer(request: Request) -> Response:
     """Token ids of the prompt a text-generation request with this input runs: the count is its input_tokens."""
     service: ConversationService = request.app.state.service
-    call = TokenizationRequest.from_body(await read_json(request))
+    call = TokenizationRequest.from_body(await read_call_json(request))
     principal, context = request.state.principal, source_context(request)
     # A client that leaves ends it: its image fetch, and its hold on the key's concurrency, as a generation's
     counted = await unless_disconnected(request, service.tokens(principal, call.model, call.messages, context))

@@ -391,7 +391,7 @@ def _schema_verdict(schema: Mapping[str, Any], where: str) -> str:
 
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
-        problem = compile_problem(GrammarSpec.json_schema(schema, where))
+        problem = _inexact_bound(schema) or compile_problem(GrammarSpec.json_schema(schema, where))
         if not problem and not has_finite_value(schema):
             problem = "no JSON value satisfies it (a value would have to hold the schema again, without end)"
     except jsonschema.SchemaError as e:
@@ -399,6 +399,33 @@ def _schema_verdict(schema: Mapping[str, Any], where: str) -> str:
     except RecursionError:  # the checks recurse: a schema nested a few hundred deep is the caller's, not a 500
         return NESTED_TOO_DEEPLY
     return f"the schema cannot be used for decoding: {problem}" if problem else ""
+
+
+# llguidance reads a number's bounds as 64-bit floats, and an integer's then as 64-bit integers, saturating: past
+# 2**53 a bound is not held exactly (minimum 2**53 + 1 let 2**53 through, [1e30, 1e30 + 5] only 2**63 - 1, answers
+# that end with "stop" yet break the schema), and [-1e20, -1e19] crashed the process in its regex builder.
+EXACT_BOUND = 2**53
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _inexact_bound(schema: Mapping[str, Any]) -> str:
+    """Why a numeric bound in ``schema`` (a JSON Schema, checked as one) cannot be held, or "" if none is past
+    ``EXACT_BOUND``. Walked with a stack, not recursion, and never into values that are data."""
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                if key in _DATA_KEYWORDS:
+                    continue
+                if key in _BOUNDS and isinstance(value, int | float) and not isinstance(value, bool):
+                    if abs(value) > EXACT_BOUND:
+                        return f"{key} {value} is past what decoding holds exactly (2**53 = {EXACT_BOUND} either way)"
+                else:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return ""
 
 
 def compile_problem(spec: GrammarSpec) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -152,3 +154,39 @@ def test_what_each_request_is_constrained_by() -> None:
     assert forced.forces_tool_call and forced.grammar() is not None and forced.grammar().kind == "lark"  # type: ignore[union-attr]
     no_parameters = read_request(tools=[{"type": "function", "function": {"name": "now"}}])
     assert no_parameters.tools[0].parameters == {"type": "object", "properties": {}}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        # llguidance held these as 2**53 and 2**63 - 1: answers that ended with "stop" but broke the schema
+        {"type": "integer", "minimum": 2**53 + 1, "maximum": 2**53 + 1},
+        {"type": "integer", "minimum": 10**30, "maximum": 10**30 + 5},
+        {"type": "object", "properties": {"n": {"type": "number", "exclusiveMaximum": -1e19}}},
+    ],
+)
+def test_a_bound_decoding_cannot_hold_exactly_is_refused(schema: dict[str, Any]) -> None:
+    message = refusal(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert "'response_format.json_schema.schema'" in message and "2**53" in message
+
+
+def test_bounds_within_reach_and_data_named_like_bounds_are_taken() -> None:
+    check_schema({"type": "integer", "minimum": -(2**53), "maximum": 2**53}, "s")
+    check_schema({"type": "object", "properties": {"minimum": {"type": "integer"}}, "default": {"minimum": 1e30}}, "s")
+
+
+def test_a_bound_that_crashed_the_grammar_library_is_refused_and_the_process_lives() -> None:
+    """[-1e20, -1e19] (both saturating to -2**63) crashed llguidance's regex builder with a segmentation fault,
+    taking the server down with it: checked in a process of its own, so that the crash fails only this test."""
+    code = (
+        "from llamascope.errors import ServiceError\n"
+        "from llamascope.structured.spec import check_schema\n"
+        "try:\n"
+        "    schema = {'type': 'integer', 'minimum': -10**20, 'maximum': -10**19}\n"
+        "    check_schema(schema, 'tools[0].function.parameters')\n"
+        "except ServiceError as e:\n"
+        "    print(e.status, e.message)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("400 ") and "'tools[0].function.parameters'" in done.stdout

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from http import HTTPStatus
 from typing import Any, Literal
@@ -192,6 +195,35 @@ def test_openai_refusals_name_the_field(client: openai.OpenAI, fields: dict, tex
         assert body["code"] == "invalid_parameter_error" and named in body["message"], body
         assert "parameters." not in body["message"]
         assert body["param"] == ("messages" if named.startswith("'messages'") else named), body
+
+
+def test_checking_a_large_schema_holds_up_no_other_request(client: openai.OpenAI) -> None:
+    """A schema seen for the first time is checked off the event loop: jsonschema's meta-schema check (pure
+    Python) of an anyOf of thousands of objects takes seconds, in which no other request was answered."""
+    fresh = uuid.uuid4().hex  # a schema the server has not checked before (verdicts are kept)
+    branches = [
+        {"type": "object", "properties": {f"k{i}_{fresh}": {"type": "integer"}}, "additionalProperties": False}
+        for i in range(6000)
+    ]
+    large = {"type": "json_schema", "json_schema": {"name": "large", "schema": {"anyOf": [*branches, UNCOMPILABLE]}}}
+    finished: list[str] = []
+
+    def ask_large() -> None:
+        with pytest.raises(openai.BadRequestError):  # refused once checked: the lookbehind does not compile
+            client.chat.completions.create(
+                model=SEED_MODEL, messages=openai_messages(), max_tokens=4, response_format=large
+            )
+        finished.append("large")
+
+    asking = threading.Thread(target=ask_large)
+    asking.start()
+    # The large body is on loopback well before this: were it not, the small request would go first and the
+    # test pass without the fix, never fail with it.
+    time.sleep(0.5)
+    client.chat.completions.create(model=SEED_MODEL, messages=openai_messages(), max_tokens=2)
+    finished.append("small")
+    asking.join()
+    assert finished == ["small", "large"]
 
 
 ENDLESS = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}  # "{" then no way on

@@ -299,6 +299,12 @@ def _response_format(value: Any, prefix: str) -> ResponseFormat:
     return ResponseFormat("json_schema", name, schema, bool(strict))
 
 
+# A function given without "parameters" takes none (OpenAI: "omitting parameters defines a function with an empty
+# parameter list"): its arguments are {}. Without additionalProperties false the grammar let the model add keys of
+# its own, which the built-in model did until max_tokens, most forced calls of such a tool ending with no call.
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
 # OpenAI's own limit. Each tool goes into the prompt and the grammar: thousands held the event loop for seconds.
 MAX_TOOLS = 128
 
@@ -326,7 +332,7 @@ def _tools(value: Any, prefix: str) -> tuple[Tool, ...]:
         description = function.get("description")
         if description is not None and not isinstance(description, str):
             raise _bad(prefix, f"{at}.function.description", "expected a string")
-        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        parameters = function.get("parameters", NO_PARAMETERS)
         where = f"{prefix}{at}.function.parameters"
         if not isinstance(parameters, Mapping) or parameters.get("type") != "object":
             raise invalid_parameter(f"Invalid value for '{where}': expected a JSON Schema of type 'object'.")

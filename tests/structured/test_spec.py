@@ -153,7 +153,7 @@ def test_what_each_request_is_constrained_by() -> None:
     forced = read_request(tools=[TOOL], tool_choice="required", parallel_tool_calls=False)
     assert forced.forces_tool_call and forced.grammar() is not None and forced.grammar().kind == "lark"  # type: ignore[union-attr]
     no_parameters = read_request(tools=[{"type": "function", "function": {"name": "now"}}])
-    assert no_parameters.tools[0].parameters == {"type": "object", "properties": {}}
+    assert no_parameters.tools[0].parameters == {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 @pytest.mark.parametrize(

@@ -270,6 +270,39 @@ def test_a_schema_nothing_satisfies_is_refused(server: Server, client: openai.Op
     assert "'parameters.response_format.json_schema.schema'" in r.json()["message"] and found in r.text, r.text
 
 
+# null, or an object that can never be finished: past the check (it has a finite value), a dead end once "{" is made
+DEAD_END_AFTER_BRACE = {
+    "anyOf": [{"type": "null"}, {"type": "object", "properties": {"a": {"$ref": "#/anyOf/1"}}, "required": ["a"]}]
+}
+
+
+def test_a_dead_end_while_decoding_names_the_field(server: Server, client: openai.OpenAI) -> None:
+    """Found only while decoding, as a refusal before it: the field in the message (natively after "parameters.")
+    and in compatible mode's error.param (it was null, the message saying "response_format or tools")."""
+    fields = {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": DEAD_END_AFTER_BRACE}}}
+    refused, natively = [], []
+    for seed in range(8):  # an answer that begins "null" ends as "stop"; one that begins "{" comes to the dead end
+        try:
+            client.chat.completions.create(
+                model=SEED_MODEL, messages=openai_messages(), max_tokens=16, seed=seed, **fields
+            )
+        except openai.BadRequestError as bad:
+            refused.append(bad.body)
+        parameters = {"max_tokens": 16, "seed": seed, **fields}
+        r = post(
+            server, NATIVE, {"model": SEED_MODEL, "input": {"messages": native_messages()}, "parameters": parameters}
+        )
+        if r.status_code != HTTPStatus.OK:
+            natively.append(r.json())
+    assert refused and natively, "no answer began with '{'"
+    for body in refused:
+        assert "allows no next token" in body["message"], body
+        assert body["param"] == "response_format.json_schema.schema", body
+    for body in natively:
+        assert body["code"] == "InvalidParameter" and "allows no next token" in body["message"], body
+        assert "'parameters.response_format.json_schema.schema'" in body["message"], body
+
+
 LEGACY = {"name": "get_weather", "parameters": WEATHER_PARAMETERS}
 
 

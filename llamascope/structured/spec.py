@@ -404,6 +404,10 @@ def _schema_verdict(schema: Mapping[str, Any], where: str) -> str:
         return f"not a JSON Schema ({e.message})."
     except RecursionError:  # the checks recurse: a schema nested a few hundred deep is the caller's, not a 500
         return NESTED_TOO_DEEPLY
+    except OverflowError as e:
+        # The meta-schema's "regex" format compiles each pattern with re, which raises this (not re.error, all
+        # jsonschema catches) for a repetition past 2**32 - 1: "^a{4294967296}$" was a 500.
+        return f"not a JSON Schema (a pattern in it cannot be compiled: {e})."
     return f"the schema cannot be used for decoding: {problem}" if problem else ""
 
 

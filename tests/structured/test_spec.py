@@ -170,6 +170,26 @@ def test_a_bound_decoding_cannot_hold_exactly_is_refused(schema: dict[str, Any])
     assert "'response_format.json_schema.schema'" in message and "2**53" in message
 
 
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "pattern": "^a{4294967296}$"},
+        {"type": "object", "patternProperties": {"^x{1,99999999999}$": {"type": "integer"}}},
+    ],
+)
+def test_a_pattern_re_cannot_compile_is_refused_as_no_json_schema(schema: dict[str, Any]) -> None:
+    """re raises OverflowError, not re.error, for a repetition past 2**32 - 1: it went through as a 500."""
+    message = refusal(
+        tools=[
+            {
+                "type": "function",
+                "function": {"name": "f", "parameters": {"type": "object", "properties": {"p": schema}}},
+            }
+        ]
+    )
+    assert "'tools[0].function.parameters': not a JSON Schema" in message and "pattern" in message, message
+
+
 def test_bounds_within_reach_and_data_named_like_bounds_are_taken() -> None:
     check_schema({"type": "integer", "minimum": -(2**53), "maximum": 2**53}, "s")
     check_schema({"type": "object", "properties": {"minimum": {"type": "integer"}}, "default": {"minimum": 1e30}}, "s")

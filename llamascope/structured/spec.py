@@ -395,6 +395,9 @@ def _schema_verdict(schema: Mapping[str, Any], where: str) -> str:
     # answer's shape starts without them
     import jsonschema
 
+    if "$schema" in schema and not isinstance(schema["$schema"], str):
+        # validator_for looks it up as a dialect's URI first: a number raised AttributeError, a list TypeError (500s)
+        return "not a JSON Schema ($schema is not a string)."
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
         problem = _inexact_bound(schema) or compile_problem(GrammarSpec.json_schema(schema, where))

@@ -190,6 +190,14 @@ def test_a_pattern_re_cannot_compile_is_refused_as_no_json_schema(schema: dict[s
     assert "'tools[0].function.parameters': not a JSON Schema" in message and "pattern" in message, message
 
 
+@pytest.mark.parametrize("dialect", [5, True, ["https://json-schema.org/draft/2020-12/schema"], {}])
+def test_a_schema_whose_dialect_is_no_string_is_refused(dialect: object) -> None:
+    """jsonschema's validator_for looks "$schema" up as a URI: a number raised AttributeError, a list TypeError."""
+    schema = {"$schema": dialect, "type": "object"}
+    message = refusal(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert "'response_format.json_schema.schema': not a JSON Schema ($schema" in message, message
+
+
 def test_bounds_within_reach_and_data_named_like_bounds_are_taken() -> None:
     check_schema({"type": "integer", "minimum": -(2**53), "maximum": 2**53}, "s")
     check_schema({"type": "object", "properties": {"minimum": {"type": "integer"}}, "default": {"minimum": 1e30}}, "s")

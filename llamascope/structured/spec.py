@@ -414,31 +414,43 @@ def _schema_verdict(schema: Mapping[str, Any], where: str) -> str:
     return f"the schema cannot be used for decoding: {problem}" if problem else ""
 
 
-# llguidance reads a number's bounds as 64-bit floats, and an integer's then as 64-bit integers, saturating: past
-# 2**53 a bound is not held exactly (minimum 2**53 + 1 let 2**53 through, [1e30, 1e30 + 5] only 2**63 - 1, answers
-# that end with "stop" yet break the schema), and [-1e20, -1e19] crashed the process in its regex builder.
+# llguidance reads a schema's numbers as 64-bit floats, and an integer's bounds then as 64-bit integers, saturating:
+# past 2**53 a number is not held exactly. Minimum 2**53 + 1 let 2**53 through, [1e30, 1e30 + 5] only 2**63 - 1, an
+# integer const 2**64 gave 2**63 - 1 and a const 2**53 + 1 gave 2**53: answers that ended with "stop" yet broke the
+# schema. And [-1e20, -1e19] crashed the process in its regex builder.
 EXACT_BOUND = 2**53
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_VALUES = ("const", "enum")  # data the answer must equal: every number in them, at any depth
+# Keywords whose value maps names (a property's, a definition's) to schemas: a property named "minimum" is no bound.
+_NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
 def _inexact_bound(schema: Mapping[str, Any]) -> str:
-    """Why a numeric bound in ``schema`` (a JSON Schema, checked as one) cannot be held, or "" if none is past
-    ``EXACT_BOUND``. Walked with a stack, not recursion, and never into values that are data."""
-    stack: list[Any] = [schema]
+    """Why a number in ``schema`` (a JSON Schema, checked as one), a bound or a value of ``const`` or ``enum``,
+    cannot be held, or "" if none is past ``EXACT_BOUND``. Walked with a stack, not recursion; "default" and
+    "examples" are data the answer need not hold to."""
+    stack: list[tuple[Any, str]] = [(schema, "")]  # a node, and the keyword of the values it is in ("" in schemas)
     while stack:
-        node = stack.pop()
+        node, within = stack.pop()
+        if _is_number(node) and within and abs(node) > EXACT_BOUND:
+            return f"{within} {node} is past what decoding holds exactly (2**53 = {EXACT_BOUND} either way)"
         if isinstance(node, Mapping):
             for key, value in node.items():
-                if key in _DATA_KEYWORDS:
-                    continue
-                if key in _BOUNDS and isinstance(value, int | float) and not isinstance(value, bool):
-                    if abs(value) > EXACT_BOUND:
-                        return f"{key} {value} is past what decoding holds exactly (2**53 = {EXACT_BOUND} either way)"
-                else:
-                    stack.append(value)
+                if within:
+                    stack.append((value, within))
+                elif key in _NAMED and isinstance(value, Mapping):
+                    stack.extend((subschema, "") for subschema in value.values())
+                elif key in _BOUNDS or key in _VALUES:
+                    stack.append((value, key))
+                elif key not in _DATA_KEYWORDS:
+                    stack.append((value, ""))
         elif isinstance(node, list):
-            stack.extend(node)
+            stack.extend((item, within) for item in node)
     return ""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def compile_problem(spec: GrammarSpec) -> str:

@@ -163,6 +163,9 @@ def test_what_each_request_is_constrained_by() -> None:
         {"type": "integer", "minimum": 2**53 + 1, "maximum": 2**53 + 1},
         {"type": "integer", "minimum": 10**30, "maximum": 10**30 + 5},
         {"type": "object", "properties": {"n": {"type": "number", "exclusiveMaximum": -1e19}}},
+        # and these as 2**63 - 1 and 2**53
+        {"type": "integer", "const": 2**64},
+        {"type": "object", "properties": {"n": {"enum": ["a", [2**53 + 1]]}}},
     ],
 )
 def test_a_bound_decoding_cannot_hold_exactly_is_refused(schema: dict[str, Any]) -> None:
@@ -201,6 +204,8 @@ def test_a_schema_whose_dialect_is_no_string_is_refused(dialect: object) -> None
 def test_bounds_within_reach_and_data_named_like_bounds_are_taken() -> None:
     check_schema({"type": "integer", "minimum": -(2**53), "maximum": 2**53}, "s")
     check_schema({"type": "object", "properties": {"minimum": {"type": "integer"}}, "default": {"minimum": 1e30}}, "s")
+    check_schema({"type": "object", "properties": {"enum": {"type": "string", "x-limit": 2**60}}}, "s")
+    check_schema({"enum": [2**53, -(2**53), {"n": 1.5}]}, "s")
 
 
 def test_a_bound_that_crashed_the_grammar_library_is_refused_and_the_process_lives() -> None:

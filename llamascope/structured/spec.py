@@ -391,27 +391,37 @@ def check_schema(schema: Any, where: str) -> None:
 
 def _schema_verdict(schema: Mapping[str, Any], where: str) -> str:
     """What is wrong with ``schema``, as the end of an error message, or "" if nothing is."""
+    try:
+        meta = meta_problem(schema)
+        if meta:
+            return f"not a JSON Schema ({meta})."
+        problem = _inexact_bound(schema) or compile_problem(GrammarSpec.json_schema(schema, where))
+        if not problem and not has_finite_value(schema):
+            problem = "no JSON value satisfies it (a value would have to hold the schema again, without end)"
+    except RecursionError:  # the checks recurse: a schema nested a few hundred deep is the caller's, not a 500
+        return NESTED_TOO_DEEPLY
+    return f"the schema cannot be used for decoding: {problem}" if problem else ""
+
+
+def meta_problem(schema: Mapping[str, Any]) -> str:
+    """Why ``schema`` is not a JSON Schema of its dialect (jsonschema's words), or "" if it is one. The server's
+    check and ``llamascope chat --schema``'s."""
     # why: jsonschema and llguidance are 0.1-0.2 s of imports; a gateway whose requests never ask for an
     # answer's shape starts without them
     import jsonschema
 
     if "$schema" in schema and not isinstance(schema["$schema"], str):
         # validator_for looks it up as a dialect's URI first: a number raised AttributeError, a list TypeError (500s)
-        return "not a JSON Schema ($schema is not a string)."
+        return "$schema is not a string"
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
-        problem = _inexact_bound(schema) or compile_problem(GrammarSpec.json_schema(schema, where))
-        if not problem and not has_finite_value(schema):
-            problem = "no JSON value satisfies it (a value would have to hold the schema again, without end)"
     except jsonschema.SchemaError as e:
-        return f"not a JSON Schema ({e.message})."
-    except RecursionError:  # the checks recurse: a schema nested a few hundred deep is the caller's, not a 500
-        return NESTED_TOO_DEEPLY
+        return e.message
     except OverflowError as e:
         # The meta-schema's "regex" format compiles each pattern with re, which raises this (not re.error, all
         # jsonschema catches) for a repetition past 2**32 - 1: "^a{4294967296}$" was a 500.
-        return f"not a JSON Schema (a pattern in it cannot be compiled: {e})."
-    return f"the schema cannot be used for decoding: {problem}" if problem else ""
+        return f"a pattern in it cannot be compiled: {e}"
+    return ""
 
 
 # llguidance reads a schema's numbers as 64-bit floats, and an integer's bounds then as 64-bit integers, saturating:

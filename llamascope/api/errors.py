@@ -55,7 +55,8 @@ _OPENAI_TYPES = {
 # every error): "Invalid value for 'tools[0].type'", "Range of top_p ...", "Parameter stop ...", "messages[1] ...",
 # "Model not exist.".
 _PARAM_PATTERNS = (
-    (re.compile(r"^Invalid value for '([\w.\[\]-]+)'"), None),  # structured output: "tools[0].function.name"
+    # structured output: "tools[0].function.name"; a grammar's dead end while decoding, after the engine's prefix
+    (re.compile(r"^(?:" + re.escape(errors.ALGO_PREFIX) + r")?Invalid value for '([\w.\[\]-]+)'"), None),
     (re.compile(r"^(?:Range of|Parameter) (\w+)"), None),
     (re.compile(r"messages|last message|image|url error|data-uri|media|multimodal|[Ii]nput length"), "messages"),
     (re.compile(r"^Model not exist|\"model\""), "model"),

@@ -24,6 +24,7 @@ from llamascope.client.answering import Display, ask, make_display, show_error
 from llamascope.client.conversation import PARAMETERS, Conversation, parse_parameter
 from llamascope.client.interactive import InteractiveChat, image_limit, too_many
 from llamascope.client.native import DEFAULT_BASE_URL, DEFAULT_MODEL, APIError, Client
+from llamascope.structured.spec import meta_problem
 
 DESCRIPTION = """\
 Ask a vision model about an image, once or in a conversation, through the
@@ -145,12 +146,9 @@ def schema_format(path: Path) -> dict[str, Any]:
     if not isinstance(schema, dict):
         raise ValueError("a JSON Schema is a JSON object")
     # Checked here, as any server of the API refuses it: a batch's every line would be refused the same.
-    import jsonschema  # why: 0.1 s of imports, only for --schema
-
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        raise ValueError(f"not a JSON Schema ({e.message})") from None
+    problem = meta_problem(schema)
+    if problem:
+        raise ValueError(f"not a JSON Schema ({problem})")
     name = re.sub(r"[^a-zA-Z0-9_-]", "_", path.name.split(".")[0])[:64] or "answer"
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
 

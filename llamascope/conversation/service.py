@@ -277,7 +277,7 @@ class ConversationService:
             raise errors.invalid_parameter(
                 "Parameter logprobs: not available for a model served by an upstream engine."
             )
-        output = output_spec(parameters, draft, endpoint)
+        output = await checked_output_spec(parameters, draft, endpoint)
         if options.sampling.stop and output is not None and output.grammar() is not None:
             # The answer is held to JSON (a schema, a forced call): a stop string would cut it, and an answer that
             # ends with "stop" is whole JSON that validates. The stop strings apply to free text, as tool calls'.
@@ -334,7 +334,7 @@ class ConversationService:
         engine = self.engine(model)
         await self.accounts.check(principal, model)
         draft = parse_messages(messages, self._images(model, engine, endpoint))
-        output = output_spec(parameters, draft, endpoint)
+        output = await checked_output_spec(parameters, draft, endpoint)
         # Its images cost what a call's do: within the key's concurrency (not its requests per minute: an
         # llamascope in front counts each prompt before its call), and not for a key over its limits.
         counted = await self.accounts.enter(principal, per_minute=False)
@@ -393,6 +393,16 @@ class ConversationService:
 _WHOLE = (FinishReason.STOP, FinishReason.TOOL_CALLS)  # answers that end as the model meant them to
 # read_request's (the legacy functions and function_call to be refused)
 _OUTPUT_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")
+
+
+async def checked_output_spec(parameters: Any, draft: Draft, endpoint: Endpoint) -> OutputSpec | None:
+    """``output_spec``, off the event loop when the request asks for a shape: checking a schema seen for the
+    first time (jsonschema's meta-schema check, pure Python, then llguidance's compile) takes time that grows
+    with the schema, 3 s for an anyOf of 3,000 objects, in which no other request was answered."""
+    fields = parameters if isinstance(parameters, dict) else {}
+    if not any(fields.get(name) is not None for name in _OUTPUT_FIELDS):
+        return None  # nothing asked (most requests): no thread for them
+    return await asyncio.to_thread(output_spec, parameters, draft, endpoint)
 
 
 def output_spec(parameters: Any, draft: Draft, endpoint: Endpoint) -> OutputSpec | None:

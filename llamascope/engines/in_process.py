@@ -363,6 +363,7 @@ class InProcessEngine(ABC):
             send=send,
             fault=payload.fault,
             matcher=matcher,
+            grammar_field=grammar_spec.field if grammar_spec is not None else "",
             background=background.get(),
         )
         self.scheduler.submit(seq)  # raises 429 Throttling when the queue is full

@@ -59,6 +59,7 @@ class Sequence:
     cancel: threading.Event = field(default_factory=threading.Event)
     fault: tuple[str, int] | None = None  # tests only: fail at this stage and step (``Scheduler.faults``)
     matcher: Matcher | None = None  # its answer's place in the grammar it must follow (structured output)
+    grammar_field: str = ""  # the request field the grammar came from, named when it comes to a dead end
     # Its PreparedImages in the prompt's order: their digests key the vision cache, their pixels are made on a miss.
     images: tuple[Any, ...] = ()
     pixels: dict[str, Any] = field(default_factory=dict)  # pixel tensors of images not cached when prepared, by digest

@@ -676,11 +676,11 @@ class Scheduler:
         # failed on the token its own mask allowed (llguidance looks ahead as it takes one, and gives up on a
         # schema that needs an unbounded answer). What was made is no answer of the grammar: never "stop".
         if token in self.eos_ids and matcher is not None and not matcher.can_end:
-            finish = grammar_dead_end(seq.generated - 1, matcher.failed)
+            finish = grammar_dead_end(seq.generated - 1, matcher.failed, seq.grammar_field)
         elif token in self.eos_ids:
             finish = FinishReason.STOP
         elif matcher is not None and not matcher.advance(token):
-            finish = grammar_dead_end(seq.generated, matcher.failed)
+            finish = grammar_dead_end(seq.generated, matcher.failed, seq.grammar_field)
         elif matcher is not None and matcher.finished:
             finish = FinishReason.STOP  # its grammar is complete: it ends now, even short of min_new_tokens
         elif seq.generated >= seq.max_new:
@@ -698,16 +698,17 @@ class Scheduler:
             self._filler.shutdown(wait=False)
 
 
-def grammar_dead_end(made: int, reason: str) -> errors.ServiceError:
-    """The end of an answer whose grammar came to a dead end after ``made`` tokens (``reason``: the library's)."""
+def grammar_dead_end(made: int, reason: str, field: str = "") -> errors.ServiceError:
+    """The end of an answer whose grammar came to a dead end after ``made`` tokens (``reason``: the library's),
+    naming the request ``field`` the grammar came from (``GrammarSpec.field``), as a refusal before it would."""
     why = reason.strip().splitlines()[0] if reason.strip() else "it allows none of the model's tokens"
     log.warning("an answer's grammar came to a dead end after %d tokens: %s", made, why)
     # The caller's schema, not the server, is at fault, and the same request meets it again: a 400, which the
     # SDKs do not retry (a 500 ran it three times on the openai SDK's default retries, each charged).
     return errors.invalid_parameter(
-        f"{errors.ALGO_PREFIX}The answer could not be completed in the shape asked for (response_format or tools): "
-        f"after {made} tokens its schema allows no next token ({why}). A schema that needs an unbounded answer (a "
-        "required property holding the schema again) cannot be completed."
+        f"{errors.ALGO_PREFIX}Invalid value for '{field or 'response_format'}': the answer could not be completed in "
+        f"the shape asked for: after {made} tokens its schema allows no next token ({why}). A schema that needs an "
+        "unbounded answer (a required property holding the schema again) cannot be completed."
     )
 
 

@@ -299,6 +299,12 @@ def _response_format(value: Any, prefix: str) -> ResponseFormat:
     return ResponseFormat("json_schema", name, schema, bool(strict))
 
 
+# A function given without "parameters" takes none (OpenAI: "omitting parameters defines a function with an empty
+# parameter list"): its arguments are {}. Without additionalProperties false the grammar let the model add keys of
+# its own, which the built-in model did until max_tokens, most forced calls of such a tool ending with no call.
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
 # OpenAI's own limit. Each tool goes into the prompt and the grammar: thousands held the event loop for seconds.
 MAX_TOOLS = 128
 
@@ -326,7 +332,7 @@ def _tools(value: Any, prefix: str) -> tuple[Tool, ...]:
         description = function.get("description")
         if description is not None and not isinstance(description, str):
             raise _bad(prefix, f"{at}.function.description", "expected a string")
-        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        parameters = function.get("parameters", NO_PARAMETERS)
         where = f"{prefix}{at}.function.parameters"
         if not isinstance(parameters, Mapping) or parameters.get("type") != "object":
             raise invalid_parameter(f"Invalid value for '{where}': expected a JSON Schema of type 'object'.")
@@ -385,20 +391,76 @@ def check_schema(schema: Any, where: str) -> None:
 
 def _schema_verdict(schema: Mapping[str, Any], where: str) -> str:
     """What is wrong with ``schema``, as the end of an error message, or "" if nothing is."""
+    try:
+        meta = meta_problem(schema)
+        if meta:
+            return f"not a JSON Schema ({meta})."
+        problem = _inexact_bound(schema) or compile_problem(GrammarSpec.json_schema(schema, where))
+        if not problem and not has_finite_value(schema):
+            problem = "no JSON value satisfies it (a value would have to hold the schema again, without end)"
+    except RecursionError:  # the checks recurse: a schema nested a few hundred deep is the caller's, not a 500
+        return NESTED_TOO_DEEPLY
+    return f"the schema cannot be used for decoding: {problem}" if problem else ""
+
+
+def meta_problem(schema: Mapping[str, Any]) -> str:
+    """Why ``schema`` is not a JSON Schema of its dialect (jsonschema's words), or "" if it is one. The server's
+    check and ``llamascope chat --schema``'s."""
     # why: jsonschema and llguidance are 0.1-0.2 s of imports; a gateway whose requests never ask for an
     # answer's shape starts without them
     import jsonschema
 
+    if "$schema" in schema and not isinstance(schema["$schema"], str):
+        # validator_for looks it up as a dialect's URI first: a number raised AttributeError, a list TypeError (500s)
+        return "$schema is not a string"
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
-        problem = compile_problem(GrammarSpec.json_schema(schema, where))
-        if not problem and not has_finite_value(schema):
-            problem = "no JSON value satisfies it (a value would have to hold the schema again, without end)"
     except jsonschema.SchemaError as e:
-        return f"not a JSON Schema ({e.message})."
-    except RecursionError:  # the checks recurse: a schema nested a few hundred deep is the caller's, not a 500
-        return NESTED_TOO_DEEPLY
-    return f"the schema cannot be used for decoding: {problem}" if problem else ""
+        return e.message
+    except OverflowError as e:
+        # The meta-schema's "regex" format compiles each pattern with re, which raises this (not re.error, all
+        # jsonschema catches) for a repetition past 2**32 - 1: "^a{4294967296}$" was a 500.
+        return f"a pattern in it cannot be compiled: {e}"
+    return ""
+
+
+# llguidance reads a schema's numbers as 64-bit floats, and an integer's bounds then as 64-bit integers, saturating:
+# past 2**53 a number is not held exactly. Minimum 2**53 + 1 let 2**53 through, [1e30, 1e30 + 5] only 2**63 - 1, an
+# integer const 2**64 gave 2**63 - 1 and a const 2**53 + 1 gave 2**53: answers that ended with "stop" yet broke the
+# schema. And [-1e20, -1e19] crashed the process in its regex builder.
+EXACT_BOUND = 2**53
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_VALUES = ("const", "enum")  # data the answer must equal: every number in them, at any depth
+# Keywords whose value maps names (a property's, a definition's) to schemas: a property named "minimum" is no bound.
+_NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _inexact_bound(schema: Mapping[str, Any]) -> str:
+    """Why a number in ``schema`` (a JSON Schema, checked as one), a bound or a value of ``const`` or ``enum``,
+    cannot be held, or "" if none is past ``EXACT_BOUND``. Walked with a stack, not recursion; "default" and
+    "examples" are data the answer need not hold to."""
+    stack: list[tuple[Any, str]] = [(schema, "")]  # a node, and the keyword of the values it is in ("" in schemas)
+    while stack:
+        node, within = stack.pop()
+        if _is_number(node) and within and abs(node) > EXACT_BOUND:
+            return f"{within} {node} is past what decoding holds exactly (2**53 = {EXACT_BOUND} either way)"
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                if within:
+                    stack.append((value, within))
+                elif key in _NAMED and isinstance(value, Mapping):
+                    stack.extend((subschema, "") for subschema in value.values())
+                elif key in _BOUNDS or key in _VALUES:
+                    stack.append((value, key))
+                elif key not in _DATA_KEYWORDS:
+                    stack.append((value, ""))
+        elif isinstance(node, list):
+            stack.extend((item, within) for item in node)
+    return ""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def compile_problem(spec: GrammarSpec) -> str:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from http import HTTPStatus
 from typing import Any, Literal
@@ -194,6 +197,35 @@ def test_openai_refusals_name_the_field(client: openai.OpenAI, fields: dict, tex
         assert body["param"] == ("messages" if named.startswith("'messages'") else named), body
 
 
+def test_checking_a_large_schema_holds_up_no_other_request(client: openai.OpenAI) -> None:
+    """A schema seen for the first time is checked off the event loop: jsonschema's meta-schema check (pure
+    Python) of an anyOf of thousands of objects takes seconds, in which no other request was answered."""
+    fresh = uuid.uuid4().hex  # a schema the server has not checked before (verdicts are kept)
+    branches = [
+        {"type": "object", "properties": {f"k{i}_{fresh}": {"type": "integer"}}, "additionalProperties": False}
+        for i in range(6000)
+    ]
+    large = {"type": "json_schema", "json_schema": {"name": "large", "schema": {"anyOf": [*branches, UNCOMPILABLE]}}}
+    finished: list[str] = []
+
+    def ask_large() -> None:
+        with pytest.raises(openai.BadRequestError):  # refused once checked: the lookbehind does not compile
+            client.chat.completions.create(
+                model=SEED_MODEL, messages=openai_messages(), max_tokens=4, response_format=large
+            )
+        finished.append("large")
+
+    asking = threading.Thread(target=ask_large)
+    asking.start()
+    # The large body is on loopback well before this: were it not, the small request would go first and the
+    # test pass without the fix, never fail with it.
+    time.sleep(0.5)
+    client.chat.completions.create(model=SEED_MODEL, messages=openai_messages(), max_tokens=2)
+    finished.append("small")
+    asking.join()
+    assert finished == ["small", "large"]
+
+
 ENDLESS = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}  # "{" then no way on
 # Every answer begins "{" or "[" and comes to a dead end right after: a choice at the start, which the grammar's
 # forced start does not show; refused as a schema with no finite value (structured/finite.py).
@@ -236,6 +268,39 @@ def test_a_schema_nothing_satisfies_is_refused(server: Server, client: openai.Op
     r = post(server, NATIVE, {"model": SEED_MODEL, "input": {"messages": native_messages()}, "parameters": parameters})
     assert r.status_code == 400 and r.json()["code"] == "InvalidParameter", r.text
     assert "'parameters.response_format.json_schema.schema'" in r.json()["message"] and found in r.text, r.text
+
+
+# null, or an object that can never be finished: past the check (it has a finite value), a dead end once "{" is made
+DEAD_END_AFTER_BRACE = {
+    "anyOf": [{"type": "null"}, {"type": "object", "properties": {"a": {"$ref": "#/anyOf/1"}}, "required": ["a"]}]
+}
+
+
+def test_a_dead_end_while_decoding_names_the_field(server: Server, client: openai.OpenAI) -> None:
+    """Found only while decoding, as a refusal before it: the field in the message (natively after "parameters.")
+    and in compatible mode's error.param (it was null, the message saying "response_format or tools")."""
+    fields = {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": DEAD_END_AFTER_BRACE}}}
+    refused, natively = [], []
+    for seed in range(8):  # an answer that begins "null" ends as "stop"; one that begins "{" comes to the dead end
+        try:
+            client.chat.completions.create(
+                model=SEED_MODEL, messages=openai_messages(), max_tokens=16, seed=seed, **fields
+            )
+        except openai.BadRequestError as bad:
+            refused.append(bad.body)
+        parameters = {"max_tokens": 16, "seed": seed, **fields}
+        r = post(
+            server, NATIVE, {"model": SEED_MODEL, "input": {"messages": native_messages()}, "parameters": parameters}
+        )
+        if r.status_code != HTTPStatus.OK:
+            natively.append(r.json())
+    assert refused and natively, "no answer began with '{'"
+    for body in refused:
+        assert "allows no next token" in body["message"], body
+        assert body["param"] == "response_format.json_schema.schema", body
+    for body in natively:
+        assert body["code"] == "InvalidParameter" and "allows no next token" in body["message"], body
+        assert "'parameters.response_format.json_schema.schema'" in body["message"], body
 
 
 LEGACY = {"name": "get_weather", "parameters": WEATHER_PARAMETERS}

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llamascope.client.chat import indented
+from llamascope.client.chat import indented, schema_format
 from tests.conftest import ADMIN_KEY, SEED_MODEL, ImageHost, Server, free_port, png_bytes, user_turn
 
 GREEDY = ["-o", "temperature", "0", "-o", "max_tokens", "12"]
@@ -199,6 +199,20 @@ def test_a_schema_holds_the_answer_and_prints_it_indented(server: Server, photo:
     path.write_text("{not json")
     refused = chat(args, server, home)
     assert refused.returncode == 2 and f"--schema {path}" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [{"$schema": 5, "type": "object"}, {"type": "string", "pattern": "^a{4294967296}$"}],
+    ids=["dialect", "pattern"],
+)
+def test_a_schema_jsonschema_cannot_read_is_named_not_a_traceback(schema: dict, tmp_path: Path) -> None:
+    """``--schema`` checks the file as the server does: jsonschema raised AttributeError for a $schema that is a
+    number, re OverflowError for a repetition past 2**32 - 1, and the command ended in a traceback."""
+    path = tmp_path / "odd.schema.json"
+    path.write_text(json.dumps(schema))
+    with pytest.raises(ValueError, match=r"^not a JSON Schema"):
+        schema_format(path)
 
 
 def test_a_schema_answer_printed_to_a_terminal_has_no_control_characters() -> None:

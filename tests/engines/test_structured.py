@@ -255,6 +255,7 @@ def test_a_dead_end_while_decoding_is_an_error_not_stop(engine: MllamaEngine) ->
         asyncio.run(scenario())
     assert caught.value.status == 400 and caught.value.code == "InvalidParameter"
     assert "schema allows no next token" in caught.value.message, caught.value.message
+    assert "Invalid value for 'response_format.json_schema.schema'" in caught.value.message, caught.value.message
     text = "".join(c.text for c in chunks)  # the tokens before the dead end: "{", '{"', "["...
     assert all(c.finish_reason is None for c in chunks) and text[:1] in ("{", "["), text
     assert engine.active == 0

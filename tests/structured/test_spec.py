@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -151,4 +153,73 @@ def test_what_each_request_is_constrained_by() -> None:
     forced = read_request(tools=[TOOL], tool_choice="required", parallel_tool_calls=False)
     assert forced.forces_tool_call and forced.grammar() is not None and forced.grammar().kind == "lark"  # type: ignore[union-attr]
     no_parameters = read_request(tools=[{"type": "function", "function": {"name": "now"}}])
-    assert no_parameters.tools[0].parameters == {"type": "object", "properties": {}}
+    assert no_parameters.tools[0].parameters == {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        # llguidance held these as 2**53 and 2**63 - 1: answers that ended with "stop" but broke the schema
+        {"type": "integer", "minimum": 2**53 + 1, "maximum": 2**53 + 1},
+        {"type": "integer", "minimum": 10**30, "maximum": 10**30 + 5},
+        {"type": "object", "properties": {"n": {"type": "number", "exclusiveMaximum": -1e19}}},
+        # and these as 2**63 - 1 and 2**53
+        {"type": "integer", "const": 2**64},
+        {"type": "object", "properties": {"n": {"enum": ["a", [2**53 + 1]]}}},
+    ],
+)
+def test_a_bound_decoding_cannot_hold_exactly_is_refused(schema: dict[str, Any]) -> None:
+    message = refusal(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert "'response_format.json_schema.schema'" in message and "2**53" in message
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "pattern": "^a{4294967296}$"},
+        {"type": "object", "patternProperties": {"^x{1,99999999999}$": {"type": "integer"}}},
+    ],
+)
+def test_a_pattern_re_cannot_compile_is_refused_as_no_json_schema(schema: dict[str, Any]) -> None:
+    """re raises OverflowError, not re.error, for a repetition past 2**32 - 1: it went through as a 500."""
+    message = refusal(
+        tools=[
+            {
+                "type": "function",
+                "function": {"name": "f", "parameters": {"type": "object", "properties": {"p": schema}}},
+            }
+        ]
+    )
+    assert "'tools[0].function.parameters': not a JSON Schema" in message and "pattern" in message, message
+
+
+@pytest.mark.parametrize("dialect", [5, True, ["https://json-schema.org/draft/2020-12/schema"], {}])
+def test_a_schema_whose_dialect_is_no_string_is_refused(dialect: object) -> None:
+    """jsonschema's validator_for looks "$schema" up as a URI: a number raised AttributeError, a list TypeError."""
+    schema = {"$schema": dialect, "type": "object"}
+    message = refusal(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert "'response_format.json_schema.schema': not a JSON Schema ($schema" in message, message
+
+
+def test_bounds_within_reach_and_data_named_like_bounds_are_taken() -> None:
+    check_schema({"type": "integer", "minimum": -(2**53), "maximum": 2**53}, "s")
+    check_schema({"type": "object", "properties": {"minimum": {"type": "integer"}}, "default": {"minimum": 1e30}}, "s")
+    check_schema({"type": "object", "properties": {"enum": {"type": "string", "x-limit": 2**60}}}, "s")
+    check_schema({"enum": [2**53, -(2**53), {"n": 1.5}]}, "s")
+
+
+def test_a_bound_that_crashed_the_grammar_library_is_refused_and_the_process_lives() -> None:
+    """[-1e20, -1e19] (both saturating to -2**63) crashed llguidance's regex builder with a segmentation fault,
+    taking the server down with it: checked in a process of its own, so that the crash fails only this test."""
+    code = (
+        "from llamascope.errors import ServiceError\n"
+        "from llamascope.structured.spec import check_schema\n"
+        "try:\n"
+        "    schema = {'type': 'integer', 'minimum': -10**20, 'maximum': -10**19}\n"
+        "    check_schema(schema, 'tools[0].function.parameters')\n"
+        "except ServiceError as e:\n"
+        "    print(e.status, e.message)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("400 ") and "'tools[0].function.parameters'" in done.stdout

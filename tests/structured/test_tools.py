@@ -43,6 +43,23 @@ RECEIPT = {
 TOOLS = [WEATHER, RECEIPT]
 
 
+def test_a_forced_call_of_a_function_without_parameters_has_empty_arguments(
+    backend: GuidanceBackend, grammars: GrammarCache
+) -> None:
+    """A tool given without "parameters" takes none: its arguments are {}, never keys the model made up (the
+    default schema let them in, and on random weights most calls ran to max_tokens adding them)."""
+    spec = read_request(tools=[{"type": "function", "function": {"name": "now"}}], tool_choice="required")
+    grammar_spec = spec.grammar()
+    assert grammar_spec is not None
+    grammar = grammars.get_blocking(grammar_spec)
+    rows, _ = random_decode(backend, [grammar] * 12, 7, 200, torch_path=False)
+    for row in rows:
+        text = backend.decode(row.tokens)
+        assert row.finish_reason == "stop", text
+        answer = parse_answer(text, spec.tools)
+        assert answer.calls and {call.arguments for call in answer.calls} == {"{}"}, text
+
+
 @pytest.mark.parametrize(
     ("choice", "parallel"),
     [("required", False), ("required", True), ({"type": "function", "function": {"name": "save_receipt"}}, False)],

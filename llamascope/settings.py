@@ -104,15 +104,21 @@ class ModelSpec(BaseModel):
     description: str = Field("", description="a note about the model, for whoever reads the config")
     # What `llamascope keys create/grant` give a key for this model unless told otherwise.
     allowance_tokens: int | None = Field(
-        1_000_000, ge=1, description="the tokens a new grant of this model allows; None: unlimited"
+        1_000_000, ge=1, description='the tokens a new grant of this model allows; `"unlimited"`: no cap'
     )
     allowance_days: float | None = Field(
-        180, gt=0, description="how long a new grant's allowance lasts; None: it never expires"
+        180, gt=0, description='how long a new grant\'s allowance lasts, in days; `"unlimited"`: it never expires'
     )
 
     @property
     def is_builtin(self) -> bool:
         return self.path in (BUILTIN, BUILTIN_TEXT)
+
+    @field_validator("allowance_tokens", "allowance_days", mode="before")
+    @classmethod
+    def _unlimited(cls, value: Any) -> Any:
+        """``"unlimited"``, as `keys create --allowance unlimited` says it: TOML has no null to write None with."""
+        return None if isinstance(value, str) and value.strip().lower() == "unlimited" else value
 
     @field_validator("path")
     @classmethod

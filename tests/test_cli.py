@@ -184,6 +184,20 @@ def test_a_key_made_without_models_covers_every_model(tmp_path: Path) -> None:
     assert "my-vision" in named.stderr and "500" in named.stderr
 
 
+def test_a_config_files_model_allowance_may_be_unlimited(tmp_path: Path) -> None:
+    """Docs review: accounts.md says a grant's allowance and period "may be unlimited", per model in the config
+    (`allowance_tokens`, `allowance_days`), and the settings page said "None: unlimited"; TOML has no null,
+    and "unlimited" (the CLI's word) was refused, so a config file could not say it."""
+    config = tmp_path / "llamascope.toml"
+    config.write_text('[models.m]\npath = "builtin"\nallowance_tokens = "unlimited"\nallowance_days = "Unlimited"\n')
+    spec = Settings.load(config).models["m"]
+    assert spec.allowance_tokens is None and spec.allowance_days is None
+    made = llamascope(tmp_path, "keys", "create", "--config", str(config), "--model", "m")
+    assert made.returncode == 0, made.stderr
+    [row] = [line for line in made.stderr.splitlines() if " m " in f" {line} "]
+    assert "unlimited" in row and "1,000,000" not in row and "1000000" not in row, made.stderr
+
+
 @pytest.mark.parametrize("args", [["keys", "create", "--model", ""], ["keys", "grant", "KEY", "--model", " "]])
 def test_an_empty_model_name_is_refused_without_a_granted_anyway_warning(tmp_path: Path, args: list[str]) -> None:
     """New-user trial: `keys create --model ''` warned "'' is not among the models ...; granted anyway", then

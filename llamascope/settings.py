@@ -396,7 +396,9 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM or Ctrl+C, how long running requests get to finish"
     )
-    log_level: str = Field("info", description="`debug` also shows Alembic's migration lines")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="in any case; `debug` also shows Alembic's migration lines and libvips' notes"
+    )
     # Operating it: docs/observability.md.
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as text, or `json`: one JSON object a line, each naming its request"
@@ -426,6 +428,12 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        # LLAMASCOPE_LOG_LEVEL=DEBUG as well; anything else is refused here, not by logging's traceback at start
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("image_fetch_allow")
     @classmethod

@@ -243,3 +243,12 @@ def test_a_bad_setting_is_refused_naming_its_environment_variable(tmp_path: Path
     # MAX_QUEUED=0 started, then refused every request with 429 (each waits for the model's thread to take it).
     out = llamascope(tmp_path, "serve", "--port", "1", env={"LLAMASCOPE_MAX_QUEUED": "0"})
     assert out.returncode == 2 and "LLAMASCOPE_MAX_QUEUED (max_queued)" in out.stderr, out.stderr
+
+
+def test_a_log_level_logging_does_not_know_is_refused_as_a_setting(tmp_path: Path) -> None:
+    """Docs review: `serve --log-level verbose` ended in logging's ValueError traceback, where settings.md says a
+    wrong setting stops start-up with a message naming it; a level in capitals is still taken."""
+    out = llamascope(tmp_path, "serve", "--port", "1", "--log-level", "verbose")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "LLAMASCOPE_LOG_LEVEL (log_level)" in out.stderr and "(given: 'verbose')" in out.stderr, out.stderr
+    assert Settings.load(None, log_level="DEBUG").log_level == "debug"

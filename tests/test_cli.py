@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -252,3 +253,26 @@ def test_a_log_level_logging_does_not_know_is_refused_as_a_setting(tmp_path: Pat
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "LLAMASCOPE_LOG_LEVEL (log_level)" in out.stderr and "(given: 'verbose')" in out.stderr, out.stderr
     assert Settings.load(None, log_level="DEBUG").log_level == "debug"
+
+
+def test_a_redis_url_redis_cannot_use_is_refused_as_a_setting(tmp_path: Path) -> None:
+    """Docs review: LLAMASCOPE_REDIS_URL=localhost:6379 loaded the models, made the first start's key (never
+    shown), then ended in redis-py's ValueError traceback; now a bad setting's message, before anything."""
+    out = llamascope(tmp_path, "serve", "--port", "0", env={"LLAMASCOPE_REDIS_URL": "localhost:6379"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "LLAMASCOPE_REDIS_URL (redis_url)" in out.stderr and "redis://" in out.stderr, out.stderr
+    assert not (tmp_path / "llamascope.db").exists()
+
+
+def test_a_metrics_port_in_use_stops_start_up_at_once(tmp_path: Path) -> None:
+    """Docs review: deploy.md says a port in use stops start-up at once, before any model loads; with
+    LLAMASCOPE_METRICS_PORT in use the models loaded, the banner was printed, then the app's start-up failed
+    in a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = llamascope(tmp_path, "serve", "--port", "0", env={"LLAMASCOPE_METRICS_PORT": str(port)})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port} (LLAMASCOPE_METRICS_PORT)" in out.stderr, out.stderr
+    assert "loading" not in out.stderr and not (tmp_path / "llamascope.db").exists(), out.stderr

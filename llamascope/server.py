@@ -301,6 +301,20 @@ def serve(settings: Settings) -> int:
     except OSError as exc:
         print(f"llamascope: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    if settings.metrics and settings.metrics_port is not None:
+        # prometheus-client binds its own server once the app starts, after the models load (minutes): a port
+        # in use then ended start-up in a lifespan traceback. Tried here too, and let go (prometheus-client
+        # makes its own socket; SO_REUSEADDR lets it bind again), so a port in use stops start-up at once.
+        try:
+            listen(settings.host, settings.metrics_port).close()
+        except OSError as exc:
+            sock.close()
+            print(
+                f"llamascope: cannot listen on {settings.host}:{settings.metrics_port} (LLAMASCOPE_METRICS_PORT): "
+                f"{exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 2
     try:
         server = build(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (ModelLoadError, accounts_store.StoreUnreachable) as exc:

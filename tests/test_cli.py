@@ -276,3 +276,14 @@ def test_a_metrics_port_in_use_stops_start_up_at_once(tmp_path: Path) -> None:
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert f"cannot listen on 127.0.0.1:{port} (LLAMASCOPE_METRICS_PORT)" in out.stderr, out.stderr
     assert "loading" not in out.stderr and not (tmp_path / "llamascope.db").exists(), out.stderr
+
+
+@pytest.mark.slow
+def test_a_start_that_fails_on_a_directory_writes_no_key_and_says_why(tmp_path: Path) -> None:
+    """Docs review: accounts.md says a start that fails writes no key. An upload directory that could not be
+    made failed start-up after the first key was made (never shown) and in a traceback."""
+    (tmp_path / "a-file").write_text("")
+    out = llamascope(tmp_path, "serve", "--port", "0", env={"LLAMASCOPE_UPLOAD_DIR": str(tmp_path / "a-file" / "up")})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "llamascope: cannot start:" in out.stderr and "a-file" in out.stderr, out.stderr
+    assert "first start" not in llamascope(tmp_path, "keys", "list").stdout  # no key was made

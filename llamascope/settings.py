@@ -438,6 +438,15 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return url
 
+    @field_validator("public_base_url", "otlp_traces_endpoint")
+    @classmethod
+    def _check_http_url(cls, url: str | None) -> str | None:
+        # Either, mistyped (`llm.example.com` without its scheme), started a server whose upload policies named
+        # an address no SDK can post to, or whose traces went nowhere, each said only when first used.
+        if url is not None and not _http_url(url):
+            raise ValueError("must be an http(s) URL with a host, e.g. https://llm.example.com")
+        return url
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, value: Any) -> Any:

@@ -7,10 +7,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from llamascope.cli import _model_arg
 from llamascope.engines.threads import usable_cores
-from llamascope.settings import BUILTIN, Settings
+from llamascope.settings import BUILTIN, Settings, describe_error
 from tests.conftest import LLAMASCOPE, SEED_MODEL
 
 
@@ -287,3 +288,15 @@ def test_a_start_that_fails_on_a_directory_writes_no_key_and_says_why(tmp_path: 
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "llamascope: cannot start:" in out.stderr and "a-file" in out.stderr, out.stderr
     assert "first start" not in llamascope(tmp_path, "keys", "list").stdout  # no key was made
+
+
+@pytest.mark.parametrize(
+    "name,value", [("public_base_url", "llm.example.com"), ("otlp_traces_endpoint", "collector:4318")]
+)
+def test_an_address_setting_without_its_scheme_is_refused(name: str, value: str) -> None:
+    """Docs review: either, without its http(s)://, started a server (upload policies naming an address no SDK
+    can post to; traces sent nowhere); settings.md says a wrong setting stops start-up, naming it."""
+    with pytest.raises(ValidationError) as refused:
+        Settings.load(None, **{name: value})
+    said = describe_error(refused.value)
+    assert f"LLAMASCOPE_{name.upper()} ({name})" in said and "http(s) URL" in said and repr(value) in said, said

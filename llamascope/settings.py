@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -406,7 +406,7 @@ class Settings(BaseSettings):
     metrics: bool = Field(True, description="Prometheus metrics at `/metrics`")
     metrics_key: str | None = Field(None, description="the Bearer key `/metrics` asks for; unset: no key")
     metrics_port: int | None = Field(
-        None, ge=1, le=65535, description="serve the metrics on this port instead of at `/metrics`"
+        None, ge=1, le=65535, description="serve the metrics on this port (not the API's) instead of at `/metrics`"
     )
     metrics_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -437,6 +437,15 @@ class Settings(BaseSettings):
         if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return url
+
+    @field_validator("metrics_port")
+    @classmethod
+    def _metrics_port_apart(cls, port: int | None, info: ValidationInfo) -> int | None:
+        # The API's own port started both servers on it (each binds with SO_REUSEADDR), the API's requests and
+        # the scrapes then split between them at random.
+        if port is not None and port == info.data.get("port"):
+            raise ValueError(f"{port} is the API's port (LLAMASCOPE_PORT, --port): give the metrics another one")
+        return port
 
     @field_validator("public_base_url", "otlp_traces_endpoint")
     @classmethod

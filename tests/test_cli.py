@@ -300,3 +300,13 @@ def test_an_address_setting_without_its_scheme_is_refused(name: str, value: str)
         Settings.load(None, **{name: value})
     said = describe_error(refused.value)
     assert f"LLAMASCOPE_{name.upper()} ({name})" in said and "http(s) URL" in said and repr(value) in said, said
+
+
+def test_the_metrics_port_must_not_be_the_apis() -> None:
+    """Docs review: LLAMASCOPE_METRICS_PORT equal to the API's port started both servers on it (each binds with
+    SO_REUSEADDR), API requests and scrapes split between them."""
+    with pytest.raises(ValidationError) as refused:
+        Settings.load(None, port=9000, metrics_port=9000)
+    said = describe_error(refused.value)
+    assert "LLAMASCOPE_METRICS_PORT (metrics_port)" in said and "the API's port" in said, said
+    assert Settings.load(None, port=9000, metrics_port=9100).metrics_port == 9100

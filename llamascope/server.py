@@ -190,15 +190,25 @@ def build_intake(settings: Settings, uploads: UploadStore | None = None) -> Imag
     )
 
 
-def build_batches(
-    settings: Settings, store: AccountStore, engines: dict[str, Engine], replica_id: str, drain: Drain
-) -> BatchService:
-    """The Batch and Files APIs: files under the data directory, lines claimed as this replica."""
-    files = FileStore(
+def open_batch_files(settings: Settings) -> FileStore:
+    """The Files API's store: batch inputs and results, under the data directory unless set."""
+    return FileStore(
         settings.batch_files_dir or settings.data_dir / "batch-files",
         MAX_FILE_BYTES,
         DiskReserve(settings.min_free_disk_bytes),
     )
+
+
+def build_batches(
+    settings: Settings,
+    store: AccountStore,
+    engines: dict[str, Engine],
+    replica_id: str,
+    drain: Drain,
+    files: FileStore | None = None,
+) -> BatchService:
+    """The Batch and Files APIs: files under the data directory, lines claimed as this replica."""
+    files = files or open_batch_files(settings)
     runner = Runner(
         BatchRepository(store),
         files,
@@ -266,6 +276,11 @@ def build(settings: Settings, progress: Callable[[str], None] = log.info) -> Ser
     threads = configure_torch(settings.torch_threads) if serves_in_process(settings) else None
     store = open_store(settings)
     engines = load_engines(settings, progress)
+    # What may still fail on this machine (a directory that cannot be made, a Redis URL redis-py refuses) is
+    # opened before anything is written: such a start made the first key, then failed before showing it.
+    uploads = open_uploads(settings)
+    batch_files = open_batch_files(settings)
+    limits = rate_limits(settings.redis_url, settings.rate_limits_on_redis_error)
     # Start-up has succeeded: now the store is written. First what requests a crash interrupted had made
     # (this replica's predecessor's, or a dead replica's) is charged, then the keys (a failed start uses up
     # no first key).
@@ -284,12 +299,10 @@ def build(settings: Settings, progress: Callable[[str], None] = log.info) -> Ser
         first_key, _, _ = admin.create_key(
             store, model_allowances(settings), name="first start", allowance=admin.UNLIMITED, days=admin.UNLIMITED
         )
-    uploads = open_uploads(settings)
-    limits = rate_limits(settings.redis_url, settings.rate_limits_on_redis_error)
     accounts = Accounts(store, limits, checkpoints=checkpoints)
     service = ConversationService(engines, build_intake(settings, uploads), accounts, image_policies(settings))
     drain = Drain(settings.shutdown_grace_seconds)
-    batches = build_batches(settings, store, engines, checkpoints.replica_id, drain)
+    batches = build_batches(settings, store, engines, checkpoints.replica_id, drain, batch_files)
     app = build_app(settings, service, uploads, drain, batches)
     return Server(settings, app, engines, store, drain, first_key, threads)
 
@@ -302,9 +315,26 @@ def serve(settings: Settings) -> int:
     except OSError as exc:
         print(f"llamascope: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    if settings.metrics and settings.metrics_port is not None:
+        # prometheus-client binds its own server once the app starts, after the models load (minutes): a port
+        # in use then ended start-up in a lifespan traceback. Tried here too, and let go (prometheus-client
+        # makes its own socket; SO_REUSEADDR lets it bind again), so a port in use stops start-up at once.
+        try:
+            listen(settings.host, settings.metrics_port).close()
+        except OSError as exc:
+            sock.close()
+            print(
+                f"llamascope: cannot listen on {settings.host}:{settings.metrics_port} (LLAMASCOPE_METRICS_PORT): "
+                f"{exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 2
     try:
         server = build(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (ModelLoadError, accounts_store.StoreUnreachable) as exc:
+        print(f"llamascope: cannot start: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a directory of the settings that cannot be made or written (upload_dir, data_dir)
         print(f"llamascope: cannot start: {exc}", file=sys.stderr)
         return 2
     host, port = sock.getsockname()[:2]

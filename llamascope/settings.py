@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -104,15 +104,21 @@ class ModelSpec(BaseModel):
     description: str = Field("", description="a note about the model, for whoever reads the config")
     # What `llamascope keys create/grant` give a key for this model unless told otherwise.
     allowance_tokens: int | None = Field(
-        1_000_000, ge=1, description="the tokens a new grant of this model allows; None: unlimited"
+        1_000_000, ge=1, description='the tokens a new grant of this model allows; `"unlimited"`: no cap'
     )
     allowance_days: float | None = Field(
-        180, gt=0, description="how long a new grant's allowance lasts; None: it never expires"
+        180, gt=0, description='how long a new grant\'s allowance lasts, in days; `"unlimited"`: it never expires'
     )
 
     @property
     def is_builtin(self) -> bool:
         return self.path in (BUILTIN, BUILTIN_TEXT)
+
+    @field_validator("allowance_tokens", "allowance_days", mode="before")
+    @classmethod
+    def _unlimited(cls, value: Any) -> Any:
+        """``"unlimited"``, as `keys create --allowance unlimited` says it: TOML has no null to write None with."""
+        return None if isinstance(value, str) and value.strip().lower() == "unlimited" else value
 
     @field_validator("path")
     @classmethod
@@ -402,7 +408,9 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM or Ctrl+C, how long running requests get to finish"
     )
-    log_level: str = Field("info", description="`debug` also shows Alembic's migration lines")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="in any case; `debug` also shows Alembic's migration lines and libvips' notes"
+    )
     # Operating it: docs/observability.md.
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as text, or `json`: one JSON object a line, each naming its request"
@@ -410,7 +418,7 @@ class Settings(BaseSettings):
     metrics: bool = Field(True, description="Prometheus metrics at `/metrics`")
     metrics_key: str | None = Field(None, description="the Bearer key `/metrics` asks for; unset: no key")
     metrics_port: int | None = Field(
-        None, ge=1, le=65535, description="serve the metrics on this port instead of at `/metrics`"
+        None, ge=1, le=65535, description="serve the metrics on this port (not the API's) instead of at `/metrics`"
     )
     metrics_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -432,6 +440,39 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, url: str | None) -> str | None:
+        # redis-py's own check (Redis.from_url) runs only once the models are loaded: a wrong URL then ended
+        # start-up in a traceback, after the first start's key was made and never shown. Its schemes, here.
+        if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return url
+
+    @field_validator("metrics_port")
+    @classmethod
+    def _metrics_port_apart(cls, port: int | None, info: ValidationInfo) -> int | None:
+        # The API's own port started both servers on it (each binds with SO_REUSEADDR), the API's requests and
+        # the scrapes then split between them at random.
+        if port is not None and port == info.data.get("port"):
+            raise ValueError(f"{port} is the API's port (LLAMASCOPE_PORT, --port): give the metrics another one")
+        return port
+
+    @field_validator("public_base_url", "otlp_traces_endpoint")
+    @classmethod
+    def _check_http_url(cls, url: str | None) -> str | None:
+        # Either, mistyped (`llm.example.com` without its scheme), started a server whose upload policies named
+        # an address no SDK can post to, or whose traces went nowhere, each said only when first used.
+        if url is not None and not _http_url(url):
+            raise ValueError("must be an http(s) URL with a host, e.g. https://llm.example.com")
+        return url
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        # LLAMASCOPE_LOG_LEVEL=DEBUG as well; anything else is refused here, not by logging's traceback at start
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("image_fetch_allow")
     @classmethod

@@ -1,15 +1,17 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from llamascope.cli import _model_arg
 from llamascope.engines.threads import usable_cores
-from llamascope.settings import BUILTIN, Settings
+from llamascope.settings import BUILTIN, Settings, describe_error
 from tests.conftest import LLAMASCOPE, SEED_MODEL
 
 
@@ -184,6 +186,20 @@ def test_a_key_made_without_models_covers_every_model(tmp_path: Path) -> None:
     assert "my-vision" in named.stderr and "500" in named.stderr
 
 
+def test_a_config_files_model_allowance_may_be_unlimited(tmp_path: Path) -> None:
+    """Docs review: accounts.md says a grant's allowance and period "may be unlimited", per model in the config
+    (`allowance_tokens`, `allowance_days`), and the settings page said "None: unlimited"; TOML has no null,
+    and "unlimited" (the CLI's word) was refused, so a config file could not say it."""
+    config = tmp_path / "llamascope.toml"
+    config.write_text('[models.m]\npath = "builtin"\nallowance_tokens = "unlimited"\nallowance_days = "Unlimited"\n')
+    spec = Settings.load(config).models["m"]
+    assert spec.allowance_tokens is None and spec.allowance_days is None
+    made = llamascope(tmp_path, "keys", "create", "--config", str(config), "--model", "m")
+    assert made.returncode == 0, made.stderr
+    [row] = [line for line in made.stderr.splitlines() if " m " in f" {line} "]
+    assert "unlimited" in row and "1,000,000" not in row and "1000000" not in row, made.stderr
+
+
 @pytest.mark.parametrize("args", [["keys", "create", "--model", ""], ["keys", "grant", "KEY", "--model", " "]])
 def test_an_empty_model_name_is_refused_without_a_granted_anyway_warning(tmp_path: Path, args: list[str]) -> None:
     """New-user trial: `keys create --model ''` warned "'' is not among the models ...; granted anyway", then
@@ -229,3 +245,68 @@ def test_a_bad_setting_is_refused_naming_its_environment_variable(tmp_path: Path
     # MAX_QUEUED=0 started, then refused every request with 429 (each waits for the model's thread to take it).
     out = llamascope(tmp_path, "serve", "--port", "1", env={"LLAMASCOPE_MAX_QUEUED": "0"})
     assert out.returncode == 2 and "LLAMASCOPE_MAX_QUEUED (max_queued)" in out.stderr, out.stderr
+
+
+def test_a_log_level_logging_does_not_know_is_refused_as_a_setting(tmp_path: Path) -> None:
+    """Docs review: `serve --log-level verbose` ended in logging's ValueError traceback, where settings.md says a
+    wrong setting stops start-up with a message naming it; a level in capitals is still taken."""
+    out = llamascope(tmp_path, "serve", "--port", "1", "--log-level", "verbose")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "LLAMASCOPE_LOG_LEVEL (log_level)" in out.stderr and "(given: 'verbose')" in out.stderr, out.stderr
+    assert Settings.load(None, log_level="DEBUG").log_level == "debug"
+
+
+def test_a_redis_url_redis_cannot_use_is_refused_as_a_setting(tmp_path: Path) -> None:
+    """Docs review: LLAMASCOPE_REDIS_URL=localhost:6379 loaded the models, made the first start's key (never
+    shown), then ended in redis-py's ValueError traceback; now a bad setting's message, before anything."""
+    out = llamascope(tmp_path, "serve", "--port", "0", env={"LLAMASCOPE_REDIS_URL": "localhost:6379"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "LLAMASCOPE_REDIS_URL (redis_url)" in out.stderr and "redis://" in out.stderr, out.stderr
+    assert not (tmp_path / "llamascope.db").exists()
+
+
+def test_a_metrics_port_in_use_stops_start_up_at_once(tmp_path: Path) -> None:
+    """Docs review: deploy.md says a port in use stops start-up at once, before any model loads; with
+    LLAMASCOPE_METRICS_PORT in use the models loaded, the banner was printed, then the app's start-up failed
+    in a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = llamascope(tmp_path, "serve", "--port", "0", env={"LLAMASCOPE_METRICS_PORT": str(port)})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port} (LLAMASCOPE_METRICS_PORT)" in out.stderr, out.stderr
+    assert "loading" not in out.stderr and not (tmp_path / "llamascope.db").exists(), out.stderr
+
+
+@pytest.mark.slow
+def test_a_start_that_fails_on_a_directory_writes_no_key_and_says_why(tmp_path: Path) -> None:
+    """Docs review: accounts.md says a start that fails writes no key. An upload directory that could not be
+    made failed start-up after the first key was made (never shown) and in a traceback."""
+    (tmp_path / "a-file").write_text("")
+    out = llamascope(tmp_path, "serve", "--port", "0", env={"LLAMASCOPE_UPLOAD_DIR": str(tmp_path / "a-file" / "up")})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "llamascope: cannot start:" in out.stderr and "a-file" in out.stderr, out.stderr
+    assert "first start" not in llamascope(tmp_path, "keys", "list").stdout  # no key was made
+
+
+@pytest.mark.parametrize(
+    "name,value", [("public_base_url", "llm.example.com"), ("otlp_traces_endpoint", "collector:4318")]
+)
+def test_an_address_setting_without_its_scheme_is_refused(name: str, value: str) -> None:
+    """Docs review: either, without its http(s)://, started a server (upload policies naming an address no SDK
+    can post to; traces sent nowhere); settings.md says a wrong setting stops start-up, naming it."""
+    with pytest.raises(ValidationError) as refused:
+        Settings.load(None, **{name: value})
+    said = describe_error(refused.value)
+    assert f"LLAMASCOPE_{name.upper()} ({name})" in said and "http(s) URL" in said and repr(value) in said, said
+
+
+def test_the_metrics_port_must_not_be_the_apis() -> None:
+    """Docs review: LLAMASCOPE_METRICS_PORT equal to the API's port started both servers on it (each binds with
+    SO_REUSEADDR), API requests and scrapes split between them."""
+    with pytest.raises(ValidationError) as refused:
+        Settings.load(None, port=9000, metrics_port=9000)
+    said = describe_error(refused.value)
+    assert "LLAMASCOPE_METRICS_PORT (metrics_port)" in said and "the API's port" in said, said
+    assert Settings.load(None, port=9000, metrics_port=9100).metrics_port == 9100

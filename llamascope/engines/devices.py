@@ -60,7 +60,7 @@ def resolve_device(requested: str, visible: int | None = None) -> str:
             build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
             raise DeviceError(
                 f"device {requested!r}: no CUDA GPU is visible (PyTorch {torch.__version__}, {build}). "
-                "Install a CUDA build of PyTorch (README: 'On GPUs') or serve with --device cpu"
+                "Install a CUDA build of PyTorch (docs/models.md, 'On GPUs') or serve with --device cpu"
             )
         if requested.startswith("cuda:"):
             index = requested.removeprefix("cuda:")

@@ -37,8 +37,11 @@ def test_resolve_device() -> None:
     assert resolve_device("auto", visible=2) == "cuda"
     assert resolve_device("cpu", visible=2) == "cpu"
     assert resolve_device("cuda:1", visible=2) == "cuda:1"
-    with pytest.raises(DeviceError, match="no CUDA GPU is visible"):
+    with pytest.raises(DeviceError, match="no CUDA GPU is visible") as refused:
         resolve_device("cuda", visible=0)
+    # It named the README's 'On GPUs', a section of docs/models.md (docs review)
+    assert "docs/models.md, 'On GPUs'" in str(refused.value)
+    assert "## On GPUs" in (Path(__file__).parents[2] / "docs" / "models.md").read_text()
     with pytest.raises(DeviceError, match="only 2 GPU"):
         resolve_device("cuda:2", visible=2)
     with pytest.raises(DeviceError, match="expected auto, cpu"):

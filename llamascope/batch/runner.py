@@ -309,8 +309,9 @@ class Runner:
             request = json.loads(raw)
             # Sent with every non-ASCII character escaped, as a client may send it: a lone surrogate ("\ud83d"),
             # which json reads but no UTF-8 holds, then meets the API's own check (a 400, as an interactive request
-            # gets) instead of failing to encode here (a 500). The line's other values go as they were read.
-            content = json.dumps(request["body"], allow_nan=False).encode()
+            # gets) instead of failing to encode here (a 500). The line's other values go as they were read: NaN
+            # and Infinity too (json reads them, and so does the API, whose check then names the field).
+            content = json.dumps(request["body"]).encode()
             headers = {"Content-Type": "application/json"}
             response = await self._client(batch.key_id).post(request["url"], content=content, headers=headers)
         except asyncio.CancelledError:

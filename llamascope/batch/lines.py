@@ -122,6 +122,9 @@ def _check(data: bytes, number: int, endpoint: str, fail: Fail) -> tuple[str, st
     except (UnicodeDecodeError, ValueError):
         fail(number, "invalid_json_line", f"Line {number} is not valid JSON (UTF-8, one object a line).")
         return None
+    except RecursionError:  # nested past the parser's own limit (the API refuses past 128 levels)
+        fail(number, "invalid_json_line", f"Line {number} is nested too deeply to be read as JSON.")
+        return None
     if not isinstance(request, dict):
         fail(number, "invalid_json_line", f"Line {number} is not a JSON object.")
         return None

@@ -70,6 +70,15 @@ def test_a_wrong_line_after_blank_lines_is_named_by_its_line_in_the_file() -> No
     assert found.lines == 5  # the requests: blank lines are not counted
 
 
+def test_a_line_nested_past_the_parsers_limit_is_named() -> None:
+    # It stopped the check with a RecursionError: the batch failed as "the input file could not be read".
+    deep = line("deep").replace('"hi"}', '"hi", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    passed, found = check(line("a") + "\n" + deep + "\n" + line("b") + "\n")
+    assert [p.custom_id for p in passed] == ["a", "b"]
+    assert found.errors is not None and [(e.line, e.code) for e in found.errors] == [(2, "invalid_json_line")]
+    assert "nested too deeply" in found.errors[0].message
+
+
 def test_a_line_over_6_mb_is_refused_without_being_held() -> None:
     big = line("big", pad="x" * (lines.MAX_LINE_BYTES + 10))
     passed, found = check(line("a") + "\n" + big + "\n" + line("b") + "\n")

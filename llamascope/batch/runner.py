@@ -49,6 +49,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.types import ASGIApp
 
 from llamascope.accounts.access import grant_refusal
+from llamascope.accounts.admission import UNREACHABLE
 from llamascope.accounts.limits import to_the_end
 from llamascope.accounts.records import utcnow
 from llamascope.accounts.store import AccountStore
@@ -80,6 +81,8 @@ MAX_PAUSE_SECONDS = 3600.0  # the longest Retry-After taken as it is
 ALLOWANCE_CODE = "AllocationQuota.FreeTierOnly"
 STOPPED_STATUS = 499  # a line stopped while running: the status logged for a request its client stopped
 STOP_SECONDS = 10.0  # at shutdown, how long the lines stopped may take to save what they made
+SAVE_PAUSE_SECONDS = 1.0  # the first wait before a line's state is written again to a store that did not answer
+MAX_SAVE_PAUSE_SECONDS = 30.0
 
 
 class Runner:
@@ -334,7 +337,7 @@ class Runner:
             and not charged
             and await self._waits(batch, status, error, response.headers.get("retry-after"))
         ):
-            await asyncio.to_thread(self.repository.release_lines, batch.id, [line.number], self.replica_id)
+            await self._save(batch, line, "hand-back", self._release(batch, line))
             return
         key = batch.key_id
         self._window[key] = min(float(self.in_flight), self._window.get(key, self.in_flight) + 1)
@@ -351,7 +354,7 @@ class Runner:
             scope = ("key", key) if code.startswith("Throttling.RateQuota") else ("model", batch.model or "")
             self._pause(scope, now + _seconds(retry_after), key)
             return True
-        if status == 403 and code == ALLOWANCE_CODE and await asyncio.to_thread(self._ask_again, batch, error):
+        if status == 403 and code == ALLOWANCE_CODE and await self._asks_again(batch, error):
             self._held[key] = self._key_running[key]
             self._pause(("key", key), now + PAUSE_SECONDS, key)
             return True
@@ -360,6 +363,12 @@ class Runner:
     def _pause(self, scope: tuple[str, Any], until: float, key: int) -> None:
         self._paused[scope] = max(self._paused.get(scope, 0.0), until)
         self._window[key] = max(1.0, self._window.get(key, self.in_flight) / 2)
+
+    async def _asks_again(self, batch: BatchView, error: dict[str, Any]) -> bool:
+        try:
+            return await asyncio.to_thread(self._ask_again, batch, error)
+        except UNREACHABLE:  # the grant cannot be read now: as if held, asked again later
+            return True
 
     def _ask_again(self, batch: BatchView, error: dict[str, Any]) -> bool:
         """An allowance refused the line: ask again later if it refuses only for what running requests hold
@@ -384,7 +393,7 @@ class Runner:
         ending = self._stopped.get(batch.id)
         made = _made(call)
         if ending is None or sum(made) == 0:
-            await asyncio.to_thread(self.repository.release_lines, batch.id, [line.number], self.replica_id)
+            await self._save(batch, line, "hand-back", self._release(batch, line))
             return
         code, why = _ending_words(ending)
         message = (
@@ -418,7 +427,30 @@ class Runner:
         args = (batch.id, line.number, self.replica_id, error is None, text, input_tokens, output_tokens)
         # To its end: a cancel arriving now (or a second, the server stopping) must not lose a result the key has
         # been charged for, nor leave it being written after ``stop`` has handed the line back.
-        await to_the_end(asyncio.to_thread(finish, *args))
+        await to_the_end(self._save(batch, line, "result", functools.partial(finish, *args)))
+
+    def _release(self, batch: BatchView, line: input_lines.Line) -> Callable[[], None]:
+        return functools.partial(self.repository.release_lines, batch.id, [line.number], self.replica_id)
+
+    async def _save(self, batch: BatchView, line: input_lines.Line, what: str, write: Callable[[], Any]) -> None:
+        """``write``, a line's result or its hand-back, tried again until the store answers. Given up, it left the
+        line claimed by this live process, never to be run again or reported: the batch stayed in progress until
+        the server was restarted (and a line charged, run again then, was charged twice)."""
+        pause = SAVE_PAUSE_SECONDS
+        while True:
+            try:
+                await asyncio.to_thread(write)
+                return
+            except UNREACHABLE as exc:
+                log.error(
+                    "batch %s line %d: %s not saved, retrying until the store answers: %s",
+                    batch.id,
+                    line.number,
+                    what,
+                    str(exc).splitlines()[0],
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MAX_SAVE_PAUSE_SECONDS)
 
     # -- whole batches -------------------------------------------------------------------------------
 

@@ -447,7 +447,7 @@ class Runner:
                     batch.id,
                     line.number,
                     what,
-                    str(exc).splitlines()[0],
+                    _first(exc),
                 )
             await asyncio.sleep(pause)
             pause = min(pause * 2, MAX_SAVE_PAUSE_SECONDS)
@@ -457,6 +457,9 @@ class Runner:
     async def _validate(self, batch: BatchView) -> None:
         try:
             await asyncio.to_thread(self._check, batch)
+        except UNREACHABLE as exc:  # not the input's fault: checked again from its start at a later round
+            log.error("batch %s: not validated, the store did not answer; trying again: %s", batch.id, _first(exc))
+            return
         except Exception:
             log.exception("batch %s: validation failed", batch.id)
             problem = LineError(None, "internal_error", "The input file could not be read.")
@@ -498,10 +501,14 @@ class Runner:
         return []
 
     async def _finalize(self, batch_id: str) -> None:
-        batch = await asyncio.to_thread(self.repository.begin_finalizing, batch_id, self.replica_id)
-        if batch is not None:
-            await asyncio.to_thread(self._write_results, batch)
-            await asyncio.to_thread(self._drop_input, batch)
+        try:
+            batch = await asyncio.to_thread(self.repository.begin_finalizing, batch_id, self.replica_id)
+            if batch is not None:
+                await asyncio.to_thread(self._write_results, batch)
+                await asyncio.to_thread(self._drop_input, batch)
+        except UNREACHABLE as exc:  # written again at a later round
+            log.error("batch %s: results not saved, the store did not answer; trying again: %s", batch_id, _first(exc))
+            return
         self._stopped.pop(batch_id, None)
 
     def _write_results(self, batch: BatchView) -> None:
@@ -532,9 +539,14 @@ class Runner:
                 continue
             made.append(FileView(file_id, batch.key_id, f"{batch.id}_{name}.jsonl", BATCH_OUTPUT, size, utcnow()))
             ids.append(file_id)
-        if not self.repository.finalized(batch.id, self.replica_id, ending, made, ids[0], ids[1], not_run):
-            for file in made:  # another replica took the step over meanwhile: its files count
-                self.files.delete(file.id)
+        recorded = False
+        try:
+            recorded = self.repository.finalized(batch.id, self.replica_id, ending, made, ids[0], ids[1], not_run)
+        finally:
+            if not recorded:  # another replica took the step over meanwhile (its files count), or the store failed
+                for file in made:
+                    self.files.delete(file.id)
+        if not recorded:
             return
         log.info(
             "batch %s %s: %d completed, %d failed", batch.id, ending.value, batch.completed, batch.failed + not_run
@@ -547,6 +559,11 @@ def error_of(body: Any, status: int) -> dict[str, Any]:
         inner: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else body
         return {"code": inner.get("code") or str(status), "message": inner.get("message") or ""}
     return {"code": str(status), "message": str(body)}
+
+
+def _first(exc: BaseException) -> str:
+    """An error's first line (SQLAlchemy's add the statement and its parameters: a whole result line)."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _ending_words(ending: Status) -> tuple[str, str]:

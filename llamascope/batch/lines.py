@@ -32,7 +32,7 @@ Fail = Callable[..., None]  # (line, code, message, param=None)
 class Line:
     """A line that passed: where its bytes are, for the runner to read it again."""
 
-    number: int  # 1-based
+    number: int  # its line in the file, 1-based (blank lines counted, as an editor counts them)
     custom_id: str
     offset: int
     length: int
@@ -55,7 +55,8 @@ def read(stream: BinaryIO, endpoint: str, found: Checked) -> Iterator[Line]:
     found.errors = errors
     seen: dict[str, int] = {}
     offset = 0
-    number = 0
+    number = 0  # the line in the file, named in errors
+    requests = 0  # the lines not blank
 
     def fail(line: int | None, code: str, message: str, param: str | None = None) -> None:
         if len(errors) < MAX_ERRORS:
@@ -79,9 +80,9 @@ def read(stream: BinaryIO, endpoint: str, found: Checked) -> Iterator[Line]:
             fail(None, "invalid_file", "The file is over 500 MB.")
             break
         if not data.strip():
-            number -= 1  # blank lines (a trailing newline) are not requests
-            continue
-        if number > MAX_LINES:
+            continue  # blank lines (a trailing newline) are not requests, but are lines of the file
+        requests += 1
+        if requests > MAX_LINES:
             fail(number, "invalid_file", f"The file has more than {MAX_LINES} requests.")
             break
         line = _check(data, number, endpoint, fail)
@@ -109,8 +110,8 @@ def read(stream: BinaryIO, endpoint: str, found: Checked) -> Iterator[Line]:
             )
             continue
         yield Line(number, custom_id, start, length)
-    found.lines = number if number <= MAX_LINES else MAX_LINES
-    if number == 0:
+    found.lines = min(requests, MAX_LINES)
+    if requests == 0:
         fail(None, "empty_file", "The file has no requests.")
 
 
@@ -120,6 +121,9 @@ def _check(data: bytes, number: int, endpoint: str, fail: Fail) -> tuple[str, st
         request = json.loads(data)
     except (UnicodeDecodeError, ValueError):
         fail(number, "invalid_json_line", f"Line {number} is not valid JSON (UTF-8, one object a line).")
+        return None
+    except RecursionError:  # nested past the parser's own limit (the API refuses past 128 levels)
+        fail(number, "invalid_json_line", f"Line {number} is nested too deeply to be read as JSON.")
         return None
     if not isinstance(request, dict):
         fail(number, "invalid_json_line", f"Line {number} is not a JSON object.")

@@ -56,13 +56,15 @@ def completion_window(text: str) -> timedelta:
         raise errors.invalid_parameter(
             f"Invalid value for 'completion_window': {text!r} is not a number of hours or days, such as 24h or 7d."
         )
-    amount = int(found.group(1))
-    window = timedelta(hours=amount) if found.group(2) == "h" else timedelta(days=amount)
-    if not MIN_WINDOW <= window <= MAX_WINDOW:
+    # In whole hours, its length checked first: a number of thousands of digits is refused by int(), one of 20
+    # overflows a timedelta (either was a 500).
+    digits = found.group(1).lstrip("0")
+    hours = int(digits or "0") * (24 if found.group(2) == "d" else 1) if len(digits) <= 6 else None
+    if hours is None or not MIN_WINDOW <= timedelta(hours=hours) <= MAX_WINDOW:
         raise errors.invalid_parameter(
             f"Invalid value for 'completion_window': {text!r} is outside 24h to 336h (1d to 14d)."
         )
-    return window
+    return timedelta(hours=hours)
 
 
 def new_file_id() -> str:

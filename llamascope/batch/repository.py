@@ -76,6 +76,12 @@ class BatchRepository:
     def _unclaimed(self, column: Any) -> Any:
         return or_(column.is_(None), column.not_in(self._live()))
 
+    def _takeable_step(self, replica_id: str) -> Any:
+        """A batch's step no live replica holds, or one this replica holds: left by a step of its own that failed
+        (the store not answering), taken again (the runner runs one step of a batch at a time). Without it, that
+        batch stayed validating or finalizing, claimed by this live process, until it was restarted."""
+        return or_(self._unclaimed(BatchJob.worker), BatchJob.worker == replica_id)
+
     # -- files ----------------------------------------------------------------------------------------
 
     def add_file(self, file: FileView) -> None:
@@ -212,7 +218,7 @@ class BatchRepository:
         with self.engine.begin() as connection:
             claimed = connection.execute(
                 update(BatchJob)
-                .where(BatchJob.id == batch_id, BatchJob.status == status.value, self._unclaimed(BatchJob.worker))
+                .where(BatchJob.id == batch_id, BatchJob.status == status.value, self._takeable_step(replica_id))
                 .values(worker=replica_id)
             ).rowcount
         return bool(claimed)
@@ -391,7 +397,7 @@ class BatchRepository:
         """Take the writing of the result files: in progress becomes finalizing; cancelling stays so."""
         now = utcnow()
         with self.engine.begin() as connection:
-            free = and_(BatchJob.id == batch_id, self._unclaimed(BatchJob.worker))
+            free = and_(BatchJob.id == batch_id, self._takeable_step(replica_id))
             taken = connection.execute(
                 update(BatchJob)
                 .where(free, BatchJob.status == Status.IN_PROGRESS.value)

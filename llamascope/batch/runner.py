@@ -49,6 +49,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.types import ASGIApp
 
 from llamascope.accounts.access import grant_refusal
+from llamascope.accounts.admission import UNREACHABLE
 from llamascope.accounts.limits import to_the_end
 from llamascope.accounts.records import utcnow
 from llamascope.accounts.store import AccountStore
@@ -80,6 +81,8 @@ MAX_PAUSE_SECONDS = 3600.0  # the longest Retry-After taken as it is
 ALLOWANCE_CODE = "AllocationQuota.FreeTierOnly"
 STOPPED_STATUS = 499  # a line stopped while running: the status logged for a request its client stopped
 STOP_SECONDS = 10.0  # at shutdown, how long the lines stopped may take to save what they made
+SAVE_PAUSE_SECONDS = 1.0  # the first wait before a line's state is written again to a store that did not answer
+MAX_SAVE_PAUSE_SECONDS = 30.0
 
 
 class Runner:
@@ -309,8 +312,9 @@ class Runner:
             request = json.loads(raw)
             # Sent with every non-ASCII character escaped, as a client may send it: a lone surrogate ("\ud83d"),
             # which json reads but no UTF-8 holds, then meets the API's own check (a 400, as an interactive request
-            # gets) instead of failing to encode here (a 500). The line's other values go as they were read.
-            content = json.dumps(request["body"], allow_nan=False).encode()
+            # gets) instead of failing to encode here (a 500). The line's other values go as they were read: NaN
+            # and Infinity too (json reads them, and so does the API, whose check then names the field).
+            content = json.dumps(request["body"]).encode()
             headers = {"Content-Type": "application/json"}
             response = await self._client(batch.key_id).post(request["url"], content=content, headers=headers)
         except asyncio.CancelledError:
@@ -333,7 +337,7 @@ class Runner:
             and not charged
             and await self._waits(batch, status, error, response.headers.get("retry-after"))
         ):
-            await asyncio.to_thread(self.repository.release_lines, batch.id, [line.number], self.replica_id)
+            await self._save(batch, line, "hand-back", self._release(batch, line))
             return
         key = batch.key_id
         self._window[key] = min(float(self.in_flight), self._window.get(key, self.in_flight) + 1)
@@ -350,7 +354,7 @@ class Runner:
             scope = ("key", key) if code.startswith("Throttling.RateQuota") else ("model", batch.model or "")
             self._pause(scope, now + _seconds(retry_after), key)
             return True
-        if status == 403 and code == ALLOWANCE_CODE and await asyncio.to_thread(self._ask_again, batch, error):
+        if status == 403 and code == ALLOWANCE_CODE and await self._asks_again(batch, error):
             self._held[key] = self._key_running[key]
             self._pause(("key", key), now + PAUSE_SECONDS, key)
             return True
@@ -359,6 +363,12 @@ class Runner:
     def _pause(self, scope: tuple[str, Any], until: float, key: int) -> None:
         self._paused[scope] = max(self._paused.get(scope, 0.0), until)
         self._window[key] = max(1.0, self._window.get(key, self.in_flight) / 2)
+
+    async def _asks_again(self, batch: BatchView, error: dict[str, Any]) -> bool:
+        try:
+            return await asyncio.to_thread(self._ask_again, batch, error)
+        except UNREACHABLE:  # the grant cannot be read now: as if held, asked again later
+            return True
 
     def _ask_again(self, batch: BatchView, error: dict[str, Any]) -> bool:
         """An allowance refused the line: ask again later if it refuses only for what running requests hold
@@ -383,7 +393,7 @@ class Runner:
         ending = self._stopped.get(batch.id)
         made = _made(call)
         if ending is None or sum(made) == 0:
-            await asyncio.to_thread(self.repository.release_lines, batch.id, [line.number], self.replica_id)
+            await self._save(batch, line, "hand-back", self._release(batch, line))
             return
         code, why = _ending_words(ending)
         message = (
@@ -417,13 +427,39 @@ class Runner:
         args = (batch.id, line.number, self.replica_id, error is None, text, input_tokens, output_tokens)
         # To its end: a cancel arriving now (or a second, the server stopping) must not lose a result the key has
         # been charged for, nor leave it being written after ``stop`` has handed the line back.
-        await to_the_end(asyncio.to_thread(finish, *args))
+        await to_the_end(self._save(batch, line, "result", functools.partial(finish, *args)))
+
+    def _release(self, batch: BatchView, line: input_lines.Line) -> Callable[[], None]:
+        return functools.partial(self.repository.release_lines, batch.id, [line.number], self.replica_id)
+
+    async def _save(self, batch: BatchView, line: input_lines.Line, what: str, write: Callable[[], Any]) -> None:
+        """``write``, a line's result or its hand-back, tried again until the store answers. Given up, it left the
+        line claimed by this live process, never to be run again or reported: the batch stayed in progress until
+        the server was restarted (and a line charged, run again then, was charged twice)."""
+        pause = SAVE_PAUSE_SECONDS
+        while True:
+            try:
+                await asyncio.to_thread(write)
+                return
+            except UNREACHABLE as exc:
+                log.error(
+                    "batch %s line %d: %s not saved, retrying until the store answers: %s",
+                    batch.id,
+                    line.number,
+                    what,
+                    _first(exc),
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MAX_SAVE_PAUSE_SECONDS)
 
     # -- whole batches -------------------------------------------------------------------------------
 
     async def _validate(self, batch: BatchView) -> None:
         try:
             await asyncio.to_thread(self._check, batch)
+        except UNREACHABLE as exc:  # not the input's fault: checked again from its start at a later round
+            log.error("batch %s: not validated, the store did not answer; trying again: %s", batch.id, _first(exc))
+            return
         except Exception:
             log.exception("batch %s: validation failed", batch.id)
             problem = LineError(None, "internal_error", "The input file could not be read.")
@@ -465,10 +501,14 @@ class Runner:
         return []
 
     async def _finalize(self, batch_id: str) -> None:
-        batch = await asyncio.to_thread(self.repository.begin_finalizing, batch_id, self.replica_id)
-        if batch is not None:
-            await asyncio.to_thread(self._write_results, batch)
-            await asyncio.to_thread(self._drop_input, batch)
+        try:
+            batch = await asyncio.to_thread(self.repository.begin_finalizing, batch_id, self.replica_id)
+            if batch is not None:
+                await asyncio.to_thread(self._write_results, batch)
+                await asyncio.to_thread(self._drop_input, batch)
+        except UNREACHABLE as exc:  # written again at a later round
+            log.error("batch %s: results not saved, the store did not answer; trying again: %s", batch_id, _first(exc))
+            return
         self._stopped.pop(batch_id, None)
 
     def _write_results(self, batch: BatchView) -> None:
@@ -499,9 +539,14 @@ class Runner:
                 continue
             made.append(FileView(file_id, batch.key_id, f"{batch.id}_{name}.jsonl", BATCH_OUTPUT, size, utcnow()))
             ids.append(file_id)
-        if not self.repository.finalized(batch.id, self.replica_id, ending, made, ids[0], ids[1], not_run):
-            for file in made:  # another replica took the step over meanwhile: its files count
-                self.files.delete(file.id)
+        recorded = False
+        try:
+            recorded = self.repository.finalized(batch.id, self.replica_id, ending, made, ids[0], ids[1], not_run)
+        finally:
+            if not recorded:  # another replica took the step over meanwhile (its files count), or the store failed
+                for file in made:
+                    self.files.delete(file.id)
+        if not recorded:
             return
         log.info(
             "batch %s %s: %d completed, %d failed", batch.id, ending.value, batch.completed, batch.failed + not_run
@@ -514,6 +559,11 @@ def error_of(body: Any, status: int) -> dict[str, Any]:
         inner: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else body
         return {"code": inner.get("code") or str(status), "message": inner.get("message") or ""}
     return {"code": str(status), "message": str(body)}
+
+
+def _first(exc: BaseException) -> str:
+    """An error's first line (SQLAlchemy's add the statement and its parameters: a whole result line)."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _ending_words(ending: Status) -> tuple[str, str]:

@@ -165,6 +165,29 @@ def test_a_line_with_a_lone_surrogate_fails_alone_as_the_api_refuses_it(batch_se
     assert "lone surrogate" in failed["error"]["message"], failed
 
 
+def test_a_line_with_nan_or_infinity_fails_alone_as_the_api_refuses_it(batch_server: Server) -> None:
+    """json reads NaN and Infinity, and so does the API, whose check names the field (a 400). A line holding one
+    failed with 500 internal_error, "could not be read": the runner refused to write it to send."""
+    client = sdk(batch_server)
+    nan = request("nan", "hello", model=TEXT_MODEL).replace('"max_tokens": 8', '"max_tokens": 8, "temperature": NaN')
+    infinite = request("inf", "hello", model=TEXT_MODEL).replace('"max_tokens": 8', '"top_p": -Infinity')
+    assert "NaN" in nan and "-Infinity" in infinite
+    batch = wait(client, submit(client, [request("ok", "hello", model=TEXT_MODEL), nan, infinite]).id)
+    assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 1, 2), batch
+    failed = {line["custom_id"]: line for line in results(client, batch.error_file_id)}
+    for custom_id, field in (("nan", "temperature"), ("inf", "top_p")):
+        line = failed[custom_id]
+        assert line["response"]["status_code"] == 400, line
+        assert line["response"]["body"]["error"]["param"] == field, line
+    interactive = httpx.post(
+        batch_server.base + "/compatible-mode/v1/chat/completions",
+        content=json.dumps(json.loads(nan)["body"]).encode(),
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
+    assert interactive.status_code == 400
+    assert failed["nan"]["error"] == {k: interactive.json()["error"][k] for k in ("code", "message")}
+
+
 def test_a_native_line_naming_a_local_path_is_told_it_is_a_local_path(batch_server: Server, tmp_path: Path) -> None:
     """Not the words for the SDK (which uploads a local file it finds, so a path reaching the server is one it did
     not find): no SDK uploads a batch file's images."""

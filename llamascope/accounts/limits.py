@@ -232,6 +232,7 @@ class SharedRateLimits:
         self._beating: asyncio.Task[None] | None = None
         self._clock_offset: float | None = None  # Redis's clock less this one's, as the last beat measured it
         self._last_warning = 0.0
+        self._failed_at = -math.inf  # when (monotonic) a call to Redis last failed
         self.unavailable = 0  # requests that met an unreachable Redis
 
     def _running_key(self, key: KeyView) -> str:
@@ -271,7 +272,7 @@ class SharedRateLimits:
 
     def _warn(self, exc: Exception) -> None:
         self.unavailable += 1
-        now = time.monotonic()
+        now = self._failed_at = time.monotonic()
         if now - self._last_warning > 60:
             self._last_warning = now
             rule = "serving without shared rate limits" if self.on_error == "open" else "refusing requests (503)"
@@ -337,13 +338,16 @@ class SharedRateLimits:
 
     async def full(self, key: KeyView) -> bool:
         """Whether the key runs as many requests as it may at once on every replica together (a look: nothing
-        is counted). Redis unreachable: False, and ``enter`` decides by its ``on_error`` rule."""
-        if key.max_concurrent is None:
+        is counted). Redis unreachable: False, and ``enter`` decides by its ``on_error`` rule. Not asked while
+        Redis failed within the last heartbeat: a Redis that hangs (paused, cut off) took this look's timeout on
+        top of ``enter``'s for every request of a limited key, doubling what an outage adds to each."""
+        if key.max_concurrent is None or time.monotonic() - self._failed_at < self.heartbeat_ttl / 3:
             return False
         try:
             args = [self._replica_prefix]
             running = await self._call(self._running_script(keys=[self._running_key(key)], args=args))
         except LimiterUnavailable:
+            self._failed_at = time.monotonic()
             return False
         return int(running) >= key.max_concurrent
 

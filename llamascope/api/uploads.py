@@ -103,7 +103,12 @@ async def put_object(request: Request) -> Response:
     try:
         try:
             async for chunk in request.stream():
-                whole = form.feed(chunk)
+                # Until the file has begun, parsed in a thread: its start takes the upload in (``receive``: the
+                # key's quota is a listing of its uploads and their sizes, milliseconds per thousand on a local
+                # disk and more on a shared one, which held every other request meanwhile). Then on the loop.
+                whole = (
+                    form.feed(chunk) if form.incoming is not None else await anyio.to_thread.run_sync(form.feed, chunk)
+                )
                 if len(form.pending) >= SPILL or (whole and form.pending):
                     await anyio.to_thread.run_sync(form.spill)  # the file goes to disk as it comes
                 if whole:

@@ -15,8 +15,11 @@ caller gone. The HTTP layer settles every reply when its request ends
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -395,14 +398,23 @@ _WHOLE = (FinishReason.STOP, FinishReason.TOOL_CALLS)  # answers that end as the
 _OUTPUT_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")
 
 
+# Threads of their own for the checks: on the loop's default executor (asyncio.to_thread's), a few requests with
+# large schemas seen for the first time took every worker for seconds, and what else runs there waited, an upstream
+# engine's token count of every request among it. Four: the checks are CPU-bound (more would not be faster), but a
+# schema checked before (a cached verdict) need not wait behind a few slow ones.
+_SCHEMA_CHECKS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="schema-check")
+
+
 async def checked_output_spec(parameters: Any, draft: Draft, endpoint: Endpoint) -> OutputSpec | None:
     """``output_spec``, off the event loop when the request asks for a shape: checking a schema seen for the
     first time (jsonschema's meta-schema check, pure Python, then llguidance's compile) takes time that grows
-    with the schema, 3 s for an anyOf of 3,000 objects, in which no other request was answered."""
+    with the schema, 3 s for an anyOf of 3,000 objects, in which no other request was answered. In the
+    request's context (its request id in the log), as ``asyncio.to_thread`` runs one."""
     fields = parameters if isinstance(parameters, dict) else {}
     if not any(fields.get(name) is not None for name in _OUTPUT_FIELDS):
         return None  # nothing asked (most requests): no thread for them
-    return await asyncio.to_thread(output_spec, parameters, draft, endpoint)
+    check = functools.partial(contextvars.copy_context().run, output_spec, parameters, draft, endpoint)
+    return await asyncio.get_running_loop().run_in_executor(_SCHEMA_CHECKS, check)
 
 
 def output_spec(parameters: Any, draft: Draft, endpoint: Endpoint) -> OutputSpec | None:

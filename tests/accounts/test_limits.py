@@ -175,6 +175,40 @@ def test_a_look_at_the_shared_concurrency_counts_every_live_replica_and_nothing_
 
 
 @pytest.mark.redis
+def test_the_look_before_the_body_does_not_wait_on_a_redis_that_just_failed(redis_server: RedisServer) -> None:
+    """Redis paused: ``full`` (before each body of a limited key) waited its own timeout on top of ``enter``'s,
+    doubling what a hung Redis added to every request. Once a call has failed, the look is not sent: the paused
+    Redis, resumed, accepted no connection made for it (the timed-out one is dropped, so a look opens another)."""
+    import redis.asyncio as redis
+
+    assert redis_server.process is not None
+    pid = redis_server.process.pid
+
+    async def accepted(client: redis.Redis) -> int:
+        return int((await client.info("stats"))["total_connections_received"])
+
+    async def scenario() -> None:
+        client = redis.Redis.from_url(redis_server.url)
+        limits = SharedRateLimits(redis_server.url, timeout=0.2)
+        one = key(concurrent=1)
+        assert await limits.enter(one) is True
+        await limits.leave(one, 0)
+        before = await accepted(client)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert await asyncio.wait_for(limits.enter(one), HANG) is False  # served, uncounted
+            await limits.leave(one, 0, counted=False)
+            assert await asyncio.wait_for(limits.full(one), HANG) is False
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await accepted(client) == before
+        await client.aclose()
+        await limits.aclose()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.redis
 @pytest.mark.parametrize("rule", ["open", "closed"])
 def test_redis_down_is_served_or_refused_by_the_rule_never_hung(redis_server: RedisServer, rule: str) -> None:
     async def scenario() -> None:

@@ -6,6 +6,7 @@ file is read: 429 Throttling.AllocationQuota naming the setting, nothing of it k
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
@@ -76,3 +77,38 @@ def test_a_key_at_its_bound_of_uploads_is_refused_before_the_file(
     assert big.status_code == 429 and big.json()["code"] == "Throttling.AllocationQuota"
     assert "UPLOAD_STORAGE_PER_KEY_BYTES" in big.json()["message"] and "this one 100000 more" in big.json()["message"]
     assert _objects(bounded) == 3
+
+
+# Loaded by the server's interpreter at start (a sitecustomize on its PYTHONPATH): Python's audit hook notes, for each
+# listing of a key's uploads folder ("key-..."), whether the event loop's thread (uvicorn runs it on the main
+# thread) or another made it.
+_WHERE_LISTED = """
+import os, sys, threading
+def _note(event, args):
+    if event == "os.scandir" and args and "/key-" in os.fsdecode(args[0] or ""):
+        loop = threading.current_thread() is threading.main_thread()
+        with open(os.environ["UPLOAD_LISTINGS"], "a") as f:
+            f.write("loop\\n" if loop else "thread\\n")
+sys.addaudithook(_note)
+"""
+
+
+def test_a_keys_uploads_are_counted_off_the_event_loop(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The quota's count of a key's uploads (a listing of its folder and a stat of each: milliseconds per thousand
+    on a local disk, more on a shared one) ran on the event loop as an upload's file began, holding every other
+    request meanwhile. Each listing is made off it: at getPolicy, as the file begins and once it is kept."""
+    tmp = tmp_path_factory.mktemp("upload-listings")
+    (tmp / "hook").mkdir()
+    (tmp / "hook" / "sitecustomize.py").write_text(_WHERE_LISTED)
+    listings = tmp / "listings"
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(tmp / "hook")) if p)
+    server = start_server(tmp, env={"PYTHONPATH": path, "UPLOAD_LISTINGS": str(listings)})
+    try:
+        for name in ("a.png", "b.png"):
+            data = policy_for(server)
+            assert upload(data, data["upload_dir"] + "/" + name, png_bytes((9, 9, 9), (32, 32))).status_code == 200
+    finally:
+        server.stop()
+    where = listings.read_text().split()
+    assert "loop" not in where, where
+    assert where.count("thread") >= 6, where  # the hook saw them: at each getPolicy, file begun and file kept

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from llamascope.accounts import admin
 from llamascope.accounts.admission import Accounts
 from llamascope.accounts.store import AccountStore
-from llamascope.conversation.rules import Images
-from llamascope.conversation.service import ConversationService, Endpoint, ImagePolicy
+from llamascope.conversation.rules import Images, parse_messages
+from llamascope.conversation.service import ConversationService, Endpoint, ImagePolicy, checked_output_spec
 from llamascope.engines.base import Chunk, EngineInfo, FinishReason, PreparedPrompt, SamplingParams, Turn
 from llamascope.errors import ServiceError
 from llamascope.images.decode import DecodeLimits
@@ -107,3 +109,27 @@ def test_image_rules_per_model_and_endpoint() -> None:
         assert service.image_rules("b", Endpoint.MULTIMODAL) == Images(2)
     finally:
         intake.close()
+
+
+def test_a_schema_is_checked_while_the_loops_default_executor_is_busy() -> None:
+    """Checked on asyncio.to_thread's executor, a few requests with large schemas seen for the first time took its
+    every worker for seconds, and what else runs there (an upstream engine's token count of every request) waited
+    for them, and they for it. With that executor's only worker held, a request's schema is still checked."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    parameters = {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}
+    draft = parse_messages(MESSAGES, Images(0))
+
+    async def scenario() -> OutputSpec | None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        release = threading.Event()
+        held = loop.run_in_executor(None, release.wait)
+        try:
+            # The bound only keeps a wait without end from stalling the suite.
+            return await asyncio.wait_for(checked_output_spec(parameters, draft, Endpoint.CHAT), 30)
+        finally:
+            release.set()
+            await held
+
+    output = asyncio.run(scenario())
+    assert output is not None and output.grammar() is not None

@@ -2,9 +2,10 @@
 
 On SIGTERM (or Ctrl+C) the server keeps its address but takes no new requests: each gets
 ``503 ServiceUnavailable.ShuttingDown`` with ``Retry-After``, so a load balancer or a client retries
-elsewhere. Requests already running get ``SHUTDOWN_GRACE_SECONDS`` to finish. One still running then is
-ended by llamascope itself, not cut by uvicorn: a stream gets a last ``event:error`` block (in the
-OpenAI-compatible mode, an error chunk), a plain request a 503 answer, and either is charged what it made.
+elsewhere (``/health`` as well); ``/metrics`` is still served. Requests already running get
+``SHUTDOWN_GRACE_SECONDS`` to finish. One still running then is ended by llamascope itself, not cut by
+uvicorn: a stream gets a last ``event:error`` block (in the OpenAI-compatible mode, an error chunk), a plain
+request a 503 answer, and either is charged what it made.
 Only then does uvicorn's own shutdown run, with nothing left to cancel.
 
 A second signal (a second Ctrl+C) stops at once: the grace period ends there, the running requests get their
@@ -29,6 +30,8 @@ from llamascope.api.errors import error_response
 log = logging.getLogger("llamascope")
 
 SHUTTING_DOWN = "ServiceUnavailable.ShuttingDown"
+# Answered while draining, as any time (see Draining).
+SCRAPED_WHILE_DRAINING = frozenset({"/metrics"})
 # After the grace period, how long the requests still running get to send their last event and settle.
 LAST_WORDS_SECONDS = 5.0
 # After a second signal, how long they get for the same, and uvicorn's shutdown after them.
@@ -82,7 +85,9 @@ class Draining:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.drain.draining:
+        # Prometheus goes on scraping while the server drains: the requests still running, and what they were
+        # charged, are what an operator watches then. /health is refused, so a load balancer takes it out.
+        if self.drain.draining and scope["path"] not in SCRAPED_WHILE_DRAINING:
             state = scope.setdefault("state", {})
             state["error_code"] = SHUTTING_DOWN
             await error_response(refused_while_draining(), state.get("request_id", ""), scope["path"])(

@@ -51,12 +51,14 @@ def configure(endpoint: str | None, exporter: SpanExporter | None = None) -> Non
     if endpoint is None and exporter is None:
         return
     # The SDK and the OTLP exporter (about 0.2 s) load only when traces are sent.
-    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.resources import OTELResourceDetector, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES, when set, are applied by the SDK over these.
-    provider = TracerProvider(resource=Resource.create({"service.name": "llamascope", "service.version": __version__}))
+    # Resource.create() puts the attributes it is given over those of OTEL_SERVICE_NAME and
+    # OTEL_RESOURCE_ATTRIBUTES: these are defaults, so the variables' own attributes go over them again.
+    defaults = Resource.create({"service.name": "llamascope", "service.version": __version__})
+    provider = TracerProvider(resource=defaults.merge(OTELResourceDetector().detect()))
     if exporter is None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # as above
 

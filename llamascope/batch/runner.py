@@ -126,6 +126,9 @@ class Runner:
         self._limits: dict[int, tuple[float, int | None]] = {}  # key -> (when read, its max_concurrent)
         self._stopped: dict[str, Status] = {}  # batch -> how it ends, while its running lines are stopped
         self._steps: set[str] = set()  # batches being validated or finalized here
+        # batch -> the wait before its step, failed here, is taken again (doubling): the step's end wakes the next
+        # round, which took it again at once, in a tight loop for as long as the failure lasted
+        self._step_pauses: dict[str, float] = {}
 
     # -- life ----------------------------------------------------------------------------------------
 
@@ -184,7 +187,9 @@ class Runner:
             await asyncio.to_thread(repository.expire_due)
         for batch in await asyncio.to_thread(repository.with_status, Status.VALIDATING):
             claim = repository.claim_step
-            if batch.id not in self._steps and await asyncio.to_thread(claim, batch.id, batch.status, self.replica_id):
+            if self._step_waits(batch.id) or batch.id in self._steps:
+                continue
+            if await asyncio.to_thread(claim, batch.id, batch.status, self.replica_id):
                 self._step(batch.id, self._validate(batch))
         active = Status.IN_PROGRESS, Status.CANCELLING, Status.FINALIZING
         batches = await asyncio.to_thread(repository.with_status, *active)
@@ -195,7 +200,7 @@ class Runner:
                 self._stop_lines(batch.id, batch.ending or Status.CANCELLED)
             elif batch.status is Status.IN_PROGRESS:
                 await self._take(batch)
-            if batch.id in self._steps or self._lines.get(batch.id):
+            if batch.id in self._steps or self._lines.get(batch.id) or self._step_waits(batch.id):
                 continue
             pending, running = await asyncio.to_thread(repository.unfinished, batch.id)
             if running == 0 and (pending == 0 or stopped):
@@ -224,11 +229,28 @@ class Runner:
         self._steps.add(batch_id)
         task = asyncio.create_task(work)
 
-        def done(_: asyncio.Task[None]) -> None:
+        def done(task: asyncio.Task[None]) -> None:
             self._steps.discard(batch_id)
+            failure = None if task.cancelled() else task.exception()
+            if failure is not None:  # a bug, or a disk that failed: its traceback, and the step later
+                log.error("batch %s: a step failed; trying again", batch_id, exc_info=failure)
+                self._step_failed(batch_id)
             self.wake()
 
         task.add_done_callback(done)
+
+    def _step_failed(self, batch_id: str) -> None:
+        """Take the batch's step again after a pause: a second, doubling up to ``MAX_SAVE_PAUSE_SECONDS``."""
+        pause = self._step_pauses.get(batch_id, SAVE_PAUSE_SECONDS)
+        self._paused[("step", batch_id)] = time.monotonic() + pause
+        self._step_pauses[batch_id] = min(pause * 2, MAX_SAVE_PAUSE_SECONDS)
+
+    def _step_done(self, batch_id: str) -> None:
+        self._step_pauses.pop(batch_id, None)
+        self._paused.pop(("step", batch_id), None)
+
+    def _step_waits(self, batch_id: str) -> bool:
+        return self._paused.get(("step", batch_id), 0) > time.monotonic()
 
     async def _take(self, batch: BatchView) -> None:
         """Claim as many of the batch's lines as its model and its key have room for now, and start them."""
@@ -459,12 +481,14 @@ class Runner:
             await asyncio.to_thread(self._check, batch)
         except UNREACHABLE as exc:  # not the input's fault: checked again from its start at a later round
             log.error("batch %s: not validated, the store did not answer; trying again: %s", batch.id, _first(exc))
+            self._step_failed(batch.id)
             return
         except Exception:
             log.exception("batch %s: validation failed", batch.id)
             problem = LineError(None, "internal_error", "The input file could not be read.")
             await asyncio.to_thread(self.repository.invalid, batch.id, self.replica_id, [problem], None)
         await asyncio.to_thread(self._drop_input, batch)
+        self._step_done(batch.id)
 
     def _drop_input(self, batch: BatchView) -> None:
         """The batch's input file, deleted through the Files API while the batch read it: its bytes go once
@@ -508,8 +532,10 @@ class Runner:
                 await asyncio.to_thread(self._drop_input, batch)
         except UNREACHABLE as exc:  # written again at a later round
             log.error("batch %s: results not saved, the store did not answer; trying again: %s", batch_id, _first(exc))
+            self._step_failed(batch_id)
             return
         self._stopped.pop(batch_id, None)
+        self._step_done(batch_id)
 
     def _write_results(self, batch: BatchView) -> None:
         """The output and error files, streamed from the lines' results in input order; then the batch ends."""

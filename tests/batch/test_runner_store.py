@@ -145,3 +145,38 @@ def test_a_validation_and_a_finalization_the_store_cut_short_are_done_again(tmp_
         "b",
     ]
     assert [p.name for p in files.root.iterdir()] == [found.output_file_id]  # (the input had no record: dropped)
+
+
+def test_a_step_that_failed_is_not_taken_again_at_once(tmp_path: Path) -> None:
+    """Review: a finalization that failed (here its result files could not be written; as well the store failing
+    fast, a full disk) was taken again by the same process at the very next round, which the step's own end
+    wakes: the result files rewritten and the failure logged in a tight loop, at full CPU, for as long as it
+    lasted. Now it waits (a second, doubling), as a line's write does."""
+    path = tmp_path / "accounts.db"
+    store = AccountStore(f"sqlite:///{path}")
+    store.migrate()
+    _, key = store.create_key()
+    store.hold_lease("r1", "host", "1", 3600)
+    repository = BatchRepository(store)
+    files = FileStore(tmp_path / "files", 1 << 20)
+    runner = Runner(repository, files, {}, store, replica_id="r1", poll_seconds=3600)
+    batch = _batch("batch_1", key.id)
+    repository.add_batch(batch)
+    repository.add_lines(batch.id, [Line(1, "a", 0, 10)], first=True)
+    (line,) = repository.claim_lines(batch.id, "r1", 1)
+    assert repository.finish_line(batch.id, line.number, "r1", True, json.dumps({"custom_id": "a"}), 1, 1)
+    files.root.rmdir()
+    files.root.write_text("")  # the result files cannot be written
+
+    async def rounds() -> list[bool]:
+        taken = []
+        for _ in range(2):
+            await runner._tick(expire=False)
+            taken.append(batch.id in runner._steps)
+            while runner._steps:  # the step ends (and fails)
+                await asyncio.sleep(0.01)
+        return taken
+
+    assert asyncio.run(rounds()) == [True, False]
+    found = repository.batch(batch.id)
+    assert found is not None and found.status is Status.FINALIZING  # its step taken again later

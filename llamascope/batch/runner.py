@@ -129,6 +129,7 @@ class Runner:
         # batch -> the wait before its step, failed here, is taken again (doubling): the step's end wakes the next
         # round, which took it again at once, in a tight loop for as long as the failure lasted
         self._step_pauses: dict[str, float] = {}
+        self._unsure: dict[str, list[str]] = {}  # batch -> result files its ending, not confirmed, may name
 
     # -- life ----------------------------------------------------------------------------------------
 
@@ -526,6 +527,8 @@ class Runner:
 
     async def _finalize(self, batch_id: str) -> None:
         try:
+            if batch_id in self._unsure:
+                await asyncio.to_thread(self._drop_unsure, batch_id)
             batch = await asyncio.to_thread(self.repository.begin_finalizing, batch_id, self.replica_id)
             if batch is not None:
                 await asyncio.to_thread(self._write_results, batch)
@@ -536,6 +539,14 @@ class Runner:
             return
         self._stopped.pop(batch_id, None)
         self._step_done(batch_id)
+
+    def _drop_unsure(self, batch_id: str) -> None:
+        """The result files of a try whose end the store did not confirm: deleted unless the batch names them."""
+        batch = self.repository.batch(batch_id)
+        kept = {batch.output_file_id, batch.error_file_id} if batch is not None else set()
+        for file_id in self._unsure.pop(batch_id):
+            if file_id not in kept:
+                self.files.delete(file_id)
 
     def _write_results(self, batch: BatchView) -> None:
         """The output and error files, streamed from the lines' results in input order; then the batch ends."""
@@ -553,26 +564,34 @@ class Runner:
 
         made: list[FileView] = []
         ids: list[str | None] = []
-        for name, results in (
-            ("output", self.repository.results(batch.id, True)),
-            ("error", itertools.chain(self.repository.results(batch.id, False), unrun())),
-        ):
-            file_id = new_file_id()
-            size = self.files.write_lines(file_id, results)
-            if size == 0:
-                self.files.delete(file_id)
-                ids.append(None)
-                continue
-            made.append(FileView(file_id, batch.key_id, f"{batch.id}_{name}.jsonl", BATCH_OUTPUT, size, utcnow()))
-            ids.append(file_id)
-        recorded = False
+        try:
+            for name, results in (
+                ("output", self.repository.results(batch.id, True)),
+                ("error", itertools.chain(self.repository.results(batch.id, False), unrun())),
+            ):
+                file_id = new_file_id()
+                size = self.files.write_lines(file_id, results)
+                if size == 0:
+                    self.files.delete(file_id)
+                    ids.append(None)
+                    continue
+                made.append(FileView(file_id, batch.key_id, f"{batch.id}_{name}.jsonl", BATCH_OUTPUT, size, utcnow()))
+                ids.append(file_id)
+        except BaseException:  # the store or the disk failed midway: the files made so far are no one's
+            for file in made:
+                self.files.delete(file.id)
+            raise
         try:
             recorded = self.repository.finalized(batch.id, self.replica_id, ending, made, ids[0], ids[1], not_run)
-        finally:
-            if not recorded:  # another replica took the step over meanwhile (its files count), or the store failed
-                for file in made:
-                    self.files.delete(file.id)
-        if not recorded:
+        except BaseException:
+            # Whether the batch was ended with these files is not known: a store may commit, then fail to say so
+            # (a connection cut). Deleted now, a batch so ended would name files that are gone, its results lost;
+            # the next try (``_finalize``) deletes them once the store shows they are not the batch's.
+            self._unsure[batch.id] = [file.id for file in made]
+            raise
+        if not recorded:  # another replica took the step over meanwhile: its files count
+            for file in made:
+                self.files.delete(file.id)
             return
         log.info(
             "batch %s %s: %d completed, %d failed", batch.id, ending.value, batch.completed, batch.failed + not_run

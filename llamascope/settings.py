@@ -446,8 +446,15 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, url: str | None) -> str | None:
         # redis-py's own check (Redis.from_url) runs only once the models are loaded: a wrong URL then ended
         # start-up in a traceback, after the first start's key was made and never shown. Its schemes, here.
-        if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        # redis-py's own parser, not a look at the scheme: it takes only these in lower case, and refuses a query
+        # value it cannot read (`?db=one`).
+        if url is not None:
+            from redis.connection import parse_url  # why: redis loads (0.1 s) only when a URL is set
+
+            try:
+                parse_url(url)
+            except ValueError:
+                raise ValueError("must be a redis://, rediss:// or unix:// URL") from None
         return url
 
     @field_validator("metrics_port")

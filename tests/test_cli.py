@@ -265,6 +265,17 @@ def test_a_redis_url_redis_cannot_use_is_refused_as_a_setting(tmp_path: Path) ->
     assert not (tmp_path / "llamascope.db").exists()
 
 
+def test_the_redis_url_is_checked_as_redis_reads_it() -> None:
+    """Review: the check looked at the scheme only, in any case: `REDIS://host:6379/0` and `?db=one` passed it, and
+    start-up then ended in redis-py's ValueError traceback. Every form redis-py takes is still taken."""
+    for url in ("redis://:pw@host/0", "unix:///run/redis.sock?db=1", "rediss://host", "redis://[::1]:6379/0"):
+        assert Settings.load(None, redis_url=url).redis_url == url
+    for url in ("REDIS://host:6379/0", "redis://host:6379?db=one"):
+        with pytest.raises(ValidationError) as refused:
+            Settings.load(None, redis_url=url)
+        assert "LLAMASCOPE_REDIS_URL (redis_url)" in describe_error(refused.value), url
+
+
 def test_a_metrics_port_in_use_stops_start_up_at_once(tmp_path: Path) -> None:
     """Docs review: deploy.md says a port in use stops start-up at once, before any model loads; with
     LLAMASCOPE_METRICS_PORT in use the models loaded, the banner was printed, then the app's start-up failed

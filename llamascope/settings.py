@@ -441,6 +441,13 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("redis_url", "public_base_url", "otlp_traces_endpoint", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `LLAMASCOPE_REDIS_URL=` (a compose file's `${REDIS_URL:-}`) meant unset, as the code read it: no Redis,
+        # the request's Host; the checks below must not refuse it.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, url: str | None) -> str | None:

@@ -313,6 +313,15 @@ def test_an_address_setting_without_its_scheme_is_refused(name: str, value: str)
     assert f"LLAMASCOPE_{name.upper()} ({name})" in said and "http(s) URL" in said and repr(value) in said, said
 
 
+@pytest.mark.parametrize("name", ["redis_url", "public_base_url", "otlp_traces_endpoint"])
+def test_an_empty_address_setting_is_unset(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: `LLAMASCOPE_REDIS_URL=` or `LLAMASCOPE_PUBLIC_BASE_URL=` (as a compose file's `${VAR:-}` sets them)
+    started a server without Redis, or naming the request's Host; the URL checks refused them, so that server no
+    longer started."""
+    monkeypatch.setenv(f"LLAMASCOPE_{name.upper()}", "")
+    assert getattr(Settings.load(None), name) is None
+
+
 def test_the_metrics_port_must_not_be_the_apis() -> None:
     """Docs review: LLAMASCOPE_METRICS_PORT equal to the API's port started both servers on it (each binds with
     SO_REUSEADDR), API requests and scrapes split between them."""

@@ -408,7 +408,7 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM or Ctrl+C, how long running requests get to finish"
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field(
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="in any case; `debug` also shows Alembic's migration lines and libvips' notes"
     )
     # Operating it: docs/observability.md.
@@ -485,8 +485,12 @@ class Settings(BaseSettings):
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, value: Any) -> Any:
-        # LLAMASCOPE_LOG_LEVEL=DEBUG as well; anything else is refused here, not by logging's traceback at start
-        return value.strip().lower() if isinstance(value, str) else value
+        # LLAMASCOPE_LOG_LEVEL=DEBUG as well; anything else is refused here, not by logging's traceback at start.
+        # logging's other names for its levels (`warn`, `fatal`) were taken before this check: still taken.
+        if not isinstance(value, str):
+            return value
+        level = value.strip().lower()
+        return {"warn": "warning", "fatal": "critical"}.get(level, level)
 
     @field_validator("image_fetch_allow")
     @classmethod

@@ -256,6 +256,13 @@ def test_a_log_level_logging_does_not_know_is_refused_as_a_setting(tmp_path: Pat
     assert Settings.load(None, log_level="DEBUG").log_level == "debug"
 
 
+@pytest.mark.parametrize("given,level", [("critical", "critical"), ("CRITICAL", "critical"), ("warn", "warning")])
+def test_every_log_level_that_started_before_still_starts(given: str, level: str) -> None:
+    """Review: the log_level check took debug, info, warning and error only; `critical` (and logging's `warn`),
+    which logging took and a server ran with, were refused at start-up."""
+    assert Settings.load(None, log_level=given).log_level == level
+
+
 def test_a_redis_url_redis_cannot_use_is_refused_as_a_setting(tmp_path: Path) -> None:
     """Docs review: LLAMASCOPE_REDIS_URL=localhost:6379 loaded the models, made the first start's key (never
     shown), then ended in redis-py's ValueError traceback; now a bad setting's message, before anything."""

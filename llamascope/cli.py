@@ -99,7 +99,7 @@ def build_parser(with_chat: bool = True) -> argparse.ArgumentParser:
         help="auto (default: a CUDA GPU when one is visible, else the CPU), cpu, cuda (every visible GPU, "
         "a model too large for one split across them) or cuda:N",
     )
-    serve.add_argument("--log-level", help="debug, info, warning, error (default info)")
+    serve.add_argument("--log-level", help="debug, info, warning, error, critical (default info)")
 
     build = commands.add_parser(
         "build-test-model",

@@ -408,7 +408,7 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM or Ctrl+C, how long running requests get to finish"
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field(
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="in any case; `debug` also shows Alembic's migration lines and libvips' notes"
     )
     # Operating it: docs/observability.md.
@@ -441,13 +441,27 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("redis_url", "public_base_url", "otlp_traces_endpoint", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `LLAMASCOPE_REDIS_URL=` (a compose file's `${REDIS_URL:-}`) meant unset, as the code read it: no Redis,
+        # the request's Host; the checks below must not refuse it.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, url: str | None) -> str | None:
         # redis-py's own check (Redis.from_url) runs only once the models are loaded: a wrong URL then ended
         # start-up in a traceback, after the first start's key was made and never shown. Its schemes, here.
-        if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        # redis-py's own parser, not a look at the scheme: it takes only these in lower case, and refuses a query
+        # value it cannot read (`?db=one`).
+        if url is not None:
+            from redis.connection import parse_url  # why: redis loads (0.1 s) only when a URL is set
+
+            try:
+                parse_url(url)
+            except ValueError:
+                raise ValueError("must be a redis://, rediss:// or unix:// URL") from None
         return url
 
     @field_validator("metrics_port")
@@ -471,8 +485,12 @@ class Settings(BaseSettings):
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, value: Any) -> Any:
-        # LLAMASCOPE_LOG_LEVEL=DEBUG as well; anything else is refused here, not by logging's traceback at start
-        return value.strip().lower() if isinstance(value, str) else value
+        # LLAMASCOPE_LOG_LEVEL=DEBUG as well; anything else is refused here, not by logging's traceback at start.
+        # logging's other names for its levels (`warn`, `fatal`) were taken before this check: still taken.
+        if not isinstance(value, str):
+            return value
+        level = value.strip().lower()
+        return {"warn": "warning", "fatal": "critical"}.get(level, level)
 
     @field_validator("image_fetch_allow")
     @classmethod

@@ -256,6 +256,13 @@ def test_a_log_level_logging_does_not_know_is_refused_as_a_setting(tmp_path: Pat
     assert Settings.load(None, log_level="DEBUG").log_level == "debug"
 
 
+@pytest.mark.parametrize("given,level", [("critical", "critical"), ("CRITICAL", "critical"), ("warn", "warning")])
+def test_every_log_level_that_started_before_still_starts(given: str, level: str) -> None:
+    """Review: the log_level check took debug, info, warning and error only; `critical` (and logging's `warn`),
+    which logging took and a server ran with, were refused at start-up."""
+    assert Settings.load(None, log_level=given).log_level == level
+
+
 def test_a_redis_url_redis_cannot_use_is_refused_as_a_setting(tmp_path: Path) -> None:
     """Docs review: LLAMASCOPE_REDIS_URL=localhost:6379 loaded the models, made the first start's key (never
     shown), then ended in redis-py's ValueError traceback; now a bad setting's message, before anything."""
@@ -263,6 +270,17 @@ def test_a_redis_url_redis_cannot_use_is_refused_as_a_setting(tmp_path: Path) ->
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "LLAMASCOPE_REDIS_URL (redis_url)" in out.stderr and "redis://" in out.stderr, out.stderr
     assert not (tmp_path / "llamascope.db").exists()
+
+
+def test_the_redis_url_is_checked_as_redis_reads_it() -> None:
+    """Review: the check looked at the scheme only, in any case: `REDIS://host:6379/0` and `?db=one` passed it, and
+    start-up then ended in redis-py's ValueError traceback. Every form redis-py takes is still taken."""
+    for url in ("redis://:pw@host/0", "unix:///run/redis.sock?db=1", "rediss://host", "redis://[::1]:6379/0"):
+        assert Settings.load(None, redis_url=url).redis_url == url
+    for url in ("REDIS://host:6379/0", "redis://host:6379?db=one"):
+        with pytest.raises(ValidationError) as refused:
+            Settings.load(None, redis_url=url)
+        assert "LLAMASCOPE_REDIS_URL (redis_url)" in describe_error(refused.value), url
 
 
 def test_a_metrics_port_in_use_stops_start_up_at_once(tmp_path: Path) -> None:
@@ -300,6 +318,15 @@ def test_an_address_setting_without_its_scheme_is_refused(name: str, value: str)
         Settings.load(None, **{name: value})
     said = describe_error(refused.value)
     assert f"LLAMASCOPE_{name.upper()} ({name})" in said and "http(s) URL" in said and repr(value) in said, said
+
+
+@pytest.mark.parametrize("name", ["redis_url", "public_base_url", "otlp_traces_endpoint"])
+def test_an_empty_address_setting_is_unset(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: `LLAMASCOPE_REDIS_URL=` or `LLAMASCOPE_PUBLIC_BASE_URL=` (as a compose file's `${VAR:-}` sets them)
+    started a server without Redis, or naming the request's Host; the URL checks refused them, so that server no
+    longer started."""
+    monkeypatch.setenv(f"LLAMASCOPE_{name.upper()}", "")
+    assert getattr(Settings.load(None), name) is None
 
 
 def test_the_metrics_port_must_not_be_the_apis() -> None:

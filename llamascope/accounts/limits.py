@@ -223,8 +223,11 @@ class SharedRateLimits:
         self.replica = replica or uuid.uuid4().hex[:12]
         options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
         self._redis = redis.Redis.from_url(url, **options)
-        storage_url = url if url.startswith("async+") else "async+" + url
-        self._storage = RedisStorage(storage_url, implementation="redispy", key_prefix=f"{prefix}:rl", **options)
+        # The limiter on redis-py's own connections: limits parses a URL itself, and refused forms redis-py takes
+        # (redis://host/0 without its port, unix://...), a traceback at start-up after the settings passed it.
+        # (limits types its options as str, float or bool; its redis-py bridge takes a ``connection_pool`` all the same)
+        shared: dict[str, Any] = {"connection_pool": self._redis.connection_pool}
+        self._storage = RedisStorage("async+redis://", implementation="redispy", key_prefix=f"{prefix}:rl", **shared)
         self._limiter = AsyncMovingWindow(self._storage)
         self._enter_script = self._redis.register_script(_ENTER)
         self._leave_script = self._redis.register_script(_LEAVE)

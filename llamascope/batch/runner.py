@@ -126,6 +126,10 @@ class Runner:
         self._limits: dict[int, tuple[float, int | None]] = {}  # key -> (when read, its max_concurrent)
         self._stopped: dict[str, Status] = {}  # batch -> how it ends, while its running lines are stopped
         self._steps: set[str] = set()  # batches being validated or finalized here
+        # batch -> the wait before its step, failed here, is taken again (doubling): the step's end wakes the next
+        # round, which took it again at once, in a tight loop for as long as the failure lasted
+        self._step_pauses: dict[str, float] = {}
+        self._unsure: dict[str, list[str]] = {}  # batch -> result files its ending, not confirmed, may name
 
     # -- life ----------------------------------------------------------------------------------------
 
@@ -184,7 +188,9 @@ class Runner:
             await asyncio.to_thread(repository.expire_due)
         for batch in await asyncio.to_thread(repository.with_status, Status.VALIDATING):
             claim = repository.claim_step
-            if batch.id not in self._steps and await asyncio.to_thread(claim, batch.id, batch.status, self.replica_id):
+            if self._step_waits(batch.id) or batch.id in self._steps:
+                continue
+            if await asyncio.to_thread(claim, batch.id, batch.status, self.replica_id):
                 self._step(batch.id, self._validate(batch))
         active = Status.IN_PROGRESS, Status.CANCELLING, Status.FINALIZING
         batches = await asyncio.to_thread(repository.with_status, *active)
@@ -195,7 +201,7 @@ class Runner:
                 self._stop_lines(batch.id, batch.ending or Status.CANCELLED)
             elif batch.status is Status.IN_PROGRESS:
                 await self._take(batch)
-            if batch.id in self._steps or self._lines.get(batch.id):
+            if batch.id in self._steps or self._lines.get(batch.id) or self._step_waits(batch.id):
                 continue
             pending, running = await asyncio.to_thread(repository.unfinished, batch.id)
             if running == 0 and (pending == 0 or stopped):
@@ -224,11 +230,28 @@ class Runner:
         self._steps.add(batch_id)
         task = asyncio.create_task(work)
 
-        def done(_: asyncio.Task[None]) -> None:
+        def done(task: asyncio.Task[None]) -> None:
             self._steps.discard(batch_id)
+            failure = None if task.cancelled() else task.exception()
+            if failure is not None:  # a bug, or a disk that failed: its traceback, and the step later
+                log.error("batch %s: a step failed; trying again", batch_id, exc_info=failure)
+                self._step_failed(batch_id)
             self.wake()
 
         task.add_done_callback(done)
+
+    def _step_failed(self, batch_id: str) -> None:
+        """Take the batch's step again after a pause: a second, doubling up to ``MAX_SAVE_PAUSE_SECONDS``."""
+        pause = self._step_pauses.get(batch_id, SAVE_PAUSE_SECONDS)
+        self._paused[("step", batch_id)] = time.monotonic() + pause
+        self._step_pauses[batch_id] = min(pause * 2, MAX_SAVE_PAUSE_SECONDS)
+
+    def _step_done(self, batch_id: str) -> None:
+        self._step_pauses.pop(batch_id, None)
+        self._paused.pop(("step", batch_id), None)
+
+    def _step_waits(self, batch_id: str) -> bool:
+        return self._paused.get(("step", batch_id), 0) > time.monotonic()
 
     async def _take(self, batch: BatchView) -> None:
         """Claim as many of the batch's lines as its model and its key have room for now, and start them."""
@@ -459,12 +482,14 @@ class Runner:
             await asyncio.to_thread(self._check, batch)
         except UNREACHABLE as exc:  # not the input's fault: checked again from its start at a later round
             log.error("batch %s: not validated, the store did not answer; trying again: %s", batch.id, _first(exc))
+            self._step_failed(batch.id)
             return
         except Exception:
             log.exception("batch %s: validation failed", batch.id)
             problem = LineError(None, "internal_error", "The input file could not be read.")
             await asyncio.to_thread(self.repository.invalid, batch.id, self.replica_id, [problem], None)
         await asyncio.to_thread(self._drop_input, batch)
+        self._step_done(batch.id)
 
     def _drop_input(self, batch: BatchView) -> None:
         """The batch's input file, deleted through the Files API while the batch read it: its bytes go once
@@ -502,14 +527,26 @@ class Runner:
 
     async def _finalize(self, batch_id: str) -> None:
         try:
+            if batch_id in self._unsure:
+                await asyncio.to_thread(self._drop_unsure, batch_id)
             batch = await asyncio.to_thread(self.repository.begin_finalizing, batch_id, self.replica_id)
             if batch is not None:
                 await asyncio.to_thread(self._write_results, batch)
                 await asyncio.to_thread(self._drop_input, batch)
         except UNREACHABLE as exc:  # written again at a later round
             log.error("batch %s: results not saved, the store did not answer; trying again: %s", batch_id, _first(exc))
+            self._step_failed(batch_id)
             return
         self._stopped.pop(batch_id, None)
+        self._step_done(batch_id)
+
+    def _drop_unsure(self, batch_id: str) -> None:
+        """The result files of a try whose end the store did not confirm: deleted unless the batch names them."""
+        batch = self.repository.batch(batch_id)
+        kept = {batch.output_file_id, batch.error_file_id} if batch is not None else set()
+        for file_id in self._unsure.pop(batch_id):
+            if file_id not in kept:
+                self.files.delete(file_id)
 
     def _write_results(self, batch: BatchView) -> None:
         """The output and error files, streamed from the lines' results in input order; then the batch ends."""
@@ -527,26 +564,34 @@ class Runner:
 
         made: list[FileView] = []
         ids: list[str | None] = []
-        for name, results in (
-            ("output", self.repository.results(batch.id, True)),
-            ("error", itertools.chain(self.repository.results(batch.id, False), unrun())),
-        ):
-            file_id = new_file_id()
-            size = self.files.write_lines(file_id, results)
-            if size == 0:
-                self.files.delete(file_id)
-                ids.append(None)
-                continue
-            made.append(FileView(file_id, batch.key_id, f"{batch.id}_{name}.jsonl", BATCH_OUTPUT, size, utcnow()))
-            ids.append(file_id)
-        recorded = False
+        try:
+            for name, results in (
+                ("output", self.repository.results(batch.id, True)),
+                ("error", itertools.chain(self.repository.results(batch.id, False), unrun())),
+            ):
+                file_id = new_file_id()
+                size = self.files.write_lines(file_id, results)
+                if size == 0:
+                    self.files.delete(file_id)
+                    ids.append(None)
+                    continue
+                made.append(FileView(file_id, batch.key_id, f"{batch.id}_{name}.jsonl", BATCH_OUTPUT, size, utcnow()))
+                ids.append(file_id)
+        except BaseException:  # the store or the disk failed midway: the files made so far are no one's
+            for file in made:
+                self.files.delete(file.id)
+            raise
         try:
             recorded = self.repository.finalized(batch.id, self.replica_id, ending, made, ids[0], ids[1], not_run)
-        finally:
-            if not recorded:  # another replica took the step over meanwhile (its files count), or the store failed
-                for file in made:
-                    self.files.delete(file.id)
-        if not recorded:
+        except BaseException:
+            # Whether the batch was ended with these files is not known: a store may commit, then fail to say so
+            # (a connection cut). Deleted now, a batch so ended would name files that are gone, its results lost;
+            # the next try (``_finalize``) deletes them once the store shows they are not the batch's.
+            self._unsure[batch.id] = [file.id for file in made]
+            raise
+        if not recorded:  # another replica took the step over meanwhile: its files count
+            for file in made:
+                self.files.delete(file.id)
             return
         log.info(
             "batch %s %s: %d completed, %d failed", batch.id, ending.value, batch.completed, batch.failed + not_run

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -297,3 +299,37 @@ def test_a_failure_after_the_concurrency_count_does_not_keep_the_slot(redis_serv
         await limits.aclose()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.redis
+def test_every_url_form_redis_takes_is_taken(tmp_path: Path) -> None:
+    """Review: the settings take what redis-py takes (redis://, rediss://, unix://), but the limiter's own URL
+    parser (limits) refused a URL without its port (`redis://redis/0`) and every unix:// one: start-up ended in
+    a ConfigurationError traceback. Here the limits are counted through a Unix socket."""
+    for url in ("redis://redis.internal/0", "rediss://:pw@redis.internal/1", "redis://[::1]/0"):
+        SharedRateLimits(url)  # made, not refused; nothing connects until a request comes
+    socket_path = tmp_path / "redis.sock"
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--unixsocket", str(socket_path), "--save", "", "--appendonly", "no"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    async def scenario() -> None:
+        while not socket_path.exists():
+            await asyncio.sleep(0.05)
+        limits = SharedRateLimits(f"unix://{socket_path}?db=1")
+        try:
+            rpm = key(rpm=1)
+            assert await limits.enter(rpm)
+            with pytest.raises(errors.ServiceError, match="1 requests per minute"):
+                await limits.enter(rpm)
+        finally:
+            await limits.aclose()
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), HANG))
+    finally:
+        server.kill()
+        server.wait()

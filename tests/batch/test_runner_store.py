@@ -12,7 +12,10 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy import create_engine, event
+
 from llamascope.accounts.records import utcnow
+from llamascope.accounts.sqlite_hot_path import sqlite_pragmas
 from llamascope.accounts.store import AccountStore
 from llamascope.batch.files import FileStore
 from llamascope.batch.lines import CHAT, Line
@@ -145,3 +148,89 @@ def test_a_validation_and_a_finalization_the_store_cut_short_are_done_again(tmp_
         "b",
     ]
     assert [p.name for p in files.root.iterdir()] == [found.output_file_id]  # (the input had no record: dropped)
+
+
+def test_a_step_that_failed_is_not_taken_again_at_once(tmp_path: Path) -> None:
+    """Review: a finalization that failed (here its result files could not be written; as well the store failing
+    fast, a full disk) was taken again by the same process at the very next round, which the step's own end
+    wakes: the result files rewritten and the failure logged in a tight loop, at full CPU, for as long as it
+    lasted. Now it waits (a second, doubling), as a line's write does."""
+    path = tmp_path / "accounts.db"
+    store = AccountStore(f"sqlite:///{path}")
+    store.migrate()
+    _, key = store.create_key()
+    store.hold_lease("r1", "host", "1", 3600)
+    repository = BatchRepository(store)
+    files = FileStore(tmp_path / "files", 1 << 20)
+    runner = Runner(repository, files, {}, store, replica_id="r1", poll_seconds=3600)
+    batch = _batch("batch_1", key.id)
+    repository.add_batch(batch)
+    repository.add_lines(batch.id, [Line(1, "a", 0, 10)], first=True)
+    (line,) = repository.claim_lines(batch.id, "r1", 1)
+    assert repository.finish_line(batch.id, line.number, "r1", True, json.dumps({"custom_id": "a"}), 1, 1)
+    files.root.rmdir()
+    files.root.write_text("")  # the result files cannot be written
+
+    async def rounds() -> list[bool]:
+        taken = []
+        for _ in range(2):
+            await runner._tick(expire=False)
+            taken.append(batch.id in runner._steps)
+            while runner._steps:  # the step ends (and fails)
+                await asyncio.sleep(0.01)
+        return taken
+
+    assert asyncio.run(rounds()) == [True, False]
+    found = repository.batch(batch.id)
+    assert found is not None and found.status is Status.FINALIZING  # its step taken again later
+
+
+class _AnswerLost(sqlite3.Connection):
+    """A connection whose commit of a batch's end is made, and then not confirmed: as a PostgreSQL connection cut
+    after its COMMIT, before the answer came back."""
+
+    armed = True
+
+    def commit(self) -> None:
+        super().commit()
+        ended = self.execute("SELECT count(*) FROM batches WHERE status = 'completed'").fetchone()[0]
+        if ended and _AnswerLost.armed:
+            _AnswerLost.armed = False
+            raise sqlite3.OperationalError("server closed the connection unexpectedly")
+
+
+def test_result_files_a_batch_may_name_are_not_deleted_when_its_end_is_not_confirmed(tmp_path: Path) -> None:
+    """Review: the runner deleted its result files whenever recording the batch's end raised; a store that
+    committed it, then failed to say so, left a completed batch whose output_file_id named a deleted file (its
+    lines dropped in the same commit: every result lost). Now they are deleted only once the store shows they are
+    not the batch's; a try that was not recorded has its files deleted at the next."""
+    path = tmp_path / "accounts.db"
+    store = AccountStore(f"sqlite:///{path}")
+    store.migrate()
+    _, key = store.create_key()
+    store.hold_lease("r1", "host", "1", 3600)
+    repository = BatchRepository(store)
+    repository.engine = create_engine(f"sqlite:///{path}", connect_args={"factory": _AnswerLost})
+    event.listen(repository.engine, "connect", sqlite_pragmas)
+    files = FileStore(tmp_path / "files", 1 << 20)
+    runner = Runner(repository, files, {}, store, replica_id="r1")
+    batch = _batch("batch_1", key.id)
+    repository.add_batch(batch)
+    repository.add_lines(batch.id, [Line(1, "a", 0, 10)], first=True)
+    (line,) = repository.claim_lines(batch.id, "r1", 1)
+    assert repository.finish_line(batch.id, line.number, "r1", True, json.dumps({"custom_id": "a"}), 1, 1)
+
+    asyncio.run(runner._finalize(batch.id))  # ended, and the store's answer lost
+    assert not _AnswerLost.armed
+    found = repository.batch(batch.id)
+    assert found is not None and found.status is Status.COMPLETED and found.output_file_id is not None
+    assert json.loads(files.read_range(found.output_file_id, 0, 1000))["custom_id"] == "a"
+
+    # A try whose end was not recorded: its files go at the next.
+    other = _batch("batch_2", key.id)
+    repository.add_batch(other)
+    runner._unsure[other.id] = ["file-batch_output-x"]
+    files.write_lines("file-batch_output-x", ["{}"])
+    asyncio.run(runner._finalize(other.id))
+    assert not files.path("file-batch_output-x").exists()
+    assert repository.batch(other.id).status is Status.COMPLETED  # type: ignore[union-attr]

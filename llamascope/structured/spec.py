@@ -368,6 +368,11 @@ _verdicts: SizedLRU[str, tuple[str, int]] = SizedLRU(SCHEMA_VERDICTS_BYTES, lamb
 
 
 NESTED_TOO_DEEPLY = "the schema is nested too deeply."
+# The most characters of a schema's JSON (as canonical_json writes it). llguidance reads a schema holding the GIL:
+# 22 MB held every other request of the server 0.26 s (2 MB: 0.02 s), only to refuse it as "schema too large";
+# an anyOf of 5,000 small objects, which it compiles, is 0.7 MB. OpenAI bounds a schema by its parts (5,000
+# properties, 1,000 enum values, 120,000 characters of names and values) with much the same effect.
+MAX_SCHEMA_CHARS = 1_000_000
 
 
 def check_schema(schema: Any, where: str) -> None:
@@ -379,6 +384,11 @@ def check_schema(schema: Any, where: str) -> None:
         key = canonical_json(schema)
     except RecursionError:  # deeper than any request body is read: checked, not kept
         key = ""
+    if len(key) > MAX_SCHEMA_CHARS:
+        raise invalid_parameter(
+            f"Invalid value for '{where}': the schema is too large ({len(key):,} characters of JSON; at most "
+            f"{MAX_SCHEMA_CHARS:,})."
+        )
     known = _verdicts.get(key) if key else None
     if known is None:
         verdict = _schema_verdict(schema, where)

@@ -253,6 +253,30 @@ def test_a_pattern_that_is_no_regular_expression_is_refused_and_data_is_not_a_pa
     )
 
 
+def test_a_schema_past_the_size_bound_is_refused_before_it_is_read() -> None:
+    """llguidance reads a schema holding the GIL (22 MB: every other request held 0.26 s); the bound is of its
+    JSON's characters, a description's count too, and the one just within it is taken."""
+    padding = len(spec.canonical_json({"type": "string", "description": ""}))
+    within = {"type": "string", "description": "d" * (spec.MAX_SCHEMA_CHARS - padding)}
+    check_schema(within, "s")
+    message = refusal(
+        tools=[
+            {
+                "type": "function",
+                "function": {
+                    "name": "f",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"a": {**within, "description": within["description"] + "d"}},
+                    },
+                },
+            }
+        ]
+    )
+    assert "'tools[0].function.parameters': the schema is too large (" in message, message
+    assert "characters of JSON; at most 1,000,000)" in message, message
+
+
 def test_bounds_within_reach_and_data_named_like_bounds_are_taken() -> None:
     check_schema({"type": "integer", "minimum": -(2**53), "maximum": 2**53}, "s")
     check_schema({"type": "object", "properties": {"minimum": {"type": "integer"}}, "default": {"minimum": 1e30}}, "s")

@@ -21,6 +21,9 @@ from typing import Any, Literal
 from llamascope.caching import SizedLRU
 from llamascope.errors import ServiceError, invalid_parameter
 from llamascope.structured.finite import has_finite_value
+from llamascope.structured.meta import DATA_KEYWORDS as _DATA_KEYWORDS
+from llamascope.structured.meta import NAMED as _NAMED
+from llamascope.structured.meta import meta_problem
 
 # OpenAI's rule for function and schema names.
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -190,10 +193,6 @@ def call_schema(tool: Tool) -> dict[str, Any]:
         "$defs": {"parameters": _reroot(tool.parameters, "#/$defs/parameters")},
         "x-guidance": JSON_STYLE,
     }
-
-
-# Keywords whose values are data, not schemas: a "$ref" key inside them is not a reference.
-_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 
 
 def _reroot(schema: Any, root: str) -> Any:
@@ -368,6 +367,11 @@ _verdicts: SizedLRU[str, tuple[str, int]] = SizedLRU(SCHEMA_VERDICTS_BYTES, lamb
 
 
 NESTED_TOO_DEEPLY = "the schema is nested too deeply."
+# The most characters of a schema's JSON (as canonical_json writes it). llguidance reads a schema holding the GIL:
+# 22 MB held every other request of the server 0.26 s (2 MB: 0.02 s), only to refuse it as "schema too large";
+# an anyOf of 5,000 small objects, which it compiles, is 0.7 MB. OpenAI bounds a schema by its parts (5,000
+# properties, 1,000 enum values, 120,000 characters of names and values) with much the same effect.
+MAX_SCHEMA_CHARS = 1_000_000
 
 
 def check_schema(schema: Any, where: str) -> None:
@@ -379,6 +383,11 @@ def check_schema(schema: Any, where: str) -> None:
         key = canonical_json(schema)
     except RecursionError:  # deeper than any request body is read: checked, not kept
         key = ""
+    if len(key) > MAX_SCHEMA_CHARS:
+        raise invalid_parameter(
+            f"Invalid value for '{where}': the schema is too large ({len(key):,} characters of JSON; at most "
+            f"{MAX_SCHEMA_CHARS:,})."
+        )
     known = _verdicts.get(key) if key else None
     if known is None:
         verdict = _schema_verdict(schema, where)
@@ -403,27 +412,6 @@ def _schema_verdict(schema: Mapping[str, Any], where: str) -> str:
     return f"the schema cannot be used for decoding: {problem}" if problem else ""
 
 
-def meta_problem(schema: Mapping[str, Any]) -> str:
-    """Why ``schema`` is not a JSON Schema of its dialect (jsonschema's words), or "" if it is one. The server's
-    check and ``llamascope chat --schema``'s."""
-    # why: jsonschema and llguidance are 0.1-0.2 s of imports; a gateway whose requests never ask for an
-    # answer's shape starts without them
-    import jsonschema
-
-    if "$schema" in schema and not isinstance(schema["$schema"], str):
-        # validator_for looks it up as a dialect's URI first: a number raised AttributeError, a list TypeError (500s)
-        return "$schema is not a string"
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        return e.message
-    except OverflowError as e:
-        # The meta-schema's "regex" format compiles each pattern with re, which raises this (not re.error, all
-        # jsonschema catches) for a repetition past 2**32 - 1: "^a{4294967296}$" was a 500.
-        return f"a pattern in it cannot be compiled: {e}"
-    return ""
-
-
 # llguidance reads a schema's numbers as 64-bit floats, and an integer's bounds then as 64-bit integers, saturating:
 # past 2**53 a number is not held exactly. Minimum 2**53 + 1 let 2**53 through, [1e30, 1e30 + 5] only 2**63 - 1, an
 # integer const 2**64 gave 2**63 - 1 and a const 2**53 + 1 gave 2**53: answers that ended with "stop" yet broke the
@@ -431,8 +419,6 @@ def meta_problem(schema: Mapping[str, Any]) -> str:
 EXACT_BOUND = 2**53
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _VALUES = ("const", "enum")  # data the answer must equal: every number in them, at any depth
-# Keywords whose value maps names (a property's, a definition's) to schemas: a property named "minimum" is no bound.
-_NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
 def _inexact_bound(schema: Mapping[str, Any]) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -197,33 +196,31 @@ def test_openai_refusals_name_the_field(client: openai.OpenAI, fields: dict, tex
         assert body["param"] == ("messages" if named.startswith("'messages'") else named), body
 
 
-def test_checking_a_large_schema_holds_up_no_other_request(client: openai.OpenAI) -> None:
-    """A schema seen for the first time is checked off the event loop: jsonschema's meta-schema check (pure
-    Python) of an anyOf of thousands of objects takes seconds, in which no other request was answered."""
+def test_a_large_schema_and_a_small_request_are_both_answered(client: openai.OpenAI) -> None:
+    """A schema seen for the first time is checked in a worker thread, its meta-schema check in Rust
+    (jsonschema_rs): what it holds other requests up by is measured by bench/schema_stall.py, not here (no timed
+    tests). Sent together, the large one is refused for what it is, the small one answered."""
     fresh = uuid.uuid4().hex  # a schema the server has not checked before (verdicts are kept)
     branches = [
         {"type": "object", "properties": {f"k{i}_{fresh}": {"type": "integer"}}, "additionalProperties": False}
-        for i in range(6000)
+        for i in range(3000)
     ]
     large = {"type": "json_schema", "json_schema": {"name": "large", "schema": {"anyOf": [*branches, UNCOMPILABLE]}}}
-    finished: list[str] = []
+    refused: list[str] = []
 
     def ask_large() -> None:
-        with pytest.raises(openai.BadRequestError):  # refused once checked: the lookbehind does not compile
+        with pytest.raises(openai.BadRequestError) as caught:  # refused once checked: the lookbehind does not compile
             client.chat.completions.create(
                 model=SEED_MODEL, messages=openai_messages(), max_tokens=4, response_format=large
             )
-        finished.append("large")
+        refused.append(str(caught.value))
 
     asking = threading.Thread(target=ask_large)
     asking.start()
-    # The large body is on loopback well before this: were it not, the small request would go first and the
-    # test pass without the fix, never fail with it.
-    time.sleep(0.5)
-    client.chat.completions.create(model=SEED_MODEL, messages=openai_messages(), max_tokens=2)
-    finished.append("small")
+    small = client.chat.completions.create(model=SEED_MODEL, messages=openai_messages(), max_tokens=2)
     asking.join()
-    assert finished == ["small", "large"]
+    assert small.choices[0].message.content is not None
+    assert refused and "response_format.json_schema.schema" in refused[0], refused
 
 
 ENDLESS = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}  # "{" then no way on

@@ -201,6 +201,82 @@ def test_a_schema_whose_dialect_is_no_string_is_refused(dialect: object) -> None
     assert "'response_format.json_schema.schema': not a JSON Schema ($schema" in message, message
 
 
+DRAFT_07 = "http://json-schema.org/draft-07/schema#"
+DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
+
+
+def schema_refusal(schema: dict[str, Any]) -> str:
+    return refusal(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+
+
+def test_a_meta_schema_refusal_says_where_in_the_schema() -> None:
+    """jsonschema_rs's error names the place (jsonschema's said only "-1 is less than the minimum of 0")."""
+    message = schema_refusal({"type": "object", "properties": {"a": {"type": "string", "minLength": -1}}})
+    assert 'not a JSON Schema (-1 is less than the minimum of 0 at schema["properties"]["a"]["minLength"])' in message
+
+
+def test_a_schema_is_checked_against_its_own_dialect() -> None:
+    """A list of schemas under "items" is draft 7's tuple form, and no schema under 2020-12 (the default)."""
+    tuple_items = {"type": "array", "items": [{"type": "string"}]}
+    check_schema({"$schema": DRAFT_07, **tuple_items}, "s")
+    for dialect in ({"$schema": DRAFT_2020_12}, {}):
+        message = schema_refusal({**dialect, **tuple_items})
+        assert 'not a JSON Schema ([{"type":"string"}] is not of types "boolean", "object" at schema["items"])' in (
+            message
+        ), message
+
+
+def test_a_schema_of_an_unknown_dialect_is_refused_and_its_uri_never_fetched() -> None:
+    """jsonschema_rs would fetch an unknown "$schema" URI (a ReferencingError: a 500, and a request the server
+    makes for its caller); the check reads it as 2020-12, as jsonschema did, and the grammar library refuses it."""
+    unknown = "http://127.0.0.1:9/meta-schema"  # the discard port: a fetch would fail
+    assert 'is not of types "boolean", "object" at schema["items"])' in schema_refusal(
+        {"$schema": unknown, "items": [{"type": "string"}]}
+    )
+    message = schema_refusal({"$schema": unknown, "type": "object"})
+    assert f"the schema cannot be used for decoding: Resource '{unknown}' is not present" in message, message
+
+
+def test_a_pattern_that_is_no_regular_expression_is_refused_and_data_is_not_a_pattern() -> None:
+    """The meta-schemas' "format": "regex" is not asserted by jsonschema_rs: patterns are compiled with re, as
+    jsonschema did; a "pattern" key in const or enum data, or a property named "pattern", is none."""
+    message = schema_refusal({"type": "object", "patternProperties": {"(unclosed": {"type": "string"}}})
+    assert "not a JSON Schema (the pattern '(unclosed' is not a regular expression" in message, message
+    message = schema_refusal({"type": "object", "properties": {"a": {"type": "string", "pattern": "[z-a]"}}})
+    assert "the pattern '[z-a]' is not a regular expression" in message, message
+    check_schema(
+        {
+            "type": "object",
+            "properties": {"pattern": {"type": "string"}, "b": {"const": {"pattern": "(unclosed"}}},
+        },
+        "s",
+    )
+
+
+def test_a_schema_past_the_size_bound_is_refused_before_it_is_read() -> None:
+    """llguidance reads a schema holding the GIL (22 MB: every other request held 0.26 s); the bound is of its
+    JSON's characters, a description's count too, and the one just within it is taken."""
+    padding = len(spec.canonical_json({"type": "string", "description": ""}))
+    within = {"type": "string", "description": "d" * (spec.MAX_SCHEMA_CHARS - padding)}
+    check_schema(within, "s")
+    message = refusal(
+        tools=[
+            {
+                "type": "function",
+                "function": {
+                    "name": "f",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"a": {**within, "description": within["description"] + "d"}},
+                    },
+                },
+            }
+        ]
+    )
+    assert "'tools[0].function.parameters': the schema is too large (" in message, message
+    assert "characters of JSON; at most 1,000,000)" in message, message
+
+
 def test_bounds_within_reach_and_data_named_like_bounds_are_taken() -> None:
     check_schema({"type": "integer", "minimum": -(2**53), "maximum": 2**53}, "s")
     check_schema({"type": "object", "properties": {"minimum": {"type": "integer"}}, "default": {"minimum": 1e30}}, "s")

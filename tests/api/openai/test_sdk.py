@@ -165,6 +165,24 @@ def test_a_lone_surrogate_is_the_callers_400(server: Server, client: openai.Open
     assert "function.arguments: a string holds a lone surrogate" in bad.value.body["message"], bad.value.body
 
 
+def test_a_body_only_pythons_json_reads_is_answered_as_before(server: Server, client: openai.OpenAI) -> None:
+    """orjson reads bodies first (api.incoming.parse_body); what it refuses or reads otherwise, Python's json
+    reads as it always did: a UTF-8 BOM is still read, an integer past 64 bits still echoed as sent, and a body
+    128 levels deep still answered, one of 129 refused."""
+    headers = {"Authorization": f"Bearer {server.key}", "Content-Type": "application/json"}
+    chat = str(client.base_url) + "chat/completions"
+    body = '{"model": "%s", "max_tokens": %s, "messages": [{"role": "user", "content": "Hi"}]%s}'
+    bom = httpx.post(chat, content=b"\xef\xbb\xbf" + (body % (SEED_MODEL, 1, "")).encode(), headers=headers, timeout=60)
+    assert bom.status_code == 200, bom.text
+    wide = httpx.post(chat, content=body % (SEED_MODEL, "[18446744073709551617]", ""), headers=headers, timeout=60)
+    assert wide.status_code == 400 and "[18446744073709551617]" in wide.json()["error"]["message"], wide.text
+    for levels, status in ((128, 200), (129, 400)):  # the body is one level, the value the rest
+        deep = ', "metadata": ' + '{"a": ' * (levels - 2) + "[]" + "}" * (levels - 2)
+        answer = httpx.post(chat, content=body % (SEED_MODEL, 1, deep), headers=headers, timeout=60)
+        assert answer.status_code == status, answer.text
+        assert ("nested too deeply" in answer.text) == (status == 400), answer.text
+
+
 def call_of(name: str, arguments: str) -> dict:
     return {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}
 

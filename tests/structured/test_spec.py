@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import pytest
@@ -235,6 +239,65 @@ def test_a_schema_of_an_unknown_dialect_is_refused_and_its_uri_never_fetched() -
     )
     message = schema_refusal({"$schema": unknown, "type": "object"})
     assert f"the schema cannot be used for decoding: Resource '{unknown}' is not present" in message, message
+
+
+NO_FETCH = """
+import json, sys
+from llamascope.errors import ServiceError
+from llamascope.structured.spec import check_schema
+for schema in json.loads(sys.argv[1]):
+    try:
+        check_schema(schema, "s")
+        print("taken")
+    except ServiceError as e:
+        print(e.status, e.message)
+"""
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        # jsonschema knows the dialect (it reads the scheme in any case); jsonschema_rs fetched it from
+        # json-schema.org, and its ReferencingError was a 500
+        {"$schema": "HTTP://json-schema.org/draft-07/schema#", "type": "object"},
+        {"$schema": "Https://json-schema.org/draft/2020-12/schema", "type": "object"},
+        {"$schema": "https://example.com/meta", "type": "object"},
+        {"type": "object", "properties": {"a": {"$ref": "https://example.com/x.json"}}},
+        {"$id": "http://example.com/root.json", "type": "object", "properties": {"a": {"$ref": "item.json"}}},
+    ],
+)
+def test_no_schema_makes_the_server_fetch_anything(schema: dict[str, Any]) -> None:
+    """Every HTTP client the checks could use (jsonschema_rs's, llguidance's) is sent through a proxy on loopback
+    that counts what reaches it: nothing may, and the schema is taken or refused with a 400, never a 500."""
+    hits: list[bytes] = []
+    with socket.create_server(("127.0.0.1", 0)) as proxy:
+        proxy.settimeout(0.2)
+
+        def count() -> None:
+            while not done.is_set():
+                try:
+                    connection, _ = proxy.accept()
+                except TimeoutError:
+                    continue
+                with connection:
+                    hits.append(connection.recv(200))
+
+        done = threading.Event()
+        counter = threading.Thread(target=count)
+        counter.start()
+        url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+        env = {key: value for key, value in os.environ.items() if key.lower() != "no_proxy"}
+        env.update(HTTP_PROXY=url, HTTPS_PROXY=url, ALL_PROXY=url, http_proxy=url, https_proxy=url, all_proxy=url)
+        try:
+            run = subprocess.run(
+                [sys.executable, "-c", NO_FETCH, json.dumps([schema])], env=env, capture_output=True, text=True
+            )
+        finally:
+            done.set()
+            counter.join()
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(("taken", "400 ")), run.stdout
+    assert hits == []
 
 
 def test_a_pattern_that_is_no_regular_expression_is_refused_and_data_is_not_a_pattern() -> None:

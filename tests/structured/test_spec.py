@@ -340,6 +340,37 @@ def test_a_schema_past_the_size_bound_is_refused_before_it_is_read() -> None:
     assert "characters of JSON; at most 1,000,000)" in message, message
 
 
+def padded(chars: int) -> dict[str, Any]:
+    """A tool's parameters whose JSON has ``chars`` characters."""
+    empty = {"type": "object", "description": ""}
+    return {**empty, "description": "d" * (chars - len(spec.canonical_json(empty)))}
+
+
+def test_the_size_bound_is_of_a_requests_schemas_together() -> None:
+    """Each schema was bounded by itself: 10 tools of 640,000 characters (7 MB) held a schema-check thread 6 s,
+    only to be refused as too long a prompt. The bound is of all of a request's schemas, the
+    response_format's and every tool's parameters; the refusal names the one past it."""
+
+    def tools(*sizes: int) -> list[dict[str, Any]]:
+        return [
+            {"type": "function", "function": {"name": f"f{i}", "parameters": padded(n)}} for i, n in enumerate(sizes)
+        ]
+
+    half = spec.MAX_SCHEMA_CHARS // 2
+    assert len(read_request(tools=tools(half, half)).tools) == 2  # just within, together
+    message = refusal(tools=tools(half, half, 1_000)[::-1])
+    assert "'tools[2].function.parameters': the request's schemas are too large together (500,000 characters" in (
+        message
+    ), message
+    assert "1,000 in the ones before it; at most 1,000,000 in all)" in message, message
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": padded(600_000)}}
+    message = refusal(response_format=response_format, tools=tools(400_001))
+    assert "'tools[0].function.parameters': the request's schemas are too large together" in message, message
+    message = refusal(response_format=response_format, tools=tools(400_001), prefix="parameters.")
+    assert "'parameters.tools[0].function.parameters'" in message, message
+    assert read_request(response_format=response_format, tools=tools(400_000)).response_format.schema_chars == 600_000
+
+
 def test_bounds_within_reach_and_data_named_like_bounds_are_taken() -> None:
     check_schema({"type": "integer", "minimum": -(2**53), "maximum": 2**53}, "s")
     check_schema({"type": "object", "properties": {"minimum": {"type": "integer"}}, "default": {"minimum": 1e30}}, "s")

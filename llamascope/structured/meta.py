@@ -36,6 +36,10 @@ def meta_problem(schema: Mapping[str, Any]) -> str:
             dialect.check_schema(schema)
         except jsonschema.SchemaError as e:
             return e.message
+        except OverflowError as e:
+            # its "regex" format compiles each pattern with re, which raises this (not re.error, all jsonschema
+            # catches) for a repetition past 2**32 - 1: "^a{4294967296}$" was a 500
+            return _pattern_problem(schema) or f"a pattern in it cannot be compiled: {e}"
         return _pattern_problem(schema)
     if "$schema" in schema:
         # jsonschema_rs is given the dialect's URI as its meta-schema spells it: it fetches any other (a

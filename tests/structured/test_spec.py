@@ -184,16 +184,14 @@ def test_a_bound_decoding_cannot_hold_exactly_is_refused(schema: dict[str, Any])
         {"type": "object", "patternProperties": {"^x{1,99999999999}$": {"type": "integer"}}},
     ],
 )
-def test_a_pattern_re_cannot_compile_is_refused_as_no_json_schema(schema: dict[str, Any]) -> None:
-    """re raises OverflowError, not re.error, for a repetition past 2**32 - 1: it went through as a 500."""
-    message = refusal(
-        tools=[
-            {
-                "type": "function",
-                "function": {"name": "f", "parameters": {"type": "object", "properties": {"p": schema}}},
-            }
-        ]
-    )
+@pytest.mark.parametrize("dialect", [{}, {"$schema": "http://json-schema.org/draft-03/schema#"}])
+def test_a_pattern_re_cannot_compile_is_refused_as_no_json_schema(
+    schema: dict[str, Any], dialect: dict[str, Any]
+) -> None:
+    """re raises OverflowError, not re.error, for a repetition past 2**32 - 1: it went through as a 500 (and
+    again in draft 3, still checked by jsonschema, once the others were jsonschema_rs's)."""
+    parameters = {**dialect, "type": "object", "properties": {"p": schema}}
+    message = refusal(tools=[{"type": "function", "function": {"name": "f", "parameters": parameters}}])
     assert "'tools[0].function.parameters': not a JSON Schema" in message and "pattern" in message, message
 
 

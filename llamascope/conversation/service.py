@@ -407,8 +407,9 @@ _SCHEMA_CHECKS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="schema-ch
 
 async def checked_output_spec(parameters: Any, draft: Draft, endpoint: Endpoint) -> OutputSpec | None:
     """``output_spec``, off the event loop when the request asks for a shape: checking a schema seen for the
-    first time (jsonschema's meta-schema check, pure Python, then llguidance's compile) takes time that grows
-    with the schema, 3 s for an anyOf of 3,000 objects, in which no other request was answered. In the
+    first time (the meta-schema check, then llguidance's compile) takes time that grows with the schema, 0.4 s
+    for an anyOf of 3,000 objects (3 s, in which no other request was answered, while the meta-schema check was
+    jsonschema's pure Python). In the
     request's context (its request id in the log), as ``asyncio.to_thread`` runs one."""
     fields = parameters if isinstance(parameters, dict) else {}
     if not any(fields.get(name) is not None for name in _OUTPUT_FIELDS):

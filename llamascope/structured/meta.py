@@ -36,10 +36,18 @@ def meta_problem(schema: Mapping[str, Any]) -> str:
             dialect.check_schema(schema)
         except jsonschema.SchemaError as e:
             return e.message
+        except OverflowError as e:
+            # its "regex" format compiles each pattern with re, which raises this (not re.error, all jsonschema
+            # catches) for a repetition past 2**32 - 1: "^a{4294967296}$" was a 500
+            return _pattern_problem(schema) or f"a pattern in it cannot be compiled: {e}"
         return _pattern_problem(schema)
-    if dialect is None and "$schema" in schema:
-        # An unknown dialect is read as the latest, as jsonschema does; jsonschema_rs would fetch its URI.
-        schema = {**schema, "$schema": jsonschema.Draft202012Validator.META_SCHEMA["$id"]}
+    if "$schema" in schema:
+        # jsonschema_rs is given the dialect's URI as its meta-schema spells it: it fetches any other (a
+        # ReferencingError, a 500). An unknown dialect is read as the latest, as jsonschema does; and a known one
+        # written otherwise ("HTTP://json-schema.org/draft-07/schema#": jsonschema reads the scheme in any case) was
+        # a fetch from json-schema.org.
+        meta_schema = (dialect or jsonschema.Draft202012Validator).META_SCHEMA
+        schema = {**schema, "$schema": meta_schema.get("$id", meta_schema.get("id"))}
     try:
         jsonschema_rs.meta.validate(dict(schema))  # a shallow copy: it takes a dict
     except jsonschema_rs.ValidationError as e:

@@ -71,6 +71,7 @@ class ResponseFormat:
     name: str | None = None
     schema: Mapping[str, Any] | None = None
     strict: bool = False
+    schema_chars: int = field(default=0, compare=False)  # of the schema's JSON: counted in the request's bound
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,7 @@ def read_request(
             f"'messages' must contain the word 'json' in some form, to use '{prefix}response_format' of type "
             "'json_object'."
         )
-    tool_list = _tools(tools, prefix)
+    tool_list = _tools(tools, prefix, MAX_SCHEMA_CHARS - fmt.schema_chars)
     choice = _tool_choice(tool_choice, tool_list, prefix)
     if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
         raise _bad(prefix, "parallel_tool_calls", "expected a boolean")
@@ -294,8 +295,8 @@ def _response_format(value: Any, prefix: str) -> ResponseFormat:
     if strict is not None and not isinstance(strict, bool):
         raise _bad(prefix, "response_format.json_schema.strict", "expected a boolean")
     schema = spec.get("schema", ANY_OBJECT)
-    check_schema(schema, f"{prefix}response_format.json_schema.schema")
-    return ResponseFormat("json_schema", name, schema, bool(strict))
+    chars = check_schema(schema, f"{prefix}response_format.json_schema.schema")
+    return ResponseFormat("json_schema", name, schema, bool(strict), chars)
 
 
 # A function given without "parameters" takes none (OpenAI: "omitting parameters defines a function with an empty
@@ -308,7 +309,9 @@ NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additional
 MAX_TOOLS = 128
 
 
-def _tools(value: Any, prefix: str) -> tuple[Tool, ...]:
+def _tools(value: Any, prefix: str, budget: int) -> tuple[Tool, ...]:
+    """The checked tools; ``budget`` the characters of JSON their parameters may have together (what
+    ``response_format``'s schema left of ``MAX_SCHEMA_CHARS``)."""
     if value is None:
         return ()
     if not isinstance(value, list):
@@ -335,7 +338,7 @@ def _tools(value: Any, prefix: str) -> tuple[Tool, ...]:
         where = f"{prefix}{at}.function.parameters"
         if not isinstance(parameters, Mapping) or parameters.get("type") != "object":
             raise invalid_parameter(f"Invalid value for '{where}': expected a JSON Schema of type 'object'.")
-        check_schema(parameters, where)
+        budget -= check_schema(parameters, where, budget)
         tools.append(Tool(name, parameters, description))
     return tuple(tools)
 
@@ -370,13 +373,18 @@ NESTED_TOO_DEEPLY = "the schema is nested too deeply."
 # The most characters of a schema's JSON (as canonical_json writes it). llguidance reads a schema holding the GIL:
 # 22 MB held every other request of the server 0.26 s (2 MB: 0.02 s), only to refuse it as "schema too large";
 # an anyOf of 5,000 small objects, which it compiles, is 0.7 MB. OpenAI bounds a schema by its parts (5,000
-# properties, 1,000 enum values, 120,000 characters of names and values) with much the same effect.
+# properties, 1,000 enum values, 120,000 characters of names and values) with much the same effect. It bounds a
+# request's schemas together too (response_format's and every tool's parameters): each was checked by itself, and
+# 10 tools of 640,000 characters that llguidance compiles (7 MB; a 32 MiB body holds 49) held a schema-check thread
+# 6 s on two cores, four such requests every thread, only to be refused as too long a prompt. Within the bound the
+# grammar of them all (a forced call of 128 tools, or of two just under half) compiles in 0.8 s.
 MAX_SCHEMA_CHARS = 1_000_000
 
 
-def check_schema(schema: Any, where: str) -> None:
+def check_schema(schema: Any, where: str, budget: int = MAX_SCHEMA_CHARS) -> int:
     """Refuse a schema that is not a JSON Schema, that the grammar library cannot compile, or that no finite
-    JSON value satisfies (whose answers could never end)."""
+    JSON value satisfies (whose answers could never end), or whose JSON is over ``budget`` characters (what the
+    request's schemas before it left of ``MAX_SCHEMA_CHARS``); else say how many characters its JSON has."""
     if not isinstance(schema, Mapping):
         raise invalid_parameter(f"Invalid value for '{where}': expected a JSON Schema object.")
     try:
@@ -388,6 +396,12 @@ def check_schema(schema: Any, where: str) -> None:
             f"Invalid value for '{where}': the schema is too large ({len(key):,} characters of JSON; at most "
             f"{MAX_SCHEMA_CHARS:,})."
         )
+    if len(key) > budget:
+        raise invalid_parameter(
+            f"Invalid value for '{where}': the request's schemas are too large together ({len(key):,} characters "
+            f"of JSON here, {MAX_SCHEMA_CHARS - budget:,} in the ones before it; at most {MAX_SCHEMA_CHARS:,} in "
+            "all)."
+        )
     known = _verdicts.get(key) if key else None
     if known is None:
         verdict = _schema_verdict(schema, where)
@@ -396,6 +410,7 @@ def check_schema(schema: Any, where: str) -> None:
             _verdicts.put(key, known)
     if known[0]:
         raise invalid_parameter(f"Invalid value for '{where}': {known[0]}")
+    return len(key)
 
 
 def _schema_verdict(schema: Mapping[str, Any], where: str) -> str:

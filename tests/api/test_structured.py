@@ -128,6 +128,7 @@ UNCOMPILABLE = {"type": "object", "properties": {"a": {"type": "string", "patter
 DEEP: dict[str, Any] = {"type": "integer"}
 for _ in range(300):  # past what a request body may nest (api.incoming.MAX_JSON_DEPTH), and the schema checks
     DEEP = {"type": "object", "properties": {"a": DEEP}}
+HALF_MB = {"description": "d" * 500_000}  # two such tools are past the bound of a request's schemas
 REFUSALS = [
     # (id, fields, messages' text, the field named)
     ("json without json", {"response_format": {"type": "json_object"}}, "Read it.", "'messages' must contain"),
@@ -150,6 +151,29 @@ REFUSALS = [
         "tool_choice.function.name",
     ),
     ("required without tools", {"tool_choice": "required"}, "Read it.", "tool_choice"),
+    (
+        # jsonschema knows the dialect (the scheme read in any case), jsonschema_rs fetched it: a 500
+        "dialect spelled otherwise",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "r", "schema": {"$schema": "HTTP://json-schema.org/draft-07/schema#"}},
+            }
+        },
+        "Read it.",
+        "response_format.json_schema.schema",
+    ),
+    (
+        "schemas too large together",
+        {
+            "tools": [
+                {"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object", **HALF_MB}}}
+                for i in range(2)
+            ]
+        },
+        "Read it.",
+        "tools[1].function.parameters",
+    ),
 ]
 DEEP_FIELDS = [
     {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": DEEP}}},

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import pytest
@@ -180,16 +184,14 @@ def test_a_bound_decoding_cannot_hold_exactly_is_refused(schema: dict[str, Any])
         {"type": "object", "patternProperties": {"^x{1,99999999999}$": {"type": "integer"}}},
     ],
 )
-def test_a_pattern_re_cannot_compile_is_refused_as_no_json_schema(schema: dict[str, Any]) -> None:
-    """re raises OverflowError, not re.error, for a repetition past 2**32 - 1: it went through as a 500."""
-    message = refusal(
-        tools=[
-            {
-                "type": "function",
-                "function": {"name": "f", "parameters": {"type": "object", "properties": {"p": schema}}},
-            }
-        ]
-    )
+@pytest.mark.parametrize("dialect", [{}, {"$schema": "http://json-schema.org/draft-03/schema#"}])
+def test_a_pattern_re_cannot_compile_is_refused_as_no_json_schema(
+    schema: dict[str, Any], dialect: dict[str, Any]
+) -> None:
+    """re raises OverflowError, not re.error, for a repetition past 2**32 - 1: it went through as a 500 (and
+    again in draft 3, still checked by jsonschema, once the others were jsonschema_rs's)."""
+    parameters = {**dialect, "type": "object", "properties": {"p": schema}}
+    message = refusal(tools=[{"type": "function", "function": {"name": "f", "parameters": parameters}}])
     assert "'tools[0].function.parameters': not a JSON Schema" in message and "pattern" in message, message
 
 
@@ -237,6 +239,65 @@ def test_a_schema_of_an_unknown_dialect_is_refused_and_its_uri_never_fetched() -
     assert f"the schema cannot be used for decoding: Resource '{unknown}' is not present" in message, message
 
 
+NO_FETCH = """
+import json, sys
+from llamascope.errors import ServiceError
+from llamascope.structured.spec import check_schema
+for schema in json.loads(sys.argv[1]):
+    try:
+        check_schema(schema, "s")
+        print("taken")
+    except ServiceError as e:
+        print(e.status, e.message)
+"""
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        # jsonschema knows the dialect (it reads the scheme in any case); jsonschema_rs fetched it from
+        # json-schema.org, and its ReferencingError was a 500
+        {"$schema": "HTTP://json-schema.org/draft-07/schema#", "type": "object"},
+        {"$schema": "Https://json-schema.org/draft/2020-12/schema", "type": "object"},
+        {"$schema": "https://example.com/meta", "type": "object"},
+        {"type": "object", "properties": {"a": {"$ref": "https://example.com/x.json"}}},
+        {"$id": "http://example.com/root.json", "type": "object", "properties": {"a": {"$ref": "item.json"}}},
+    ],
+)
+def test_no_schema_makes_the_server_fetch_anything(schema: dict[str, Any]) -> None:
+    """Every HTTP client the checks could use (jsonschema_rs's, llguidance's) is sent through a proxy on loopback
+    that counts what reaches it: nothing may, and the schema is taken or refused with a 400, never a 500."""
+    hits: list[bytes] = []
+    with socket.create_server(("127.0.0.1", 0)) as proxy:
+        proxy.settimeout(0.2)
+
+        def count() -> None:
+            while not done.is_set():
+                try:
+                    connection, _ = proxy.accept()
+                except TimeoutError:
+                    continue
+                with connection:
+                    hits.append(connection.recv(200))
+
+        done = threading.Event()
+        counter = threading.Thread(target=count)
+        counter.start()
+        url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+        env = {key: value for key, value in os.environ.items() if key.lower() != "no_proxy"}
+        env.update(HTTP_PROXY=url, HTTPS_PROXY=url, ALL_PROXY=url, http_proxy=url, https_proxy=url, all_proxy=url)
+        try:
+            run = subprocess.run(
+                [sys.executable, "-c", NO_FETCH, json.dumps([schema])], env=env, capture_output=True, text=True
+            )
+        finally:
+            done.set()
+            counter.join()
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(("taken", "400 ")), run.stdout
+    assert hits == []
+
+
 def test_a_pattern_that_is_no_regular_expression_is_refused_and_data_is_not_a_pattern() -> None:
     """The meta-schemas' "format": "regex" is not asserted by jsonschema_rs: patterns are compiled with re, as
     jsonschema did; a "pattern" key in const or enum data, or a property named "pattern", is none."""
@@ -275,6 +336,37 @@ def test_a_schema_past_the_size_bound_is_refused_before_it_is_read() -> None:
     )
     assert "'tools[0].function.parameters': the schema is too large (" in message, message
     assert "characters of JSON; at most 1,000,000)" in message, message
+
+
+def padded(chars: int) -> dict[str, Any]:
+    """A tool's parameters whose JSON has ``chars`` characters."""
+    empty = {"type": "object", "description": ""}
+    return {**empty, "description": "d" * (chars - len(spec.canonical_json(empty)))}
+
+
+def test_the_size_bound_is_of_a_requests_schemas_together() -> None:
+    """Each schema was bounded by itself: 10 tools of 640,000 characters (7 MB) held a schema-check thread 6 s,
+    only to be refused as too long a prompt. The bound is of all of a request's schemas, the
+    response_format's and every tool's parameters; the refusal names the one past it."""
+
+    def tools(*sizes: int) -> list[dict[str, Any]]:
+        return [
+            {"type": "function", "function": {"name": f"f{i}", "parameters": padded(n)}} for i, n in enumerate(sizes)
+        ]
+
+    half = spec.MAX_SCHEMA_CHARS // 2
+    assert len(read_request(tools=tools(half, half)).tools) == 2  # just within, together
+    message = refusal(tools=tools(half, half, 1_000)[::-1])
+    assert "'tools[2].function.parameters': the request's schemas are too large together (500,000 characters" in (
+        message
+    ), message
+    assert "1,000 in the ones before it; at most 1,000,000 in all)" in message, message
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": padded(600_000)}}
+    message = refusal(response_format=response_format, tools=tools(400_001))
+    assert "'tools[0].function.parameters': the request's schemas are too large together" in message, message
+    message = refusal(response_format=response_format, tools=tools(400_001), prefix="parameters.")
+    assert "'parameters.tools[0].function.parameters'" in message, message
+    assert read_request(response_format=response_format, tools=tools(400_000)).response_format.schema_chars == 600_000
 
 
 def test_bounds_within_reach_and_data_named_like_bounds_are_taken() -> None:

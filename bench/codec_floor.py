@@ -27,23 +27,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 
+from harness import median_ms
 from images import encode, photo
 from PIL import Image
-
-
-def median_ms(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
 
 
 def main() -> None:

@@ -6,12 +6,25 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+
+def median_ms(run: Callable[[], object], repeats: int) -> float:
+    """The median time of ``repeats`` calls of ``run`` after one untimed warm-up call, in ms."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
 
 
 def free_port() -> int:

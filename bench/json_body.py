@@ -16,10 +16,9 @@ import argparse
 import base64
 import json
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable
+
+from harness import median_ms
 
 from llamascope import errors
 from llamascope.api.incoming import _fault, parse_body
@@ -52,15 +51,6 @@ def bodies() -> dict[str, bytes]:
     }
 
 
-def median_ms(parse: Callable[[bytes], object], body: bytes, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        parse(body)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
@@ -75,7 +65,8 @@ def main() -> None:
         except errors.ServiceError as exc:
             sys.exit(f"{name}: refused: {exc}")
         assert same, name
-        was, now = median_ms(old, body, args.rounds), median_ms(parse_body, body, args.rounds)
+        was = median_ms(lambda body=body: old(body), args.rounds)
+        now = median_ms(lambda body=body: parse_body(body), args.rounds)
         print(f"{name:<18} {len(body) / 1e6:>6.2f} {was:>9.1f} {now:>9.1f} {was / now:>7.1f}x")
 
 

@@ -41,13 +41,12 @@ import argparse
 import asyncio
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 from engine import KEY, body, photo, serve_pair, stream
-from harness import Processes
+from harness import Processes, median_ms
 
 # The targets (issue 26): name, the measured ratio's key, the bound.
 TARGETS = (
@@ -108,13 +107,7 @@ def cross_attention_ms(model_dir: Path, queries: int, images: int, repeats: int)
         for _ in range(layers):
             torch.nn.functional.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
 
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return median_ms(run, repeats)
 
 
 def main() -> None:

@@ -40,12 +40,12 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import median_ms
 
 from llamascope.engines.base import SamplingParams, Turn
 from llamascope.engines.builtin_model import ensure_test_model
@@ -90,15 +90,6 @@ def receipt(variant: int) -> dict[str, object]:
         "required": ["merchant", "currency", "items", "total"],
         "additionalProperties": False,
     }
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - began) * 1000)
-    return statistics.median(times)
 
 
 def as_output(schema: dict[str, object]) -> OutputSpec:

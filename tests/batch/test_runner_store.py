@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event
 
-from llamascope.accounts.records import utcnow
+from llamascope.accounts.records import KeyView, utcnow
 from llamascope.accounts.sqlite_hot_path import sqlite_pragmas
 from llamascope.accounts.store import AccountStore
 from llamascope.batch.files import FileStore
@@ -54,6 +54,16 @@ def _batch(batch_id: str, key_id: int, status: Status = Status.IN_PROGRESS) -> B
         cancelling_at=None,
         cancelled_at=None,
     )
+
+
+def _live_replica_store(path: Path) -> tuple[AccountStore, KeyView, BatchRepository]:
+    """A store at ``path`` with a key, and replica r1's lease held (the runner's process, alive: its claims
+    hold), and its batch repository."""
+    store = AccountStore(f"sqlite:///{path}")
+    store.migrate()
+    _, key = store.create_key()
+    store.hold_lease("r1", "host", "1", 3600)
+    return store, key, BatchRepository(store)
 
 
 def test_a_result_is_written_once_the_store_answers_again(tmp_path: Path) -> None:
@@ -102,12 +112,8 @@ def test_a_validation_and_a_finalization_the_store_cut_short_are_done_again(tmp_
     not written either, left it validating for good); finalizing then left it finalizing for good: the step stayed
     claimed by the live process, which never took it again."""
     path = tmp_path / "accounts.db"
-    store = AccountStore(f"sqlite:///{path}")
-    store.migrate()
-    _, key = store.create_key()
+    store, key, repository = _live_replica_store(path)
     store.grant(key.id, "m", None, None)
-    store.hold_lease("r1", "host", "1", 3600)  # the runner's process, alive: its claims hold
-    repository = BatchRepository(store)
     files = FileStore(tmp_path / "files", 1 << 20)
     lines = "".join(
         json.dumps({"custom_id": c, "method": "POST", "url": CHAT, "body": {"model": "m"}}) + "\n" for c in "ab"
@@ -156,11 +162,7 @@ def test_a_step_that_failed_is_not_taken_again_at_once(tmp_path: Path) -> None:
     wakes: the result files rewritten and the failure logged in a tight loop, at full CPU, for as long as it
     lasted. Now it waits (a second, doubling), as a line's write does."""
     path = tmp_path / "accounts.db"
-    store = AccountStore(f"sqlite:///{path}")
-    store.migrate()
-    _, key = store.create_key()
-    store.hold_lease("r1", "host", "1", 3600)
-    repository = BatchRepository(store)
+    store, key, repository = _live_replica_store(path)
     files = FileStore(tmp_path / "files", 1 << 20)
     runner = Runner(repository, files, {}, store, replica_id="r1", poll_seconds=3600)
     batch = _batch("batch_1", key.id)
@@ -205,11 +207,7 @@ def test_result_files_a_batch_may_name_are_not_deleted_when_its_end_is_not_confi
     lines dropped in the same commit: every result lost). Now they are deleted only once the store shows they are
     not the batch's; a try that was not recorded has its files deleted at the next."""
     path = tmp_path / "accounts.db"
-    store = AccountStore(f"sqlite:///{path}")
-    store.migrate()
-    _, key = store.create_key()
-    store.hold_lease("r1", "host", "1", 3600)
-    repository = BatchRepository(store)
+    store, key, repository = _live_replica_store(path)
     repository.engine = create_engine(f"sqlite:///{path}", connect_args={"factory": _AnswerLost})
     event.listen(repository.engine, "connect", sqlite_pragmas)
     files = FileStore(tmp_path / "files", 1 << 20)

@@ -162,6 +162,10 @@ class Reply:
             if not self.started:  # refused before the model ran (queue full, waited too long): no charge
                 self.usage.input_tokens = self.usage.image_tokens = 0
             raise
+        except BaseException:  # the caller left (a hang-up, a cancelled task)
+            if not self.started and not self.prompt.ran:  # while it waited in the queue: nothing was run for it
+                self.usage.input_tokens = self.usage.image_tokens = 0
+            raise
 
     async def _generate(self) -> AsyncIterator[Event]:
         stop = StopText(self.options.sampling.stop)

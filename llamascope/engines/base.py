@@ -128,6 +128,10 @@ class PreparedPrompt:
     max_new_tokens: int  # the most this prompt may generate before the context is full
     payload: Any = field(default=None, repr=False)
     output: OutputSpec | None = None  # the answer's required shape, as given to ``prepare``
+    # Whether the engine began on it: its prompt prefilled or its images encoded. An engine that cannot tell (an
+    # upstream one, which has the prompt once it is sent) leaves it True; the in-process one says, once the request
+    # ends. A request that ended before, its client gone while it waited in the queue, is not charged its prompt.
+    ran: bool = True
 
     def new_tokens(self, sampling: SamplingParams) -> int:
         """The most a request may generate: what it asked for, within the context."""

@@ -138,3 +138,32 @@ def test_full_queue_and_long_wait_are_clean_errors(tight_server: Server, image_h
     assert sum(row["input_tokens"] + row["image_tokens"] for row in usage["data"]) == 0, usage
     running.close()
     wait_idle(server, within=5)
+
+
+@pytest.mark.server
+def test_a_request_whose_client_leaves_while_it_waits_is_not_charged_its_prompt(
+    tight_server: Server, image_host
+) -> None:
+    """Its client gone while it waited in the queue, nothing was run for it: its ledger row and access line say
+    0 input and image tokens (its prompt was charged, 6,404 image tokens for one image, as if it had run)."""
+    server = tight_server
+    running = raw_request(server, json.dumps(generation_body(image_host.url("/red.png"), max_tokens=8000)).encode())
+    deadline = time.monotonic() + 10
+    while load(server)["running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    before = server.log().count("status=499")
+    waiting = raw_request(server, json.dumps(generation_body(image_host.url("/blue.png"))).encode())
+    while load(server)["waiting"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    waiting.close()  # within MAX_QUEUE_WAIT_SECONDS (1 s): a hang-up, not a 408
+    line, deadline = "", time.monotonic() + 15
+    while not line and time.monotonic() < deadline:
+        line = next((x for x in server.log().splitlines()[::-1] if "status=499" in x), "")
+        line = line if server.log().count("status=499") > before else ""
+        time.sleep(0.02)
+    assert "client=disconnected" in line and "output_tokens=0" in line, line
+    assert "input_tokens=0" in line and "image_tokens=0" in line, line
+    running.close()
+    wait_idle(server, within=5)

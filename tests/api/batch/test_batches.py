@@ -316,6 +316,51 @@ def new_key(server: Server, **fields: Any) -> tuple[str, int]:
     return made.json()["data"]["api_key"], made.json()["data"]["id"]
 
 
+@pytest.fixture(scope="module")
+def one_row_server(tmp_path_factory: pytest.TempPathFactory, text_model_dir: Path) -> Iterator[Server]:
+    """A model that runs one request at a time: a second line waits in its queue."""
+    env = {"LLAMASCOPE_BATCH_POLL_SECONDS": "0.2", "LLAMASCOPE_MAX_BATCH_SIZE": "1"}
+    srv = start_server(tmp_path_factory.mktemp("one-row"), ["--model", f"{TEXT_MODEL}={BUILTIN_TEXT}"], env=env)
+    yield srv
+    srv.stop()
+    assert "Traceback" not in srv.log(), srv.log()[-5000:]
+
+
+def test_a_line_cancelled_while_it_waits_in_the_engines_queue_is_neither_run_nor_charged(
+    one_row_server: Server,
+) -> None:
+    """Nothing of a line still waiting in the engine's queue was run: at the cancel it goes to the error file as
+    not run, charged nothing (it was charged its prompt, and written as stopped while running, before a request
+    whose client left while it waited was no longer charged its prompt)."""
+    server = one_row_server
+    key, key_id = new_key(server)
+    client = sdk(server, key)
+    lines = [request(f"r{i}", f"Tell a story number {i}.", max_tokens=2000, model=TEXT_MODEL) for i in range(2)]
+    batch = submit(client, lines)
+    deadline = time.monotonic() + 60
+    health = f"{server.base}/health"
+    while httpx.get(health).json()["models"][TEXT_MODEL]["waiting_background"] == 0:  # one runs, one waits
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    client.batches.cancel(batch.id)
+    batch = wait(client, batch.id)
+    assert batch.status == "cancelled" and batch.output_file_id is None
+    failed = {line["custom_id"]: line for line in results(client, batch.error_file_id)}
+    assert set(failed) == {"r0", "r1"} and {line["error"]["code"] for line in failed.values()} == {"batch_cancelled"}
+    stopped = [line for line in failed.values() if line["response"] is not None]
+    not_run = [line for line in failed.values() if line["response"] is None]
+    assert len(stopped) == 1 and len(not_run) == 1, failed
+    assert "not run" in not_run[0]["error"]["message"]
+    usage = stopped[0]["response"]["body"]["usage"]
+    assert (batch.usage.input_tokens, batch.usage.output_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
+    charged = [row for row in store_of(server).ledger(key_id) if row.input_tokens or row.output_tokens]
+    assert [row.request_id for row in charged] == [stopped[0]["response"]["request_id"]]
+    assert (charged[0].input_tokens, charged[0].output_tokens) == (
+        math.ceil(usage["prompt_tokens"] / 2),
+        math.ceil(usage["completion_tokens"] / 2),
+    )
+
+
 def test_a_rate_limit_slows_a_batch_down_without_failing_a_line(batch_server: Server) -> None:
     # One request at a time, eight lines: they run one by one, none refused (the key's limit is known), none
     # failed; a line refused for now (here by an interactive call of the key) would wait and run later.

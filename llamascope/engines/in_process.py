@@ -413,7 +413,7 @@ class InProcessEngine(ABC):
                     return
         finally:
             seq.cancel.set()
-            prompt.ran = bool(seq.started_at) or seq.encoded is not None
+            prompt.ran = seq.began
             self.scheduler.wake()
             ended = time.monotonic()
             engine_timings(EngineTimings(seq.queued_at, seq.started_at or None, first_token, ended, seq.encoded))

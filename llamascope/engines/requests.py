@@ -83,6 +83,9 @@ class Sequence:
     # Its images' vision-cache entries its prefill took (weak references): what its joined states are made from.
     image_sources: tuple[Any, ...] = ()
     encoded: tuple[float, float] | None = None  # when the vision tower ran on its images (monotonic), if it did
+    # The engine began work on it (its images' encoding, its prefill): set before the cancel is looked at, so that a
+    # request cancelled meanwhile is taken to have begun (charged its prompt) unless nothing was run for it.
+    began: bool = False
     # (log-probability, [(rival id, its log-probability)]) of each token made, when sampling.logprobs asks;
     # appended before the token is sent, read by the engine's generate loop.
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)

@@ -332,6 +332,7 @@ class Scheduler:
                     if self._stopping or seq is None:
                         return
                 try:
+                    seq.began = True  # before the cancel is looked at (``Sequence.began``)
                     if not seq.cancel.is_set():
                         self.encoder.cross_kv(seq, pause=self._after_interactive)
                 except Exception:
@@ -392,6 +393,7 @@ class Scheduler:
         None if the request goes on (to more prefill, or to the batch once ``seq.inputs`` is cleared),
         else how it ended.
         """
+        seq.began = True  # before the cancel is looked at (``Sequence.began``)
         if seq.cancel.is_set():
             return FinishReason.CANCELLED
         self._inject([seq], "prefill")

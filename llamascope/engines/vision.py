@@ -261,6 +261,7 @@ class ImageEncoder:
         seen: set[str] = set()
         todo: list[tuple[Any, Any]] = []  # (image, its request)
         for seq in seqs:
+            seq.began = True  # before the cancel is looked at (``Sequence.began``): its images may be encoded now
             if seq.cancel.is_set():
                 continue
             for image in seq.images:

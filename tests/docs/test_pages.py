@@ -106,3 +106,16 @@ def test_the_deploy_pages_replica_config_loads_and_shares_what_replicas_must_sha
     # With its placeholders filled in, it is a config a replica starts from.
     filled = {**config, "upload_secret": "x" * 64, "admin_key": "sk-" + "0123456789abcdef" * 2 + "01234567"}
     Settings.model_validate(filled)
+
+
+def test_the_deploy_pages_nginx_proxying_is_what_the_topology_test_runs() -> None:
+    """deploy.md's nginx config is checked by tests/deploy/test_topology.py, which runs its own copy: each
+    directive of the page's ``location /`` (what reaches the replicas, and when nginx tries the next one)
+    must be in that copy, so the page cannot drift from the tested config."""
+    (block,) = _blocks((DOCS / "deploy.md").read_text(), "nginx")
+    location = block.split("location / {", 1)[1].split("}", 1)[0]
+    directives = [line.split("#", 1)[0].strip() for line in location.splitlines()]
+    tested = (ROOT / "tests" / "deploy" / "test_topology.py").read_text()
+    assert "proxy_next_upstream error timeout http_503 non_idempotent;" in directives
+    for directive in filter(None, directives):
+        assert directive in tested, directive

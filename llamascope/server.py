@@ -359,8 +359,10 @@ def banner(server: Server, base: str) -> str:
     else:
         active = server.store.count_keys(active=True)
         lines.append(f"API keys: {active} active in {safe_url(server.store.url)} (`llamascope keys list`)")
-    lines.append(f"SDK: export DASHSCOPE_HTTP_BASE_URL={base}/api/v1 DASHSCOPE_API_KEY=<the key>")
-    lines.append(f"Playground: {base}/ in a browser")
+    # Where clients reach it: behind a load balancer (public_base_url) not the bound address, often 0.0.0.0.
+    public = server.settings.public_base_url or base
+    lines.append(f"SDK: export DASHSCOPE_HTTP_BASE_URL={public}/api/v1 DASHSCOPE_API_KEY=<the key>")
+    lines.append(f"Playground: {public}/ in a browser")
     return "\n".join(lines)
 
 

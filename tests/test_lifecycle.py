@@ -307,3 +307,18 @@ def test_concurrent_requests_all_answer(server: Server, image_host) -> None:
     for t in threads:
         t.join()
     assert results == [5] * 6
+
+
+@pytest.mark.server
+def test_the_banner_gives_clients_the_public_address(tmp_path: Path) -> None:
+    """Found following docs/deploy.md: a replica with `host = "0.0.0.0"` and `public_base_url` printed
+    `DASHSCOPE_HTTP_BASE_URL=http://0.0.0.0:PORT/api/v1`, an address no client reaches; the banner's SDK and
+    playground lines now give the address clients use."""
+    public = "https://llm.example.com"
+    server = start_server(tmp_path, ["--host", "0.0.0.0"], env={"LLAMASCOPE_PUBLIC_BASE_URL": public})
+    try:
+        log = server.log()
+        assert f"DASHSCOPE_HTTP_BASE_URL={public}/api/v1 " in log and f"Playground: {public}/ in a browser" in log
+        assert "on http://0.0.0.0:" in log  # the first line still says where it listens
+    finally:
+        server.stop()

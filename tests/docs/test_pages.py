@@ -89,3 +89,33 @@ def test_every_benchmark_script_is_on_the_benchmarks_page() -> None:
     scripts = [p for p in (ROOT / "bench").iterdir() if p.suffix in (".py", ".sh") and p.name != "harness.py"]
     for path in scripts:
         assert f"bench/{path.name}" in page, path.name
+
+
+def test_the_deploy_pages_replica_config_loads_and_shares_what_replicas_must_share() -> None:
+    """Found by following docs/deploy.md with two replicas: its config left `batch_files_dir` unset, so each
+    replica kept batch input files under its own DATA_DIR and a batch created through the replica that did not
+    receive the upload failed ("The input file could not be read."). Every setting whose meaning says it is the
+    same on every replica, and the upload directory, must be in the config that page gives every replica."""
+    page = (DOCS / "deploy.md").read_text()
+    (block,) = _blocks(page, "toml")
+    config = tomllib.loads(block)
+    shared = {n for n, f in Settings.model_fields.items() if "every replica" in (f.description or "")}
+    assert shared >= {"batch_files_dir", "upload_secret", "redis_url"}
+    missing = ({"database_url", "upload_dir"} | shared) - config.keys()
+    assert not missing, f"docs/deploy.md's replica config leaves per-replica: {sorted(missing)}"
+    # With its placeholders filled in, it is a config a replica starts from.
+    filled = {**config, "upload_secret": "x" * 64, "admin_key": "sk-" + "0123456789abcdef" * 2 + "01234567"}
+    Settings.model_validate(filled)
+
+
+def test_the_deploy_pages_nginx_proxying_is_what_the_topology_test_runs() -> None:
+    """deploy.md's nginx config is checked by tests/deploy/test_topology.py, which runs its own copy: each
+    directive of the page's ``location /`` (what reaches the replicas, and when nginx tries the next one)
+    must be in that copy, so the page cannot drift from the tested config."""
+    (block,) = _blocks((DOCS / "deploy.md").read_text(), "nginx")
+    location = block.split("location / {", 1)[1].split("}", 1)[0]
+    directives = [line.split("#", 1)[0].strip() for line in location.splitlines()]
+    tested = (ROOT / "tests" / "deploy" / "test_topology.py").read_text()
+    assert "proxy_next_upstream error timeout http_503 non_idempotent;" in directives
+    for directive in filter(None, directives):
+        assert directive in tested, directive

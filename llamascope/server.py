@@ -205,10 +205,9 @@ def build_batches(
     engines: dict[str, Engine],
     replica_id: str,
     drain: Drain,
-    files: FileStore | None = None,
+    files: FileStore,
 ) -> BatchService:
     """The Batch and Files APIs: files under the data directory, lines claimed as this replica."""
-    files = files or open_batch_files(settings)
     runner = Runner(
         BatchRepository(store),
         files,

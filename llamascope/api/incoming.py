@@ -114,12 +114,18 @@ def _checked(value: object) -> bool | None:
     return None if wide else True
 
 
+# A body up to this size is read before the key's concurrency is looked at (the slot's own check refuses it just
+# after, the same 429): the look costs a Redis round trip with shared limits, on every request of a limited key.
+EARLY_LOOK_BYTES = 1 << 20
+
+
 async def read_call_json(request: Request) -> object:
     """``read_json`` for a request that takes one of its key's concurrent slots (a generation, a count of
-    tokens): a key at its bound is refused with the 429 of the slot's own check before a byte of the body is
-    read (``Accounts.refuse_when_full``)."""
+    tokens): a key at its bound is refused with the 429 of the slot's own check before a byte of a large body
+    (or one of no stated length) is read (``Accounts.refuse_when_full``)."""
     principal = getattr(request.state, "principal", None)
-    if principal is not None:
+    length = request.headers.get("content-length", "")
+    if principal is not None and (not length.isdigit() or int(length) > EARLY_LOOK_BYTES):
         service: ConversationService = request.app.state.service
         await service.accounts.refuse_when_full(principal)
     return await read_json(request)

@@ -22,6 +22,7 @@ from llamascope import errors
 from llamascope.api import openapi
 from llamascope.api.errors import request_id_of
 from llamascope.conversation.service import ConversationService, Endpoint
+from llamascope.disk import NO_KEY_QUOTA
 from llamascope.images.uploads import Claims, Incoming, UploadStore, too_large
 
 if TYPE_CHECKING:
@@ -90,7 +91,8 @@ async def get_policy(request: Request) -> JSONResponse:
     if not files:  # the SDK asks for a policy only to upload a call's images
         raise errors.invalid_parameter(f"{model} takes no images: there is nothing to upload for it.")
     owner = request.state.principal.key_id
-    await anyio.to_thread.run_sync(store.check_quota, owner)  # a key at its bound gets no policy to upload with
+    if store.quota != NO_KEY_QUOTA:  # a key at its bound gets no policy to upload with
+        await anyio.to_thread.run_sync(store.check_quota, owner)
     data = store.issue_policy(owner, str(model), files=files)
     data["upload_host"] = upload_host(request)
     return JSONResponse({"request_id": request_id_of(request), "data": data})

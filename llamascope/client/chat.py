@@ -24,7 +24,7 @@ from llamascope.client.answering import Display, ask, make_display, show_error
 from llamascope.client.conversation import PARAMETERS, Conversation, parse_parameter
 from llamascope.client.interactive import InteractiveChat, image_limit, too_many
 from llamascope.client.native import DEFAULT_BASE_URL, DEFAULT_MODEL, APIError, Client
-from llamascope.structured.spec import meta_problem
+from llamascope.structured.meta import meta_problem
 
 DESCRIPTION = """\
 Ask a vision model about an image, once or in a conversation, through the

@@ -157,13 +157,13 @@ class Reply:
                 if event.finish_reason is not None:
                     self.status = "ok"
                 yield event
-        except errors.ServiceError as error:
-            self.status = error.code
-            if not self.started:  # refused before the model ran (queue full, waited too long): no charge
-                self.usage.input_tokens = self.usage.image_tokens = 0
-            raise
-        except BaseException:  # the caller left (a hang-up, a cancelled task)
-            if not self.started and not self.prompt.ran:  # while it waited in the queue: nothing was run for it
+        except BaseException as error:
+            refused = isinstance(error, errors.ServiceError)
+            if isinstance(error, errors.ServiceError):
+                self.status = error.code
+            # Nothing run for it, no charge: refused before the model ran (queue full, waited too long), or its
+            # caller gone (a hang-up, a cancelled task) while it waited in the queue.
+            if not self.started and (refused or not self.prompt.ran):
                 self.usage.input_tokens = self.usage.image_tokens = 0
             raise
 
@@ -409,14 +409,18 @@ _OUTPUT_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_call
 _SCHEMA_CHECKS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="schema-check")
 
 
+def _asks_shape(parameters: Any) -> bool:
+    """Whether the request sets any of the fields that ask for an answer's shape."""
+    return isinstance(parameters, dict) and any(parameters.get(name) is not None for name in _OUTPUT_FIELDS)
+
+
 async def checked_output_spec(parameters: Any, draft: Draft, endpoint: Endpoint) -> OutputSpec | None:
     """``output_spec``, off the event loop when the request asks for a shape: checking a schema seen for the
     first time (the meta-schema check, then llguidance's compile) takes time that grows with the schema, 0.4 s
     for an anyOf of 3,000 objects (3 s, in which no other request was answered, while the meta-schema check was
     jsonschema's pure Python). In the
     request's context (its request id in the log), as ``asyncio.to_thread`` runs one."""
-    fields = parameters if isinstance(parameters, dict) else {}
-    if not any(fields.get(name) is not None for name in _OUTPUT_FIELDS):
+    if not _asks_shape(parameters):
         return None  # nothing asked (most requests): no thread for them
     check = functools.partial(contextvars.copy_context().run, output_spec, parameters, draft, endpoint)
     return await asyncio.get_running_loop().run_in_executor(_SCHEMA_CHECKS, check)
@@ -429,10 +433,10 @@ def output_spec(parameters: Any, draft: Draft, endpoint: Endpoint) -> OutputSpec
     The fields are ``parameters``' on the native surfaces and the body's in compatible mode (which hands
     them over in ``parameters`` under the same names): refusals name them as the caller wrote them.
     """
-    fields = parameters if isinstance(parameters, dict) else {}
-    if not any(fields.get(name) is not None for name in _OUTPUT_FIELDS):
+    if not _asks_shape(parameters):
         # Nothing asked (most requests): read_request would make and compare the defaults' spec, 10 us for None.
         return None
+    fields = parameters
     spec = read_request(
         **{name: fields.get(name) for name in _OUTPUT_FIELDS},
         message_texts=draft.texts(),
